@@ -1,7 +1,6 @@
 //! Instruction flags (`--from=…`, `--link`, `--mount=…`): which ones each
 //! instruction accepts and how their values are read.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// How a flag takes its value.
@@ -23,9 +22,10 @@ enum Value {
 }
 
 /// The flags of one instruction after checking them against its spec.
+/// Instructions have a handful of flags at most, so a list beats a map.
 #[derive(Debug, Default)]
 pub(crate) struct Flags {
-    values: BTreeMap<&'static str, Value>,
+    values: Vec<(&'static str, Value)>,
 }
 
 /// A flag error with the text to point at.
@@ -65,7 +65,8 @@ impl Flags {
                     .unwrap_or_default();
                 return Err(err(format!("unknown flag: --{name}{hint}")));
             };
-            if kind != FlagKind::Strings && flags.values.contains_key(name) {
+            let existing = flags.values.iter().position(|(n, _)| *n == name);
+            if kind != FlagKind::Strings && existing.is_some() {
                 return Err(err(format!("duplicate flag specified: --{name}")));
             }
             let value = match (kind, value) {
@@ -85,40 +86,45 @@ impl Flags {
                 (_, None) => return Err(err(format!("missing a value on flag: --{name}"))),
                 (FlagKind::String, Some(v)) => Value::String(v.to_string()),
                 (FlagKind::Strings, Some(v)) => {
-                    let mut all = match flags.values.remove(name) {
-                        Some(Value::Strings(all)) => all,
-                        _ => Vec::new(),
-                    };
-                    all.push(v.to_string());
-                    Value::Strings(all)
+                    if let Some(i) = existing
+                        && let (_, Value::Strings(all)) = &mut flags.values[i]
+                    {
+                        all.push(v.to_string());
+                        continue;
+                    }
+                    Value::Strings(vec![v.to_string()])
                 }
             };
-            flags.values.insert(name, value);
+            flags.values.push((name, value));
         }
         Ok(flags)
     }
 
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.values.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
     pub(crate) fn bool(&self, name: &str) -> bool {
-        matches!(self.values.get(name), Some(Value::Bool(true)))
+        matches!(self.get(name), Some(Value::Bool(true)))
     }
 
     /// `Some(b)` only when the flag was given.
     pub(crate) fn opt_bool(&self, name: &str) -> Option<bool> {
-        match self.values.get(name) {
+        match self.get(name) {
             Some(Value::Bool(b)) => Some(*b),
             _ => None,
         }
     }
 
     pub(crate) fn string(&self, name: &str) -> Option<String> {
-        match self.values.get(name) {
+        match self.get(name) {
             Some(Value::String(s)) => Some(s.clone()),
             _ => None,
         }
     }
 
     pub(crate) fn strings(&self, name: &str) -> Vec<String> {
-        match self.values.get(name) {
+        match self.get(name) {
             Some(Value::Strings(v)) => v.clone(),
             _ => Vec::new(),
         }

@@ -27,13 +27,13 @@ pub struct Instruction {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// `ADD`.
-    Add(Add),
+    Add(Box<Add>),
     /// `ARG name[=default] …`.
     Arg(Vec<ArgDecl>),
     /// `CMD`.
     Cmd(CommandLine),
     /// `COPY`.
-    Copy(Copy),
+    Copy(Box<Copy>),
     /// `ENTRYPOINT`.
     Entrypoint(CommandLine),
     /// `ENV k=v …` or the legacy `ENV k v`.
@@ -41,7 +41,7 @@ pub enum Command {
     /// `EXPOSE port[/proto] …`, sorted as BuildKit sorts them.
     Expose(Vec<String>),
     /// `HEALTHCHECK`.
-    Healthcheck(Healthcheck),
+    Healthcheck(Box<Healthcheck>),
     /// `LABEL k=v …`.
     Label(Vec<KeyValue>),
     /// `MAINTAINER name` (deprecated; sets the image author).
@@ -50,7 +50,7 @@ pub enum Command {
     /// built from this one.
     Onbuild(String),
     /// `RUN`.
-    Run(Run),
+    Run(Box<Run>),
     /// `SHELL ["exe", "arg"…]`.
     Shell(Vec<String>),
     /// `STOPSIGNAL sig`.
@@ -344,7 +344,7 @@ fn parse_node_inner(node: &mut Node) -> NodeResult<Parsed> {
                 ],
             )?;
             let files = files(node, "ADD")?;
-            cmd(Command::Add(Add {
+            cmd(Command::Add(Box::new(Add {
                 files,
                 chown: f.string("chown"),
                 chmod: f.string("chmod"),
@@ -353,7 +353,7 @@ fn parse_node_inner(node: &mut Node) -> NodeResult<Parsed> {
                 checksum: f.string("checksum"),
                 unpack: f.opt_bool("unpack"),
                 excludes: f.strings("exclude"),
-            }))
+            })))
         }
         "copy" => {
             let f = flags(
@@ -368,7 +368,7 @@ fn parse_node_inner(node: &mut Node) -> NodeResult<Parsed> {
                 ],
             )?;
             let files = files(node, "COPY")?;
-            cmd(Command::Copy(Copy {
+            cmd(Command::Copy(Box::new(Copy {
                 files,
                 from: f.string("from"),
                 chown: f.string("chown"),
@@ -376,7 +376,7 @@ fn parse_node_inner(node: &mut Node) -> NodeResult<Parsed> {
                 link: f.bool("link"),
                 parents: f.bool("parents"),
                 excludes: f.strings("exclude"),
-            }))
+            })))
         }
         "onbuild" => {
             let Some(trigger) = &node.trigger else {
@@ -451,12 +451,12 @@ fn parse_node_inner(node: &mut Node) -> NodeResult<Parsed> {
                     s.clone(),
                 ));
             }
-            cmd(Command::Run(Run {
+            cmd(Command::Run(Box::new(Run {
                 command: command_line(node),
                 mounts,
                 network,
                 security,
-            }))
+            })))
         }
         "cmd" => {
             flags(node, &[])?;
@@ -466,7 +466,9 @@ fn parse_node_inner(node: &mut Node) -> NodeResult<Parsed> {
             flags(node, &[])?;
             cmd(Command::Entrypoint(command_line(node)))
         }
-        "healthcheck" => healthcheck(node).map(|h| Parsed::Command(Command::Healthcheck(h))),
+        "healthcheck" => {
+            healthcheck(node).map(|h| Parsed::Command(Command::Healthcheck(Box::new(h))))
+        }
         "expose" => {
             at_least_one(node, "EXPOSE")?;
             flags(node, &[])?;

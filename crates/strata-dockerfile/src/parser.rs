@@ -70,6 +70,8 @@ pub struct Node {
     pub heredocs: Vec<Heredoc>,
     /// The physical lines the instruction covers.
     pub span: Span,
+    /// The lower-case instruction, looked up once.
+    instruction: Option<&'static str>,
 }
 
 /// A here-document attached to `RUN`, `COPY` or `ADD`.
@@ -222,7 +224,7 @@ impl Node {
     /// The instruction in lower case, when the keyword is one
     /// (keywords are case-insensitive); `None` for anything else.
     pub fn instruction(&self) -> Option<&'static str> {
-        instruction_of(&self.keyword)
+        self.instruction
     }
 
     fn can_contain_heredoc(&self) -> bool {
@@ -568,7 +570,8 @@ fn instruction_of(keyword: &str) -> Option<&'static str> {
 
 fn node_from_line(line: String, escape: char) -> Result<Node, LineError> {
     let (keyword, flags, args) = split_command(&line, escape);
-    let parsed = match instruction_of(keyword) {
+    let instruction = instruction_of(keyword);
+    let parsed = match instruction {
         Some("add" | "copy" | "volume") => parse_maybe_json_to_list(args)?,
         Some("arg") => Parsed::args(
             parse_words(args, escape)
@@ -611,6 +614,7 @@ fn node_from_line(line: String, escape: char) -> Result<Node, LineError> {
         original: line,
         heredocs: Vec::new(),
         span: Span::default(),
+        instruction,
     })
 }
 

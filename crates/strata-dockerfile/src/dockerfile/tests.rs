@@ -278,12 +278,15 @@ fn typed_commands() {
         cmds[4],
         &Command::Expose(vec!["80".into(), "8080/tcp".into()])
     );
-    let Command::Healthcheck(Healthcheck::Cmd {
+    let Command::Healthcheck(h) = cmds[5] else {
+        panic!()
+    };
+    let Healthcheck::Cmd {
         test,
         interval,
         retries,
         ..
-    }) = cmds[5]
+    } = h.as_ref()
     else {
         panic!()
     };
