@@ -1,0 +1,591 @@
+//! The store: files for bytes, RocksDB for what is known about them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+use crate::{Digest, Sha256};
+
+const CF_BLOBS: &str = "blobs";
+const CF_SHA256: &str = "sha256";
+
+/// Errors of the content store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No blob with this digest is stored.
+    #[error("blob {0} is not in the content store")]
+    NotFound(Digest),
+    /// The bytes on disk do not match the blob's digest or size.
+    #[error("blob {digest} is corrupt: {detail}")]
+    Corrupt {
+        /// The blob.
+        digest: Digest,
+        /// What did not match.
+        detail: String,
+    },
+    /// Ingested bytes did not hash to the digest the caller expected.
+    #[error("content hashes to {actual}, expected {expected}")]
+    Unexpected {
+        /// What the caller said the content is.
+        expected: Digest,
+        /// What it is.
+        actual: Digest,
+    },
+    /// A file operation failed.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// The metadata database failed.
+    #[error("content store metadata at {}: {source}", path.display())]
+    Db {
+        /// The database directory.
+        path: PathBuf,
+        /// Why it failed.
+        source: rocksdb::Error,
+    },
+    /// A metadata record could not be decoded.
+    #[error("content store metadata for {digest} is unreadable: {detail}")]
+    Decode {
+        /// The blob the record is about.
+        digest: Digest,
+        /// Why it could not be read.
+        detail: String,
+    },
+}
+
+/// The content store's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn io_err<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> Error + 'p {
+    move |source| Error::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What the store knows about a blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobInfo {
+    /// Length in bytes.
+    pub size: u64,
+    /// The sha256 of the same bytes, for OCI.
+    pub sha256: Sha256,
+    /// When it was first stored (seconds since the epoch).
+    pub created: u64,
+    /// When a build last used it.
+    pub last_used: u64,
+    /// Free-form annotations. Keys starting with `ref.` name other blobs
+    /// this one keeps alive (their value is a blake3 digest).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl BlobInfo {
+    /// The blobs this one references through `ref.` labels.
+    pub fn references(&self) -> impl Iterator<Item = Digest> + '_ {
+        self.labels
+            .iter()
+            .filter(|(k, _)| k.starts_with("ref."))
+            .filter_map(|(_, v)| v.parse().ok())
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn bincode_config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Blobs on disk, metadata in RocksDB.
+pub struct ContentStore {
+    root: PathBuf,
+    db: DB,
+    leases: Arc<Mutex<HashMap<Digest, usize>>>,
+    ingest_seq: AtomicU64,
+}
+
+impl std::fmt::Debug for ContentStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContentStore")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ContentStore {
+    /// Opens (creating if needed) the store under `root`. Unfinished
+    /// ingests left by a killed process are removed.
+    pub fn open(root: &Path) -> Result<ContentStore> {
+        for dir in ["blobs", "ingest", "meta"] {
+            let p = root.join(dir);
+            fs::create_dir_all(&p).map_err(io_err("cannot create", &p))?;
+        }
+        let ingest = root.join("ingest");
+        for entry in fs::read_dir(&ingest)
+            .map_err(io_err("cannot list", &ingest))?
+            .flatten()
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+        let meta = root.join("meta");
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let cfs = [CF_BLOBS, CF_SHA256].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, &meta, cfs).map_err(|source| Error::Db {
+            path: meta.clone(),
+            source,
+        })?;
+        Ok(ContentStore {
+            root: root.to_path_buf(),
+            db,
+            leases: Arc::default(),
+            ingest_seq: AtomicU64::new(0),
+        })
+    }
+
+    /// The directory the store lives in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn db_err(&self) -> impl FnOnce(rocksdb::Error) -> Error + '_ {
+        move |source| Error::Db {
+            path: self.root.join("meta"),
+            source,
+        }
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        // Both families are created by `open`; their absence is a bug.
+        #[allow(clippy::expect_used)]
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
+    }
+
+    /// Where a blob's bytes live. Reading the file directly skips
+    /// verification; prefer [`ContentStore::open_blob`].
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        let hex = d.hex();
+        self.root.join("blobs").join(&hex[..2]).join(hex)
+    }
+
+    /// Starts writing a new blob.
+    pub fn writer(&self) -> Result<BlobWriter<'_>> {
+        let seq = self.ingest_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .root
+            .join("ingest")
+            .join(format!("{}-{seq}", std::process::id()));
+        let file = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
+        Ok(BlobWriter {
+            store: self,
+            file: Some(BufWriter::with_capacity(256 * 1024, file)),
+            tmp,
+            blake3: blake3::Hasher::new(),
+            sha256: sha2::Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// Stores `data`; storing the same bytes again is a no-op.
+    pub fn put(&self, data: &[u8]) -> Result<Digest> {
+        let mut w = self.writer()?;
+        w.write_all(data)
+            .map_err(io_err("cannot write", &w.tmp.clone()))?;
+        w.commit()
+    }
+
+    /// Stores everything `reader` yields.
+    pub fn put_reader(&self, reader: &mut dyn Read) -> Result<Digest> {
+        let mut w = self.writer()?;
+        let tmp = w.tmp.clone();
+        io::copy(reader, &mut w).map_err(io_err("cannot write", &tmp))?;
+        w.commit()
+    }
+
+    /// What is known about a blob, if it is stored.
+    pub fn info(&self, d: &Digest) -> Result<Option<BlobInfo>> {
+        let Some(raw) = self
+            .db
+            .get_cf(self.cf(CF_BLOBS), d.0)
+            .map_err(self.db_err())?
+        else {
+            return Ok(None);
+        };
+        bincode::serde::decode_from_slice(&raw, bincode_config())
+            .map(|(info, _)| Some(info))
+            .map_err(|e| Error::Decode {
+                digest: *d,
+                detail: e.to_string(),
+            })
+    }
+
+    /// Whether a blob is stored.
+    pub fn contains(&self, d: &Digest) -> Result<bool> {
+        Ok(self.info(d)?.is_some())
+    }
+
+    /// The blob with this sha256, if any.
+    pub fn by_sha256(&self, sha: &Sha256) -> Result<Option<Digest>> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_SHA256), sha.0)
+            .map_err(self.db_err())?
+            .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
+            .map(Digest))
+    }
+
+    fn write_info(&self, d: &Digest, info: &BlobInfo) -> Result<()> {
+        let bytes =
+            bincode::serde::encode_to_vec(info, bincode_config()).map_err(|e| Error::Decode {
+                digest: *d,
+                detail: e.to_string(),
+            })?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_BLOBS), d.0, bytes);
+        batch.put_cf(self.cf(CF_SHA256), info.sha256.0, d.0);
+        self.db.write(batch).map_err(self.db_err())
+    }
+
+    /// Sets (or, with `None`, removes) a label.
+    pub fn set_label(&self, d: &Digest, key: &str, value: Option<&str>) -> Result<()> {
+        let mut info = self.info(d)?.ok_or(Error::NotFound(*d))?;
+        match value {
+            Some(v) => info.labels.insert(key.to_string(), v.to_string()),
+            None => info.labels.remove(key),
+        };
+        self.write_info(d, &info)
+    }
+
+    /// Records that a build used the blob now.
+    pub fn touch(&self, d: &Digest) -> Result<()> {
+        let mut info = self.info(d)?.ok_or(Error::NotFound(*d))?;
+        info.last_used = now_unix();
+        self.write_info(d, &info)
+    }
+
+    /// Opens a blob for reading; the reader fails if the bytes do not hash
+    /// to `d`.
+    pub fn open_blob(&self, d: &Digest) -> Result<BlobReader> {
+        let info = self.info(d)?.ok_or(Error::NotFound(*d))?;
+        let path = self.blob_path(d);
+        let file = File::open(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => Error::Corrupt {
+                digest: *d,
+                detail: format!("{} is missing", path.display()),
+            },
+            _ => Error::Io {
+                what: "cannot open",
+                path: path.clone(),
+                source: e,
+            },
+        })?;
+        Ok(BlobReader {
+            file,
+            digest: *d,
+            size: info.size,
+            read: 0,
+            hasher: blake3::Hasher::new(),
+        })
+    }
+
+    /// Reads a whole blob, verified.
+    pub fn read(&self, d: &Digest) -> Result<Vec<u8>> {
+        let mut r = self.open_blob(d)?;
+        let mut out = Vec::with_capacity(r.size as usize);
+        r.read_to_end(&mut out).map_err(|e| self.read_error(d, e))?;
+        Ok(out)
+    }
+
+    /// Turns an error from a [`BlobReader`] into a store error.
+    pub fn read_error(&self, d: &Digest, e: io::Error) -> Error {
+        match e.kind() {
+            io::ErrorKind::InvalidData => Error::Corrupt {
+                digest: *d,
+                detail: e.to_string(),
+            },
+            _ => Error::Io {
+                what: "cannot read",
+                path: self.blob_path(d),
+                source: e,
+            },
+        }
+    }
+
+    /// Reads a blob in full and checks it; true if it is intact.
+    pub fn verify(&self, d: &Digest) -> Result<bool> {
+        let mut r = self.open_blob(d)?;
+        match io::copy(&mut r, &mut io::sink()) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => Ok(false),
+            Err(e) => Err(self.read_error(d, e)),
+        }
+    }
+
+    /// Every stored blob with its metadata.
+    pub fn list(&self) -> Result<Vec<(Digest, BlobInfo)>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_BLOBS), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(self.db_err())?;
+            let Ok(key) = <[u8; 32]>::try_from(&*k) else {
+                continue;
+            };
+            let d = Digest(key);
+            let (info, _) =
+                bincode::serde::decode_from_slice(&v, bincode_config()).map_err(|e| {
+                    Error::Decode {
+                        digest: d,
+                        detail: e.to_string(),
+                    }
+                })?;
+            out.push((d, info));
+        }
+        Ok(out)
+    }
+
+    /// Removes a blob: metadata first, then the file, so metadata never
+    /// points at a missing file. A leased blob is refused.
+    pub fn delete(&self, d: &Digest) -> Result<bool> {
+        if self.leased().contains_key(d) {
+            return Ok(false);
+        }
+        let Some(info) = self.info(d)? else {
+            return Ok(false);
+        };
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_BLOBS), d.0);
+        batch.delete_cf(self.cf(CF_SHA256), info.sha256.0);
+        self.db.write(batch).map_err(self.db_err())?;
+        let path = self.blob_path(d);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+            Err(e) => Err(Error::Io {
+                what: "cannot remove",
+                path,
+                source: e,
+            }),
+        }
+    }
+
+    /// Takes a lease: blobs added to it are not deleted until it drops.
+    pub fn lease(&self) -> Lease {
+        Lease {
+            leases: Arc::clone(&self.leases),
+            held: Vec::new(),
+        }
+    }
+
+    /// The blobs leases currently hold, with their hold counts.
+    pub fn leased(&self) -> HashMap<Digest, usize> {
+        self.leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Total size of all blobs.
+    pub fn total_size(&self) -> Result<u64> {
+        Ok(self.list()?.iter().map(|(_, i)| i.size).sum())
+    }
+}
+
+/// Blobs held by a running build; released when dropped.
+#[derive(Debug)]
+pub struct Lease {
+    leases: Arc<Mutex<HashMap<Digest, usize>>>,
+    held: Vec<Digest>,
+}
+
+impl Lease {
+    /// Keeps `d` from being deleted while this lease lives.
+    pub fn hold(&mut self, d: Digest) {
+        *self
+            .leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(d)
+            .or_default() += 1;
+        self.held.push(d);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut map = self.leases.lock().unwrap_or_else(PoisonError::into_inner);
+        for d in self.held.drain(..) {
+            if let Some(n) = map.get_mut(&d) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&d);
+                }
+            }
+        }
+    }
+}
+
+/// Writes one blob. Dropped without [`BlobWriter::commit`], it leaves
+/// nothing behind.
+pub struct BlobWriter<'a> {
+    store: &'a ContentStore,
+    file: Option<BufWriter<File>>,
+    tmp: PathBuf,
+    blake3: blake3::Hasher,
+    sha256: sha2::Sha256,
+    size: u64,
+}
+
+impl BlobWriter<'_> {
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Finishes the blob: fsync, rename into place, then record metadata.
+    /// If the blob already exists this is a no-op that returns its digest.
+    pub fn commit(mut self) -> Result<Digest> {
+        let digest = Digest(*self.blake3.finalize().as_bytes());
+        let sha256 = Sha256(self.sha256.clone().finalize().into());
+        let Some(buf) = self.file.take() else {
+            return Err(Error::Io {
+                what: "cannot commit",
+                path: self.tmp.clone(),
+                source: io::Error::other("writer already finished"),
+            });
+        };
+        if self.store.contains(&digest)? && self.store.blob_path(&digest).exists() {
+            drop(buf);
+            let _ = fs::remove_file(&self.tmp);
+            return Ok(digest);
+        }
+        let file = buf.into_inner().map_err(|e| Error::Io {
+            what: "cannot write",
+            path: self.tmp.clone(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(io_err("cannot sync", &self.tmp))?;
+        drop(file);
+        let dest = self.store.blob_path(&digest);
+        let dir = dest.parent().unwrap_or(&self.store.root).to_path_buf();
+        fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+        fs::rename(&self.tmp, &dest).map_err(io_err("cannot move blob to", &dest))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("cannot sync", &dir))?;
+        let now = now_unix();
+        let info = BlobInfo {
+            size: self.size,
+            sha256,
+            created: now,
+            last_used: now,
+            labels: BTreeMap::new(),
+        };
+        self.store.write_info(&digest, &info)?;
+        Ok(digest)
+    }
+
+    /// Like [`BlobWriter::commit`], but fails (storing nothing) unless the
+    /// content hashes to `expected`.
+    pub fn commit_expecting(self, expected: Digest) -> Result<Digest> {
+        let actual = Digest(*self.blake3.finalize().as_bytes());
+        if actual != expected {
+            return Err(Error::Unexpected { expected, actual });
+        }
+        self.commit()
+    }
+
+    /// The sha256 of what has been written so far.
+    pub fn sha256(&self) -> Sha256 {
+        Sha256(self.sha256.clone().finalize().into())
+    }
+}
+
+impl Write for BlobWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("blob writer finished"))?;
+        let n = file.write(buf)?;
+        self.blake3.update(&buf[..n]);
+        self.sha256.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.as_mut().map_or(Ok(()), |f| f.flush())
+    }
+}
+
+impl Drop for BlobWriter<'_> {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Reads a blob and checks its digest and size at the end; a mismatch is
+/// an `InvalidData` error instead of end of file.
+pub struct BlobReader {
+    file: File,
+    digest: Digest,
+    size: u64,
+    read: u64,
+    hasher: blake3::Hasher,
+}
+
+impl BlobReader {
+    /// The blob's size according to the store.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.read += n as u64;
+        if n == 0 || self.read > self.size {
+            let actual = Digest(*self.hasher.finalize().as_bytes());
+            if self.read != self.size || actual != self.digest {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "content on disk is {} bytes hashing to {actual}, expected {} bytes",
+                        self.read, self.size
+                    ),
+                ));
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests;

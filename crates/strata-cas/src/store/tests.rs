@@ -1,0 +1,95 @@
+use super::*;
+
+fn store() -> (tempfile::TempDir, ContentStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ContentStore::open(dir.path()).unwrap();
+    (dir, s)
+}
+
+#[test]
+fn put_read_and_dedupe() {
+    let (_d, s) = store();
+    let a = s.put(b"hello world").unwrap();
+    assert_eq!(a, Digest::of(b"hello world"));
+    assert_eq!(s.read(&a).unwrap(), b"hello world");
+    assert_eq!(s.put(b"hello world").unwrap(), a);
+    let info = s.info(&a).unwrap().unwrap();
+    assert_eq!(info.size, 11);
+    assert_eq!(info.sha256, Sha256::of(b"hello world"));
+    assert_eq!(s.by_sha256(&info.sha256).unwrap(), Some(a));
+    assert_eq!(s.list().unwrap().len(), 1);
+}
+
+#[test]
+fn corruption_is_detected_not_served() {
+    let (_d, s) = store();
+    let a = s.put(b"precious bytes").unwrap();
+    fs::write(s.blob_path(&a), b"precious bytez").unwrap();
+    assert!(matches!(s.read(&a), Err(Error::Corrupt { .. })));
+    assert!(!s.verify(&a).unwrap());
+    fs::write(s.blob_path(&a), b"precious bytes and more").unwrap();
+    assert!(matches!(s.read(&a), Err(Error::Corrupt { .. })));
+    fs::remove_file(s.blob_path(&a)).unwrap();
+    let e = s.read(&a).unwrap_err();
+    assert!(e.to_string().contains("is missing"), "{e}");
+}
+
+#[test]
+fn uncommitted_writes_leave_nothing() {
+    let (_d, s) = store();
+    {
+        let mut w = s.writer().unwrap();
+        w.write_all(b"half a blob").unwrap();
+    }
+    assert!(s.list().unwrap().is_empty());
+    assert_eq!(fs::read_dir(s.root().join("ingest")).unwrap().count(), 0);
+    let mut w = s.writer().unwrap();
+    w.write_all(b"x").unwrap();
+    assert!(matches!(
+        w.commit_expecting(Digest::of(b"y")),
+        Err(Error::Unexpected { .. })
+    ));
+    assert!(s.list().unwrap().is_empty());
+}
+
+#[test]
+fn reopen_keeps_blobs_and_clears_ingest() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = {
+        let s = ContentStore::open(dir.path()).unwrap();
+        fs::write(dir.path().join("ingest/leftover"), b"killed mid-write").unwrap();
+        s.put(b"kept").unwrap()
+    };
+    let s = ContentStore::open(dir.path()).unwrap();
+    assert_eq!(s.read(&a).unwrap(), b"kept");
+    assert_eq!(fs::read_dir(dir.path().join("ingest")).unwrap().count(), 0);
+}
+
+#[test]
+fn leases_block_deletion() {
+    let (_d, s) = store();
+    let a = s.put(b"in use").unwrap();
+    {
+        let mut lease = s.lease();
+        lease.hold(a);
+        assert!(!s.delete(&a).unwrap());
+        assert!(s.contains(&a).unwrap());
+    }
+    assert!(s.delete(&a).unwrap());
+    assert!(!s.contains(&a).unwrap());
+    assert!(!s.blob_path(&a).exists());
+    assert!(matches!(s.read(&a), Err(Error::NotFound(_))));
+}
+
+#[test]
+fn labels_and_references() {
+    let (_d, s) = store();
+    let a = s.put(b"layer").unwrap();
+    let b = s.put(b"layer.gz").unwrap();
+    s.set_label(&a, "ref.gzip", Some(&b.to_string())).unwrap();
+    s.set_label(&a, "note", Some("x")).unwrap();
+    let info = s.info(&a).unwrap().unwrap();
+    assert_eq!(info.references().collect::<Vec<_>>(), [b]);
+    s.set_label(&a, "note", None).unwrap();
+    assert_eq!(s.info(&a).unwrap().unwrap().labels.len(), 1);
+}

@@ -1,0 +1,285 @@
+//! Layers in and out, through real overlay mounts (needs root, as strata
+//! itself does).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use strata_cas::ContentStore;
+use strata_snapshot::{DiffOptions, Error, Snapshotter, apply_tar, write_layer};
+use tar::{EntryType, Header};
+
+/// Builds a tar from (name, kind, mode, uid, data-or-link).
+fn tar(entries: &[(&str, EntryType, u32, u64, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for &(name, kind, mode, uid, data) in entries {
+        let mut h = Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(uid);
+        h.set_gid(uid);
+        h.set_mtime(1_000_000);
+        match kind {
+            EntryType::Symlink | EntryType::Link => {
+                h.set_size(0);
+                b.append_link(&mut h, name, data).unwrap();
+            }
+            _ => {
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, name, data.as_bytes()).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// A tar whose names are written raw, bypassing the tar crate's own
+/// refusal of `..` and absolute names: what a hostile layer looks like.
+fn hostile(entries: &[(&str, EntryType, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &(name, kind, link) in entries {
+        let mut h = Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        h.set_size(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        let old = h.as_old_mut();
+        old.name[..name.len()].copy_from_slice(name.as_bytes());
+        old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+    }
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+/// name → (kind, mode, uid, content or link target) of every tar entry.
+fn listing(tar_bytes: &[u8]) -> BTreeMap<String, (EntryType, u32, u64, String)> {
+    let mut a = tar::Archive::new(tar_bytes);
+    let mut out = BTreeMap::new();
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let h = e.header().clone();
+        let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+        let mut body = String::new();
+        if let Some(l) = e.link_name_bytes() {
+            body = String::from_utf8_lossy(&l).into_owned();
+        } else {
+            e.read_to_string(&mut body).unwrap();
+        }
+        out.insert(
+            name,
+            (h.entry_type(), h.mode().unwrap(), h.uid().unwrap(), body),
+        );
+    }
+    out
+}
+
+fn setup() -> (tempfile::TempDir, Arc<ContentStore>, Snapshotter) {
+    let dir = tempfile::tempdir().unwrap();
+    let cas = Arc::new(ContentStore::open(&dir.path().join("content")).unwrap());
+    let snap = Snapshotter::open(dir.path(), Arc::clone(&cas)).unwrap();
+    (dir, cas, snap)
+}
+
+#[test]
+fn apply_then_diff_round_trips() {
+    let src = tar(&[
+        ("etc/", EntryType::Directory, 0o755, 0, ""),
+        (
+            "etc/passwd",
+            EntryType::Regular,
+            0o644,
+            0,
+            "root:x:0:0::/root:/bin/sh\n",
+        ),
+        ("usr/bin/", EntryType::Directory, 0o755, 0, ""),
+        ("usr/bin/su", EntryType::Regular, 0o4755, 0, "#!suid"),
+        ("usr/bin/sudo", EntryType::Link, 0o4755, 0, "usr/bin/su"),
+        ("bin", EntryType::Symlink, 0o777, 0, "usr/bin"),
+        ("tmp/", EntryType::Directory, 0o1777, 0, ""),
+        ("home/app/", EntryType::Directory, 0o700, 1000, ""),
+        ("home/app/notes", EntryType::Regular, 0o600, 1000, "mine"),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir(&root).unwrap();
+    let stats = apply_tar(&root, src.as_slice()).unwrap();
+    assert_eq!(stats.entries, 9);
+    let su = fs::metadata(root.join("usr/bin/su")).unwrap();
+    assert_eq!(su.mode() & 0o7777, 0o4755, "set-user-ID survives chown");
+    assert_eq!(su.nlink(), 2);
+    assert_eq!(
+        fs::metadata(root.join("tmp")).unwrap().mode() & 0o7777,
+        0o1777
+    );
+    assert_eq!(
+        fs::metadata(root.join("home/app/notes")).unwrap().uid(),
+        1000
+    );
+    assert_eq!(fs::metadata(root.join("etc")).unwrap().mtime(), 1_000_000);
+
+    let mut out = Vec::new();
+    write_layer(&root, &mut out, DiffOptions::default()).unwrap();
+    let got = listing(&out);
+    assert_eq!(
+        got["usr/bin/su"],
+        (EntryType::Regular, 0o4755, 0, "#!suid".into())
+    );
+    assert_eq!(
+        got["usr/bin/sudo"].0,
+        EntryType::Link,
+        "hard links stay links"
+    );
+    assert_eq!(got["bin"], (EntryType::Symlink, 0o777, 0, "usr/bin".into()));
+    assert_eq!(got["home/app/"].1, 0o700);
+    assert_eq!(got["home/app/notes"].2, 1000);
+    // Same tree, same bytes.
+    let mut again = Vec::new();
+    write_layer(&root, &mut again, DiffOptions::default()).unwrap();
+    assert_eq!(out, again);
+}
+
+#[test]
+fn escaping_entries_are_refused_and_nothing_lands_outside() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir(&root).unwrap();
+    let cases: Vec<Vec<u8>> = vec![
+        hostile(&[("../outside", EntryType::Regular, "")]),
+        hostile(&[("a/../../outside", EntryType::Regular, "")]),
+        hostile(&[("/etc/outside", EntryType::Regular, "")]),
+        hostile(&[
+            ("esc", EntryType::Symlink, "../.."),
+            ("esc/outside", EntryType::Regular, ""),
+        ]),
+        hostile(&[("link", EntryType::Link, "../outside")]),
+        hostile(&[("link", EntryType::Link, "/etc/passwd")]),
+    ];
+    for (i, t) in cases.iter().enumerate() {
+        let err = apply_tar(&root, t.as_slice()).unwrap_err();
+        assert!(matches!(err, Error::Unsafe { .. }), "case {i}: {err}");
+    }
+    assert!(!dir.path().join("outside").exists());
+    assert!(!Path::new("/outside").exists());
+    // A symlink with an absolute target is followed inside the root.
+    let ok = tar(&[
+        ("etc/", EntryType::Directory, 0o755, 0, ""),
+        ("conf", EntryType::Symlink, 0o777, 0, "/etc"),
+        ("conf/app.conf", EntryType::Regular, 0o644, 0, "inside"),
+    ]);
+    apply_tar(&root, ok.as_slice()).unwrap();
+    assert_eq!(
+        fs::read_to_string(root.join("etc/app.conf")).unwrap(),
+        "inside"
+    );
+}
+
+#[test]
+fn steps_become_layers_with_whiteouts() {
+    let (_d, cas, snap) = setup();
+    let base = cas
+        .put(&tar(&[
+            ("keep", EntryType::Regular, 0o644, 0, "keep"),
+            ("gone", EntryType::Regular, 0o644, 0, "gone"),
+            ("dir/", EntryType::Directory, 0o755, 0, ""),
+            ("dir/old", EntryType::Regular, 0o644, 0, "old"),
+            ("usr/bin/", EntryType::Directory, 0o755, 0, ""),
+            ("bin", EntryType::Symlink, 0o777, 0, "usr/bin"),
+        ]))
+        .unwrap();
+
+    let step = snap.active(&[base]).unwrap();
+    let root = step.rootfs();
+    assert_eq!(fs::read_to_string(root.join("keep")).unwrap(), "keep");
+    fs::remove_file(root.join("gone")).unwrap();
+    fs::remove_dir_all(root.join("dir")).unwrap();
+    fs::create_dir(root.join("dir")).unwrap();
+    fs::write(root.join("dir/new"), "new").unwrap();
+    fs::write(root.join("added"), "added").unwrap();
+    let layer = step
+        .commit(DiffOptions {
+            clamp_mtime: Some(0),
+        })
+        .unwrap()
+        .unwrap();
+
+    let got = listing(&cas.read(&layer.digest).unwrap());
+    assert!(got.contains_key(".wh.gone"), "{got:?}");
+    assert!(got.contains_key("dir/.wh..wh..opq"), "{got:?}");
+    assert_eq!(got["dir/new"].3, "new");
+    assert_eq!(got["added"].3, "added");
+    assert!(!got.contains_key("keep"));
+    assert_eq!(
+        cas.info(&layer.digest).unwrap().unwrap().sha256,
+        layer.diff_id
+    );
+
+    // The next step sees the merged result.
+    let next = snap.active(&[base, layer.digest]).unwrap();
+    let root = next.rootfs();
+    assert!(!root.join("gone").exists());
+    assert!(!root.join("dir/old").exists());
+    assert_eq!(fs::read_to_string(root.join("dir/new")).unwrap(), "new");
+    // A step that changes nothing makes no layer.
+    assert!(next.commit(DiffOptions::default()).unwrap().is_none());
+}
+
+#[test]
+fn layers_apply_through_symlinked_directories() {
+    let (_d, cas, snap) = setup();
+    let base = cas
+        .put(&tar(&[
+            ("usr/bin/", EntryType::Directory, 0o755, 0, ""),
+            ("bin", EntryType::Symlink, 0o777, 0, "usr/bin"),
+            ("tmp/", EntryType::Directory, 0o1777, 0, ""),
+        ]))
+        .unwrap();
+    let top = cas
+        .put(&tar(&[
+            ("bin/tool", EntryType::Regular, 0o755, 0, "tool"),
+            ("tmp/x", EntryType::Regular, 0o644, 0, "x"),
+        ]))
+        .unwrap();
+    let view = snap.view(&[base, top]).unwrap();
+    let root = view.root();
+    assert!(
+        fs::symlink_metadata(root.join("bin"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("usr/bin/tool")).unwrap(),
+        "tool"
+    );
+    assert_eq!(
+        fs::metadata(root.join("tmp")).unwrap().permissions().mode() & 0o7777,
+        0o1777
+    );
+}
+
+#[test]
+fn corrupt_layer_blob_is_not_extracted() {
+    let (_d, cas, snap) = setup();
+    let base = cas
+        .put(&tar(&[("f", EntryType::Regular, 0o644, 0, "data")]))
+        .unwrap();
+    let path = cas.blob_path(&base);
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&path, bytes).unwrap();
+    let err = snap.active(&[base]).unwrap_err();
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    assert!(
+        !snap
+            .chain_dir(&strata_snapshot::chain_id(None, &base))
+            .exists()
+    );
+}
