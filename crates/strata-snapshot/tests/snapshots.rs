@@ -1,6 +1,9 @@
 //! Layers in and out, through real overlay mounts (needs root, as strata
 //! itself does).
 
+// Test helpers stop loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
