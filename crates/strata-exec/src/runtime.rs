@@ -1,0 +1,163 @@
+//! Finding and driving the OCI runtime binary.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use crate::spec::Sandbox;
+use crate::{Error, Result};
+
+/// Which output stream bytes came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// Receives the step's output as it is produced.
+pub type Output = Arc<dyn Fn(Stream, &[u8]) + Send + Sync>;
+
+/// How the step's process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal ended it.
+    Signal(i32),
+    /// The build was cancelled and the sandbox killed.
+    Cancelled,
+}
+
+impl ExitStatus {
+    /// True for exit code 0.
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+}
+
+/// An OCI runtime (runc or crun) with its own state directory.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    binary: PathBuf,
+    state: PathBuf,
+}
+
+impl Runtime {
+    /// Finds the runtime: `STRATA_RUNTIME` if set, else `runc`, then
+    /// `crun` on `PATH`. Its state lives in `state`.
+    pub fn discover(state: &Path) -> Result<Runtime> {
+        let from_env = std::env::var_os("STRATA_RUNTIME").map(PathBuf::from);
+        let binary = match from_env {
+            Some(p) => Some(p).filter(|p| p.is_file()),
+            None => ["runc", "crun"].iter().find_map(|name| find_on_path(name)),
+        };
+        let binary = binary.ok_or(Error::NoRuntime)?;
+        Ok(Runtime { binary, state: state.to_path_buf() })
+    }
+
+    /// The runtime binary in use.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.binary);
+        c.arg("--root").arg(&self.state);
+        c
+    }
+
+    /// Runs `sandbox` over `rootfs` as container `id`, with its bundle in
+    /// `bundle` (a directory the caller owns). Output goes to `output` as
+    /// it arrives. Cancelling `cancel` kills the sandbox.
+    pub async fn run(
+        &self,
+        id: &str,
+        rootfs: &Path,
+        bundle: &Path,
+        sandbox: &Sandbox,
+        output: Output,
+        cancel: &CancellationToken,
+    ) -> Result<ExitStatus> {
+        let spec = sandbox.spec(rootfs)?;
+        let config = bundle.join("config.json");
+        let json = serde_json::to_vec(&spec).map_err(|e| Error::Spec(e.to_string()))?;
+        std::fs::write(&config, json).map_err(|source| Error::Bundle { path: config.clone(), source })?;
+
+        let spawn_err = |source| Error::Spawn { runtime: self.binary.display().to_string(), source };
+        let mut child = self
+            .command()
+            .arg("run")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--no-new-keyring")
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(spawn_err)?;
+        let pumps: Vec<_> = [
+            child.stdout.take().map(|s| (Stream::Stdout, Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>)),
+            child.stderr.take().map(|s| (Stream::Stderr, Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>)),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|(which, mut pipe)| {
+            let output = Arc::clone(&output);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = pipe.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    output(which, &buf[..n]);
+                }
+            })
+        })
+        .collect();
+
+        let status = tokio::select! {
+            status = child.wait() => status.map_err(spawn_err)?,
+            () = cancel.cancelled() => {
+                self.kill(id).await;
+                let _ = child.wait().await;
+                for p in pumps {
+                    let _ = p.await;
+                }
+                return Ok(ExitStatus::Cancelled);
+            }
+        };
+        for p in pumps {
+            let _ = p.await;
+        }
+        // `runc run` removes the container when the process ends; make sure.
+        let _ = self.command().args(["delete", "--force", id]).output().await;
+        use std::os::unix::process::ExitStatusExt;
+        Ok(match (status.code(), status.signal()) {
+            (Some(c), _) => ExitStatus::Code(c),
+            (None, Some(s)) => ExitStatus::Signal(s),
+            (None, None) => ExitStatus::Code(-1),
+        })
+    }
+
+    /// Kills and removes container `id`.
+    pub async fn kill(&self, id: &str) {
+        let _ = self.command().args(["kill", id, "KILL"]).output().await;
+        let _ = self.command().args(["delete", "--force", id]).output().await;
+    }
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}

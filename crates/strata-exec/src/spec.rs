@@ -1,0 +1,234 @@
+//! The runtime spec (`config.json`) for one step.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxNamespace, LinuxNamespaceType, MountBuilder,
+    ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder, get_default_mounts,
+};
+
+use crate::{Error, Result};
+
+/// Which network a step sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Network {
+    /// The host's network (Docker's build default).
+    #[default]
+    Host,
+    /// Only a loopback interface (`RUN --network=none`).
+    None,
+}
+
+/// An extra mount inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mount {
+    /// A host path bound at `destination`.
+    Bind {
+        /// Host path.
+        source: PathBuf,
+        /// Path in the container.
+        destination: String,
+        /// Read-only.
+        read_only: bool,
+    },
+    /// An empty tmpfs.
+    Tmpfs {
+        /// Path in the container.
+        destination: String,
+        /// Size limit in bytes.
+        size: Option<u64>,
+    },
+}
+
+impl Mount {
+    /// Where the mount appears in the container.
+    pub fn destination(&self) -> &str {
+        match self {
+            Mount::Bind { destination, .. } | Mount::Tmpfs { destination, .. } => destination,
+        }
+    }
+}
+
+/// The process to run and its surroundings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sandbox {
+    /// argv.
+    pub args: Vec<String>,
+    /// `KEY=value` environment.
+    pub env: Vec<String>,
+    /// Working directory.
+    pub cwd: String,
+    /// User ID.
+    pub uid: u32,
+    /// Primary group ID.
+    pub gid: u32,
+    /// Supplementary group IDs.
+    pub additional_gids: Vec<u32>,
+    /// The container's host name.
+    pub hostname: String,
+    /// Network.
+    pub network: Network,
+    /// Mounts beyond `/proc`, `/dev` and `/sys`.
+    pub mounts: Vec<Mount>,
+    /// `RUN --security=insecure`: all capabilities, nothing masked.
+    pub insecure: bool,
+}
+
+/// The capabilities Docker gives a container (and BuildKit a build step).
+const DEFAULT_CAPS: &[Capability] = &[
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+const ALL_CAPS: &[Capability] = &[
+    Capability::AuditControl,
+    Capability::AuditRead,
+    Capability::AuditWrite,
+    Capability::BlockSuspend,
+    Capability::Bpf,
+    Capability::CheckpointRestore,
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::DacReadSearch,
+    Capability::Fowner,
+    Capability::Fsetid,
+    Capability::IpcLock,
+    Capability::IpcOwner,
+    Capability::Kill,
+    Capability::Lease,
+    Capability::LinuxImmutable,
+    Capability::MacAdmin,
+    Capability::MacOverride,
+    Capability::Mknod,
+    Capability::NetAdmin,
+    Capability::NetBindService,
+    Capability::NetBroadcast,
+    Capability::NetRaw,
+    Capability::Perfmon,
+    Capability::Setgid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::Setuid,
+    Capability::SysAdmin,
+    Capability::SysBoot,
+    Capability::SysChroot,
+    Capability::SysModule,
+    Capability::SysNice,
+    Capability::SysPacct,
+    Capability::SysPtrace,
+    Capability::SysRawio,
+    Capability::SysResource,
+    Capability::SysTime,
+    Capability::SysTtyConfig,
+    Capability::Syslog,
+    Capability::WakeAlarm,
+];
+
+fn err(e: impl std::fmt::Display) -> Error {
+    Error::Spec(e.to_string())
+}
+
+impl Sandbox {
+    /// The runtime spec for running this sandbox over `rootfs`.
+    pub fn spec(&self, rootfs: &Path) -> Result<Spec> {
+        let caps: std::collections::HashSet<Capability> =
+            if self.insecure { ALL_CAPS } else { DEFAULT_CAPS }.iter().copied().collect();
+        let capabilities = LinuxCapabilitiesBuilder::default()
+            .bounding(caps.clone())
+            .effective(caps.clone())
+            .permitted(caps.clone())
+            .build()
+            .map_err(err)?;
+        let user = UserBuilder::default()
+            .uid(self.uid)
+            .gid(self.gid)
+            .additional_gids(self.additional_gids.clone())
+            .build()
+            .map_err(err)?;
+        let process = ProcessBuilder::default()
+            .terminal(false)
+            .args(self.args.clone())
+            .env(self.env.clone())
+            .cwd(self.cwd.clone())
+            .user(user)
+            .capabilities(capabilities)
+            .no_new_privileges(false)
+            .build()
+            .map_err(err)?;
+        let mut namespaces = vec![
+            LinuxNamespace::default().set_typ(LinuxNamespaceType::Pid).clone(),
+            LinuxNamespace::default().set_typ(LinuxNamespaceType::Ipc).clone(),
+            LinuxNamespace::default().set_typ(LinuxNamespaceType::Uts).clone(),
+            LinuxNamespace::default().set_typ(LinuxNamespaceType::Mount).clone(),
+        ];
+        if self.network == Network::None {
+            namespaces.push(LinuxNamespace::default().set_typ(LinuxNamespaceType::Network).clone());
+        }
+        let mut linux = LinuxBuilder::default().namespaces(namespaces);
+        if self.insecure {
+            linux = linux.masked_paths(Vec::<String>::new()).readonly_paths(Vec::<String>::new());
+        } else {
+            let d = oci_spec::runtime::Linux::default();
+            linux = linux
+                .masked_paths(d.masked_paths().clone().unwrap_or_default())
+                .readonly_paths(d.readonly_paths().clone().unwrap_or_default());
+        }
+        let linux = linux.build().map_err(err)?;
+
+        let mut mounts: Vec<oci_spec::runtime::Mount> = get_default_mounts()
+            .into_iter()
+            // The host's cgroup tree is not the build's business.
+            .filter(|m| m.destination() != Path::new("/sys/fs/cgroup"))
+            .collect();
+        for m in &self.mounts {
+            let built = match m {
+                Mount::Bind { source, destination, read_only } => {
+                    let mut opts = vec!["rbind".to_string(), "rprivate".to_string()];
+                    if *read_only {
+                        opts.push("ro".into());
+                    }
+                    MountBuilder::default()
+                        .destination(destination)
+                        .typ("bind")
+                        .source(source)
+                        .options(opts)
+                        .build()
+                }
+                Mount::Tmpfs { destination, size } => {
+                    let mut opts = vec!["nosuid".to_string(), "nodev".to_string(), "mode=1777".to_string()];
+                    if let Some(s) = size {
+                        opts.push(format!("size={s}"));
+                    }
+                    MountBuilder::default()
+                        .destination(destination)
+                        .typ("tmpfs")
+                        .source("tmpfs")
+                        .options(opts)
+                        .build()
+                }
+            };
+            mounts.push(built.map_err(err)?);
+        }
+        SpecBuilder::default()
+            .version("1.0.2")
+            .root(RootBuilder::default().path(rootfs).readonly(false).build().map_err(err)?)
+            .hostname(self.hostname.clone())
+            .process(process)
+            .mounts(mounts)
+            .linux(linux)
+            .build()
+            .map_err(err)
+    }
+}

@@ -1,0 +1,244 @@
+//! `strata image import`: a root filesystem tar, a `docker save` archive
+//! or an OCI layout (directory or tar) into the image store.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::{ImageIndex, ImageManifest};
+use serde::Deserialize;
+use sha2::Digest as _;
+use strata_cas::Sha256;
+
+use crate::compress::decompressing;
+use crate::config::ImageConfig;
+use crate::error::{Error, Result, io_err};
+use crate::store::{Image, ImageStore, LayerRef, descriptor_sha256};
+
+/// What kind of input an import read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportFormat {
+    /// A tar of a root filesystem: it becomes the image's only layer.
+    RootfsTar,
+    /// `docker save` output (`manifest.json` at the top).
+    DockerArchive,
+    /// An OCI image layout (`oci-layout`, `index.json`, `blobs/`).
+    OciLayout,
+}
+
+/// Imports `source` into `store`. `scratch` is a directory for unpacking
+/// archives; `os`/`architecture` describe a root filesystem tar and choose
+/// among the platforms of a multi-platform layout.
+pub fn import(
+    store: &ImageStore,
+    source: &Path,
+    scratch: &Path,
+    os: &str,
+    architecture: &str,
+) -> Result<(Image, ImportFormat)> {
+    if source.is_dir() {
+        return import_dir(store, source, os, architecture);
+    }
+    let names = top_level_names(source)?;
+    let archive = names.contains("manifest.json") || names.contains("oci-layout");
+    if !archive {
+        let file = File::open(source).map_err(io_err("cannot open", source))?;
+        let layer = ingest_layer(store, file, source)?;
+        let mut config = ImageConfig::scratch(os, architecture, None);
+        config.config.working_dir.clear();
+        config.rootfs.diff_ids = vec![layer.diff_id.to_string()];
+        config.history = vec![crate::config::History {
+            created_by: Some(format!("strata image import {}", source.display())),
+            comment: Some("imported from a root filesystem tar".into()),
+            ..Default::default()
+        }];
+        return Ok((store.create(&config, &[layer])?, ImportFormat::RootfsTar));
+    }
+    fs::create_dir_all(scratch).map_err(io_err("cannot create", scratch))?;
+    let dir = tempfile::Builder::new()
+        .prefix("import-")
+        .tempdir_in(scratch)
+        .map_err(io_err("cannot create a temporary directory in", scratch))?;
+    let file = File::open(source).map_err(io_err("cannot open", source))?;
+    let reader = decompressing(file).map_err(io_err("cannot read", source))?;
+    let mut archive = tar::Archive::new(reader);
+    // `unpack` refuses entries that would leave the directory.
+    let unpacked = archive.unpack(dir.path()).map_err(|e| Error::Format(format!("{}: {e}", source.display())));
+    let result = unpacked.and_then(|()| import_dir(store, dir.path(), os, architecture));
+    drop(dir);
+    result
+}
+
+fn import_dir(store: &ImageStore, dir: &Path, os: &str, arch: &str) -> Result<(Image, ImportFormat)> {
+    if dir.join("oci-layout").is_file() {
+        return import_oci_layout(store, dir, os, arch).map(|i| (i, ImportFormat::OciLayout));
+    }
+    if dir.join("manifest.json").is_file() {
+        return import_docker_archive(store, dir).map(|i| (i, ImportFormat::DockerArchive));
+    }
+    Err(Error::Format(format!(
+        "{} is neither an OCI layout (no oci-layout file) nor a docker archive (no manifest.json)",
+        dir.display()
+    )))
+}
+
+/// The names of the top level of a tar, so the format can be told before
+/// reading it for real.
+fn top_level_names(path: &Path) -> Result<HashSet<String>> {
+    let file = File::open(path).map_err(io_err("cannot open", path))?;
+    let reader = decompressing(file).map_err(io_err("cannot read", path))?;
+    let mut archive = tar::Archive::new(reader);
+    let mut names = HashSet::new();
+    let entries = archive.entries().map_err(|e| Error::Format(format!("{} is not a tar: {e}", path.display())))?;
+    for e in entries {
+        let e = e.map_err(|e| Error::Format(format!("{} is not a readable tar: {e}", path.display())))?;
+        let name = String::from_utf8_lossy(&e.path_bytes()).trim_start_matches("./").to_string();
+        if !name.contains('/') || name.starts_with("blobs/") {
+            names.insert(name);
+        }
+    }
+    Ok(names)
+}
+
+/// Stores one layer, uncompressing it if needed.
+fn ingest_layer(store: &ImageStore, reader: impl Read + 'static, what: &Path) -> Result<LayerRef> {
+    let cas = store.content();
+    let mut src = decompressing(reader).map_err(io_err("cannot read", what))?;
+    let mut w = cas.writer()?;
+    io::copy(&mut src, &mut w).map_err(|e| Error::Format(format!("cannot read layer {}: {e}", what.display())))?;
+    w.flush().map_err(io_err("cannot write layer from", what))?;
+    let (size, diff_id) = (w.size(), w.sha256());
+    let blob = w.commit()?;
+    Ok(LayerRef { blob, diff_id, size })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ArchiveEntry {
+    config: String,
+    #[serde(default)]
+    layers: Vec<String>,
+}
+
+fn inside(dir: &Path, rel: &str) -> Result<PathBuf> {
+    if rel.split('/').any(|c| c == "..") || rel.starts_with('/') {
+        return Err(Error::Format(format!("archive path {rel:?} leaves the archive")));
+    }
+    Ok(dir.join(rel))
+}
+
+fn import_docker_archive(store: &ImageStore, dir: &Path) -> Result<Image> {
+    let manifest_path = dir.join("manifest.json");
+    let raw = fs::read(&manifest_path).map_err(io_err("cannot read", &manifest_path))?;
+    let entries: Vec<ArchiveEntry> = serde_json::from_slice(&raw)
+        .map_err(|e| Error::Format(format!("manifest.json of the docker archive is malformed: {e}")))?;
+    let entry = entries.first().ok_or_else(|| Error::Format("the docker archive holds no image".into()))?;
+    let config_path = inside(dir, &entry.config)?;
+    let config_bytes = fs::read(&config_path).map_err(io_err("cannot read", &config_path))?;
+    let mut layers = Vec::new();
+    for l in &entry.layers {
+        let p = inside(dir, l)?;
+        let f = File::open(&p).map_err(io_err("cannot open", &p))?;
+        layers.push(ingest_layer(store, f, &p)?);
+    }
+    check_diff_ids(&config_bytes, &layers)?;
+    store.create_with_config_bytes(&config_bytes, &layers)
+}
+
+fn check_diff_ids(config: &[u8], layers: &[LayerRef]) -> Result<()> {
+    let parsed: ImageConfig = serde_json::from_slice(config)
+        .map_err(|e| Error::Format(format!("image config is malformed: {e}")))?;
+    let got: Vec<String> = layers.iter().map(|l| l.diff_id.to_string()).collect();
+    if parsed.rootfs.diff_ids != got {
+        return Err(Error::Format(format!(
+            "the layers do not match the config: config lists {:?}, layers hash to {:?}",
+            parsed.rootfs.diff_ids, got
+        )));
+    }
+    Ok(())
+}
+
+fn blob_path(dir: &Path, sha: &Sha256) -> PathBuf {
+    dir.join("blobs").join("sha256").join(sha.hex())
+}
+
+/// Reads an OCI layout blob and checks its sha256.
+fn read_blob(dir: &Path, sha: &Sha256) -> Result<Vec<u8>> {
+    let p = blob_path(dir, sha);
+    let bytes = fs::read(&p).map_err(io_err("cannot read", &p))?;
+    if Sha256::of(&bytes) != *sha {
+        return Err(Error::Format(format!("blob {} does not match its digest", p.display())));
+    }
+    Ok(bytes)
+}
+
+fn import_oci_layout(store: &ImageStore, dir: &Path, os: &str, arch: &str) -> Result<Image> {
+    let index_path = dir.join("index.json");
+    let index = ImageIndex::from_file(&index_path)
+        .map_err(|e| Error::Format(format!("{} is malformed: {e}", index_path.display())))?;
+    let mut manifest = pick_manifest(dir, &index, os, arch)?;
+    // Nested indexes (a multi-platform image inside the layout).
+    for _ in 0..4 {
+        let bytes = read_blob(dir, &manifest)?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Format(format!("blob {manifest} is not JSON: {e}")))?;
+        if value.get("manifests").is_none() {
+            break;
+        }
+        let nested = ImageIndex::from_reader(bytes.as_slice())
+            .map_err(|e| Error::Format(format!("index {manifest} is malformed: {e}")))?;
+        manifest = pick_manifest(dir, &nested, os, arch)?;
+    }
+    let bytes = read_blob(dir, &manifest)?;
+    let m = ImageManifest::from_reader(bytes.as_slice())
+        .map_err(|e| Error::Format(format!("manifest {manifest} is malformed: {e}")))?;
+    let config_bytes = read_blob(dir, &descriptor_sha256(m.config())?)?;
+    let mut layers = Vec::new();
+    for d in m.layers() {
+        let sha = descriptor_sha256(d)?;
+        let p = blob_path(dir, &sha);
+        let f = File::open(&p).map_err(io_err("cannot open", &p))?;
+        let verified = VerifyingReader { inner: f, hasher: sha2::Sha256::new(), want: sha, path: p.clone() };
+        layers.push(ingest_layer(store, verified, &p)?);
+    }
+    check_diff_ids(&config_bytes, &layers)?;
+    store.create_with_config_bytes(&config_bytes, &layers)
+}
+
+fn pick_manifest(dir: &Path, index: &ImageIndex, os: &str, arch: &str) -> Result<Sha256> {
+    let manifests = index.manifests();
+    let matching = manifests.iter().find(|d| {
+        d.platform().as_ref().is_some_and(|p| p.os().to_string() == os && p.architecture().to_string() == arch)
+    });
+    let chosen = matching
+        .or_else(|| manifests.iter().find(|d| d.platform().is_none()))
+        .or_else(|| manifests.first())
+        .ok_or_else(|| Error::Format(format!("{} lists no manifests", dir.join("index.json").display())))?;
+    descriptor_sha256(chosen)
+}
+
+/// Checks a blob's sha256 as it is read; a mismatch is an error at the end.
+struct VerifyingReader {
+    inner: File,
+    hasher: sha2::Sha256,
+    want: Sha256,
+    path: PathBuf,
+}
+
+impl Read for VerifyingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        if n == 0 {
+            let got = Sha256(self.hasher.clone().finalize().into());
+            if got != self.want {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} hashes to {got}, not {}", self.path.display(), self.want),
+                ));
+            }
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,28 @@
+//! Images: the OCI and Docker formats strata reads and writes, and the
+//! local image store.
+//!
+//! * [`ImageConfig`]: the config blob, Docker's superset of OCI's
+//!   (healthcheck, ONBUILD, SHELL).
+//! * [`Reference`]: image names with Docker's normalization.
+//! * [`ImageStore`]: names → manifests → config and layers, all blobs in
+//!   the content store; layers are stored uncompressed.
+//! * [`import()`] and [`export_oci`]/[`export_docker_archive`]: root
+//!   filesystem tars, `docker save` archives and OCI layouts in and out.
+//!
+//! It knows nothing of Dockerfiles, builds or caches.
+
+mod compress;
+mod config;
+mod error;
+mod export;
+mod import;
+mod reference;
+mod store;
+
+pub use compress::{Compression, compressed, decompressing};
+pub use config::{ContainerConfig, DEFAULT_PATH, Empty, HealthConfig, History, ImageConfig, RootFs};
+pub use error::{Error, Result};
+pub use export::{export_docker_archive, export_oci};
+pub use import::{ImportFormat, import};
+pub use reference::{DEFAULT_DOMAIN, ParseReferenceError, Reference};
+pub use store::{Image, ImageStore, LayerRef, Tagged, descriptor_sha256};
