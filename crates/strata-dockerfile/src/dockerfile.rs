@@ -492,3 +492,21 @@ fn parse_go_int(s: &str) -> Option<i64> {
 
 #[cfg(test)]
 mod tests;
+
+/// Parses a snippet of instructions that belongs to no stage, such as the
+/// `ONBUILD` triggers a base image carries. `FROM` is refused; every
+/// instruction gets `span`, the place the snippet is attributed to.
+pub fn parse_instructions(text: &str, span: Span) -> Result<Vec<Instruction>> {
+    let (_, nodes, _, source) = parse(text.as_bytes())?.into_parts();
+    let mut out = Vec::with_capacity(nodes.len());
+    for mut node in nodes {
+        match parse_node(&source, &mut node)? {
+            Parsed::Command(command) => out.push(Instruction { span, original: node.original, command }),
+            Parsed::From { .. } => {
+                return Err(Error::new(ErrorKind::Instruction, "FROM isn't allowed as an ONBUILD trigger")
+                    .at(Position { line: span.start, column: 1 }));
+            }
+        }
+    }
+    Ok(out)
+}

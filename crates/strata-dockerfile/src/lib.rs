@@ -34,7 +34,7 @@ mod scope;
 mod shell;
 mod text;
 
-pub use dockerfile::{Base, Dockerfile, SCRATCH, Source, Stage, StageGraph};
+pub use dockerfile::{Base, Dockerfile, SCRATCH, Source, Stage, StageGraph, parse_instructions};
 pub use dockerignore::{IgnoreMatcher, clean_path, read_patterns};
 pub use error::{Error, ErrorKind, Position, Result, Span};
 pub use flags::parse_go_duration;
@@ -43,7 +43,9 @@ pub use instructions::{
     KeyValue, Run,
 };
 pub use mount::{Mount, MountSpec, MountType, Sharing};
-pub use parser::{Ast, Directives, Heredoc, MAX_LINE_LEN, Node, SourceMap, Warning, parse};
+pub use parser::{
+    Ast, Directives, Heredoc, MAX_LINE_LEN, Node, SourceMap, Warning, is_heredoc_marker, parse,
+};
 pub use platform::{Platform, predefined_args};
 pub use scope::Scope;
 pub use shell::{Env, EnvList, ExpandError, Expansion, Lexer, NoEnv};

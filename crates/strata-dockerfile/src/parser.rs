@@ -891,6 +891,11 @@ fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, LineError> {
     Ok(docs)
 }
 
+/// Whether `s` is, as a whole, a heredoc marker such as `<<EOF` or `<<-'X'`.
+pub fn is_heredoc_marker(s: &str) -> bool {
+    matches!(parse_heredoc(s), Ok(Some(_)))
+}
+
 /// Parses one `[fd]<<[-]WORD` token; `Ok(None)` when it is not a heredoc.
 pub(crate) fn parse_heredoc(src: &str) -> Result<Option<Heredoc>, LineError> {
     let digits = src.bytes().take_while(u8::is_ascii_digit).count();

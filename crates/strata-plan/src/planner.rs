@@ -1,0 +1,764 @@
+//! Lowering typed instructions into steps and image configs.
+
+use std::collections::BTreeMap;
+
+use strata_cas::Sha256;
+use strata_dockerfile::{
+    Base as DfBase, Command, CommandLine, Dockerfile, EnvList, Error as DfError, ErrorKind, Healthcheck,
+    Instruction, Lexer, MountType, Platform, Scope, Source as DfSource, Span, parse_instructions,
+    predefined_args,
+};
+use strata_oci::{DEFAULT_PATH, Empty, HealthConfig, History, ImageConfig, LayerRef};
+
+use crate::ops::{CopyOp, ExecOp, ImageSource, InlineFile, MkdirOp, Op, RunMount, RunMountKind, Source};
+
+/// What the planner needs to know about the build.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `--build-arg`s.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`.
+    pub target: Option<String>,
+    /// The platform being built for.
+    pub platform: Platform,
+    /// The platform building.
+    pub build_platform: Platform,
+    /// `created` timestamp written into configs and history (RFC 3339).
+    pub created: String,
+}
+
+/// A base image as the resolver found it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedImage {
+    /// The normalized reference.
+    pub reference: String,
+    /// Its manifest's sha256.
+    pub manifest: Sha256,
+    /// Its config.
+    pub config: ImageConfig,
+    /// Its layers, bottom first.
+    pub layers: Vec<LayerRef>,
+}
+
+/// Finds base images (`FROM`, `COPY --from=image`).
+pub trait ImageResolver {
+    /// Resolves `reference` for `platform`; the error says why not.
+    fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String>;
+}
+
+/// Why a plan could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The Dockerfile is wrong; the error says where.
+    #[error(transparent)]
+    Dockerfile(#[from] DfError),
+    /// A base image could not be resolved.
+    #[error("{file}:{line}: {message}")]
+    Base {
+        /// The Dockerfile's name.
+        file: String,
+        /// The `FROM` or `COPY --from` line.
+        line: usize,
+        /// What the resolver said.
+        message: String,
+    },
+}
+
+/// A build: the stages the target needs, in an order where every stage
+/// comes after those it uses.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The stages.
+    pub stages: Vec<StagePlan>,
+    /// The stage whose result is the image.
+    pub target: usize,
+}
+
+/// What a stage starts from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Base {
+    /// Nothing.
+    Scratch,
+    /// An image.
+    Image(ImageSource),
+    /// Another stage's result, by plan index.
+    Stage(usize),
+}
+
+/// One stage of the plan.
+#[derive(Debug, Clone)]
+pub struct StagePlan {
+    /// `builder`, or `stage-N` for an unnamed stage.
+    pub name: String,
+    /// Its index among the Dockerfile's stages.
+    pub dockerfile_index: usize,
+    /// What it starts from.
+    pub base: Base,
+    /// The `FROM` line, for progress.
+    pub from_label: String,
+    /// The filesystem steps, in order.
+    pub steps: Vec<Step>,
+    /// The config the stage ends with. `rootfs` and `history` are filled
+    /// in when the layers are known.
+    pub config: ImageConfig,
+    /// History entries of this stage's instructions, after the base's.
+    pub history: Vec<HistoryEntry>,
+    /// The history the base brought.
+    pub base_history: Vec<History>,
+    /// The platform string the stage is for (`linux/amd64`).
+    pub platform: String,
+}
+
+impl StagePlan {
+    /// Progress numbering: the base counts as one step when it is an image.
+    pub fn total(&self) -> usize {
+        self.steps.len() + usize::from(matches!(self.base, Base::Image(_)))
+    }
+}
+
+/// One filesystem step.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// What it does.
+    pub op: Op,
+    /// The instruction as shown in progress (`RUN go build -o app .`).
+    pub label: String,
+    /// Its first line in the Dockerfile.
+    pub line: usize,
+    /// Its number within the stage, counting from 1 (after the base).
+    pub number: usize,
+}
+
+/// One history entry of a stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// The instruction as recorded (`RUN /bin/sh -c make # buildkit`).
+    pub created_by: String,
+    /// The step whose layer it describes; `None` for config-only entries.
+    pub step: Option<usize>,
+}
+
+const DEFAULT_SHELL: [&str; 2] = ["/bin/sh", "-c"];
+const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
+
+/// Plans a build of `df` (read from `file`, for messages).
+pub fn plan(df: &Dockerfile, file: &str, opts: &Options, images: &dyn ImageResolver) -> Result<Plan, PlanError> {
+    let with_file = |e: DfError| PlanError::Dockerfile(e.with_file(file));
+    let target_name = opts.target.as_deref().or_else(|| df.stages.last().and_then(|s| s.name.as_deref()));
+    let predefined = predefined_args(&opts.build_platform, &opts.platform, target_name);
+    let global = df.global_scope(&opts.build_args, &predefined).map_err(with_file)?;
+    let graph = df.graph(&global, opts.target.as_deref()).map_err(with_file)?;
+
+    let mut planner = Planner {
+        df,
+        file,
+        opts,
+        images,
+        global,
+        plan_index: BTreeMap::new(),
+        stages: Vec::new(),
+        scopes: Vec::new(),
+        onbuild: Vec::new(),
+    };
+    for &i in &graph.order {
+        planner.stage(i, &graph.bases[i], graph.platforms[i].as_deref()).map_err(|e| match e {
+            PlanError::Dockerfile(d) => with_file(d),
+            other => other,
+        })?;
+    }
+    let target = planner.plan_index[&graph.target];
+    Ok(Plan { stages: planner.stages, target })
+}
+
+struct Planner<'a> {
+    df: &'a Dockerfile,
+    file: &'a str,
+    opts: &'a Options,
+    images: &'a dyn ImageResolver,
+    global: EnvList,
+    /// Dockerfile stage index → plan index.
+    plan_index: BTreeMap<usize, usize>,
+    stages: Vec<StagePlan>,
+    /// The variable scope each planned stage ended with.
+    scopes: Vec<Scope>,
+    /// The ONBUILD instructions each planned stage declared.
+    onbuild: Vec<Vec<String>>,
+}
+
+/// What a stage keeps track of while its instructions are lowered.
+struct StageState {
+    config: ImageConfig,
+    scope: Scope,
+    steps: Vec<Step>,
+    history: Vec<HistoryEntry>,
+    onbuild: Vec<String>,
+    cmd_set: bool,
+    number_offset: usize,
+}
+
+impl Planner<'_> {
+    fn base_error(&self, span: Span, message: String) -> PlanError {
+        PlanError::Base { file: self.file.to_string(), line: span.start, message }
+    }
+
+    fn resolve_image(&self, reference: &str, platform: &Platform, span: Span) -> Result<ResolvedImage, PlanError> {
+        self.images.resolve(reference, platform).map_err(|m| self.base_error(span, m))
+    }
+
+    fn stage(&mut self, index: usize, base: &DfBase, platform: Option<&str>) -> Result<(), PlanError> {
+        let df = self.df;
+        let st = &df.stages[index];
+        let platform = match platform {
+            Some(p) => Platform::parse(p).map_err(|m| df.error_at(ErrorKind::Stage, st.span, p, m))?,
+            None => self.opts.platform.clone(),
+        };
+        let platform_str = platform.to_string();
+        let (plan_base, mut config, scope, triggers, base_history) = match base {
+            DfBase::Scratch => {
+                let c = ImageConfig::scratch(&platform.os, &platform.architecture, platform.variant.as_deref());
+                (Base::Scratch, c, None, Vec::new(), Vec::new())
+            }
+            DfBase::Image(reference) => {
+                let img = self.resolve_image(reference, &platform, st.span)?;
+                let mut c = img.config.clone();
+                let triggers = std::mem::take(&mut c.config.on_build);
+                let history = std::mem::take(&mut c.history);
+                let src = ImageSource { reference: img.reference, manifest: img.manifest.hex(), layers: img.layers };
+                (Base::Image(src), c, None, triggers, history)
+            }
+            DfBase::Stage(j) => {
+                let p = self.plan_index[j];
+                let mut c = self.stages[p].config.clone();
+                c.config.on_build.clear();
+                let history = std::mem::take(&mut c.history);
+                let mut base_history = self.stages[p].base_history.clone();
+                base_history.extend(history);
+                (Base::Stage(p), c, Some(self.scopes[p].clone()), self.onbuild[p].clone(), base_history)
+            }
+        };
+        // Every stage's environment has a PATH, as BuildKit ensures.
+        if !config.config.env.iter().any(|e| e.starts_with("PATH=")) && platform.os != "windows" {
+            config.config.env.push(DEFAULT_PATH.to_string());
+        }
+        let scope = scope.unwrap_or_else(|| Scope::from_image_env(&config.config.env));
+        config.created = Some(self.opts.created.clone());
+
+        let mut instructions = Vec::new();
+        for t in &triggers {
+            let parsed = parse_instructions(t, st.span).map_err(|e| {
+                df.error_at(ErrorKind::Instruction, st.span, "", format!("ONBUILD trigger {t:?} of the base: {}", e.message()))
+            })?;
+            instructions.extend(parsed);
+        }
+        instructions.extend(st.instructions.iter().cloned());
+
+        let mut state = StageState {
+            config,
+            scope,
+            steps: Vec::new(),
+            history: Vec::new(),
+            onbuild: Vec::new(),
+            cmd_set: false,
+            number_offset: usize::from(matches!(plan_base, Base::Image(_))),
+        };
+        for instr in &instructions {
+            self.instruction(instr, &mut state, &platform)?;
+        }
+        let from_label = st.original.trim().to_string();
+        self.plan_index.insert(index, self.stages.len());
+        self.scopes.push(state.scope);
+        self.onbuild.push(state.onbuild);
+        self.stages.push(StagePlan {
+            name: st.display_name(),
+            dockerfile_index: index,
+            base: plan_base,
+            from_label,
+            steps: state.steps,
+            config: state.config,
+            history: state.history,
+            base_history,
+            platform: platform_str,
+        });
+        Ok(())
+    }
+
+    fn history(&self, state: &mut StageState, created_by: String, step: Option<usize>) {
+        state.history.push(HistoryEntry { created_by, step });
+    }
+
+    fn step(&self, state: &mut StageState, op: Op, instr: &Instruction, label: String) -> usize {
+        let n = state.steps.len();
+        state.steps.push(Step { op, label, line: instr.span.start, number: state.number_offset + n + 1 });
+        n
+    }
+
+    fn instruction(&mut self, raw: &Instruction, state: &mut StageState, platform: &Platform) -> Result<(), PlanError> {
+        let df = self.df;
+        let instr = df.apply_in_scope(raw, &mut state.scope, &self.opts.build_args, &self.global)?;
+        let c = &mut state.config.config;
+        let label = instruction_label(&raw.original);
+        match &instr.command {
+            Command::Env(kvs) => {
+                c.env = state.scope.config_env.to_entries();
+                let desc: Vec<String> = kvs.iter().map(|kv| format!("{}={}", kv.key, kv.value)).collect();
+                self.history(state, format!("ENV {}", desc.join(" ")), None);
+            }
+            Command::Arg(decls) => {
+                let desc: Vec<String> = decls
+                    .iter()
+                    .map(|d| match state.scope.args.iter().find(|(k, _)| *k == d.key) {
+                        Some((k, Some(v))) => format!("{k}={v}"),
+                        _ => d.key.clone(),
+                    })
+                    .collect();
+                self.history(state, format!("ARG {}", desc.join(" ")), None);
+            }
+            Command::Label(kvs) => {
+                let mut desc = Vec::new();
+                for kv in kvs {
+                    c.labels.insert(kv.key.clone(), kv.value.clone());
+                    desc.push(format!("{}={}", kv.key, kv.value));
+                }
+                self.history(state, format!("LABEL {}", desc.join(" ")), None);
+            }
+            Command::Maintainer(m) => {
+                state.config.author = Some(m.clone());
+                self.history(state, format!("MAINTAINER {m}"), None);
+            }
+            Command::Workdir(p) => {
+                let wd = normalize_workdir(&c.working_dir, p);
+                c.working_dir = wd.clone();
+                if wd == "/" {
+                    self.history(state, format!("WORKDIR {wd}"), None);
+                } else {
+                    let op = Op::Mkdir(MkdirOp { path: wd.clone(), user: c.user.clone() });
+                    let n = self.step(state, op, &instr, label);
+                    self.history(state, format!("WORKDIR {wd}"), Some(n));
+                }
+            }
+            Command::User(u) => {
+                c.user = u.clone();
+                self.history(state, format!("USER {u}"), None);
+            }
+            Command::Shell(sh) => {
+                c.shell = sh.clone();
+                self.history(state, format!("SHELL [{}]", sh.join(" ")), None);
+            }
+            Command::Cmd(cl) => {
+                let args = self.with_shell(&state.config, cl);
+                let c = &mut state.config.config;
+                c.cmd = Some(args.clone());
+                c.args_escaped = true;
+                state.cmd_set = true;
+                self.history(state, format!("CMD {}", go_quote_list(&args)), None);
+            }
+            Command::Entrypoint(cl) => {
+                let args = self.with_shell(&state.config, cl);
+                let c = &mut state.config.config;
+                c.entrypoint = Some(args.clone());
+                if !state.cmd_set {
+                    c.cmd = None;
+                }
+                self.history(state, format!("ENTRYPOINT {}", go_quote_list(&args)), None);
+            }
+            Command::Healthcheck(h) => {
+                let cfg = match h.as_ref() {
+                    Healthcheck::None => HealthConfig { test: vec!["NONE".into()], ..Default::default() },
+                    Healthcheck::Cmd { test, interval, timeout, start_period, start_interval, retries } => {
+                        let ns = |d: &Option<std::time::Duration>| d.map_or(0, |d| d.as_nanos() as i64);
+                        HealthConfig {
+                            test: test.clone(),
+                            interval: ns(interval),
+                            timeout: ns(timeout),
+                            start_period: ns(start_period),
+                            start_interval: ns(start_interval),
+                            retries: i64::from(*retries),
+                        }
+                    }
+                };
+                c.healthcheck = Some(cfg);
+                self.history(state, format!("HEALTHCHECK {label}"), None);
+            }
+            Command::Expose(ports) => {
+                let mut desc = Vec::new();
+                for p in ports {
+                    for port in expand_port(p).map_err(|m| df.error_at(ErrorKind::Instruction, instr.span, p, m))? {
+                        desc.push(port.clone());
+                        c.exposed_ports.insert(port, Empty {});
+                    }
+                }
+                self.history(state, format!("EXPOSE map[{}]", desc.join(" ")), None);
+            }
+            Command::Volume(vols) => {
+                for v in vols {
+                    c.volumes.insert(v.clone(), Empty {});
+                }
+                self.history(state, format!("VOLUME [{}]", vols.join(" ")), None);
+            }
+            Command::StopSignal(s) => {
+                if !valid_signal(s) {
+                    return Err(df.error_at(ErrorKind::Instruction, instr.span, s, format!("invalid signal: {s}")).into());
+                }
+                c.stop_signal = Some(s.clone());
+                self.history(state, format!("STOPSIGNAL {s}"), None);
+            }
+            Command::Onbuild(expr) => {
+                c.on_build.push(expr.clone());
+                state.onbuild.push(expr.clone());
+            }
+            Command::Run(run) => {
+                let op = self.exec_op(&instr, run, state, platform)?;
+                let created_by = match &op {
+                    Op::Exec(e) => format!("RUN {} # buildkit", run_command_string(&e.args, &state.scope)),
+                    _ => String::new(),
+                };
+                let n = self.step(state, op, &instr, label);
+                self.history(state, created_by, Some(n));
+            }
+            Command::Copy(cp) => {
+                let from = match &cp.from {
+                    None => Source::Context,
+                    Some(f) => self.source(f, instr.span, platform)?,
+                };
+                let op = self.copy_op(&instr, state, from, &cp.files, cp.chown.clone(), cp.chmod.as_deref(), cp.parents, &cp.excludes, false)?;
+                let n = self.step(state, op, &instr, label.clone());
+                self.history(state, format!("{label} # buildkit"), Some(n));
+            }
+            Command::Add(add) => {
+                if let Some(url) = add.files.sources.iter().find(|s| s.starts_with("http://") || s.starts_with("https://")) {
+                    return Err(df
+                        .error_at(ErrorKind::Instruction, instr.span, url, format!("ADD from a URL ({url}) needs network sources, which this build does not support; download it in a RUN step"))
+                        .into());
+                }
+                if add.checksum.is_some() {
+                    return Err(df.error_at(ErrorKind::Instruction, instr.span, "--checksum", "checksum requires HTTP(S) or Git sources").into());
+                }
+                let unpack = add.unpack.unwrap_or(true);
+                let op = self.copy_op(&instr, state, Source::Context, &add.files, add.chown.clone(), add.chmod.as_deref(), false, &add.excludes, unpack)?;
+                let n = self.step(state, op, &instr, label.clone());
+                self.history(state, format!("{label} # buildkit"), Some(n));
+            }
+        }
+        Ok(())
+    }
+
+    /// The stage's shell in front of a shell-form command line.
+    fn with_shell(&self, config: &ImageConfig, cl: &CommandLine) -> Vec<String> {
+        if !cl.shell_form {
+            return cl.args.clone();
+        }
+        let mut shell = if config.config.shell.is_empty() {
+            DEFAULT_SHELL.iter().map(|s| s.to_string()).collect()
+        } else {
+            config.config.shell.clone()
+        };
+        shell.push(cl.args.join(" "));
+        shell
+    }
+
+    /// `--from` of COPY or of a RUN mount: a stage of the plan, or an image.
+    fn source(&self, from: &str, span: Span, platform: &Platform) -> Result<Source, PlanError> {
+        match self.df.copy_source(from) {
+            Ok(DfSource::Stage(i)) => Ok(Source::Stage(self.plan_index[&i])),
+            Ok(DfSource::Image(r)) => {
+                let img = self.resolve_image(&r, platform, span)?;
+                Ok(Source::Image(ImageSource { reference: img.reference, manifest: img.manifest.hex(), layers: img.layers }))
+            }
+            Err(m) => Err(self.df.error_at(ErrorKind::Stage, span, from, m).into()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn copy_op(
+        &self,
+        instr: &Instruction,
+        state: &StageState,
+        from: Source,
+        files: &strata_dockerfile::Files,
+        chown: Option<String>,
+        chmod: Option<&str>,
+        parents: bool,
+        excludes: &[String],
+        unpack: bool,
+    ) -> Result<Op, PlanError> {
+        let chmod = match chmod {
+            None => None,
+            Some(m) => match u32::from_str_radix(m, 8) {
+                Ok(v) if v <= 0o7777 => Some(v),
+                _ => {
+                    return Err(self
+                        .df
+                        .error_at(
+                            ErrorKind::Instruction,
+                            instr.span,
+                            m,
+                            format!("invalid chmod parameter: '{m}'. it should be octal string and between 0 and 07777"),
+                        )
+                        .into());
+                }
+            },
+        };
+        let dest = relative_to_workdir(&state.config.config.working_dir, &files.dest);
+        let inline = files
+            .inline
+            .iter()
+            .map(|f| InlineFile { name: f.name.clone(), data: f.data.clone(), mode: 0o644 })
+            .collect();
+        Ok(Op::Copy(CopyOp {
+            from,
+            sources: files.sources.clone(),
+            inline,
+            dest,
+            chown: chown.filter(|c| !c.is_empty()),
+            chmod,
+            parents,
+            excludes: excludes.to_vec(),
+            unpack,
+        }))
+    }
+
+    fn exec_op(
+        &self,
+        instr: &Instruction,
+        run: &strata_dockerfile::Run,
+        state: &StageState,
+        platform: &Platform,
+    ) -> Result<Op, PlanError> {
+        let df = self.df;
+        let mut files = Vec::new();
+        let cl = &run.command;
+        let mut args = cl.args.clone();
+        if !cl.heredocs.is_empty() {
+            if args.len() != 1 || !cl.shell_form {
+                return Err(df.error_at(ErrorKind::Instruction, instr.span, "<<", "a RUN heredoc needs the shell form").into());
+            }
+            let whole_is_heredoc = strata_dockerfile::is_heredoc_marker(&args[0]);
+            if whole_is_heredoc {
+                let doc = &cl.heredocs[0];
+                let data = doc.body().into_owned();
+                if data.starts_with("#!") {
+                    files.push(InlineFile { name: doc.name.clone(), data, mode: 0o755 });
+                    args = vec![format!("/dev/pipes/{}", doc.name)];
+                } else {
+                    args = vec![data];
+                }
+            } else {
+                let mut b = args[0].clone();
+                for doc in &cl.heredocs {
+                    b.push('\n');
+                    b.push_str(&doc.content);
+                    b.push_str(&doc.name);
+                }
+                args = vec![b];
+            }
+        }
+        let args = self.with_shell(&state.config, &CommandLine { args, shell_form: cl.shell_form, heredocs: vec![] });
+        let lexer = Lexer::new(df.directives.escape);
+        let env = &state.scope.run_env;
+        let mut mounts = Vec::new();
+        for spec in &run.mounts {
+            let m = spec
+                .resolve(&mut |v| lexer.process_word(v, env).map_err(|e| e.message().to_string()))
+                .map_err(|m| df.error_at(ErrorKind::Instruction, instr.span, "--mount", m))?;
+            let target = |m: &strata_dockerfile::Mount| -> Result<String, PlanError> {
+                let t = m.target.clone().ok_or_else(|| {
+                    df.error_at(ErrorKind::Instruction, instr.span, "--mount", format!("{} mount target is required", m.kind.as_str()))
+                })?;
+                Ok(relative_to_workdir(&state.config.config.working_dir, &t))
+            };
+            let kind = match m.kind {
+                MountType::Bind => {
+                    let from = match &m.from {
+                        None => Source::Context,
+                        Some(f) => self.source(f, instr.span, platform)?,
+                    };
+                    let t = target(&m)?;
+                    mounts.push(RunMount {
+                        target: t,
+                        kind: RunMountKind::Bind {
+                            from,
+                            source: m.source.clone().unwrap_or_else(|| "/".into()),
+                            read_write: !m.read_only,
+                        },
+                    });
+                    continue;
+                }
+                MountType::Cache => {
+                    let t = target(&m)?;
+                    RunMount {
+                        kind: RunMountKind::Cache {
+                            id: m.id.clone().unwrap_or_else(|| t.clone()),
+                            sharing: match m.sharing {
+                                Some(strata_dockerfile::Sharing::Private) => "private",
+                                Some(strata_dockerfile::Sharing::Locked) => "locked",
+                                _ => "shared",
+                            }
+                            .into(),
+                            mode: m.mode.unwrap_or(0o755),
+                            uid: m.uid.unwrap_or(0),
+                            gid: m.gid.unwrap_or(0),
+                            read_only: m.read_only,
+                        },
+                        target: t,
+                    }
+                }
+                MountType::Tmpfs => RunMount { target: target(&m)?, kind: RunMountKind::Tmpfs { size: m.size_limit } },
+                MountType::Secret => {
+                    let id = m
+                        .id
+                        .clone()
+                        .or_else(|| m.target.as_deref().and_then(|t| t.rsplit('/').next()).map(str::to_string))
+                        .unwrap_or_default();
+                    let t = m.target.clone().unwrap_or_else(|| format!("/run/secrets/{id}"));
+                    RunMount {
+                        target: relative_to_workdir(&state.config.config.working_dir, &t),
+                        kind: RunMountKind::Secret {
+                            id,
+                            required: m.required,
+                            env: m.env.clone(),
+                            mode: m.mode.unwrap_or(0o400),
+                            uid: m.uid.unwrap_or(0),
+                            gid: m.gid.unwrap_or(0),
+                        },
+                    }
+                }
+                MountType::Ssh => {
+                    return Err(df
+                        .error_at(ErrorKind::Instruction, instr.span, "--mount", "RUN --mount=type=ssh is not supported: strata does not forward SSH agents")
+                        .into());
+                }
+            };
+            mounts.push(kind);
+        }
+        let c = &state.config.config;
+        let mut env = state.scope.run_env.to_entries();
+        if !env.iter().any(|e| e.starts_with("PATH=")) && platform.os != "windows" {
+            env.push(DEFAULT_PATH.to_string());
+        }
+        Ok(Op::Exec(ExecOp {
+            args,
+            env,
+            cwd: if c.working_dir.is_empty() { "/".into() } else { c.working_dir.clone() },
+            user: c.user.clone(),
+            no_network: run.network.as_deref() == Some("none"),
+            insecure: run.security.as_deref() == Some("insecure"),
+            mounts,
+            files,
+        }))
+    }
+}
+
+/// The instruction as progress shows it: the original line, continuations
+/// joined, blanks collapsed, keyword upper-cased.
+fn instruction_label(original: &str) -> String {
+    let joined: Vec<&str> = original.split_whitespace().collect();
+    let mut s = joined.join(" ");
+    if let Some(i) = s.find(' ') {
+        let kw = s[..i].to_uppercase();
+        s.replace_range(..i, &kw);
+    } else {
+        s = s.to_uppercase();
+    }
+    s
+}
+
+/// BuildKit's history string for RUN: build args in scope, then argv.
+fn run_command_string(args: &[String], scope: &Scope) -> String {
+    let declared: Vec<String> = scope
+        .args
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
+        .collect();
+    let mut parts = Vec::new();
+    if !declared.is_empty() {
+        parts.push(format!("|{}", declared.len()));
+        parts.extend(declared);
+    }
+    parts.extend(args.iter().cloned());
+    parts.join(" ")
+}
+
+fn go_quote_list(args: &[String]) -> String {
+    let quoted: Vec<String> = args.iter().map(|a| strata_dockerfile::go_quote(a)).collect();
+    format!("[{}]", quoted.join(" "))
+}
+
+/// `WORKDIR p` after `current`: absolute paths replace, relative ones join;
+/// the result is clean and absolute.
+pub(crate) fn normalize_workdir(current: &str, p: &str) -> String {
+    let joined = if p.starts_with('/') { p.to_string() } else { format!("{}/{p}", if current.is_empty() { "/" } else { current }) };
+    let cleaned = strata_dockerfile::clean_path(&joined);
+    if cleaned.starts_with('/') { cleaned } else { format!("/{cleaned}") }
+}
+
+/// A COPY destination or mount target against the working directory:
+/// absolute stays, relative joins, `.` means the directory itself, and a
+/// trailing `/` (meaning "a directory") is kept.
+pub(crate) fn relative_to_workdir(workdir: &str, p: &str) -> String {
+    let wants_dir = p.ends_with('/') || p == "." || p.is_empty() || p.ends_with("/.");
+    let base = if workdir.is_empty() { "/" } else { workdir };
+    let joined = if p.starts_with('/') { p.to_string() } else { format!("{base}/{p}") };
+    let mut cleaned = strata_dockerfile::clean_path(&joined);
+    if !cleaned.starts_with('/') {
+        cleaned.insert(0, '/');
+    }
+    if wants_dir && !cleaned.ends_with('/') {
+        cleaned.push('/');
+    }
+    cleaned
+}
+
+/// `EXPOSE 80`, `80/udp`, `8000-8002/tcp` → `port/proto` keys.
+fn expand_port(spec: &str) -> Result<Vec<String>, String> {
+    let (ports, proto) = match spec.split_once('/') {
+        Some((p, proto)) => (p, proto.to_lowercase()),
+        None => (spec, "tcp".to_string()),
+    };
+    if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
+        return Err(format!("invalid proto: {proto}"));
+    }
+    let parse = |s: &str| s.parse::<u16>().map_err(|_| format!("invalid containerPort: {s}"));
+    let (lo, hi) = match ports.split_once('-') {
+        Some((a, b)) => (parse(a)?, parse(b)?),
+        None => {
+            let p = parse(ports)?;
+            (p, p)
+        }
+    };
+    if hi < lo {
+        return Err(format!("invalid port range: {ports}"));
+    }
+    Ok((lo..=hi).map(|p| format!("{p}/{proto}")).collect())
+}
+
+fn valid_signal(s: &str) -> bool {
+    if let Ok(n) = s.parse::<u32>() {
+        return (1..=64).contains(&n);
+    }
+    let name = s.strip_prefix("SIG").unwrap_or(s).to_uppercase();
+    matches!(
+        name.as_str(),
+        "HUP" | "INT" | "QUIT" | "ILL" | "TRAP" | "ABRT" | "IOT" | "BUS" | "FPE" | "KILL" | "USR1" | "SEGV" | "USR2"
+            | "PIPE" | "ALRM" | "TERM" | "STKFLT" | "CHLD" | "CONT" | "STOP" | "TSTP" | "TTIN" | "TTOU" | "URG"
+            | "XCPU" | "XFSZ" | "VTALRM" | "PROF" | "WINCH" | "IO" | "POLL" | "PWR" | "SYS"
+    ) || name.starts_with("RTMIN") || name.starts_with("RTMAX")
+}
+
+/// History entries of a finished stage, given which steps made layers.
+pub fn history_with_layers(stage: &StagePlan, made_layer: &[bool], created: &str) -> Vec<History> {
+    let mut out = stage.base_history.clone();
+    for h in &stage.history {
+        let layer = h.step.is_some_and(|s| made_layer.get(s).copied().unwrap_or(false));
+        out.push(History {
+            created: Some(created.to_string()),
+            created_by: Some(h.created_by.clone()),
+            comment: Some(HISTORY_COMMENT.to_string()),
+            empty_layer: !layer,
+            ..Default::default()
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
