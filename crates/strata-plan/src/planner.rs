@@ -103,7 +103,8 @@ pub struct StagePlan {
     pub config: ImageConfig,
     /// History entries of this stage's instructions, after the base's.
     pub history: Vec<HistoryEntry>,
-    /// The history the base brought.
+    /// The history an image base brought (a stage base's comes from its
+    /// result).
     pub base_history: Vec<History>,
     /// The platform string the stage is for (`linux/amd64`).
     pub platform: String,
@@ -230,10 +231,8 @@ impl Planner<'_> {
                 let p = self.plan_index[j];
                 let mut c = self.stages[p].config.clone();
                 c.config.on_build.clear();
-                let history = std::mem::take(&mut c.history);
-                let mut base_history = self.stages[p].base_history.clone();
-                base_history.extend(history);
-                (Base::Stage(p), c, Some(self.scopes[p].clone()), self.onbuild[p].clone(), base_history)
+                // The base stage's history is only known once it has run.
+                (Base::Stage(p), c, Some(self.scopes[p].clone()), self.onbuild[p].clone(), Vec::new())
             }
         };
         // Every stage's environment has a PATH, as BuildKit ensures.
@@ -744,9 +743,10 @@ fn valid_signal(s: &str) -> bool {
     ) || name.starts_with("RTMIN") || name.starts_with("RTMAX")
 }
 
-/// History entries of a finished stage, given which steps made layers.
-pub fn history_with_layers(stage: &StagePlan, made_layer: &[bool], created: &str) -> Vec<History> {
-    let mut out = stage.base_history.clone();
+/// History entries of a finished stage: `base` (the base's history), then
+/// the stage's own, given which steps made layers.
+pub fn history_with_layers(stage: &StagePlan, base: Vec<History>, made_layer: &[bool], created: &str) -> Vec<History> {
+    let mut out = base;
     for h in &stage.history {
         let layer = h.step.is_some_and(|s| made_layer.get(s).copied().unwrap_or(false));
         out.push(History {

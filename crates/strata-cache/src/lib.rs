@@ -1,0 +1,174 @@
+//! The cache index: which step cache keys are done, and what they made.
+//!
+//! [`CacheIndex`] is the seam: the embedded build uses [`LocalCacheIndex`]
+//! (RocksDB under the state directory); a cluster puts the same interface
+//! in front of a replicated index. An entry records the whole layer chain
+//! after the step, so any step's result can be mounted from one lookup.
+//!
+//! Entries are written only after every blob they name is stored, and
+//! removed before those blobs are collected, so an entry never points at
+//! nothing.
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{DB, Options};
+use serde::{Deserialize, Serialize};
+use strata_cas::{Digest, now_unix};
+use strata_oci::LayerRef;
+
+/// What a finished step produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheEntry {
+    /// The layer chain after the step, bottom first.
+    pub layers: Vec<LayerRef>,
+    /// Whether the step itself added the top layer (false: it changed no file).
+    pub made_layer: bool,
+    /// When it was recorded (seconds since the epoch).
+    pub created: u64,
+    /// When a build last used it.
+    pub last_used: u64,
+    /// Which node produced it.
+    pub producer: String,
+}
+
+impl CacheEntry {
+    /// A new entry made now by `producer`.
+    pub fn new(layers: Vec<LayerRef>, made_layer: bool, producer: &str) -> CacheEntry {
+        let now = now_unix();
+        CacheEntry { layers, made_layer, created: now, last_used: now, producer: producer.to_string() }
+    }
+}
+
+/// Errors of a cache index.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database failed.
+    #[error("cache index at {}: {source}", path.display())]
+    Db {
+        /// Its directory.
+        path: PathBuf,
+        /// Why.
+        source: rocksdb::Error,
+    },
+    /// A record could not be read.
+    #[error("cache entry {key} is unreadable: {detail}")]
+    Decode {
+        /// Its key.
+        key: Digest,
+        /// Why.
+        detail: String,
+    },
+    /// A remote index could not be reached.
+    #[error("cache index unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The cache index's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Step cache key → result.
+pub trait CacheIndex: Send + Sync {
+    /// The entry for `key`, if the step is done.
+    fn get(&self, key: &Digest) -> Result<Option<CacheEntry>>;
+    /// Records a finished step. Every blob the entry names must be stored.
+    fn put(&self, key: &Digest, entry: &CacheEntry) -> Result<()>;
+    /// Forgets a step.
+    fn remove(&self, key: &Digest) -> Result<()>;
+    /// Every entry.
+    fn list(&self) -> Result<Vec<(Digest, CacheEntry)>>;
+    /// Records that a build used the entry now.
+    fn touch(&self, key: &Digest) -> Result<()> {
+        if let Some(mut e) = self.get(key)? {
+            e.last_used = now_unix();
+            self.put(key, &e)?;
+        }
+        Ok(())
+    }
+}
+
+/// The cache index of one machine, in RocksDB.
+pub struct LocalCacheIndex {
+    db: DB,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for LocalCacheIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCacheIndex").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl LocalCacheIndex {
+    /// Opens (creating) the index under `state/cache`.
+    pub fn open(state: &Path) -> Result<LocalCacheIndex> {
+        let path = state.join("cache");
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        let db = DB::open(&opts, &path).map_err(|source| Error::Db { path: path.clone(), source })?;
+        Ok(LocalCacheIndex { db, path })
+    }
+
+    fn db_err(&self) -> impl FnOnce(rocksdb::Error) -> Error + '_ {
+        move |source| Error::Db { path: self.path.clone(), source }
+    }
+}
+
+fn decode(key: Digest, raw: &[u8]) -> Result<CacheEntry> {
+    bincode::serde::decode_from_slice(raw, bincode::config::standard())
+        .map(|(e, _)| e)
+        .map_err(|e| Error::Decode { key, detail: e.to_string() })
+}
+
+impl CacheIndex for LocalCacheIndex {
+    fn get(&self, key: &Digest) -> Result<Option<CacheEntry>> {
+        match self.db.get(key.0).map_err(self.db_err())? {
+            Some(raw) => decode(*key, &raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn put(&self, key: &Digest, entry: &CacheEntry) -> Result<()> {
+        let raw = bincode::serde::encode_to_vec(entry, bincode::config::standard())
+            .map_err(|e| Error::Decode { key: *key, detail: e.to_string() })?;
+        self.db.put(key.0, raw).map_err(self.db_err())
+    }
+
+    fn remove(&self, key: &Digest) -> Result<()> {
+        self.db.delete(key.0).map_err(self.db_err())
+    }
+
+    fn list(&self) -> Result<Vec<(Digest, CacheEntry)>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator(rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(self.db_err())?;
+            let Ok(k) = <[u8; 32]>::try_from(&*k) else { continue };
+            out.push((Digest(k), decode(Digest(k), &v)?));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_cas::Sha256;
+
+    #[test]
+    fn put_get_list_remove_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = Digest::of(b"step");
+        let layer = LayerRef { blob: Digest::of(b"l"), diff_id: Sha256::of(b"l"), size: 1 };
+        {
+            let idx = LocalCacheIndex::open(dir.path()).unwrap();
+            assert!(idx.get(&key).unwrap().is_none());
+            idx.put(&key, &CacheEntry::new(vec![layer], true, "local")).unwrap();
+        }
+        let idx = LocalCacheIndex::open(dir.path()).unwrap();
+        let e = idx.get(&key).unwrap().unwrap();
+        assert_eq!(e.layers, [layer]);
+        idx.touch(&key).unwrap();
+        assert_eq!(idx.list().unwrap().len(), 1);
+        idx.remove(&key).unwrap();
+        assert!(idx.get(&key).unwrap().is_none());
+    }
+}

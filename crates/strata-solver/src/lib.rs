@@ -1,0 +1,202 @@
+//! strata's solver: turns a [`Plan`] into results.
+//!
+//! Stages run in dependency order, independent ones at the same time (at
+//! most `jobs` steps at once). Inside a stage each step's cache key is
+//! computed from its parent's key, its op and the content of its inputs
+//! (which a [`Worker`] measures), then looked up in the [`CacheIndex`]; only
+//! a miss is executed, and identical keys in flight run once. A `COPY
+//! --from` whose source produced the same bytes as before therefore stays
+//! cached even when the source stage re-ran (early cutoff).
+//!
+//! The solver sees ops and keys, never Dockerfile syntax, files or
+//! processes: the worker does the work.
+
+mod solve;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use strata_cas::Digest;
+use strata_oci::{ImageConfig, LayerRef};
+use strata_plan::{StagePlan, Step};
+use tokio_util::sync::CancellationToken;
+
+pub use solve::Solver;
+
+/// The result of a stage: its key, layer chain and final image config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageResult {
+    /// The key of its last step (or of its base, with no steps).
+    pub key: Digest,
+    /// Its layer chain, bottom first.
+    pub layers: Vec<LayerRef>,
+    /// Its image config, `rootfs` and `history` filled in.
+    pub config: ImageConfig,
+}
+
+/// Receives a step's output as it is produced.
+pub type Output = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+/// One step for a worker to run.
+pub struct Job<'a> {
+    /// Its stage.
+    pub stage: &'a StagePlan,
+    /// The step.
+    pub step: &'a Step,
+    /// The layer chain it runs on top of.
+    pub parent: &'a [LayerRef],
+    /// Results of the plan's stages so far, by plan index.
+    pub sources: &'a [Option<StageResult>],
+    /// Where its output goes.
+    pub output: Output,
+    /// Cancelled when the build is.
+    pub cancel: CancellationToken,
+}
+
+/// A step that failed on a worker.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct WorkerError {
+    /// What happened.
+    pub message: String,
+    /// The last lines the step printed, if it ran a process.
+    pub tail: Vec<String>,
+    /// True when it stopped because the build was cancelled.
+    pub cancelled: bool,
+}
+
+impl WorkerError {
+    /// A failure with a message and no output.
+    pub fn new(message: impl Into<String>) -> WorkerError {
+        WorkerError { message: message.into(), tail: Vec::new(), cancelled: false }
+    }
+}
+
+/// Where steps run. The embedded build has one, in-process; a cluster
+/// puts workers on other machines behind the same calls.
+pub trait Worker: Send + Sync + 'static {
+    /// Digests of the content a step reads besides its parent filesystem:
+    /// the files a COPY selects, the sources a RUN bind-mounts.
+    fn inputs(&self, stage: &StagePlan, step: &Step, sources: &[Option<StageResult>]) -> Result<Vec<Digest>, WorkerError>;
+
+    /// Whether every blob of a cached chain is usable here.
+    fn has_layers(&self, layers: &[LayerRef]) -> bool;
+
+    /// Runs a step; returns the layer it added, or `None` if it changed no file.
+    fn execute(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError>;
+
+    /// This worker's name, for reports.
+    fn name(&self) -> String;
+}
+
+/// What happened to a step, for progress displays.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventKind {
+    /// It started running.
+    Started,
+    /// Its result was found in the cache.
+    Cached,
+    /// It printed this.
+    Output(Vec<u8>),
+    /// It finished, taking this long.
+    Done(f64),
+    /// It failed with this message.
+    Failed(String),
+}
+
+/// A progress event about one step (or a stage's `FROM`, number 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Stage name.
+    pub stage: String,
+    /// Step number within the stage (the base is 1 when it is an image).
+    pub number: usize,
+    /// Steps in the stage.
+    pub total: usize,
+    /// The instruction.
+    pub label: String,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// Receives progress events.
+pub type Progress = Arc<dyn Fn(Event) + Send + Sync>;
+
+/// How to solve.
+#[derive(Clone)]
+pub struct SolveOptions {
+    /// Ignore the cache (results are still recorded).
+    pub no_cache: bool,
+    /// Most steps running at once.
+    pub jobs: usize,
+    /// Cancels the build.
+    pub cancel: CancellationToken,
+    /// Progress events go here.
+    pub progress: Progress,
+    /// `created` timestamp for history entries.
+    pub created: String,
+}
+
+/// A step as the build report records it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepRecord {
+    /// Stage name.
+    pub stage: String,
+    /// Step number within the stage.
+    pub number: usize,
+    /// The instruction.
+    pub instruction: String,
+    /// Its line in the Dockerfile.
+    pub line: usize,
+    /// Its cache key.
+    pub cache_key: String,
+    /// Whether it came from the cache.
+    pub cached: bool,
+    /// When it started (seconds since the epoch).
+    pub started: f64,
+    /// When it finished.
+    pub finished: f64,
+    /// Which worker ran (or found) it.
+    pub worker: String,
+}
+
+/// A solved plan.
+#[derive(Debug, Clone)]
+pub struct Solved {
+    /// Each stage's result, by plan index.
+    pub stages: Vec<StageResult>,
+    /// Every step, in the order they finished.
+    pub steps: Vec<StepRecord>,
+}
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SolveError {
+    /// A step failed.
+    #[error("[{stage} {number}/{total}] {label} (line {line}): {message}")]
+    Step {
+        /// Stage name.
+        stage: String,
+        /// Step number.
+        number: usize,
+        /// Steps in the stage.
+        total: usize,
+        /// The instruction.
+        label: String,
+        /// Its line.
+        line: usize,
+        /// What went wrong.
+        message: String,
+        /// The last lines it printed.
+        tail: Vec<String>,
+    },
+    /// The build was cancelled.
+    #[error("build cancelled")]
+    Cancelled,
+    /// The cache index failed.
+    #[error(transparent)]
+    Cache(#[from] strata_cache::Error),
+    /// A task failed unexpectedly.
+    #[error("internal error: {0}")]
+    Internal(String),
+}

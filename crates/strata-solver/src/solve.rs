@@ -1,0 +1,291 @@
+//! Scheduling stages and steps.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use strata_cache::{CacheEntry, CacheIndex};
+use strata_cas::Digest;
+use strata_oci::LayerRef;
+use strata_plan::key::{image_key, scratch_key, step_key};
+use strata_plan::{Base, Plan, StagePlan, history_with_layers};
+use tokio::sync::{OnceCell, Semaphore, watch};
+
+use crate::{
+    Event, EventKind, Job, SolveError, SolveOptions, Solved, StageResult, StepRecord, Worker, WorkerError,
+};
+
+type Flight = Arc<OnceCell<CacheEntry>>;
+
+/// Runs plans against a worker and a cache index.
+pub struct Solver {
+    worker: Arc<dyn Worker>,
+    cache: Arc<dyn CacheIndex>,
+    /// Steps being executed right now, by key: a second request waits.
+    in_flight: Mutex<HashMap<Digest, Flight>>,
+}
+
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Shared state of one solve.
+struct Run {
+    plan: Arc<Plan>,
+    opts: SolveOptions,
+    results: Mutex<Vec<Option<StageResult>>>,
+    done: Vec<watch::Sender<bool>>,
+    records: Mutex<Vec<StepRecord>>,
+    jobs: Semaphore,
+    error: Mutex<Option<SolveError>>,
+}
+
+impl Run {
+    fn fail(&self, e: SolveError) {
+        let mut slot = self.error.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        self.opts.cancel.cancel();
+    }
+
+    fn snapshot(&self) -> Vec<Option<StageResult>> {
+        self.results.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn event(&self, stage: &StagePlan, number: usize, label: &str, kind: EventKind) {
+        (self.opts.progress)(Event {
+            stage: stage.name.clone(),
+            number,
+            total: stage.total(),
+            label: label.to_string(),
+            kind,
+        });
+    }
+}
+
+impl Solver {
+    /// A solver that runs steps on `worker` and caches them in `cache`.
+    pub fn new(worker: Arc<dyn Worker>, cache: Arc<dyn CacheIndex>) -> Solver {
+        Solver { worker, cache, in_flight: Mutex::new(HashMap::new()) }
+    }
+
+    /// Solves `plan`: every stage it holds, the target among them.
+    pub async fn solve(self: &Arc<Self>, plan: Arc<Plan>, opts: SolveOptions) -> Result<Solved, SolveError> {
+        let n = plan.stages.len();
+        let mut done = Vec::with_capacity(n);
+        let mut waiters = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (tx, rx) = watch::channel(false);
+            done.push(tx);
+            waiters.push(rx);
+        }
+        let run = Arc::new(Run {
+            jobs: Semaphore::new(opts.jobs.max(1)),
+            plan: Arc::clone(&plan),
+            opts,
+            results: Mutex::new(vec![None; n]),
+            done,
+            records: Mutex::new(Vec::new()),
+            error: Mutex::new(None),
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let deps: Vec<watch::Receiver<bool>> = stage_deps(&plan.stages[i]).into_iter().map(|d| waiters[d].clone()).collect();
+            let (me, run) = (Arc::clone(self), Arc::clone(&run));
+            tasks.spawn(async move {
+                for mut d in deps {
+                    // A dependency that failed drops its sender; its error is
+                    // already recorded.
+                    if d.wait_for(|ok| *ok).await.is_err() {
+                        return;
+                    }
+                }
+                match me.stage(&run, i).await {
+                    Ok(result) => {
+                        run.results.lock().unwrap_or_else(PoisonError::into_inner)[i] = Some(result);
+                        let _ = run.done[i].send(true);
+                    }
+                    Err(e) => run.fail(e),
+                }
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(e) = joined {
+                run.fail(SolveError::Internal(e.to_string()));
+            }
+        }
+        let run = Arc::try_unwrap(run).map_err(|_| SolveError::Internal("solve still shared".into()))?;
+        if let Some(e) = run.error.into_inner().unwrap_or_else(PoisonError::into_inner) {
+            return Err(e);
+        }
+        let stages = run
+            .results
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+            .into_iter()
+            .map(|r| r.ok_or_else(|| SolveError::Internal("a stage produced no result".into())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Solved { stages, steps: run.records.into_inner().unwrap_or_else(PoisonError::into_inner) })
+    }
+
+    async fn stage(&self, run: &Arc<Run>, i: usize) -> Result<StageResult, SolveError> {
+        let stage = &run.plan.stages[i];
+        let results = run.snapshot();
+        let (mut key, mut layers, base_history) = match &stage.base {
+            Base::Scratch => (scratch_key(&stage.platform), Vec::new(), Vec::new()),
+            Base::Image(img) => {
+                run.event(stage, 1, &stage.from_label, EventKind::Done(0.0));
+                (image_key(&img.manifest), img.layers.clone(), stage.base_history.clone())
+            }
+            Base::Stage(b) => {
+                let r = results[*b].as_ref().ok_or_else(|| SolveError::Internal("base stage unfinished".into()))?;
+                (r.key, r.layers.clone(), r.config.history.clone())
+            }
+        };
+        let mut made = Vec::with_capacity(stage.steps.len());
+        for (s, step) in stage.steps.iter().enumerate() {
+            if run.opts.cancel.is_cancelled() {
+                return Err(SolveError::Cancelled);
+            }
+            let step_err = |e: WorkerError| {
+                if e.cancelled {
+                    return SolveError::Cancelled;
+                }
+                SolveError::Step {
+                    stage: stage.name.clone(),
+                    number: step.number,
+                    total: stage.total(),
+                    label: step.label.clone(),
+                    line: step.line,
+                    message: e.message,
+                    tail: e.tail,
+                }
+            };
+            let started = now();
+            let inputs = {
+                let (w, plan, results) = (Arc::clone(&self.worker), Arc::clone(&run.plan), results.clone());
+                tokio::task::spawn_blocking(move || w.inputs(&plan.stages[i], &plan.stages[i].steps[s], &results))
+                    .await
+                    .map_err(|e| SolveError::Internal(e.to_string()))?
+                    .map_err(step_err)?
+            };
+            let step_key = step_key(&key, &step.op, &inputs);
+            let cached = if run.opts.no_cache { None } else { self.cache.get(&step_key)? };
+            let cached = cached.filter(|e| self.worker.has_layers(&e.layers));
+            let (entry, was_cached) = match cached {
+                Some(entry) => {
+                    self.cache.touch(&step_key)?;
+                    run.event(stage, step.number, &step.label, EventKind::Cached);
+                    (entry, true)
+                }
+                None => {
+                    let flight = {
+                        let mut map = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+                        Arc::clone(map.entry(step_key).or_default())
+                    };
+                    let mut ran = false;
+                    let entry = flight
+                        .get_or_try_init(|| async {
+                            ran = true;
+                            self.execute(run, i, s, &layers, &results).await
+                        })
+                        .await
+                        .map_err(step_err)?
+                        .clone();
+                    self.in_flight.lock().unwrap_or_else(PoisonError::into_inner).remove(&step_key);
+                    if !ran {
+                        run.event(stage, step.number, &step.label, EventKind::Cached);
+                    }
+                    self.cache.put(&step_key, &entry)?;
+                    (entry, !ran)
+                }
+            };
+            layers = entry.layers;
+            made.push(entry.made_layer);
+            key = step_key;
+            run.records.lock().unwrap_or_else(PoisonError::into_inner).push(StepRecord {
+                stage: stage.name.clone(),
+                number: step.number,
+                instruction: step.label.clone(),
+                line: step.line,
+                cache_key: step_key.to_string(),
+                cached: was_cached,
+                started,
+                finished: now(),
+                worker: self.worker.name(),
+            });
+        }
+        let mut config = stage.config.clone();
+        config.rootfs.diff_ids = layers.iter().map(|l| l.diff_id.to_string()).collect();
+        config.history = history_with_layers(stage, base_history, &made, &run.opts.created);
+        Ok(StageResult { key, layers, config })
+    }
+
+    /// Runs one step on the worker and returns what to cache.
+    async fn execute(
+        &self,
+        run: &Arc<Run>,
+        i: usize,
+        s: usize,
+        parent: &[LayerRef],
+        results: &[Option<crate::StageResult>],
+    ) -> Result<CacheEntry, WorkerError> {
+        let _permit = run.jobs.acquire().await.map_err(|e| WorkerError::new(e.to_string()))?;
+        let stage = &run.plan.stages[i];
+        let step = &stage.steps[s];
+        run.event(stage, step.number, &step.label, EventKind::Started);
+        let clock = Instant::now();
+        let (w, r2, parent_v, results_v) = (Arc::clone(&self.worker), Arc::clone(run), parent.to_vec(), results.to_vec());
+        let outcome = tokio::task::spawn_blocking(move || {
+            let stage = &r2.plan.stages[i];
+            let step = &stage.steps[s];
+            let r3 = Arc::clone(&r2);
+            let (name, number, label) = (stage.name.clone(), step.number, step.label.clone());
+            let total = stage.total();
+            let output: crate::Output = Arc::new(move |bytes: &[u8]| {
+                (r3.opts.progress)(Event {
+                    stage: name.clone(),
+                    number,
+                    total,
+                    label: label.clone(),
+                    kind: EventKind::Output(bytes.to_vec()),
+                })
+            });
+            w.execute(&Job {
+                stage,
+                step,
+                parent: &parent_v,
+                sources: &results_v,
+                output,
+                cancel: r2.opts.cancel.clone(),
+            })
+        })
+        .await
+        .map_err(|e| WorkerError::new(e.to_string()))?;
+        match outcome {
+            Ok(layer) => {
+                run.event(stage, step.number, &step.label, EventKind::Done(clock.elapsed().as_secs_f64()));
+                let mut layers = parent.to_vec();
+                let made = layer.is_some();
+                layers.extend(layer);
+                Ok(CacheEntry::new(layers, made, &self.worker.name()))
+            }
+            Err(e) => {
+                run.event(stage, step.number, &step.label, EventKind::Failed(e.message.clone()));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The plan stages a stage waits for: its base and the stages it reads.
+fn stage_deps(stage: &StagePlan) -> Vec<usize> {
+    let mut deps: Vec<usize> = stage.steps.iter().flat_map(|s| s.op.stage_inputs()).collect();
+    if let Base::Stage(b) = stage.base {
+        deps.push(b);
+    }
+    deps.sort_unstable();
+    deps.dedup();
+    deps
+}

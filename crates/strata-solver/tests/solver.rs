@@ -1,0 +1,235 @@
+//! The solver against an in-memory worker and cache: keys, cache hits,
+//! early cutoff, parallel stages, failures.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use strata_cache::{CacheEntry, CacheIndex};
+use strata_cas::{Digest, Sha256};
+use strata_oci::{ImageConfig, LayerRef};
+use strata_plan::{Base, CopyOp, ExecOp, Op, Plan, Source, StagePlan, Step};
+use strata_solver::{Job, SolveError, SolveOptions, Solver, StageResult, Worker, WorkerError};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Default)]
+struct MemCache(Mutex<HashMap<Digest, CacheEntry>>);
+
+impl CacheIndex for MemCache {
+    fn get(&self, k: &Digest) -> strata_cache::Result<Option<CacheEntry>> {
+        Ok(self.0.lock().unwrap().get(k).cloned())
+    }
+    fn put(&self, k: &Digest, e: &CacheEntry) -> strata_cache::Result<()> {
+        self.0.lock().unwrap().insert(*k, e.clone());
+        Ok(())
+    }
+    fn remove(&self, k: &Digest) -> strata_cache::Result<()> {
+        self.0.lock().unwrap().remove(k);
+        Ok(())
+    }
+    fn list(&self) -> strata_cache::Result<Vec<(Digest, CacheEntry)>> {
+        Ok(self.0.lock().unwrap().iter().map(|(k, v)| (*k, v.clone())).collect())
+    }
+}
+
+/// Runs "commands" by making a layer from their text; a COPY's input is
+/// whatever `outputs` says its source stage produced.
+#[derive(Default)]
+struct FakeWorker {
+    executed: Mutex<Vec<String>>,
+    running: AtomicUsize,
+    max_running: AtomicUsize,
+    /// What the builder's output "is", by the command that made it.
+    outputs: Mutex<HashMap<String, String>>,
+    delay: Duration,
+}
+
+impl Worker for FakeWorker {
+    fn inputs(&self, _: &StagePlan, step: &Step, sources: &[Option<StageResult>]) -> Result<Vec<Digest>, WorkerError> {
+        Ok(match &step.op {
+            Op::Copy(c) => match c.from {
+                Source::Stage(i) => {
+                    let src = sources[i].as_ref().unwrap();
+                    let top = src.layers.last().map(|l| l.blob).unwrap();
+                    let made_by = self.outputs.lock().unwrap().get(&top.to_string()).cloned().unwrap_or_default();
+                    vec![Digest::of(made_by.as_bytes())]
+                }
+                _ => vec![],
+            },
+            _ => vec![],
+        })
+    }
+
+    fn has_layers(&self, _: &[LayerRef]) -> bool {
+        true
+    }
+
+    fn execute(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_running.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(self.delay);
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        let Op::Exec(e) = &job.step.op else { return Ok(None) };
+        let cmd = e.args.join(" ");
+        if cmd.contains("fail") {
+            (job.output)(b"boom\n");
+            return Err(WorkerError { message: "exit code: 1".into(), tail: vec!["boom".into()], cancelled: false });
+        }
+        self.executed.lock().unwrap().push(cmd.clone());
+        let blob = Digest::of(format!("{cmd}{}", job.parent.len()).as_bytes());
+        // The output "content" ignores a `# comment`: two commands that differ
+        // only there produce the same bytes.
+        let content = cmd.split('#').next().unwrap_or("").trim().to_string();
+        self.outputs.lock().unwrap().insert(blob.to_string(), content);
+        Ok(Some(LayerRef { blob, diff_id: Sha256::of(blob.hex().as_bytes()), size: 1 }))
+    }
+
+    fn name(&self) -> String {
+        "fake".into()
+    }
+}
+
+fn exec(cmd: &str, n: usize) -> Step {
+    Step {
+        op: Op::Exec(ExecOp {
+            args: vec![cmd.into()],
+            env: vec![],
+            cwd: "/".into(),
+            user: String::new(),
+            no_network: false,
+            insecure: false,
+            mounts: vec![],
+            files: vec![],
+        }),
+        label: format!("RUN {cmd}"),
+        line: n,
+        number: n,
+    }
+}
+
+fn copy_from(stage: usize, n: usize) -> Step {
+    Step {
+        op: Op::Copy(CopyOp {
+            from: Source::Stage(stage),
+            sources: vec!["/out".into()],
+            inline: vec![],
+            dest: "/".into(),
+            chown: None,
+            chmod: None,
+            parents: false,
+            excludes: vec![],
+            unpack: false,
+        }),
+        label: "COPY --from".into(),
+        line: n,
+        number: n,
+    }
+}
+
+fn stage(name: &str, base: Base, steps: Vec<Step>) -> StagePlan {
+    StagePlan {
+        name: name.into(),
+        dockerfile_index: 0,
+        base,
+        from_label: "FROM scratch".into(),
+        steps,
+        config: ImageConfig::scratch("linux", "amd64", None),
+        history: vec![],
+        base_history: vec![],
+        platform: "linux/amd64".into(),
+    }
+}
+
+fn opts() -> SolveOptions {
+    SolveOptions {
+        no_cache: false,
+        jobs: 4,
+        cancel: CancellationToken::new(),
+        progress: Arc::new(|_| {}),
+        created: "1970-01-01T00:00:00Z".into(),
+    }
+}
+
+fn fan_out(suffix: &str) -> Arc<Plan> {
+    let mut stages = Vec::new();
+    for i in 0..3 {
+        stages.push(stage(&format!("b{i}"), Base::Scratch, vec![exec(&format!("make {i}{suffix}"), 1)]));
+    }
+    stages.push(stage("final", Base::Scratch, vec![copy_from(0, 1), copy_from(1, 2), copy_from(2, 3), exec("finish", 4)]));
+    Arc::new(Plan { stages, target: 3 })
+}
+
+#[tokio::test]
+async fn second_build_is_fully_cached_and_stages_run_in_parallel() {
+    let worker = Arc::new(FakeWorker { delay: Duration::from_millis(100), ..Default::default() });
+    let cache = Arc::new(MemCache::default());
+    let solver = Arc::new(Solver::new(worker.clone(), cache.clone()));
+    let first = solver.solve(fan_out(""), opts()).await.unwrap();
+    assert_eq!(worker.executed.lock().unwrap().len(), 4);
+    assert!(worker.max_running.load(Ordering::SeqCst) >= 2, "independent stages overlap");
+    assert!(first.steps.iter().all(|s| !s.cached));
+    let second = solver.solve(fan_out(""), opts()).await.unwrap();
+    assert_eq!(worker.executed.lock().unwrap().len(), 4, "nothing runs again");
+    assert!(second.steps.iter().all(|s| s.cached));
+    assert_eq!(first.stages[3].key, second.stages[3].key);
+    assert_eq!(first.stages[3].layers, second.stages[3].layers);
+}
+
+#[tokio::test]
+async fn identical_builder_output_keeps_later_steps_cached() {
+    let worker = Arc::new(FakeWorker::default());
+    let solver = Arc::new(Solver::new(worker.clone(), Arc::new(MemCache::default())));
+    solver.solve(fan_out(""), opts()).await.unwrap();
+    // The builders re-run (their command changed) but produce the same
+    // content, so the final stage's COPYs and its RUN stay cached.
+    let again = solver.solve(fan_out(" # reworded"), opts()).await.unwrap();
+    let fin: Vec<bool> = again.steps.iter().filter(|s| s.stage == "final").map(|s| s.cached).collect();
+    assert_eq!(fin, [true, true, true, true]);
+    assert_eq!(worker.executed.lock().unwrap().len(), 7);
+}
+
+#[tokio::test]
+async fn no_cache_runs_everything() {
+    let worker = Arc::new(FakeWorker::default());
+    let solver = Arc::new(Solver::new(worker.clone(), Arc::new(MemCache::default())));
+    solver.solve(fan_out(""), opts()).await.unwrap();
+    let mut o = opts();
+    o.no_cache = true;
+    solver.solve(fan_out(""), o).await.unwrap();
+    assert_eq!(worker.executed.lock().unwrap().len(), 8);
+}
+
+#[tokio::test]
+async fn a_failing_step_fails_the_build_and_caches_nothing() {
+    let worker = Arc::new(FakeWorker::default());
+    let cache = Arc::new(MemCache::default());
+    let solver = Arc::new(Solver::new(worker.clone(), cache.clone()));
+    let plan = Arc::new(Plan { stages: vec![stage("s", Base::Scratch, vec![exec("ok", 2), exec("fail now", 3), exec("never", 4)])], target: 0 });
+    let err = solver.solve(plan, opts()).await.unwrap_err();
+    match err {
+        SolveError::Step { label, line, tail, .. } => {
+            assert_eq!((label.as_str(), line), ("RUN fail now", 3));
+            assert_eq!(tail, ["boom"]);
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(cache.list().unwrap().len(), 1, "only the step that succeeded is cached");
+    assert!(!worker.executed.lock().unwrap().contains(&"never".to_string()));
+}
+
+#[tokio::test]
+async fn identical_steps_in_flight_run_once() {
+    let worker = Arc::new(FakeWorker { delay: Duration::from_millis(150), ..Default::default() });
+    let solver = Arc::new(Solver::new(worker.clone(), Arc::new(MemCache::default())));
+    let plan = Arc::new(Plan {
+        stages: vec![stage("a", Base::Scratch, vec![exec("same", 1)]), stage("b", Base::Scratch, vec![exec("same", 1)])],
+        target: 1,
+    });
+    let (x, y) = tokio::join!(solver.solve(Arc::clone(&plan), opts()), solver.solve(plan, opts()));
+    x.unwrap();
+    y.unwrap();
+    assert_eq!(worker.executed.lock().unwrap().len(), 1);
+}
