@@ -4,9 +4,14 @@
 //! logging, calls the library crates and prints results. Errors reach
 //! `main` as `anyhow` chains and are printed once, with their causes.
 
+mod build;
 mod dockerfile;
+mod images;
+mod progress;
+mod run;
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -19,12 +24,29 @@ struct Cli {
     #[arg(long, global = true, env = "STRATA_LOG", default_value = "warn")]
     log: String,
 
+    /// State directory (images, layers, cache).
+    #[arg(long, global = true, env = "STRATA_HOME")]
+    home: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Build an image from a Dockerfile.
+    Build(build::BuildArgs),
+    /// Run a command in a new container from an image; exits with its code.
+    Run(run::RunArgs),
+    /// List images.
+    Images(images::ImagesArgs),
+    /// Remove image names.
+    Rmi(images::RmiArgs),
+    /// Remove build cache and unreferenced data.
+    Prune(images::PruneArgs),
+    /// Manage images.
+    #[command(subcommand)]
+    Image(images::ImageCommand),
     /// Check or inspect a Dockerfile without building it.
     #[command(subcommand)]
     Dockerfile(dockerfile::DockerfileCommand),
@@ -33,7 +55,14 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
+    let home = cli.home.unwrap_or_else(strata_worker::default_home);
     let result = match cli.command {
+        Command::Build(a) => build::run(&home, a),
+        Command::Run(a) => run::run(&home, a),
+        Command::Images(a) => images::images(&home, a),
+        Command::Rmi(a) => images::rmi(&home, a),
+        Command::Prune(a) => images::prune(&home, a),
+        Command::Image(c) => images::image(&home, c),
         Command::Dockerfile(cmd) => dockerfile::run(cmd),
     };
     match result {
@@ -48,10 +77,7 @@ fn main() -> ExitCode {
 fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 /// Prints an error and its causes to stderr.
@@ -62,4 +88,16 @@ fn report(err: &anyhow::Error) {
         let _ = write!(out, "\n  caused by: {cause}");
     }
     let _ = writeln!(out);
+}
+
+/// Opens the node, with the state directory named in errors.
+fn open_node(home: &std::path::Path) -> anyhow::Result<std::sync::Arc<strata_worker::Node>> {
+    use anyhow::Context as _;
+    let node = strata_worker::Node::open(home).with_context(|| format!("cannot open the strata state directory {}", home.display()))?;
+    Ok(std::sync::Arc::new(node))
+}
+
+/// A multi-threaded runtime for one command.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }

@@ -1,0 +1,246 @@
+//! `strata build`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde::Serialize;
+use strata_dockerfile::Platform;
+use strata_oci::{Compression, Reference};
+use strata_solver::StepRecord;
+use strata_worker::{BuildError, BuildRequest, build};
+use tokio_util::sync::CancellationToken;
+
+use crate::dockerfile::parse_build_args;
+use crate::images::human_size;
+use crate::progress::{Mode, Renderer};
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Name (and tag) for the image; repeatable.
+    #[arg(short = 't', long = "tag")]
+    tags: Vec<String>,
+    /// The Dockerfile (default: CONTEXT/Dockerfile).
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// A build argument; `KEY` alone takes its value from the environment.
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    build_args: Vec<String>,
+    /// The stage to build (default: the last).
+    #[arg(long)]
+    target: Option<String>,
+    /// Do not use the cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// How to show progress.
+    #[arg(long, value_enum, default_value = "auto")]
+    progress: Mode,
+    /// Also write the image: `type=oci,dest=PATH[,compression=gzip|zstd|uncompressed][,tar=false]`
+    /// or `type=docker,dest=PATH`.
+    #[arg(long = "output", short = 'o')]
+    outputs: Vec<String>,
+    /// A secret for `RUN --mount=type=secret`: `id=ID,src=PATH` or `id=ID,env=VAR`.
+    #[arg(long = "secret")]
+    secrets: Vec<String>,
+    /// Write a JSON report of the build (every step, its key, cached or not, times).
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Most steps to run at once (default: the number of CPUs).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Platform to build for (default: this machine's).
+    #[arg(long)]
+    platform: Option<String>,
+    /// The build context directory.
+    context: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Output {
+    Oci { dest: PathBuf, compression: Compression, tar: bool },
+    Docker { dest: PathBuf },
+}
+
+fn parse_output(s: &str) -> Result<Output> {
+    let mut kv = BTreeMap::new();
+    for part in s.split(',') {
+        let (k, v) = part.split_once('=').with_context(|| format!("--output {s:?}: expected key=value, got {part:?}"))?;
+        kv.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    let dest = kv.get("dest").map(PathBuf::from).with_context(|| format!("--output {s:?}: dest=PATH is required"))?;
+    match kv.get("type").map(String::as_str) {
+        Some("oci") => Ok(Output::Oci {
+            dest,
+            compression: kv.get("compression").map(|c| c.parse()).transpose().map_err(anyhow::Error::msg)?.unwrap_or_default(),
+            tar: kv.get("tar").is_none_or(|t| t != "false"),
+        }),
+        Some("docker") => Ok(Output::Docker { dest }),
+        Some(other) => bail!("--output type={other} is not supported: use type=oci or type=docker"),
+        None => bail!("--output {s:?}: type=oci or type=docker is required"),
+    }
+}
+
+fn parse_secrets(raw: &[String]) -> Result<BTreeMap<String, Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    for s in raw {
+        let mut kv = BTreeMap::new();
+        for part in s.split(',') {
+            let (k, v) = part.split_once('=').with_context(|| format!("--secret {s:?}: expected key=value"))?;
+            kv.insert(k, v);
+        }
+        let id = kv.get("id").with_context(|| format!("--secret {s:?}: id=ID is required"))?;
+        let value = if let Some(src) = kv.get("src").or_else(|| kv.get("source")) {
+            std::fs::read(src).with_context(|| format!("--secret id={id}: cannot read {src}"))?
+        } else if let Some(var) = kv.get("env") {
+            std::env::var(var).with_context(|| format!("--secret id={id}: environment variable {var} is not set"))?.into_bytes()
+        } else {
+            std::env::var(id.to_uppercase()).map(String::into_bytes).with_context(|| format!("--secret {s:?}: give src=PATH or env=VAR"))?
+        };
+        out.insert(id.to_string(), value);
+    }
+    Ok(out)
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    image: ReportImage,
+    duration_seconds: f64,
+    steps: &'a [StepRecord],
+}
+
+#[derive(Serialize)]
+struct ReportImage {
+    id: String,
+    manifest_digest: String,
+    tags: Vec<String>,
+    size: u64,
+}
+
+pub fn run(home: &Path, args: BuildArgs) -> Result<ExitCode> {
+    let started = Instant::now();
+    let tags = args
+        .tags
+        .iter()
+        .map(|t| t.parse::<Reference>().map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
+    let outputs = args.outputs.iter().map(|o| parse_output(o)).collect::<Result<Vec<_>>>()?;
+    let secrets = parse_secrets(&args.secrets)?;
+    let build_args = parse_build_args(&args.build_args)?;
+    let platform = match &args.platform {
+        Some(p) => Platform::parse(p).map_err(anyhow::Error::msg)?,
+        None => Platform::host(),
+    };
+    let dockerfile = args.file.clone().unwrap_or_else(|| args.context.join("Dockerfile"));
+    if !dockerfile.is_file() {
+        bail!("Dockerfile {} not found (use -f to name another)", dockerfile.display());
+    }
+    let node = crate::open_node(home)?;
+    let renderer = Renderer::new(args.progress);
+    let cancel = CancellationToken::new();
+    let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let req = BuildRequest {
+        dockerfile,
+        context: args.context.clone(),
+        build_args,
+        target: args.target.clone(),
+        no_cache: args.no_cache,
+        jobs,
+        secrets,
+        tags: tags.clone(),
+        platform,
+        progress: renderer.progress(),
+        cancel: cancel.clone(),
+    };
+    let rt = crate::runtime()?;
+    let result = rt.block_on(async {
+        let interrupt = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                interrupt.cancel();
+            }
+        });
+        build(node.clone(), req).await
+    });
+    renderer.finish();
+    let result = match result {
+        Ok(r) => r,
+        Err(BuildError::Solve(strata_solver::SolveError::Step { stage, number, total, label, line, message, tail })) => {
+            let mut err = std::io::stderr().lock();
+            if !tail.is_empty() {
+                writeln!(err, "------\n > [{stage} {number}/{total}] {label}:")?;
+                for l in &tail {
+                    writeln!(err, "{l}")?;
+                }
+                writeln!(err, "------")?;
+            }
+            bail!("{}:{line}: [{stage} {number}/{total}] {label}: {message}", args.file.as_deref().unwrap_or(Path::new("Dockerfile")).display());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let image = &result.image;
+    for o in &outputs {
+        match o {
+            Output::Oci { dest, compression, tar } => {
+                strata_oci::export_oci(&node.content, image, tags.first(), dest, *tar, *compression)
+                    .with_context(|| format!("cannot write the OCI layout {}", dest.display()))?;
+            }
+            Output::Docker { dest } => {
+                strata_oci::export_docker_archive(&node.content, image, &tags, dest)
+                    .with_context(|| format!("cannot write the docker archive {}", dest.display()))?;
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let steps = &result.solved.steps;
+    let cached = steps.iter().filter(|s| s.cached).count();
+    if let Some(path) = &args.report {
+        let report = Report {
+            image: ReportImage {
+                id: image.id.to_string(),
+                manifest_digest: image.manifest_digest.to_string(),
+                tags: tags.iter().map(Reference::familiar).collect(),
+                size: image.size(),
+            },
+            duration_seconds: elapsed,
+            steps,
+        };
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("cannot write report {}", path.display()))?;
+    }
+    let names: Vec<String> = tags.iter().map(Reference::familiar).collect();
+    let mut err = std::io::stderr().lock();
+    if args.progress != Mode::Quiet {
+        writeln!(
+            err,
+            "built {} in {elapsed:.2}s: {} steps, {cached} cached; image {} ({})",
+            if names.is_empty() { "image".to_string() } else { names.join(", ") },
+            steps.len(),
+            &image.id.to_string()[..19],
+            human_size(image.size())
+        )?;
+    }
+    drop(err);
+    if args.progress == Mode::Quiet {
+        writeln!(std::io::stdout().lock(), "{}", image.id)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs() {
+        assert_eq!(
+            parse_output("type=oci,dest=/x.tar,compression=zstd").unwrap(),
+            Output::Oci { dest: "/x.tar".into(), compression: Compression::Zstd, tar: true }
+        );
+        assert_eq!(parse_output("type=docker,dest=a.tar").unwrap(), Output::Docker { dest: "a.tar".into() });
+        assert!(parse_output("type=registry,dest=x").is_err());
+        assert!(parse_output("type=oci").is_err());
+    }
+}

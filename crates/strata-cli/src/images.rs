@@ -1,0 +1,221 @@
+//! `strata images`, `rmi`, `prune`, `image import`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use strata_dockerfile::Platform;
+use strata_oci::{ImportFormat, Reference};
+
+#[derive(Debug, Args)]
+pub struct ImagesArgs {
+    /// Only show image IDs.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RmiArgs {
+    /// Image names (or IDs) to remove.
+    #[arg(required = true)]
+    images: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Keep up to this much build cache (e.g. `10GB`, `500MB`); default: none.
+    #[arg(long, value_name = "SIZE")]
+    keep_storage: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Import a root filesystem tar, a `docker save` archive or an OCI layout.
+    Import {
+        /// Name for the image.
+        name: String,
+        /// The file (or OCI layout directory).
+        file: PathBuf,
+    },
+}
+
+/// Docker's sizes: three significant digits, decimal units (`3.81MB`).
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "kB", "MB", "GB", "TB", "PB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    let digits = if v >= 100.0 { 0 } else if v >= 10.0 { 1 } else { 2 };
+    let s = format!("{v:.digits$}");
+    let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s };
+    format!("{s}{}", UNITS[u])
+}
+
+/// Parses `10GB`, `500MiB`, `1024` into bytes.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().with_context(|| format!("invalid size {s:?}"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024.0 * 1024.0,
+        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => bail!("invalid size {s:?}: unknown unit {other:?}"),
+    };
+    Ok((n * mult) as u64)
+}
+
+/// `3 minutes ago`, as `docker images` shows it.
+fn ago(secs: u64) -> String {
+    let now = strata_cas::now_unix();
+    let d = now.saturating_sub(secs);
+    let (n, unit) = match d {
+        0..=59 => return "Less than a minute ago".into(),
+        60..=3599 => (d / 60, "minute"),
+        3600..=86_399 => (d / 3600, "hour"),
+        86_400..=1_209_599 => (d / 86_400, "day"),
+        1_209_600..=5_183_999 => (d / 604_800, "week"),
+        5_184_000..=31_535_999 => (d / 2_592_000, "month"),
+        _ => (d / 31_536_000, "year"),
+    };
+    if n == 1 { format!("About a{} {unit} ago", if unit == "hour" { "n" } else { "" }) } else { format!("{n} {unit}s ago") }
+}
+
+pub fn images(home: &Path, args: ImagesArgs) -> Result<ExitCode> {
+    let node = crate::open_node(home)?;
+    let mut list = node.images.list()?;
+    list.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| a.reference.cmp(&b.reference)));
+    let mut out = std::io::stdout().lock();
+    if args.quiet {
+        for t in &list {
+            writeln!(out, "{}", &t.image.id.hex()[..12])?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<[String; 5]> = list
+        .iter()
+        .map(|t| {
+            [
+                t.reference.familiar_repository(),
+                t.reference.tag.clone().unwrap_or_else(|| "<none>".into()),
+                t.image.id.hex()[..12].to_string(),
+                ago(t.created),
+                human_size(t.image.size()),
+            ]
+        })
+        .collect();
+    let header = ["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"];
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let print = |out: &mut dyn Write, cells: &[&str]| -> std::io::Result<()> {
+        let mut line = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 < cells.len() {
+                line.push_str(&format!("{c:<w$}   ", w = widths[i]));
+            } else {
+                line.push_str(c);
+            }
+        }
+        writeln!(out, "{line}")
+    };
+    print(&mut out, &header)?;
+    for r in &rows {
+        print(&mut out, &r.iter().map(String::as_str).collect::<Vec<_>>())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rmi(home: &Path, args: RmiArgs) -> Result<ExitCode> {
+    let node = crate::open_node(home)?;
+    let mut failed = false;
+    for name in &args.images {
+        match node.images.get(name)? {
+            Some(t) => {
+                node.images.untag(&t.reference)?;
+                writeln!(std::io::stdout().lock(), "Untagged: {}", t.reference.familiar())?;
+            }
+            None => {
+                writeln!(std::io::stderr().lock(), "error: no such image: {name}")?;
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+pub fn prune(home: &Path, args: PruneArgs) -> Result<ExitCode> {
+    let keep = args.keep_storage.as_deref().map(parse_size).transpose()?;
+    let node = crate::open_node(home)?;
+    let r = strata_worker::prune(&node, keep).map_err(anyhow::Error::msg)?;
+    writeln!(
+        std::io::stdout().lock(),
+        "Removed {} cache entries, {} blobs ({}), {} snapshots; {} of blobs remain",
+        r.cache_entries,
+        r.blobs,
+        human_size(r.bytes),
+        r.snapshots,
+        human_size(r.remaining)
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn image(home: &Path, cmd: ImageCommand) -> Result<ExitCode> {
+    match cmd {
+        ImageCommand::Import { name, file } => {
+            let reference: Reference = name.parse()?;
+            if !file.exists() {
+                bail!("{} does not exist", file.display());
+            }
+            let node = crate::open_node(home)?;
+            let host = Platform::host();
+            let (image, format) = strata_oci::import(&node.images, &file, &node.home().join("tmp"), &host.os, &host.architecture)
+                .with_context(|| format!("cannot import {}", file.display()))?;
+            node.images.tag(&reference, &image)?;
+            let kind = match format {
+                ImportFormat::RootfsTar => "root filesystem tar",
+                ImportFormat::DockerArchive => "docker archive",
+                ImportFormat::OciLayout => "OCI layout",
+            };
+            writeln!(
+                std::io::stdout().lock(),
+                "Imported {} as {} ({kind}, {} layer(s), {})",
+                file.display(),
+                reference.familiar(),
+                image.layers.len(),
+                human_size(image.size())
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_like_docker() {
+        assert_eq!(human_size(3_810_000), "3.81MB");
+        assert_eq!(human_size(586_000_000), "586MB");
+        assert_eq!(human_size(999), "999B");
+        assert_eq!(human_size(1_200_000_000), "1.2GB");
+        assert_eq!(parse_size("10GB").unwrap(), 10_000_000_000);
+        assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
+        assert!(parse_size("ten").is_err());
+    }
+}

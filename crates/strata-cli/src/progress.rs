@@ -1,0 +1,156 @@
+//! Build progress on stderr, in BuildKit's style: `plain` for logs (one
+//! line per event, output prefixed with the step's number), `tty` redrawn
+//! in place with indicatif, `quiet` for nothing.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use strata_solver::{Event, EventKind, Progress};
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// `tty` on a terminal, else `plain`.
+    Auto,
+    /// One line per event.
+    Plain,
+    /// Redrawn in place.
+    Tty,
+    /// Nothing but errors.
+    Quiet,
+}
+
+impl Mode {
+    fn resolve(self) -> Mode {
+        match self {
+            Mode::Auto if std::io::IsTerminal::is_terminal(&std::io::stderr()) => Mode::Tty,
+            Mode::Auto => Mode::Plain,
+            m => m,
+        }
+    }
+}
+
+struct StepState {
+    id: usize,
+    bar: Option<ProgressBar>,
+    partial: Vec<u8>,
+}
+
+/// Renders events and counts what happened.
+pub struct Renderer {
+    mode: Mode,
+    start: Instant,
+    multi: Option<MultiProgress>,
+    steps: Mutex<(usize, HashMap<(String, usize), StepState>)>,
+}
+
+impl Renderer {
+    /// A renderer for `mode`.
+    pub fn new(mode: Mode) -> Arc<Renderer> {
+        let mode = mode.resolve();
+        let multi = (mode == Mode::Tty).then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        Arc::new(Renderer { mode, start: Instant::now(), multi, steps: Mutex::new((0, HashMap::new())) })
+    }
+
+    /// The callback the solver calls.
+    pub fn progress(self: &Arc<Self>) -> Progress {
+        let me = Arc::clone(self);
+        Arc::new(move |e| me.on(e))
+    }
+
+    fn line(&self, text: &str) {
+        match &self.multi {
+            Some(m) => {
+                let _ = m.println(text);
+            }
+            None => {
+                let _ = writeln!(std::io::stderr().lock(), "{text}");
+            }
+        }
+    }
+
+    fn on(&self, e: Event) {
+        if self.mode == Mode::Quiet {
+            return;
+        }
+        let mut guard = self.steps.lock().unwrap_or_else(PoisonError::into_inner);
+        let (next, steps) = &mut *guard;
+        let key = (e.stage.clone(), e.number);
+        let title = format!("[{} {}/{}] {}", e.stage, e.number, e.total, e.label);
+        let state = steps.entry(key).or_insert_with(|| {
+            *next += 1;
+            StepState { id: *next, bar: None, partial: Vec::new() }
+        });
+        let id = state.id;
+        match (&e.kind, self.mode) {
+            (EventKind::Started, Mode::Tty) => {
+                if let Some(m) = &self.multi {
+                    let bar = m.add(ProgressBar::new_spinner());
+                    bar.set_style(
+                        ProgressStyle::with_template("{spinner} {msg} {elapsed:.dim}")
+                            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                    );
+                    bar.set_message(title);
+                    bar.enable_steady_tick(Duration::from_millis(120));
+                    state.bar = Some(bar);
+                }
+            }
+            (EventKind::Started, _) => self.line(&format!("#{id} {title}")),
+            (EventKind::Cached, _) => {
+                if self.mode == Mode::Plain {
+                    self.line(&format!("#{id} {title}"));
+                    self.line(&format!("#{id} CACHED"));
+                } else {
+                    self.line(&format!(" => CACHED {title}"));
+                }
+            }
+            (EventKind::Output(bytes), _) => {
+                state.partial.extend_from_slice(bytes);
+                let elapsed = self.start.elapsed().as_secs_f64();
+                while let Some(i) = state.partial.iter().position(|&b| b == b'\n') {
+                    let l: Vec<u8> = state.partial.drain(..=i).collect();
+                    let text = String::from_utf8_lossy(&l[..l.len() - 1]).into_owned();
+                    self.line(&format!("#{id} {elapsed:.3} {text}"));
+                }
+            }
+            (EventKind::Done(secs), _) => {
+                if !state.partial.is_empty() {
+                    let text = String::from_utf8_lossy(&std::mem::take(&mut state.partial)).into_owned();
+                    self.line(&format!("#{id} {text}"));
+                }
+                match state.bar.take() {
+                    Some(bar) => {
+                        bar.finish_and_clear();
+                        self.line(&format!(" => {title} {secs:.1}s"));
+                    }
+                    None if self.mode == Mode::Plain => {
+                        if e.label.starts_with("FROM ") {
+                            self.line(&format!("#{id} {title}"));
+                        }
+                        self.line(&format!("#{id} DONE {secs:.1}s"));
+                    }
+                    None => self.line(&format!(" => {title} {secs:.1}s")),
+                }
+            }
+            (EventKind::Failed(msg), _) => {
+                if let Some(bar) = state.bar.take() {
+                    bar.finish_and_clear();
+                }
+                self.line(&format!("#{id} ERROR: {msg}"));
+            }
+        }
+    }
+
+    /// Stops any spinner still drawn.
+    pub fn finish(&self) {
+        let mut guard = self.steps.lock().unwrap_or_else(PoisonError::into_inner);
+        for s in guard.1.values_mut() {
+            if let Some(bar) = s.bar.take() {
+                bar.finish_and_clear();
+            }
+        }
+    }
+}

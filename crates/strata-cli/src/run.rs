@@ -1,0 +1,116 @@
+//! `strata run`: a container from an image, in the same sandbox builds use.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use strata_exec::{ExitStatus, Mount, Network, Runtime, Sandbox, Stream};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Remove the container when it exits (containers are never kept; accepted for compatibility).
+    #[arg(long)]
+    rm: bool,
+    /// Set an environment variable.
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Override the user.
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
+    /// Override the working directory.
+    #[arg(short = 'w', long = "workdir")]
+    workdir: Option<String>,
+    /// Override the entrypoint.
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// No network (default: the host's).
+    #[arg(long)]
+    no_network: bool,
+    /// The image.
+    image: String,
+    /// Command (replaces the image's CMD).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+pub fn run(home: &Path, args: RunArgs) -> Result<ExitCode> {
+    let node = crate::open_node(home)?;
+    let tagged = node.images.get(&args.image)?.with_context(|| format!("image {} not found (see `strata images`)", args.image))?;
+    let image = tagged.image;
+    let cfg = &image.config.config;
+    let mut argv: Vec<String> = match &args.entrypoint {
+        Some(e) if e.is_empty() => Vec::new(),
+        Some(e) => vec![e.clone()],
+        None => cfg.entrypoint.clone().unwrap_or_default(),
+    };
+    if args.command.is_empty() {
+        if args.entrypoint.is_none() {
+            argv.extend(cfg.cmd.clone().unwrap_or_default());
+        }
+    } else {
+        argv.extend(args.command.iter().cloned());
+    }
+    if argv.is_empty() {
+        bail!("image {} has no command: give one after the image name", args.image);
+    }
+    let blobs: Vec<_> = image.layers.iter().map(|l| l.blob).collect();
+    let active = node.snapshots.active(&blobs).context("cannot prepare the container's filesystem")?;
+    let rootfs = active.rootfs();
+    let user = args.user.clone().unwrap_or_else(|| cfg.user.clone());
+    let id = strata_worker::resolve_user(&rootfs, &user, true).map_err(anyhow::Error::msg)?;
+    let mut env = cfg.env.clone();
+    for e in &args.env {
+        let k = e.split('=').next().unwrap_or_default();
+        env.retain(|x| x.split('=').next() != Some(k));
+        env.push(e.clone());
+    }
+    let cwd = args.workdir.clone().unwrap_or_else(|| if cfg.working_dir.is_empty() { "/".into() } else { cfg.working_dir.clone() });
+    let cid = format!("strata-run-{}", std::process::id());
+    let bundle = node.home().join("run").join(&cid);
+    std::fs::create_dir_all(&bundle)?;
+    std::fs::write(bundle.join("hosts"), "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")?;
+    std::fs::write(bundle.join("resolv.conf"), std::fs::read("/etc/resolv.conf").unwrap_or_default())?;
+    let sandbox = Sandbox {
+        args: argv,
+        env,
+        cwd,
+        uid: id.uid,
+        gid: id.gid,
+        additional_gids: id.groups,
+        hostname: cid.chars().take(12).collect(),
+        network: if args.no_network { Network::None } else { Network::Host },
+        mounts: vec![
+            Mount::Bind { source: bundle.join("hosts"), destination: "/etc/hosts".into(), read_only: true },
+            Mount::Bind { source: bundle.join("resolv.conf"), destination: "/etc/resolv.conf".into(), read_only: true },
+        ],
+        insecure: false,
+    };
+    let runtime = Runtime::discover(&node.home().join("runc"))?;
+    let output: strata_exec::Output = Arc::new(|s: Stream, bytes: &[u8]| {
+        let _ = match s {
+            Stream::Stdout => std::io::stdout().lock().write_all(bytes),
+            Stream::Stderr => std::io::stderr().lock().write_all(bytes),
+        };
+    });
+    let cancel = CancellationToken::new();
+    let status = crate::runtime()?.block_on(async {
+        let interrupt = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                interrupt.cancel();
+            }
+        });
+        runtime.run(&cid, &rootfs, &bundle, &sandbox, output, &cancel).await
+    });
+    drop(active);
+    let _ = std::fs::remove_dir_all(&bundle);
+    Ok(match status? {
+        ExitStatus::Code(c) => ExitCode::from(c.clamp(0, 255) as u8),
+        ExitStatus::Signal(s) => ExitCode::from((128 + s).clamp(0, 255) as u8),
+        ExitStatus::Cancelled => ExitCode::from(130),
+    })
+}

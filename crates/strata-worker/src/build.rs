@@ -1,0 +1,182 @@
+//! The embedded build: plan, solve on the local worker, assemble the image.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use strata_dockerfile::{Dockerfile, IgnoreMatcher, Platform};
+use strata_oci::{Image, Reference};
+use strata_plan::{ImageResolver, Options, Plan, PlanError, ResolvedImage};
+use strata_solver::{Progress, SolveError, SolveOptions, Solved, Solver};
+use tokio_util::sync::CancellationToken;
+
+use crate::node::Node;
+use crate::worker::LocalWorker;
+
+/// A build to run.
+pub struct BuildRequest {
+    /// The Dockerfile.
+    pub dockerfile: PathBuf,
+    /// The context directory.
+    pub context: PathBuf,
+    /// `--build-arg`s.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`.
+    pub target: Option<String>,
+    /// `--no-cache`.
+    pub no_cache: bool,
+    /// Most steps at once.
+    pub jobs: usize,
+    /// `--secret`s, by id.
+    pub secrets: BTreeMap<String, Vec<u8>>,
+    /// Names for the result.
+    pub tags: Vec<Reference>,
+    /// Platform to build for.
+    pub platform: Platform,
+    /// Progress events.
+    pub progress: Progress,
+    /// Cancels the build.
+    pub cancel: CancellationToken,
+}
+
+/// A finished build.
+pub struct BuildResult {
+    /// The image.
+    pub image: Image,
+    /// The plan that was solved.
+    pub plan: Arc<Plan>,
+    /// What ran and what was cached.
+    pub solved: Solved,
+}
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Reading the Dockerfile or context failed.
+    #[error("{0}")]
+    Input(String),
+    /// The Dockerfile is invalid.
+    #[error(transparent)]
+    Dockerfile(#[from] strata_dockerfile::Error),
+    /// Planning failed.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// A step failed.
+    #[error(transparent)]
+    Solve(#[from] SolveError),
+    /// Storing the image failed.
+    #[error(transparent)]
+    Image(#[from] strata_oci::Error),
+}
+
+/// Resolves `FROM` names in the local image store.
+pub struct LocalImages<'a>(pub &'a strata_oci::ImageStore);
+
+impl ImageResolver for LocalImages<'_> {
+    fn resolve(&self, reference: &str, _: &Platform) -> Result<ResolvedImage, String> {
+        match self.0.get(reference) {
+            Ok(Some(t)) => Ok(ResolvedImage {
+                reference: t.reference.normalized(),
+                manifest: t.image.manifest_digest,
+                config: t.image.config,
+                layers: t.image.layers,
+            }),
+            Ok(None) => Err(format!(
+                "base image {reference} not found in the local image store; add it with `strata image import {reference} FILE` (a rootfs tar, docker save archive or OCI layout)"
+            )),
+            Err(e) => Err(format!("cannot read base image {reference}: {e}")),
+        }
+    }
+}
+
+/// `SOURCE_DATE_EPOCH` seconds as RFC 3339 (UTC).
+pub fn epoch_rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The `.dockerignore` BuildKit would use: `<Dockerfile>.dockerignore`
+/// beside the Dockerfile, else `.dockerignore` in the context.
+fn ignore_file(dockerfile: &Path, context: &Path) -> Option<PathBuf> {
+    let beside = dockerfile.with_file_name(format!(
+        "{}.dockerignore",
+        dockerfile.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
+    [beside, context.join(".dockerignore")].into_iter().find(|p| p.is_file())
+}
+
+/// Builds `req` on `node`.
+pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, BuildError> {
+    let df = Dockerfile::parse_file(&req.dockerfile)?;
+    if !req.context.is_dir() {
+        return Err(BuildError::Input(format!("build context {} is not a directory", req.context.display())));
+    }
+    let ignore = match ignore_file(&req.dockerfile, &req.context) {
+        Some(p) => {
+            let bytes = std::fs::read(&p).map_err(|e| BuildError::Input(format!("cannot read {}: {e}", p.display())))?;
+            IgnoreMatcher::from_dockerignore(&bytes).map_err(|e| e.with_file(&p))?
+        }
+        None => IgnoreMatcher::default(),
+    };
+    // Reproducible by default: SOURCE_DATE_EPOCH, else the Unix epoch.
+    let epoch = req.build_args.get("SOURCE_DATE_EPOCH").and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+    let created = epoch_rfc3339(epoch);
+    let opts = Options {
+        build_args: req.build_args.clone(),
+        target: req.target.clone(),
+        platform: req.platform.clone(),
+        build_platform: Platform::host(),
+        created: created.clone(),
+    };
+    let file_name = req.dockerfile.display().to_string();
+    let plan = Arc::new(strata_plan::plan(&df, &file_name, &opts, &LocalImages(&node.images))?);
+
+    let mut lease = node.content.lease();
+    for stage in &plan.stages {
+        if let strata_plan::Base::Image(img) = &stage.base {
+            for l in &img.layers {
+                lease.hold(l.blob);
+            }
+        }
+    }
+    let worker = Arc::new(LocalWorker::new(Arc::clone(&node), req.context.clone(), ignore, req.secrets, epoch));
+    let solver = Arc::new(Solver::new(worker, Arc::clone(&node.cache) as Arc<dyn strata_cache::CacheIndex>));
+    let solve_opts = SolveOptions {
+        no_cache: req.no_cache,
+        jobs: req.jobs,
+        cancel: req.cancel.clone(),
+        progress: req.progress,
+        created,
+    };
+    let solved = solver.solve(Arc::clone(&plan), solve_opts).await?;
+    let target = &solved.stages[plan.target];
+    let image = node.images.create(&target.config, &target.layers)?;
+    for tag in &req.tags {
+        node.images.tag(tag, &image)?;
+    }
+    drop(lease);
+    Ok(BuildResult { image, plan, solved })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::epoch_rfc3339;
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(epoch_rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(epoch_rfc3339(1_485_449_953), "2017-01-26T16:59:13Z");
+        assert_eq!(epoch_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+}

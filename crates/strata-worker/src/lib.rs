@@ -1,0 +1,26 @@
+//! A strata node: its state directory and stores, and the worker that runs
+//! build steps.
+//!
+//! * [`Node`] opens `$STRATA_HOME` (one process at a time: a lock file) and
+//!   its stores: content, snapshots, images, the cache index.
+//! * [`LocalWorker`] implements the solver's [`strata_solver::Worker`]: it
+//!   measures step inputs ([`select::checksum`]), runs `RUN` through the
+//!   sandbox executor, `COPY`/`ADD` and `WORKDIR` as file operations, each
+//!   on an overlay snapshot, and commits the changes as a layer.
+//! * [`build()`] is the embedded build: plan, solve, assemble the image.
+//! * [`prune()`] collects what no image, cache entry or running build holds.
+
+mod build;
+mod copy;
+mod gc;
+mod node;
+mod run;
+pub mod select;
+mod users;
+mod worker;
+
+pub use build::{BuildError, BuildRequest, BuildResult, LocalImages, build, epoch_rfc3339};
+pub use gc::{PruneReport, prune};
+pub use node::{Node, NodeError, default_home};
+pub use users::{Identity, resolve as resolve_user};
+pub use worker::LocalWorker;

@@ -1,0 +1,105 @@
+//! The state directory and its stores.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use strata_cache::LocalCacheIndex;
+use strata_cas::ContentStore;
+use strata_oci::ImageStore;
+use strata_snapshot::Snapshotter;
+
+/// Why a node could not open.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The state directory is unusable.
+    #[error("state directory {}: {source}", path.display())]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another process holds the state directory and did not let go.
+    #[error("cannot lock {}: {detail}", path.display())]
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// A store failed to open.
+    #[error("{0}")]
+    Store(String),
+}
+
+/// `$STRATA_HOME`, else `~/.local/share/strata`.
+pub fn default_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("STRATA_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("/var/lib"));
+    base.join("strata")
+}
+
+/// One machine's stores, opened by one process at a time.
+pub struct Node {
+    home: PathBuf,
+    _lock: nix::fcntl::Flock<fs::File>,
+    /// Blobs.
+    pub content: Arc<ContentStore>,
+    /// Extracted layers and step mounts.
+    pub snapshots: Arc<Snapshotter>,
+    /// Named images.
+    pub images: Arc<ImageStore>,
+    /// Finished steps.
+    pub cache: Arc<LocalCacheIndex>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("home", &self.home).finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Opens the node in `home`, waiting while another strata process
+    /// uses it.
+    pub fn open(home: &Path) -> Result<Node, NodeError> {
+        fs::create_dir_all(home).map_err(|source| NodeError::Dir { path: home.to_path_buf(), source })?;
+        let lock_path = home.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| NodeError::Dir { path: lock_path.clone(), source })?;
+        let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((file, nix::Error::EWOULDBLOCK)) => {
+                tracing::warn!(home = %home.display(), "another strata process is using the state directory; waiting");
+                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                    .map_err(|(_, e)| NodeError::Lock { path: lock_path.clone(), detail: e.to_string() })?
+            }
+            Err((_, e)) => return Err(NodeError::Lock { path: lock_path, detail: e.to_string() }),
+        };
+        let store = |e: &dyn std::fmt::Display| NodeError::Store(e.to_string());
+        let content = Arc::new(ContentStore::open(&home.join("content")).map_err(|e| store(&e))?);
+        let snapshots = Arc::new(Snapshotter::open(home, Arc::clone(&content)).map_err(|e| store(&e))?);
+        let images = Arc::new(ImageStore::open(home, Arc::clone(&content)).map_err(|e| store(&e))?);
+        let cache = Arc::new(LocalCacheIndex::open(home).map_err(|e| store(&e))?);
+        for dir in ["cache-mounts", "runc", "tmp"] {
+            let p = home.join(dir);
+            fs::create_dir_all(&p).map_err(|source| NodeError::Dir { path: p, source })?;
+        }
+        Ok(Node { home: home.to_path_buf(), _lock: lock, content, snapshots, images, cache })
+    }
+
+    /// The state directory.
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+}

@@ -1,0 +1,283 @@
+//! RUN: a step's process in the sandbox, with its mounts.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use strata_exec::{ExitStatus, Mount, Network, Runtime, Sandbox, Stream};
+use strata_plan::{ExecOp, RunMountKind, Source};
+use strata_snapshot::{OverlayMount, View, resolve_path};
+use strata_solver::{Output, WorkerError};
+use tokio_util::sync::CancellationToken;
+
+use crate::users;
+
+/// What a RUN needs from its worker beyond the op.
+pub struct RunContext<'a> {
+    /// The OCI runtime.
+    pub runtime: &'a Runtime,
+    /// The step's root filesystem (an active overlay).
+    pub rootfs: &'a Path,
+    /// The step's upper dir, where mount stubs are cleaned up.
+    pub upper: &'a Path,
+    /// A private directory for the bundle and generated files.
+    pub bundle: &'a Path,
+    /// The build context on the host.
+    pub context: &'a Path,
+    /// Read-only views of stages and images the step mounts, by source.
+    pub views: &'a dyn Fn(&Source) -> Result<View, String>,
+    /// Persistent cache mounts live here.
+    pub cache_mounts: &'a Path,
+    /// Secrets given to the build.
+    pub secrets: &'a BTreeMap<String, Vec<u8>>,
+    /// Where output goes.
+    pub output: Output,
+    /// Cancels the step.
+    pub cancel: CancellationToken,
+    /// A unique container id.
+    pub id: &'a str,
+}
+
+/// What a RUN keeps alive while its process runs.
+#[derive(Default)]
+struct Held {
+    views: Vec<View>,
+    overlays: Vec<OverlayMount>,
+    locks: Vec<nix::fcntl::Flock<fs::File>>,
+}
+
+/// The hostname steps see, as in BuildKit.
+const HOSTNAME: &str = "buildkitsandbox";
+
+fn err(message: impl Into<String>) -> WorkerError {
+    WorkerError::new(message)
+}
+
+/// Runs the op; `Ok` only if the process exited 0.
+pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
+    let id = users::resolve(ctx.rootfs, &op.user, true).map_err(err)?;
+    // runc needs the working directory to exist.
+    let cwd = resolve_path(ctx.rootfs, &op.cwd, true).map_err(|e| err(e.to_string()))?;
+    if !cwd.exists() {
+        fs::create_dir_all(&cwd).map_err(|e| err(format!("cannot create working directory {}: {e}", op.cwd)))?;
+    }
+    let mut held = Held::default();
+    let mut env = op.env.clone();
+    let mut mounts = vec![
+        bind_file(ctx.bundle, "hosts", b"127.0.0.1\tlocalhost buildkitsandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n", "/etc/hosts")?,
+        bind_file(ctx.bundle, "resolv.conf", &fs::read("/etc/resolv.conf").unwrap_or_default(), "/etc/resolv.conf")?,
+    ];
+    if !op.files.is_empty() {
+        let pipes = ctx.bundle.join("pipes");
+        fs::create_dir_all(&pipes).map_err(|e| err(format!("cannot create {}: {e}", pipes.display())))?;
+        for f in &op.files {
+            let p = pipes.join(&f.name);
+            fs::write(&p, &f.data).map_err(|e| err(format!("cannot write {}: {e}", p.display())))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(f.mode)).map_err(|e| err(e.to_string()))?;
+        }
+        mounts.push(Mount::Bind { source: pipes, destination: "/dev/pipes".into(), read_only: true });
+    }
+    for (n, m) in op.mounts.iter().enumerate() {
+        match &m.kind {
+            RunMountKind::Bind { from, source, read_write } => {
+                let (root, view) = match from {
+                    Source::Context => (ctx.context.to_path_buf(), None),
+                    other => {
+                        let v = (ctx.views)(other).map_err(err)?;
+                        (v.root(), Some(v))
+                    }
+                };
+                let host = resolve_path(&root, source, true).map_err(|e| err(e.to_string()))?;
+                if !host.exists() {
+                    return Err(err(format!("mount source {source:?} not found")));
+                }
+                held.views.extend(view);
+                let host = if *read_write && host.is_dir() {
+                    // Writes to a read-write bind land in a throwaway upper dir.
+                    let dir = ctx.bundle.join(format!("rw-{n}"));
+                    for sub in ["upper", "work", "merged"] {
+                        fs::create_dir_all(dir.join(sub)).map_err(|e| err(e.to_string()))?;
+                    }
+                    let base = host.parent().unwrap_or(Path::new("/")).to_path_buf();
+                    let name = PathBuf::from(host.file_name().unwrap_or_default());
+                    let mount = OverlayMount::mount(&base, &[name], Some((&dir.join("upper"), &dir.join("work"))), &dir.join("merged"))
+                        .map_err(|e| err(e.to_string()))?;
+                    held.overlays.push(mount);
+                    dir.join("merged")
+                } else {
+                    host
+                };
+                mounts.push(Mount::Bind { source: host, destination: m.target.clone(), read_only: !*read_write });
+            }
+            RunMountKind::Cache { id, sharing, mode, uid, gid, read_only } => {
+                let name = blake3::hash(id.as_bytes()).to_hex().to_string();
+                let dir = ctx.cache_mounts.join(&name);
+                if !dir.exists() {
+                    fs::create_dir_all(&dir).map_err(|e| err(format!("cannot create cache mount {id:?}: {e}")))?;
+                    std::os::unix::fs::lchown(&dir, Some(*uid), Some(*gid)).map_err(|e| err(e.to_string()))?;
+                    fs::set_permissions(&dir, fs::Permissions::from_mode(*mode)).map_err(|e| err(e.to_string()))?;
+                }
+                if sharing == "locked" {
+                    let lock = ctx.cache_mounts.join(format!("{name}.lock"));
+                    let f = fs::File::create(&lock).map_err(|e| err(format!("cannot lock cache mount {id:?}: {e}")))?;
+                    let l = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+                        .map_err(|(_, e)| err(format!("cannot lock cache mount {id:?}: {e}")))?;
+                    held.locks.push(l);
+                }
+                mounts.push(Mount::Bind { source: dir, destination: m.target.clone(), read_only: *read_only });
+            }
+            RunMountKind::Tmpfs { size } => mounts.push(Mount::Tmpfs { destination: m.target.clone(), size: *size }),
+            RunMountKind::Secret { id, required, env: as_env, mode, uid, gid } => {
+                let Some(value) = ctx.secrets.get(id) else {
+                    if *required {
+                        return Err(err(format!("secret {id:?} is required but was not given (strata build --secret id={id},src=FILE)")));
+                    }
+                    continue;
+                };
+                if let Some(var) = as_env {
+                    env.push(format!("{var}={}", String::from_utf8_lossy(value)));
+                }
+                let dir = ctx.bundle.join("secrets");
+                fs::create_dir_all(&dir).map_err(|e| err(e.to_string()))?;
+                let p = dir.join(n.to_string());
+                fs::write(&p, value).map_err(|e| err(e.to_string()))?;
+                std::os::unix::fs::lchown(&p, Some(*uid), Some(*gid)).map_err(|e| err(e.to_string()))?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).map_err(|e| err(e.to_string()))?;
+                mounts.push(Mount::Bind { source: p, destination: m.target.clone(), read_only: true });
+            }
+        }
+    }
+
+    // Mount points the runtime has to create are not part of the step's
+    // result: note which are missing, and remove what is left of them.
+    let mut stubs: Vec<String> = ["/proc", "/sys", "/dev"].iter().map(|s| s.to_string()).collect();
+    stubs.extend(mounts.iter().map(|m| m.destination().to_string()));
+    let missing: Vec<String> = stubs.into_iter().filter(|d| !exists_in(ctx.rootfs, d)).collect();
+    let missing_parents = missing_ancestors(ctx.rootfs, &missing);
+
+    let sandbox = Sandbox {
+        args: op.args.clone(),
+        env,
+        cwd: op.cwd.clone(),
+        uid: id.uid,
+        gid: id.gid,
+        additional_gids: id.groups,
+        hostname: HOSTNAME.into(),
+        network: if op.no_network { Network::None } else { Network::Host },
+        mounts,
+        insecure: op.insecure,
+    };
+    let tail = Arc::new(Mutex::new(Tail::default()));
+    let sink = Arc::clone(&tail);
+    let out = Arc::clone(&ctx.output);
+    let output: strata_exec::Output = Arc::new(move |_: Stream, bytes: &[u8]| {
+        sink.lock().unwrap_or_else(PoisonError::into_inner).push(bytes);
+        out(bytes);
+    });
+    let status = tokio::runtime::Handle::current()
+        .block_on(ctx.runtime.run(ctx.id, ctx.rootfs, ctx.bundle, &sandbox, output, &ctx.cancel))
+        .map_err(|e| err(e.to_string()))?;
+    drop(held);
+    remove_stubs(ctx.upper, &missing, &missing_parents);
+    let command = quote_command(&op.args);
+    let tail = tail.lock().unwrap_or_else(PoisonError::into_inner).lines();
+    match status {
+        ExitStatus::Code(0) => Ok(()),
+        ExitStatus::Code(c) => Err(WorkerError {
+            message: format!("process {command} did not complete successfully: exit code: {c}"),
+            tail,
+            cancelled: false,
+        }),
+        ExitStatus::Signal(s) => Err(WorkerError {
+            message: format!("process {command} was killed by signal {s}"),
+            tail,
+            cancelled: false,
+        }),
+        ExitStatus::Cancelled => Err(WorkerError { message: "cancelled".into(), tail, cancelled: true }),
+    }
+}
+
+fn quote_command(args: &[String]) -> String {
+    format!("\"{}\"", args.join(" ").replace('"', "\\\""))
+}
+
+fn bind_file(bundle: &Path, name: &str, content: &[u8], dest: &str) -> Result<Mount, WorkerError> {
+    let p = bundle.join(name);
+    fs::write(&p, content).map_err(|e| err(format!("cannot write {}: {e}", p.display())))?;
+    Ok(Mount::Bind { source: p, destination: dest.into(), read_only: true })
+}
+
+fn exists_in(root: &Path, path: &str) -> bool {
+    resolve_path(root, path, false).map(|p| p.symlink_metadata().is_ok()).unwrap_or(false)
+}
+
+/// For each missing mount point, its ancestors that are missing too.
+fn missing_ancestors(root: &Path, missing: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for m in missing {
+        let mut p = Path::new(m).parent();
+        while let Some(dir) = p.filter(|d| d != &Path::new("/")) {
+            let s = dir.to_string_lossy().into_owned();
+            if exists_in(root, &s) {
+                break;
+            }
+            out.push(s);
+            p = dir.parent();
+        }
+    }
+    out
+}
+
+/// Removes mount points the runtime created, if they are still empty.
+fn remove_stubs(upper: &Path, missing: &[String], parents: &[String]) {
+    let in_upper = |p: &str| upper.join(p.trim_start_matches('/'));
+    for m in missing {
+        let p = in_upper(m);
+        match fs::symlink_metadata(&p) {
+            Ok(meta) if meta.is_dir() => {
+                let _ = fs::remove_dir(&p);
+            }
+            Ok(meta) if meta.is_file() && meta.len() == 0 => {
+                let _ = fs::remove_file(&p);
+            }
+            _ => {}
+        }
+    }
+    let mut parents = parents.to_vec();
+    parents.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in parents {
+        let _ = fs::remove_dir(in_upper(&p));
+    }
+}
+
+/// The last lines a step printed, for the error message.
+#[derive(Default)]
+struct Tail {
+    partial: Vec<u8>,
+    lines: std::collections::VecDeque<String>,
+}
+
+impl Tail {
+    const KEEP: usize = 10;
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.partial.extend_from_slice(bytes);
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            self.lines.push_back(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+            if self.lines.len() > Self::KEEP {
+                self.lines.pop_front();
+            }
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lines.iter().cloned().collect();
+        if !self.partial.is_empty() {
+            v.push(String::from_utf8_lossy(&self.partial).into_owned());
+        }
+        v
+    }
+}

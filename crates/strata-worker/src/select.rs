@@ -1,0 +1,269 @@
+//! Which files a COPY (or a bind mount) takes from its source, and the
+//! digest of their content.
+//!
+//! Sources are resolved inside their root: a symlink named as a source is
+//! followed, but only within the root, so a COPY can never read outside
+//! the build context. Wildcards expand component by component with Go's
+//! `filepath.Match` rules; `.dockerignore` hides context files; `--exclude`
+//! patterns apply relative to each source.
+
+use std::ffi::OsString;
+use std::fs::{self, Metadata};
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use strata_cas::Digest;
+use strata_dockerfile::{IgnoreMatcher, clean_path};
+use strata_snapshot::resolve_path;
+
+/// A root files are taken from.
+pub struct SourceRoot<'a> {
+    /// The directory on the host.
+    pub root: &'a Path,
+    /// `.dockerignore` of the context; `None` for stages and images.
+    pub ignore: Option<&'a IgnoreMatcher>,
+    /// Whether owners are kept (stage and image sources) or reset (the
+    /// context, whose owners are whoever checked it out).
+    pub keep_owner: bool,
+}
+
+/// One matched source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    /// Which source argument matched it.
+    pub spec: usize,
+    /// Where it is on the host.
+    pub host: PathBuf,
+    /// Its path relative to the root (`""` for the root itself).
+    pub rel: String,
+    /// Whether it is a directory (after following a symlink).
+    pub is_dir: bool,
+}
+
+/// One file, directory or link below an item.
+pub struct Entry<'a> {
+    /// Path relative to the item (`""` for an item that is a file).
+    pub rel: &'a str,
+    /// Where it is on the host.
+    pub host: &'a Path,
+    /// Its metadata (not following symlinks, except for the item itself).
+    pub meta: &'a Metadata,
+}
+
+fn has_wildcard(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+fn ignored(src: &SourceRoot<'_>, rel: &str) -> bool {
+    !rel.is_empty() && src.ignore.is_some_and(|m| m.matches(rel))
+}
+
+/// Resolves the source arguments to items. A missing plain path is an
+/// error; a wildcard that matches nothing is not (as in BuildKit).
+pub fn select(src: &SourceRoot<'_>, specs: &[String]) -> Result<Vec<Item>, String> {
+    let mut items = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let cleaned = clean_path(&format!("/{spec}"));
+        let rel = cleaned.trim_start_matches('/').to_string();
+        if has_wildcard(&rel) {
+            let mut found = Vec::new();
+            glob(src, Path::new(src.root), "", &rel.split('/').collect::<Vec<_>>(), &mut found)?;
+            found.sort();
+            for (rel, host) in found {
+                let is_dir = fs::metadata(&host).map(|m| m.is_dir()).unwrap_or(false);
+                items.push(Item { spec: i, host, rel, is_dir });
+            }
+            continue;
+        }
+        let not_found = || format!("{spec:?}: not found");
+        if ignored(src, &rel) {
+            return Err(not_found());
+        }
+        let host = resolve_path(src.root, &rel, true).map_err(|e| format!("{spec:?}: {e}"))?;
+        let meta = fs::metadata(&host).map_err(|_| not_found())?;
+        items.push(Item { spec: i, host, rel, is_dir: meta.is_dir() });
+    }
+    Ok(items)
+}
+
+fn glob(
+    src: &SourceRoot<'_>,
+    dir: &Path,
+    rel: &str,
+    parts: &[&str],
+    out: &mut Vec<(String, PathBuf)>,
+) -> Result<(), String> {
+    let Some((first, rest)) = parts.split_first() else {
+        out.push((rel.to_string(), dir.to_path_buf()));
+        return Ok(());
+    };
+    let join = |name: &str| if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+    if !has_wildcard(first) {
+        let next_rel = join(first);
+        if let Ok(host) = resolve_path(src.root, &next_rel, true) {
+            if host.symlink_metadata().is_ok() && !ignored(src, &next_rel) {
+                return glob(src, &host, &next_rel, rest, out);
+            }
+        }
+        return Ok(());
+    }
+    let pattern = globset::GlobBuilder::new(first)
+        .literal_separator(true)
+        .backslash_escape(true)
+        .build()
+        .map_err(|e| format!("bad wildcard {first:?}: {e}"))?
+        .compile_matcher();
+    let Ok(entries) = fs::read_dir(dir) else { return Ok(()) };
+    let mut names: Vec<OsString> = entries.flatten().map(|e| e.file_name()).collect();
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    for name in names {
+        let Some(n) = name.to_str() else { continue };
+        if !pattern.is_match(n) {
+            continue;
+        }
+        let next_rel = join(n);
+        if ignored(src, &next_rel) {
+            continue;
+        }
+        let host = resolve_path(src.root, &next_rel, true).map_err(|e| e.to_string())?;
+        glob(src, &host, &next_rel, rest, out)?;
+    }
+    Ok(())
+}
+
+/// Visits everything an item brings: the item itself when it is a file,
+/// or (for a directory) everything below it, parents before children, in
+/// byte order. Ignored and excluded paths are skipped.
+pub fn walk(
+    src: &SourceRoot<'_>,
+    item: &Item,
+    excludes: Option<&IgnoreMatcher>,
+    visit: &mut dyn FnMut(&Entry<'_>) -> Result<(), String>,
+) -> Result<(), String> {
+    let meta = fs::metadata(&item.host).map_err(|e| format!("{}: {e}", item.rel))?;
+    if !meta.is_dir() {
+        return visit(&Entry { rel: "", host: &item.host, meta: &meta });
+    }
+    let mut stack: Vec<(PathBuf, String)> = vec![(item.host.clone(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let entries = fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let mut names: Vec<OsString> = entries.flatten().map(|e| e.file_name()).collect();
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let mut subdirs = Vec::new();
+        for name in names {
+            let child_rel = if rel.is_empty() {
+                name.to_string_lossy().into_owned()
+            } else {
+                format!("{rel}/{}", name.to_string_lossy())
+            };
+            let root_rel = if item.rel.is_empty() { child_rel.clone() } else { format!("{}/{child_rel}", item.rel) };
+            let host = dir.join(&name);
+            let meta = fs::symlink_metadata(&host).map_err(|e| format!("{}: {e}", host.display()))?;
+            let hidden = ignored(src, &root_rel) || excludes.is_some_and(|x| x.matches(&child_rel));
+            let descend_anyway = meta.is_dir()
+                && (src.ignore.is_some_and(IgnoreMatcher::has_exclusions) || excludes.is_some_and(IgnoreMatcher::has_exclusions));
+            if hidden && !descend_anyway {
+                continue;
+            }
+            if !hidden {
+                visit(&Entry { rel: &child_rel, host: &host, meta: &meta })?;
+            }
+            if meta.is_dir() {
+                subdirs.push((host, child_rel));
+            }
+        }
+        // Pushed in reverse, so directories are entered in byte order.
+        stack.extend(subdirs.into_iter().rev());
+    }
+    Ok(())
+}
+
+/// The digest of what `specs` select in `src`: paths, types, modes,
+/// contents, link targets, extended attributes (and owners, for stage and
+/// image sources). Modification times and the root's own path are not part
+/// of it, so the same files give the same digest in any checkout.
+pub fn checksum(src: &SourceRoot<'_>, specs: &[String], excludes: &[String]) -> Result<Digest, String> {
+    let exclude = exclude_matcher(excludes)?;
+    let items = select(src, specs)?;
+    let mut h = blake3::Hasher::new();
+    h.update(b"strata.selection.v1\0");
+    for (i, s) in specs.iter().enumerate() {
+        feed(&mut h, format!("spec {i} {s}").as_bytes());
+    }
+    for item in &items {
+        feed(&mut h, format!("item {} {} {}", item.spec, item.rel, item.is_dir).as_bytes());
+        walk(src, item, exclude.as_ref(), &mut |e| hash_entry(&mut h, src, e))?;
+    }
+    Ok(Digest(*h.finalize().as_bytes()))
+}
+
+/// `--exclude` patterns as a matcher (none when there are none).
+pub fn exclude_matcher(excludes: &[String]) -> Result<Option<IgnoreMatcher>, String> {
+    if excludes.is_empty() {
+        return Ok(None);
+    }
+    IgnoreMatcher::new(excludes).map(Some).map_err(|e| format!("--exclude: {e}"))
+}
+
+fn feed(h: &mut blake3::Hasher, bytes: &[u8]) {
+    h.update(&(bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
+}
+
+fn hash_entry(h: &mut blake3::Hasher, src: &SourceRoot<'_>, e: &Entry<'_>) -> Result<(), String> {
+    let ft = e.meta.file_type();
+    let kind = if ft.is_dir() {
+        'd'
+    } else if ft.is_symlink() {
+        'l'
+    } else if ft.is_file() {
+        'f'
+    } else if ft.is_char_device() {
+        'c'
+    } else if ft.is_block_device() {
+        'b'
+    } else if ft.is_fifo() {
+        'p'
+    } else {
+        's'
+    };
+    let mut line = format!("{kind} {:o} {}", e.meta.mode() & 0o7777, e.rel);
+    if src.keep_owner {
+        line.push_str(&format!(" {}:{}", e.meta.uid(), e.meta.gid()));
+    }
+    if ft.is_char_device() || ft.is_block_device() {
+        line.push_str(&format!(" dev {}", e.meta.rdev()));
+    }
+    feed(h, line.as_bytes());
+    if ft.is_symlink() {
+        let t = fs::read_link(e.host).map_err(|err| format!("{}: {err}", e.host.display()))?;
+        feed(h, t.as_os_str().as_bytes());
+    } else if ft.is_file() {
+        let mut f = fs::File::open(e.host).map_err(|err| format!("cannot read {}: {err}", e.host.display()))?;
+        let mut content = blake3::Hasher::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = f.read(&mut buf).map_err(|err| format!("cannot read {}: {err}", e.host.display()))?;
+            if n == 0 {
+                break;
+            }
+            content.update(&buf[..n]);
+        }
+        h.update(content.finalize().as_bytes());
+    }
+    if !ft.is_symlink() {
+        if let Ok(names) = xattr::list(e.host) {
+            let mut names: Vec<OsString> = names.collect();
+            names.sort();
+            for n in names {
+                if let Ok(Some(v)) = xattr::get(e.host, &n) {
+                    feed(h, n.as_bytes());
+                    feed(h, &v);
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! The in-process worker: steps on this machine's snapshots.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use strata_cas::{Digest, Lease};
+use strata_dockerfile::IgnoreMatcher;
+use strata_exec::Runtime;
+use strata_oci::LayerRef;
+use strata_plan::{Op, RunMountKind, Source, StagePlan, Step};
+use strata_snapshot::{DiffOptions, View, resolve_path};
+use strata_solver::{Job, StageResult, Worker, WorkerError};
+
+use crate::node::Node;
+use crate::run::{RunContext, run};
+use crate::select::{SourceRoot, checksum};
+use crate::{copy, users};
+
+/// Runs steps on this machine.
+pub struct LocalWorker {
+    node: Arc<Node>,
+    context: PathBuf,
+    ignore: IgnoreMatcher,
+    secrets: BTreeMap<String, Vec<u8>>,
+    runtime: OnceLock<Result<Runtime, String>>,
+    clamp: i64,
+    seq: AtomicU64,
+    lease: Mutex<Lease>,
+}
+
+fn err(e: impl std::fmt::Display) -> WorkerError {
+    WorkerError::new(e.to_string())
+}
+
+impl LocalWorker {
+    /// A worker for one build: its context directory, `.dockerignore`,
+    /// secrets, and the time layer entries are clamped to.
+    pub fn new(
+        node: Arc<Node>,
+        context: PathBuf,
+        ignore: IgnoreMatcher,
+        secrets: BTreeMap<String, Vec<u8>>,
+        clamp: i64,
+    ) -> LocalWorker {
+        let lease = Mutex::new(node.content.lease());
+        LocalWorker { node, context, ignore, secrets, runtime: OnceLock::new(), clamp, seq: AtomicU64::new(0), lease }
+    }
+
+    /// The OCI runtime, found on first use: fully cached builds need none.
+    fn runtime(&self) -> Result<&Runtime, WorkerError> {
+        self.runtime
+            .get_or_init(|| Runtime::discover(&self.node.home().join("runc")).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(err)
+    }
+
+    fn layers_of<'a>(&self, source: &'a Source, sources: &'a [Option<StageResult>]) -> Result<&'a [LayerRef], WorkerError> {
+        match source {
+            Source::Stage(i) => sources
+                .get(*i)
+                .and_then(Option::as_ref)
+                .map(|r| r.layers.as_slice())
+                .ok_or_else(|| err("source stage has not finished")),
+            Source::Image(img) => Ok(&img.layers),
+            Source::Context => Ok(&[]),
+        }
+    }
+
+    fn view(&self, source: &Source, sources: &[Option<StageResult>]) -> Result<View, WorkerError> {
+        let blobs: Vec<Digest> = self.layers_of(source, sources)?.iter().map(|l| l.blob).collect();
+        self.node.snapshots.view(&blobs).map_err(err)
+    }
+
+    /// The digest of `specs` in a source, with the root that source has.
+    fn source_digest(&self, source: &Source, specs: &[String], excludes: &[String], sources: &[Option<StageResult>]) -> Result<Digest, WorkerError> {
+        match source {
+            Source::Context => {
+                let root = SourceRoot { root: &self.context, ignore: Some(&self.ignore), keep_owner: false };
+                checksum(&root, specs, excludes).map_err(|m| err(format!("{m} in the build context")))
+            }
+            other => {
+                let view = self.view(other, sources)?;
+                let root = view.root();
+                let src = SourceRoot { root: &root, ignore: None, keep_owner: true };
+                checksum(&src, specs, excludes).map_err(err)
+            }
+        }
+    }
+}
+
+impl Worker for LocalWorker {
+    fn inputs(&self, _: &StagePlan, step: &Step, sources: &[Option<StageResult>]) -> Result<Vec<Digest>, WorkerError> {
+        match &step.op {
+            Op::Copy(c) if !c.sources.is_empty() => Ok(vec![self.source_digest(&c.from, &c.sources, &c.excludes, sources)?]),
+            Op::Exec(e) => {
+                let mut out = Vec::new();
+                for m in &e.mounts {
+                    if let RunMountKind::Bind { from, source, .. } = &m.kind {
+                        out.push(self.source_digest(from, std::slice::from_ref(source), &[], sources)?);
+                    }
+                }
+                Ok(out)
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    fn has_layers(&self, layers: &[LayerRef]) -> bool {
+        layers.iter().all(|l| self.node.content.contains(&l.blob).unwrap_or(false))
+    }
+
+    fn execute(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError> {
+        let blobs: Vec<Digest> = job.parent.iter().map(|l| l.blob).collect();
+        let active = self.node.snapshots.active(&blobs).map_err(err)?;
+        let rootfs = active.rootfs();
+        match &job.step.op {
+            Op::Mkdir(m) => mkdir(&rootfs, &m.path, &m.user).map_err(err)?,
+            Op::Copy(c) => match &c.from {
+                Source::Context => {
+                    let src = SourceRoot { root: &self.context, ignore: Some(&self.ignore), keep_owner: false };
+                    copy::copy(c, Some(&src), &rootfs).map_err(err)?;
+                }
+                other => {
+                    let view = self.view(other, job.sources)?;
+                    let root = view.root();
+                    let src = SourceRoot { root: &root, ignore: None, keep_owner: true };
+                    copy::copy(c, Some(&src), &rootfs).map_err(err)?;
+                }
+            },
+            Op::Exec(e) => {
+                let n = self.seq.fetch_add(1, Ordering::Relaxed);
+                let id = format!("strata-{}-{n}", std::process::id());
+                let bundle = self.node.home().join("run").join(&id);
+                fs::create_dir_all(&bundle).map_err(err)?;
+                let views = |s: &Source| self.view(s, job.sources).map_err(|e| e.message);
+                let upper = active.upper();
+                let ctx = RunContext {
+                    runtime: self.runtime()?,
+                    rootfs: &rootfs,
+                    upper: &upper,
+                    bundle: &bundle,
+                    context: &self.context,
+                    views: &views,
+                    cache_mounts: &self.node.home().join("cache-mounts"),
+                    secrets: &self.secrets,
+                    output: Arc::clone(&job.output),
+                    cancel: job.cancel.clone(),
+                    id: &id,
+                };
+                let result = run(e, &ctx);
+                let _ = fs::remove_dir_all(&bundle);
+                result?;
+            }
+        }
+        let layer = active.commit(DiffOptions { clamp_mtime: Some(self.clamp) }).map_err(err)?;
+        Ok(layer.map(|l| {
+            self.lease.lock().unwrap_or_else(PoisonError::into_inner).hold(l.digest);
+            LayerRef { blob: l.digest, diff_id: l.diff_id, size: l.size }
+        }))
+    }
+
+    fn name(&self) -> String {
+        nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "local".into())
+    }
+}
+
+/// `WORKDIR`: `mkdir -p` inside the root, new directories owned by `user`.
+fn mkdir(root: &Path, path: &str, user: &str) -> Result<(), String> {
+    let id = users::resolve(root, user, false)?;
+    let mut so_far = String::new();
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        so_far.push('/');
+        so_far.push_str(part);
+        let host = resolve_path(root, &so_far, true).map_err(|e| e.to_string())?;
+        match fs::symlink_metadata(&host) {
+            Ok(m) if m.is_dir() => continue,
+            Ok(_) => return Err(format!("cannot make directory {path}: {so_far} exists and is not a directory")),
+            Err(_) => {
+                fs::create_dir(&host).map_err(|e| format!("cannot create {so_far}: {e}"))?;
+                std::os::unix::fs::lchown(&host, Some(id.uid), Some(id.gid)).map_err(|e| e.to_string())?;
+                fs::set_permissions(&host, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    Ok(())
+}
