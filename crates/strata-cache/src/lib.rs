@@ -35,7 +35,13 @@ impl CacheEntry {
     /// A new entry made now by `producer`.
     pub fn new(layers: Vec<LayerRef>, made_layer: bool, producer: &str) -> CacheEntry {
         let now = now_unix();
-        CacheEntry { layers, made_layer, created: now, last_used: now, producer: producer.to_string() }
+        CacheEntry {
+            layers,
+            made_layer,
+            created: now,
+            last_used: now,
+            producer: producer.to_string(),
+        }
     }
 }
 
@@ -94,7 +100,9 @@ pub struct LocalCacheIndex {
 
 impl std::fmt::Debug for LocalCacheIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalCacheIndex").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("LocalCacheIndex")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -104,19 +112,28 @@ impl LocalCacheIndex {
         let path = state.join("cache");
         let mut opts = Options::default();
         opts.create_if_missing(true);
-        let db = DB::open(&opts, &path).map_err(|source| Error::Db { path: path.clone(), source })?;
+        let db = DB::open(&opts, &path).map_err(|source| Error::Db {
+            path: path.clone(),
+            source,
+        })?;
         Ok(LocalCacheIndex { db, path })
     }
 
     fn db_err(&self) -> impl FnOnce(rocksdb::Error) -> Error + '_ {
-        move |source| Error::Db { path: self.path.clone(), source }
+        move |source| Error::Db {
+            path: self.path.clone(),
+            source,
+        }
     }
 }
 
 fn decode(key: Digest, raw: &[u8]) -> Result<CacheEntry> {
     bincode::serde::decode_from_slice(raw, bincode::config::standard())
         .map(|(e, _)| e)
-        .map_err(|e| Error::Decode { key, detail: e.to_string() })
+        .map_err(|e| Error::Decode {
+            key,
+            detail: e.to_string(),
+        })
 }
 
 impl CacheIndex for LocalCacheIndex {
@@ -128,8 +145,13 @@ impl CacheIndex for LocalCacheIndex {
     }
 
     fn put(&self, key: &Digest, entry: &CacheEntry) -> Result<()> {
-        let raw = bincode::serde::encode_to_vec(entry, bincode::config::standard())
-            .map_err(|e| Error::Decode { key: *key, detail: e.to_string() })?;
+        let raw =
+            bincode::serde::encode_to_vec(entry, bincode::config::standard()).map_err(|e| {
+                Error::Decode {
+                    key: *key,
+                    detail: e.to_string(),
+                }
+            })?;
         self.db.put(key.0, raw).map_err(self.db_err())
     }
 
@@ -141,7 +163,9 @@ impl CacheIndex for LocalCacheIndex {
         let mut out = Vec::new();
         for item in self.db.iterator(rocksdb::IteratorMode::Start) {
             let (k, v) = item.map_err(self.db_err())?;
-            let Ok(k) = <[u8; 32]>::try_from(&*k) else { continue };
+            let Ok(k) = <[u8; 32]>::try_from(&*k) else {
+                continue;
+            };
             out.push((Digest(k), decode(Digest(k), &v)?));
         }
         Ok(out)
@@ -157,11 +181,16 @@ mod tests {
     fn put_get_list_remove_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let key = Digest::of(b"step");
-        let layer = LayerRef { blob: Digest::of(b"l"), diff_id: Sha256::of(b"l"), size: 1 };
+        let layer = LayerRef {
+            blob: Digest::of(b"l"),
+            diff_id: Sha256::of(b"l"),
+            size: 1,
+        };
         {
             let idx = LocalCacheIndex::open(dir.path()).unwrap();
             assert!(idx.get(&key).unwrap().is_none());
-            idx.put(&key, &CacheEntry::new(vec![layer], true, "local")).unwrap();
+            idx.put(&key, &CacheEntry::new(vec![layer], true, "local"))
+                .unwrap();
         }
         let idx = LocalCacheIndex::open(dir.path()).unwrap();
         let e = idx.get(&key).unwrap().unwrap();

@@ -61,21 +61,37 @@ pub struct BuildArgs {
 
 #[derive(Debug, Clone, PartialEq)]
 enum Output {
-    Oci { dest: PathBuf, compression: Compression, tar: bool },
-    Docker { dest: PathBuf },
+    Oci {
+        dest: PathBuf,
+        compression: Compression,
+        tar: bool,
+    },
+    Docker {
+        dest: PathBuf,
+    },
 }
 
 fn parse_output(s: &str) -> Result<Output> {
     let mut kv = BTreeMap::new();
     for part in s.split(',') {
-        let (k, v) = part.split_once('=').with_context(|| format!("--output {s:?}: expected key=value, got {part:?}"))?;
+        let (k, v) = part
+            .split_once('=')
+            .with_context(|| format!("--output {s:?}: expected key=value, got {part:?}"))?;
         kv.insert(k.trim().to_string(), v.trim().to_string());
     }
-    let dest = kv.get("dest").map(PathBuf::from).with_context(|| format!("--output {s:?}: dest=PATH is required"))?;
+    let dest = kv
+        .get("dest")
+        .map(PathBuf::from)
+        .with_context(|| format!("--output {s:?}: dest=PATH is required"))?;
     match kv.get("type").map(String::as_str) {
         Some("oci") => Ok(Output::Oci {
             dest,
-            compression: kv.get("compression").map(|c| c.parse()).transpose().map_err(anyhow::Error::msg)?.unwrap_or_default(),
+            compression: kv
+                .get("compression")
+                .map(|c| c.parse())
+                .transpose()
+                .map_err(anyhow::Error::msg)?
+                .unwrap_or_default(),
             tar: kv.get("tar").is_none_or(|t| t != "false"),
         }),
         Some("docker") => Ok(Output::Docker { dest }),
@@ -89,16 +105,26 @@ fn parse_secrets(raw: &[String]) -> Result<BTreeMap<String, Vec<u8>>> {
     for s in raw {
         let mut kv = BTreeMap::new();
         for part in s.split(',') {
-            let (k, v) = part.split_once('=').with_context(|| format!("--secret {s:?}: expected key=value"))?;
+            let (k, v) = part
+                .split_once('=')
+                .with_context(|| format!("--secret {s:?}: expected key=value"))?;
             kv.insert(k, v);
         }
-        let id = kv.get("id").with_context(|| format!("--secret {s:?}: id=ID is required"))?;
+        let id = kv
+            .get("id")
+            .with_context(|| format!("--secret {s:?}: id=ID is required"))?;
         let value = if let Some(src) = kv.get("src").or_else(|| kv.get("source")) {
             std::fs::read(src).with_context(|| format!("--secret id={id}: cannot read {src}"))?
         } else if let Some(var) = kv.get("env") {
-            std::env::var(var).with_context(|| format!("--secret id={id}: environment variable {var} is not set"))?.into_bytes()
+            std::env::var(var)
+                .with_context(|| {
+                    format!("--secret id={id}: environment variable {var} is not set")
+                })?
+                .into_bytes()
         } else {
-            std::env::var(id.to_uppercase()).map(String::into_bytes).with_context(|| format!("--secret {s:?}: give src=PATH or env=VAR"))?
+            std::env::var(id.to_uppercase())
+                .map(String::into_bytes)
+                .with_context(|| format!("--secret {s:?}: give src=PATH or env=VAR"))?
         };
         out.insert(id.to_string(), value);
     }
@@ -127,21 +153,33 @@ pub fn run(home: &Path, args: BuildArgs) -> Result<ExitCode> {
         .iter()
         .map(|t| t.parse::<Reference>().map_err(anyhow::Error::from))
         .collect::<Result<Vec<_>>>()?;
-    let outputs = args.outputs.iter().map(|o| parse_output(o)).collect::<Result<Vec<_>>>()?;
+    let outputs = args
+        .outputs
+        .iter()
+        .map(|o| parse_output(o))
+        .collect::<Result<Vec<_>>>()?;
     let secrets = parse_secrets(&args.secrets)?;
     let build_args = parse_build_args(&args.build_args)?;
     let platform = match &args.platform {
         Some(p) => Platform::parse(p).map_err(anyhow::Error::msg)?,
         None => Platform::host(),
     };
-    let dockerfile = args.file.clone().unwrap_or_else(|| args.context.join("Dockerfile"));
+    let dockerfile = args
+        .file
+        .clone()
+        .unwrap_or_else(|| args.context.join("Dockerfile"));
     if !dockerfile.is_file() {
-        bail!("Dockerfile {} not found (use -f to name another)", dockerfile.display());
+        bail!(
+            "Dockerfile {} not found (use -f to name another)",
+            dockerfile.display()
+        );
     }
     let node = crate::open_node(home)?;
     let renderer = Renderer::new(args.progress);
     let cancel = CancellationToken::new();
-    let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let req = BuildRequest {
         dockerfile,
         context: args.context.clone(),
@@ -168,7 +206,15 @@ pub fn run(home: &Path, args: BuildArgs) -> Result<ExitCode> {
     renderer.finish();
     let result = match result {
         Ok(r) => r,
-        Err(BuildError::Solve(strata_solver::SolveError::Step { stage, number, total, label, line, message, tail })) => {
+        Err(BuildError::Solve(strata_solver::SolveError::Step {
+            stage,
+            number,
+            total,
+            label,
+            line,
+            message,
+            tail,
+        })) => {
             let mut err = std::io::stderr().lock();
             if !tail.is_empty() {
                 writeln!(err, "------\n > [{stage} {number}/{total}] {label}:")?;
@@ -177,20 +223,38 @@ pub fn run(home: &Path, args: BuildArgs) -> Result<ExitCode> {
                 }
                 writeln!(err, "------")?;
             }
-            bail!("{}:{line}: [{stage} {number}/{total}] {label}: {message}", args.file.as_deref().unwrap_or(Path::new("Dockerfile")).display());
+            bail!(
+                "{}:{line}: [{stage} {number}/{total}] {label}: {message}",
+                args.file
+                    .as_deref()
+                    .unwrap_or(Path::new("Dockerfile"))
+                    .display()
+            );
         }
         Err(e) => return Err(e.into()),
     };
     let image = &result.image;
     for o in &outputs {
         match o {
-            Output::Oci { dest, compression, tar } => {
-                strata_oci::export_oci(&node.content, image, tags.first(), dest, *tar, *compression)
-                    .with_context(|| format!("cannot write the OCI layout {}", dest.display()))?;
+            Output::Oci {
+                dest,
+                compression,
+                tar,
+            } => {
+                strata_oci::export_oci(
+                    &node.content,
+                    image,
+                    tags.first(),
+                    dest,
+                    *tar,
+                    *compression,
+                )
+                .with_context(|| format!("cannot write the OCI layout {}", dest.display()))?;
             }
             Output::Docker { dest } => {
-                strata_oci::export_docker_archive(&node.content, image, &tags, dest)
-                    .with_context(|| format!("cannot write the docker archive {}", dest.display()))?;
+                strata_oci::export_docker_archive(&node.content, image, &tags, dest).with_context(
+                    || format!("cannot write the docker archive {}", dest.display()),
+                )?;
             }
         }
     }
@@ -208,7 +272,8 @@ pub fn run(home: &Path, args: BuildArgs) -> Result<ExitCode> {
             duration_seconds: elapsed,
             steps,
         };
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("cannot write report {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("cannot write report {}", path.display()))?;
     }
     let names: Vec<String> = tags.iter().map(Reference::familiar).collect();
     let mut err = std::io::stderr().lock();
@@ -216,7 +281,11 @@ pub fn run(home: &Path, args: BuildArgs) -> Result<ExitCode> {
         writeln!(
             err,
             "built {} in {elapsed:.2}s: {} steps, {cached} cached; image {} ({})",
-            if names.is_empty() { "image".to_string() } else { names.join(", ") },
+            if names.is_empty() {
+                "image".to_string()
+            } else {
+                names.join(", ")
+            },
             steps.len(),
             &image.id.to_string()[..19],
             human_size(image.size())
@@ -237,9 +306,18 @@ mod tests {
     fn outputs() {
         assert_eq!(
             parse_output("type=oci,dest=/x.tar,compression=zstd").unwrap(),
-            Output::Oci { dest: "/x.tar".into(), compression: Compression::Zstd, tar: true }
+            Output::Oci {
+                dest: "/x.tar".into(),
+                compression: Compression::Zstd,
+                tar: true
+            }
         );
-        assert_eq!(parse_output("type=docker,dest=a.tar").unwrap(), Output::Docker { dest: "a.tar".into() });
+        assert_eq!(
+            parse_output("type=docker,dest=a.tar").unwrap(),
+            Output::Docker {
+                dest: "a.tar".into()
+            }
+        );
         assert!(parse_output("type=registry,dest=x").is_err());
         assert!(parse_output("type=oci").is_err());
     }

@@ -50,16 +50,28 @@ pub fn human_size(bytes: u64) -> String {
         v /= 1000.0;
         u += 1;
     }
-    let digits = if v >= 100.0 { 0 } else if v >= 10.0 { 1 } else { 2 };
+    let digits = if v >= 100.0 {
+        0
+    } else if v >= 10.0 {
+        1
+    } else {
+        2
+    };
     let s = format!("{v:.digits$}");
-    let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s };
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    };
     format!("{s}{}", UNITS[u])
 }
 
 /// Parses `10GB`, `500MiB`, `1024` into bytes.
 pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: f64 = num.parse().with_context(|| format!("invalid size {s:?}"))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -89,13 +101,24 @@ fn ago(secs: u64) -> String {
         5_184_000..=31_535_999 => (d / 2_592_000, "month"),
         _ => (d / 31_536_000, "year"),
     };
-    if n == 1 { format!("About a{} {unit} ago", if unit == "hour" { "n" } else { "" }) } else { format!("{n} {unit}s ago") }
+    if n == 1 {
+        format!(
+            "About a{} {unit} ago",
+            if unit == "hour" { "n" } else { "" }
+        )
+    } else {
+        format!("{n} {unit}s ago")
+    }
 }
 
 pub fn images(home: &Path, args: ImagesArgs) -> Result<ExitCode> {
     let node = crate::open_node(home)?;
     let mut list = node.images.list()?;
-    list.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| a.reference.cmp(&b.reference)));
+    list.sort_by(|a, b| {
+        b.created
+            .cmp(&a.created)
+            .then_with(|| a.reference.cmp(&b.reference))
+    });
     let mut out = std::io::stdout().lock();
     if args.quiet {
         for t in &list {
@@ -147,7 +170,11 @@ pub fn rmi(home: &Path, args: RmiArgs) -> Result<ExitCode> {
         match node.images.get(name)? {
             Some(t) => {
                 node.images.untag(&t.reference)?;
-                writeln!(std::io::stdout().lock(), "Untagged: {}", t.reference.familiar())?;
+                writeln!(
+                    std::io::stdout().lock(),
+                    "Untagged: {}",
+                    t.reference.familiar()
+                )?;
             }
             None => {
                 writeln!(std::io::stderr().lock(), "error: no such image: {name}")?;
@@ -155,7 +182,11 @@ pub fn rmi(home: &Path, args: RmiArgs) -> Result<ExitCode> {
             }
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 pub fn prune(home: &Path, args: PruneArgs) -> Result<ExitCode> {
@@ -183,8 +214,14 @@ pub fn image(home: &Path, cmd: ImageCommand) -> Result<ExitCode> {
             }
             let node = crate::open_node(home)?;
             let host = Platform::host();
-            let (image, format) = strata_oci::import(&node.images, &file, &node.home().join("tmp"), &host.os, &host.architecture)
-                .with_context(|| format!("cannot import {}", file.display()))?;
+            let (image, format) = strata_oci::import(
+                &node.images,
+                &file,
+                &node.home().join("tmp"),
+                &host.os,
+                &host.architecture,
+            )
+            .with_context(|| format!("cannot import {}", file.display()))?;
             node.images.tag(&reference, &image)?;
             let kind = match format {
                 ImportFormat::RootfsTar => "root filesystem tar",

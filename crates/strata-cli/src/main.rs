@@ -77,7 +77,10 @@ fn main() -> ExitCode {
 fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Prints an error and its causes to stderr.
@@ -93,11 +96,14 @@ fn report(err: &anyhow::Error) {
 /// Opens the node, with the state directory named in errors.
 fn open_node(home: &std::path::Path) -> anyhow::Result<std::sync::Arc<strata_worker::Node>> {
     use anyhow::Context as _;
-    let node = strata_worker::Node::open(home).with_context(|| format!("cannot open the strata state directory {}", home.display()))?;
+    let node = strata_worker::Node::open(home)
+        .with_context(|| format!("cannot open the strata state directory {}", home.display()))?;
     Ok(std::sync::Arc::new(node))
 }
 
 /// A multi-threaded runtime for one command.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

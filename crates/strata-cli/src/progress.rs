@@ -33,6 +33,13 @@ impl Mode {
     }
 }
 
+/// Steps seen so far, by stage and number, and the next `#N` to hand out.
+#[derive(Default)]
+struct Steps {
+    next: usize,
+    by_step: HashMap<(String, usize), StepState>,
+}
+
 struct StepState {
     id: usize,
     bar: Option<ProgressBar>,
@@ -44,15 +51,21 @@ pub struct Renderer {
     mode: Mode,
     start: Instant,
     multi: Option<MultiProgress>,
-    steps: Mutex<(usize, HashMap<(String, usize), StepState>)>,
+    steps: Mutex<Steps>,
 }
 
 impl Renderer {
     /// A renderer for `mode`.
     pub fn new(mode: Mode) -> Arc<Renderer> {
         let mode = mode.resolve();
-        let multi = (mode == Mode::Tty).then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
-        Arc::new(Renderer { mode, start: Instant::now(), multi, steps: Mutex::new((0, HashMap::new())) })
+        let multi = (mode == Mode::Tty)
+            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        Arc::new(Renderer {
+            mode,
+            start: Instant::now(),
+            multi,
+            steps: Mutex::new(Steps::default()),
+        })
     }
 
     /// The callback the solver calls.
@@ -77,12 +90,16 @@ impl Renderer {
             return;
         }
         let mut guard = self.steps.lock().unwrap_or_else(PoisonError::into_inner);
-        let (next, steps) = &mut *guard;
+        let Steps { next, by_step } = &mut *guard;
         let key = (e.stage.clone(), e.number);
         let title = format!("[{} {}/{}] {}", e.stage, e.number, e.total, e.label);
-        let state = steps.entry(key).or_insert_with(|| {
+        let state = by_step.entry(key).or_insert_with(|| {
             *next += 1;
-            StepState { id: *next, bar: None, partial: Vec::new() }
+            StepState {
+                id: *next,
+                bar: None,
+                partial: Vec::new(),
+            }
         });
         let id = state.id;
         match (&e.kind, self.mode) {
@@ -118,7 +135,8 @@ impl Renderer {
             }
             (EventKind::Done(secs), _) => {
                 if !state.partial.is_empty() {
-                    let text = String::from_utf8_lossy(&std::mem::take(&mut state.partial)).into_owned();
+                    let text =
+                        String::from_utf8_lossy(&std::mem::take(&mut state.partial)).into_owned();
                     self.line(&format!("#{id} {text}"));
                 }
                 match state.bar.take() {
@@ -147,7 +165,7 @@ impl Renderer {
     /// Stops any spinner still drawn.
     pub fn finish(&self) {
         let mut guard = self.steps.lock().unwrap_or_else(PoisonError::into_inner);
-        for s in guard.1.values_mut() {
+        for s in guard.by_step.values_mut() {
             if let Some(bar) = s.bar.take() {
                 bar.finish_and_clear();
             }

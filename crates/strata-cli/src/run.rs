@@ -39,7 +39,10 @@ pub struct RunArgs {
 
 pub fn run(home: &Path, args: RunArgs) -> Result<ExitCode> {
     let node = crate::open_node(home)?;
-    let tagged = node.images.get(&args.image)?.with_context(|| format!("image {} not found (see `strata images`)", args.image))?;
+    let tagged = node
+        .images
+        .get(&args.image)?
+        .with_context(|| format!("image {} not found (see `strata images`)", args.image))?;
     let image = tagged.image;
     let cfg = &image.config.config;
     let mut argv: Vec<String> = match &args.entrypoint {
@@ -55,10 +58,16 @@ pub fn run(home: &Path, args: RunArgs) -> Result<ExitCode> {
         argv.extend(args.command.iter().cloned());
     }
     if argv.is_empty() {
-        bail!("image {} has no command: give one after the image name", args.image);
+        bail!(
+            "image {} has no command: give one after the image name",
+            args.image
+        );
     }
     let blobs: Vec<_> = image.layers.iter().map(|l| l.blob).collect();
-    let active = node.snapshots.active(&blobs).context("cannot prepare the container's filesystem")?;
+    let active = node
+        .snapshots
+        .active(&blobs)
+        .context("cannot prepare the container's filesystem")?;
     let rootfs = active.rootfs();
     let user = args.user.clone().unwrap_or_else(|| cfg.user.clone());
     let id = strata_worker::resolve_user(&rootfs, &user, true).map_err(anyhow::Error::msg)?;
@@ -68,12 +77,24 @@ pub fn run(home: &Path, args: RunArgs) -> Result<ExitCode> {
         env.retain(|x| x.split('=').next() != Some(k));
         env.push(e.clone());
     }
-    let cwd = args.workdir.clone().unwrap_or_else(|| if cfg.working_dir.is_empty() { "/".into() } else { cfg.working_dir.clone() });
+    let cwd = args.workdir.clone().unwrap_or_else(|| {
+        if cfg.working_dir.is_empty() {
+            "/".into()
+        } else {
+            cfg.working_dir.clone()
+        }
+    });
     let cid = format!("strata-run-{}", std::process::id());
     let bundle = node.home().join("run").join(&cid);
     std::fs::create_dir_all(&bundle)?;
-    std::fs::write(bundle.join("hosts"), "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")?;
-    std::fs::write(bundle.join("resolv.conf"), std::fs::read("/etc/resolv.conf").unwrap_or_default())?;
+    std::fs::write(
+        bundle.join("hosts"),
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    )?;
+    std::fs::write(
+        bundle.join("resolv.conf"),
+        std::fs::read("/etc/resolv.conf").unwrap_or_default(),
+    )?;
     let sandbox = Sandbox {
         args: argv,
         env,
@@ -82,10 +103,22 @@ pub fn run(home: &Path, args: RunArgs) -> Result<ExitCode> {
         gid: id.gid,
         additional_gids: id.groups,
         hostname: cid.chars().take(12).collect(),
-        network: if args.no_network { Network::None } else { Network::Host },
+        network: if args.no_network {
+            Network::None
+        } else {
+            Network::Host
+        },
         mounts: vec![
-            Mount::Bind { source: bundle.join("hosts"), destination: "/etc/hosts".into(), read_only: true },
-            Mount::Bind { source: bundle.join("resolv.conf"), destination: "/etc/resolv.conf".into(), read_only: true },
+            Mount::Bind {
+                source: bundle.join("hosts"),
+                destination: "/etc/hosts".into(),
+                read_only: true,
+            },
+            Mount::Bind {
+                source: bundle.join("resolv.conf"),
+                destination: "/etc/resolv.conf".into(),
+                read_only: true,
+            },
         ],
         insecure: false,
     };
@@ -104,7 +137,9 @@ pub fn run(home: &Path, args: RunArgs) -> Result<ExitCode> {
                 interrupt.cancel();
             }
         });
-        runtime.run(&cid, &rootfs, &bundle, &sandbox, output, &cancel).await
+        runtime
+            .run(&cid, &rootfs, &bundle, &sandbox, output, &cancel)
+            .await
     });
     drop(active);
     let _ = std::fs::remove_dir_all(&bundle);

@@ -501,10 +501,20 @@ pub fn parse_instructions(text: &str, span: Span) -> Result<Vec<Instruction>> {
     let mut out = Vec::with_capacity(nodes.len());
     for mut node in nodes {
         match parse_node(&source, &mut node)? {
-            Parsed::Command(command) => out.push(Instruction { span, original: node.original, command }),
+            Parsed::Command(command) => out.push(Instruction {
+                span,
+                original: node.original,
+                command,
+            }),
             Parsed::From { .. } => {
-                return Err(Error::new(ErrorKind::Instruction, "FROM isn't allowed as an ONBUILD trigger")
-                    .at(Position { line: span.start, column: 1 }));
+                return Err(Error::new(
+                    ErrorKind::Instruction,
+                    "FROM isn't allowed as an ONBUILD trigger",
+                )
+                .at(Position {
+                    line: span.start,
+                    column: 1,
+                }));
             }
         }
     }

@@ -58,7 +58,10 @@ impl Runtime {
             None => ["runc", "crun"].iter().find_map(|name| find_on_path(name)),
         };
         let binary = binary.ok_or(Error::NoRuntime)?;
-        Ok(Runtime { binary, state: state.to_path_buf() })
+        Ok(Runtime {
+            binary,
+            state: state.to_path_buf(),
+        })
     }
 
     /// The runtime binary in use.
@@ -87,9 +90,15 @@ impl Runtime {
         let spec = sandbox.spec(rootfs)?;
         let config = bundle.join("config.json");
         let json = serde_json::to_vec(&spec).map_err(|e| Error::Spec(e.to_string()))?;
-        std::fs::write(&config, json).map_err(|source| Error::Bundle { path: config.clone(), source })?;
+        std::fs::write(&config, json).map_err(|source| Error::Bundle {
+            path: config.clone(),
+            source,
+        })?;
 
-        let spawn_err = |source| Error::Spawn { runtime: self.binary.display().to_string(), source };
+        let spawn_err = |source| Error::Spawn {
+            runtime: self.binary.display().to_string(),
+            source,
+        };
         let mut child = self
             .command()
             .arg("run")
@@ -104,8 +113,18 @@ impl Runtime {
             .spawn()
             .map_err(spawn_err)?;
         let pumps: Vec<_> = [
-            child.stdout.take().map(|s| (Stream::Stdout, Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>)),
-            child.stderr.take().map(|s| (Stream::Stderr, Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>)),
+            child.stdout.take().map(|s| {
+                (
+                    Stream::Stdout,
+                    Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                )
+            }),
+            child.stderr.take().map(|s| {
+                (
+                    Stream::Stderr,
+                    Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                )
+            }),
         ]
         .into_iter()
         .flatten()
@@ -138,7 +157,11 @@ impl Runtime {
             let _ = p.await;
         }
         // `runc run` removes the container when the process ends; make sure.
-        let _ = self.command().args(["delete", "--force", id]).output().await;
+        let _ = self
+            .command()
+            .args(["delete", "--force", id])
+            .output()
+            .await;
         use std::os::unix::process::ExitStatusExt;
         Ok(match (status.code(), status.signal()) {
             (Some(c), _) => ExitStatus::Code(c),
@@ -150,7 +173,11 @@ impl Runtime {
     /// Kills and removes container `id`.
     pub async fn kill(&self, id: &str) {
         let _ = self.command().args(["kill", id, "KILL"]).output().await;
-        let _ = self.command().args(["delete", "--force", id]).output().await;
+        let _ = self
+            .command()
+            .args(["delete", "--force", id])
+            .output()
+            .await;
     }
 }
 

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxNamespace, LinuxNamespaceType, MountBuilder,
-    ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder, get_default_mounts,
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxNamespace, LinuxNamespaceType,
+    MountBuilder, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder, get_default_mounts,
 };
 
 use crate::{Error, Result};
@@ -143,8 +143,14 @@ fn err(e: impl std::fmt::Display) -> Error {
 impl Sandbox {
     /// The runtime spec for running this sandbox over `rootfs`.
     pub fn spec(&self, rootfs: &Path) -> Result<Spec> {
-        let caps: std::collections::HashSet<Capability> =
-            if self.insecure { ALL_CAPS } else { DEFAULT_CAPS }.iter().copied().collect();
+        let caps: std::collections::HashSet<Capability> = if self.insecure {
+            ALL_CAPS
+        } else {
+            DEFAULT_CAPS
+        }
+        .iter()
+        .copied()
+        .collect();
         let capabilities = LinuxCapabilitiesBuilder::default()
             .bounding(caps.clone())
             .effective(caps.clone())
@@ -168,17 +174,31 @@ impl Sandbox {
             .build()
             .map_err(err)?;
         let mut namespaces = vec![
-            LinuxNamespace::default().set_typ(LinuxNamespaceType::Pid).clone(),
-            LinuxNamespace::default().set_typ(LinuxNamespaceType::Ipc).clone(),
-            LinuxNamespace::default().set_typ(LinuxNamespaceType::Uts).clone(),
-            LinuxNamespace::default().set_typ(LinuxNamespaceType::Mount).clone(),
+            LinuxNamespace::default()
+                .set_typ(LinuxNamespaceType::Pid)
+                .clone(),
+            LinuxNamespace::default()
+                .set_typ(LinuxNamespaceType::Ipc)
+                .clone(),
+            LinuxNamespace::default()
+                .set_typ(LinuxNamespaceType::Uts)
+                .clone(),
+            LinuxNamespace::default()
+                .set_typ(LinuxNamespaceType::Mount)
+                .clone(),
         ];
         if self.network == Network::None {
-            namespaces.push(LinuxNamespace::default().set_typ(LinuxNamespaceType::Network).clone());
+            namespaces.push(
+                LinuxNamespace::default()
+                    .set_typ(LinuxNamespaceType::Network)
+                    .clone(),
+            );
         }
         let mut linux = LinuxBuilder::default().namespaces(namespaces);
         if self.insecure {
-            linux = linux.masked_paths(Vec::<String>::new()).readonly_paths(Vec::<String>::new());
+            linux = linux
+                .masked_paths(Vec::<String>::new())
+                .readonly_paths(Vec::<String>::new());
         } else {
             let d = oci_spec::runtime::Linux::default();
             linux = linux
@@ -194,7 +214,11 @@ impl Sandbox {
             .collect();
         for m in &self.mounts {
             let built = match m {
-                Mount::Bind { source, destination, read_only } => {
+                Mount::Bind {
+                    source,
+                    destination,
+                    read_only,
+                } => {
                     let mut opts = vec!["rbind".to_string(), "rprivate".to_string()];
                     if *read_only {
                         opts.push("ro".into());
@@ -207,7 +231,11 @@ impl Sandbox {
                         .build()
                 }
                 Mount::Tmpfs { destination, size } => {
-                    let mut opts = vec!["nosuid".to_string(), "nodev".to_string(), "mode=1777".to_string()];
+                    let mut opts = vec![
+                        "nosuid".to_string(),
+                        "nodev".to_string(),
+                        "mode=1777".to_string(),
+                    ];
                     if let Some(s) = size {
                         opts.push(format!("size={s}"));
                     }
@@ -223,7 +251,13 @@ impl Sandbox {
         }
         SpecBuilder::default()
             .version("1.0.2")
-            .root(RootBuilder::default().path(rootfs).readonly(false).build().map_err(err)?)
+            .root(
+                RootBuilder::default()
+                    .path(rootfs)
+                    .readonly(false)
+                    .build()
+                    .map_err(err)?,
+            )
             .hostname(self.hostname.clone())
             .process(process)
             .mounts(mounts)

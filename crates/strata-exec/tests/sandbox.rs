@@ -78,7 +78,11 @@ async fn runs_with_output_and_exit_code() {
 
 #[tokio::test]
 async fn own_pid_namespace_and_no_network() {
-    let (status, out, _) = run(&sandbox("echo $$; ls /proc | grep -c '^[0-9]'"), &CancellationToken::new()).await;
+    let (status, out, _) = run(
+        &sandbox("echo $$; ls /proc | grep -c '^[0-9]'"),
+        &CancellationToken::new(),
+    )
+    .await;
     assert!(status.success());
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "1", "the step is pid 1 of its own namespace");
@@ -92,10 +96,19 @@ async fn own_pid_namespace_and_no_network() {
 async fn bind_and_tmpfs_mounts() {
     let host = tempfile::tempdir().unwrap();
     std::fs::write(host.path().join("secret"), "s3cret").unwrap();
-    let mut sb = sandbox("cat /run/secrets/x; echo written > /scratch/f && cat /scratch/f; echo no > /run/secrets/y");
+    let mut sb = sandbox(
+        "cat /run/secrets/x; echo written > /scratch/f && cat /scratch/f; echo no > /run/secrets/y",
+    );
     sb.mounts = vec![
-        Mount::Bind { source: host.path().to_path_buf(), destination: "/run/secrets".into(), read_only: true },
-        Mount::Tmpfs { destination: "/scratch".into(), size: Some(1 << 20) },
+        Mount::Bind {
+            source: host.path().to_path_buf(),
+            destination: "/run/secrets".into(),
+            read_only: true,
+        },
+        Mount::Tmpfs {
+            destination: "/scratch".into(),
+            size: Some(1 << 20),
+        },
     ];
     std::fs::rename(host.path().join("secret"), host.path().join("x")).unwrap();
     let (status, out, err) = run(&sb, &CancellationToken::new()).await;

@@ -47,7 +47,9 @@ impl std::str::FromStr for Compression {
             "none" | "uncompressed" => Ok(Compression::None),
             "gzip" => Ok(Compression::Gzip),
             "zstd" => Ok(Compression::Zstd),
-            other => Err(format!("unknown compression {other:?}: expected gzip, zstd or uncompressed")),
+            other => Err(format!(
+                "unknown compression {other:?}: expected gzip, zstd or uncompressed"
+            )),
         }
     }
 }
@@ -68,18 +70,27 @@ pub fn decompressing(reader: impl Read + 'static) -> io::Result<Box<dyn Read>> {
 
 /// The compressed blob of `layer` (made once, then reused): its blob
 /// digest, sha256 and size. For [`Compression::None`] the layer itself.
-pub fn compressed(cas: &ContentStore, layer: &LayerRef, how: Compression) -> Result<(Digest, Sha256, u64)> {
-    let Some(label) = how.label() else { return Ok((layer.blob, layer.diff_id, layer.size)) };
-    if let Some(info) = cas.info(&layer.blob)? {
-        if let Some(d) = info.labels.get(label).and_then(|v| v.parse::<Digest>().ok()) {
-            if let Some(ci) = cas.info(&d)? {
-                return Ok((d, ci.sha256, ci.size));
-            }
-        }
+pub fn compressed(
+    cas: &ContentStore,
+    layer: &LayerRef,
+    how: Compression,
+) -> Result<(Digest, Sha256, u64)> {
+    let Some(label) = how.label() else {
+        return Ok((layer.blob, layer.diff_id, layer.size));
+    };
+    if let Some(info) = cas.info(&layer.blob)?
+        && let Some(d) = info
+            .labels
+            .get(label)
+            .and_then(|v| v.parse::<Digest>().ok())
+        && let Some(ci) = cas.info(&d)?
+    {
+        return Ok((d, ci.sha256, ci.size));
     }
     let mut src = cas.open_blob(&layer.blob)?;
     let mut w = cas.writer()?;
-    let io_fail = |e: io::Error| Error::Format(format!("cannot compress layer {}: {e}", layer.blob));
+    let io_fail =
+        |e: io::Error| Error::Format(format!("cannot compress layer {}: {e}", layer.blob));
     match how {
         Compression::Gzip => {
             let mut enc = flate2::write::GzEncoder::new(&mut w, flate2::Compression::default());

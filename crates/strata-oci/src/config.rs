@@ -30,7 +30,11 @@ pub struct ImageConfig {
     #[serde(default)]
     pub os: String,
     /// OS version, for Windows.
-    #[serde(rename = "os.version", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "os.version",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub os_version: Option<String>,
     /// How containers run by default.
     #[serde(default)]
@@ -51,10 +55,18 @@ pub struct ContainerConfig {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub user: String,
     /// `EXPOSE`, as `port/proto` keys.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub exposed_ports: BTreeMap<String, Empty>,
     /// `ENV`, as `KEY=value`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub env: Vec<String>,
     /// `ENTRYPOINT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -63,13 +75,21 @@ pub struct ContainerConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmd: Option<Vec<String>>,
     /// `VOLUME`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub volumes: BTreeMap<String, Empty>,
     /// `WORKDIR`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub working_dir: String,
     /// `LABEL`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub labels: BTreeMap<String, String>,
     /// `STOPSIGNAL`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,10 +101,18 @@ pub struct ContainerConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<HealthConfig>,
     /// `ONBUILD` triggers, as source text.
-    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub on_build: Vec<String>,
     /// `SHELL`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_default")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub shell: Vec<String>,
 }
 
@@ -133,7 +161,10 @@ pub struct RootFs {
 
 impl Default for RootFs {
     fn default() -> Self {
-        RootFs { kind: "layers".into(), diff_ids: Vec::new() }
+        RootFs {
+            kind: "layers".into(),
+            diff_ids: Vec::new(),
+        }
     }
 }
 
@@ -202,7 +233,10 @@ mod tests {
         let c: ImageConfig = serde_json::from_str(raw).unwrap();
         assert!(c.config.env.is_empty());
         assert_eq!(c.config.cmd.as_deref(), Some(&["sh".to_string()][..]));
-        assert_eq!(c.config.healthcheck.as_ref().unwrap().interval, 5_000_000_000);
+        assert_eq!(
+            c.config.healthcheck.as_ref().unwrap().interval,
+            5_000_000_000
+        );
         assert!(c.config.exposed_ports.contains_key("80/tcp"));
         assert_eq!(c.config.shell, ["/bin/bash", "-c"]);
         let back = String::from_utf8(c.to_json()).unwrap();

@@ -45,5 +45,9 @@ pub(crate) fn io_err<'p>(
     what: &'static str,
     path: &'p std::path::Path,
 ) -> impl FnOnce(io::Error) -> Error + 'p {
-    move |source| Error::Io { what, path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
 }

@@ -45,7 +45,8 @@ impl Sink {
                 h.set_mode(0o644);
                 h.set_size(size);
                 h.set_mtime(0);
-                b.append_data(&mut h, name, data).map_err(|e| Error::Format(format!("cannot write {name}: {e}")))
+                b.append_data(&mut h, name, data)
+                    .map_err(|e| Error::Format(format!("cannot write {name}: {e}")))
             }
             Sink::Dir(root) => {
                 let p = root.join(name);
@@ -67,8 +68,11 @@ impl Sink {
 
     fn finish(self) -> Result<()> {
         if let Sink::Tar(b) = self {
-            let mut w = b.into_inner().map_err(|e| Error::Format(format!("cannot finish the archive: {e}")))?;
-            w.flush().map_err(|e| Error::Format(format!("cannot finish the archive: {e}")))?;
+            let mut w = b
+                .into_inner()
+                .map_err(|e| Error::Format(format!("cannot finish the archive: {e}")))?;
+            w.flush()
+                .map_err(|e| Error::Format(format!("cannot finish the archive: {e}")))?;
         }
         Ok(())
     }
@@ -116,14 +120,22 @@ pub fn export_oci(
     }
     let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [desc]});
     sink.bytes("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    sink.bytes("index.json", &serde_json::to_vec(&index).map_err(|e| Error::Format(e.to_string()))?)?;
+    sink.bytes(
+        "index.json",
+        &serde_json::to_vec(&index).map_err(|e| Error::Format(e.to_string()))?,
+    )?;
     sink.finish()?;
     Ok(manifest_sha)
 }
 
 /// Writes `image` as a `docker save` archive (uncompressed layers) that
 /// `docker load` reads, named `tags`.
-pub fn export_docker_archive(cas: &ContentStore, image: &Image, tags: &[Reference], dest: &Path) -> Result<()> {
+pub fn export_docker_archive(
+    cas: &ContentStore,
+    image: &Image,
+    tags: &[Reference],
+    dest: &Path,
+) -> Result<()> {
     let mut sink = Sink::new(dest, true)?;
     let config_name = format!("{}.json", image.id.hex());
     sink.bytes(&config_name, &cas.read(&image.config_blob)?)?;
@@ -135,6 +147,9 @@ pub fn export_docker_archive(cas: &ContentStore, image: &Image, tags: &[Referenc
     }
     let repo_tags: Vec<String> = tags.iter().map(Reference::familiar).collect();
     let manifest = json!([{"Config": config_name, "RepoTags": repo_tags, "Layers": layer_names}]);
-    sink.bytes("manifest.json", &serde_json::to_vec(&manifest).map_err(|e| Error::Format(e.to_string()))?)?;
+    sink.bytes(
+        "manifest.json",
+        &serde_json::to_vec(&manifest).map_err(|e| Error::Format(e.to_string()))?,
+    )?;
     sink.finish()
 }

@@ -64,13 +64,20 @@ pub fn import(
     let reader = decompressing(file).map_err(io_err("cannot read", source))?;
     let mut archive = tar::Archive::new(reader);
     // `unpack` refuses entries that would leave the directory.
-    let unpacked = archive.unpack(dir.path()).map_err(|e| Error::Format(format!("{}: {e}", source.display())));
+    let unpacked = archive
+        .unpack(dir.path())
+        .map_err(|e| Error::Format(format!("{}: {e}", source.display())));
     let result = unpacked.and_then(|()| import_dir(store, dir.path(), os, architecture));
     drop(dir);
     result
 }
 
-fn import_dir(store: &ImageStore, dir: &Path, os: &str, arch: &str) -> Result<(Image, ImportFormat)> {
+fn import_dir(
+    store: &ImageStore,
+    dir: &Path,
+    os: &str,
+    arch: &str,
+) -> Result<(Image, ImportFormat)> {
     if dir.join("oci-layout").is_file() {
         return import_oci_layout(store, dir, os, arch).map(|i| (i, ImportFormat::OciLayout));
     }
@@ -90,10 +97,15 @@ fn top_level_names(path: &Path) -> Result<HashSet<String>> {
     let reader = decompressing(file).map_err(io_err("cannot read", path))?;
     let mut archive = tar::Archive::new(reader);
     let mut names = HashSet::new();
-    let entries = archive.entries().map_err(|e| Error::Format(format!("{} is not a tar: {e}", path.display())))?;
+    let entries = archive
+        .entries()
+        .map_err(|e| Error::Format(format!("{} is not a tar: {e}", path.display())))?;
     for e in entries {
-        let e = e.map_err(|e| Error::Format(format!("{} is not a readable tar: {e}", path.display())))?;
-        let name = String::from_utf8_lossy(&e.path_bytes()).trim_start_matches("./").to_string();
+        let e =
+            e.map_err(|e| Error::Format(format!("{} is not a readable tar: {e}", path.display())))?;
+        let name = String::from_utf8_lossy(&e.path_bytes())
+            .trim_start_matches("./")
+            .to_string();
         if !name.contains('/') || name.starts_with("blobs/") {
             names.insert(name);
         }
@@ -106,11 +118,16 @@ fn ingest_layer(store: &ImageStore, reader: impl Read + 'static, what: &Path) ->
     let cas = store.content();
     let mut src = decompressing(reader).map_err(io_err("cannot read", what))?;
     let mut w = cas.writer()?;
-    io::copy(&mut src, &mut w).map_err(|e| Error::Format(format!("cannot read layer {}: {e}", what.display())))?;
+    io::copy(&mut src, &mut w)
+        .map_err(|e| Error::Format(format!("cannot read layer {}: {e}", what.display())))?;
     w.flush().map_err(io_err("cannot write layer from", what))?;
     let (size, diff_id) = (w.size(), w.sha256());
     let blob = w.commit()?;
-    Ok(LayerRef { blob, diff_id, size })
+    Ok(LayerRef {
+        blob,
+        diff_id,
+        size,
+    })
 }
 
 #[derive(Deserialize)]
@@ -123,7 +140,9 @@ struct ArchiveEntry {
 
 fn inside(dir: &Path, rel: &str) -> Result<PathBuf> {
     if rel.split('/').any(|c| c == "..") || rel.starts_with('/') {
-        return Err(Error::Format(format!("archive path {rel:?} leaves the archive")));
+        return Err(Error::Format(format!(
+            "archive path {rel:?} leaves the archive"
+        )));
     }
     Ok(dir.join(rel))
 }
@@ -131,9 +150,14 @@ fn inside(dir: &Path, rel: &str) -> Result<PathBuf> {
 fn import_docker_archive(store: &ImageStore, dir: &Path) -> Result<Image> {
     let manifest_path = dir.join("manifest.json");
     let raw = fs::read(&manifest_path).map_err(io_err("cannot read", &manifest_path))?;
-    let entries: Vec<ArchiveEntry> = serde_json::from_slice(&raw)
-        .map_err(|e| Error::Format(format!("manifest.json of the docker archive is malformed: {e}")))?;
-    let entry = entries.first().ok_or_else(|| Error::Format("the docker archive holds no image".into()))?;
+    let entries: Vec<ArchiveEntry> = serde_json::from_slice(&raw).map_err(|e| {
+        Error::Format(format!(
+            "manifest.json of the docker archive is malformed: {e}"
+        ))
+    })?;
+    let entry = entries
+        .first()
+        .ok_or_else(|| Error::Format("the docker archive holds no image".into()))?;
     let config_path = inside(dir, &entry.config)?;
     let config_bytes = fs::read(&config_path).map_err(io_err("cannot read", &config_path))?;
     let mut layers = Vec::new();
@@ -168,7 +192,10 @@ fn read_blob(dir: &Path, sha: &Sha256) -> Result<Vec<u8>> {
     let p = blob_path(dir, sha);
     let bytes = fs::read(&p).map_err(io_err("cannot read", &p))?;
     if Sha256::of(&bytes) != *sha {
-        return Err(Error::Format(format!("blob {} does not match its digest", p.display())));
+        return Err(Error::Format(format!(
+            "blob {} does not match its digest",
+            p.display()
+        )));
     }
     Ok(bytes)
 }
@@ -199,7 +226,12 @@ fn import_oci_layout(store: &ImageStore, dir: &Path, os: &str, arch: &str) -> Re
         let sha = descriptor_sha256(d)?;
         let p = blob_path(dir, &sha);
         let f = File::open(&p).map_err(io_err("cannot open", &p))?;
-        let verified = VerifyingReader { inner: f, hasher: sha2::Sha256::new(), want: sha, path: p.clone() };
+        let verified = VerifyingReader {
+            inner: f,
+            hasher: sha2::Sha256::new(),
+            want: sha,
+            path: p.clone(),
+        };
         layers.push(ingest_layer(store, verified, &p)?);
     }
     check_diff_ids(&config_bytes, &layers)?;
@@ -209,12 +241,19 @@ fn import_oci_layout(store: &ImageStore, dir: &Path, os: &str, arch: &str) -> Re
 fn pick_manifest(dir: &Path, index: &ImageIndex, os: &str, arch: &str) -> Result<Sha256> {
     let manifests = index.manifests();
     let matching = manifests.iter().find(|d| {
-        d.platform().as_ref().is_some_and(|p| p.os().to_string() == os && p.architecture().to_string() == arch)
+        d.platform()
+            .as_ref()
+            .is_some_and(|p| p.os().to_string() == os && p.architecture().to_string() == arch)
     });
     let chosen = matching
         .or_else(|| manifests.iter().find(|d| d.platform().is_none()))
         .or_else(|| manifests.first())
-        .ok_or_else(|| Error::Format(format!("{} lists no manifests", dir.join("index.json").display())))?;
+        .ok_or_else(|| {
+            Error::Format(format!(
+                "{} lists no manifests",
+                dir.join("index.json").display()
+            ))
+        })?;
     descriptor_sha256(chosen)
 }
 

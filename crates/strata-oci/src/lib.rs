@@ -20,7 +20,9 @@ mod reference;
 mod store;
 
 pub use compress::{Compression, compressed, decompressing};
-pub use config::{ContainerConfig, DEFAULT_PATH, Empty, HealthConfig, History, ImageConfig, RootFs};
+pub use config::{
+    ContainerConfig, DEFAULT_PATH, Empty, HealthConfig, History, ImageConfig, RootFs,
+};
 pub use error::{Error, Result};
 pub use export::{export_docker_archive, export_oci};
 pub use import::{ImportFormat, import};

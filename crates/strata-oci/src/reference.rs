@@ -51,7 +51,10 @@ impl Reference {
     /// The short form people type: `alpine`, `myorg/app`, `localhost:5000/app`.
     pub fn familiar_repository(&self) -> String {
         if self.domain == DEFAULT_DOMAIN {
-            self.path.strip_prefix("library/").unwrap_or(&self.path).to_string()
+            self.path
+                .strip_prefix("library/")
+                .unwrap_or(&self.path)
+                .to_string()
         } else {
             self.repository()
         }
@@ -105,7 +108,11 @@ fn is_path_component(c: &str) -> bool {
 
 fn is_domain(c: &str) -> bool {
     let host = c.rsplit_once(':').map_or(c, |(h, port)| {
-        if port.bytes().all(|b| b.is_ascii_digit()) && !port.is_empty() { h } else { "" }
+        if port.bytes().all(|b| b.is_ascii_digit()) && !port.is_empty() {
+            h
+        } else {
+            ""
+        }
     });
     !host.is_empty()
         && host.split('.').all(|l| {
@@ -120,15 +127,26 @@ impl FromStr for Reference {
     type Err = ParseReferenceError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let err = |reason| ParseReferenceError { input: input.to_string(), reason };
+        let err = |reason| ParseReferenceError {
+            input: input.to_string(),
+            reason,
+        };
         if input.is_empty() {
             return Err(err("it is empty"));
         }
         let (rest, digest) = match input.split_once('@') {
             Some((r, d)) => {
-                let hex = d.strip_prefix("sha256:").ok_or_else(|| err("only sha256 digests are supported"))?;
-                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-                    return Err(err("the digest must be sha256: and 64 lower-case hex digits"));
+                let hex = d
+                    .strip_prefix("sha256:")
+                    .ok_or_else(|| err("only sha256 digests are supported"))?;
+                if hex.len() != 64
+                    || !hex
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                {
+                    return Err(err(
+                        "the digest must be sha256: and 64 lower-case hex digits",
+                    ));
                 }
                 (r, Some(d.to_string()))
             }
@@ -143,10 +161,15 @@ impl FromStr for Reference {
         if let Some(t) = tag {
             let ok = !t.is_empty()
                 && t.len() <= 128
-                && t.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
-                && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+                && t.bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
             if !ok {
-                return Err(err("a tag is 1 to 128 letters, digits, `_`, `.` or `-`, not starting with `.` or `-`"));
+                return Err(err(
+                    "a tag is 1 to 128 letters, digits, `_`, `.` or `-`, not starting with `.` or `-`",
+                ));
             }
         }
         let (domain, path) = match name.split_once('/') {
@@ -176,7 +199,12 @@ impl FromStr for Reference {
             (None, None) => Some("latest".to_string()),
             (None, Some(_)) => None,
         };
-        Ok(Reference { domain, path, tag, digest })
+        Ok(Reference {
+            domain,
+            path,
+            tag,
+            digest,
+        })
     }
 }
 
@@ -194,19 +222,41 @@ mod tests {
         assert_eq!(n("alpine:3.19"), "docker.io/library/alpine:3.19");
         assert_eq!(n("myorg/app"), "docker.io/myorg/app:latest");
         assert_eq!(n("localhost:5000/app:v1"), "localhost:5000/app:v1");
-        assert_eq!(n("registry.example.com/a/b/c"), "registry.example.com/a/b/c:latest");
+        assert_eq!(
+            n("registry.example.com/a/b/c"),
+            "registry.example.com/a/b/c:latest"
+        );
         assert_eq!(n("mirror.gcr.io/busybox"), "mirror.gcr.io/busybox:latest");
         let d = format!("busybox@sha256:{}", "a".repeat(64));
-        assert_eq!(n(&d), format!("docker.io/library/busybox@sha256:{}", "a".repeat(64)));
+        assert_eq!(
+            n(&d),
+            format!("docker.io/library/busybox@sha256:{}", "a".repeat(64))
+        );
         let r: Reference = "docker.io/library/myapp:multistage".parse().unwrap();
         assert_eq!(r.familiar(), "myapp:multistage");
         assert_eq!(r.familiar_repository(), "myapp");
-        assert_eq!("localhost:5000/x".parse::<Reference>().unwrap().familiar_repository(), "localhost:5000/x");
+        assert_eq!(
+            "localhost:5000/x"
+                .parse::<Reference>()
+                .unwrap()
+                .familiar_repository(),
+            "localhost:5000/x"
+        );
     }
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "UPPER", "a:", "a:-x", "a@sha256:xyz", "a//b", "-a", "a b", "a:b:c"] {
+        for bad in [
+            "",
+            "UPPER",
+            "a:",
+            "a:-x",
+            "a@sha256:xyz",
+            "a//b",
+            "-a",
+            "a b",
+            "a:b:c",
+        ] {
             assert!(bad.parse::<Reference>().is_err(), "{bad:?}");
         }
     }

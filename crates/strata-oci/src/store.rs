@@ -84,12 +84,16 @@ pub struct ImageStore {
 
 impl std::fmt::Debug for ImageStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ImageStore").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("ImageStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
 fn sha256_to_oci(s: &Sha256) -> Result<Sha256Digest> {
-    s.hex().parse().map_err(|e| Error::Format(format!("bad digest {s}: {e}")))
+    s.hex()
+        .parse()
+        .map_err(|e| Error::Format(format!("bad digest {s}: {e}")))
 }
 
 impl ImageStore {
@@ -98,7 +102,10 @@ impl ImageStore {
         let path = state.join("images");
         let mut opts = Options::default();
         opts.create_if_missing(true);
-        let db = DB::open(&opts, &path).map_err(|source| Error::Db { path: path.clone(), source })?;
+        let db = DB::open(&opts, &path).map_err(|source| Error::Db {
+            path: path.clone(),
+            source,
+        })?;
         Ok(ImageStore { db, path, cas })
     }
 
@@ -108,7 +115,10 @@ impl ImageStore {
     }
 
     fn db_err(&self) -> impl FnOnce(rocksdb::Error) -> Error + '_ {
-        move |source| Error::Db { path: self.path.clone(), source }
+        move |source| Error::Db {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Stores a config and a manifest listing `layers` (already in the
@@ -119,19 +129,31 @@ impl ImageStore {
 
     /// Like [`ImageStore::create`] with the config's exact bytes, so an
     /// imported image keeps its ID.
-    pub fn create_with_config_bytes(&self, config_json: &[u8], layers: &[LayerRef]) -> Result<Image> {
+    pub fn create_with_config_bytes(
+        &self,
+        config_json: &[u8],
+        layers: &[LayerRef],
+    ) -> Result<Image> {
         let config: ImageConfig = serde_json::from_slice(config_json)
             .map_err(|e| Error::Format(format!("image config is not valid JSON: {e}")))?;
         let config_blob = self.cas.put(config_json)?;
         let id = Sha256::of(config_json);
         let mut descs = Vec::with_capacity(layers.len());
         for l in layers {
-            descs.push(Descriptor::new(MediaType::ImageLayer, l.size, sha256_to_oci(&l.diff_id)?));
+            descs.push(Descriptor::new(
+                MediaType::ImageLayer,
+                l.size,
+                sha256_to_oci(&l.diff_id)?,
+            ));
         }
         let manifest = ImageManifestBuilder::default()
             .schema_version(2u32)
             .media_type(MediaType::ImageManifest)
-            .config(Descriptor::new(MediaType::ImageConfig, config_json.len() as u64, sha256_to_oci(&id)?))
+            .config(Descriptor::new(
+                MediaType::ImageConfig,
+                config_json.len() as u64,
+                sha256_to_oci(&id)?,
+            ))
             .layers(descs)
             .build()
             .map_err(|e| Error::Format(format!("cannot build manifest: {e}")))?;
@@ -141,9 +163,14 @@ impl ImageStore {
             .into_bytes();
         let manifest_blob = self.cas.put(&bytes)?;
         // The manifest keeps its config and layers alive for collectors.
-        self.cas.set_label(&manifest_blob, "ref.config", Some(&config_blob.to_string()))?;
+        self.cas
+            .set_label(&manifest_blob, "ref.config", Some(&config_blob.to_string()))?;
         for (i, l) in layers.iter().enumerate() {
-            self.cas.set_label(&manifest_blob, &format!("ref.layer.{i}"), Some(&l.blob.to_string()))?;
+            self.cas.set_label(
+                &manifest_blob,
+                &format!("ref.layer.{i}"),
+                Some(&l.blob.to_string()),
+            )?;
         }
         Ok(Image {
             manifest_blob,
@@ -161,30 +188,48 @@ impl ImageStore {
         let manifest = ImageManifest::from_reader(bytes.as_slice())
             .map_err(|e| Error::Format(format!("manifest {manifest_blob} is malformed: {e}")))?;
         let config_sha = descriptor_sha256(manifest.config())?;
-        let config_blob = self
-            .cas
-            .by_sha256(&config_sha)?
-            .ok_or_else(|| Error::Format(format!("config {config_sha} of manifest {manifest_blob} is missing")))?;
+        let config_blob = self.cas.by_sha256(&config_sha)?.ok_or_else(|| {
+            Error::Format(format!(
+                "config {config_sha} of manifest {manifest_blob} is missing"
+            ))
+        })?;
         let config_bytes = self.cas.read(&config_blob)?;
         let config: ImageConfig = serde_json::from_slice(&config_bytes)
             .map_err(|e| Error::Format(format!("config {config_sha} is malformed: {e}")))?;
         let mut layers = Vec::with_capacity(manifest.layers().len());
         for d in manifest.layers() {
             let diff_id = descriptor_sha256(d)?;
-            let blob = self
-                .cas
-                .by_sha256(&diff_id)?
-                .ok_or_else(|| Error::Format(format!("layer {diff_id} of manifest {manifest_blob} is missing")))?;
-            layers.push(LayerRef { blob, diff_id, size: d.size() });
+            let blob = self.cas.by_sha256(&diff_id)?.ok_or_else(|| {
+                Error::Format(format!(
+                    "layer {diff_id} of manifest {manifest_blob} is missing"
+                ))
+            })?;
+            layers.push(LayerRef {
+                blob,
+                diff_id,
+                size: d.size(),
+            });
         }
-        Ok(Image { manifest_blob: *manifest_blob, manifest_digest: Sha256::of(&bytes), config_blob, id: config_sha, config, layers })
+        Ok(Image {
+            manifest_blob: *manifest_blob,
+            manifest_digest: Sha256::of(&bytes),
+            config_blob,
+            id: config_sha,
+            config,
+            layers,
+        })
     }
 
     /// Points `reference` at `image`.
     pub fn tag(&self, reference: &Reference, image: &Image) -> Result<()> {
-        let rec = TagRecord { manifest: image.manifest_blob, created: now_unix() };
+        let rec = TagRecord {
+            manifest: image.manifest_blob,
+            created: now_unix(),
+        };
         let bytes = serde_json::to_vec(&rec).map_err(|e| Error::Format(e.to_string()))?;
-        self.db.put(reference.normalized(), bytes).map_err(self.db_err())
+        self.db
+            .put(reference.normalized(), bytes)
+            .map_err(self.db_err())
     }
 
     /// Removes a name; true if it existed.
@@ -196,7 +241,9 @@ impl ImageStore {
     }
 
     fn record(&self, key: &str) -> Result<Option<TagRecord>> {
-        let Some(raw) = self.db.get(key).map_err(self.db_err())? else { return Ok(None) };
+        let Some(raw) = self.db.get(key).map_err(self.db_err())? else {
+            return Ok(None);
+        };
         serde_json::from_slice(&raw)
             .map(Some)
             .map_err(|e| Error::Format(format!("image record {key} is unreadable: {e}")))
@@ -205,21 +252,30 @@ impl ImageStore {
     /// Finds an image by name (`alpine`, `app:1`) or by ID prefix of at
     /// least 4 hex digits (`sha256:` optional), as `docker` does.
     pub fn get(&self, name: &str) -> Result<Option<Tagged>> {
-        if let Ok(reference) = name.parse::<Reference>() {
-            if let Some(rec) = self.record(&reference.normalized())? {
-                let image = self.load(&rec.manifest)?;
-                return Ok(Some(Tagged { reference, created: rec.created, image }));
-            }
+        if let Ok(reference) = name.parse::<Reference>()
+            && let Some(rec) = self.record(&reference.normalized())?
+        {
+            let image = self.load(&rec.manifest)?;
+            return Ok(Some(Tagged {
+                reference,
+                created: rec.created,
+                image,
+            }));
         }
         let hex = name.strip_prefix("sha256:").unwrap_or(name);
         if hex.len() >= 4 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let found: Vec<Tagged> =
-                self.list()?.into_iter().filter(|t| t.image.id.hex().starts_with(hex)).collect();
+            let found: Vec<Tagged> = self
+                .list()?
+                .into_iter()
+                .filter(|t| t.image.id.hex().starts_with(hex))
+                .collect();
             if let Some(first) = found.first() {
                 if found.iter().all(|t| t.image.id == first.image.id) {
                     return Ok(Some(first.clone()));
                 }
-                return Err(Error::Format(format!("image ID prefix {name} is ambiguous")));
+                return Err(Error::Format(format!(
+                    "image ID prefix {name} is ambiguous"
+                )));
             }
         }
         Ok(None)
@@ -231,10 +287,18 @@ impl ImageStore {
         for item in self.db.iterator(rocksdb::IteratorMode::Start) {
             let (k, _) = item.map_err(self.db_err())?;
             let key = String::from_utf8_lossy(&k).into_owned();
-            let Ok(reference) = key.parse::<Reference>() else { continue };
-            let Some(rec) = self.record(&key)? else { continue };
+            let Ok(reference) = key.parse::<Reference>() else {
+                continue;
+            };
+            let Some(rec) = self.record(&key)? else {
+                continue;
+            };
             match self.load(&rec.manifest) {
-                Ok(image) => out.push(Tagged { reference, created: rec.created, image }),
+                Ok(image) => out.push(Tagged {
+                    reference,
+                    created: rec.created,
+                    image,
+                }),
                 Err(e) => tracing::warn!(image = %key, error = %e, "skipping unreadable image"),
             }
         }
@@ -245,5 +309,6 @@ impl ImageStore {
 /// The sha256 a descriptor names.
 pub fn descriptor_sha256(d: &Descriptor) -> Result<Sha256> {
     let s = d.digest().to_string();
-    s.parse().map_err(|_| Error::Format(format!("descriptor digest {s} is not sha256")))
+    s.parse()
+        .map_err(|_| Error::Format(format!("descriptor digest {s} is not sha256")))
 }

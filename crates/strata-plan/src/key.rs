@@ -103,11 +103,29 @@ mod tests {
         let parent = scratch_key("linux/amd64");
         let input = Digest::of(b"builder output");
         let a = step_key(&parent, &copy(Source::Stage(1)), &[input]);
-        assert_eq!(a, step_key(&parent, &copy(Source::Stage(7)), &[input]), "plan position is not content");
-        assert_ne!(a, step_key(&parent, &copy(Source::Stage(1)), &[Digest::of(b"other")]));
-        assert_ne!(a, step_key(&image_key("ab"), &copy(Source::Stage(1)), &[input]));
-        let mk = |p: &str| Op::Mkdir(MkdirOp { path: p.into(), user: String::new() });
-        assert_ne!(step_key(&parent, &mk("/a"), &[]), step_key(&parent, &mk("/b"), &[]));
+        assert_eq!(
+            a,
+            step_key(&parent, &copy(Source::Stage(7)), &[input]),
+            "plan position is not content"
+        );
+        assert_ne!(
+            a,
+            step_key(&parent, &copy(Source::Stage(1)), &[Digest::of(b"other")])
+        );
+        assert_ne!(
+            a,
+            step_key(&image_key("ab"), &copy(Source::Stage(1)), &[input])
+        );
+        let mk = |p: &str| {
+            Op::Mkdir(MkdirOp {
+                path: p.into(),
+                user: String::new(),
+            })
+        };
+        assert_ne!(
+            step_key(&parent, &mk("/a"), &[]),
+            step_key(&parent, &mk("/b"), &[])
+        );
         assert_ne!(scratch_key("linux/amd64"), scratch_key("linux/arm64"));
     }
 }

@@ -18,8 +18,10 @@ pub mod key;
 mod ops;
 mod planner;
 
-pub use ops::{CopyOp, ExecOp, ImageSource, InlineFile, MkdirOp, Op, RunMount, RunMountKind, Source};
+pub use ops::{
+    CopyOp, ExecOp, ImageSource, InlineFile, MkdirOp, Op, RunMount, RunMountKind, Source,
+};
 pub use planner::{
-    Base, HistoryEntry, ImageResolver, Options, Plan, PlanError, ResolvedImage, StagePlan, Step, history_with_layers,
-    plan,
+    Base, HistoryEntry, ImageResolver, Options, Plan, PlanError, ResolvedImage, StagePlan, Step,
+    history_with_layers, plan,
 };

@@ -183,7 +183,11 @@ impl Op {
             }
             Op::Exec(e) => {
                 for m in &e.mounts {
-                    if let RunMountKind::Bind { from: Source::Stage(s), .. } = m.kind {
+                    if let RunMountKind::Bind {
+                        from: Source::Stage(s),
+                        ..
+                    } = m.kind
+                    {
                         out.push(s);
                     }
                 }

@@ -4,13 +4,15 @@ use std::collections::BTreeMap;
 
 use strata_cas::Sha256;
 use strata_dockerfile::{
-    Base as DfBase, Command, CommandLine, Dockerfile, EnvList, Error as DfError, ErrorKind, Healthcheck,
-    Instruction, Lexer, MountType, Platform, Scope, Source as DfSource, Span, parse_instructions,
-    predefined_args,
+    Base as DfBase, Command, CommandLine, Dockerfile, EnvList, Error as DfError, ErrorKind,
+    Healthcheck, Instruction, Lexer, MountType, Platform, Scope, Source as DfSource, Span,
+    parse_instructions, predefined_args,
 };
 use strata_oci::{DEFAULT_PATH, Empty, HealthConfig, History, ImageConfig, LayerRef};
 
-use crate::ops::{CopyOp, ExecOp, ImageSource, InlineFile, MkdirOp, Op, RunMount, RunMountKind, Source};
+use crate::ops::{
+    CopyOp, ExecOp, ImageSource, InlineFile, MkdirOp, Op, RunMount, RunMountKind, Source,
+};
 
 /// What the planner needs to know about the build.
 #[derive(Debug, Clone)]
@@ -143,12 +145,24 @@ const DEFAULT_SHELL: [&str; 2] = ["/bin/sh", "-c"];
 const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
 
 /// Plans a build of `df` (read from `file`, for messages).
-pub fn plan(df: &Dockerfile, file: &str, opts: &Options, images: &dyn ImageResolver) -> Result<Plan, PlanError> {
+pub fn plan(
+    df: &Dockerfile,
+    file: &str,
+    opts: &Options,
+    images: &dyn ImageResolver,
+) -> Result<Plan, PlanError> {
     let with_file = |e: DfError| PlanError::Dockerfile(e.with_file(file));
-    let target_name = opts.target.as_deref().or_else(|| df.stages.last().and_then(|s| s.name.as_deref()));
+    let target_name = opts
+        .target
+        .as_deref()
+        .or_else(|| df.stages.last().and_then(|s| s.name.as_deref()));
     let predefined = predefined_args(&opts.build_platform, &opts.platform, target_name);
-    let global = df.global_scope(&opts.build_args, &predefined).map_err(with_file)?;
-    let graph = df.graph(&global, opts.target.as_deref()).map_err(with_file)?;
+    let global = df
+        .global_scope(&opts.build_args, &predefined)
+        .map_err(with_file)?;
+    let graph = df
+        .graph(&global, opts.target.as_deref())
+        .map_err(with_file)?;
 
     let mut planner = Planner {
         df,
@@ -162,13 +176,18 @@ pub fn plan(df: &Dockerfile, file: &str, opts: &Options, images: &dyn ImageResol
         onbuild: Vec::new(),
     };
     for &i in &graph.order {
-        planner.stage(i, &graph.bases[i], graph.platforms[i].as_deref()).map_err(|e| match e {
-            PlanError::Dockerfile(d) => with_file(d),
-            other => other,
-        })?;
+        planner
+            .stage(i, &graph.bases[i], graph.platforms[i].as_deref())
+            .map_err(|e| match e {
+                PlanError::Dockerfile(d) => with_file(d),
+                other => other,
+            })?;
     }
     let target = planner.plan_index[&graph.target];
-    Ok(Plan { stages: planner.stages, target })
+    Ok(Plan {
+        stages: planner.stages,
+        target,
+    })
 }
 
 struct Planner<'a> {
@@ -199,24 +218,46 @@ struct StageState {
 
 impl Planner<'_> {
     fn base_error(&self, span: Span, message: String) -> PlanError {
-        PlanError::Base { file: self.file.to_string(), line: span.start, message }
+        PlanError::Base {
+            file: self.file.to_string(),
+            line: span.start,
+            message,
+        }
     }
 
-    fn resolve_image(&self, reference: &str, platform: &Platform, span: Span) -> Result<ResolvedImage, PlanError> {
-        self.images.resolve(reference, platform).map_err(|m| self.base_error(span, m))
+    fn resolve_image(
+        &self,
+        reference: &str,
+        platform: &Platform,
+        span: Span,
+    ) -> Result<ResolvedImage, PlanError> {
+        self.images
+            .resolve(reference, platform)
+            .map_err(|m| self.base_error(span, m))
     }
 
-    fn stage(&mut self, index: usize, base: &DfBase, platform: Option<&str>) -> Result<(), PlanError> {
+    fn stage(
+        &mut self,
+        index: usize,
+        base: &DfBase,
+        platform: Option<&str>,
+    ) -> Result<(), PlanError> {
         let df = self.df;
         let st = &df.stages[index];
         let platform = match platform {
-            Some(p) => Platform::parse(p).map_err(|m| df.error_at(ErrorKind::Stage, st.span, p, m))?,
+            Some(p) => {
+                Platform::parse(p).map_err(|m| df.error_at(ErrorKind::Stage, st.span, p, m))?
+            }
             None => self.opts.platform.clone(),
         };
         let platform_str = platform.to_string();
         let (plan_base, mut config, scope, triggers, base_history) = match base {
             DfBase::Scratch => {
-                let c = ImageConfig::scratch(&platform.os, &platform.architecture, platform.variant.as_deref());
+                let c = ImageConfig::scratch(
+                    &platform.os,
+                    &platform.architecture,
+                    platform.variant.as_deref(),
+                );
                 (Base::Scratch, c, None, Vec::new(), Vec::new())
             }
             DfBase::Image(reference) => {
@@ -224,7 +265,11 @@ impl Planner<'_> {
                 let mut c = img.config.clone();
                 let triggers = std::mem::take(&mut c.config.on_build);
                 let history = std::mem::take(&mut c.history);
-                let src = ImageSource { reference: img.reference, manifest: img.manifest.hex(), layers: img.layers };
+                let src = ImageSource {
+                    reference: img.reference,
+                    manifest: img.manifest.hex(),
+                    layers: img.layers,
+                };
                 (Base::Image(src), c, None, triggers, history)
             }
             DfBase::Stage(j) => {
@@ -232,7 +277,13 @@ impl Planner<'_> {
                 let mut c = self.stages[p].config.clone();
                 c.config.on_build.clear();
                 // The base stage's history is only known once it has run.
-                (Base::Stage(p), c, Some(self.scopes[p].clone()), self.onbuild[p].clone(), Vec::new())
+                (
+                    Base::Stage(p),
+                    c,
+                    Some(self.scopes[p].clone()),
+                    self.onbuild[p].clone(),
+                    Vec::new(),
+                )
             }
         };
         // Every stage's environment has a PATH, as BuildKit ensures.
@@ -245,7 +296,12 @@ impl Planner<'_> {
         let mut instructions = Vec::new();
         for t in &triggers {
             let parsed = parse_instructions(t, st.span).map_err(|e| {
-                df.error_at(ErrorKind::Instruction, st.span, "", format!("ONBUILD trigger {t:?} of the base: {}", e.message()))
+                df.error_at(
+                    ErrorKind::Instruction,
+                    st.span,
+                    "",
+                    format!("ONBUILD trigger {t:?} of the base: {}", e.message()),
+                )
             })?;
             instructions.extend(parsed);
         }
@@ -287,28 +343,44 @@ impl Planner<'_> {
 
     fn step(&self, state: &mut StageState, op: Op, instr: &Instruction, label: String) -> usize {
         let n = state.steps.len();
-        state.steps.push(Step { op, label, line: instr.span.start, number: state.number_offset + n + 1 });
+        state.steps.push(Step {
+            op,
+            label,
+            line: instr.span.start,
+            number: state.number_offset + n + 1,
+        });
         n
     }
 
-    fn instruction(&mut self, raw: &Instruction, state: &mut StageState, platform: &Platform) -> Result<(), PlanError> {
+    fn instruction(
+        &mut self,
+        raw: &Instruction,
+        state: &mut StageState,
+        platform: &Platform,
+    ) -> Result<(), PlanError> {
         let df = self.df;
-        let instr = df.apply_in_scope(raw, &mut state.scope, &self.opts.build_args, &self.global)?;
+        let instr =
+            df.apply_in_scope(raw, &mut state.scope, &self.opts.build_args, &self.global)?;
         let c = &mut state.config.config;
         let label = instruction_label(&raw.original);
         match &instr.command {
             Command::Env(kvs) => {
                 c.env = state.scope.config_env.to_entries();
-                let desc: Vec<String> = kvs.iter().map(|kv| format!("{}={}", kv.key, kv.value)).collect();
+                let desc: Vec<String> = kvs
+                    .iter()
+                    .map(|kv| format!("{}={}", kv.key, kv.value))
+                    .collect();
                 self.history(state, format!("ENV {}", desc.join(" ")), None);
             }
             Command::Arg(decls) => {
                 let desc: Vec<String> = decls
                     .iter()
-                    .map(|d| match state.scope.args.iter().find(|(k, _)| *k == d.key) {
-                        Some((k, Some(v))) => format!("{k}={v}"),
-                        _ => d.key.clone(),
-                    })
+                    .map(
+                        |d| match state.scope.args.iter().find(|(k, _)| *k == d.key) {
+                            Some((k, Some(v))) => format!("{k}={v}"),
+                            _ => d.key.clone(),
+                        },
+                    )
                     .collect();
                 self.history(state, format!("ARG {}", desc.join(" ")), None);
             }
@@ -330,7 +402,10 @@ impl Planner<'_> {
                 if wd == "/" {
                     self.history(state, format!("WORKDIR {wd}"), None);
                 } else {
-                    let op = Op::Mkdir(MkdirOp { path: wd.clone(), user: c.user.clone() });
+                    let op = Op::Mkdir(MkdirOp {
+                        path: wd.clone(),
+                        user: c.user.clone(),
+                    });
                     let n = self.step(state, op, &instr, label);
                     self.history(state, format!("WORKDIR {wd}"), Some(n));
                 }
@@ -362,9 +437,20 @@ impl Planner<'_> {
             }
             Command::Healthcheck(h) => {
                 let cfg = match h.as_ref() {
-                    Healthcheck::None => HealthConfig { test: vec!["NONE".into()], ..Default::default() },
-                    Healthcheck::Cmd { test, interval, timeout, start_period, start_interval, retries } => {
-                        let ns = |d: &Option<std::time::Duration>| d.map_or(0, |d| d.as_nanos() as i64);
+                    Healthcheck::None => HealthConfig {
+                        test: vec!["NONE".into()],
+                        ..Default::default()
+                    },
+                    Healthcheck::Cmd {
+                        test,
+                        interval,
+                        timeout,
+                        start_period,
+                        start_interval,
+                        retries,
+                    } => {
+                        let ns =
+                            |d: &Option<std::time::Duration>| d.map_or(0, |d| d.as_nanos() as i64);
                         HealthConfig {
                             test: test.clone(),
                             interval: ns(interval),
@@ -381,7 +467,9 @@ impl Planner<'_> {
             Command::Expose(ports) => {
                 let mut desc = Vec::new();
                 for p in ports {
-                    for port in expand_port(p).map_err(|m| df.error_at(ErrorKind::Instruction, instr.span, p, m))? {
+                    for port in expand_port(p)
+                        .map_err(|m| df.error_at(ErrorKind::Instruction, instr.span, p, m))?
+                    {
                         desc.push(port.clone());
                         c.exposed_ports.insert(port, Empty {});
                     }
@@ -396,7 +484,14 @@ impl Planner<'_> {
             }
             Command::StopSignal(s) => {
                 if !valid_signal(s) {
-                    return Err(df.error_at(ErrorKind::Instruction, instr.span, s, format!("invalid signal: {s}")).into());
+                    return Err(df
+                        .error_at(
+                            ErrorKind::Instruction,
+                            instr.span,
+                            s,
+                            format!("invalid signal: {s}"),
+                        )
+                        .into());
                 }
                 c.stop_signal = Some(s.clone());
                 self.history(state, format!("STOPSIGNAL {s}"), None);
@@ -408,7 +503,10 @@ impl Planner<'_> {
             Command::Run(run) => {
                 let op = self.exec_op(&instr, run, state, platform)?;
                 let created_by = match &op {
-                    Op::Exec(e) => format!("RUN {} # buildkit", run_command_string(&e.args, &state.scope)),
+                    Op::Exec(e) => format!(
+                        "RUN {} # buildkit",
+                        run_command_string(&e.args, &state.scope)
+                    ),
                     _ => String::new(),
                 };
                 let n = self.step(state, op, &instr, label);
@@ -419,21 +517,53 @@ impl Planner<'_> {
                     None => Source::Context,
                     Some(f) => self.source(f, instr.span, platform)?,
                 };
-                let op = self.copy_op(&instr, state, from, &cp.files, cp.chown.clone(), cp.chmod.as_deref(), cp.parents, &cp.excludes, false)?;
+                let op = self.copy_op(
+                    &instr,
+                    state,
+                    from,
+                    &cp.files,
+                    cp.chown.clone(),
+                    cp.chmod.as_deref(),
+                    cp.parents,
+                    &cp.excludes,
+                    false,
+                )?;
                 let n = self.step(state, op, &instr, label.clone());
                 self.history(state, format!("{label} # buildkit"), Some(n));
             }
             Command::Add(add) => {
-                if let Some(url) = add.files.sources.iter().find(|s| s.starts_with("http://") || s.starts_with("https://")) {
+                if let Some(url) = add
+                    .files
+                    .sources
+                    .iter()
+                    .find(|s| s.starts_with("http://") || s.starts_with("https://"))
+                {
                     return Err(df
                         .error_at(ErrorKind::Instruction, instr.span, url, format!("ADD from a URL ({url}) needs network sources, which this build does not support; download it in a RUN step"))
                         .into());
                 }
                 if add.checksum.is_some() {
-                    return Err(df.error_at(ErrorKind::Instruction, instr.span, "--checksum", "checksum requires HTTP(S) or Git sources").into());
+                    return Err(df
+                        .error_at(
+                            ErrorKind::Instruction,
+                            instr.span,
+                            "--checksum",
+                            "checksum requires HTTP(S) or Git sources",
+                        )
+                        .into());
                 }
                 let unpack = add.unpack.unwrap_or(true);
-                let op = self.copy_op(&instr, state, Source::Context, &add.files, add.chown.clone(), add.chmod.as_deref(), false, &add.excludes, unpack)?;
+                let op = self.copy_op(
+                    &instr,
+                    state,
+                    Source::Context,
+                    &add.files,
+                    add.chown.clone(),
+                    add.chmod.as_deref(),
+                    false,
+                    &add.excludes,
+                    unpack,
+                )?;
                 let n = self.step(state, op, &instr, label.clone());
                 self.history(state, format!("{label} # buildkit"), Some(n));
             }
@@ -461,7 +591,11 @@ impl Planner<'_> {
             Ok(DfSource::Stage(i)) => Ok(Source::Stage(self.plan_index[&i])),
             Ok(DfSource::Image(r)) => {
                 let img = self.resolve_image(&r, platform, span)?;
-                Ok(Source::Image(ImageSource { reference: img.reference, manifest: img.manifest.hex(), layers: img.layers }))
+                Ok(Source::Image(ImageSource {
+                    reference: img.reference,
+                    manifest: img.manifest.hex(),
+                    layers: img.layers,
+                }))
             }
             Err(m) => Err(self.df.error_at(ErrorKind::Stage, span, from, m).into()),
         }
@@ -501,7 +635,11 @@ impl Planner<'_> {
         let inline = files
             .inline
             .iter()
-            .map(|f| InlineFile { name: f.name.clone(), data: f.data.clone(), mode: 0o644 })
+            .map(|f| InlineFile {
+                name: f.name.clone(),
+                data: f.data.clone(),
+                mode: 0o644,
+            })
             .collect();
         Ok(Op::Copy(CopyOp {
             from,
@@ -529,14 +667,25 @@ impl Planner<'_> {
         let mut args = cl.args.clone();
         if !cl.heredocs.is_empty() {
             if args.len() != 1 || !cl.shell_form {
-                return Err(df.error_at(ErrorKind::Instruction, instr.span, "<<", "a RUN heredoc needs the shell form").into());
+                return Err(df
+                    .error_at(
+                        ErrorKind::Instruction,
+                        instr.span,
+                        "<<",
+                        "a RUN heredoc needs the shell form",
+                    )
+                    .into());
             }
             let whole_is_heredoc = strata_dockerfile::is_heredoc_marker(&args[0]);
             if whole_is_heredoc {
                 let doc = &cl.heredocs[0];
                 let data = doc.body().into_owned();
                 if data.starts_with("#!") {
-                    files.push(InlineFile { name: doc.name.clone(), data, mode: 0o755 });
+                    files.push(InlineFile {
+                        name: doc.name.clone(),
+                        data,
+                        mode: 0o755,
+                    });
                     args = vec![format!("/dev/pipes/{}", doc.name)];
                 } else {
                     args = vec![data];
@@ -551,17 +700,33 @@ impl Planner<'_> {
                 args = vec![b];
             }
         }
-        let args = self.with_shell(&state.config, &CommandLine { args, shell_form: cl.shell_form, heredocs: vec![] });
+        let args = self.with_shell(
+            &state.config,
+            &CommandLine {
+                args,
+                shell_form: cl.shell_form,
+                heredocs: vec![],
+            },
+        );
         let lexer = Lexer::new(df.directives.escape);
         let env = &state.scope.run_env;
         let mut mounts = Vec::new();
         for spec in &run.mounts {
             let m = spec
-                .resolve(&mut |v| lexer.process_word(v, env).map_err(|e| e.message().to_string()))
+                .resolve(&mut |v| {
+                    lexer
+                        .process_word(v, env)
+                        .map_err(|e| e.message().to_string())
+                })
                 .map_err(|m| df.error_at(ErrorKind::Instruction, instr.span, "--mount", m))?;
             let target = |m: &strata_dockerfile::Mount| -> Result<String, PlanError> {
                 let t = m.target.clone().ok_or_else(|| {
-                    df.error_at(ErrorKind::Instruction, instr.span, "--mount", format!("{} mount target is required", m.kind.as_str()))
+                    df.error_at(
+                        ErrorKind::Instruction,
+                        instr.span,
+                        "--mount",
+                        format!("{} mount target is required", m.kind.as_str()),
+                    )
                 })?;
                 Ok(relative_to_workdir(&state.config.config.working_dir, &t))
             };
@@ -601,14 +766,24 @@ impl Planner<'_> {
                         target: t,
                     }
                 }
-                MountType::Tmpfs => RunMount { target: target(&m)?, kind: RunMountKind::Tmpfs { size: m.size_limit } },
+                MountType::Tmpfs => RunMount {
+                    target: target(&m)?,
+                    kind: RunMountKind::Tmpfs { size: m.size_limit },
+                },
                 MountType::Secret => {
-                    let id = m
-                        .id
+                    let id =
+                        m.id.clone()
+                            .or_else(|| {
+                                m.target
+                                    .as_deref()
+                                    .and_then(|t| t.rsplit('/').next())
+                                    .map(str::to_string)
+                            })
+                            .unwrap_or_default();
+                    let t = m
+                        .target
                         .clone()
-                        .or_else(|| m.target.as_deref().and_then(|t| t.rsplit('/').next()).map(str::to_string))
-                        .unwrap_or_default();
-                    let t = m.target.clone().unwrap_or_else(|| format!("/run/secrets/{id}"));
+                        .unwrap_or_else(|| format!("/run/secrets/{id}"));
                     RunMount {
                         target: relative_to_workdir(&state.config.config.working_dir, &t),
                         kind: RunMountKind::Secret {
@@ -637,7 +812,11 @@ impl Planner<'_> {
         Ok(Op::Exec(ExecOp {
             args,
             env,
-            cwd: if c.working_dir.is_empty() { "/".into() } else { c.working_dir.clone() },
+            cwd: if c.working_dir.is_empty() {
+                "/".into()
+            } else {
+                c.working_dir.clone()
+            },
             user: c.user.clone(),
             no_network: run.network.as_deref() == Some("none"),
             insecure: run.security.as_deref() == Some("insecure"),
@@ -678,16 +857,27 @@ fn run_command_string(args: &[String], scope: &Scope) -> String {
 }
 
 fn go_quote_list(args: &[String]) -> String {
-    let quoted: Vec<String> = args.iter().map(|a| strata_dockerfile::go_quote(a)).collect();
+    let quoted: Vec<String> = args
+        .iter()
+        .map(|a| strata_dockerfile::go_quote(a))
+        .collect();
     format!("[{}]", quoted.join(" "))
 }
 
 /// `WORKDIR p` after `current`: absolute paths replace, relative ones join;
 /// the result is clean and absolute.
 pub(crate) fn normalize_workdir(current: &str, p: &str) -> String {
-    let joined = if p.starts_with('/') { p.to_string() } else { format!("{}/{p}", if current.is_empty() { "/" } else { current }) };
+    let joined = if p.starts_with('/') {
+        p.to_string()
+    } else {
+        format!("{}/{p}", if current.is_empty() { "/" } else { current })
+    };
     let cleaned = strata_dockerfile::clean_path(&joined);
-    if cleaned.starts_with('/') { cleaned } else { format!("/{cleaned}") }
+    if cleaned.starts_with('/') {
+        cleaned
+    } else {
+        format!("/{cleaned}")
+    }
 }
 
 /// A COPY destination or mount target against the working directory:
@@ -696,7 +886,11 @@ pub(crate) fn normalize_workdir(current: &str, p: &str) -> String {
 pub(crate) fn relative_to_workdir(workdir: &str, p: &str) -> String {
     let wants_dir = p.ends_with('/') || p == "." || p.is_empty() || p.ends_with("/.");
     let base = if workdir.is_empty() { "/" } else { workdir };
-    let joined = if p.starts_with('/') { p.to_string() } else { format!("{base}/{p}") };
+    let joined = if p.starts_with('/') {
+        p.to_string()
+    } else {
+        format!("{base}/{p}")
+    };
     let mut cleaned = strata_dockerfile::clean_path(&joined);
     if !cleaned.starts_with('/') {
         cleaned.insert(0, '/');
@@ -716,7 +910,10 @@ fn expand_port(spec: &str) -> Result<Vec<String>, String> {
     if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
         return Err(format!("invalid proto: {proto}"));
     }
-    let parse = |s: &str| s.parse::<u16>().map_err(|_| format!("invalid containerPort: {s}"));
+    let parse = |s: &str| {
+        s.parse::<u16>()
+            .map_err(|_| format!("invalid containerPort: {s}"))
+    };
     let (lo, hi) = match ports.split_once('-') {
         Some((a, b)) => (parse(a)?, parse(b)?),
         None => {
@@ -737,18 +934,56 @@ fn valid_signal(s: &str) -> bool {
     let name = s.strip_prefix("SIG").unwrap_or(s).to_uppercase();
     matches!(
         name.as_str(),
-        "HUP" | "INT" | "QUIT" | "ILL" | "TRAP" | "ABRT" | "IOT" | "BUS" | "FPE" | "KILL" | "USR1" | "SEGV" | "USR2"
-            | "PIPE" | "ALRM" | "TERM" | "STKFLT" | "CHLD" | "CONT" | "STOP" | "TSTP" | "TTIN" | "TTOU" | "URG"
-            | "XCPU" | "XFSZ" | "VTALRM" | "PROF" | "WINCH" | "IO" | "POLL" | "PWR" | "SYS"
-    ) || name.starts_with("RTMIN") || name.starts_with("RTMAX")
+        "HUP"
+            | "INT"
+            | "QUIT"
+            | "ILL"
+            | "TRAP"
+            | "ABRT"
+            | "IOT"
+            | "BUS"
+            | "FPE"
+            | "KILL"
+            | "USR1"
+            | "SEGV"
+            | "USR2"
+            | "PIPE"
+            | "ALRM"
+            | "TERM"
+            | "STKFLT"
+            | "CHLD"
+            | "CONT"
+            | "STOP"
+            | "TSTP"
+            | "TTIN"
+            | "TTOU"
+            | "URG"
+            | "XCPU"
+            | "XFSZ"
+            | "VTALRM"
+            | "PROF"
+            | "WINCH"
+            | "IO"
+            | "POLL"
+            | "PWR"
+            | "SYS"
+    ) || name.starts_with("RTMIN")
+        || name.starts_with("RTMAX")
 }
 
 /// History entries of a finished stage: `base` (the base's history), then
 /// the stage's own, given which steps made layers.
-pub fn history_with_layers(stage: &StagePlan, base: Vec<History>, made_layer: &[bool], created: &str) -> Vec<History> {
+pub fn history_with_layers(
+    stage: &StagePlan,
+    base: Vec<History>,
+    made_layer: &[bool],
+    created: &str,
+) -> Vec<History> {
     let mut out = base;
     for h in &stage.history {
-        let layer = h.step.is_some_and(|s| made_layer.get(s).copied().unwrap_or(false));
+        let layer = h
+            .step
+            .is_some_and(|s| made_layer.get(s).copied().unwrap_or(false));
         out.push(History {
             created: Some(created.to_string()),
             created_by: Some(h.created_by.clone()),

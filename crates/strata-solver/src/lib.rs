@@ -68,7 +68,11 @@ pub struct WorkerError {
 impl WorkerError {
     /// A failure with a message and no output.
     pub fn new(message: impl Into<String>) -> WorkerError {
-        WorkerError { message: message.into(), tail: Vec::new(), cancelled: false }
+        WorkerError {
+            message: message.into(),
+            tail: Vec::new(),
+            cancelled: false,
+        }
     }
 }
 
@@ -77,7 +81,12 @@ impl WorkerError {
 pub trait Worker: Send + Sync + 'static {
     /// Digests of the content a step reads besides its parent filesystem:
     /// the files a COPY selects, the sources a RUN bind-mounts.
-    fn inputs(&self, stage: &StagePlan, step: &Step, sources: &[Option<StageResult>]) -> Result<Vec<Digest>, WorkerError>;
+    fn inputs(
+        &self,
+        stage: &StagePlan,
+        step: &Step,
+        sources: &[Option<StageResult>],
+    ) -> Result<Vec<Digest>, WorkerError>;
 
     /// Whether every blob of a cached chain is usable here.
     fn has_layers(&self, layers: &[LayerRef]) -> bool;

@@ -12,7 +12,8 @@ use strata_plan::{Base, Plan, StagePlan, history_with_layers};
 use tokio::sync::{OnceCell, Semaphore, watch};
 
 use crate::{
-    Event, EventKind, Job, SolveError, SolveOptions, Solved, StageResult, StepRecord, Worker, WorkerError,
+    Event, EventKind, Job, SolveError, SolveOptions, Solved, StageResult, StepRecord, Worker,
+    WorkerError,
 };
 
 type Flight = Arc<OnceCell<CacheEntry>>;
@@ -26,7 +27,9 @@ pub struct Solver {
 }
 
 fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Shared state of one solve.
@@ -50,7 +53,10 @@ impl Run {
     }
 
     fn snapshot(&self) -> Vec<Option<StageResult>> {
-        self.results.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.results
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn event(&self, stage: &StagePlan, number: usize, label: &str, kind: EventKind) {
@@ -67,11 +73,19 @@ impl Run {
 impl Solver {
     /// A solver that runs steps on `worker` and caches them in `cache`.
     pub fn new(worker: Arc<dyn Worker>, cache: Arc<dyn CacheIndex>) -> Solver {
-        Solver { worker, cache, in_flight: Mutex::new(HashMap::new()) }
+        Solver {
+            worker,
+            cache,
+            in_flight: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Solves `plan`: every stage it holds, the target among them.
-    pub async fn solve(self: &Arc<Self>, plan: Arc<Plan>, opts: SolveOptions) -> Result<Solved, SolveError> {
+    pub async fn solve(
+        self: &Arc<Self>,
+        plan: Arc<Plan>,
+        opts: SolveOptions,
+    ) -> Result<Solved, SolveError> {
         let n = plan.stages.len();
         let mut done = Vec::with_capacity(n);
         let mut waiters = Vec::with_capacity(n);
@@ -91,7 +105,10 @@ impl Solver {
         });
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..n {
-            let deps: Vec<watch::Receiver<bool>> = stage_deps(&plan.stages[i]).into_iter().map(|d| waiters[d].clone()).collect();
+            let deps: Vec<watch::Receiver<bool>> = stage_deps(&plan.stages[i])
+                .into_iter()
+                .map(|d| waiters[d].clone())
+                .collect();
             let (me, run) = (Arc::clone(self), Arc::clone(&run));
             tasks.spawn(async move {
                 for mut d in deps {
@@ -103,7 +120,8 @@ impl Solver {
                 }
                 match me.stage(&run, i).await {
                     Ok(result) => {
-                        run.results.lock().unwrap_or_else(PoisonError::into_inner)[i] = Some(result);
+                        run.results.lock().unwrap_or_else(PoisonError::into_inner)[i] =
+                            Some(result);
                         let _ = run.done[i].send(true);
                     }
                     Err(e) => run.fail(e),
@@ -115,8 +133,13 @@ impl Solver {
                 run.fail(SolveError::Internal(e.to_string()));
             }
         }
-        let run = Arc::try_unwrap(run).map_err(|_| SolveError::Internal("solve still shared".into()))?;
-        if let Some(e) = run.error.into_inner().unwrap_or_else(PoisonError::into_inner) {
+        let run =
+            Arc::try_unwrap(run).map_err(|_| SolveError::Internal("solve still shared".into()))?;
+        if let Some(e) = run
+            .error
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
             return Err(e);
         }
         let stages = run
@@ -126,7 +149,13 @@ impl Solver {
             .into_iter()
             .map(|r| r.ok_or_else(|| SolveError::Internal("a stage produced no result".into())))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Solved { stages, steps: run.records.into_inner().unwrap_or_else(PoisonError::into_inner) })
+        Ok(Solved {
+            stages,
+            steps: run
+                .records
+                .into_inner()
+                .unwrap_or_else(PoisonError::into_inner),
+        })
     }
 
     async fn stage(&self, run: &Arc<Run>, i: usize) -> Result<StageResult, SolveError> {
@@ -136,10 +165,16 @@ impl Solver {
             Base::Scratch => (scratch_key(&stage.platform), Vec::new(), Vec::new()),
             Base::Image(img) => {
                 run.event(stage, 1, &stage.from_label, EventKind::Done(0.0));
-                (image_key(&img.manifest), img.layers.clone(), stage.base_history.clone())
+                (
+                    image_key(&img.manifest),
+                    img.layers.clone(),
+                    stage.base_history.clone(),
+                )
             }
             Base::Stage(b) => {
-                let r = results[*b].as_ref().ok_or_else(|| SolveError::Internal("base stage unfinished".into()))?;
+                let r = results[*b]
+                    .as_ref()
+                    .ok_or_else(|| SolveError::Internal("base stage unfinished".into()))?;
                 (r.key, r.layers.clone(), r.config.history.clone())
             }
         };
@@ -164,14 +199,24 @@ impl Solver {
             };
             let started = now();
             let inputs = {
-                let (w, plan, results) = (Arc::clone(&self.worker), Arc::clone(&run.plan), results.clone());
-                tokio::task::spawn_blocking(move || w.inputs(&plan.stages[i], &plan.stages[i].steps[s], &results))
-                    .await
-                    .map_err(|e| SolveError::Internal(e.to_string()))?
-                    .map_err(step_err)?
+                let (w, plan, results) = (
+                    Arc::clone(&self.worker),
+                    Arc::clone(&run.plan),
+                    results.clone(),
+                );
+                tokio::task::spawn_blocking(move || {
+                    w.inputs(&plan.stages[i], &plan.stages[i].steps[s], &results)
+                })
+                .await
+                .map_err(|e| SolveError::Internal(e.to_string()))?
+                .map_err(step_err)?
             };
             let step_key = step_key(&key, &step.op, &inputs);
-            let cached = if run.opts.no_cache { None } else { self.cache.get(&step_key)? };
+            let cached = if run.opts.no_cache {
+                None
+            } else {
+                self.cache.get(&step_key)?
+            };
             let cached = cached.filter(|e| self.worker.has_layers(&e.layers));
             let (entry, was_cached) = match cached {
                 Some(entry) => {
@@ -181,7 +226,10 @@ impl Solver {
                 }
                 None => {
                     let flight = {
-                        let mut map = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+                        let mut map = self
+                            .in_flight
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner);
                         Arc::clone(map.entry(step_key).or_default())
                     };
                     let mut ran = false;
@@ -193,7 +241,10 @@ impl Solver {
                         .await
                         .map_err(step_err)?
                         .clone();
-                    self.in_flight.lock().unwrap_or_else(PoisonError::into_inner).remove(&step_key);
+                    self.in_flight
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&step_key);
                     if !ran {
                         run.event(stage, step.number, &step.label, EventKind::Cached);
                     }
@@ -204,22 +255,29 @@ impl Solver {
             layers = entry.layers;
             made.push(entry.made_layer);
             key = step_key;
-            run.records.lock().unwrap_or_else(PoisonError::into_inner).push(StepRecord {
-                stage: stage.name.clone(),
-                number: step.number,
-                instruction: step.label.clone(),
-                line: step.line,
-                cache_key: step_key.to_string(),
-                cached: was_cached,
-                started,
-                finished: now(),
-                worker: self.worker.name(),
-            });
+            run.records
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(StepRecord {
+                    stage: stage.name.clone(),
+                    number: step.number,
+                    instruction: step.label.clone(),
+                    line: step.line,
+                    cache_key: step_key.to_string(),
+                    cached: was_cached,
+                    started,
+                    finished: now(),
+                    worker: self.worker.name(),
+                });
         }
         let mut config = stage.config.clone();
         config.rootfs.diff_ids = layers.iter().map(|l| l.diff_id.to_string()).collect();
         config.history = history_with_layers(stage, base_history, &made, &run.opts.created);
-        Ok(StageResult { key, layers, config })
+        Ok(StageResult {
+            key,
+            layers,
+            config,
+        })
     }
 
     /// Runs one step on the worker and returns what to cache.
@@ -231,12 +289,21 @@ impl Solver {
         parent: &[LayerRef],
         results: &[Option<crate::StageResult>],
     ) -> Result<CacheEntry, WorkerError> {
-        let _permit = run.jobs.acquire().await.map_err(|e| WorkerError::new(e.to_string()))?;
+        let _permit = run
+            .jobs
+            .acquire()
+            .await
+            .map_err(|e| WorkerError::new(e.to_string()))?;
         let stage = &run.plan.stages[i];
         let step = &stage.steps[s];
         run.event(stage, step.number, &step.label, EventKind::Started);
         let clock = Instant::now();
-        let (w, r2, parent_v, results_v) = (Arc::clone(&self.worker), Arc::clone(run), parent.to_vec(), results.to_vec());
+        let (w, r2, parent_v, results_v) = (
+            Arc::clone(&self.worker),
+            Arc::clone(run),
+            parent.to_vec(),
+            results.to_vec(),
+        );
         let outcome = tokio::task::spawn_blocking(move || {
             let stage = &r2.plan.stages[i];
             let step = &stage.steps[s];
@@ -265,14 +332,24 @@ impl Solver {
         .map_err(|e| WorkerError::new(e.to_string()))?;
         match outcome {
             Ok(layer) => {
-                run.event(stage, step.number, &step.label, EventKind::Done(clock.elapsed().as_secs_f64()));
+                run.event(
+                    stage,
+                    step.number,
+                    &step.label,
+                    EventKind::Done(clock.elapsed().as_secs_f64()),
+                );
                 let mut layers = parent.to_vec();
                 let made = layer.is_some();
                 layers.extend(layer);
                 Ok(CacheEntry::new(layers, made, &self.worker.name()))
             }
             Err(e) => {
-                run.event(stage, step.number, &step.label, EventKind::Failed(e.message.clone()));
+                run.event(
+                    stage,
+                    step.number,
+                    &step.label,
+                    EventKind::Failed(e.message.clone()),
+                );
                 Err(e)
             }
         }
@@ -281,7 +358,11 @@ impl Solver {
 
 /// The plan stages a stage waits for: its base and the stages it reads.
 fn stage_deps(stage: &StagePlan) -> Vec<usize> {
-    let mut deps: Vec<usize> = stage.steps.iter().flat_map(|s| s.op.stage_inputs()).collect();
+    let mut deps: Vec<usize> = stage
+        .steps
+        .iter()
+        .flat_map(|s| s.op.stage_inputs())
+        .collect();
     if let Base::Stage(b) = stage.base {
         deps.push(b);
     }

@@ -31,7 +31,13 @@ impl CacheIndex for MemCache {
         Ok(())
     }
     fn list(&self) -> strata_cache::Result<Vec<(Digest, CacheEntry)>> {
-        Ok(self.0.lock().unwrap().iter().map(|(k, v)| (*k, v.clone())).collect())
+        Ok(self
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect())
     }
 }
 
@@ -48,13 +54,24 @@ struct FakeWorker {
 }
 
 impl Worker for FakeWorker {
-    fn inputs(&self, _: &StagePlan, step: &Step, sources: &[Option<StageResult>]) -> Result<Vec<Digest>, WorkerError> {
+    fn inputs(
+        &self,
+        _: &StagePlan,
+        step: &Step,
+        sources: &[Option<StageResult>],
+    ) -> Result<Vec<Digest>, WorkerError> {
         Ok(match &step.op {
             Op::Copy(c) => match c.from {
                 Source::Stage(i) => {
                     let src = sources[i].as_ref().unwrap();
                     let top = src.layers.last().map(|l| l.blob).unwrap();
-                    let made_by = self.outputs.lock().unwrap().get(&top.to_string()).cloned().unwrap_or_default();
+                    let made_by = self
+                        .outputs
+                        .lock()
+                        .unwrap()
+                        .get(&top.to_string())
+                        .cloned()
+                        .unwrap_or_default();
                     vec![Digest::of(made_by.as_bytes())]
                 }
                 _ => vec![],
@@ -72,19 +89,32 @@ impl Worker for FakeWorker {
         self.max_running.fetch_max(now, Ordering::SeqCst);
         std::thread::sleep(self.delay);
         self.running.fetch_sub(1, Ordering::SeqCst);
-        let Op::Exec(e) = &job.step.op else { return Ok(None) };
+        let Op::Exec(e) = &job.step.op else {
+            return Ok(None);
+        };
         let cmd = e.args.join(" ");
         if cmd.contains("fail") {
             (job.output)(b"boom\n");
-            return Err(WorkerError { message: "exit code: 1".into(), tail: vec!["boom".into()], cancelled: false });
+            return Err(WorkerError {
+                message: "exit code: 1".into(),
+                tail: vec!["boom".into()],
+                cancelled: false,
+            });
         }
         self.executed.lock().unwrap().push(cmd.clone());
         let blob = Digest::of(format!("{cmd}{}", job.parent.len()).as_bytes());
         // The output "content" ignores a `# comment`: two commands that differ
         // only there produce the same bytes.
         let content = cmd.split('#').next().unwrap_or("").trim().to_string();
-        self.outputs.lock().unwrap().insert(blob.to_string(), content);
-        Ok(Some(LayerRef { blob, diff_id: Sha256::of(blob.hex().as_bytes()), size: 1 }))
+        self.outputs
+            .lock()
+            .unwrap()
+            .insert(blob.to_string(), content);
+        Ok(Some(LayerRef {
+            blob,
+            diff_id: Sha256::of(blob.hex().as_bytes()),
+            size: 1,
+        }))
     }
 
     fn name(&self) -> String {
@@ -156,23 +186,46 @@ fn opts() -> SolveOptions {
 fn fan_out(suffix: &str) -> Arc<Plan> {
     let mut stages = Vec::new();
     for i in 0..3 {
-        stages.push(stage(&format!("b{i}"), Base::Scratch, vec![exec(&format!("make {i}{suffix}"), 1)]));
+        stages.push(stage(
+            &format!("b{i}"),
+            Base::Scratch,
+            vec![exec(&format!("make {i}{suffix}"), 1)],
+        ));
     }
-    stages.push(stage("final", Base::Scratch, vec![copy_from(0, 1), copy_from(1, 2), copy_from(2, 3), exec("finish", 4)]));
+    stages.push(stage(
+        "final",
+        Base::Scratch,
+        vec![
+            copy_from(0, 1),
+            copy_from(1, 2),
+            copy_from(2, 3),
+            exec("finish", 4),
+        ],
+    ));
     Arc::new(Plan { stages, target: 3 })
 }
 
 #[tokio::test]
 async fn second_build_is_fully_cached_and_stages_run_in_parallel() {
-    let worker = Arc::new(FakeWorker { delay: Duration::from_millis(100), ..Default::default() });
+    let worker = Arc::new(FakeWorker {
+        delay: Duration::from_millis(100),
+        ..Default::default()
+    });
     let cache = Arc::new(MemCache::default());
     let solver = Arc::new(Solver::new(worker.clone(), cache.clone()));
     let first = solver.solve(fan_out(""), opts()).await.unwrap();
     assert_eq!(worker.executed.lock().unwrap().len(), 4);
-    assert!(worker.max_running.load(Ordering::SeqCst) >= 2, "independent stages overlap");
+    assert!(
+        worker.max_running.load(Ordering::SeqCst) >= 2,
+        "independent stages overlap"
+    );
     assert!(first.steps.iter().all(|s| !s.cached));
     let second = solver.solve(fan_out(""), opts()).await.unwrap();
-    assert_eq!(worker.executed.lock().unwrap().len(), 4, "nothing runs again");
+    assert_eq!(
+        worker.executed.lock().unwrap().len(),
+        4,
+        "nothing runs again"
+    );
     assert!(second.steps.iter().all(|s| s.cached));
     assert_eq!(first.stages[3].key, second.stages[3].key);
     assert_eq!(first.stages[3].layers, second.stages[3].layers);
@@ -186,7 +239,12 @@ async fn identical_builder_output_keeps_later_steps_cached() {
     // The builders re-run (their command changed) but produce the same
     // content, so the final stage's COPYs and its RUN stay cached.
     let again = solver.solve(fan_out(" # reworded"), opts()).await.unwrap();
-    let fin: Vec<bool> = again.steps.iter().filter(|s| s.stage == "final").map(|s| s.cached).collect();
+    let fin: Vec<bool> = again
+        .steps
+        .iter()
+        .filter(|s| s.stage == "final")
+        .map(|s| s.cached)
+        .collect();
     assert_eq!(fin, [true, true, true, true]);
     assert_eq!(worker.executed.lock().unwrap().len(), 7);
 }
@@ -207,28 +265,56 @@ async fn a_failing_step_fails_the_build_and_caches_nothing() {
     let worker = Arc::new(FakeWorker::default());
     let cache = Arc::new(MemCache::default());
     let solver = Arc::new(Solver::new(worker.clone(), cache.clone()));
-    let plan = Arc::new(Plan { stages: vec![stage("s", Base::Scratch, vec![exec("ok", 2), exec("fail now", 3), exec("never", 4)])], target: 0 });
+    let plan = Arc::new(Plan {
+        stages: vec![stage(
+            "s",
+            Base::Scratch,
+            vec![exec("ok", 2), exec("fail now", 3), exec("never", 4)],
+        )],
+        target: 0,
+    });
     let err = solver.solve(plan, opts()).await.unwrap_err();
     match err {
-        SolveError::Step { label, line, tail, .. } => {
+        SolveError::Step {
+            label, line, tail, ..
+        } => {
             assert_eq!((label.as_str(), line), ("RUN fail now", 3));
             assert_eq!(tail, ["boom"]);
         }
         other => panic!("{other}"),
     }
-    assert_eq!(cache.list().unwrap().len(), 1, "only the step that succeeded is cached");
-    assert!(!worker.executed.lock().unwrap().contains(&"never".to_string()));
+    assert_eq!(
+        cache.list().unwrap().len(),
+        1,
+        "only the step that succeeded is cached"
+    );
+    assert!(
+        !worker
+            .executed
+            .lock()
+            .unwrap()
+            .contains(&"never".to_string())
+    );
 }
 
 #[tokio::test]
 async fn identical_steps_in_flight_run_once() {
-    let worker = Arc::new(FakeWorker { delay: Duration::from_millis(150), ..Default::default() });
+    let worker = Arc::new(FakeWorker {
+        delay: Duration::from_millis(150),
+        ..Default::default()
+    });
     let solver = Arc::new(Solver::new(worker.clone(), Arc::new(MemCache::default())));
     let plan = Arc::new(Plan {
-        stages: vec![stage("a", Base::Scratch, vec![exec("same", 1)]), stage("b", Base::Scratch, vec![exec("same", 1)])],
+        stages: vec![
+            stage("a", Base::Scratch, vec![exec("same", 1)]),
+            stage("b", Base::Scratch, vec![exec("same", 1)]),
+        ],
         target: 1,
     });
-    let (x, y) = tokio::join!(solver.solve(Arc::clone(&plan), opts()), solver.solve(plan, opts()));
+    let (x, y) = tokio::join!(
+        solver.solve(Arc::clone(&plan), opts()),
+        solver.solve(plan, opts())
+    );
     x.unwrap();
     y.unwrap();
     assert_eq!(worker.executed.lock().unwrap().len(), 1);

@@ -103,7 +103,12 @@ pub fn epoch_rfc3339(secs: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// The `.dockerignore` BuildKit would use: `<Dockerfile>.dockerignore`
@@ -111,26 +116,39 @@ pub fn epoch_rfc3339(secs: i64) -> String {
 fn ignore_file(dockerfile: &Path, context: &Path) -> Option<PathBuf> {
     let beside = dockerfile.with_file_name(format!(
         "{}.dockerignore",
-        dockerfile.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        dockerfile
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     ));
-    [beside, context.join(".dockerignore")].into_iter().find(|p| p.is_file())
+    [beside, context.join(".dockerignore")]
+        .into_iter()
+        .find(|p| p.is_file())
 }
 
 /// Builds `req` on `node`.
 pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, BuildError> {
     let df = Dockerfile::parse_file(&req.dockerfile)?;
     if !req.context.is_dir() {
-        return Err(BuildError::Input(format!("build context {} is not a directory", req.context.display())));
+        return Err(BuildError::Input(format!(
+            "build context {} is not a directory",
+            req.context.display()
+        )));
     }
     let ignore = match ignore_file(&req.dockerfile, &req.context) {
         Some(p) => {
-            let bytes = std::fs::read(&p).map_err(|e| BuildError::Input(format!("cannot read {}: {e}", p.display())))?;
+            let bytes = std::fs::read(&p)
+                .map_err(|e| BuildError::Input(format!("cannot read {}: {e}", p.display())))?;
             IgnoreMatcher::from_dockerignore(&bytes).map_err(|e| e.with_file(&p))?
         }
         None => IgnoreMatcher::default(),
     };
     // Reproducible by default: SOURCE_DATE_EPOCH, else the Unix epoch.
-    let epoch = req.build_args.get("SOURCE_DATE_EPOCH").and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+    let epoch = req
+        .build_args
+        .get("SOURCE_DATE_EPOCH")
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(0);
     let created = epoch_rfc3339(epoch);
     let opts = Options {
         build_args: req.build_args.clone(),
@@ -140,7 +158,12 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         created: created.clone(),
     };
     let file_name = req.dockerfile.display().to_string();
-    let plan = Arc::new(strata_plan::plan(&df, &file_name, &opts, &LocalImages(&node.images))?);
+    let plan = Arc::new(strata_plan::plan(
+        &df,
+        &file_name,
+        &opts,
+        &LocalImages(&node.images),
+    )?);
 
     let mut lease = node.content.lease();
     for stage in &plan.stages {
@@ -150,8 +173,17 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
             }
         }
     }
-    let worker = Arc::new(LocalWorker::new(Arc::clone(&node), req.context.clone(), ignore, req.secrets, epoch));
-    let solver = Arc::new(Solver::new(worker, Arc::clone(&node.cache) as Arc<dyn strata_cache::CacheIndex>));
+    let worker = Arc::new(LocalWorker::new(
+        Arc::clone(&node),
+        req.context.clone(),
+        ignore,
+        req.secrets,
+        epoch,
+    ));
+    let solver = Arc::new(Solver::new(
+        worker,
+        Arc::clone(&node.cache) as Arc<dyn strata_cache::CacheIndex>,
+    ));
     let solve_opts = SolveOptions {
         no_cache: req.no_cache,
         jobs: req.jobs,
@@ -166,7 +198,11 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         node.images.tag(tag, &image)?;
     }
     drop(lease);
-    Ok(BuildResult { image, plan, solved })
+    Ok(BuildResult {
+        image,
+        plan,
+        solved,
+    })
 }
 
 #[cfg(test)]

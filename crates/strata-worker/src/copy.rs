@@ -37,17 +37,30 @@ pub fn copy(op: &CopyOp, src: Option<&SourceRoot<'_>>, dest_root: &Path) -> Resu
     let dest_path = op.dest.trim_end_matches('/');
     let dest_host = resolve_path(dest_root, dest_path, true).map_err(|e| e.to_string())?;
     let dest_is_dir = op.dest.ends_with('/')
-        || fs::metadata(&dest_host).map(|m| m.is_dir()).unwrap_or(false)
+        || fs::metadata(&dest_host)
+            .map(|m| m.is_dir())
+            .unwrap_or(false)
         || items.len() + op.inline.len() > 1
         || items.first().is_some_and(|i| i.is_dir && !op.parents);
     let excludes = exclude_matcher(&op.excludes)?;
-    let mut w = Writer { owner, keep_owner: src.is_some_and(|s| s.keep_owner), chmod: op.chmod, links: HashMap::new(), dirs: Vec::new() };
+    let mut w = Writer {
+        owner,
+        keep_owner: src.is_some_and(|s| s.keep_owner),
+        chmod: op.chmod,
+        links: HashMap::new(),
+        dirs: Vec::new(),
+    };
 
     if !dest_is_dir {
         // One file (or inline document) to exactly `dest`.
-        let parent = Path::new(dest_path).parent().and_then(Path::to_str).unwrap_or("/");
+        let parent = Path::new(dest_path)
+            .parent()
+            .and_then(Path::to_str)
+            .unwrap_or("/");
         let parent_host = w.ensure_dir(dest_root, parent)?;
-        let name = Path::new(dest_path).file_name().ok_or_else(|| format!("invalid destination {:?}", op.dest))?;
+        let name = Path::new(dest_path)
+            .file_name()
+            .ok_or_else(|| format!("invalid destination {:?}", op.dest))?;
         let target = parent_host.join(name);
         if let Some(f) = op.inline.first() {
             w.inline(&target, &f.data, f.mode)?;
@@ -56,7 +69,9 @@ pub fn copy(op: &CopyOp, src: Option<&SourceRoot<'_>>, dest_root: &Path) -> Resu
                 let dir = w.ensure_dir(dest_root, dest_path)?;
                 unpack(&item.host, &dir)?;
             } else {
-                walk(s, item, excludes.as_ref(), &mut |e| w.put(e.host, e.meta, &target).map(|_| ()))?;
+                walk(s, item, excludes.as_ref(), &mut |e| {
+                    w.put(e.host, e.meta, &target).map(|_| ())
+                })?;
             }
         }
         return w.finish();
@@ -66,8 +81,15 @@ pub fn copy(op: &CopyOp, src: Option<&SourceRoot<'_>>, dest_root: &Path) -> Resu
     for item in &items {
         let Some(s) = src else { break };
         let base = if op.parents {
-            let parent = Path::new(&item.rel).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-            if parent.is_empty() { dest_dir.clone() } else { w.ensure_dir(dest_root, &format!("{dest_path}/{parent}"))? }
+            let parent = Path::new(&item.rel)
+                .parent()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if parent.is_empty() {
+                dest_dir.clone()
+            } else {
+                w.ensure_dir(dest_root, &format!("{dest_path}/{parent}"))?
+            }
         } else {
             dest_dir.clone()
         };
@@ -81,9 +103,14 @@ pub fn copy(op: &CopyOp, src: Option<&SourceRoot<'_>>, dest_root: &Path) -> Resu
         } else if op.unpack && is_archive(&item.host) {
             unpack(&item.host, &base)?;
         } else {
-            let name = Path::new(&item.rel).file_name().map(|n| n.to_os_string()).unwrap_or_default();
+            let name = Path::new(&item.rel)
+                .file_name()
+                .map(|n| n.to_os_string())
+                .unwrap_or_default();
             let target = base.join(name);
-            walk(s, item, excludes.as_ref(), &mut |e| w.put(e.host, e.meta, &target).map(|_| ()))?;
+            walk(s, item, excludes.as_ref(), &mut |e| {
+                w.put(e.host, e.meta, &target).map(|_| ())
+            })?;
         }
     }
     for f in &op.inline {
@@ -92,7 +119,13 @@ pub fn copy(op: &CopyOp, src: Option<&SourceRoot<'_>>, dest_root: &Path) -> Resu
     w.finish()
 }
 
-fn copy_dir(w: &mut Writer, s: &SourceRoot<'_>, item: &Item, excludes: Option<&strata_dockerfile::IgnoreMatcher>, target: &Path) -> Result<(), String> {
+fn copy_dir(
+    w: &mut Writer,
+    s: &SourceRoot<'_>,
+    item: &Item,
+    excludes: Option<&strata_dockerfile::IgnoreMatcher>,
+    target: &Path,
+) -> Result<(), String> {
     // Where each copied directory landed, so children follow it even when
     // the destination already had a symlink there.
     let mut placed: HashMap<String, PathBuf> = HashMap::new();
@@ -152,11 +185,17 @@ impl Writer {
             host = resolve_path(root, &so_far, true).map_err(|e| e.to_string())?;
             match fs::symlink_metadata(&host) {
                 Ok(m) if m.is_dir() => {}
-                Ok(_) => return Err(format!("cannot copy to {path}: {so_far} is not a directory")),
+                Ok(_) => {
+                    return Err(format!(
+                        "cannot copy to {path}: {so_far} is not a directory"
+                    ));
+                }
                 Err(_) => {
                     fs::create_dir(&host).map_err(|e| io_msg("cannot create", &host, e))?;
-                    std::os::unix::fs::lchown(&host, Some(uid), Some(gid)).map_err(|e| io_msg("cannot chown", &host, e))?;
-                    fs::set_permissions(&host, fs::Permissions::from_mode(0o755)).map_err(|e| io_msg("cannot chmod", &host, e))?;
+                    std::os::unix::fs::lchown(&host, Some(uid), Some(gid))
+                        .map_err(|e| io_msg("cannot chown", &host, e))?;
+                    fs::set_permissions(&host, fs::Permissions::from_mode(0o755))
+                        .map_err(|e| io_msg("cannot chmod", &host, e))?;
                 }
             }
         }
@@ -167,9 +206,13 @@ impl Writer {
         remove_non_dir(target)?;
         fs::write(target, data).map_err(|e| io_msg("cannot write", target, e))?;
         let (uid, gid) = self.owner.unwrap_or((0, 0));
-        std::os::unix::fs::lchown(target, Some(uid), Some(gid)).map_err(|e| io_msg("cannot chown", target, e))?;
-        fs::set_permissions(target, fs::Permissions::from_mode(self.chmod.unwrap_or(mode)))
-            .map_err(|e| io_msg("cannot chmod", target, e))
+        std::os::unix::fs::lchown(target, Some(uid), Some(gid))
+            .map_err(|e| io_msg("cannot chown", target, e))?;
+        fs::set_permissions(
+            target,
+            fs::Permissions::from_mode(self.chmod.unwrap_or(mode)),
+        )
+        .map_err(|e| io_msg("cannot chmod", target, e))
     }
 
     /// Copies one entry to `dest`; returns where a directory landed.
@@ -178,16 +221,20 @@ impl Writer {
         let (uid, gid) = self.ids(meta);
         if ft.is_dir() {
             let landed = match fs::metadata(dest) {
-                Ok(m) if m.is_dir() => fs::canonicalize(dest).unwrap_or_else(|_| dest.to_path_buf()),
+                Ok(m) if m.is_dir() => {
+                    fs::canonicalize(dest).unwrap_or_else(|_| dest.to_path_buf())
+                }
                 _ => {
                     remove_non_dir(dest)?;
                     fs::create_dir(dest).map_err(|e| io_msg("cannot create", dest, e))?;
                     dest.to_path_buf()
                 }
             };
-            std::os::unix::fs::lchown(&landed, Some(uid), Some(gid)).map_err(|e| io_msg("cannot chown", &landed, e))?;
+            std::os::unix::fs::lchown(&landed, Some(uid), Some(gid))
+                .map_err(|e| io_msg("cannot chown", &landed, e))?;
             let mode = self.chmod.unwrap_or(meta.mode() & 0o7777);
-            fs::set_permissions(&landed, fs::Permissions::from_mode(mode)).map_err(|e| io_msg("cannot chmod", &landed, e))?;
+            fs::set_permissions(&landed, fs::Permissions::from_mode(mode))
+                .map_err(|e| io_msg("cannot chmod", &landed, e))?;
             copy_xattrs(host, &landed);
             self.dirs.push((landed.clone(), meta.mtime()));
             return Ok(landed);
@@ -203,7 +250,8 @@ impl Writer {
         }
         if ft.is_symlink() {
             let t = fs::read_link(host).map_err(|e| io_msg("cannot read link", host, e))?;
-            std::os::unix::fs::symlink(&t, dest).map_err(|e| io_msg("cannot create link", dest, e))?;
+            std::os::unix::fs::symlink(&t, dest)
+                .map_err(|e| io_msg("cannot create link", dest, e))?;
         } else if ft.is_file() {
             let mut from = fs::File::open(host).map_err(|e| io_msg("cannot read", host, e))?;
             let mut to = fs::File::create(dest).map_err(|e| io_msg("cannot create", dest, e))?;
@@ -218,13 +266,20 @@ impl Writer {
             } else {
                 return Ok(dest.to_path_buf());
             };
-            nix::sys::stat::mknod(dest, kind, nix::sys::stat::Mode::from_bits_truncate(meta.mode()), meta.rdev())
-                .map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
+            nix::sys::stat::mknod(
+                dest,
+                kind,
+                nix::sys::stat::Mode::from_bits_truncate(meta.mode()),
+                meta.rdev(),
+            )
+            .map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
         }
-        std::os::unix::fs::lchown(dest, Some(uid), Some(gid)).map_err(|e| io_msg("cannot chown", dest, e))?;
+        std::os::unix::fs::lchown(dest, Some(uid), Some(gid))
+            .map_err(|e| io_msg("cannot chown", dest, e))?;
         if !ft.is_symlink() {
             let mode = self.chmod.unwrap_or(meta.mode() & 0o7777);
-            fs::set_permissions(dest, fs::Permissions::from_mode(mode)).map_err(|e| io_msg("cannot chmod", dest, e))?;
+            fs::set_permissions(dest, fs::Permissions::from_mode(mode))
+                .map_err(|e| io_msg("cannot chmod", dest, e))?;
             copy_xattrs(host, dest);
         }
         set_mtime(dest, meta.mtime()).map_err(|e| e.to_string())?;
@@ -261,8 +316,12 @@ fn copy_xattrs(from: &Path, to: &Path) {
 
 /// Whether a file is a tar archive, plain or compressed (ADD unpacks those).
 fn is_archive(path: &Path) -> bool {
-    let Ok(f) = fs::File::open(path) else { return false };
-    let Ok(mut r) = strata_oci::decompressing(f) else { return false };
+    let Ok(f) = fs::File::open(path) else {
+        return false;
+    };
+    let Ok(mut r) = strata_oci::decompressing(f) else {
+        return false;
+    };
     let mut header = [0u8; 512];
     let mut got = 0;
     while got < header.len() {
@@ -276,8 +335,21 @@ fn is_archive(path: &Path) -> bool {
 
 /// A tar header's checksum: the byte sum with the checksum field as blanks.
 fn valid_checksum(h: &[u8; 512]) -> bool {
-    let stored = std::str::from_utf8(&h[148..156]).ok().map(|s| s.trim_matches(|c: char| c == '\0' || c == ' ')).and_then(|s| u32::from_str_radix(s, 8).ok());
-    let sum: u32 = h.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u32::from(b) }).sum();
+    let stored = std::str::from_utf8(&h[148..156])
+        .ok()
+        .map(|s| s.trim_matches(|c: char| c == '\0' || c == ' '))
+        .and_then(|s| u32::from_str_radix(s, 8).ok());
+    let sum: u32 = h
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(b)
+            }
+        })
+        .sum();
     stored == Some(sum)
 }
 
@@ -285,5 +357,7 @@ fn valid_checksum(h: &[u8; 512]) -> bool {
 fn unpack(archive: &Path, dir: &Path) -> Result<(), String> {
     let f = fs::File::open(archive).map_err(|e| io_msg("cannot read", archive, e))?;
     let r = strata_oci::decompressing(f).map_err(|e| io_msg("cannot read", archive, e))?;
-    apply_tar(dir, r).map(|_| ()).map_err(|e| format!("cannot unpack {}: {e}", archive.display()))
+    apply_tar(dir, r)
+        .map(|_| ())
+        .map_err(|e| format!("cannot unpack {}: {e}", archive.display()))
 }

@@ -35,7 +35,8 @@ pub struct PruneReport {
 pub fn prune(node: &Node, keep_storage: Option<u64>) -> Result<PruneReport, String> {
     let cas = &node.content;
     let blobs = cas.list().map_err(|e| e.to_string())?;
-    let size_of: std::collections::HashMap<Digest, u64> = blobs.iter().map(|(d, i)| (*d, i.size)).collect();
+    let size_of: std::collections::HashMap<Digest, u64> =
+        blobs.iter().map(|(d, i)| (*d, i.size)).collect();
 
     let mut roots: HashSet<Digest> = cas.leased().into_keys().collect();
     let mut chains: Vec<Vec<LayerRef>> = Vec::new();
@@ -52,7 +53,12 @@ pub fn prune(node: &Node, keep_storage: Option<u64>) -> Result<PruneReport, Stri
     let mut kept = roots.clone();
     let mut used: u64 = kept.iter().filter_map(|d| size_of.get(d)).sum();
     for (key, entry) in entries {
-        let extra: u64 = entry.layers.iter().filter(|l| !kept.contains(&l.blob)).filter_map(|l| size_of.get(&l.blob)).sum();
+        let extra: u64 = entry
+            .layers
+            .iter()
+            .filter(|l| !kept.contains(&l.blob))
+            .filter_map(|l| size_of.get(&l.blob))
+            .sum();
         let keep = keep_storage.is_some_and(|budget| used + extra <= budget);
         if keep {
             used += extra;
@@ -89,7 +95,10 @@ pub fn prune(node: &Node, keep_storage: Option<u64>) -> Result<PruneReport, Stri
             parent = Some(c);
         }
     }
-    report.snapshots = node.snapshots.remove_except(&keep_chains).map_err(|e| e.to_string())?;
+    report.snapshots = node
+        .snapshots
+        .remove_except(&keep_chains)
+        .map_err(|e| e.to_string())?;
     report.remaining = cas.total_size().map_err(|e| e.to_string())?;
     Ok(report)
 }

@@ -61,7 +61,9 @@ pub struct Node {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("home", &self.home).finish_non_exhaustive()
+        f.debug_struct("Node")
+            .field("home", &self.home)
+            .finish_non_exhaustive()
     }
 }
 
@@ -69,33 +71,57 @@ impl Node {
     /// Opens the node in `home`, waiting while another strata process
     /// uses it.
     pub fn open(home: &Path) -> Result<Node, NodeError> {
-        fs::create_dir_all(home).map_err(|source| NodeError::Dir { path: home.to_path_buf(), source })?;
+        fs::create_dir_all(home).map_err(|source| NodeError::Dir {
+            path: home.to_path_buf(),
+            source,
+        })?;
         let lock_path = home.join("lock");
         let file = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|source| NodeError::Dir { path: lock_path.clone(), source })?;
-        let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            .map_err(|source| NodeError::Dir {
+                path: lock_path.clone(),
+                source,
+            })?;
+        let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        {
             Ok(l) => l,
             Err((file, nix::Error::EWOULDBLOCK)) => {
                 tracing::warn!(home = %home.display(), "another strata process is using the state directory; waiting");
-                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-                    .map_err(|(_, e)| NodeError::Lock { path: lock_path.clone(), detail: e.to_string() })?
+                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(
+                    |(_, e)| NodeError::Lock {
+                        path: lock_path.clone(),
+                        detail: e.to_string(),
+                    },
+                )?
             }
-            Err((_, e)) => return Err(NodeError::Lock { path: lock_path, detail: e.to_string() }),
+            Err((_, e)) => {
+                return Err(NodeError::Lock {
+                    path: lock_path,
+                    detail: e.to_string(),
+                });
+            }
         };
         let store = |e: &dyn std::fmt::Display| NodeError::Store(e.to_string());
         let content = Arc::new(ContentStore::open(&home.join("content")).map_err(|e| store(&e))?);
-        let snapshots = Arc::new(Snapshotter::open(home, Arc::clone(&content)).map_err(|e| store(&e))?);
+        let snapshots =
+            Arc::new(Snapshotter::open(home, Arc::clone(&content)).map_err(|e| store(&e))?);
         let images = Arc::new(ImageStore::open(home, Arc::clone(&content)).map_err(|e| store(&e))?);
         let cache = Arc::new(LocalCacheIndex::open(home).map_err(|e| store(&e))?);
         for dir in ["cache-mounts", "runc", "tmp"] {
             let p = home.join(dir);
             fs::create_dir_all(&p).map_err(|source| NodeError::Dir { path: p, source })?;
         }
-        Ok(Node { home: home.to_path_buf(), _lock: lock, content, snapshots, images, cache })
+        Ok(Node {
+            home: home.to_path_buf(),
+            _lock: lock,
+            content,
+            snapshots,
+            images,
+            cache,
+        })
     }
 
     /// The state directory.

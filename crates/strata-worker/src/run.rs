@@ -61,27 +61,49 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
     // runc needs the working directory to exist.
     let cwd = resolve_path(ctx.rootfs, &op.cwd, true).map_err(|e| err(e.to_string()))?;
     if !cwd.exists() {
-        fs::create_dir_all(&cwd).map_err(|e| err(format!("cannot create working directory {}: {e}", op.cwd)))?;
+        fs::create_dir_all(&cwd)
+            .map_err(|e| err(format!("cannot create working directory {}: {e}", op.cwd)))?;
     }
     let mut held = Held::default();
     let mut env = op.env.clone();
     let mut mounts = vec![
-        bind_file(ctx.bundle, "hosts", b"127.0.0.1\tlocalhost buildkitsandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n", "/etc/hosts")?,
-        bind_file(ctx.bundle, "resolv.conf", &fs::read("/etc/resolv.conf").unwrap_or_default(), "/etc/resolv.conf")?,
+        bind_file(
+            ctx.bundle,
+            "hosts",
+            b"127.0.0.1\tlocalhost buildkitsandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+            "/etc/hosts",
+        )?,
+        bind_file(
+            ctx.bundle,
+            "resolv.conf",
+            &fs::read("/etc/resolv.conf").unwrap_or_default(),
+            "/etc/resolv.conf",
+        )?,
     ];
     if !op.files.is_empty() {
         let pipes = ctx.bundle.join("pipes");
-        fs::create_dir_all(&pipes).map_err(|e| err(format!("cannot create {}: {e}", pipes.display())))?;
+        fs::create_dir_all(&pipes)
+            .map_err(|e| err(format!("cannot create {}: {e}", pipes.display())))?;
         for f in &op.files {
             let p = pipes.join(&f.name);
-            fs::write(&p, &f.data).map_err(|e| err(format!("cannot write {}: {e}", p.display())))?;
-            fs::set_permissions(&p, fs::Permissions::from_mode(f.mode)).map_err(|e| err(e.to_string()))?;
+            fs::write(&p, &f.data)
+                .map_err(|e| err(format!("cannot write {}: {e}", p.display())))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(f.mode))
+                .map_err(|e| err(e.to_string()))?;
         }
-        mounts.push(Mount::Bind { source: pipes, destination: "/dev/pipes".into(), read_only: true });
+        mounts.push(Mount::Bind {
+            source: pipes,
+            destination: "/dev/pipes".into(),
+            read_only: true,
+        });
     }
     for (n, m) in op.mounts.iter().enumerate() {
         match &m.kind {
-            RunMountKind::Bind { from, source, read_write } => {
+            RunMountKind::Bind {
+                from,
+                source,
+                read_write,
+            } => {
                 let (root, view) = match from {
                     Source::Context => (ctx.context.to_path_buf(), None),
                     other => {
@@ -102,37 +124,73 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
                     }
                     let base = host.parent().unwrap_or(Path::new("/")).to_path_buf();
                     let name = PathBuf::from(host.file_name().unwrap_or_default());
-                    let mount = OverlayMount::mount(&base, &[name], Some((&dir.join("upper"), &dir.join("work"))), &dir.join("merged"))
-                        .map_err(|e| err(e.to_string()))?;
+                    let mount = OverlayMount::mount(
+                        &base,
+                        &[name],
+                        Some((&dir.join("upper"), &dir.join("work"))),
+                        &dir.join("merged"),
+                    )
+                    .map_err(|e| err(e.to_string()))?;
                     held.overlays.push(mount);
                     dir.join("merged")
                 } else {
                     host
                 };
-                mounts.push(Mount::Bind { source: host, destination: m.target.clone(), read_only: !*read_write });
+                mounts.push(Mount::Bind {
+                    source: host,
+                    destination: m.target.clone(),
+                    read_only: !*read_write,
+                });
             }
-            RunMountKind::Cache { id, sharing, mode, uid, gid, read_only } => {
+            RunMountKind::Cache {
+                id,
+                sharing,
+                mode,
+                uid,
+                gid,
+                read_only,
+            } => {
                 let name = blake3::hash(id.as_bytes()).to_hex().to_string();
                 let dir = ctx.cache_mounts.join(&name);
                 if !dir.exists() {
-                    fs::create_dir_all(&dir).map_err(|e| err(format!("cannot create cache mount {id:?}: {e}")))?;
-                    std::os::unix::fs::lchown(&dir, Some(*uid), Some(*gid)).map_err(|e| err(e.to_string()))?;
-                    fs::set_permissions(&dir, fs::Permissions::from_mode(*mode)).map_err(|e| err(e.to_string()))?;
+                    fs::create_dir_all(&dir)
+                        .map_err(|e| err(format!("cannot create cache mount {id:?}: {e}")))?;
+                    std::os::unix::fs::lchown(&dir, Some(*uid), Some(*gid))
+                        .map_err(|e| err(e.to_string()))?;
+                    fs::set_permissions(&dir, fs::Permissions::from_mode(*mode))
+                        .map_err(|e| err(e.to_string()))?;
                 }
                 if sharing == "locked" {
                     let lock = ctx.cache_mounts.join(format!("{name}.lock"));
-                    let f = fs::File::create(&lock).map_err(|e| err(format!("cannot lock cache mount {id:?}: {e}")))?;
+                    let f = fs::File::create(&lock)
+                        .map_err(|e| err(format!("cannot lock cache mount {id:?}: {e}")))?;
                     let l = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
                         .map_err(|(_, e)| err(format!("cannot lock cache mount {id:?}: {e}")))?;
                     held.locks.push(l);
                 }
-                mounts.push(Mount::Bind { source: dir, destination: m.target.clone(), read_only: *read_only });
+                mounts.push(Mount::Bind {
+                    source: dir,
+                    destination: m.target.clone(),
+                    read_only: *read_only,
+                });
             }
-            RunMountKind::Tmpfs { size } => mounts.push(Mount::Tmpfs { destination: m.target.clone(), size: *size }),
-            RunMountKind::Secret { id, required, env: as_env, mode, uid, gid } => {
+            RunMountKind::Tmpfs { size } => mounts.push(Mount::Tmpfs {
+                destination: m.target.clone(),
+                size: *size,
+            }),
+            RunMountKind::Secret {
+                id,
+                required,
+                env: as_env,
+                mode,
+                uid,
+                gid,
+            } => {
                 let Some(value) = ctx.secrets.get(id) else {
                     if *required {
-                        return Err(err(format!("secret {id:?} is required but was not given (strata build --secret id={id},src=FILE)")));
+                        return Err(err(format!(
+                            "secret {id:?} is required but was not given (strata build --secret id={id},src=FILE)"
+                        )));
                     }
                     continue;
                 };
@@ -143,18 +201,30 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
                 fs::create_dir_all(&dir).map_err(|e| err(e.to_string()))?;
                 let p = dir.join(n.to_string());
                 fs::write(&p, value).map_err(|e| err(e.to_string()))?;
-                std::os::unix::fs::lchown(&p, Some(*uid), Some(*gid)).map_err(|e| err(e.to_string()))?;
-                fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).map_err(|e| err(e.to_string()))?;
-                mounts.push(Mount::Bind { source: p, destination: m.target.clone(), read_only: true });
+                std::os::unix::fs::lchown(&p, Some(*uid), Some(*gid))
+                    .map_err(|e| err(e.to_string()))?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(*mode))
+                    .map_err(|e| err(e.to_string()))?;
+                mounts.push(Mount::Bind {
+                    source: p,
+                    destination: m.target.clone(),
+                    read_only: true,
+                });
             }
         }
     }
 
     // Mount points the runtime has to create are not part of the step's
     // result: note which are missing, and remove what is left of them.
-    let mut stubs: Vec<String> = ["/proc", "/sys", "/dev"].iter().map(|s| s.to_string()).collect();
+    let mut stubs: Vec<String> = ["/proc", "/sys", "/dev"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     stubs.extend(mounts.iter().map(|m| m.destination().to_string()));
-    let missing: Vec<String> = stubs.into_iter().filter(|d| !exists_in(ctx.rootfs, d)).collect();
+    let missing: Vec<String> = stubs
+        .into_iter()
+        .filter(|d| !exists_in(ctx.rootfs, d))
+        .collect();
     let missing_parents = missing_ancestors(ctx.rootfs, &missing);
 
     let sandbox = Sandbox {
@@ -165,7 +235,11 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
         gid: id.gid,
         additional_gids: id.groups,
         hostname: HOSTNAME.into(),
-        network: if op.no_network { Network::None } else { Network::Host },
+        network: if op.no_network {
+            Network::None
+        } else {
+            Network::Host
+        },
         mounts,
         insecure: op.insecure,
     };
@@ -173,11 +247,20 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
     let sink = Arc::clone(&tail);
     let out = Arc::clone(&ctx.output);
     let output: strata_exec::Output = Arc::new(move |_: Stream, bytes: &[u8]| {
-        sink.lock().unwrap_or_else(PoisonError::into_inner).push(bytes);
+        sink.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(bytes);
         out(bytes);
     });
     let status = tokio::runtime::Handle::current()
-        .block_on(ctx.runtime.run(ctx.id, ctx.rootfs, ctx.bundle, &sandbox, output, &ctx.cancel))
+        .block_on(ctx.runtime.run(
+            ctx.id,
+            ctx.rootfs,
+            ctx.bundle,
+            &sandbox,
+            output,
+            &ctx.cancel,
+        ))
         .map_err(|e| err(e.to_string()))?;
     drop(held);
     remove_stubs(ctx.upper, &missing, &missing_parents);
@@ -195,7 +278,11 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
             tail,
             cancelled: false,
         }),
-        ExitStatus::Cancelled => Err(WorkerError { message: "cancelled".into(), tail, cancelled: true }),
+        ExitStatus::Cancelled => Err(WorkerError {
+            message: "cancelled".into(),
+            tail,
+            cancelled: true,
+        }),
     }
 }
 
@@ -206,11 +293,17 @@ fn quote_command(args: &[String]) -> String {
 fn bind_file(bundle: &Path, name: &str, content: &[u8], dest: &str) -> Result<Mount, WorkerError> {
     let p = bundle.join(name);
     fs::write(&p, content).map_err(|e| err(format!("cannot write {}: {e}", p.display())))?;
-    Ok(Mount::Bind { source: p, destination: dest.into(), read_only: true })
+    Ok(Mount::Bind {
+        source: p,
+        destination: dest.into(),
+        read_only: true,
+    })
 }
 
 fn exists_in(root: &Path, path: &str) -> bool {
-    resolve_path(root, path, false).map(|p| p.symlink_metadata().is_ok()).unwrap_or(false)
+    resolve_path(root, path, false)
+        .map(|p| p.symlink_metadata().is_ok())
+        .unwrap_or(false)
 }
 
 /// For each missing mount point, its ancestors that are missing too.
@@ -266,7 +359,8 @@ impl Tail {
         self.partial.extend_from_slice(bytes);
         while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=i).collect();
-            self.lines.push_back(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+            self.lines
+                .push_back(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
             if self.lines.len() > Self::KEEP {
                 self.lines.pop_front();
             }

@@ -69,11 +69,22 @@ pub fn select(src: &SourceRoot<'_>, specs: &[String]) -> Result<Vec<Item>, Strin
         let rel = cleaned.trim_start_matches('/').to_string();
         if has_wildcard(&rel) {
             let mut found = Vec::new();
-            glob(src, Path::new(src.root), "", &rel.split('/').collect::<Vec<_>>(), &mut found)?;
+            glob(
+                src,
+                Path::new(src.root),
+                "",
+                &rel.split('/').collect::<Vec<_>>(),
+                &mut found,
+            )?;
             found.sort();
             for (rel, host) in found {
                 let is_dir = fs::metadata(&host).map(|m| m.is_dir()).unwrap_or(false);
-                items.push(Item { spec: i, host, rel, is_dir });
+                items.push(Item {
+                    spec: i,
+                    host,
+                    rel,
+                    is_dir,
+                });
             }
             continue;
         }
@@ -83,7 +94,12 @@ pub fn select(src: &SourceRoot<'_>, specs: &[String]) -> Result<Vec<Item>, Strin
         }
         let host = resolve_path(src.root, &rel, true).map_err(|e| format!("{spec:?}: {e}"))?;
         let meta = fs::metadata(&host).map_err(|_| not_found())?;
-        items.push(Item { spec: i, host, rel, is_dir: meta.is_dir() });
+        items.push(Item {
+            spec: i,
+            host,
+            rel,
+            is_dir: meta.is_dir(),
+        });
     }
     Ok(items)
 }
@@ -99,13 +115,20 @@ fn glob(
         out.push((rel.to_string(), dir.to_path_buf()));
         return Ok(());
     };
-    let join = |name: &str| if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+    let join = |name: &str| {
+        if rel.is_empty() {
+            name.to_string()
+        } else {
+            format!("{rel}/{name}")
+        }
+    };
     if !has_wildcard(first) {
         let next_rel = join(first);
-        if let Ok(host) = resolve_path(src.root, &next_rel, true) {
-            if host.symlink_metadata().is_ok() && !ignored(src, &next_rel) {
-                return glob(src, &host, &next_rel, rest, out);
-            }
+        if let Ok(host) = resolve_path(src.root, &next_rel, true)
+            && host.symlink_metadata().is_ok()
+            && !ignored(src, &next_rel)
+        {
+            return glob(src, &host, &next_rel, rest, out);
         }
         return Ok(());
     }
@@ -115,7 +138,9 @@ fn glob(
         .build()
         .map_err(|e| format!("bad wildcard {first:?}: {e}"))?
         .compile_matcher();
-    let Ok(entries) = fs::read_dir(dir) else { return Ok(()) };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
     let mut names: Vec<OsString> = entries.flatten().map(|e| e.file_name()).collect();
     names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
     for name in names {
@@ -144,11 +169,16 @@ pub fn walk(
 ) -> Result<(), String> {
     let meta = fs::metadata(&item.host).map_err(|e| format!("{}: {e}", item.rel))?;
     if !meta.is_dir() {
-        return visit(&Entry { rel: "", host: &item.host, meta: &meta });
+        return visit(&Entry {
+            rel: "",
+            host: &item.host,
+            meta: &meta,
+        });
     }
     let mut stack: Vec<(PathBuf, String)> = vec![(item.host.clone(), String::new())];
     while let Some((dir, rel)) = stack.pop() {
-        let entries = fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let entries =
+            fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
         let mut names: Vec<OsString> = entries.flatten().map(|e| e.file_name()).collect();
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         let mut subdirs = Vec::new();
@@ -158,17 +188,27 @@ pub fn walk(
             } else {
                 format!("{rel}/{}", name.to_string_lossy())
             };
-            let root_rel = if item.rel.is_empty() { child_rel.clone() } else { format!("{}/{child_rel}", item.rel) };
+            let root_rel = if item.rel.is_empty() {
+                child_rel.clone()
+            } else {
+                format!("{}/{child_rel}", item.rel)
+            };
             let host = dir.join(&name);
-            let meta = fs::symlink_metadata(&host).map_err(|e| format!("{}: {e}", host.display()))?;
+            let meta =
+                fs::symlink_metadata(&host).map_err(|e| format!("{}: {e}", host.display()))?;
             let hidden = ignored(src, &root_rel) || excludes.is_some_and(|x| x.matches(&child_rel));
             let descend_anyway = meta.is_dir()
-                && (src.ignore.is_some_and(IgnoreMatcher::has_exclusions) || excludes.is_some_and(IgnoreMatcher::has_exclusions));
+                && (src.ignore.is_some_and(IgnoreMatcher::has_exclusions)
+                    || excludes.is_some_and(IgnoreMatcher::has_exclusions));
             if hidden && !descend_anyway {
                 continue;
             }
             if !hidden {
-                visit(&Entry { rel: &child_rel, host: &host, meta: &meta })?;
+                visit(&Entry {
+                    rel: &child_rel,
+                    host: &host,
+                    meta: &meta,
+                })?;
             }
             if meta.is_dir() {
                 subdirs.push((host, child_rel));
@@ -184,7 +224,11 @@ pub fn walk(
 /// contents, link targets, extended attributes (and owners, for stage and
 /// image sources). Modification times and the root's own path are not part
 /// of it, so the same files give the same digest in any checkout.
-pub fn checksum(src: &SourceRoot<'_>, specs: &[String], excludes: &[String]) -> Result<Digest, String> {
+pub fn checksum(
+    src: &SourceRoot<'_>,
+    specs: &[String],
+    excludes: &[String],
+) -> Result<Digest, String> {
     let exclude = exclude_matcher(excludes)?;
     let items = select(src, specs)?;
     let mut h = blake3::Hasher::new();
@@ -193,8 +237,13 @@ pub fn checksum(src: &SourceRoot<'_>, specs: &[String], excludes: &[String]) -> 
         feed(&mut h, format!("spec {i} {s}").as_bytes());
     }
     for item in &items {
-        feed(&mut h, format!("item {} {} {}", item.spec, item.rel, item.is_dir).as_bytes());
-        walk(src, item, exclude.as_ref(), &mut |e| hash_entry(&mut h, src, e))?;
+        feed(
+            &mut h,
+            format!("item {} {} {}", item.spec, item.rel, item.is_dir).as_bytes(),
+        );
+        walk(src, item, exclude.as_ref(), &mut |e| {
+            hash_entry(&mut h, src, e)
+        })?;
     }
     Ok(Digest(*h.finalize().as_bytes()))
 }
@@ -204,7 +253,9 @@ pub fn exclude_matcher(excludes: &[String]) -> Result<Option<IgnoreMatcher>, Str
     if excludes.is_empty() {
         return Ok(None);
     }
-    IgnoreMatcher::new(excludes).map(Some).map_err(|e| format!("--exclude: {e}"))
+    IgnoreMatcher::new(excludes)
+        .map(Some)
+        .map_err(|e| format!("--exclude: {e}"))
 }
 
 fn feed(h: &mut blake3::Hasher, bytes: &[u8]) {
@@ -241,11 +292,14 @@ fn hash_entry(h: &mut blake3::Hasher, src: &SourceRoot<'_>, e: &Entry<'_>) -> Re
         let t = fs::read_link(e.host).map_err(|err| format!("{}: {err}", e.host.display()))?;
         feed(h, t.as_os_str().as_bytes());
     } else if ft.is_file() {
-        let mut f = fs::File::open(e.host).map_err(|err| format!("cannot read {}: {err}", e.host.display()))?;
+        let mut f = fs::File::open(e.host)
+            .map_err(|err| format!("cannot read {}: {err}", e.host.display()))?;
         let mut content = blake3::Hasher::new();
         let mut buf = vec![0u8; 256 * 1024];
         loop {
-            let n = f.read(&mut buf).map_err(|err| format!("cannot read {}: {err}", e.host.display()))?;
+            let n = f
+                .read(&mut buf)
+                .map_err(|err| format!("cannot read {}: {err}", e.host.display()))?;
             if n == 0 {
                 break;
             }
@@ -253,15 +307,15 @@ fn hash_entry(h: &mut blake3::Hasher, src: &SourceRoot<'_>, e: &Entry<'_>) -> Re
         }
         h.update(content.finalize().as_bytes());
     }
-    if !ft.is_symlink() {
-        if let Ok(names) = xattr::list(e.host) {
-            let mut names: Vec<OsString> = names.collect();
-            names.sort();
-            for n in names {
-                if let Ok(Some(v)) = xattr::get(e.host, &n) {
-                    feed(h, n.as_bytes());
-                    feed(h, &v);
-                }
+    if !ft.is_symlink()
+        && let Ok(names) = xattr::list(e.host)
+    {
+        let mut names: Vec<OsString> = names.collect();
+        names.sort();
+        for n in names {
+            if let Ok(Some(v)) = xattr::get(e.host, &n) {
+                feed(h, n.as_bytes());
+                feed(h, &v);
             }
         }
     }

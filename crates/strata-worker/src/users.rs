@@ -26,8 +26,12 @@ struct Entry {
 /// Reads `passwd`-style lines: name:x:id:gid… or group-style
 /// name:x:id:member,member.
 fn read_db(root: &Path, file: &str, group: bool) -> Vec<Entry> {
-    let Ok(path) = resolve_path(root, file, true) else { return Vec::new() };
-    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
+    let Ok(path) = resolve_path(root, file, true) else {
+        return Vec::new();
+    };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
@@ -38,7 +42,14 @@ fn read_db(root: &Path, file: &str, group: bool) -> Vec<Entry> {
                 id,
                 gid: if group { id } else { f.get(3)?.parse().ok()? },
                 members: if group {
-                    f.get(3).map(|m| m.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect()).unwrap_or_default()
+                    f.get(3)
+                        .map(|m| {
+                            m.split(',')
+                                .filter(|s| !s.is_empty())
+                                .map(str::to_string)
+                                .collect()
+                        })
+                        .unwrap_or_default()
                 } else {
                     Vec::new()
                 },
@@ -52,7 +63,15 @@ fn read_db(root: &Path, file: &str, group: bool) -> Vec<Entry> {
 /// (for processes; file ownership needs none).
 pub fn resolve(root: &Path, spec: &str, with_groups: bool) -> Result<Identity, String> {
     if spec.is_empty() {
-        return Ok(Identity { uid: 0, gid: 0, groups: if with_groups { member_groups(root, "root", 0) } else { Vec::new() } });
+        return Ok(Identity {
+            uid: 0,
+            gid: 0,
+            groups: if with_groups {
+                member_groups(root, "root", 0)
+            } else {
+                Vec::new()
+            },
+        });
     }
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
@@ -66,7 +85,11 @@ pub fn resolve(root: &Path, spec: &str, with_groups: bool) -> Result<Identity, S
         },
         Err(_) => match passwd.iter().find(|e| e.name == user) {
             Some(e) => (e.id, e.gid, Some(e.name.clone())),
-            None => return Err(format!("unable to find user {user}: no matching entries in passwd file")),
+            None => {
+                return Err(format!(
+                    "unable to find user {user}: no matching entries in passwd file"
+                ));
+            }
         },
     };
     if let Some(g) = group.filter(|g| !g.is_empty()) {
@@ -76,7 +99,9 @@ pub fn resolve(root: &Path, spec: &str, with_groups: bool) -> Result<Identity, S
                 .iter()
                 .find(|e| e.name == g)
                 .map(|e| e.id)
-                .ok_or_else(|| format!("unable to find group {g}: no matching entries in group file"))?,
+                .ok_or_else(|| {
+                    format!("unable to find group {g}: no matching entries in group file")
+                })?,
         };
     }
     let groups = match (&name, with_groups, group) {
@@ -105,15 +130,52 @@ mod tests {
     fn names_ids_and_groups() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("etc")).unwrap();
-        std::fs::write(dir.path().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n").unwrap();
-        std::fs::write(dir.path().join("etc/group"), "root:x:0:\nstaff:x:50:app\napp:x:1000:\n").unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("etc/group"),
+            "root:x:0:\nstaff:x:50:app\napp:x:1000:\n",
+        )
+        .unwrap();
         let r = |s| resolve(dir.path(), s, true);
-        assert_eq!(r("app").unwrap(), Identity { uid: 1000, gid: 1000, groups: vec![50] });
-        assert_eq!(r("app:staff").unwrap(), Identity { uid: 1000, gid: 50, groups: vec![] });
+        assert_eq!(
+            r("app").unwrap(),
+            Identity {
+                uid: 1000,
+                gid: 1000,
+                groups: vec![50]
+            }
+        );
+        assert_eq!(
+            r("app:staff").unwrap(),
+            Identity {
+                uid: 1000,
+                gid: 50,
+                groups: vec![]
+            }
+        );
         assert_eq!(r("1000:7").unwrap().gid, 7);
-        assert_eq!(r("4242").unwrap(), Identity { uid: 4242, gid: 0, groups: vec![] });
+        assert_eq!(
+            r("4242").unwrap(),
+            Identity {
+                uid: 4242,
+                gid: 0,
+                groups: vec![]
+            }
+        );
         assert_eq!(r("").unwrap().uid, 0);
-        assert!(r("nobody").unwrap_err().contains("unable to find user nobody"));
-        assert!(r("app:nogroup").unwrap_err().contains("unable to find group"));
+        assert!(
+            r("nobody")
+                .unwrap_err()
+                .contains("unable to find user nobody")
+        );
+        assert!(
+            r("app:nogroup")
+                .unwrap_err()
+                .contains("unable to find group")
+        );
     }
 }

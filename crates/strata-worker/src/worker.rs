@@ -47,18 +47,33 @@ impl LocalWorker {
         clamp: i64,
     ) -> LocalWorker {
         let lease = Mutex::new(node.content.lease());
-        LocalWorker { node, context, ignore, secrets, runtime: OnceLock::new(), clamp, seq: AtomicU64::new(0), lease }
+        LocalWorker {
+            node,
+            context,
+            ignore,
+            secrets,
+            runtime: OnceLock::new(),
+            clamp,
+            seq: AtomicU64::new(0),
+            lease,
+        }
     }
 
     /// The OCI runtime, found on first use: fully cached builds need none.
     fn runtime(&self) -> Result<&Runtime, WorkerError> {
         self.runtime
-            .get_or_init(|| Runtime::discover(&self.node.home().join("runc")).map_err(|e| e.to_string()))
+            .get_or_init(|| {
+                Runtime::discover(&self.node.home().join("runc")).map_err(|e| e.to_string())
+            })
             .as_ref()
             .map_err(err)
     }
 
-    fn layers_of<'a>(&self, source: &'a Source, sources: &'a [Option<StageResult>]) -> Result<&'a [LayerRef], WorkerError> {
+    fn layers_of<'a>(
+        &self,
+        source: &'a Source,
+        sources: &'a [Option<StageResult>],
+    ) -> Result<&'a [LayerRef], WorkerError> {
         match source {
             Source::Stage(i) => sources
                 .get(*i)
@@ -71,21 +86,40 @@ impl LocalWorker {
     }
 
     fn view(&self, source: &Source, sources: &[Option<StageResult>]) -> Result<View, WorkerError> {
-        let blobs: Vec<Digest> = self.layers_of(source, sources)?.iter().map(|l| l.blob).collect();
+        let blobs: Vec<Digest> = self
+            .layers_of(source, sources)?
+            .iter()
+            .map(|l| l.blob)
+            .collect();
         self.node.snapshots.view(&blobs).map_err(err)
     }
 
     /// The digest of `specs` in a source, with the root that source has.
-    fn source_digest(&self, source: &Source, specs: &[String], excludes: &[String], sources: &[Option<StageResult>]) -> Result<Digest, WorkerError> {
+    fn source_digest(
+        &self,
+        source: &Source,
+        specs: &[String],
+        excludes: &[String],
+        sources: &[Option<StageResult>],
+    ) -> Result<Digest, WorkerError> {
         match source {
             Source::Context => {
-                let root = SourceRoot { root: &self.context, ignore: Some(&self.ignore), keep_owner: false };
-                checksum(&root, specs, excludes).map_err(|m| err(format!("{m} in the build context")))
+                let root = SourceRoot {
+                    root: &self.context,
+                    ignore: Some(&self.ignore),
+                    keep_owner: false,
+                };
+                checksum(&root, specs, excludes)
+                    .map_err(|m| err(format!("{m} in the build context")))
             }
             other => {
                 let view = self.view(other, sources)?;
                 let root = view.root();
-                let src = SourceRoot { root: &root, ignore: None, keep_owner: true };
+                let src = SourceRoot {
+                    root: &root,
+                    ignore: None,
+                    keep_owner: true,
+                };
                 checksum(&src, specs, excludes).map_err(err)
             }
         }
@@ -93,14 +127,29 @@ impl LocalWorker {
 }
 
 impl Worker for LocalWorker {
-    fn inputs(&self, _: &StagePlan, step: &Step, sources: &[Option<StageResult>]) -> Result<Vec<Digest>, WorkerError> {
+    fn inputs(
+        &self,
+        _: &StagePlan,
+        step: &Step,
+        sources: &[Option<StageResult>],
+    ) -> Result<Vec<Digest>, WorkerError> {
         match &step.op {
-            Op::Copy(c) if !c.sources.is_empty() => Ok(vec![self.source_digest(&c.from, &c.sources, &c.excludes, sources)?]),
+            Op::Copy(c) if !c.sources.is_empty() => Ok(vec![self.source_digest(
+                &c.from,
+                &c.sources,
+                &c.excludes,
+                sources,
+            )?]),
             Op::Exec(e) => {
                 let mut out = Vec::new();
                 for m in &e.mounts {
                     if let RunMountKind::Bind { from, source, .. } = &m.kind {
-                        out.push(self.source_digest(from, std::slice::from_ref(source), &[], sources)?);
+                        out.push(self.source_digest(
+                            from,
+                            std::slice::from_ref(source),
+                            &[],
+                            sources,
+                        )?);
                     }
                 }
                 Ok(out)
@@ -110,7 +159,9 @@ impl Worker for LocalWorker {
     }
 
     fn has_layers(&self, layers: &[LayerRef]) -> bool {
-        layers.iter().all(|l| self.node.content.contains(&l.blob).unwrap_or(false))
+        layers
+            .iter()
+            .all(|l| self.node.content.contains(&l.blob).unwrap_or(false))
     }
 
     fn execute(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError> {
@@ -121,13 +172,21 @@ impl Worker for LocalWorker {
             Op::Mkdir(m) => mkdir(&rootfs, &m.path, &m.user).map_err(err)?,
             Op::Copy(c) => match &c.from {
                 Source::Context => {
-                    let src = SourceRoot { root: &self.context, ignore: Some(&self.ignore), keep_owner: false };
+                    let src = SourceRoot {
+                        root: &self.context,
+                        ignore: Some(&self.ignore),
+                        keep_owner: false,
+                    };
                     copy::copy(c, Some(&src), &rootfs).map_err(err)?;
                 }
                 other => {
                     let view = self.view(other, job.sources)?;
                     let root = view.root();
-                    let src = SourceRoot { root: &root, ignore: None, keep_owner: true };
+                    let src = SourceRoot {
+                        root: &root,
+                        ignore: None,
+                        keep_owner: true,
+                    };
                     copy::copy(c, Some(&src), &rootfs).map_err(err)?;
                 }
             },
@@ -156,15 +215,28 @@ impl Worker for LocalWorker {
                 result?;
             }
         }
-        let layer = active.commit(DiffOptions { clamp_mtime: Some(self.clamp) }).map_err(err)?;
+        let layer = active
+            .commit(DiffOptions {
+                clamp_mtime: Some(self.clamp),
+            })
+            .map_err(err)?;
         Ok(layer.map(|l| {
-            self.lease.lock().unwrap_or_else(PoisonError::into_inner).hold(l.digest);
-            LayerRef { blob: l.digest, diff_id: l.diff_id, size: l.size }
+            self.lease
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .hold(l.digest);
+            LayerRef {
+                blob: l.digest,
+                diff_id: l.diff_id,
+                size: l.size,
+            }
         }))
     }
 
     fn name(&self) -> String {
-        nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "local".into())
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "local".into())
     }
 }
 
@@ -178,11 +250,17 @@ fn mkdir(root: &Path, path: &str, user: &str) -> Result<(), String> {
         let host = resolve_path(root, &so_far, true).map_err(|e| e.to_string())?;
         match fs::symlink_metadata(&host) {
             Ok(m) if m.is_dir() => continue,
-            Ok(_) => return Err(format!("cannot make directory {path}: {so_far} exists and is not a directory")),
+            Ok(_) => {
+                return Err(format!(
+                    "cannot make directory {path}: {so_far} exists and is not a directory"
+                ));
+            }
             Err(_) => {
                 fs::create_dir(&host).map_err(|e| format!("cannot create {so_far}: {e}"))?;
-                std::os::unix::fs::lchown(&host, Some(id.uid), Some(id.gid)).map_err(|e| e.to_string())?;
-                fs::set_permissions(&host, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+                std::os::unix::fs::lchown(&host, Some(id.uid), Some(id.gid))
+                    .map_err(|e| e.to_string())?;
+                fs::set_permissions(&host, fs::Permissions::from_mode(0o755))
+                    .map_err(|e| e.to_string())?;
             }
         }
     }

@@ -5,26 +5,54 @@ struct Images(HashMap<String, ResolvedImage>);
 
 impl ImageResolver for Images {
     fn resolve(&self, reference: &str, _: &Platform) -> Result<ResolvedImage, String> {
-        self.0.get(reference).cloned().ok_or_else(|| format!("base image {reference} not found"))
+        self.0
+            .get(reference)
+            .cloned()
+            .ok_or_else(|| format!("base image {reference} not found"))
     }
 }
 
 fn images() -> Images {
     let mut m = HashMap::new();
     let mut golang = ImageConfig::scratch("linux", "amd64", None);
-    golang.config.env = vec!["PATH=/usr/local/go/bin:/usr/bin:/bin".into(), "GOPATH=/go".into()];
+    golang.config.env = vec![
+        "PATH=/usr/local/go/bin:/usr/bin:/bin".into(),
+        "GOPATH=/go".into(),
+    ];
     golang.config.working_dir = "/go".into();
-    m.insert("golang:1.19".into(), ResolvedImage { reference: "docker.io/library/golang:1.19".into(), manifest: Sha256::of(b"golang"), config: golang, layers: vec![] });
+    m.insert(
+        "golang:1.19".into(),
+        ResolvedImage {
+            reference: "docker.io/library/golang:1.19".into(),
+            manifest: Sha256::of(b"golang"),
+            config: golang,
+            layers: vec![],
+        },
+    );
     let mut onbuild = ImageConfig::scratch("linux", "amd64", None);
     onbuild.config.env.clear();
     onbuild.config.on_build = vec!["COPY . /app".into(), "RUN make".into()];
-    m.insert("onbuild".into(), ResolvedImage { reference: "docker.io/library/onbuild:latest".into(), manifest: Sha256::of(b"ob"), config: onbuild, layers: vec![] });
+    m.insert(
+        "onbuild".into(),
+        ResolvedImage {
+            reference: "docker.io/library/onbuild:latest".into(),
+            manifest: Sha256::of(b"ob"),
+            config: onbuild,
+            layers: vec![],
+        },
+    );
     Images(m)
 }
 
 fn opts() -> Options {
     let p = Platform::parse("linux/amd64").unwrap();
-    Options { build_args: BTreeMap::new(), target: None, platform: p.clone(), build_platform: p, created: "1970-01-01T00:00:00Z".into() }
+    Options {
+        build_args: BTreeMap::new(),
+        target: None,
+        platform: p.clone(),
+        build_platform: p,
+        created: "1970-01-01T00:00:00Z".into(),
+    }
 }
 
 fn plan_of(src: &str, opts: &Options) -> Plan {
@@ -53,10 +81,20 @@ fn multistage_plan_and_config() {
     assert_eq!(b.name, "builder");
     assert!(matches!(b.base, Base::Image(_)));
     assert_eq!(b.steps.len(), 3);
-    assert_eq!(b.steps[0].op, Op::Mkdir(MkdirOp { path: "/go/src".into(), user: String::new() }));
-    let Op::Copy(c) = &b.steps[1].op else { panic!() };
+    assert_eq!(
+        b.steps[0].op,
+        Op::Mkdir(MkdirOp {
+            path: "/go/src".into(),
+            user: String::new()
+        })
+    );
+    let Op::Copy(c) = &b.steps[1].op else {
+        panic!()
+    };
     assert_eq!((c.dest.as_str(), c.sources.len()), ("/go/src/", 2));
-    let Op::Exec(e) = &b.steps[2].op else { panic!() };
+    let Op::Exec(e) = &b.steps[2].op else {
+        panic!()
+    };
     assert_eq!(e.args, ["/bin/sh", "-c", "go build -o /out/app ."]);
     assert_eq!(e.cwd, "/go/src");
     assert!(e.env.contains(&"GOPATH=/go".to_string()));
@@ -65,9 +103,14 @@ fn multistage_plan_and_config() {
 
     let f = &p.stages[1];
     assert_eq!(p.target, 1);
-    let Op::Copy(c) = &f.steps[0].op else { panic!() };
+    let Op::Copy(c) = &f.steps[0].op else {
+        panic!()
+    };
     assert_eq!(c.from, Source::Stage(0));
-    assert_eq!(f.config.config.entrypoint.as_deref(), Some(&["/app".to_string()][..]));
+    assert_eq!(
+        f.config.config.entrypoint.as_deref(),
+        Some(&["/app".to_string()][..])
+    );
     assert_eq!(f.config.config.working_dir, "/");
     assert!(f.config.config.env.iter().any(|e| e.starts_with("PATH=")));
 }
@@ -88,9 +131,15 @@ fn config_fields_follow_buildkit() {
         &opts(),
     );
     let c = &p.stages[0].config;
-    assert_eq!(c.config.cmd.as_deref(), Some(&["/bin/sh".to_string(), "-c".into(), "echo hi".into()][..]));
+    assert_eq!(
+        c.config.cmd.as_deref(),
+        Some(&["/bin/sh".to_string(), "-c".into(), "echo hi".into()][..])
+    );
     assert!(c.config.args_escaped);
-    assert_eq!(c.config.entrypoint.as_deref(), Some(&["/e".to_string()][..]));
+    assert_eq!(
+        c.config.entrypoint.as_deref(),
+        Some(&["/e".to_string()][..])
+    );
     let ports: Vec<&String> = c.config.exposed_ports.keys().collect();
     assert_eq!(ports, ["53/udp", "80/tcp", "8000/tcp", "8001/tcp"]);
     assert!(c.config.volumes.contains_key("/data"));
@@ -98,17 +147,27 @@ fn config_fields_follow_buildkit() {
     assert_eq!(c.config.labels["a"], "b");
     assert_eq!(c.config.stop_signal.as_deref(), Some("SIGTERM"));
     let h = c.config.healthcheck.as_ref().unwrap();
-    assert_eq!((h.test.clone(), h.interval), (vec!["CMD-SHELL".to_string(), "true".into()], 5_000_000_000));
+    assert_eq!(
+        (h.test.clone(), h.interval),
+        (vec!["CMD-SHELL".to_string(), "true".into()], 5_000_000_000)
+    );
     assert_eq!(c.config.shell, ["/bin/bash", "-c"]);
     assert_eq!(c.config.on_build, ["RUN x"]);
     assert_eq!(c.author.as_deref(), Some("me"));
     assert!(p.stages[0].steps.is_empty());
-    assert_eq!(p.stages[0].history.len(), 10, "ONBUILD records no history, as in BuildKit");
+    assert_eq!(
+        p.stages[0].history.len(),
+        10,
+        "ONBUILD records no history, as in BuildKit"
+    );
 }
 
 #[test]
 fn entrypoint_clears_inherited_cmd() {
-    let p = plan_of("FROM scratch AS a\nCMD [\"x\"]\nFROM a\nENTRYPOINT [\"/e\"]\n", &opts());
+    let p = plan_of(
+        "FROM scratch AS a\nCMD [\"x\"]\nFROM a\nENTRYPOINT [\"/e\"]\n",
+        &opts(),
+    );
     assert_eq!(p.stages[1].config.config.cmd, None);
     let p = plan_of("FROM scratch\nCMD [\"x\"]\nENTRYPOINT [\"/e\"]\n", &opts());
     assert!(p.stages[0].config.config.cmd.is_some());
@@ -128,14 +187,23 @@ fn heredocs_and_mounts() {
         "FROM scratch\nRUN <<EOF\necho one\necho two\nEOF\nRUN <<EOF\n#!/bin/python\nprint(1)\nEOF\nRUN python3 <<EOF\nprint(2)\nEOF\nRUN --mount=type=cache,target=/root/.cache --mount=type=secret,id=tok --network=none true\n",
         &opts(),
     );
-    let ops: Vec<&ExecOp> = p.stages[0].steps.iter().map(|s| match &s.op { Op::Exec(e) => e, _ => panic!() }).collect();
+    let ops: Vec<&ExecOp> = p.stages[0]
+        .steps
+        .iter()
+        .map(|s| match &s.op {
+            Op::Exec(e) => e,
+            _ => panic!(),
+        })
+        .collect();
     assert_eq!(ops[0].args[2], "echo one\necho two\n");
     assert_eq!(ops[1].args[2], "/dev/pipes/EOF");
     assert_eq!(ops[1].files[0].mode, 0o755);
     assert_eq!(ops[2].args[2], "python3 <<EOF\nprint(2)\nEOF");
     assert!(ops[3].no_network);
     assert_eq!(ops[3].mounts[0].target, "/root/.cache");
-    assert!(matches!(&ops[3].mounts[0].kind, RunMountKind::Cache { id, .. } if id == "/root/.cache"));
+    assert!(
+        matches!(&ops[3].mounts[0].kind, RunMountKind::Cache { id, .. } if id == "/root/.cache")
+    );
     assert_eq!(ops[3].mounts[1].target, "/run/secrets/tok");
 }
 
@@ -147,9 +215,15 @@ fn build_args_reach_only_steps_that_declare_them() {
     let with = plan_of(src, &o);
     o.build_args.insert("UNUSED".into(), "2".into());
     let with_extra = plan_of(src, &o);
-    assert_eq!(with.stages[0].steps[0].op, with_extra.stages[0].steps[0].op, "an undeclared build arg changes nothing");
+    assert_eq!(
+        with.stages[0].steps[0].op, with_extra.stages[0].steps[0].op,
+        "an undeclared build arg changes nothing"
+    );
     o.build_args.insert("USED".into(), "3".into());
-    assert_ne!(with.stages[0].steps[0].op, plan_of(src, &o).stages[0].steps[0].op);
+    assert_ne!(
+        with.stages[0].steps[0].op,
+        plan_of(src, &o).stages[0].steps[0].op
+    );
 }
 
 #[test]
