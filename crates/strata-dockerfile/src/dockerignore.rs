@@ -89,6 +89,17 @@ impl IgnoreMatcher {
         self.has_exclusions
     }
 
+    /// Whether a directory that [`IgnoreMatcher::matches`] may still hold
+    /// re-included paths: some `!pattern` starts with the directory's path.
+    /// Docker's context walker (fsutil) descends into an ignored directory
+    /// only then, and sends the directory itself when it does.
+    pub fn may_include_below(&self, dir: &str) -> bool {
+        let prefix = format!("{}/", clean_path(dir));
+        self.patterns
+            .iter()
+            .any(|p| p.exclusion && format!("{}/", p.text).starts_with(&prefix))
+    }
+
     /// True when there are no patterns at all.
     pub fn is_empty(&self) -> bool {
         self.patterns.is_empty()

@@ -100,11 +100,12 @@ pub struct ContainerConfig {
     /// `HEALTHCHECK`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<HealthConfig>,
-    /// `ONBUILD` triggers, as source text.
+    /// `ONBUILD` triggers, as source text. Written as `null` when there
+    /// are none, as BuildKit writes it.
     #[serde(
         default,
-        skip_serializing_if = "Vec::is_empty",
-        deserialize_with = "null_as_default"
+        deserialize_with = "null_as_default",
+        serialize_with = "empty_as_null"
     )]
     pub on_build: Vec<String>,
     /// `SHELL`.
@@ -188,6 +189,14 @@ pub struct History {
     pub empty_layer: bool,
 }
 
+fn empty_as_null<S: serde::Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
+    if v.is_empty() {
+        s.serialize_none()
+    } else {
+        s.collect_seq(v)
+    }
+}
+
 fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,
@@ -241,7 +250,7 @@ mod tests {
         assert_eq!(c.config.shell, ["/bin/bash", "-c"]);
         let back = String::from_utf8(c.to_json()).unwrap();
         assert!(back.contains(r#""ExposedPorts":{"80/tcp":{}}"#), "{back}");
-        assert!(!back.contains("OnBuild"));
+        assert!(back.contains(r#""OnBuild":null"#), "{back}");
     }
 
     #[test]

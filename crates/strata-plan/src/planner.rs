@@ -864,15 +864,15 @@ fn go_quote_list(args: &[String]) -> String {
     format!("[{}]", quoted.join(" "))
 }
 
-/// `WORKDIR p` after `current`: absolute paths replace, relative ones join;
-/// the result is clean and absolute.
+/// `WORKDIR p` after `current`: an absolute path is taken as written (a
+/// trailing slash included, as BuildKit keeps it); a relative one is joined
+/// to the current directory and cleaned.
 pub(crate) fn normalize_workdir(current: &str, p: &str) -> String {
-    let joined = if p.starts_with('/') {
-        p.to_string()
-    } else {
-        format!("{}/{p}", if current.is_empty() { "/" } else { current })
-    };
-    let cleaned = strata_dockerfile::clean_path(&joined);
+    if p.starts_with('/') {
+        return p.to_string();
+    }
+    let base = if current.is_empty() { "/" } else { current };
+    let cleaned = strata_dockerfile::clean_path(&format!("{base}/{p}"));
     if cleaned.starts_with('/') {
         cleaned
     } else {

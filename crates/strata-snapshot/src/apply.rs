@@ -19,7 +19,7 @@ use nix::sys::time::TimeSpec;
 use tar::EntryType;
 
 use crate::error::{Error, Result, io_err};
-use crate::resolve::{entry_components, resolve_in_root};
+use crate::resolve::{Escapes, entry_components, resolve_in_root_with};
 
 /// Counts from one application.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +34,12 @@ pub struct ApplyStats {
 
 /// Applies the uncompressed layer tar read from `reader` below `root`.
 pub fn apply_tar(root: &Path, reader: impl Read) -> Result<ApplyStats> {
+    apply_tar_with(root, reader, Escapes::Refuse)
+}
+
+/// [`apply_tar`], choosing what a symlink that climbs above `root` does.
+/// Entry names with `..` or a leading `/` are refused either way.
+pub fn apply_tar_with(root: &Path, reader: impl Read, escapes: Escapes) -> Result<ApplyStats> {
     let mut archive = tar::Archive::new(reader);
     let mut stats = ApplyStats::default();
     let mut created: HashSet<PathBuf> = HashSet::new();
@@ -55,7 +61,7 @@ pub fn apply_tar(root: &Path, reader: impl Read) -> Result<ApplyStats> {
         let shown = String::from_utf8_lossy(&name).into_owned();
         let mut comps = entry_components(&name)?;
         let Some(base) = comps.pop() else { continue };
-        let parent = resolve_in_root(root, &comps, true, &shown)?;
+        let parent = resolve_in_root_with(root, &comps, true, &shown, escapes)?;
         if let Some(hidden) = base.as_bytes().strip_prefix(b".wh.") {
             stats.whiteouts += 1;
             if hidden == b".wh..opq" {
@@ -107,7 +113,7 @@ pub fn apply_tar(root: &Path, reader: impl Read) -> Result<ApplyStats> {
                     .map(|l| l.into_owned())
                     .unwrap_or_default();
                 let link_comps = entry_components(&link)?;
-                let source = resolve_in_root(root, &link_comps, false, &shown)?;
+                let source = resolve_in_root_with(root, &link_comps, false, &shown, escapes)?;
                 if source == target {
                     continue;
                 }

@@ -20,9 +20,9 @@ mod mount;
 mod resolve;
 mod store;
 
-pub use apply::{ApplyStats, apply_tar, set_mtime};
+pub use apply::{ApplyStats, apply_tar, apply_tar_with, set_mtime};
 pub use diff::{DiffOptions, DiffStats, is_empty_dir, strip_overlay_attrs, write_layer};
 pub use error::{Error, Result};
 pub use mount::{OverlayMount, mounts_under, unmount};
-pub use resolve::{entry_components, resolve_in_root, resolve_path};
+pub use resolve::{Escapes, entry_components, resolve_in_root, resolve_in_root_with, resolve_path};
 pub use store::{Active, Layer, Snapshotter, View, chain_id};

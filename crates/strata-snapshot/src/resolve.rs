@@ -47,6 +47,28 @@ pub fn resolve_in_root(
     follow_last: bool,
     entry: &str,
 ) -> Result<PathBuf> {
+    resolve_in_root_with(root, components, follow_last, entry, Escapes::Refuse)
+}
+
+/// What a `..` that would climb above the root does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Escapes {
+    /// It is an error: layers that try are refused.
+    #[default]
+    Refuse,
+    /// It stays at the root, as in a chroot: what `ADD archive.tar` does
+    /// in Docker.
+    Clamp,
+}
+
+/// [`resolve_in_root`] with a choice of what an escaping `..` does.
+pub fn resolve_in_root_with(
+    root: &Path,
+    components: &[OsString],
+    follow_last: bool,
+    entry: &str,
+    escapes: Escapes,
+) -> Result<PathBuf> {
     let mut pending: Vec<OsString> = components.iter().rev().cloned().collect();
     let mut resolved: Vec<OsString> = Vec::with_capacity(components.len());
     let mut links = 0;
@@ -54,7 +76,7 @@ pub fn resolve_in_root(
         match c.as_bytes() {
             b"" | b"." => continue,
             b".." => {
-                if resolved.pop().is_none() {
+                if resolved.pop().is_none() && escapes == Escapes::Refuse {
                     return Err(Error::Unsafe {
                         entry: entry.to_string(),
                         reason: "a symlink on its path climbs above the root".into(),

@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use strata_plan::CopyOp;
-use strata_snapshot::{apply_tar, resolve_path, set_mtime};
+use strata_snapshot::{Escapes, apply_tar_with, resolve_path, set_mtime};
 
 use crate::select::{Item, SourceRoot, exclude_matcher, select, walk};
 use crate::users;
@@ -36,12 +36,15 @@ pub fn copy(op: &CopyOp, src: Option<&SourceRoot<'_>>, dest_root: &Path) -> Resu
     };
     let dest_path = op.dest.trim_end_matches('/');
     let dest_host = resolve_path(dest_root, dest_path, true).map_err(|e| e.to_string())?;
+    // Several source arguments make the destination a directory; several
+    // matches of one wildcard do not (each lands on the destination in
+    // turn, the last one staying, as in BuildKit).
     let dest_is_dir = op.dest.ends_with('/')
         || fs::metadata(&dest_host)
             .map(|m| m.is_dir())
             .unwrap_or(false)
-        || items.len() + op.inline.len() > 1
-        || items.first().is_some_and(|i| i.is_dir && !op.parents);
+        || op.sources.len() + op.inline.len() > 1
+        || (items.len() == 1 && items[0].is_dir && !op.parents);
     let excludes = exclude_matcher(&op.excludes)?;
     let mut w = Writer {
         owner,
@@ -64,8 +67,13 @@ pub fn copy(op: &CopyOp, src: Option<&SourceRoot<'_>>, dest_root: &Path) -> Resu
         let target = parent_host.join(name);
         if let Some(f) = op.inline.first() {
             w.inline(&target, &f.data, f.mode)?;
-        } else if let (Some(item), Some(s)) = (items.first(), src) {
-            if op.unpack && is_archive(&item.host) {
+        }
+        for item in &items {
+            let Some(s) = src else { break };
+            if item.is_dir {
+                let dir = w.ensure_dir(dest_root, dest_path)?;
+                copy_dir(&mut w, s, item, excludes.as_ref(), &dir)?;
+            } else if op.unpack && is_archive(&item.host) {
                 let dir = w.ensure_dir(dest_root, dest_path)?;
                 unpack(&item.host, &dir)?;
             } else {
@@ -330,7 +338,7 @@ fn is_archive(path: &Path) -> bool {
             Ok(n) => got += n,
         }
     }
-    got == 512 && header[0] != 0 && valid_checksum(&header)
+    got == 512 && valid_checksum(&header)
 }
 
 /// A tar header's checksum: the byte sum with the checksum field as blanks.
@@ -357,7 +365,9 @@ fn valid_checksum(h: &[u8; 512]) -> bool {
 fn unpack(archive: &Path, dir: &Path) -> Result<(), String> {
     let f = fs::File::open(archive).map_err(|e| io_msg("cannot read", archive, e))?;
     let r = strata_oci::decompressing(f).map_err(|e| io_msg("cannot read", archive, e))?;
-    apply_tar(dir, r)
+    // As in Docker, which unpacks in a chroot at `dir`, a symlink that
+    // climbs above `dir` stops there.
+    apply_tar_with(dir, r, Escapes::Clamp)
         .map(|_| ())
         .map_err(|e| format!("cannot unpack {}: {e}", archive.display()))
 }

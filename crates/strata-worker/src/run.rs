@@ -214,13 +214,10 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
         }
     }
 
-    // Mount points the runtime has to create are not part of the step's
-    // result: note which are missing, and remove what is left of them.
-    let mut stubs: Vec<String> = ["/proc", "/sys", "/dev"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    stubs.extend(mounts.iter().map(|m| m.destination().to_string()));
+    // Mount points the runtime has to create for the step's own mounts are
+    // not part of its result: note which are missing, and remove what is
+    // left of them, as BuildKit does. `/proc`, `/dev` and `/sys` stay.
+    let stubs: Vec<String> = mounts.iter().map(|m| m.destination().to_string()).collect();
     let missing: Vec<String> = stubs
         .into_iter()
         .filter(|d| !exists_in(ctx.rootfs, d))

@@ -60,6 +60,12 @@ fn ignored(src: &SourceRoot<'_>, rel: &str) -> bool {
     !rel.is_empty() && src.ignore.is_some_and(|m| m.matches(rel))
 }
 
+/// An ignored directory is still entered (and kept) when an exception
+/// pattern names something below it, as Docker's context walker does.
+fn descends(src: &SourceRoot<'_>, rel: &str) -> bool {
+    src.ignore.is_some_and(|m| m.may_include_below(rel))
+}
+
 /// Resolves the source arguments to items. A missing plain path is an
 /// error; a wildcard that matches nothing is not (as in BuildKit).
 pub fn select(src: &SourceRoot<'_>, specs: &[String]) -> Result<Vec<Item>, String> {
@@ -89,11 +95,11 @@ pub fn select(src: &SourceRoot<'_>, specs: &[String]) -> Result<Vec<Item>, Strin
             continue;
         }
         let not_found = || format!("{spec:?}: not found");
-        if ignored(src, &rel) {
-            return Err(not_found());
-        }
         let host = resolve_path(src.root, &rel, true).map_err(|e| format!("{spec:?}: {e}"))?;
         let meta = fs::metadata(&host).map_err(|_| not_found())?;
+        if ignored(src, &rel) && !(meta.is_dir() && descends(src, &rel)) {
+            return Err(not_found());
+        }
         items.push(Item {
             spec: i,
             host,
@@ -126,7 +132,7 @@ fn glob(
         let next_rel = join(first);
         if let Ok(host) = resolve_path(src.root, &next_rel, true)
             && host.symlink_metadata().is_ok()
-            && !ignored(src, &next_rel)
+            && (!ignored(src, &next_rel) || (host.is_dir() && descends(src, &next_rel)))
         {
             return glob(src, &host, &next_rel, rest, out);
         }
@@ -149,10 +155,10 @@ fn glob(
             continue;
         }
         let next_rel = join(n);
-        if ignored(src, &next_rel) {
+        let host = resolve_path(src.root, &next_rel, true).map_err(|e| e.to_string())?;
+        if ignored(src, &next_rel) && !(host.is_dir() && descends(src, &next_rel)) {
             continue;
         }
-        let host = resolve_path(src.root, &next_rel, true).map_err(|e| e.to_string())?;
         glob(src, &host, &next_rel, rest, out)?;
     }
     Ok(())
@@ -196,20 +202,23 @@ pub fn walk(
             let host = dir.join(&name);
             let meta =
                 fs::symlink_metadata(&host).map_err(|e| format!("{}: {e}", host.display()))?;
-            let hidden = ignored(src, &root_rel) || excludes.is_some_and(|x| x.matches(&child_rel));
-            let descend_anyway = meta.is_dir()
-                && (src.ignore.is_some_and(IgnoreMatcher::has_exclusions)
-                    || excludes.is_some_and(IgnoreMatcher::has_exclusions));
-            if hidden && !descend_anyway {
+            // Ignored entries are skipped; an ignored directory that an
+            // exception reaches into is kept and entered, as Docker does.
+            let skip = if ignored(src, &root_rel) {
+                !(meta.is_dir() && descends(src, &root_rel))
+            } else {
+                excludes.is_some_and(|x| {
+                    x.matches(&child_rel) && !(meta.is_dir() && x.may_include_below(&child_rel))
+                })
+            };
+            if skip {
                 continue;
             }
-            if !hidden {
-                visit(&Entry {
-                    rel: &child_rel,
-                    host: &host,
-                    meta: &meta,
-                })?;
-            }
+            visit(&Entry {
+                rel: &child_rel,
+                host: &host,
+                meta: &meta,
+            })?;
             if meta.is_dir() {
                 subdirs.push((host, child_rel));
             }

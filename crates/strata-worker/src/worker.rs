@@ -242,7 +242,9 @@ impl Worker for LocalWorker {
 
 /// `WORKDIR`: `mkdir -p` inside the root, new directories owned by `user`.
 fn mkdir(root: &Path, path: &str, user: &str) -> Result<(), String> {
-    let id = users::resolve(root, user, false)?;
+    // A USER the image cannot resolve yet (its account is made later) does
+    // not stop WORKDIR: the directory is then root's, as Docker makes it.
+    let id = users::resolve(root, user, false).unwrap_or_default();
     let mut so_far = String::new();
     for part in path.split('/').filter(|p| !p.is_empty()) {
         so_far.push('/');

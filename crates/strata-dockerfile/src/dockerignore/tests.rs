@@ -141,3 +141,16 @@ fn malformed_patterns_are_errors() {
 fn context_root_is_never_ignored() {
     assert!(!m(&["**"]).matches("."));
 }
+
+#[test]
+fn descends_only_where_an_exception_names_the_directory() {
+    let m = m(&["**", "!folder1/file1"]);
+    assert!(m.matches("folder1") && m.may_include_below("folder1"));
+    assert!(!m.matches("folder1/file1"));
+    let n = IgnoreMatcher::new(&["**/subdir-e", "!**/subdir-f"]).unwrap();
+    assert!(n.matches("subdir-e"));
+    assert!(
+        !n.may_include_below("subdir-e"),
+        "`**/subdir-f` does not start with subdir-e/"
+    );
+}

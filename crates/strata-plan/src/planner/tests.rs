@@ -240,6 +240,8 @@ fn errors_name_the_line() {
 fn paths_against_the_working_directory() {
     assert_eq!(normalize_workdir("/a", "b/../c"), "/a/c");
     assert_eq!(normalize_workdir("/a", "/x"), "/x");
+    assert_eq!(normalize_workdir("/a", "/tmp/"), "/tmp/");
+    assert_eq!(normalize_workdir("/a", "/tmp/"), "/tmp/");
     assert_eq!(normalize_workdir("", "x"), "/x");
     assert_eq!(relative_to_workdir("/app", "."), "/app/");
     assert_eq!(relative_to_workdir("/app", "bin/"), "/app/bin/");
