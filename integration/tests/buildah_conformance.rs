@@ -282,7 +282,7 @@ fn docker_reference(docker: &Docker, case: &Value, ctx: &Path, key: &str) -> Res
         Err(String::from_utf8_lossy(&out.stderr)
             .lines()
             .filter(|l| !l.trim().is_empty())
-            .last()
+            .next_back()
             .unwrap_or("")
             .to_string())
     };
@@ -410,7 +410,7 @@ fn buildah_conformance_against_docker() {
                 make_context(&data, case, &ctx);
                 match strata_result(&strata, case, &ctx) {
                     Ok(_) => "; strata builds it".to_string(),
-                    Err(e) => format!("; strata fails: {}", e.lines().last().unwrap_or("")),
+                    Err(e) => format!("; strata fails: {}", e.lines().next_back().unwrap_or("")),
                 }
             };
             skipped.insert(label, format!("{why}{outcome}"));
@@ -438,7 +438,7 @@ fn buildah_conformance_against_docker() {
             (false, Err(e), ours) => {
                 let what = match ours {
                     Ok(_) => "strata builds it".to_string(),
-                    Err(x) => format!("strata fails: {}", x.lines().last().unwrap_or("")),
+                    Err(x) => format!("strata fails: {}", x.lines().next_back().unwrap_or("")),
                 };
                 skipped.insert(label, format!("docker 20.10 cannot build it ({e}); {what}"));
             }
