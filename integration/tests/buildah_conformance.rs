@@ -279,12 +279,8 @@ fn docker_reference(docker: &Docker, case: &Value, ctx: &Path, key: &str) -> Res
         let _ = docker.cmd().args(["rmi", "-f", &tag]).output();
         Ok(read_docker_archive(&archive).unwrap())
     } else {
-        Err(String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .next_back()
-            .unwrap_or("")
-            .to_string())
+        let log = String::from_utf8_lossy(&out.stderr);
+        Err(log.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").to_string())
     };
     let stored = match &result {
         Ok(m) => serde_json::json!({"config": m.config, "fs": m.fs}),
