@@ -280,7 +280,11 @@ fn docker_reference(docker: &Docker, case: &Value, ctx: &Path, key: &str) -> Res
         Ok(read_docker_archive(&archive).unwrap())
     } else {
         let log = String::from_utf8_lossy(&out.stderr);
-        Err(log.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").to_string())
+        Err(log
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .to_string())
     };
     let stored = match &result {
         Ok(m) => serde_json::json!({"config": m.config, "fs": m.fs}),
