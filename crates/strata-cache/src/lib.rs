@@ -9,11 +9,11 @@
 //! removed before those blobs are collected, so an entry never points at
 //! nothing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use rocksdb::{DB, Options};
 use serde::{Deserialize, Serialize};
-use strata_cas::{Digest, now_unix};
+use strata_cas::{Digest, MetaDb, last_used_is_stale, now_unix};
 use strata_oci::LayerRef;
 
 /// What a finished step produced.
@@ -56,6 +56,9 @@ pub enum Error {
         /// Why.
         source: rocksdb::Error,
     },
+    /// The metadata database is not what the index needs.
+    #[error(transparent)]
+    Store(#[from] strata_cas::Error),
     /// A record could not be read.
     #[error("cache entry {key} is unreadable: {detail}")]
     Decode {
@@ -82,46 +85,53 @@ pub trait CacheIndex: Send + Sync {
     fn remove(&self, key: &Digest) -> Result<()>;
     /// Every entry.
     fn list(&self) -> Result<Vec<(Digest, CacheEntry)>>;
-    /// Records that a build used the entry now.
+    /// Records that a build used the entry now (to within
+    /// [`strata_cas::LAST_USED_GRANULARITY`]).
     fn touch(&self, key: &Digest) -> Result<()> {
         if let Some(mut e) = self.get(key)? {
-            e.last_used = now_unix();
-            self.put(key, &e)?;
+            let now = now_unix();
+            if last_used_is_stale(e.last_used, now) {
+                e.last_used = now;
+                self.put(key, &e)?;
+            }
         }
         Ok(())
     }
 }
 
+const CF_CACHE: &str = "cache";
+
 /// The cache index of one machine, in RocksDB.
 pub struct LocalCacheIndex {
-    db: DB,
-    path: PathBuf,
+    meta: Arc<MetaDb>,
 }
 
 impl std::fmt::Debug for LocalCacheIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalCacheIndex")
-            .field("path", &self.path)
+            .field("meta", &self.meta)
             .finish_non_exhaustive()
     }
 }
 
 impl LocalCacheIndex {
-    /// Opens (creating) the index under `state/cache`.
-    pub fn open(state: &Path) -> Result<LocalCacheIndex> {
-        let path = state.join("cache");
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        let db = DB::open(&opts, &path).map_err(|source| Error::Db {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(LocalCacheIndex { db, path })
+    /// The column families the index keeps its entries in.
+    pub const COLUMN_FAMILIES: &'static [&'static str] = &[CF_CACHE];
+
+    /// The index in `meta`, which must have been opened with
+    /// [`LocalCacheIndex::COLUMN_FAMILIES`].
+    pub fn open(meta: Arc<MetaDb>) -> Result<LocalCacheIndex> {
+        meta.require(Self::COLUMN_FAMILIES)?;
+        Ok(LocalCacheIndex { meta })
+    }
+
+    fn entries(&self) -> &rocksdb::ColumnFamily {
+        self.meta.cf(CF_CACHE)
     }
 
     fn db_err(&self) -> impl FnOnce(rocksdb::Error) -> Error + '_ {
         move |source| Error::Db {
-            path: self.path.clone(),
+            path: self.meta.path().to_path_buf(),
             source,
         }
     }
@@ -138,7 +148,12 @@ fn decode(key: Digest, raw: &[u8]) -> Result<CacheEntry> {
 
 impl CacheIndex for LocalCacheIndex {
     fn get(&self, key: &Digest) -> Result<Option<CacheEntry>> {
-        match self.db.get(key.0).map_err(self.db_err())? {
+        match self
+            .meta
+            .db()
+            .get_cf(self.entries(), key.0)
+            .map_err(self.db_err())?
+        {
             Some(raw) => decode(*key, &raw).map(Some),
             None => Ok(None),
         }
@@ -152,16 +167,26 @@ impl CacheIndex for LocalCacheIndex {
                     detail: e.to_string(),
                 }
             })?;
-        self.db.put(key.0, raw).map_err(self.db_err())
+        self.meta
+            .db()
+            .put_cf(self.entries(), key.0, raw)
+            .map_err(self.db_err())
     }
 
     fn remove(&self, key: &Digest) -> Result<()> {
-        self.db.delete(key.0).map_err(self.db_err())
+        self.meta
+            .db()
+            .delete_cf(self.entries(), key.0)
+            .map_err(self.db_err())
     }
 
     fn list(&self) -> Result<Vec<(Digest, CacheEntry)>> {
         let mut out = Vec::new();
-        for item in self.db.iterator(rocksdb::IteratorMode::Start) {
+        for item in self
+            .meta
+            .db()
+            .iterator_cf(self.entries(), rocksdb::IteratorMode::Start)
+        {
             let (k, v) = item.map_err(self.db_err())?;
             let Ok(k) = <[u8; 32]>::try_from(&*k) else {
                 continue;
@@ -187,12 +212,14 @@ mod tests {
             size: 1,
         };
         {
-            let idx = LocalCacheIndex::open(dir.path()).unwrap();
+            let meta = MetaDb::open(dir.path(), LocalCacheIndex::COLUMN_FAMILIES).unwrap();
+            let idx = LocalCacheIndex::open(meta).unwrap();
             assert!(idx.get(&key).unwrap().is_none());
             idx.put(&key, &CacheEntry::new(vec![layer], true, "local"))
                 .unwrap();
         }
-        let idx = LocalCacheIndex::open(dir.path()).unwrap();
+        let meta = MetaDb::open(dir.path(), LocalCacheIndex::COLUMN_FAMILIES).unwrap();
+        let idx = LocalCacheIndex::open(meta).unwrap();
         let e = idx.get(&key).unwrap().unwrap();
         assert_eq!(e.layers, [layer]);
         idx.touch(&key).unwrap();

@@ -12,12 +12,21 @@
 //! * [`Lease`] marks blobs a running build holds; garbage collection
 //!   (which lives with whoever knows the roots) must skip them.
 //!
+//! * [`MetaDb`] is the RocksDB database a node's stores share, each in
+//!   its own column families.
+//!
 //! The store knows nothing of images, layers or caches: labels whose key
 //! starts with `ref.` are the only edges it records, for collectors to
 //! follow.
 
+mod db;
 mod digest;
 mod store;
 
+pub use db::MetaDb;
+
 pub use digest::{Digest, ParseDigestError, Sha256};
-pub use store::{BlobInfo, BlobReader, BlobWriter, ContentStore, Error, Lease, Result, now_unix};
+pub use store::{
+    BlobInfo, BlobReader, BlobWriter, ContentStore, Error, LAST_USED_GRANULARITY, Lease, Result,
+    last_used_is_stale, now_unix,
+};

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch};
+use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
-use crate::{Digest, Sha256};
+use crate::{Digest, MetaDb, Sha256};
 
 const CF_BLOBS: &str = "blobs";
 const CF_SHA256: &str = "sha256";
@@ -55,6 +55,15 @@ pub enum Error {
         path: PathBuf,
         /// Why it failed.
         source: rocksdb::Error,
+    },
+    /// The metadata database was opened without the store's column
+    /// families.
+    #[error("metadata database {} has no column family {name}", path.display())]
+    MissingColumnFamily {
+        /// The database directory.
+        path: PathBuf,
+        /// The missing family.
+        name: &'static str,
     },
     /// A metadata record could not be decoded.
     #[error("content store metadata for {digest} is unreadable: {detail}")]
@@ -103,6 +112,20 @@ impl BlobInfo {
     }
 }
 
+/// How far a recorded last use may lag behind the real one, in seconds.
+///
+/// Like `relatime`: a warm build uses every blob and cache entry it
+/// touches, and rewriting each record on every build would turn a build
+/// that changes nothing into one that writes the database. Collection
+/// orders by last use, where a minute makes no difference.
+pub const LAST_USED_GRANULARITY: u64 = 60;
+
+/// Whether a last-use time recorded as `recorded` should be rewritten at
+/// `now`.
+pub fn last_used_is_stale(recorded: u64, now: u64) -> bool {
+    now.saturating_sub(recorded) >= LAST_USED_GRANULARITY || now < recorded
+}
+
 /// Seconds since the Unix epoch.
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
@@ -117,7 +140,7 @@ fn bincode_config() -> bincode::config::Configuration {
 /// Blobs on disk, metadata in RocksDB.
 pub struct ContentStore {
     root: PathBuf,
-    db: DB,
+    meta: Arc<MetaDb>,
     leases: Arc<Mutex<HashMap<Digest, usize>>>,
     ingest_seq: AtomicU64,
 }
@@ -131,10 +154,26 @@ impl std::fmt::Debug for ContentStore {
 }
 
 impl ContentStore {
-    /// Opens (creating if needed) the store under `root`. Unfinished
-    /// ingests left by a killed process are removed.
+    /// The column families the store keeps its metadata in.
+    pub const COLUMN_FAMILIES: &'static [&'static str] = &[CF_BLOBS, CF_SHA256];
+
+    /// Opens (creating if needed) a store under `root` with a metadata
+    /// database of its own.
     pub fn open(root: &Path) -> Result<ContentStore> {
-        for dir in ["blobs", "ingest", "meta"] {
+        let path = root.join("meta");
+        fs::create_dir_all(&path).map_err(io_err("cannot create", &path))?;
+        let meta = MetaDb::open(&path, Self::COLUMN_FAMILIES)
+            .map_err(|source| Error::Db { path, source })?;
+        Self::open_in(root, meta)
+    }
+
+    /// Opens (creating if needed) the store under `root`, its metadata in
+    /// `meta`, which must have been opened with
+    /// [`ContentStore::COLUMN_FAMILIES`]. Unfinished ingests left by a
+    /// killed process are removed.
+    pub fn open_in(root: &Path, meta: Arc<MetaDb>) -> Result<ContentStore> {
+        meta.require(Self::COLUMN_FAMILIES)?;
+        for dir in ["blobs", "ingest"] {
             let p = root.join(dir);
             fs::create_dir_all(&p).map_err(io_err("cannot create", &p))?;
         }
@@ -145,18 +184,9 @@ impl ContentStore {
         {
             let _ = fs::remove_file(entry.path());
         }
-        let meta = root.join("meta");
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        let cfs = [CF_BLOBS, CF_SHA256].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
-        let db = DB::open_cf_descriptors(&opts, &meta, cfs).map_err(|source| Error::Db {
-            path: meta.clone(),
-            source,
-        })?;
         Ok(ContentStore {
             root: root.to_path_buf(),
-            db,
+            meta,
             leases: Arc::default(),
             ingest_seq: AtomicU64::new(0),
         })
@@ -169,17 +199,13 @@ impl ContentStore {
 
     fn db_err(&self) -> impl FnOnce(rocksdb::Error) -> Error + '_ {
         move |source| Error::Db {
-            path: self.root.join("meta"),
+            path: self.meta.path().to_path_buf(),
             source,
         }
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        // Both families are created by `open`; their absence is a bug.
-        #[allow(clippy::expect_used)]
-        self.db
-            .cf_handle(name)
-            .expect("column family created at open")
+        self.meta.cf(name)
     }
 
     /// Where a blob's bytes live. Reading the file directly skips
@@ -209,6 +235,12 @@ impl ContentStore {
 
     /// Stores `data`; storing the same bytes again is a no-op.
     pub fn put(&self, data: &[u8]) -> Result<Digest> {
+        // Hashing first keeps the common case (an image config or manifest
+        // a warm build makes again) free of temp files and fsyncs.
+        let digest = Digest::of(data);
+        if self.contains(&digest)? && self.blob_path(&digest).exists() {
+            return Ok(digest);
+        }
         let mut w = self.writer()?;
         w.write_all(data)
             .map_err(io_err("cannot write", &w.tmp.clone()))?;
@@ -226,7 +258,8 @@ impl ContentStore {
     /// What is known about a blob, if it is stored.
     pub fn info(&self, d: &Digest) -> Result<Option<BlobInfo>> {
         let Some(raw) = self
-            .db
+            .meta
+            .db()
             .get_cf(self.cf(CF_BLOBS), d.0)
             .map_err(self.db_err())?
         else {
@@ -248,7 +281,8 @@ impl ContentStore {
     /// The blob with this sha256, if any.
     pub fn by_sha256(&self, sha: &Sha256) -> Result<Option<Digest>> {
         Ok(self
-            .db
+            .meta
+            .db()
             .get_cf(self.cf(CF_SHA256), sha.0)
             .map_err(self.db_err())?
             .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
@@ -264,12 +298,15 @@ impl ContentStore {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_BLOBS), d.0, bytes);
         batch.put_cf(self.cf(CF_SHA256), info.sha256.0, d.0);
-        self.db.write(batch).map_err(self.db_err())
+        self.meta.db().write(batch).map_err(self.db_err())
     }
 
     /// Sets (or, with `None`, removes) a label.
     pub fn set_label(&self, d: &Digest, key: &str, value: Option<&str>) -> Result<()> {
         let mut info = self.info(d)?.ok_or(Error::NotFound(*d))?;
+        if info.labels.get(key).map(String::as_str) == value {
+            return Ok(());
+        }
         match value {
             Some(v) => info.labels.insert(key.to_string(), v.to_string()),
             None => info.labels.remove(key),
@@ -277,10 +314,15 @@ impl ContentStore {
         self.write_info(d, &info)
     }
 
-    /// Records that a build used the blob now.
+    /// Records that a build used the blob now (to within
+    /// [`LAST_USED_GRANULARITY`]).
     pub fn touch(&self, d: &Digest) -> Result<()> {
         let mut info = self.info(d)?.ok_or(Error::NotFound(*d))?;
-        info.last_used = now_unix();
+        let now = now_unix();
+        if !last_used_is_stale(info.last_used, now) {
+            return Ok(());
+        }
+        info.last_used = now;
         self.write_info(d, &info)
     }
 
@@ -346,7 +388,8 @@ impl ContentStore {
     pub fn list(&self) -> Result<Vec<(Digest, BlobInfo)>> {
         let mut out = Vec::new();
         for item in self
-            .db
+            .meta
+            .db()
             .iterator_cf(self.cf(CF_BLOBS), rocksdb::IteratorMode::Start)
         {
             let (k, v) = item.map_err(self.db_err())?;
@@ -378,7 +421,7 @@ impl ContentStore {
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_BLOBS), d.0);
         batch.delete_cf(self.cf(CF_SHA256), info.sha256.0);
-        self.db.write(batch).map_err(self.db_err())?;
+        self.meta.db().write(batch).map_err(self.db_err())?;
         let path = self.blob_path(d);
         match fs::remove_file(&path) {
             Ok(()) => Ok(true),

@@ -99,8 +99,16 @@ impl Runtime {
             runtime: self.binary.display().to_string(),
             source,
         };
+        // The runtime's own messages go to a log of their own, not into the
+        // step's output: a warning about cgroup cleanup is not something
+        // the build's command printed.
+        let log = bundle.join("runtime.log");
         let mut child = self
             .command()
+            .arg("--log")
+            .arg(&log)
+            .arg("--log-format")
+            .arg("json")
             .arg("run")
             .arg("--bundle")
             .arg(bundle)
@@ -163,11 +171,27 @@ impl Runtime {
             .output()
             .await;
         use std::os::unix::process::ExitStatusExt;
-        Ok(match (status.code(), status.signal()) {
+        let status = match (status.code(), status.signal()) {
             (Some(c), _) => ExitStatus::Code(c),
             (None, Some(s)) => ExitStatus::Signal(s),
             (None, None) => ExitStatus::Code(-1),
-        })
+        };
+        // When the step failed, the runtime's errors belong with its output
+        // (they say why a command could not start); otherwise they are
+        // only worth a log line.
+        for (level, msg) in read_runtime_log(&log) {
+            if !status.success() && level == "error" {
+                let name = self
+                    .binary
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy();
+                output(Stream::Stderr, format!("{name}: {msg}\n").as_bytes());
+            } else {
+                tracing::debug!(runtime = %self.binary.display(), level, "{msg}");
+            }
+        }
+        Ok(status)
     }
 
     /// Kills and removes container `id`.
@@ -179,6 +203,27 @@ impl Runtime {
             .output()
             .await;
     }
+}
+
+/// The entries of a runtime log in JSON lines form (runc and crun's
+/// `--log-format json`): level and message. Lines that are not JSON are
+/// kept whole as errors.
+fn read_runtime_log(path: &Path) -> Vec<(String, String)> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(
+            |line| match serde_json::from_str::<serde_json::Value>(line) {
+                Ok(v) => (
+                    v["level"].as_str().unwrap_or("error").to_string(),
+                    v["msg"].as_str().unwrap_or(line).to_string(),
+                ),
+                Err(_) => ("error".to_string(), line.to_string()),
+            },
+        )
+        .collect()
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {

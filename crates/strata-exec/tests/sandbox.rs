@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,7 +45,14 @@ async fn run(sb: &Sandbox, cancel: &CancellationToken) -> (ExitStatus, String, S
     let rt = Runtime::discover(&dir.path().join("runc")).unwrap();
     let out = Arc::new(Mutex::new((String::new(), String::new())));
     let sink = Arc::clone(&out);
-    let id = format!("strata-test-{}", std::process::id());
+    // Container IDs name cgroups, which are machine-wide: tests running
+    // side by side need IDs of their own.
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let id = format!(
+        "strata-test-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
     let status = rt
         .run(
             &id,
@@ -71,9 +79,21 @@ async fn run(sb: &Sandbox, cancel: &CancellationToken) -> (ExitStatus, String, S
 async fn runs_with_output_and_exit_code() {
     let (status, out, err) =
         run(&sandbox("echo $GREETING from $(cat /etc/hostname 2>/dev/null || hostname); echo oops >&2; exit 3"), &CancellationToken::new()).await;
-    assert_eq!(status, ExitStatus::Code(3));
+    assert_eq!(status, ExitStatus::Code(3), "stdout: {out}\nstderr: {err}");
     assert!(out.starts_with("hi from"), "{out}");
     assert_eq!(err, "oops\n");
+}
+
+#[tokio::test]
+async fn a_command_that_cannot_start_says_why() {
+    let mut sb = sandbox("");
+    sb.args = vec!["/bin/no-such-tool".into()];
+    let (status, _, err) = run(&sb, &CancellationToken::new()).await;
+    assert!(!status.success());
+    assert!(
+        err.contains("runc: ") && err.contains("no-such-tool"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

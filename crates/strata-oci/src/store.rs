@@ -6,17 +6,17 @@
 //! is its diff_id and its bytes are the blob the snapshotter extracts.
 //! Compression happens on export.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use oci_spec::image::{Descriptor, ImageManifest, ImageManifestBuilder, MediaType, Sha256Digest};
-use rocksdb::{DB, Options};
 use serde::{Deserialize, Serialize};
-use strata_cas::{ContentStore, Digest, Sha256, now_unix};
+use strata_cas::{ContentStore, Digest, MetaDb, Sha256, now_unix};
 
 use crate::config::ImageConfig;
 use crate::error::{Error, Result};
 use crate::reference::Reference;
+
+const CF_IMAGES: &str = "images";
 
 /// One layer of an image as the store knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -77,15 +77,14 @@ pub struct Tagged {
 
 /// Names → images, on top of the content store.
 pub struct ImageStore {
-    db: DB,
-    path: PathBuf,
+    meta: Arc<MetaDb>,
     cas: Arc<ContentStore>,
 }
 
 impl std::fmt::Debug for ImageStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ImageStore")
-            .field("path", &self.path)
+            .field("meta", &self.meta)
             .finish_non_exhaustive()
     }
 }
@@ -97,16 +96,18 @@ fn sha256_to_oci(s: &Sha256) -> Result<Sha256Digest> {
 }
 
 impl ImageStore {
-    /// Opens (creating) the store's database under `state/images`.
-    pub fn open(state: &Path, cas: Arc<ContentStore>) -> Result<ImageStore> {
-        let path = state.join("images");
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        let db = DB::open(&opts, &path).map_err(|source| Error::Db {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(ImageStore { db, path, cas })
+    /// The column families the store keeps its names in.
+    pub const COLUMN_FAMILIES: &'static [&'static str] = &[CF_IMAGES];
+
+    /// The store over `cas`, its names in `meta`, which must have been
+    /// opened with [`ImageStore::COLUMN_FAMILIES`].
+    pub fn open(meta: Arc<MetaDb>, cas: Arc<ContentStore>) -> Result<ImageStore> {
+        meta.require(Self::COLUMN_FAMILIES)?;
+        Ok(ImageStore { meta, cas })
+    }
+
+    fn names(&self) -> &rocksdb::ColumnFamily {
+        self.meta.cf(CF_IMAGES)
     }
 
     /// The content store behind the images.
@@ -116,7 +117,7 @@ impl ImageStore {
 
     fn db_err(&self) -> impl FnOnce(rocksdb::Error) -> Error + '_ {
         move |source| Error::Db {
-            path: self.path.clone(),
+            path: self.meta.path().to_path_buf(),
             source,
         }
     }
@@ -220,28 +221,49 @@ impl ImageStore {
         })
     }
 
-    /// Points `reference` at `image`.
+    /// Points `reference` at `image`. Tagging an image with the name it
+    /// already has changes nothing.
     pub fn tag(&self, reference: &Reference, image: &Image) -> Result<()> {
+        if self
+            .record(&reference.normalized())?
+            .is_some_and(|r| r.manifest == image.manifest_blob)
+        {
+            return Ok(());
+        }
         let rec = TagRecord {
             manifest: image.manifest_blob,
             created: now_unix(),
         };
         let bytes = serde_json::to_vec(&rec).map_err(|e| Error::Format(e.to_string()))?;
-        self.db
-            .put(reference.normalized(), bytes)
+        self.meta
+            .db()
+            .put_cf(self.names(), reference.normalized(), bytes)
             .map_err(self.db_err())
     }
 
     /// Removes a name; true if it existed.
     pub fn untag(&self, reference: &Reference) -> Result<bool> {
         let key = reference.normalized();
-        let existed = self.db.get(&key).map_err(self.db_err())?.is_some();
-        self.db.delete(&key).map_err(self.db_err())?;
+        let existed = self
+            .meta
+            .db()
+            .get_cf(self.names(), &key)
+            .map_err(self.db_err())?
+            .is_some();
+        self.meta
+            .db()
+            .delete_cf(self.names(), &key)
+            .map_err(self.db_err())?;
         Ok(existed)
     }
 
     fn record(&self, key: &str) -> Result<Option<TagRecord>> {
-        let Some(raw) = self.db.get(key).map_err(self.db_err())? else {
+        let Some(raw) = self
+            .meta
+            .db()
+            .get_cf(self.names(), key)
+            .map_err(self.db_err())?
+        else {
             return Ok(None);
         };
         serde_json::from_slice(&raw)
@@ -284,7 +306,11 @@ impl ImageStore {
     /// Every name with its image, sorted by name.
     pub fn list(&self) -> Result<Vec<Tagged>> {
         let mut out = Vec::new();
-        for item in self.db.iterator(rocksdb::IteratorMode::Start) {
+        for item in self
+            .meta
+            .db()
+            .iterator_cf(self.names(), rocksdb::IteratorMode::Start)
+        {
             let (k, _) = item.map_err(self.db_err())?;
             let key = String::from_utf8_lossy(&k).into_owned();
             let Ok(reference) = key.parse::<Reference>() else {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use strata_cas::ContentStore;
+use strata_cas::{ContentStore, MetaDb};
 use strata_oci::{
     Compression, ImageConfig, ImageStore, ImportFormat, LayerRef, Reference, export_docker_archive,
     export_oci, import,
@@ -24,7 +24,8 @@ fn layer_tar(files: &[(&str, &str)]) -> Vec<u8> {
 fn setup() -> (tempfile::TempDir, ImageStore) {
     let dir = tempfile::tempdir().unwrap();
     let cas = Arc::new(ContentStore::open(&dir.path().join("content")).unwrap());
-    let store = ImageStore::open(dir.path(), cas).unwrap();
+    let meta = MetaDb::open(&dir.path().join("meta"), ImageStore::COLUMN_FAMILIES).unwrap();
+    let store = ImageStore::open(meta, cas).unwrap();
     (dir, store)
 }
 

@@ -86,6 +86,9 @@ pub fn prune(node: &Node, keep_storage: Option<u64>) -> Result<PruneReport, Stri
             report.bytes += info.size;
         }
     }
+    if report.blobs > 0 {
+        node.selections.clear()?;
+    }
     let mut keep_chains = HashSet::new();
     for layers in &chains {
         let mut parent: Option<Digest> = None;

@@ -13,6 +13,7 @@
 mod build;
 mod copy;
 mod gc;
+mod memo;
 mod node;
 mod run;
 pub mod select;
@@ -21,6 +22,7 @@ mod worker;
 
 pub use build::{BuildError, BuildRequest, BuildResult, LocalImages, build, epoch_rfc3339};
 pub use gc::{PruneReport, prune};
+pub use memo::SelectionMemo;
 pub use node::{Node, NodeError, default_home};
 pub use users::{Identity, resolve as resolve_user};
 pub use worker::LocalWorker;

@@ -5,9 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use strata_cache::LocalCacheIndex;
-use strata_cas::ContentStore;
+use strata_cas::{ContentStore, MetaDb};
 use strata_oci::ImageStore;
 use strata_snapshot::Snapshotter;
+
+use crate::memo::SelectionMemo;
 
 /// Why a node could not open.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,8 @@ pub struct Node {
     pub images: Arc<ImageStore>,
     /// Finished steps.
     pub cache: Arc<LocalCacheIndex>,
+    /// Checksums of what steps select from stages and images.
+    pub selections: SelectionMemo,
 }
 
 impl std::fmt::Debug for Node {
@@ -105,11 +109,29 @@ impl Node {
             }
         };
         let store = |e: &dyn std::fmt::Display| NodeError::Store(e.to_string());
-        let content = Arc::new(ContentStore::open(&home.join("content")).map_err(|e| store(&e))?);
+        let meta_path = home.join("meta");
+        let meta = MetaDb::open(
+            &meta_path,
+            &[
+                ContentStore::COLUMN_FAMILIES,
+                ImageStore::COLUMN_FAMILIES,
+                LocalCacheIndex::COLUMN_FAMILIES,
+                SelectionMemo::COLUMN_FAMILIES,
+            ]
+            .concat(),
+        )
+        .map_err(|e| NodeError::Store(format!("{}: {e}", meta_path.display())))?;
+        let content = Arc::new(
+            ContentStore::open_in(&home.join("content"), Arc::clone(&meta))
+                .map_err(|e| store(&e))?,
+        );
         let snapshots =
             Arc::new(Snapshotter::open(home, Arc::clone(&content)).map_err(|e| store(&e))?);
-        let images = Arc::new(ImageStore::open(home, Arc::clone(&content)).map_err(|e| store(&e))?);
-        let cache = Arc::new(LocalCacheIndex::open(home).map_err(|e| store(&e))?);
+        let images = Arc::new(
+            ImageStore::open(Arc::clone(&meta), Arc::clone(&content)).map_err(|e| store(&e))?,
+        );
+        let cache = Arc::new(LocalCacheIndex::open(Arc::clone(&meta)).map_err(|e| store(&e))?);
+        let selections = SelectionMemo::open(meta).map_err(|e| store(&e))?;
         for dir in ["cache-mounts", "runc", "tmp"] {
             let p = home.join(dir);
             fs::create_dir_all(&p).map_err(|source| NodeError::Dir { path: p, source })?;
@@ -121,6 +143,7 @@ impl Node {
             snapshots,
             images,
             cache,
+            selections,
         })
     }
 

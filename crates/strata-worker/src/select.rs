@@ -229,6 +229,9 @@ pub fn walk(
     Ok(())
 }
 
+/// Names what [`checksum`] covers; changing that changes this.
+pub const CHECKSUM_VERSION: &[u8] = b"strata.selection.v1\0";
+
 /// The digest of what `specs` select in `src`: paths, types, modes,
 /// contents, link targets, extended attributes (and owners, for stage and
 /// image sources). Modification times and the root's own path are not part
@@ -241,7 +244,7 @@ pub fn checksum(
     let exclude = exclude_matcher(excludes)?;
     let items = select(src, specs)?;
     let mut h = blake3::Hasher::new();
-    h.update(b"strata.selection.v1\0");
+    h.update(CHECKSUM_VERSION);
     for (i, s) in specs.iter().enumerate() {
         feed(&mut h, format!("spec {i} {s}").as_bytes());
     }

@@ -15,6 +15,7 @@ use strata_plan::{Op, RunMountKind, Source, StagePlan, Step};
 use strata_snapshot::{DiffOptions, View, resolve_path};
 use strata_solver::{Job, StageResult, Worker, WorkerError};
 
+use crate::memo::SelectionMemo;
 use crate::node::Node;
 use crate::run::{RunContext, run};
 use crate::select::{SourceRoot, checksum};
@@ -113,6 +114,11 @@ impl LocalWorker {
                     .map_err(|m| err(format!("{m} in the build context")))
             }
             other => {
+                let layers = self.layers_of(other, sources)?;
+                let key = SelectionMemo::key(layers, specs, excludes);
+                if let Some(known) = self.node.selections.get(&key) {
+                    return Ok(known);
+                }
                 let view = self.view(other, sources)?;
                 let root = view.root();
                 let src = SourceRoot {
@@ -120,7 +126,9 @@ impl LocalWorker {
                     ignore: None,
                     keep_owner: true,
                 };
-                checksum(&src, specs, excludes).map_err(err)
+                let sum = checksum(&src, specs, excludes).map_err(err)?;
+                self.node.selections.put(&key, &sum);
+                Ok(sum)
             }
         }
     }
