@@ -39,6 +39,10 @@ pub struct BuildArgs {
     /// How to show progress.
     #[arg(long, value_enum, default_value = "auto")]
     progress: Mode,
+    /// Print nothing but the image ID (as `docker build -q`; the same as
+    /// `--progress quiet`).
+    #[arg(short, long, conflicts_with = "progress")]
+    quiet: bool,
     /// Also write the image: `type=oci,dest=PATH[,compression=gzip|zstd|uncompressed][,tar=false]`
     /// or `type=docker,dest=PATH`.
     #[arg(long = "output", short = 'o')]
@@ -146,8 +150,11 @@ struct ReportImage {
     size: u64,
 }
 
-pub fn run(home: &Path, args: BuildArgs) -> Result<ExitCode> {
+pub fn run(home: &Path, mut args: BuildArgs) -> Result<ExitCode> {
     let started = Instant::now();
+    if args.quiet {
+        args.progress = Mode::Quiet;
+    }
     let tags = args
         .tags
         .iter()

@@ -82,3 +82,44 @@ impl SelectionMemo {
             .map_err(|e| format!("{}: {e}", self.meta.path().display()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_cas::Sha256;
+
+    fn layer(b: &[u8]) -> LayerRef {
+        LayerRef {
+            blob: Digest::of(b),
+            diff_id: Sha256::of(b),
+            size: 1,
+        }
+    }
+
+    #[test]
+    fn keys_name_layers_and_selection_and_values_round_trip() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let base = SelectionMemo::key(&[layer(b"a")], &s(&["/out"]), &[]);
+        assert_eq!(base, SelectionMemo::key(&[layer(b"a")], &s(&["/out"]), &[]));
+        for other in [
+            SelectionMemo::key(&[layer(b"b")], &s(&["/out"]), &[]),
+            SelectionMemo::key(&[layer(b"a"), layer(b"b")], &s(&["/out"]), &[]),
+            SelectionMemo::key(&[layer(b"a")], &s(&["/out2"]), &[]),
+            SelectionMemo::key(&[layer(b"a")], &s(&["/o", "ut"]), &[]),
+            SelectionMemo::key(&[layer(b"a")], &s(&["/out"]), &s(&["*.md"])),
+        ] {
+            assert_ne!(base, other);
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let memo =
+            SelectionMemo::open(MetaDb::open(dir.path(), SelectionMemo::COLUMN_FAMILIES).unwrap())
+                .unwrap();
+        assert_eq!(memo.get(&base), None);
+        let sum = Digest::of(b"checksum");
+        memo.put(&base, &sum);
+        assert_eq!(memo.get(&base), Some(sum));
+        assert_eq!(memo.clear().unwrap(), 1);
+        assert_eq!(memo.get(&base), None);
+    }
+}
