@@ -59,6 +59,18 @@ pub fn busybox_tar() -> PathBuf {
 /// A strata state directory for one test.
 pub struct Strata {
     home: tempfile::TempDir,
+    small_fs: bool,
+}
+
+impl Drop for Strata {
+    fn drop(&mut self) {
+        if self.small_fs {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.home.path())
+                .status();
+        }
+    }
 }
 
 impl Default for Strata {
@@ -75,7 +87,28 @@ impl Strata {
                 .prefix("strata-home-")
                 .tempdir()
                 .unwrap(),
+            small_fs: false,
         }
+    }
+
+    /// A fresh state directory on a filesystem of its own holding only
+    /// `megabytes` (a tmpfs), to see what a full disk does.
+    pub fn on_small_filesystem(megabytes: u32) -> Strata {
+        let mut s = Strata::new();
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={megabytes}m"),
+                "strata-test",
+            ])
+            .arg(s.home.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot mount a tmpfs (needs root)");
+        s.small_fs = true;
+        s
     }
 
     /// The state directory.

@@ -209,6 +209,46 @@ fn bad_inputs_fail_clearly_and_leave_the_store_consistent() {
 }
 
 #[test]
+fn a_full_disk_fails_the_build_clearly_and_loses_nothing() {
+    let s = Strata::on_small_filesystem(48).with_busybox(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    // The step itself fits; storing its 30 MB layer next to it does not.
+    write_files(
+        dir.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nRUN head -c 31457280 /dev/urandom > /big\n",
+        )],
+    );
+    let out = s.run(&["build", "--progress", "plain", dir.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the build should fail:\n{err}");
+    assert!(
+        err.contains("No space left on device") && err.contains(s.home().to_str().unwrap()),
+        "the error says what is full and where:\n{err}"
+    );
+    assert!(err.contains("Dockerfile:2"), "{err}");
+    // Nothing half-written is left behind, and once the space is back
+    // the store works: the base image is intact and builds run.
+    let ingest = s.home().join("content/ingest");
+    assert_eq!(
+        std::fs::read_dir(&ingest).unwrap().count(),
+        0,
+        "leftovers in {}",
+        ingest.display()
+    );
+    let prune = s.ok(&["prune"]);
+    assert!(prune.starts_with("Removed"), "{prune}");
+    write_files(
+        dir.path(),
+        &[("Dockerfile", "FROM busybox:latest\nRUN echo fits > /f\n")],
+    );
+    s.build(dir.path(), &[]);
+    let out = s.ok(&["run", "--rm", "busybox:latest", "echo", "intact"]);
+    assert_eq!(out, "intact\n");
+}
+
+#[test]
 fn ctrl_c_stops_the_build_and_the_next_one_works() {
     let s = Strata::new().with_busybox(&[]);
     let dir = tempfile::tempdir().unwrap();

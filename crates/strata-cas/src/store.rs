@@ -572,7 +572,14 @@ impl Write for BlobWriter<'_> {
             .file
             .as_mut()
             .ok_or_else(|| io::Error::other("blob writer finished"))?;
-        let n = file.write(buf)?;
+        // Name the file: whoever reports this error (a full disk, most
+        // likely) only knows it was writing "a blob".
+        let n = file.write(buf).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("writing {} in the content store: {e}", self.tmp.display()),
+            )
+        })?;
         self.blake3.update(&buf[..n]);
         self.sha256.update(&buf[..n]);
         self.size += n as u64;
@@ -580,7 +587,15 @@ impl Write for BlobWriter<'_> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.as_mut().map_or(Ok(()), |f| f.flush())
+        let tmp = &self.tmp;
+        self.file.as_mut().map_or(Ok(()), |f| {
+            f.flush().map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("writing {} in the content store: {e}", tmp.display()),
+                )
+            })
+        })
     }
 }
 

@@ -95,8 +95,9 @@ pub fn apply_tar_with(root: &Path, reader: impl Read, escapes: Escapes) -> Resul
                     .mode(0o600)
                     .open(&target)
                     .map_err(io_err("cannot create", &target))?;
+                // Either side may fail: a truncated tar or a full disk.
                 stats.bytes += io::copy(&mut entry, &mut file)
-                    .map_err(|e| Error::Tar(format!("{shown}: {e}")))?;
+                    .map_err(io_err("cannot extract into", &target))?;
             }
             EntryType::Symlink => {
                 let link = entry

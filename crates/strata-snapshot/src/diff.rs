@@ -48,9 +48,10 @@ pub fn write_layer(upper: &Path, out: impl Write, opts: DiffOptions) -> Result<D
         links: HashMap::new(),
     };
     state.dir(&mut builder, upper, Path::new(""))?;
-    builder
-        .into_inner()
-        .map_err(|e| Error::Tar(e.to_string()))?;
+    builder.into_inner().map_err(|source| Error::Write {
+        entry: "(end of archive)".to_string(),
+        source,
+    })?;
     Ok(state.stats)
 }
 
@@ -213,7 +214,10 @@ impl Walk {
         }
         self.pax(b, &xattrs)?;
         b.append_data(&mut h, rel, std::io::empty())
-            .map_err(|e| Error::Tar(format!("{}: {e}", rel.display())))?;
+            .map_err(|source| Error::Write {
+                entry: rel.display().to_string(),
+                source,
+            })?;
         self.stats.entries += 1;
         Ok(())
     }
@@ -260,7 +264,10 @@ impl Walk {
             return Ok(());
         }
         b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), *v)))
-            .map_err(|e| Error::Tar(e.to_string()))
+            .map_err(|source| Error::Write {
+                entry: "(extended attributes)".to_string(),
+                source,
+            })
     }
 
     fn append<W: Write>(
@@ -278,7 +285,10 @@ impl Walk {
             Body::Link(target) => b.append_link(&mut header(kind, attrs, 0), path, target),
             Body::File(file, len) => b.append_data(&mut header(kind, attrs, len), path, file),
         };
-        res.map_err(|e| Error::Tar(format!("{}: {e}", path.display())))?;
+        res.map_err(|source| Error::Write {
+            entry: path.display().to_string(),
+            source,
+        })?;
         self.stats.entries += 1;
         Ok(())
     }

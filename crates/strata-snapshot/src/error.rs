@@ -17,6 +17,15 @@ pub enum Error {
     /// The tar stream is malformed or truncated.
     #[error("layer tar is malformed: {0}")]
     Tar(String),
+    /// Writing the layer tar being made failed (the disk is full, most
+    /// likely).
+    #[error("cannot write layer entry {entry}: {source}")]
+    Write {
+        /// The entry being written.
+        entry: String,
+        /// Why it failed; names the file written to.
+        source: io::Error,
+    },
     /// A file operation failed.
     #[error("{what} {}: {source}", path.display())]
     Io {
