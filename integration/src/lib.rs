@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod docker;
+pub mod http;
 pub mod image_model;
 
 /// The repository's root.

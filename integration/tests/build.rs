@@ -5,6 +5,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use strata_integration::http::{FileServer, LAST_MODIFIED_UNIX};
 use strata_integration::{Strata, cached, copy_tree, keys, repo_root, write_files};
 
 fn example(name: &str) -> std::path::PathBuf {
@@ -206,6 +207,77 @@ fn bad_inputs_fail_clearly_and_leave_the_store_consistent() {
         &[("Dockerfile", "FROM busybox:latest\nRUN echo fine > /f\n")],
     );
     s.build(dir.path(), &[]);
+}
+
+#[test]
+fn add_downloads_urls_once_and_checks_checksums() {
+    use sha2::Digest as _;
+    let server = FileServer::start();
+    server.put("/files/tool.txt", b"version 1\n");
+    let sum = format!("{:x}", sha2::Sha256::digest(b"version 1\n"));
+    let s = Strata::new().with_busybox(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.url("/files/tool.txt");
+    write_files(
+        dir.path(),
+        &[(
+            "Dockerfile",
+            &format!(
+                "FROM busybox:latest\n\
+                 ADD {url} /dl/\n\
+                 ADD --checksum=sha256:{sum} --chmod=755 {url} /checked\n\
+                 RUN stat -c '%n %a %u %Y' /dl/tool.txt /checked > /stat && cat /dl/tool.txt /checked >> /stat\n"
+            ),
+        )],
+    );
+    // Timestamps newer than SOURCE_DATE_EPOCH are clamped; this one keeps
+    // the server's Last-Modified.
+    let args = ["--build-arg", "SOURCE_DATE_EPOCH=2000000000", "-t", "dl:1"];
+    s.build(dir.path(), &args);
+    // One download serves both the key and the copy, and both ADDs.
+    assert_eq!(server.requests(), 1);
+    let stat = s.ok(&["run", "--rm", "dl:1", "cat", "/stat"]);
+    assert_eq!(
+        stat,
+        format!(
+            "/dl/tool.txt 600 0 {t}\n/checked 755 0 {t}\nversion 1\nversion 1\n",
+            t = LAST_MODIFIED_UNIX
+        )
+    );
+
+    // Warm: the unchecked URL is fetched to learn whether it changed; the
+    // checksum alone keys the other.
+    let report = s.build(dir.path(), &args);
+    assert_eq!(cached(&report), (3, 3));
+    assert_eq!(server.requests(), 2);
+
+    // New content upstream: the first ADD reruns, and the second, no
+    // longer cached, finds the checksum wrong.
+    server.put("/files/tool.txt", b"version 2\n");
+    let out = s.run(&["build", "--progress", "plain", dir.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "ADD {url}: checksum mismatch: expected sha256:{sum}"
+        )) && err.contains("Dockerfile:3"),
+        "{err}"
+    );
+
+    write_files(
+        dir.path(),
+        &[(
+            "Dockerfile",
+            &format!("FROM busybox:latest\nADD {} /x\n", server.url("/nope")),
+        )],
+    );
+    let out = s.run(&["build", "--progress", "plain", dir.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("404 Not Found") && err.contains("/nope"),
+        "{err}"
+    );
 }
 
 #[test]

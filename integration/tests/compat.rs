@@ -6,7 +6,8 @@
 use std::process::Command;
 
 use strata_integration::docker::Docker;
-use strata_integration::{Strata, repo_root};
+use strata_integration::http::{FileServer, LAST_MODIFIED_UNIX};
+use strata_integration::{Strata, repo_root, write_files};
 
 fn tool(name: &str, args: &[&str]) -> String {
     let out = Command::new(name)
@@ -111,4 +112,62 @@ fn skopeo_and_umoci_read_the_oci_layout() {
         std::fs::read_to_string(bundle.join("rootfs/usr/share/myapp/greeting.txt")).unwrap();
     assert_eq!(greeting, "Hello, Docker Multi-Stage Build!\n");
     assert!(bundle.join("rootfs/usr/local/bin/myapp").is_file());
+}
+
+#[test]
+fn add_from_a_url_gives_what_docker_build_gives() {
+    let server = FileServer::start();
+    server.put("/dist/tool.sh", b"#!/bin/sh\necho tool\n");
+    let url = server.url("/dist/tool.sh");
+    let dir = tempfile::tempdir().unwrap();
+    write_files(
+        dir.path(),
+        &[(
+            "Dockerfile",
+            &format!(
+                "FROM busybox:latest\nADD {url} /dl/\nADD {url} /renamed\nADD --chown=1:2 {url} /owned/\n"
+            ),
+        )],
+    );
+    let probe = [
+        "stat",
+        "-c",
+        "%n %a %u:%g %Y %s",
+        "/dl/tool.sh",
+        "/renamed",
+        "/owned/tool.sh",
+    ];
+    let docker = Docker::shared();
+    docker.load_busybox(&["busybox:latest"]);
+    docker.ok(&[
+        "build",
+        "-q",
+        "-t",
+        "strata-compat/add-url",
+        dir.path().to_str().unwrap(),
+    ]);
+    let mut run = vec!["run", "--rm", "--network", "none", "strata-compat/add-url"];
+    run.extend_from_slice(&probe);
+    let docker_says = docker.ok(&run);
+    docker.ok(&["rmi", "strata-compat/add-url"]);
+
+    // docker 20.10 keeps timestamps; so does strata once SOURCE_DATE_EPOCH
+    // is past them.
+    let s = Strata::new().with_busybox(&[]);
+    s.build(
+        dir.path(),
+        &[
+            "-t",
+            "add-url",
+            "--build-arg",
+            "SOURCE_DATE_EPOCH=2000000000",
+        ],
+    );
+    let mut run = vec!["run", "--rm", "add-url"];
+    run.extend_from_slice(&probe);
+    assert_eq!(s.ok(&run), docker_says);
+    assert!(
+        docker_says.starts_with(&format!("/dl/tool.sh 600 0:0 {LAST_MODIFIED_UNIX} 20\n")),
+        "{docker_says}"
+    );
 }

@@ -31,7 +31,10 @@ pub struct ParseReferenceError {
 impl Reference {
     /// The full normalized form: `docker.io/library/alpine:latest`.
     pub fn normalized(&self) -> String {
-        let mut s = format!("{}/{}", self.domain, self.path);
+        self.with_tag_and_digest(self.repository())
+    }
+
+    fn with_tag_and_digest(&self, mut s: String) -> String {
         if let Some(t) = &self.tag {
             s.push(':');
             s.push_str(t);
@@ -62,16 +65,7 @@ impl Reference {
 
     /// `familiar_repository` with the tag: `alpine:3.19`.
     pub fn familiar(&self) -> String {
-        let mut s = self.familiar_repository();
-        if let Some(t) = &self.tag {
-            s.push(':');
-            s.push_str(t);
-        }
-        if let Some(d) = &self.digest {
-            s.push('@');
-            s.push_str(d);
-        }
-        s
+        self.with_tag_and_digest(self.familiar_repository())
     }
 }
 

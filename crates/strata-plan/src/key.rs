@@ -95,6 +95,7 @@ mod tests {
             parents: false,
             excludes: vec![],
             unpack: false,
+            urls: vec![],
         })
     }
 

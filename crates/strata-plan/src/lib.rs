@@ -19,7 +19,8 @@ mod ops;
 mod planner;
 
 pub use ops::{
-    CopyOp, ExecOp, ImageSource, InlineFile, MkdirOp, Op, RunMount, RunMountKind, Source,
+    CopyOp, ExecOp, ImageSource, InlineFile, MkdirOp, Op, RemoteFile, RunMount, RunMountKind,
+    Source,
 };
 pub use planner::{
     Base, HistoryEntry, ImageResolver, Options, Plan, PlanError, ResolvedImage, StagePlan, Step,

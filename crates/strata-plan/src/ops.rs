@@ -140,6 +140,21 @@ pub struct CopyOp {
     pub excludes: Vec<String>,
     /// `ADD`: unpack local tar archives.
     pub unpack: bool,
+    /// `ADD`: files to download (never unpacked).
+    pub urls: Vec<RemoteFile>,
+}
+
+/// A file `ADD` downloads over HTTP(S).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteFile {
+    /// The URL.
+    pub url: String,
+    /// The name it gets in the destination: the last segment of the URL's
+    /// path, or `__unnamed__`, as BuildKit names it.
+    pub name: String,
+    /// `--checksum`: the sha256 the content must have (64 hex digits).
+    /// With it the step's key needs no download.
+    pub sha256: Option<String>,
 }
 
 /// A file whose content is part of the Dockerfile.

@@ -11,7 +11,8 @@ use strata_dockerfile::{
 use strata_oci::{DEFAULT_PATH, Empty, HealthConfig, History, ImageConfig, LayerRef};
 
 use crate::ops::{
-    CopyOp, ExecOp, ImageSource, InlineFile, MkdirOp, Op, RunMount, RunMountKind, Source,
+    CopyOp, ExecOp, ImageSource, InlineFile, MkdirOp, Op, RemoteFile, RunMount, RunMountKind,
+    Source,
 };
 
 /// What the planner needs to know about the build.
@@ -532,38 +533,65 @@ impl Planner<'_> {
                 self.history(state, format!("{label} # buildkit"), Some(n));
             }
             Command::Add(add) => {
-                if let Some(url) = add
-                    .files
-                    .sources
-                    .iter()
-                    .find(|s| s.starts_with("http://") || s.starts_with("https://"))
-                {
-                    return Err(df
-                        .error_at(ErrorKind::Instruction, instr.span, url, format!("ADD from a URL ({url}) needs network sources, which this build does not support; download it in a RUN step"))
-                        .into());
-                }
-                if add.checksum.is_some() {
+                if let Some(git) = add.files.sources.iter().find(|s| is_git_source(s)) {
                     return Err(df
                         .error_at(
                             ErrorKind::Instruction,
                             instr.span,
-                            "--checksum",
-                            "checksum requires HTTP(S) or Git sources",
+                            git,
+                            format!("ADD from a Git repository ({git}) is not supported; clone it in a RUN step"),
                         )
                         .into());
                 }
+                let (remote, local): (Vec<&String>, Vec<&String>) =
+                    add.files.sources.iter().partition(|s| is_http_source(s));
+                let sha256 =
+                    match &add.checksum {
+                        None => None,
+                        Some(c) => {
+                            if local.len() + remote.len() != 1 || remote.is_empty() {
+                                return Err(df
+                                    .error_at(
+                                        ErrorKind::Instruction,
+                                        instr.span,
+                                        "--checksum",
+                                        "checksum requires a single HTTP(S) source",
+                                    )
+                                    .into());
+                            }
+                            Some(parse_sha256(c).map_err(|m| {
+                                df.error_at(ErrorKind::Instruction, instr.span, c, m)
+                            })?)
+                        }
+                    };
+                let urls = remote
+                    .iter()
+                    .map(|u| RemoteFile {
+                        url: u.to_string(),
+                        name: url_file_name(u),
+                        sha256: sha256.clone(),
+                    })
+                    .collect::<Vec<_>>();
+                let files = strata_dockerfile::Files {
+                    sources: local.into_iter().cloned().collect(),
+                    inline: add.files.inline.clone(),
+                    dest: add.files.dest.clone(),
+                };
                 let unpack = add.unpack.unwrap_or(true);
-                let op = self.copy_op(
+                let mut op = self.copy_op(
                     &instr,
                     state,
                     Source::Context,
-                    &add.files,
+                    &files,
                     add.chown.clone(),
                     add.chmod.as_deref(),
                     false,
                     &add.excludes,
                     unpack,
                 )?;
+                if let Op::Copy(c) = &mut op {
+                    c.urls = urls;
+                }
                 let n = self.step(state, op, &instr, label.clone());
                 self.history(state, format!("{label} # buildkit"), Some(n));
             }
@@ -651,6 +679,7 @@ impl Planner<'_> {
             parents,
             excludes: excludes.to_vec(),
             unpack,
+            urls: Vec::new(),
         }))
     }
 
@@ -993,6 +1022,56 @@ pub fn history_with_layers(
         });
     }
     out
+}
+
+/// An `ADD` source BuildKit downloads.
+fn is_http_source(s: &str) -> bool {
+    s.starts_with("http://") || s.starts_with("https://")
+}
+
+/// An `ADD` source BuildKit clones: `git@…`, `git://…`, or a URL whose path
+/// ends in `.git` (optionally with a `#ref`).
+fn is_git_source(s: &str) -> bool {
+    let path = s.split('#').next().unwrap_or(s);
+    s.starts_with("git@")
+        || s.starts_with("git://")
+        || (is_http_source(s) && path.ends_with(".git"))
+}
+
+/// The name a downloaded file gets: the last segment of the URL's path,
+/// else `__unnamed__` (BuildKit's Dockerfile frontend names it so).
+fn url_file_name(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let path = rest
+        .split(['?', '#'])
+        .next()
+        .unwrap_or("")
+        .split_once('/')
+        .map_or("", |(_, p)| p);
+    match path.rsplit('/').next() {
+        Some(base) if !base.is_empty() && base != "." && base != ".." => base.to_string(),
+        _ => "__unnamed__".to_string(),
+    }
+}
+
+/// `--checksum=sha256:HEX` → HEX. Other algorithms are named in the error.
+fn parse_sha256(c: &str) -> Result<String, String> {
+    let Some((alg, hex)) = c.split_once(':') else {
+        return Err(format!(
+            "invalid checksum {c:?}: expected sha256:<64 hex digits>"
+        ));
+    };
+    if alg != "sha256" {
+        return Err(format!(
+            "unsupported checksum algorithm {alg:?} (strata checks sha256)"
+        ));
+    }
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "invalid checksum {c:?}: expected 64 hex digits after sha256:"
+        ));
+    }
+    Ok(hex.to_ascii_lowercase())
 }
 
 #[cfg(test)]

@@ -152,6 +152,7 @@ fn copy_from(stage: usize, n: usize) -> Step {
             parents: false,
             excludes: vec![],
             unpack: false,
+            urls: vec![],
         }),
         label: "COPY --from".into(),
         line: n,

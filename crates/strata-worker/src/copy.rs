@@ -20,9 +20,25 @@ fn io_msg(what: &str, p: &Path, e: io::Error) -> String {
     format!("{what} {}: {e}", p.display())
 }
 
+/// A file `ADD` downloaded: the name it gets, its bytes and its mtime.
+pub struct Fetched {
+    /// The file name (see [`strata_plan::RemoteFile::name`]).
+    pub name: String,
+    /// The content.
+    pub content: Box<dyn Read>,
+    /// Modification time (the server's `Last-Modified`).
+    pub mtime: i64,
+}
+
 /// Runs `op` into the root filesystem at `dest_root`, reading from `src`
-/// (absent when the op copies only inline files).
-pub fn copy(op: &CopyOp, src: Option<&SourceRoot<'_>>, dest_root: &Path) -> Result<(), String> {
+/// (absent when the op copies only inline files) and `fetched` (the op's
+/// downloads, in order).
+pub fn copy(
+    op: &CopyOp,
+    src: Option<&SourceRoot<'_>>,
+    fetched: Vec<Fetched>,
+    dest_root: &Path,
+) -> Result<(), String> {
     let owner = match &op.chown {
         Some(spec) => {
             let id = users::resolve(dest_root, spec, false)?;
@@ -43,7 +59,7 @@ pub fn copy(op: &CopyOp, src: Option<&SourceRoot<'_>>, dest_root: &Path) -> Resu
         || fs::metadata(&dest_host)
             .map(|m| m.is_dir())
             .unwrap_or(false)
-        || op.sources.len() + op.inline.len() > 1
+        || op.sources.len() + op.inline.len() + op.urls.len() > 1
         || (items.len() == 1 && items[0].is_dir && !op.parents);
     let excludes = exclude_matcher(&op.excludes)?;
     let mut w = Writer {
@@ -67,6 +83,9 @@ pub fn copy(op: &CopyOp, src: Option<&SourceRoot<'_>>, dest_root: &Path) -> Resu
         let target = parent_host.join(name);
         if let Some(f) = op.inline.first() {
             w.inline(&target, &f.data, f.mode)?;
+        }
+        if let Some(f) = fetched.into_iter().next() {
+            w.fetched(&target, f)?;
         }
         for item in &items {
             let Some(s) = src else { break };
@@ -123,6 +142,9 @@ pub fn copy(op: &CopyOp, src: Option<&SourceRoot<'_>>, dest_root: &Path) -> Resu
     }
     for f in &op.inline {
         w.inline(&dest_dir.join(&f.name), &f.data, f.mode)?;
+    }
+    for f in fetched {
+        w.fetched(&dest_dir.join(&f.name), f)?;
     }
     w.finish()
 }
@@ -221,6 +243,23 @@ impl Writer {
             fs::Permissions::from_mode(self.chmod.unwrap_or(mode)),
         )
         .map_err(|e| io_msg("cannot chmod", target, e))
+    }
+
+    /// Writes a download: owned by `--chown` (else root), mode `--chmod`
+    /// (else 0600, as BuildKit gives downloads).
+    fn fetched(&mut self, target: &Path, mut f: Fetched) -> Result<(), String> {
+        remove_non_dir(target)?;
+        let mut out = fs::File::create(target).map_err(|e| io_msg("cannot create", target, e))?;
+        io::copy(&mut f.content, &mut out).map_err(|e| io_msg("cannot write", target, e))?;
+        let (uid, gid) = self.owner.unwrap_or((0, 0));
+        std::os::unix::fs::lchown(target, Some(uid), Some(gid))
+            .map_err(|e| io_msg("cannot chown", target, e))?;
+        fs::set_permissions(
+            target,
+            fs::Permissions::from_mode(self.chmod.unwrap_or(0o600)),
+        )
+        .map_err(|e| io_msg("cannot chmod", target, e))?;
+        set_mtime(target, f.mtime).map_err(|e| e.to_string())
     }
 
     /// Copies one entry to `dest`; returns where a directory landed.

@@ -12,6 +12,7 @@
 
 mod build;
 mod copy;
+mod fetch;
 mod gc;
 mod memo;
 mod node;

@@ -1,6 +1,6 @@
 //! The in-process worker: steps on this machine's snapshots.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -15,11 +15,12 @@ use strata_plan::{Op, RunMountKind, Source, StagePlan, Step};
 use strata_snapshot::{DiffOptions, View, resolve_path};
 use strata_solver::{Job, StageResult, Worker, WorkerError};
 
+use crate::copy::Fetched;
 use crate::memo::SelectionMemo;
 use crate::node::Node;
 use crate::run::{RunContext, run};
 use crate::select::{SourceRoot, checksum};
-use crate::{copy, users};
+use crate::{copy, fetch, users};
 
 /// Runs steps on this machine.
 pub struct LocalWorker {
@@ -31,6 +32,9 @@ pub struct LocalWorker {
     clamp: i64,
     seq: AtomicU64,
     lease: Mutex<Lease>,
+    /// What this build downloaded, by URL: keying a step and running it
+    /// need the same bytes, fetched once.
+    downloads: Mutex<HashMap<String, fetch::Download>>,
 }
 
 fn err(e: impl std::fmt::Display) -> WorkerError {
@@ -57,6 +61,7 @@ impl LocalWorker {
             clamp,
             seq: AtomicU64::new(0),
             lease,
+            downloads: Mutex::default(),
         }
     }
 
@@ -93,6 +98,47 @@ impl LocalWorker {
             .map(|l| l.blob)
             .collect();
         self.node.snapshots.view(&blobs).map_err(err)
+    }
+
+    fn lease(&self) -> std::sync::MutexGuard<'_, Lease> {
+        self.lease.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `file`'s content, downloaded once per build (unless stored and
+    /// named by a checksum) and leased.
+    fn download(&self, file: &strata_plan::RemoteFile) -> Result<fetch::Download, WorkerError> {
+        let known = self
+            .downloads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&file.url)
+            .copied();
+        let d = match known {
+            Some(d) => fetch::check(&self.node.content, file, d),
+            None => fetch::fetch(&self.node.content, file),
+        }
+        .map_err(err)?;
+        self.lease().hold(d.blob);
+        self.downloads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(file.url.clone(), d);
+        Ok(d)
+    }
+
+    /// The op's downloads, opened for reading (fetched now unless stored).
+    fn fetched(&self, c: &strata_plan::CopyOp) -> Result<Vec<Fetched>, WorkerError> {
+        let mut out = Vec::new();
+        for f in &c.urls {
+            let d = self.download(f)?;
+            let content = self.node.content.open_blob(&d.blob).map_err(err)?;
+            out.push(Fetched {
+                name: f.name.clone(),
+                content: Box::new(content),
+                mtime: d.mtime,
+            });
+        }
+        Ok(out)
     }
 
     /// The digest of `specs` in a source, with the root that source has.
@@ -142,12 +188,21 @@ impl Worker for LocalWorker {
         sources: &[Option<StageResult>],
     ) -> Result<Vec<Digest>, WorkerError> {
         match &step.op {
-            Op::Copy(c) if !c.sources.is_empty() => Ok(vec![self.source_digest(
-                &c.from,
-                &c.sources,
-                &c.excludes,
-                sources,
-            )?]),
+            Op::Copy(c) if !c.sources.is_empty() || !c.urls.is_empty() => {
+                let mut out = Vec::new();
+                if !c.sources.is_empty() {
+                    out.push(self.source_digest(&c.from, &c.sources, &c.excludes, sources)?);
+                }
+                for f in &c.urls {
+                    out.push(match &f.sha256 {
+                        // The checksum names the content: keying the step
+                        // needs no download (BuildKit's rule too).
+                        Some(hex) => Digest::of(format!("sha256:{hex}").as_bytes()),
+                        None => self.download(f)?.blob,
+                    });
+                }
+                Ok(out)
+            }
             Op::Exec(e) => {
                 let mut out = Vec::new();
                 for m in &e.mounts {
@@ -178,26 +233,29 @@ impl Worker for LocalWorker {
         let rootfs = active.rootfs();
         match &job.step.op {
             Op::Mkdir(m) => mkdir(&rootfs, &m.path, &m.user).map_err(err)?,
-            Op::Copy(c) => match &c.from {
-                Source::Context => {
-                    let src = SourceRoot {
-                        root: &self.context,
-                        ignore: Some(&self.ignore),
-                        keep_owner: false,
-                    };
-                    copy::copy(c, Some(&src), &rootfs).map_err(err)?;
+            Op::Copy(c) => {
+                let fetched = self.fetched(c)?;
+                match &c.from {
+                    Source::Context => {
+                        let src = SourceRoot {
+                            root: &self.context,
+                            ignore: Some(&self.ignore),
+                            keep_owner: false,
+                        };
+                        copy::copy(c, Some(&src), fetched, &rootfs).map_err(err)?;
+                    }
+                    other => {
+                        let view = self.view(other, job.sources)?;
+                        let root = view.root();
+                        let src = SourceRoot {
+                            root: &root,
+                            ignore: None,
+                            keep_owner: true,
+                        };
+                        copy::copy(c, Some(&src), fetched, &rootfs).map_err(err)?;
+                    }
                 }
-                other => {
-                    let view = self.view(other, job.sources)?;
-                    let root = view.root();
-                    let src = SourceRoot {
-                        root: &root,
-                        ignore: None,
-                        keep_owner: true,
-                    };
-                    copy::copy(c, Some(&src), &rootfs).map_err(err)?;
-                }
-            },
+            }
             Op::Exec(e) => {
                 let n = self.seq.fetch_add(1, Ordering::Relaxed);
                 let id = format!("strata-{}-{n}", std::process::id());
@@ -229,10 +287,7 @@ impl Worker for LocalWorker {
             })
             .map_err(err)?;
         Ok(layer.map(|l| {
-            self.lease
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .hold(l.digest);
+            self.lease().hold(l.digest);
             LayerRef {
                 blob: l.digest,
                 diff_id: l.diff_id,

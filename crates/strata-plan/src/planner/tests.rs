@@ -250,3 +250,58 @@ fn paths_against_the_working_directory() {
     assert_eq!(expand_port("80").unwrap(), ["80/tcp"]);
     assert!(expand_port("80/xyz").is_err());
 }
+
+#[test]
+fn add_downloads_urls_and_checks_their_checksums() {
+    let sum = "a".repeat(64);
+    let p = plan_of(
+        &format!(
+            "FROM scratch\nADD --checksum=sha256:{} https://example.com/dl/tool.tar.gz?x=1 /opt/\nADD https://example.com/ local.txt /both/\n",
+            sum.to_uppercase()
+        ),
+        &opts(),
+    );
+    let steps = &p.stages[0].steps;
+    let Op::Copy(one) = &steps[0].op else {
+        panic!("{:?}", steps[0].op)
+    };
+    assert!(one.sources.is_empty());
+    assert_eq!(
+        one.urls,
+        [RemoteFile {
+            url: "https://example.com/dl/tool.tar.gz?x=1".into(),
+            name: "tool.tar.gz".into(),
+            sha256: Some(sum.clone()),
+        }]
+    );
+    let Op::Copy(two) = &steps[1].op else {
+        panic!("{:?}", steps[1].op)
+    };
+    assert_eq!(two.sources, ["local.txt"]);
+    assert_eq!(two.urls[0].name, "__unnamed__");
+    assert_eq!(two.urls[0].sha256, None);
+
+    for (df, want) in [
+        (
+            "FROM scratch\nADD --checksum=sha256:00 https://e.com/f /\n",
+            "64 hex digits",
+        ),
+        (
+            &format!("FROM scratch\nADD --checksum=md5:{sum} https://e.com/f /\n"),
+            "unsupported checksum algorithm \"md5\"",
+        ),
+        (
+            &format!("FROM scratch\nADD --checksum=sha256:{sum} local /\n"),
+            "single HTTP(S) source",
+        ),
+        (
+            "FROM scratch\nADD https://github.com/o/r.git#main /src\n",
+            "Git repository",
+        ),
+    ] {
+        let parsed = Dockerfile::parse(df.as_bytes()).unwrap();
+        let e = plan(&parsed, "Dockerfile", &opts(), &images()).unwrap_err();
+        assert!(e.to_string().starts_with("Dockerfile:2:"), "{e}");
+        assert!(e.to_string().contains(want), "{df}: {e}");
+    }
+}
