@@ -9,7 +9,7 @@
 //! * the sandbox overhead of one `RUN`: twenty `RUN true` steps, uncached.
 //!
 //! Prints medians and strata/BuildKit ratios. Needs root, dockerd, runc and
-//! the Go root filesystem (`scripts/make-golang-rootfs`); run it with
+//! the Go root filesystem (`scripts/base-image golang`); run it with
 //! `scripts/bench`. `STRATA_BENCH_RUNS` sets the runs per case (default 5).
 
 #![allow(
@@ -25,9 +25,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use strata_integration::docker::Docker;
-use strata_integration::{Strata, busybox_tar, copy_tree, repo_root};
-
-const GOLANG_TAR: &str = "/var/cache/strata/images/golang-rootfs.tar";
+use strata_integration::{Strata, base_image_tar, busybox_tar, copy_tree, repo_root};
 
 fn strata_release_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -159,10 +157,6 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
-    assert!(
-        Path::new(GOLANG_TAR).is_file(),
-        "{GOLANG_TAR} missing: run scripts/make-golang-rootfs {GOLANG_TAR}"
-    );
     let bin = strata_release_bin();
     let strata = Strata::new();
     let docker = Docker::shared();
@@ -188,7 +182,8 @@ fn main() {
         }
     };
     import("busybox:latest", &busybox_tar());
-    import("golang:1.19", Path::new(GOLANG_TAR));
+    import("alpine:latest", &busybox_tar());
+    import("golang:1.19", &base_image_tar("golang"));
     let t = Tools {
         strata,
         bin,

@@ -13,6 +13,7 @@ use std::process::{Command, Output};
 pub mod docker;
 pub mod http;
 pub mod image_model;
+pub mod registry;
 
 /// The repository's root.
 pub fn repo_root() -> PathBuf {
@@ -35,26 +36,25 @@ pub fn strata_bin() -> PathBuf {
     bin
 }
 
-/// A busybox root filesystem tar, made once per machine with
-/// `scripts/make-busybox-rootfs`.
+/// The root filesystem tar of a base image (`busybox`, `golang`, `node`,
+/// `nginx`), made once per machine by `scripts/base-image`.
+pub fn base_image_tar(name: &str) -> PathBuf {
+    let out = Command::new(repo_root().join("scripts/base-image"))
+        .arg(name)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/base-image {name} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// The busybox root filesystem tar.
 pub fn busybox_tar() -> PathBuf {
     static TAR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    TAR.get_or_init(|| {
-        let dir = PathBuf::from("/var/cache/strata/images");
-        std::fs::create_dir_all(&dir).unwrap();
-        let tar = dir.join("busybox-rootfs.tar");
-        if !tar.is_file() {
-            let tmp = dir.join(format!("busybox-rootfs.tar.{}", std::process::id()));
-            let st = Command::new(repo_root().join("scripts/make-busybox-rootfs"))
-                .arg(&tmp)
-                .status()
-                .unwrap();
-            assert!(st.success(), "make-busybox-rootfs failed");
-            std::fs::rename(&tmp, &tar).unwrap();
-        }
-        tar
-    })
-    .clone()
+    TAR.get_or_init(|| base_image_tar("busybox")).clone()
 }
 
 /// A strata state directory for one test.

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dockerfile::parse_build_args;
 use crate::images::human_size;
 use crate::progress::{Mode, Renderer};
+use crate::registry::RegistryFlags;
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
@@ -36,6 +38,13 @@ pub struct BuildArgs {
     /// Do not use the cache.
     #[arg(long)]
     no_cache: bool,
+    /// Pull base images again even when they are stored.
+    #[arg(long)]
+    pull: bool,
+    /// Push the image to its registry under every `-t` name (the same as
+    /// `--output type=registry`).
+    #[arg(long)]
+    push: bool,
     /// How to show progress.
     #[arg(long, value_enum, default_value = "auto")]
     progress: Mode,
@@ -73,6 +82,10 @@ enum Output {
     Docker {
         dest: PathBuf,
     },
+    /// Push to the registry each tag names.
+    Registry {
+        compression: Compression,
+    },
 }
 
 fn parse_output(s: &str) -> Result<Output> {
@@ -83,24 +96,29 @@ fn parse_output(s: &str) -> Result<Output> {
             .with_context(|| format!("--output {s:?}: expected key=value, got {part:?}"))?;
         kv.insert(k.trim().to_string(), v.trim().to_string());
     }
-    let dest = kv
-        .get("dest")
-        .map(PathBuf::from)
-        .with_context(|| format!("--output {s:?}: dest=PATH is required"))?;
+    let compression = kv
+        .get("compression")
+        .map(|c| c.parse())
+        .transpose()
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or_default();
+    let dest = || {
+        kv.get("dest")
+            .map(PathBuf::from)
+            .with_context(|| format!("--output {s:?}: dest=PATH is required"))
+    };
     match kv.get("type").map(String::as_str) {
         Some("oci") => Ok(Output::Oci {
-            dest,
-            compression: kv
-                .get("compression")
-                .map(|c| c.parse())
-                .transpose()
-                .map_err(anyhow::Error::msg)?
-                .unwrap_or_default(),
+            dest: dest()?,
+            compression,
             tar: kv.get("tar").is_none_or(|t| t != "false"),
         }),
-        Some("docker") => Ok(Output::Docker { dest }),
-        Some(other) => bail!("--output type={other} is not supported: use type=oci or type=docker"),
-        None => bail!("--output {s:?}: type=oci or type=docker is required"),
+        Some("docker") => Ok(Output::Docker { dest: dest()? }),
+        Some("registry") => Ok(Output::Registry { compression }),
+        Some(other) => {
+            bail!("--output type={other} is not supported: use type=oci, docker or registry")
+        }
+        None => bail!("--output {s:?}: type=oci, docker or registry is required"),
     }
 }
 
@@ -150,7 +168,7 @@ struct ReportImage {
     size: u64,
 }
 
-pub fn run(home: &Path, mut args: BuildArgs) -> Result<ExitCode> {
+pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<ExitCode> {
     let started = Instant::now();
     if args.quiet {
         args.progress = Mode::Quiet;
@@ -181,6 +199,16 @@ pub fn run(home: &Path, mut args: BuildArgs) -> Result<ExitCode> {
             dockerfile.display()
         );
     }
+    let mut outputs = outputs;
+    if args.push {
+        outputs.push(Output::Registry {
+            compression: Compression::Gzip,
+        });
+    }
+    if outputs.iter().any(|o| matches!(o, Output::Registry { .. })) && tags.is_empty() {
+        bail!("pushing needs a name: give one with -t REGISTRY/NAME:TAG");
+    }
+    let registry = flags.registry();
     let node = crate::open_node(home)?;
     let renderer = Renderer::new(args.progress);
     let cancel = CancellationToken::new();
@@ -199,6 +227,9 @@ pub fn run(home: &Path, mut args: BuildArgs) -> Result<ExitCode> {
         platform,
         progress: renderer.progress(),
         cancel: cancel.clone(),
+        registry: Some(Arc::clone(&registry)),
+        always_pull: args.pull,
+        pull_progress: Arc::clone(&renderer) as Arc<dyn strata_registry::Transfer>,
     };
     let rt = crate::runtime()?;
     let result = rt.block_on(async {
@@ -263,6 +294,20 @@ pub fn run(home: &Path, mut args: BuildArgs) -> Result<ExitCode> {
                     || format!("cannot write the docker archive {}", dest.display()),
                 )?;
             }
+            Output::Registry { compression } => {
+                for tag in &tags {
+                    let pushed = crate::registry::push_image(
+                        &node,
+                        &registry,
+                        image,
+                        tag,
+                        *compression,
+                        &renderer,
+                    );
+                    renderer.finish();
+                    crate::registry::report_push(tag, &pushed?)?;
+                }
+            }
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -325,7 +370,13 @@ mod tests {
                 dest: "a.tar".into()
             }
         );
-        assert!(parse_output("type=registry,dest=x").is_err());
+        assert_eq!(
+            parse_output("type=registry").unwrap(),
+            Output::Registry {
+                compression: Compression::Gzip
+            }
+        );
+        assert!(parse_output("type=tar,dest=x").is_err());
         assert!(parse_output("type=oci").is_err());
     }
 }

@@ -8,6 +8,7 @@ mod build;
 mod dockerfile;
 mod images;
 mod progress;
+mod registry;
 mod run;
 
 use std::io::Write;
@@ -28,6 +29,9 @@ struct Cli {
     #[arg(long, global = true, env = "STRATA_HOME")]
     home: Option<PathBuf>,
 
+    #[command(flatten)]
+    registry: registry::RegistryFlags,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -42,6 +46,14 @@ enum Command {
     Images(images::ImagesArgs),
     /// Remove image names.
     Rmi(images::RmiArgs),
+    /// Pull an image from a registry.
+    Pull(registry::PullArgs),
+    /// Push an image to a registry.
+    Push(registry::PushArgs),
+    /// Write an image to a `docker save` archive.
+    Save(registry::SaveArgs),
+    /// Read images from a `docker save` archive.
+    Load(registry::LoadArgs),
     /// Remove build cache and unreferenced data.
     Prune(images::PruneArgs),
     /// Manage images.
@@ -57,10 +69,14 @@ fn main() -> ExitCode {
     init_logging(&cli.log);
     let home = cli.home.unwrap_or_else(strata_worker::default_home);
     let result = match cli.command {
-        Command::Build(a) => build::run(&home, a),
-        Command::Run(a) => run::run(&home, a),
+        Command::Build(a) => build::run(&home, a, &cli.registry),
+        Command::Run(a) => run::run(&home, a, &cli.registry),
         Command::Images(a) => images::images(&home, a),
         Command::Rmi(a) => images::rmi(&home, a),
+        Command::Pull(a) => registry::pull(&home, a, &cli.registry),
+        Command::Push(a) => registry::push(&home, a, &cli.registry),
+        Command::Save(a) => registry::save(&home, a),
+        Command::Load(a) => registry::load(&home, a),
         Command::Prune(a) => images::prune(&home, a),
         Command::Image(c) => images::image(&home, c),
         Command::Dockerfile(cmd) => dockerfile::run(cmd),

@@ -1,6 +1,7 @@
 //! Build progress on stderr, in BuildKit's style: `plain` for logs (one
 //! line per event, output prefixed with the step's number), `tty` redrawn
-//! in place with indicatif, `quiet` for nothing.
+//! in place with indicatif, `quiet` for nothing. Pulls and pushes show
+//! the same way: a bar per blob on a terminal, a line per blob otherwise.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -8,7 +9,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use strata_registry::Transfer;
 use strata_solver::{Event, EventKind, Progress};
+
+use crate::images::human_size;
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -52,6 +56,15 @@ pub struct Renderer {
     start: Instant,
     multi: Option<MultiProgress>,
     steps: Mutex<Steps>,
+    transfers: Mutex<HashMap<String, BlobTransfer>>,
+}
+
+/// A blob being pulled or pushed: its bar (on a terminal), when it
+/// started, bytes so far.
+struct BlobTransfer {
+    bar: Option<ProgressBar>,
+    started: Instant,
+    bytes: u64,
 }
 
 impl Renderer {
@@ -65,6 +78,7 @@ impl Renderer {
             start: Instant::now(),
             multi,
             steps: Mutex::new(Steps::default()),
+            transfers: Mutex::default(),
         })
     }
 
@@ -162,7 +176,7 @@ impl Renderer {
         }
     }
 
-    /// Stops any spinner still drawn.
+    /// Stops any spinner or bar still drawn.
     pub fn finish(&self) {
         let mut guard = self.steps.lock().unwrap_or_else(PoisonError::into_inner);
         for s in guard.by_step.values_mut() {
@@ -170,5 +184,89 @@ impl Renderer {
                 bar.finish_and_clear();
             }
         }
+        let mut transfers = self
+            .transfers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for t in transfers.values_mut() {
+            if let Some(bar) = t.bar.take() {
+                bar.finish_and_clear();
+            }
+        }
+    }
+}
+
+/// `sha256:0123456789ab…` as Docker shows blobs: twelve hex digits.
+fn short_blob(id: &str) -> &str {
+    let hex = id.split_once(':').map_or(id, |(_, h)| h);
+    &hex[..hex.len().min(12)]
+}
+
+impl Transfer for Renderer {
+    fn start(&self, id: &str, total: Option<u64>) {
+        if self.mode == Mode::Quiet {
+            return;
+        }
+        let bar = self.multi.as_ref().map(|m| {
+            let bar = m.add(ProgressBar::new(total.unwrap_or(0)));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} {bar:30} {bytes:>10}/{total_bytes:<10} {bytes_per_sec}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_prefix(short_blob(id).to_string());
+            bar
+        });
+        self.transfers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                id.to_string(),
+                BlobTransfer {
+                    bar,
+                    started: Instant::now(),
+                    bytes: 0,
+                },
+            );
+    }
+
+    fn advance(&self, id: &str, bytes: u64) {
+        if let Some(t) = self
+            .transfers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(id)
+        {
+            t.bytes += bytes;
+            if let Some(bar) = &t.bar {
+                bar.inc(bytes);
+            }
+        }
+    }
+
+    fn finish(&self, id: &str, how: &str) {
+        if self.mode == Mode::Quiet {
+            return;
+        }
+        let entry = self
+            .transfers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+        let detail = match entry {
+            Some(t) => {
+                if let Some(bar) = t.bar {
+                    bar.finish_and_clear();
+                }
+                format!(
+                    " {} in {:.1}s",
+                    human_size(t.bytes),
+                    t.started.elapsed().as_secs_f64()
+                )
+            }
+            None => String::new(),
+        };
+        self.line(&format!("#0 {} {how}{detail}", short_blob(id)));
     }
 }

@@ -7,8 +7,13 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use strata_dockerfile::Platform;
 use strata_exec::{ExitStatus, Mount, Network, Runtime, Sandbox, Stream};
+use strata_oci::Reference;
 use tokio_util::sync::CancellationToken;
+
+use crate::progress::{Mode, Renderer};
+use crate::registry::RegistryFlags;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -37,13 +42,37 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
-pub fn run(home: &Path, args: RunArgs) -> Result<ExitCode> {
+pub fn run(home: &Path, args: RunArgs, flags: &RegistryFlags) -> Result<ExitCode> {
     let node = crate::open_node(home)?;
-    let tagged = node
-        .images
-        .get(&args.image)?
-        .with_context(|| format!("image {} not found (see `strata images`)", args.image))?;
-    let image = tagged.image;
+    let image = match node.images.get(&args.image)? {
+        Some(tagged) => tagged.image,
+        // As `docker run`: an image that is not here is pulled.
+        None => {
+            let reference: Reference = args
+                .image
+                .parse()
+                .with_context(|| format!("image {} not found (see `strata images`)", args.image))?;
+            let host = Platform::host();
+            let target = strata_registry::Platform {
+                os: &host.os,
+                architecture: &host.architecture,
+                variant: host.variant.as_deref(),
+            };
+            let renderer = Renderer::new(Mode::Auto);
+            let pulled = crate::runtime()?.block_on(flags.registry().pull(
+                &reference,
+                target,
+                &node.images,
+                renderer.as_ref(),
+            ));
+            renderer.finish();
+            pulled
+                .with_context(|| {
+                    format!("image {} is not stored and cannot be pulled", args.image)
+                })?
+                .image
+        }
+    };
     let cfg = &image.config.config;
     let mut argv: Vec<String> = match &args.entrypoint {
         Some(e) if e.is_empty() => Vec::new(),

@@ -68,6 +68,34 @@ pub fn decompressing(reader: impl Read + 'static) -> io::Result<Box<dyn Read>> {
     })
 }
 
+/// Records `blob` as `layer`'s compressed form of kind `how` (a pulled
+/// layer as the registry had it), so an export or push sends those bytes
+/// again instead of compressing anew.
+pub fn record_compressed(
+    cas: &ContentStore,
+    layer: &LayerRef,
+    how: Compression,
+    blob: &Digest,
+) -> Result<()> {
+    if let Some(label) = how.label() {
+        cas.set_label(&layer.blob, label, Some(&blob.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The compression an OCI or Docker layer media type names, if any.
+pub fn compression_of(media_type: &str) -> Option<Compression> {
+    if media_type.ends_with("+zstd") {
+        Some(Compression::Zstd)
+    } else if media_type.ends_with("gzip") {
+        Some(Compression::Gzip)
+    } else if media_type.ends_with(".tar") {
+        Some(Compression::None)
+    } else {
+        None
+    }
+}
+
 /// The compressed blob of `layer` (made once, then reused): its blob
 /// digest, sha256 and size. For [`Compression::None`] the layer itself.
 pub fn compressed(

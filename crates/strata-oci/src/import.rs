@@ -6,10 +6,10 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use oci_spec::image::{ImageIndex, ImageManifest};
+use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
 use serde::Deserialize;
 use sha2::Digest as _;
-use strata_cas::Sha256;
+use strata_cas::{ContentStore, Sha256};
 
 use crate::compress::decompressing;
 use crate::config::ImageConfig;
@@ -113,14 +113,24 @@ fn top_level_names(path: &Path) -> Result<HashSet<String>> {
     Ok(names)
 }
 
-/// Stores one layer, uncompressing it if needed.
 fn ingest_layer(store: &ImageStore, reader: impl Read + 'static, what: &Path) -> Result<LayerRef> {
-    let cas = store.content();
-    let mut src = decompressing(reader).map_err(io_err("cannot read", what))?;
+    store_layer(store.content(), reader, &what.display().to_string())
+}
+
+/// Stores one layer from `reader` (a tar, gzip or zstd), uncompressed, as
+/// the image store keeps layers; `what` names it in errors.
+pub fn store_layer(
+    cas: &ContentStore,
+    reader: impl Read + 'static,
+    what: &str,
+) -> Result<LayerRef> {
+    let mut src = decompressing(reader)
+        .map_err(|e| Error::Format(format!("cannot read layer {what}: {e}")))?;
     let mut w = cas.writer()?;
     io::copy(&mut src, &mut w)
-        .map_err(|e| Error::Format(format!("cannot read layer {}: {e}", what.display())))?;
-    w.flush().map_err(io_err("cannot write layer from", what))?;
+        .map_err(|e| Error::Format(format!("cannot read layer {what}: {e}")))?;
+    w.flush()
+        .map_err(|e| Error::Format(format!("cannot store layer {what}: {e}")))?;
     let (size, diff_id) = (w.size(), w.sha256());
     let blob = w.commit()?;
     Ok(LayerRef {
@@ -136,6 +146,45 @@ struct ArchiveEntry {
     config: String,
     #[serde(default)]
     layers: Vec<String>,
+    #[serde(default)]
+    repo_tags: Option<Vec<String>>,
+}
+
+/// The names (`RepoTags`) a `docker save` archive gives its image, read
+/// from its `manifest.json` without unpacking the rest.
+pub fn archive_names(source: &Path) -> Result<Vec<String>> {
+    let file = File::open(source).map_err(io_err("cannot open", source))?;
+    let reader = decompressing(file).map_err(io_err("cannot read", source))?;
+    let mut archive = tar::Archive::new(reader);
+    let entries = archive
+        .entries()
+        .map_err(|e| Error::Format(format!("{} is not a tar: {e}", source.display())))?;
+    for e in entries {
+        let mut e = e.map_err(|e| Error::Format(format!("{}: {e}", source.display())))?;
+        if e.path_bytes().as_ref() != b"manifest.json"
+            && e.path_bytes().as_ref() != b"./manifest.json"
+        {
+            continue;
+        }
+        let mut raw = Vec::new();
+        e.read_to_end(&mut raw)
+            .map_err(|err| Error::Format(format!("{}: {err}", source.display())))?;
+        let entries: Vec<ArchiveEntry> = serde_json::from_slice(&raw).map_err(|err| {
+            Error::Format(format!(
+                "manifest.json of {} is malformed: {err}",
+                source.display()
+            ))
+        })?;
+        return Ok(entries
+            .into_iter()
+            .next()
+            .and_then(|e| e.repo_tags)
+            .unwrap_or_default());
+    }
+    Err(Error::Format(format!(
+        "{} is not a docker archive (no manifest.json)",
+        source.display()
+    )))
 }
 
 fn inside(dir: &Path, rel: &str) -> Result<PathBuf> {
@@ -239,15 +288,8 @@ fn import_oci_layout(store: &ImageStore, dir: &Path, os: &str, arch: &str) -> Re
 }
 
 fn pick_manifest(dir: &Path, index: &ImageIndex, os: &str, arch: &str) -> Result<Sha256> {
-    let manifests = index.manifests();
-    let matching = manifests.iter().find(|d| {
-        d.platform()
-            .as_ref()
-            .is_some_and(|p| p.os().to_string() == os && p.architecture().to_string() == arch)
-    });
-    let chosen = matching
-        .or_else(|| manifests.iter().find(|d| d.platform().is_none()))
-        .or_else(|| manifests.first())
+    let chosen = select_manifest(index.manifests(), os, arch, None)
+        .or_else(|| index.manifests().first())
         .ok_or_else(|| {
             Error::Format(format!(
                 "{} lists no manifests",
@@ -255,6 +297,31 @@ fn pick_manifest(dir: &Path, index: &ImageIndex, os: &str, arch: &str) -> Result
             ))
         })?;
     descriptor_sha256(chosen)
+}
+
+/// The manifest of an index for a platform, as Docker picks it: os and
+/// architecture must match, and the variant too when both name one; an
+/// entry without a platform serves any.
+pub fn select_manifest<'a>(
+    manifests: &'a [Descriptor],
+    os: &str,
+    arch: &str,
+    variant: Option<&str>,
+) -> Option<&'a Descriptor> {
+    let fits = |d: &&Descriptor| {
+        d.platform().as_ref().is_some_and(|p| {
+            p.os().to_string() == os
+                && p.architecture().to_string() == arch
+                && match (variant, p.variant().as_deref()) {
+                    (Some(want), Some(have)) => want == have,
+                    _ => true,
+                }
+        })
+    };
+    manifests
+        .iter()
+        .find(fits)
+        .or_else(|| manifests.iter().find(|d| d.platform().is_none()))
 }
 
 /// Checks a blob's sha256 as it is read; a mismatch is an error at the end.
@@ -279,5 +346,49 @@ impl Read for VerifyingReader {
             }
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_spec::image::{Arch, DescriptorBuilder, MediaType, Os, PlatformBuilder};
+
+    fn entry(arch: Arch, variant: Option<&str>, n: u8) -> Descriptor {
+        let mut p = PlatformBuilder::default().os(Os::Linux).architecture(arch);
+        if let Some(v) = variant {
+            p = p.variant(v);
+        }
+        DescriptorBuilder::default()
+            .media_type(MediaType::ImageManifest)
+            .size(1u64)
+            .digest(
+                format!("{:064x}", n)
+                    .parse::<oci_spec::image::Sha256Digest>()
+                    .unwrap(),
+            )
+            .platform(p.build().unwrap())
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn platforms_are_chosen_as_docker_chooses_them() {
+        let index = [
+            entry(Arch::ARM, Some("v6"), 1),
+            entry(Arch::ARM, Some("v7"), 2),
+            entry(Arch::Amd64, None, 3),
+            entry(Arch::ARM64, Some("v8"), 4),
+        ];
+        let pick = |arch, variant| {
+            select_manifest(&index, "linux", arch, variant).map(|d| d.digest().to_string())
+        };
+        let digest = |n: u8| Some(format!("sha256:{n:064x}"));
+        assert_eq!(pick("amd64", None), digest(3));
+        assert_eq!(pick("arm", Some("v7")), digest(2));
+        assert_eq!(pick("arm", None), digest(1));
+        assert_eq!(pick("arm64", Some("v8")), digest(4));
+        assert_eq!(pick("s390x", None), None);
+        assert_eq!(select_manifest(&index, "windows", "amd64", None), None);
     }
 }

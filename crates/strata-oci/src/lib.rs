@@ -19,12 +19,12 @@ mod import;
 mod reference;
 mod store;
 
-pub use compress::{Compression, compressed, decompressing};
+pub use compress::{Compression, compressed, compression_of, decompressing, record_compressed};
 pub use config::{
     ContainerConfig, DEFAULT_PATH, Empty, HealthConfig, History, ImageConfig, RootFs,
 };
 pub use error::{Error, Result};
 pub use export::{export_docker_archive, export_oci};
-pub use import::{ImportFormat, import};
+pub use import::{ImportFormat, archive_names, import, select_manifest, store_layer};
 pub use reference::{DEFAULT_DOMAIN, ParseReferenceError, Reference};
 pub use store::{Image, ImageStore, LayerRef, Tagged, descriptor_sha256};

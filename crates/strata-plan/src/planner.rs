@@ -618,7 +618,20 @@ impl Planner<'_> {
         match self.df.copy_source(from) {
             Ok(DfSource::Stage(i)) => Ok(Source::Stage(self.plan_index[&i])),
             Ok(DfSource::Image(r)) => {
-                let img = self.resolve_image(&r, platform, span)?;
+                let img = self
+                    .images
+                    .resolve(&r, platform)
+                    .map_err(|m| {
+                        // `--from=buidler` is more often a misspelt stage
+                        // than an image; say both were looked for.
+                        let plain = !r.contains(['/', ':', '@', '.']);
+                        if plain {
+                            format!("{m} (and no stage is named {r})")
+                        } else {
+                            m
+                        }
+                    })
+                    .map_err(|m| self.base_error(span, m))?;
                 Ok(Source::Image(ImageSource {
                     reference: img.reference,
                     manifest: img.manifest.hex(),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use strata_dockerfile::{Dockerfile, IgnoreMatcher, Platform};
 use strata_oci::{Image, Reference};
 use strata_plan::{ImageResolver, Options, Plan, PlanError, ResolvedImage};
+use strata_registry::{NoProgress, Registry, Transfer};
 use strata_solver::{Progress, SolveError, SolveOptions, Solved, Solver};
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +38,12 @@ pub struct BuildRequest {
     pub progress: Progress,
     /// Cancels the build.
     pub cancel: CancellationToken,
+    /// Where base images missing locally come from (`None`: local only).
+    pub registry: Option<Arc<Registry>>,
+    /// `--pull`: fetch base images again even when stored.
+    pub always_pull: bool,
+    /// Progress of base image pulls.
+    pub pull_progress: Arc<dyn Transfer>,
 }
 
 /// A finished build.
@@ -69,23 +76,103 @@ pub enum BuildError {
     Image(#[from] strata_oci::Error),
 }
 
-/// Resolves `FROM` names in the local image store.
-pub struct LocalImages<'a>(pub &'a strata_oci::ImageStore);
+/// Resolves `FROM` (and `COPY --from`) images: the local image store
+/// first, then the registry the name points at, as `docker build` does.
+/// With `always_pull`, a name is pulled again once per build (`--pull`).
+pub struct BaseImages<'a> {
+    /// The image store.
+    pub store: &'a strata_oci::ImageStore,
+    /// Where to pull from; `None` resolves locally only.
+    pub registry: Option<&'a Registry>,
+    /// `--pull`.
+    pub always_pull: bool,
+    /// Pull progress.
+    pub progress: &'a dyn Transfer,
+    /// Names pulled in this build, so `--pull` fetches each once.
+    pub pulled: std::sync::Mutex<std::collections::HashSet<String>>,
+}
 
-impl ImageResolver for LocalImages<'_> {
-    fn resolve(&self, reference: &str, _: &Platform) -> Result<ResolvedImage, String> {
-        match self.0.get(reference) {
-            Ok(Some(t)) => Ok(ResolvedImage {
-                reference: t.reference.normalized(),
-                manifest: t.image.manifest_digest,
-                config: t.image.config,
-                layers: t.image.layers,
-            }),
-            Ok(None) => Err(format!(
-                "base image {reference} not found in the local image store; add it with `strata image import {reference} FILE` (a rootfs tar, docker save archive or OCI layout)"
-            )),
-            Err(e) => Err(format!("cannot read base image {reference}: {e}")),
+impl<'a> BaseImages<'a> {
+    /// Resolution from the local store only.
+    pub fn local(store: &'a strata_oci::ImageStore) -> BaseImages<'a> {
+        BaseImages {
+            store,
+            registry: None,
+            always_pull: false,
+            progress: &NoProgress,
+            pulled: Default::default(),
         }
+    }
+
+    fn pull(
+        &self,
+        registry: &Registry,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<(), String> {
+        let parsed: Reference = reference.parse().map_err(|e| format!("{e}"))?;
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|_| format!("cannot pull {reference}: no async runtime"))?;
+        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            return Err(format!(
+                "cannot pull {reference} from a single-threaded runtime"
+            ));
+        }
+        let target = strata_registry::Platform {
+            os: &platform.os,
+            architecture: &platform.architecture,
+            variant: platform.variant.as_deref(),
+        };
+        // Planning is synchronous; the pull is not. This thread may block:
+        // it is a worker thread of a multi-threaded runtime.
+        tokio::task::block_in_place(|| {
+            handle.block_on(registry.pull(&parsed, target, self.store, self.progress))
+        })
+        .map_err(|e| format!("cannot pull base image {reference}: {e}"))?;
+        self.pulled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(reference.to_string());
+        Ok(())
+    }
+}
+
+impl ImageResolver for BaseImages<'_> {
+    fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String> {
+        let refresh = self.always_pull
+            && !self
+                .pulled
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(reference);
+        let local = if refresh {
+            None
+        } else {
+            self.store
+                .get(reference)
+                .map_err(|e| format!("cannot read base image {reference}: {e}"))?
+        };
+        let found = match (local, self.registry) {
+            (Some(t), _) => t,
+            (None, Some(registry)) => {
+                self.pull(registry, reference, platform)?;
+                self.store
+                    .get(reference)
+                    .map_err(|e| format!("cannot read base image {reference}: {e}"))?
+                    .ok_or_else(|| format!("base image {reference} vanished after its pull"))?
+            }
+            (None, None) => {
+                return Err(format!(
+                    "base image {reference} not found in the local image store; pull it, or add it with `strata image import {reference} FILE` (a rootfs tar, docker save archive or OCI layout)"
+                ));
+            }
+        };
+        Ok(ResolvedImage {
+            reference: found.reference.normalized(),
+            manifest: found.image.manifest_digest,
+            config: found.image.config,
+            layers: found.image.layers,
+        })
     }
 }
 
@@ -162,7 +249,13 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         &df,
         &file_name,
         &opts,
-        &LocalImages(&node.images),
+        &BaseImages {
+            store: &node.images,
+            registry: req.registry.as_deref(),
+            always_pull: req.always_pull,
+            progress: req.pull_progress.as_ref(),
+            pulled: Default::default(),
+        },
     )?);
 
     let mut lease = node.content.lease();

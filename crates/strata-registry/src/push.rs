@@ -1,0 +1,201 @@
+//! Pushing: image store → registry. Blobs first (skipping what the
+//! registry has), the manifest last, so a name never points at missing
+//! content.
+
+use std::sync::Arc;
+
+use futures_util::{StreamExt, TryStreamExt};
+use oci_client::errors::OciDistributionError;
+use oci_spec::image::{DescriptorBuilder, ImageManifestBuilder, MediaType};
+use strata_cas::{ContentStore, Digest, Sha256};
+use strata_oci::{Compression, Image, Reference, compressed};
+
+use crate::error::{Error, Result, from_oci};
+use crate::progress::Transfer;
+use crate::pull::source_label;
+use crate::registry::{Endpoint, Registry};
+
+/// Blobs sent at once.
+const PARALLEL_BLOBS: usize = 4;
+
+/// What a push did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    /// The manifest's digest in the registry.
+    pub digest: String,
+    /// Where it went (`HOST[:PORT]`).
+    pub registry: String,
+    /// Blobs uploaded.
+    pub blobs_sent: usize,
+    /// Blobs the registry had (or mounted from another repository).
+    pub blobs_skipped: usize,
+    /// Bytes of blobs uploaded.
+    pub bytes_sent: u64,
+}
+
+/// A blob to send: its local digest, sha256 and size.
+#[derive(Clone, Copy)]
+struct Blob {
+    local: Digest,
+    sha256: Sha256,
+    size: u64,
+}
+
+impl Registry {
+    /// Pushes `image` as `reference`, its layers compressed with
+    /// `compression` (compressed forms are made once and kept).
+    pub async fn push(
+        &self,
+        image: &Image,
+        reference: &Reference,
+        cas: &Arc<ContentStore>,
+        compression: Compression,
+        progress: &dyn Transfer,
+    ) -> Result<Pushed> {
+        let ep = self.home(reference)?;
+        let shown = reference.to_string();
+        let oci_err = |e| from_oci(e, &ep.host, ep.repository(), &shown);
+        ep.client
+            .auth(&ep.oci, &ep.auth, oci_client::RegistryOperation::Push)
+            .await
+            .map_err(oci_err)?;
+
+        let layers: Vec<Blob> = futures_util::stream::iter(image.layers.iter().copied())
+            .map(|layer| {
+                let cas = Arc::clone(cas);
+                async move {
+                    tokio::task::spawn_blocking(move || compressed(&cas, &layer, compression))
+                        .await
+                        .map_err(|e| Error::Config(format!("compressing a layer stopped: {e}")))?
+                        .map(|(local, sha256, size)| Blob {
+                            local,
+                            sha256,
+                            size,
+                        })
+                        .map_err(Error::from)
+                }
+            })
+            .buffered(PARALLEL_BLOBS)
+            .try_collect()
+            .await?;
+        let config = Blob {
+            local: image.config_blob,
+            sha256: image.id,
+            size: cas.info(&image.config_blob)?.map_or(0, |i| i.size),
+        };
+        let sent: Vec<Option<u64>> =
+            futures_util::stream::iter(layers.iter().chain([&config]).copied())
+                .map(|b| self.send_blob(&ep, b, cas, &shown, progress))
+                .buffer_unordered(PARALLEL_BLOBS)
+                .try_collect()
+                .await?;
+
+        let descriptor = |media: MediaType, b: &Blob| -> Result<oci_spec::image::Descriptor> {
+            let digest: oci_spec::image::Sha256Digest = b
+                .sha256
+                .hex()
+                .parse()
+                .map_err(|e| Error::Config(format!("bad digest {}: {e}", b.sha256)))?;
+            DescriptorBuilder::default()
+                .media_type(media)
+                .digest(digest)
+                .size(b.size)
+                .build()
+                .map_err(|e| Error::Config(format!("cannot describe {}: {e}", b.sha256)))
+        };
+        let layer_type = match compression {
+            Compression::None => MediaType::ImageLayer,
+            Compression::Gzip => MediaType::ImageLayerGzip,
+            Compression::Zstd => MediaType::ImageLayerZstd,
+        };
+        let manifest = ImageManifestBuilder::default()
+            .schema_version(2u32)
+            .media_type(MediaType::ImageManifest)
+            .config(descriptor(MediaType::ImageConfig, &config)?)
+            .layers(
+                layers
+                    .iter()
+                    .map(|b| descriptor(layer_type.clone(), b))
+                    .collect::<Result<Vec<_>>>()?,
+            )
+            .build()
+            .map_err(|e| Error::Config(format!("cannot build the manifest: {e}")))?;
+        let body = manifest
+            .to_string()
+            .map_err(|e| Error::Config(format!("cannot encode the manifest: {e}")))?
+            .into_bytes();
+        let digest = Sha256::of(&body).to_string();
+        let content_type = "application/vnd.oci.image.manifest.v1+json"
+            .parse()
+            .map_err(|e| Error::Config(format!("bad content type: {e}")))?;
+        ep.client
+            .push_manifest_raw(&ep.oci, body, content_type)
+            .await
+            .map_err(oci_err)?;
+        Ok(Pushed {
+            digest,
+            registry: ep.host.clone(),
+            blobs_sent: sent.iter().filter(|s| s.is_some()).count(),
+            blobs_skipped: sent.iter().filter(|s| s.is_none()).count(),
+            bytes_sent: sent.iter().flatten().sum(),
+        })
+    }
+
+    /// Sends one blob unless the registry has it or can mount it from the
+    /// repository it was pulled from; returns the bytes sent.
+    async fn send_blob(
+        &self,
+        ep: &Endpoint,
+        b: Blob,
+        cas: &ContentStore,
+        shown: &str,
+        progress: &dyn Transfer,
+    ) -> Result<Option<u64>> {
+        let oci_err = |e| from_oci(e, &ep.host, ep.repository(), shown);
+        let digest = b.sha256.to_string();
+        if ep
+            .client
+            .blob_exists(&ep.oci, &digest)
+            .await
+            .map_err(oci_err)?
+        {
+            progress.finish(&digest, "already in the registry");
+            return Ok(None);
+        }
+        if let Some(repo) = cas
+            .info(&b.local)?
+            .and_then(|i| i.labels.get(&source_label(&ep.host)).cloned())
+            .filter(|r| r != ep.repository())
+        {
+            let from = oci_client::Reference::with_digest(
+                ep.oci.registry().to_string(),
+                repo,
+                digest.clone(),
+            );
+            if ep.client.mount_blob(&ep.oci, &from, &digest).await.is_ok() {
+                progress.finish(&digest, "mounted");
+                return Ok(None);
+            }
+        }
+        progress.start(&digest, Some(b.size));
+        let path = cas.blob_path(&b.local);
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        let id = digest.clone();
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
+            .map(move |chunk| chunk.map_err(OciDistributionError::IoError));
+        // The upload takes a 'static stream and the progress sink is
+        // borrowed: the blob's bytes are reported when it is done.
+        ep.client
+            .push_blob_stream(&ep.oci, stream, &digest, Some(b.size))
+            .await
+            .map_err(oci_err)?;
+        // Remembered like a pull's source: the next push of this blob to
+        // another repository of the registry mounts it.
+        cas.set_label(&b.local, &source_label(&ep.host), Some(ep.repository()))?;
+        progress.advance(&id, b.size);
+        progress.finish(&id, "pushed");
+        Ok(Some(b.size))
+    }
+}

@@ -1,0 +1,219 @@
+//! A real distribution registry (Debian's `docker-registry`) on 127.0.0.1
+//! for one test, plain or behind htpasswd auth, and a TCP proxy to put in
+//! front of it that counts bytes and can break a transfer.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A registry process; stopped on drop.
+pub struct Registry {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+/// The user and password of a registry started with auth.
+pub const USER: &str = "strata";
+/// See [`USER`].
+pub const PASSWORD: &str = "s3cret-pass";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Registry {
+    /// Starts a registry with empty storage; with `auth`, it wants
+    /// [`USER`]/[`PASSWORD`] (HTTP basic, htpasswd with bcrypt).
+    pub fn start(auth: bool) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if auth {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", USER, PASSWORD])
+                .output()
+                .expect("htpasswd is installed (Debian's apache2-utils)");
+            assert!(out.status.success());
+            let path = dir.path().join("htpasswd");
+            std::fs::write(&path, &out.stdout).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: strata-test\n    path: {}\n",
+                path.display()
+            ));
+        }
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry is installed (Debian's docker-registry)");
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the registry did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a Docker `config.json` holding `user:password` for `host` into
+/// `dir`, as `docker login` would.
+pub fn docker_login(dir: &Path, host: &str, user: &str, password: &str) {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let json = format!(r#"{{"auths": {{"{host}": {{"auth": "{encoded}"}}}}}}"#);
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), json).unwrap();
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `upstream`: counts the bytes each
+/// way, and on request cuts one response off after some bytes.
+pub struct Proxy {
+    port: u16,
+    to_upstream: Arc<AtomicU64>,
+    cut_after: Arc<AtomicU64>,
+    armed: Arc<AtomicBool>,
+    cuts: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    /// Starts proxying to `127.0.0.1:upstream`.
+    pub fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let to_upstream = Arc::new(AtomicU64::new(0));
+        let cut_after = Arc::new(AtomicU64::new(0));
+        let armed = Arc::new(AtomicBool::new(false));
+        let cuts = Arc::new(AtomicU64::new(0));
+        let (up, cut, arm, cut_count) = (
+            Arc::clone(&to_upstream),
+            Arc::clone(&cut_after),
+            Arc::clone(&armed),
+            Arc::clone(&cuts),
+        );
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let up = Arc::clone(&up);
+                std::thread::spawn(move || pump(client, server, &up, None, None));
+                let limit = if arm.swap(false, Ordering::SeqCst) {
+                    Some(cut.load(Ordering::SeqCst))
+                } else {
+                    None
+                };
+                let down = Arc::new(AtomicU64::new(0));
+                let cut_count = Arc::clone(&cut_count);
+                std::thread::spawn(move || pump(s2, c2, &down, limit, Some(&cut_count)));
+            }
+        });
+        Proxy {
+            port,
+            to_upstream,
+            cut_after,
+            armed,
+            cuts,
+        }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Bytes clients sent through so far.
+    pub fn bytes_up(&self) -> u64 {
+        self.to_upstream.load(Ordering::SeqCst)
+    }
+
+    /// Responses cut off so far.
+    pub fn cuts(&self) -> u64 {
+        self.cuts.load(Ordering::SeqCst)
+    }
+
+    /// The next connection that answers more than `bytes` is cut there.
+    pub fn cut_next_response_after(&self, bytes: u64) {
+        self.cut_after.store(bytes, Ordering::SeqCst);
+        self.armed.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` → `to`, counting; with a limit, stops there and closes
+/// both sides (a connection dropped mid-transfer).
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    count: &AtomicU64,
+    limit: Option<u64>,
+    cuts: Option<&AtomicU64>,
+) {
+    let mut buf = [0u8; 64 * 1024];
+    let mut sent = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let n = match limit {
+            Some(l) if sent + n as u64 > l => {
+                let keep = (l - sent) as usize;
+                let _ = to.write_all(&buf[..keep]);
+                let _ = to.shutdown(Shutdown::Both);
+                let _ = from.shutdown(Shutdown::Both);
+                if let Some(c) = cuts {
+                    c.fetch_add(1, Ordering::SeqCst);
+                }
+                return;
+            }
+            _ => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        sent += n as u64;
+        count.fetch_add(n as u64, Ordering::SeqCst);
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}

@@ -1,0 +1,289 @@
+//! Registries as users meet them: the real distribution registry
+//! (Debian's `docker-registry`) on 127.0.0.1, plain and with htpasswd
+//! auth, and skopeo on the other side.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+
+use strata_integration::registry::{PASSWORD, Proxy, Registry, USER, docker_login};
+use strata_integration::{Strata, repo_root, write_files};
+
+fn skopeo(args: &[&str]) -> String {
+    let out = Command::new("skopeo").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails_with(out: &std::process::Output, want: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "should have failed:\n{err}");
+    for w in want {
+        assert!(err.contains(w), "expected {w:?} in:\n{err}");
+    }
+    err
+}
+
+#[test]
+fn pushed_images_are_read_by_skopeo_and_pulled_back() {
+    let reg = Registry::start(false);
+    let name = format!("{}/demo/greeting:1", reg.host());
+    let s = Strata::new().with_busybox(&[]);
+    s.build(
+        &repo_root().join("examples/multistage-busybox"),
+        &["-t", &name, "--push"],
+    );
+    let inspect = skopeo(&["inspect", "--tls-verify=false", &format!("docker://{name}")]);
+    let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    assert_eq!(v["Architecture"], "amd64");
+    assert_eq!(v["Layers"].as_array().unwrap().len(), 3);
+    let copy = tempfile::tempdir().unwrap();
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{name}"),
+        &format!("oci:{}:greeting", copy.path().display()),
+    ]);
+    assert!(copy.path().join("index.json").is_file());
+
+    // Another machine pulls it and runs it; pulling again downloads nothing.
+    let other = Strata::new();
+    let pulled = other.ok(&["pull", "--progress", "plain", &name]);
+    assert!(pulled.contains("3 of 3 layers downloaded"), "{pulled}");
+    assert_eq!(
+        other.ok(&["run", "--rm", &name]),
+        "Hello, Docker Multi-Stage Build!\n"
+    );
+    let again = other.ok(&["pull", "--progress", "plain", &name]);
+    assert!(again.contains("0 of 3 layers downloaded, 0B"), "{again}");
+}
+
+#[test]
+fn an_image_pushed_by_skopeo_is_a_base_for_builds() {
+    let reg = Registry::start(false);
+    let s = Strata::new().with_busybox(&[]);
+    let archive = tempfile::tempdir().unwrap();
+    let tar = archive.path().join("busybox.tar");
+    s.ok(&["save", "-o", tar.to_str().unwrap(), "busybox:latest"]);
+    let base = format!("{}/base/busybox:1.36", reg.host());
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("docker-archive:{}", tar.display()),
+        &format!("docker://{base}"),
+    ]);
+
+    // A fresh state directory: the base comes from the registry.
+    let fresh = Strata::new();
+    let dir = tempfile::tempdir().unwrap();
+    write_files(
+        dir.path(),
+        &[(
+            "Dockerfile",
+            &format!(
+                "FROM {base}\nRUN echo built on the pulled base > /note\nCMD [\"cat\", \"/note\"]\n"
+            ),
+        )],
+    );
+    fresh.build(dir.path(), &["-t", "derived:1"]);
+    assert_eq!(
+        fresh.ok(&["run", "--rm", "derived:1"]),
+        "built on the pulled base\n"
+    );
+
+    // Docker Hub names resolve through a mirror, as with dockerd's
+    // registry-mirrors.
+    let hub = format!("{}/library/busybox:1.36", reg.host());
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("docker-archive:{}", tar.display()),
+        &format!("docker://{hub}"),
+    ]);
+    let mirrored = Strata::new();
+    write_files(
+        dir.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:1.36\nRUN echo via the mirror > /note\n",
+        )],
+    );
+    let out = mirrored
+        .cmd()
+        .env("STRATA_REGISTRY_MIRRORS", format!("http://{}", reg.host()))
+        .args(["build", "--progress", "plain", "-t", "m:1"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        mirrored.ok(&["run", "--rm", "m:1", "cat", "/note"]),
+        "via the mirror\n"
+    );
+}
+
+#[test]
+fn a_second_push_sends_no_layer_bytes() {
+    let reg = Registry::start(false);
+    let proxy = Proxy::start(reg.port());
+    let s = Strata::new().with_busybox(&[]);
+    let name = format!("{}/app/greeting:1", proxy.host());
+    s.build(
+        &repo_root().join("examples/multistage-busybox"),
+        &["-t", &name],
+    );
+    let first = s.ok(&["push", "--progress", "plain", &name]);
+    let after_first = proxy.bytes_up();
+    assert!(first.contains("(4 blobs sent"), "{first}");
+    assert!(
+        after_first > 1_000_000,
+        "the busybox layer went up: {after_first}"
+    );
+    let second = s.ok(&["push", "--progress", "plain", &name]);
+    let sent = proxy.bytes_up() - after_first;
+    assert!(
+        second.contains("(0 blobs sent, 0B; 4 blobs already there)"),
+        "{second}"
+    );
+    // HEAD requests and the manifest: far less than the smallest layer
+    // plus its request.
+    assert!(sent < 8_192, "the second push sent {sent} bytes");
+    // Another repository of the same registry mounts what it has.
+    let other = format!("{}/copy/greeting:1", proxy.host());
+    let before = proxy.bytes_up();
+    let third = s.ok(&["push", &name, &other]);
+    assert!(
+        third.contains("(0 blobs sent, 0B; 4 blobs already there)"),
+        "{third}"
+    );
+    assert!(proxy.bytes_up() - before < 8_192);
+    let copied = skopeo(&[
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{other}"),
+    ]);
+    assert!(copied.contains("\"Layers\""), "{copied}");
+}
+
+#[test]
+fn credentials_come_from_docker_login_and_a_wrong_password_says_so() {
+    let reg = Registry::start(true);
+    let s = Strata::new().with_busybox(&[]);
+    let name = format!("{}/private/app:1", reg.host());
+    s.ok(&[
+        "image",
+        "import",
+        &name,
+        strata_integration::busybox_tar().to_str().unwrap(),
+    ]);
+    let config = tempfile::tempdir().unwrap();
+    let push = |who: &str| {
+        s.cmd()
+            .env("DOCKER_CONFIG", config.path().join(who))
+            .args(["push", "--progress", "quiet", &name])
+            .output()
+            .unwrap()
+    };
+    let anonymous = push("nobody");
+    fails_with(
+        &anonymous,
+        &[
+            "refused access to private/app",
+            &format!("docker login {}", reg.host()),
+        ],
+    );
+    docker_login(
+        &config.path().join("wrong"),
+        &reg.host(),
+        USER,
+        "not-the-password",
+    );
+    fails_with(
+        &push("wrong"),
+        &[&reg.host(), "refused access", "check the password"],
+    );
+    docker_login(&config.path().join("right"), &reg.host(), USER, PASSWORD);
+    let ok = push("right");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let inspect = Command::new("skopeo")
+        .args([
+            "inspect",
+            "--tls-verify=false",
+            "--creds",
+            &format!("{USER}:{PASSWORD}"),
+            &format!("docker://{name}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(inspect.status.success());
+}
+
+#[test]
+fn a_dropped_connection_is_resumed_and_nothing_corrupt_is_stored() {
+    let reg = Registry::start(false);
+    let s = Strata::new().with_busybox(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    write_files(
+        dir.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nRUN head -c 8000000 /dev/urandom > /blob && sha256sum /blob > /blob.sum\n",
+        )],
+    );
+    let name = format!("{}/big/blob:1", reg.host());
+    s.build(dir.path(), &["-t", &name, "--push"]);
+    let want = s.ok(&["run", "--rm", &name, "cat", "/blob.sum"]);
+
+    let proxy = Proxy::start(reg.port());
+    let through = format!("{}/big/blob:1", proxy.host());
+    // The first connection dies after 1 MB: inside the big layer, after
+    // the manifest and config.
+    proxy.cut_next_response_after(1_000_000);
+    let fresh = Strata::new();
+    let pulled = fresh.ok(&["pull", "--progress", "plain", &through]);
+    assert_eq!(proxy.cuts(), 1, "the transfer was cut once");
+    assert!(pulled.contains("2 of 2 layers downloaded"), "{pulled}");
+    assert_eq!(
+        fresh.ok(&["run", "--rm", &through, "sha256sum", "-c", "/blob.sum"]),
+        "/blob: OK\n"
+    );
+    assert_eq!(
+        fresh.ok(&["run", "--rm", &through, "cat", "/blob.sum"]),
+        want
+    );
+    let ingest = fresh.home().join("content/ingest");
+    assert_eq!(std::fs::read_dir(&ingest).unwrap().count(), 0);
+}
+
+#[test]
+fn missing_images_and_unreachable_registries_are_named() {
+    let reg = Registry::start(false);
+    let s = Strata::new();
+    let missing = format!("{}/no/such:1", reg.host());
+    fails_with(
+        &s.run(&["pull", &missing]),
+        &[&missing, "not found in", &reg.host()],
+    );
+    fails_with(
+        &s.run(&["pull", "127.0.0.1:1/app:1"]),
+        &["127.0.0.1:1", "Connection refused"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    write_files(dir.path(), &[("Dockerfile", &format!("FROM {missing}\n"))]);
+    fails_with(
+        &s.run(&["build", "--progress", "plain", dir.path().to_str().unwrap()]),
+        &["Dockerfile:1", "cannot pull base image", "not found"],
+    );
+}
