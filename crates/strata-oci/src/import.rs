@@ -11,7 +11,7 @@ use serde::Deserialize;
 use sha2::Digest as _;
 use strata_cas::{ContentStore, Sha256};
 
-use crate::compress::decompressing;
+use crate::compress::{decompressing, read_full};
 use crate::config::ImageConfig;
 use crate::error::{Error, Result, io_err};
 use crate::store::{Image, ImageStore, LayerRef, descriptor_sha256};
@@ -113,30 +113,78 @@ fn top_level_names(path: &Path) -> Result<HashSet<String>> {
     Ok(names)
 }
 
-fn ingest_layer(store: &ImageStore, reader: impl Read + 'static, what: &Path) -> Result<LayerRef> {
-    store_layer(store.content(), reader, &what.display().to_string())
+fn ingest_layer(
+    store: &ImageStore,
+    reader: impl Read + Send + 'static,
+    what: &Path,
+) -> Result<LayerRef> {
+    store_layer(store.content(), reader, &what.display().to_string(), None)
 }
 
 /// Stores one layer from `reader` (a tar, gzip or zstd), uncompressed, as
-/// the image store keeps layers; `what` names it in errors.
+/// the image store keeps layers; `what` names it in errors. With
+/// `diff_id`, a layer that does not hash to it is an error and is not
+/// stored.
+///
+/// Inflating and hashing (sha256 for the diff_id, blake3 for the blob)
+/// cost about the same, so they run on two threads: one decompresses into
+/// chunks, this one hashes and writes them.
 pub fn store_layer(
     cas: &ContentStore,
-    reader: impl Read + 'static,
+    reader: impl Read + Send + 'static,
     what: &str,
+    diff_id: Option<&Sha256>,
 ) -> Result<LayerRef> {
-    let mut src = decompressing(reader)
-        .map_err(|e| Error::Format(format!("cannot read layer {what}: {e}")))?;
-    let mut w = cas.writer()?;
-    io::copy(&mut src, &mut w)
-        .map_err(|e| Error::Format(format!("cannot read layer {what}: {e}")))?;
-    w.flush()
-        .map_err(|e| Error::Format(format!("cannot store layer {what}: {e}")))?;
-    let (size, diff_id) = (w.size(), w.sha256());
-    let blob = w.commit()?;
-    Ok(LayerRef {
-        blob,
-        diff_id,
-        size,
+    let read_err = |e: io::Error| Error::Format(format!("cannot read layer {what}: {e}"));
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
+    let inflate = move || {
+        let mut src = match decompressing(reader) {
+            Ok(src) => src,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        loop {
+            let mut chunk = vec![0u8; 1 << 20];
+            match read_full(&mut src, &mut chunk) {
+                Ok(0) => return,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    if tx.send(Ok(chunk)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+    };
+    std::thread::scope(|scope| {
+        scope.spawn(inflate);
+        let mut w = cas.writer()?;
+        for chunk in rx {
+            w.write_all(&chunk.map_err(read_err)?)
+                .map_err(|e| Error::Format(format!("cannot store layer {what}: {e}")))?;
+        }
+        w.flush()
+            .map_err(|e| Error::Format(format!("cannot store layer {what}: {e}")))?;
+        let (size, got) = (w.size(), w.sha256());
+        if let Some(want) = diff_id
+            && got != *want
+        {
+            return Err(Error::Format(format!(
+                "layer {what} unpacks to {got}, but the image config says {want}"
+            )));
+        }
+        let blob = w.commit()?;
+        Ok(LayerRef {
+            blob,
+            diff_id: got,
+            size,
+        })
     })
 }
 

@@ -205,7 +205,8 @@ impl Registry {
     }
 
     /// One layer, uncompressed in the store: found there by its diff_id,
-    /// made from a stored compressed blob, or downloaded.
+    /// made from a stored compressed blob, or downloaded (and unpacked as
+    /// it arrives).
     async fn layer(
         &self,
         ep: &Endpoint,
@@ -237,36 +238,29 @@ impl Registry {
             ),
         })?;
         let want = descriptor_sha256(desc)?;
-        let (compressed, downloaded) = match cas.by_sha256(&want)? {
-            Some(blob) => (blob, None),
+        let what = format!("{id} of {shown}");
+        let (compressed, layer, downloaded) = match cas.by_sha256(&want)? {
+            Some(compressed) => {
+                let cas = Arc::clone(&cas);
+                let layer = tokio::task::spawn_blocking(move || -> Result<LayerRef> {
+                    let reader = cas.open_blob(&compressed)?;
+                    Ok(store_layer(&cas, reader, &what, Some(&diff_id))?)
+                })
+                .await
+                .map_err(|e| Error::Config(format!("unpacking {id} stopped: {e}")))??;
+                (compressed, layer, None)
+            }
             None => {
-                let blob = self
-                    .download(ep, desc, &want, &cas, shown, progress)
+                let (compressed, layer) = self
+                    .download(ep, desc, &want, diff_id, &cas, shown, progress)
                     .await?;
-                cas.set_label(&blob, &source_label(&ep.host), Some(ep.repository()))?;
-                (blob, Some(desc.size()))
+                cas.set_label(&compressed, &source_label(&ep.host), Some(ep.repository()))?;
+                (compressed, layer, Some(desc.size()))
             }
         };
-        let what = format!("{id} of {shown}");
-        let layer = tokio::task::spawn_blocking(move || -> Result<LayerRef> {
-            let reader = cas.open_blob(&compressed)?;
-            let layer = store_layer(&cas, reader, &what)?;
-            if layer.diff_id != diff_id {
-                return Err(Error::Format {
-                    reference: what,
-                    detail: format!(
-                        "the layer unpacks to {}, but the image config says {diff_id}",
-                        layer.diff_id
-                    ),
-                });
-            }
-            if compression != Compression::None {
-                record_compressed(&cas, &layer, compression, &compressed)?;
-            }
-            Ok(layer)
-        })
-        .await
-        .map_err(|e| Error::Config(format!("unpacking {id} stopped: {e}")))??;
+        if compression != Compression::None {
+            record_compressed(&cas, &layer, compression, &compressed)?;
+        }
         progress.finish(
             &id,
             if downloaded.is_some() {
@@ -278,93 +272,97 @@ impl Registry {
         Ok(Fetched { layer, downloaded })
     }
 
-    /// Downloads a blob into the store, its sha256 checked as it streams;
-    /// a broken transfer resumes where it stopped (or starts over when
-    /// the registry ignores ranges), a few times, before giving up.
+    /// Downloads a layer blob into the store and unpacks it on the way:
+    /// each chunk goes to the compressed blob (its sha256 checked at the
+    /// end) and to an [`Unpacker`]. A broken transfer resumes where it
+    /// stopped (or starts over when the registry ignores ranges), a few
+    /// times, before giving up. Nothing is stored unless both digests
+    /// match.
+    #[allow(clippy::too_many_arguments)]
     async fn download(
         &self,
         ep: &Endpoint,
         desc: &Descriptor,
         want: &Sha256,
-        cas: &ContentStore,
+        diff_id: Sha256,
+        cas: &Arc<ContentStore>,
         shown: &str,
         progress: &dyn Transfer,
-    ) -> Result<Digest> {
+    ) -> Result<(Digest, LayerRef)> {
         let id = desc.digest().to_string();
+        let what = format!("{id} of {shown}");
         let oci_desc = oci_descriptor(desc);
         let store_err = |e: std::io::Error| {
             Error::Store(strata_oci::Error::Format(format!("storing {id}: {e}")))
         };
         progress.start(&id, Some(desc.size()));
         let mut w = cas.writer()?;
+        let mut unpacker = Unpacker::start(Arc::clone(cas), what.clone(), diff_id);
         let mut attempt = 1;
         loop {
+            // Always a range request, from where the blob stands: a
+            // resumed download continues, and a first one (from 0) is not
+            // hashed a second time by oci-client (`w` checks the sha256).
             let offset = w.size();
-            let response = if offset == 0 {
-                ep.client
-                    .pull_blob_stream(&ep.oci, &oci_desc)
-                    .await
-                    .map(BlobResponse::Full)
-            } else {
-                ep.client
-                    .pull_blob_stream_partial(&ep.oci, &oci_desc, offset, None)
-                    .await
-            };
+            let response = ep
+                .client
+                .pull_blob_stream_partial(&ep.oci, &oci_desc, offset, None)
+                .await;
             let outcome = match response {
                 Ok(BlobResponse::Partial(mut stream)) => {
-                    copy_stream(&mut stream, &mut w, &id, progress)
-                        .await
-                        .map_err(|e| chain(&e))
+                    copy_stream(&mut stream, &mut w, &mut unpacker, &id, progress).await
                 }
                 Ok(BlobResponse::Full(mut stream)) => {
                     if offset > 0 {
-                        // The registry sent the whole blob again.
+                        // The registry sent the whole blob again: so does
+                        // the unpacker get it.
                         w = cas.writer()?;
+                        unpacker.abort();
+                        unpacker = Unpacker::start(Arc::clone(cas), what.clone(), diff_id);
                     }
-                    copy_stream(&mut stream, &mut w, &id, progress)
-                        .await
-                        .map_err(|e| chain(&e))
+                    copy_stream(&mut stream, &mut w, &mut unpacker, &id, progress).await
                 }
                 Err(e) => {
                     let e = from_oci(e, &ep.host, ep.repository(), shown);
                     if !matches!(e, Error::Registry { .. }) {
+                        unpacker.abort();
                         return Err(e);
                     }
                     Err(e.to_string())
                 }
             };
-            match outcome {
-                Ok(()) if w.size() >= desc.size() => break,
-                Ok(()) => {
-                    if attempt >= ATTEMPTS {
-                        return Err(Error::Registry {
-                            registry: ep.host.clone(),
-                            detail: format!(
-                                "blob {id} ended after {} of {} bytes, {attempt} times",
-                                w.size(),
-                                desc.size()
-                            ),
-                        });
-                    }
-                }
-                Err(detail) => {
-                    if attempt >= ATTEMPTS {
-                        return Err(Error::Registry {
-                            registry: ep.host.clone(),
-                            detail: format!(
-                                "downloading blob {id} failed {attempt} times; last: {detail}"
-                            ),
-                        });
-                    }
-                    tracing::warn!(registry = %ep.host, blob = %id, at = w.size(), %detail, "download broke off; resuming");
-                }
+            if outcome.as_ref().is_err_and(|e| e == UNPACKER_STOPPED) {
+                return Err(unpacker
+                    .finish()
+                    .await
+                    .err()
+                    .unwrap_or_else(|| Error::Format {
+                        reference: shown.to_string(),
+                        detail: format!("layer {id} could not be unpacked"),
+                    }));
             }
+            let failure = match outcome {
+                Ok(()) if w.size() >= desc.size() => break,
+                Ok(()) => format!("the blob ended after {} of {} bytes", w.size(), desc.size()),
+                Err(detail) => detail,
+            };
+            if attempt >= ATTEMPTS {
+                unpacker.abort();
+                return Err(Error::Registry {
+                    registry: ep.host.clone(),
+                    detail: format!(
+                        "downloading blob {id} failed {attempt} times; last: {failure}"
+                    ),
+                });
+            }
+            tracing::warn!(registry = %ep.host, blob = %id, at = w.size(), detail = %failure, "download broke off; resuming");
             tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
             attempt += 1;
         }
         w.flush().map_err(store_err)?;
         let got = w.sha256();
         if got != *want || w.size() != desc.size() {
+            unpacker.abort();
             return Err(Error::Format {
                 reference: shown.to_string(),
                 detail: format!(
@@ -375,25 +373,118 @@ impl Registry {
                 ),
             });
         }
-        Ok(w.commit()?)
+        let layer = unpacker.finish().await?;
+        Ok((w.commit()?, layer))
     }
 }
 
-/// Copies a blob stream into the writer, reporting progress; stops at the
-/// first error, keeping what arrived.
+/// Unpacks a layer while it downloads: a thread reads the compressed
+/// bytes from a channel and stores the layer uncompressed
+/// ([`store_layer`], which inflates and hashes on two more threads), so
+/// unpacking a large layer overlaps its download instead of following it.
+struct Unpacker {
+    tx: Option<tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>>,
+    done: Option<tokio::sync::oneshot::Receiver<Result<LayerRef>>>,
+}
+
+impl Unpacker {
+    fn start(cas: Arc<ContentStore>, what: String, diff_id: Sha256) -> Unpacker {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let reader = ChannelReader {
+                rx,
+                chunk: bytes::Bytes::new(),
+            };
+            let _ =
+                done_tx.send(store_layer(&cas, reader, &what, Some(&diff_id)).map_err(Error::from));
+        });
+        Unpacker {
+            tx: Some(tx),
+            done: Some(done),
+        }
+    }
+
+    /// Hands the unpacker the next chunk; false when it has stopped (its
+    /// error comes from [`Unpacker::finish`]).
+    async fn feed(&self, chunk: bytes::Bytes) -> bool {
+        match &self.tx {
+            Some(tx) => tx.send(Ok(chunk)).await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// Stops it without storing anything.
+    fn abort(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.try_send(Err(std::io::Error::other("download abandoned")));
+        }
+        self.done = None;
+    }
+
+    /// The end of the stream: the unpacked layer.
+    async fn finish(mut self) -> Result<LayerRef> {
+        drop(self.tx.take());
+        match self.done.take() {
+            Some(done) => done
+                .await
+                .map_err(|_| Error::Config("the layer unpacker stopped".to_string()))?,
+            None => Err(Error::Config("the layer unpacker was stopped".to_string())),
+        }
+    }
+}
+
+impl Drop for Unpacker {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// Reads what the download sends; an error item ends the layer with it.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    chunk: bytes::Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(next)) => self.chunk = next,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        self.chunk = self.chunk.slice(n..);
+        Ok(n)
+    }
+}
+
+/// Copies a blob stream into the writer and the unpacker, reporting
+/// progress; stops at the first error, keeping what arrived.
 async fn copy_stream(
     stream: &mut oci_client::client::SizedStream,
     w: &mut strata_cas::BlobWriter<'_>,
+    unpacker: &mut Unpacker,
     id: &str,
     progress: &dyn Transfer,
-) -> std::io::Result<()> {
+) -> std::result::Result<(), String> {
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        w.write_all(&chunk)?;
+        let chunk = chunk.map_err(|e| chain(&e))?;
+        w.write_all(&chunk).map_err(|e| chain(&e))?;
         progress.advance(id, chunk.len() as u64);
+        if !unpacker.feed(chunk).await {
+            return Err(UNPACKER_STOPPED.to_string());
+        }
     }
     Ok(())
 }
+
+/// What [`copy_stream`] says when the unpacker gave up: no retry helps,
+/// the unpacker's own error says why.
+const UNPACKER_STOPPED: &str = "the layer unpacker stopped";
 
 fn check_digest(raw: &[u8], want: &str, shown: &str) -> Result<()> {
     let got = Sha256::of(raw).to_string();

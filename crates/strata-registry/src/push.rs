@@ -60,35 +60,45 @@ impl Registry {
             .await
             .map_err(oci_err)?;
 
-        let layers: Vec<Blob> = futures_util::stream::iter(image.layers.iter().copied())
-            .map(|layer| {
-                let cas = Arc::clone(cas);
-                async move {
-                    tokio::task::spawn_blocking(move || compressed(&cas, &layer, compression))
+        // Each layer is compressed (once; the form is kept) and sent as
+        // soon as it is ready, so uploads overlap the compression of the
+        // layers after them.
+        let (shown, ep) = (&shown, &ep);
+        let layers: Vec<(Blob, Option<u64>)> =
+            futures_util::stream::iter(image.layers.iter().copied())
+                .map(|layer| {
+                    let cas = Arc::clone(cas);
+                    async move {
+                        let blob = tokio::task::spawn_blocking({
+                            let cas = Arc::clone(&cas);
+                            move || compressed(&cas, &layer, compression)
+                        })
                         .await
                         .map_err(|e| Error::Config(format!("compressing a layer stopped: {e}")))?
                         .map(|(local, sha256, size)| Blob {
                             local,
                             sha256,
                             size,
-                        })
-                        .map_err(Error::from)
-                }
-            })
-            .buffered(PARALLEL_BLOBS)
-            .try_collect()
-            .await?;
+                        })?;
+                        let sent = self.send_blob(ep, blob, &cas, shown, progress).await?;
+                        Ok::<_, Error>((blob, sent))
+                    }
+                })
+                .buffered(PARALLEL_BLOBS)
+                .try_collect()
+                .await?;
         let config = Blob {
             local: image.config_blob,
             sha256: image.id,
             size: cas.info(&image.config_blob)?.map_or(0, |i| i.size),
         };
-        let sent: Vec<Option<u64>> =
-            futures_util::stream::iter(layers.iter().chain([&config]).copied())
-                .map(|b| self.send_blob(&ep, b, cas, &shown, progress))
-                .buffer_unordered(PARALLEL_BLOBS)
-                .try_collect()
-                .await?;
+        let config_sent = self.send_blob(ep, config, cas, shown, progress).await?;
+        let sent: Vec<Option<u64>> = layers
+            .iter()
+            .map(|(_, s)| *s)
+            .chain([config_sent])
+            .collect();
+        let layers: Vec<Blob> = layers.into_iter().map(|(b, _)| b).collect();
 
         let descriptor = |media: MediaType, b: &Blob| -> Result<oci_spec::image::Descriptor> {
             let digest: oci_spec::image::Sha256Digest = b

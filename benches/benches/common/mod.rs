@@ -1,0 +1,73 @@
+//! What the end-to-end benchmarks share: the release binary, timing a
+//! command, medians and the ratio table.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+/// The release `strata` next to the benchmark executable.
+pub fn strata_release_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("strata");
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo build --release -p strata-cli` (scripts/bench does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs per case: `STRATA_BENCH_RUNS`, default `default`.
+pub fn runs(default: usize) -> usize {
+    std::env::var("STRATA_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The median of some timings.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs `cmd`, failing the benchmark unless it succeeds; returns seconds.
+pub fn time(mut cmd: Command) -> f64 {
+    let start = Instant::now();
+    let out = cmd.output().unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    secs
+}
+
+/// One line of the result table.
+pub struct Row {
+    /// What was measured.
+    pub name: String,
+    /// strata's median, seconds.
+    pub strata: f64,
+    /// The baseline's median, seconds.
+    pub baseline: f64,
+}
+
+/// Prints the table: medians and strata/baseline ratios.
+pub fn print_table(title: &str, baseline: &str, rows: &[Row]) {
+    println!("\n{title}");
+    println!(
+        "{:<44} {:>10} {:>10} {:>8}",
+        "case", "strata", baseline, "ratio"
+    );
+    for r in rows {
+        println!(
+            "{:<44} {:>9.3}s {:>9.3}s {:>7.2}x",
+            r.name,
+            r.strata,
+            r.baseline,
+            r.strata / r.baseline
+        );
+    }
+}
