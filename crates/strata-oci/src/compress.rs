@@ -153,13 +153,13 @@ const GZIP_LEVEL: u32 = 2;
 /// a writer puts members back in order.
 pub(crate) fn gzip_parallel(src: &mut dyn Read, dst: &mut (dyn Write + Send)) -> io::Result<()> {
     use std::collections::BTreeMap;
-    use std::sync::mpsc::{Receiver, sync_channel};
+    use std::sync::mpsc::sync_channel;
     use std::sync::{Arc, Mutex, PoisonError};
 
     const PIECE: usize = 4 << 20;
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let (work_tx, work_rx) = sync_channel::<(usize, Vec<u8>)>(workers);
-    let work_rx: Arc<Mutex<Receiver<(usize, Vec<u8>)>>> = Arc::new(Mutex::new(work_rx));
+    let work_rx = Arc::new(Mutex::new(work_rx));
     let (done_tx, done_rx) = sync_channel::<(usize, io::Result<Vec<u8>>)>(workers * 2);
     std::thread::scope(|scope| {
         for _ in 0..workers {
