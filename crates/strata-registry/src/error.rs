@@ -58,9 +58,10 @@ impl From<strata_cas::Error> for Error {
 /// The registry operations' result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// An error and its causes on one line: reqwest keeps the useful part
-/// ("connection refused") in its sources.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+/// An error and its causes on one line. HTTP clients (reqwest under
+/// oci-client, and under `ADD <url>`) keep the useful part ("connection
+/// refused", "dns error") in the sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -110,7 +111,7 @@ pub(crate) fn from_oci(
         Some(401 | 403) => Error::Unauthorized {
             registry: registry.to_string(),
             repository: repository.to_string(),
-            detail: chain(&e),
+            detail: error_chain(&e),
         },
         Some(404) => Error::NotFound {
             reference: reference.to_string(),
@@ -118,7 +119,7 @@ pub(crate) fn from_oci(
         },
         _ => Error::Registry {
             registry: registry.to_string(),
-            detail: chain(&e),
+            detail: error_chain(&e),
         },
     }
 }

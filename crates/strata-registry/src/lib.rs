@@ -22,9 +22,9 @@ mod pull;
 mod push;
 mod registry;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, error_chain};
 pub use options::RegistryOptions;
-pub use progress::{NoProgress, Transfer};
+pub use progress::Transfer;
 pub use pull::{Platform, Pulled};
 pub use push::Pushed;
 pub use registry::Registry;

@@ -11,13 +11,3 @@ pub trait Transfer: Send + Sync {
     /// `mounted`, …).
     fn finish(&self, id: &str, how: &str);
 }
-
-/// Reports nothing.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NoProgress;
-
-impl Transfer for NoProgress {
-    fn start(&self, _: &str, _: Option<u64>) {}
-    fn advance(&self, _: &str, _: u64) {}
-    fn finish(&self, _: &str, _: &str) {}
-}

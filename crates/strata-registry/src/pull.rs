@@ -13,7 +13,7 @@ use strata_oci::{
     descriptor_sha256, record_compressed, select_manifest, store_layer,
 };
 
-use crate::error::{Error, Result, chain, from_oci};
+use crate::error::{Error, Result, error_chain, from_oci};
 use crate::progress::Transfer;
 use crate::registry::{Endpoint, Registry};
 
@@ -472,8 +472,8 @@ async fn copy_stream(
     progress: &dyn Transfer,
 ) -> std::result::Result<(), String> {
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| chain(&e))?;
-        w.write_all(&chunk).map_err(|e| chain(&e))?;
+        let chunk = chunk.map_err(|e| error_chain(&e))?;
+        w.write_all(&chunk).map_err(|e| error_chain(&e))?;
         progress.advance(id, chunk.len() as u64);
         if !unpacker.feed(chunk).await {
             return Err(UNPACKER_STOPPED.to_string());

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use strata_dockerfile::{Dockerfile, IgnoreMatcher, Platform};
 use strata_oci::{Image, Reference};
 use strata_plan::{ImageResolver, Options, Plan, PlanError, ResolvedImage};
-use strata_registry::{NoProgress, Registry, Transfer};
+use strata_registry::{Registry, Transfer};
 use strata_solver::{Progress, SolveError, SolveOptions, Solved, Solver};
 use tokio_util::sync::CancellationToken;
 
@@ -92,18 +92,7 @@ pub struct BaseImages<'a> {
     pub pulled: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
-impl<'a> BaseImages<'a> {
-    /// Resolution from the local store only.
-    pub fn local(store: &'a strata_oci::ImageStore) -> BaseImages<'a> {
-        BaseImages {
-            store,
-            registry: None,
-            always_pull: false,
-            progress: &NoProgress,
-            pulled: Default::default(),
-        }
-    }
-
+impl BaseImages<'_> {
     fn pull(
         &self,
         registry: &Registry,

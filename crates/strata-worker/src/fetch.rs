@@ -97,10 +97,12 @@ fn download(content: &ContentStore, file: &RemoteFile) -> Result<(Digest, Option
         .build()
         .map_err(|e| format!("ADD {url}: cannot start an HTTP client: {e}"))?;
     tracing::debug!(%url, "downloading");
-    let mut resp = client
-        .get(url.as_str())
-        .send()
-        .map_err(|e| format!("ADD {url}: cannot download: {}", error_chain(&e)))?;
+    let mut resp = client.get(url.as_str()).send().map_err(|e| {
+        format!(
+            "ADD {url}: cannot download: {}",
+            strata_registry::error_chain(&e)
+        )
+    })?;
     let status = resp.status();
     if !status.is_success() {
         return Err(format!("ADD {url}: the server answered {status}"));
@@ -113,24 +115,12 @@ fn download(content: &ContentStore, file: &RemoteFile) -> Result<(Digest, Option
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .and_then(|d| i64::try_from(d.as_secs()).ok());
     let mut w = content.writer().map_err(|e| format!("ADD {url}: {e}"))?;
-    io::copy(&mut resp, &mut w)
-        .map_err(|e| format!("ADD {url}: download failed: {}", error_chain(&e)))?;
+    io::copy(&mut resp, &mut w).map_err(|e| {
+        format!(
+            "ADD {url}: download failed: {}",
+            strata_registry::error_chain(&e)
+        )
+    })?;
     let blob = w.commit().map_err(|e| format!("ADD {url}: {e}"))?;
     Ok((blob, mtime))
-}
-
-/// An error with its causes, which for HTTP errors hold the useful part
-/// ("connection refused", "dns error").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cause = c.source();
-    }
-    s
 }
