@@ -15,12 +15,16 @@ pub mod http;
 pub mod image_model;
 pub mod registry;
 
-/// The repository's root.
+/// The repository's root, found at run time (cargo sets
+/// `CARGO_MANIFEST_DIR` for the tests and benchmarks it runs): a binary
+/// built in another clone sharing the target directory must not use that
+/// clone.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    // Benchmarks run from `benches/`, tests from `integration/`: both sit
+    // at the top of the repository.
+    manifest.parent().unwrap().to_path_buf()
 }
 
 /// The `strata` binary of this build (next to the test executables).

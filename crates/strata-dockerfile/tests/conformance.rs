@@ -20,11 +20,10 @@ use std::path::{Path, PathBuf};
 
 use strata_dockerfile::{EnvList, Lexer, Span, parse};
 
+mod common;
+
 fn data_dir() -> PathBuf {
-    let dir = match std::env::var_os("STRATA_BUILDKIT_CONFORMANCE") {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/buildkit"),
-    };
+    let dir = common::buildkit_data();
     assert!(
         dir.join("parser/testfiles").is_dir() && dir.join("shell/envVarTest").is_file(),
         "\n\n*** BuildKit conformance data not found at {} ***\n\

@@ -10,7 +10,8 @@
     clippy::expect_used
 )]
 
-use std::path::{Path, PathBuf};
+mod common;
+
 
 use proptest::prelude::*;
 use strata_dockerfile::{Dockerfile, EnvList, IgnoreMatcher, Lexer, parse};
@@ -68,11 +69,7 @@ fn conformance_seeds() -> &'static [Vec<u8>] {
 }
 
 fn load_seeds() -> Vec<Vec<u8>> {
-    let dir = std::env::var_os("STRATA_BUILDKIT_CONFORMANCE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/buildkit")
-        });
+    let dir = common::buildkit_data();
     let mut seeds: Vec<Vec<u8>> = SEEDS.iter().map(|s| s.as_bytes().to_vec()).collect();
     for sub in ["parser/testfiles", "parser/testfiles-negative"] {
         let Ok(entries) = std::fs::read_dir(dir.join(sub)) else {
