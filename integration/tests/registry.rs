@@ -287,3 +287,184 @@ fn missing_images_and_unreachable_registries_are_named() {
         &["Dockerfile:1", "cannot pull base image", "not found"],
     );
 }
+
+#[test]
+fn zstd_and_uncompressed_layers_pull_and_save_load_round_trip() {
+    let reg = Registry::start(false);
+    let s = Strata::new().with_busybox(&[]);
+    s.build(
+        &repo_root().join("examples/multistage-busybox"),
+        &["-t", "greeting:1"],
+    );
+    for how in ["zstd", "uncompressed"] {
+        let name = format!("{}/formats/{how}:1", reg.host());
+        s.ok(&["push", "--compression", how, "greeting:1", &name]);
+        let raw = skopeo(&[
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{name}"),
+        ]);
+        let want = if how == "zstd" {
+            "tar+zstd"
+        } else {
+            "layer.v1.tar\""
+        };
+        assert!(raw.contains(want), "{raw}");
+        let fresh = Strata::new();
+        fresh.ok(&["pull", &name]);
+        assert_eq!(
+            fresh.ok(&["run", "--rm", &name]),
+            "Hello, Docker Multi-Stage Build!\n"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("greeting.tar");
+    s.ok(&["save", "-o", tar.to_str().unwrap(), "greeting:1"]);
+    let other = Strata::new();
+    assert_eq!(
+        other.ok(&["load", "-i", tar.to_str().unwrap()]),
+        "Loaded image: greeting:1\n"
+    );
+    assert_eq!(
+        other.ok(&["run", "--rm", "greeting:1"]),
+        "Hello, Docker Multi-Stage Build!\n"
+    );
+}
+
+#[test]
+fn pull_re_resolves_a_tag_that_moved() {
+    let reg = Registry::start(false);
+    let s = Strata::new().with_busybox(&[]);
+    let base = format!("{}/base/moving:latest", reg.host());
+    let dir = tempfile::tempdir().unwrap();
+    let publish = |text: &str| {
+        write_files(
+            dir.path(),
+            &[(
+                "Dockerfile",
+                &format!("FROM busybox:latest\nRUN echo {text} > /version\n"),
+            )],
+        );
+        s.build(dir.path(), &["-t", &base, "--push"]);
+    };
+    publish("one");
+    let user = Strata::new();
+    let app = tempfile::tempdir().unwrap();
+    write_files(
+        app.path(),
+        &[(
+            "Dockerfile",
+            &format!("FROM {base}\nCMD [\"cat\", \"/version\"]\n"),
+        )],
+    );
+    user.build(app.path(), &["-t", "app:1"]);
+    assert_eq!(user.ok(&["run", "--rm", "app:1"]), "one\n");
+    publish("two");
+    // Without --pull the stored base is used, as docker build does.
+    user.build(app.path(), &["-t", "app:1"]);
+    assert_eq!(user.ok(&["run", "--rm", "app:1"]), "one\n");
+    user.build(app.path(), &["-t", "app:1", "--pull"]);
+    assert_eq!(user.ok(&["run", "--rm", "app:1"]), "two\n");
+}
+
+#[test]
+fn an_index_gives_each_platform_its_own_image() {
+    // An OCI layout holding a two-platform index (the same layers, a
+    // config per architecture), copied to the registry with skopeo --all.
+    let s = Strata::new().with_busybox(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    s.build(
+        &repo_root().join("examples/multistage-busybox"),
+        &[
+            "-t",
+            "greeting:1",
+            "--output",
+            &format!("type=oci,dest={},tar=false", layout.display()),
+        ],
+    );
+    let blob = |digest: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let read_json = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let index = read_json(&layout.join("index.json"));
+    let amd64 = index["manifests"][0].clone();
+    let manifest = read_json(&blob(amd64["digest"].as_str().unwrap()));
+    let mut config = read_json(&blob(manifest["config"]["digest"].as_str().unwrap()));
+    config["architecture"] = "arm64".into();
+    config["variant"] = "v8".into();
+    let write_blob = |v: &serde_json::Value| -> (String, usize) {
+        let bytes = serde_json::to_vec(v).unwrap();
+        let digest = format!(
+            "sha256:{:x}",
+            <sha2::Sha256 as sha2::Digest>::digest(&bytes)
+        );
+        std::fs::write(blob(&digest), &bytes).unwrap();
+        (digest, bytes.len())
+    };
+    let (config_digest, config_size) = write_blob(&config);
+    let mut arm = manifest.clone();
+    arm["config"]["digest"] = config_digest.into();
+    arm["config"]["size"] = config_size.into();
+    let (arm_digest, arm_size) = write_blob(&arm);
+    let mut amd = amd64.clone();
+    amd["platform"] = serde_json::json!({"os": "linux", "architecture": "amd64"});
+    let arm_entry = serde_json::json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": arm_digest,
+        "size": arm_size,
+        "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}
+    });
+    let inner = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [amd, arm_entry]
+    });
+    let (inner_digest, inner_size) = write_blob(&inner);
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": inner_digest,
+            "size": inner_size,
+            "annotations": {"org.opencontainers.image.ref.name": "multi"}
+        }]
+    });
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+
+    let reg = Registry::start(false);
+    let name = format!("{}/multi/greeting:1", reg.host());
+    skopeo(&[
+        "copy",
+        "--all",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:multi", layout.display()),
+        &format!("docker://{name}"),
+    ]);
+    let arch = |platform: Option<&str>| -> String {
+        let fresh = Strata::new();
+        let mut args = vec!["pull"];
+        if let Some(p) = platform {
+            args.extend(["--platform", p]);
+        }
+        args.push(&name);
+        fresh.ok(&args);
+        let dest = tempfile::tempdir().unwrap();
+        let tar = dest.path().join("x.tar");
+        fresh.ok(&["save", "-o", tar.to_str().unwrap(), &name]);
+        let model = strata_integration::image_model::read_docker_archive(&tar).unwrap();
+        model.config["architecture"].as_str().unwrap().to_string()
+    };
+    assert_eq!(arch(None), "amd64");
+    assert_eq!(arch(Some("linux/arm64/v8")), "arm64");
+    let fresh = Strata::new();
+    fails_with(
+        &fresh.run(&["pull", "--platform", "linux/s390x", &name]),
+        &["no image for linux/s390x", "linux/amd64", "linux/arm64"],
+    );
+}

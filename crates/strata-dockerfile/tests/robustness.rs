@@ -12,7 +12,6 @@
 
 mod common;
 
-
 use proptest::prelude::*;
 use strata_dockerfile::{Dockerfile, EnvList, IgnoreMatcher, Lexer, parse};
 
