@@ -1,0 +1,62 @@
+//! Transport errors, naming the peer or file involved.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Why a connection, message or transfer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Certificates or keys could not be made, read or used.
+    #[error("{0}")]
+    Tls(String),
+    /// A file of the cluster's credentials could not be read or written.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A peer could not be reached, or the connection broke.
+    #[error("{peer}: {detail}")]
+    Connection {
+        /// The peer's address.
+        peer: SocketAddr,
+        /// What happened.
+        detail: String,
+    },
+    /// The peer is not one this node talks to.
+    #[error("{peer}: refused: {detail}")]
+    Refused {
+        /// The peer's address.
+        peer: SocketAddr,
+        /// Why.
+        detail: String,
+    },
+    /// A message was malformed or too large.
+    #[error("{peer}: malformed message: {detail}")]
+    Malformed {
+        /// The peer's address.
+        peer: SocketAddr,
+        /// What was wrong.
+        detail: String,
+    },
+    /// A blob did not arrive whole or did not hash to its name.
+    #[error("{peer}: blob {digest}: {detail}")]
+    Blob {
+        /// The peer's address.
+        peer: SocketAddr,
+        /// The blob.
+        digest: strata_cas::Digest,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The local content store failed.
+    #[error(transparent)]
+    Store(#[from] strata_cas::Error),
+}
+
+/// The transport's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
