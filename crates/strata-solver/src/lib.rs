@@ -63,6 +63,9 @@ pub struct WorkerError {
     pub tail: Vec<String>,
     /// True when it stopped because the build was cancelled.
     pub cancelled: bool,
+    /// True when the worker holding the stage's filesystem is gone (a
+    /// cluster node died): the stage starts over elsewhere.
+    pub lost: bool,
 }
 
 impl WorkerError {
@@ -72,6 +75,15 @@ impl WorkerError {
             message: message.into(),
             tail: Vec::new(),
             cancelled: false,
+            lost: false,
+        }
+    }
+
+    /// The worker running the stage is gone.
+    pub fn lost(message: impl Into<String>) -> WorkerError {
+        WorkerError {
+            lost: true,
+            ..WorkerError::new(message)
         }
     }
 }
@@ -96,6 +108,18 @@ pub trait Worker: Send + Sync + 'static {
 
     /// This worker's name, for reports.
     fn name(&self) -> String;
+
+    /// Where `stage`'s steps run, for reports (a cluster names the node).
+    fn runs_on(&self, stage: &StagePlan) -> String {
+        let _ = stage;
+        self.name()
+    }
+
+    /// The solver is done with `stage` (its last step finished or was
+    /// cached, or it failed): a cluster frees the node's slot.
+    fn stage_done(&self, stage: &StagePlan) {
+        let _ = stage;
+    }
 }
 
 /// What happened to a step, for progress displays.

@@ -158,7 +158,30 @@ impl Solver {
         })
     }
 
+    /// Solves stage `i`, starting it over (a few times) when the worker
+    /// running it is lost.
     async fn stage(&self, run: &Arc<Run>, i: usize) -> Result<StageResult, SolveError> {
+        let stage = &run.plan.stages[i];
+        let mut attempt = 1;
+        let outcome = loop {
+            match self.stage_once(run, i).await {
+                Err(StageFailure::Lost(e)) if attempt < STAGE_ATTEMPTS => {
+                    tracing::warn!(stage = %stage.name, attempt, error = %e, "the stage's worker is gone; starting the stage over");
+                    run.records
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .retain(|r| r.stage != stage.name);
+                    attempt += 1;
+                }
+                Err(StageFailure::Lost(e) | StageFailure::Failed(e)) => break Err(e),
+                Ok(r) => break Ok(r),
+            }
+        };
+        self.worker.stage_done(stage);
+        outcome
+    }
+
+    async fn stage_once(&self, run: &Arc<Run>, i: usize) -> Result<StageResult, StageFailure> {
         let stage = &run.plan.stages[i];
         let results = run.snapshot();
         let (mut key, mut layers, base_history) = match &stage.base {
@@ -172,22 +195,23 @@ impl Solver {
                 )
             }
             Base::Stage(b) => {
-                let r = results[*b]
-                    .as_ref()
-                    .ok_or_else(|| SolveError::Internal("base stage unfinished".into()))?;
+                let r = results[*b].as_ref().ok_or_else(|| {
+                    StageFailure::Failed(SolveError::Internal("base stage unfinished".into()))
+                })?;
                 (r.key, r.layers.clone(), r.config.history.clone())
             }
         };
         let mut made = Vec::with_capacity(stage.steps.len());
         for (s, step) in stage.steps.iter().enumerate() {
             if run.opts.cancel.is_cancelled() {
-                return Err(SolveError::Cancelled);
+                return Err(StageFailure::Failed(SolveError::Cancelled));
             }
             let step_err = |e: WorkerError| {
                 if e.cancelled {
-                    return SolveError::Cancelled;
+                    return StageFailure::Failed(SolveError::Cancelled);
                 }
-                SolveError::Step {
+                let lost = e.lost;
+                let err = SolveError::Step {
                     stage: stage.name.clone(),
                     number: step.number,
                     total: stage.total(),
@@ -195,8 +219,14 @@ impl Solver {
                     line: step.line,
                     message: e.message,
                     tail: e.tail,
+                };
+                if lost {
+                    StageFailure::Lost(err)
+                } else {
+                    StageFailure::Failed(err)
                 }
             };
+            let internal = |e: String| StageFailure::Failed(SolveError::Internal(e));
             let started = now();
             let inputs = {
                 let (w, plan, results) = (
@@ -208,19 +238,23 @@ impl Solver {
                     w.inputs(&plan.stages[i], &plan.stages[i].steps[s], &results)
                 })
                 .await
-                .map_err(|e| SolveError::Internal(e.to_string()))?
+                .map_err(|e| internal(e.to_string()))?
                 .map_err(step_err)?
             };
             let step_key = step_key(&key, &step.op, &inputs);
             let cached = if run.opts.no_cache {
                 None
             } else {
-                self.cache.get(&step_key)?
+                self.cache
+                    .get(&step_key)
+                    .map_err(|e| StageFailure::Failed(e.into()))?
             };
             let cached = cached.filter(|e| self.worker.has_layers(&e.layers));
             let (entry, was_cached) = match cached {
                 Some(entry) => {
-                    self.cache.touch(&step_key)?;
+                    self.cache
+                        .touch(&step_key)
+                        .map_err(|e| StageFailure::Failed(e.into()))?;
                     run.event(stage, step.number, &step.label, EventKind::Cached);
                     (entry, true)
                 }
@@ -248,7 +282,9 @@ impl Solver {
                     if !ran {
                         run.event(stage, step.number, &step.label, EventKind::Cached);
                     }
-                    self.cache.put(&step_key, &entry)?;
+                    self.cache
+                        .put(&step_key, &entry)
+                        .map_err(|e| StageFailure::Failed(e.into()))?;
                     (entry, !ran)
                 }
             };
@@ -267,7 +303,7 @@ impl Solver {
                     cached: was_cached,
                     started,
                     finished: now(),
-                    worker: self.worker.name(),
+                    worker: self.worker.runs_on(stage),
                 });
         }
         let mut config = stage.config.clone();
@@ -341,7 +377,7 @@ impl Solver {
                 let mut layers = parent.to_vec();
                 let made = layer.is_some();
                 layers.extend(layer);
-                Ok(CacheEntry::new(layers, made, &self.worker.name()))
+                Ok(CacheEntry::new(layers, made, &self.worker.runs_on(stage)))
             }
             Err(e) => {
                 run.event(
@@ -354,6 +390,17 @@ impl Solver {
             }
         }
     }
+}
+
+/// How often a stage is started over when its worker is lost.
+const STAGE_ATTEMPTS: u32 = 3;
+
+/// Why one attempt at a stage ended.
+enum StageFailure {
+    /// The worker holding its filesystem is gone: worth another attempt.
+    Lost(SolveError),
+    /// Anything else ends the build.
+    Failed(SolveError),
 }
 
 /// The plan stages a stage waits for: its base and the stages it reads.

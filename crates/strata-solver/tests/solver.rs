@@ -51,6 +51,10 @@ struct FakeWorker {
     /// What the builder's output "is", by the command that made it.
     outputs: Mutex<HashMap<String, String>>,
     delay: Duration,
+    /// Commands whose first run loses the worker (a cluster node dying).
+    lose_once: Mutex<Vec<String>>,
+    /// Stages the solver said it was done with.
+    done: Mutex<Vec<String>>,
 }
 
 impl Worker for FakeWorker {
@@ -93,12 +97,20 @@ impl Worker for FakeWorker {
             return Ok(None);
         };
         let cmd = e.args.join(" ");
+        {
+            let mut lose = self.lose_once.lock().unwrap();
+            if let Some(i) = lose.iter().position(|c| *c == cmd) {
+                lose.remove(i);
+                return Err(WorkerError::lost("the worker went away"));
+            }
+        }
         if cmd.contains("fail") {
             (job.output)(b"boom\n");
             return Err(WorkerError {
                 message: "exit code: 1".into(),
                 tail: vec!["boom".into()],
                 cancelled: false,
+                lost: false,
             });
         }
         self.executed.lock().unwrap().push(cmd.clone());
@@ -119,6 +131,10 @@ impl Worker for FakeWorker {
 
     fn name(&self) -> String {
         "fake".into()
+    }
+
+    fn stage_done(&self, stage: &StagePlan) {
+        self.done.lock().unwrap().push(stage.name.clone());
     }
 }
 
@@ -319,4 +335,28 @@ async fn identical_steps_in_flight_run_once() {
     x.unwrap();
     y.unwrap();
     assert_eq!(worker.executed.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_lost_worker_starts_the_stage_over() {
+    let worker = Arc::new(FakeWorker::default());
+    worker.lose_once.lock().unwrap().push("make two".into());
+    let plan = Arc::new(Plan {
+        stages: vec![stage(
+            "only",
+            Base::Scratch,
+            vec![exec("make one", 1), exec("make two", 2), exec("make three", 3)],
+        )],
+        target: 0,
+    });
+    let solver = Arc::new(Solver::new(worker.clone(), Arc::new(MemCache::default())));
+    let solved = solver.solve(plan, opts()).await.unwrap();
+    // The first step's result was cached before the loss; starting over
+    // finds it, then runs the rest.
+    assert_eq!(
+        *worker.executed.lock().unwrap(),
+        ["make one", "make two", "make three"]
+    );
+    assert_eq!(solved.steps.len(), 3, "one record per step: {:?}", solved.steps);
+    assert_eq!(*worker.done.lock().unwrap(), ["only"]);
 }

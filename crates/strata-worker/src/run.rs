@@ -269,16 +269,19 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
             message: format!("process {command} did not complete successfully: exit code: {c}"),
             tail,
             cancelled: false,
+            lost: false,
         }),
         ExitStatus::Signal(s) => Err(WorkerError {
             message: format!("process {command} was killed by signal {s}"),
             tail,
             cancelled: false,
+            lost: false,
         }),
         ExitStatus::Cancelled => Err(WorkerError {
             message: "cancelled".into(),
             tail,
             cancelled: true,
+            lost: false,
         }),
     }
 }
