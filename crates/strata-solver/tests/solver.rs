@@ -345,7 +345,11 @@ async fn a_lost_worker_starts_the_stage_over() {
         stages: vec![stage(
             "only",
             Base::Scratch,
-            vec![exec("make one", 1), exec("make two", 2), exec("make three", 3)],
+            vec![
+                exec("make one", 1),
+                exec("make two", 2),
+                exec("make three", 3),
+            ],
         )],
         target: 0,
     });
@@ -357,6 +361,11 @@ async fn a_lost_worker_starts_the_stage_over() {
         *worker.executed.lock().unwrap(),
         ["make one", "make two", "make three"]
     );
-    assert_eq!(solved.steps.len(), 3, "one record per step: {:?}", solved.steps);
+    assert_eq!(
+        solved.steps.len(),
+        3,
+        "one record per step: {:?}",
+        solved.steps
+    );
     assert_eq!(*worker.done.lock().unwrap(), ["only"]);
 }

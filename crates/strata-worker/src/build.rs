@@ -202,50 +202,110 @@ fn ignore_file(dockerfile: &Path, context: &Path) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// What decides a build's plan: the same on every node that plans it (the
+/// embedded build, a cluster's coordinator and each of its workers), so
+/// every node finds the same stages, steps and keys.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PlanInputs {
+    /// The Dockerfile's bytes.
+    pub dockerfile: Vec<u8>,
+    /// Its name, for errors (`Dockerfile:3: …`).
+    pub dockerfile_name: String,
+    /// `--build-arg`s.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`.
+    pub target: Option<String>,
+    /// The platform built for (`linux/amd64`).
+    pub platform: String,
+}
+
+impl PlanInputs {
+    /// Reads the Dockerfile at `path`; errors name it.
+    pub fn read(
+        path: &Path,
+        build_args: BTreeMap<String, String>,
+        target: Option<String>,
+        platform: &Platform,
+    ) -> Result<PlanInputs, BuildError> {
+        let dockerfile = std::fs::read(path).map_err(|e| {
+            BuildError::Input(format!("cannot read Dockerfile {}: {e}", path.display()))
+        })?;
+        Ok(PlanInputs {
+            dockerfile,
+            dockerfile_name: path.display().to_string(),
+            build_args,
+            target,
+            platform: platform.to_string(),
+        })
+    }
+
+    /// `SOURCE_DATE_EPOCH` (a build arg), else the Unix epoch: every time
+    /// in the image and its layers comes from it, so builds reproduce.
+    pub fn epoch(&self) -> i64 {
+        self.build_args
+            .get("SOURCE_DATE_EPOCH")
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+    }
+
+    /// The plan, base images found by `resolver`.
+    pub fn plan(&self, resolver: &dyn ImageResolver) -> Result<Plan, BuildError> {
+        let df =
+            Dockerfile::parse(&self.dockerfile).map_err(|e| e.with_file(&self.dockerfile_name))?;
+        let platform = Platform::parse(&self.platform).map_err(BuildError::Input)?;
+        let opts = Options {
+            build_args: self.build_args.clone(),
+            target: self.target.clone(),
+            platform,
+            build_platform: Platform::host(),
+            created: epoch_rfc3339(self.epoch()),
+        };
+        Ok(strata_plan::plan(
+            &df,
+            &self.dockerfile_name,
+            &opts,
+            resolver,
+        )?)
+    }
+}
+
+/// The `.dockerignore` of a build, as BuildKit finds it
+/// (`<Dockerfile>.dockerignore` beside the Dockerfile, else `.dockerignore`
+/// in the context); empty when there is none.
+pub fn ignore_for(dockerfile: &Path, context: &Path) -> Result<IgnoreMatcher, BuildError> {
+    match ignore_file(dockerfile, context) {
+        Some(p) => {
+            let bytes = std::fs::read(&p)
+                .map_err(|e| BuildError::Input(format!("cannot read {}: {e}", p.display())))?;
+            Ok(IgnoreMatcher::from_dockerignore(&bytes).map_err(|e| e.with_file(&p))?)
+        }
+        None => Ok(IgnoreMatcher::default()),
+    }
+}
+
 /// Builds `req` on `node`.
 pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, BuildError> {
-    let df = Dockerfile::parse_file(&req.dockerfile)?;
+    let inputs = PlanInputs::read(
+        &req.dockerfile,
+        req.build_args.clone(),
+        req.target.clone(),
+        &req.platform,
+    )?;
     if !req.context.is_dir() {
         return Err(BuildError::Input(format!(
             "build context {} is not a directory",
             req.context.display()
         )));
     }
-    let ignore = match ignore_file(&req.dockerfile, &req.context) {
-        Some(p) => {
-            let bytes = std::fs::read(&p)
-                .map_err(|e| BuildError::Input(format!("cannot read {}: {e}", p.display())))?;
-            IgnoreMatcher::from_dockerignore(&bytes).map_err(|e| e.with_file(&p))?
-        }
-        None => IgnoreMatcher::default(),
-    };
-    // Reproducible by default: SOURCE_DATE_EPOCH, else the Unix epoch.
-    let epoch = req
-        .build_args
-        .get("SOURCE_DATE_EPOCH")
-        .and_then(|v| v.parse::<i64>().ok())
-        .unwrap_or(0);
-    let created = epoch_rfc3339(epoch);
-    let opts = Options {
-        build_args: req.build_args.clone(),
-        target: req.target.clone(),
-        platform: req.platform.clone(),
-        build_platform: Platform::host(),
-        created: created.clone(),
-    };
-    let file_name = req.dockerfile.display().to_string();
-    let plan = Arc::new(strata_plan::plan(
-        &df,
-        &file_name,
-        &opts,
-        &BaseImages {
-            store: &node.images,
-            registry: req.registry.as_deref(),
-            always_pull: req.always_pull,
-            progress: req.pull_progress.as_ref(),
-            pulled: Default::default(),
-        },
-    )?);
+    let ignore = ignore_for(&req.dockerfile, &req.context)?;
+    let epoch = inputs.epoch();
+    let plan = Arc::new(inputs.plan(&BaseImages {
+        store: &node.images,
+        registry: req.registry.as_deref(),
+        always_pull: req.always_pull,
+        progress: req.pull_progress.as_ref(),
+        pulled: Default::default(),
+    })?);
 
     let mut lease = node.content.lease();
     for stage in &plan.stages {
@@ -271,7 +331,7 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         jobs: req.jobs,
         cancel: req.cancel.clone(),
         progress: req.progress,
-        created,
+        created: epoch_rfc3339(epoch),
     };
     let solved = solver.solve(Arc::clone(&plan), solve_opts).await?;
     let target = &solved.stages[plan.target];

@@ -21,7 +21,9 @@ pub mod select;
 mod users;
 mod worker;
 
-pub use build::{BaseImages, BuildError, BuildRequest, BuildResult, build, epoch_rfc3339};
+pub use build::{
+    BaseImages, BuildError, BuildRequest, BuildResult, PlanInputs, build, epoch_rfc3339, ignore_for,
+};
 pub use gc::{PruneReport, prune};
 pub use memo::SelectionMemo;
 pub use node::{Node, NodeError, default_home};
