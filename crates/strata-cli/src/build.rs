@@ -13,7 +13,7 @@ use serde::Serialize;
 use strata_dockerfile::Platform;
 use strata_oci::{Compression, Reference};
 use strata_solver::StepRecord;
-use strata_worker::{BuildError, BuildRequest, build};
+use strata_worker::{BuildError, BuildRequest, PlanInputs, build};
 use tokio_util::sync::CancellationToken;
 
 use crate::dockerfile::parse_build_args;
@@ -68,6 +68,9 @@ pub struct BuildArgs {
     /// Platform to build for (default: this machine's).
     #[arg(long)]
     platform: Option<String>,
+    /// Build on a cluster: its client configuration (`DIR/client.toml`).
+    #[arg(long, env = "STRATA_CLUSTER", value_name = "FILE")]
+    cluster: Option<PathBuf>,
     /// The build context directory.
     context: PathBuf,
 }
@@ -157,6 +160,9 @@ fn parse_secrets(raw: &[String]) -> Result<BTreeMap<String, Vec<u8>>> {
 struct Report<'a> {
     image: ReportImage,
     duration_seconds: f64,
+    /// Bytes of layers a cluster build fetched from its workers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_fetched: Option<u64>,
     steps: &'a [StepRecord],
 }
 
@@ -215,63 +221,87 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
     let jobs = args
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let req = BuildRequest {
-        dockerfile,
-        context: args.context.clone(),
-        build_args,
-        target: args.target.clone(),
-        no_cache: args.no_cache,
-        jobs,
-        secrets,
-        tags: tags.clone(),
-        platform,
-        progress: renderer.progress(),
-        cancel: cancel.clone(),
-        registry: Some(Arc::clone(&registry)),
-        always_pull: args.pull,
-        pull_progress: Arc::clone(&renderer) as Arc<dyn strata_registry::Transfer>,
-    };
     let rt = crate::runtime()?;
-    let result = rt.block_on(async {
-        let interrupt = cancel.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                interrupt.cancel();
-            }
-        });
-        build(node.clone(), req).await
-    });
-    renderer.finish();
-    let result = match result {
-        Ok(r) => r,
-        Err(BuildError::Solve(strata_solver::SolveError::Step {
-            stage,
-            number,
-            total,
-            label,
-            line,
-            message,
-            tail,
-        })) => {
-            let mut err = std::io::stderr().lock();
-            if !tail.is_empty() {
-                writeln!(err, "------\n > [{stage} {number}/{total}] {label}:")?;
-                for l in &tail {
-                    writeln!(err, "{l}")?;
-                }
-                writeln!(err, "------")?;
-            }
-            bail!(
-                "{}:{line}: [{stage} {number}/{total}] {label}: {message}",
-                args.file
-                    .as_deref()
-                    .unwrap_or(Path::new("Dockerfile"))
-                    .display()
+    let (image, steps, fetched) = match &args.cluster {
+        Some(cluster) => {
+            let inputs = PlanInputs::read(&dockerfile, build_args, args.target.clone(), &platform)?;
+            let outcome = cluster_build(
+                &rt,
+                cluster,
+                &node,
+                ClusterBuild {
+                    inputs,
+                    dockerfile: &dockerfile,
+                    context: &args.context,
+                    secrets,
+                    no_cache: args.no_cache,
+                    pull: args.pull,
+                },
+                &renderer,
+                &tags,
             );
+            renderer.finish();
+            match outcome {
+                Ok((image, steps, fetched)) => (image, steps, Some(fetched)),
+                Err(ClusterFailure::Step { message, tail }) => {
+                    print_tail(None, &tail)?;
+                    bail!("{message}");
+                }
+                Err(ClusterFailure::Other(e)) => return Err(e),
+            }
         }
-        Err(e) => return Err(e.into()),
+        None => {
+            let req = BuildRequest {
+                dockerfile,
+                context: args.context.clone(),
+                build_args,
+                target: args.target.clone(),
+                no_cache: args.no_cache,
+                jobs,
+                secrets,
+                tags: tags.clone(),
+                platform,
+                progress: renderer.progress(),
+                cancel: cancel.clone(),
+                registry: Some(Arc::clone(&registry)),
+                always_pull: args.pull,
+                pull_progress: Arc::clone(&renderer) as Arc<dyn strata_registry::Transfer>,
+            };
+            let result = rt.block_on(async {
+                let interrupt = cancel.clone();
+                tokio::spawn(async move {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        interrupt.cancel();
+                    }
+                });
+                build(node.clone(), req).await
+            });
+            renderer.finish();
+            match result {
+                Ok(r) => (r.image, r.solved.steps, None),
+                Err(BuildError::Solve(strata_solver::SolveError::Step {
+                    stage,
+                    number,
+                    total,
+                    label,
+                    line,
+                    message,
+                    tail,
+                })) => {
+                    print_tail(Some(&format!("[{stage} {number}/{total}] {label}")), &tail)?;
+                    bail!(
+                        "{}:{line}: [{stage} {number}/{total}] {label}: {message}",
+                        args.file
+                            .as_deref()
+                            .unwrap_or(Path::new("Dockerfile"))
+                            .display()
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     };
-    let image = &result.image;
+    let image = &image;
     for o in &outputs {
         match o {
             Output::Oci {
@@ -311,7 +341,7 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let steps = &result.solved.steps;
+    let steps = &steps;
     let cached = steps.iter().filter(|s| s.cached).count();
     if let Some(path) = &args.report {
         let report = Report {
@@ -322,6 +352,7 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
                 size: image.size(),
             },
             duration_seconds: elapsed,
+            bytes_fetched: fetched,
             steps,
         };
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
@@ -348,6 +379,92 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
         writeln!(std::io::stdout().lock(), "{}", image.id)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A failing step's last output, framed as BuildKit frames it.
+fn print_tail(title: Option<&str>, tail: &[String]) -> Result<()> {
+    if tail.is_empty() {
+        return Ok(());
+    }
+    let mut err = std::io::stderr().lock();
+    match title {
+        Some(t) => writeln!(err, "------\n > {t}:")?,
+        None => writeln!(err, "------")?,
+    }
+    for l in tail {
+        writeln!(err, "{l}")?;
+    }
+    writeln!(err, "------")?;
+    Ok(())
+}
+
+/// What a cluster build sends besides the plan inputs.
+struct ClusterBuild<'a> {
+    inputs: PlanInputs,
+    dockerfile: &'a Path,
+    context: &'a Path,
+    secrets: BTreeMap<String, Vec<u8>>,
+    no_cache: bool,
+    pull: bool,
+}
+
+enum ClusterFailure {
+    Step { message: String, tail: Vec<String> },
+    Other(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for ClusterFailure {
+    fn from(e: E) -> Self {
+        ClusterFailure::Other(e.into())
+    }
+}
+
+/// `strata build --cluster`: packs and uploads the context, runs the build
+/// on the cluster with its progress shown here, then fetches the image's
+/// layers from the workers and names it. Returns the image, the steps and
+/// the bytes fetched.
+fn cluster_build(
+    rt: &tokio::runtime::Runtime,
+    cluster: &Path,
+    node: &Arc<strata_worker::Node>,
+    b: ClusterBuild<'_>,
+    renderer: &Arc<Renderer>,
+    tags: &[Reference],
+) -> Result<(strata_oci::Image, Vec<StepRecord>, u64), ClusterFailure> {
+    let ignore = strata_worker::ignore_for(b.dockerfile, b.context)?;
+    let context = strata_cluster::context::pack(&node.content, b.context, &ignore)
+        .map_err(anyhow::Error::msg)?;
+    rt.block_on(async {
+        let client = crate::cluster::connect(cluster).await?;
+        client.upload(&node.content, &context).await?;
+        let progress = renderer.progress();
+        let submit = strata_cluster::protocol::SubmitBuild {
+            inputs: b.inputs,
+            context,
+            secrets: b.secrets,
+            no_cache: b.no_cache,
+            pull: b.pull,
+        };
+        let on_event = move |e| progress(e);
+        let done = tokio::select! {
+            done = client.build(submit, &on_event) => done,
+            _ = tokio::signal::ctrl_c() => {
+                return Err(ClusterFailure::Other(anyhow::anyhow!("cancelled")));
+            }
+        };
+        let done = match done {
+            Ok(d) => d,
+            Err(strata_cluster::client::ClientError::Build { message, tail }) => {
+                return Err(ClusterFailure::Step { message, tail });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let (image, fetched) = client.fetch_image(node, &done).await?;
+        for tag in tags {
+            node.images.tag(tag, &image)?;
+        }
+        Ok((image, done.steps, fetched))
+    })
 }
 
 #[cfg(test)]

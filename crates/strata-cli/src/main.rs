@@ -5,6 +5,7 @@
 //! `main` as `anyhow` chains and are printed once, with their causes.
 
 mod build;
+mod cluster;
 mod dockerfile;
 mod images;
 mod progress;
@@ -62,6 +63,13 @@ enum Command {
     /// Check or inspect a Dockerfile without building it.
     #[command(subcommand)]
     Dockerfile(dockerfile::DockerfileCommand),
+    /// Run a cluster coordinator.
+    Coordinator(cluster::NodeArgs),
+    /// Run a cluster worker.
+    Worker(cluster::NodeArgs),
+    /// Make, start, stop and inspect clusters.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +88,9 @@ fn main() -> ExitCode {
         Command::Prune(a) => images::prune(&home, a),
         Command::Image(c) => images::image(&home, c),
         Command::Dockerfile(cmd) => dockerfile::run(cmd),
+        Command::Coordinator(a) => cluster::coordinator(a, &cli.registry),
+        Command::Worker(a) => cluster::worker(a),
+        Command::Cluster(cmd) => cluster::cluster(cmd),
     };
     match result {
         Ok(code) => code,

@@ -15,7 +15,7 @@ mod solve;
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use strata_cas::Digest;
 use strata_oci::{ImageConfig, LayerRef};
 use strata_plan::{StagePlan, Step};
@@ -54,7 +54,7 @@ pub struct Job<'a> {
 }
 
 /// A step that failed on a worker.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
 #[error("{message}")]
 pub struct WorkerError {
     /// What happened.
@@ -123,7 +123,7 @@ pub trait Worker: Send + Sync + 'static {
 }
 
 /// What happened to a step, for progress displays.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum EventKind {
     /// It started running.
     Started,
@@ -138,7 +138,7 @@ pub enum EventKind {
 }
 
 /// A progress event about one step (or a stage's `FROM`, number 1).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// Stage name.
     pub stage: String,
@@ -171,7 +171,7 @@ pub struct SolveOptions {
 }
 
 /// A step as the build report records it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
     /// Stage name.
     pub stage: String,

@@ -288,6 +288,7 @@ impl Solver {
                     (entry, !ran)
                 }
             };
+            let producer = entry.producer.clone();
             layers = entry.layers;
             made.push(entry.made_layer);
             key = step_key;
@@ -303,7 +304,12 @@ impl Solver {
                     cached: was_cached,
                     started,
                     finished: now(),
-                    worker: self.worker.runs_on(stage),
+                    // A cached step names the worker that made it.
+                    worker: if was_cached {
+                        producer
+                    } else {
+                        self.worker.runs_on(stage)
+                    },
                 });
         }
         let mut config = stage.config.clone();

@@ -1,0 +1,196 @@
+//! `strata coordinator`, `strata worker` and `strata cluster …`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use strata_cluster::client::Client;
+use strata_cluster::config::{ClientConfig, CoordinatorConfig, WorkerConfig};
+use strata_cluster::coordinator::Coordinator;
+use strata_cluster::worker::WorkerNode;
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::RegistryFlags;
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// The node's configuration file.
+    #[arg(long)]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Make a cluster CA, certificates and configuration files.
+    Init {
+        /// Where to write them.
+        #[arg(long)]
+        dir: PathBuf,
+        /// How many workers to make certificates and configs for.
+        #[arg(long, default_value_t = 3)]
+        workers: usize,
+        /// The coordinator's port; workers take the ones after it.
+        #[arg(long, default_value_t = strata_cluster::local::DEFAULT_BASE_PORT)]
+        base_port: u16,
+    },
+    /// Start a coordinator and workers on this machine, in the background.
+    Up {
+        /// How many workers.
+        #[arg(long = "local")]
+        workers: usize,
+        /// The cluster's directory (made if needed).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Stop what `cluster up` started.
+    Down {
+        /// The cluster's directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Show the coordinator, its workers and the cache.
+    Status {
+        /// The client configuration (`DIR/client.toml`).
+        #[arg(long, env = "STRATA_CLUSTER")]
+        cluster: PathBuf,
+    },
+}
+
+/// Cancelled on Ctrl-C or SIGTERM.
+fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = term => {}
+        }
+        t.cancel();
+    });
+    token
+}
+
+pub fn coordinator(args: NodeArgs, flags: &RegistryFlags) -> Result<ExitCode> {
+    let config = CoordinatorConfig::load(&args.config)?;
+    crate::runtime()?.block_on(async {
+        let coord = Coordinator::start(&config, flags.registry()).map_err(anyhow::Error::msg)?;
+        writeln!(
+            std::io::stderr(),
+            "coordinator listening on {}",
+            coord.addr()
+        )?;
+        coord.run(shutdown_signal()).await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn worker(args: NodeArgs) -> Result<ExitCode> {
+    let config = WorkerConfig::load(&args.config)?;
+    crate::runtime()?.block_on(async {
+        let node = WorkerNode::start(&config).map_err(anyhow::Error::msg)?;
+        writeln!(
+            std::io::stderr(),
+            "worker {} serving blobs on {}, coordinator {}",
+            node.name(),
+            node.addr(),
+            config.coordinator
+        )?;
+        node.run(shutdown_signal()).await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        ClusterCommand::Init {
+            dir,
+            workers,
+            base_port,
+        } => {
+            let written = strata_cluster::local::init(&dir, workers, base_port)
+                .map_err(anyhow::Error::msg)?;
+            for p in &written {
+                writeln!(out, "wrote {}", p.display())?;
+            }
+            writeln!(
+                out,
+                "cluster files in {}: start with `strata coordinator --config {}` and `strata worker --config …`, build with `strata build --cluster {}`",
+                dir.display(),
+                dir.join("coordinator.toml").display(),
+                dir.join("client.toml").display()
+            )?;
+        }
+        ClusterCommand::Up { workers, dir } => {
+            let exe = std::env::current_exe().context("cannot find the strata executable")?;
+            crate::runtime()?
+                .block_on(strata_cluster::local::up(
+                    &exe,
+                    &dir,
+                    workers,
+                    Duration::from_secs(60),
+                ))
+                .map_err(anyhow::Error::msg)?;
+            writeln!(
+                out,
+                "cluster up: a coordinator and {workers} workers; build with `strata build --cluster {}`",
+                dir.join("client.toml").display()
+            )?;
+        }
+        ClusterCommand::Down { dir } => {
+            let stopped = strata_cluster::local::down(&dir, Duration::from_secs(10))
+                .map_err(anyhow::Error::msg)?;
+            writeln!(out, "stopped {}", stopped.join(", "))?;
+        }
+        ClusterCommand::Status { cluster } => {
+            let status = crate::runtime()?.block_on(async {
+                let client = connect(&cluster).await?;
+                client.status().await.map_err(anyhow::Error::from)
+            })?;
+            writeln!(
+                out,
+                "coordinator {} (pid {}): {} cache entries, {} blobs located, {} builds running",
+                status.coordinator,
+                status.pid,
+                status.cache_entries,
+                status.blobs_located,
+                status.builds_running
+            )?;
+            writeln!(
+                out,
+                "{:<14} {:<22} {:<6} {:>5} {:>7} {:>6}",
+                "WORKER", "ADDRESS", "STATE", "SLOTS", "RUNNING", "BLOBS"
+            )?;
+            for w in &status.workers {
+                writeln!(
+                    out,
+                    "{:<14} {:<22} {:<6} {:>5} {:>7} {:>6}",
+                    w.name,
+                    w.addr.to_string(),
+                    if w.alive { "up" } else { "gone" },
+                    w.slots,
+                    w.running,
+                    w.blobs
+                )?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A client of the cluster `client.toml` describes.
+pub async fn connect(config: &Path) -> Result<Client> {
+    let config = ClientConfig::load(config)?;
+    Client::connect(&config).await.map_err(anyhow::Error::from)
+}

@@ -1,0 +1,162 @@
+//! The client side: `strata build --cluster` and `strata cluster status`.
+
+use std::sync::Arc;
+
+use strata_cas::{ContentStore, Digest};
+use strata_net::{Connection, Endpoint, Role, read_frame, send_blob, write_frame};
+use strata_oci::{Image, ImageConfig};
+use strata_solver::Event;
+use strata_worker::Node;
+
+use crate::config::ClientConfig;
+use crate::peers::Peers;
+use crate::protocol::{BuildDone, BuildEvent, ClusterStatus, Reply, Request, SubmitBuild};
+use crate::worker::request;
+
+/// Why a cluster build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The build ran and a step (or the plan) failed.
+    #[error("{message}")]
+    Build {
+        /// What the coordinator said, as a local build says it.
+        message: String,
+        /// The failing step's last output lines.
+        tail: Vec<String>,
+    },
+    /// The cluster could not be reached or misbehaved.
+    #[error("{0}")]
+    Cluster(String),
+}
+
+/// A connection to a cluster.
+pub struct Client {
+    coordinator: Connection,
+    peers: Arc<Peers>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("coordinator", &self.coordinator.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+fn cluster(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Cluster(e.to_string())
+}
+
+impl Client {
+    /// Connects to the first coordinator of `config` that answers.
+    pub async fn connect(config: &ClientConfig) -> Result<Client, ClientError> {
+        let id = config.tls.identity().map_err(cluster)?;
+        let endpoint = Endpoint::dialer(&id).map_err(cluster)?;
+        let mut why = Vec::new();
+        for addr in &config.coordinators {
+            match endpoint.connect(*addr).await {
+                Ok(conn) if conn.peer.role == Role::Coordinator => {
+                    return Ok(Client {
+                        coordinator: conn,
+                        peers: Arc::new(Peers::new(endpoint)),
+                    });
+                }
+                Ok(conn) => why.push(format!("{addr}: {} is not a coordinator", conn.peer)),
+                Err(e) => why.push(e.to_string()),
+            }
+        }
+        Err(ClientError::Cluster(format!(
+            "no coordinator answered: {}",
+            why.join("; ")
+        )))
+    }
+
+    /// Makes sure the coordinator holds `blob` (uploading it from `cas`).
+    pub async fn upload(&self, cas: &ContentStore, blob: &Digest) -> Result<(), ClientError> {
+        match request(&self.coordinator, &Request::HasBlob(*blob)).await {
+            Ok(Reply::Bool(true)) => return Ok(()),
+            Ok(Reply::Bool(false)) => {}
+            Ok(other) => return Err(cluster(format!("unexpected answer: {other:?}"))),
+            Err(e) => return Err(cluster(e)),
+        }
+        let c = &self.coordinator;
+        let (mut send, mut recv) = c.open().await.map_err(cluster)?;
+        write_frame(&mut send, &Request::PutBlob(*blob), c.addr)
+            .await
+            .map_err(cluster)?;
+        send_blob(&mut send, cas, blob, c.addr)
+            .await
+            .map_err(cluster)?;
+        match read_frame::<Reply>(&mut recv, c.addr)
+            .await
+            .map_err(cluster)?
+        {
+            Some(Reply::Ok) => Ok(()),
+            Some(Reply::Error(e)) => Err(cluster(e)),
+            other => Err(cluster(format!(
+                "unexpected answer to an upload: {other:?}"
+            ))),
+        }
+    }
+
+    /// Runs a build; `on_event` sees its progress as it happens.
+    pub async fn build(
+        &self,
+        submit: SubmitBuild,
+        on_event: &(dyn Fn(Event) + Send + Sync),
+    ) -> Result<BuildDone, ClientError> {
+        let c = &self.coordinator;
+        let (mut send, mut recv) = c.open().await.map_err(cluster)?;
+        write_frame(&mut send, &Request::Build(Box::new(submit)), c.addr)
+            .await
+            .map_err(cluster)?;
+        let _ = send.finish();
+        loop {
+            match read_frame::<BuildEvent>(&mut recv, c.addr)
+                .await
+                .map_err(cluster)?
+            {
+                Some(BuildEvent::Progress(e)) => on_event(e),
+                Some(BuildEvent::Done(done)) => return Ok(*done),
+                Some(BuildEvent::Failed { message, tail }) => {
+                    return Err(ClientError::Build { message, tail });
+                }
+                None => return Err(cluster("the coordinator ended the build without a result")),
+            }
+        }
+    }
+
+    /// Fetches the layers of a finished build that `node` lacks, from the
+    /// workers that hold them, and stores the image. Returns it and the
+    /// bytes fetched.
+    pub async fn fetch_image(
+        &self,
+        node: &Node,
+        done: &BuildDone,
+    ) -> Result<(Image, u64), ClientError> {
+        let holders: std::collections::HashMap<Digest, _> = done.holders.iter().cloned().collect();
+        let needed: Vec<_> = done
+            .layers
+            .iter()
+            .map(|l| (*l, holders.get(&l.blob).cloned().unwrap_or_default()))
+            .collect();
+        let fetched = self
+            .peers
+            .ensure(&node.content, &needed)
+            .await
+            .map_err(cluster)?;
+        let config: ImageConfig = serde_json::from_slice(&done.config_json)
+            .map_err(|e| cluster(format!("the image config is unreadable: {e}")))?;
+        let image = node.images.create(&config, &done.layers).map_err(cluster)?;
+        Ok((image, fetched))
+    }
+
+    /// The cluster's state.
+    pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
+        match request(&self.coordinator, &Request::Status).await {
+            Ok(Reply::Status(s)) => Ok(*s),
+            Ok(other) => Err(cluster(format!("unexpected answer: {other:?}"))),
+            Err(e) => Err(cluster(e)),
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Configuration files of cluster nodes and clients (TOML). Every setting
+//! has a default and an environment override (`STRATA_…`, named with
+//! each field); relative paths are relative to the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use strata_net::Identity;
+
+/// Errors reading or writing configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("{}: {detail}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// An environment override is not valid.
+    #[error("{var}={value:?}: {detail}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Credentials could not be read.
+    #[error(transparent)]
+    Tls(#[from] strata_net::Error),
+}
+
+/// Where a node's credentials are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsFiles {
+    /// The cluster CA certificate.
+    pub ca: PathBuf,
+    /// This node's certificate.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The identity the files hold.
+    pub fn identity(&self) -> Result<Identity, ConfigError> {
+        Ok(Identity::load(&self.cert, &self.key, &self.ca)?)
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        for p in [&mut self.ca, &mut self.cert, &mut self.key] {
+            *p = base.join(&*p);
+        }
+    }
+}
+
+fn default_lease() -> u64 {
+    5
+}
+
+fn tls_named(name: &str) -> TlsFiles {
+    TlsFiles {
+        ca: "ca.pem".into(),
+        cert: format!("{name}.pem").into(),
+        key: format!("{name}-key.pem").into(),
+    }
+}
+
+fn default_coordinator_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7400))
+}
+
+fn default_coordinator_home() -> PathBuf {
+    "coordinator".into()
+}
+
+fn default_coordinator_tls() -> TlsFiles {
+    tls_named("coordinator")
+}
+
+fn default_coordinator() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7400))
+}
+
+fn default_worker_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7401))
+}
+
+fn default_worker_home() -> PathBuf {
+    "worker".into()
+}
+
+fn default_worker_tls() -> TlsFiles {
+    tls_named("worker")
+}
+
+fn default_coordinators() -> Vec<SocketAddr> {
+    vec![default_coordinator()]
+}
+
+fn default_client_tls() -> TlsFiles {
+    tls_named("client")
+}
+
+fn default_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// `coordinator.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Where workers and clients reach it (QUIC, UDP).
+    #[serde(default = "default_coordinator_listen")]
+    pub listen: SocketAddr,
+    /// Its state directory: cache index, base images, uploaded contexts.
+    #[serde(default = "default_coordinator_home")]
+    pub home: PathBuf,
+    /// Seconds a worker may stay silent before its stages are placed
+    /// elsewhere.
+    #[serde(default = "default_lease")]
+    pub lease_seconds: u64,
+    /// Its credentials.
+    #[serde(default = "default_coordinator_tls")]
+    pub tls: TlsFiles,
+}
+
+/// `worker.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// The coordinator it serves.
+    #[serde(default = "default_coordinator")]
+    pub coordinator: SocketAddr,
+    /// Where peers and clients fetch its blobs (QUIC, UDP).
+    #[serde(default = "default_worker_listen")]
+    pub listen: SocketAddr,
+    /// Its state directory.
+    #[serde(default = "default_worker_home")]
+    pub home: PathBuf,
+    /// Stages it runs at once.
+    #[serde(default = "default_slots")]
+    pub slots: usize,
+    /// Its credentials.
+    #[serde(default = "default_worker_tls")]
+    pub tls: TlsFiles,
+}
+
+/// `client.toml`, what `strata build --cluster` reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Coordinators, tried in order.
+    #[serde(default = "default_coordinators")]
+    pub coordinators: Vec<SocketAddr>,
+    /// The client's credentials.
+    #[serde(default = "default_client_tls")]
+    pub tls: TlsFiles,
+}
+
+fn override_with<T: std::str::FromStr>(var: &str, field: &mut T) -> Result<(), ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    if let Ok(value) = std::env::var(var) {
+        *field = value.parse().map_err(|e: T::Err| ConfigError::Env {
+            var: var.to_string(),
+            value: value.clone(),
+            detail: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })
+}
+
+fn base_of(path: &Path) -> PathBuf {
+    path.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+impl CoordinatorConfig {
+    /// Reads `path`, then `STRATA_LISTEN`, `STRATA_HOME` and
+    /// `STRATA_LEASE_SECONDS`.
+    pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
+        let mut c: CoordinatorConfig = load(path)?;
+        override_with("STRATA_LISTEN", &mut c.listen)?;
+        override_with("STRATA_HOME", &mut c.home)?;
+        override_with("STRATA_LEASE_SECONDS", &mut c.lease_seconds)?;
+        let base = base_of(path);
+        c.home = base.join(&c.home);
+        c.tls.resolve(&base);
+        Ok(c)
+    }
+}
+
+impl WorkerConfig {
+    /// Reads `path`, then `STRATA_COORDINATOR`, `STRATA_LISTEN`,
+    /// `STRATA_HOME` and `STRATA_SLOTS`.
+    pub fn load(path: &Path) -> Result<WorkerConfig, ConfigError> {
+        let mut c: WorkerConfig = load(path)?;
+        override_with("STRATA_COORDINATOR", &mut c.coordinator)?;
+        override_with("STRATA_LISTEN", &mut c.listen)?;
+        override_with("STRATA_HOME", &mut c.home)?;
+        override_with("STRATA_SLOTS", &mut c.slots)?;
+        if c.slots == 0 {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                detail: "slots must be at least 1".into(),
+            });
+        }
+        let base = base_of(path);
+        c.home = base.join(&c.home);
+        c.tls.resolve(&base);
+        Ok(c)
+    }
+}
+
+impl ClientConfig {
+    /// Reads `path`.
+    pub fn load(path: &Path) -> Result<ClientConfig, ConfigError> {
+        let mut c: ClientConfig = load(path)?;
+        if c.coordinators.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                detail: "no coordinators listed".into(),
+            });
+        }
+        c.tls.resolve(&base_of(path));
+        Ok(c)
+    }
+}
+
+/// Writes a config file with a comment on top.
+pub(crate) fn write(path: &Path, comment: &str, value: &impl Serialize) -> Result<(), ConfigError> {
+    let body = toml::to_string_pretty(value).map_err(|e| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    let text = format!("{comment}\n{body}");
+    std::fs::write(path, text).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}

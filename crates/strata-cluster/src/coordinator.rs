@@ -1,0 +1,513 @@
+//! `strata coordinator`: plans builds, places their stages on workers, keeps
+//! the cache index and knows which node holds which blob.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use strata_cache::CacheIndex as _;
+use strata_cas::Digest;
+use strata_net::{Connection, Endpoint, Role, read_frame, recv_blob, send_blob, write_frame};
+use strata_oci::LayerRef;
+use strata_registry::Registry;
+use strata_solver::{Event, SolveError, SolveOptions, Solver};
+use strata_worker::{BaseImages, Node, epoch_rfc3339};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::CoordinatorConfig;
+use crate::placement::Placement;
+use crate::protocol::{
+    BuildDone, BuildEvent, BuildSpec, ClusterStatus, Holder, Registration, Reply, Request,
+    SubmitBuild, WorkerStatus,
+};
+use crate::worker::request_name;
+
+/// A registered worker.
+pub(crate) struct WorkerState {
+    pub conn: Connection,
+    pub addr: SocketAddr,
+    pub slots: usize,
+    /// Stages placed on it now.
+    pub running: usize,
+    pub last_seen: Instant,
+    pub alive: bool,
+}
+
+/// The coordinator process.
+pub struct Coordinator {
+    pub(crate) node: Arc<Node>,
+    name: String,
+    listen: SocketAddr,
+    endpoint: Endpoint,
+    registry: Arc<Registry>,
+    lease: Duration,
+    pub(crate) workers: Mutex<HashMap<String, WorkerState>>,
+    /// Which workers hold which blob (the coordinator's own store is
+    /// asked directly).
+    locations: Mutex<HashMap<Digest, HashSet<String>>>,
+    /// Wakes stages waiting for a free slot.
+    pub(crate) slot_freed: tokio::sync::Notify,
+    next_build: AtomicU64,
+    builds_running: AtomicUsize,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Pull progress is not shown to clients: the build's own progress is.
+struct Quiet;
+
+impl strata_registry::Transfer for Quiet {
+    fn start(&self, _: &str, _: Option<u64>) {}
+    fn advance(&self, _: &str, _: u64) {}
+    fn finish(&self, _: &str, _: &str) {}
+}
+
+impl Coordinator {
+    /// Opens the state directory and starts listening.
+    pub fn start(
+        config: &CoordinatorConfig,
+        registry: Arc<Registry>,
+    ) -> Result<Arc<Coordinator>, String> {
+        let id = config.tls.identity().map_err(|e| e.to_string())?;
+        let me = id.peer().map_err(|e| e.to_string())?;
+        if me.role != Role::Coordinator {
+            return Err(format!(
+                "{} is a {} certificate; a coordinator needs a coordinator's",
+                config.tls.cert.display(),
+                me.role
+            ));
+        }
+        let node = Node::open(&config.home).map_err(|e| {
+            format!(
+                "cannot open the state directory {}: {e}",
+                config.home.display()
+            )
+        })?;
+        let endpoint = Endpoint::listen(config.listen, &id).map_err(|e| e.to_string())?;
+        let listen = endpoint.local_addr().map_err(|e| e.to_string())?;
+        Ok(Arc::new(Coordinator {
+            node: Arc::new(node),
+            name: me.name,
+            listen,
+            endpoint,
+            registry,
+            lease: Duration::from_secs(config.lease_seconds.max(1)),
+            workers: Mutex::default(),
+            locations: Mutex::default(),
+            slot_freed: tokio::sync::Notify::new(),
+            next_build: AtomicU64::new(1),
+            builds_running: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The coordinator as a blob holder.
+    pub(crate) fn holder(&self) -> Holder {
+        Holder {
+            name: self.name.clone(),
+            addr: self.listen,
+        }
+    }
+
+    /// Serves workers and clients until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let reaper = {
+            let me = Arc::clone(&self);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    me.expire_leases();
+                }
+            })
+        };
+        loop {
+            tokio::select! {
+                conn = self.endpoint.accept() => {
+                    let Some(conn) = conn else { break };
+                    tokio::spawn(Arc::clone(&self).serve(conn));
+                }
+                () = shutdown.cancelled() => break,
+            }
+        }
+        reaper.abort();
+        self.endpoint.close();
+    }
+
+    /// Workers silent for longer than the lease are gone: their blobs are
+    /// no longer offered and their stages start over elsewhere.
+    fn expire_leases(&self) {
+        let expired: Vec<String> = {
+            let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            workers
+                .iter_mut()
+                .filter(|(_, w)| w.alive && w.last_seen.elapsed() > self.lease)
+                .map(|(name, w)| {
+                    w.alive = false;
+                    w.conn.quic.close(1u32.into(), b"lease expired");
+                    name.clone()
+                })
+                .collect()
+        };
+        for name in expired {
+            tracing::warn!(worker = %name, "lease expired; the worker is gone");
+            self.forget(&name);
+        }
+    }
+
+    /// Marks a worker gone (if `conn` is still its connection).
+    pub(crate) fn lose(&self, name: &str, conn: &Connection) {
+        let gone = {
+            let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            match workers.get_mut(name) {
+                Some(w) if w.alive && w.conn.quic.stable_id() == conn.quic.stable_id() => {
+                    w.alive = false;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if gone {
+            tracing::warn!(worker = %name, "the worker is gone");
+            self.forget(name);
+        }
+    }
+
+    fn forget(&self, name: &str) {
+        let mut loc = self
+            .locations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for holders in loc.values_mut() {
+            holders.remove(name);
+        }
+        loc.retain(|_, h| !h.is_empty());
+        drop(loc);
+        self.slot_freed.notify_waiters();
+    }
+
+    /// Records that `worker` holds `blob`.
+    pub(crate) fn located(&self, blob: Digest, worker: &str) {
+        self.locations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(blob)
+            .or_default()
+            .insert(worker.to_string());
+    }
+
+    /// Live nodes holding `blob`, other than `except`; the coordinator
+    /// itself when its store has it.
+    pub(crate) fn holders(&self, blob: &Digest, except: Option<&str>) -> Vec<Holder> {
+        let names: Vec<String> = self
+            .locations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(blob)
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default();
+        let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<Holder> = names
+            .into_iter()
+            .filter(|n| Some(n.as_str()) != except)
+            .filter_map(|n| {
+                workers.get(&n).filter(|w| w.alive).map(|w| Holder {
+                    name: n,
+                    addr: w.addr,
+                })
+            })
+            .collect();
+        drop(workers);
+        if self.node.content.contains(blob).unwrap_or(false) {
+            out.push(self.holder());
+        }
+        out
+    }
+
+    /// Whether `worker` holds `blob`.
+    pub(crate) fn holds(&self, worker: &str, blob: &Digest) -> bool {
+        self.locations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(blob)
+            .is_some_and(|h| h.contains(worker))
+    }
+
+    async fn serve(self: Arc<Self>, conn: Connection) {
+        while let Some((mut send, mut recv)) = conn.accept().await {
+            let (me, conn) = (Arc::clone(&self), conn.clone());
+            tokio::spawn(async move {
+                let req = match read_frame::<Request>(&mut recv, conn.addr).await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!(peer = %conn.peer, error = %e, "bad request");
+                        return;
+                    }
+                };
+                if let Err(e) = me.handle(&conn, req, &mut send, &mut recv).await {
+                    tracing::warn!(peer = %conn.peer, error = %e, "request failed");
+                }
+                let _ = send.finish();
+            });
+        }
+        if conn.peer.role == Role::Worker {
+            self.lose(&conn.peer.name, &conn);
+        }
+    }
+
+    async fn handle(
+        self: &Arc<Self>,
+        conn: &Connection,
+        req: Request,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), strata_net::Error> {
+        let role = conn.peer.role;
+        let reply = match req {
+            Request::GetBlob(d) => {
+                send_blob(send, &self.node.content, &d, conn.addr).await?;
+                return Ok(());
+            }
+            Request::HasBlob(d) if role == Role::Client => {
+                Reply::Bool(self.node.content.contains(&d).unwrap_or(false))
+            }
+            Request::PutBlob(d) if role == Role::Client => {
+                match recv_blob(recv, &self.node.content, &d, conn.addr).await? {
+                    Some(_) => Reply::Ok,
+                    None => Reply::Error(format!("blob {d} did not come")),
+                }
+            }
+            Request::Build(submit) if role == Role::Client => {
+                return self.build(*submit, send, conn.addr).await;
+            }
+            Request::Status => Reply::Status(Box::new(self.status())),
+            Request::Register(r) if role == Role::Worker => {
+                self.register(conn, r);
+                Reply::Ok
+            }
+            Request::Heartbeat { running } if role == Role::Worker => {
+                let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+                match workers.get_mut(&conn.peer.name) {
+                    Some(w) if w.alive && w.conn.quic.stable_id() == conn.quic.stable_id() => {
+                        w.last_seen = Instant::now();
+                        tracing::trace!(worker = %conn.peer.name, running, "heartbeat");
+                        Reply::Ok
+                    }
+                    _ => Reply::Error("not registered (or lease expired): register again".into()),
+                }
+            }
+            other => Reply::Error(format!(
+                "{} may not ask the coordinator for {}",
+                conn.peer,
+                request_name(&other)
+            )),
+        };
+        write_frame(send, &reply, conn.addr).await
+    }
+
+    fn register(&self, conn: &Connection, r: Registration) {
+        let name = conn.peer.name.clone();
+        tracing::info!(worker = %name, addr = %r.addr, slots = r.slots, blobs = r.blobs.len(), "worker registered");
+        for b in &r.blobs {
+            self.located(*b, &name);
+        }
+        self.workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                name,
+                WorkerState {
+                    conn: conn.clone(),
+                    addr: r.addr,
+                    slots: r.slots.max(1),
+                    running: 0,
+                    last_seen: Instant::now(),
+                    alive: true,
+                },
+            );
+        self.slot_freed.notify_waiters();
+    }
+
+    fn status(&self) -> ClusterStatus {
+        let loc = self
+            .locations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for holders in loc.values() {
+            for h in holders {
+                *counts.entry(h.as_str()).or_default() += 1;
+            }
+        }
+        let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut list: Vec<WorkerStatus> = workers
+            .iter()
+            .map(|(name, w)| WorkerStatus {
+                name: name.clone(),
+                addr: w.addr,
+                alive: w.alive,
+                slots: w.slots,
+                running: w.running,
+                blobs: counts.get(name.as_str()).copied().unwrap_or(0),
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        ClusterStatus {
+            coordinator: self.name.clone(),
+            pid: std::process::id(),
+            workers: list,
+            cache_entries: self.node.cache.list().map_or(0, |l| l.len()),
+            blobs_located: loc.len(),
+            builds_running: self.builds_running.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs a client's build, streaming its progress back.
+    async fn build(
+        self: &Arc<Self>,
+        submit: SubmitBuild,
+        send: &mut quinn::SendStream,
+        peer: SocketAddr,
+    ) -> Result<(), strata_net::Error> {
+        self.builds_running.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<BuildEvent>();
+        let cancel = CancellationToken::new();
+        let run = {
+            let (me, tx, cancel) = (Arc::clone(self), tx.clone(), cancel.clone());
+            tokio::spawn(async move { me.solve(submit, tx, cancel).await })
+        };
+        drop(tx);
+        while let Some(event) = rx.recv().await {
+            if write_frame(send, &event, peer).await.is_err() {
+                // The client is gone: so is its build.
+                cancel.cancel();
+            }
+        }
+        let _ = run.await;
+        self.builds_running.fetch_sub(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn solve(
+        self: Arc<Self>,
+        submit: SubmitBuild,
+        events: tokio::sync::mpsc::UnboundedSender<BuildEvent>,
+        cancel: CancellationToken,
+    ) {
+        let fail = |message: String, tail: Vec<String>| {
+            let _ = events.send(BuildEvent::Failed { message, tail });
+        };
+        if !self.node.content.contains(&submit.context).unwrap_or(false) {
+            return fail(
+                format!("build context {} was not uploaded", submit.context),
+                vec![],
+            );
+        }
+        let id = self.next_build.fetch_add(1, Ordering::Relaxed);
+        let inputs = submit.inputs.clone();
+        let (me, pull) = (Arc::clone(&self), submit.pull);
+        // Planning may pull base images, which blocks.
+        let planned = tokio::task::spawn_blocking(move || {
+            let resolver = BaseImages {
+                store: &me.node.images,
+                registry: Some(&me.registry),
+                always_pull: pull,
+                progress: &Quiet,
+                pulled: Default::default(),
+            };
+            let recording = crate::plan::Recording {
+                inner: &resolver,
+                seen: Mutex::default(),
+            };
+            let plan = inputs.plan(&recording).map_err(|e| e.to_string())?;
+            Ok::<_, String>((plan, recording.wire()?))
+        })
+        .await;
+        let (plan, bases) = match planned {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return fail(e, vec![]),
+            Err(e) => return fail(format!("planning stopped: {e}"), vec![]),
+        };
+        let plan = Arc::new(plan);
+        let spec = Arc::new(BuildSpec {
+            id,
+            inputs: submit.inputs.clone(),
+            bases,
+            context: submit.context,
+            secrets: submit.secrets,
+            plan: crate::plan::digest(&plan),
+        });
+        let placement = Arc::new(Placement::new(
+            Arc::clone(&self),
+            Arc::clone(&spec),
+            Arc::clone(&plan),
+            tokio::runtime::Handle::current(),
+            cancel.clone(),
+        ));
+        let solver = Arc::new(Solver::new(
+            Arc::clone(&placement) as Arc<dyn strata_solver::Worker>,
+            Arc::clone(&self.node.cache) as Arc<dyn strata_cache::CacheIndex>,
+        ));
+        let progress_tx = events.clone();
+        let opts = SolveOptions {
+            no_cache: submit.no_cache,
+            // Worker slots bound how much runs at once.
+            jobs: 1024,
+            cancel,
+            progress: Arc::new(move |e: Event| {
+                let _ = progress_tx.send(BuildEvent::Progress(e));
+            }),
+            created: epoch_rfc3339(submit.inputs.epoch()),
+        };
+        let solved = solver.solve(Arc::clone(&plan), opts).await;
+        placement.end().await;
+        match solved {
+            Ok(solved) => {
+                let target = &solved.stages[plan.target];
+                let config_json = match serde_json::to_vec(&target.config) {
+                    Ok(j) => j,
+                    Err(e) => return fail(format!("cannot encode the image config: {e}"), vec![]),
+                };
+                let holders = target
+                    .layers
+                    .iter()
+                    .map(|l: &LayerRef| (l.blob, self.holders(&l.blob, None)))
+                    .collect();
+                let _ = events.send(BuildEvent::Done(Box::new(BuildDone {
+                    config_json,
+                    layers: target.layers.clone(),
+                    holders,
+                    steps: solved.steps,
+                })));
+            }
+            Err(SolveError::Step {
+                stage,
+                number,
+                total,
+                label,
+                line,
+                message,
+                tail,
+            }) => fail(
+                format!(
+                    "{}:{line}: [{stage} {number}/{total}] {label}: {message}",
+                    submit.inputs.dockerfile_name
+                ),
+                tail,
+            ),
+            Err(e) => fail(e.to_string(), vec![]),
+        }
+    }
+}

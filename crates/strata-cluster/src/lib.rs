@@ -1,0 +1,32 @@
+//! The cluster: a coordinator that plans builds and places their stages on
+//! workers, workers that run them with the same engine as the embedded
+//! build, and the client that submits builds and fetches the result.
+//!
+//! * [`coordinator::Coordinator`]: plans each build (the same planner as
+//!   the embedded build), solves it with the same solver, and places each
+//!   stage on a worker through `placement`, the solver's `Worker` for a
+//!   cluster. It keeps the cache index and knows which node holds which
+//!   blob; workers whose heartbeats stop lose their stages, which start
+//!   over elsewhere.
+//! * [`worker::WorkerNode`]: receives a build (context and the resolved
+//!   base images), plans it too and checks it planned the same, runs the
+//!   steps placed on it with the embedded build's `LocalWorker`, and
+//!   fetches the blobs a step needs from the nodes that hold them.
+//! * [`client::Client`]: uploads the context, submits the build, streams
+//!   its progress, and fetches the image's layers from the workers.
+//! * [`local`]: the files of a cluster and a cluster of processes on one
+//!   machine.
+//!
+//! Every connection is QUIC with mutual TLS ([`strata_net`]); the messages
+//! are in [`protocol`].
+
+pub mod client;
+pub mod config;
+pub mod context;
+pub mod coordinator;
+pub mod local;
+mod peers;
+mod placement;
+mod plan;
+pub mod protocol;
+pub mod worker;

@@ -1,0 +1,115 @@
+//! Blobs between nodes: connections to other nodes' blob services, and
+//! fetching a blob from whichever holder has it whole.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use strata_cas::{ContentStore, Digest};
+use strata_net::{Connection, Endpoint, recv_blob, write_frame};
+use strata_oci::LayerRef;
+use tokio::sync::Mutex;
+
+use crate::protocol::{Holder, Request};
+
+/// Blobs fetched at once.
+const PARALLEL_FETCHES: usize = 4;
+
+/// Connections to other nodes, opened on first use and kept while they
+/// live.
+#[derive(Debug)]
+pub struct Peers {
+    endpoint: Endpoint,
+    conns: Mutex<HashMap<SocketAddr, Connection>>,
+}
+
+impl Peers {
+    /// Peers dialed from `endpoint`.
+    pub fn new(endpoint: Endpoint) -> Peers {
+        Peers {
+            endpoint,
+            conns: Mutex::default(),
+        }
+    }
+
+    /// A live connection to the node at `addr`.
+    pub async fn connection(&self, addr: SocketAddr) -> Result<Connection, strata_net::Error> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(&addr)
+            && !c.is_closed()
+        {
+            return Ok(c.clone());
+        }
+        let c = self.endpoint.connect(addr).await?;
+        conns.insert(addr, c.clone());
+        Ok(c)
+    }
+
+    /// Fetches `blob` into `cas` from the first of `holders` that sends
+    /// it whole and verified; a holder that fails (gone, lacking it, or
+    /// sending bytes that do not hash to the name) is passed over.
+    /// Returns the bytes received.
+    pub async fn fetch(
+        &self,
+        cas: &ContentStore,
+        blob: &Digest,
+        holders: &[Holder],
+    ) -> Result<u64, String> {
+        let mut why = Vec::new();
+        for h in holders {
+            match self.fetch_from(cas, blob, h).await {
+                Ok(Some(n)) => return Ok(n),
+                Ok(None) => why.push(format!("{} does not hold it", h.name)),
+                Err(e) => {
+                    tracing::warn!(blob = %blob, holder = %h.name, error = %e, "fetching from this holder failed; trying the next");
+                    why.push(format!("{}: {e}", h.name));
+                }
+            }
+        }
+        Err(if why.is_empty() {
+            format!("blob {blob} is held by no live node")
+        } else {
+            format!("cannot fetch blob {blob}: {}", why.join("; "))
+        })
+    }
+
+    async fn fetch_from(
+        &self,
+        cas: &ContentStore,
+        blob: &Digest,
+        holder: &Holder,
+    ) -> Result<Option<u64>, strata_net::Error> {
+        let conn = self.connection(holder.addr).await?;
+        let (mut send, mut recv) = conn.open().await?;
+        write_frame(&mut send, &Request::GetBlob(*blob), conn.addr).await?;
+        let _ = send.finish();
+        recv_blob(&mut recv, cas, blob, conn.addr).await
+    }
+
+    /// Makes sure every layer in `needed` is in `cas`, fetching those that
+    /// are not (a few at once). Returns the bytes received.
+    pub async fn ensure(
+        self: &Arc<Self>,
+        cas: &Arc<ContentStore>,
+        needed: &[(LayerRef, Vec<Holder>)],
+    ) -> Result<u64, String> {
+        let limit = Arc::new(tokio::sync::Semaphore::new(PARALLEL_FETCHES));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (layer, holders) in needed {
+            if cas.contains(&layer.blob).unwrap_or(false) {
+                continue;
+            }
+            let (me, cas, limit) = (Arc::clone(self), Arc::clone(cas), Arc::clone(&limit));
+            let (blob, holders) = (layer.blob, holders.clone());
+            tasks.spawn(async move {
+                let _permit = limit.acquire().await.map_err(|e| e.to_string())?;
+                me.fetch(&cas, &blob, &holders).await
+            });
+        }
+        let mut total = 0;
+        while let Some(done) = tasks.join_next().await {
+            total += done.map_err(|e| format!("a fetch stopped: {e}"))??;
+        }
+        Ok(total)
+    }
+}

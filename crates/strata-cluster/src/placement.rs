@@ -1,0 +1,410 @@
+//! The solver's worker in a cluster: each stage of a build is placed on
+//! one worker (its steps then run there in order, keeping the filesystem
+//! local), preferring the worker that already holds the stage's base, then
+//! the least loaded one with a free slot.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use strata_cas::Digest;
+use strata_net::{Connection, read_frame, write_frame};
+use strata_oci::LayerRef;
+use strata_plan::{Base, Op, Plan, RunMountKind, Source, StagePlan, Step};
+use strata_solver::{Job, StageResult, Worker, WorkerError};
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+use crate::coordinator::Coordinator;
+use crate::protocol::{BuildSpec, ExecEvent, Holder, Reply, Request, StepRef};
+
+/// Places and runs one build's stages.
+pub(crate) struct Placement {
+    coord: Arc<Coordinator>,
+    spec: Arc<BuildSpec>,
+    plan: Arc<Plan>,
+    handle: Handle,
+    cancel: CancellationToken,
+    /// Plan stage → worker.
+    placed: Mutex<HashMap<usize, String>>,
+    /// Workers that have the build (its context and plan).
+    begun: tokio::sync::Mutex<HashSet<String>>,
+}
+
+impl Placement {
+    pub fn new(
+        coord: Arc<Coordinator>,
+        spec: Arc<BuildSpec>,
+        plan: Arc<Plan>,
+        handle: Handle,
+        cancel: CancellationToken,
+    ) -> Placement {
+        Placement {
+            coord,
+            spec,
+            plan,
+            handle,
+            cancel,
+            placed: Mutex::default(),
+            begun: tokio::sync::Mutex::default(),
+        }
+    }
+
+    fn stage_index(&self, stage: &StagePlan) -> Result<usize, WorkerError> {
+        self.plan
+            .stages
+            .iter()
+            .position(|s| s.dockerfile_index == stage.dockerfile_index && s.name == stage.name)
+            .ok_or_else(|| WorkerError::new(format!("stage {} is not in the plan", stage.name)))
+    }
+
+    fn step_index(stage: &StagePlan, step: &Step) -> Result<usize, WorkerError> {
+        stage
+            .steps
+            .iter()
+            .position(|s| s.number == step.number)
+            .ok_or_else(|| {
+                WorkerError::new(format!(
+                    "step {} is not in stage {}",
+                    step.number, stage.name
+                ))
+            })
+    }
+
+    /// The worker stage `i` runs on, placing it (and waiting for a free
+    /// slot) on first use.
+    async fn place(&self, i: usize) -> Result<String, WorkerError> {
+        if let Some(w) = self
+            .placed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&i)
+        {
+            return Ok(w.clone());
+        }
+        loop {
+            // Registered before the check, so a slot freed in between is
+            // not missed.
+            let freed = self.coord.slot_freed.notified();
+            if let Some(w) = self.try_place(i) {
+                return Ok(w);
+            }
+            tokio::select! {
+                () = freed => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                () = self.cancel.cancelled() => {
+                    return Err(WorkerError { cancelled: true, ..WorkerError::new("cancelled") });
+                }
+            }
+        }
+    }
+
+    fn try_place(&self, i: usize) -> Option<String> {
+        let stage = &self.plan.stages[i];
+        let base_blobs: Vec<Digest> = match &stage.base {
+            Base::Image(img) => img.layers.iter().map(|l| l.blob).collect(),
+            _ => Vec::new(),
+        };
+        let base_worker = match stage.base {
+            Base::Stage(b) => self
+                .placed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&b)
+                .cloned(),
+            _ => None,
+        };
+        let mut workers = self
+            .coord
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let best = workers
+            .iter()
+            .filter(|(_, w)| w.alive && w.running < w.slots)
+            .map(|(name, w)| {
+                let held = base_blobs
+                    .iter()
+                    .filter(|b| self.coord.holds(name, b))
+                    .count();
+                let affinity = held
+                    + if base_worker.as_deref() == Some(name) {
+                        1000
+                    } else {
+                        0
+                    };
+                // More affinity first, then fewer running stages, then name.
+                (
+                    (std::cmp::Reverse(affinity), w.running, name.clone()),
+                    name.clone(),
+                )
+            })
+            .min()
+            .map(|(_, name)| name)?;
+        if let Some(w) = workers.get_mut(&best) {
+            w.running += 1;
+        }
+        drop(workers);
+        tracing::info!(build = self.spec.id, stage = %stage.name, worker = %best, "stage placed");
+        self.placed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(i, best.clone());
+        Some(best)
+    }
+
+    /// Frees stage `i`'s slot, so a later attempt or stage may use it.
+    fn unplace(&self, i: usize) {
+        let worker = self
+            .placed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&i);
+        if let Some(name) = worker {
+            if let Some(w) = self
+                .coord
+                .workers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_mut(&name)
+            {
+                w.running = w.running.saturating_sub(1);
+            }
+            self.coord.slot_freed.notify_waiters();
+        }
+    }
+
+    fn connection(&self, worker: &str) -> Result<Connection, WorkerError> {
+        self.coord
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(worker)
+            .filter(|w| w.alive)
+            .map(|w| w.conn.clone())
+            .ok_or_else(|| WorkerError::lost(format!("worker {worker} is gone")))
+    }
+
+    /// Makes sure `worker` has the build.
+    async fn begin(&self, worker: &str) -> Result<Connection, WorkerError> {
+        let conn = self.connection(worker)?;
+        let mut begun = self.begun.lock().await;
+        if begun.contains(worker) {
+            return Ok(conn);
+        }
+        match crate::worker::request(&conn, &Request::Begin(Box::new((*self.spec).clone()))).await {
+            Ok(Reply::Ok) => {
+                begun.insert(worker.to_string());
+                Ok(conn)
+            }
+            Ok(Reply::Error(e)) => Err(WorkerError::new(format!("worker {worker}: {e}"))),
+            Ok(other) => Err(WorkerError::new(format!(
+                "worker {worker} answered {other:?}"
+            ))),
+            Err(e) => Err(self.gone(worker, &conn, e)),
+        }
+    }
+
+    /// A worker that stopped answering: gone, and the stage with it.
+    fn gone(&self, worker: &str, conn: &Connection, detail: String) -> WorkerError {
+        self.coord.lose(worker, conn);
+        // Its stages are placed again when they start over.
+        self.placed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, w| w != worker);
+        WorkerError::lost(format!("worker {worker} is gone ({detail})"))
+    }
+
+    /// The blobs a step reads besides its context: its parent layers and
+    /// the layers of the stages and images it copies or mounts from.
+    fn needed(
+        &self,
+        step: &Step,
+        parent: &[LayerRef],
+        sources: &[Option<StageResult>],
+    ) -> Vec<LayerRef> {
+        let mut out: Vec<LayerRef> = parent.to_vec();
+        let mut from = |s: &Source| match s {
+            Source::Stage(i) => {
+                if let Some(Some(r)) = sources.get(*i) {
+                    out.extend(r.layers.iter().copied());
+                }
+            }
+            Source::Image(img) => out.extend(img.layers.iter().copied()),
+            Source::Context => {}
+        };
+        match &step.op {
+            Op::Copy(c) => from(&c.from),
+            Op::Exec(e) => {
+                for m in &e.mounts {
+                    if let RunMountKind::Bind { from: f, .. } = &m.kind {
+                        from(f);
+                    }
+                }
+            }
+            Op::Mkdir(_) => {}
+        }
+        let mut seen = HashSet::new();
+        out.retain(|l| seen.insert(l.blob));
+        out
+    }
+
+    fn step_ref(
+        &self,
+        worker: &str,
+        i: usize,
+        s: usize,
+        parent: &[LayerRef],
+        sources: &[Option<StageResult>],
+    ) -> StepRef {
+        let step = &self.plan.stages[i].steps[s];
+        let fetch: Vec<(LayerRef, Vec<Holder>)> = self
+            .needed(step, parent, sources)
+            .into_iter()
+            .filter(|l| !self.coord.holds(worker, &l.blob))
+            .map(|l| (l, self.coord.holders(&l.blob, Some(worker))))
+            .collect();
+        StepRef {
+            build: self.spec.id,
+            stage: i,
+            step: s,
+            parent: parent.to_vec(),
+            sources: sources
+                .iter()
+                .map(|r| r.as_ref().map(|r| (r.key, r.layers.clone())))
+                .collect(),
+            fetch,
+        }
+    }
+
+    /// Tells every worker that had the build that it is over.
+    pub async fn end(&self) {
+        let begun: Vec<String> = self.begun.lock().await.iter().cloned().collect();
+        for w in begun {
+            if let Ok(conn) = self.connection(&w) {
+                let _ = crate::worker::request(&conn, &Request::End(self.spec.id)).await;
+            }
+        }
+    }
+
+    async fn inputs_async(
+        &self,
+        stage: &StagePlan,
+        step: &Step,
+        sources: &[Option<StageResult>],
+    ) -> Result<Vec<Digest>, WorkerError> {
+        let i = self.stage_index(stage)?;
+        let s = Self::step_index(stage, step)?;
+        let worker = self.place(i).await?;
+        let conn = self.begin(&worker).await?;
+        let req = Request::Inputs(Box::new(self.step_ref(&worker, i, s, &[], sources)));
+        match crate::worker::request(&conn, &req).await {
+            Ok(Reply::Inputs(r)) => r,
+            Ok(Reply::Error(e)) => Err(WorkerError::new(format!("worker {worker}: {e}"))),
+            Ok(other) => Err(WorkerError::new(format!(
+                "worker {worker} answered {other:?}"
+            ))),
+            Err(e) => Err(self.gone(&worker, &conn, e)),
+        }
+    }
+
+    async fn execute_async(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError> {
+        let i = self.stage_index(job.stage)?;
+        let s = Self::step_index(job.stage, job.step)?;
+        let worker = self.place(i).await?;
+        let conn = self.begin(&worker).await?;
+        let req = Request::Execute(Box::new(self.step_ref(
+            &worker,
+            i,
+            s,
+            job.parent,
+            job.sources,
+        )));
+        let lost = |e: String| self.gone(&worker, &conn, e);
+        let (mut send, mut recv) = conn.open().await.map_err(|e| lost(e.to_string()))?;
+        write_frame(&mut send, &req, conn.addr)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        let _ = send.finish();
+        let outcome = loop {
+            let event = tokio::select! {
+                e = read_frame::<ExecEvent>(&mut recv, conn.addr) => e,
+                () = job.cancel.cancelled() => {
+                    let _ = recv.stop(0u32.into());
+                    return Err(WorkerError { cancelled: true, ..WorkerError::new("cancelled") });
+                }
+            };
+            match event {
+                Ok(Some(ExecEvent::Output(bytes))) => (job.output)(&bytes),
+                Ok(Some(ExecEvent::Done(result))) => break result,
+                Ok(None) => break Err(lost("the step's stream ended early".into())),
+                Err(e) => break Err(lost(e.to_string())),
+            }
+        };
+        if let Ok(Some(layer)) = &outcome {
+            // The parent chain is on the worker too: it ran on it or
+            // fetched it.
+            for l in job.parent.iter().chain([layer]) {
+                self.coord.located(l.blob, &worker);
+            }
+        }
+        outcome
+    }
+}
+
+impl Worker for Placement {
+    fn inputs(
+        &self,
+        stage: &StagePlan,
+        step: &Step,
+        sources: &[Option<StageResult>],
+    ) -> Result<Vec<Digest>, WorkerError> {
+        let reads_something = match &step.op {
+            Op::Copy(c) => !c.sources.is_empty() || !c.urls.is_empty(),
+            Op::Exec(e) => e
+                .mounts
+                .iter()
+                .any(|m| matches!(m.kind, RunMountKind::Bind { .. })),
+            Op::Mkdir(_) => false,
+        };
+        if !reads_something {
+            return Ok(Vec::new());
+        }
+        self.handle
+            .block_on(self.inputs_async(stage, step, sources))
+    }
+
+    fn has_layers(&self, layers: &[LayerRef]) -> bool {
+        layers
+            .iter()
+            .all(|l| !self.coord.holders(&l.blob, None).is_empty())
+    }
+
+    fn execute(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError> {
+        self.handle.block_on(self.execute_async(job))
+    }
+
+    fn name(&self) -> String {
+        "cluster".into()
+    }
+
+    fn runs_on(&self, stage: &StagePlan) -> String {
+        self.stage_index(stage)
+            .ok()
+            .and_then(|i| {
+                self.placed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&i)
+                    .cloned()
+            })
+            .unwrap_or_else(|| "-".into())
+    }
+
+    fn stage_done(&self, stage: &StagePlan) {
+        if let Ok(i) = self.stage_index(stage) {
+            self.unplace(i);
+        }
+    }
+}

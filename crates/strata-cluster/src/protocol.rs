@@ -1,0 +1,216 @@
+//! The messages of a strata cluster. Every request opens a QUIC stream of
+//! its own and starts with a [`Request`]; what follows on the stream is
+//! listed with each variant. `docs/protocol.md` describes them for people.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use strata_cas::{Digest, Sha256};
+use strata_oci::LayerRef;
+use strata_solver::{Event, StepRecord, WorkerError};
+use strata_worker::PlanInputs;
+
+/// A node that holds blobs, and where it serves them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Holder {
+    /// The node's name (its certificate's).
+    pub name: String,
+    /// Its blob service.
+    pub addr: SocketAddr,
+}
+
+/// A base image as the coordinator resolved it: what a worker needs to
+/// plan the same build without asking a registry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireImage {
+    /// The name as the Dockerfile wrote it (`golang:1.19`).
+    pub name: String,
+    /// Its normalized reference.
+    pub reference: String,
+    /// Its manifest's sha256.
+    pub manifest: Sha256,
+    /// Its config, as JSON (the config's serde form is JSON's).
+    pub config_json: Vec<u8>,
+    /// Its layers.
+    pub layers: Vec<LayerRef>,
+}
+
+/// A build as a worker receives it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildSpec {
+    /// The coordinator's id for it.
+    pub id: u64,
+    /// What decides the plan.
+    pub inputs: PlanInputs,
+    /// The base images the coordinator resolved.
+    pub bases: Vec<WireImage>,
+    /// The build context, a tar blob.
+    pub context: Digest,
+    /// `--secret`s, by id.
+    pub secrets: BTreeMap<String, Vec<u8>>,
+    /// A digest of the plan, which the worker's must match.
+    pub plan: Digest,
+}
+
+/// A build as a client submits it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmitBuild {
+    /// What decides the plan.
+    pub inputs: PlanInputs,
+    /// The build context, a tar blob already uploaded.
+    pub context: Digest,
+    /// `--secret`s, by id.
+    pub secrets: BTreeMap<String, Vec<u8>>,
+    /// `--no-cache`.
+    pub no_cache: bool,
+    /// `--pull`.
+    pub pull: bool,
+}
+
+/// What a client hears while its build runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum BuildEvent {
+    /// Progress of a step.
+    Progress(Event),
+    /// The build failed; the message is the one a local build prints.
+    Failed {
+        /// The error.
+        message: String,
+        /// The failing step's last output lines.
+        tail: Vec<String>,
+    },
+    /// The build finished.
+    Done(Box<BuildDone>),
+}
+
+/// A finished build: enough to assemble the image on the client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildDone {
+    /// The image config, as JSON.
+    pub config_json: Vec<u8>,
+    /// Its layers.
+    pub layers: Vec<LayerRef>,
+    /// Who holds each layer.
+    pub holders: Vec<(Digest, Vec<Holder>)>,
+    /// Every step: its key, cached or not, where it ran, when.
+    pub steps: Vec<StepRecord>,
+}
+
+/// A worker announcing itself to the coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Registration {
+    /// Where it serves blobs to peers.
+    pub addr: SocketAddr,
+    /// Stages it runs at once.
+    pub slots: usize,
+    /// Blobs it holds.
+    pub blobs: Vec<Digest>,
+}
+
+/// One step of a build, for the worker its stage runs on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepRef {
+    /// The build.
+    pub build: u64,
+    /// Plan index of the stage.
+    pub stage: usize,
+    /// Index of the step within the stage.
+    pub step: usize,
+    /// The layers the step runs on.
+    pub parent: Vec<LayerRef>,
+    /// Finished stages: their key and layers, by plan index.
+    pub sources: Vec<Option<(Digest, Vec<LayerRef>)>>,
+    /// Blobs the worker may lack, and who holds them.
+    pub fetch: Vec<(LayerRef, Vec<Holder>)>,
+}
+
+/// What the worker running a step sends back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ExecEvent {
+    /// Output of the step's process.
+    Output(Vec<u8>),
+    /// The step ended: the layer it made, if it changed files.
+    Done(Result<Option<LayerRef>, WorkerError>),
+}
+
+/// The state of the cluster, for `strata cluster status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The coordinator's name.
+    pub coordinator: String,
+    /// Its process.
+    pub pid: u32,
+    /// Workers, alive or not.
+    pub workers: Vec<WorkerStatus>,
+    /// Entries in the cache index.
+    pub cache_entries: usize,
+    /// Blobs whose holders the coordinator knows.
+    pub blobs_located: usize,
+    /// Builds running now.
+    pub builds_running: usize,
+}
+
+/// One worker in [`ClusterStatus`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Its name.
+    pub name: String,
+    /// Where it serves blobs.
+    pub addr: SocketAddr,
+    /// Whether its lease is current.
+    pub alive: bool,
+    /// Stages it may run at once.
+    pub slots: usize,
+    /// Stages it runs now.
+    pub running: usize,
+    /// Blobs it holds, as the coordinator knows.
+    pub blobs: usize,
+}
+
+/// The first message on every stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// Any node: send this blob (then: the blob stream back).
+    GetBlob(Digest),
+    /// Client → coordinator: is this blob stored? (reply: [`Reply::Bool`]).
+    HasBlob(Digest),
+    /// Client → coordinator: store this blob (then: the blob stream from
+    /// the client; reply: [`Reply::Ok`]).
+    PutBlob(Digest),
+    /// Client → coordinator: run a build (then: [`BuildEvent`]s back).
+    Build(Box<SubmitBuild>),
+    /// Client → coordinator: the cluster's state ([`Reply::Status`]).
+    Status,
+    /// Worker → coordinator, first on its connection ([`Reply::Ok`]).
+    Register(Registration),
+    /// Worker → coordinator: still here, running this many stages.
+    Heartbeat {
+        /// Stages running now.
+        running: usize,
+    },
+    /// Coordinator → worker: a build some of whose stages it will run
+    /// ([`Reply::Ok`] once the worker has the context and the same plan).
+    Begin(Box<BuildSpec>),
+    /// Coordinator → worker: a step's input digests ([`Reply::Inputs`]).
+    Inputs(Box<StepRef>),
+    /// Coordinator → worker: run a step (then: [`ExecEvent`]s back).
+    Execute(Box<StepRef>),
+    /// Coordinator → worker: the build is over ([`Reply::Ok`]).
+    End(u64),
+}
+
+/// A single answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Reply {
+    /// Done.
+    Ok,
+    /// Yes or no.
+    Bool(bool),
+    /// It failed, and why.
+    Error(String),
+    /// A step's input digests.
+    Inputs(Result<Vec<Digest>, WorkerError>),
+    /// The cluster's state.
+    Status(Box<ClusterStatus>),
+}

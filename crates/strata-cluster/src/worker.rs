@@ -1,0 +1,450 @@
+//! `strata worker`: runs the stages a coordinator places here, with the
+//! same engine as the embedded build ([`LocalWorker`]), and serves its
+//! blobs to peers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use strata_cas::Digest;
+use strata_dockerfile::IgnoreMatcher;
+use strata_net::{Connection, Endpoint, Role, read_frame, send_blob, write_frame};
+use strata_plan::Plan;
+use strata_solver::{Job, StageResult, Worker as _, WorkerError};
+use strata_worker::{LocalWorker, Node};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::WorkerConfig;
+use crate::peers::Peers;
+use crate::protocol::{BuildSpec, ExecEvent, Holder, Registration, Reply, Request, StepRef};
+
+/// A build some of whose stages run here.
+struct BuildHere {
+    plan: Arc<Plan>,
+    worker: Arc<LocalWorker>,
+    _context: tempfile::TempDir,
+}
+
+/// A worker process.
+pub struct WorkerNode {
+    node: Arc<Node>,
+    name: String,
+    slots: usize,
+    listen: SocketAddr,
+    coordinator: SocketAddr,
+    endpoint: Endpoint,
+    peers: Arc<Peers>,
+    builds: Mutex<HashMap<u64, Arc<BuildHere>>>,
+    running: AtomicUsize,
+}
+
+impl std::fmt::Debug for WorkerNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerNode")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn reply_error(e: impl std::fmt::Display) -> Reply {
+    Reply::Error(e.to_string())
+}
+
+impl WorkerNode {
+    /// Opens the state directory and starts listening.
+    pub fn start(config: &WorkerConfig) -> Result<Arc<WorkerNode>, String> {
+        let id = config.tls.identity().map_err(|e| e.to_string())?;
+        let me = id.peer().map_err(|e| e.to_string())?;
+        if me.role != Role::Worker {
+            return Err(format!(
+                "{} is a {} certificate; a worker needs a worker's",
+                config.tls.cert.display(),
+                me.role
+            ));
+        }
+        let node = Node::open(&config.home).map_err(|e| {
+            format!(
+                "cannot open the state directory {}: {e}",
+                config.home.display()
+            )
+        })?;
+        let endpoint = Endpoint::listen(config.listen, &id).map_err(|e| e.to_string())?;
+        let listen = endpoint.local_addr().map_err(|e| e.to_string())?;
+        Ok(Arc::new(WorkerNode {
+            node: Arc::new(node),
+            name: me.name,
+            slots: config.slots,
+            listen,
+            coordinator: config.coordinator,
+            peers: Arc::new(Peers::new(endpoint.clone())),
+            endpoint,
+            builds: Mutex::default(),
+            running: AtomicUsize::new(0),
+        }))
+    }
+
+    /// This worker's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Where it serves blobs.
+    pub fn addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// Serves peers and the coordinator until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let me = Arc::clone(&self);
+        tokio::spawn(async move {
+            while let Some(conn) = me.endpoint.accept().await {
+                tokio::spawn(Arc::clone(&me).serve(conn));
+            }
+        });
+        let mut backoff = Duration::from_millis(200);
+        while !shutdown.is_cancelled() {
+            match self.join().await {
+                Ok(conn) => {
+                    backoff = Duration::from_millis(200);
+                    tracing::info!(worker = %self.name, coordinator = %self.coordinator, "registered");
+                    let serving = tokio::spawn(Arc::clone(&self).serve(conn.clone()));
+                    tokio::select! {
+                        () = self.heartbeat(&conn) => {}
+                        () = shutdown.cancelled() => {}
+                    }
+                    serving.abort();
+                    tracing::warn!(worker = %self.name, "lost the coordinator; reconnecting");
+                }
+                Err(e) => {
+                    tracing::warn!(worker = %self.name, coordinator = %self.coordinator, error = %e, "cannot reach the coordinator");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = shutdown.cancelled() => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        self.endpoint.close();
+    }
+
+    /// Connects to the coordinator and registers.
+    async fn join(&self) -> Result<Connection, String> {
+        let conn = self
+            .endpoint
+            .connect(self.coordinator)
+            .await
+            .map_err(|e| e.to_string())?;
+        if conn.peer.role != Role::Coordinator {
+            return Err(format!("{} is not a coordinator", conn.peer));
+        }
+        let blobs: Vec<Digest> = self
+            .node
+            .content
+            .list()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
+        let reply = request(
+            &conn,
+            &Request::Register(Registration {
+                addr: self.listen,
+                slots: self.slots,
+                blobs,
+            }),
+        )
+        .await?;
+        match reply {
+            Reply::Ok => Ok(conn),
+            Reply::Error(e) => Err(e),
+            other => Err(format!("unexpected answer to registering: {other:?}")),
+        }
+    }
+
+    /// Tells the coordinator it is alive, every second, until that fails.
+    async fn heartbeat(&self, conn: &Connection) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let beat = Request::Heartbeat {
+                running: self.running.load(Ordering::Relaxed),
+            };
+            match tokio::time::timeout(Duration::from_secs(5), request(conn, &beat)).await {
+                Ok(Ok(Reply::Ok)) => {}
+                Ok(Ok(Reply::Error(e))) if e.contains("not registered") => return,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Answers the requests a peer opens on `conn`.
+    async fn serve(self: Arc<Self>, conn: Connection) {
+        while let Some((mut send, mut recv)) = conn.accept().await {
+            let (me, conn) = (Arc::clone(&self), conn.clone());
+            tokio::spawn(async move {
+                let req = match read_frame::<Request>(&mut recv, conn.addr).await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!(peer = %conn.peer, error = %e, "bad request");
+                        return;
+                    }
+                };
+                if let Err(e) = me.handle(&conn, req, &mut send).await {
+                    tracing::warn!(peer = %conn.peer, error = %e, "request failed");
+                }
+                let _ = send.finish();
+            });
+        }
+    }
+
+    async fn handle(
+        &self,
+        conn: &Connection,
+        req: Request,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), strata_net::Error> {
+        let from_coordinator = conn.peer.role == Role::Coordinator;
+        let reply = match req {
+            Request::GetBlob(d) => {
+                send_blob(send, &self.node.content, &d, conn.addr).await?;
+                return Ok(());
+            }
+            Request::Execute(step) if from_coordinator => {
+                return self.execute(*step, send, conn.addr).await;
+            }
+            Request::Begin(spec) if from_coordinator => match self.begin(*spec, conn).await {
+                Ok(()) => Reply::Ok,
+                Err(e) => reply_error(e),
+            },
+            Request::Inputs(step) if from_coordinator => Reply::Inputs(self.inputs(*step).await),
+            Request::End(id) if from_coordinator => {
+                self.builds
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
+                Reply::Ok
+            }
+            other => reply_error(format!(
+                "{} may not ask a worker for {}",
+                conn.peer,
+                request_name(&other)
+            )),
+        };
+        write_frame(send, &reply, conn.addr).await
+    }
+
+    /// Takes on a build: its context, and the same plan as the
+    /// coordinator's.
+    async fn begin(&self, spec: BuildSpec, conn: &Connection) -> Result<(), String> {
+        if self
+            .builds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&spec.id)
+        {
+            return Ok(());
+        }
+        let coordinator = Holder {
+            name: conn.peer.name.clone(),
+            addr: conn.addr,
+        };
+        if !self.node.content.contains(&spec.context).unwrap_or(false) {
+            self.peers
+                .fetch(
+                    &self.node.content,
+                    &spec.context,
+                    std::slice::from_ref(&coordinator),
+                )
+                .await?;
+        }
+        let tmp = self.node.home().join("tmp");
+        let node = Arc::clone(&self.node);
+        let here = tokio::task::spawn_blocking(move || -> Result<BuildHere, String> {
+            let dir = tempfile::Builder::new()
+                .prefix("context-")
+                .tempdir_in(&tmp)
+                .map_err(|e| format!("cannot make a directory in {}: {e}", tmp.display()))?;
+            crate::context::unpack(&node.content, &spec.context, dir.path())?;
+            let replay = crate::plan::Replay::new(&spec.bases)?;
+            let plan = spec.inputs.plan(&replay).map_err(|e| e.to_string())?;
+            if crate::plan::digest(&plan) != spec.plan {
+                return Err("this worker plans the build differently from the coordinator (are both the same strata version?)".into());
+            }
+            let worker = LocalWorker::new(
+                node,
+                dir.path().to_path_buf(),
+                IgnoreMatcher::default(),
+                spec.secrets,
+                spec.inputs.epoch(),
+            );
+            Ok(BuildHere {
+                plan: Arc::new(plan),
+                worker: Arc::new(worker),
+                _context: dir,
+            })
+        })
+        .await
+        .map_err(|e| format!("preparing the build stopped: {e}"))??;
+        self.builds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(spec.id, Arc::new(here));
+        Ok(())
+    }
+
+    fn build(&self, id: u64) -> Result<Arc<BuildHere>, WorkerError> {
+        self.builds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| WorkerError::new(format!("build {id} was not begun on this worker")))
+    }
+
+    /// What a step needs that is elsewhere, fetched.
+    async fn fetch(&self, step: &StepRef) -> Result<(), WorkerError> {
+        self.peers
+            .ensure(&self.node.content, &step.fetch)
+            .await
+            .map(|_| ())
+            .map_err(WorkerError::new)
+    }
+
+    async fn inputs(&self, step: StepRef) -> Result<Vec<Digest>, WorkerError> {
+        let here = self.build(step.build)?;
+        self.fetch(&step).await?;
+        tokio::task::spawn_blocking(move || {
+            let (stage, s) = locate(&here.plan, &step)?;
+            let sources = sources(&here.plan, &step);
+            here.worker.inputs(stage, &stage.steps[s], &sources)
+        })
+        .await
+        .map_err(|e| WorkerError::new(e.to_string()))?
+    }
+
+    async fn execute(
+        &self,
+        step: StepRef,
+        send: &mut quinn::SendStream,
+        peer: SocketAddr,
+    ) -> Result<(), strata_net::Error> {
+        self.running.fetch_add(1, Ordering::Relaxed);
+        let outcome = self.execute_step(step, send, peer).await;
+        self.running.fetch_sub(1, Ordering::Relaxed);
+        let done = match outcome {
+            Ok(r) => r,
+            Err(e) => Err(e),
+        };
+        write_frame(send, &ExecEvent::Done(done), peer).await
+    }
+
+    async fn execute_step(
+        &self,
+        step: StepRef,
+        send: &mut quinn::SendStream,
+        peer: SocketAddr,
+    ) -> Result<Result<Option<strata_oci::LayerRef>, WorkerError>, WorkerError> {
+        let here = self.build(step.build)?;
+        self.fetch(&step).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let cancel = CancellationToken::new();
+        let job_cancel = cancel.clone();
+        let running = tokio::task::spawn_blocking(move || {
+            let (stage, s) = locate(&here.plan, &step)?;
+            let sources = sources(&here.plan, &step);
+            let output: strata_solver::Output = Arc::new(move |bytes: &[u8]| {
+                let _ = tx.send(bytes.to_vec());
+            });
+            here.worker.execute(&Job {
+                stage,
+                step: &stage.steps[s],
+                parent: &step.parent,
+                sources: &sources,
+                output,
+                cancel: job_cancel,
+            })
+        });
+        // The step's output goes back as it comes; a coordinator that is
+        // gone cancels the step.
+        while let Some(bytes) = rx.recv().await {
+            if write_frame(send, &ExecEvent::Output(bytes), peer)
+                .await
+                .is_err()
+            {
+                cancel.cancel();
+            }
+        }
+        running.await.map_err(|e| WorkerError::new(e.to_string()))
+    }
+}
+
+/// The plan stage and step index a [`StepRef`] names.
+fn locate<'p>(
+    plan: &'p Plan,
+    step: &StepRef,
+) -> Result<(&'p strata_plan::StagePlan, usize), WorkerError> {
+    plan.stages
+        .get(step.stage)
+        .filter(|s| step.step < s.steps.len())
+        .map(|s| (s, step.step))
+        .ok_or_else(|| {
+            WorkerError::new(format!("no step {}/{} in the plan", step.stage, step.step))
+        })
+}
+
+/// Finished stages as the engine wants them, their configs from the plan.
+fn sources(plan: &Plan, step: &StepRef) -> Vec<Option<StageResult>> {
+    step.sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.as_ref().map(|(key, layers)| StageResult {
+                key: *key,
+                layers: layers.clone(),
+                config: plan
+                    .stages
+                    .get(i)
+                    .map(|st| st.config.clone())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// Sends one request and reads its one reply.
+pub(crate) async fn request(conn: &Connection, req: &Request) -> Result<Reply, String> {
+    let (mut send, mut recv) = conn.open().await.map_err(|e| e.to_string())?;
+    write_frame(&mut send, req, conn.addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    read_frame::<Reply>(&mut recv, conn.addr)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{} closed the stream without answering", conn.peer))
+}
+
+/// A request's name, for refusals.
+pub(crate) fn request_name(r: &Request) -> &'static str {
+    match r {
+        Request::GetBlob(_) => "a blob",
+        Request::HasBlob(_) => "whether it holds a blob",
+        Request::PutBlob(_) => "to store a blob",
+        Request::Build(_) => "a build",
+        Request::Status => "its status",
+        Request::Register(_) => "registration",
+        Request::Heartbeat { .. } => "a heartbeat",
+        Request::Begin(_) => "to begin a build",
+        Request::Inputs(_) => "a step's inputs",
+        Request::Execute(_) => "to run a step",
+        Request::End(_) => "to end a build",
+    }
+}
