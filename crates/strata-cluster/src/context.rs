@@ -3,12 +3,11 @@
 //! the embedded build does from the directory.
 
 use std::io::Write as _;
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::Path;
 
 use strata_cas::{ContentStore, Digest};
 use strata_dockerfile::IgnoreMatcher;
-use strata_worker::select::{SourceRoot, select, walk};
+use strata_worker::select::{SourceRoot, select};
 
 /// Packs the context at `dir` into a tar blob in `cas`: every entry
 /// `ignore` lets through, in the order COPY walks them, with modes and
@@ -22,46 +21,7 @@ pub fn pack(cas: &ContentStore, dir: &Path, ignore: &IgnoreMatcher) -> Result<Di
     };
     let items = select(&src, &[".".to_string()])?;
     let mut writer = cas.writer().map_err(|e| e.to_string())?;
-    {
-        let mut tar = tar::Builder::new(&mut writer);
-        tar.follow_symlinks(false);
-        let mut append = |e: &strata_worker::select::Entry<'_>| -> Result<(), String> {
-            if e.rel.is_empty() {
-                return Ok(());
-            }
-            let fail = |err: std::io::Error| format!("packing {}: {err}", e.host.display());
-            let ft = e.meta.file_type();
-            let mut h = tar::Header::new_gnu();
-            h.set_mode(e.meta.permissions().mode() & 0o7777);
-            h.set_mtime(u64::try_from(e.meta.mtime()).unwrap_or(0));
-            h.set_uid(0);
-            h.set_gid(0);
-            if ft.is_dir() {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_size(0);
-                tar.append_data(&mut h, e.rel, std::io::empty())
-                    .map_err(fail)
-            } else if ft.is_symlink() {
-                let target = std::fs::read_link(e.host).map_err(fail)?;
-                h.set_entry_type(tar::EntryType::Symlink);
-                h.set_size(0);
-                tar.append_link(&mut h, e.rel, target).map_err(fail)
-            } else if ft.is_file() {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_size(e.meta.len());
-                let f = std::fs::File::open(e.host).map_err(fail)?;
-                tar.append_data(&mut h, e.rel, f).map_err(fail)
-            } else {
-                // Sockets, fifos and devices: COPY does not take them either.
-                Ok(())
-            }
-        };
-        for item in &items {
-            walk(&src, item, None, &mut append)?;
-        }
-        tar.finish()
-            .map_err(|e| format!("packing the context: {e}"))?;
-    }
+    strata_worker::select::pack(&src, &items, None, &mut writer)?;
     writer
         .flush()
         .map_err(|e| format!("packing the context: {e}"))?;
@@ -85,6 +45,7 @@ pub fn unpack(cas: &ContentStore, digest: &Digest, dir: &Path) -> Result<(), Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     #[test]
     fn the_context_arrives_as_copy_would_see_it() {

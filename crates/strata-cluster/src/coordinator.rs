@@ -12,7 +12,7 @@ use strata_cas::Digest;
 use strata_net::{Connection, Endpoint, Role, read_frame, recv_blob, send_blob, write_frame};
 use strata_oci::LayerRef;
 use strata_registry::Registry;
-use strata_solver::{Event, SolveError, SolveOptions, Solver};
+use strata_solver::{Event, Flights, SolveError, SolveOptions, Solver};
 use strata_worker::{BaseImages, Node, epoch_rfc3339};
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +51,9 @@ pub struct Coordinator {
     pub(crate) slot_freed: tokio::sync::Notify,
     next_build: AtomicU64,
     builds_running: AtomicUsize,
+    /// Steps running for any build: concurrent builds run identical
+    /// steps once.
+    flights: Flights,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -105,6 +108,7 @@ impl Coordinator {
             slot_freed: tokio::sync::Notify::new(),
             next_build: AtomicU64::new(1),
             builds_running: AtomicUsize::new(0),
+            flights: Flights::default(),
         }))
     }
 
@@ -456,9 +460,10 @@ impl Coordinator {
             tokio::runtime::Handle::current(),
             cancel.clone(),
         ));
-        let solver = Arc::new(Solver::new(
+        let solver = Arc::new(Solver::sharing(
             Arc::clone(&placement) as Arc<dyn strata_solver::Worker>,
             Arc::clone(&self.node.cache) as Arc<dyn strata_cache::CacheIndex>,
+            self.flights.clone(),
         ));
         let progress_tx = events.clone();
         let opts = SolveOptions {

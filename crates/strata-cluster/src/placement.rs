@@ -25,8 +25,10 @@ pub(crate) struct Placement {
     plan: Arc<Plan>,
     handle: Handle,
     cancel: CancellationToken,
-    /// Plan stage → worker.
+    /// Plan stage → worker, while the stage runs.
     placed: Mutex<HashMap<usize, String>>,
+    /// Plan stage → the worker that ran it, whose filesystem it is on.
+    ran: Mutex<HashMap<usize, String>>,
     /// Workers that have the build (its context and plan).
     begun: tokio::sync::Mutex<HashSet<String>>,
 }
@@ -46,6 +48,7 @@ impl Placement {
             handle,
             cancel,
             placed: Mutex::default(),
+            ran: Mutex::default(),
             begun: tokio::sync::Mutex::default(),
         }
     }
@@ -150,6 +153,10 @@ impl Placement {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(i, best.clone());
+        self.ran
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(i, best.clone());
         Some(best)
     }
 
@@ -213,6 +220,10 @@ impl Placement {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|_, w| w != worker);
+        self.ran
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, w| w != worker);
         WorkerError::lost(format!("worker {worker} is gone ({detail})"))
     }
 
@@ -223,6 +234,7 @@ impl Placement {
         step: &Step,
         parent: &[LayerRef],
         sources: &[Option<StageResult>],
+        with_artifact: bool,
     ) -> Vec<LayerRef> {
         let mut out: Vec<LayerRef> = parent.to_vec();
         let mut from = |s: &Source| match s {
@@ -235,6 +247,7 @@ impl Placement {
             Source::Context => {}
         };
         match &step.op {
+            Op::Copy(_) if with_artifact => {}
             Op::Copy(c) => from(&c.from),
             Op::Exec(e) => {
                 for m in &e.mounts {
@@ -257,10 +270,11 @@ impl Placement {
         s: usize,
         parent: &[LayerRef],
         sources: &[Option<StageResult>],
+        artifact: Option<(Digest, Vec<Holder>)>,
     ) -> StepRef {
         let step = &self.plan.stages[i].steps[s];
         let fetch: Vec<(LayerRef, Vec<Holder>)> = self
-            .needed(step, parent, sources)
+            .needed(step, parent, sources, artifact.is_some())
             .into_iter()
             .filter(|l| !self.coord.holds(worker, &l.blob))
             .map(|l| (l, self.coord.holders(&l.blob, Some(worker))))
@@ -275,6 +289,57 @@ impl Placement {
                 .map(|r| r.as_ref().map(|r| (r.key, r.layers.clone())))
                 .collect(),
             fetch,
+            artifact,
+        }
+    }
+
+    /// For a `COPY --from=stage` step: the live worker holding that
+    /// stage's filesystem.
+    fn source_holder(&self, step: &Step) -> Option<String> {
+        let Op::Copy(c) = &step.op else { return None };
+        let Source::Stage(src) = c.from else {
+            return None;
+        };
+        let name = self
+            .ran
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&src)
+            .cloned()?;
+        self.connection(&name).ok().map(|_| name)
+    }
+
+    /// Where `worker` serves blobs.
+    fn holder(&self, worker: &str) -> Option<Holder> {
+        self.coord
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(worker)
+            .filter(|w| w.alive)
+            .map(|w| Holder {
+                name: worker.to_string(),
+                addr: w.addr,
+            })
+    }
+
+    /// Asks `holder` to pack what step `s` of stage `i` copies.
+    async fn artifact(
+        &self,
+        holder: &str,
+        i: usize,
+        s: usize,
+        sources: &[Option<StageResult>],
+    ) -> Result<Digest, WorkerError> {
+        let conn = self.begin(holder).await?;
+        let req = Request::Artifact(Box::new(self.step_ref(holder, i, s, &[], sources, None)));
+        match crate::worker::request(&conn, &req).await {
+            Ok(Reply::Artifact(r)) => r,
+            Ok(Reply::Error(e)) => Err(WorkerError::new(format!("worker {holder}: {e}"))),
+            Ok(other) => Err(WorkerError::new(format!(
+                "worker {holder} answered {other:?}"
+            ))),
+            Err(e) => Err(self.gone(holder, &conn, e)),
         }
     }
 
@@ -296,9 +361,14 @@ impl Placement {
     ) -> Result<Vec<Digest>, WorkerError> {
         let i = self.stage_index(stage)?;
         let s = Self::step_index(stage, step)?;
-        let worker = self.place(i).await?;
+        // What a COPY --from=stage selects is measured where that stage's
+        // filesystem is; everything else where the stage runs.
+        let worker = match self.source_holder(step) {
+            Some(holder) => holder,
+            None => self.place(i).await?,
+        };
         let conn = self.begin(&worker).await?;
-        let req = Request::Inputs(Box::new(self.step_ref(&worker, i, s, &[], sources)));
+        let req = Request::Inputs(Box::new(self.step_ref(&worker, i, s, &[], sources, None)));
         match crate::worker::request(&conn, &req).await {
             Ok(Reply::Inputs(r)) => r,
             Ok(Reply::Error(e)) => Err(WorkerError::new(format!("worker {worker}: {e}"))),
@@ -314,12 +384,22 @@ impl Placement {
         let s = Self::step_index(job.stage, job.step)?;
         let worker = self.place(i).await?;
         let conn = self.begin(&worker).await?;
+        // A COPY --from=stage away from that stage's worker copies from an
+        // artifact of the copied paths, not the stage's layers.
+        let artifact = match self.source_holder(job.step) {
+            Some(holder) if holder != worker => {
+                let blob = self.artifact(&holder, i, s, job.sources).await?;
+                Some((blob, self.holder(&holder).into_iter().collect()))
+            }
+            _ => None,
+        };
         let req = Request::Execute(Box::new(self.step_ref(
             &worker,
             i,
             s,
             job.parent,
             job.sources,
+            artifact,
         )));
         let lost = |e: String| self.gone(&worker, &conn, e);
         let (mut send, mut recv) = conn.open().await.map_err(|e| lost(e.to_string()))?;

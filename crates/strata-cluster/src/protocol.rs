@@ -123,6 +123,9 @@ pub struct StepRef {
     pub sources: Vec<Option<(Digest, Vec<LayerRef>)>>,
     /// Blobs the worker may lack, and who holds them.
     pub fetch: Vec<(LayerRef, Vec<Holder>)>,
+    /// For a `COPY --from=stage` placed away from that stage: the artifact
+    /// of the copied paths to copy from, and who holds it.
+    pub artifact: Option<(Digest, Vec<Holder>)>,
 }
 
 /// What the worker running a step sends back.
@@ -196,6 +199,9 @@ pub enum Request {
     Inputs(Box<StepRef>),
     /// Coordinator → worker: run a step (then: [`ExecEvent`]s back).
     Execute(Box<StepRef>),
+    /// Coordinator → worker holding a stage's filesystem: pack what this
+    /// `COPY --from` step copies from it ([`Reply::Artifact`]).
+    Artifact(Box<StepRef>),
     /// Coordinator → worker: the build is over ([`Reply::Ok`]).
     End(u64),
 }
@@ -213,4 +219,6 @@ pub enum Reply {
     Inputs(Result<Vec<Digest>, WorkerError>),
     /// The cluster's state.
     Status(Box<ClusterStatus>),
+    /// The blob an artifact was packed into.
+    Artifact(Result<Digest, WorkerError>),
 }

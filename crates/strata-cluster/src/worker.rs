@@ -225,6 +225,9 @@ impl WorkerNode {
                 Err(e) => reply_error(e),
             },
             Request::Inputs(step) if from_coordinator => Reply::Inputs(self.inputs(*step).await),
+            Request::Artifact(step) if from_coordinator => {
+                Reply::Artifact(self.artifact(*step).await)
+            }
             Request::End(id) if from_coordinator => {
                 self.builds
                     .lock()
@@ -330,6 +333,61 @@ impl WorkerNode {
         .map_err(|e| WorkerError::new(e.to_string()))?
     }
 
+    async fn artifact(&self, step: StepRef) -> Result<Digest, WorkerError> {
+        let here = self.build(step.build)?;
+        self.fetch(&step).await?;
+        tokio::task::spawn_blocking(move || {
+            let (stage, s) = locate(&here.plan, &step)?;
+            let sources = sources(&here.plan, &step);
+            here.worker.artifact(&stage.steps[s], &sources)
+        })
+        .await
+        .map_err(|e| WorkerError::new(e.to_string()))?
+    }
+
+    /// Fetches and unpacks a step's artifact; the step will copy from it.
+    async fn provide_artifact(
+        &self,
+        here: &Arc<BuildHere>,
+        step: &StepRef,
+    ) -> Result<(), WorkerError> {
+        let Some((blob, holders)) = &step.artifact else {
+            return Ok(());
+        };
+        if !self.node.content.contains(blob).unwrap_or(false) {
+            self.peers
+                .fetch(&self.node.content, blob, holders)
+                .await
+                .map_err(WorkerError::new)?;
+        }
+        let (here, step, blob) = (Arc::clone(here), step.clone(), *blob);
+        let node = Arc::clone(&self.node);
+        tokio::task::spawn_blocking(move || {
+            let (stage, s) = locate(&here.plan, &step)?;
+            let dir = here
+                ._context
+                .path()
+                .join(format!("artifact-{}-{}", step.stage, step.step));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).map_err(|e| WorkerError::new(e.to_string()))?;
+            let reader = node
+                .content
+                .open_blob(&blob)
+                .map_err(|e| WorkerError::new(e.to_string()))?;
+            let mut archive = tar::Archive::new(reader);
+            archive.set_preserve_permissions(true);
+            archive.set_preserve_mtime(true);
+            archive.set_preserve_ownerships(true);
+            archive
+                .unpack(&dir)
+                .map_err(|e| WorkerError::new(format!("unpacking artifact {blob}: {e}")))?;
+            here.worker.provide_source(stage, &stage.steps[s], dir);
+            Ok(())
+        })
+        .await
+        .map_err(|e| WorkerError::new(e.to_string()))?
+    }
+
     async fn execute(
         &self,
         step: StepRef,
@@ -354,6 +412,7 @@ impl WorkerNode {
     ) -> Result<Result<Option<strata_oci::LayerRef>, WorkerError>, WorkerError> {
         let here = self.build(step.build)?;
         self.fetch(&step).await?;
+        self.provide_artifact(&here, &step).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
         let cancel = CancellationToken::new();
         let job_cancel = cancel.clone();
@@ -445,6 +504,7 @@ pub(crate) fn request_name(r: &Request) -> &'static str {
         Request::Begin(_) => "to begin a build",
         Request::Inputs(_) => "a step's inputs",
         Request::Execute(_) => "to run a step",
+        Request::Artifact(_) => "an artifact",
         Request::End(_) => "to end a build",
     }
 }

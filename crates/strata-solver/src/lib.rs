@@ -21,7 +21,7 @@ use strata_oci::{ImageConfig, LayerRef};
 use strata_plan::{StagePlan, Step};
 use tokio_util::sync::CancellationToken;
 
-pub use solve::Solver;
+pub use solve::{Flights, Solver};
 
 /// The result of a stage: its key, layer chain and final image config.
 #[derive(Debug, Clone, PartialEq)]

@@ -18,12 +18,17 @@ use crate::{
 
 type Flight = Arc<OnceCell<CacheEntry>>;
 
+/// Steps being executed right now, by key: a second request for the same
+/// key waits for the first instead of running again. Solvers that share
+/// one (a coordinator's concurrent builds) run identical steps once.
+#[derive(Clone, Default)]
+pub struct Flights(Arc<Mutex<HashMap<Digest, Flight>>>);
+
 /// Runs plans against a worker and a cache index.
 pub struct Solver {
     worker: Arc<dyn Worker>,
     cache: Arc<dyn CacheIndex>,
-    /// Steps being executed right now, by key: a second request waits.
-    in_flight: Mutex<HashMap<Digest, Flight>>,
+    in_flight: Flights,
 }
 
 fn now() -> f64 {
@@ -73,10 +78,19 @@ impl Run {
 impl Solver {
     /// A solver that runs steps on `worker` and caches them in `cache`.
     pub fn new(worker: Arc<dyn Worker>, cache: Arc<dyn CacheIndex>) -> Solver {
+        Solver::sharing(worker, cache, Flights::default())
+    }
+
+    /// A solver whose steps in flight are shared with other solvers.
+    pub fn sharing(
+        worker: Arc<dyn Worker>,
+        cache: Arc<dyn CacheIndex>,
+        in_flight: Flights,
+    ) -> Solver {
         Solver {
             worker,
             cache,
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight,
         }
     }
 
@@ -262,6 +276,7 @@ impl Solver {
                     let flight = {
                         let mut map = self
                             .in_flight
+                            .0
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner);
                         Arc::clone(map.entry(step_key).or_default())
@@ -276,6 +291,7 @@ impl Solver {
                         .map_err(step_err)?
                         .clone();
                     self.in_flight
+                        .0
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .remove(&step_key);

@@ -229,6 +229,65 @@ pub fn walk(
     Ok(())
 }
 
+/// Writes what `items` select in `src` (minus `excludes`) as a tar to
+/// `out`, each entry at its path relative to the root, in the order
+/// [`walk`] visits them: modes, times, link targets, and owners where the
+/// source keeps them (stages and images; context files belong to root).
+/// Unpacked, the tree selects the same items with the same specs: it is
+/// what a COPY from the source can read, and nothing else.
+pub fn pack(
+    src: &SourceRoot<'_>,
+    items: &[Item],
+    excludes: Option<&IgnoreMatcher>,
+    out: &mut dyn std::io::Write,
+) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut tar = tar::Builder::new(out);
+    tar.follow_symlinks(false);
+    for item in items {
+        let mut append = |e: &Entry<'_>| -> Result<(), String> {
+            let path = match (item.rel.is_empty(), e.rel.is_empty()) {
+                (true, true) => return Ok(()),
+                (true, false) => e.rel.to_string(),
+                (false, true) => item.rel.clone(),
+                (false, false) => format!("{}/{}", item.rel, e.rel),
+            };
+            let fail = |err: std::io::Error| format!("packing {}: {err}", e.host.display());
+            let ft = e.meta.file_type();
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(e.meta.mode() & 0o7777);
+            h.set_mtime(u64::try_from(e.meta.mtime()).unwrap_or(0));
+            let (uid, gid) = if src.keep_owner {
+                (e.meta.uid(), e.meta.gid())
+            } else {
+                (0, 0)
+            };
+            h.set_uid(u64::from(uid));
+            h.set_gid(u64::from(gid));
+            h.set_size(0);
+            if ft.is_dir() {
+                h.set_entry_type(tar::EntryType::Directory);
+                tar.append_data(&mut h, &path, std::io::empty())
+                    .map_err(fail)
+            } else if ft.is_symlink() {
+                let target = fs::read_link(e.host).map_err(fail)?;
+                h.set_entry_type(tar::EntryType::Symlink);
+                tar.append_link(&mut h, &path, target).map_err(fail)
+            } else if ft.is_file() {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(e.meta.len());
+                let f = fs::File::open(e.host).map_err(fail)?;
+                tar.append_data(&mut h, &path, f).map_err(fail)
+            } else {
+                // Sockets, fifos and devices are not copied.
+                Ok(())
+            }
+        };
+        walk(src, item, excludes, &mut append)?;
+    }
+    tar.finish().map_err(|e| format!("packing: {e}"))
+}
+
 /// Names what [`checksum`] covers; changing that changes this.
 pub const CHECKSUM_VERSION: &[u8] = b"strata.selection.v1\0";
 

@@ -35,6 +35,9 @@ pub struct LocalWorker {
     /// What this build downloaded, by URL: keying a step and running it
     /// need the same bytes, fetched once.
     downloads: Mutex<HashMap<String, fetch::Download>>,
+    /// Unpacked artifacts standing in for a `COPY --from` source, by the
+    /// copying step (its stage's Dockerfile index and its number).
+    provided: Mutex<HashMap<(usize, usize), PathBuf>>,
 }
 
 fn err(e: impl std::fmt::Display) -> WorkerError {
@@ -62,6 +65,7 @@ impl LocalWorker {
             seq: AtomicU64::new(0),
             lease,
             downloads: Mutex::default(),
+            provided: Mutex::default(),
         }
     }
 
@@ -124,6 +128,43 @@ impl LocalWorker {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(file.url.clone(), d);
         Ok(d)
+    }
+
+    /// Packs what a `COPY --from=stage` step copies out of the stage's
+    /// filesystem (which must be here) into a blob: all another node needs
+    /// to run the step, instead of the stage's every layer.
+    pub fn artifact(
+        &self,
+        step: &Step,
+        sources: &[Option<StageResult>],
+    ) -> Result<Digest, WorkerError> {
+        let Op::Copy(c) = &step.op else {
+            return Err(err("only COPY --from has an artifact"));
+        };
+        let view = self.view(&c.from, sources)?;
+        let root = view.root();
+        let src = SourceRoot {
+            root: &root,
+            ignore: None,
+            keep_owner: true,
+        };
+        let items = crate::select::select(&src, &c.sources).map_err(err)?;
+        let excludes = crate::select::exclude_matcher(&c.excludes).map_err(err)?;
+        let mut w = self.node.content.writer().map_err(err)?;
+        crate::select::pack(&src, &items, excludes.as_ref(), &mut w).map_err(err)?;
+        std::io::Write::flush(&mut w).map_err(err)?;
+        let blob = w.commit().map_err(err)?;
+        self.lease().hold(blob);
+        Ok(blob)
+    }
+
+    /// The next run of `step` copies from `root` (an unpacked
+    /// [`LocalWorker::artifact`]) instead of its source stage.
+    pub fn provide_source(&self, stage: &StagePlan, step: &Step, root: PathBuf) {
+        self.provided
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((stage.dockerfile_index, step.number), root);
     }
 
     /// The op's downloads, opened for reading (fetched now unless stored).
@@ -245,8 +286,20 @@ impl Worker for LocalWorker {
                         copy::copy(c, Some(&src), fetched, &rootfs).map_err(err)?;
                     }
                     other => {
-                        let view = self.view(other, job.sources)?;
-                        let root = view.root();
+                        let provided = self
+                            .provided
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .remove(&(job.stage.dockerfile_index, job.step.number));
+                        let view = match provided {
+                            Some(_) => None,
+                            None => Some(self.view(other, job.sources)?),
+                        };
+                        let root = match (&provided, &view) {
+                            (Some(p), _) => p.clone(),
+                            (None, Some(v)) => v.root(),
+                            (None, None) => return Err(err("no source to copy from")),
+                        };
                         let src = SourceRoot {
                             root: &root,
                             ignore: None,
