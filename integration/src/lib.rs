@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod cluster;
 pub mod docker;
 pub mod http;
 pub mod image_model;

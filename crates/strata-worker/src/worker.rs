@@ -30,7 +30,6 @@ pub struct LocalWorker {
     secrets: BTreeMap<String, Vec<u8>>,
     runtime: OnceLock<Result<Runtime, String>>,
     clamp: i64,
-    seq: AtomicU64,
     lease: Mutex<Lease>,
     /// What this build downloaded, by URL: keying a step and running it
     /// need the same bytes, fetched once.
@@ -39,6 +38,11 @@ pub struct LocalWorker {
     /// copying step (its stage's Dockerfile index and its number).
     provided: Mutex<HashMap<(usize, usize), PathBuf>>,
 }
+
+/// Numbers the sandboxes of this process: container IDs name runtime
+/// state and cgroups, so builds side by side (a cluster worker runs
+/// several) must never share one.
+static CONTAINER_SEQ: AtomicU64 = AtomicU64::new(0);
 
 fn err(e: impl std::fmt::Display) -> WorkerError {
     WorkerError::new(e.to_string())
@@ -62,7 +66,6 @@ impl LocalWorker {
             secrets,
             runtime: OnceLock::new(),
             clamp,
-            seq: AtomicU64::new(0),
             lease,
             downloads: Mutex::default(),
             provided: Mutex::default(),
@@ -310,7 +313,7 @@ impl Worker for LocalWorker {
                 }
             }
             Op::Exec(e) => {
-                let n = self.seq.fetch_add(1, Ordering::Relaxed);
+                let n = CONTAINER_SEQ.fetch_add(1, Ordering::Relaxed);
                 let id = format!("strata-{}-{n}", std::process::id());
                 let bundle = self.node.home().join("run").join(&id);
                 fs::create_dir_all(&bundle).map_err(err)?;

@@ -1,0 +1,182 @@
+//! A cluster of real `strata` processes on 127.0.0.1 for one test, made
+//! and started the way a user does it (`strata cluster init`, `strata
+//! cluster up --local N`), stopped when dropped.
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use crate::{busybox_tar, strata_bin};
+
+/// A running local cluster.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    workers: usize,
+}
+
+/// `n + 1` consecutive free UDP ports on 127.0.0.1, the first returned.
+fn free_ports(n: usize) -> u16 {
+    // Tests run side by side in one process: each call starts elsewhere.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    for attempt in 0..200u32 {
+        let seed = std::process::id()
+            .wrapping_mul(7919)
+            .wrapping_add((call * 200 + attempt).wrapping_mul(104_729));
+        let base = 20_000 + (seed % 40_000) as u16;
+        let all_free = (0..=n as u16).all(|i| UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
+        if all_free {
+            return base;
+        }
+    }
+    panic!("no {} consecutive free UDP ports", n + 1)
+}
+
+impl Cluster {
+    /// A coordinator (with busybox:latest in its store, and the given
+    /// worker lease) and `workers` workers.
+    pub fn start(workers: usize, lease_seconds: u64) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("strata-cluster-")
+            .tempdir()
+            .unwrap();
+        let c = Cluster { dir, workers };
+        let port = free_ports(workers).to_string();
+        c.ok(&[
+            "cluster",
+            "init",
+            "--dir",
+            c.path().to_str().unwrap(),
+            "--workers",
+            &workers.to_string(),
+            "--base-port",
+            &port,
+        ]);
+        let config = c.path().join("coordinator.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(
+            &config,
+            text.replace(
+                "lease_seconds = 5",
+                &format!("lease_seconds = {lease_seconds}"),
+            ),
+        )
+        .unwrap();
+        let out = Command::new(strata_bin())
+            .env("STRATA_HOME", c.path().join("state/coordinator"))
+            .args(["image", "import", "busybox:latest"])
+            .arg(busybox_tar())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c.ok(&[
+            "cluster",
+            "up",
+            "--local",
+            &workers.to_string(),
+            "--dir",
+            c.path().to_str().unwrap(),
+        ]);
+        c
+    }
+
+    /// The cluster's directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `client.toml`.
+    pub fn client(&self) -> PathBuf {
+        self.path().join("client.toml")
+    }
+
+    /// The pid of node `name` (`coordinator`, `worker-2`).
+    pub fn pid(&self, name: &str) -> i32 {
+        std::fs::read_to_string(self.path().join(format!("{name}.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// A worker's state directory.
+    pub fn worker_home(&self, name: &str) -> PathBuf {
+        self.path().join("state").join(name)
+    }
+
+    /// The workers' names.
+    pub fn worker_names(&self) -> Vec<String> {
+        (1..=self.workers).map(|i| format!("worker-{i}")).collect()
+    }
+
+    /// Runs `strata ARGS` (no state directory of its own).
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(strata_bin()).args(args).output().unwrap()
+    }
+
+    /// Runs `strata ARGS`, failing the test unless it succeeds.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "strata {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `strata cluster status` for this cluster.
+    pub fn status(&self) -> String {
+        self.ok(&[
+            "cluster",
+            "status",
+            "--cluster",
+            self.client().to_str().unwrap(),
+        ])
+    }
+
+    /// Waits until `check(status)` holds, up to `limit`.
+    pub fn wait_for(&self, limit: Duration, check: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let s = self.status();
+            if check(&s) {
+                return s;
+            }
+            assert!(start.elapsed() < limit, "gave up waiting; status:\n{s}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Bytes of blobs in a node's content store.
+    pub fn blob_bytes(&self, name: &str) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            std::fs::read_dir(p)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| {
+                            let m = e.metadata().unwrap();
+                            if m.is_dir() { walk(&e.path()) } else { m.len() }
+                        })
+                        .sum()
+                })
+                .unwrap_or(0)
+        }
+        walk(&self.path().join("state").join(name).join("content/blobs"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(strata_bin())
+            .args(["cluster", "down", "--dir"])
+            .arg(self.dir.path())
+            .output();
+    }
+}

@@ -1,0 +1,328 @@
+//! Clusters of real processes on loopback: a coordinator and workers
+//! started with `strata cluster up --local`, builds submitted with
+//! `strata build --cluster`, as a user runs them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use strata_integration::cluster::Cluster;
+use strata_integration::{Strata, write_files};
+
+/// Four builders, each with 20 MB the final stage does not copy.
+const FAN_OUT: &str = "\
+FROM busybox:latest AS a
+RUN head -c 20000000 /dev/zero > /unneeded && echo a > /out-a
+FROM busybox:latest AS b
+RUN head -c 20000001 /dev/zero > /unneeded && echo b > /out-b
+FROM busybox:latest AS c
+RUN head -c 20000002 /dev/zero > /unneeded && echo c > /out-c
+FROM busybox:latest AS d
+RUN head -c 20000003 /dev/zero > /unneeded && echo d > /out-d
+FROM busybox:latest
+COPY --from=a /out-a /out/
+COPY --from=b /out-b /out/
+COPY --from=c /out-c /out/
+COPY --from=d /out-d /out/
+CMD [\"sh\", \"-c\", \"cat /out/*\"]
+";
+
+fn build_on(
+    cluster: &Cluster,
+    s: &Strata,
+    ctx: &std::path::Path,
+    extra: &[&str],
+) -> serde_json::Value {
+    let report = s.home().join("report.json");
+    let client = cluster.client();
+    let mut args = vec![
+        "build",
+        "--cluster",
+        client.to_str().unwrap(),
+        "--progress",
+        "plain",
+        "--report",
+        report.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    args.push(ctx.to_str().unwrap());
+    s.ok(&args);
+    serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap()
+}
+
+fn workers_of(report: &serde_json::Value) -> HashMap<String, String> {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                format!("{} {}", s["stage"].as_str().unwrap(), s["number"]),
+                s["worker"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn runs(report: &serde_json::Value) -> usize {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            !s["cached"].as_bool().unwrap() && s["instruction"].as_str().unwrap().starts_with("RUN")
+        })
+        .count()
+}
+
+#[test]
+fn stages_spread_over_workers_and_the_image_matches_the_embedded_build() {
+    let cluster = Cluster::start(3, 5);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(ctx.path(), &[("Dockerfile", FAN_OUT)]);
+
+    let client = Strata::new();
+    let report = build_on(&cluster, &client, ctx.path(), &["-t", "fan:1"]);
+    let placed = workers_of(&report);
+    let builders: BTreeSet<&String> = ["a 2", "b 2", "c 2", "d 2"]
+        .iter()
+        .map(|k| &placed[*k])
+        .collect();
+    assert!(builders.len() >= 2, "the builders ran on {builders:?}");
+    assert_eq!(client.ok(&["run", "--rm", "fan:1"]), "a\nb\nc\nd\n");
+
+    // The same Dockerfile built on one machine gives the same image.
+    let embedded = Strata::new().with_busybox(&[]);
+    let local = embedded.build(ctx.path(), &[]);
+    assert_eq!(
+        report["image"]["manifest_digest"], local["image"]["manifest_digest"],
+        "cluster and embedded builds differ"
+    );
+
+    // The final stage copied artifacts, not the builders' 20 MB layers:
+    // each builder layer is on one worker only.
+    let total: u64 = cluster
+        .worker_names()
+        .iter()
+        .map(|w| cluster.blob_bytes(w))
+        .sum();
+    assert!(
+        total < 4 * 20_000_000 + 15_000_000,
+        "the workers hold {total} bytes: builder layers were copied around"
+    );
+
+    // Another client, another state directory: nothing runs again, and
+    // only the image's layers come to it.
+    let other = Strata::new();
+    let again = build_on(&cluster, &other, ctx.path(), &["-t", "fan:1"]);
+    assert_eq!(runs(&again), 0, "{again}");
+    assert_eq!(
+        again["image"]["manifest_digest"],
+        report["image"]["manifest_digest"]
+    );
+    let fetched = again["bytes_fetched"].as_u64().unwrap();
+    assert!(
+        fetched < 5_000_000,
+        "fetched {fetched} bytes for a 2 MB image"
+    );
+    assert_eq!(other.ok(&["run", "--rm", "fan:1"]), "a\nb\nc\nd\n");
+}
+
+#[test]
+fn a_worker_killed_mid_stage_does_not_fail_the_build() {
+    let cluster = Cluster::start(2, 2);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nRUN sleep 3 && echo survived > /f\nCMD [\"cat\", \"/f\"]\n",
+        )],
+    );
+    let client = Strata::new();
+    let report_path = client.home().join("report.json");
+    let build = client
+        .cmd()
+        .args(["build", "--cluster", cluster.client().to_str().unwrap()])
+        .args([
+            "--progress",
+            "plain",
+            "--report",
+            report_path.to_str().unwrap(),
+        ])
+        .args(["-t", "survivor:1"])
+        .arg(ctx.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Whichever worker got the stage dies in the middle of it.
+    let status = cluster.wait_for(Duration::from_secs(30), |s| {
+        s.lines()
+            .any(|l| l.starts_with("worker-") && l.split_whitespace().nth(4) == Some("1"))
+    });
+    let victim = status
+        .lines()
+        .find(|l| l.starts_with("worker-") && l.split_whitespace().nth(4) == Some("1"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    std::thread::sleep(Duration::from_millis(500));
+    Command::new("kill")
+        .args(["-9", &cluster.pid(&victim).to_string()])
+        .status()
+        .unwrap();
+    let out = build.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the build failed with {victim} killed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let ran_on = &workers_of(&report)["stage-0 2"];
+    assert_ne!(
+        ran_on, &victim,
+        "the step's result came from the killed worker"
+    );
+    assert_eq!(client.ok(&["run", "--rm", "survivor:1"]), "survived\n");
+    // What the dead worker was making never reached the cache: the next
+    // build finds the surviving result and runs nothing.
+    let again = build_on(&cluster, &Strata::new(), ctx.path(), &[]);
+    assert_eq!(runs(&again), 0, "{again}");
+}
+
+#[test]
+fn strangers_are_refused_and_roles_are_checked() {
+    let cluster = Cluster::start(1, 5);
+    // A client whose certificate comes from another cluster's CA.
+    let other = tempfile::tempdir().unwrap();
+    cluster.ok(&[
+        "cluster",
+        "init",
+        "--dir",
+        other.path().to_str().unwrap(),
+        "--workers",
+        "0",
+    ]);
+    let config = std::fs::read_to_string(cluster.client()).unwrap();
+    let foreign = other.path().join("foreign-client.toml");
+    std::fs::write(&foreign, config).unwrap();
+    let out = cluster.run(&["cluster", "status", "--cluster", foreign.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no coordinator answered"), "{err}");
+
+    // A worker started with a client's certificate.
+    let cfg = cluster.path().join("worker-1.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let bad = cluster.path().join("bad-worker.toml");
+    std::fs::write(
+        &bad,
+        text.replace("worker-1.pem", "client.pem")
+            .replace("worker-1-key.pem", "client-key.pem"),
+    )
+    .unwrap();
+    let out = cluster.run(&["worker", "--config", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is a client certificate"), "{err}");
+}
+
+#[test]
+fn a_damaged_blob_is_never_accepted_and_the_build_still_succeeds() {
+    let cluster = Cluster::start(2, 5);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nRUN echo intact > /f\nCMD [\"cat\", \"/f\"]\n",
+        )],
+    );
+    let first = Strata::new();
+    build_on(&cluster, &first, ctx.path(), &["-t", "x:1"]);
+    // Damage every large blob on every worker (the busybox layer among
+    // them): a client fetching them must refuse those bytes and take them
+    // from the one good holder left, the coordinator.
+    let mut damaged = 0;
+    for w in cluster.worker_names() {
+        let blobs = cluster.worker_home(&w).join("content/blobs");
+        for dir in std::fs::read_dir(&blobs).unwrap().flatten() {
+            for f in std::fs::read_dir(dir.path()).unwrap().flatten() {
+                if f.metadata().unwrap().len() > 1_000_000 {
+                    let mut bytes = std::fs::read(f.path()).unwrap();
+                    bytes[1000] ^= 0xff;
+                    std::fs::write(f.path(), bytes).unwrap();
+                    damaged += 1;
+                }
+            }
+        }
+    }
+    assert!(damaged > 0);
+    let second = Strata::new();
+    build_on(&cluster, &second, ctx.path(), &["-t", "x:1"]);
+    assert_eq!(second.ok(&["run", "--rm", "x:1"]), "intact\n");
+    let refused = cluster.worker_names().iter().any(|w| {
+        std::fs::read_to_string(cluster.path().join(format!("logs/{w}.log")))
+            .unwrap_or_default()
+            .contains("refusing to send a damaged blob")
+    });
+    assert!(refused, "no worker was asked for a damaged blob");
+}
+
+#[test]
+fn concurrent_builds_run_a_shared_builder_once() {
+    let cluster = Cluster::start(2, 5);
+    let builder = "FROM busybox:latest AS builder\nRUN sleep 1 && echo shared > /artifact\n";
+    let mut children = Vec::new();
+    let mut dirs = Vec::new();
+    for i in 0..4 {
+        let ctx = tempfile::tempdir().unwrap();
+        write_files(
+            ctx.path(),
+            &[(
+                "Dockerfile",
+                &format!(
+                    "{builder}FROM busybox:latest\nCOPY --from=builder /artifact /a\nRUN echo {i} >> /a\n"
+                ),
+            )],
+        );
+        let client = Strata::new();
+        let report = client.home().join("report.json");
+        let child = client
+            .cmd()
+            .args(["build", "--cluster", cluster.client().to_str().unwrap()])
+            .args(["--progress", "quiet", "--report", report.to_str().unwrap()])
+            .arg(ctx.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        children.push((child, report, client));
+        dirs.push(ctx);
+    }
+    let mut builder_runs = 0;
+    for (child, report, _client) in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        builder_runs += r["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["stage"] == "builder" && s["cached"] == false)
+            .count();
+    }
+    assert_eq!(
+        builder_runs, 1,
+        "the shared builder ran {builder_runs} times"
+    );
+}
