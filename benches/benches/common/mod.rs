@@ -1,6 +1,9 @@
 //! What the end-to-end benchmarks share: the release binary, timing a
 //! command, medians and the ratio table.
 
+// Each benchmark uses its part.
+#![allow(dead_code)]
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;

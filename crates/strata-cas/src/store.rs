@@ -217,6 +217,19 @@ impl ContentStore {
 
     /// Starts writing a new blob.
     pub fn writer(&self) -> Result<BlobWriter<'_>> {
+        self.new_writer(Sha256Of::Hashing(sha2::Sha256::new()))
+    }
+
+    /// Starts writing a blob whose sha256 is `sha256`, as a cluster peer
+    /// that stores the blob says: the bytes are checked against the blob's
+    /// name (blake3) with [`BlobWriter::commit_expecting`], and the sha256
+    /// of bytes that are exactly the named blob is the peer's to give. It
+    /// saves hashing the blob twice on every transfer.
+    pub fn writer_with_sha256(&self, sha256: Sha256) -> Result<BlobWriter<'_>> {
+        self.new_writer(Sha256Of::Given(sha256))
+    }
+
+    fn new_writer(&self, sha256: Sha256Of) -> Result<BlobWriter<'_>> {
         let seq = self.ingest_seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self
             .root
@@ -228,7 +241,7 @@ impl ContentStore {
             file: Some(BufWriter::with_capacity(256 * 1024, file)),
             tmp,
             blake3: blake3::Hasher::new(),
-            sha256: sha2::Sha256::new(),
+            sha256,
             size: 0,
         })
     }
@@ -497,8 +510,16 @@ pub struct BlobWriter<'a> {
     file: Option<BufWriter<File>>,
     tmp: PathBuf,
     blake3: blake3::Hasher,
-    sha256: sha2::Sha256,
+    sha256: Sha256Of,
     size: u64,
+}
+
+/// How a writer knows its blob's sha256.
+enum Sha256Of {
+    /// By hashing what is written.
+    Hashing(sha2::Sha256),
+    /// From whoever sent the blob (see [`ContentStore::writer_with_sha256`]).
+    Given(Sha256),
 }
 
 impl BlobWriter<'_> {
@@ -511,7 +532,7 @@ impl BlobWriter<'_> {
     /// If the blob already exists this is a no-op that returns its digest.
     pub fn commit(mut self) -> Result<Digest> {
         let digest = Digest(*self.blake3.finalize().as_bytes());
-        let sha256 = Sha256(self.sha256.clone().finalize().into());
+        let sha256 = self.sha256();
         let Some(buf) = self.file.take() else {
             return Err(Error::Io {
                 what: "cannot commit",
@@ -560,9 +581,12 @@ impl BlobWriter<'_> {
         self.commit()
     }
 
-    /// The sha256 of what has been written so far.
+    /// The sha256 of what has been written so far (or the one given).
     pub fn sha256(&self) -> Sha256 {
-        Sha256(self.sha256.clone().finalize().into())
+        match &self.sha256 {
+            Sha256Of::Hashing(h) => Sha256(h.clone().finalize().into()),
+            Sha256Of::Given(s) => *s,
+        }
     }
 }
 
@@ -581,7 +605,9 @@ impl Write for BlobWriter<'_> {
             )
         })?;
         self.blake3.update(&buf[..n]);
-        self.sha256.update(&buf[..n]);
+        if let Sha256Of::Hashing(h) = &mut self.sha256 {
+            h.update(&buf[..n]);
+        }
         self.size += n as u64;
         Ok(n)
     }
