@@ -178,5 +178,14 @@ impl Drop for Cluster {
             .args(["cluster", "down", "--dir"])
             .arg(self.dir.path())
             .output();
+        // A worker killed on purpose leaves its sandbox's mount, which its
+        // next start would clear; this one does not start again.
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let root = self.dir.path().to_string_lossy().into_owned();
+        for target in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+            if target.starts_with(&root) {
+                let _ = Command::new("umount").args(["-l", target]).status();
+            }
+        }
     }
 }

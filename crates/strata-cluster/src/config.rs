@@ -147,10 +147,15 @@ pub struct WorkerConfig {
     /// Where peers and clients fetch its blobs (QUIC, UDP).
     #[serde(default = "default_worker_listen")]
     pub listen: SocketAddr,
+    /// The address peers dial, when it is not `listen` (behind NAT, or
+    /// `listen` is a wildcard and the coordinator should not take the
+    /// address the worker's connection comes from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<SocketAddr>,
     /// Its state directory.
     #[serde(default = "default_worker_home")]
     pub home: PathBuf,
-    /// Stages it runs at once.
+    /// Steps it runs at once.
     #[serde(default = "default_slots")]
     pub slots: usize,
     /// Its credentials.
@@ -216,11 +221,16 @@ impl CoordinatorConfig {
 
 impl WorkerConfig {
     /// Reads `path`, then `STRATA_COORDINATOR`, `STRATA_LISTEN`,
-    /// `STRATA_HOME` and `STRATA_SLOTS`.
+    /// `STRATA_ADVERTISE`, `STRATA_HOME` and `STRATA_SLOTS`.
     pub fn load(path: &Path) -> Result<WorkerConfig, ConfigError> {
         let mut c: WorkerConfig = load(path)?;
         override_with("STRATA_COORDINATOR", &mut c.coordinator)?;
         override_with("STRATA_LISTEN", &mut c.listen)?;
+        if std::env::var_os("STRATA_ADVERTISE").is_some() {
+            let mut addr = c.advertise.unwrap_or(c.listen);
+            override_with("STRATA_ADVERTISE", &mut addr)?;
+            c.advertise = Some(addr);
+        }
         override_with("STRATA_HOME", &mut c.home)?;
         override_with("STRATA_SLOTS", &mut c.slots)?;
         if c.slots == 0 {

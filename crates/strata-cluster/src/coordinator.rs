@@ -29,7 +29,7 @@ pub(crate) struct WorkerState {
     pub conn: Connection,
     pub addr: SocketAddr,
     pub slots: usize,
-    /// Stages placed on it now.
+    /// Steps running on it now.
     pub running: usize,
     pub last_seen: Instant,
     pub alive: bool,
@@ -323,7 +323,14 @@ impl Coordinator {
 
     fn register(&self, conn: &Connection, r: Registration) {
         let name = conn.peer.name.clone();
-        tracing::info!(worker = %name, addr = %r.addr, slots = r.slots, blobs = r.blobs.len(), "worker registered");
+        // A worker listening on a wildcard address is reached at the
+        // address its connection comes from.
+        let addr = if r.addr.ip().is_unspecified() {
+            SocketAddr::new(conn.addr.ip(), r.addr.port())
+        } else {
+            r.addr
+        };
+        tracing::info!(worker = %name, %addr, slots = r.slots, blobs = r.blobs.len(), "worker registered");
         for b in &r.blobs {
             self.located(*b, &name);
         }
@@ -334,7 +341,7 @@ impl Coordinator {
                 name,
                 WorkerState {
                     conn: conn.clone(),
-                    addr: r.addr,
+                    addr,
                     slots: r.slots.max(1),
                     running: 0,
                     last_seen: Instant::now(),

@@ -99,6 +99,7 @@ pub fn init(dir: &Path, workers: usize, base_port: u16) -> Result<Vec<PathBuf>, 
             &WorkerConfig {
                 coordinator,
                 listen: ([127, 0, 0, 1], port).into(),
+                advertise: None,
                 home: format!("state/{name}").into(),
                 slots: 2,
                 tls: tls(&name),

@@ -1,7 +1,8 @@
 //! The solver's worker in a cluster: each stage of a build is placed on
 //! one worker (its steps then run there in order, keeping the filesystem
 //! local), preferring the worker that already holds the stage's base, then
-//! the least loaded one with a free slot.
+//! the least loaded one with a free slot. A slot is held while a step
+//! runs, not while its stage waits.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -18,6 +19,56 @@ use tokio_util::sync::CancellationToken;
 use crate::coordinator::Coordinator;
 use crate::protocol::{BuildSpec, ExecEvent, Holder, Reply, Request, StepRef};
 
+/// Where a stage is.
+#[derive(Debug, Clone)]
+struct Pin {
+    worker: String,
+    /// It ran a step there, so its filesystem is there: it stays.
+    settled: bool,
+}
+
+/// A running step's hold on one of its worker's slots, given back when
+/// dropped.
+struct Slot {
+    coord: Arc<Coordinator>,
+    worker: String,
+    /// The worker's connection when taken: a worker that registered again
+    /// since has a fresh count.
+    conn: usize,
+}
+
+impl Slot {
+    fn take(coord: &Arc<Coordinator>, worker: &str) -> Option<Slot> {
+        let mut workers = coord.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        let w = workers
+            .get_mut(worker)
+            .filter(|w| w.alive && w.running < w.slots)?;
+        w.running += 1;
+        Some(Slot {
+            coord: Arc::clone(coord),
+            worker: worker.to_string(),
+            conn: w.conn.quic.stable_id(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut workers = self
+            .coord
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(w) = workers.get_mut(&self.worker)
+            && w.conn.quic.stable_id() == self.conn
+        {
+            w.running = w.running.saturating_sub(1);
+        }
+        drop(workers);
+        self.coord.slot_freed.notify_waiters();
+    }
+}
+
 /// Places and runs one build's stages.
 pub(crate) struct Placement {
     coord: Arc<Coordinator>,
@@ -25,8 +76,8 @@ pub(crate) struct Placement {
     plan: Arc<Plan>,
     handle: Handle,
     cancel: CancellationToken,
-    /// Plan stage → worker, while the stage runs.
-    placed: Mutex<HashMap<usize, String>>,
+    /// Plan stage → the worker it is on, while it runs.
+    placed: Mutex<HashMap<usize, Pin>>,
     /// Plan stage → the worker that ran it, whose filesystem it is on.
     ran: Mutex<HashMap<usize, String>>,
     /// Workers that have the build (its context and plan).
@@ -74,35 +125,97 @@ impl Placement {
             })
     }
 
-    /// The worker stage `i` runs on, placing it (and waiting for a free
-    /// slot) on first use.
-    async fn place(&self, i: usize) -> Result<String, WorkerError> {
-        if let Some(w) = self
-            .placed
+    /// The worker stage `i` is on, choosing one (busy or not) if it has
+    /// none yet: measuring a step's inputs takes no slot.
+    async fn pin(&self, i: usize) -> Result<String, WorkerError> {
+        loop {
+            let changed = self.coord.slot_freed.notified();
+            if let Some(p) = self.pinned(i) {
+                return Ok(p.worker);
+            }
+            if let Some(w) = self.choose(i, false) {
+                self.placed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(i)
+                    .or_insert(Pin {
+                        worker: w.clone(),
+                        settled: false,
+                    });
+                continue;
+            }
+            self.wait(changed).await?;
+        }
+    }
+
+    /// A slot to run one of stage `i`'s steps in, and the worker it is on.
+    /// A stage settles on a worker with its first step run, and its other
+    /// steps wait for a slot there, where its filesystem is. The slot is
+    /// held while the step runs only, never while the stage waits for
+    /// another build's step, so builds sharing steps cannot hold every
+    /// slot while they wait for each other.
+    async fn slot(&self, i: usize) -> Result<(String, Slot), WorkerError> {
+        loop {
+            let changed = self.coord.slot_freed.notified();
+            let worker = match self.pinned(i) {
+                Some(p) if p.settled => {
+                    if self.connection(&p.worker).is_err() {
+                        return Err(WorkerError::lost(format!("worker {} is gone", p.worker)));
+                    }
+                    Some(p.worker)
+                }
+                _ => self.choose(i, true),
+            };
+            if let Some(w) = worker
+                && let Some(slot) = Slot::take(&self.coord, &w)
+            {
+                let stage = &self.plan.stages[i].name;
+                let settled = Pin {
+                    worker: w.clone(),
+                    settled: true,
+                };
+                if self
+                    .placed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(i, settled)
+                    .is_none_or(|p| !p.settled)
+                {
+                    tracing::info!(build = self.spec.id, %stage, worker = %w, "stage placed");
+                }
+                self.ran
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(i, w.clone());
+                return Ok((w, slot));
+            }
+            self.wait(changed).await?;
+        }
+    }
+
+    fn pinned(&self, i: usize) -> Option<Pin> {
+        self.placed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&i)
-        {
-            return Ok(w.clone());
-        }
-        loop {
-            // Registered before the check, so a slot freed in between is
-            // not missed.
-            let freed = self.coord.slot_freed.notified();
-            if let Some(w) = self.try_place(i) {
-                return Ok(w);
-            }
-            tokio::select! {
-                () = freed => {}
-                () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                () = self.cancel.cancelled() => {
-                    return Err(WorkerError { cancelled: true, ..WorkerError::new("cancelled") });
-                }
+            .cloned()
+    }
+
+    /// Waits for a slot to be freed or a worker to come or go.
+    async fn wait(&self, changed: tokio::sync::futures::Notified<'_>) -> Result<(), WorkerError> {
+        tokio::select! {
+            () = changed => Ok(()),
+            () = tokio::time::sleep(Duration::from_millis(500)) => Ok(()),
+            () = self.cancel.cancelled() => {
+                Err(WorkerError { cancelled: true, ..WorkerError::new("cancelled") })
             }
         }
     }
 
-    fn try_place(&self, i: usize) -> Option<String> {
+    /// The best live worker for stage `i` (with a free slot, if `free`):
+    /// the one its base stage is on, then the one holding most of its base
+    /// image, the one it measured inputs on, then the least loaded.
+    fn choose(&self, i: usize, free: bool) -> Option<String> {
         let stage = &self.plan.stages[i];
         let base_blobs: Vec<Digest> = match &stage.base {
             Base::Image(img) => img.layers.iter().map(|l| l.blob).collect(),
@@ -110,75 +223,50 @@ impl Placement {
         };
         let base_worker = match stage.base {
             Base::Stage(b) => self
-                .placed
+                .ran
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .get(&b)
                 .cloned(),
             _ => None,
         };
-        let mut workers = self
+        let soft = self.pinned(i).map(|p| p.worker);
+        let workers = self
             .coord
             .workers
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let best = workers
+        workers
             .iter()
-            .filter(|(_, w)| w.alive && w.running < w.slots)
+            .filter(|(_, w)| w.alive && (!free || w.running < w.slots))
             .map(|(name, w)| {
                 let held = base_blobs
                     .iter()
                     .filter(|b| self.coord.holds(name, b))
                     .count();
-                let affinity = held
-                    + if base_worker.as_deref() == Some(name) {
+                let affinity =
+                    held + if base_worker.as_deref() == Some(name) {
                         1000
                     } else {
                         0
-                    };
-                // More affinity first, then fewer running stages, then name.
+                    } + usize::from(soft.as_deref() == Some(name));
+                // More affinity first, then a lighter load, then name.
                 (
-                    (std::cmp::Reverse(affinity), w.running, name.clone()),
+                    std::cmp::Reverse(affinity),
+                    w.running * 1000 / w.slots.max(1),
                     name.clone(),
                 )
             })
             .min()
-            .map(|(_, name)| name)?;
-        if let Some(w) = workers.get_mut(&best) {
-            w.running += 1;
-        }
-        drop(workers);
-        tracing::info!(build = self.spec.id, stage = %stage.name, worker = %best, "stage placed");
+            .map(|(_, _, name)| name)
+    }
+
+    /// Stage `i` is done: a later attempt or stage is placed afresh.
+    fn unplace(&self, i: usize) {
         self.placed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(i, best.clone());
-        self.ran
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(i, best.clone());
-        Some(best)
-    }
-
-    /// Frees stage `i`'s slot, so a later attempt or stage may use it.
-    fn unplace(&self, i: usize) {
-        let worker = self
-            .placed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .remove(&i);
-        if let Some(name) = worker {
-            if let Some(w) = self
-                .coord
-                .workers
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get_mut(&name)
-            {
-                w.running = w.running.saturating_sub(1);
-            }
-            self.coord.slot_freed.notify_waiters();
-        }
     }
 
     fn connection(&self, worker: &str) -> Result<Connection, WorkerError> {
@@ -219,7 +307,7 @@ impl Placement {
         self.placed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|_, w| w != worker);
+            .retain(|_, p| p.worker != worker);
         self.ran
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -365,7 +453,7 @@ impl Placement {
         // filesystem is; everything else where the stage runs.
         let worker = match self.source_holder(step) {
             Some(holder) => holder,
-            None => self.place(i).await?,
+            None => self.pin(i).await?,
         };
         let conn = self.begin(&worker).await?;
         let req = Request::Inputs(Box::new(self.step_ref(&worker, i, s, &[], sources, None)));
@@ -382,7 +470,7 @@ impl Placement {
     async fn execute_async(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError> {
         let i = self.stage_index(job.stage)?;
         let s = Self::step_index(job.stage, job.step)?;
-        let worker = self.place(i).await?;
+        let (worker, _slot) = self.slot(i).await?;
         let conn = self.begin(&worker).await?;
         // A COPY --from=stage away from that stage's worker copies from an
         // artifact of the copied paths, not the stage's layers.
@@ -477,7 +565,7 @@ impl Worker for Placement {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .get(&i)
-                    .cloned()
+                    .map(|p| p.worker.clone())
             })
             .unwrap_or_else(|| "-".into())
     }

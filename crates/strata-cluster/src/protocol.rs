@@ -102,7 +102,7 @@ pub struct BuildDone {
 pub struct Registration {
     /// Where it serves blobs to peers.
     pub addr: SocketAddr,
-    /// Stages it runs at once.
+    /// Steps it runs at once.
     pub slots: usize,
     /// Blobs it holds.
     pub blobs: Vec<Digest>,
@@ -163,9 +163,9 @@ pub struct WorkerStatus {
     pub addr: SocketAddr,
     /// Whether its lease is current.
     pub alive: bool,
-    /// Stages it may run at once.
+    /// Steps it may run at once.
     pub slots: usize,
-    /// Stages it runs now.
+    /// Steps it runs now.
     pub running: usize,
     /// Blobs it holds, as the coordinator knows.
     pub blobs: usize,
@@ -189,7 +189,7 @@ pub enum Request {
     Register(Registration),
     /// Worker → coordinator: still here, running this many stages.
     Heartbeat {
-        /// Stages running now.
+        /// Steps running now.
         running: usize,
     },
     /// Coordinator → worker: a build some of whose stages it will run

@@ -71,7 +71,10 @@ impl WorkerNode {
             )
         })?;
         let endpoint = Endpoint::listen(config.listen, &id).map_err(|e| e.to_string())?;
-        let listen = endpoint.local_addr().map_err(|e| e.to_string())?;
+        let listen = config
+            .advertise
+            .map_or_else(|| endpoint.local_addr(), Ok)
+            .map_err(|e| e.to_string())?;
         Ok(Arc::new(WorkerNode {
             node: Arc::new(node),
             name: me.name,

@@ -1,0 +1,162 @@
+//! Builds on a local cluster (a coordinator and three workers started with
+//! `strata cluster up --local 3`) against the same builds embedded, in one
+//! run:
+//!
+//! * the fan-out Dockerfile (four CPU-bound builders, one final stage),
+//!   cold: makespan on the cluster and embedded, and the difference as the
+//!   share of the cluster's time spent placing stages and moving blobs
+//!   (one machine lends the cluster no extra cores: this measures what
+//!   distribution costs, not what it gains);
+//! * twenty builds submitted at once whose Dockerfiles share one builder
+//!   stage: builds per minute, and how often the builder ran (once).
+//!
+//! Needs root and runc; run it with `scripts/bench`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout,
+    clippy::print_stderr
+)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use common::{Row, print_table, strata_release_bin, time};
+use strata_integration::cluster::Cluster;
+use strata_integration::{Strata, busybox_tar, repo_root, write_files};
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        println!("cluster_builds: benchmark");
+        return;
+    }
+    let bin = strata_release_bin();
+    let fan = repo_root().join("examples/fanout");
+
+    // Embedded, cold.
+    let embedded = Strata::new();
+    let import = |home: &std::path::Path| {
+        let mut c = Command::new(&bin);
+        c.env("STRATA_HOME", home)
+            .args(["image", "import", "busybox:latest"])
+            .arg(busybox_tar());
+        time(c);
+    };
+    import(embedded.home());
+    let mut c = Command::new(&bin);
+    c.env("STRATA_HOME", embedded.home())
+        .args(["build", "--progress", "quiet"])
+        .arg(&fan);
+    eprintln!("fan-out, embedded");
+    let embedded_secs = time(c);
+
+    // The cluster, cold.
+    let cluster = Cluster::start(3, 5);
+    let client = Strata::new();
+    let report = client.home().join("report.json");
+    let mut c = Command::new(&bin);
+    c.env("STRATA_HOME", client.home())
+        .args(["build", "--progress", "quiet", "--cluster"])
+        .arg(cluster.client())
+        .arg("--report")
+        .arg(&report)
+        .arg(&fan);
+    eprintln!("fan-out, cluster");
+    let cluster_secs = time(c);
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let workers: std::collections::BTreeSet<String> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["worker"].as_str().unwrap().to_string())
+        .collect();
+
+    // Twenty builds at once sharing a builder.
+    let n = 20;
+    let dirs: Vec<tempfile::TempDir> = (0..n)
+        .map(|i| {
+            let d = tempfile::tempdir().unwrap();
+            write_files(
+                d.path(),
+                &[(
+                    "Dockerfile",
+                    &format!(
+                        "FROM busybox:latest AS builder\n\
+                         RUN dd if=/dev/zero bs=1M count=400 2>/dev/null | sha256sum > /artifact\n\
+                         FROM busybox:latest\n\
+                         COPY --from=builder /artifact /artifact\n\
+                         RUN echo build {i} >> /artifact\n"
+                    ),
+                )],
+            );
+            d
+        })
+        .collect();
+    let clients: Vec<Strata> = (0..n).map(|_| Strata::new()).collect();
+    eprintln!("{n} concurrent builds sharing a builder");
+    let start = Instant::now();
+    let children: Vec<_> = dirs
+        .iter()
+        .zip(&clients)
+        .map(|(d, s)| {
+            Command::new(&bin)
+                .env("STRATA_HOME", s.home())
+                .args(["build", "--progress", "quiet", "--cluster"])
+                .arg(cluster.client())
+                .arg("--report")
+                .arg(s.home().join("report.json"))
+                .arg(d.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let concurrent_secs = start.elapsed().as_secs_f64();
+    let builder_runs: usize = clients
+        .iter()
+        .map(|s| {
+            let r: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(s.home().join("report.json")).unwrap())
+                    .unwrap();
+            r["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| s["stage"] == "builder" && s["cached"] == false)
+                .count()
+        })
+        .sum();
+
+    print_table(
+        "fan-out (examples/fanout), cold, one run each",
+        "embedded",
+        &[Row {
+            name: format!("makespan on {} workers", workers.len()),
+            strata: cluster_secs,
+            baseline: embedded_secs,
+        }],
+    );
+    println!(
+        "placing stages and moving blobs: {:.0}% of the cluster's makespan ({:.2}s)",
+        100.0 * (cluster_secs - embedded_secs).max(0.0) / cluster_secs,
+        (cluster_secs - embedded_secs).max(0.0)
+    );
+    println!(
+        "{n} concurrent builds sharing a builder: {:.1}s, {:.1} builds per minute; the builder ran {builder_runs} time(s)",
+        concurrent_secs,
+        n as f64 * 60.0 / concurrent_secs
+    );
+}
