@@ -131,6 +131,79 @@ fn stages_spread_over_workers_and_the_image_matches_the_embedded_build() {
 }
 
 #[test]
+fn a_build_kept_off_the_worker_that_made_its_cache_reuses_it_and_moves_only_what_it_needs() {
+    let cluster = Cluster::start(2, 5);
+    let client = cluster.client();
+    let client = client.to_str().unwrap();
+    let ctx = tempfile::tempdir().unwrap();
+    let dockerfile = "FROM busybox:latest\n\
+                      RUN head -c 8000000 /dev/urandom > /big\n\
+                      RUN echo small > /small\n";
+    write_files(ctx.path(), &[("Dockerfile", dockerfile)]);
+    let first = build_on(&cluster, &Strata::new(), ctx.path(), &["-t", "moved:1"]);
+    let made_on = workers_of(&first)["stage-0 2"].clone();
+    let other = cluster
+        .worker_names()
+        .into_iter()
+        .find(|w| *w != made_on)
+        .unwrap();
+
+    let out = cluster.ok(&["cluster", "cordon", &made_on, "--cluster", client]);
+    assert_eq!(out, format!("{made_on} cordoned\n"));
+    let status = cluster.status();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with(&made_on) && l.contains("cordoned")),
+        "{status}"
+    );
+    let unknown = cluster.run(&["cluster", "cordon", "worker-9", "--cluster", client]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no worker named worker-9"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+
+    // The same Dockerfile again: everything comes from the cache, whose
+    // maker still serves its layers while cordoned.
+    let again_client = Strata::new();
+    let again = build_on(&cluster, &again_client, ctx.path(), &["-t", "moved:1"]);
+    assert_eq!(runs(&again), 0, "{again}");
+    assert_eq!(
+        again["image"]["manifest_digest"],
+        first["image"]["manifest_digest"]
+    );
+
+    // One step more: only that step runs, on the other worker, which takes
+    // the cached layers under it from their maker instead of running them.
+    let before = cluster.blob_bytes(&other);
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            &format!("{dockerfile}RUN cat /small /small > /double\n"),
+        )],
+    );
+    let extended_client = Strata::new();
+    let extended = build_on(&cluster, &extended_client, ctx.path(), &["-t", "moved:2"]);
+    assert_eq!(runs(&extended), 1, "{extended}");
+    assert_eq!(workers_of(&extended)["stage-0 4"], other);
+    let moved = cluster.blob_bytes(&other) - before;
+    assert!(
+        (8_000_000..12_000_000).contains(&moved),
+        "{other} took {moved} bytes for an 8 MB parent chain"
+    );
+    assert_eq!(
+        extended_client.ok(&["run", "--rm", "moved:2", "cat", "/double"]),
+        "small\nsmall\n"
+    );
+
+    cluster.ok(&["cluster", "uncordon", &made_on, "--cluster", client]);
+    assert!(!cluster.status().contains("cordoned"));
+}
+
+#[test]
 fn a_worker_killed_mid_stage_does_not_fail_the_build() {
     let cluster = Cluster::start(2, 2);
     let ctx = tempfile::tempdir().unwrap();

@@ -57,6 +57,23 @@ pub enum ClusterCommand {
         #[arg(long, env = "STRATA_CLUSTER")]
         cluster: PathBuf,
     },
+    /// Place no new stages on a worker (it still serves its blobs and
+    /// finishes the stages it has), e.g. before taking it down.
+    Cordon {
+        /// The worker's name.
+        worker: String,
+        /// The client configuration (`DIR/client.toml`).
+        #[arg(long, env = "STRATA_CLUSTER")]
+        cluster: PathBuf,
+    },
+    /// Place stages on a cordoned worker again.
+    Uncordon {
+        /// The worker's name.
+        worker: String,
+        /// The client configuration (`DIR/client.toml`).
+        #[arg(long, env = "STRATA_CLUSTER")]
+        cluster: PathBuf,
+    },
 }
 
 /// Cancelled on Ctrl-C or SIGTERM.
@@ -153,6 +170,14 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
                 .map_err(anyhow::Error::msg)?;
             writeln!(out, "stopped {}", stopped.join(", "))?;
         }
+        ClusterCommand::Cordon { worker, cluster } => {
+            set_cordon(&cluster, &worker, true)?;
+            writeln!(out, "{worker} cordoned")?;
+        }
+        ClusterCommand::Uncordon { worker, cluster } => {
+            set_cordon(&cluster, &worker, false)?;
+            writeln!(out, "{worker} uncordoned")?;
+        }
         ClusterCommand::Status { cluster } => {
             let status = crate::runtime()?.block_on(async {
                 let client = connect(&cluster).await?;
@@ -169,16 +194,20 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
             )?;
             writeln!(
                 out,
-                "{:<14} {:<22} {:<6} {:>5} {:>7} {:>6}",
+                "{:<14} {:<22} {:<8} {:>5} {:>7} {:>6}",
                 "WORKER", "ADDRESS", "STATE", "SLOTS", "RUNNING", "BLOBS"
             )?;
             for w in &status.workers {
                 writeln!(
                     out,
-                    "{:<14} {:<22} {:<6} {:>5} {:>7} {:>6}",
+                    "{:<14} {:<22} {:<8} {:>5} {:>7} {:>6}",
                     w.name,
                     w.addr.to_string(),
-                    if w.alive { "up" } else { "gone" },
+                    match (w.alive, w.cordoned) {
+                        (false, _) => "gone",
+                        (true, true) => "cordoned",
+                        (true, false) => "up",
+                    },
                     w.slots,
                     w.running,
                     w.blobs
@@ -187,6 +216,16 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn set_cordon(cluster: &Path, worker: &str, cordoned: bool) -> Result<()> {
+    crate::runtime()?.block_on(async {
+        let client = connect(cluster).await?;
+        client
+            .cordon(worker, cordoned)
+            .await
+            .map_err(anyhow::Error::from)
+    })
 }
 
 /// A client of the cluster `client.toml` describes.

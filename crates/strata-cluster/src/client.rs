@@ -152,6 +152,21 @@ impl Client {
     }
 
     /// The cluster's state.
+    /// Keeps new stages off `worker` (`cordoned`), or lets them back.
+    pub async fn cordon(&self, worker: &str, cordoned: bool) -> Result<(), ClientError> {
+        let req = Request::Cordon {
+            worker: worker.to_string(),
+            cordoned,
+        };
+        match request(&self.coordinator, &req).await {
+            Ok(Reply::Ok) => Ok(()),
+            Ok(Reply::Error(e)) => Err(cluster(e)),
+            Ok(other) => Err(cluster(format!("unexpected answer: {other:?}"))),
+            Err(e) => Err(cluster(e)),
+        }
+    }
+
+    /// The cluster's state.
     pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
         match request(&self.coordinator, &Request::Status).await {
             Ok(Reply::Status(s)) => Ok(*s),

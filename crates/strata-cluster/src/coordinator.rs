@@ -44,6 +44,9 @@ pub struct Coordinator {
     registry: Arc<Registry>,
     lease: Duration,
     pub(crate) workers: Mutex<HashMap<String, WorkerState>>,
+    /// Workers no new stage is placed on, by name: it outlasts their
+    /// connections.
+    cordoned: Mutex<HashSet<String>>,
     /// Which workers hold which blob (the coordinator's own store is
     /// asked directly).
     locations: Mutex<HashMap<Digest, HashSet<String>>>,
@@ -106,6 +109,7 @@ impl Coordinator {
             workers: Mutex::default(),
             locations: Mutex::default(),
             slot_freed: tokio::sync::Notify::new(),
+            cordoned: Mutex::default(),
             next_build: AtomicU64::new(1),
             builds_running: AtomicUsize::new(0),
             flights: Flights::default(),
@@ -297,6 +301,9 @@ impl Coordinator {
                 return self.build(*submit, send, conn.addr).await;
             }
             Request::Status => Reply::Status(Box::new(self.status())),
+            Request::Cordon { worker, cordoned } if role == Role::Client => {
+                self.cordon(&worker, cordoned)
+            }
             Request::Register(r) if role == Role::Worker => {
                 self.register(conn, r);
                 Reply::Ok
@@ -351,6 +358,35 @@ impl Coordinator {
         self.slot_freed.notify_waiters();
     }
 
+    fn cordon(&self, worker: &str, cordoned: bool) -> Reply {
+        if !self
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(worker)
+        {
+            return Reply::Error(format!("no worker named {worker} has registered"));
+        }
+        let mut set = self.cordoned.lock().unwrap_or_else(PoisonError::into_inner);
+        if cordoned {
+            set.insert(worker.to_string());
+        } else {
+            set.remove(worker);
+        }
+        drop(set);
+        tracing::info!(%worker, cordoned, "worker cordon changed");
+        self.slot_freed.notify_waiters();
+        Reply::Ok
+    }
+
+    /// Whether new stages are kept off `worker`.
+    pub(crate) fn is_cordoned(&self, worker: &str) -> bool {
+        self.cordoned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(worker)
+    }
+
     fn status(&self) -> ClusterStatus {
         let loc = self
             .locations
@@ -369,6 +405,7 @@ impl Coordinator {
                 name: name.clone(),
                 addr: w.addr,
                 alive: w.alive,
+                cordoned: self.is_cordoned(name),
                 slots: w.slots,
                 running: w.running,
                 blobs: counts.get(name.as_str()).copied().unwrap_or(0),

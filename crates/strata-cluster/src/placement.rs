@@ -133,7 +133,7 @@ impl Placement {
             if let Some(p) = self.pinned(i) {
                 return Ok(p.worker);
             }
-            if let Some(w) = self.choose(i, false) {
+            if let Some(w) = self.choose(i, false, self.base_layers(i)) {
                 self.placed
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -148,13 +148,14 @@ impl Placement {
         }
     }
 
-    /// A slot to run one of stage `i`'s steps in, and the worker it is on.
+    /// A slot to run one of stage `i`'s steps (on `parent`) in, and the
+    /// worker it is on.
     /// A stage settles on a worker with its first step run, and its other
     /// steps wait for a slot there, where its filesystem is. The slot is
     /// held while the step runs only, never while the stage waits for
     /// another build's step, so builds sharing steps cannot hold every
     /// slot while they wait for each other.
-    async fn slot(&self, i: usize) -> Result<(String, Slot), WorkerError> {
+    async fn slot(&self, i: usize, parent: &[LayerRef]) -> Result<(String, Slot), WorkerError> {
         loop {
             let changed = self.coord.slot_freed.notified();
             let worker = match self.pinned(i) {
@@ -164,7 +165,7 @@ impl Placement {
                     }
                     Some(p.worker)
                 }
-                _ => self.choose(i, true),
+                _ => self.choose(i, true, parent),
             };
             if let Some(w) = worker
                 && let Some(slot) = Slot::take(&self.coord, &w)
@@ -193,6 +194,14 @@ impl Placement {
         }
     }
 
+    /// The base image layers of stage `i` (none for a stage on a stage).
+    fn base_layers(&self, i: usize) -> &[LayerRef] {
+        match &self.plan.stages[i].base {
+            Base::Image(img) => &img.layers,
+            _ => &[],
+        }
+    }
+
     fn pinned(&self, i: usize) -> Option<Pin> {
         self.placed
             .lock()
@@ -212,16 +221,12 @@ impl Placement {
         }
     }
 
-    /// The best live worker for stage `i` (with a free slot, if `free`):
-    /// the one its base stage is on, then the one holding most of its base
-    /// image, the one it measured inputs on, then the least loaded.
-    fn choose(&self, i: usize, free: bool) -> Option<String> {
-        let stage = &self.plan.stages[i];
-        let base_blobs: Vec<Digest> = match &stage.base {
-            Base::Image(img) => img.layers.iter().map(|l| l.blob).collect(),
-            _ => Vec::new(),
-        };
-        let base_worker = match stage.base {
+    /// The best live worker for stage `i` that is not cordoned (with a
+    /// free slot, if `free`), to run on `layers`: the one its base stage
+    /// ran on, then the one holding most bytes of `layers` (nothing to
+    /// fetch), then the one it measured inputs on, then the least loaded.
+    fn choose(&self, i: usize, free: bool, layers: &[LayerRef]) -> Option<String> {
+        let base_worker = match self.plan.stages[i].base {
             Base::Stage(b) => self
                 .ran
                 .lock()
@@ -238,21 +243,18 @@ impl Placement {
             .unwrap_or_else(PoisonError::into_inner);
         workers
             .iter()
-            .filter(|(_, w)| w.alive && (!free || w.running < w.slots))
+            .filter(|(name, w)| {
+                w.alive && (!free || w.running < w.slots) && !self.coord.is_cordoned(name)
+            })
             .map(|(name, w)| {
-                let held = base_blobs
+                let held: u64 = layers
                     .iter()
-                    .filter(|b| self.coord.holds(name, b))
-                    .count();
-                let affinity =
-                    held + if base_worker.as_deref() == Some(name) {
-                        1000
-                    } else {
-                        0
-                    } + usize::from(soft.as_deref() == Some(name));
-                // More affinity first, then a lighter load, then name.
+                    .filter(|l| self.coord.holds(name, &l.blob))
+                    .map(|l| l.size)
+                    .sum();
+                let is = |n: &Option<String>| n.as_deref() == Some(name.as_str());
                 (
-                    std::cmp::Reverse(affinity),
+                    std::cmp::Reverse((is(&base_worker), held, is(&soft))),
                     w.running * 1000 / w.slots.max(1),
                     name.clone(),
                 )
@@ -470,7 +472,7 @@ impl Placement {
     async fn execute_async(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError> {
         let i = self.stage_index(job.stage)?;
         let s = Self::step_index(job.stage, job.step)?;
-        let (worker, _slot) = self.slot(i).await?;
+        let (worker, _slot) = self.slot(i, job.parent).await?;
         let conn = self.begin(&worker).await?;
         // A COPY --from=stage away from that stage's worker copies from an
         // artifact of the copied paths, not the stage's layers.

@@ -163,6 +163,8 @@ pub struct WorkerStatus {
     pub addr: SocketAddr,
     /// Whether its lease is current.
     pub alive: bool,
+    /// Whether new stages are kept off it.
+    pub cordoned: bool,
     /// Steps it may run at once.
     pub slots: usize,
     /// Steps it runs now.
@@ -185,6 +187,14 @@ pub enum Request {
     Build(Box<SubmitBuild>),
     /// Client → coordinator: the cluster's state ([`Reply::Status`]).
     Status,
+    /// Client → coordinator: place no new stages on this worker (or place
+    /// them again); it keeps serving its blobs ([`Reply::Ok`]).
+    Cordon {
+        /// The worker's name.
+        worker: String,
+        /// Cordoned (true) or back in service (false).
+        cordoned: bool,
+    },
     /// Worker → coordinator, first on its connection ([`Reply::Ok`]).
     Register(Registration),
     /// Worker → coordinator: still here, running this many stages.

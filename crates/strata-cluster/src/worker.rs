@@ -502,6 +502,7 @@ pub(crate) fn request_name(r: &Request) -> &'static str {
         Request::PutBlob(_) => "to store a blob",
         Request::Build(_) => "a build",
         Request::Status => "its status",
+        Request::Cordon { .. } => "to cordon a worker",
         Request::Register(_) => "registration",
         Request::Heartbeat { .. } => "a heartbeat",
         Request::Begin(_) => "to begin a build",

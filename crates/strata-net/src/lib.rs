@@ -13,8 +13,8 @@
 //! * [`write_frame`]/[`read_frame`]: serde + bincode messages, length
 //!   prefixed, bounded in size, on QUIC streams.
 //! * [`send_blob`]/[`recv_blob`]: content-store blobs on a stream of their
-//!   own; the sender verifies as it reads, the receiver as it writes, and a
-//!   blob that does not hash to its name is never stored.
+//!   own; the receiver hashes the bytes as it writes them, and a blob that
+//!   does not hash to its name is never stored.
 //!
 //! It knows nothing of builds: the messages are the cluster's.
 
