@@ -54,7 +54,11 @@ impl Client {
         let endpoint = Endpoint::dialer(&id).map_err(cluster)?;
         let mut why = Vec::new();
         for addr in &config.coordinators {
-            match endpoint.connect(*addr).await {
+            let dialed = match addr.resolve().await {
+                Ok(a) => endpoint.connect(a).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            match dialed {
                 Ok(conn) if conn.peer.role == Role::Coordinator => {
                     return Ok(Client {
                         coordinator: conn,
@@ -62,7 +66,7 @@ impl Client {
                     });
                 }
                 Ok(conn) => why.push(format!("{addr}: {} is not a coordinator", conn.peer)),
-                Err(e) => why.push(e.to_string()),
+                Err(e) => why.push(e),
             }
         }
         Err(ClientError::Cluster(format!(

@@ -42,6 +42,82 @@ pub enum ConfigError {
     Tls(#[from] strata_net::Error),
 }
 
+/// Where to reach a node: `IP:PORT` or `HOST:PORT`. A host name is looked
+/// up each time the node is dialed, so a coordinator behind a DNS name (a
+/// Kubernetes Service) may move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NodeAddress {
+    host: String,
+    port: u16,
+}
+
+impl NodeAddress {
+    /// The socket address to dial now.
+    pub async fn resolve(&self) -> Result<SocketAddr, String> {
+        if let Ok(ip) = self.host.parse::<std::net::IpAddr>() {
+            return Ok(SocketAddr::new(ip, self.port));
+        }
+        tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| format!("cannot look up {self}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{self} has no address"))
+    }
+}
+
+impl std::str::FromStr for NodeAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<NodeAddress, String> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(a.into());
+        }
+        let bad = || format!("{s:?} is not HOST:PORT or IP:PORT");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port = port.parse().map_err(|_| bad())?;
+        let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.';
+        if host.is_empty() || !host.chars().all(valid) {
+            return Err(bad());
+        }
+        Ok(NodeAddress {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl TryFrom<String> for NodeAddress {
+    type Error = String;
+    fn try_from(s: String) -> Result<NodeAddress, String> {
+        s.parse()
+    }
+}
+
+impl From<NodeAddress> for String {
+    fn from(a: NodeAddress) -> String {
+        a.to_string()
+    }
+}
+
+impl From<SocketAddr> for NodeAddress {
+    fn from(a: SocketAddr) -> NodeAddress {
+        NodeAddress {
+            host: a.ip().to_string(),
+            port: a.port(),
+        }
+    }
+}
+
+impl std::fmt::Display for NodeAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 /// Where a node's credentials are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsFiles {
@@ -90,8 +166,8 @@ fn default_coordinator_tls() -> TlsFiles {
     tls_named("coordinator")
 }
 
-fn default_coordinator() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 7400))
+fn default_coordinator() -> NodeAddress {
+    SocketAddr::from(([127, 0, 0, 1], 7400)).into()
 }
 
 fn default_worker_listen() -> SocketAddr {
@@ -106,7 +182,7 @@ fn default_worker_tls() -> TlsFiles {
     tls_named("worker")
 }
 
-fn default_coordinators() -> Vec<SocketAddr> {
+fn default_coordinators() -> Vec<NodeAddress> {
     vec![default_coordinator()]
 }
 
@@ -143,7 +219,7 @@ pub struct CoordinatorConfig {
 pub struct WorkerConfig {
     /// The coordinator it serves.
     #[serde(default = "default_coordinator")]
-    pub coordinator: SocketAddr,
+    pub coordinator: NodeAddress,
     /// Where peers and clients fetch its blobs (QUIC, UDP).
     #[serde(default = "default_worker_listen")]
     pub listen: SocketAddr,
@@ -169,7 +245,7 @@ pub struct WorkerConfig {
 pub struct ClientConfig {
     /// Coordinators, tried in order.
     #[serde(default = "default_coordinators")]
-    pub coordinators: Vec<SocketAddr>,
+    pub coordinators: Vec<NodeAddress>,
     /// The client's credentials.
     #[serde(default = "default_client_tls")]
     pub tls: TlsFiles,
@@ -272,4 +348,113 @@ pub(crate) fn write(path: &Path, comment: &str, value: &impl Serialize) -> Resul
         path: path.to_path_buf(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    /// `config/NAME`, and an empty file, side by side.
+    fn example_and_empty(name: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../config")
+            .join(name);
+        let (dir, empty) = file("");
+        let copy = dir.path().join(name);
+        std::fs::copy(&example, &copy).unwrap();
+        (dir, copy, empty)
+    }
+
+    // The examples in config/ show every default: reading one gives what
+    // an empty file gives.
+    #[test]
+    fn the_examples_parse_and_show_the_defaults() {
+        let (_d, example, empty) = example_and_empty("coordinator.toml");
+        assert_eq!(
+            CoordinatorConfig::load(&example).unwrap(),
+            CoordinatorConfig::load(&empty).unwrap()
+        );
+        let (_d, example, empty) = example_and_empty("worker.toml");
+        assert_eq!(
+            WorkerConfig::load(&example).unwrap(),
+            WorkerConfig::load(&empty).unwrap()
+        );
+        let (_d, example, empty) = example_and_empty("client.toml");
+        assert_eq!(
+            ClientConfig::load(&example).unwrap(),
+            ClientConfig::load(&empty).unwrap()
+        );
+    }
+
+    #[test]
+    fn addresses_are_ips_or_host_names_with_a_port() {
+        for ok in [
+            "10.0.0.1:7400",
+            "[::1]:7400",
+            "strata-coordinator.build.svc:7400",
+        ] {
+            let a: NodeAddress = ok.parse().unwrap();
+            assert_eq!(a.to_string(), ok);
+        }
+        for bad in [
+            "10.0.0.1",
+            "host:",
+            "host:99999",
+            ":7400",
+            "a b:1",
+            "http://h:1",
+        ] {
+            assert!(bad.parse::<NodeAddress>().is_err(), "{bad}");
+        }
+        let (_d, path) = file("coordinator = \"nowhere\"\n");
+        let e = WorkerConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("\"nowhere\" is not HOST:PORT"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn host_names_are_looked_up_when_dialed() {
+        let a: NodeAddress = "localhost:7400".parse().unwrap();
+        assert_eq!(a.resolve().await.unwrap().port(), 7400);
+        assert!(a.resolve().await.unwrap().ip().is_loopback());
+        let gone: NodeAddress = "no-such-host.invalid:7400".parse().unwrap();
+        let e = gone.resolve().await.unwrap_err();
+        assert!(e.contains("no-such-host.invalid:7400"), "{e}");
+    }
+
+    #[test]
+    fn paths_are_relative_to_the_file() {
+        let (dir, path) = file(
+            "home = \"state\"\n[tls]\nca = \"c/ca.pem\"\ncert = \"/abs.pem\"\nkey = \"k.pem\"\n",
+        );
+        let c = CoordinatorConfig::load(&path).unwrap();
+        assert_eq!(c.home, dir.path().join("state"));
+        assert_eq!(c.tls.ca, dir.path().join("c/ca.pem"));
+        assert_eq!(c.tls.cert, PathBuf::from("/abs.pem"));
+    }
+
+    #[test]
+    fn mistakes_name_the_file_and_the_setting() {
+        let (_d, path) = file("listen = \"0.0.0.0:7401\"\nslot = 4\n");
+        let e = WorkerConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("node.toml") && e.contains("slot"), "{e}");
+
+        let (_d, path) = file("slots = 0\n");
+        let e = WorkerConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("slots must be at least 1"), "{e}");
+
+        let (_d, path) = file("coordinators = []\n");
+        let e = ClientConfig::load(&path).unwrap_err().to_string();
+        assert!(e.contains("no coordinators"), "{e}");
+
+        let missing = Path::new("/nonexistent/worker.toml");
+        let e = WorkerConfig::load(missing).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/worker.toml"), "{e}");
+    }
 }

@@ -94,10 +94,12 @@ pub fn init(dir: &Path, workers: usize, base_port: u16) -> Result<Vec<PathBuf>, 
             &path,
             "# A strata worker: `strata worker --config FILE`.\n\
              # coordinator: the coordinator it serves. listen: where peers fetch its\n\
-             # blobs. home: its state directory. slots: stages it runs at once.\n\
-             # Overrides: STRATA_COORDINATOR, STRATA_LISTEN, STRATA_HOME, STRATA_SLOTS.",
+             # blobs (advertise: the address they dial, if not listen). home: its state\n\
+             # directory. slots: steps it runs at once.\n\
+             # Overrides: STRATA_COORDINATOR, STRATA_LISTEN, STRATA_ADVERTISE,\n\
+             # STRATA_HOME, STRATA_SLOTS. config/ has every setting explained.",
             &WorkerConfig {
-                coordinator,
+                coordinator: coordinator.into(),
                 listen: ([127, 0, 0, 1], port).into(),
                 advertise: None,
                 home: format!("state/{name}").into(),
@@ -115,7 +117,7 @@ pub fn init(dir: &Path, workers: usize, base_port: u16) -> Result<Vec<PathBuf>, 
             "# For clients: `strata build --cluster client.toml` (or STRATA_CLUSTER).\n\
              # coordinators: tried in order.",
             &ClientConfig {
-                coordinators: vec![coordinator],
+                coordinators: vec![coordinator.into()],
                 tls: tls("client"),
             },
         )

@@ -16,7 +16,7 @@ use strata_solver::{Job, StageResult, Worker as _, WorkerError};
 use strata_worker::{LocalWorker, Node};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::WorkerConfig;
+use crate::config::{NodeAddress, WorkerConfig};
 use crate::peers::Peers;
 use crate::protocol::{BuildSpec, ExecEvent, Holder, Registration, Reply, Request, StepRef};
 
@@ -33,7 +33,7 @@ pub struct WorkerNode {
     name: String,
     slots: usize,
     listen: SocketAddr,
-    coordinator: SocketAddr,
+    coordinator: NodeAddress,
     endpoint: Endpoint,
     peers: Arc<Peers>,
     builds: Mutex<HashMap<u64, Arc<BuildHere>>>,
@@ -80,7 +80,7 @@ impl WorkerNode {
             name: me.name,
             slots: config.slots,
             listen,
-            coordinator: config.coordinator,
+            coordinator: config.coordinator.clone(),
             peers: Arc::new(Peers::new(endpoint.clone())),
             endpoint,
             builds: Mutex::default(),
@@ -137,7 +137,7 @@ impl WorkerNode {
     async fn join(&self) -> Result<Connection, String> {
         let conn = self
             .endpoint
-            .connect(self.coordinator)
+            .connect(self.coordinator.resolve().await?)
             .await
             .map_err(|e| e.to_string())?;
         if conn.peer.role != Role::Coordinator {
