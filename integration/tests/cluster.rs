@@ -48,8 +48,24 @@ fn build_on(
     ];
     args.extend_from_slice(extra);
     args.push(ctx.to_str().unwrap());
-    s.ok(&args);
-    serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap()
+    let out = s.run(&args);
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{progress}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    // Progress names the worker of every step that ran, as it starts.
+    let ran = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["cached"] == false && !s["instruction"].as_str().unwrap().starts_with("FROM"))
+        .count();
+    let named = progress
+        .lines()
+        .filter(|l| l.starts_with('#') && l.contains(" on worker-"))
+        .count();
+    assert_eq!(named, ran, "{progress}");
+    report
 }
 
 fn workers_of(report: &serde_json::Value) -> HashMap<String, String> {

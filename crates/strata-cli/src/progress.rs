@@ -130,6 +130,10 @@ impl Renderer {
                 }
             }
             (EventKind::Started, _) => self.line(&format!("#{id} {title}")),
+            (EventKind::Placed(node), _) => match &state.bar {
+                Some(bar) => bar.set_message(format!("{title} on {node}")),
+                None => self.line(&format!("#{id} on {node}")),
+            },
             (EventKind::Cached, _) => {
                 if self.mode == Mode::Plain {
                     self.line(&format!("#{id} {title}"));

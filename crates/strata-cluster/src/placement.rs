@@ -473,6 +473,7 @@ impl Placement {
         let i = self.stage_index(job.stage)?;
         let s = Self::step_index(job.stage, job.step)?;
         let (worker, _slot) = self.slot(i, job.parent).await?;
+        (job.placed)(&worker);
         let conn = self.begin(&worker).await?;
         // A COPY --from=stage away from that stage's worker copies from an
         // artifact of the copied paths, not the stage's layers.

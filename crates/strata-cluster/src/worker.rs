@@ -431,6 +431,8 @@ impl WorkerNode {
                 parent: &step.parent,
                 sources: &sources,
                 output,
+                // The coordinator named this worker already.
+                placed: Arc::new(|_: &str| {}),
                 cancel: job_cancel,
             })
         });

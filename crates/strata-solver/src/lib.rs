@@ -37,6 +37,9 @@ pub struct StageResult {
 /// Receives a step's output as it is produced.
 pub type Output = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
+/// Receives the name of the node a step was placed on.
+pub type Placed = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// One step for a worker to run.
 pub struct Job<'a> {
     /// Its stage.
@@ -49,6 +52,9 @@ pub struct Job<'a> {
     pub sources: &'a [Option<StageResult>],
     /// Where its output goes.
     pub output: Output,
+    /// Told the node's name once the step has one to run on (a cluster
+    /// places steps on workers; one machine has no one to name).
+    pub placed: Placed,
     /// Cancelled when the build is.
     pub cancel: CancellationToken,
 }
@@ -127,6 +133,8 @@ pub trait Worker: Send + Sync + 'static {
 pub enum EventKind {
     /// It started running.
     Started,
+    /// It runs on this node of a cluster.
+    Placed(String),
     /// Its result was found in the cache.
     Cached,
     /// It printed this.

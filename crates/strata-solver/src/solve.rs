@@ -368,21 +368,28 @@ impl Solver {
             let r3 = Arc::clone(&r2);
             let (name, number, label) = (stage.name.clone(), step.number, step.label.clone());
             let total = stage.total();
-            let output: crate::Output = Arc::new(move |bytes: &[u8]| {
+            let event = move |kind: EventKind| {
                 (r3.opts.progress)(Event {
                     stage: name.clone(),
                     number,
                     total,
                     label: label.clone(),
-                    kind: EventKind::Output(bytes.to_vec()),
+                    kind,
                 })
-            });
+            };
+            let event = Arc::new(event);
+            let on_output = Arc::clone(&event);
+            let output: crate::Output =
+                Arc::new(move |bytes: &[u8]| on_output(EventKind::Output(bytes.to_vec())));
+            let placed: crate::Placed =
+                Arc::new(move |node: &str| event(EventKind::Placed(node.to_string())));
             w.execute(&Job {
                 stage,
                 step,
                 parent: &parent_v,
                 sources: &results_v,
                 output,
+                placed,
                 cancel: r2.opts.cancel.clone(),
             })
         })
