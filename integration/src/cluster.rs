@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::{busybox_tar, strata_bin};
+use crate::{busybox_tar, run_bounded, strata_bin};
 
 /// A running local cluster.
 pub struct Cluster {
@@ -116,7 +116,10 @@ impl Cluster {
 
     /// Runs `strata ARGS` (no state directory of its own).
     pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(strata_bin()).args(args).output().unwrap()
+        run_bounded(
+            Command::new(strata_bin()).args(args),
+            Duration::from_secs(300),
+        )
     }
 
     /// Runs `strata ARGS`, failing the test unless it succeeds.

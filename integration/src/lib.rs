@@ -7,8 +7,10 @@
 // Test helpers stop loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub mod cluster;
 pub mod docker;
@@ -130,9 +132,11 @@ impl Strata {
         c
     }
 
-    /// Runs `strata ARGS` and returns its output.
+    /// Runs `strata ARGS` and returns its output. A command still running
+    /// after five minutes is killed and fails the test: a hang is a bug
+    /// to report, not to wait out.
     pub fn run(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().unwrap()
+        run_bounded(self.cmd().args(args), Duration::from_secs(300))
     }
 
     /// Runs `strata ARGS`, failing the test unless it succeeds; returns stdout.
@@ -173,6 +177,59 @@ impl Strata {
         args.push(context.to_str().unwrap());
         self.ok(&args);
         serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap()
+    }
+}
+
+/// Runs `cmd` to the end, or kills it and fails after `limit`.
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drained as it comes, so a chatty command never blocks on a full pipe.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = stderr.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} did not finish within {limit:?}:\n{}",
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
     }
 }
 

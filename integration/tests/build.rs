@@ -189,6 +189,11 @@ fn bad_inputs_fail_clearly_and_leave_the_store_consistent() {
             "FROM busybox:latest\nRUN echo partial > /p && exit 3\n",
             "exit code: 3",
         ),
+        // A stage another copies from fails: the build ends with its error.
+        (
+            "FROM busybox:latest AS a\nRUN exit 3\nFROM busybox:latest\nCOPY --from=a /a /a\n",
+            "exit code: 3",
+        ),
         ("FROM busybox:latest\nFORM x\n", "unknown instruction: FORM"),
     ];
     for (df, want) in cases {

@@ -284,6 +284,41 @@ fn a_worker_killed_mid_stage_does_not_fail_the_build() {
 }
 
 #[test]
+fn a_client_killed_mid_build_takes_its_build_with_it() {
+    let cluster = Cluster::start(1, 5);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[("Dockerfile", "FROM busybox:latest\nRUN sleep 120\n")],
+    );
+    let client = Strata::new();
+    let mut build = client
+        .cmd()
+        .args(["build", "--cluster", cluster.client().to_str().unwrap()])
+        .args(["--progress", "quiet"])
+        .arg(ctx.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    cluster.wait_for(Duration::from_secs(30), |s| {
+        s.lines()
+            .any(|l| l.starts_with("worker-1") && l.split_whitespace().nth(4) == Some("1"))
+    });
+    build.kill().unwrap();
+    build.wait().unwrap();
+    // No goodbye from a killed client: the coordinator notices the
+    // connection is dead, cancels the build and its running step.
+    let status = cluster.wait_for(Duration::from_secs(30), |s| {
+        s.contains("0 builds running")
+            && s.lines()
+                .any(|l| l.starts_with("worker-1") && l.split_whitespace().nth(4) == Some("0"))
+    });
+    // The step never finished, so nothing of it is in the cache.
+    assert!(status.contains("): 0 cache entries"), "{status}");
+}
+
+#[test]
 fn strangers_are_refused_and_roles_are_checked() {
     let cluster = Cluster::start(1, 5);
     // A client whose certificate comes from another cluster's CA.

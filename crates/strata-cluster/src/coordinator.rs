@@ -298,7 +298,7 @@ impl Coordinator {
                 }
             }
             Request::Build(submit) if role == Role::Client => {
-                return self.build(*submit, send, conn.addr).await;
+                return self.build(*submit, conn, send).await;
             }
             Request::Status => Reply::Status(Box::new(self.status())),
             Request::Cordon { worker, cordoned } if role == Role::Client => {
@@ -426,9 +426,10 @@ impl Coordinator {
     async fn build(
         self: &Arc<Self>,
         submit: SubmitBuild,
+        client: &Connection,
         send: &mut quinn::SendStream,
-        peer: SocketAddr,
     ) -> Result<(), strata_net::Error> {
+        let peer = client.addr;
         self.builds_running.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<BuildEvent>();
         let cancel = CancellationToken::new();
@@ -437,10 +438,21 @@ impl Coordinator {
             tokio::spawn(async move { me.solve(submit, tx, cancel).await })
         };
         drop(tx);
-        while let Some(event) = rx.recv().await {
-            if write_frame(send, &event, peer).await.is_err() {
-                // The client is gone: so is its build.
-                cancel.cancel();
+        // A client that goes away (killed, Ctrl-C) takes its build with it,
+        // whether or not there is progress to send at the time.
+        let gone = client.quic.closed();
+        tokio::pin!(gone);
+        loop {
+            tokio::select! {
+                event = rx.recv() => match event {
+                    Some(event) => {
+                        if write_frame(send, &event, peer).await.is_err() {
+                            cancel.cancel();
+                        }
+                    }
+                    None => break,
+                },
+                _ = &mut gone, if !cancel.is_cancelled() => cancel.cancel(),
             }
         }
         let _ = run.await;

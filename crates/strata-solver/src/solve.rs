@@ -126,10 +126,15 @@ impl Solver {
             let (me, run) = (Arc::clone(self), Arc::clone(&run));
             tasks.spawn(async move {
                 for mut d in deps {
-                    // A dependency that failed drops its sender; its error is
-                    // already recorded.
-                    if d.wait_for(|ok| *ok).await.is_err() {
-                        return;
+                    // A stage that fails cancels the build (its error is
+                    // recorded): the stages waiting for it give up.
+                    tokio::select! {
+                        ready = d.wait_for(|ok| *ok) => {
+                            if ready.is_err() {
+                                return;
+                            }
+                        }
+                        () = run.opts.cancel.cancelled() => return,
                     }
                 }
                 match me.stage(&run, i).await {
@@ -155,6 +160,9 @@ impl Solver {
             .unwrap_or_else(PoisonError::into_inner)
         {
             return Err(e);
+        }
+        if run.opts.cancel.is_cancelled() {
+            return Err(SolveError::Cancelled);
         }
         let stages = run
             .results
