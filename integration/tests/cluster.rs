@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use strata_integration::cluster::Cluster;
@@ -66,6 +66,32 @@ fn build_on(
         .count();
     assert_eq!(named, ran, "{progress}");
     report
+}
+
+/// Starts `strata build --cluster … --report REPORT EXTRA… CTX` in the
+/// background, its stderr piped; the report lands in the client's home.
+fn spawn_build(cluster: &Cluster, client: &Strata, ctx: &std::path::Path, extra: &[&str]) -> Child {
+    let report = client.home().join("report.json");
+    client
+        .cmd()
+        .args(["build", "--cluster", cluster.client().to_str().unwrap()])
+        .args(["--progress", "plain", "--report", report.to_str().unwrap()])
+        .args(extra)
+        .arg(ctx)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The worker `cluster status` shows running `steps` steps, if any.
+fn worker_running(status: &str, steps: usize) -> Option<String> {
+    status
+        .lines()
+        .filter(|l| l.starts_with("worker-"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cols| cols.get(4) == Some(&steps.to_string().as_str()))
+        .map(|cols| cols[0].to_string())
 }
 
 fn workers_of(report: &serde_json::Value) -> HashMap<String, String> {
@@ -232,32 +258,10 @@ fn a_worker_killed_mid_stage_does_not_fail_the_build() {
     );
     let client = Strata::new();
     let report_path = client.home().join("report.json");
-    let build = client
-        .cmd()
-        .args(["build", "--cluster", cluster.client().to_str().unwrap()])
-        .args([
-            "--progress",
-            "plain",
-            "--report",
-            report_path.to_str().unwrap(),
-        ])
-        .args(["-t", "survivor:1"])
-        .arg(ctx.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let build = spawn_build(&cluster, &client, ctx.path(), &["-t", "survivor:1"]);
     // Whichever worker got the stage dies in the middle of it.
-    let status = cluster.wait_for(Duration::from_secs(30), |s| {
-        s.lines()
-            .any(|l| l.starts_with("worker-") && l.split_whitespace().nth(4) == Some("1"))
-    });
-    let victim = status
-        .lines()
-        .find(|l| l.starts_with("worker-") && l.split_whitespace().nth(4) == Some("1"))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap()
-        .to_string();
+    let status = cluster.wait_for(Duration::from_secs(30), |s| worker_running(s, 1).is_some());
+    let victim = worker_running(&status, 1).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     Command::new("kill")
         .args(["-9", &cluster.pid(&victim).to_string()])
@@ -292,27 +296,14 @@ fn a_client_killed_mid_build_takes_its_build_with_it() {
         &[("Dockerfile", "FROM busybox:latest\nRUN sleep 120\n")],
     );
     let client = Strata::new();
-    let mut build = client
-        .cmd()
-        .args(["build", "--cluster", cluster.client().to_str().unwrap()])
-        .args(["--progress", "quiet"])
-        .arg(ctx.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    cluster.wait_for(Duration::from_secs(30), |s| {
-        s.lines()
-            .any(|l| l.starts_with("worker-1") && l.split_whitespace().nth(4) == Some("1"))
-    });
+    let mut build = spawn_build(&cluster, &client, ctx.path(), &[]);
+    cluster.wait_for(Duration::from_secs(30), |s| worker_running(s, 1).is_some());
     build.kill().unwrap();
     build.wait().unwrap();
     // No goodbye from a killed client: the coordinator notices the
     // connection is dead, cancels the build and its running step.
     let status = cluster.wait_for(Duration::from_secs(30), |s| {
-        s.contains("0 builds running")
-            && s.lines()
-                .any(|l| l.starts_with("worker-1") && l.split_whitespace().nth(4) == Some("0"))
+        s.contains("0 builds running") && worker_running(s, 0).is_some()
     });
     // The step never finished, so nothing of it is in the cache.
     assert!(status.contains("): 0 cache entries"), "{status}");
@@ -435,15 +426,7 @@ fn concurrent_builds_run_a_shared_builder_once() {
         );
         let client = Strata::new();
         let report = client.home().join("report.json");
-        let child = client
-            .cmd()
-            .args(["build", "--cluster", cluster.client().to_str().unwrap()])
-            .args(["--progress", "quiet", "--report", report.to_str().unwrap()])
-            .arg(ctx.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = spawn_build(&cluster, &client, ctx.path(), &[]);
         children.push((child, report, client));
         dirs.push(ctx);
     }
