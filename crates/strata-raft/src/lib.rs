@@ -1,0 +1,414 @@
+//! strata's replicated cache index: the coordinators of a cluster form a
+//! Raft group (openraft) whose replicated state is the cache index (cache
+//! key → layers) and where blobs are. Each member keeps its Raft log and
+//! its copy of the state in RocksDB; members talk over strata-net (QUIC,
+//! mutual TLS, coordinator certificates only).
+//!
+//! * [`Member`]: one coordinator's part of the group: start it on a state
+//!   directory and an endpoint, write commands through the leader, read
+//!   linearizably.
+//! * [`Command`]: what the log carries, versioned; applying one is
+//!   deterministic (times travel in the command, never read in apply).
+//!
+//! It knows nothing of builds beyond the cache entries it stores.
+
+mod network;
+mod store;
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, Raft, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use strata_cache::CacheEntry;
+use strata_cas::Digest;
+use strata_net::Endpoint;
+use tokio_util::sync::CancellationToken;
+
+pub use network::Network;
+pub use store::{LogStore, StateMachine};
+
+/// A member's id in the group.
+pub type NodeId = u64;
+
+/// A member as the group knows it: where its Raft endpoint listens.
+pub type Node = BasicNode;
+
+openraft::declare_raft_types!(
+    /// The types of strata's Raft group.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = Node,
+);
+
+/// A change to the replicated state. New kinds of change come as a new
+/// version, so members of different versions never read a command
+/// differently.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Version 1.
+    V1(CommandV1),
+}
+
+/// The changes of version 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandV1 {
+    /// Records a step's result.
+    Put {
+        /// The step's cache key.
+        key: Digest,
+        /// What it produced.
+        entry: CacheEntry,
+    },
+    /// A build used the entry at `at` (seconds since the epoch).
+    Touch {
+        /// The cache key.
+        key: Digest,
+        /// When.
+        at: u64,
+    },
+    /// Drops an entry.
+    Remove {
+        /// The cache key.
+        key: Digest,
+    },
+    /// `worker` holds `blob`.
+    Located {
+        /// The blob.
+        blob: Digest,
+        /// The worker's name.
+        worker: String,
+    },
+    /// `worker` holds nothing any more (it left, or its lease lapsed).
+    Forget {
+        /// The worker's name.
+        worker: String,
+    },
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the state changed.
+    pub changed: bool,
+}
+
+/// Errors of a member.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Its database could not be opened.
+    #[error("Raft state at {}: {source}", path.display())]
+    Db {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: rocksdb::Error,
+    },
+    /// No leader answered in time: fewer than a majority of members are
+    /// up, or they cannot reach each other.
+    #[error("the replicated cache index has no leader: {0}")]
+    Unavailable(String),
+    /// Raft failed.
+    #[error("Raft: {0}")]
+    Raft(String),
+    /// Reading the local state failed.
+    #[error("reading the replicated state: {0}")]
+    State(String),
+}
+
+/// How long a write or read waits for a leader before it fails: an
+/// election takes well under this.
+pub const LEADER_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a forwarded write or read may take.
+const FORWARD_TTL: Duration = Duration::from_secs(5);
+
+/// Timing and compaction of the group.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// How often the leader reassures followers.
+    pub heartbeat: Duration,
+    /// A follower that hears nothing for a random time in this range
+    /// stands for election.
+    pub election_timeout: (Duration, Duration),
+    /// Entries applied since the last snapshot before a new one is taken
+    /// and the log before it purged.
+    pub snapshot_every: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Tuning {
+        Tuning {
+            heartbeat: Duration::from_millis(100),
+            election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
+            snapshot_every: 5000,
+        }
+    }
+}
+
+/// One coordinator's member of the group.
+pub struct Member {
+    id: NodeId,
+    raft: Raft<TypeConfig>,
+    state: StateMachine,
+    endpoint: Endpoint,
+    /// Where writes and reads go when this member does not lead.
+    leader_peer: tokio::sync::Mutex<Option<network::Peer>>,
+    shutdown: CancellationToken,
+}
+
+impl Member {
+    /// Starts member `id` on its state directory `dir` (created, or
+    /// reopened with its log and state) and its Raft endpoint, which
+    /// it serves.
+    pub async fn start(
+        id: NodeId,
+        dir: &Path,
+        endpoint: Endpoint,
+        tuning: &Tuning,
+    ) -> Result<Member, Error> {
+        let db = store::open(dir).map_err(|source| Error::Db {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let config = openraft::Config {
+            cluster_name: "strata".into(),
+            heartbeat_interval: millis(tuning.heartbeat),
+            election_timeout_min: millis(tuning.election_timeout.0),
+            election_timeout_max: millis(tuning.election_timeout.1),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_every),
+            max_in_snapshot_log_to_keep: 0,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| Error::Raft(e.to_string()))?;
+        let state = StateMachine::new(Arc::clone(&db));
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            Network::new(endpoint.clone()),
+            LogStore::new(db),
+            state.clone(),
+        )
+        .await
+        .map_err(|e| Error::Raft(e.to_string()))?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(network::serve(
+            raft.clone(),
+            state.clone(),
+            endpoint.clone(),
+            shutdown.clone(),
+        ));
+        Ok(Member {
+            id,
+            raft,
+            state,
+            endpoint,
+            leader_peer: tokio::sync::Mutex::new(None),
+            shutdown,
+        })
+    }
+
+    /// This member's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The Raft handle, for metrics and membership changes.
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    /// Makes the group of `members` (this one among them). Only on a
+    /// group's first start; a member already initialized says so.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, Node>) -> Result<(), Error> {
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))
+    }
+
+    /// The leader, as this member knows it.
+    pub async fn leader(&self) -> Option<NodeId> {
+        self.raft.current_leader().await
+    }
+
+    /// Applies `command` through the group, from any member: returns once
+    /// a majority has it in their logs and the leader applied it. A
+    /// follower forwards it to the leader; during an election it waits
+    /// for one (up to [`LEADER_WAIT`]).
+    pub async fn write(&self, command: CommandV1) -> Result<Response, Error> {
+        let command = Command::V1(command);
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            let why = match self.raft.client_write(command.clone()).await {
+                Ok(r) => return Ok(r.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    match f.leader_id.zip(f.leader_node) {
+                        Some((id, node)) => {
+                            let mut peer = self.forward_to(id, &node).await;
+                            match peer.as_mut() {
+                                Some(p) => match p.write(command.clone(), FORWARD_TTL).await {
+                                    Ok(r) => return Ok(r),
+                                    Err(e) => format!("the leader, member {id}: {e:?}"),
+                                },
+                                None => "no leader".into(),
+                            }
+                        }
+                        None => "no leader is known yet".into(),
+                    }
+                }
+                Err(e) => return Err(Error::Raft(e.to_string())),
+            };
+            if Instant::now() > deadline {
+                return Err(Error::Unavailable(why));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The cache entry under `key`, linearizably: the leader answers once
+    /// it has confirmed it still leads and applied everything committed
+    /// before the call (read-index), so the read sees every write
+    /// acknowledged before it. A follower asks the leader.
+    pub async fn entry(&self, key: &Digest) -> Result<Option<CacheEntry>, Error> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            let why = match self.raft.ensure_linearizable().await {
+                Ok(_) => {
+                    return self
+                        .state
+                        .entry(key)
+                        .map_err(|e| Error::State(e.to_string()));
+                }
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    match f.leader_id.zip(f.leader_node) {
+                        Some((id, node)) => {
+                            let mut peer = self.forward_to(id, &node).await;
+                            match peer.as_mut() {
+                                Some(p) => match p.read(*key, FORWARD_TTL).await {
+                                    Ok(r) => return Ok(r),
+                                    Err(e) => format!("the leader, member {id}: {e:?}"),
+                                },
+                                None => "no leader".into(),
+                            }
+                        }
+                        None => "no leader is known yet".into(),
+                    }
+                }
+                Err(e) => return Err(Error::Raft(e.to_string())),
+            };
+            if Instant::now() > deadline {
+                return Err(Error::Unavailable(why));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The connection to the leader `id`, kept between calls.
+    async fn forward_to(
+        &self,
+        id: NodeId,
+        node: &Node,
+    ) -> tokio::sync::MutexGuard<'_, Option<network::Peer>> {
+        let mut peer = self.leader_peer.lock().await;
+        if peer.as_ref().is_none_or(|p| p.target() != id) {
+            *peer = Some(network::Peer::new(
+                self.endpoint.clone(),
+                id,
+                node.addr.clone(),
+            ));
+        }
+        peer
+    }
+
+    /// This member's applied copy of the state, read without asking the
+    /// group: possibly behind the leader.
+    pub fn local(&self) -> &StateMachine {
+        &self.state
+    }
+
+    /// Stops the member: its Raft task ends and its connections close.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.raft.shutdown().await;
+        self.endpoint.close();
+    }
+}
+
+// `declare_raft_types!` names `Cursor` for the default snapshot data.
+const _: Option<Cursor<Vec<u8>>> = None;
+
+/// The cache index as a solver uses it, replicated through a [`Member`].
+/// Its calls block: make them from blocking threads (the solver does),
+/// never from the runtime's own.
+pub struct ReplicatedIndex {
+    member: Arc<Member>,
+    handle: tokio::runtime::Handle,
+}
+
+impl ReplicatedIndex {
+    /// The index of `member`, whose calls run on `handle`'s runtime.
+    pub fn new(member: Arc<Member>, handle: tokio::runtime::Handle) -> ReplicatedIndex {
+        ReplicatedIndex { member, handle }
+    }
+
+    fn write(&self, command: CommandV1) -> strata_cache::Result<()> {
+        self.handle
+            .block_on(self.member.write(command))
+            .map(|_| ())
+            .map_err(|e| strata_cache::Error::Unavailable(e.to_string()))
+    }
+}
+
+impl strata_cache::CacheIndex for ReplicatedIndex {
+    fn get(&self, key: &Digest) -> strata_cache::Result<Option<CacheEntry>> {
+        self.handle
+            .block_on(self.member.entry(key))
+            .map_err(|e| strata_cache::Error::Unavailable(e.to_string()))
+    }
+
+    fn put(&self, key: &Digest, entry: &CacheEntry) -> strata_cache::Result<()> {
+        self.write(CommandV1::Put {
+            key: *key,
+            entry: entry.clone(),
+        })
+    }
+
+    fn remove(&self, key: &Digest) -> strata_cache::Result<()> {
+        self.write(CommandV1::Remove { key: *key })
+    }
+
+    /// This member's copy: enough for counting and pruning.
+    fn list(&self) -> strata_cache::Result<Vec<(Digest, CacheEntry)>> {
+        self.member
+            .local()
+            .entries()
+            .map_err(|e| strata_cache::Error::Unavailable(e.to_string()))
+    }
+
+    fn touch(&self, key: &Digest) -> strata_cache::Result<()> {
+        // Read locally: a touch that a lagging copy makes twice changes
+        // nothing, since Touch only moves last use forward.
+        let Some(e) = self
+            .member
+            .local()
+            .entry(key)
+            .map_err(|e| strata_cache::Error::Unavailable(e.to_string()))?
+        else {
+            return Ok(());
+        };
+        let now = strata_cas::now_unix();
+        if strata_cas::last_used_is_stale(e.last_used, now) {
+            self.write(CommandV1::Touch { key: *key, at: now })?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,342 @@
+//! Raft's messages between coordinators, over the cluster's QUIC and
+//! mutual TLS (strata-net): one stream per RPC, one frame each way. Only
+//! peers with a coordinator's certificate are answered.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{Raft, RaftNetwork, RaftNetworkFactory};
+use serde::{Deserialize, Serialize};
+use strata_net::{Connection, Endpoint, Role, read_frame, write_frame};
+use tokio_util::sync::CancellationToken;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError};
+use strata_cache::CacheEntry;
+use strata_cas::Digest;
+
+use crate::{Command, Node, NodeId, Response, StateMachine, TypeConfig};
+
+/// A Raft RPC, or a member's write or read forwarded to the leader.
+#[derive(Serialize, Deserialize)]
+enum Rpc {
+    Append(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
+    Write(Command),
+    Read(Digest),
+}
+
+/// Its answer.
+#[derive(Serialize, Deserialize)]
+enum RpcReply {
+    Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    Write(Result<Response, Forwarded>),
+    Read(Result<Option<CacheEntry>, Forwarded>),
+}
+
+/// Why a forwarded write or read failed on the member it reached.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Forwarded {
+    /// It is not the leader (any more).
+    NotLeader,
+    /// It failed there.
+    Failed(String),
+}
+
+/// Makes a [`Peer`] per member Raft talks to.
+#[derive(Clone)]
+pub struct Network {
+    endpoint: Endpoint,
+}
+
+impl Network {
+    /// Dials members from `endpoint` (a coordinator's).
+    pub fn new(endpoint: Endpoint) -> Network {
+        Network { endpoint }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> Peer {
+        Peer {
+            endpoint: self.endpoint.clone(),
+            target,
+            addr: node.addr.clone(),
+            conn: None,
+        }
+    }
+}
+
+/// Another member, as Raft (or a member forwarding to the leader) sends
+/// to it.
+pub struct Peer {
+    endpoint: Endpoint,
+    target: NodeId,
+    addr: String,
+    conn: Option<Connection>,
+}
+
+/// Why an RPC did not get an answer.
+enum Failed {
+    /// The member cannot be reached: Raft backs off.
+    Unreachable(String),
+    /// The exchange broke.
+    Network(String),
+}
+
+impl Failed {
+    fn into_message(self) -> String {
+        match self {
+            Failed::Unreachable(m) | Failed::Network(m) => m,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Why(String);
+
+impl Peer {
+    /// A member at `addr`, dialed from `endpoint` on first use.
+    pub(crate) fn new(endpoint: Endpoint, target: NodeId, addr: String) -> Peer {
+        Peer {
+            endpoint,
+            target,
+            addr,
+            conn: None,
+        }
+    }
+
+    /// The member this peer reaches.
+    pub(crate) fn target(&self) -> NodeId {
+        self.target
+    }
+
+    /// Has the member (the leader) apply `command`.
+    pub(crate) async fn write(
+        &mut self,
+        command: Command,
+        ttl: Duration,
+    ) -> Result<Response, Forwarded> {
+        match self.call(&Rpc::Write(command), ttl).await {
+            Ok(RpcReply::Write(r)) => r,
+            Ok(_) => Err(Forwarded::Failed("answered another RPC".into())),
+            Err(f) => {
+                self.conn = None;
+                Err(Forwarded::Failed(f.into_message()))
+            }
+        }
+    }
+
+    /// Reads `key` on the member (the leader), linearizably.
+    pub(crate) async fn read(
+        &mut self,
+        key: Digest,
+        ttl: Duration,
+    ) -> Result<Option<CacheEntry>, Forwarded> {
+        match self.call(&Rpc::Read(key), ttl).await {
+            Ok(RpcReply::Read(r)) => r,
+            Ok(_) => Err(Forwarded::Failed("answered another RPC".into())),
+            Err(f) => {
+                self.conn = None;
+                Err(Forwarded::Failed(f.into_message()))
+            }
+        }
+    }
+
+    async fn connection(&mut self) -> Result<Connection, Failed> {
+        if let Some(c) = &self.conn
+            && !c.is_closed()
+        {
+            return Ok(c.clone());
+        }
+        let addr: SocketAddr = self.addr.parse().map_err(|e| {
+            Failed::Unreachable(format!("member {} at {:?}: {e}", self.target, self.addr))
+        })?;
+        let conn = self
+            .endpoint
+            .connect(addr)
+            .await
+            .map_err(|e| Failed::Unreachable(e.to_string()))?;
+        if conn.peer.role != Role::Coordinator {
+            return Err(Failed::Unreachable(format!(
+                "{addr} is {}, not a coordinator",
+                conn.peer
+            )));
+        }
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn call(&mut self, rpc: &Rpc, ttl: Duration) -> Result<RpcReply, Failed> {
+        let conn = self.connection().await?;
+        let exchange = async {
+            let (mut send, mut recv) = conn
+                .open()
+                .await
+                .map_err(|e| Failed::Network(e.to_string()))?;
+            write_frame(&mut send, rpc, conn.addr)
+                .await
+                .map_err(|e| Failed::Network(e.to_string()))?;
+            let _ = send.finish();
+            read_frame::<RpcReply>(&mut recv, conn.addr)
+                .await
+                .map_err(|e| Failed::Network(e.to_string()))?
+                .ok_or_else(|| Failed::Network(format!("{} closed the stream", conn.peer)))
+        };
+        match tokio::time::timeout(ttl, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(Failed::Network(format!(
+                "member {} did not answer within {ttl:?}",
+                self.target
+            ))),
+        }
+    }
+
+    fn rpc_error<E: std::error::Error>(&mut self, f: Failed) -> RPCError<NodeId, Node, E> {
+        match f {
+            Failed::Unreachable(why) => {
+                self.conn = None;
+                RPCError::Unreachable(Unreachable::new(&Why(why)))
+            }
+            Failed::Network(why) => {
+                self.conn = None;
+                RPCError::Network(NetworkError::new(&Why(why)))
+            }
+        }
+    }
+
+    fn unexpected<E: std::error::Error>(&self) -> RPCError<NodeId, Node, E> {
+        RPCError::Network(NetworkError::new(&Why(format!(
+            "member {} answered another RPC",
+            self.target
+        ))))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        match self.call(&Rpc::Append(rpc), option.hard_ttl()).await {
+            Ok(RpcReply::Append(Ok(r))) => Ok(r),
+            Ok(RpcReply::Append(Err(e))) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            Ok(_) => Err(self.unexpected()),
+            Err(f) => Err(self.rpc_error(f)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        match self.call(&Rpc::Snapshot(rpc), option.hard_ttl()).await {
+            Ok(RpcReply::Snapshot(Ok(r))) => Ok(r),
+            Ok(RpcReply::Snapshot(Err(e))) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            Ok(_) => Err(self.unexpected()),
+            Err(f) => Err(self.rpc_error(f)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        match self.call(&Rpc::Vote(rpc), option.hard_ttl()).await {
+            Ok(RpcReply::Vote(Ok(r))) => Ok(r),
+            Ok(RpcReply::Vote(Err(e))) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            Ok(_) => Err(self.unexpected()),
+            Err(f) => Err(self.rpc_error(f)),
+        }
+    }
+}
+
+/// Answers the Raft RPCs (and forwarded writes and reads) other
+/// coordinators send to `endpoint` until `shutdown`.
+pub(crate) async fn serve(
+    raft: Raft<TypeConfig>,
+    state: StateMachine,
+    endpoint: Endpoint,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let conn = tokio::select! {
+            c = endpoint.accept() => match c {
+                Some(c) => c,
+                None => return,
+            },
+            () = shutdown.cancelled() => return,
+        };
+        if conn.peer.role != Role::Coordinator {
+            tracing::warn!(peer = %conn.peer, "refusing Raft traffic from a node that is not a coordinator");
+            conn.quic.close(1u32.into(), b"not a coordinator");
+            continue;
+        }
+        let (raft, state) = (raft.clone(), state.clone());
+        tokio::spawn(async move {
+            while let Some((mut send, mut recv)) = conn.accept().await {
+                let (raft, state, conn) = (raft.clone(), state.clone(), conn.clone());
+                tokio::spawn(async move {
+                    let rpc = match read_frame::<Rpc>(&mut recv, conn.addr).await {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return,
+                        Err(e) => {
+                            tracing::warn!(peer = %conn.peer, error = %e, "bad Raft message");
+                            return;
+                        }
+                    };
+                    let reply = match rpc {
+                        Rpc::Append(r) => RpcReply::Append(raft.append_entries(r).await),
+                        Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
+                        Rpc::Snapshot(r) => RpcReply::Snapshot(raft.install_snapshot(r).await),
+                        Rpc::Write(c) => RpcReply::Write(match raft.client_write(c).await {
+                            Ok(r) => Ok(r.data),
+                            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                                Err(Forwarded::NotLeader)
+                            }
+                            Err(e) => Err(Forwarded::Failed(e.to_string())),
+                        }),
+                        Rpc::Read(key) => RpcReply::Read(match raft.ensure_linearizable().await {
+                            Ok(_) => state
+                                .entry(&key)
+                                .map_err(|e| Forwarded::Failed(e.to_string())),
+                            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                                Err(Forwarded::NotLeader)
+                            }
+                            Err(e) => Err(Forwarded::Failed(e.to_string())),
+                        }),
+                    };
+                    if let Err(e) = write_frame(&mut send, &reply, conn.addr).await {
+                        tracing::debug!(peer = %conn.peer, error = %e, "cannot answer a Raft message");
+                    }
+                    let _ = send.finish();
+                });
+            }
+        });
+    }
+}

@@ -1,0 +1,520 @@
+//! The Raft log and the replicated state machine, both in one RocksDB
+//! database. Every write that Raft depends on (log entries, the vote, the
+//! applied state) is synced before it is acknowledged.
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions};
+use serde::{Deserialize, Serialize};
+use strata_cache::CacheEntry;
+use strata_cas::{Digest, MetaDb};
+
+use crate::{Command, Node, NodeId, Response, TypeConfig};
+
+/// Log entries by index (big-endian, so they sort).
+const LOG: &str = "raft-log";
+/// The vote, the committed and the last purged log ids.
+const LOG_META: &str = "raft-log-meta";
+/// Cache entries by key.
+const ENTRIES: &str = "raft-entries";
+/// Workers holding each blob.
+const LOCATIONS: &str = "raft-locations";
+/// What the state machine has applied, its membership, its snapshot.
+const APPLIED: &str = "raft-applied";
+
+const FAMILIES: &[&str] = &[LOG, LOG_META, ENTRIES, LOCATIONS, APPLIED];
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, AnyError> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(|e| AnyError::new(&e))
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(raw: &[u8]) -> Result<T, AnyError> {
+    bincode::serde::decode_from_slice(raw, bincode::config::standard())
+        .map(|(v, _)| v)
+        .map_err(|e| AnyError::new(&e))
+}
+
+fn synced() -> WriteOptions {
+    let mut o = WriteOptions::default();
+    o.set_sync(true);
+    o
+}
+
+/// Opens the database of a Raft member in `dir`.
+pub(crate) fn open(dir: &Path) -> Result<Arc<MetaDb>, rocksdb::Error> {
+    MetaDb::open(dir, FAMILIES)
+}
+
+/// The Raft log of one member.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<MetaDb>,
+}
+
+impl LogStore {
+    pub(crate) fn new(db: Arc<MetaDb>) -> LogStore {
+        LogStore { db }
+    }
+
+    fn meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, AnyError> {
+        match self.db.db().get_cf(self.db.cf(LOG_META), key) {
+            Ok(Some(raw)) => decode(&raw).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(AnyError::new(&e)),
+        }
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<(), AnyError> {
+        self.db
+            .db()
+            .put_cf_opt(self.db.cf(LOG_META), key, encode(v)?, &synced())
+            .map_err(|e| AnyError::new(&e))
+    }
+
+    fn last_entry(&self) -> Result<Option<Entry<TypeConfig>>, AnyError> {
+        let mut it = self.db.db().iterator_cf(self.db.cf(LOG), IteratorMode::End);
+        match it.next() {
+            Some(Ok((_, raw))) => decode(&raw).map(Some),
+            Some(Err(e)) => Err(AnyError::new(&e)),
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes log entries from `from` (inclusive) to `to` (exclusive).
+    fn delete_range(&self, from: u64, to: u64) -> Result<(), AnyError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.db.cf(LOG), from.to_be_bytes(), to.to_be_bytes());
+        self.db
+            .db()
+            .write_opt(batch, &synced())
+            .map_err(|e| AnyError::new(&e))
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let it = self.db.db().iterator_cf(
+            self.db.cf(LOG),
+            IteratorMode::From(&start.to_be_bytes(), Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in it {
+            let (key, raw) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+            let index = u64::from_be_bytes(key.as_ref().try_into().map_err(|_| {
+                StorageIOError::read_logs(AnyError::error("a log key is not 8 bytes"))
+            })?);
+            if !range.contains(&index) {
+                break;
+            }
+            out.push(decode(&raw).map_err(StorageIOError::read_logs)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last_purged: Option<LogId<NodeId>> =
+            self.meta("purged").map_err(StorageIOError::read_logs)?;
+        let last = self
+            .last_entry()
+            .map_err(StorageIOError::read_logs)?
+            .map(|e| e.log_id)
+            .or(last_purged);
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.put_meta("vote", vote)
+            .map_err(|e| StorageIOError::write_vote(e).into())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        self.meta("vote")
+            .map_err(|e| StorageIOError::read_vote(e).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        self.put_meta("committed", &committed)
+            .map_err(|e| StorageIOError::write_logs(e).into())
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        Ok(self
+            .meta::<Option<LogId<NodeId>>>("committed")
+            .map_err(StorageIOError::read_logs)?
+            .flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = WriteBatch::default();
+        for e in entries {
+            let raw = encode(&e).map_err(StorageIOError::write_logs)?;
+            batch.put_cf(self.db.cf(LOG), e.log_id.index.to_be_bytes(), raw);
+        }
+        let written = self.db.db().write_opt(batch, &synced());
+        let flushed = written
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| std::io::Error::other(e.to_string()));
+        callback.log_io_completed(flushed);
+        written.map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        self.delete_range(log_id.index, u64::MAX)
+            .map_err(|e| StorageIOError::write_logs(e).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        // Recorded first: a crash in between leaves entries the log no
+        // longer claims, never a claim without entries.
+        self.put_meta("purged", &log_id)
+            .map_err(StorageIOError::write_logs)?;
+        self.delete_range(0, log_id.index.saturating_add(1))
+            .map_err(|e| StorageIOError::write_logs(e).into())
+    }
+}
+
+/// What a snapshot holds: the whole replicated state.
+#[derive(Serialize, Deserialize)]
+struct SnapshotBody {
+    entries: Vec<(Digest, CacheEntry)>,
+    locations: Vec<(Digest, Vec<String>)>,
+}
+
+/// A snapshot as stored: its meta and its bytes.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, Node>,
+    data: Vec<u8>,
+}
+
+/// The replicated state of one member: the cache index and where blobs
+/// are.
+#[derive(Clone)]
+pub struct StateMachine {
+    db: Arc<MetaDb>,
+}
+
+impl StateMachine {
+    pub(crate) fn new(db: Arc<MetaDb>) -> StateMachine {
+        StateMachine { db }
+    }
+
+    fn applied<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, AnyError> {
+        match self.db.db().get_cf(self.db.cf(APPLIED), key) {
+            Ok(Some(raw)) => decode(&raw).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(AnyError::new(&e)),
+        }
+    }
+
+    /// The cache entry under `key`, as this member has applied it.
+    pub fn entry(&self, key: &Digest) -> Result<Option<CacheEntry>, AnyError> {
+        match self.db.db().get_cf(self.db.cf(ENTRIES), key.hex()) {
+            Ok(Some(raw)) => decode(&raw).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(AnyError::new(&e)),
+        }
+    }
+
+    /// The workers holding `blob`, as this member has applied it.
+    pub fn holders(&self, blob: &Digest) -> Result<Vec<String>, AnyError> {
+        match self.db.db().get_cf(self.db.cf(LOCATIONS), blob.hex()) {
+            Ok(Some(raw)) => decode(&raw),
+            Ok(None) => Ok(Vec::new()),
+            Err(e) => Err(AnyError::new(&e)),
+        }
+    }
+
+    /// Every cache entry.
+    pub fn entries(&self) -> Result<Vec<(Digest, CacheEntry)>, AnyError> {
+        self.scan(ENTRIES)
+    }
+
+    fn scan<T: for<'de> Deserialize<'de>>(&self, cf: &str) -> Result<Vec<(Digest, T)>, AnyError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .db()
+            .iterator_cf(self.db.cf(cf), IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(|e| AnyError::new(&e))?;
+            let key =
+                Digest::from_hex(&String::from_utf8_lossy(&k)).map_err(|e| AnyError::new(&e))?;
+            out.push((key, decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Applies one command to `batch`, reading what it changes.
+    fn apply_command(&self, batch: &mut WriteBatch, cmd: &Command) -> Result<Response, AnyError> {
+        let Command::V1(cmd) = cmd;
+        use crate::CommandV1 as C;
+        match cmd {
+            C::Put { key, entry } => {
+                batch.put_cf(self.db.cf(ENTRIES), key.hex(), encode(entry)?);
+                Ok(Response { changed: true })
+            }
+            C::Touch { key, at } => match self.entry(key)? {
+                Some(mut e) if e.last_used < *at => {
+                    e.last_used = *at;
+                    batch.put_cf(self.db.cf(ENTRIES), key.hex(), encode(&e)?);
+                    Ok(Response { changed: true })
+                }
+                _ => Ok(Response { changed: false }),
+            },
+            C::Remove { key } => {
+                let changed = self.entry(key)?.is_some();
+                batch.delete_cf(self.db.cf(ENTRIES), key.hex());
+                Ok(Response { changed })
+            }
+            C::Located { blob, worker } => {
+                let mut holders = self.holders(blob)?;
+                let changed = !holders.contains(worker);
+                if changed {
+                    holders.push(worker.clone());
+                    holders.sort();
+                    batch.put_cf(self.db.cf(LOCATIONS), blob.hex(), encode(&holders)?);
+                }
+                Ok(Response { changed })
+            }
+            C::Forget { worker } => {
+                let mut changed = false;
+                for (blob, mut holders) in self.scan::<Vec<String>>(LOCATIONS)? {
+                    let before = holders.len();
+                    holders.retain(|w| w != worker);
+                    if holders.len() != before {
+                        changed = true;
+                        if holders.is_empty() {
+                            batch.delete_cf(self.db.cf(LOCATIONS), blob.hex());
+                        } else {
+                            batch.put_cf(self.db.cf(LOCATIONS), blob.hex(), encode(&holders)?);
+                        }
+                    }
+                }
+                Ok(Response { changed })
+            }
+        }
+    }
+
+    fn snapshot_body(&self) -> Result<Vec<u8>, AnyError> {
+        encode(&SnapshotBody {
+            entries: self.scan(ENTRIES)?,
+            locations: self.scan(LOCATIONS)?,
+        })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        // RocksDB reads are consistent per key, and apply does not run
+        // while Raft builds a snapshot from this copy of the handle.
+        let last_applied: Option<LogId<NodeId>> = self
+            .applied("last")
+            .map_err(StorageIOError::read_state_machine)?
+            .flatten();
+        let membership: StoredMembership<NodeId, Node> = self
+            .applied("membership")
+            .map_err(StorageIOError::read_state_machine)?
+            .unwrap_or_default();
+        let data = self
+            .snapshot_body()
+            .map_err(StorageIOError::read_state_machine)?;
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
+            None => format!("empty-{}", data.len()),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        self.db
+            .db()
+            .put_cf_opt(
+                self.db.cf(APPLIED),
+                "snapshot",
+                encode(&stored).map_err(StorageIOError::write_state_machine)?,
+                &synced(),
+            )
+            .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, Node>)> {
+        let last = self
+            .applied::<Option<LogId<NodeId>>>("last")
+            .map_err(StorageIOError::read_state_machine)?
+            .flatten();
+        let membership = self
+            .applied("membership")
+            .map_err(StorageIOError::read_state_machine)?
+            .unwrap_or_default();
+        Ok((last, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Response>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut out = Vec::new();
+        // One entry per batch: a command reads what the one before it
+        // wrote.
+        for e in entries {
+            let mut batch = WriteBatch::default();
+            let response = match &e.payload {
+                EntryPayload::Blank => Response { changed: false },
+                EntryPayload::Normal(cmd) => self
+                    .apply_command(&mut batch, cmd)
+                    .map_err(|err| StorageIOError::apply(e.log_id, err))?,
+                EntryPayload::Membership(m) => {
+                    let stored = StoredMembership::new(Some(e.log_id), m.clone());
+                    batch.put_cf(
+                        self.db.cf(APPLIED),
+                        "membership",
+                        encode(&stored).map_err(|err| StorageIOError::apply(e.log_id, err))?,
+                    );
+                    Response { changed: true }
+                }
+            };
+            batch.put_cf(
+                self.db.cf(APPLIED),
+                "last",
+                encode(&Some(e.log_id)).map_err(|err| StorageIOError::apply(e.log_id, err))?,
+            );
+            self.db
+                .db()
+                .write_opt(batch, &synced())
+                .map_err(|err| StorageIOError::apply(e.log_id, &err))?;
+            out.push(response);
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Node>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let data = snapshot.into_inner();
+        let sig = Some(meta.signature());
+        let body: SnapshotBody =
+            decode(&data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), e))?;
+        let write_err = |e: AnyError| StorageIOError::write_snapshot(sig.clone(), e);
+        let mut batch = WriteBatch::default();
+        for cf in [ENTRIES, LOCATIONS] {
+            for item in self
+                .db
+                .db()
+                .iterator_cf(self.db.cf(cf), IteratorMode::Start)
+            {
+                let (k, _) = item.map_err(|e| write_err(AnyError::new(&e)))?;
+                batch.delete_cf(self.db.cf(cf), k);
+            }
+        }
+        for (key, entry) in &body.entries {
+            batch.put_cf(
+                self.db.cf(ENTRIES),
+                key.hex(),
+                encode(entry).map_err(write_err)?,
+            );
+        }
+        for (blob, holders) in &body.locations {
+            batch.put_cf(
+                self.db.cf(LOCATIONS),
+                blob.hex(),
+                encode(holders).map_err(write_err)?,
+            );
+        }
+        batch.put_cf(
+            self.db.cf(APPLIED),
+            "last",
+            encode(&meta.last_log_id).map_err(write_err)?,
+        );
+        batch.put_cf(
+            self.db.cf(APPLIED),
+            "membership",
+            encode(&meta.last_membership).map_err(write_err)?,
+        );
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        batch.put_cf(
+            self.db.cf(APPLIED),
+            "snapshot",
+            encode(&stored).map_err(write_err)?,
+        );
+        // All or nothing: a crash mid-install leaves the old state whole.
+        self.db
+            .db()
+            .write_opt(batch, &synced())
+            .map_err(|e| write_err(AnyError::new(&e)).into())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let stored: Option<StoredSnapshot> = self
+            .applied("snapshot")
+            .map_err(StorageIOError::read_state_machine)?;
+        Ok(stored.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
