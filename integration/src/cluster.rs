@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::{busybox_tar, run_bounded, strata_bin};
+use crate::{Strata, busybox_tar, run_bounded, strata_bin};
 
 /// A running local cluster.
 pub struct Cluster {
     dir: tempfile::TempDir,
     workers: usize,
+    coordinators: usize,
 }
 
 /// `n + 1` consecutive free UDP ports on 127.0.0.1, the first returned.
@@ -37,12 +38,24 @@ impl Cluster {
     /// A coordinator (with busybox:latest in its store, and the given
     /// worker lease) and `workers` workers.
     pub fn start(workers: usize, lease_seconds: u64) -> Cluster {
+        Cluster::start_group(1, workers, lease_seconds)
+    }
+
+    /// `coordinators` coordinators replicating the cache index (each with
+    /// busybox:latest in its store, and the given worker lease) and
+    /// `workers` workers.
+    pub fn start_group(coordinators: usize, workers: usize, lease_seconds: u64) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("strata-cluster-")
             .tempdir()
             .unwrap();
-        let c = Cluster { dir, workers };
-        let port = free_ports(workers).to_string();
+        let c = Cluster {
+            dir,
+            workers,
+            coordinators,
+        };
+        // Coordinators, workers, then the coordinators' Raft ports.
+        let port = free_ports(2 * coordinators + workers - 1).to_string();
         c.ok(&[
             "cluster",
             "init",
@@ -50,39 +63,99 @@ impl Cluster {
             c.path().to_str().unwrap(),
             "--workers",
             &workers.to_string(),
+            "--coordinators",
+            &coordinators.to_string(),
             "--base-port",
             &port,
         ]);
-        let config = c.path().join("coordinator.toml");
-        let text = std::fs::read_to_string(&config).unwrap();
-        std::fs::write(
-            &config,
-            text.replace(
-                "lease_seconds = 5",
-                &format!("lease_seconds = {lease_seconds}"),
-            ),
-        )
-        .unwrap();
-        let out = Command::new(strata_bin())
-            .env("STRATA_HOME", c.path().join("state/coordinator"))
-            .args(["image", "import", "busybox:latest"])
-            .arg(busybox_tar())
-            .output()
+        for name in c.coordinator_names() {
+            let config = c.path().join(format!("{name}.toml"));
+            let text = std::fs::read_to_string(&config).unwrap();
+            std::fs::write(
+                &config,
+                text.replace(
+                    "lease_seconds = 5",
+                    &format!("lease_seconds = {lease_seconds}"),
+                ),
+            )
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        c.ok(&[
+            let out = Command::new(strata_bin())
+                .env("STRATA_HOME", c.path().join("state").join(&name))
+                .args(["image", "import", "busybox:latest"])
+                .arg(busybox_tar())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        c.up();
+        c
+    }
+
+    /// Starts whatever of the cluster is not running (all of it, first).
+    pub fn up(&self) {
+        self.ok(&[
             "cluster",
             "up",
             "--local",
-            &workers.to_string(),
+            &self.workers.to_string(),
+            "--coordinators",
+            &self.coordinators.to_string(),
             "--dir",
-            c.path().to_str().unwrap(),
+            self.path().to_str().unwrap(),
         ]);
-        c
+    }
+
+    /// The coordinators' names.
+    pub fn coordinator_names(&self) -> Vec<String> {
+        if self.coordinators == 1 {
+            vec!["coordinator".into()]
+        } else {
+            (1..=self.coordinators)
+                .map(|j| format!("coordinator-{j}"))
+                .collect()
+        }
+    }
+
+    /// `strata build --cluster` from `s`'s state directory: fails the
+    /// test unless it succeeds; returns its `--report`.
+    pub fn build(&self, s: &Strata, ctx: &Path, extra: &[&str]) -> serde_json::Value {
+        let report = s.home().join("report.json");
+        let client = self.client();
+        let mut args = vec![
+            "build",
+            "--cluster",
+            client.to_str().unwrap(),
+            "--progress",
+            "plain",
+            "--report",
+            report.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        args.push(ctx.to_str().unwrap());
+        let out = s.run(&args);
+        let progress = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{progress}");
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        // Progress names the worker of every step that ran, as it starts.
+        let ran = report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s["cached"] == false && !s["instruction"].as_str().unwrap().starts_with("FROM")
+            })
+            .count();
+        let named = progress
+            .lines()
+            .filter(|l| l.starts_with('#') && l.contains(" on worker-"))
+            .count();
+        assert_eq!(named, ran, "{progress}");
+        report
     }
 
     /// The cluster's directory.
@@ -191,4 +264,16 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// Steps of a build report that ran a `RUN` (were not cached).
+pub fn runs(report: &serde_json::Value) -> usize {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            !s["cached"].as_bool().unwrap() && s["instruction"].as_str().unwrap().starts_with("RUN")
+        })
+        .count()
 }

@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use strata_integration::cluster::Cluster;
+use strata_integration::cluster::{Cluster, runs};
 use strata_integration::{Strata, write_files};
 
 /// Four builders, each with 20 MB the final stage does not copy.
@@ -28,45 +28,6 @@ COPY --from=c /out-c /out/
 COPY --from=d /out-d /out/
 CMD [\"sh\", \"-c\", \"cat /out/*\"]
 ";
-
-fn build_on(
-    cluster: &Cluster,
-    s: &Strata,
-    ctx: &std::path::Path,
-    extra: &[&str],
-) -> serde_json::Value {
-    let report = s.home().join("report.json");
-    let client = cluster.client();
-    let mut args = vec![
-        "build",
-        "--cluster",
-        client.to_str().unwrap(),
-        "--progress",
-        "plain",
-        "--report",
-        report.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    args.push(ctx.to_str().unwrap());
-    let out = s.run(&args);
-    let progress = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{progress}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
-    // Progress names the worker of every step that ran, as it starts.
-    let ran = report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["cached"] == false && !s["instruction"].as_str().unwrap().starts_with("FROM"))
-        .count();
-    let named = progress
-        .lines()
-        .filter(|l| l.starts_with('#') && l.contains(" on worker-"))
-        .count();
-    assert_eq!(named, ran, "{progress}");
-    report
-}
 
 /// Starts `strata build --cluster … --report REPORT EXTRA… CTX` in the
 /// background, its stderr piped; the report lands in the client's home.
@@ -108,17 +69,6 @@ fn workers_of(report: &serde_json::Value) -> HashMap<String, String> {
         .collect()
 }
 
-fn runs(report: &serde_json::Value) -> usize {
-    report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| {
-            !s["cached"].as_bool().unwrap() && s["instruction"].as_str().unwrap().starts_with("RUN")
-        })
-        .count()
-}
-
 #[test]
 fn stages_spread_over_workers_and_the_image_matches_the_embedded_build() {
     let cluster = Cluster::start(3, 5);
@@ -126,7 +76,7 @@ fn stages_spread_over_workers_and_the_image_matches_the_embedded_build() {
     write_files(ctx.path(), &[("Dockerfile", FAN_OUT)]);
 
     let client = Strata::new();
-    let report = build_on(&cluster, &client, ctx.path(), &["-t", "fan:1"]);
+    let report = cluster.build(&client, ctx.path(), &["-t", "fan:1"]);
     let placed = workers_of(&report);
     let builders: BTreeSet<&String> = ["a 2", "b 2", "c 2", "d 2"]
         .iter()
@@ -158,7 +108,7 @@ fn stages_spread_over_workers_and_the_image_matches_the_embedded_build() {
     // Another client, another state directory: nothing runs again, and
     // only the image's layers come to it.
     let other = Strata::new();
-    let again = build_on(&cluster, &other, ctx.path(), &["-t", "fan:1"]);
+    let again = cluster.build(&other, ctx.path(), &["-t", "fan:1"]);
     assert_eq!(runs(&again), 0, "{again}");
     assert_eq!(
         again["image"]["manifest_digest"],
@@ -182,7 +132,7 @@ fn a_build_kept_off_the_worker_that_made_its_cache_reuses_it_and_moves_only_what
                       RUN head -c 8000000 /dev/urandom > /big\n\
                       RUN echo small > /small\n";
     write_files(ctx.path(), &[("Dockerfile", dockerfile)]);
-    let first = build_on(&cluster, &Strata::new(), ctx.path(), &["-t", "moved:1"]);
+    let first = cluster.build(&Strata::new(), ctx.path(), &["-t", "moved:1"]);
     let made_on = workers_of(&first)["stage-0 2"].clone();
     let other = cluster
         .worker_names()
@@ -210,7 +160,7 @@ fn a_build_kept_off_the_worker_that_made_its_cache_reuses_it_and_moves_only_what
     // The same Dockerfile again: everything comes from the cache, whose
     // maker still serves its layers while cordoned.
     let again_client = Strata::new();
-    let again = build_on(&cluster, &again_client, ctx.path(), &["-t", "moved:1"]);
+    let again = cluster.build(&again_client, ctx.path(), &["-t", "moved:1"]);
     assert_eq!(runs(&again), 0, "{again}");
     assert_eq!(
         again["image"]["manifest_digest"],
@@ -228,7 +178,7 @@ fn a_build_kept_off_the_worker_that_made_its_cache_reuses_it_and_moves_only_what
         )],
     );
     let extended_client = Strata::new();
-    let extended = build_on(&cluster, &extended_client, ctx.path(), &["-t", "moved:2"]);
+    let extended = cluster.build(&extended_client, ctx.path(), &["-t", "moved:2"]);
     assert_eq!(runs(&extended), 1, "{extended}");
     assert_eq!(workers_of(&extended)["stage-0 4"], other);
     let moved = cluster.blob_bytes(&other) - before;
@@ -283,7 +233,7 @@ fn a_worker_killed_mid_stage_does_not_fail_the_build() {
     assert_eq!(client.ok(&["run", "--rm", "survivor:1"]), "survived\n");
     // What the dead worker was making never reached the cache: the next
     // build finds the surviving result and runs nothing.
-    let again = build_on(&cluster, &Strata::new(), ctx.path(), &[]);
+    let again = cluster.build(&Strata::new(), ctx.path(), &[]);
     assert_eq!(runs(&again), 0, "{again}");
 }
 
@@ -358,7 +308,7 @@ fn a_damaged_blob_is_never_accepted_and_the_build_still_succeeds() {
         )],
     );
     let first = Strata::new();
-    build_on(&cluster, &first, ctx.path(), &["-t", "x:1"]);
+    cluster.build(&first, ctx.path(), &["-t", "x:1"]);
     // Damage every large blob on every worker (the busybox layer among
     // them): a client fetching them must refuse those bytes and take them
     // from the one good holder left, the coordinator.

@@ -32,7 +32,12 @@ pub enum ClusterCommand {
         /// How many workers to make certificates and configs for.
         #[arg(long, default_value_t = 3)]
         workers: usize,
-        /// The coordinator's port; workers take the ones after it.
+        /// How many coordinators (1, 3 or 5: a group of 3 survives losing
+        /// one, of 5 two).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=7))]
+        coordinators: u16,
+        /// The first coordinator's port; the other coordinators, the
+        /// workers and the coordinators' Raft ports take the ones after it.
         #[arg(long, default_value_t = strata_cluster::local::DEFAULT_BASE_PORT)]
         base_port: u16,
     },
@@ -41,6 +46,9 @@ pub enum ClusterCommand {
         /// How many workers.
         #[arg(long = "local")]
         workers: usize,
+        /// How many coordinators.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=7))]
+        coordinators: u16,
         /// The cluster's directory (made if needed).
         #[arg(long)]
         dir: PathBuf,
@@ -101,7 +109,9 @@ fn shutdown_signal() -> CancellationToken {
 pub fn coordinator(args: NodeArgs, flags: &RegistryFlags) -> Result<ExitCode> {
     let config = CoordinatorConfig::load(&args.config)?;
     crate::runtime()?.block_on(async {
-        let coord = Coordinator::start(&config, flags.registry()).map_err(anyhow::Error::msg)?;
+        let coord = Coordinator::start(&config, flags.registry())
+            .await
+            .map_err(anyhow::Error::msg)?;
         writeln!(
             std::io::stderr(),
             "coordinator listening on {}",
@@ -118,10 +128,15 @@ pub fn worker(args: NodeArgs) -> Result<ExitCode> {
         let node = WorkerNode::start(&config).map_err(anyhow::Error::msg)?;
         writeln!(
             std::io::stderr(),
-            "worker {} serving blobs on {}, coordinator {}",
+            "worker {} serving blobs on {}, coordinators {}",
             node.name(),
             node.addr(),
-            config.coordinator
+            config
+                .coordinators
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         )?;
         node.run(shutdown_signal()).await;
         Ok(ExitCode::SUCCESS)
@@ -134,10 +149,12 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
         ClusterCommand::Init {
             dir,
             workers,
+            coordinators,
             base_port,
         } => {
-            let written = strata_cluster::local::init(&dir, workers, base_port)
-                .map_err(anyhow::Error::msg)?;
+            let written =
+                strata_cluster::local::init(&dir, workers, usize::from(coordinators), base_port)
+                    .map_err(anyhow::Error::msg)?;
             for p in &written {
                 writeln!(out, "wrote {}", p.display())?;
             }
@@ -145,23 +162,37 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
                 out,
                 "cluster files in {}: start with `strata coordinator --config {}` and `strata worker --config …`, build with `strata build --cluster {}`",
                 dir.display(),
-                dir.join("coordinator.toml").display(),
+                dir.join(format!(
+                    "{}.toml",
+                    strata_cluster::local::coordinator_names(usize::from(coordinators))[0]
+                ))
+                .display(),
                 dir.join("client.toml").display()
             )?;
         }
-        ClusterCommand::Up { workers, dir } => {
+        ClusterCommand::Up {
+            workers,
+            coordinators,
+            dir,
+        } => {
             let exe = std::env::current_exe().context("cannot find the strata executable")?;
             crate::runtime()?
                 .block_on(strata_cluster::local::up(
                     &exe,
                     &dir,
                     workers,
+                    usize::from(coordinators),
                     Duration::from_secs(60),
                 ))
                 .map_err(anyhow::Error::msg)?;
+            let who = if coordinators == 1 {
+                "a coordinator".to_string()
+            } else {
+                format!("{coordinators} coordinators")
+            };
             writeln!(
                 out,
-                "cluster up: a coordinator and {workers} workers; build with `strata build --cluster {}`",
+                "cluster up: {who} and {workers} workers; build with `strata build --cluster {}`",
                 dir.join("client.toml").display()
             )?;
         }
@@ -191,6 +222,22 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
                 status.cache_entries,
                 status.blobs_located,
                 status.builds_running
+            )?;
+            let g = &status.group;
+            writeln!(
+                out,
+                "replicated index: member {} of {}, leader {}, term {}, last applied {}",
+                g.id,
+                g.members
+                    .iter()
+                    .map(|(id, _)| id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                g.leader
+                    .map_or_else(|| "none".to_string(), |l| l.to_string()),
+                g.term,
+                g.last_applied
+                    .map_or_else(|| "-".to_string(), |i| i.to_string())
             )?;
             writeln!(
                 out,

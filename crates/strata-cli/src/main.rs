@@ -102,6 +102,14 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(filter: &str) {
+    // openraft logs each unanswered heartbeat to a member that is down as
+    // an error, many a second: its diagnostics show when asked for by name
+    // (`--log warn,openraft=info`).
+    let filter = if filter.contains("openraft") {
+        filter.to_string()
+    } else {
+        format!("{filter},openraft=off")
+    };
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()

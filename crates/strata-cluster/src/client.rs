@@ -1,6 +1,7 @@
 //! The client side: `strata build --cluster` and `strata cluster status`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use strata_cas::{ContentStore, Digest};
 use strata_net::{Connection, Endpoint, Role, read_frame, send_blob, write_frame};
@@ -47,6 +48,9 @@ fn cluster(e: impl std::fmt::Display) -> ClientError {
     ClientError::Cluster(e.to_string())
 }
 
+/// How long a coordinator has to answer a client's connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl Client {
     /// Connects to the first coordinator of `config` that answers.
     pub async fn connect(config: &ClientConfig) -> Result<Client, ClientError> {
@@ -54,8 +58,18 @@ impl Client {
         let endpoint = Endpoint::dialer(&id).map_err(cluster)?;
         let mut why = Vec::new();
         for addr in &config.coordinators {
+            // A coordinator that is down may not answer at all: move on
+            // to the next well before QUIC's idle timeout.
             let dialed = match addr.resolve().await {
-                Ok(a) => endpoint.connect(a).await.map_err(|e| e.to_string()),
+                Ok(a) => tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(a))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(strata_net::Error::Connection {
+                            peer: a,
+                            detail: format!("no answer within {CONNECT_TIMEOUT:?}"),
+                        })
+                    })
+                    .map_err(|e| e.to_string()),
                 Err(e) => Err(e),
             };
             match dialed {

@@ -182,6 +182,26 @@ fn default_worker_tls() -> TlsFiles {
     tls_named("worker")
 }
 
+/// A single address or a list of them.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<NodeAddress>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let all = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(a) => vec![a],
+        OneOrMany::Many(v) if v.is_empty() => {
+            return Err(serde::de::Error::custom("no coordinator listed"));
+        }
+        OneOrMany::Many(v) => v,
+    };
+    all.iter()
+        .map(|a| a.parse().map_err(serde::de::Error::custom))
+        .collect()
+}
+
 fn default_coordinators() -> Vec<NodeAddress> {
     vec![default_coordinator()]
 }
@@ -192,6 +212,24 @@ fn default_client_tls() -> TlsFiles {
 
 fn default_slots() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// A coordinator of the Raft group, as the others reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupMember {
+    /// Its id in the group.
+    pub id: u64,
+    /// Its `raft_listen` address, as the others dial it.
+    pub raft: SocketAddr,
+}
+
+fn default_id() -> u64 {
+    1
+}
+
+fn default_raft_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7500))
 }
 
 /// `coordinator.toml`.
@@ -208,6 +246,17 @@ pub struct CoordinatorConfig {
     /// elsewhere.
     #[serde(default = "default_lease")]
     pub lease_seconds: u64,
+    /// Its id in the group of coordinators.
+    #[serde(default = "default_id")]
+    pub id: u64,
+    /// Where the other coordinators reach its part of the replicated cache
+    /// index (QUIC, UDP).
+    #[serde(default = "default_raft_listen")]
+    pub raft_listen: SocketAddr,
+    /// Every coordinator of the group, this one included. Empty: this
+    /// coordinator is a group of one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group: Vec<GroupMember>,
     /// Its credentials.
     #[serde(default = "default_coordinator_tls")]
     pub tls: TlsFiles,
@@ -217,9 +266,15 @@ pub struct CoordinatorConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkerConfig {
-    /// The coordinator it serves.
-    #[serde(default = "default_coordinator")]
-    pub coordinator: NodeAddress,
+    /// The coordinators it may serve, tried in order (`coordinator = "…"`
+    /// or a list): when the one it serves goes, it registers with the
+    /// next.
+    #[serde(
+        rename = "coordinator",
+        default = "default_coordinators",
+        deserialize_with = "one_or_many"
+    )]
+    pub coordinators: Vec<NodeAddress>,
     /// Where peers and clients fetch its blobs (QUIC, UDP).
     #[serde(default = "default_worker_listen")]
     pub listen: SocketAddr,
@@ -281,13 +336,20 @@ fn base_of(path: &Path) -> PathBuf {
 }
 
 impl CoordinatorConfig {
-    /// Reads `path`, then `STRATA_LISTEN`, `STRATA_HOME` and
-    /// `STRATA_LEASE_SECONDS`.
+    /// Reads `path`, then `STRATA_LISTEN`, `STRATA_HOME`,
+    /// `STRATA_LEASE_SECONDS` and `STRATA_RAFT_LISTEN`.
     pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
         let mut c: CoordinatorConfig = load(path)?;
         override_with("STRATA_LISTEN", &mut c.listen)?;
         override_with("STRATA_HOME", &mut c.home)?;
         override_with("STRATA_LEASE_SECONDS", &mut c.lease_seconds)?;
+        override_with("STRATA_RAFT_LISTEN", &mut c.raft_listen)?;
+        if !c.group.is_empty() && !c.group.iter().any(|m| m.id == c.id) {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                detail: format!("the group does not list this coordinator (id {})", c.id),
+            });
+        }
         let base = base_of(path);
         c.home = base.join(&c.home);
         c.tls.resolve(&base);
@@ -300,7 +362,17 @@ impl WorkerConfig {
     /// `STRATA_ADVERTISE`, `STRATA_HOME` and `STRATA_SLOTS`.
     pub fn load(path: &Path) -> Result<WorkerConfig, ConfigError> {
         let mut c: WorkerConfig = load(path)?;
-        override_with("STRATA_COORDINATOR", &mut c.coordinator)?;
+        if let Ok(value) = std::env::var("STRATA_COORDINATOR") {
+            c.coordinators = value
+                .split(',')
+                .map(|a| a.trim().parse())
+                .collect::<Result<_, String>>()
+                .map_err(|detail| ConfigError::Env {
+                    var: "STRATA_COORDINATOR".into(),
+                    value: value.clone(),
+                    detail,
+                })?;
+        }
         override_with("STRATA_LISTEN", &mut c.listen)?;
         if std::env::var_os("STRATA_ADVERTISE").is_some() {
             let mut addr = c.advertise.unwrap_or(c.listen);
@@ -413,6 +485,9 @@ mod tests {
         ] {
             assert!(bad.parse::<NodeAddress>().is_err(), "{bad}");
         }
+        let (_d, path) = file("coordinator = [\"10.0.0.1:7400\", \"c2.example:7400\"]\n");
+        let w = WorkerConfig::load(&path).unwrap();
+        assert_eq!(w.coordinators.len(), 2);
         let (_d, path) = file("coordinator = \"nowhere\"\n");
         let e = WorkerConfig::load(&path).unwrap_err().to_string();
         assert!(e.contains("\"nowhere\" is not HOST:PORT"), "{e}");

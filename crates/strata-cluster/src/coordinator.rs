@@ -1,16 +1,16 @@
 //! `strata coordinator`: plans builds, places their stages on workers, keeps
 //! the cache index and knows which node holds which blob.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use strata_cache::CacheIndex as _;
 use strata_cas::Digest;
 use strata_net::{Connection, Endpoint, Role, read_frame, recv_blob, send_blob, write_frame};
 use strata_oci::LayerRef;
+use strata_raft::{Member, ReplicatedIndex, Tuning};
 use strata_registry::Registry;
 use strata_solver::{Event, Flights, SolveError, SolveOptions, Solver};
 use strata_worker::{BaseImages, Node, epoch_rfc3339};
@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::CoordinatorConfig;
 use crate::placement::Placement;
 use crate::protocol::{
-    BuildDone, BuildEvent, BuildSpec, ClusterStatus, Holder, Registration, Reply, Request,
-    SubmitBuild, WorkerStatus,
+    BuildDone, BuildEvent, BuildSpec, ClusterStatus, GroupStatus, Holder, Registration, Reply,
+    Request, SubmitBuild, WorkerStatus,
 };
 use crate::worker::request_name;
 
@@ -38,6 +38,10 @@ pub(crate) struct WorkerState {
 /// The coordinator process.
 pub struct Coordinator {
     pub(crate) node: Arc<Node>,
+    /// Its member of the group that replicates the cache index.
+    member: Arc<Member>,
+    /// The cache index builds use, through `member`.
+    index: Arc<ReplicatedIndex>,
     name: String,
     listen: SocketAddr,
     endpoint: Endpoint,
@@ -76,9 +80,57 @@ impl strata_registry::Transfer for Quiet {
     fn finish(&self, _: &str, _: &str) {}
 }
 
+/// Starts this coordinator's member of the group; the member with the
+/// lowest id makes the group on its first start.
+async fn join_group(
+    config: &CoordinatorConfig,
+    id: &strata_net::Identity,
+) -> Result<Member, String> {
+    let endpoint = Endpoint::listen(config.raft_listen, id)
+        .map_err(|e| format!("the replicated index's address {}: {e}", config.raft_listen))?;
+    let raft_addr = endpoint.local_addr().map_err(|e| e.to_string())?;
+    let dir = config.home.join("raft");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let member = Member::start(config.id, &dir, endpoint, &Tuning::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let group: BTreeMap<u64, strata_raft::Node> = if config.group.is_empty() {
+        BTreeMap::from([(
+            config.id,
+            strata_raft::Node {
+                addr: raft_addr.to_string(),
+            },
+        )])
+    } else {
+        config
+            .group
+            .iter()
+            .map(|m| {
+                (
+                    m.id,
+                    strata_raft::Node {
+                        addr: m.raft.to_string(),
+                    },
+                )
+            })
+            .collect()
+    };
+    let first = group.keys().next().copied();
+    let initialized = member
+        .raft()
+        .is_initialized()
+        .await
+        .map_err(|e| e.to_string())?;
+    if first == Some(config.id) && !initialized {
+        member.initialize(group).await.map_err(|e| e.to_string())?;
+    }
+    Ok(member)
+}
+
 impl Coordinator {
-    /// Opens the state directory and starts listening.
-    pub fn start(
+    /// Opens the state directory, starts listening, and joins (or makes)
+    /// the group of coordinators that keeps the cache index.
+    pub async fn start(
         config: &CoordinatorConfig,
         registry: Arc<Registry>,
     ) -> Result<Arc<Coordinator>, String> {
@@ -99,8 +151,15 @@ impl Coordinator {
         })?;
         let endpoint = Endpoint::listen(config.listen, &id).map_err(|e| e.to_string())?;
         let listen = endpoint.local_addr().map_err(|e| e.to_string())?;
+        let member = Arc::new(join_group(config, &id).await?);
+        let index = Arc::new(ReplicatedIndex::new(
+            Arc::clone(&member),
+            tokio::runtime::Handle::current(),
+        ));
         Ok(Arc::new(Coordinator {
             node: Arc::new(node),
+            member,
+            index,
             name: me.name,
             listen,
             endpoint,
@@ -308,15 +367,25 @@ impl Coordinator {
                 self.register(conn, r);
                 Reply::Ok
             }
-            Request::Heartbeat { running } if role == Role::Worker => {
-                let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-                match workers.get_mut(&conn.peer.name) {
-                    Some(w) if w.alive && w.conn.quic.stable_id() == conn.quic.stable_id() => {
-                        w.last_seen = Instant::now();
-                        tracing::trace!(worker = %conn.peer.name, running, "heartbeat");
-                        Reply::Ok
+            Request::Heartbeat { running, blobs } if role == Role::Worker => {
+                let current = {
+                    let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+                    match workers.get_mut(&conn.peer.name) {
+                        Some(w) if w.alive && w.conn.quic.stable_id() == conn.quic.stable_id() => {
+                            w.last_seen = Instant::now();
+                            true
+                        }
+                        _ => false,
                     }
-                    _ => Reply::Error("not registered (or lease expired): register again".into()),
+                };
+                if current {
+                    tracing::trace!(worker = %conn.peer.name, running, gained = blobs.len(), "heartbeat");
+                    for b in &blobs {
+                        self.located(*b, &conn.peer.name);
+                    }
+                    Reply::Ok
+                } else {
+                    Reply::Error("not registered (or lease expired): register again".into())
                 }
             }
             other => Reply::Error(format!(
@@ -387,6 +456,21 @@ impl Coordinator {
             .contains(worker)
     }
 
+    fn group_status(&self) -> GroupStatus {
+        let m = self.member.raft().metrics().borrow().clone();
+        GroupStatus {
+            id: m.id,
+            leader: m.current_leader,
+            term: m.current_term,
+            last_applied: m.last_applied.map(|l| l.index),
+            members: m
+                .membership_config
+                .nodes()
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect(),
+        }
+    }
+
     fn status(&self) -> ClusterStatus {
         let loc = self
             .locations
@@ -416,7 +500,8 @@ impl Coordinator {
             coordinator: self.name.clone(),
             pid: std::process::id(),
             workers: list,
-            cache_entries: self.node.cache.list().map_or(0, |l| l.len()),
+            cache_entries: self.member.local().entries().map_or(0, |l| l.len()),
+            group: self.group_status(),
             blobs_located: loc.len(),
             builds_running: self.builds_running.load(Ordering::Relaxed),
         }
@@ -518,7 +603,7 @@ impl Coordinator {
         ));
         let solver = Arc::new(Solver::sharing(
             Arc::clone(&placement) as Arc<dyn strata_solver::Worker>,
-            Arc::clone(&self.node.cache) as Arc<dyn strata_cache::CacheIndex>,
+            Arc::clone(&self.index) as Arc<dyn strata_cache::CacheIndex>,
             self.flights.clone(),
         ));
         let progress_tx = events.clone();

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use strata_net::{ClusterCa, Role};
 
-use crate::config::{ClientConfig, CoordinatorConfig, TlsFiles, WorkerConfig, write};
+use crate::config::{
+    ClientConfig, CoordinatorConfig, GroupMember, NodeAddress, TlsFiles, WorkerConfig, write,
+};
 
 /// The port the coordinator of a local cluster listens on; workers take
 /// the ones after it.
@@ -30,10 +32,61 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> String + '_ {
     move |e| format!("{}: {e}", path.display())
 }
 
+/// The names of a local cluster's coordinators: `coordinator` alone, or
+/// `coordinator-1` … `coordinator-N` in a group.
+pub fn coordinator_names(coordinators: usize) -> Vec<String> {
+    if coordinators <= 1 {
+        vec!["coordinator".to_string()]
+    } else {
+        (1..=coordinators)
+            .map(|j| format!("coordinator-{j}"))
+            .collect()
+    }
+}
+
+/// The ports of a local cluster from `base`: coordinators first, then
+/// workers, then the coordinators' Raft ports.
+struct Ports {
+    base: u16,
+    coordinators: usize,
+    workers: usize,
+}
+
+impl Ports {
+    fn at(&self, offset: usize) -> Result<u16, String> {
+        u16::try_from(offset)
+            .ok()
+            .and_then(|o| self.base.checked_add(o))
+            .ok_or_else(|| format!("no port {offset} above {}", self.base))
+    }
+
+    fn coordinator(&self, j: usize) -> Result<SocketAddr, String> {
+        Ok(([127, 0, 0, 1], self.at(j - 1)?).into())
+    }
+
+    fn worker(&self, i: usize) -> Result<SocketAddr, String> {
+        Ok(([127, 0, 0, 1], self.at(self.coordinators - 1 + i)?).into())
+    }
+
+    fn raft(&self, j: usize) -> Result<SocketAddr, String> {
+        Ok((
+            [127, 0, 0, 1],
+            self.at(self.coordinators + self.workers + j - 1)?,
+        )
+            .into())
+    }
+}
+
 /// Makes (or completes) a cluster's files in `dir`: the CA, certificates
-/// for a coordinator, `workers` workers and a client, and their configs on
-/// 127.0.0.1 from `base_port` up. Existing files are kept.
-pub fn init(dir: &Path, workers: usize, base_port: u16) -> Result<Vec<PathBuf>, String> {
+/// for `coordinators` coordinators, `workers` workers and a client, and
+/// their configs on 127.0.0.1 from `base_port` up. Existing files are
+/// kept.
+pub fn init(
+    dir: &Path,
+    workers: usize,
+    coordinators: usize,
+    base_port: u16,
+) -> Result<Vec<PathBuf>, String> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let ca = if dir.join("ca-key.pem").exists() {
         ClusterCa::load(dir).map_err(|e| e.to_string())?
@@ -48,8 +101,13 @@ pub fn init(dir: &Path, workers: usize, base_port: u16) -> Result<Vec<PathBuf>, 
         ca.save(dir).map_err(|e| e.to_string())?;
         ca
     };
+    let ports = Ports {
+        base: base_port,
+        coordinators: coordinators.max(1),
+        workers,
+    };
+    let names = coordinator_names(coordinators);
     let mut written = Vec::new();
-    let coordinator: SocketAddr = ([127, 0, 0, 1], base_port).into();
     let issue = |role: Role, name: &str| -> Result<(), String> {
         if !dir.join(format!("{name}.pem")).exists() {
             ca.issue(role, name)
@@ -58,24 +116,48 @@ pub fn init(dir: &Path, workers: usize, base_port: u16) -> Result<Vec<PathBuf>, 
         }
         Ok(())
     };
-    issue(Role::Coordinator, "coordinator")?;
+    for name in &names {
+        issue(Role::Coordinator, name)?;
+    }
     issue(Role::Client, "client")?;
     for i in 1..=workers {
         issue(Role::Worker, &worker_name(i))?;
     }
-    let path = dir.join("coordinator.toml");
-    if !path.exists() {
+    let group: Vec<GroupMember> = if names.len() > 1 {
+        (1..=names.len())
+            .map(|j| {
+                Ok(GroupMember {
+                    id: j as u64,
+                    raft: ports.raft(j)?,
+                })
+            })
+            .collect::<Result<_, String>>()?
+    } else {
+        Vec::new()
+    };
+    let mut all_coordinators = Vec::new();
+    for (j, name) in (1..).zip(&names) {
+        all_coordinators.push(NodeAddress::from(ports.coordinator(j)?));
+        let path = dir.join(format!("{name}.toml"));
+        if path.exists() {
+            continue;
+        }
         write(
             &path,
-            "# A strata coordinator: `strata coordinator --config coordinator.toml`.\n\
+            "# A strata coordinator: `strata coordinator --config FILE`.\n\
              # listen: where workers and clients reach it (QUIC over UDP). home: its state\n\
-             # directory. lease_seconds: how long a silent worker keeps its stages.\n\
-             # Overrides: STRATA_LISTEN, STRATA_HOME, STRATA_LEASE_SECONDS.",
+             # directory. lease_seconds: how long a silent worker keeps its stages. id,\n\
+             # raft_listen, group: its place in the group replicating the cache index.\n\
+             # Overrides: STRATA_LISTEN, STRATA_HOME, STRATA_LEASE_SECONDS,\n\
+             # STRATA_RAFT_LISTEN. config/ has every setting explained.",
             &CoordinatorConfig {
-                listen: coordinator,
-                home: "state/coordinator".into(),
+                listen: ports.coordinator(j)?,
+                home: format!("state/{name}").into(),
                 lease_seconds: 5,
-                tls: tls("coordinator"),
+                id: j as u64,
+                raft_listen: ports.raft(j)?,
+                group: group.clone(),
+                tls: tls(name),
             },
         )
         .map_err(|e| e.to_string())?;
@@ -87,9 +169,6 @@ pub fn init(dir: &Path, workers: usize, base_port: u16) -> Result<Vec<PathBuf>, 
         if path.exists() {
             continue;
         }
-        let port = base_port
-            .checked_add(u16::try_from(i).unwrap_or(u16::MAX))
-            .ok_or_else(|| format!("no port left after {base_port} for {name}"))?;
         write(
             &path,
             "# A strata worker: `strata worker --config FILE`.\n\
@@ -99,8 +178,8 @@ pub fn init(dir: &Path, workers: usize, base_port: u16) -> Result<Vec<PathBuf>, 
              # Overrides: STRATA_COORDINATOR, STRATA_LISTEN, STRATA_ADVERTISE,\n\
              # STRATA_HOME, STRATA_SLOTS. config/ has every setting explained.",
             &WorkerConfig {
-                coordinator: coordinator.into(),
-                listen: ([127, 0, 0, 1], port).into(),
+                coordinators: all_coordinators.clone(),
+                listen: ports.worker(i)?,
                 advertise: None,
                 home: format!("state/{name}").into(),
                 slots: 2,
@@ -117,7 +196,7 @@ pub fn init(dir: &Path, workers: usize, base_port: u16) -> Result<Vec<PathBuf>, 
             "# For clients: `strata build --cluster client.toml` (or STRATA_CLUSTER).\n\
              # coordinators: tried in order.",
             &ClientConfig {
-                coordinators: vec![coordinator.into()],
+                coordinators: all_coordinators,
                 tls: tls("client"),
             },
         )
@@ -127,15 +206,25 @@ pub fn init(dir: &Path, workers: usize, base_port: u16) -> Result<Vec<PathBuf>, 
     Ok(written)
 }
 
-/// Starts a coordinator and `workers` workers from `dir` (made with
-/// [`init`] if needed) as background processes of `exe`, logs in
-/// `dir/logs`, pids in `dir/NAME.pid`; returns once the coordinator sees
-/// every worker, or fails after `wait`.
-pub async fn up(exe: &Path, dir: &Path, workers: usize, wait: Duration) -> Result<(), String> {
-    init(dir, workers, DEFAULT_BASE_PORT)?;
+/// Starts `coordinators` coordinators and `workers` workers from `dir`
+/// (made with [`init`] if needed) as background processes of `exe`, logs
+/// in `dir/logs`, pids in `dir/NAME.pid`; those already running are left
+/// alone. Returns once a coordinator sees every worker, or fails after
+/// `wait`.
+pub async fn up(
+    exe: &Path,
+    dir: &Path,
+    workers: usize,
+    coordinators: usize,
+    wait: Duration,
+) -> Result<(), String> {
+    init(dir, workers, coordinators, DEFAULT_BASE_PORT)?;
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).map_err(io(&logs))?;
-    let mut names = vec![("coordinator".to_string(), "coordinator")];
+    let mut names: Vec<(String, &str)> = coordinator_names(coordinators)
+        .into_iter()
+        .map(|n| (n, "coordinator"))
+        .collect();
     names.extend((1..=workers).map(|i| (worker_name(i), "worker")));
     for (name, role) in &names {
         let pid_file = dir.join(format!("{name}.pid"));
@@ -167,18 +256,10 @@ pub async fn up(exe: &Path, dir: &Path, workers: usize, wait: Duration) -> Resul
     let start = Instant::now();
     let mut last = String::new();
     while start.elapsed() < wait {
-        match crate::client::Client::connect(&client).await {
-            Ok(c) => match c.status().await {
-                Ok(s) if s.workers.iter().filter(|w| w.alive).count() >= workers => return Ok(()),
-                Ok(s) => {
-                    last = format!(
-                        "{} of {workers} workers registered",
-                        s.workers.iter().filter(|w| w.alive).count()
-                    );
-                }
-                Err(e) => last = e.to_string(),
-            },
-            Err(e) => last = e.to_string(),
+        match ready(&client).await {
+            Ok(n) if n >= workers => return Ok(()),
+            Ok(n) => last = format!("{n} of {workers} workers registered"),
+            Err(e) => last = e,
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -188,6 +269,24 @@ pub async fn up(exe: &Path, dir: &Path, workers: usize, wait: Duration) -> Resul
         wait.as_secs(),
         logs.display()
     ))
+}
+
+/// How many workers every coordinator has registered (a worker serves
+/// them all): the fewest any of them has.
+async fn ready(client: &ClientConfig) -> Result<usize, String> {
+    let mut fewest = usize::MAX;
+    for addr in &client.coordinators {
+        let one = ClientConfig {
+            coordinators: vec![addr.clone()],
+            tls: client.tls.clone(),
+        };
+        let c = crate::client::Client::connect(&one)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = c.status().await.map_err(|e| e.to_string())?;
+        fewest = fewest.min(status.workers.iter().filter(|w| w.alive).count());
+    }
+    Ok(fewest)
 }
 
 /// Stops the processes [`up`] started in `dir`: SIGTERM, then SIGKILL for

@@ -148,10 +148,27 @@ pub struct ClusterStatus {
     pub workers: Vec<WorkerStatus>,
     /// Entries in the cache index.
     pub cache_entries: usize,
+    /// The group of coordinators keeping the index, as this one sees it.
+    pub group: GroupStatus,
     /// Blobs whose holders the coordinator knows.
     pub blobs_located: usize,
     /// Builds running now.
     pub builds_running: usize,
+}
+
+/// The Raft group of coordinators, as one member sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GroupStatus {
+    /// This member's id.
+    pub id: u64,
+    /// The leader's id, if one is known.
+    pub leader: Option<u64>,
+    /// The current term.
+    pub term: u64,
+    /// The index of the last log entry applied here.
+    pub last_applied: Option<u64>,
+    /// Every member: id and Raft address.
+    pub members: Vec<(u64, String)>,
 }
 
 /// One worker in [`ClusterStatus`].
@@ -197,10 +214,13 @@ pub enum Request {
     },
     /// Worker → coordinator, first on its connection ([`Reply::Ok`]).
     Register(Registration),
-    /// Worker → coordinator: still here, running this many stages.
+    /// Worker → coordinator: still here, running this many steps, holding
+    /// these blobs it had not told this coordinator of.
     Heartbeat {
         /// Steps running now.
         running: usize,
+        /// Blobs gained since the last heartbeat.
+        blobs: Vec<Digest>,
     },
     /// Coordinator → worker: a build some of whose stages it will run
     /// ([`Reply::Ok`] once the worker has the context and the same plan).

@@ -2,7 +2,7 @@
 //! same engine as the embedded build ([`LocalWorker`]), and serves its
 //! blobs to peers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -33,7 +33,8 @@ pub struct WorkerNode {
     name: String,
     slots: usize,
     listen: SocketAddr,
-    coordinator: NodeAddress,
+    /// The coordinators it serves (all of them, the group's members).
+    coordinators: Vec<NodeAddress>,
     endpoint: Endpoint,
     peers: Arc<Peers>,
     builds: Mutex<HashMap<u64, Arc<BuildHere>>>,
@@ -80,7 +81,7 @@ impl WorkerNode {
             name: me.name,
             slots: config.slots,
             listen,
-            coordinator: config.coordinator.clone(),
+            coordinators: config.coordinators.clone(),
             peers: Arc::new(Peers::new(endpoint.clone())),
             endpoint,
             builds: Mutex::default(),
@@ -106,22 +107,35 @@ impl WorkerNode {
                 tokio::spawn(Arc::clone(&me).serve(conn));
             }
         });
+        // Every coordinator of the group gets the worker: any of them may
+        // place stages on it, and losing one leaves the others in touch.
+        let mut serving = tokio::task::JoinSet::new();
+        for at in self.coordinators.clone() {
+            serving.spawn(Arc::clone(&self).serve_coordinator(at, shutdown.clone()));
+        }
+        while serving.join_next().await.is_some() {}
+        self.endpoint.close();
+    }
+
+    /// Registers with the coordinator at `at`, heartbeats, and registers
+    /// again whenever the connection is lost, until `shutdown`.
+    async fn serve_coordinator(self: Arc<Self>, at: NodeAddress, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(200);
         while !shutdown.is_cancelled() {
-            match self.join().await {
-                Ok(conn) => {
+            match self.join_one(&at).await {
+                Ok((conn, reported)) => {
                     backoff = Duration::from_millis(200);
-                    tracing::info!(worker = %self.name, coordinator = %self.coordinator, "registered");
+                    tracing::info!(worker = %self.name, coordinator = %at, "registered");
                     let serving = tokio::spawn(Arc::clone(&self).serve(conn.clone()));
                     tokio::select! {
-                        () = self.heartbeat(&conn) => {}
+                        () = self.heartbeat(&conn, reported) => {}
                         () = shutdown.cancelled() => {}
                     }
                     serving.abort();
-                    tracing::warn!(worker = %self.name, "lost the coordinator; reconnecting");
+                    tracing::warn!(worker = %self.name, coordinator = %at, "lost the coordinator; reconnecting");
                 }
                 Err(e) => {
-                    tracing::warn!(worker = %self.name, coordinator = %self.coordinator, error = %e, "cannot reach the coordinator");
+                    tracing::debug!(worker = %self.name, coordinator = %at, error = %e, "cannot reach the coordinator");
                 }
             }
             tokio::select! {
@@ -130,52 +144,68 @@ impl WorkerNode {
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
-        self.endpoint.close();
     }
 
-    /// Connects to the coordinator and registers.
-    async fn join(&self) -> Result<Connection, String> {
-        let conn = self
-            .endpoint
-            .connect(self.coordinator.resolve().await?)
-            .await
-            .map_err(|e| e.to_string())?;
-        if conn.peer.role != Role::Coordinator {
-            return Err(format!("{} is not a coordinator", conn.peer));
-        }
-        let blobs: Vec<Digest> = self
+    /// The blobs in this worker's store.
+    fn blobs(&self) -> Result<HashSet<Digest>, String> {
+        Ok(self
             .node
             .content
             .list()
             .map_err(|e| e.to_string())?
             .into_iter()
             .map(|(d, _)| d)
-            .collect();
+            .collect())
+    }
+
+    /// Registers with one coordinator; returns the connection and the
+    /// blobs it was told of.
+    async fn join_one(&self, at: &NodeAddress) -> Result<(Connection, HashSet<Digest>), String> {
+        // A coordinator that is down may not answer at all: give up on it
+        // well before QUIC's idle timeout.
+        let limit = crate::client::CONNECT_TIMEOUT;
+        let conn = tokio::time::timeout(limit, self.endpoint.connect(at.resolve().await?))
+            .await
+            .map_err(|_| format!("no answer within {limit:?}"))?
+            .map_err(|e| e.to_string())?;
+        if conn.peer.role != Role::Coordinator {
+            return Err(format!("{} is not a coordinator", conn.peer));
+        }
+        let blobs = self.blobs()?;
         let reply = request(
             &conn,
             &Request::Register(Registration {
                 addr: self.listen,
                 slots: self.slots,
-                blobs,
+                blobs: blobs.iter().copied().collect(),
             }),
         )
         .await?;
         match reply {
-            Reply::Ok => Ok(conn),
+            Reply::Ok => Ok((conn, blobs)),
             Reply::Error(e) => Err(e),
             other => Err(format!("unexpected answer to registering: {other:?}")),
         }
     }
 
-    /// Tells the coordinator it is alive, every second, until that fails.
-    async fn heartbeat(&self, conn: &Connection) {
+    /// Tells the coordinator it is alive, and which blobs it gained
+    /// (through any coordinator's builds), every second, until that fails.
+    async fn heartbeat(&self, conn: &Connection, mut reported: HashSet<Digest>) {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
+            let gained: Vec<Digest> = match self.blobs() {
+                Ok(now) => now.difference(&reported).copied().collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list this worker's blobs");
+                    Vec::new()
+                }
+            };
             let beat = Request::Heartbeat {
                 running: self.running.load(Ordering::Relaxed),
+                blobs: gained.clone(),
             };
             match tokio::time::timeout(Duration::from_secs(5), request(conn, &beat)).await {
-                Ok(Ok(Reply::Ok)) => {}
+                Ok(Ok(Reply::Ok)) => reported.extend(gained),
                 Ok(Ok(Reply::Error(e))) if e.contains("not registered") => return,
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {

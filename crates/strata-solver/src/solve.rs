@@ -267,16 +267,12 @@ impl Solver {
             let cached = if run.opts.no_cache {
                 None
             } else {
-                self.cache
-                    .get(&step_key)
-                    .map_err(|e| StageFailure::Failed(e.into()))?
+                self.index(move |c| c.get(&step_key)).await?
             };
             let cached = cached.filter(|e| self.worker.has_layers(&e.layers));
             let (entry, was_cached) = match cached {
                 Some(entry) => {
-                    self.cache
-                        .touch(&step_key)
-                        .map_err(|e| StageFailure::Failed(e.into()))?;
+                    self.index(move |c| c.touch(&step_key)).await?;
                     run.event(stage, step.number, &step.label, EventKind::Cached);
                     (entry, true)
                 }
@@ -306,9 +302,8 @@ impl Solver {
                     if !ran {
                         run.event(stage, step.number, &step.label, EventKind::Cached);
                     }
-                    self.cache
-                        .put(&step_key, &entry)
-                        .map_err(|e| StageFailure::Failed(e.into()))?;
+                    let recorded = entry.clone();
+                    self.index(move |c| c.put(&step_key, &recorded)).await?;
                     (entry, !ran)
                 }
             };
@@ -344,6 +339,19 @@ impl Solver {
             layers,
             config,
         })
+    }
+
+    /// Calls the cache index off the runtime's threads: an index may wait
+    /// on the network (a replicated one asks its leader).
+    async fn index<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn CacheIndex) -> strata_cache::Result<T> + Send + 'static,
+    ) -> Result<T, StageFailure> {
+        let cache = Arc::clone(&self.cache);
+        tokio::task::spawn_blocking(move || f(&*cache))
+            .await
+            .map_err(|e| StageFailure::Failed(SolveError::Internal(e.to_string())))?
+            .map_err(|e| StageFailure::Failed(e.into()))
     }
 
     /// Runs one step on the worker and returns what to cache.

@@ -1,0 +1,154 @@
+//! Three coordinators replicating the cache index (Raft) and two workers,
+//! real processes on loopback: the leader is killed, the cache survives,
+//! builds go on, and the killed coordinator comes back and catches up.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stderr
+)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use strata_integration::cluster::{Cluster, runs};
+use strata_integration::{Strata, write_files};
+
+/// `(member, leader, last applied)` from `strata cluster status`.
+fn group(status: &str) -> Option<(u64, Option<u64>, u64)> {
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("replicated index:"))?;
+    let word_after = |w: &str| {
+        line.split(w)
+            .nth(1)?
+            .split([' ', ','])
+            .next()
+            .map(str::to_string)
+    };
+    Some((
+        word_after("member ")?.parse().ok()?,
+        word_after("leader ")?.parse().ok(),
+        word_after("last applied ")?.parse().unwrap_or(0),
+    ))
+}
+
+/// `strata cluster status` as coordinator `name` alone answers it.
+fn status_of(cluster: &Cluster, name: &str) -> Option<String> {
+    let config = cluster.path().join(format!("client-{name}.toml"));
+    if !config.exists() {
+        let listen = std::fs::read_to_string(cluster.path().join(format!("{name}.toml")))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("listen = ").map(str::to_string))
+            .unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "coordinators = [{listen}]\n[tls]\nca = \"ca.pem\"\ncert = \"client.pem\"\nkey = \"client-key.pem\"\n"
+            ),
+        )
+        .unwrap();
+    }
+    let out = cluster.run(&["cluster", "status", "--cluster", config.to_str().unwrap()]);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn losing_the_leader_loses_no_cache_and_a_restarted_coordinator_catches_up() {
+    let cluster = Cluster::start_group(3, 2, 2);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest AS a\nRUN echo a > /a\n\
+             FROM busybox:latest AS b\nRUN echo b > /b\n\
+             FROM busybox:latest\nCOPY --from=a /a /a\nCOPY --from=b /b /b\nRUN cat /a /b > /ab\n\
+             CMD [\"cat\", \"/ab\"]\n",
+        )],
+    );
+    let first = cluster.build(&Strata::new(), ctx.path(), &["-t", "kept:1"]);
+    assert_eq!(runs(&first), 3, "{first}");
+
+    let (_, leader, _) = group(&cluster.status()).unwrap();
+    let leader = leader.expect("a leader");
+    let victim = format!("coordinator-{leader}");
+    let killed = Instant::now();
+    Command::new("kill")
+        .args(["-9", &cluster.pid(&victim).to_string()])
+        .status()
+        .unwrap();
+    // The others elect a leader among themselves.
+    let (survivor, new_leader) = loop {
+        let seen = cluster
+            .coordinator_names()
+            .into_iter()
+            .filter(|n| *n != victim)
+            .find_map(|n| {
+                let (_, l, _) = group(&status_of(&cluster, &n)?)?;
+                l.filter(|l| *l != leader).map(|l| (n, l))
+            });
+        if let Some(s) = seen {
+            break s;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(30), "no new leader");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "coordinator-{new_leader} leads {:?} after coordinator-{leader} was killed (seen by {survivor})",
+        killed.elapsed()
+    );
+    // Workers move to a coordinator still up.
+    cluster.wait_for(Duration::from_secs(30), |s| {
+        s.lines()
+            .filter(|l| l.starts_with("worker-") && l.contains(" up "))
+            .count()
+            == 2
+    });
+
+    // Every step the first build recorded is still in the cache: another
+    // client, through another coordinator, runs nothing.
+    let again_client = Strata::new();
+    let again = cluster.build(&again_client, ctx.path(), &["-t", "kept:1"]);
+    assert_eq!(runs(&again), 0, "{again}");
+    assert_eq!(again_client.ok(&["run", "--rm", "kept:1"]), "a\nb\n");
+    // And new results are recorded by the group that is left.
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nRUN echo after > /after\nCMD [\"cat\", \"/after\"]\n",
+        )],
+    );
+    let after = cluster.build(&Strata::new(), ctx.path(), &["-t", "after:1"]);
+    assert_eq!(runs(&after), 1, "{after}");
+
+    // The killed coordinator comes back from its disk and catches up.
+    cluster.up();
+    let start = Instant::now();
+    loop {
+        let leader_applied = cluster
+            .coordinator_names()
+            .into_iter()
+            .filter_map(|n| group(&status_of(&cluster, &n)?))
+            .find(|(id, l, _)| Some(*id) == *l)
+            .map(|(_, _, applied)| applied);
+        let back = status_of(&cluster, &victim).and_then(|s| group(&s));
+        if let (Some(want), Some((_, Some(_), got))) = (leader_applied, back)
+            && got >= want
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{victim} did not catch up: {back:?} vs leader at {leader_applied:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rebuilt = cluster.build(&Strata::new(), ctx.path(), &["-t", "after:1"]);
+    assert_eq!(runs(&rebuilt), 0, "{rebuilt}");
+}
