@@ -77,6 +77,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Step cache key → result.
 pub trait CacheIndex: Send + Sync {
+    /// Makes the reads that follow see every write acknowledged before
+    /// this call (a replicated index asks its leader once; a local one
+    /// always does).
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
     /// The entry for `key`, if the step is done.
     fn get(&self, key: &Digest) -> Result<Option<CacheEntry>>;
     /// Records a finished step. Every blob the entry names must be stored.

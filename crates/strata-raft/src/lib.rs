@@ -312,6 +312,49 @@ impl Member {
         }
     }
 
+    /// Waits until this member's copy of the state has every write
+    /// acknowledged before the call (a read-index round through the
+    /// leader): local reads after it are linearizable as of the call.
+    pub async fn barrier(&self) -> Result<(), Error> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            let why = match self.raft.ensure_linearizable().await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    match f.leader_id.zip(f.leader_node) {
+                        Some((id, node)) => {
+                            let index = {
+                                let mut peer = self.forward_to(id, &node).await;
+                                match peer.as_mut() {
+                                    Some(p) => p.read_index(FORWARD_TTL).await,
+                                    None => Err(network::Forwarded::NotLeader),
+                                }
+                            };
+                            match index {
+                                Ok(index) => {
+                                    return self
+                                        .raft
+                                        .wait(Some(LEADER_WAIT))
+                                        .applied_index_at_least(index, "read index")
+                                        .await
+                                        .map(|_| ())
+                                        .map_err(|e| Error::Unavailable(e.to_string()));
+                                }
+                                Err(e) => format!("the leader, member {id}: {e:?}"),
+                            }
+                        }
+                        None => "no leader is known yet".into(),
+                    }
+                }
+                Err(e) => return Err(Error::Raft(e.to_string())),
+            };
+            if Instant::now() > deadline {
+                return Err(Error::Unavailable(why));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The connection to the leader `id`, kept between calls.
     async fn forward_to(
         &self,
@@ -369,9 +412,19 @@ impl ReplicatedIndex {
 }
 
 impl strata_cache::CacheIndex for ReplicatedIndex {
-    fn get(&self, key: &Digest) -> strata_cache::Result<Option<CacheEntry>> {
+    /// One read-index round: the reads that follow see every write
+    /// acknowledged before it.
+    fn sync(&self) -> strata_cache::Result<()> {
         self.handle
-            .block_on(self.member.entry(key))
+            .block_on(self.member.barrier())
+            .map_err(|e| strata_cache::Error::Unavailable(e.to_string()))
+    }
+
+    /// This member's copy, as of the last [`sync`](Self::sync) or newer.
+    fn get(&self, key: &Digest) -> strata_cache::Result<Option<CacheEntry>> {
+        self.member
+            .local()
+            .entry(key)
             .map_err(|e| strata_cache::Error::Unavailable(e.to_string()))
     }
 

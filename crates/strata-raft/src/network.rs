@@ -32,6 +32,7 @@ enum Rpc {
     Snapshot(InstallSnapshotRequest<TypeConfig>),
     Write(Command),
     Read(Digest),
+    ReadIndex,
 }
 
 /// Its answer.
@@ -42,6 +43,7 @@ enum RpcReply {
     Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
     Write(Result<Response, Forwarded>),
     Read(Result<Option<CacheEntry>, Forwarded>),
+    ReadIndex(Result<Option<u64>, Forwarded>),
 }
 
 /// Why a forwarded write or read failed on the member it reached.
@@ -148,6 +150,19 @@ impl Peer {
     ) -> Result<Option<CacheEntry>, Forwarded> {
         match self.call(&Rpc::Read(key), ttl).await {
             Ok(RpcReply::Read(r)) => r,
+            Ok(_) => Err(Forwarded::Failed("answered another RPC".into())),
+            Err(f) => {
+                self.conn = None;
+                Err(Forwarded::Failed(f.into_message()))
+            }
+        }
+    }
+
+    /// The leader's read index: the log index a read must have applied to
+    /// see every write acknowledged before now.
+    pub(crate) async fn read_index(&mut self, ttl: Duration) -> Result<Option<u64>, Forwarded> {
+        match self.call(&Rpc::ReadIndex, ttl).await {
+            Ok(RpcReply::ReadIndex(r)) => r,
             Ok(_) => Err(Forwarded::Failed("answered another RPC".into())),
             Err(f) => {
                 self.conn = None;
@@ -321,6 +336,15 @@ pub(crate) async fn serve(
                             }
                             Err(e) => Err(Forwarded::Failed(e.to_string())),
                         }),
+                        Rpc::ReadIndex => {
+                            RpcReply::ReadIndex(match raft.ensure_linearizable().await {
+                                Ok(id) => Ok(id.map(|l| l.index)),
+                                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(
+                                    _,
+                                ))) => Err(Forwarded::NotLeader),
+                                Err(e) => Err(Forwarded::Failed(e.to_string())),
+                            })
+                        }
                         Rpc::Read(key) => RpcReply::Read(match raft.ensure_linearizable().await {
                             Ok(_) => state
                                 .entry(&key)

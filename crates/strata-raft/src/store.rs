@@ -163,8 +163,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
-        self.put_meta("committed", &committed)
-            .map_err(|e| StorageIOError::write_logs(e).into())
+        // Not synced: a committed id lost in a crash is learned again from
+        // the leader; only log entries and the vote must survive one.
+        let raw = encode(&committed).map_err(StorageIOError::write_logs)?;
+        self.db
+            .db()
+            .put_cf(self.db.cf(LOG_META), "committed", raw)
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {

@@ -195,10 +195,17 @@ async fn a_group_replicates_survives_its_leader_and_catches_up_a_restarted_membe
         g.members[&second].entry(&key(60)).await.unwrap(),
         Some(entry(60))
     );
+    // After a barrier, a follower's own copy has every acknowledged write.
+    g.members[&second]
+        .write(CommandV1::Remove { key: key(0) })
+        .await
+        .unwrap();
+    g.members[&follower].barrier().await.unwrap();
+    assert_eq!(g.members[&follower].local().entry(&key(0)).unwrap(), None);
 
     // The old leader comes back from its own disk and catches up.
     g.up(first).await;
-    g.applied_everywhere(61).await;
+    g.applied_everywhere(60).await;
     g.write(CommandV1::Touch {
         key: key(3),
         at: 1_000,

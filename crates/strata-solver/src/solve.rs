@@ -100,6 +100,12 @@ impl Solver {
         plan: Arc<Plan>,
         opts: SolveOptions,
     ) -> Result<Solved, SolveError> {
+        // Once per build, not per step: the build sees every result
+        // recorded before it started.
+        let cache = Arc::clone(&self.cache);
+        tokio::task::spawn_blocking(move || cache.sync())
+            .await
+            .map_err(|e| SolveError::Internal(e.to_string()))??;
         let n = plan.stages.len();
         let mut done = Vec::with_capacity(n);
         let mut waiters = Vec::with_capacity(n);
