@@ -9,7 +9,7 @@
     clippy::print_stderr
 )]
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use strata_integration::cluster::{Cluster, runs};
@@ -74,6 +74,30 @@ fn losing_the_leader_loses_no_cache_and_a_restarted_coordinator_catches_up() {
     let first = cluster.build(&Strata::new(), ctx.path(), &["-t", "kept:1"]);
     assert_eq!(runs(&first), 3, "{first}");
 
+    // A build is running when the leader dies.
+    let inflight_ctx = tempfile::tempdir().unwrap();
+    write_files(
+        inflight_ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nRUN sleep 2 && echo in flight > /f\nCMD [\"cat\", \"/f\"]\n",
+        )],
+    );
+    let inflight_client = Strata::new();
+    let inflight = inflight_client
+        .cmd()
+        .args(["build", "--cluster", cluster.client().to_str().unwrap()])
+        .args(["--progress", "plain", "-t", "inflight:1"])
+        .arg(inflight_ctx.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    cluster.wait_for(Duration::from_secs(30), |s| {
+        s.lines()
+            .any(|l| l.starts_with("worker-") && l.split_whitespace().nth(4) == Some("1"))
+    });
+
     let (_, leader, _) = group(&cluster.status()).unwrap();
     let leader = leader.expect("a leader");
     let victim = format!("coordinator-{leader}");
@@ -109,6 +133,18 @@ fn losing_the_leader_loses_no_cache_and_a_restarted_coordinator_catches_up() {
             .count()
             == 2
     });
+
+    // The build in flight finishes, through a coordinator still up.
+    let out = inflight.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the build in flight failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        inflight_client.ok(&["run", "--rm", "inflight:1"]),
+        "in flight\n"
+    );
 
     // Every step the first build recorded is still in the cache: another
     // client, through another coordinator, runs nothing.

@@ -434,30 +434,46 @@ fn cluster_build(
     let ignore = strata_worker::ignore_for(b.dockerfile, b.context)?;
     let context = strata_cluster::context::pack(&node.content, b.context, &ignore)
         .map_err(anyhow::Error::msg)?;
+    let coordinators = strata_cluster::config::ClientConfig::load(cluster)
+        .map(|c| c.coordinators.len())
+        .unwrap_or(1);
     rt.block_on(async {
-        let client = crate::cluster::connect(cluster).await?;
-        client.upload(&node.content, &context).await?;
         let progress = renderer.progress();
-        let submit = strata_cluster::protocol::SubmitBuild {
-            inputs: b.inputs,
-            context,
-            secrets: b.secrets,
-            no_cache: b.no_cache,
-            pull: b.pull,
-        };
         let on_event = move |e| progress(e);
-        let done = tokio::select! {
-            done = client.build(submit, &on_event) => done,
-            _ = tokio::signal::ctrl_c() => {
-                return Err(ClusterFailure::Other(anyhow::anyhow!("cancelled")));
+        // A coordinator lost mid-build takes the build with it; another
+        // coordinator of the group takes it up again, finding in the
+        // replicated cache every step already done.
+        let mut attempt = 1;
+        let (client, done) = loop {
+            let client = crate::cluster::connect(cluster).await?;
+            let submit = strata_cluster::protocol::SubmitBuild {
+                inputs: b.inputs.clone(),
+                context,
+                secrets: b.secrets.clone(),
+                no_cache: b.no_cache,
+                pull: b.pull,
+            };
+            let done = async {
+                client.upload(&node.content, &context).await?;
+                client.build(submit, &on_event).await
+            };
+            let done = tokio::select! {
+                done = done => done,
+                _ = tokio::signal::ctrl_c() => {
+                    return Err(ClusterFailure::Other(anyhow::anyhow!("cancelled")));
+                }
+            };
+            match done {
+                Ok(d) => break (client, d),
+                Err(strata_cluster::client::ClientError::Build { message, tail }) => {
+                    return Err(ClusterFailure::Step { message, tail });
+                }
+                Err(e) if coordinators > 1 && attempt < coordinators.min(3) => {
+                    tracing::warn!(error = %e, "lost the coordinator; submitting the build to another");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e.into()),
             }
-        };
-        let done = match done {
-            Ok(d) => d,
-            Err(strata_cluster::client::ClientError::Build { message, tail }) => {
-                return Err(ClusterFailure::Step { message, tail });
-            }
-            Err(e) => return Err(e.into()),
         };
         let (image, fetched) = client.fetch_image(node, &done).await?;
         for tag in tags {

@@ -192,7 +192,8 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
             };
             writeln!(
                 out,
-                "cluster up: {who} and {workers} workers; build with `strata build --cluster {}`",
+                "cluster up: {who} and {workers} worker{}; build with `strata build --cluster {}`",
+                if workers == 1 { "" } else { "s" },
                 dir.join("client.toml").display()
             )?;
         }
@@ -239,6 +240,45 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
                 g.last_applied
                     .map_or_else(|| "-".to_string(), |i| i.to_string())
             )?;
+            let config = ClientConfig::load(&cluster)?;
+            if config.coordinators.len() > 1 {
+                let views = crate::runtime()?.block_on(coordinator_views(&config));
+                writeln!(
+                    out,
+                    "{:<14} {:<22} {:<9} {:>7} {:>5} {:>8}",
+                    "COORDINATOR", "ADDRESS", "STATE", "PID", "TERM", "APPLIED"
+                )?;
+                for (addr, view) in views {
+                    match view {
+                        Some(s) => writeln!(
+                            out,
+                            "{:<14} {:<22} {:<9} {:>7} {:>5} {:>8}",
+                            s.coordinator,
+                            addr.to_string(),
+                            if s.group.leader == Some(s.group.id) {
+                                "leader"
+                            } else {
+                                "follower"
+                            },
+                            s.pid,
+                            s.group.term,
+                            s.group
+                                .last_applied
+                                .map_or_else(|| "-".to_string(), |i| i.to_string())
+                        )?,
+                        None => writeln!(
+                            out,
+                            "{:<14} {:<22} {:<9} {:>7} {:>5} {:>8}",
+                            "?",
+                            addr.to_string(),
+                            "down",
+                            "-",
+                            "-",
+                            "-"
+                        )?,
+                    }
+                }
+            }
             writeln!(
                 out,
                 "{:<14} {:<22} {:<8} {:>5} {:>7} {:>6}",
@@ -263,6 +303,38 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What each coordinator of `config` says of itself (`None`: no answer).
+async fn coordinator_views(
+    config: &ClientConfig,
+) -> Vec<(
+    strata_cluster::config::NodeAddress,
+    Option<strata_cluster::protocol::ClusterStatus>,
+)> {
+    let mut asks = tokio::task::JoinSet::new();
+    for (i, addr) in config.coordinators.iter().enumerate() {
+        let one = ClientConfig {
+            coordinators: vec![addr.clone()],
+            tls: config.tls.clone(),
+        };
+        asks.spawn(async move {
+            let status = match Client::connect(&one).await {
+                Ok(c) => c.status().await.ok(),
+                Err(_) => None,
+            };
+            (i, status)
+        });
+    }
+    let mut views: Vec<_> = config
+        .coordinators
+        .iter()
+        .map(|a| (a.clone(), None))
+        .collect();
+    while let Some(Ok((i, status))) = asks.join_next().await {
+        views[i].1 = status;
+    }
+    views
 }
 
 fn set_cordon(cluster: &Path, worker: &str, cordoned: bool) -> Result<()> {

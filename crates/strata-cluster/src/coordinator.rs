@@ -169,7 +169,13 @@ impl Coordinator {
             locations: Mutex::default(),
             slot_freed: tokio::sync::Notify::new(),
             cordoned: Mutex::default(),
-            next_build: AtomicU64::new(1),
+            // Ids a restarted coordinator hands out differ from those of
+            // its previous run, which workers may still hold.
+            next_build: AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(1)),
+            ),
             builds_running: AtomicUsize::new(0),
             flights: Flights::default(),
         }))

@@ -37,7 +37,8 @@ pub struct WorkerNode {
     coordinators: Vec<NodeAddress>,
     endpoint: Endpoint,
     peers: Arc<Peers>,
-    builds: Mutex<HashMap<u64, Arc<BuildHere>>>,
+    /// Builds begun here, by coordinator and that coordinator's id.
+    builds: Mutex<HashMap<(String, u64), Arc<BuildHere>>>,
     running: AtomicUsize,
 }
 
@@ -251,21 +252,23 @@ impl WorkerNode {
                 return Ok(());
             }
             Request::Execute(step) if from_coordinator => {
-                return self.execute(*step, send, conn.addr).await;
+                return self.execute(*step, send, conn.addr, &conn.peer.name).await;
             }
             Request::Begin(spec) if from_coordinator => match self.begin(*spec, conn).await {
                 Ok(()) => Reply::Ok,
                 Err(e) => reply_error(e),
             },
-            Request::Inputs(step) if from_coordinator => Reply::Inputs(self.inputs(*step).await),
+            Request::Inputs(step) if from_coordinator => {
+                Reply::Inputs(self.inputs(*step, &conn.peer.name).await)
+            }
             Request::Artifact(step) if from_coordinator => {
-                Reply::Artifact(self.artifact(*step).await)
+                Reply::Artifact(self.artifact(*step, &conn.peer.name).await)
             }
             Request::End(id) if from_coordinator => {
                 self.builds
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&id);
+                    .remove(&(conn.peer.name.clone(), id));
                 Reply::Ok
             }
             other => reply_error(format!(
@@ -284,7 +287,7 @@ impl WorkerNode {
             .builds
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .contains_key(&spec.id)
+            .contains_key(&(conn.peer.name.clone(), spec.id))
         {
             return Ok(());
         }
@@ -332,15 +335,15 @@ impl WorkerNode {
         self.builds
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(spec.id, Arc::new(here));
+            .insert((conn.peer.name.clone(), spec.id), Arc::new(here));
         Ok(())
     }
 
-    fn build(&self, id: u64) -> Result<Arc<BuildHere>, WorkerError> {
+    fn build(&self, from: &str, id: u64) -> Result<Arc<BuildHere>, WorkerError> {
         self.builds
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(&id)
+            .get(&(from.to_string(), id))
             .cloned()
             .ok_or_else(|| WorkerError::new(format!("build {id} was not begun on this worker")))
     }
@@ -354,8 +357,8 @@ impl WorkerNode {
             .map_err(WorkerError::new)
     }
 
-    async fn inputs(&self, step: StepRef) -> Result<Vec<Digest>, WorkerError> {
-        let here = self.build(step.build)?;
+    async fn inputs(&self, step: StepRef, from: &str) -> Result<Vec<Digest>, WorkerError> {
+        let here = self.build(from, step.build)?;
         self.fetch(&step).await?;
         tokio::task::spawn_blocking(move || {
             let (stage, s) = locate(&here.plan, &step)?;
@@ -366,8 +369,8 @@ impl WorkerNode {
         .map_err(|e| WorkerError::new(e.to_string()))?
     }
 
-    async fn artifact(&self, step: StepRef) -> Result<Digest, WorkerError> {
-        let here = self.build(step.build)?;
+    async fn artifact(&self, step: StepRef, from: &str) -> Result<Digest, WorkerError> {
+        let here = self.build(from, step.build)?;
         self.fetch(&step).await?;
         tokio::task::spawn_blocking(move || {
             let (stage, s) = locate(&here.plan, &step)?;
@@ -426,9 +429,10 @@ impl WorkerNode {
         step: StepRef,
         send: &mut quinn::SendStream,
         peer: SocketAddr,
+        from: &str,
     ) -> Result<(), strata_net::Error> {
         self.running.fetch_add(1, Ordering::Relaxed);
-        let outcome = self.execute_step(step, send, peer).await;
+        let outcome = self.execute_step(step, send, peer, from).await;
         self.running.fetch_sub(1, Ordering::Relaxed);
         let done = match outcome {
             Ok(r) => r,
@@ -442,8 +446,9 @@ impl WorkerNode {
         step: StepRef,
         send: &mut quinn::SendStream,
         peer: SocketAddr,
+        from: &str,
     ) -> Result<Result<Option<strata_oci::LayerRef>, WorkerError>, WorkerError> {
-        let here = self.build(step.build)?;
+        let here = self.build(from, step.build)?;
         self.fetch(&step).await?;
         self.provide_artifact(&here, &step).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
