@@ -123,8 +123,18 @@ impl Cluster {
     /// `strata build --cluster` from `s`'s state directory: fails the
     /// test unless it succeeds; returns its `--report`.
     pub fn build(&self, s: &Strata, ctx: &Path, extra: &[&str]) -> serde_json::Value {
+        self.build_via(&self.client(), s, ctx, extra)
+    }
+
+    /// [`Cluster::build`] with the client configuration `client`.
+    pub fn build_via(
+        &self,
+        client: &Path,
+        s: &Strata,
+        ctx: &Path,
+        extra: &[&str],
+    ) -> serde_json::Value {
         let report = s.home().join("report.json");
-        let client = self.client();
         let mut args = vec![
             "build",
             "--cluster",

@@ -188,3 +188,122 @@ fn losing_the_leader_loses_no_cache_and_a_restarted_coordinator_catches_up() {
     let rebuilt = cluster.build(&Strata::new(), ctx.path(), &["-t", "after:1"]);
     assert_eq!(runs(&rebuilt), 0, "{rebuilt}");
 }
+
+/// Drops every UDP datagram to or from `port` (on this machine: loopback
+/// included) until dropped: a coordinator's Raft endpoint cut off while
+/// its workers and clients still reach it.
+struct Partition {
+    port: String,
+}
+
+impl Partition {
+    fn rules(&self) -> [[&str; 8]; 2] {
+        [
+            [
+                "INPUT", "-p", "udp", "--dport", &self.port, "-j", "DROP", "",
+            ],
+            [
+                "INPUT", "-p", "udp", "--sport", &self.port, "-j", "DROP", "",
+            ],
+        ]
+    }
+
+    fn cut(port: u16) -> Partition {
+        let p = Partition {
+            port: port.to_string(),
+        };
+        for r in p.rules() {
+            let ok = Command::new("iptables")
+                .arg("-I")
+                .args(&r[..7])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "iptables -I {r:?} failed");
+        }
+        p
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        for r in self.rules() {
+            let _ = Command::new("iptables").arg("-D").args(&r[..7]).status();
+        }
+    }
+}
+
+fn raft_port(cluster: &Cluster, name: &str) -> u16 {
+    std::fs::read_to_string(cluster.path().join(format!("{name}.toml")))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("raft_listen = "))
+        .and_then(|a| a.trim_matches('"').rsplit(':').next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_coordinator_cut_off_cannot_commit_the_majority_goes_on_and_it_converges() {
+    let cluster = Cluster::start_group(3, 1, 5);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[("Dockerfile", "FROM busybox:latest\nRUN echo one > /one\n")],
+    );
+    cluster.build(&Strata::new(), ctx.path(), &[]);
+    // Make the per-coordinator client files.
+    for n in cluster.coordinator_names() {
+        status_of(&cluster, &n).unwrap();
+    }
+    let via = |n: &str| cluster.path().join(format!("client-{n}.toml"));
+
+    let cut = Partition::cut(raft_port(&cluster, "coordinator-3"));
+    write_files(
+        ctx.path(),
+        &[("Dockerfile", "FROM busybox:latest\nRUN echo two > /two\n")],
+    );
+    // The majority elects or keeps a leader and records new results.
+    let majority = loop {
+        if let Some((_, Some(l), _)) = status_of(&cluster, "coordinator-1").and_then(|s| group(&s))
+            && l != 3
+        {
+            break l;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let two = cluster.build_via(&via("coordinator-1"), &Strata::new(), ctx.path(), &[]);
+    assert_eq!(runs(&two), 1, "{two}");
+    // The one cut off cannot confirm anything: a build through it fails,
+    // saying why, and records nothing.
+    let out = Strata::new().run(&[
+        "build",
+        "--cluster",
+        via("coordinator-3").to_str().unwrap(),
+        ctx.path().to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("has no leader"), "{err}");
+
+    // Healed, it catches up with what the majority committed.
+    drop(cut);
+    let start = Instant::now();
+    loop {
+        let leader = status_of(&cluster, &format!("coordinator-{majority}"))
+            .and_then(|s| group(&s))
+            .map(|(_, _, a)| a);
+        let back = status_of(&cluster, "coordinator-3").and_then(|s| group(&s));
+        if let (Some(want), Some((_, Some(_), got))) = (leader, back)
+            && got >= want
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "coordinator-3 did not converge"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let again = cluster.build_via(&via("coordinator-3"), &Strata::new(), ctx.path(), &[]);
+    assert_eq!(runs(&again), 0, "{again}");
+}
