@@ -187,10 +187,8 @@ fn main() {
             split(true).as_secs_f64() * 1e3,
             split(false).as_secs_f64() * 1e3
         );
-        for (_, m) in members {
-            if let Ok(m) = Arc::try_unwrap(m) {
-                m.stop().await;
-            }
+        for m in members.values() {
+            m.stop().await;
         }
     });
 }

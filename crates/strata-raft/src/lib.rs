@@ -379,10 +379,12 @@ impl Member {
     }
 
     /// Stops the member: its Raft task ends and its connections close.
-    pub async fn stop(self) {
+    pub async fn stop(&self) {
         self.shutdown.cancel();
         let _ = self.raft.shutdown().await;
         self.endpoint.close();
+        // Its port is free for a restart once its connections are gone.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle()).await;
     }
 }
 
