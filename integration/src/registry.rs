@@ -138,15 +138,14 @@ impl Proxy {
                 };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let up = Arc::clone(&up);
-                std::thread::spawn(move || pump(client, server, &up, None, None));
-                let limit = if arm.swap(false, Ordering::SeqCst) {
-                    Some(cut.load(Ordering::SeqCst))
-                } else {
-                    None
-                };
+                std::thread::spawn(move || pump(client, server, &up, None));
                 let down = Arc::new(AtomicU64::new(0));
-                let cut_count = Arc::clone(&cut_count);
-                std::thread::spawn(move || pump(s2, c2, &down, limit, Some(&cut_count)));
+                let cutter = Cutter {
+                    armed: Arc::clone(&arm),
+                    after: Arc::clone(&cut),
+                    count: Arc::clone(&cut_count),
+                };
+                std::thread::spawn(move || pump(s2, c2, &down, Some(&cutter)));
             }
         });
         Proxy {
@@ -173,22 +172,25 @@ impl Proxy {
         self.cuts.load(Ordering::SeqCst)
     }
 
-    /// The next connection that answers more than `bytes` is cut there.
+    /// The first response from now on (on any connection) to pass `bytes`
+    /// is cut there.
     pub fn cut_next_response_after(&self, bytes: u64) {
         self.cut_after.store(bytes, Ordering::SeqCst);
         self.armed.store(true, Ordering::SeqCst);
     }
 }
 
-/// Copies `from` → `to`, counting; with a limit, stops there and closes
-/// both sides (a connection dropped mid-transfer).
-fn pump(
-    mut from: TcpStream,
-    mut to: TcpStream,
-    count: &AtomicU64,
-    limit: Option<u64>,
-    cuts: Option<&AtomicU64>,
-) {
+/// Cuts the first response, on any connection, that passes `after` bytes
+/// while `armed`: clients open connections in their own order.
+struct Cutter {
+    armed: Arc<AtomicBool>,
+    after: Arc<AtomicU64>,
+    count: Arc<AtomicU64>,
+}
+
+/// Copies `from` → `to`, counting; with a cutter, stops where it says and
+/// closes both sides (a connection dropped mid-transfer).
+fn pump(mut from: TcpStream, mut to: TcpStream, count: &AtomicU64, cutter: Option<&Cutter>) {
     let mut buf = [0u8; 64 * 1024];
     let mut sent = 0u64;
     loop {
@@ -196,19 +198,20 @@ fn pump(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let n = match limit {
-            Some(l) if sent + n as u64 > l => {
-                let keep = (l - sent) as usize;
-                let _ = to.write_all(&buf[..keep]);
+        if let Some(c) = cutter {
+            let limit = c.after.load(Ordering::SeqCst);
+            if sent + n as u64 > limit
+                && c.armed.load(Ordering::SeqCst)
+                && c.armed.swap(false, Ordering::SeqCst)
+            {
+                let keep = limit.saturating_sub(sent) as usize;
+                let _ = to.write_all(&buf[..keep.min(n)]);
                 let _ = to.shutdown(Shutdown::Both);
                 let _ = from.shutdown(Shutdown::Both);
-                if let Some(c) = cuts {
-                    c.fetch_add(1, Ordering::SeqCst);
-                }
+                c.count.fetch_add(1, Ordering::SeqCst);
                 return;
             }
-            _ => n,
-        };
+        }
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
