@@ -129,6 +129,30 @@ pub const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// How long a forwarded write or read may take.
 const FORWARD_TTL: Duration = Duration::from_secs(5);
 
+/// What a member is asked, by a caller or a follower forwarding.
+enum Ask {
+    Write(Command),
+    Read(Digest),
+    ReadIndex,
+}
+
+/// What it answers.
+#[derive(Debug)]
+enum Answer {
+    Written(Response),
+    Entry(Option<CacheEntry>),
+    /// The log index to have applied; none when asked of the leader.
+    Index(Option<u64>),
+}
+
+/// Why a member did not answer itself.
+enum Here {
+    /// Another member leads (this one, if known).
+    Elsewhere(Option<(NodeId, Node)>),
+    /// It failed for good.
+    Failed(Error),
+}
+
 /// Timing and compaction of the group.
 #[derive(Debug, Clone)]
 pub struct Tuning {
@@ -245,32 +269,9 @@ impl Member {
     /// follower forwards it to the leader; during an election it waits
     /// for one (up to [`LEADER_WAIT`]).
     pub async fn write(&self, command: CommandV1) -> Result<Response, Error> {
-        let command = Command::V1(command);
-        let deadline = Instant::now() + LEADER_WAIT;
-        loop {
-            let why = match self.raft.client_write(command.clone()).await {
-                Ok(r) => return Ok(r.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    match f.leader_id.zip(f.leader_node) {
-                        Some((id, node)) => {
-                            let mut peer = self.forward_to(id, &node).await;
-                            match peer.as_mut() {
-                                Some(p) => match p.write(command.clone(), FORWARD_TTL).await {
-                                    Ok(r) => return Ok(r),
-                                    Err(e) => format!("the leader, member {id}: {e:?}"),
-                                },
-                                None => "no leader".into(),
-                            }
-                        }
-                        None => "no leader is known yet".into(),
-                    }
-                }
-                Err(e) => return Err(Error::Raft(e.to_string())),
-            };
-            if Instant::now() > deadline {
-                return Err(Error::Unavailable(why));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        match self.via_leader(Ask::Write(Command::V1(command))).await? {
+            Answer::Written(r) => Ok(r),
+            other => Err(Error::Raft(format!("a write answered {other:?}"))),
         }
     }
 
@@ -279,31 +280,60 @@ impl Member {
     /// before the call (read-index), so the read sees every write
     /// acknowledged before it. A follower asks the leader.
     pub async fn entry(&self, key: &Digest) -> Result<Option<CacheEntry>, Error> {
+        match self.via_leader(Ask::Read(*key)).await? {
+            Answer::Entry(e) => Ok(e),
+            other => Err(Error::Raft(format!("a read answered {other:?}"))),
+        }
+    }
+
+    /// Waits until this member's copy of the state has every write
+    /// acknowledged before the call (a read-index round through the
+    /// leader): local reads after it are linearizable as of the call.
+    pub async fn barrier(&self) -> Result<(), Error> {
+        match self.via_leader(Ask::ReadIndex).await? {
+            // This member leads: it has applied the index already.
+            Answer::Index(None) => Ok(()),
+            Answer::Index(Some(index)) => self
+                .raft
+                .wait(Some(LEADER_WAIT))
+                .applied_index_at_least(Some(index), "read index")
+                .await
+                .map(|_| ())
+                .map_err(|e| Error::Unavailable(e.to_string())),
+            other => Err(Error::Raft(format!("a read index answered {other:?}"))),
+        }
+    }
+
+    /// Answers `ask` here if this member leads, else on the leader; while
+    /// no leader is known, tries again, up to [`LEADER_WAIT`].
+    async fn via_leader(&self, ask: Ask) -> Result<Answer, Error> {
         let deadline = Instant::now() + LEADER_WAIT;
         loop {
-            let why = match self.raft.ensure_linearizable().await {
-                Ok(_) => {
-                    return self
-                        .state
-                        .entry(key)
-                        .map_err(|e| Error::State(e.to_string()));
-                }
-                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                    match f.leader_id.zip(f.leader_node) {
-                        Some((id, node)) => {
-                            let mut peer = self.forward_to(id, &node).await;
-                            match peer.as_mut() {
-                                Some(p) => match p.read(*key, FORWARD_TTL).await {
-                                    Ok(r) => return Ok(r),
-                                    Err(e) => format!("the leader, member {id}: {e:?}"),
-                                },
-                                None => "no leader".into(),
-                            }
+            let leader = match self.here(&ask).await {
+                Ok(answer) => return Ok(answer),
+                Err(Here::Failed(e)) => return Err(e),
+                Err(Here::Elsewhere(leader)) => leader,
+            };
+            let why = match leader {
+                Some((id, node)) => {
+                    let mut peer = self.forward_to(id, &node).await;
+                    let forwarded = match (peer.as_mut(), &ask) {
+                        (Some(p), Ask::Write(c)) => {
+                            p.write(c.clone(), FORWARD_TTL).await.map(Answer::Written)
                         }
-                        None => "no leader is known yet".into(),
+                        (Some(p), Ask::Read(k)) => p.read(*k, FORWARD_TTL).await.map(Answer::Entry),
+                        (Some(p), Ask::ReadIndex) => p
+                            .read_index(FORWARD_TTL)
+                            .await
+                            .map(|i| Answer::Index(i.or(Some(0)))),
+                        (None, _) => Err(network::Forwarded::NotLeader),
+                    };
+                    match forwarded {
+                        Ok(answer) => return Ok(answer),
+                        Err(e) => format!("the leader, member {id}: {e:?}"),
                     }
                 }
-                Err(e) => return Err(Error::Raft(e.to_string())),
+                None => "no leader is known yet".into(),
             };
             if Instant::now() > deadline {
                 return Err(Error::Unavailable(why));
@@ -312,46 +342,32 @@ impl Member {
         }
     }
 
-    /// Waits until this member's copy of the state has every write
-    /// acknowledged before the call (a read-index round through the
-    /// leader): local reads after it are linearizable as of the call.
-    pub async fn barrier(&self) -> Result<(), Error> {
-        let deadline = Instant::now() + LEADER_WAIT;
-        loop {
-            let why = match self.raft.ensure_linearizable().await {
-                Ok(_) => return Ok(()),
+    /// Answers `ask` if this member leads.
+    async fn here(&self, ask: &Ask) -> Result<Answer, Here> {
+        let elsewhere = |f: openraft::error::ForwardToLeader<NodeId, Node>| {
+            Here::Elsewhere(f.leader_id.zip(f.leader_node))
+        };
+        let failed = |e: String| Here::Failed(Error::Raft(e));
+        match ask {
+            Ask::Write(c) => match self.raft.client_write(c.clone()).await {
+                Ok(r) => Ok(Answer::Written(r.data)),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(elsewhere(f)),
+                Err(e) => Err(failed(e.to_string())),
+            },
+            Ask::Read(_) | Ask::ReadIndex => match self.raft.ensure_linearizable().await {
+                Ok(_) => match ask {
+                    Ask::Read(k) => self
+                        .state
+                        .entry(k)
+                        .map(Answer::Entry)
+                        .map_err(|e| Here::Failed(Error::State(e.to_string()))),
+                    _ => Ok(Answer::Index(None)),
+                },
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                    match f.leader_id.zip(f.leader_node) {
-                        Some((id, node)) => {
-                            let index = {
-                                let mut peer = self.forward_to(id, &node).await;
-                                match peer.as_mut() {
-                                    Some(p) => p.read_index(FORWARD_TTL).await,
-                                    None => Err(network::Forwarded::NotLeader),
-                                }
-                            };
-                            match index {
-                                Ok(index) => {
-                                    return self
-                                        .raft
-                                        .wait(Some(LEADER_WAIT))
-                                        .applied_index_at_least(index, "read index")
-                                        .await
-                                        .map(|_| ())
-                                        .map_err(|e| Error::Unavailable(e.to_string()));
-                                }
-                                Err(e) => format!("the leader, member {id}: {e:?}"),
-                            }
-                        }
-                        None => "no leader is known yet".into(),
-                    }
+                    Err(elsewhere(f))
                 }
-                Err(e) => return Err(Error::Raft(e.to_string())),
-            };
-            if Instant::now() > deadline {
-                return Err(Error::Unavailable(why));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(e) => Err(failed(e.to_string())),
+            },
         }
     }
 

@@ -132,14 +132,11 @@ impl Peer {
         command: Command,
         ttl: Duration,
     ) -> Result<Response, Forwarded> {
-        match self.call(&Rpc::Write(command), ttl).await {
-            Ok(RpcReply::Write(r)) => r,
-            Ok(_) => Err(Forwarded::Failed("answered another RPC".into())),
-            Err(f) => {
-                self.conn = None;
-                Err(Forwarded::Failed(f.into_message()))
-            }
-        }
+        self.forward(&Rpc::Write(command), ttl, |r| match r {
+            RpcReply::Write(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     /// Reads `key` on the member (the leader), linearizably.
@@ -148,22 +145,33 @@ impl Peer {
         key: Digest,
         ttl: Duration,
     ) -> Result<Option<CacheEntry>, Forwarded> {
-        match self.call(&Rpc::Read(key), ttl).await {
-            Ok(RpcReply::Read(r)) => r,
-            Ok(_) => Err(Forwarded::Failed("answered another RPC".into())),
-            Err(f) => {
-                self.conn = None;
-                Err(Forwarded::Failed(f.into_message()))
-            }
-        }
+        self.forward(&Rpc::Read(key), ttl, |r| match r {
+            RpcReply::Read(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     /// The leader's read index: the log index a read must have applied to
     /// see every write acknowledged before now.
     pub(crate) async fn read_index(&mut self, ttl: Duration) -> Result<Option<u64>, Forwarded> {
-        match self.call(&Rpc::ReadIndex, ttl).await {
-            Ok(RpcReply::ReadIndex(r)) => r,
-            Ok(_) => Err(Forwarded::Failed("answered another RPC".into())),
+        self.forward(&Rpc::ReadIndex, ttl, |r| match r {
+            RpcReply::ReadIndex(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Sends a forwarded request; `answer` picks its reply.
+    async fn forward<T>(
+        &mut self,
+        rpc: &Rpc,
+        ttl: Duration,
+        answer: impl FnOnce(RpcReply) -> Option<Result<T, Forwarded>>,
+    ) -> Result<T, Forwarded> {
+        match self.call(rpc, ttl).await {
+            Ok(reply) => answer(reply)
+                .unwrap_or_else(|| Err(Forwarded::Failed("answered another RPC".into()))),
             Err(f) => {
                 self.conn = None;
                 Err(Forwarded::Failed(f.into_message()))
