@@ -307,3 +307,114 @@ fn a_coordinator_cut_off_cannot_commit_the_majority_goes_on_and_it_converges() {
     let again = cluster.build_via(&via("coordinator-3"), &Strata::new(), ctx.path(), &[]);
     assert_eq!(runs(&again), 0, "{again}");
 }
+
+#[test]
+fn coordinators_join_and_leave_the_group_at_run_time() {
+    let cluster = Cluster::start_group(3, 1, 5);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[("Dockerfile", "FROM busybox:latest\nRUN echo kept > /kept\n")],
+    );
+    cluster.build(&Strata::new(), ctx.path(), &[]);
+
+    // A fourth coordinator's certificate and config, the way an operator
+    // makes them: `cluster init` again, which keeps what exists. With four
+    // coordinators and one worker, the fourth listens at base+3 and its
+    // Raft endpoint at base+8.
+    let base = loop {
+        let base = 30_000 + (std::process::id() * 7 + rand_offset()) % 30_000;
+        let free = |p: u32| std::net::UdpSocket::bind(("127.0.0.1", p as u16)).is_ok();
+        if free(base + 3) && free(base + 8) {
+            break base;
+        }
+    };
+    cluster.ok(&[
+        "cluster",
+        "init",
+        "--dir",
+        cluster.path().to_str().unwrap(),
+        "--workers",
+        "1",
+        "--coordinators",
+        "4",
+        "--base-port",
+        &base.to_string(),
+    ]);
+    let log = std::fs::File::create(cluster.path().join("logs/coordinator-4.log")).unwrap();
+    let mut fourth = Command::new(strata_integration::strata_bin())
+        .args(["coordinator", "--config"])
+        .arg(cluster.path().join("coordinator-4.toml"))
+        .env_remove("STRATA_HOME")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct Stop<'a>(&'a mut std::process::Child);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _stop = Stop(&mut fourth);
+
+    let client = cluster.client();
+    let raft = format!("127.0.0.1:{}", base + 8);
+    let start = Instant::now();
+    let added = loop {
+        let out = cluster.run(&[
+            "cluster",
+            "add-coordinator",
+            "--id",
+            "4",
+            "--raft",
+            &raft,
+            "--cluster",
+            client.to_str().unwrap(),
+        ]);
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        // The new coordinator may still be starting.
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(added, "coordinator 4 added to the group\n");
+    // It holds the whole index, and votes.
+    let (_, leader, applied) = group(&cluster.status()).unwrap();
+    let leader = leader.unwrap();
+    let start = Instant::now();
+    loop {
+        let s = status_of(&cluster, "coordinator-4").unwrap_or_default();
+        if s.contains("member 4 of 1,2,3,4")
+            && group(&s).is_some_and(|(_, l, a)| l == Some(leader) && a >= applied)
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    cluster.ok(&[
+        "cluster",
+        "remove-coordinator",
+        "--id",
+        "4",
+        "--cluster",
+        client.to_str().unwrap(),
+    ]);
+    let s = cluster.status();
+    assert!(s.contains(" of 1,2,3,"), "{s}");
+}
+
+/// A little variety between runs in the same second.
+fn rand_offset() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() % 10_000)
+}

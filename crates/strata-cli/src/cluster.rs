@@ -74,6 +74,29 @@ pub enum ClusterCommand {
         #[arg(long, env = "STRATA_CLUSTER")]
         cluster: PathBuf,
     },
+    /// Add a coordinator (started with its config, not yet in the group)
+    /// to the group replicating the cache index: it catches up, then
+    /// votes.
+    AddCoordinator {
+        /// Its id (the `id` in its config).
+        #[arg(long)]
+        id: u64,
+        /// Its `raft_listen` address, as the others reach it.
+        #[arg(long)]
+        raft: std::net::SocketAddr,
+        /// The client configuration (`DIR/client.toml`).
+        #[arg(long, env = "STRATA_CLUSTER")]
+        cluster: PathBuf,
+    },
+    /// Remove a coordinator from the group (then stop it).
+    RemoveCoordinator {
+        /// Its id.
+        #[arg(long)]
+        id: u64,
+        /// The client configuration (`DIR/client.toml`).
+        #[arg(long, env = "STRATA_CLUSTER")]
+        cluster: PathBuf,
+    },
     /// Place stages on a cordoned worker again.
     Uncordon {
         /// The worker's name.
@@ -210,6 +233,22 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
             set_cordon(&cluster, &worker, false)?;
             writeln!(out, "{worker} uncordoned")?;
         }
+        ClusterCommand::AddCoordinator { id, raft, cluster } => {
+            change_group(
+                &cluster,
+                strata_raft::MembershipChange::Add {
+                    id,
+                    node: strata_raft::Node {
+                        addr: raft.to_string(),
+                    },
+                },
+            )?;
+            writeln!(out, "coordinator {id} added to the group")?;
+        }
+        ClusterCommand::RemoveCoordinator { id, cluster } => {
+            change_group(&cluster, strata_raft::MembershipChange::Remove { id })?;
+            writeln!(out, "coordinator {id} removed from the group")?;
+        }
         ClusterCommand::Status { cluster } => {
             let status = crate::runtime()?.block_on(async {
                 let client = connect(&cluster).await?;
@@ -335,6 +374,16 @@ async fn coordinator_views(
         views[i].1 = status;
     }
     views
+}
+
+fn change_group(cluster: &Path, change: strata_raft::MembershipChange) -> Result<()> {
+    crate::runtime()?.block_on(async {
+        let client = connect(cluster).await?;
+        client
+            .change_group(change)
+            .await
+            .map_err(anyhow::Error::from)
+    })
 }
 
 fn set_cordon(cluster: &Path, worker: &str, cordoned: bool) -> Result<()> {

@@ -184,6 +184,19 @@ impl Client {
         }
     }
 
+    /// Adds a coordinator to the group, or removes one.
+    pub async fn change_group(
+        &self,
+        change: strata_raft::MembershipChange,
+    ) -> Result<(), ClientError> {
+        match request(&self.coordinator, &Request::ChangeGroup(change)).await {
+            Ok(Reply::Ok) => Ok(()),
+            Ok(Reply::Error(e)) => Err(cluster(e)),
+            Ok(other) => Err(cluster(format!("unexpected answer: {other:?}"))),
+            Err(e) => Err(cluster(e)),
+        }
+    }
+
     /// The cluster's state.
     pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
         match request(&self.coordinator, &Request::Status).await {

@@ -366,6 +366,13 @@ impl Coordinator {
                 return self.build(*submit, conn, send).await;
             }
             Request::Status => Reply::Status(Box::new(self.status())),
+            Request::ChangeGroup(change) if role == Role::Client => {
+                tracing::info!(?change, "changing the group of coordinators");
+                match self.member.change_membership(change).await {
+                    Ok(()) => Reply::Ok,
+                    Err(e) => Reply::Error(e.to_string()),
+                }
+            }
             Request::Cordon { worker, cordoned } if role == Role::Client => {
                 self.cordon(&worker, cordoned)
             }

@@ -212,6 +212,9 @@ pub enum Request {
         /// Cordoned (true) or back in service (false).
         cordoned: bool,
     },
+    /// Client → coordinator: add a coordinator to the group replicating
+    /// the cache index, or remove one ([`Reply::Ok`] once committed).
+    ChangeGroup(strata_raft::MembershipChange),
     /// Worker → coordinator, first on its connection ([`Reply::Ok`]).
     Register(Registration),
     /// Worker → coordinator: still here, running this many steps, holding

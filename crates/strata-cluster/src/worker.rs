@@ -540,6 +540,7 @@ pub(crate) fn request_name(r: &Request) -> &'static str {
         Request::Build(_) => "a build",
         Request::Status => "its status",
         Request::Cordon { .. } => "to cordon a worker",
+        Request::ChangeGroup(_) => "to change the group of coordinators",
         Request::Register(_) => "registration",
         Request::Heartbeat { .. } => "a heartbeat",
         Request::Begin(_) => "to begin a build",

@@ -129,11 +129,49 @@ pub const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// How long a forwarded write or read may take.
 const FORWARD_TTL: Duration = Duration::from_secs(5);
 
+/// Applies `change` on `raft`, if it leads: an added member is made a
+/// learner and caught up before it votes.
+pub(crate) async fn apply_membership(
+    raft: &Raft<TypeConfig>,
+    change: MembershipChange,
+) -> Result<(), RaftError<NodeId, ClientWriteError<NodeId, Node>>> {
+    match change {
+        MembershipChange::Add { id, node } => {
+            raft.add_learner(id, node, true).await?;
+            raft.change_membership(openraft::ChangeMembers::AddVoterIds([id].into()), false)
+                .await?;
+        }
+        MembershipChange::Remove { id } => {
+            raft.change_membership(openraft::ChangeMembers::RemoveVoters([id].into()), false)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 /// What a member is asked, by a caller or a follower forwarding.
 enum Ask {
     Write(Command),
     Read(Digest),
     ReadIndex,
+    Membership(MembershipChange),
+}
+
+/// A change to the group's voters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MembershipChange {
+    /// A new member: it first catches up as a learner, then votes.
+    Add {
+        /// Its id.
+        id: NodeId,
+        /// Its Raft address.
+        node: Node,
+    },
+    /// A member leaves the group.
+    Remove {
+        /// Its id.
+        id: NodeId,
+    },
 }
 
 /// What it answers.
@@ -143,6 +181,7 @@ enum Answer {
     Entry(Option<CacheEntry>),
     /// The log index to have applied; none when asked of the leader.
     Index(Option<u64>),
+    Changed,
 }
 
 /// Why a member did not answer itself.
@@ -304,6 +343,17 @@ impl Member {
         }
     }
 
+    /// Adds a member to the group or removes one, from any member: returns
+    /// once the change is committed (an added member has caught up first).
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<(), Error> {
+        match self.via_leader(Ask::Membership(change)).await? {
+            Answer::Changed => Ok(()),
+            other => Err(Error::Raft(format!(
+                "a membership change answered {other:?}"
+            ))),
+        }
+    }
+
     /// Answers `ask` here if this member leads, else on the leader; while
     /// no leader is known, tries again, up to [`LEADER_WAIT`].
     async fn via_leader(&self, ask: Ask) -> Result<Answer, Error> {
@@ -326,6 +376,11 @@ impl Member {
                             .read_index(FORWARD_TTL)
                             .await
                             .map(|i| Answer::Index(i.or(Some(0)))),
+                        // A new member may need a while to catch up.
+                        (Some(p), Ask::Membership(c)) => p
+                            .change_membership(c.clone(), LEADER_WAIT)
+                            .await
+                            .map(|()| Answer::Changed),
                         (None, _) => Err(network::Forwarded::NotLeader),
                     };
                     match forwarded {
@@ -354,6 +409,16 @@ impl Member {
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(elsewhere(f)),
                 Err(e) => Err(failed(e.to_string())),
             },
+            Ask::Membership(change) => {
+                let outcome = apply_membership(&self.raft, change.clone()).await;
+                match outcome {
+                    Ok(_) => Ok(Answer::Changed),
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                        Err(elsewhere(f))
+                    }
+                    Err(e) => Err(failed(e.to_string())),
+                }
+            }
             Ask::Read(_) | Ask::ReadIndex => match self.raft.ensure_linearizable().await {
                 Ok(_) => match ask {
                     Ask::Read(k) => self

@@ -22,7 +22,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError};
 use strata_cache::CacheEntry;
 use strata_cas::Digest;
 
-use crate::{Command, Node, NodeId, Response, StateMachine, TypeConfig};
+use crate::{Command, MembershipChange, Node, NodeId, Response, StateMachine, TypeConfig};
 
 /// A Raft RPC, or a member's write or read forwarded to the leader.
 #[derive(Serialize, Deserialize)]
@@ -33,6 +33,7 @@ enum Rpc {
     Write(Command),
     Read(Digest),
     ReadIndex,
+    Membership(MembershipChange),
 }
 
 /// Its answer.
@@ -44,6 +45,7 @@ enum RpcReply {
     Write(Result<Response, Forwarded>),
     Read(Result<Option<CacheEntry>, Forwarded>),
     ReadIndex(Result<Option<u64>, Forwarded>),
+    Membership(Result<(), Forwarded>),
 }
 
 /// Why a forwarded write or read failed on the member it reached.
@@ -157,6 +159,19 @@ impl Peer {
     pub(crate) async fn read_index(&mut self, ttl: Duration) -> Result<Option<u64>, Forwarded> {
         self.forward(&Rpc::ReadIndex, ttl, |r| match r {
             RpcReply::ReadIndex(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Has the member (the leader) change the group's voters.
+    pub(crate) async fn change_membership(
+        &mut self,
+        change: MembershipChange,
+        ttl: Duration,
+    ) -> Result<(), Forwarded> {
+        self.forward(&Rpc::Membership(change), ttl, |r| match r {
+            RpcReply::Membership(r) => Some(r),
             _ => None,
         })
         .await
@@ -344,6 +359,15 @@ pub(crate) async fn serve(
                             }
                             Err(e) => Err(Forwarded::Failed(e.to_string())),
                         }),
+                        Rpc::Membership(change) => RpcReply::Membership(
+                            match crate::apply_membership(&raft, change).await {
+                                Ok(()) => Ok(()),
+                                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                                    Err(Forwarded::NotLeader)
+                                }
+                                Err(e) => Err(Forwarded::Failed(e.to_string())),
+                            },
+                        ),
                         Rpc::ReadIndex => {
                             RpcReply::ReadIndex(match raft.ensure_linearizable().await {
                                 Ok(id) => Ok(id.map(|l| l.index)),
