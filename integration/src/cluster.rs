@@ -4,7 +4,7 @@
 
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{Strata, busybox_tar, run_bounded, strata_bin};
@@ -168,6 +168,23 @@ impl Cluster {
         report
     }
 
+    /// Starts `strata build --cluster … --report REPORT EXTRA… CTX` from
+    /// `client`'s state directory in the background, its stderr piped; the
+    /// report lands in the client's home.
+    pub fn spawn_build(&self, client: &Strata, ctx: &Path, extra: &[&str]) -> Child {
+        let report = client.home().join("report.json");
+        client
+            .cmd()
+            .args(["build", "--cluster", self.client().to_str().unwrap()])
+            .args(["--progress", "plain", "--report", report.to_str().unwrap()])
+            .args(extra)
+            .arg(ctx)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// The cluster's directory.
     pub fn path(&self) -> &Path {
         self.dir.path()
@@ -286,4 +303,14 @@ pub fn runs(report: &serde_json::Value) -> usize {
             !s["cached"].as_bool().unwrap() && s["instruction"].as_str().unwrap().starts_with("RUN")
         })
         .count()
+}
+
+/// The worker `cluster status` shows running `steps` steps, if any.
+pub fn worker_running(status: &str, steps: usize) -> Option<String> {
+    status
+        .lines()
+        .filter(|l| l.starts_with("worker-"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cols| cols.get(4) == Some(&steps.to_string().as_str()))
+        .map(|cols| cols[0].to_string())
 }

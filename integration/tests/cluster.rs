@@ -5,10 +5,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use strata_integration::cluster::{Cluster, runs};
+use strata_integration::cluster::{Cluster, runs, worker_running};
 use strata_integration::{Strata, write_files};
 
 /// Four builders, each with 20 MB the final stage does not copy.
@@ -28,32 +28,6 @@ COPY --from=c /out-c /out/
 COPY --from=d /out-d /out/
 CMD [\"sh\", \"-c\", \"cat /out/*\"]
 ";
-
-/// Starts `strata build --cluster … --report REPORT EXTRA… CTX` in the
-/// background, its stderr piped; the report lands in the client's home.
-fn spawn_build(cluster: &Cluster, client: &Strata, ctx: &std::path::Path, extra: &[&str]) -> Child {
-    let report = client.home().join("report.json");
-    client
-        .cmd()
-        .args(["build", "--cluster", cluster.client().to_str().unwrap()])
-        .args(["--progress", "plain", "--report", report.to_str().unwrap()])
-        .args(extra)
-        .arg(ctx)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// The worker `cluster status` shows running `steps` steps, if any.
-fn worker_running(status: &str, steps: usize) -> Option<String> {
-    status
-        .lines()
-        .filter(|l| l.starts_with("worker-"))
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|cols| cols.get(4) == Some(&steps.to_string().as_str()))
-        .map(|cols| cols[0].to_string())
-}
 
 fn workers_of(report: &serde_json::Value) -> HashMap<String, String> {
     report["steps"]
@@ -208,7 +182,7 @@ fn a_worker_killed_mid_stage_does_not_fail_the_build() {
     );
     let client = Strata::new();
     let report_path = client.home().join("report.json");
-    let build = spawn_build(&cluster, &client, ctx.path(), &["-t", "survivor:1"]);
+    let build = cluster.spawn_build(&client, ctx.path(), &["-t", "survivor:1"]);
     // Whichever worker got the stage dies in the middle of it.
     let status = cluster.wait_for(Duration::from_secs(30), |s| worker_running(s, 1).is_some());
     let victim = worker_running(&status, 1).unwrap();
@@ -246,7 +220,7 @@ fn a_client_killed_mid_build_takes_its_build_with_it() {
         &[("Dockerfile", "FROM busybox:latest\nRUN sleep 120\n")],
     );
     let client = Strata::new();
-    let mut build = spawn_build(&cluster, &client, ctx.path(), &[]);
+    let mut build = cluster.spawn_build(&client, ctx.path(), &[]);
     cluster.wait_for(Duration::from_secs(30), |s| worker_running(s, 1).is_some());
     build.kill().unwrap();
     build.wait().unwrap();
@@ -376,7 +350,7 @@ fn concurrent_builds_run_a_shared_builder_once() {
         );
         let client = Strata::new();
         let report = client.home().join("report.json");
-        let child = spawn_build(&cluster, &client, ctx.path(), &[]);
+        let child = cluster.spawn_build(&client, ctx.path(), &[]);
         children.push((child, report, client));
         dirs.push(ctx);
     }

@@ -9,10 +9,10 @@
     clippy::print_stderr
 )]
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use strata_integration::cluster::{Cluster, runs};
+use strata_integration::cluster::{Cluster, runs, worker_running};
 use strata_integration::{Strata, write_files};
 
 /// `(member, leader, last applied)` from `strata cluster status`.
@@ -84,19 +84,9 @@ fn losing_the_leader_loses_no_cache_and_a_restarted_coordinator_catches_up() {
         )],
     );
     let inflight_client = Strata::new();
-    let inflight = inflight_client
-        .cmd()
-        .args(["build", "--cluster", cluster.client().to_str().unwrap()])
-        .args(["--progress", "plain", "-t", "inflight:1"])
-        .arg(inflight_ctx.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    cluster.wait_for(Duration::from_secs(30), |s| {
-        s.lines()
-            .any(|l| l.starts_with("worker-") && l.split_whitespace().nth(4) == Some("1"))
-    });
+    let inflight =
+        cluster.spawn_build(&inflight_client, inflight_ctx.path(), &["-t", "inflight:1"]);
+    cluster.wait_for(Duration::from_secs(30), |s| worker_running(s, 1).is_some());
 
     let (_, leader, _) = group(&cluster.status()).unwrap();
     let leader = leader.expect("a leader");

@@ -279,23 +279,10 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
             renderer.finish();
             match result {
                 Ok(r) => (r.image, r.solved.steps, None),
-                Err(BuildError::Solve(strata_solver::SolveError::Step {
-                    stage,
-                    number,
-                    total,
-                    label,
-                    line,
-                    message,
-                    tail,
-                })) => {
-                    print_tail(Some(&format!("[{stage} {number}/{total}] {label}")), &tail)?;
-                    bail!(
-                        "{}:{line}: [{stage} {number}/{total}] {label}: {message}",
-                        args.file
-                            .as_deref()
-                            .unwrap_or(Path::new("Dockerfile"))
-                            .display()
-                    );
+                Err(BuildError::Solve(e)) if e.step_title().is_some() => {
+                    print_tail(e.step_title().as_deref(), e.tail())?;
+                    let file = args.file.as_deref().unwrap_or(Path::new("Dockerfile"));
+                    bail!("{}", e.located(&file.display().to_string()));
                 }
                 Err(e) => return Err(e.into()),
             }

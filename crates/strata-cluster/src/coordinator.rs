@@ -12,7 +12,7 @@ use strata_net::{Connection, Endpoint, Role, read_frame, recv_blob, send_blob, w
 use strata_oci::LayerRef;
 use strata_raft::{Member, ReplicatedIndex, Tuning};
 use strata_registry::Registry;
-use strata_solver::{Event, Flights, SolveError, SolveOptions, Solver};
+use strata_solver::{Event, Flights, SolveOptions, Solver};
 use strata_worker::{BaseImages, Node, epoch_rfc3339};
 use tokio_util::sync::CancellationToken;
 
@@ -134,21 +134,7 @@ impl Coordinator {
         config: &CoordinatorConfig,
         registry: Arc<Registry>,
     ) -> Result<Arc<Coordinator>, String> {
-        let id = config.tls.identity().map_err(|e| e.to_string())?;
-        let me = id.peer().map_err(|e| e.to_string())?;
-        if me.role != Role::Coordinator {
-            return Err(format!(
-                "{} is a {} certificate; a coordinator needs a coordinator's",
-                config.tls.cert.display(),
-                me.role
-            ));
-        }
-        let node = Node::open(&config.home).map_err(|e| {
-            format!(
-                "cannot open the state directory {}: {e}",
-                config.home.display()
-            )
-        })?;
+        let (id, me, node) = crate::open_node(&config.tls, Role::Coordinator, &config.home)?;
         let endpoint = Endpoint::listen(config.listen, &id).map_err(|e| e.to_string())?;
         let listen = endpoint.local_addr().map_err(|e| e.to_string())?;
         let member = Arc::new(join_group(config, &id).await?);
@@ -651,22 +637,7 @@ impl Coordinator {
                     steps: solved.steps,
                 })));
             }
-            Err(SolveError::Step {
-                stage,
-                number,
-                total,
-                label,
-                line,
-                message,
-                tail,
-            }) => fail(
-                format!(
-                    "{}:{line}: [{stage} {number}/{total}] {label}: {message}",
-                    submit.inputs.dockerfile_name
-                ),
-                tail,
-            ),
-            Err(e) => fail(e.to_string(), vec![]),
+            Err(e) => fail(e.located(&submit.inputs.dockerfile_name), e.tail().to_vec()),
         }
     }
 }

@@ -30,3 +30,24 @@ mod placement;
 mod plan;
 pub mod protocol;
 pub mod worker;
+
+/// What a coordinator or worker opens first: its credentials, whose
+/// certificate must name `role`, and its state directory.
+pub(crate) fn open_node(
+    tls: &config::TlsFiles,
+    role: strata_net::Role,
+    home: &std::path::Path,
+) -> Result<(strata_net::Identity, strata_net::Peer, strata_worker::Node), String> {
+    let id = tls.identity().map_err(|e| e.to_string())?;
+    let me = id.peer().map_err(|e| e.to_string())?;
+    if me.role != role {
+        return Err(format!(
+            "{} is a {} certificate; a {role} needs a {role}'s",
+            tls.cert.display(),
+            me.role
+        ));
+    }
+    let node = strata_worker::Node::open(home)
+        .map_err(|e| format!("cannot open the state directory {}: {e}", home.display()))?;
+    Ok((id, me, node))
+}

@@ -271,14 +271,23 @@ impl Placement {
             .remove(&i);
     }
 
-    fn connection(&self, worker: &str) -> Result<Connection, WorkerError> {
+    /// `f` of `worker`'s state, while it is alive.
+    fn live<T>(
+        &self,
+        worker: &str,
+        f: impl FnOnce(&crate::coordinator::WorkerState) -> T,
+    ) -> Option<T> {
         self.coord
             .workers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(worker)
             .filter(|w| w.alive)
-            .map(|w| w.conn.clone())
+            .map(f)
+    }
+
+    fn connection(&self, worker: &str) -> Result<Connection, WorkerError> {
+        self.live(worker, |w| w.conn.clone())
             .ok_or_else(|| WorkerError::lost(format!("worker {worker} is gone")))
     }
 
@@ -401,16 +410,10 @@ impl Placement {
 
     /// Where `worker` serves blobs.
     fn holder(&self, worker: &str) -> Option<Holder> {
-        self.coord
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(worker)
-            .filter(|w| w.alive)
-            .map(|w| Holder {
-                name: worker.to_string(),
-                addr: w.addr,
-            })
+        self.live(worker, |w| Holder {
+            name: worker.to_string(),
+            addr: w.addr,
+        })
     }
 
     /// Asks `holder` to pack what step `s` of stage `i` copies.

@@ -57,21 +57,7 @@ fn reply_error(e: impl std::fmt::Display) -> Reply {
 impl WorkerNode {
     /// Opens the state directory and starts listening.
     pub fn start(config: &WorkerConfig) -> Result<Arc<WorkerNode>, String> {
-        let id = config.tls.identity().map_err(|e| e.to_string())?;
-        let me = id.peer().map_err(|e| e.to_string())?;
-        if me.role != Role::Worker {
-            return Err(format!(
-                "{} is a {} certificate; a worker needs a worker's",
-                config.tls.cert.display(),
-                me.role
-            ));
-        }
-        let node = Node::open(&config.home).map_err(|e| {
-            format!(
-                "cannot open the state directory {}: {e}",
-                config.home.display()
-            )
-        })?;
+        let (id, me, node) = crate::open_node(&config.tls, Role::Worker, &config.home)?;
         let endpoint = Endpoint::listen(config.listen, &id).map_err(|e| e.to_string())?;
         let listen = config
             .advertise

@@ -241,3 +241,39 @@ pub enum SolveError {
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+impl SolveError {
+    /// The error as a build reports it: a failed step located in the
+    /// Dockerfile `file` (`FILE:LINE: [STAGE N/M] INSTRUCTION: why`), any
+    /// other failure as it is.
+    pub fn located(&self, file: &str) -> String {
+        match (self, self.step_title()) {
+            (SolveError::Step { line, message, .. }, Some(title)) => {
+                format!("{file}:{line}: {title}: {message}")
+            }
+            _ => self.to_string(),
+        }
+    }
+
+    /// A failed step's `[STAGE N/M] INSTRUCTION` (none for other failures).
+    pub fn step_title(&self) -> Option<String> {
+        match self {
+            SolveError::Step {
+                stage,
+                number,
+                total,
+                label,
+                ..
+            } => Some(format!("[{stage} {number}/{total}] {label}")),
+            _ => None,
+        }
+    }
+
+    /// A failed step's last output lines (none for other failures).
+    pub fn tail(&self) -> &[String] {
+        match self {
+            SolveError::Step { tail, .. } => tail,
+            _ => &[],
+        }
+    }
+}
