@@ -45,6 +45,17 @@ impl Cluster {
     /// busybox:latest in its store, and the given worker lease) and
     /// `workers` workers.
     pub fn start_group(coordinators: usize, workers: usize, lease_seconds: u64) -> Cluster {
+        Cluster::start_with(coordinators, workers, lease_seconds, 2)
+    }
+
+    /// [`Cluster::start_group`] keeping each built layer on `replication`
+    /// workers.
+    pub fn start_with(
+        coordinators: usize,
+        workers: usize,
+        lease_seconds: u64,
+        replication: usize,
+    ) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("strata-cluster-")
             .tempdir()
@@ -76,7 +87,8 @@ impl Cluster {
                 text.replace(
                     "lease_seconds = 5",
                     &format!("lease_seconds = {lease_seconds}"),
-                ),
+                )
+                .replace("replication = 2", &format!("replication = {replication}")),
             )
             .unwrap();
             let out = Command::new(strata_bin())
@@ -255,6 +267,18 @@ impl Cluster {
             assert!(start.elapsed() < limit, "gave up waiting; status:\n{s}");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The line of `strata cluster status` on copies of built layers:
+    /// (copies wanted, layers short of them).
+    pub fn replication(status: &str) -> Option<(usize, usize)> {
+        let line = status.lines().find(|l| l.starts_with("replication: "))?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let number_before = |w: &str| {
+            let i = words.iter().position(|x| *x == w)?;
+            words.get(i.checked_sub(1)?)?.parse().ok()
+        };
+        Some((number_before("copies")?, number_before("layers")?))
     }
 
     /// Bytes of blobs in a node's content store.

@@ -408,3 +408,82 @@ fn rand_offset() -> u32 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos() % 10_000)
 }
+
+/// The workers holding more than `bytes` of blobs.
+fn holding_more_than(cluster: &Cluster, bytes: u64) -> Vec<String> {
+    cluster
+        .worker_names()
+        .into_iter()
+        .filter(|w| cluster.blob_bytes(w) > bytes)
+        .collect()
+}
+
+fn kill(cluster: &Cluster, name: &str) {
+    Command::new("kill")
+        .args(["-9", &cluster.pid(name).to_string()])
+        .status()
+        .unwrap();
+}
+
+#[test]
+fn layers_a_lost_worker_held_are_copied_again_and_the_cache_still_hits() {
+    // Three coordinators, three workers, each built layer kept on two.
+    let cluster = Cluster::start_group(3, 3, 2);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\n\
+             RUN head -c 6000000 /dev/urandom > /big && md5sum /big > /big.md5\n\
+             RUN echo small > /small\n\
+             CMD [\"md5sum\", \"-c\", \"/big.md5\"]\n",
+        )],
+    );
+    let first = cluster.build(&Strata::new(), ctx.path(), &["-t", "kept:1"]);
+    assert_eq!(runs(&first), 2, "{first}");
+
+    // The build ended with its results published: two workers hold the
+    // 6 MB layer, no layer is short.
+    let holders = holding_more_than(&cluster, 6_000_000);
+    assert_eq!(holders.len(), 2, "{holders:?}");
+    let status = cluster.status();
+    assert_eq!(Cluster::replication(&status), Some((2, 0)), "{status}");
+    let spare = cluster
+        .worker_names()
+        .into_iter()
+        .find(|w| !holders.contains(w))
+        .unwrap();
+
+    // One holder dies: the leader copies what it held to the spare.
+    let killed = Instant::now();
+    kill(&cluster, &holders[0]);
+    cluster.wait_for(Duration::from_secs(60), |s| {
+        s.lines()
+            .any(|l| l.starts_with(&holders[0]) && l.contains(" gone "))
+            && Cluster::replication(s) == Some((2, 0))
+    });
+    eprintln!(
+        "{spare} holds the lost worker's layers again {:?} after {} was killed",
+        killed.elapsed(),
+        holders[0]
+    );
+    assert!(cluster.blob_bytes(&spare) > 6_000_000);
+
+    // The other original holder dies too: the cache hit needs the copies.
+    kill(&cluster, &holders[1]);
+    cluster.wait_for(Duration::from_secs(60), |s| {
+        s.lines()
+            .filter(|l| l.starts_with("worker-") && l.contains(" gone "))
+            .count()
+            == 2
+    });
+    let client = Strata::new();
+    let again = cluster.build(&client, ctx.path(), &["-t", "kept:1"]);
+    assert_eq!(runs(&again), 0, "{again}");
+    assert_eq!(
+        again["image"]["manifest_digest"],
+        first["image"]["manifest_digest"]
+    );
+    assert_eq!(client.ok(&["run", "--rm", "kept:1"]), "/big: OK\n");
+}

@@ -279,6 +279,11 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
                 g.last_applied
                     .map_or_else(|| "-".to_string(), |i| i.to_string())
             )?;
+            writeln!(
+                out,
+                "replication: {} copies of each built layer, {} layers short, {} workers registered",
+                status.replication, status.under_replicated, status.workers_registered
+            )?;
             let config = ClientConfig::load(&cluster)?;
             if config.coordinators.len() > 1 {
                 let views = crate::runtime()?.block_on(coordinator_views(&config));

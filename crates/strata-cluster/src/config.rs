@@ -228,6 +228,14 @@ fn default_id() -> u64 {
     1
 }
 
+fn default_replication() -> usize {
+    CoordinatorConfig::DEFAULT_REPLICATION
+}
+
+fn default_repair_rate() -> u64 {
+    CoordinatorConfig::DEFAULT_REPAIR_RATE
+}
+
 fn default_raft_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 7500))
 }
@@ -257,6 +265,16 @@ pub struct CoordinatorConfig {
     /// coordinator is a group of one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub group: Vec<GroupMember>,
+    /// Workers each layer a build makes is kept on: a result enters the
+    /// cache index once that many hold its layer (or every live worker,
+    /// when fewer are up), and layers left with fewer copies when a
+    /// worker goes are copied again.
+    #[serde(default = "default_replication")]
+    pub replication: usize,
+    /// The highest rate, in MiB per second, at which lost copies are made
+    /// again in the background.
+    #[serde(default = "default_repair_rate")]
+    pub repair_mib_per_second: u64,
     /// Its credentials.
     #[serde(default = "default_coordinator_tls")]
     pub tls: TlsFiles,
@@ -336,14 +354,28 @@ fn base_of(path: &Path) -> PathBuf {
 }
 
 impl CoordinatorConfig {
+    /// Workers each built layer is kept on, unless configured.
+    pub const DEFAULT_REPLICATION: usize = 2;
+    /// MiB per second for background copies, unless configured.
+    pub const DEFAULT_REPAIR_RATE: u64 = 64;
+
     /// Reads `path`, then `STRATA_LISTEN`, `STRATA_HOME`,
-    /// `STRATA_LEASE_SECONDS` and `STRATA_RAFT_LISTEN`.
+    /// `STRATA_LEASE_SECONDS`, `STRATA_RAFT_LISTEN`, `STRATA_REPLICATION`
+    /// and `STRATA_REPAIR_MIB_PER_SECOND`.
     pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
         let mut c: CoordinatorConfig = load(path)?;
         override_with("STRATA_LISTEN", &mut c.listen)?;
         override_with("STRATA_HOME", &mut c.home)?;
         override_with("STRATA_LEASE_SECONDS", &mut c.lease_seconds)?;
         override_with("STRATA_RAFT_LISTEN", &mut c.raft_listen)?;
+        override_with("STRATA_REPLICATION", &mut c.replication)?;
+        override_with("STRATA_REPAIR_MIB_PER_SECOND", &mut c.repair_mib_per_second)?;
+        if c.replication == 0 {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                detail: "replication must be at least 1".into(),
+            });
+        }
         if !c.group.is_empty() && !c.group.iter().any(|m| m.id == c.id) {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),

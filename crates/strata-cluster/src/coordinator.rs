@@ -33,13 +33,16 @@ pub(crate) struct WorkerState {
     pub running: usize,
     pub last_seen: Instant,
     pub alive: bool,
+    /// Every blob it told this coordinator it holds (registration and
+    /// heartbeats since).
+    pub blobs: HashSet<Digest>,
 }
 
 /// The coordinator process.
 pub struct Coordinator {
     pub(crate) node: Arc<Node>,
     /// Its member of the group that replicates the cache index.
-    member: Arc<Member>,
+    pub(crate) member: Arc<Member>,
     /// The cache index builds use, through `member`.
     index: Arc<ReplicatedIndex>,
     name: String,
@@ -51,9 +54,15 @@ pub struct Coordinator {
     /// Workers no new stage is placed on, by name: it outlasts their
     /// connections.
     cordoned: Mutex<HashSet<String>>,
-    /// Which workers hold which blob (the coordinator's own store is
-    /// asked directly).
-    locations: Mutex<HashMap<Digest, HashSet<String>>>,
+    /// Workers each built layer is kept on.
+    pub(crate) replication: usize,
+    /// Bytes per second for background copies.
+    pub(crate) repair_rate: u64,
+    /// Blobs being copied now: a build publishing a layer and the repair
+    /// loop do not copy the same blob at once.
+    pub(crate) copying: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// Wakes the repair loop: a worker came or went.
+    pub(crate) repair_wanted: tokio::sync::Notify,
     /// Wakes stages waiting for a free slot.
     pub(crate) slot_freed: tokio::sync::Notify,
     next_build: AtomicU64,
@@ -152,7 +161,10 @@ impl Coordinator {
             registry,
             lease: Duration::from_secs(config.lease_seconds.max(1)),
             workers: Mutex::default(),
-            locations: Mutex::default(),
+            replication: config.replication.max(1),
+            repair_rate: config.repair_mib_per_second.saturating_mul(1 << 20),
+            copying: Mutex::default(),
+            repair_wanted: tokio::sync::Notify::new(),
             slot_freed: tokio::sync::Notify::new(),
             cordoned: Mutex::default(),
             // Ids a restarted coordinator hands out differ from those of
@@ -191,6 +203,7 @@ impl Coordinator {
                 }
             })
         };
+        let repair = tokio::spawn(Arc::clone(&self).repair());
         loop {
             tokio::select! {
                 conn = self.endpoint.accept() => {
@@ -201,12 +214,13 @@ impl Coordinator {
             }
         }
         reaper.abort();
+        repair.abort();
         self.endpoint.close();
     }
 
     /// Workers silent for longer than the lease are gone: their blobs are
     /// no longer offered and their stages start over elsewhere.
-    fn expire_leases(&self) {
+    fn expire_leases(self: &Arc<Self>) {
         let expired: Vec<String> = {
             let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
             workers
@@ -226,7 +240,7 @@ impl Coordinator {
     }
 
     /// Marks a worker gone (if `conn` is still its connection).
-    pub(crate) fn lose(&self, name: &str, conn: &Connection) {
+    pub(crate) fn lose(self: &Arc<Self>, name: &str, conn: &Connection) {
         let gone = {
             let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
             match workers.get_mut(name) {
@@ -243,39 +257,52 @@ impl Coordinator {
         }
     }
 
-    fn forget(&self, name: &str) {
-        let mut loc = self
-            .locations
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        for holders in loc.values_mut() {
-            holders.remove(name);
-        }
-        loc.retain(|_, h| !h.is_empty());
-        drop(loc);
+    /// A worker is gone: stages waiting for slots look again, the repair
+    /// loop copies what it leaves short, and the leader tells the group
+    /// it holds nothing (it registers afresh if it comes back).
+    fn forget(self: &Arc<Self>, name: &str) {
         self.slot_freed.notify_waiters();
+        self.repair_wanted.notify_one();
+        if self.member.is_leader() {
+            let (me, worker) = (Arc::clone(self), name.to_string());
+            tokio::spawn(async move {
+                let forget = strata_raft::CommandV1::Forget {
+                    worker: worker.clone(),
+                };
+                if let Err(e) = me.member.write(forget).await {
+                    tracing::warn!(%worker, error = %e, "cannot record that the worker left");
+                }
+            });
+        }
     }
 
-    /// Records that `worker` holds `blob`.
-    pub(crate) fn located(&self, blob: Digest, worker: &str) {
-        self.locations
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(blob)
-            .or_default()
-            .insert(worker.to_string());
+    /// Records in the group that `worker` holds `blobs`.
+    pub(crate) async fn located(&self, worker: &str, blobs: Vec<Digest>) -> Result<(), String> {
+        if blobs.is_empty() {
+            return Ok(());
+        }
+        self.member
+            .write(strata_raft::CommandV1::Located {
+                worker: worker.to_string(),
+                blobs,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// The workers the group records as holding `blob`.
+    pub(crate) fn recorded_holders(&self, blob: &Digest) -> Vec<String> {
+        self.member.local().holders(blob).unwrap_or_else(|e| {
+            tracing::warn!(%blob, error = %e, "cannot read where the blob is");
+            Vec::new()
+        })
     }
 
     /// Live nodes holding `blob`, other than `except`; the coordinator
     /// itself when its store has it.
     pub(crate) fn holders(&self, blob: &Digest, except: Option<&str>) -> Vec<Holder> {
-        let names: Vec<String> = self
-            .locations
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(blob)
-            .map(|h| h.iter().cloned().collect())
-            .unwrap_or_default();
+        let names = self.recorded_holders(blob);
         let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out: Vec<Holder> = names
             .into_iter()
@@ -296,11 +323,7 @@ impl Coordinator {
 
     /// Whether `worker` holds `blob`.
     pub(crate) fn holds(&self, worker: &str, blob: &Digest) -> bool {
-        self.locations
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(blob)
-            .is_some_and(|h| h.contains(worker))
+        self.recorded_holders(blob).iter().any(|w| w == worker)
     }
 
     async fn serve(self: Arc<Self>, conn: Connection) {
@@ -363,7 +386,7 @@ impl Coordinator {
                 self.cordon(&worker, cordoned)
             }
             Request::Register(r) if role == Role::Worker => {
-                self.register(conn, r);
+                self.register(conn, r).await;
                 Reply::Ok
             }
             Request::Heartbeat { running, blobs } if role == Role::Worker => {
@@ -372,6 +395,7 @@ impl Coordinator {
                     match workers.get_mut(&conn.peer.name) {
                         Some(w) if w.alive && w.conn.quic.stable_id() == conn.quic.stable_id() => {
                             w.last_seen = Instant::now();
+                            w.blobs.extend(blobs.iter().copied());
                             true
                         }
                         _ => false,
@@ -379,8 +403,11 @@ impl Coordinator {
                 };
                 if current {
                     tracing::trace!(worker = %conn.peer.name, running, gained = blobs.len(), "heartbeat");
-                    for b in &blobs {
-                        self.located(*b, &conn.peer.name);
+                    // The worker tells every coordinator; one records it.
+                    if self.member.is_leader()
+                        && let Err(e) = self.located(&conn.peer.name, blobs).await
+                    {
+                        tracing::warn!(worker = %conn.peer.name, error = %e, "cannot record the blobs the worker gained");
                     }
                     Reply::Ok
                 } else {
@@ -396,7 +423,7 @@ impl Coordinator {
         write_frame(send, &reply, conn.addr).await
     }
 
-    fn register(&self, conn: &Connection, r: Registration) {
+    async fn register(self: &Arc<Self>, conn: &Connection, r: Registration) {
         let name = conn.peer.name.clone();
         // A worker listening on a wildcard address is reached at the
         // address its connection comes from.
@@ -406,14 +433,11 @@ impl Coordinator {
             r.addr
         };
         tracing::info!(worker = %name, %addr, slots = r.slots, blobs = r.blobs.len(), "worker registered");
-        for b in &r.blobs {
-            self.located(*b, &name);
-        }
         self.workers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(
-                name,
+                name.clone(),
                 WorkerState {
                     conn: conn.clone(),
                     addr,
@@ -421,9 +445,16 @@ impl Coordinator {
                     running: 0,
                     last_seen: Instant::now(),
                     alive: true,
+                    blobs: r.blobs.into_iter().collect(),
                 },
             );
+        // The worker registers with every coordinator; the leader records
+        // it (a new leader records the workers it finds unrecorded).
+        if self.member.is_leader() {
+            self.record_registration(&name).await;
+        }
         self.slot_freed.notify_waiters();
+        self.repair_wanted.notify_one();
     }
 
     fn cordon(&self, worker: &str, cordoned: bool) -> Reply {
@@ -471,16 +502,18 @@ impl Coordinator {
     }
 
     fn status(&self) -> ClusterStatus {
-        let loc = self
-            .locations
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let state = self.member.local();
+        let loc = state.locations().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read where blobs are");
+            Vec::new()
+        });
         let mut counts: HashMap<&str, usize> = HashMap::new();
-        for holders in loc.values() {
+        for (_, holders) in &loc {
             for h in holders {
                 *counts.entry(h.as_str()).or_default() += 1;
             }
         }
+        let under_replicated = self.under_replicated().map_or(0, |u| u.len());
         let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
         let mut list: Vec<WorkerStatus> = workers
             .iter()
@@ -502,6 +535,9 @@ impl Coordinator {
             cache_entries: self.member.local().entries().map_or(0, |l| l.len()),
             group: self.group_status(),
             blobs_located: loc.len(),
+            replication: self.replication,
+            under_replicated,
+            workers_registered: state.workers().map_or(0, |w| w.len()),
             builds_running: self.builds_running.load(Ordering::Relaxed),
         }
     }

@@ -29,6 +29,7 @@ mod peers;
 mod placement;
 mod plan;
 pub mod protocol;
+mod replicas;
 pub mod worker;
 
 /// What a coordinator or worker opens first: its credentials, whose

@@ -148,8 +148,11 @@ pub fn init(
              # listen: where workers and clients reach it (QUIC over UDP). home: its state\n\
              # directory. lease_seconds: how long a silent worker keeps its stages. id,\n\
              # raft_listen, group: its place in the group replicating the cache index.\n\
+             # replication: workers each built layer is kept on; repair_mib_per_second:\n\
+             # how fast lost copies are made again.\n\
              # Overrides: STRATA_LISTEN, STRATA_HOME, STRATA_LEASE_SECONDS,\n\
-             # STRATA_RAFT_LISTEN. config/ has every setting explained.",
+             # STRATA_RAFT_LISTEN, STRATA_REPLICATION, STRATA_REPAIR_MIB_PER_SECOND.\n\
+             # config/ has every setting explained.",
             &CoordinatorConfig {
                 listen: ports.coordinator(j)?,
                 home: format!("state/{name}").into(),
@@ -157,6 +160,8 @@ pub fn init(
                 id: j as u64,
                 raft_listen: ports.raft(j)?,
                 group: group.clone(),
+                replication: CoordinatorConfig::DEFAULT_REPLICATION,
+                repair_mib_per_second: CoordinatorConfig::DEFAULT_REPAIR_RATE,
                 tls: tls(name),
             },
         )

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use strata_cas::{ContentStore, Digest};
-use strata_net::{Connection, Endpoint, recv_blob, write_frame};
+use strata_net::{Connection, Endpoint, recv_blob_limited, write_frame};
 use strata_oci::LayerRef;
 use tokio::sync::Mutex;
 
@@ -48,16 +48,18 @@ impl Peers {
     /// Fetches `blob` into `cas` from the first of `holders` that sends
     /// it whole and verified; a holder that fails (gone, lacking it, or
     /// sending bytes that do not hash to the name) is passed over.
-    /// Returns the bytes received.
+    /// Returns the bytes received. With `bytes_per_second`, the blob
+    /// comes no faster.
     pub async fn fetch(
         &self,
         cas: &ContentStore,
         blob: &Digest,
         holders: &[Holder],
+        bytes_per_second: Option<u64>,
     ) -> Result<u64, String> {
         let mut why = Vec::new();
         for h in holders {
-            match self.fetch_from(cas, blob, h).await {
+            match self.fetch_from(cas, blob, h, bytes_per_second).await {
                 Ok(Some(n)) => return Ok(n),
                 Ok(None) => why.push(format!("{} does not hold it", h.name)),
                 Err(e) => {
@@ -78,12 +80,13 @@ impl Peers {
         cas: &ContentStore,
         blob: &Digest,
         holder: &Holder,
+        bytes_per_second: Option<u64>,
     ) -> Result<Option<u64>, strata_net::Error> {
         let conn = self.connection(holder.addr).await?;
         let (mut send, mut recv) = conn.open().await?;
         write_frame(&mut send, &Request::GetBlob(*blob), conn.addr).await?;
         let _ = send.finish();
-        recv_blob(&mut recv, cas, blob, conn.addr).await
+        recv_blob_limited(&mut recv, cas, blob, conn.addr, bytes_per_second).await
     }
 
     /// Makes sure every layer in `needed` is in `cas`, fetching those that
@@ -103,7 +106,7 @@ impl Peers {
             let (blob, holders) = (layer.blob, holders.clone());
             tasks.spawn(async move {
                 let _permit = limit.acquire().await.map_err(|e| e.to_string())?;
-                me.fetch(&cas, &blob, &holders).await
+                me.fetch(&cas, &blob, &holders, None).await
             });
         }
         let mut total = 0;

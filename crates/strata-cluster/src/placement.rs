@@ -519,9 +519,17 @@ impl Placement {
         if let Ok(Some(layer)) = &outcome {
             // The parent chain is on the worker too: it ran on it or
             // fetched it.
-            for l in job.parent.iter().chain([layer]) {
-                self.coord.located(l.blob, &worker);
-            }
+            let gained: Vec<Digest> = job
+                .parent
+                .iter()
+                .chain([layer])
+                .map(|l| l.blob)
+                .filter(|b| !self.coord.holds(&worker, b))
+                .collect();
+            self.coord
+                .located(&worker, gained)
+                .await
+                .map_err(|e| WorkerError::new(format!("cannot record where the layer is: {e}")))?;
         }
         outcome
     }
@@ -557,6 +565,14 @@ impl Worker for Placement {
 
     fn execute(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError> {
         self.handle.block_on(self.execute_async(job))
+    }
+
+    /// Copies the layer until the configured number of workers hold it.
+    fn publish(&self, layer: &LayerRef) -> Result<(), WorkerError> {
+        self.handle
+            .block_on(self.coord.replicate(layer.blob, None))
+            .map(|_| ())
+            .map_err(WorkerError::new)
     }
 
     fn name(&self) -> String {

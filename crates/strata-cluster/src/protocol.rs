@@ -128,6 +128,17 @@ pub struct StepRef {
     pub artifact: Option<(Digest, Vec<Holder>)>,
 }
 
+/// A blob for a worker to copy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopyBlob {
+    /// The blob.
+    pub blob: Digest,
+    /// Who holds it.
+    pub holders: Vec<Holder>,
+    /// The highest rate to fetch it at, if bounded.
+    pub bytes_per_second: Option<u64>,
+}
+
 /// What the worker running a step sends back.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ExecEvent {
@@ -150,8 +161,14 @@ pub struct ClusterStatus {
     pub cache_entries: usize,
     /// The group of coordinators keeping the index, as this one sees it.
     pub group: GroupStatus,
-    /// Blobs whose holders the coordinator knows.
+    /// Blobs whose holders the group records.
     pub blobs_located: usize,
+    /// Workers each layer a build made is kept on.
+    pub replication: usize,
+    /// Layers of cached results with fewer live copies than that.
+    pub under_replicated: usize,
+    /// Workers the group records as registered.
+    pub workers_registered: usize,
     /// Builds running now.
     pub builds_running: usize,
 }
@@ -237,6 +254,9 @@ pub enum Request {
     Artifact(Box<StepRef>),
     /// Coordinator → worker: the build is over ([`Reply::Ok`]).
     End(u64),
+    /// Coordinator → worker: fetch this blob from its holders and keep it
+    /// ([`Reply::Ok`] once stored), so it has more copies.
+    Copy(Box<CopyBlob>),
 }
 
 /// A single answer.

@@ -250,6 +250,24 @@ impl WorkerNode {
             Request::Artifact(step) if from_coordinator => {
                 Reply::Artifact(self.artifact(*step, &conn.peer.name).await)
             }
+            Request::Copy(copy) if from_coordinator => {
+                match self
+                    .peers
+                    .fetch(
+                        &self.node.content,
+                        &copy.blob,
+                        &copy.holders,
+                        copy.bytes_per_second,
+                    )
+                    .await
+                {
+                    Ok(bytes) => {
+                        tracing::debug!(blob = %copy.blob, bytes, from = %conn.peer.name, "took a copy");
+                        Reply::Ok
+                    }
+                    Err(e) => reply_error(e),
+                }
+            }
             Request::End(id) if from_coordinator => {
                 self.builds
                     .lock()
@@ -287,6 +305,7 @@ impl WorkerNode {
                     &self.node.content,
                     &spec.context,
                     std::slice::from_ref(&coordinator),
+                    None,
                 )
                 .await?;
         }
@@ -378,7 +397,7 @@ impl WorkerNode {
         };
         if !self.node.content.contains(blob).unwrap_or(false) {
             self.peers
-                .fetch(&self.node.content, blob, holders)
+                .fetch(&self.node.content, blob, holders, None)
                 .await
                 .map_err(WorkerError::new)?;
         }
@@ -534,5 +553,6 @@ pub(crate) fn request_name(r: &Request) -> &'static str {
         Request::Execute(_) => "to run a step",
         Request::Artifact(_) => "an artifact",
         Request::End(_) => "to end a build",
+        Request::Copy(_) => "to take a copy of a blob",
     }
 }

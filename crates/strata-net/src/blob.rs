@@ -93,6 +93,19 @@ pub async fn recv_blob(
     digest: &Digest,
     peer: SocketAddr,
 ) -> Result<Option<u64>> {
+    recv_blob_limited(recv, cas, digest, peer, None).await
+}
+
+/// [`recv_blob`], reading no faster than `bytes_per_second` on average
+/// when given: QUIC's flow control then slows the sender, so background
+/// copies leave the link to builds.
+pub async fn recv_blob_limited(
+    recv: &mut quinn::RecvStream,
+    cas: &ContentStore,
+    digest: &Digest,
+    peer: SocketAddr,
+    bytes_per_second: Option<u64>,
+) -> Result<Option<u64>> {
     let blob_err = |detail: String| Error::Blob {
         peer,
         digest: *digest,
@@ -104,6 +117,7 @@ pub async fn recv_blob(
         None => return Err(blob_err("the stream ended before the blob".into())),
     };
     let mut w = cas.writer_with_sha256(sha256)?;
+    let started = tokio::time::Instant::now();
     loop {
         match recv.read_chunk(CHUNK, true).await {
             Ok(Some(chunk)) => w
@@ -111,6 +125,12 @@ pub async fn recv_blob(
                 .map_err(|e| blob_err(format!("cannot store: {e}")))?,
             Ok(None) => break,
             Err(e) => return Err(blob_err(format!("the transfer broke: {e}"))),
+        }
+        if let Some(rate) = bytes_per_second.filter(|r| *r > 0) {
+            // Ahead of the allowed rate: wait until the bytes so far are
+            // due.
+            let due = std::time::Duration::from_secs_f64(w.size() as f64 / rate as f64);
+            tokio::time::sleep_until(started + due).await;
         }
     }
     if w.size() != size {

@@ -24,7 +24,7 @@ mod error;
 mod frame;
 mod identity;
 
-pub use blob::{recv_blob, send_blob};
+pub use blob::{recv_blob, recv_blob_limited, send_blob};
 pub use endpoint::{Connection, Endpoint};
 pub use error::{Error, Result};
 pub use frame::{MAX_FRAME, read_frame, write_frame};

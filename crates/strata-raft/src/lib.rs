@@ -78,18 +78,40 @@ pub enum CommandV1 {
         /// The cache key.
         key: Digest,
     },
-    /// `worker` holds `blob`.
-    Located {
-        /// The blob.
-        blob: Digest,
+    /// A worker joined (or joined again): it serves blobs at `addr` and
+    /// holds exactly `blobs`, whatever was recorded for it before.
+    Registered {
         /// The worker's name.
         worker: String,
+        /// Where it serves blobs.
+        addr: String,
+        /// When it registered (seconds since the epoch).
+        at: u64,
+        /// Every blob in its store.
+        blobs: Vec<Digest>,
     },
-    /// `worker` holds nothing any more (it left, or its lease lapsed).
+    /// `worker` gained `blobs` (it ran a step, fetched, or took a copy).
+    Located {
+        /// The worker's name.
+        worker: String,
+        /// The blobs.
+        blobs: Vec<Digest>,
+    },
+    /// `worker` left, or its lease lapsed: it holds nothing any more and
+    /// is no longer registered.
     Forget {
         /// The worker's name.
         worker: String,
     },
+}
+
+/// A registered worker, as the group records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    /// Where it serves blobs.
+    pub addr: String,
+    /// When it last registered (seconds since the epoch).
+    pub registered: u64,
 }
 
 /// What applying a command did.
@@ -301,6 +323,12 @@ impl Member {
     /// The leader, as this member knows it.
     pub async fn leader(&self) -> Option<NodeId> {
         self.raft.current_leader().await
+    }
+
+    /// Whether this member leads, as far as it knows: for work one member
+    /// of the group should do (it may have just lost the lead).
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
     }
 
     /// Applies `command` through the group, from any member: returns once

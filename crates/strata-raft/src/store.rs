@@ -2,6 +2,7 @@
 //! database. Every write that Raft depends on (log entries, the vote, the
 //! applied state) is synced before it is acknowledged.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
@@ -18,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use strata_cache::CacheEntry;
 use strata_cas::{Digest, MetaDb};
 
-use crate::{Command, Node, NodeId, Response, TypeConfig};
+use crate::{Command, Node, NodeId, Response, TypeConfig, WorkerRecord};
 
 /// Log entries by index (big-endian, so they sort).
 const LOG: &str = "raft-log";
@@ -28,10 +29,12 @@ const LOG_META: &str = "raft-log-meta";
 const ENTRIES: &str = "raft-entries";
 /// Workers holding each blob.
 const LOCATIONS: &str = "raft-locations";
+/// Registered workers by name.
+const WORKERS: &str = "raft-workers";
 /// What the state machine has applied, its membership, its snapshot.
 const APPLIED: &str = "raft-applied";
 
-const FAMILIES: &[&str] = &[LOG, LOG_META, ENTRIES, LOCATIONS, APPLIED];
+const FAMILIES: &[&str] = &[LOG, LOG_META, ENTRIES, LOCATIONS, WORKERS, APPLIED];
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -218,6 +221,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 struct SnapshotBody {
     entries: Vec<(Digest, CacheEntry)>,
     locations: Vec<(Digest, Vec<String>)>,
+    workers: Vec<(String, WorkerRecord)>,
 }
 
 /// A snapshot as stored: its meta and its bytes.
@@ -270,6 +274,25 @@ impl StateMachine {
         self.scan(ENTRIES)
     }
 
+    /// Every located blob and the workers holding it.
+    pub fn locations(&self) -> Result<Vec<(Digest, Vec<String>)>, AnyError> {
+        self.scan(LOCATIONS)
+    }
+
+    /// Every registered worker.
+    pub fn workers(&self) -> Result<Vec<(String, WorkerRecord)>, AnyError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .db()
+            .iterator_cf(self.db.cf(WORKERS), IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(|e| AnyError::new(&e))?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), decode(&v)?));
+        }
+        Ok(out)
+    }
+
     fn scan<T: for<'de> Deserialize<'de>>(&self, cf: &str) -> Result<Vec<(Digest, T)>, AnyError> {
         let mut out = Vec::new();
         for item in self
@@ -283,6 +306,34 @@ impl StateMachine {
             out.push((key, decode(&v)?));
         }
         Ok(out)
+    }
+
+    /// Writes the holders of each blob in `changed` to `batch` (a blob
+    /// nobody holds is dropped).
+    fn put_holders(
+        &self,
+        batch: &mut WriteBatch,
+        changed: BTreeMap<Digest, Vec<String>>,
+    ) -> Result<(), AnyError> {
+        for (blob, mut holders) in changed {
+            if holders.is_empty() {
+                batch.delete_cf(self.db.cf(LOCATIONS), blob.hex());
+            } else {
+                holders.sort();
+                holders.dedup();
+                batch.put_cf(self.db.cf(LOCATIONS), blob.hex(), encode(&holders)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every blob `worker` is recorded to hold, with all its holders.
+    fn held_by(&self, worker: &str) -> Result<BTreeMap<Digest, Vec<String>>, AnyError> {
+        Ok(self
+            .scan::<Vec<String>>(LOCATIONS)?
+            .into_iter()
+            .filter(|(_, h)| h.iter().any(|w| w == worker))
+            .collect())
     }
 
     /// Applies one command to `batch`, reading what it changes.
@@ -307,31 +358,63 @@ impl StateMachine {
                 batch.delete_cf(self.db.cf(ENTRIES), key.hex());
                 Ok(Response { changed })
             }
-            C::Located { blob, worker } => {
-                let mut holders = self.holders(blob)?;
-                let changed = !holders.contains(worker);
-                if changed {
-                    holders.push(worker.clone());
-                    holders.sort();
-                    batch.put_cf(self.db.cf(LOCATIONS), blob.hex(), encode(&holders)?);
-                }
-                Ok(Response { changed })
-            }
-            C::Forget { worker } => {
-                let mut changed = false;
-                for (blob, mut holders) in self.scan::<Vec<String>>(LOCATIONS)? {
-                    let before = holders.len();
+            C::Registered {
+                worker,
+                addr,
+                at,
+                blobs,
+            } => {
+                // What it held before and what it holds now, in one write:
+                // a worker back with a wiped disk holds nothing it had.
+                let mut changed = self.held_by(worker)?;
+                for holders in changed.values_mut() {
                     holders.retain(|w| w != worker);
-                    if holders.len() != before {
-                        changed = true;
-                        if holders.is_empty() {
-                            batch.delete_cf(self.db.cf(LOCATIONS), blob.hex());
-                        } else {
-                            batch.put_cf(self.db.cf(LOCATIONS), blob.hex(), encode(&holders)?);
+                }
+                for blob in blobs {
+                    let holders = match changed.entry(*blob) {
+                        std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(v) => {
+                            v.insert(self.holders(blob)?)
                         }
+                    };
+                    holders.push(worker.clone());
+                }
+                self.put_holders(batch, changed)?;
+                let record = WorkerRecord {
+                    addr: addr.clone(),
+                    registered: *at,
+                };
+                batch.put_cf(self.db.cf(WORKERS), worker.as_bytes(), encode(&record)?);
+                Ok(Response { changed: true })
+            }
+            C::Located { worker, blobs } => {
+                let mut changed = BTreeMap::new();
+                for blob in blobs {
+                    let mut holders = self.holders(blob)?;
+                    if !holders.contains(worker) {
+                        holders.push(worker.clone());
+                        changed.insert(*blob, holders);
                     }
                 }
-                Ok(Response { changed })
+                let any = !changed.is_empty();
+                self.put_holders(batch, changed)?;
+                Ok(Response { changed: any })
+            }
+            C::Forget { worker } => {
+                let mut changed = self.held_by(worker)?;
+                for holders in changed.values_mut() {
+                    holders.retain(|w| w != worker);
+                }
+                let registered = self
+                    .db
+                    .db()
+                    .get_cf(self.db.cf(WORKERS), worker.as_bytes())
+                    .map_err(|e| AnyError::new(&e))?
+                    .is_some();
+                let any = registered || !changed.is_empty();
+                self.put_holders(batch, changed)?;
+                batch.delete_cf(self.db.cf(WORKERS), worker.as_bytes());
+                Ok(Response { changed: any })
             }
         }
     }
@@ -340,6 +423,7 @@ impl StateMachine {
         encode(&SnapshotBody {
             entries: self.scan(ENTRIES)?,
             locations: self.scan(LOCATIONS)?,
+            workers: self.workers()?,
         })
     }
 }
@@ -463,7 +547,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             decode(&data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), e))?;
         let write_err = |e: AnyError| StorageIOError::write_snapshot(sig.clone(), e);
         let mut batch = WriteBatch::default();
-        for cf in [ENTRIES, LOCATIONS] {
+        for cf in [ENTRIES, LOCATIONS, WORKERS] {
             for item in self
                 .db
                 .db()
@@ -485,6 +569,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 self.db.cf(LOCATIONS),
                 blob.hex(),
                 encode(holders).map_err(write_err)?,
+            );
+        }
+        for (name, record) in &body.workers {
+            batch.put_cf(
+                self.db.cf(WORKERS),
+                name.as_bytes(),
+                encode(record).map_err(write_err)?,
             );
         }
         batch.put_cf(
@@ -521,5 +612,106 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::CommandV1;
+
+    fn blob(i: u8) -> Digest {
+        Digest::of(&[i])
+    }
+
+    fn apply(sm: &StateMachine, cmd: CommandV1) -> bool {
+        let mut batch = WriteBatch::default();
+        let r = sm.apply_command(&mut batch, &Command::V1(cmd)).unwrap();
+        sm.db.db().write(batch).unwrap();
+        r.changed
+    }
+
+    fn registered(worker: &str, blobs: Vec<Digest>) -> CommandV1 {
+        CommandV1::Registered {
+            worker: worker.into(),
+            addr: "127.0.0.1:1".into(),
+            at: 7,
+            blobs,
+        }
+    }
+
+    #[test]
+    fn registering_again_replaces_what_a_worker_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::new(open(dir.path()).unwrap());
+        apply(&sm, registered("w1", vec![blob(1), blob(2)]));
+        apply(&sm, registered("w2", vec![blob(2)]));
+        assert_eq!(sm.holders(&blob(2)).unwrap(), ["w1", "w2"]);
+        assert!(apply(
+            &sm,
+            CommandV1::Located {
+                worker: "w2".into(),
+                blobs: vec![blob(1), blob(3)],
+            }
+        ));
+        assert!(!apply(
+            &sm,
+            CommandV1::Located {
+                worker: "w2".into(),
+                blobs: vec![blob(3)],
+            }
+        ));
+        assert_eq!(sm.holders(&blob(1)).unwrap(), ["w1", "w2"]);
+
+        // w1 comes back with a wiped disk but for blob 3.
+        apply(&sm, registered("w1", vec![blob(3)]));
+        assert_eq!(sm.holders(&blob(1)).unwrap(), ["w2"]);
+        assert_eq!(sm.holders(&blob(2)).unwrap(), ["w2"]);
+        assert_eq!(sm.holders(&blob(3)).unwrap(), ["w1", "w2"]);
+
+        assert!(apply(
+            &sm,
+            CommandV1::Forget {
+                worker: "w2".into()
+            }
+        ));
+        assert!(!apply(
+            &sm,
+            CommandV1::Forget {
+                worker: "w2".into()
+            }
+        ));
+        assert_eq!(sm.holders(&blob(1)).unwrap(), Vec::<String>::new());
+        assert_eq!(sm.locations().unwrap().len(), 1);
+        let workers: Vec<String> = sm.workers().unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(workers, ["w1"]);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_carries_entries_locations_and_workers() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut from = StateMachine::new(open(a.path()).unwrap());
+        apply(&from, registered("w1", vec![blob(1)]));
+        apply(
+            &from,
+            CommandV1::Put {
+                key: blob(9),
+                entry: CacheEntry::new(Vec::new(), false, "w1"),
+            },
+        );
+        let snap = from.build_snapshot().await.unwrap();
+
+        let mut to = StateMachine::new(open(b.path()).unwrap());
+        apply(&to, registered("stale", vec![blob(5)]));
+        to.install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(to.holders(&blob(1)).unwrap(), ["w1"]);
+        assert_eq!(to.holders(&blob(5)).unwrap(), Vec::<String>::new());
+        assert!(to.entry(&blob(9)).unwrap().is_some());
+        let workers: Vec<String> = to.workers().unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(workers, ["w1"]);
     }
 }

@@ -212,8 +212,8 @@ async fn a_group_replicates_survives_its_leader_and_catches_up_a_restarted_membe
     })
     .await;
     g.write(CommandV1::Located {
-        blob: key(7),
         worker: "worker-2".into(),
+        blobs: vec![key(7)],
     })
     .await;
     let l = g.leader().await;

@@ -112,6 +112,15 @@ pub trait Worker: Send + Sync + 'static {
     /// Runs a step; returns the layer it added, or `None` if it changed no file.
     fn execute(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError>;
 
+    /// Makes a layer a step added safe to name in the cache index: a
+    /// cluster first copies it to more workers, so losing one loses no
+    /// cache. The solver records the step only after this returns; the
+    /// build goes on meanwhile.
+    fn publish(&self, layer: &LayerRef) -> Result<(), WorkerError> {
+        let _ = layer;
+        Ok(())
+    }
+
     /// This worker's name, for reports.
     fn name(&self) -> String;
 

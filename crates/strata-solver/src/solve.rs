@@ -46,6 +46,8 @@ struct Run {
     records: Mutex<Vec<StepRecord>>,
     jobs: Semaphore,
     error: Mutex<Option<SolveError>>,
+    /// Steps that ran, being published and recorded in the cache index.
+    publishing: Mutex<Vec<tokio::task::JoinHandle<Result<(), SolveError>>>>,
 }
 
 impl Run {
@@ -122,6 +124,7 @@ impl Solver {
             done,
             records: Mutex::new(Vec::new()),
             error: Mutex::new(None),
+            publishing: Mutex::new(Vec::new()),
         });
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..n {
@@ -156,6 +159,21 @@ impl Solver {
         while let Some(joined) = tasks.join_next().await {
             if let Err(e) = joined {
                 run.fail(SolveError::Internal(e.to_string()));
+            }
+        }
+        // Steps that ran are recorded even when the build failed after
+        // them: a fixed build takes them from the cache.
+        let publishing = std::mem::take(
+            &mut *run
+                .publishing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for p in publishing {
+            match p.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => run.fail(e),
+                Err(e) => run.fail(SolveError::Internal(e.to_string())),
             }
         }
         let run =
@@ -300,16 +318,15 @@ impl Solver {
                         .await
                         .map_err(step_err)?
                         .clone();
-                    self.in_flight
-                        .0
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .remove(&step_key);
-                    if !ran {
+                    if ran {
+                        let publishing = self.publish(step_key, entry.clone());
+                        run.publishing
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(publishing);
+                    } else {
                         run.event(stage, step.number, &step.label, EventKind::Cached);
                     }
-                    let recorded = entry.clone();
-                    self.index(move |c| c.put(&step_key, &recorded)).await?;
                     (entry, !ran)
                 }
             };
@@ -344,6 +361,45 @@ impl Solver {
             key,
             layers,
             config,
+        })
+    }
+
+    /// Publishes the layer a step made and then records the step in the
+    /// cache index, in the background. Until then the step stays in
+    /// flight, so concurrent builds share it rather than run it again.
+    fn publish(
+        &self,
+        step_key: Digest,
+        entry: CacheEntry,
+    ) -> tokio::task::JoinHandle<Result<(), SolveError>> {
+        let (worker, cache, flights) = (
+            Arc::clone(&self.worker),
+            Arc::clone(&self.cache),
+            self.in_flight.clone(),
+        );
+        tokio::spawn(async move {
+            let made = entry.layers.last().copied().filter(|_| entry.made_layer);
+            let recorded = tokio::task::spawn_blocking(move || {
+                if let Some(layer) = made
+                    && let Err(e) = worker.publish(&layer)
+                {
+                    // Not recorded: the cache must not name a layer that
+                    // one lost node can take away.
+                    tracing::warn!(layer = %layer.blob, error = %e.message, "the step's layer could not be published; the step is not cached");
+                    return Ok(());
+                }
+                cache.put(&step_key, &entry)
+            })
+            .await;
+            flights
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&step_key);
+            match recorded {
+                Ok(r) => r.map_err(SolveError::from),
+                Err(e) => Err(SolveError::Internal(e.to_string())),
+            }
         })
     }
 
