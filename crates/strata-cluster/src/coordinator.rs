@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use strata_cas::Digest;
-use strata_net::{Connection, Endpoint, Role, read_frame, recv_blob, send_blob, write_frame};
+use strata_net::{Connection, Endpoint, Role, recv_blob, send_blob, write_frame};
 use strata_oci::LayerRef;
 use strata_raft::{Member, ReplicatedIndex, Tuning};
 use strata_registry::Registry;
@@ -77,6 +77,18 @@ impl std::fmt::Debug for Coordinator {
         f.debug_struct("Coordinator")
             .field("name", &self.name)
             .finish_non_exhaustive()
+    }
+}
+
+impl crate::Service for Coordinator {
+    fn handle<'a>(
+        self: &'a Arc<Self>,
+        conn: &'a Connection,
+        req: Request,
+        send: &'a mut quinn::SendStream,
+        recv: &'a mut quinn::RecvStream,
+    ) -> impl std::future::Future<Output = Result<(), strata_net::Error>> + Send + 'a {
+        self.answer(conn, req, send, recv)
     }
 }
 
@@ -327,29 +339,13 @@ impl Coordinator {
     }
 
     async fn serve(self: Arc<Self>, conn: Connection) {
-        while let Some((mut send, mut recv)) = conn.accept().await {
-            let (me, conn) = (Arc::clone(&self), conn.clone());
-            tokio::spawn(async move {
-                let req = match read_frame::<Request>(&mut recv, conn.addr).await {
-                    Ok(Some(r)) => r,
-                    Ok(None) => return,
-                    Err(e) => {
-                        tracing::warn!(peer = %conn.peer, error = %e, "bad request");
-                        return;
-                    }
-                };
-                if let Err(e) = me.handle(&conn, req, &mut send, &mut recv).await {
-                    tracing::warn!(peer = %conn.peer, error = %e, "request failed");
-                }
-                let _ = send.finish();
-            });
-        }
+        crate::serve_requests(&self, &conn).await;
         if conn.peer.role == Role::Worker {
             self.lose(&conn.peer.name, &conn);
         }
     }
 
-    async fn handle(
+    async fn answer(
         self: &Arc<Self>,
         conn: &Connection,
         req: Request,

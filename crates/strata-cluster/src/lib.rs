@@ -32,6 +32,45 @@ pub mod protocol;
 mod replicas;
 pub mod worker;
 
+/// A node answering the requests peers open streams for.
+pub(crate) trait Service: Send + Sync + 'static {
+    /// Answers `req`, the first frame on the stream `send`/`recv` that
+    /// `conn`'s peer opened.
+    fn handle<'a>(
+        self: &'a std::sync::Arc<Self>,
+        conn: &'a strata_net::Connection,
+        req: protocol::Request,
+        send: &'a mut quinn::SendStream,
+        recv: &'a mut quinn::RecvStream,
+    ) -> impl std::future::Future<Output = Result<(), strata_net::Error>> + Send + 'a;
+}
+
+/// Answers every stream `conn`'s peer opens, each in a task of its own,
+/// until the peer closes the connection.
+pub(crate) async fn serve_requests<S: Service>(
+    service: &std::sync::Arc<S>,
+    conn: &strata_net::Connection,
+) {
+    while let Some((mut send, mut recv)) = conn.accept().await {
+        let (service, conn) = (std::sync::Arc::clone(service), conn.clone());
+        tokio::spawn(async move {
+            let req = match strata_net::read_frame::<protocol::Request>(&mut recv, conn.addr).await
+            {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(peer = %conn.peer, error = %e, "bad request");
+                    return;
+                }
+            };
+            if let Err(e) = service.handle(&conn, req, &mut send, &mut recv).await {
+                tracing::warn!(peer = %conn.peer, error = %e, "request failed");
+            }
+            let _ = send.finish();
+        });
+    }
+}
+
 /// What a coordinator or worker opens first: its credentials, whose
 /// certificate must name `role`, and its state directory.
 pub(crate) fn open_node(

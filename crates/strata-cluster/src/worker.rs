@@ -54,6 +54,18 @@ fn reply_error(e: impl std::fmt::Display) -> Reply {
     Reply::Error(e.to_string())
 }
 
+impl crate::Service for WorkerNode {
+    fn handle<'a>(
+        self: &'a Arc<Self>,
+        conn: &'a Connection,
+        req: Request,
+        send: &'a mut quinn::SendStream,
+        _recv: &'a mut quinn::RecvStream,
+    ) -> impl std::future::Future<Output = Result<(), strata_net::Error>> + Send + 'a {
+        self.answer(conn, req, send)
+    }
+}
+
 impl WorkerNode {
     /// Opens the state directory and starts listening.
     pub fn start(config: &WorkerConfig) -> Result<Arc<WorkerNode>, String> {
@@ -119,6 +131,13 @@ impl WorkerNode {
                         () = shutdown.cancelled() => {}
                     }
                     serving.abort();
+                    // The coordinator counts this worker lost with the
+                    // connection and starts its stages over elsewhere: its
+                    // builds here (their contexts) are done with.
+                    self.builds
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .retain(|(from, _), _| *from != conn.peer.name);
                     tracing::warn!(worker = %self.name, coordinator = %at, "lost the coordinator; reconnecting");
                 }
                 Err(e) => {
@@ -206,26 +225,10 @@ impl WorkerNode {
 
     /// Answers the requests a peer opens on `conn`.
     async fn serve(self: Arc<Self>, conn: Connection) {
-        while let Some((mut send, mut recv)) = conn.accept().await {
-            let (me, conn) = (Arc::clone(&self), conn.clone());
-            tokio::spawn(async move {
-                let req = match read_frame::<Request>(&mut recv, conn.addr).await {
-                    Ok(Some(r)) => r,
-                    Ok(None) => return,
-                    Err(e) => {
-                        tracing::warn!(peer = %conn.peer, error = %e, "bad request");
-                        return;
-                    }
-                };
-                if let Err(e) = me.handle(&conn, req, &mut send).await {
-                    tracing::warn!(peer = %conn.peer, error = %e, "request failed");
-                }
-                let _ = send.finish();
-            });
-        }
+        crate::serve_requests(&self, &conn).await;
     }
 
-    async fn handle(
+    async fn answer(
         &self,
         conn: &Connection,
         req: Request,

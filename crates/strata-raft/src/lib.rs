@@ -245,6 +245,8 @@ pub struct Member {
     endpoint: Endpoint,
     /// Where writes and reads go when this member does not lead.
     leader_peer: tokio::sync::Mutex<Option<network::Peer>>,
+    /// Members it sends nothing to (fault injection).
+    cut: network::CutOff,
     shutdown: CancellationToken,
 }
 
@@ -275,10 +277,12 @@ impl Member {
         .validate()
         .map_err(|e| Error::Raft(e.to_string()))?;
         let state = StateMachine::new(Arc::clone(&db));
+        let network = Network::new(endpoint.clone());
+        let cut = network.cut_off();
         let raft = Raft::new(
             id,
             Arc::new(config),
-            Network::new(endpoint.clone()),
+            network,
             LogStore::new(db),
             state.clone(),
         )
@@ -297,6 +301,7 @@ impl Member {
             state,
             endpoint,
             leader_peer: tokio::sync::Mutex::new(None),
+            cut,
             shutdown,
         })
     }
@@ -474,11 +479,20 @@ impl Member {
         if peer.as_ref().is_none_or(|p| p.target() != id) {
             *peer = Some(network::Peer::new(
                 self.endpoint.clone(),
+                self.cut.clone(),
                 id,
                 node.addr.clone(),
             ));
         }
         peer
+    }
+
+    /// Fault injection, for tests of the group: from now on this member
+    /// sends nothing to `peers` (Raft messages and forwarded requests
+    /// alike), as if the network between them were cut; an empty set
+    /// heals it. Cutting both sides makes a two-way partition.
+    pub fn cut_off(&self, peers: impl IntoIterator<Item = NodeId>) {
+        self.cut.set(peers.into_iter().collect());
     }
 
     /// This member's applied copy of the state, read without asking the

@@ -2,7 +2,9 @@
 //! mutual TLS (strata-net): one stream per RPC, one frame each way. Only
 //! peers with a coordinator's certificate are answered.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use openraft::error::{
@@ -57,16 +59,42 @@ pub(crate) enum Forwarded {
     Failed(String),
 }
 
+/// Members a member sends nothing to: a partition injected for tests of
+/// the group, shared by its [`Network`] and every [`Peer`] it makes.
+#[derive(Clone, Default)]
+pub(crate) struct CutOff(Arc<RwLock<BTreeSet<NodeId>>>);
+
+impl CutOff {
+    pub(crate) fn set(&self, peers: BTreeSet<NodeId>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = peers;
+    }
+
+    fn contains(&self, id: NodeId) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&id)
+    }
+}
+
 /// Makes a [`Peer`] per member Raft talks to.
 #[derive(Clone)]
 pub struct Network {
     endpoint: Endpoint,
+    cut: CutOff,
 }
 
 impl Network {
     /// Dials members from `endpoint` (a coordinator's).
     pub fn new(endpoint: Endpoint) -> Network {
-        Network { endpoint }
+        Network {
+            endpoint,
+            cut: CutOff::default(),
+        }
+    }
+
+    pub(crate) fn cut_off(&self) -> CutOff {
+        self.cut.clone()
     }
 }
 
@@ -74,12 +102,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> Peer {
-        Peer {
-            endpoint: self.endpoint.clone(),
+        Peer::new(
+            self.endpoint.clone(),
+            self.cut.clone(),
             target,
-            addr: node.addr.clone(),
-            conn: None,
-        }
+            node.addr.clone(),
+        )
     }
 }
 
@@ -87,6 +115,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// to it.
 pub struct Peer {
     endpoint: Endpoint,
+    cut: CutOff,
     target: NodeId,
     addr: String,
     conn: Option<Connection>,
@@ -114,9 +143,10 @@ struct Why(String);
 
 impl Peer {
     /// A member at `addr`, dialed from `endpoint` on first use.
-    pub(crate) fn new(endpoint: Endpoint, target: NodeId, addr: String) -> Peer {
+    pub(crate) fn new(endpoint: Endpoint, cut: CutOff, target: NodeId, addr: String) -> Peer {
         Peer {
             endpoint,
+            cut,
             target,
             addr,
             conn: None,
@@ -219,6 +249,12 @@ impl Peer {
     }
 
     async fn call(&mut self, rpc: &Rpc, ttl: Duration) -> Result<RpcReply, Failed> {
+        if self.cut.contains(self.target) {
+            return Err(Failed::Unreachable(format!(
+                "member {} is cut off",
+                self.target
+            )));
+        }
         let conn = self.connection().await?;
         let exchange = async {
             let (mut send, mut recv) = conn
