@@ -7,8 +7,12 @@
 //!   share of the cluster's time spent placing stages and moving blobs
 //!   (one machine lends the cluster no extra cores: this measures what
 //!   distribution costs, not what it gains);
+//! * the same on a cluster keeping one copy of each layer instead of two:
+//!   what publishing the second copy costs a build;
 //! * twenty builds submitted at once whose Dockerfiles share one builder
-//!   stage: builds per minute, and how often the builder ran (once).
+//!   stage: builds per minute, and how often the builder ran (once);
+//! * a worker holding a 256 MiB layer killed: how long the leader takes to
+//!   copy it again, bounded to 32 MiB/s and unbounded, against the bound.
 //!
 //! Needs root and runc; run it with `scripts/bench`.
 
@@ -40,6 +44,7 @@ fn main() {
     // Cold builds, each in a fresh state directory and a fresh cluster.
     let mut embedded_times = Vec::new();
     let mut cluster_times = Vec::new();
+    let mut one_copy_times = Vec::new();
     let mut workers = std::collections::BTreeSet::new();
     for round in 1..=runs(3) {
         let embedded = Strata::new();
@@ -67,6 +72,14 @@ fn main() {
             .arg(&fan);
         eprintln!("fan-out, cluster, run {round}");
         cluster_times.push(time(c));
+        let one_copy = Cluster::start_with(1, 3, &[("replication", "1".into())]);
+        let mut c = Command::new(&bin);
+        c.env("STRATA_HOME", Strata::new().home())
+            .args(["build", "--progress", "quiet", "--cluster"])
+            .arg(one_copy.client())
+            .arg(&fan);
+        eprintln!("fan-out, cluster keeping one copy, run {round}");
+        one_copy_times.push(time(c));
         let r: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
         workers.extend(
@@ -78,6 +91,7 @@ fn main() {
         );
     }
     let (embedded_secs, cluster_secs) = (median(embedded_times), median(cluster_times));
+    let one_copy_secs = median(one_copy_times);
     workers.remove("-");
 
     let cluster = Cluster::start(3, 5);
@@ -146,14 +160,29 @@ fn main() {
         })
         .sum();
 
+    let bounded = repair_time(&bin, 32);
+    let unbounded = repair_time(&bin, 0);
+
     print_table(
         "fan-out (examples/fanout), cold, medians",
         "embedded",
-        &[Row {
-            name: format!("makespan on {} workers", workers.len()),
-            strata: cluster_secs,
-            baseline: embedded_secs,
-        }],
+        &[
+            Row {
+                name: format!("makespan on {} workers, 2 copies", workers.len()),
+                strata: cluster_secs,
+                baseline: embedded_secs,
+            },
+            Row {
+                name: "makespan on 3 workers, 1 copy".into(),
+                strata: one_copy_secs,
+                baseline: embedded_secs,
+            },
+        ],
+    );
+    println!(
+        "publishing a second copy of each layer: {:+.2}s ({:+.0}%)",
+        cluster_secs - one_copy_secs,
+        100.0 * (cluster_secs - one_copy_secs) / one_copy_secs
     );
     println!(
         "placing stages and moving blobs: {:.0}% of the cluster's makespan ({:.2}s)",
@@ -165,4 +194,62 @@ fn main() {
         concurrent_secs,
         n as f64 * 60.0 / concurrent_secs
     );
+    let mib = REPAIR_BYTES as f64 / f64::from(1 << 20);
+    println!(
+        "copying again the {mib:.0} MiB layer of a killed worker: {bounded:.2}s at a 32 MiB/s bound ({:.1} MiB/s, {:.2}x the bound), {unbounded:.2}s unbounded ({:.1} MiB/s)",
+        mib / bounded,
+        mib / bounded / 32.0,
+        mib / unbounded
+    );
+}
+
+/// The layer a worker holds when it is killed.
+const REPAIR_BYTES: u64 = 256 << 20;
+
+/// Seconds from a killed worker's lease expiring (the coordinator counts
+/// it gone) until its 256 MiB layer has its second copy again, copied at
+/// up to `mib_per_second` (0: no bound).
+fn repair_time(bin: &std::path::Path, mib_per_second: u64) -> f64 {
+    use std::time::Duration;
+    let cluster = Cluster::start_with(
+        1,
+        3,
+        &[
+            ("lease_seconds", "1".into()),
+            ("repair_mib_per_second", mib_per_second.to_string()),
+        ],
+    );
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            &format!("FROM busybox:latest\nRUN head -c {REPAIR_BYTES} /dev/urandom > /big\n"),
+        )],
+    );
+    let mut c = Command::new(bin);
+    c.env("STRATA_HOME", Strata::new().home())
+        .args(["build", "--progress", "quiet", "--cluster"])
+        .arg(cluster.client())
+        .arg(ctx.path());
+    time(c);
+    let holder = cluster
+        .worker_names()
+        .into_iter()
+        .find(|w| cluster.blob_bytes(w) > REPAIR_BYTES)
+        .unwrap();
+    eprintln!("killing {holder}, copies at {mib_per_second} MiB/s (0: unbounded)");
+    Command::new("kill")
+        .args(["-9", &cluster.pid(&holder).to_string()])
+        .status()
+        .unwrap();
+    cluster.wait_for(Duration::from_secs(30), |s| {
+        s.lines()
+            .any(|l| l.starts_with(&holder) && l.contains(" gone "))
+    });
+    let gone = Instant::now();
+    cluster.wait_for(Duration::from_secs(120), |s| {
+        Cluster::replication(s) == Some((2, 0))
+    });
+    gone.elapsed().as_secs_f64()
 }

@@ -45,17 +45,17 @@ impl Cluster {
     /// busybox:latest in its store, and the given worker lease) and
     /// `workers` workers.
     pub fn start_group(coordinators: usize, workers: usize, lease_seconds: u64) -> Cluster {
-        Cluster::start_with(coordinators, workers, lease_seconds, 2)
+        Cluster::start_with(
+            coordinators,
+            workers,
+            &[("lease_seconds", lease_seconds.to_string())],
+        )
     }
 
-    /// [`Cluster::start_group`] keeping each built layer on `replication`
-    /// workers.
-    pub fn start_with(
-        coordinators: usize,
-        workers: usize,
-        lease_seconds: u64,
-        replication: usize,
-    ) -> Cluster {
+    /// `coordinators` coordinators and `workers` workers, the
+    /// coordinators' `settings` (name, value) changed from what `cluster
+    /// init` writes.
+    pub fn start_with(coordinators: usize, workers: usize, settings: &[(&str, String)]) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("strata-cluster-")
             .tempdir()
@@ -81,16 +81,20 @@ impl Cluster {
         ]);
         for name in c.coordinator_names() {
             let config = c.path().join(format!("{name}.toml"));
-            let text = std::fs::read_to_string(&config).unwrap();
-            std::fs::write(
-                &config,
-                text.replace(
-                    "lease_seconds = 5",
-                    &format!("lease_seconds = {lease_seconds}"),
-                )
-                .replace("replication = 2", &format!("replication = {replication}")),
-            )
-            .unwrap();
+            let text: String = std::fs::read_to_string(&config)
+                .unwrap()
+                .lines()
+                .map(|line| {
+                    let set = settings
+                        .iter()
+                        .find(|(name, _)| line.starts_with(&format!("{name} = ")));
+                    match set {
+                        Some((name, value)) => format!("{name} = {value}\n"),
+                        None => format!("{line}\n"),
+                    }
+                })
+                .collect();
+            std::fs::write(&config, text).unwrap();
             let out = Command::new(strata_bin())
                 .env("STRATA_HOME", c.path().join("state").join(&name))
                 .args(["image", "import", "busybox:latest"])

@@ -100,7 +100,7 @@ fn stages_spread_over_workers_and_the_image_matches_the_embedded_build() {
 #[test]
 fn a_build_kept_off_the_worker_that_made_its_cache_reuses_it_and_moves_only_what_it_needs() {
     // One copy of each layer: the other worker holds only what it fetches.
-    let cluster = Cluster::start_with(1, 2, 5, 1);
+    let cluster = Cluster::start_with(1, 2, &[("replication", "1".into())]);
     let client = cluster.client();
     let client = client.to_str().unwrap();
     let ctx = tempfile::tempdir().unwrap();

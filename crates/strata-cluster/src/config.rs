@@ -272,7 +272,7 @@ pub struct CoordinatorConfig {
     #[serde(default = "default_replication")]
     pub replication: usize,
     /// The highest rate, in MiB per second, at which lost copies are made
-    /// again in the background.
+    /// again in the background (0: no bound).
     #[serde(default = "default_repair_rate")]
     pub repair_mib_per_second: u64,
     /// Its credentials.
