@@ -57,9 +57,41 @@ fn status_of(cluster: &Cluster, name: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Builds `n` Dockerfiles of one step each, one after another, each from
+/// a client of its own; returns, for each that succeeded, its context and
+/// build report.
+fn stream_of_builds(cluster: &Cluster, n: usize) -> Vec<(tempfile::TempDir, serde_json::Value)> {
+    let mut done = Vec::new();
+    for i in 0..n {
+        let ctx = tempfile::tempdir().unwrap();
+        write_files(
+            ctx.path(),
+            &[(
+                "Dockerfile",
+                &format!("FROM busybox:latest\nRUN echo stream {i} > /s\n"),
+            )],
+        );
+        let client = Strata::new();
+        let out = cluster
+            .spawn_build(&client, ctx.path(), &[])
+            .wait_with_output()
+            .unwrap();
+        if out.status.success() {
+            let report = std::fs::read(client.home().join("report.json")).unwrap();
+            done.push((ctx, serde_json::from_slice(&report).unwrap()));
+        } else {
+            eprintln!(
+                "stream build {i} failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    done
+}
+
 #[test]
 fn losing_the_leader_loses_no_cache_and_a_restarted_coordinator_catches_up() {
-    let cluster = Cluster::start_group(3, 2, 2);
+    let cluster = Cluster::start_group(3, 3, 2);
     let ctx = tempfile::tempdir().unwrap();
     write_files(
         ctx.path(),
@@ -91,37 +123,56 @@ fn losing_the_leader_loses_no_cache_and_a_restarted_coordinator_catches_up() {
     let (_, leader, _) = group(&cluster.status()).unwrap();
     let leader = leader.expect("a leader");
     let victim = format!("coordinator-{leader}");
-    let killed = Instant::now();
-    Command::new("kill")
-        .args(["-9", &cluster.pid(&victim).to_string()])
-        .status()
-        .unwrap();
-    // The others elect a leader among themselves.
-    let (survivor, new_leader) = loop {
-        let seen = cluster
-            .coordinator_names()
-            .into_iter()
-            .filter(|n| *n != victim)
-            .find_map(|n| {
-                let (_, l, _) = group(&status_of(&cluster, &n)?)?;
-                l.filter(|l| *l != leader).map(|l| (n, l))
-            });
-        if let Some(s) = seen {
-            break s;
+    // And a stream of builds, one after another, before, during and after
+    // the election.
+    std::thread::scope(|scope| {
+        let stream = scope.spawn(|| stream_of_builds(&cluster, 8));
+        std::thread::sleep(Duration::from_millis(500));
+        let killed = Instant::now();
+        Command::new("kill")
+            .args(["-9", &cluster.pid(&victim).to_string()])
+            .status()
+            .unwrap();
+        // The others elect a leader among themselves.
+        let (survivor, new_leader) = loop {
+            let seen = cluster
+                .coordinator_names()
+                .into_iter()
+                .filter(|n| *n != victim)
+                .find_map(|n| {
+                    let (_, l, _) = group(&status_of(&cluster, &n)?)?;
+                    l.filter(|l| *l != leader).map(|l| (n, l))
+                });
+            if let Some(s) = seen {
+                break s;
+            }
+            assert!(killed.elapsed() < Duration::from_secs(30), "no new leader");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        eprintln!(
+            "coordinator-{new_leader} leads {:?} after coordinator-{leader} was killed (seen by {survivor})",
+            killed.elapsed()
+        );
+        // Workers move to a coordinator still up.
+        cluster.wait_for(Duration::from_secs(30), |s| {
+            s.lines()
+                .filter(|l| l.starts_with("worker-") && l.contains(" up "))
+                .count()
+                == 3
+        });
+
+        // Every build of the stream succeeded, and each one's result is in
+        // the cache the new leader keeps: built again, nothing runs.
+        let streamed = stream.join().unwrap();
+        assert_eq!(streamed.len(), 8, "some builds of the stream failed");
+        for (ctx, report) in &streamed {
+            let again = cluster.build(&Strata::new(), ctx.path(), &[]);
+            assert_eq!(runs(&again), 0, "{again}");
+            assert_eq!(
+                again["image"]["manifest_digest"],
+                report["image"]["manifest_digest"]
+            );
         }
-        assert!(killed.elapsed() < Duration::from_secs(30), "no new leader");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    eprintln!(
-        "coordinator-{new_leader} leads {:?} after coordinator-{leader} was killed (seen by {survivor})",
-        killed.elapsed()
-    );
-    // Workers move to a coordinator still up.
-    cluster.wait_for(Duration::from_secs(30), |s| {
-        s.lines()
-            .filter(|l| l.starts_with("worker-") && l.contains(" up "))
-            .count()
-            == 2
     });
 
     // The build in flight finishes, through a coordinator still up.
