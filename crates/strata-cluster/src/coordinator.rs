@@ -63,6 +63,9 @@ pub struct Coordinator {
     pub(crate) copying: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     /// Wakes the repair loop: a worker came or went.
     pub(crate) repair_wanted: tokio::sync::Notify,
+    /// What the leader records about workers, written to the group in the
+    /// order it was decided, off the request handlers.
+    pub(crate) records: crate::replicas::Records,
     /// Wakes stages waiting for a free slot.
     pub(crate) slot_freed: tokio::sync::Notify,
     next_build: AtomicU64,
@@ -177,6 +180,7 @@ impl Coordinator {
             repair_rate: config.repair_mib_per_second.saturating_mul(1 << 20),
             copying: Mutex::default(),
             repair_wanted: tokio::sync::Notify::new(),
+            records: crate::replicas::Records::default(),
             slot_freed: tokio::sync::Notify::new(),
             cordoned: Mutex::default(),
             // Ids a restarted coordinator hands out differ from those of
@@ -216,6 +220,7 @@ impl Coordinator {
             })
         };
         let repair = tokio::spawn(Arc::clone(&self).repair());
+        let recorder = tokio::spawn(Arc::clone(&self).write_records());
         loop {
             tokio::select! {
                 conn = self.endpoint.accept() => {
@@ -227,12 +232,13 @@ impl Coordinator {
         }
         reaper.abort();
         repair.abort();
+        recorder.abort();
         self.endpoint.close();
     }
 
     /// Workers silent for longer than the lease are gone: their blobs are
     /// no longer offered and their stages start over elsewhere.
-    fn expire_leases(self: &Arc<Self>) {
+    fn expire_leases(&self) {
         let expired: Vec<String> = {
             let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
             workers
@@ -252,7 +258,7 @@ impl Coordinator {
     }
 
     /// Marks a worker gone (if `conn` is still its connection).
-    pub(crate) fn lose(self: &Arc<Self>, name: &str, conn: &Connection) {
+    pub(crate) fn lose(&self, name: &str, conn: &Connection) {
         let gone = {
             let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
             match workers.get_mut(name) {
@@ -272,18 +278,12 @@ impl Coordinator {
     /// A worker is gone: stages waiting for slots look again, the repair
     /// loop copies what it leaves short, and the leader tells the group
     /// it holds nothing (it registers afresh if it comes back).
-    fn forget(self: &Arc<Self>, name: &str) {
+    fn forget(&self, name: &str) {
         self.slot_freed.notify_waiters();
         self.repair_wanted.notify_one();
         if self.member.is_leader() {
-            let (me, worker) = (Arc::clone(self), name.to_string());
-            tokio::spawn(async move {
-                let forget = strata_raft::CommandV1::Forget {
-                    worker: worker.clone(),
-                };
-                if let Err(e) = me.member.write(forget).await {
-                    tracing::warn!(%worker, error = %e, "cannot record that the worker left");
-                }
+            self.records.push(strata_raft::CommandV1::Forget {
+                worker: name.to_string(),
             });
         }
     }
@@ -382,7 +382,7 @@ impl Coordinator {
                 self.cordon(&worker, cordoned)
             }
             Request::Register(r) if role == Role::Worker => {
-                self.register(conn, r).await;
+                self.register(conn, r);
                 Reply::Ok
             }
             Request::Heartbeat { running, blobs } if role == Role::Worker => {
@@ -400,10 +400,11 @@ impl Coordinator {
                 if current {
                     tracing::trace!(worker = %conn.peer.name, running, gained = blobs.len(), "heartbeat");
                     // The worker tells every coordinator; one records it.
-                    if self.member.is_leader()
-                        && let Err(e) = self.located(&conn.peer.name, blobs).await
-                    {
-                        tracing::warn!(worker = %conn.peer.name, error = %e, "cannot record the blobs the worker gained");
+                    if self.member.is_leader() && !blobs.is_empty() {
+                        self.records.push(strata_raft::CommandV1::Located {
+                            worker: conn.peer.name.clone(),
+                            blobs,
+                        });
                     }
                     Reply::Ok
                 } else {
@@ -419,7 +420,7 @@ impl Coordinator {
         write_frame(send, &reply, conn.addr).await
     }
 
-    async fn register(self: &Arc<Self>, conn: &Connection, r: Registration) {
+    fn register(&self, conn: &Connection, r: Registration) {
         let name = conn.peer.name.clone();
         // A worker listening on a wildcard address is reached at the
         // address its connection comes from.
@@ -447,7 +448,7 @@ impl Coordinator {
         // The worker registers with every coordinator; the leader records
         // it (a new leader records the workers it finds unrecorded).
         if self.member.is_leader() {
-            self.record_registration(&name).await;
+            self.record_registration(&name);
         }
         self.slot_freed.notify_waiters();
         self.repair_wanted.notify_one();

@@ -5,10 +5,12 @@
 //! is alive is each coordinator's own view of its connections.
 
 use std::collections::HashSet;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use strata_cas::Digest;
+use strata_raft::CommandV1;
+use tokio::sync::mpsc;
 
 use crate::coordinator::Coordinator;
 use crate::protocol::{CopyBlob, Holder, Reply, Request};
@@ -16,6 +18,32 @@ use crate::protocol::{CopyBlob, Holder, Reply, Request};
 /// How often the leader looks for layers short of copies when nothing
 /// wakes it sooner.
 const REPAIR_EVERY: Duration = Duration::from_secs(2);
+
+/// Commands about workers waiting to be written to the group, in order: a
+/// worker's `Forget` and its `Registered` when it comes back must not
+/// swap, nor its `Registered` and the `Located` of a heartbeat after it.
+pub(crate) struct Records {
+    tx: mpsc::UnboundedSender<CommandV1>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<CommandV1>>>,
+}
+
+impl Default for Records {
+    fn default() -> Records {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Records {
+            tx,
+            rx: Mutex::new(Some(rx)),
+        }
+    }
+}
+
+impl Records {
+    /// Queues `command` behind those pushed before it.
+    pub(crate) fn push(&self, command: CommandV1) {
+        // The receiver lives as long as the coordinator runs.
+        let _ = self.tx.send(command);
+    }
+}
 
 /// A layer of a cached result and the live workers holding it.
 pub(crate) struct Short {
@@ -160,9 +188,34 @@ impl Coordinator {
         Ok(made)
     }
 
-    /// Records in the group that worker `name` is registered, with every
-    /// blob it told this coordinator of.
-    pub(crate) async fn record_registration(&self, name: &str) {
+    /// Writes the queued [`Records`] to the group, one after another, until
+    /// the coordinator stops.
+    pub(crate) async fn write_records(self: Arc<Self>) {
+        let Some(mut rx) = self
+            .records
+            .rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return;
+        };
+        while let Some(command) = rx.recv().await {
+            let worker = match &command {
+                CommandV1::Registered { worker, .. }
+                | CommandV1::Located { worker, .. }
+                | CommandV1::Forget { worker } => worker.clone(),
+                _ => String::new(),
+            };
+            if let Err(e) = self.member.write(command).await {
+                tracing::warn!(%worker, error = %e, "cannot record a change of a worker in the group");
+            }
+        }
+    }
+
+    /// Queues the record that worker `name` is registered, with every blob
+    /// it told this coordinator of.
+    pub(crate) fn record_registration(&self, name: &str) {
         let Some((addr, blobs)) = self
             .workers
             .lock()
@@ -173,15 +226,12 @@ impl Coordinator {
         else {
             return;
         };
-        let registered = strata_raft::CommandV1::Registered {
+        self.records.push(CommandV1::Registered {
             worker: name.to_string(),
             addr: addr.to_string(),
             at: strata_cas::now_unix(),
             blobs,
-        };
-        if let Err(e) = self.member.write(registered).await {
-            tracing::warn!(worker = %name, error = %e, "cannot record the worker's registration");
-        }
+        });
     }
 
     /// On the leader, until the coordinator stops: records live workers
@@ -213,7 +263,7 @@ impl Coordinator {
                 .map(|(n, _)| n.clone())
                 .collect();
             for name in unrecorded {
-                self.record_registration(&name).await;
+                self.record_registration(&name);
             }
             let short = match self.under_replicated() {
                 Ok(s) => s,
