@@ -281,19 +281,22 @@ impl StateMachine {
 
     /// Every registered worker.
     pub fn workers(&self) -> Result<Vec<(String, WorkerRecord)>, AnyError> {
-        let mut out = Vec::new();
-        for item in self
-            .db
-            .db()
-            .iterator_cf(self.db.cf(WORKERS), IteratorMode::Start)
-        {
-            let (k, v) = item.map_err(|e| AnyError::new(&e))?;
-            out.push((String::from_utf8_lossy(&k).into_owned(), decode(&v)?));
-        }
-        Ok(out)
+        self.scan_keyed(WORKERS, |k| Ok(String::from_utf8_lossy(k).into_owned()))
     }
 
+    /// Every record of `cf`, keyed by a digest's hex.
     fn scan<T: for<'de> Deserialize<'de>>(&self, cf: &str) -> Result<Vec<(Digest, T)>, AnyError> {
+        self.scan_keyed(cf, |k| {
+            Digest::from_hex(&String::from_utf8_lossy(k)).map_err(|e| AnyError::new(&e))
+        })
+    }
+
+    /// Every record of `cf`, its key read by `key`.
+    fn scan_keyed<K, T: for<'de> Deserialize<'de>>(
+        &self,
+        cf: &str,
+        key: impl Fn(&[u8]) -> Result<K, AnyError>,
+    ) -> Result<Vec<(K, T)>, AnyError> {
         let mut out = Vec::new();
         for item in self
             .db
@@ -301,9 +304,7 @@ impl StateMachine {
             .iterator_cf(self.db.cf(cf), IteratorMode::Start)
         {
             let (k, v) = item.map_err(|e| AnyError::new(&e))?;
-            let key =
-                Digest::from_hex(&String::from_utf8_lossy(&k)).map_err(|e| AnyError::new(&e))?;
-            out.push((key, decode(&v)?));
+            out.push((key(&k)?, decode(&v)?));
         }
         Ok(out)
     }
