@@ -36,6 +36,9 @@ pub(crate) struct WorkerState {
     /// Every blob it told this coordinator it holds (registration and
     /// heartbeats since).
     pub blobs: HashSet<Digest>,
+    /// Whether the group has this worker's registration and every blob it
+    /// reported, as this coordinator (leading) wrote them.
+    pub recorded: bool,
 }
 
 /// The coordinator process.
@@ -253,7 +256,7 @@ impl Coordinator {
         };
         for name in expired {
             tracing::warn!(worker = %name, "lease expired; the worker is gone");
-            self.forget(&name);
+            self.worker_gone();
         }
     }
 
@@ -271,21 +274,16 @@ impl Coordinator {
         };
         if gone {
             tracing::warn!(worker = %name, "the worker is gone");
-            self.forget(name);
+            self.worker_gone();
         }
     }
 
-    /// A worker is gone: stages waiting for slots look again, the repair
-    /// loop copies what it leaves short, and the leader tells the group
-    /// it holds nothing (it registers afresh if it comes back).
-    fn forget(&self, name: &str) {
+    /// A worker is gone: stages waiting for slots look again, and the
+    /// repair loop copies what it leaves short. Its records stay: another
+    /// coordinator may still reach it, and it may come back.
+    fn worker_gone(&self) {
         self.slot_freed.notify_waiters();
         self.repair_wanted.notify_one();
-        if self.member.is_leader() {
-            self.records.push(strata_raft::CommandV1::Forget {
-                worker: name.to_string(),
-            });
-        }
     }
 
     /// Records in the group that `worker` holds `blobs`.
@@ -443,6 +441,7 @@ impl Coordinator {
                     last_seen: Instant::now(),
                     alive: true,
                     blobs: r.blobs.into_iter().collect(),
+                    recorded: false,
                 },
             );
         // The worker registers with every coordinator; the leader records

@@ -4,9 +4,9 @@
 //! Where blobs are is replicated state (`strata_raft`); whether a worker
 //! is alive is each coordinator's own view of its connections.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use strata_cas::Digest;
 use strata_raft::CommandV1;
@@ -18,6 +18,15 @@ use crate::protocol::{CopyBlob, Holder, Reply, Request};
 /// How often the leader looks for layers short of copies when nothing
 /// wakes it sooner.
 const REPAIR_EVERY: Duration = Duration::from_secs(2);
+
+/// How long a worker may be gone before the leader takes it off the
+/// records: long enough for a restart or a network blip, so a worker that
+/// comes back keeps what it holds counted without a copy being made.
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+/// Blobs per command when a worker's whole store is recorded: one Raft
+/// entry stays far below a frame's limit however much a worker holds.
+const BLOBS_PER_RECORD: usize = 50_000;
 
 /// Commands about workers waiting to be written to the group, in order: a
 /// worker's `Forget` and its `Registered` when it comes back must not
@@ -96,7 +105,9 @@ impl Coordinator {
     /// Makes sure `blob` has the wanted number of live copies on workers,
     /// asking the least loaded workers that lack it (and are not
     /// cordoned) to fetch it from its holders, no faster than
-    /// `bytes_per_second` if given. Returns the copies made.
+    /// `bytes_per_second` if given. Returns the copies made. Fails only if
+    /// no live node holds it: copies that fail leave it short, for the
+    /// repair loop to finish.
     pub(crate) async fn replicate(
         &self,
         blob: Digest,
@@ -113,10 +124,15 @@ impl Coordinator {
             let _copying = lock.lock().await;
             self.copy_until_enough(blob, bytes_per_second).await
         };
-        self.copying
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&blob);
+        // The last one out removes the lock; one still waiting on it keeps
+        // it, so no third caller copies alongside.
+        let mut copying = self.copying.lock().unwrap_or_else(PoisonError::into_inner);
+        if copying
+            .get(&blob)
+            .is_some_and(|l| Arc::ptr_eq(l, &lock) && Arc::strong_count(l) == 2)
+        {
+            copying.remove(&blob);
+        }
         made
     }
 
@@ -180,16 +196,14 @@ impl Coordinator {
             }
         }
         if have < want && !why.is_empty() {
-            return Err(format!(
-                "blob {blob} has {have} of {want} copies: {}",
-                why.join("; ")
-            ));
+            tracing::warn!(%blob, have, want, why = %why.join("; "), "the blob is short of copies");
         }
         Ok(made)
     }
 
     /// Writes the queued [`Records`] to the group, one after another, until
-    /// the coordinator stops.
+    /// the coordinator stops. A worker whose record did not make it is
+    /// recorded again, whole, by the next repair round.
     pub(crate) async fn write_records(self: Arc<Self>) {
         let Some(mut rx) = self
             .records
@@ -207,9 +221,26 @@ impl Coordinator {
                 | CommandV1::Forget { worker } => worker.clone(),
                 _ => String::new(),
             };
+            let forget = matches!(command, CommandV1::Forget { .. });
             if let Err(e) = self.member.write(command).await {
                 tracing::warn!(%worker, error = %e, "cannot record a change of a worker in the group");
+                if !forget {
+                    self.mark_unrecorded(&worker);
+                }
             }
+        }
+    }
+
+    /// The group may lack what worker `name` holds: the next repair
+    /// round records it again.
+    fn mark_unrecorded(&self, name: &str) {
+        if let Some(w) = self
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(name)
+        {
+            w.recorded = false;
         }
     }
 
@@ -220,51 +251,90 @@ impl Coordinator {
             .workers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(name)
+            .get_mut(name)
             .filter(|w| w.alive)
-            .map(|w| (w.addr, w.blobs.iter().copied().collect::<Vec<_>>()))
+            .map(|w| {
+                w.recorded = true;
+                (w.addr, w.blobs.iter().copied().collect::<Vec<_>>())
+            })
         else {
             return;
         };
+        let mut chunks = blobs.chunks(BLOBS_PER_RECORD);
         self.records.push(CommandV1::Registered {
             worker: name.to_string(),
             addr: addr.to_string(),
             at: strata_cas::now_unix(),
-            blobs,
+            blobs: chunks.next().map(<[Digest]>::to_vec).unwrap_or_default(),
         });
+        for rest in chunks {
+            self.records.push(CommandV1::Located {
+                worker: name.to_string(),
+                blobs: rest.to_vec(),
+            });
+        }
     }
 
-    /// On the leader, until the coordinator stops: records live workers
-    /// the group does not know (they registered while another member led,
-    /// or none did), then copies the layers short of copies, one at a
-    /// time and at the repair rate.
+    /// What the leader does each round about its records of workers: a
+    /// member that just took the lead records every live worker again
+    /// (what it missed while following), any live worker whose record
+    /// failed is recorded again, and a worker gone for [`FORGET_AFTER`] is
+    /// taken off.
+    fn reconcile_workers(&self, took_lead: bool, gone_since: &mut HashMap<String, Instant>) {
+        let known: Vec<String> = match self.member.local().workers() {
+            Ok(w) => w.into_iter().map(|(n, _)| n).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the registered workers");
+                return;
+            }
+        };
+        let (to_record, alive): (Vec<String>, HashSet<String>) = {
+            let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            (
+                workers
+                    .iter()
+                    .filter(|(_, w)| w.alive && (took_lead || !w.recorded))
+                    .map(|(n, _)| n.clone())
+                    .collect(),
+                workers
+                    .iter()
+                    .filter(|(_, w)| w.alive)
+                    .map(|(n, _)| n.clone())
+                    .collect(),
+            )
+        };
+        for name in to_record {
+            self.record_registration(&name);
+        }
+        gone_since.retain(|n, _| known.contains(n) && !alive.contains(n));
+        for name in known.into_iter().filter(|n| !alive.contains(n)) {
+            let since = *gone_since.entry(name.clone()).or_insert_with(Instant::now);
+            if since.elapsed() > FORGET_AFTER {
+                tracing::info!(worker = %name, "gone for {FORGET_AFTER:?}: taken off the records");
+                self.records.push(CommandV1::Forget { worker: name });
+            }
+        }
+    }
+
+    /// On the leader, until the coordinator stops: keeps the records of
+    /// workers true ([`Coordinator::reconcile_workers`]), then copies the
+    /// layers short of copies, one at a time and at the repair rate.
     pub(crate) async fn repair(self: Arc<Self>) {
+        let mut led = false;
+        let mut gone_since = HashMap::new();
         loop {
             tokio::select! {
                 () = tokio::time::sleep(REPAIR_EVERY) => {}
                 () = self.repair_wanted.notified() => {}
             }
-            if !self.member.is_leader() {
+            let leads = self.member.is_leader();
+            let took_lead = leads && !led;
+            led = leads;
+            if !leads {
+                gone_since.clear();
                 continue;
             }
-            let known: HashSet<String> = match self.member.local().workers() {
-                Ok(w) => w.into_iter().map(|(n, _)| n).collect(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the registered workers");
-                    continue;
-                }
-            };
-            let unrecorded: Vec<String> = self
-                .workers
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .iter()
-                .filter(|(n, w)| w.alive && !known.contains(*n))
-                .map(|(n, _)| n.clone())
-                .collect();
-            for name in unrecorded {
-                self.record_registration(&name);
-            }
+            self.reconcile_workers(took_lead, &mut gone_since);
             let short = match self.under_replicated() {
                 Ok(s) => s,
                 Err(e) => {

@@ -49,7 +49,7 @@ openraft::declare_raft_types!(
 
 /// A change to the replicated state. New kinds of change come as a new
 /// version, so members of different versions never read a command
-/// differently.
+/// differently (version 1 is frozen from strata's first release on).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Version 1.
@@ -78,6 +78,20 @@ pub enum CommandV1 {
         /// The cache key.
         key: Digest,
     },
+    /// `worker` gained `blobs` (it ran a step, fetched, or took a copy).
+    Located {
+        /// The worker's name.
+        worker: String,
+        /// The blobs.
+        blobs: Vec<Digest>,
+    },
+    /// `worker` has been gone so long that it is taken off the records:
+    /// no longer registered, holding nothing (if it comes back, it
+    /// registers afresh).
+    Forget {
+        /// The worker's name.
+        worker: String,
+    },
     /// A worker joined (or joined again): it serves blobs at `addr` and
     /// holds exactly `blobs`, whatever was recorded for it before.
     Registered {
@@ -89,19 +103,6 @@ pub enum CommandV1 {
         at: u64,
         /// Every blob in its store.
         blobs: Vec<Digest>,
-    },
-    /// `worker` gained `blobs` (it ran a step, fetched, or took a copy).
-    Located {
-        /// The worker's name.
-        worker: String,
-        /// The blobs.
-        blobs: Vec<Digest>,
-    },
-    /// `worker` left, or its lease lapsed: it holds nothing any more and
-    /// is no longer registered.
-    Forget {
-        /// The worker's name.
-        worker: String,
     },
 }
 
@@ -199,7 +200,8 @@ pub enum MembershipChange {
 /// What it answers.
 #[derive(Debug)]
 enum Answer {
-    Written(Response),
+    /// What applying it did, and its log index.
+    Written(Response, u64),
     Entry(Option<CacheEntry>),
     /// The log index to have applied; none when asked of the leader.
     Index(Option<u64>),
@@ -337,12 +339,21 @@ impl Member {
     }
 
     /// Applies `command` through the group, from any member: returns once
-    /// a majority has it in their logs and the leader applied it. A
-    /// follower forwards it to the leader; during an election it waits
-    /// for one (up to [`LEADER_WAIT`]).
+    /// a majority has it in their logs and both the leader and this member
+    /// applied it, so this member's local reads see it. A follower
+    /// forwards it to the leader; during an election it waits for one (up
+    /// to [`LEADER_WAIT`]).
     pub async fn write(&self, command: CommandV1) -> Result<Response, Error> {
         match self.via_leader(Ask::Write(Command::V1(command))).await? {
-            Answer::Written(r) => Ok(r),
+            // Read your writes: this member's own copy has it too before
+            // the write returns.
+            Answer::Written(r, index) => self
+                .raft
+                .wait(Some(LEADER_WAIT))
+                .applied_index_at_least(Some(index), "own write")
+                .await
+                .map(|_| r)
+                .map_err(|e| Error::Unavailable(e.to_string())),
             other => Err(Error::Raft(format!("a write answered {other:?}"))),
         }
     }
@@ -401,9 +412,10 @@ impl Member {
                 Some((id, node)) => {
                     let mut peer = self.forward_to(id, &node).await;
                     let forwarded = match (peer.as_mut(), &ask) {
-                        (Some(p), Ask::Write(c)) => {
-                            p.write(c.clone(), FORWARD_TTL).await.map(Answer::Written)
-                        }
+                        (Some(p), Ask::Write(c)) => p
+                            .write(c.clone(), FORWARD_TTL)
+                            .await
+                            .map(|(r, index)| Answer::Written(r, index)),
                         (Some(p), Ask::Read(k)) => p.read(*k, FORWARD_TTL).await.map(Answer::Entry),
                         (Some(p), Ask::ReadIndex) => p
                             .read_index(FORWARD_TTL)
@@ -438,7 +450,7 @@ impl Member {
         let failed = |e: String| Here::Failed(Error::Raft(e));
         match ask {
             Ask::Write(c) => match self.raft.client_write(c.clone()).await {
-                Ok(r) => Ok(Answer::Written(r.data)),
+                Ok(r) => Ok(Answer::Written(r.data, r.log_id.index)),
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(elsewhere(f)),
                 Err(e) => Err(failed(e.to_string())),
             },

@@ -44,7 +44,8 @@ enum RpcReply {
     Append(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
-    Write(Result<Response, Forwarded>),
+    /// What applying it did, and its log index.
+    Write(Result<(Response, u64), Forwarded>),
     Read(Result<Option<CacheEntry>, Forwarded>),
     ReadIndex(Result<Option<u64>, Forwarded>),
     Membership(Result<(), Forwarded>),
@@ -163,7 +164,7 @@ impl Peer {
         &mut self,
         command: Command,
         ttl: Duration,
-    ) -> Result<Response, Forwarded> {
+    ) -> Result<(Response, u64), Forwarded> {
         self.forward(&Rpc::Write(command), ttl, |r| match r {
             RpcReply::Write(r) => Some(r),
             _ => None,
@@ -389,7 +390,7 @@ pub(crate) async fn serve(
                         Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
                         Rpc::Snapshot(r) => RpcReply::Snapshot(raft.install_snapshot(r).await),
                         Rpc::Write(c) => RpcReply::Write(match raft.client_write(c).await {
-                            Ok(r) => Ok(r.data),
+                            Ok(r) => Ok((r.data, r.log_id.index)),
                             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                                 Err(Forwarded::NotLeader)
                             }

@@ -216,12 +216,36 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// What a snapshot holds: the whole replicated state.
+/// Decodes the records `items` yields, their keys read by `key`.
+fn collect<K, T: for<'de> Deserialize<'de>>(
+    items: impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>>,
+    key: impl Fn(&[u8]) -> Result<K, AnyError>,
+) -> Result<Vec<(K, T)>, AnyError> {
+    let mut out = Vec::new();
+    for item in items {
+        let (k, v) = item.map_err(|e| AnyError::new(&e))?;
+        out.push((key(&k)?, decode(&v)?));
+    }
+    Ok(out)
+}
+
+fn digest_key(k: &[u8]) -> Result<Digest, AnyError> {
+    Digest::from_hex(&String::from_utf8_lossy(k)).map_err(|e| AnyError::new(&e))
+}
+
+fn name_key(k: &[u8]) -> Result<String, AnyError> {
+    Ok(String::from_utf8_lossy(k).into_owned())
+}
+
+/// What a snapshot holds: the whole replicated state, versioned like the
+/// commands.
 #[derive(Serialize, Deserialize)]
-struct SnapshotBody {
-    entries: Vec<(Digest, CacheEntry)>,
-    locations: Vec<(Digest, Vec<String>)>,
-    workers: Vec<(String, WorkerRecord)>,
+enum SnapshotBody {
+    V1 {
+        entries: Vec<(Digest, CacheEntry)>,
+        locations: Vec<(Digest, Vec<String>)>,
+        workers: Vec<(String, WorkerRecord)>,
+    },
 }
 
 /// A snapshot as stored: its meta and its bytes.
@@ -281,14 +305,12 @@ impl StateMachine {
 
     /// Every registered worker.
     pub fn workers(&self) -> Result<Vec<(String, WorkerRecord)>, AnyError> {
-        self.scan_keyed(WORKERS, |k| Ok(String::from_utf8_lossy(k).into_owned()))
+        self.scan_keyed(WORKERS, name_key)
     }
 
     /// Every record of `cf`, keyed by a digest's hex.
     fn scan<T: for<'de> Deserialize<'de>>(&self, cf: &str) -> Result<Vec<(Digest, T)>, AnyError> {
-        self.scan_keyed(cf, |k| {
-            Digest::from_hex(&String::from_utf8_lossy(k)).map_err(|e| AnyError::new(&e))
-        })
+        self.scan_keyed(cf, digest_key)
     }
 
     /// Every record of `cf`, its key read by `key`.
@@ -297,16 +319,12 @@ impl StateMachine {
         cf: &str,
         key: impl Fn(&[u8]) -> Result<K, AnyError>,
     ) -> Result<Vec<(K, T)>, AnyError> {
-        let mut out = Vec::new();
-        for item in self
-            .db
-            .db()
-            .iterator_cf(self.db.cf(cf), IteratorMode::Start)
-        {
-            let (k, v) = item.map_err(|e| AnyError::new(&e))?;
-            out.push((key(&k)?, decode(&v)?));
-        }
-        Ok(out)
+        collect(
+            self.db
+                .db()
+                .iterator_cf(self.db.cf(cf), IteratorMode::Start),
+            key,
+        )
     }
 
     /// Writes the holders of each blob in `changed` to `batch` (a blob
@@ -420,29 +438,48 @@ impl StateMachine {
         }
     }
 
-    fn snapshot_body(&self) -> Result<Vec<u8>, AnyError> {
-        encode(&SnapshotBody {
-            entries: self.scan(ENTRIES)?,
-            locations: self.scan(LOCATIONS)?,
-            workers: self.workers()?,
-        })
+    /// The state as of one moment, however applies go on meanwhile: what
+    /// it has applied, its membership, and the snapshot body.
+    #[allow(clippy::type_complexity)]
+    fn point_in_time(
+        &self,
+    ) -> Result<
+        (
+            Option<LogId<NodeId>>,
+            StoredMembership<NodeId, Node>,
+            Vec<u8>,
+        ),
+        AnyError,
+    > {
+        let snap = self.db.db().snapshot();
+        let applied = |key: &str| -> Result<Option<Vec<u8>>, AnyError> {
+            snap.get_cf(self.db.cf(APPLIED), key)
+                .map_err(|e| AnyError::new(&e))
+        };
+        let last: Option<LogId<NodeId>> = match applied("last")? {
+            Some(raw) => decode::<Option<LogId<NodeId>>>(&raw)?,
+            None => None,
+        };
+        let membership = match applied("membership")? {
+            Some(raw) => decode(&raw)?,
+            None => StoredMembership::default(),
+        };
+        let scan = |cf: &str| snap.iterator_cf(self.db.cf(cf), IteratorMode::Start);
+        let body = encode(&SnapshotBody::V1 {
+            entries: collect(scan(ENTRIES), digest_key)?,
+            locations: collect(scan(LOCATIONS), digest_key)?,
+            workers: collect(scan(WORKERS), name_key)?,
+        })?;
+        Ok((last, membership, body))
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        // RocksDB reads are consistent per key, and apply does not run
-        // while Raft builds a snapshot from this copy of the handle.
-        let last_applied: Option<LogId<NodeId>> = self
-            .applied("last")
-            .map_err(StorageIOError::read_state_machine)?
-            .flatten();
-        let membership: StoredMembership<NodeId, Node> = self
-            .applied("membership")
-            .map_err(StorageIOError::read_state_machine)?
-            .unwrap_or_default();
-        let data = self
-            .snapshot_body()
+        // Applies may go on while the snapshot is built: it is read from
+        // one RocksDB snapshot, so it is the state at one log index.
+        let (last_applied, membership, data) = self
+            .point_in_time()
             .map_err(StorageIOError::read_state_machine)?;
         let snapshot_id = match last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
@@ -544,8 +581,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> StorageResult<()> {
         let data = snapshot.into_inner();
         let sig = Some(meta.signature());
-        let body: SnapshotBody =
-            decode(&data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), e))?;
+        let SnapshotBody::V1 {
+            entries,
+            locations,
+            workers,
+        } = decode(&data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), e))?;
         let write_err = |e: AnyError| StorageIOError::write_snapshot(sig.clone(), e);
         let mut batch = WriteBatch::default();
         for cf in [ENTRIES, LOCATIONS, WORKERS] {
@@ -558,21 +598,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 batch.delete_cf(self.db.cf(cf), k);
             }
         }
-        for (key, entry) in &body.entries {
+        for (key, entry) in &entries {
             batch.put_cf(
                 self.db.cf(ENTRIES),
                 key.hex(),
                 encode(entry).map_err(write_err)?,
             );
         }
-        for (blob, holders) in &body.locations {
+        for (blob, holders) in &locations {
             batch.put_cf(
                 self.db.cf(LOCATIONS),
                 blob.hex(),
                 encode(holders).map_err(write_err)?,
             );
         }
-        for (name, record) in &body.workers {
+        for (name, record) in &workers {
             batch.put_cf(
                 self.db.cf(WORKERS),
                 name.as_bytes(),

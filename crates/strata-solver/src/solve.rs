@@ -301,33 +301,24 @@ impl Solver {
                     (entry, true)
                 }
                 None => {
-                    let flight = {
-                        let mut map = self
-                            .in_flight
-                            .0
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner);
-                        Arc::clone(map.entry(step_key).or_default())
-                    };
-                    let mut ran = false;
-                    let entry = flight
-                        .get_or_try_init(|| async {
-                            ran = true;
-                            self.execute(run, i, s, &layers, &results).await
-                        })
+                    let (entry, ran) = self
+                        .share_or_run(run, i, s, step_key, &layers, &results)
                         .await
-                        .map_err(step_err)?
-                        .clone();
-                    if ran {
-                        let publishing = self.publish(step_key, entry.clone());
-                        run.publishing
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push(publishing);
-                    } else {
-                        run.event(stage, step.number, &step.label, EventKind::Cached);
+                        .map_err(step_err)?;
+                    let shared = ran.is_none();
+                    match ran {
+                        Some(flight) => {
+                            let publishing = self.publish(step_key, entry.clone(), flight);
+                            run.publishing
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .push(publishing);
+                        }
+                        None => {
+                            run.event(stage, step.number, &step.label, EventKind::Cached);
+                        }
                     }
-                    (entry, !ran)
+                    (entry, shared)
                 }
             };
             let producer = entry.producer.clone();
@@ -364,6 +355,52 @@ impl Solver {
         })
     }
 
+    /// The step's result: from the build running the same step now (or
+    /// that ran it and is publishing it), else from running it here; and,
+    /// if it ran here, its flight, for the build to end once published.
+    async fn share_or_run(
+        &self,
+        run: &Arc<Run>,
+        i: usize,
+        s: usize,
+        step_key: Digest,
+        layers: &[LayerRef],
+        results: &[Option<StageResult>],
+    ) -> Result<(CacheEntry, Option<Flight>), WorkerError> {
+        loop {
+            let flight = Arc::clone(
+                self.in_flight
+                    .0
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(step_key)
+                    .or_default(),
+            );
+            let mut ran = false;
+            let entry = flight
+                .get_or_try_init(|| async {
+                    ran = true;
+                    self.execute(run, i, s, layers, results).await
+                })
+                .await?
+                .clone();
+            // A result made on a worker lost since is no use: drop it and
+            // run the step.
+            if !ran && !self.worker.has_layers(&entry.layers) {
+                let mut map = self
+                    .in_flight
+                    .0
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if map.get(&step_key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                    map.remove(&step_key);
+                }
+                continue;
+            }
+            return Ok((entry, ran.then_some(flight)));
+        }
+    }
+
     /// Publishes the layer a step made and then records the step in the
     /// cache index, in the background. Until then the step stays in
     /// flight, so concurrent builds share it rather than run it again.
@@ -371,6 +408,7 @@ impl Solver {
         &self,
         step_key: Digest,
         entry: CacheEntry,
+        flight: Flight,
     ) -> tokio::task::JoinHandle<Result<(), SolveError>> {
         let (worker, cache, flights) = (
             Arc::clone(&self.worker),
@@ -391,11 +429,11 @@ impl Solver {
                 cache.put(&step_key, &entry)
             })
             .await;
-            flights
-                .0
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&step_key);
+            let mut map = flights.0.lock().unwrap_or_else(PoisonError::into_inner);
+            if map.get(&step_key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                map.remove(&step_key);
+            }
+            drop(map);
             match recorded {
                 Ok(r) => r.map_err(SolveError::from),
                 Err(e) => Err(SolveError::Internal(e.to_string())),
