@@ -106,6 +106,16 @@ fn main() {
                 .unwrap();
         }
         let serial_writes = WRITES as f64 / start.elapsed().as_secs_f64();
+        // Through a follower: forwarded to the leader, and returned once
+        // the follower's own copy has it (read your writes).
+        let start = Instant::now();
+        for i in 0..WRITES / 4 {
+            follow
+                .write(CommandV1::Put { key: key(i), entry: entry(i) })
+                .await
+                .unwrap();
+        }
+        let follower_writes = (WRITES / 4) as f64 / start.elapsed().as_secs_f64();
         let start = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for lane in 0..IN_FLIGHT {
@@ -146,6 +156,7 @@ fn main() {
             println!("{name:<46} {a:>10.0}/s {b:>10.0}/s {:>7.2}x", a / b);
         };
         row("writes, one at a time", serial_writes, local_writes);
+        row("writes through a follower, one at a time", follower_writes, local_writes);
         row(&format!("writes, {IN_FLIGHT} in flight"), parallel_writes, local_writes);
         row("linearizable lookups on the leader", leader_reads, local_reads);
         row("linearizable lookups through a follower", follower_reads, local_reads);
