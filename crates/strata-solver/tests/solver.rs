@@ -1,9 +1,9 @@
 //! The solver against an in-memory worker and cache: keys, cache hits,
-//! early cutoff, parallel stages, failures.
+//! early cutoff, parallel stages, failures, publishing before recording.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,6 +55,14 @@ struct FakeWorker {
     lose_once: Mutex<Vec<String>>,
     /// Stages the solver said it was done with.
     done: Mutex<Vec<String>>,
+    /// Layers published, in order.
+    published: Mutex<Vec<Digest>>,
+    /// How long publishing a layer takes.
+    publish_delay: Duration,
+    /// Publishing fails (no copy could be made anywhere).
+    refuse_publish: bool,
+    /// Layers no node holds any more.
+    lost: Mutex<HashSet<Digest>>,
 }
 
 impl Worker for FakeWorker {
@@ -84,8 +92,18 @@ impl Worker for FakeWorker {
         })
     }
 
-    fn has_layers(&self, _: &[LayerRef]) -> bool {
-        true
+    fn has_layers(&self, layers: &[LayerRef]) -> bool {
+        let lost = self.lost.lock().unwrap();
+        layers.iter().all(|l| !lost.contains(&l.blob))
+    }
+
+    fn publish(&self, layer: &LayerRef) -> Result<(), WorkerError> {
+        std::thread::sleep(self.publish_delay);
+        self.published.lock().unwrap().push(layer.blob);
+        if self.refuse_publish {
+            return Err(WorkerError::new("no worker could take a copy"));
+        }
+        Ok(())
     }
 
     fn execute(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError> {
@@ -368,4 +386,72 @@ async fn a_lost_worker_starts_the_stage_over() {
         solved.steps
     );
     assert_eq!(*worker.done.lock().unwrap(), ["only"]);
+}
+
+fn two_steps() -> Arc<Plan> {
+    Arc::new(Plan {
+        stages: vec![stage(
+            "only",
+            Base::Scratch,
+            vec![exec("make one", 1), exec("make two", 2)],
+        )],
+        target: 0,
+    })
+}
+
+#[tokio::test]
+async fn a_step_is_cached_only_once_its_layer_is_published() {
+    let refusing = Arc::new(FakeWorker {
+        refuse_publish: true,
+        ..Default::default()
+    });
+    let cache = Arc::new(MemCache::default());
+    let solver = Arc::new(Solver::new(refusing.clone(), cache.clone()));
+    // The build itself succeeds; its steps are not recorded.
+    solver.solve(two_steps(), opts()).await.unwrap();
+    assert_eq!(refusing.published.lock().unwrap().len(), 2);
+    assert!(cache.list().unwrap().is_empty());
+
+    let worker = Arc::new(FakeWorker {
+        publish_delay: Duration::from_millis(50),
+        ..Default::default()
+    });
+    let solver = Arc::new(Solver::new(worker.clone(), cache.clone()));
+    let solved = solver.solve(two_steps(), opts()).await.unwrap();
+    // The build ends with both published and recorded.
+    assert_eq!(
+        *worker.published.lock().unwrap(),
+        solved.stages[0]
+            .layers
+            .iter()
+            .map(|l| l.blob)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(cache.list().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_result_shared_while_it_publishes_runs_again_if_its_layer_is_lost() {
+    let worker = Arc::new(FakeWorker {
+        publish_delay: Duration::from_millis(400),
+        ..Default::default()
+    });
+    let solver = Arc::new(Solver::new(worker.clone(), Arc::new(MemCache::default())));
+    let plan = Arc::new(Plan {
+        stages: vec![stage("only", Base::Scratch, vec![exec("make x", 1)])],
+        target: 0,
+    });
+    let first = tokio::spawn({
+        let (solver, plan) = (Arc::clone(&solver), Arc::clone(&plan));
+        async move { solver.solve(plan, opts()).await }
+    });
+    while worker.executed.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Its worker is lost while the layer is being published.
+    worker.lost.lock().unwrap().insert(Digest::of(b"make x0"));
+    let second = solver.solve(plan, opts()).await.unwrap();
+    assert!(!second.steps[0].cached);
+    assert_eq!(*worker.executed.lock().unwrap(), ["make x", "make x"]);
+    first.await.unwrap().unwrap();
 }
