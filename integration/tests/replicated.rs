@@ -538,3 +538,45 @@ fn layers_a_lost_worker_held_are_copied_again_and_the_cache_still_hits() {
     );
     assert_eq!(client.ok(&["run", "--rm", "kept:1"]), "/big: OK\n");
 }
+
+#[test]
+fn a_worker_back_with_a_wiped_disk_holds_nothing_and_its_layers_are_copied_again() {
+    let cluster = Cluster::start_group(1, 3, 2);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\n\
+             RUN head -c 6000000 /dev/urandom > /big && md5sum /big > /big.md5\n\
+             CMD [\"md5sum\", \"-c\", \"/big.md5\"]\n",
+        )],
+    );
+    let first = cluster.build(&Strata::new(), ctx.path(), &["-t", "wiped:1"]);
+    assert_eq!(runs(&first), 1, "{first}");
+    let holders = holding_more_than(&cluster, 6_000_000);
+    assert_eq!(holders.len(), 2, "{holders:?}");
+
+    // A holder's disk is replaced while it is down; it comes back empty.
+    kill(&cluster, &holders[0]);
+    std::fs::remove_dir_all(cluster.worker_home(&holders[0])).unwrap();
+    cluster.up();
+    // It registers with nothing, so the layer is short of a copy until
+    // the leader has one made: two workers hold it again on disk,
+    // whichever took the copy.
+    cluster.wait_for(Duration::from_secs(60), |s| {
+        Cluster::replication(s) == Some((2, 0)) && holding_more_than(&cluster, 6_000_000).len() == 2
+    });
+    assert!(holding_more_than(&cluster, 6_000_000).contains(&holders[1]));
+
+    // The one original copy left goes too: the build needs the new one.
+    kill(&cluster, &holders[1]);
+    cluster.wait_for(Duration::from_secs(60), |s| {
+        s.lines()
+            .any(|l| l.starts_with(&holders[1]) && l.contains(" gone "))
+    });
+    let client = Strata::new();
+    let again = cluster.build(&client, ctx.path(), &["-t", "wiped:1"]);
+    assert_eq!(runs(&again), 0, "{again}");
+    assert_eq!(client.ok(&["run", "--rm", "wiped:1"]), "/big: OK\n");
+}
