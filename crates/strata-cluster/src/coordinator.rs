@@ -280,7 +280,8 @@ impl Coordinator {
 
     /// A worker is gone: stages waiting for slots look again, and the
     /// repair loop copies what it leaves short. Its records stay: another
-    /// coordinator may still reach it, and it may come back.
+    /// coordinator may still reach it, and it may come back (the leader
+    /// takes it off after ten minutes without it).
     fn worker_gone(&self) {
         self.slot_freed.notify_waiters();
         self.repair_wanted.notify_one();
@@ -384,26 +385,33 @@ impl Coordinator {
                 Reply::Ok
             }
             Request::Heartbeat { running, blobs } if role == Role::Worker => {
+                let gained = blobs.len();
                 let current = {
                     let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
                     match workers.get_mut(&conn.peer.name) {
                         Some(w) if w.alive && w.conn.quic.stable_id() == conn.quic.stable_id() => {
                             w.last_seen = Instant::now();
                             w.blobs.extend(blobs.iter().copied());
+                            // The worker tells every coordinator; the
+                            // leader records it, queued under the lock so
+                            // a registration of the same worker cannot
+                            // come between.
+                            if self.member.is_leader()
+                                && !blobs.is_empty()
+                                && !self.records.push(strata_raft::CommandV1::Located {
+                                    worker: conn.peer.name.clone(),
+                                    blobs,
+                                })
+                            {
+                                w.recorded = false;
+                            }
                             true
                         }
                         _ => false,
                     }
                 };
                 if current {
-                    tracing::trace!(worker = %conn.peer.name, running, gained = blobs.len(), "heartbeat");
-                    // The worker tells every coordinator; one records it.
-                    if self.member.is_leader() && !blobs.is_empty() {
-                        self.records.push(strata_raft::CommandV1::Located {
-                            worker: conn.peer.name.clone(),
-                            blobs,
-                        });
-                    }
+                    tracing::trace!(worker = %conn.peer.name, running, gained, "heartbeat");
                     Reply::Ok
                 } else {
                     Reply::Error("not registered (or lease expired): register again".into())

@@ -24,21 +24,26 @@ const REPAIR_EVERY: Duration = Duration::from_secs(2);
 /// comes back keeps what it holds counted without a copy being made.
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 
-/// Blobs per command when a worker's whole store is recorded: one Raft
-/// entry stays far below a frame's limit however much a worker holds.
-const BLOBS_PER_RECORD: usize = 50_000;
+/// Blobs per command when a worker's whole store is recorded: an entry
+/// stays near 160 KiB however much a worker holds, and a Raft append of
+/// up to 64 entries within a frame's limit.
+const BLOBS_PER_RECORD: usize = 5_000;
+
+/// Records queued at most: past that, the workers they are about are
+/// recorded again, whole, once the queue drains.
+const RECORDS_QUEUED: usize = 4096;
 
 /// Commands about workers waiting to be written to the group, in order: a
 /// worker's `Forget` and its `Registered` when it comes back must not
 /// swap, nor its `Registered` and the `Located` of a heartbeat after it.
 pub(crate) struct Records {
-    tx: mpsc::UnboundedSender<CommandV1>,
-    rx: Mutex<Option<mpsc::UnboundedReceiver<CommandV1>>>,
+    tx: mpsc::Sender<CommandV1>,
+    rx: Mutex<Option<mpsc::Receiver<CommandV1>>>,
 }
 
 impl Default for Records {
     fn default() -> Records {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(RECORDS_QUEUED);
         Records {
             tx,
             rx: Mutex::new(Some(rx)),
@@ -47,10 +52,10 @@ impl Default for Records {
 }
 
 impl Records {
-    /// Queues `command` behind those pushed before it.
-    pub(crate) fn push(&self, command: CommandV1) {
-        // The receiver lives as long as the coordinator runs.
-        let _ = self.tx.send(command);
+    /// Queues `command` behind those pushed before it; false if the queue
+    /// is full (the group cannot keep up, or has no majority).
+    pub(crate) fn push(&self, command: CommandV1) -> bool {
+        self.tx.try_send(command).is_ok()
     }
 }
 
@@ -125,11 +130,13 @@ impl Coordinator {
             self.copy_until_enough(blob, bytes_per_second).await
         };
         // The last one out removes the lock; one still waiting on it keeps
-        // it, so no third caller copies alongside.
+        // it, so no third caller copies alongside. Clones are only taken
+        // under the map's lock, so the count is exact there.
         let mut copying = self.copying.lock().unwrap_or_else(PoisonError::into_inner);
+        drop(lock);
         if copying
             .get(&blob)
-            .is_some_and(|l| Arc::ptr_eq(l, &lock) && Arc::strong_count(l) == 2)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
         {
             copying.remove(&blob);
         }
@@ -184,12 +191,16 @@ impl Coordinator {
                 bytes_per_second,
             }));
             match crate::worker::request(&conn, &copy).await {
-                Ok(Reply::Ok) => {
-                    self.located(&name, vec![blob]).await?;
-                    tracing::debug!(%blob, worker = %name, "copied");
-                    have += 1;
-                    made += 1;
-                }
+                Ok(Reply::Ok) => match self.located(&name, vec![blob]).await {
+                    Ok(()) => {
+                        tracing::debug!(%blob, worker = %name, "copied");
+                        have += 1;
+                        made += 1;
+                    }
+                    // The copy is there, unrecorded: the worker's next
+                    // heartbeat reports it to the leader.
+                    Err(e) => why.push(format!("{name} took a copy the group did not record: {e}")),
+                },
                 Ok(Reply::Error(e)) => why.push(format!("{name}: {e}")),
                 Ok(other) => why.push(format!("{name} answered {other:?}")),
                 Err(e) => why.push(format!("{name}: {e}")),
@@ -202,8 +213,10 @@ impl Coordinator {
     }
 
     /// Writes the queued [`Records`] to the group, one after another, until
-    /// the coordinator stops. A worker whose record did not make it is
-    /// recorded again, whole, by the next repair round.
+    /// the coordinator stops. What is still queued when this member stops
+    /// leading is dropped: the new leader records every live worker as it
+    /// sees them. A worker whose record did not make it is recorded
+    /// again, whole, in the next repair round.
     pub(crate) async fn write_records(self: Arc<Self>) {
         let Some(mut rx) = self
             .records
@@ -215,13 +228,16 @@ impl Coordinator {
             return;
         };
         while let Some(command) = rx.recv().await {
-            let worker = match &command {
-                CommandV1::Registered { worker, .. }
-                | CommandV1::Located { worker, .. }
-                | CommandV1::Forget { worker } => worker.clone(),
-                _ => String::new(),
+            if !self.member.is_leader() {
+                continue;
+            }
+            let (worker, forget) = match &command {
+                CommandV1::Registered { worker, .. } | CommandV1::Located { worker, .. } => {
+                    (worker.clone(), false)
+                }
+                CommandV1::Forget { worker, .. } => (worker.clone(), true),
+                _ => continue,
             };
-            let forget = matches!(command, CommandV1::Forget { .. });
             if let Err(e) = self.member.write(command).await {
                 tracing::warn!(%worker, error = %e, "cannot record a change of a worker in the group");
                 if !forget {
@@ -245,34 +261,29 @@ impl Coordinator {
     }
 
     /// Queues the record that worker `name` is registered, with every blob
-    /// it told this coordinator of.
+    /// it told this coordinator of: under the workers' lock, so a
+    /// heartbeat's blobs are either in it or queued after it.
     pub(crate) fn record_registration(&self, name: &str) {
-        let Some((addr, blobs)) = self
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_mut(name)
-            .filter(|w| w.alive)
-            .map(|w| {
-                w.recorded = true;
-                (w.addr, w.blobs.iter().copied().collect::<Vec<_>>())
-            })
-        else {
+        let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(w) = workers.get_mut(name).filter(|w| w.alive) else {
             return;
         };
+        let blobs: Vec<Digest> = w.blobs.iter().copied().collect();
         let mut chunks = blobs.chunks(BLOBS_PER_RECORD);
-        self.records.push(CommandV1::Registered {
+        let mut queued = self.records.push(CommandV1::Registered {
             worker: name.to_string(),
-            addr: addr.to_string(),
+            addr: w.addr.to_string(),
             at: strata_cas::now_unix(),
             blobs: chunks.next().map(<[Digest]>::to_vec).unwrap_or_default(),
         });
         for rest in chunks {
-            self.records.push(CommandV1::Located {
-                worker: name.to_string(),
-                blobs: rest.to_vec(),
-            });
+            queued = queued
+                && self.records.push(CommandV1::Located {
+                    worker: name.to_string(),
+                    blobs: rest.to_vec(),
+                });
         }
+        w.recorded = queued;
     }
 
     /// What the leader does each round about its records of workers: a
@@ -281,8 +292,8 @@ impl Coordinator {
     /// failed is recorded again, and a worker gone for [`FORGET_AFTER`] is
     /// taken off.
     fn reconcile_workers(&self, took_lead: bool, gone_since: &mut HashMap<String, Instant>) {
-        let known: Vec<String> = match self.member.local().workers() {
-            Ok(w) => w.into_iter().map(|(n, _)| n).collect(),
+        let known: HashMap<String, u64> = match self.member.local().workers() {
+            Ok(w) => w.into_iter().map(|(n, r)| (n, r.registered)).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the registered workers");
                 return;
@@ -306,12 +317,18 @@ impl Coordinator {
         for name in to_record {
             self.record_registration(&name);
         }
-        gone_since.retain(|n, _| known.contains(n) && !alive.contains(n));
-        for name in known.into_iter().filter(|n| !alive.contains(n)) {
+        gone_since.retain(|n, _| known.contains_key(n) && !alive.contains(n));
+        for (name, registered) in known.into_iter().filter(|(n, _)| !alive.contains(n)) {
             let since = *gone_since.entry(name.clone()).or_insert_with(Instant::now);
             if since.elapsed() > FORGET_AFTER {
                 tracing::info!(worker = %name, "gone for {FORGET_AFTER:?}: taken off the records");
-                self.records.push(CommandV1::Forget { worker: name });
+                // Asked once; if it does not take, the worker is still on
+                // the records and is counted gone from now again.
+                gone_since.remove(&name);
+                self.records.push(CommandV1::Forget {
+                    worker: name,
+                    registered,
+                });
             }
         }
     }
@@ -320,17 +337,19 @@ impl Coordinator {
     /// workers true ([`Coordinator::reconcile_workers`]), then copies the
     /// layers short of copies, one at a time and at the repair rate.
     pub(crate) async fn repair(self: Arc<Self>) {
-        let mut led = false;
+        let mut led_in = None;
         let mut gone_since = HashMap::new();
         loop {
             tokio::select! {
                 () = tokio::time::sleep(REPAIR_EVERY) => {}
                 () = self.repair_wanted.notified() => {}
             }
-            let leads = self.member.is_leader();
-            let took_lead = leads && !led;
-            led = leads;
-            if !leads {
+            // A lead lost and won back between two rounds is a new term:
+            // what went on in between was not recorded here.
+            let term = self.member.leading_term();
+            let took_lead = term.is_some() && term != led_in;
+            led_in = term;
+            if term.is_none() {
                 gone_since.clear();
                 continue;
             }

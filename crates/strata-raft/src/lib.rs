@@ -87,10 +87,14 @@ pub enum CommandV1 {
     },
     /// `worker` has been gone so long that it is taken off the records:
     /// no longer registered, holding nothing (if it comes back, it
-    /// registers afresh).
+    /// registers afresh). Only the registration made at `registered`
+    /// is forgotten: one the worker made since stands.
     Forget {
         /// The worker's name.
         worker: String,
+        /// When the registration to forget was made (its record's
+        /// `registered`).
+        registered: u64,
     },
     /// A worker joined (or joined again): it serves blobs at `addr` and
     /// holds exactly `blobs`, whatever was recorded for it before.
@@ -273,6 +277,9 @@ impl Member {
             election_timeout_min: millis(tuning.election_timeout.0),
             election_timeout_max: millis(tuning.election_timeout.1),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_every),
+            // Entries per append: a worker's registration may be large, and
+            // an append must fit one frame.
+            max_payload_entries: 64,
             max_in_snapshot_log_to_keep: 0,
             ..Default::default()
         }
@@ -335,7 +342,14 @@ impl Member {
     /// Whether this member leads, as far as it knows: for work one member
     /// of the group should do (it may have just lost the lead).
     pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.id)
+        self.leading_term().is_some()
+    }
+
+    /// The term this member leads in, if it leads: a new term is a new
+    /// lead, even if the same member won it.
+    pub fn leading_term(&self) -> Option<u64> {
+        let m = self.raft.metrics().borrow().clone();
+        (m.current_leader == Some(self.id)).then_some(m.current_term)
     }
 
     /// Applies `command` through the group, from any member: returns once
@@ -346,14 +360,20 @@ impl Member {
     pub async fn write(&self, command: CommandV1) -> Result<Response, Error> {
         match self.via_leader(Ask::Write(Command::V1(command))).await? {
             // Read your writes: this member's own copy has it too before
-            // the write returns.
-            Answer::Written(r, index) => self
-                .raft
-                .wait(Some(LEADER_WAIT))
-                .applied_index_at_least(Some(index), "own write")
-                .await
-                .map(|_| r)
-                .map_err(|e| Error::Unavailable(e.to_string())),
+            // the write returns. It is committed either way: a member that
+            // cannot catch up in time (removed from the group, or far
+            // behind) only reads its older copy for a while.
+            Answer::Written(r, index) => {
+                if let Err(e) = self
+                    .raft
+                    .wait(Some(LEADER_WAIT))
+                    .applied_index_at_least(Some(index), "own write")
+                    .await
+                {
+                    tracing::warn!(member = self.id, index, error = %e, "a write committed but this member has not applied it yet");
+                }
+                Ok(r)
+            }
             other => Err(Error::Raft(format!("a write answered {other:?}"))),
         }
     }
@@ -448,12 +468,25 @@ impl Member {
             Here::Elsewhere(f.leader_id.zip(f.leader_node))
         };
         let failed = |e: String| Here::Failed(Error::Raft(e));
+        // A leader cut off from the majority stays leader until it hears
+        // of a newer term, and what it is asked never commits meanwhile.
+        let no_majority = || {
+            Here::Failed(Error::Unavailable(format!(
+                "member {} leads but reached no majority within {LEADER_WAIT:?}",
+                self.id
+            )))
+        };
         match ask {
-            Ask::Write(c) => match self.raft.client_write(c.clone()).await {
-                Ok(r) => Ok(Answer::Written(r.data, r.log_id.index)),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(elsewhere(f)),
-                Err(e) => Err(failed(e.to_string())),
-            },
+            Ask::Write(c) => {
+                match tokio::time::timeout(LEADER_WAIT, self.raft.client_write(c.clone())).await {
+                    Err(_) => Err(no_majority()),
+                    Ok(Ok(r)) => Ok(Answer::Written(r.data, r.log_id.index)),
+                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                        Err(elsewhere(f))
+                    }
+                    Ok(Err(e)) => Err(failed(e.to_string())),
+                }
+            }
             Ask::Membership(change) => {
                 let outcome = apply_membership(&self.raft, change.clone()).await;
                 match outcome {
@@ -464,20 +497,25 @@ impl Member {
                     Err(e) => Err(failed(e.to_string())),
                 }
             }
-            Ask::Read(_) | Ask::ReadIndex => match self.raft.ensure_linearizable().await {
-                Ok(_) => match ask {
-                    Ask::Read(k) => self
-                        .state
-                        .entry(k)
-                        .map(Answer::Entry)
-                        .map_err(|e| Here::Failed(Error::State(e.to_string()))),
-                    _ => Ok(Answer::Index(None)),
-                },
-                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                    Err(elsewhere(f))
+            Ask::Read(_) | Ask::ReadIndex => {
+                match tokio::time::timeout(LEADER_WAIT, self.raft.ensure_linearizable())
+                    .await
+                    .map_err(|_| no_majority())?
+                {
+                    Ok(_) => match ask {
+                        Ask::Read(k) => self
+                            .state
+                            .entry(k)
+                            .map(Answer::Entry)
+                            .map_err(|e| Here::Failed(Error::State(e.to_string()))),
+                        _ => Ok(Answer::Index(None)),
+                    },
+                    Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                        Err(elsewhere(f))
+                    }
+                    Err(e) => Err(failed(e.to_string())),
                 }
-                Err(e) => Err(failed(e.to_string())),
-            },
+            }
         }
     }
 

@@ -389,13 +389,20 @@ pub(crate) async fn serve(
                         Rpc::Append(r) => RpcReply::Append(raft.append_entries(r).await),
                         Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
                         Rpc::Snapshot(r) => RpcReply::Snapshot(raft.install_snapshot(r).await),
-                        Rpc::Write(c) => RpcReply::Write(match raft.client_write(c).await {
-                            Ok(r) => Ok((r.data, r.log_id.index)),
-                            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                                Err(Forwarded::NotLeader)
-                            }
-                            Err(e) => Err(Forwarded::Failed(e.to_string())),
-                        }),
+                        Rpc::Write(c) => RpcReply::Write(
+                            match tokio::time::timeout(crate::LEADER_WAIT, raft.client_write(c))
+                                .await
+                            {
+                                Err(_) => Err(Forwarded::Failed(
+                                    "the leader reached no majority in time".into(),
+                                )),
+                                Ok(Ok(r)) => Ok((r.data, r.log_id.index)),
+                                Ok(Err(RaftError::APIError(
+                                    ClientWriteError::ForwardToLeader(_),
+                                ))) => Err(Forwarded::NotLeader),
+                                Ok(Err(e)) => Err(Forwarded::Failed(e.to_string())),
+                            },
+                        ),
                         Rpc::Membership(change) => RpcReply::Membership(
                             match crate::apply_membership(&raft, change).await {
                                 Ok(()) => Ok(()),

@@ -260,11 +260,17 @@ struct StoredSnapshot {
 #[derive(Clone)]
 pub struct StateMachine {
     db: Arc<MetaDb>,
+    /// Held while the stored snapshot is replaced: one built while
+    /// another is installed must not overwrite a newer one.
+    storing_snapshot: Arc<std::sync::Mutex<()>>,
 }
 
 impl StateMachine {
     pub(crate) fn new(db: Arc<MetaDb>) -> StateMachine {
-        StateMachine { db }
+        StateMachine {
+            db,
+            storing_snapshot: Arc::default(),
+        }
     }
 
     fn applied<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, AnyError> {
@@ -419,18 +425,25 @@ impl StateMachine {
                 self.put_holders(batch, changed)?;
                 Ok(Response { changed: any })
             }
-            C::Forget { worker } => {
-                let mut changed = self.held_by(worker)?;
-                for holders in changed.values_mut() {
-                    holders.retain(|w| w != worker);
-                }
-                let registered = self
+            C::Forget { worker, registered } => {
+                let record: Option<WorkerRecord> = match self
                     .db
                     .db()
                     .get_cf(self.db.cf(WORKERS), worker.as_bytes())
                     .map_err(|e| AnyError::new(&e))?
-                    .is_some();
-                let any = registered || !changed.is_empty();
+                {
+                    Some(raw) => Some(decode(&raw)?),
+                    None => None,
+                };
+                // Registered again since the leader decided: it stays.
+                if record.as_ref().is_some_and(|r| r.registered != *registered) {
+                    return Ok(Response { changed: false });
+                }
+                let mut changed = self.held_by(worker)?;
+                for holders in changed.values_mut() {
+                    holders.retain(|w| w != worker);
+                }
+                let any = record.is_some() || !changed.is_empty();
                 self.put_holders(batch, changed)?;
                 batch.delete_cf(self.db.cf(WORKERS), worker.as_bytes());
                 Ok(Response { changed: any })
@@ -494,15 +507,25 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data: data.clone(),
         };
-        self.db
-            .db()
-            .put_cf_opt(
-                self.db.cf(APPLIED),
-                "snapshot",
-                encode(&stored).map_err(StorageIOError::write_state_machine)?,
-                &synced(),
-            )
-            .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        let _storing = self
+            .storing_snapshot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let newer_stored = self
+            .applied::<StoredSnapshot>("snapshot")
+            .map_err(StorageIOError::read_state_machine)?
+            .is_some_and(|s| s.meta.last_log_id >= last_applied);
+        if !newer_stored {
+            self.db
+                .db()
+                .put_cf_opt(
+                    self.db.cf(APPLIED),
+                    "snapshot",
+                    encode(&stored).map_err(StorageIOError::write_state_machine)?,
+                    &synced(),
+                )
+                .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        }
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -639,6 +662,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             encode(&stored).map_err(write_err)?,
         );
         // All or nothing: a crash mid-install leaves the old state whole.
+        let _storing = self
+            .storing_snapshot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.db
             .db()
             .write_opt(batch, &synced())
@@ -712,18 +739,15 @@ mod tests {
         assert_eq!(sm.holders(&blob(2)).unwrap(), ["w2"]);
         assert_eq!(sm.holders(&blob(3)).unwrap(), ["w1", "w2"]);
 
-        assert!(apply(
-            &sm,
-            CommandV1::Forget {
-                worker: "w2".into()
-            }
-        ));
-        assert!(!apply(
-            &sm,
-            CommandV1::Forget {
-                worker: "w2".into()
-            }
-        ));
+        // A Forget decided before w2 registered again changes nothing.
+        let forget = |registered| CommandV1::Forget {
+            worker: "w2".into(),
+            registered,
+        };
+        assert!(!apply(&sm, forget(6)));
+        assert_eq!(sm.holders(&blob(1)).unwrap(), ["w2"]);
+        assert!(apply(&sm, forget(7)));
+        assert!(!apply(&sm, forget(7)));
         assert_eq!(sm.holders(&blob(1)).unwrap(), Vec::<String>::new());
         assert_eq!(sm.locations().unwrap().len(), 1);
         let workers: Vec<String> = sm.workers().unwrap().into_iter().map(|(n, _)| n).collect();

@@ -251,6 +251,7 @@ async fn a_member_behind_a_compacted_log_catches_up_from_a_snapshot() {
     }
     g.write(CommandV1::Forget {
         worker: "worker-1".into(),
+        registered: 0,
     })
     .await;
     // The leader snapshotted and dropped the log the member missed.

@@ -377,16 +377,14 @@ impl Solver {
                     .or_default(),
             );
             let mut ran = false;
-            let entry = flight
+            let done = flight
                 .get_or_try_init(|| async {
                     ran = true;
                     self.execute(run, i, s, layers, results).await
                 })
-                .await?
-                .clone();
-            // A result made on a worker lost since is no use: drop it and
-            // run the step.
-            if !ran && !self.worker.has_layers(&entry.layers) {
+                .await
+                .cloned();
+            let drop_flight = || {
                 let mut map = self
                     .in_flight
                     .0
@@ -395,6 +393,19 @@ impl Solver {
                 if map.get(&step_key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
                     map.remove(&step_key);
                 }
+            };
+            let entry = match done {
+                Ok(entry) => entry,
+                Err(e) => {
+                    // Builds already waiting on it try the step themselves.
+                    drop_flight();
+                    return Err(e);
+                }
+            };
+            // A result made on a worker lost since is no use: drop it and
+            // run the step.
+            if !ran && !self.worker.has_layers(&entry.layers) {
+                drop_flight();
                 continue;
             }
             return Ok((entry, ran.then_some(flight)));
