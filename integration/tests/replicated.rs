@@ -9,6 +9,7 @@
     clippy::print_stderr
 )]
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -476,10 +477,13 @@ fn kill(cluster: &Cluster, name: &str) {
         .unwrap();
 }
 
-#[test]
-fn layers_a_lost_worker_held_are_copied_again_and_the_cache_still_hits() {
-    // Three coordinators, three workers, each built layer kept on two.
-    let cluster = Cluster::start_group(3, 3, 2);
+/// Builds a Dockerfile whose first RUN makes a 6 MB layer of random bytes
+/// (its image checks them); returns the context, the report and the two
+/// workers the layer was published on.
+fn build_a_6mb_layer(
+    cluster: &Cluster,
+    tag: &str,
+) -> (tempfile::TempDir, serde_json::Value, Vec<String>) {
     let ctx = tempfile::tempdir().unwrap();
     write_files(
         ctx.path(),
@@ -491,15 +495,40 @@ fn layers_a_lost_worker_held_are_copied_again_and_the_cache_still_hits() {
              CMD [\"md5sum\", \"-c\", \"/big.md5\"]\n",
         )],
     );
-    let first = cluster.build(&Strata::new(), ctx.path(), &["-t", "kept:1"]);
+    let first = cluster.build(&Strata::new(), ctx.path(), &["-t", tag]);
     assert_eq!(runs(&first), 2, "{first}");
-
     // The build ended with its results published: two workers hold the
     // 6 MB layer, no layer is short.
-    let holders = holding_more_than(&cluster, 6_000_000);
+    let holders = holding_more_than(cluster, 6_000_000);
     assert_eq!(holders.len(), 2, "{holders:?}");
     let status = cluster.status();
     assert_eq!(Cluster::replication(&status), Some((2, 0)), "{status}");
+    (ctx, first, holders)
+}
+
+/// Kills `last`, the layer's last original holder, and builds `ctx` again
+/// from a new client: every step comes from the cache, through the copies.
+fn hits_without(cluster: &Cluster, last: &str, ctx: &Path, tag: &str, first: &serde_json::Value) {
+    kill(cluster, last);
+    cluster.wait_for(Duration::from_secs(60), |s| {
+        s.lines()
+            .any(|l| l.starts_with(last) && l.contains(" gone "))
+    });
+    let client = Strata::new();
+    let again = cluster.build(&client, ctx, &["-t", tag]);
+    assert_eq!(runs(&again), 0, "{again}");
+    assert_eq!(
+        again["image"]["manifest_digest"],
+        first["image"]["manifest_digest"]
+    );
+    assert_eq!(client.ok(&["run", "--rm", tag]), "/big: OK\n");
+}
+
+#[test]
+fn layers_a_lost_worker_held_are_copied_again_and_the_cache_still_hits() {
+    // Three coordinators, three workers, each built layer kept on two.
+    let cluster = Cluster::start_group(3, 3, 2);
+    let (ctx, first, holders) = build_a_6mb_layer(&cluster, "kept:1");
     let spare = cluster
         .worker_names()
         .into_iter()
@@ -522,40 +551,13 @@ fn layers_a_lost_worker_held_are_copied_again_and_the_cache_still_hits() {
     assert!(cluster.blob_bytes(&spare) > 6_000_000);
 
     // The other original holder dies too: the cache hit needs the copies.
-    kill(&cluster, &holders[1]);
-    cluster.wait_for(Duration::from_secs(60), |s| {
-        s.lines()
-            .filter(|l| l.starts_with("worker-") && l.contains(" gone "))
-            .count()
-            == 2
-    });
-    let client = Strata::new();
-    let again = cluster.build(&client, ctx.path(), &["-t", "kept:1"]);
-    assert_eq!(runs(&again), 0, "{again}");
-    assert_eq!(
-        again["image"]["manifest_digest"],
-        first["image"]["manifest_digest"]
-    );
-    assert_eq!(client.ok(&["run", "--rm", "kept:1"]), "/big: OK\n");
+    hits_without(&cluster, &holders[1], ctx.path(), "kept:1", &first);
 }
 
 #[test]
 fn a_worker_back_with_a_wiped_disk_holds_nothing_and_its_layers_are_copied_again() {
     let cluster = Cluster::start_group(1, 3, 2);
-    let ctx = tempfile::tempdir().unwrap();
-    write_files(
-        ctx.path(),
-        &[(
-            "Dockerfile",
-            "FROM busybox:latest\n\
-             RUN head -c 6000000 /dev/urandom > /big && md5sum /big > /big.md5\n\
-             CMD [\"md5sum\", \"-c\", \"/big.md5\"]\n",
-        )],
-    );
-    let first = cluster.build(&Strata::new(), ctx.path(), &["-t", "wiped:1"]);
-    assert_eq!(runs(&first), 1, "{first}");
-    let holders = holding_more_than(&cluster, 6_000_000);
-    assert_eq!(holders.len(), 2, "{holders:?}");
+    let (ctx, first, holders) = build_a_6mb_layer(&cluster, "wiped:1");
 
     // A holder's disk is replaced while it is down; it comes back empty.
     kill(&cluster, &holders[0]);
@@ -570,13 +572,5 @@ fn a_worker_back_with_a_wiped_disk_holds_nothing_and_its_layers_are_copied_again
     assert!(holding_more_than(&cluster, 6_000_000).contains(&holders[1]));
 
     // The one original copy left goes too: the build needs the new one.
-    kill(&cluster, &holders[1]);
-    cluster.wait_for(Duration::from_secs(60), |s| {
-        s.lines()
-            .any(|l| l.starts_with(&holders[1]) && l.contains(" gone "))
-    });
-    let client = Strata::new();
-    let again = cluster.build(&client, ctx.path(), &["-t", "wiped:1"]);
-    assert_eq!(runs(&again), 0, "{again}");
-    assert_eq!(client.ok(&["run", "--rm", "wiped:1"]), "/big: OK\n");
+    hits_without(&cluster, &holders[1], ctx.path(), "wiped:1", &first);
 }
