@@ -223,6 +223,7 @@ impl Coordinator {
             })
         };
         let repair = tokio::spawn(Arc::clone(&self).repair());
+        let reconcile = tokio::spawn(Arc::clone(&self).reconcile());
         let recorder = tokio::spawn(Arc::clone(&self).write_records());
         loop {
             tokio::select! {
@@ -235,6 +236,7 @@ impl Coordinator {
         }
         reaper.abort();
         repair.abort();
+        reconcile.abort();
         recorder.abort();
         self.endpoint.close();
     }
@@ -291,6 +293,16 @@ impl Coordinator {
     pub(crate) async fn located(&self, worker: &str, blobs: Vec<Digest>) -> Result<(), String> {
         if blobs.is_empty() {
             return Ok(());
+        }
+        // Known here at once, so recording the worker again (a new lead)
+        // does not drop them before its next heartbeat tells.
+        if let Some(w) = self
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(worker)
+        {
+            w.blobs.extend(blobs.iter().copied());
         }
         self.member
             .write(strata_raft::CommandV1::Located {
@@ -369,7 +381,14 @@ impl Coordinator {
             Request::Build(submit) if role == Role::Client => {
                 return self.build(*submit, conn, send).await;
             }
-            Request::Status => Reply::Status(Box::new(self.status())),
+            Request::Status => {
+                // It reads the whole cache index.
+                let me = Arc::clone(self);
+                match tokio::task::spawn_blocking(move || me.status()).await {
+                    Ok(status) => Reply::Status(Box::new(status)),
+                    Err(e) => Reply::Error(format!("reading the status stopped: {e}")),
+                }
+            }
             Request::ChangeGroup(change) if role == Role::Client => {
                 tracing::info!(?change, "changing the group of coordinators");
                 match self.member.change_membership(change).await {
@@ -517,7 +536,13 @@ impl Coordinator {
                 *counts.entry(h.as_str()).or_default() += 1;
             }
         }
-        let under_replicated = self.under_replicated().map_or(0, |u| u.len());
+        let census = self.census().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the cache index");
+            crate::replicas::Census {
+                entries: 0,
+                short: Vec::new(),
+            }
+        });
         let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
         let mut list: Vec<WorkerStatus> = workers
             .iter()
@@ -536,11 +561,11 @@ impl Coordinator {
             coordinator: self.name.clone(),
             pid: std::process::id(),
             workers: list,
-            cache_entries: self.member.local().entries().map_or(0, |l| l.len()),
+            cache_entries: census.entries,
             group: self.group_status(),
             blobs_located: loc.len(),
             replication: self.replication,
-            under_replicated,
+            under_replicated: census.short.len(),
             workers_registered: state.workers().map_or(0, |w| w.len()),
             builds_running: self.builds_running.load(Ordering::Relaxed),
         }

@@ -567,7 +567,8 @@ impl Worker for Placement {
         self.handle.block_on(self.execute_async(job))
     }
 
-    /// Copies the layer until the configured number of workers hold it.
+    /// Copies the layer until the configured number of workers hold it
+    /// (as many as can take a copy); fails only if no live node holds it.
     fn publish(&self, layer: &LayerRef) -> Result<(), WorkerError> {
         self.handle
             .block_on(self.coord.replicate(layer.blob, None))

@@ -1,6 +1,7 @@
-//! Copies of built layers: a step's result enters the cache index only
-//! once `replication` workers hold its layer, and the leader of the group
-//! copies again, at a bounded rate, the layers a lost worker left short.
+//! Copies of built layers: a step's result enters the cache index once
+//! `replication` workers hold its layer (or as many as could take a copy,
+//! never none), and the leader of the group copies again, at a bounded
+//! rate, the layers a lost worker left short.
 //! Where blobs are is replicated state (`strata_raft`); whether a worker
 //! is alive is each coordinator's own view of its connections.
 
@@ -25,8 +26,9 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 const SCAN_EVERY: Duration = Duration::from_secs(30);
 
 /// How long a worker may be gone before the leader takes it off the
-/// records: long enough for a restart or a network blip, so a worker that
-/// comes back keeps what it holds counted without a copy being made.
+/// records. Its layers are copied as soon as its lease lapses; its
+/// records only tell, when it comes back, what it held: until then they
+/// are harmless, and dropping them sooner buys nothing.
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 
 /// Blobs per command when a worker's whole store is recorded: an entry
@@ -64,6 +66,14 @@ impl Records {
     }
 }
 
+/// The cache index as repair sees it.
+pub(crate) struct Census {
+    /// Cache entries.
+    pub entries: usize,
+    /// Layers of cached results with fewer live copies than wanted.
+    pub short: Vec<Short>,
+}
+
 /// A layer of a cached result and the live workers holding it.
 pub(crate) struct Short {
     pub blob: Digest,
@@ -84,14 +94,18 @@ impl Coordinator {
         self.replication.min(live)
     }
 
-    /// The layers cached results made that have fewer live copies than
-    /// wanted, as this coordinator sees the workers.
-    pub(crate) fn under_replicated(&self) -> Result<Vec<Short>, String> {
+    /// The cache entries, and the layers cached results made that have
+    /// fewer live copies than wanted, as this coordinator sees the
+    /// workers. It reads every entry: call it off the runtime's threads.
+    pub(crate) fn census(&self) -> Result<Census, String> {
+        let entries = self.member.local().entries().map_err(|e| e.to_string())?;
         let want = self.copies_wanted();
         if want == 0 {
-            return Ok(Vec::new());
+            return Ok(Census {
+                entries: entries.len(),
+                short: Vec::new(),
+            });
         }
-        let entries = self.member.local().entries().map_err(|e| e.to_string())?;
         let made: HashSet<Digest> = entries
             .iter()
             .filter(|(_, e)| e.made_layer)
@@ -109,7 +123,10 @@ impl Coordinator {
                 short.push(Short { blob, live });
             }
         }
-        Ok(short)
+        Ok(Census {
+            entries: entries.len(),
+            short,
+        })
     }
 
     /// Makes sure `blob` has the wanted number of live copies on workers,
@@ -236,17 +253,22 @@ impl Coordinator {
             if !self.member.is_leader() {
                 continue;
             }
-            let (worker, forget) = match &command {
-                CommandV1::Registered { worker, .. } | CommandV1::Located { worker, .. } => {
-                    (worker.clone(), false)
-                }
-                CommandV1::Forget { worker, .. } => (worker.clone(), true),
+            let (worker, forget, registered) = match &command {
+                CommandV1::Registered { worker, .. } => (worker.clone(), false, true),
+                CommandV1::Located { worker, .. } => (worker.clone(), false, false),
+                CommandV1::Forget { worker, .. } => (worker.clone(), true, false),
                 _ => continue,
             };
-            if let Err(e) = self.member.write(command).await {
-                tracing::warn!(%worker, error = %e, "cannot record a change of a worker in the group");
-                if !forget {
-                    self.mark_unrecorded(&worker);
+            match self.member.write(command).await {
+                // What it holds is known now: a worker back with less than
+                // it had leaves layers short.
+                Ok(_) if registered => self.repair_wanted.notify_one(),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(%worker, error = %e, "cannot record a change of a worker in the group");
+                    if !forget {
+                        self.mark_unrecorded(&worker);
+                    }
                 }
             }
         }
@@ -338,18 +360,15 @@ impl Coordinator {
         }
     }
 
-    /// On the leader, until the coordinator stops: keeps the records of
-    /// workers true ([`Coordinator::reconcile_workers`]), then copies the
-    /// layers short of copies, one at a time and at the repair rate.
-    pub(crate) async fn repair(self: Arc<Self>) {
+    /// On the leader, every [`RECONCILE_EVERY`] until the coordinator
+    /// stops: keeps the records of workers true
+    /// ([`Coordinator::reconcile_workers`]); a new lead also wakes the
+    /// repair loop.
+    pub(crate) async fn reconcile(self: Arc<Self>) {
         let mut led_in = None;
         let mut gone_since = HashMap::new();
-        let mut scanned = Instant::now();
         loop {
-            let woken = tokio::select! {
-                () = tokio::time::sleep(RECONCILE_EVERY) => false,
-                () = self.repair_wanted.notified() => true,
-            };
+            tokio::time::sleep(RECONCILE_EVERY).await;
             // A lead lost and won back between two rounds is a new term:
             // what went on in between was not recorded here.
             let term = self.member.leading_term();
@@ -360,14 +379,34 @@ impl Coordinator {
                 continue;
             }
             self.reconcile_workers(took_lead, &mut gone_since);
-            if !(woken || took_lead || scanned.elapsed() > SCAN_EVERY) {
+            if took_lead {
+                self.repair_wanted.notify_one();
+            }
+        }
+    }
+
+    /// On the leader, until the coordinator stops: when a worker comes or
+    /// goes or its record is written, on a new lead, and every
+    /// [`SCAN_EVERY`] otherwise, copies the layers short of copies, one at
+    /// a time and at the repair rate.
+    pub(crate) async fn repair(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(SCAN_EVERY) => {}
+                () = self.repair_wanted.notified() => {}
+            }
+            if !self.member.is_leader() {
                 continue;
             }
-            scanned = Instant::now();
-            let short = match self.under_replicated() {
-                Ok(s) => s,
-                Err(e) => {
+            let me = Arc::clone(&self);
+            let short = match tokio::task::spawn_blocking(move || me.census()).await {
+                Ok(Ok(c)) => c.short,
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot list the cached layers");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing the cached layers stopped");
                     continue;
                 }
             };

@@ -153,6 +153,10 @@ pub enum Error {
 /// election takes well under this.
 pub const LEADER_WAIT: Duration = Duration::from_secs(10);
 
+/// How long adding or removing a member may take, a new member's catching
+/// up included.
+const MEMBERSHIP_WAIT: Duration = Duration::from_secs(60);
+
 /// How long a forwarded write or read may take.
 const FORWARD_TTL: Duration = Duration::from_secs(5);
 
@@ -353,10 +357,12 @@ impl Member {
     }
 
     /// Applies `command` through the group, from any member: returns once
-    /// a majority has it in their logs and both the leader and this member
-    /// applied it, so this member's local reads see it. A follower
-    /// forwards it to the leader; during an election it waits for one (up
-    /// to [`LEADER_WAIT`]).
+    /// a majority has it in their logs and the leader applied it, and
+    /// normally once this member applied it too, so its local reads see
+    /// it (a member that cannot catch up within [`LEADER_WAIT`] returns
+    /// anyway: the write is committed). A follower forwards it to the
+    /// leader; during an election it waits for one (up to
+    /// [`LEADER_WAIT`]).
     pub async fn write(&self, command: CommandV1) -> Result<Response, Error> {
         match self.via_leader(Ask::Write(Command::V1(command))).await? {
             // Read your writes: this member's own copy has it too before
@@ -443,7 +449,7 @@ impl Member {
                             .map(|i| Answer::Index(i.or(Some(0)))),
                         // A new member may need a while to catch up.
                         (Some(p), Ask::Membership(c)) => p
-                            .change_membership(c.clone(), LEADER_WAIT)
+                            .change_membership(c.clone(), MEMBERSHIP_WAIT)
                             .await
                             .map(|()| Answer::Changed),
                         (None, _) => Err(network::Forwarded::NotLeader),
@@ -488,13 +494,21 @@ impl Member {
                 }
             }
             Ask::Membership(change) => {
-                let outcome = apply_membership(&self.raft, change.clone()).await;
+                // A new member catches up first, which may take a while.
+                let outcome = tokio::time::timeout(
+                    MEMBERSHIP_WAIT,
+                    apply_membership(&self.raft, change.clone()),
+                )
+                .await;
                 match outcome {
-                    Ok(_) => Ok(Answer::Changed),
-                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    Err(_) => Err(Here::Failed(Error::Unavailable(format!(
+                        "the change was not committed within {MEMBERSHIP_WAIT:?} (no majority, or the new member cannot catch up)"
+                    )))),
+                    Ok(Ok(_)) => Ok(Answer::Changed),
+                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                         Err(elsewhere(f))
                     }
-                    Err(e) => Err(failed(e.to_string())),
+                    Ok(Err(e)) => Err(failed(e.to_string())),
                 }
             }
             Ask::Read(_) | Ask::ReadIndex => {

@@ -432,8 +432,8 @@ impl Solver {
                 if let Some(layer) = made
                     && let Err(e) = worker.publish(&layer)
                 {
-                    // Not recorded: the cache must not name a layer that
-                    // one lost node can take away.
+                    // Not recorded: the cache must not name a layer no
+                    // live node holds.
                     tracing::warn!(layer = %layer.blob, error = %e.message, "the step's layer could not be published; the step is not cached");
                     return Ok(());
                 }
