@@ -138,12 +138,7 @@ impl Endpoint {
                 detail: format!("cannot listen: {e}"),
             }
         })?;
-        Ok(Endpoint {
-            client: Self::client_config(&c)?,
-            quic,
-            me: id.peer()?,
-            version: PROTOCOL_VERSION,
-        })
+        Self::dialing_with(quic, &c, id)
     }
 
     /// An endpoint that only dials.
@@ -154,8 +149,13 @@ impl Endpoint {
             peer: any,
             detail: format!("cannot open a UDP socket: {e}"),
         })?;
+        Self::dialing_with(quic, &c, id)
+    }
+
+    /// `quic`, dialing as `id` with its credentials `c`.
+    fn dialing_with(quic: quinn::Endpoint, c: &Credentials, id: &Identity) -> Result<Endpoint> {
         Ok(Endpoint {
-            client: Self::client_config(&c)?,
+            client: Self::client_config(c)?,
             quic,
             me: id.peer()?,
             version: PROTOCOL_VERSION,

@@ -293,6 +293,24 @@ impl Peer {
         }
     }
 
+    /// Sends one of Raft's own RPCs; `answer` picks its reply, whose
+    /// error is the remote member's.
+    async fn raft_call<T, E: std::error::Error>(
+        &mut self,
+        rpc: &Rpc,
+        option: RPCOption,
+        answer: impl FnOnce(RpcReply) -> Option<Result<T, E>>,
+    ) -> Result<T, RPCError<NodeId, Node, E>> {
+        match self.call(rpc, option.hard_ttl()).await {
+            Ok(reply) => match answer(reply) {
+                Some(Ok(r)) => Ok(r),
+                Some(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+                None => Err(self.unexpected()),
+            },
+            Err(f) => Err(self.rpc_error(f)),
+        }
+    }
+
     fn unexpected<E: std::error::Error>(&self) -> RPCError<NodeId, Node, E> {
         RPCError::Network(NetworkError::new(&Why(format!(
             "member {} answered another RPC",
@@ -307,14 +325,11 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        match self.call(&Rpc::Append(rpc), option.hard_ttl()).await {
-            Ok(RpcReply::Append(Ok(r))) => Ok(r),
-            Ok(RpcReply::Append(Err(e))) => {
-                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
-            Ok(_) => Err(self.unexpected()),
-            Err(f) => Err(self.rpc_error(f)),
-        }
+        self.raft_call(&Rpc::Append(rpc), option, |r| match r {
+            RpcReply::Append(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn install_snapshot(
@@ -325,14 +340,11 @@ impl RaftNetwork<TypeConfig> for Peer {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        match self.call(&Rpc::Snapshot(rpc), option.hard_ttl()).await {
-            Ok(RpcReply::Snapshot(Ok(r))) => Ok(r),
-            Ok(RpcReply::Snapshot(Err(e))) => {
-                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
-            Ok(_) => Err(self.unexpected()),
-            Err(f) => Err(self.rpc_error(f)),
-        }
+        self.raft_call(&Rpc::Snapshot(rpc), option, |r| match r {
+            RpcReply::Snapshot(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     async fn vote(
@@ -340,14 +352,11 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        match self.call(&Rpc::Vote(rpc), option.hard_ttl()).await {
-            Ok(RpcReply::Vote(Ok(r))) => Ok(r),
-            Ok(RpcReply::Vote(Err(e))) => {
-                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
-            Ok(_) => Err(self.unexpected()),
-            Err(f) => Err(self.rpc_error(f)),
-        }
+        self.raft_call(&Rpc::Vote(rpc), option, |r| match r {
+            RpcReply::Vote(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 }
 
