@@ -41,6 +41,14 @@ pub(crate) struct WorkerState {
     pub recorded: bool,
 }
 
+impl WorkerState {
+    /// How busy it is, for choosing the least busy: running steps per
+    /// thousand slots.
+    pub fn load(&self) -> usize {
+        self.running * 1000 / self.slots.max(1)
+    }
+}
+
 /// The coordinator process.
 pub struct Coordinator {
     pub(crate) node: Arc<Node>,
@@ -322,22 +330,26 @@ impl Coordinator {
         })
     }
 
-    /// Live nodes holding `blob`, other than `except`; the coordinator
-    /// itself when its store has it.
-    pub(crate) fn holders(&self, blob: &Digest, except: Option<&str>) -> Vec<Holder> {
-        let names = self.recorded_holders(blob);
+    /// The workers among `names` that are alive, where they serve blobs.
+    pub(crate) fn live_workers(&self, names: &[String]) -> Vec<Holder> {
         let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut out: Vec<Holder> = names
-            .into_iter()
-            .filter(|n| Some(n.as_str()) != except)
+        names
+            .iter()
             .filter_map(|n| {
-                workers.get(&n).filter(|w| w.alive).map(|w| Holder {
-                    name: n,
+                workers.get(n).filter(|w| w.alive).map(|w| Holder {
+                    name: n.clone(),
                     addr: w.addr,
                 })
             })
-            .collect();
-        drop(workers);
+            .collect()
+    }
+
+    /// Live nodes holding `blob`, other than `except`; the coordinator
+    /// itself when its store has it.
+    pub(crate) fn holders(&self, blob: &Digest, except: Option<&str>) -> Vec<Holder> {
+        let mut names = self.recorded_holders(blob);
+        names.retain(|n| Some(n.as_str()) != except);
+        let mut out = self.live_workers(&names);
         if self.node.content.contains(blob).unwrap_or(false) {
             out.push(self.holder());
         }

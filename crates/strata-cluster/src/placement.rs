@@ -236,6 +236,11 @@ impl Placement {
             _ => None,
         };
         let soft = self.pinned(i).map(|p| p.worker);
+        // Read once per layer, not once per worker and layer.
+        let recorded: Vec<(u64, Vec<String>)> = layers
+            .iter()
+            .map(|l| (l.size, self.coord.recorded_holders(&l.blob)))
+            .collect();
         let workers = self
             .coord
             .workers
@@ -247,15 +252,15 @@ impl Placement {
                 w.alive && (!free || w.running < w.slots) && !self.coord.is_cordoned(name)
             })
             .map(|(name, w)| {
-                let held: u64 = layers
+                let held: u64 = recorded
                     .iter()
-                    .filter(|l| self.coord.holds(name, &l.blob))
-                    .map(|l| l.size)
+                    .filter(|(_, holders)| holders.contains(name))
+                    .map(|(size, _)| size)
                     .sum();
                 let is = |n: &Option<String>| n.as_deref() == Some(name.as_str());
                 (
                     std::cmp::Reverse((is(&base_worker), held, is(&soft))),
-                    w.running * 1000 / w.slots.max(1),
+                    w.load(),
                     name.clone(),
                 )
             })

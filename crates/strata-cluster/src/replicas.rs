@@ -14,7 +14,7 @@ use strata_raft::CommandV1;
 use tokio::sync::mpsc;
 
 use crate::coordinator::Coordinator;
-use crate::protocol::{CopyBlob, Holder, Reply, Request};
+use crate::protocol::{CopyBlob, Reply, Request};
 
 /// How often the leader looks over its records of workers.
 const RECONCILE_EVERY: Duration = Duration::from_secs(2);
@@ -113,12 +113,7 @@ impl Coordinator {
             .collect();
         let mut short = Vec::new();
         for blob in made {
-            let recorded = self.recorded_holders(&blob);
-            let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-            let live = recorded
-                .iter()
-                .filter(|n| workers.get(*n).is_some_and(|w| w.alive))
-                .count();
+            let live = self.live_workers(&self.recorded_holders(&blob)).len();
             if live < want {
                 short.push(Short { blob, live });
             }
@@ -172,35 +167,23 @@ impl Coordinator {
     ) -> Result<usize, String> {
         let want = self.copies_wanted();
         let recorded = self.recorded_holders(&blob);
-        let (mut sources, targets) = {
-            let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-            let sources: Vec<Holder> = recorded
-                .iter()
-                .filter_map(|n| {
-                    workers.get(n).filter(|w| w.alive).map(|w| Holder {
-                        name: n.clone(),
-                        addr: w.addr,
-                    })
-                })
-                .collect();
-            let mut targets: Vec<_> = workers
-                .iter()
-                .filter(|(n, w)| w.alive && !recorded.contains(n) && !self.is_cordoned(n))
-                .map(|(n, w)| (w.running * 1000 / w.slots.max(1), n.clone(), w.conn.clone()))
-                .collect();
-            targets.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-            (sources, targets)
-        };
-        let mut have = sources.len();
+        let mut have = self.live_workers(&recorded).len();
         if have >= want {
             return Ok(0);
         }
-        if self.node.content.contains(&blob).unwrap_or(false) {
-            sources.push(self.holder());
-        }
+        let sources = self.holders(&blob, None);
         if sources.is_empty() {
             return Err(format!("no live node holds blob {blob}"));
         }
+        let mut targets: Vec<_> = self
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(n, w)| w.alive && !recorded.contains(n) && !self.is_cordoned(n))
+            .map(|(n, w)| (w.load(), n.clone(), w.conn.clone()))
+            .collect();
+        targets.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         let mut made = 0;
         let mut why = Vec::new();
         for (_, name, conn) in targets {
@@ -253,10 +236,11 @@ impl Coordinator {
             if !self.member.is_leader() {
                 continue;
             }
-            let (worker, forget, registered) = match &command {
-                CommandV1::Registered { worker, .. } => (worker.clone(), false, true),
-                CommandV1::Located { worker, .. } => (worker.clone(), false, false),
-                CommandV1::Forget { worker, .. } => (worker.clone(), true, false),
+            let (worker, registered) = match &command {
+                CommandV1::Registered { worker, .. } => (worker.clone(), true),
+                CommandV1::Located { worker, .. } | CommandV1::Forget { worker, .. } => {
+                    (worker.clone(), false)
+                }
                 _ => continue,
             };
             match self.member.write(command).await {
@@ -264,11 +248,11 @@ impl Coordinator {
                 // it had leaves layers short.
                 Ok(_) if registered => self.repair_wanted.notify_one(),
                 Ok(_) => {}
+                // A worker gone meanwhile is recorded afresh if it comes
+                // back; a live one in the next round.
                 Err(e) => {
                     tracing::warn!(%worker, error = %e, "cannot record a change of a worker in the group");
-                    if !forget {
-                        self.mark_unrecorded(&worker);
-                    }
+                    self.mark_unrecorded(&worker);
                 }
             }
         }
