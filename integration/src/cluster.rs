@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{Strata, busybox_tar, run_bounded, strata_bin};
+use crate::{COMMAND_LIMIT, Strata, busybox_tar, run_bounded, strata_bin, succeed};
 
 /// A running local cluster.
 pub struct Cluster {
@@ -95,16 +95,11 @@ impl Cluster {
                 })
                 .collect();
             std::fs::write(&config, text).unwrap();
-            let out = Command::new(strata_bin())
-                .env("STRATA_HOME", c.path().join("state").join(&name))
-                .args(["image", "import", "busybox:latest"])
-                .arg(busybox_tar())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
+            succeed(
+                Command::new(strata_bin())
+                    .env("STRATA_HOME", c.path().join("state").join(&name))
+                    .args(["image", "import", "busybox:latest"])
+                    .arg(busybox_tar()),
             );
         }
         c.up();
@@ -232,22 +227,12 @@ impl Cluster {
 
     /// Runs `strata ARGS` (no state directory of its own).
     pub fn run(&self, args: &[&str]) -> Output {
-        run_bounded(
-            Command::new(strata_bin()).args(args),
-            Duration::from_secs(300),
-        )
+        run_bounded(Command::new(strata_bin()).args(args), COMMAND_LIMIT)
     }
 
     /// Runs `strata ARGS`, failing the test unless it succeeds.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "strata {args:?} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        succeed(Command::new(strata_bin()).args(args))
     }
 
     /// `strata cluster status` for this cluster.

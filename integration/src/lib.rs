@@ -132,24 +132,15 @@ impl Strata {
         c
     }
 
-    /// Runs `strata ARGS` and returns its output. A command still running
-    /// after five minutes is killed and fails the test: a hang is a bug
-    /// to report, not to wait out.
+    /// Runs `strata ARGS` and returns its output, within
+    /// [`COMMAND_LIMIT`].
     pub fn run(&self, args: &[&str]) -> Output {
-        run_bounded(self.cmd().args(args), Duration::from_secs(300))
+        run_bounded(self.cmd().args(args), COMMAND_LIMIT)
     }
 
     /// Runs `strata ARGS`, failing the test unless it succeeds; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "strata {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        succeed(self.cmd().args(args))
     }
 
     /// Imports the busybox base image as `busybox:latest` (and `names`).
@@ -178,6 +169,25 @@ impl Strata {
         self.ok(&args);
         serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap()
     }
+}
+
+/// How long a strata command in a test may run: one still running after
+/// five minutes is killed and fails the test, since a hang is a bug to
+/// report, not to wait out.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(300);
+
+/// Runs `cmd` within [`COMMAND_LIMIT`], failing the test unless it
+/// succeeds; returns its stdout.
+pub fn succeed(cmd: &mut Command) -> String {
+    let out = run_bounded(cmd, COMMAND_LIMIT);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs `cmd` to the end, or kills it and fails after `limit`.
