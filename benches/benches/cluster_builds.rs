@@ -239,10 +239,7 @@ fn repair_time(bin: &std::path::Path, mib_per_second: u64) -> f64 {
         .find(|w| cluster.blob_bytes(w) > REPAIR_BYTES)
         .unwrap();
     eprintln!("killing {holder}, copies at {mib_per_second} MiB/s (0: unbounded)");
-    Command::new("kill")
-        .args(["-9", &cluster.pid(&holder).to_string()])
-        .status()
-        .unwrap();
+    cluster.kill(&holder);
     cluster.wait_for(Duration::from_secs(30), |s| {
         s.lines()
             .any(|l| l.starts_with(&holder) && l.contains(" gone "))

@@ -215,6 +215,16 @@ impl Cluster {
             .unwrap()
     }
 
+    /// Kills node `name` (`coordinator-2`, `worker-1`) with SIGKILL: no
+    /// goodbye to its peers, nothing flushed.
+    pub fn kill(&self, name: &str) {
+        let killed = Command::new("kill")
+            .args(["-9", &self.pid(name).to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success(), "kill -9 {name} failed");
+    }
+
     /// A worker's state directory.
     pub fn worker_home(&self, name: &str) -> PathBuf {
         self.path().join("state").join(name)

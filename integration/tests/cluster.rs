@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use strata_integration::cluster::{Cluster, runs, worker_running};
@@ -189,10 +188,7 @@ fn a_worker_killed_mid_stage_does_not_fail_the_build() {
     let status = cluster.wait_for(Duration::from_secs(30), |s| worker_running(s, 1).is_some());
     let victim = worker_running(&status, 1).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    Command::new("kill")
-        .args(["-9", &cluster.pid(&victim).to_string()])
-        .status()
-        .unwrap();
+    cluster.kill(&victim);
     let out = build.wait_with_output().unwrap();
     assert!(
         out.status.success(),

@@ -90,6 +90,31 @@ fn stream_of_builds(cluster: &Cluster, n: usize) -> Vec<(tempfile::TempDir, serd
     done
 }
 
+/// Waits until coordinator `name` follows a leader and has applied
+/// everything the leader had applied when asked.
+fn wait_caught_up(cluster: &Cluster, name: &str) {
+    let start = Instant::now();
+    loop {
+        let leader_applied = cluster
+            .coordinator_names()
+            .into_iter()
+            .filter_map(|n| group(&status_of(cluster, &n)?))
+            .find(|(id, l, _)| Some(*id) == *l)
+            .map(|(_, _, applied)| applied);
+        let back = status_of(cluster, name).and_then(|s| group(&s));
+        if let (Some(want), Some((_, Some(_), got))) = (leader_applied, back)
+            && got >= want
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{name} did not catch up: {back:?} vs leader at {leader_applied:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn losing_the_leader_loses_no_cache_and_a_restarted_coordinator_catches_up() {
     let cluster = Cluster::start_group(3, 3, 2);
@@ -130,10 +155,7 @@ fn losing_the_leader_loses_no_cache_and_a_restarted_coordinator_catches_up() {
         let stream = scope.spawn(|| stream_of_builds(&cluster, 8));
         std::thread::sleep(Duration::from_millis(500));
         let killed = Instant::now();
-        Command::new("kill")
-            .args(["-9", &cluster.pid(&victim).to_string()])
-            .status()
-            .unwrap();
+        cluster.kill(&victim);
         // The others elect a leader among themselves.
         let (survivor, new_leader) = loop {
             let seen = cluster
@@ -207,26 +229,7 @@ fn losing_the_leader_loses_no_cache_and_a_restarted_coordinator_catches_up() {
 
     // The killed coordinator comes back from its disk and catches up.
     cluster.up();
-    let start = Instant::now();
-    loop {
-        let leader_applied = cluster
-            .coordinator_names()
-            .into_iter()
-            .filter_map(|n| group(&status_of(&cluster, &n)?))
-            .find(|(id, l, _)| Some(*id) == *l)
-            .map(|(_, _, applied)| applied);
-        let back = status_of(&cluster, &victim).and_then(|s| group(&s));
-        if let (Some(want), Some((_, Some(_), got))) = (leader_applied, back)
-            && got >= want
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{victim} did not catch up: {back:?} vs leader at {leader_applied:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_caught_up(&cluster, &victim);
     let rebuilt = cluster.build(&Strata::new(), ctx.path(), &["-t", "after:1"]);
     assert_eq!(runs(&rebuilt), 0, "{rebuilt}");
 }
@@ -305,14 +308,14 @@ fn a_coordinator_cut_off_cannot_commit_the_majority_goes_on_and_it_converges() {
         &[("Dockerfile", "FROM busybox:latest\nRUN echo two > /two\n")],
     );
     // The majority elects or keeps a leader and records new results.
-    let majority = loop {
+    loop {
         if let Some((_, Some(l), _)) = status_of(&cluster, "coordinator-1").and_then(|s| group(&s))
             && l != 3
         {
-            break l;
+            break;
         }
         std::thread::sleep(Duration::from_millis(100));
-    };
+    }
     let two = cluster.build_via(&via("coordinator-1"), &Strata::new(), ctx.path(), &[]);
     assert_eq!(runs(&two), 1, "{two}");
     // The one cut off cannot confirm anything: a build through it fails,
@@ -329,23 +332,7 @@ fn a_coordinator_cut_off_cannot_commit_the_majority_goes_on_and_it_converges() {
 
     // Healed, it catches up with what the majority committed.
     drop(cut);
-    let start = Instant::now();
-    loop {
-        let leader = status_of(&cluster, &format!("coordinator-{majority}"))
-            .and_then(|s| group(&s))
-            .map(|(_, _, a)| a);
-        let back = status_of(&cluster, "coordinator-3").and_then(|s| group(&s));
-        if let (Some(want), Some((_, Some(_), got))) = (leader, back)
-            && got >= want
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "coordinator-3 did not converge"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_caught_up(&cluster, "coordinator-3");
     let again = cluster.build_via(&via("coordinator-3"), &Strata::new(), ctx.path(), &[]);
     assert_eq!(runs(&again), 0, "{again}");
 }
@@ -470,13 +457,6 @@ fn holding_more_than(cluster: &Cluster, bytes: u64) -> Vec<String> {
         .collect()
 }
 
-fn kill(cluster: &Cluster, name: &str) {
-    Command::new("kill")
-        .args(["-9", &cluster.pid(name).to_string()])
-        .status()
-        .unwrap();
-}
-
 /// Builds a Dockerfile whose first RUN makes a 6 MB layer of random bytes
 /// (its image checks them); returns the context, the report and the two
 /// workers the layer was published on.
@@ -509,7 +489,7 @@ fn build_a_6mb_layer(
 /// Kills `last`, the layer's last original holder, and builds `ctx` again
 /// from a new client: every step comes from the cache, through the copies.
 fn hits_without(cluster: &Cluster, last: &str, ctx: &Path, tag: &str, first: &serde_json::Value) {
-    kill(cluster, last);
+    cluster.kill(last);
     cluster.wait_for(Duration::from_secs(60), |s| {
         s.lines()
             .any(|l| l.starts_with(last) && l.contains(" gone "))
@@ -537,7 +517,7 @@ fn layers_a_lost_worker_held_are_copied_again_and_the_cache_still_hits() {
 
     // One holder dies: the leader copies what it held to the spare.
     let killed = Instant::now();
-    kill(&cluster, &holders[0]);
+    cluster.kill(&holders[0]);
     cluster.wait_for(Duration::from_secs(60), |s| {
         s.lines()
             .any(|l| l.starts_with(&holders[0]) && l.contains(" gone "))
@@ -560,7 +540,7 @@ fn a_worker_back_with_a_wiped_disk_holds_nothing_and_its_layers_are_copied_again
     let (ctx, first, holders) = build_a_6mb_layer(&cluster, "wiped:1");
 
     // A holder's disk is replaced while it is down; it comes back empty.
-    kill(&cluster, &holders[0]);
+    cluster.kill(&holders[0]);
     std::fs::remove_dir_all(cluster.worker_home(&holders[0])).unwrap();
     cluster.up();
     // It registers with nothing, so the layer is short of a copy until
