@@ -11,7 +11,7 @@ use std::time::Duration;
 use strata_cas::Digest;
 use strata_dockerfile::IgnoreMatcher;
 use strata_net::{Connection, Endpoint, Role, read_frame, send_blob, write_frame};
-use strata_plan::Plan;
+use strata_plan::{Plan, StagePlan};
 use strata_solver::{Job, StageResult, Worker as _, WorkerError};
 use strata_worker::{LocalWorker, Node};
 use tokio_util::sync::CancellationToken;
@@ -366,24 +366,40 @@ impl WorkerNode {
     }
 
     async fn inputs(&self, step: StepRef, from: &str) -> Result<Vec<Digest>, WorkerError> {
-        let here = self.build(from, step.build)?;
-        self.fetch(&step).await?;
-        tokio::task::spawn_blocking(move || {
-            let (stage, s) = locate(&here.plan, &step)?;
-            let sources = sources(&here.plan, &step);
-            here.worker.inputs(stage, &stage.steps[s], &sources)
+        self.on_step(step, from, |worker, stage, s, sources| {
+            worker.inputs(stage, &stage.steps[s], sources)
         })
         .await
-        .map_err(|e| WorkerError::new(e.to_string()))?
     }
 
     async fn artifact(&self, step: StepRef, from: &str) -> Result<Digest, WorkerError> {
+        self.on_step(step, from, |worker, stage, s, sources| {
+            worker.artifact(&stage.steps[s], sources)
+        })
+        .await
+    }
+
+    /// Runs `f` off the runtime on the build's worker, the step's stage,
+    /// its index and the finished stages, once the blobs it needs are here.
+    async fn on_step<T: Send + 'static>(
+        &self,
+        step: StepRef,
+        from: &str,
+        f: impl FnOnce(
+            &LocalWorker,
+            &StagePlan,
+            usize,
+            &[Option<StageResult>],
+        ) -> Result<T, WorkerError>
+        + Send
+        + 'static,
+    ) -> Result<T, WorkerError> {
         let here = self.build(from, step.build)?;
         self.fetch(&step).await?;
         tokio::task::spawn_blocking(move || {
             let (stage, s) = locate(&here.plan, &step)?;
             let sources = sources(&here.plan, &step);
-            here.worker.artifact(&stage.steps[s], &sources)
+            f(&here.worker, stage, s, &sources)
         })
         .await
         .map_err(|e| WorkerError::new(e.to_string()))?
@@ -497,7 +513,7 @@ impl WorkerNode {
 fn locate<'p>(
     plan: &'p Plan,
     step: &StepRef,
-) -> Result<(&'p strata_plan::StagePlan, usize), WorkerError> {
+) -> Result<(&'p StagePlan, usize), WorkerError> {
     plan.stages
         .get(step.stage)
         .filter(|s| step.step < s.steps.len())
