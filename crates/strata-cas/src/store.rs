@@ -143,6 +143,8 @@ pub struct ContentStore {
     meta: Arc<MetaDb>,
     leases: Arc<Mutex<HashMap<Digest, usize>>>,
     ingest_seq: AtomicU64,
+    /// Blobs added or removed since the store was opened.
+    changes: AtomicU64,
 }
 
 impl std::fmt::Debug for ContentStore {
@@ -189,7 +191,14 @@ impl ContentStore {
             meta,
             leases: Arc::default(),
             ingest_seq: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
         })
+    }
+
+    /// A count that moves whenever a blob is added or removed: two equal
+    /// readings mean listing the store again would show nothing new.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
     }
 
     /// The directory the store lives in.
@@ -435,6 +444,7 @@ impl ContentStore {
         batch.delete_cf(self.cf(CF_BLOBS), d.0);
         batch.delete_cf(self.cf(CF_SHA256), info.sha256.0);
         self.meta.db().write(batch).map_err(self.db_err())?;
+        self.changes.fetch_add(1, Ordering::SeqCst);
         let path = self.blob_path(d);
         match fs::remove_file(&path) {
             Ok(()) => Ok(true),
@@ -568,6 +578,7 @@ impl BlobWriter<'_> {
             labels: BTreeMap::new(),
         };
         self.store.write_info(&digest, &info)?;
+        self.store.changes.fetch_add(1, Ordering::SeqCst);
         Ok(digest)
     }
 

@@ -152,21 +152,27 @@ impl WorkerNode {
         }
     }
 
-    /// The blobs in this worker's store.
-    fn blobs(&self) -> Result<HashSet<Digest>, String> {
-        Ok(self
+    /// The blobs in this worker's store, and the store's count of changes
+    /// as of the listing (see [`strata_cas::ContentStore::changes`]).
+    fn blobs(&self) -> Result<(u64, HashSet<Digest>), String> {
+        let changes = self.node.content.changes();
+        let blobs = self
             .node
             .content
             .list()
             .map_err(|e| e.to_string())?
             .into_iter()
             .map(|(d, _)| d)
-            .collect())
+            .collect();
+        Ok((changes, blobs))
     }
 
-    /// Registers with one coordinator; returns the connection and the
-    /// blobs it was told of.
-    async fn join_one(&self, at: &NodeAddress) -> Result<(Connection, HashSet<Digest>), String> {
+    /// Registers with one coordinator; returns the connection, the blobs
+    /// it was told of, and the store's count of changes then.
+    async fn join_one(
+        &self,
+        at: &NodeAddress,
+    ) -> Result<(Connection, (u64, HashSet<Digest>)), String> {
         // A coordinator that is down may not answer at all: give up on it
         // well before QUIC's idle timeout.
         let limit = crate::client::CONNECT_TIMEOUT;
@@ -177,7 +183,7 @@ impl WorkerNode {
         if conn.peer.role != Role::Coordinator {
             return Err(format!("{} is not a coordinator", conn.peer));
         }
-        let blobs = self.blobs()?;
+        let (changes, blobs) = self.blobs()?;
         let reply = request(
             &conn,
             &Request::Register(Registration {
@@ -188,7 +194,7 @@ impl WorkerNode {
         )
         .await?;
         match reply {
-            Reply::Ok => Ok((conn, blobs)),
+            Reply::Ok => Ok((conn, (changes, blobs))),
             Reply::Error(e) => Err(e),
             other => Err(format!("unexpected answer to registering: {other:?}")),
         }
@@ -196,14 +202,24 @@ impl WorkerNode {
 
     /// Tells the coordinator it is alive, and which blobs it gained
     /// (through any coordinator's builds), every second, until that fails.
-    async fn heartbeat(&self, conn: &Connection, mut reported: HashSet<Digest>) {
+    /// `reported` is what it was told, as of the store's count of changes
+    /// `changes`: while the count stands, the store is not listed again.
+    async fn heartbeat(
+        &self,
+        conn: &Connection,
+        (mut changes, mut reported): (u64, HashSet<Digest>),
+    ) {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let gained: Vec<Digest> = match self.blobs() {
-                Ok(now) => now.difference(&reported).copied().collect(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot list this worker's blobs");
-                    Vec::new()
+            let (listed, gained): (u64, Vec<Digest>) = if self.node.content.changes() == changes {
+                (changes, Vec::new())
+            } else {
+                match self.blobs() {
+                    Ok((listed, now)) => (listed, now.difference(&reported).copied().collect()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot list this worker's blobs");
+                        (changes, Vec::new())
+                    }
                 }
             };
             let beat = Request::Heartbeat {
@@ -211,7 +227,10 @@ impl WorkerNode {
                 blobs: gained.clone(),
             };
             match tokio::time::timeout(Duration::from_secs(5), request(conn, &beat)).await {
-                Ok(Ok(Reply::Ok)) => reported.extend(gained),
+                Ok(Ok(Reply::Ok)) => {
+                    reported.extend(gained);
+                    changes = listed;
+                }
                 Ok(Ok(Reply::Error(e))) if e.contains("not registered") => return,
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
@@ -510,10 +529,7 @@ impl WorkerNode {
 }
 
 /// The plan stage and step index a [`StepRef`] names.
-fn locate<'p>(
-    plan: &'p Plan,
-    step: &StepRef,
-) -> Result<(&'p StagePlan, usize), WorkerError> {
+fn locate<'p>(plan: &'p Plan, step: &StepRef) -> Result<(&'p StagePlan, usize), WorkerError> {
     plan.stages
         .get(step.stage)
         .filter(|s| step.step < s.steps.len())

@@ -93,3 +93,17 @@ fn labels_and_references() {
     s.set_label(&a, "note", None).unwrap();
     assert_eq!(s.info(&a).unwrap().unwrap().labels.len(), 1);
 }
+
+#[test]
+fn the_count_of_changes_moves_with_what_the_store_holds() {
+    let (_d, s) = store();
+    let start = s.changes();
+    let d = s.put(b"one").unwrap();
+    let added = s.changes();
+    assert_ne!(added, start);
+    // Storing it again changes nothing.
+    s.put(b"one").unwrap();
+    assert_eq!(s.changes(), added);
+    assert!(s.delete(&d).unwrap());
+    assert_ne!(s.changes(), added);
+}
