@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use strata_cluster::client::Client;
+use strata_cluster::client::{Client, ClientError};
 use strata_cluster::config::{ClientConfig, CoordinatorConfig, WorkerConfig};
 use strata_cluster::coordinator::Coordinator;
 use strata_cluster::worker::WorkerNode;
@@ -250,10 +250,7 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
             writeln!(out, "coordinator {id} removed from the group")?;
         }
         ClusterCommand::Status { cluster } => {
-            let status = crate::runtime()?.block_on(async {
-                let client = connect(&cluster).await?;
-                client.status().await.map_err(anyhow::Error::from)
-            })?;
+            let status = ask(&cluster, async |c| c.status().await)?;
             writeln!(
                 out,
                 "coordinator {} (pid {}): {} cache entries, {} blobs located, {} builds running",
@@ -382,22 +379,18 @@ async fn coordinator_views(
 }
 
 fn change_group(cluster: &Path, change: strata_raft::MembershipChange) -> Result<()> {
-    crate::runtime()?.block_on(async {
-        let client = connect(cluster).await?;
-        client
-            .change_group(change)
-            .await
-            .map_err(anyhow::Error::from)
-    })
+    ask(cluster, async |c| c.change_group(change).await)
 }
 
 fn set_cordon(cluster: &Path, worker: &str, cordoned: bool) -> Result<()> {
+    ask(cluster, async |c| c.cordon(worker, cordoned).await)
+}
+
+/// Connects to the cluster `cluster` names and asks it one thing.
+fn ask<T>(cluster: &Path, f: impl AsyncFnOnce(&Client) -> Result<T, ClientError>) -> Result<T> {
     crate::runtime()?.block_on(async {
         let client = connect(cluster).await?;
-        client
-            .cordon(worker, cordoned)
-            .await
-            .map_err(anyhow::Error::from)
+        f(&client).await.map_err(anyhow::Error::from)
     })
 }
 

@@ -172,16 +172,11 @@ impl Client {
     /// The cluster's state.
     /// Keeps new stages off `worker` (`cordoned`), or lets them back.
     pub async fn cordon(&self, worker: &str, cordoned: bool) -> Result<(), ClientError> {
-        let req = Request::Cordon {
+        self.done(&Request::Cordon {
             worker: worker.to_string(),
             cordoned,
-        };
-        match request(&self.coordinator, &req).await {
-            Ok(Reply::Ok) => Ok(()),
-            Ok(Reply::Error(e)) => Err(cluster(e)),
-            Ok(other) => Err(cluster(format!("unexpected answer: {other:?}"))),
-            Err(e) => Err(cluster(e)),
-        }
+        })
+        .await
     }
 
     /// Adds a coordinator to the group, or removes one.
@@ -189,7 +184,12 @@ impl Client {
         &self,
         change: strata_raft::MembershipChange,
     ) -> Result<(), ClientError> {
-        match request(&self.coordinator, &Request::ChangeGroup(change)).await {
+        self.done(&Request::ChangeGroup(change)).await
+    }
+
+    /// Asks the coordinator for something it answers with done or why not.
+    async fn done(&self, req: &Request) -> Result<(), ClientError> {
+        match request(&self.coordinator, req).await {
             Ok(Reply::Ok) => Ok(()),
             Ok(Reply::Error(e)) => Err(cluster(e)),
             Ok(other) => Err(cluster(format!("unexpected answer: {other:?}"))),
