@@ -303,16 +303,33 @@ impl Placement {
         if begun.contains(worker) {
             return Ok(conn);
         }
-        match crate::worker::request(&conn, &Request::Begin(Box::new((*self.spec).clone()))).await {
-            Ok(Reply::Ok) => {
-                begun.insert(worker.to_string());
-                Ok(conn)
-            }
+        let begin = Request::Begin(Box::new((*self.spec).clone()));
+        self.ask(worker, &conn, &begin, |r| match r {
+            Reply::Ok => Ok(Ok(())),
+            other => Err(other),
+        })
+        .await?;
+        begun.insert(worker.to_string());
+        Ok(conn)
+    }
+
+    /// Asks `worker` on `conn`; `answer` takes the reply it expects and
+    /// gives back any other. A worker that stops answering is gone.
+    async fn ask<T>(
+        &self,
+        worker: &str,
+        conn: &Connection,
+        req: &Request,
+        answer: impl FnOnce(Reply) -> Result<Result<T, WorkerError>, Reply>,
+    ) -> Result<T, WorkerError> {
+        match crate::worker::request(conn, req).await {
             Ok(Reply::Error(e)) => Err(WorkerError::new(format!("worker {worker}: {e}"))),
-            Ok(other) => Err(WorkerError::new(format!(
-                "worker {worker} answered {other:?}"
-            ))),
-            Err(e) => Err(self.gone(worker, &conn, e)),
+            Ok(reply) => answer(reply).unwrap_or_else(|other| {
+                Err(WorkerError::new(format!(
+                    "worker {worker} answered {other:?}"
+                )))
+            }),
+            Err(e) => Err(self.gone(worker, conn, e)),
         }
     }
 
@@ -431,14 +448,11 @@ impl Placement {
     ) -> Result<Digest, WorkerError> {
         let conn = self.begin(holder).await?;
         let req = Request::Artifact(Box::new(self.step_ref(holder, i, s, &[], sources, None)));
-        match crate::worker::request(&conn, &req).await {
-            Ok(Reply::Artifact(r)) => r,
-            Ok(Reply::Error(e)) => Err(WorkerError::new(format!("worker {holder}: {e}"))),
-            Ok(other) => Err(WorkerError::new(format!(
-                "worker {holder} answered {other:?}"
-            ))),
-            Err(e) => Err(self.gone(holder, &conn, e)),
-        }
+        self.ask(holder, &conn, &req, |r| match r {
+            Reply::Artifact(r) => Ok(r),
+            other => Err(other),
+        })
+        .await
     }
 
     /// Tells every worker that had the build that it is over.
@@ -467,14 +481,11 @@ impl Placement {
         };
         let conn = self.begin(&worker).await?;
         let req = Request::Inputs(Box::new(self.step_ref(&worker, i, s, &[], sources, None)));
-        match crate::worker::request(&conn, &req).await {
-            Ok(Reply::Inputs(r)) => r,
-            Ok(Reply::Error(e)) => Err(WorkerError::new(format!("worker {worker}: {e}"))),
-            Ok(other) => Err(WorkerError::new(format!(
-                "worker {worker} answered {other:?}"
-            ))),
-            Err(e) => Err(self.gone(&worker, &conn, e)),
-        }
+        self.ask(&worker, &conn, &req, |r| match r {
+            Reply::Inputs(r) => Ok(r),
+            other => Err(other),
+        })
+        .await
     }
 
     async fn execute_async(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError> {
