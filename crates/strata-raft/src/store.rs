@@ -48,6 +48,19 @@ fn decode<T: for<'de> Deserialize<'de>>(raw: &[u8]) -> Result<T, AnyError> {
         .map_err(|e| AnyError::new(&e))
 }
 
+/// The record under `key` in the column family `cf`, decoded.
+fn read<T: for<'de> Deserialize<'de>>(
+    db: &MetaDb,
+    cf: &str,
+    key: impl AsRef<[u8]>,
+) -> Result<Option<T>, AnyError> {
+    match db.db().get_cf(db.cf(cf), key) {
+        Ok(Some(raw)) => decode(&raw).map(Some),
+        Ok(None) => Ok(None),
+        Err(e) => Err(AnyError::new(&e)),
+    }
+}
+
 fn synced() -> WriteOptions {
     let mut o = WriteOptions::default();
     o.set_sync(true);
@@ -71,11 +84,7 @@ impl LogStore {
     }
 
     fn meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, AnyError> {
-        match self.db.db().get_cf(self.db.cf(LOG_META), key) {
-            Ok(Some(raw)) => decode(&raw).map(Some),
-            Ok(None) => Ok(None),
-            Err(e) => Err(AnyError::new(&e)),
-        }
+        read(&self.db, LOG_META, key)
     }
 
     fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<(), AnyError> {
@@ -274,29 +283,17 @@ impl StateMachine {
     }
 
     fn applied<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, AnyError> {
-        match self.db.db().get_cf(self.db.cf(APPLIED), key) {
-            Ok(Some(raw)) => decode(&raw).map(Some),
-            Ok(None) => Ok(None),
-            Err(e) => Err(AnyError::new(&e)),
-        }
+        read(&self.db, APPLIED, key)
     }
 
     /// The cache entry under `key`, as this member has applied it.
     pub fn entry(&self, key: &Digest) -> Result<Option<CacheEntry>, AnyError> {
-        match self.db.db().get_cf(self.db.cf(ENTRIES), key.hex()) {
-            Ok(Some(raw)) => decode(&raw).map(Some),
-            Ok(None) => Ok(None),
-            Err(e) => Err(AnyError::new(&e)),
-        }
+        read(&self.db, ENTRIES, key.hex())
     }
 
     /// The workers holding `blob`, as this member has applied it.
     pub fn holders(&self, blob: &Digest) -> Result<Vec<String>, AnyError> {
-        match self.db.db().get_cf(self.db.cf(LOCATIONS), blob.hex()) {
-            Ok(Some(raw)) => decode(&raw),
-            Ok(None) => Ok(Vec::new()),
-            Err(e) => Err(AnyError::new(&e)),
-        }
+        Ok(read(&self.db, LOCATIONS, blob.hex())?.unwrap_or_default())
     }
 
     /// Every cache entry.
@@ -426,15 +423,7 @@ impl StateMachine {
                 Ok(Response { changed: any })
             }
             C::Forget { worker, registered } => {
-                let record: Option<WorkerRecord> = match self
-                    .db
-                    .db()
-                    .get_cf(self.db.cf(WORKERS), worker.as_bytes())
-                    .map_err(|e| AnyError::new(&e))?
-                {
-                    Some(raw) => Some(decode(&raw)?),
-                    None => None,
-                };
+                let record: Option<WorkerRecord> = read(&self.db, WORKERS, worker.as_bytes())?;
                 // Registered again since the leader decided: it stays.
                 if record.as_ref().is_some_and(|r| r.registered != *registered) {
                     return Ok(Response { changed: false });
