@@ -38,6 +38,25 @@ pub enum Error {
         /// What it is.
         actual: Digest,
     },
+    /// Ingested bytes did not hash to the sha256 the sender claimed.
+    #[error("content hashes to {actual} (sha256), but was sent as {claimed}")]
+    UnexpectedSha256 {
+        /// What the sender said the sha256 is.
+        claimed: Sha256,
+        /// What it is.
+        actual: Sha256,
+    },
+    /// A sha256 already names another blob. Both hashes are computed here,
+    /// so this means a hash collision; the existing mapping stands.
+    #[error("sha256 {sha256} already names blob {existing}; {refused} refused")]
+    Sha256Taken {
+        /// The sha256 both blobs claim.
+        sha256: Sha256,
+        /// The blob it names.
+        existing: Digest,
+        /// The blob that was refused.
+        refused: Digest,
+    },
     /// A file operation failed.
     #[error("{what} {}: {source}", path.display())]
     Io {
@@ -224,21 +243,10 @@ impl ContentStore {
         self.root.join("blobs").join(&hex[..2]).join(hex)
     }
 
-    /// Starts writing a new blob.
+    /// Starts writing a new blob. Both of its digests (blake3 and sha256)
+    /// are computed from the bytes written: no digest is ever taken from
+    /// whoever sent them.
     pub fn writer(&self) -> Result<BlobWriter<'_>> {
-        self.new_writer(Sha256Of::Hashing(sha2::Sha256::new()))
-    }
-
-    /// Starts writing a blob whose sha256 is `sha256`, as a cluster peer
-    /// that stores the blob says: the bytes are checked against the blob's
-    /// name (blake3) with [`BlobWriter::commit_expecting`], and the sha256
-    /// of bytes that are exactly the named blob is the peer's to give. It
-    /// saves hashing the blob twice on every transfer.
-    pub fn writer_with_sha256(&self, sha256: Sha256) -> Result<BlobWriter<'_>> {
-        self.new_writer(Sha256Of::Given(sha256))
-    }
-
-    fn new_writer(&self, sha256: Sha256Of) -> Result<BlobWriter<'_>> {
         let seq = self.ingest_seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self
             .root
@@ -250,7 +258,7 @@ impl ContentStore {
             file: Some(BufWriter::with_capacity(256 * 1024, file)),
             tmp,
             blake3: blake3::Hasher::new(),
-            sha256,
+            sha256: sha2::Sha256::new(),
             size: 0,
         })
     }
@@ -312,6 +320,30 @@ impl ContentStore {
     }
 
     fn write_info(&self, d: &Digest, info: &BlobInfo) -> Result<()> {
+        let bytes =
+            bincode::serde::encode_to_vec(info, bincode_config()).map_err(|e| Error::Decode {
+                digest: *d,
+                detail: e.to_string(),
+            })?;
+        self.meta
+            .db()
+            .put_cf(self.cf(CF_BLOBS), d.0, bytes)
+            .map_err(self.db_err())
+    }
+
+    /// Records a new blob: its metadata and the sha256 that names it. A
+    /// sha256 that already names another stored blob is never remapped.
+    fn record_new(&self, d: &Digest, info: &BlobInfo) -> Result<()> {
+        if let Some(existing) = self.by_sha256(&info.sha256)?
+            && existing != *d
+            && self.contains(&existing)?
+        {
+            return Err(Error::Sha256Taken {
+                sha256: info.sha256,
+                existing,
+                refused: *d,
+            });
+        }
         let bytes =
             bincode::serde::encode_to_vec(info, bincode_config()).map_err(|e| Error::Decode {
                 digest: *d,
@@ -442,7 +474,9 @@ impl ContentStore {
         };
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_BLOBS), d.0);
-        batch.delete_cf(self.cf(CF_SHA256), info.sha256.0);
+        if self.by_sha256(&info.sha256)? == Some(*d) {
+            batch.delete_cf(self.cf(CF_SHA256), info.sha256.0);
+        }
         self.meta.db().write(batch).map_err(self.db_err())?;
         self.changes.fetch_add(1, Ordering::SeqCst);
         let path = self.blob_path(d);
@@ -520,16 +554,8 @@ pub struct BlobWriter<'a> {
     file: Option<BufWriter<File>>,
     tmp: PathBuf,
     blake3: blake3::Hasher,
-    sha256: Sha256Of,
+    sha256: sha2::Sha256,
     size: u64,
-}
-
-/// How a writer knows its blob's sha256.
-enum Sha256Of {
-    /// By hashing what is written.
-    Hashing(sha2::Sha256),
-    /// From whoever sent the blob (see [`ContentStore::writer_with_sha256`]).
-    Given(Sha256),
 }
 
 impl BlobWriter<'_> {
@@ -577,27 +603,38 @@ impl BlobWriter<'_> {
             last_used: now,
             labels: BTreeMap::new(),
         };
-        self.store.write_info(&digest, &info)?;
+        if let Err(e) = self.store.record_new(&digest, &info) {
+            let _ = fs::remove_file(&dest);
+            return Err(e);
+        }
         self.store.changes.fetch_add(1, Ordering::SeqCst);
         Ok(digest)
     }
 
     /// Like [`BlobWriter::commit`], but fails (storing nothing) unless the
-    /// content hashes to `expected`.
-    pub fn commit_expecting(self, expected: Digest) -> Result<Digest> {
+    /// content hashes to `expected`, and to the sha256 `claimed` when one
+    /// is given: what a peer or client says a blob is, checked against
+    /// what was computed on receipt.
+    pub fn commit_expecting(self, expected: Digest, claimed: Option<&Sha256>) -> Result<Digest> {
         let actual = Digest(*self.blake3.finalize().as_bytes());
         if actual != expected {
             return Err(Error::Unexpected { expected, actual });
         }
+        let sha256 = self.sha256();
+        if let Some(claimed) = claimed
+            && *claimed != sha256
+        {
+            return Err(Error::UnexpectedSha256 {
+                claimed: *claimed,
+                actual: sha256,
+            });
+        }
         self.commit()
     }
 
-    /// The sha256 of what has been written so far (or the one given).
+    /// The sha256 of what has been written so far.
     pub fn sha256(&self) -> Sha256 {
-        match &self.sha256 {
-            Sha256Of::Hashing(h) => Sha256(h.clone().finalize().into()),
-            Sha256Of::Given(s) => *s,
-        }
+        Sha256(self.sha256.clone().finalize().into())
     }
 }
 
@@ -616,9 +653,7 @@ impl Write for BlobWriter<'_> {
             )
         })?;
         self.blake3.update(&buf[..n]);
-        if let Sha256Of::Hashing(h) = &mut self.sha256 {
-            h.update(&buf[..n]);
-        }
+        self.sha256.update(&buf[..n]);
         self.size += n as u64;
         Ok(n)
     }

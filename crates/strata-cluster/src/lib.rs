@@ -63,7 +63,9 @@ pub(crate) async fn serve_requests<S: Service>(
                     return;
                 }
             };
-            if let Err(e) = service.handle(&conn, req, &mut send, &mut recv).await {
+            if let Err(e) = service.handle(&conn, req, &mut send, &mut recv).await
+                && !conn.close_if_forged(&e)
+            {
                 tracing::warn!(peer = %conn.peer, error = %e, "request failed");
             }
             let _ = send.finish();

@@ -86,7 +86,11 @@ impl Peers {
         let (mut send, mut recv) = conn.open().await?;
         write_frame(&mut send, &Request::GetBlob(*blob), conn.addr).await?;
         let _ = send.finish();
-        recv_blob_limited(&mut recv, cas, blob, conn.addr, bytes_per_second).await
+        let got = recv_blob_limited(&mut recv, cas, blob, conn.addr, bytes_per_second).await;
+        if let Err(e) = &got {
+            conn.close_if_forged(e);
+        }
+        got
     }
 
     /// Makes sure every layer in `needed` is in `cas`, fetching those that
@@ -113,6 +117,27 @@ impl Peers {
         while let Some(done) = tasks.join_next().await {
             total += done.map_err(|e| format!("a fetch stopped: {e}"))??;
         }
+        for (layer, _) in needed {
+            check_diff_id(cas, layer)?;
+        }
         Ok(total)
     }
+}
+
+/// Checks that a layer's content is what its diff_id, as a worker or
+/// coordinator reported it, says: the sha256 the store computed when the
+/// bytes arrived. Nothing may be recorded under a diff_id a node was only
+/// told.
+pub fn check_diff_id(cas: &ContentStore, layer: &LayerRef) -> Result<(), String> {
+    let info = cas
+        .info(&layer.blob)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("layer {} is not stored", layer.blob))?;
+    if info.sha256 != layer.diff_id {
+        return Err(format!(
+            "layer {} was reported as diff_id {}, but its content is {}: refused",
+            layer.blob, layer.diff_id, info.sha256
+        ));
+    }
+    Ok(())
 }

@@ -27,6 +27,11 @@ enum BlobHeader {
 
 const CHUNK: usize = 1 << 20;
 
+/// The largest blob a node accepts from a peer or client (64 GiB): more
+/// than any layer users build, and a bound on what one stream can make a
+/// node write.
+pub const MAX_BLOB: u64 = 64 << 30;
+
 /// Sends blob `digest` from `cas`, or says it is missing. Returns the
 /// bytes sent. The bytes go as they are on disk: the receiver checks them
 /// against the blob's name and refuses a damaged blob, so the sender does
@@ -86,7 +91,9 @@ pub async fn send_blob(
 
 /// Receives the blob `digest` a peer sends with [`send_blob`] into `cas`;
 /// `None` when the peer does not hold it. The blob is stored only if it
-/// arrived whole and hashes to `digest`.
+/// arrived whole, no longer than announced, and its blake3 and sha256,
+/// both computed here, are the ones the peer named; otherwise the error is
+/// [`Error::Forged`] and nothing is stored.
 pub async fn recv_blob(
     recv: &mut quinn::RecvStream,
     cas: &ContentStore,
@@ -111,18 +118,32 @@ pub async fn recv_blob_limited(
         digest: *digest,
         detail,
     };
+    let forged = |detail: String| Error::Forged {
+        peer,
+        digest: *digest,
+        detail,
+    };
     let (size, sha256) = match read_frame::<BlobHeader>(recv, peer).await? {
         Some(BlobHeader::Found { size, sha256 }) => (size, sha256),
         Some(BlobHeader::Missing) => return Ok(None),
         None => return Err(blob_err("the stream ended before the blob".into())),
     };
-    let mut w = cas.writer_with_sha256(sha256)?;
+    if size > MAX_BLOB {
+        return Err(forged(format!(
+            "announced as {size} bytes, over the {MAX_BLOB} byte limit"
+        )));
+    }
+    let mut w = cas.writer()?;
     let started = tokio::time::Instant::now();
     loop {
         match recv.read_chunk(CHUNK, true).await {
-            Ok(Some(chunk)) => w
-                .write_all(&chunk.bytes)
-                .map_err(|e| blob_err(format!("cannot store: {e}")))?,
+            Ok(Some(chunk)) => {
+                if w.size() + chunk.bytes.len() as u64 > size {
+                    return Err(forged(format!("more than the {size} bytes announced")));
+                }
+                w.write_all(&chunk.bytes)
+                    .map_err(|e| blob_err(format!("cannot store: {e}")))?;
+            }
             Ok(None) => break,
             Err(e) => return Err(blob_err(format!("the transfer broke: {e}"))),
         }
@@ -136,11 +157,14 @@ pub async fn recv_blob_limited(
     if w.size() != size {
         return Err(blob_err(format!("{} of {size} bytes arrived", w.size())));
     }
-    match w.commit_expecting(*digest) {
+    match w.commit_expecting(*digest, Some(&sha256)) {
         Ok(_) => Ok(Some(size)),
         Err(strata_cas::Error::Unexpected { actual, .. }) => {
-            Err(blob_err(format!("the bytes hash to {actual}: refused")))
+            Err(forged(format!("the bytes hash to {actual}: refused")))
         }
+        Err(strata_cas::Error::UnexpectedSha256 { claimed, actual }) => Err(forged(format!(
+            "sent as {claimed}, but the bytes hash to {actual}: refused"
+        ))),
         Err(e) => Err(e.into()),
     }
 }

@@ -341,4 +341,20 @@ impl Connection {
     pub fn is_closed(&self) -> bool {
         self.quic.close_reason().is_some()
     }
+
+    /// Ends the connection when `e` says the peer forged a blob: nothing
+    /// more is taken from a peer that lied about what it sent. True if it
+    /// was ended.
+    pub fn close_if_forged(&self, e: &Error) -> bool {
+        if !matches!(e, Error::Forged { .. }) {
+            return false;
+        }
+        tracing::warn!(peer = %self.peer, addr = %self.addr, error = %e, "closing the connection of a peer that forged a blob");
+        self.quic
+            .close(FORGED.into(), b"a blob did not hash to its name");
+        true
+    }
 }
+
+/// The application close code for a peer that forged a blob.
+pub const FORGED: u32 = 3;

@@ -53,6 +53,18 @@ pub enum Error {
         /// What was wrong.
         detail: String,
     },
+    /// A peer sent a blob that is not what it named: other bytes, another
+    /// sha256, or more than it announced. Whoever receives it drops the
+    /// blob and the connection.
+    #[error("{peer}: blob {digest} forged: {detail}")]
+    Forged {
+        /// The peer's address.
+        peer: SocketAddr,
+        /// The blob it named.
+        digest: strata_cas::Digest,
+        /// What did not match.
+        detail: String,
+    },
     /// The local content store failed.
     #[error(transparent)]
     Store(#[from] strata_cas::Error),

@@ -46,10 +46,44 @@ fn uncommitted_writes_leave_nothing() {
     let mut w = s.writer().unwrap();
     w.write_all(b"x").unwrap();
     assert!(matches!(
-        w.commit_expecting(Digest::of(b"y")),
+        w.commit_expecting(Digest::of(b"y"), None),
         Err(Error::Unexpected { .. })
     ));
     assert!(s.list().unwrap().is_empty());
+}
+
+#[test]
+fn a_claimed_sha256_is_checked_and_a_mapping_never_moves() {
+    let (_d, s) = store();
+    let real = s.put(b"busybox rootfs").unwrap();
+    let real_sha = s.info(&real).unwrap().unwrap().sha256;
+
+    // A sender names other bytes with busybox's sha256 (its diff_id):
+    // refused, nothing stored, the mapping stands.
+    let forged = b"a filesystem of the attacker's";
+    let mut w = s.writer().unwrap();
+    w.write_all(forged).unwrap();
+    let e = w
+        .commit_expecting(Digest::of(forged), Some(&real_sha))
+        .unwrap_err();
+    assert!(matches!(e, Error::UnexpectedSha256 { .. }), "{e}");
+    assert!(e.to_string().contains(&real_sha.to_string()), "{e}");
+    assert!(!s.contains(&Digest::of(forged)).unwrap());
+    assert_eq!(s.by_sha256(&real_sha).unwrap(), Some(real));
+    assert_eq!(fs::read_dir(s.root().join("ingest")).unwrap().count(), 0);
+
+    // The truth is taken, and stored under its own sha256.
+    let mut w = s.writer().unwrap();
+    w.write_all(forged).unwrap();
+    let sha = w.sha256();
+    let d = w.commit_expecting(Digest::of(forged), Some(&sha)).unwrap();
+    assert_eq!(s.info(&d).unwrap().unwrap().sha256, Sha256::of(forged));
+    assert_eq!(s.by_sha256(&real_sha).unwrap(), Some(real));
+
+    // Deleting a blob removes only its own mapping.
+    assert!(s.delete(&d).unwrap());
+    assert_eq!(s.by_sha256(&real_sha).unwrap(), Some(real));
+    assert_eq!(s.by_sha256(&Sha256::of(forged)).unwrap(), None);
 }
 
 #[test]
