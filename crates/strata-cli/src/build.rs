@@ -12,6 +12,7 @@ use clap::Args;
 use serde::Serialize;
 use strata_dockerfile::Platform;
 use strata_oci::{Compression, Reference};
+use strata_plan::{Entitlement, Grants};
 use strata_solver::StepRecord;
 use strata_worker::{BuildError, BuildRequest, PlanInputs, build};
 use tokio_util::sync::CancellationToken;
@@ -71,6 +72,22 @@ pub struct BuildArgs {
     /// Build on a cluster: its client configuration (`DIR/client.toml`).
     #[arg(long, env = "STRATA_CLUSTER", value_name = "FILE")]
     cluster: Option<PathBuf>,
+    /// Let the build have an entitlement: `network.host` (for `RUN
+    /// --network=host`) or `security.insecure` (for `RUN
+    /// --security=insecure`). Repeatable or comma-separated. The node
+    /// that runs the build must grant it too.
+    #[arg(long = "allow", value_name = "ENTITLEMENT", value_delimiter = ',')]
+    allow: Vec<Entitlement>,
+    /// The entitlements this machine grants its local builds (as
+    /// buildkitd's flag of the same name); none by default. A cluster's
+    /// nodes grant them in their own configuration.
+    #[arg(
+        long = "allow-insecure-entitlement",
+        env = "STRATA_INSECURE_ENTITLEMENTS",
+        value_name = "ENTITLEMENT",
+        value_delimiter = ','
+    )]
+    grant: Vec<Entitlement>,
     /// The build context directory.
     context: PathBuf,
 }
@@ -224,7 +241,13 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
     let rt = crate::runtime()?;
     let (image, steps, fetched) = match &args.cluster {
         Some(cluster) => {
-            let inputs = PlanInputs::read(&dockerfile, build_args, args.target.clone(), &platform)?;
+            let inputs = PlanInputs::read(
+                &dockerfile,
+                build_args,
+                args.target.clone(),
+                &platform,
+                args.allow.iter().copied().collect(),
+            )?;
             let outcome = cluster_build(
                 &rt,
                 cluster,
@@ -266,6 +289,14 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
                 registry: Some(Arc::clone(&registry)),
                 always_pull: args.pull,
                 pull_progress: Arc::clone(&renderer) as Arc<dyn strata_registry::Transfer>,
+                allow: args.allow.iter().copied().collect(),
+                grants: Grants {
+                    granted: args.grant.iter().copied().collect(),
+                    node: "this machine".into(),
+                    setting:
+                        "`--allow-insecure-entitlement {}` (or STRATA_INSECURE_ENTITLEMENTS={})"
+                            .into(),
+                },
             };
             let result = rt.block_on(async {
                 let interrupt = cancel.clone();

@@ -307,6 +307,10 @@ pub struct WorkerConfig {
     /// Steps it runs at once.
     #[serde(default = "default_slots")]
     pub slots: usize,
+    /// Entitlements it grants steps whose build asks for them (`--allow`):
+    /// `network.host`, `security.insecure`. None by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub insecure_entitlements: Vec<strata_plan::Entitlement>,
     /// Its credentials.
     #[serde(default = "default_worker_tls")]
     pub tls: TlsFiles,

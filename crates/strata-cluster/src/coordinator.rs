@@ -39,6 +39,9 @@ pub(crate) struct WorkerState {
     /// Whether the group has this worker's registration and every blob it
     /// reported, as this coordinator (leading) wrote them.
     pub recorded: bool,
+    /// The entitlements it grants: only stages needing no more are placed
+    /// on it.
+    pub entitlements: strata_plan::Entitlements,
 }
 
 impl WorkerState {
@@ -481,6 +484,7 @@ impl Coordinator {
                     alive: true,
                     blobs: r.blobs.into_iter().collect(),
                     recorded: false,
+                    entitlements: r.entitlements,
                 },
             );
         // The worker registers with every coordinator; the leader records
@@ -490,6 +494,24 @@ impl Coordinator {
         }
         self.slot_freed.notify_waiters();
         self.repair_wanted.notify_one();
+    }
+
+    /// What the cluster grants a build: the entitlements some live worker
+    /// grants (stages needing one are placed only on such workers).
+    fn grants(&self) -> strata_plan::Grants {
+        let granted = self
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|w| w.alive)
+            .flat_map(|w| w.entitlements.iter().copied())
+            .collect();
+        strata_plan::Grants {
+            granted,
+            node: "any live worker of this cluster".into(),
+            setting: "insecure_entitlements = [\"{}\"] in a worker's worker.toml".into(),
+        }
     }
 
     fn cordon(&self, worker: &str, cordoned: bool) -> Reply {
@@ -635,6 +657,9 @@ impl Coordinator {
                 format!("build context {} was not uploaded", submit.context),
                 vec![],
             );
+        }
+        if let Err(e) = self.grants().check(&submit.inputs.allow) {
+            return fail(e.to_string(), vec![]);
         }
         let id = self.next_build.fetch_add(1, Ordering::Relaxed);
         let inputs = submit.inputs.clone();

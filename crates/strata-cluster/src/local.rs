@@ -188,6 +188,7 @@ pub fn init(
                 advertise: None,
                 home: format!("state/{name}").into(),
                 slots: 2,
+                insecure_entitlements: Vec::new(),
                 tls: tls(&name),
             },
         )

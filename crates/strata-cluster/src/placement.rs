@@ -246,10 +246,14 @@ impl Placement {
             .workers
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let needs = self.plan.stage_entitlements(i);
         workers
             .iter()
             .filter(|(name, w)| {
-                w.alive && (!free || w.running < w.slots) && !self.coord.is_cordoned(name)
+                w.alive
+                    && (!free || w.running < w.slots)
+                    && !self.coord.is_cordoned(name)
+                    && needs.is_subset(&w.entitlements)
             })
             .map(|(name, w)| {
                 let held: u64 = recorded

@@ -106,6 +106,8 @@ pub struct Registration {
     pub slots: usize,
     /// Blobs it holds.
     pub blobs: Vec<Digest>,
+    /// The entitlements its configuration grants steps.
+    pub entitlements: strata_plan::Entitlements,
 }
 
 /// One step of a build, for the worker its stage runs on.

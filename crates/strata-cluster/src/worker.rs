@@ -40,6 +40,8 @@ pub struct WorkerNode {
     /// Builds begun here, by coordinator and that coordinator's id.
     builds: Mutex<HashMap<(String, u64), Arc<BuildHere>>>,
     running: AtomicUsize,
+    /// What its configuration grants steps.
+    grants: strata_plan::Grants,
 }
 
 impl std::fmt::Debug for WorkerNode {
@@ -77,7 +79,6 @@ impl WorkerNode {
             .map_err(|e| e.to_string())?;
         Ok(Arc::new(WorkerNode {
             node: Arc::new(node),
-            name: me.name,
             slots: config.slots,
             listen,
             coordinators: config.coordinators.clone(),
@@ -85,6 +86,12 @@ impl WorkerNode {
             endpoint,
             builds: Mutex::default(),
             running: AtomicUsize::new(0),
+            grants: strata_plan::Grants {
+                granted: config.insecure_entitlements.iter().copied().collect(),
+                node: format!("worker {}", me.name),
+                setting: "insecure_entitlements = [\"{}\"] in its worker.toml".into(),
+            },
+            name: me.name,
         }))
     }
 
@@ -190,6 +197,7 @@ impl WorkerNode {
                 addr: self.listen,
                 slots: self.slots,
                 blobs: blobs.iter().copied().collect(),
+                entitlements: self.grants.granted.clone(),
             }),
         )
         .await?;
@@ -333,6 +341,7 @@ impl WorkerNode {
         }
         let tmp = self.node.home().join("tmp");
         let node = Arc::clone(&self.node);
+        let grants = self.grants.clone();
         let here = tokio::task::spawn_blocking(move || -> Result<BuildHere, String> {
             let dir = tempfile::Builder::new()
                 .prefix("context-")
@@ -350,7 +359,8 @@ impl WorkerNode {
                 IgnoreMatcher::default(),
                 spec.secrets,
                 spec.inputs.epoch(),
-            );
+            )
+            .granting(grants);
             Ok(BuildHere {
                 plan: Arc::new(plan),
                 worker: Arc::new(worker),

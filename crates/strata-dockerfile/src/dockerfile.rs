@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::error::{Error, ErrorKind, Position, Result, Span};
 use crate::instructions::{ArgDecl, Command, Instruction, Parsed, parse_node};
+use crate::limits;
 use crate::mount::csv_fields;
 use crate::parser::{Ast, Directives, SourceMap, Warning, parse};
 use crate::shell::{Env, EnvList, ExpandError, Lexer, NoEnv};
@@ -110,6 +111,18 @@ impl Dockerfile {
         let last_line = nodes.last().map_or(1, |n| n.span.start);
         let mut global_args = Vec::new();
         let mut stages: Vec<Stage> = Vec::new();
+        if nodes.len() > limits::MAX_INSTRUCTIONS {
+            let at = source.position(nodes[limits::MAX_INSTRUCTIONS].span, "");
+            return Err(Error::new(
+                ErrorKind::Limit,
+                format!(
+                    "the Dockerfile has {} instructions, over the limit of {}",
+                    nodes.len(),
+                    limits::MAX_INSTRUCTIONS
+                ),
+            )
+            .at(at));
+        }
         for mut node in nodes {
             let parsed = parse_node(&source, &mut node)?;
             let instr = match parsed {
@@ -132,6 +145,13 @@ impl Dockerfile {
                             ),
                         )
                         .at(at));
+                    }
+                    if stages.len() == limits::MAX_STAGES {
+                        return Err(Error::new(
+                            ErrorKind::Limit,
+                            format!("the Dockerfile has more than {} stages", limits::MAX_STAGES),
+                        )
+                        .at(source.position(node.span, "")));
                     }
                     stages.push(Stage {
                         index: stages.len(),
@@ -206,6 +226,8 @@ impl Dockerfile {
     pub(crate) fn expand_error(&self, span: Span, needle: &str, e: ExpandError) -> Error {
         let kind = if e.is_required_variable() {
             ErrorKind::RequiredVariable
+        } else if e.is_limit() {
+            ErrorKind::Limit
         } else {
             ErrorKind::Expansion
         };
@@ -271,6 +293,7 @@ impl Dockerfile {
                     scope.set(key, &v);
                 }
             }
+            crate::scope::check_scope(self, instr, &scope)?;
         }
         Ok(scope)
     }

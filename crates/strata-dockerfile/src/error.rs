@@ -44,6 +44,10 @@ pub enum ErrorKind {
     Stage,
     /// A `.dockerignore` pattern is malformed.
     Ignore,
+    /// The Dockerfile goes over one of the frontend's bounds
+    /// ([`crate::limits`]): its size, its instructions or stages, the
+    /// nesting or size of an expansion, the variables in scope.
+    Limit,
     /// The file could not be read.
     Io,
 }

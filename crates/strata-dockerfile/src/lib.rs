@@ -27,6 +27,7 @@ mod error;
 mod expand;
 mod flags;
 pub mod instructions;
+pub mod limits;
 mod mount;
 mod parser;
 mod platform;

@@ -238,6 +238,16 @@ impl Node {
 
 /// Parses a Dockerfile.
 pub fn parse(input: &[u8]) -> Result<Ast> {
+    if input.len() > crate::limits::MAX_DOCKERFILE_BYTES {
+        return Err(Error::new(
+            ErrorKind::Limit,
+            format!(
+                "the Dockerfile is {} bytes, over the limit of {} bytes",
+                input.len(),
+                crate::limits::MAX_DOCKERFILE_BYTES
+            ),
+        ));
+    }
     let text = match std::str::from_utf8(input) {
         Ok(t) => t,
         Err(e) => {

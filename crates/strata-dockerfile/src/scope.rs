@@ -66,6 +66,25 @@ impl Scope {
     }
 }
 
+/// An error unless the variables of `env` fit in
+/// [`MAX_SCOPE_BYTES`](crate::limits::MAX_SCOPE_BYTES); `instr` is where
+/// they grew.
+pub(crate) fn check_scope(df: &Dockerfile, instr: &Instruction, env: &EnvList) -> Result<()> {
+    let bytes = env.bytes();
+    if bytes > crate::limits::MAX_SCOPE_BYTES {
+        return Err(df.error_at(
+            ErrorKind::Limit,
+            instr.span,
+            "",
+            format!(
+                "the variables in scope come to {bytes} bytes, over the limit of {} bytes",
+                crate::limits::MAX_SCOPE_BYTES
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Dockerfile {
     /// Expands `instr` in `scope` and applies its effect on the scope:
     /// `ARG` declares, `ENV` sets. Returns the expanded instruction.
@@ -78,6 +97,7 @@ impl Dockerfile {
     ) -> Result<Instruction> {
         if let Command::Arg(decls) = &instr.command {
             scope.declare(self, instr, decls, build_args, global)?;
+            check_scope(self, instr, &scope.run_env)?;
             return Ok(instr.clone());
         }
         let expanded = self.expand(instr, &scope.run_env)?;
@@ -86,6 +106,7 @@ impl Dockerfile {
                 scope.run_env.set(&kv.key, &kv.value);
                 scope.config_env.set(&kv.key, &kv.value);
             }
+            check_scope(self, instr, &scope.run_env)?;
         }
         Ok(expanded)
     }

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use regex::Regex;
 
+use crate::limits::{MAX_EXPANSION_BYTES, MAX_NESTING};
 use crate::text::{is_digit, is_letter, is_space};
 
 /// Where variables come from during expansion.
@@ -126,6 +127,11 @@ impl EnvList {
     pub fn is_empty(&self) -> bool {
         self.vars.is_empty()
     }
+
+    /// The bytes of every name and value.
+    pub fn bytes(&self) -> usize {
+        self.vars.iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
 }
 
 impl Env for EnvList {
@@ -154,6 +160,7 @@ impl Env for NoEnv {
 pub struct ExpandError {
     message: String,
     required: bool,
+    limit: bool,
 }
 
 impl ExpandError {
@@ -166,6 +173,12 @@ impl ExpandError {
     /// formed but a variable it requires is unset or empty.
     pub fn is_required_variable(&self) -> bool {
         self.required
+    }
+
+    /// True when the word went over a bound of [`crate::limits`]: nested
+    /// too deep, or expanding to too much.
+    pub fn is_limit(&self) -> bool {
+        self.limit
     }
 }
 
@@ -268,6 +281,8 @@ impl Lexer {
             matched: BTreeSet::new(),
             unmatched: BTreeSet::new(),
             required_failed: false,
+            limit_hit: false,
+            depth: 0,
         };
         let raw = sw.raw_escapes;
         match sw.stop_on(None, raw) {
@@ -280,8 +295,9 @@ impl Lexer {
                 words,
             )),
             Err(e) => Err(ExpandError {
-                message: format!("failed to process {}: {}", crate::go_quote(word), e),
+                message: format!("failed to process {}: {}", crate::go_quote(&shown(word)), e),
                 required: sw.required_failed,
+                limit: sw.limit_hit,
             }),
         }
     }
@@ -347,6 +363,31 @@ struct ShellWord<'a> {
     unmatched: BTreeSet<String>,
     /// Set when a `${V?}` check is what failed.
     required_failed: bool,
+    /// Set when a bound of [`crate::limits`] is what failed.
+    limit_hit: bool,
+    /// How many scans are open: the word itself, then one per `${...}`
+    /// being expanded inside it.
+    depth: usize,
+}
+
+/// A word as an error message quotes it: at most 80 characters of it.
+fn shown(word: &str) -> String {
+    match word.char_indices().nth(80) {
+        Some((end, _)) => format!("{}...", &word[..end]),
+        None => word.to_string(),
+    }
+}
+
+/// An error when `len` bytes of expansion are over the limit; `hit` is
+/// set when it is.
+fn check_len(len: usize, hit: &mut bool) -> Result<(), String> {
+    if len > MAX_EXPANSION_BYTES {
+        *hit = true;
+        return Err(format!(
+            "the expansion is over the limit of {MAX_EXPANSION_BYTES} bytes"
+        ));
+    }
+    Ok(())
 }
 
 impl<'a> ShellWord<'a> {
@@ -365,9 +406,19 @@ impl<'a> ShellWord<'a> {
         stop: Option<char>,
         raw_escapes: bool,
     ) -> Result<(String, Vec<String>), String> {
+        // Each `${...}` inside a word scans its own word, so the nesting
+        // of the input is the depth of this recursion: bound it.
+        if self.depth >= MAX_NESTING {
+            self.limit_hit = true;
+            return Err(format!(
+                "expansions are nested more than {MAX_NESTING} deep"
+            ));
+        }
+        self.depth += 1;
         let saved = std::mem::replace(&mut self.raw_escapes, raw_escapes);
         let out = self.scan_until(stop);
         self.raw_escapes = saved;
+        self.depth -= 1;
         out
     }
 
@@ -383,6 +434,7 @@ impl<'a> ShellWord<'a> {
             match c {
                 '$' => {
                     let s = self.dollar()?;
+                    check_len(result.len() + s.len(), &mut self.limit_hit)?;
                     result.push_str(&s);
                     words.add_str(&mut self.words_buf, &s);
                 }
@@ -479,6 +531,7 @@ impl<'a> ShellWord<'a> {
                 }
                 Some('$') => {
                     let s = self.dollar()?;
+                    check_len(out.len() + s.len(), &mut self.limit_hit)?;
                     out.push_str(&s);
                 }
                 Some(_) => {
@@ -635,9 +688,9 @@ impl<'a> ShellWord<'a> {
             if self.lex.skip_unset {
                 return Ok(format!("${{{name}/{pattern}/{replacement}}}"));
             }
-            return substitute_in(&pattern, &replacement, "", all);
+            return substitute_in(&pattern, &replacement, "", all, &mut self.limit_hit);
         };
-        substitute_in(&pattern, &replacement, &value, all)
+        substitute_in(&pattern, &replacement, &value, all, &mut self.limit_hit)
     }
 
     fn name(&mut self) -> String {
@@ -695,9 +748,25 @@ fn substitute_in(
     replacement: &str,
     value: &str,
     all: bool,
+    limit_hit: &mut bool,
 ) -> Result<String, String> {
     let re = shell_pattern_regex(pattern, true, false)
         .map_err(|e| format!("invalid pattern ({pattern}) in substitution: {e}"))?;
+    // What replacing every match could make, before making it: `$0` in a
+    // replacement stands for the whole match, so it may add the value.
+    let matches = if all { re.find_iter(value).count() } else { 1 };
+    let per_match = replacement.len()
+        + if replacement.contains('$') {
+            value.len()
+        } else {
+            0
+        };
+    check_len(
+        value
+            .len()
+            .saturating_add(matches.saturating_mul(per_match)),
+        limit_hit,
+    )?;
     if all {
         return Ok(re.replace_all(value, replacement).into_owned());
     }

@@ -14,10 +14,12 @@
 //!
 //! It knows nothing of how steps run, where layers live or what is cached.
 
+mod entitlements;
 pub mod key;
 mod ops;
 mod planner;
 
+pub use entitlements::{Entitlement, EntitlementError, Entitlements, Grants};
 pub use ops::{
     CopyOp, ExecOp, ImageSource, InlineFile, MkdirOp, Op, RemoteFile, RunMount, RunMountKind,
     Source,

@@ -29,7 +29,10 @@ pub struct ExecOp {
     pub user: String,
     /// `--network=none`.
     pub no_network: bool,
-    /// `--security=insecure`.
+    /// `--network=host`: needs [`crate::Entitlement::NetworkHost`].
+    pub host_network: bool,
+    /// `--security=insecure`: needs
+    /// [`crate::Entitlement::SecurityInsecure`].
     pub insecure: bool,
     /// `--mount`s.
     pub mounts: Vec<RunMount>,

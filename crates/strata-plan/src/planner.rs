@@ -861,6 +861,7 @@ impl Planner<'_> {
             },
             user: c.user.clone(),
             no_network: run.network.as_deref() == Some("none"),
+            host_network: run.network.as_deref() == Some("host"),
             insecure: run.security.as_deref() == Some("insecure"),
             mounts,
             files,

@@ -164,6 +164,7 @@ fn exec(cmd: &str, n: usize) -> Step {
             cwd: "/".into(),
             user: String::new(),
             no_network: false,
+            host_network: false,
             insecure: false,
             mounts: vec![],
             files: vec![],

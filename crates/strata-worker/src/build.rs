@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use strata_dockerfile::{Dockerfile, IgnoreMatcher, Platform};
 use strata_oci::{Image, Reference};
-use strata_plan::{ImageResolver, Options, Plan, PlanError, ResolvedImage};
+use strata_plan::{Entitlements, Grants, ImageResolver, Options, Plan, PlanError, ResolvedImage};
 use strata_registry::{Registry, Transfer};
 use strata_solver::{Progress, SolveError, SolveOptions, Solved, Solver};
 use tokio_util::sync::CancellationToken;
@@ -44,6 +44,10 @@ pub struct BuildRequest {
     pub always_pull: bool,
     /// Progress of base image pulls.
     pub pull_progress: Arc<dyn Transfer>,
+    /// `--allow`: the entitlements the build asks for.
+    pub allow: Entitlements,
+    /// What this machine grants.
+    pub grants: Grants,
 }
 
 /// A finished build.
@@ -68,6 +72,9 @@ pub enum BuildError {
     /// Planning failed.
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// The build asks for, or a step needs, an entitlement it may not have.
+    #[error(transparent)]
+    Entitlement(#[from] strata_plan::EntitlementError),
     /// A step failed.
     #[error(transparent)]
     Solve(#[from] SolveError),
@@ -217,6 +224,9 @@ pub struct PlanInputs {
     pub target: Option<String>,
     /// The platform built for (`linux/amd64`).
     pub platform: String,
+    /// `--allow`: the entitlements the client asks for. Every node that
+    /// plans the build refuses a step needing one not asked for.
+    pub allow: Entitlements,
 }
 
 impl PlanInputs {
@@ -226,6 +236,7 @@ impl PlanInputs {
         build_args: BTreeMap<String, String>,
         target: Option<String>,
         platform: &Platform,
+        allow: Entitlements,
     ) -> Result<PlanInputs, BuildError> {
         let dockerfile = std::fs::read(path).map_err(|e| {
             BuildError::Input(format!("cannot read Dockerfile {}: {e}", path.display()))
@@ -236,6 +247,7 @@ impl PlanInputs {
             build_args,
             target,
             platform: platform.to_string(),
+            allow,
         })
     }
 
@@ -248,7 +260,8 @@ impl PlanInputs {
             .unwrap_or(0)
     }
 
-    /// The plan, base images found by `resolver`.
+    /// The plan, base images found by `resolver`; refused when a step
+    /// needs an entitlement the client did not ask for.
     pub fn plan(&self, resolver: &dyn ImageResolver) -> Result<Plan, BuildError> {
         let df =
             Dockerfile::parse(&self.dockerfile).map_err(|e| e.with_file(&self.dockerfile_name))?;
@@ -260,12 +273,9 @@ impl PlanInputs {
             build_platform: Platform::host(),
             created: epoch_rfc3339(self.epoch()),
         };
-        Ok(strata_plan::plan(
-            &df,
-            &self.dockerfile_name,
-            &opts,
-            resolver,
-        )?)
+        let plan = strata_plan::plan(&df, &self.dockerfile_name, &opts, resolver)?;
+        plan.check_entitlements(&self.dockerfile_name, &self.allow)?;
+        Ok(plan)
     }
 }
 
@@ -290,7 +300,9 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         req.build_args.clone(),
         req.target.clone(),
         &req.platform,
+        req.allow.clone(),
     )?;
+    req.grants.check(&req.allow)?;
     if !req.context.is_dir() {
         return Err(BuildError::Input(format!(
             "build context {} is not a directory",
@@ -315,13 +327,16 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
             }
         }
     }
-    let worker = Arc::new(LocalWorker::new(
-        Arc::clone(&node),
-        req.context.clone(),
-        ignore,
-        req.secrets,
-        epoch,
-    ));
+    let worker = Arc::new(
+        LocalWorker::new(
+            Arc::clone(&node),
+            req.context.clone(),
+            ignore,
+            req.secrets,
+            epoch,
+        )
+        .granting(req.grants),
+    );
     let solver = Arc::new(Solver::new(
         worker,
         Arc::clone(&node.cache) as Arc<dyn strata_cache::CacheIndex>,

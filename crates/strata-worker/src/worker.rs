@@ -37,6 +37,8 @@ pub struct LocalWorker {
     /// Unpacked artifacts standing in for a `COPY --from` source, by the
     /// copying step (its stage's Dockerfile index and its number).
     provided: Mutex<HashMap<(usize, usize), PathBuf>>,
+    /// The entitlements this node grants a step.
+    grants: strata_plan::Grants,
 }
 
 /// Numbers the sandboxes of this process: container IDs name runtime
@@ -69,7 +71,15 @@ impl LocalWorker {
             lease,
             downloads: Mutex::default(),
             provided: Mutex::default(),
+            grants: strata_plan::Grants::default(),
         }
+    }
+
+    /// Lets steps have the entitlements `grants` holds; with none given, a
+    /// step needing one is refused before it runs.
+    pub fn granting(mut self, grants: strata_plan::Grants) -> LocalWorker {
+        self.grants = grants;
+        self
     }
 
     /// The OCI runtime, found on first use: fully cached builds need none.
@@ -272,6 +282,9 @@ impl Worker for LocalWorker {
     }
 
     fn execute(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError> {
+        self.grants
+            .check(&job.step.op.entitlements())
+            .map_err(err)?;
         let blobs: Vec<Digest> = job.parent.iter().map(|l| l.blob).collect();
         let active = self.node.snapshots.active(&blobs).map_err(err)?;
         let rootfs = active.rootfs();

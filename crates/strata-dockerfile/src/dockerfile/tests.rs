@@ -405,3 +405,105 @@ fn check_reports_what_can_be_known_without_images() {
     assert_eq!(e.message(), "unsupported mount type \"bogus\"");
     assert_eq!(e.position(), Some(Position { line: 2, column: 5 }));
 }
+
+/// What checking `text` for a build with no arguments says, as the error a
+/// user sees.
+fn check_err(text: &str) -> Error {
+    let d = match Dockerfile::parse(text.as_bytes()) {
+        Ok(d) => d,
+        Err(e) => return e,
+    };
+    match d.check(&no_args(), &EnvList::new(), None) {
+        Ok(_) => panic!("expected {:.60}... to be refused", text),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn nested_expansions_are_bounded_not_a_stack_overflow() {
+    // 10,000 levels fit on one line, as an attacker would send them.
+    let depth = 10_000;
+    let word = format!("{}x{}", "${a:-".repeat(depth), "}".repeat(depth));
+    let e = check_err(&format!("FROM scratch\nARG a\nENV v={word}\n"));
+    assert_eq!(e.kind(), ErrorKind::Limit, "{e}");
+    assert!(e.to_string().contains("nested more than 64 deep"), "{e}");
+    assert_eq!(e.position().map(|p| p.line), Some(3));
+    // The message quotes only the start of the word.
+    assert!(e.to_string().len() < 400, "{}", e.to_string().len());
+
+    // Real nesting still works.
+    let word = format!("{}x{}", "${a:-".repeat(60), "}".repeat(60));
+    let d = df(&format!("FROM scratch\nARG a\nENV v={word}\n"));
+    let mut scope = Scope::default();
+    for i in &d.stages[0].instructions {
+        d.apply_in_scope(i, &mut scope, &no_args(), &EnvList::new())
+            .unwrap();
+    }
+    assert_eq!(scope.run_env.get("v"), Some("x"));
+}
+
+#[test]
+fn doubling_args_stop_at_the_expansion_limit() {
+    let mut text = String::from("FROM scratch\nARG a0=xxxxxxxxxxxxxxxx\n");
+    for i in 1..64 {
+        text.push_str(&format!("ARG a{i}=${{a{}}}${{a{}}}\n", i - 1, i - 1));
+    }
+    let e = check_err(&text);
+    assert_eq!(e.kind(), ErrorKind::Limit, "{e}");
+    assert!(e.to_string().contains("limit of 1048576 bytes"), "{e}");
+
+    // Many values each under the expansion limit: the scope's own bound.
+    let mut text = String::from("FROM scratch\nARG a0=xxxxxxxxxxxxxxxx\n");
+    for i in 1..=16 {
+        text.push_str(&format!("ARG a{i}=${{a{}}}${{a{}}}\n", i - 1, i - 1));
+    }
+    for i in 0..64 {
+        text.push_str(&format!("ARG b{i}=$a16\n"));
+    }
+    let e = check_err(&text);
+    assert_eq!(e.kind(), ErrorKind::Limit, "{e}");
+    assert!(e.to_string().contains("variables in scope"), "{e}");
+
+    // The same among global ARGs, before any stage.
+    let mut text = String::from("ARG a0=xxxxxxxxxxxxxxxx\n");
+    for i in 1..64 {
+        text.push_str(&format!("ARG a{i}=${{a{}}}${{a{}}}\n", i - 1, i - 1));
+    }
+    text.push_str("FROM scratch\n");
+    let e = check_err(&text);
+    assert_eq!(e.kind(), ErrorKind::Limit, "{e}");
+}
+
+#[test]
+fn substitution_cannot_multiply_past_the_limit() {
+    let mut text = String::from("FROM scratch\nARG a=");
+    text.push_str(&"y".repeat(2000));
+    text.push('\n');
+    // Every one of 2,001 empty matches replaced by the 2,000-byte value.
+    text.push_str("ENV b=${a//*/$a}\nENV c=${a//\"\"/$a}\n");
+    let e = check_err(&text);
+    assert_eq!(e.kind(), ErrorKind::Limit, "{e}");
+}
+
+#[test]
+fn size_stages_and_instructions_are_bounded() {
+    let big = format!("FROM scratch\n{}", "# padding\n".repeat(300_000));
+    let e = err(&big);
+    assert_eq!(e.kind(), ErrorKind::Limit);
+    assert!(
+        e.to_string().contains("over the limit of 2097152 bytes"),
+        "{e}"
+    );
+
+    let e = err(&"FROM scratch\n".repeat(limits::MAX_STAGES + 1));
+    assert_eq!(e.kind(), ErrorKind::Limit);
+    assert!(e.to_string().contains("more than 256 stages"), "{e}");
+    assert_eq!(e.position().map(|p| p.line), Some(limits::MAX_STAGES + 1));
+
+    let e = err(&format!(
+        "FROM scratch\n{}",
+        "USER a\n".repeat(limits::MAX_INSTRUCTIONS)
+    ));
+    assert_eq!(e.kind(), ErrorKind::Limit);
+    assert!(e.to_string().contains("10001 instructions"), "{e}");
+}
