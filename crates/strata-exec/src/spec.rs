@@ -92,49 +92,64 @@ const DEFAULT_CAPS: &[Capability] = &[
     Capability::AuditWrite,
 ];
 
-const ALL_CAPS: &[Capability] = &[
-    Capability::AuditControl,
-    Capability::AuditRead,
-    Capability::AuditWrite,
-    Capability::BlockSuspend,
-    Capability::Bpf,
-    Capability::CheckpointRestore,
-    Capability::Chown,
-    Capability::DacOverride,
-    Capability::DacReadSearch,
-    Capability::Fowner,
-    Capability::Fsetid,
-    Capability::IpcLock,
-    Capability::IpcOwner,
-    Capability::Kill,
-    Capability::Lease,
-    Capability::LinuxImmutable,
-    Capability::MacAdmin,
-    Capability::MacOverride,
-    Capability::Mknod,
-    Capability::NetAdmin,
-    Capability::NetBindService,
-    Capability::NetBroadcast,
-    Capability::NetRaw,
-    Capability::Perfmon,
-    Capability::Setgid,
-    Capability::Setfcap,
-    Capability::Setpcap,
-    Capability::Setuid,
-    Capability::SysAdmin,
-    Capability::SysBoot,
-    Capability::SysChroot,
-    Capability::SysModule,
-    Capability::SysNice,
-    Capability::SysPacct,
-    Capability::SysPtrace,
-    Capability::SysRawio,
-    Capability::SysResource,
-    Capability::SysTime,
-    Capability::SysTtyConfig,
-    Capability::Syslog,
-    Capability::WakeAlarm,
+/// Every capability with its number in the kernel's capability sets.
+const ALL_CAPS: &[(Capability, u32)] = &[
+    (Capability::Chown, 0),
+    (Capability::DacOverride, 1),
+    (Capability::DacReadSearch, 2),
+    (Capability::Fowner, 3),
+    (Capability::Fsetid, 4),
+    (Capability::Kill, 5),
+    (Capability::Setgid, 6),
+    (Capability::Setuid, 7),
+    (Capability::Setpcap, 8),
+    (Capability::LinuxImmutable, 9),
+    (Capability::NetBindService, 10),
+    (Capability::NetBroadcast, 11),
+    (Capability::NetAdmin, 12),
+    (Capability::NetRaw, 13),
+    (Capability::IpcLock, 14),
+    (Capability::IpcOwner, 15),
+    (Capability::SysModule, 16),
+    (Capability::SysRawio, 17),
+    (Capability::SysChroot, 18),
+    (Capability::SysPtrace, 19),
+    (Capability::SysPacct, 20),
+    (Capability::SysAdmin, 21),
+    (Capability::SysBoot, 22),
+    (Capability::SysNice, 23),
+    (Capability::SysResource, 24),
+    (Capability::SysTime, 25),
+    (Capability::SysTtyConfig, 26),
+    (Capability::Mknod, 27),
+    (Capability::Lease, 28),
+    (Capability::AuditWrite, 29),
+    (Capability::AuditControl, 30),
+    (Capability::Setfcap, 31),
+    (Capability::MacOverride, 32),
+    (Capability::MacAdmin, 33),
+    (Capability::Syslog, 34),
+    (Capability::WakeAlarm, 35),
+    (Capability::BlockSuspend, 36),
+    (Capability::AuditRead, 37),
+    (Capability::Perfmon, 38),
+    (Capability::Bpf, 39),
+    (Capability::CheckpointRestore, 40),
 ];
+
+/// The capabilities this process may hand on (its bounding set): a
+/// sandbox cannot get one its runtime lacks, so `--security=insecure`
+/// gets every capability of this set, as privileged containers do.
+fn bounding_set() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(u64::MAX)
+}
 
 fn err(e: impl std::fmt::Display) -> Error {
     Error::Spec(e.to_string())
@@ -144,13 +159,15 @@ impl Sandbox {
     /// The runtime spec for running this sandbox over `rootfs`.
     pub fn spec(&self, rootfs: &Path) -> Result<Spec> {
         let caps: std::collections::HashSet<Capability> = if self.insecure {
+            let bounding = bounding_set();
             ALL_CAPS
+                .iter()
+                .filter(|(_, bit)| bounding & (1 << bit) != 0)
+                .map(|(c, _)| *c)
+                .collect()
         } else {
-            DEFAULT_CAPS
-        }
-        .iter()
-        .copied()
-        .collect();
+            DEFAULT_CAPS.iter().copied().collect()
+        };
         let capabilities = LinuxCapabilitiesBuilder::default()
             .bounding(caps.clone())
             .effective(caps.clone())

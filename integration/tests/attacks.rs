@@ -1,0 +1,279 @@
+//! Attacks on a shared fleet, made as a hostile client would make them,
+//! each asserting what the attacker and the other users see
+//! (`docs/security.md` says how each is stopped).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Output;
+
+use strata_cas::{Digest, Sha256};
+use strata_cluster::config::ClientConfig;
+use strata_cluster::protocol::{Reply, Request};
+use strata_integration::cluster::Cluster;
+use strata_integration::image_model::read_docker_archive;
+use strata_integration::{Strata, write_files};
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs `strata build ARGS CTX` from `s`, expecting it to fail; returns
+/// its stderr.
+fn refused(s: &Strata, args: &[&str], ctx: &Path) -> String {
+    let mut all = vec!["build", "--progress", "plain"];
+    all.extend_from_slice(args);
+    all.push(ctx.to_str().unwrap());
+    let out = s.run(&all);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "the build was not refused:\n{err}");
+    err
+}
+
+/// What precedes a blob's bytes on the wire, as a peer sends it: the
+/// attacker writes its own header, with whatever sha256 it likes.
+#[derive(serde::Serialize)]
+enum BlobHeader {
+    Found { size: u64, sha256: Sha256 },
+}
+
+/// Uploads `bytes` to the cluster's first coordinator as blob `name`,
+/// claiming `sha256`, with the credentials of `client.toml`. Returns the
+/// coordinator's reply, or how the connection ended.
+fn upload(client: &Path, name: Digest, sha256: Sha256, bytes: &[u8]) -> Result<Reply, String> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let config = ClientConfig::load(client).unwrap();
+        let endpoint = strata_net::Endpoint::dialer(&config.tls.identity().unwrap()).unwrap();
+        let addr = config.coordinators[0].resolve().await.unwrap();
+        let conn = endpoint.connect(addr).await.unwrap();
+        let (mut send, mut recv) = conn.open().await.unwrap();
+        strata_net::write_frame(&mut send, &Request::PutBlob(name), addr)
+            .await
+            .unwrap();
+        let header = BlobHeader::Found {
+            size: bytes.len() as u64,
+            sha256,
+        };
+        strata_net::write_frame(&mut send, &header, addr)
+            .await
+            .unwrap();
+        send.write_all(bytes).await.unwrap();
+        let _ = send.finish();
+        let reply = strata_net::read_frame::<Reply>(&mut recv, addr).await;
+        match reply {
+            Ok(Some(r)) => Ok(r),
+            _ => Err(conn.quic.closed().await.to_string()),
+        }
+    })
+}
+
+/// Whether the coordinator holds blob `d`, asked over a new connection.
+fn coordinator_has(client: &Path, d: Digest) -> bool {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let config = ClientConfig::load(client).unwrap();
+        let endpoint = strata_net::Endpoint::dialer(&config.tls.identity().unwrap()).unwrap();
+        let addr = config.coordinators[0].resolve().await.unwrap();
+        let conn = endpoint.connect(addr).await.unwrap();
+        let (mut send, mut recv) = conn.open().await.unwrap();
+        strata_net::write_frame(&mut send, &Request::HasBlob(d), addr)
+            .await
+            .unwrap();
+        let _ = send.finish();
+        match strata_net::read_frame::<Reply>(&mut recv, addr).await {
+            Ok(Some(Reply::Bool(b))) => b,
+            other => panic!("HasBlob answered {other:?}"),
+        }
+    })
+}
+
+/// A layer tar holding one file.
+fn layer_with(path: &str, content: &[u8]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(content.len() as u64);
+    h.set_mode(0o755);
+    h.set_cksum();
+    b.append_data(&mut h, path, content).unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn a_blob_sent_under_busybox_s_diff_id_is_refused_and_poisons_nothing() {
+    let cluster = Cluster::start(1, 5);
+    let victim = Strata::new().with_busybox(&[]);
+    let saved = victim.home().join("busybox.tar");
+    victim.ok(&["save", "-o", saved.to_str().unwrap(), "busybox:latest"]);
+    let busybox = read_docker_archive(&saved).unwrap();
+    let diff_id = busybox.config["rootfs"]["diff_ids"][0]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let diff_id = Sha256::from_hex(&diff_id).unwrap();
+
+    // The attacker's filesystem, labelled with busybox's diff_id: the
+    // coordinator hashes what arrives, refuses it and hangs up.
+    let evil = layer_with("pwned", b"#!/bin/sh\necho owned\n");
+    let name = Digest::of(&evil);
+    let e = upload(&cluster.client(), name, diff_id, &evil).unwrap_err();
+    assert!(e.contains("did not hash to its name"), "{e}");
+    assert!(!coordinator_has(&cluster.client(), name));
+
+    // The same bytes under their own sha256 are an ordinary upload: the
+    // refusal above was for the lie, not the bytes.
+    let honest = upload(&cluster.client(), name, Sha256::of(&evil), &evil).unwrap();
+    assert!(matches!(honest, Reply::Ok), "{honest:?}");
+    assert!(coordinator_has(&cluster.client(), name));
+
+    // Another client's FROM busybox gets busybox.
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nRUN test ! -e /pwned && /bin/busybox true && echo clean > /ok\n",
+        )],
+    );
+    cluster.build(&victim, ctx.path(), &["-t", "victim:1"]);
+    let out = victim.home().join("victim.tar");
+    victim.ok(&["save", "-o", out.to_str().unwrap(), "victim:1"]);
+    let image = read_docker_archive(&out).unwrap();
+    let root = &image.fs["(dir)"];
+    assert!(root.get("pwned").is_none(), "{root}");
+    assert!(root.get("ok").is_some(), "{root}");
+    assert!(root["bin"]["(dir)"].get("busybox").is_some(), "{root}");
+    assert_eq!(
+        image.config["rootfs"]["diff_ids"][0],
+        busybox.config["rootfs"]["diff_ids"][0]
+    );
+}
+
+#[test]
+fn insecure_and_host_network_need_the_client_s_allow_and_the_node_s_grant() {
+    let s = Strata::new().with_busybox(&[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nRUN --security=insecure grep CapEff /proc/self/status\n",
+        )],
+    );
+    // Asked for by the Dockerfile alone: refused before anything runs.
+    let e = refused(&s, &[], ctx.path());
+    assert!(
+        e.contains(":2: RUN --security=insecure grep CapEff /proc/self/status: --security=insecure needs the entitlement security.insecure: pass `--allow security.insecure` to strata build"),
+        "{e}"
+    );
+    assert!(!e.contains("CapEff:"), "{e}");
+    // Allowed by the client, not granted by the machine.
+    let e = refused(&s, &["--allow", "security.insecure"], ctx.path());
+    assert!(
+        e.contains("granting the entitlement security.insecure is not allowed by this machine: `--allow-insecure-entitlement security.insecure`"),
+        "{e}"
+    );
+    // Both: the step runs with every capability.
+    let out = s.run(&[
+        "build",
+        "--progress",
+        "plain",
+        "--allow",
+        "security.insecure",
+        "--allow-insecure-entitlement",
+        "security.insecure",
+        ctx.path().to_str().unwrap(),
+    ]);
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    let host = std::fs::read_to_string("/proc/self/status").unwrap();
+    let host_caps = host.lines().find(|l| l.starts_with("CapBnd:")).unwrap();
+    let want = host_caps.replace("CapBnd:", "CapEff:");
+    assert!(log.contains(&want), "{want} not in\n{log}");
+
+    // The same for the host's network, and an unknown entitlement.
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nRUN --network=host true\n",
+        )],
+    );
+    let e = refused(&s, &[], ctx.path());
+    assert!(
+        e.contains("--network=host needs the entitlement network.host"),
+        "{e}"
+    );
+    let e = refused(&s, &["--allow", "network.hots"], ctx.path());
+    assert!(e.contains("unknown entitlement \"network.hots\""), "{e}");
+
+    // On a cluster, the workers grant: none does by default.
+    let cluster = Cluster::start(1, 5);
+    let client = cluster.client();
+    let client = client.to_str().unwrap();
+    let e = refused(
+        &s,
+        &["--cluster", client, "--allow", "network.host"],
+        ctx.path(),
+    );
+    assert!(
+        e.contains("granting the entitlement network.host is not allowed by any live worker of this cluster: insecure_entitlements = [\"network.host\"] in a worker's worker.toml grants it"),
+        "{e}"
+    );
+    let e = refused(&s, &["--cluster", client], ctx.path());
+    assert!(
+        e.contains("needs the entitlement network.host: pass `--allow network.host`"),
+        "{e}"
+    );
+}
+
+/// Whether process `pid` is alive.
+fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn a_dockerfile_built_to_exhaust_the_frontend_stops_no_coordinator() {
+    let cluster = Cluster::start_group(3, 1, 5);
+    let client = cluster.client();
+    let client = client.to_str().unwrap();
+    let s = Strata::new();
+    let ctx = tempfile::tempdir().unwrap();
+
+    // 10,000 nested expansions on one 60 KB line.
+    let depth = 10_000;
+    let word = format!("{}x{}", "${a:-".repeat(depth), "}".repeat(depth));
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            &format!("FROM busybox:latest\nARG a\nENV v={word}\n"),
+        )],
+    );
+    let e = refused(&s, &["--cluster", client], ctx.path());
+    assert!(e.contains("Dockerfile:3:"), "{e}");
+    assert!(e.contains("expansions are nested more than 64 deep"), "{e}");
+    // Refused once, not handed to the next coordinator.
+    assert!(!e.contains("submitting the build to another"), "{e}");
+
+    // A chain of ARGs, each twice the last.
+    let mut text = String::from("FROM busybox:latest\nARG a0=xxxxxxxxxxxxxxxx\n");
+    for i in 1..64 {
+        text.push_str(&format!("ARG a{i}=${{a{}}}${{a{}}}\n", i - 1, i - 1));
+    }
+    text.push_str("ENV v=$a63\n");
+    write_files(ctx.path(), &[("Dockerfile", &text)]);
+    let e = refused(&s, &["--cluster", client], ctx.path());
+    assert!(e.contains("over the limit of 1048576 bytes"), "{e}");
+
+    for name in cluster.coordinator_names() {
+        assert!(alive(cluster.pid(&name)), "{name} is gone");
+    }
+    // And the group still builds.
+    write_files(
+        ctx.path(),
+        &[("Dockerfile", "FROM busybox:latest\nRUN echo fine > /f\n")],
+    );
+    cluster.build(&s, ctx.path(), &["-t", "fine:1"]);
+}
