@@ -30,6 +30,11 @@ fn refused(s: &Strata, args: &[&str], ctx: &Path) -> String {
     err
 }
 
+/// Writes `text` as the Dockerfile of context `ctx`.
+fn dockerfile(ctx: &Path, text: &str) {
+    write_files(ctx, &[("Dockerfile", text)]);
+}
+
 /// What precedes a blob's bytes on the wire, as a peer sends it: the
 /// attacker writes its own header, with whatever sha256 it likes.
 #[derive(serde::Serialize)]
@@ -37,16 +42,26 @@ enum BlobHeader {
     Found { size: u64, sha256: Sha256 },
 }
 
-/// Uploads `bytes` to the cluster's first coordinator as blob `name`,
-/// claiming `sha256`, with the credentials of `client.toml`. Returns the
-/// coordinator's reply, or how the connection ended.
-fn upload(client: &Path, name: Digest, sha256: Sha256, bytes: &[u8]) -> Result<Reply, String> {
+/// A new connection to the cluster's first coordinator with the
+/// credentials of `client.toml`, and the runtime it lives on.
+fn connect(client: &Path) -> (tokio::runtime::Runtime, strata_net::Connection) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    let conn = rt.block_on(async {
         let config = ClientConfig::load(client).unwrap();
         let endpoint = strata_net::Endpoint::dialer(&config.tls.identity().unwrap()).unwrap();
         let addr = config.coordinators[0].resolve().await.unwrap();
-        let conn = endpoint.connect(addr).await.unwrap();
+        endpoint.connect(addr).await.unwrap()
+    });
+    (rt, conn)
+}
+
+/// Uploads `bytes` to the cluster's first coordinator as blob `name`,
+/// claiming `sha256`. Returns the coordinator's reply, or how the
+/// connection ended.
+fn upload(client: &Path, name: Digest, sha256: Sha256, bytes: &[u8]) -> Result<Reply, String> {
+    let (rt, conn) = connect(client);
+    rt.block_on(async {
+        let addr = conn.addr;
         let (mut send, mut recv) = conn.open().await.unwrap();
         strata_net::write_frame(&mut send, &Request::PutBlob(name), addr)
             .await
@@ -70,12 +85,9 @@ fn upload(client: &Path, name: Digest, sha256: Sha256, bytes: &[u8]) -> Result<R
 
 /// Whether the coordinator holds blob `d`, asked over a new connection.
 fn coordinator_has(client: &Path, d: Digest) -> bool {
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (rt, conn) = connect(client);
     rt.block_on(async {
-        let config = ClientConfig::load(client).unwrap();
-        let endpoint = strata_net::Endpoint::dialer(&config.tls.identity().unwrap()).unwrap();
-        let addr = config.coordinators[0].resolve().await.unwrap();
-        let conn = endpoint.connect(addr).await.unwrap();
+        let addr = conn.addr;
         let (mut send, mut recv) = conn.open().await.unwrap();
         strata_net::write_frame(&mut send, &Request::HasBlob(d), addr)
             .await
@@ -129,12 +141,9 @@ fn a_blob_sent_under_busybox_s_diff_id_is_refused_and_poisons_nothing() {
 
     // Another client's FROM busybox gets busybox.
     let ctx = tempfile::tempdir().unwrap();
-    write_files(
+    dockerfile(
         ctx.path(),
-        &[(
-            "Dockerfile",
-            "FROM busybox:latest\nRUN test ! -e /pwned && /bin/busybox true && echo clean > /ok\n",
-        )],
+        "FROM busybox:latest\nRUN test ! -e /pwned && /bin/busybox true && echo clean > /ok\n",
     );
     cluster.build(&victim, ctx.path(), &["-t", "victim:1"]);
     let out = victim.home().join("victim.tar");
@@ -154,12 +163,9 @@ fn a_blob_sent_under_busybox_s_diff_id_is_refused_and_poisons_nothing() {
 fn insecure_and_host_network_need_the_client_s_allow_and_the_node_s_grant() {
     let s = Strata::new().with_busybox(&[]);
     let ctx = tempfile::tempdir().unwrap();
-    write_files(
+    dockerfile(
         ctx.path(),
-        &[(
-            "Dockerfile",
-            "FROM busybox:latest\nRUN --security=insecure grep CapEff /proc/self/status\n",
-        )],
+        "FROM busybox:latest\nRUN --security=insecure grep CapEff /proc/self/status\n",
     );
     // Asked for by the Dockerfile alone: refused before anything runs.
     let e = refused(&s, &[], ctx.path());
@@ -193,13 +199,7 @@ fn insecure_and_host_network_need_the_client_s_allow_and_the_node_s_grant() {
     assert!(log.contains(&want), "{want} not in\n{log}");
 
     // The same for the host's network, and an unknown entitlement.
-    write_files(
-        ctx.path(),
-        &[(
-            "Dockerfile",
-            "FROM busybox:latest\nRUN --network=host true\n",
-        )],
-    );
+    dockerfile(ctx.path(), "FROM busybox:latest\nRUN --network=host true\n");
     let e = refused(&s, &[], ctx.path());
     assert!(
         e.contains("--network=host needs the entitlement network.host"),
@@ -244,12 +244,9 @@ fn a_dockerfile_built_to_exhaust_the_frontend_stops_no_coordinator() {
     // 10,000 nested expansions on one 60 KB line.
     let depth = 10_000;
     let word = format!("{}x{}", "${a:-".repeat(depth), "}".repeat(depth));
-    write_files(
+    dockerfile(
         ctx.path(),
-        &[(
-            "Dockerfile",
-            &format!("FROM busybox:latest\nARG a\nENV v={word}\n"),
-        )],
+        &format!("FROM busybox:latest\nARG a\nENV v={word}\n"),
     );
     let e = refused(&s, &["--cluster", client], ctx.path());
     assert!(e.contains("Dockerfile:3:"), "{e}");
@@ -263,7 +260,7 @@ fn a_dockerfile_built_to_exhaust_the_frontend_stops_no_coordinator() {
         text.push_str(&format!("ARG a{i}=${{a{}}}${{a{}}}\n", i - 1, i - 1));
     }
     text.push_str("ENV v=$a63\n");
-    write_files(ctx.path(), &[("Dockerfile", &text)]);
+    dockerfile(ctx.path(), &text);
     let e = refused(&s, &["--cluster", client], ctx.path());
     assert!(e.contains("over the limit of 1048576 bytes"), "{e}");
 
@@ -271,9 +268,6 @@ fn a_dockerfile_built_to_exhaust_the_frontend_stops_no_coordinator() {
         assert!(alive(cluster.pid(&name)), "{name} is gone");
     }
     // And the group still builds.
-    write_files(
-        ctx.path(),
-        &[("Dockerfile", "FROM busybox:latest\nRUN echo fine > /f\n")],
-    );
+    dockerfile(ctx.path(), "FROM busybox:latest\nRUN echo fine > /f\n");
     cluster.build(&s, ctx.path(), &["-t", "fine:1"]);
 }
