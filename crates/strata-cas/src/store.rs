@@ -319,16 +319,20 @@ impl ContentStore {
             .map(Digest))
     }
 
-    fn write_info(&self, d: &Digest, info: &BlobInfo) -> Result<()> {
+    /// Writes a blob's metadata, and with `sha256_name` the mapping from its
+    /// sha256 to it, in one batch.
+    fn write_info(&self, d: &Digest, info: &BlobInfo, sha256_name: bool) -> Result<()> {
         let bytes =
             bincode::serde::encode_to_vec(info, bincode_config()).map_err(|e| Error::Decode {
                 digest: *d,
                 detail: e.to_string(),
             })?;
-        self.meta
-            .db()
-            .put_cf(self.cf(CF_BLOBS), d.0, bytes)
-            .map_err(self.db_err())
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_BLOBS), d.0, bytes);
+        if sha256_name {
+            batch.put_cf(self.cf(CF_SHA256), info.sha256.0, d.0);
+        }
+        self.meta.db().write(batch).map_err(self.db_err())
     }
 
     /// Records a new blob: its metadata and the sha256 that names it. A
@@ -344,15 +348,7 @@ impl ContentStore {
                 refused: *d,
             });
         }
-        let bytes =
-            bincode::serde::encode_to_vec(info, bincode_config()).map_err(|e| Error::Decode {
-                digest: *d,
-                detail: e.to_string(),
-            })?;
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_BLOBS), d.0, bytes);
-        batch.put_cf(self.cf(CF_SHA256), info.sha256.0, d.0);
-        self.meta.db().write(batch).map_err(self.db_err())
+        self.write_info(d, info, true)
     }
 
     /// Sets (or, with `None`, removes) a label.
@@ -365,7 +361,7 @@ impl ContentStore {
             Some(v) => info.labels.insert(key.to_string(), v.to_string()),
             None => info.labels.remove(key),
         };
-        self.write_info(d, &info)
+        self.write_info(d, &info, false)
     }
 
     /// Records that a build used the blob now (to within
@@ -377,7 +373,7 @@ impl ContentStore {
             return Ok(());
         }
         info.last_used = now;
-        self.write_info(d, &info)
+        self.write_info(d, &info, false)
     }
 
     /// Opens a blob for reading; the reader fails if the bytes do not hash
