@@ -4,8 +4,8 @@
 //! Layers are applied in `diff_ids` order to an empty tree: a hard link
 //! copies the entry it names, `.wh.x` deletes `x`, `.wh..wh..opq` empties
 //! its directory, a directory over a directory keeps the children.
-//! Modification times are left out: strata clamps them for reproducible
-//! layers, and what is compared is what a container sees.
+//! Modification times are left out: two builders run at different
+//! times, and what is compared is what a container sees.
 
 use std::collections::BTreeMap;
 use std::io::Read;

@@ -127,8 +127,10 @@ impl Strata {
     /// A `strata` command using this state directory.
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(strata_bin());
+        // A test that wants an epoch gives one.
         c.env("STRATA_HOME", self.home.path())
-            .env_remove("STRATA_LOG");
+            .env_remove("STRATA_LOG")
+            .env_remove("SOURCE_DATE_EPOCH");
         c
     }
 

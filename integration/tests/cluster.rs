@@ -49,7 +49,9 @@ fn stages_spread_over_workers_and_the_image_matches_the_embedded_build() {
     write_files(ctx.path(), &[("Dockerfile", FAN_OUT)]);
 
     let client = Strata::new();
-    let report = cluster.build(&client, ctx.path(), &["-t", "fan:1"]);
+    // An epoch makes the image the same wherever and whenever it is built.
+    let epoch = ["--build-arg", "SOURCE_DATE_EPOCH=1700000000"];
+    let report = cluster.build(&client, ctx.path(), &["-t", "fan:1", epoch[0], epoch[1]]);
     let placed = workers_of(&report);
     let builders: BTreeSet<&String> = ["a 2", "b 2", "c 2", "d 2"]
         .iter()
@@ -60,7 +62,7 @@ fn stages_spread_over_workers_and_the_image_matches_the_embedded_build() {
 
     // The same Dockerfile built on one machine gives the same image.
     let embedded = Strata::new().with_busybox(&[]);
-    let local = embedded.build(ctx.path(), &[]);
+    let local = embedded.build(ctx.path(), &epoch);
     assert_eq!(
         report["image"]["manifest_digest"], local["image"]["manifest_digest"],
         "cluster and embedded builds differ"
@@ -82,7 +84,7 @@ fn stages_spread_over_workers_and_the_image_matches_the_embedded_build() {
     // Another client, another state directory: nothing runs again, and
     // only the image's layers come to it.
     let other = Strata::new();
-    let again = cluster.build(&other, ctx.path(), &["-t", "fan:1"]);
+    let again = cluster.build(&other, ctx.path(), &["-t", "fan:1", epoch[0], epoch[1]]);
     assert_eq!(runs(&again), 0, "{again}");
     assert_eq!(
         again["image"]["manifest_digest"],

@@ -14,7 +14,7 @@ use strata_dockerfile::Platform;
 use strata_oci::{Compression, Reference};
 use strata_plan::{Entitlement, Grants};
 use strata_solver::StepRecord;
-use strata_worker::{BuildError, BuildRequest, PlanInputs, build};
+use strata_worker::{BuildError, BuildRequest, PlanInputs, SOURCE_DATE_EPOCH, Timestamps, build};
 use tokio_util::sync::CancellationToken;
 
 use crate::dockerfile::parse_build_args;
@@ -53,8 +53,10 @@ pub struct BuildArgs {
     /// `--progress quiet`).
     #[arg(short, long, conflicts_with = "progress")]
     quiet: bool,
-    /// Also write the image: `type=oci,dest=PATH[,compression=gzip|zstd|uncompressed][,tar=false]`
-    /// or `type=docker,dest=PATH`.
+    /// Also write the image: `type=oci,dest=PATH[,compression=gzip|zstd|uncompressed][,tar=false]`,
+    /// `type=docker,dest=PATH`, `type=registry` or `type=image` (the local
+    /// store only). Any of them takes `rewrite-timestamp=true`: with
+    /// SOURCE_DATE_EPOCH, clamp the base image's files' times too.
     #[arg(long = "output", short = 'o')]
     outputs: Vec<String>,
     /// A secret for `RUN --mount=type=secret`: `id=ID,src=PATH` or `id=ID,env=VAR`.
@@ -106,9 +108,13 @@ enum Output {
     Registry {
         compression: Compression,
     },
+    /// The local image store, where every build's image goes anyway.
+    Image,
 }
 
-fn parse_output(s: &str) -> Result<Output> {
+/// An `--output`: where the image goes, and whether it asks for
+/// `rewrite-timestamp=true`.
+fn parse_output(s: &str) -> Result<(Output, bool)> {
     let mut kv = BTreeMap::new();
     for part in s.split(',') {
         let (k, v) = part
@@ -127,19 +133,26 @@ fn parse_output(s: &str) -> Result<Output> {
             .map(PathBuf::from)
             .with_context(|| format!("--output {s:?}: dest=PATH is required"))
     };
-    match kv.get("type").map(String::as_str) {
-        Some("oci") => Ok(Output::Oci {
+    let rewrite = match kv.get("rewrite-timestamp").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => bail!("--output {s:?}: rewrite-timestamp is true or false, not {other:?}"),
+    };
+    let output = match kv.get("type").map(String::as_str) {
+        Some("oci") => Output::Oci {
             dest: dest()?,
             compression,
             tar: kv.get("tar").is_none_or(|t| t != "false"),
-        }),
-        Some("docker") => Ok(Output::Docker { dest: dest()? }),
-        Some("registry") => Ok(Output::Registry { compression }),
+        },
+        Some("docker") => Output::Docker { dest: dest()? },
+        Some("registry") => Output::Registry { compression },
+        Some("image") => Output::Image,
         Some(other) => {
-            bail!("--output type={other} is not supported: use type=oci, docker or registry")
+            bail!("--output type={other} is not supported: use type=oci, docker, registry or image")
         }
-        None => bail!("--output {s:?}: type=oci, docker or registry is required"),
-    }
+        None => bail!("--output {s:?}: type=oci, docker, registry or image is required"),
+    };
+    Ok((output, rewrite))
 }
 
 fn parse_secrets(raw: &[String]) -> Result<BTreeMap<String, Vec<u8>>> {
@@ -201,13 +214,26 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
         .iter()
         .map(|t| t.parse::<Reference>().map_err(anyhow::Error::from))
         .collect::<Result<Vec<_>>>()?;
-    let outputs = args
+    let (outputs, rewrites): (Vec<Output>, Vec<bool>) = args
         .outputs
         .iter()
         .map(|o| parse_output(o))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+    // Every output is the one image the build stores.
+    let rewrite_timestamp = rewrites.contains(&true);
     let secrets = parse_secrets(&args.secrets)?;
-    let build_args = parse_build_args(&args.build_args)?;
+    let mut build_args = parse_build_args(&args.build_args)?;
+    // As buildx does: the client's SOURCE_DATE_EPOCH is the build's unless
+    // a --build-arg gives one.
+    if let Ok(epoch) = std::env::var(SOURCE_DATE_EPOCH)
+        && !epoch.is_empty()
+    {
+        build_args
+            .entry(SOURCE_DATE_EPOCH.to_string())
+            .or_insert(epoch);
+    }
     let platform = match &args.platform {
         Some(p) => Platform::parse(p).map_err(anyhow::Error::msg)?,
         None => Platform::host(),
@@ -259,6 +285,7 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
                     secrets,
                     no_cache: args.no_cache,
                     pull: args.pull,
+                    rewrite_timestamp,
                 },
                 &renderer,
                 &tags,
@@ -297,6 +324,7 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
                         "`--allow-insecure-entitlement {}` (or STRATA_INSECURE_ENTITLEMENTS={})"
                             .into(),
                 },
+                rewrite_timestamp,
             };
             let result = rt.block_on(async {
                 let interrupt = cancel.clone();
@@ -342,6 +370,7 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
                     || format!("cannot write the docker archive {}", dest.display()),
                 )?;
             }
+            Output::Image => {}
             Output::Registry { compression } => {
                 for tag in &tags {
                     let pushed = crate::registry::push_image(
@@ -424,6 +453,7 @@ struct ClusterBuild<'a> {
     secrets: BTreeMap<String, Vec<u8>>,
     no_cache: bool,
     pull: bool,
+    rewrite_timestamp: bool,
 }
 
 enum ClusterFailure {
@@ -449,6 +479,7 @@ fn cluster_build(
     renderer: &Arc<Renderer>,
     tags: &[Reference],
 ) -> Result<(strata_oci::Image, Vec<StepRecord>, u64), ClusterFailure> {
+    let stamps = Timestamps::new(b.inputs.source_date_epoch()?, b.rewrite_timestamp)?;
     let ignore = strata_worker::ignore_for(b.dockerfile, b.context)?;
     let context = strata_cluster::context::pack(&node.content, b.context, &ignore)
         .map_err(anyhow::Error::msg)?;
@@ -493,7 +524,7 @@ fn cluster_build(
                 Err(e) => return Err(e.into()),
             }
         };
-        let (image, fetched) = client.fetch_image(node, &done).await?;
+        let (image, fetched) = client.fetch_image(node, &done, stamps).await?;
         for tag in tags {
             node.images.tag(tag, &image)?;
         }
@@ -509,25 +540,39 @@ mod tests {
     fn outputs() {
         assert_eq!(
             parse_output("type=oci,dest=/x.tar,compression=zstd").unwrap(),
-            Output::Oci {
-                dest: "/x.tar".into(),
-                compression: Compression::Zstd,
-                tar: true
-            }
+            (
+                Output::Oci {
+                    dest: "/x.tar".into(),
+                    compression: Compression::Zstd,
+                    tar: true
+                },
+                false
+            )
         );
         assert_eq!(
-            parse_output("type=docker,dest=a.tar").unwrap(),
-            Output::Docker {
-                dest: "a.tar".into()
-            }
+            parse_output("type=docker,dest=a.tar,rewrite-timestamp=true").unwrap(),
+            (
+                Output::Docker {
+                    dest: "a.tar".into()
+                },
+                true
+            )
         );
         assert_eq!(
             parse_output("type=registry").unwrap(),
-            Output::Registry {
-                compression: Compression::Gzip
-            }
+            (
+                Output::Registry {
+                    compression: Compression::Gzip
+                },
+                false
+            )
+        );
+        assert_eq!(
+            parse_output("type=image,rewrite-timestamp=true").unwrap(),
+            (Output::Image, true)
         );
         assert!(parse_output("type=tar,dest=x").is_err());
         assert!(parse_output("type=oci").is_err());
+        assert!(parse_output("type=image,rewrite-timestamp=yes").is_err());
     }
 }

@@ -114,9 +114,19 @@ fn ago(secs: u64) -> String {
 pub fn images(home: &Path, args: ImagesArgs) -> Result<ExitCode> {
     let node = crate::open_node(home)?;
     let mut list = node.images.list()?;
+    // As `docker images`: an image is as old as its config says (when it
+    // says nothing, as an imported root filesystem, when it was named).
+    let created = |t: &strata_oci::Tagged| {
+        t.image
+            .config
+            .created
+            .as_deref()
+            .and_then(strata_oci::unix_from_rfc3339)
+            .map_or(t.created, |c| u64::try_from(c).unwrap_or(0))
+    };
     list.sort_by(|a, b| {
-        b.created
-            .cmp(&a.created)
+        created(b)
+            .cmp(&created(a))
             .then_with(|| a.reference.cmp(&b.reference))
     });
     let mut out = std::io::stdout().lock();
@@ -133,7 +143,7 @@ pub fn images(home: &Path, args: ImagesArgs) -> Result<ExitCode> {
                 t.reference.familiar_repository(),
                 t.reference.tag.clone().unwrap_or_else(|| "<none>".into()),
                 t.image.id.hex()[..12].to_string(),
-                ago(t.created),
+                ago(created(t)),
                 human_size(t.image.size()),
             ]
         })

@@ -7,7 +7,7 @@ use strata_cas::{ContentStore, Digest};
 use strata_net::{Connection, Endpoint, Role, read_frame, send_blob, write_frame};
 use strata_oci::{Image, ImageConfig};
 use strata_solver::Event;
-use strata_worker::Node;
+use strata_worker::{Node, Timestamps, store_image};
 
 use crate::config::ClientConfig;
 use crate::peers::Peers;
@@ -145,12 +145,13 @@ impl Client {
     }
 
     /// Fetches the layers of a finished build that `node` lacks, from the
-    /// workers that hold them, and stores the image. Returns it and the
-    /// bytes fetched.
+    /// workers that hold them, and stores the image, its times as `stamps`
+    /// asks. Returns it and the bytes fetched.
     pub async fn fetch_image(
         &self,
         node: &Node,
         done: &BuildDone,
+        stamps: Timestamps,
     ) -> Result<(Image, u64), ClientError> {
         let holders: std::collections::HashMap<Digest, _> = done.holders.iter().cloned().collect();
         let needed: Vec<_> = done
@@ -165,7 +166,8 @@ impl Client {
             .map_err(cluster)?;
         let config: ImageConfig = serde_json::from_slice(&done.config_json)
             .map_err(|e| cluster(format!("the image config is unreadable: {e}")))?;
-        let image = node.images.create(&config, &done.layers).map_err(cluster)?;
+        let image =
+            store_image(node, config, &done.layers, done.image_layers, stamps).map_err(cluster)?;
         Ok((image, fetched))
     }
 

@@ -13,7 +13,7 @@ use strata_oci::LayerRef;
 use strata_raft::{Member, ReplicatedIndex, Tuning};
 use strata_registry::Registry;
 use strata_solver::{Event, Flights, SolveOptions, Solver};
-use strata_worker::{BaseImages, Node, epoch_rfc3339};
+use strata_worker::{BaseImages, Node};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CoordinatorConfig;
@@ -686,6 +686,10 @@ impl Coordinator {
             Ok(Err(e)) => return fail(e, vec![]),
             Err(e) => return fail(format!("planning stopped: {e}"), vec![]),
         };
+        let source_date_epoch = match submit.inputs.source_date_epoch() {
+            Ok(e) => e,
+            Err(e) => return fail(e.to_string(), vec![]),
+        };
         let plan = Arc::new(plan);
         let spec = Arc::new(BuildSpec {
             id,
@@ -716,7 +720,7 @@ impl Coordinator {
             progress: Arc::new(move |e: Event| {
                 let _ = progress_tx.send(BuildEvent::Progress(e));
             }),
-            created: epoch_rfc3339(submit.inputs.epoch()),
+            source_date_epoch,
         };
         let solved = solver.solve(Arc::clone(&plan), opts).await;
         placement.end().await;
@@ -735,6 +739,7 @@ impl Coordinator {
                 let _ = events.send(BuildEvent::Done(Box::new(BuildDone {
                     config_json,
                     layers: target.layers.clone(),
+                    image_layers: plan.image_layers(plan.target),
                     holders,
                     steps: solved.steps,
                 })));

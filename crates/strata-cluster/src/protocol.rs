@@ -89,8 +89,10 @@ pub enum BuildEvent {
 pub struct BuildDone {
     /// The image config, as JSON.
     pub config_json: Vec<u8>,
-    /// Its layers.
+    /// Its layers, bottom first.
     pub layers: Vec<LayerRef>,
+    /// How many of them, the bottom ones, are the base image's.
+    pub image_layers: usize,
     /// Who holds each layer.
     pub holders: Vec<(Digest, Vec<Holder>)>,
     /// Every step: its key, cached or not, where it ran, when.

@@ -358,7 +358,6 @@ impl WorkerNode {
                 dir.path().to_path_buf(),
                 IgnoreMatcher::default(),
                 spec.secrets,
-                spec.inputs.epoch(),
             )
             .granting(grants);
             Ok(BuildHere {

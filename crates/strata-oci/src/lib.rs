@@ -18,6 +18,7 @@ mod export;
 mod import;
 mod reference;
 mod store;
+mod time;
 
 pub use compress::{Compression, compressed, compression_of, decompressing, record_compressed};
 pub use config::{
@@ -28,3 +29,4 @@ pub use export::{export_docker_archive, export_oci};
 pub use import::{ImportFormat, archive_names, import, select_manifest, store_layer};
 pub use reference::{DEFAULT_DOMAIN, ParseReferenceError, Reference};
 pub use store::{Image, ImageStore, LayerRef, Tagged, descriptor_sha256};
+pub use time::{rfc3339, unix_from_rfc3339};

@@ -26,5 +26,5 @@ pub use ops::{
 };
 pub use planner::{
     Base, HistoryEntry, ImageResolver, Options, Plan, PlanError, ResolvedImage, StagePlan, Step,
-    history_with_layers, plan,
+    StepMade, history_with_layers, image_created, plan,
 };

@@ -8,7 +8,9 @@ use strata_dockerfile::{
     Healthcheck, Instruction, Lexer, MountType, Platform, Scope, Source as DfSource, Span,
     parse_instructions, predefined_args,
 };
-use strata_oci::{DEFAULT_PATH, Empty, HealthConfig, History, ImageConfig, LayerRef};
+use strata_oci::{
+    DEFAULT_PATH, Empty, HealthConfig, History, ImageConfig, LayerRef, rfc3339, unix_from_rfc3339,
+};
 
 use crate::ops::{
     CopyOp, ExecOp, ImageSource, InlineFile, MkdirOp, Op, RemoteFile, RunMount, RunMountKind,
@@ -26,8 +28,6 @@ pub struct Options {
     pub platform: Platform,
     /// The platform building.
     pub build_platform: Platform,
-    /// `created` timestamp written into configs and history (RFC 3339).
-    pub created: String,
 }
 
 /// A base image as the resolver found it.
@@ -75,6 +75,23 @@ pub struct Plan {
     pub stages: Vec<StagePlan>,
     /// The stage whose result is the image.
     pub target: usize,
+}
+
+impl Plan {
+    /// How many of stage `i`'s layers, the bottom ones, come from a base
+    /// image (through the stages it is built on) rather than from steps.
+    pub fn image_layers(&self, i: usize) -> usize {
+        let mut at = i;
+        // A stage's base is an earlier stage: at most one hop per stage.
+        for _ in 0..self.stages.len() {
+            match self.stages.get(at).map(|s| &s.base) {
+                Some(Base::Image(img)) => return img.layers.len(),
+                Some(Base::Stage(p)) => at = *p,
+                Some(Base::Scratch) | None => return 0,
+            }
+        }
+        0
+    }
 }
 
 /// What a stage starts from.
@@ -292,7 +309,8 @@ impl Planner<'_> {
             config.config.env.push(DEFAULT_PATH.to_string());
         }
         let scope = scope.unwrap_or_else(|| Scope::from_image_env(&config.config.env));
-        config.created = Some(self.opts.created.clone());
+        // Dated once the stage's steps are done (`image_created`).
+        config.created = None;
 
         let mut instructions = Vec::new();
         for t in &triggers {
@@ -1014,28 +1032,68 @@ fn valid_signal(s: &str) -> bool {
         || name.starts_with("RTMAX")
 }
 
+/// What one step of a finished stage left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepMade {
+    /// Whether it added a layer (false: it changed no file).
+    pub layer: bool,
+    /// When its result was made (seconds since the epoch): now for a step
+    /// that ran, the cache entry's time for one taken from the cache.
+    pub created: i64,
+}
+
 /// History entries of a finished stage: `base` (the base's history), then
-/// the stage's own, given which steps made layers.
+/// the stage's own, given what each step left.
+///
+/// Dates are BuildKit's: with `source_date_epoch` every new entry carries
+/// it; otherwise a step's entry carries when its result was made, so a
+/// build taken wholly from the cache dates (and names) its image as the
+/// first build did, and a config-only entry (`ENV`, `LABEL`) carries the
+/// latest date before it (the first step's, at the start of a stage that
+/// has no earlier date; `now` when the stage has no date at all).
 pub fn history_with_layers(
     stage: &StagePlan,
     base: Vec<History>,
-    made_layer: &[bool],
-    created: &str,
+    steps: &[StepMade],
+    source_date_epoch: Option<i64>,
+    now: i64,
 ) -> Vec<History> {
+    let mut latest = base
+        .iter()
+        .filter_map(|h| h.created.as_deref().and_then(unix_from_rfc3339))
+        .max();
+    let first_step = steps.iter().map(|s| s.created).min();
     let mut out = base;
     for h in &stage.history {
-        let layer = h
-            .step
-            .is_some_and(|s| made_layer.get(s).copied().unwrap_or(false));
+        let made = h.step.and_then(|s| steps.get(s));
+        let created = match (source_date_epoch, made) {
+            (Some(epoch), _) => epoch,
+            (None, Some(m)) => m.created,
+            (None, None) => latest.or(first_step).unwrap_or(now),
+        };
+        latest = latest.max(Some(created));
         out.push(History {
-            created: Some(created.to_string()),
+            created: Some(rfc3339(created)),
             created_by: Some(h.created_by.clone()),
             comment: Some(HISTORY_COMMENT.to_string()),
-            empty_layer: !layer,
+            empty_layer: !made.is_some_and(|m| m.layer),
             ..Default::default()
         });
     }
     out
+}
+
+/// The `created` date of an image with `history`: `source_date_epoch` when
+/// given, else its latest history date (as BuildKit dates an image).
+pub fn image_created(history: &[History], source_date_epoch: Option<i64>) -> Option<String> {
+    source_date_epoch
+        .or_else(|| {
+            history
+                .iter()
+                .filter_map(|h| h.created.as_deref().and_then(unix_from_rfc3339))
+                .max()
+        })
+        .map(rfc3339)
 }
 
 /// An `ADD` source BuildKit downloads.

@@ -16,18 +16,9 @@ use std::path::{Path, PathBuf};
 
 use tar::{EntryType, Header};
 
-use crate::apply::set_mtime;
 use crate::error::{Error, Result, io_err};
 
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
-
-/// How a diff treats the tree it reads.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DiffOptions {
-    /// Clamp modification times to at most this (seconds since the epoch),
-    /// in the tar and in the directory itself, so builds are reproducible.
-    pub clamp_mtime: Option<i64>,
-}
 
 /// What a diff wrote.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -36,14 +27,15 @@ pub struct DiffStats {
     pub entries: u64,
 }
 
-/// Writes the layer tar for `upper` to `out`. Also removes overlay's own
-/// bookkeeping attributes from the tree (all but the opaque marker), so the
-/// directory can later serve as a lower layer of another mount.
-pub fn write_layer(upper: &Path, out: impl Write, opts: DiffOptions) -> Result<DiffStats> {
+/// Writes the layer tar for `upper` to `out`, every entry with the time
+/// the tree has (a reproducible image clamps them later, on its own copy:
+/// [`crate::clamp_times`]). Also removes overlay's own bookkeeping
+/// attributes from the tree (all but the opaque marker), so the directory
+/// can later serve as a lower layer of another mount.
+pub fn write_layer(upper: &Path, out: impl Write) -> Result<DiffStats> {
     let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
     let mut state = Walk {
-        opts,
         stats: DiffStats::default(),
         links: HashMap::new(),
     };
@@ -64,7 +56,6 @@ pub fn is_empty_dir(upper: &Path) -> Result<bool> {
 }
 
 struct Walk {
-    opts: DiffOptions,
     stats: DiffStats,
     /// First path of each multiply-linked inode, for hard-link entries.
     links: HashMap<(u64, u64), PathBuf>,
@@ -89,13 +80,7 @@ impl Walk {
     fn entry<W: Write>(&mut self, b: &mut tar::Builder<W>, host: &Path, rel: &Path) -> Result<()> {
         let meta = fs::symlink_metadata(host).map_err(io_err("cannot inspect", host))?;
         let ft = meta.file_type();
-        let mtime = match self.opts.clamp_mtime {
-            Some(c) if meta.mtime() > c => {
-                set_mtime(host, c)?;
-                c
-            }
-            _ => meta.mtime(),
-        };
+        let mtime = meta.mtime();
         if ft.is_char_device() && meta.rdev() == 0 {
             let name = rel.file_name().map(|n| n.as_bytes()).unwrap_or_default();
             let mut wh = rel.with_file_name(OsString::from_vec([b".wh.", name].concat()));
@@ -150,13 +135,6 @@ impl Walk {
                 )?;
             }
             self.dir(b, host, rel)?;
-            // Reading a directory does not change its mtime, but the clamp
-            // above ran before its children were visited: set it again.
-            if let Some(c) = self.opts.clamp_mtime
-                && meta.mtime() > c
-            {
-                set_mtime(host, c)?;
-            }
             return Ok(());
         }
         if ft.is_symlink() {
@@ -327,7 +305,6 @@ use std::os::unix::ffi::OsStringExt;
 /// opaque marker) from a tree that will serve as a lower layer.
 pub fn strip_overlay_attrs(dir: &Path) -> Result<()> {
     let walk = Walk {
-        opts: DiffOptions::default(),
         stats: DiffStats::default(),
         links: HashMap::new(),
     };

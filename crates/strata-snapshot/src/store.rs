@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use strata_cas::{ContentStore, Digest, Sha256};
 
 use crate::apply::apply_tar;
-use crate::diff::{DiffOptions, is_empty_dir, strip_overlay_attrs, write_layer};
+use crate::diff::{is_empty_dir, strip_overlay_attrs, write_layer};
 use crate::error::{Error, Result, io_err};
 use crate::mount::{OverlayMount, mounts_under, unmount};
 
@@ -298,7 +298,7 @@ impl Active<'_> {
     /// Unmounts and turns the changes into a layer: the tar goes to the
     /// content store, then the upper dir becomes the new chain's extracted
     /// directory. `None` when the step changed nothing.
-    pub fn commit(mut self, opts: DiffOptions) -> Result<Option<Layer>> {
+    pub fn commit(mut self) -> Result<Option<Layer>> {
         if let Some(m) = self.mount.take() {
             m.unmount()?;
         }
@@ -308,7 +308,7 @@ impl Active<'_> {
         }
         let cas = &self.snap.cas;
         let mut w = cas.writer()?;
-        write_layer(&upper, &mut w, opts)?;
+        write_layer(&upper, &mut w)?;
         let (size, diff_id) = (w.size(), w.sha256());
         let digest = w.commit()?;
         let chain = chain_id(self.parent.as_ref(), &digest);

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use strata_cas::ContentStore;
-use strata_snapshot::{DiffOptions, Error, Snapshotter, apply_tar, write_layer};
+use strata_snapshot::{Error, Snapshotter, apply_tar, write_layer};
 use tar::{EntryType, Header};
 
 /// Builds a tar from (name, kind, mode, uid, data-or-link).
@@ -128,7 +128,7 @@ fn apply_then_diff_round_trips() {
     assert_eq!(fs::metadata(root.join("etc")).unwrap().mtime(), 1_000_000);
 
     let mut out = Vec::new();
-    write_layer(&root, &mut out, DiffOptions::default()).unwrap();
+    write_layer(&root, &mut out).unwrap();
     let got = listing(&out);
     assert_eq!(
         got["usr/bin/su"],
@@ -144,7 +144,7 @@ fn apply_then_diff_round_trips() {
     assert_eq!(got["home/app/notes"].2, 1000);
     // Same tree, same bytes.
     let mut again = Vec::new();
-    write_layer(&root, &mut again, DiffOptions::default()).unwrap();
+    write_layer(&root, &mut again).unwrap();
     assert_eq!(out, again);
 }
 
@@ -205,12 +205,7 @@ fn steps_become_layers_with_whiteouts() {
     fs::create_dir(root.join("dir")).unwrap();
     fs::write(root.join("dir/new"), "new").unwrap();
     fs::write(root.join("added"), "added").unwrap();
-    let layer = step
-        .commit(DiffOptions {
-            clamp_mtime: Some(0),
-        })
-        .unwrap()
-        .unwrap();
+    let layer = step.commit().unwrap().unwrap();
 
     let got = listing(&cas.read(&layer.digest).unwrap());
     assert!(got.contains_key(".wh.gone"), "{got:?}");
@@ -230,7 +225,7 @@ fn steps_become_layers_with_whiteouts() {
     assert!(!root.join("dir/old").exists());
     assert_eq!(fs::read_to_string(root.join("dir/new")).unwrap(), "new");
     // A step that changes nothing makes no layer.
-    assert!(next.commit(DiffOptions::default()).unwrap().is_none());
+    assert!(next.commit().unwrap().is_none());
 }
 
 #[test]

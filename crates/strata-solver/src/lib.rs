@@ -30,7 +30,7 @@ pub struct StageResult {
     pub key: Digest,
     /// Its layer chain, bottom first.
     pub layers: Vec<LayerRef>,
-    /// Its image config, `rootfs` and `history` filled in.
+    /// Its image config, `rootfs`, `history` and `created` filled in.
     pub config: ImageConfig,
 }
 
@@ -183,8 +183,9 @@ pub struct SolveOptions {
     pub cancel: CancellationToken,
     /// Progress events go here.
     pub progress: Progress,
-    /// `created` timestamp for history entries.
-    pub created: String,
+    /// `SOURCE_DATE_EPOCH`: dates every history entry and the image
+    /// config; without it they carry when their steps' results were made.
+    pub source_date_epoch: Option<i64>,
 }
 
 /// A step as the build report records it.

@@ -8,7 +8,7 @@ use strata_cache::{CacheEntry, CacheIndex};
 use strata_cas::Digest;
 use strata_oci::LayerRef;
 use strata_plan::key::{image_key, scratch_key, step_key};
-use strata_plan::{Base, Plan, StagePlan, history_with_layers};
+use strata_plan::{Base, Plan, StagePlan, StepMade, history_with_layers, image_created};
 use tokio::sync::{OnceCell, Semaphore, watch};
 
 use crate::{
@@ -323,7 +323,10 @@ impl Solver {
             };
             let producer = entry.producer.clone();
             layers = entry.layers;
-            made.push(entry.made_layer);
+            made.push(StepMade {
+                layer: entry.made_layer,
+                created: i64::try_from(entry.created).unwrap_or(i64::MAX),
+            });
             key = step_key;
             run.records
                 .lock()
@@ -347,7 +350,10 @@ impl Solver {
         }
         let mut config = stage.config.clone();
         config.rootfs.diff_ids = layers.iter().map(|l| l.diff_id.to_string()).collect();
-        config.history = history_with_layers(stage, base_history, &made, &run.opts.created);
+        let epoch = run.opts.source_date_epoch;
+        let now = i64::try_from(strata_cas::now_unix()).unwrap_or(i64::MAX);
+        config.history = history_with_layers(stage, base_history, &made, epoch, now);
+        config.created = image_created(&config.history, epoch);
         Ok(StageResult {
             key,
             layers,

@@ -215,7 +215,7 @@ fn opts() -> SolveOptions {
         jobs: 4,
         cancel: CancellationToken::new(),
         progress: Arc::new(|_| {}),
-        created: "1970-01-01T00:00:00Z".into(),
+        source_date_epoch: None,
     }
 }
 

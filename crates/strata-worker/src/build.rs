@@ -12,6 +12,7 @@ use strata_solver::{Progress, SolveError, SolveOptions, Solved, Solver};
 use tokio_util::sync::CancellationToken;
 
 use crate::node::Node;
+use crate::timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};
 use crate::worker::LocalWorker;
 
 /// A build to run.
@@ -48,6 +49,9 @@ pub struct BuildRequest {
     pub allow: Entitlements,
     /// What this machine grants.
     pub grants: Grants,
+    /// `--output …,rewrite-timestamp=true`: with `SOURCE_DATE_EPOCH`,
+    /// clamp the base image's layers too.
+    pub rewrite_timestamp: bool,
 }
 
 /// A finished build.
@@ -81,6 +85,14 @@ pub enum BuildError {
     /// Storing the image failed.
     #[error(transparent)]
     Image(#[from] strata_oci::Error),
+    /// A layer's times could not be clamped to `SOURCE_DATE_EPOCH`.
+    #[error("cannot clamp the times of layer {layer} to SOURCE_DATE_EPOCH: {detail}")]
+    Timestamps {
+        /// The layer's diff_id.
+        layer: String,
+        /// Why.
+        detail: String,
+    },
 }
 
 /// Resolves `FROM` (and `COPY --from`) images: the local image store
@@ -172,28 +184,6 @@ impl ImageResolver for BaseImages<'_> {
     }
 }
 
-/// `SOURCE_DATE_EPOCH` seconds as RFC 3339 (UTC).
-pub fn epoch_rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 /// The `.dockerignore` BuildKit would use: `<Dockerfile>.dockerignore`
 /// beside the Dockerfile, else `.dockerignore` in the context.
 fn ignore_file(dockerfile: &Path, context: &Path) -> Option<PathBuf> {
@@ -251,13 +241,14 @@ impl PlanInputs {
         })
     }
 
-    /// `SOURCE_DATE_EPOCH` (a build arg), else the Unix epoch: every time
-    /// in the image and its layers comes from it, so builds reproduce.
-    pub fn epoch(&self) -> i64 {
+    /// `SOURCE_DATE_EPOCH` (a build arg, which the CLI takes from the
+    /// environment as buildx does), if given: it dates the image and
+    /// clamps its files' times ([`crate::Timestamps`]).
+    pub fn source_date_epoch(&self) -> Result<Option<i64>, BuildError> {
         self.build_args
-            .get("SOURCE_DATE_EPOCH")
-            .and_then(|v| v.parse::<i64>().ok())
-            .unwrap_or(0)
+            .get(SOURCE_DATE_EPOCH)
+            .map(|v| parse_source_date_epoch(v))
+            .transpose()
     }
 
     /// The plan, base images found by `resolver`; refused when a step
@@ -271,8 +262,8 @@ impl PlanInputs {
             target: self.target.clone(),
             platform,
             build_platform: Platform::host(),
-            created: epoch_rfc3339(self.epoch()),
         };
+        self.source_date_epoch()?;
         let plan = strata_plan::plan(&df, &self.dockerfile_name, &opts, resolver)?;
         plan.check_entitlements(&self.dockerfile_name, &self.allow)?;
         Ok(plan)
@@ -310,7 +301,7 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         )));
     }
     let ignore = ignore_for(&req.dockerfile, &req.context)?;
-    let epoch = inputs.epoch();
+    let stamps = Timestamps::new(inputs.source_date_epoch()?, req.rewrite_timestamp)?;
     let plan = Arc::new(inputs.plan(&BaseImages {
         store: &node.images,
         registry: req.registry.as_deref(),
@@ -328,14 +319,8 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         }
     }
     let worker = Arc::new(
-        LocalWorker::new(
-            Arc::clone(&node),
-            req.context.clone(),
-            ignore,
-            req.secrets,
-            epoch,
-        )
-        .granting(req.grants),
+        LocalWorker::new(Arc::clone(&node), req.context.clone(), ignore, req.secrets)
+            .granting(req.grants),
     );
     let solver = Arc::new(Solver::new(
         worker,
@@ -346,11 +331,17 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         jobs: req.jobs,
         cancel: req.cancel.clone(),
         progress: req.progress,
-        created: epoch_rfc3339(epoch),
+        source_date_epoch: stamps.source_date_epoch,
     };
     let solved = solver.solve(Arc::clone(&plan), solve_opts).await?;
     let target = &solved.stages[plan.target];
-    let image = node.images.create(&target.config, &target.layers)?;
+    let image = store_image(
+        &node,
+        target.config.clone(),
+        &target.layers,
+        plan.image_layers(plan.target),
+        stamps,
+    )?;
     for tag in &req.tags {
         node.images.tag(tag, &image)?;
     }
@@ -360,16 +351,4 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         plan,
         solved,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::epoch_rfc3339;
-
-    #[test]
-    fn rfc3339() {
-        assert_eq!(epoch_rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(epoch_rfc3339(1_485_449_953), "2017-01-26T16:59:13Z");
-        assert_eq!(epoch_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-    }
 }

@@ -7,7 +7,8 @@
 //!   measures step inputs ([`select::checksum`]), runs `RUN` through the
 //!   sandbox executor, `COPY`/`ADD` and `WORKDIR` as file operations, each
 //!   on an overlay snapshot, and commits the changes as a layer.
-//! * [`build()`] is the embedded build: plan, solve, assemble the image.
+//! * [`build()`] is the embedded build: plan, solve, assemble the image
+//!   ([`store_image`], which also applies `SOURCE_DATE_EPOCH`).
 //! * [`prune()`] collects what no image, cache entry or running build holds.
 
 mod build;
@@ -18,14 +19,14 @@ mod memo;
 mod node;
 mod run;
 pub mod select;
+mod timestamps;
 mod users;
 mod worker;
 
-pub use build::{
-    BaseImages, BuildError, BuildRequest, BuildResult, PlanInputs, build, epoch_rfc3339, ignore_for,
-};
+pub use build::{BaseImages, BuildError, BuildRequest, BuildResult, PlanInputs, build, ignore_for};
 pub use gc::{PruneReport, prune};
 pub use memo::SelectionMemo;
 pub use node::{Node, NodeError, default_home};
+pub use timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};
 pub use users::{Identity, resolve as resolve_user};
 pub use worker::LocalWorker;

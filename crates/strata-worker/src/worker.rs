@@ -12,7 +12,7 @@ use strata_dockerfile::IgnoreMatcher;
 use strata_exec::Runtime;
 use strata_oci::LayerRef;
 use strata_plan::{Op, RunMountKind, Source, StagePlan, Step};
-use strata_snapshot::{DiffOptions, View, resolve_path};
+use strata_snapshot::{View, resolve_path};
 use strata_solver::{Job, StageResult, Worker, WorkerError};
 
 use crate::copy::Fetched;
@@ -29,7 +29,6 @@ pub struct LocalWorker {
     ignore: IgnoreMatcher,
     secrets: BTreeMap<String, Vec<u8>>,
     runtime: OnceLock<Result<Runtime, String>>,
-    clamp: i64,
     lease: Mutex<Lease>,
     /// What this build downloaded, by URL: keying a step and running it
     /// need the same bytes, fetched once.
@@ -51,14 +50,13 @@ fn err(e: impl std::fmt::Display) -> WorkerError {
 }
 
 impl LocalWorker {
-    /// A worker for one build: its context directory, `.dockerignore`,
-    /// secrets, and the time layer entries are clamped to.
+    /// A worker for one build: its context directory, `.dockerignore` and
+    /// secrets.
     pub fn new(
         node: Arc<Node>,
         context: PathBuf,
         ignore: IgnoreMatcher,
         secrets: BTreeMap<String, Vec<u8>>,
-        clamp: i64,
     ) -> LocalWorker {
         let lease = Mutex::new(node.content.lease());
         LocalWorker {
@@ -67,7 +65,6 @@ impl LocalWorker {
             ignore,
             secrets,
             runtime: OnceLock::new(),
-            clamp,
             lease,
             downloads: Mutex::default(),
             provided: Mutex::default(),
@@ -350,11 +347,7 @@ impl Worker for LocalWorker {
                 result?;
             }
         }
-        let layer = active
-            .commit(DiffOptions {
-                clamp_mtime: Some(self.clamp),
-            })
-            .map_err(err)?;
+        let layer = active.commit().map_err(err)?;
         Ok(layer.map(|l| {
             self.lease().hold(l.digest);
             LayerRef {

@@ -51,7 +51,6 @@ fn opts() -> Options {
         target: None,
         platform: p.clone(),
         build_platform: p,
-        created: "1970-01-01T00:00:00Z".into(),
     }
 }
 
@@ -304,4 +303,113 @@ fn add_downloads_urls_and_checks_their_checksums() {
         assert!(e.to_string().starts_with("Dockerfile:2:"), "{e}");
         assert!(e.to_string().contains(want), "{df}: {e}");
     }
+}
+
+#[test]
+fn history_is_dated_by_when_each_steps_result_was_made() {
+    let p = plan_of(
+        "FROM golang:1.19\nENV A=1\nCOPY a /a\nENV B=2\nRUN make\n",
+        &opts(),
+    );
+    let stage = &p.stages[0];
+    let base = vec![History {
+        created: Some("2020-01-01T00:00:00.5Z".into()),
+        created_by: Some("base".into()),
+        ..Default::default()
+    }];
+    let made = [
+        StepMade {
+            layer: true,
+            created: 1_700_000_000,
+        },
+        StepMade {
+            layer: false,
+            created: 1_700_000_100,
+        },
+    ];
+    let h = history_with_layers(stage, base.clone(), &made, None, 1_800_000_000);
+    let dates: Vec<(&str, &str, bool)> = h
+        .iter()
+        .map(|e| {
+            (
+                e.created_by.as_deref().unwrap_or(""),
+                e.created.as_deref().unwrap_or(""),
+                e.empty_layer,
+            )
+        })
+        .collect();
+    assert_eq!(
+        dates,
+        [
+            ("base", "2020-01-01T00:00:00.5Z", false),
+            // A config-only entry carries the latest date before it.
+            ("ENV A=1", "2020-01-01T00:00:00Z", true),
+            ("COPY a /a # buildkit", "2023-11-14T22:13:20Z", false),
+            ("ENV B=2", "2023-11-14T22:13:20Z", true),
+            // A step that changed no file still carries its result's date.
+            (
+                "RUN /bin/sh -c make # buildkit",
+                "2023-11-14T22:15:00Z",
+                true
+            ),
+        ]
+    );
+    // The image is as old as its newest entry: a build taken wholly from
+    // the cache gets the same date, and the same image ID.
+    assert_eq!(
+        image_created(&h, None).as_deref(),
+        Some("2023-11-14T22:15:00Z")
+    );
+
+    // SOURCE_DATE_EPOCH dates every new entry and the image; the base's
+    // entries keep theirs.
+    let h = history_with_layers(stage, base, &made, Some(1_000_000_000), 1_800_000_000);
+    assert_eq!(h[0].created.as_deref(), Some("2020-01-01T00:00:00.5Z"));
+    assert!(
+        h[1..]
+            .iter()
+            .all(|e| e.created.as_deref() == Some("2001-09-09T01:46:40Z")),
+        "{h:?}"
+    );
+    assert_eq!(
+        image_created(&h, Some(1_000_000_000)).as_deref(),
+        Some("2001-09-09T01:46:40Z")
+    );
+}
+
+#[test]
+fn a_stage_with_no_date_before_its_first_step_takes_that_steps() {
+    let p = plan_of("FROM scratch\nENV A=1\nCOPY a /a\n", &opts());
+    let made = [StepMade {
+        layer: true,
+        created: 1_700_000_000,
+    }];
+    let h = history_with_layers(&p.stages[0], vec![], &made, None, 1_800_000_000);
+    assert_eq!(h[0].created.as_deref(), Some("2023-11-14T22:13:20Z"));
+    // With no step at all, the stage is dated now.
+    let p = plan_of("FROM scratch\nENV A=1\n", &opts());
+    let h = history_with_layers(&p.stages[0], vec![], &[], None, 1_800_000_000);
+    assert_eq!(h[0].created.as_deref(), Some("2027-01-15T08:00:00Z"));
+}
+
+#[test]
+fn image_layers_count_through_stage_bases() {
+    let mut p = plan_of(
+        "FROM golang:1.19 AS a\nRUN x\nFROM a AS b\nRUN y\nFROM scratch\nCOPY --from=b /x /x\n",
+        &opts(),
+    );
+    if let Base::Image(img) = &mut p.stages[0].base {
+        img.layers = vec![
+            LayerRef {
+                blob: strata_cas::Digest::of(b"1"),
+                diff_id: Sha256::of(b"1"),
+                size: 1,
+            };
+            3
+        ];
+    }
+    assert_eq!(p.image_layers(0), 3);
+    assert_eq!(p.image_layers(1), 3);
+    assert_eq!(p.image_layers(2), 0);
+    assert_eq!(p.image_layers(9), 0);
 }
