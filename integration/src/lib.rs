@@ -72,6 +72,15 @@ pub struct Strata {
 
 impl Drop for Strata {
     fn drop(&mut self) {
+        // The daemon a test's commands started goes with the test.
+        // (`daemon stop` waits a bounded time; a panic here would abort.)
+        let _ = self
+            .cmd()
+            .args(["daemon", "stop"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         if self.small_fs {
             let _ = Command::new("umount")
                 .arg("-l")

@@ -3,26 +3,25 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use strata_dockerfile::Platform;
 use strata_oci::{Compression, Reference};
 use strata_plan::{Entitlement, Grants};
 use strata_solver::StepRecord;
 use strata_worker::{BuildError, BuildRequest, PlanInputs, SOURCE_DATE_EPOCH, Timestamps, build};
-use tokio_util::sync::CancellationToken;
 
+use crate::daemon::Cx;
 use crate::dockerfile::parse_build_args;
 use crate::images::human_size;
-use crate::progress::{Mode, Renderer};
+use crate::progress::Mode;
 use crate::registry::RegistryFlags;
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Serialize, Deserialize)]
 pub struct BuildArgs {
     /// Name (and tag) for the image; repeatable.
     #[arg(short = 't', long = "tag")]
@@ -94,6 +93,17 @@ pub struct BuildArgs {
     context: PathBuf,
 }
 
+impl BuildArgs {
+    /// How progress is shown: `-q` is `--progress quiet`.
+    pub fn progress_mode(&self) -> Mode {
+        if self.quiet {
+            Mode::Quiet
+        } else {
+            self.progress
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 enum Output {
     Oci {
@@ -155,7 +165,8 @@ fn parse_output(s: &str) -> Result<(Output, bool)> {
     Ok((output, rewrite))
 }
 
-fn parse_secrets(raw: &[String]) -> Result<BTreeMap<String, Vec<u8>>> {
+/// `--secret`s, their files and variables the client's.
+fn parse_secrets(cx: &Cx<'_>, raw: &[String]) -> Result<BTreeMap<String, Vec<u8>>> {
     let mut out = BTreeMap::new();
     for s in raw {
         let mut kv = BTreeMap::new();
@@ -169,16 +180,20 @@ fn parse_secrets(raw: &[String]) -> Result<BTreeMap<String, Vec<u8>>> {
             .get("id")
             .with_context(|| format!("--secret {s:?}: id=ID is required"))?;
         let value = if let Some(src) = kv.get("src").or_else(|| kv.get("source")) {
-            std::fs::read(src).with_context(|| format!("--secret id={id}: cannot read {src}"))?
+            std::fs::read(cx.path(Path::new(src)))
+                .with_context(|| format!("--secret id={id}: cannot read {src}"))?
         } else if let Some(var) = kv.get("env") {
-            std::env::var(var)
+            cx.session
+                .env(var)
                 .with_context(|| {
                     format!("--secret id={id}: environment variable {var} is not set")
                 })?
-                .into_bytes()
+                .as_bytes()
+                .to_vec()
         } else {
-            std::env::var(id.to_uppercase())
-                .map(String::into_bytes)
+            cx.session
+                .env(&id.to_uppercase())
+                .map(|v| v.as_bytes().to_vec())
                 .with_context(|| format!("--secret {s:?}: give src=PATH or env=VAR"))?
         };
         out.insert(id.to_string(), value);
@@ -204,11 +219,15 @@ struct ReportImage {
     size: u64,
 }
 
-pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<ExitCode> {
+pub fn run(cx: &Cx<'_>, mut args: BuildArgs, flags: &RegistryFlags) -> Result<u8> {
     let started = Instant::now();
-    if args.quiet {
-        args.progress = Mode::Quiet;
-    }
+    args.progress = args.progress_mode();
+    // Messages name the Dockerfile as the user did.
+    let given_file = args.file.clone();
+    args.context = cx.path(&args.context);
+    args.file = args.file.as_deref().map(|f| cx.path(f));
+    args.report = args.report.as_deref().map(|f| cx.path(f));
+    args.cluster = args.cluster.as_deref().map(|f| cx.path(f));
     let tags = args
         .tags
         .iter()
@@ -220,19 +239,38 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
         .map(|o| parse_output(o))
         .collect::<Result<Vec<_>>>()?
         .into_iter()
+        .map(|(o, rewrite)| {
+            let o = match o {
+                Output::Oci {
+                    dest,
+                    compression,
+                    tar,
+                } => Output::Oci {
+                    dest: cx.path(&dest),
+                    compression,
+                    tar,
+                },
+                Output::Docker { dest } => Output::Docker {
+                    dest: cx.path(&dest),
+                },
+                other => other,
+            };
+            (o, rewrite)
+        })
         .unzip();
     // Every output is the one image the build stores.
     let rewrite_timestamp = rewrites.contains(&true);
-    let secrets = parse_secrets(&args.secrets)?;
-    let mut build_args = parse_build_args(&args.build_args)?;
+    let secrets = parse_secrets(cx, &args.secrets)?;
+    let mut build_args =
+        parse_build_args(&args.build_args, &|k| cx.session.env(k).map(str::to_string))?;
     // As buildx does: the client's SOURCE_DATE_EPOCH is the build's unless
     // a --build-arg gives one.
-    if let Ok(epoch) = std::env::var(SOURCE_DATE_EPOCH)
+    if let Some(epoch) = cx.session.env(SOURCE_DATE_EPOCH)
         && !epoch.is_empty()
     {
         build_args
             .entry(SOURCE_DATE_EPOCH.to_string())
-            .or_insert(epoch);
+            .or_insert_with(|| epoch.to_string());
     }
     let platform = match &args.platform {
         Some(p) => Platform::parse(p).map_err(anyhow::Error::msg)?,
@@ -258,13 +296,11 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
         bail!("pushing needs a name: give one with -t REGISTRY/NAME:TAG");
     }
     let registry = flags.registry();
-    let node = crate::open_node(home)?;
-    let renderer = Renderer::new(args.progress);
-    let cancel = CancellationToken::new();
-    let jobs = args
-        .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let rt = crate::runtime()?;
+    let node = Arc::clone(cx.node);
+    let cancel = cx.session.cancel().clone();
+    // The node's slots bound every build together; a build may ask for
+    // fewer of them.
+    let jobs = args.jobs.unwrap_or_else(strata_worker::default_slots);
     let (image, steps, fetched) = match &args.cluster {
         Some(cluster) => {
             let inputs = PlanInputs::read(
@@ -275,9 +311,8 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
                 args.allow.iter().copied().collect(),
             )?;
             let outcome = cluster_build(
-                &rt,
+                cx,
                 cluster,
-                &node,
                 ClusterBuild {
                     inputs,
                     dockerfile: &dockerfile,
@@ -287,14 +322,13 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
                     pull: args.pull,
                     rewrite_timestamp,
                 },
-                &renderer,
                 &tags,
             );
-            renderer.finish();
+            cx.session.progress_done();
             match outcome {
                 Ok((image, steps, fetched)) => (image, steps, Some(fetched)),
                 Err(ClusterFailure::Step { message, tail }) => {
-                    print_tail(None, &tail)?;
+                    print_tail(cx, None, &tail)?;
                     bail!("{message}");
                 }
                 Err(ClusterFailure::Other(e)) => return Err(e),
@@ -311,11 +345,11 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
                 secrets,
                 tags: tags.clone(),
                 platform,
-                progress: renderer.progress(),
+                progress: cx.session.progress(),
                 cancel: cancel.clone(),
                 registry: Some(Arc::clone(&registry)),
                 always_pull: args.pull,
-                pull_progress: Arc::clone(&renderer) as Arc<dyn strata_registry::Transfer>,
+                pull_progress: cx.session.transfer(),
                 allow: args.allow.iter().copied().collect(),
                 grants: Grants {
                     granted: args.grant.iter().copied().collect(),
@@ -326,21 +360,13 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
                 },
                 rewrite_timestamp,
             };
-            let result = rt.block_on(async {
-                let interrupt = cancel.clone();
-                tokio::spawn(async move {
-                    if tokio::signal::ctrl_c().await.is_ok() {
-                        interrupt.cancel();
-                    }
-                });
-                build(node.clone(), req).await
-            });
-            renderer.finish();
+            let result = cx.block_on(build(node.clone(), req));
+            cx.session.progress_done();
             match result {
                 Ok(r) => (r.image, r.solved.steps, None),
                 Err(BuildError::Solve(e)) if e.step_title().is_some() => {
-                    print_tail(e.step_title().as_deref(), e.tail())?;
-                    let file = args.file.as_deref().unwrap_or(Path::new("Dockerfile"));
+                    print_tail(cx, e.step_title().as_deref(), e.tail())?;
+                    let file = given_file.as_deref().unwrap_or(Path::new("Dockerfile"));
                     bail!("{}", e.located(&file.display().to_string()));
                 }
                 Err(e) => return Err(e.into()),
@@ -373,16 +399,10 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
             Output::Image => {}
             Output::Registry { compression } => {
                 for tag in &tags {
-                    let pushed = crate::registry::push_image(
-                        &node,
-                        &registry,
-                        image,
-                        tag,
-                        *compression,
-                        &renderer,
-                    );
-                    renderer.finish();
-                    crate::registry::report_push(tag, &pushed?)?;
+                    let pushed =
+                        crate::registry::push_image(cx, &registry, image, tag, *compression);
+                    cx.session.progress_done();
+                    crate::registry::report_push(cx, tag, &pushed?)?;
                 }
             }
         }
@@ -406,7 +426,7 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
             .with_context(|| format!("cannot write report {}", path.display()))?;
     }
     let names: Vec<String> = tags.iter().map(Reference::familiar).collect();
-    let mut err = std::io::stderr().lock();
+    let mut err = cx.err();
     if args.progress != Mode::Quiet {
         writeln!(
             err,
@@ -421,19 +441,18 @@ pub fn run(home: &Path, mut args: BuildArgs, flags: &RegistryFlags) -> Result<Ex
             human_size(image.size())
         )?;
     }
-    drop(err);
     if args.progress == Mode::Quiet {
-        writeln!(std::io::stdout().lock(), "{}", image.id)?;
+        writeln!(cx.out(), "{}", image.id)?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
 /// A failing step's last output, framed as BuildKit frames it.
-fn print_tail(title: Option<&str>, tail: &[String]) -> Result<()> {
+fn print_tail(cx: &Cx<'_>, title: Option<&str>, tail: &[String]) -> Result<()> {
     if tail.is_empty() {
         return Ok(());
     }
-    let mut err = std::io::stderr().lock();
+    let mut err = cx.err();
     match title {
         Some(t) => writeln!(err, "------\n > {t}:")?,
         None => writeln!(err, "------")?,
@@ -472,13 +491,12 @@ impl<E: Into<anyhow::Error>> From<E> for ClusterFailure {
 /// layers from the workers and names it. Returns the image, the steps and
 /// the bytes fetched.
 fn cluster_build(
-    rt: &tokio::runtime::Runtime,
+    cx: &Cx<'_>,
     cluster: &Path,
-    node: &Arc<strata_worker::Node>,
     b: ClusterBuild<'_>,
-    renderer: &Arc<Renderer>,
     tags: &[Reference],
 ) -> Result<(strata_oci::Image, Vec<StepRecord>, u64), ClusterFailure> {
+    let node = cx.node;
     let stamps = Timestamps::new(b.inputs.source_date_epoch()?, b.rewrite_timestamp)?;
     let ignore = strata_worker::ignore_for(b.dockerfile, b.context)?;
     let context = strata_cluster::context::pack(&node.content, b.context, &ignore)
@@ -486,8 +504,8 @@ fn cluster_build(
     let coordinators = strata_cluster::config::ClientConfig::load(cluster)
         .map(|c| c.coordinators.len())
         .unwrap_or(1);
-    rt.block_on(async {
-        let progress = renderer.progress();
+    cx.block_on(async {
+        let progress = cx.session.progress();
         let on_event = move |e| progress(e);
         // A coordinator lost mid-build takes the build with it; another
         // coordinator of the group takes it up again, finding in the
@@ -508,7 +526,7 @@ fn cluster_build(
             };
             let done = tokio::select! {
                 done = done => done,
-                _ = tokio::signal::ctrl_c() => {
+                _ = cx.session.cancel().cancelled() => {
                     return Err(ClusterFailure::Other(anyhow::anyhow!("cancelled")));
                 }
             };

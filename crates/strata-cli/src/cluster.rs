@@ -132,6 +132,7 @@ fn shutdown_signal() -> CancellationToken {
 pub fn coordinator(args: NodeArgs, flags: &RegistryFlags) -> Result<ExitCode> {
     let config = CoordinatorConfig::load(&args.config)?;
     crate::runtime()?.block_on(async {
+        crate::daemon::stop_serving(&config.home).await?;
         let coord = Coordinator::start(&config, flags.registry())
             .await
             .map_err(anyhow::Error::msg)?;
@@ -148,6 +149,7 @@ pub fn coordinator(args: NodeArgs, flags: &RegistryFlags) -> Result<ExitCode> {
 pub fn worker(args: NodeArgs) -> Result<ExitCode> {
     let config = WorkerConfig::load(&args.config)?;
     crate::runtime()?.block_on(async {
+        crate::daemon::stop_serving(&config.home).await?;
         let node = WorkerNode::start(&config).map_err(anyhow::Error::msg)?;
         writeln!(
             std::io::stderr(),

@@ -56,7 +56,7 @@ pub fn run(cmd: DockerfileCommand) -> Result<ExitCode> {
 fn check(args: CheckArgs) -> Result<ExitCode> {
     let path = &args.file.file;
     let bytes = read(path)?;
-    let build_args = parse_build_args(&args.build_args)?;
+    let build_args = parse_build_args(&args.build_args, &|k| std::env::var(k).ok())?;
     let df = match Dockerfile::parse(&bytes) {
         Ok(df) => df,
         Err(e) => return Ok(print_located(&e.with_file(path), &bytes)),
@@ -86,14 +86,17 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
 
 /// Reads `KEY=VALUE` pairs; a bare `KEY` takes its value from the
 /// environment, as `docker build --build-arg KEY` does.
-pub fn parse_build_args(raw: &[String]) -> Result<BTreeMap<String, String>> {
+pub fn parse_build_args(
+    raw: &[String],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for a in raw {
         let (k, v) = match a.split_once('=') {
             Some((k, v)) => (k.to_string(), v.to_string()),
-            None => match std::env::var(a) {
-                Ok(v) => (a.clone(), v),
-                Err(_) => continue,
+            None => match env(a) {
+                Some(v) => (a.clone(), v),
+                None => continue,
             },
         };
         if k.is_empty() {

@@ -1,36 +1,49 @@
 //! `strata images`, `rmi`, `prune`, `image import`.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
 use strata_dockerfile::Platform;
 use strata_oci::{ImportFormat, Reference};
 
-#[derive(Debug, Args)]
+use crate::daemon::Cx;
+
+#[derive(Debug, Args, Serialize, Deserialize)]
 pub struct ImagesArgs {
     /// Only show image IDs.
     #[arg(short, long)]
     quiet: bool,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Serialize, Deserialize)]
 pub struct RmiArgs {
     /// Image names (or IDs) to remove.
     #[arg(required = true)]
     images: Vec<String>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Serialize, Deserialize)]
+pub struct DuArgs {}
+
+#[derive(Debug, Args, Serialize, Deserialize)]
+pub struct TagArgs {
+    /// The image (name or ID).
+    source: String,
+    /// The new name.
+    target: String,
+}
+
+#[derive(Debug, Args, Serialize, Deserialize)]
 pub struct PruneArgs {
     /// Keep up to this much build cache (e.g. `10GB`, `500MB`); default: none.
     #[arg(long, value_name = "SIZE")]
     keep_storage: Option<String>,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Subcommand, Serialize, Deserialize)]
 pub enum ImageCommand {
     /// Import a root filesystem tar, a `docker save` archive or an OCI layout.
     Import {
@@ -111,8 +124,8 @@ fn ago(secs: u64) -> String {
     }
 }
 
-pub fn images(home: &Path, args: ImagesArgs) -> Result<ExitCode> {
-    let node = crate::open_node(home)?;
+pub fn images(cx: &Cx<'_>, args: ImagesArgs) -> Result<u8> {
+    let node = cx.node;
     let mut list = node.images.list()?;
     // As `docker images`: an image is as old as its config says (when it
     // says nothing, as an imported root filesystem, when it was named).
@@ -129,12 +142,12 @@ pub fn images(home: &Path, args: ImagesArgs) -> Result<ExitCode> {
             .cmp(&created(a))
             .then_with(|| a.reference.cmp(&b.reference))
     });
-    let mut out = std::io::stdout().lock();
+    let mut out = cx.out();
     if args.quiet {
         for t in &list {
             writeln!(out, "{}", &t.image.id.hex()[..12])?;
         }
-        return Ok(ExitCode::SUCCESS);
+        return Ok(0);
     }
     let rows: Vec<[String; 5]> = list
         .iter()
@@ -170,41 +183,87 @@ pub fn images(home: &Path, args: ImagesArgs) -> Result<ExitCode> {
     for r in &rows {
         print(&mut out, &r.iter().map(String::as_str).collect::<Vec<_>>())?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-pub fn rmi(home: &Path, args: RmiArgs) -> Result<ExitCode> {
-    let node = crate::open_node(home)?;
+pub fn rmi(cx: &Cx<'_>, args: RmiArgs) -> Result<u8> {
+    let node = cx.node;
     let mut failed = false;
     for name in &args.images {
         match node.images.get(name)? {
             Some(t) => {
                 node.images.untag(&t.reference)?;
-                writeln!(
-                    std::io::stdout().lock(),
-                    "Untagged: {}",
-                    t.reference.familiar()
-                )?;
+                writeln!(cx.out(), "Untagged: {}", t.reference.familiar())?;
             }
             None => {
-                writeln!(std::io::stderr().lock(), "error: no such image: {name}")?;
+                writeln!(cx.err(), "error: no such image: {name}")?;
                 failed = true;
             }
         }
     }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(u8::from(failed))
 }
 
-pub fn prune(home: &Path, args: PruneArgs) -> Result<ExitCode> {
+/// `strata tag`: another name for a stored image.
+pub fn tag(cx: &Cx<'_>, args: TagArgs) -> Result<u8> {
+    let tagged = cx
+        .node
+        .images
+        .get(&args.source)?
+        .with_context(|| format!("no image {} in the local image store", args.source))?;
+    let target: Reference = args.target.parse()?;
+    cx.node.images.tag(&target, &tagged.image)?;
+    Ok(0)
+}
+
+/// `strata du`: what the state directory holds, as `docker system df`.
+pub fn du(cx: &Cx<'_>, _args: DuArgs) -> Result<u8> {
+    use std::collections::{BTreeMap, HashSet};
+    use strata_cache::CacheIndex as _;
+    let node = cx.node;
+    let blobs: BTreeMap<_, _> = node
+        .content
+        .list()?
+        .into_iter()
+        .map(|(d, info)| (d, info.size))
+        .collect();
+    let size_of = |set: &HashSet<strata_cas::Digest>| -> u64 {
+        set.iter().filter_map(|d| blobs.get(d)).sum()
+    };
+    let tagged = node.images.list()?;
+    let mut image_ids = HashSet::new();
+    let mut image_blobs = HashSet::new();
+    for t in &tagged {
+        image_ids.insert(t.image.id);
+        image_blobs.extend(t.image.layers.iter().map(|l| l.blob));
+        image_blobs.insert(t.image.config_blob);
+        image_blobs.insert(t.image.manifest_blob);
+    }
+    let entries = node.cache.list().map_err(anyhow::Error::msg)?;
+    let cache_blobs: HashSet<_> = entries
+        .iter()
+        .flat_map(|(_, e)| e.layers.iter().map(|l| l.blob))
+        .filter(|b| !image_blobs.contains(b))
+        .collect();
+    let total: u64 = blobs.values().sum();
+    let rows = [
+        ("Images", image_ids.len(), size_of(&image_blobs)),
+        ("Build cache", entries.len(), size_of(&cache_blobs)),
+        ("All blobs", blobs.len(), total),
+    ];
+    let mut out = cx.out();
+    writeln!(out, "{:<14}{:>8}   SIZE", "TYPE", "TOTAL")?;
+    for (kind, count, size) in rows {
+        writeln!(out, "{kind:<14}{count:>8}   {}", human_size(size))?;
+    }
+    Ok(0)
+}
+
+pub fn prune(cx: &Cx<'_>, args: PruneArgs) -> Result<u8> {
     let keep = args.keep_storage.as_deref().map(parse_size).transpose()?;
-    let node = crate::open_node(home)?;
-    let r = strata_worker::prune(&node, keep).map_err(anyhow::Error::msg)?;
+    let r = strata_worker::prune(cx.node, keep).map_err(anyhow::Error::msg)?;
     writeln!(
-        std::io::stdout().lock(),
+        cx.out(),
         "Removed {} cache entries, {} blobs ({}), {} snapshots; {} of blobs remain",
         r.cache_entries,
         r.blobs,
@@ -212,17 +271,19 @@ pub fn prune(home: &Path, args: PruneArgs) -> Result<ExitCode> {
         r.snapshots,
         human_size(r.remaining)
     )?;
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-pub fn image(home: &Path, cmd: ImageCommand) -> Result<ExitCode> {
+pub fn image(cx: &Cx<'_>, cmd: ImageCommand) -> Result<u8> {
     match cmd {
         ImageCommand::Import { name, file } => {
             let reference: Reference = name.parse()?;
+            let shown = file.clone();
+            let file = cx.path(&file);
             if !file.exists() {
-                bail!("{} does not exist", file.display());
+                bail!("{} does not exist", shown.display());
             }
-            let node = crate::open_node(home)?;
+            let node = cx.node;
             let host = Platform::host();
             let (image, format) = strata_oci::import(
                 &node.images,
@@ -231,7 +292,7 @@ pub fn image(home: &Path, cmd: ImageCommand) -> Result<ExitCode> {
                 &host.os,
                 &host.architecture,
             )
-            .with_context(|| format!("cannot import {}", file.display()))?;
+            .with_context(|| format!("cannot import {}", shown.display()))?;
             node.images.tag(&reference, &image)?;
             let kind = match format {
                 ImportFormat::RootfsTar => "root filesystem tar",
@@ -239,14 +300,14 @@ pub fn image(home: &Path, cmd: ImageCommand) -> Result<ExitCode> {
                 ImportFormat::OciLayout => "OCI layout",
             };
             writeln!(
-                std::io::stdout().lock(),
+                cx.out(),
                 "Imported {} as {} ({kind}, {} layer(s), {})",
-                file.display(),
+                shown.display(),
                 reference.familiar(),
                 image.layers.len(),
                 human_size(image.size())
             )?;
-            Ok(ExitCode::SUCCESS)
+            Ok(0)
         }
     }
 }

@@ -6,6 +6,7 @@
 
 mod build;
 mod cluster;
+mod daemon;
 mod dockerfile;
 mod images;
 mod progress;
@@ -47,6 +48,10 @@ enum Command {
     Images(images::ImagesArgs),
     /// Remove image names.
     Rmi(images::RmiArgs),
+    /// Give a stored image another name.
+    Tag(images::TagArgs),
+    /// Show what the state directory holds: images, build cache, blobs.
+    Du(images::DuArgs),
     /// Pull an image from a registry.
     Pull(registry::PullArgs),
     /// Push an image to a registry.
@@ -70,25 +75,33 @@ enum Command {
     /// Make, start, stop and inspect clusters.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// The local daemon that runs every command on this state directory
+    /// (started on demand; `--foreground` for systemd).
+    Daemon(daemon::DaemonArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
     let home = cli.home.unwrap_or_else(strata_worker::default_home);
+    // Commands on the state directory run in its daemon.
+    let flags = cli.registry;
     let result = match cli.command {
-        Command::Build(a) => build::run(&home, a, &cli.registry),
-        Command::Run(a) => run::run(&home, a, &cli.registry),
-        Command::Images(a) => images::images(&home, a),
-        Command::Rmi(a) => images::rmi(&home, a),
-        Command::Pull(a) => registry::pull(&home, a, &cli.registry),
-        Command::Push(a) => registry::push(&home, a, &cli.registry),
-        Command::Save(a) => registry::save(&home, a),
-        Command::Load(a) => registry::load(&home, a),
-        Command::Prune(a) => images::prune(&home, a),
-        Command::Image(c) => images::image(&home, c),
+        Command::Build(a) => daemon::remote(&home, daemon::Call::Build(a, flags)),
+        Command::Run(a) => daemon::remote(&home, daemon::Call::Run(a, flags)),
+        Command::Images(a) => daemon::remote(&home, daemon::Call::Images(a)),
+        Command::Rmi(a) => daemon::remote(&home, daemon::Call::Rmi(a)),
+        Command::Tag(a) => daemon::remote(&home, daemon::Call::Tag(a)),
+        Command::Du(a) => daemon::remote(&home, daemon::Call::Du(a)),
+        Command::Pull(a) => daemon::remote(&home, daemon::Call::Pull(a, flags)),
+        Command::Push(a) => daemon::remote(&home, daemon::Call::Push(a, flags)),
+        Command::Save(a) => daemon::remote(&home, daemon::Call::Save(a)),
+        Command::Load(a) => daemon::remote(&home, daemon::Call::Load(a)),
+        Command::Prune(a) => daemon::remote(&home, daemon::Call::Prune(a)),
+        Command::Image(c) => daemon::remote(&home, daemon::Call::Image(c)),
+        Command::Daemon(a) => daemon::daemon(&home, a),
         Command::Dockerfile(cmd) => dockerfile::run(cmd),
-        Command::Coordinator(a) => cluster::coordinator(a, &cli.registry),
+        Command::Coordinator(a) => cluster::coordinator(a, &flags),
         Command::Worker(a) => cluster::worker(a),
         Command::Cluster(cmd) => cluster::cluster(cmd),
     };
@@ -115,25 +128,22 @@ fn init_logging(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// An error and its causes, as printed after `error: `.
+fn error_text(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        text.push_str(&format!("\n  caused by: {cause}"));
+    }
+    text
 }
 
 /// Prints an error and its causes to stderr.
 fn report(err: &anyhow::Error) {
-    let mut out = std::io::stderr().lock();
-    let _ = write!(out, "error: {err}");
-    for cause in err.chain().skip(1) {
-        let _ = write!(out, "\n  caused by: {cause}");
-    }
-    let _ = writeln!(out);
-}
-
-/// Opens the node, with the state directory named in errors.
-fn open_node(home: &std::path::Path) -> anyhow::Result<std::sync::Arc<strata_worker::Node>> {
-    use anyhow::Context as _;
-    let node = strata_worker::Node::open(home)
-        .with_context(|| format!("cannot open the strata state directory {}", home.display()))?;
-    Ok(std::sync::Arc::new(node))
+    let _ = writeln!(std::io::stderr().lock(), "error: {}", error_text(err));
 }
 
 /// A multi-threaded runtime for one command.

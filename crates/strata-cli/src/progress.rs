@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use strata_registry::Transfer;
-use strata_solver::{Event, EventKind, Progress};
+use strata_solver::{Event, EventKind};
 
 use crate::images::human_size;
 
 /// How progress is shown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 pub enum Mode {
     /// `tty` on a terminal, else `plain`.
     Auto,
@@ -82,12 +84,6 @@ impl Renderer {
         })
     }
 
-    /// The callback the solver calls.
-    pub fn progress(self: &Arc<Self>) -> Progress {
-        let me = Arc::clone(self);
-        Arc::new(move |e| me.on(e))
-    }
-
     fn line(&self, text: &str) {
         match &self.multi {
             Some(m) => {
@@ -99,7 +95,8 @@ impl Renderer {
         }
     }
 
-    fn on(&self, e: Event) {
+    /// Draws one event.
+    pub fn on(&self, e: Event) {
         if self.mode == Mode::Quiet {
             return;
         }
@@ -177,6 +174,17 @@ impl Renderer {
                 }
                 self.line(&format!("#{id} ERROR: {msg}"));
             }
+        }
+    }
+
+    /// Writes a command's own standard error, above any bars drawn.
+    pub fn stderr(&self, bytes: &[u8]) {
+        let write = || {
+            let _ = std::io::stderr().lock().write_all(bytes);
+        };
+        match &self.multi {
+            Some(m) => m.suspend(write),
+            None => write(),
         }
     }
 

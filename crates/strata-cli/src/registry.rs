@@ -2,21 +2,22 @@
 //! command that reaches a registry shares.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use serde::{Deserialize, Serialize};
 use strata_dockerfile::Platform;
 use strata_oci::{Compression, Reference};
 use strata_registry::{Registry, RegistryOptions};
 
+use crate::daemon::Cx;
 use crate::images::human_size;
-use crate::progress::{Mode, Renderer};
+use crate::progress::Mode;
 
 /// How registries are reached (Docker daemon settings, per command).
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct RegistryFlags {
     /// A registry spoken to over plain HTTP (`HOST:PORT`); repeatable.
     /// Loopback registries always are.
@@ -51,33 +52,33 @@ impl RegistryFlags {
     }
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Serialize, Deserialize)]
 pub struct PullArgs {
     /// Platform to pull for (default: this machine's).
     #[arg(long)]
     platform: Option<String>,
     /// How to show progress.
     #[arg(long, value_enum, default_value = "auto")]
-    progress: Mode,
+    pub progress: Mode,
     /// The image (`alpine`, `REGISTRY/NAME:TAG`, `NAME@sha256:…`).
     image: String,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Serialize, Deserialize)]
 pub struct PushArgs {
     /// Layer compression in the registry: gzip, zstd or uncompressed.
     #[arg(long, default_value = "gzip")]
     compression: Compression,
     /// How to show progress.
     #[arg(long, value_enum, default_value = "auto")]
-    progress: Mode,
+    pub progress: Mode,
     /// The local image (name or ID).
     image: String,
     /// Where to push it (default: the image's own name).
     destination: Option<String>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Serialize, Deserialize)]
 pub struct SaveArgs {
     /// The archive to write.
     #[arg(short, long)]
@@ -87,37 +88,32 @@ pub struct SaveArgs {
     images: Vec<String>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Serialize, Deserialize)]
 pub struct LoadArgs {
     /// The `docker save` archive to read.
     #[arg(short, long)]
     input: PathBuf,
 }
 
-pub fn pull(home: &Path, args: PullArgs, flags: &RegistryFlags) -> Result<ExitCode> {
+pub fn pull(cx: &Cx<'_>, args: PullArgs, flags: &RegistryFlags) -> Result<u8> {
     let reference: Reference = args.image.parse()?;
     let platform = match &args.platform {
         Some(p) => Platform::parse(p).map_err(anyhow::Error::msg)?,
         None => Platform::host(),
     };
-    let node = crate::open_node(home)?;
+    let node = cx.node;
     let registry = flags.registry();
-    let renderer = Renderer::new(args.progress);
+    let transfer = cx.session.transfer();
     let target = strata_registry::Platform {
         os: &platform.os,
         architecture: &platform.architecture,
         variant: platform.variant.as_deref(),
     };
-    let pulled = crate::runtime()?.block_on(registry.pull(
-        &reference,
-        target,
-        &node.images,
-        renderer.as_ref(),
-    ));
-    renderer.finish();
+    let pulled = cx.block_on(registry.pull(&reference, target, &node.images, transfer.as_ref()));
+    cx.session.progress_done();
     let pulled = pulled.with_context(|| format!("cannot pull {}", reference.familiar()))?;
     writeln!(
-        std::io::stdout().lock(),
+        cx.out(),
         "{}: pulled from {} ({} of {} downloaded, {}); digest {}",
         reference.familiar(),
         pulled.registry,
@@ -126,50 +122,51 @@ pub fn pull(home: &Path, args: PullArgs, flags: &RegistryFlags) -> Result<ExitCo
         human_size(pulled.bytes),
         pulled.digest
     )?;
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
 /// Pushes a stored image; shared by `strata push` and `strata build --push`.
 pub fn push_image(
-    node: &strata_worker::Node,
+    cx: &Cx<'_>,
     registry: &Registry,
     image: &strata_oci::Image,
     destination: &Reference,
     compression: Compression,
-    renderer: &Renderer,
 ) -> Result<strata_registry::Pushed> {
-    crate::runtime()?
-        .block_on(registry.push(image, destination, &node.content, compression, renderer))
-        .with_context(|| format!("cannot push {}", destination.familiar()))
+    let transfer = cx.session.transfer();
+    cx.block_on(registry.push(
+        image,
+        destination,
+        &cx.node.content,
+        compression,
+        transfer.as_ref(),
+    ))
+    .with_context(|| format!("cannot push {}", destination.familiar()))
 }
 
-pub fn push(home: &Path, args: PushArgs, flags: &RegistryFlags) -> Result<ExitCode> {
-    let node = crate::open_node(home)?;
-    let tagged = node
+pub fn push(cx: &Cx<'_>, args: PushArgs, flags: &RegistryFlags) -> Result<u8> {
+    let tagged = cx
+        .node
         .images
         .get(&args.image)?
         .with_context(|| format!("no image {} in the local image store", args.image))?;
     let destination: Reference = args.destination.as_deref().unwrap_or(&args.image).parse()?;
     let registry = flags.registry();
-    let renderer = Renderer::new(args.progress);
-    let pushed = push_image(
-        &node,
-        &registry,
-        &tagged.image,
-        &destination,
-        args.compression,
-        &renderer,
-    );
-    renderer.finish();
+    let pushed = push_image(cx, &registry, &tagged.image, &destination, args.compression);
+    cx.session.progress_done();
     let pushed = pushed?;
-    report_push(&destination, &pushed)?;
-    Ok(ExitCode::SUCCESS)
+    report_push(cx, &destination, &pushed)?;
+    Ok(0)
 }
 
 /// One line per push, as `docker push` ends.
-pub fn report_push(destination: &Reference, pushed: &strata_registry::Pushed) -> Result<()> {
+pub fn report_push(
+    cx: &Cx<'_>,
+    destination: &Reference,
+    pushed: &strata_registry::Pushed,
+) -> Result<()> {
     writeln!(
-        std::io::stdout().lock(),
+        cx.out(),
         "{}: digest: {} ({} sent, {}; {} already there)",
         destination.familiar(),
         pushed.digest,
@@ -188,8 +185,8 @@ fn plural(n: usize, what: &str) -> String {
     }
 }
 
-pub fn save(home: &Path, args: SaveArgs) -> Result<ExitCode> {
-    let node = crate::open_node(home)?;
+pub fn save(cx: &Cx<'_>, args: SaveArgs) -> Result<u8> {
+    let node = cx.node;
     let mut image = None;
     let mut names = Vec::new();
     for name in &args.images {
@@ -211,24 +208,25 @@ pub fn save(home: &Path, args: SaveArgs) -> Result<ExitCode> {
     let Some(image) = image else {
         bail!("no image named");
     };
-    strata_oci::export_docker_archive(&node.content, &image, &names, &args.output)
+    strata_oci::export_docker_archive(&node.content, &image, &names, &cx.path(&args.output))
         .with_context(|| format!("cannot write {}", args.output.display()))?;
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-pub fn load(home: &Path, args: LoadArgs) -> Result<ExitCode> {
-    let names = strata_oci::archive_names(&args.input)?;
-    let node = crate::open_node(home)?;
+pub fn load(cx: &Cx<'_>, args: LoadArgs) -> Result<u8> {
+    let input = cx.path(&args.input);
+    let names = strata_oci::archive_names(&input)?;
+    let node = cx.node;
     let host = Platform::host();
     let (image, _) = strata_oci::import(
         &node.images,
-        &args.input,
+        &input,
         &node.home().join("tmp"),
         &host.os,
         &host.architecture,
     )
     .with_context(|| format!("cannot load {}", args.input.display()))?;
-    let mut out = std::io::stdout().lock();
+    let mut out = cx.out();
     if names.is_empty() {
         writeln!(out, "Loaded image ID: {}", image.id)?;
     }
@@ -239,5 +237,5 @@ pub fn load(home: &Path, args: LoadArgs) -> Result<ExitCode> {
         node.images.tag(&reference, &image)?;
         writeln!(out, "Loaded image: {}", reference.familiar())?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }

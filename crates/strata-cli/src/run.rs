@@ -1,21 +1,19 @@
 //! `strata run`: a container from an image, in the same sandbox builds use.
 
 use std::io::Write;
-use std::path::Path;
-use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use strata_dockerfile::Platform;
 use strata_exec::{ExitStatus, Mount, Network, Runtime, Sandbox, Stream};
 use strata_oci::Reference;
-use tokio_util::sync::CancellationToken;
 
-use crate::progress::{Mode, Renderer};
+use crate::daemon::Cx;
 use crate::registry::RegistryFlags;
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, serde::Serialize, serde::Deserialize)]
 pub struct RunArgs {
     /// Remove the container when it exits (containers are never kept; accepted for compatibility).
     #[arg(long)]
@@ -42,8 +40,11 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
-pub fn run(home: &Path, args: RunArgs, flags: &RegistryFlags) -> Result<ExitCode> {
-    let node = crate::open_node(home)?;
+/// Numbers the containers of this process: the daemon runs many at once.
+static CONTAINER_SEQ: AtomicU64 = AtomicU64::new(0);
+
+pub fn run(cx: &Cx<'_>, args: RunArgs, flags: &RegistryFlags) -> Result<u8> {
+    let node = cx.node;
     let image = match node.images.get(&args.image)? {
         Some(tagged) => tagged.image,
         // As `docker run`: an image that is not here is pulled.
@@ -58,14 +59,14 @@ pub fn run(home: &Path, args: RunArgs, flags: &RegistryFlags) -> Result<ExitCode
                 architecture: &host.architecture,
                 variant: host.variant.as_deref(),
             };
-            let renderer = Renderer::new(Mode::Auto);
-            let pulled = crate::runtime()?.block_on(flags.registry().pull(
+            let transfer = cx.session.transfer();
+            let pulled = cx.block_on(flags.registry().pull(
                 &reference,
                 target,
                 &node.images,
-                renderer.as_ref(),
+                transfer.as_ref(),
             ));
-            renderer.finish();
+            cx.session.progress_done();
             pulled
                 .with_context(|| {
                     format!("image {} is not stored and cannot be pulled", args.image)
@@ -113,7 +114,11 @@ pub fn run(home: &Path, args: RunArgs, flags: &RegistryFlags) -> Result<ExitCode
             cfg.working_dir.clone()
         }
     });
-    let cid = format!("strata-run-{}", std::process::id());
+    let cid = format!(
+        "strata-run-{}-{}",
+        std::process::id(),
+        CONTAINER_SEQ.fetch_add(1, Ordering::Relaxed)
+    );
     let bundle = node.home().join("run").join(&cid);
     std::fs::create_dir_all(&bundle)?;
     std::fs::write(
@@ -152,29 +157,33 @@ pub fn run(home: &Path, args: RunArgs, flags: &RegistryFlags) -> Result<ExitCode
         insecure: false,
     };
     let runtime = Runtime::discover(&node.home().join("runc"))?;
-    let output: strata_exec::Output = Arc::new(|s: Stream, bytes: &[u8]| {
-        let _ = match s {
-            Stream::Stdout => std::io::stdout().lock().write_all(bytes),
-            Stream::Stderr => std::io::stderr().lock().write_all(bytes),
+    let (out, err) = (
+        std::sync::Mutex::new(cx.out()),
+        std::sync::Mutex::new(cx.err()),
+    );
+    let output: strata_exec::Output = Arc::new(move |s: Stream, bytes: &[u8]| {
+        let sink = match s {
+            Stream::Stdout => &out,
+            Stream::Stderr => &err,
         };
+        let _ = sink
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .write_all(bytes);
     });
-    let cancel = CancellationToken::new();
-    let status = crate::runtime()?.block_on(async {
-        let interrupt = cancel.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                interrupt.cancel();
-            }
-        });
-        runtime
-            .run(&cid, &rootfs, &bundle, &sandbox, output, &cancel)
-            .await
-    });
+    let status = cx.block_on(runtime.run(
+        &cid,
+        &rootfs,
+        &bundle,
+        &sandbox,
+        output,
+        cx.session.cancel(),
+    ));
     drop(active);
     let _ = std::fs::remove_dir_all(&bundle);
     Ok(match status? {
-        ExitStatus::Code(c) => ExitCode::from(c.clamp(0, 255) as u8),
-        ExitStatus::Signal(s) => ExitCode::from((128 + s).clamp(0, 255) as u8),
-        ExitStatus::Cancelled => ExitCode::from(130),
+        ExitStatus::Code(c) => c.clamp(0, 255) as u8,
+        ExitStatus::Signal(s) => (128 + s).clamp(0, 255) as u8,
+        ExitStatus::Cancelled => 130,
     })
 }

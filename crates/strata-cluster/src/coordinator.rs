@@ -716,6 +716,7 @@ impl Coordinator {
             no_cache: submit.no_cache,
             // Worker slots bound how much runs at once.
             jobs: 1024,
+            slots: None,
             cancel,
             progress: Arc::new(move |e: Event| {
                 let _ = progress_tx.send(BuildEvent::Progress(e));

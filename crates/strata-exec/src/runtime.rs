@@ -194,6 +194,39 @@ impl Runtime {
         Ok(status)
     }
 
+    /// Kills and removes every container in this runtime's state: called
+    /// by the one process that owns the state (it holds the state
+    /// directory's lock), any container there was left by a process that
+    /// died. Returns how many there were.
+    pub fn clear_stale(&self) -> usize {
+        let list = std::process::Command::new(&self.binary)
+            .arg("--root")
+            .arg(&self.state)
+            .args(["list", "--quiet"])
+            .output();
+        let Ok(list) = list else { return 0 };
+        let ids: Vec<String> = String::from_utf8_lossy(&list.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        for id in &ids {
+            for args in [
+                vec!["kill", id.as_str(), "KILL"],
+                vec!["delete", "--force", id.as_str()],
+            ] {
+                let _ = std::process::Command::new(&self.binary)
+                    .arg("--root")
+                    .arg(&self.state)
+                    .args(&args)
+                    .output();
+            }
+            tracing::warn!(container = %id, "removed a container a dead strata process left running");
+        }
+        ids.len()
+    }
+
     /// Kills and removes container `id`.
     pub async fn kill(&self, id: &str) {
         let _ = self.command().args(["kill", id, "KILL"]).output().await;

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::store::LayerRef;
 
 /// How layers are compressed in an export.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Compression {
     /// Plain tar.
     None,

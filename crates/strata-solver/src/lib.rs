@@ -177,8 +177,12 @@ pub type Progress = Arc<dyn Fn(Event) + Send + Sync>;
 pub struct SolveOptions {
     /// Ignore the cache (results are still recorded).
     pub no_cache: bool,
-    /// Most steps running at once.
+    /// Most steps of this build running at once.
     pub jobs: usize,
+    /// Slots every build of the node shares: with them, a step runs only
+    /// once it holds one, so concurrent builds together stay within the
+    /// node's limit.
+    pub slots: Option<Arc<tokio::sync::Semaphore>>,
     /// Cancels the build.
     pub cancel: CancellationToken,
     /// Progress events go here.

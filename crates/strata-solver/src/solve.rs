@@ -485,6 +485,15 @@ impl Solver {
             .acquire()
             .await
             .map_err(|e| WorkerError::new(e.to_string()))?;
+        let _slot = match &run.opts.slots {
+            Some(slots) => Some(
+                Arc::clone(slots)
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| WorkerError::new(e.to_string()))?,
+            ),
+            None => None,
+        };
         let stage = &run.plan.stages[i];
         let step = &stage.steps[s];
         run.event(stage, step.number, &step.label, EventKind::Started);

@@ -213,6 +213,7 @@ fn opts() -> SolveOptions {
     SolveOptions {
         no_cache: false,
         jobs: 4,
+        slots: None,
         cancel: CancellationToken::new(),
         progress: Arc::new(|_| {}),
         source_date_epoch: None,

@@ -322,13 +322,15 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         LocalWorker::new(Arc::clone(&node), req.context.clone(), ignore, req.secrets)
             .granting(req.grants),
     );
-    let solver = Arc::new(Solver::new(
+    let solver = Arc::new(Solver::sharing(
         worker,
         Arc::clone(&node.cache) as Arc<dyn strata_cache::CacheIndex>,
+        node.flights.clone(),
     ));
     let solve_opts = SolveOptions {
         no_cache: req.no_cache,
         jobs: req.jobs,
+        slots: Some(Arc::clone(&node.slots)),
         cancel: req.cancel.clone(),
         progress: req.progress,
         source_date_epoch: stamps.source_date_epoch,

@@ -26,7 +26,7 @@ mod worker;
 pub use build::{BaseImages, BuildError, BuildRequest, BuildResult, PlanInputs, build, ignore_for};
 pub use gc::{PruneReport, prune};
 pub use memo::SelectionMemo;
-pub use node::{Node, NodeError, default_home};
+pub use node::{Node, NodeError, default_home, default_slots};
 pub use timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};
 pub use users::{Identity, resolve as resolve_user};
 pub use worker::LocalWorker;

@@ -33,6 +33,10 @@ pub enum NodeError {
     /// A store failed to open.
     #[error("{0}")]
     Store(String),
+    /// Another process holds the state directory (and the caller would
+    /// not wait).
+    #[error("another strata process holds the state directory {}", .0.display())]
+    Busy(PathBuf),
 }
 
 /// `$STRATA_HOME`, else `~/.local/share/strata`.
@@ -47,10 +51,21 @@ pub fn default_home() -> PathBuf {
     base.join("strata")
 }
 
+/// Steps a node runs at once across all its builds, unless told
+/// otherwise: `STRATA_JOBS`, else four per CPU. Steps that wait (on the
+/// network, on a disk, on `sleep`) must overlap, as BuildKit runs every
+/// ready step; CPU-bound ones share the CPUs either way.
+pub fn default_slots() -> usize {
+    std::env::var("STRATA_JOBS")
+        .ok()
+        .and_then(|j| j.parse::<usize>().ok())
+        .filter(|j| *j > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()) * 4)
+}
+
 /// One machine's stores, opened by one process at a time.
 pub struct Node {
     home: PathBuf,
-    _lock: nix::fcntl::Flock<fs::File>,
     /// Blobs.
     pub content: Arc<ContentStore>,
     /// Extracted layers and step mounts.
@@ -61,6 +76,14 @@ pub struct Node {
     pub cache: Arc<LocalCacheIndex>,
     /// Checksums of what steps select from stages and images.
     pub selections: SelectionMemo,
+    /// Steps in flight, shared by every build this node runs at once, so
+    /// identical steps of concurrent builds run once.
+    pub flights: strata_solver::Flights,
+    /// Steps running at once across every build of this node.
+    pub slots: Arc<tokio::sync::Semaphore>,
+    /// Held until everything above has closed: fields drop in order, and
+    /// the next process must not open the database before it is shut.
+    _lock: nix::fcntl::Flock<fs::File>,
 }
 
 impl std::fmt::Debug for Node {
@@ -75,6 +98,12 @@ impl Node {
     /// Opens the node in `home`, waiting while another strata process
     /// uses it.
     pub fn open(home: &Path) -> Result<Node, NodeError> {
+        Node::open_with(home, true)
+    }
+
+    /// Opens the node in `home`; with `wait` false, another process using
+    /// it is an error ([`NodeError::Busy`]) instead of a wait.
+    pub fn open_with(home: &Path, wait: bool) -> Result<Node, NodeError> {
         fs::create_dir_all(home).map_err(|source| NodeError::Dir {
             path: home.to_path_buf(),
             source,
@@ -92,6 +121,9 @@ impl Node {
         let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
         {
             Ok(l) => l,
+            Err((_, nix::Error::EWOULDBLOCK)) if !wait => {
+                return Err(NodeError::Busy(home.to_path_buf()));
+            }
             Err((file, nix::Error::EWOULDBLOCK)) => {
                 tracing::warn!(home = %home.display(), "another strata process is using the state directory; waiting");
                 nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(
@@ -108,6 +140,11 @@ impl Node {
                 });
             }
         };
+        // Sandboxes a killed process left still hold its mounts: they go
+        // before the snapshotter clears those.
+        if let Ok(runtime) = strata_exec::Runtime::discover(&home.join("runc")) {
+            runtime.clear_stale();
+        }
         let store = |e: &dyn std::fmt::Display| NodeError::Store(e.to_string());
         let meta_path = home.join("meta");
         let meta = MetaDb::open(
@@ -138,12 +175,14 @@ impl Node {
         }
         Ok(Node {
             home: home.to_path_buf(),
-            _lock: lock,
             content,
             snapshots,
             images,
             cache,
             selections,
+            flights: strata_solver::Flights::default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(default_slots())),
+            _lock: lock,
         })
     }
 

@@ -1,0 +1,364 @@
+//! `strata daemon`, and how every command that touches the state directory
+//! reaches it.
+//!
+//! A command parses its arguments here, in the client, then sends them to
+//! the daemon of its state directory (starting one when none answers),
+//! which runs the command's code with its one open node. The client draws
+//! what comes back: output, progress, the exit code.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+use strata_daemon::wire::{FromDaemon, TransferEvent};
+use strata_daemon::{Client, Ended, Session, Sink};
+use strata_registry::Transfer;
+use strata_worker::Node;
+
+use crate::progress::{Mode, Renderer};
+use crate::registry::RegistryFlags;
+
+/// The default idle time after which a daemon exits.
+const DEFAULT_IDLE: &str = "300";
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    #[command(subcommand)]
+    command: Option<DaemonCommand>,
+    /// Serve in this process, logging to stderr (for systemd); without
+    /// it, a daemon is started in the background if none runs.
+    #[arg(long)]
+    foreground: bool,
+    /// Seconds without a command after which the daemon exits (0: never).
+    #[arg(long, env = "STRATA_DAEMON_IDLE_TIMEOUT", default_value = DEFAULT_IDLE)]
+    idle_timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum DaemonCommand {
+    /// Whether a daemon serves this state directory, and what it does.
+    Status,
+    /// Stop the daemon (what it runs is cancelled).
+    Stop,
+}
+
+/// A command the daemon runs, with its arguments as the client parsed
+/// them (flags from the client's environment already applied).
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Call {
+    Build(crate::build::BuildArgs, RegistryFlags),
+    Run(crate::run::RunArgs, RegistryFlags),
+    Images(crate::images::ImagesArgs),
+    Rmi(crate::images::RmiArgs),
+    Tag(crate::images::TagArgs),
+    Du(crate::images::DuArgs),
+    Prune(crate::images::PruneArgs),
+    Image(crate::images::ImageCommand),
+    Pull(crate::registry::PullArgs, RegistryFlags),
+    Push(crate::registry::PushArgs, RegistryFlags),
+    Save(crate::registry::SaveArgs),
+    Load(crate::registry::LoadArgs),
+}
+
+impl Call {
+    /// How the client shows this command's progress.
+    fn progress(&self) -> Mode {
+        match self {
+            Call::Build(a, _) => a.progress_mode(),
+            Call::Pull(a, _) => a.progress,
+            Call::Push(a, _) => a.progress,
+            _ => Mode::Auto,
+        }
+    }
+}
+
+/// What a command running in the daemon works with: the node and its
+/// client.
+pub struct Cx<'a> {
+    /// The state directory's stores.
+    pub node: &'a Arc<Node>,
+    /// The client.
+    pub session: &'a Session,
+}
+
+impl Cx<'_> {
+    /// The client's standard output.
+    pub fn out(&self) -> Sink {
+        self.session.stdout()
+    }
+
+    /// The client's standard error.
+    pub fn err(&self) -> Sink {
+        self.session.stderr()
+    }
+
+    /// A path as the client gave it.
+    pub fn path(&self, p: &Path) -> PathBuf {
+        self.session.path(p)
+    }
+
+    /// Runs a future on the daemon's runtime.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.session.block_on(f)
+    }
+}
+
+struct Handler {
+    node: Arc<Node>,
+}
+
+impl strata_daemon::Handler for Handler {
+    fn call(&self, call: &[u8], session: &Session) -> Result<u8, String> {
+        let (call, _): (Call, usize) =
+            bincode::serde::decode_from_slice(call, bincode::config::standard())
+                .map_err(|e| format!("the daemon cannot read this command: {e}"))?;
+        let cx = Cx {
+            node: &self.node,
+            session,
+        };
+        tracing::info!(call = ?call_name(&call), "running a command");
+        let result = match call {
+            Call::Build(a, flags) => crate::build::run(&cx, a, &flags),
+            Call::Run(a, flags) => crate::run::run(&cx, a, &flags),
+            Call::Images(a) => crate::images::images(&cx, a),
+            Call::Rmi(a) => crate::images::rmi(&cx, a),
+            Call::Tag(a) => crate::images::tag(&cx, a),
+            Call::Du(a) => crate::images::du(&cx, a),
+            Call::Prune(a) => crate::images::prune(&cx, a),
+            Call::Image(c) => crate::images::image(&cx, c),
+            Call::Pull(a, flags) => crate::registry::pull(&cx, a, &flags),
+            Call::Push(a, flags) => crate::registry::push(&cx, a, &flags),
+            Call::Save(a) => crate::registry::save(&cx, a),
+            Call::Load(a) => crate::registry::load(&cx, a),
+        };
+        result.map_err(|e| crate::error_text(&e))
+    }
+}
+
+fn call_name(call: &Call) -> &'static str {
+    match call {
+        Call::Build(..) => "build",
+        Call::Run(..) => "run",
+        Call::Images(_) => "images",
+        Call::Rmi(_) => "rmi",
+        Call::Tag(_) => "tag",
+        Call::Du(_) => "du",
+        Call::Prune(_) => "prune",
+        Call::Image(_) => "image",
+        Call::Pull(..) => "pull",
+        Call::Push(..) => "push",
+        Call::Save(_) => "save",
+        Call::Load(_) => "load",
+    }
+}
+
+/// Starts a daemon for `home` in the background, detached from this
+/// process and its terminal, its output appended to the daemon's log.
+fn spawn_daemon(home: &Path, idle_timeout: u64) -> std::io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt as _;
+    std::fs::create_dir_all(home)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(strata_daemon::log_path(home))?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("--home")
+        .arg(home)
+        .args(["daemon", "--foreground", "--idle-timeout"])
+        .arg(idle_timeout.to_string())
+        .env(
+            "STRATA_LOG",
+            std::env::var("STRATA_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0);
+    cmd.spawn()
+}
+
+fn idle_from_env() -> u64 {
+    std::env::var("STRATA_DAEMON_IDLE_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+}
+
+/// Runs `call` in the daemon of `home`, drawing its output and progress
+/// here; returns its exit code.
+pub fn remote(home: &Path, call: Call) -> Result<ExitCode> {
+    let renderer = Renderer::new(call.progress());
+    let bytes = bincode::serde::encode_to_vec(&call, bincode::config::standard())
+        .context("cannot encode the command for the daemon")?;
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let cwd = std::env::current_dir().context("cannot read the working directory")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = Client::new(home);
+    let idle = idle_from_env();
+    let ended = rt.block_on(async {
+        let connected = client
+            .connect(&|| spawn_daemon(home, idle), &|note| {
+                let _ = writeln!(std::io::stderr().lock(), "{note}");
+            })
+            .await?;
+        // Ctrl-C cancels this command in the daemon (and nothing else);
+        // a second one leaves without waiting to hear how it ended.
+        let interrupted = tokio_util::sync::CancellationToken::new();
+        let first = interrupted.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                first.cancel();
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        });
+        let on_frame = &mut |frame: FromDaemon| draw(&renderer, frame);
+        connected
+            .call(bytes, env, cwd, &interrupted, on_frame)
+            .await
+    });
+    renderer.finish();
+    match ended? {
+        Ended::Exit(code) => Ok(ExitCode::from(code)),
+        Ended::Failed(message) => {
+            let _ = writeln!(std::io::stderr().lock(), "error: {message}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn draw(renderer: &Renderer, frame: FromDaemon) {
+    match frame {
+        FromDaemon::Stdout(b) => {
+            let _ = std::io::stdout().lock().write_all(&b);
+        }
+        FromDaemon::Stderr(b) => renderer.stderr(&b),
+        FromDaemon::Progress(e) => renderer.on(e),
+        FromDaemon::Transfer(TransferEvent::Start { id, total }) => renderer.start(&id, total),
+        FromDaemon::Transfer(TransferEvent::Advance { id, bytes }) => {
+            renderer.advance(&id, bytes);
+        }
+        FromDaemon::Transfer(TransferEvent::Finish { id, how }) => {
+            Transfer::finish(renderer, &id, &how);
+        }
+        FromDaemon::ProgressDone => renderer.finish(),
+        FromDaemon::Exit(_)
+        | FromDaemon::Failed(_)
+        | FromDaemon::Status(_)
+        | FromDaemon::Stopping => {}
+    }
+}
+
+/// Stops the daemon serving `home`, if one does: a coordinator or worker
+/// about to own that state directory (commands run on it beforehand, such
+/// as `strata image import`, started one).
+pub async fn stop_serving(home: &Path) -> Result<()> {
+    if let Some(pid) = Client::new(home).stop().await? {
+        tracing::info!(pid, home = %home.display(), "stopped the daemon serving this node's state directory");
+    }
+    Ok(())
+}
+
+/// `strata daemon …`.
+pub fn daemon(home: &Path, args: DaemonArgs) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let client = Client::new(home);
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        Some(DaemonCommand::Status) => match rt.block_on(client.status())? {
+            Some(s) => {
+                writeln!(
+                    out,
+                    "strata daemon pid {} serving {} for {}s: {} command(s) running, {} served; exits after {}s idle\nversion {}",
+                    s.pid,
+                    s.home.display(),
+                    s.uptime_seconds,
+                    s.running,
+                    s.served,
+                    s.idle_timeout_seconds,
+                    s.version
+                )?;
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                writeln!(out, "no strata daemon serves {}", home.display())?;
+                Ok(ExitCode::from(3))
+            }
+        },
+        Some(DaemonCommand::Stop) => {
+            match rt.block_on(client.stop())? {
+                Some(pid) => writeln!(out, "stopped the strata daemon (pid {pid})")?,
+                None => writeln!(out, "no strata daemon serves {}", home.display())?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        None if args.foreground => {
+            drop(out);
+            serve(home, &rt, args.idle_timeout)
+        }
+        None => {
+            let idle = args.idle_timeout;
+            let connected = rt.block_on(client.connect(&|| spawn_daemon(home, idle), &|note| {
+                let _ = writeln!(std::io::stderr().lock(), "{note}");
+            }))?;
+            writeln!(
+                out,
+                "strata daemon pid {} serves {}",
+                connected.pid,
+                home.display()
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn serve(home: &Path, rt: &tokio::runtime::Runtime, idle_timeout: u64) -> Result<ExitCode> {
+    let node = match Node::open_with(home, false) {
+        Ok(n) => Arc::new(n),
+        Err(strata_worker::NodeError::Busy(_)) => {
+            let pid = std::fs::read_to_string(strata_daemon::pid_path(home)).unwrap_or_default();
+            bail!(
+                "another strata process holds the state directory {} (a daemon, pid {}, or a cluster node using it as its home); `strata daemon stop` stops a daemon",
+                home.display(),
+                pid.trim(),
+            );
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("cannot open the strata state directory {}", home.display())
+            });
+        }
+    };
+    let handler = Arc::new(Handler { node });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let opts = strata_daemon::Options {
+        home: home.to_path_buf(),
+        idle_timeout: (idle_timeout > 0).then(|| Duration::from_secs(idle_timeout)),
+        stop: stop.clone(),
+    };
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot watch for SIGTERM")?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("signalled; stopping");
+            stop.cancel();
+        });
+        strata_daemon::serve(opts, handler).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,354 @@
+//! The local daemon, as users meet it: many commands on one state
+//! directory at once, and what happens when a client or the daemon dies.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use strata_integration::cluster::{Cluster, runs};
+use strata_integration::{Strata, strata_bin, write_files};
+
+/// A Dockerfile whose first stage every build shares and whose last step
+/// is its own.
+fn service(i: usize) -> String {
+    format!(
+        "FROM busybox:latest AS deps\nRUN sleep 2 && echo deps > /deps\nFROM busybox:latest\nCOPY --from=deps /deps /deps\nRUN echo service {i} > /app\n"
+    )
+}
+
+fn daemon_pid(s: &Strata) -> i32 {
+    std::fs::read_to_string(s.home().join("daemon.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn eight_builds_at_once_on_one_home_succeed_share_a_step_and_leave_other_commands_answering() {
+    let s = Strata::new().with_busybox(&[]);
+    let dirs: Vec<tempfile::TempDir> = (0..8).map(|_| tempfile::tempdir().unwrap()).collect();
+    for (i, d) in dirs.iter().enumerate() {
+        write_files(d.path(), &[("Dockerfile", &service(i))]);
+    }
+    let builds: Vec<_> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let report = s.home().join(format!("report-{i}.json"));
+            let child = s
+                .cmd()
+                .args(["build", "--progress", "plain", "-t", &format!("svc:{i}")])
+                .arg("--report")
+                .arg(&report)
+                .arg(d.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            (child, report)
+        })
+        .collect();
+
+    // While they run, the state directory answers other commands.
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = Instant::now();
+    let images = s.ok(&["images"]);
+    let du = s.ok(&["du"]);
+    assert!(images.contains("busybox"), "{images}");
+    assert!(du.contains("Images") && du.contains("Build cache"), "{du}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    let mut shared_runs = 0;
+    for (child, report) in builds {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
+        shared_runs += report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|st| {
+                st["cached"] == false && st["instruction"].as_str().unwrap().contains("sleep 2")
+            })
+            .count();
+    }
+    assert_eq!(shared_runs, 1, "the shared step ran {shared_runs} times");
+    for i in 0..8 {
+        assert_eq!(
+            s.ok(&["run", "--rm", &format!("svc:{i}"), "cat", "/app", "/deps"]),
+            format!("service {i}\ndeps\n")
+        );
+    }
+}
+
+/// Starts a build of `dir` whose progress is read until a line holds
+/// `marker`; returns the running client.
+fn build_until(s: &Strata, dir: &std::path::Path, marker: &str) -> std::process::Child {
+    let mut child = s
+        .cmd()
+        .args(["build", "--progress", "plain"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let start = Instant::now();
+    loop {
+        let line = lines.next().unwrap().unwrap();
+        if line.contains(marker) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no {marker:?}");
+    }
+    // The rest of the progress goes on being drained.
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+#[test]
+fn a_daemon_killed_mid_build_is_reported_and_the_next_command_recovers() {
+    let s = Strata::new().with_busybox(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    write_files(
+        dir.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nRUN echo first > /first\nRUN sleep 60\n",
+        )],
+    );
+    let report = s.home().join("report.json");
+    let mut child = s
+        .cmd()
+        .args(["build", "--progress", "plain", "--report"])
+        .arg(&report)
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("RUN sleep 60") {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "{seen}");
+        seen.push_str(&line);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = daemon_pid(&s);
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(!status.success());
+    assert!(
+        rest.contains(&format!(
+            "the strata daemon (pid {pid}) stopped in the middle of this command"
+        )) && rest.contains(&s.home().join("daemon.log").display().to_string()),
+        "{rest}"
+    );
+
+    // The next command starts another daemon, which stops the sandbox the
+    // dead one left running; the finished step is still cached.
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM busybox:latest\nRUN echo first > /first\nRUN echo second\n",
+    )
+    .unwrap();
+    let again = s.build(dir.path(), &[]);
+    assert_ne!(daemon_pid(&s), pid);
+    let first = again["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|st| st["instruction"].as_str().unwrap().contains("echo first"))
+        .unwrap();
+    assert_eq!(first["cached"], true, "{again}");
+    let left = Command::new("runc")
+        .arg("--root")
+        .arg(s.home().join("runc"))
+        .args(["list", "--quiet"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&left.stdout).trim(), "");
+    assert!(
+        !Command::new("pgrep")
+            .args(["-f", "^sleep 60$"])
+            .status()
+            .unwrap()
+            .success(),
+        "the killed daemon's sandbox is still running"
+    );
+}
+
+#[test]
+fn ctrl_c_of_one_client_cancels_its_build_only() {
+    let s = Strata::new().with_busybox(&[]);
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let shared = "FROM busybox:latest\nRUN sleep 3 && echo shared > /shared\n";
+    write_files(
+        a.path(),
+        &[("Dockerfile", &format!("{shared}RUN echo a\n"))],
+    );
+    write_files(
+        b.path(),
+        &[("Dockerfile", &format!("{shared}RUN echo b\n"))],
+    );
+    let a_client = build_until(&s, a.path(), "RUN sleep 3");
+    let b_client = s
+        .cmd()
+        .args(["build", "--progress", "quiet", "-t", "b:1"])
+        .arg(b.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &a_client.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let a_out = a_client.wait_with_output().unwrap();
+    assert!(!a_out.status.success());
+    let b_out = b_client.wait_with_output().unwrap();
+    assert!(
+        b_out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&b_out.stderr)
+    );
+    assert_eq!(s.ok(&["run", "--rm", "b:1", "cat", "/shared"]), "shared\n");
+    // Nothing of the cancelled build still runs in the daemon.
+    let status = s.ok(&["daemon", "status"]);
+    assert!(status.contains(" 0 command(s) running"), "{status}");
+}
+
+#[test]
+fn stale_sockets_second_daemons_other_users_and_other_builds_get_clear_answers() {
+    let s = Strata::new();
+    std::fs::create_dir_all(s.home()).unwrap();
+    // A socket file nobody listens on, as a killed daemon leaves it.
+    let stale = std::os::unix::net::UnixListener::bind(s.home().join("daemon.sock")).unwrap();
+    drop(stale);
+    let s = s.with_busybox(&[]);
+    assert!(s.ok(&["images"]).contains("busybox"));
+
+    // A second daemon on the same state directory.
+    let out = s.run(&["daemon", "--foreground"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another strata process holds the state directory"),
+        "{err}"
+    );
+
+    // Another user: the socket is the daemon's user's alone.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(s.home().join("daemon.sock"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(strata_bin())
+        .arg("--home")
+        .arg(s.home())
+        .arg("images")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot connect to the strata daemon at") && err.contains("Permission denied"),
+        "{err}"
+    );
+
+    // Another build of strata: the running daemon finishes, stops, and
+    // the newer client starts its own.
+    let bin_dir = tempfile::tempdir().unwrap();
+    let other = bin_dir.path().join("strata");
+    std::fs::copy(strata_bin(), &other).unwrap();
+    let out = Command::new(&other)
+        .arg("--home")
+        .arg(s.home())
+        .arg("images")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("busybox"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is another build"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(&other)
+        .arg("--home")
+        .arg(s.home())
+        .args(["daemon", "stop"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn two_cluster_clients_on_one_host_build_at_once() {
+    let cluster = Cluster::start(2, 5);
+    let client = Strata::new();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_files(a.path(), &[("Dockerfile", &service(1))]);
+    write_files(b.path(), &[("Dockerfile", &service(2))]);
+    let first = cluster.spawn_build(&client, a.path(), &["-t", "one:1"]);
+    let second = client
+        .cmd()
+        .args(["build", "--cluster"])
+        .arg(cluster.client())
+        .args(["--progress", "quiet", "-t", "two:1"])
+        .arg(b.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for child in [first, second] {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        client.ok(&["run", "--rm", "one:1", "cat", "/app"]),
+        "service 1\n"
+    );
+    assert_eq!(
+        client.ok(&["run", "--rm", "two:1", "cat", "/app"]),
+        "service 2\n"
+    );
+    let again = cluster.build(&client, a.path(), &[]);
+    assert_eq!(runs(&again), 0, "{again}");
+}
