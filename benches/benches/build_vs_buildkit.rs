@@ -6,6 +6,9 @@
 //!   Dockerfile (four CPU-bound builders → one final stage);
 //! * cold (no build cache; base images present and unpacked), warm
 //!   (nothing changed) and after editing one source file;
+//! * four stages that each wait 2 s (as downloads do), cold;
+//! * a CI host: 24 builds of 8 services, 4 at a time, sharing one 3 s
+//!   dependency stage, cold and warm (strata's through its one daemon);
 //! * the sandbox overhead of one `RUN`: twenty `RUN true` steps, uncached.
 //!
 //! Prints medians and strata/BuildKit ratios. Needs root, dockerd, runc and
@@ -116,6 +119,30 @@ fn case(t: &Tools, name: &str, ctx: &Path, edit: Option<&str>, runs: usize, rows
     }
 }
 
+/// Runs every build, four at a time; returns the wall time. A failed
+/// build fails the benchmark.
+fn four_at_a_time(
+    contexts: &[(String, PathBuf)],
+    build: &(dyn Fn(&str, &Path) -> Command + Sync),
+) -> f64 {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let start = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let Some((tag, dir)) = contexts.get(i) else {
+                        break;
+                    };
+                    time(build(tag, dir));
+                }
+            });
+        }
+    });
+    start.elapsed().as_secs_f64()
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         println!("build_vs_buildkit: benchmark");
@@ -169,6 +196,91 @@ fn main() {
     case(&t, "seed", &seed, Some("main.go"), runs, &mut rows);
     eprintln!("fan-out");
     case(&t, "fan-out", &fan, None, runs.min(3), &mut rows);
+
+    // Four stages that wait 2 s each (downloads, sleeps), then one final
+    // stage: waiting steps must overlap.
+    let waits = work.path().join("waits");
+    std::fs::create_dir_all(&waits).unwrap();
+    let mut df = String::new();
+    for n in ["a", "b", "c", "d"] {
+        df.push_str(&format!(
+            "FROM busybox:latest AS {n}\nRUN sleep 2 && echo {n} > /{n}\n"
+        ));
+    }
+    df.push_str("FROM busybox:latest\n");
+    for n in ["a", "b", "c", "d"] {
+        df.push_str(&format!("COPY --from={n} /{n} /{n}\n"));
+    }
+    std::fs::write(waits.join("Dockerfile"), df).unwrap();
+    eprintln!("four waiting stages");
+    let (mut ws, mut wd) = (Vec::new(), Vec::new());
+    for _ in 0..runs.min(3) {
+        ws.push(time(t.strata_build(&waits, &["--no-cache"])));
+        let mut c = t.docker.cmd();
+        c.args(["build", "-q", "--no-cache", "-t", "bench:waits"])
+            .arg(&waits);
+        wd.push(time(c));
+    }
+    rows.push(Row {
+        name: "four stages waiting 2 s each, cold".into(),
+        strata: median(ws),
+        baseline: median(wd),
+    });
+
+    // A CI host: 8 services x 3 commits = 24 builds, 4 at a time, each
+    // sharing one 3 s dependency stage and running its own 1 s stage.
+    eprintln!("CI workload");
+    let ci = work.path().join("ci");
+    let contexts: Vec<(String, PathBuf)> = (0..24)
+        .map(|i| {
+            let (service, commit) = (i % 8, i / 8);
+            let dir = ci.join(format!("s{service}-c{commit}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(
+                dir.join("Dockerfile"),
+                format!(
+                    "FROM busybox:latest AS deps\nRUN sleep 3 && echo deps > /deps\nFROM busybox:latest\nCOPY --from=deps /deps /deps\nRUN sleep 1 && echo service {service} commit {commit} > /app\n"
+                ),
+            )
+            .unwrap();
+            (format!("ci-s{service}:c{commit}"), dir)
+        })
+        .collect();
+    let strata_ci = |tag: &str, dir: &Path| {
+        let mut c = Command::new(&t.bin);
+        c.env("STRATA_HOME", t.strata.home())
+            .args(["build", "--progress", "quiet", "-t", tag])
+            .arg(dir);
+        c
+    };
+    let docker_ci = |tag: &str, dir: &Path| {
+        let mut c = t.docker.cmd();
+        c.args(["build", "-q", "-t", tag]).arg(dir);
+        c
+    };
+    t.strata_cold();
+    t.docker_cold();
+    let s_cold = four_at_a_time(&contexts, &strata_ci);
+    let d_cold = four_at_a_time(&contexts, &docker_ci);
+    let s_warm = four_at_a_time(&contexts, &strata_ci);
+    let d_warm = four_at_a_time(&contexts, &docker_ci);
+    println!(
+        "\nCI workload, 24 builds 4 at a time (ideal cold: 3 s + 24 x 1 s / 4 = 9 s): strata {s_cold:.1} s cold ({:.0} builds/min), {s_warm:.2} s warm ({:.0} builds/min); BuildKit {d_cold:.1} s cold ({:.0} builds/min), {d_warm:.2} s warm ({:.0} builds/min)",
+        24.0 * 60.0 / s_cold,
+        24.0 * 60.0 / s_warm,
+        24.0 * 60.0 / d_cold,
+        24.0 * 60.0 / d_warm,
+    );
+    rows.push(Row {
+        name: "CI workload (24 builds, 4 at once), cold".into(),
+        strata: s_cold,
+        baseline: d_cold,
+    });
+    rows.push(Row {
+        name: "CI workload (24 builds, 4 at once), warm".into(),
+        strata: s_warm,
+        baseline: d_warm,
+    });
 
     // Sandbox overhead: 20 trivial RUNs, uncached, minus one.
     let runs_dir = work.path().join("runs");

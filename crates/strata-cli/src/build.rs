@@ -295,7 +295,7 @@ pub fn run(cx: &Cx<'_>, mut args: BuildArgs, flags: &RegistryFlags) -> Result<u8
     if outputs.iter().any(|o| matches!(o, Output::Registry { .. })) && tags.is_empty() {
         bail!("pushing needs a name: give one with -t REGISTRY/NAME:TAG");
     }
-    let registry = flags.registry();
+    let registry = flags.registry_for(cx);
     let node = Arc::clone(cx.node);
     let cancel = cx.session.cancel().clone();
     // The node's slots bound every build together; a build may ask for

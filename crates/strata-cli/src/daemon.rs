@@ -323,20 +323,33 @@ pub fn daemon(home: &Path, args: DaemonArgs) -> Result<ExitCode> {
 }
 
 fn serve(home: &Path, rt: &tokio::runtime::Runtime, idle_timeout: u64) -> Result<ExitCode> {
-    let node = match Node::open_with(home, false) {
-        Ok(n) => Arc::new(n),
-        Err(strata_worker::NodeError::Busy(_)) => {
-            let pid = std::fs::read_to_string(strata_daemon::pid_path(home)).unwrap_or_default();
-            bail!(
-                "another strata process holds the state directory {} (a daemon, pid {}, or a cluster node using it as its home); `strata daemon stop` stops a daemon",
-                home.display(),
-                pid.trim(),
-            );
-        }
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!("cannot open the strata state directory {}", home.display())
-            });
+    // A daemon that is stopping (it has closed its socket) still holds the
+    // state directory for a moment: wait for it, a bounded time. One that
+    // answers, or a cluster node, is another matter: say so at once.
+    let waiting = std::time::Instant::now();
+    let node = loop {
+        match Node::open_with(home, false) {
+            Ok(n) => break Arc::new(n),
+            Err(strata_worker::NodeError::Busy(_)) => {
+                let answering =
+                    std::os::unix::net::UnixStream::connect(strata_daemon::socket_path(home))
+                        .is_ok();
+                if answering || waiting.elapsed() > Duration::from_secs(30) {
+                    let pid = std::fs::read_to_string(strata_daemon::pid_path(home))
+                        .map(|p| format!(" (pid {})", p.trim()))
+                        .unwrap_or_default();
+                    bail!(
+                        "another strata process holds the state directory {}: a daemon{pid}, or a cluster node using it as its home; `strata daemon stop` stops a daemon",
+                        home.display(),
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot open the strata state directory {}", home.display())
+                });
+            }
         }
     };
     let handler = Arc::new(Handler { node });

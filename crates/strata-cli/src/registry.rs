@@ -42,12 +42,24 @@ pub struct RegistryFlags {
 }
 
 impl RegistryFlags {
-    /// A client with these settings (credentials from Docker's config).
+    /// A client with these settings, its credentials from Docker's config
+    /// as this process's environment names it.
     pub fn registry(&self) -> Arc<Registry> {
+        self.registry_with(None)
+    }
+
+    /// A client with these settings for a command the daemon runs: its
+    /// credentials are those of the user's environment, not the daemon's.
+    pub fn registry_for(&self, cx: &Cx<'_>) -> Arc<Registry> {
+        let env = |k: &str| cx.session.env(k).map(str::to_string);
+        self.registry_with(strata_registry::docker_config_in(&env))
+    }
+
+    fn registry_with(&self, docker_config: Option<PathBuf>) -> Arc<Registry> {
         Arc::new(Registry::new(RegistryOptions {
             insecure: self.insecure.clone(),
             mirrors: self.mirrors.clone(),
-            docker_config: None,
+            docker_config,
         }))
     }
 }
@@ -102,7 +114,7 @@ pub fn pull(cx: &Cx<'_>, args: PullArgs, flags: &RegistryFlags) -> Result<u8> {
         None => Platform::host(),
     };
     let node = cx.node;
-    let registry = flags.registry();
+    let registry = flags.registry_for(cx);
     let transfer = cx.session.transfer();
     let target = strata_registry::Platform {
         os: &platform.os,
@@ -151,7 +163,7 @@ pub fn push(cx: &Cx<'_>, args: PushArgs, flags: &RegistryFlags) -> Result<u8> {
         .get(&args.image)?
         .with_context(|| format!("no image {} in the local image store", args.image))?;
     let destination: Reference = args.destination.as_deref().unwrap_or(&args.image).parse()?;
-    let registry = flags.registry();
+    let registry = flags.registry_for(cx);
     let pushed = push_image(cx, &registry, &tagged.image, &destination, args.compression);
     cx.session.progress_done();
     let pushed = pushed?;

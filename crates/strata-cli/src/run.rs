@@ -60,7 +60,7 @@ pub fn run(cx: &Cx<'_>, args: RunArgs, flags: &RegistryFlags) -> Result<u8> {
                 variant: host.variant.as_deref(),
             };
             let transfer = cx.session.transfer();
-            let pulled = cx.block_on(flags.registry().pull(
+            let pulled = cx.block_on(flags.registry_for(cx).pull(
                 &reference,
                 target,
                 &node.images,

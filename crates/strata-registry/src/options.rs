@@ -51,11 +51,17 @@ impl RegistryOptions {
         if let Some(p) = &self.docker_config {
             return Some(p.clone());
         }
-        if let Some(dir) = std::env::var_os("DOCKER_CONFIG").filter(|d| !d.is_empty()) {
-            return Some(PathBuf::from(dir).join("config.json"));
-        }
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
+        docker_config_in(&|k| std::env::var(k).ok())
     }
+}
+
+/// Docker's credentials file as the environment `env` names it:
+/// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+pub fn docker_config_in(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    if let Some(dir) = env("DOCKER_CONFIG").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir).join("config.json"));
+    }
+    env("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
 }
 
 /// `HOST` of `HOST[:PORT]` (IPv6 literals keep their brackets).
