@@ -206,6 +206,11 @@ impl Cluster {
         self.path().join("client.toml")
     }
 
+    /// Its administrator's configuration (cordon, the group's members).
+    pub fn admin(&self) -> PathBuf {
+        self.path().join("admin.toml")
+    }
+
     /// The pid of node `name` (`coordinator`, `worker-2`).
     pub fn pid(&self, name: &str) -> i32 {
         std::fs::read_to_string(self.path().join(format!("{name}.pid")))

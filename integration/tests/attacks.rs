@@ -271,3 +271,129 @@ fn a_dockerfile_built_to_exhaust_the_frontend_stops_no_coordinator() {
     dockerfile(ctx.path(), "FROM busybox:latest\nRUN echo fine > /f\n");
     cluster.build(&s, ctx.path(), &["-t", "fine:1"]);
 }
+
+#[test]
+fn a_setuid_root_file_in_a_layer_is_out_of_reach_of_other_users() {
+    let s = Strata::new().with_busybox(&[]);
+    let ctx = tempfile::tempdir().unwrap();
+    dockerfile(
+        ctx.path(),
+        "FROM busybox:latest\nRUN mkdir -p /opt/suid && cp /bin/busybox /opt/suid/id && chmod 4755 /opt/suid/id\n",
+    );
+    s.build(ctx.path(), &[]);
+    // The layer's setuid-root busybox is extracted in a snapshot, as any
+    // layer's files are.
+    let found = std::process::Command::new("find")
+        .arg(s.home().join("snapshots"))
+        .args(["-path", "*/opt/suid/id", "-perm", "-4000"])
+        .output()
+        .unwrap();
+    let suid = String::from_utf8_lossy(&found.stdout)
+        .lines()
+        .next()
+        .expect("the setuid file is in a snapshot")
+        .to_string();
+    // An unprivileged user of the host cannot reach it: the state
+    // directory is its owner's alone.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(s.home()).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700);
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["sh", "-c"])
+        .arg(format!("{suid} -u"))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "an unprivileged user ran {suid}, as euid {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr(&out).contains("Permission denied"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn dockerignore_holds_through_symlinks_and_bind_mounts_of_the_context() {
+    let s = Strata::new().with_busybox(&[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[
+            (".dockerignore", "secret.env\nprivate\n"),
+            ("secret.env", "TOKEN=hunter2\n"),
+            ("private/key", "-----KEY-----\n"),
+            ("public.txt", "hello\n"),
+        ],
+    );
+    std::os::unix::fs::symlink("secret.env", ctx.path().join("link")).unwrap();
+    std::os::unix::fs::symlink("private", ctx.path().join("dirlink")).unwrap();
+
+    // A bind mount of the context shows what the context holds for the
+    // build: not the ignored files.
+    dockerfile(
+        ctx.path(),
+        "FROM busybox:latest\nRUN --mount=type=bind,target=/ctx sh -c 'ls -a /ctx; cat /ctx/public.txt; cat /ctx/secret.env /ctx/link /ctx/private/key /ctx/dirlink/key 2>&1; true' > /seen\n",
+    );
+    s.build(ctx.path(), &["-t", "seen:1"]);
+    let seen = s.ok(&["run", "--rm", "seen:1", "cat", "/seen"]);
+    assert!(
+        seen.contains("hello") && seen.contains("public.txt"),
+        "{seen}"
+    );
+    assert!(!seen.contains("hunter2") && !seen.contains("KEY"), "{seen}");
+
+    // COPY through a symlink to an ignored file finds nothing, as with
+    // BuildKit, whose context never holds the ignored file.
+    for source in ["link", "dirlink/key"] {
+        dockerfile(
+            ctx.path(),
+            &format!("FROM busybox:latest\nCOPY {source} /x\n"),
+        );
+        let err = refused(&s, &[], ctx.path());
+        assert!(err.contains("not found"), "{source}: {err}");
+    }
+}
+
+#[test]
+fn a_client_certificate_cannot_change_the_group_of_coordinators() {
+    let cluster = Cluster::start_group(3, 1, 5);
+    let client = cluster.client();
+    // A member that does not exist would take the group's quorum with it.
+    let out = cluster.run(&[
+        "cluster",
+        "add-coordinator",
+        "--id",
+        "9",
+        "--raft",
+        "127.0.0.1:9",
+        "--cluster",
+        client.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("needs an admin certificate"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cluster.run(&[
+        "cluster",
+        "remove-coordinator",
+        "--id",
+        "2",
+        "--cluster",
+        client.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("needs an admin certificate"));
+    // The group is as it was, and builds go on.
+    let status = cluster.status();
+    assert!(status.contains("member 1 of 1,2,3"), "{status}");
+    let ctx = tempfile::tempdir().unwrap();
+    dockerfile(ctx.path(), "FROM busybox:latest\nRUN echo still > /f\n");
+    cluster.build(&Strata::new(), ctx.path(), &[]);
+}

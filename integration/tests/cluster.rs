@@ -117,7 +117,17 @@ fn a_build_kept_off_the_worker_that_made_its_cache_reuses_it_and_moves_only_what
         .find(|w| *w != made_on)
         .unwrap();
 
-    let out = cluster.ok(&["cluster", "cordon", &made_on, "--cluster", client]);
+    // Cordoning is an administrator's: a client certificate is refused.
+    let refused = cluster.run(&["cluster", "cordon", &made_on, "--cluster", client]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("needs an admin certificate"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let admin = cluster.admin();
+    let admin = admin.to_str().unwrap();
+    let out = cluster.ok(&["cluster", "cordon", &made_on, "--cluster", admin]);
     assert_eq!(out, format!("{made_on} cordoned\n"));
     let status = cluster.status();
     assert!(
@@ -126,7 +136,7 @@ fn a_build_kept_off_the_worker_that_made_its_cache_reuses_it_and_moves_only_what
             .any(|l| l.starts_with(&made_on) && l.contains("cordoned")),
         "{status}"
     );
-    let unknown = cluster.run(&["cluster", "cordon", "worker-9", "--cluster", client]);
+    let unknown = cluster.run(&["cluster", "cordon", "worker-9", "--cluster", admin]);
     assert!(!unknown.status.success());
     assert!(
         String::from_utf8_lossy(&unknown.stderr).contains("no worker named worker-9"),
@@ -168,7 +178,7 @@ fn a_build_kept_off_the_worker_that_made_its_cache_reuses_it_and_moves_only_what
         "small\nsmall\n"
     );
 
-    cluster.ok(&["cluster", "uncordon", &made_on, "--cluster", client]);
+    cluster.ok(&["cluster", "uncordon", &made_on, "--cluster", admin]);
     assert!(!cluster.status().contains("cordoned"));
 }
 

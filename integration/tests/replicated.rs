@@ -388,7 +388,7 @@ fn coordinators_join_and_leave_the_group_at_run_time() {
     }
     let _stop = Stop(&mut fourth);
 
-    let client = cluster.client();
+    let client = cluster.admin();
     let raft = format!("127.0.0.1:{}", base + 8);
     let start = Instant::now();
     let added = loop {

@@ -404,14 +404,14 @@ impl Coordinator {
                     Err(e) => Reply::Error(format!("reading the status stopped: {e}")),
                 }
             }
-            Request::ChangeGroup(change) if role == Role::Client => {
+            Request::ChangeGroup(change) if role == Role::Admin => {
                 tracing::info!(?change, "changing the group of coordinators");
                 match self.member.change_membership(change).await {
                     Ok(()) => Reply::Ok,
                     Err(e) => Reply::Error(e.to_string()),
                 }
             }
-            Request::Cordon { worker, cordoned } if role == Role::Client => {
+            Request::Cordon { worker, cordoned } if role == Role::Admin => {
                 self.cordon(&worker, cordoned)
             }
             Request::Register(r) if role == Role::Worker => {
@@ -451,11 +451,19 @@ impl Coordinator {
                     Reply::Error("not registered (or lease expired): register again".into())
                 }
             }
-            other => Reply::Error(format!(
-                "{} may not ask the coordinator for {}",
-                conn.peer,
-                request_name(&other)
-            )),
+            other => {
+                let admin = matches!(other, Request::ChangeGroup(_) | Request::Cordon { .. });
+                Reply::Error(format!(
+                    "{} may not ask the coordinator for {}{}",
+                    conn.peer,
+                    request_name(&other),
+                    if admin {
+                        ": that needs an admin certificate (`admin.toml` from `strata cluster init`)"
+                    } else {
+                        ""
+                    }
+                ))
+            }
         };
         write_frame(send, &reply, conn.addr).await
     }

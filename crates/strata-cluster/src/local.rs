@@ -120,6 +120,7 @@ pub fn init(
         issue(Role::Coordinator, name)?;
     }
     issue(Role::Client, "client")?;
+    issue(Role::Admin, "admin")?;
     for i in 1..=workers {
         issue(Role::Worker, &worker_name(i))?;
     }
@@ -202,8 +203,22 @@ pub fn init(
             "# For clients: `strata build --cluster client.toml` (or STRATA_CLUSTER).\n\
              # coordinators: tried in order.",
             &ClientConfig {
-                coordinators: all_coordinators,
+                coordinators: all_coordinators.clone(),
                 tls: tls("client"),
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        written.push(path);
+    }
+    let path = dir.join("admin.toml");
+    if !path.exists() {
+        write(
+            &path,
+            "# For administrators: `strata cluster cordon|uncordon|add-coordinator|remove-coordinator --cluster admin.toml`.\n\
+             # Keep it (and admin-key.pem) off build machines.",
+            &ClientConfig {
+                coordinators: all_coordinators,
+                tls: tls("admin"),
             },
         )
         .map_err(|e| e.to_string())?;

@@ -76,6 +76,23 @@ fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// Handshakes in progress at once, from all peers together.
+pub const MAX_HANDSHAKES: usize = 512;
+
+/// Handshakes in progress at once from one IP address.
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 64;
+
+/// How long a peer has to finish TLS and the version handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Handshakes under way, run concurrently so one slow or silent peer
+/// never delays another.
+#[derive(Default)]
+struct Accepting {
+    pending: tokio::task::JoinSet<(std::net::IpAddr, SocketAddr, Result<Connection>)>,
+    per_address: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
 /// A QUIC endpoint of this node: it dials peers, and accepts them when it
 /// listens.
 #[derive(Clone)]
@@ -84,6 +101,7 @@ pub struct Endpoint {
     client: quinn::ClientConfig,
     me: Peer,
     version: u32,
+    accepting: Arc<tokio::sync::Mutex<Accepting>>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -159,6 +177,7 @@ impl Endpoint {
             quic,
             me: id.peer()?,
             version: PROTOCOL_VERSION,
+            accepting: Arc::default(),
         })
     }
 
@@ -219,13 +238,55 @@ impl Endpoint {
 
     /// The next peer that connects and passes the handshake; `None` once
     /// the endpoint is closed. A peer that fails is logged and skipped.
+    ///
+    /// Handshakes run concurrently, each within [`HANDSHAKE_TIMEOUT`], at
+    /// most [`MAX_HANDSHAKES`] at once and [`MAX_HANDSHAKES_PER_ADDRESS`]
+    /// from one address (more are refused): a peer that starts handshakes
+    /// and never finishes them costs others nothing.
     pub async fn accept(&self) -> Option<Connection> {
+        let mut accepting = self.accepting.lock().await;
+        let Accepting {
+            pending,
+            per_address,
+        } = &mut *accepting;
         loop {
-            let incoming = self.quic.accept().await?;
-            let addr = incoming.remote_address();
-            match Self::handshake(incoming, addr).await {
-                Ok(c) => return Some(c),
-                Err(e) => tracing::warn!(peer = %addr, error = %e, "refused a connection"),
+            tokio::select! {
+                incoming = self.quic.accept(), if pending.len() < MAX_HANDSHAKES => {
+                    let incoming = incoming?;
+                    let addr = incoming.remote_address();
+                    let ip = addr.ip();
+                    let from_there = per_address.entry(ip).or_default();
+                    if *from_there >= MAX_HANDSHAKES_PER_ADDRESS {
+                        tracing::warn!(peer = %addr, "refused a connection: too many handshakes from this address");
+                        incoming.refuse();
+                        continue;
+                    }
+                    *from_there += 1;
+                    pending.spawn(async move {
+                        let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, Self::handshake(incoming, addr))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(Error::Refused {
+                                    peer: addr,
+                                    detail: format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+                                })
+                            });
+                        (ip, addr, done)
+                    });
+                }
+                Some(joined) = pending.join_next() => {
+                    let Ok((ip, addr, done)) = joined else { continue };
+                    if let Some(n) = per_address.get_mut(&ip) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            per_address.remove(&ip);
+                        }
+                    }
+                    match done {
+                        Ok(c) => return Some(c),
+                        Err(e) => tracing::warn!(peer = %addr, error = %e, "refused a connection"),
+                    }
+                }
             }
         }
     }

@@ -24,6 +24,8 @@ pub enum Role {
     Worker,
     /// Submits builds and fetches results.
     Client,
+    /// Administers the cluster: the group of coordinators, cordons.
+    Admin,
 }
 
 impl Role {
@@ -32,6 +34,7 @@ impl Role {
             Role::Coordinator => "coordinator",
             Role::Worker => "worker",
             Role::Client => "client",
+            Role::Admin => "admin",
         }
     }
 }
@@ -49,8 +52,9 @@ impl std::str::FromStr for Role {
             "coordinator" => Ok(Role::Coordinator),
             "worker" => Ok(Role::Worker),
             "client" => Ok(Role::Client),
+            "admin" => Ok(Role::Admin),
             other => Err(format!(
-                "unknown role {other:?}: coordinator, worker or client"
+                "unknown role {other:?}: coordinator, worker, client or admin"
             )),
         }
     }

@@ -171,3 +171,51 @@ async fn blobs_arrive_verified_and_damaged_ones_never_do() {
     let missing = strata_cas::Digest::of(b"nobody has this");
     assert_eq!(fetch(missing).await.unwrap(), None);
 }
+
+/// ClientHellos that will never be finished: the first datagram of `n`
+/// real connection attempts, caught on a socket that never answers.
+async fn captured_client_hellos(ca: &ClusterCa, n: usize) -> Vec<Vec<u8>> {
+    let tap = tokio::net::UdpSocket::bind(loopback()).await.unwrap();
+    let tap_addr = tap.local_addr().unwrap();
+    let dialer = Endpoint::dialer(&ca.issue(Role::Client, "replayer").unwrap()).unwrap();
+    let mut hellos = Vec::new();
+    for _ in 0..n {
+        let d = dialer.clone();
+        let attempt = tokio::spawn(async move { d.connect(tap_addr).await });
+        let mut buf = vec![0u8; 65_536];
+        let (len, _) = tap.recv_from(&mut buf).await.unwrap();
+        hellos.push(buf[..len].to_vec());
+        attempt.abort();
+    }
+    hellos
+}
+
+#[tokio::test]
+async fn handshakes_that_never_finish_do_not_hold_up_other_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cas = Arc::new(ContentStore::open(dir.path()).unwrap());
+    let ca = ClusterCa::create("test").unwrap();
+    let addr = server(&ca, cas);
+    // Twenty stalled handshakes, each from its own port, kept open.
+    let mut stalled = Vec::new();
+    for hello in captured_client_hellos(&ca, 20).await {
+        let s = tokio::net::UdpSocket::bind(loopback()).await.unwrap();
+        s.send_to(&hello, addr).await.unwrap();
+        stalled.push(s);
+    }
+    // A member keeps working meanwhile: each of its connections is
+    // served long before a stalled handshake could time out (a node that
+    // awaited them in turn answered after every one of them had).
+    let client = Endpoint::dialer(&ca.issue(Role::Client, "me").unwrap()).unwrap();
+    for i in 0..5 {
+        let served = tokio::time::timeout(std::time::Duration::from_secs(4), async {
+            let conn = client.connect(addr).await.unwrap();
+            let (mut send, mut recv) = conn.open().await.unwrap();
+            write_frame(&mut send, &Msg::Ping(i), addr).await.unwrap();
+            read_frame::<Msg>(&mut recv, addr).await.unwrap()
+        })
+        .await;
+        assert_eq!(served, Ok(Some(Msg::Ping(i))), "connection {i} was held up");
+    }
+    drop(stalled);
+}

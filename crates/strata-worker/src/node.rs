@@ -108,6 +108,18 @@ impl Node {
             path: home.to_path_buf(),
             source,
         })?;
+        // The state directory is its owner's alone: snapshots hold whatever
+        // layers hold (setuid-root files, device nodes), and no other user
+        // of the host may reach them.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            fs::set_permissions(home, fs::Permissions::from_mode(0o700)).map_err(|source| {
+                NodeError::Dir {
+                    path: home.to_path_buf(),
+                    source,
+                }
+            })?;
+        }
         let lock_path = home.join("lock");
         let file = fs::OpenOptions::new()
             .create(true)

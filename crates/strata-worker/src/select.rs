@@ -60,6 +60,21 @@ fn ignored(src: &SourceRoot<'_>, rel: &str) -> bool {
     !rel.is_empty() && src.ignore.is_some_and(|m| m.matches(rel))
 }
 
+/// Whether `.dockerignore` hides the path `rel` names, which resolved
+/// (through symlinks) to `host`: both the name and what it resolved to
+/// count, so a symlink in the context never reaches an ignored file, as
+/// in BuildKit, whose context never holds ignored files at all.
+fn hidden(src: &SourceRoot<'_>, rel: &str, host: &Path, is_dir: bool) -> bool {
+    let check = |r: &str| ignored(src, r) && !(is_dir && descends(src, r));
+    if check(rel) {
+        return true;
+    }
+    host.strip_prefix(src.root)
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+        .is_some_and(|through| through != rel && check(&through))
+}
+
 /// An ignored directory is still entered (and kept) when an exception
 /// pattern names something below it, as Docker's context walker does.
 fn descends(src: &SourceRoot<'_>, rel: &str) -> bool {
@@ -97,7 +112,7 @@ pub fn select(src: &SourceRoot<'_>, specs: &[String]) -> Result<Vec<Item>, Strin
         let not_found = || format!("{spec:?}: not found");
         let host = resolve_path(src.root, &rel, true).map_err(|e| format!("{spec:?}: {e}"))?;
         let meta = fs::metadata(&host).map_err(|_| not_found())?;
-        if ignored(src, &rel) && !(meta.is_dir() && descends(src, &rel)) {
+        if hidden(src, &rel, &host, meta.is_dir()) {
             return Err(not_found());
         }
         items.push(Item {
@@ -132,7 +147,7 @@ fn glob(
         let next_rel = join(first);
         if let Ok(host) = resolve_path(src.root, &next_rel, true)
             && host.symlink_metadata().is_ok()
-            && (!ignored(src, &next_rel) || (host.is_dir() && descends(src, &next_rel)))
+            && !hidden(src, &next_rel, &host, host.is_dir())
         {
             return glob(src, &host, &next_rel, rest, out);
         }
@@ -156,7 +171,7 @@ fn glob(
         }
         let next_rel = join(n);
         let host = resolve_path(src.root, &next_rel, true).map_err(|e| e.to_string())?;
-        if ignored(src, &next_rel) && !(host.is_dir() && descends(src, &next_rel)) {
+        if hidden(src, &next_rel, &host, host.is_dir()) {
             continue;
         }
         glob(src, &host, &next_rel, rest, out)?;
@@ -286,6 +301,44 @@ pub fn pack(
         walk(src, item, excludes, &mut append)?;
     }
     tar.finish().map_err(|e| format!("packing: {e}"))
+}
+
+/// Copies what a source shows (everything `.dockerignore` does not hide)
+/// into the empty directory `dest`: files, directories, symlinks, modes
+/// and times. A bind mount of the build context shows this copy, never the
+/// ignored files beside it.
+pub fn copy_visible(src: &SourceRoot<'_>, dest: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let items = select(src, &[".".to_string()])?;
+    let mut dirs = Vec::new();
+    for item in &items {
+        walk(src, item, None, &mut |e| {
+            let to = dest.join(e.rel);
+            let fail = |err: std::io::Error| format!("copying {}: {err}", e.host.display());
+            let ft = e.meta.file_type();
+            if ft.is_dir() {
+                fs::create_dir_all(&to).map_err(fail)?;
+                dirs.push((to, e.meta.mode(), e.meta.mtime()));
+            } else if ft.is_symlink() {
+                let target = fs::read_link(e.host).map_err(fail)?;
+                std::os::unix::fs::symlink(target, &to).map_err(fail)?;
+            } else if ft.is_file() {
+                fs::copy(e.host, &to).map_err(fail)?;
+                fs::set_permissions(&to, fs::Permissions::from_mode(e.meta.mode() & 0o7777))
+                    .map_err(fail)?;
+                strata_snapshot::set_mtime(&to, e.meta.mtime()).map_err(|err| err.to_string())?;
+            }
+            Ok(())
+        })?;
+    }
+    // Children change their directory's time: directories go last.
+    for (dir, mode, mtime) in dirs.into_iter().rev() {
+        let fail = |err: String| format!("copying {}: {err}", dir.display());
+        fs::set_permissions(&dir, fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(|e| fail(e.to_string()))?;
+        strata_snapshot::set_mtime(&dir, mtime).map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Names what [`checksum`] covers; changing that changes this.

@@ -38,6 +38,9 @@ pub struct LocalWorker {
     provided: Mutex<HashMap<(usize, usize), PathBuf>>,
     /// The entitlements this node grants a step.
     grants: strata_plan::Grants,
+    /// What a bind mount of the context shows: a copy without the
+    /// ignored files, made the first time a step needs it.
+    visible_context: OnceLock<Result<tempfile::TempDir, String>>,
 }
 
 /// Numbers the sandboxes of this process: container IDs name runtime
@@ -69,6 +72,33 @@ impl LocalWorker {
             downloads: Mutex::default(),
             provided: Mutex::default(),
             grants: strata_plan::Grants::default(),
+            visible_context: OnceLock::new(),
+        }
+    }
+
+    /// The context as a bind mount shows it: the directory itself when
+    /// nothing is ignored, else a copy of what `.dockerignore` leaves.
+    fn visible_context(&self) -> Result<PathBuf, WorkerError> {
+        if self.ignore.is_empty() {
+            return Ok(self.context.clone());
+        }
+        let made = self.visible_context.get_or_init(|| {
+            let tmp = self.node.home().join("tmp");
+            let dir = tempfile::Builder::new()
+                .prefix("context-")
+                .tempdir_in(&tmp)
+                .map_err(|e| format!("cannot make a directory in {}: {e}", tmp.display()))?;
+            let src = SourceRoot {
+                root: &self.context,
+                ignore: Some(&self.ignore),
+                keep_owner: false,
+            };
+            crate::select::copy_visible(&src, dir.path())?;
+            Ok(dir)
+        });
+        match made {
+            Ok(dir) => Ok(dir.path().to_path_buf()),
+            Err(e) => Err(err(e)),
         }
     }
 
@@ -329,12 +359,26 @@ impl Worker for LocalWorker {
                 fs::create_dir_all(&bundle).map_err(err)?;
                 let views = |s: &Source| self.view(s, job.sources).map_err(|e| e.message);
                 let upper = active.upper();
+                let binds_context = e.mounts.iter().any(|m| {
+                    matches!(
+                        &m.kind,
+                        RunMountKind::Bind {
+                            from: Source::Context,
+                            ..
+                        }
+                    )
+                });
+                let context = if binds_context {
+                    self.visible_context()?
+                } else {
+                    self.context.clone()
+                };
                 let ctx = RunContext {
                     runtime: self.runtime()?,
                     rootfs: &rootfs,
                     upper: &upper,
                     bundle: &bundle,
-                    context: &self.context,
+                    context: &context,
                     views: &views,
                     cache_mounts: &self.node.home().join("cache-mounts"),
                     secrets: &self.secrets,
