@@ -397,3 +397,60 @@ fn a_client_certificate_cannot_change_the_group_of_coordinators() {
     dockerfile(ctx.path(), "FROM busybox:latest\nRUN echo still > /f\n");
     cluster.build(&Strata::new(), ctx.path(), &[]);
 }
+
+#[test]
+fn a_run_step_has_a_network_of_its_own_and_no_user_namespaces() {
+    // A service on the host's loopback only, and one on every address.
+    let local = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let everywhere = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let (local_port, every_port) = (
+        local.local_addr().unwrap().port(),
+        everywhere.local_addr().unwrap().port(),
+    );
+    // Each answers a connection by closing it, so a probe that got in ends.
+    for listener in [&local, &everywhere] {
+        let listener = listener.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                drop(conn);
+            }
+        });
+    }
+    let gateway = "10.89.0.1";
+    let probe = format!(
+        "(echo | nc -w 3 127.0.0.1 {local_port} && echo loopback reached || echo loopback refused) > /probe; \
+         (echo | nc -w 3 {gateway} {every_port} && echo bridge reached || echo bridge refused) >> /probe; \
+         (unshare -U -r true 2>&1 && echo userns made || echo userns refused) >> /probe"
+    );
+    let s = Strata::new().with_busybox(&[]);
+    let ctx = tempfile::tempdir().unwrap();
+    dockerfile(ctx.path(), &format!("FROM busybox:latest\nRUN {probe}\n"));
+    s.build(ctx.path(), &["-t", "probe:1"]);
+    let seen = s.ok(&["run", "--rm", "probe:1", "cat", "/probe"]);
+    assert!(seen.contains("loopback refused"), "{seen}");
+    assert!(seen.contains("bridge reached"), "{seen}");
+    assert!(
+        seen.contains("Operation not permitted") && seen.contains("userns refused"),
+        "{seen}"
+    );
+
+    // The host's network is an entitlement; with it, the same probe
+    // reaches the loopback service (so the probe itself works).
+    dockerfile(
+        ctx.path(),
+        &format!("FROM busybox:latest\nRUN --network=host {probe}\n"),
+    );
+    s.build(
+        ctx.path(),
+        &[
+            "-t",
+            "probe:host",
+            "--allow",
+            "network.host",
+            "--allow-insecure-entitlement",
+            "network.host",
+        ],
+    );
+    let seen = s.ok(&["run", "--rm", "probe:host", "cat", "/probe"]);
+    assert!(seen.contains("loopback reached"), "{seen}");
+}

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use strata_dockerfile::Platform;
-use strata_exec::{ExitStatus, Mount, Network, Runtime, Sandbox, Stream};
+use strata_exec::{ExitStatus, Mount, Network, Sandbox, Stream};
 use strata_oci::Reference;
 
 use crate::daemon::Cx;
@@ -156,7 +156,7 @@ pub fn run(cx: &Cx<'_>, args: RunArgs, flags: &RegistryFlags) -> Result<u8> {
         ],
         insecure: false,
     };
-    let runtime = Runtime::discover(&node.home().join("runc"))?;
+    let runtime = node.runtime().map_err(anyhow::Error::msg)?;
     let (out, err) = (
         std::sync::Mutex::new(cx.out()),
         std::sync::Mutex::new(cx.err()),

@@ -4,15 +4,19 @@
 //! filesystem someone else prepared: it writes the bundle's `config.json`
 //! (built with the oci-spec crate), starts the runtime, streams the
 //! process's output and returns its exit status. Each step gets its own
-//! mount, pid, ipc and uts namespaces; the network namespace is the host's
-//! unless the step asks for none.
+//! mount, pid, ipc and uts namespaces, Docker's default capabilities,
+//! masked paths and a seccomp filter refusing what Docker's default
+//! profile refuses, and a network of its own on a NAT bridge ([`Cni`])
+//! unless it asks for none or (entitled) for the host's.
 //!
 //! It knows nothing of layers, images or Dockerfiles: user names are
 //! resolved, mounts prepared and output interpreted by the caller.
 
+mod network;
 mod runtime;
 mod spec;
 
+pub use network::{BRIDGE, Cni, DEFAULT_SUBNET, PrivateNetwork};
 pub use runtime::{ExitStatus, Output, Runtime, Stream};
 pub use spec::{Mount, Network, Sandbox};
 
@@ -43,6 +47,19 @@ pub enum Error {
     /// The spec could not be built.
     #[error("cannot build the runtime spec: {0}")]
     Spec(String),
+    /// A step's network could not be made.
+    #[error("cannot give step {step} its network: {detail}")]
+    Network {
+        /// The step's sandbox.
+        step: String,
+        /// Why.
+        detail: String,
+    },
+    /// No CNI plugins for a step's own network.
+    #[error(
+        "a RUN step gets a network of its own through the CNI bridge plugin, which is not installed: apt-get install containernetworking-plugins (or set STRATA_CNI_PATH to the plugins' directory)"
+    )]
+    NoNetwork,
 }
 
 /// The executor's result type.

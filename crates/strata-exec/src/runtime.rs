@@ -8,7 +8,8 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use crate::spec::Sandbox;
+use crate::network::{Cni, PrivateNetwork};
+use crate::spec::{Network, Sandbox};
 use crate::{Error, Result};
 
 /// Which output stream bytes came from.
@@ -46,11 +47,15 @@ impl ExitStatus {
 pub struct Runtime {
     binary: PathBuf,
     state: PathBuf,
+    /// What wires a step's own network; `None` when the plugins are
+    /// missing (steps on the host's network, or none, still run).
+    cni: Option<Cni>,
 }
 
 impl Runtime {
     /// Finds the runtime: `STRATA_RUNTIME` if set, else `runc`, then
-    /// `crun` on `PATH`. Its state lives in `state`.
+    /// `crun` on `PATH`. Its state lives in `state`; the CNI plugins'
+    /// (step networks) in `cni` beside it.
     pub fn discover(state: &Path) -> Result<Runtime> {
         let from_env = std::env::var_os("STRATA_RUNTIME").map(PathBuf::from);
         let binary = match from_env {
@@ -58,9 +63,11 @@ impl Runtime {
             None => ["runc", "crun"].iter().find_map(|name| find_on_path(name)),
         };
         let binary = binary.ok_or(Error::NoRuntime)?;
+        let cni_state = state.parent().unwrap_or(state).join("cni");
         Ok(Runtime {
             binary,
             state: state.to_path_buf(),
+            cni: Cni::discover(&cni_state),
         })
     }
 
@@ -87,7 +94,12 @@ impl Runtime {
         output: Output,
         cancel: &CancellationToken,
     ) -> Result<ExitStatus> {
-        let spec = sandbox.spec(rootfs)?;
+        // Held until the sandbox is gone; dropping it releases the network.
+        let network = match sandbox.network {
+            Network::Private => Some(self.cni.as_ref().ok_or(Error::NoNetwork)?.attach(id)?),
+            Network::Host | Network::None => None,
+        };
+        let spec = sandbox.spec(rootfs, network.as_ref().map(PrivateNetwork::path))?;
         let config = bundle.join("config.json");
         let json = serde_json::to_vec(&spec).map_err(|e| Error::Spec(e.to_string()))?;
         std::fs::write(&config, json).map_err(|source| Error::Bundle {
@@ -199,6 +211,12 @@ impl Runtime {
     /// directory's lock), any container there was left by a process that
     /// died. Returns how many there were.
     pub fn clear_stale(&self) -> usize {
+        // Containers first: they hold the networks' namespaces.
+        let containers = self.clear_stale_containers();
+        containers + self.cni.as_ref().map_or(0, Cni::clear_stale)
+    }
+
+    fn clear_stale_containers(&self) -> usize {
         let list = std::process::Command::new(&self.binary)
             .arg("--root")
             .arg(&self.state)

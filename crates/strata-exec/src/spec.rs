@@ -12,8 +12,13 @@ use crate::{Error, Result};
 /// Which network a step sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Network {
-    /// The host's network (Docker's build default).
+    /// A namespace of its own on the host's bridge, outbound through NAT
+    /// (Docker's default; [`crate::Cni`]). The host's loopback services
+    /// are out of reach.
     #[default]
+    Private,
+    /// The host's network (`RUN --network=host`, an entitlement; `strata
+    /// run`).
     Host,
     /// Only a loopback interface (`RUN --network=none`).
     None,
@@ -72,6 +77,152 @@ pub struct Sandbox {
     pub mounts: Vec<Mount>,
     /// `RUN --security=insecure`: all capabilities, nothing masked.
     pub insecure: bool,
+}
+
+/// System calls a step may not make, as Docker's default seccomp profile
+/// refuses them to a container without extra capabilities: loading kernel
+/// code, changing the host's clock, keyrings, mounts and namespaces (and
+/// so user namespaces), tracing other processes' memory, and the rest of
+/// what only an administrator of the host should do. Each fails with
+/// EPERM.
+const DENIED_SYSCALLS: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "get_mempolicy",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mbind",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "move_pages",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "query_module",
+    "quotactl",
+    "quotactl_fd",
+    "reboot",
+    "request_key",
+    "set_mempolicy",
+    "setns",
+    "settimeofday",
+    "stime",
+    "swapoff",
+    "swapon",
+    "syslog",
+    "sysfs",
+    "_sysctl",
+    "umount",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+    "vm86",
+    "vm86old",
+];
+
+/// `clone` flags that make namespaces: refused, as `unshare` is.
+const NAMESPACE_FLAGS: &[u64] = &[
+    0x0002_0000, // CLONE_NEWNS
+    0x0200_0000, // CLONE_NEWCGROUP
+    0x0400_0000, // CLONE_NEWUTS
+    0x0800_0000, // CLONE_NEWIPC
+    0x1000_0000, // CLONE_NEWUSER
+    0x2000_0000, // CLONE_NEWPID
+    0x4000_0000, // CLONE_NEWNET
+];
+
+const EPERM: u32 = 1;
+const ENOSYS: u32 = 38;
+
+/// The architectures the filter covers: this machine's, and the 32-bit
+/// ones its processes may also call in.
+fn architectures() -> Vec<oci_spec::runtime::Arch> {
+    use oci_spec::runtime::Arch;
+    if cfg!(target_arch = "x86_64") {
+        vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32]
+    } else if cfg!(target_arch = "aarch64") {
+        vec![Arch::ScmpArchAarch64, Arch::ScmpArchArm]
+    } else {
+        vec![Arch::ScmpArchNative]
+    }
+}
+
+/// The seccomp filter of a step: every call allowed but those Docker's
+/// default profile refuses a container ([`DENIED_SYSCALLS`], namespaces
+/// through `clone`); `clone3`, whose flags a filter cannot read, answers
+/// ENOSYS so the C library falls back to `clone`, as under Docker.
+fn seccomp() -> Result<oci_spec::runtime::LinuxSeccomp> {
+    use oci_spec::runtime::{
+        LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder, LinuxSeccompOperator,
+        LinuxSyscallBuilder,
+    };
+    let err = |e: oci_spec::OciSpecError| Error::Spec(e.to_string());
+    let mut syscalls = vec![
+        LinuxSyscallBuilder::default()
+            .names(
+                DENIED_SYSCALLS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>(),
+            )
+            .action(LinuxSeccompAction::ScmpActErrno)
+            .errno_ret(EPERM)
+            .build()
+            .map_err(err)?,
+        LinuxSyscallBuilder::default()
+            .names(vec!["clone3".to_string()])
+            .action(LinuxSeccompAction::ScmpActErrno)
+            .errno_ret(ENOSYS)
+            .build()
+            .map_err(err)?,
+    ];
+    for flag in NAMESPACE_FLAGS {
+        let arg = LinuxSeccompArgBuilder::default()
+            .index(0usize)
+            .value(*flag)
+            .value_two(*flag)
+            .op(LinuxSeccompOperator::ScmpCmpMaskedEq)
+            .build()
+            .map_err(err)?;
+        syscalls.push(
+            LinuxSyscallBuilder::default()
+                .names(vec!["clone".to_string()])
+                .action(LinuxSeccompAction::ScmpActErrno)
+                .errno_ret(EPERM)
+                .args(vec![arg])
+                .build()
+                .map_err(err)?,
+        );
+    }
+    LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActAllow)
+        .architectures(architectures())
+        .syscalls(syscalls)
+        .build()
+        .map_err(err)
 }
 
 /// The capabilities Docker gives a container (and BuildKit a build step).
@@ -157,7 +308,7 @@ fn err(e: impl std::fmt::Display) -> Error {
 
 impl Sandbox {
     /// The runtime spec for running this sandbox over `rootfs`.
-    pub fn spec(&self, rootfs: &Path) -> Result<Spec> {
+    pub fn spec(&self, rootfs: &Path, netns: Option<&Path>) -> Result<Spec> {
         let caps: std::collections::HashSet<Capability> = if self.insecure {
             let bounding = bounding_set();
             ALL_CAPS
@@ -204,12 +355,24 @@ impl Sandbox {
                 .set_typ(LinuxNamespaceType::Mount)
                 .clone(),
         ];
-        if self.network == Network::None {
-            namespaces.push(
+        match self.network {
+            Network::Host => {}
+            Network::None => namespaces.push(
                 LinuxNamespace::default()
                     .set_typ(LinuxNamespaceType::Network)
                     .clone(),
-            );
+            ),
+            Network::Private => {
+                let path = netns.ok_or_else(|| {
+                    Error::Spec("a private network needs its namespace made first".into())
+                })?;
+                namespaces.push(
+                    LinuxNamespace::default()
+                        .set_typ(LinuxNamespaceType::Network)
+                        .set_path(Some(path.to_path_buf()))
+                        .clone(),
+                );
+            }
         }
         let mut linux = LinuxBuilder::default().namespaces(namespaces);
         if self.insecure {
@@ -220,7 +383,8 @@ impl Sandbox {
             let d = oci_spec::runtime::Linux::default();
             linux = linux
                 .masked_paths(d.masked_paths().clone().unwrap_or_default())
-                .readonly_paths(d.readonly_paths().clone().unwrap_or_default());
+                .readonly_paths(d.readonly_paths().clone().unwrap_or_default())
+                .seccomp(seccomp()?);
         }
         let linux = linux.build().map_err(err)?;
 

@@ -81,6 +81,8 @@ pub struct Node {
     pub flights: strata_solver::Flights,
     /// Steps running at once across every build of this node.
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// The OCI runtime, with the step networks it keeps between steps.
+    runtime: Result<strata_exec::Runtime, String>,
     /// Held until everything above has closed: fields drop in order, and
     /// the next process must not open the database before it is shut.
     _lock: nix::fcntl::Flock<fs::File>,
@@ -154,7 +156,8 @@ impl Node {
         };
         // Sandboxes a killed process left still hold its mounts: they go
         // before the snapshotter clears those.
-        if let Ok(runtime) = strata_exec::Runtime::discover(&home.join("runc")) {
+        let runtime = strata_exec::Runtime::discover(&home.join("runc")).map_err(|e| e.to_string());
+        if let Ok(runtime) = &runtime {
             runtime.clear_stale();
         }
         let store = |e: &dyn std::fmt::Display| NodeError::Store(e.to_string());
@@ -194,6 +197,7 @@ impl Node {
             selections,
             flights: strata_solver::Flights::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(default_slots())),
+            runtime,
             _lock: lock,
         })
     }
@@ -201,5 +205,10 @@ impl Node {
     /// The state directory.
     pub fn home(&self) -> &Path {
         &self.home
+    }
+
+    /// The OCI runtime steps and `strata run` use; why there is none.
+    pub fn runtime(&self) -> Result<&strata_exec::Runtime, String> {
+        self.runtime.as_ref().map_err(Clone::clone)
     }
 }

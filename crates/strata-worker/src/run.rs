@@ -55,6 +55,32 @@ fn err(message: impl Into<String>) -> WorkerError {
     WorkerError::new(message)
 }
 
+/// The step's `/etc/resolv.conf`: the host's, except that on a network of
+/// its own a name server on the host's loopback is out of reach, so those
+/// lines go, and with none left the step gets Docker's fallback servers.
+fn resolv_conf(host: &str, network: Network) -> Vec<u8> {
+    if network != Network::Private {
+        return host.as_bytes().to_vec();
+    }
+    let loopback = |l: &str| {
+        l.split_whitespace().next() == Some("nameserver")
+            && l.split_whitespace()
+                .nth(1)
+                .is_some_and(|a| a.starts_with("127.") || a == "::1")
+    };
+    let mut out: Vec<&str> = host.lines().filter(|l| !loopback(l)).collect();
+    let servers = out
+        .iter()
+        .filter(|l| l.split_whitespace().next() == Some("nameserver"))
+        .count();
+    if servers == 0 {
+        out.extend(["nameserver 8.8.8.8", "nameserver 8.8.4.4"]);
+    }
+    let mut text = out.join("\n");
+    text.push('\n');
+    text.into_bytes()
+}
+
 /// Runs the op; `Ok` only if the process exited 0.
 pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
     let id = users::resolve(ctx.rootfs, &op.user, true).map_err(err)?;
@@ -64,6 +90,13 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
         fs::create_dir_all(&cwd)
             .map_err(|e| err(format!("cannot create working directory {}: {e}", op.cwd)))?;
     }
+    let network = if op.no_network {
+        Network::None
+    } else if op.host_network {
+        Network::Host
+    } else {
+        Network::Private
+    };
     let mut held = Held::default();
     let mut env = op.env.clone();
     let mut mounts = vec![
@@ -76,7 +109,10 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
         bind_file(
             ctx.bundle,
             "resolv.conf",
-            &fs::read("/etc/resolv.conf").unwrap_or_default(),
+            &resolv_conf(
+                &fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+                network,
+            ),
             "/etc/resolv.conf",
         )?,
     ];
@@ -232,11 +268,7 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
         gid: id.gid,
         additional_gids: id.groups,
         hostname: HOSTNAME.into(),
-        network: if op.no_network {
-            Network::None
-        } else {
-            Network::Host
-        },
+        network,
         mounts,
         insecure: op.insecure,
     };
@@ -373,5 +405,24 @@ impl Tail {
             v.push(String::from_utf8_lossy(&self.partial).into_owned());
         }
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_private_network_never_gets_a_loopback_name_server() {
+        let host = "search lan\nnameserver 127.0.0.53\nnameserver 10.0.0.2\n";
+        assert_eq!(
+            String::from_utf8(resolv_conf(host, Network::Private)).unwrap(),
+            "search lan\nnameserver 10.0.0.2\n"
+        );
+        assert_eq!(
+            String::from_utf8(resolv_conf("nameserver 127.0.0.53\n", Network::Private)).unwrap(),
+            "nameserver 8.8.8.8\nnameserver 8.8.4.4\n"
+        );
+        assert_eq!(resolv_conf(host, Network::Host), host.as_bytes());
     }
 }

@@ -28,7 +28,6 @@ pub struct LocalWorker {
     context: PathBuf,
     ignore: IgnoreMatcher,
     secrets: BTreeMap<String, Vec<u8>>,
-    runtime: OnceLock<Result<Runtime, String>>,
     lease: Mutex<Lease>,
     /// What this build downloaded, by URL: keying a step and running it
     /// need the same bytes, fetched once.
@@ -67,7 +66,6 @@ impl LocalWorker {
             context,
             ignore,
             secrets,
-            runtime: OnceLock::new(),
             lease,
             downloads: Mutex::default(),
             provided: Mutex::default(),
@@ -111,12 +109,7 @@ impl LocalWorker {
 
     /// The OCI runtime, found on first use: fully cached builds need none.
     fn runtime(&self) -> Result<&Runtime, WorkerError> {
-        self.runtime
-            .get_or_init(|| {
-                Runtime::discover(&self.node.home().join("runc")).map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map_err(err)
+        self.node.runtime().map_err(err)
     }
 
     fn layers_of<'a>(

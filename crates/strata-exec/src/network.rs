@@ -1,0 +1,316 @@
+//! A step's own network, as Docker's default bridge gives a container: a
+//! network namespace of its own, joined to a bridge on the host, with
+//! outbound traffic masqueraded (NAT). The host's loopback services are
+//! out of its reach.
+//!
+//! The wiring is done by the CNI reference plugins (Debian's
+//! `containernetworking-plugins`, as buildah and podman use them):
+//! `loopback` brings `lo` up, `bridge` makes the veth pair, the bridge and
+//! the NAT rules, and `host-local` hands out the address, under a lock, so
+//! steps side by side never share one.
+//!
+//! Wiring a namespace takes about a tenth of a second (the plugins and
+//! their iptables calls), so a finished step's namespace is kept for the
+//! next one, as BuildKit pools its CNI namespaces: at most
+//! [`POOL_SIZE`] wait, and they are released when the node closes. A
+//! step cannot change its namespace (it has no `CAP_NET_ADMIN`) and its
+//! processes die with its pid namespace, so nothing of it is left for the
+//! next.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::{Error, Result};
+
+/// The bridge every step's network joins.
+pub const BRIDGE: &str = "strata0";
+
+/// The addresses steps get, unless `STRATA_BUILD_SUBNET` says otherwise.
+pub const DEFAULT_SUBNET: &str = "10.89.0.0/16";
+
+/// Finished steps' namespaces kept for the next steps.
+pub const POOL_SIZE: usize = 16;
+
+/// The CNI plugins and where their state lives.
+#[derive(Debug, Clone)]
+struct Plugins {
+    plugins: PathBuf,
+    state: PathBuf,
+    subnet: String,
+}
+
+/// Step networks: made by the CNI plugins, pooled between steps.
+#[derive(Debug, Clone)]
+pub struct Cni {
+    plugins: Plugins,
+    pool: Arc<Mutex<Vec<Wired>>>,
+}
+
+/// A network namespace, wired; removed (and its address released) when
+/// dropped.
+#[derive(Debug)]
+struct Wired {
+    plugins: Plugins,
+    id: String,
+    path: PathBuf,
+}
+
+/// A step's network for as long as the step runs; it goes back to the
+/// pool when dropped.
+#[derive(Debug)]
+pub struct PrivateNetwork {
+    wired: Option<Wired>,
+    pool: Arc<Mutex<Vec<Wired>>>,
+}
+
+impl Cni {
+    /// Finds the plugins: `STRATA_CNI_PATH`, else `/usr/lib/cni` (Debian),
+    /// else `/opt/cni/bin`. Their state (namespaces, address leases) lives
+    /// in `state`.
+    pub fn discover(state: &Path) -> Option<Cni> {
+        let candidates: Vec<PathBuf> = match std::env::var_os("STRATA_CNI_PATH") {
+            Some(p) => vec![PathBuf::from(p)],
+            None => vec!["/usr/lib/cni".into(), "/opt/cni/bin".into()],
+        };
+        let plugins = candidates.into_iter().find(|d| {
+            ["bridge", "host-local", "loopback"]
+                .iter()
+                .all(|p| d.join(p).is_file())
+        })?;
+        Some(Cni {
+            plugins: Plugins {
+                plugins,
+                state: state.to_path_buf(),
+                subnet: std::env::var("STRATA_BUILD_SUBNET")
+                    .unwrap_or_else(|_| DEFAULT_SUBNET.into()),
+            },
+            pool: Arc::default(),
+        })
+    }
+
+    /// A network for step `id`: a pooled one, else a new namespace wired
+    /// to the bridge.
+    pub fn attach(&self, id: &str) -> Result<PrivateNetwork> {
+        let pooled = self
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let wired = match pooled {
+            Some(w) => w,
+            None => self.plugins.wire(id)?,
+        };
+        Ok(PrivateNetwork {
+            wired: Some(wired),
+            pool: Arc::clone(&self.pool),
+        })
+    }
+
+    /// Undoes the networks of steps a killed process left: their
+    /// addresses, NAT rules and namespaces. Only the one process holding
+    /// the state directory calls this, before any step of its own runs.
+    pub fn clear_stale(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(self.plugins.namespaces()) else {
+            return 0;
+        };
+        let mut n = 0;
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            drop(Wired {
+                plugins: self.plugins.clone(),
+                id,
+                path: e.path(),
+            });
+            n += 1;
+        }
+        if n > 0 {
+            tracing::warn!(
+                networks = n,
+                "removed step networks a dead strata process left"
+            );
+        }
+        n
+    }
+}
+
+impl Plugins {
+    fn namespaces(&self) -> PathBuf {
+        self.state.join("netns")
+    }
+
+    fn bridge_config(&self) -> String {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "strata",
+            "type": "bridge",
+            "bridge": BRIDGE,
+            "isGateway": true,
+            "ipMasq": true,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{ "subnet": self.subnet }]],
+                "routes": [{ "dst": "0.0.0.0/0" }],
+                "dataDir": self.state.join("ipam"),
+            },
+        })
+        .to_string()
+    }
+
+    fn loopback_config() -> String {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "strata-lo",
+            "type": "loopback",
+        })
+        .to_string()
+    }
+
+    /// Runs `plugin` for container `id` in namespace `ns` (the CNI
+    /// protocol: the command in the environment, the config on stdin).
+    fn plugin(&self, plugin: &str, command: &str, id: &str, ns: &Path, config: &str) -> Result<()> {
+        let binary = self.plugins.join(plugin);
+        let fail = |detail: String| Error::Network {
+            step: id.to_string(),
+            detail,
+        };
+        let mut child = Command::new(&binary)
+            .env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", id)
+            .env("CNI_NETNS", ns)
+            .env(
+                "CNI_IFNAME",
+                if plugin == "loopback" { "lo" } else { "eth0" },
+            )
+            .env("CNI_PATH", &self.plugins)
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| fail(format!("cannot run {}: {e}", binary.display())))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(config.as_bytes())
+                .map_err(|e| fail(format!("cannot configure {plugin}: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| fail(format!("{plugin}: {e}")))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        // A failing plugin answers with a JSON error on stdout.
+        let said = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| {
+                let msg = v["msg"].as_str()?.to_string();
+                Some(match v["details"].as_str() {
+                    Some(d) if !d.is_empty() => format!("{msg}: {d}"),
+                    _ => msg,
+                })
+            })
+            .unwrap_or_else(|| {
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )
+            });
+        Err(fail(format!(
+            "the CNI {plugin} plugin failed ({command}): {said}"
+        )))
+    }
+
+    /// A new network namespace, named after step `id`, wired to the
+    /// bridge.
+    fn wire(&self, id: &str) -> Result<Wired> {
+        let dir = self.namespaces();
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Bundle {
+            path: dir.clone(),
+            source,
+        })?;
+        let path = dir.join(id);
+        create_namespace(&path).map_err(|e| Error::Network {
+            step: id.to_string(),
+            detail: format!("cannot make a network namespace at {}: {e}", path.display()),
+        })?;
+        // From here on, dropping it undoes whatever was done.
+        let wired = Wired {
+            plugins: self.clone(),
+            id: id.to_string(),
+            path,
+        };
+        self.plugin("loopback", "ADD", id, &wired.path, &Self::loopback_config())?;
+        self.plugin("bridge", "ADD", id, &wired.path, &self.bridge_config())?;
+        Ok(wired)
+    }
+}
+
+impl PrivateNetwork {
+    /// The namespace, for the runtime spec to join.
+    pub fn path(&self) -> &Path {
+        self.wired.as_ref().map_or(Path::new(""), |w| &w.path)
+    }
+}
+
+impl Drop for PrivateNetwork {
+    fn drop(&mut self) {
+        let Some(wired) = self.wired.take() else {
+            return;
+        };
+        let spare = {
+            let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+            if pool.len() < POOL_SIZE {
+                pool.push(wired);
+                None
+            } else {
+                Some(wired)
+            }
+        };
+        // Released outside the lock: that runs the plugins.
+        drop(spare);
+    }
+}
+
+impl Drop for Wired {
+    fn drop(&mut self) {
+        let config = self.plugins.bridge_config();
+        if let Err(e) = self
+            .plugins
+            .plugin("bridge", "DEL", &self.id, &self.path, &config)
+        {
+            tracing::warn!(step = %self.id, error = %e, "cannot release a step's network");
+        }
+        let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Makes a network namespace and keeps it alive by bind-mounting it at
+/// `path` (as `ip netns add` does): a thread of its own enters it, so this
+/// process's network stays the host's.
+fn create_namespace(path: &Path) -> std::io::Result<()> {
+    std::fs::File::create(path)?;
+    let target = path.to_path_buf();
+    let made = std::thread::spawn(move || -> std::io::Result<()> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let own = format!("/proc/self/task/{}/ns/net", nix::unistd::gettid());
+        nix::mount::mount(
+            Some(own.as_str()),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )?;
+        Ok(())
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the namespace thread failed"))?;
+    if made.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    made
+}
