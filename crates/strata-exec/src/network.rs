@@ -37,7 +37,12 @@ pub const POOL_SIZE: usize = 16;
 #[derive(Debug, Clone)]
 struct Plugins {
     plugins: PathBuf,
+    /// Address leases (`ipam/`), beside the node's other state.
     state: PathBuf,
+    /// The namespaces' mount points: under `/run`, never in the state
+    /// directory, so a node killed with its namespaces still mounted
+    /// leaves a state directory that can be removed.
+    namespaces: PathBuf,
     subnet: String,
 }
 
@@ -83,6 +88,7 @@ impl Cni {
             plugins: Plugins {
                 plugins,
                 state: state.to_path_buf(),
+                namespaces: namespaces_for(state),
                 subnet: std::env::var("STRATA_BUILD_SUBNET")
                     .unwrap_or_else(|_| DEFAULT_SUBNET.into()),
             },
@@ -137,7 +143,7 @@ impl Cni {
 
 impl Plugins {
     fn namespaces(&self) -> PathBuf {
-        self.state.join("netns")
+        self.namespaces.clone()
     }
 
     fn bridge_config(&self) -> String {
@@ -286,7 +292,27 @@ impl Drop for Wired {
         }
         let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_file(&self.path);
+        // The node's directory under /run goes with its last namespace.
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
+}
+
+/// Where the namespaces of the node whose state is `state` are mounted:
+/// `/run/strata/netns/` and a name derived from the state directory's
+/// path, the same for every process that opens it.
+fn namespaces_for(state: &Path) -> PathBuf {
+    // The state directory's parent exists (the node made it); the
+    // directory itself may not yet.
+    let key = match (state.parent(), state.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .map(|p| p.join(name))
+            .unwrap_or_else(|_| state.to_path_buf()),
+        _ => state.to_path_buf(),
+    };
+    let digest = blake3::hash(key.as_os_str().as_encoded_bytes());
+    PathBuf::from("/run/strata/netns").join(&digest.to_hex()[..16])
 }
 
 /// Makes a network namespace and keeps it alive by bind-mounting it at

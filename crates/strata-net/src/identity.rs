@@ -102,6 +102,10 @@ fn tls(what: &str) -> impl FnOnce(rcgen::Error) -> Error + '_ {
     move |e| Error::Tls(format!("{what}: {e}"))
 }
 
+/// Writes `data` to `path` as a new file (mode 0600 when `private`),
+/// synced, then renamed over whatever was there: a symlink planted at
+/// `path` is replaced, never written through, and an old file's looser
+/// mode is never kept.
 fn write_file(path: &Path, data: &str, private: bool) -> Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -110,14 +114,26 @@ fn write_file(path: &Path, data: &str, private: bool) -> Result<()> {
         path: path.to_path_buf(),
         source,
     };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if private { 0o600 } else { 0o644 })
-        .open(path)
-        .map_err(io)?;
-    f.write_all(data.as_bytes()).map_err(io)
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(if private { 0o600 } else { 0o644 })
+            .open(&tmp)?;
+        f.write_all(data.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(io)
 }
 
 fn read_file(path: &Path) -> Result<String> {
@@ -276,6 +292,29 @@ impl Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_files_replace_symlinks_and_loose_modes() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, "not a key").unwrap();
+        let key = dir.path().join("node-key.pem");
+        std::os::unix::fs::symlink(&elsewhere, &key).unwrap();
+        write_file(&key, "KEY", true).unwrap();
+        assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "not a key");
+        assert!(
+            !std::fs::symlink_metadata(&key)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_file(&key, "KEY2", true).unwrap();
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "KEY2");
+    }
 
     #[test]
     fn certificates_carry_role_and_name_and_survive_saving() {

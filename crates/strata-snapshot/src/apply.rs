@@ -32,14 +32,47 @@ pub struct ApplyStats {
     pub bytes: u64,
 }
 
-/// Applies the uncompressed layer tar read from `reader` below `root`.
-pub fn apply_tar(root: &Path, reader: impl Read) -> Result<ApplyStats> {
-    apply_tar_with(root, reader, Escapes::Refuse)
+/// What a tar being applied is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TarKind {
+    /// An image layer: whiteouts delete, and a symlink climbing above the
+    /// root is refused.
+    #[default]
+    Layer,
+    /// An archive `ADD` unpacks, as Docker does: in a chroot (a climbing
+    /// symlink stops at the root), and `.wh.` names are files like any
+    /// other.
+    Archive,
 }
 
-/// [`apply_tar`], choosing what a symlink that climbs above `root` does.
-/// Entry names with `..` or a leading `/` are refused either way.
-pub fn apply_tar_with(root: &Path, reader: impl Read, escapes: Escapes) -> Result<ApplyStats> {
+/// Applies the uncompressed layer tar read from `reader` below `root`.
+pub fn apply_tar(root: &Path, reader: impl Read) -> Result<ApplyStats> {
+    apply_tar_with(root, reader, TarKind::Layer)
+}
+
+/// Refuses a whiteout that names no sibling, as the OCI layer spec has it:
+/// `.wh.` alone, `.wh..` and `.wh...` would remove the directory itself
+/// or its parent, and other `.wh..wh.` names are reserved.
+fn check_whiteout(hidden: &[u8], shown: &str) -> Result<()> {
+    let reason = match hidden {
+        b"" => "a whiteout of no name",
+        b"." | b".." => "a whiteout of the directory itself or its parent",
+        h if h.starts_with(b".wh.") => "a reserved whiteout name",
+        _ => return Ok(()),
+    };
+    Err(Error::Unsafe {
+        entry: shown.to_string(),
+        reason: reason.into(),
+    })
+}
+
+/// [`apply_tar`] of a layer or an archive ([`TarKind`]). Entry names with
+/// `..` or a leading `/` are refused either way.
+pub fn apply_tar_with(root: &Path, reader: impl Read, kind: TarKind) -> Result<ApplyStats> {
+    let escapes = match kind {
+        TarKind::Layer => Escapes::Refuse,
+        TarKind::Archive => Escapes::Clamp,
+    };
     let mut archive = tar::Archive::new(reader);
     let mut stats = ApplyStats::default();
     let mut created: HashSet<PathBuf> = HashSet::new();
@@ -47,9 +80,9 @@ pub fn apply_tar_with(root: &Path, reader: impl Read, escapes: Escapes) -> Resul
     let entries = archive.entries().map_err(|e| Error::Tar(e.to_string()))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| Error::Tar(e.to_string()))?;
-        let kind = entry.header().entry_type();
+        let entry_type = entry.header().entry_type();
         if matches!(
-            kind,
+            entry_type,
             EntryType::XGlobalHeader
                 | EntryType::XHeader
                 | EntryType::GNULongName
@@ -62,11 +95,14 @@ pub fn apply_tar_with(root: &Path, reader: impl Read, escapes: Escapes) -> Resul
         let mut comps = entry_components(&name)?;
         let Some(base) = comps.pop() else { continue };
         let parent = resolve_in_root_with(root, &comps, true, &shown, escapes)?;
-        if let Some(hidden) = base.as_bytes().strip_prefix(b".wh.") {
+        if kind == TarKind::Layer
+            && let Some(hidden) = base.as_bytes().strip_prefix(b".wh.")
+        {
             stats.whiteouts += 1;
             if hidden == b".wh..opq" {
                 clear_dir(&parent, &created)?;
             } else {
+                check_whiteout(hidden, &shown)?;
                 remove_any(&parent.join(OsStr::from_bytes(hidden)))?;
             }
             continue;
@@ -75,7 +111,7 @@ pub fn apply_tar_with(root: &Path, reader: impl Read, escapes: Escapes) -> Resul
         let target = parent.join(&base);
         let header = entry.header().clone();
         let mode = header.mode().map_err(|e| Error::Tar(e.to_string()))? & 0o7777;
-        match kind {
+        match entry_type {
             EntryType::Directory => match fs::symlink_metadata(&target) {
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => {
@@ -128,12 +164,12 @@ pub fn apply_tar_with(root: &Path, reader: impl Read, escapes: Escapes) -> Resul
                 remove_any(&target)?;
                 let major = header.device_major().ok().flatten().unwrap_or(0);
                 let minor = header.device_minor().ok().flatten().unwrap_or(0);
-                let (kind, dev) = match kind {
+                let (node, dev) = match entry_type {
                     EntryType::Char => (SFlag::S_IFCHR, libc::makedev(major, minor)),
                     EntryType::Block => (SFlag::S_IFBLK, libc::makedev(major, minor)),
                     _ => (SFlag::S_IFIFO, 0),
                 };
-                nix::sys::stat::mknod(&target, kind, Mode::from_bits_truncate(mode), dev).map_err(
+                nix::sys::stat::mknod(&target, node, Mode::from_bits_truncate(mode), dev).map_err(
                     |e| Error::Io {
                         what: "cannot create device",
                         path: target.clone(),
@@ -150,7 +186,7 @@ pub fn apply_tar_with(root: &Path, reader: impl Read, escapes: Escapes) -> Resul
         let gid = header.gid().map_err(|e| Error::Tar(e.to_string()))?;
         std::os::unix::fs::lchown(&target, Some(uid as u32), Some(gid as u32))
             .map_err(io_err("cannot change owner of", &target))?;
-        if kind != EntryType::Symlink {
+        if entry_type != EntryType::Symlink {
             // After chown, which clears set-user-ID bits.
             fs::set_permissions(&target, fs::Permissions::from_mode(mode))
                 .map_err(io_err("cannot set mode of", &target))?;
@@ -172,7 +208,7 @@ pub fn apply_tar_with(root: &Path, reader: impl Read, escapes: Escapes) -> Resul
             }
         }
         let mtime = header.mtime().unwrap_or(0) as i64;
-        if kind == EntryType::Directory {
+        if entry_type == EntryType::Directory {
             dir_times.push((target.clone(), mtime));
         } else {
             set_mtime(&target, mtime)?;

@@ -23,7 +23,7 @@ mod mount;
 mod resolve;
 mod store;
 
-pub use apply::{ApplyStats, apply_tar, apply_tar_with, set_mtime};
+pub use apply::{ApplyStats, TarKind, apply_tar, apply_tar_with, set_mtime};
 pub use clamp::clamp_times;
 pub use diff::{DiffStats, is_empty_dir, strip_overlay_attrs, write_layer};
 pub use error::{Error, Result};

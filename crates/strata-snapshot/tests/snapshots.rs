@@ -281,3 +281,43 @@ fn corrupt_layer_blob_is_not_extracted() {
             .exists()
     );
 }
+
+#[test]
+fn whiteouts_that_name_no_sibling_are_refused_and_remove_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir_all(root.join("d/inner")).unwrap();
+    fs::write(root.join("d/inner/keep"), "keep").unwrap();
+    for name in [
+        "d/inner/.wh..",
+        "d/inner/.wh...",
+        "d/inner/.wh.",
+        "d/.wh..wh.other",
+    ] {
+        let layer = tar(&[(name, EntryType::Regular, 0, 0, "")]);
+        let e = apply_tar(&root, layer.as_slice()).unwrap_err();
+        assert!(matches!(e, Error::Unsafe { .. }), "{name}: {e}");
+        assert_eq!(
+            fs::read_to_string(root.join("d/inner/keep")).unwrap(),
+            "keep",
+            "{name} removed something"
+        );
+    }
+    // An ordinary whiteout still removes its sibling.
+    let layer = tar(&[("d/inner/.wh.keep", EntryType::Regular, 0, 0, "")]);
+    apply_tar(&root, layer.as_slice()).unwrap();
+    assert!(!root.join("d/inner/keep").exists());
+}
+
+#[test]
+fn an_archive_add_unpacks_keeps_whiteout_names_as_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir_all(&root).unwrap();
+    fs::write(root.join("keep"), "keep").unwrap();
+    let archive = tar(&[(".wh.keep", EntryType::Regular, 0o644, 0, "a file")]);
+    strata_snapshot::apply_tar_with(&root, archive.as_slice(), strata_snapshot::TarKind::Archive)
+        .unwrap();
+    assert_eq!(fs::read_to_string(root.join("keep")).unwrap(), "keep");
+    assert_eq!(fs::read_to_string(root.join(".wh.keep")).unwrap(), "a file");
+}

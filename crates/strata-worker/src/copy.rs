@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use strata_plan::CopyOp;
-use strata_snapshot::{Escapes, apply_tar_with, resolve_path, set_mtime};
+use strata_snapshot::{TarKind, apply_tar_with, resolve_path, set_mtime};
 
 use crate::select::{Item, SourceRoot, exclude_matcher, select, walk};
 use crate::users;
@@ -404,9 +404,9 @@ fn valid_checksum(h: &[u8; 512]) -> bool {
 fn unpack(archive: &Path, dir: &Path) -> Result<(), String> {
     let f = fs::File::open(archive).map_err(|e| io_msg("cannot read", archive, e))?;
     let r = strata_oci::decompressing(f).map_err(|e| io_msg("cannot read", archive, e))?;
-    // As in Docker, which unpacks in a chroot at `dir`, a symlink that
-    // climbs above `dir` stops there.
-    apply_tar_with(dir, r, Escapes::Clamp)
+    // As in Docker, which unpacks in a chroot at `dir`: a symlink that
+    // climbs above `dir` stops there, and `.wh.` names are plain files.
+    apply_tar_with(dir, r, TarKind::Archive)
         .map(|_| ())
         .map_err(|e| format!("cannot unpack {}: {e}", archive.display()))
 }
