@@ -12,7 +12,7 @@ use serde_json::Value;
 use strata_integration::cluster::{Cluster, runs};
 use strata_integration::docker::Docker;
 use strata_integration::image_model::read_docker_archive;
-use strata_integration::{Strata, busybox_tar, cached, copy_tree, write_files};
+use strata_integration::{Strata, busybox_tar, cached, copy_tree, succeed, write_files};
 
 /// Times the context files are given: long before any build.
 const A_TIME: u64 = 1_500_000_000;
@@ -222,19 +222,13 @@ fn source_date_epoch_gives_one_image_from_any_checkout_on_any_machine() {
     std::thread::sleep(Duration::from_millis(1100));
     // The environment variable works as the build arg does (as buildx).
     let report = two.home().join("report.json");
-    let out = two
-        .cmd()
-        .env("SOURCE_DATE_EPOCH", EPOCH.to_string())
-        .args(["build", "--progress", "plain", "--report"])
-        .arg(&report)
-        .args(["-t", "repro:1"])
-        .arg(ctx2.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        two.cmd()
+            .env("SOURCE_DATE_EPOCH", EPOCH.to_string())
+            .args(["build", "--progress", "plain", "--report"])
+            .arg(&report)
+            .args(["-t", "repro:1"])
+            .arg(ctx2.path()),
     );
     let second: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(cached(&second).0, 0, "{second}");

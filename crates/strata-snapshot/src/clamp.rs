@@ -215,6 +215,20 @@ mod tests {
         b.append_data(&mut h, path, data).unwrap();
     }
 
+    /// A tar of one file `f` holding `x`, dated `mtime`, after a PAX
+    /// header of `records`.
+    fn with_pax(records: &[u8], mtime: u64) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut pax = Header::new_ustar();
+        pax.set_entry_type(EntryType::XHeader);
+        pax.set_size(records.len() as u64);
+        pax.set_path("PaxHeaders/f").unwrap();
+        pax.set_cksum();
+        b.append(&pax, records).unwrap();
+        entry(&mut b, "f", mtime, b"x");
+        b.into_inner().unwrap()
+    }
+
     fn times(tar: &[u8]) -> Vec<(String, u64)> {
         let mut a = Archive::new(tar);
         a.entries()
@@ -278,15 +292,7 @@ mod tests {
         push_record(&mut records, b"mtime", b"2000000000.123456789");
         push_record(&mut records, b"atime", b"1000.5");
         push_record(&mut records, b"SCHILY.xattr.user.k", b"v");
-        let mut b = tar::Builder::new(Vec::new());
-        let mut pax = Header::new_ustar();
-        pax.set_entry_type(EntryType::XHeader);
-        pax.set_size(records.len() as u64);
-        pax.set_path("PaxHeaders/f").unwrap();
-        pax.set_cksum();
-        b.append(&pax, records.as_slice()).unwrap();
-        entry(&mut b, "f", 2_000_000_000, b"x");
-        let tar = b.into_inner().unwrap();
+        let tar = with_pax(&records, 2_000_000_000);
 
         let mut out = Vec::new();
         clamp_times(tar.as_slice(), &mut out, 1_500_000_000).unwrap();
@@ -320,15 +326,7 @@ mod tests {
     fn a_pax_size_the_header_does_not_repeat_is_refused() {
         let mut records = Vec::new();
         push_record(&mut records, b"size", b"999");
-        let mut b = tar::Builder::new(Vec::new());
-        let mut pax = Header::new_ustar();
-        pax.set_entry_type(EntryType::XHeader);
-        pax.set_size(records.len() as u64);
-        pax.set_path("PaxHeaders/f").unwrap();
-        pax.set_cksum();
-        b.append(&pax, records.as_slice()).unwrap();
-        entry(&mut b, "f", 5, b"x");
-        let tar = b.into_inner().unwrap();
+        let tar = with_pax(&records, 5);
         let e = clamp_times(tar.as_slice(), Vec::new(), 0).unwrap_err();
         assert!(e.to_string().contains("PAX header gives size 999"), "{e}");
     }
