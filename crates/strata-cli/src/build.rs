@@ -224,6 +224,11 @@ pub fn run(cx: &Cx<'_>, mut args: BuildArgs, flags: &RegistryFlags) -> Result<u8
     args.progress = args.progress_mode();
     // Messages name the Dockerfile as the user did.
     let given_file = args.file.clone();
+    let shown_dockerfile = given_file
+        .clone()
+        .unwrap_or_else(|| args.context.join("Dockerfile"))
+        .display()
+        .to_string();
     args.context = cx.path(&args.context);
     args.file = args.file.as_deref().map(|f| cx.path(f));
     args.report = args.report.as_deref().map(|f| cx.path(f));
@@ -281,10 +286,7 @@ pub fn run(cx: &Cx<'_>, mut args: BuildArgs, flags: &RegistryFlags) -> Result<u8
         .clone()
         .unwrap_or_else(|| args.context.join("Dockerfile"));
     if !dockerfile.is_file() {
-        bail!(
-            "Dockerfile {} not found (use -f to name another)",
-            dockerfile.display()
-        );
+        bail!("Dockerfile {shown_dockerfile} not found (use -f to name another)");
     }
     let mut outputs = outputs;
     if args.push {
@@ -305,6 +307,7 @@ pub fn run(cx: &Cx<'_>, mut args: BuildArgs, flags: &RegistryFlags) -> Result<u8
         Some(cluster) => {
             let inputs = PlanInputs::read(
                 &dockerfile,
+                shown_dockerfile.clone(),
                 build_args,
                 args.target.clone(),
                 &platform,
@@ -337,6 +340,7 @@ pub fn run(cx: &Cx<'_>, mut args: BuildArgs, flags: &RegistryFlags) -> Result<u8
         None => {
             let req = BuildRequest {
                 dockerfile,
+                dockerfile_name: shown_dockerfile.clone(),
                 context: args.context.clone(),
                 build_args,
                 target: args.target.clone(),

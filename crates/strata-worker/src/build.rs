@@ -19,6 +19,8 @@ use crate::worker::LocalWorker;
 pub struct BuildRequest {
     /// The Dockerfile.
     pub dockerfile: PathBuf,
+    /// How errors name it: as the user gave it (`Dockerfile:3: …`).
+    pub dockerfile_name: String,
     /// The context directory.
     pub context: PathBuf,
     /// `--build-arg`s.
@@ -220,20 +222,20 @@ pub struct PlanInputs {
 }
 
 impl PlanInputs {
-    /// Reads the Dockerfile at `path`; errors name it.
+    /// Reads the Dockerfile at `path`; errors call it `name`.
     pub fn read(
         path: &Path,
+        name: String,
         build_args: BTreeMap<String, String>,
         target: Option<String>,
         platform: &Platform,
         allow: Entitlements,
     ) -> Result<PlanInputs, BuildError> {
-        let dockerfile = std::fs::read(path).map_err(|e| {
-            BuildError::Input(format!("cannot read Dockerfile {}: {e}", path.display()))
-        })?;
+        let dockerfile = std::fs::read(path)
+            .map_err(|e| BuildError::Input(format!("cannot read Dockerfile {name}: {e}")))?;
         Ok(PlanInputs {
             dockerfile,
-            dockerfile_name: path.display().to_string(),
+            dockerfile_name: name,
             build_args,
             target,
             platform: platform.to_string(),
@@ -288,6 +290,7 @@ pub fn ignore_for(dockerfile: &Path, context: &Path) -> Result<IgnoreMatcher, Bu
 pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, BuildError> {
     let inputs = PlanInputs::read(
         &req.dockerfile,
+        req.dockerfile_name.clone(),
         req.build_args.clone(),
         req.target.clone(),
         &req.platform,
