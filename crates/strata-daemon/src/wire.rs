@@ -182,16 +182,23 @@ impl Reader {
             return Ok(None);
         };
         let frame = frame.map_err(|e| Error::Protocol(format!("cannot read a frame: {e}")))?;
-        let (msg, used) = bincode::serde::decode_from_slice(&frame, bincode::config::standard())
-            .map_err(|e| Error::Protocol(format!("a malformed frame: {e}")))?;
-        if used != frame.len() {
-            return Err(Error::Protocol(format!(
-                "a frame with {} trailing bytes",
-                frame.len() - used
-            )));
-        }
-        Ok(Some(msg))
+        decode(&frame).map(Some)
     }
+}
+
+/// Decodes one frame as [`Reader::recv`] reads it: bincode, nothing left
+/// over, no collection claiming more than [`MAX_FRAME`] bytes.
+pub fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T> {
+    let config = bincode::config::standard().with_limit::<MAX_FRAME>();
+    let (msg, used) = bincode::serde::decode_from_slice(frame, config)
+        .map_err(|e| Error::Protocol(format!("a malformed frame: {e}")))?;
+    if used != frame.len() {
+        return Err(Error::Protocol(format!(
+            "a frame with {} trailing bytes",
+            frame.len() - used
+        )));
+    }
+    Ok(msg)
 }
 
 impl Writer {

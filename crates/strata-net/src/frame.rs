@@ -78,16 +78,20 @@ pub async fn read_frame<T: DeserializeOwned>(
             peer,
             detail: format!("the stream ended inside a message: {e}"),
         })?;
-    let (msg, used) = bincode::serde::decode_from_slice(&body, bincode::config::standard())
-        .map_err(|e| Error::Malformed {
-            peer,
-            detail: e.to_string(),
-        })?;
+    decode_frame(&body)
+        .map(Some)
+        .map_err(|detail| Error::Malformed { peer, detail })
+}
+
+/// Decodes one message body as [`read_frame`] reads it: bincode, nothing
+/// left over, and no collection it holds claiming more than
+/// [`MAX_FRAME`] bytes (a length prefix is never trusted to size an
+/// allocation).
+pub fn decode_frame<T: DeserializeOwned>(body: &[u8]) -> std::result::Result<T, String> {
+    let config = bincode::config::standard().with_limit::<MAX_FRAME>();
+    let (msg, used) = bincode::serde::decode_from_slice(body, config).map_err(|e| e.to_string())?;
     if used != body.len() {
-        return Err(Error::Malformed {
-            peer,
-            detail: format!("{} trailing bytes", body.len() - used),
-        });
+        return Err(format!("{} trailing bytes", body.len() - used));
     }
-    Ok(Some(msg))
+    Ok(msg)
 }

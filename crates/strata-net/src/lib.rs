@@ -27,7 +27,7 @@ mod identity;
 pub use blob::{recv_blob, recv_blob_limited, send_blob};
 pub use endpoint::{Connection, Endpoint};
 pub use error::{Error, Result};
-pub use frame::{MAX_FRAME, read_frame, write_frame};
+pub use frame::{MAX_FRAME, decode_frame, read_frame, write_frame};
 pub use identity::{ClusterCa, Identity, Peer, Role};
 
 /// The application protocol (TLS ALPN) every strata endpoint speaks.
