@@ -95,3 +95,29 @@ pub fn decode_frame<T: DeserializeOwned>(body: &[u8]) -> std::result::Result<T, 
     }
     Ok(msg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claimed_length_beyond_the_body_is_an_error() {
+        // A list claiming 2^60 elements, in nine bytes.
+        let claim = [0xFD, 0, 0, 0, 0, 0, 0, 0, 0x10];
+        let e = decode_frame::<Vec<u64>>(&claim).unwrap_err();
+        assert!(!e.is_empty());
+        let e = decode_frame::<String>(&claim).unwrap_err();
+        assert!(!e.is_empty());
+        // What fits decodes, and nothing may be left over.
+        let body =
+            bincode::serde::encode_to_vec(vec![1u64, 2], bincode::config::standard()).unwrap();
+        assert_eq!(decode_frame::<Vec<u64>>(&body).unwrap(), [1, 2]);
+        let mut longer = body.clone();
+        longer.push(0);
+        assert!(
+            decode_frame::<Vec<u64>>(&longer)
+                .unwrap_err()
+                .contains("trailing")
+        );
+    }
+}
