@@ -51,36 +51,70 @@ fn cluster(e: impl std::fmt::Display) -> ClientError {
 /// How long a coordinator has to answer a client's connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long a client waits on one coordinator before trying the next
+/// one too.
+pub const STAGGER: Duration = Duration::from_millis(250);
+
+/// Connects to the coordinator at `addr`: a connection to a coordinator,
+/// or why not.
+async fn attempt(
+    endpoint: Endpoint,
+    addr: crate::config::NodeAddress,
+) -> Result<Connection, String> {
+    let a = addr.resolve().await?;
+    // A coordinator that is down may not answer at all: give up well
+    // before QUIC's idle timeout.
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(a))
+        .await
+        .map_err(|_| format!("{addr}: no answer within {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?;
+    if conn.peer.role == Role::Coordinator {
+        Ok(conn)
+    } else {
+        Err(format!("{addr}: {} is not a coordinator", conn.peer))
+    }
+}
+
 impl Client {
     /// Connects to the first coordinator of `config` that answers.
     pub async fn connect(config: &ClientConfig) -> Result<Client, ClientError> {
         let id = config.tls.identity().map_err(cluster)?;
         let endpoint = Endpoint::dialer(&id).map_err(cluster)?;
+        // Coordinators are tried in order, the next one starting when the
+        // one before has failed or has not answered within STAGGER, as
+        // browsers try addresses: one that is down costs a client a
+        // fraction of a second, not a connect timeout.
         let mut why = Vec::new();
-        for addr in &config.coordinators {
-            // A coordinator that is down may not answer at all: move on
-            // to the next well before QUIC's idle timeout.
-            let dialed = match addr.resolve().await {
-                Ok(a) => tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(a))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(strata_net::Error::Connection {
-                            peer: a,
-                            detail: format!("no answer within {CONNECT_TIMEOUT:?}"),
-                        })
-                    })
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e),
-            };
-            match dialed {
-                Ok(conn) if conn.peer.role == Role::Coordinator => {
-                    return Ok(Client {
-                        coordinator: conn,
-                        peers: Arc::new(Peers::new(endpoint)),
-                    });
+        let mut waiting = config.coordinators.iter().cloned();
+        let mut attempts = tokio::task::JoinSet::new();
+        loop {
+            if attempts.is_empty() {
+                match waiting.next() {
+                    Some(addr) => {
+                        attempts.spawn(attempt(endpoint.clone(), addr));
+                    }
+                    None => break,
                 }
-                Ok(conn) => why.push(format!("{addr}: {} is not a coordinator", conn.peer)),
-                Err(e) => why.push(e),
+            }
+            tokio::select! {
+                joined = attempts.join_next() => {
+                    match joined {
+                        Some(Ok(Ok(conn))) => {
+                            return Ok(Client {
+                                coordinator: conn,
+                                peers: Arc::new(Peers::new(endpoint)),
+                            });
+                        }
+                        Some(Ok(Err(e))) => why.push(e),
+                        Some(Err(e)) => why.push(e.to_string()),
+                        None => {}
+                    }
+                }
+                () = tokio::time::sleep(STAGGER) => {
+                    if let Some(addr) = waiting.next() {
+                        attempts.spawn(attempt(endpoint.clone(), addr));
+                    }
+                }
             }
         }
         Err(ClientError::Cluster(format!(

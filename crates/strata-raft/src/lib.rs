@@ -437,26 +437,52 @@ impl Member {
             let why = match leader {
                 Some((id, node)) => {
                     let mut peer = self.forward_to(id, &node).await;
-                    let forwarded = match (peer.as_mut(), &ask) {
-                        (Some(p), Ask::Write(c)) => p
-                            .write(c.clone(), FORWARD_TTL)
-                            .await
-                            .map(|(r, index)| Answer::Written(r, index)),
-                        (Some(p), Ask::Read(k)) => p.read(*k, FORWARD_TTL).await.map(Answer::Entry),
-                        (Some(p), Ask::ReadIndex) => p
-                            .read_index(FORWARD_TTL)
-                            .await
-                            .map(|i| Answer::Index(i.or(Some(0)))),
-                        // A new member may need a while to catch up.
-                        (Some(p), Ask::Membership(c)) => p
-                            .change_membership(c.clone(), MEMBERSHIP_WAIT)
-                            .await
-                            .map(|()| Answer::Changed),
-                        (None, _) => Err(network::Forwarded::NotLeader),
+                    // A leader that died may take a connect timeout to be
+                    // found out; one elected meanwhile is asked at once.
+                    let mut metrics = self.raft.metrics();
+                    let replaced = async move {
+                        loop {
+                            if metrics
+                                .borrow_and_update()
+                                .current_leader
+                                .is_some_and(|l| l != id)
+                            {
+                                return;
+                            }
+                            if metrics.changed().await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                    };
+                    let forward = async {
+                        match (peer.as_mut(), &ask) {
+                            (Some(p), Ask::Write(c)) => p
+                                .write(c.clone(), FORWARD_TTL)
+                                .await
+                                .map(|(r, index)| Answer::Written(r, index)),
+                            (Some(p), Ask::Read(k)) => {
+                                p.read(*k, FORWARD_TTL).await.map(Answer::Entry)
+                            }
+                            (Some(p), Ask::ReadIndex) => p
+                                .read_index(FORWARD_TTL)
+                                .await
+                                .map(|i| Answer::Index(i.or(Some(0)))),
+                            // A new member may need a while to catch up.
+                            (Some(p), Ask::Membership(c)) => p
+                                .change_membership(c.clone(), MEMBERSHIP_WAIT)
+                                .await
+                                .map(|()| Answer::Changed),
+                            (None, _) => Err(network::Forwarded::NotLeader),
+                        }
+                    };
+                    let forwarded = tokio::select! {
+                        forwarded = forward => Some(forwarded),
+                        () = replaced => None,
                     };
                     match forwarded {
-                        Ok(answer) => return Ok(answer),
-                        Err(e) => format!("the leader, member {id}: {e:?}"),
+                        Some(Ok(answer)) => return Ok(answer),
+                        Some(Err(e)) => format!("the leader, member {id}: {e:?}"),
+                        None => format!("member {id} is no longer the leader"),
                     }
                 }
                 None => "no leader is known yet".into(),
