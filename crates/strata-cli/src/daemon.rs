@@ -24,7 +24,7 @@ use crate::progress::{Mode, Renderer};
 use crate::registry::RegistryFlags;
 
 /// The default idle time after which a daemon exits.
-const DEFAULT_IDLE: &str = "300";
+const DEFAULT_IDLE: u64 = 300;
 
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
@@ -35,7 +35,7 @@ pub struct DaemonArgs {
     #[arg(long)]
     foreground: bool,
     /// Seconds without a command after which the daemon exits (0: never).
-    #[arg(long, env = "STRATA_DAEMON_IDLE_TIMEOUT", default_value = DEFAULT_IDLE)]
+    #[arg(long, env = "STRATA_DAEMON_IDLE_TIMEOUT", default_value_t = DEFAULT_IDLE)]
     idle_timeout: u64,
 }
 
@@ -186,7 +186,7 @@ fn idle_from_env() -> u64 {
     std::env::var("STRATA_DAEMON_IDLE_TIMEOUT")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(300)
+        .unwrap_or(DEFAULT_IDLE)
 }
 
 /// Runs `call` in the daemon of `home`, drawing its output and progress

@@ -137,11 +137,8 @@ pub fn images(cx: &Cx<'_>, args: ImagesArgs) -> Result<u8> {
             .and_then(strata_oci::unix_from_rfc3339)
             .map_or(t.created, |c| u64::try_from(c).unwrap_or(0))
     };
-    list.sort_by(|a, b| {
-        created(b)
-            .cmp(&created(a))
-            .then_with(|| a.reference.cmp(&b.reference))
-    });
+    // Each date parsed once, not once per comparison.
+    list.sort_by_cached_key(|t| (std::cmp::Reverse(created(t)), t.reference.clone()));
     let mut out = cx.out();
     if args.quiet {
         for t in &list {
