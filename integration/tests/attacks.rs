@@ -111,6 +111,206 @@ fn layer_with(path: &str, content: &[u8]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+/// The top layer of image `tag` in `s`'s store, as `strata save` writes
+/// it: its blake3 name, its sha256 (diff_id) and its size.
+fn top_layer(s: &Strata, tag: &str) -> (Digest, Sha256, u64) {
+    let archive = s.home().join("top-layer.tar");
+    s.ok(&["save", "-o", archive.to_str().unwrap(), tag]);
+    let dir = tempfile::tempdir().unwrap();
+    tar::Archive::new(std::fs::File::open(&archive).unwrap())
+        .unpack(dir.path())
+        .unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("manifest.json")).unwrap()).unwrap();
+    let top = manifest[0]["Layers"].as_array().unwrap().last().unwrap();
+    let bytes = std::fs::read(dir.path().join(top.as_str().unwrap())).unwrap();
+    assert!(
+        !bytes.starts_with(&[0x1f, 0x8b]),
+        "layers are saved uncompressed"
+    );
+    (Digest::of(&bytes), Sha256::of(&bytes), bytes.len() as u64)
+}
+
+/// Asks the node at `addr` for blob `d` with the credentials of client
+/// configuration `client`: the blob's size, or the refusal.
+fn get_blob(client: &Path, addr: std::net::SocketAddr, d: Digest) -> Result<Option<u64>, String> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let config = ClientConfig::load(client).unwrap();
+        let endpoint = strata_net::Endpoint::dialer(&config.tls.identity().unwrap()).unwrap();
+        let conn = endpoint.connect(addr).await.unwrap();
+        let (mut send, mut recv) = conn.open().await.unwrap();
+        strata_net::write_frame(&mut send, &Request::GetBlob(d), addr)
+            .await
+            .unwrap();
+        let _ = send.finish();
+        let cas = strata_cas::ContentStore::open(store.path()).unwrap();
+        strata_net::recv_blob(&mut recv, &cas, &d, addr)
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Where the nodes of `cluster` serve blobs: each worker, then the
+/// coordinator.
+fn blob_services(cluster: &Cluster) -> Vec<std::net::SocketAddr> {
+    let mut all: Vec<_> = cluster
+        .worker_names()
+        .iter()
+        .map(|w| {
+            strata_cluster::config::WorkerConfig::load(&cluster.path().join(format!("{w}.toml")))
+                .unwrap()
+                .listen
+        })
+        .collect();
+    let coordinator = &cluster.coordinator_names()[0];
+    all.push(
+        strata_cluster::config::CoordinatorConfig::load(
+            &cluster.path().join(format!("{coordinator}.toml")),
+        )
+        .unwrap()
+        .listen,
+    );
+    all
+}
+
+#[test]
+fn a_client_reads_only_the_blobs_of_its_own_builds() {
+    let cluster = Cluster::start(2, 5);
+    let added = cluster.ok(&[
+        "cluster",
+        "add-client",
+        "team-b",
+        "--dir",
+        cluster.path().to_str().unwrap(),
+    ]);
+    assert!(added.contains("team-b.toml"), "{added}");
+    let (team_a, team_b) = (cluster.client(), cluster.path().join("team-b.toml"));
+
+    // Team A builds a layer holding a secret.
+    let ctx = tempfile::tempdir().unwrap();
+    dockerfile(
+        ctx.path(),
+        "FROM busybox:latest\nRUN head -c 16 /dev/urandom | od -x > /secret\n",
+    );
+    let a = Strata::new();
+    cluster.build_via(&team_a, &a, ctx.path(), &["-t", "a:1"]);
+    let secret = top_layer(&a, "a:1").0;
+
+    // Team B, knowing the digest, gets nothing from any node, and is told
+    // why; team A may read it again from whoever holds it.
+    let mut served = 0;
+    for addr in blob_services(&cluster) {
+        let e = get_blob(&team_b, addr, secret).unwrap_err();
+        assert!(
+            e.contains("client team-b may read only the layers of its own builds"),
+            "{e}"
+        );
+        if let Ok(Some(_)) = get_blob(&team_a, addr, secret) {
+            served += 1;
+        }
+    }
+    assert!(served >= 1, "no node served team A its own layer");
+
+    // Team B's own build of the same Dockerfile is a cache hit: its image
+    // is the same, and now the layer is team B's to read too.
+    let b = Strata::new();
+    let report = cluster.build_via(&team_b, &b, ctx.path(), &["-t", "b:1"]);
+    assert_eq!(strata_integration::cluster::runs(&report), 0, "{report}");
+    assert_eq!(top_layer(&b, "b:1").0, secret);
+    let readable = blob_services(&cluster)
+        .into_iter()
+        .filter(|addr| matches!(get_blob(&team_b, *addr, secret), Ok(Some(_))))
+        .count();
+    assert!(readable >= 1);
+}
+
+#[test]
+fn a_copy_whose_content_is_not_the_layer_the_index_names_is_refused() {
+    let cluster = Cluster::start(1, 5);
+    let (blob, diff_id, size) = top_layer(&Strata::new().with_busybox(&[]), "busybox:latest");
+    let name = &cluster.coordinator_names()[0];
+    let config = strata_cluster::config::CoordinatorConfig::load(
+        &cluster.path().join(format!("{name}.toml")),
+    )
+    .unwrap();
+    let services = blob_services(&cluster);
+    let (worker, coordinator) = (services[0], services[1]);
+    // A coordinator asks the worker to copy busybox's layer (which the
+    // coordinator holds), naming it by a diff_id it does not have.
+    let copy = |diff_id: Sha256| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let endpoint = strata_net::Endpoint::dialer(&config.tls.identity().unwrap()).unwrap();
+            let conn = endpoint.connect(worker).await.unwrap();
+            let (mut send, mut recv) = conn.open().await.unwrap();
+            let request = Request::Copy(Box::new(strata_cluster::protocol::CopyBlob {
+                layer: strata_oci::LayerRef {
+                    blob,
+                    diff_id,
+                    size,
+                },
+                holders: vec![strata_cluster::protocol::Holder {
+                    name: name.clone(),
+                    addr: coordinator,
+                }],
+                bytes_per_second: None,
+            }));
+            strata_net::write_frame(&mut send, &request, worker)
+                .await
+                .unwrap();
+            let _ = send.finish();
+            strata_net::read_frame::<Reply>(&mut recv, worker)
+                .await
+                .unwrap()
+                .unwrap()
+        })
+    };
+    let lie = copy(Sha256::of(b"not busybox"));
+    match lie {
+        Reply::Copied(Err(strata_cluster::protocol::CopyError::NotTheLayer(e))) => {
+            assert!(e.contains("was reported as diff_id"), "{e}");
+        }
+        other => panic!("a copy under a false diff_id was answered {other:?}"),
+    }
+    assert!(matches!(copy(diff_id), Reply::Copied(Ok(()))));
+}
+
+#[test]
+fn a_client_over_its_upload_quota_is_refused_with_the_setting_named() {
+    let cluster = Cluster::start_with(1, 1, &[("upload_quota_mib_per_hour", "2".into())]);
+    let s = Strata::new();
+    // A context of 3 MiB of incompressible bytes passes the quota.
+    let ctx = tempfile::tempdir().unwrap();
+    dockerfile(ctx.path(), "FROM busybox:latest\nCOPY big /big\n");
+    let mut big = vec![0u8; 3 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in &mut big {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(ctx.path().join("big"), &big).unwrap();
+    let mut args = vec!["build", "--cluster"];
+    let client = cluster.client();
+    args.push(client.to_str().unwrap());
+    args.push(ctx.path().to_str().unwrap());
+    let out = s.run(&args);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("client has uploaded 0 bytes in the last hour")
+            && err.contains("upload_quota_mib_per_hour"),
+        "{err}"
+    );
+    // A small context still builds: the refused upload did not count.
+    let small = tempfile::tempdir().unwrap();
+    dockerfile(small.path(), "FROM busybox:latest\nRUN echo ok > /ok\n");
+    cluster.build(&s, small.path(), &[]);
+}
+
 #[test]
 fn a_blob_sent_under_busybox_s_diff_id_is_refused_and_poisons_nothing() {
     let cluster = Cluster::start(1, 5);

@@ -41,6 +41,15 @@ pub enum ClusterCommand {
         #[arg(long, default_value_t = strata_cluster::local::DEFAULT_BASE_PORT)]
         base_port: u16,
     },
+    /// Issue a client certificate of its own to a team (or a CI fleet):
+    /// it reads only its own builds' blobs and has its own upload quota.
+    AddClient {
+        /// Its name (letters, digits, '-', '_', '.').
+        name: String,
+        /// The cluster's directory, with the CA key (`cluster init`).
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Start a coordinator and workers on this machine, in the background.
     Up {
         /// How many workers.
@@ -193,6 +202,18 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
                 ))
                 .display(),
                 dir.join("client.toml").display()
+            )?;
+        }
+        ClusterCommand::AddClient { name, dir } => {
+            let written =
+                strata_cluster::local::add_client(&dir, &name).map_err(anyhow::Error::msg)?;
+            for p in &written {
+                writeln!(out, "wrote {}", p.display())?;
+            }
+            writeln!(
+                out,
+                "client {name}: build with `strata build --cluster {}`",
+                dir.join(format!("{name}.toml")).display()
             )?;
         }
         ClusterCommand::Up {

@@ -136,13 +136,14 @@ impl Client {
         write_frame(&mut send, &Request::PutBlob(*blob), c.addr)
             .await
             .map_err(cluster)?;
-        send_blob(&mut send, cas, blob, c.addr)
-            .await
-            .map_err(cluster)?;
-        match read_frame::<Reply>(&mut recv, c.addr)
-            .await
-            .map_err(cluster)?
-        {
+        // A coordinator that refuses the upload (over the client's quota)
+        // stops reading and says why: its answer is the error to show.
+        let sent = send_blob(&mut send, cas, blob, c.addr).await;
+        let answer = read_frame::<Reply>(&mut recv, c.addr).await;
+        if let (Err(e), Ok(Some(Reply::Ok)) | Err(_) | Ok(None)) = (&sent, &answer) {
+            return Err(cluster(e));
+        }
+        match answer.map_err(cluster)? {
             Some(Reply::Ok) => Ok(()),
             Some(Reply::Error(e)) => Err(cluster(e)),
             other => Err(cluster(format!(

@@ -236,6 +236,10 @@ fn default_repair_rate() -> u64 {
     CoordinatorConfig::DEFAULT_REPAIR_RATE
 }
 
+fn default_upload_quota() -> u64 {
+    CoordinatorConfig::DEFAULT_UPLOAD_QUOTA
+}
+
 fn default_raft_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 7500))
 }
@@ -275,6 +279,10 @@ pub struct CoordinatorConfig {
     /// again in the background (0: no bound).
     #[serde(default = "default_repair_rate")]
     pub repair_mib_per_second: u64,
+    /// MiB each client certificate may upload (build contexts) in any
+    /// hour; an upload that would pass it is refused whole.
+    #[serde(default = "default_upload_quota")]
+    pub upload_quota_mib_per_hour: u64,
     /// Its credentials.
     #[serde(default = "default_coordinator_tls")]
     pub tls: TlsFiles,
@@ -362,10 +370,13 @@ impl CoordinatorConfig {
     pub const DEFAULT_REPLICATION: usize = 2;
     /// MiB per second for background copies, unless configured.
     pub const DEFAULT_REPAIR_RATE: u64 = 64;
+    /// MiB a client may upload in an hour, unless configured: 64 GiB,
+    /// the largest blob a node takes.
+    pub const DEFAULT_UPLOAD_QUOTA: u64 = 64 << 10;
 
     /// Reads `path`, then `STRATA_LISTEN`, `STRATA_HOME`,
-    /// `STRATA_LEASE_SECONDS`, `STRATA_RAFT_LISTEN`, `STRATA_REPLICATION`
-    /// and `STRATA_REPAIR_MIB_PER_SECOND`.
+    /// `STRATA_LEASE_SECONDS`, `STRATA_RAFT_LISTEN`, `STRATA_REPLICATION`,
+    /// `STRATA_REPAIR_MIB_PER_SECOND` and `STRATA_UPLOAD_QUOTA_MIB_PER_HOUR`.
     pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
         let mut c: CoordinatorConfig = load(path)?;
         override_with("STRATA_LISTEN", &mut c.listen)?;
@@ -374,6 +385,10 @@ impl CoordinatorConfig {
         override_with("STRATA_RAFT_LISTEN", &mut c.raft_listen)?;
         override_with("STRATA_REPLICATION", &mut c.replication)?;
         override_with("STRATA_REPAIR_MIB_PER_SECOND", &mut c.repair_mib_per_second)?;
+        override_with(
+            "STRATA_UPLOAD_QUOTA_MIB_PER_HOUR",
+            &mut c.upload_quota_mib_per_hour,
+        )?;
         if c.replication == 0 {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),

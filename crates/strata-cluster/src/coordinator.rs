@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use strata_cas::Digest;
-use strata_net::{Connection, Endpoint, Role, recv_blob, send_blob, write_frame};
+use strata_net::{
+    Connection, Endpoint, Role, read_blob_header, recv_announced, refuse_blob, send_blob,
+    write_frame,
+};
 use strata_oci::LayerRef;
 use strata_raft::{Member, ReplicatedIndex, Tuning};
 use strata_registry::Registry;
@@ -16,11 +19,12 @@ use strata_solver::{Event, Flights, SolveOptions, Solver};
 use strata_worker::{BaseImages, Node};
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{ReadRights, UploadQuota};
 use crate::config::CoordinatorConfig;
 use crate::placement::Placement;
 use crate::protocol::{
-    BuildDone, BuildEvent, BuildSpec, ClusterStatus, GroupStatus, Holder, Registration, Reply,
-    Request, SubmitBuild, WorkerStatus,
+    BuildDone, BuildEvent, BuildSpec, ClusterStatus, Grant, GroupStatus, Holder, Registration,
+    Reply, Request, SubmitBuild, WorkerStatus,
 };
 use crate::worker::request_name;
 
@@ -87,6 +91,10 @@ pub struct Coordinator {
     /// Steps running for any build: concurrent builds run identical
     /// steps once.
     flights: Flights,
+    /// The blobs each client may read here: its builds' layers.
+    reads: Mutex<ReadRights>,
+    /// What each client uploaded in the last hour.
+    uploads: Mutex<UploadQuota>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -206,6 +214,10 @@ impl Coordinator {
             ),
             builds_running: AtomicUsize::new(0),
             flights: Flights::default(),
+            reads: Mutex::default(),
+            uploads: Mutex::new(UploadQuota::new(
+                config.upload_quota_mib_per_hour.saturating_mul(1 << 20),
+            )),
         }))
     }
 
@@ -381,6 +393,16 @@ impl Coordinator {
         let role = conn.peer.role;
         let reply = match req {
             Request::GetBlob(d) => {
+                if role == Role::Client
+                    && !self
+                        .reads
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .may_read(&conn.peer.name, &d, Instant::now())
+                {
+                    return refuse_blob(send, &crate::access::not_granted(&conn.peer), conn.addr)
+                        .await;
+                }
                 send_blob(send, &self.node.content, &d, conn.addr).await?;
                 return Ok(());
             }
@@ -388,10 +410,7 @@ impl Coordinator {
                 Reply::Bool(self.node.content.contains(&d).unwrap_or(false))
             }
             Request::PutBlob(d) if role == Role::Client => {
-                match recv_blob(recv, &self.node.content, &d, conn.addr).await? {
-                    Some(_) => Reply::Ok,
-                    None => Reply::Error(format!("blob {d} did not come")),
-                }
+                return self.receive_upload(conn, d, send, recv).await;
             }
             Request::Build(submit) if role == Role::Client => {
                 return self.build(*submit, conn, send).await;
@@ -614,6 +633,101 @@ impl Coordinator {
     }
 
     /// Runs a client's build, streaming its progress back.
+    /// Receives a client's upload of blob `d`, within its hourly quota.
+    async fn receive_upload(
+        &self,
+        conn: &Connection,
+        d: Digest,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), strata_net::Error> {
+        let client = &conn.peer.name;
+        let reply = match read_blob_header(recv, &d, conn.addr).await? {
+            None => Reply::Error(format!("blob {d} did not come")),
+            Some(announced) => {
+                let reserved = self
+                    .uploads
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .reserve(client, announced.size, Instant::now());
+                match reserved {
+                    Err(over) => {
+                        tracing::warn!(%client, blob = %d, error = %over, "upload refused");
+                        // Reading no further stops the sender.
+                        let _ = recv.stop(crate::access::OVER_QUOTA.into());
+                        Reply::Error(over.to_string())
+                    }
+                    Ok(()) => {
+                        let got = recv_announced(
+                            recv,
+                            &self.node.content,
+                            &d,
+                            conn.addr,
+                            announced,
+                            None,
+                        )
+                        .await;
+                        if got.is_err() {
+                            self.uploads
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .refund(client, announced.size);
+                        }
+                        got?;
+                        Reply::Ok
+                    }
+                }
+            }
+        };
+        write_frame(send, &reply, conn.addr).await
+    }
+
+    /// Lets `client` read the layers of its build where they are: here,
+    /// and on each worker holding one. A worker that misses the grant
+    /// refuses the client, which fetches from the next holder.
+    async fn grant_reads(&self, client: &str, holders: &[(Digest, Vec<Holder>)]) {
+        let now = Instant::now();
+        let blobs: Vec<Digest> = holders.iter().map(|(b, _)| *b).collect();
+        self.reads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .grant(client, &blobs, now);
+        let mut per_worker: BTreeMap<&str, Vec<Digest>> = BTreeMap::new();
+        for (blob, hs) in holders {
+            for h in hs.iter().filter(|h| h.name != self.name) {
+                per_worker.entry(&h.name).or_default().push(*blob);
+            }
+        }
+        let conns: Vec<(String, Connection, Vec<Digest>)> = {
+            let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            per_worker
+                .into_iter()
+                .filter_map(|(name, blobs)| {
+                    workers
+                        .get(name)
+                        .map(|w| (name.to_string(), w.conn.clone(), blobs))
+                })
+                .collect()
+        };
+        let mut asks = tokio::task::JoinSet::new();
+        for (name, conn, blobs) in conns {
+            let grant = Request::Grant(Box::new(Grant {
+                client: client.to_string(),
+                blobs,
+            }));
+            asks.spawn(async move { (name, crate::worker::request(&conn, &grant).await) });
+        }
+        while let Some(done) = asks.join_next().await {
+            match done {
+                Ok((_, Ok(Reply::Ok))) => {}
+                Ok((name, other)) => {
+                    tracing::warn!(worker = %name, answer = ?other, %client, "a worker did not take a client's read grant");
+                }
+                Err(e) => tracing::warn!(error = %e, "granting reads stopped"),
+            }
+        }
+    }
+
     async fn build(
         self: &Arc<Self>,
         submit: SubmitBuild,
@@ -626,7 +740,8 @@ impl Coordinator {
         let cancel = CancellationToken::new();
         let run = {
             let (me, tx, cancel) = (Arc::clone(self), tx.clone(), cancel.clone());
-            tokio::spawn(async move { me.solve(submit, tx, cancel).await })
+            let client_name = client.peer.name.clone();
+            tokio::spawn(async move { me.solve(submit, &client_name, tx, cancel).await })
         };
         drop(tx);
         // A client that goes away (killed, Ctrl-C) takes its build with it,
@@ -654,6 +769,7 @@ impl Coordinator {
     async fn solve(
         self: Arc<Self>,
         submit: SubmitBuild,
+        client: &str,
         events: tokio::sync::mpsc::UnboundedSender<BuildEvent>,
         cancel: CancellationToken,
     ) {
@@ -740,11 +856,12 @@ impl Coordinator {
                     Ok(j) => j,
                     Err(e) => return fail(format!("cannot encode the image config: {e}"), vec![]),
                 };
-                let holders = target
+                let holders: Vec<(Digest, Vec<Holder>)> = target
                     .layers
                     .iter()
                     .map(|l: &LayerRef| (l.blob, self.holders(&l.blob, None)))
                     .collect();
+                self.grant_reads(client, &holders).await;
                 let _ = events.send(BuildEvent::Done(Box::new(BuildDone {
                     config_json,
                     layers: target.layers.clone(),

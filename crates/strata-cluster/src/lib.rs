@@ -17,9 +17,13 @@
 //! * [`local`]: the files of a cluster and a cluster of processes on one
 //!   machine.
 //!
+//! * `access`: what a client may read (the layers of its own builds) and
+//!   upload (a quota of bytes an hour).
+//!
 //! Every connection is QUIC with mutual TLS ([`strata_net`]); the messages
 //! are in [`protocol`].
 
+mod access;
 pub mod client;
 pub mod config;
 pub mod context;

@@ -163,6 +163,7 @@ pub fn init(
                 group: group.clone(),
                 replication: CoordinatorConfig::DEFAULT_REPLICATION,
                 repair_mib_per_second: CoordinatorConfig::DEFAULT_REPAIR_RATE,
+                upload_quota_mib_per_hour: CoordinatorConfig::DEFAULT_UPLOAD_QUOTA,
                 tls: tls(name),
             },
         )
@@ -225,6 +226,49 @@ pub fn init(
         written.push(path);
     }
     Ok(written)
+}
+
+/// Issues a client certificate named `name` from the CA in `dir` (made by
+/// [`init`]) and writes `NAME.toml`, a client configuration with the
+/// coordinators of `dir/client.toml`. Each team given its own name reads
+/// only its own builds' blobs and has an upload quota of its own. Returns
+/// the files written.
+pub fn add_client(dir: &Path, name: &str) -> Result<Vec<PathBuf>, String> {
+    if !dir.join("ca-key.pem").exists() {
+        return Err(format!(
+            "{} holds no cluster CA key (ca-key.pem): make one with `strata cluster init --dir {}`",
+            dir.display(),
+            dir.display()
+        ));
+    }
+    let config = dir.join(format!("{name}.toml"));
+    let cert = dir.join(format!("{name}.pem"));
+    for taken in [&config, &cert] {
+        if taken.exists() {
+            return Err(format!(
+                "{} exists: {name} is taken (pick another name, or remove the old files to reissue it)",
+                taken.display()
+            ));
+        }
+    }
+    let base = dir.join("client.toml");
+    let coordinators = ClientConfig::load(&base)
+        .map_err(|e| e.to_string())?
+        .coordinators;
+    let ca = ClusterCa::load(dir).map_err(|e| e.to_string())?;
+    ca.issue(Role::Client, name)
+        .and_then(|id| id.save(dir, name))
+        .map_err(|e| e.to_string())?;
+    write(
+        &config,
+        &format!("# For client {name}: `strata build --cluster {name}.toml` (or STRATA_CLUSTER)."),
+        &ClientConfig {
+            coordinators,
+            tls: tls(name),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(vec![cert, dir.join(format!("{name}-key.pem")), config])
 }
 
 /// Starts `coordinators` coordinators and `workers` workers from `dir`

@@ -591,7 +591,7 @@ impl Worker for Placement {
     /// (as many as can take a copy); fails only if no live node holds it.
     fn publish(&self, layer: &LayerRef) -> Result<(), WorkerError> {
         self.handle
-            .block_on(self.coord.replicate(layer.blob, None))
+            .block_on(self.coord.replicate(*layer, None))
             .map(|_| ())
             .map_err(WorkerError::new)
     }

@@ -132,15 +132,38 @@ pub struct StepRef {
     pub artifact: Option<(Digest, Vec<Holder>)>,
 }
 
-/// A blob for a worker to copy.
+/// A layer for a worker to copy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CopyBlob {
-    /// The blob.
-    pub blob: Digest,
+    /// The layer, as the cache index records it: the copy is refused
+    /// unless its content has this diff_id.
+    pub layer: LayerRef,
     /// Who holds it.
     pub holders: Vec<Holder>,
     /// The highest rate to fetch it at, if bounded.
     pub bytes_per_second: Option<u64>,
+}
+
+/// Why a worker did not take a copy.
+#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+pub enum CopyError {
+    /// The blob came whole, but its content is not the layer the index
+    /// was told of (another diff_id): nothing may be recorded under it.
+    #[error("{0}")]
+    NotTheLayer(String),
+    /// It could not be fetched (no holder answered, the link broke).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Coordinator → worker: a client may read these blobs, the layers of one
+/// of its builds, for [`crate::access::READ_FOR`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Grant {
+    /// The client's name (its certificate's).
+    pub client: String,
+    /// The blobs.
+    pub blobs: Vec<Digest>,
 }
 
 /// What the worker running a step sends back.
@@ -261,6 +284,8 @@ pub enum Request {
     /// Coordinator → worker: fetch this blob from its holders and keep it
     /// ([`Reply::Ok`] once stored), so it has more copies.
     Copy(Box<CopyBlob>),
+    /// Coordinator → worker: let a client read these blobs ([`Reply::Ok`]).
+    Grant(Box<Grant>),
 }
 
 /// A single answer.
@@ -278,4 +303,6 @@ pub enum Reply {
     Status(Box<ClusterStatus>),
     /// The blob an artifact was packed into.
     Artifact(Result<Digest, WorkerError>),
+    /// A copy taken, or why not.
+    Copied(Result<(), CopyError>),
 }

@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use strata_cas::Digest;
+use strata_oci::LayerRef;
 use strata_raft::CommandV1;
 use tokio::sync::mpsc;
 
 use crate::coordinator::Coordinator;
-use crate::protocol::{CopyBlob, Reply, Request};
+use crate::protocol::{CopyBlob, CopyError, Reply, Request};
 
 /// How often the leader looks over its records of workers.
 const RECONCILE_EVERY: Duration = Duration::from_secs(2);
@@ -76,7 +77,7 @@ pub(crate) struct Census {
 
 /// A layer of a cached result and the live workers holding it.
 pub(crate) struct Short {
-    pub blob: Digest,
+    pub layer: LayerRef,
     pub live: usize,
 }
 
@@ -106,16 +107,16 @@ impl Coordinator {
                 short: Vec::new(),
             });
         }
-        let made: HashSet<Digest> = entries
+        let made: HashMap<Digest, LayerRef> = entries
             .iter()
             .filter(|(_, e)| e.made_layer)
-            .filter_map(|(_, e)| e.layers.last().map(|l| l.blob))
+            .filter_map(|(_, e)| e.layers.last().map(|l| (l.blob, *l)))
             .collect();
         let mut short = Vec::new();
-        for blob in made {
+        for (blob, layer) in made {
             let live = self.live_workers(&self.recorded_holders(&blob)).len();
             if live < want {
-                short.push(Short { blob, live });
+                short.push(Short { layer, live });
             }
         }
         Ok(Census {
@@ -124,17 +125,19 @@ impl Coordinator {
         })
     }
 
-    /// Makes sure `blob` has the wanted number of live copies on workers,
+    /// Makes sure `layer` has the wanted number of live copies on workers,
     /// asking the least loaded workers that lack it (and are not
     /// cordoned) to fetch it from its holders, no faster than
-    /// `bytes_per_second` if given. Returns the copies made. Fails only if
-    /// no live node holds it: copies that fail leave it short, for the
-    /// repair loop to finish.
+    /// `bytes_per_second` if given. Returns the copies made. Fails if no
+    /// live node holds it, or if a copy finds its content is not the
+    /// layer (another diff_id): nothing may be cached under it. Copies
+    /// that fail otherwise leave it short, for the repair loop to finish.
     pub(crate) async fn replicate(
         &self,
-        blob: Digest,
+        layer: LayerRef,
         bytes_per_second: Option<u64>,
     ) -> Result<usize, String> {
+        let blob = layer.blob;
         let lock = Arc::clone(
             self.copying
                 .lock()
@@ -144,7 +147,7 @@ impl Coordinator {
         );
         let made = {
             let _copying = lock.lock().await;
-            self.copy_until_enough(blob, bytes_per_second).await
+            self.copy_until_enough(layer, bytes_per_second).await
         };
         // The last one out removes the lock; one still waiting on it keeps
         // it, so no third caller copies alongside. Clones are only taken
@@ -162,9 +165,10 @@ impl Coordinator {
 
     async fn copy_until_enough(
         &self,
-        blob: Digest,
+        layer: LayerRef,
         bytes_per_second: Option<u64>,
     ) -> Result<usize, String> {
+        let blob = layer.blob;
         let want = self.copies_wanted();
         let recorded = self.recorded_holders(&blob);
         let mut have = self.live_workers(&recorded).len();
@@ -191,12 +195,16 @@ impl Coordinator {
                 break;
             }
             let copy = Request::Copy(Box::new(CopyBlob {
-                blob,
+                layer,
                 holders: sources.clone(),
                 bytes_per_second,
             }));
             match crate::worker::request(&conn, &copy).await {
-                Ok(Reply::Ok) => match self.located(&name, vec![blob]).await {
+                Ok(Reply::Copied(Err(CopyError::NotTheLayer(e)))) => {
+                    return Err(format!("{name} refused a copy: {e}"));
+                }
+                Ok(Reply::Copied(Err(CopyError::Failed(e)))) => why.push(format!("{name}: {e}")),
+                Ok(Reply::Copied(Ok(()))) => match self.located(&name, vec![blob]).await {
                     Ok(()) => {
                         tracing::debug!(%blob, worker = %name, "copied");
                         have += 1;
@@ -398,12 +406,13 @@ impl Coordinator {
                 if !self.member.is_leader() {
                     break;
                 }
-                match self.replicate(s.blob, Some(self.repair_rate)).await {
+                let blob = s.layer.blob;
+                match self.replicate(s.layer, Some(self.repair_rate)).await {
                     Ok(0) => {}
                     Ok(n) => {
-                        tracing::info!(blob = %s.blob, copies = n, "copied a layer a lost worker left short")
+                        tracing::info!(%blob, copies = n, "copied a layer a lost worker left short")
                     }
-                    Err(e) => tracing::warn!(blob = %s.blob, error = %e, "cannot copy the layer"),
+                    Err(e) => tracing::warn!(%blob, error = %e, "cannot copy the layer"),
                 }
             }
         }

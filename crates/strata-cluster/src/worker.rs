@@ -6,19 +6,22 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use strata_cas::Digest;
 use strata_dockerfile::IgnoreMatcher;
-use strata_net::{Connection, Endpoint, Role, read_frame, send_blob, write_frame};
+use strata_net::{Connection, Endpoint, Role, read_frame, refuse_blob, send_blob, write_frame};
 use strata_plan::{Plan, StagePlan};
 use strata_solver::{Job, StageResult, Worker as _, WorkerError};
 use strata_worker::{LocalWorker, Node};
 use tokio_util::sync::CancellationToken;
 
+use crate::access::ReadRights;
 use crate::config::{NodeAddress, WorkerConfig};
 use crate::peers::Peers;
-use crate::protocol::{BuildSpec, ExecEvent, Holder, Registration, Reply, Request, StepRef};
+use crate::protocol::{
+    BuildSpec, CopyError, ExecEvent, Holder, Registration, Reply, Request, StepRef,
+};
 
 /// A build some of whose stages run here.
 struct BuildHere {
@@ -42,6 +45,8 @@ pub struct WorkerNode {
     running: AtomicUsize,
     /// What its configuration grants steps.
     grants: strata_plan::Grants,
+    /// The blobs each client may read here, as coordinators granted.
+    reads: Mutex<ReadRights>,
 }
 
 impl std::fmt::Debug for WorkerNode {
@@ -92,6 +97,7 @@ impl WorkerNode {
                 setting: "insecure_entitlements = [\"{}\"] in its worker.toml".into(),
             },
             name: me.name,
+            reads: Mutex::default(),
         }))
     }
 
@@ -264,8 +270,27 @@ impl WorkerNode {
         let from_coordinator = conn.peer.role == Role::Coordinator;
         let reply = match req {
             Request::GetBlob(d) => {
+                // Nodes of the cluster read any blob; a client only what
+                // a coordinator granted it.
+                if conn.peer.role == Role::Client
+                    && !self
+                        .reads
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .may_read(&conn.peer.name, &d, Instant::now())
+                {
+                    return refuse_blob(send, &crate::access::not_granted(&conn.peer), conn.addr)
+                        .await;
+                }
                 send_blob(send, &self.node.content, &d, conn.addr).await?;
                 return Ok(());
+            }
+            Request::Grant(grant) if from_coordinator => {
+                self.reads
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .grant(&grant.client, &grant.blobs, Instant::now());
+                Reply::Ok
             }
             Request::Execute(step) if from_coordinator => {
                 return self.execute(*step, send, conn.addr, &conn.peer.name).await;
@@ -281,22 +306,31 @@ impl WorkerNode {
                 Reply::Artifact(self.artifact(*step, &conn.peer.name).await)
             }
             Request::Copy(copy) if from_coordinator => {
-                match self
-                    .peers
-                    .fetch(
-                        &self.node.content,
-                        &copy.blob,
-                        &copy.holders,
-                        copy.bytes_per_second,
-                    )
-                    .await
-                {
-                    Ok(bytes) => {
-                        tracing::debug!(blob = %copy.blob, bytes, from = %conn.peer.name, "took a copy");
-                        Reply::Ok
-                    }
-                    Err(e) => reply_error(e),
-                }
+                let layer = &copy.layer;
+                Reply::Copied(
+                    match self
+                        .peers
+                        .fetch(
+                            &self.node.content,
+                            &layer.blob,
+                            &copy.holders,
+                            copy.bytes_per_second,
+                        )
+                        .await
+                    {
+                        Ok(bytes) => match crate::peers::check_diff_id(&self.node.content, layer) {
+                            Ok(()) => {
+                                tracing::debug!(blob = %layer.blob, bytes, from = %conn.peer.name, "took a copy");
+                                Ok(())
+                            }
+                            Err(e) => {
+                                tracing::warn!(blob = %layer.blob, error = %e, "a copy is not the layer it was said to be");
+                                Err(CopyError::NotTheLayer(e))
+                            }
+                        },
+                        Err(e) => Err(CopyError::Failed(e)),
+                    },
+                )
             }
             Request::End(id) if from_coordinator => {
                 self.builds
@@ -598,5 +632,6 @@ pub(crate) fn request_name(r: &Request) -> &'static str {
         Request::Artifact(_) => "an artifact",
         Request::End(_) => "to end a build",
         Request::Copy(_) => "to take a copy of a blob",
+        Request::Grant(_) => "to let a client read blobs",
     }
 }

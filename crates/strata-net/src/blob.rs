@@ -23,6 +23,20 @@ enum BlobHeader {
     },
     /// The sender does not hold it.
     Missing,
+    /// The sender holds it or not, but will not send it to this peer, and
+    /// says why.
+    Refused(String),
+}
+
+/// What a sender announced of the blob that follows: read it with
+/// [`read_blob_header`], decide whether to take it, then receive it with
+/// [`recv_announced`].
+#[derive(Debug, Clone, Copy)]
+pub struct Announced {
+    /// The bytes that follow, at most.
+    pub size: u64,
+    /// Their sha256, as the sender says: checked on receipt.
+    sha256: Sha256,
 }
 
 const CHUNK: usize = 1 << 20;
@@ -89,6 +103,43 @@ pub async fn send_blob(
     Ok(sent)
 }
 
+/// Tells the peer asking for a blob that it may not have it, and why
+/// (the receiver's error is [`Error::Refused`]).
+pub async fn refuse_blob(send: &mut quinn::SendStream, why: &str, peer: SocketAddr) -> Result<()> {
+    write_frame(send, &BlobHeader::Refused(why.to_string()), peer).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Reads what a peer sending blob `digest` with [`send_blob`] announces:
+/// `None` when the peer does not hold it, [`Error::Refused`] when it will
+/// not send it, and [`Error::Forged`] when it announces more than
+/// [`MAX_BLOB`].
+pub async fn read_blob_header(
+    recv: &mut quinn::RecvStream,
+    digest: &Digest,
+    peer: SocketAddr,
+) -> Result<Option<Announced>> {
+    match read_frame::<BlobHeader>(recv, peer).await? {
+        Some(BlobHeader::Found { size, .. }) if size > MAX_BLOB => Err(Error::Forged {
+            peer,
+            digest: *digest,
+            detail: format!("announced as {size} bytes, over the {MAX_BLOB} byte limit"),
+        }),
+        Some(BlobHeader::Found { size, sha256 }) => Ok(Some(Announced { size, sha256 })),
+        Some(BlobHeader::Missing) => Ok(None),
+        Some(BlobHeader::Refused(why)) => Err(Error::Refused {
+            peer,
+            detail: format!("blob {digest}: {why}"),
+        }),
+        None => Err(Error::Blob {
+            peer,
+            digest: *digest,
+            detail: "the stream ended before the blob".into(),
+        }),
+    }
+}
+
 /// Receives the blob `digest` a peer sends with [`send_blob`] into `cas`;
 /// `None` when the peer does not hold it. The blob is stored only if it
 /// arrived whole, no longer than announced, and its blake3 and sha256,
@@ -113,6 +164,24 @@ pub async fn recv_blob_limited(
     peer: SocketAddr,
     bytes_per_second: Option<u64>,
 ) -> Result<Option<u64>> {
+    match read_blob_header(recv, digest, peer).await? {
+        Some(announced) => recv_announced(recv, cas, digest, peer, announced, bytes_per_second)
+            .await
+            .map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Receives the bytes of blob `digest` after [`read_blob_header`]
+/// announced them, as [`recv_blob_limited`] does. Returns their size.
+pub async fn recv_announced(
+    recv: &mut quinn::RecvStream,
+    cas: &ContentStore,
+    digest: &Digest,
+    peer: SocketAddr,
+    announced: Announced,
+    bytes_per_second: Option<u64>,
+) -> Result<u64> {
     let blob_err = |detail: String| Error::Blob {
         peer,
         digest: *digest,
@@ -123,16 +192,7 @@ pub async fn recv_blob_limited(
         digest: *digest,
         detail,
     };
-    let (size, sha256) = match read_frame::<BlobHeader>(recv, peer).await? {
-        Some(BlobHeader::Found { size, sha256 }) => (size, sha256),
-        Some(BlobHeader::Missing) => return Ok(None),
-        None => return Err(blob_err("the stream ended before the blob".into())),
-    };
-    if size > MAX_BLOB {
-        return Err(forged(format!(
-            "announced as {size} bytes, over the {MAX_BLOB} byte limit"
-        )));
-    }
+    let Announced { size, sha256 } = announced;
     let mut w = cas.writer()?;
     let started = tokio::time::Instant::now();
     loop {
@@ -158,7 +218,7 @@ pub async fn recv_blob_limited(
         return Err(blob_err(format!("{} of {size} bytes arrived", w.size())));
     }
     match w.commit_expecting(*digest, Some(&sha256)) {
-        Ok(_) => Ok(Some(size)),
+        Ok(_) => Ok(size),
         Err(strata_cas::Error::Unexpected { actual, .. }) => {
             Err(forged(format!("the bytes hash to {actual}: refused")))
         }

@@ -24,7 +24,10 @@ mod error;
 mod frame;
 mod identity;
 
-pub use blob::{recv_blob, recv_blob_limited, send_blob};
+pub use blob::{
+    Announced, read_blob_header, recv_announced, recv_blob, recv_blob_limited, refuse_blob,
+    send_blob,
+};
 pub use endpoint::{Connection, Endpoint};
 pub use error::{Error, Result};
 pub use frame::{MAX_FRAME, decode_frame, read_frame, write_frame};
@@ -35,4 +38,4 @@ pub const ALPN: &[u8] = b"strata/1";
 
 /// The version of the messages within [`ALPN`]; peers that differ are
 /// refused at the handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
