@@ -16,7 +16,23 @@ use crate::{
     WorkerError,
 };
 
-type Flight = Arc<OnceCell<CacheEntry>>;
+/// One step being run: its result once it ran, and whether the build
+/// that ran it has published it (copied its layer and recorded it).
+struct FlightState {
+    entry: OnceCell<CacheEntry>,
+    published: watch::Sender<bool>,
+}
+
+impl Default for FlightState {
+    fn default() -> FlightState {
+        FlightState {
+            entry: OnceCell::new(),
+            published: watch::Sender::new(false),
+        }
+    }
+}
+
+type Flight = Arc<FlightState>;
 
 /// Steps being executed right now, by key: a second request for the same
 /// key waits for the first instead of running again. Solvers that share
@@ -305,19 +321,25 @@ impl Solver {
                         .share_or_run(run, i, s, step_key, &layers, &results)
                         .await
                         .map_err(step_err)?;
-                    let shared = ran.is_none();
-                    match ran {
-                        Some(flight) => {
-                            let publishing = self.publish(step_key, entry.clone(), flight);
-                            run.publishing
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .push(publishing);
-                        }
-                        None => {
-                            run.event(stage, step.number, &step.label, EventKind::Cached);
-                        }
-                    }
+                    let (flight, shared) = ran;
+                    let publishing = if shared {
+                        run.event(stage, step.number, &step.label, EventKind::Cached);
+                        // A build sharing a step ends, as the one running
+                        // it does, once it is published.
+                        let mut published = flight.published.subscribe();
+                        tokio::spawn(async move {
+                            // A publisher gone without a word has
+                            // published, or failed, all it will.
+                            let _ = published.wait_for(|p| *p).await;
+                            Ok(())
+                        })
+                    } else {
+                        self.publish(step_key, entry.clone(), flight)
+                    };
+                    run.publishing
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(publishing);
                     (entry, shared)
                 }
             };
@@ -362,8 +384,9 @@ impl Solver {
     }
 
     /// The step's result: from the build running the same step now (or
-    /// that ran it and is publishing it), else from running it here; and,
-    /// if it ran here, its flight, for the build to end once published.
+    /// that ran it and is publishing it), else from running it here; its
+    /// flight, for the build to end once it is published; and whether it
+    /// was shared (not run here).
     async fn share_or_run(
         &self,
         run: &Arc<Run>,
@@ -372,7 +395,7 @@ impl Solver {
         step_key: Digest,
         layers: &[LayerRef],
         results: &[Option<StageResult>],
-    ) -> Result<(CacheEntry, Option<Flight>), WorkerError> {
+    ) -> Result<(CacheEntry, (Flight, bool)), WorkerError> {
         loop {
             let flight = Arc::clone(
                 self.in_flight
@@ -384,6 +407,7 @@ impl Solver {
             );
             let mut ran = false;
             let done = flight
+                .entry
                 .get_or_try_init(|| async {
                     ran = true;
                     self.execute(run, i, s, layers, results).await
@@ -414,7 +438,7 @@ impl Solver {
                 drop_flight();
                 continue;
             }
-            return Ok((entry, ran.then_some(flight)));
+            return Ok((entry, (flight, !ran)));
         }
     }
 
@@ -451,6 +475,7 @@ impl Solver {
                 map.remove(&step_key);
             }
             drop(map);
+            flight.published.send_replace(true);
             match recorded {
                 Ok(r) => r.map_err(SolveError::from),
                 Err(e) => Err(SolveError::Internal(e.to_string())),

@@ -459,3 +459,35 @@ async fn a_result_shared_while_it_publishes_runs_again_if_its_layer_is_lost() {
     assert_eq!(*worker.executed.lock().unwrap(), ["make x", "make x"]);
     first.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_build_sharing_a_step_ends_only_once_the_step_is_published() {
+    let worker = Arc::new(FakeWorker {
+        delay: Duration::from_millis(100),
+        publish_delay: Duration::from_millis(400),
+        ..Default::default()
+    });
+    let solver = Arc::new(Solver::new(worker.clone(), Arc::new(MemCache::default())));
+    let plan = Arc::new(Plan {
+        stages: vec![stage("only", Base::Scratch, vec![exec("make shared", 1)])],
+        target: 0,
+    });
+    // Each build, as it ends, sees how many layers were published.
+    let build = || {
+        let (solver, plan, worker) = (
+            Arc::clone(&solver),
+            Arc::clone(&plan),
+            Arc::clone(&worker),
+        );
+        tokio::spawn(async move {
+            let solved = solver.solve(plan, opts()).await.unwrap();
+            (solved, worker.published.lock().unwrap().len())
+        })
+    };
+    let (x, y) = tokio::join!(build(), build());
+    let ((x, x_saw), (y, y_saw)) = (x.unwrap(), y.unwrap());
+    assert_eq!(worker.executed.lock().unwrap().len(), 1);
+    // One ran the step, the other shared it; both ended after the publish.
+    assert_ne!(x.steps[0].cached, y.steps[0].cached);
+    assert_eq!((x_saw, y_saw), (1, 1));
+}
