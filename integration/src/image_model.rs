@@ -87,6 +87,28 @@ pub fn read_docker_archive(path: &Path) -> Result<Model, String> {
     })
 }
 
+/// The top layer of image `tag` in `s`'s store, as `strata save` writes
+/// it (an uncompressed tar).
+pub fn top_layer(s: &crate::Strata, tag: &str) -> Result<Vec<u8>, String> {
+    let archive = s.home().join("top-layer.tar");
+    s.ok(&["save", "-o", &archive.to_string_lossy(), tag]);
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let f = std::fs::File::open(&archive).map_err(|e| format!("{}: {e}", archive.display()))?;
+    tar::Archive::new(f)
+        .unpack(dir.path())
+        .map_err(|e| format!("{}: {e}", archive.display()))?;
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("manifest.json")).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let top = manifest[0]["Layers"]
+        .as_array()
+        .and_then(|l| l.last())
+        .and_then(Value::as_str)
+        .ok_or("manifest.json has no Layers")?;
+    std::fs::read(dir.path().join(top)).map_err(|e| e.to_string())
+}
+
 fn flate2_decode(input: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
     flate2::read::MultiGzDecoder::new(input)
         .read_to_end(out)

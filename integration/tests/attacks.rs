@@ -111,19 +111,10 @@ fn layer_with(path: &str, content: &[u8]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-/// The top layer of image `tag` in `s`'s store, as `strata save` writes
-/// it: its blake3 name, its sha256 (diff_id) and its size.
+/// The top layer of image `tag` in `s`'s store: its blake3 name, its
+/// sha256 (diff_id) and its size.
 fn top_layer(s: &Strata, tag: &str) -> (Digest, Sha256, u64) {
-    let archive = s.home().join("top-layer.tar");
-    s.ok(&["save", "-o", archive.to_str().unwrap(), tag]);
-    let dir = tempfile::tempdir().unwrap();
-    tar::Archive::new(std::fs::File::open(&archive).unwrap())
-        .unpack(dir.path())
-        .unwrap();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("manifest.json")).unwrap()).unwrap();
-    let top = manifest[0]["Layers"].as_array().unwrap().last().unwrap();
-    let bytes = std::fs::read(dir.path().join(top.as_str().unwrap())).unwrap();
+    let bytes = strata_integration::image_model::top_layer(s, tag).unwrap();
     assert!(
         !bytes.starts_with(&[0x1f, 0x8b]),
         "layers are saved uncompressed"

@@ -554,3 +554,68 @@ fn a_worker_back_with_a_wiped_disk_holds_nothing_and_its_layers_are_copied_again
     // The one original copy left goes too: the build needs the new one.
     hits_without(&cluster, &holders[1], ctx.path(), "wiped:1", &first);
 }
+
+/// Every file named `name` under `dir`.
+fn files_named(dir: &Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(p);
+            } else if e.file_name() == name {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_layer_its_holder_lost_is_dropped_from_the_records_and_built_again() {
+    // One copy of each layer: a holder that loses the file loses the
+    // only copy.
+    let cluster = Cluster::start_with(1, 2, &[("replication", "1".into())]);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\n\
+             RUN head -c 2000000 /dev/zero | tr '\\0' x > /x\n",
+        )],
+    );
+    let first = cluster.build(&Strata::new(), ctx.path(), &["-t", "lost:1"]);
+    assert_eq!(runs(&first), 1, "{first}");
+    let made = Strata::new();
+    cluster.build(&made, ctx.path(), &["-t", "lost:1"]);
+    let layer = strata_integration::image_model::top_layer(&made, "lost:1").unwrap();
+    let name = strata_cas::Digest::of(&layer).hex();
+
+    // The worker holding it loses the file (a disk fault, an operator's
+    // rm), while it runs and while the records say it holds it.
+    let held: Vec<_> = cluster
+        .worker_names()
+        .iter()
+        .flat_map(|w| files_named(&cluster.worker_home(w), &name))
+        .collect();
+    assert_eq!(held.len(), 1, "{held:?}");
+    std::fs::remove_file(&held[0]).unwrap();
+
+    // A new client's build finds the cached step, cannot fetch its layer,
+    // tells the coordinator, which asks the holder, drops the record,
+    // and the build runs the step again: the user sees a build that works.
+    let client = Strata::new();
+    let again = cluster.build(&client, ctx.path(), &["-t", "lost:1"]);
+    assert_eq!(runs(&again), 1, "{again}");
+    assert_eq!(
+        client
+            .ok(&["run", "--rm", "lost:1", "wc", "-c", "/x"])
+            .trim(),
+        "2000000 /x"
+    );
+    // The records hold again: the next build is a hit, fetched whole.
+    let third = cluster.build(&Strata::new(), ctx.path(), &["-t", "lost:1"]);
+    assert_eq!(runs(&third), 0, "{third}");
+}

@@ -424,6 +424,16 @@ impl ContentStore {
         }
     }
 
+    /// Whether the blob is recorded and its file is there, at its size:
+    /// what can be told without reading it ([`verify`](Self::verify)
+    /// reads it).
+    pub fn present(&self, d: &Digest) -> Result<bool> {
+        let Some(info) = self.info(d)? else {
+            return Ok(false);
+        };
+        Ok(std::fs::metadata(self.blob_path(d)).is_ok_and(|m| m.len() == info.size))
+    }
+
     /// Reads a blob in full and checks it; true if it is intact.
     pub fn verify(&self, d: &Digest) -> Result<bool> {
         let mut r = self.open_blob(d)?;

@@ -515,7 +515,8 @@ fn cluster_build(
         // coordinator of the group takes it up again, finding in the
         // replicated cache every step already done.
         let mut attempt = 1;
-        let (client, done) = loop {
+        let mut rebuilt = false;
+        let (done, image, fetched) = loop {
             let client = crate::cluster::connect(cluster).await?;
             let submit = strata_cluster::protocol::SubmitBuild {
                 inputs: b.inputs.clone(),
@@ -535,7 +536,17 @@ fn cluster_build(
                 }
             };
             match done {
-                Ok(d) => break (client, d),
+                Ok(d) => match client.fetch_image(node, &d, stamps).await {
+                    Ok((image, fetched)) => break (d, image, fetched),
+                    // A holder had lost a layer the cache named: the
+                    // coordinator has corrected its records, and building
+                    // again makes the layer anew.
+                    Err(strata_cluster::client::ClientError::LayersLost(e)) if !rebuilt => {
+                        tracing::warn!(error = %e, "a layer of the image was lost; building again");
+                        rebuilt = true;
+                    }
+                    Err(e) => return Err(e.into()),
+                },
                 Err(strata_cluster::client::ClientError::Build { message, tail }) => {
                     return Err(ClusterFailure::Step { message, tail });
                 }
@@ -546,7 +557,6 @@ fn cluster_build(
                 Err(e) => return Err(e.into()),
             }
         };
-        let (image, fetched) = client.fetch_image(node, &done, stamps).await?;
         for tag in tags {
             node.images.tag(tag, &image)?;
         }

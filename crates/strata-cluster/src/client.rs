@@ -28,6 +28,11 @@ pub enum ClientError {
     /// The cluster could not be reached or misbehaved.
     #[error("{0}")]
     Cluster(String),
+    /// A finished build's layer is held by none of the nodes the cluster
+    /// named (they lost it); the coordinator has been told, and a build
+    /// submitted again makes it anew.
+    #[error("{0}")]
+    LayersLost(String),
 }
 
 /// A connection to a cluster.
@@ -194,11 +199,18 @@ impl Client {
             .iter()
             .map(|l| (*l, holders.get(&l.blob).cloned().unwrap_or_default()))
             .collect();
-        let fetched = self
-            .peers
-            .ensure(&node.content, &needed)
-            .await
-            .map_err(cluster)?;
+        let fetched = match self.peers.ensure(&node.content, &needed).await {
+            Ok(n) => n,
+            Err(e) => {
+                // The coordinator checks and corrects its records, so
+                // the next build of this image runs what is lost.
+                if e.lacking.is_empty() {
+                    return Err(cluster(e));
+                }
+                crate::worker::report_lacking(&e, &self.coordinator).await;
+                return Err(ClientError::LayersLost(e.to_string()));
+            }
+        };
         let config: ImageConfig = serde_json::from_slice(&done.config_json)
             .map_err(|e| cluster(format!("the image config is unreadable: {e}")))?;
         let image =
@@ -206,7 +218,6 @@ impl Client {
         Ok((image, fetched))
     }
 
-    /// The cluster's state.
     /// Keeps new stages off `worker` (`cordoned`), or lets them back.
     pub async fn cordon(&self, worker: &str, cordoned: bool) -> Result<(), ClientError> {
         self.done(&Request::Cordon {

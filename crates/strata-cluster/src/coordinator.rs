@@ -46,6 +46,8 @@ pub(crate) struct WorkerState {
     /// The entitlements it grants: only stages needing no more are placed
     /// on it.
     pub entitlements: strata_plan::Entitlements,
+    /// The worker process's run, under which its locations are recorded.
+    pub incarnation: u64,
 }
 
 impl WorkerState {
@@ -312,29 +314,113 @@ impl Coordinator {
         self.repair_wanted.notify_one();
     }
 
-    /// Records in the group that `worker` holds `blobs`.
-    pub(crate) async fn located(&self, worker: &str, blobs: Vec<Digest>) -> Result<(), String> {
+    /// Records in the group that `worker`, which said so on `conn`,
+    /// holds `blobs`. Fails if `conn` is no longer the worker's (it left
+    /// or came back since): what it held then is not known now.
+    pub(crate) async fn located(
+        &self,
+        worker: &str,
+        conn: &Connection,
+        blobs: Vec<Digest>,
+    ) -> Result<(), String> {
         if blobs.is_empty() {
             return Ok(());
         }
         // Known here at once, so recording the worker again (a new lead)
         // does not drop them before its next heartbeat tells.
-        if let Some(w) = self
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_mut(worker)
-        {
-            w.blobs.extend(blobs.iter().copied());
-        }
+        let registration = {
+            let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            match workers.get_mut(worker) {
+                Some(w) if w.conn.quic.stable_id() == conn.quic.stable_id() => {
+                    w.blobs.extend(blobs.iter().copied());
+                    w.incarnation
+                }
+                _ => return Err(format!("worker {worker} left or came back meanwhile")),
+            }
+        };
         self.member
-            .write(strata_raft::CommandV1::Located {
+            .write(strata_raft::CommandV1::Held {
                 worker: worker.to_string(),
+                registration,
                 blobs,
             })
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    /// Checks what peers reported: each (blob, holder) where a holder said
+    /// it lacks a blob it is recorded to hold. The holder is asked itself;
+    /// if it does not hold the blob, it is no longer counted as holding it
+    /// here at once, the group's records drop it, and repair copies the
+    /// blob again if it is short.
+    async fn check_lacking(&self, reported: Vec<(Digest, String)>) -> Reply {
+        if reported.len() > crate::protocol::MAX_LACKING {
+            return Reply::Error(format!(
+                "a report of {} lacking blobs is over the limit of {}",
+                reported.len(),
+                crate::protocol::MAX_LACKING
+            ));
+        }
+        let mut by_worker: BTreeMap<String, Vec<Digest>> = BTreeMap::new();
+        for (blob, holder) in reported {
+            by_worker.entry(holder).or_default().push(blob);
+        }
+        let mut dropped = 0;
+        for (worker, blobs) in by_worker {
+            let Some((conn, registration)) = self
+                .workers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&worker)
+                .filter(|w| w.alive)
+                .map(|w| (w.conn.clone(), w.incarnation))
+            else {
+                continue;
+            };
+            let mut lacks = Vec::new();
+            for blob in blobs {
+                let asked = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    crate::worker::request(&conn, &Request::HasBlob(blob)),
+                )
+                .await;
+                if let Ok(Ok(Reply::Bool(false))) = asked {
+                    lacks.push(blob);
+                }
+            }
+            if lacks.is_empty() {
+                continue;
+            }
+            tracing::warn!(%worker, blobs = lacks.len(), "a worker lacks blobs it was recorded to hold; dropping the records");
+            if let Some(w) = self
+                .workers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_mut(&worker)
+                .filter(|w| w.incarnation == registration)
+            {
+                for b in &lacks {
+                    w.blobs.remove(b);
+                }
+            }
+            dropped += lacks.len();
+            if let Err(e) = self
+                .member
+                .write(strata_raft::CommandV1::Lost {
+                    worker: worker.clone(),
+                    registration,
+                    blobs: lacks,
+                })
+                .await
+            {
+                tracing::warn!(%worker, error = %e, "cannot record that a worker lacks blobs");
+            }
+        }
+        if dropped > 0 {
+            self.repair_wanted.notify_one();
+        }
+        Reply::Ok
     }
 
     /// The workers the group records as holding `blob`.
@@ -345,16 +431,22 @@ impl Coordinator {
         })
     }
 
-    /// The workers among `names` that are alive, where they serve blobs.
-    pub(crate) fn live_workers(&self, names: &[String]) -> Vec<Holder> {
+    /// The workers among `names`, recorded as holding `blob`, that are
+    /// alive and told this coordinator they hold it (when they registered
+    /// or since), where they serve blobs. A record alone is not enough: a
+    /// worker back from a restart may have lost its store.
+    pub(crate) fn live_holders(&self, blob: &Digest, names: &[String]) -> Vec<Holder> {
         let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
         names
             .iter()
             .filter_map(|n| {
-                workers.get(n).filter(|w| w.alive).map(|w| Holder {
-                    name: n.clone(),
-                    addr: w.addr,
-                })
+                workers
+                    .get(n)
+                    .filter(|w| w.alive && w.blobs.contains(blob))
+                    .map(|w| Holder {
+                        name: n.clone(),
+                        addr: w.addr,
+                    })
             })
             .collect()
     }
@@ -364,16 +456,22 @@ impl Coordinator {
     pub(crate) fn holders(&self, blob: &Digest, except: Option<&str>) -> Vec<Holder> {
         let mut names = self.recorded_holders(blob);
         names.retain(|n| Some(n.as_str()) != except);
-        let mut out = self.live_workers(&names);
+        let mut out = self.live_holders(blob, &names);
         if self.node.content.contains(blob).unwrap_or(false) {
             out.push(self.holder());
         }
         out
     }
 
-    /// Whether `worker` holds `blob`.
+    /// Whether `worker` holds `blob`: recorded so, and told this
+    /// coordinator so.
     pub(crate) fn holds(&self, worker: &str, blob: &Digest) -> bool {
-        self.recorded_holders(blob).iter().any(|w| w == worker)
+        self.workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(worker)
+            .is_some_and(|w| w.blobs.contains(blob))
+            && self.recorded_holders(blob).iter().any(|w| w == worker)
     }
 
     async fn serve(self: Arc<Self>, conn: Connection) {
@@ -430,6 +528,7 @@ impl Coordinator {
                     Err(e) => Reply::Error(e.to_string()),
                 }
             }
+            Request::Lacking(reported) => self.check_lacking(reported).await,
             Request::Cordon { worker, cordoned } if role == Role::Admin => {
                 self.cordon(&worker, cordoned)
             }
@@ -451,8 +550,9 @@ impl Coordinator {
                             // come between.
                             if self.member.is_leader()
                                 && !blobs.is_empty()
-                                && !self.records.push(strata_raft::CommandV1::Located {
+                                && !self.records.push(strata_raft::CommandV1::Held {
                                     worker: conn.peer.name.clone(),
+                                    registration: w.incarnation,
                                     blobs,
                                 })
                             {
@@ -512,6 +612,7 @@ impl Coordinator {
                     blobs: r.blobs.into_iter().collect(),
                     recorded: false,
                     entitlements: r.entitlements,
+                    incarnation: r.incarnation,
                 },
             );
         // The worker registers with every coordinator; the leader records

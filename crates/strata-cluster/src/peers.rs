@@ -12,6 +12,26 @@ use tokio::sync::Mutex;
 
 use crate::protocol::{Holder, Request};
 
+/// Why blobs could not be fetched.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct FetchError {
+    /// What went wrong with each holder tried.
+    pub message: String,
+    /// Holders that said they do not hold a blob they were named for:
+    /// (blob, holder).
+    pub lacking: Vec<(Digest, String)>,
+}
+
+impl FetchError {
+    fn new(message: impl Into<String>) -> FetchError {
+        FetchError {
+            message: message.into(),
+            lacking: Vec::new(),
+        }
+    }
+}
+
 /// Blobs fetched at once.
 const PARALLEL_FETCHES: usize = 4;
 
@@ -56,22 +76,29 @@ impl Peers {
         blob: &Digest,
         holders: &[Holder],
         bytes_per_second: Option<u64>,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, FetchError> {
         let mut why = Vec::new();
+        let mut lacking = Vec::new();
         for h in holders {
             match self.fetch_from(cas, blob, h, bytes_per_second).await {
                 Ok(Some(n)) => return Ok(n),
-                Ok(None) => why.push(format!("{} does not hold it", h.name)),
+                Ok(None) => {
+                    why.push(format!("{} does not hold it", h.name));
+                    lacking.push((*blob, h.name.clone()));
+                }
                 Err(e) => {
                     tracing::warn!(blob = %blob, holder = %h.name, error = %e, "fetching from this holder failed; trying the next");
                     why.push(format!("{}: {e}", h.name));
                 }
             }
         }
-        Err(if why.is_empty() {
-            format!("blob {blob} is held by no live node")
-        } else {
-            format!("cannot fetch blob {blob}: {}", why.join("; "))
+        Err(FetchError {
+            message: if why.is_empty() {
+                format!("blob {blob} is held by no live node")
+            } else {
+                format!("cannot fetch blob {blob}: {}", why.join("; "))
+            },
+            lacking,
         })
     }
 
@@ -99,7 +126,7 @@ impl Peers {
         self: &Arc<Self>,
         cas: &Arc<ContentStore>,
         needed: &[(LayerRef, Vec<Holder>)],
-    ) -> Result<u64, String> {
+    ) -> Result<u64, FetchError> {
         let limit = Arc::new(tokio::sync::Semaphore::new(PARALLEL_FETCHES));
         let mut tasks = tokio::task::JoinSet::new();
         for (layer, holders) in needed {
@@ -109,16 +136,34 @@ impl Peers {
             let (me, cas, limit) = (Arc::clone(self), Arc::clone(cas), Arc::clone(&limit));
             let (blob, holders) = (layer.blob, holders.clone());
             tasks.spawn(async move {
-                let _permit = limit.acquire().await.map_err(|e| e.to_string())?;
+                let _permit = limit
+                    .acquire()
+                    .await
+                    .map_err(|e| FetchError::new(e.to_string()))?;
                 me.fetch(&cas, &blob, &holders, None).await
             });
         }
+        // Every fetch runs to its end, so every holder found lacking is
+        // known.
         let mut total = 0;
+        let mut failed: Option<FetchError> = None;
         while let Some(done) = tasks.join_next().await {
-            total += done.map_err(|e| format!("a fetch stopped: {e}"))??;
+            match done {
+                Ok(Ok(n)) => total += n,
+                Ok(Err(e)) => match &mut failed {
+                    Some(f) => f.lacking.extend(e.lacking),
+                    None => failed = Some(e),
+                },
+                Err(e) => {
+                    failed.get_or_insert_with(|| FetchError::new(format!("a fetch stopped: {e}")));
+                }
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         for (layer, _) in needed {
-            check_diff_id(cas, layer)?;
+            check_diff_id(cas, layer).map_err(FetchError::new)?;
         }
         Ok(total)
     }

@@ -547,9 +547,9 @@ impl Placement {
                 .filter(|b| !self.coord.holds(&worker, b))
                 .collect();
             self.coord
-                .located(&worker, gained)
+                .located(&worker, &conn, gained)
                 .await
-                .map_err(|e| WorkerError::new(format!("cannot record where the layer is: {e}")))?;
+                .map_err(|e| WorkerError::lost(format!("cannot record where the layer is: {e}")))?;
         }
         outcome
     }

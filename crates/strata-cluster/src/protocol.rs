@@ -110,6 +110,11 @@ pub struct Registration {
     pub blobs: Vec<Digest>,
     /// The entitlements its configuration grants steps.
     pub entitlements: strata_plan::Entitlements,
+    /// This run of the worker process: its start time in microseconds
+    /// since the epoch. The locations of its blobs are recorded under it,
+    /// so a worker back from a restart is not taken to hold what it held
+    /// before.
+    pub incarnation: u64,
 }
 
 /// One step of a build, for the worker its stage runs on.
@@ -286,7 +291,15 @@ pub enum Request {
     Copy(Box<CopyBlob>),
     /// Coordinator → worker: let a client read these blobs ([`Reply::Ok`]).
     Grant(Box<Grant>),
+    /// Worker or client → coordinator: these holders said they do not
+    /// hold these blobs, (blob, holder), at most [`MAX_LACKING`]
+    /// ([`Reply::Ok`] once the coordinator asked each and corrected its
+    /// records).
+    Lacking(Vec<(Digest, String)>),
 }
+
+/// The most (blob, holder) pairs one [`Request::Lacking`] may name.
+pub const MAX_LACKING: usize = 256;
 
 /// A single answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]

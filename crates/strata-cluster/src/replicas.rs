@@ -114,7 +114,9 @@ impl Coordinator {
             .collect();
         let mut short = Vec::new();
         for (blob, layer) in made {
-            let live = self.live_workers(&self.recorded_holders(&blob)).len();
+            let live = self
+                .live_holders(&blob, &self.recorded_holders(&blob))
+                .len();
             if live < want {
                 short.push(Short { layer, live });
             }
@@ -171,9 +173,13 @@ impl Coordinator {
         let blob = layer.blob;
         let want = self.copies_wanted();
         let recorded = self.recorded_holders(&blob);
-        let mut have = self.live_workers(&recorded).len();
+        let mut have = self.live_holders(&blob, &recorded).len();
         if have >= want {
-            return Ok(0);
+            return if have > 0 {
+                Ok(0)
+            } else {
+                Err(format!("no live worker holds blob {blob}"))
+            };
         }
         let sources = self.holders(&blob, None);
         if sources.is_empty() {
@@ -184,7 +190,9 @@ impl Coordinator {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .filter(|(n, w)| w.alive && !recorded.contains(n) && !self.is_cordoned(n))
+            .filter(|(n, w)| {
+                w.alive && !w.blobs.contains(&blob) && !recorded.contains(n) && !self.is_cordoned(n)
+            })
             .map(|(n, w)| (w.load(), n.clone(), w.conn.clone()))
             .collect();
         targets.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
@@ -204,7 +212,7 @@ impl Coordinator {
                     return Err(format!("{name} refused a copy: {e}"));
                 }
                 Ok(Reply::Copied(Err(CopyError::Failed(e)))) => why.push(format!("{name}: {e}")),
-                Ok(Reply::Copied(Ok(()))) => match self.located(&name, vec![blob]).await {
+                Ok(Reply::Copied(Ok(()))) => match self.located(&name, &conn, vec![blob]).await {
                     Ok(()) => {
                         tracing::debug!(%blob, worker = %name, "copied");
                         have += 1;
@@ -221,6 +229,21 @@ impl Coordinator {
         }
         if have < want && !why.is_empty() {
             tracing::warn!(%blob, have, want, why = %why.join("; "), "the blob is short of copies");
+        }
+        // Copying took a while: a result enters the cache only if a live
+        // worker holds its layer now, not when one did at the start.
+        if self
+            .live_holders(&blob, &self.recorded_holders(&blob))
+            .is_empty()
+        {
+            return Err(format!(
+                "no live worker holds blob {blob} after copying{}",
+                if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", why.join("; "))
+                }
+            ));
         }
         Ok(made)
     }
@@ -246,9 +269,10 @@ impl Coordinator {
             }
             let (worker, registered) = match &command {
                 CommandV1::Registered { worker, .. } => (worker.clone(), true),
-                CommandV1::Located { worker, .. } | CommandV1::Forget { worker, .. } => {
-                    (worker.clone(), false)
-                }
+                CommandV1::Located { worker, .. }
+                | CommandV1::Held { worker, .. }
+                | CommandV1::Lost { worker, .. }
+                | CommandV1::Forget { worker, .. } => (worker.clone(), false),
                 _ => continue,
             };
             match self.member.write(command).await {
@@ -292,13 +316,14 @@ impl Coordinator {
         let mut queued = self.records.push(CommandV1::Registered {
             worker: name.to_string(),
             addr: w.addr.to_string(),
-            at: strata_cas::now_unix(),
+            at: w.incarnation,
             blobs: chunks.next().map(<[Digest]>::to_vec).unwrap_or_default(),
         });
         for rest in chunks {
             queued = queued
-                && self.records.push(CommandV1::Located {
+                && self.records.push(CommandV1::Held {
                     worker: name.to_string(),
+                    registration: w.incarnation,
                     blobs: rest.to_vec(),
                 });
         }

@@ -18,9 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::ReadRights;
 use crate::config::{NodeAddress, WorkerConfig};
-use crate::peers::Peers;
+use crate::peers::{FetchError, Peers};
 use crate::protocol::{
-    BuildSpec, CopyError, ExecEvent, Holder, Registration, Reply, Request, StepRef,
+    BuildSpec, CopyError, ExecEvent, Holder, MAX_LACKING, Registration, Reply, Request, StepRef,
 };
 
 /// A build some of whose stages run here.
@@ -47,6 +47,8 @@ pub struct WorkerNode {
     grants: strata_plan::Grants,
     /// The blobs each client may read here, as coordinators granted.
     reads: Mutex<ReadRights>,
+    /// This run of the process ([`Registration::incarnation`]).
+    incarnation: u64,
 }
 
 impl std::fmt::Debug for WorkerNode {
@@ -98,6 +100,9 @@ impl WorkerNode {
             },
             name: me.name,
             reads: Mutex::default(),
+            incarnation: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
         }))
     }
 
@@ -204,6 +209,7 @@ impl WorkerNode {
                 slots: self.slots,
                 blobs: blobs.iter().copied().collect(),
                 entitlements: self.grants.granted.clone(),
+                incarnation: self.incarnation,
             }),
         )
         .await?;
@@ -285,6 +291,11 @@ impl WorkerNode {
                 send_blob(send, &self.node.content, &d, conn.addr).await?;
                 return Ok(());
             }
+            // A coordinator checking what a peer reported this worker
+            // lacks.
+            Request::HasBlob(d) if from_coordinator => {
+                Reply::Bool(self.node.content.present(&d).unwrap_or(false))
+            }
             Request::Grant(grant) if from_coordinator => {
                 self.reads
                     .lock()
@@ -293,17 +304,17 @@ impl WorkerNode {
                 Reply::Ok
             }
             Request::Execute(step) if from_coordinator => {
-                return self.execute(*step, send, conn.addr, &conn.peer.name).await;
+                return self.execute(*step, send, conn.addr, conn).await;
             }
             Request::Begin(spec) if from_coordinator => match self.begin(*spec, conn).await {
                 Ok(()) => Reply::Ok,
                 Err(e) => reply_error(e),
             },
             Request::Inputs(step) if from_coordinator => {
-                Reply::Inputs(self.inputs(*step, &conn.peer.name).await)
+                Reply::Inputs(self.inputs(*step, conn).await)
             }
             Request::Artifact(step) if from_coordinator => {
-                Reply::Artifact(self.artifact(*step, &conn.peer.name).await)
+                Reply::Artifact(self.artifact(*step, conn).await)
             }
             Request::Copy(copy) if from_coordinator => {
                 let layer = &copy.layer;
@@ -328,7 +339,10 @@ impl WorkerNode {
                                 Err(CopyError::NotTheLayer(e))
                             }
                         },
-                        Err(e) => Err(CopyError::Failed(e)),
+                        Err(e) => {
+                            report_lacking(&e, conn).await;
+                            Err(CopyError::Failed(e.message))
+                        }
                     },
                 )
             }
@@ -371,7 +385,8 @@ impl WorkerNode {
                     std::slice::from_ref(&coordinator),
                     None,
                 )
-                .await?;
+                .await
+                .map_err(|e| e.message)?;
         }
         let tmp = self.node.home().join("tmp");
         let node = Arc::clone(&self.node);
@@ -419,22 +434,21 @@ impl WorkerNode {
     }
 
     /// What a step needs that is elsewhere, fetched.
-    async fn fetch(&self, step: &StepRef) -> Result<(), WorkerError> {
-        self.peers
-            .ensure(&self.node.content, &step.fetch)
-            .await
-            .map(|_| ())
-            .map_err(WorkerError::new)
+    async fn fetch(&self, step: &StepRef, coordinator: &Connection) -> Result<(), WorkerError> {
+        match self.peers.ensure(&self.node.content, &step.fetch).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(lacking(e, coordinator).await),
+        }
     }
 
-    async fn inputs(&self, step: StepRef, from: &str) -> Result<Vec<Digest>, WorkerError> {
+    async fn inputs(&self, step: StepRef, from: &Connection) -> Result<Vec<Digest>, WorkerError> {
         self.on_step(step, from, |worker, stage, s, sources| {
             worker.inputs(stage, &stage.steps[s], sources)
         })
         .await
     }
 
-    async fn artifact(&self, step: StepRef, from: &str) -> Result<Digest, WorkerError> {
+    async fn artifact(&self, step: StepRef, from: &Connection) -> Result<Digest, WorkerError> {
         self.on_step(step, from, |worker, stage, s, sources| {
             worker.artifact(&stage.steps[s], sources)
         })
@@ -446,7 +460,7 @@ impl WorkerNode {
     async fn on_step<T: Send + 'static>(
         &self,
         step: StepRef,
-        from: &str,
+        from: &Connection,
         f: impl FnOnce(
             &LocalWorker,
             &StagePlan,
@@ -456,8 +470,8 @@ impl WorkerNode {
         + Send
         + 'static,
     ) -> Result<T, WorkerError> {
-        let here = self.build(from, step.build)?;
-        self.fetch(&step).await?;
+        let here = self.build(&from.peer.name, step.build)?;
+        self.fetch(&step, from).await?;
         tokio::task::spawn_blocking(move || {
             let (stage, s) = locate(&here.plan, &step)?;
             let sources = sources(&here.plan, &step);
@@ -472,15 +486,18 @@ impl WorkerNode {
         &self,
         here: &Arc<BuildHere>,
         step: &StepRef,
+        coordinator: &Connection,
     ) -> Result<(), WorkerError> {
         let Some((blob, holders)) = &step.artifact else {
             return Ok(());
         };
-        if !self.node.content.contains(blob).unwrap_or(false) {
-            self.peers
+        if !self.node.content.contains(blob).unwrap_or(false)
+            && let Err(e) = self
+                .peers
                 .fetch(&self.node.content, blob, holders, None)
                 .await
-                .map_err(WorkerError::new)?;
+        {
+            return Err(lacking(e, coordinator).await);
         }
         let (here, step, blob) = (Arc::clone(here), step.clone(), *blob);
         let node = Arc::clone(&self.node);
@@ -515,7 +532,7 @@ impl WorkerNode {
         step: StepRef,
         send: &mut quinn::SendStream,
         peer: SocketAddr,
-        from: &str,
+        from: &Connection,
     ) -> Result<(), strata_net::Error> {
         self.running.fetch_add(1, Ordering::Relaxed);
         let outcome = self.execute_step(step, send, peer, from).await;
@@ -532,11 +549,11 @@ impl WorkerNode {
         step: StepRef,
         send: &mut quinn::SendStream,
         peer: SocketAddr,
-        from: &str,
+        from: &Connection,
     ) -> Result<Result<Option<strata_oci::LayerRef>, WorkerError>, WorkerError> {
-        let here = self.build(from, step.build)?;
-        self.fetch(&step).await?;
-        self.provide_artifact(&here, &step).await?;
+        let here = self.build(&from.peer.name, step.build)?;
+        self.fetch(&step, from).await?;
+        self.provide_artifact(&here, &step, from).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
         let cancel = CancellationToken::new();
         let job_cancel = cancel.clone();
@@ -614,6 +631,33 @@ pub(crate) async fn request(conn: &Connection, req: &Request) -> Result<Reply, S
         .ok_or_else(|| format!("{} closed the stream without answering", conn.peer))
 }
 
+/// Tells the coordinator on `coordinator` which holders a failed fetch
+/// found lacking what they were named for, so that it checks them and
+/// corrects its records. Best effort: the fetch has failed either way.
+pub(crate) async fn report_lacking(e: &FetchError, coordinator: &Connection) {
+    if e.lacking.is_empty() {
+        return;
+    }
+    let report = Request::Lacking(e.lacking.iter().take(MAX_LACKING).cloned().collect());
+    if let Err(why) = request(coordinator, &report).await {
+        tracing::warn!(error = %why, "cannot tell the coordinator of holders lacking blobs");
+    }
+}
+
+/// A step's failed fetch as the step's error: when a holder lacked a blob
+/// it was named for, the coordinator hears of it, and the stage starts
+/// over (as when a worker is lost) with the records corrected.
+async fn lacking(e: FetchError, coordinator: &Connection) -> WorkerError {
+    if e.lacking.is_empty() {
+        return WorkerError::new(e.message);
+    }
+    report_lacking(&e, coordinator).await;
+    WorkerError::lost(format!(
+        "{}: the cluster's records of it are corrected; the stage starts over",
+        e.message
+    ))
+}
+
 /// A request's name, for refusals.
 pub(crate) fn request_name(r: &Request) -> &'static str {
     match r {
@@ -633,5 +677,6 @@ pub(crate) fn request_name(r: &Request) -> &'static str {
         Request::End(_) => "to end a build",
         Request::Copy(_) => "to take a copy of a blob",
         Request::Grant(_) => "to let a client read blobs",
+        Request::Lacking(_) => "a report of holders lacking blobs",
     }
 }

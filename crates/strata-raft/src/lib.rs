@@ -78,7 +78,9 @@ pub enum CommandV1 {
         /// The cache key.
         key: Digest,
     },
-    /// `worker` gained `blobs` (it ran a step, fetched, or took a copy).
+    /// `worker` gained `blobs`, whichever registration it is in. Written
+    /// by earlier versions, and applied as they did; new records are
+    /// [`CommandV1::Held`].
     Located {
         /// The worker's name.
         worker: String,
@@ -103,9 +105,35 @@ pub enum CommandV1 {
         worker: String,
         /// Where it serves blobs.
         addr: String,
-        /// When it registered (seconds since the epoch).
+        /// The registration: the worker process's own id, its start time
+        /// in microseconds since the epoch (earlier versions: the
+        /// registration's time in seconds). A worker back from a restart,
+        /// its store wiped or not, has a higher one.
         at: u64,
         /// Every blob in its store.
+        blobs: Vec<Digest>,
+    },
+    /// `worker`, in registration `registration`, gained `blobs` (it ran a
+    /// step, fetched, or took a copy). Applied only if no later
+    /// registration of the worker is recorded: what a worker held before
+    /// it came back is not what it holds now.
+    Held {
+        /// The worker's name.
+        worker: String,
+        /// The registration the blobs were gained in (its `at`).
+        registration: u64,
+        /// The blobs.
+        blobs: Vec<Digest>,
+    },
+    /// `worker`, in registration `registration`, does not hold `blobs`
+    /// though recorded to (asked, it said so). Applied only while that
+    /// registration is the recorded one.
+    Lost {
+        /// The worker's name.
+        worker: String,
+        /// The registration it said so in.
+        registration: u64,
+        /// The blobs.
         blobs: Vec<Digest>,
     },
 }

@@ -358,6 +358,26 @@ impl StateMachine {
             .collect())
     }
 
+    /// Records in `batch` that `worker` holds `blobs`.
+    fn add_holder(
+        &self,
+        batch: &mut WriteBatch,
+        worker: &str,
+        blobs: &[Digest],
+    ) -> Result<Response, AnyError> {
+        let mut changed = BTreeMap::new();
+        for blob in blobs {
+            let mut holders = self.holders(blob)?;
+            if !holders.iter().any(|w| w == worker) {
+                holders.push(worker.to_string());
+                changed.insert(*blob, holders);
+            }
+        }
+        let any = !changed.is_empty();
+        self.put_holders(batch, changed)?;
+        Ok(Response { changed: any })
+    }
+
     /// Applies one command to `batch`, reading what it changes.
     fn apply_command(&self, batch: &mut WriteBatch, cmd: &Command) -> Result<Response, AnyError> {
         let Command::V1(cmd) = cmd;
@@ -409,12 +429,34 @@ impl StateMachine {
                 batch.put_cf(self.db.cf(WORKERS), worker.as_bytes(), encode(&record)?);
                 Ok(Response { changed: true })
             }
-            C::Located { worker, blobs } => {
+            C::Located { worker, blobs } => self.add_holder(batch, worker, blobs),
+            C::Held {
+                worker,
+                registration,
+                blobs,
+            } => {
+                let record: Option<WorkerRecord> = read(&self.db, WORKERS, worker.as_bytes())?;
+                // Gained before the worker came back: its store is not
+                // what it was.
+                if record.is_some_and(|r| r.registered > *registration) {
+                    return Ok(Response { changed: false });
+                }
+                self.add_holder(batch, worker, blobs)
+            }
+            C::Lost {
+                worker,
+                registration,
+                blobs,
+            } => {
+                let record: Option<WorkerRecord> = read(&self.db, WORKERS, worker.as_bytes())?;
+                if record.is_none_or(|r| r.registered != *registration) {
+                    return Ok(Response { changed: false });
+                }
                 let mut changed = BTreeMap::new();
                 for blob in blobs {
                     let mut holders = self.holders(blob)?;
-                    if !holders.contains(worker) {
-                        holders.push(worker.clone());
+                    if let Some(i) = holders.iter().position(|w| w == worker) {
+                        holders.remove(i);
                         changed.insert(*blob, holders);
                     }
                 }
@@ -741,6 +783,47 @@ mod tests {
         assert_eq!(sm.locations().unwrap().len(), 1);
         let workers: Vec<String> = sm.workers().unwrap().into_iter().map(|(n, _)| n).collect();
         assert_eq!(workers, ["w1"]);
+    }
+
+    #[test]
+    fn a_location_from_before_a_worker_came_back_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::new(open(dir.path()).unwrap());
+        let register = |at| CommandV1::Registered {
+            worker: "w".into(),
+            addr: "127.0.0.1:1".into(),
+            at,
+            blobs: vec![],
+        };
+        let held = |registration, b| CommandV1::Held {
+            worker: "w".into(),
+            registration,
+            blobs: vec![blob(b)],
+        };
+        let lost = |registration, b| CommandV1::Lost {
+            worker: "w".into(),
+            registration,
+            blobs: vec![blob(b)],
+        };
+        apply(&sm, register(100));
+        assert!(apply(&sm, held(100, 1)));
+        // The worker comes back with a wiped store (registration 200)
+        // while a location of its first life is still on its way: the
+        // late location names no blob it holds, and is dropped.
+        apply(&sm, register(200));
+        assert!(!apply(&sm, held(100, 2)));
+        assert!(sm.holders(&blob(2)).unwrap().is_empty());
+        assert!(sm.holders(&blob(1)).unwrap().is_empty());
+        // A location of a registration not recorded yet is taken: the
+        // registration, when it comes, says all the worker holds.
+        assert!(apply(&sm, held(300, 3)));
+        assert_eq!(sm.holders(&blob(3)).unwrap(), ["w"]);
+        // A worker asked, saying it lacks a blob, loses it; a word from an
+        // earlier registration changes nothing.
+        assert!(apply(&sm, held(200, 4)));
+        assert!(!apply(&sm, lost(100, 4)));
+        assert!(apply(&sm, lost(200, 4)));
+        assert!(sm.holders(&blob(4)).unwrap().is_empty());
     }
 
     #[tokio::test]

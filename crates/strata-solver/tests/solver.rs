@@ -474,11 +474,7 @@ async fn a_build_sharing_a_step_ends_only_once_the_step_is_published() {
     });
     // Each build, as it ends, sees how many layers were published.
     let build = || {
-        let (solver, plan, worker) = (
-            Arc::clone(&solver),
-            Arc::clone(&plan),
-            Arc::clone(&worker),
-        );
+        let (solver, plan, worker) = (Arc::clone(&solver), Arc::clone(&plan), Arc::clone(&worker));
         tokio::spawn(async move {
             let solved = solver.solve(plan, opts()).await.unwrap();
             (solved, worker.published.lock().unwrap().len())
