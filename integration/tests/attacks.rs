@@ -6,6 +6,7 @@
 
 use std::path::Path;
 use std::process::Output;
+use std::time::Duration;
 
 use strata_cas::{Digest, Sha256};
 use strata_cluster::config::ClientConfig;
@@ -300,6 +301,70 @@ fn a_client_over_its_upload_quota_is_refused_with_the_setting_named() {
     let small = tempfile::tempdir().unwrap();
     dockerfile(small.path(), "FROM busybox:latest\nRUN echo ok > /ok\n");
     cluster.build(&s, small.path(), &[]);
+}
+
+/// `n` QUIC Initial packets (TLS ClientHellos) a client with the
+/// credentials of `client` sends when it dials, captured on a socket that
+/// never answers.
+fn captured_client_hellos(client: &Path, n: usize) -> Vec<Vec<u8>> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let config = ClientConfig::load(client).unwrap();
+        let dialer = strata_net::Endpoint::dialer(&config.tls.identity().unwrap()).unwrap();
+        let tap = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tap_addr = tap.local_addr().unwrap();
+        let mut hellos = Vec::new();
+        for _ in 0..n {
+            let d = dialer.clone();
+            let attempt = tokio::spawn(async move { d.connect(tap_addr).await });
+            let mut buf = vec![0u8; 65_536];
+            let (len, _) = tap.recv_from(&mut buf).await.unwrap();
+            hellos.push(buf[..len].to_vec());
+            attempt.abort();
+        }
+        hellos
+    })
+}
+
+#[test]
+fn replayed_handshakes_do_not_stop_a_client_that_keeps_working() {
+    let cluster = Cluster::start(1, 5);
+    let coordinator = *blob_services(&cluster).last().unwrap();
+    let hellos = captured_client_hellos(&cluster.client(), 40);
+    // The attacker replays a captured ClientHello from a new port every
+    // 100 ms, each a handshake that never finishes, for as long as the
+    // client works.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let replayer = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut sockets = Vec::new();
+            for hello in hellos.iter().cycle() {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                s.send_to(hello, coordinator).unwrap();
+                sockets.push(s);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            sockets.len()
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    // Meanwhile every status call answers (a coordinator that awaited
+    // the stalled handshakes in turn let the client's 3 s connect time
+    // run out), and a build goes through.
+    for _ in 0..5 {
+        let status = cluster.status();
+        assert!(status.contains("worker-1"), "{status}");
+    }
+    let ctx = tempfile::tempdir().unwrap();
+    dockerfile(ctx.path(), "FROM busybox:latest\nRUN echo through > /f\n");
+    cluster.build(&Strata::new(), ctx.path(), &[]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let replayed = replayer.join().unwrap();
+    assert!(replayed >= 10, "only {replayed} handshakes were replayed");
 }
 
 #[test]
