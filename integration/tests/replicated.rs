@@ -619,3 +619,69 @@ fn a_layer_its_holder_lost_is_dropped_from_the_records_and_built_again() {
     let third = cluster.build(&Strata::new(), ctx.path(), &["-t", "lost:1"]);
     assert_eq!(runs(&third), 0, "{third}");
 }
+
+/// Sets `name = value` in worker `worker`'s config (ahead of its tables).
+fn set_worker(cluster: &Cluster, worker: &str, name: &str, value: &str) {
+    let path = cluster.path().join(format!("{worker}.toml"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{name} = {value}\n{text}")).unwrap();
+}
+
+#[test]
+fn a_worker_stays_within_keep_storage_and_evicted_steps_run_again() {
+    const KEEP: u64 = 12 << 20;
+    let cluster = Cluster::start_with(1, 1, &[("replication", "1".into())]);
+    let worker = cluster.worker_names()[0].clone();
+    cluster.kill(&worker);
+    set_worker(&cluster, &worker, "keep_storage", &KEEP.to_string());
+    cluster.up();
+    // Twelve builds, each making a 3 MB layer of its own: 36 MB of layers
+    // through a store that keeps 12.
+    let contexts: Vec<tempfile::TempDir> = (0..12)
+        .map(|i| {
+            let ctx = tempfile::tempdir().unwrap();
+            write_files(
+                ctx.path(),
+                &[(
+                    "Dockerfile",
+                    &format!(
+                        "FROM busybox:latest\n\
+                         RUN head -c 3000000 /dev/urandom > /layer-{i}\n"
+                    ),
+                )],
+            );
+            ctx
+        })
+        .collect();
+    for ctx in &contexts {
+        let report = cluster.build(&Strata::new(), ctx.path(), &[]);
+        assert_eq!(runs(&report), 1, "{report}");
+    }
+    // Once the newest layers are past their grace, the store is back
+    // within its bound, and the index no longer offers what went.
+    let status = cluster.wait_for(Duration::from_secs(60), |_| {
+        let held = cluster.blob_bytes(&worker);
+        eprintln!("{worker} holds {held} bytes of blobs");
+        held <= KEEP
+    });
+    eprintln!(
+        "{worker} holds {} bytes of blobs (keep_storage {KEEP})\n{status}",
+        cluster.blob_bytes(&worker)
+    );
+    // A worker killed in the middle of evicting, and started again, leaves
+    // no cache hit pointing at a layer it lost: every build succeeds,
+    // the evicted ones by running their step again.
+    cluster.kill(&worker);
+    cluster.wait_for(Duration::from_secs(60), |s| {
+        s.lines()
+            .any(|l| l.starts_with(&worker) && l.contains(" gone "))
+    });
+    cluster.up();
+    let mut ran = 0;
+    for ctx in &contexts {
+        let report = cluster.build(&Strata::new(), ctx.path(), &[]);
+        ran += runs(&report);
+    }
+    assert!(ran >= 8, "only {ran} of 12 evicted steps ran again");
+    assert!(ran <= 12);
+}

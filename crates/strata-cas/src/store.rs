@@ -472,7 +472,10 @@ impl ContentStore {
     /// Removes a blob: metadata first, then the file, so metadata never
     /// points at a missing file. A leased blob is refused.
     pub fn delete(&self, d: &Digest) -> Result<bool> {
-        if self.leased().contains_key(d) {
+        // Held through the delete: a lease taken meanwhile either comes
+        // first (and the blob stays) or finds it gone.
+        let leases = self.leases.lock().unwrap_or_else(PoisonError::into_inner);
+        if leases.contains_key(d) {
             return Ok(false);
         }
         let Some(info) = self.info(d)? else {

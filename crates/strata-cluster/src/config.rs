@@ -319,6 +319,14 @@ pub struct WorkerConfig {
     /// `network.host`, `security.insecure`. None by default.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub insecure_entitlements: Vec<strata_plan::Entitlement>,
+    /// Bytes of blobs (layers, copies, contexts) it keeps at most: past
+    /// that, the least recently used go, spare copies first. Unset: a
+    /// tenth of the filesystem its state directory is on, as buildkitd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_storage: Option<u64>,
+    /// Seconds a blob no build used is kept at most. Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_duration: Option<u64>,
     /// Its credentials.
     #[serde(default = "default_worker_tls")]
     pub tls: TlsFiles,
@@ -410,7 +418,8 @@ impl CoordinatorConfig {
 
 impl WorkerConfig {
     /// Reads `path`, then `STRATA_COORDINATOR`, `STRATA_LISTEN`,
-    /// `STRATA_ADVERTISE`, `STRATA_HOME` and `STRATA_SLOTS`.
+    /// `STRATA_ADVERTISE`, `STRATA_HOME`, `STRATA_SLOTS`,
+    /// `STRATA_KEEP_STORAGE` and `STRATA_KEEP_DURATION`.
     pub fn load(path: &Path) -> Result<WorkerConfig, ConfigError> {
         let mut c: WorkerConfig = load(path)?;
         if let Ok(value) = std::env::var("STRATA_COORDINATOR") {
@@ -432,6 +441,16 @@ impl WorkerConfig {
         }
         override_with("STRATA_HOME", &mut c.home)?;
         override_with("STRATA_SLOTS", &mut c.slots)?;
+        for (var, field) in [
+            ("STRATA_KEEP_STORAGE", &mut c.keep_storage),
+            ("STRATA_KEEP_DURATION", &mut c.keep_duration),
+        ] {
+            if std::env::var_os(var).is_some() {
+                let mut v = field.unwrap_or_default();
+                override_with(var, &mut v)?;
+                *field = Some(v);
+            }
+        }
         if c.slots == 0 {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),

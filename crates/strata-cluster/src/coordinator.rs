@@ -349,6 +349,33 @@ impl Coordinator {
             .map_err(|e| e.to_string())
     }
 
+    /// For each of `blobs`, whether `worker` may drop its copy with no
+    /// loss: the coordinator holds it, or enough other live workers do.
+    fn spare(&self, worker: &str, blobs: &[Digest]) -> Reply {
+        if blobs.len() > crate::protocol::MAX_SPARE_ASKED {
+            return Reply::Error(format!(
+                "asked about {} blobs, over the limit of {}",
+                blobs.len(),
+                crate::protocol::MAX_SPARE_ASKED
+            ));
+        }
+        Reply::Spare(
+            blobs
+                .iter()
+                .map(|b| {
+                    self.node.content.contains(b).unwrap_or(false) || {
+                        let others = self
+                            .live_holders(b, &self.recorded_holders(b))
+                            .into_iter()
+                            .filter(|h| h.name != worker)
+                            .count();
+                        others >= self.replication
+                    }
+                })
+                .collect(),
+        )
+    }
+
     /// Checks what peers reported: each (blob, holder) where a holder said
     /// it lacks a blob it is recorded to hold. The holder is asked itself;
     /// if it does not hold the blob, it is no longer counted as holding it
@@ -410,11 +437,22 @@ impl Coordinator {
                 .write(strata_raft::CommandV1::Lost {
                     worker: worker.clone(),
                     registration,
-                    blobs: lacks,
+                    blobs: lacks.clone(),
                 })
                 .await
             {
                 tracing::warn!(%worker, error = %e, "cannot record that a worker lacks blobs");
+                continue;
+            }
+            // Answered once this member has applied it too: the stage the
+            // reporter starts over is placed on these records.
+            let applied = Instant::now();
+            while lacks
+                .iter()
+                .any(|b| self.recorded_holders(b).contains(&worker))
+                && applied.elapsed() < Duration::from_secs(2)
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         if dropped > 0 {
@@ -432,21 +470,28 @@ impl Coordinator {
     }
 
     /// The workers among `names`, recorded as holding `blob`, that are
-    /// alive and told this coordinator they hold it (when they registered
-    /// or since), where they serve blobs. A record alone is not enough: a
-    /// worker back from a restart may have lost its store.
+    /// alive, where they serve blobs. A record of the worker's run now
+    /// (its registration) is enough; one of an earlier run (the worker came
+    /// back and the group has not recorded it yet) counts only if the
+    /// worker told this coordinator it holds the blob: it may have lost its
+    /// store.
     pub(crate) fn live_holders(&self, blob: &Digest, names: &[String]) -> Vec<Holder> {
         let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
         names
             .iter()
             .filter_map(|n| {
-                workers
-                    .get(n)
-                    .filter(|w| w.alive && w.blobs.contains(blob))
-                    .map(|w| Holder {
-                        name: n.clone(),
-                        addr: w.addr,
-                    })
+                let w = workers.get(n).filter(|w| w.alive)?;
+                let current = self
+                    .member
+                    .local()
+                    .worker(n)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| r.registered == w.incarnation);
+                (current || w.blobs.contains(blob)).then(|| Holder {
+                    name: n.clone(),
+                    addr: w.addr,
+                })
             })
             .collect()
     }
@@ -463,15 +508,12 @@ impl Coordinator {
         out
     }
 
-    /// Whether `worker` holds `blob`: recorded so, and told this
-    /// coordinator so.
+    /// Whether `worker` holds `blob`, as [`Coordinator::live_holders`]
+    /// counts holders.
     pub(crate) fn holds(&self, worker: &str, blob: &Digest) -> bool {
-        self.workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(worker)
-            .is_some_and(|w| w.blobs.contains(blob))
-            && self.recorded_holders(blob).iter().any(|w| w == worker)
+        let names = self.recorded_holders(blob);
+        names.iter().any(|w| w == worker)
+            && !self.live_holders(blob, &[worker.to_string()]).is_empty()
     }
 
     async fn serve(self: Arc<Self>, conn: Connection) {
@@ -529,6 +571,7 @@ impl Coordinator {
                 }
             }
             Request::Lacking(reported) => self.check_lacking(reported).await,
+            Request::Spare(blobs) if role == Role::Worker => self.spare(&conn.peer.name, &blobs),
             Request::Cordon { worker, cordoned } if role == Role::Admin => {
                 self.cordon(&worker, cordoned)
             }
@@ -536,7 +579,11 @@ impl Coordinator {
                 self.register(conn, r);
                 Reply::Ok
             }
-            Request::Heartbeat { running, blobs } if role == Role::Worker => {
+            Request::Heartbeat {
+                running,
+                blobs,
+                dropped,
+            } if role == Role::Worker => {
                 let gained = blobs.len();
                 let current = {
                     let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
@@ -544,6 +591,19 @@ impl Coordinator {
                         Some(w) if w.alive && w.conn.quic.stable_id() == conn.quic.stable_id() => {
                             w.last_seen = Instant::now();
                             w.blobs.extend(blobs.iter().copied());
+                            for d in &dropped {
+                                w.blobs.remove(d);
+                            }
+                            if self.member.is_leader()
+                                && !dropped.is_empty()
+                                && !self.records.push(strata_raft::CommandV1::Lost {
+                                    worker: conn.peer.name.clone(),
+                                    registration: w.incarnation,
+                                    blobs: dropped,
+                                })
+                            {
+                                w.recorded = false;
+                            }
                             // The worker tells every coordinator; the
                             // leader records it, queued under the lock so
                             // a registration of the same worker cannot
@@ -703,6 +763,7 @@ impl Coordinator {
             crate::replicas::Census {
                 entries: 0,
                 short: Vec::new(),
+                orphans: Vec::new(),
             }
         });
         let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);

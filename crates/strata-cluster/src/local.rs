@@ -191,6 +191,8 @@ pub fn init(
                 home: format!("state/{name}").into(),
                 slots: 2,
                 insecure_entitlements: Vec::new(),
+                keep_storage: None,
+                keep_duration: None,
                 tls: tls(&name),
             },
         )

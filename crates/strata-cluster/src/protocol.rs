@@ -267,13 +267,21 @@ pub enum Request {
     /// Worker → coordinator, first on its connection ([`Reply::Ok`]).
     Register(Registration),
     /// Worker → coordinator: still here, running this many steps, holding
-    /// these blobs it had not told this coordinator of.
+    /// these blobs it had not told this coordinator of, and no longer
+    /// holding those it dropped.
     Heartbeat {
         /// Steps running now.
         running: usize,
         /// Blobs gained since the last heartbeat.
         blobs: Vec<Digest>,
+        /// Blobs deleted since the last heartbeat (evicted to stay within
+        /// its bounds, or pruned).
+        dropped: Vec<Digest>,
     },
+    /// Worker → coordinator: which of these blobs are spare copies, that
+    /// enough other live workers (or the coordinator) hold, at most
+    /// [`MAX_SPARE_ASKED`] ([`Reply::Spare`], in the same order).
+    Spare(Vec<Digest>),
     /// Coordinator → worker: a build some of whose stages it will run
     /// ([`Reply::Ok`] once the worker has the context and the same plan).
     Begin(Box<BuildSpec>),
@@ -298,6 +306,9 @@ pub enum Request {
     Lacking(Vec<(Digest, String)>),
 }
 
+/// The most blobs one [`Request::Spare`] may ask about.
+pub const MAX_SPARE_ASKED: usize = 100_000;
+
 /// The most (blob, holder) pairs one [`Request::Lacking`] may name.
 pub const MAX_LACKING: usize = 256;
 
@@ -318,4 +329,6 @@ pub enum Reply {
     Artifact(Result<Digest, WorkerError>),
     /// A copy taken, or why not.
     Copied(Result<(), CopyError>),
+    /// For each blob asked about, whether it is a spare copy.
+    Spare(Vec<bool>),
 }

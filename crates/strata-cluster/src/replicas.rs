@@ -73,6 +73,10 @@ pub(crate) struct Census {
     pub entries: usize,
     /// Layers of cached results with fewer live copies than wanted.
     pub short: Vec<Short>,
+    /// Cache entries whose layer no worker is recorded to hold any more
+    /// (every copy evicted, lost, or its workers forgotten): a hit on them
+    /// could only run the step again.
+    pub orphans: Vec<Digest>,
 }
 
 /// A layer of a cached result and the live workers holding it.
@@ -100,11 +104,20 @@ impl Coordinator {
     /// workers. It reads every entry: call it off the runtime's threads.
     pub(crate) fn census(&self) -> Result<Census, String> {
         let entries = self.member.local().entries().map_err(|e| e.to_string())?;
+        let mut orphans = Vec::new();
+        for (key, e) in &entries {
+            if let Some(l) = e.layers.last().filter(|_| e.made_layer)
+                && self.recorded_holders(&l.blob).is_empty()
+            {
+                orphans.push(*key);
+            }
+        }
         let want = self.copies_wanted();
         if want == 0 {
             return Ok(Census {
                 entries: entries.len(),
                 short: Vec::new(),
+                orphans,
             });
         }
         let made: HashMap<Digest, LayerRef> = entries
@@ -124,6 +137,7 @@ impl Coordinator {
         Ok(Census {
             entries: entries.len(),
             short,
+            orphans,
         })
     }
 
@@ -313,12 +327,28 @@ impl Coordinator {
         };
         let blobs: Vec<Digest> = w.blobs.iter().copied().collect();
         let mut chunks = blobs.chunks(BLOBS_PER_RECORD);
-        let mut queued = self.records.push(CommandV1::Registered {
-            worker: name.to_string(),
-            addr: w.addr.to_string(),
-            at: w.incarnation,
-            blobs: chunks.next().map(<[Digest]>::to_vec).unwrap_or_default(),
-        });
+        // A run of the worker the group has recorded already (a new
+        // leader recording it again) only gains: replacing its list with
+        // what this coordinator heard would drop what another coordinator
+        // recorded a moment ago, before the worker's heartbeat said so
+        // here.
+        let recorded = self
+            .member
+            .local()
+            .worker(name)
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.registered == w.incarnation);
+        let mut queued = if recorded {
+            true
+        } else {
+            self.records.push(CommandV1::Registered {
+                worker: name.to_string(),
+                addr: w.addr.to_string(),
+                at: w.incarnation,
+                blobs: chunks.next().map(<[Digest]>::to_vec).unwrap_or_default(),
+            })
+        };
         for rest in chunks {
             queued = queued
                 && self.records.push(CommandV1::Held {
@@ -416,8 +446,8 @@ impl Coordinator {
                 continue;
             }
             let me = Arc::clone(&self);
-            let short = match tokio::task::spawn_blocking(move || me.census()).await {
-                Ok(Ok(c)) => c.short,
+            let census = match tokio::task::spawn_blocking(move || me.census()).await {
+                Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot list the cached layers");
                     continue;
@@ -427,7 +457,17 @@ impl Coordinator {
                     continue;
                 }
             };
-            for s in short.into_iter().filter(|s| s.live > 0) {
+            for key in census.orphans {
+                match self.member.write(CommandV1::Remove { key }).await {
+                    Ok(_) => {
+                        tracing::info!(%key, "no worker holds the layer of a cache entry any more: entry removed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(%key, error = %e, "cannot remove a cache entry whose layer is gone")
+                    }
+                }
+            }
+            for s in census.short.into_iter().filter(|s| s.live > 0) {
                 if !self.member.is_leader() {
                     break;
                 }

@@ -49,6 +49,10 @@ pub struct WorkerNode {
     reads: Mutex<ReadRights>,
     /// This run of the process ([`Registration::incarnation`]).
     incarnation: u64,
+    /// How much its store keeps.
+    keep: strata_worker::Keep,
+    /// Its connections to coordinators, while registered.
+    registered: Mutex<Vec<Connection>>,
 }
 
 impl std::fmt::Debug for WorkerNode {
@@ -100,6 +104,14 @@ impl WorkerNode {
             },
             name: me.name,
             reads: Mutex::default(),
+            keep: strata_worker::Keep {
+                storage: Some(match config.keep_storage {
+                    Some(bytes) => bytes,
+                    None => tenth_of_filesystem(&config.home)?,
+                }),
+                duration: config.keep_duration,
+            },
+            registered: Mutex::default(),
             incarnation: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
@@ -124,6 +136,7 @@ impl WorkerNode {
                 tokio::spawn(Arc::clone(&me).serve(conn));
             }
         });
+        let evicting = tokio::spawn(Arc::clone(&self).evict_forever());
         // Every coordinator of the group gets the worker: any of them may
         // place stages on it, and losing one leaves the others in touch.
         let mut serving = tokio::task::JoinSet::new();
@@ -131,6 +144,7 @@ impl WorkerNode {
             serving.spawn(Arc::clone(&self).serve_coordinator(at, shutdown.clone()));
         }
         while serving.join_next().await.is_some() {}
+        evicting.abort();
         self.endpoint.close();
     }
 
@@ -144,11 +158,19 @@ impl WorkerNode {
                     backoff = Duration::from_millis(200);
                     tracing::info!(worker = %self.name, coordinator = %at, "registered");
                     let serving = tokio::spawn(Arc::clone(&self).serve(conn.clone()));
+                    self.registered
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(conn.clone());
                     tokio::select! {
                         () = self.heartbeat(&conn, reported) => {}
                         () = shutdown.cancelled() => {}
                     }
                     serving.abort();
+                    self.registered
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .retain(|c| c.quic.stable_id() != conn.quic.stable_id());
                     // The coordinator counts this worker lost with the
                     // connection and starts its stages over elsewhere: its
                     // builds here (their contexts) are done with.
@@ -231,24 +253,33 @@ impl WorkerNode {
     ) {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let (listed, gained): (u64, Vec<Digest>) = if self.node.content.changes() == changes {
-                (changes, Vec::new())
-            } else {
-                match self.blobs() {
-                    Ok((listed, now)) => (listed, now.difference(&reported).copied().collect()),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot list this worker's blobs");
-                        (changes, Vec::new())
+            let (listed, gained, dropped): (u64, Vec<Digest>, Vec<Digest>) =
+                if self.node.content.changes() == changes {
+                    (changes, Vec::new(), Vec::new())
+                } else {
+                    match self.blobs() {
+                        Ok((listed, now)) => (
+                            listed,
+                            now.difference(&reported).copied().collect(),
+                            reported.difference(&now).copied().collect(),
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot list this worker's blobs");
+                            (changes, Vec::new(), Vec::new())
+                        }
                     }
-                }
-            };
+                };
             let beat = Request::Heartbeat {
                 running: self.running.load(Ordering::Relaxed),
                 blobs: gained.clone(),
+                dropped: dropped.clone(),
             };
             match tokio::time::timeout(Duration::from_secs(5), request(conn, &beat)).await {
                 Ok(Ok(Reply::Ok)) => {
                     reported.extend(gained);
+                    for d in &dropped {
+                        reported.remove(d);
+                    }
                     changes = listed;
                 }
                 Ok(Ok(Reply::Error(e))) if e.contains("not registered") => return,
@@ -260,6 +291,89 @@ impl WorkerNode {
                 Err(_) => return,
             }
         }
+    }
+
+    /// Keeps the store within its bounds, every [`EVICT_EVERY`], until the
+    /// worker stops: the least recently used blobs that no running build
+    /// holds go, spare copies (as a coordinator sees them) first. Each
+    /// coordinator hears of what went with the next heartbeat.
+    async fn evict_forever(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(EVICT_EVERY).await;
+            if let Err(e) = self.evict_once().await {
+                tracing::warn!(error = %e, "cannot evict from this worker's store");
+            }
+        }
+    }
+
+    async fn evict_once(&self) -> Result<(), String> {
+        let now = strata_cas::now_unix();
+        let node = Arc::clone(&self.node);
+        let (total, candidates) =
+            tokio::task::spawn_blocking(move || strata_worker::candidates(&node, now))
+                .await
+                .map_err(|e| e.to_string())??;
+        let keep = self.keep;
+        tracing::debug!(
+            total,
+            candidates = candidates.len(),
+            ?keep,
+            "looking at the store's bounds"
+        );
+        let nothing_spare = |_: &Digest| false;
+        // Which blobs would go if no copy were spare: if none, there is
+        // nothing to ask anyone.
+        if strata_worker::choose(total, &candidates, &keep, now, &nothing_spare).is_empty() {
+            return Ok(());
+        }
+        let spare = self.ask_spare(&candidates).await;
+        let victims = strata_worker::choose(total, &candidates, &keep, now, &|d| spare.contains(d));
+        let node = Arc::clone(&self.node);
+        let report = tokio::task::spawn_blocking(move || strata_worker::evict(&node, &victims))
+            .await
+            .map_err(|e| e.to_string())??;
+        if report.blobs > 0 {
+            tracing::info!(
+                blobs = report.blobs,
+                bytes = report.bytes,
+                snapshots = report.snapshots,
+                spare = spare.len(),
+                "evicted to stay within keep_storage / keep_duration"
+            );
+        }
+        Ok(())
+    }
+
+    /// The blobs among `candidates` a coordinator says are spare copies;
+    /// none when no coordinator answers (every copy is then taken as a
+    /// last one).
+    async fn ask_spare(&self, candidates: &[strata_worker::Candidate]) -> HashSet<Digest> {
+        let conns = self
+            .registered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let asked: Vec<Digest> = candidates
+            .iter()
+            .take(crate::protocol::MAX_SPARE_ASKED)
+            .map(|c| c.blob)
+            .collect();
+        for conn in conns {
+            match request(&conn, &Request::Spare(asked.clone())).await {
+                Ok(Reply::Spare(flags)) => {
+                    return asked
+                        .iter()
+                        .zip(flags)
+                        .filter(|(_, spare)| *spare)
+                        .map(|(d, _)| *d)
+                        .collect();
+                }
+                other => {
+                    tracing::debug!(coordinator = %conn.peer, answer = ?other, "no word on spare copies");
+                }
+            }
+        }
+        HashSet::new()
     }
 
     /// Answers the requests a peer opens on `conn`.
@@ -553,6 +667,27 @@ impl WorkerNode {
     ) -> Result<Result<Option<strata_oci::LayerRef>, WorkerError>, WorkerError> {
         let here = self.build(&from.peer.name, step.build)?;
         self.fetch(&step, from).await?;
+        // The layers the step runs on stay while the build lives; one
+        // evicted since the coordinator placed the step is reported, and
+        // the stage starts over with the records corrected.
+        let parents: Vec<Digest> = step.parent.iter().map(|l| l.blob).collect();
+        here.worker.hold(&parents);
+        let gone: Vec<(Digest, String)> = parents
+            .iter()
+            .filter(|b| !self.node.content.present(b).unwrap_or(false))
+            .map(|b| (*b, self.name.clone()))
+            .collect();
+        if !gone.is_empty() {
+            let e = FetchError {
+                message: format!(
+                    "worker {} no longer holds {} layer(s) the step runs on (evicted)",
+                    self.name,
+                    gone.len()
+                ),
+                lacking: gone,
+            };
+            return Err(lacking(e, from).await);
+        }
         self.provide_artifact(&here, &step, from).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
         let cancel = CancellationToken::new();
@@ -631,6 +766,17 @@ pub(crate) async fn request(conn: &Connection, req: &Request) -> Result<Reply, S
         .ok_or_else(|| format!("{} closed the stream without answering", conn.peer))
 }
 
+/// How often a worker looks at its store's bounds.
+const EVICT_EVERY: Duration = Duration::from_secs(5);
+
+/// A tenth of the size of the filesystem `dir` is on (made if need be):
+/// the default bound of a worker's store, as buildkitd's.
+fn tenth_of_filesystem(dir: &std::path::Path) -> Result<u64, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let fs = nix::sys::statvfs::statvfs(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(fs.blocks().saturating_mul(fs.fragment_size()) / 10)
+}
+
 /// Tells the coordinator on `coordinator` which holders a failed fetch
 /// found lacking what they were named for, so that it checks them and
 /// corrects its records. Best effort: the fetch has failed either way.
@@ -678,5 +824,6 @@ pub(crate) fn request_name(r: &Request) -> &'static str {
         Request::Copy(_) => "to take a copy of a blob",
         Request::Grant(_) => "to let a client read blobs",
         Request::Lacking(_) => "a report of holders lacking blobs",
+        Request::Spare(_) => "which blobs are spare copies",
     }
 }

@@ -306,6 +306,11 @@ impl StateMachine {
         self.scan(LOCATIONS)
     }
 
+    /// The registered worker named `name`.
+    pub fn worker(&self, name: &str) -> Result<Option<WorkerRecord>, AnyError> {
+        read(&self.db, WORKERS, name.as_bytes())
+    }
+
     /// Every registered worker.
     pub fn workers(&self) -> Result<Vec<(String, WorkerRecord)>, AnyError> {
         self.scan_keyed(WORKERS, name_key)

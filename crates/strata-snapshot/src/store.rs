@@ -168,20 +168,33 @@ impl Snapshotter {
             return Err(e);
         }
         strip_overlay_attrs(&upper)?;
-        self.publish(&upper, chain)?;
+        self.publish(&upper, chain, below.last(), layer)?;
         let _ = fs::remove_dir_all(&dir);
         Ok(())
     }
 
-    /// Moves a finished layer directory into place as `chain`. If another
-    /// build got there first, theirs is kept.
-    fn publish(&self, fs_dir: &Path, chain: &Digest) -> Result<()> {
+    /// Moves a finished layer directory into place as `chain`, layer
+    /// `layer` on `parent`. If another build got there first, theirs is
+    /// kept.
+    fn publish(
+        &self,
+        fs_dir: &Path,
+        chain: &Digest,
+        parent: Option<&Digest>,
+        layer: &Digest,
+    ) -> Result<()> {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let staging = self.root.join(format!("tmp-{}-{n}", std::process::id()));
         fs::create_dir(&staging).map_err(io_err("cannot create", &staging))?;
         fs::rename(fs_dir, staging.join("fs")).map_err(io_err("cannot move", fs_dir))?;
-        let id_file = staging.join("chain");
-        fs::write(&id_file, chain.hex()).map_err(io_err("cannot write", &id_file))?;
+        let mut ids = vec![("chain", chain.hex()), ("layer", layer.hex())];
+        if let Some(p) = parent {
+            ids.push(("parent", p.hex()));
+        }
+        for (name, hex) in ids {
+            let file = staging.join(name);
+            fs::write(&file, hex).map_err(io_err("cannot write", &file))?;
+        }
         // Everything the snapshot holds reaches the disk before its name
         // does: a crash never leaves a published snapshot with files cut
         // short. One syncfs instead of a sync per file.
@@ -262,6 +275,50 @@ impl Snapshotter {
         }
     }
 
+    /// Removes the committed chains that extract a layer in `dropped`, and
+    /// those on top of them; returns how many. A chain made before chains
+    /// recorded their layer is left.
+    pub fn remove_chains_of(&self, dropped: &std::collections::HashSet<Digest>) -> Result<usize> {
+        let read = |dir: &Path, name: &str| {
+            fs::read_to_string(dir.join(name))
+                .ok()
+                .and_then(|hex| Digest::from_hex(hex.trim()).ok())
+        };
+        // (chain, its parent, its layer, its directory)
+        let mut chains = Vec::new();
+        for e in fs::read_dir(&self.root)
+            .map_err(io_err("cannot list", &self.root))?
+            .flatten()
+        {
+            let dir = e.path();
+            if let (Some(chain), Some(layer)) = (read(&dir, "chain"), read(&dir, "layer")) {
+                chains.push((chain, read(&dir, "parent"), layer, dir));
+            }
+        }
+        let mut gone: std::collections::HashSet<Digest> = std::collections::HashSet::new();
+        // Parents before children, however the directory lists them:
+        // rounds until nothing more goes (a chain's depth bounds them).
+        loop {
+            let before = gone.len();
+            for (chain, parent, layer, _) in &chains {
+                if dropped.contains(layer) || parent.is_some_and(|p| gone.contains(&p)) {
+                    gone.insert(*chain);
+                }
+            }
+            if gone.len() == before {
+                break;
+            }
+        }
+        let mut removed = 0;
+        for (chain, _, _, dir) in &chains {
+            if gone.contains(chain) {
+                fs::remove_dir_all(dir).map_err(io_err("cannot remove", dir))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes committed chains not in `keep`; returns how many.
     pub fn remove_except(&self, keep: &std::collections::HashSet<Digest>) -> Result<usize> {
         let mut removed = 0;
@@ -328,7 +385,8 @@ impl Active<'_> {
         let digest = w.commit()?;
         let chain = chain_id(self.parent.as_ref(), &digest);
         if !self.snap.chain_dir(&chain).is_dir() {
-            self.snap.publish(&upper, &chain)?;
+            self.snap
+                .publish(&upper, &chain, self.parent.as_ref(), &digest)?;
         }
         Ok(Some(Layer {
             digest,

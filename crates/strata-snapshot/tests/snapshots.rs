@@ -321,3 +321,29 @@ fn an_archive_add_unpacks_keeps_whiteout_names_as_files() {
     assert_eq!(fs::read_to_string(root.join("keep")).unwrap(), "keep");
     assert_eq!(fs::read_to_string(root.join(".wh.keep")).unwrap(), "a file");
 }
+
+#[test]
+fn dropping_a_layer_removes_its_chains_and_those_on_top_only() {
+    let (_d, cas, snap) = setup();
+    let layer = |name: &str| {
+        cas.put(&tar(&[(name, EntryType::Regular, 0o644, 0, name)]))
+            .unwrap()
+    };
+    let (a, b, c, d) = (layer("a"), layer("b"), layer("c"), layer("d"));
+    let ab = snap.prepare(&[a, b]).unwrap();
+    let acd = snap.prepare(&[a, c, d]).unwrap();
+    let dropped = std::collections::HashSet::from([c]);
+    // a/c and a/c/d go; a and a/b stay.
+    assert_eq!(snap.remove_chains_of(&dropped).unwrap(), 2);
+    for (chain, kept) in [
+        (ab[0], true),
+        (ab[1], true),
+        (acd[1], false),
+        (acd[2], false),
+    ] {
+        assert_eq!(snap.chain_dir(&chain).is_dir(), kept, "{chain}");
+    }
+    // Extracting again after the layer came back works.
+    assert_eq!(snap.prepare(&[a, c, d]).unwrap(), acd);
+    assert!(snap.chain_dir(&acd[2]).is_dir());
+}

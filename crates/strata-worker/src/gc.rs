@@ -1,4 +1,5 @@
-//! Garbage collection: `strata prune`.
+//! Garbage collection: `strata prune`, and the eviction that keeps a
+//! node's store within its bounds ([`Keep`]).
 //!
 //! Roots are the named images and, within the size budget, the most
 //! recently used cache entries; edges are a blob's `ref.` labels. Cache
@@ -104,4 +105,197 @@ pub fn prune(node: &Node, keep_storage: Option<u64>) -> Result<PruneReport, Stri
         .map_err(|e| e.to_string())?;
     report.remaining = cas.total_size().map_err(|e| e.to_string())?;
     Ok(report)
+}
+
+/// How much a node keeps: blobs past `storage` bytes, or unused for
+/// `duration` seconds, are evicted (least recently used first). `None`:
+/// no bound of that kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Keep {
+    /// Bytes of blobs kept at most.
+    pub storage: Option<u64>,
+    /// Seconds a blob is kept unused at most.
+    pub duration: Option<u64>,
+}
+
+impl Keep {
+    /// Whether anything is bounded.
+    pub fn bounds_anything(&self) -> bool {
+        self.storage.is_some() || self.duration.is_some()
+    }
+}
+
+/// Seconds a new blob is never evicted for: a blob fetched for a step is
+/// leased by it within moments, and a copy just taken is wanted.
+pub const GRACE: u64 = 5;
+
+/// A blob eviction may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    /// The blob.
+    pub blob: Digest,
+    /// Its size.
+    pub size: u64,
+    /// When a build last used it (seconds since the epoch).
+    pub last_used: u64,
+}
+
+/// The store's total size, and the blobs eviction may take, least
+/// recently used first: neither leased by a build, nor part of a named
+/// image, nor newer than [`GRACE`].
+pub fn candidates(node: &Node, now: u64) -> Result<(u64, Vec<Candidate>), String> {
+    let cas = &node.content;
+    let blobs = cas.list().map_err(|e| e.to_string())?;
+    let total = blobs.iter().map(|(_, i)| i.size).sum();
+    let mut kept: HashSet<Digest> = cas.leased().into_keys().collect();
+    for t in node.images.list().map_err(|e| e.to_string())? {
+        kept.insert(t.image.manifest_blob);
+        kept.insert(t.image.config_blob);
+        kept.extend(t.image.layers.iter().map(|l| l.blob));
+    }
+    let mut out: Vec<Candidate> = blobs
+        .into_iter()
+        .filter(|(d, i)| !kept.contains(d) && now.saturating_sub(i.created) >= GRACE)
+        .map(|(blob, i)| Candidate {
+            blob,
+            size: i.size,
+            last_used: i.last_used.max(i.created),
+        })
+        .collect();
+    out.sort_by_key(|c| (c.last_used, c.blob.0));
+    Ok((total, out))
+}
+
+/// Which of `candidates` (least recently used first) to evict from a
+/// store of `total` bytes under `keep` at `now`: every one unused for
+/// longer than `keep.duration`, then, while the store is over
+/// `keep.storage`, the next ones, those `spare(blob)` says are spare
+/// (other nodes keep enough copies) before the others.
+pub fn choose(
+    total: u64,
+    candidates: &[Candidate],
+    keep: &Keep,
+    now: u64,
+    spare: &dyn Fn(&Digest) -> bool,
+) -> Vec<Digest> {
+    let mut left = total;
+    let mut out = Vec::new();
+    let mut rest = Vec::new();
+    for c in candidates {
+        if keep
+            .duration
+            .is_some_and(|d| now.saturating_sub(c.last_used) > d)
+        {
+            out.push(c.blob);
+            left = left.saturating_sub(c.size);
+        } else {
+            rest.push(c);
+        }
+    }
+    // Stable: spare ones first, each group least recently used first.
+    rest.sort_by_key(|c| !spare(&c.blob));
+    for c in rest {
+        if keep.storage.is_none_or(|budget| left <= budget) {
+            break;
+        }
+        out.push(c.blob);
+        left = left.saturating_sub(c.size);
+    }
+    out
+}
+
+/// What an eviction did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EvictReport {
+    /// Blobs deleted.
+    pub blobs: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Extracted snapshots of them removed.
+    pub snapshots: usize,
+}
+
+/// Deletes `victims` (a blob leased meanwhile stays) and the snapshots
+/// that extract them.
+pub fn evict(node: &Node, victims: &[Digest]) -> Result<EvictReport, String> {
+    let cas = &node.content;
+    let mut report = EvictReport::default();
+    let mut dropped = HashSet::new();
+    for d in victims {
+        let size = cas.info(d).map_err(|e| e.to_string())?.map(|i| i.size);
+        if let Some(size) = size
+            && cas.delete(d).map_err(|e| e.to_string())?
+        {
+            dropped.insert(*d);
+            report.blobs += 1;
+            report.bytes += size;
+        }
+    }
+    if !dropped.is_empty() {
+        node.selections.clear()?;
+        report.snapshots = node
+            .snapshots
+            .remove_chains_of(&dropped)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(n: u8, size: u64, last_used: u64) -> Candidate {
+        Candidate {
+            blob: Digest::of(&[n]),
+            size,
+            last_used,
+        }
+    }
+
+    #[test]
+    fn old_blobs_go_then_the_least_recently_used_until_under_budget() {
+        let all = [c(1, 10, 100), c(2, 10, 200), c(3, 10, 300), c(4, 10, 400)];
+        let none = |_: &Digest| false;
+        // 40 bytes, a budget of 25: the two least recently used go.
+        let keep = Keep {
+            storage: Some(25),
+            duration: None,
+        };
+        assert_eq!(
+            choose(40, &all, &keep, 500, &none),
+            [all[0].blob, all[1].blob]
+        );
+        // Unused for more than 250 s: 1 and 2 go whatever the budget.
+        let keep = Keep {
+            storage: None,
+            duration: Some(250),
+        };
+        assert_eq!(
+            choose(40, &all, &keep, 500, &none),
+            [all[0].blob, all[1].blob]
+        );
+        // Under budget and nothing old: nothing goes.
+        let keep = Keep {
+            storage: Some(100),
+            duration: Some(1000),
+        };
+        assert!(choose(40, &all, &keep, 500, &none).is_empty());
+    }
+
+    #[test]
+    fn spare_copies_go_before_last_copies() {
+        let all = [c(1, 10, 100), c(2, 10, 200), c(3, 10, 300)];
+        let spare = |d: &Digest| *d == Digest::of(&[3]);
+        let keep = Keep {
+            storage: Some(15),
+            duration: None,
+        };
+        // 30 bytes, 15 to free: the spare copy (3) first, then the least
+        // recently used last copy (1).
+        assert_eq!(
+            choose(30, &all, &keep, 500, &spare),
+            [all[2].blob, all[0].blob]
+        );
+    }
 }

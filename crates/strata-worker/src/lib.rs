@@ -24,7 +24,7 @@ mod users;
 mod worker;
 
 pub use build::{BaseImages, BuildError, BuildRequest, BuildResult, PlanInputs, build, ignore_for};
-pub use gc::{PruneReport, prune};
+pub use gc::{Candidate, EvictReport, GRACE, Keep, PruneReport, candidates, choose, evict, prune};
 pub use memo::SelectionMemo;
 pub use node::{Node, NodeError, default_home, default_slots};
 pub use timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};

@@ -134,11 +134,24 @@ impl LocalWorker {
             .iter()
             .map(|l| l.blob)
             .collect();
+        self.hold(&blobs);
         self.node.snapshots.view(&blobs).map_err(err)
     }
 
     fn lease(&self) -> std::sync::MutexGuard<'_, Lease> {
         self.lease.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A step reads `blobs` (their snapshots): they stay while this build
+    /// lives, and count as just used for eviction.
+    pub fn hold(&self, blobs: &[Digest]) {
+        let mut lease = self.lease();
+        for b in blobs {
+            lease.hold(*b);
+            if let Err(e) = self.node.content.touch(b) {
+                tracing::debug!(blob = %b, error = %e, "cannot record a blob's use");
+            }
+        }
     }
 
     /// `file`'s content, downloaded once per build (unless stored and
@@ -306,6 +319,7 @@ impl Worker for LocalWorker {
             .check(&job.step.op.entitlements())
             .map_err(err)?;
         let blobs: Vec<Digest> = job.parent.iter().map(|l| l.blob).collect();
+        self.hold(&blobs);
         let active = self.node.snapshots.active(&blobs).map_err(err)?;
         let rootfs = active.rootfs();
         match &job.step.op {
