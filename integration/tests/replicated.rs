@@ -685,3 +685,104 @@ fn a_worker_stays_within_keep_storage_and_evicted_steps_run_again() {
     assert!(ran >= 8, "only {ran} of 12 evicted steps ran again");
     assert!(ran <= 12);
 }
+
+#[test]
+fn a_coordinator_that_lost_its_state_does_not_vote_until_taken_out_and_added_again() {
+    let cluster = Cluster::start_group(3, 1, 5);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nRUN echo acknowledged > /a\n",
+        )],
+    );
+    cluster.build(&Strata::new(), ctx.path(), &[]);
+    // Every member has taken part, and the group has recorded it.
+    cluster.wait_for(Duration::from_secs(30), |s| s.contains("took part 1,2,3\n"));
+
+    // Coordinator 1 (the one that made the group) loses its disk and
+    // starts again: it finds the group counting it as a voter, and stops,
+    // saying what to do, instead of making a new group or voting with an
+    // empty log.
+    cluster.kill("coordinator-1");
+    std::fs::remove_dir_all(cluster.path().join("state/coordinator-1/raft")).unwrap();
+    let first = || {
+        Command::new(strata_integration::strata_bin())
+            .args(["coordinator", "--config"])
+            .arg(cluster.path().join("coordinator-1.toml"))
+            .env_remove("STRATA_HOME")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let refused = strata_integration::run_bounded(
+        Command::new(strata_integration::strata_bin())
+            .args(["coordinator", "--config"])
+            .arg(cluster.path().join("coordinator-1.toml"))
+            .env_remove("STRATA_HOME"),
+        Duration::from_secs(60),
+    );
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{said}");
+    assert!(said.contains("still counts it as a voter"), "{said}");
+    assert!(said.contains("remove-coordinator --id 1"), "{said}");
+    // The others go on, with every acknowledged write.
+    let again = cluster.build(&Strata::new(), ctx.path(), &[]);
+    assert_eq!(runs(&again), 0, "{again}");
+
+    // The operator's way back: take it out, start it, add it again.
+    let admin = cluster.admin();
+    cluster.ok(&[
+        "cluster",
+        "remove-coordinator",
+        "--id",
+        "1",
+        "--cluster",
+        admin.to_str().unwrap(),
+    ]);
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _back = Stop(first());
+    let raft = format!("127.0.0.1:{}", raft_port(&cluster, "coordinator-1"));
+    let start = Instant::now();
+    loop {
+        let out = cluster.run(&[
+            "cluster",
+            "add-coordinator",
+            "--id",
+            "1",
+            "--raft",
+            &raft,
+            "--cluster",
+            admin.to_str().unwrap(),
+        ]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let start = Instant::now();
+    loop {
+        let s = status_of(&cluster, "coordinator-1").unwrap_or_default();
+        if s.contains("member 1 of 1,2,3") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let last = cluster.build(&Strata::new(), ctx.path(), &[]);
+    assert_eq!(runs(&last), 0, "{last}");
+}

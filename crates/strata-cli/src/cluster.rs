@@ -286,7 +286,7 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
             let g = &status.group;
             writeln!(
                 out,
-                "replicated index: member {} of {}, leader {}, term {}, last applied {}",
+                "replicated index: member {} of {}, leader {}, term {}, last applied {}, took part {}",
                 g.id,
                 g.members
                     .iter()
@@ -297,7 +297,16 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
                     .map_or_else(|| "none".to_string(), |l| l.to_string()),
                 g.term,
                 g.last_applied
-                    .map_or_else(|| "-".to_string(), |i| i.to_string())
+                    .map_or_else(|| "-".to_string(), |i| i.to_string()),
+                if g.joined.is_empty() {
+                    "-".to_string()
+                } else {
+                    g.joined
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                }
             )?;
             writeln!(
                 out,

@@ -97,6 +97,8 @@ pub struct Coordinator {
     reads: Mutex<ReadRights>,
     /// What each client uploaded in the last hour.
     uploads: Mutex<UploadQuota>,
+    /// When it started.
+    started: Instant,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -139,9 +141,6 @@ async fn join_group(
     let raft_addr = endpoint.local_addr().map_err(|e| e.to_string())?;
     let dir = config.home.join("raft");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let member = Member::start(config.id, &dir, endpoint, &Tuning::default())
-        .await
-        .map_err(|e| e.to_string())?;
     let group: BTreeMap<u64, strata_raft::Node> = if config.group.is_empty() {
         BTreeMap::from([(
             config.id,
@@ -163,13 +162,54 @@ async fn join_group(
             })
             .collect()
     };
+    // A member of a group starting with an empty state may be new, or
+    // may have lost its disk: then it must not vote (its empty log would
+    // let a member missing acknowledged writes win an election) until an
+    // operator has taken it out of the group and added it again.
+    let mut fresh = config.group.len() <= 1;
     let first = group.keys().next().copied();
+    if !fresh && !Member::has_state(&dir).map_err(|e| e.to_string())? {
+        // The member that makes the group waits for a majority to say it
+        // is new (it could not lead without one anyway); the others wait
+        // a while, then start: one whose configured group does not answer
+        // is most likely being added to a group under other addresses.
+        let patience = (first != Some(config.id)).then_some(Duration::from_secs(5));
+        match strata_raft::find_standing(&endpoint, config.id, &group, patience).await {
+            strata_raft::Standing::Fresh => fresh = true,
+            strata_raft::Standing::New => {
+                tracing::info!(
+                    id = config.id,
+                    "the group exists without this coordinator: waiting to be added (strata cluster add-coordinator)"
+                );
+            }
+            strata_raft::Standing::LostItsState { voters } => {
+                return Err(format!(
+                    "coordinator {id}'s state ({dir}) is empty, but the group of coordinators {voters:?} still counts it as a voter: it lost its state, and voting with an empty log could lose acknowledged writes. \
+                     Take it out of the group first (`strata cluster remove-coordinator --id {id} --cluster admin.toml`), start it again, then add it back (`strata cluster add-coordinator --id {id} --raft {raft} --cluster admin.toml`)",
+                    id = config.id,
+                    dir = dir.display(),
+                    raft = group
+                        .get(&config.id)
+                        .map_or_else(|| config.raft_listen.to_string(), |n| n.addr.clone()),
+                ));
+            }
+            strata_raft::Standing::Unsure => {
+                tracing::warn!(
+                    id = config.id,
+                    "no majority of the configured group answered; starting with an empty state"
+                );
+            }
+        }
+    }
+    let member = Member::start(config.id, &dir, endpoint, &Tuning::default())
+        .await
+        .map_err(|e| e.to_string())?;
     let initialized = member
         .raft()
         .is_initialized()
         .await
         .map_err(|e| e.to_string())?;
-    if first == Some(config.id) && !initialized {
+    if first == Some(config.id) && !initialized && fresh {
         member.initialize(group).await.map_err(|e| e.to_string())?;
     }
     Ok(member)
@@ -217,6 +257,7 @@ impl Coordinator {
             builds_running: AtomicUsize::new(0),
             flights: Flights::default(),
             reads: Mutex::default(),
+            started: Instant::now(),
             uploads: Mutex::new(UploadQuota::new(
                 config.upload_quota_mib_per_hour.saturating_mul(1 << 20),
             )),
@@ -743,6 +784,7 @@ impl Coordinator {
                 .nodes()
                 .map(|(id, n)| (*id, n.addr.clone()))
                 .collect(),
+            joined: self.member.local().joined().unwrap_or_default(),
         }
     }
 
@@ -795,6 +837,27 @@ impl Coordinator {
     }
 
     /// Runs a client's build, streaming its progress back.
+    /// Just started, a coordinator has not heard yet from every worker the
+    /// group records: their layers would look held by nobody, and cached
+    /// steps would run again. A build waits for them, for one lease at
+    /// most from the start.
+    async fn await_known_workers(&self) {
+        let deadline = self.started + self.lease;
+        while Instant::now() < deadline {
+            let recorded = self.member.local().workers().unwrap_or_default();
+            let missing = {
+                let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+                recorded
+                    .iter()
+                    .any(|(name, _)| !workers.get(name).is_some_and(|w| w.alive))
+            };
+            if !missing {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Receives a client's upload of blob `d`, within its hourly quota.
     async fn receive_upload(
         &self,
@@ -944,6 +1007,7 @@ impl Coordinator {
                 vec![],
             );
         }
+        self.await_known_workers().await;
         if let Err(e) = self.grants().check(&submit.inputs.allow) {
             return fail(e.to_string(), vec![]);
         }

@@ -218,6 +218,9 @@ pub struct GroupStatus {
     pub last_applied: Option<u64>,
     /// Every member: id and Raft address.
     pub members: Vec<(u64, String)>,
+    /// The members recorded as having taken part (one of them starting
+    /// with an empty state has lost it).
+    pub joined: Vec<u64>,
 }
 
 /// One worker in [`ClusterStatus`].

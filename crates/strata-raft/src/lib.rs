@@ -125,6 +125,13 @@ pub enum CommandV1 {
         /// The blobs.
         blobs: Vec<Digest>,
     },
+    /// Member `member` of the group has taken part: it acknowledged log
+    /// entries. A member that has, starting again with an empty state,
+    /// lost it, and must not vote until taken out and added again.
+    Joined {
+        /// The member's id.
+        member: NodeId,
+    },
     /// `worker`, in registration `registration`, does not hold `blobs`
     /// though recorded to (asked, it said so). Applied only while that
     /// registration is the recorded one.
@@ -252,6 +259,133 @@ enum Here {
     Failed(Error),
 }
 
+/// What a member knows of its group, as it tells a member starting with
+/// an empty state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// Whether the group has been made (this member has a membership).
+    pub initialized: bool,
+    /// The group's voters, as this member knows them.
+    pub voters: Vec<NodeId>,
+    /// The members that have taken part ([`CommandV1::Joined`]), as this
+    /// member has applied them.
+    pub joined: Vec<NodeId>,
+}
+
+/// What a member starting with an empty state concludes from what the
+/// other members of its configured group answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Standing {
+    /// Nobody has made the group, and a majority says so: a first start.
+    Fresh,
+    /// The group exists and counts this member as a voter that has taken
+    /// part: it lost its state. Voting with an empty log could elect a
+    /// member missing acknowledged writes, so it must not start until an
+    /// operator has removed it from the group (and adds it again).
+    LostItsState {
+        /// The voters, as a member that answered knows them.
+        voters: Vec<NodeId>,
+    },
+    /// The group exists, and this member never took part in it (it is not
+    /// a voter, or is one that was down since the group was made): it
+    /// starts empty and catches up, or waits to be added.
+    New,
+    /// Too few members answered to tell.
+    Unsure,
+}
+
+/// Judges, for member `me` of a configured group of `size`, what the
+/// other members answered (`None`: no answer).
+pub fn standing(me: NodeId, size: usize, answers: &[(NodeId, Option<Probe>)]) -> Standing {
+    let known: Vec<&Probe> = answers
+        .iter()
+        .filter_map(|(_, p)| p.as_ref())
+        .filter(|p| p.initialized)
+        .collect();
+    if let Some(p) = known.first() {
+        // Any member that has applied this one's Joined knows it took part.
+        let took_part = known.iter().any(|p| p.joined.contains(&me));
+        return if p.voters.contains(&me) && took_part {
+            Standing::LostItsState {
+                voters: p.voters.clone(),
+            }
+        } else {
+            Standing::New
+        };
+    }
+    let empty = 1 + answers.iter().filter(|(_, p)| p.is_some()).count();
+    if empty > size / 2 {
+        Standing::Fresh
+    } else {
+        Standing::Unsure
+    }
+}
+
+/// Asks each of `members` (not `me`) what it knows of the group, within
+/// `ttl` each.
+pub async fn probe_group(
+    endpoint: &Endpoint,
+    me: NodeId,
+    members: &BTreeMap<NodeId, Node>,
+    ttl: Duration,
+) -> Vec<(NodeId, Option<Probe>)> {
+    let mut asks = tokio::task::JoinSet::new();
+    for (id, node) in members.iter().filter(|(id, _)| **id != me) {
+        let mut peer = network::Peer::new(
+            endpoint.clone(),
+            network::CutOff::default(),
+            *id,
+            node.addr.clone(),
+        );
+        let id = *id;
+        asks.spawn(async move { (id, peer.probe(ttl).await.ok()) });
+    }
+    let mut out = Vec::new();
+    while let Some(Ok(answer)) = asks.join_next().await {
+        out.push(answer);
+    }
+    out.sort_by_key(|(id, _)| *id);
+    out
+}
+
+/// For member `me` starting with an empty state in a configured group of
+/// `members`: asks the others (every second, answering their own probes
+/// meanwhile, as an empty member that takes no part in elections) until
+/// it can tell whether the group is new, exists without it, or lost it,
+/// or until `patience` has passed (then [`Standing::Unsure`]; `None`:
+/// no end).
+pub async fn find_standing(
+    endpoint: &Endpoint,
+    me: NodeId,
+    members: &BTreeMap<NodeId, Node>,
+    patience: Option<Duration>,
+) -> Standing {
+    let stop = CancellationToken::new();
+    let answering = tokio::spawn(network::answer_probes_only(endpoint.clone(), stop.clone()));
+    let started = Instant::now();
+    let found = loop {
+        let answers = probe_group(endpoint, me, members, Duration::from_secs(2)).await;
+        match standing(me, members.len(), &answers) {
+            Standing::Unsure if patience.is_some_and(|p| started.elapsed() >= p) => {
+                break Standing::Unsure;
+            }
+            Standing::Unsure => {
+                let answered: Vec<NodeId> = answers
+                    .iter()
+                    .filter(|(_, p)| p.is_some())
+                    .map(|(id, _)| *id)
+                    .collect();
+                tracing::info!(member = me, ?answered, waited = ?started.elapsed(), "this member's state is empty; waiting for a majority of the group to answer before taking part");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            found => break found,
+        }
+    };
+    stop.cancel();
+    let _ = answering.await;
+    found
+}
+
 /// Timing and compaction of the group.
 #[derive(Debug, Clone)]
 pub struct Tuning {
@@ -317,6 +451,11 @@ impl Member {
         }
         .validate()
         .map_err(|e| Error::Raft(e.to_string()))?;
+        // A state directory belongs to one member for good: pointing
+        // another member's configuration at it would make one voter of two.
+        store::LogStore::new(Arc::clone(&db))
+            .claim(id)
+            .map_err(|e| Error::Raft(format!("{}: {e}", dir.display())))?;
         let state = StateMachine::new(Arc::clone(&db));
         let network = Network::new(endpoint.clone());
         let cut = network.cut_off();
@@ -345,6 +484,39 @@ impl Member {
             cut,
             shutdown,
         })
+    }
+
+    /// Whether the state directory `dir` holds a member's state (it has
+    /// voted or holds log entries), as opposed to one never started or
+    /// wiped.
+    pub fn has_state(dir: &Path) -> Result<bool, Error> {
+        let db = store::open(dir).map_err(|source| Error::Db {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        store::LogStore::new(db)
+            .has_state()
+            .map_err(|e| Error::Raft(e.to_string()))
+    }
+
+    /// Leading, the members that have acknowledged log entries (this one
+    /// among them) and are not yet recorded as having taken part: what
+    /// to write [`CommandV1::Joined`] for. Empty when not leading.
+    pub fn newly_joined(&self) -> Vec<NodeId> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let Some(replication) = metrics.replication else {
+            return Vec::new();
+        };
+        let joined = self.state.joined().unwrap_or_default();
+        std::iter::once(self.id)
+            .chain(
+                replication
+                    .into_iter()
+                    .filter(|(_, matched)| matched.is_some())
+                    .map(|(id, _)| id),
+            )
+            .filter(|id| !joined.contains(id))
+            .collect()
     }
 
     /// This member's id.
@@ -706,5 +878,78 @@ impl strata_cache::CacheIndex for ReplicatedIndex {
             self.write(CommandV1::Touch { key: *key, at: now })?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod standing_tests {
+    use super::*;
+
+    fn probe(initialized: bool, voters: &[NodeId]) -> Option<Probe> {
+        Some(Probe {
+            initialized,
+            voters: voters.to_vec(),
+            joined: voters.to_vec(),
+        })
+    }
+
+    #[test]
+    fn an_empty_member_learns_whether_the_group_is_new_exists_or_lost_it() {
+        // Both others answer, empty: a first start.
+        assert_eq!(
+            standing(1, 3, &[(2, probe(false, &[])), (3, probe(false, &[]))]),
+            Standing::Fresh
+        );
+        // One answers empty: with this member, a majority of three.
+        assert_eq!(
+            standing(1, 3, &[(2, probe(false, &[])), (3, None)]),
+            Standing::Fresh
+        );
+        // Nobody answers: it cannot tell.
+        assert_eq!(standing(1, 3, &[(2, None), (3, None)]), Standing::Unsure);
+        // One member has the group, with this one a voter: it lost its
+        // state, whatever the others say.
+        assert_eq!(
+            standing(
+                1,
+                3,
+                &[(2, probe(false, &[])), (3, probe(true, &[1, 2, 3]))]
+            ),
+            Standing::LostItsState {
+                voters: vec![1, 2, 3]
+            }
+        );
+        // The group exists without it: a new member, to be added.
+        assert_eq!(
+            standing(4, 4, &[(1, probe(true, &[1, 2, 3])), (2, None), (3, None)]),
+            Standing::New
+        );
+        // A voter that never took part (down since the group was made,
+        // or slower to start than the member that made it) starts.
+        let made_without_3 = Some(Probe {
+            initialized: true,
+            voters: vec![1, 2, 3],
+            joined: vec![1, 2],
+        });
+        assert_eq!(
+            standing(3, 3, &[(1, made_without_3.clone()), (2, None)]),
+            Standing::New
+        );
+        // One member that has applied its Joined is enough to tell.
+        assert_eq!(
+            standing(3, 3, &[(1, made_without_3), (2, probe(true, &[1, 2, 3]))]),
+            Standing::LostItsState {
+                voters: vec![1, 2, 3]
+            }
+        );
+        // Of five, two answering empty are not a majority with this one.
+        assert_eq!(
+            standing(
+                1,
+                5,
+                &[(2, probe(false, &[])), (3, None), (4, None), (5, None)]
+            ),
+            Standing::Unsure
+        );
     }
 }

@@ -36,6 +36,9 @@ enum Rpc {
     Read(Digest),
     ReadIndex,
     Membership(MembershipChange),
+    /// What a member knows of the group, for a member starting with an
+    /// empty state.
+    Probe,
 }
 
 /// Its answer.
@@ -49,6 +52,7 @@ enum RpcReply {
     Read(Result<Option<CacheEntry>, Forwarded>),
     ReadIndex(Result<Option<u64>, Forwarded>),
     Membership(Result<(), Forwarded>),
+    Probe(crate::Probe),
 }
 
 /// Why a forwarded write or read failed on the member it reached.
@@ -190,6 +194,15 @@ impl Peer {
     pub(crate) async fn read_index(&mut self, ttl: Duration) -> Result<Option<u64>, Forwarded> {
         self.forward(&Rpc::ReadIndex, ttl, |r| match r {
             RpcReply::ReadIndex(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// What the member knows of the group.
+    pub(crate) async fn probe(&mut self, ttl: Duration) -> Result<crate::Probe, Forwarded> {
+        self.forward(&Rpc::Probe, ttl, |r| match r {
+            RpcReply::Probe(p) => Some(Ok(p)),
             _ => None,
         })
         .await
@@ -360,6 +373,49 @@ impl RaftNetwork<TypeConfig> for Peer {
     }
 }
 
+/// Until `stop`, answers other coordinators' probes on `endpoint` as a
+/// member with an empty state, and nothing else: it takes no part in
+/// elections or replication while it has not decided whether it may.
+pub(crate) async fn answer_probes_only(endpoint: Endpoint, stop: CancellationToken) {
+    loop {
+        let conn = tokio::select! {
+            c = endpoint.accept() => match c {
+                Some(c) => c,
+                None => return,
+            },
+            () = stop.cancelled() => return,
+        };
+        if conn.peer.role != Role::Coordinator {
+            conn.quic.close(1u32.into(), b"not a coordinator");
+            continue;
+        }
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut send, mut recv) = tokio::select! {
+                    s = conn.accept() => match s {
+                        Some(s) => s,
+                        None => return,
+                    },
+                    () = stop.cancelled() => {
+                        conn.quic.close(0u32.into(), b"starting");
+                        return;
+                    }
+                };
+                if let Ok(Some(Rpc::Probe)) = read_frame::<Rpc>(&mut recv, conn.addr).await {
+                    let empty = RpcReply::Probe(crate::Probe {
+                        initialized: false,
+                        voters: Vec::new(),
+                        joined: Vec::new(),
+                    });
+                    let _ = write_frame(&mut send, &empty, conn.addr).await;
+                }
+                let _ = send.finish();
+            }
+        });
+    }
+}
+
 /// Answers the Raft RPCs (and forwarded writes and reads) other
 /// coordinators send to `endpoint` until `shutdown`.
 pub(crate) async fn serve(
@@ -421,6 +477,16 @@ pub(crate) async fn serve(
                                 Err(e) => Err(Forwarded::Failed(e.to_string())),
                             },
                         ),
+                        Rpc::Probe => {
+                            let metrics = raft.metrics().borrow().clone();
+                            let voters: Vec<NodeId> =
+                                metrics.membership_config.membership().voter_ids().collect();
+                            RpcReply::Probe(crate::Probe {
+                                initialized: !voters.is_empty(),
+                                voters,
+                                joined: state.joined().unwrap_or_default(),
+                            })
+                        }
                         Rpc::ReadIndex => {
                             RpcReply::ReadIndex(match raft.ensure_linearizable().await {
                                 Ok(id) => Ok(id.map(|l| l.index)),

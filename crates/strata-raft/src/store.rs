@@ -94,6 +94,25 @@ impl LogStore {
             .map_err(|e| AnyError::new(&e))
     }
 
+    /// Whether this member has voted or holds log entries.
+    pub(crate) fn has_state(&self) -> Result<bool, AnyError> {
+        Ok(self.meta::<Vote<NodeId>>("vote")?.is_some()
+            || self.last_entry()?.is_some()
+            || self.meta::<LogId<NodeId>>("purged")?.is_some())
+    }
+
+    /// Records that this state belongs to member `id`, or fails if it
+    /// belongs to another.
+    pub(crate) fn claim(&self, id: NodeId) -> Result<(), String> {
+        match self.meta::<NodeId>("member").map_err(|e| e.to_string())? {
+            Some(owner) if owner != id => Err(format!(
+                "this state belongs to coordinator {owner}, not to coordinator {id}: give each coordinator its own home"
+            )),
+            Some(_) => Ok(()),
+            None => self.put_meta("member", &id).map_err(|e| e.to_string()),
+        }
+    }
+
     fn last_entry(&self) -> Result<Option<Entry<TypeConfig>>, AnyError> {
         let mut it = self.db.db().iterator_cf(self.db.cf(LOG), IteratorMode::End);
         match it.next() {
@@ -255,6 +274,13 @@ enum SnapshotBody {
         locations: Vec<(Digest, Vec<String>)>,
         workers: Vec<(String, WorkerRecord)>,
     },
+    /// Version 1 and the members that have taken part.
+    V2 {
+        entries: Vec<(Digest, CacheEntry)>,
+        locations: Vec<(Digest, Vec<String>)>,
+        workers: Vec<(String, WorkerRecord)>,
+        joined: Vec<NodeId>,
+    },
 }
 
 /// A snapshot as stored: its meta and its bytes.
@@ -309,6 +335,11 @@ impl StateMachine {
     /// The registered worker named `name`.
     pub fn worker(&self, name: &str) -> Result<Option<WorkerRecord>, AnyError> {
         read(&self.db, WORKERS, name.as_bytes())
+    }
+
+    /// The members of the group that have taken part.
+    pub fn joined(&self) -> Result<Vec<NodeId>, AnyError> {
+        Ok(self.applied("joined")?.unwrap_or_default())
     }
 
     /// Every registered worker.
@@ -448,6 +479,16 @@ impl StateMachine {
                 }
                 self.add_holder(batch, worker, blobs)
             }
+            C::Joined { member } => {
+                let mut joined = self.joined()?;
+                if joined.contains(member) {
+                    return Ok(Response { changed: false });
+                }
+                joined.push(*member);
+                joined.sort_unstable();
+                batch.put_cf(self.db.cf(APPLIED), "joined", encode(&joined)?);
+                Ok(Response { changed: true })
+            }
             C::Lost {
                 worker,
                 registration,
@@ -514,10 +555,15 @@ impl StateMachine {
             None => StoredMembership::default(),
         };
         let scan = |cf: &str| snap.iterator_cf(self.db.cf(cf), IteratorMode::Start);
-        let body = encode(&SnapshotBody::V1 {
+        let joined: Vec<NodeId> = match applied("joined")? {
+            Some(raw) => decode(&raw)?,
+            None => Vec::new(),
+        };
+        let body = encode(&SnapshotBody::V2 {
             entries: collect(scan(ENTRIES), digest_key)?,
             locations: collect(scan(LOCATIONS), digest_key)?,
             workers: collect(scan(WORKERS), name_key)?,
+            joined,
         })?;
         Ok((last, membership, body))
     }
@@ -640,11 +686,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> StorageResult<()> {
         let data = snapshot.into_inner();
         let sig = Some(meta.signature());
-        let SnapshotBody::V1 {
-            entries,
-            locations,
-            workers,
-        } = decode(&data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), e))?;
+        let (entries, locations, workers, joined) =
+            match decode(&data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), e))? {
+                SnapshotBody::V1 {
+                    entries,
+                    locations,
+                    workers,
+                } => (entries, locations, workers, Vec::new()),
+                SnapshotBody::V2 {
+                    entries,
+                    locations,
+                    workers,
+                    joined,
+                } => (entries, locations, workers, joined),
+            };
         let write_err = |e: AnyError| StorageIOError::write_snapshot(sig.clone(), e);
         let mut batch = WriteBatch::default();
         for cf in [ENTRIES, LOCATIONS, WORKERS] {
@@ -687,6 +742,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.db.cf(APPLIED),
             "membership",
             encode(&meta.last_membership).map_err(write_err)?,
+        );
+        batch.put_cf(
+            self.db.cf(APPLIED),
+            "joined",
+            encode(&joined).map_err(write_err)?,
         );
         let stored = StoredSnapshot {
             meta: meta.clone(),
