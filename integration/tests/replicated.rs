@@ -786,3 +786,61 @@ fn a_coordinator_that_lost_its_state_does_not_vote_until_taken_out_and_added_aga
     let last = cluster.build(&Strata::new(), ctx.path(), &[]);
     assert_eq!(runs(&last), 0, "{last}");
 }
+
+#[test]
+fn a_change_that_would_leave_no_majority_answering_is_refused() {
+    let cluster = Cluster::start_group(3, 1, 5);
+    let admin = cluster.admin();
+    let admin = admin.to_str().unwrap();
+    cluster.kill("coordinator-3");
+    cluster.wait_for(Duration::from_secs(30), |s| {
+        s.lines().any(|l| l.contains(" down "))
+    });
+    // Removing a live member while another is down would leave {1,3}
+    // with one member answering: the group would stop. Refused, saying
+    // which members do not answer.
+    let out = cluster.run(&[
+        "cluster",
+        "remove-coordinator",
+        "--id",
+        "2",
+        "--cluster",
+        admin,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("would be voters {1, 3}, of which only [1] answer ([3] do not)"),
+        "{err}"
+    );
+    // Adding a member that is not running: refused at once, not left to
+    // be promoted whenever it shows up.
+    let out = cluster.run(&[
+        "cluster",
+        "add-coordinator",
+        "--id",
+        "4",
+        "--raft",
+        "127.0.0.1:9",
+        "--cluster",
+        admin,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("coordinator 4 at 127.0.0.1:9 does not answer"),
+        "{err}"
+    );
+    // The group is as it was, and builds go on.
+    let status = cluster.status();
+    assert!(
+        status.contains("member 1 of 1,2,3,") || status.contains("of 1,2,3,"),
+        "{status}"
+    );
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[("Dockerfile", "FROM busybox:latest\nRUN echo still > /s\n")],
+    );
+    cluster.build(&Strata::new(), ctx.path(), &[]);
+}

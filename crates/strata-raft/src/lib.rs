@@ -197,22 +197,134 @@ const FORWARD_TTL: Duration = Duration::from_secs(5);
 
 /// Applies `change` on `raft`, if it leads: an added member is made a
 /// learner and caught up before it votes.
-pub(crate) async fn apply_membership(
-    raft: &Raft<TypeConfig>,
-    change: MembershipChange,
-) -> Result<(), RaftError<NodeId, ClientWriteError<NodeId, Node>>> {
-    match change {
-        MembershipChange::Add { id, node } => {
-            raft.add_learner(id, node, true).await?;
-            raft.change_membership(openraft::ChangeMembers::AddVoterIds([id].into()), false)
-                .await?;
-        }
-        MembershipChange::Remove { id } => {
-            raft.change_membership(openraft::ChangeMembers::RemoveVoters([id].into()), false)
-                .await?;
+/// Why a change of the group's voters was not made.
+pub(crate) enum Unchanged {
+    /// Raft refused it (this member does not lead, or the change failed).
+    Raft(RaftError<NodeId, ClientWriteError<NodeId, Node>>),
+    /// The change would leave the group without a majority that answers,
+    /// or adds a member that does not answer.
+    Refused(String),
+    /// It took longer than [`MEMBERSHIP_WAIT`]: what was begun is undone.
+    TimedOut,
+}
+
+impl std::fmt::Display for Unchanged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unchanged::Raft(e) => write!(f, "{e}"),
+            Unchanged::Refused(why) => write!(f, "{why}"),
+            Unchanged::TimedOut => write!(
+                f,
+                "the change was not made within {MEMBERSHIP_WAIT:?} (the new member could not catch up, or no majority answered); it was undone"
+            ),
         }
     }
-    Ok(())
+}
+
+/// Which voters of a group would answer: a majority of `voters` among
+/// `answering`, or why not.
+fn majority_answers(
+    what: &str,
+    voters: &std::collections::BTreeSet<NodeId>,
+    answering: &std::collections::BTreeSet<NodeId>,
+) -> Result<(), String> {
+    let up: Vec<NodeId> = voters.intersection(answering).copied().collect();
+    if up.len() * 2 > voters.len() {
+        return Ok(());
+    }
+    let down: Vec<NodeId> = voters.difference(answering).copied().collect();
+    Err(format!(
+        "{what} would be voters {voters:?}, of which only {up:?} answer ({down:?} do not): \
+         the group could commit nothing, and every build would stop. Bring the members that \
+         do not answer back first"
+    ))
+}
+
+/// Makes `change` on the leader `raft`, after checking with the members
+/// (dialed from `endpoint`) that the group keeps a majority that answers,
+/// both during the change (the old voters) and after it (the new ones),
+/// and that a member being added answers. Bounded by
+/// [`MEMBERSHIP_WAIT`]; an addition that times out is undone, so a member
+/// that catches up later is not made a voter behind the operator's back.
+pub(crate) async fn apply_membership(
+    raft: &Raft<TypeConfig>,
+    endpoint: &Endpoint,
+    change: MembershipChange,
+) -> Result<(), Unchanged> {
+    let metrics = raft.metrics().borrow().clone();
+    if metrics.current_leader == Some(metrics.id) {
+        let membership = metrics.membership_config.membership();
+        let old: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let mut nodes: BTreeMap<NodeId, Node> =
+            membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let mut new = old.clone();
+        match &change {
+            MembershipChange::Add { id, node } => {
+                new.insert(*id);
+                nodes.insert(*id, node.clone());
+            }
+            MembershipChange::Remove { id } => {
+                new.remove(id);
+            }
+        }
+        if new.is_empty() {
+            return Err(Unchanged::Refused(
+                "the group cannot lose its last member".into(),
+            ));
+        }
+        let asked: BTreeMap<NodeId, Node> = nodes
+            .into_iter()
+            .filter(|(id, _)| old.contains(id) || new.contains(id))
+            .collect();
+        let mut answering: std::collections::BTreeSet<NodeId> =
+            probe_group(endpoint, metrics.id, &asked, Duration::from_secs(2))
+                .await
+                .into_iter()
+                .filter(|(_, p)| p.is_some())
+                .map(|(id, _)| id)
+                .collect();
+        answering.insert(metrics.id);
+        if let MembershipChange::Add { id, node } = &change
+            && !answering.contains(id)
+        {
+            return Err(Unchanged::Refused(format!(
+                "coordinator {id} at {} does not answer: start it with its configuration first",
+                node.addr
+            )));
+        }
+        majority_answers("the group during the change", &old, &answering)
+            .and_then(|()| majority_answers("the group after the change", &new, &answering))
+            .map_err(Unchanged::Refused)?;
+    }
+    let made = tokio::time::timeout(MEMBERSHIP_WAIT, async {
+        match &change {
+            MembershipChange::Add { id, node } => {
+                raft.add_learner(*id, node.clone(), true).await?;
+                raft.change_membership(openraft::ChangeMembers::AddVoterIds([*id].into()), false)
+                    .await?;
+            }
+            MembershipChange::Remove { id } => {
+                raft.change_membership(openraft::ChangeMembers::RemoveVoters([*id].into()), false)
+                    .await?;
+            }
+        }
+        Ok::<(), RaftError<NodeId, ClientWriteError<NodeId, Node>>>(())
+    })
+    .await;
+    match made {
+        Ok(r) => r.map_err(Unchanged::Raft),
+        Err(_) => {
+            if let MembershipChange::Add { id, .. } = &change {
+                // Still a learner: it leaves, and is never promoted.
+                let undo = raft
+                    .change_membership(openraft::ChangeMembers::RemoveNodes([*id].into()), false);
+                if let Ok(Err(e)) = tokio::time::timeout(LEADER_WAIT, undo).await {
+                    tracing::warn!(member = id, error = %e, "cannot undo a timed-out addition");
+                }
+            }
+            Err(Unchanged::TimedOut)
+        }
+    }
 }
 
 /// What a member is asked, by a caller or a follower forwarding.
@@ -669,7 +781,7 @@ impl Member {
                                 .map(|i| Answer::Index(i.or(Some(0)))),
                             // A new member may need a while to catch up.
                             (Some(p), Ask::Membership(c)) => p
-                                .change_membership(c.clone(), MEMBERSHIP_WAIT)
+                                .change_membership(c.clone(), MEMBERSHIP_WAIT + LEADER_WAIT)
                                 .await
                                 .map(|()| Answer::Changed),
                             (None, _) => Err(network::Forwarded::NotLeader),
@@ -720,21 +832,15 @@ impl Member {
                 }
             }
             Ask::Membership(change) => {
-                // A new member catches up first, which may take a while.
-                let outcome = tokio::time::timeout(
-                    MEMBERSHIP_WAIT,
-                    apply_membership(&self.raft, change.clone()),
-                )
-                .await;
-                match outcome {
-                    Err(_) => Err(Here::Failed(Error::Unavailable(format!(
-                        "the change was not committed within {MEMBERSHIP_WAIT:?} (no majority, or the new member cannot catch up)"
-                    )))),
-                    Ok(Ok(_)) => Ok(Answer::Changed),
-                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                        Err(elsewhere(f))
-                    }
-                    Ok(Err(e)) => Err(failed(e.to_string())),
+                match apply_membership(&self.raft, &self.endpoint, change.clone()).await {
+                    Ok(()) => Ok(Answer::Changed),
+                    Err(Unchanged::Raft(RaftError::APIError(
+                        ClientWriteError::ForwardToLeader(f),
+                    ))) => Err(elsewhere(f)),
+                    Err(Unchanged::TimedOut) => Err(Here::Failed(Error::Unavailable(
+                        Unchanged::TimedOut.to_string(),
+                    ))),
+                    Err(e) => Err(failed(e.to_string())),
                 }
             }
             Ask::Read(_) | Ask::ReadIndex => {

@@ -437,10 +437,11 @@ pub(crate) async fn serve(
             conn.quic.close(1u32.into(), b"not a coordinator");
             continue;
         }
-        let (raft, state) = (raft.clone(), state.clone());
+        let (raft, state, endpoint) = (raft.clone(), state.clone(), endpoint.clone());
         tokio::spawn(async move {
             while let Some((mut send, mut recv)) = conn.accept().await {
-                let (raft, state, conn) = (raft.clone(), state.clone(), conn.clone());
+                let (raft, state, conn, endpoint) =
+                    (raft.clone(), state.clone(), conn.clone(), endpoint.clone());
                 tokio::spawn(async move {
                     let rpc = match read_frame::<Rpc>(&mut recv, conn.addr).await {
                         Ok(Some(r)) => r,
@@ -469,11 +470,11 @@ pub(crate) async fn serve(
                             },
                         ),
                         Rpc::Membership(change) => RpcReply::Membership(
-                            match crate::apply_membership(&raft, change).await {
+                            match crate::apply_membership(&raft, &endpoint, change).await {
                                 Ok(()) => Ok(()),
-                                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                                    Err(Forwarded::NotLeader)
-                                }
+                                Err(crate::Unchanged::Raft(RaftError::APIError(
+                                    ClientWriteError::ForwardToLeader(_),
+                                ))) => Err(Forwarded::NotLeader),
                                 Err(e) => Err(Forwarded::Failed(e.to_string())),
                             },
                         ),
