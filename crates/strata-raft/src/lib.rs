@@ -446,6 +446,7 @@ pub async fn probe_group(
         let mut peer = network::Peer::new(
             endpoint.clone(),
             network::CutOff::default(),
+            network::Conns::default(),
             *id,
             node.addr.clone(),
         );
@@ -527,8 +528,8 @@ pub struct Member {
     raft: Raft<TypeConfig>,
     state: StateMachine,
     endpoint: Endpoint,
-    /// Where writes and reads go when this member does not lead.
-    leader_peer: tokio::sync::Mutex<Option<network::Peer>>,
+    /// Its connections to other members, shared with Raft's own.
+    conns: network::Conns,
     /// Members it sends nothing to (fault injection).
     cut: network::CutOff,
     shutdown: CancellationToken,
@@ -571,6 +572,7 @@ impl Member {
         let state = StateMachine::new(Arc::clone(&db));
         let network = Network::new(endpoint.clone());
         let cut = network.cut_off();
+        let conns = network.conns();
         let raft = Raft::new(
             id,
             Arc::new(config),
@@ -592,7 +594,7 @@ impl Member {
             raft,
             state,
             endpoint,
-            leader_peer: tokio::sync::Mutex::new(None),
+            conns,
             cut,
             shutdown,
         })
@@ -748,7 +750,15 @@ impl Member {
             };
             let why = match leader {
                 Some((id, node)) => {
-                    let mut peer = self.forward_to(id, &node).await;
+                    // A peer of its own per request, on the connection all
+                    // share: requests forwarded at once go at once.
+                    let mut peer = network::Peer::new(
+                        self.endpoint.clone(),
+                        self.cut.clone(),
+                        self.conns.clone(),
+                        id,
+                        node.addr.clone(),
+                    );
                     // A leader that died may take a connect timeout to be
                     // found out; one elected meanwhile is asked at once.
                     let mut metrics = self.raft.metrics();
@@ -767,24 +777,22 @@ impl Member {
                         }
                     };
                     let forward = async {
-                        match (peer.as_mut(), &ask) {
-                            (Some(p), Ask::Write(c)) => p
+                        let p = &mut peer;
+                        match &ask {
+                            Ask::Write(c) => p
                                 .write(c.clone(), FORWARD_TTL)
                                 .await
                                 .map(|(r, index)| Answer::Written(r, index)),
-                            (Some(p), Ask::Read(k)) => {
-                                p.read(*k, FORWARD_TTL).await.map(Answer::Entry)
-                            }
-                            (Some(p), Ask::ReadIndex) => p
+                            Ask::Read(k) => p.read(*k, FORWARD_TTL).await.map(Answer::Entry),
+                            Ask::ReadIndex => p
                                 .read_index(FORWARD_TTL)
                                 .await
                                 .map(|i| Answer::Index(i.or(Some(0)))),
                             // A new member may need a while to catch up.
-                            (Some(p), Ask::Membership(c)) => p
+                            Ask::Membership(c) => p
                                 .change_membership(c.clone(), MEMBERSHIP_WAIT + LEADER_WAIT)
                                 .await
                                 .map(|()| Answer::Changed),
-                            (None, _) => Err(network::Forwarded::NotLeader),
                         }
                     };
                     let forwarded = tokio::select! {
@@ -863,24 +871,6 @@ impl Member {
                 }
             }
         }
-    }
-
-    /// The connection to the leader `id`, kept between calls.
-    async fn forward_to(
-        &self,
-        id: NodeId,
-        node: &Node,
-    ) -> tokio::sync::MutexGuard<'_, Option<network::Peer>> {
-        let mut peer = self.leader_peer.lock().await;
-        if peer.as_ref().is_none_or(|p| p.target() != id) {
-            *peer = Some(network::Peer::new(
-                self.endpoint.clone(),
-                self.cut.clone(),
-                id,
-                node.addr.clone(),
-            ));
-        }
-        peer
     }
 
     /// Fault injection, for tests of the group: from now on this member

@@ -82,11 +82,44 @@ impl CutOff {
     }
 }
 
+/// Live connections to other members, by address, shared by every
+/// [`Peer`] a member makes: Raft makes a new one for each read-index round
+/// (and a member forwarding makes one per request), and each reuses the
+/// connection instead of a new TLS handshake.
+#[derive(Clone, Default)]
+pub(crate) struct Conns(Arc<std::sync::Mutex<std::collections::HashMap<String, Connection>>>);
+
+impl Conns {
+    fn get(&self, addr: &str) -> Option<Connection> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(addr)
+            .filter(|c| !c.is_closed())
+            .cloned()
+    }
+
+    fn put(&self, addr: &str, conn: Connection) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(addr.to_string(), conn);
+    }
+
+    fn drop_conn(&self, addr: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(addr);
+    }
+}
+
 /// Makes a [`Peer`] per member Raft talks to.
 #[derive(Clone)]
 pub struct Network {
     endpoint: Endpoint,
     cut: CutOff,
+    conns: Conns,
 }
 
 impl Network {
@@ -95,11 +128,16 @@ impl Network {
         Network {
             endpoint,
             cut: CutOff::default(),
+            conns: Conns::default(),
         }
     }
 
     pub(crate) fn cut_off(&self) -> CutOff {
         self.cut.clone()
+    }
+
+    pub(crate) fn conns(&self) -> Conns {
+        self.conns.clone()
     }
 }
 
@@ -110,6 +148,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Peer::new(
             self.endpoint.clone(),
             self.cut.clone(),
+            self.conns.clone(),
             target,
             node.addr.clone(),
         )
@@ -123,7 +162,7 @@ pub struct Peer {
     cut: CutOff,
     target: NodeId,
     addr: String,
-    conn: Option<Connection>,
+    conns: Conns,
 }
 
 /// Why an RPC did not get an answer.
@@ -148,19 +187,20 @@ struct Why(String);
 
 impl Peer {
     /// A member at `addr`, dialed from `endpoint` on first use.
-    pub(crate) fn new(endpoint: Endpoint, cut: CutOff, target: NodeId, addr: String) -> Peer {
+    pub(crate) fn new(
+        endpoint: Endpoint,
+        cut: CutOff,
+        conns: Conns,
+        target: NodeId,
+        addr: String,
+    ) -> Peer {
         Peer {
             endpoint,
             cut,
             target,
             addr,
-            conn: None,
+            conns,
         }
-    }
-
-    /// The member this peer reaches.
-    pub(crate) fn target(&self) -> NodeId {
-        self.target
     }
 
     /// Has the member (the leader) apply `command`.
@@ -232,17 +272,15 @@ impl Peer {
             Ok(reply) => answer(reply)
                 .unwrap_or_else(|| Err(Forwarded::Failed("answered another RPC".into()))),
             Err(f) => {
-                self.conn = None;
+                self.conns.drop_conn(&self.addr);
                 Err(Forwarded::Failed(f.into_message()))
             }
         }
     }
 
     async fn connection(&mut self) -> Result<Connection, Failed> {
-        if let Some(c) = &self.conn
-            && !c.is_closed()
-        {
-            return Ok(c.clone());
+        if let Some(c) = self.conns.get(&self.addr) {
+            return Ok(c);
         }
         let addr: SocketAddr = self.addr.parse().map_err(|e| {
             Failed::Unreachable(format!("member {} at {:?}: {e}", self.target, self.addr))
@@ -258,7 +296,7 @@ impl Peer {
                 conn.peer
             )));
         }
-        self.conn = Some(conn.clone());
+        self.conns.put(&self.addr, conn.clone());
         Ok(conn)
     }
 
@@ -269,8 +307,10 @@ impl Peer {
                 self.target
             )));
         }
-        let conn = self.connection().await?;
+        // Connecting counts against the time limit too: a member that is
+        // down may not answer a handshake at all.
         let exchange = async {
+            let conn = self.connection().await?;
             let (mut send, mut recv) = conn
                 .open()
                 .await
@@ -296,11 +336,11 @@ impl Peer {
     fn rpc_error<E: std::error::Error>(&mut self, f: Failed) -> RPCError<NodeId, Node, E> {
         match f {
             Failed::Unreachable(why) => {
-                self.conn = None;
+                self.conns.drop_conn(&self.addr);
                 RPCError::Unreachable(Unreachable::new(&Why(why)))
             }
             Failed::Network(why) => {
-                self.conn = None;
+                self.conns.drop_conn(&self.addr);
                 RPCError::Network(NetworkError::new(&Why(why)))
             }
         }
