@@ -245,6 +245,19 @@ impl Cluster {
         run_bounded(Command::new(strata_bin()).args(args), COMMAND_LIMIT)
     }
 
+    /// Runs `strata ARGS`, failing the test unless it fails; returns
+    /// what it said on stderr.
+    pub fn refused(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "`strata {}` was not refused:\n{err}",
+            args.join(" ")
+        );
+        err
+    }
+
     /// Runs `strata ARGS`, failing the test unless it succeeds.
     pub fn ok(&self, args: &[&str]) -> String {
         succeed(Command::new(strata_bin()).args(args))

@@ -21,8 +21,29 @@ pub const MAX_GRANTS: usize = 1_000_000;
 pub const OVER_QUOTA: u32 = 4;
 
 /// Why `peer`, a client, may not read a blob.
-pub fn not_granted(peer: &strata_net::Peer) -> String {
+fn not_granted(peer: &strata_net::Peer) -> String {
     format!("{peer} may read only the layers of its own builds (for an hour after each build)")
+}
+
+/// Answers `peer`'s request for blob `d` from `cas` on `send`: nodes of
+/// the cluster read any blob, a client only one `reads` grants it.
+pub async fn serve_blob(
+    reads: &std::sync::Mutex<ReadRights>,
+    cas: &strata_cas::ContentStore,
+    peer: &strata_net::Connection,
+    d: &Digest,
+    send: &mut quinn::SendStream,
+) -> Result<(), strata_net::Error> {
+    let granted = peer.peer.role != strata_net::Role::Client
+        || reads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .may_read(&peer.peer.name, d, Instant::now());
+    if !granted {
+        return strata_net::refuse_blob(send, &not_granted(&peer.peer), peer.addr).await;
+    }
+    strata_net::send_blob(send, cas, d, peer.addr).await?;
+    Ok(())
 }
 
 /// Which client may read which blob, until when.

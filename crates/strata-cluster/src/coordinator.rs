@@ -8,10 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use strata_cas::Digest;
-use strata_net::{
-    Connection, Endpoint, Role, read_blob_header, recv_announced, refuse_blob, send_blob,
-    write_frame,
-};
+use strata_net::{Connection, Endpoint, Role, read_blob_header, recv_announced, write_frame};
 use strata_oci::LayerRef;
 use strata_raft::{Member, ReplicatedIndex, Tuning};
 use strata_registry::Registry;
@@ -574,18 +571,8 @@ impl Coordinator {
         let role = conn.peer.role;
         let reply = match req {
             Request::GetBlob(d) => {
-                if role == Role::Client
-                    && !self
-                        .reads
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .may_read(&conn.peer.name, &d, Instant::now())
-                {
-                    return refuse_blob(send, &crate::access::not_granted(&conn.peer), conn.addr)
-                        .await;
-                }
-                send_blob(send, &self.node.content, &d, conn.addr).await?;
-                return Ok(());
+                return crate::access::serve_blob(&self.reads, &self.node.content, conn, &d, send)
+                    .await;
             }
             Request::HasBlob(d) if role == Role::Client => {
                 Reply::Bool(self.node.content.contains(&d).unwrap_or(false))

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use strata_cas::Digest;
 use strata_dockerfile::IgnoreMatcher;
-use strata_net::{Connection, Endpoint, Role, read_frame, refuse_blob, send_blob, write_frame};
+use strata_net::{Connection, Endpoint, Role, read_frame, write_frame};
 use strata_plan::{Plan, StagePlan};
 use strata_solver::{Job, StageResult, Worker as _, WorkerError};
 use strata_worker::{LocalWorker, Node};
@@ -390,20 +390,8 @@ impl WorkerNode {
         let from_coordinator = conn.peer.role == Role::Coordinator;
         let reply = match req {
             Request::GetBlob(d) => {
-                // Nodes of the cluster read any blob; a client only what
-                // a coordinator granted it.
-                if conn.peer.role == Role::Client
-                    && !self
-                        .reads
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .may_read(&conn.peer.name, &d, Instant::now())
-                {
-                    return refuse_blob(send, &crate::access::not_granted(&conn.peer), conn.addr)
-                        .await;
-                }
-                send_blob(send, &self.node.content, &d, conn.addr).await?;
-                return Ok(());
+                return crate::access::serve_blob(&self.reads, &self.node.content, conn, &d, send)
+                    .await;
             }
             // A coordinator checking what a peer reported this worker
             // lacks.
