@@ -304,9 +304,11 @@ impl Cluster {
             std::fs::read_dir(p)
                 .map(|rd| {
                     rd.flatten()
-                        .map(|e| {
-                            let m = e.metadata().unwrap();
-                            if m.is_dir() { walk(&e.path()) } else { m.len() }
+                        // A blob evicted meanwhile counts for nothing.
+                        .map(|e| match e.metadata() {
+                            Ok(m) if m.is_dir() => walk(&e.path()),
+                            Ok(m) => m.len(),
+                            Err(_) => 0,
                         })
                         .sum()
                 })

@@ -403,3 +403,59 @@ fn concurrent_builds_run_a_shared_builder_once() {
         "the shared builder ran {builder_runs} times"
     );
 }
+
+#[test]
+fn a_coordinator_keeps_uploaded_contexts_within_keep_storage_and_a_client_uploads_again() {
+    let cluster = Cluster::start(1, 5);
+    let coordinator = cluster.coordinator_names()[0].clone();
+    // Its store holds busybox, named, which stays; contexts get 5 MB.
+    let named = cluster.blob_bytes(&coordinator);
+    let keep = named + (5 << 20);
+    cluster.kill(&coordinator);
+    let config = cluster.path().join(format!("{coordinator}.toml"));
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("keep_storage = {keep}\n{text}")).unwrap();
+    cluster.up();
+    // Six contexts of 3 MB each that does not compress: 18 MB of uploads.
+    let contexts: Vec<tempfile::TempDir> = (0..6)
+        .map(|i| {
+            let ctx = tempfile::tempdir().unwrap();
+            let noise: Vec<u8> = (0..3_000_000u32)
+                .map(|n| (n.wrapping_mul(2_654_435_761).wrapping_add(i) >> 13) as u8)
+                .collect();
+            std::fs::write(ctx.path().join("noise"), noise).unwrap();
+            write_files(
+                ctx.path(),
+                &[(
+                    "Dockerfile",
+                    &format!("FROM busybox:latest\nCOPY noise /noise\nRUN echo {i} > /i\n"),
+                )],
+            );
+            ctx
+        })
+        .collect();
+    for ctx in &contexts {
+        let report = cluster.build(&Strata::new(), ctx.path(), &[]);
+        assert_eq!(runs(&report), 1, "{report}");
+    }
+    let start = Instant::now();
+    loop {
+        let held = cluster.blob_bytes(&coordinator);
+        if held <= keep {
+            eprintln!(
+                "{coordinator} holds {held} bytes of blobs (keep_storage {keep}) {:?} after the last build",
+                start.elapsed()
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{coordinator} still holds {held} bytes, over keep_storage {keep}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The first context went: its client uploads it again, and the build
+    // finds every step in the cache.
+    let again = cluster.build(&Strata::new(), contexts[0].path(), &[]);
+    assert_eq!(runs(&again), 0, "{again}");
+}

@@ -478,11 +478,13 @@ fn build_a_6mb_layer(
     let first = cluster.build(&Strata::new(), ctx.path(), &["-t", tag]);
     assert_eq!(runs(&first), 2, "{first}");
     // The build ended with its results published: two workers hold the
-    // 6 MB layer, no layer is short.
+    // 6 MB layer, and once their next heartbeats reach the leader (whose
+    // view status shows), no layer is short.
     let holders = holding_more_than(cluster, 6_000_000);
     assert_eq!(holders.len(), 2, "{holders:?}");
-    let status = cluster.status();
-    assert_eq!(Cluster::replication(&status), Some((2, 0)), "{status}");
+    cluster.wait_for(Duration::from_secs(10), |s| {
+        Cluster::replication(s) == Some((2, 0))
+    });
     (ctx, first, holders)
 }
 
@@ -794,7 +796,7 @@ fn a_change_that_would_leave_no_majority_answering_is_refused() {
     let admin = admin.to_str().unwrap();
     cluster.kill("coordinator-3");
     cluster.wait_for(Duration::from_secs(30), |s| {
-        s.lines().any(|l| l.contains(" down "))
+        s.lines().any(|l| l.contains(" unreachable "))
     });
     // Removing a live member while another is down would leave {1,3}
     // with one member answering: the group would stop. Refused, saying
@@ -839,4 +841,105 @@ fn a_change_that_would_leave_no_majority_answering_is_refused() {
         &[("Dockerfile", "FROM busybox:latest\nRUN echo still > /s\n")],
     );
     cluster.build(&Strata::new(), ctx.path(), &[]);
+}
+
+#[test]
+fn a_dead_first_coordinator_stalls_no_client_and_status_lists_it_unreachable() {
+    let cluster = Cluster::start_group(3, 1, 2);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nRUN echo cached > /c\nCMD [\"cat\", \"/c\"]\n",
+        )],
+    );
+    let client = Strata::new();
+    let first = cluster.build(&client, ctx.path(), &["-t", "first:1"]);
+    assert_eq!(runs(&first), 1, "{first}");
+    let timed = |tag: &str| {
+        let start = Instant::now();
+        let report = cluster.build(&client, ctx.path(), &["-t", tag]);
+        assert_eq!(runs(&report), 0, "{report}");
+        start.elapsed()
+    };
+    let all_up = timed("cached:1");
+
+    // The first coordinator client.toml lists goes away without a word.
+    let listed: Vec<String> = {
+        let text = std::fs::read_to_string(cluster.client()).unwrap();
+        let list = text
+            .split("coordinators = [")
+            .nth(1)
+            .and_then(|rest| rest.split(']').next())
+            .unwrap()
+            .to_string();
+        list.split('"')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    };
+    let first_name = cluster
+        .coordinator_names()
+        .into_iter()
+        .find(|n| {
+            std::fs::read_to_string(cluster.path().join(format!("{n}.toml")))
+                .unwrap()
+                .contains(&format!("listen = \"{}\"", listed[0]))
+        })
+        .unwrap();
+    cluster.kill(&first_name);
+    // Once the others have a leader (an election, when the dead one led),
+    // a fully cached build works without waiting on the dead one.
+    cluster.wait_for(Duration::from_secs(30), |s| {
+        s.lines()
+            .any(|l| l.starts_with("coordinator-") && l.split_whitespace().nth(2) == Some("leader"))
+    });
+    let one_down = timed("cached:2");
+    let again = timed("cached:3");
+    eprintln!(
+        "fully cached build: {all_up:?} with all coordinators up, {one_down:?} and {again:?} with {first_name} ({}) down",
+        listed[0]
+    );
+
+    // Status names it unreachable, in the table and in JSON.
+    let table = cluster.status();
+    let row = table
+        .lines()
+        .find(|l| l.contains(&listed[0]))
+        .unwrap_or_else(|| panic!("{} not listed:\n{table}", listed[0]));
+    assert!(row.contains("unreachable"), "{table}");
+    let json: serde_json::Value = serde_json::from_str(&cluster.ok(&[
+        "cluster",
+        "status",
+        "--format",
+        "json",
+        "--cluster",
+        cluster.client().to_str().unwrap(),
+    ]))
+    .unwrap();
+    let coordinators = json["coordinators"].as_array().unwrap();
+    assert_eq!(coordinators.len(), 3, "{json}");
+    assert_eq!(coordinators[0]["address"], listed[0].as_str(), "{json}");
+    assert_eq!(coordinators[0]["state"], "unreachable", "{json}");
+    assert!(coordinators[0]["pid"].is_null(), "{json}");
+    let states: Vec<&str> = coordinators[1..]
+        .iter()
+        .map(|c| c["state"].as_str().unwrap())
+        .collect();
+    assert!(states.contains(&"leader"), "{json}");
+    assert_eq!(json["workers"][0]["state"], "up", "{json}");
+    assert!(json["cache_entries"].as_u64().unwrap() >= 1, "{json}");
+    // The leader is the coordinator the next command tries first.
+    let leader = coordinators
+        .iter()
+        .find(|c| c["state"] == "leader")
+        .unwrap()["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let remembered =
+        std::fs::read_to_string(cluster.path().join(".client.toml.coordinator")).unwrap();
+    assert_eq!(remembered.trim(), leader);
 }

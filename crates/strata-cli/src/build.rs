@@ -517,7 +517,9 @@ fn cluster_build(
         let mut attempt = 1;
         let mut rebuilt = false;
         let (done, image, fetched) = loop {
+            let started = std::time::Instant::now();
             let client = crate::cluster::connect(cluster).await?;
+            tracing::debug!(?client, elapsed = ?started.elapsed(), "connected to the cluster");
             let submit = strata_cluster::protocol::SubmitBuild {
                 inputs: b.inputs.clone(),
                 context,
@@ -527,7 +529,10 @@ fn cluster_build(
             };
             let done = async {
                 client.upload(&node.content, &context).await?;
-                client.build(submit, &on_event).await
+                tracing::debug!(elapsed = ?started.elapsed(), "context uploaded");
+                let done = client.build(submit, &on_event).await;
+                tracing::debug!(elapsed = ?started.elapsed(), "build done");
+                done
             };
             let done = tokio::select! {
                 done = done => done,

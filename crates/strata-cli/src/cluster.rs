@@ -68,11 +68,14 @@ pub enum ClusterCommand {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Show the coordinator, its workers and the cache.
+    /// Show the coordinators, the workers and the cache.
     Status {
         /// The client configuration (`DIR/client.toml`).
         #[arg(long, env = "STRATA_CLUSTER")]
         cluster: PathBuf,
+        /// `table` for people, `json` for scripts (the same fields).
+        #[arg(long, value_enum, default_value = "table")]
+        format: StatusFormat,
     },
     /// Place no new stages on a worker (it still serves its blobs and
     /// finishes the stages it has), e.g. before taking it down.
@@ -272,137 +275,270 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
             change_group(&cluster, strata_raft::MembershipChange::Remove { id })?;
             writeln!(out, "coordinator {id} removed from the group")?;
         }
-        ClusterCommand::Status { cluster } => {
-            let status = ask(&cluster, async |c| c.status().await)?;
-            writeln!(
-                out,
-                "coordinator {} (pid {}): {} cache entries, {} blobs located, {} builds running",
-                status.coordinator,
-                status.pid,
-                status.cache_entries,
-                status.blobs_located,
-                status.builds_running
-            )?;
-            let g = &status.group;
-            writeln!(
-                out,
-                "replicated index: member {} of {}, leader {}, term {}, last applied {}, took part {}",
-                g.id,
-                g.members
-                    .iter()
-                    .map(|(id, _)| id.to_string())
-                    .collect::<Vec<_>>()
-                    .join(","),
-                g.leader
-                    .map_or_else(|| "none".to_string(), |l| l.to_string()),
-                g.term,
-                g.last_applied
-                    .map_or_else(|| "-".to_string(), |i| i.to_string()),
-                if g.joined.is_empty() {
-                    "-".to_string()
-                } else {
-                    g.joined
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(",")
-                }
-            )?;
-            writeln!(
-                out,
-                "replication: {} copies of each built layer, {} layers short, {} workers registered",
-                status.replication, status.under_replicated, status.workers_registered
-            )?;
+        ClusterCommand::Status { cluster, format } => {
             let config = ClientConfig::load(&cluster)?;
-            if config.coordinators.len() > 1 {
-                let views = crate::runtime()?.block_on(coordinator_views(&config));
-                writeln!(
-                    out,
-                    "{:<14} {:<22} {:<9} {:>7} {:>5} {:>8}",
-                    "COORDINATOR", "ADDRESS", "STATE", "PID", "TERM", "APPLIED"
-                )?;
-                for (addr, view) in views {
-                    match view {
-                        Some(s) => writeln!(
-                            out,
-                            "{:<14} {:<22} {:<9} {:>7} {:>5} {:>8}",
-                            s.coordinator,
-                            addr.to_string(),
-                            if s.group.leader == Some(s.group.id) {
-                                "leader"
-                            } else {
-                                "follower"
-                            },
-                            s.pid,
-                            s.group.term,
-                            s.group
-                                .last_applied
-                                .map_or_else(|| "-".to_string(), |i| i.to_string())
-                        )?,
-                        None => writeln!(
-                            out,
-                            "{:<14} {:<22} {:<9} {:>7} {:>5} {:>8}",
-                            "?",
-                            addr.to_string(),
-                            "down",
-                            "-",
-                            "-",
-                            "-"
-                        )?,
-                    }
-                }
+            let views = crate::runtime()?.block_on(coordinator_views(&config));
+            let report = StatusReport::from_views(&views).with_context(|| {
+                format!(
+                    "no coordinator answered: {}",
+                    views
+                        .iter()
+                        .filter_map(|(_, v)| v.as_ref().err().cloned())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            })?;
+            // The leader is the coordinator the next command prefers.
+            if let Some(leader) = report.coordinators.iter().find(|c| c.state == "leader")
+                && let Some(addr) = config
+                    .coordinators
+                    .iter()
+                    .find(|a| a.to_string() == leader.address)
+            {
+                config.remember(addr);
             }
-            writeln!(
-                out,
-                "{:<14} {:<22} {:<8} {:>5} {:>7} {:>6}",
-                "WORKER", "ADDRESS", "STATE", "SLOTS", "RUNNING", "BLOBS"
-            )?;
-            for w in &status.workers {
-                writeln!(
-                    out,
-                    "{:<14} {:<22} {:<8} {:>5} {:>7} {:>6}",
-                    w.name,
-                    w.addr.to_string(),
-                    match (w.alive, w.cordoned) {
-                        (false, _) => "gone",
-                        (true, true) => "cordoned",
-                        (true, false) => "up",
-                    },
-                    w.slots,
-                    w.running,
-                    w.blobs
-                )?;
+            match format {
+                StatusFormat::Json => {
+                    serde_json::to_writer_pretty(&mut out, &report)?;
+                    writeln!(out)?;
+                }
+                StatusFormat::Table => report.write_table(&mut out)?,
             }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// What each coordinator of `config` says of itself (`None`: no answer).
-async fn coordinator_views(
-    config: &ClientConfig,
-) -> Vec<(
+/// How `strata cluster status` prints.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum StatusFormat {
+    Table,
+    Json,
+}
+
+/// How long `strata cluster status` waits for each coordinator: one that
+/// has not answered by then is listed `unreachable`.
+const STATUS_WAIT: Duration = Duration::from_secs(1);
+
+/// What `strata cluster status` shows, as a table or as JSON.
+#[derive(Debug, serde::Serialize)]
+struct StatusReport {
+    /// The coordinator whose view of the cluster this is (the leader when
+    /// one answered).
+    coordinator: String,
+    pid: u32,
+    cache_entries: usize,
+    blobs_located: usize,
+    builds_running: usize,
+    group: GroupReport,
+    replication: usize,
+    layers_short: usize,
+    workers_registered: usize,
+    coordinators: Vec<CoordinatorRow>,
+    workers: Vec<WorkerRow>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct GroupReport {
+    member: u64,
+    members: Vec<u64>,
+    leader: Option<u64>,
+    term: u64,
+    last_applied: Option<u64>,
+    took_part: Vec<u64>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct CoordinatorRow {
+    name: Option<String>,
+    address: String,
+    /// `leader`, `follower` or `unreachable`.
+    state: &'static str,
+    pid: Option<u32>,
+    term: Option<u64>,
+    applied: Option<u64>,
+    /// Why an unreachable one did not answer.
+    error: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct WorkerRow {
+    name: String,
+    address: String,
+    /// `up`, `cordoned` or `gone`.
+    state: &'static str,
+    slots: usize,
+    running: usize,
+    blobs: usize,
+}
+
+/// A coordinator's address, and what it says of the cluster or why it
+/// did not.
+type View = (
     strata_cluster::config::NodeAddress,
-    Option<strata_cluster::protocol::ClusterStatus>,
-)> {
+    Result<strata_cluster::protocol::ClusterStatus, String>,
+);
+
+impl StatusReport {
+    /// The report from every coordinator's view; `None` when none
+    /// answered.
+    fn from_views(views: &[View]) -> Option<StatusReport> {
+        let answered = || views.iter().filter_map(|(_, s)| s.as_ref().ok());
+        let status = answered()
+            .find(|s| s.group.leader == Some(s.group.id))
+            .or_else(|| answered().next())?;
+        let g = &status.group;
+        Some(StatusReport {
+            coordinator: status.coordinator.clone(),
+            pid: status.pid,
+            cache_entries: status.cache_entries,
+            blobs_located: status.blobs_located,
+            builds_running: status.builds_running,
+            group: GroupReport {
+                member: g.id,
+                members: g.members.iter().map(|(id, _)| *id).collect(),
+                leader: g.leader,
+                term: g.term,
+                last_applied: g.last_applied,
+                took_part: g.joined.clone(),
+            },
+            replication: status.replication,
+            layers_short: status.under_replicated,
+            workers_registered: status.workers_registered,
+            coordinators: views
+                .iter()
+                .map(|(addr, view)| match view {
+                    Ok(s) => CoordinatorRow {
+                        name: Some(s.coordinator.clone()),
+                        address: addr.to_string(),
+                        state: if s.group.leader == Some(s.group.id) {
+                            "leader"
+                        } else {
+                            "follower"
+                        },
+                        pid: Some(s.pid),
+                        term: Some(s.group.term),
+                        applied: s.group.last_applied,
+                        error: None,
+                    },
+                    Err(e) => CoordinatorRow {
+                        name: None,
+                        address: addr.to_string(),
+                        state: "unreachable",
+                        pid: None,
+                        term: None,
+                        applied: None,
+                        error: Some(e.clone()),
+                    },
+                })
+                .collect(),
+            workers: status
+                .workers
+                .iter()
+                .map(|w| WorkerRow {
+                    name: w.name.clone(),
+                    address: w.addr.to_string(),
+                    state: match (w.alive, w.cordoned) {
+                        (false, _) => "gone",
+                        (true, true) => "cordoned",
+                        (true, false) => "up",
+                    },
+                    slots: w.slots,
+                    running: w.running,
+                    blobs: w.blobs,
+                })
+                .collect(),
+        })
+    }
+
+    fn write_table(&self, out: &mut impl Write) -> std::io::Result<()> {
+        let list = |ids: &[u64]| {
+            if ids.is_empty() {
+                "-".to_string()
+            } else {
+                ids.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
+        };
+        let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
+        writeln!(
+            out,
+            "coordinator {} (pid {}): {} cache entries, {} blobs located, {} builds running",
+            self.coordinator, self.pid, self.cache_entries, self.blobs_located, self.builds_running
+        )?;
+        let g = &self.group;
+        writeln!(
+            out,
+            "replicated index: member {} of {}, leader {}, term {}, last applied {}, took part {}",
+            g.member,
+            list(&g.members),
+            g.leader
+                .map_or_else(|| "none".to_string(), |l| l.to_string()),
+            g.term,
+            or_dash(g.last_applied.map(|i| i.to_string())),
+            list(&g.took_part),
+        )?;
+        writeln!(
+            out,
+            "replication: {} copies of each built layer, {} layers short, {} workers registered",
+            self.replication, self.layers_short, self.workers_registered
+        )?;
+        writeln!(
+            out,
+            "{:<14} {:<22} {:<11} {:>7} {:>5} {:>8}",
+            "COORDINATOR", "ADDRESS", "STATE", "PID", "TERM", "APPLIED"
+        )?;
+        for c in &self.coordinators {
+            writeln!(
+                out,
+                "{:<14} {:<22} {:<11} {:>7} {:>5} {:>8}",
+                c.name.as_deref().unwrap_or("?"),
+                c.address,
+                c.state,
+                or_dash(c.pid.map(|p| p.to_string())),
+                or_dash(c.term.map(|t| t.to_string())),
+                or_dash(c.applied.map(|a| a.to_string())),
+            )?;
+        }
+        writeln!(
+            out,
+            "{:<14} {:<22} {:<8} {:>5} {:>7} {:>6}",
+            "WORKER", "ADDRESS", "STATE", "SLOTS", "RUNNING", "BLOBS"
+        )?;
+        for w in &self.workers {
+            writeln!(
+                out,
+                "{:<14} {:<22} {:<8} {:>5} {:>7} {:>6}",
+                w.name, w.address, w.state, w.slots, w.running, w.blobs
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// What each coordinator of `config` says of itself, all asked at once,
+/// or why not (no answer within [`STATUS_WAIT`], among others).
+async fn coordinator_views(config: &ClientConfig) -> Vec<View> {
     let mut asks = tokio::task::JoinSet::new();
     for (i, addr) in config.coordinators.iter().enumerate() {
-        let one = ClientConfig {
-            coordinators: vec![addr.clone()],
-            tls: config.tls.clone(),
-        };
+        let one = config.only(addr);
+        let addr = addr.clone();
         asks.spawn(async move {
-            let status = match Client::connect(&one).await {
-                Ok(c) => c.status().await.ok(),
-                Err(_) => None,
+            let ask = async { Client::connect(&one).await?.status().await };
+            let view = match tokio::time::timeout(STATUS_WAIT, ask).await {
+                Ok(Ok(status)) => Ok(status),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("{addr}: no answer within {STATUS_WAIT:?}")),
             };
-            (i, status)
+            (i, view)
         });
     }
     let mut views: Vec<_> = config
         .coordinators
         .iter()
-        .map(|a| (a.clone(), None))
+        .map(|a| (a.clone(), Err(format!("{a}: no answer"))))
         .collect();
     while let Some(Ok((i, status))) = asks.join_next().await {
         views[i].1 = status;

@@ -56,9 +56,9 @@ fn cluster(e: impl std::fmt::Display) -> ClientError {
 /// How long a coordinator has to answer a client's connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How long a client waits on one coordinator before trying the next
-/// one too.
-pub const STAGGER: Duration = Duration::from_millis(250);
+/// How long a client that has a coordinator answering waits for the one
+/// it remembered (the leader when last seen) before going on without it.
+pub const PREFERRED_GRACE: Duration = Duration::from_millis(30);
 
 /// Connects to the coordinator at `addr`: a connection to a coordinator,
 /// or why not.
@@ -80,52 +80,148 @@ async fn attempt(
     }
 }
 
+/// Which answer a client goes on with, as the attempts to reach the
+/// coordinators of its list end: sans-IO, so it is tested without a
+/// network.
+#[derive(Debug)]
+struct Choice {
+    /// The coordinator remembered, if listed.
+    preferred: Option<usize>,
+    /// Attempts not yet ended.
+    pending: usize,
+    /// The first coordinator that answered, while waiting for the
+    /// preferred one.
+    fallback: Option<usize>,
+}
+
+/// What a client does next.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Go on with this coordinator (remembered for the next time).
+    Take(usize),
+    /// Wait for the preferred coordinator, at most [`PREFERRED_GRACE`].
+    Grace,
+    /// Wait for more attempts to end.
+    Wait,
+    /// None answered.
+    Fail,
+}
+
+impl Choice {
+    fn new(listed: usize, preferred: Option<usize>) -> Choice {
+        Choice {
+            preferred: preferred.filter(|&p| p < listed),
+            pending: listed,
+            fallback: None,
+        }
+    }
+
+    /// The attempt to reach coordinator `i` ended, `answered` or not.
+    fn ended(&mut self, i: usize, answered: bool) -> Next {
+        self.pending = self.pending.saturating_sub(1);
+        let preferred_pending = self.preferred.is_some_and(|p| p != i) && self.pending > 0;
+        if answered {
+            if self.preferred.is_none_or(|p| p == i) {
+                return Next::Take(i);
+            }
+            if self.fallback.is_none() {
+                self.fallback = Some(i);
+                return if preferred_pending {
+                    Next::Grace
+                } else {
+                    Next::Take(i)
+                };
+            }
+        } else if self.preferred == Some(i) {
+            // The preferred one is down: go on with any that answered.
+            self.preferred = None;
+            if let Some(f) = self.fallback {
+                return Next::Take(f);
+            }
+        }
+        match (self.fallback, self.pending) {
+            (Some(f), 0) => Next::Take(f),
+            (None, 0) => Next::Fail,
+            _ => Next::Wait,
+        }
+    }
+
+    /// The grace for the preferred coordinator ran out.
+    fn grace_over(&self) -> Option<usize> {
+        self.fallback
+    }
+}
+
 impl Client {
-    /// Connects to the first coordinator of `config` that answers.
+    /// Connects to a coordinator of `config`: every one is dialled at
+    /// once and the first that answers serves, unless the one the client
+    /// remembered answers within [`PREFERRED_GRACE`] after it. A
+    /// coordinator that is down costs nothing when another answers.
     pub async fn connect(config: &ClientConfig) -> Result<Client, ClientError> {
         let id = config.tls.identity().map_err(cluster)?;
         let endpoint = Endpoint::dialer(&id).map_err(cluster)?;
-        // Coordinators are tried in order, the next one starting when the
-        // one before has failed or has not answered within STAGGER, as
-        // browsers try addresses: one that is down costs a client a
-        // fraction of a second, not a connect timeout.
-        let mut why = Vec::new();
-        let mut waiting = config.coordinators.iter().cloned();
+        let mut choice = Choice::new(config.coordinators.len(), config.remembered());
         let mut attempts = tokio::task::JoinSet::new();
-        loop {
-            if attempts.is_empty() {
-                match waiting.next() {
-                    Some(addr) => {
-                        attempts.spawn(attempt(endpoint.clone(), addr));
-                    }
-                    None => break,
-                }
-            }
-            tokio::select! {
-                joined = attempts.join_next() => {
-                    match joined {
-                        Some(Ok(Ok(conn))) => {
-                            return Ok(Client {
-                                coordinator: conn,
-                                peers: Arc::new(Peers::new(endpoint)),
-                            });
-                        }
-                        Some(Ok(Err(e))) => why.push(e),
-                        Some(Err(e)) => why.push(e.to_string()),
-                        None => {}
-                    }
-                }
-                () = tokio::time::sleep(STAGGER) => {
-                    if let Some(addr) = waiting.next() {
-                        attempts.spawn(attempt(endpoint.clone(), addr));
-                    }
-                }
-            }
+        for (i, addr) in config.coordinators.iter().enumerate() {
+            let endpoint = endpoint.clone();
+            let addr = addr.clone();
+            attempts.spawn(async move { (i, attempt(endpoint, addr).await) });
         }
-        Err(ClientError::Cluster(format!(
-            "no coordinator answered: {}",
-            why.join("; ")
-        )))
+        let mut answered: Vec<Option<Connection>> =
+            config.coordinators.iter().map(|_| None).collect();
+        let mut why = Vec::new();
+        let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        let chosen = loop {
+            let ended = match &mut grace {
+                Some(sleep) => tokio::select! {
+                    ended = attempts.join_next() => ended,
+                    () = sleep.as_mut() => match choice.grace_over() {
+                        Some(f) => break f,
+                        None => continue,
+                    },
+                },
+                None => attempts.join_next().await,
+            };
+            let (i, result) = match ended {
+                Some(Ok(ended)) => ended,
+                Some(Err(e)) => {
+                    why.push(e.to_string());
+                    continue;
+                }
+                None => break usize::MAX,
+            };
+            let ok = result.is_ok();
+            match result {
+                Ok(conn) => answered[i] = Some(conn),
+                Err(e) => why.push(e),
+            }
+            match choice.ended(i, ok) {
+                Next::Take(t) => break t,
+                Next::Grace => {
+                    grace = Some(Box::pin(tokio::time::sleep(PREFERRED_GRACE)));
+                }
+                Next::Wait => {}
+                Next::Fail => break usize::MAX,
+            }
+        };
+        // Attempts still under way are dropped, and with them their
+        // connections.
+        attempts.abort_all();
+        match answered.get_mut(chosen).and_then(Option::take) {
+            Some(conn) => {
+                if let Some(addr) = config.coordinators.get(chosen) {
+                    config.remember(addr);
+                }
+                Ok(Client {
+                    coordinator: conn,
+                    peers: Arc::new(Peers::new(endpoint)),
+                })
+            }
+            None => Err(ClientError::Cluster(format!(
+                "no coordinator answered: {}",
+                why.join("; ")
+            ))),
+        }
     }
 
     /// Makes sure the coordinator holds `blob` (uploading it from `cas`).
@@ -252,5 +348,60 @@ impl Client {
             Ok(other) => Err(cluster(format!("unexpected answer: {other:?}"))),
             Err(e) => Err(cluster(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Choice, Next};
+
+    #[test]
+    fn with_nothing_remembered_the_first_answer_serves() {
+        let mut c = Choice::new(3, None);
+        assert_eq!(c.ended(0, false), Next::Wait);
+        assert_eq!(c.ended(2, true), Next::Take(2));
+    }
+
+    #[test]
+    fn the_remembered_coordinator_gets_a_grace_and_wins_within_it() {
+        let mut c = Choice::new(3, Some(1));
+        assert_eq!(c.ended(0, true), Next::Grace);
+        assert_eq!(c.ended(2, true), Next::Wait);
+        assert_eq!(c.ended(1, true), Next::Take(1));
+    }
+
+    #[test]
+    fn a_remembered_coordinator_that_is_down_costs_no_grace() {
+        let mut c = Choice::new(3, Some(0));
+        assert_eq!(c.ended(0, false), Next::Wait);
+        assert_eq!(c.ended(2, true), Next::Take(2));
+        let mut c = Choice::new(3, Some(0));
+        assert_eq!(c.ended(1, true), Next::Grace);
+        assert_eq!(c.ended(0, false), Next::Take(1));
+        let mut c = Choice::new(2, Some(0));
+        assert_eq!(c.ended(1, true), Next::Grace);
+        assert_eq!(c.grace_over(), Some(1));
+    }
+
+    #[test]
+    fn a_remembered_coordinator_no_longer_listed_is_ignored() {
+        let mut c = Choice::new(2, Some(5));
+        assert_eq!(c.ended(1, true), Next::Take(1));
+    }
+
+    #[test]
+    fn when_none_answers_the_client_fails_once_all_ended() {
+        let mut c = Choice::new(2, Some(1));
+        assert_eq!(c.ended(1, false), Next::Wait);
+        assert_eq!(c.ended(0, false), Next::Fail);
+        let mut c = Choice::new(1, None);
+        assert_eq!(c.ended(0, true), Next::Take(0));
+    }
+
+    #[test]
+    fn the_last_answer_after_a_lone_fallback_is_taken_when_all_ended() {
+        let mut c = Choice::new(2, Some(1));
+        assert_eq!(c.ended(0, true), Next::Grace);
+        assert_eq!(c.ended(1, false), Next::Take(0));
     }
 }

@@ -283,6 +283,16 @@ pub struct CoordinatorConfig {
     /// hour; an upload that would pass it is refused whole.
     #[serde(default = "default_upload_quota")]
     pub upload_quota_mib_per_hour: u64,
+    /// Bytes of uploaded build contexts it keeps at most: past that, the
+    /// least recently used go (never one a build uses now, or one a
+    /// client uploaded or asked about in the last ten minutes). Unset: a
+    /// tenth of the filesystem its state directory is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_storage: Option<u64>,
+    /// Seconds an uploaded context no build used is kept at most. Unset:
+    /// no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_duration: Option<u64>,
     /// Its credentials.
     #[serde(default = "default_coordinator_tls")]
     pub tls: TlsFiles,
@@ -336,12 +346,17 @@ pub struct WorkerConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
-    /// Coordinators, tried in order.
+    /// Coordinators, all dialled at once.
     #[serde(default = "default_coordinators")]
     pub coordinators: Vec<NodeAddress>,
     /// The client's credentials.
     #[serde(default = "default_client_tls")]
     pub tls: TlsFiles,
+    /// Where the client remembers the coordinator it prefers (the leader
+    /// when last seen, else the one that answered): not part of the file;
+    /// [`ClientConfig::load`] puts it beside the file.
+    #[serde(skip)]
+    pub memory: Option<PathBuf>,
 }
 
 fn override_with<T: std::str::FromStr>(var: &str, field: &mut T) -> Result<(), ConfigError>
@@ -356,6 +371,45 @@ where
         })?;
     }
     Ok(())
+}
+
+/// `STRATA_KEEP_STORAGE` and `STRATA_KEEP_DURATION` over a node's store
+/// bounds.
+fn override_keep(storage: &mut Option<u64>, duration: &mut Option<u64>) -> Result<(), ConfigError> {
+    for (var, field) in [
+        ("STRATA_KEEP_STORAGE", storage),
+        ("STRATA_KEEP_DURATION", duration),
+    ] {
+        if std::env::var_os(var).is_some() {
+            let mut v = field.unwrap_or_default();
+            override_with(var, &mut v)?;
+            *field = Some(v);
+        }
+    }
+    Ok(())
+}
+
+/// A node's store bounds: `storage` bytes (unset: a tenth of the
+/// filesystem `home` is on, as buildkitd's default) and `duration`
+/// seconds unused.
+pub(crate) fn keep(
+    home: &Path,
+    storage: Option<u64>,
+    duration: Option<u64>,
+) -> Result<strata_worker::Keep, String> {
+    let storage = match storage {
+        Some(bytes) => bytes,
+        None => {
+            std::fs::create_dir_all(home).map_err(|e| format!("{}: {e}", home.display()))?;
+            let fs =
+                nix::sys::statvfs::statvfs(home).map_err(|e| format!("{}: {e}", home.display()))?;
+            fs.blocks().saturating_mul(fs.fragment_size()) / 10
+        }
+    };
+    Ok(strata_worker::Keep {
+        storage: Some(storage),
+        duration,
+    })
 }
 
 fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
@@ -384,7 +438,8 @@ impl CoordinatorConfig {
 
     /// Reads `path`, then `STRATA_LISTEN`, `STRATA_HOME`,
     /// `STRATA_LEASE_SECONDS`, `STRATA_RAFT_LISTEN`, `STRATA_REPLICATION`,
-    /// `STRATA_REPAIR_MIB_PER_SECOND` and `STRATA_UPLOAD_QUOTA_MIB_PER_HOUR`.
+    /// `STRATA_REPAIR_MIB_PER_SECOND`, `STRATA_UPLOAD_QUOTA_MIB_PER_HOUR`,
+    /// `STRATA_KEEP_STORAGE` and `STRATA_KEEP_DURATION`.
     pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
         let mut c: CoordinatorConfig = load(path)?;
         override_with("STRATA_LISTEN", &mut c.listen)?;
@@ -397,6 +452,7 @@ impl CoordinatorConfig {
             "STRATA_UPLOAD_QUOTA_MIB_PER_HOUR",
             &mut c.upload_quota_mib_per_hour,
         )?;
+        override_keep(&mut c.keep_storage, &mut c.keep_duration)?;
         if c.replication == 0 {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -441,16 +497,7 @@ impl WorkerConfig {
         }
         override_with("STRATA_HOME", &mut c.home)?;
         override_with("STRATA_SLOTS", &mut c.slots)?;
-        for (var, field) in [
-            ("STRATA_KEEP_STORAGE", &mut c.keep_storage),
-            ("STRATA_KEEP_DURATION", &mut c.keep_duration),
-        ] {
-            if std::env::var_os(var).is_some() {
-                let mut v = field.unwrap_or_default();
-                override_with(var, &mut v)?;
-                *field = Some(v);
-            }
-        }
+        override_keep(&mut c.keep_storage, &mut c.keep_duration)?;
         if c.slots == 0 {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -474,8 +521,47 @@ impl ClientConfig {
                 detail: "no coordinators listed".into(),
             });
         }
-        c.tls.resolve(&base_of(path));
+        let base = base_of(path);
+        c.tls.resolve(&base);
+        let name = path.file_name().map_or_else(
+            || "client.toml".into(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        c.memory = Some(base.join(format!(".{name}.coordinator")));
         Ok(c)
+    }
+
+    /// The same client, with `addr` its only coordinator (and nothing
+    /// remembered).
+    pub fn only(&self, addr: &NodeAddress) -> ClientConfig {
+        ClientConfig {
+            coordinators: vec![addr.clone()],
+            tls: self.tls.clone(),
+            memory: None,
+        }
+    }
+
+    /// The coordinator the client remembered, if it is still listed.
+    pub fn remembered(&self) -> Option<usize> {
+        let text = std::fs::read_to_string(self.memory.as_ref()?).ok()?;
+        let text = text.trim();
+        self.coordinators.iter().position(|a| a.to_string() == text)
+    }
+
+    /// Remembers `addr` as the coordinator to prefer. Best effort: a
+    /// client whose directory is read-only just does not remember.
+    pub fn remember(&self, addr: &NodeAddress) {
+        let Some(path) = &self.memory else { return };
+        if std::fs::read_to_string(path).is_ok_and(|t| t.trim() == addr.to_string()) {
+            return;
+        }
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let done =
+            std::fs::write(&tmp, format!("{addr}\n")).and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = done {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::debug!(path = %path.display(), error = %e, "could not remember the coordinator");
+        }
     }
 }
 
@@ -529,9 +615,13 @@ mod tests {
             WorkerConfig::load(&empty).unwrap()
         );
         let (_d, example, empty) = example_and_empty("client.toml");
+        let forget = |mut c: ClientConfig| {
+            c.memory = None;
+            c
+        };
         assert_eq!(
-            ClientConfig::load(&example).unwrap(),
-            ClientConfig::load(&empty).unwrap()
+            forget(ClientConfig::load(&example).unwrap()),
+            forget(ClientConfig::load(&empty).unwrap())
         );
     }
 

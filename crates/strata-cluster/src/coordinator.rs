@@ -94,6 +94,10 @@ pub struct Coordinator {
     reads: Mutex<ReadRights>,
     /// What each client uploaded in the last hour.
     uploads: Mutex<UploadQuota>,
+    /// Bounds of its store (uploaded contexts).
+    keep: strata_worker::Keep,
+    /// Contexts a build is about to use.
+    pins: Mutex<crate::context::Pins>,
     /// When it started.
     started: Instant,
 }
@@ -258,6 +262,8 @@ impl Coordinator {
             uploads: Mutex::new(UploadQuota::new(
                 config.upload_quota_mib_per_hour.saturating_mul(1 << 20),
             )),
+            keep: crate::config::keep(&config.home, config.keep_storage, config.keep_duration)?,
+            pins: Mutex::default(),
         }))
     }
 
@@ -288,6 +294,7 @@ impl Coordinator {
         let repair = tokio::spawn(Arc::clone(&self).repair());
         let reconcile = tokio::spawn(Arc::clone(&self).reconcile());
         let recorder = tokio::spawn(Arc::clone(&self).write_records());
+        let evicting = tokio::spawn(Arc::clone(&self).evict_forever());
         loop {
             tokio::select! {
                 conn = self.endpoint.accept() => {
@@ -301,7 +308,53 @@ impl Coordinator {
         repair.abort();
         reconcile.abort();
         recorder.abort();
+        evicting.abort();
         self.endpoint.close();
+    }
+
+    /// Keeps the store within its bounds, every [`crate::worker::EVICT_EVERY`]:
+    /// the least recently used uploaded contexts go, never one a build
+    /// holds or a client is about to build from. Base images it pulled
+    /// for planning are named images and stay.
+    async fn evict_forever(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(crate::worker::EVICT_EVERY).await;
+            let me = Arc::clone(&self);
+            let pinned = self
+                .pins
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pinned(Instant::now());
+            let evicted = tokio::task::spawn_blocking(move || {
+                let now = strata_cas::now_unix();
+                let (total, mut candidates) = strata_worker::candidates(&me.node, now)?;
+                candidates.retain(|c| !pinned.contains(&c.blob));
+                let victims = strata_worker::choose(total, &candidates, &me.keep, now, &|_| false);
+                strata_worker::evict(&me.node, &victims)
+            })
+            .await;
+            match evicted {
+                Ok(Ok(report)) if report.blobs > 0 => tracing::info!(
+                    blobs = report.blobs,
+                    bytes = report.bytes,
+                    "evicted contexts to stay within keep_storage / keep_duration"
+                ),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot evict from the coordinator's store")
+                }
+                Err(e) => tracing::warn!(error = %e, "eviction stopped"),
+            }
+        }
+    }
+
+    /// A client uploaded `context` or asked about it: it stays for the
+    /// build the client submits next.
+    fn pin(&self, context: Digest) {
+        self.pins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pin(context, Instant::now());
     }
 
     /// Workers silent for longer than the lease are gone: their blobs are
@@ -575,7 +628,11 @@ impl Coordinator {
                     .await;
             }
             Request::HasBlob(d) if role == Role::Client => {
-                Reply::Bool(self.node.content.contains(&d).unwrap_or(false))
+                let has = self.node.content.contains(&d).unwrap_or(false);
+                if has {
+                    self.pin(d);
+                }
+                Reply::Bool(has)
             }
             Request::PutBlob(d) if role == Role::Client => {
                 return self.receive_upload(conn, d, send, recv).await;
@@ -886,6 +943,7 @@ impl Coordinator {
                                 .refund(client, announced.size);
                         }
                         got?;
+                        self.pin(d);
                         Reply::Ok
                     }
                 }
@@ -988,13 +1046,25 @@ impl Coordinator {
         let fail = |message: String, tail: Vec<String>| {
             let _ = events.send(BuildEvent::Failed { message, tail });
         };
+        let begun = Instant::now();
+        // Held for the whole build: workers fetch it from here.
+        let mut context_lease = self.node.content.lease();
+        context_lease.hold(submit.context);
         if !self.node.content.contains(&submit.context).unwrap_or(false) {
             return fail(
                 format!("build context {} was not uploaded", submit.context),
                 vec![],
             );
         }
+        self.pins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .used(&submit.context);
+        if let Err(e) = self.node.content.touch(&submit.context) {
+            tracing::debug!(context = %submit.context, error = %e, "cannot mark the context used");
+        }
         self.await_known_workers().await;
+        tracing::debug!(elapsed = ?begun.elapsed(), "workers known");
         if let Err(e) = self.grants().check(&submit.inputs.allow) {
             return fail(e.to_string(), vec![]);
         }
@@ -1060,8 +1130,10 @@ impl Coordinator {
             }),
             source_date_epoch,
         };
+        tracing::debug!(build = id, elapsed = ?begun.elapsed(), "planned");
         let solved = solver.solve(Arc::clone(&plan), opts).await;
         placement.end().await;
+        tracing::debug!(build = id, elapsed = ?begun.elapsed(), "solved");
         match solved {
             Ok(solved) => {
                 let target = &solved.stages[plan.target];
@@ -1075,6 +1147,7 @@ impl Coordinator {
                     .map(|l: &LayerRef| (l.blob, self.holders(&l.blob, None)))
                     .collect();
                 self.grant_reads(client, &holders).await;
+                tracing::debug!(build = id, elapsed = ?begun.elapsed(), "reads granted");
                 let _ = events.send(BuildEvent::Done(Box::new(BuildDone {
                     config_json,
                     layers: target.layers.clone(),

@@ -164,6 +164,8 @@ pub fn init(
                 replication: CoordinatorConfig::DEFAULT_REPLICATION,
                 repair_mib_per_second: CoordinatorConfig::DEFAULT_REPAIR_RATE,
                 upload_quota_mib_per_hour: CoordinatorConfig::DEFAULT_UPLOAD_QUOTA,
+                keep_storage: None,
+                keep_duration: None,
                 tls: tls(name),
             },
         )
@@ -204,10 +206,11 @@ pub fn init(
         write(
             &path,
             "# For clients: `strata build --cluster client.toml` (or STRATA_CLUSTER).\n\
-             # coordinators: tried in order.",
+             # coordinators: all dialled at once; the first to answer (the leader when known) serves.",
             &ClientConfig {
                 coordinators: all_coordinators.clone(),
                 tls: tls("client"),
+                memory: None,
             },
         )
         .map_err(|e| e.to_string())?;
@@ -222,6 +225,7 @@ pub fn init(
             &ClientConfig {
                 coordinators: all_coordinators,
                 tls: tls("admin"),
+                memory: None,
             },
         )
         .map_err(|e| e.to_string())?;
@@ -267,6 +271,7 @@ pub fn add_client(dir: &Path, name: &str) -> Result<Vec<PathBuf>, String> {
         &ClientConfig {
             coordinators,
             tls: tls(name),
+            memory: None,
         },
     )
     .map_err(|e| e.to_string())?;
@@ -343,10 +348,7 @@ pub async fn up(
 async fn ready(client: &ClientConfig) -> Result<usize, String> {
     let mut fewest = usize::MAX;
     for addr in &client.coordinators {
-        let one = ClientConfig {
-            coordinators: vec![addr.clone()],
-            tls: client.tls.clone(),
-        };
+        let one = client.only(addr);
         let c = crate::client::Client::connect(&one)
             .await
             .map_err(|e| e.to_string())?;

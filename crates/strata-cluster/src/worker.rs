@@ -104,13 +104,7 @@ impl WorkerNode {
             },
             name: me.name,
             reads: Mutex::default(),
-            keep: strata_worker::Keep {
-                storage: Some(match config.keep_storage {
-                    Some(bytes) => bytes,
-                    None => tenth_of_filesystem(&config.home)?,
-                }),
-                duration: config.keep_duration,
-            },
+            keep: crate::config::keep(&config.home, config.keep_storage, config.keep_duration)?,
             registered: Mutex::default(),
             incarnation: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -754,16 +748,8 @@ pub(crate) async fn request(conn: &Connection, req: &Request) -> Result<Reply, S
         .ok_or_else(|| format!("{} closed the stream without answering", conn.peer))
 }
 
-/// How often a worker looks at its store's bounds.
-const EVICT_EVERY: Duration = Duration::from_secs(5);
-
-/// A tenth of the size of the filesystem `dir` is on (made if need be):
-/// the default bound of a worker's store, as buildkitd's.
-fn tenth_of_filesystem(dir: &std::path::Path) -> Result<u64, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let fs = nix::sys::statvfs::statvfs(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    Ok(fs.blocks().saturating_mul(fs.fragment_size()) / 10)
-}
+/// How often a node looks at its store's bounds.
+pub(crate) const EVICT_EVERY: Duration = Duration::from_secs(5);
 
 /// Tells the coordinator on `coordinator` which holders a failed fetch
 /// found lacking what they were named for, so that it checks them and

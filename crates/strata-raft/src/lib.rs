@@ -810,6 +810,7 @@ impl Member {
             if Instant::now() > deadline {
                 return Err(Error::Unavailable(why));
             }
+            tracing::debug!(member = self.id, %why, "asking the leader again");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
