@@ -85,7 +85,28 @@ pub(crate) struct Short {
     pub live: usize,
 }
 
+/// Seconds a new cache entry is never taken for an orphan: the entry is
+/// put as soon as its holders have the layer, and the leader records
+/// them from their next heartbeats, a moment later (a new leader, from
+/// their registrations).
+pub(crate) const ORPHAN_GRACE: u64 = 60;
+
+/// Whether an entry recorded at `created` may be taken for an orphan at
+/// `now`.
+fn orphaned(created: u64, now: u64) -> bool {
+    now.saturating_sub(created) >= ORPHAN_GRACE
+}
+
 impl Coordinator {
+    /// Whether a live worker has told this coordinator it holds `blob`.
+    fn reported_live(&self, blob: &Digest) -> bool {
+        self.workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .any(|w| w.alive && w.blobs.contains(blob))
+    }
+
     /// Copies of a layer to aim for now: `replication`, or every live
     /// worker when fewer are up.
     fn copies_wanted(&self) -> usize {
@@ -104,10 +125,13 @@ impl Coordinator {
     /// workers. It reads every entry: call it off the runtime's threads.
     pub(crate) fn census(&self) -> Result<Census, String> {
         let entries = self.member.local().entries().map_err(|e| e.to_string())?;
+        let now = strata_cas::now_unix();
         let mut orphans = Vec::new();
         for (key, e) in &entries {
             if let Some(l) = e.layers.last().filter(|_| e.made_layer)
+                && orphaned(e.created, now)
                 && self.recorded_holders(&l.blob).is_empty()
+                && !self.reported_live(&l.blob)
             {
                 orphans.push(*key);
             }
@@ -488,5 +512,20 @@ impl Coordinator {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ORPHAN_GRACE, orphaned};
+
+    #[test]
+    fn an_entry_just_put_is_never_an_orphan() {
+        let now = 1_000_000;
+        assert!(!orphaned(now, now));
+        assert!(!orphaned(now - ORPHAN_GRACE + 1, now));
+        assert!(orphaned(now - ORPHAN_GRACE, now));
+        // A clock that went back leaves entries alone.
+        assert!(!orphaned(now + 5, now));
     }
 }
