@@ -26,7 +26,11 @@ fn free_ports(n: usize) -> u16 {
             .wrapping_mul(7919)
             .wrapping_add((call * 200 + attempt).wrapping_mul(104_729));
         let base = 20_000 + (seed % 40_000) as u16;
-        let all_free = (0..=n as u16).all(|i| UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
+        // Nodes listen on UDP, and serve metrics on TCP, on each port.
+        let all_free = (0..=n as u16).all(|i| {
+            UdpSocket::bind(("127.0.0.1", base + i)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+        });
         if all_free {
             return base;
         }
@@ -108,7 +112,9 @@ impl Cluster {
 
     /// Starts whatever of the cluster is not running (all of it, first).
     pub fn up(&self) {
-        self.ok(&[
+        // Nodes log what they do for each build (naming it by its id).
+        let log = std::env::var("STRATA_LOG").unwrap_or_else(|_| "info".into());
+        succeed(Command::new(strata_bin()).env("STRATA_LOG", log).args([
             "cluster",
             "up",
             "--local",
@@ -117,7 +123,26 @@ impl Cluster {
             &self.coordinators.to_string(),
             "--dir",
             self.path().to_str().unwrap(),
-        ]);
+        ]));
+    }
+
+    /// Where node `name` serves its metrics: 127.0.0.1 on the TCP port of
+    /// the number it listens on.
+    pub fn metrics_addr(&self, name: &str) -> std::net::SocketAddr {
+        let config = std::fs::read_to_string(self.path().join(format!("{name}.toml"))).unwrap();
+        let listen = config
+            .lines()
+            .find_map(|l| l.strip_prefix("listen = "))
+            .unwrap()
+            .trim_matches('"');
+        let port: u16 = listen.rsplit(':').next().unwrap().parse().unwrap();
+        ([127, 0, 0, 1], port).into()
+    }
+
+    /// What node `name` has logged.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path().join("logs").join(format!("{name}.log")))
+            .unwrap_or_default()
     }
 
     /// The coordinators' names.

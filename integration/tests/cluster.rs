@@ -459,3 +459,117 @@ fn a_coordinator_keeps_uploaded_contexts_within_keep_storage_and_a_client_upload
     let again = cluster.build(&Strata::new(), contexts[0].path(), &[]);
     assert_eq!(runs(&again), 0, "{again}");
 }
+
+#[test]
+fn nodes_serve_metrics_and_health_and_the_cluster_keeps_each_builds_history_by_its_id() {
+    use strata_integration::http::get;
+    let cluster = Cluster::start(2, 5);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest AS dep\nRUN echo dep > /dep\nFROM busybox:latest\nCOPY --from=dep /dep /dep\nRUN cat /dep > /out\n",
+        )],
+    );
+    let client = Strata::new();
+    let report = cluster.build(&client, ctx.path(), &["-t", "observed:1"]);
+    let id = report["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 20, "{report}");
+
+    // The coordinator: ready, leading its group of one, the build counted
+    // with its steps and cache lookups.
+    let coordinator = cluster.metrics_addr("coordinator");
+    assert_eq!(get(coordinator, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(get(coordinator, "/readyz"), (200, "ready\n".into()));
+    let (status, metrics) = get(coordinator, "/metrics");
+    assert_eq!(status, 200);
+    for line in [
+        "strata_builds_started_total 1",
+        "strata_builds_finished_total{outcome=\"succeeded\"} 1",
+        "strata_raft_is_leader 1",
+        "strata_cache_lookups_total{result=\"miss\"} 3",
+        "strata_step_duration_seconds_count{instruction=\"RUN\",result=\"executed\"} 2",
+        "strata_step_duration_seconds_count{instruction=\"COPY\",result=\"executed\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
+    // Workers: their slots, the steps they ran, the bytes they moved.
+    let mut moved = 0.0;
+    for w in cluster.worker_names() {
+        let addr = cluster.metrics_addr(&w);
+        assert_eq!(get(addr, "/readyz").0, 200, "{w}");
+        let (_, metrics) = get(addr, "/metrics");
+        assert!(metrics.contains("strata_slots 2\n"), "{w}:\n{metrics}");
+        assert!(metrics.contains("strata_slots_busy 0\n"), "{w}:\n{metrics}");
+        moved += metrics
+            .lines()
+            .filter(|l| l.starts_with("strata_transfer_bytes_total{kind=\"peer_"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    assert!(moved > 0.0, "replication moved no bytes between workers");
+
+    // The history: on the cluster, under the id the client printed.
+    let listed = cluster.ok(&["history", "--cluster", cluster.client().to_str().unwrap()]);
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| {
+            panic!("build {id} not listed:\n{listed}");
+        });
+    assert!(
+        row.contains("observed:1") && row.contains("succeeded"),
+        "{row}"
+    );
+    let inspected = cluster.ok(&[
+        "history",
+        "inspect",
+        &id[..8],
+        "--cluster",
+        cluster.client().to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    let inspected: serde_json::Value = serde_json::from_str(&inspected).unwrap();
+    assert_eq!(inspected["id"], id.as_str());
+    assert_eq!(inspected["status"], "succeeded");
+    assert_eq!(inspected["steps"].as_array().unwrap().len(), 3);
+    // The trace: a span per step, on the workers' slots.
+    let trace = client.home().join("trace.json");
+    cluster.ok(&[
+        "history",
+        "trace",
+        &id,
+        "-o",
+        trace.to_str().unwrap(),
+        "--cluster",
+        cluster.client().to_str().unwrap(),
+    ]);
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    let spans: Vec<&serde_json::Value> = trace["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["ph"] == "X")
+        .collect();
+    assert_eq!(spans.len(), 3, "{trace}");
+    assert!(spans.iter().all(|s| s["args"]["cache_key"].is_string()));
+    // The client's own history has it too.
+    assert!(client.ok(&["history"]).contains(&id));
+    // Every node that took part logged it by its id.
+    assert!(
+        cluster.log("coordinator").contains(&id),
+        "{}",
+        cluster.log("coordinator")
+    );
+    let workers_logged = cluster
+        .worker_names()
+        .iter()
+        .filter(|w| cluster.log(w).contains(&id))
+        .count();
+    assert!(workers_logged >= 1);
+}

@@ -13,7 +13,10 @@ use strata_dockerfile::Platform;
 use strata_oci::{Compression, Reference};
 use strata_plan::{Entitlement, Grants};
 use strata_solver::StepRecord;
-use strata_worker::{BuildError, BuildRequest, PlanInputs, SOURCE_DATE_EPOCH, Timestamps, build};
+use strata_worker::{
+    BuildError, BuildRecord, BuildRequest, BuildStatus, PlanInputs, SOURCE_DATE_EPOCH, Timestamps,
+    build,
+};
 
 use crate::daemon::Cx;
 use crate::dockerfile::parse_build_args;
@@ -203,6 +206,8 @@ fn parse_secrets(cx: &Cx<'_>, raw: &[String]) -> Result<BTreeMap<String, Vec<u8>
 
 #[derive(Serialize)]
 struct Report<'a> {
+    /// The build's id, as its log lines name it.
+    id: &'a str,
     image: ReportImage,
     duration_seconds: f64,
     /// Bytes of layers a cluster build fetched from its workers.
@@ -219,7 +224,43 @@ struct ReportImage {
     size: u64,
 }
 
-pub fn run(cx: &Cx<'_>, mut args: BuildArgs, flags: &RegistryFlags) -> Result<u8> {
+/// `strata build`: the build, then its record in the history.
+pub fn run(cx: &Cx<'_>, args: BuildArgs, flags: &RegistryFlags) -> Result<u8> {
+    // Every log line of the build, here and on the nodes it runs on,
+    // names it by this id, as its report, history and last line do.
+    let build_id = strata_solver::new_build_id();
+    let span = tracing::info_span!("build", id = %build_id);
+    let _build = span.enter();
+    let on = if args.cluster.is_some() {
+        "cluster"
+    } else {
+        "local"
+    };
+    let mut record = BuildRecord::begin(&build_id, args.tags.clone(), on);
+    let started = Instant::now();
+    let result = build_and_output(cx, args, flags, &build_id, &mut record);
+    record.duration_seconds = started.elapsed().as_secs_f64();
+    match &result {
+        Ok(_) => record.status = BuildStatus::Succeeded,
+        Err(_) if cx.session.cancel().is_cancelled() => record.status = BuildStatus::Cancelled,
+        Err(e) => {
+            record.status = BuildStatus::Failed;
+            record.error = Some(crate::error_text(e));
+        }
+    }
+    if let Err(e) = cx.node.history.record(&record) {
+        tracing::warn!(error = %e, "the build is not in the history");
+    }
+    result
+}
+
+fn build_and_output(
+    cx: &Cx<'_>,
+    mut args: BuildArgs,
+    flags: &RegistryFlags,
+    build_id: &str,
+    record: &mut BuildRecord,
+) -> Result<u8> {
     let started = Instant::now();
     args.progress = args.progress_mode();
     // Messages name the Dockerfile as the user did.
@@ -317,6 +358,7 @@ pub fn run(cx: &Cx<'_>, mut args: BuildArgs, flags: &RegistryFlags) -> Result<u8
                 cx,
                 cluster,
                 ClusterBuild {
+                    build_id: build_id.to_string(),
                     inputs,
                     dockerfile: &dockerfile,
                     context: &args.context,
@@ -377,6 +419,9 @@ pub fn run(cx: &Cx<'_>, mut args: BuildArgs, flags: &RegistryFlags) -> Result<u8
             }
         }
     };
+    record.steps.clone_from(&steps);
+    record.image = Some(image.id.to_string());
+    record.bytes_moved = fetched.unwrap_or(0);
     let image = &image;
     for o in &outputs {
         match o {
@@ -416,6 +461,7 @@ pub fn run(cx: &Cx<'_>, mut args: BuildArgs, flags: &RegistryFlags) -> Result<u8
     let cached = steps.iter().filter(|s| s.cached).count();
     if let Some(path) = &args.report {
         let report = Report {
+            id: build_id,
             image: ReportImage {
                 id: image.id.to_string(),
                 manifest_digest: image.manifest_digest.to_string(),
@@ -434,7 +480,7 @@ pub fn run(cx: &Cx<'_>, mut args: BuildArgs, flags: &RegistryFlags) -> Result<u8
     if args.progress != Mode::Quiet {
         writeln!(
             err,
-            "built {} in {elapsed:.2}s: {} steps, {cached} cached; image {} ({})",
+            "built {} in {elapsed:.2}s: {} steps, {cached} cached; image {} ({}); build {build_id}",
             if names.is_empty() {
                 "image".to_string()
             } else {
@@ -470,6 +516,7 @@ fn print_tail(cx: &Cx<'_>, title: Option<&str>, tail: &[String]) -> Result<()> {
 
 /// What a cluster build sends besides the plan inputs.
 struct ClusterBuild<'a> {
+    build_id: String,
     inputs: PlanInputs,
     dockerfile: &'a Path,
     context: &'a Path,
@@ -521,6 +568,8 @@ fn cluster_build(
             let client = crate::cluster::connect(cluster).await?;
             tracing::debug!(?client, elapsed = ?started.elapsed(), "connected to the cluster");
             let submit = strata_cluster::protocol::SubmitBuild {
+                build_id: b.build_id.clone(),
+                tags: tags.iter().map(Reference::familiar).collect(),
                 inputs: b.inputs.clone(),
                 context,
                 secrets: b.secrets.clone(),

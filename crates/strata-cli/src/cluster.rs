@@ -141,6 +141,15 @@ fn shutdown_signal() -> CancellationToken {
     token
 }
 
+/// How a node's start-up line names its metrics endpoint.
+fn serving_metrics(addr: Option<std::net::SocketAddr>) -> String {
+    match addr {
+        Some(a) if a.ip().is_loopback() => format!(", metrics on http://{a}/metrics"),
+        Some(a) => format!(", metrics on https://{a}/metrics"),
+        None => String::new(),
+    }
+}
+
 pub fn coordinator(args: NodeArgs, flags: &RegistryFlags) -> Result<ExitCode> {
     let config = CoordinatorConfig::load(&args.config)?;
     crate::runtime()?.block_on(async {
@@ -148,10 +157,15 @@ pub fn coordinator(args: NodeArgs, flags: &RegistryFlags) -> Result<ExitCode> {
         let coord = Coordinator::start(&config, flags.registry())
             .await
             .map_err(anyhow::Error::msg)?;
+        let metrics = coord
+            .serve_metrics(&config)
+            .await
+            .map_err(anyhow::Error::msg)?;
         writeln!(
             std::io::stderr(),
-            "coordinator listening on {}",
-            coord.addr()
+            "coordinator listening on {}{}",
+            coord.addr(),
+            serving_metrics(metrics)
         )?;
         coord.run(shutdown_signal()).await;
         Ok(ExitCode::SUCCESS)
@@ -163,11 +177,16 @@ pub fn worker(args: NodeArgs) -> Result<ExitCode> {
     crate::runtime()?.block_on(async {
         crate::daemon::stop_serving(&config.home).await?;
         let node = WorkerNode::start(&config).map_err(anyhow::Error::msg)?;
+        let metrics = node
+            .serve_metrics(&config)
+            .await
+            .map_err(anyhow::Error::msg)?;
         writeln!(
             std::io::stderr(),
-            "worker {} serving blobs on {}, coordinators {}",
+            "worker {} serving blobs on {}{}, coordinators {}",
             node.name(),
             node.addr(),
+            serving_metrics(metrics),
             config
                 .coordinators
                 .iter()
@@ -521,16 +540,38 @@ impl StatusReport {
 /// What each coordinator of `config` says of itself, all asked at once,
 /// or why not (no answer within [`STATUS_WAIT`], among others).
 async fn coordinator_views(config: &ClientConfig) -> Vec<View> {
+    ask_each(
+        config,
+        STATUS_WAIT,
+        |c: Client| async move { c.status().await },
+    )
+    .await
+}
+
+/// `f`'s answer from each coordinator of `config`, all asked at once, or
+/// why there is none (no answer within `wait`, among others); in the
+/// order of the file.
+pub async fn ask_each<T, F, Fut>(
+    config: &ClientConfig,
+    wait: Duration,
+    f: F,
+) -> Vec<(strata_cluster::config::NodeAddress, Result<T, String>)>
+where
+    T: Send + 'static,
+    F: Fn(Client) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<T, ClientError>> + Send,
+{
     let mut asks = tokio::task::JoinSet::new();
     for (i, addr) in config.coordinators.iter().enumerate() {
         let one = config.only(addr);
         let addr = addr.clone();
+        let f = f.clone();
         asks.spawn(async move {
-            let ask = async { Client::connect(&one).await?.status().await };
-            let view = match tokio::time::timeout(STATUS_WAIT, ask).await {
-                Ok(Ok(status)) => Ok(status),
+            let ask = async { f(Client::connect(&one).await?).await };
+            let view = match tokio::time::timeout(wait, ask).await {
+                Ok(Ok(answer)) => Ok(answer),
                 Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("{addr}: no answer within {STATUS_WAIT:?}")),
+                Err(_) => Err(format!("{addr}: no answer within {wait:?}")),
             };
             (i, view)
         });

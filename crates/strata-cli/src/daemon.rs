@@ -37,6 +37,54 @@ pub struct DaemonArgs {
     /// Seconds without a command after which the daemon exits (0: never).
     #[arg(long, env = "STRATA_DAEMON_IDLE_TIMEOUT", default_value_t = DEFAULT_IDLE)]
     idle_timeout: u64,
+    /// Where to serve Prometheus metrics, /healthz and /readyz over HTTP:
+    /// a loopback address (port 0: any free port, which `strata daemon
+    /// status` names), or `off`.
+    #[arg(
+        long,
+        env = "STRATA_DAEMON_METRICS_LISTEN",
+        default_value = "127.0.0.1:0",
+        value_parser = metrics_listen
+    )]
+    metrics_listen: MetricsListen,
+}
+
+/// `--metrics-listen`: an address, or off.
+#[derive(Debug, Clone, Copy)]
+struct MetricsListen(Option<std::net::SocketAddr>);
+
+fn metrics_listen(s: &str) -> Result<MetricsListen, String> {
+    if s == "off" {
+        return Ok(MetricsListen(None));
+    }
+    let addr: std::net::SocketAddr = s
+        .parse()
+        .map_err(|e| format!("{s}: not an address (IP:PORT) or `off`: {e}"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{addr}: the daemon serves metrics on loopback only (a coordinator or worker can expose them with TLS and a token)"
+        ));
+    }
+    Ok(MetricsListen(Some(addr)))
+}
+
+/// The daemon on `/readyz` (ready while it serves: its store is open) and
+/// the gauges read at each scrape.
+struct DaemonHealth {
+    node: Arc<Node>,
+}
+
+impl strata_metrics::Health for DaemonHealth {
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn refresh(&self) {
+        match self.node.content.total_size() {
+            Ok(n) => strata_metrics::store_bytes("blobs", n),
+            Err(e) => tracing::warn!(error = %e, "cannot measure the content store"),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,6 +111,7 @@ pub enum Call {
     Push(crate::registry::PushArgs, RegistryFlags),
     Save(crate::registry::SaveArgs),
     Load(crate::registry::LoadArgs),
+    History(crate::history::HistoryArgs),
 }
 
 impl Call {
@@ -135,6 +184,7 @@ impl strata_daemon::Handler for Handler {
             Call::Push(a, flags) => crate::registry::push(&cx, a, &flags),
             Call::Save(a) => crate::registry::save(&cx, a),
             Call::Load(a) => crate::registry::load(&cx, a),
+            Call::History(a) => crate::history::local(&cx, a),
         };
         result.map_err(|e| crate::error_text(&e))
     }
@@ -154,6 +204,7 @@ fn call_name(call: &Call) -> &'static str {
         Call::Push(..) => "push",
         Call::Save(_) => "save",
         Call::Load(_) => "load",
+        Call::History(_) => "history",
     }
 }
 
@@ -288,6 +339,9 @@ pub fn daemon(home: &Path, args: DaemonArgs) -> Result<ExitCode> {
                     s.idle_timeout_seconds,
                     s.version
                 )?;
+                if let Some(m) = s.metrics {
+                    writeln!(out, "metrics: http://{m}/metrics")?;
+                }
                 Ok(ExitCode::SUCCESS)
             }
             None => {
@@ -304,7 +358,7 @@ pub fn daemon(home: &Path, args: DaemonArgs) -> Result<ExitCode> {
         }
         None if args.foreground => {
             drop(out);
-            serve(home, &rt, args.idle_timeout)
+            serve(home, &rt, args.idle_timeout, args.metrics_listen.0)
         }
         None => {
             let idle = args.idle_timeout;
@@ -322,7 +376,12 @@ pub fn daemon(home: &Path, args: DaemonArgs) -> Result<ExitCode> {
     }
 }
 
-fn serve(home: &Path, rt: &tokio::runtime::Runtime, idle_timeout: u64) -> Result<ExitCode> {
+fn serve(
+    home: &Path,
+    rt: &tokio::runtime::Runtime,
+    idle_timeout: u64,
+    metrics: Option<std::net::SocketAddr>,
+) -> Result<ExitCode> {
     // A daemon that is stopping (it has closed its socket) still holds the
     // state directory for a moment: wait for it, a bounded time. One that
     // answers, or a cluster node, is another matter: say so at once.
@@ -352,12 +411,24 @@ fn serve(home: &Path, rt: &tokio::runtime::Runtime, idle_timeout: u64) -> Result
             }
         }
     };
+    let metrics = match metrics {
+        Some(addr) => {
+            let health = Arc::new(DaemonHealth {
+                node: Arc::clone(&node),
+            });
+            let served = rt.block_on(strata_metrics::serve(addr, None, None, health))?;
+            strata_metrics::slots(strata_worker::default_slots());
+            Some(served.addr)
+        }
+        None => None,
+    };
     let handler = Arc::new(Handler { node });
     let stop = tokio_util::sync::CancellationToken::new();
     let opts = strata_daemon::Options {
         home: home.to_path_buf(),
         idle_timeout: (idle_timeout > 0).then(|| Duration::from_secs(idle_timeout)),
         stop: stop.clone(),
+        metrics,
     };
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

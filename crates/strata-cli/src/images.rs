@@ -102,7 +102,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
 }
 
 /// `3 minutes ago`, as `docker images` shows it.
-fn ago(secs: u64) -> String {
+pub fn ago(secs: u64) -> String {
     let now = strata_cas::now_unix();
     let d = now.saturating_sub(secs);
     let (n, unit) = match d {

@@ -8,6 +8,7 @@ mod build;
 mod cluster;
 mod daemon;
 mod dockerfile;
+mod history;
 mod images;
 mod progress;
 mod registry;
@@ -26,6 +27,18 @@ struct Cli {
     /// Log filter for diagnostics on stderr (e.g. `debug`, `strata=trace`).
     #[arg(long, global = true, env = "STRATA_LOG", default_value = "warn")]
     log: String,
+
+    /// How diagnostics are written: `text`, or `json` (one object a line,
+    /// with the build id and other fields as keys). A daemon a command
+    /// starts takes STRATA_LOG_FORMAT from its environment.
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
 
     /// State directory (images, layers, cache).
     #[arg(long, global = true, env = "STRATA_HOME")]
@@ -60,6 +73,9 @@ enum Command {
     Save(registry::SaveArgs),
     /// Read images from a `docker save` archive.
     Load(registry::LoadArgs),
+    /// List recent builds (`--cluster`: the cluster's), show one, or write
+    /// its timeline as a trace.
+    History(history::HistoryArgs),
     /// Remove build cache and unreferenced data.
     Prune(images::PruneArgs),
     /// Manage images.
@@ -80,9 +96,16 @@ enum Command {
     Daemon(daemon::DaemonArgs),
 }
 
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    init_logging(&cli.log, cli.log_format);
     let home = cli.home.unwrap_or_else(strata_worker::default_home);
     // Commands on the state directory run in its daemon.
     let flags = cli.registry;
@@ -97,6 +120,7 @@ fn main() -> ExitCode {
         Command::Push(a) => daemon::remote(&home, daemon::Call::Push(a, flags)),
         Command::Save(a) => daemon::remote(&home, daemon::Call::Save(a)),
         Command::Load(a) => daemon::remote(&home, daemon::Call::Load(a)),
+        Command::History(a) => history::history(&home, a),
         Command::Prune(a) => daemon::remote(&home, daemon::Call::Prune(a)),
         Command::Image(c) => daemon::remote(&home, daemon::Call::Image(c)),
         Command::Daemon(a) => daemon::daemon(&home, a),
@@ -114,7 +138,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, format: LogFormat) {
     // openraft logs each unanswered heartbeat to a member that is down as
     // an error, many a second: its diagnostics show when asked for by name
     // (`--log warn,openraft=info`).
@@ -125,11 +149,20 @@ fn init_logging(filter: &str) {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        // Colour only for a person at a terminal: never in a file or pipe.
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// An error and its causes, as printed after `error: `.

@@ -42,7 +42,8 @@ pub async fn serve_blob(
     if !granted {
         return strata_net::refuse_blob(send, &not_granted(&peer.peer), peer.addr).await;
     }
-    strata_net::send_blob(send, cas, d, peer.addr).await?;
+    let sent = strata_net::send_blob(send, cas, d, peer.addr).await?;
+    strata_metrics::transferred(strata_metrics::Transfer::PeerSent, sent);
     Ok(())
 }
 

@@ -342,6 +342,26 @@ impl Client {
     }
 
     /// The cluster's state.
+    /// The builds this coordinator coordinated for this client (for an
+    /// admin, for everyone), newest first: at most `limit`, or the one
+    /// whose id is or starts with `id`.
+    pub async fn history(
+        &self,
+        id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<strata_worker::BuildRecord>, ClientError> {
+        let ask = Request::History {
+            id: id.map(str::to_string),
+            limit,
+        };
+        match request(&self.coordinator, &ask).await {
+            Ok(Reply::History(h)) => Ok(h),
+            Ok(Reply::Error(e)) => Err(cluster(e)),
+            Ok(other) => Err(cluster(format!("unexpected answer: {other:?}"))),
+            Err(e) => Err(cluster(e)),
+        }
+    }
+
     pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
         match request(&self.coordinator, &Request::Status).await {
             Ok(Reply::Status(s)) => Ok(*s),

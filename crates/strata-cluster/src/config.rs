@@ -244,6 +244,88 @@ fn default_raft_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 7500))
 }
 
+/// `[metrics]`: where a coordinator or worker serves Prometheus metrics,
+/// `/healthz` and `/readyz` over HTTP (TCP).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Whether it serves them at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The address. Unset: 127.0.0.1 on the TCP port of the same number
+    /// as the node's `listen` (which is UDP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// A file holding the bearer token `/metrics` asks for. Needed on an
+    /// address other than loopback, where the endpoint is HTTPS with the
+    /// node's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl MetricsConfig {
+    /// Served, on the default address.
+    pub fn on() -> MetricsConfig {
+        MetricsConfig {
+            enabled: true,
+            listen: None,
+            token_file: None,
+        }
+    }
+
+    fn is_default(&self) -> bool {
+        *self == MetricsConfig::on()
+    }
+
+    /// Where to serve for a node listening (QUIC) on `node`; `None` when
+    /// disabled.
+    pub fn address(&self, node: SocketAddr) -> Option<SocketAddr> {
+        self.enabled
+            .then(|| self.listen.unwrap_or(([127, 0, 0, 1], node.port()).into()))
+    }
+
+    /// The bearer token, read from `token_file`.
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let token = text.trim().to_string();
+        if token.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.clone(),
+                detail: "the metrics token file is empty".into(),
+            });
+        }
+        Ok(Some(token))
+    }
+
+    fn load_overrides(&mut self, base: &Path) -> Result<(), ConfigError> {
+        if std::env::var_os("STRATA_METRICS_LISTEN").is_some_and(|v| v == "off") {
+            self.enabled = false;
+        } else if std::env::var_os("STRATA_METRICS_LISTEN").is_some() {
+            let mut addr = self.listen.unwrap_or(([127, 0, 0, 1], 0).into());
+            override_with("STRATA_METRICS_LISTEN", &mut addr)?;
+            self.listen = Some(addr);
+            self.enabled = true;
+        }
+        if let Some(path) = std::env::var_os("STRATA_METRICS_TOKEN_FILE") {
+            self.token_file = Some(PathBuf::from(path));
+        }
+        if let Some(p) = &mut self.token_file {
+            *p = base.join(&*p);
+        }
+        Ok(())
+    }
+}
+
 /// `coordinator.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -293,6 +375,12 @@ pub struct CoordinatorConfig {
     /// no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_duration: Option<u64>,
+    /// Its metrics and health endpoint.
+    #[serde(
+        default = "MetricsConfig::on",
+        skip_serializing_if = "MetricsConfig::is_default"
+    )]
+    pub metrics: MetricsConfig,
     /// Its credentials.
     #[serde(default = "default_coordinator_tls")]
     pub tls: TlsFiles,
@@ -337,6 +425,12 @@ pub struct WorkerConfig {
     /// Seconds a blob no build used is kept at most. Unset: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_duration: Option<u64>,
+    /// Its metrics and health endpoint.
+    #[serde(
+        default = "MetricsConfig::on",
+        skip_serializing_if = "MetricsConfig::is_default"
+    )]
+    pub metrics: MetricsConfig,
     /// Its credentials.
     #[serde(default = "default_worker_tls")]
     pub tls: TlsFiles,
@@ -453,6 +547,7 @@ impl CoordinatorConfig {
             &mut c.upload_quota_mib_per_hour,
         )?;
         override_keep(&mut c.keep_storage, &mut c.keep_duration)?;
+        c.metrics.load_overrides(&base_of(path))?;
         if c.replication == 0 {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -498,6 +593,7 @@ impl WorkerConfig {
         override_with("STRATA_HOME", &mut c.home)?;
         override_with("STRATA_SLOTS", &mut c.slots)?;
         override_keep(&mut c.keep_storage, &mut c.keep_duration)?;
+        c.metrics.load_overrides(&base_of(path))?;
         if c.slots == 0 {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),

@@ -15,13 +15,14 @@ use strata_registry::Registry;
 use strata_solver::{Event, Flights, SolveOptions, Solver};
 use strata_worker::{BaseImages, Node};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::access::{ReadRights, UploadQuota};
 use crate::config::CoordinatorConfig;
 use crate::placement::Placement;
 use crate::protocol::{
-    BuildDone, BuildEvent, BuildSpec, ClusterStatus, Grant, GroupStatus, Holder, Registration,
-    Reply, Request, SubmitBuild, WorkerStatus,
+    BuildDone, BuildEvent, BuildSpec, ClusterStatus, Grant, GroupStatus, Holder, MAX_HISTORY,
+    MAX_TAGS, Registration, Reply, Request, SubmitBuild, WorkerStatus,
 };
 use crate::worker::request_name;
 
@@ -120,6 +121,25 @@ impl crate::Service for Coordinator {
     ) -> impl std::future::Future<Output = Result<(), strata_net::Error>> + Send + 'a {
         self.answer(conn, req, send, recv)
     }
+}
+
+/// Whether a submitted build's id and names are ones to take: they end up
+/// in log lines and the history.
+fn check_submitted(submit: &SubmitBuild) -> Result<(), String> {
+    if !strata_solver::valid_build_id(&submit.build_id) {
+        return Err(format!(
+            "build id {:?} is not 1 to {} characters of [0-9a-z-]",
+            submit.build_id.chars().take(80).collect::<String>(),
+            strata_solver::MAX_BUILD_ID
+        ));
+    }
+    let (most, longest) = MAX_TAGS;
+    if submit.tags.len() > most || submit.tags.iter().any(|t| t.len() > longest) {
+        return Err(format!(
+            "a build may have at most {most} names of at most {longest} bytes"
+        ));
+    }
+    Ok(())
 }
 
 /// Pull progress is not shown to clients: the build's own progress is.
@@ -265,6 +285,22 @@ impl Coordinator {
             keep: crate::config::keep(&config.home, config.keep_storage, config.keep_duration)?,
             pins: Mutex::default(),
         }))
+    }
+
+    /// Serves its metrics, `/healthz` and `/readyz` as `config` says
+    /// (ready: a leader of the replicated index is known), and records
+    /// the group's state as it changes; returns where.
+    pub async fn serve_metrics(
+        self: &Arc<Self>,
+        config: &CoordinatorConfig,
+    ) -> Result<Option<SocketAddr>, String> {
+        let health = Arc::new(crate::observe::CoordinatorHealth(Arc::downgrade(self)));
+        let served =
+            crate::observe::serve(&config.metrics, self.listen, &config.tls, health).await?;
+        if served.is_some() {
+            drop(self.member.report_metrics());
+        }
+        Ok(served)
     }
 
     /// Where it listens.
@@ -640,6 +676,29 @@ impl Coordinator {
             Request::Build(submit) if role == Role::Client => {
                 return self.build(*submit, conn, send).await;
             }
+            Request::History { id, limit } if matches!(role, Role::Client | Role::Admin) => {
+                // A client sees the builds it asked for; an admin, all.
+                let who = (role == Role::Client).then(|| conn.peer.name.clone());
+                let node = Arc::clone(&self.node);
+                let found = tokio::task::spawn_blocking(move || {
+                    let all = node.history.list(strata_worker::history::MAX_RECORDS)?;
+                    let mine = all.into_iter().filter(|r| who.is_none() || r.client == who);
+                    match id {
+                        Some(id) => {
+                            strata_worker::history::find(mine.collect(), &id).map(|r| vec![r])
+                        }
+                        None => Ok::<_, strata_worker::HistoryError>(
+                            mine.take(limit.min(MAX_HISTORY)).collect(),
+                        ),
+                    }
+                })
+                .await;
+                match found {
+                    Ok(Ok(records)) => Reply::History(records),
+                    Ok(Err(e)) => Reply::Error(e.to_string()),
+                    Err(e) => Reply::Error(format!("reading the history stopped: {e}")),
+                }
+            }
             Request::Status => {
                 // It reads the whole cache index.
                 let me = Arc::clone(self);
@@ -716,6 +775,7 @@ impl Coordinator {
                 }
             }
             other => {
+                strata_metrics::request_error("not_allowed");
                 let admin = matches!(other, Request::ChangeGroup(_) | Request::Cordon { .. });
                 Reply::Error(format!(
                     "{} may not ask the coordinator for {}{}",
@@ -936,6 +996,12 @@ impl Coordinator {
                             None,
                         )
                         .await;
+                        match &got {
+                            Ok(n) => {
+                                strata_metrics::transferred(strata_metrics::Transfer::Uploaded, *n)
+                            }
+                            Err(e) => strata_metrics::request_error(e.kind()),
+                        }
                         if got.is_err() {
                             self.uploads
                                 .lock()
@@ -1008,20 +1074,48 @@ impl Coordinator {
         self.builds_running.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<BuildEvent>();
         let cancel = CancellationToken::new();
+        if let Err(message) = check_submitted(&submit) {
+            strata_metrics::request_error("malformed");
+            let refused = BuildEvent::Failed {
+                message,
+                tail: vec![],
+            };
+            self.builds_running.fetch_sub(1, Ordering::Relaxed);
+            return write_frame(send, &refused, peer).await;
+        }
+        let mut record =
+            strata_worker::BuildRecord::begin(&submit.build_id, submit.tags.clone(), &self.name);
+        record.client = Some(client.peer.name.clone());
+        let begun = Instant::now();
         let run = {
             let (me, tx, cancel) = (Arc::clone(self), tx.clone(), cancel.clone());
             let client_name = client.peer.name.clone();
-            tokio::spawn(async move { me.solve(submit, &client_name, tx, cancel).await })
+            let span = tracing::info_span!("build", id = %submit.build_id, client = %client_name);
+            tokio::spawn(
+                async move { me.solve(submit, &client_name, tx, cancel).await }.instrument(span),
+            )
         };
         drop(tx);
         // A client that goes away (killed, Ctrl-C) takes its build with it,
         // whether or not there is progress to send at the time.
         let gone = client.quic.closed();
         tokio::pin!(gone);
+        record.status = strata_worker::BuildStatus::Cancelled;
         loop {
             tokio::select! {
                 event = rx.recv() => match event {
                     Some(event) => {
+                        match &event {
+                            BuildEvent::Done(done) => {
+                                record.status = strata_worker::BuildStatus::Succeeded;
+                                record.steps.clone_from(&done.steps);
+                            }
+                            BuildEvent::Failed { message, .. } if !cancel.is_cancelled() => {
+                                record.status = strata_worker::BuildStatus::Failed;
+                                record.error = Some(message.clone());
+                            }
+                            _ => {}
+                        }
                         if write_frame(send, &event, peer).await.is_err() {
                             cancel.cancel();
                         }
@@ -1033,6 +1127,12 @@ impl Coordinator {
         }
         let _ = run.await;
         self.builds_running.fetch_sub(1, Ordering::Relaxed);
+        record.duration_seconds = begun.elapsed().as_secs_f64();
+        let node = Arc::clone(&self.node);
+        let recorded = tokio::task::spawn_blocking(move || node.history.record(&record)).await;
+        if let Ok(Err(e)) = recorded {
+            tracing::warn!(error = %e, "the build is not in the history");
+        }
         Ok(())
     }
 
@@ -1100,6 +1200,7 @@ impl Coordinator {
         let plan = Arc::new(plan);
         let spec = Arc::new(BuildSpec {
             id,
+            build_id: submit.build_id.clone(),
             inputs: submit.inputs.clone(),
             bases,
             context: submit.context,

@@ -29,6 +29,7 @@ pub mod config;
 pub mod context;
 pub mod coordinator;
 pub mod local;
+mod observe;
 mod peers;
 mod placement;
 mod plan;
@@ -63,14 +64,16 @@ pub(crate) async fn serve_requests<S: Service>(
                 Ok(Some(r)) => r,
                 Ok(None) => return,
                 Err(e) => {
+                    strata_metrics::request_error(e.kind());
                     tracing::warn!(peer = %conn.peer, error = %e, "bad request");
                     return;
                 }
             };
-            if let Err(e) = service.handle(&conn, req, &mut send, &mut recv).await
-                && !conn.close_if_forged(&e)
-            {
-                tracing::warn!(peer = %conn.peer, error = %e, "request failed");
+            if let Err(e) = service.handle(&conn, req, &mut send, &mut recv).await {
+                strata_metrics::request_error(e.kind());
+                if !conn.close_if_forged(&e) {
+                    tracing::warn!(peer = %conn.peer, error = %e, "request failed");
+                }
             }
             let _ = send.finish();
         });

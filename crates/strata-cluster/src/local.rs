@@ -166,6 +166,7 @@ pub fn init(
                 upload_quota_mib_per_hour: CoordinatorConfig::DEFAULT_UPLOAD_QUOTA,
                 keep_storage: None,
                 keep_duration: None,
+                metrics: crate::config::MetricsConfig::on(),
                 tls: tls(name),
             },
         )
@@ -195,6 +196,7 @@ pub fn init(
                 insecure_entitlements: Vec::new(),
                 keep_storage: None,
                 keep_duration: None,
+                metrics: crate::config::MetricsConfig::on(),
                 tls: tls(&name),
             },
         )

@@ -114,8 +114,13 @@ impl Peers {
         write_frame(&mut send, &Request::GetBlob(*blob), conn.addr).await?;
         let _ = send.finish();
         let got = recv_blob_limited(&mut recv, cas, blob, conn.addr, bytes_per_second).await;
-        if let Err(e) = &got {
-            conn.close_if_forged(e);
+        match &got {
+            Ok(Some(n)) => strata_metrics::transferred(strata_metrics::Transfer::PeerReceived, *n),
+            Ok(None) => {}
+            Err(e) => {
+                strata_metrics::request_error(e.kind());
+                conn.close_if_forged(e);
+            }
         }
         got
     }

@@ -156,6 +156,7 @@ impl Placement {
     /// another build's step, so builds sharing steps cannot hold every
     /// slot while they wait for each other.
     async fn slot(&self, i: usize, parent: &[LayerRef]) -> Result<(String, Slot), WorkerError> {
+        let queued = std::time::Instant::now();
         loop {
             let changed = self.coord.slot_freed.notified();
             let worker = match self.pinned(i) {
@@ -188,6 +189,7 @@ impl Placement {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .insert(i, w.clone());
+                strata_metrics::queue_wait(queued.elapsed().as_secs_f64());
                 return Ok((w, slot));
             }
             self.wait(changed).await?;

@@ -41,6 +41,8 @@ pub struct WireImage {
 pub struct BuildSpec {
     /// The coordinator's id for it.
     pub id: u64,
+    /// The build's id as its client and every log line name it.
+    pub build_id: String,
     /// What decides the plan.
     pub inputs: PlanInputs,
     /// The base images the coordinator resolved.
@@ -56,6 +58,12 @@ pub struct BuildSpec {
 /// A build as a client submits it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SubmitBuild {
+    /// The build's id, which the client shows (`[0-9a-z-]`, at most
+    /// 64 characters; the coordinator refuses others).
+    pub build_id: String,
+    /// The names the client gives the image (for the history; at most
+    /// [`MAX_TAGS`]).
+    pub tags: Vec<String>,
     /// What decides the plan.
     pub inputs: PlanInputs,
     /// The build context, a tar blob already uploaded.
@@ -285,6 +293,16 @@ pub enum Request {
     /// enough other live workers (or the coordinator) hold, at most
     /// [`MAX_SPARE_ASKED`] ([`Reply::Spare`], in the same order).
     Spare(Vec<Digest>),
+    /// Client or admin → coordinator: the builds it coordinated, newest
+    /// first, at most `limit` (and [`MAX_HISTORY`]), or the one whose id
+    /// is or starts with `id` ([`Reply::History`]). A client sees its own
+    /// builds only.
+    History {
+        /// One build, by id or id prefix.
+        id: Option<String>,
+        /// How many.
+        limit: usize,
+    },
     /// Coordinator → worker: a build some of whose stages it will run
     /// ([`Reply::Ok`] once the worker has the context and the same plan).
     Begin(Box<BuildSpec>),
@@ -308,6 +326,12 @@ pub enum Request {
     /// records).
     Lacking(Vec<(Digest, String)>),
 }
+
+/// The most builds one [`Reply::History`] carries.
+pub const MAX_HISTORY: usize = 100;
+
+/// The most names a submitted build may have, and their longest.
+pub const MAX_TAGS: (usize, usize) = (64, 256);
 
 /// The most blobs one [`Request::Spare`] may ask about.
 pub const MAX_SPARE_ASKED: usize = 100_000;
@@ -334,4 +358,6 @@ pub enum Reply {
     Copied(Result<(), CopyError>),
     /// For each blob asked about, whether it is a spare copy.
     Spare(Vec<bool>),
+    /// Builds a coordinator coordinated.
+    History(Vec<strata_worker::BuildRecord>),
 }

@@ -474,6 +474,7 @@ impl Coordinator {
                 () = self.repair_wanted.notified() => {}
             }
             if !self.member.is_leader() {
+                strata_metrics::replication_shortfall(0);
                 continue;
             }
             let me = Arc::clone(&self);
@@ -488,6 +489,7 @@ impl Coordinator {
                     continue;
                 }
             };
+            strata_metrics::replication_shortfall(census.short.len());
             for key in census.orphans {
                 match self.member.write(CommandV1::Remove { key }).await {
                     Ok(_) => {

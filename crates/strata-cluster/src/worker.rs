@@ -15,6 +15,7 @@ use strata_plan::{Plan, StagePlan};
 use strata_solver::{Job, StageResult, Worker as _, WorkerError};
 use strata_worker::{LocalWorker, Node};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::access::ReadRights;
 use crate::config::{NodeAddress, WorkerConfig};
@@ -25,6 +26,8 @@ use crate::protocol::{
 
 /// A build some of whose stages run here.
 struct BuildHere {
+    /// The build's id, for log lines.
+    id: String,
     plan: Arc<Plan>,
     worker: Arc<LocalWorker>,
     _context: tempfile::TempDir,
@@ -32,7 +35,7 @@ struct BuildHere {
 
 /// A worker process.
 pub struct WorkerNode {
-    node: Arc<Node>,
+    pub(crate) node: Arc<Node>,
     name: String,
     slots: usize,
     listen: SocketAddr,
@@ -52,7 +55,7 @@ pub struct WorkerNode {
     /// How much its store keeps.
     keep: strata_worker::Keep,
     /// Its connections to coordinators, while registered.
-    registered: Mutex<Vec<Connection>>,
+    pub(crate) registered: Mutex<Vec<Connection>>,
 }
 
 impl std::fmt::Debug for WorkerNode {
@@ -110,6 +113,18 @@ impl WorkerNode {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
         }))
+    }
+
+    /// Serves its metrics, `/healthz` and `/readyz` as `config` says
+    /// (ready: registered with a coordinator); returns where.
+    pub async fn serve_metrics(
+        self: &Arc<Self>,
+        config: &WorkerConfig,
+    ) -> Result<Option<SocketAddr>, String> {
+        let health = Arc::new(crate::observe::WorkerHealth(Arc::downgrade(self)));
+        let served = crate::observe::serve(&config.metrics, self.listen, &config.tls, health).await;
+        strata_metrics::slots(self.slots);
+        served
     }
 
     /// This worker's name.
@@ -381,6 +396,33 @@ impl WorkerNode {
         req: Request,
         send: &mut quinn::SendStream,
     ) -> Result<(), strata_net::Error> {
+        // Log lines about a build name it as its client does.
+        let build = match &req {
+            Request::Begin(spec) => Some(spec.build_id.clone()),
+            Request::Execute(s) | Request::Inputs(s) | Request::Artifact(s) => self
+                .builds
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&(conn.peer.name.clone(), s.build))
+                .map(|b| b.id.clone()),
+            _ => None,
+        };
+        match build {
+            Some(id) => {
+                self.answer_request(conn, req, send)
+                    .instrument(tracing::info_span!("build", %id))
+                    .await
+            }
+            None => self.answer_request(conn, req, send).await,
+        }
+    }
+
+    async fn answer_request(
+        &self,
+        conn: &Connection,
+        req: Request,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), strata_net::Error> {
         let from_coordinator = conn.peer.role == Role::Coordinator;
         let reply = match req {
             Request::GetBlob(d) => {
@@ -427,6 +469,11 @@ impl WorkerNode {
                     {
                         Ok(bytes) => match crate::peers::check_diff_id(&self.node.content, layer) {
                             Ok(()) => {
+                                // Copies at a bounded rate are the leader's
+                                // repairs; the others, a new layer's replicas.
+                                if copy.bytes_per_second.is_some() {
+                                    strata_metrics::repaired(bytes);
+                                }
                                 tracing::debug!(blob = %layer.blob, bytes, from = %conn.peer.name, "took a copy");
                                 Ok(())
                             }
@@ -449,11 +496,14 @@ impl WorkerNode {
                     .remove(&(conn.peer.name.clone(), id));
                 Reply::Ok
             }
-            other => reply_error(format!(
-                "{} may not ask a worker for {}",
-                conn.peer,
-                request_name(&other)
-            )),
+            other => {
+                strata_metrics::request_error("not_allowed");
+                reply_error(format!(
+                    "{} may not ask a worker for {}",
+                    conn.peer,
+                    request_name(&other)
+                ))
+            }
         };
         write_frame(send, &reply, conn.addr).await
     }
@@ -506,6 +556,7 @@ impl WorkerNode {
             )
             .granting(grants);
             Ok(BuildHere {
+                id: spec.build_id,
                 plan: Arc::new(plan),
                 worker: Arc::new(worker),
                 _context: dir,
@@ -517,6 +568,7 @@ impl WorkerNode {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert((conn.peer.name.clone(), spec.id), Arc::new(here));
+        tracing::info!(coordinator = %conn.peer.name, "took on the build");
         Ok(())
     }
 
@@ -631,7 +683,9 @@ impl WorkerNode {
         from: &Connection,
     ) -> Result<(), strata_net::Error> {
         self.running.fetch_add(1, Ordering::Relaxed);
+        let busy = strata_metrics::busy();
         let outcome = self.execute_step(step, send, peer, from).await;
+        drop(busy);
         self.running.fetch_sub(1, Ordering::Relaxed);
         let done = match outcome {
             Ok(r) => r,
@@ -674,7 +728,9 @@ impl WorkerNode {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
         let cancel = CancellationToken::new();
         let job_cancel = cancel.clone();
+        let span = tracing::Span::current();
         let running = tokio::task::spawn_blocking(move || {
+            let _build = span.enter();
             let (stage, s) = locate(&here.plan, &step)?;
             let sources = sources(&here.plan, &step);
             let output: strata_solver::Output = Arc::new(move |bytes: &[u8]| {
@@ -786,6 +842,7 @@ pub(crate) fn request_name(r: &Request) -> &'static str {
         Request::PutBlob(_) => "to store a blob",
         Request::Build(_) => "a build",
         Request::Status => "its status",
+        Request::History { .. } => "its build history",
         Request::Cordon { .. } => "to cordon a worker",
         Request::ChangeGroup(_) => "to change the group of coordinators",
         Request::Register(_) => "registration",

@@ -35,6 +35,8 @@ pub struct Options {
     pub idle_timeout: Option<Duration>,
     /// Stops the daemon (a signal): running commands are cancelled.
     pub stop: CancellationToken,
+    /// Where the caller serves its metrics, for `status` to say.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// A command running in the daemon, as it sees its client: where its
@@ -166,6 +168,7 @@ struct State {
     home: PathBuf,
     started: Instant,
     idle_timeout: Option<Duration>,
+    metrics: Option<std::net::SocketAddr>,
     running: AtomicUsize,
     served: AtomicU64,
     last_activity: Mutex<Instant>,
@@ -192,6 +195,7 @@ impl State {
             running: self.running.load(Ordering::SeqCst),
             served: self.served.load(Ordering::SeqCst),
             idle_timeout_seconds: self.idle_timeout.map_or(0, |d| d.as_secs()),
+            metrics: self.metrics,
         }
     }
 }
@@ -235,6 +239,7 @@ pub async fn serve(opts: Options, handler: Arc<dyn Handler>) -> Result<()> {
         home: opts.home.clone(),
         started: Instant::now(),
         idle_timeout: opts.idle_timeout,
+        metrics: opts.metrics,
         running: AtomicUsize::new(0),
         served: AtomicU64::new(0),
         last_activity: Mutex::new(Instant::now()),

@@ -152,6 +152,8 @@ pub struct DaemonStatus {
     pub served: u64,
     /// Seconds without a command after which it exits (0: never).
     pub idle_timeout_seconds: u64,
+    /// Where it serves metrics and health over HTTP, if it does.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// The reading half of a connection.

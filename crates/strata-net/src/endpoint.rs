@@ -44,6 +44,22 @@ struct Credentials {
     key: PrivateKeyDer<'static>,
 }
 
+/// A TLS server configuration for HTTPS with the node's certificate (its
+/// name: `strata-node`), asking nothing of clients: a node's metrics
+/// endpoint, whose clients are scrapers holding a bearer token rather
+/// than cluster certificates.
+pub fn https_config(id: &Identity) -> Result<rustls::ServerConfig> {
+    let c = credentials(id)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(tls("TLS versions"))?
+        .with_no_client_auth()
+        .with_single_cert(c.chain, c.key)
+        .map_err(tls("the node certificate"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 fn credentials(id: &Identity) -> Result<Credentials> {
     let mut roots = RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(id.ca_pem.as_bytes()) {
@@ -258,6 +274,7 @@ impl Endpoint {
                     let from_there = per_address.entry(ip).or_default();
                     if *from_there >= MAX_HANDSHAKES_PER_ADDRESS {
                         tracing::warn!(peer = %addr, "refused a connection: too many handshakes from this address");
+                        strata_metrics::handshake_error("too_many");
                         incoming.refuse();
                         continue;
                     }
@@ -284,7 +301,10 @@ impl Endpoint {
                     }
                     match done {
                         Ok(c) => return Some(c),
-                        Err(e) => tracing::warn!(peer = %addr, error = %e, "refused a connection"),
+                        Err(e) => {
+                            strata_metrics::handshake_error(e.kind());
+                            tracing::warn!(peer = %addr, error = %e, "refused a connection");
+                        }
                     }
                 }
             }

@@ -70,5 +70,23 @@ pub enum Error {
     Store(#[from] strata_cas::Error),
 }
 
+impl Error {
+    /// A word for what went wrong, as metrics label it: one of `tls`,
+    /// `io`, `connection`, `refused`, `malformed`, `blob`, `forged`,
+    /// `store`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Tls(_) => "tls",
+            Error::Io { .. } => "io",
+            Error::Connection { .. } => "connection",
+            Error::Refused { .. } => "refused",
+            Error::Malformed { .. } => "malformed",
+            Error::Blob { .. } => "blob",
+            Error::Forged { .. } => "forged",
+            Error::Store(_) => "store",
+        }
+    }
+}
+
 /// The transport's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

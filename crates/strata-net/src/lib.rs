@@ -28,7 +28,7 @@ pub use blob::{
     Announced, read_blob_header, recv_announced, recv_blob, recv_blob_limited, refuse_blob,
     send_blob,
 };
-pub use endpoint::{Connection, Endpoint};
+pub use endpoint::{Connection, Endpoint, https_config};
 pub use error::{Error, Result};
 pub use frame::{MAX_FRAME, decode_frame, read_frame, write_frame};
 pub use identity::{ClusterCa, Identity, Peer, Role};
@@ -38,4 +38,4 @@ pub const ALPN: &[u8] = b"strata/1";
 
 /// The version of the messages within [`ALPN`]; peers that differ are
 /// refused at the handshake.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;

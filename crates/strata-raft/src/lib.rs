@@ -643,6 +643,47 @@ impl Member {
         &self.raft
     }
 
+    /// Records the group's state in this process's metrics as it changes
+    /// (term, leader, commit and applied index, leader changes), until
+    /// the member shuts down.
+    pub fn report_metrics(&self) -> tokio::task::JoinHandle<()> {
+        let mut rx = self.raft.metrics();
+        tokio::spawn(async move {
+            let mut leader = None;
+            loop {
+                let m = rx.borrow_and_update().clone();
+                if m.current_leader.is_some() && m.current_leader != leader {
+                    if leader.is_some() {
+                        strata_metrics::leader_changed();
+                    }
+                    leader = m.current_leader;
+                }
+                let applied = m.last_applied.map_or(0, |l| l.index);
+                strata_metrics::raft(strata_metrics::RaftState {
+                    term: m.current_term,
+                    leader: m.current_leader,
+                    is_leader: m.current_leader == Some(m.id),
+                    committed: m.replication.as_ref().map_or(applied, |r| {
+                        let voters: Vec<NodeId> =
+                            m.membership_config.membership().voter_ids().collect();
+                        let matched = voters.iter().map(|v| {
+                            if *v == m.id {
+                                m.last_log_index
+                            } else {
+                                r.get(v).copied().flatten().map(|l| l.index)
+                            }
+                        });
+                        quorum_index(matched)
+                    }),
+                    applied,
+                });
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
     /// Makes the group of `members` (this one among them). Only on a
     /// group's first start; a member already initialized says so.
     pub async fn initialize(&self, members: BTreeMap<NodeId, Node>) -> Result<(), Error> {
@@ -978,9 +1019,31 @@ impl strata_cache::CacheIndex for ReplicatedIndex {
     }
 }
 
+/// The highest log index a majority holds, given each voter's highest
+/// matched index (`None`: nothing yet).
+fn quorum_index(matched: impl Iterator<Item = Option<u64>>) -> u64 {
+    let mut m: Vec<u64> = matched.map(|i| i.unwrap_or(0)).collect();
+    if m.is_empty() {
+        return 0;
+    }
+    m.sort_unstable_by(|a, b| b.cmp(a));
+    m[m.len() / 2]
+}
+
 #[cfg(test)]
 mod standing_tests {
     use super::*;
+
+    #[test]
+    fn the_commit_index_is_what_a_majority_holds() {
+        assert_eq!(quorum_index([Some(9), Some(7), None].into_iter()), 7);
+        assert_eq!(
+            quorum_index([Some(9), Some(7), Some(3), None, None].into_iter()),
+            3
+        );
+        assert_eq!(quorum_index([Some(4)].into_iter()), 4);
+        assert_eq!(quorum_index(std::iter::empty()), 0);
+    }
 
     fn probe(initialized: bool, voters: &[NodeId]) -> Option<Probe> {
         Some(Probe {

@@ -195,12 +195,14 @@ impl Registry {
         let layers: Vec<LayerRef> = fetched.iter().map(|f| f.layer).collect();
         let image = images.create_with_config_bytes(&config_bytes, &layers)?;
         images.tag(reference, &image)?;
+        let bytes = fetched.iter().filter_map(|f| f.downloaded).sum();
+        strata_metrics::transferred(strata_metrics::Transfer::Pulled, bytes);
         Ok(Pulled {
             image,
             digest,
             registry: ep.host.clone(),
             layers_downloaded: fetched.iter().filter(|f| f.downloaded.is_some()).count(),
-            bytes: fetched.iter().filter_map(|f| f.downloaded).sum(),
+            bytes,
         })
     }
 

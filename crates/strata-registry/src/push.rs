@@ -142,12 +142,14 @@ impl Registry {
             .push_manifest_raw(&ep.oci, body, content_type)
             .await
             .map_err(oci_err)?;
+        let bytes_sent = sent.iter().flatten().sum();
+        strata_metrics::transferred(strata_metrics::Transfer::Pushed, bytes_sent);
         Ok(Pushed {
             digest,
             registry: ep.host.clone(),
             blobs_sent: sent.iter().filter(|s| s.is_some()).count(),
             blobs_skipped: sent.iter().filter(|s| s.is_none()).count(),
-            bytes_sent: sent.iter().flatten().sum(),
+            bytes_sent,
         })
     }
 

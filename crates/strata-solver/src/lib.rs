@@ -11,6 +11,7 @@
 //! The solver sees ops and keys, never Dockerfile syntax, files or
 //! processes: the worker does the work.
 
+mod id;
 mod solve;
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use strata_oci::{ImageConfig, LayerRef};
 use strata_plan::{StagePlan, Step};
 use tokio_util::sync::CancellationToken;
 
+pub use id::{MAX_BUILD_ID, new_build_id, valid_build_id};
 pub use solve::{Flights, Solver};
 
 /// The result of a stage: its key, layer chain and final image config.

@@ -10,6 +10,7 @@ use strata_oci::LayerRef;
 use strata_plan::key::{image_key, scratch_key, step_key};
 use strata_plan::{Base, Plan, StagePlan, StepMade, history_with_layers, image_created};
 use tokio::sync::{OnceCell, Semaphore, watch};
+use tracing::Instrument as _;
 
 use crate::{
     Event, EventKind, Job, SolveError, SolveOptions, Solved, StageResult, StepRecord, Worker,
@@ -118,6 +119,21 @@ impl Solver {
         plan: Arc<Plan>,
         opts: SolveOptions,
     ) -> Result<Solved, SolveError> {
+        let mut measured = Measured::start();
+        let solved = self.solve_plan(plan, opts).await;
+        measured.outcome = Some(match &solved {
+            Ok(_) => strata_metrics::Outcome::Succeeded,
+            Err(SolveError::Cancelled) => strata_metrics::Outcome::Cancelled,
+            Err(_) => strata_metrics::Outcome::Failed,
+        });
+        solved
+    }
+
+    async fn solve_plan(
+        self: &Arc<Self>,
+        plan: Arc<Plan>,
+        opts: SolveOptions,
+    ) -> Result<Solved, SolveError> {
         // Once per build, not per step: the build sees every result
         // recorded before it started.
         let cache = Arc::clone(&self.cache);
@@ -149,28 +165,31 @@ impl Solver {
                 .map(|d| waiters[d].clone())
                 .collect();
             let (me, run) = (Arc::clone(self), Arc::clone(&run));
-            tasks.spawn(async move {
-                for mut d in deps {
-                    // A stage that fails cancels the build (its error is
-                    // recorded): the stages waiting for it give up.
-                    tokio::select! {
-                        ready = d.wait_for(|ok| *ok) => {
-                            if ready.is_err() {
-                                return;
+            tasks.spawn(
+                async move {
+                    for mut d in deps {
+                        // A stage that fails cancels the build (its error is
+                        // recorded): the stages waiting for it give up.
+                        tokio::select! {
+                            ready = d.wait_for(|ok| *ok) => {
+                                if ready.is_err() {
+                                    return;
+                                }
                             }
+                            () = run.opts.cancel.cancelled() => return,
                         }
-                        () = run.opts.cancel.cancelled() => return,
+                    }
+                    match me.stage(&run, i).await {
+                        Ok(result) => {
+                            run.results.lock().unwrap_or_else(PoisonError::into_inner)[i] =
+                                Some(result);
+                            let _ = run.done[i].send(true);
+                        }
+                        Err(e) => run.fail(e),
                     }
                 }
-                match me.stage(&run, i).await {
-                    Ok(result) => {
-                        run.results.lock().unwrap_or_else(PoisonError::into_inner)[i] =
-                            Some(result);
-                        let _ = run.done[i].send(true);
-                    }
-                    Err(e) => run.fail(e),
-                }
-            });
+                .in_current_span(),
+            );
         }
         while let Some(joined) = tasks.join_next().await {
             if let Err(e) = joined {
@@ -310,11 +329,14 @@ impl Solver {
                 self.index(move |c| c.get(&step_key)).await?
             };
             let cached = cached.filter(|e| self.worker.has_layers(&e.layers));
-            let (entry, was_cached) = match cached {
+            if !run.opts.no_cache {
+                strata_metrics::cache_lookup(cached.is_some());
+            }
+            let (entry, result) = match cached {
                 Some(entry) => {
                     self.index(move |c| c.touch(&step_key)).await?;
                     run.event(stage, step.number, &step.label, EventKind::Cached);
-                    (entry, true)
+                    (entry, strata_metrics::StepResult::Cached)
                 }
                 None => {
                     let (entry, ran) = self
@@ -340,9 +362,15 @@ impl Solver {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .push(publishing);
-                    (entry, shared)
+                    let result = if shared {
+                        strata_metrics::StepResult::Shared
+                    } else {
+                        strata_metrics::StepResult::Executed
+                    };
+                    (entry, result)
                 }
             };
+            let was_cached = result != strata_metrics::StepResult::Executed;
             let producer = entry.producer.clone();
             layers = entry.layers;
             made.push(StepMade {
@@ -350,6 +378,8 @@ impl Solver {
                 created: i64::try_from(entry.created).unwrap_or(i64::MAX),
             });
             key = step_key;
+            let finished = now();
+            strata_metrics::step_finished(&step.label, result, (finished - started).max(0.0));
             run.records
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -361,7 +391,7 @@ impl Solver {
                     cache_key: step_key.to_string(),
                     cached: was_cached,
                     started,
-                    finished: now(),
+                    finished,
                     // A cached step names the worker that made it.
                     worker: if was_cached {
                         producer
@@ -456,9 +486,11 @@ impl Solver {
             Arc::clone(&self.cache),
             self.in_flight.clone(),
         );
+        let span = tracing::Span::current();
         tokio::spawn(async move {
             let made = entry.layers.last().copied().filter(|_| entry.made_layer);
             let recorded = tokio::task::spawn_blocking(move || {
+                let _build = span.enter();
                 if let Some(layer) = made
                     && let Err(e) = worker.publish(&layer)
                 {
@@ -505,18 +537,23 @@ impl Solver {
         parent: &[LayerRef],
         results: &[Option<crate::StageResult>],
     ) -> Result<CacheEntry, WorkerError> {
+        let queued = Instant::now();
         let _permit = run
             .jobs
             .acquire()
             .await
             .map_err(|e| WorkerError::new(e.to_string()))?;
+        // The node's shared slots are its queue; a cluster's are the
+        // workers', which placement measures.
         let _slot = match &run.opts.slots {
-            Some(slots) => Some(
-                Arc::clone(slots)
+            Some(slots) => {
+                let permit = Arc::clone(slots)
                     .acquire_owned()
                     .await
-                    .map_err(|e| WorkerError::new(e.to_string()))?,
-            ),
+                    .map_err(|e| WorkerError::new(e.to_string()))?;
+                strata_metrics::queue_wait(queued.elapsed().as_secs_f64());
+                Some((permit, strata_metrics::busy()))
+            }
             None => None,
         };
         let stage = &run.plan.stages[i];
@@ -529,7 +566,9 @@ impl Solver {
             parent.to_vec(),
             results.to_vec(),
         );
+        let span = tracing::Span::current();
         let outcome = tokio::task::spawn_blocking(move || {
+            let _build = span.enter();
             let stage = &r2.plan.stages[i];
             let step = &stage.steps[s];
             let r3 = Arc::clone(&r2);
@@ -585,6 +624,32 @@ impl Solver {
                 Err(e)
             }
         }
+    }
+}
+
+/// A build being solved, counted as started now and as finished when
+/// dropped: a solve whose future is dropped counts as cancelled.
+struct Measured {
+    clock: Instant,
+    outcome: Option<strata_metrics::Outcome>,
+}
+
+impl Measured {
+    fn start() -> Measured {
+        strata_metrics::build_started();
+        Measured {
+            clock: Instant::now(),
+            outcome: None,
+        }
+    }
+}
+
+impl Drop for Measured {
+    fn drop(&mut self) {
+        strata_metrics::build_finished(
+            self.outcome.unwrap_or(strata_metrics::Outcome::Cancelled),
+            self.clock.elapsed().as_secs_f64(),
+        );
     }
 }
 

@@ -15,6 +15,7 @@ mod build;
 mod copy;
 mod fetch;
 mod gc;
+pub mod history;
 mod memo;
 mod node;
 mod run;
@@ -25,6 +26,7 @@ mod worker;
 
 pub use build::{BaseImages, BuildError, BuildRequest, BuildResult, PlanInputs, build, ignore_for};
 pub use gc::{Candidate, EvictReport, GRACE, Keep, PruneReport, candidates, choose, evict, prune};
+pub use history::{BuildRecord, BuildStatus, History, HistoryError};
 pub use memo::SelectionMemo;
 pub use node::{Node, NodeError, default_home, default_slots};
 pub use timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};

@@ -76,6 +76,8 @@ pub struct Node {
     pub cache: Arc<LocalCacheIndex>,
     /// Checksums of what steps select from stages and images.
     pub selections: SelectionMemo,
+    /// The builds it ran or coordinated, newest kept.
+    pub history: crate::History,
     /// Steps in flight, shared by every build this node runs at once, so
     /// identical steps of concurrent builds run once.
     pub flights: strata_solver::Flights,
@@ -169,6 +171,7 @@ impl Node {
                 ImageStore::COLUMN_FAMILIES,
                 LocalCacheIndex::COLUMN_FAMILIES,
                 SelectionMemo::COLUMN_FAMILIES,
+                crate::History::COLUMN_FAMILIES,
             ]
             .concat(),
         )
@@ -183,7 +186,8 @@ impl Node {
             ImageStore::open(Arc::clone(&meta), Arc::clone(&content)).map_err(|e| store(&e))?,
         );
         let cache = Arc::new(LocalCacheIndex::open(Arc::clone(&meta)).map_err(|e| store(&e))?);
-        let selections = SelectionMemo::open(meta).map_err(|e| store(&e))?;
+        let selections = SelectionMemo::open(Arc::clone(&meta)).map_err(|e| store(&e))?;
+        let history = crate::History::open(meta).map_err(|e| store(&e))?;
         for dir in ["cache-mounts", "runc", "tmp"] {
             let p = home.join(dir);
             fs::create_dir_all(&p).map_err(|source| NodeError::Dir { path: p, source })?;
@@ -195,6 +199,7 @@ impl Node {
             images,
             cache,
             selections,
+            history,
             flights: strata_solver::Flights::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(default_slots())),
             runtime,

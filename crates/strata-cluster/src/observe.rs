@@ -1,0 +1,99 @@
+//! Coordinators and workers on `/metrics`, `/healthz` and `/readyz`:
+//! what each says of its readiness, and the gauges read at each scrape.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, PoisonError, Weak};
+
+use crate::config::{MetricsConfig, TlsFiles};
+use crate::coordinator::Coordinator;
+use crate::worker::WorkerNode;
+
+/// Serves this process's metrics as `config` says, for a node listening
+/// (QUIC) on `node` with the credentials `tls`: HTTPS with the node's
+/// certificate off loopback. Returns where, or `None` when disabled.
+pub(crate) async fn serve(
+    config: &MetricsConfig,
+    node: SocketAddr,
+    tls: &TlsFiles,
+    health: Arc<dyn strata_metrics::Health>,
+) -> Result<Option<SocketAddr>, String> {
+    let Some(addr) = config.address(node) else {
+        return Ok(None);
+    };
+    let https = if addr.ip().is_loopback() {
+        None
+    } else {
+        let id = tls.identity().map_err(|e| e.to_string())?;
+        Some(Arc::new(
+            strata_net::https_config(&id).map_err(|e| e.to_string())?,
+        ))
+    };
+    let token = config.token().map_err(|e| e.to_string())?;
+    let served = strata_metrics::serve(addr, https, token, health)
+        .await
+        .map_err(|e| {
+            format!("{e} (set [metrics] listen, or enabled = false, in the node's config; STRATA_METRICS_LISTEN=off)")
+        })?;
+    Ok(Some(served.addr))
+}
+
+/// The bytes of a node's blobs, for `strata_store_bytes`.
+fn store_bytes(node: &strata_worker::Node) {
+    match node.content.total_size() {
+        Ok(n) => strata_metrics::store_bytes("blobs", n),
+        Err(e) => tracing::warn!(error = %e, "cannot measure the content store"),
+    }
+}
+
+/// A coordinator is ready once it knows a leader of the replicated index:
+/// before that, no lookup or write can be answered.
+pub(crate) struct CoordinatorHealth(pub(crate) Weak<Coordinator>);
+
+impl strata_metrics::Health for CoordinatorHealth {
+    fn ready(&self) -> Result<(), String> {
+        let c = self.0.upgrade().ok_or("shutting down")?;
+        let m = c.member.raft().metrics().borrow().clone();
+        match m.current_leader {
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "no leader of the replicated cache index is known (term {})",
+                m.current_term
+            )),
+        }
+    }
+
+    fn refresh(&self) {
+        if let Some(c) = self.0.upgrade() {
+            store_bytes(&c.node);
+        }
+    }
+}
+
+/// A worker is ready once registered with a coordinator: before that no
+/// step is placed on it.
+pub(crate) struct WorkerHealth(pub(crate) Weak<WorkerNode>);
+
+impl strata_metrics::Health for WorkerHealth {
+    fn ready(&self) -> Result<(), String> {
+        let w = self.0.upgrade().ok_or("shutting down")?;
+        let registered = w
+            .registered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        if registered == 0 {
+            Err(format!(
+                "worker {} is not registered with any coordinator",
+                w.name()
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn refresh(&self) {
+        if let Some(w) = self.0.upgrade() {
+            store_bytes(&w.node);
+        }
+    }
+}
