@@ -566,10 +566,78 @@ fn nodes_serve_metrics_and_health_and_the_cluster_keeps_each_builds_history_by_i
         "{}",
         cluster.log("coordinator")
     );
+    // Logs written to a file carry no colour codes.
+    assert!(!cluster.log("coordinator").contains('\x1b'));
     let workers_logged = cluster
         .worker_names()
         .iter()
         .filter(|w| cluster.log(w).contains(&id))
         .count();
     assert!(workers_logged >= 1);
+}
+
+#[test]
+fn the_dashboard_shows_workers_and_a_running_build_with_its_steps_in_a_browser() {
+    use strata_integration::http::get;
+    let cluster = Cluster::start(2, 5);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nRUN echo warm > /warm\nRUN sleep 12 && echo slow > /slow\n",
+        )],
+    );
+    let client = Strata::new();
+    let build = cluster.spawn_build(&client, ctx.path(), &["-t", "watched:1"]);
+    let coordinator = cluster.metrics_addr("coordinator");
+    // Wait until the coordinator has the build running its slow step.
+    let start = Instant::now();
+    let id = loop {
+        let (status, body) = get(coordinator, "/api/dashboard");
+        assert_eq!(status, 200, "{body}");
+        let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let running = view["running"].as_array().cloned().unwrap_or_default();
+        let slow = running.iter().find(|b| {
+            b["steps"].as_array().into_iter().flatten().any(|s| {
+                s["label"].as_str().unwrap_or("").starts_with("RUN sleep")
+                    && s["state"] == "running"
+            })
+        });
+        if let Some(b) = slow {
+            break b["id"].as_str().unwrap().to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no running build: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-cluster.png");
+    let dom = strata_integration::browser::render(&format!("http://{coordinator}/"), &shot);
+    eprintln!("dashboard screenshot: {}", shot.display());
+    assert!(dom.contains(&format!("data-build=\"{id}\"")), "{dom}");
+    assert!(dom.contains("RUN sleep 12"), "{dom}");
+    assert!(dom.contains("watched:1"), "{dom}");
+    for w in cluster.worker_names() {
+        assert!(
+            dom.contains(&format!("<td>{w}</td>")),
+            "{w} not shown:\n{dom}"
+        );
+    }
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+
+    // Once done, it is among the recent builds.
+    let out = build.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, body) = get(coordinator, "/api/dashboard");
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(view["running"].as_array().unwrap().is_empty(), "{body}");
+    assert_eq!(view["recent"][0]["id"], id.as_str(), "{body}");
+    assert_eq!(view["recent"][0]["status"], "succeeded", "{body}");
 }

@@ -359,3 +359,81 @@ fn two_cluster_clients_on_one_host_build_at_once() {
     let again = cluster.build(&client, a.path(), &[]);
     assert_eq!(runs(&again), 0, "{again}");
 }
+
+#[test]
+fn the_daemon_serves_metrics_and_a_dashboard_and_keeps_a_history_of_builds() {
+    use strata_integration::http::get;
+    let s = Strata::new().with_busybox(&[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nRUN echo one > /one\nRUN echo two > /two\n",
+        )],
+    );
+    let first = s.build(ctx.path(), &["-t", "kept:1"]);
+    let again = s.build(ctx.path(), &["-t", "kept:2"]);
+    let failing = tempfile::tempdir().unwrap();
+    write_files(
+        failing.path(),
+        &[("Dockerfile", "FROM busybox:latest\nRUN exit 3\n")],
+    );
+    assert!(
+        !s.run(&["build", failing.path().to_str().unwrap()])
+            .status
+            .success()
+    );
+
+    // `daemon status` names the endpoint.
+    let status = s.ok(&["daemon", "status"]);
+    let url = status
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics: http://"))
+        .unwrap_or_else(|| panic!("no metrics address in:\n{status}"));
+    let addr: std::net::SocketAddr = url.trim_end_matches("/metrics").parse().unwrap();
+    let (code, metrics) = get(addr, "/metrics");
+    assert_eq!(code, 200);
+    for line in [
+        "strata_builds_finished_total{outcome=\"succeeded\"} 2",
+        "strata_builds_finished_total{outcome=\"failed\"} 1",
+        "strata_cache_lookups_total{result=\"hit\"} 2",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
+    assert_eq!(get(addr, "/readyz").0, 200);
+
+    // The history: newest first, the failure with its error.
+    let listed: serde_json::Value =
+        serde_json::from_str(&s.ok(&["history", "--format", "json"])).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert_eq!(listed[0]["status"], "failed");
+    assert!(
+        listed[0]["error"].as_str().unwrap().contains("RUN exit 3"),
+        "{}",
+        listed[0]
+    );
+    assert_eq!(listed[1]["id"], again["id"]);
+    assert_eq!(listed[2]["id"], first["id"]);
+    let shown = s.ok(&["history", "inspect", first["id"].as_str().unwrap()]);
+    assert!(shown.contains("Steps:     2 run, 0 cached"), "{shown}");
+    assert!(
+        s.run(&["history", "inspect", "zzzz"]).status.code() == Some(1),
+        "an unknown id is an error"
+    );
+
+    // The dashboard's data: this node, its builds, its cache's use.
+    let (code, body) = get(addr, "/api/dashboard");
+    assert_eq!(code, 200);
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(view["node"]["role"], "daemon");
+    assert_eq!(view["recent"][1]["id"], again["id"]);
+    assert_eq!(view["cache"]["hits_hour"], 2, "{body}");
+    let (code, page) = get(addr, "/");
+    assert_eq!(code, 200);
+    assert!(page.contains("<title>strata</title>"));
+}

@@ -238,11 +238,13 @@ pub fn run(cx: &Cx<'_>, args: BuildArgs, flags: &RegistryFlags) -> Result<u8> {
     };
     let mut record = BuildRecord::begin(&build_id, args.tags.clone(), on);
     let started = Instant::now();
+    cx.node.live.begin(&build_id, &args.tags, None);
     let result = build_and_output(cx, args, flags, &build_id, &mut record);
+    cx.node.live.end(&build_id);
     record.duration_seconds = started.elapsed().as_secs_f64();
     match &result {
         Ok(_) => record.status = BuildStatus::Succeeded,
-        Err(_) if cx.session.cancel().is_cancelled() => record.status = BuildStatus::Cancelled,
+        Err(e) if cancelled(e) => record.status = BuildStatus::Cancelled,
         Err(e) => {
             record.status = BuildStatus::Failed;
             record.error = Some(crate::error_text(e));
@@ -252,6 +254,20 @@ pub fn run(cx: &Cx<'_>, args: BuildArgs, flags: &RegistryFlags) -> Result<u8> {
         tracing::warn!(error = %e, "the build is not in the history");
     }
     result
+}
+
+/// Whether a build ended because its client cancelled it (a failing step
+/// also cancels the rest of its build, but fails it).
+fn cancelled(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<BuildError>(),
+            Some(BuildError::Solve(strata_solver::SolveError::Cancelled))
+        ) || matches!(
+            c.downcast_ref::<strata_solver::SolveError>(),
+            Some(strata_solver::SolveError::Cancelled)
+        )
+    })
 }
 
 fn build_and_output(
@@ -391,7 +407,7 @@ fn build_and_output(
                 secrets,
                 tags: tags.clone(),
                 platform,
-                progress: cx.session.progress(),
+                progress: live_progress(cx, build_id),
                 cancel: cancel.clone(),
                 registry: Some(Arc::clone(&registry)),
                 always_pull: args.pull,
@@ -497,6 +513,20 @@ fn build_and_output(
     Ok(0)
 }
 
+/// The client's progress display, and the node's view of running builds
+/// (its dashboard), both fed with the build's events.
+fn live_progress(cx: &Cx<'_>, build_id: &str) -> strata_solver::Progress {
+    let (client, node, id) = (
+        cx.session.progress(),
+        Arc::clone(cx.node),
+        build_id.to_string(),
+    );
+    Arc::new(move |e: strata_solver::Event| {
+        node.live.event(&id, &e);
+        client(e);
+    })
+}
+
 /// A failing step's last output, framed as BuildKit frames it.
 fn print_tail(cx: &Cx<'_>, title: Option<&str>, tail: &[String]) -> Result<()> {
     if tail.is_empty() {
@@ -556,7 +586,7 @@ fn cluster_build(
         .map(|c| c.coordinators.len())
         .unwrap_or(1);
     cx.block_on(async {
-        let progress = cx.session.progress();
+        let progress = live_progress(cx, &b.build_id);
         let on_event = move |e| progress(e);
         // A coordinator lost mid-build takes the build with it; another
         // coordinator of the group takes it up again, finding in the
@@ -586,7 +616,7 @@ fn cluster_build(
             let done = tokio::select! {
                 done = done => done,
                 _ = cx.session.cancel().cancelled() => {
-                    return Err(ClusterFailure::Other(anyhow::anyhow!("cancelled")));
+                    return Err(ClusterFailure::Other(strata_solver::SolveError::Cancelled.into()));
                 }
             };
             match done {

@@ -63,7 +63,7 @@ pub struct Coordinator {
     pub(crate) member: Arc<Member>,
     /// The cache index builds use, through `member`.
     index: Arc<ReplicatedIndex>,
-    name: String,
+    pub(crate) name: String,
     listen: SocketAddr,
     endpoint: Endpoint,
     registry: Arc<Registry>,
@@ -294,7 +294,10 @@ impl Coordinator {
         self: &Arc<Self>,
         config: &CoordinatorConfig,
     ) -> Result<Option<SocketAddr>, String> {
-        let health = Arc::new(crate::observe::CoordinatorHealth(Arc::downgrade(self)));
+        let health = Arc::new(crate::observe::CoordinatorHealth {
+            coordinator: Arc::downgrade(self),
+            status: std::sync::Mutex::default(),
+        });
         let served =
             crate::observe::serve(&config.metrics, self.listen, &config.tls, health).await?;
         if served.is_some() {
@@ -892,7 +895,7 @@ impl Coordinator {
         }
     }
 
-    fn status(&self) -> ClusterStatus {
+    pub(crate) fn status(&self) -> ClusterStatus {
         let state = self.member.local();
         let loc = state.locations().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read where blobs are");
@@ -1087,6 +1090,9 @@ impl Coordinator {
             strata_worker::BuildRecord::begin(&submit.build_id, submit.tags.clone(), &self.name);
         record.client = Some(client.peer.name.clone());
         let begun = Instant::now();
+        self.node
+            .live
+            .begin(&submit.build_id, &submit.tags, Some(&client.peer.name));
         let run = {
             let (me, tx, cancel) = (Arc::clone(self), tx.clone(), cancel.clone());
             let client_name = client.peer.name.clone();
@@ -1100,33 +1106,42 @@ impl Coordinator {
         // whether or not there is progress to send at the time.
         let gone = client.quic.closed();
         tokio::pin!(gone);
+        // Cancelled unless it ends otherwise: its client gone, or Ctrl-C.
+        // (A failing step cancels the rest of its build too, but fails it.)
         record.status = strata_worker::BuildStatus::Cancelled;
+        let mut client_gone = false;
         loop {
             tokio::select! {
                 event = rx.recv() => match event {
                     Some(event) => {
                         match &event {
+                            BuildEvent::Progress(e) => self.node.live.event(&record.id, e),
                             BuildEvent::Done(done) => {
                                 record.status = strata_worker::BuildStatus::Succeeded;
                                 record.steps.clone_from(&done.steps);
                             }
-                            BuildEvent::Failed { message, .. } if !cancel.is_cancelled() => {
+                            BuildEvent::Failed { message, .. } if !client_gone => {
                                 record.status = strata_worker::BuildStatus::Failed;
                                 record.error = Some(message.clone());
                             }
                             _ => {}
                         }
                         if write_frame(send, &event, peer).await.is_err() {
+                            client_gone = true;
                             cancel.cancel();
                         }
                     }
                     None => break,
                 },
-                _ = &mut gone, if !cancel.is_cancelled() => cancel.cancel(),
+                _ = &mut gone, if !client_gone => {
+                    client_gone = true;
+                    cancel.cancel();
+                }
             }
         }
         let _ = run.await;
         self.builds_running.fetch_sub(1, Ordering::Relaxed);
+        self.node.live.end(&record.id);
         record.duration_seconds = begun.elapsed().as_secs_f64();
         let node = Arc::clone(&self.node);
         let recorded = tokio::task::spawn_blocking(move || node.history.record(&record)).await;

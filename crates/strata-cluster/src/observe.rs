@@ -2,7 +2,8 @@
 //! what each says of its readiness, and the gauges read at each scrape.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use crate::config::{MetricsConfig, TlsFiles};
 use crate::coordinator::Coordinator;
@@ -45,13 +46,21 @@ fn store_bytes(node: &strata_worker::Node) {
     }
 }
 
+/// How often the dashboard's view of the cluster (workers, cache entries)
+/// is read again: reading it scans the cache index.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+
 /// A coordinator is ready once it knows a leader of the replicated index:
 /// before that, no lookup or write can be answered.
-pub(crate) struct CoordinatorHealth(pub(crate) Weak<Coordinator>);
+pub(crate) struct CoordinatorHealth {
+    pub(crate) coordinator: Weak<Coordinator>,
+    /// The last view of the cluster, and when it was read.
+    pub(crate) status: Mutex<Option<(Instant, serde_json::Value, usize)>>,
+}
 
 impl strata_metrics::Health for CoordinatorHealth {
     fn ready(&self) -> Result<(), String> {
-        let c = self.0.upgrade().ok_or("shutting down")?;
+        let c = self.coordinator.upgrade().ok_or("shutting down")?;
         let m = c.member.raft().metrics().borrow().clone();
         match m.current_leader {
             Some(_) => Ok(()),
@@ -63,9 +72,58 @@ impl strata_metrics::Health for CoordinatorHealth {
     }
 
     fn refresh(&self) {
-        if let Some(c) = self.0.upgrade() {
+        if let Some(c) = self.coordinator.upgrade() {
             store_bytes(&c.node);
         }
+    }
+
+    fn dashboard(&self) -> Option<serde_json::Value> {
+        let c = self.coordinator.upgrade()?;
+        let (workers, entries) = {
+            let mut cached = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+            match &*cached {
+                Some((at, workers, entries)) if at.elapsed() < STATUS_EVERY => {
+                    (workers.clone(), *entries)
+                }
+                _ => {
+                    let s = c.status();
+                    let workers = serde_json::Value::Array(
+                        s.workers
+                            .iter()
+                            .map(|w| {
+                                serde_json::json!({
+                                    "name": w.name,
+                                    "address": w.addr.to_string(),
+                                    "state": if !w.alive { "gone" } else if w.cordoned { "cordoned" } else { "up" },
+                                    "slots": w.slots,
+                                    "running": w.running,
+                                    "blobs": w.blobs,
+                                })
+                            })
+                            .collect(),
+                    );
+                    *cached = Some((Instant::now(), workers.clone(), s.cache_entries));
+                    (workers, s.cache_entries)
+                }
+            }
+        };
+        let a = strata_worker::history::Activity::of(&c.node);
+        Some(serde_json::json!({
+            "node": {
+                "name": c.name,
+                "role": "coordinator",
+                "version": env!("CARGO_PKG_VERSION"),
+            },
+            "workers": workers,
+            "cache": {
+                "entries": entries,
+                "bytes": a.bytes,
+                "lookups_hour": a.lookups_hour,
+                "hits_hour": a.hits_hour,
+            },
+            "running": a.running,
+            "recent": a.recent,
+        }))
     }
 }
 

@@ -1,8 +1,11 @@
 //! The HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (the
-//! process answers) and `/readyz` (the node can take work, or why not).
+//! process answers), `/readyz` (the node can take work, or why not), and
+//! a read-only dashboard: the page at `/` (compiled in; it needs nothing
+//! from the network) and the JSON it polls, `/api/dashboard`.
 //!
 //! On a loopback address it is plain HTTP. Anywhere else it must be HTTPS
-//! with a bearer token, which `/metrics` then asks for; the health
+//! with a bearer token, which `/metrics` and `/api/dashboard` then ask
+//! for (the page takes it after `#token=` in its address); the health
 //! endpoints stay open, as Kubernetes probes expect.
 
 use std::net::SocketAddr;
@@ -29,7 +32,18 @@ pub trait Health: Send + Sync + 'static {
     /// Sets the gauges read on demand (store sizes, Raft state). Called off
     /// the async threads before each scrape.
     fn refresh(&self) {}
+
+    /// What the dashboard shows, as JSON: `node` (`name`, `role`,
+    /// `version`), `workers`, `running` builds with their steps, `recent`
+    /// builds, and `cache` (`entries`, `bytes`, `lookups_hour`,
+    /// `hits_hour`). Called off the async threads. `None`: no dashboard.
+    fn dashboard(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
+
+/// The dashboard page.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// A running endpoint.
 #[derive(Debug, Clone, Copy)]
@@ -92,6 +106,8 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/", get(page))
+        .route("/api/dashboard", get(dashboard))
         .with_state(Arc::new(Shared {
             handle,
             health,
@@ -118,21 +134,54 @@ pub async fn serve(
     Ok(Serving { addr: local })
 }
 
+/// Refuses a request without the endpoint's token, when it has one.
+fn unauthorized(s: &Shared, headers: &HeaderMap) -> Option<Response> {
+    let token = s.token.as_ref()?;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    (!same(given.as_bytes(), token.as_bytes())).then(|| {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "a bearer token is needed\n",
+        )
+            .into_response()
+    })
+}
+
+async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // The page runs its own script and reaches only this endpoint.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+            ),
+        ],
+        DASHBOARD,
+    )
+        .into_response()
+}
+
+async fn dashboard(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = unauthorized(&s, &headers) {
+        return refused;
+    }
+    let health = Arc::clone(&s.health);
+    match tokio::task::spawn_blocking(move || health.dashboard()).await {
+        Ok(Some(v)) => ([(header::CACHE_CONTROL, "no-store")], axum::Json(v)).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "no dashboard on this node\n").into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
 async fn metrics(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Some(token) = &s.token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !same(given.as_bytes(), token.as_bytes()) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                "a bearer token is needed\n",
-            )
-                .into_response();
-        }
+    if let Some(refused) = unauthorized(&s, &headers) {
+        return refused;
     }
     let health = Arc::clone(&s.health);
     if let Err(e) = tokio::task::spawn_blocking(move || health.refresh()).await {

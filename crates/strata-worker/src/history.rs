@@ -215,6 +215,186 @@ pub fn find(records: Vec<BuildRecord>, id: &str) -> Result<BuildRecord, HistoryE
     }
 }
 
+/// Builds running now, with where each of their steps stands: what a
+/// dashboard shows live. Fed by the builds' progress events.
+#[derive(Debug, Default)]
+pub struct Live(std::sync::Mutex<BTreeMap<String, LiveBuild>>);
+
+/// A build running now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveBuild {
+    /// Its id.
+    pub id: String,
+    /// Its names.
+    pub tags: Vec<String>,
+    /// Who asked for it, on a coordinator.
+    pub client: Option<String>,
+    /// When it started, seconds since the epoch.
+    pub started: f64,
+    /// Its steps so far, in the order they were first heard of.
+    pub steps: Vec<LiveStep>,
+}
+
+/// A step of a running build.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveStep {
+    /// Its stage.
+    pub stage: String,
+    /// Its number in the stage.
+    pub number: usize,
+    /// The instruction.
+    pub label: String,
+    /// `running`, `done`, `cached` or `failed`.
+    pub state: String,
+    /// The node running it, when known.
+    pub node: Option<String>,
+    /// When it started, seconds since the epoch.
+    pub started: f64,
+    /// How long it took, once done.
+    pub seconds: Option<f64>,
+}
+
+/// The most builds [`Live`] follows at once, and steps per build: a
+/// bound on what a flood of builds costs the dashboard.
+const LIVE_BUILDS: usize = 10_000;
+const LIVE_STEPS: usize = 10_000;
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl Live {
+    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<String, LiveBuild>) -> T) -> T {
+        f(&mut self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Build `id` started.
+    pub fn begin(&self, id: &str, tags: &[String], client: Option<&str>) {
+        self.with(|m| {
+            if m.len() < LIVE_BUILDS {
+                m.insert(
+                    id.to_string(),
+                    LiveBuild {
+                        id: id.to_string(),
+                        tags: tags.to_vec(),
+                        client: client.map(str::to_string),
+                        started: now(),
+                        steps: Vec::new(),
+                    },
+                );
+            }
+        });
+    }
+
+    /// Build `id` heard `event`.
+    pub fn event(&self, id: &str, event: &strata_solver::Event) {
+        use strata_solver::EventKind;
+        self.with(|m| {
+            let Some(b) = m.get_mut(id) else { return };
+            let at = b
+                .steps
+                .iter()
+                .position(|s| s.stage == event.stage && s.number == event.number);
+            let i = match at {
+                Some(i) => i,
+                None if b.steps.len() < LIVE_STEPS => {
+                    b.steps.push(LiveStep {
+                        stage: event.stage.clone(),
+                        number: event.number,
+                        label: event.label.clone(),
+                        state: "running".into(),
+                        node: None,
+                        started: now(),
+                        seconds: None,
+                    });
+                    b.steps.len() - 1
+                }
+                None => return,
+            };
+            let step = &mut b.steps[i];
+            match &event.kind {
+                EventKind::Started => step.state = "running".into(),
+                EventKind::Placed(node) => step.node = Some(node.clone()),
+                EventKind::Cached => {
+                    step.state = "cached".into();
+                    step.seconds = Some(0.0);
+                }
+                EventKind::Done(secs) => {
+                    step.state = "done".into();
+                    step.seconds = Some(*secs);
+                }
+                EventKind::Failed(_) => step.state = "failed".into(),
+                EventKind::Output(_) => {}
+            }
+        });
+    }
+
+    /// Build `id` ended.
+    pub fn end(&self, id: &str) {
+        self.with(|m| m.remove(id));
+    }
+
+    /// The builds running now, oldest first.
+    pub fn snapshot(&self) -> Vec<LiveBuild> {
+        let mut builds: Vec<LiveBuild> = self.with(|m| m.values().cloned().collect());
+        builds.sort_by(|a, b| a.started.total_cmp(&b.started));
+        builds
+    }
+}
+
+/// What a node is doing and has done, as its dashboard shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Activity {
+    /// Builds running now.
+    pub running: Vec<LiveBuild>,
+    /// The newest builds, newest first.
+    pub recent: Vec<BuildRecord>,
+    /// Bytes of its blobs.
+    pub bytes: u64,
+    /// Steps its builds of the last hour looked up in the cache.
+    pub lookups_hour: usize,
+    /// Those found there.
+    pub hits_hour: usize,
+}
+
+/// Builds a dashboard lists as recent.
+const RECENT: usize = 20;
+
+impl Activity {
+    /// `node`'s activity now.
+    pub fn of(node: &crate::Node) -> Activity {
+        let records = node.history.list(MAX_RECORDS).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the build history");
+            Vec::new()
+        });
+        let (lookups_hour, hits_hour) = cache_use(&records, now() - 3600.0);
+        Activity {
+            running: node.live.snapshot(),
+            recent: records.into_iter().take(RECENT).collect(),
+            bytes: node.content.total_size().unwrap_or(0),
+            lookups_hour,
+            hits_hour,
+        }
+    }
+}
+
+/// What a node's recent history says of its cache since `since`
+/// (seconds since the epoch): steps looked up, and those that hit.
+pub fn cache_use(records: &[BuildRecord], since: f64) -> (usize, usize) {
+    records
+        .iter()
+        .filter(|r| r.started >= since)
+        .flat_map(|r| &r.steps)
+        .fold((0, 0), |(all, hits), s| {
+            (all + 1, hits + usize::from(s.cached))
+        })
+}
+
 /// Records sort by when they started, then by id.
 fn key(build: &BuildRecord) -> Vec<u8> {
     let micros = (build.started.max(0.0) * 1e6) as u64;

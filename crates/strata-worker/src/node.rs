@@ -78,6 +78,8 @@ pub struct Node {
     pub selections: SelectionMemo,
     /// The builds it ran or coordinated, newest kept.
     pub history: crate::History,
+    /// The builds running now, step by step.
+    pub live: crate::history::Live,
     /// Steps in flight, shared by every build this node runs at once, so
     /// identical steps of concurrent builds run once.
     pub flights: strata_solver::Flights,
@@ -200,6 +202,7 @@ impl Node {
             cache,
             selections,
             history,
+            live: crate::history::Live::default(),
             flights: strata_solver::Flights::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(default_slots())),
             runtime,
