@@ -4,6 +4,7 @@
 //! logging, calls the library crates and prints results. Errors reach
 //! `main` as `anyhow` chains and are printed once, with their causes.
 
+mod bench;
 mod build;
 mod cluster;
 mod daemon;
@@ -84,6 +85,9 @@ enum Command {
     /// Check or inspect a Dockerfile without building it.
     #[command(subcommand)]
     Dockerfile(dockerfile::DockerfileCommand),
+    /// Measure build throughput on a workload: the local daemon, clusters
+    /// and BuildKit side by side, cold and warm.
+    Bench(bench::BenchArgs),
     /// Run a cluster coordinator.
     Coordinator(cluster::NodeArgs),
     /// Run a cluster worker.
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
         Command::Save(a) => daemon::remote(&home, daemon::Call::Save(a)),
         Command::Load(a) => daemon::remote(&home, daemon::Call::Load(a)),
         Command::History(a) => history::history(&home, a),
+        Command::Bench(a) => bench::bench(&home, a),
         Command::Prune(a) => daemon::remote(&home, daemon::Call::Prune(a)),
         Command::Image(c) => daemon::remote(&home, daemon::Call::Image(c)),
         Command::Daemon(a) => daemon::daemon(&home, a),
