@@ -65,6 +65,12 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 }
 
 impl Summary {
+    /// The hit rate as shown: `48%`, or `-` when no steps were reported.
+    fn hit_text(&self) -> String {
+        self.hit_rate
+            .map_or_else(|| "-".into(), |h| format!("{:.0}%", h * 100.0))
+    }
+
     /// The numbers of `builds`, run in `wall` seconds.
     pub fn of(builds: &[Measured], wall: f64) -> Summary {
         let ok: Vec<&Measured> = builds.iter().filter(|b| b.error.is_none()).collect();
@@ -127,6 +133,15 @@ impl Report {
         })
     }
 
+    /// `run`'s wall time against BuildKit's in the same phase, as `0.81×`.
+    fn ratio(&self, run: &TargetRun) -> Option<String> {
+        let b = self.baseline(run).filter(|b| b.target != run.target)?;
+        Some(format!(
+            "{:.2}×",
+            run.summary.wall_seconds / b.summary.wall_seconds.max(1e-9)
+        ))
+    }
+
     /// A text table for the terminal.
     pub fn table(&self) -> String {
         let mut out = String::new();
@@ -146,11 +161,7 @@ impl Report {
         );
         for r in &self.runs {
             let s = &r.summary;
-            let ratio = self
-                .baseline(r)
-                .filter(|b| b.target != r.target)
-                .map(|b| format!("{:.2}×", s.wall_seconds / b.summary.wall_seconds.max(1e-9)))
-                .unwrap_or_else(|| "-".into());
+            let ratio = self.ratio(r).unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 out,
                 "{:<44} {:<5} {:>4}/{:<2} {:>7.1}s {:>10.1} {:>6.2}s {:>6.2}s {:>6.2}s {:>6} {:>9}",
@@ -163,8 +174,7 @@ impl Report {
                 s.p50,
                 s.p95,
                 s.p99,
-                s.hit_rate
-                    .map_or_else(|| "-".into(), |h| format!("{:.0}%", h * 100.0)),
+                s.hit_text(),
                 ratio
             );
         }
@@ -209,11 +219,7 @@ impl Report {
             <th>Builds/min</th><th>p50</th><th>p95</th><th>p99</th><th>Cache hits</th><th>Bytes/build</th><th>Wall vs BuildKit</th></tr>");
         for r in &self.runs {
             let s = &r.summary;
-            let ratio = self
-                .baseline(r)
-                .filter(|b| b.target != r.target)
-                .map(|b| format!("{:.2}×", s.wall_seconds / b.summary.wall_seconds.max(1e-9)))
-                .unwrap_or_else(|| "–".into());
+            let ratio = self.ratio(r).unwrap_or_else(|| "–".into());
             let _ = write!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td>{}/{}</td><td>{:.1} s</td><td>{:.1}</td><td>{:.2} s</td><td>{:.2} s</td>\
@@ -227,8 +233,7 @@ impl Report {
                 s.p50,
                 s.p95,
                 s.p99,
-                s.hit_rate
-                    .map_or_else(|| "–".into(), |x| format!("{:.0}%", x * 100.0)),
+                s.hit_text(),
                 s.bytes_per_build,
                 ratio
             );

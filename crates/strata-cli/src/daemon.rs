@@ -89,35 +89,24 @@ impl strata_metrics::Health for DaemonHealth {
     /// The daemon is a node with one worker: itself.
     fn dashboard(&self) -> Option<serde_json::Value> {
         use strata_cache::CacheIndex as _;
+        use strata_worker::history::{Dashboard, NodeView, WorkerView};
         let node = &self.node;
-        let a = strata_worker::history::Activity::of(node);
         let slots = strata_worker::default_slots();
-        let running = slots.saturating_sub(node.slots.available_permits());
-        let blobs = node.content.list().map(|l| l.len()).unwrap_or(0);
+        let local = WorkerView {
+            name: "local".into(),
+            address: node.home().display().to_string(),
+            state: "up",
+            slots,
+            running: slots.saturating_sub(node.slots.available_permits()),
+            blobs: node.content.list().map(|l| l.len()).unwrap_or(0),
+        };
+        let about = NodeView {
+            name: node.home().display().to_string(),
+            role: "daemon",
+            version: env!("CARGO_PKG_VERSION"),
+        };
         let entries = node.cache.list().map(|l| l.len()).unwrap_or(0);
-        Some(serde_json::json!({
-            "node": {
-                "name": node.home().display().to_string(),
-                "role": "daemon",
-                "version": env!("CARGO_PKG_VERSION"),
-            },
-            "workers": [{
-                "name": "local",
-                "address": node.home().display().to_string(),
-                "state": "up",
-                "slots": slots,
-                "running": running,
-                "blobs": blobs,
-            }],
-            "cache": {
-                "entries": entries,
-                "bytes": a.bytes,
-                "lookups_hour": a.lookups_hour,
-                "hits_hour": a.hits_hour,
-            },
-            "running": a.running,
-            "recent": a.recent,
-        }))
+        serde_json::to_value(Dashboard::of(node, about, vec![local], entries)).ok()
     }
 }
 

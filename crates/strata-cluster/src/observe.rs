@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
+use strata_worker::history::{Dashboard, NodeView, WorkerView};
+
 use crate::config::{MetricsConfig, TlsFiles};
 use crate::coordinator::Coordinator;
 use crate::worker::WorkerNode;
@@ -55,7 +57,7 @@ const STATUS_EVERY: Duration = Duration::from_secs(2);
 pub(crate) struct CoordinatorHealth {
     pub(crate) coordinator: Weak<Coordinator>,
     /// The last view of the cluster, and when it was read.
-    pub(crate) status: Mutex<Option<(Instant, serde_json::Value, usize)>>,
+    pub(crate) status: Mutex<Option<(Instant, Vec<WorkerView>, usize)>>,
 }
 
 impl strata_metrics::Health for CoordinatorHealth {
@@ -87,43 +89,35 @@ impl strata_metrics::Health for CoordinatorHealth {
                 }
                 _ => {
                     let s = c.status();
-                    let workers = serde_json::Value::Array(
-                        s.workers
-                            .iter()
-                            .map(|w| {
-                                serde_json::json!({
-                                    "name": w.name,
-                                    "address": w.addr.to_string(),
-                                    "state": if !w.alive { "gone" } else if w.cordoned { "cordoned" } else { "up" },
-                                    "slots": w.slots,
-                                    "running": w.running,
-                                    "blobs": w.blobs,
-                                })
-                            })
-                            .collect(),
-                    );
+                    let workers: Vec<WorkerView> = s
+                        .workers
+                        .iter()
+                        .map(|w| WorkerView {
+                            name: w.name.clone(),
+                            address: w.addr.to_string(),
+                            state: if !w.alive {
+                                "gone"
+                            } else if w.cordoned {
+                                "cordoned"
+                            } else {
+                                "up"
+                            },
+                            slots: w.slots,
+                            running: w.running,
+                            blobs: w.blobs,
+                        })
+                        .collect();
                     *cached = Some((Instant::now(), workers.clone(), s.cache_entries));
                     (workers, s.cache_entries)
                 }
             }
         };
-        let a = strata_worker::history::Activity::of(&c.node);
-        Some(serde_json::json!({
-            "node": {
-                "name": c.name,
-                "role": "coordinator",
-                "version": env!("CARGO_PKG_VERSION"),
-            },
-            "workers": workers,
-            "cache": {
-                "entries": entries,
-                "bytes": a.bytes,
-                "lookups_hour": a.lookups_hour,
-                "hits_hour": a.hits_hour,
-            },
-            "running": a.running,
-            "recent": a.recent,
-        }))
+        let about = NodeView {
+            name: c.name.clone(),
+            role: "coordinator",
+            version: env!("CARGO_PKG_VERSION"),
+        };
+        serde_json::to_value(Dashboard::of(&c.node, about, workers, entries)).ok()
     }
 }
 

@@ -362,6 +362,87 @@ pub struct Activity {
     pub hits_hour: usize,
 }
 
+/// A node's dashboard: what `/api/dashboard` answers and the page shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Dashboard {
+    /// The node.
+    pub node: NodeView,
+    /// The workers it places steps on (a daemon: itself).
+    pub workers: Vec<WorkerView>,
+    /// Its cache.
+    pub cache: CacheView,
+    /// Builds running now.
+    pub running: Vec<LiveBuild>,
+    /// The newest builds.
+    pub recent: Vec<BuildRecord>,
+}
+
+/// Which node a dashboard is of.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    /// Its name.
+    pub name: String,
+    /// `coordinator` or `daemon`.
+    pub role: &'static str,
+    /// Its version of strata.
+    pub version: &'static str,
+}
+
+/// A worker on a dashboard.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerView {
+    /// Its name.
+    pub name: String,
+    /// Where it is.
+    pub address: String,
+    /// `up`, `cordoned` or `gone`.
+    pub state: &'static str,
+    /// Steps it runs at once at most.
+    pub slots: usize,
+    /// Steps it runs now.
+    pub running: usize,
+    /// Blobs it holds.
+    pub blobs: usize,
+}
+
+/// A cache on a dashboard.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheView {
+    /// Its entries.
+    pub entries: usize,
+    /// Bytes of this node's blobs.
+    pub bytes: u64,
+    /// Steps looked up in the last hour.
+    pub lookups_hour: usize,
+    /// Those found.
+    pub hits_hour: usize,
+}
+
+impl Dashboard {
+    /// `node`'s dashboard, with the workers and cache entries its role
+    /// knows of.
+    pub fn of(
+        node: &crate::Node,
+        about: NodeView,
+        workers: Vec<WorkerView>,
+        entries: usize,
+    ) -> Dashboard {
+        let a = Activity::of(node);
+        Dashboard {
+            node: about,
+            workers,
+            cache: CacheView {
+                entries,
+                bytes: a.bytes,
+                lookups_hour: a.lookups_hour,
+                hits_hour: a.hits_hour,
+            },
+            running: a.running,
+            recent: a.recent,
+        }
+    }
+}
+
 /// Builds a dashboard lists as recent.
 const RECENT: usize = 20;
 
