@@ -29,6 +29,13 @@ fn bench_measures_the_daemon_a_cluster_and_buildkit_side_by_side_and_reports_in_
     let workload = dir.path().join("tiny.toml");
     std::fs::write(&workload, WORKLOAD).unwrap();
     let out_dir = dir.path().join("out");
+    // dockerd keeps its cache between tests: a seed of its own makes this
+    // run cold there too.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        .to_string();
     let out = run_bounded(
         client
             .cmd()
@@ -37,6 +44,7 @@ fn bench_measures_the_daemon_a_cluster_and_buildkit_side_by_side_and_reports_in_
             .arg(&workload)
             .arg("--cluster")
             .arg(cluster.client())
+            .args(["--seed", &seed])
             .args(["--docker", "on", "--docker-cli", "/usr/bin/docker", "-o"])
             .arg(&out_dir),
         COMMAND_LIMIT,

@@ -554,9 +554,17 @@ fn nodes_serve_metrics_and_health_and_the_cluster_keeps_each_builds_history_by_i
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["ph"] == "X")
+        .filter(|e| e["ph"] == "X" && e["cat"] != "wait")
         .collect();
     assert_eq!(spans.len(), 3, "{trace}");
+    // Each step that ran waited for its worker first, shown as a span.
+    let waits = trace["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["cat"] == "wait")
+        .count();
+    assert_eq!(waits, 3, "{trace}");
     assert!(spans.iter().all(|s| s["args"]["cache_key"].is_string()));
     // The client's own history has it too.
     assert!(client.ok(&["history"]).contains(&id));

@@ -117,8 +117,8 @@ impl Summary {
 pub struct Report {
     /// The workload.
     pub workload: Workload,
-    /// Its ideal cold wall time.
-    pub ideal_seconds: f64,
+    /// Its ideal cold wall time, when known.
+    pub ideal_seconds: Option<f64>,
     /// When the benchmark started, seconds since the epoch.
     pub started: f64,
     /// Each target's runs, in the order they ran.
@@ -178,10 +178,16 @@ impl Report {
                 ratio
             );
         }
+        if let Some(ideal) = self.ideal_seconds {
+            let _ = writeln!(
+                out,
+                "ideal cold wall time: {ideal:.1}s (the shared stage once, then every build stage over {} slots)",
+                self.workload.concurrency
+            );
+        }
         let _ = writeln!(
             out,
-            "ideal cold wall time: {:.1}s (the shared stage once, then every build stage over {} slots); wall ratios are against BuildKit's run of the same phase",
-            self.ideal_seconds, self.workload.concurrency
+            "wall ratios are against BuildKit's run of the same phase"
         );
         out
     }
@@ -202,7 +208,7 @@ impl Report {
             h,
             "<h1>strata bench: {}</h1><p class=\"muted\">{} services × {} commits = {} builds, {} at a time; \
              a shared dependency stage of {} s, a build stage of {} s per service; contexts of {} files, {} bytes; seed {}; \
-             ideal cold wall time {:.1} s.</p>",
+             ideal cold wall time {}.</p>",
             esc(&w.name),
             w.services,
             w.commits,
@@ -213,7 +219,10 @@ impl Report {
             w.context_files,
             w.context_bytes,
             w.seed,
-            self.ideal_seconds
+            self.ideal_seconds.map_or_else(
+                || "unknown (real Dockerfiles)".into(),
+                |s| format!("{s:.1} s")
+            )
         );
         h.push_str("<h2>Summary</h2><table id=\"summary\"><tr><th>Target</th><th>Phase</th><th>Builds</th><th>Wall</th>\
             <th>Builds/min</th><th>p50</th><th>p95</th><th>p99</th><th>Cache hits</th><th>Bytes/build</th><th>Wall vs BuildKit</th></tr>");
@@ -514,6 +523,8 @@ mod tests {
             concurrency: 1,
             seed: 0,
             base: "busybox:latest".into(),
+            dockerfiles: None,
+            edit: None,
         };
         let run = |target: &str| TargetRun {
             target: target.into(),

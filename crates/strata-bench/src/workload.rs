@@ -1,6 +1,8 @@
 //! A workload: a small TOML file that decides, with its seed, every build
 //! of a benchmark: services with their own contexts, commits that edit
-//! them, a dependency stage they share and a build stage of their own.
+//! them, a dependency stage they share and a build stage of their own;
+//! or a folder of real Dockerfiles with their contexts, each commit a
+//! synthetic edit of one file.
 
 use std::path::{Path, PathBuf};
 
@@ -14,15 +16,29 @@ use crate::Error;
 pub struct Workload {
     /// Its name, for the report.
     pub name: String,
-    /// Services, each an image of its own.
+    /// Services, each an image of its own (with `dockerfiles`: one per
+    /// folder there).
+    #[serde(default)]
     pub services: usize,
     /// Commits built per service, one after another (each edits one file
     /// of the service's context).
     pub commits: usize,
     /// Seconds the dependency stage every build shares takes to run.
+    #[serde(default)]
     pub dependency_seconds: f64,
     /// Seconds each service's own build stage takes to run.
+    #[serde(default)]
     pub build_seconds: f64,
+    /// A folder of real services instead of made-up ones: each folder in
+    /// it with a `Dockerfile` is a service, built from a copy of itself
+    /// (relative to the workload file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dockerfiles: Option<PathBuf>,
+    /// With `dockerfiles`: the file (relative to each service's folder)
+    /// each commit appends a comment line to, as an edit would. Unset: a
+    /// file `.strata-bench-commit` is written beside the Dockerfile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edit: Option<String>,
     /// Files in each service's context.
     #[serde(default = "default_files")]
     pub context_files: usize,
@@ -85,10 +101,20 @@ impl Workload {
             path: path.to_path_buf(),
             source,
         })?;
-        let w: Workload = toml::from_str(&text).map_err(|e| Error::Workload {
+        let mut w: Workload = toml::from_str(&text).map_err(|e| Error::Workload {
             path: path.to_path_buf(),
             detail: e.to_string(),
         })?;
+        if let Some(dir) = &w.dockerfiles {
+            let dir = path.parent().unwrap_or(Path::new(".")).join(dir);
+            w.services = services_in(&dir)
+                .map_err(|detail| Error::Workload {
+                    path: path.to_path_buf(),
+                    detail,
+                })?
+                .len();
+            w.dockerfiles = Some(dir);
+        }
         w.check().map_err(|detail| Error::Workload {
             path: path.to_path_buf(),
             detail,
@@ -134,10 +160,13 @@ impl Workload {
     }
 
     /// The ideal wall time of a cold run: the shared stage once, then
-    /// every build stage spread over the concurrent slots.
-    pub fn ideal_seconds(&self) -> f64 {
-        self.dependency_seconds
-            + (self.builds() as f64 * self.build_seconds) / self.concurrency as f64
+    /// every build stage spread over the concurrent slots. Unknown for
+    /// real Dockerfiles.
+    pub fn ideal_seconds(&self) -> Option<f64> {
+        self.dockerfiles.is_none().then(|| {
+            self.dependency_seconds
+                + (self.builds() as f64 * self.build_seconds) / self.concurrency as f64
+        })
     }
 
     /// Writes every build's context under `dir` and returns the builds.
@@ -146,6 +175,9 @@ impl Workload {
             let path = path.to_path_buf();
             move |source| Error::Io { what, path, source }
         };
+        if let Some(real) = &self.dockerfiles {
+            return self.replay(real, dir);
+        }
         let mut jobs = Vec::with_capacity(self.builds());
         for commit in 0..self.commits {
             for service in 0..self.services {
@@ -240,6 +272,103 @@ impl Workload {
     }
 }
 
+impl Workload {
+    /// Real services, copied for each commit and edited.
+    fn replay(&self, real: &Path, dir: &Path) -> Result<Vec<Job>, Error> {
+        let services = services_in(real).map_err(|detail| Error::Workload {
+            path: real.to_path_buf(),
+            detail,
+        })?;
+        let mut jobs = Vec::with_capacity(services.len() * self.commits);
+        for commit in 0..self.commits {
+            for (service, (name, from)) in services.iter().enumerate() {
+                let ctx = dir.join(format!("{name}-c{commit}"));
+                copy_tree(from, &ctx)?;
+                let line = format!("\n# strata bench: commit {commit}, seed {}\n", self.seed);
+                let edited = match &self.edit {
+                    Some(file) => ctx.join(file),
+                    None => ctx.join(".strata-bench-commit"),
+                };
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(self.edit.is_none())
+                    .open(&edited)
+                    .map_err(|source| Error::Io {
+                        what: "cannot edit (the workload's `edit`)",
+                        path: edited.clone(),
+                        source,
+                    })?;
+                std::io::Write::write_all(&mut f, line.as_bytes()).map_err(|source| Error::Io {
+                    what: "cannot edit",
+                    path: edited.clone(),
+                    source,
+                })?;
+                jobs.push(Job {
+                    index: jobs.len(),
+                    service,
+                    commit,
+                    tag: format!("bench-{}-{}:c{commit}", safe(&self.name), safe(name)),
+                    dir: ctx,
+                });
+            }
+        }
+        Ok(jobs)
+    }
+}
+
+/// The services in a folder of real ones: each folder with a Dockerfile,
+/// by name.
+fn services_in(dir: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let mut found: Vec<(String, PathBuf)> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("Dockerfile").is_file())
+        .map(|p| {
+            let name = p
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            (name, p)
+        })
+        .collect();
+    found.sort();
+    if found.is_empty() {
+        return Err(format!(
+            "{} holds no folder with a Dockerfile",
+            dir.display()
+        ));
+    }
+    Ok(found)
+}
+
+/// Copies the tree `from` to `to`: files, folders and symlinks (as
+/// symlinks), iteratively.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), Error> {
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { what, path, source }
+    };
+    let mut stack = vec![(from.to_path_buf(), to.to_path_buf())];
+    while let Some((src, dst)) = stack.pop() {
+        std::fs::create_dir_all(&dst).map_err(io("cannot make", &dst))?;
+        for entry in std::fs::read_dir(&src).map_err(io("cannot read", &src))? {
+            let entry = entry.map_err(io("cannot read", &src))?;
+            let (s, d) = (entry.path(), dst.join(entry.file_name()));
+            let kind = entry.file_type().map_err(io("cannot read", &s))?;
+            if kind.is_dir() {
+                stack.push((s, d));
+            } else if kind.is_symlink() {
+                let target = std::fs::read_link(&s).map_err(io("cannot read", &s))?;
+                std::os::unix::fs::symlink(&target, &d).map_err(io("cannot write", &d))?;
+            } else {
+                std::fs::copy(&s, &d).map_err(io("cannot copy", &s))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A name as image names and shell words take it.
 fn safe(name: &str) -> String {
     let s: String = name
@@ -272,6 +401,8 @@ mod tests {
             concurrency: 2,
             seed: 7,
             base: "busybox:latest".into(),
+            dockerfiles: None,
+            edit: None,
         }
     }
 
@@ -321,7 +452,52 @@ mod tests {
         let mut other = ci();
         other.seed = 8;
         assert_ne!(ci().dockerfile(0, 0), other.dockerfile(0, 0));
-        assert_eq!(ci().ideal_seconds(), 3.0 + 6.0 / 2.0);
+        assert_eq!(ci().ideal_seconds(), Some(3.0 + 6.0 / 2.0));
+    }
+
+    #[test]
+    fn real_services_are_copied_and_each_commit_edits_one_file() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let real = dir.path().join("services");
+        for name in ["api", "web"] {
+            std::fs::create_dir_all(real.join(name).join("src")).unwrap_or_else(|e| panic!("{e}"));
+            std::fs::write(
+                real.join(name).join("Dockerfile"),
+                "FROM busybox\nCOPY . /app\n",
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            std::fs::write(real.join(name).join("src/main.txt"), "hello")
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        std::fs::create_dir_all(real.join("docs")).unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.path().join("real.toml");
+        std::fs::write(
+            &file,
+            "name = \"real\"\ncommits = 2\nconcurrency = 2\ndockerfiles = \"services\"\nedit = \"src/main.txt\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let w = Workload::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((w.services, w.builds(), w.ideal_seconds()), (2, 4, None));
+        let out = dir.path().join("out");
+        let jobs = w.generate(&out).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(jobs[1].tag, "bench-real-web:c0");
+        let c1 = std::fs::read_to_string(jobs[2].dir.join("src/main.txt")).unwrap_or_default();
+        assert_eq!(c1, "hello\n# strata bench: commit 1, seed 0\n");
+        // The originals are untouched.
+        assert_eq!(
+            std::fs::read_to_string(real.join("api/src/main.txt")).unwrap_or_default(),
+            "hello"
+        );
+        // An edit of a file that is not there is an error naming it.
+        std::fs::write(&file, "name = \"real\"\ncommits = 1\nconcurrency = 1\ndockerfiles = \"services\"\nedit = \"nope.txt\"\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let w = Workload::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        let err = w
+            .generate(&dir.path().join("out2"))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope.txt"), "{err}");
     }
 
     #[test]

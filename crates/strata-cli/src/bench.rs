@@ -95,7 +95,7 @@ pub fn bench(home: &Path, args: BenchArgs) -> Result<ExitCode> {
         DockerUse::On | DockerUse::Auto => {
             let why_not = if !docker.reachable() {
                 Some("no dockerd answers (DOCKER_HOST)".to_string())
-            } else if !docker.has(&workload.base) {
+            } else if workload.dockerfiles.is_none() && !docker.has(&workload.base) {
                 Some(format!(
                     "dockerd has no {} (docker pull or docker load it)",
                     workload.base
@@ -119,12 +119,15 @@ pub fn bench(home: &Path, args: BenchArgs) -> Result<ExitCode> {
         .map_or(0.0, |d| d.as_secs_f64());
     writeln!(
         err,
-        "{}: {} builds, {} at a time, on {} target(s); ideal cold wall time {:.1}s",
+        "{}: {} builds, {} at a time, on {} target(s){}",
         workload.name,
         jobs.len(),
         workload.concurrency,
         targets.len(),
-        workload.ideal_seconds()
+        workload
+            .ideal_seconds()
+            .map(|s| format!("; ideal cold wall time {s:.1}s"))
+            .unwrap_or_default()
     )?;
     drop(err);
     let phases: &[&str] = if args.cold_only {

@@ -215,6 +215,11 @@ pub struct StepRecord {
     pub finished: f64,
     /// Which worker ran (or found) it.
     pub worker: String,
+    /// When it got a slot and began to run, if it ran here: the time
+    /// before that, since `started`, it waited (for a slot, or for the
+    /// stages it reads).
+    #[serde(default)]
+    pub running: Option<f64>,
 }
 
 /// A solved plan.

@@ -65,6 +65,9 @@ struct Run {
     error: Mutex<Option<SolveError>>,
     /// Steps that ran, being published and recorded in the cache index.
     publishing: Mutex<Vec<tokio::task::JoinHandle<Result<(), SolveError>>>>,
+    /// When each step that ran here (stage, step) got its slot: on a
+    /// cluster, when it was placed on a worker.
+    running: Mutex<HashMap<(usize, usize), f64>>,
 }
 
 impl Run {
@@ -157,6 +160,7 @@ impl Solver {
             records: Mutex::new(Vec::new()),
             error: Mutex::new(None),
             publishing: Mutex::new(Vec::new()),
+            running: Mutex::new(HashMap::new()),
         });
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..n {
@@ -398,6 +402,15 @@ impl Solver {
                     } else {
                         self.worker.runs_on(stage)
                     },
+                    running: if was_cached {
+                        None
+                    } else {
+                        run.running
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .get(&(i, s))
+                            .copied()
+                    },
                 });
         }
         let mut config = stage.config.clone();
@@ -558,6 +571,10 @@ impl Solver {
         };
         let stage = &run.plan.stages[i];
         let step = &stage.steps[s];
+        run.running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((i, s), now());
         run.event(stage, step.number, &step.label, EventKind::Started);
         let clock = Instant::now();
         let (w, r2, parent_v, results_v) = (
@@ -587,8 +604,16 @@ impl Solver {
             let on_output = Arc::clone(&event);
             let output: crate::Output =
                 Arc::new(move |bytes: &[u8]| on_output(EventKind::Output(bytes.to_vec())));
-            let placed: crate::Placed =
-                Arc::new(move |node: &str| event(EventKind::Placed(node.to_string())));
+            // On a cluster the step runs once placed: that is when its
+            // wait for a worker's slot ended.
+            let r4 = Arc::clone(&r2);
+            let placed: crate::Placed = Arc::new(move |node: &str| {
+                r4.running
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert((i, s), now());
+                event(EventKind::Placed(node.to_string()))
+            });
             w.execute(&Job {
                 stage,
                 step,

@@ -513,12 +513,30 @@ pub fn chrome_trace(build: &BuildRecord) -> serde_json::Value {
             }
         };
         lanes[lane] = s.finished;
+        // The wait before it ran (for a slot, a worker, its inputs), as a
+        // span of its own.
+        let ran_from = s
+            .running
+            .filter(|r| *r > s.started && *r <= s.finished)
+            .unwrap_or(s.started);
+        if ran_from > s.started {
+            events.push(json!({
+                "name": format!("waiting: {}", s.instruction),
+                "cat": "wait",
+                "ph": "X",
+                "ts": micros(s.started),
+                "dur": ((ran_from - s.started) * 1e6).round(),
+                "pid": *pid,
+                "tid": lane + 1,
+                "args": { "stage": s.stage, "step": s.number },
+            }));
+        }
         events.push(json!({
             "name": s.instruction,
             "cat": if s.cached { "cached" } else { "executed" },
             "ph": "X",
-            "ts": micros(s.started),
-            "dur": ((s.finished - s.started).max(0.0) * 1e6).round(),
+            "ts": micros(ran_from),
+            "dur": ((s.finished - ran_from).max(0.0) * 1e6).round(),
             "pid": *pid,
             "tid": lane + 1,
             "args": {
@@ -568,6 +586,7 @@ mod tests {
             started,
             finished,
             worker: worker.into(),
+            running: None,
         }
     }
 
@@ -634,6 +653,29 @@ mod tests {
             ]
         );
         assert_eq!(b.workers(), vec!["worker-1", "worker-2"]);
+        // A step that waited for its slot shows the wait before it.
+        b.steps[3].running = Some(100.75);
+        let trace = chrome_trace(&b);
+        let on_worker_2: Vec<(String, f64, f64)> = trace["traceEvents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["ph"] == "X" && e["pid"] == 2)
+            .map(|e| {
+                (
+                    e["cat"].as_str().unwrap_or("").to_string(),
+                    e["ts"].as_f64().unwrap_or(-1.0),
+                    e["dur"].as_f64().unwrap_or(-1.0),
+                )
+            })
+            .collect();
+        assert_eq!(
+            on_worker_2,
+            vec![
+                ("wait".to_string(), 500_000.0, 250_000.0),
+                ("executed".to_string(), 750_000.0, 250_000.0)
+            ]
+        );
         assert_eq!((b.steps_run(), b.steps_cached()), (3, 1));
     }
 }
