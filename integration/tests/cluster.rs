@@ -505,6 +505,10 @@ fn nodes_serve_metrics_and_health_and_the_cluster_keeps_each_builds_history_by_i
         let (_, metrics) = get(addr, "/metrics");
         assert!(metrics.contains("strata_slots 2\n"), "{w}:\n{metrics}");
         assert!(metrics.contains("strata_slots_busy 0\n"), "{w}:\n{metrics}");
+        for kind in ["blobs", "snapshots", "cache_mounts"] {
+            let line = format!("strata_store_bytes{{kind=\"{kind}\"}} ");
+            assert!(metrics.contains(&line), "{w}: no {line}\n{metrics}");
+        }
         moved += metrics
             .lines()
             .filter(|l| l.starts_with("strata_transfer_bytes_total{kind=\"peer_"))
@@ -554,7 +558,7 @@ fn nodes_serve_metrics_and_health_and_the_cluster_keeps_each_builds_history_by_i
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["ph"] == "X" && e["cat"] != "wait")
+        .filter(|e| e["ph"] == "X" && (e["cat"] == "executed" || e["cat"] == "cached"))
         .collect();
     assert_eq!(spans.len(), 3, "{trace}");
     // Each step that ran waited for its worker first, shown as a span.

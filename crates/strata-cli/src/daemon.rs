@@ -80,9 +80,8 @@ impl strata_metrics::Health for DaemonHealth {
     }
 
     fn refresh(&self) {
-        match self.node.content.total_size() {
-            Ok(n) => strata_metrics::store_bytes("blobs", n),
-            Err(e) => tracing::warn!(error = %e, "cannot measure the content store"),
+        for (kind, n) in self.node.usage() {
+            strata_metrics::store_bytes(kind, n);
         }
     }
 

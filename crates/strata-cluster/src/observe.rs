@@ -42,9 +42,8 @@ pub(crate) async fn serve(
 
 /// The bytes of a node's blobs, for `strata_store_bytes`.
 fn store_bytes(node: &strata_worker::Node) {
-    match node.content.total_size() {
-        Ok(n) => strata_metrics::store_bytes("blobs", n),
-        Err(e) => tracing::warn!(error = %e, "cannot measure the content store"),
+    for (kind, n) in node.usage() {
+        strata_metrics::store_bytes(kind, n);
     }
 }
 

@@ -533,6 +533,7 @@ impl Placement {
             };
             match event {
                 Ok(Some(ExecEvent::Output(bytes))) => (job.output)(&bytes),
+                Ok(Some(ExecEvent::Fetched { bytes, seconds })) => (job.fetched)(bytes, seconds),
                 Ok(Some(ExecEvent::Done(result))) => break result,
                 Ok(None) => break Err(lost("the step's stream ended early".into())),
                 Err(e) => break Err(lost(e.to_string())),

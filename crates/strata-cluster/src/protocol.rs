@@ -182,6 +182,13 @@ pub struct Grant {
 /// What the worker running a step sends back.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ExecEvent {
+    /// The step's inputs are here: what fetching them from peers took.
+    Fetched {
+        /// Bytes received.
+        bytes: u64,
+        /// Seconds it took (fetching, or waiting for them).
+        seconds: f64,
+    },
     /// Output of the step's process.
     Output(Vec<u8>),
     /// The step ended: the layer it made, if it changed files.

@@ -582,9 +582,10 @@ impl WorkerNode {
     }
 
     /// What a step needs that is elsewhere, fetched.
-    async fn fetch(&self, step: &StepRef, coordinator: &Connection) -> Result<(), WorkerError> {
+    /// Returns the bytes fetched.
+    async fn fetch(&self, step: &StepRef, coordinator: &Connection) -> Result<u64, WorkerError> {
         match self.peers.ensure(&self.node.content, &step.fetch).await {
-            Ok(_) => Ok(()),
+            Ok(bytes) => Ok(bytes),
             Err(e) => Err(lacking(e, coordinator).await),
         }
     }
@@ -702,7 +703,8 @@ impl WorkerNode {
         from: &Connection,
     ) -> Result<Result<Option<strata_oci::LayerRef>, WorkerError>, WorkerError> {
         let here = self.build(&from.peer.name, step.build)?;
-        self.fetch(&step, from).await?;
+        let fetching = Instant::now();
+        let fetched = self.fetch(&step, from).await?;
         // The layers the step runs on stay while the build lives; one
         // evicted since the coordinator placed the step is reported, and
         // the stage starts over with the records corrected.
@@ -725,6 +727,14 @@ impl WorkerNode {
             return Err(lacking(e, from).await);
         }
         self.provide_artifact(&here, &step, from).await?;
+        // What moving its inputs here cost, for the build's timeline.
+        let moved = ExecEvent::Fetched {
+            bytes: fetched,
+            seconds: fetching.elapsed().as_secs_f64(),
+        };
+        if write_frame(send, &moved, peer).await.is_err() {
+            return Err(WorkerError::new("the coordinator went away"));
+        }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
         let cancel = CancellationToken::new();
         let job_cancel = cancel.clone();
@@ -742,8 +752,10 @@ impl WorkerNode {
                 parent: &step.parent,
                 sources: &sources,
                 output,
-                // The coordinator named this worker already.
+                // The coordinator named this worker already, and heard
+                // what it fetched.
                 placed: Arc::new(|_: &str| {}),
+                fetched: Arc::new(|_: u64, _: f64| {}),
                 cancel: job_cancel,
             })
         });

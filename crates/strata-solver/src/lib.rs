@@ -42,6 +42,9 @@ pub type Output = Arc<dyn Fn(&[u8]) + Send + Sync>;
 /// Receives the name of the node a step was placed on.
 pub type Placed = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// Told what moving a step's inputs to its node took: bytes, seconds.
+pub type Fetched = Arc<dyn Fn(u64, f64) + Send + Sync>;
+
 /// One step for a worker to run.
 pub struct Job<'a> {
     /// Its stage.
@@ -57,6 +60,9 @@ pub struct Job<'a> {
     /// Told the node's name once the step has one to run on (a cluster
     /// places steps on workers; one machine has no one to name).
     pub placed: Placed,
+    /// Told what fetching the step's inputs to its node took (a cluster
+    /// worker fetches them from peers; one machine has them).
+    pub fetched: Fetched,
     /// Cancelled when the build is.
     pub cancel: CancellationToken,
 }
@@ -220,6 +226,12 @@ pub struct StepRecord {
     /// stages it reads).
     #[serde(default)]
     pub running: Option<f64>,
+    /// Bytes its node fetched from peers before it ran.
+    #[serde(default)]
+    pub fetched_bytes: u64,
+    /// Seconds that took, from `running` on.
+    #[serde(default)]
+    pub fetch_seconds: f64,
 }
 
 /// A solved plan.

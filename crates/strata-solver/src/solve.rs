@@ -68,6 +68,9 @@ struct Run {
     /// When each step that ran here (stage, step) got its slot: on a
     /// cluster, when it was placed on a worker.
     running: Mutex<HashMap<(usize, usize), f64>>,
+    /// What fetching each step's inputs took (bytes, seconds), on a
+    /// cluster.
+    fetches: Mutex<HashMap<(usize, usize), (u64, f64)>>,
 }
 
 impl Run {
@@ -161,6 +164,7 @@ impl Solver {
             error: Mutex::new(None),
             publishing: Mutex::new(Vec::new()),
             running: Mutex::new(HashMap::new()),
+            fetches: Mutex::new(HashMap::new()),
         });
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..n {
@@ -382,6 +386,16 @@ impl Solver {
                 created: i64::try_from(entry.created).unwrap_or(i64::MAX),
             });
             key = step_key;
+            let (fetched_bytes, fetch_seconds) = if was_cached {
+                (0, 0.0)
+            } else {
+                run.fetches
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&(i, s))
+                    .copied()
+                    .unwrap_or((0, 0.0))
+            };
             let finished = now();
             strata_metrics::step_finished(&step.label, result, (finished - started).max(0.0));
             run.records
@@ -411,6 +425,8 @@ impl Solver {
                             .get(&(i, s))
                             .copied()
                     },
+                    fetched_bytes,
+                    fetch_seconds,
                 });
         }
         let mut config = stage.config.clone();
@@ -614,6 +630,13 @@ impl Solver {
                     .insert((i, s), now());
                 event(EventKind::Placed(node.to_string()))
             });
+            let r5 = Arc::clone(&r2);
+            let fetched: crate::Fetched = Arc::new(move |bytes: u64, seconds: f64| {
+                r5.fetches
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert((i, s), (bytes, seconds));
+            });
             w.execute(&Job {
                 stage,
                 step,
@@ -621,6 +644,7 @@ impl Solver {
                 sources: &results_v,
                 output,
                 placed,
+                fetched,
                 cancel: r2.opts.cancel.clone(),
             })
         })

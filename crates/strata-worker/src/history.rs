@@ -531,12 +531,30 @@ pub fn chrome_trace(build: &BuildRecord) -> serde_json::Value {
                 "args": { "stage": s.stage, "step": s.number },
             }));
         }
+        // Then moving its inputs to the node, if that took time.
+        let fetched_until = if s.fetched_bytes > 0 {
+            (ran_from + s.fetch_seconds.max(0.0)).min(s.finished)
+        } else {
+            ran_from
+        };
+        if fetched_until > ran_from {
+            events.push(json!({
+                "name": format!("fetching {} bytes: {}", s.fetched_bytes, s.instruction),
+                "cat": "transfer",
+                "ph": "X",
+                "ts": micros(ran_from),
+                "dur": ((fetched_until - ran_from) * 1e6).round(),
+                "pid": *pid,
+                "tid": lane + 1,
+                "args": { "stage": s.stage, "step": s.number, "bytes": s.fetched_bytes },
+            }));
+        }
         events.push(json!({
             "name": s.instruction,
             "cat": if s.cached { "cached" } else { "executed" },
             "ph": "X",
-            "ts": micros(ran_from),
-            "dur": ((s.finished - ran_from).max(0.0) * 1e6).round(),
+            "ts": micros(fetched_until),
+            "dur": ((s.finished - fetched_until).max(0.0) * 1e6).round(),
             "pid": *pid,
             "tid": lane + 1,
             "args": {
@@ -587,6 +605,8 @@ mod tests {
             finished,
             worker: worker.into(),
             running: None,
+            fetched_bytes: 0,
+            fetch_seconds: 0.0,
         }
     }
 
@@ -653,8 +673,11 @@ mod tests {
             ]
         );
         assert_eq!(b.workers(), vec!["worker-1", "worker-2"]);
-        // A step that waited for its slot shows the wait before it.
+        // A step that waited for its slot shows the wait before it, and
+        // the fetch of its inputs.
         b.steps[3].running = Some(100.75);
+        b.steps[3].fetch_seconds = 0.05;
+        b.steps[3].fetched_bytes = 4096;
         let trace = chrome_trace(&b);
         let on_worker_2: Vec<(String, f64, f64)> = trace["traceEvents"]
             .as_array()
@@ -673,7 +696,8 @@ mod tests {
             on_worker_2,
             vec![
                 ("wait".to_string(), 500_000.0, 250_000.0),
-                ("executed".to_string(), 750_000.0, 250_000.0)
+                ("transfer".to_string(), 750_000.0, 50_000.0),
+                ("executed".to_string(), 800_000.0, 200_000.0)
             ]
         );
         assert_eq!((b.steps_run(), b.steps_cached()), (3, 1));

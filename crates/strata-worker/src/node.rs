@@ -63,6 +63,34 @@ pub fn default_slots() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()) * 4)
 }
 
+/// How often [`Node::usage`] walks the directories it measures.
+pub const WALK_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The disk space a tree takes (allocated blocks; a file with several
+/// links once), walked without recursion; what cannot be read counts 0.
+fn dir_bytes(root: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.path().symlink_metadata() else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.nlink() < 2 || seen.insert((meta.dev(), meta.ino())) {
+                total += meta.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
 /// One machine's stores, opened by one process at a time.
 pub struct Node {
     home: PathBuf,
@@ -87,6 +115,9 @@ pub struct Node {
     pub slots: Arc<tokio::sync::Semaphore>,
     /// The OCI runtime, with the step networks it keeps between steps.
     runtime: Result<strata_exec::Runtime, String>,
+    /// The last walk of the snapshot and cache-mount directories (when,
+    /// and their bytes), for [`Node::usage`].
+    walked: std::sync::Mutex<Option<(std::time::Instant, u64, u64)>>,
     /// Held until everything above has closed: fields drop in order, and
     /// the next process must not open the database before it is shut.
     _lock: nix::fcntl::Flock<fs::File>,
@@ -206,8 +237,39 @@ impl Node {
             flights: strata_solver::Flights::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(default_slots())),
             runtime,
+            walked: std::sync::Mutex::new(None),
             _lock: lock,
         })
+    }
+
+    /// Bytes the state directory holds, by kind: `blobs` (from the
+    /// store's records), `snapshots` and `cache_mounts` (walked on disk,
+    /// at most once every [`WALK_EVERY`], as `du` counts them).
+    pub fn usage(&self) -> Vec<(&'static str, u64)> {
+        let blobs = self.content.total_size().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot measure the content store");
+            0
+        });
+        let (snapshots, mounts) = {
+            let mut walked = self
+                .walked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match *walked {
+                Some((at, s, m)) if at.elapsed() < WALK_EVERY => (s, m),
+                _ => {
+                    let s = dir_bytes(&self.home.join("snapshots"));
+                    let m = dir_bytes(&self.home.join("cache-mounts"));
+                    *walked = Some((std::time::Instant::now(), s, m));
+                    (s, m)
+                }
+            }
+        };
+        vec![
+            ("blobs", blobs),
+            ("snapshots", snapshots),
+            ("cache_mounts", mounts),
+        ]
     }
 
     /// The state directory.
