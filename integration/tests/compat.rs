@@ -162,3 +162,133 @@ fn add_from_a_url_gives_what_docker_build_gives() {
         "{docker_says}"
     );
 }
+
+/// A Dockerfile with a label of its own and one build arg it consumes.
+const LABELLED: &str =
+    "FROM busybox:latest\nARG USED=x\nLABEL from.dockerfile=yes\nRUN echo $USED > /used\n";
+
+#[test]
+fn labels_iidfile_metadata_file_and_unconsumed_build_args_as_docker_build() {
+    let s = Strata::new().with_busybox(&[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(ctx.path(), &[("Dockerfile", LABELLED)]);
+    let files = tempfile::tempdir().unwrap();
+    let (iid, meta, report) = (
+        files.path().join("iid"),
+        files.path().join("meta.json"),
+        files.path().join("report.json"),
+    );
+    let flags = [
+        "--label",
+        "org.example.team=build",
+        "--label",
+        "from.dockerfile=overridden",
+        "--build-arg",
+        "USED=1",
+        "--build-arg",
+        "NOBODY=2",
+    ];
+    let out = s.run(
+        &[
+            &["build", "-t", "flags:1", "--progress", "plain"][..],
+            &flags,
+            &[
+                "--iidfile",
+                iid.to_str().unwrap(),
+                "--metadata-file",
+                meta.to_str().unwrap(),
+                "--report",
+                report.to_str().unwrap(),
+                ctx.path().to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // BuildKit's words for an argument nothing declares.
+    assert!(
+        err.contains("[Warning] One or more build-args [NOBODY] were not consumed"),
+        "{err}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let id = std::fs::read_to_string(&iid).unwrap();
+    assert_eq!(id, report["image"]["id"].as_str().unwrap());
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    assert_eq!(meta["containerimage.config.digest"], id.as_str());
+    assert_eq!(
+        meta["containerimage.digest"],
+        report["image"]["manifest_digest"]
+    );
+    assert_eq!(meta["image.name"], "docker.io/library/flags:1");
+    assert_eq!(meta["buildx.build.ref"], report["id"]);
+
+    // The labels, in the image Docker loads, are the ones docker build
+    // gives for the same flags.
+    let archive = files.path().join("flags.tar");
+    s.ok(&["save", "-o", archive.to_str().unwrap(), "flags:1"]);
+    let docker = Docker::shared();
+    docker.load_busybox(&["busybox:latest"]);
+    docker.ok(&["load", "-i", archive.to_str().unwrap()]);
+    let ours = docker.ok(&["inspect", "--format", "{{json .Config.Labels}}", "flags:1"]);
+    let mut theirs = docker.cmd();
+    theirs
+        .args(["build", "-q", "-t", "flags-docker:1"])
+        .args(flags)
+        .arg(ctx.path());
+    let built = theirs.output().unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let theirs = docker.ok(&[
+        "inspect",
+        "--format",
+        "{{json .Config.Labels}}",
+        "flags-docker:1",
+    ]);
+    assert_eq!(ours, theirs);
+    let labels: serde_json::Value = serde_json::from_str(&ours).unwrap();
+    assert_eq!(labels["org.example.team"], "build");
+    assert_eq!(labels["from.dockerfile"], "overridden");
+
+    // A bad label is refused, naming it.
+    let bad = s.run(&["build", "--label", "novalue", ctx.path().to_str().unwrap()]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--label \"novalue\": expected KEY=VALUE")
+    );
+}
+
+#[test]
+fn rmi_of_an_id_with_several_names_needs_force_as_docker_s_does() {
+    let s = Strata::new().with_busybox(&[]);
+    s.ok(&["tag", "busybox:latest", "other:1"]);
+    let ids = s.ok(&["images", "-q"]);
+    let id = ids.lines().next().unwrap_or("").trim();
+    assert!(!id.is_empty());
+    let refused = s.run(&["rmi", id]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("(must be forced) - image is referenced in multiple repositories"),
+        "{err}"
+    );
+    let names = s.ok(&["images"]);
+    assert!(
+        names.contains("other") && names.contains("busybox"),
+        "{names}"
+    );
+    // A name goes alone.
+    assert_eq!(s.ok(&["rmi", "other:1"]), "Untagged: other:1\n");
+    // -f takes every name.
+    s.ok(&["tag", "busybox:latest", "other:1"]);
+    let untagged = s.ok(&["rmi", "-f", id]);
+    assert!(
+        untagged.contains("Untagged: busybox:latest") && untagged.contains("Untagged: other:1"),
+        "{untagged}"
+    );
+    assert!(!s.ok(&["images"]).contains("busybox"));
+}

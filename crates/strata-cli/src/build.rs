@@ -92,6 +92,18 @@ pub struct BuildArgs {
         value_delimiter = ','
     )]
     grant: Vec<Entitlement>,
+    /// Set metadata on the image: `KEY=VALUE`; repeatable (over the
+    /// Dockerfile's `LABEL`s).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Write the image ID to this file (as `docker build --iidfile`).
+    #[arg(long, value_name = "FILE")]
+    iidfile: Option<PathBuf>,
+    /// Write the build's result as JSON to this file, with buildx's keys
+    /// (`containerimage.digest`, `containerimage.config.digest`,
+    /// `image.name`, `buildx.build.ref`).
+    #[arg(long = "metadata-file", value_name = "FILE")]
+    metadata_file: Option<PathBuf>,
     /// The build context directory.
     context: PathBuf,
 }
@@ -256,6 +268,30 @@ pub fn run(cx: &Cx<'_>, args: BuildArgs, flags: &RegistryFlags) -> Result<u8> {
     result
 }
 
+/// `--label KEY=VALUE`s.
+fn parse_labels(given: &[String]) -> Result<BTreeMap<String, String>> {
+    given
+        .iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => bail!("--label {l:?}: expected KEY=VALUE"),
+        })
+        .collect()
+}
+
+/// BuildKit's warning for `--build-arg`s nothing consumes.
+fn warn_unused(cx: &Cx<'_>, inputs: &PlanInputs) -> Result<()> {
+    let unused = inputs.unused_build_args();
+    if !unused.is_empty() {
+        writeln!(
+            cx.err(),
+            "[Warning] One or more build-args [{}] were not consumed",
+            unused.join(" ")
+        )?;
+    }
+    Ok(())
+}
+
 /// Whether a build ended because its client cancelled it (a failing step
 /// also cancels the rest of its build, but fails it).
 fn cancelled(e: &anyhow::Error) -> bool {
@@ -289,6 +325,9 @@ fn build_and_output(
     args.context = cx.path(&args.context);
     args.file = args.file.as_deref().map(|f| cx.path(f));
     args.report = args.report.as_deref().map(|f| cx.path(f));
+    args.iidfile = args.iidfile.as_deref().map(|f| cx.path(f));
+    args.metadata_file = args.metadata_file.as_deref().map(|f| cx.path(f));
+    let labels = parse_labels(&args.labels)?;
     args.cluster = args.cluster.as_deref().map(|f| cx.path(f));
     let tags = args
         .tags
@@ -369,7 +408,9 @@ fn build_and_output(
                 args.target.clone(),
                 &platform,
                 args.allow.iter().copied().collect(),
-            )?;
+            )?
+            .labeled(labels);
+            warn_unused(cx, &inputs)?;
             let outcome = cluster_build(
                 cx,
                 cluster,
@@ -421,7 +462,17 @@ fn build_and_output(
                             .into(),
                 },
                 rewrite_timestamp,
+                labels,
             };
+            let unused = PlanInputs::read(
+                &req.dockerfile,
+                req.dockerfile_name.clone(),
+                req.build_args.clone(),
+                None,
+                &req.platform,
+                Default::default(),
+            )?;
+            warn_unused(cx, &unused)?;
             let result = cx.block_on(build(node.clone(), req));
             cx.session.progress_done();
             match result {
@@ -492,6 +543,20 @@ fn build_and_output(
             .with_context(|| format!("cannot write report {}", path.display()))?;
     }
     let names: Vec<String> = tags.iter().map(Reference::familiar).collect();
+    if let Some(path) = &args.iidfile {
+        std::fs::write(path, image.id.to_string())
+            .with_context(|| format!("cannot write the image ID to {}", path.display()))?;
+    }
+    if let Some(path) = &args.metadata_file {
+        let meta = serde_json::json!({
+            "buildx.build.ref": build_id,
+            "containerimage.config.digest": image.id.to_string(),
+            "containerimage.digest": image.manifest_digest.to_string(),
+            "image.name": tags.iter().map(Reference::normalized).collect::<Vec<_>>().join(","),
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&meta)?)
+            .with_context(|| format!("cannot write the metadata file {}", path.display()))?;
+    }
     let mut err = cx.err();
     if args.progress != Mode::Quiet {
         writeln!(

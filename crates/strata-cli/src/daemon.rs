@@ -121,7 +121,7 @@ enum DaemonCommand {
 /// them (flags from the client's environment already applied).
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Call {
-    Build(crate::build::BuildArgs, RegistryFlags),
+    Build(Box<crate::build::BuildArgs>, RegistryFlags),
     Run(crate::run::RunArgs, RegistryFlags),
     Images(crate::images::ImagesArgs),
     Rmi(crate::images::RmiArgs),
@@ -194,7 +194,7 @@ impl strata_daemon::Handler for Handler {
         };
         tracing::info!(call = ?call_name(&call), "running a command");
         let result = match call {
-            Call::Build(a, flags) => crate::build::run(&cx, a, &flags),
+            Call::Build(a, flags) => crate::build::run(&cx, *a, &flags),
             Call::Run(a, flags) => crate::run::run(&cx, a, &flags),
             Call::Images(a) => crate::images::images(&cx, a),
             Call::Rmi(a) => crate::images::rmi(&cx, a),

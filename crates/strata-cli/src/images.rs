@@ -23,6 +23,10 @@ pub struct RmiArgs {
     /// Image names (or IDs) to remove.
     #[arg(required = true)]
     images: Vec<String>,
+    /// Remove an image given by ID even when several names refer to it
+    /// (all of them go).
+    #[arg(short, long)]
+    force: bool,
 }
 
 #[derive(Debug, Args, Serialize, Deserialize)]
@@ -189,8 +193,34 @@ pub fn rmi(cx: &Cx<'_>, args: RmiArgs) -> Result<u8> {
     for name in &args.images {
         match node.images.get(name)? {
             Some(t) => {
-                node.images.untag(&t.reference)?;
-                writeln!(cx.out(), "Untagged: {}", t.reference.familiar())?;
+                // As Docker: a name goes alone; an ID takes every name of
+                // its image, and needs -f when there are several.
+                let by_id = name
+                    .parse::<Reference>()
+                    .map_or(true, |r| r.normalized() != t.reference.normalized());
+                let names: Vec<Reference> = if by_id {
+                    node.images
+                        .list()?
+                        .into_iter()
+                        .filter(|o| o.image.id == t.image.id)
+                        .map(|o| o.reference)
+                        .collect()
+                } else {
+                    vec![t.reference.clone()]
+                };
+                if by_id && names.len() > 1 && !args.force {
+                    writeln!(
+                        cx.err(),
+                        "Error response from daemon: conflict: unable to delete {} (must be forced) - image is referenced in multiple repositories",
+                        &t.image.id.hex()[..12]
+                    )?;
+                    failed = true;
+                    continue;
+                }
+                for r in names {
+                    node.images.untag(&r)?;
+                    writeln!(cx.out(), "Untagged: {}", r.familiar())?;
+                }
             }
             None => {
                 writeln!(cx.err(), "error: no such image: {name}")?;

@@ -269,6 +269,20 @@ impl Dockerfile {
     /// The global arguments for a build: `predefined` (the platform
     /// arguments), then each global `ARG` in order, its value from
     /// `build_args` or else its default expanded with those before it.
+    /// Every `ARG` name the Dockerfile declares, globally or in a stage:
+    /// a `--build-arg` of any other is not consumed (BuildKit warns).
+    pub fn declared_args(&self) -> std::collections::BTreeSet<String> {
+        self.global_args
+            .iter()
+            .chain(self.stages.iter().flat_map(|s| &s.instructions))
+            .filter_map(|i| match &i.command {
+                Command::Arg(decls) => Some(decls.iter().map(|d| d.key.clone())),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
     pub fn global_scope(
         &self,
         build_args: &BTreeMap<String, String>,

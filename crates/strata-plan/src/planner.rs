@@ -28,6 +28,9 @@ pub struct Options {
     pub platform: Platform,
     /// The platform building.
     pub build_platform: Platform,
+    /// `--label`s: set on the image the target stage makes, over the
+    /// Dockerfile's own.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A base image as the resolver found it.
@@ -202,10 +205,14 @@ pub fn plan(
             })?;
     }
     let target = planner.plan_index[&graph.target];
-    Ok(Plan {
-        stages: planner.stages,
-        target,
-    })
+    let mut stages = planner.stages;
+    if let Some(t) = stages.get_mut(target) {
+        t.config
+            .config
+            .labels
+            .extend(opts.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    Ok(Plan { stages, target })
 }
 
 struct Planner<'a> {

@@ -54,6 +54,8 @@ pub struct BuildRequest {
     /// `--output …,rewrite-timestamp=true`: with `SOURCE_DATE_EPOCH`,
     /// clamp the base image's layers too.
     pub rewrite_timestamp: bool,
+    /// `--label`s for the image.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A finished build.
@@ -219,6 +221,8 @@ pub struct PlanInputs {
     /// `--allow`: the entitlements the client asks for. Every node that
     /// plans the build refuses a step needing one not asked for.
     pub allow: Entitlements,
+    /// `--label`s for the image.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl PlanInputs {
@@ -240,7 +244,41 @@ impl PlanInputs {
             target,
             platform: platform.to_string(),
             allow,
+            labels: BTreeMap::new(),
         })
+    }
+
+    /// With `--label`s for the image.
+    pub fn labeled(mut self, labels: BTreeMap<String, String>) -> PlanInputs {
+        self.labels = labels;
+        self
+    }
+
+    /// The `--build-arg`s no `ARG` of the Dockerfile declares and that
+    /// are not ones BuildKit predefines (proxies, `SOURCE_DATE_EPOCH`,
+    /// `BUILDKIT_*`): nothing consumes them. Empty when the Dockerfile does
+    /// not parse (the build says why).
+    pub fn unused_build_args(&self) -> Vec<String> {
+        const PREDEFINED: &[&str] = &[
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "FTP_PROXY",
+            "NO_PROXY",
+            "ALL_PROXY",
+            SOURCE_DATE_EPOCH,
+        ];
+        let Ok(df) = Dockerfile::parse(&self.dockerfile) else {
+            return Vec::new();
+        };
+        let declared = df.declared_args();
+        self.build_args
+            .keys()
+            .filter(|k| !declared.contains(*k))
+            .filter(|k| {
+                !PREDEFINED.iter().any(|p| p.eq_ignore_ascii_case(k)) && !k.starts_with("BUILDKIT_")
+            })
+            .cloned()
+            .collect()
     }
 
     /// `SOURCE_DATE_EPOCH` (a build arg, which the CLI takes from the
@@ -264,6 +302,7 @@ impl PlanInputs {
             target: self.target.clone(),
             platform,
             build_platform: Platform::host(),
+            labels: self.labels.clone(),
         };
         self.source_date_epoch()?;
         let plan = strata_plan::plan(&df, &self.dockerfile_name, &opts, resolver)?;
@@ -295,7 +334,8 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         req.target.clone(),
         &req.platform,
         req.allow.clone(),
-    )?;
+    )?
+    .labeled(req.labels.clone());
     req.grants.check(&req.allow)?;
     if !req.context.is_dir() {
         return Err(BuildError::Input(format!(

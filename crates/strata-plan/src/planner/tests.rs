@@ -51,6 +51,7 @@ fn opts() -> Options {
         target: None,
         platform: p.clone(),
         build_platform: p,
+        labels: BTreeMap::new(),
     }
 }
 
@@ -412,4 +413,27 @@ fn image_layers_count_through_stage_bases() {
     assert_eq!(p.image_layers(1), 3);
     assert_eq!(p.image_layers(2), 0);
     assert_eq!(p.image_layers(9), 0);
+}
+
+#[test]
+fn label_flags_set_the_target_s_labels_over_the_dockerfile_s() {
+    let mut o = opts();
+    o.labels = BTreeMap::from([
+        ("team".to_string(), "build".to_string()),
+        ("kept".to_string(), "flag".to_string()),
+    ]);
+    let p = plan_of(
+        "FROM golang:1.19 AS dep\nLABEL dep=1\nFROM golang:1.19\nLABEL kept=dockerfile other=2\n",
+        &o,
+    );
+    let target = &p.stages[p.target].config.config.labels;
+    assert_eq!(target["team"], "build");
+    assert_eq!(target["kept"], "flag");
+    assert_eq!(target["other"], "2");
+    let dep = p
+        .stages
+        .iter()
+        .find(|s| s.name == "dep")
+        .map(|s| &s.config.config.labels);
+    assert_eq!(dep.and_then(|l| l.get("team")), None);
 }
