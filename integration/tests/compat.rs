@@ -292,3 +292,77 @@ fn rmi_of_an_id_with_several_names_needs_force_as_docker_s_does() {
     );
     assert!(!s.ok(&["images"]).contains("busybox"));
 }
+
+#[test]
+fn add_unpacks_every_archive_docker_unpacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write_files(
+        &src,
+        &[("tree/a.txt", "alpha\n"), ("tree/sub/b.txt", "beta\n")],
+    );
+    let tar = dir.path().join("ctx").join("plain.tar");
+    std::fs::create_dir_all(tar.parent().unwrap()).unwrap();
+    tool(
+        "tar",
+        &[
+            "-C",
+            src.to_str().unwrap(),
+            "-cf",
+            tar.to_str().unwrap(),
+            "tree",
+        ],
+    );
+    let ctx = tar.parent().unwrap();
+    for (program, ext) in [
+        ("gzip", "gz"),
+        ("bzip2", "bz2"),
+        ("xz", "xz"),
+        ("zstd", "zst"),
+    ] {
+        let out = ctx.join(format!("t.tar.{ext}"));
+        let made = Command::new(program)
+            .args(["-c", tar.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{program}");
+        std::fs::write(&out, made.stdout).unwrap();
+    }
+    let dockerfile = "FROM busybox:latest\n\
+        ADD t.tar.gz /gz/\nADD t.tar.bz2 /bz2/\nADD t.tar.xz /xz/\nADD t.tar.zst /zst/\n";
+    std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
+    let probe = "for d in gz bz2 xz zst; do cat /$d/tree/a.txt /$d/tree/sub/b.txt; done";
+
+    let s = Strata::new().with_busybox(&[]);
+    s.build(ctx, &["-t", "add-archives"]);
+    let ours = s.ok(&["run", "--rm", "add-archives", "sh", "-c", probe]);
+    assert_eq!(ours, "alpha\nbeta\n".repeat(4));
+
+    // Docker 20.10 unpacks gzip, bzip2 and xz the same way (zstd came to
+    // ADD in a later Docker).
+    let docker = Docker::shared();
+    docker.load_busybox(&["busybox:latest"]);
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox:latest\nADD t.tar.gz /gz/\nADD t.tar.bz2 /bz2/\nADD t.tar.xz /xz/\n",
+    )
+    .unwrap();
+    docker.ok(&[
+        "build",
+        "-q",
+        "-t",
+        "strata-compat/add-archives",
+        ctx.to_str().unwrap(),
+    ]);
+    let theirs = docker.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "strata-compat/add-archives",
+        "sh",
+        "-c",
+        "for d in gz bz2 xz; do cat /$d/tree/a.txt /$d/tree/sub/b.txt; done",
+    ]);
+    assert_eq!(theirs, "alpha\nbeta\n".repeat(3));
+}

@@ -54,8 +54,9 @@ impl std::str::FromStr for Compression {
     }
 }
 
-/// A reader that undoes gzip or zstd when the stream starts with their
-/// magic bytes, and passes anything else through.
+/// A reader that undoes gzip, zstd, bzip2 or xz when the stream starts
+/// with their magic bytes (the formats Docker's `ADD` unpacks), and
+/// passes anything else through.
 pub fn decompressing(reader: impl Read + 'static) -> io::Result<Box<dyn Read>> {
     let mut buf = BufReader::with_capacity(256 * 1024, reader);
     let head = buf.fill_buf()?;
@@ -63,6 +64,10 @@ pub fn decompressing(reader: impl Read + 'static) -> io::Result<Box<dyn Read>> {
         Box::new(flate2::read::MultiGzDecoder::new(buf))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Box::new(zstd::stream::read::Decoder::with_buffer(buf)?)
+    } else if head.starts_with(b"BZh") {
+        Box::new(bzip2::read::MultiBzDecoder::new(buf))
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
+        Box::new(liblzma::read::XzDecoder::new_multi_decoder(buf))
     } else {
         Box::new(buf)
     })
@@ -240,6 +245,23 @@ pub(crate) fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bzip2_and_xz_are_undone_and_anything_else_passes_through() {
+        let data = b"strata layer bytes ".repeat(1000);
+        let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+        bz.write_all(&data).unwrap();
+        let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 1);
+        xz.write_all(&data).unwrap();
+        for packed in [bz.finish().unwrap(), xz.finish().unwrap(), data.clone()] {
+            let mut back = Vec::new();
+            decompressing(std::io::Cursor::new(packed))
+                .unwrap()
+                .read_to_end(&mut back)
+                .unwrap();
+            assert_eq!(back, data);
+        }
+    }
 
     #[test]
     fn parallel_gzip_is_one_stream_and_does_not_depend_on_cores() {
