@@ -366,3 +366,117 @@ fn add_unpacks_every_archive_docker_unpacks() {
     ]);
     assert_eq!(theirs, "alpha\nbeta\n".repeat(3));
 }
+
+/// Runs `strata ARGS` in `s`'s home with `input` on its standard input.
+fn with_stdin(s: &Strata, args: &[&str], input: &[u8]) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = s
+        .cmd()
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let feeding = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    feeding.join().unwrap();
+    out
+}
+
+#[test]
+fn dockerfiles_contexts_and_archives_on_standard_input_and_output() {
+    let s = Strata::new().with_busybox(&[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(ctx.path(), &[("data.txt", "from the context\n")]);
+
+    // -f -: the Dockerfile from stdin, the context from the directory.
+    let out = with_stdin(
+        &s,
+        &[
+            "build",
+            "-t",
+            "stdin-file:1",
+            "-f",
+            "-",
+            ctx.path().to_str().unwrap(),
+        ],
+        b"FROM busybox:latest\nCOPY data.txt /data.txt\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        s.ok(&["run", "--rm", "stdin-file:1", "cat", "/data.txt"]),
+        "from the context\n"
+    );
+
+    // `-` as the context: a gzipped tar of it.
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nCOPY data.txt /copied.txt\n",
+        )],
+    );
+    let packed = Command::new("sh")
+        .args([
+            "-c",
+            &format!("tar -C {} -c . | gzip", ctx.path().display()),
+        ])
+        .output()
+        .unwrap()
+        .stdout;
+    let out = with_stdin(&s, &["build", "-t", "stdin-ctx:1", "-"], &packed);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        s.ok(&["run", "--rm", "stdin-ctx:1", "cat", "/copied.txt"]),
+        "from the context\n"
+    );
+
+    // `-` with a lone Dockerfile: no context; errors name it `Dockerfile`.
+    let out = with_stdin(&s, &["build", "-"], b"FROM busybox:latest\nRUN exit 4\n");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("error: Dockerfile:2: [stage-0 2/2] RUN exit 4"),
+        "{err}"
+    );
+
+    // save to stdout, load from stdin, into another state directory.
+    let saved = s.run(&["save", "stdin-ctx:1"]);
+    assert!(saved.status.success());
+    assert!(
+        saved.stdout.len() > 1_000_000,
+        "{} bytes",
+        saved.stdout.len()
+    );
+    let other = Strata::new();
+    let out = with_stdin(&other, &["load"], &saved.stdout);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Loaded image: stdin-ctx:1\n"
+    );
+    assert_eq!(
+        other.ok(&["run", "--rm", "stdin-ctx:1", "cat", "/copied.txt"]),
+        "from the context\n"
+    );
+    // Nothing on stdin is an error that says so.
+    let out = with_stdin(&other, &["load"], b"");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("standard input is empty"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

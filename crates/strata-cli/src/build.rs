@@ -104,8 +104,13 @@ pub struct BuildArgs {
     /// `image.name`, `buildx.build.ref`).
     #[arg(long = "metadata-file", value_name = "FILE")]
     metadata_file: Option<PathBuf>,
-    /// The build context directory.
+    /// The build context directory, or `-`: a tar archive (or a lone
+    /// Dockerfile) on standard input.
     context: PathBuf,
+    /// How messages name the Dockerfile when it came from standard input.
+    #[arg(skip)]
+    #[serde(default)]
+    stdin_file: Option<String>,
 }
 
 impl BuildArgs {
@@ -236,6 +241,35 @@ struct ReportImage {
     size: u64,
 }
 
+/// What `-` stands for in a build's arguments, read from standard input
+/// before the build goes to the daemon: the Dockerfile (`-f -`) or the
+/// context (`strata build -`). The returned handle keeps the files until
+/// the build is over.
+pub fn from_stdin(
+    home: &Path,
+    mut args: Box<BuildArgs>,
+) -> Result<(Box<BuildArgs>, Option<crate::stdio::Spooled>)> {
+    let dash = Path::new("-");
+    match (args.file.as_deref() == Some(dash), args.context == dash) {
+        (true, true) => {
+            bail!("the Dockerfile and the context cannot both come from standard input")
+        }
+        (true, false) => {
+            let spooled = crate::stdio::Spooled::File(crate::stdio::spool(home, "the Dockerfile")?);
+            args.file = Some(spooled.path().to_path_buf());
+            args.stdin_file = Some("Dockerfile".into());
+            Ok((args, Some(spooled)))
+        }
+        (false, true) => {
+            let dir = crate::stdio::Spooled::Dir(crate::stdio::context(home)?);
+            args.context = dir.path().to_path_buf();
+            args.stdin_file = Some("Dockerfile".into());
+            Ok((args, Some(dir)))
+        }
+        (false, false) => Ok((args, None)),
+    }
+}
+
 /// `strata build`: the build, then its record in the history.
 pub fn run(cx: &Cx<'_>, args: BuildArgs, flags: &RegistryFlags) -> Result<u8> {
     // Every log line of the build, here and on the nodes it runs on,
@@ -317,11 +351,14 @@ fn build_and_output(
     args.progress = args.progress_mode();
     // Messages name the Dockerfile as the user did.
     let given_file = args.file.clone();
-    let shown_dockerfile = given_file
-        .clone()
-        .unwrap_or_else(|| args.context.join("Dockerfile"))
-        .display()
-        .to_string();
+    let shown_dockerfile = match &args.stdin_file {
+        Some(shown) => shown.clone(),
+        None => given_file
+            .clone()
+            .unwrap_or_else(|| args.context.join("Dockerfile"))
+            .display()
+            .to_string(),
+    };
     args.context = cx.path(&args.context);
     args.file = args.file.as_deref().map(|f| cx.path(f));
     args.report = args.report.as_deref().map(|f| cx.path(f));
@@ -479,8 +516,15 @@ fn build_and_output(
                 Ok(r) => (r.image, r.solved.steps, None),
                 Err(BuildError::Solve(e)) if e.step_title().is_some() => {
                     print_tail(cx, e.step_title().as_deref(), e.tail())?;
-                    let file = given_file.as_deref().unwrap_or(Path::new("Dockerfile"));
-                    bail!("{}", e.located(&file.display().to_string()));
+                    let file = match &args.stdin_file {
+                        Some(shown) => shown.clone(),
+                        None => given_file
+                            .as_deref()
+                            .unwrap_or(Path::new("Dockerfile"))
+                            .display()
+                            .to_string(),
+                    };
+                    bail!("{}", e.located(&file));
                 }
                 Err(e) => return Err(e.into()),
             }

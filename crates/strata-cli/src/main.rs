@@ -14,6 +14,7 @@ mod images;
 mod progress;
 mod registry;
 mod run;
+mod stdio;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -114,7 +115,8 @@ fn main() -> ExitCode {
     // Commands on the state directory run in its daemon.
     let flags = cli.registry;
     let result = match cli.command {
-        Command::Build(a) => daemon::remote(&home, daemon::Call::Build(a, flags)),
+        Command::Build(a) => build::from_stdin(&home, a)
+            .and_then(|(a, _spooled)| daemon::remote(&home, daemon::Call::Build(a, flags))),
         Command::Run(a) => daemon::remote(&home, daemon::Call::Run(a, flags)),
         Command::Images(a) => daemon::remote(&home, daemon::Call::Images(a)),
         Command::Rmi(a) => daemon::remote(&home, daemon::Call::Rmi(a)),
@@ -122,8 +124,11 @@ fn main() -> ExitCode {
         Command::Du(a) => daemon::remote(&home, daemon::Call::Du(a)),
         Command::Pull(a) => daemon::remote(&home, daemon::Call::Pull(a, flags)),
         Command::Push(a) => daemon::remote(&home, daemon::Call::Push(a, flags)),
-        Command::Save(a) => daemon::remote(&home, daemon::Call::Save(a)),
-        Command::Load(a) => daemon::remote(&home, daemon::Call::Load(a)),
+        Command::Save(a) => {
+            registry::save_checked(&a).and_then(|()| daemon::remote(&home, daemon::Call::Save(a)))
+        }
+        Command::Load(a) => registry::load_from_stdin(&home, a)
+            .and_then(|(a, _spooled)| daemon::remote(&home, daemon::Call::Load(a))),
         Command::History(a) => history::history(&home, a),
         Command::Bench(a) => bench::bench(&home, a),
         Command::Prune(a) => daemon::remote(&home, daemon::Call::Prune(a)),

@@ -92,9 +92,9 @@ pub struct PushArgs {
 
 #[derive(Debug, Args, Serialize, Deserialize)]
 pub struct SaveArgs {
-    /// The archive to write.
+    /// The archive to write (default: standard output).
     #[arg(short, long)]
-    output: PathBuf,
+    output: Option<PathBuf>,
     /// The image (name or ID) and any more names of it to record.
     #[arg(required = true)]
     images: Vec<String>,
@@ -102,9 +102,32 @@ pub struct SaveArgs {
 
 #[derive(Debug, Args, Serialize, Deserialize)]
 pub struct LoadArgs {
-    /// The `docker save` archive to read.
+    /// The `docker save` archive to read (default: standard input).
     #[arg(short, long)]
-    input: PathBuf,
+    input: Option<PathBuf>,
+}
+
+/// `strata save` without `-o` writes to standard output, which must not be
+/// a terminal (as Docker refuses).
+pub fn save_checked(args: &SaveArgs) -> Result<()> {
+    if args.output.is_none() && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        bail!("cowardly refusing to save to a terminal. Use the -o flag or redirect");
+    }
+    Ok(())
+}
+
+/// `strata load` without `-i` reads standard input: spooled to a file for
+/// the daemon, kept until the returned handle drops.
+pub fn load_from_stdin(
+    home: &std::path::Path,
+    mut args: LoadArgs,
+) -> Result<(LoadArgs, Option<tempfile::NamedTempFile>)> {
+    if args.input.is_some() {
+        return Ok((args, None));
+    }
+    let spooled = crate::stdio::spool(home, "the archive to load")?;
+    args.input = Some(spooled.path().to_path_buf());
+    Ok((args, Some(spooled)))
 }
 
 pub fn pull(cx: &Cx<'_>, args: PullArgs, flags: &RegistryFlags) -> Result<u8> {
@@ -220,13 +243,34 @@ pub fn save(cx: &Cx<'_>, args: SaveArgs) -> Result<u8> {
     let Some(image) = image else {
         bail!("no image named");
     };
-    strata_oci::export_docker_archive(&node.content, &image, &names, &cx.path(&args.output))
-        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    match &args.output {
+        Some(output) => {
+            strata_oci::export_docker_archive(&node.content, &image, &names, &cx.path(output))
+                .with_context(|| format!("cannot write {}", output.display()))?;
+        }
+        None => {
+            // The archive is made whole, then sent: the client's stdout
+            // gets a complete archive or nothing.
+            let tmp = tempfile::Builder::new()
+                .prefix("save-")
+                .tempdir_in(node.home().join("tmp"))
+                .context("cannot make a scratch directory")?;
+            let file = tmp.path().join("image.tar");
+            strata_oci::export_docker_archive(&node.content, &image, &names, &file)
+                .context("cannot write the archive")?;
+            let mut reader = std::fs::File::open(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            std::io::copy(&mut reader, &mut cx.out()).context("cannot send the archive")?;
+        }
+    }
     Ok(0)
 }
 
 pub fn load(cx: &Cx<'_>, args: LoadArgs) -> Result<u8> {
-    let input = cx.path(&args.input);
+    let Some(given) = &args.input else {
+        bail!("no archive to load");
+    };
+    let input = cx.path(given);
     let names = strata_oci::archive_names(&input)?;
     let node = cx.node;
     let host = Platform::host();
@@ -237,7 +281,7 @@ pub fn load(cx: &Cx<'_>, args: LoadArgs) -> Result<u8> {
         &host.os,
         &host.architecture,
     )
-    .with_context(|| format!("cannot load {}", args.input.display()))?;
+    .with_context(|| format!("cannot load {}", given.display()))?;
     let mut out = cx.out();
     if names.is_empty() {
         writeln!(out, "Loaded image ID: {}", image.id)?;
@@ -245,7 +289,7 @@ pub fn load(cx: &Cx<'_>, args: LoadArgs) -> Result<u8> {
     for name in names {
         let reference: Reference = name
             .parse()
-            .with_context(|| format!("{} names its image {name:?}", args.input.display()))?;
+            .with_context(|| format!("{} names its image {name:?}", given.display()))?;
         node.images.tag(&reference, &image)?;
         writeln!(out, "Loaded image: {}", reference.familiar())?;
     }

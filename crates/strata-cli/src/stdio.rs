@@ -1,0 +1,90 @@
+//! `-` for a file, as Docker takes it: a Dockerfile (`-f -`), a build
+//! context (`strata build -`) or an archive (`strata load`) on standard
+//! input. The client spools it to a file the daemon can read (in the
+//! state directory, which only its owner reaches) and removes it after.
+
+use std::io::{IsTerminal as _, Read as _};
+use std::path::Path;
+
+use anyhow::{Context as _, Result, bail};
+
+/// What standard input was spooled to; removed when dropped.
+pub enum Spooled {
+    /// A file (a Dockerfile, an archive).
+    File(tempfile::NamedTempFile),
+    /// A directory (an unpacked build context).
+    Dir(tempfile::TempDir),
+}
+
+impl Spooled {
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        match self {
+            Spooled::File(f) => f.path(),
+            Spooled::Dir(d) => d.path(),
+        }
+    }
+}
+
+/// Standard input, spooled to a file in `home/tmp`; removed when dropped.
+pub fn spool(home: &Path, what: &str) -> Result<tempfile::NamedTempFile> {
+    if std::io::stdin().is_terminal() {
+        bail!("{what} from standard input was asked for, but standard input is a terminal");
+    }
+    let tmp = home.join("tmp");
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot make {}", tmp.display()))?;
+    let mut file = tempfile::Builder::new()
+        .prefix("stdin-")
+        .tempfile_in(&tmp)
+        .with_context(|| format!("cannot make a file in {}", tmp.display()))?;
+    let copied = std::io::copy(&mut std::io::stdin().lock(), file.as_file_mut())
+        .with_context(|| format!("cannot read {what} from standard input"))?;
+    if copied == 0 {
+        bail!("{what} from standard input was asked for, but standard input is empty");
+    }
+    Ok(file)
+}
+
+/// A build context given on standard input (`strata build -`), as a
+/// directory: a tar archive (plain or compressed) unpacked, or anything
+/// else taken as a Dockerfile with an empty context, as Docker does.
+pub fn context(home: &Path) -> Result<tempfile::TempDir> {
+    let spooled = spool(home, "the build context")?;
+    let dir = tempfile::Builder::new()
+        .prefix("stdin-context-")
+        .tempdir_in(home.join("tmp"))
+        .context("cannot make a directory for the build context")?;
+    let is_tar = {
+        let f = std::fs::File::open(spooled.path())?;
+        let mut r = strata_oci::decompressing(f)?;
+        let mut header = [0u8; 512];
+        r.read_exact(&mut header).is_ok()
+            && tar::Header::from_byte_slice(&header).cksum().ok() == Some(checksum(&header))
+    };
+    if is_tar {
+        let f = std::fs::File::open(spooled.path())?;
+        // The tar crate keeps every entry inside the directory (`..` and
+        // absolute names refused).
+        tar::Archive::new(strata_oci::decompressing(f)?)
+            .unpack(dir.path())
+            .context("cannot unpack the build context from standard input")?;
+    } else {
+        std::fs::copy(spooled.path(), dir.path().join("Dockerfile"))
+            .context("cannot write the Dockerfile read from standard input")?;
+    }
+    Ok(dir)
+}
+
+/// A tar header's checksum: the byte sum with the checksum field as blanks.
+fn checksum(h: &[u8; 512]) -> u32 {
+    h.iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(b)
+            }
+        })
+        .sum()
+}
