@@ -480,3 +480,75 @@ fn dockerfiles_contexts_and_archives_on_standard_input_and_output() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn inspect_and_image_history_show_what_docker_shows_of_the_same_image() {
+    let s = Strata::new().with_busybox(&[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nENV GREETING=hi\nLABEL team=build\nWORKDIR /app\nRUN echo x > /app/x\nCMD [\"sh\"]\n",
+        )],
+    );
+    s.build(ctx.path(), &["-t", "insp:1"]);
+    s.ok(&["tag", "insp:1", "insp:2"]);
+    let ours: serde_json::Value = serde_json::from_str(&s.ok(&["inspect", "insp:1"])).unwrap();
+    let ours = &ours[0];
+    let mut tags: Vec<&str> = ours["RepoTags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    tags.sort_unstable();
+    assert_eq!(tags, ["insp:1", "insp:2"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("insp.tar");
+    s.ok(&["save", "-o", archive.to_str().unwrap(), "insp:1"]);
+    let docker = Docker::shared();
+    docker.ok(&["load", "-i", archive.to_str().unwrap()]);
+    let theirs: serde_json::Value =
+        serde_json::from_str(&docker.ok(&["image", "inspect", "insp:1"])).unwrap();
+    let theirs = &theirs[0];
+    for key in ["Id", "Created", "Architecture", "Os", "Author"] {
+        assert_eq!(ours[key], theirs[key], "{key}");
+    }
+    assert_eq!(ours["RootFS"], theirs["RootFS"]);
+    for key in ["Env", "Cmd", "Labels", "WorkingDir", "Entrypoint"] {
+        assert_eq!(ours["Config"][key], theirs["Config"][key], "Config.{key}");
+    }
+    assert_eq!(
+        ours["Size"].as_u64().unwrap() > 0,
+        theirs["Size"].as_u64().unwrap() > 0
+    );
+
+    // The history: the same entries, newest first.
+    let ours = s.ok(&["image", "history", "--no-trunc", "insp:1"]);
+    let theirs = docker.ok(&[
+        "history",
+        "--no-trunc",
+        "--format",
+        "{{.CreatedBy}}",
+        "insp:1",
+    ]);
+    let rows: Vec<&str> = ours.lines().skip(1).collect();
+    assert_eq!(rows.len(), theirs.lines().count(), "{ours}\n{theirs}");
+    for (row, by) in rows.iter().zip(theirs.lines()) {
+        assert!(row.contains(by.trim()), "{row:?} lacks {by:?}");
+    }
+    assert!(rows[0].starts_with(&ours_id(&s)), "{ours}");
+
+    let missing = s.run(&["inspect", "nope:1"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("Error: No such image: nope:1"));
+}
+
+/// The short ID of `insp:1` as `strata images -q` prints it.
+fn ours_id(s: &Strata) -> String {
+    let v: serde_json::Value = serde_json::from_str(&s.ok(&["inspect", "insp:1"])).unwrap();
+    let id = v[0]["Id"].as_str().unwrap();
+    id.strip_prefix("sha256:").unwrap()[..12].to_string()
+}

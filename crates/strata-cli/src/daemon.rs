@@ -134,6 +134,7 @@ pub enum Call {
     Save(crate::registry::SaveArgs),
     Load(crate::registry::LoadArgs),
     History(crate::history::HistoryArgs),
+    Inspect(crate::images::InspectArgs),
 }
 
 impl Call {
@@ -207,6 +208,7 @@ impl strata_daemon::Handler for Handler {
             Call::Save(a) => crate::registry::save(&cx, a),
             Call::Load(a) => crate::registry::load(&cx, a),
             Call::History(a) => crate::history::local(&cx, a),
+            Call::Inspect(a) => crate::images::inspect(&cx, a),
         };
         result.map_err(|e| crate::error_text(&e))
     }
@@ -227,6 +229,7 @@ fn call_name(call: &Call) -> &'static str {
         Call::Save(_) => "save",
         Call::Load(_) => "load",
         Call::History(_) => "history",
+        Call::Inspect(_) => "inspect",
     }
 }
 

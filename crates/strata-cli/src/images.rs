@@ -41,6 +41,13 @@ pub struct TagArgs {
 }
 
 #[derive(Debug, Args, Serialize, Deserialize)]
+pub struct InspectArgs {
+    /// Images (names or IDs).
+    #[arg(required = true)]
+    images: Vec<String>,
+}
+
+#[derive(Debug, Args, Serialize, Deserialize)]
 pub struct PruneArgs {
     /// Keep up to this much build cache (e.g. `10GB`, `500MB`); default: none.
     #[arg(long, value_name = "SIZE")]
@@ -49,6 +56,16 @@ pub struct PruneArgs {
 
 #[derive(Debug, Subcommand, Serialize, Deserialize)]
 pub enum ImageCommand {
+    /// Show how an image was made: a line per history entry, newest first.
+    History {
+        /// The image (name or ID).
+        image: String,
+        /// Show whole instructions.
+        #[arg(long)]
+        no_trunc: bool,
+    },
+    /// Show images as JSON, in `docker image inspect`'s shape.
+    Inspect(InspectArgs),
     /// Import a root filesystem tar, a `docker save` archive or an OCI layout.
     Import {
         /// Name for the image.
@@ -231,6 +248,112 @@ pub fn rmi(cx: &Cx<'_>, args: RmiArgs) -> Result<u8> {
     Ok(u8::from(failed))
 }
 
+/// `strata inspect`: images as `docker image inspect` shows them: a JSON
+/// array, one object per image, with Docker's keys.
+pub fn inspect(cx: &Cx<'_>, args: InspectArgs) -> Result<u8> {
+    let node = cx.node;
+    let all = node.images.list()?;
+    let mut shown = Vec::new();
+    let mut failed = false;
+    for name in &args.images {
+        let Some(t) = node.images.get(name)? else {
+            writeln!(cx.err(), "Error: No such image: {name}")?;
+            failed = true;
+            continue;
+        };
+        let config: serde_json::Value =
+            serde_json::from_slice(&node.content.read(&t.image.config_blob)?)
+                .with_context(|| format!("the config of {name} is not JSON"))?;
+        let tags: Vec<String> = all
+            .iter()
+            .filter(|o| o.image.id == t.image.id)
+            .map(|o| o.reference.familiar())
+            .collect();
+        let size = t.image.size();
+        shown.push(serde_json::json!({
+            "Id": t.image.id.to_string(),
+            "RepoTags": tags,
+            "RepoDigests": [],
+            "Parent": "",
+            "Comment": "",
+            "Created": config.get("created").cloned().unwrap_or(serde_json::Value::Null),
+            "DockerVersion": "",
+            "Author": config.get("author").cloned().unwrap_or_else(|| "".into()),
+            "Config": config.get("config").cloned().unwrap_or_else(|| serde_json::json!({})),
+            "Architecture": config.get("architecture").cloned().unwrap_or_else(|| "".into()),
+            "Variant": config.get("variant").cloned(),
+            "Os": config.get("os").cloned().unwrap_or_else(|| "".into()),
+            "Size": size,
+            "VirtualSize": size,
+            "RootFS": {
+                "Type": "layers",
+                "Layers": t.image.layers.iter().map(|l| l.diff_id.to_string()).collect::<Vec<_>>(),
+            },
+            "Metadata": { "LastTagTime": "0001-01-01T00:00:00Z" },
+        }));
+        // Docker leaves out a variant an image does not have.
+        if let Some(obj) = shown.last_mut().and_then(|v| v.as_object_mut())
+            && obj.get("Variant").is_some_and(serde_json::Value::is_null)
+        {
+            obj.remove("Variant");
+        }
+    }
+    let mut out = cx.out();
+    serde_json::to_writer_pretty(&mut out, &shown)?;
+    writeln!(out)?;
+    Ok(u8::from(failed))
+}
+
+/// `strata image history`: the image's history, newest first, as
+/// `docker history` prints it.
+fn history(cx: &Cx<'_>, image: &str, no_trunc: bool) -> Result<u8> {
+    let t = cx
+        .node
+        .images
+        .get(image)?
+        .with_context(|| format!("no such image: {image}"))?;
+    let mut layers = t.image.layers.iter().rev();
+    let mut rows: Vec<[String; 4]> = Vec::new();
+    let history = &t.image.config.history;
+    for (i, h) in history.iter().enumerate().rev() {
+        let size = if h.empty_layer {
+            0
+        } else {
+            layers.next().map_or(0, |l| l.size)
+        };
+        let id = if i + 1 == history.len() {
+            t.image.id.hex()[..12].to_string()
+        } else {
+            "<missing>".to_string()
+        };
+        let created = h
+            .created
+            .as_deref()
+            .and_then(strata_oci::unix_from_rfc3339)
+            .map_or_else(
+                || "<unknown>".into(),
+                |c| ago(u64::try_from(c).unwrap_or(0)),
+            );
+        let by = h.created_by.clone().unwrap_or_default();
+        let by = if no_trunc || by.chars().count() <= 45 {
+            by
+        } else {
+            format!("{}…", by.chars().take(44).collect::<String>())
+        };
+        rows.push([id, created, by, human_size(size)]);
+    }
+    let mut out = cx.out();
+    writeln!(
+        out,
+        "{:<14}{:<24}{:<48}SIZE",
+        "IMAGE", "CREATED", "CREATED BY"
+    )?;
+    for [id, created, by, size] in rows {
+        writeln!(out, "{id:<14}{created:<24}{by:<48}{size}")?;
+    }
+    Ok(0)
+}
+
 /// `strata tag`: another name for a stored image.
 pub fn tag(cx: &Cx<'_>, args: TagArgs) -> Result<u8> {
     let tagged = cx
@@ -303,6 +426,8 @@ pub fn prune(cx: &Cx<'_>, args: PruneArgs) -> Result<u8> {
 
 pub fn image(cx: &Cx<'_>, cmd: ImageCommand) -> Result<u8> {
     match cmd {
+        ImageCommand::History { image, no_trunc } => history(cx, &image, no_trunc),
+        ImageCommand::Inspect(a) => inspect(cx, a),
         ImageCommand::Import { name, file } => {
             let reference: Reference = name.parse()?;
             let shown = file.clone();

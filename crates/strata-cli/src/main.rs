@@ -63,6 +63,8 @@ enum Command {
     Images(images::ImagesArgs),
     /// Remove image names.
     Rmi(images::RmiArgs),
+    /// Show images as JSON, in `docker inspect`'s shape.
+    Inspect(images::InspectArgs),
     /// Give a stored image another name.
     Tag(images::TagArgs),
     /// Show what the state directory holds: images, build cache, blobs.
@@ -121,6 +123,7 @@ fn main() -> ExitCode {
         Command::Images(a) => daemon::remote(&home, daemon::Call::Images(a)),
         Command::Rmi(a) => daemon::remote(&home, daemon::Call::Rmi(a)),
         Command::Tag(a) => daemon::remote(&home, daemon::Call::Tag(a)),
+        Command::Inspect(a) => daemon::remote(&home, daemon::Call::Inspect(a)),
         Command::Du(a) => daemon::remote(&home, daemon::Call::Du(a)),
         Command::Pull(a) => daemon::remote(&home, daemon::Call::Pull(a, flags)),
         Command::Push(a) => daemon::remote(&home, daemon::Call::Push(a, flags)),
