@@ -228,6 +228,46 @@ fn credentials_come_from_docker_login_and_a_wrong_password_says_so() {
         .output()
         .unwrap();
     assert!(inspect.status.success());
+
+    // A credential helper on the client's PATH (as ECR's and GCR's are),
+    // named by credHelpers: strata runs it, and the push goes through.
+    use std::os::unix::fs::PermissionsExt as _;
+    let bin = config.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let helper = bin.join("docker-credential-testhelper");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nread server\n[ \"$1\" = get ] && [ \"$server\" = \"{}\" ] || exit 1\necho '{{\"Username\":\"{USER}\",\"Secret\":\"{PASSWORD}\"}}'\n",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let helped = config.path().join("helped");
+    std::fs::create_dir_all(&helped).unwrap();
+    std::fs::write(
+        helped.join("config.json"),
+        format!(r#"{{"credHelpers": {{"{}": "testhelper"}}}}"#, reg.host()),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let pushed = s
+        .cmd()
+        .env("DOCKER_CONFIG", &helped)
+        .env("PATH", path)
+        .args(["push", "--progress", "quiet", &name])
+        .output()
+        .unwrap();
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
 }
 
 #[test]

@@ -45,21 +45,29 @@ impl RegistryFlags {
     /// A client with these settings, its credentials from Docker's config
     /// as this process's environment names it.
     pub fn registry(&self) -> Arc<Registry> {
-        self.registry_with(None)
+        self.registry_with(None, None)
     }
 
     /// A client with these settings for a command the daemon runs: its
     /// credentials are those of the user's environment, not the daemon's.
     pub fn registry_for(&self, cx: &Cx<'_>) -> Arc<Registry> {
         let env = |k: &str| cx.session.env(k).map(str::to_string);
-        self.registry_with(strata_registry::docker_config_in(&env))
+        self.registry_with(
+            strata_registry::docker_config_in(&env),
+            cx.session.env("PATH").map(std::ffi::OsString::from),
+        )
     }
 
-    fn registry_with(&self, docker_config: Option<PathBuf>) -> Arc<Registry> {
+    fn registry_with(
+        &self,
+        docker_config: Option<PathBuf>,
+        helper_path: Option<std::ffi::OsString>,
+    ) -> Arc<Registry> {
         Arc::new(Registry::new(RegistryOptions {
             insecure: self.insecure.clone(),
             mirrors: self.mirrors.clone(),
             docker_config,
+            helper_path,
         }))
     }
 }

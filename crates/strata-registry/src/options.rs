@@ -16,6 +16,9 @@ pub struct RegistryOptions {
     /// Docker's `config.json` (credentials); default `$DOCKER_CONFIG/config.json`,
     /// else `~/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
+    /// Where credential helpers (`docker-credential-*`) are looked for: the
+    /// client's `PATH`; this process's when unset.
+    pub helper_path: Option<std::ffi::OsString>,
 }
 
 impl RegistryOptions {
@@ -84,6 +87,7 @@ mod tests {
             insecure: vec!["registry.lan:5000".into(), "build-cache".into()],
             mirrors: vec!["http://127.0.0.1:5000/".into(), "mirror.example.com".into()],
             docker_config: None,
+            helper_path: None,
         };
         assert!(o.is_insecure("127.0.0.1:5000"));
         assert!(o.is_insecure("localhost:5000"));

@@ -119,7 +119,11 @@ impl Registry {
             ),
             None => oci_client::Reference::with_tag(host.to_string(), reference.path.clone(), tag),
         };
-        let auth = credentials(self.options.docker_config_path().as_deref(), host)?;
+        let auth = credentials(
+            self.options.docker_config_path().as_deref(),
+            host,
+            self.options.helper_path.as_deref(),
+        )?;
         Ok(Endpoint {
             host: host.to_string(),
             client: self.client(host, insecure),
