@@ -552,3 +552,66 @@ fn ours_id(s: &Strata) -> String {
     let id = v[0]["Id"].as_str().unwrap();
     id.strip_prefix("sha256:").unwrap()[..12].to_string()
 }
+
+#[test]
+fn images_filters_and_formats_as_docker_images() {
+    let s = Strata::new().with_busybox(&[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nLABEL tier=web\nRUN echo a > /a\n",
+        )],
+    );
+    s.build(
+        ctx.path(),
+        &["-t", "web:1", "--build-arg", "SOURCE_DATE_EPOCH=1800000000"],
+    );
+    s.ok(&["tag", "web:1", "web:2"]);
+    let names = |args: &[&str]| {
+        let mut v: Vec<String> = s
+            .ok(&[
+                &["images", "--format", "{{.Repository}}:{{.Tag}}"][..],
+                args,
+            ]
+            .concat())
+            .lines()
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&[]), ["busybox:latest", "web:1", "web:2"]);
+    assert_eq!(names(&["web"]), ["web:1", "web:2"]);
+    assert_eq!(names(&["web:2"]), ["web:2"]);
+    assert_eq!(names(&["-f", "reference=bu*"]), ["busybox:latest"]);
+    assert_eq!(names(&["-f", "label=tier=web"]), ["web:1", "web:2"]);
+    assert_eq!(names(&["-f", "label=tier=db"]), Vec::<String>::new());
+    assert_eq!(names(&["-f", "since=busybox:latest"]), ["web:1", "web:2"]);
+    assert_eq!(names(&["-f", "dangling=true"]), Vec::<String>::new());
+
+    let table = s.ok(&[
+        "images",
+        "web:1",
+        "--format",
+        "table {{.Repository}}\\t{{.Tag}}\\t{{.ID}}",
+    ]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    assert!(
+        lines[0].starts_with("REPOSITORY   TAG   IMAGE ID"),
+        "{table}"
+    );
+    let row: serde_json::Value =
+        serde_json::from_str(&s.ok(&["images", "web:1", "--format", "{{json .}}"])).unwrap();
+    assert_eq!(row["Repository"], "web");
+    assert_eq!(row["CreatedAt"], "2027-01-15 08:00:00 +0000 UTC");
+    assert!(row["Digest"].as_str().unwrap().starts_with("sha256:"));
+
+    let bad = s.run(&["images", "-f", "colour=red"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid filter 'colour'"));
+    let bad = s.run(&["images", "--format", "{{.Nope}}"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("can't evaluate field Nope"));
+}

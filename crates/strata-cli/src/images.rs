@@ -1,5 +1,6 @@
-//! `strata images`, `rmi`, `prune`, `image import`.
+//! `strata images`, `inspect`, `rmi`, `tag`, `du`, `prune`, `image import`, `image history`.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -16,6 +17,27 @@ pub struct ImagesArgs {
     /// Only show image IDs.
     #[arg(short, long)]
     quiet: bool,
+    /// Only images of this repository (and tag): `REPOSITORY[:TAG]`.
+    repository: Option<String>,
+    /// Filter as `docker images` does: `reference=PATTERN`,
+    /// `label=KEY[=VALUE]`, `before=IMAGE`, `since=IMAGE`,
+    /// `dangling=true|false`; repeatable (all must hold).
+    #[arg(short, long = "filter", value_name = "FILTER")]
+    filters: Vec<String>,
+    /// Print with a Go-like template: `{{.Repository}}`, `{{.Tag}}`,
+    /// `{{.ID}}`, `{{.Digest}}`, `{{.CreatedSince}}`, `{{.CreatedAt}}`,
+    /// `{{.Size}}`, `{{json .}}`; `table …` for a header.
+    #[arg(long)]
+    format: Option<String>,
+}
+
+/// A `--filter` of `strata images`.
+enum ImageFilter {
+    Reference(globset::GlobMatcher),
+    Label(String, Option<String>),
+    Before(u64),
+    Since(u64),
+    Dangling(bool),
 }
 
 #[derive(Debug, Args, Serialize, Deserialize)]
@@ -122,6 +144,13 @@ pub fn parse_size(s: &str) -> Result<u64> {
     Ok((n * mult) as u64)
 }
 
+/// A time as Docker's `CreatedAt` shows it: `2026-12-05 08:29:00 +0000 UTC`.
+fn created_at(secs: u64) -> String {
+    let t = chrono::DateTime::<chrono::Utc>::from_timestamp(i64::try_from(secs).unwrap_or(0), 0)
+        .unwrap_or_default();
+    t.format("%Y-%m-%d %H:%M:%S +0000 UTC").to_string()
+}
+
 /// `3 minutes ago`, as `docker images` shows it.
 pub fn ago(secs: u64) -> String {
     let now = strata_cas::now_unix();
@@ -160,7 +189,111 @@ pub fn images(cx: &Cx<'_>, args: ImagesArgs) -> Result<u8> {
     };
     // Each date parsed once, not once per comparison.
     list.sort_by_cached_key(|t| (std::cmp::Reverse(created(t)), t.reference.clone()));
+    let filters = args
+        .filters
+        .iter()
+        .map(|f| {
+            let (key, value) = f
+                .split_once('=')
+                .with_context(|| format!("invalid filter '{f}': expected KEY=VALUE"))?;
+            let when = |name: &str| -> Result<u64> {
+                let t = node
+                    .images
+                    .get(name)?
+                    .with_context(|| format!("invalid filter '{f}': no such image: {name}"))?;
+                Ok(created(&t))
+            };
+            Ok(match key {
+                "reference" => ImageFilter::Reference(
+                    globset::Glob::new(value)
+                        .with_context(|| format!("invalid filter '{f}'"))?
+                        .compile_matcher(),
+                ),
+                "label" => match value.split_once('=') {
+                    Some((k, v)) => ImageFilter::Label(k.into(), Some(v.into())),
+                    None => ImageFilter::Label(value.into(), None),
+                },
+                "before" => ImageFilter::Before(when(value)?),
+                "since" => ImageFilter::Since(when(value)?),
+                "dangling" => ImageFilter::Dangling(match value {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => bail!("invalid filter '{f}': dangling is true or false"),
+                }),
+                _ => bail!("invalid filter '{key}'"),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    list.retain(|t| {
+        let repo = t.reference.familiar_repository();
+        let tag = t.reference.tag.clone().unwrap_or_default();
+        let wanted = args
+            .repository
+            .as_deref()
+            .is_none_or(|r| match r.rsplit_once(':') {
+                Some((name, want)) if !want.contains('/') => name == repo && want == tag,
+                _ => r == repo,
+            });
+        wanted
+            && filters.iter().all(|f| match f {
+                ImageFilter::Reference(g) => {
+                    g.is_match(&repo) || g.is_match(format!("{repo}:{tag}"))
+                }
+                ImageFilter::Label(k, v) => t
+                    .image
+                    .config
+                    .config
+                    .labels
+                    .get(k)
+                    .is_some_and(|have| v.as_ref().is_none_or(|v| v == have)),
+                ImageFilter::Before(c) => created(t) < *c,
+                ImageFilter::Since(c) => created(t) > *c,
+                // Every image listed has a name: none dangles.
+                ImageFilter::Dangling(d) => !d,
+            })
+    });
     let mut out = cx.out();
+    if let Some(format) = &args.format {
+        let template = crate::template::Template::parse(format)?;
+        let rows: Vec<crate::template::Row> = list
+            .iter()
+            .map(|t| crate::template::Row {
+                fields: BTreeMap::from([
+                    ("ID", serde_json::json!(&t.image.id.hex()[..12])),
+                    (
+                        "Repository",
+                        serde_json::json!(t.reference.familiar_repository()),
+                    ),
+                    (
+                        "Tag",
+                        serde_json::json!(
+                            t.reference.tag.clone().unwrap_or_else(|| "<none>".into())
+                        ),
+                    ),
+                    (
+                        "Digest",
+                        serde_json::json!(t.image.manifest_digest.to_string()),
+                    ),
+                    ("CreatedSince", serde_json::json!(ago(created(t)))),
+                    ("CreatedAt", serde_json::json!(created_at(created(t)))),
+                    ("Size", serde_json::json!(human_size(t.image.size()))),
+                ]),
+            })
+            .collect();
+        let headers = BTreeMap::from([
+            ("ID", "IMAGE ID"),
+            ("Repository", "REPOSITORY"),
+            ("Tag", "TAG"),
+            ("Digest", "DIGEST"),
+            ("CreatedSince", "CREATED"),
+            ("CreatedAt", "CREATED AT"),
+            ("Size", "SIZE"),
+        ]);
+        for line in template.lines(&rows, &headers)? {
+            writeln!(out, "{line}")?;
+        }
+        return Ok(0);
+    }
     if args.quiet {
         for t in &list {
             writeln!(out, "{}", &t.image.id.hex()[..12])?;

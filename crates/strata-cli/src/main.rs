@@ -15,6 +15,7 @@ mod progress;
 mod registry;
 mod run;
 mod stdio;
+mod template;
 
 use std::io::Write;
 use std::path::PathBuf;
