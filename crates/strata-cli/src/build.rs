@@ -41,6 +41,10 @@ pub struct BuildArgs {
     /// Do not use the cache.
     #[arg(long)]
     no_cache: bool,
+    /// Do not use the cache for these stages' steps (by name);
+    /// repeatable or comma-separated.
+    #[arg(long = "no-cache-filter", value_name = "STAGE", value_delimiter = ',')]
+    no_cache_filter: Vec<String>,
     /// Pull base images again even when they are stored.
     #[arg(long)]
     pull: bool,
@@ -302,6 +306,11 @@ pub fn run(cx: &Cx<'_>, args: BuildArgs, flags: &RegistryFlags) -> Result<u8> {
     result
 }
 
+/// Stage names as the plan has them (`AS` names are case-insensitive).
+fn stage_names(given: &[String]) -> Vec<String> {
+    given.iter().map(|s| s.to_lowercase()).collect()
+}
+
 /// `--label KEY=VALUE`s.
 fn parse_labels(given: &[String]) -> Result<BTreeMap<String, String>> {
     given
@@ -458,6 +467,7 @@ fn build_and_output(
                     context: &args.context,
                     secrets,
                     no_cache: args.no_cache,
+                    no_cache_stages: stage_names(&args.no_cache_filter),
                     pull: args.pull,
                     rewrite_timestamp,
                 },
@@ -481,6 +491,7 @@ fn build_and_output(
                 build_args,
                 target: args.target.clone(),
                 no_cache: args.no_cache,
+                no_cache_stages: stage_names(&args.no_cache_filter),
                 jobs,
                 secrets,
                 tags: tags.clone(),
@@ -661,6 +672,7 @@ struct ClusterBuild<'a> {
     context: &'a Path,
     secrets: BTreeMap<String, Vec<u8>>,
     no_cache: bool,
+    no_cache_stages: Vec<String>,
     pull: bool,
     rewrite_timestamp: bool,
 }
@@ -713,6 +725,7 @@ fn cluster_build(
                 context,
                 secrets: b.secrets.clone(),
                 no_cache: b.no_cache,
+                no_cache_stages: b.no_cache_stages.clone(),
                 pull: b.pull,
             };
             let done = async {

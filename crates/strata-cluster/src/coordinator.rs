@@ -1237,6 +1237,7 @@ impl Coordinator {
         let progress_tx = events.clone();
         let opts = SolveOptions {
             no_cache: submit.no_cache,
+            no_cache_stages: submit.no_cache_stages.clone(),
             // Worker slots bound how much runs at once.
             jobs: 1024,
             slots: None,

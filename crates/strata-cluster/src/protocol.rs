@@ -72,6 +72,8 @@ pub struct SubmitBuild {
     pub secrets: BTreeMap<String, Vec<u8>>,
     /// `--no-cache`.
     pub no_cache: bool,
+    /// `--no-cache-filter`: stages whose steps ignore the cache.
+    pub no_cache_stages: Vec<String>,
     /// `--pull`.
     pub pull: bool,
 }

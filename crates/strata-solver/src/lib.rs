@@ -185,6 +185,9 @@ pub type Progress = Arc<dyn Fn(Event) + Send + Sync>;
 pub struct SolveOptions {
     /// Ignore the cache (results are still recorded).
     pub no_cache: bool,
+    /// Ignore the cache for the steps of these stages only
+    /// (`--no-cache-filter`).
+    pub no_cache_stages: Vec<String>,
     /// Most steps of this build running at once.
     pub jobs: usize,
     /// Slots every build of the node shares: with them, a step runs only

@@ -331,13 +331,14 @@ impl Solver {
                 .map_err(step_err)?
             };
             let step_key = step_key(&key, &step.op, &inputs);
-            let cached = if run.opts.no_cache {
+            let skip_cache = run.opts.no_cache || run.opts.no_cache_stages.contains(&stage.name);
+            let cached = if skip_cache {
                 None
             } else {
                 self.index(move |c| c.get(&step_key)).await?
             };
             let cached = cached.filter(|e| self.worker.has_layers(&e.layers));
-            if !run.opts.no_cache {
+            if !skip_cache {
                 strata_metrics::cache_lookup(cached.is_some());
             }
             let (entry, result) = match cached {

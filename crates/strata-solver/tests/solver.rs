@@ -212,6 +212,7 @@ fn stage(name: &str, base: Base, steps: Vec<Step>) -> StagePlan {
 fn opts() -> SolveOptions {
     SolveOptions {
         no_cache: false,
+        no_cache_stages: Vec::new(),
         jobs: 4,
         slots: None,
         cancel: CancellationToken::new(),

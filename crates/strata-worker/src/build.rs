@@ -29,6 +29,8 @@ pub struct BuildRequest {
     pub target: Option<String>,
     /// `--no-cache`.
     pub no_cache: bool,
+    /// `--no-cache-filter`: stages whose steps ignore the cache.
+    pub no_cache_stages: Vec<String>,
     /// Most steps at once.
     pub jobs: usize,
     /// `--secret`s, by id.
@@ -372,6 +374,7 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
     ));
     let solve_opts = SolveOptions {
         no_cache: req.no_cache,
+        no_cache_stages: req.no_cache_stages.clone(),
         jobs: req.jobs,
         slots: Some(Arc::clone(&node.slots)),
         cancel: req.cancel.clone(),
