@@ -3,7 +3,7 @@
 //! input. The client spools it to a file the daemon can read (in the
 //! state directory, which only its owner reaches) and removes it after.
 
-use std::io::{IsTerminal as _, Read as _};
+use std::io::IsTerminal as _;
 use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
@@ -54,14 +54,7 @@ pub fn context(home: &Path) -> Result<tempfile::TempDir> {
         .prefix("stdin-context-")
         .tempdir_in(home.join("tmp"))
         .context("cannot make a directory for the build context")?;
-    let is_tar = {
-        let f = std::fs::File::open(spooled.path())?;
-        let mut r = strata_oci::decompressing(f)?;
-        let mut header = [0u8; 512];
-        r.read_exact(&mut header).is_ok()
-            && tar::Header::from_byte_slice(&header).cksum().ok() == Some(checksum(&header))
-    };
-    if is_tar {
+    if strata_worker::is_archive(spooled.path()) {
         let f = std::fs::File::open(spooled.path())?;
         // The tar crate keeps every entry inside the directory (`..` and
         // absolute names refused).
@@ -73,18 +66,4 @@ pub fn context(home: &Path) -> Result<tempfile::TempDir> {
             .context("cannot write the Dockerfile read from standard input")?;
     }
     Ok(dir)
-}
-
-/// A tar header's checksum: the byte sum with the checksum field as blanks.
-fn checksum(h: &[u8; 512]) -> u32 {
-    h.iter()
-        .enumerate()
-        .map(|(i, &b)| {
-            if (148..156).contains(&i) {
-                32
-            } else {
-                u32::from(b)
-            }
-        })
-        .sum()
 }

@@ -361,8 +361,9 @@ fn copy_xattrs(from: &Path, to: &Path) {
     }
 }
 
-/// Whether a file is a tar archive, plain or compressed (ADD unpacks those).
-fn is_archive(path: &Path) -> bool {
+/// Whether a file is a tar archive, plain or compressed (ADD unpacks
+/// those; a build context on standard input is one).
+pub fn is_archive(path: &Path) -> bool {
     let Ok(f) = fs::File::open(path) else {
         return false;
     };

@@ -25,6 +25,7 @@ mod users;
 mod worker;
 
 pub use build::{BaseImages, BuildError, BuildRequest, BuildResult, PlanInputs, build, ignore_for};
+pub use copy::is_archive;
 pub use gc::{Candidate, EvictReport, GRACE, Keep, PruneReport, candidates, choose, evict, prune};
 pub use history::{BuildRecord, BuildStatus, History, HistoryError};
 pub use memo::SelectionMemo;
