@@ -174,13 +174,21 @@ impl History {
     /// The newest `limit` builds, newest first. A record that cannot be
     /// read (written by another version) is skipped.
     pub fn list(&self, limit: usize) -> Result<Vec<BuildRecord>, HistoryError> {
+        self.newest(limit, f64::INFINITY)
+    }
+
+    /// The newest builds, newest first: at least `count` (if there are
+    /// that many), and every one started at `since` (seconds since the
+    /// epoch) or later. Records are keyed by start time, so older ones
+    /// are never read.
+    pub fn newest(&self, count: usize, since: f64) -> Result<Vec<BuildRecord>, HistoryError> {
         let cf = self.meta.cf(CF_HISTORY);
-        let mut out = Vec::new();
+        let mut out: Vec<BuildRecord> = Vec::new();
         for item in self.meta.db().iterator_cf(cf, rocksdb::IteratorMode::End) {
-            if out.len() >= limit {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if out.len() >= count && started_of(&k) < since {
                 break;
             }
-            let (_, v) = item.map_err(|e| self.err(e))?;
             if let Ok(r) = serde_json::from_slice::<BuildRecord>(&v) {
                 out.push(r);
             }
@@ -449,11 +457,14 @@ const RECENT: usize = 20;
 impl Activity {
     /// `node`'s activity now.
     pub fn of(node: &crate::Node) -> Activity {
-        let records = node.history.list(MAX_RECORDS).unwrap_or_else(|e| {
+        let hour_ago = now() - 3600.0;
+        // The recent builds shown, and every build of the last hour for
+        // the hit rate: not the whole history, at each poll.
+        let records = node.history.newest(RECENT, hour_ago).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read the build history");
             Vec::new()
         });
-        let (lookups_hour, hits_hour) = cache_use(&records, now() - 3600.0);
+        let (lookups_hour, hits_hour) = cache_use(&records, hour_ago);
         Activity {
             running: node.live.snapshot(),
             recent: records.into_iter().take(RECENT).collect(),
@@ -474,6 +485,14 @@ pub fn cache_use(records: &[BuildRecord], since: f64) -> (usize, usize) {
         .fold((0, 0), |(all, hits), s| {
             (all + 1, hits + usize::from(s.cached))
         })
+}
+
+/// When the build a record's key names started, seconds since the epoch
+/// (the key begins with it: [`key`]).
+fn started_of(key: &[u8]) -> f64 {
+    key.get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0.0, |b| u64::from_be_bytes(b) as f64 / 1e6)
 }
 
 /// Records sort by when they started, then by id.
@@ -637,6 +656,12 @@ mod tests {
         );
         assert_eq!(h.get("b01004").map(|r| r.id).ok(), Some("b01004".into()));
         assert!(h.get("b00000").is_err(), "gone");
+        // Two at least, and all since 2000.0 (b01000 on): reading stops
+        // at the first older one past the count.
+        let newest = h.newest(2, 2000.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(newest.len(), 5);
+        assert_eq!(newest[4].id, "b01000");
+        assert_eq!(h.newest(2, f64::INFINITY).map(|v| v.len()).ok(), Some(2));
     }
 
     #[test]
