@@ -73,6 +73,11 @@ impl Docker {
             .is_ok_and(|o| o.status.success())
     }
 
+    /// Where the daemon listens (`unix://…`), as `DOCKER_HOST` names it.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
     /// A `docker` command for this daemon: Debian's 20.10 client, whose
     /// built-in BuildKit client works (`/usr/local/bin/docker` lacks buildx).
     pub fn cmd(&self) -> Command {

@@ -655,3 +655,323 @@ fn no_cache_filter_runs_only_the_named_stages_again() {
         "{cached:?}"
     );
 }
+
+/// A build whose result is files, as CI jobs export binaries.
+const EXPORTED: &str = "FROM busybox AS build\nRUN mkdir -p /out/bin && echo built > /out/bin/app && chmod 755 /out/bin/app && ln -s bin/app /out/link\nFROM scratch\nCOPY --from=build /out /\n";
+
+/// What a tar archive holds: `(name, kind, link target)` sorted.
+fn tar_listing(bytes: &[u8]) -> Vec<(String, char, String)> {
+    let mut a = tar::Archive::new(bytes);
+    let mut out: Vec<(String, char, String)> = a
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let name = e
+                .path()
+                .unwrap()
+                .to_string_lossy()
+                .trim_start_matches("./")
+                .trim_end_matches('/')
+                .to_string();
+            let kind = match e.header().entry_type() {
+                tar::EntryType::Directory => 'd',
+                tar::EntryType::Symlink => 'l',
+                _ => 'f',
+            };
+            let link = e
+                .link_name()
+                .unwrap()
+                .map(|l| l.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (name, kind, link)
+        })
+        .filter(|(n, _, _)| !n.is_empty() && n != ".")
+        .collect();
+    out.sort();
+    out
+}
+
+/// What a directory holds, in [`tar_listing`]'s terms.
+fn dir_listing(root: &std::path::Path) -> Vec<(String, char, String)> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let name = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let ft = e.file_type().unwrap();
+            if ft.is_symlink() {
+                let to = std::fs::read_link(&p).unwrap();
+                out.push((name, 'l', to.to_string_lossy().into_owned()));
+            } else if ft.is_dir() {
+                out.push((name, 'd', String::new()));
+                todo.push(p);
+            } else {
+                out.push((name, 'f', String::new()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn outputs_of_files_to_a_directory_a_tar_and_standard_output_as_docker_build() {
+    let s = Strata::new().with_busybox(&[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(ctx.path(), &[("Dockerfile", EXPORTED)]);
+    let out = tempfile::tempdir().unwrap();
+    let ctx_arg = ctx.path().to_str().unwrap();
+
+    // -o DIR is type=local.
+    let dir = out.path().join("dir");
+    s.ok(&["build", "-q", "-o", dir.to_str().unwrap(), ctx_arg]);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("bin/app")).unwrap(),
+        "built\n"
+    );
+    let ours = dir_listing(&dir);
+    assert_eq!(
+        ours,
+        [
+            ("bin".to_string(), 'd', String::new()),
+            ("bin/app".to_string(), 'f', String::new()),
+            ("link".to_string(), 'l', "bin/app".to_string()),
+        ]
+    );
+
+    // type=tar,dest=FILE and -o - give the same tree as one archive.
+    let file = out.path().join("files.tar");
+    s.ok(&[
+        "build",
+        "--output",
+        &format!("type=tar,dest={}", file.display()),
+        ctx_arg,
+    ]);
+    assert_eq!(tar_listing(&std::fs::read(&file).unwrap()), ours);
+    let piped = s.run(&["build", "-o", "-", ctx_arg]);
+    assert!(
+        piped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+    assert_eq!(tar_listing(&piped.stdout), ours);
+
+    // docker build -o writes the same files.
+    let docker = Docker::shared();
+    docker.load_busybox(&["busybox:latest"]);
+    let theirs = out.path().join("docker");
+    let built = docker
+        .cmd()
+        .args(["build", "-q", "-o"])
+        .arg(format!("type=local,dest={}", theirs.display()))
+        .arg(ctx.path())
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    assert_eq!(dir_listing(&theirs), ours);
+
+    // Nonsense is refused, naming it.
+    let bad = s.run(&["build", "--output", "type=local,dest=-", ctx_arg]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("type=local writes a directory"));
+    let two = s.run(&[
+        "build",
+        "-o",
+        "-",
+        "--output",
+        "type=docker,dest=-",
+        ctx_arg,
+    ]);
+    assert!(!two.status.success());
+    assert!(
+        String::from_utf8_lossy(&two.stderr)
+            .contains("only one --output can go to standard output")
+    );
+}
+
+#[test]
+fn load_puts_the_image_into_the_docker_engine() {
+    let s = Strata::new().with_busybox(&[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox\nRUN echo loaded > /greeting\nCMD [\"cat\", \"/greeting\"]\n",
+        )],
+    );
+    let docker = Docker::shared();
+    let built = s
+        .cmd()
+        .env("DOCKER_HOST", docker.host())
+        .args(["build", "--load", "-t", "strata-compat/loaded:1"])
+        .arg(ctx.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&built.stderr);
+    assert!(built.status.success(), "{err}");
+    assert!(
+        err.contains("Loaded image: strata-compat/loaded:1"),
+        "{err}"
+    );
+    let said = docker.ok(&["run", "--rm", "--network", "none", "strata-compat/loaded:1"]);
+    assert_eq!(said, "loaded\n");
+    docker.ok(&["rmi", "strata-compat/loaded:1"]);
+
+    // With no engine there, the build says so and fails; the image stays
+    // in strata's store.
+    let gone = s
+        .cmd()
+        .env("DOCKER_HOST", "unix:///run/no-such-docker.sock")
+        .args(["build", "--load", "-t", "strata-compat/loaded:2"])
+        .arg(ctx.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&gone.stderr);
+    assert!(!gone.status.success());
+    assert!(
+        err.contains("unix:///run/no-such-docker.sock") && err.contains("strata images"),
+        "{err}"
+    );
+    assert!(s.ok(&["images"]).contains("strata-compat/loaded"));
+}
+
+#[test]
+fn network_add_host_shm_size_and_ulimit_reach_every_run() {
+    let s = Strata::new().with_busybox(&[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox AS probe\nRUN mkdir /out && cp /etc/hosts /out/hosts && ulimit -Sn > /out/nofile && grep ' /dev/shm ' /proc/mounts > /out/shm && cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' ' > /out/net\nFROM scratch\nCOPY --from=probe /out /\n",
+        )],
+    );
+    let ctx_arg = ctx.path().to_str().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("flags");
+    s.ok(&[
+        "build",
+        "--add-host",
+        "db.internal:10.1.2.3",
+        "--ulimit",
+        "nofile=512:1024",
+        "--shm-size",
+        "128m",
+        "--network",
+        "none",
+        "-o",
+        dir.to_str().unwrap(),
+        ctx_arg,
+    ]);
+    let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
+    assert!(
+        read("hosts").contains("10.1.2.3\tdb.internal\n"),
+        "{}",
+        read("hosts")
+    );
+    assert_eq!(read("nofile"), "512\n");
+    assert!(read("shm").contains("size=131072k"), "{}", read("shm"));
+    assert_eq!(read("net"), "lo\n");
+
+    // The defaults differ, so nothing above came from the cache.
+    let plain = out.path().join("plain");
+    s.ok(&["build", "-o", plain.to_str().unwrap(), ctx_arg]);
+    let plain_read = |n: &str| std::fs::read_to_string(plain.join(n)).unwrap();
+    assert!(!plain_read("hosts").contains("db.internal"));
+    assert!(plain_read("shm").contains("size=65536k"));
+
+    // --network host asks for its entitlement, which this machine must grant.
+    let refused = s.run(&["build", "--network", "host", ctx_arg]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("network.host"), "{err}");
+    let host = out.path().join("host");
+    s.ok(&[
+        "build",
+        "--network",
+        "host",
+        "--allow-insecure-entitlement",
+        "network.host",
+        "-o",
+        host.to_str().unwrap(),
+        ctx_arg,
+    ]);
+    let host_net = std::fs::read_to_string(host.join("net")).unwrap();
+    assert!(
+        host_net.lines().count() > 1,
+        "the host's interfaces: {host_net}"
+    );
+
+    // Nonsense is refused, naming it.
+    for (flag, value, says) in [
+        ("--ulimit", "files=1", "unknown limit"),
+        ("--add-host", "db", "expected NAME:IP"),
+        ("--shm-size", "lots", "expected a size"),
+        ("--network", "bridge", "default, none or host"),
+    ] {
+        let bad = s.run(&["build", flag, value, ctx_arg]);
+        assert!(!bad.status.success());
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(err.contains(says), "{flag} {value}: {err}");
+    }
+}
+
+#[test]
+fn progress_rawjson_is_buildkit_s_solve_status_a_line_each() {
+    let s = Strata::new().with_busybox(&[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[("Dockerfile", "FROM busybox\nRUN echo hello-rawjson\n")],
+    );
+    let out = s.run(&[
+        "build",
+        "--progress",
+        "rawjson",
+        ctx.path().to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let statuses: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    let vertexes: Vec<&serde_json::Value> = statuses
+        .iter()
+        .filter_map(|s| s["vertexes"].as_array())
+        .flatten()
+        .collect();
+    let run = vertexes
+        .iter()
+        .find(|v| {
+            v["name"]
+                .as_str()
+                .unwrap()
+                .contains("RUN echo hello-rawjson")
+                && v["completed"].is_string()
+        })
+        .expect("the RUN step completes");
+    assert!(run["digest"].as_str().unwrap().starts_with("sha256:"));
+    assert!(run["started"].is_string());
+    let logs: Vec<u8> = statuses
+        .iter()
+        .filter_map(|s| s["logs"].as_array())
+        .flatten()
+        .filter(|l| l["vertex"] == run["digest"])
+        .flat_map(|l| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(l["data"].as_str().unwrap())
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&logs), "hello-rawjson\n");
+}

@@ -11,7 +11,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use strata_dockerfile::Platform;
 use strata_oci::{Compression, Reference};
-use strata_plan::{Entitlement, Grants};
+use strata_plan::{Entitlement, ExtraHost, Grants, NetworkMode, RunSettings, ShmSize, Ulimit};
 use strata_solver::StepRecord;
 use strata_worker::{
     BuildError, BuildRecord, BuildRequest, BuildStatus, PlanInputs, SOURCE_DATE_EPOCH, Timestamps,
@@ -52,6 +52,11 @@ pub struct BuildArgs {
     /// `--output type=registry`).
     #[arg(long)]
     push: bool,
+    /// Load the image into the Docker engine (`DOCKER_HOST`, else
+    /// `/var/run/docker.sock`), as buildx does; the same as `--output
+    /// type=docker`.
+    #[arg(long)]
+    load: bool,
     /// How to show progress.
     #[arg(long, value_enum, default_value = "auto")]
     progress: Mode,
@@ -59,10 +64,13 @@ pub struct BuildArgs {
     /// `--progress quiet`).
     #[arg(short, long, conflicts_with = "progress")]
     quiet: bool,
-    /// Also write the image: `type=oci,dest=PATH[,compression=gzip|zstd|uncompressed][,tar=false]`,
-    /// `type=docker,dest=PATH`, `type=registry` or `type=image` (the local
-    /// store only). Any of them takes `rewrite-timestamp=true`: with
-    /// SOURCE_DATE_EPOCH, clamp the base image's files' times too.
+    /// Also write the image: `type=local,dest=DIR` or `type=tar,dest=FILE`
+    /// (its files; `-o DIR` and `-o -` for short),
+    /// `type=oci,dest=PATH[,compression=gzip|zstd|uncompressed][,tar=false]`,
+    /// `type=docker[,dest=PATH]` (without dest: into the Docker engine),
+    /// `type=registry` or `type=image` (the local store only). A dest of
+    /// `-` is standard output. Any of them takes `rewrite-timestamp=true`:
+    /// with SOURCE_DATE_EPOCH, clamp the base image's files' times too.
     #[arg(long = "output", short = 'o')]
     outputs: Vec<String>,
     /// A secret for `RUN --mount=type=secret`: `id=ID,src=PATH` or `id=ID,env=VAR`.
@@ -108,6 +116,21 @@ pub struct BuildArgs {
     /// `image.name`, `buildx.build.ref`).
     #[arg(long = "metadata-file", value_name = "FILE")]
     metadata_file: Option<PathBuf>,
+    /// The network of every `RUN` without a `--network` of its own:
+    /// `default`, `none` or `host` (which asks for the `network.host`
+    /// entitlement, as buildx does).
+    #[arg(long, value_name = "MODE", default_value = "default")]
+    network: NetworkMode,
+    /// A line for every step's `/etc/hosts`: `HOST:IP`; repeatable.
+    #[arg(long = "add-host", value_name = "HOST:IP")]
+    add_hosts: Vec<ExtraHost>,
+    /// Size of every step's `/dev/shm` (`64m`, `1g`; default 64 MiB).
+    #[arg(long = "shm-size", value_name = "SIZE")]
+    shm_size: Option<ShmSize>,
+    /// A resource limit for every step: `NAME=SOFT[:HARD]` (`nofile=1024:2048`);
+    /// repeatable.
+    #[arg(long = "ulimit", value_name = "NAME=SOFT[:HARD]")]
+    ulimits: Vec<Ulimit>,
     /// The build context directory, or `-`: a tar archive (or a lone
     /// Dockerfile) on standard input.
     context: PathBuf,
@@ -130,25 +153,65 @@ impl BuildArgs {
 
 #[derive(Debug, Clone, PartialEq)]
 enum Output {
+    /// An OCI layout (`dest` of `-`: a tar on standard output).
     Oci {
-        dest: PathBuf,
+        dest: Dest,
         compression: Compression,
         tar: bool,
     },
-    Docker {
-        dest: PathBuf,
-    },
+    /// A `docker save` archive; with no `dest`, loaded into the Docker
+    /// engine (`--load`).
+    Docker { dest: Option<Dest> },
     /// Push to the registry each tag names.
-    Registry {
-        compression: Compression,
-    },
+    Registry { compression: Compression },
     /// The local image store, where every build's image goes anyway.
     Image,
+    /// The image's files, into a directory.
+    Local { dest: PathBuf },
+    /// The image's files as one tar.
+    Tar { dest: Dest },
+}
+
+/// Where an output is written: a path, or `-` for standard output.
+#[derive(Debug, Clone, PartialEq)]
+enum Dest {
+    Path(PathBuf),
+    Stdout,
+}
+
+impl Dest {
+    fn parse(s: &str) -> Dest {
+        if s == "-" {
+            Dest::Stdout
+        } else {
+            Dest::Path(PathBuf::from(s))
+        }
+    }
+
+    fn resolved(self, cx: &Cx<'_>) -> Dest {
+        match self {
+            Dest::Path(p) => Dest::Path(cx.path(&p)),
+            Dest::Stdout => Dest::Stdout,
+        }
+    }
 }
 
 /// An `--output`: where the image goes, and whether it asks for
-/// `rewrite-timestamp=true`.
+/// `rewrite-timestamp=true`. As buildx, a value with no `=` is a
+/// directory for `type=local`, and `-` is `type=tar` to standard output.
 fn parse_output(s: &str) -> Result<(Output, bool)> {
+    if !s.contains('=') {
+        return Ok(match s {
+            "" => bail!("--output: give a directory, - or type=…"),
+            "-" => (Output::Tar { dest: Dest::Stdout }, false),
+            dir => (
+                Output::Local {
+                    dest: PathBuf::from(dir),
+                },
+                false,
+            ),
+        });
+    }
     let mut kv = BTreeMap::new();
     for part in s.split(',') {
         let (k, v) = part
@@ -164,7 +227,7 @@ fn parse_output(s: &str) -> Result<(Output, bool)> {
         .unwrap_or_default();
     let dest = || {
         kv.get("dest")
-            .map(PathBuf::from)
+            .map(|d| Dest::parse(d))
             .with_context(|| format!("--output {s:?}: dest=PATH is required"))
     };
     let rewrite = match kv.get("rewrite-timestamp").map(String::as_str) {
@@ -178,14 +241,38 @@ fn parse_output(s: &str) -> Result<(Output, bool)> {
             compression,
             tar: kv.get("tar").is_none_or(|t| t != "false"),
         },
-        Some("docker") => Output::Docker { dest: dest()? },
+        Some("docker") => Output::Docker {
+            dest: kv.get("dest").map(|d| Dest::parse(d)),
+        },
         Some("registry") => Output::Registry { compression },
-        Some("image") => Output::Image,
+        Some("image") => match kv.get("push").map(String::as_str) {
+            Some("true") => Output::Registry { compression },
+            _ => Output::Image,
+        },
+        Some("local") => match dest()? {
+            Dest::Path(dest) => Output::Local { dest },
+            Dest::Stdout => bail!(
+                "--output {s:?}: type=local writes a directory; use type=tar for standard output"
+            ),
+        },
+        Some("tar") => Output::Tar { dest: dest()? },
         Some(other) => {
-            bail!("--output type={other} is not supported: use type=oci, docker, registry or image")
+            bail!(
+                "--output type={other} is not supported: use type=local, tar, oci, docker, registry or image"
+            )
         }
-        None => bail!("--output {s:?}: type=oci, docker, registry or image is required"),
+        None => {
+            bail!("--output {s:?}: type=local, tar, oci, docker, registry or image is required")
+        }
     };
+    if let Output::Oci {
+        dest: Dest::Stdout,
+        tar: false,
+        ..
+    } = output
+    {
+        bail!("--output {s:?}: tar=false writes a directory, not standard output");
+    }
     Ok((output, rewrite))
 }
 
@@ -253,6 +340,25 @@ pub fn from_stdin(
     home: &Path,
     mut args: Box<BuildArgs>,
 ) -> Result<(Box<BuildArgs>, Option<crate::stdio::Spooled>)> {
+    let to_stdout = args.outputs.iter().any(|o| {
+        matches!(
+            parse_output(o),
+            Ok((
+                Output::Oci {
+                    dest: Dest::Stdout,
+                    ..
+                } | Output::Docker {
+                    dest: Some(Dest::Stdout)
+                } | Output::Tar { dest: Dest::Stdout },
+                _
+            ))
+        )
+    });
+    if to_stdout && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        bail!(
+            "an --output to standard output was asked for, but standard output is a terminal: redirect it, or give dest=FILE"
+        );
+    }
     let dash = Path::new("-");
     match (args.file.as_deref() == Some(dash), args.context == dash) {
         (true, true) => {
@@ -374,6 +480,16 @@ fn build_and_output(
     args.iidfile = args.iidfile.as_deref().map(|f| cx.path(f));
     args.metadata_file = args.metadata_file.as_deref().map(|f| cx.path(f));
     let labels = parse_labels(&args.labels)?;
+    let run_settings = RunSettings {
+        network: args.network,
+        extra_hosts: args.add_hosts.clone(),
+        shm_size: args.shm_size.map(|s| s.0),
+        ulimits: args.ulimits.clone(),
+    };
+    // As buildx does: `--network host` asks for its entitlement.
+    if args.network == NetworkMode::Host && !args.allow.contains(&Entitlement::NetworkHost) {
+        args.allow.push(Entitlement::NetworkHost);
+    }
     args.cluster = args.cluster.as_deref().map(|f| cx.path(f));
     let tags = args
         .tags
@@ -393,12 +509,18 @@ fn build_and_output(
                     compression,
                     tar,
                 } => Output::Oci {
-                    dest: cx.path(&dest),
+                    dest: dest.resolved(cx),
                     compression,
                     tar,
                 },
                 Output::Docker { dest } => Output::Docker {
+                    dest: dest.map(|d| d.resolved(cx)),
+                },
+                Output::Local { dest } => Output::Local {
                     dest: cx.path(&dest),
+                },
+                Output::Tar { dest } => Output::Tar {
+                    dest: dest.resolved(cx),
                 },
                 other => other,
             };
@@ -431,6 +553,31 @@ fn build_and_output(
         bail!("Dockerfile {shown_dockerfile} not found (use -f to name another)");
     }
     let mut outputs = outputs;
+    if args.load {
+        outputs.push(Output::Docker { dest: None });
+    }
+    let to_stdout = outputs
+        .iter()
+        .filter(|o| {
+            matches!(
+                o,
+                Output::Oci {
+                    dest: Dest::Stdout,
+                    ..
+                } | Output::Docker {
+                    dest: Some(Dest::Stdout)
+                } | Output::Tar { dest: Dest::Stdout }
+            )
+        })
+        .count();
+    if to_stdout > 1 {
+        bail!("only one --output can go to standard output");
+    }
+    if to_stdout == 1 && args.progress == Mode::Quiet {
+        bail!(
+            "-q prints the image ID on standard output, where an --output goes: give the output a dest=FILE"
+        );
+    }
     if args.push {
         outputs.push(Output::Registry {
             compression: Compression::Gzip,
@@ -455,7 +602,8 @@ fn build_and_output(
                 &platform,
                 args.allow.iter().copied().collect(),
             )?
-            .labeled(labels);
+            .labeled(labels)
+            .running(run_settings);
             warn_unused(cx, &inputs)?;
             let outcome = cluster_build(
                 cx,
@@ -511,6 +659,7 @@ fn build_and_output(
                 },
                 rewrite_timestamp,
                 labels,
+                run: run_settings,
             };
             let unused = PlanInputs::read(
                 &req.dockerfile,
@@ -551,22 +700,38 @@ fn build_and_output(
                 dest,
                 compression,
                 tar,
-            } => {
-                strata_oci::export_oci(
-                    &node.content,
-                    image,
-                    tags.first(),
-                    dest,
-                    *tar,
-                    *compression,
-                )
-                .with_context(|| format!("cannot write the OCI layout {}", dest.display()))?;
+            } => write_to(cx, dest, "the OCI layout", |path| {
+                strata_oci::export_oci(&node.content, image, tags.first(), path, *tar, *compression)
+                    .map(drop)
+                    .map_err(anyhow::Error::from)
+            })?,
+            Output::Docker { dest: Some(dest) } => {
+                write_to(cx, dest, "the docker archive", |path| {
+                    strata_oci::export_docker_archive(&node.content, image, &tags, path)
+                        .map_err(anyhow::Error::from)
+                })?
             }
-            Output::Docker { dest } => {
-                strata_oci::export_docker_archive(&node.content, image, &tags, dest).with_context(
-                    || format!("cannot write the docker archive {}", dest.display()),
-                )?;
+            Output::Docker { dest: None } => crate::engine::load(cx, &node, image, &tags)?,
+            Output::Local { dest } => {
+                strata_worker::export_rootfs(&node, image, dest).with_context(|| {
+                    format!("cannot write the image's files to {}", dest.display())
+                })?;
             }
+            Output::Tar { dest } => match dest {
+                Dest::Path(path) => {
+                    let file = std::fs::File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?;
+                    let mut out = std::io::BufWriter::new(file);
+                    strata_worker::write_rootfs_tar(&node, image, &mut out)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|()| out.flush().map_err(anyhow::Error::from))
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                }
+                // Streamed: a tar cut short by an error has no end-of-archive
+                // blocks, so no reader takes it as whole.
+                Dest::Stdout => strata_worker::write_rootfs_tar(&node, image, cx.out())
+                    .context("cannot write the image's files to standard output")?,
+            },
             Output::Image => {}
             Output::Registry { compression } => {
                 for tag in &tags {
@@ -613,7 +778,7 @@ fn build_and_output(
             .with_context(|| format!("cannot write the metadata file {}", path.display()))?;
     }
     let mut err = cx.err();
-    if args.progress != Mode::Quiet {
+    if !matches!(args.progress, Mode::Quiet | Mode::Rawjson) {
         writeln!(
             err,
             "built {} in {elapsed:.2}s: {} steps, {cached} cached; image {} ({}); build {build_id}",
@@ -631,6 +796,22 @@ fn build_and_output(
         writeln!(cx.out(), "{}", image.id)?;
     }
     Ok(0)
+}
+
+/// Runs `write` to make an output at `dest`; for standard output, into a
+/// scratch file first, so the client gets a whole archive or nothing.
+fn write_to(
+    cx: &Cx<'_>,
+    dest: &Dest,
+    what: &str,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    match dest {
+        Dest::Path(path) => {
+            write(path).with_context(|| format!("cannot write {what} {}", path.display()))
+        }
+        Dest::Stdout => crate::stdio::send_made(cx, what, write),
+    }
 }
 
 /// The client's progress display, and the node's view of running builds
@@ -780,7 +961,7 @@ mod tests {
             parse_output("type=oci,dest=/x.tar,compression=zstd").unwrap(),
             (
                 Output::Oci {
-                    dest: "/x.tar".into(),
+                    dest: Dest::Path("/x.tar".into()),
                     compression: Compression::Zstd,
                     tar: true
                 },
@@ -791,7 +972,7 @@ mod tests {
             parse_output("type=docker,dest=a.tar,rewrite-timestamp=true").unwrap(),
             (
                 Output::Docker {
-                    dest: "a.tar".into()
+                    dest: Some(Dest::Path("a.tar".into()))
                 },
                 true
             )
@@ -809,7 +990,28 @@ mod tests {
             parse_output("type=image,rewrite-timestamp=true").unwrap(),
             (Output::Image, true)
         );
-        assert!(parse_output("type=tar,dest=x").is_err());
+        assert_eq!(
+            parse_output("type=tar,dest=x").unwrap().0,
+            Output::Tar {
+                dest: Dest::Path("x".into())
+            }
+        );
+        assert_eq!(
+            parse_output("-").unwrap().0,
+            Output::Tar { dest: Dest::Stdout }
+        );
+        assert_eq!(
+            parse_output("out").unwrap().0,
+            Output::Local { dest: "out".into() }
+        );
+        assert_eq!(
+            parse_output("type=docker").unwrap().0,
+            Output::Docker { dest: None }
+        );
+        assert!(parse_output("type=local,dest=-").is_err());
+        assert!(parse_output("type=local").is_err());
+        assert!(parse_output("type=oci,dest=-,tar=false").is_err());
+        assert!(parse_output("type=cacheonly").is_err());
         assert!(parse_output("type=oci").is_err());
         assert!(parse_output("type=image,rewrite-timestamp=yes").is_err());
     }

@@ -9,6 +9,7 @@ mod build;
 mod cluster;
 mod daemon;
 mod dockerfile;
+mod engine;
 mod history;
 mod images;
 mod progress;

@@ -1,6 +1,7 @@
 //! Build progress on stderr, in BuildKit's style: `plain` for logs (one
 //! line per event, output prefixed with the step's number), `tty` redrawn
-//! in place with indicatif, `quiet` for nothing. Pulls and pushes show
+//! in place with indicatif, `quiet` for nothing, `rawjson` for scripts
+//! (BuildKit's solve status as JSON lines). Pulls and pushes show
 //! the same way: a bar per blob on a terminal, a line per blob otherwise.
 
 use std::collections::HashMap;
@@ -27,6 +28,9 @@ pub enum Mode {
     Tty,
     /// Nothing but errors.
     Quiet,
+    /// BuildKit's solve status as JSON, an object per line
+    /// (`{"vertexes":[…],"statuses":[…],"logs":[…]}`), for scripts.
+    Rawjson,
 }
 
 impl Mode {
@@ -50,6 +54,8 @@ struct StepState {
     id: usize,
     bar: Option<ProgressBar>,
     partial: Vec<u8>,
+    /// When it started (`rawjson`).
+    started: Option<String>,
 }
 
 /// Renders events and counts what happened.
@@ -110,8 +116,15 @@ impl Renderer {
                 id: *next,
                 bar: None,
                 partial: Vec::new(),
+                started: None,
             }
         });
+        if self.mode == Mode::Rawjson {
+            let line = raw_event(state, &e, &title);
+            drop(guard);
+            self.line(&line);
+            return;
+        }
         let id = state.id;
         match (&e.kind, self.mode) {
             (EventKind::Started, Mode::Tty) => {
@@ -208,6 +221,63 @@ impl Renderer {
     }
 }
 
+/// Now, as BuildKit's JSON dates its events.
+fn timestamp() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+/// A step's vertex digest in `rawjson`: stable for the step within the
+/// build, as BuildKit's is for its vertex.
+fn vertex_digest(stage: &str, number: usize) -> String {
+    strata_cas::Sha256::of(format!("{stage}\n{number}").as_bytes()).to_string()
+}
+
+/// One event as a line of BuildKit's solve status JSON.
+fn raw_event(state: &mut StepState, e: &Event, title: &str) -> String {
+    use base64::Engine;
+    let digest = vertex_digest(&e.stage, e.number);
+    let now = timestamp();
+    let started = state.started.get_or_insert_with(|| now.clone()).clone();
+    let vertex = |extra: serde_json::Value| {
+        let mut v = serde_json::json!({"digest": digest, "name": title, "started": started});
+        if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+            v.extend(extra);
+        }
+        serde_json::json!({ "vertexes": [v] })
+    };
+    let status = match &e.kind {
+        EventKind::Started => vertex(serde_json::json!({})),
+        EventKind::Placed(node) => serde_json::json!({"logs": [{
+            "vertex": digest, "stream": 2, "timestamp": now,
+            "data": base64::engine::general_purpose::STANDARD.encode(format!("running on {node}\n")),
+        }]}),
+        EventKind::Cached => vertex(serde_json::json!({"completed": now, "cached": true})),
+        EventKind::Output(bytes) => serde_json::json!({"logs": [{
+            "vertex": digest, "stream": 1, "timestamp": now,
+            "data": base64::engine::general_purpose::STANDARD.encode(bytes),
+        }]}),
+        EventKind::Done(_) => vertex(serde_json::json!({"completed": now})),
+        EventKind::Failed(msg) => vertex(serde_json::json!({"completed": now, "error": msg})),
+    };
+    status.to_string()
+}
+
+/// A pull or push of one blob as a line of BuildKit's solve status JSON.
+fn raw_transfer(id: &str, total: Option<u64>, current: u64, done: bool) -> String {
+    let now = timestamp();
+    let mut status =
+        serde_json::json!({"id": id, "name": id, "current": current, "timestamp": now});
+    if let Some(o) = status.as_object_mut() {
+        if let Some(t) = total {
+            o.insert("total".into(), t.into());
+        }
+        if done {
+            o.insert("completed".into(), now.into());
+        }
+    }
+    serde_json::json!({ "statuses": [status] }).to_string()
+}
+
 /// `sha256:0123456789ab…` as Docker shows blobs: twelve hex digits.
 fn short_blob(id: &str) -> &str {
     let hex = id.split_once(':').map_or(id, |(_, h)| h);
@@ -218,6 +288,9 @@ impl Transfer for Renderer {
     fn start(&self, id: &str, total: Option<u64>) {
         if self.mode == Mode::Quiet {
             return;
+        }
+        if self.mode == Mode::Rawjson {
+            self.line(&raw_transfer(id, total, 0, false));
         }
         let bar = self.multi.as_ref().map(|m| {
             let bar = m.add(ProgressBar::new(total.unwrap_or(0)));
@@ -266,6 +339,11 @@ impl Transfer for Renderer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(id);
+        if self.mode == Mode::Rawjson {
+            let bytes = entry.as_ref().map_or(0, |t| t.bytes);
+            self.line(&raw_transfer(id, None, bytes, true));
+            return;
+        }
         let detail = match entry {
             Some(t) => {
                 if let Some(bar) = t.bar {

@@ -256,20 +256,10 @@ pub fn save(cx: &Cx<'_>, args: SaveArgs) -> Result<u8> {
             strata_oci::export_docker_archive(&node.content, &image, &names, &cx.path(output))
                 .with_context(|| format!("cannot write {}", output.display()))?;
         }
-        None => {
-            // The archive is made whole, then sent: the client's stdout
-            // gets a complete archive or nothing.
-            let tmp = tempfile::Builder::new()
-                .prefix("save-")
-                .tempdir_in(node.home().join("tmp"))
-                .context("cannot make a scratch directory")?;
-            let file = tmp.path().join("image.tar");
-            strata_oci::export_docker_archive(&node.content, &image, &names, &file)
-                .context("cannot write the archive")?;
-            let mut reader = std::fs::File::open(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            std::io::copy(&mut reader, &mut cx.out()).context("cannot send the archive")?;
-        }
+        None => crate::stdio::send_made(cx, "the archive", |file| {
+            strata_oci::export_docker_archive(&node.content, &image, &names, file)
+                .map_err(anyhow::Error::from)
+        })?,
     }
     Ok(0)
 }

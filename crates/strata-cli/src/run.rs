@@ -155,6 +155,8 @@ pub fn run(cx: &Cx<'_>, args: RunArgs, flags: &RegistryFlags) -> Result<u8> {
             },
         ],
         insecure: false,
+        shm_size: None,
+        rlimits: vec![],
     };
     let runtime = node.runtime().map_err(anyhow::Error::msg)?;
     let (out, err) = (

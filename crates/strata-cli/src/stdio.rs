@@ -67,3 +67,23 @@ pub fn context(home: &Path) -> Result<tempfile::TempDir> {
     }
     Ok(dir)
 }
+
+/// Sends what `make` writes to a file to the client's standard output.
+/// It is made whole in a scratch file first, then sent: the client gets a
+/// complete archive or nothing.
+pub fn send_made(
+    cx: &crate::daemon::Cx<'_>,
+    what: &str,
+    make: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let tmp = tempfile::Builder::new()
+        .prefix("stdout-")
+        .tempdir_in(cx.node.home().join("tmp"))
+        .context("cannot make a scratch directory")?;
+    let file = tmp.path().join("out.tar");
+    make(&file).with_context(|| format!("cannot write {what}"))?;
+    let mut reader =
+        std::fs::File::open(&file).with_context(|| format!("cannot read {}", file.display()))?;
+    std::io::copy(&mut reader, &mut cx.out()).with_context(|| format!("cannot send {what}"))?;
+    Ok(())
+}

@@ -18,7 +18,7 @@ mod spec;
 
 pub use network::{BRIDGE, Cni, DEFAULT_SUBNET, PrivateNetwork};
 pub use runtime::{ExitStatus, Output, Runtime, Stream};
-pub use spec::{Mount, Network, Sandbox};
+pub use spec::{Mount, Network, Rlimit, Sandbox};
 
 /// What can go wrong running a step.
 #[derive(Debug, thiserror::Error)]

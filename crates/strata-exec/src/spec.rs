@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxNamespace, LinuxNamespaceType,
-    MountBuilder, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder, get_default_mounts,
+    MountBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec,
+    SpecBuilder, UserBuilder, get_default_mounts,
 };
 
 use crate::{Error, Result};
@@ -77,6 +78,21 @@ pub struct Sandbox {
     pub mounts: Vec<Mount>,
     /// `RUN --security=insecure`: all capabilities, nothing masked.
     pub insecure: bool,
+    /// Size of `/dev/shm`, bytes (default: the runtime's 64 MiB).
+    pub shm_size: Option<u64>,
+    /// Resource limits beyond the runtime's defaults.
+    pub rlimits: Vec<Rlimit>,
+}
+
+/// A resource limit of the sandboxed process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rlimit {
+    /// Its name in the runtime spec: `RLIMIT_NOFILE`.
+    pub name: String,
+    /// Soft limit.
+    pub soft: u64,
+    /// Hard limit.
+    pub hard: u64,
 }
 
 /// System calls a step may not make, as Docker's default seccomp profile
@@ -331,16 +347,33 @@ impl Sandbox {
             .additional_gids(self.additional_gids.clone())
             .build()
             .map_err(err)?;
-        let process = ProcessBuilder::default()
+        let mut process = ProcessBuilder::default()
             .terminal(false)
             .args(self.args.clone())
             .env(self.env.clone())
             .cwd(self.cwd.clone())
             .user(user)
             .capabilities(capabilities)
-            .no_new_privileges(false)
-            .build()
-            .map_err(err)?;
+            .no_new_privileges(false);
+        if !self.rlimits.is_empty() {
+            let rlimits =
+                self.rlimits
+                    .iter()
+                    .map(|r| {
+                        let typ: PosixRlimitType = r.name.parse().map_err(|_| {
+                            Error::Spec(format!("unknown resource limit {}", r.name))
+                        })?;
+                        PosixRlimitBuilder::default()
+                            .typ(typ)
+                            .soft(r.soft)
+                            .hard(r.hard)
+                            .build()
+                            .map_err(err)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+            process = process.rlimits(rlimits);
+        }
+        let process = process.build().map_err(err)?;
         let mut namespaces = vec![
             LinuxNamespace::default()
                 .set_typ(LinuxNamespaceType::Pid)
@@ -393,6 +426,21 @@ impl Sandbox {
             // The host's cgroup tree is not the build's business.
             .filter(|m| m.destination() != Path::new("/sys/fs/cgroup"))
             .collect();
+        if let Some(size) = self.shm_size
+            && let Some(shm) = mounts
+                .iter_mut()
+                .find(|m| m.destination() == Path::new("/dev/shm"))
+        {
+            let mut opts: Vec<String> = shm
+                .options()
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|o| !o.starts_with("size="))
+                .collect();
+            opts.push(format!("size={size}"));
+            shm.set_options(Some(opts));
+        }
         for m in &self.mounts {
             let built = match m {
                 Mount::Bind {

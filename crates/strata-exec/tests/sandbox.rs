@@ -33,6 +33,8 @@ fn sandbox(script: &str) -> Sandbox {
         network: Network::Host,
         mounts: vec![],
         insecure: false,
+        shm_size: None,
+        rlimits: vec![],
     }
 }
 
@@ -148,4 +150,22 @@ async fn cancel_kills_the_step() {
     let (status, _, _) = run(&sandbox("sleep 30"), &cancel).await;
     assert_eq!(status, ExitStatus::Cancelled);
     assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn shm_size_and_resource_limits() {
+    let mut sb = sandbox("ulimit -Sn; ulimit -Hn; grep ' /dev/shm ' /proc/mounts");
+    let (_, out, _) = run(&sb, &CancellationToken::new()).await;
+    assert!(out.contains("size=65536k"), "the default /dev/shm: {out}");
+    sb.shm_size = Some(128 << 20);
+    sb.rlimits = vec![strata_exec::Rlimit {
+        name: "RLIMIT_NOFILE".into(),
+        soft: 321,
+        hard: 654,
+    }];
+    let (status, out, err) = run(&sb, &CancellationToken::new()).await;
+    assert!(status.success(), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..2], ["321", "654"], "{out}");
+    assert!(lines[2].contains("size=131072k"), "{out}");
 }

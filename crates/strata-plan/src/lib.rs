@@ -18,6 +18,7 @@ mod entitlements;
 pub mod key;
 mod ops;
 mod planner;
+mod run_settings;
 
 pub use entitlements::{Entitlement, EntitlementError, Entitlements, Grants};
 pub use ops::{
@@ -28,3 +29,4 @@ pub use planner::{
     Base, HistoryEntry, ImageResolver, Options, Plan, PlanError, ResolvedImage, StagePlan, Step,
     StepMade, history_with_layers, image_created, plan,
 };
+pub use run_settings::{ExtraHost, NetworkMode, RunSettings, ShmSize, Ulimit};

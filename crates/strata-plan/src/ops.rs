@@ -36,6 +36,12 @@ pub struct ExecOp {
     pub insecure: bool,
     /// `--mount`s.
     pub mounts: Vec<RunMount>,
+    /// `--add-host`s: lines of `/etc/hosts`.
+    pub extra_hosts: Vec<crate::ExtraHost>,
+    /// `--shm-size`: of `/dev/shm`, bytes.
+    pub shm_size: Option<u64>,
+    /// `--ulimit`s.
+    pub ulimits: Vec<crate::Ulimit>,
     /// Files the command needs (a heredoc script with a `#!` line),
     /// mounted read-only under `/dev/pipes/`.
     pub files: Vec<InlineFile>,

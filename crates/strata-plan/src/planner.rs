@@ -31,6 +31,8 @@ pub struct Options {
     /// `--label`s: set on the image the target stage makes, over the
     /// Dockerfile's own.
     pub labels: BTreeMap<String, String>,
+    /// What every `RUN` gets from the build's flags.
+    pub run: crate::RunSettings,
 }
 
 /// A base image as the resolver found it.
@@ -729,6 +731,13 @@ impl Planner<'_> {
         platform: &Platform,
     ) -> Result<Op, PlanError> {
         let df = self.df;
+        let opts = self.opts;
+        // The RUN's own `--network` (validated by the parser), else the
+        // build's.
+        let network = match run.network.as_deref() {
+            Some(n) => n.parse().unwrap_or_default(),
+            None => opts.run.network,
+        };
         let mut files = Vec::new();
         let cl = &run.command;
         let mut args = cl.args.clone();
@@ -885,10 +894,13 @@ impl Planner<'_> {
                 c.working_dir.clone()
             },
             user: c.user.clone(),
-            no_network: run.network.as_deref() == Some("none"),
-            host_network: run.network.as_deref() == Some("host"),
+            no_network: network == crate::NetworkMode::None,
+            host_network: network == crate::NetworkMode::Host,
             insecure: run.security.as_deref() == Some("insecure"),
             mounts,
+            extra_hosts: opts.run.extra_hosts.clone(),
+            shm_size: opts.run.shm_size,
+            ulimits: opts.run.ulimits.clone(),
             files,
         }))
     }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use strata_dockerfile::{Dockerfile, IgnoreMatcher, Platform};
 use strata_oci::{Image, Reference};
-use strata_plan::{Entitlements, Grants, ImageResolver, Options, Plan, PlanError, ResolvedImage};
+use strata_plan::{
+    Entitlements, Grants, ImageResolver, Options, Plan, PlanError, ResolvedImage, RunSettings,
+};
 use strata_registry::{Registry, Transfer};
 use strata_solver::{Progress, SolveError, SolveOptions, Solved, Solver};
 use tokio_util::sync::CancellationToken;
@@ -58,6 +60,8 @@ pub struct BuildRequest {
     pub rewrite_timestamp: bool,
     /// `--label`s for the image.
     pub labels: BTreeMap<String, String>,
+    /// What every `RUN` gets from the build's flags.
+    pub run: RunSettings,
 }
 
 /// A finished build.
@@ -225,6 +229,9 @@ pub struct PlanInputs {
     pub allow: Entitlements,
     /// `--label`s for the image.
     pub labels: BTreeMap<String, String>,
+    /// `--network`, `--add-host`, `--shm-size`, `--ulimit`: what every
+    /// `RUN` gets.
+    pub run: RunSettings,
 }
 
 impl PlanInputs {
@@ -247,12 +254,19 @@ impl PlanInputs {
             platform: platform.to_string(),
             allow,
             labels: BTreeMap::new(),
+            run: RunSettings::default(),
         })
     }
 
     /// With `--label`s for the image.
     pub fn labeled(mut self, labels: BTreeMap<String, String>) -> PlanInputs {
         self.labels = labels;
+        self
+    }
+
+    /// With what every `RUN` gets from the build's flags.
+    pub fn running(mut self, run: RunSettings) -> PlanInputs {
+        self.run = run;
         self
     }
 
@@ -305,6 +319,7 @@ impl PlanInputs {
             platform,
             build_platform: Platform::host(),
             labels: self.labels.clone(),
+            run: self.run.clone(),
         };
         self.source_date_epoch()?;
         let plan = strata_plan::plan(&df, &self.dockerfile_name, &opts, resolver)?;
@@ -337,7 +352,8 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         &req.platform,
         req.allow.clone(),
     )?
-    .labeled(req.labels.clone());
+    .labeled(req.labels.clone())
+    .running(req.run.clone());
     req.grants.check(&req.allow)?;
     if !req.context.is_dir() {
         return Err(BuildError::Input(format!(

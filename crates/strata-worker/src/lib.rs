@@ -9,10 +9,13 @@
 //!   on an overlay snapshot, and commits the changes as a layer.
 //! * [`build()`] is the embedded build: plan, solve, assemble the image
 //!   ([`store_image`], which also applies `SOURCE_DATE_EPOCH`).
+//! * [`export_rootfs`] and [`write_rootfs_tar`] write an image's files out
+//!   (`--output type=local|tar`).
 //! * [`prune()`] collects what no image, cache entry or running build holds.
 
 mod build;
 mod copy;
+mod export;
 mod fetch;
 mod gc;
 pub mod history;
@@ -26,6 +29,7 @@ mod worker;
 
 pub use build::{BaseImages, BuildError, BuildRequest, BuildResult, PlanInputs, build, ignore_for};
 pub use copy::is_archive;
+pub use export::{ExportError, export_rootfs, write_rootfs_tar};
 pub use gc::{Candidate, EvictReport, GRACE, Keep, PruneReport, candidates, choose, evict, prune};
 pub use history::{BuildRecord, BuildStatus, History, HistoryError};
 pub use memo::SelectionMemo;

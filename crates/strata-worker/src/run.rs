@@ -81,6 +81,17 @@ fn resolv_conf(host: &str, network: Network) -> Vec<u8> {
     text.into_bytes()
 }
 
+/// The step's `/etc/hosts`: BuildKit's, then the build's `--add-host`s.
+fn hosts_file(op: &ExecOp) -> String {
+    let mut text = String::from(
+        "127.0.0.1\tlocalhost buildkitsandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    );
+    for h in &op.extra_hosts {
+        text.push_str(&format!("{}\t{}\n", h.ip, h.name));
+    }
+    text
+}
+
 /// Runs the op; `Ok` only if the process exited 0.
 pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
     let id = users::resolve(ctx.rootfs, &op.user, true).map_err(err)?;
@@ -103,7 +114,7 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
         bind_file(
             ctx.bundle,
             "hosts",
-            b"127.0.0.1\tlocalhost buildkitsandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+            &hosts_file(op).into_bytes(),
             "/etc/hosts",
         )?,
         bind_file(
@@ -271,6 +282,16 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
         network,
         mounts,
         insecure: op.insecure,
+        shm_size: op.shm_size,
+        rlimits: op
+            .ulimits
+            .iter()
+            .map(|u| strata_exec::Rlimit {
+                name: u.rlimit().to_string(),
+                soft: u.soft,
+                hard: u.hard,
+            })
+            .collect(),
     };
     let tail = Arc::new(Mutex::new(Tail::default()));
     let sink = Arc::clone(&tail);

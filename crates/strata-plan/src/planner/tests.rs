@@ -52,6 +52,7 @@ fn opts() -> Options {
         platform: p.clone(),
         build_platform: p,
         labels: BTreeMap::new(),
+        run: Default::default(),
     }
 }
 
@@ -205,6 +206,34 @@ fn heredocs_and_mounts() {
         matches!(&ops[3].mounts[0].kind, RunMountKind::Cache { id, .. } if id == "/root/.cache")
     );
     assert_eq!(ops[3].mounts[1].target, "/run/secrets/tok");
+}
+
+#[test]
+fn build_flags_reach_every_run_and_a_run_s_own_network_wins() {
+    let src = "FROM scratch\nRUN a\nRUN --network=default b\nCOPY x /x\n";
+    let mut o = opts();
+    o.run = crate::RunSettings {
+        network: crate::NetworkMode::None,
+        extra_hosts: vec!["db:10.0.0.5".parse().unwrap()],
+        shm_size: Some(1 << 30),
+        ulimits: vec!["nofile=100:200".parse().unwrap()],
+    };
+    let p = plan_of(src, &o);
+    let exec = |i: usize| match &p.stages[0].steps[i].op {
+        Op::Exec(e) => e.clone(),
+        _ => panic!(),
+    };
+    assert!(exec(0).no_network);
+    assert!(!exec(1).no_network && !exec(1).host_network);
+    for i in [0, 1] {
+        assert_eq!(exec(i).extra_hosts[0].name, "db");
+        assert_eq!(exec(i).shm_size, Some(1 << 30));
+        assert_eq!(exec(i).ulimits[0].hard, 200);
+    }
+    // They are part of the step, so of its cache key.
+    let plain = plan_of(src, &opts());
+    assert_ne!(plain.stages[0].steps[1].op, p.stages[0].steps[1].op);
+    assert_eq!(plain.stages[0].steps[2].op, p.stages[0].steps[2].op);
 }
 
 #[test]
