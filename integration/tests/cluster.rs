@@ -96,6 +96,42 @@ fn stages_spread_over_workers_and_the_image_matches_the_embedded_build() {
         "fetched {fetched} bytes for a 2 MB image"
     );
     assert_eq!(other.ok(&["run", "--rm", "fan:1"]), "a\nb\nc\nd\n");
+
+    // A --build-context naming an image reaches every node that plans; a
+    // directory stays on the client's machine and is refused by name.
+    let named = tempfile::tempdir().unwrap();
+    write_files(
+        named.path(),
+        &[("Dockerfile", "FROM base\nRUN echo named > /named\n")],
+    );
+    cluster.build(
+        &other,
+        named.path(),
+        &[
+            "-t",
+            "named:1",
+            "--build-context",
+            "base=docker-image://busybox:latest",
+        ],
+    );
+    assert_eq!(
+        other.ok(&["run", "--rm", "named:1", "cat", "/named"]),
+        "named\n"
+    );
+    let refused = other.run(&[
+        "build",
+        "--cluster",
+        cluster.client().to_str().unwrap(),
+        "--build-context",
+        &format!("base={}", named.path().display()),
+        named.path().to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("--build-context base: a cluster build takes docker-image://"),
+        "{err}"
+    );
 }
 
 #[test]

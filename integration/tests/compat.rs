@@ -975,3 +975,121 @@ fn progress_rawjson_is_buildkit_s_solve_status_a_line_each() {
         .collect();
     assert_eq!(String::from_utf8_lossy(&logs), "hello-rawjson\n");
 }
+
+#[test]
+fn build_contexts_stand_for_images_directories_layouts_and_stages() {
+    let s = Strata::new().with_busybox(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+
+    // An image to use as a layout: built and written as one.
+    write_files(
+        &w.join("lay"),
+        &[
+            ("Dockerfile", "FROM scratch\nCOPY hello /hello\n"),
+            ("hello", "from a layout\n"),
+        ],
+    );
+    let layout = w.join("layout");
+    s.ok(&[
+        "build",
+        "--output",
+        &format!("type=oci,dest={},tar=false", layout.display()),
+        w.join("lay").to_str().unwrap(),
+    ]);
+
+    // A directory with its own .dockerignore.
+    write_files(
+        &w.join("docs"),
+        &[
+            ("a.txt", "first\n"),
+            ("secret.txt", "kept out\n"),
+            (".dockerignore", "secret.txt\n"),
+        ],
+    );
+
+    write_files(
+        &w.join("ctx"),
+        &[(
+            "Dockerfile",
+            "FROM base\n\
+             COPY --from=docs / /docs/\n\
+             COPY --from=lay /hello /hello\n\
+             RUN --mount=from=docs,target=/m cat /m/a.txt > /from-mount\n\
+             FROM busybox AS tools\n\
+             RUN echo built > /tool\n\
+             FROM scratch\n\
+             COPY --from=0 /docs /docs\n\
+             COPY --from=0 /hello /from-mount /\n\
+             COPY --from=tools /tool /tool\n",
+        )],
+    );
+    let ctx = w.join("ctx");
+    let out = w.join("out");
+    let build = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "build".to_string(),
+            "--build-context".into(),
+            "base=docker-image://busybox:latest".into(),
+            "--build-context".into(),
+            format!("docs={}", w.join("docs").display()),
+            "--build-context".into(),
+            format!("lay=oci-layout://{}", layout.display()),
+            "-o".into(),
+            out.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(ctx.display().to_string());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        s.ok(&args)
+    };
+    build(&out, &[]);
+    let read = |dir: &std::path::Path, n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
+    assert_eq!(read(&out, "docs/a.txt"), "first\n");
+    assert!(!out.join("docs/secret.txt").exists());
+    assert_eq!(read(&out, "hello"), "from a layout\n");
+    assert_eq!(read(&out, "from-mount"), "first\n");
+    assert_eq!(read(&out, "tool"), "built\n");
+
+    // A directory context is read again each build: an edit reaches it.
+    std::fs::write(w.join("docs/a.txt"), "second\n").unwrap();
+    let again = w.join("again");
+    build(&again, &[]);
+    assert_eq!(read(&again, "docs/a.txt"), "second\n");
+    assert_eq!(read(&again, "from-mount"), "second\n");
+
+    // A context named as a stage replaces the stage, as in buildx.
+    let replaced = w.join("replaced");
+    let tool = w.join("lay/tool");
+    std::fs::write(&tool, "from a directory\n").unwrap();
+    build(
+        &replaced,
+        &[
+            "--build-context",
+            &format!("tools={}", w.join("lay").display()),
+        ],
+    );
+    assert_eq!(read(&replaced, "tool"), "from a directory\n");
+
+    // Without the contexts, the names are images nobody has.
+    let missing = s.run(&["build", ctx.to_str().unwrap()]);
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(err.contains("base"), "{err}");
+
+    // Nonsense is refused, naming it.
+    for (arg, says) in [
+        ("docs", "expected NAME=VALUE"),
+        ("docs=https://example.com/docs.git", "URL context"),
+        (
+            "docs=/nonexistent/dir",
+            "/nonexistent/dir is not a directory",
+        ),
+        ("lay=oci-layout:///nonexistent", "not an OCI layout"),
+    ] {
+        let bad = s.run(&["build", "--build-context", arg, ctx.to_str().unwrap()]);
+        assert!(!bad.status.success(), "{arg}");
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(err.contains(says), "{arg}: {err}");
+    }
+}

@@ -14,8 +14,8 @@ use strata_oci::{Compression, Reference};
 use strata_plan::{Entitlement, ExtraHost, Grants, NetworkMode, RunSettings, ShmSize, Ulimit};
 use strata_solver::StepRecord;
 use strata_worker::{
-    BuildError, BuildRecord, BuildRequest, BuildStatus, PlanInputs, SOURCE_DATE_EPOCH, Timestamps,
-    build,
+    BuildError, BuildRecord, BuildRequest, BuildStatus, NamedContext, PlanInputs,
+    SOURCE_DATE_EPOCH, Timestamps, build, parse_named_context,
 };
 
 use crate::daemon::Cx;
@@ -131,6 +131,12 @@ pub struct BuildArgs {
     /// repeatable.
     #[arg(long = "ulimit", value_name = "NAME=SOFT[:HARD]")]
     ulimits: Vec<Ulimit>,
+    /// Another context, by name: `NAME=docker-image://REF`,
+    /// `NAME=oci-layout://PATH` or `NAME=DIR`. `FROM NAME`,
+    /// `COPY --from=NAME` and `RUN --mount=from=NAME` use it instead of the
+    /// image of that name; repeatable.
+    #[arg(long = "build-context", value_name = "NAME=VALUE")]
+    build_contexts: Vec<String>,
     /// The build context directory, or `-`: a tar archive (or a lone
     /// Dockerfile) on standard input.
     context: PathBuf,
@@ -428,6 +434,24 @@ fn parse_labels(given: &[String]) -> Result<BTreeMap<String, String>> {
         .collect()
 }
 
+/// `--build-context`s by name, their paths the client's; a name given
+/// twice is an error, as in buildx.
+fn parse_contexts(cx: &Cx<'_>, given: &[String]) -> Result<BTreeMap<String, NamedContext>> {
+    let mut contexts = BTreeMap::new();
+    for g in given {
+        let (name, context) = parse_named_context(g).map_err(anyhow::Error::msg)?;
+        let context = match context {
+            NamedContext::Dir(p) => NamedContext::Dir(cx.path(&p)),
+            NamedContext::Layout(p) => NamedContext::Layout(cx.path(&p)),
+            image => image,
+        };
+        if contexts.insert(name.clone(), context).is_some() {
+            bail!("--build-context {name} is given twice");
+        }
+    }
+    Ok(contexts)
+}
+
 /// BuildKit's warning for `--build-arg`s nothing consumes.
 fn warn_unused(cx: &Cx<'_>, inputs: &PlanInputs) -> Result<()> {
     let unused = inputs.unused_build_args();
@@ -491,6 +515,7 @@ fn build_and_output(
         args.allow.push(Entitlement::NetworkHost);
     }
     args.cluster = args.cluster.as_deref().map(|f| cx.path(f));
+    let contexts = parse_contexts(cx, &args.build_contexts)?;
     let tags = args
         .tags
         .iter()
@@ -603,7 +628,17 @@ fn build_and_output(
                 args.allow.iter().copied().collect(),
             )?
             .labeled(labels)
-            .running(run_settings);
+            .running(run_settings)
+            .with_contexts(&contexts);
+            if let Some((name, _)) = contexts
+                .iter()
+                .find(|(_, c)| !matches!(c, NamedContext::Image(_)))
+            {
+                bail!(
+                    "--build-context {name}: a cluster build takes docker-image:// contexts only; \
+                     a directory or OCI layout context builds on this machine (drop --cluster)"
+                );
+            }
             warn_unused(cx, &inputs)?;
             let outcome = cluster_build(
                 cx,
@@ -660,6 +695,7 @@ fn build_and_output(
                 rewrite_timestamp,
                 labels,
                 run: run_settings,
+                contexts,
             };
             let unused = PlanInputs::read(
                 &req.dockerfile,

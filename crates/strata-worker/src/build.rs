@@ -13,6 +13,7 @@ use strata_registry::{Registry, Transfer};
 use strata_solver::{Progress, SolveError, SolveOptions, Solved, Solver};
 use tokio_util::sync::CancellationToken;
 
+use crate::contexts::{Named, NamedContext, make_image, override_stages};
 use crate::node::Node;
 use crate::timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};
 use crate::worker::LocalWorker;
@@ -62,6 +63,8 @@ pub struct BuildRequest {
     pub labels: BTreeMap<String, String>,
     /// What every `RUN` gets from the build's flags.
     pub run: RunSettings,
+    /// `--build-context`s, by name.
+    pub contexts: BTreeMap<String, NamedContext>,
 }
 
 /// A finished build.
@@ -232,6 +235,10 @@ pub struct PlanInputs {
     /// `--network`, `--add-host`, `--shm-size`, `--ulimit`: what every
     /// `RUN` gets.
     pub run: RunSettings,
+    /// `--build-context`s: each name → the reference it stands for, `REF`
+    /// for `docker-image://REF`, `context:NAME` for an image the building
+    /// node makes of a directory or layout (see [`crate::contexts`]).
+    pub contexts: BTreeMap<String, String>,
 }
 
 impl PlanInputs {
@@ -255,6 +262,7 @@ impl PlanInputs {
             allow,
             labels: BTreeMap::new(),
             run: RunSettings::default(),
+            contexts: BTreeMap::new(),
         })
     }
 
@@ -267,6 +275,15 @@ impl PlanInputs {
     /// With what every `RUN` gets from the build's flags.
     pub fn running(mut self, run: RunSettings) -> PlanInputs {
         self.run = run;
+        self
+    }
+
+    /// With `--build-context`s.
+    pub fn with_contexts(mut self, contexts: &BTreeMap<String, NamedContext>) -> PlanInputs {
+        self.contexts = contexts
+            .iter()
+            .map(|(name, c)| (name.clone(), c.reference(name)))
+            .collect();
         self
     }
 
@@ -310,8 +327,9 @@ impl PlanInputs {
     /// The plan, base images found by `resolver`; refused when a step
     /// needs an entitlement the client did not ask for.
     pub fn plan(&self, resolver: &dyn ImageResolver) -> Result<Plan, BuildError> {
-        let df =
+        let mut df =
             Dockerfile::parse(&self.dockerfile).map_err(|e| e.with_file(&self.dockerfile_name))?;
+        override_stages(&mut df, &self.contexts);
         let platform = Platform::parse(&self.platform).map_err(BuildError::Input)?;
         let opts = Options {
             build_args: self.build_args.clone(),
@@ -322,7 +340,12 @@ impl PlanInputs {
             run: self.run.clone(),
         };
         self.source_date_epoch()?;
-        let plan = strata_plan::plan(&df, &self.dockerfile_name, &opts, resolver)?;
+        let resolver = Named {
+            contexts: &self.contexts,
+            made: &BTreeMap::new(),
+            inner: resolver,
+        };
+        let plan = strata_plan::plan(&df, &self.dockerfile_name, &opts, &resolver)?;
         plan.check_entitlements(&self.dockerfile_name, &self.allow)?;
         Ok(plan)
     }
@@ -353,7 +376,8 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         req.allow.clone(),
     )?
     .labeled(req.labels.clone())
-    .running(req.run.clone());
+    .running(req.run.clone())
+    .with_contexts(&req.contexts);
     req.grants.check(&req.allow)?;
     if !req.context.is_dir() {
         return Err(BuildError::Input(format!(
@@ -363,15 +387,33 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
     }
     let ignore = ignore_for(&req.dockerfile, &req.context)?;
     let stamps = Timestamps::new(inputs.source_date_epoch()?, req.rewrite_timestamp)?;
-    let plan = Arc::new(inputs.plan(&BaseImages {
+    // Directories and layouts given as contexts become images, held for
+    // the build.
+    let mut lease = node.content.lease();
+    let mut made = BTreeMap::new();
+    for (name, context) in &req.contexts {
+        if matches!(context, NamedContext::Image(_)) {
+            continue;
+        }
+        let image = make_image(&node, name, context, &req.platform)?;
+        for l in &image.layers {
+            lease.hold(l.blob);
+        }
+        made.insert(context.reference(name), image);
+    }
+    let base_images = BaseImages {
         store: &node.images,
         registry: req.registry.as_deref(),
         always_pull: req.always_pull,
         progress: req.pull_progress.as_ref(),
         pulled: Default::default(),
+    };
+    let plan = Arc::new(inputs.plan(&Named {
+        contexts: &BTreeMap::new(),
+        made: &made,
+        inner: &base_images,
     })?);
 
-    let mut lease = node.content.lease();
     for stage in &plan.stages {
         if let strata_plan::Base::Image(img) = &stage.base {
             for l in &img.layers {

@@ -14,6 +14,7 @@
 //! * [`prune()`] collects what no image, cache entry or running build holds.
 
 mod build;
+mod contexts;
 mod copy;
 mod export;
 mod fetch;
@@ -28,6 +29,7 @@ mod users;
 mod worker;
 
 pub use build::{BaseImages, BuildError, BuildRequest, BuildResult, PlanInputs, build, ignore_for};
+pub use contexts::{NamedContext, parse_named_context};
 pub use copy::is_archive;
 pub use export::{ExportError, export_rootfs, write_rootfs_tar};
 pub use gc::{Candidate, EvictReport, GRACE, Keep, PruneReport, candidates, choose, evict, prune};
