@@ -1093,3 +1093,157 @@ fn build_contexts_stand_for_images_directories_layouts_and_stages() {
         assert!(err.contains(says), "{arg}: {err}");
     }
 }
+
+/// Registers Debian's qemu-user-static emulator for arm64 with binfmt_misc
+/// for the test's length, undoing only what it did.
+struct Arm64Emulator {
+    mounted: bool,
+    registered: bool,
+}
+
+const BINFMT: &str = "/proc/sys/fs/binfmt_misc";
+const QEMU_AARCH64: &str = "/usr/lib/binfmt.d/qemu-aarch64.conf";
+
+impl Arm64Emulator {
+    fn already() -> bool {
+        std::path::Path::new(BINFMT).join("qemu-aarch64").exists()
+    }
+
+    fn register() -> Arm64Emulator {
+        let mut e = Arm64Emulator {
+            mounted: false,
+            registered: false,
+        };
+        if !std::path::Path::new(BINFMT).join("register").exists() {
+            let ok = Command::new("mount")
+                .args(["-t", "binfmt_misc", "binfmt_misc", BINFMT])
+                .status()
+                .unwrap();
+            assert!(ok.success(), "cannot mount binfmt_misc at {BINFMT}");
+            e.mounted = true;
+        }
+        if !Self::already() {
+            let line = std::fs::read_to_string(QEMU_AARCH64).unwrap();
+            std::fs::write(std::path::Path::new(BINFMT).join("register"), line.trim()).unwrap();
+            e.registered = true;
+        }
+        e
+    }
+}
+
+impl Drop for Arm64Emulator {
+    fn drop(&mut self) {
+        if self.registered {
+            let _ = std::fs::write(std::path::Path::new(BINFMT).join("qemu-aarch64"), "-1");
+        }
+        if self.mounted {
+            let _ = Command::new("umount").arg(BINFMT).status();
+        }
+    }
+}
+
+#[test]
+fn platforms_are_built_as_asked_or_refused() {
+    let s = Strata::new().with_busybox(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let run_ctx = w.join("run");
+    write_files(
+        &run_ctx,
+        &[("Dockerfile", "FROM base\nRUN uname -m > /m\n")],
+    );
+    let copy_ctx = w.join("copy");
+    write_files(
+        &copy_ctx,
+        &[
+            (
+                "Dockerfile",
+                "FROM scratch\nARG TARGETPLATFORM\nCOPY f /f\n",
+            ),
+            ("f", "x\n"),
+        ],
+    );
+    let refused = |args: &[&str], says: &str| {
+        let out = s.run(args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    };
+    let copy = copy_ctx.to_str().unwrap();
+    let run = run_ctx.to_str().unwrap();
+
+    refused(
+        &["build", "--platform", "foo/bar", copy],
+        "unknown operating system or architecture",
+    );
+    refused(
+        &["build", "--platform", "linux/amd64,linux/arm64", copy],
+        "several platforms",
+    );
+
+    // Files and config build for any platform, and the image says which.
+    s.ok(&[
+        "build",
+        "--platform",
+        "linux/arm64",
+        "-t",
+        "files:arm64",
+        copy,
+    ]);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&s.ok(&["inspect", "files:arm64"])).unwrap();
+    assert_eq!(inspect[0]["Architecture"], "arm64");
+    assert_eq!(inspect[0]["Os"], "linux");
+
+    // A base image of another platform is not built on as if it were this one.
+    refused(
+        &[
+            "build",
+            "--platform",
+            "linux/arm64",
+            "--build-context",
+            "base=docker-image://busybox:latest",
+            run,
+        ],
+        "image base is for linux/amd64, not linux/arm64",
+    );
+
+    // An arm64 busybox: its steps run only where an emulator is registered.
+    let arm = strata_integration::base_image_tar("busybox-arm64");
+    s.ok(&[
+        "image",
+        "import",
+        "--platform",
+        "linux/arm64",
+        "busybox-arm:latest",
+        arm.to_str().unwrap(),
+    ]);
+    let build_arm = [
+        "build",
+        "--platform",
+        "linux/arm64",
+        "--build-context",
+        "base=docker-image://busybox-arm:latest",
+        "-t",
+        "uname:arm64",
+        run,
+    ];
+    if !std::path::Path::new(QEMU_AARCH64).exists() {
+        eprintln!("no arm64 emulator on this machine ({QEMU_AARCH64}): checking the refusal only");
+    }
+    if !Arm64Emulator::already() {
+        refused(
+            &build_arm,
+            "stage stage-0 runs steps for linux/arm64, which this machine cannot run",
+        );
+    }
+    if !std::path::Path::new(QEMU_AARCH64).exists() {
+        return;
+    }
+    let _emulator = Arm64Emulator::register();
+    s.ok(&build_arm);
+    assert_eq!(
+        s.ok(&["run", "--rm", "uname:arm64", "cat", "/m"]),
+        "aarch64\n"
+    );
+}

@@ -567,6 +567,10 @@ fn build_and_output(
             .or_insert_with(|| epoch.to_string());
     }
     let platform = match &args.platform {
+        Some(p) if p.contains(',') => bail!(
+            "--platform {p}: building several platforms into one image index is not supported; \
+             build each with its own --platform"
+        ),
         Some(p) => Platform::parse(p).map_err(anyhow::Error::msg)?,
         None => Platform::host(),
     };

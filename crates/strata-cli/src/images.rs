@@ -90,6 +90,10 @@ pub enum ImageCommand {
     Inspect(InspectArgs),
     /// Import a root filesystem tar, a `docker save` archive or an OCI layout.
     Import {
+        /// The platform a root filesystem tar is for, or to take from an
+        /// OCI layout (default: this machine's).
+        #[arg(long)]
+        platform: Option<String>,
         /// Name for the image.
         name: String,
         /// The file (or OCI layout directory).
@@ -561,7 +565,11 @@ pub fn image(cx: &Cx<'_>, cmd: ImageCommand) -> Result<u8> {
     match cmd {
         ImageCommand::History { image, no_trunc } => history(cx, &image, no_trunc),
         ImageCommand::Inspect(a) => inspect(cx, a),
-        ImageCommand::Import { name, file } => {
+        ImageCommand::Import {
+            name,
+            file,
+            platform,
+        } => {
             let reference: Reference = name.parse()?;
             let shown = file.clone();
             let file = cx.path(&file);
@@ -569,13 +577,16 @@ pub fn image(cx: &Cx<'_>, cmd: ImageCommand) -> Result<u8> {
                 bail!("{} does not exist", shown.display());
             }
             let node = cx.node;
-            let host = Platform::host();
+            let platform = match &platform {
+                Some(p) => Platform::parse(p).map_err(anyhow::Error::msg)?,
+                None => Platform::host(),
+            };
             let (image, format) = strata_oci::import(
                 &node.images,
                 &file,
                 &node.home().join("tmp"),
-                &host.os,
-                &host.architecture,
+                &platform.os,
+                &platform.architecture,
             )
             .with_context(|| format!("cannot import {}", shown.display()))?;
             node.images.tag(&reference, &image)?;

@@ -548,6 +548,8 @@ impl WorkerNode {
             if crate::plan::digest(&plan) != spec.plan {
                 return Err("this worker plans the build differently from the coordinator (are both the same strata version?)".into());
             }
+            strata_worker::check_runnable(&plan, &strata_worker::runnable(), "this worker")
+                .map_err(|e| e.to_string())?;
             let worker = LocalWorker::new(
                 node,
                 dir.path().to_path_buf(),

@@ -63,11 +63,51 @@ impl Platform {
             ("i386" | "386", v) => ("386".to_string(), v.map(str::to_string)),
             (a, v) => (a.to_string(), v.map(str::to_string)),
         };
+        if !KNOWN_OS.contains(&os.as_str()) || !KNOWN_ARCH.contains(&architecture.as_str()) {
+            return Err(format!(
+                "invalid platform {}: unknown operating system or architecture",
+                crate::go_quote(s)
+            ));
+        }
         Ok(Platform {
             os,
             architecture,
             variant,
         })
+    }
+}
+
+/// The operating systems and architectures Go (and so OCI) names.
+const KNOWN_OS: &[&str] = &[
+    "aix",
+    "android",
+    "darwin",
+    "dragonfly",
+    "freebsd",
+    "illumos",
+    "ios",
+    "js",
+    "linux",
+    "netbsd",
+    "openbsd",
+    "plan9",
+    "solaris",
+    "wasip1",
+    "windows",
+];
+const KNOWN_ARCH: &[&str] = &[
+    "386", "amd64", "arm", "arm64", "loong64", "mips", "mips64", "mips64le", "mipsle", "ppc64",
+    "ppc64le", "riscv64", "s390x", "wasm",
+];
+
+impl Platform {
+    /// Whether an image config's platform is this one (a config without a
+    /// variant matches any variant of its architecture, as containerd's
+    /// matcher lets it).
+    pub fn matches(&self, os: &str, architecture: &str, variant: Option<&str>) -> bool {
+        self.os == os
+            && self.architecture == architecture
+            && (variant.is_none() || self.variant.is_none() || self.variant.as_deref() == variant)
     }
 }
 
@@ -123,6 +163,12 @@ mod tests {
         );
         assert!(Platform::parse("linux").is_err());
         assert!(Platform::parse("linux//").is_err());
+        let unknown = Platform::parse("foo/bar").unwrap_err();
+        assert!(
+            unknown.contains("unknown operating system or architecture"),
+            "{unknown}"
+        );
+        assert!(Platform::parse("linux/amd64,linux/arm64").is_err());
     }
 
     #[test]

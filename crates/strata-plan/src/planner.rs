@@ -258,9 +258,29 @@ impl Planner<'_> {
         platform: &Platform,
         span: Span,
     ) -> Result<ResolvedImage, PlanError> {
-        self.images
-            .resolve(reference, platform)
+        self.image_for(reference, platform)
             .map_err(|m| self.base_error(span, m))
+    }
+
+    /// The image `reference` names for `platform`; one for another
+    /// platform is refused rather than built on as if it were this one.
+    fn image_for(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String> {
+        let img = self.images.resolve(reference, platform)?;
+        let c = &img.config;
+        if !c.architecture.is_empty()
+            && !platform.matches(&c.os, &c.architecture, c.variant.as_deref())
+        {
+            let found = Platform {
+                os: c.os.clone(),
+                architecture: c.architecture.clone(),
+                variant: c.variant.clone(),
+            };
+            return Err(format!(
+                "image {reference} is for {found}, not {platform}: pull the {platform} image \
+                 (--pull) or import it (`strata image import --platform {platform} {reference} FILE`)"
+            ));
+        }
+        Ok(img)
     }
 
     fn stage(
@@ -646,8 +666,7 @@ impl Planner<'_> {
             Ok(DfSource::Stage(i)) => Ok(Source::Stage(self.plan_index[&i])),
             Ok(DfSource::Image(r)) => {
                 let img = self
-                    .images
-                    .resolve(&r, platform)
+                    .image_for(&r, platform)
                     .map_err(|m| {
                         // `--from=buidler` is more often a misspelt stage
                         // than an image; say both were looked for.

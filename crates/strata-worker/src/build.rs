@@ -413,6 +413,7 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         made: &made,
         inner: &base_images,
     })?);
+    crate::platforms::check_runnable(&plan, &crate::platforms::runnable(), "this machine")?;
 
     for stage in &plan.stages {
         if let strata_plan::Base::Image(img) = &stage.base {

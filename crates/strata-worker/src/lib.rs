@@ -22,6 +22,7 @@ mod gc;
 pub mod history;
 mod memo;
 mod node;
+mod platforms;
 mod run;
 pub mod select;
 mod timestamps;
@@ -36,6 +37,7 @@ pub use gc::{Candidate, EvictReport, GRACE, Keep, PruneReport, candidates, choos
 pub use history::{BuildRecord, BuildStatus, History, HistoryError};
 pub use memo::SelectionMemo;
 pub use node::{Node, NodeError, default_home, default_slots};
+pub use platforms::{check_runnable, runnable};
 pub use timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};
 pub use users::{Identity, resolve as resolve_user};
 pub use worker::LocalWorker;
