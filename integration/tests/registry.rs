@@ -7,7 +7,7 @@
 use std::process::Command;
 
 use strata_integration::registry::{PASSWORD, Proxy, Registry, USER, docker_login};
-use strata_integration::{Strata, repo_root, write_files};
+use strata_integration::{Strata, cached, repo_root, write_files};
 
 fn skopeo(args: &[&str]) -> String {
     let out = Command::new("skopeo").args(args).output().unwrap();
@@ -507,4 +507,143 @@ fn an_index_gives_each_platform_its_own_image() {
         &fresh.run(&["pull", "--platform", "linux/s390x", &name]),
         &["no image for linux/s390x", "linux/amd64", "linux/arm64"],
     );
+}
+
+/// `--cache-to` / `--cache-from` as CI uses them: one runner exports, a
+/// fresh one imports and builds with every step cached; a tampered or
+/// missing cache is a warning and stores nothing.
+#[test]
+fn a_cache_exported_by_one_state_gives_a_fresh_one_every_step() {
+    let reg = Registry::start(false);
+    let example = repo_root().join("examples/multistage-busybox");
+    let cache_ref = format!("{}/ci/greeting:buildcache", reg.host());
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("cache");
+    let local = local.to_str().unwrap();
+
+    let first = Strata::new().with_busybox(&[]);
+    let report_path = first.home().join("first.json");
+    let out = first.run(&[
+        "build",
+        "--progress",
+        "plain",
+        "--report",
+        report_path.to_str().unwrap(),
+        "-t",
+        "greeting:1",
+        "--cache-to",
+        &format!("type=registry,ref={cache_ref},mode=max"),
+        "--cache-to",
+        &format!("type=local,dest={local}"),
+        example.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // mode=max: both stages' five steps; the default (min): the image's
+    // own stage, its two COPY steps.
+    assert!(
+        err.contains(&format!("exported cache to {cache_ref}: 5 steps")),
+        "{err}"
+    );
+    assert!(
+        err.contains("exported cache to") && err.contains(":latest: 2 steps"),
+        "{err}"
+    );
+    let first_report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let image = first_report["image"]["id"].as_str().unwrap().to_string();
+
+    // The registry holds an OCI manifest whose config says what it is.
+    let raw = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{cache_ref}"),
+    ]);
+    let manifest: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.strata.cache.v1+json"
+    );
+
+    // A fresh runner imports it: every step cached, the same image.
+    let second = Strata::new().with_busybox(&[]);
+    let report = second.build(&example, &["-t", "greeting:1", "--cache-from", &cache_ref]);
+    assert_eq!(cached(&report), (5, 5));
+    assert_eq!(report["image"]["id"], image.as_str());
+    assert_eq!(
+        second.ok(&["run", "--rm", "greeting:1"]),
+        "Hello, Docker Multi-Stage Build!\n"
+    );
+
+    // From the directory (mode=min): the builder stage runs again, makes
+    // the same files, and the image's steps are cached.
+    let third = Strata::new().with_busybox(&[]);
+    let report = third.build(
+        &example,
+        &["--cache-from", &format!("type=local,src={local}")],
+    );
+    assert_eq!(cached(&report), (2, 5));
+    assert_eq!(report["image"]["id"], image.as_str());
+
+    // A layer changed on disk (the image's top one: busybox's own layer is
+    // stored already and not read again): refused, nothing recorded, the
+    // build runs.
+    let layout = std::path::Path::new(local);
+    let blob = |digest: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    let victim = blob(
+        manifest["layers"].as_array().unwrap().last().unwrap()["digest"]
+            .as_str()
+            .unwrap(),
+    );
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&victim, bytes).unwrap();
+    let fourth = Strata::new().with_busybox(&[]);
+    let report_path = fourth.home().join("fourth.json");
+    let out = fourth.run(&[
+        "build",
+        "--progress",
+        "plain",
+        "--report",
+        report_path.to_str().unwrap(),
+        "--cache-from",
+        &format!("type=local,src={local}"),
+        "--cache-from",
+        &format!("{}/ci/nothing:here", reg.host()),
+        example.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "[Warning] cannot import cache from {local}:latest"
+        )) && err.contains(&format!("cannot read layer {}", victim.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "[Warning] cannot import cache from {}/ci/nothing:here",
+            reg.host()
+        )),
+        "{err}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    assert_eq!(cached(&report), (0, 5));
+
+    // What is not a strata cache is named as such.
+    let out = fourth.run(&["build", "--cache-to", "type=gha", example.to_str().unwrap()]);
+    fails_with(&out, &["cache type gha is not supported"]);
 }

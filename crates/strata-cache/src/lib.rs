@@ -8,6 +8,11 @@
 //! Entries are written only after every blob they name is stored, and
 //! removed before those blobs are collected, so an entry never points at
 //! nothing.
+//!
+//! [`exchange`] is the form entries travel in between machines
+//! (`--cache-to`, `--cache-from`).
+
+pub mod exchange;
 
 use std::path::PathBuf;
 use std::sync::Arc;

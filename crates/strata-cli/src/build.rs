@@ -12,10 +12,12 @@ use serde::{Deserialize, Serialize};
 use strata_dockerfile::Platform;
 use strata_oci::{Compression, Reference};
 use strata_plan::{Entitlement, ExtraHost, Grants, NetworkMode, RunSettings, ShmSize, Ulimit};
+use strata_registry::Registry;
 use strata_solver::StepRecord;
 use strata_worker::{
-    BuildError, BuildRecord, BuildRequest, BuildStatus, NamedContext, PlanInputs,
-    SOURCE_DATE_EPOCH, Timestamps, build, parse_named_context,
+    BuildError, BuildRecord, BuildRequest, BuildStatus, CacheFrom, CacheLocation, CacheTo,
+    NamedContext, PlanInputs, SOURCE_DATE_EPOCH, Timestamps, build, export_cache, exported_keys,
+    import_cache, parse_cache_from, parse_cache_to, parse_named_context,
 };
 
 use crate::daemon::Cx;
@@ -137,6 +139,17 @@ pub struct BuildArgs {
     /// image of that name; repeatable.
     #[arg(long = "build-context", value_name = "NAME=VALUE")]
     build_contexts: Vec<String>,
+    /// Import a build cache before building: `type=registry,ref=REF`,
+    /// `type=local,src=DIR[,tag=TAG]`, or `REF`; repeatable. A cache that
+    /// cannot be read is a warning, as in buildx.
+    #[arg(long = "cache-from", value_name = "SPEC")]
+    cache_from: Vec<String>,
+    /// Export the build's cache: `type=registry,ref=REF` or
+    /// `type=local,dest=DIR[,tag=TAG]`, with `mode=min|max` (the image's
+    /// stages, or every stage), `compression=gzip|zstd|uncompressed` and
+    /// `ignore-error=true`; repeatable.
+    #[arg(long = "cache-to", value_name = "SPEC")]
+    cache_to: Vec<String>,
     /// The build context directory, or `-`: a tar archive (or a lone
     /// Dockerfile) on standard input.
     context: PathBuf,
@@ -452,6 +465,113 @@ fn parse_contexts(cx: &Cx<'_>, given: &[String]) -> Result<BTreeMap<String, Name
     Ok(contexts)
 }
 
+/// `--cache-from`s and `--cache-to`s, their directories the client's.
+fn parse_caches(
+    cx: &Cx<'_>,
+    from: &[String],
+    to: &[String],
+) -> Result<(Vec<CacheFrom>, Vec<CacheTo>)> {
+    let local = |location: CacheLocation| match location {
+        CacheLocation::Local { dir, tag } => CacheLocation::Local {
+            dir: cx.path(&dir),
+            tag,
+        },
+        registry => registry,
+    };
+    let from = from
+        .iter()
+        .map(|s| {
+            let c = parse_cache_from(s).map_err(anyhow::Error::msg)?;
+            Ok(CacheFrom {
+                location: local(c.location),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let to = to
+        .iter()
+        .map(|s| {
+            let c = parse_cache_to(s).map_err(anyhow::Error::msg)?;
+            Ok(CacheTo {
+                location: local(c.location.clone()),
+                ..c
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((from, to))
+}
+
+/// Imports each `--cache-from`; one that cannot be read is a warning and
+/// the build goes on without it, as in buildx.
+fn import_caches(
+    cx: &Cx<'_>,
+    registry: &Arc<Registry>,
+    from: &[CacheFrom],
+    progress: Mode,
+) -> Result<()> {
+    for c in from {
+        let transfer = cx.session.transfer();
+        let imported = cx.block_on(import_cache(cx.node, registry, c, transfer.as_ref()));
+        cx.session.progress_done();
+        match imported {
+            Ok(i) if !matches!(progress, Mode::Quiet | Mode::Rawjson) => writeln!(
+                cx.err(),
+                "imported cache from {}: {} steps, {} new; {} downloaded",
+                c.location,
+                i.records,
+                i.added,
+                human_size(i.bytes)
+            )?,
+            Ok(_) => {}
+            Err(e) => writeln!(
+                cx.err(),
+                "[Warning] cannot import cache from {}: {}; building without it",
+                c.location,
+                strata_registry::error_chain(&e)
+            )?,
+        }
+    }
+    Ok(())
+}
+
+/// Exports the build's cache to each `--cache-to`; a failure fails the
+/// build unless the export said `ignore-error=true`.
+fn export_caches(
+    cx: &Cx<'_>,
+    registry: &Arc<Registry>,
+    to: &[CacheTo],
+    result: &strata_worker::BuildResult,
+    progress: Mode,
+) -> Result<()> {
+    for c in to {
+        let keys = exported_keys(&result.plan, &result.solved, c.mode);
+        let transfer = cx.session.transfer();
+        let exported = cx.block_on(export_cache(cx.node, registry, c, keys, transfer.as_ref()));
+        cx.session.progress_done();
+        match exported {
+            Ok(e) if !matches!(progress, Mode::Quiet | Mode::Rawjson) => writeln!(
+                cx.err(),
+                "exported cache to {}: {} steps, {} layers; {} sent",
+                c.location,
+                e.records,
+                e.layers,
+                human_size(e.bytes)
+            )?,
+            Ok(_) => {}
+            Err(e) if c.ignore_error => writeln!(
+                cx.err(),
+                "[Warning] cannot export cache to {}: {}",
+                c.location,
+                strata_registry::error_chain(&e)
+            )?,
+            Err(e) => {
+                return Err(anyhow::Error::from(e))
+                    .with_context(|| format!("cannot export cache to {}", c.location));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// BuildKit's warning for `--build-arg`s nothing consumes.
 fn warn_unused(cx: &Cx<'_>, inputs: &PlanInputs) -> Result<()> {
     let unused = inputs.unused_build_args();
@@ -516,6 +636,7 @@ fn build_and_output(
     }
     args.cluster = args.cluster.as_deref().map(|f| cx.path(f));
     let contexts = parse_contexts(cx, &args.build_contexts)?;
+    let (cache_from, cache_to) = parse_caches(cx, &args.cache_from, &args.cache_to)?;
     let tags = args
         .tags
         .iter()
@@ -634,6 +755,12 @@ fn build_and_output(
             .labeled(labels)
             .running(run_settings)
             .with_contexts(&contexts);
+            if !cache_from.is_empty() || !cache_to.is_empty() {
+                bail!(
+                    "--cache-from and --cache-to build on this machine (drop --cluster): \
+                     a cluster shares its cache among its nodes already"
+                );
+            }
             if let Some((name, _)) = contexts
                 .iter()
                 .find(|(_, c)| !matches!(c, NamedContext::Image(_)))
@@ -710,10 +837,16 @@ fn build_and_output(
                 Default::default(),
             )?;
             warn_unused(cx, &unused)?;
+            if !args.no_cache {
+                import_caches(cx, &registry, &cache_from, args.progress)?;
+            }
             let result = cx.block_on(build(node.clone(), req));
             cx.session.progress_done();
             match result {
-                Ok(r) => (r.image, r.solved.steps, None),
+                Ok(r) => {
+                    export_caches(cx, &registry, &cache_to, &r, args.progress)?;
+                    (r.image, r.solved.steps, None)
+                }
                 Err(BuildError::Solve(e)) if e.step_title().is_some() => {
                     print_tail(cx, e.step_title().as_deref(), e.tail())?;
                     let file = match &args.stdin_file {

@@ -280,7 +280,7 @@ fn check_diff_ids(config: &[u8], layers: &[LayerRef]) -> Result<()> {
     Ok(())
 }
 
-fn blob_path(dir: &Path, sha: &Sha256) -> PathBuf {
+pub(crate) fn blob_path(dir: &Path, sha: &Sha256) -> PathBuf {
     dir.join("blobs").join("sha256").join(sha.hex())
 }
 
@@ -323,12 +323,7 @@ fn import_oci_layout(store: &ImageStore, dir: &Path, os: &str, arch: &str) -> Re
         let sha = descriptor_sha256(d)?;
         let p = blob_path(dir, &sha);
         let f = File::open(&p).map_err(io_err("cannot open", &p))?;
-        let verified = VerifyingReader {
-            inner: f,
-            hasher: sha2::Sha256::new(),
-            want: sha,
-            path: p.clone(),
-        };
+        let verified = VerifyingReader::new(f, sha, p.clone());
         layers.push(ingest_layer(store, verified, &p)?);
     }
     check_diff_ids(&config_bytes, &layers)?;
@@ -373,11 +368,23 @@ pub fn select_manifest<'a>(
 }
 
 /// Checks a blob's sha256 as it is read; a mismatch is an error at the end.
-struct VerifyingReader {
+pub(crate) struct VerifyingReader {
     inner: File,
     hasher: sha2::Sha256,
     want: Sha256,
     path: PathBuf,
+}
+
+impl VerifyingReader {
+    /// Reads `inner` (the file at `path`), which must hash to `want`.
+    pub(crate) fn new(inner: File, want: Sha256, path: PathBuf) -> VerifyingReader {
+        VerifyingReader {
+            inner,
+            hasher: sha2::Sha256::new(),
+            want,
+            path,
+        }
+    }
 }
 
 impl Read for VerifyingReader {

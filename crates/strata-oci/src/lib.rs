@@ -8,9 +8,12 @@
 //!   the content store; layers are stored uncompressed.
 //! * [`import()`] and [`export_oci`]/[`export_docker_archive`]: root
 //!   filesystem tars, `docker save` archives and OCI layouts in and out.
+//! * [`Artifact`]: a manifest of layers whose config is something else
+//!   (the build cache), kept in a layout under a tag.
 //!
 //! It knows nothing of Dockerfiles, builds or caches.
 
+mod artifact;
 mod compress;
 mod config;
 mod error;
@@ -20,6 +23,10 @@ mod reference;
 mod store;
 mod time;
 
+pub use artifact::{
+    Artifact, MAX_METADATA_BYTES, artifact_manifest, check_layer_count, read_artifact_layout,
+    stored_layer, write_artifact_layout,
+};
 pub use compress::{Compression, compressed, compression_of, decompressing, record_compressed};
 pub use config::{
     ContainerConfig, DEFAULT_PATH, Empty, HealthConfig, History, ImageConfig, RootFs,

@@ -9,8 +9,9 @@ use oci_client::client::BlobResponse;
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
 use strata_cas::{ContentStore, Digest, Sha256};
 use strata_oci::{
-    Compression, Image, ImageConfig, ImageStore, LayerRef, Reference, compression_of,
-    descriptor_sha256, record_compressed, select_manifest, store_layer,
+    Artifact, Compression, Image, ImageConfig, ImageStore, LayerRef, MAX_METADATA_BYTES, Reference,
+    check_layer_count, compression_of, descriptor_sha256, record_compressed, select_manifest,
+    store_layer, stored_layer,
 };
 
 use crate::error::{Error, Result, error_chain, from_oci};
@@ -104,93 +105,26 @@ impl Registry {
         progress: &dyn Transfer,
     ) -> Result<Pulled> {
         let shown = reference.to_string();
-        let oci_err = |e| from_oci(e, &ep.host, ep.repository(), &shown);
-        let (raw, mut digest) = ep
-            .client
-            .pull_manifest_raw(&ep.oci, &ep.auth, MANIFEST_TYPES)
-            .await
-            .map_err(oci_err)?;
-        if let Some(want) = &reference.digest {
-            check_digest(&raw, want, &shown)?;
-            digest = want.clone();
-        }
         let format_err = |detail: String| Error::Format {
             reference: shown.clone(),
             detail,
         };
-        let probe: serde_json::Value = serde_json::from_slice(&raw)
-            .map_err(|e| format_err(format!("the manifest is not JSON: {e}")))?;
-        let raw = if probe.get("manifests").is_some() {
-            let index = ImageIndex::from_reader(raw.as_ref())
-                .map_err(|e| format_err(format!("the image index is malformed: {e}")))?;
-            let chosen = select_manifest(
-                index.manifests(),
-                platform.os,
-                platform.architecture,
-                platform.variant,
-            )
-            .ok_or_else(|| {
-                let have: Vec<String> = index
-                    .manifests()
-                    .iter()
-                    .filter_map(|d| d.platform().as_ref())
-                    .map(|p| format!("{}/{}", p.os(), p.architecture()))
-                    .collect();
-                format_err(format!(
-                    "no image for {}/{} (the index has {})",
-                    platform.os,
-                    platform.architecture,
-                    have.join(", ")
-                ))
-            })?;
-            digest = chosen.digest().to_string();
-            let (raw, _) = ep
-                .client
-                .pull_manifest_raw(&ep.at_digest(&digest), &ep.auth, MANIFEST_TYPES)
-                .await
-                .map_err(oci_err)?;
-            check_digest(&raw, &digest, &shown)?;
-            raw
-        } else {
-            raw
-        };
-        let manifest = ImageManifest::from_reader(raw.as_ref())
-            .map_err(|e| format_err(format!("the manifest is malformed: {e}")))?;
-
-        let mut config_bytes = Vec::new();
-        ep.client
-            .pull_blob(
-                &ep.oci,
-                &oci_descriptor(manifest.config()),
-                &mut config_bytes,
-            )
-            .await
-            .map_err(oci_err)?;
+        let (manifest, digest) = self.manifest(ep, reference, Some(platform)).await?;
+        let config_bytes = self.config(ep, &manifest, &shown).await?;
         let config: ImageConfig = serde_json::from_slice(&config_bytes)
             .map_err(|e| format_err(format!("the image config is malformed: {e}")))?;
-        if config.rootfs.diff_ids.len() != manifest.layers().len() {
-            return Err(format_err(format!(
-                "the manifest lists {} layers, its config {}",
-                manifest.layers().len(),
-                config.rootfs.diff_ids.len()
-            )));
-        }
+        let diff_ids = config
+            .rootfs
+            .diff_ids
+            .iter()
+            .map(|d| {
+                d.parse()
+                    .map_err(|_| format_err(format!("diff_id {d} is not a sha256 digest")))
+            })
+            .collect::<Result<Vec<Sha256>>>()?;
         let cas = Arc::clone(images.content());
-        let fetched: Vec<Fetched> =
-            futures_util::stream::iter(manifest.layers().iter().zip(&config.rootfs.diff_ids).map(
-                |(desc, diff_id)| {
-                    let cas = Arc::clone(&cas);
-                    let (shown, format_err) = (&shown, &format_err);
-                    async move {
-                        let diff_id: Sha256 = diff_id.parse().map_err(|_| {
-                            format_err(format!("diff_id {diff_id} is not a sha256 digest"))
-                        })?;
-                        self.layer(ep, desc, diff_id, cas, shown, progress).await
-                    }
-                },
-            ))
-            .buffered(PARALLEL_LAYERS)
-            .try_collect()
+        let fetched = self
+            .layers(ep, &manifest, &diff_ids, &cas, &shown, progress)
             .await?;
         let layers: Vec<LayerRef> = fetched.iter().map(|f| f.layer).collect();
         let image = images.create_with_config_bytes(&config_bytes, &layers)?;
@@ -206,6 +140,189 @@ impl Registry {
         })
     }
 
+    /// Pulls the artifact `reference` into `cas`: its config must have
+    /// media type `media_type`, and `diff_ids` reads from it what each
+    /// layer unpacks to. Every blob is checked against its digest and
+    /// every layer against its diff_id; layers stored already are not
+    /// downloaded. Returns the artifact and the bytes downloaded.
+    pub async fn pull_artifact(
+        &self,
+        reference: &Reference,
+        media_type: &str,
+        cas: &Arc<ContentStore>,
+        progress: &dyn Transfer,
+        diff_ids: impl FnOnce(&[u8]) -> std::result::Result<Vec<Sha256>, String>,
+    ) -> Result<(Artifact, u64)> {
+        let ep = self.home(reference)?;
+        let shown = reference.to_string();
+        let format_err = |detail: String| Error::Format {
+            reference: shown.clone(),
+            detail,
+        };
+        let (manifest, _) = self.manifest(&ep, reference, None).await?;
+        let have = manifest.config().media_type().to_string();
+        if have != media_type {
+            return Err(format_err(format!("it is {have}, not {media_type}")));
+        }
+        let config = self.config(&ep, &manifest, &shown).await?;
+        let want = diff_ids(&config).map_err(format_err)?;
+        let fetched = self
+            .layers(&ep, &manifest, &want, cas, &shown, progress)
+            .await?;
+        let bytes = fetched.iter().filter_map(|f| f.downloaded).sum();
+        strata_metrics::transferred(strata_metrics::Transfer::Pulled, bytes);
+        Ok((
+            Artifact {
+                config,
+                media_type: have,
+                layers: fetched.iter().map(|f| f.layer).collect(),
+            },
+            bytes,
+        ))
+    }
+
+    /// The manifest `reference` names, checked against the digest the
+    /// reference gives; with a `platform`, an index is resolved to that
+    /// platform's manifest. Returns it and its digest.
+    async fn manifest(
+        &self,
+        ep: &Endpoint,
+        reference: &Reference,
+        platform: Option<Platform<'_>>,
+    ) -> Result<(ImageManifest, String)> {
+        let shown = reference.to_string();
+        let oci_err = |e| from_oci(e, &ep.host, ep.repository(), &shown);
+        let (raw, mut digest) = ep
+            .client
+            .pull_manifest_raw(&ep.oci, &ep.auth, MANIFEST_TYPES)
+            .await
+            .map_err(oci_err)?;
+        if let Some(want) = &reference.digest {
+            check_digest(&raw, want, &shown)?;
+            digest = want.clone();
+        }
+        let format_err = |detail: String| Error::Format {
+            reference: shown.clone(),
+            detail,
+        };
+        if raw.len() as u64 > MAX_METADATA_BYTES {
+            return Err(format_err(format!(
+                "the manifest is larger than {} MiB",
+                MAX_METADATA_BYTES >> 20
+            )));
+        }
+        let probe: serde_json::Value = serde_json::from_slice(&raw)
+            .map_err(|e| format_err(format!("the manifest is not JSON: {e}")))?;
+        let raw = match (probe.get("manifests").is_some(), platform) {
+            (true, Some(platform)) => {
+                let index = ImageIndex::from_reader(raw.as_ref())
+                    .map_err(|e| format_err(format!("the image index is malformed: {e}")))?;
+                let chosen = select_manifest(
+                    index.manifests(),
+                    platform.os,
+                    platform.architecture,
+                    platform.variant,
+                )
+                .ok_or_else(|| {
+                    let have: Vec<String> = index
+                        .manifests()
+                        .iter()
+                        .filter_map(|d| d.platform().as_ref())
+                        .map(|p| format!("{}/{}", p.os(), p.architecture()))
+                        .collect();
+                    format_err(format!(
+                        "no image for {}/{} (the index has {})",
+                        platform.os,
+                        platform.architecture,
+                        have.join(", ")
+                    ))
+                })?;
+                digest = chosen.digest().to_string();
+                let (raw, _) = ep
+                    .client
+                    .pull_manifest_raw(&ep.at_digest(&digest), &ep.auth, MANIFEST_TYPES)
+                    .await
+                    .map_err(oci_err)?;
+                check_digest(&raw, &digest, &shown)?;
+                raw
+            }
+            (true, None) => {
+                return Err(format_err(
+                    "it is an image index, not a single manifest".to_string(),
+                ));
+            }
+            (false, _) => raw,
+        };
+        let manifest = ImageManifest::from_reader(raw.as_ref())
+            .map_err(|e| format_err(format!("the manifest is malformed: {e}")))?;
+        Ok((manifest, digest))
+    }
+
+    /// The config blob of `manifest`, bounded in size and checked against
+    /// its digest.
+    async fn config(
+        &self,
+        ep: &Endpoint,
+        manifest: &ImageManifest,
+        shown: &str,
+    ) -> Result<Vec<u8>> {
+        let desc = manifest.config();
+        let format_err = |detail: String| Error::Format {
+            reference: shown.to_string(),
+            detail,
+        };
+        if desc.size() > MAX_METADATA_BYTES {
+            return Err(format_err(format!(
+                "its config is {} bytes, more than {} MiB",
+                desc.size(),
+                MAX_METADATA_BYTES >> 20
+            )));
+        }
+        let want = descriptor_sha256(desc)?;
+        let mut bytes = Vec::new();
+        ep.client
+            .pull_blob(&ep.oci, &oci_descriptor(desc), &mut bytes)
+            .await
+            .map_err(|e| from_oci(e, &ep.host, ep.repository(), shown))?;
+        let got = Sha256::of(&bytes);
+        if got != want {
+            return Err(format_err(format!(
+                "its config hashes to {got}, not {want} as the manifest says"
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// The layers of `manifest`, each unpacking to its diff_id, in the
+    /// store.
+    async fn layers(
+        &self,
+        ep: &Endpoint,
+        manifest: &ImageManifest,
+        diff_ids: &[Sha256],
+        cas: &Arc<ContentStore>,
+        shown: &str,
+        progress: &dyn Transfer,
+    ) -> Result<Vec<Fetched>> {
+        check_layer_count(manifest, diff_ids).map_err(|e| Error::Format {
+            reference: shown.to_string(),
+            detail: e.to_string(),
+        })?;
+        futures_util::stream::iter(
+            manifest
+                .layers()
+                .iter()
+                .zip(diff_ids)
+                .map(|(desc, diff_id)| {
+                    let cas = Arc::clone(cas);
+                    async move { self.layer(ep, desc, *diff_id, cas, shown, progress).await }
+                }),
+        )
+        .buffered(PARALLEL_LAYERS)
+        .try_collect()
+        .await
+    }
+
     /// One layer, uncompressed in the store: found there by its diff_id,
     /// made from a stored compressed blob, or downloaded (and unpacked as
     /// it arrives).
@@ -219,16 +336,10 @@ impl Registry {
         progress: &dyn Transfer,
     ) -> Result<Fetched> {
         let id = desc.digest().to_string();
-        if let Some(blob) = cas.by_sha256(&diff_id)?
-            && let Some(info) = cas.info(&blob)?
-        {
+        if let Some(layer) = stored_layer(&cas, &diff_id)? {
             progress.finish(&id, "already stored");
             return Ok(Fetched {
-                layer: LayerRef {
-                    blob,
-                    diff_id,
-                    size: info.size,
-                },
+                layer,
                 downloaded: None,
             });
         }

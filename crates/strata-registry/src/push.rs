@@ -8,7 +8,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use oci_client::errors::OciDistributionError;
 use oci_spec::image::{DescriptorBuilder, ImageManifestBuilder, MediaType};
 use strata_cas::{ContentStore, Digest, Sha256};
-use strata_oci::{Compression, Image, Reference, compressed};
+use strata_oci::{Artifact, Compression, Image, LayerRef, Reference, compressed};
 
 use crate::error::{Error, Result, from_oci};
 use crate::progress::Transfer;
@@ -52,6 +52,69 @@ impl Registry {
         compression: Compression,
         progress: &dyn Transfer,
     ) -> Result<Pushed> {
+        let config = Blob {
+            local: image.config_blob,
+            sha256: image.id,
+            size: cas.info(&image.config_blob)?.map_or(0, |i| i.size),
+        };
+        self.push_manifest(
+            config,
+            MediaType::ImageConfig,
+            None,
+            &image.layers,
+            reference,
+            cas,
+            compression,
+            progress,
+        )
+        .await
+    }
+
+    /// Pushes `artifact` as `reference`: its config stored as a blob of
+    /// its media type, which the manifest also gives as its
+    /// `artifactType`.
+    pub async fn push_artifact(
+        &self,
+        artifact: &Artifact,
+        reference: &Reference,
+        cas: &Arc<ContentStore>,
+        compression: Compression,
+        progress: &dyn Transfer,
+    ) -> Result<Pushed> {
+        let local = cas.put(&artifact.config)?;
+        let config = Blob {
+            local,
+            sha256: Sha256::of(&artifact.config),
+            size: artifact.config.len() as u64,
+        };
+        let media = MediaType::Other(artifact.media_type.clone());
+        self.push_manifest(
+            config,
+            media.clone(),
+            Some(media),
+            &artifact.layers,
+            reference,
+            cas,
+            compression,
+            progress,
+        )
+        .await
+    }
+
+    /// Pushes `layers` (compressed, skipping what the registry has), the
+    /// config, then the manifest naming them.
+    #[allow(clippy::too_many_arguments)]
+    async fn push_manifest(
+        &self,
+        config: Blob,
+        config_type: MediaType,
+        artifact_type: Option<MediaType>,
+        layers: &[LayerRef],
+        reference: &Reference,
+        cas: &Arc<ContentStore>,
+        compression: Compression,
+        progress: &dyn Transfer,
+    ) -> Result<Pushed> {
         let ep = self.home(reference)?;
         let shown = reference.to_string();
         let oci_err = |e| from_oci(e, &ep.host, ep.repository(), &shown);
@@ -64,34 +127,28 @@ impl Registry {
         // soon as it is ready, so uploads overlap the compression of the
         // layers after them.
         let (shown, ep) = (&shown, &ep);
-        let layers: Vec<(Blob, Option<u64>)> =
-            futures_util::stream::iter(image.layers.iter().copied())
-                .map(|layer| {
-                    let cas = Arc::clone(cas);
-                    async move {
-                        let blob = tokio::task::spawn_blocking({
-                            let cas = Arc::clone(&cas);
-                            move || compressed(&cas, &layer, compression)
-                        })
-                        .await
-                        .map_err(|e| Error::Config(format!("compressing a layer stopped: {e}")))?
-                        .map(|(local, sha256, size)| Blob {
-                            local,
-                            sha256,
-                            size,
-                        })?;
-                        let sent = self.send_blob(ep, blob, &cas, shown, progress).await?;
-                        Ok::<_, Error>((blob, sent))
-                    }
-                })
-                .buffered(PARALLEL_BLOBS)
-                .try_collect()
-                .await?;
-        let config = Blob {
-            local: image.config_blob,
-            sha256: image.id,
-            size: cas.info(&image.config_blob)?.map_or(0, |i| i.size),
-        };
+        let layers: Vec<(Blob, Option<u64>)> = futures_util::stream::iter(layers.iter().copied())
+            .map(|layer| {
+                let cas = Arc::clone(cas);
+                async move {
+                    let blob = tokio::task::spawn_blocking({
+                        let cas = Arc::clone(&cas);
+                        move || compressed(&cas, &layer, compression)
+                    })
+                    .await
+                    .map_err(|e| Error::Config(format!("compressing a layer stopped: {e}")))?
+                    .map(|(local, sha256, size)| Blob {
+                        local,
+                        sha256,
+                        size,
+                    })?;
+                    let sent = self.send_blob(ep, blob, &cas, shown, progress).await?;
+                    Ok::<_, Error>((blob, sent))
+                }
+            })
+            .buffered(PARALLEL_BLOBS)
+            .try_collect()
+            .await?;
         let config_sent = self.send_blob(ep, config, cas, shown, progress).await?;
         let sent: Vec<Option<u64>> = layers
             .iter()
@@ -118,10 +175,10 @@ impl Registry {
             Compression::Gzip => MediaType::ImageLayerGzip,
             Compression::Zstd => MediaType::ImageLayerZstd,
         };
-        let manifest = ImageManifestBuilder::default()
+        let mut manifest = ImageManifestBuilder::default()
             .schema_version(2u32)
             .media_type(MediaType::ImageManifest)
-            .config(descriptor(MediaType::ImageConfig, &config)?)
+            .config(descriptor(config_type, &config)?)
             .layers(
                 layers
                     .iter()
@@ -130,6 +187,7 @@ impl Registry {
             )
             .build()
             .map_err(|e| Error::Config(format!("cannot build the manifest: {e}")))?;
+        manifest.set_artifact_type(artifact_type);
         let body = manifest
             .to_string()
             .map_err(|e| Error::Config(format!("cannot encode the manifest: {e}")))?

@@ -11,9 +11,12 @@
 //!   ([`store_image`], which also applies `SOURCE_DATE_EPOCH`).
 //! * [`export_rootfs`] and [`write_rootfs_tar`] write an image's files out
 //!   (`--output type=local|tar`).
+//! * [`import_cache`] and [`export_cache`] move cache entries and their
+//!   layers between machines (`--cache-from`, `--cache-to`).
 //! * [`prune()`] collects what no image, cache entry or running build holds.
 
 mod build;
+mod cache_io;
 mod contexts;
 mod copy;
 mod export;
@@ -30,6 +33,10 @@ mod users;
 mod worker;
 
 pub use build::{BaseImages, BuildError, BuildRequest, BuildResult, PlanInputs, build, ignore_for};
+pub use cache_io::{
+    CacheFrom, CacheIoError, CacheLocation, CacheMode, CacheTo, Exported, Imported, export_cache,
+    exported_keys, import_cache, parse_cache_from, parse_cache_to,
+};
 pub use contexts::{NamedContext, parse_named_context};
 pub use copy::is_archive;
 pub use export::{ExportError, export_rootfs, write_rootfs_tar};
