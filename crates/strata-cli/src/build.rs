@@ -513,14 +513,19 @@ fn import_caches(
         let imported = cx.block_on(import_cache(cx.node, registry, c, transfer.as_ref()));
         cx.session.progress_done();
         match imported {
-            Ok(i) if !matches!(progress, Mode::Quiet | Mode::Rawjson) => writeln!(
-                cx.err(),
-                "imported cache from {}: {} steps, {} new; {} downloaded",
-                c.location,
-                i.records,
-                i.added,
-                human_size(i.bytes)
-            )?,
+            Ok(i) if !matches!(progress, Mode::Quiet | Mode::Rawjson) => {
+                let downloaded = match c.location {
+                    CacheLocation::Registry(_) => format!("; {} downloaded", human_size(i.bytes)),
+                    CacheLocation::Local { .. } => String::new(),
+                };
+                writeln!(
+                    cx.err(),
+                    "imported cache from {}: {} steps, {} new{downloaded}",
+                    c.location,
+                    i.records,
+                    i.added,
+                )?
+            }
             Ok(_) => {}
             Err(e) => writeln!(
                 cx.err(),
