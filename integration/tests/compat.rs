@@ -7,7 +7,7 @@ use std::process::Command;
 
 use strata_integration::docker::Docker;
 use strata_integration::http::{FileServer, LAST_MODIFIED_UNIX};
-use strata_integration::{Strata, repo_root, write_files};
+use strata_integration::{COMMAND_LIMIT, Strata, repo_root, run_bounded, succeed, write_files};
 
 fn tool(name: &str, args: &[&str]) -> String {
     let out = Command::new(name)
@@ -1246,4 +1246,213 @@ fn platforms_are_built_as_asked_or_refused() {
         s.ok(&["run", "--rm", "uname:arm64", "cat", "/m"]),
         "aarch64\n"
     );
+}
+
+/// An `ssh-agent` of the test's own, stopped when dropped.
+struct Agent {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+}
+
+impl Agent {
+    fn start(dir: &std::path::Path) -> Agent {
+        let socket = dir.join("agent.sock");
+        let child = Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&socket)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("ssh-agent (openssh-client) is installed by scripts/setup");
+        let start = std::time::Instant::now();
+        while !socket.exists() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "ssh-agent did not listen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Agent { child, socket }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `ssh-add` and the libraries it loads, flat in `dir`, with the loader
+/// as `dir/ld.so`, so a busybox step can run it.
+fn ssh_add_into(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy("/usr/bin/ssh-add", dir.join("ssh-add")).unwrap();
+    let ldd = tool("ldd", &["/usr/bin/ssh-add"]);
+    for line in ldd.lines() {
+        let path = match line.split_once("=>") {
+            Some((_, right)) => right.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        let Some(path) = path.filter(|p| p.starts_with('/')) else {
+            continue;
+        };
+        let name = std::path::Path::new(path).file_name().unwrap();
+        let to = if path.contains("/ld-linux") {
+            dir.join("ld.so")
+        } else {
+            dir.join(name)
+        };
+        std::fs::copy(path, to).unwrap();
+    }
+}
+
+#[test]
+fn ssh_agents_reach_run_mount_ssh_and_no_key_enters_the_build() {
+    let s = Strata::new().with_busybox(&[]);
+    let keys = tempfile::tempdir().unwrap();
+    let agent = Agent::start(keys.path());
+    let key = keys.path().join("id_ed25519");
+    tool(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "strata-ssh-test",
+            "-f",
+            key.to_str().unwrap(),
+        ],
+    );
+    succeed(
+        Command::new("ssh-add")
+            .arg(&key)
+            .env("SSH_AUTH_SOCK", &agent.socket),
+    );
+
+    let ctx = tempfile::tempdir().unwrap();
+    ssh_add_into(&ctx.path().join("tools"));
+    let list = "/tools/ld.so --library-path /tools /tools/ssh-add -l";
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            &format!(
+                "FROM busybox\n\
+                 RUN --mount=type=bind,source=tools,target=/tools --mount=type=ssh {list} > /keys && echo \"sock=$SSH_AUTH_SOCK\" >> /keys\n\
+                 USER 1000\n\
+                 RUN --mount=type=bind,source=tools,target=/tools --mount=type=ssh,id=deploy,required=true,uid=1000,target=/tmp/agent {list} > /tmp/deploy\n"
+            ),
+        )],
+    );
+    let ctx_arg = ctx.path().to_str().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("files");
+    let deploy = format!("deploy={}", agent.socket.display());
+    let built = run_bounded(
+        s.cmd()
+            .env("SSH_AUTH_SOCK", &agent.socket)
+            .args(["build", "--ssh", "default", "--ssh", &deploy, "-o"])
+            .arg(&dest)
+            .arg(ctx_arg),
+        COMMAND_LIMIT,
+    );
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    // Root and user 1000 (the mount's uid) both reach the agent and see its key.
+    let listed = std::fs::read_to_string(dest.join("keys")).unwrap();
+    assert!(listed.contains("strata-ssh-test (ED25519)"), "{listed}");
+    assert!(
+        listed.contains("sock=/run/buildkit/ssh_agent.0"),
+        "{listed}"
+    );
+    let as_user = std::fs::read_to_string(dest.join("tmp/deploy")).unwrap();
+    assert!(as_user.contains("strata-ssh-test (ED25519)"), "{as_user}");
+    // Neither the socket nor the directory made for it is in the image.
+    assert!(!dest.join("run/buildkit").exists());
+    assert!(!dest.join("tmp/agent").exists());
+    // No byte of the key is anywhere in the state directory.
+    let private = std::fs::read_to_string(&key).unwrap();
+    let secret_line = private.lines().nth(2).unwrap().to_string();
+    let grep = Command::new("grep")
+        .args(["-rqF", &secret_line])
+        .arg(s.home())
+        .status()
+        .unwrap();
+    assert!(
+        !grep.success(),
+        "the private key reached the state directory"
+    );
+
+    // The agent is no part of a step's key: the same build without it is
+    // taken from the cache, as BuildKit's is.
+    let again = s.build(ctx.path(), &[]);
+    assert_eq!(strata_integration::cached(&again), (2, 2));
+    // A step that runs needs a required agent, and names it; an optional
+    // one is skipped, as BuildKit skips it.
+    let other = tempfile::tempdir().unwrap();
+    write_files(
+        other.path(),
+        &[
+            (
+                "required.Dockerfile",
+                "FROM busybox\nRUN --mount=type=ssh,id=deploy,required=true true\n",
+            ),
+            (
+                "optional.Dockerfile",
+                "FROM busybox\nRUN --mount=type=ssh test -S \"$SSH_AUTH_SOCK\" || echo none > /none\n",
+            ),
+        ],
+    );
+    let other_arg = other.path().to_str().unwrap();
+    let required = other.path().join("required.Dockerfile");
+    let refused = s.run(&["build", "-f", required.to_str().unwrap(), other_arg]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("SSH agent \"deploy\" is required"), "{err}");
+    assert!(err.contains("--ssh deploy=SOCKET"), "{err}");
+    let optional = other.path().join("optional.Dockerfile");
+    let skipped = out.path().join("skipped");
+    s.ok(&[
+        "build",
+        "-f",
+        optional.to_str().unwrap(),
+        "-o",
+        skipped.to_str().unwrap(),
+        other_arg,
+    ]);
+    assert!(skipped.join("none").exists());
+
+    // What cannot be forwarded is refused by name.
+    let unset = run_bounded(
+        s.cmd()
+            .env_remove("SSH_AUTH_SOCK")
+            .args(["build", "--ssh", "default", ctx_arg]),
+        COMMAND_LIMIT,
+    );
+    assert!(!unset.status.success());
+    let err = String::from_utf8_lossy(&unset.stderr);
+    assert!(err.contains("SSH_AUTH_SOCK is not set"), "{err}");
+    let key_file = format!("default={}", key.display());
+    let not_socket = s.run(&["build", "--ssh", &key_file, ctx_arg]);
+    assert!(!not_socket.status.success());
+    let err = String::from_utf8_lossy(&not_socket.stderr);
+    assert!(err.contains("is not an agent socket"), "{err}");
+    let cluster = s.run(&[
+        "build",
+        "--ssh",
+        &deploy,
+        "--cluster",
+        "/nonexistent",
+        ctx_arg,
+    ]);
+    assert!(!cluster.status.success());
+    let err = String::from_utf8_lossy(&cluster.stderr);
+    assert!(err.contains("drop --cluster"), "{err}");
 }

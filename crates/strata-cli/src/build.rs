@@ -78,6 +78,11 @@ pub struct BuildArgs {
     /// A secret for `RUN --mount=type=secret`: `id=ID,src=PATH` or `id=ID,env=VAR`.
     #[arg(long = "secret")]
     secrets: Vec<String>,
+    /// An SSH agent for `RUN --mount=type=ssh`: `default` (the client's
+    /// SSH_AUTH_SOCK), `ID` or `ID=SOCKET`. The agent is forwarded; no key
+    /// enters the build.
+    #[arg(long = "ssh", value_name = "default|ID[=SOCKET]")]
+    ssh: Vec<String>,
     /// Write a JSON report of the build (every step, its key, cached or not, times).
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -293,6 +298,52 @@ fn parse_output(s: &str) -> Result<(Output, bool)> {
         bail!("--output {s:?}: tar=false writes a directory, not standard output");
     }
     Ok((output, rewrite))
+}
+
+/// `--ssh`s: agent sockets by id, as buildx spells them; the client's
+/// SSH_AUTH_SOCK when no socket is named.
+fn parse_ssh(cx: &Cx<'_>, raw: &[String]) -> Result<BTreeMap<String, PathBuf>> {
+    let mut out = BTreeMap::new();
+    for s in raw {
+        let (id, paths) = match s.split_once('=') {
+            Some((id, paths)) => (id, Some(paths)),
+            None => (s.as_str(), None),
+        };
+        if id.is_empty() {
+            bail!("--ssh {s:?}: expected default, ID or ID=SOCKET");
+        }
+        let socket = match paths {
+            None | Some("") => cx
+                .session
+                .env("SSH_AUTH_SOCK")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+                .with_context(|| {
+                    format!(
+                        "--ssh {s}: SSH_AUTH_SOCK is not set; start an agent (eval $(ssh-agent); ssh-add) \
+                         or name its socket with --ssh {id}=SOCKET"
+                    )
+                })?,
+            Some(p) if p.contains(',') => bail!(
+                "--ssh {s}: one agent socket per id (strata forwards agents; it does not load key files)"
+            ),
+            Some(p) => cx.path(Path::new(p)),
+        };
+        let meta = std::fs::metadata(&socket)
+            .with_context(|| format!("--ssh {id}: cannot use {}", socket.display()))?;
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            bail!(
+                "--ssh {id}: {} is not an agent socket; strata forwards SSH agents and never \
+                 reads keys: load the key into an agent (ssh-add {}) and give --ssh {id}",
+                socket.display(),
+                socket.display()
+            );
+        }
+        if out.insert(id.to_string(), socket).is_some() {
+            bail!("--ssh {id}: given twice");
+        }
+    }
+    Ok(out)
 }
 
 /// `--secret`s, their files and variables the client's.
@@ -681,6 +732,7 @@ fn build_and_output(
     // Every output is the one image the build stores.
     let rewrite_timestamp = rewrites.contains(&true);
     let secrets = parse_secrets(cx, &args.secrets)?;
+    let ssh = parse_ssh(cx, &args.ssh)?;
     let mut build_args =
         parse_build_args(&args.build_args, &|k| cx.session.env(k).map(str::to_string))?;
     // As buildx does: the client's SOURCE_DATE_EPOCH is the build's unless
@@ -760,6 +812,12 @@ fn build_and_output(
             .labeled(labels)
             .running(run_settings)
             .with_contexts(&contexts);
+            if !ssh.is_empty() {
+                bail!(
+                    "--ssh forwards an agent on this machine to the steps that run here \
+                     (drop --cluster): a cluster's workers cannot reach it"
+                );
+            }
             if !cache_from.is_empty() || !cache_to.is_empty() {
                 bail!(
                     "--cache-from and --cache-to build on this machine (drop --cluster): \
@@ -813,6 +871,7 @@ fn build_and_output(
                 no_cache_stages: stage_names(&args.no_cache_filter),
                 jobs,
                 secrets,
+                ssh,
                 tags: tags.clone(),
                 platform,
                 progress: live_progress(cx, build_id),

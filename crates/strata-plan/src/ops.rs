@@ -104,6 +104,20 @@ pub enum RunMountKind {
         /// Group.
         gid: u32,
     },
+    /// An SSH agent forwarded from the client (`--ssh ID=SOCKET`): a
+    /// socket at the mount's target; no key ever enters the build.
+    Ssh {
+        /// The agent's name (`default` unless `id=` says).
+        id: String,
+        /// Fail when the build was not given it.
+        required: bool,
+        /// The socket's mode.
+        mode: u32,
+        /// Its owner.
+        uid: u32,
+        /// Its group.
+        gid: u32,
+    },
 }
 
 /// Where files come from.

@@ -892,9 +892,26 @@ impl Planner<'_> {
                     }
                 }
                 MountType::Ssh => {
-                    return Err(df
-                        .error_at(ErrorKind::Instruction, instr.span, "--mount", "RUN --mount=type=ssh is not supported: strata does not forward SSH agents")
-                        .into());
+                    // As BuildKit: the n-th agent of the step defaults to
+                    // /run/buildkit/ssh_agent.n.
+                    let n = mounts
+                        .iter()
+                        .filter(|m: &&RunMount| matches!(m.kind, RunMountKind::Ssh { .. }))
+                        .count();
+                    let t = m
+                        .target
+                        .clone()
+                        .unwrap_or_else(|| format!("/run/buildkit/ssh_agent.{n}"));
+                    RunMount {
+                        target: relative_to_workdir(&state.config.config.working_dir, &t),
+                        kind: RunMountKind::Ssh {
+                            id: m.id.clone().unwrap_or_else(|| "default".into()),
+                            required: m.required,
+                            mode: m.mode.unwrap_or(0o600),
+                            uid: m.uid.unwrap_or(0),
+                            gid: m.gid.unwrap_or(0),
+                        },
+                    }
                 }
             };
             mounts.push(kind);
@@ -903,6 +920,15 @@ impl Planner<'_> {
         let mut env = state.scope.run_env.to_entries();
         if !env.iter().any(|e| e.starts_with("PATH=")) && platform.os != "windows" {
             env.push(DEFAULT_PATH.to_string());
+        }
+        // The first agent is the one `ssh` finds, unless the step's
+        // environment names another.
+        if let Some(agent) = mounts
+            .iter()
+            .find(|m| matches!(m.kind, RunMountKind::Ssh { .. }))
+            && !env.iter().any(|e| e.starts_with("SSH_AUTH_SOCK="))
+        {
+            env.push(format!("SSH_AUTH_SOCK={}", agent.target));
         }
         Ok(Op::Exec(ExecOp {
             args,

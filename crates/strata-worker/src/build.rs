@@ -38,6 +38,8 @@ pub struct BuildRequest {
     pub jobs: usize,
     /// `--secret`s, by id.
     pub secrets: BTreeMap<String, Vec<u8>>,
+    /// `--ssh` agents: sockets on this machine, by id.
+    pub ssh: BTreeMap<String, PathBuf>,
     /// Names for the result.
     pub tags: Vec<Reference>,
     /// Platform to build for.
@@ -424,6 +426,7 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
     }
     let worker = Arc::new(
         LocalWorker::new(Arc::clone(&node), req.context.clone(), ignore, req.secrets)
+            .forwarding_ssh(req.ssh)
             .granting(req.grants),
     );
     let solver = Arc::new(Solver::sharing(

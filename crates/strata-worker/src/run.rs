@@ -32,6 +32,8 @@ pub struct RunContext<'a> {
     pub cache_mounts: &'a Path,
     /// Secrets given to the build.
     pub secrets: &'a BTreeMap<String, Vec<u8>>,
+    /// SSH agents given to the build (`--ssh`): their sockets, by id.
+    pub ssh_agents: &'a BTreeMap<String, PathBuf>,
     /// Where output goes.
     pub output: Output,
     /// Cancels the step.
@@ -46,6 +48,61 @@ struct Held {
     views: Vec<View>,
     overlays: Vec<OverlayMount>,
     locks: Vec<nix::fcntl::Flock<fs::File>>,
+    agents: Vec<AgentProxy>,
+}
+
+/// A socket standing in for an SSH agent while a step runs: each
+/// connection to it is forwarded to the agent's own socket, which the step
+/// never sees and whose owner and mode stay as they are (the proxy's are
+/// the mount's), as BuildKit's session proxy does. Stops accepting when
+/// dropped; a forwarded connection ends when the step's end closes it.
+struct AgentProxy {
+    accept: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for AgentProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+impl AgentProxy {
+    /// Listens on a socket in a private directory (socket paths are short:
+    /// at most 107 bytes), owned by `uid:gid` with `mode`.
+    fn start(
+        agent: &Path,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+    ) -> std::io::Result<(AgentProxy, PathBuf)> {
+        let dir = tempfile::Builder::new().prefix("strata-ssh-").tempdir()?;
+        let path = dir.path().join("agent.sock");
+        let handle = tokio::runtime::Handle::current();
+        let listener = {
+            let _runtime = handle.enter();
+            tokio::net::UnixListener::bind(&path)?
+        };
+        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))?;
+        let agent = agent.to_path_buf();
+        let accept = handle.spawn(async move {
+            while let Ok((mut step, _)) = listener.accept().await {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    match tokio::net::UnixStream::connect(&agent).await {
+                        Ok(mut upstream) => {
+                            let _ = tokio::io::copy_bidirectional(&mut step, &mut upstream).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(agent = %agent.display(), error = %e, "cannot reach the SSH agent");
+                        }
+                    }
+                });
+            }
+        });
+        Ok((AgentProxy { accept, _dir: dir }, path))
+    }
 }
 
 /// The hostname steps see, as in BuildKit.
@@ -256,6 +313,39 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
                     source: p,
                     destination: m.target.clone(),
                     read_only: true,
+                });
+            }
+            RunMountKind::Ssh {
+                id,
+                required,
+                mode,
+                uid,
+                gid,
+            } => {
+                let Some(agent) = ctx.ssh_agents.get(id) else {
+                    if *required {
+                        return Err(err(format!(
+                            "SSH agent {id:?} is required but was not given (strata build --ssh {})",
+                            if id == "default" {
+                                "default".to_string()
+                            } else {
+                                format!("{id}=SOCKET")
+                            }
+                        )));
+                    }
+                    continue;
+                };
+                let (proxy, socket) = AgentProxy::start(agent, *uid, *gid, *mode).map_err(|e| {
+                    err(format!(
+                        "cannot forward SSH agent {id:?} ({}): {e}",
+                        agent.display()
+                    ))
+                })?;
+                held.agents.push(proxy);
+                mounts.push(Mount::Bind {
+                    source: socket,
+                    destination: m.target.clone(),
+                    read_only: false,
                 });
             }
         }

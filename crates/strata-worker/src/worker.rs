@@ -28,6 +28,8 @@ pub struct LocalWorker {
     context: PathBuf,
     ignore: IgnoreMatcher,
     secrets: BTreeMap<String, Vec<u8>>,
+    /// `--ssh` agents: their sockets, by id.
+    ssh_agents: BTreeMap<String, PathBuf>,
     lease: Mutex<Lease>,
     /// What this build downloaded, by URL: keying a step and running it
     /// need the same bytes, fetched once.
@@ -66,6 +68,7 @@ impl LocalWorker {
             context,
             ignore,
             secrets,
+            ssh_agents: BTreeMap::new(),
             lease,
             downloads: Mutex::default(),
             provided: Mutex::default(),
@@ -98,6 +101,13 @@ impl LocalWorker {
             Ok(dir) => Ok(dir.path().to_path_buf()),
             Err(e) => Err(err(e)),
         }
+    }
+
+    /// Forwards these SSH agents (sockets on this machine, by id) to the
+    /// steps that mount them.
+    pub fn forwarding_ssh(mut self, agents: BTreeMap<String, PathBuf>) -> LocalWorker {
+        self.ssh_agents = agents;
+        self
     }
 
     /// Lets steps have the entitlements `grants` holds; with none given, a
@@ -389,6 +399,7 @@ impl Worker for LocalWorker {
                     views: &views,
                     cache_mounts: &self.node.home().join("cache-mounts"),
                     secrets: &self.secrets,
+                    ssh_agents: &self.ssh_agents,
                     output: Arc::clone(&job.output),
                     cancel: job.cancel.clone(),
                     id: &id,

@@ -209,6 +209,50 @@ fn heredocs_and_mounts() {
 }
 
 #[test]
+fn ssh_mounts_take_buildkit_s_targets_and_the_first_is_ssh_auth_sock() {
+    let p = plan_of(
+        "FROM scratch\nRUN --mount=type=ssh --mount=type=ssh,id=deploy,required=true,uid=1000 a\nENV SSH_AUTH_SOCK=/mine\nRUN --mount=type=ssh,target=/agent b\nRUN c\n",
+        &opts(),
+    );
+    let ops: Vec<&ExecOp> = p.stages[0]
+        .steps
+        .iter()
+        .filter_map(|s| match &s.op {
+            Op::Exec(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    let targets: Vec<&str> = ops[0].mounts.iter().map(|m| m.target.as_str()).collect();
+    assert_eq!(
+        targets,
+        ["/run/buildkit/ssh_agent.0", "/run/buildkit/ssh_agent.1"]
+    );
+    assert!(matches!(
+        &ops[0].mounts[0].kind,
+        RunMountKind::Ssh { id, required: false, mode: 0o600, uid: 0, .. } if id == "default"
+    ));
+    assert!(matches!(
+        &ops[0].mounts[1].kind,
+        RunMountKind::Ssh { id, required: true, uid: 1000, .. } if id == "deploy"
+    ));
+    assert!(
+        ops[0]
+            .env
+            .contains(&"SSH_AUTH_SOCK=/run/buildkit/ssh_agent.0".to_string())
+    );
+    // The step's own SSH_AUTH_SOCK wins; a step with no agent gets none.
+    assert_eq!(ops[1].mounts[0].target, "/agent");
+    assert!(ops[1].env.contains(&"SSH_AUTH_SOCK=/mine".to_string()));
+    assert!(!ops[1].env.iter().any(|e| e == "SSH_AUTH_SOCK=/agent"));
+    assert!(
+        ops[2]
+            .env
+            .iter()
+            .all(|e| e != "SSH_AUTH_SOCK=/run/buildkit/ssh_agent.0")
+    );
+}
+
+#[test]
 fn build_flags_reach_every_run_and_a_run_s_own_network_wins() {
     let src = "FROM scratch\nRUN a\nRUN --network=default b\nCOPY x /x\n";
     let mut o = opts();
