@@ -41,7 +41,16 @@ impl FileServer {
                 }
                 r.fetch_add(1, Ordering::SeqCst);
                 let path = request_line.split(' ').nth(1).unwrap_or("/").to_string();
-                let body = f.lock().unwrap().get(&path).cloned();
+                // A query is ignored unless a body was put with it, as a
+                // static server does (git's dumb protocol asks for
+                // `info/refs?service=…`).
+                let body = {
+                    let files = f.lock().unwrap();
+                    files
+                        .get(&path)
+                        .or_else(|| files.get(path.split('?').next().unwrap_or("")))
+                        .cloned()
+                };
                 let mut stream = reader.into_inner();
                 let _ = match body {
                     Some(b) => write!(

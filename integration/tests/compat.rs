@@ -1456,3 +1456,241 @@ fn ssh_agents_reach_run_mount_ssh_and_no_key_enters_the_build() {
     let err = String::from_utf8_lossy(&cluster.stderr);
     assert!(err.contains("drop --cluster"), "{err}");
 }
+
+/// `git ARGS` in `dir`, as a fixed author.
+fn git_in(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=strata",
+            "-c",
+            "user.email=strata@example.com",
+        ])
+        .args([
+            "-c",
+            "init.defaultBranch=main",
+            "-c",
+            "protocol.file.allow=always",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `git daemon` serving `base` on a free loopback port; stopped when dropped.
+struct GitDaemon {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl GitDaemon {
+    fn start(base: &std::path::Path) -> GitDaemon {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // git-daemon itself, not `git daemon`, which forks it: killing the
+        // child must stop the server.
+        let exec_path = tool("git", &["--exec-path"]);
+        let child = Command::new(std::path::Path::new(exec_path.trim()).join("git-daemon"))
+            .arg("--reuseaddr")
+            .arg("--export-all")
+            .arg("--listen=127.0.0.1")
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", base.display()))
+            .arg(base)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "git daemon did not listen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        GitDaemon { child, port }
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn git_repositories_are_contexts_at_a_branch_a_tag_a_commit_and_a_directory() {
+    let s = Strata::new();
+    let root = tempfile::tempdir().unwrap();
+    let work = root.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git_in(&work, &["init", "-q"]);
+    let copy_all = "FROM scratch\nCOPY . /\n";
+    write_files(
+        &work,
+        &[
+            ("Dockerfile", copy_all),
+            ("version", "1"),
+            ("sub/Dockerfile", copy_all),
+            ("sub/only-sub", "sub 1"),
+            (".dockerignore", "ignored\n"),
+            ("ignored", "x"),
+        ],
+    );
+    git_in(&work, &["add", "-A"]);
+    git_in(&work, &["commit", "-q", "-m", "one"]);
+    git_in(&work, &["tag", "v1"]);
+    let first = git_in(&work, &["rev-parse", "HEAD"]);
+    git_in(&work, &["checkout", "-q", "-b", "feature"]);
+    write_files(&work, &[("version", "feature")]);
+    git_in(&work, &["commit", "-q", "-am", "feature"]);
+    git_in(&work, &["checkout", "-q", "main"]);
+    write_files(&work, &[("version", "2"), ("sub/only-sub", "sub 2")]);
+    std::os::unix::fs::symlink("/etc", work.join("escape")).unwrap();
+    git_in(&work, &["add", "-A"]);
+    git_in(&work, &["commit", "-q", "-m", "two"]);
+    let repos = root.path().join("repos");
+    std::fs::create_dir_all(&repos).unwrap();
+    git_in(
+        root.path(),
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            work.to_str().unwrap(),
+            "repos/app.git",
+        ],
+    );
+    let daemon = GitDaemon::start(&repos);
+    let url = format!("git://127.0.0.1:{}/app.git", daemon.port);
+
+    let out = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    let mut files_of = |context: &str, extra: &[&str]| {
+        n += 1;
+        let dest = out.path().join(n.to_string());
+        let mut args = vec!["build", "-o", dest.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.push(context);
+        s.ok(&args);
+        dest
+    };
+    let read = |d: &std::path::Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+
+    // The remote's HEAD, without .git; as BuildKit, which applies
+    // .dockerignore only to a client's own files, it hides nothing.
+    let head = files_of(&url, &[]);
+    assert_eq!(read(&head, "version"), "2");
+    assert!(!head.join(".git").exists());
+    assert!(head.join("ignored").exists());
+    assert_eq!(read(&files_of(&format!("{url}#v1"), &[]), "version"), "1");
+    assert_eq!(
+        read(&files_of(&format!("{url}#feature"), &[]), "version"),
+        "feature"
+    );
+    assert_eq!(
+        read(&files_of(&format!("{url}#{first}"), &[]), "version"),
+        "1"
+    );
+    let sub = files_of(&format!("{url}#main:sub"), &[]);
+    assert_eq!(read(&sub, "only-sub"), "sub 2");
+    assert!(!sub.join("version").exists());
+    // -f names a file of the repository; the context stays its root.
+    let with_file = files_of(&format!("{url}#v1"), &["-f", "sub/Dockerfile"]);
+    assert_eq!(read(&with_file, "version"), "1");
+
+    // docker build takes the same URLs to the same files (docker 20.10's
+    // BuildKit takes no directory, "subdir not supported yet", and takes
+    // `master` for the remote's HEAD, so the branch is named).
+    let docker = Docker::shared();
+    let tagged = files_of(&format!("{url}#v1"), &[]);
+    for (fragment, ours) in [("#v1", &tagged), ("#main", &head)] {
+        let theirs = out.path().join(format!("docker{fragment}"));
+        let built = docker
+            .cmd()
+            .args(["build", "-q", "-o"])
+            .arg(format!("type=local,dest={}", theirs.display()))
+            .arg(format!("{url}{fragment}"))
+            .output()
+            .unwrap();
+        assert!(
+            built.status.success(),
+            "{}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+        assert_eq!(dir_listing(&theirs), dir_listing(ours), "{fragment}");
+    }
+
+    // The same over a dumb HTTP server, which serves no shallow fetch.
+    let bare = repos.join("app.git");
+    git_in(&bare, &["update-server-info"]);
+    let http = FileServer::start();
+    for entry in walk_files(&bare) {
+        let name = entry.strip_prefix(&bare).unwrap().to_str().unwrap();
+        http.put(&format!("/app.git/{name}"), &std::fs::read(&entry).unwrap());
+    }
+    let over_http = files_of(&format!("{}#v1:sub", http.url("/app.git")), &[]);
+    assert_eq!(read(&over_http, "only-sub"), "sub 1");
+
+    // What cannot be a context is named.
+    for (context, says) in [
+        (format!("{url}#nope"), "nope"),
+        (
+            format!("{url}#main:escape"),
+            "not a directory inside the repository",
+        ),
+        (
+            format!("{url}#main:../x"),
+            "plain path inside the repository",
+        ),
+        (format!("{url}#main:missing"), "no directory \"missing\""),
+        (
+            format!("git://127.0.0.1:{}/none.git", daemon.port),
+            "none.git",
+        ),
+    ] {
+        let bad = s.run(&["build", &context]);
+        assert!(!bad.status.success(), "{context}");
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(err.contains(says), "{context}: {err}");
+    }
+    // A fetched context leaves nothing behind in the state directory.
+    let tmp = s.home().join("tmp");
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        !left
+            .iter()
+            .any(|n| n.to_string_lossy().starts_with("git-context-")),
+        "{left:?}"
+    );
+}
+
+fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

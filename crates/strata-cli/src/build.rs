@@ -155,13 +155,20 @@ pub struct BuildArgs {
     /// `ignore-error=true`; repeatable.
     #[arg(long = "cache-to", value_name = "SPEC")]
     cache_to: Vec<String>,
-    /// The build context directory, or `-`: a tar archive (or a lone
-    /// Dockerfile) on standard input.
+    /// The build context: a directory, a git repository
+    /// (`https://host/repo.git#REF:DIR`, `git@host:repo`, `git://…`,
+    /// `github.com/org/repo`) or `-`: a tar archive (or a lone Dockerfile)
+    /// on standard input.
     context: PathBuf,
-    /// How messages name the Dockerfile when it came from standard input.
+    /// How messages name the Dockerfile when it came from standard input
+    /// or a git repository.
     #[arg(skip)]
     #[serde(default)]
-    stdin_file: Option<String>,
+    shown_dockerfile: Option<String>,
+    /// The context was fetched from a git repository.
+    #[arg(skip)]
+    #[serde(default)]
+    remote_context: bool,
 }
 
 impl BuildArgs {
@@ -402,11 +409,70 @@ struct ReportImage {
     size: u64,
 }
 
-/// What `-` stands for in a build's arguments, read from standard input
-/// before the build goes to the daemon: the Dockerfile (`-f -`) or the
-/// context (`strata build -`). The returned handle keeps the files until
-/// the build is over.
-pub fn from_stdin(
+/// What the client gathers before the build goes to the daemon: a git
+/// repository given as the context, fetched with the user's own git, then
+/// what `-` stands for, read from standard input: the Dockerfile (`-f -`)
+/// or the context (`strata build -`). The returned handles keep the files
+/// until the build is over.
+pub fn client_inputs(
+    home: &Path,
+    args: Box<BuildArgs>,
+) -> Result<(Box<BuildArgs>, Vec<crate::stdio::Spooled>)> {
+    let (args, repo) = from_git(home, args)?;
+    let (args, stdin) = from_stdin(home, args)?;
+    Ok((args, repo.into_iter().chain(stdin).collect()))
+}
+
+/// A git URL as the context: the repository fetched into the state
+/// directory, the context its directory there; a relative `-f` is a file
+/// of the repository, as buildx takes it.
+fn from_git(
+    home: &Path,
+    mut args: Box<BuildArgs>,
+) -> Result<(Box<BuildArgs>, Option<crate::stdio::Spooled>)> {
+    let Some(url) = args.context.to_str().filter(|s| crate::git::is_git_url(s)) else {
+        return Ok((args, None));
+    };
+    let repo = crate::git::GitContext::parse(url)?;
+    let tmp = home.join("tmp");
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot make {}", tmp.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("git-context-")
+        .tempdir_in(&tmp)
+        .context("cannot make a directory for the git context")?;
+    let context = repo.fetch(dir.path())?;
+    let shown = match args.file.clone().as_deref() {
+        Some(f) if f == Path::new("-") => None,
+        Some(f) if f.is_relative() => {
+            let inside = context.join(f);
+            let resolved = inside.canonicalize().with_context(|| {
+                format!(
+                    "git context {repo}: no file {} in the repository",
+                    f.display()
+                )
+            })?;
+            if !resolved.starts_with(&context) {
+                bail!(
+                    "git context {repo}: {} is not inside the context",
+                    f.display()
+                );
+            }
+            args.file = Some(resolved);
+            Some(f.display().to_string())
+        }
+        Some(_) => None,
+        None => Some("Dockerfile".to_string()),
+    };
+    if shown.is_some() {
+        args.shown_dockerfile = shown;
+    }
+    args.context = context;
+    args.remote_context = true;
+    Ok((args, Some(crate::stdio::Spooled::Dir(dir))))
+}
+
+/// `-` in a build's arguments, read from standard input.
+fn from_stdin(
     home: &Path,
     mut args: Box<BuildArgs>,
 ) -> Result<(Box<BuildArgs>, Option<crate::stdio::Spooled>)> {
@@ -437,13 +503,13 @@ pub fn from_stdin(
         (true, false) => {
             let spooled = crate::stdio::Spooled::File(crate::stdio::spool(home, "the Dockerfile")?);
             args.file = Some(spooled.path().to_path_buf());
-            args.stdin_file = Some("Dockerfile".into());
+            args.shown_dockerfile = Some("Dockerfile".into());
             Ok((args, Some(spooled)))
         }
         (false, true) => {
             let dir = crate::stdio::Spooled::Dir(crate::stdio::context(home)?);
             args.context = dir.path().to_path_buf();
-            args.stdin_file = Some("Dockerfile".into());
+            args.shown_dockerfile = Some("Dockerfile".into());
             Ok((args, Some(dir)))
         }
         (false, false) => Ok((args, None)),
@@ -666,7 +732,7 @@ fn build_and_output(
     args.progress = args.progress_mode();
     // Messages name the Dockerfile as the user did.
     let given_file = args.file.clone();
-    let shown_dockerfile = match &args.stdin_file {
+    let shown_dockerfile = match &args.shown_dockerfile {
         Some(shown) => shown.clone(),
         None => given_file
             .clone()
@@ -847,6 +913,7 @@ fn build_and_output(
                     no_cache_stages: stage_names(&args.no_cache_filter),
                     pull: args.pull,
                     rewrite_timestamp,
+                    remote_context: args.remote_context,
                 },
                 &tags,
             );
@@ -872,6 +939,7 @@ fn build_and_output(
                 jobs,
                 secrets,
                 ssh,
+                remote_context: args.remote_context,
                 tags: tags.clone(),
                 platform,
                 progress: live_progress(cx, build_id),
@@ -913,7 +981,7 @@ fn build_and_output(
                 }
                 Err(BuildError::Solve(e)) if e.step_title().is_some() => {
                     print_tail(cx, e.step_title().as_deref(), e.tail())?;
-                    let file = match &args.stdin_file {
+                    let file = match &args.shown_dockerfile {
                         Some(shown) => shown.clone(),
                         None => given_file
                             .as_deref()
@@ -1093,6 +1161,7 @@ struct ClusterBuild<'a> {
     no_cache_stages: Vec<String>,
     pull: bool,
     rewrite_timestamp: bool,
+    remote_context: bool,
 }
 
 enum ClusterFailure {
@@ -1118,7 +1187,11 @@ fn cluster_build(
 ) -> Result<(strata_oci::Image, Vec<StepRecord>, u64), ClusterFailure> {
     let node = cx.node;
     let stamps = Timestamps::new(b.inputs.source_date_epoch()?, b.rewrite_timestamp)?;
-    let ignore = strata_worker::ignore_for(b.dockerfile, b.context)?;
+    let ignore = if b.remote_context {
+        strata_dockerfile::IgnoreMatcher::default()
+    } else {
+        strata_worker::ignore_for(b.dockerfile, b.context)?
+    };
     let context = strata_cluster::context::pack(&node.content, b.context, &ignore)
         .map_err(anyhow::Error::msg)?;
     let coordinators = strata_cluster::config::ClientConfig::load(cluster)

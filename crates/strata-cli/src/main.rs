@@ -10,6 +10,7 @@ mod cluster;
 mod daemon;
 mod dockerfile;
 mod engine;
+mod git;
 mod history;
 mod images;
 mod progress;
@@ -119,7 +120,7 @@ fn main() -> ExitCode {
     // Commands on the state directory run in its daemon.
     let flags = cli.registry;
     let result = match cli.command {
-        Command::Build(a) => build::from_stdin(&home, a)
+        Command::Build(a) => build::client_inputs(&home, a)
             .and_then(|(a, _spooled)| daemon::remote(&home, daemon::Call::Build(a, flags))),
         Command::Run(a) => daemon::remote(&home, daemon::Call::Run(a, flags)),
         Command::Images(a) => daemon::remote(&home, daemon::Call::Images(a)),

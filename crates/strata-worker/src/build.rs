@@ -40,6 +40,9 @@ pub struct BuildRequest {
     pub secrets: BTreeMap<String, Vec<u8>>,
     /// `--ssh` agents: sockets on this machine, by id.
     pub ssh: BTreeMap<String, PathBuf>,
+    /// The context was fetched from a git repository: as BuildKit, which
+    /// applies `.dockerignore` only to a client's local files, none is.
+    pub remote_context: bool,
     /// Names for the result.
     pub tags: Vec<Reference>,
     /// Platform to build for.
@@ -387,7 +390,11 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
             req.context.display()
         )));
     }
-    let ignore = ignore_for(&req.dockerfile, &req.context)?;
+    let ignore = if req.remote_context {
+        IgnoreMatcher::default()
+    } else {
+        ignore_for(&req.dockerfile, &req.context)?
+    };
     let stamps = Timestamps::new(inputs.source_date_epoch()?, req.rewrite_timestamp)?;
     // Directories and layouts given as contexts become images, held for
     // the build.
