@@ -1694,3 +1694,80 @@ fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn build_checks_warn_in_buildkit_s_words_and_the_check_directive_gates_them() {
+    let s = Strata::new().with_busybox(&[]);
+    let ctx = tempfile::tempdir().unwrap();
+    let flawed = "FROM busybox as Build\nCMD echo hi\n";
+    write_files(ctx.path(), &[("Dockerfile", flawed)]);
+    let ctx_arg = ctx.path().to_str().unwrap();
+
+    // A build warns and goes on.
+    let built = s.run(&["build", "-t", "app:1", ctx_arg]);
+    let err = String::from_utf8_lossy(&built.stderr);
+    assert!(built.status.success(), "{err}");
+    for line in [
+        " 3 warnings found:",
+        " - FromAsCasing: 'as' and 'FROM' keywords' casing do not match (line 1)",
+        " - StageNameCasing: Stage name 'Build' should be lowercase (line 1)",
+        " - JSONArgsRecommended: JSON arguments recommended for CMD to prevent unintended behavior related to OS signals (line 2)",
+    ] {
+        assert!(err.contains(line), "{line:?} not in {err}");
+    }
+
+    // --check checks instead of building, as buildx's: exit 1 with findings.
+    let checked = s.run(&["build", "--check", "-t", "checked:1", ctx_arg]);
+    assert_eq!(checked.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&checked.stderr);
+    assert!(
+        err.contains("Check complete, 3 warnings have been found!"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "WARN: JSONArgsRecommended - https://docs.docker.com/go/dockerfile/rule/json-args-recommended/"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("   2 | >>> CMD echo hi"), "{err}");
+    assert!(s.ok(&["images", "-q", "checked"]).trim().is_empty());
+
+    // error=true in the check directive refuses the build; the build
+    // argument BuildKit reads overrides the directive.
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            &format!("# check=skip=StageNameCasing;error=true\n{flawed}"),
+        )],
+    );
+    let refused = s.run(&["build", ctx_arg]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("lint violation found for rules: FromAsCasing, JSONArgsRecommended"),
+        "{err}"
+    );
+    let skipped = s.run(&[
+        "build",
+        "--build-arg",
+        "BUILDKIT_DOCKERFILE_CHECK=skip=all",
+        ctx_arg,
+    ]);
+    let err = String::from_utf8_lossy(&skipped.stderr);
+    assert!(skipped.status.success(), "{err}");
+    assert!(!err.contains("warning"), "{err}");
+
+    // A clean Dockerfile checks clean.
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox AS build\nCMD [\"echo\", \"hi\"]\n",
+        )],
+    );
+    let clean = s.run(&["build", "--check", ctx_arg]);
+    assert_eq!(clean.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&clean.stderr).contains("Check complete, no warnings found."));
+}

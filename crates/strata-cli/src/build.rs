@@ -1,6 +1,6 @@
 //! `strata build`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use strata_dockerfile::Platform;
+use strata_dockerfile::{Platform, lint};
 use strata_oci::{Compression, Reference};
 use strata_plan::{Entitlement, ExtraHost, Grants, NetworkMode, RunSettings, ShmSize, Ulimit};
 use strata_registry::Registry;
@@ -83,6 +83,10 @@ pub struct BuildArgs {
     /// enters the build.
     #[arg(long = "ssh", value_name = "default|ID[=SOCKET]")]
     ssh: Vec<String>,
+    /// Run BuildKit's build checks on the Dockerfile instead of building:
+    /// print what they find and exit 1 if anything is (buildx's `--check`).
+    #[arg(long)]
+    check: bool,
     /// Write a JSON report of the build (every step, its key, cached or not, times).
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -707,6 +711,71 @@ fn warn_unused(cx: &Cx<'_>, inputs: &PlanInputs) -> Result<()> {
     Ok(())
 }
 
+/// BuildKit's build checks on the Dockerfile: with `--check`, printed as
+/// buildx prints them and the exit code returned (1 with findings);
+/// otherwise a warning list before the build, or, under the `check`
+/// directive's `error=true`, the build refused.
+fn build_checks(
+    cx: &Cx<'_>,
+    path: &Path,
+    shown: &str,
+    build_args: &BTreeMap<String, String>,
+    check_only: bool,
+) -> Result<Option<u8>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read Dockerfile {shown}"))?;
+    // A Dockerfile that does not parse fails the build, which says why.
+    let Ok(df) = strata_dockerfile::Dockerfile::parse(&bytes) else {
+        return Ok(None);
+    };
+    let config =
+        lint::CheckConfig::of(&df, build_args).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
+    let findings = lint::check(&df, &config);
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let source: Vec<&str> = text.lines().collect();
+    let mut err = cx.err();
+    if check_only {
+        match findings.len() {
+            0 => writeln!(err, "Check complete, no warnings found.")?,
+            1 => writeln!(err, "Check complete, 1 warning has been found!")?,
+            n => writeln!(err, "Check complete, {n} warnings have been found!")?,
+        }
+        for f in &findings {
+            writeln!(
+                err,
+                "\nWARN: {} - {}\n{}\n{shown}:{}",
+                f.rule,
+                f.url(),
+                f.message,
+                f.line
+            )?;
+            writeln!(err, "--------------------")?;
+            let first = f.line.saturating_sub(2).max(1);
+            for n in first..=f.line.min(source.len()) {
+                let marker = if n == f.line { ">>> " } else { "    " };
+                writeln!(err, " {n:>3} | {marker}{}", source[n - 1])?;
+            }
+            writeln!(err, "--------------------")?;
+        }
+        return Ok(Some(u8::from(!findings.is_empty())));
+    }
+    if findings.is_empty() {
+        return Ok(None);
+    }
+    let n = findings.len();
+    writeln!(err, " {n} warning{} found:", if n == 1 { "" } else { "s" })?;
+    for f in &findings {
+        writeln!(err, " - {}: {} (line {})", f.rule, f.message, f.line)?;
+    }
+    if config.error {
+        let rules: BTreeSet<&str> = findings.iter().map(|f| f.rule).collect();
+        bail!(
+            "lint violation found for rules: {} ({shown}'s check directive says error=true)",
+            rules.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(None)
+}
+
 /// Whether a build ended because its client cancelled it (a failing step
 /// also cancels the rest of its build, but fails it).
 fn cancelled(e: &anyhow::Error) -> bool {
@@ -824,6 +893,9 @@ fn build_and_output(
         .unwrap_or_else(|| args.context.join("Dockerfile"));
     if !dockerfile.is_file() {
         bail!("Dockerfile {shown_dockerfile} not found (use -f to name another)");
+    }
+    if let Some(code) = build_checks(cx, &dockerfile, &shown_dockerfile, &build_args, args.check)? {
+        return Ok(code);
     }
     let mut outputs = outputs;
     if args.load {

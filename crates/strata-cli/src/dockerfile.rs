@@ -68,8 +68,17 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
         Err(e) => return Ok(print_located(&e.with_file(path), &bytes)),
     };
     let mut err = std::io::stderr().lock();
-    for w in &df.warnings {
-        writeln!(err, "{}:{}: warning: {}", path.display(), w.line, w.message)?;
+    let config = strata_dockerfile::lint::CheckConfig::of(&df, &build_args)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    for f in strata_dockerfile::lint::check(&df, &config) {
+        writeln!(
+            err,
+            "{}:{}: warning: {}: {}",
+            path.display(),
+            f.line,
+            f.rule,
+            f.message
+        )?;
     }
     let instructions: usize = df.stages.iter().map(|s| s.instructions.len()).sum();
     writeln!(

@@ -16,6 +16,7 @@
 //!   and the target for one build's arguments.
 //! * [`Lexer`]: `$VAR` expansion and word splitting;
 //!   [`Command::expand`] applies it to the fields BuildKit expands.
+//! * [`lint`]: BuildKit's build checks, under the `check` directive.
 //!
 //! The crate does no I/O beyond reading the file it is given
 //! ([`Dockerfile::parse_file`]); it knows nothing of images, layers or
@@ -28,6 +29,7 @@ mod expand;
 mod flags;
 pub mod instructions;
 pub mod limits;
+pub mod lint;
 mod mount;
 mod parser;
 mod platform;
