@@ -1176,9 +1176,38 @@ fn platforms_are_built_as_asked_or_refused() {
         &["build", "--platform", "foo/bar", copy],
         "unknown operating system or architecture",
     );
+    // Several platforms make an index, which neither the local store nor
+    // the Docker engine holds under one name.
     refused(
-        &["build", "--platform", "linux/amd64,linux/arm64", copy],
-        "several platforms",
+        &[
+            "build",
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "--load",
+            copy,
+        ],
+        "--load (the Docker engine) takes one platform",
+    );
+    refused(
+        &[
+            "build",
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "-o",
+            "type=docker,dest=/tmp/x.tar",
+            copy,
+        ],
+        "--output type=docker takes one platform",
+    );
+    refused(
+        &[
+            "build",
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "--push",
+            copy,
+        ],
+        "pushing needs a name",
     );
 
     // Files and config build for any platform, and the image says which.
@@ -1245,6 +1274,156 @@ fn platforms_are_built_as_asked_or_refused() {
     assert_eq!(
         s.ok(&["run", "--rm", "uname:arm64", "cat", "/m"]),
         "aarch64\n"
+    );
+
+    // --platform a,b: a multi-platform base made from the two busybox
+    // trees and pushed as an index, then an image built on it for both
+    // platforms, each RUN on its own (arm64 emulated), as an index in a
+    // registry and in an OCI layout, and each platform's files apart.
+    let reg = strata_integration::registry::Registry::start(false);
+    let base_ctx = w.join("multi-base");
+    std::fs::create_dir_all(&base_ctx).unwrap();
+    std::fs::copy(
+        strata_integration::busybox_tar(),
+        base_ctx.join("busybox-amd64.tar"),
+    )
+    .unwrap();
+    std::fs::copy(&arm, base_ctx.join("busybox-arm64.tar")).unwrap();
+    write_files(
+        &base_ctx,
+        &[(
+            "Dockerfile",
+            "FROM scratch\nARG TARGETARCH\nADD busybox-${TARGETARCH}.tar /\n",
+        )],
+    );
+    let base = format!("{}/multi/busybox:1", reg.host());
+    s.ok(&[
+        "build",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "-t",
+        &base,
+        "--push",
+        base_ctx.to_str().unwrap(),
+    ]);
+    let raw: serde_json::Value = serde_json::from_str(&tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--tls-verify=false",
+            "--raw",
+            &format!("docker://{base}"),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(raw["mediaType"], "application/vnd.oci.image.index.v1+json");
+    let arches: Vec<&str> = raw["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["platform"]["architecture"].as_str().unwrap())
+        .collect();
+    assert_eq!(arches, ["amd64", "arm64"]);
+
+    let app_ctx = w.join("multi-app");
+    write_files(
+        &app_ctx,
+        &[(
+            "Dockerfile",
+            &format!(
+                "FROM {base}\nARG TARGETPLATFORM\nRUN echo \"$TARGETPLATFORM $(uname -m)\" > /m\n"
+            ),
+        )],
+    );
+    let fresh = Strata::new();
+    let app = format!("{}/multi/app:1", reg.host());
+    let layout = w.join("app-oci.tar");
+    let files = w.join("app-files");
+    let iid = w.join("app.iid");
+    let out = fresh.run(&[
+        "build",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "-t",
+        &app,
+        "--push",
+        "-o",
+        &format!("type=oci,dest={}", layout.display()),
+        "-o",
+        &format!("type=local,dest={}", files.display()),
+        "--iidfile",
+        iid.to_str().unwrap(),
+        app_ctx.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("built 2 platforms (linux/amd64, linux/arm64); image index sha256:"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(files.join("linux_amd64/m")).unwrap(),
+        "linux/amd64 x86_64\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(files.join("linux_arm64/m")).unwrap(),
+        "linux/arm64 aarch64\n"
+    );
+    // skopeo takes each platform from the pushed index and from the layout.
+    for source in [
+        format!("docker://{app}"),
+        format!("oci-archive:{}", layout.display()),
+    ] {
+        for (arch, uname) in [("amd64", "x86_64"), ("arm64", "aarch64")] {
+            let dir = w.join(format!("copied-{arch}-{}", source.len()));
+            tool(
+                "skopeo",
+                &[
+                    "copy",
+                    "--src-tls-verify=false",
+                    "--override-arch",
+                    arch,
+                    &source,
+                    &format!("dir:{}", dir.display()),
+                ],
+            );
+            let manifest: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+            let top = manifest["layers"].as_array().unwrap().last().unwrap()["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_string();
+            let listing = Command::new("tar")
+                .arg("-xzOf")
+                .arg(dir.join(&top))
+                .arg("m")
+                .output()
+                .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&listing.stdout),
+                format!("linux/{arch} {uname}\n"),
+                "{source} {arch}"
+            );
+        }
+    }
+    // The ID file holds the index's digest, which the registry serves.
+    let digest = std::fs::read_to_string(&iid).unwrap();
+    let served = tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--tls-verify=false",
+            "--raw",
+            &format!("docker://{app}"),
+        ],
+    );
+    assert_eq!(
+        format!(
+            "sha256:{:x}",
+            <sha2::Sha256 as sha2::Digest>::digest(served.as_bytes())
+        ),
+        digest
     );
 }
 

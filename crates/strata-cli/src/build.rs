@@ -26,7 +26,7 @@ use crate::images::human_size;
 use crate::progress::Mode;
 use crate::registry::RegistryFlags;
 
-#[derive(Debug, Args, Serialize, Deserialize)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct BuildArgs {
     /// Name (and tag) for the image; repeatable.
     #[arg(short = 't', long = "tag")]
@@ -173,6 +173,11 @@ pub struct BuildArgs {
     #[arg(skip)]
     #[serde(default)]
     remote_context: bool,
+    /// One platform of a multi-platform build: its image ID is not the
+    /// build's answer to `-q`.
+    #[arg(skip)]
+    #[serde(default)]
+    one_of_platforms: bool,
 }
 
 impl BuildArgs {
@@ -792,11 +797,237 @@ fn cancelled(e: &anyhow::Error) -> bool {
 
 fn build_and_output(
     cx: &Cx<'_>,
-    mut args: BuildArgs,
+    args: BuildArgs,
     flags: &RegistryFlags,
     build_id: &str,
     record: &mut BuildRecord,
 ) -> Result<u8> {
+    match args.platform.as_deref() {
+        Some(list) if list.contains(',') => {
+            build_platforms(cx, args.clone(), list, flags, build_id, record)
+        }
+        _ => build_one(cx, args, flags, build_id, record).map(|(code, _)| code),
+    }
+}
+
+/// `--platform a,b,…`: each platform built in turn, on this machine, with
+/// its own `TARGETPLATFORM` and friends (a platform this machine cannot
+/// run, natively or emulated, refused as for one), then the images as one
+/// OCI image index where the outputs take one: pushed (`--push`), an OCI
+/// layout (`-o type=oci`), or each platform's files in a directory of its
+/// own (`-o type=local`, `linux_arm64/`), as buildx writes them. The local
+/// image store and the Docker engine hold one platform per name, so
+/// `--load` and `type=docker` are refused, as buildx refuses them.
+fn build_platforms(
+    cx: &Cx<'_>,
+    args: BuildArgs,
+    list: &str,
+    flags: &RegistryFlags,
+    build_id: &str,
+    record: &mut BuildRecord,
+) -> Result<u8> {
+    let mut platforms: Vec<Platform> = Vec::new();
+    for p in list.split(',').map(str::trim) {
+        let p = Platform::parse(p).map_err(|e| anyhow::anyhow!("--platform {list}: {e}"))?;
+        if !platforms.contains(&p) {
+            platforms.push(p);
+        }
+    }
+    let refuse = |what: &str| -> Result<u8> {
+        bail!(
+            "--platform {list}: {what} takes one platform; a multi-platform build goes to \
+             --push or -o type=oci|local (or build each platform with its own --platform)"
+        )
+    };
+    if args.cluster.is_some() {
+        bail!("--platform {list}: several platforms build on this machine (drop --cluster)");
+    }
+    if args.load {
+        return refuse("--load (the Docker engine)");
+    }
+    if args.report.is_some() {
+        return refuse("--report");
+    }
+    if !args.cache_to.is_empty() || !args.cache_from.is_empty() {
+        return refuse("--cache-to/--cache-from");
+    }
+    let mut outputs = Vec::new();
+    for o in &args.outputs {
+        let (output, _) = parse_output(o)?;
+        match output {
+            Output::Oci {
+                dest,
+                compression,
+                tar,
+            } => outputs.push(Output::Oci {
+                dest: dest.resolved(cx),
+                compression,
+                tar,
+            }),
+            Output::Local { dest } => outputs.push(Output::Local {
+                dest: cx.path(&dest),
+            }),
+            Output::Registry { compression } => outputs.push(Output::Registry { compression }),
+            Output::Docker { .. } => return refuse("--output type=docker"),
+            Output::Tar { .. } => return refuse("--output type=tar"),
+            Output::Image => return refuse("--output type=image (the local image store)"),
+        }
+    }
+    if args.push {
+        outputs.push(Output::Registry {
+            compression: Compression::Gzip,
+        });
+    }
+    let tags = args
+        .tags
+        .iter()
+        .map(|t| t.parse::<Reference>().map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
+    if outputs.iter().any(|o| matches!(o, Output::Registry { .. })) && tags.is_empty() {
+        bail!("pushing needs a name: give one with -t REGISTRY/NAME:TAG");
+    }
+    let indexed = outputs
+        .iter()
+        .any(|o| matches!(o, Output::Oci { .. } | Output::Registry { .. }));
+    if (args.iidfile.is_some() || args.metadata_file.is_some()) && !indexed {
+        return refuse(
+            "--iidfile and --metadata-file without --push or -o type=oci (the index's digest is what they record)",
+        );
+    }
+
+    let mut images = Vec::new();
+    for p in &platforms {
+        let mut one = args.clone();
+        one.platform = Some(p.to_string());
+        one.outputs.clear();
+        one.tags.clear();
+        one.push = false;
+        one.iidfile = None;
+        one.metadata_file = None;
+        one.one_of_platforms = true;
+        let (code, image) = build_one(cx, one, flags, build_id, record)?;
+        match image {
+            Some(image) if code == 0 => images.push(image),
+            _ => return Ok(code),
+        }
+    }
+
+    let node = Arc::clone(cx.node);
+    let registry = flags.registry_for(cx);
+    let mut index: Option<String> = None;
+    for o in &outputs {
+        match o {
+            Output::Oci {
+                dest,
+                compression,
+                tar,
+            } => write_to(cx, dest, "the OCI layout", |path| {
+                let (digest, _) = strata_oci::export_oci_index(
+                    &node.content,
+                    &images,
+                    tags.first(),
+                    path,
+                    *tar,
+                    *compression,
+                )?;
+                index.get_or_insert(digest.to_string());
+                Ok(())
+            })?,
+            Output::Local { dest } => {
+                for image in &images {
+                    let dir = dest.join(platform_dir(image));
+                    strata_worker::export_rootfs(&node, image, &dir).with_context(|| {
+                        format!("cannot write the image's files to {}", dir.display())
+                    })?;
+                }
+            }
+            Output::Registry { compression } => {
+                for tag in &tags {
+                    let transfer = cx.session.transfer();
+                    let pushed = cx
+                        .block_on(registry.push_index(
+                            &images,
+                            tag,
+                            &node.content,
+                            *compression,
+                            transfer.as_ref(),
+                        ))
+                        .with_context(|| format!("cannot push {}", tag.familiar()));
+                    cx.session.progress_done();
+                    let pushed = pushed?;
+                    crate::registry::report_push(cx, tag, &pushed)?;
+                    // What the registry serves is the digest others see.
+                    index = Some(pushed.digest);
+                }
+            }
+            Output::Docker { .. } | Output::Tar { .. } | Output::Image => {}
+        }
+    }
+    if let Some(digest) = &index {
+        record.image = Some(digest.clone());
+        if let Some(path) = &args.iidfile {
+            let path = cx.path(path);
+            std::fs::write(&path, digest)
+                .with_context(|| format!("cannot write the image ID to {}", path.display()))?;
+        }
+        if let Some(path) = &args.metadata_file {
+            let path = cx.path(path);
+            let meta = serde_json::json!({
+                "buildx.build.ref": build_id,
+                "containerimage.digest": digest,
+                "containerimage.descriptor": {
+                    "mediaType": "application/vnd.oci.image.index.v1+json",
+                    "digest": digest,
+                },
+                "image.name": tags.iter().map(Reference::normalized).collect::<Vec<_>>().join(","),
+            });
+            std::fs::write(&path, serde_json::to_vec_pretty(&meta)?)
+                .with_context(|| format!("cannot write the metadata file {}", path.display()))?;
+        }
+    }
+    let shown: Vec<String> = platforms.iter().map(Platform::to_string).collect();
+    if !matches!(args.progress_mode(), Mode::Quiet | Mode::Rawjson) {
+        writeln!(
+            cx.err(),
+            "built {} platforms ({}){}",
+            platforms.len(),
+            shown.join(", "),
+            match &index {
+                Some(d) => format!("; image index {d}"),
+                None if outputs.is_empty() => {
+                    "; no output asked for: the results stay in the cache (give --push or -o)"
+                        .to_string()
+                }
+                None => String::new(),
+            }
+        )?;
+    }
+    if args.progress_mode() == Mode::Quiet
+        && let Some(d) = &index
+    {
+        writeln!(cx.out(), "{d}")?;
+    }
+    Ok(0)
+}
+
+/// The directory buildx gives a platform's files: `linux_arm64`,
+/// `linux_arm_v7`.
+fn platform_dir(image: &strata_oci::Image) -> String {
+    let c = &image.config;
+    match c.variant.as_deref().filter(|v| !v.is_empty()) {
+        Some(v) => format!("{}_{}_{v}", c.os, c.architecture),
+        None => format!("{}_{}", c.os, c.architecture),
+    }
+}
+
+/// One platform's build and outputs; the exit code and the image built.
+fn build_one(
+    cx: &Cx<'_>,
+    mut args: BuildArgs,
+    flags: &RegistryFlags,
+    build_id: &str,
+    record: &mut BuildRecord,
+) -> Result<(u8, Option<strata_oci::Image>)> {
     let started = Instant::now();
     args.progress = args.progress_mode();
     // Messages name the Dockerfile as the user did.
@@ -880,10 +1111,6 @@ fn build_and_output(
             .or_insert_with(|| epoch.to_string());
     }
     let platform = match &args.platform {
-        Some(p) if p.contains(',') => bail!(
-            "--platform {p}: building several platforms into one image index is not supported; \
-             build each with its own --platform"
-        ),
         Some(p) => Platform::parse(p).map_err(anyhow::Error::msg)?,
         None => Platform::host(),
     };
@@ -895,7 +1122,7 @@ fn build_and_output(
         bail!("Dockerfile {shown_dockerfile} not found (use -f to name another)");
     }
     if let Some(code) = build_checks(cx, &dockerfile, &shown_dockerfile, &build_args, args.check)? {
-        return Ok(code);
+        return Ok((code, None));
     }
     let mut outputs = outputs;
     if args.load {
@@ -1169,10 +1396,10 @@ fn build_and_output(
             human_size(image.size())
         )?;
     }
-    if args.progress == Mode::Quiet {
+    if args.progress == Mode::Quiet && !args.one_of_platforms {
         writeln!(cx.out(), "{}", image.id)?;
     }
-    Ok(0)
+    Ok((0, Some(image.clone())))
 }
 
 /// Runs `write` to make an output at `dest`; for standard output, into a

@@ -89,6 +89,80 @@ pub fn export_oci(
     compression: Compression,
 ) -> Result<Sha256> {
     let mut sink = Sink::new(dest, as_tar)?;
+    let mut desc = write_image(&mut sink, cas, image, compression)?;
+    let manifest_sha = desc.digest;
+    if let Some(r) = reference {
+        desc.json["annotations"] = ref_annotations(r);
+    }
+    let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [desc.json]});
+    finish_layout(sink, &index)?;
+    Ok(manifest_sha)
+}
+
+/// Writes `images` (one per platform) as an OCI image layout whose
+/// index.json names one image index listing them, as a multi-platform
+/// build's layout is; returns the image index's digest and bytes.
+pub fn export_oci_index(
+    cas: &ContentStore,
+    images: &[Image],
+    reference: Option<&Reference>,
+    dest: &Path,
+    as_tar: bool,
+    compression: Compression,
+) -> Result<(Sha256, Vec<u8>)> {
+    let mut sink = Sink::new(dest, as_tar)?;
+    let mut manifests = Vec::new();
+    for image in images {
+        manifests.push(write_image(&mut sink, cas, image, compression)?.json);
+    }
+    let image_index = image_index(manifests)?;
+    let index_sha = Sha256::of(&image_index);
+    sink.bytes(&format!("blobs/sha256/{}", index_sha.hex()), &image_index)?;
+    let mut desc = json!({
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": index_sha.to_string(),
+        "size": image_index.len(),
+    });
+    if let Some(r) = reference {
+        desc["annotations"] = ref_annotations(r);
+    }
+    let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [desc]});
+    finish_layout(sink, &index)?;
+    Ok((index_sha, image_index))
+}
+
+/// An OCI image index listing `manifests` (descriptors with platforms).
+pub fn image_index(manifests: Vec<serde_json::Value>) -> Result<Vec<u8>> {
+    serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    }))
+    .map_err(|e| Error::Format(e.to_string()))
+}
+
+/// The platform of an image's descriptor in an index, from its config.
+pub fn platform_of(image: &Image) -> serde_json::Value {
+    let mut p = json!({"architecture": image.config.architecture, "os": image.config.os});
+    if let Some(v) = image.config.variant.as_ref().filter(|v| !v.is_empty()) {
+        p["variant"] = json!(v);
+    }
+    p
+}
+
+/// A manifest written to a layout: its descriptor and digest.
+struct Written {
+    json: serde_json::Value,
+    digest: Sha256,
+}
+
+/// Writes an image's layers, config and manifest as blobs.
+fn write_image(
+    sink: &mut Sink,
+    cas: &ContentStore,
+    image: &Image,
+    compression: Compression,
+) -> Result<Written> {
     let config_bytes = cas.read(&image.config_blob)?;
     let mut layers = Vec::new();
     for l in &image.layers {
@@ -104,28 +178,33 @@ pub fn export_oci(
         "layers": layers,
     }))
     .map_err(|e| Error::Format(e.to_string()))?;
-    let manifest_sha = Sha256::of(&manifest);
-    sink.bytes(&format!("blobs/sha256/{}", manifest_sha.hex()), &manifest)?;
-    let mut desc = json!({
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": manifest_sha.to_string(),
-        "size": manifest.len(),
-        "platform": {"architecture": image.config.architecture, "os": image.config.os},
-    });
-    if let Some(r) = reference {
-        desc["annotations"] = json!({
-            "io.containerd.image.name": r.normalized(),
-            "org.opencontainers.image.ref.name": r.tag.clone().unwrap_or_else(|| "latest".into()),
-        });
-    }
-    let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [desc]});
+    let digest = Sha256::of(&manifest);
+    sink.bytes(&format!("blobs/sha256/{}", digest.hex()), &manifest)?;
+    Ok(Written {
+        json: json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest.to_string(),
+            "size": manifest.len(),
+            "platform": platform_of(image),
+        }),
+        digest,
+    })
+}
+
+fn ref_annotations(r: &Reference) -> serde_json::Value {
+    json!({
+        "io.containerd.image.name": r.normalized(),
+        "org.opencontainers.image.ref.name": r.tag.clone().unwrap_or_else(|| "latest".into()),
+    })
+}
+
+fn finish_layout(mut sink: Sink, index: &serde_json::Value) -> Result<()> {
     sink.bytes("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     sink.bytes(
         "index.json",
-        &serde_json::to_vec(&index).map_err(|e| Error::Format(e.to_string()))?,
+        &serde_json::to_vec(index).map_err(|e| Error::Format(e.to_string()))?,
     )?;
-    sink.finish()?;
-    Ok(manifest_sha)
+    sink.finish()
 }
 
 /// Writes `image` as a `docker save` archive (uncompressed layers) that

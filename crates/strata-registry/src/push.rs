@@ -31,6 +31,8 @@ pub struct Pushed {
     pub blobs_skipped: usize,
     /// Bytes of blobs uploaded.
     pub bytes_sent: u64,
+    /// The manifest's size in bytes.
+    pub size: u64,
 }
 
 /// A blob to send: its local digest, sha256 and size.
@@ -66,8 +68,72 @@ impl Registry {
             cas,
             compression,
             progress,
+            false,
         )
         .await
+    }
+
+    /// Pushes `images` (one per platform) and, as `reference`, an image
+    /// index listing them: each manifest by its digest first, the index
+    /// last, so the name never points at a missing platform.
+    pub async fn push_index(
+        &self,
+        images: &[Image],
+        reference: &Reference,
+        cas: &Arc<ContentStore>,
+        compression: Compression,
+        progress: &dyn Transfer,
+    ) -> Result<Pushed> {
+        let mut descriptors = Vec::new();
+        let (mut blobs_sent, mut blobs_skipped, mut bytes_sent) = (0, 0, 0);
+        for image in images {
+            let config = Blob {
+                local: image.config_blob,
+                sha256: image.id,
+                size: cas.info(&image.config_blob)?.map_or(0, |i| i.size),
+            };
+            let pushed = self
+                .push_manifest(
+                    config,
+                    MediaType::ImageConfig,
+                    None,
+                    &image.layers,
+                    reference,
+                    cas,
+                    compression,
+                    progress,
+                    true,
+                )
+                .await?;
+            blobs_sent += pushed.blobs_sent;
+            blobs_skipped += pushed.blobs_skipped;
+            bytes_sent += pushed.bytes_sent;
+            descriptors.push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": pushed.digest,
+                "size": pushed.size,
+                "platform": strata_oci::platform_of(image),
+            }));
+        }
+        let body = strata_oci::image_index(descriptors)?;
+        let digest = Sha256::of(&body).to_string();
+        let ep = self.home(reference)?;
+        let shown = reference.to_string();
+        let content_type = "application/vnd.oci.image.index.v1+json"
+            .parse()
+            .map_err(|e| Error::Config(format!("bad content type: {e}")))?;
+        ep.client
+            .push_manifest_raw(&ep.oci, body.clone(), content_type)
+            .await
+            .map_err(|e| from_oci(e, &ep.host, ep.repository(), &shown))?;
+        Ok(Pushed {
+            digest,
+            registry: ep.host.clone(),
+            blobs_sent,
+            blobs_skipped,
+            bytes_sent,
+            size: body.len() as u64,
+        })
     }
 
     /// Pushes `artifact` as `reference`: its config stored as a blob of
@@ -97,12 +163,14 @@ impl Registry {
             cas,
             compression,
             progress,
+            false,
         )
         .await
     }
 
     /// Pushes `layers` (compressed, skipping what the registry has), the
-    /// config, then the manifest naming them.
+    /// config, then the manifest naming them: as `reference`, or by its
+    /// digest in that repository when `by_digest`.
     #[allow(clippy::too_many_arguments)]
     async fn push_manifest(
         &self,
@@ -114,6 +182,7 @@ impl Registry {
         cas: &Arc<ContentStore>,
         compression: Compression,
         progress: &dyn Transfer,
+        by_digest: bool,
     ) -> Result<Pushed> {
         let ep = self.home(reference)?;
         let shown = reference.to_string();
@@ -196,8 +265,14 @@ impl Registry {
         let content_type = "application/vnd.oci.image.manifest.v1+json"
             .parse()
             .map_err(|e| Error::Config(format!("bad content type: {e}")))?;
+        let size = body.len() as u64;
+        let target = if by_digest {
+            ep.at_digest(&digest)
+        } else {
+            ep.oci.clone()
+        };
         ep.client
-            .push_manifest_raw(&ep.oci, body, content_type)
+            .push_manifest_raw(&target, body, content_type)
             .await
             .map_err(oci_err)?;
         let bytes_sent = sent.iter().flatten().sum();
@@ -208,6 +283,7 @@ impl Registry {
             blobs_sent: sent.iter().filter(|s| s.is_some()).count(),
             blobs_skipped: sent.iter().filter(|s| s.is_none()).count(),
             bytes_sent,
+            size,
         })
     }
 

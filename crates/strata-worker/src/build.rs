@@ -178,7 +178,26 @@ impl ImageResolver for BaseImages<'_> {
                 .get(reference)
                 .map_err(|e| format!("cannot read base image {reference}: {e}"))?
         };
+        // A name holds one platform here: a stored image of another is
+        // pulled again for this one where a registry has it; where none
+        // does, the stored one stands and the plan refuses it by name.
+        let other_platform = local.as_ref().is_some_and(|t| {
+            t.image.config.os != platform.os || t.image.config.architecture != platform.architecture
+        });
         let found = match (local, self.registry) {
+            (Some(t), Some(registry)) if other_platform => {
+                match self.pull(registry, reference, platform) {
+                    Ok(()) => self
+                        .store
+                        .get(reference)
+                        .map_err(|e| format!("cannot read base image {reference}: {e}"))?
+                        .ok_or_else(|| format!("base image {reference} vanished after its pull"))?,
+                    Err(e) => {
+                        tracing::info!(image = reference, error = %e, "no image of the build's platform to pull");
+                        t
+                    }
+                }
+            }
             (Some(t), _) => t,
             (None, Some(registry)) => {
                 self.pull(registry, reference, platform)?;
