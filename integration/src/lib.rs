@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 pub mod browser;
 pub mod cluster;
 pub mod docker;
+pub mod emulator;
 pub mod http;
 pub mod image_model;
 pub mod registry;

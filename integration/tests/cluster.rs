@@ -689,3 +689,101 @@ fn the_dashboard_shows_workers_and_a_running_build_with_its_steps_in_a_browser()
     assert_eq!(view["recent"][0]["id"], id.as_str(), "{body}");
     assert_eq!(view["recent"][0]["status"], "succeeded", "{body}");
 }
+
+#[test]
+fn each_platform_s_steps_go_to_a_worker_that_runs_it_or_the_build_is_refused() {
+    use strata_integration::emulator::{Arm64Emulator, QEMU_AARCH64};
+    if !std::path::Path::new(QEMU_AARCH64).exists() {
+        eprintln!("no arm64 emulator on this machine ({QEMU_AARCH64}): nothing to place");
+        return;
+    }
+    // Workers learn what they run when they start.
+    let _emulator = Arm64Emulator::register();
+    let cluster = Cluster::start(2, 2);
+    // worker-2 takes no emulated steps.
+    let restart_without_emulation = |name: &str| {
+        cluster.kill(name);
+        let config = cluster.path().join(format!("{name}.toml"));
+        // A top-level key: before the file's tables.
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, format!("emulation = false\n{text}")).unwrap();
+        cluster.up();
+    };
+    restart_without_emulation("worker-2");
+    let status = cluster.wait_for(Duration::from_secs(30), |s| {
+        s.lines()
+            .any(|l| l.starts_with("worker-1 ") && l.contains(" up ") && l.contains("linux/arm64"))
+            && s.lines()
+                .any(|l| l.starts_with("worker-2 ") && l.contains(" up ") && !l.contains("arm64"))
+    });
+    assert!(status.contains("PLATFORMS"), "{status}");
+
+    // An arm64 base from a registry, as a cluster takes bases.
+    let reg = strata_integration::registry::Registry::start(false);
+    let local = Strata::new();
+    let arm = strata_integration::base_image_tar("busybox-arm64");
+    local.ok(&[
+        "image",
+        "import",
+        "--platform",
+        "linux/arm64",
+        "busybox-arm:1",
+        arm.to_str().unwrap(),
+    ]);
+    let base = format!("{}/arm/busybox:1", reg.host());
+    local.ok(&["push", "busybox-arm:1", &base]);
+
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            &format!(
+                "FROM {base} AS a\nRUN uname -m > /a\nFROM {base} AS b\nRUN uname -m > /b\nFROM {base}\nCOPY --from=a /a /a\nCOPY --from=b /b /b\n"
+            ),
+        )],
+    );
+    let client = Strata::new();
+    let out = tempfile::tempdir().unwrap();
+    let files = out.path().join("files");
+    let report = cluster.build(
+        &client,
+        ctx.path(),
+        &["--platform", "linux/arm64", "-o", files.to_str().unwrap()],
+    );
+    let placed = workers_of(&report);
+    for step in ["a 2", "b 2"] {
+        assert_eq!(placed[step], "worker-1", "{step} ran on {placed:?}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(files.join("a")).unwrap(),
+        "aarch64\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(files.join("b")).unwrap(),
+        "aarch64\n"
+    );
+
+    // With no worker to run arm64, the build is refused by name, not left
+    // waiting.
+    restart_without_emulation("worker-1");
+    cluster.wait_for(Duration::from_secs(30), |s| {
+        s.lines()
+            .any(|l| l.starts_with("worker-1 ") && l.contains(" up ") && !l.contains("arm64"))
+    });
+    let refused = client.run(&[
+        "build",
+        "--cluster",
+        cluster.client().to_str().unwrap(),
+        "--platform",
+        "linux/arm64",
+        "--no-cache",
+        ctx.path().to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("runs steps for linux/arm64, which the cluster's live workers cannot run"),
+        "{err}"
+    );
+}

@@ -6,6 +6,7 @@
 use std::process::Command;
 
 use strata_integration::docker::Docker;
+use strata_integration::emulator::{Arm64Emulator, QEMU_AARCH64};
 use strata_integration::http::{FileServer, LAST_MODIFIED_UNIX};
 use strata_integration::{COMMAND_LIMIT, Strata, repo_root, run_bounded, succeed, write_files};
 
@@ -1091,54 +1092,6 @@ fn build_contexts_stand_for_images_directories_layouts_and_stages() {
         assert!(!bad.status.success(), "{arg}");
         let err = String::from_utf8_lossy(&bad.stderr);
         assert!(err.contains(says), "{arg}: {err}");
-    }
-}
-
-/// Registers Debian's qemu-user-static emulator for arm64 with binfmt_misc
-/// for the test's length, undoing only what it did.
-struct Arm64Emulator {
-    mounted: bool,
-    registered: bool,
-}
-
-const BINFMT: &str = "/proc/sys/fs/binfmt_misc";
-const QEMU_AARCH64: &str = "/usr/lib/binfmt.d/qemu-aarch64.conf";
-
-impl Arm64Emulator {
-    fn already() -> bool {
-        std::path::Path::new(BINFMT).join("qemu-aarch64").exists()
-    }
-
-    fn register() -> Arm64Emulator {
-        let mut e = Arm64Emulator {
-            mounted: false,
-            registered: false,
-        };
-        if !std::path::Path::new(BINFMT).join("register").exists() {
-            let ok = Command::new("mount")
-                .args(["-t", "binfmt_misc", "binfmt_misc", BINFMT])
-                .status()
-                .unwrap();
-            assert!(ok.success(), "cannot mount binfmt_misc at {BINFMT}");
-            e.mounted = true;
-        }
-        if !Self::already() {
-            let line = std::fs::read_to_string(QEMU_AARCH64).unwrap();
-            std::fs::write(std::path::Path::new(BINFMT).join("register"), line.trim()).unwrap();
-            e.registered = true;
-        }
-        e
-    }
-}
-
-impl Drop for Arm64Emulator {
-    fn drop(&mut self) {
-        if self.registered {
-            let _ = std::fs::write(std::path::Path::new(BINFMT).join("qemu-aarch64"), "-1");
-        }
-        if self.mounted {
-            let _ = Command::new("umount").arg(BINFMT).status();
-        }
     }
 }
 

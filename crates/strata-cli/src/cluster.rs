@@ -389,6 +389,8 @@ struct WorkerRow {
     slots: usize,
     running: usize,
     blobs: usize,
+    /// The platforms it runs steps for, natively first.
+    platforms: Vec<String>,
 }
 
 /// A coordinator's address, and what it says of the cluster or why it
@@ -465,6 +467,7 @@ impl StatusReport {
                     slots: w.slots,
                     running: w.running,
                     blobs: w.blobs,
+                    platforms: w.platforms.clone(),
                 })
                 .collect(),
         })
@@ -523,14 +526,20 @@ impl StatusReport {
         }
         writeln!(
             out,
-            "{:<14} {:<22} {:<8} {:>5} {:>7} {:>6}",
+            "{:<14} {:<22} {:<8} {:>5} {:>7} {:>6}  PLATFORMS",
             "WORKER", "ADDRESS", "STATE", "SLOTS", "RUNNING", "BLOBS"
         )?;
         for w in &self.workers {
             writeln!(
                 out,
-                "{:<14} {:<22} {:<8} {:>5} {:>7} {:>6}",
-                w.name, w.address, w.state, w.slots, w.running, w.blobs
+                "{:<14} {:<22} {:<8} {:>5} {:>7} {:>6}  {}",
+                w.name,
+                w.address,
+                w.state,
+                w.slots,
+                w.running,
+                w.blobs,
+                w.platforms.join(",")
             )?;
         }
         Ok(())

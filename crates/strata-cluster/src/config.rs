@@ -267,6 +267,10 @@ fn yes() -> bool {
     true
 }
 
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
 impl MetricsConfig {
     /// Served, on the default address.
     pub fn on() -> MetricsConfig {
@@ -417,6 +421,11 @@ pub struct WorkerConfig {
     /// `network.host`, `security.insecure`. None by default.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub insecure_entitlements: Vec<strata_plan::Entitlement>,
+    /// Whether it takes steps for platforms it runs only through an
+    /// emulator (a qemu-user-static binfmt_misc entry): true by default;
+    /// false keeps slow emulated steps on other workers.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub emulation: bool,
     /// Bytes of blobs (layers, copies, contexts) it keeps at most: past
     /// that, the least recently used go, spare copies first. Unset: a
     /// tenth of the filesystem its state directory is on, as buildkitd.

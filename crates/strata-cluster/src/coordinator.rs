@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use strata_cas::Digest;
+use strata_dockerfile::Platform;
 use strata_net::{Connection, Endpoint, Role, read_blob_header, recv_announced, write_frame};
 use strata_oci::LayerRef;
 use strata_raft::{Member, ReplicatedIndex, Tuning};
@@ -44,8 +45,22 @@ pub(crate) struct WorkerState {
     /// The entitlements it grants: only stages needing no more are placed
     /// on it.
     pub entitlements: strata_plan::Entitlements,
+    /// The platforms it runs steps for, natively or emulated: a stage
+    /// with `RUN` steps is placed only where its platform runs.
+    pub platforms: Vec<Platform>,
+    /// Those it runs natively, preferred over emulation.
+    pub native: Vec<Platform>,
     /// The worker process's run, under which its locations are recorded.
     pub incarnation: u64,
+}
+
+/// Platforms as a worker reported them; ones this node cannot read are
+/// left out.
+fn parse_platforms(names: &[String]) -> Vec<Platform> {
+    names
+        .iter()
+        .filter_map(|p| Platform::parse(p).ok())
+        .collect()
 }
 
 impl WorkerState {
@@ -820,6 +835,8 @@ impl Coordinator {
                     blobs: r.blobs.into_iter().collect(),
                     recorded: false,
                     entitlements: r.entitlements,
+                    platforms: parse_platforms(&r.platforms),
+                    native: parse_platforms(&r.native),
                     incarnation: r.incarnation,
                 },
             );
@@ -926,6 +943,11 @@ impl Coordinator {
                 slots: w.slots,
                 running: w.running,
                 blobs: counts.get(name.as_str()).copied().unwrap_or(0),
+                platforms: {
+                    let mut p: Vec<&Platform> = w.native.iter().collect();
+                    p.extend(w.platforms.iter().filter(|x| !w.native.contains(x)));
+                    p.iter().map(|x| x.to_string()).collect()
+                },
             })
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1208,6 +1230,25 @@ impl Coordinator {
             Ok(Err(e)) => return fail(e, vec![]),
             Err(e) => return fail(format!("planning stopped: {e}"), vec![]),
         };
+        // Each stage that runs steps needs a live worker that runs its
+        // platform; with none, the build is refused now rather than left
+        // waiting for one.
+        let runnable: Vec<Platform> = {
+            let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut all: Vec<Platform> = workers
+                .values()
+                .filter(|w| w.alive)
+                .flat_map(|w| w.platforms.iter().cloned())
+                .collect();
+            all.sort();
+            all.dedup();
+            all
+        };
+        if let Err(e) =
+            strata_worker::check_runnable(&plan, &runnable, "the cluster's live workers")
+        {
+            return fail(e.to_string(), vec![]);
+        }
         let source_date_epoch = match submit.inputs.source_date_epoch() {
             Ok(e) => e,
             Err(e) => return fail(e.to_string(), vec![]),

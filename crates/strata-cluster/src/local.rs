@@ -194,6 +194,7 @@ pub fn init(
                 home: format!("state/{name}").into(),
                 slots: 2,
                 insecure_entitlements: Vec::new(),
+                emulation: true,
                 keep_storage: None,
                 keep_duration: None,
                 metrics: crate::config::MetricsConfig::on(),

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use strata_cas::Digest;
+use strata_dockerfile::Platform;
 use strata_net::{Connection, read_frame, write_frame};
 use strata_oci::LayerRef;
 use strata_plan::{Base, Op, Plan, RunMountKind, Source, StagePlan, Step};
@@ -249,15 +250,23 @@ impl Placement {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let needs = self.plan.stage_entitlements(i);
+        let stage = &self.plan.stages[i];
+        let runs_steps = stage.steps.iter().any(|s| matches!(s.op, Op::Exec(_)));
+        let platform = Platform::parse(&stage.platform).ok();
         workers
             .iter()
-            .filter(|(name, w)| {
-                w.alive
+            .filter_map(|(name, w)| {
+                let fit = match (&platform, runs_steps) {
+                    (Some(p), true) => platform_fit(p, &w.platforms, &w.native)?,
+                    _ => PlatformFit::Native,
+                };
+                (w.alive
                     && (!free || w.running < w.slots)
                     && !self.coord.is_cordoned(name)
-                    && needs.is_subset(&w.entitlements)
+                    && needs.is_subset(&w.entitlements))
+                .then_some((name, w, fit))
             })
-            .map(|(name, w)| {
+            .map(|(name, w, fit)| {
                 let held: u64 = recorded
                     .iter()
                     .filter(|(_, holders)| holders.contains(name))
@@ -265,7 +274,10 @@ impl Placement {
                     .sum();
                 let is = |n: &Option<String>| n.as_deref() == Some(name.as_str());
                 (
-                    std::cmp::Reverse((is(&base_worker), held, is(&soft))),
+                    // A worker that runs the stage's platform natively
+                    // first: emulation is many times slower than any
+                    // transfer it would save.
+                    std::cmp::Reverse((fit, is(&base_worker), held, is(&soft))),
                     w.load(),
                     name.clone(),
                 )
@@ -620,5 +632,52 @@ impl Worker for Placement {
         if let Ok(i) = self.stage_index(stage) {
             self.unplace(i);
         }
+    }
+}
+
+/// How a worker runs a stage's platform; better is greater.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum PlatformFit {
+    Emulated,
+    Native,
+}
+
+/// Whether a worker runs `p` (natively, or through an emulator), from
+/// what it reported; `None` if it does not.
+fn platform_fit(p: &Platform, runs: &[Platform], native: &[Platform]) -> Option<PlatformFit> {
+    let matches = |r: &Platform| r.matches(&p.os, &p.architecture, p.variant.as_deref());
+    if native.iter().any(matches) {
+        Some(PlatformFit::Native)
+    } else if runs.iter().any(matches) {
+        Some(PlatformFit::Emulated)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn native_workers_beat_emulating_ones_and_others_do_not_fit() {
+        let p = |s: &str| Platform::parse(s).unwrap();
+        let amd64_emulating_arm64 = (
+            vec![p("linux/amd64"), p("linux/arm64")],
+            vec![p("linux/amd64")],
+        );
+        let arm64 = (vec![p("linux/arm64")], vec![p("linux/arm64")]);
+        let fit = |w: &(Vec<Platform>, Vec<Platform>), s: &str| platform_fit(&p(s), &w.0, &w.1);
+        assert_eq!(fit(&arm64, "linux/arm64"), Some(PlatformFit::Native));
+        assert_eq!(
+            fit(&amd64_emulating_arm64, "linux/arm64"),
+            Some(PlatformFit::Emulated)
+        );
+        assert_eq!(
+            fit(&amd64_emulating_arm64, "linux/amd64"),
+            Some(PlatformFit::Native)
+        );
+        assert_eq!(fit(&arm64, "linux/amd64"), None);
+        assert!(PlatformFit::Native > PlatformFit::Emulated);
     }
 }

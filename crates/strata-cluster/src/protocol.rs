@@ -120,6 +120,11 @@ pub struct Registration {
     pub blobs: Vec<Digest>,
     /// The entitlements its configuration grants steps.
     pub entitlements: strata_plan::Entitlements,
+    /// The platforms it runs steps for (`linux/arm64`), natively or
+    /// emulated.
+    pub platforms: Vec<String>,
+    /// Those it runs natively.
+    pub native: Vec<String>,
     /// This run of the worker process: its start time in microseconds
     /// since the epoch. The locations of its blobs are recorded under it,
     /// so a worker back from a restart is not taken to hold what it held
@@ -257,6 +262,8 @@ pub struct WorkerStatus {
     pub running: usize,
     /// Blobs it holds, as the coordinator knows.
     pub blobs: usize,
+    /// The platforms it runs steps for, natively first.
+    pub platforms: Vec<String>,
 }
 
 /// The first message on every stream.

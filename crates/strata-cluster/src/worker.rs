@@ -48,6 +48,9 @@ pub struct WorkerNode {
     running: AtomicUsize,
     /// What its configuration grants steps.
     grants: strata_plan::Grants,
+    /// The platforms it runs steps for: its own, and emulated ones unless
+    /// its configuration says `emulation = false`.
+    platforms: Vec<strata_dockerfile::Platform>,
     /// The blobs each client may read here, as coordinators granted.
     reads: Mutex<ReadRights>,
     /// This run of the process ([`Registration::incarnation`]).
@@ -104,6 +107,11 @@ impl WorkerNode {
                 granted: config.insecure_entitlements.iter().copied().collect(),
                 node: format!("worker {}", me.name),
                 setting: "insecure_entitlements = [\"{}\"] in its worker.toml".into(),
+            },
+            platforms: if config.emulation {
+                strata_worker::runnable()
+            } else {
+                strata_worker::native()
             },
             name: me.name,
             reads: Mutex::default(),
@@ -240,6 +248,11 @@ impl WorkerNode {
                 slots: self.slots,
                 blobs: blobs.iter().copied().collect(),
                 entitlements: self.grants.granted.clone(),
+                platforms: self.platforms.iter().map(ToString::to_string).collect(),
+                native: strata_worker::native()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
                 incarnation: self.incarnation,
             }),
         )

@@ -14,8 +14,9 @@ use crate::build::BuildError;
 
 const BINFMT: &str = "/proc/sys/fs/binfmt_misc";
 
-/// What this machine runs.
-pub fn runnable() -> Vec<Platform> {
+/// The platforms this machine runs without an emulator: its own, and
+/// those its CPU runs as well (386 on amd64, 32-bit arm on arm64).
+pub fn native() -> Vec<Platform> {
     let host = Platform::host();
     let mut all = vec![host.clone()];
     let also: &[&str] = match host.architecture.as_str() {
@@ -24,6 +25,12 @@ pub fn runnable() -> Vec<Platform> {
         _ => &[],
     };
     all.extend(also.iter().filter_map(|p| Platform::parse(p).ok()));
+    all
+}
+
+/// What this machine runs.
+pub fn runnable() -> Vec<Platform> {
+    let mut all = native();
     all.extend(emulated(Path::new(BINFMT)));
     all.sort();
     all.dedup();
@@ -95,7 +102,7 @@ pub fn check_runnable(plan: &Plan, runs: &[Platform], node: &str) -> Result<(), 
         if !ok {
             let list: Vec<String> = runs.iter().map(Platform::to_string).collect();
             return Err(BuildError::Input(format!(
-                "stage {} runs steps for {platform}, which {node} cannot run: it runs {}; \
+                "stage {} runs steps for {platform}, which {node} cannot run (runnable there: {}); \
                  register an emulator for it (Debian's qemu-user-static, with binfmt_misc \
                  mounted at {BINFMT}) or build for one of those",
                 stage.name,
