@@ -311,3 +311,39 @@ pub fn cached(report: &serde_json::Value) -> (usize, usize) {
         steps.len(),
     )
 }
+
+/// A server a test runs (a registry, an agent, a git daemon): started
+/// with no terminal, waited for until it is ready, killed when dropped.
+pub struct Background {
+    child: std::process::Child,
+}
+
+impl Background {
+    /// Spawns `cmd` (`what` names it in failures) and waits up to 20 s for
+    /// `ready`.
+    pub fn start(cmd: &mut Command, what: &str, ready: impl Fn() -> bool) -> Background {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what} (scripts/setup installs it): {e}"));
+        let server = Background { child };
+        let start = Instant::now();
+        while !ready() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{what} did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

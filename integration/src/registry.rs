@@ -5,14 +5,13 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 /// A registry process; stopped on drop.
 pub struct Registry {
-    child: Child,
+    _server: crate::Background,
     port: u16,
     _dir: tempfile::TempDir,
 }
@@ -55,24 +54,15 @@ impl Registry {
         }
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("docker-registry is installed (Debian's docker-registry)");
-        let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "the registry did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let server = crate::Background::start(
+            Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config_path),
+            &format!("the registry (Debian's docker-registry) on port {port}"),
+            || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        );
         Registry {
-            child,
+            _server: server,
             port,
             _dir: dir,
         }
@@ -86,13 +76,6 @@ impl Registry {
     /// The port.
     pub fn port(&self) -> u16 {
         self.port
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -8,7 +8,9 @@ use std::process::Command;
 use strata_integration::docker::Docker;
 use strata_integration::emulator::{Arm64Emulator, QEMU_AARCH64};
 use strata_integration::http::{FileServer, LAST_MODIFIED_UNIX};
-use strata_integration::{COMMAND_LIMIT, Strata, repo_root, run_bounded, succeed, write_files};
+use strata_integration::{
+    Background, COMMAND_LIMIT, Strata, repo_root, run_bounded, succeed, write_files,
+};
 
 fn tool(name: &str, args: &[&str]) -> String {
     let out = Command::new(name)
@@ -1382,36 +1384,22 @@ fn platforms_are_built_as_asked_or_refused() {
 
 /// An `ssh-agent` of the test's own, stopped when dropped.
 struct Agent {
-    child: std::process::Child,
+    _server: Background,
     socket: std::path::PathBuf,
 }
 
 impl Agent {
     fn start(dir: &std::path::Path) -> Agent {
         let socket = dir.join("agent.sock");
-        let child = Command::new("ssh-agent")
-            .arg("-D")
-            .arg("-a")
-            .arg(&socket)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("ssh-agent (openssh-client) is installed by scripts/setup");
-        let start = std::time::Instant::now();
-        while !socket.exists() {
-            assert!(
-                start.elapsed() < std::time::Duration::from_secs(10),
-                "ssh-agent did not listen"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        let server = Background::start(
+            Command::new("ssh-agent").arg("-D").arg("-a").arg(&socket),
+            "ssh-agent (Debian's openssh-client)",
+            || socket.exists(),
+        );
+        Agent {
+            _server: server,
+            socket,
         }
-        Agent { child, socket }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1618,7 +1606,7 @@ fn git_in(dir: &std::path::Path, args: &[&str]) -> String {
 
 /// `git daemon` serving `base` on a free loopback port; stopped when dropped.
 struct GitDaemon {
-    child: std::process::Child,
+    _server: Background,
     port: u16,
 }
 
@@ -1632,33 +1620,21 @@ impl GitDaemon {
         // git-daemon itself, not `git daemon`, which forks it: killing the
         // child must stop the server.
         let exec_path = tool("git", &["--exec-path"]);
-        let child = Command::new(std::path::Path::new(exec_path.trim()).join("git-daemon"))
-            .arg("--reuseaddr")
-            .arg("--export-all")
-            .arg("--listen=127.0.0.1")
-            .arg(format!("--port={port}"))
-            .arg(format!("--base-path={}", base.display()))
-            .arg(base)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let start = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                start.elapsed() < std::time::Duration::from_secs(10),
-                "git daemon did not listen"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        let server = Background::start(
+            Command::new(std::path::Path::new(exec_path.trim()).join("git-daemon"))
+                .arg("--reuseaddr")
+                .arg("--export-all")
+                .arg("--listen=127.0.0.1")
+                .arg(format!("--port={port}"))
+                .arg(format!("--base-path={}", base.display()))
+                .arg(base),
+            "git daemon",
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        );
+        GitDaemon {
+            _server: server,
+            port,
         }
-        GitDaemon { child, port }
-    }
-}
-
-impl Drop for GitDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

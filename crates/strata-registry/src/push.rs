@@ -43,6 +43,17 @@ struct Blob {
     size: u64,
 }
 
+impl Blob {
+    /// An image's config.
+    fn config_of(image: &Image, cas: &ContentStore) -> Result<Blob> {
+        Ok(Blob {
+            local: image.config_blob,
+            sha256: image.id,
+            size: cas.info(&image.config_blob)?.map_or(0, |i| i.size),
+        })
+    }
+}
+
 impl Registry {
     /// Pushes `image` as `reference`, its layers compressed with
     /// `compression` (compressed forms are made once and kept).
@@ -54,13 +65,8 @@ impl Registry {
         compression: Compression,
         progress: &dyn Transfer,
     ) -> Result<Pushed> {
-        let config = Blob {
-            local: image.config_blob,
-            sha256: image.id,
-            size: cas.info(&image.config_blob)?.map_or(0, |i| i.size),
-        };
         self.push_manifest(
-            config,
+            Blob::config_of(image, cas)?,
             MediaType::ImageConfig,
             None,
             &image.layers,
@@ -87,14 +93,9 @@ impl Registry {
         let mut descriptors = Vec::new();
         let (mut blobs_sent, mut blobs_skipped, mut bytes_sent) = (0, 0, 0);
         for image in images {
-            let config = Blob {
-                local: image.config_blob,
-                sha256: image.id,
-                size: cas.info(&image.config_blob)?.map_or(0, |i| i.size),
-            };
             let pushed = self
                 .push_manifest(
-                    config,
+                    Blob::config_of(image, cas)?,
                     MediaType::ImageConfig,
                     None,
                     &image.layers,
