@@ -65,6 +65,20 @@ impl Registry {
         compression: Compression,
         progress: &dyn Transfer,
     ) -> Result<Pushed> {
+        self.push_image(image, reference, cas, compression, progress, false)
+            .await
+    }
+
+    /// Pushes an image's blobs and manifest (as `reference`, or by digest).
+    async fn push_image(
+        &self,
+        image: &Image,
+        reference: &Reference,
+        cas: &Arc<ContentStore>,
+        compression: Compression,
+        progress: &dyn Transfer,
+        by_digest: bool,
+    ) -> Result<Pushed> {
         self.push_manifest(
             Blob::config_of(image, cas)?,
             MediaType::ImageConfig,
@@ -74,7 +88,7 @@ impl Registry {
             cas,
             compression,
             progress,
-            false,
+            by_digest,
         )
         .await
     }
@@ -94,17 +108,7 @@ impl Registry {
         let (mut blobs_sent, mut blobs_skipped, mut bytes_sent) = (0, 0, 0);
         for image in images {
             let pushed = self
-                .push_manifest(
-                    Blob::config_of(image, cas)?,
-                    MediaType::ImageConfig,
-                    None,
-                    &image.layers,
-                    reference,
-                    cas,
-                    compression,
-                    progress,
-                    true,
-                )
+                .push_image(image, reference, cas, compression, progress, true)
                 .await?;
             blobs_sent += pushed.blobs_sent;
             blobs_skipped += pushed.blobs_skipped;
