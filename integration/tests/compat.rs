@@ -1308,6 +1308,8 @@ fn platforms_are_built_as_asked_or_refused() {
         &format!("type=local,dest={}", files.display()),
         "--iidfile",
         iid.to_str().unwrap(),
+        "--cache-to",
+        &format!("type=local,dest={},mode=max", w.join("app-cache").display()),
         app_ctx.to_str().unwrap(),
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -1362,6 +1364,30 @@ fn platforms_are_built_as_asked_or_refused() {
             );
         }
     }
+    // One cache holds every platform's steps: a fresh state imports it
+    // once and builds both platforms from it.
+    assert!(err.contains("exported cache to "), "{err}");
+    let third = Strata::new();
+    let again = third.run(&[
+        "build",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "--cache-from",
+        &format!("type=local,src={}", w.join("app-cache").display()),
+        app_ctx.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{err}");
+    assert_eq!(err.matches("imported cache from ").count(), 1, "{err}");
+    let per_platform: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("built image in "))
+        .collect();
+    assert_eq!(per_platform.len(), 2, "{err}");
+    for line in per_platform {
+        assert!(line.contains(": 1 steps, 1 cached;"), "{line}");
+    }
+
     // The ID file holds the index's digest, which the registry serves.
     let digest = std::fs::read_to_string(&iid).unwrap();
     let served = tool(

@@ -15,9 +15,9 @@ use strata_plan::{Entitlement, ExtraHost, Grants, NetworkMode, RunSettings, ShmS
 use strata_registry::Registry;
 use strata_solver::StepRecord;
 use strata_worker::{
-    BuildError, BuildRecord, BuildRequest, BuildStatus, CacheFrom, CacheLocation, CacheTo,
-    NamedContext, PlanInputs, SOURCE_DATE_EPOCH, Timestamps, build, export_cache, exported_keys,
-    import_cache, parse_cache_from, parse_cache_to, parse_named_context,
+    BuildError, BuildRecord, BuildRequest, BuildStatus, CacheFrom, CacheLocation, CacheMode,
+    CacheTo, NamedContext, PlanInputs, SOURCE_DATE_EPOCH, Timestamps, build, export_cache,
+    exported_keys, import_cache, parse_cache_from, parse_cache_to, parse_named_context,
 };
 
 use crate::daemon::Cx;
@@ -670,11 +670,11 @@ fn export_caches(
     cx: &Cx<'_>,
     registry: &Arc<Registry>,
     to: &[CacheTo],
-    result: &strata_worker::BuildResult,
+    keys_of: impl Fn(CacheMode) -> Vec<strata_cas::Digest>,
     progress: Mode,
 ) -> Result<()> {
     for c in to {
-        let keys = exported_keys(&result.plan, &result.solved, c.mode);
+        let keys = keys_of(c.mode);
         let transfer = cx.session.transfer();
         let exported = cx.block_on(export_cache(cx.node, registry, c, keys, transfer.as_ref()));
         cx.session.progress_done();
@@ -848,9 +848,7 @@ fn build_platforms(
     if args.report.is_some() {
         return refuse("--report");
     }
-    if !args.cache_to.is_empty() || !args.cache_from.is_empty() {
-        return refuse("--cache-to/--cache-from");
-    }
+    let (_, cache_to) = parse_caches(cx, &[], &args.cache_to)?;
     let mut outputs = Vec::new();
     for o in &args.outputs {
         let (output, _) = parse_output(o)?;
@@ -896,7 +894,8 @@ fn build_platforms(
     }
 
     let mut images = Vec::new();
-    for p in &platforms {
+    let mut solved = Vec::new();
+    for (n, p) in platforms.iter().enumerate() {
         let mut one = args.clone();
         one.platform = Some(p.to_string());
         one.outputs.clear();
@@ -905,15 +904,39 @@ fn build_platforms(
         one.iidfile = None;
         one.metadata_file = None;
         one.one_of_platforms = true;
-        let (code, image) = build_one(cx, one, flags, build_id, record)?;
-        match image {
-            Some(image) if code == 0 => images.push(image),
+        // A cache is imported once, before the first platform, and
+        // exported once, with every platform's steps.
+        one.cache_to.clear();
+        if n > 0 {
+            one.cache_from.clear();
+        }
+        let (code, built) = build_one(cx, one, flags, build_id, record)?;
+        match built {
+            Some(b) if code == 0 => {
+                images.push(b.image);
+                solved.extend(b.solved);
+            }
             _ => return Ok(code),
         }
     }
+    let registry = flags.registry_for(cx);
+    export_caches(
+        cx,
+        &registry,
+        &cache_to,
+        |mode| {
+            let mut keys: Vec<strata_cas::Digest> = solved
+                .iter()
+                .flat_map(|(plan, s)| exported_keys(plan, s, mode))
+                .collect();
+            keys.sort();
+            keys.dedup();
+            keys
+        },
+        args.progress_mode(),
+    )?;
 
     let node = Arc::clone(cx.node);
-    let registry = flags.registry_for(cx);
     let mut index: Option<String> = None;
     for o in &outputs {
         match o {
@@ -1020,14 +1043,22 @@ fn platform_dir(image: &strata_oci::Image) -> String {
     }
 }
 
-/// One platform's build and outputs; the exit code and the image built.
+/// What one build made.
+struct Built {
+    image: strata_oci::Image,
+    /// The plan and what solving it did, for an embedded build: what a
+    /// cache export of several builds takes its keys from.
+    solved: Option<(Arc<strata_plan::Plan>, strata_solver::Solved)>,
+}
+
+/// One platform's build and outputs; the exit code and what it made.
 fn build_one(
     cx: &Cx<'_>,
     mut args: BuildArgs,
     flags: &RegistryFlags,
     build_id: &str,
     record: &mut BuildRecord,
-) -> Result<(u8, Option<strata_oci::Image>)> {
+) -> Result<(u8, Option<Built>)> {
     let started = Instant::now();
     args.progress = args.progress_mode();
     // Messages name the Dockerfile as the user did.
@@ -1164,7 +1195,7 @@ fn build_one(
     // The node's slots bound every build together; a build may ask for
     // fewer of them.
     let jobs = args.jobs.unwrap_or_else(strata_worker::default_slots);
-    let (image, steps, fetched) = match &args.cluster {
+    let (image, steps, fetched, solved) = match &args.cluster {
         Some(cluster) => {
             let inputs = PlanInputs::read(
                 &dockerfile,
@@ -1218,7 +1249,7 @@ fn build_one(
             );
             cx.session.progress_done();
             match outcome {
-                Ok((image, steps, fetched)) => (image, steps, Some(fetched)),
+                Ok((image, steps, fetched)) => (image, steps, Some(fetched), None),
                 Err(ClusterFailure::Step { message, tail }) => {
                     print_tail(cx, None, &tail)?;
                     bail!("{message}");
@@ -1275,8 +1306,15 @@ fn build_one(
             cx.session.progress_done();
             match result {
                 Ok(r) => {
-                    export_caches(cx, &registry, &cache_to, &r, args.progress)?;
-                    (r.image, r.solved.steps, None)
+                    export_caches(
+                        cx,
+                        &registry,
+                        &cache_to,
+                        |mode| exported_keys(&r.plan, &r.solved, mode),
+                        args.progress,
+                    )?;
+                    let steps = r.solved.steps.clone();
+                    (r.image, steps, None, Some((r.plan, r.solved)))
                 }
                 Err(BuildError::Solve(e)) if e.step_title().is_some() => {
                     print_tail(cx, e.step_title().as_deref(), e.tail())?;
@@ -1399,7 +1437,13 @@ fn build_one(
     if args.progress == Mode::Quiet && !args.one_of_platforms {
         writeln!(cx.out(), "{}", image.id)?;
     }
-    Ok((0, Some(image.clone())))
+    Ok((
+        0,
+        Some(Built {
+            image: image.clone(),
+            solved,
+        }),
+    ))
 }
 
 /// Runs `write` to make an output at `dest`; for standard output, into a
