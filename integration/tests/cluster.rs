@@ -787,3 +787,91 @@ fn each_platform_s_steps_go_to_a_worker_that_runs_it_or_the_build_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn an_admin_imports_a_cache_exported_elsewhere_and_every_client_s_build_hits_it() {
+    let cluster = Cluster::start(2, 5);
+    let reg = strata_integration::registry::Registry::start(false);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[
+            (
+                "Dockerfile",
+                "FROM busybox:latest\nRUN echo one > /one\nRUN head -c 3000000 /dev/urandom > /blob\nCOPY f /f\n",
+            ),
+            ("f", "f\n"),
+        ],
+    );
+    let ctx_arg = ctx.path().to_str().unwrap();
+
+    // A CI runner outside the cluster exports its cache.
+    let elsewhere = Strata::new().with_busybox(&[]);
+    let cache = format!("{}/ci/app:cache", reg.host());
+    let exported = elsewhere.build(
+        ctx.path(),
+        &["--cache-to", &format!("type=registry,ref={cache},mode=max")],
+    );
+
+    // A client may not put a cache into what every team shares.
+    let client = Strata::new();
+    let client_config = cluster.client();
+    let client_config = client_config.to_str().unwrap();
+    let out = client.run(&[
+        "build",
+        "--cluster",
+        client_config,
+        "--cache-from",
+        &cache,
+        ctx_arg,
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("strata cluster import-cache --cluster DIR/admin.toml"),
+        "{err}"
+    );
+    let out = client.run(&[
+        "cluster",
+        "import-cache",
+        "--cluster",
+        client_config,
+        &cache,
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("that needs an admin certificate"), "{err}");
+
+    // The admin imports it; every client's first build takes each step
+    // from it, and gets the exporter's image.
+    let admin = Strata::new();
+    let admin_config = cluster.admin();
+    let import = [
+        "cluster",
+        "import-cache",
+        "--cluster",
+        admin_config.to_str().unwrap(),
+        cache.as_str(),
+    ];
+    let out = admin.run(&import);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("into the cluster: 3 steps, 3 new"), "{err}");
+    let report = cluster.build(&client, ctx.path(), &[]);
+    assert_eq!(strata_integration::cached(&report), (3, 3));
+    assert_eq!(report["image"]["id"], exported["image"]["id"]);
+    // The layers (the base's and the three steps') are on workers, as
+    // many copies as the cluster keeps of a built layer: here, both.
+    let status = cluster.status();
+    let blobs: Vec<&str> = status
+        .lines()
+        .filter(|l| l.starts_with("worker-"))
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .collect();
+    assert_eq!(blobs, ["4", "4"], "{status}");
+
+    // Again: nothing new.
+    let out = admin.run(&import);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("3 steps, 0 new"), "{err}");
+}

@@ -1214,10 +1214,17 @@ fn build_one(
                      (drop --cluster): a cluster's workers cannot reach it"
                 );
             }
-            if !cache_from.is_empty() || !cache_to.is_empty() {
+            if !cache_from.is_empty() {
                 bail!(
-                    "--cache-from and --cache-to build on this machine (drop --cluster): \
-                     a cluster shares its cache among its nodes already"
+                    "--cache-from builds on this machine (drop --cluster): a cluster's cache is \
+                     shared by every client, so a cache enters it through its admin: \
+                     strata cluster import-cache --cluster DIR/admin.toml SPEC"
+                );
+            }
+            if !cache_to.is_empty() {
+                bail!(
+                    "--cache-to builds on this machine (drop --cluster): a cluster keeps and \
+                     shares its cache already"
                 );
             }
             if let Some((name, _)) = contexts

@@ -109,6 +109,11 @@ pub enum ClusterCommand {
         #[arg(long, env = "STRATA_CLUSTER")]
         cluster: PathBuf,
     },
+    /// Import a cache another machine exported (`strata build --cache-to`)
+    /// into the cluster's shared index, so every client's builds hit it:
+    /// needs the admin certificate (`DIR/admin.toml`), since what the
+    /// index says every team's builds use.
+    ImportCache(ImportCacheArgs),
     /// Place stages on a cordoned worker again.
     Uncordon {
         /// The worker's name.
@@ -117,6 +122,62 @@ pub enum ClusterCommand {
         #[arg(long, env = "STRATA_CLUSTER")]
         cluster: PathBuf,
     },
+}
+
+#[derive(Debug, Args, serde::Serialize, serde::Deserialize)]
+pub struct ImportCacheArgs {
+    /// The cache: `REF`, `type=registry,ref=REF` or `type=local,src=DIR`
+    /// (as `strata build --cache-from` takes it).
+    pub spec: String,
+    /// The admin's client configuration (`DIR/admin.toml`).
+    #[arg(long, env = "STRATA_CLUSTER")]
+    pub cluster: PathBuf,
+}
+
+/// `strata cluster import-cache`, in the daemon: the cache is imported
+/// into this state directory first (every blob checked against its
+/// digest), then its layers uploaded to the cluster, where each is checked
+/// again and copied to workers before the entries naming it are put.
+pub fn import_cache(
+    cx: &crate::daemon::Cx<'_>,
+    args: ImportCacheArgs,
+    flags: &RegistryFlags,
+) -> Result<u8> {
+    let mut from = strata_worker::parse_cache_from(&args.spec).map_err(anyhow::Error::msg)?;
+    if let strata_worker::CacheLocation::Local { dir, .. } = &mut from.location {
+        *dir = cx.path(dir);
+    }
+    let registry = flags.registry_for(cx);
+    let transfer = cx.session.transfer();
+    let imported = cx.block_on(strata_worker::import_cache(
+        cx.node,
+        &registry,
+        &from,
+        transfer.as_ref(),
+    ));
+    cx.session.progress_done();
+    let imported =
+        imported.with_context(|| format!("cannot import cache from {}", from.location))?;
+    let config = ClientConfig::load(&cx.path(&args.cluster)).map_err(anyhow::Error::msg)?;
+    let entries = imported.entries;
+    let records = entries.len();
+    let added = cx
+        .block_on(async {
+            let client = Client::connect(&config).await?;
+            client.import_cache(&cx.node.content, entries).await
+        })
+        .with_context(|| {
+            format!(
+                "cannot import cache from {} into the cluster",
+                from.location
+            )
+        })?;
+    writeln!(
+        cx.err(),
+        "imported cache from {} into the cluster: {records} steps, {added} new",
+        from.location
+    )?;
+    Ok(0)
 }
 
 /// Cancelled on Ctrl-C or SIGTERM.
@@ -277,6 +338,10 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
         ClusterCommand::Uncordon { worker, cluster } => {
             set_cordon(&cluster, &worker, false)?;
             writeln!(out, "{worker} uncordoned")?;
+        }
+        // Run in the daemon, which holds the state it stages the cache in.
+        ClusterCommand::ImportCache(_) => {
+            anyhow::bail!("cluster import-cache runs in the local daemon")
         }
         ClusterCommand::AddCoordinator { id, raft, cluster } => {
             change_group(

@@ -135,6 +135,7 @@ pub enum Call {
     Load(crate::registry::LoadArgs),
     History(crate::history::HistoryArgs),
     Inspect(crate::images::InspectArgs),
+    ImportCache(crate::cluster::ImportCacheArgs, RegistryFlags),
 }
 
 impl Call {
@@ -209,6 +210,7 @@ impl strata_daemon::Handler for Handler {
             Call::Load(a) => crate::registry::load(&cx, a),
             Call::History(a) => crate::history::local(&cx, a),
             Call::Inspect(a) => crate::images::inspect(&cx, a),
+            Call::ImportCache(a, flags) => crate::cluster::import_cache(&cx, a, &flags),
         };
         result.map_err(|e| crate::error_text(&e))
     }
@@ -230,6 +232,7 @@ fn call_name(call: &Call) -> &'static str {
         Call::Load(_) => "load",
         Call::History(_) => "history",
         Call::Inspect(_) => "inspect",
+        Call::ImportCache(..) => "cluster import-cache",
     }
 }
 

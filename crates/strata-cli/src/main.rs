@@ -143,6 +143,9 @@ fn main() -> ExitCode {
         Command::Dockerfile(cmd) => dockerfile::run(cmd),
         Command::Coordinator(a) => cluster::coordinator(a, &flags),
         Command::Worker(a) => cluster::worker(a),
+        Command::Cluster(cluster::ClusterCommand::ImportCache(a)) => {
+            daemon::remote(&home, daemon::Call::ImportCache(a, flags))
+        }
         Command::Cluster(cmd) => cluster::cluster(cmd),
     };
     match result {

@@ -323,6 +323,47 @@ impl Client {
         .await
     }
 
+    /// Imports cache entries into the cluster's index (an admin's
+    /// certificate only), their layers uploaded first from `cas`; sent in
+    /// as many requests as the protocol's limits ask. Returns the entries
+    /// the index did not have.
+    pub async fn import_cache(
+        &self,
+        cas: &ContentStore,
+        entries: Vec<(Digest, strata_cache::CacheEntry)>,
+    ) -> Result<usize, ClientError> {
+        let mut uploaded = std::collections::HashSet::new();
+        for (_, entry) in &entries {
+            for l in &entry.layers {
+                if uploaded.insert(l.blob) {
+                    self.upload(cas, &l.blob).await?;
+                }
+            }
+        }
+        let mut added = 0;
+        let mut batch: Vec<(Digest, strata_cache::CacheEntry)> = Vec::new();
+        let mut layers = 0;
+        let mut entries = entries.into_iter().peekable();
+        while let Some(e) = entries.next() {
+            layers += e.1.layers.len();
+            batch.push(e);
+            let full = entries.peek().is_none_or(|next| {
+                batch.len() >= crate::protocol::MAX_IMPORTED
+                    || layers + next.1.layers.len() > crate::protocol::MAX_IMPORTED_LAYERS
+            });
+            if full {
+                let import = Request::ImportCache(std::mem::take(&mut batch));
+                layers = 0;
+                match request(&self.coordinator, &import).await.map_err(cluster)? {
+                    Reply::Imported(n) => added += n,
+                    Reply::Error(e) => return Err(cluster(e)),
+                    other => return Err(cluster(format!("unexpected answer: {other:?}"))),
+                }
+            }
+        }
+        Ok(added)
+    }
+
     /// Adds a coordinator to the group, or removes one.
     pub async fn change_group(
         &self,

@@ -681,14 +681,14 @@ impl Coordinator {
                 return crate::access::serve_blob(&self.reads, &self.node.content, conn, &d, send)
                     .await;
             }
-            Request::HasBlob(d) if role == Role::Client => {
+            Request::HasBlob(d) if matches!(role, Role::Client | Role::Admin) => {
                 let has = self.node.content.contains(&d).unwrap_or(false);
                 if has {
                     self.pin(d);
                 }
                 Reply::Bool(has)
             }
-            Request::PutBlob(d) if role == Role::Client => {
+            Request::PutBlob(d) if matches!(role, Role::Client | Role::Admin) => {
                 return self.receive_upload(conn, d, send, recv).await;
             }
             Request::Build(submit) if role == Role::Client => {
@@ -716,6 +716,9 @@ impl Coordinator {
                     Ok(Err(e)) => Reply::Error(e.to_string()),
                     Err(e) => Reply::Error(format!("reading the history stopped: {e}")),
                 }
+            }
+            Request::ImportCache(entries) if role == Role::Admin => {
+                self.import_cache(entries).await
             }
             Request::Status => {
                 // It reads the whole cache index.
@@ -794,7 +797,10 @@ impl Coordinator {
             }
             other => {
                 strata_metrics::request_error("not_allowed");
-                let admin = matches!(other, Request::ChangeGroup(_) | Request::Cordon { .. });
+                let admin = matches!(
+                    other,
+                    Request::ChangeGroup(_) | Request::Cordon { .. } | Request::ImportCache(_)
+                );
                 Reply::Error(format!(
                     "{} may not ask the coordinator for {}{}",
                     conn.peer,
@@ -1041,6 +1047,83 @@ impl Coordinator {
             }
         };
         write_frame(send, &reply, conn.addr).await
+    }
+
+    /// Adds an exported cache's entries to the index: each layer checked
+    /// against what this node computed when it was uploaded, copied to
+    /// workers as a built layer is, and only then the entries naming it
+    /// put; keys the index has are kept.
+    async fn import_cache(&self, entries: Vec<(Digest, strata_cache::CacheEntry)>) -> Reply {
+        if entries.len() > crate::protocol::MAX_IMPORTED {
+            return Reply::Error(format!(
+                "{} cache entries, over the limit of {}",
+                entries.len(),
+                crate::protocol::MAX_IMPORTED
+            ));
+        }
+        let named: usize = entries.iter().map(|(_, e)| e.layers.len()).sum();
+        if named > crate::protocol::MAX_IMPORTED_LAYERS {
+            return Reply::Error(format!(
+                "the cache entries name {named} layers, over the limit of {}",
+                crate::protocol::MAX_IMPORTED_LAYERS
+            ));
+        }
+        let mut layers: Vec<LayerRef> = Vec::new();
+        let mut seen = HashSet::new();
+        for (key, entry) in &entries {
+            if entry.layers.len() > crate::protocol::MAX_IMPORTED_CHAIN {
+                return Reply::Error(format!(
+                    "cache entry {key} has {} layers, over the limit of {}",
+                    entry.layers.len(),
+                    crate::protocol::MAX_IMPORTED_CHAIN
+                ));
+            }
+            for l in &entry.layers {
+                if seen.insert(l.blob) {
+                    layers.push(*l);
+                }
+            }
+        }
+        for l in &layers {
+            match self.node.content.info(&l.blob) {
+                Ok(Some(info)) if info.sha256 == l.diff_id && info.size == l.size => {}
+                Ok(Some(info)) => {
+                    return Reply::Error(format!(
+                        "blob {} is not the layer its cache entry names: its sha256 is {} ({} bytes), \
+                         the entry says {} ({} bytes)",
+                        l.blob, info.sha256, info.size, l.diff_id, l.size
+                    ));
+                }
+                Ok(None) => return Reply::Error(format!("layer {} was not uploaded", l.blob)),
+                Err(e) => return Reply::Error(format!("cannot read layer {}: {e}", l.blob)),
+            }
+        }
+        for l in &layers {
+            if let Err(e) = self.replicate(*l, None).await {
+                return Reply::Error(format!("cannot copy layer {} to workers: {e}", l.blob));
+            }
+        }
+        if let Err(e) = self.member.barrier().await {
+            return Reply::Error(format!("the cache index cannot be read: {e}"));
+        }
+        let mut added = 0;
+        for (key, entry) in entries {
+            match self.member.local().entry(&key) {
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(e) => return Reply::Error(format!("the cache index cannot be read: {e}")),
+            }
+            if let Err(e) = self
+                .member
+                .write(strata_raft::CommandV1::Put { key, entry })
+                .await
+            {
+                return Reply::Error(format!("cannot record cache entry {key}: {e}"));
+            }
+            added += 1;
+        }
+        tracing::info!(added, layers = layers.len(), "cache imported");
+        Reply::Imported(added)
     }
 
     /// Lets `client` read the layers of its build where they are: here,

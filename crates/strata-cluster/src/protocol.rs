@@ -341,7 +341,26 @@ pub enum Request {
     /// ([`Reply::Ok`] once the coordinator asked each and corrected its
     /// records).
     Lacking(Vec<(Digest, String)>),
+    /// Admin → coordinator: add these cache entries (an exported cache,
+    /// `strata cluster import-cache`) to the cluster's index, at most
+    /// [`MAX_IMPORTED`], each chain at most [`MAX_IMPORTED_CHAIN`] layers.
+    /// Every layer must have been uploaded and be what its entry says (its
+    /// sha256 and size, computed here); each is copied to workers before
+    /// any entry naming it is put, and a key the index has is kept
+    /// ([`Reply::Imported`]).
+    ImportCache(Vec<(Digest, strata_cache::CacheEntry)>),
 }
+
+/// The most entries one [`Request::ImportCache`] may carry (a client
+/// sends more in several).
+pub const MAX_IMPORTED: usize = 10_000;
+
+/// The most layers, counted over every chain, one [`Request::ImportCache`]
+/// carries, so it fits a frame.
+pub const MAX_IMPORTED_LAYERS: usize = 100_000;
+
+/// The longest layer chain of an imported entry.
+pub const MAX_IMPORTED_CHAIN: usize = 1_000;
 
 /// The most builds one [`Reply::History`] carries.
 pub const MAX_HISTORY: usize = 100;
@@ -376,4 +395,6 @@ pub enum Reply {
     Spare(Vec<bool>),
     /// Builds a coordinator coordinated.
     History(Vec<strata_worker::BuildRecord>),
+    /// Cache entries imported: how many the index did not have.
+    Imported(usize),
 }

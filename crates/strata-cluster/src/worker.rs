@@ -883,5 +883,6 @@ pub(crate) fn request_name(r: &Request) -> &'static str {
         Request::Grant(_) => "to let a client read blobs",
         Request::Lacking(_) => "a report of holders lacking blobs",
         Request::Spare(_) => "which blobs are spare copies",
+        Request::ImportCache(_) => "to import a cache into the cluster's index",
     }
 }

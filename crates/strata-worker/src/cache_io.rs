@@ -323,7 +323,7 @@ fn dir_size(dir: &std::path::Path) -> u64 {
 }
 
 /// What an import did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Imported {
     /// Steps in the cache.
     pub records: usize,
@@ -331,6 +331,8 @@ pub struct Imported {
     pub added: usize,
     /// Bytes downloaded (a layout's: 0).
     pub bytes: u64,
+    /// The entries, as recorded here (for a cluster to import them too).
+    pub entries: Vec<(Digest, strata_cache::CacheEntry)>,
 }
 
 /// Imports the cache at `from` into this node's index, its layers into
@@ -376,6 +378,7 @@ pub async fn import_cache(
         records: entries.len(),
         added,
         bytes,
+        entries,
     })
 }
 
