@@ -764,6 +764,74 @@ fn each_platform_s_steps_go_to_a_worker_that_runs_it_or_the_build_is_refused() {
         "aarch64\n"
     );
 
+    // Several platforms at once: each platform's steps placed by what the
+    // workers run, the images one index, on a base that has both.
+    let multi_ctx = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        strata_integration::busybox_tar(),
+        multi_ctx.path().join("busybox-amd64.tar"),
+    )
+    .unwrap();
+    std::fs::copy(&arm, multi_ctx.path().join("busybox-arm64.tar")).unwrap();
+    write_files(
+        multi_ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM scratch\nARG TARGETARCH\nADD busybox-${TARGETARCH}.tar /\n",
+        )],
+    );
+    let multi_base = format!("{}/multi/busybox:1", reg.host());
+    local.ok(&[
+        "build",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "-t",
+        &multi_base,
+        "--push",
+        multi_ctx.path().to_str().unwrap(),
+    ]);
+    let app = tempfile::tempdir().unwrap();
+    write_files(
+        app.path(),
+        &[(
+            "Dockerfile",
+            &format!("FROM {multi_base}\nRUN uname -m > /m\n"),
+        )],
+    );
+    let both = out.path().join("both");
+    let layout = out.path().join("both.tar");
+    client.ok(&[
+        "build",
+        "--cluster",
+        cluster.client().to_str().unwrap(),
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "-o",
+        &format!("type=local,dest={}", both.display()),
+        "-o",
+        &format!("type=oci,dest={}", layout.display()),
+        app.path().to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(both.join("linux_amd64/m")).unwrap(),
+        "x86_64\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(both.join("linux_arm64/m")).unwrap(),
+        "aarch64\n"
+    );
+    let index = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw"])
+        .arg(format!("oci-archive:{}", layout.display()))
+        .output()
+        .unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&index.stdout).unwrap();
+    assert_eq!(
+        index["manifests"].as_array().map(Vec::len),
+        Some(2),
+        "{index}"
+    );
+
     // With no worker to run arm64, the build is refused by name, not left
     // waiting.
     restart_without_emulation("worker-1");

@@ -810,9 +810,11 @@ fn build_and_output(
     }
 }
 
-/// `--platform a,b,…`: each platform built in turn, on this machine, with
-/// its own `TARGETPLATFORM` and friends (a platform this machine cannot
-/// run, natively or emulated, refused as for one), then the images as one
+/// `--platform a,b,…`: each platform built in turn (on this machine, or
+/// on a cluster, whose placement sends each platform's steps to workers
+/// that run it), with its own `TARGETPLATFORM` and friends (a platform
+/// nothing can run, natively or emulated, refused as for one), then the
+/// images as one
 /// OCI image index where the outputs take one: pushed (`--push`), an OCI
 /// layout (`-o type=oci`), or each platform's files in a directory of its
 /// own (`-o type=local`, `linux_arm64/`), as buildx writes them. The local
@@ -839,8 +841,10 @@ fn build_platforms(
              --push or -o type=oci|local (or build each platform with its own --platform)"
         )
     };
-    if args.cluster.is_some() {
-        bail!("--platform {list}: several platforms build on this machine (drop --cluster)");
+    if args.cluster.is_some() && !args.cache_to.is_empty() {
+        bail!(
+            "--cache-to builds on this machine (drop --cluster): a cluster keeps and shares its cache already"
+        );
     }
     if args.load {
         return refuse("--load (the Docker engine)");
