@@ -1904,4 +1904,40 @@ fn build_checks_warn_in_buildkit_s_words_and_the_check_directive_gates_them() {
     let clean = s.run(&["build", "--check", ctx_arg]);
     assert_eq!(clean.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&clean.stderr).contains("Check complete, no warnings found."));
+
+    // UndefinedVar needs the base image's environment (busybox sets PATH):
+    // planning finds it, for --check, for a build's warnings, and for
+    // error=true before any step runs.
+    let undefined = "FROM busybox AS build\nENV X=$PATH:/x Y=$UNDEFINED_THING\nRUN echo ran\n";
+    write_files(ctx.path(), &[("Dockerfile", undefined)]);
+    let checked = s.run(&["build", "--check", ctx_arg]);
+    assert_eq!(checked.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&checked.stderr);
+    assert!(
+        err.contains("Check complete, 1 warning has been found!"),
+        "{err}"
+    );
+    assert!(
+        err.contains("WARN: UndefinedVar - https://docs.docker.com/go/dockerfile/rule/undefined-var/\nUsage of undefined variable '$UNDEFINED_THING'"),
+        "{err}"
+    );
+    let built = s.run(&["build", ctx_arg]);
+    let err = String::from_utf8_lossy(&built.stderr);
+    assert!(built.status.success(), "{err}");
+    assert!(
+        err.contains(" - UndefinedVar: Usage of undefined variable '$UNDEFINED_THING' (line 2)"),
+        "{err}"
+    );
+    write_files(
+        ctx.path(),
+        &[("Dockerfile", &format!("# check=error=true\n{undefined}"))],
+    );
+    let refused = s.run(&["build", "--no-cache", ctx_arg]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        err.contains("lint violation found for rules: UndefinedVar"),
+        "{err}"
+    );
+    assert!(!err.contains("ran"), "a step ran: {err}");
 }

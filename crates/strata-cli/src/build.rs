@@ -716,41 +716,98 @@ fn warn_unused(cx: &Cx<'_>, inputs: &PlanInputs) -> Result<()> {
     Ok(())
 }
 
-/// BuildKit's build checks on the Dockerfile: with `--check`, printed as
-/// buildx prints them and the exit code returned (1 with findings);
-/// otherwise a warning list before the build, or, under the `check`
-/// directive's `error=true`, the build refused.
-fn build_checks(
-    cx: &Cx<'_>,
-    path: &Path,
-    shown: &str,
-    build_args: &BTreeMap<String, String>,
-    check_only: bool,
-) -> Result<Option<u8>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read Dockerfile {shown}"))?;
-    // A Dockerfile that does not parse fails the build, which says why.
-    let Ok(df) = strata_dockerfile::Dockerfile::parse(&bytes) else {
-        return Ok(None);
-    };
-    let config =
-        lint::CheckConfig::of(&df, build_args).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
-    let findings = lint::check(&df, &config);
-    let text = String::from_utf8_lossy(&bytes).into_owned();
-    let source: Vec<&str> = text.lines().collect();
-    let mut err = cx.err();
-    if check_only {
-        match findings.len() {
+/// A Dockerfile's build checks (BuildKit's linter): the configuration its
+/// `check` directive (or `BUILDKIT_DOCKERFILE_CHECK`) gives, what it shows
+/// on its own, then what planning adds (`UndefinedVar`).
+struct Checks {
+    config: lint::CheckConfig,
+    findings: Vec<lint::Finding>,
+    source: String,
+    shown: String,
+}
+
+impl Checks {
+    /// The Dockerfile's own findings; `None` when it does not parse (the
+    /// build says why).
+    fn of(
+        path: &Path,
+        shown: &str,
+        build_args: &BTreeMap<String, String>,
+    ) -> Result<Option<Checks>> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read Dockerfile {shown}"))?;
+        let Ok(df) = strata_dockerfile::Dockerfile::parse(&bytes) else {
+            return Ok(None);
+        };
+        let config =
+            lint::CheckConfig::of(&df, build_args).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
+        let findings = lint::check(&df, &config);
+        Ok(Some(Checks {
+            config,
+            findings,
+            source: String::from_utf8_lossy(&bytes).into_owned(),
+            shown: shown.to_string(),
+        }))
+    }
+
+    /// Adds the planner's findings the configuration does not skip.
+    fn with_plan(&mut self, planned: &[lint::Finding]) {
+        self.findings.extend(
+            planned
+                .iter()
+                .filter(|f| self.config.checks(f.rule))
+                .cloned(),
+        );
+        self.findings.sort_by_key(|f| f.line);
+        self.findings.dedup();
+    }
+
+    /// Refuses the build, listing the findings, when the directive says
+    /// `error=true` and there is any.
+    fn enforce(&self, cx: &Cx<'_>) -> Result<()> {
+        if !self.config.error || self.findings.is_empty() {
+            return Ok(());
+        }
+        self.print_warnings(cx)?;
+        let rules: BTreeSet<&str> = self.findings.iter().map(|f| f.rule).collect();
+        bail!(
+            "lint violation found for rules: {} ({}'s check directive says error=true)",
+            rules.into_iter().collect::<Vec<_>>().join(", "),
+            self.shown
+        );
+    }
+
+    /// The list a build prints, as buildx does.
+    fn print_warnings(&self, cx: &Cx<'_>) -> Result<()> {
+        if self.findings.is_empty() {
+            return Ok(());
+        }
+        let mut err = cx.err();
+        let n = self.findings.len();
+        writeln!(err, " {n} warning{} found:", if n == 1 { "" } else { "s" })?;
+        for f in &self.findings {
+            writeln!(err, " - {}: {} (line {})", f.rule, f.message, f.line)?;
+        }
+        Ok(())
+    }
+
+    /// `--check`'s report, as buildx's; the exit code (1 with findings).
+    fn print_check(&self, cx: &Cx<'_>) -> Result<u8> {
+        let mut err = cx.err();
+        let source: Vec<&str> = self.source.lines().collect();
+        match self.findings.len() {
             0 => writeln!(err, "Check complete, no warnings found.")?,
             1 => writeln!(err, "Check complete, 1 warning has been found!")?,
             n => writeln!(err, "Check complete, {n} warnings have been found!")?,
         }
-        for f in &findings {
+        for f in &self.findings {
             writeln!(
                 err,
-                "\nWARN: {} - {}\n{}\n{shown}:{}",
+                "\nWARN: {} - {}\n{}\n{}:{}",
                 f.rule,
                 f.url(),
                 f.message,
+                self.shown,
                 f.line
             )?;
             writeln!(err, "--------------------")?;
@@ -761,24 +818,8 @@ fn build_checks(
             }
             writeln!(err, "--------------------")?;
         }
-        return Ok(Some(u8::from(!findings.is_empty())));
+        Ok(u8::from(!self.findings.is_empty()))
     }
-    if findings.is_empty() {
-        return Ok(None);
-    }
-    let n = findings.len();
-    writeln!(err, " {n} warning{} found:", if n == 1 { "" } else { "s" })?;
-    for f in &findings {
-        writeln!(err, " - {}: {} (line {})", f.rule, f.message, f.line)?;
-    }
-    if config.error {
-        let rules: BTreeSet<&str> = findings.iter().map(|f| f.rule).collect();
-        bail!(
-            "lint violation found for rules: {} ({shown}'s check directive says error=true)",
-            rules.into_iter().collect::<Vec<_>>().join(", ")
-        );
-    }
-    Ok(None)
 }
 
 /// Whether a build ended because its client cancelled it (a failing step
@@ -1156,8 +1197,12 @@ fn build_one(
     if !dockerfile.is_file() {
         bail!("Dockerfile {shown_dockerfile} not found (use -f to name another)");
     }
-    if let Some(code) = build_checks(cx, &dockerfile, &shown_dockerfile, &build_args, args.check)? {
-        return Ok((code, None));
+    let mut checks = Checks::of(&dockerfile, &shown_dockerfile, &build_args)?;
+    match &checks {
+        // A cluster plans on its coordinator: what the Dockerfile shows.
+        Some(c) if args.check && args.cluster.is_some() => return Ok((c.print_check(cx)?, None)),
+        Some(c) if !args.check => c.enforce(cx)?,
+        _ => {}
     }
     let mut outputs = outputs;
     if args.load {
@@ -1281,6 +1326,10 @@ fn build_one(
                 secrets,
                 ssh,
                 remote_context: args.remote_context,
+                checks: checks
+                    .as_ref()
+                    .map(|c| c.config.clone())
+                    .unwrap_or_default(),
                 tags: tags.clone(),
                 platform,
                 progress: live_progress(cx, build_id),
@@ -1309,6 +1358,17 @@ fn build_one(
                 &req.platform,
                 Default::default(),
             )?;
+            if args.check {
+                // Planning finds what needs the base images (UndefinedVar).
+                let plan = cx.block_on(async { strata_worker::plan_only(&node, &req) })?;
+                return match checks.as_mut() {
+                    Some(c) => {
+                        c.with_plan(&plan.lint);
+                        Ok((c.print_check(cx)?, None))
+                    }
+                    None => Ok((0, None)),
+                };
+            }
             warn_unused(cx, &unused)?;
             if !args.no_cache {
                 import_caches(cx, &registry, &cache_from, args.progress)?;
@@ -1325,6 +1385,9 @@ fn build_one(
                         args.progress,
                     )?;
                     let steps = r.solved.steps.clone();
+                    if let Some(c) = checks.as_mut() {
+                        c.with_plan(&r.plan.lint);
+                    }
                     (r.image, steps, None, Some((r.plan, r.solved)))
                 }
                 Err(BuildError::Solve(e)) if e.step_title().is_some() => {
@@ -1429,6 +1492,9 @@ fn build_one(
         });
         std::fs::write(path, serde_json::to_vec_pretty(&meta)?)
             .with_context(|| format!("cannot write the metadata file {}", path.display()))?;
+    }
+    if let Some(c) = &checks {
+        c.print_warnings(cx)?;
     }
     let mut err = cx.err();
     if !matches!(args.progress, Mode::Quiet | Mode::Rawjson) {

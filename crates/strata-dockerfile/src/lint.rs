@@ -5,10 +5,10 @@
 //! argument) skips rules (`skip=A,B` or `skip=all`) and turns findings into
 //! an error (`error=true`).
 //!
-//! Rules whose answer needs more than the Dockerfile (a base image's
-//! environment for `UndefinedVar`, a pulled image's platform for
-//! `InvalidBaseImagePlatform`) and BuildKit's experimental ones are not
-//! checked here.
+//! `UndefinedVar` needs the base images' environments: the planner finds
+//! it ([`undefined_var`] makes the finding). `InvalidBaseImagePlatform` is
+//! not a warning here: a base of another platform is refused. BuildKit's
+//! experimental rules are not checked.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -44,6 +44,7 @@ pub const RULES: &[(&str, &str)] = &[
         "FromPlatformFlagConstDisallowed",
         "from-platform-flag-const-disallowed",
     ),
+    ("UndefinedVar", "undefined-var"),
 ];
 
 /// Stage names BuildKit reserves.
@@ -441,6 +442,20 @@ pub fn lint(df: &Dockerfile) -> Vec<Finding> {
         }
     }
     out
+}
+
+/// BuildKit's UndefinedVar finding for `name` at `line`, suggesting the
+/// closest of `known` (the names set or declared there).
+pub fn undefined_var(name: &str, line: usize, known: &[&str]) -> Finding {
+    let mut message = format!("Usage of undefined variable '${name}'");
+    if let Some(s) = crate::suggest(name, known) {
+        message.push_str(&format!(" (did you mean ${s}?)"));
+    }
+    Finding {
+        rule: "UndefinedVar",
+        message,
+        line,
+    }
 }
 
 /// Declared names count as set (to nothing) so that only undeclared ones

@@ -6,7 +6,8 @@
 //! image config's `Env` (only `ENV`). A stage built on another stage starts
 //! from that stage's scope, `ARG`s included.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::Dockerfile;
 use crate::error::{ErrorKind, Result};
@@ -154,5 +155,49 @@ impl Dockerfile {
             scopes[i] = Some(scope);
         }
         Ok(graph)
+    }
+}
+
+impl Dockerfile {
+    /// The variables `instr` uses, in the fields BuildKit expands, that
+    /// `scope` neither sets nor declares as an `ARG` (BuildKit's
+    /// UndefinedVar). One given a default or an alternative where it is
+    /// used (`${V:-x}`, `${V:+x}`, `${V-x}`) is not counted.
+    pub fn undefined_vars(&self, instr: &Instruction, scope: &Scope) -> Vec<String> {
+        if matches!(instr.command, Command::Arg(_)) {
+            return Vec::new();
+        }
+        let seen = Missing {
+            env: &scope.run_env,
+            missing: RefCell::default(),
+        };
+        let _ = instr.command.expand(&self.lexer(), &seen);
+        let declared = |name: &str| scope.args.iter().any(|(k, _)| k == name);
+        let defaulted = |name: &str| {
+            ["-", ":-", "+", ":+", "=", ":="]
+                .iter()
+                .any(|m| instr.original.contains(&format!("${{{name}{m}")))
+        };
+        seen.missing
+            .into_inner()
+            .into_iter()
+            .filter(|n| !declared(n) && !defaulted(n))
+            .collect()
+    }
+}
+
+/// An environment that notes the names asked for and not set.
+struct Missing<'a> {
+    env: &'a dyn Env,
+    missing: RefCell<BTreeSet<String>>,
+}
+
+impl Env for Missing<'_> {
+    fn get(&self, name: &str) -> Option<&str> {
+        let v = self.env.get(name);
+        if v.is_none() {
+            self.missing.borrow_mut().insert(name.to_string());
+        }
+        v
     }
 }

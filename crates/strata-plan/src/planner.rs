@@ -80,6 +80,9 @@ pub struct Plan {
     pub stages: Vec<StagePlan>,
     /// The stage whose result is the image.
     pub target: usize,
+    /// Build checks only planning can make (BuildKit's UndefinedVar,
+    /// which needs the base images' environments), in line order.
+    pub lint: Vec<strata_dockerfile::lint::Finding>,
 }
 
 impl Plan {
@@ -197,6 +200,7 @@ pub fn plan(
         stages: Vec::new(),
         scopes: Vec::new(),
         onbuild: Vec::new(),
+        lint: Vec::new(),
     };
     for &i in &graph.order {
         planner
@@ -207,6 +211,9 @@ pub fn plan(
             })?;
     }
     let target = planner.plan_index[&graph.target];
+    let mut lint = planner.lint;
+    lint.sort_by_key(|f| f.line);
+    lint.dedup();
     let mut stages = planner.stages;
     if let Some(t) = stages.get_mut(target) {
         t.config
@@ -214,7 +221,11 @@ pub fn plan(
             .labels
             .extend(opts.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
-    Ok(Plan { stages, target })
+    Ok(Plan {
+        stages,
+        target,
+        lint,
+    })
 }
 
 struct Planner<'a> {
@@ -230,6 +241,8 @@ struct Planner<'a> {
     scopes: Vec<Scope>,
     /// The ONBUILD instructions each planned stage declared.
     onbuild: Vec<Vec<String>>,
+    /// Build checks found while planning.
+    lint: Vec<strata_dockerfile::lint::Finding>,
 }
 
 /// What a stage keeps track of while its instructions are lowered.
@@ -342,6 +355,13 @@ impl Planner<'_> {
         config.created = None;
 
         let mut instructions = Vec::new();
+        let from_base = {
+            let mut n = 0;
+            for t in &triggers {
+                n += parse_instructions(t, st.span).map_or(0, |p| p.len());
+            }
+            n
+        };
         for t in &triggers {
             let parsed = parse_instructions(t, st.span).map_err(|e| {
                 df.error_at(
@@ -364,7 +384,24 @@ impl Planner<'_> {
             cmd_set: false,
             number_offset: usize::from(matches!(plan_base, Base::Image(_))),
         };
-        for instr in &instructions {
+        for (n, instr) in instructions.iter().enumerate() {
+            // Triggers came from the base image, not from this Dockerfile.
+            if n >= from_base {
+                for name in df.undefined_vars(instr, &state.scope) {
+                    let known: Vec<&str> = state
+                        .scope
+                        .run_env
+                        .iter()
+                        .map(|(k, _)| k)
+                        .chain(state.scope.args.iter().map(|(k, _)| k.as_str()))
+                        .collect();
+                    self.lint.push(strata_dockerfile::lint::undefined_var(
+                        &name,
+                        instr.span.start,
+                        &known,
+                    ));
+                }
+            }
             self.instruction(instr, &mut state, &platform)?;
         }
         let from_label = st.original.trim().to_string();

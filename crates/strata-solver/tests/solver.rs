@@ -243,7 +243,11 @@ fn fan_out(suffix: &str) -> Arc<Plan> {
             exec("finish", 4),
         ],
     ));
-    Arc::new(Plan { stages, target: 3 })
+    Arc::new(Plan {
+        stages,
+        target: 3,
+        lint: Vec::new(),
+    })
 }
 
 #[tokio::test]
@@ -313,6 +317,7 @@ async fn a_failing_step_fails_the_build_and_caches_nothing() {
             vec![exec("ok", 2), exec("fail now", 3), exec("never", 4)],
         )],
         target: 0,
+        lint: Vec::new(),
     });
     let err = solver.solve(plan, opts()).await.unwrap_err();
     match err {
@@ -351,6 +356,7 @@ async fn identical_steps_in_flight_run_once() {
             stage("b", Base::Scratch, vec![exec("same", 1)]),
         ],
         target: 1,
+        lint: Vec::new(),
     });
     let (x, y) = tokio::join!(
         solver.solve(Arc::clone(&plan), opts()),
@@ -376,6 +382,7 @@ async fn a_lost_worker_starts_the_stage_over() {
             ],
         )],
         target: 0,
+        lint: Vec::new(),
     });
     let solver = Arc::new(Solver::new(worker.clone(), Arc::new(MemCache::default())));
     let solved = solver.solve(plan, opts()).await.unwrap();
@@ -402,6 +409,7 @@ fn two_steps() -> Arc<Plan> {
             vec![exec("make one", 1), exec("make two", 2)],
         )],
         target: 0,
+        lint: Vec::new(),
     })
 }
 
@@ -448,6 +456,7 @@ async fn a_result_shared_while_it_publishes_runs_again_if_its_layer_is_lost() {
     let plan = Arc::new(Plan {
         stages: vec![stage("only", Base::Scratch, vec![exec("make x", 1)])],
         target: 0,
+        lint: Vec::new(),
     });
     let first = tokio::spawn({
         let (solver, plan) = (Arc::clone(&solver), Arc::clone(&plan));
@@ -475,6 +484,7 @@ async fn a_build_sharing_a_step_ends_only_once_the_step_is_published() {
     let plan = Arc::new(Plan {
         stages: vec![stage("only", Base::Scratch, vec![exec("make shared", 1)])],
         target: 0,
+        lint: Vec::new(),
     });
     // Each build, as it ends, sees how many layers were published.
     let build = || {

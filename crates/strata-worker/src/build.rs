@@ -43,6 +43,10 @@ pub struct BuildRequest {
     /// The context was fetched from a git repository: as BuildKit, which
     /// applies `.dockerignore` only to a client's local files, none is.
     pub remote_context: bool,
+    /// The build checks' configuration: with `error`, a finding of the
+    /// planner's (`UndefinedVar`) it does not skip fails the build before
+    /// any step runs.
+    pub checks: strata_dockerfile::lint::CheckConfig,
     /// Names for the result.
     pub tags: Vec<Reference>,
     /// Platform to build for.
@@ -389,8 +393,50 @@ pub fn ignore_for(dockerfile: &Path, context: &Path) -> Result<IgnoreMatcher, Bu
     }
 }
 
+/// Plans `req` on `node` as a build would (base images pulled, directory
+/// contexts made) and runs nothing: what `--check` looks at.
+pub fn plan_only(node: &Arc<Node>, req: &BuildRequest) -> Result<Arc<Plan>, BuildError> {
+    prepare(node, req).map(|p| p.plan)
+}
+
+/// What a build has before its first step.
+struct Prepared {
+    plan: Arc<Plan>,
+    ignore: IgnoreMatcher,
+    stamps: Timestamps,
+    lease: strata_cas::Lease,
+}
+
 /// Builds `req` on `node`.
 pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, BuildError> {
+    let Prepared {
+        plan,
+        ignore,
+        stamps,
+        lease,
+    } = prepare(&node, &req)?;
+    let found: Vec<&strata_dockerfile::lint::Finding> = plan
+        .lint
+        .iter()
+        .filter(|f| req.checks.checks(f.rule))
+        .collect();
+    if req.checks.error && !found.is_empty() {
+        let list: Vec<String> = found
+            .iter()
+            .map(|f| format!(" - {}: {} (line {})", f.rule, f.message, f.line))
+            .collect();
+        let rules: std::collections::BTreeSet<&str> = found.iter().map(|f| f.rule).collect();
+        return Err(BuildError::Input(format!(
+            "lint violation found for rules: {} ({}'s check directive says error=true)\n{}",
+            rules.into_iter().collect::<Vec<_>>().join(", "),
+            req.dockerfile_name,
+            list.join("\n")
+        )));
+    }
+    solve_and_store(node, req, plan, ignore, stamps, lease).await
+}
+
+fn prepare(node: &Arc<Node>, req: &BuildRequest) -> Result<Prepared, BuildError> {
     let inputs = PlanInputs::read(
         &req.dockerfile,
         req.dockerfile_name.clone(),
@@ -423,7 +469,7 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         if matches!(context, NamedContext::Image(_)) {
             continue;
         }
-        let image = make_image(&node, name, context, &req.platform)?;
+        let image = make_image(node, name, context, &req.platform)?;
         for l in &image.layers {
             lease.hold(l.blob);
         }
@@ -450,6 +496,22 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
             }
         }
     }
+    Ok(Prepared {
+        plan,
+        ignore,
+        stamps,
+        lease,
+    })
+}
+
+async fn solve_and_store(
+    node: Arc<Node>,
+    req: BuildRequest,
+    plan: Arc<Plan>,
+    ignore: IgnoreMatcher,
+    stamps: Timestamps,
+    lease: strata_cas::Lease,
+) -> Result<BuildResult, BuildError> {
     let worker = Arc::new(
         LocalWorker::new(Arc::clone(&node), req.context.clone(), ignore, req.secrets)
             .forwarding_ssh(req.ssh)

@@ -32,7 +32,9 @@ mod timestamps;
 mod users;
 mod worker;
 
-pub use build::{BaseImages, BuildError, BuildRequest, BuildResult, PlanInputs, build, ignore_for};
+pub use build::{
+    BaseImages, BuildError, BuildRequest, BuildResult, PlanInputs, build, ignore_for, plan_only,
+};
 pub use cache_io::{
     CacheFrom, CacheIoError, CacheLocation, CacheMode, CacheTo, Exported, Imported, export_cache,
     exported_keys, import_cache, parse_cache_from, parse_cache_to,

@@ -510,3 +510,27 @@ fn label_flags_set_the_target_s_labels_over_the_dockerfile_s() {
         .map(|s| &s.config.config.labels);
     assert_eq!(dep.and_then(|l| l.get("team")), None);
 }
+
+#[test]
+fn undefined_variables_are_found_with_the_base_image_s_environment() {
+    let p = plan_of(
+        "FROM golang:1.19\nARG DECLARED\nENV X=$DECLARED Y=$GOPATH\nWORKDIR /$NOPE\nLABEL a=${MAYBE:-x} b=$GOPAHT\nRUN echo $NOT_EXPANDED\n",
+        &opts(),
+    );
+    let found: Vec<(usize, &str)> = p
+        .lint
+        .iter()
+        .map(|f| (f.line, f.message.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (4, "Usage of undefined variable '$NOPE'"),
+            (
+                5,
+                "Usage of undefined variable '$GOPAHT' (did you mean $GOPATH?)"
+            ),
+        ]
+    );
+    assert!(p.lint.iter().all(|f| f.rule == "UndefinedVar"));
+}
