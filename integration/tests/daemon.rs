@@ -437,3 +437,79 @@ fn the_daemon_serves_metrics_and_a_dashboard_and_keeps_a_history_of_builds() {
     assert_eq!(code, 200);
     assert!(page.contains("<title>strata</title>"));
 }
+
+/// Bytes of blobs in a state directory's content store.
+fn blob_bytes(home: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![home.join("content").join("blobs")];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn the_daemon_keeps_its_store_within_keep_storage_and_evicted_steps_run_again() {
+    let s = Strata::new();
+    // The daemon starts with the first command, in its environment.
+    let budget: u64 = 30_000_000;
+    strata_integration::succeed(
+        s.cmd()
+            .env("STRATA_KEEP_STORAGE", "30MB")
+            .args(["image", "import", "busybox:latest"])
+            .arg(strata_integration::busybox_tar()),
+    );
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest AS builder\nARG N\nRUN head -c 12000000 /dev/urandom > /big && echo $N > /n\nFROM busybox:latest\nCOPY --from=builder /n /n\n",
+        )],
+    );
+    let build = |n: u32| {
+        let arg = format!("N={n}");
+        s.build(ctx.path(), &["--build-arg", &arg])
+    };
+    let run_step_cached = |report: &serde_json::Value| {
+        report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|st| st["instruction"].as_str().unwrap_or("").starts_with("RUN"))
+            .map(|st| st["cached"].as_bool() == Some(true))
+            .unwrap()
+    };
+    // Blobs are dated to the second: a second apart, their order is known.
+    for n in 1..=4 {
+        assert!(!run_step_cached(&build(n)), "build {n}");
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    // Four 12 MB builder layers are past the budget: the least recently
+    // used go, within a few eviction rounds.
+    let start = Instant::now();
+    while blob_bytes(s.home()) > budget {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the store still holds {} bytes",
+            blob_bytes(s.home())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The first build's layer went with its cache entry: it runs again,
+    // and succeeds; the newest is still a hit.
+    assert!(!run_step_cached(&build(1)));
+    assert!(run_step_cached(&build(4)));
+    let log = std::fs::read_to_string(s.home().join("daemon.log")).unwrap();
+    assert!(log.contains("evicted to stay within keep_storage"), "{log}");
+}

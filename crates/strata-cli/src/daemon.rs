@@ -47,6 +47,15 @@ pub struct DaemonArgs {
         value_parser = metrics_listen
     )]
     metrics_listen: MetricsListen,
+    /// Bytes of blobs the state directory keeps at most (`10GB`, `500MiB`):
+    /// past that, the least recently used go (never an image's, nor one a
+    /// build holds), and the cache entries naming them. Default: a tenth
+    /// of its filesystem, as buildkitd's.
+    #[arg(long, env = "STRATA_KEEP_STORAGE", value_name = "SIZE")]
+    keep_storage: Option<String>,
+    /// Seconds a blob no build used is kept at most (default: no limit).
+    #[arg(long, env = "STRATA_KEEP_DURATION", value_name = "SECONDS")]
+    keep_duration: Option<u64>,
 }
 
 /// `--metrics-listen`: an address, or off.
@@ -346,6 +355,34 @@ pub async fn stop_serving(home: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How often the daemon looks at its store's bounds.
+const EVICT_EVERY: Duration = Duration::from_secs(5);
+
+/// Keeps the state directory within `keep`, as a worker keeps its store.
+async fn evict_forever(node: Arc<Node>, keep: strata_worker::Keep) {
+    tracing::info!(keep_storage = ?keep.storage, keep_duration = ?keep.duration, "store bounds");
+    loop {
+        tokio::time::sleep(EVICT_EVERY).await;
+        let n = Arc::clone(&node);
+        let evicted = tokio::task::spawn_blocking(move || {
+            strata_worker::enforce(&n, &keep, strata_cas::now_unix())
+        })
+        .await;
+        match evicted {
+            Ok(Ok(r)) if r.blobs > 0 => tracing::info!(
+                blobs = r.blobs,
+                bytes = r.bytes,
+                snapshots = r.snapshots,
+                cache_entries = r.cache_entries,
+                "evicted to stay within keep_storage / keep_duration"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot evict from the store"),
+            Err(e) => tracing::warn!(error = %e, "eviction stopped"),
+        }
+    }
+}
+
 /// `strata daemon …`.
 pub fn daemon(home: &Path, args: DaemonArgs) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -386,7 +423,15 @@ pub fn daemon(home: &Path, args: DaemonArgs) -> Result<ExitCode> {
         }
         None if args.foreground => {
             drop(out);
-            serve(home, &rt, args.idle_timeout, args.metrics_listen.0)
+            let storage = args
+                .keep_storage
+                .as_deref()
+                .map(crate::images::parse_size)
+                .transpose()
+                .context("--keep-storage (STRATA_KEEP_STORAGE)")?;
+            let keep = strata_worker::Keep::within(home, storage, args.keep_duration)
+                .map_err(anyhow::Error::msg)?;
+            serve(home, &rt, args.idle_timeout, args.metrics_listen.0, keep)
         }
         None => {
             let idle = args.idle_timeout;
@@ -409,6 +454,7 @@ fn serve(
     rt: &tokio::runtime::Runtime,
     idle_timeout: u64,
     metrics: Option<std::net::SocketAddr>,
+    keep: strata_worker::Keep,
 ) -> Result<ExitCode> {
     // A daemon that is stopping (it has closed its socket) still holds the
     // state directory for a moment: wait for it, a bounded time. One that
@@ -450,6 +496,7 @@ fn serve(
         }
         None => None,
     };
+    rt.spawn(evict_forever(Arc::clone(&node), keep));
     let handler = Arc::new(Handler { node });
     let stop = tokio_util::sync::CancellationToken::new();
     let opts = strata_daemon::Options {

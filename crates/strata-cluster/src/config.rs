@@ -492,29 +492,6 @@ fn override_keep(storage: &mut Option<u64>, duration: &mut Option<u64>) -> Resul
     Ok(())
 }
 
-/// A node's store bounds: `storage` bytes (unset: a tenth of the
-/// filesystem `home` is on, as buildkitd's default) and `duration`
-/// seconds unused.
-pub(crate) fn keep(
-    home: &Path,
-    storage: Option<u64>,
-    duration: Option<u64>,
-) -> Result<strata_worker::Keep, String> {
-    let storage = match storage {
-        Some(bytes) => bytes,
-        None => {
-            std::fs::create_dir_all(home).map_err(|e| format!("{}: {e}", home.display()))?;
-            let fs =
-                nix::sys::statvfs::statvfs(home).map_err(|e| format!("{}: {e}", home.display()))?;
-            fs.blocks().saturating_mul(fs.fragment_size()) / 10
-        }
-    };
-    Ok(strata_worker::Keep {
-        storage: Some(storage),
-        duration,
-    })
-}
-
 fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
         path: path.to_path_buf(),

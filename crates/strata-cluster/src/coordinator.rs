@@ -297,7 +297,11 @@ impl Coordinator {
             uploads: Mutex::new(UploadQuota::new(
                 config.upload_quota_mib_per_hour.saturating_mul(1 << 20),
             )),
-            keep: crate::config::keep(&config.home, config.keep_storage, config.keep_duration)?,
+            keep: strata_worker::Keep::within(
+                &config.home,
+                config.keep_storage,
+                config.keep_duration,
+            )?,
             pins: Mutex::default(),
         }))
     }

@@ -115,7 +115,11 @@ impl WorkerNode {
             },
             name: me.name,
             reads: Mutex::default(),
-            keep: crate::config::keep(&config.home, config.keep_storage, config.keep_duration)?,
+            keep: strata_worker::Keep::within(
+                &config.home,
+                config.keep_storage,
+                config.keep_duration,
+            )?,
             registered: Mutex::default(),
             incarnation: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

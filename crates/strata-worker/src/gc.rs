@@ -119,6 +119,29 @@ pub struct Keep {
 }
 
 impl Keep {
+    /// A store's bounds: `storage` bytes (unset: a tenth of the
+    /// filesystem `home` is on, as buildkitd's default) and `duration`
+    /// seconds unused.
+    pub fn within(
+        home: &std::path::Path,
+        storage: Option<u64>,
+        duration: Option<u64>,
+    ) -> Result<Keep, String> {
+        let storage = match storage {
+            Some(bytes) => bytes,
+            None => {
+                std::fs::create_dir_all(home).map_err(|e| format!("{}: {e}", home.display()))?;
+                let fs = nix::sys::statvfs::statvfs(home)
+                    .map_err(|e| format!("{}: {e}", home.display()))?;
+                fs.blocks().saturating_mul(fs.fragment_size()) / 10
+            }
+        };
+        Ok(Keep {
+            storage: Some(storage),
+            duration,
+        })
+    }
+
     /// Whether anything is bounded.
     pub fn bounds_anything(&self) -> bool {
         self.storage.is_some() || self.duration.is_some()
@@ -204,9 +227,35 @@ pub fn choose(
     out
 }
 
+/// Keeps a node that is its own cache index (the local daemon's) within
+/// `keep`: the blobs [`choose`] picks go, then the cache entries that
+/// name a blob no longer stored, so a hit is never served for what is
+/// gone.
+pub fn enforce(node: &Node, keep: &Keep, now: u64) -> Result<EvictReport, String> {
+    let (total, candidates) = candidates(node, now)?;
+    let victims = choose(total, &candidates, keep, now, &|_| false);
+    if victims.is_empty() {
+        return Ok(EvictReport::default());
+    }
+    let mut report = evict(node, &victims)?;
+    for (key, entry) in node.cache.list().map_err(|e| e.to_string())? {
+        let gone = entry
+            .layers
+            .iter()
+            .any(|l| !node.content.contains(&l.blob).unwrap_or(false));
+        if gone {
+            node.cache.remove(&key).map_err(|e| e.to_string())?;
+            report.cache_entries += 1;
+        }
+    }
+    Ok(report)
+}
+
 /// What an eviction did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EvictReport {
+    /// Cache entries forgotten because a blob they name went.
+    pub cache_entries: usize,
     /// Blobs deleted.
     pub blobs: usize,
     /// Their bytes.

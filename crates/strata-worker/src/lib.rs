@@ -42,7 +42,9 @@ pub use cache_io::{
 pub use contexts::{NamedContext, parse_named_context};
 pub use copy::is_archive;
 pub use export::{ExportError, export_rootfs, write_rootfs_tar};
-pub use gc::{Candidate, EvictReport, GRACE, Keep, PruneReport, candidates, choose, evict, prune};
+pub use gc::{
+    Candidate, EvictReport, GRACE, Keep, PruneReport, candidates, choose, enforce, evict, prune,
+};
 pub use history::{BuildRecord, BuildStatus, History, HistoryError};
 pub use memo::SelectionMemo;
 pub use node::{Node, NodeError, default_home, default_slots};
