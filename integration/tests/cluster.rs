@@ -938,6 +938,33 @@ fn an_admin_imports_a_cache_exported_elsewhere_and_every_client_s_build_hits_it(
         .collect();
     assert_eq!(blobs, ["4", "4"], "{status}");
 
+    // Where the bytes are, node by node: the base image on the
+    // coordinator, the 3 MB layer and its neighbours on each worker.
+    let du: serde_json::Value = serde_json::from_str(&cluster.ok(&[
+        "cluster",
+        "du",
+        "--cluster",
+        client_config,
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    let nodes = du.as_array().unwrap();
+    let names: Vec<&str> = nodes.iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["coordinator", "worker-1", "worker-2"], "{du}");
+    assert!(
+        nodes[0]["usage"]["images"][0].as_u64().unwrap() >= 1,
+        "{du}"
+    );
+    for w in &nodes[1..] {
+        assert!(w["usage"]["total"].as_u64().unwrap() > 3_000_000, "{du}");
+        // The four layers, and the context where the build ran.
+        assert!(w["usage"]["other"][0].as_u64().unwrap() >= 4, "{du}");
+    }
+    let table = cluster.ok(&["cluster", "du", "--cluster", client_config]);
+    assert!(table.starts_with("NODE"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("worker-2 ")), "{table}");
+
     // Again: nothing new.
     let out = admin.run(&import);
     let err = String::from_utf8_lossy(&out.stderr);

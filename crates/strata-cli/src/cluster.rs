@@ -114,6 +114,16 @@ pub enum ClusterCommand {
     /// needs the admin certificate (`DIR/admin.toml`), since what the
     /// index says every team's builds use.
     ImportCache(ImportCacheArgs),
+    /// Where each node's bytes are: named images, cache, other blobs
+    /// (layers, contexts), snapshots, and what eviction may reclaim.
+    Du {
+        /// The client configuration (`DIR/client.toml`).
+        #[arg(long, env = "STRATA_CLUSTER")]
+        cluster: PathBuf,
+        /// `table` for people, `json` for scripts (the same fields).
+        #[arg(long, value_enum, default_value = "table")]
+        format: StatusFormat,
+    },
     /// Place stages on a cordoned worker again.
     Uncordon {
         /// The worker's name.
@@ -338,6 +348,10 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
         ClusterCommand::Uncordon { worker, cluster } => {
             set_cordon(&cluster, &worker, false)?;
             writeln!(out, "{worker} uncordoned")?;
+        }
+        ClusterCommand::Du { cluster, format } => {
+            let nodes = ask(&cluster, async |c| c.du().await)?;
+            print_du(&mut out, &nodes, format)?;
         }
         // Run in the daemon, which holds the state it stages the cache in.
         ClusterCommand::ImportCache(_) => {
@@ -667,6 +681,51 @@ fn change_group(cluster: &Path, change: strata_raft::MembershipChange) -> Result
 
 fn set_cordon(cluster: &Path, worker: &str, cordoned: bool) -> Result<()> {
     ask(cluster, async |c| c.cordon(worker, cordoned).await)
+}
+
+/// `strata cluster du`'s table, or its JSON (a line per node, the same
+/// fields).
+fn print_du(
+    out: &mut impl Write,
+    nodes: &[strata_cluster::protocol::NodeUsage],
+    format: StatusFormat,
+) -> Result<()> {
+    use crate::images::human_size;
+    if matches!(format, StatusFormat::Json) {
+        let rows: Vec<serde_json::Value> = nodes
+            .iter()
+            .map(|n| match &n.usage {
+                Ok(u) => serde_json::json!({"name": n.name, "role": n.role, "usage": u}),
+                Err(e) => serde_json::json!({"name": n.name, "role": n.role, "error": e}),
+            })
+            .collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<14} {:<12} {:>14} {:>14} {:>14} {:>14} {:>12} {:>10}",
+        "NODE", "ROLE", "IMAGES", "CACHE", "OTHER BLOBS", "SNAPSHOTS", "RECLAIMABLE", "BLOBS"
+    )?;
+    let pair = |(n, b): (usize, u64)| format!("{n} {}", human_size(b));
+    for n in nodes {
+        match &n.usage {
+            Ok(u) => writeln!(
+                out,
+                "{:<14} {:<12} {:>14} {:>14} {:>14} {:>14} {:>12} {:>10}",
+                n.name,
+                n.role,
+                pair(u.images),
+                pair(u.cache),
+                pair(u.other),
+                pair(u.snapshots),
+                human_size(u.reclaimable),
+                human_size(u.total)
+            )?,
+            Err(e) => writeln!(out, "{:<14} {:<12} unknown: {e}", n.name, n.role)?,
+        }
+    }
+    Ok(())
 }
 
 /// Connects to the cluster `cluster` names and asks it one thing.

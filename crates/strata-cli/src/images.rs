@@ -505,44 +505,23 @@ pub fn tag(cx: &Cx<'_>, args: TagArgs) -> Result<u8> {
 
 /// `strata du`: what the state directory holds, as `docker system df`.
 pub fn du(cx: &Cx<'_>, _args: DuArgs) -> Result<u8> {
-    use std::collections::{BTreeMap, HashSet};
-    use strata_cache::CacheIndex as _;
-    let node = cx.node;
-    let blobs: BTreeMap<_, _> = node
-        .content
-        .list()?
-        .into_iter()
-        .map(|(d, info)| (d, info.size))
-        .collect();
-    let size_of = |set: &HashSet<strata_cas::Digest>| -> u64 {
-        set.iter().filter_map(|d| blobs.get(d)).sum()
-    };
-    let tagged = node.images.list()?;
-    let mut image_ids = HashSet::new();
-    let mut image_blobs = HashSet::new();
-    for t in &tagged {
-        image_ids.insert(t.image.id);
-        image_blobs.extend(t.image.layers.iter().map(|l| l.blob));
-        image_blobs.insert(t.image.config_blob);
-        image_blobs.insert(t.image.manifest_blob);
-    }
-    let entries = node.cache.list().map_err(anyhow::Error::msg)?;
-    let cache_blobs: HashSet<_> = entries
-        .iter()
-        .flat_map(|(_, e)| e.layers.iter().map(|l| l.blob))
-        .filter(|b| !image_blobs.contains(b))
-        .collect();
-    let total: u64 = blobs.values().sum();
-    let rows = [
-        ("Images", image_ids.len(), size_of(&image_blobs)),
-        ("Build cache", entries.len(), size_of(&cache_blobs)),
-        ("All blobs", blobs.len(), total),
-    ];
+    let u = strata_worker::usage(cx.node).map_err(anyhow::Error::msg)?;
     let mut out = cx.out();
-    writeln!(out, "{:<14}{:>8}   SIZE", "TYPE", "TOTAL")?;
-    for (kind, count, size) in rows {
-        writeln!(out, "{kind:<14}{count:>8}   {}", human_size(size))?;
+    writeln!(out, "{:<14}{:>8}{:>12}", "TYPE", "TOTAL", "SIZE")?;
+    for (kind, (count, size)) in [
+        ("Images", u.images),
+        ("Build cache", u.cache),
+        ("Other blobs", u.other),
+        ("Snapshots", u.snapshots),
+    ] {
+        writeln!(out, "{kind:<14}{count:>8}{:>12}", human_size(size))?;
     }
+    writeln!(
+        out,
+        "All blobs: {}; reclaimable (neither an image's nor a running build's): {}",
+        human_size(u.total),
+        human_size(u.reclaimable)
+    )?;
     Ok(0)
 }
 

@@ -323,6 +323,18 @@ impl Client {
         .await
     }
 
+    /// Where each node's bytes are.
+    pub async fn du(&self) -> Result<Vec<crate::protocol::NodeUsage>, ClientError> {
+        match request(&self.coordinator, &Request::Du)
+            .await
+            .map_err(cluster)?
+        {
+            Reply::Usage(u) => Ok(u),
+            Reply::Error(e) => Err(cluster(e)),
+            other => Err(cluster(format!("unexpected answer: {other:?}"))),
+        }
+    }
+
     /// Imports cache entries into the cluster's index (an admin's
     /// certificate only), their layers uploaded first from `cas`; sent in
     /// as many requests as the protocol's limits ask. Returns the entries

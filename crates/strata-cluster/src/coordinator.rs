@@ -721,6 +721,9 @@ impl Coordinator {
                     Err(e) => Reply::Error(format!("reading the history stopped: {e}")),
                 }
             }
+            Request::Du if matches!(role, Role::Client | Role::Admin) => {
+                Reply::Usage(self.usage().await)
+            }
             Request::ImportCache(entries) if role == Role::Admin => {
                 self.import_cache(entries).await
             }
@@ -1051,6 +1054,51 @@ impl Coordinator {
             }
         };
         write_frame(send, &reply, conn.addr).await
+    }
+
+    /// Where this coordinator's bytes are and, asked at once (each within
+    /// 30 s), every live worker's.
+    async fn usage(&self) -> Vec<crate::protocol::NodeUsage> {
+        let node = Arc::clone(&self.node);
+        let mine = tokio::task::spawn_blocking(move || strata_worker::usage(&node))
+            .await
+            .unwrap_or_else(|e| Err(format!("measuring stopped: {e}")));
+        let workers: Vec<(String, Connection)> = {
+            let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut list: Vec<(String, Connection)> = workers
+                .iter()
+                .filter(|(_, w)| w.alive)
+                .map(|(n, w)| (n.clone(), w.conn.clone()))
+                .collect();
+            list.sort_by(|a, b| a.0.cmp(&b.0));
+            list
+        };
+        let asked = workers.into_iter().map(|(name, conn)| async move {
+            let answer = tokio::time::timeout(
+                Duration::from_secs(30),
+                crate::worker::request(&conn, &Request::Du),
+            )
+            .await;
+            let usage = match answer {
+                Ok(Ok(Reply::Usage(mut u))) if u.len() == 1 => u.remove(0).usage,
+                Ok(Ok(Reply::Error(e))) => Err(e),
+                Ok(Ok(other)) => Err(format!("answered {other:?}")),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err("no answer within 30 s".into()),
+            };
+            crate::protocol::NodeUsage {
+                name,
+                role: "worker".into(),
+                usage,
+            }
+        });
+        let mut out = vec![crate::protocol::NodeUsage {
+            name: self.name.clone(),
+            role: "coordinator".into(),
+            usage: mine,
+        }];
+        out.extend(futures_util::future::join_all(asked).await);
+        out
     }
 
     /// Adds an exported cache's entries to the index: each layer checked

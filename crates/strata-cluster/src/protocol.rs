@@ -349,6 +349,21 @@ pub enum Request {
     /// any entry naming it is put, and a key the index has is kept
     /// ([`Reply::Imported`]).
     ImportCache(Vec<(Digest, strata_cache::CacheEntry)>),
+    /// Client or admin → coordinator: where each node's bytes are (it
+    /// asks every live worker); coordinator → worker: where its are
+    /// ([`Reply::Usage`]).
+    Du,
+}
+
+/// One node's line of `strata cluster du`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeUsage {
+    /// Its name.
+    pub name: String,
+    /// `coordinator` or `worker`.
+    pub role: String,
+    /// Its usage, or why it is not known.
+    pub usage: Result<strata_worker::Usage, String>,
 }
 
 /// The most entries one [`Request::ImportCache`] may carry (a client
@@ -397,4 +412,6 @@ pub enum Reply {
     History(Vec<strata_worker::BuildRecord>),
     /// Cache entries imported: how many the index did not have.
     Imported(usize),
+    /// Where nodes' bytes are.
+    Usage(Vec<NodeUsage>),
 }

@@ -506,6 +506,17 @@ impl WorkerNode {
                     },
                 )
             }
+            Request::Du if from_coordinator => {
+                let node = Arc::clone(&self.node);
+                let usage = tokio::task::spawn_blocking(move || strata_worker::usage(&node))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("measuring stopped: {e}")));
+                Reply::Usage(vec![crate::protocol::NodeUsage {
+                    name: self.name.clone(),
+                    role: "worker".into(),
+                    usage,
+                }])
+            }
             Request::End(id) if from_coordinator => {
                 self.builds
                     .lock()
@@ -888,5 +899,6 @@ pub(crate) fn request_name(r: &Request) -> &'static str {
         Request::Lacking(_) => "a report of holders lacking blobs",
         Request::Spare(_) => "which blobs are spare copies",
         Request::ImportCache(_) => "to import a cache into the cluster's index",
+        Request::Du => "where its bytes are",
     }
 }

@@ -251,6 +251,72 @@ pub fn enforce(node: &Node, keep: &Keep, now: u64) -> Result<EvictReport, String
     Ok(report)
 }
 
+/// Where a node's bytes are, as `strata du` and `strata cluster du` show.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    /// Named images, and the bytes of their blobs.
+    pub images: (usize, u64),
+    /// Entries of this node's own cache index, and the bytes of their
+    /// layers no image holds.
+    pub cache: (usize, u64),
+    /// Other blobs (layers a cluster's index names, contexts, artifacts,
+    /// downloads), and their bytes.
+    pub other: (usize, u64),
+    /// Extracted snapshots, and their bytes.
+    pub snapshots: (usize, u64),
+    /// Bytes of blobs eviction may take: neither an image's nor held by a
+    /// running build.
+    pub reclaimable: u64,
+    /// Bytes of all blobs.
+    pub total: u64,
+}
+
+/// Where `node`'s bytes are.
+pub fn usage(node: &Node) -> Result<Usage, String> {
+    let blobs: std::collections::HashMap<Digest, u64> = node
+        .content
+        .list()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(d, i)| (d, i.size))
+        .collect();
+    let size_of = |set: &HashSet<Digest>| -> u64 { set.iter().filter_map(|d| blobs.get(d)).sum() };
+    let images = node.images.list().map_err(|e| e.to_string())?;
+    let mut ids = HashSet::new();
+    let mut image_blobs = HashSet::new();
+    for t in &images {
+        ids.insert(t.image.id);
+        image_blobs.extend(t.image.layers.iter().map(|l| l.blob));
+        image_blobs.insert(t.image.config_blob);
+        image_blobs.insert(t.image.manifest_blob);
+    }
+    let entries = node.cache.list().map_err(|e| e.to_string())?;
+    let cache_blobs: HashSet<Digest> = entries
+        .iter()
+        .flat_map(|(_, e)| e.layers.iter().map(|l| l.blob))
+        .filter(|b| !image_blobs.contains(b) && blobs.contains_key(b))
+        .collect();
+    let other: HashSet<Digest> = blobs
+        .keys()
+        .filter(|b| !image_blobs.contains(b) && !cache_blobs.contains(b))
+        .copied()
+        .collect();
+    let leased: HashSet<Digest> = node.content.leased().into_keys().collect();
+    let reclaimable = blobs
+        .iter()
+        .filter(|(d, _)| !image_blobs.contains(d) && !leased.contains(d))
+        .map(|(_, s)| s)
+        .sum();
+    Ok(Usage {
+        images: (ids.len(), size_of(&image_blobs)),
+        cache: (entries.len(), size_of(&cache_blobs)),
+        other: (other.len(), size_of(&other)),
+        snapshots: node.snapshots.usage().map_err(|e| e.to_string())?,
+        reclaimable,
+        total: blobs.values().sum(),
+    })
+}
+
 /// What an eviction did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EvictReport {
