@@ -710,3 +710,86 @@ fn a_run_step_has_a_network_of_its_own_and_no_user_namespaces() {
     let seen = s.ok(&["run", "--rm", "probe:host", "cat", "/probe"]);
     assert!(seen.contains("loopback reached"), "{seen}");
 }
+
+/// Sends `req` to the cluster's first coordinator with the credentials of
+/// `config`; its reply.
+fn ask(config: &Path, req: &Request) -> Reply {
+    let (rt, conn) = connect(config);
+    rt.block_on(async {
+        let addr = conn.addr;
+        let (mut send, mut recv) = conn.open().await.unwrap();
+        strata_net::write_frame(&mut send, req, addr).await.unwrap();
+        let _ = send.finish();
+        strata_net::read_frame::<Reply>(&mut recv, addr)
+            .await
+            .unwrap()
+            .unwrap()
+    })
+}
+
+#[test]
+fn an_imported_cache_entry_is_held_to_what_the_coordinator_computed() {
+    let cluster = Cluster::start(1, 5);
+    let admin = cluster.admin();
+    let layer = layer_with("f", b"imported\n");
+    let (blob, diff_id) = (Digest::of(&layer), Sha256::of(&layer));
+    assert!(matches!(
+        upload(&admin, blob, diff_id, &layer),
+        Ok(Reply::Ok)
+    ));
+    let entry = |diff_id: Sha256, blob: Digest| {
+        vec![(
+            Digest::of(b"some step"),
+            strata_cache::CacheEntry::new(
+                vec![strata_oci::LayerRef {
+                    blob,
+                    diff_id,
+                    size: layer.len() as u64,
+                }],
+                true,
+                "attacker",
+            ),
+        )]
+    };
+    // An entry that says the blob is another layer (here, another diff
+    // ID) would hand every build that layer under that name.
+    let lie = ask(
+        &admin,
+        &Request::ImportCache(entry(Sha256::of(b"other"), blob)),
+    );
+    assert!(
+        matches!(&lie, Reply::Error(e) if e.contains("is not the layer its cache entry names")),
+        "{lie:?}"
+    );
+    // One naming a blob nobody uploaded would be a hit for nothing.
+    let absent = ask(
+        &admin,
+        &Request::ImportCache(entry(diff_id, Digest::of(b"never uploaded"))),
+    );
+    assert!(
+        matches!(&absent, Reply::Error(e) if e.contains("was not uploaded")),
+        "{absent:?}"
+    );
+    // A client certificate may not write the shared index at all.
+    let client = ask(
+        &cluster.client(),
+        &Request::ImportCache(entry(diff_id, blob)),
+    );
+    assert!(
+        matches!(&client, Reply::Error(e) if e.contains("needs an admin certificate")),
+        "{client:?}"
+    );
+    assert!(
+        cluster.status().contains(" 0 cache entries"),
+        "{}",
+        cluster.status()
+    );
+    // The truth goes in, copied to the worker first.
+    let honest = ask(&admin, &Request::ImportCache(entry(diff_id, blob)));
+    assert!(matches!(honest, Reply::Imported(1)), "{honest:?}");
+    assert!(
+        cluster.status().contains(" 1 cache entries"),
+        "{}",
+        cluster.status()
+    );
+}
