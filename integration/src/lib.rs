@@ -256,6 +256,17 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
     }
 }
 
+/// Fails the test unless `out` failed with each of `want` in its stderr;
+/// returns the stderr.
+pub fn fails_with(out: &Output, want: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "should have failed:\n{err}");
+    for w in want {
+        assert!(err.contains(w), "expected {w:?} in:\n{err}");
+    }
+    err
+}
+
 /// Copies a directory tree (files and directories only).
 pub fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();

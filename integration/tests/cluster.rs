@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use strata_integration::cluster::{Cluster, runs, worker_running};
-use strata_integration::{Strata, write_files};
+use strata_integration::{Strata, fails_with, write_files};
 
 /// Four builders, each with 20 MB the final stage does not copy.
 const FAN_OUT: &str = "\
@@ -126,11 +126,9 @@ fn stages_spread_over_workers_and_the_image_matches_the_embedded_build() {
         &format!("base={}", named.path().display()),
         named.path().to_str().unwrap(),
     ]);
-    assert!(!refused.status.success());
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        err.contains("--build-context base: a cluster build takes docker-image://"),
-        "{err}"
+    fails_with(
+        &refused,
+        &["--build-context base: a cluster build takes docker-image://"],
     );
 }
 
@@ -848,11 +846,9 @@ fn each_platform_s_steps_go_to_a_worker_that_runs_it_or_the_build_is_refused() {
         "--no-cache",
         ctx.path().to_str().unwrap(),
     ]);
-    assert!(!refused.status.success());
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        err.contains("runs steps for linux/arm64, which the cluster's live workers cannot run"),
-        "{err}"
+    fails_with(
+        &refused,
+        &["runs steps for linux/arm64, which the cluster's live workers cannot run"],
     );
 }
 

@@ -9,7 +9,7 @@ use strata_integration::docker::Docker;
 use strata_integration::emulator::{Arm64Emulator, QEMU_AARCH64};
 use strata_integration::http::{FileServer, LAST_MODIFIED_UNIX};
 use strata_integration::{
-    Background, COMMAND_LIMIT, Strata, repo_root, run_bounded, succeed, write_files,
+    Background, COMMAND_LIMIT, Strata, fails_with, repo_root, run_bounded, succeed, write_files,
 };
 
 fn tool(name: &str, args: &[&str]) -> String {
@@ -1582,14 +1582,10 @@ fn ssh_agents_reach_run_mount_ssh_and_no_key_enters_the_build() {
             .args(["build", "--ssh", "default", ctx_arg]),
         COMMAND_LIMIT,
     );
-    assert!(!unset.status.success());
-    let err = String::from_utf8_lossy(&unset.stderr);
-    assert!(err.contains("SSH_AUTH_SOCK is not set"), "{err}");
+    fails_with(&unset, &["SSH_AUTH_SOCK is not set"]);
     let key_file = format!("default={}", key.display());
     let not_socket = s.run(&["build", "--ssh", &key_file, ctx_arg]);
-    assert!(!not_socket.status.success());
-    let err = String::from_utf8_lossy(&not_socket.stderr);
-    assert!(err.contains("is not an agent socket"), "{err}");
+    fails_with(&not_socket, &["is not an agent socket"]);
     let cluster = s.run(&[
         "build",
         "--ssh",
@@ -1598,9 +1594,7 @@ fn ssh_agents_reach_run_mount_ssh_and_no_key_enters_the_build() {
         "/nonexistent",
         ctx_arg,
     ]);
-    assert!(!cluster.status.success());
-    let err = String::from_utf8_lossy(&cluster.stderr);
-    assert!(err.contains("drop --cluster"), "{err}");
+    fails_with(&cluster, &["drop --cluster"]);
 }
 
 /// `git ARGS` in `dir`, as a fixed author.

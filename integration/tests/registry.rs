@@ -7,7 +7,7 @@
 use std::process::Command;
 
 use strata_integration::registry::{PASSWORD, Proxy, Registry, USER, docker_login};
-use strata_integration::{Strata, cached, repo_root, write_files};
+use strata_integration::{Strata, cached, fails_with, repo_root, write_files};
 
 fn skopeo(args: &[&str]) -> String {
     let out = Command::new("skopeo").args(args).output().unwrap();
@@ -17,15 +17,6 @@ fn skopeo(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails_with(out: &std::process::Output, want: &[&str]) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "should have failed:\n{err}");
-    for w in want {
-        assert!(err.contains(w), "expected {w:?} in:\n{err}");
-    }
-    err
 }
 
 #[test]

@@ -518,6 +518,13 @@ pub fn du(cx: &Cx<'_>, _args: DuArgs) -> Result<u8> {
     }
     writeln!(
         out,
+        "{:<14}{:>8}{:>12}",
+        "Cache mounts",
+        "",
+        human_size(u.cache_mounts)
+    )?;
+    writeln!(
+        out,
         "All blobs: {}; reclaimable (neither an image's nor a running build's): {}",
         human_size(u.total),
         human_size(u.reclaimable)

@@ -319,42 +319,13 @@ impl Snapshotter {
         Ok(removed)
     }
 
-    /// Committed chains on disk and the bytes of their files (each file
-    /// counted once, however many names it has; symlinks not followed).
-    pub fn usage(&self) -> Result<(usize, u64)> {
-        let mut chains = 0;
-        let mut bytes = 0;
-        let mut seen = std::collections::HashSet::new();
-        for e in fs::read_dir(&self.root)
+    /// How many committed chains are on disk.
+    pub fn count(&self) -> Result<usize> {
+        Ok(fs::read_dir(&self.root)
             .map_err(io_err("cannot list", &self.root))?
             .flatten()
-        {
-            if !e.path().join("chain").is_file() {
-                continue;
-            }
-            chains += 1;
-            // Breadth first with a list: no recursion whose depth a
-            // layer decides.
-            let mut dirs = vec![e.path()];
-            while let Some(dir) = dirs.pop() {
-                let Ok(entries) = fs::read_dir(&dir) else {
-                    continue;
-                };
-                for f in entries.flatten() {
-                    let Ok(meta) = f.path().symlink_metadata() else {
-                        continue;
-                    };
-                    if meta.is_dir() {
-                        dirs.push(f.path());
-                    } else if meta.is_file()
-                        && seen.insert(std::os::unix::fs::MetadataExt::ino(&meta))
-                    {
-                        bytes += meta.len();
-                    }
-                }
-            }
-        }
-        Ok((chains, bytes))
+            .filter(|e| e.path().join("chain").is_file())
+            .count())
     }
 
     /// Removes committed chains not in `keep`; returns how many.

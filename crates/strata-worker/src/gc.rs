@@ -264,6 +264,8 @@ pub struct Usage {
     pub other: (usize, u64),
     /// Extracted snapshots, and their bytes.
     pub snapshots: (usize, u64),
+    /// Bytes of `RUN --mount=type=cache` directories.
+    pub cache_mounts: u64,
     /// Bytes of blobs eviction may take: neither an image's nor held by a
     /// running build.
     pub reclaimable: u64,
@@ -311,7 +313,11 @@ pub fn usage(node: &Node) -> Result<Usage, String> {
         images: (ids.len(), size_of(&image_blobs)),
         cache: (entries.len(), size_of(&cache_blobs)),
         other: (other.len(), size_of(&other)),
-        snapshots: node.snapshots.usage().map_err(|e| e.to_string())?,
+        snapshots: (
+            node.snapshots.count().map_err(|e| e.to_string())?,
+            crate::node::dir_bytes(&node.home().join("snapshots")),
+        ),
+        cache_mounts: crate::node::dir_bytes(&node.home().join("cache-mounts")),
         reclaimable,
         total: blobs.values().sum(),
     })

@@ -68,7 +68,7 @@ pub const WALK_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The disk space a tree takes (allocated blocks; a file with several
 /// links once), walked without recursion; what cannot be read counts 0.
-fn dir_bytes(root: &Path) -> u64 {
+pub(crate) fn dir_bytes(root: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt as _;
     let mut seen = std::collections::HashSet::new();
     let mut total = 0u64;
