@@ -1,6 +1,6 @@
 //! `strata build`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -210,6 +210,33 @@ enum Output {
     Local { dest: PathBuf },
     /// The image's files as one tar.
     Tar { dest: Dest },
+}
+
+impl Output {
+    /// The output with its paths the client's.
+    fn resolved(self, cx: &Cx<'_>) -> Output {
+        match self {
+            Output::Oci {
+                dest,
+                compression,
+                tar,
+            } => Output::Oci {
+                dest: dest.resolved(cx),
+                compression,
+                tar,
+            },
+            Output::Docker { dest } => Output::Docker {
+                dest: dest.map(|d| d.resolved(cx)),
+            },
+            Output::Local { dest } => Output::Local {
+                dest: cx.path(&dest),
+            },
+            Output::Tar { dest } => Output::Tar {
+                dest: dest.resolved(cx),
+            },
+            other => other,
+        }
+    }
 }
 
 /// Where an output is written: a path, or `-` for standard output.
@@ -769,12 +796,7 @@ impl Checks {
             return Ok(());
         }
         self.print_warnings(cx)?;
-        let rules: BTreeSet<&str> = self.findings.iter().map(|f| f.rule).collect();
-        bail!(
-            "lint violation found for rules: {} ({}'s check directive says error=true)",
-            rules.into_iter().collect::<Vec<_>>().join(", "),
-            self.shown
-        );
+        bail!("{}", lint::violation(&self.findings, &self.shown));
     }
 
     /// The list a build prints, as buildx does.
@@ -786,7 +808,7 @@ impl Checks {
         let n = self.findings.len();
         writeln!(err, " {n} warning{} found:", if n == 1 { "" } else { "s" })?;
         for f in &self.findings {
-            writeln!(err, " - {}: {} (line {})", f.rule, f.message, f.line)?;
+            writeln!(err, " - {f}")?;
         }
         Ok(())
     }
@@ -843,9 +865,9 @@ fn build_and_output(
     build_id: &str,
     record: &mut BuildRecord,
 ) -> Result<u8> {
-    match args.platform.as_deref() {
+    match args.platform.clone() {
         Some(list) if list.contains(',') => {
-            build_platforms(cx, args.clone(), list, flags, build_id, record)
+            build_platforms(cx, args, &list, flags, build_id, record)
         }
         _ => build_one(cx, args, flags, build_id, record).map(|(code, _)| code),
     }
@@ -896,21 +918,10 @@ fn build_platforms(
     let (_, cache_to) = parse_caches(cx, &[], &args.cache_to)?;
     let mut outputs = Vec::new();
     for o in &args.outputs {
-        let (output, _) = parse_output(o)?;
-        match output {
-            Output::Oci {
-                dest,
-                compression,
-                tar,
-            } => outputs.push(Output::Oci {
-                dest: dest.resolved(cx),
-                compression,
-                tar,
-            }),
-            Output::Local { dest } => outputs.push(Output::Local {
-                dest: cx.path(&dest),
-            }),
-            Output::Registry { compression } => outputs.push(Output::Registry { compression }),
+        match parse_output(o)?.0.resolved(cx) {
+            o @ (Output::Oci { .. } | Output::Local { .. } | Output::Registry { .. }) => {
+                outputs.push(o)
+            }
             Output::Docker { .. } => return refuse("--output type=docker"),
             Output::Tar { .. } => return refuse("--output type=tar"),
             Output::Image => return refuse("--output type=image (the local image store)"),
@@ -921,14 +932,8 @@ fn build_platforms(
             compression: Compression::Gzip,
         });
     }
-    let tags = args
-        .tags
-        .iter()
-        .map(|t| t.parse::<Reference>().map_err(anyhow::Error::from))
-        .collect::<Result<Vec<_>>>()?;
-    if outputs.iter().any(|o| matches!(o, Output::Registry { .. })) && tags.is_empty() {
-        bail!("pushing needs a name: give one with -t REGISTRY/NAME:TAG");
-    }
+    let tags = parse_tags(&args.tags)?;
+    check_push_named(&outputs, &tags)?;
     let indexed = outputs
         .iter()
         .any(|o| matches!(o, Output::Oci { .. } | Output::Registry { .. }));
@@ -990,7 +995,7 @@ fn build_platforms(
                 compression,
                 tar,
             } => write_to(cx, dest, "the OCI layout", |path| {
-                let (digest, _) = strata_oci::export_oci_index(
+                let digest = strata_oci::export_oci_index(
                     &node.content,
                     &images,
                     tags.first(),
@@ -1078,6 +1083,22 @@ fn build_platforms(
     Ok(0)
 }
 
+/// `-t` names.
+fn parse_tags(given: &[String]) -> Result<Vec<Reference>> {
+    given
+        .iter()
+        .map(|t| t.parse::<Reference>().map_err(anyhow::Error::from))
+        .collect()
+}
+
+/// A push goes to the registries its names say: it needs one.
+fn check_push_named(outputs: &[Output], tags: &[Reference]) -> Result<()> {
+    if outputs.iter().any(|o| matches!(o, Output::Registry { .. })) && tags.is_empty() {
+        bail!("pushing needs a name: give one with -t REGISTRY/NAME:TAG");
+    }
+    Ok(())
+}
+
 /// The directory buildx gives a platform's files: `linux_arm64`,
 /// `linux_arm_v7`.
 fn platform_dir(image: &strata_oci::Image) -> String {
@@ -1135,41 +1156,14 @@ fn build_one(
     args.cluster = args.cluster.as_deref().map(|f| cx.path(f));
     let contexts = parse_contexts(cx, &args.build_contexts)?;
     let (cache_from, cache_to) = parse_caches(cx, &args.cache_from, &args.cache_to)?;
-    let tags = args
-        .tags
-        .iter()
-        .map(|t| t.parse::<Reference>().map_err(anyhow::Error::from))
-        .collect::<Result<Vec<_>>>()?;
+    let tags = parse_tags(&args.tags)?;
     let (outputs, rewrites): (Vec<Output>, Vec<bool>) = args
         .outputs
         .iter()
         .map(|o| parse_output(o))
         .collect::<Result<Vec<_>>>()?
         .into_iter()
-        .map(|(o, rewrite)| {
-            let o = match o {
-                Output::Oci {
-                    dest,
-                    compression,
-                    tar,
-                } => Output::Oci {
-                    dest: dest.resolved(cx),
-                    compression,
-                    tar,
-                },
-                Output::Docker { dest } => Output::Docker {
-                    dest: dest.map(|d| d.resolved(cx)),
-                },
-                Output::Local { dest } => Output::Local {
-                    dest: cx.path(&dest),
-                },
-                Output::Tar { dest } => Output::Tar {
-                    dest: dest.resolved(cx),
-                },
-                other => other,
-            };
-            (o, rewrite)
-        })
+        .map(|(o, rewrite)| (o.resolved(cx), rewrite))
         .unzip();
     // Every output is the one image the build stores.
     let rewrite_timestamp = rewrites.contains(&true);
@@ -1235,9 +1229,7 @@ fn build_one(
             compression: Compression::Gzip,
         });
     }
-    if outputs.iter().any(|o| matches!(o, Output::Registry { .. })) && tags.is_empty() {
-        bail!("pushing needs a name: give one with -t REGISTRY/NAME:TAG");
-    }
+    check_push_named(&outputs, &tags)?;
     let registry = flags.registry_for(cx);
     let node = Arc::clone(cx.node);
     let cancel = cx.session.cancel().clone();
@@ -1607,11 +1599,7 @@ fn cluster_build(
 ) -> Result<(strata_oci::Image, Vec<StepRecord>, u64), ClusterFailure> {
     let node = cx.node;
     let stamps = Timestamps::new(b.inputs.source_date_epoch()?, b.rewrite_timestamp)?;
-    let ignore = if b.remote_context {
-        strata_dockerfile::IgnoreMatcher::default()
-    } else {
-        strata_worker::ignore_for(b.dockerfile, b.context)?
-    };
+    let ignore = strata_worker::ignore_for(b.dockerfile, b.context, b.remote_context)?;
     let context = strata_cluster::context::pack(&node.content, b.context, &ignore)
         .map_err(anyhow::Error::msg)?;
     let coordinators = strata_cluster::config::ClientConfig::load(cluster)

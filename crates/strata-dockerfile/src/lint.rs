@@ -90,6 +90,23 @@ pub struct Finding {
     pub line: usize,
 }
 
+/// As a build lists it: `Rule: message (line N)`.
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} (line {})", self.rule, self.message, self.line)
+    }
+}
+
+/// BuildKit's words for a build that `error=true` refuses: the rules
+/// `findings` broke, and the Dockerfile (`file`) whose directive said so.
+pub fn violation<'a>(findings: impl IntoIterator<Item = &'a Finding>, file: &str) -> String {
+    let rules: BTreeSet<&str> = findings.into_iter().map(|f| f.rule).collect();
+    format!(
+        "lint violation found for rules: {} ({file}'s check directive says error=true)",
+        rules.into_iter().collect::<Vec<_>>().join(", ")
+    )
+}
+
 impl Finding {
     /// Where the rule is documented.
     pub fn url(&self) -> String {

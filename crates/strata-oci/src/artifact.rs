@@ -60,8 +60,9 @@ pub fn artifact_manifest(
 }
 
 /// Writes `artifact` into the layout directory `dir` (made when missing)
-/// as `tag`, its layers compressed with `compression`, and returns its
-/// manifest's digest. Blobs go in first, each written to a temporary file,
+/// as `tag`, its layers compressed with `compression`, and returns the
+/// bytes of the blobs it wrote (a layer the layout has is not written
+/// again). Blobs go in first, each written to a temporary file,
 /// synced and renamed; then `index.json` is replaced the same way, so a
 /// reader sees the old artifact or the new one, never half of one. Blobs
 /// that no manifest of the new index references are removed afterwards:
@@ -72,20 +73,21 @@ pub fn write_artifact_layout(
     dir: &Path,
     tag: &str,
     compression: Compression,
-) -> Result<Sha256> {
+) -> Result<u64> {
     let blobs = dir.join("blobs").join("sha256");
     fs::create_dir_all(&blobs).map_err(io_err("cannot create", &blobs))?;
     let mut layers = Vec::with_capacity(artifact.layers.len());
+    let mut written = 0;
     for l in &artifact.layers {
         let (blob, sha, size) = compressed(cas, l, compression)?;
         let dest = blob_path(dir, &sha);
+        layers.push((sha, size, compression.oci_media_type()));
         if fs::metadata(&dest).is_ok_and(|m| m.len() == size) {
-            layers.push((sha, size, compression.oci_media_type()));
             continue;
         }
         let mut src = cas.open_blob(&blob)?;
         write_atomically(&dest, &mut src)?;
-        layers.push((sha, size, compression.oci_media_type()));
+        written += size;
     }
     let config_sha = Sha256::of(&artifact.config);
     write_atomically(
@@ -129,7 +131,7 @@ pub fn write_artifact_layout(
     )?;
     write_atomically(&dir.join("index.json"), &mut index.as_slice())?;
     remove_unreferenced(dir);
-    Ok(manifest_sha)
+    Ok(written + artifact.config.len() as u64 + manifest.len() as u64)
 }
 
 /// Reads the artifact tagged `tag` in the layout at `dir` into `cas`. Its

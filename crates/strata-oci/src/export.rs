@@ -101,7 +101,7 @@ pub fn export_oci(
 
 /// Writes `images` (one per platform) as an OCI image layout whose
 /// index.json names one image index listing them, as a multi-platform
-/// build's layout is; returns the image index's digest and bytes.
+/// build's layout is; returns the image index's digest.
 pub fn export_oci_index(
     cas: &ContentStore,
     images: &[Image],
@@ -109,7 +109,7 @@ pub fn export_oci_index(
     dest: &Path,
     as_tar: bool,
     compression: Compression,
-) -> Result<(Sha256, Vec<u8>)> {
+) -> Result<Sha256> {
     let mut sink = Sink::new(dest, as_tar)?;
     let mut manifests = Vec::new();
     for image in images {
@@ -128,7 +128,7 @@ pub fn export_oci_index(
     }
     let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [desc]});
     finish_layout(sink, &index)?;
-    Ok((index_sha, image_index))
+    Ok(index_sha)
 }
 
 /// An OCI image index listing `manifests` (descriptors with platforms).

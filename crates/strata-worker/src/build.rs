@@ -381,8 +381,16 @@ impl PlanInputs {
 
 /// The `.dockerignore` of a build, as BuildKit finds it
 /// (`<Dockerfile>.dockerignore` beside the Dockerfile, else `.dockerignore`
-/// in the context); empty when there is none.
-pub fn ignore_for(dockerfile: &Path, context: &Path) -> Result<IgnoreMatcher, BuildError> {
+/// in the context); empty when there is none, and for a `remote` context
+/// (a git repository): BuildKit applies one only to a client's own files.
+pub fn ignore_for(
+    dockerfile: &Path,
+    context: &Path,
+    remote: bool,
+) -> Result<IgnoreMatcher, BuildError> {
+    if remote {
+        return Ok(IgnoreMatcher::default());
+    }
     match ignore_file(dockerfile, context) {
         Some(p) => {
             let bytes = std::fs::read(&p)
@@ -421,15 +429,10 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         .filter(|f| req.checks.checks(f.rule))
         .collect();
     if req.checks.error && !found.is_empty() {
-        let list: Vec<String> = found
-            .iter()
-            .map(|f| format!(" - {}: {} (line {})", f.rule, f.message, f.line))
-            .collect();
-        let rules: std::collections::BTreeSet<&str> = found.iter().map(|f| f.rule).collect();
+        let list: Vec<String> = found.iter().map(|f| format!(" - {f}")).collect();
         return Err(BuildError::Input(format!(
-            "lint violation found for rules: {} ({}'s check directive says error=true)\n{}",
-            rules.into_iter().collect::<Vec<_>>().join(", "),
-            req.dockerfile_name,
+            "{}\n{}",
+            strata_dockerfile::lint::violation(found, &req.dockerfile_name),
             list.join("\n")
         )));
     }
@@ -455,11 +458,7 @@ fn prepare(node: &Arc<Node>, req: &BuildRequest) -> Result<Prepared, BuildError>
             req.context.display()
         )));
     }
-    let ignore = if req.remote_context {
-        IgnoreMatcher::default()
-    } else {
-        ignore_for(&req.dockerfile, &req.context)?
-    };
+    let ignore = ignore_for(&req.dockerfile, &req.context, req.remote_context)?;
     let stamps = Timestamps::new(inputs.source_date_epoch()?, req.rewrite_timestamp)?;
     // Directories and layouts given as contexts become images, held for
     // the build.

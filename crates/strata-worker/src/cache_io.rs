@@ -254,7 +254,7 @@ pub struct Exported {
     pub records: usize,
     /// Layers they name.
     pub layers: usize,
-    /// Bytes sent (a registry's: what it lacked).
+    /// Bytes sent: the blobs a registry lacked, or a layout did.
     pub bytes: u64,
 }
 
@@ -294,9 +294,7 @@ pub async fn export_cache(
                 (Arc::clone(node), dir.clone(), tag.clone(), to.compression);
             let artifact = artifact.clone();
             tokio::task::spawn_blocking(move || {
-                let before = dir_size(&dir);
                 strata_oci::write_artifact_layout(&node.content, &artifact, &dir, &tag, compression)
-                    .map(|_| dir_size(&dir).saturating_sub(before))
             })
             .await
             .map_err(|e| CacheIoError::Internal(format!("the cache export stopped: {e}")))??
@@ -308,18 +306,6 @@ pub async fn export_cache(
         layers: artifact.layers.len(),
         bytes,
     })
-}
-
-fn dir_size(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir.join("blobs").join("sha256"))
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// What an import did.
