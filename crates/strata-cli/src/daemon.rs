@@ -355,14 +355,11 @@ pub async fn stop_serving(home: &Path) -> Result<()> {
     Ok(())
 }
 
-/// How often the daemon looks at its store's bounds.
-const EVICT_EVERY: Duration = Duration::from_secs(5);
-
 /// Keeps the state directory within `keep`, as a worker keeps its store.
 async fn evict_forever(node: Arc<Node>, keep: strata_worker::Keep) {
     tracing::info!(keep_storage = ?keep.storage, keep_duration = ?keep.duration, "store bounds");
     loop {
-        tokio::time::sleep(EVICT_EVERY).await;
+        tokio::time::sleep(strata_worker::EVICT_EVERY).await;
         let n = Arc::clone(&node);
         let evicted = tokio::task::spawn_blocking(move || {
             strata_worker::enforce(&n, &keep, strata_cas::now_unix())

@@ -370,13 +370,13 @@ impl Coordinator {
         self.endpoint.close();
     }
 
-    /// Keeps the store within its bounds, every [`crate::worker::EVICT_EVERY`]:
+    /// Keeps the store within its bounds, every [`strata_worker::EVICT_EVERY`]:
     /// the least recently used uploaded contexts go, never one a build
     /// holds or a client is about to build from. Base images it pulled
     /// for planning are named images and stay.
     async fn evict_forever(self: Arc<Self>) {
         loop {
-            tokio::time::sleep(crate::worker::EVICT_EVERY).await;
+            tokio::time::sleep(strata_worker::EVICT_EVERY).await;
             let me = Arc::clone(&self);
             let pinned = self
                 .pins

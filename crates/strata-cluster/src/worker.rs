@@ -319,13 +319,13 @@ impl WorkerNode {
         }
     }
 
-    /// Keeps the store within its bounds, every [`EVICT_EVERY`], until the
+    /// Keeps the store within its bounds, every [`strata_worker::EVICT_EVERY`], until the
     /// worker stops: the least recently used blobs that no running build
     /// holds go, spare copies (as a coordinator sees them) first. Each
     /// coordinator hears of what went with the next heartbeat.
     async fn evict_forever(self: Arc<Self>) {
         loop {
-            tokio::time::sleep(EVICT_EVERY).await;
+            tokio::time::sleep(strata_worker::EVICT_EVERY).await;
             if let Err(e) = self.evict_once().await {
                 tracing::warn!(error = %e, "cannot evict from this worker's store");
             }
@@ -845,9 +845,6 @@ pub(crate) async fn request(conn: &Connection, req: &Request) -> Result<Reply, S
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("{} closed the stream without answering", conn.peer))
 }
-
-/// How often a node looks at its store's bounds.
-pub(crate) const EVICT_EVERY: Duration = Duration::from_secs(5);
 
 /// Tells the coordinator on `coordinator` which holders a failed fetch
 /// found lacking what they were named for, so that it checks them and

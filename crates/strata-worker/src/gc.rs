@@ -148,6 +148,10 @@ impl Keep {
     }
 }
 
+/// How often a node (worker, coordinator, local daemon) looks at its
+/// store's bounds.
+pub const EVICT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Seconds a new blob is never evicted for: a blob fetched for a step is
 /// leased by it within moments, and a copy just taken is wanted.
 pub const GRACE: u64 = 5;
