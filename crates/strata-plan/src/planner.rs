@@ -355,13 +355,6 @@ impl Planner<'_> {
         config.created = None;
 
         let mut instructions = Vec::new();
-        let from_base = {
-            let mut n = 0;
-            for t in &triggers {
-                n += parse_instructions(t, st.span).map_or(0, |p| p.len());
-            }
-            n
-        };
         for t in &triggers {
             let parsed = parse_instructions(t, st.span).map_err(|e| {
                 df.error_at(
@@ -373,6 +366,7 @@ impl Planner<'_> {
             })?;
             instructions.extend(parsed);
         }
+        let from_base = instructions.len();
         instructions.extend(st.instructions.iter().cloned());
 
         let mut state = StageState {
