@@ -177,78 +177,30 @@ async fn join_group(
     let raft_addr = endpoint.local_addr().map_err(|e| e.to_string())?;
     let dir = config.home.join("raft");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let group: BTreeMap<u64, strata_raft::Node> = if config.group.is_empty() {
-        BTreeMap::from([(
-            config.id,
-            strata_raft::Node {
-                addr: raft_addr.to_string(),
-            },
-        )])
-    } else {
-        config
-            .group
-            .iter()
-            .map(|m| {
-                (
-                    m.id,
-                    strata_raft::Node {
-                        addr: m.raft.to_string(),
-                    },
-                )
-            })
-            .collect()
-    };
-    // A member of a group starting with an empty state may be new, or
-    // may have lost its disk: then it must not vote (its empty log would
-    // let a member missing acknowledged writes win an election) until an
-    // operator has taken it out of the group and added it again.
-    let mut fresh = config.group.len() <= 1;
-    let first = group.keys().next().copied();
-    if !fresh && !Member::has_state(&dir).map_err(|e| e.to_string())? {
-        // The member that makes the group waits for a majority to say it
-        // is new (it could not lead without one anyway); the others wait
-        // a while, then start: one whose configured group does not answer
-        // is most likely being added to a group under other addresses.
-        let patience = (first != Some(config.id)).then_some(Duration::from_secs(5));
-        match strata_raft::find_standing(&endpoint, config.id, &group, patience).await {
-            strata_raft::Standing::Fresh => fresh = true,
-            strata_raft::Standing::New => {
-                tracing::info!(
-                    id = config.id,
-                    "the group exists without this coordinator: waiting to be added (strata cluster add-coordinator)"
-                );
-            }
-            strata_raft::Standing::LostItsState { voters } => {
-                return Err(format!(
-                    "coordinator {id}'s state ({dir}) is empty, but the group of coordinators {voters:?} still counts it as a voter: it lost its state, and voting with an empty log could lose acknowledged writes. \
-                     Take it out of the group first (`strata cluster remove-coordinator --id {id} --cluster admin.toml`), start it again, then add it back (`strata cluster add-coordinator --id {id} --raft {raft} --cluster admin.toml`)",
-                    id = config.id,
-                    dir = dir.display(),
-                    raft = group
-                        .get(&config.id)
-                        .map_or_else(|| config.raft_listen.to_string(), |n| n.addr.clone()),
-                ));
-            }
-            strata_raft::Standing::Unsure => {
-                tracing::warn!(
-                    id = config.id,
-                    "no majority of the configured group answered; starting with an empty state"
-                );
-            }
-        }
+    let group: BTreeMap<u64, strata_raft::Node> = config
+        .group
+        .iter()
+        .map(|m| {
+            (
+                m.id,
+                strata_raft::Node {
+                    addr: m.raft.to_string(),
+                },
+            )
+        })
+        .collect();
+    let raft = group
+        .get(&config.id)
+        .map_or_else(|| raft_addr.to_string(), |n| n.addr.clone());
+    match Member::join(config.id, &dir, endpoint, group, &Tuning::default()).await {
+        Err(strata_raft::Error::LostItsState { voters }) => Err(format!(
+            "coordinator {id}'s state ({dir}) is empty, but the group of coordinators {voters:?} still counts it as a voter: it lost its state, and voting with an empty log could lose acknowledged writes. \
+             Take it out of the group first (`strata cluster remove-coordinator --id {id} --cluster admin.toml`), start it again, then add it back (`strata cluster add-coordinator --id {id} --raft {raft} --cluster admin.toml`)",
+            id = config.id,
+            dir = dir.display(),
+        )),
+        joined => joined.map_err(|e| e.to_string()),
     }
-    let member = Member::start(config.id, &dir, endpoint, &Tuning::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    let initialized = member
-        .raft()
-        .is_initialized()
-        .await
-        .map_err(|e| e.to_string())?;
-    if first == Some(config.id) && !initialized && fresh {
-        member.initialize(group).await.map_err(|e| e.to_string())?;
-    }
-    Ok(member)
 }
 
 impl Coordinator {

@@ -452,10 +452,8 @@ impl Coordinator {
             self.reconcile_workers(took_lead, &mut gone_since);
             // Members that have taken part are recorded for good: one that
             // comes back with an empty state then knows it lost it.
-            for member in self.member.newly_joined() {
-                if let Err(e) = self.member.write(CommandV1::Joined { member }).await {
-                    tracing::warn!(member, error = %e, "cannot record that a member took part");
-                }
+            if let Err(e) = self.member.record_joined().await {
+                tracing::warn!(error = %e, "cannot record that a member took part");
             }
             if took_lead {
                 self.repair_wanted.notify_one();

@@ -182,6 +182,16 @@ pub enum Error {
     /// Reading the local state failed.
     #[error("reading the replicated state: {0}")]
     State(String),
+    /// This member starts with an empty state, but the group counts it
+    /// as a voter that took part: it lost its state, and voting with an
+    /// empty log could lose acknowledged writes.
+    #[error(
+        "this member's state is empty, but the group (voters {voters:?}) counts it as a voter that took part: it lost its state"
+    )]
+    LostItsState {
+        /// The group's voters, as a member that answered knows them.
+        voters: Vec<NodeId>,
+    },
 }
 
 /// How long a write or read waits for a leader before it fails: an
@@ -536,6 +546,72 @@ pub struct Member {
 }
 
 impl Member {
+    /// Takes member `id`'s place in its configured `group` (every member's
+    /// id and Raft address, this one's among them; empty or itself alone:
+    /// a group of one), from its state directory `dir` and its Raft
+    /// endpoint. A member with a state starts from it. One with an empty
+    /// state first finds its standing ([`find_standing`]): the member with
+    /// the lowest id makes a group a majority says is new (it waits for
+    /// that majority however long it takes: it could not lead without
+    /// one); a member the group never counted starts empty and catches up
+    /// or waits to be added; one the group counts as a voter that took
+    /// part lost its state, and is refused ([`Error::LostItsState`]).
+    pub async fn join(
+        id: NodeId,
+        dir: &Path,
+        endpoint: Endpoint,
+        group: BTreeMap<NodeId, Node>,
+        tuning: &Tuning,
+    ) -> Result<Member, Error> {
+        let group = if group.is_empty() {
+            let addr = endpoint
+                .local_addr()
+                .map_err(|e| Error::Raft(format!("the Raft endpoint: {e}")))?;
+            BTreeMap::from([(
+                id,
+                Node {
+                    addr: addr.to_string(),
+                },
+            )])
+        } else {
+            group
+        };
+        let mut fresh = group.len() <= 1;
+        let first = group.keys().next().copied();
+        if !fresh && !Member::has_state(dir)? {
+            // The others wait a while, then start: one whose configured
+            // group does not answer is most likely being added to a group
+            // under other addresses.
+            let patience = (first != Some(id)).then_some(Duration::from_secs(5));
+            match find_standing(&endpoint, id, &group, patience).await {
+                Standing::Fresh => fresh = true,
+                Standing::New => {
+                    tracing::info!(
+                        member = id,
+                        "the group exists without this member: waiting to be added"
+                    );
+                }
+                Standing::LostItsState { voters } => return Err(Error::LostItsState { voters }),
+                Standing::Unsure => {
+                    tracing::warn!(
+                        member = id,
+                        "no majority of the configured group answered; starting with an empty state"
+                    );
+                }
+            }
+        }
+        let member = Member::start(id, dir, endpoint, tuning).await?;
+        let initialized = member
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))?;
+        if first == Some(id) && !initialized && fresh {
+            member.initialize(group).await?;
+        }
+        Ok(member)
+    }
+
     /// Starts member `id` on its state directory `dir` (created, or
     /// reopened with its log and state) and its Raft endpoint, which
     /// it serves.
@@ -613,10 +689,20 @@ impl Member {
             .map_err(|e| Error::Raft(e.to_string()))
     }
 
+    /// Leading, records ([`CommandV1::Joined`]) every member that has
+    /// acknowledged log entries and is not yet recorded as having taken
+    /// part: one that comes back with an empty state then knows it lost
+    /// it. Does nothing when not leading; the leader does it now and then.
+    pub async fn record_joined(&self) -> Result<(), Error> {
+        for member in self.newly_joined() {
+            self.write(CommandV1::Joined { member }).await?;
+        }
+        Ok(())
+    }
+
     /// Leading, the members that have acknowledged log entries (this one
-    /// among them) and are not yet recorded as having taken part: what
-    /// to write [`CommandV1::Joined`] for. Empty when not leading.
-    pub fn newly_joined(&self) -> Vec<NodeId> {
+    /// among them) and are not yet recorded as having taken part.
+    fn newly_joined(&self) -> Vec<NodeId> {
         let metrics = self.raft.metrics().borrow().clone();
         let Some(replication) = metrics.replication else {
             return Vec::new();

@@ -82,35 +82,110 @@ impl CutOff {
     }
 }
 
-/// Live connections to other members, by address, shared by every
-/// [`Peer`] a member makes: Raft makes a new one for each read-index round
-/// (and a member forwarding makes one per request), and each reuses the
-/// connection instead of a new TLS handshake.
+/// How long dialing a member may take. A dial goes on in the background
+/// whatever the time limit of the RPC that started it: a QUIC and TLS
+/// handshake takes two round trips, longer than a heartbeat's time limit
+/// between distant members, and a dial cut short by every heartbeat would
+/// never finish (the member would stay unreachable for good).
+const DIAL_TTL: Duration = Duration::from_secs(5);
+
+/// Connections to other members, by address, shared by every [`Peer`] a
+/// member makes: Raft makes a new one for each read-index round (and a
+/// member forwarding makes one per request), and each reuses the
+/// connection instead of a new TLS handshake; RPCs that find a dial under
+/// way wait for it rather than start another.
 #[derive(Clone, Default)]
-pub(crate) struct Conns(Arc<std::sync::Mutex<std::collections::HashMap<String, Connection>>>);
+pub(crate) struct Conns(Arc<std::sync::Mutex<std::collections::HashMap<String, Slot>>>);
+
+#[derive(Clone)]
+enum Slot {
+    Up(Connection),
+    /// A dial under way: its outcome, once known (`Err`: why it failed).
+    Dialing(tokio::sync::watch::Receiver<Option<Result<(), String>>>),
+}
 
 impl Conns {
-    fn get(&self, addr: &str) -> Option<Connection> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(addr)
-            .filter(|c| !c.is_closed())
-            .cloned()
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Slot>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn put(&self, addr: &str, conn: Connection) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(addr.to_string(), conn);
+    /// The connection to `addr` (member `target`), dialing it from
+    /// `endpoint` if there is none, or waiting for the dial under way.
+    async fn get_or_dial(
+        &self,
+        endpoint: &Endpoint,
+        target: NodeId,
+        addr: &str,
+    ) -> Result<Connection, Failed> {
+        let mut outcome = {
+            let mut slots = self.lock();
+            match slots.get(addr) {
+                Some(Slot::Up(c)) if !c.is_closed() => return Ok(c.clone()),
+                Some(Slot::Dialing(rx)) => rx.clone(),
+                _ => {
+                    let sock: SocketAddr = addr.parse().map_err(|e| {
+                        Failed::Unreachable(format!("member {target} at {addr:?}: {e}"))
+                    })?;
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    slots.insert(addr.to_string(), Slot::Dialing(rx.clone()));
+                    let (conns, endpoint, addr) =
+                        (self.clone(), endpoint.clone(), addr.to_string());
+                    tokio::spawn(async move {
+                        let dialed =
+                            match tokio::time::timeout(DIAL_TTL, endpoint.connect(sock)).await {
+                                Err(_) => Err(format!("no handshake within {DIAL_TTL:?}")),
+                                Ok(Err(e)) => Err(e.to_string()),
+                                Ok(Ok(c)) if c.peer.role != Role::Coordinator => {
+                                    Err(format!("{sock} is {}, not a coordinator", c.peer))
+                                }
+                                Ok(Ok(c)) => Ok(c),
+                            };
+                        let mut slots = conns.lock();
+                        let outcome = match dialed {
+                            Ok(c) => {
+                                slots.insert(addr, Slot::Up(c));
+                                Ok(())
+                            }
+                            Err(why) => {
+                                slots.remove(&addr);
+                                Err(why)
+                            }
+                        };
+                        drop(slots);
+                        let _ = tx.send(Some(outcome));
+                    });
+                    rx
+                }
+            }
+        };
+        let outcome = outcome
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| {
+                Failed::Unreachable(format!("member {target} at {addr}: the dial was dropped"))
+            })?
+            .clone();
+        match outcome {
+            Some(Err(why)) => Err(Failed::Unreachable(format!(
+                "member {target} at {addr}: {why}"
+            ))),
+            _ => match self.lock().get(addr) {
+                Some(Slot::Up(c)) => Ok(c.clone()),
+                _ => Err(Failed::Unreachable(format!(
+                    "member {target} at {addr}: its connection closed"
+                ))),
+            },
+        }
     }
 
-    fn drop_conn(&self, addr: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(addr);
+    /// Forgets the connection to `addr` if it is `conn` (a newer one
+    /// stays).
+    fn drop_conn(&self, addr: &str, conn: &Connection) {
+        let mut slots = self.lock();
+        if matches!(slots.get(addr), Some(Slot::Up(c)) if c.quic.stable_id() == conn.quic.stable_id())
+        {
+            slots.remove(addr);
+        }
     }
 }
 
@@ -169,14 +244,21 @@ pub struct Peer {
 enum Failed {
     /// The member cannot be reached: Raft backs off.
     Unreachable(String),
-    /// The exchange broke.
+    /// No answer within the time limit: the connection stays (a slow or
+    /// cut-off member answers again on it once it can).
     Network(String),
+    /// The exchange broke on this connection, which is dropped.
+    Broken(String, Connection),
 }
 
 impl Failed {
-    fn into_message(self) -> String {
+    fn into_message(self, conns: &Conns, addr: &str) -> String {
         match self {
             Failed::Unreachable(m) | Failed::Network(m) => m,
+            Failed::Broken(m, conn) => {
+                conns.drop_conn(addr, &conn);
+                m
+            }
         }
     }
 }
@@ -271,33 +353,8 @@ impl Peer {
         match self.call(rpc, ttl).await {
             Ok(reply) => answer(reply)
                 .unwrap_or_else(|| Err(Forwarded::Failed("answered another RPC".into()))),
-            Err(f) => {
-                self.conns.drop_conn(&self.addr);
-                Err(Forwarded::Failed(f.into_message()))
-            }
+            Err(f) => Err(Forwarded::Failed(f.into_message(&self.conns, &self.addr))),
         }
-    }
-
-    async fn connection(&mut self) -> Result<Connection, Failed> {
-        if let Some(c) = self.conns.get(&self.addr) {
-            return Ok(c);
-        }
-        let addr: SocketAddr = self.addr.parse().map_err(|e| {
-            Failed::Unreachable(format!("member {} at {:?}: {e}", self.target, self.addr))
-        })?;
-        let conn = self
-            .endpoint
-            .connect(addr)
-            .await
-            .map_err(|e| Failed::Unreachable(e.to_string()))?;
-        if conn.peer.role != Role::Coordinator {
-            return Err(Failed::Unreachable(format!(
-                "{addr} is {}, not a coordinator",
-                conn.peer
-            )));
-        }
-        self.conns.put(&self.addr, conn.clone());
-        Ok(conn)
     }
 
     async fn call(&mut self, rpc: &Rpc, ttl: Duration) -> Result<RpcReply, Failed> {
@@ -310,19 +367,20 @@ impl Peer {
         // Connecting counts against the time limit too: a member that is
         // down may not answer a handshake at all.
         let exchange = async {
-            let conn = self.connection().await?;
-            let (mut send, mut recv) = conn
-                .open()
-                .await
-                .map_err(|e| Failed::Network(e.to_string()))?;
+            let conn = self
+                .conns
+                .get_or_dial(&self.endpoint, self.target, &self.addr)
+                .await?;
+            let broken = |e: String| Failed::Broken(e, conn.clone());
+            let (mut send, mut recv) = conn.open().await.map_err(|e| broken(e.to_string()))?;
             write_frame(&mut send, rpc, conn.addr)
                 .await
-                .map_err(|e| Failed::Network(e.to_string()))?;
+                .map_err(|e| broken(e.to_string()))?;
             let _ = send.finish();
             read_frame::<RpcReply>(&mut recv, conn.addr)
                 .await
-                .map_err(|e| Failed::Network(e.to_string()))?
-                .ok_or_else(|| Failed::Network(format!("{} closed the stream", conn.peer)))
+                .map_err(|e| broken(e.to_string()))?
+                .ok_or_else(|| broken(format!("{} closed the stream", conn.peer)))
         };
         match tokio::time::timeout(ttl, exchange).await {
             Ok(r) => r,
@@ -335,14 +393,10 @@ impl Peer {
 
     fn rpc_error<E: std::error::Error>(&mut self, f: Failed) -> RPCError<NodeId, Node, E> {
         match f {
-            Failed::Unreachable(why) => {
-                self.conns.drop_conn(&self.addr);
-                RPCError::Unreachable(Unreachable::new(&Why(why)))
-            }
-            Failed::Network(why) => {
-                self.conns.drop_conn(&self.addr);
-                RPCError::Network(NetworkError::new(&Why(why)))
-            }
+            Failed::Unreachable(why) => RPCError::Unreachable(Unreachable::new(&Why(why))),
+            f => RPCError::Network(NetworkError::new(&Why(
+                f.into_message(&self.conns, &self.addr)
+            ))),
         }
     }
 
