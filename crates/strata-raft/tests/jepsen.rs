@@ -533,6 +533,16 @@ impl Run {
         self.t0.elapsed().as_nanos() as u64
     }
 
+    fn record_entry(&self, k: u64, call: Call<EntryOp, Option<Version>>) {
+        let mut h = self.history.lock().unwrap();
+        h.entries.entry(k).or_default().push(call);
+    }
+
+    fn record_worker(&self, w: u64, call: Call<WorkerOp, WorkerRet>) {
+        let mut h = self.history.lock().unwrap();
+        h.workers.entry(w).or_default().push(call);
+    }
+
     fn unique(&self) -> u64 {
         self.unique.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -596,18 +606,15 @@ impl Run {
             _ => (CommandV1::Remove { key: key(k) }, EntryOp::Remove),
         };
         let (start, end) = self.write(p, command).await;
-        self.history
-            .lock()
-            .unwrap()
-            .entries
-            .entry(k)
-            .or_default()
-            .push(Call {
+        self.record_entry(
+            k,
+            Call {
                 start,
                 end,
                 op,
                 ret: None,
-            });
+            },
+        );
     }
 
     async fn write_worker(&self, p: &Proc, rng: &mut Rng) {
@@ -677,18 +684,15 @@ impl Run {
             ),
         };
         let (start, end) = self.write(p, command).await;
-        self.history
-            .lock()
-            .unwrap()
-            .workers
-            .entry(w)
-            .or_default()
-            .push(Call {
+        self.record_worker(
+            w,
+            Call {
                 start,
                 end,
                 op,
                 ret: None,
-            });
+            },
+        );
     }
 
     async fn read(&self, p: &Proc, rng: &mut Rng) {
@@ -716,13 +720,9 @@ impl Run {
         };
         count(&self.tally.reads);
         let end = self.now();
-        self.history
-            .lock()
-            .unwrap()
-            .entries
-            .entry(k)
-            .or_default()
-            .push(Call {
+        self.record_entry(
+            k,
+            Call {
                 start,
                 end: Some(end),
                 op: EntryOp::Read,
@@ -730,7 +730,8 @@ impl Run {
                     created: e.created,
                     last_used: e.last_used,
                 })),
-            });
+            },
+        );
     }
 
     async fn read_worker(&self, p: &Proc, w: u64) {
