@@ -610,3 +610,45 @@ pub(crate) async fn serve(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use strata_net::ClusterCa;
+
+    /// Between distant members a handshake takes longer than a heartbeat
+    /// may wait: the dial an RPC starts must finish after that RPC gave
+    /// up, or the member could never be reached again.
+    #[tokio::test]
+    async fn a_dial_outlives_the_rpc_that_started_it() {
+        let ca = ClusterCa::create("dial").unwrap();
+        let id = |name| ca.issue(Role::Coordinator, name).unwrap();
+        let server = Endpoint::listen("127.0.0.1:0".parse().unwrap(), &id("c2")).unwrap();
+        let addr = server.local_addr().unwrap().to_string();
+        let stop = CancellationToken::new();
+        let serving = tokio::spawn(answer_probes_only(server, stop.clone()));
+        let client = Endpoint::listen("127.0.0.1:0".parse().unwrap(), &id("c1")).unwrap();
+        let conns = Conns::default();
+        let mut peer = Peer::new(client, CutOff::default(), conns.clone(), 2, addr.clone());
+
+        // Far shorter than a QUIC and TLS handshake.
+        assert!(peer.probe(Duration::from_micros(1)).await.is_err());
+        let begun = std::time::Instant::now();
+        while !matches!(conns.lock().get(&addr), Some(Slot::Up(_))) {
+            assert!(
+                begun.elapsed() < DIAL_TTL,
+                "the dial ended with the RPC that started it"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The next RPC finds the connection, and a timeout keeps it.
+        let probe = peer.probe(Duration::from_secs(5)).await;
+        assert!(matches!(probe, Ok(p) if !p.initialized));
+        let _ = peer.probe(Duration::from_micros(1)).await;
+        assert!(matches!(conns.lock().get(&addr), Some(Slot::Up(_))));
+        stop.cancel();
+        serving.await.unwrap();
+    }
+}
