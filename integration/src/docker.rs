@@ -35,7 +35,11 @@ impl Docker {
             let log = std::fs::File::create("/var/cache/strata/docker.log").unwrap();
             // `setsid -f` forks the daemon off and returns at once: the
             // daemon outlives the tests, and nothing is left to wait for.
+            // It runs from `/`: a working directory in this checkout would
+            // vanish with it, and BuildKit's git then fails in every later
+            // run.
             let started = Command::new("setsid")
+                .current_dir("/")
                 .args([
                     "-f",
                     "dockerd",

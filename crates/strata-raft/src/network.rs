@@ -101,7 +101,7 @@ pub(crate) struct Conns(Arc<std::sync::Mutex<std::collections::HashMap<String, S
 enum Slot {
     Up(Connection),
     /// A dial under way: its outcome, once known (`Err`: why it failed).
-    Dialing(tokio::sync::watch::Receiver<Option<Result<(), String>>>),
+    Dialing(tokio::sync::watch::Receiver<Option<Result<Connection, String>>>),
 }
 
 impl Conns {
@@ -140,19 +140,14 @@ impl Conns {
                                 }
                                 Ok(Ok(c)) => Ok(c),
                             };
-                        let mut slots = conns.lock();
-                        let outcome = match dialed {
-                            Ok(c) => {
-                                slots.insert(addr, Slot::Up(c));
-                                Ok(())
-                            }
-                            Err(why) => {
-                                slots.remove(&addr);
-                                Err(why)
-                            }
-                        };
-                        drop(slots);
-                        let _ = tx.send(Some(outcome));
+                        {
+                            let mut slots = conns.lock();
+                            match &dialed {
+                                Ok(c) => slots.insert(addr, Slot::Up(c.clone())),
+                                Err(_) => slots.remove(&addr),
+                            };
+                        }
+                        let _ = tx.send(Some(dialed));
                     });
                     rx
                 }
@@ -166,15 +161,13 @@ impl Conns {
             })?
             .clone();
         match outcome {
+            Some(Ok(c)) => Ok(c),
             Some(Err(why)) => Err(Failed::Unreachable(format!(
                 "member {target} at {addr}: {why}"
             ))),
-            _ => match self.lock().get(addr) {
-                Some(Slot::Up(c)) => Ok(c.clone()),
-                _ => Err(Failed::Unreachable(format!(
-                    "member {target} at {addr}: its connection closed"
-                ))),
-            },
+            None => Err(Failed::Unreachable(format!(
+                "member {target} at {addr}: the dial ended without an outcome"
+            ))),
         }
     }
 
