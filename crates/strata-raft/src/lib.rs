@@ -693,11 +693,16 @@ impl Member {
     /// acknowledged log entries and is not yet recorded as having taken
     /// part: one that comes back with an empty state then knows it lost
     /// it. Does nothing when not leading; the leader does it now and then.
+    /// One member's record failing does not keep the others from theirs;
+    /// the last failure is returned.
     pub async fn record_joined(&self) -> Result<(), Error> {
+        let mut failed = Ok(());
         for member in self.newly_joined() {
-            self.write(CommandV1::Joined { member }).await?;
+            if let Err(e) = self.write(CommandV1::Joined { member }).await {
+                failed = Err(e);
+            }
         }
-        Ok(())
+        failed
     }
 
     /// Leading, the members that have acknowledged log entries (this one

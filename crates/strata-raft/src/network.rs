@@ -357,8 +357,9 @@ impl Peer {
                 self.target
             )));
         }
-        // Connecting counts against the time limit too: a member that is
-        // down may not answer a handshake at all.
+        // Waiting for the connection counts against the time limit too (a
+        // member that is down may not answer a handshake at all); the dial
+        // itself goes on for the next RPC.
         let exchange = async {
             let conn = self
                 .conns
