@@ -14,6 +14,14 @@
 //! writes: puts, touches and removes of entries; registrations, blobs
 //! gained and lost, and forgets of workers.
 //!
+//! Each member keeps its state on a filesystem that forgets every write
+//! not yet synced when the member is killed (`lossyfs`, a FUSE filesystem
+//! in the driver, as Jepsen's LazyFS), and the nemesis also cuts the
+//! power of the whole group at once: every member killed together, each
+//! losing what it had not synced, then all started again. Nothing a
+//! client was told is written may be lost. `STRATA_JEPSEN_FUSE=0` runs on
+//! the plain disk instead, where no FUSE can be mounted.
+//!
 //! Then the read-index round's p50 and p99 on the leader and on a
 //! follower, and how long a follower's reads wait while the leader is
 //! killed: on loopback, and with 40 ms added each way between members (a
@@ -33,6 +41,7 @@
     clippy::print_stderr
 )]
 
+mod lossyfs;
 mod model;
 
 use std::collections::{BTreeMap, HashMap};
@@ -281,6 +290,13 @@ impl Proc {
         answer
     }
 
+    /// SIGKILL, without waiting.
+    fn signal(&self) {
+        if let Some(child) = self.child.lock().unwrap().as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+
     /// SIGKILL, and waits for it to be gone.
     async fn kill(&self) {
         let child = self.child.lock().unwrap().take();
@@ -301,13 +317,18 @@ struct Group {
     /// delays what it forwards.
     listen: BTreeMap<NodeId, SocketAddr>,
     live: Mutex<BTreeMap<NodeId, Arc<Proc>>>,
+    /// Each member's lossy filesystem, when the run has them.
+    disks: BTreeMap<NodeId, lossyfs::Mounted>,
+    /// What the lossy filesystems forgot: files, bytes.
+    lost: (AtomicUsize, AtomicU64),
 }
 
 impl Group {
     /// A group of fixed ports, so a member comes back where the group
     /// knows it; with `delay`, each member is reached through a relay
-    /// that holds every datagram that long, each way.
-    async fn new(root: &Path, delay: Option<Duration>) -> Group {
+    /// that holds every datagram that long, each way; with `lossy`, each
+    /// member's state lives on a filesystem that forgets unsynced writes.
+    async fn new(root: &Path, delay: Option<Duration>, lossy: bool) -> Group {
         let ca = root.join("ca");
         std::fs::create_dir_all(&ca).unwrap();
         ClusterCa::create("jepsen").unwrap().save(&ca).unwrap();
@@ -322,17 +343,35 @@ impl Group {
                 addrs.insert(*id, relay(delay, *to).await);
             }
         }
+        let mut disks = BTreeMap::new();
+        for id in 1..=MEMBERS {
+            let at = root.join(format!("m{id}"));
+            std::fs::create_dir_all(&at).unwrap();
+            if lossy {
+                let disk = lossyfs::Mounted::mount(&at).unwrap_or_else(|e| {
+                    panic!(
+                        "cannot mount a FUSE filesystem at {}: {e} (run as root with /dev/fuse, \
+                         or set STRATA_JEPSEN_FUSE=0 to keep state on the plain disk)",
+                        at.display()
+                    )
+                });
+                disks.insert(id, disk);
+            }
+        }
         Group {
             root: root.to_path_buf(),
             ca,
             addrs,
             listen,
             live: Mutex::default(),
+            disks,
+            lost: Default::default(),
         }
     }
 
+    /// Member `id`'s state directory: on its lossy filesystem if it has one.
     fn dir(&self, id: NodeId) -> PathBuf {
-        self.root.join(format!("m{id}"))
+        self.root.join(format!("m{id}")).join("state")
     }
 
     /// Starts member `id`, configured with the group of `of`.
@@ -411,10 +450,19 @@ impl Group {
             .collect()
     }
 
+    /// SIGKILL; on a lossy filesystem, the member's unsynced writes are
+    /// lost with it, as when its machine loses power.
     async fn kill(&self, id: NodeId) {
         let proc = self.live.lock().unwrap().remove(&id);
         if let Some(p) = proc {
             p.kill().await;
+        }
+        if let Some(disk) = self.disks.get(&id) {
+            let lost = disk.lose_unsynced();
+            self.lost
+                .0
+                .fetch_add(lost.files as usize, Ordering::Relaxed);
+            self.lost.1.fetch_add(lost.bytes, Ordering::Relaxed);
         }
     }
 
@@ -451,10 +499,16 @@ impl Group {
         }
     }
 
-    async fn stop_all(&self) {
-        for (id, _) in self.live() {
-            self.kill(id).await;
+    /// Kills every live member at once, as a power cut does.
+    async fn stop_all(&self) -> Vec<NodeId> {
+        let live = self.live();
+        for (_, p) in &live {
+            p.signal();
         }
+        for (id, _) in &live {
+            self.kill(*id).await;
+        }
+        live.into_iter().map(|(id, _)| id).collect()
     }
 }
 
@@ -483,6 +537,7 @@ struct Tally {
     removals: AtomicUsize,
     additions: AtomicUsize,
     refused_changes: AtomicUsize,
+    power_cuts: AtomicUsize,
     snapshot: AtomicU64,
 }
 
@@ -769,7 +824,8 @@ impl Run {
     }
 
     /// One fault at a time, in turn: a kill (the leader's half the time),
-    /// a partition longer than an election, a membership change.
+    /// a partition longer than an election, a membership change, a power
+    /// cut of the whole group.
     async fn nemesis(self: Arc<Self>, mut rng: Rng, done: tokio_util::sync::CancellationToken) {
         let all: Vec<NodeId> = (1..=MEMBERS).collect();
         let mut turn = 0u64;
@@ -789,7 +845,7 @@ impl Run {
                 *self.voters.lock().unwrap() = voters.clone();
             }
             turn += 1;
-            match turn % 3 {
+            match turn % 4 {
                 0 => {
                     let live = self.group.live();
                     if live.is_empty() {
@@ -832,7 +888,18 @@ impl Run {
                         p.ask(&Ask::Cut(Vec::new())).await;
                     }
                 }
-                _ => self.change_membership(&mut rng, view).await,
+                2 => self.change_membership(&mut rng, view).await,
+                _ => {
+                    let were = self.group.stop_all().await;
+                    count(&self.tally.power_cuts);
+                    tokio::time::sleep(
+                        rng.between(Duration::from_millis(300), Duration::from_millis(1000)),
+                    )
+                    .await;
+                    for id in were {
+                        self.group.start(id, &all);
+                    }
+                }
             }
         }
     }
@@ -887,8 +954,13 @@ impl Run {
 }
 
 /// One seeded run; returns its anomalies.
-async fn run(seed: u64, length: Duration, root: &Path) -> (Vec<String>, Tally, usize) {
-    let group = Group::new(root, None).await;
+async fn run(
+    seed: u64,
+    length: Duration,
+    root: &Path,
+    lossy: bool,
+) -> (Vec<String>, Tally, usize, (usize, u64)) {
+    let group = Group::new(root, None, lossy).await;
     // Three voters make the group; the fourth starts as a member to add.
     for id in 1..=3 {
         group.start(id, &[1, 2, 3]);
@@ -940,6 +1012,10 @@ async fn run(seed: u64, length: Duration, root: &Path) -> (Vec<String>, Tally, u
         run.tally.snapshot.fetch_max(s, Ordering::Relaxed);
     }
     run.group.stop_all().await;
+    let lost = (
+        run.group.lost.0.load(Ordering::Relaxed),
+        run.group.lost.1.load(Ordering::Relaxed),
+    );
 
     let run = Arc::into_inner(run).unwrap();
     let history = run.history.into_inner().unwrap();
@@ -957,7 +1033,7 @@ async fn run(seed: u64, length: Duration, root: &Path) -> (Vec<String>, Tally, u
             anomalies.push(format!("seed {seed}, worker w{w}: {e}"));
         }
     }
-    (anomalies, run.tally, calls)
+    (anomalies, run.tally, calls, lost)
 }
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
@@ -969,7 +1045,7 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
 /// follower's read waits while the leader is killed, every datagram
 /// between members held `delay` each way if given.
 async fn latency(root: &Path, delay: Option<Duration>) -> String {
-    let group = Group::new(root, delay).await;
+    let group = Group::new(root, delay, false).await;
     for id in 1..=3 {
         group.start(id, &[1, 2, 3]);
     }
@@ -1077,6 +1153,41 @@ async fn relay(delay: Duration, to: SocketAddr) -> SocketAddr {
     at
 }
 
+/// The lossy filesystem keeps what was synced and forgets the rest, as
+/// the nemesis needs it to: a synced file, an unsynced one, a file synced
+/// then written again, a rename.
+fn lossyfs_forgets_what_was_not_synced() {
+    use std::io::Write;
+    let root = tempfile::tempdir().unwrap();
+    let disk = lossyfs::Mounted::mount(root.path()).unwrap_or_else(|e| {
+        panic!(
+            "cannot mount a FUSE filesystem at {}: {e} (run as root with /dev/fuse, \
+             or set STRATA_JEPSEN_FUSE=0 to keep state on the plain disk)",
+            root.path().display()
+        )
+    });
+    let at = |n: &str| root.path().join(n);
+    let mut synced = std::fs::File::create(at("synced")).unwrap();
+    synced.write_all(b"kept").unwrap();
+    synced.sync_data().unwrap();
+    synced.write_all(b" and lost").unwrap();
+    drop(synced);
+    std::fs::write(at("unsynced"), b"lost").unwrap();
+    let mut moved = std::fs::File::create(at("tmp")).unwrap();
+    moved.write_all(b"renamed").unwrap();
+    moved.sync_all().unwrap();
+    drop(moved);
+    std::fs::rename(at("tmp"), at("renamed")).unwrap();
+    assert_eq!(std::fs::read(at("synced")).unwrap(), b"kept and lost");
+    let lost = disk.lose_unsynced();
+    assert_eq!(std::fs::read(at("synced")).unwrap(), b"kept");
+    assert_eq!(std::fs::read(at("unsynced")).unwrap(), b"");
+    assert_eq!(std::fs::read(at("renamed")).unwrap(), b"renamed");
+    assert_eq!((lost.files, lost.bytes), (2, 13));
+    drop(disk);
+    println!("lossyfs: a synced write survives a power cut, an unsynced one does not");
+}
+
 fn main() {
     if let Ok(id) = std::env::var("STRATA_JEPSEN_MEMBER") {
         member_main(id.parse().unwrap());
@@ -1101,18 +1212,27 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let lossy = std::env::var("STRATA_JEPSEN_FUSE").map_or(true, |v| v != "0");
+    if lossy {
+        lossyfs_forgets_what_was_not_synced();
+    } else {
+        println!(
+            "STRATA_JEPSEN_FUSE=0: members keep their state on the plain disk, and lose nothing when killed"
+        );
+    }
     rt.block_on(async {
         let mut failed = Vec::new();
         for seed in first..first + seeds {
             let root = tempfile::tempdir().unwrap();
             let begun = Instant::now();
-            let (anomalies, t, calls) = run(seed, length, root.path()).await;
+            let (anomalies, t, calls, lost) = run(seed, length, root.path(), lossy).await;
             let n = |c: &AtomicUsize| c.load(Ordering::Relaxed);
             println!(
                 "jepsen seed {seed} (STRATA_JEPSEN_SEED={seed} STRATA_JEPSEN_SEEDS=1 replays it): \
                  {} client calls in {:.1} s, {} calls checked; writes {} answered, {} unanswered; \
                  reads {} ({} through the leader's lookup, {} failed); faults: {} kills ({} of the leader), \
-                 {} partitions, {} members removed and wiped, {} added back, {} changes refused; \
+                 {} partitions, {} members removed and wiped, {} added back, {} changes refused, \
+                 {} power cuts of the whole group; unsynced writes lost: {} bytes in {} files; \
                  snapshots up to entry {}; {} anomalies",
                 n(&t.calls),
                 begun.elapsed().as_secs_f64(),
@@ -1128,11 +1248,18 @@ fn main() {
                 n(&t.removals),
                 n(&t.additions),
                 n(&t.refused_changes),
+                n(&t.power_cuts),
+                lost.1,
+                lost.0,
                 t.snapshot.load(Ordering::Relaxed),
                 anomalies.len(),
             );
             assert!(
-                n(&t.answered_writes) > 0 && n(&t.reads) > 0 && n(&t.kills) > 0 && n(&t.partitions) > 0,
+                n(&t.answered_writes) > 0
+                    && n(&t.reads) > 0
+                    && n(&t.kills) > 0
+                    && n(&t.partitions) > 0
+                    && n(&t.power_cuts) > 0,
                 "seed {seed}: a history with nothing to check"
             );
             if !anomalies.is_empty() {
