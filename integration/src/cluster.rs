@@ -170,6 +170,17 @@ impl Cluster {
         ctx: &Path,
         extra: &[&str],
     ) -> serde_json::Value {
+        self.build_showing(client, s, ctx, extra).0
+    }
+
+    /// [`Cluster::build_via`], returning the build's progress output too.
+    pub fn build_showing(
+        &self,
+        client: &Path,
+        s: &Strata,
+        ctx: &Path,
+        extra: &[&str],
+    ) -> (serde_json::Value, String) {
         let report = s.home().join("report.json");
         let mut args = vec![
             "build",
@@ -201,7 +212,7 @@ impl Cluster {
             .filter(|l| l.starts_with('#') && l.contains(" on worker-"))
             .count();
         assert_eq!(named, ran, "{progress}");
-        report
+        (report, progress.into_owned())
     }
 
     /// Starts `strata build --cluster … --report REPORT EXTRA… CTX` from

@@ -438,6 +438,84 @@ fn concurrent_builds_run_a_shared_builder_once() {
     );
 }
 
+/// The numbers of the `context:` line a cluster build prints: entries,
+/// bytes read, bytes sent, blobs sent.
+fn context_line(progress: &str) -> (u64, String, String, u64) {
+    let line = progress
+        .lines()
+        .find(|l| l.starts_with("context: "))
+        .unwrap_or_else(|| panic!("no context line in:\n{progress}"));
+    // context: E entries, S in F distinct files; read R, sent B in N blobs
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let after = |w: &str| {
+        let i = words.iter().position(|x| *x == w).unwrap();
+        words[i + 1].trim_end_matches(',').to_string()
+    };
+    (
+        words[1].parse().unwrap(),
+        after("read"),
+        after("sent"),
+        words[words.len() - 2].parse().unwrap(),
+    )
+}
+
+#[test]
+fn a_one_file_edit_uploads_that_file_and_the_directories_above_it() {
+    let cluster = Cluster::start(1, 5);
+    // 3,000 files in 30 folders, and one file of 2 MB.
+    let ctx = tempfile::tempdir().unwrap();
+    for d in 0..30 {
+        let dir = ctx.path().join(format!("pkg{d:02}"));
+        std::fs::create_dir(&dir).unwrap();
+        for f in 0..100 {
+            std::fs::write(dir.join(format!("f{f:03}.js")), format!("module {d} {f}\n")).unwrap();
+        }
+    }
+    std::fs::write(ctx.path().join("big.bin"), vec![7u8; 2 << 20]).unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nCOPY . /app\nRUN find /app -type f | wc -l > /count\n",
+        )],
+    );
+    // Older than the stat cache's racy window: the next build trusts it.
+    std::thread::sleep(Duration::from_millis(2100));
+    let client = Strata::new();
+    let (report, progress) = cluster.build_showing(&cluster.client(), &client, ctx.path(), &[]);
+    let (entries, _, _, blobs) = context_line(&progress);
+    // 3,000 + the big file + the Dockerfile, 30 folders; the same bytes
+    // in two files are one blob, and every folder is a blob.
+    assert_eq!(entries, 3_032, "{progress}");
+    assert_eq!(blobs, 3_002 + 31, "{progress}");
+    assert_eq!(runs(&report), 1, "{report}");
+
+    // Nothing changed: nothing is read, nothing is sent.
+    let (report, progress) = cluster.build_showing(&cluster.client(), &client, ctx.path(), &[]);
+    let (_, read, sent, blobs) = context_line(&progress);
+    assert_eq!(
+        (read.as_str(), sent.as_str(), blobs),
+        ("0B", "0B", 0),
+        "{progress}"
+    );
+    assert_eq!(runs(&report), 0, "{report}");
+
+    // One file edited: it and the two folders above it are sent.
+    std::fs::write(ctx.path().join("pkg07/f042.js"), "edited\n").unwrap();
+    let (report, progress) = cluster.build_showing(&cluster.client(), &client, ctx.path(), &[]);
+    let (_, read, _, blobs) = context_line(&progress);
+    assert_eq!((read.as_str(), blobs), ("7B", 3), "{progress}");
+    assert_eq!(runs(&report), 1, "{report}");
+
+    // Another client, its state empty: it reads the context, sends
+    // nothing, and every step is cached.
+    let (report, progress) =
+        cluster.build_showing(&cluster.client(), &Strata::new(), ctx.path(), &[]);
+    let (_, _, sent, blobs) = context_line(&progress);
+    assert_eq!((sent.as_str(), blobs), ("0B", 0), "{progress}");
+    assert_eq!(runs(&report), 0, "{report}");
+}
+
 #[test]
 fn a_coordinator_keeps_uploaded_contexts_within_keep_storage_and_a_client_uploads_again() {
     let cluster = Cluster::start(1, 5);

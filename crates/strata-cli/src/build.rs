@@ -1292,6 +1292,7 @@ fn build_one(
                     pull: args.pull,
                     rewrite_timestamp,
                     remote_context: args.remote_context,
+                    report: !matches!(args.progress_mode(), Mode::Quiet | Mode::Rawjson),
                 },
                 &tags,
             );
@@ -1574,6 +1575,8 @@ struct ClusterBuild<'a> {
     pull: bool,
     rewrite_timestamp: bool,
     remote_context: bool,
+    /// Say what the context upload read and sent.
+    report: bool,
 }
 
 enum ClusterFailure {
@@ -1600,8 +1603,23 @@ fn cluster_build(
     let node = cx.node;
     let stamps = Timestamps::new(b.inputs.source_date_epoch()?, b.rewrite_timestamp)?;
     let ignore = strata_worker::ignore_for(b.dockerfile, b.context, b.remote_context)?;
-    let context = strata_cluster::context::pack(&node.content, b.context, &ignore)
-        .map_err(anyhow::Error::msg)?;
+    // The context's tree, reading only files whose stat changed since the
+    // last build of this directory.
+    let hashing = std::time::Instant::now();
+    let cache_at = strata_cluster::context::StatCache::path(node.home(), b.context);
+    let mut cache = strata_cluster::context::StatCache::load(&cache_at);
+    let tree = strata_cluster::context::hash(b.context, &ignore, &mut cache)
+        .with_context(|| format!("cannot read the build context {}", b.context.display()))?;
+    if let Err(e) = cache.save(&cache_at) {
+        tracing::warn!(path = %cache_at.display(), error = %e, "cannot save the context's stat cache");
+    }
+    tracing::debug!(
+        entries = tree.entries,
+        read = tree.read,
+        elapsed = ?hashing.elapsed(),
+        "hashed the build context"
+    );
+    let context = tree.root;
     let coordinators = strata_cluster::config::ClientConfig::load(cluster)
         .map(|c| c.coordinators.len())
         .unwrap_or(1);
@@ -1628,8 +1646,26 @@ fn cluster_build(
                 pull: b.pull,
             };
             let done = async {
-                client.upload(&node.content, &context).await?;
-                tracing::debug!(elapsed = ?started.elapsed(), "context uploaded");
+                let sent = client.upload_context(&node.content, &tree).await?;
+                tracing::debug!(
+                    blobs = sent.blobs,
+                    bytes = sent.bytes,
+                    elapsed = ?started.elapsed(),
+                    "context uploaded"
+                );
+                if b.report && attempt == 1 {
+                    let size: u64 = tree.files.values().map(|(_, n)| n).sum();
+                    let _ = writeln!(
+                        cx.err(),
+                        "context: {} entries, {} in {} distinct files; read {}, sent {} in {} blobs",
+                        tree.entries,
+                        crate::images::human_size(size),
+                        tree.files.len(),
+                        crate::images::human_size(tree.read),
+                        crate::images::human_size(sent.bytes),
+                        sent.blobs,
+                    );
+                }
                 let done = client.build(submit, &on_event).await;
                 tracing::debug!(elapsed = ?started.elapsed(), "build done");
                 done

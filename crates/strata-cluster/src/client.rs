@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use strata_cas::{ContentStore, Digest};
-use strata_net::{Connection, Endpoint, Role, read_frame, send_blob, write_frame};
+use strata_net::{Connection, Endpoint, Role, read_frame, send_blob, send_file, write_frame};
 use strata_oci::{Image, ImageConfig};
 use strata_solver::Event;
 use strata_worker::{Node, Timestamps, store_image};
@@ -33,6 +33,27 @@ pub enum ClientError {
     /// submitted again makes it anew.
     #[error("{0}")]
     LayersLost(String),
+}
+
+/// Blobs sent at once when uploading a context.
+pub const UPLOAD_STREAMS: usize = 8;
+
+/// What an upload sent.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Uploaded {
+    /// Blobs sent.
+    pub blobs: usize,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// Where a blob being uploaded is read from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// The client's store.
+    Store(&'a ContentStore),
+    /// A file of the context, of this size.
+    File(&'a std::path::Path, u64),
 }
 
 /// A connection to a cluster.
@@ -224,14 +245,88 @@ impl Client {
         }
     }
 
-    /// Makes sure the coordinator holds `blob` (uploading it from `cas`).
-    pub async fn upload(&self, cas: &ContentStore, blob: &Digest) -> Result<(), ClientError> {
-        match request(&self.coordinator, &Request::HasBlob(*blob)).await {
-            Ok(Reply::Bool(true)) => return Ok(()),
-            Ok(Reply::Bool(false)) => {}
-            Ok(other) => return Err(cluster(format!("unexpected answer: {other:?}"))),
-            Err(e) => return Err(cluster(e)),
+    /// Uploads the blobs of context `tree` the coordinator lacks: it asks
+    /// which (as REAPI's FindMissingBlobs), then sends directories first
+    /// (so the context's tree is whole on the coordinator from its root
+    /// down as files arrive) and then files straight from the context
+    /// directory, [`UPLOAD_STREAMS`] at once. Directory blobs are stored in
+    /// `cas` to be sent. Returns what was sent.
+    pub async fn upload_context(
+        &self,
+        cas: &ContentStore,
+        tree: &crate::context::Hashed,
+    ) -> Result<Uploaded, ClientError> {
+        use futures_util::StreamExt as _;
+        use futures_util::TryStreamExt as _;
+        let all = tree.blobs();
+        let mut missing = Vec::new();
+        for chunk in all.chunks(crate::protocol::MAX_MISSING_ASKED) {
+            let ask = Request::Missing {
+                context: tree.root,
+                blobs: chunk.to_vec(),
+            };
+            match request(&self.coordinator, &ask).await {
+                Ok(Reply::Missing(lacks)) => missing.extend(lacks),
+                Ok(Reply::Error(e)) => return Err(cluster(e)),
+                Ok(other) => return Err(cluster(format!("unexpected answer: {other:?}"))),
+                Err(e) => return Err(cluster(e)),
+            }
         }
+        // Only what was asked about can be sent.
+        let asked: std::collections::HashSet<&Digest> = all.iter().collect();
+        missing.retain(|d| asked.contains(d));
+        let dirs: std::collections::HashMap<Digest, &Vec<u8>> =
+            tree.dirs.iter().map(|(d, b)| (*d, b)).collect();
+        let (mut dir_blobs, mut file_blobs) = (Vec::new(), Vec::new());
+        for d in missing {
+            if let Some(bytes) = dirs.get(&d) {
+                cas.put(bytes).map_err(cluster)?;
+                dir_blobs.push(d);
+            } else if let Some((path, size)) = tree.files.get(&d) {
+                file_blobs.push((d, path.clone(), *size));
+            }
+        }
+        let mut sent = Uploaded::default();
+        for d in &dir_blobs {
+            sent.bytes += self.put(d, Source::Store(cas)).await?;
+            sent.blobs += 1;
+        }
+        let sizes: Vec<u64> = futures_util::stream::iter(
+            file_blobs
+                .iter()
+                .map(|(d, path, size)| self.put(d, Source::File(path, *size))),
+        )
+        .buffer_unordered(UPLOAD_STREAMS)
+        .try_collect()
+        .await?;
+        sent.blobs += sizes.len();
+        sent.bytes += sizes.iter().sum::<u64>();
+        Ok(sent)
+    }
+
+    /// Makes sure the coordinator holds `blob`, uploading it from `cas`,
+    /// and keeps it there for a while (asking about a blob pins it).
+    pub async fn upload(&self, cas: &ContentStore, blob: &Digest) -> Result<(), ClientError> {
+        let has = || async {
+            match request(&self.coordinator, &Request::HasBlob(*blob)).await {
+                Ok(Reply::Bool(b)) => Ok(b),
+                Ok(other) => Err(cluster(format!("unexpected answer: {other:?}"))),
+                Err(e) => Err(cluster(e)),
+            }
+        };
+        if has().await? {
+            return Ok(());
+        }
+        self.put(blob, Source::Store(cas)).await?;
+        if has().await? {
+            Ok(())
+        } else {
+            Err(cluster(format!("blob {blob} was uploaded, then missing")))
+        }
+    }
+
+    /// Sends one blob to the coordinator. Returns its size.
+    async fn put(&self, blob: &Digest, from: Source<'_>) -> Result<u64, ClientError> {
         let c = &self.coordinator;
         let (mut send, mut recv) = c.open().await.map_err(cluster)?;
         write_frame(&mut send, &Request::PutBlob(*blob), c.addr)
@@ -239,14 +334,25 @@ impl Client {
             .map_err(cluster)?;
         // A coordinator that refuses the upload (over the client's quota)
         // stops reading and says why: its answer is the error to show.
-        let sent = send_blob(&mut send, cas, blob, c.addr).await;
+        let sent = match from {
+            Source::Store(cas) => send_blob(&mut send, cas, blob, c.addr).await,
+            Source::File(path, size) => send_file(&mut send, path, blob, size, c.addr).await,
+        };
         let answer = read_frame::<Reply>(&mut recv, c.addr).await;
         if let (Err(e), Ok(Some(Reply::Ok)) | Err(_) | Ok(None)) = (&sent, &answer) {
             return Err(cluster(e));
         }
         match answer.map_err(cluster)? {
-            Some(Reply::Ok) => Ok(()),
-            Some(Reply::Error(e)) => Err(cluster(e)),
+            Some(Reply::Ok) => Ok(sent.unwrap_or(0)),
+            Some(Reply::Error(e)) => Err(match from {
+                Source::File(path, _) if e.contains("hash to") || e.contains("bytes arrived") => {
+                    cluster(format!(
+                        "{} changed while it was uploaded; build again ({e})",
+                        path.display()
+                    ))
+                }
+                _ => cluster(e),
+            }),
             other => Err(cluster(format!(
                 "unexpected answer to an upload: {other:?}"
             ))),

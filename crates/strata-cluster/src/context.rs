@@ -1,49 +1,828 @@
-//! The build context on the wire: the client packs what `.dockerignore`
-//! lets through into a tar blob, workers unpack it and build from it as
-//! the embedded build does from the directory. The coordinator keeps
-//! uploaded contexts under its store bounds, pinning those a client is
-//! about to build from ([`Pins`]).
+//! The build context on the wire, as a Merkle tree (as REAPI's input
+//! roots are): every file is a blob named by its blake3, every directory
+//! a small blob listing its entries (names, modes, times, and the blobs of
+//! its files and subdirectories), and the context is named by its root
+//! directory's blob.
+//!
+//! The client hashes what `.dockerignore` lets through ([`hash`]),
+//! remembering each file's digest by its stat ([`StatCache`]) so an
+//! unchanged file is never read again; it asks the coordinator which
+//! blobs it lacks and uploads only those. A worker fetches the blobs it
+//! lacks and writes the tree out ([`materialize`]) to build from it as the
+//! embedded build does from the directory. The coordinator keeps uploaded
+//! contexts under its store bounds, pinning those a client is about to
+//! build from ([`Pins`]) with every blob their tree names ([`closure`]).
 
-use std::collections::{HashMap, HashSet};
-use std::io::Write as _;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use strata_cas::{ContentStore, Digest};
 use strata_dockerfile::IgnoreMatcher;
-use strata_worker::select::{SourceRoot, select};
+use strata_worker::select::{SourceRoot, select, walk};
 
-/// Packs the context at `dir` into a tar blob in `cas`: every entry
-/// `ignore` lets through, in the order COPY walks them, with modes and
-/// modification times. Owners are left out: COPY gives context files to
-/// root. Returns the blob.
-pub fn pack(cas: &ContentStore, dir: &Path, ignore: &IgnoreMatcher) -> Result<Digest, String> {
+/// What goes wrong with a build context.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    /// Reading the context directory failed.
+    #[error("{0}")]
+    Walk(String),
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The context holds something a build context cannot carry.
+    #[error("{path}: {what} cannot be part of a build context")]
+    Unsupported {
+        /// Where, relative to the context.
+        path: String,
+        /// What it is.
+        what: &'static str,
+    },
+    /// The context is over a bound.
+    #[error("the build context has more than {0} entries")]
+    TooLarge(usize),
+    /// A directory blob is not one, or breaks a rule.
+    #[error("build context directory {digest}: {detail}")]
+    BadDirectory {
+        /// Its blob.
+        digest: Digest,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A blob the tree names is not in the store.
+    #[error("build context blob {0} is missing from the store")]
+    Missing(Digest),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] strata_cas::Error),
+    /// Writing the tree out failed.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The most entries (files, directories, links) a context may have.
+pub const MAX_ENTRIES: usize = 4_000_000;
+
+/// The largest directory blob accepted.
+const MAX_DIRECTORY_BLOB: usize = 64 << 20;
+
+/// What a directory blob starts with: its format, and a namespace no file
+/// of a context can collide with by accident.
+const MAGIC: &[u8] = b"strata.context.dir.v1\0";
+
+/// One directory of a context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Directory {
+    /// Its permission bits.
+    pub mode: u32,
+    /// Its modification time, in seconds (as a tar keeps it).
+    pub mtime: i64,
+    /// Its entries, sorted by name.
+    pub entries: Vec<DirEntry>,
+}
+
+/// A named entry of a [`Directory`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    /// Its name: one path component, not `.` or `..`.
+    pub name: Vec<u8>,
+    /// What it is.
+    pub kind: EntryKind,
+}
+
+/// What an entry is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A regular file: its contents' blob and size, mode and time.
+    File {
+        /// The blob of its contents.
+        blob: Digest,
+        /// Its size.
+        size: u64,
+        /// Its permission bits.
+        mode: u32,
+        /// Its modification time, in seconds.
+        mtime: i64,
+    },
+    /// A directory: its [`Directory`]'s blob.
+    Dir(Digest),
+    /// A symbolic link and its target.
+    Symlink {
+        /// Where it points, as written.
+        target: Vec<u8>,
+        /// Its modification time, in seconds.
+        mtime: i64,
+    },
+}
+
+impl Directory {
+    /// The blob bytes of this directory.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        // Encoding plain structs into a Vec cannot fail.
+        if let Ok(body) = bincode::serde::encode_to_vec(self, bincode::config::standard()) {
+            out.extend(body);
+        }
+        out
+    }
+
+    /// Reads directory blob `digest`, checking every rule a sender could
+    /// break: the format, sorted unique names that are single components,
+    /// link targets of sane length.
+    pub fn decode(digest: &Digest, bytes: &[u8]) -> Result<Directory, ContextError> {
+        let bad = |detail: String| ContextError::BadDirectory {
+            digest: *digest,
+            detail,
+        };
+        if bytes.len() > MAX_DIRECTORY_BLOB {
+            return Err(bad(format!("over {MAX_DIRECTORY_BLOB} bytes")));
+        }
+        let body = bytes
+            .strip_prefix(MAGIC)
+            .ok_or_else(|| bad("not a directory blob".into()))?;
+        let config = bincode::config::standard().with_limit::<MAX_DIRECTORY_BLOB>();
+        let (dir, used): (Directory, usize) = bincode::serde::decode_from_slice(body, config)
+            .map_err(|e| bad(format!("cannot decode: {e}")))?;
+        if used != body.len() {
+            return Err(bad("trailing bytes".into()));
+        }
+        for pair in dir.entries.windows(2) {
+            if pair[0].name >= pair[1].name {
+                return Err(bad("entries are not sorted and unique".into()));
+            }
+        }
+        for e in &dir.entries {
+            let n = &e.name;
+            if n.is_empty()
+                || n == b"."
+                || n == b".."
+                || n.len() > 255
+                || n.contains(&b'/')
+                || n.contains(&0)
+            {
+                return Err(bad(format!(
+                    "entry name {:?} is not one path component",
+                    String::from_utf8_lossy(n)
+                )));
+            }
+            if let EntryKind::Symlink { target, .. } = &e.kind
+                && (target.is_empty() || target.len() > 4096 || target.contains(&0))
+            {
+                return Err(bad(format!(
+                    "link {:?} has no usable target",
+                    String::from_utf8_lossy(n)
+                )));
+            }
+        }
+        Ok(dir)
+    }
+}
+
+/// Reads and checks directory blob `digest` from `cas`.
+pub fn read_directory(cas: &ContentStore, digest: &Digest) -> Result<Directory, ContextError> {
+    match cas.info(digest)? {
+        Some(info) if info.size > MAX_DIRECTORY_BLOB as u64 => {
+            return Err(ContextError::BadDirectory {
+                digest: *digest,
+                detail: format!("over {MAX_DIRECTORY_BLOB} bytes"),
+            });
+        }
+        Some(_) => {}
+        None => return Err(ContextError::Missing(*digest)),
+    }
+    Directory::decode(digest, &cas.read(digest)?)
+}
+
+/// A context hashed: its root, its directories and its files.
+#[derive(Debug)]
+pub struct Hashed {
+    /// The root directory's blob: the context's name.
+    pub root: Digest,
+    /// Every directory blob, root last: (blob, bytes).
+    pub dirs: Vec<(Digest, Vec<u8>)>,
+    /// Every file content, once: blob → (a file holding it, its size).
+    pub files: BTreeMap<Digest, (PathBuf, u64)>,
+    /// Entries in the context.
+    pub entries: usize,
+    /// Bytes read to hash files the stat cache did not know.
+    pub read: u64,
+}
+
+impl Hashed {
+    /// Every blob the tree names: directories, then files.
+    pub fn blobs(&self) -> Vec<Digest> {
+        self.dirs
+            .iter()
+            .map(|(d, _)| *d)
+            .chain(self.files.keys().copied())
+            .collect()
+    }
+
+    /// The size of blob `d` of this tree.
+    pub fn size_of(&self, d: &Digest) -> u64 {
+        if let Some((_, size)) = self.files.get(d) {
+            return *size;
+        }
+        self.dirs
+            .iter()
+            .find(|(x, _)| x == d)
+            .map_or(0, |(_, b)| b.len() as u64)
+    }
+}
+
+/// What a file's stat said when its digest was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Stat {
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    ino: u64,
+    dev: u64,
+}
+
+impl Stat {
+    fn of(m: &fs::Metadata) -> Stat {
+        Stat {
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+            ino: m.ino(),
+            dev: m.dev(),
+        }
+    }
+}
+
+/// A file's digest by its path and stat, kept between builds of one
+/// context directory, so a file whose stat has not changed is not read
+/// again (as git's index and BuildKit's fsutil do). A file changed within
+/// [`RACY`] of being hashed is not remembered: a later change in the same
+/// clock tick could keep its stat.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct StatCache {
+    files: HashMap<String, (Stat, Digest)>,
+}
+
+/// How recent a change must be for a file's digest not to be remembered.
+const RACY: Duration = Duration::from_secs(2);
+
+/// The largest stat cache file read.
+const MAX_STAT_CACHE: u64 = 1 << 30;
+
+impl StatCache {
+    /// Where the stat cache of context directory `context` lives under
+    /// state directory `home`.
+    pub fn path(home: &Path, context: &Path) -> PathBuf {
+        let canonical = context
+            .canonicalize()
+            .unwrap_or_else(|_| context.to_path_buf());
+        let name = Digest::of(canonical.as_os_str().as_bytes());
+        home.join("context-cache").join(name.hex())
+    }
+
+    /// Loads the cache at `path`; an unreadable or damaged one is empty.
+    pub fn load(path: &Path) -> StatCache {
+        let read = || -> Result<StatCache, String> {
+            let meta = fs::metadata(path).map_err(|e| e.to_string())?;
+            if meta.len() > MAX_STAT_CACHE {
+                return Err("too large".into());
+            }
+            let bytes = fs::read(path).map_err(|e| e.to_string())?;
+            let config = bincode::config::standard().with_limit::<{ MAX_STAT_CACHE as usize }>();
+            bincode::serde::decode_from_slice(&bytes, config)
+                .map(|(c, _)| c)
+                .map_err(|e| e.to_string())
+        };
+        match read() {
+            Ok(c) => c,
+            Err(e) => {
+                if path.exists() {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring the context's stat cache");
+                }
+                StatCache::default()
+            }
+        }
+    }
+
+    /// Writes the cache to `path` atomically (temp, fsync, rename).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir)?;
+        let body = bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .map_err(std::io::Error::other)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        tmp.write_all(&body)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    }
+}
+
+fn seconds(m: &fs::Metadata) -> i64 {
+    m.mtime()
+}
+
+/// A directory being assembled from its entries.
+struct Pending {
+    mode: u32,
+    mtime: i64,
+    entries: Vec<DirEntry>,
+}
+
+/// A file of the context whose digest is to be taken.
+struct FileAt {
+    /// Its directory's path relative to the root ("" for the root).
+    parent: String,
+    name: Vec<u8>,
+    rel: String,
+    host: PathBuf,
+    meta: fs::Metadata,
+}
+
+/// Hashes the context at `dir` (what `ignore` lets through) into a tree,
+/// reading only the files `cache` does not know by their stat, several at
+/// once; `cache` is updated with what was read.
+pub fn hash(
+    dir: &Path,
+    ignore: &IgnoreMatcher,
+    cache: &mut StatCache,
+) -> Result<Hashed, ContextError> {
+    hash_at(dir, ignore, cache, SystemTime::now())
+}
+
+/// [`hash`], as if begun at `started` (files changed within [`RACY`] of
+/// it are not remembered).
+fn hash_at(
+    dir: &Path,
+    ignore: &IgnoreMatcher,
+    cache: &mut StatCache,
+    started: SystemTime,
+) -> Result<Hashed, ContextError> {
     let src = SourceRoot {
         root: dir,
         ignore: Some(ignore),
         keep_owner: false,
     };
-    let items = select(&src, &[".".to_string()])?;
-    let mut writer = cas.writer().map_err(|e| e.to_string())?;
-    strata_worker::select::pack(&src, &items, None, &mut writer)?;
-    writer
-        .flush()
-        .map_err(|e| format!("packing the context: {e}"))?;
-    writer.commit().map_err(|e| e.to_string())
+    let items = select(&src, &[".".to_string()]).map_err(ContextError::Walk)?;
+    let root_meta = fs::metadata(dir).map_err(|e| ContextError::Read {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    let mut dirs: BTreeMap<String, Pending> = BTreeMap::new();
+    dirs.insert(
+        String::new(),
+        Pending {
+            mode: root_meta.mode() & 0o7777,
+            mtime: seconds(&root_meta),
+            entries: Vec::new(),
+        },
+    );
+    let mut files: Vec<FileAt> = Vec::new();
+    let mut links: Vec<(String, DirEntry)> = Vec::new();
+    let mut entries = 0usize;
+    for item in &items {
+        walk(&src, item, None, &mut |e| {
+            if e.rel.is_empty() {
+                return Ok(());
+            }
+            entries += 1;
+            if entries > MAX_ENTRIES {
+                return Err(format!(
+                    "the build context has more than {MAX_ENTRIES} entries"
+                ));
+            }
+            let (parent, _) = e.rel.rsplit_once('/').unwrap_or(("", e.rel));
+            let name = e
+                .host
+                .file_name()
+                .unwrap_or(OsStr::new(""))
+                .as_bytes()
+                .to_vec();
+            let ft = e.meta.file_type();
+            if ft.is_dir() {
+                dirs.insert(
+                    e.rel.to_string(),
+                    Pending {
+                        mode: e.meta.mode() & 0o7777,
+                        mtime: seconds(e.meta),
+                        entries: Vec::new(),
+                    },
+                );
+            } else if ft.is_file() {
+                files.push(FileAt {
+                    parent: parent.to_string(),
+                    name,
+                    rel: e.rel.to_string(),
+                    host: e.host.to_path_buf(),
+                    meta: e.meta.clone(),
+                });
+            } else if ft.is_symlink() {
+                let target = fs::read_link(e.host)
+                    .map_err(|err| format!("cannot read link {}: {err}", e.host.display()))?;
+                links.push((
+                    parent.to_string(),
+                    DirEntry {
+                        name,
+                        kind: EntryKind::Symlink {
+                            target: target.as_os_str().as_bytes().to_vec(),
+                            mtime: seconds(e.meta),
+                        },
+                    },
+                ));
+            } else {
+                use std::os::unix::fs::FileTypeExt as _;
+                // Sockets are left out, as `docker build` leaves them.
+                if !ft.is_socket() {
+                    return Err(format!(
+                        "{}: a device or named pipe cannot be part of a build context",
+                        e.rel
+                    ));
+                }
+            }
+            Ok(())
+        })
+        .map_err(|m| {
+            if m.contains("more than") && m.contains("entries") {
+                ContextError::TooLarge(MAX_ENTRIES)
+            } else {
+                ContextError::Walk(m)
+            }
+        })?;
+    }
+
+    let (digests, read) = digest_files(&files, cache, started)?;
+    let mut blobs: BTreeMap<Digest, (PathBuf, u64)> = BTreeMap::new();
+    for (f, d) in files.iter().zip(&digests) {
+        blobs
+            .entry(*d)
+            .or_insert_with(|| (f.host.clone(), f.meta.size()));
+        if let Some(p) = dirs.get_mut(&f.parent) {
+            p.entries.push(DirEntry {
+                name: f.name.clone(),
+                kind: EntryKind::File {
+                    blob: *d,
+                    size: f.meta.size(),
+                    mode: f.meta.mode() & 0o7777,
+                    mtime: seconds(&f.meta),
+                },
+            });
+        }
+    }
+    for (parent, entry) in links {
+        if let Some(p) = dirs.get_mut(&parent) {
+            p.entries.push(entry);
+        }
+    }
+    // Deepest first, so each directory's children are done before it.
+    let mut order: Vec<String> = dirs.keys().cloned().collect();
+    order.sort_by_key(|rel| {
+        std::cmp::Reverse(if rel.is_empty() {
+            0
+        } else {
+            rel.matches('/').count() + 1
+        })
+    });
+    let mut out = Vec::with_capacity(order.len());
+    let mut root = Digest::of(b"");
+    for rel in order {
+        let Some(mut p) = dirs.remove(&rel) else {
+            continue;
+        };
+        p.entries.sort_by(|a, b| a.name.cmp(&b.name));
+        let node = Directory {
+            mode: p.mode,
+            mtime: p.mtime,
+            entries: p.entries,
+        };
+        let bytes = node.encode();
+        let digest = Digest::of(&bytes);
+        if rel.is_empty() {
+            root = digest;
+        } else {
+            let (parent, name) = rel.rsplit_once('/').unwrap_or(("", &rel));
+            let name = Path::new(name)
+                .file_name()
+                .unwrap_or(OsStr::new(name))
+                .as_bytes()
+                .to_vec();
+            if let Some(parent) = dirs.get_mut(parent) {
+                parent.entries.push(DirEntry {
+                    name,
+                    kind: EntryKind::Dir(digest),
+                });
+            }
+        }
+        out.push((digest, bytes));
+    }
+    Ok(Hashed {
+        root,
+        dirs: out,
+        files: blobs,
+        entries,
+        read,
+    })
 }
 
-/// Unpacks context blob `digest` from `cas` into the empty directory
-/// `dir`, keeping modes and times. Entries that would leave `dir` are
-/// refused by the tar reader.
-pub fn unpack(cas: &ContentStore, digest: &Digest, dir: &Path) -> Result<(), String> {
-    let reader = cas.open_blob(digest).map_err(|e| e.to_string())?;
-    let mut archive = tar::Archive::new(reader);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_mtime(true);
-    archive.set_unpack_xattrs(false);
-    archive
-        .unpack(dir)
-        .map_err(|e| format!("unpacking the build context into {}: {e}", dir.display()))
+/// Each file's digest: from `cache` when its stat is unchanged, else read
+/// (several files at once). Returns the digests in `files`' order and the
+/// bytes read.
+fn digest_files(
+    files: &[FileAt],
+    cache: &mut StatCache,
+    started: SystemTime,
+) -> Result<(Vec<Digest>, u64), ContextError> {
+    let mut digests: Vec<Option<Digest>> = files
+        .iter()
+        .map(|f| {
+            cache
+                .files
+                .get(&f.rel)
+                .filter(|(stat, _)| *stat == Stat::of(&f.meta))
+                .map(|(_, d)| *d)
+        })
+        .collect();
+    let todo: Vec<usize> = (0..files.len()).filter(|i| digests[*i].is_none()).collect();
+    let read: u64 = todo.iter().map(|i| files[*i].meta.size()).sum();
+    let next = AtomicUsize::new(0);
+    let done: Mutex<Vec<(usize, Result<Digest, ContextError>)>> = Mutex::default();
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8)
+        .min(todo.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&i) = todo.get(n) else {
+                        return;
+                    };
+                    let got = digest_file(&files[i].host);
+                    done.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((i, got));
+                }
+            });
+        }
+    });
+    let racy_from = started
+        .checked_sub(RACY)
+        .unwrap_or(UNIX_EPOCH)
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    for (i, got) in done
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        let d = got?;
+        digests[i] = Some(d);
+        let stat = Stat::of(&files[i].meta);
+        if stat.mtime_ns < racy_from && stat.ctime_ns < racy_from {
+            cache.files.insert(files[i].rel.clone(), (stat, d));
+        } else {
+            cache.files.remove(&files[i].rel);
+        }
+    }
+    // What the context no longer has, the cache forgets.
+    let present: HashSet<&str> = files.iter().map(|f| f.rel.as_str()).collect();
+    cache.files.retain(|rel, _| present.contains(rel.as_str()));
+    let digests = digests
+        .into_iter()
+        .zip(files)
+        .map(|(d, f)| {
+            d.ok_or_else(|| ContextError::Walk(format!("{}: no digest was taken", f.rel)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((digests, read))
+}
+
+fn digest_file(path: &Path) -> Result<Digest, ContextError> {
+    let read = |source| ContextError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = fs::File::open(path).map_err(read)?;
+    let mut h = blake3::Hasher::new();
+    h.update_reader(&mut f).map_err(read)?;
+    Ok(Digest(*h.finalize().as_bytes()))
+}
+
+/// Every blob the tree of `root` names, as far as `cas` holds its
+/// directories: (directories found, files and directories named but
+/// absent). Bounded by [`MAX_ENTRIES`]; walks with a queue, never by
+/// recursion.
+pub fn closure(cas: &ContentStore, root: &Digest) -> Result<Closure, ContextError> {
+    let mut out = Closure::default();
+    let mut queue = std::collections::VecDeque::from([*root]);
+    let mut seen: HashSet<Digest> = HashSet::from([*root]);
+    while let Some(d) = queue.pop_front() {
+        let dir = match read_directory(cas, &d) {
+            Ok(dir) => dir,
+            Err(ContextError::Missing(_)) => {
+                out.absent.push(d);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        out.dirs.push(d);
+        for e in dir.entries {
+            if out.dirs.len() + out.files.len() > MAX_ENTRIES {
+                return Err(ContextError::TooLarge(MAX_ENTRIES));
+            }
+            match e.kind {
+                EntryKind::Dir(child) => {
+                    if seen.insert(child) {
+                        queue.push_back(child);
+                    }
+                }
+                EntryKind::File { blob, .. } => {
+                    if seen.insert(blob) {
+                        out.files.push(blob);
+                    }
+                }
+                EntryKind::Symlink { .. } => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What [`closure`] found.
+#[derive(Debug, Default)]
+pub struct Closure {
+    /// Directory blobs present and read.
+    pub dirs: Vec<Digest>,
+    /// File blobs the directories name (present or not).
+    pub files: Vec<Digest>,
+    /// Directory blobs named but not in the store.
+    pub absent: Vec<Digest>,
+}
+
+impl Closure {
+    /// Every blob: directories, files, absent directories.
+    pub fn all(&self) -> impl Iterator<Item = &Digest> {
+        self.dirs.iter().chain(&self.files).chain(&self.absent)
+    }
+}
+
+/// Every directory of the tree of `root`, read from `cas` and checked;
+/// an absent one is an error. Walks with a queue, never by recursion.
+fn read_tree(
+    cas: &ContentStore,
+    root: &Digest,
+) -> Result<HashMap<Digest, Directory>, ContextError> {
+    let mut nodes = HashMap::new();
+    let mut queue = std::collections::VecDeque::from([*root]);
+    while let Some(d) = queue.pop_front() {
+        if nodes.contains_key(&d) {
+            continue;
+        }
+        let node = read_directory(cas, &d)?;
+        for e in &node.entries {
+            if let EntryKind::Dir(child) = e.kind
+                && !nodes.contains_key(&child)
+            {
+                queue.push_back(child);
+            }
+        }
+        nodes.insert(d, node);
+        if nodes.len() > MAX_ENTRIES {
+            return Err(ContextError::TooLarge(MAX_ENTRIES));
+        }
+    }
+    Ok(nodes)
+}
+
+/// How many entries the tree of `root` has written out: a directory named
+/// twice counts twice. Computed bottom up with a memo, never by recursion.
+fn expanded(nodes: &HashMap<Digest, Directory>, root: &Digest) -> u64 {
+    let mut memo: HashMap<Digest, u64> = HashMap::new();
+    let mut stack = vec![(*root, false)];
+    while let Some((d, children_done)) = stack.pop() {
+        if memo.contains_key(&d) {
+            continue;
+        }
+        let Some(node) = nodes.get(&d) else {
+            memo.insert(d, 0);
+            continue;
+        };
+        let children = node.entries.iter().filter_map(|e| match e.kind {
+            EntryKind::Dir(c) => Some(c),
+            _ => None,
+        });
+        if children_done {
+            let below = children.fold(0u64, |n, c| {
+                n.saturating_add(memo.get(&c).copied().unwrap_or(0))
+            });
+            memo.insert(d, below.saturating_add(node.entries.len() as u64));
+        } else {
+            stack.push((d, true));
+            stack.extend(
+                children
+                    .filter(|c| !memo.contains_key(c))
+                    .map(|c| (c, false)),
+            );
+        }
+    }
+    memo.get(root).copied().unwrap_or(0)
+}
+
+/// Writes the tree of `root` from `cas` into the empty directory `dir`:
+/// files copied from their blobs with their modes and times, links,
+/// directories (their times set last). Every directory blob is checked
+/// ([`Directory::decode`]): names are single components, so nothing is
+/// written outside `dir`; a tree that would expand past [`MAX_ENTRIES`]
+/// is refused before anything is written. Walks with a stack, never by
+/// recursion. Returns the entries written.
+pub fn materialize(cas: &ContentStore, root: &Digest, dir: &Path) -> Result<usize, ContextError> {
+    let nodes = read_tree(cas, root)?;
+    if expanded(&nodes, root) > MAX_ENTRIES as u64 {
+        return Err(ContextError::TooLarge(MAX_ENTRIES));
+    }
+    let write = |path: &Path, source| ContextError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stack = vec![(*root, dir.to_path_buf())];
+    let mut dirs = Vec::new();
+    let mut written = 0usize;
+    while let Some((digest, at)) = stack.pop() {
+        let node = nodes.get(&digest).ok_or(ContextError::Missing(digest))?;
+        dirs.push((at.clone(), node.mode, node.mtime));
+        for e in &node.entries {
+            written += 1;
+            let path = at.join(OsStr::from_bytes(&e.name));
+            match &e.kind {
+                EntryKind::Dir(child) => {
+                    fs::create_dir(&path).map_err(|err| write(&path, err))?;
+                    stack.push((*child, path));
+                }
+                EntryKind::File {
+                    blob,
+                    size,
+                    mode,
+                    mtime,
+                } => {
+                    let info = cas.info(blob)?.ok_or(ContextError::Missing(*blob))?;
+                    if info.size != *size {
+                        return Err(ContextError::BadDirectory {
+                            digest,
+                            detail: format!(
+                                "{} is {size} bytes, but its blob {blob} holds {}",
+                                path.display(),
+                                info.size
+                            ),
+                        });
+                    }
+                    fs::copy(cas.blob_path(blob), &path).map_err(|err| write(&path, err))?;
+                    fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))
+                        .map_err(|err| write(&path, err))?;
+                    set_mtime(&path, *mtime).map_err(|err| write(&path, err))?;
+                }
+                EntryKind::Symlink { target, mtime } => {
+                    std::os::unix::fs::symlink(OsStr::from_bytes(target), &path)
+                        .map_err(|err| write(&path, err))?;
+                    set_mtime(&path, *mtime).map_err(|err| write(&path, err))?;
+                }
+            }
+        }
+    }
+    // Children change their directory's time: directories go last.
+    for (at, mode, mtime) in dirs.into_iter().rev() {
+        fs::set_permissions(&at, fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(|err| write(&at, err))?;
+        set_mtime(&at, mtime).map_err(|err| write(&at, err))?;
+    }
+    Ok(written)
+}
+
+fn set_mtime(path: &Path, secs: i64) -> std::io::Result<()> {
+    let t = nix::sys::time::TimeSpec::new(secs, 0);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &t,
+        &t,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(std::io::Error::from)
 }
 
 /// How long a context a client uploaded or asked about is kept from
@@ -105,38 +884,52 @@ impl Pins {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt as _;
+
+    fn sample(p: &Path) {
+        fs::create_dir_all(p.join("src/deep")).unwrap();
+        fs::write(p.join("src/deep/a.txt"), "a").unwrap();
+        fs::write(p.join("src/b.txt"), "a").unwrap();
+        fs::write(p.join("build.sh"), "#!/bin/sh\n").unwrap();
+        fs::set_permissions(p.join("build.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(p.join("secret.key"), "no").unwrap();
+        std::os::unix::fs::symlink("src/deep/a.txt", p.join("link")).unwrap();
+    }
+
+    fn store(cas: &ContentStore, h: &Hashed) {
+        for (_, bytes) in &h.dirs {
+            cas.put(bytes).unwrap();
+        }
+        for (path, _) in h.files.values() {
+            cas.put(&fs::read(path).unwrap()).unwrap();
+        }
+    }
 
     #[test]
     fn the_context_arrives_as_copy_would_see_it() {
-        let store = tempfile::tempdir().unwrap();
-        let cas = ContentStore::open(store.path()).unwrap();
         let ctx = tempfile::tempdir().unwrap();
         let p = ctx.path();
-        std::fs::create_dir_all(p.join("src/deep")).unwrap();
-        std::fs::write(p.join("src/deep/a.txt"), "a").unwrap();
-        std::fs::write(p.join("build.sh"), "#!/bin/sh\n").unwrap();
-        std::fs::set_permissions(p.join("build.sh"), std::fs::Permissions::from_mode(0o755))
-            .unwrap();
-        std::fs::write(p.join("secret.key"), "no").unwrap();
-        std::os::unix::fs::symlink("src/deep/a.txt", p.join("link")).unwrap();
+        sample(p);
         let ignore = IgnoreMatcher::new(&["*.key"]).unwrap();
-        let d = pack(&cas, p, &ignore).unwrap();
+        let h = hash(p, &ignore, &mut StatCache::default()).unwrap();
         assert_eq!(
-            d,
-            pack(&cas, p, &ignore).unwrap(),
-            "packing is deterministic"
+            h.root,
+            hash(p, &ignore, &mut StatCache::default()).unwrap().root,
+            "hashing is deterministic"
         );
+        assert_eq!(h.files.len(), 2, "the same contents are one blob");
+        assert_eq!(h.entries, 6);
 
+        let store_dir = tempfile::tempdir().unwrap();
+        let cas = ContentStore::open(store_dir.path()).unwrap();
+        store(&cas, &h);
         let out = tempfile::tempdir().unwrap();
-        unpack(&cas, &d, out.path()).unwrap();
-        let o = out.path();
+        let o = out.path().join("ctx");
+        fs::create_dir(&o).unwrap();
+        materialize(&cas, &h.root, &o).unwrap();
+        assert_eq!(fs::read_to_string(o.join("src/deep/a.txt")).unwrap(), "a");
+        assert_eq!(fs::read_to_string(o.join("src/b.txt")).unwrap(), "a");
         assert_eq!(
-            std::fs::read_to_string(o.join("src/deep/a.txt")).unwrap(),
-            "a"
-        );
-        assert_eq!(
-            std::fs::metadata(o.join("build.sh"))
+            fs::metadata(o.join("build.sh"))
                 .unwrap()
                 .permissions()
                 .mode()
@@ -144,10 +937,146 @@ mod tests {
             0o755
         );
         assert_eq!(
-            std::fs::read_link(o.join("link")).unwrap(),
+            fs::read_link(o.join("link")).unwrap(),
             Path::new("src/deep/a.txt")
         );
         assert!(!o.join("secret.key").exists(), ".dockerignore is applied");
+        assert_eq!(
+            fs::metadata(o.join("src/deep/a.txt")).unwrap().mtime(),
+            fs::metadata(p.join("src/deep/a.txt")).unwrap().mtime(),
+            "times are kept"
+        );
+        // Written out and hashed again, it is the same tree.
+        assert_eq!(
+            hash(&o, &IgnoreMatcher::default(), &mut StatCache::default())
+                .unwrap()
+                .root,
+            h.root
+        );
+        let c = closure(&cas, &h.root).unwrap();
+        assert_eq!((c.dirs.len(), c.files.len(), c.absent.len()), (3, 2, 0));
+    }
+
+    #[test]
+    fn one_edit_changes_one_file_blob_and_the_directories_above_it() {
+        let ctx = tempfile::tempdir().unwrap();
+        let p = ctx.path();
+        sample(p);
+        let none = IgnoreMatcher::default();
+        let before = hash(p, &none, &mut StatCache::default()).unwrap();
+        fs::write(p.join("src/deep/a.txt"), "edited").unwrap();
+        let after = hash(p, &none, &mut StatCache::default()).unwrap();
+        let old: HashSet<Digest> = before.blobs().into_iter().collect();
+        let new: Vec<Digest> = after
+            .blobs()
+            .into_iter()
+            .filter(|d| !old.contains(d))
+            .collect();
+        // The file, src/deep, src and the root.
+        assert_eq!(new.len(), 4, "{new:?}");
+    }
+
+    #[test]
+    fn an_unchanged_file_is_not_read_again() {
+        let ctx = tempfile::tempdir().unwrap();
+        let p = ctx.path();
+        fs::write(p.join("old"), vec![7u8; 10_000]).unwrap();
+        set_mtime(&p.join("old"), 1_000_000_000).unwrap();
+        let none = IgnoreMatcher::default();
+        let mut cache = StatCache::default();
+        // Just changed: its digest is taken, not remembered.
+        let first = hash(p, &none, &mut cache).unwrap();
+        assert_eq!(first.read, 10_000);
+        assert_eq!(hash(p, &none, &mut cache).unwrap().read, 10_000);
+        // Hashed well after the change: remembered, across a save.
+        let later = SystemTime::now() + Duration::from_secs(10);
+        hash_at(p, &none, &mut cache, later).unwrap();
+        let saved = tempfile::tempdir().unwrap();
+        let at = saved.path().join("cache");
+        cache.save(&at).unwrap();
+        let mut cache = StatCache::load(&at);
+        let second = hash_at(p, &none, &mut cache, later).unwrap();
+        assert_eq!((second.read, second.root), (0, first.root));
+        // Its stat changes (ctime moves, mtime kept): it is read again.
+        fs::write(p.join("old"), vec![8u8; 10_000]).unwrap();
+        set_mtime(&p.join("old"), 1_000_000_000).unwrap();
+        let third = hash_at(p, &none, &mut cache, later).unwrap();
+        assert_eq!(third.read, 10_000);
+        assert_ne!(third.root, first.root);
+    }
+
+    #[test]
+    fn a_hostile_directory_blob_is_refused() {
+        let d = Digest::of(b"x");
+        let entry = |name: &[u8]| DirEntry {
+            name: name.to_vec(),
+            kind: EntryKind::Dir(d),
+        };
+        let dir = |entries| Directory {
+            mode: 0o755,
+            mtime: 0,
+            entries,
+        };
+        for bad in [
+            dir(vec![entry(b"..")]),
+            dir(vec![entry(b"a/b")]),
+            dir(vec![entry(b"")]),
+            dir(vec![entry(b"b"), entry(b"a")]),
+            dir(vec![entry(b"a"), entry(b"a")]),
+        ] {
+            let bytes = bad.encode();
+            assert!(
+                matches!(
+                    Directory::decode(&Digest::of(&bytes), &bytes),
+                    Err(ContextError::BadDirectory { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(Directory::decode(&d, b"not a directory").is_err());
+        let good = dir(vec![entry(b"a"), entry(b"b")]).encode();
+        assert!(Directory::decode(&Digest::of(&good), &good).is_ok());
+    }
+
+    #[test]
+    fn a_tree_that_expands_past_the_bound_is_refused_not_written() {
+        // Each level names the one below twice: 2^40 paths from 40 blobs.
+        let store_dir = tempfile::tempdir().unwrap();
+        let cas = ContentStore::open(store_dir.path()).unwrap();
+        let mut below = cas
+            .put(
+                &Directory {
+                    mode: 0o755,
+                    mtime: 0,
+                    entries: vec![],
+                }
+                .encode(),
+            )
+            .unwrap();
+        for _ in 0..40 {
+            let node = Directory {
+                mode: 0o755,
+                mtime: 0,
+                entries: vec![
+                    DirEntry {
+                        name: b"a".to_vec(),
+                        kind: EntryKind::Dir(below),
+                    },
+                    DirEntry {
+                        name: b"b".to_vec(),
+                        kind: EntryKind::Dir(below),
+                    },
+                ],
+            };
+            below = cas.put(&node.encode()).unwrap();
+        }
+        let c = closure(&cas, &below).unwrap();
+        assert_eq!(c.dirs.len(), 41, "each blob is read once");
+        let out = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            materialize(&cas, &below, out.path()),
+            Err(ContextError::TooLarge(_))
+        ));
     }
 
     #[test]

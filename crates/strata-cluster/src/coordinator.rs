@@ -337,8 +337,17 @@ impl Coordinator {
                 .pinned(Instant::now());
             let evicted = tokio::task::spawn_blocking(move || {
                 let now = strata_cas::now_unix();
+                // A pinned context keeps every blob its tree names.
+                let mut keep = HashSet::new();
+                for root in &pinned {
+                    keep.insert(*root);
+                    match crate::context::closure(&me.node.content, root) {
+                        Ok(c) => keep.extend(c.all().copied()),
+                        Err(e) => tracing::warn!(context = %root, error = %e, "cannot read a pinned context's tree"),
+                    }
+                }
                 let (total, mut candidates) = strata_worker::candidates(&me.node, now)?;
-                candidates.retain(|c| !pinned.contains(&c.blob));
+                candidates.retain(|c| !keep.contains(&c.blob));
                 let victims = strata_worker::choose(total, &candidates, &me.keep, now, &|_| false);
                 strata_worker::evict(&me.node, &victims)
             })
@@ -643,6 +652,29 @@ impl Coordinator {
                     self.pin(d);
                 }
                 Reply::Bool(has)
+            }
+            Request::Missing { context, blobs } if matches!(role, Role::Client | Role::Admin) => {
+                if blobs.len() > crate::protocol::MAX_MISSING_ASKED {
+                    Reply::Error(format!(
+                        "asked about {} blobs at once, over the {} a request may name",
+                        blobs.len(),
+                        crate::protocol::MAX_MISSING_ASKED
+                    ))
+                } else {
+                    self.pin(context);
+                    let node = Arc::clone(&self.node);
+                    let lacks = tokio::task::spawn_blocking(move || {
+                        blobs
+                            .into_iter()
+                            .filter(|d| !node.content.contains(d).unwrap_or(false))
+                            .collect::<Vec<_>>()
+                    })
+                    .await;
+                    match lacks {
+                        Ok(lacks) => Reply::Missing(lacks),
+                        Err(e) => Reply::Error(format!("looking blobs up stopped: {e}")),
+                    }
+                }
             }
             Request::PutBlob(d) if matches!(role, Role::Client | Role::Admin) => {
                 return self.receive_upload(conn, d, send, recv).await;
@@ -999,7 +1031,6 @@ impl Coordinator {
                                 .refund(client, announced.size);
                         }
                         got?;
-                        self.pin(d);
                         Reply::Ok
                     }
                 }
@@ -1271,14 +1302,38 @@ impl Coordinator {
             let _ = events.send(BuildEvent::Failed { message, tail });
         };
         let begun = Instant::now();
-        // Held for the whole build: workers fetch it from here.
+        // Held for the whole build, every blob of its tree: workers fetch
+        // them from here.
         let mut context_lease = self.node.content.lease();
         context_lease.hold(submit.context);
-        if !self.node.content.contains(&submit.context).unwrap_or(false) {
-            return fail(
-                format!("build context {} was not uploaded", submit.context),
-                vec![],
-            );
+        let node = Arc::clone(&self.node);
+        let root = submit.context;
+        let tree = tokio::task::spawn_blocking(move || {
+            crate::context::closure(&node.content, &root).map(|c| {
+                let absent = c
+                    .all()
+                    .filter(|d| !node.content.contains(d).unwrap_or(false))
+                    .count();
+                (c, absent)
+            })
+        })
+        .await;
+        match tree {
+            Ok(Ok((c, 0))) => {
+                for d in c.all() {
+                    context_lease.hold(*d);
+                }
+            }
+            Ok(Ok((_, absent))) => {
+                return fail(
+                    format!(
+                        "build context {root} was not uploaded whole ({absent} of its blobs are missing)"
+                    ),
+                    vec![],
+                );
+            }
+            Ok(Err(e)) => return fail(format!("build context: {e}"), vec![]),
+            Err(e) => return fail(format!("reading the build context stopped: {e}"), vec![]),
         }
         self.pins
             .lock()

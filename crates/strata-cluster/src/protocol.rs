@@ -353,6 +353,17 @@ pub enum Request {
     /// asks every live worker); coordinator → worker: where its are
     /// ([`Reply::Usage`]).
     Du,
+    /// Client → coordinator: which of these blobs of the build context
+    /// whose root directory is `context` it lacks, at most
+    /// [`MAX_MISSING_ASKED`] ([`Reply::Missing`]). The context is kept,
+    /// with every blob its tree names, for the build the client submits
+    /// next.
+    Missing {
+        /// The context's root directory blob.
+        context: Digest,
+        /// Blobs of its tree.
+        blobs: Vec<Digest>,
+    },
 }
 
 /// One node's line of `strata cluster du`.
@@ -386,6 +397,10 @@ pub const MAX_TAGS: (usize, usize) = (64, 256);
 /// The most blobs one [`Request::Spare`] may ask about.
 pub const MAX_SPARE_ASKED: usize = 100_000;
 
+/// The most blobs one [`Request::Missing`] may ask about (a client asks
+/// about more in several): 8 MiB of digests, half a frame.
+pub const MAX_MISSING_ASKED: usize = 250_000;
+
 /// The most (blob, holder) pairs one [`Request::Lacking`] may name.
 pub const MAX_LACKING: usize = 256;
 
@@ -414,4 +429,6 @@ pub enum Reply {
     Imported(usize),
     /// Where nodes' bytes are.
     Usage(Vec<NodeUsage>),
+    /// The blobs asked about that are not stored.
+    Missing(Vec<Digest>),
 }

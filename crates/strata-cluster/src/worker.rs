@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use strata_cas::Digest;
+use strata_cas::{Digest, Lease};
 use strata_dockerfile::IgnoreMatcher;
 use strata_net::{Connection, Endpoint, Role, read_frame, write_frame};
 use strata_plan::{Plan, StagePlan};
@@ -23,6 +23,9 @@ use crate::peers::{FetchError, Peers};
 use crate::protocol::{
     BuildSpec, CopyError, ExecEvent, Holder, MAX_LACKING, Registration, Reply, Request, StepRef,
 };
+
+/// Blobs of a build context a worker fetches at once.
+const CONTEXT_FETCHES: usize = 16;
 
 /// A build some of whose stages run here.
 struct BuildHere {
@@ -551,17 +554,7 @@ impl WorkerNode {
             name: conn.peer.name.clone(),
             addr: conn.addr,
         };
-        if !self.node.content.contains(&spec.context).unwrap_or(false) {
-            self.peers
-                .fetch(
-                    &self.node.content,
-                    &spec.context,
-                    std::slice::from_ref(&coordinator),
-                    None,
-                )
-                .await
-                .map_err(|e| e.message)?;
-        }
+        let context_lease = self.fetch_context(spec.context, &coordinator).await?;
         let tmp = self.node.home().join("tmp");
         let node = Arc::clone(&self.node);
         let grants = self.grants.clone();
@@ -570,7 +563,9 @@ impl WorkerNode {
                 .prefix("context-")
                 .tempdir_in(&tmp)
                 .map_err(|e| format!("cannot make a directory in {}: {e}", tmp.display()))?;
-            crate::context::unpack(&node.content, &spec.context, dir.path())?;
+            crate::context::materialize(&node.content, &spec.context, dir.path())
+                .map_err(|e| format!("writing out the build context: {e}"))?;
+            drop(context_lease);
             let replay = crate::plan::Replay::new(&spec.bases)?;
             let plan = spec.inputs.plan(&replay).map_err(|e| e.to_string())?;
             if crate::plan::digest(&plan) != spec.plan {
@@ -584,6 +579,7 @@ impl WorkerNode {
                 IgnoreMatcher::default(),
                 spec.secrets,
             )
+            .context_named(spec.context)
             .granting(grants);
             Ok(BuildHere {
                 id: spec.build_id,
@@ -600,6 +596,77 @@ impl WorkerNode {
             .insert((conn.peer.name.clone(), spec.id), Arc::new(here));
         tracing::info!(coordinator = %conn.peer.name, "took on the build");
         Ok(())
+    }
+
+    /// Fetches the blobs of context tree `root` this worker lacks from the
+    /// coordinator: its directories level by level, then its files,
+    /// [`CONTEXT_FETCHES`] at once. Returns a lease holding every blob of
+    /// the tree until it is written out.
+    async fn fetch_context(&self, root: Digest, from: &Holder) -> Result<Lease, String> {
+        use futures_util::StreamExt as _;
+        use futures_util::TryStreamExt as _;
+        let cas = &self.node.content;
+        let holders = std::slice::from_ref(from);
+        let fetch_all = |blobs: Vec<Digest>| async move {
+            futures_util::stream::iter(blobs.into_iter().map(|d| async move {
+                self.peers
+                    .fetch(cas, &d, holders, None)
+                    .await
+                    .map_err(|e| format!("fetching the build context: {}", e.message))
+            }))
+            .buffer_unordered(CONTEXT_FETCHES)
+            .try_collect::<Vec<u64>>()
+            .await
+        };
+        let mut lease = cas.lease();
+        let mut seen = HashSet::from([root]);
+        let (mut level, mut files) = (vec![root], Vec::new());
+        while !level.is_empty() {
+            for d in &level {
+                lease.hold(*d);
+            }
+            let lacking: Vec<Digest> = level
+                .iter()
+                .filter(|d| !cas.contains(d).unwrap_or(false))
+                .copied()
+                .collect();
+            fetch_all(lacking).await?;
+            let mut next = Vec::new();
+            for d in &level {
+                let dir = crate::context::read_directory(cas, d).map_err(|e| e.to_string())?;
+                for e in dir.entries {
+                    if seen.len() > crate::context::MAX_ENTRIES {
+                        return Err(crate::context::ContextError::TooLarge(
+                            crate::context::MAX_ENTRIES,
+                        )
+                        .to_string());
+                    }
+                    match e.kind {
+                        crate::context::EntryKind::Dir(c) if seen.insert(c) => next.push(c),
+                        crate::context::EntryKind::File { blob, .. } if seen.insert(blob) => {
+                            files.push(blob)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            level = next;
+        }
+        for d in &files {
+            lease.hold(*d);
+        }
+        let lacking: Vec<Digest> = files
+            .into_iter()
+            .filter(|d| !cas.contains(d).unwrap_or(false))
+            .collect();
+        let fetched = fetch_all(lacking).await?;
+        tracing::debug!(
+            context = %root,
+            blobs = fetched.len(),
+            bytes = fetched.iter().sum::<u64>(),
+            "fetched the build context's missing blobs"
+        );
+        Ok(lease)
     }
 
     fn build(&self, from: &str, id: u64) -> Result<Arc<BuildHere>, WorkerError> {
@@ -897,5 +964,6 @@ pub(crate) fn request_name(r: &Request) -> &'static str {
         Request::Spare(_) => "which blobs are spare copies",
         Request::ImportCache(_) => "to import a cache into the cluster's index",
         Request::Du => "where its bytes are",
+        Request::Missing { .. } => "which blobs of a build context it lacks",
     }
 }

@@ -18,8 +18,9 @@ enum BlobHeader {
     Found {
         /// How many.
         size: u64,
-        /// Their sha256, as the sender's store records it.
-        sha256: Sha256,
+        /// Their sha256, as the sender's store records it; a sender that
+        /// never stored them (a client sending a context file) has none.
+        sha256: Option<Sha256>,
     },
     /// The sender does not hold it.
     Missing,
@@ -36,7 +37,7 @@ pub struct Announced {
     /// The bytes that follow, at most.
     pub size: u64,
     /// Their sha256, as the sender says: checked on receipt.
-    sha256: Sha256,
+    sha256: Option<Sha256>,
 }
 
 const CHUNK: usize = 1 << 20;
@@ -75,17 +76,47 @@ pub async fn send_blob(
         send,
         &BlobHeader::Found {
             size: info.size,
-            sha256: info.sha256,
+            sha256: Some(info.sha256),
         },
         peer,
     )
     .await?;
+    stream_file(send, &mut file, &path, digest, peer).await
+}
+
+/// Sends the file at `path` as blob `digest` of `size` bytes, as
+/// [`send_blob`] sends a stored blob: the receiver computes its digests and
+/// refuses it if it is not `digest` (or not `size` bytes, as when the file
+/// changes while it is sent). Returns the bytes sent.
+pub async fn send_file(
+    send: &mut quinn::SendStream,
+    path: &std::path::Path,
+    digest: &Digest,
+    size: u64,
+    peer: SocketAddr,
+) -> Result<u64> {
+    let mut file = tokio::fs::File::open(path).await.map_err(|e| Error::Io {
+        what: "cannot read",
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    write_frame(send, &BlobHeader::Found { size, sha256: None }, peer).await?;
+    stream_file(send, &mut file, path, digest, peer).await
+}
+
+async fn stream_file(
+    send: &mut quinn::SendStream,
+    file: &mut tokio::fs::File,
+    path: &std::path::Path,
+    digest: &Digest,
+    peer: SocketAddr,
+) -> Result<u64> {
     let mut buf = vec![0u8; CHUNK];
     let mut sent = 0u64;
     loop {
         let n = file.read(&mut buf).await.map_err(|e| Error::Io {
             what: "cannot read",
-            path: path.clone(),
+            path: path.to_path_buf(),
             source: e,
         })?;
         if n == 0 {
@@ -217,7 +248,7 @@ pub async fn recv_announced(
     if w.size() != size {
         return Err(blob_err(format!("{} of {size} bytes arrived", w.size())));
     }
-    match w.commit_expecting(*digest, Some(&sha256)) {
+    match w.commit_expecting(*digest, sha256.as_ref()) {
         Ok(_) => Ok(size),
         Err(strata_cas::Error::Unexpected { actual, .. }) => {
             Err(forged(format!("the bytes hash to {actual}: refused")))

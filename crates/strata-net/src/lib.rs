@@ -26,7 +26,7 @@ mod identity;
 
 pub use blob::{
     Announced, read_blob_header, recv_announced, recv_blob, recv_blob_limited, refuse_blob,
-    send_blob,
+    send_blob, send_file,
 };
 pub use endpoint::{Connection, Endpoint, https_config};
 pub use error::{Error, Result};
@@ -38,4 +38,4 @@ pub const ALPN: &[u8] = b"strata/1";
 
 /// The version of the messages within [`ALPN`]; peers that differ are
 /// refused at the handshake.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;

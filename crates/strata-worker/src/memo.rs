@@ -36,11 +36,26 @@ impl SelectionMemo {
     /// It names the checksum's version, so a change to what the checksum
     /// covers never returns an old value.
     pub fn key(layers: &[LayerRef], specs: &[String], excludes: &[String]) -> Digest {
+        Self::keyed(b"memo\0", layers.iter().map(|l| &l.blob), specs, excludes)
+    }
+
+    /// The memo key of selecting `specs` minus `excludes` from a build
+    /// context whose content digest is `context` (its tree's root).
+    pub fn context_key(context: &Digest, specs: &[String], excludes: &[String]) -> Digest {
+        Self::keyed(b"context\0", std::iter::once(context), specs, excludes)
+    }
+
+    fn keyed<'a>(
+        kind: &[u8],
+        sources: impl Iterator<Item = &'a Digest>,
+        specs: &[String],
+        excludes: &[String],
+    ) -> Digest {
         let mut h = blake3::Hasher::new();
         h.update(crate::select::CHECKSUM_VERSION);
-        h.update(b"memo\0");
-        for l in layers {
-            h.update(&l.blob.0);
+        h.update(kind);
+        for d in sources {
+            h.update(&d.0);
         }
         for (tag, list) in [("spec", specs), ("exclude", excludes)] {
             for s in list {

@@ -42,6 +42,9 @@ pub struct LocalWorker {
     /// What a bind mount of the context shows: a copy without the
     /// ignored files, made the first time a step needs it.
     visible_context: OnceLock<Result<tempfile::TempDir, String>>,
+    /// The context's content digest when it is known (a cluster build's
+    /// context tree): selections from it are then remembered by it.
+    context_id: Option<Digest>,
 }
 
 /// Numbers the sandboxes of this process: container IDs name runtime
@@ -74,7 +77,17 @@ impl LocalWorker {
             provided: Mutex::default(),
             grants: strata_plan::Grants::default(),
             visible_context: OnceLock::new(),
+            context_id: None,
         }
+    }
+
+    /// The context directory holds exactly the tree named `id` (written
+    /// out from it, never changed): what a step selects from it is
+    /// remembered by `id`, so a later build of the same tree does not hash
+    /// its files again.
+    pub fn context_named(mut self, id: Digest) -> LocalWorker {
+        self.context_id = Some(id);
+        self
     }
 
     /// The context as a bind mount shows it: the directory itself when
@@ -248,13 +261,23 @@ impl LocalWorker {
     ) -> Result<Digest, WorkerError> {
         match source {
             Source::Context => {
+                let key = self
+                    .context_id
+                    .map(|id| SelectionMemo::context_key(&id, specs, excludes));
+                if let Some(known) = key.and_then(|k| self.node.selections.get(&k)) {
+                    return Ok(known);
+                }
                 let root = SourceRoot {
                     root: &self.context,
                     ignore: Some(&self.ignore),
                     keep_owner: false,
                 };
-                checksum(&root, specs, excludes)
-                    .map_err(|m| err(format!("{m} in the build context")))
+                let sum = checksum(&root, specs, excludes)
+                    .map_err(|m| err(format!("{m} in the build context")))?;
+                if let Some(k) = key {
+                    self.node.selections.put(&k, &sum);
+                }
+                Ok(sum)
             }
             other => {
                 let layers = self.layers_of(other, sources)?;
