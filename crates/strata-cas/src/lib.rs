@@ -27,6 +27,6 @@ pub use db::MetaDb;
 
 pub use digest::{Digest, ParseDigestError, Sha256};
 pub use store::{
-    BlobInfo, BlobReader, BlobWriter, ContentStore, Error, LAST_USED_GRANULARITY, Lease, Result,
-    last_used_is_stale, now_unix,
+    Batch, BlobInfo, BlobReader, BlobWriter, ContentStore, Error, LAST_USED_GRANULARITY, Lease,
+    Result, last_used_is_stale, now_unix,
 };

@@ -263,6 +263,14 @@ impl ContentStore {
         })
     }
 
+    /// A batch of blobs to be made durable together ([`Batch`]).
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            store: self,
+            pending: Vec::new(),
+        }
+    }
+
     /// Stores `data`; storing the same bytes again is a no-op.
     pub fn put(&self, data: &[u8]) -> Result<Digest> {
         // Hashing first keeps the common case (an image config or manifest
@@ -644,6 +652,125 @@ impl BlobWriter<'_> {
     /// The sha256 of what has been written so far.
     pub fn sha256(&self) -> Sha256 {
         Sha256(self.sha256.clone().finalize().into())
+    }
+
+    /// Finishes the blob as part of `batch`, to be made durable and stored
+    /// with the batch's other blobs by [`Batch::commit`]; fails (storing
+    /// nothing) unless the content hashes to `expected`. Returns its digest.
+    pub fn finish_into(mut self, batch: &mut Batch<'_>, expected: Digest) -> Result<Digest> {
+        let actual = Digest(*self.blake3.finalize().as_bytes());
+        if actual != expected {
+            return Err(Error::Unexpected { expected, actual });
+        }
+        let sha256 = self.sha256();
+        let Some(buf) = self.file.take() else {
+            return Err(Error::Io {
+                what: "cannot finish",
+                path: self.tmp.clone(),
+                source: io::Error::other("writer already finished"),
+            });
+        };
+        let file = buf.into_inner().map_err(|e| Error::Io {
+            what: "cannot write",
+            path: self.tmp.clone(),
+            source: e.into_error(),
+        })?;
+        drop(file);
+        batch.pending.push(Pending {
+            tmp: std::mem::take(&mut self.tmp),
+            digest: actual,
+            size: self.size,
+            sha256,
+        });
+        Ok(actual)
+    }
+}
+
+/// A blob written and checked, waiting for its batch's commit.
+struct Pending {
+    tmp: PathBuf,
+    digest: Digest,
+    size: u64,
+    sha256: Sha256,
+}
+
+/// Blobs made durable together: many small blobs (a build context's
+/// files) cost one sync of the filesystem for the data and one for the
+/// names, not two syncs each, as git's batched fsync does. Each blob is
+/// still whole under its name or absent: every blob's bytes are on disk
+/// before any is renamed into place. Dropped without
+/// [`Batch::commit`], it leaves nothing behind.
+pub struct Batch<'a> {
+    store: &'a ContentStore,
+    pending: Vec<Pending>,
+}
+
+impl Batch<'_> {
+    /// Blobs waiting.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether none is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Makes every blob of the batch durable, moves it into place and
+    /// records it. Returns how many were new.
+    pub fn commit(mut self) -> Result<usize> {
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
+        let store = self.store;
+        let sync = |what: &'static str| -> Result<()> {
+            let root = File::open(&store.root).map_err(io_err("cannot open", &store.root))?;
+            nix::unistd::syncfs(&root).map_err(|e| Error::Io {
+                what,
+                path: store.root.clone(),
+                source: e.into(),
+            })
+        };
+        // The bytes first, then the names.
+        sync("cannot sync the blobs in")?;
+        let mut moved = Vec::new();
+        for p in std::mem::take(&mut self.pending) {
+            if store.contains(&p.digest)? && store.blob_path(&p.digest).exists() {
+                let _ = fs::remove_file(&p.tmp);
+                continue;
+            }
+            let dest = store.blob_path(&p.digest);
+            let dir = dest.parent().unwrap_or(&store.root).to_path_buf();
+            fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+            fs::rename(&p.tmp, &dest).map_err(io_err("cannot move blob to", &dest))?;
+            moved.push((p, dest));
+        }
+        sync("cannot sync the blob names in")?;
+        let now = now_unix();
+        let new = moved.len();
+        for (p, dest) in moved {
+            let info = BlobInfo {
+                size: p.size,
+                sha256: p.sha256,
+                created: now,
+                last_used: now,
+                labels: BTreeMap::new(),
+            };
+            if let Err(e) = store.record_new(&p.digest, &info) {
+                let _ = fs::remove_file(&dest);
+                return Err(e);
+            }
+        }
+        store.changes.fetch_add(new as u64, Ordering::SeqCst);
+        Ok(new)
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        for p in self.pending.drain(..) {
+            let _ = fs::remove_file(&p.tmp);
+        }
     }
 }
 

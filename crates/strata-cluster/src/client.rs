@@ -4,7 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use strata_cas::{ContentStore, Digest};
-use strata_net::{Connection, Endpoint, Role, read_frame, send_blob, send_file, write_frame};
+use strata_net::{
+    BatchSource, Connection, Endpoint, Role, read_frame, send_batch, send_blob, send_file,
+    write_frame,
+};
 use strata_oci::{Image, ImageConfig};
 use strata_solver::Event;
 use strata_worker::{Node, Timestamps, store_image};
@@ -35,8 +38,34 @@ pub enum ClientError {
     LayersLost(String),
 }
 
-/// Blobs sent at once when uploading a context.
+/// Streams sent at once when uploading a context.
 pub const UPLOAD_STREAMS: usize = 8;
+
+/// Context files this large or smaller are sent many to a stream.
+const BATCHED_BELOW: u64 = 1 << 20;
+
+/// Splits blobs into batches of at most a quarter of
+/// [`strata_net::MAX_BATCH`] blobs and 32 MiB, so several go at once.
+fn batches<'a, 'b>(items: &'a [(Digest, BatchSource<'b>)]) -> Vec<&'a [(Digest, BatchSource<'b>)]> {
+    let size_of = |s: &BatchSource<'_>| match s {
+        BatchSource::File(_, n) => *n,
+        BatchSource::Store(_) => 0,
+    };
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, (_, source)) in items.iter().enumerate() {
+        let n = size_of(source);
+        if i > start && (i - start >= strata_net::MAX_BATCH / 4 || bytes + n > 32 << 20) {
+            out.push(&items[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += n;
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
+}
 
 /// What an upload sent.
 #[derive(Debug, Default, Clone, Copy)]
@@ -286,22 +315,66 @@ impl Client {
                 file_blobs.push((d, path.clone(), *size));
             }
         }
+        // Small blobs go many to a stream, made durable together; large
+        // ones each on its own.
         let mut sent = Uploaded::default();
-        for d in &dir_blobs {
-            sent.bytes += self.put(d, Source::Store(cas)).await?;
-            sent.blobs += 1;
+        let dirs: Vec<(Digest, BatchSource<'_>)> = dir_blobs
+            .iter()
+            .map(|d| (*d, BatchSource::Store(cas)))
+            .collect();
+        for batch in batches(&dirs) {
+            sent.bytes += self.put_batch(batch).await?;
+            sent.blobs += batch.len();
         }
-        let sizes: Vec<u64> = futures_util::stream::iter(
-            file_blobs
-                .iter()
-                .map(|(d, path, size)| self.put(d, Source::File(path, *size))),
-        )
-        .buffer_unordered(UPLOAD_STREAMS)
-        .try_collect()
-        .await?;
-        sent.blobs += sizes.len();
-        sent.bytes += sizes.iter().sum::<u64>();
+        let (small, large): (Vec<_>, Vec<_>) = file_blobs
+            .iter()
+            .partition(|(_, _, size)| *size <= BATCHED_BELOW);
+        let small: Vec<(Digest, BatchSource<'_>)> = small
+            .into_iter()
+            .map(|(d, path, size)| (*d, BatchSource::File(path, *size)))
+            .collect();
+        let batched = batches(&small);
+        let puts = batched
+            .iter()
+            .map(|b| {
+                futures_util::future::Either::Left(async move {
+                    self.put_batch(b).await.map(|n| (b.len(), n))
+                })
+            })
+            .chain(large.iter().map(|(d, path, size)| {
+                futures_util::future::Either::Right(async move {
+                    self.put(d, Source::File(path, *size)).await.map(|n| (1, n))
+                })
+            }));
+        let done: Vec<(usize, u64)> = futures_util::stream::iter(puts)
+            .buffer_unordered(UPLOAD_STREAMS)
+            .try_collect()
+            .await?;
+        sent.blobs += done.iter().map(|(n, _)| n).sum::<usize>();
+        sent.bytes += done.iter().map(|(_, n)| n).sum::<u64>();
         Ok(sent)
+    }
+
+    /// Sends a batch of small blobs to the coordinator on one stream.
+    /// Returns their bytes.
+    async fn put_batch(&self, blobs: &[(Digest, BatchSource<'_>)]) -> Result<u64, ClientError> {
+        let c = &self.coordinator;
+        let (mut send, mut recv) = c.open().await.map_err(cluster)?;
+        let names = blobs.iter().map(|(d, _)| *d).collect();
+        write_frame(&mut send, &Request::PutBlobs(names), c.addr)
+            .await
+            .map_err(cluster)?;
+        let sent = send_batch(&mut send, blobs, c.addr).await;
+        let answer = read_frame::<Reply>(&mut recv, c.addr).await;
+        match (sent, answer) {
+            (Ok(n), Ok(Some(Reply::Ok))) => Ok(n),
+            (_, Ok(Some(Reply::Error(e)))) => Err(cluster(e)),
+            (Err(e), _) => Err(cluster(e)),
+            (Ok(_), Err(e)) => Err(cluster(e)),
+            (Ok(_), Ok(other)) => Err(cluster(format!(
+                "unexpected answer to an upload: {other:?}"
+            ))),
+        }
     }
 
     /// Makes sure the coordinator holds `blob`, uploading it from `cas`,

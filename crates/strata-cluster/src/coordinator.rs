@@ -676,6 +676,26 @@ impl Coordinator {
                     }
                 }
             }
+            Request::PutBlobs(blobs) if matches!(role, Role::Client | Role::Admin) => {
+                return self.receive_batch(conn, blobs, send, recv).await;
+            }
+            Request::GetBlobs(blobs) if matches!(role, Role::Worker | Role::Coordinator) => {
+                if blobs.len() > strata_net::MAX_BATCH {
+                    Reply::Error(format!(
+                        "asked for {} blobs at once, over the {} a batch carries",
+                        blobs.len(),
+                        strata_net::MAX_BATCH
+                    ))
+                } else {
+                    let from: Vec<(Digest, strata_net::BatchSource<'_>)> = blobs
+                        .iter()
+                        .map(|d| (*d, strata_net::BatchSource::Store(&self.node.content)))
+                        .collect();
+                    let sent = strata_net::send_batch(send, &from, conn.addr).await?;
+                    strata_metrics::transferred(strata_metrics::Transfer::PeerSent, sent);
+                    return Ok(());
+                }
+            }
             Request::PutBlob(d) if matches!(role, Role::Client | Role::Admin) => {
                 return self.receive_upload(conn, d, send, recv).await;
             }
@@ -985,6 +1005,62 @@ impl Coordinator {
     }
 
     /// Receives a client's upload of blob `d`, within its hourly quota.
+    /// Receives a batch of small blobs a client uploads, each counted
+    /// against its quota as it is announced.
+    async fn receive_batch(
+        &self,
+        conn: &Connection,
+        blobs: Vec<Digest>,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), strata_net::Error> {
+        let client = conn.peer.name.clone();
+        if blobs.len() > strata_net::MAX_BATCH {
+            let _ = recv.stop(crate::access::OVER_QUOTA.into());
+            let reply = Reply::Error(format!(
+                "{} blobs in one batch, over the {} a batch carries",
+                blobs.len(),
+                strata_net::MAX_BATCH
+            ));
+            return write_frame(send, &reply, conn.addr).await;
+        }
+        let wanted: HashSet<Digest> = blobs.into_iter().collect();
+        let mut reserved: Vec<u64> = Vec::new();
+        let uploads = &self.uploads;
+        let mut admit = |size: u64| {
+            let r = uploads
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .reserve(&client, size, Instant::now());
+            if r.is_ok() {
+                reserved.push(size);
+            }
+            r.map_err(|over| over.to_string())
+        };
+        let got =
+            strata_net::recv_batch(recv, &self.node.content, &wanted, conn.addr, &mut admit).await;
+        let reply = match got {
+            Ok(got) => {
+                strata_metrics::transferred(strata_metrics::Transfer::Uploaded, got.bytes);
+                Reply::Ok
+            }
+            Err(e) => {
+                strata_metrics::request_error(e.kind());
+                let mut uploads = self.uploads.lock().unwrap_or_else(PoisonError::into_inner);
+                for size in reserved {
+                    uploads.refund(&client, size);
+                }
+                drop(uploads);
+                tracing::warn!(client = %conn.peer.name, error = %e, "a batch upload failed");
+                if matches!(e, strata_net::Error::Refused { .. }) {
+                    let _ = recv.stop(crate::access::OVER_QUOTA.into());
+                }
+                Reply::Error(e.to_string())
+            }
+        };
+        write_frame(send, &reply, conn.addr).await
+    }
+
     async fn receive_upload(
         &self,
         conn: &Connection,

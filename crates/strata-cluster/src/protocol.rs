@@ -364,6 +364,13 @@ pub enum Request {
         /// Blobs of its tree.
         blobs: Vec<Digest>,
     },
+    /// Client or admin → coordinator: store these small blobs, at most
+    /// [`strata_net::MAX_BATCH`] (then: a batch stream of them from the
+    /// client, made durable together; [`Reply::Ok`]).
+    PutBlobs(Vec<Digest>),
+    /// Worker → coordinator: send these blobs of a build context, at most
+    /// [`strata_net::MAX_BATCH`] (then: a batch stream of them back).
+    GetBlobs(Vec<Digest>),
 }
 
 /// One node's line of `strata cluster du`.

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use strata_cas::{Digest, Lease};
+use strata_cas::{ContentStore, Digest, Lease};
 use strata_dockerfile::IgnoreMatcher;
 use strata_net::{Connection, Endpoint, Role, read_frame, write_frame};
 use strata_plan::{Plan, StagePlan};
@@ -554,7 +554,7 @@ impl WorkerNode {
             name: conn.peer.name.clone(),
             addr: conn.addr,
         };
-        let context_lease = self.fetch_context(spec.context, &coordinator).await?;
+        let context_lease = self.fetch_context(spec.context, &coordinator, conn).await?;
         let tmp = self.node.home().join("tmp");
         let node = Arc::clone(&self.node);
         let grants = self.grants.clone();
@@ -563,9 +563,7 @@ impl WorkerNode {
                 .prefix("context-")
                 .tempdir_in(&tmp)
                 .map_err(|e| format!("cannot make a directory in {}: {e}", tmp.display()))?;
-            crate::context::materialize(&node.content, &spec.context, dir.path())
-                .map_err(|e| format!("writing out the build context: {e}"))?;
-            drop(context_lease);
+
             let replay = crate::plan::Replay::new(&spec.bases)?;
             let plan = spec.inputs.plan(&replay).map_err(|e| e.to_string())?;
             if crate::plan::digest(&plan) != spec.plan {
@@ -573,6 +571,19 @@ impl WorkerNode {
             }
             strata_worker::check_runnable(&plan, &strata_worker::runnable(), "this worker")
                 .map_err(|e| e.to_string())?;
+            // Written out when a step first reads it, holding the tree's
+            // blobs until then: a fully cached build never writes it.
+            let make = {
+                let (node, root, at) = (Arc::clone(&node), spec.context, dir.path().to_path_buf());
+                let lease = std::sync::Mutex::new(Some(context_lease));
+                Box::new(move || {
+                    let written = crate::context::materialize(&node.content, &root, &at)
+                        .map(|_| at.clone())
+                        .map_err(|e| format!("writing out the build context: {e}"));
+                    drop(lease.lock().unwrap_or_else(PoisonError::into_inner).take());
+                    written
+                })
+            };
             let worker = LocalWorker::new(
                 node,
                 dir.path().to_path_buf(),
@@ -580,6 +591,7 @@ impl WorkerNode {
                 spec.secrets,
             )
             .context_named(spec.context)
+            .context_made_on_use(make)
             .granting(grants);
             Ok(BuildHere {
                 id: spec.build_id,
@@ -599,52 +611,50 @@ impl WorkerNode {
     }
 
     /// Fetches the blobs of context tree `root` this worker lacks from the
-    /// coordinator: its directories level by level, then its files,
-    /// [`CONTEXT_FETCHES`] at once. Returns a lease holding every blob of
-    /// the tree until it is written out.
-    async fn fetch_context(&self, root: Digest, from: &Holder) -> Result<Lease, String> {
+    /// coordinator on `conn`: its directories level by level, then its
+    /// files, small ones many to a stream ([`Request::GetBlobs`], made
+    /// durable together), large ones each on its own; [`CONTEXT_FETCHES`]
+    /// streams at once. Returns a lease holding every blob of the tree
+    /// until it is written out.
+    async fn fetch_context(
+        &self,
+        root: Digest,
+        from: &Holder,
+        conn: &Connection,
+    ) -> Result<Lease, String> {
+        use crate::context::{EntryKind, MAX_ENTRIES};
         use futures_util::StreamExt as _;
         use futures_util::TryStreamExt as _;
         let cas = &self.node.content;
         let holders = std::slice::from_ref(from);
-        let fetch_all = |blobs: Vec<Digest>| async move {
-            futures_util::stream::iter(blobs.into_iter().map(|d| async move {
-                self.peers
-                    .fetch(cas, &d, holders, None)
-                    .await
-                    .map_err(|e| format!("fetching the build context: {}", e.message))
-            }))
-            .buffer_unordered(CONTEXT_FETCHES)
-            .try_collect::<Vec<u64>>()
-            .await
-        };
+        let lacks = |d: &Digest| !cas.contains(d).unwrap_or(false);
         let mut lease = cas.lease();
         let mut seen = HashSet::from([root]);
         let (mut level, mut files) = (vec![root], Vec::new());
+        let mut fetched = 0u64;
         while !level.is_empty() {
             for d in &level {
                 lease.hold(*d);
             }
-            let lacking: Vec<Digest> = level
-                .iter()
-                .filter(|d| !cas.contains(d).unwrap_or(false))
-                .copied()
-                .collect();
-            fetch_all(lacking).await?;
+            let lacking: Vec<Digest> = level.iter().filter(|d| lacks(d)).copied().collect();
+            let batches = lacking
+                .chunks(strata_net::MAX_BATCH / 4)
+                .map(<[Digest]>::to_vec);
+            fetched += futures_util::stream::iter(batches.map(|b| get_batch(conn, cas, b)))
+                .buffer_unordered(CONTEXT_FETCHES)
+                .try_fold(0, |n, m| async move { Ok(n + m) })
+                .await?;
             let mut next = Vec::new();
             for d in &level {
                 let dir = crate::context::read_directory(cas, d).map_err(|e| e.to_string())?;
                 for e in dir.entries {
-                    if seen.len() > crate::context::MAX_ENTRIES {
-                        return Err(crate::context::ContextError::TooLarge(
-                            crate::context::MAX_ENTRIES,
-                        )
-                        .to_string());
+                    if seen.len() > MAX_ENTRIES {
+                        return Err(crate::context::ContextError::TooLarge(MAX_ENTRIES).to_string());
                     }
                     match e.kind {
-                        crate::context::EntryKind::Dir(c) if seen.insert(c) => next.push(c),
-                        crate::context::EntryKind::File { blob, .. } if seen.insert(blob) => {
-                            files.push(blob)
+                        EntryKind::Dir(c) if seen.insert(c) => next.push(c),
+                        EntryKind::File { blob, size, .. } if seen.insert(blob) => {
+                            files.push((blob, size))
                         }
                         _ => {}
                     }
@@ -652,20 +662,45 @@ impl WorkerNode {
             }
             level = next;
         }
-        for d in &files {
+        for (d, _) in &files {
             lease.hold(*d);
         }
-        let lacking: Vec<Digest> = files
+        let (small, large): (Vec<_>, Vec<_>) = files
             .into_iter()
-            .filter(|d| !cas.contains(d).unwrap_or(false))
-            .collect();
-        let fetched = fetch_all(lacking).await?;
-        tracing::debug!(
-            context = %root,
-            blobs = fetched.len(),
-            bytes = fetched.iter().sum::<u64>(),
-            "fetched the build context's missing blobs"
-        );
+            .filter(|(d, _)| lacks(d))
+            .partition(|(_, size)| *size <= 1 << 20);
+        let mut batches: Vec<Vec<Digest>> = Vec::new();
+        let mut bytes = 0u64;
+        for (d, size) in small {
+            match batches.last_mut() {
+                Some(b) if b.len() < strata_net::MAX_BATCH / 4 && bytes + size <= 32 << 20 => {
+                    b.push(d);
+                    bytes += size;
+                }
+                _ => {
+                    batches.push(vec![d]);
+                    bytes = size;
+                }
+            }
+        }
+        let mut gets: Vec<futures_util::future::BoxFuture<'_, Result<u64, String>>> = Vec::new();
+        for b in batches {
+            gets.push(Box::pin(get_batch(conn, cas, b)));
+        }
+        for (d, _) in large {
+            let peers = &self.peers;
+            gets.push(Box::pin(async move {
+                peers
+                    .fetch(cas, &d, holders, None)
+                    .await
+                    .map_err(|e| format!("fetching the build context: {}", e.message))
+            }));
+        }
+        fetched += futures_util::stream::iter(gets)
+            .buffer_unordered(CONTEXT_FETCHES)
+            .try_fold(0, |n, m| async move { Ok(n + m) })
+            .await?;
+        tracing::debug!(context = %root, bytes = fetched, "fetched the build context's missing blobs");
         Ok(lease)
     }
 
@@ -940,6 +975,32 @@ async fn lacking(e: FetchError, coordinator: &Connection) -> WorkerError {
     ))
 }
 
+/// Fetches a batch of small blobs from the coordinator on `conn` into
+/// `cas` (checked, made durable together). Returns their bytes.
+async fn get_batch(
+    conn: &Connection,
+    cas: &ContentStore,
+    blobs: Vec<Digest>,
+) -> Result<u64, String> {
+    let fail = |e: strata_net::Error| format!("fetching the build context: {e}");
+    let (mut send, mut recv) = conn.open().await.map_err(fail)?;
+    let wanted: HashSet<Digest> = blobs.iter().copied().collect();
+    write_frame(&mut send, &Request::GetBlobs(blobs), conn.addr)
+        .await
+        .map_err(fail)?;
+    let _ = send.finish();
+    let got = strata_net::recv_batch(&mut recv, cas, &wanted, conn.addr, &mut |_| Ok(()))
+        .await
+        .map_err(fail)?;
+    if !got.missing.is_empty() {
+        return Err(format!(
+            "the coordinator lacks {} blobs of the build context (evicted meanwhile?): submit the build again",
+            got.missing.len()
+        ));
+    }
+    Ok(got.bytes)
+}
+
 /// A request's name, for refusals.
 pub(crate) fn request_name(r: &Request) -> &'static str {
     match r {
@@ -965,5 +1026,7 @@ pub(crate) fn request_name(r: &Request) -> &'static str {
         Request::ImportCache(_) => "to import a cache into the cluster's index",
         Request::Du => "where its bytes are",
         Request::Missing { .. } => "which blobs of a build context it lacks",
+        Request::PutBlobs(_) => "to store blobs",
+        Request::GetBlobs(_) => "blobs of a build context",
     }
 }

@@ -259,3 +259,212 @@ pub async fn recv_announced(
         Err(e) => Err(e.into()),
     }
 }
+
+/// What precedes each blob of a batch stream ([`send_batch`]).
+#[derive(Debug, Serialize, Deserialize)]
+enum BatchItem {
+    /// Exactly `size` bytes of blob `digest` follow.
+    Blob {
+        /// The blob.
+        digest: Digest,
+        /// Its size.
+        size: u64,
+    },
+    /// The sender does not hold this blob.
+    Missing(Digest),
+    /// No more blobs.
+    End,
+}
+
+/// The most blobs one batch stream carries.
+pub const MAX_BATCH: usize = 4096;
+
+/// The most bytes one batch stream carries: a batch is for small blobs
+/// (a context's files); large ones go on streams of their own.
+pub const MAX_BATCH_BYTES: u64 = 256 << 20;
+
+/// Where a blob of a batch is read from.
+#[derive(Debug, Clone, Copy)]
+pub enum BatchSource<'a> {
+    /// A content store, which may lack it.
+    Store(&'a ContentStore),
+    /// A file of this size (a client's context file).
+    File(&'a std::path::Path, u64),
+}
+
+/// Sends many small blobs on one stream, each announced by its digest and
+/// size, then [`BatchItem::End`]; a blob the store lacks is announced
+/// missing. Returns the bytes sent. A file that is not the size it was
+/// said to be (changed while sent) resets the stream and is an error.
+pub async fn send_batch(
+    send: &mut quinn::SendStream,
+    blobs: &[(Digest, BatchSource<'_>)],
+    peer: SocketAddr,
+) -> Result<u64> {
+    let mut sent = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    for (digest, source) in blobs {
+        let (path, size) = match source {
+            BatchSource::Store(cas) => match cas.info(digest)? {
+                Some(info) => (cas.blob_path(digest), info.size),
+                None => {
+                    write_frame(send, &BatchItem::Missing(*digest), peer).await?;
+                    continue;
+                }
+            },
+            BatchSource::File(path, size) => (path.to_path_buf(), *size),
+        };
+        let io = |e| Error::Io {
+            what: "cannot read",
+            path: path.clone(),
+            source: e,
+        };
+        let mut file = tokio::fs::File::open(&path).await.map_err(io)?;
+        write_frame(
+            send,
+            &BatchItem::Blob {
+                digest: *digest,
+                size,
+            },
+            peer,
+        )
+        .await?;
+        let mut left = size;
+        while left > 0 {
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let n = file.read(&mut buf[..want]).await.map_err(io)?;
+            if n == 0 {
+                let _ = send.reset(0u32.into());
+                return Err(Error::Io {
+                    what: "cannot send",
+                    path: path.clone(),
+                    source: std::io::Error::other(format!(
+                        "it is {} bytes, not the {size} it was when hashed: it changed",
+                        size - left
+                    )),
+                });
+            }
+            send.write_all(&buf[..n])
+                .await
+                .map_err(|e| Error::Connection {
+                    peer,
+                    detail: format!("sending blob {digest}: {e}"),
+                })?;
+            left -= n as u64;
+        }
+        sent += size;
+    }
+    write_frame(send, &BatchItem::End, peer).await?;
+    let _ = send.finish();
+    Ok(sent)
+}
+
+/// What a batch brought.
+#[derive(Debug, Default)]
+pub struct BatchReceived {
+    /// Blobs received, checked and stored.
+    pub stored: Vec<Digest>,
+    /// Blobs the sender said it does not hold.
+    pub missing: Vec<Digest>,
+    /// Bytes received.
+    pub bytes: u64,
+}
+
+/// Receives a batch [`send_batch`] sends into `cas`: only blobs in
+/// `wanted`, each once, at most [`MAX_BATCH`] blobs and
+/// [`MAX_BATCH_BYTES`]; `admit` may refuse a blob by its size (a quota),
+/// which ends the batch with its reason as [`Error::Refused`]. Each blob
+/// is checked against its name as it arrives; all are made durable and
+/// stored together at the end ([`strata_cas::Batch`]), and nothing is
+/// stored if any is refused or forged.
+pub async fn recv_batch(
+    recv: &mut quinn::RecvStream,
+    cas: &ContentStore,
+    wanted: &std::collections::HashSet<Digest>,
+    peer: SocketAddr,
+    admit: &mut (dyn FnMut(u64) -> std::result::Result<(), String> + Send),
+) -> Result<BatchReceived> {
+    let mut batch = cas.batch();
+    let mut got = BatchReceived::default();
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let item = read_frame::<BatchItem>(recv, peer)
+            .await?
+            .ok_or_else(|| Error::Connection {
+                peer,
+                detail: "a batch of blobs ended before its end".into(),
+            })?;
+        let (digest, size) = match item {
+            BatchItem::End => break,
+            BatchItem::Missing(d) => {
+                if seen.len() + got.missing.len() >= MAX_BATCH {
+                    return Err(Error::Forged {
+                        peer,
+                        digest: d,
+                        detail: format!("a batch of more than {MAX_BATCH} blobs"),
+                    });
+                }
+                got.missing.push(d);
+                continue;
+            }
+            BatchItem::Blob { digest, size } => (digest, size),
+        };
+        let forged = |detail: String| Error::Forged {
+            peer,
+            digest,
+            detail,
+        };
+        if !wanted.contains(&digest) || !seen.insert(digest) {
+            return Err(forged("not asked for in this batch, or sent twice".into()));
+        }
+        if seen.len() > MAX_BATCH || got.bytes + size > MAX_BATCH_BYTES {
+            return Err(forged(format!(
+                "a batch over {MAX_BATCH} blobs or {MAX_BATCH_BYTES} bytes"
+            )));
+        }
+        admit(size).map_err(|why| Error::Refused {
+            peer,
+            detail: format!("blob {digest}: {why}"),
+        })?;
+        let mut w = cas.writer()?;
+        let mut left = size;
+        while left > 0 {
+            let want = CHUNK.min(usize::try_from(left).unwrap_or(usize::MAX));
+            match recv.read_chunk(want, true).await {
+                Ok(Some(chunk)) => {
+                    w.write_all(&chunk.bytes).map_err(|e| Error::Blob {
+                        peer,
+                        digest,
+                        detail: format!("cannot store: {e}"),
+                    })?;
+                    left -= chunk.bytes.len() as u64;
+                }
+                Ok(None) => {
+                    return Err(Error::Blob {
+                        peer,
+                        digest,
+                        detail: format!("{} of {size} bytes arrived", size - left),
+                    });
+                }
+                Err(e) => {
+                    return Err(Error::Blob {
+                        peer,
+                        digest,
+                        detail: format!("the transfer broke: {e}"),
+                    });
+                }
+            }
+        }
+        match w.finish_into(&mut batch, digest) {
+            Ok(_) => {}
+            Err(strata_cas::Error::Unexpected { actual, .. }) => {
+                return Err(forged(format!("the bytes hash to {actual}: refused")));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        got.bytes += size;
+        got.stored.push(digest);
+    }
+    batch.commit()?;
+    Ok(got)
+}

@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use strata_cas::ContentStore;
-use strata_net::{ClusterCa, Endpoint, Error, Role, read_frame, recv_blob, send_blob, write_frame};
+use strata_net::{
+    BatchSource, ClusterCa, Endpoint, Error, Role, read_frame, recv_batch, recv_blob, send_batch,
+    send_blob, write_frame,
+};
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 enum Msg {
@@ -34,6 +37,22 @@ fn server(ca: &ClusterCa, cas: Arc<ContentStore>) -> SocketAddr {
                         Msg::Text(t) if t.starts_with("blob:") => {
                             let d = t[5..].parse().unwrap();
                             let _ = send_blob(&mut send, &cas, &d, conn.addr).await;
+                        }
+                        // Blobs from the store, many to the stream.
+                        Msg::Text(t) if t.starts_with("batch:") => {
+                            let blobs: Vec<(strata_cas::Digest, BatchSource<'_>)> = t[6..]
+                                .split(',')
+                                .map(|d| (d.parse().unwrap(), BatchSource::Store(&cas)))
+                                .collect();
+                            let _ = send_batch(&mut send, &blobs, conn.addr).await;
+                        }
+                        // A file's bytes under another blob's name.
+                        Msg::Text(t) if t.starts_with("forge:") => {
+                            let (d, path) = t[6..].split_once('=').unwrap();
+                            let size = std::fs::metadata(path).unwrap().len();
+                            let path = std::path::Path::new(path);
+                            let blobs = [(d.parse().unwrap(), BatchSource::File(path, size))];
+                            let _ = send_batch(&mut send, &blobs, conn.addr).await;
                         }
                         _ => {
                             let reply = match msg {
@@ -218,4 +237,87 @@ async fn handshakes_that_never_finish_do_not_hold_up_other_peers() {
         assert_eq!(served, Ok(Some(Msg::Ping(i))), "connection {i} was held up");
     }
     drop(stalled);
+}
+
+#[tokio::test]
+async fn a_batch_brings_what_was_asked_checked_or_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cas = Arc::new(ContentStore::open(dir.path()).unwrap());
+    let (a, b) = (cas.put(b"alpha").unwrap(), cas.put(b"beta").unwrap());
+    let absent = strata_cas::Digest::of(b"nobody has it");
+    let ca = ClusterCa::create("test").unwrap();
+    let addr = server(&ca, Arc::clone(&cas));
+    let client = Endpoint::dialer(&ca.issue(Role::Worker, "w").unwrap()).unwrap();
+    let conn = client.connect(addr).await.unwrap();
+    let mine = tempfile::tempdir().unwrap();
+    let local = ContentStore::open(mine.path()).unwrap();
+    let ask = |text: String| {
+        let conn = &conn;
+        async move {
+            let (mut send, recv) = conn.open().await.unwrap();
+            write_frame(&mut send, &Msg::Text(text), addr)
+                .await
+                .unwrap();
+            let _ = send.finish();
+            recv
+        }
+    };
+    let wanted = |ds: &[strata_cas::Digest]| ds.iter().copied().collect();
+
+    // Two blobs and one the sender lacks.
+    let mut recv = ask(format!("batch:{a},{b},{absent}")).await;
+    let got = recv_batch(
+        &mut recv,
+        &local,
+        &wanted(&[a, b, absent]),
+        addr,
+        &mut |_| Ok(()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (got.stored, got.missing, got.bytes),
+        (vec![a, b], vec![absent], 9)
+    );
+    assert_eq!(local.read(&b).unwrap(), b"beta");
+
+    // A blob not asked for: the batch is refused, nothing of it stored.
+    let fresh = tempfile::tempdir().unwrap();
+    let other = ContentStore::open(fresh.path()).unwrap();
+    let mut recv = ask(format!("batch:{a},{b}")).await;
+    let e = recv_batch(&mut recv, &other, &wanted(&[a]), addr, &mut |_| Ok(()))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Forged { .. }), "{e}");
+    assert!(!other.contains(&a).unwrap(), "nothing is stored");
+
+    // Bytes that are not the blob named.
+    let liar = mine.path().join("liar");
+    std::fs::write(&liar, b"not alpha").unwrap();
+    let mut recv = ask(format!("forge:{a}={}", liar.display())).await;
+    let e = recv_batch(&mut recv, &other, &wanted(&[a]), addr, &mut |_| Ok(()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Forged { .. }) && e.to_string().contains("hash to"),
+        "{e}"
+    );
+    assert!(!other.contains(&a).unwrap());
+
+    // A receiver over its quota refuses, with its reason.
+    let mut recv = ask(format!("batch:{a},{b}")).await;
+    let e = recv_batch(&mut recv, &other, &wanted(&[a, b]), addr, &mut |n| {
+        if n > 4 {
+            Err("over quota".into())
+        } else {
+            Ok(())
+        }
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::Refused { .. }) && e.to_string().contains("over quota"),
+        "{e}"
+    );
+    assert!(!other.contains(&a).unwrap());
 }

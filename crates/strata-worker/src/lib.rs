@@ -52,4 +52,4 @@ pub use node::{Node, NodeError, default_home, default_slots};
 pub use platforms::{check_runnable, native, runnable};
 pub use timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};
 pub use users::{Identity, resolve as resolve_user};
-pub use worker::LocalWorker;
+pub use worker::{LocalWorker, MakeContext};

@@ -23,9 +23,24 @@ use crate::select::{SourceRoot, checksum};
 use crate::{copy, fetch, users};
 
 /// Runs steps on this machine.
+/// Writes a build context out on first use; its directory, or why not.
+pub type MakeContext = Box<dyn Fn() -> Result<PathBuf, String> + Send + Sync>;
+
+/// Where a build's context is.
+enum ContextDir {
+    /// A directory on this host.
+    Here(PathBuf),
+    /// Written out the first time a step reads it: a build whose every
+    /// step is cached never writes it.
+    OnUse {
+        make: MakeContext,
+        made: OnceLock<Result<PathBuf, String>>,
+    },
+}
+
 pub struct LocalWorker {
     node: Arc<Node>,
-    context: PathBuf,
+    context: ContextDir,
     ignore: IgnoreMatcher,
     secrets: BTreeMap<String, Vec<u8>>,
     /// `--ssh` agents: their sockets, by id.
@@ -68,7 +83,7 @@ impl LocalWorker {
         let lease = Mutex::new(node.content.lease());
         LocalWorker {
             node,
-            context,
+            context: ContextDir::Here(context),
             ignore,
             secrets,
             ssh_agents: BTreeMap::new(),
@@ -90,11 +105,38 @@ impl LocalWorker {
         self
     }
 
+    /// The context is written out by `make`, the first time a step reads
+    /// it (instead of being the directory given to [`LocalWorker::new`]).
+    pub fn context_made_on_use(mut self, make: MakeContext) -> LocalWorker {
+        self.context = ContextDir::OnUse {
+            make,
+            made: OnceLock::new(),
+        };
+        self
+    }
+
+    /// The context's directory, written out now if it is made on use.
+    fn context(&self) -> Result<PathBuf, WorkerError> {
+        match &self.context {
+            ContextDir::Here(dir) => Ok(dir.clone()),
+            ContextDir::OnUse { make, made } => made
+                .get_or_init(|| {
+                    let begun = std::time::Instant::now();
+                    let dir = make();
+                    tracing::debug!(elapsed = ?begun.elapsed(), ok = dir.is_ok(), "wrote the build context out");
+                    dir
+                })
+                .clone()
+                .map_err(err),
+        }
+    }
+
     /// The context as a bind mount shows it: the directory itself when
     /// nothing is ignored, else a copy of what `.dockerignore` leaves.
     fn visible_context(&self) -> Result<PathBuf, WorkerError> {
+        let context = self.context()?;
         if self.ignore.is_empty() {
-            return Ok(self.context.clone());
+            return Ok(context);
         }
         let made = self.visible_context.get_or_init(|| {
             let tmp = self.node.home().join("tmp");
@@ -103,7 +145,7 @@ impl LocalWorker {
                 .tempdir_in(&tmp)
                 .map_err(|e| format!("cannot make a directory in {}: {e}", tmp.display()))?;
             let src = SourceRoot {
-                root: &self.context,
+                root: &context,
                 ignore: Some(&self.ignore),
                 keep_owner: false,
             };
@@ -267,8 +309,9 @@ impl LocalWorker {
                 if let Some(known) = key.and_then(|k| self.node.selections.get(&k)) {
                     return Ok(known);
                 }
+                let context = self.context()?;
                 let root = SourceRoot {
-                    root: &self.context,
+                    root: &context,
                     ignore: Some(&self.ignore),
                     keep_owner: false,
                 };
@@ -361,8 +404,9 @@ impl Worker for LocalWorker {
                 let fetched = self.fetched(c)?;
                 match &c.from {
                     Source::Context => {
+                        let context = self.context()?;
                         let src = SourceRoot {
-                            root: &self.context,
+                            root: &context,
                             ignore: Some(&self.ignore),
                             keep_owner: false,
                         };
@@ -408,10 +452,11 @@ impl Worker for LocalWorker {
                         }
                     )
                 });
+                // Only a bind mount of the context reads it here.
                 let context = if binds_context {
                     self.visible_context()?
                 } else {
-                    self.context.clone()
+                    PathBuf::new()
                 };
                 let ctx = RunContext {
                     runtime: self.runtime()?,

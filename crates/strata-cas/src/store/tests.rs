@@ -141,3 +141,49 @@ fn the_count_of_changes_moves_with_what_the_store_holds() {
     assert!(s.delete(&d).unwrap());
     assert_ne!(s.changes(), added);
 }
+
+#[test]
+fn a_batch_stores_its_blobs_together_and_refuses_a_wrong_one() {
+    let (d, s) = store();
+    let already = s.put(b"already here").unwrap();
+    let mut batch = s.batch();
+    for bytes in [&b"one"[..], b"two", b"already here"] {
+        let mut w = s.writer().unwrap();
+        w.write_all(bytes).unwrap();
+        w.finish_into(&mut batch, Digest::of(bytes)).unwrap();
+    }
+    let mut w = s.writer().unwrap();
+    w.write_all(b"forged").unwrap();
+    assert!(matches!(
+        w.finish_into(&mut batch, Digest::of(b"something else")),
+        Err(Error::Unexpected { .. })
+    ));
+    assert!(
+        !s.contains(&Digest::of(b"one")).unwrap(),
+        "not before the commit"
+    );
+    assert_eq!(batch.len(), 3);
+    assert_eq!(
+        batch.commit().unwrap(),
+        2,
+        "the stored one is not stored again"
+    );
+    for bytes in [&b"one"[..], b"two"] {
+        assert_eq!(s.read(&Digest::of(bytes)).unwrap(), bytes);
+        let info = s.info(&Digest::of(bytes)).unwrap().unwrap();
+        assert_eq!(info.sha256, Sha256::of(bytes));
+    }
+    assert_eq!(s.read(&already).unwrap(), b"already here");
+    // A batch dropped uncommitted leaves nothing behind.
+    let mut batch = s.batch();
+    let mut w = s.writer().unwrap();
+    w.write_all(b"dropped").unwrap();
+    w.finish_into(&mut batch, Digest::of(b"dropped")).unwrap();
+    drop(batch);
+    assert!(!s.contains(&Digest::of(b"dropped")).unwrap());
+    assert_eq!(
+        std::fs::read_dir(d.path().join("ingest")).unwrap().count(),
+        0,
+        "no temporary file is left"
+    );
+}
