@@ -514,6 +514,18 @@ fn a_one_file_edit_uploads_that_file_and_the_directories_above_it() {
     let (_, _, sent, blobs) = context_line(&progress);
     assert_eq!((sent.as_str(), blobs), ("0B", 0), "{progress}");
     assert_eq!(runs(&report), 0, "{report}");
+
+    // The worker's 3,000 context files are not the index's business: it
+    // locates layers only (after the heartbeats that follow the builds).
+    std::thread::sleep(Duration::from_secs(3));
+    let status = cluster.status();
+    let located: usize = status
+        .split(" blobs located")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no blobs located in:\n{status}"));
+    assert!(located < 100, "{located} blobs located:\n{status}");
 }
 
 #[test]

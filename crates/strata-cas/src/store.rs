@@ -268,6 +268,7 @@ impl ContentStore {
         Batch {
             store: self,
             pending: Vec::new(),
+            labels: BTreeMap::new(),
         }
     }
 
@@ -703,6 +704,8 @@ struct Pending {
 pub struct Batch<'a> {
     store: &'a ContentStore,
     pending: Vec<Pending>,
+    /// Labels every new blob of the batch gets.
+    labels: BTreeMap<String, String>,
 }
 
 impl Batch<'_> {
@@ -714,6 +717,11 @@ impl Batch<'_> {
     /// Whether none is waiting.
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
+    }
+
+    /// Every blob the batch stores anew gets label `key` = `value`.
+    pub fn label(&mut self, key: &str, value: &str) {
+        self.labels.insert(key.to_string(), value.to_string());
     }
 
     /// Makes every blob of the batch durable, moves it into place and
@@ -754,7 +762,7 @@ impl Batch<'_> {
                 sha256: p.sha256,
                 created: now,
                 last_used: now,
-                labels: BTreeMap::new(),
+                labels: self.labels.clone(),
             };
             if let Err(e) = store.record_new(&p.digest, &info) {
                 let _ = fs::remove_file(&dest);

@@ -77,6 +77,11 @@ pub enum ContextError {
     },
 }
 
+/// The label a worker puts on the blobs of build contexts it fetched: they
+/// are not reported to the cache index as held (a context's files are no
+/// layers anyone will ask the worker for).
+pub const CONTEXT_LABEL: &str = "strata.context";
+
 /// The most entries (files, directories, links) a context may have.
 pub const MAX_ENTRIES: usize = 4_000_000;
 

@@ -1037,8 +1037,15 @@ impl Coordinator {
             }
             r.map_err(|over| over.to_string())
         };
-        let got =
-            strata_net::recv_batch(recv, &self.node.content, &wanted, conn.addr, &mut admit).await;
+        let got = strata_net::recv_batch(
+            recv,
+            &self.node.content,
+            &wanted,
+            conn.addr,
+            None,
+            &mut admit,
+        )
+        .await;
         let reply = match got {
             Ok(got) => {
                 strata_metrics::transferred(strata_metrics::Transfer::Uploaded, got.bytes);

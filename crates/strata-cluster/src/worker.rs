@@ -220,12 +220,15 @@ impl WorkerNode {
     /// as of the listing (see [`strata_cas::ContentStore::changes`]).
     fn blobs(&self) -> Result<(u64, HashSet<Digest>), String> {
         let changes = self.node.content.changes();
+        // Context files are the coordinator's to keep, not the index's to
+        // know: a build context of 30,000 files is no 30,000 locations.
         let blobs = self
             .node
             .content
             .list()
             .map_err(|e| e.to_string())?
             .into_iter()
+            .filter(|(_, info)| !info.labels.contains_key(crate::context::CONTEXT_LABEL))
             .map(|(d, _)| d)
             .collect();
         Ok((changes, blobs))
@@ -690,10 +693,14 @@ impl WorkerNode {
         for (d, _) in large {
             let peers = &self.peers;
             gets.push(Box::pin(async move {
-                peers
+                let n = peers
                     .fetch(cas, &d, holders, None)
                     .await
-                    .map_err(|e| format!("fetching the build context: {}", e.message))
+                    .map_err(|e| format!("fetching the build context: {}", e.message))?;
+                if let Err(e) = cas.set_label(&d, crate::context::CONTEXT_LABEL, Some("1")) {
+                    tracing::warn!(blob = %d, error = %e, "cannot mark a context blob");
+                }
+                Ok(n)
             }));
         }
         fetched += futures_util::stream::iter(gets)
@@ -989,7 +996,8 @@ async fn get_batch(
         .await
         .map_err(fail)?;
     let _ = send.finish();
-    let got = strata_net::recv_batch(&mut recv, cas, &wanted, conn.addr, &mut |_| Ok(()))
+    let label = Some((crate::context::CONTEXT_LABEL, "1"));
+    let got = strata_net::recv_batch(&mut recv, cas, &wanted, conn.addr, label, &mut |_| Ok(()))
         .await
         .map_err(fail)?;
     if !got.missing.is_empty() {

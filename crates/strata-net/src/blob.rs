@@ -375,16 +375,20 @@ pub struct BatchReceived {
 /// [`MAX_BATCH_BYTES`]; `admit` may refuse a blob by its size (a quota),
 /// which ends the batch with its reason as [`Error::Refused`]. Each blob
 /// is checked against its name as it arrives; all are made durable and
-/// stored together at the end ([`strata_cas::Batch`]), and nothing is
-/// stored if any is refused or forged.
+/// stored together at the end ([`strata_cas::Batch`]), each new one with
+/// `label` if given, and nothing is stored if any is refused or forged.
 pub async fn recv_batch(
     recv: &mut quinn::RecvStream,
     cas: &ContentStore,
     wanted: &std::collections::HashSet<Digest>,
     peer: SocketAddr,
+    label: Option<(&str, &str)>,
     admit: &mut (dyn FnMut(u64) -> std::result::Result<(), String> + Send),
 ) -> Result<BatchReceived> {
     let mut batch = cas.batch();
+    if let Some((key, value)) = label {
+        batch.label(key, value);
+    }
     let mut got = BatchReceived::default();
     let mut seen = std::collections::HashSet::new();
     loop {

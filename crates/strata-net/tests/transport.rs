@@ -271,6 +271,7 @@ async fn a_batch_brings_what_was_asked_checked_or_stores_nothing() {
         &local,
         &wanted(&[a, b, absent]),
         addr,
+        None,
         &mut |_| Ok(()),
     )
     .await
@@ -285,9 +286,16 @@ async fn a_batch_brings_what_was_asked_checked_or_stores_nothing() {
     let fresh = tempfile::tempdir().unwrap();
     let other = ContentStore::open(fresh.path()).unwrap();
     let mut recv = ask(format!("batch:{a},{b}")).await;
-    let e = recv_batch(&mut recv, &other, &wanted(&[a]), addr, &mut |_| Ok(()))
-        .await
-        .unwrap_err();
+    let e = recv_batch(
+        &mut recv,
+        &other,
+        &wanted(&[a]),
+        addr,
+        None,
+        &mut |_| Ok(()),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(e, Error::Forged { .. }), "{e}");
     assert!(!other.contains(&a).unwrap(), "nothing is stored");
 
@@ -295,9 +303,16 @@ async fn a_batch_brings_what_was_asked_checked_or_stores_nothing() {
     let liar = mine.path().join("liar");
     std::fs::write(&liar, b"not alpha").unwrap();
     let mut recv = ask(format!("forge:{a}={}", liar.display())).await;
-    let e = recv_batch(&mut recv, &other, &wanted(&[a]), addr, &mut |_| Ok(()))
-        .await
-        .unwrap_err();
+    let e = recv_batch(
+        &mut recv,
+        &other,
+        &wanted(&[a]),
+        addr,
+        None,
+        &mut |_| Ok(()),
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(e, Error::Forged { .. }) && e.to_string().contains("hash to"),
         "{e}"
@@ -306,7 +321,7 @@ async fn a_batch_brings_what_was_asked_checked_or_stores_nothing() {
 
     // A receiver over its quota refuses, with its reason.
     let mut recv = ask(format!("batch:{a},{b}")).await;
-    let e = recv_batch(&mut recv, &other, &wanted(&[a, b]), addr, &mut |n| {
+    let e = recv_batch(&mut recv, &other, &wanted(&[a, b]), addr, None, &mut |n| {
         if n > 4 {
             Err("over quota".into())
         } else {
