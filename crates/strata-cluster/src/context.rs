@@ -284,6 +284,9 @@ pub struct StatCache {
     files: HashMap<String, (Stat, Digest)>,
 }
 
+/// How many context directories' stat caches a state directory keeps.
+pub const KEPT_STAT_CACHES: usize = 32;
+
 /// How recent a change must be for a file's digest not to be remembered.
 const RACY: Duration = Duration::from_secs(2);
 
@@ -325,7 +328,9 @@ impl StatCache {
         }
     }
 
-    /// Writes the cache to `path` atomically (temp, fsync, rename).
+    /// Writes the cache to `path` atomically (temp, fsync, rename), then
+    /// keeps the [`KEPT_STAT_CACHES`] most recently saved caches of its
+    /// folder and deletes the rest (contexts in checkouts that are gone).
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         use std::io::Write as _;
         let dir = path.parent().unwrap_or(Path::new("."));
@@ -336,6 +341,21 @@ impl StatCache {
         tmp.write_all(&body)?;
         tmp.as_file().sync_all()?;
         tmp.persist(path).map_err(|e| e.error)?;
+        let mut saved: Vec<(SystemTime, PathBuf)> = fs::read_dir(dir)?
+            .flatten()
+            .filter_map(|e| {
+                let modified = e.metadata().ok()?.modified().ok()?;
+                Some((modified, e.path()))
+            })
+            .collect();
+        if saved.len() > KEPT_STAT_CACHES {
+            saved.sort();
+            for (_, old) in &saved[..saved.len() - KEPT_STAT_CACHES] {
+                if old != path {
+                    let _ = fs::remove_file(old);
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -1008,6 +1028,30 @@ mod tests {
         let third = hash_at(p, &none, &mut cache, later).unwrap();
         assert_eq!(third.read, 10_000);
         assert_ne!(third.root, first.root);
+    }
+
+    #[test]
+    fn only_the_most_recent_stat_caches_are_kept() {
+        let home = tempfile::tempdir().unwrap();
+        let ctx = tempfile::tempdir().unwrap();
+        let paths: Vec<PathBuf> = (0..KEPT_STAT_CACHES + 3)
+            .map(|i| StatCache::path(home.path(), &ctx.path().join(i.to_string())))
+            .collect();
+        for (i, p) in paths.iter().enumerate() {
+            StatCache::default().save(p).unwrap();
+            // Saved one after another, a second apart as the clock sees it.
+            let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + i as u64);
+            fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        let left = fs::read_dir(paths[0].parent().unwrap()).unwrap().count();
+        assert_eq!(left, KEPT_STAT_CACHES);
+        assert!(!paths[0].exists() && !paths[1].exists());
+        assert!(paths[KEPT_STAT_CACHES + 2].exists());
     }
 
     #[test]

@@ -616,7 +616,10 @@ impl Run {
     /// One client: random calls through random members until `done`.
     async fn client(self: Arc<Self>, mut rng: Rng, done: tokio_util::sync::CancellationToken) {
         while !done.is_cancelled() {
-            tokio::time::sleep(Duration::from_millis(2 + rng.below(10))).await;
+            // Paced as on a disk: on the lossy filesystem an fsync costs
+            // nothing, and unpaced clients make histories of ten thousand
+            // calls an object, past what the search can decide.
+            tokio::time::sleep(Duration::from_millis(20 + rng.below(40))).await;
             let Some(p) = self.pick(&mut rng) else {
                 continue;
             };
