@@ -801,12 +801,9 @@ impl WorkerNode {
                 .content
                 .open_blob(&blob)
                 .map_err(|e| WorkerError::new(e.to_string()))?;
-            let mut archive = tar::Archive::new(reader);
-            archive.set_preserve_permissions(true);
-            archive.set_preserve_mtime(true);
-            archive.set_preserve_ownerships(true);
-            archive
-                .unpack(&dir)
+            // A peer's tar: the hardened extraction layers get (nothing
+            // lands outside `dir`, modes, times and owners kept).
+            strata_snapshot::apply_tar(&dir, reader)
                 .map_err(|e| WorkerError::new(format!("unpacking artifact {blob}: {e}")))?;
             here.worker.provide_source(stage, &stage.steps[s], dir);
             Ok(())
