@@ -30,7 +30,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use common::{median, runs, strata_release_bin};
-use strata_integration::cluster::Cluster;
+use strata_integration::cluster::{Cluster, context_line};
 use strata_integration::docker::Docker;
 use strata_integration::{Strata, busybox_tar};
 
@@ -104,19 +104,11 @@ struct Moved {
 }
 
 fn moved(progress: &str, report: &Path) -> Moved {
-    let line = progress
-        .lines()
-        .find(|l| l.starts_with("context: "))
-        .unwrap_or_else(|| panic!("no context line in:\n{progress}"));
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let after = |w: &str| {
-        let i = words.iter().position(|x| *x == w).unwrap();
-        words[i + 1].trim_end_matches(',').to_string()
-    };
+    let line = context_line(progress);
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
     Moved {
-        read: after("read"),
-        sent: format!("{} in {} blobs", after("sent"), words[words.len() - 2]),
+        read: line.read,
+        sent: format!("{} in {} blobs", line.sent, line.blobs),
         fetched: r["bytes_fetched"].as_u64().unwrap_or(0),
     }
 }

@@ -393,3 +393,36 @@ pub fn worker_running(status: &str, steps: usize) -> Option<String> {
         .find(|cols| cols.get(4) == Some(&steps.to_string().as_str()))
         .map(|cols| cols[0].to_string())
 }
+
+/// What the `context:` line of a cluster build's progress says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextLine {
+    /// Entries in the context.
+    pub entries: u64,
+    /// Bytes read to hash it, as printed (`0B`, `4.11kB`).
+    pub read: String,
+    /// Bytes sent, as printed.
+    pub sent: String,
+    /// Blobs sent.
+    pub blobs: u64,
+}
+
+/// Finds and reads the line `context: E entries, S in F distinct files;
+/// read R, sent B in N blobs` in a cluster build's progress.
+pub fn context_line(progress: &str) -> ContextLine {
+    let line = progress
+        .lines()
+        .find(|l| l.starts_with("context: "))
+        .unwrap_or_else(|| panic!("no context line in:\n{progress}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let after = |w: &str| {
+        let i = words.iter().position(|x| *x == w).unwrap();
+        words[i + 1].trim_end_matches(',').to_string()
+    };
+    ContextLine {
+        entries: words[1].parse().unwrap(),
+        read: after("read"),
+        sent: after("sent"),
+        blobs: words[words.len() - 2].parse().unwrap(),
+    }
+}

@@ -7,7 +7,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use strata_integration::cluster::{Cluster, runs, worker_running};
+use strata_integration::cluster::{Cluster, ContextLine, context_line, runs, worker_running};
 use strata_integration::{Strata, fails_with, write_files};
 
 /// Four builders, each with 20 MB the final stage does not copy.
@@ -438,27 +438,6 @@ fn concurrent_builds_run_a_shared_builder_once() {
     );
 }
 
-/// The numbers of the `context:` line a cluster build prints: entries,
-/// bytes read, bytes sent, blobs sent.
-fn context_line(progress: &str) -> (u64, String, String, u64) {
-    let line = progress
-        .lines()
-        .find(|l| l.starts_with("context: "))
-        .unwrap_or_else(|| panic!("no context line in:\n{progress}"));
-    // context: E entries, S in F distinct files; read R, sent B in N blobs
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let after = |w: &str| {
-        let i = words.iter().position(|x| *x == w).unwrap();
-        words[i + 1].trim_end_matches(',').to_string()
-    };
-    (
-        words[1].parse().unwrap(),
-        after("read"),
-        after("sent"),
-        words[words.len() - 2].parse().unwrap(),
-    )
-}
-
 #[test]
 fn a_one_file_edit_uploads_that_file_and_the_directories_above_it() {
     let cluster = Cluster::start(1, 5);
@@ -483,7 +462,7 @@ fn a_one_file_edit_uploads_that_file_and_the_directories_above_it() {
     std::thread::sleep(Duration::from_millis(2100));
     let client = Strata::new();
     let (report, progress) = cluster.build_showing(&cluster.client(), &client, ctx.path(), &[]);
-    let (entries, _, _, blobs) = context_line(&progress);
+    let ContextLine { entries, blobs, .. } = context_line(&progress);
     // 3,000 + the big file + the Dockerfile, 30 folders; the same bytes
     // in two files are one blob, and every folder is a blob.
     assert_eq!(entries, 3_032, "{progress}");
@@ -492,7 +471,9 @@ fn a_one_file_edit_uploads_that_file_and_the_directories_above_it() {
 
     // Nothing changed: nothing is read, nothing is sent.
     let (report, progress) = cluster.build_showing(&cluster.client(), &client, ctx.path(), &[]);
-    let (_, read, sent, blobs) = context_line(&progress);
+    let ContextLine {
+        read, sent, blobs, ..
+    } = context_line(&progress);
     assert_eq!(
         (read.as_str(), sent.as_str(), blobs),
         ("0B", "0B", 0),
@@ -503,7 +484,7 @@ fn a_one_file_edit_uploads_that_file_and_the_directories_above_it() {
     // One file edited: it and the two folders above it are sent.
     std::fs::write(ctx.path().join("pkg07/f042.js"), "edited\n").unwrap();
     let (report, progress) = cluster.build_showing(&cluster.client(), &client, ctx.path(), &[]);
-    let (_, read, _, blobs) = context_line(&progress);
+    let ContextLine { read, blobs, .. } = context_line(&progress);
     assert_eq!((read.as_str(), blobs), ("7B", 3), "{progress}");
     assert_eq!(runs(&report), 1, "{report}");
 
@@ -511,7 +492,7 @@ fn a_one_file_edit_uploads_that_file_and_the_directories_above_it() {
     // nothing, and every step is cached.
     let (report, progress) =
         cluster.build_showing(&cluster.client(), &Strata::new(), ctx.path(), &[]);
-    let (_, _, sent, blobs) = context_line(&progress);
+    let ContextLine { sent, blobs, .. } = context_line(&progress);
     assert_eq!((sent.as_str(), blobs), ("0B", 0), "{progress}");
     assert_eq!(runs(&report), 0, "{report}");
 

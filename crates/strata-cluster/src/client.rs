@@ -368,6 +368,21 @@ impl Client {
         let answer = read_frame::<Reply>(&mut recv, c.addr).await;
         match (sent, answer) {
             (Ok(n), Ok(Some(Reply::Ok))) => Ok(n),
+            // A file that hashes to another digest than it did moments
+            // ago changed while it was sent.
+            (_, Ok(Some(Reply::Error(e)))) if e.contains("hash to") => {
+                let changed = blobs.iter().find_map(|(d, source)| match source {
+                    BatchSource::File(path, _) if e.contains(&d.to_string()) => Some(path),
+                    _ => None,
+                });
+                Err(cluster(match changed {
+                    Some(path) => format!(
+                        "{} changed while it was uploaded; build again ({e})",
+                        path.display()
+                    ),
+                    None => e,
+                }))
+            }
             (_, Ok(Some(Reply::Error(e)))) => Err(cluster(e)),
             (Err(e), _) => Err(cluster(e)),
             (Ok(_), Err(e)) => Err(cluster(e)),
