@@ -41,32 +41,6 @@ pub enum ClientError {
 /// Streams sent at once when uploading a context.
 pub const UPLOAD_STREAMS: usize = 8;
 
-/// Context files this large or smaller are sent many to a stream.
-const BATCHED_BELOW: u64 = 1 << 20;
-
-/// Splits blobs into batches of at most a quarter of
-/// [`strata_net::MAX_BATCH`] blobs and 32 MiB, so several go at once.
-fn batches<'a, 'b>(items: &'a [(Digest, BatchSource<'b>)]) -> Vec<&'a [(Digest, BatchSource<'b>)]> {
-    let size_of = |s: &BatchSource<'_>| match s {
-        BatchSource::File(_, n) => *n,
-        BatchSource::Store(_) => 0,
-    };
-    let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, 0u64);
-    for (i, (_, source)) in items.iter().enumerate() {
-        let n = size_of(source);
-        if i > start && (i - start >= strata_net::MAX_BATCH / 4 || bytes + n > 32 << 20) {
-            out.push(&items[start..i]);
-            (start, bytes) = (i, 0);
-        }
-        bytes += n;
-    }
-    if start < items.len() {
-        out.push(&items[start..]);
-    }
-    out
-}
-
 /// What an upload sent.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Uploaded {
@@ -322,18 +296,18 @@ impl Client {
             .iter()
             .map(|d| (*d, BatchSource::Store(cas)))
             .collect();
-        for batch in batches(&dirs) {
+        for batch in strata_net::batches(&dirs, |(_, s)| s.size()) {
             sent.bytes += self.put_batch(batch).await?;
             sent.blobs += batch.len();
         }
         let (small, large): (Vec<_>, Vec<_>) = file_blobs
             .iter()
-            .partition(|(_, _, size)| *size <= BATCHED_BELOW);
+            .partition(|(_, _, size)| *size <= strata_net::BATCHED_UP_TO);
         let small: Vec<(Digest, BatchSource<'_>)> = small
             .into_iter()
             .map(|(d, path, size)| (*d, BatchSource::File(path, *size)))
             .collect();
-        let batched = batches(&small);
+        let batched = strata_net::batches(&small, |(_, s)| s.size());
         let puts = batched
             .iter()
             .map(|b| {

@@ -239,17 +239,6 @@ impl Hashed {
             .chain(self.files.keys().copied())
             .collect()
     }
-
-    /// The size of blob `d` of this tree.
-    pub fn size_of(&self, d: &Digest) -> u64 {
-        if let Some((_, size)) = self.files.get(d) {
-            return *size;
-        }
-        self.dirs
-            .iter()
-            .find(|(x, _)| x == d)
-            .map_or(0, |(_, b)| b.len() as u64)
-    }
 }
 
 /// What a file's stat said when its digest was taken.
@@ -650,43 +639,24 @@ fn digest_file(path: &Path) -> Result<Digest, ContextError> {
 }
 
 /// Every blob the tree of `root` names, as far as `cas` holds its
-/// directories: (directories found, files and directories named but
-/// absent). Bounded by [`MAX_ENTRIES`]; walks with a queue, never by
+/// directories. Bounded by [`MAX_ENTRIES`]; walks with a queue, never by
 /// recursion.
 pub fn closure(cas: &ContentStore, root: &Digest) -> Result<Closure, ContextError> {
-    let mut out = Closure::default();
-    let mut queue = std::collections::VecDeque::from([*root]);
-    let mut seen: HashSet<Digest> = HashSet::from([*root]);
-    while let Some(d) = queue.pop_front() {
-        let dir = match read_directory(cas, &d) {
-            Ok(dir) => dir,
-            Err(ContextError::Missing(_)) => {
-                out.absent.push(d);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        out.dirs.push(d);
-        for e in dir.entries {
-            if out.dirs.len() + out.files.len() > MAX_ENTRIES {
-                return Err(ContextError::TooLarge(MAX_ENTRIES));
-            }
-            match e.kind {
-                EntryKind::Dir(child) => {
-                    if seen.insert(child) {
-                        queue.push_back(child);
-                    }
-                }
-                EntryKind::File { blob, .. } => {
-                    if seen.insert(blob) {
-                        out.files.push(blob);
-                    }
-                }
-                EntryKind::Symlink { .. } => {}
-            }
-        }
-    }
-    Ok(out)
+    let (nodes, absent) = walk_tree(cas, root)?;
+    let mut seen = HashSet::new();
+    let files = nodes
+        .values()
+        .flat_map(|dir| &dir.entries)
+        .filter_map(|e| match e.kind {
+            EntryKind::File { blob, .. } => seen.insert(blob).then_some(blob),
+            _ => None,
+        })
+        .collect();
+    Ok(Closure {
+        dirs: nodes.into_keys().collect(),
+        files,
+        absent,
+    })
 }
 
 /// What [`closure`] found.
@@ -707,32 +677,39 @@ impl Closure {
     }
 }
 
-/// Every directory of the tree of `root`, read from `cas` and checked;
-/// an absent one is an error. Walks with a queue, never by recursion.
-fn read_tree(
+/// Every directory of the tree of `root` that `cas` holds, read and
+/// checked, and the directories named but absent. Walks with a queue,
+/// never by recursion; bounded by [`MAX_ENTRIES`] directories.
+fn walk_tree(
     cas: &ContentStore,
     root: &Digest,
-) -> Result<HashMap<Digest, Directory>, ContextError> {
+) -> Result<(HashMap<Digest, Directory>, Vec<Digest>), ContextError> {
     let mut nodes = HashMap::new();
+    let mut absent = Vec::new();
+    let mut queued = HashSet::from([*root]);
     let mut queue = std::collections::VecDeque::from([*root]);
     while let Some(d) = queue.pop_front() {
-        if nodes.contains_key(&d) {
-            continue;
-        }
-        let node = read_directory(cas, &d)?;
+        let node = match read_directory(cas, &d) {
+            Ok(node) => node,
+            Err(ContextError::Missing(_)) => {
+                absent.push(d);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         for e in &node.entries {
             if let EntryKind::Dir(child) = e.kind
-                && !nodes.contains_key(&child)
+                && queued.insert(child)
             {
                 queue.push_back(child);
             }
         }
         nodes.insert(d, node);
-        if nodes.len() > MAX_ENTRIES {
+        if queued.len() > MAX_ENTRIES {
             return Err(ContextError::TooLarge(MAX_ENTRIES));
         }
     }
-    Ok(nodes)
+    Ok((nodes, absent))
 }
 
 /// How many entries the tree of `root` has written out: a directory named
@@ -777,7 +754,10 @@ fn expanded(nodes: &HashMap<Digest, Directory>, root: &Digest) -> u64 {
 /// is refused before anything is written. Walks with a stack, never by
 /// recursion. Returns the entries written.
 pub fn materialize(cas: &ContentStore, root: &Digest, dir: &Path) -> Result<usize, ContextError> {
-    let nodes = read_tree(cas, root)?;
+    let (nodes, absent) = walk_tree(cas, root)?;
+    if let Some(d) = absent.first() {
+        return Err(ContextError::Missing(*d));
+    }
     if expanded(&nodes, root) > MAX_ENTRIES as u64 {
         return Err(ContextError::TooLarge(MAX_ENTRIES));
     }

@@ -671,21 +671,10 @@ impl WorkerNode {
         let (small, large): (Vec<_>, Vec<_>) = files
             .into_iter()
             .filter(|(d, _)| lacks(d))
-            .partition(|(_, size)| *size <= 1 << 20);
-        let mut batches: Vec<Vec<Digest>> = Vec::new();
-        let mut bytes = 0u64;
-        for (d, size) in small {
-            match batches.last_mut() {
-                Some(b) if b.len() < strata_net::MAX_BATCH / 4 && bytes + size <= 32 << 20 => {
-                    b.push(d);
-                    bytes += size;
-                }
-                _ => {
-                    batches.push(vec![d]);
-                    bytes = size;
-                }
-            }
-        }
+            .partition(|(_, size)| *size <= strata_net::BATCHED_UP_TO);
+        let batches = strata_net::batches(&small, |(_, size)| *size)
+            .into_iter()
+            .map(|b| b.iter().map(|(d, _)| *d).collect::<Vec<_>>());
         let mut gets: Vec<futures_util::future::BoxFuture<'_, Result<u64, String>>> = Vec::new();
         for b in batches {
             gets.push(Box::pin(get_batch(conn, cas, b)));

@@ -283,6 +283,30 @@ pub const MAX_BATCH: usize = 4096;
 /// (a context's files); large ones go on streams of their own.
 pub const MAX_BATCH_BYTES: u64 = 256 << 20;
 
+/// Blobs this large or smaller go many to a stream; larger ones each on
+/// a stream of its own.
+pub const BATCHED_UP_TO: u64 = 1 << 20;
+
+/// Splits `items` into batches of at most a quarter of [`MAX_BATCH`]
+/// blobs and 32 MiB (as `size` counts them), so several batches go at
+/// once; an item larger than that is a batch of its own.
+pub fn batches<T>(items: &[T], size: impl Fn(&T) -> u64) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, item) in items.iter().enumerate() {
+        let n = size(item);
+        if i > start && (i - start >= MAX_BATCH / 4 || bytes + n > 32 << 20) {
+            out.push(&items[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += n;
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
+}
+
 /// Where a blob of a batch is read from.
 #[derive(Debug, Clone, Copy)]
 pub enum BatchSource<'a> {
@@ -290,6 +314,17 @@ pub enum BatchSource<'a> {
     Store(&'a ContentStore),
     /// A file of this size (a client's context file).
     File(&'a std::path::Path, u64),
+}
+
+impl BatchSource<'_> {
+    /// The size it was said to have (a stored blob's is looked up when
+    /// sent: counted as nothing here).
+    pub fn size(&self) -> u64 {
+        match self {
+            BatchSource::File(_, n) => *n,
+            BatchSource::Store(_) => 0,
+        }
+    }
 }
 
 /// Sends many small blobs on one stream, each announced by its digest and

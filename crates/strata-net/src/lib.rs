@@ -28,7 +28,10 @@ pub use blob::{
     Announced, read_blob_header, recv_announced, recv_blob, recv_blob_limited, refuse_blob,
     send_blob, send_file,
 };
-pub use blob::{BatchReceived, BatchSource, MAX_BATCH, MAX_BATCH_BYTES, recv_batch, send_batch};
+pub use blob::{
+    BATCHED_UP_TO, BatchReceived, BatchSource, MAX_BATCH, MAX_BATCH_BYTES, batches, recv_batch,
+    send_batch,
+};
 pub use endpoint::{Connection, Endpoint, https_config};
 pub use error::{Error, Result};
 pub use frame::{MAX_FRAME, decode_frame, read_frame, write_frame};
