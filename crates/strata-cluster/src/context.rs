@@ -473,7 +473,8 @@ fn hash_at(
             Ok(())
         })
         .map_err(|m| {
-            if m.contains("more than") && m.contains("entries") {
+            // The walk stopped at the bound (the count says so), or failed.
+            if entries > MAX_ENTRIES {
                 ContextError::TooLarge(MAX_ENTRIES)
             } else {
                 ContextError::Walk(m)
