@@ -35,5 +35,5 @@ pub use error::{Error, Result};
 pub use export::{export_docker_archive, export_oci, export_oci_index, image_index, platform_of};
 pub use import::{ImportFormat, archive_names, import, select_manifest, store_layer};
 pub use reference::{DEFAULT_DOMAIN, ParseReferenceError, Reference};
-pub use store::{Image, ImageStore, LayerRef, Tagged, descriptor_sha256};
+pub use store::{Image, ImageStore, LayerRef, Tagged, descriptor_sha256, image_manifest};
 pub use time::{rfc3339, unix_from_rfc3339};

@@ -139,29 +139,7 @@ impl ImageStore {
             .map_err(|e| Error::Format(format!("image config is not valid JSON: {e}")))?;
         let config_blob = self.cas.put(config_json)?;
         let id = Sha256::of(config_json);
-        let mut descs = Vec::with_capacity(layers.len());
-        for l in layers {
-            descs.push(Descriptor::new(
-                MediaType::ImageLayer,
-                l.size,
-                sha256_to_oci(&l.diff_id)?,
-            ));
-        }
-        let manifest = ImageManifestBuilder::default()
-            .schema_version(2u32)
-            .media_type(MediaType::ImageManifest)
-            .config(Descriptor::new(
-                MediaType::ImageConfig,
-                config_json.len() as u64,
-                sha256_to_oci(&id)?,
-            ))
-            .layers(descs)
-            .build()
-            .map_err(|e| Error::Format(format!("cannot build manifest: {e}")))?;
-        let bytes = manifest
-            .to_string()
-            .map_err(|e| Error::Format(format!("cannot encode manifest: {e}")))?
-            .into_bytes();
+        let bytes = image_manifest(config_json, layers)?;
         let manifest_blob = self.cas.put(&bytes)?;
         // The manifest keeps its config and layers alive for collectors.
         self.cas
@@ -337,4 +315,33 @@ pub fn descriptor_sha256(d: &Descriptor) -> Result<Sha256> {
     let s = d.digest().to_string();
     s.parse()
         .map_err(|_| Error::Format(format!("descriptor digest {s} is not sha256")))
+}
+
+/// The manifest of an image of `config_json` over `layers` (uncompressed,
+/// bottom first), as the store writes it: the same inputs give the same
+/// bytes, so a cluster and its clients name one image by one digest.
+pub fn image_manifest(config_json: &[u8], layers: &[LayerRef]) -> Result<Vec<u8>> {
+    let mut descs = Vec::with_capacity(layers.len());
+    for l in layers {
+        descs.push(Descriptor::new(
+            MediaType::ImageLayer,
+            l.size,
+            sha256_to_oci(&l.diff_id)?,
+        ));
+    }
+    let manifest = ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageManifest)
+        .config(Descriptor::new(
+            MediaType::ImageConfig,
+            config_json.len() as u64,
+            sha256_to_oci(&Sha256::of(config_json))?,
+        ))
+        .layers(descs)
+        .build()
+        .map_err(|e| Error::Format(format!("cannot build manifest: {e}")))?;
+    Ok(manifest
+        .to_string()
+        .map_err(|e| Error::Format(format!("cannot encode manifest: {e}")))?
+        .into_bytes())
 }

@@ -54,6 +54,52 @@ openraft::declare_raft_types!(
 pub enum Command {
     /// Version 1.
     V1(CommandV1),
+    /// Version 2: the images the cluster names.
+    V2(CommandV2),
+}
+
+impl From<CommandV1> for Command {
+    fn from(c: CommandV1) -> Command {
+        Command::V1(c)
+    }
+}
+
+impl From<CommandV2> for Command {
+    fn from(c: CommandV2) -> Command {
+        Command::V2(c)
+    }
+}
+
+/// The changes of version 2.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandV2 {
+    /// Points the image name `name` (a normalized reference,
+    /// `docker.io/library/app:1`) at `image`, whatever it named before.
+    Tag {
+        /// The name.
+        name: String,
+        /// The image.
+        image: ClusterImage,
+    },
+    /// Drops the image name `name`.
+    Untag {
+        /// The name.
+        name: String,
+    },
+}
+
+/// An image the cluster built and names: its config and layers, which
+/// live on the workers. Its manifest is
+/// [`strata_oci::image_manifest`] of the two, the same bytes a client
+/// storing it writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterImage {
+    /// The image config, as its exact bytes (its sha256 is the image ID).
+    pub config: Vec<u8>,
+    /// Its layers, bottom first.
+    pub layers: Vec<strata_oci::LayerRef>,
+    /// When it was named (seconds since the epoch).
+    pub tagged: u64,
 }
 
 /// The changes of version 1.
@@ -809,8 +855,8 @@ impl Member {
     /// anyway: the write is committed). A follower forwards it to the
     /// leader; during an election it waits for one (up to
     /// [`LEADER_WAIT`]).
-    pub async fn write(&self, command: CommandV1) -> Result<Response, Error> {
-        match self.via_leader(Ask::Write(Command::V1(command))).await? {
+    pub async fn write(&self, command: impl Into<Command>) -> Result<Response, Error> {
+        match self.via_leader(Ask::Write(command.into())).await? {
             // Read your writes: this member's own copy has it too before
             // the write returns. It is committed either way: a member that
             // cannot catch up in time (removed from the group, or far

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use strata_cache::CacheEntry;
 use strata_cas::{Digest, MetaDb};
 
-use crate::{Command, Node, NodeId, Response, TypeConfig, WorkerRecord};
+use crate::{ClusterImage, Command, CommandV2, Node, NodeId, Response, TypeConfig, WorkerRecord};
 
 /// Log entries by index (big-endian, so they sort).
 const LOG: &str = "raft-log";
@@ -33,8 +33,10 @@ const LOCATIONS: &str = "raft-locations";
 const WORKERS: &str = "raft-workers";
 /// What the state machine has applied, its membership, its snapshot.
 const APPLIED: &str = "raft-applied";
+/// Image names the cluster holds, by normalized reference.
+const TAGS: &str = "raft-tags";
 
-const FAMILIES: &[&str] = &[LOG, LOG_META, ENTRIES, LOCATIONS, WORKERS, APPLIED];
+const FAMILIES: &[&str] = &[LOG, LOG_META, ENTRIES, LOCATIONS, WORKERS, APPLIED, TAGS];
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -281,6 +283,14 @@ enum SnapshotBody {
         workers: Vec<(String, WorkerRecord)>,
         joined: Vec<NodeId>,
     },
+    /// Version 2 and the image names.
+    V3 {
+        entries: Vec<(Digest, CacheEntry)>,
+        locations: Vec<(Digest, Vec<String>)>,
+        workers: Vec<(String, WorkerRecord)>,
+        joined: Vec<NodeId>,
+        tags: Vec<(String, ClusterImage)>,
+    },
 }
 
 /// A snapshot as stored: its meta and its bytes.
@@ -340,6 +350,17 @@ impl StateMachine {
     /// The members of the group that have taken part.
     pub fn joined(&self) -> Result<Vec<NodeId>, AnyError> {
         Ok(self.applied("joined")?.unwrap_or_default())
+    }
+
+    /// The image named `name` (a normalized reference), as this member
+    /// has applied it.
+    pub fn tag(&self, name: &str) -> Result<Option<ClusterImage>, AnyError> {
+        read(&self.db, TAGS, name.as_bytes())
+    }
+
+    /// Every image name and its image.
+    pub fn tags(&self) -> Result<Vec<(String, ClusterImage)>, AnyError> {
+        self.scan_keyed(TAGS, name_key)
     }
 
     /// Every registered worker.
@@ -416,7 +437,10 @@ impl StateMachine {
 
     /// Applies one command to `batch`, reading what it changes.
     fn apply_command(&self, batch: &mut WriteBatch, cmd: &Command) -> Result<Response, AnyError> {
-        let Command::V1(cmd) = cmd;
+        let cmd = match cmd {
+            Command::V1(cmd) => cmd,
+            Command::V2(cmd) => return self.apply_v2(batch, cmd),
+        };
         use crate::CommandV1 as C;
         match cmd {
             C::Put { key, entry } => {
@@ -528,6 +552,24 @@ impl StateMachine {
         }
     }
 
+    /// Applies one command of version 2 to `batch`.
+    fn apply_v2(&self, batch: &mut WriteBatch, cmd: &CommandV2) -> Result<Response, AnyError> {
+        match cmd {
+            CommandV2::Tag { name, image } => {
+                let changed = self
+                    .tag(name)?
+                    .is_none_or(|old| old.config != image.config || old.layers != image.layers);
+                batch.put_cf(self.db.cf(TAGS), name.as_bytes(), encode(image)?);
+                Ok(Response { changed })
+            }
+            CommandV2::Untag { name } => {
+                let changed = self.tag(name)?.is_some();
+                batch.delete_cf(self.db.cf(TAGS), name.as_bytes());
+                Ok(Response { changed })
+            }
+        }
+    }
+
     /// The state as of one moment, however applies go on meanwhile: what
     /// it has applied, its membership, and the snapshot body.
     #[allow(clippy::type_complexity)]
@@ -559,11 +601,12 @@ impl StateMachine {
             Some(raw) => decode(&raw)?,
             None => Vec::new(),
         };
-        let body = encode(&SnapshotBody::V2 {
+        let body = encode(&SnapshotBody::V3 {
             entries: collect(scan(ENTRIES), digest_key)?,
             locations: collect(scan(LOCATIONS), digest_key)?,
             workers: collect(scan(WORKERS), name_key)?,
             joined,
+            tags: collect(scan(TAGS), name_key)?,
         })?;
         Ok((last, membership, body))
     }
@@ -686,23 +729,30 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> StorageResult<()> {
         let data = snapshot.into_inner();
         let sig = Some(meta.signature());
-        let (entries, locations, workers, joined) =
+        let (entries, locations, workers, joined, tags) =
             match decode(&data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), e))? {
                 SnapshotBody::V1 {
                     entries,
                     locations,
                     workers,
-                } => (entries, locations, workers, Vec::new()),
+                } => (entries, locations, workers, Vec::new(), Vec::new()),
                 SnapshotBody::V2 {
                     entries,
                     locations,
                     workers,
                     joined,
-                } => (entries, locations, workers, joined),
+                } => (entries, locations, workers, joined, Vec::new()),
+                SnapshotBody::V3 {
+                    entries,
+                    locations,
+                    workers,
+                    joined,
+                    tags,
+                } => (entries, locations, workers, joined, tags),
             };
         let write_err = |e: AnyError| StorageIOError::write_snapshot(sig.clone(), e);
         let mut batch = WriteBatch::default();
-        for cf in [ENTRIES, LOCATIONS, WORKERS] {
+        for cf in [ENTRIES, LOCATIONS, WORKERS, TAGS] {
             for item in self
                 .db
                 .db()
@@ -731,6 +781,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 self.db.cf(WORKERS),
                 name.as_bytes(),
                 encode(record).map_err(write_err)?,
+            );
+        }
+        for (name, image) in &tags {
+            batch.put_cf(
+                self.db.cf(TAGS),
+                name.as_bytes(),
+                encode(image).map_err(write_err)?,
             );
         }
         batch.put_cf(
@@ -790,9 +847,9 @@ mod tests {
         Digest::of(&[i])
     }
 
-    fn apply(sm: &StateMachine, cmd: CommandV1) -> bool {
+    fn apply(sm: &StateMachine, cmd: impl Into<Command>) -> bool {
         let mut batch = WriteBatch::default();
-        let r = sm.apply_command(&mut batch, &Command::V1(cmd)).unwrap();
+        let r = sm.apply_command(&mut batch, &cmd.into()).unwrap();
         sm.db.db().write(batch).unwrap();
         r.changed
     }
@@ -903,10 +960,24 @@ mod tests {
                 entry: CacheEntry::new(Vec::new(), false, "w1"),
             },
         );
+        apply(
+            &from,
+            CommandV2::Tag {
+                name: "docker.io/library/app:1".into(),
+                image: image(b"{}"),
+            },
+        );
         let snap = from.build_snapshot().await.unwrap();
 
         let mut to = StateMachine::new(open(b.path()).unwrap());
         apply(&to, registered("stale", vec![blob(5)]));
+        apply(
+            &to,
+            CommandV2::Tag {
+                name: "stale:1".into(),
+                image: image(b"{}"),
+            },
+        );
         to.install_snapshot(&snap.meta, snap.snapshot)
             .await
             .unwrap();
@@ -915,5 +986,37 @@ mod tests {
         assert!(to.entry(&blob(9)).unwrap().is_some());
         let workers: Vec<String> = to.workers().unwrap().into_iter().map(|(n, _)| n).collect();
         assert_eq!(workers, ["w1"]);
+        let tags: Vec<String> = to.tags().unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(tags, ["docker.io/library/app:1"]);
+    }
+
+    fn image(config: &[u8]) -> ClusterImage {
+        ClusterImage {
+            config: config.to_vec(),
+            layers: vec![strata_oci::LayerRef {
+                blob: blob(1),
+                diff_id: strata_cas::Sha256::of(&[1]),
+                size: 1,
+            }],
+            tagged: 7,
+        }
+    }
+
+    #[test]
+    fn a_name_points_at_its_last_image_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::new(open(dir.path()).unwrap());
+        let tag = |config: &[u8]| CommandV2::Tag {
+            name: "app:1".into(),
+            image: image(config),
+        };
+        assert!(apply(&sm, tag(b"{\"a\":1}")));
+        // The same image again changes nothing; another one replaces it.
+        assert!(!apply(&sm, tag(b"{\"a\":1}")));
+        assert!(apply(&sm, tag(b"{\"a\":2}")));
+        assert_eq!(sm.tag("app:1").unwrap().unwrap().config, b"{\"a\":2}");
+        assert!(apply(&sm, CommandV2::Untag { name: "app:1".into() }));
+        assert!(!apply(&sm, CommandV2::Untag { name: "app:1".into() }));
+        assert!(sm.tag("app:1").unwrap().is_none());
     }
 }
