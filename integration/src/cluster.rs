@@ -69,8 +69,9 @@ impl Cluster {
             workers,
             coordinators,
         };
-        // Coordinators, workers, then the coordinators' Raft ports.
-        let port = free_ports(2 * coordinators + workers - 1).to_string();
+        // Coordinators, workers, the coordinators' Raft ports, then their
+        // image endpoints.
+        let port = free_ports(3 * coordinators + workers - 1).to_string();
         c.ok(&[
             "cluster",
             "init",
@@ -139,6 +140,20 @@ impl Cluster {
         ([127, 0, 0, 1], port).into()
     }
 
+    /// Where coordinator `name` serves the cluster's images (its
+    /// `[registry] listen`).
+    pub fn registry_addr(&self, name: &str) -> std::net::SocketAddr {
+        let config = std::fs::read_to_string(self.path().join(format!("{name}.toml"))).unwrap();
+        let section = config.split("\n[registry]\n").nth(1).unwrap();
+        section
+            .lines()
+            .find_map(|l| l.strip_prefix("listen = "))
+            .unwrap()
+            .trim_matches('"')
+            .parse()
+            .unwrap()
+    }
+
     /// What node `name` has logged.
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.path().join("logs").join(format!("{name}.log")))
@@ -174,7 +189,22 @@ impl Cluster {
     }
 
     /// [`Cluster::build_via`], returning the build's progress output too.
+    /// The image is fetched into `s`'s local store (`-o type=image`).
     pub fn build_showing(
+        &self,
+        client: &Path,
+        s: &Strata,
+        ctx: &Path,
+        extra: &[&str],
+    ) -> (serde_json::Value, String) {
+        let mut args = vec!["--output", "type=image"];
+        args.extend_from_slice(extra);
+        self.build_leaving(client, s, ctx, &args)
+    }
+
+    /// A build whose image stays in the cluster unless `extra` asks for an
+    /// output: its `--report` and progress output.
+    pub fn build_leaving(
         &self,
         client: &Path,
         s: &Strata,
@@ -224,6 +254,7 @@ impl Cluster {
             .cmd()
             .args(["build", "--cluster", self.client().to_str().unwrap()])
             .args(["--progress", "plain", "--report", report.to_str().unwrap()])
+            .args(["--output", "type=image"])
             .args(extra)
             .arg(ctx)
             .stdout(Stdio::null())

@@ -353,6 +353,8 @@ fn a_damaged_blob_is_never_accepted_and_the_build_still_succeeds() {
         client.to_str().unwrap(),
         "--progress",
         "plain",
+        "-o",
+        "type=image",
         "-t",
         "x:1",
         ctx.path().to_str().unwrap(),
@@ -1038,4 +1040,104 @@ fn an_admin_imports_a_cache_exported_elsewhere_and_every_client_s_build_hits_it(
     let out = admin.run(&import);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("3 steps, 0 new"), "{err}");
+}
+
+#[test]
+fn a_cluster_build_stays_in_the_cluster_and_skopeo_and_docker_pull_it_from_a_coordinator() {
+    let cluster = Cluster::start(2, 5);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[
+            (
+                "Dockerfile",
+                "FROM busybox:latest\nCOPY f /f\nRUN cat /f /f > /g\n",
+            ),
+            ("f", "served\n"),
+        ],
+    );
+    let client = cluster.client();
+    // The image stays in the cluster: nothing comes down to the client,
+    // whose store does not name it.
+    let first = Strata::new();
+    let (report, progress) =
+        cluster.build_leaving(&client, &first, ctx.path(), &["-t", "served:1"]);
+    assert_eq!(report["bytes_fetched"], 0, "{report}");
+    assert!(
+        progress.contains("served:1 in the cluster, not downloaded"),
+        "{progress}"
+    );
+    assert!(!first.ok(&["images"]).contains("served"));
+    let id = report["image"]["id"].as_str().unwrap().to_string();
+    // Another client, with nothing of its own, gets it whole from the
+    // cache and downloads nothing either.
+    let (again, _) =
+        cluster.build_leaving(&client, &Strata::new(), ctx.path(), &["-t", "served:1"]);
+    assert_eq!(runs(&again), 0, "{again}");
+    assert_eq!(again["bytes_fetched"], 0, "{again}");
+    assert_eq!(again["image"]["id"], id.as_str());
+
+    // skopeo copies it from a coordinator's endpoint: the config it gets
+    // is the image the build reported.
+    let endpoint = cluster.registry_addr("coordinator");
+    let layout = tempfile::tempdir().unwrap();
+    let copied = std::process::Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{endpoint}/served:1"))
+        .arg(format!("oci:{}:served", layout.path().display()))
+        .output()
+        .unwrap();
+    assert!(
+        copied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&copied.stderr)
+    );
+    let inspected = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw"])
+        .arg(format!("oci:{}:served", layout.path().display()))
+        .output()
+        .unwrap();
+    assert!(inspected.status.success());
+    let manifest: serde_json::Value = serde_json::from_slice(&inspected.stdout).unwrap();
+    assert_eq!(
+        manifest["config"]["digest"], id,
+        "the config skopeo copied is not the built image's"
+    );
+    // A name the cluster does not know is the registry's 404.
+    let unknown = std::process::Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .arg(format!("docker://{endpoint}/served:2"))
+        .output()
+        .unwrap();
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("manifest unknown"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+    // The endpoint takes no pushes.
+    let pushed = std::process::Command::new("skopeo")
+        .args(["copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:served", layout.path().display()))
+        .arg(format!("docker://{endpoint}/pushed:1"))
+        .output()
+        .unwrap();
+    assert!(!pushed.status.success());
+
+    // Docker pulls it too (127.0.0.0/8 is a registry it takes over plain
+    // HTTP) and runs it: the same image ID, the step's files.
+    let docker = strata_integration::docker::Docker::shared();
+    let name = format!("{endpoint}/served:1");
+    docker.ok(&["pull", &name]);
+    assert_eq!(
+        docker
+            .ok(&["image", "inspect", "--format", "{{.Id}}", &name])
+            .trim(),
+        id
+    );
+    assert_eq!(
+        docker.ok(&["run", "--rm", &name, "cat", "/g"]),
+        "served\nserved\n"
+    );
+    docker.ok(&["rmi", &name]);
 }

@@ -334,7 +334,7 @@ fn two_cluster_clients_on_one_host_build_at_once() {
         .cmd()
         .args(["build", "--cluster"])
         .arg(cluster.client())
-        .args(["--progress", "quiet", "-t", "two:1"])
+        .args(["--progress", "quiet", "-o", "type=image", "-t", "two:1"])
         .arg(b.path())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -1278,6 +1278,9 @@ fn build_one(
                 );
             }
             warn_unused(cx, &inputs)?;
+            // The image stays in the cluster, named by its tags, unless
+            // an output needs its bytes here.
+            let download = !outputs.is_empty();
             let outcome = cluster_build(
                 cx,
                 cluster,
@@ -1293,6 +1296,7 @@ fn build_one(
                     rewrite_timestamp,
                     remote_context: args.remote_context,
                     report: !matches!(args.progress_mode(), Mode::Quiet | Mode::Rawjson),
+                    download,
                 },
                 &tags,
             );
@@ -1577,6 +1581,8 @@ struct ClusterBuild<'a> {
     remote_context: bool,
     /// Say what the context upload read and sent.
     report: bool,
+    /// Fetch the image into the local store (an output needs it).
+    download: bool,
 }
 
 enum ClusterFailure {
@@ -1602,6 +1608,9 @@ fn cluster_build(
 ) -> Result<(strata_oci::Image, Vec<StepRecord>, u64), ClusterFailure> {
     let node = cx.node;
     let stamps = Timestamps::new(b.inputs.source_date_epoch()?, b.rewrite_timestamp)?;
+    // A build with SOURCE_DATE_EPOCH has its times rewritten here, so it
+    // is stored here.
+    let download = b.download || stamps.source_date_epoch.is_some();
     let ignore = strata_worker::ignore_for(b.dockerfile, b.context, b.remote_context)?;
     // The context's tree, reading only files whose stat changed since the
     // last build of this directory.
@@ -1677,6 +1686,11 @@ fn cluster_build(
                 }
             };
             match done {
+                Ok(d) if !download => {
+                    let (image, _) = strata_oci::Image::described(&d.config_json, &d.layers)
+                        .map_err(|e| anyhow::anyhow!("the cluster's image: {e}"))?;
+                    break (d, image, 0);
+                }
                 Ok(d) => match client.fetch_image(node, &d, stamps).await {
                     Ok((image, fetched)) => break (d, image, fetched),
                     // A holder had lost a layer the cache named: the
@@ -1698,8 +1712,18 @@ fn cluster_build(
                 Err(e) => return Err(e.into()),
             }
         };
-        for tag in tags {
-            node.images.tag(tag, &image)?;
+        if download {
+            for tag in tags {
+                node.images.tag(tag, &image)?;
+            }
+        } else if b.report && !done.tagged.is_empty() {
+            let names: Vec<String> = tags.iter().map(Reference::familiar).collect();
+            let _ = writeln!(
+                cx.err(),
+                "{} in the cluster, not downloaded: pull it from a coordinator's image \
+                 endpoint, or build with --load or -o type=image to have it here",
+                names.join(", ")
+            );
         }
         Ok((image, done.steps, fetched))
     })

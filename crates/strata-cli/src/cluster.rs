@@ -232,11 +232,16 @@ pub fn coordinator(args: NodeArgs, flags: &RegistryFlags) -> Result<ExitCode> {
             .serve_metrics(&config)
             .await
             .map_err(anyhow::Error::msg)?;
+        let images = coord
+            .serve_images(&config)
+            .await
+            .map_err(anyhow::Error::msg)?;
         writeln!(
             std::io::stderr(),
-            "coordinator listening on {}{}",
+            "coordinator listening on {}{}{}",
             coord.addr(),
-            serving_metrics(metrics)
+            serving_metrics(metrics),
+            images.map_or(String::new(), |a| format!(", images on {a}"))
         )?;
         coord.run(shutdown_signal()).await;
         Ok(ExitCode::SUCCESS)

@@ -330,6 +330,37 @@ impl MetricsConfig {
     }
 }
 
+/// `[registry]`: where a coordinator serves the cluster's images,
+/// read-only, over the OCI distribution API (HTTP over TCP).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// The address. Unset: not served. On loopback it is plain HTTP;
+    /// anywhere else HTTPS with the coordinator's certificate, and a
+    /// client must show a certificate the cluster's CA signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl RegistryConfig {
+    fn is_default(&self) -> bool {
+        self.listen.is_none()
+    }
+
+    fn load_overrides(&mut self) -> Result<(), ConfigError> {
+        match std::env::var_os("STRATA_REGISTRY_LISTEN") {
+            Some(v) if v == "off" => self.listen = None,
+            Some(_) => {
+                let mut addr = self.listen.unwrap_or(([127, 0, 0, 1], 0).into());
+                override_with("STRATA_REGISTRY_LISTEN", &mut addr)?;
+                self.listen = Some(addr);
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}
+
 /// `coordinator.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -385,6 +416,9 @@ pub struct CoordinatorConfig {
         skip_serializing_if = "MetricsConfig::is_default"
     )]
     pub metrics: MetricsConfig,
+    /// Its endpoint serving the cluster's images.
+    #[serde(default, skip_serializing_if = "RegistryConfig::is_default")]
+    pub registry: RegistryConfig,
     /// Its credentials.
     #[serde(default = "default_coordinator_tls")]
     pub tls: TlsFiles,
@@ -519,7 +553,8 @@ impl CoordinatorConfig {
     /// Reads `path`, then `STRATA_LISTEN`, `STRATA_HOME`,
     /// `STRATA_LEASE_SECONDS`, `STRATA_RAFT_LISTEN`, `STRATA_REPLICATION`,
     /// `STRATA_REPAIR_MIB_PER_SECOND`, `STRATA_UPLOAD_QUOTA_MIB_PER_HOUR`,
-    /// `STRATA_KEEP_STORAGE` and `STRATA_KEEP_DURATION`.
+    /// `STRATA_KEEP_STORAGE`, `STRATA_KEEP_DURATION`, the `[metrics]` ones
+    /// and `STRATA_REGISTRY_LISTEN` (an address, or `off`).
     pub fn load(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
         let mut c: CoordinatorConfig = load(path)?;
         override_with("STRATA_LISTEN", &mut c.listen)?;
@@ -534,6 +569,7 @@ impl CoordinatorConfig {
         )?;
         override_keep(&mut c.keep_storage, &mut c.keep_duration)?;
         c.metrics.load_overrides(&base_of(path))?;
+        c.registry.load_overrides()?;
         if c.replication == 0 {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),

@@ -114,6 +114,8 @@ pub struct Coordinator {
     keep: strata_worker::Keep,
     /// Contexts a build is about to use.
     pins: Mutex<crate::context::Pins>,
+    /// Connections to workers, for the layers its image endpoint serves.
+    peers: Arc<crate::peers::Peers>,
     /// When it started.
     started: Instant,
 }
@@ -153,6 +155,14 @@ fn check_submitted(submit: &SubmitBuild) -> Result<(), String> {
         return Err(format!(
             "a build may have at most {most} names of at most {longest} bytes"
         ));
+    }
+    for tag in &submit.tags {
+        let name: strata_oci::Reference = tag.parse().map_err(|e| format!("{e}"))?;
+        if name.digest.is_some() {
+            return Err(format!(
+                "{tag:?} names a digest: a build's names are tags (app:1)"
+            ));
+        }
     }
     Ok(())
 }
@@ -224,7 +234,6 @@ impl Coordinator {
             index,
             name: me.name,
             listen,
-            endpoint,
             registry,
             lease: Duration::from_secs(config.lease_seconds.max(1)),
             workers: Mutex::default(),
@@ -255,7 +264,69 @@ impl Coordinator {
                 config.keep_duration,
             )?,
             pins: Mutex::default(),
+            peers: Arc::new(crate::peers::Peers::new(endpoint.clone())),
+            endpoint,
         }))
+    }
+
+    /// Serves the cluster's images as `config` says (`[registry]`):
+    /// plain HTTP on loopback, HTTPS asking for a cluster certificate
+    /// anywhere else. Returns where, or `None` when not configured.
+    pub async fn serve_images(
+        self: &Arc<Self>,
+        config: &CoordinatorConfig,
+    ) -> Result<Option<SocketAddr>, String> {
+        let Some(addr) = config.registry.listen else {
+            return Ok(None);
+        };
+        let tls = if addr.ip().is_loopback() {
+            None
+        } else {
+            let id = config.tls.identity().map_err(|e| e.to_string())?;
+            Some(Arc::new(
+                strata_net::https_config_mutual(&id).map_err(|e| e.to_string())?,
+            ))
+        };
+        let served = crate::distribution::serve(Arc::clone(self), addr, tls)
+            .await
+            .map_err(|e| format!("{e} (set [registry] listen in the coordinator's config, or STRATA_REGISTRY_LISTEN=off)"))?;
+        Ok(Some(served.addr))
+    }
+
+    /// The images the cluster names, as its image endpoint looks them up.
+    pub(crate) fn catalog(&self) -> Result<crate::distribution::Catalog, String> {
+        let tags = self
+            .member
+            .local()
+            .tags()
+            .map_err(|e| format!("cannot read the cluster's image names: {e}"))?;
+        Ok(crate::distribution::Catalog::new(tags))
+    }
+
+    /// Opens `layer` from this coordinator's store, fetching it (verified)
+    /// from a worker that holds it first if it is not there.
+    pub(crate) async fn open_layer(&self, layer: &LayerRef) -> Result<tokio::fs::File, String> {
+        // Held until the file is open: from then on eviction cannot take
+        // the bytes from under the reader.
+        let mut lease = self.node.content.lease();
+        lease.hold(layer.blob);
+        let holders = self.holders(&layer.blob, Some(&self.name));
+        let needed = [(*layer, holders)];
+        if let Err(e) = self.peers.ensure(&self.node.content, &needed).await {
+            if !e.lacking.is_empty() {
+                drop(self.check_lacking(e.lacking.clone()).await);
+            }
+            return Err(format!("layer {} cannot be fetched: {e}", layer.diff_id));
+        }
+        if let Err(e) = self.node.content.touch(&layer.blob) {
+            tracing::debug!(blob = %layer.blob, error = %e, "cannot mark the layer used");
+        }
+        let path = self.node.content.blob_path(&layer.blob);
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        drop(lease);
+        Ok(file)
     }
 
     /// Serves its metrics, `/healthz` and `/readyz` as `config` says
@@ -459,8 +530,9 @@ impl Coordinator {
             .map_err(|e| e.to_string())
     }
 
-    /// For each of `blobs`, whether `worker` may drop its copy with no
-    /// loss: the coordinator holds it, or enough other live workers do.
+    /// For each of `blobs`, what `worker` dropping its copy loses: nothing
+    /// when enough other live workers hold it; else a cache entry, or a
+    /// named image's layer, which stays.
     fn spare(&self, worker: &str, blobs: &[Digest]) -> Reply {
         if blobs.len() > crate::protocol::MAX_SPARE_ASKED {
             return Reply::Error(format!(
@@ -469,21 +541,45 @@ impl Coordinator {
                 crate::protocol::MAX_SPARE_ASKED
             ));
         }
+        let named = match self.named_layers() {
+            Ok(n) => n,
+            Err(e) => return Reply::Error(e),
+        };
         Reply::Spare(
             blobs
                 .iter()
                 .map(|b| {
-                    self.node.content.contains(b).unwrap_or(false) || {
-                        let others = self
-                            .live_holders(b, &self.recorded_holders(b))
-                            .into_iter()
-                            .filter(|h| h.name != worker)
-                            .count();
-                        others >= self.replication
+                    // A coordinator's copy does not count: its store
+                    // keeps what it holds only under its own budget.
+                    let others = self
+                        .live_holders(b, &self.recorded_holders(b))
+                        .into_iter()
+                        .filter(|h| h.name != worker)
+                        .count();
+                    let spare = others >= self.replication;
+                    if spare {
+                        crate::protocol::CopyKind::Spare
+                    } else if named.contains(b) {
+                        crate::protocol::CopyKind::Named
+                    } else {
+                        crate::protocol::CopyKind::Last
                     }
                 })
                 .collect(),
         )
+    }
+
+    /// The layers of every image the cluster names.
+    fn named_layers(&self) -> Result<HashSet<Digest>, String> {
+        let tags = self
+            .member
+            .local()
+            .tags()
+            .map_err(|e| format!("cannot read the cluster's image names: {e}"))?;
+        Ok(tags
+            .iter()
+            .flat_map(|(_, image)| image.layers.iter().map(|l| l.blob))
+            .collect())
     }
 
     /// Checks what peers reported: each (blob, holder) where a holder said
@@ -1374,6 +1470,38 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Points each of `tags` at the image of `config_json` and `layers` in
+    /// the group's state, where `strata cluster images` and the registry
+    /// endpoint find it. Returns the names, normalized.
+    async fn name_image(
+        &self,
+        tags: &[String],
+        config_json: &[u8],
+        layers: &[LayerRef],
+    ) -> Result<Vec<String>, String> {
+        let mut named = Vec::with_capacity(tags.len());
+        for tag in tags {
+            let name = tag
+                .parse::<strata_oci::Reference>()
+                .map_err(|e| e.to_string())?
+                .normalized();
+            let image = strata_raft::ClusterImage {
+                config: config_json.to_vec(),
+                layers: layers.to_vec(),
+                tagged: strata_cas::now_unix(),
+            };
+            self.member
+                .write(strata_raft::CommandV2::Tag {
+                    name: name.clone(),
+                    image,
+                })
+                .await
+                .map_err(|e| format!("the image is built but naming it {tag} failed: {e}"))?;
+            named.push(name);
+        }
+        Ok(named)
+    }
+
     async fn solve(
         self: Arc<Self>,
         submit: SubmitBuild,
@@ -1520,9 +1648,22 @@ impl Coordinator {
         match solved {
             Ok(solved) => {
                 let target = &solved.stages[plan.target];
-                let config_json = match serde_json::to_vec(&target.config) {
-                    Ok(j) => j,
-                    Err(e) => return fail(format!("cannot encode the image config: {e}"), vec![]),
+                // The bytes a client storing the image writes, so the
+                // image has one ID wherever it is.
+                let config_json = target.config.to_json();
+                // A build with SOURCE_DATE_EPOCH is named once its client
+                // has rewritten its times: its layers here are not its
+                // image's.
+                let tagged = if source_date_epoch.is_none() {
+                    match self
+                        .name_image(&submit.tags, &config_json, &target.layers)
+                        .await
+                    {
+                        Ok(t) => t,
+                        Err(e) => return fail(e, vec![]),
+                    }
+                } else {
+                    Vec::new()
                 };
                 let holders: Vec<(Digest, Vec<Holder>)> = target
                     .layers
@@ -1537,6 +1678,7 @@ impl Coordinator {
                     image_layers: plan.image_layers(plan.target),
                     holders,
                     steps: solved.steps,
+                    tagged,
                 })));
             }
             Err(e) => fail(e.located(&submit.inputs.dockerfile_name), e.tail().to_vec()),

@@ -28,6 +28,7 @@ pub mod client;
 pub mod config;
 pub mod context;
 pub mod coordinator;
+pub mod distribution;
 pub mod local;
 mod observe;
 mod peers;

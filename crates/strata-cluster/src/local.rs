@@ -68,6 +68,15 @@ impl Ports {
         Ok(([127, 0, 0, 1], self.at(self.coordinators - 1 + i)?).into())
     }
 
+    /// Its image endpoint (TCP).
+    fn registry(&self, j: usize) -> Result<SocketAddr, String> {
+        Ok((
+            [127, 0, 0, 1],
+            self.at(2 * self.coordinators + self.workers + j - 1)?,
+        )
+            .into())
+    }
+
     fn raft(&self, j: usize) -> Result<SocketAddr, String> {
         Ok((
             [127, 0, 0, 1],
@@ -150,9 +159,11 @@ pub fn init(
              # directory. lease_seconds: how long a silent worker keeps its stages. id,\n\
              # raft_listen, group: its place in the group replicating the cache index.\n\
              # replication: workers each built layer is kept on; repair_mib_per_second:\n\
-             # how fast lost copies are made again.\n\
+             # how fast lost copies are made again. [registry] listen: where it serves\n\
+             # the cluster's images (`docker pull 127.0.0.1:PORT/app:1`).\n\
              # Overrides: STRATA_LISTEN, STRATA_HOME, STRATA_LEASE_SECONDS,\n\
-             # STRATA_RAFT_LISTEN, STRATA_REPLICATION, STRATA_REPAIR_MIB_PER_SECOND.\n\
+             # STRATA_RAFT_LISTEN, STRATA_REPLICATION, STRATA_REPAIR_MIB_PER_SECOND,\n\
+             # STRATA_REGISTRY_LISTEN.\n\
              # config/ has every setting explained.",
             &CoordinatorConfig {
                 listen: ports.coordinator(j)?,
@@ -167,6 +178,9 @@ pub fn init(
                 keep_storage: None,
                 keep_duration: None,
                 metrics: crate::config::MetricsConfig::on(),
+                registry: crate::config::RegistryConfig {
+                    listen: Some(ports.registry(j)?),
+                },
                 tls: tls(name),
             },
         )

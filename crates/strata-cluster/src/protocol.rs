@@ -107,6 +107,10 @@ pub struct BuildDone {
     pub holders: Vec<(Digest, Vec<Holder>)>,
     /// Every step: its key, cached or not, where it ran, when.
     pub steps: Vec<StepRecord>,
+    /// The names the cluster now serves the image under (normalized,
+    /// `docker.io/library/app:1`); none when the client names it itself
+    /// (a build with `SOURCE_DATE_EPOCH`, whose times the client rewrites).
+    pub tagged: Vec<String>,
 }
 
 /// A worker announcing itself to the coordinator.
@@ -401,6 +405,20 @@ pub const MAX_HISTORY: usize = 100;
 /// The most names a submitted build may have, and their longest.
 pub const MAX_TAGS: (usize, usize) = (64, 256);
 
+/// What a worker dropping its copy of a blob would lose
+/// ([`Reply::Spare`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CopyKind {
+    /// Nothing: the coordinator or enough other live workers hold it.
+    Spare,
+    /// Maybe the last copies of a cached layer: dropped only after the
+    /// spare ones, when the worker is still over its budget.
+    Last,
+    /// A layer of an image the cluster names, not spare: kept until the
+    /// name is dropped.
+    Named,
+}
+
 /// The most blobs one [`Request::Spare`] may ask about.
 pub const MAX_SPARE_ASKED: usize = 100_000;
 
@@ -428,8 +446,8 @@ pub enum Reply {
     Artifact(Result<Digest, WorkerError>),
     /// A copy taken, or why not.
     Copied(Result<(), CopyError>),
-    /// For each blob asked about, whether it is a spare copy.
-    Spare(Vec<bool>),
+    /// For each blob asked about, what dropping the asker's copy loses.
+    Spare(Vec<CopyKind>),
     /// Builds a coordinator coordinated.
     History(Vec<strata_worker::BuildRecord>),
     /// Cache entries imported: how many the index did not have.

@@ -21,7 +21,8 @@ use crate::access::ReadRights;
 use crate::config::{NodeAddress, WorkerConfig};
 use crate::peers::{FetchError, Peers};
 use crate::protocol::{
-    BuildSpec, CopyError, ExecEvent, Holder, MAX_LACKING, Registration, Reply, Request, StepRef,
+    BuildSpec, CopyError, CopyKind, ExecEvent, Holder, MAX_LACKING, Registration, Reply, Request,
+    StepRef,
 };
 
 /// Blobs of a build context a worker fetches at once.
@@ -358,8 +359,26 @@ impl WorkerNode {
         if strata_worker::choose(total, &candidates, &keep, now, &nothing_spare).is_empty() {
             return Ok(());
         }
-        let spare = self.ask_spare(&candidates).await;
-        let victims = strata_worker::choose(total, &candidates, &keep, now, &|d| spare.contains(d));
+        // With no word from a coordinator nothing goes: any copy may be
+        // a named image's layer, or the last one.
+        let Some(copies) = self.ask_spare(&candidates).await else {
+            return Ok(());
+        };
+        // Those asked about (the least recently used) are this round's
+        // candidates, a named image's layers aside.
+        let candidates: Vec<_> = candidates
+            .into_iter()
+            .filter(|c| copies.get(&c.blob).is_some_and(|&c| c != CopyKind::Named))
+            .collect();
+        let spare = |d: &Digest| copies.get(d) == Some(&CopyKind::Spare);
+        let victims = strata_worker::choose(total, &candidates, &keep, now, &spare);
+        let spared = victims.iter().filter(|d| spare(d)).count();
+        self.evict(victims, spared).await
+    }
+
+    /// Deletes `victims` from this worker's store.
+    /// `spare` of them are spare copies.
+    async fn evict(&self, victims: Vec<Digest>, spare: usize) -> Result<(), String> {
         let node = Arc::clone(&self.node);
         let report = tokio::task::spawn_blocking(move || strata_worker::evict(&node, &victims))
             .await
@@ -369,17 +388,20 @@ impl WorkerNode {
                 blobs = report.blobs,
                 bytes = report.bytes,
                 snapshots = report.snapshots,
-                spare = spare.len(),
+                spare,
                 "evicted to stay within keep_storage / keep_duration"
             );
         }
         Ok(())
     }
 
-    /// The blobs among `candidates` a coordinator says are spare copies;
-    /// none when no coordinator answers (every copy is then taken as a
-    /// last one).
-    async fn ask_spare(&self, candidates: &[strata_worker::Candidate]) -> HashSet<Digest> {
+    /// What a coordinator says dropping each of the first
+    /// [`MAX_SPARE_ASKED`](crate::protocol::MAX_SPARE_ASKED) `candidates`
+    /// loses; `None` when no coordinator answers.
+    async fn ask_spare(
+        &self,
+        candidates: &[strata_worker::Candidate],
+    ) -> Option<HashMap<Digest, CopyKind>> {
         let conns = self
             .registered
             .lock()
@@ -392,20 +414,15 @@ impl WorkerNode {
             .collect();
         for conn in conns {
             match request(&conn, &Request::Spare(asked.clone())).await {
-                Ok(Reply::Spare(flags)) => {
-                    return asked
-                        .iter()
-                        .zip(flags)
-                        .filter(|(_, spare)| *spare)
-                        .map(|(d, _)| *d)
-                        .collect();
+                Ok(Reply::Spare(copies)) => {
+                    return Some(asked.iter().copied().zip(copies).collect());
                 }
                 other => {
                     tracing::debug!(coordinator = %conn.peer, answer = ?other, "no word on spare copies");
                 }
             }
         }
-        HashSet::new()
+        None
     }
 
     /// Answers the requests a peer opens on `conn`.

@@ -219,13 +219,15 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 /// TCP connections after their TLS handshake. Handshakes run in tasks of
 /// their own, each bounded in time, so a client that stalls holds up
 /// nobody else.
-struct TlsListener {
+pub struct TlsListener {
     ready: mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
     local: SocketAddr,
 }
 
 impl TlsListener {
-    fn start(
+    /// Accepts on `tcp`, each connection's handshake with `config`;
+    /// `local` is where `tcp` listens.
+    pub fn start(
         tcp: TcpListener,
         config: Arc<rustls::ServerConfig>,
         local: SocketAddr,
@@ -241,7 +243,7 @@ impl TlsListener {
                 let (stream, peer) = match tcp.accept().await {
                     Ok(c) => c,
                     Err(e) => {
-                        tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                        tracing::warn!(error = %e, "HTTPS endpoint: accept failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -254,10 +256,10 @@ impl TlsListener {
                             let _ = tx.send((tls, peer)).await;
                         }
                         Ok(Err(e)) => {
-                            tracing::debug!(peer = %peer, error = %e, "metrics endpoint: TLS handshake failed");
+                            tracing::debug!(peer = %peer, error = %e, "HTTPS endpoint: TLS handshake failed");
                         }
                         Err(_) => {
-                            tracing::debug!(peer = %peer, "metrics endpoint: TLS handshake timed out");
+                            tracing::debug!(peer = %peer, "HTTPS endpoint: TLS handshake timed out");
                         }
                     }
                 });

@@ -60,6 +60,24 @@ pub fn https_config(id: &Identity) -> Result<rustls::ServerConfig> {
     Ok(config)
 }
 
+/// Like [`https_config`], asking each client for a certificate the
+/// cluster's CA signed: an endpoint for the cluster's own clients and
+/// nodes (its image endpoint).
+pub fn https_config_mutual(id: &Identity) -> Result<rustls::ServerConfig> {
+    let c = credentials(id)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::clone(&c.roots), provider())
+        .build()
+        .map_err(|e| Error::Tls(format!("client verifier: {e}")))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(tls("TLS versions"))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(c.chain, c.key)
+        .map_err(tls("the node certificate"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 fn credentials(id: &Identity) -> Result<Credentials> {
     let mut roots = RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(id.ca_pem.as_bytes()) {

@@ -47,6 +47,24 @@ pub struct Image {
 }
 
 impl Image {
+    /// The image of `config_json` and `layers` as a store holding it
+    /// names it (IDs, digests, blobs), and its manifest's bytes, with
+    /// nothing stored: an image that lives elsewhere (a cluster's).
+    pub fn described(config_json: &[u8], layers: &[LayerRef]) -> Result<(Image, Vec<u8>)> {
+        let config: ImageConfig = serde_json::from_slice(config_json)
+            .map_err(|e| Error::Format(format!("image config is not valid JSON: {e}")))?;
+        let bytes = image_manifest(config_json, layers)?;
+        let image = Image {
+            manifest_blob: Digest::of(&bytes),
+            manifest_digest: Sha256::of(&bytes),
+            config_blob: Digest::of(config_json),
+            id: Sha256::of(config_json),
+            config,
+            layers: layers.to_vec(),
+        };
+        Ok((image, bytes))
+    }
+
     /// Total uncompressed size of the layers.
     pub fn size(&self) -> u64 {
         self.layers.iter().map(|l| l.size).sum()
@@ -135,11 +153,8 @@ impl ImageStore {
         config_json: &[u8],
         layers: &[LayerRef],
     ) -> Result<Image> {
-        let config: ImageConfig = serde_json::from_slice(config_json)
-            .map_err(|e| Error::Format(format!("image config is not valid JSON: {e}")))?;
+        let (image, bytes) = Image::described(config_json, layers)?;
         let config_blob = self.cas.put(config_json)?;
-        let id = Sha256::of(config_json);
-        let bytes = image_manifest(config_json, layers)?;
         let manifest_blob = self.cas.put(&bytes)?;
         // The manifest keeps its config and layers alive for collectors.
         self.cas
@@ -151,14 +166,7 @@ impl ImageStore {
                 Some(&l.blob.to_string()),
             )?;
         }
-        Ok(Image {
-            manifest_blob,
-            manifest_digest: Sha256::of(&bytes),
-            config_blob,
-            id,
-            config,
-            layers: layers.to_vec(),
-        })
+        Ok(image)
     }
 
     /// Reads an image from its manifest blob.

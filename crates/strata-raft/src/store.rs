@@ -1015,8 +1015,18 @@ mod tests {
         assert!(!apply(&sm, tag(b"{\"a\":1}")));
         assert!(apply(&sm, tag(b"{\"a\":2}")));
         assert_eq!(sm.tag("app:1").unwrap().unwrap().config, b"{\"a\":2}");
-        assert!(apply(&sm, CommandV2::Untag { name: "app:1".into() }));
-        assert!(!apply(&sm, CommandV2::Untag { name: "app:1".into() }));
+        assert!(apply(
+            &sm,
+            CommandV2::Untag {
+                name: "app:1".into()
+            }
+        ));
+        assert!(!apply(
+            &sm,
+            CommandV2::Untag {
+                name: "app:1".into()
+            }
+        ));
         assert!(sm.tag("app:1").unwrap().is_none());
     }
 }
