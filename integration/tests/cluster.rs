@@ -1140,4 +1140,48 @@ fn a_cluster_build_stays_in_the_cluster_and_skopeo_and_docker_pull_it_from_a_coo
         "served\nserved\n"
     );
     docker.ok(&["rmi", &name]);
+
+    // `cluster images` lists it; `cluster rmi` drops the name, and the
+    // endpoint no longer serves it.
+    let client = client.to_str().unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&cluster.ok(&[
+        "cluster",
+        "images",
+        "--cluster",
+        client,
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(listed[0]["name"], "served:1", "{listed}");
+    assert_eq!(listed[0]["id"], id.as_str(), "{listed}");
+    assert_eq!(listed[0]["digest"], manifest_digest(&endpoint, "served:1"));
+    assert_eq!(
+        cluster.ok(&["cluster", "rmi", "served:1", "--cluster", client]),
+        "Untagged: served:1\n"
+    );
+    let gone = cluster.run(&["cluster", "rmi", "served:1", "--cluster", client]);
+    fails_with(&gone, &["the cluster names no image served:1"]);
+    let after = std::process::Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .arg(format!("docker://{endpoint}/served:1"))
+        .output()
+        .unwrap();
+    assert!(!after.status.success());
+}
+
+/// The digest of the manifest `reference` names at the image endpoint
+/// `endpoint`, as skopeo reads it.
+fn manifest_digest(endpoint: &std::net::SocketAddr, reference: &str) -> String {
+    let out = std::process::Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
+        .arg(format!("docker://{endpoint}/{reference}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

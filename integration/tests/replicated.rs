@@ -655,6 +655,16 @@ fn a_worker_stays_within_keep_storage_and_evicted_steps_run_again() {
             ctx
         })
         .collect();
+    // First, and so least recently used, an image the cluster names.
+    let named = tempfile::tempdir().unwrap();
+    write_files(
+        named.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nRUN head -c 3000000 /dev/urandom > /kept\n",
+        )],
+    );
+    cluster.build(&Strata::new(), named.path(), &["-t", "kept:1"]);
     for ctx in &contexts {
         let report = cluster.build(&Strata::new(), ctx.path(), &[]);
         assert_eq!(runs(&report), 1, "{report}");
@@ -670,6 +680,25 @@ fn a_worker_stays_within_keep_storage_and_evicted_steps_run_again() {
         "{worker} holds {} bytes of blobs (keep_storage {KEEP})\n{status}",
         cluster.blob_bytes(&worker)
     );
+    // The named image kept its layers: it is pulled whole from the
+    // cluster, and building it again is a hit.
+    let layout = tempfile::tempdir().unwrap();
+    let copied = Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false"])
+        .arg(format!(
+            "docker://{}/kept:1",
+            cluster.registry_addr("coordinator")
+        ))
+        .arg(format!("oci:{}:kept", layout.path().display()))
+        .output()
+        .unwrap();
+    assert!(
+        copied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&copied.stderr)
+    );
+    let again = cluster.build(&Strata::new(), named.path(), &["-t", "kept:1"]);
+    assert_eq!(runs(&again), 0, "{again}");
     // A worker killed in the middle of evicting, and started again, leaves
     // no cache hit pointing at a layer it lost: every build succeeds,
     // the evicted ones by running their step again.

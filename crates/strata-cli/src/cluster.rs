@@ -124,6 +124,26 @@ pub enum ClusterCommand {
         #[arg(long, value_enum, default_value = "table")]
         format: StatusFormat,
     },
+    /// The images the cluster names (its builds' tags), which its
+    /// coordinators serve over the OCI distribution API (`[registry]`).
+    Images {
+        /// The client configuration (`DIR/client.toml`).
+        #[arg(long, env = "STRATA_CLUSTER")]
+        cluster: PathBuf,
+        /// `table` for people, `json` for scripts (the same fields).
+        #[arg(long, value_enum, default_value = "table")]
+        format: StatusFormat,
+    },
+    /// Drop image names from the cluster: their layers become cache that
+    /// workers may evict.
+    Rmi {
+        /// The names (`app:1`).
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// The client configuration (`DIR/client.toml`).
+        #[arg(long, env = "STRATA_CLUSTER")]
+        cluster: PathBuf,
+    },
     /// Place stages on a cordoned worker again.
     Uncordon {
         /// The worker's name.
@@ -353,6 +373,16 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
         ClusterCommand::Uncordon { worker, cluster } => {
             set_cordon(&cluster, &worker, false)?;
             writeln!(out, "{worker} uncordoned")?;
+        }
+        ClusterCommand::Images { cluster, format } => {
+            let images = ask(&cluster, async |c| c.images().await)?;
+            print_images(&mut out, &images, format)?;
+        }
+        ClusterCommand::Rmi { names, cluster } => {
+            for name in names {
+                ask(&cluster, async |c| c.untag(&name).await)?;
+                writeln!(out, "Untagged: {name}")?;
+            }
         }
         ClusterCommand::Du { cluster, format } => {
             let nodes = ask(&cluster, async |c| c.du().await)?;
@@ -690,6 +720,34 @@ fn set_cordon(cluster: &Path, worker: &str, cordoned: bool) -> Result<()> {
 
 /// `strata cluster du`'s table, or its JSON (a line per node, the same
 /// fields).
+fn print_images(
+    out: &mut impl Write,
+    images: &[strata_cluster::protocol::NamedImage],
+    format: StatusFormat,
+) -> Result<()> {
+    if matches!(format, StatusFormat::Json) {
+        writeln!(out, "{}", serde_json::to_string_pretty(images)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<40} {:<19} {:>10}  {}",
+        "NAME", "IMAGE ID", "SIZE", "DIGEST"
+    )?;
+    for i in images {
+        let short = i.id.strip_prefix("sha256:").unwrap_or(&i.id);
+        writeln!(
+            out,
+            "{:<40} {:<19} {:>10}  {}",
+            i.name,
+            short.get(..12).unwrap_or(short),
+            crate::images::human_size(i.size),
+            i.digest
+        )?;
+    }
+    Ok(())
+}
+
 fn print_du(
     out: &mut impl Write,
     nodes: &[strata_cluster::protocol::NodeUsage],

@@ -491,6 +491,23 @@ impl Client {
         .await
     }
 
+    /// The images the cluster names.
+    pub async fn images(&self) -> Result<Vec<crate::protocol::NamedImage>, ClientError> {
+        match request(&self.coordinator, &Request::Images)
+            .await
+            .map_err(cluster)?
+        {
+            Reply::Images(i) => Ok(i),
+            Reply::Error(e) => Err(cluster(e)),
+            other => Err(cluster(format!("unexpected answer: {other:?}"))),
+        }
+    }
+
+    /// Drops the cluster's image name `name`.
+    pub async fn untag(&self, name: &str) -> Result<(), ClientError> {
+        self.done(&Request::Untag(name.to_string())).await
+    }
+
     /// Where each node's bytes are.
     pub async fn du(&self) -> Result<Vec<crate::protocol::NodeUsage>, ClientError> {
         match request(&self.coordinator, &Request::Du)

@@ -293,6 +293,51 @@ impl Coordinator {
         Ok(Some(served.addr))
     }
 
+    /// The images the cluster names, by name.
+    fn named_images(&self) -> Result<Vec<crate::protocol::NamedImage>, String> {
+        let tags = self
+            .member
+            .local()
+            .tags()
+            .map_err(|e| format!("cannot read the cluster's image names: {e}"))?;
+        Ok(tags
+            .into_iter()
+            .map(|(name, image)| crate::protocol::NamedImage {
+                name: name
+                    .parse::<strata_oci::Reference>()
+                    .map_or(name, |r| r.familiar()),
+                id: strata_cas::Sha256::of(&image.config).to_string(),
+                digest: strata_oci::image_manifest(&image.config, &image.layers).map_or_else(
+                    |_| String::new(),
+                    |m| strata_cas::Sha256::of(&m).to_string(),
+                ),
+                size: image.layers.iter().map(|l| l.size).sum(),
+                tagged: image.tagged,
+            })
+            .collect())
+    }
+
+    /// Drops the image name `name` (a tag, as a user writes it).
+    async fn untag(&self, name: &str) -> Result<(), String> {
+        let full = name
+            .parse::<strata_oci::Reference>()
+            .map_err(|e| e.to_string())?
+            .normalized();
+        let named = self
+            .member
+            .local()
+            .tag(&full)
+            .map_err(|e| format!("cannot read the cluster's image names: {e}"))?;
+        if named.is_none() {
+            return Err(format!("the cluster names no image {name}"));
+        }
+        self.member
+            .write(strata_raft::CommandV2::Untag { name: full })
+            .await
+            .map(drop)
+            .map_err(|e| format!("cannot drop the name {name}: {e}"))
+    }
+
     /// The images the cluster names, as its image endpoint looks them up.
     pub(crate) fn catalog(&self) -> Result<crate::distribution::Catalog, String> {
         let tags = self
@@ -823,6 +868,18 @@ impl Coordinator {
             }
             Request::Du if matches!(role, Role::Client | Role::Admin) => {
                 Reply::Usage(self.usage().await)
+            }
+            Request::Images if matches!(role, Role::Client | Role::Admin) => {
+                match self.named_images() {
+                    Ok(images) => Reply::Images(images),
+                    Err(e) => Reply::Error(e),
+                }
+            }
+            Request::Untag(name) if matches!(role, Role::Client | Role::Admin) => {
+                match self.untag(&name).await {
+                    Ok(()) => Reply::Ok,
+                    Err(e) => Reply::Error(e),
+                }
             }
             Request::ImportCache(entries) if role == Role::Admin => {
                 self.import_cache(entries).await

@@ -375,6 +375,28 @@ pub enum Request {
     /// Worker → coordinator: send these blobs of a build context, at most
     /// [`strata_net::MAX_BATCH`] (then: a batch stream of them back).
     GetBlobs(Vec<Digest>),
+    /// Client or admin → coordinator: the images the cluster names
+    /// ([`Reply::Images`]).
+    Images,
+    /// Client or admin → coordinator: drop the image name (a tag, as
+    /// `app:1`); the image's layers are then cache like any other
+    /// ([`Reply::Ok`]).
+    Untag(String),
+}
+
+/// An image the cluster names, as `strata cluster images` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedImage {
+    /// The name, as people write it (`app:1`).
+    pub name: String,
+    /// The image ID (the config's sha256).
+    pub id: String,
+    /// The manifest's digest, what `docker pull NAME@DIGEST` takes.
+    pub digest: String,
+    /// Bytes of its layers, uncompressed.
+    pub size: u64,
+    /// When it was named (seconds since the epoch).
+    pub tagged: u64,
 }
 
 /// One node's line of `strata cluster du`.
@@ -456,4 +478,6 @@ pub enum Reply {
     Usage(Vec<NodeUsage>),
     /// The blobs asked about that are not stored.
     Missing(Vec<Digest>),
+    /// The images the cluster names, by name.
+    Images(Vec<NamedImage>),
 }

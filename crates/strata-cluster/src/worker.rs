@@ -1039,5 +1039,7 @@ pub(crate) fn request_name(r: &Request) -> &'static str {
         Request::Missing { .. } => "which blobs of a build context it lacks",
         Request::PutBlobs(_) => "to store blobs",
         Request::GetBlobs(_) => "blobs of a build context",
+        Request::Images => "the images the cluster names",
+        Request::Untag(_) => "to drop an image name",
     }
 }
