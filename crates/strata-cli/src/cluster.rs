@@ -731,8 +731,8 @@ fn print_images(
     }
     writeln!(
         out,
-        "{:<40} {:<19} {:>10}  {}",
-        "NAME", "IMAGE ID", "SIZE", "DIGEST"
+        "{:<40} {:<19} {:>10}  DIGEST",
+        "NAME", "IMAGE ID", "SIZE"
     )?;
     for i in images {
         let short = i.id.strip_prefix("sha256:").unwrap_or(&i.id);
