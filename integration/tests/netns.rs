@@ -84,6 +84,8 @@ fn a_cluster_across_network_namespaces_builds_over_real_interfaces() {
         &format!("{d}/client.toml"),
         "--report",
         report.to_str().unwrap(),
+        "-o",
+        "type=image",
         "-t",
         "across:1",
         ctx.path().to_str().unwrap(),

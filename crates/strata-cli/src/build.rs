@@ -1279,8 +1279,9 @@ fn build_one(
             }
             warn_unused(cx, &inputs)?;
             // The image stays in the cluster, named by its tags, unless
-            // an output needs its bytes here.
-            let download = !outputs.is_empty();
+            // an output needs its bytes here (one platform's image goes
+            // into the index the outputs take).
+            let download = !outputs.is_empty() || args.one_of_platforms;
             let outcome = cluster_build(
                 cx,
                 cluster,
