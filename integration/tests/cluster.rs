@@ -483,12 +483,35 @@ fn a_one_file_edit_uploads_that_file_and_the_directories_above_it() {
     );
     assert_eq!(runs(&report), 0, "{report}");
 
-    // One file edited: it and the two folders above it are sent.
+    // One file edited (and one removed beside it): it and the two
+    // folders above it are sent.
     std::fs::write(ctx.path().join("pkg07/f042.js"), "edited\n").unwrap();
-    let (report, progress) = cluster.build_showing(&cluster.client(), &client, ctx.path(), &[]);
+    std::fs::remove_file(ctx.path().join("pkg07/f001.js")).unwrap();
+    let (report, progress) =
+        cluster.build_showing(&cluster.client(), &client, ctx.path(), &["-t", "edit:1"]);
     let ContextLine { read, blobs, .. } = context_line(&progress);
     assert_eq!((read.as_str(), blobs), ("7B", 3), "{progress}");
     assert_eq!(runs(&report), 1, "{report}");
+    // The worker patched the context it wrote out for the first build:
+    // the image has the edit.
+    assert!(
+        cluster
+            .log("worker-1")
+            .contains("patched a written-out context"),
+        "{}",
+        cluster.log("worker-1")
+    );
+    assert_eq!(
+        client.ok(&[
+            "run",
+            "--rm",
+            "edit:1",
+            "sh",
+            "-c",
+            "cat /app/pkg07/f042.js; test -e /app/pkg07/f001.js || echo removed",
+        ]),
+        "edited\nremoved\n"
+    );
 
     // Another client, its state empty: it reads the context, sends
     // nothing, and every step is cached.

@@ -755,6 +755,76 @@ fn expanded(nodes: &HashMap<Digest, Directory>, root: &Digest) -> u64 {
 /// is refused before anything is written. Walks with a stack, never by
 /// recursion. Returns the entries written.
 pub fn materialize(cas: &ContentStore, root: &Digest, dir: &Path) -> Result<usize, ContextError> {
+    let nodes = whole_tree(cas, root)?;
+    let mut dirs = Vec::new();
+    let written = write_tree(cas, &nodes, root, dir, &mut dirs)?;
+    set_dir_times(dirs)?;
+    Ok(written)
+}
+
+/// Turns `dir`, which holds the tree of `from` as [`materialize`] wrote
+/// it, into the tree of `to`: only what differs is written, removed or
+/// changed, and a folder whose digest is the same in both is not looked
+/// into, so a context that changed in a few files costs a few files.
+/// The same checks as [`materialize`] hold. Returns the entries written
+/// or removed. On an error `dir` is left part way: write it anew.
+pub fn patch(
+    cas: &ContentStore,
+    from: &Digest,
+    to: &Digest,
+    dir: &Path,
+) -> Result<usize, ContextError> {
+    let old = whole_tree(cas, from)?;
+    let new = whole_tree(cas, to)?;
+    let write = |path: &Path, source| ContextError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stack = vec![(*from, *to, dir.to_path_buf())];
+    let mut dirs = Vec::new();
+    let mut changed = 0usize;
+    while let Some((was, now, at)) = stack.pop() {
+        if was == now {
+            continue;
+        }
+        let was = old.get(&was).ok_or(ContextError::Missing(was))?;
+        let node = new.get(&now).ok_or(ContextError::Missing(now))?;
+        dirs.push((at.clone(), node.mode, node.mtime));
+        let mut before: HashMap<&[u8], &EntryKind> = was
+            .entries
+            .iter()
+            .map(|e| (e.name.as_slice(), &e.kind))
+            .collect();
+        for e in &node.entries {
+            let path = at.join(OsStr::from_bytes(&e.name));
+            match (before.remove(e.name.as_slice()), &e.kind) {
+                (Some(k), _) if *k == e.kind => continue,
+                (Some(EntryKind::Dir(a)), EntryKind::Dir(b)) => {
+                    stack.push((*a, *b, path));
+                    continue;
+                }
+                (Some(k), _) => remove(&path, k).map_err(|err| write(&path, err))?,
+                (None, _) => {}
+            }
+            changed += 1;
+            changed += write_entry(cas, &new, now, e, &path, &mut dirs)?;
+        }
+        for (name, kind) in before {
+            let path = at.join(OsStr::from_bytes(name));
+            remove(&path, kind).map_err(|err| write(&path, err))?;
+            changed += 1;
+        }
+    }
+    set_dir_times(dirs)?;
+    Ok(changed)
+}
+
+/// Every folder of the tree of `root`, each checked, all present, and
+/// within [`MAX_ENTRIES`] once expanded.
+fn whole_tree(
+    cas: &ContentStore,
+    root: &Digest,
+) -> Result<HashMap<Digest, Directory>, ContextError> {
     let (nodes, absent) = walk_tree(cas, root)?;
     if let Some(d) = absent.first() {
         return Err(ContextError::Missing(*d));
@@ -762,12 +832,28 @@ pub fn materialize(cas: &ContentStore, root: &Digest, dir: &Path) -> Result<usiz
     if expanded(&nodes, root) > MAX_ENTRIES as u64 {
         return Err(ContextError::TooLarge(MAX_ENTRIES));
     }
-    let write = |path: &Path, source| ContextError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
+    Ok(nodes)
+}
+
+/// Removes what an entry of kind `kind` wrote at `path`.
+fn remove(path: &Path, kind: &EntryKind) -> std::io::Result<()> {
+    match kind {
+        EntryKind::Dir(_) => fs::remove_dir_all(path),
+        _ => fs::remove_file(path),
+    }
+}
+
+/// Writes the tree of `root` (its folder in `nodes`) into the directory
+/// `dir`, which exists; each folder written is added to `dirs`, for
+/// [`set_dir_times`]. Returns the entries written.
+fn write_tree(
+    cas: &ContentStore,
+    nodes: &HashMap<Digest, Directory>,
+    root: &Digest,
+    dir: &Path,
+    dirs: &mut Vec<(PathBuf, u32, i64)>,
+) -> Result<usize, ContextError> {
     let mut stack = vec![(*root, dir.to_path_buf())];
-    let mut dirs = Vec::new();
     let mut written = 0usize;
     while let Some((digest, at)) = stack.pop() {
         let node = nodes.get(&digest).ok_or(ContextError::Missing(digest))?;
@@ -775,48 +861,88 @@ pub fn materialize(cas: &ContentStore, root: &Digest, dir: &Path) -> Result<usiz
         for e in &node.entries {
             written += 1;
             let path = at.join(OsStr::from_bytes(&e.name));
-            match &e.kind {
-                EntryKind::Dir(child) => {
-                    fs::create_dir(&path).map_err(|err| write(&path, err))?;
-                    stack.push((*child, path));
-                }
-                EntryKind::File {
-                    blob,
-                    size,
-                    mode,
-                    mtime,
-                } => {
-                    let info = cas.info(blob)?.ok_or(ContextError::Missing(*blob))?;
-                    if info.size != *size {
-                        return Err(ContextError::BadDirectory {
-                            digest,
-                            detail: format!(
-                                "{} is {size} bytes, but its blob {blob} holds {}",
-                                path.display(),
-                                info.size
-                            ),
-                        });
-                    }
-                    fs::copy(cas.blob_path(blob), &path).map_err(|err| write(&path, err))?;
-                    fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))
-                        .map_err(|err| write(&path, err))?;
-                    set_mtime(&path, *mtime).map_err(|err| write(&path, err))?;
-                }
-                EntryKind::Symlink { target, mtime } => {
-                    std::os::unix::fs::symlink(OsStr::from_bytes(target), &path)
-                        .map_err(|err| write(&path, err))?;
-                    set_mtime(&path, *mtime).map_err(|err| write(&path, err))?;
-                }
+            if let EntryKind::Dir(child) = &e.kind {
+                fs::create_dir(&path).map_err(|source| ContextError::Write {
+                    path: path.clone(),
+                    source,
+                })?;
+                stack.push((*child, path));
+            } else {
+                write_entry(cas, nodes, digest, e, &path, dirs)?;
             }
         }
     }
-    // Children change their directory's time: directories go last.
-    for (at, mode, mtime) in dirs.into_iter().rev() {
-        fs::set_permissions(&at, fs::Permissions::from_mode(mode & 0o7777))
-            .map_err(|err| write(&at, err))?;
-        set_mtime(&at, mtime).map_err(|err| write(&at, err))?;
-    }
     Ok(written)
+}
+
+/// Writes the entry `e` of the folder `parent` at `path`, where nothing
+/// is: a file from its blob (its size checked against the blob's), a
+/// link, or a folder and all below it. Returns the entries written below
+/// it.
+fn write_entry(
+    cas: &ContentStore,
+    nodes: &HashMap<Digest, Directory>,
+    parent: Digest,
+    e: &DirEntry,
+    path: &Path,
+    dirs: &mut Vec<(PathBuf, u32, i64)>,
+) -> Result<usize, ContextError> {
+    let write = |source| ContextError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    match &e.kind {
+        EntryKind::Dir(child) => {
+            fs::create_dir(path).map_err(write)?;
+            return write_tree(cas, nodes, child, path, dirs);
+        }
+        EntryKind::File {
+            blob,
+            size,
+            mode,
+            mtime,
+        } => {
+            // The copy's length is the blob file's: a file whose blob
+            // holds other than the tree says is refused.
+            let copied = fs::copy(cas.blob_path(blob), path).map_err(|err| {
+                if err.kind() == std::io::ErrorKind::NotFound {
+                    ContextError::Missing(*blob)
+                } else {
+                    write(err)
+                }
+            })?;
+            if copied != *size {
+                return Err(ContextError::BadDirectory {
+                    digest: parent,
+                    detail: format!(
+                        "{} is {size} bytes, but its blob {blob} holds {copied}",
+                        path.display()
+                    ),
+                });
+            }
+            fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777)).map_err(write)?;
+            set_mtime(path, *mtime).map_err(write)?;
+        }
+        EntryKind::Symlink { target, mtime } => {
+            std::os::unix::fs::symlink(OsStr::from_bytes(target), path).map_err(write)?;
+            set_mtime(path, *mtime).map_err(write)?;
+        }
+    }
+    Ok(0)
+}
+
+/// Sets each written folder's mode and time, deepest first: children
+/// change their folder's time, so folders go last.
+fn set_dir_times(dirs: Vec<(PathBuf, u32, i64)>) -> Result<(), ContextError> {
+    for (at, mode, mtime) in dirs.into_iter().rev() {
+        let write = |source| ContextError::Write {
+            path: at.clone(),
+            source,
+        };
+        fs::set_permissions(&at, fs::Permissions::from_mode(mode & 0o7777)).map_err(write)?;
+        set_mtime(&at, mtime).map_err(write)?;
+    }
+    Ok(())
 }
 
 fn set_mtime(path: &Path, secs: i64) -> std::io::Result<()> {
@@ -961,6 +1087,56 @@ mod tests {
         );
         let c = closure(&cas, &h.root).unwrap();
         assert_eq!((c.dirs.len(), c.files.len(), c.absent.len()), (3, 2, 0));
+    }
+
+    #[test]
+    fn a_written_out_tree_patched_to_another_is_that_tree_written_out() {
+        let ctx = tempfile::tempdir().unwrap();
+        let p = ctx.path();
+        sample(p);
+        fs::create_dir_all(p.join("gone/below")).unwrap();
+        fs::write(p.join("gone/below/x"), "x").unwrap();
+        fs::write(p.join("becomes-dir"), "file").unwrap();
+        let none = IgnoreMatcher::default();
+        let store_dir = tempfile::tempdir().unwrap();
+        let cas = ContentStore::open(store_dir.path()).unwrap();
+        let before = hash(p, &none, &mut StatCache::default()).unwrap();
+        store(&cas, &before);
+        // An edit, a mode change, a new folder, a removed folder, a file
+        // that became a folder, a link retargeted.
+        fs::write(p.join("src/deep/a.txt"), "edited").unwrap();
+        fs::set_permissions(p.join("src/b.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::create_dir_all(p.join("new/one")).unwrap();
+        fs::write(p.join("new/one/n"), "n").unwrap();
+        fs::remove_dir_all(p.join("gone")).unwrap();
+        fs::remove_file(p.join("becomes-dir")).unwrap();
+        fs::create_dir(p.join("becomes-dir")).unwrap();
+        fs::write(p.join("becomes-dir/inside"), "i").unwrap();
+        fs::remove_file(p.join("link")).unwrap();
+        std::os::unix::fs::symlink("build.sh", p.join("link")).unwrap();
+        let after = hash(p, &none, &mut StatCache::default()).unwrap();
+        store(&cas, &after);
+
+        let out = tempfile::tempdir().unwrap();
+        let o = out.path().join("ctx");
+        fs::create_dir(&o).unwrap();
+        materialize(&cas, &before.root, &o).unwrap();
+        let changed = patch(&cas, &before.root, &after.root, &o).unwrap();
+        // Written out again, it hashes to the new tree: contents, modes,
+        // times of files and folders alike.
+        assert_eq!(
+            hash(&o, &none, &mut StatCache::default()).unwrap().root,
+            after.root
+        );
+        assert!(!o.join("gone").exists());
+        assert_eq!(
+            fs::read_to_string(o.join("becomes-dir/inside")).unwrap(),
+            "i"
+        );
+        // build.sh and the untouched tree below it were left alone.
+        assert!(changed < 12, "{changed} entries changed");
+        // Patching to the same tree changes nothing.
+        assert_eq!(patch(&cas, &after.root, &after.root, &o).unwrap(), 0);
     }
 
     #[test]

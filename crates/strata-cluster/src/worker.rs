@@ -34,7 +34,117 @@ struct BuildHere {
     id: String,
     plan: Arc<Plan>,
     worker: Arc<LocalWorker>,
-    _context: tempfile::TempDir,
+    /// Its scratch directory: the context written out (`context/`), when
+    /// a step reads it, and the artifacts it took.
+    scratch: Option<tempfile::TempDir>,
+    /// The tree written out there, once it is.
+    written: Arc<Mutex<Option<Digest>>>,
+    /// Where a written-out context goes when the build ends.
+    idle: Arc<Mutex<IdleContexts>>,
+}
+
+impl Drop for BuildHere {
+    fn drop(&mut self) {
+        let written = self
+            .written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let (Some(root), Some(scratch)) = (written, self.scratch.take()) else {
+            return;
+        };
+        let context = scratch.path().join("context");
+        let kept = scratch
+            .path()
+            .parent()
+            .ok_or_else(|| "no parent".to_string())
+            .and_then(|tmp| {
+                let kept = tempfile::Builder::new()
+                    .prefix("context-")
+                    .tempdir_in(tmp)
+                    .map_err(|e| e.to_string())?;
+                // Onto the empty directory just made.
+                std::fs::rename(&context, kept.path()).map_err(|e| e.to_string())?;
+                Ok(kept)
+            });
+        match kept {
+            Ok(kept) => {
+                let dropped = self
+                    .idle
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .put(root, kept);
+                // Removed outside the lock.
+                drop(dropped);
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot keep a written-out context"),
+        }
+    }
+}
+
+/// Written-out build contexts no build uses now, newest last, at most
+/// [`IDLE_CONTEXTS`]. A build takes the one of its own tree, else the
+/// newest, and patches it to its tree ([`crate::context::patch`]): a
+/// context that changed in a few files since is written in a few files.
+#[derive(Debug, Default)]
+pub(crate) struct IdleContexts(Vec<(Digest, tempfile::TempDir)>);
+
+/// Written-out contexts a worker keeps for the next builds.
+const IDLE_CONTEXTS: usize = 2;
+
+impl IdleContexts {
+    fn take(&mut self, root: &Digest) -> Option<(Digest, tempfile::TempDir)> {
+        let i = self
+            .0
+            .iter()
+            .position(|(d, _)| d == root)
+            .or_else(|| self.0.len().checked_sub(1))?;
+        Some(self.0.remove(i))
+    }
+
+    /// Keeps `dir`, the tree `root` written out; returns those it no
+    /// longer keeps, for the caller to drop.
+    fn put(&mut self, root: Digest, dir: tempfile::TempDir) -> Vec<tempfile::TempDir> {
+        self.0.push((root, dir));
+        let over = self.0.len().saturating_sub(IDLE_CONTEXTS);
+        self.0.drain(..over).map(|(_, d)| d).collect()
+    }
+}
+
+/// Writes the tree `root` out at `at`, where nothing is: by patching
+/// `taken`, an idle written-out context, when there is one, else anew.
+fn write_context(
+    cas: &ContentStore,
+    root: &Digest,
+    at: &std::path::Path,
+    taken: Option<(Digest, tempfile::TempDir)>,
+) -> Result<(), String> {
+    if let Some((from, old)) = taken {
+        let old = old.keep();
+        match std::fs::rename(&old, at) {
+            Ok(()) => match crate::context::patch(cas, &from, root, at) {
+                Ok(changed) => {
+                    tracing::info!(%from, to = %root, changed, "patched a written-out context");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot patch a written-out context; writing it anew");
+                    std::fs::remove_dir_all(at)
+                        .map_err(|e| format!("clearing {}: {e}", at.display()))?;
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reuse a written-out context");
+                if let Err(e) = std::fs::remove_dir_all(&old) {
+                    tracing::warn!(path = %old.display(), error = %e, "cannot remove a written-out context");
+                }
+            }
+        }
+    }
+    std::fs::create_dir(at).map_err(|e| format!("cannot make {}: {e}", at.display()))?;
+    crate::context::materialize(cas, root, at)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// A worker process.
@@ -63,6 +173,8 @@ pub struct WorkerNode {
     keep: strata_worker::Keep,
     /// Its connections to coordinators, while registered.
     pub(crate) registered: Mutex<Vec<Connection>>,
+    /// Build contexts written out for builds that ended.
+    idle_contexts: Arc<Mutex<IdleContexts>>,
 }
 
 impl std::fmt::Debug for WorkerNode {
@@ -70,6 +182,21 @@ impl std::fmt::Debug for WorkerNode {
         f.debug_struct("WorkerNode")
             .field("name", &self.name)
             .finish_non_exhaustive()
+    }
+}
+
+/// Removes the build contexts an earlier run of the worker wrote out
+/// under `tmp` and left (it was killed): nothing knows what they hold.
+fn clear_written_contexts(tmp: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with("context-")
+            && let Err(err) = std::fs::remove_dir_all(e.path())
+        {
+            tracing::warn!(path = %e.path().display(), error = %err, "cannot remove a context an earlier run left");
+        }
     }
 }
 
@@ -94,6 +221,7 @@ impl WorkerNode {
     pub fn start(config: &WorkerConfig) -> Result<Arc<WorkerNode>, String> {
         let (id, me, node) = crate::open_node(&config.tls, Role::Worker, &config.home)?;
         let endpoint = Endpoint::listen(config.listen, &id).map_err(|e| e.to_string())?;
+        clear_written_contexts(&node.home().join("tmp"));
         let listen = config
             .advertise
             .map_or_else(|| endpoint.local_addr(), Ok)
@@ -125,6 +253,7 @@ impl WorkerNode {
                 config.keep_duration,
             )?,
             registered: Mutex::default(),
+            idle_contexts: Arc::default(),
             incarnation: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
@@ -578,6 +707,7 @@ impl WorkerNode {
         let tmp = self.node.home().join("tmp");
         let node = Arc::clone(&self.node);
         let grants = self.grants.clone();
+        let idle = Arc::clone(&self.idle_contexts);
         let here = tokio::task::spawn_blocking(move || -> Result<BuildHere, String> {
             let dir = tempfile::Builder::new()
                 .prefix("context-")
@@ -593,20 +723,29 @@ impl WorkerNode {
                 .map_err(|e| e.to_string())?;
             // Written out when a step first reads it, holding the tree's
             // blobs until then: a fully cached build never writes it.
+            let written = Arc::new(Mutex::new(None));
             let make = {
-                let (node, root, at) = (Arc::clone(&node), spec.context, dir.path().to_path_buf());
+                let (node, root, at) = (Arc::clone(&node), spec.context, dir.path().join("context"));
+                let (idle, written) = (Arc::clone(&idle), Arc::clone(&written));
                 let lease = std::sync::Mutex::new(Some(context_lease));
                 Box::new(move || {
-                    let written = crate::context::materialize(&node.content, &root, &at)
-                        .map(|_| at.clone())
+                    let taken = idle
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .take(&root);
+                    let made = write_context(&node.content, &root, &at, taken)
+                        .map(|()| at.clone())
                         .map_err(|e| format!("writing out the build context: {e}"));
+                    if made.is_ok() {
+                        *written.lock().unwrap_or_else(PoisonError::into_inner) = Some(root);
+                    }
                     drop(lease.lock().unwrap_or_else(PoisonError::into_inner).take());
-                    written
+                    made
                 })
             };
             let worker = LocalWorker::new(
                 node,
-                dir.path().to_path_buf(),
+                dir.path().join("context"),
                 IgnoreMatcher::default(),
                 spec.secrets,
             )
@@ -617,7 +756,9 @@ impl WorkerNode {
                 id: spec.build_id,
                 plan: Arc::new(plan),
                 worker: Arc::new(worker),
-                _context: dir,
+                scratch: Some(dir),
+                written,
+                idle,
             })
         })
         .await
@@ -798,7 +939,9 @@ impl WorkerNode {
         tokio::task::spawn_blocking(move || {
             let (stage, s) = locate(&here.plan, &step)?;
             let dir = here
-                ._context
+                .scratch
+                .as_ref()
+                .ok_or_else(|| WorkerError::new("the build ended"))?
                 .path()
                 .join(format!("artifact-{}-{}", step.stage, step.step));
             let _ = std::fs::remove_dir_all(&dir);

@@ -237,6 +237,13 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
                     .map_err(|e| err(e.to_string()))?;
                     held.overlays.push(mount);
                     dir.join("merged")
+                } else if *read_write {
+                    // A read-write bind of a file gets a copy: its writes
+                    // are thrown away too, and the source stays as it was.
+                    let copy = ctx.bundle.join(format!("rw-{n}"));
+                    fs::copy(&host, &copy)
+                        .map_err(|e| err(format!("cannot copy mount source {source:?}: {e}")))?;
+                    copy
                 } else {
                     host
                 };
