@@ -1208,3 +1208,92 @@ fn manifest_digest(endpoint: &std::net::SocketAddr, reference: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+#[test]
+fn a_cluster_build_is_pushed_by_a_worker_with_the_client_s_credentials_for_that_push_only() {
+    use strata_integration::registry::{PASSWORD, Registry, USER, docker_login};
+    let registry = Registry::start(true);
+    let cluster = Cluster::start(2, 5);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[("Dockerfile", "FROM busybox:latest\nRUN echo pushed > /p\n")],
+    );
+    let name = format!("{}/team/pushed:1", registry.host());
+    let push = |client: &Strata, docker_config: &std::path::Path| {
+        let report = client.home().join("report.json");
+        let out = client
+            .cmd()
+            .env("DOCKER_CONFIG", docker_config)
+            .args(["build", "--cluster"])
+            .arg(cluster.client())
+            .args(["--progress", "plain", "--push", "-t", &name, "--report"])
+            .arg(&report)
+            .arg(ctx.path())
+            .output()
+            .unwrap();
+        (out, report)
+    };
+
+    // Without credentials the registry refuses the worker, and the client
+    // is told so.
+    let anonymous = tempfile::tempdir().unwrap();
+    let (out, _) = push(&Strata::new(), anonymous.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("cannot push {name} from the cluster")),
+        "{err}"
+    );
+
+    // With the client's login, a worker pushes it: the client downloads
+    // no layer, and the registry has the image the build reported.
+    let login = tempfile::tempdir().unwrap();
+    docker_login(login.path(), &registry.host(), USER, PASSWORD);
+    let client = Strata::new();
+    let (out, report) = push(&client, login.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("{name}: digest: sha256:")),
+        "{stdout}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["bytes_fetched"], 0, "{report}");
+    assert!(!client.ok(&["images"]).contains("pushed"));
+    let inspected = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false", "--creds"])
+        .arg(format!("{USER}:{PASSWORD}"))
+        .arg(format!("docker://{name}"))
+        .output()
+        .unwrap();
+    assert!(
+        inspected.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspected.stderr)
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&inspected.stdout).unwrap();
+    assert_eq!(manifest["config"]["digest"], report["image"]["id"]);
+    // A worker pushed it, and no node wrote the password anywhere.
+    let pushed_by: Vec<String> = cluster
+        .worker_names()
+        .into_iter()
+        .filter(|w| cluster.log(w).contains("pushed for a client"))
+        .collect();
+    assert_eq!(pushed_by.len(), 1, "{pushed_by:?}");
+    let leaked = std::process::Command::new("grep")
+        .args(["-rl", PASSWORD])
+        .arg(cluster.path())
+        .output()
+        .unwrap();
+    assert!(
+        leaked.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&leaked.stdout)
+    );
+}

@@ -1236,6 +1236,8 @@ fn build_one(
     // The node's slots bound every build together; a build may ask for
     // fewer of them.
     let jobs = args.jobs.unwrap_or_else(strata_worker::default_slots);
+    // The cluster whose image this is, when it stays there.
+    let mut in_cluster: Option<PathBuf> = None;
     let (image, steps, fetched, solved) = match &args.cluster {
         Some(cluster) => {
             let inputs = PlanInputs::read(
@@ -1280,8 +1282,11 @@ fn build_one(
             warn_unused(cx, &inputs)?;
             // The image stays in the cluster, named by its tags, unless
             // an output needs its bytes here (one platform's image goes
-            // into the index the outputs take).
-            let download = !outputs.is_empty() || args.one_of_platforms;
+            // into the index the outputs take); a worker pushes it.
+            let download = outputs
+                .iter()
+                .any(|o| !matches!(o, Output::Registry { .. }))
+                || args.one_of_platforms;
             let outcome = cluster_build(
                 cx,
                 cluster,
@@ -1303,7 +1308,12 @@ fn build_one(
             );
             cx.session.progress_done();
             match outcome {
-                Ok((image, steps, fetched)) => (image, steps, Some(fetched), None),
+                Ok((image, steps, fetched, here)) => {
+                    if !here {
+                        in_cluster = Some(cluster.clone());
+                    }
+                    (image, steps, Some(fetched), None)
+                }
                 Err(ClusterFailure::Step { message, tail }) => {
                     print_tail(cx, None, &tail)?;
                     bail!("{message}");
@@ -1449,8 +1459,14 @@ fn build_one(
             Output::Image => {}
             Output::Registry { compression } => {
                 for tag in &tags {
-                    let pushed =
-                        crate::registry::push_image(cx, &registry, image, tag, *compression);
+                    let pushed = match &in_cluster {
+                        Some(cluster) => {
+                            crate::cluster::push_from(cx, cluster, &registry, tag, *compression)
+                        }
+                        None => {
+                            crate::registry::push_image(cx, &registry, image, tag, *compression)
+                        }
+                    };
                     cx.session.progress_done();
                     crate::registry::report_push(cx, tag, &pushed?)?;
                 }
@@ -1606,7 +1622,7 @@ fn cluster_build(
     cluster: &Path,
     b: ClusterBuild<'_>,
     tags: &[Reference],
-) -> Result<(strata_oci::Image, Vec<StepRecord>, u64), ClusterFailure> {
+) -> Result<(strata_oci::Image, Vec<StepRecord>, u64, bool), ClusterFailure> {
     let node = cx.node;
     let stamps = Timestamps::new(b.inputs.source_date_epoch()?, b.rewrite_timestamp)?;
     // A build with SOURCE_DATE_EPOCH has its times rewritten here, so it
@@ -1726,7 +1742,7 @@ fn cluster_build(
                 names.join(", ")
             );
         }
-        Ok((image, done.steps, fetched))
+        Ok((image, done.steps, fetched, download))
     })
 }
 

@@ -800,6 +800,33 @@ fn ask<T>(cluster: &Path, f: impl AsyncFnOnce(&Client) -> Result<T, ClientError>
 }
 
 /// A client of the cluster `client.toml` describes.
+/// Has a worker of the cluster push the image it names `tag` to the
+/// registry `tag` names, with the credentials `registry` has for it
+/// (handed over for this push only).
+pub fn push_from(
+    cx: &crate::daemon::Cx<'_>,
+    cluster: &Path,
+    registry: &strata_registry::Registry,
+    tag: &strata_oci::Reference,
+    compression: strata_oci::Compression,
+) -> Result<strata_registry::Pushed> {
+    let credential = registry
+        .credential_for(tag)
+        .with_context(|| format!("the credentials for {}", tag.domain))?;
+    let push = strata_cluster::protocol::PushRequest {
+        name: tag.familiar(),
+        destination: tag.familiar(),
+        compression,
+        credential,
+        insecure: registry.options().is_insecure(&tag.domain),
+    };
+    cx.block_on(async {
+        let client = connect(cluster).await?;
+        client.push(push).await.map_err(anyhow::Error::from)
+    })
+    .with_context(|| format!("cannot push {} from the cluster", tag.familiar()))
+}
+
 pub async fn connect(config: &Path) -> Result<Client> {
     let config = ClientConfig::load(config)?;
     Client::connect(&config).await.map_err(anyhow::Error::from)

@@ -68,6 +68,7 @@ impl RegistryFlags {
             mirrors: self.mirrors.clone(),
             docker_config,
             helper_path,
+            given: None,
         }))
     }
 }

@@ -503,6 +503,21 @@ impl Client {
         }
     }
 
+    /// Has a worker push the image the cluster names `push.name`.
+    pub async fn push(
+        &self,
+        push: crate::protocol::PushRequest,
+    ) -> Result<strata_registry::Pushed, ClientError> {
+        match request(&self.coordinator, &Request::Push(push))
+            .await
+            .map_err(cluster)?
+        {
+            Reply::Pushed(Ok(p)) => Ok(p),
+            Reply::Pushed(Err(e)) | Reply::Error(e) => Err(cluster(e)),
+            other => Err(cluster(format!("unexpected answer: {other:?}"))),
+        }
+    }
+
     /// Drops the cluster's image name `name`.
     pub async fn untag(&self, name: &str) -> Result<(), ClientError> {
         self.done(&Request::Untag(name.to_string())).await

@@ -167,8 +167,9 @@ fn check_submitted(submit: &SubmitBuild) -> Result<(), String> {
     Ok(())
 }
 
-/// Pull progress is not shown to clients: the build's own progress is.
-struct Quiet;
+/// Pull and push progress is not shown to clients: the build's own
+/// progress is, and a push's result.
+pub(crate) struct Quiet;
 
 impl strata_registry::Transfer for Quiet {
     fn start(&self, _: &str, _: Option<u64>) {}
@@ -315,6 +316,61 @@ impl Coordinator {
                 tagged: image.tagged,
             })
             .collect())
+    }
+
+    /// Pushes the image the cluster names `req.name` from the live worker
+    /// holding the most bytes of its layers, which fetches the rest from
+    /// their holders.
+    async fn push(
+        &self,
+        req: crate::protocol::PushRequest,
+    ) -> Result<strata_registry::Pushed, String> {
+        let full = req
+            .name
+            .parse::<strata_oci::Reference>()
+            .map_err(|e| e.to_string())?
+            .normalized();
+        req.destination
+            .parse::<strata_oci::Reference>()
+            .map_err(|e| e.to_string())?;
+        let image = self
+            .member
+            .local()
+            .tag(&full)
+            .map_err(|e| format!("cannot read the cluster's image names: {e}"))?
+            .ok_or_else(|| format!("the cluster names no image {}", req.name))?;
+        let layers: Vec<(LayerRef, Vec<Holder>)> = image
+            .layers
+            .iter()
+            .map(|l| (*l, self.holders(&l.blob, None)))
+            .collect();
+        let mut held: HashMap<&str, u64> = HashMap::new();
+        for (l, holders) in &layers {
+            for h in holders {
+                *held.entry(h.name.as_str()).or_default() += l.size;
+            }
+        }
+        let (worker, conn) = {
+            let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            workers
+                .iter()
+                .filter(|(_, w)| w.alive)
+                .max_by_key(|(name, _)| (held.get(name.as_str()).copied().unwrap_or(0), *name))
+                .map(|(name, w)| (name.clone(), w.conn.clone()))
+                .ok_or_else(|| "no live worker to push from".to_string())?
+        };
+        tracing::info!(image = %req.name, destination = %req.destination, %worker, "pushing from a worker");
+        let spec = crate::protocol::PushSpec {
+            config: image.config,
+            layers,
+            request: req,
+        };
+        match crate::worker::request(&conn, &Request::PushImage(Box::new(spec))).await {
+            Ok(Reply::Pushed(pushed)) => pushed,
+            Ok(Reply::Error(e)) => Err(format!("{worker}: {e}")),
+            Ok(other) => Err(format!("unexpected answer from {worker}: {other:?}")),
+            Err(e) => Err(format!("{worker}: {e}")),
+        }
     }
 
     /// Drops the image name `name` (a tag, as a user writes it).
@@ -874,6 +930,9 @@ impl Coordinator {
                     Ok(images) => Reply::Images(images),
                     Err(e) => Reply::Error(e),
                 }
+            }
+            Request::Push(push) if matches!(role, Role::Client | Role::Admin) => {
+                Reply::Pushed(self.push(push).await)
             }
             Request::Untag(name) if matches!(role, Role::Client | Role::Admin) => {
                 match self.untag(&name).await {

@@ -382,6 +382,41 @@ pub enum Request {
     /// `app:1`); the image's layers are then cache like any other
     /// ([`Reply::Ok`]).
     Untag(String),
+    /// Client or admin → coordinator: push an image the cluster names to
+    /// a registry, from a worker ([`Reply::Pushed`]).
+    Push(PushRequest),
+    /// Coordinator → worker: gather an image's layers and push it
+    /// ([`Reply::Pushed`]).
+    PushImage(Box<PushSpec>),
+}
+
+/// A push a client asks of the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushRequest {
+    /// The cluster's name of the image (`app:1`).
+    pub name: String,
+    /// Where it goes (`registry.example.com/team/app:1`).
+    pub destination: String,
+    /// How its layers are compressed on the way.
+    pub compression: strata_oci::Compression,
+    /// The client's credentials for the destination's registry, for this
+    /// push only: the pushing worker holds them in memory until it is
+    /// done, and nothing writes or logs them.
+    pub credential: Option<strata_registry::Credential>,
+    /// Whether the registry is spoken to over plain HTTP.
+    pub insecure: bool,
+}
+
+/// A push a coordinator hands a worker: the image, where each of its
+/// layers is, and the client's request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushSpec {
+    /// The image config's exact bytes.
+    pub config: Vec<u8>,
+    /// Its layers, bottom first, and who holds each.
+    pub layers: Vec<(LayerRef, Vec<Holder>)>,
+    /// The client's request.
+    pub request: PushRequest,
 }
 
 /// An image the cluster names, as `strata cluster images` lists it.
@@ -480,4 +515,6 @@ pub enum Reply {
     Missing(Vec<Digest>),
     /// The images the cluster names, by name.
     Images(Vec<NamedImage>),
+    /// A push made, or why not.
+    Pushed(Result<strata_registry::Pushed, String>),
 }

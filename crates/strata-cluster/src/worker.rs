@@ -554,6 +554,78 @@ impl WorkerNode {
         None
     }
 
+    /// Gathers an image's layers from their holders (verified, as every
+    /// fetch) and pushes it with the client's credentials, which live only
+    /// as long as this call.
+    async fn push(
+        &self,
+        spec: crate::protocol::PushSpec,
+    ) -> Result<strata_registry::Pushed, String> {
+        let crate::protocol::PushSpec {
+            config,
+            layers,
+            request,
+        } = spec;
+        let destination: strata_oci::Reference = request
+            .destination
+            .parse()
+            .map_err(|e: strata_oci::ParseReferenceError| e.to_string())?;
+        let mut lease = self.node.content.lease();
+        for (l, _) in &layers {
+            lease.hold(l.blob);
+        }
+        let fetched = self
+            .peers
+            .ensure(&self.node.content, &layers)
+            .await
+            .map_err(|e| format!("gathering the image's layers: {e}"))?;
+        let config_blob = self
+            .node
+            .content
+            .put(&config)
+            .map_err(|e| format!("storing the image config: {e}"))?;
+        lease.hold(config_blob);
+        let layers: Vec<strata_oci::LayerRef> = layers.into_iter().map(|(l, _)| l).collect();
+        let (image, _) =
+            strata_oci::Image::described(&config, &layers).map_err(|e| e.to_string())?;
+        let host = destination.domain.clone();
+        let registry = strata_registry::Registry::new(strata_registry::RegistryOptions {
+            insecure: if request.insecure {
+                vec![host.clone()]
+            } else {
+                Vec::new()
+            },
+            given: Some(request.credential.map(|c| (host, c)).into_iter().collect()),
+            ..Default::default()
+        });
+        let pushed = registry
+            .push(
+                &image,
+                &destination,
+                &self.node.content,
+                request.compression,
+                &crate::coordinator::Quiet,
+            )
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot push {}: {}",
+                    destination.familiar(),
+                    strata_registry::error_chain(&e)
+                )
+            })?;
+        tracing::info!(
+            image = %request.name,
+            destination = %destination.familiar(),
+            digest = %pushed.digest,
+            fetched,
+            sent = pushed.bytes_sent,
+            "pushed for a client"
+        );
+        drop(lease);
+        Ok(pushed)
+    }
+
     /// Answers the requests a peer opens on `conn`.
     async fn serve(self: Arc<Self>, conn: Connection) {
         crate::serve_requests(&self, &conn).await;
@@ -658,6 +730,7 @@ impl WorkerNode {
                     },
                 )
             }
+            Request::PushImage(spec) if from_coordinator => Reply::Pushed(self.push(*spec).await),
             Request::Du if from_coordinator => {
                 let node = Arc::clone(&self.node);
                 let usage = tokio::task::spawn_blocking(move || strata_worker::usage(&node))
@@ -1183,6 +1256,8 @@ pub(crate) fn request_name(r: &Request) -> &'static str {
         Request::PutBlobs(_) => "to store blobs",
         Request::GetBlobs(_) => "blobs of a build context",
         Request::Images => "the images the cluster names",
+        Request::Push(_) => "a push",
+        Request::PushImage(_) => "to push an image",
         Request::Untag(_) => "to drop an image name",
     }
 }

@@ -23,7 +23,7 @@ mod push;
 mod registry;
 
 pub use error::{Error, Result, error_chain};
-pub use options::{RegistryOptions, docker_config_in};
+pub use options::{Credential, RegistryOptions, docker_config_in};
 pub use progress::Transfer;
 pub use pull::{Platform, Pulled};
 pub use push::Pushed;

@@ -19,6 +19,36 @@ pub struct RegistryOptions {
     /// Where credential helpers (`docker-credential-*`) are looked for: the
     /// client's `PATH`; this process's when unset.
     pub helper_path: Option<std::ffi::OsString>,
+    /// Credentials handed over by `HOST[:PORT]`, used instead of Docker's
+    /// config file (none of which is read): a push a client asked another
+    /// node to make, with the client's credentials for that push only.
+    pub given: Option<std::collections::BTreeMap<String, Credential>>,
+}
+
+/// Credentials for one registry, as a client hands them to the node that
+/// pushes for it. Never printed: its `Debug` says only which kind it is.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Credential {
+    /// HTTP basic: a user name and password (or identity token).
+    Basic {
+        /// The user name.
+        username: String,
+        /// The password.
+        password: String,
+    },
+    /// A bearer token.
+    Bearer(String),
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Basic { username, .. } => {
+                write!(f, "Basic {{ username: {username:?}, password: <hidden> }}")
+            }
+            Credential::Bearer(_) => f.write_str("Bearer(<hidden>)"),
+        }
+    }
 }
 
 impl RegistryOptions {
@@ -82,12 +112,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_handed_over_credential_never_prints_its_secret() {
+        let basic = Credential::Basic {
+            username: "ci".into(),
+            password: "hunter2".into(),
+        };
+        let bearer = Credential::Bearer("tok3n".into());
+        let shown = format!("{basic:?} {bearer:?}");
+        assert!(shown.contains("ci"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("tok3n"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn loopback_and_listed_registries_are_plain_http() {
         let o = RegistryOptions {
             insecure: vec!["registry.lan:5000".into(), "build-cache".into()],
             mirrors: vec!["http://127.0.0.1:5000/".into(), "mirror.example.com".into()],
             docker_config: None,
             helper_path: None,
+            given: None,
         };
         assert!(o.is_insecure("127.0.0.1:5000"));
         assert!(o.is_insecure("localhost:5000"));

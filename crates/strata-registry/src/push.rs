@@ -19,7 +19,7 @@ use crate::registry::{Endpoint, Registry};
 const PARALLEL_BLOBS: usize = 4;
 
 /// What a push did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pushed {
     /// The manifest's digest in the registry.
     pub digest: String,

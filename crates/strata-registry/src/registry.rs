@@ -11,7 +11,7 @@ use strata_oci::{DEFAULT_DOMAIN, Reference};
 
 use crate::auth::credentials;
 use crate::error::Result;
-use crate::options::RegistryOptions;
+use crate::options::{Credential, RegistryOptions};
 
 /// Talks to registries on behalf of the image store.
 pub struct Registry {
@@ -119,17 +119,38 @@ impl Registry {
             ),
             None => oci_client::Reference::with_tag(host.to_string(), reference.path.clone(), tag),
         };
-        let auth = credentials(
-            self.options.docker_config_path().as_deref(),
-            host,
-            self.options.helper_path.as_deref(),
-        )?;
+        let auth = match &self.options.given {
+            Some(given) => match given.get(host) {
+                Some(Credential::Basic { username, password }) => {
+                    RegistryAuth::Basic(username.clone(), password.clone())
+                }
+                Some(Credential::Bearer(token)) => RegistryAuth::Bearer(token.clone()),
+                None => RegistryAuth::Anonymous,
+            },
+            None => credentials(
+                self.options.docker_config_path().as_deref(),
+                host,
+                self.options.helper_path.as_deref(),
+            )?,
+        };
         Ok(Endpoint {
             host: host.to_string(),
             client: self.client(host, insecure),
             oci,
             auth,
             mirror,
+        })
+    }
+
+    /// The credentials this client would use for the registry `reference`
+    /// names (`None`: anonymous), to hand to a node that pushes for it.
+    pub fn credential_for(&self, reference: &Reference) -> Result<Option<Credential>> {
+        Ok(match self.home(reference)?.auth {
+            RegistryAuth::Anonymous => None,
+            RegistryAuth::Basic(username, password) => {
+                Some(Credential::Basic { username, password })
+            }
+            RegistryAuth::Bearer(token) => Some(Credential::Bearer(token)),
         })
     }
 
