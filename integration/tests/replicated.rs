@@ -972,3 +972,107 @@ fn a_dead_first_coordinator_stalls_no_client_and_status_lists_it_unreachable() {
         std::fs::read_to_string(cluster.path().join(".client.toml.coordinator")).unwrap();
     assert_eq!(remembered.trim(), leader);
 }
+
+#[test]
+fn two_hundred_builds_leave_every_store_within_its_bounds() {
+    const KEEP: u64 = 16 << 20;
+    const BUILDS: usize = 200;
+    const AT_ONCE: usize = 4;
+    let cluster = Cluster::start_with(1, 2, &[]);
+    // Every node bounded: the workers' layers, the coordinator's contexts.
+    cluster.kill("coordinator");
+    for w in cluster.worker_names() {
+        cluster.kill(&w);
+        set_worker(&cluster, &w, "keep_storage", &KEEP.to_string());
+    }
+    set_worker(&cluster, "coordinator", "keep_storage", &KEEP.to_string());
+    cluster.up();
+    // Each build its own context and a 400 kB layer of its own: 80 MB of
+    // layers, on both workers, through stores that keep 16.
+    let client = cluster.client();
+    let started = Instant::now();
+    for batch in 0..BUILDS / AT_ONCE {
+        let running: Vec<_> = (0..AT_ONCE)
+            .map(|k| {
+                let i = batch * AT_ONCE + k;
+                let ctx = tempfile::tempdir().unwrap();
+                write_files(
+                    ctx.path(),
+                    &[
+                        (
+                            "Dockerfile",
+                            "FROM busybox:latest\nCOPY seed /seed\n\
+                             RUN head -c 400000 /dev/urandom > /blob\n",
+                        ),
+                        ("seed", &format!("build {i}\n")),
+                    ],
+                );
+                let s = Strata::new();
+                let child = s
+                    .cmd()
+                    .args(["build", "--cluster"])
+                    .arg(&client)
+                    .args(["--progress", "quiet"])
+                    .arg(ctx.path())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                (ctx, s, child)
+            })
+            .collect();
+        for (_ctx, _s, child) in running {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    eprintln!("{BUILDS} builds in {:.1?}", started.elapsed());
+    // Once the last layers are past their grace, every store is back
+    // within its bound.
+    cluster.wait_for(Duration::from_secs(60), |_| {
+        let held: Vec<u64> = ["coordinator", "worker-1", "worker-2"]
+            .iter()
+            .map(|n| cluster.blob_bytes(n))
+            .collect();
+        eprintln!("held {held:?}");
+        held.iter().all(|&b| b <= KEEP)
+    });
+    // Each worker keeps at most two written-out contexts, and nothing
+    // else of the builds lingers in its scratch space.
+    for w in cluster.worker_names() {
+        let scratch: Vec<_> = std::fs::read_dir(cluster.worker_home(&w).join("tmp"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(scratch.len() <= 2, "{w}: {scratch:?}");
+    }
+    // And the cluster still builds, from what it kept (a stage whose
+    // base layer went meanwhile starts over where it is).
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[("Dockerfile", "FROM busybox:latest\nRUN echo after > /a\n")],
+    );
+    let s = Strata::new();
+    let out = s.run(&[
+        "build",
+        "--cluster",
+        client.to_str().unwrap(),
+        "-o",
+        "type=image",
+        "-t",
+        "after:1",
+        ctx.path().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(s.ok(&["run", "--rm", "after:1", "cat", "/a"]), "after\n");
+}

@@ -756,9 +756,9 @@ fn expanded(nodes: &HashMap<Digest, Directory>, root: &Digest) -> u64 {
 /// recursion. Returns the entries written.
 pub fn materialize(cas: &ContentStore, root: &Digest, dir: &Path) -> Result<usize, ContextError> {
     let nodes = whole_tree(cas, root)?;
-    let mut dirs = Vec::new();
-    let written = write_tree(cas, &nodes, root, dir, &mut dirs)?;
-    set_dir_times(dirs)?;
+    let mut out = Written::default();
+    let written = write_tree(&nodes, root, dir, &mut out)?;
+    out.finish(cas)?;
     Ok(written)
 }
 
@@ -781,7 +781,7 @@ pub fn patch(
         source,
     };
     let mut stack = vec![(*from, *to, dir.to_path_buf())];
-    let mut dirs = Vec::new();
+    let mut out = Written::default();
     let mut changed = 0usize;
     while let Some((was, now, at)) = stack.pop() {
         if was == now {
@@ -789,7 +789,7 @@ pub fn patch(
         }
         let was = old.get(&was).ok_or(ContextError::Missing(was))?;
         let node = new.get(&now).ok_or(ContextError::Missing(now))?;
-        dirs.push((at.clone(), node.mode, node.mtime));
+        out.dirs.push((at.clone(), node.mode, node.mtime));
         let mut before: HashMap<&[u8], &EntryKind> = was
             .entries
             .iter()
@@ -807,7 +807,7 @@ pub fn patch(
                 (None, _) => {}
             }
             changed += 1;
-            changed += write_entry(cas, &new, now, e, &path, &mut dirs)?;
+            changed += write_entry(&new, now, e, &path, &mut out)?;
         }
         for (name, kind) in before {
             let path = at.join(OsStr::from_bytes(name));
@@ -815,7 +815,7 @@ pub fn patch(
             changed += 1;
         }
     }
-    set_dir_times(dirs)?;
+    out.finish(cas)?;
     Ok(changed)
 }
 
@@ -843,21 +843,102 @@ fn remove(path: &Path, kind: &EntryKind) -> std::io::Result<()> {
     }
 }
 
-/// Writes the tree of `root` (its folder in `nodes`) into the directory
-/// `dir`, which exists; each folder written is added to `dirs`, for
-/// [`set_dir_times`]. Returns the entries written.
-fn write_tree(
+/// What writing a tree out leaves to do once its folders and links are
+/// made: the files, copied from their blobs (several at once), then each
+/// folder's mode and time.
+#[derive(Default)]
+struct Written {
+    /// Each file: where, its blob, size, mode and time, and its folder's
+    /// digest (for errors).
+    files: Vec<(PathBuf, Digest, u64, u32, i64, Digest)>,
+    /// Each folder made or changed, parents first.
+    dirs: Vec<(PathBuf, u32, i64)>,
+}
+
+/// Files copied at once when writing a tree out: creating files is mostly
+/// the kernel's work, which several threads share.
+const FILE_WRITERS: usize = 4;
+
+impl Written {
+    /// Copies the files, then sets the folders' modes and times, deepest
+    /// first: children change their folder's time.
+    fn finish(self, cas: &ContentStore) -> Result<(), ContextError> {
+        let writers = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, FILE_WRITERS);
+        // Contiguous runs: a folder's files mostly go to one thread.
+        let per = self.files.len().div_ceil(writers).max(1);
+        std::thread::scope(|s| {
+            let running: Vec<_> = self
+                .files
+                .chunks(per)
+                .map(|run| s.spawn(move || run.iter().try_for_each(|f| write_file(cas, f))))
+                .collect();
+            running.into_iter().try_for_each(|t| {
+                t.join().unwrap_or_else(|_| {
+                    Err(ContextError::Write {
+                        path: PathBuf::new(),
+                        source: std::io::Error::other("a file writer stopped"),
+                    })
+                })
+            })
+        })?;
+        for (at, mode, mtime) in self.dirs.into_iter().rev() {
+            let write = |source| ContextError::Write {
+                path: at.clone(),
+                source,
+            };
+            fs::set_permissions(&at, fs::Permissions::from_mode(mode & 0o7777)).map_err(write)?;
+            set_mtime(&at, mtime).map_err(write)?;
+        }
+        Ok(())
+    }
+}
+
+/// Copies one file of a tree from its blob; the copy's length is the
+/// blob file's, so a blob that holds other than the tree says is refused.
+fn write_file(
     cas: &ContentStore,
+    (path, blob, size, mode, mtime, parent): &(PathBuf, Digest, u64, u32, i64, Digest),
+) -> Result<(), ContextError> {
+    let write = |source| ContextError::Write {
+        path: path.clone(),
+        source,
+    };
+    let copied = fs::copy(cas.blob_path(blob), path).map_err(|err| {
+        if err.kind() == std::io::ErrorKind::NotFound {
+            ContextError::Missing(*blob)
+        } else {
+            write(err)
+        }
+    })?;
+    if copied != *size {
+        return Err(ContextError::BadDirectory {
+            digest: *parent,
+            detail: format!(
+                "{} is {size} bytes, but its blob {blob} holds {copied}",
+                path.display()
+            ),
+        });
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777)).map_err(write)?;
+    set_mtime(path, *mtime).map_err(write)
+}
+
+/// Makes the folders and links of the tree of `root` (its folder in
+/// `nodes`) in the directory `dir`, which exists, and queues its files
+/// and folders in `out`. Returns the entries written.
+fn write_tree(
     nodes: &HashMap<Digest, Directory>,
     root: &Digest,
     dir: &Path,
-    dirs: &mut Vec<(PathBuf, u32, i64)>,
+    out: &mut Written,
 ) -> Result<usize, ContextError> {
     let mut stack = vec![(*root, dir.to_path_buf())];
     let mut written = 0usize;
     while let Some((digest, at)) = stack.pop() {
         let node = nodes.get(&digest).ok_or(ContextError::Missing(digest))?;
-        dirs.push((at.clone(), node.mode, node.mtime));
+        out.dirs.push((at.clone(), node.mode, node.mtime));
         for e in &node.entries {
             written += 1;
             let path = at.join(OsStr::from_bytes(&e.name));
@@ -868,7 +949,7 @@ fn write_tree(
                 })?;
                 stack.push((*child, path));
             } else {
-                write_entry(cas, nodes, digest, e, &path, dirs)?;
+                write_entry(nodes, digest, e, &path, out)?;
             }
         }
     }
@@ -876,16 +957,14 @@ fn write_tree(
 }
 
 /// Writes the entry `e` of the folder `parent` at `path`, where nothing
-/// is: a file from its blob (its size checked against the blob's), a
-/// link, or a folder and all below it. Returns the entries written below
-/// it.
+/// is: a link, a folder and all below it, or a file, queued in `out`.
+/// Returns the entries written below it.
 fn write_entry(
-    cas: &ContentStore,
     nodes: &HashMap<Digest, Directory>,
     parent: Digest,
     e: &DirEntry,
     path: &Path,
-    dirs: &mut Vec<(PathBuf, u32, i64)>,
+    out: &mut Written,
 ) -> Result<usize, ContextError> {
     let write = |source| ContextError::Write {
         path: path.to_path_buf(),
@@ -894,55 +973,22 @@ fn write_entry(
     match &e.kind {
         EntryKind::Dir(child) => {
             fs::create_dir(path).map_err(write)?;
-            return write_tree(cas, nodes, child, path, dirs);
+            return write_tree(nodes, child, path, out);
         }
         EntryKind::File {
             blob,
             size,
             mode,
             mtime,
-        } => {
-            // The copy's length is the blob file's: a file whose blob
-            // holds other than the tree says is refused.
-            let copied = fs::copy(cas.blob_path(blob), path).map_err(|err| {
-                if err.kind() == std::io::ErrorKind::NotFound {
-                    ContextError::Missing(*blob)
-                } else {
-                    write(err)
-                }
-            })?;
-            if copied != *size {
-                return Err(ContextError::BadDirectory {
-                    digest: parent,
-                    detail: format!(
-                        "{} is {size} bytes, but its blob {blob} holds {copied}",
-                        path.display()
-                    ),
-                });
-            }
-            fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777)).map_err(write)?;
-            set_mtime(path, *mtime).map_err(write)?;
-        }
+        } => out
+            .files
+            .push((path.to_path_buf(), *blob, *size, *mode, *mtime, parent)),
         EntryKind::Symlink { target, mtime } => {
             std::os::unix::fs::symlink(OsStr::from_bytes(target), path).map_err(write)?;
             set_mtime(path, *mtime).map_err(write)?;
         }
     }
     Ok(0)
-}
-
-/// Sets each written folder's mode and time, deepest first: children
-/// change their folder's time, so folders go last.
-fn set_dir_times(dirs: Vec<(PathBuf, u32, i64)>) -> Result<(), ContextError> {
-    for (at, mode, mtime) in dirs.into_iter().rev() {
-        let write = |source| ContextError::Write {
-            path: at.clone(),
-            source,
-        };
-        fs::set_permissions(&at, fs::Permissions::from_mode(mode & 0o7777)).map_err(write)?;
-        set_mtime(&at, mtime).map_err(write)?;
-    }
-    Ok(())
 }
 
 fn set_mtime(path: &Path, secs: i64) -> std::io::Result<()> {

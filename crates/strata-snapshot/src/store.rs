@@ -11,11 +11,12 @@
 //! active snapshot becomes committed only by [`Active::commit`], which
 //! writes the layer blob first and then moves the directory into place.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use strata_cas::{ContentStore, Digest, Sha256};
 
@@ -55,6 +56,32 @@ pub struct Snapshotter {
     run: PathBuf,
     cas: Arc<ContentStore>,
     seq: AtomicU64,
+    /// The chains each mount (and the extraction before it) uses now,
+    /// counted: [`Snapshotter::remove_chains_of`] leaves them.
+    in_use: InUse,
+}
+
+type InUse = Arc<Mutex<HashMap<Digest, usize>>>;
+
+/// Chains marked in use until this drops.
+#[derive(Debug)]
+struct Using {
+    in_use: InUse,
+    chains: Vec<Digest>,
+}
+
+impl Drop for Using {
+    fn drop(&mut self) {
+        let mut m = self.in_use.lock().unwrap_or_else(PoisonError::into_inner);
+        for c in &self.chains {
+            if let Some(n) = m.get_mut(c) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(c);
+                }
+            }
+        }
+    }
 }
 
 impl Snapshotter {
@@ -90,7 +117,26 @@ impl Snapshotter {
             run,
             cas,
             seq: AtomicU64::new(0),
+            in_use: InUse::default(),
         })
+    }
+
+    /// Marks the chains of `layers` in use, before they are looked for:
+    /// a chain removed meanwhile is extracted again, and one not yet
+    /// removed stays.
+    fn using(&self, layers: &[Digest]) -> Using {
+        let mut chains: Vec<Digest> = Vec::with_capacity(layers.len());
+        for layer in layers {
+            chains.push(chain_id(chains.last(), layer));
+        }
+        let mut m = self.in_use.lock().unwrap_or_else(PoisonError::into_inner);
+        for c in &chains {
+            *m.entry(*c).or_default() += 1;
+        }
+        Using {
+            in_use: Arc::clone(&self.in_use),
+            chains,
+        }
     }
 
     /// The content store layers are read from and written to.
@@ -227,6 +273,7 @@ impl Snapshotter {
 
     /// A writable view on top of `layers` for one step.
     pub fn active(&self, layers: &[Digest]) -> Result<Active<'_>> {
+        let using = self.using(layers);
         let chains = self.prepare(layers)?;
         let dir = self.fresh_dir("active")?;
         let merged = dir.join("merged");
@@ -246,6 +293,7 @@ impl Snapshotter {
                 dir,
                 mount: Some(mount),
                 parent: chains.last().copied(),
+                _using: using,
             }),
             Err(e) => {
                 let _ = fs::remove_dir_all(&dir);
@@ -257,6 +305,7 @@ impl Snapshotter {
     /// A read-only view of `layers`, for reading files out of an image or
     /// stage.
     pub fn view(&self, layers: &[Digest]) -> Result<View> {
+        let using = self.using(layers);
         let chains = self.prepare(layers)?;
         let dir = self.fresh_dir("view")?;
         let mut lowers = self.lowers(&chains);
@@ -267,6 +316,7 @@ impl Snapshotter {
             Ok(mount) => Ok(View {
                 dir,
                 mount: Some(mount),
+                _using: using,
             }),
             Err(e) => {
                 let _ = fs::remove_dir_all(&dir);
@@ -276,9 +326,12 @@ impl Snapshotter {
     }
 
     /// Removes the committed chains that extract a layer in `dropped`, and
-    /// those on top of them; returns how many. A chain made before chains
-    /// recorded their layer is left.
+    /// those on top of them; returns how many. A chain a mount uses now is
+    /// left, as is one made before chains recorded their layer.
     pub fn remove_chains_of(&self, dropped: &std::collections::HashSet<Digest>) -> Result<usize> {
+        // Held throughout: a mount starting meanwhile waits, then finds
+        // what it needs gone and extracts it again.
+        let in_use = self.in_use.lock().unwrap_or_else(PoisonError::into_inner);
         let read = |dir: &Path, name: &str| {
             fs::read_to_string(dir.join(name))
                 .ok()
@@ -301,7 +354,9 @@ impl Snapshotter {
         loop {
             let before = gone.len();
             for (chain, parent, layer, _) in &chains {
-                if dropped.contains(layer) || parent.is_some_and(|p| gone.contains(&p)) {
+                if !in_use.contains_key(chain)
+                    && (dropped.contains(layer) || parent.is_some_and(|p| gone.contains(&p)))
+                {
                     gone.insert(*chain);
                 }
             }
@@ -358,6 +413,7 @@ pub struct Active<'a> {
     dir: PathBuf,
     mount: Option<OverlayMount>,
     parent: Option<Digest>,
+    _using: Using,
 }
 
 impl Active<'_> {
@@ -418,6 +474,7 @@ impl Drop for Active<'_> {
 pub struct View {
     dir: PathBuf,
     mount: Option<OverlayMount>,
+    _using: Using,
 }
 
 impl View {

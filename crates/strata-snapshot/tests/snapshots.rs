@@ -347,3 +347,30 @@ fn dropping_a_layer_removes_its_chains_and_those_on_top_only() {
     assert_eq!(snap.prepare(&[a, c, d]).unwrap(), acd);
     assert!(snap.chain_dir(&acd[2]).is_dir());
 }
+
+#[test]
+fn a_chain_a_mount_uses_is_not_removed_under_it() {
+    let (_d, cas, snap) = setup();
+    let a = cas
+        .put(&tar(&[("bin-sh", EntryType::Regular, 0o755, 0, "sh")]))
+        .unwrap();
+    let dropped = std::collections::HashSet::from([a]);
+    let active = snap.active(&[a]).unwrap();
+    // Eviction dropped the layer's blob while a step had it mounted (the
+    // blob came back, or the step's lease came first): its files stay.
+    assert_eq!(snap.remove_chains_of(&dropped).unwrap(), 0);
+    assert_eq!(
+        fs::read_to_string(active.rootfs().join("bin-sh")).unwrap(),
+        "sh"
+    );
+    let view = snap.view(&[a]).unwrap();
+    drop(active);
+    assert_eq!(snap.remove_chains_of(&dropped).unwrap(), 0);
+    assert_eq!(
+        fs::read_to_string(view.root().join("bin-sh")).unwrap(),
+        "sh"
+    );
+    // Once nothing uses it, it goes.
+    drop(view);
+    assert_eq!(snap.remove_chains_of(&dropped).unwrap(), 1);
+}
