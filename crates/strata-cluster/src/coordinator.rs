@@ -116,6 +116,9 @@ pub struct Coordinator {
     pins: Mutex<crate::context::Pins>,
     /// Connections to workers, for the layers its image endpoint serves.
     peers: Arc<crate::peers::Peers>,
+    /// What COPY steps selected from build contexts, as workers measured
+    /// it, by [`strata_worker::SelectionMemo::context_key`].
+    selections: Mutex<HashMap<Digest, Digest>>,
     /// When it started.
     started: Instant,
 }
@@ -166,6 +169,9 @@ fn check_submitted(submit: &SubmitBuild) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Selection checksums a coordinator remembers at most (64 bytes each).
+const MAX_SELECTIONS: usize = 100_000;
 
 /// Pull and push progress is not shown to clients: the build's own
 /// progress is, and a push's result.
@@ -266,6 +272,7 @@ impl Coordinator {
             )?,
             pins: Mutex::default(),
             peers: Arc::new(crate::peers::Peers::new(endpoint.clone())),
+            selections: Mutex::default(),
             endpoint,
         }))
     }
@@ -292,6 +299,29 @@ impl Coordinator {
             .await
             .map_err(|e| format!("{e} (set [registry] listen in the coordinator's config, or STRATA_REGISTRY_LISTEN=off)"))?;
         Ok(Some(served.addr))
+    }
+
+    /// The checksum of what a COPY selects from a build context, by its
+    /// memo key, if a worker measured it before.
+    pub(crate) fn selection(&self, key: &Digest) -> Option<Digest> {
+        self.selections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .copied()
+    }
+
+    /// Remembers what a worker measured a COPY to select; past
+    /// [`MAX_SELECTIONS`], the memo starts over.
+    pub(crate) fn remember_selection(&self, key: Digest, sum: Digest) {
+        let mut memo = self
+            .selections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if memo.len() >= MAX_SELECTIONS {
+            memo.clear();
+        }
+        memo.insert(key, sum);
     }
 
     /// The images the cluster names, by name.

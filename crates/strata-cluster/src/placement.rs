@@ -588,8 +588,31 @@ impl Worker for Placement {
         if !reads_something {
             return Ok(Vec::new());
         }
-        self.handle
-            .block_on(self.inputs_async(stage, step, sources))
+        // What a COPY selects from the context is named by the context's
+        // tree: known once, it needs no worker (a fully cached build
+        // begins on none).
+        let known = match &step.op {
+            Op::Copy(c) if c.from == Source::Context && c.urls.is_empty() => {
+                Some(strata_worker::SelectionMemo::context_key(
+                    &self.spec.context,
+                    &c.sources,
+                    &c.excludes,
+                ))
+            }
+            _ => None,
+        };
+        if let Some(key) = known
+            && let Some(sum) = self.coord.selection(&key)
+        {
+            return Ok(vec![sum]);
+        }
+        let inputs = self
+            .handle
+            .block_on(self.inputs_async(stage, step, sources))?;
+        if let (Some(key), [sum]) = (known, inputs.as_slice()) {
+            self.coord.remember_selection(key, *sum);
+        }
+        Ok(inputs)
     }
 
     fn has_layers(&self, layers: &[LayerRef]) -> bool {
