@@ -154,6 +154,18 @@ impl Cluster {
             .unwrap()
     }
 
+    /// `skopeo copy` of the cluster's image `name` from coordinator
+    /// `coordinator`'s image endpoint into the OCI layout `layout`, as
+    /// `tag`: fails the test unless it succeeds.
+    pub fn copy_with_skopeo(&self, coordinator: &str, name: &str, layout: &Path, tag: &str) {
+        let from = format!("docker://{}/{name}", self.registry_addr(coordinator));
+        succeed(
+            Command::new("skopeo")
+                .args(["copy", "--src-tls-verify=false", &from])
+                .arg(format!("oci:{}:{tag}", layout.display())),
+        );
+    }
+
     /// What node `name` has logged.
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.path().join("logs").join(format!("{name}.log")))

@@ -1104,24 +1104,13 @@ fn a_cluster_build_stays_in_the_cluster_and_skopeo_and_docker_pull_it_from_a_coo
     // is the image the build reported.
     let endpoint = cluster.registry_addr("coordinator");
     let layout = tempfile::tempdir().unwrap();
-    let copied = std::process::Command::new("skopeo")
-        .args(["copy", "--src-tls-verify=false"])
-        .arg(format!("docker://{endpoint}/served:1"))
-        .arg(format!("oci:{}:served", layout.path().display()))
-        .output()
-        .unwrap();
-    assert!(
-        copied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&copied.stderr)
+    cluster.copy_with_skopeo("coordinator", "served:1", layout.path(), "served");
+    let inspected = strata_integration::succeed(
+        std::process::Command::new("skopeo")
+            .args(["inspect", "--raw"])
+            .arg(format!("oci:{}:served", layout.path().display())),
     );
-    let inspected = std::process::Command::new("skopeo")
-        .args(["inspect", "--raw"])
-        .arg(format!("oci:{}:served", layout.path().display()))
-        .output()
-        .unwrap();
-    assert!(inspected.status.success());
-    let manifest: serde_json::Value = serde_json::from_slice(&inspected.stdout).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&inspected).unwrap();
     assert_eq!(
         manifest["config"]["digest"], id,
         "the config skopeo copied is not the built image's"
@@ -1196,17 +1185,13 @@ fn a_cluster_build_stays_in_the_cluster_and_skopeo_and_docker_pull_it_from_a_coo
 /// The digest of the manifest `reference` names at the image endpoint
 /// `endpoint`, as skopeo reads it.
 fn manifest_digest(endpoint: &std::net::SocketAddr, reference: &str) -> String {
-    let out = std::process::Command::new("skopeo")
-        .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
-        .arg(format!("docker://{endpoint}/{reference}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    strata_integration::succeed(
+        std::process::Command::new("skopeo")
+            .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
+            .arg(format!("docker://{endpoint}/{reference}")),
+    )
+    .trim()
+    .to_string()
 }
 
 #[test]
@@ -1266,18 +1251,13 @@ fn a_cluster_build_is_pushed_by_a_worker_with_the_client_s_credentials_for_that_
         serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(report["bytes_fetched"], 0, "{report}");
     assert!(!client.ok(&["images"]).contains("pushed"));
-    let inspected = std::process::Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false", "--creds"])
-        .arg(format!("{USER}:{PASSWORD}"))
-        .arg(format!("docker://{name}"))
-        .output()
-        .unwrap();
-    assert!(
-        inspected.status.success(),
-        "{}",
-        String::from_utf8_lossy(&inspected.stderr)
+    let inspected = strata_integration::succeed(
+        std::process::Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false", "--creds"])
+            .arg(format!("{USER}:{PASSWORD}"))
+            .arg(format!("docker://{name}")),
     );
-    let manifest: serde_json::Value = serde_json::from_slice(&inspected.stdout).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&inspected).unwrap();
     assert_eq!(manifest["config"]["digest"], report["image"]["id"]);
     // A worker pushed it, and no node wrote the password anywhere.
     let pushed_by: Vec<String> = cluster

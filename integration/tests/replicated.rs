@@ -683,20 +683,7 @@ fn a_worker_stays_within_keep_storage_and_evicted_steps_run_again() {
     // The named image kept its layers: it is pulled whole from the
     // cluster, and building it again is a hit.
     let layout = tempfile::tempdir().unwrap();
-    let copied = Command::new("skopeo")
-        .args(["copy", "--src-tls-verify=false"])
-        .arg(format!(
-            "docker://{}/kept:1",
-            cluster.registry_addr("coordinator")
-        ))
-        .arg(format!("oci:{}:kept", layout.path().display()))
-        .output()
-        .unwrap();
-    assert!(
-        copied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&copied.stderr)
-    );
+    cluster.copy_with_skopeo("coordinator", "kept:1", layout.path(), "kept");
     let again = cluster.build(&Strata::new(), named.path(), &["-t", "kept:1"]);
     assert_eq!(runs(&again), 0, "{again}");
     // A worker killed in the middle of evicting, and started again, leaves

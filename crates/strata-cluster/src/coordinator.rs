@@ -324,13 +324,25 @@ impl Coordinator {
         memo.insert(key, sum);
     }
 
-    /// The images the cluster names, by name.
-    fn named_images(&self) -> Result<Vec<crate::protocol::NamedImage>, String> {
-        let tags = self
-            .member
+    /// Every name the cluster serves (normalized) and its image.
+    fn named(&self) -> Result<Vec<(String, strata_raft::ClusterImage)>, String> {
+        self.member
             .local()
             .tags()
-            .map_err(|e| format!("cannot read the cluster's image names: {e}"))?;
+            .map_err(|e| format!("cannot read the cluster's image names: {e}"))
+    }
+
+    /// The image the normalized name `name` points at.
+    fn named_image(&self, name: &str) -> Result<Option<strata_raft::ClusterImage>, String> {
+        self.member
+            .local()
+            .tag(name)
+            .map_err(|e| format!("cannot read the cluster's image names: {e}"))
+    }
+
+    /// The images the cluster names, by name.
+    fn named_images(&self) -> Result<Vec<crate::protocol::NamedImage>, String> {
+        let tags = self.named()?;
         Ok(tags
             .into_iter()
             .map(|(name, image)| crate::protocol::NamedImage {
@@ -364,10 +376,7 @@ impl Coordinator {
             .parse::<strata_oci::Reference>()
             .map_err(|e| e.to_string())?;
         let image = self
-            .member
-            .local()
-            .tag(&full)
-            .map_err(|e| format!("cannot read the cluster's image names: {e}"))?
+            .named_image(&full)?
             .ok_or_else(|| format!("the cluster names no image {}", req.name))?;
         let layers: Vec<(LayerRef, Vec<Holder>)> = image
             .layers
@@ -409,11 +418,7 @@ impl Coordinator {
             .parse::<strata_oci::Reference>()
             .map_err(|e| e.to_string())?
             .normalized();
-        let named = self
-            .member
-            .local()
-            .tag(&full)
-            .map_err(|e| format!("cannot read the cluster's image names: {e}"))?;
+        let named = self.named_image(&full)?;
         if named.is_none() {
             return Err(format!("the cluster names no image {name}"));
         }
@@ -426,11 +431,7 @@ impl Coordinator {
 
     /// The images the cluster names, as its image endpoint looks them up.
     pub(crate) fn catalog(&self) -> Result<crate::distribution::Catalog, String> {
-        let tags = self
-            .member
-            .local()
-            .tags()
-            .map_err(|e| format!("cannot read the cluster's image names: {e}"))?;
+        let tags = self.named()?;
         Ok(crate::distribution::Catalog::new(tags))
     }
 
@@ -702,11 +703,7 @@ impl Coordinator {
 
     /// The layers of every image the cluster names.
     fn named_layers(&self) -> Result<HashSet<Digest>, String> {
-        let tags = self
-            .member
-            .local()
-            .tags()
-            .map_err(|e| format!("cannot read the cluster's image names: {e}"))?;
+        let tags = self.named()?;
         Ok(tags
             .iter()
             .flat_map(|(_, image)| image.layers.iter().map(|l| l.blob))
