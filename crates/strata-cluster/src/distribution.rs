@@ -260,23 +260,7 @@ pub(crate) async fn serve(
         .route("/v2/{*rest}", get(answer))
         .fallback(read_only)
         .with_state(coordinator);
-    match tls {
-        None => {
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!(addr = %local, error = %e, "the image endpoint stopped");
-                }
-            });
-        }
-        Some(config) => {
-            let listener = strata_metrics::TlsListener::start(listener, config, local);
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!(addr = %local, error = %e, "the image endpoint stopped");
-                }
-            });
-        }
-    }
+    strata_metrics::spawn_router(listener, local, tls, app, "images");
     tracing::info!(addr = %local, "serving the cluster's images (OCI distribution, read-only)");
     Ok(Serving { addr: local })
 }

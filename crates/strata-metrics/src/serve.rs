@@ -113,11 +113,26 @@ pub async fn serve(
             health,
             token: token.filter(|t| !t.is_empty()),
         }));
+    spawn_router(listener, local, tls, app, "metrics");
+    tracing::info!(addr = %local, "serving metrics and health");
+    Ok(Serving { addr: local })
+}
+
+/// Serves `app` on `listener` (listening on `local`) in the background on
+/// the current runtime: plain HTTP, or HTTPS with `tls`. `what` names the
+/// endpoint in the log line of its end.
+pub fn spawn_router(
+    listener: TcpListener,
+    local: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    app: Router,
+    what: &'static str,
+) {
     match tls {
         None => {
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!(addr = %local, error = %e, "the metrics endpoint stopped");
+                    tracing::error!(addr = %local, error = %e, endpoint = what, "an HTTP endpoint stopped");
                 }
             });
         }
@@ -125,13 +140,11 @@ pub async fn serve(
             let listener = TlsListener::start(listener, config, local);
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!(addr = %local, error = %e, "the metrics endpoint stopped");
+                    tracing::error!(addr = %local, error = %e, endpoint = what, "an HTTP endpoint stopped");
                 }
             });
         }
     }
-    tracing::info!(addr = %local, "serving metrics and health");
-    Ok(Serving { addr: local })
 }
 
 /// Refuses a request without the endpoint's token, when it has one.
@@ -219,15 +232,13 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 /// TCP connections after their TLS handshake. Handshakes run in tasks of
 /// their own, each bounded in time, so a client that stalls holds up
 /// nobody else.
-pub struct TlsListener {
+struct TlsListener {
     ready: mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
     local: SocketAddr,
 }
 
 impl TlsListener {
-    /// Accepts on `tcp`, each connection's handshake with `config`;
-    /// `local` is where `tcp` listens.
-    pub fn start(
+    fn start(
         tcp: TcpListener,
         config: Arc<rustls::ServerConfig>,
         local: SocketAddr,
