@@ -718,8 +718,7 @@ fn set_cordon(cluster: &Path, worker: &str, cordoned: bool) -> Result<()> {
     ask(cluster, async |c| c.cordon(worker, cordoned).await)
 }
 
-/// `strata cluster du`'s table, or its JSON (a line per node, the same
-/// fields).
+/// `strata cluster images`'s table, or its JSON (the same fields).
 fn print_images(
     out: &mut impl Write,
     images: &[strata_cluster::protocol::NamedImage],
@@ -748,6 +747,8 @@ fn print_images(
     Ok(())
 }
 
+/// `strata cluster du`'s table, or its JSON (a line per node, the same
+/// fields).
 fn print_du(
     out: &mut impl Write,
     nodes: &[strata_cluster::protocol::NodeUsage],
@@ -799,7 +800,6 @@ fn ask<T>(cluster: &Path, f: impl AsyncFnOnce(&Client) -> Result<T, ClientError>
     })
 }
 
-/// A client of the cluster `client.toml` describes.
 /// Has a worker of the cluster push the image it names `tag` to the
 /// registry `tag` names, with the credentials `registry` has for it
 /// (handed over for this push only).
@@ -827,6 +827,7 @@ pub fn push_from(
     .with_context(|| format!("cannot push {} from the cluster", tag.familiar()))
 }
 
+/// A client of the cluster `client.toml` describes.
 pub async fn connect(config: &Path) -> Result<Client> {
     let config = ClientConfig::load(config)?;
     Client::connect(&config).await.map_err(anyhow::Error::from)

@@ -332,12 +332,20 @@ impl Coordinator {
             .map_err(|e| format!("cannot read the cluster's image names: {e}"))
     }
 
-    /// The image the normalized name `name` points at.
-    fn named_image(&self, name: &str) -> Result<Option<strata_raft::ClusterImage>, String> {
-        self.member
+    /// The image the cluster names `name` (as a user writes it), and the
+    /// name normalized; an error when it names none.
+    fn named_image(&self, name: &str) -> Result<(String, strata_raft::ClusterImage), String> {
+        let full = name
+            .parse::<strata_oci::Reference>()
+            .map_err(|e| e.to_string())?
+            .normalized();
+        let image = self
+            .member
             .local()
-            .tag(name)
-            .map_err(|e| format!("cannot read the cluster's image names: {e}"))
+            .tag(&full)
+            .map_err(|e| format!("cannot read the cluster's image names: {e}"))?
+            .ok_or_else(|| format!("the cluster names no image {name}"))?;
+        Ok((full, image))
     }
 
     /// The images the cluster names, by name.
@@ -367,17 +375,10 @@ impl Coordinator {
         &self,
         req: crate::protocol::PushRequest,
     ) -> Result<strata_registry::Pushed, String> {
-        let full = req
-            .name
-            .parse::<strata_oci::Reference>()
-            .map_err(|e| e.to_string())?
-            .normalized();
         req.destination
             .parse::<strata_oci::Reference>()
             .map_err(|e| e.to_string())?;
-        let image = self
-            .named_image(&full)?
-            .ok_or_else(|| format!("the cluster names no image {}", req.name))?;
+        let (_, image) = self.named_image(&req.name)?;
         let layers: Vec<(LayerRef, Vec<Holder>)> = image
             .layers
             .iter()
@@ -414,14 +415,7 @@ impl Coordinator {
 
     /// Drops the image name `name` (a tag, as a user writes it).
     async fn untag(&self, name: &str) -> Result<(), String> {
-        let full = name
-            .parse::<strata_oci::Reference>()
-            .map_err(|e| e.to_string())?
-            .normalized();
-        let named = self.named_image(&full)?;
-        if named.is_none() {
-            return Err(format!("the cluster names no image {name}"));
-        }
+        let (full, _) = self.named_image(name)?;
         self.member
             .write(strata_raft::CommandV2::Untag { name: full })
             .await

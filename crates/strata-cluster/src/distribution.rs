@@ -33,6 +33,9 @@ use crate::coordinator::Coordinator;
 /// The manifest media type served.
 const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 
+/// The media type blobs are served as.
+const BLOB_TYPE: &str = "application/octet-stream";
+
 /// Longest request path taken (the distribution spec bounds a name to
 /// 255 characters; a reference or digest adds at most ~140).
 const MAX_PATH: usize = 512;
@@ -311,19 +314,8 @@ async fn answer(
     let answered = match route {
         Route::Manifest { name, reference } => {
             catalog.manifest(&name, &reference).map(|(bytes, digest)| {
-                let headers = [
-                    (header::CONTENT_TYPE, MANIFEST_TYPE.to_string()),
-                    (header::CONTENT_LENGTH, bytes.len().to_string()),
-                    (
-                        header::HeaderName::from_static("docker-content-digest"),
-                        digest.to_string(),
-                    ),
-                ];
-                if head {
-                    (headers, Body::empty()).into_response()
-                } else {
-                    (headers, bytes).into_response()
-                }
+                let size = bytes.len() as u64;
+                content(MANIFEST_TYPE, &digest.to_string(), size, head, bytes.into())
             })
         }
         Route::Tags { name } => catalog.tag_list(&name).map(|tags| {
@@ -331,21 +323,18 @@ async fn answer(
         }),
         Route::Blob { name, digest } => match catalog.blob(&name, &digest) {
             Err(e) => Err(e),
-            Ok(BlobHit::Config(bytes)) => Ok(blob_response(&digest, bytes.len() as u64, head, {
-                Body::from(bytes)
-            })),
+            Ok(BlobHit::Config(bytes)) => {
+                let size = bytes.len() as u64;
+                Ok(content(BLOB_TYPE, &digest, size, head, bytes.into()))
+            }
             Ok(BlobHit::Layer(layer)) if head => {
-                Ok(blob_response(&digest, layer.size, true, Body::empty()))
+                Ok(content(BLOB_TYPE, &digest, layer.size, true, Body::empty()))
             }
             Ok(BlobHit::Layer(layer)) => match coordinator.open_layer(&layer).await {
                 Ok(file) => {
                     let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20);
-                    Ok(blob_response(
-                        &digest,
-                        layer.size,
-                        false,
-                        Body::from_stream(stream),
-                    ))
+                    let body = Body::from_stream(stream);
+                    Ok(content(BLOB_TYPE, &digest, layer.size, false, body))
                 }
                 Err(e) => {
                     tracing::warn!(layer = %layer.blob, error = %e, "cannot serve a layer");
@@ -360,9 +349,11 @@ async fn answer(
     }
 }
 
-fn blob_response(digest: &str, size: u64, head: bool, body: Body) -> Response {
+/// A manifest or blob of `size` bytes named `digest`: its headers, and
+/// `body` unless the request was a `HEAD`.
+fn content(media_type: &str, digest: &str, size: u64, head: bool, body: Body) -> Response {
     let headers = [
-        (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+        (header::CONTENT_TYPE, media_type.to_string()),
         (header::CONTENT_LENGTH, size.to_string()),
         (
             header::HeaderName::from_static("docker-content-digest"),

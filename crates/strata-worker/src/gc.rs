@@ -358,11 +358,6 @@ pub fn evict(node: &Node, victims: &[Digest]) -> Result<EvictReport, String> {
     }
     if !dropped.is_empty() {
         node.selections.clear()?;
-        // A blob fetched again since it was deleted (a step wanted it)
-        // keeps its extractions: the step may have mounted them already,
-        // and they are what the blob holds.
-        let leased = cas.leased();
-        dropped.retain(|d| !leased.contains_key(d) && !cas.contains(d).unwrap_or(false));
         report.snapshots = node
             .snapshots
             .remove_chains_of(&dropped)
