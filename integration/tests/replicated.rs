@@ -349,12 +349,15 @@ fn coordinators_join_and_leave_the_group_at_run_time() {
 
     // A fourth coordinator's certificate and config, the way an operator
     // makes them: `cluster init` again, which keeps what exists. With four
-    // coordinators and one worker, the fourth listens at base+3 and its
-    // Raft endpoint at base+8.
+    // coordinators and one worker, the fourth listens at base+3, its
+    // Raft endpoint at base+8 and its image endpoint at base+12.
     let base = loop {
         let base = 30_000 + (std::process::id() * 7 + rand_offset()) % 30_000;
-        let free = |p: u32| std::net::UdpSocket::bind(("127.0.0.1", p as u16)).is_ok();
-        if free(base + 3) && free(base + 8) {
+        let free = |p: u32| {
+            std::net::UdpSocket::bind(("127.0.0.1", p as u16)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", p as u16)).is_ok()
+        };
+        if [3, 8, 12].iter().all(|o| free(base + o)) {
             break base;
         }
     };
@@ -425,7 +428,12 @@ fn coordinators_join_and_leave_the_group_at_run_time() {
         {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "{s}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "status of coordinator-4: {s:?}\nits log:\n{}",
+            std::fs::read_to_string(cluster.path().join("logs/coordinator-4.log"))
+                .unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 

@@ -356,7 +356,7 @@ pub async fn stop_serving(home: &Path) -> Result<()> {
 }
 
 /// Keeps the state directory within `keep`, as a worker keeps its store.
-async fn evict_forever(node: Arc<Node>, keep: strata_worker::Keep) {
+async fn evict_forever(node: Arc<Node>, keep: strata_sched::Keep) {
     tracing::info!(keep_storage = ?keep.storage, keep_duration = ?keep.duration, "store bounds");
     loop {
         tokio::time::sleep(strata_worker::EVICT_EVERY).await;
@@ -426,7 +426,7 @@ pub fn daemon(home: &Path, args: DaemonArgs) -> Result<ExitCode> {
                 .map(crate::images::parse_size)
                 .transpose()
                 .context("--keep-storage (STRATA_KEEP_STORAGE)")?;
-            let keep = strata_worker::Keep::within(home, storage, args.keep_duration)
+            let keep = strata_worker::keep_within(home, storage, args.keep_duration)
                 .map_err(anyhow::Error::msg)?;
             serve(home, &rt, args.idle_timeout, args.metrics_listen.0, keep)
         }
@@ -451,7 +451,7 @@ fn serve(
     rt: &tokio::runtime::Runtime,
     idle_timeout: u64,
     metrics: Option<std::net::SocketAddr>,
-    keep: strata_worker::Keep,
+    keep: strata_sched::Keep,
 ) -> Result<ExitCode> {
     // A daemon that is stopping (it has closed its socket) still holds the
     // state directory for a moment: wait for it, a bounded time. One that

@@ -27,31 +27,27 @@ use crate::protocol::{
 };
 use crate::worker::request_name;
 
-/// A registered worker.
-pub(crate) struct WorkerState {
+/// What the coordinator keeps with each registered worker, beside what
+/// the scheduling core knows of it.
+pub(crate) struct Link {
     pub conn: Connection,
     pub addr: SocketAddr,
-    pub slots: usize,
-    /// Steps running on it now.
-    pub running: usize,
-    pub last_seen: Instant,
-    pub alive: bool,
     /// Every blob it told this coordinator it holds (registration and
     /// heartbeats since).
     pub blobs: HashSet<Digest>,
     /// Whether the group has this worker's registration and every blob it
     /// reported, as this coordinator (leading) wrote them.
     pub recorded: bool,
-    /// The entitlements it grants: only stages needing no more are placed
-    /// on it.
-    pub entitlements: strata_plan::Entitlements,
-    /// The platforms it runs steps for, natively or emulated: a stage
-    /// with `RUN` steps is placed only where its platform runs.
-    pub platforms: Vec<Platform>,
-    /// Those it runs natively, preferred over emulation.
-    pub native: Vec<Platform>,
     /// The worker process's run, under which its locations are recorded.
     pub incarnation: u64,
+}
+
+/// The registered workers.
+pub(crate) type Workers = strata_sched::Fleet<Link>;
+
+/// A connection's id, the registration epoch of the worker on it.
+pub(crate) fn epoch(conn: &Connection) -> u64 {
+    u64::try_from(conn.quic.stable_id()).unwrap_or(u64::MAX)
 }
 
 /// Platforms as a worker reported them; ones this node cannot read are
@@ -61,14 +57,6 @@ fn parse_platforms(names: &[String]) -> Vec<Platform> {
         .iter()
         .filter_map(|p| Platform::parse(p).ok())
         .collect()
-}
-
-impl WorkerState {
-    /// How busy it is, for choosing the least busy: running steps per
-    /// thousand slots.
-    pub fn load(&self) -> usize {
-        self.running * 1000 / self.slots.max(1)
-    }
 }
 
 /// The coordinator process.
@@ -83,10 +71,11 @@ pub struct Coordinator {
     endpoint: Endpoint,
     registry: Arc<Registry>,
     lease: Duration,
-    pub(crate) workers: Mutex<HashMap<String, WorkerState>>,
-    /// Workers no new stage is placed on, by name: it outlasts their
-    /// connections.
-    cordoned: Mutex<HashSet<String>>,
+    /// The registered workers: up or not, cordoned or not, their slots.
+    pub(crate) workers: Mutex<Workers>,
+    /// Layers workers evicted below their wanted copies: repair leaves
+    /// them be.
+    pub(crate) shrunk: Mutex<strata_sched::copies::Shrunk>,
     /// Workers each built layer is kept on.
     pub(crate) replication: usize,
     /// Bytes per second for background copies.
@@ -111,7 +100,7 @@ pub struct Coordinator {
     /// What each client uploaded in the last hour.
     uploads: Mutex<UploadQuota>,
     /// Bounds of its store (uploaded contexts).
-    keep: strata_worker::Keep,
+    keep: strata_sched::Keep,
     /// Contexts a build is about to use.
     pins: Mutex<crate::context::Pins>,
     /// Connections to workers, for the layers its image endpoint serves.
@@ -244,13 +233,13 @@ impl Coordinator {
             registry,
             lease: Duration::from_secs(config.lease_seconds.max(1)),
             workers: Mutex::default(),
+            shrunk: Mutex::default(),
             replication: config.replication.max(1),
             repair_rate: config.repair_mib_per_second.saturating_mul(1 << 20),
             copying: Mutex::default(),
             repair_wanted: tokio::sync::Notify::new(),
             records: crate::replicas::Records::default(),
             slot_freed: tokio::sync::Notify::new(),
-            cordoned: Mutex::default(),
             // Ids a restarted coordinator hands out differ from those of
             // its previous run, which workers may still hold.
             next_build: AtomicU64::new(
@@ -265,7 +254,7 @@ impl Coordinator {
             uploads: Mutex::new(UploadQuota::new(
                 config.upload_quota_mib_per_hour.saturating_mul(1 << 20),
             )),
-            keep: strata_worker::Keep::within(
+            keep: strata_worker::keep_within(
                 &config.home,
                 config.keep_storage,
                 config.keep_duration,
@@ -394,9 +383,9 @@ impl Coordinator {
             let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
             workers
                 .iter()
-                .filter(|(_, w)| w.alive)
-                .max_by_key(|(name, _)| (held.get(name.as_str()).copied().unwrap_or(0), *name))
-                .map(|(name, w)| (name.clone(), w.conn.clone()))
+                .filter(|(_, w)| w.alive())
+                .max_by_key(|(name, _)| (held.get(name).copied().unwrap_or(0), *name))
+                .map(|(name, w)| (name.to_string(), w.link.conn.clone()))
                 .ok_or_else(|| "no live worker to push from".to_string())?
         };
         tracing::info!(image = %req.name, destination = %req.destination, %worker, "pushing from a worker");
@@ -545,7 +534,7 @@ impl Coordinator {
                 }
                 let (total, mut candidates) = strata_worker::candidates(&me.node, now)?;
                 candidates.retain(|c| !keep.contains(&c.blob));
-                let victims = strata_worker::choose(total, &candidates, &me.keep, now, &|_| false);
+                let victims = strata_sched::evict::choose(total, &candidates, &me.keep, now, &|_| false);
                 strata_worker::evict(&me.node, &victims)
             })
             .await;
@@ -578,15 +567,13 @@ impl Coordinator {
     fn expire_leases(&self) {
         let expired: Vec<String> = {
             let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-            workers
-                .iter_mut()
-                .filter(|(_, w)| w.alive && w.last_seen.elapsed() > self.lease)
-                .map(|(name, w)| {
-                    w.alive = false;
-                    w.conn.quic.close(1u32.into(), b"lease expired");
-                    name.clone()
-                })
-                .collect()
+            let expired = workers.expire(Instant::now(), self.lease);
+            for name in &expired {
+                if let Some(w) = workers.get(name) {
+                    w.link.conn.quic.close(1u32.into(), b"lease expired");
+                }
+            }
+            expired
         };
         for name in expired {
             tracing::warn!(worker = %name, "lease expired; the worker is gone");
@@ -596,16 +583,11 @@ impl Coordinator {
 
     /// Marks a worker gone (if `conn` is still its connection).
     pub(crate) fn lose(&self, name: &str, conn: &Connection) {
-        let gone = {
-            let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-            match workers.get_mut(name) {
-                Some(w) if w.alive && w.conn.quic.stable_id() == conn.quic.stable_id() => {
-                    w.alive = false;
-                    true
-                }
-                _ => false,
-            }
-        };
+        let gone = self
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lose(name, epoch(conn));
         if gone {
             tracing::warn!(worker = %name, "the worker is gone");
             self.worker_gone();
@@ -638,9 +620,9 @@ impl Coordinator {
         let registration = {
             let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
             match workers.get_mut(worker) {
-                Some(w) if w.conn.quic.stable_id() == conn.quic.stable_id() => {
-                    w.blobs.extend(blobs.iter().copied());
-                    w.incarnation
+                Some(w) if w.epoch() == epoch(conn) => {
+                    w.link.blobs.extend(blobs.iter().copied());
+                    w.link.incarnation
                 }
                 _ => return Err(format!("worker {worker} left or came back meanwhile")),
             }
@@ -654,6 +636,29 @@ impl Coordinator {
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    /// `worker` evicted `blobs`: those it left short of copies stay short
+    /// (repair does not copy them back), until a worker gains one again.
+    fn note_evicted(&self, worker: &str, blobs: Vec<Digest>) {
+        if blobs.is_empty() {
+            return;
+        }
+        let want = self.copies_wanted();
+        let short: Vec<Digest> = blobs
+            .into_iter()
+            .filter(|b| {
+                self.live_holders(b, &self.recorded_holders(b))
+                    .iter()
+                    .filter(|h| h.name != worker)
+                    .count()
+                    < want
+            })
+            .collect();
+        self.shrunk
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .evicted(short);
     }
 
     /// For each of `blobs`, what `worker` dropping its copy loses: nothing
@@ -682,14 +687,7 @@ impl Coordinator {
                         .into_iter()
                         .filter(|h| h.name != worker)
                         .count();
-                    let spare = others >= self.replication;
-                    if spare {
-                        crate::protocol::CopyKind::Spare
-                    } else if named.contains(b) {
-                        crate::protocol::CopyKind::Named
-                    } else {
-                        crate::protocol::CopyKind::Last
-                    }
+                    strata_sched::copies::kind(others, self.replication, named.contains(b))
                 })
                 .collect(),
         )
@@ -727,9 +725,8 @@ impl Coordinator {
                 .workers
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .get(&worker)
-                .filter(|w| w.alive)
-                .map(|w| (w.conn.clone(), w.incarnation))
+                .live(&worker)
+                .map(|w| (w.link.conn.clone(), w.link.incarnation))
             else {
                 continue;
             };
@@ -753,10 +750,10 @@ impl Coordinator {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .get_mut(&worker)
-                .filter(|w| w.incarnation == registration)
+                .filter(|w| w.link.incarnation == registration)
             {
                 for b in &lacks {
-                    w.blobs.remove(b);
+                    w.link.blobs.remove(b);
                 }
             }
             dropped += lacks.len();
@@ -808,17 +805,17 @@ impl Coordinator {
         names
             .iter()
             .filter_map(|n| {
-                let w = workers.get(n).filter(|w| w.alive)?;
+                let w = workers.live(n)?;
                 let current = self
                     .member
                     .local()
                     .worker(n)
                     .ok()
                     .flatten()
-                    .is_some_and(|r| r.registered == w.incarnation);
-                (current || w.blobs.contains(blob)).then(|| Holder {
+                    .is_some_and(|r| r.registered == w.link.incarnation);
+                (current || w.link.blobs.contains(blob)).then(|| Holder {
                     name: n.clone(),
-                    addr: w.addr,
+                    addr: w.link.addr,
                 })
             })
             .collect()
@@ -994,11 +991,20 @@ impl Coordinator {
                 dropped,
             } if role == Role::Worker => {
                 let gained = blobs.len();
+                {
+                    let mut shrunk = self.shrunk.lock().unwrap_or_else(PoisonError::into_inner);
+                    for b in &blobs {
+                        shrunk.gained(b);
+                    }
+                }
+                let evicted = dropped.clone();
                 let current = {
                     let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-                    match workers.get_mut(&conn.peer.name) {
-                        Some(w) if w.alive && w.conn.quic.stable_id() == conn.quic.stable_id() => {
-                            w.last_seen = Instant::now();
+                    let name = &conn.peer.name;
+                    workers.heartbeat(name, epoch(conn), Instant::now());
+                    match workers.current(name, epoch(conn)) {
+                        Some(w) => {
+                            let w = &mut w.link;
                             w.blobs.extend(blobs.iter().copied());
                             for d in &dropped {
                                 w.blobs.remove(d);
@@ -1033,6 +1039,7 @@ impl Coordinator {
                     }
                 };
                 if current {
+                    self.note_evicted(&conn.peer.name, evicted);
                     tracing::trace!(worker = %conn.peer.name, running, gained, "heartbeat");
                     Reply::Ok
                 } else {
@@ -1070,26 +1077,23 @@ impl Coordinator {
             r.addr
         };
         tracing::info!(worker = %name, %addr, slots = r.slots, blobs = r.blobs.len(), "worker registered");
+        let spec = strata_sched::Spec {
+            slots: r.slots.max(1),
+            platforms: parse_platforms(&r.platforms),
+            native: parse_platforms(&r.native),
+            entitlements: r.entitlements,
+        };
+        let link = Link {
+            conn: conn.clone(),
+            addr,
+            blobs: r.blobs.into_iter().collect(),
+            recorded: false,
+            incarnation: r.incarnation,
+        };
         self.workers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(
-                name.clone(),
-                WorkerState {
-                    conn: conn.clone(),
-                    addr,
-                    slots: r.slots.max(1),
-                    running: 0,
-                    last_seen: Instant::now(),
-                    alive: true,
-                    blobs: r.blobs.into_iter().collect(),
-                    recorded: false,
-                    entitlements: r.entitlements,
-                    platforms: parse_platforms(&r.platforms),
-                    native: parse_platforms(&r.native),
-                    incarnation: r.incarnation,
-                },
-            );
+            .register(&name, spec, epoch(conn), link, Instant::now());
         // The worker registers with every coordinator; the leader records
         // it (a new leader records the workers it finds unrecorded).
         if self.member.is_leader() {
@@ -1106,10 +1110,7 @@ impl Coordinator {
             .workers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .filter(|w| w.alive)
-            .flat_map(|w| w.entitlements.iter().copied())
-            .collect();
+            .granted();
         strata_plan::Grants {
             granted,
             node: "any live worker of this cluster".into(),
@@ -1122,28 +1123,13 @@ impl Coordinator {
             .workers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .contains_key(worker)
+            .cordon(worker, cordoned)
         {
             return Reply::Error(format!("no worker named {worker} has registered"));
         }
-        let mut set = self.cordoned.lock().unwrap_or_else(PoisonError::into_inner);
-        if cordoned {
-            set.insert(worker.to_string());
-        } else {
-            set.remove(worker);
-        }
-        drop(set);
         tracing::info!(%worker, cordoned, "worker cordon changed");
         self.slot_freed.notify_waiters();
         Reply::Ok
-    }
-
-    /// Whether new stages are kept off `worker`.
-    pub(crate) fn is_cordoned(&self, worker: &str) -> bool {
-        self.cordoned
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(worker)
     }
 
     fn group_status(&self) -> GroupStatus {
@@ -1186,16 +1172,17 @@ impl Coordinator {
         let mut list: Vec<WorkerStatus> = workers
             .iter()
             .map(|(name, w)| WorkerStatus {
-                name: name.clone(),
-                addr: w.addr,
-                alive: w.alive,
-                cordoned: self.is_cordoned(name),
-                slots: w.slots,
-                running: w.running,
-                blobs: counts.get(name.as_str()).copied().unwrap_or(0),
+                name: name.to_string(),
+                addr: w.link.addr,
+                alive: w.alive(),
+                cordoned: workers.is_cordoned(name),
+                slots: w.slots(),
+                running: w.running(),
+                blobs: counts.get(name).copied().unwrap_or(0),
                 platforms: {
-                    let mut p: Vec<&Platform> = w.native.iter().collect();
-                    p.extend(w.platforms.iter().filter(|x| !w.native.contains(x)));
+                    let (native, all) = (&w.spec().native, &w.spec().platforms);
+                    let mut p: Vec<&Platform> = native.iter().collect();
+                    p.extend(all.iter().filter(|x| !native.contains(x)));
                     p.iter().map(|x| x.to_string()).collect()
                 },
             })
@@ -1228,7 +1215,7 @@ impl Coordinator {
                 let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
                 recorded
                     .iter()
-                    .any(|(name, _)| !workers.get(name).is_some_and(|w| w.alive))
+                    .any(|(name, _)| workers.live(name).is_none())
             };
             if !missing {
                 return;
@@ -1366,8 +1353,8 @@ impl Coordinator {
             let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
             let mut list: Vec<(String, Connection)> = workers
                 .iter()
-                .filter(|(_, w)| w.alive)
-                .map(|(n, w)| (n.clone(), w.conn.clone()))
+                .filter(|(_, w)| w.alive())
+                .map(|(n, w)| (n.to_string(), w.link.conn.clone()))
                 .collect();
             list.sort_by(|a, b| a.0.cmp(&b.0));
             list
@@ -1500,7 +1487,7 @@ impl Coordinator {
                 .filter_map(|(name, blobs)| {
                     workers
                         .get(name)
-                        .map(|w| (name.to_string(), w.conn.clone(), blobs))
+                        .map(|w| (name.to_string(), w.link.conn.clone(), blobs))
                 })
                 .collect()
         };
@@ -1726,9 +1713,9 @@ impl Coordinator {
         let runnable: Vec<Platform> = {
             let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
             let mut all: Vec<Platform> = workers
-                .values()
-                .filter(|w| w.alive)
-                .flat_map(|w| w.platforms.iter().cloned())
+                .iter()
+                .filter(|(_, w)| w.alive())
+                .flat_map(|(_, w)| w.spec().platforms.iter().cloned())
                 .collect();
             all.sort();
             all.dedup();

@@ -1,10 +1,12 @@
 //! The solver's worker in a cluster: each stage of a build is placed on
 //! one worker (its steps then run there in order, keeping the filesystem
-//! local), preferring the worker that already holds the stage's base, then
-//! the least loaded one with a free slot. A slot is held while a step
-//! runs, not while its stage waits.
+//! local), where the scheduling core's locality policy says
+//! (`strata_sched::place`), and its steps run there in slots the core
+//! counts. A slot is held while a step runs, not while its stage waits.
+//! This file is the driver: it asks workers over the network and feeds
+//! the core what happened.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -20,52 +22,36 @@ use tokio_util::sync::CancellationToken;
 use crate::coordinator::Coordinator;
 use crate::protocol::{BuildSpec, ExecEvent, Holder, Reply, Request, StepRef};
 
-/// Where a stage is.
-#[derive(Debug, Clone)]
-struct Pin {
-    worker: String,
-    /// It ran a step there, so its filesystem is there: it stays.
-    settled: bool,
-}
-
 /// A running step's hold on one of its worker's slots, given back when
 /// dropped.
 struct Slot {
     coord: Arc<Coordinator>,
-    worker: String,
-    /// The worker's connection when taken: a worker that registered again
-    /// since has a fresh count.
-    conn: usize,
+    ticket: Option<strata_sched::Ticket>,
 }
 
 impl Slot {
     fn take(coord: &Arc<Coordinator>, worker: &str) -> Option<Slot> {
-        let mut workers = coord.workers.lock().unwrap_or_else(PoisonError::into_inner);
-        let w = workers
-            .get_mut(worker)
-            .filter(|w| w.alive && w.running < w.slots)?;
-        w.running += 1;
+        let ticket = coord
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(worker)?;
         Some(Slot {
             coord: Arc::clone(coord),
-            worker: worker.to_string(),
-            conn: w.conn.quic.stable_id(),
+            ticket: Some(ticket),
         })
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut workers = self
-            .coord
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(w) = workers.get_mut(&self.worker)
-            && w.conn.quic.stable_id() == self.conn
-        {
-            w.running = w.running.saturating_sub(1);
+        if let Some(ticket) = self.ticket.take() {
+            self.coord
+                .workers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .release(ticket);
         }
-        drop(workers);
         self.coord.slot_freed.notify_waiters();
     }
 }
@@ -77,10 +63,8 @@ pub(crate) struct Placement {
     plan: Arc<Plan>,
     handle: Handle,
     cancel: CancellationToken,
-    /// Plan stage → the worker it is on, while it runs.
-    placed: Mutex<HashMap<usize, Pin>>,
-    /// Plan stage → the worker that ran it, whose filesystem it is on.
-    ran: Mutex<HashMap<usize, String>>,
+    /// Where its stages are, by plan stage.
+    stages: Mutex<strata_sched::Stages>,
     /// Workers that have the build (its context and plan).
     begun: tokio::sync::Mutex<HashSet<String>>,
 }
@@ -99,8 +83,7 @@ impl Placement {
             plan,
             handle,
             cancel,
-            placed: Mutex::default(),
-            ran: Mutex::default(),
+            stages: Mutex::default(),
             begun: tokio::sync::Mutex::default(),
         }
     }
@@ -135,14 +118,7 @@ impl Placement {
                 return Ok(p.worker);
             }
             if let Some(w) = self.choose(i, false, self.base_layers(i)) {
-                self.placed
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .entry(i)
-                    .or_insert(Pin {
-                        worker: w.clone(),
-                        settled: false,
-                    });
+                self.stages().pin(i, &w);
                 continue;
             }
             self.wait(changed).await?;
@@ -172,24 +148,10 @@ impl Placement {
             if let Some(w) = worker
                 && let Some(slot) = Slot::take(&self.coord, &w)
             {
-                let stage = &self.plan.stages[i].name;
-                let settled = Pin {
-                    worker: w.clone(),
-                    settled: true,
-                };
-                if self
-                    .placed
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(i, settled)
-                    .is_none_or(|p| !p.settled)
-                {
+                if self.stages().settle(i, &w) {
+                    let stage = &self.plan.stages[i].name;
                     tracing::info!(build = self.spec.id, %stage, worker = %w, "stage placed");
                 }
-                self.ran
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(i, w.clone());
                 strata_metrics::queue_wait(queued.elapsed().as_secs_f64());
                 return Ok((w, slot));
             }
@@ -205,12 +167,12 @@ impl Placement {
         }
     }
 
-    fn pinned(&self, i: usize) -> Option<Pin> {
-        self.placed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&i)
-            .cloned()
+    fn stages(&self) -> std::sync::MutexGuard<'_, strata_sched::Stages> {
+        self.stages.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn pinned(&self, i: usize) -> Option<strata_sched::Pin> {
+        self.stages().pinned(i).cloned()
     }
 
     /// Waits for a slot to be freed or a worker to come or go.
@@ -224,18 +186,12 @@ impl Placement {
         }
     }
 
-    /// The best live worker for stage `i` that is not cordoned (with a
-    /// free slot, if `free`), to run on `layers`: the one its base stage
-    /// ran on, then the one holding most bytes of `layers` (nothing to
-    /// fetch), then the one it measured inputs on, then the least loaded.
+    /// The worker to place stage `i` on (with a free slot, if `free`) to
+    /// run on `layers`, as the scheduling core's locality policy ranks
+    /// them.
     fn choose(&self, i: usize, free: bool, layers: &[LayerRef]) -> Option<String> {
         let base_worker = match self.plan.stages[i].base {
-            Base::Stage(b) => self
-                .ran
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get(&b)
-                .cloned(),
+            Base::Stage(b) => self.stages().ran_on(b).map(str::to_string),
             _ => None,
         };
         let soft = self.pinned(i).map(|p| p.worker);
@@ -244,69 +200,48 @@ impl Placement {
             .iter()
             .map(|l| (l.size, self.coord.recorded_holders(&l.blob)))
             .collect();
+        let held = |name: &str| -> u64 {
+            recorded
+                .iter()
+                .filter(|(_, holders)| holders.iter().any(|h| h == name))
+                .map(|(size, _)| size)
+                .sum()
+        };
+        let entitlements = self.plan.stage_entitlements(i);
+        let stage = &self.plan.stages[i];
+        let runs_steps = stage.steps.iter().any(|s| matches!(s.op, Op::Exec(_)));
+        let platform = Platform::parse(&stage.platform).ok().filter(|_| runs_steps);
+        let want = strata_sched::Want {
+            platform: platform.as_ref(),
+            entitlements: &entitlements,
+            free_slot: free,
+            base_worker: base_worker.as_deref(),
+            soft: soft.as_deref(),
+            held: &held,
+            key: self.spec.id,
+        };
         let workers = self
             .coord
             .workers
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let needs = self.plan.stage_entitlements(i);
-        let stage = &self.plan.stages[i];
-        let runs_steps = stage.steps.iter().any(|s| matches!(s.op, Op::Exec(_)));
-        let platform = Platform::parse(&stage.platform).ok();
-        workers
-            .iter()
-            .filter_map(|(name, w)| {
-                let fit = match (&platform, runs_steps) {
-                    (Some(p), true) => platform_fit(p, &w.platforms, &w.native)?,
-                    _ => PlatformFit::Native,
-                };
-                (w.alive
-                    && (!free || w.running < w.slots)
-                    && !self.coord.is_cordoned(name)
-                    && needs.is_subset(&w.entitlements))
-                .then_some((name, w, fit))
-            })
-            .map(|(name, w, fit)| {
-                let held: u64 = recorded
-                    .iter()
-                    .filter(|(_, holders)| holders.contains(name))
-                    .map(|(size, _)| size)
-                    .sum();
-                let is = |n: &Option<String>| n.as_deref() == Some(name.as_str());
-                (
-                    // A worker that runs the stage's platform natively
-                    // first: emulation is many times slower than any
-                    // transfer it would save.
-                    std::cmp::Reverse((fit, is(&base_worker), held, is(&soft))),
-                    w.load(),
-                    name.clone(),
-                )
-            })
-            .min()
-            .map(|(_, _, name)| name)
+        strata_sched::place::choose(&workers, &want, strata_sched::Policy::Locality)
+            .map(str::to_string)
     }
 
     /// Stage `i` is done: a later attempt or stage is placed afresh.
     fn unplace(&self, i: usize) {
-        self.placed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&i);
+        self.stages().done(i);
     }
 
     /// `f` of `worker`'s state, while it is alive.
-    fn live<T>(
-        &self,
-        worker: &str,
-        f: impl FnOnce(&crate::coordinator::WorkerState) -> T,
-    ) -> Option<T> {
+    fn live<T>(&self, worker: &str, f: impl FnOnce(&crate::coordinator::Link) -> T) -> Option<T> {
         self.coord
             .workers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(worker)
-            .filter(|w| w.alive)
-            .map(f)
+            .live(worker)
+            .map(|w| f(&w.link))
     }
 
     fn connection(&self, worker: &str) -> Result<Connection, WorkerError> {
@@ -355,14 +290,10 @@ impl Placement {
     fn gone(&self, worker: &str, conn: &Connection, detail: String) -> WorkerError {
         self.coord.lose(worker, conn);
         // Its stages are placed again when they start over.
-        self.placed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|_, p| p.worker != worker);
-        self.ran
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|_, w| w != worker);
+        let moved = self.stages().lost(worker);
+        if !moved.is_empty() {
+            tracing::info!(build = self.spec.id, %worker, stages = ?moved, "stages of a lost worker start over");
+        }
         WorkerError::lost(format!("worker {worker} is gone ({detail})"))
     }
 
@@ -439,12 +370,7 @@ impl Placement {
         let Source::Stage(src) = c.from else {
             return None;
         };
-        let name = self
-            .ran
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&src)
-            .cloned()?;
+        let name = self.stages().ran_on(src)?.to_string();
         self.connection(&name).ok().map(|_| name)
     }
 
@@ -641,13 +567,7 @@ impl Worker for Placement {
     fn runs_on(&self, stage: &StagePlan) -> String {
         self.stage_index(stage)
             .ok()
-            .and_then(|i| {
-                self.placed
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .get(&i)
-                    .map(|p| p.worker.clone())
-            })
+            .and_then(|i| self.pinned(i).map(|p| p.worker))
             .unwrap_or_else(|| "-".into())
     }
 
@@ -655,52 +575,5 @@ impl Worker for Placement {
         if let Ok(i) = self.stage_index(stage) {
             self.unplace(i);
         }
-    }
-}
-
-/// How a worker runs a stage's platform; better is greater.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum PlatformFit {
-    Emulated,
-    Native,
-}
-
-/// Whether a worker runs `p` (natively, or through an emulator), from
-/// what it reported; `None` if it does not.
-fn platform_fit(p: &Platform, runs: &[Platform], native: &[Platform]) -> Option<PlatformFit> {
-    let matches = |r: &Platform| r.matches(&p.os, &p.architecture, p.variant.as_deref());
-    if native.iter().any(matches) {
-        Some(PlatformFit::Native)
-    } else if runs.iter().any(matches) {
-        Some(PlatformFit::Emulated)
-    } else {
-        None
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn native_workers_beat_emulating_ones_and_others_do_not_fit() {
-        let p = |s: &str| Platform::parse(s).unwrap();
-        let amd64_emulating_arm64 = (
-            vec![p("linux/amd64"), p("linux/arm64")],
-            vec![p("linux/amd64")],
-        );
-        let arm64 = (vec![p("linux/arm64")], vec![p("linux/arm64")]);
-        let fit = |w: &(Vec<Platform>, Vec<Platform>), s: &str| platform_fit(&p(s), &w.0, &w.1);
-        assert_eq!(fit(&arm64, "linux/arm64"), Some(PlatformFit::Native));
-        assert_eq!(
-            fit(&amd64_emulating_arm64, "linux/arm64"),
-            Some(PlatformFit::Emulated)
-        );
-        assert_eq!(
-            fit(&amd64_emulating_arm64, "linux/amd64"),
-            Some(PlatformFit::Native)
-        );
-        assert_eq!(fit(&arm64, "linux/amd64"), None);
-        assert!(PlatformFit::Native > PlatformFit::Emulated);
     }
 }

@@ -464,17 +464,7 @@ pub const MAX_TAGS: (usize, usize) = (64, 256);
 
 /// What a worker dropping its copy of a blob would lose
 /// ([`Reply::Spare`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum CopyKind {
-    /// Nothing: the coordinator or enough other live workers hold it.
-    Spare,
-    /// Maybe the last copies of a cached layer: dropped only after the
-    /// spare ones, when the worker is still over its budget.
-    Last,
-    /// A layer of an image the cluster names, not spare: kept until the
-    /// name is dropped.
-    Named,
-}
+pub use strata_sched::CopyKind;
 
 /// The most blobs one [`Request::Spare`] may ask about.
 pub const MAX_SPARE_ASKED: usize = 100_000;

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use strata_cas::Digest;
+use strata_net::Connection;
 use strata_oci::LayerRef;
 use strata_raft::CommandV1;
 use tokio::sync::mpsc;
@@ -103,21 +104,19 @@ impl Coordinator {
         self.workers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .any(|w| w.alive && w.blobs.contains(blob))
+            .iter()
+            .any(|(_, w)| w.alive() && w.link.blobs.contains(blob))
     }
 
     /// Copies of a layer to aim for now: `replication`, or every live
     /// worker when fewer are up.
-    fn copies_wanted(&self) -> usize {
+    pub(crate) fn copies_wanted(&self) -> usize {
         let live = self
             .workers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .filter(|w| w.alive)
-            .count();
-        self.replication.min(live)
+            .live_count();
+        strata_sched::copies::wanted(self.replication, live)
     }
 
     /// The cache entries, and the layers cached results made that have
@@ -150,14 +149,16 @@ impl Coordinator {
             .filter_map(|(_, e)| e.layers.last().map(|l| (l.blob, *l)))
             .collect();
         let mut short = Vec::new();
+        let shrunk = self.shrunk.lock().unwrap_or_else(PoisonError::into_inner);
         for (blob, layer) in made {
             let live = self
                 .live_holders(&blob, &self.recorded_holders(&blob))
                 .len();
-            if live < want {
+            if live < want && shrunk.wants_repair(&blob) {
                 short.push(Short { layer, live });
             }
         }
+        drop(shrunk);
         Ok(Census {
             entries: entries.len(),
             short,
@@ -223,20 +224,23 @@ impl Coordinator {
         if sources.is_empty() {
             return Err(format!("no live node holds blob {blob}"));
         }
-        let mut targets: Vec<_> = self
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter(|(n, w)| {
-                w.alive && !w.blobs.contains(&blob) && !recorded.contains(n) && !self.is_cordoned(n)
-            })
-            .map(|(n, w)| (w.load(), n.clone(), w.conn.clone()))
-            .collect();
-        targets.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let targets: Vec<(String, Connection)> = {
+            let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            let lacks = |n: &str| {
+                workers
+                    .get(n)
+                    .is_some_and(|w| !w.link.blobs.contains(&blob))
+                    && !recorded.iter().any(|r| r == n)
+            };
+            // All of them, best first: a copy that fails falls to the next.
+            strata_sched::copies::targets(&workers, &lacks, usize::MAX)
+                .into_iter()
+                .filter_map(|n| workers.get(n).map(|w| (n.to_string(), w.link.conn.clone())))
+                .collect()
+        };
         let mut made = 0;
         let mut why = Vec::new();
-        for (_, name, conn) in targets {
+        for (name, conn) in targets {
             if have >= want {
                 break;
             }
@@ -337,7 +341,7 @@ impl Coordinator {
             .unwrap_or_else(PoisonError::into_inner)
             .get_mut(name)
         {
-            w.recorded = false;
+            w.link.recorded = false;
         }
     }
 
@@ -346,7 +350,11 @@ impl Coordinator {
     /// heartbeat's blobs are either in it or queued after it.
     pub(crate) fn record_registration(&self, name: &str) {
         let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(w) = workers.get_mut(name).filter(|w| w.alive) else {
+        let Some(w) = workers
+            .get_mut(name)
+            .filter(|w| w.alive())
+            .map(|w| &mut w.link)
+        else {
             return;
         };
         let blobs: Vec<Digest> = w.blobs.iter().copied().collect();
@@ -402,13 +410,13 @@ impl Coordinator {
             (
                 workers
                     .iter()
-                    .filter(|(_, w)| w.alive && (took_lead || !w.recorded))
-                    .map(|(n, _)| n.clone())
+                    .filter(|(_, w)| w.alive() && (took_lead || !w.link.recorded))
+                    .map(|(n, _)| n.to_string())
                     .collect(),
                 workers
                     .iter()
-                    .filter(|(_, w)| w.alive)
-                    .map(|(n, _)| n.clone())
+                    .filter(|(_, w)| w.alive())
+                    .map(|(n, _)| n.to_string())
                     .collect(),
             )
         };

@@ -170,7 +170,7 @@ pub struct WorkerNode {
     /// This run of the process ([`Registration::incarnation`]).
     incarnation: u64,
     /// How much its store keeps.
-    keep: strata_worker::Keep,
+    keep: strata_sched::Keep,
     /// Its connections to coordinators, while registered.
     pub(crate) registered: Mutex<Vec<Connection>>,
     /// Build contexts written out for builds that ended.
@@ -247,7 +247,7 @@ impl WorkerNode {
             },
             name: me.name,
             reads: Mutex::default(),
-            keep: strata_worker::Keep::within(
+            keep: strata_worker::keep_within(
                 &config.home,
                 config.keep_storage,
                 config.keep_duration,
@@ -485,7 +485,7 @@ impl WorkerNode {
         let nothing_spare = |_: &Digest| false;
         // Which blobs would go if no copy were spare: if none, there is
         // nothing to ask anyone.
-        if strata_worker::choose(total, &candidates, &keep, now, &nothing_spare).is_empty() {
+        if strata_sched::evict::choose(total, &candidates, &keep, now, &nothing_spare).is_empty() {
             return Ok(());
         }
         // With no word from a coordinator nothing goes: any copy may be
@@ -500,7 +500,7 @@ impl WorkerNode {
             .filter(|c| copies.get(&c.blob).is_some_and(|&c| c != CopyKind::Named))
             .collect();
         let spare = |d: &Digest| copies.get(d) == Some(&CopyKind::Spare);
-        let victims = strata_worker::choose(total, &candidates, &keep, now, &spare);
+        let victims = strata_sched::evict::choose(total, &candidates, &keep, now, &spare);
         let spared = victims.iter().filter(|d| spare(d)).count();
         self.evict(victims, spared).await
     }
@@ -529,7 +529,7 @@ impl WorkerNode {
     /// loses; `None` when no coordinator answers.
     async fn ask_spare(
         &self,
-        candidates: &[strata_worker::Candidate],
+        candidates: &[strata_sched::Candidate],
     ) -> Option<HashMap<Digest, CopyKind>> {
         let conns = self
             .registered

@@ -13,6 +13,8 @@ use strata_cas::Digest;
 use strata_oci::LayerRef;
 use strata_snapshot::chain_id;
 
+use strata_sched::{Candidate, Keep, evict::choose};
+
 use crate::node::Node;
 
 /// What a prune did.
@@ -107,45 +109,26 @@ pub fn prune(node: &Node, keep_storage: Option<u64>) -> Result<PruneReport, Stri
     Ok(report)
 }
 
-/// How much a node keeps: blobs past `storage` bytes, or unused for
-/// `duration` seconds, are evicted (least recently used first). `None`:
-/// no bound of that kind.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Keep {
-    /// Bytes of blobs kept at most.
-    pub storage: Option<u64>,
-    /// Seconds a blob is kept unused at most.
-    pub duration: Option<u64>,
-}
-
-impl Keep {
-    /// A store's bounds: `storage` bytes (unset: a tenth of the
-    /// filesystem `home` is on, as buildkitd's default) and `duration`
-    /// seconds unused.
-    pub fn within(
-        home: &std::path::Path,
-        storage: Option<u64>,
-        duration: Option<u64>,
-    ) -> Result<Keep, String> {
-        let storage = match storage {
-            Some(bytes) => bytes,
-            None => {
-                std::fs::create_dir_all(home).map_err(|e| format!("{}: {e}", home.display()))?;
-                let fs = nix::sys::statvfs::statvfs(home)
-                    .map_err(|e| format!("{}: {e}", home.display()))?;
-                fs.blocks().saturating_mul(fs.fragment_size()) / 10
-            }
-        };
-        Ok(Keep {
-            storage: Some(storage),
-            duration,
-        })
-    }
-
-    /// Whether anything is bounded.
-    pub fn bounds_anything(&self) -> bool {
-        self.storage.is_some() || self.duration.is_some()
-    }
+/// `storage` bytes (unset: a tenth of the filesystem `home` is on, as
+/// buildkitd's default) and `duration` seconds unused: a store's bounds.
+pub fn keep_within(
+    home: &std::path::Path,
+    storage: Option<u64>,
+    duration: Option<u64>,
+) -> Result<Keep, String> {
+    let storage = match storage {
+        Some(bytes) => bytes,
+        None => {
+            std::fs::create_dir_all(home).map_err(|e| format!("{}: {e}", home.display()))?;
+            let fs =
+                nix::sys::statvfs::statvfs(home).map_err(|e| format!("{}: {e}", home.display()))?;
+            fs.blocks().saturating_mul(fs.fragment_size()) / 10
+        }
+    };
+    Ok(Keep {
+        storage: Some(storage),
+        duration,
+    })
 }
 
 /// How often a node (worker, coordinator, local daemon) looks at its
@@ -155,17 +138,6 @@ pub const EVICT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// Seconds a new blob is never evicted for: a blob fetched for a step is
 /// leased by it within moments, and a copy just taken is wanted.
 pub const GRACE: u64 = 5;
-
-/// A blob eviction may take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Candidate {
-    /// The blob.
-    pub blob: Digest,
-    /// Its size.
-    pub size: u64,
-    /// When a build last used it (seconds since the epoch).
-    pub last_used: u64,
-}
 
 /// The store's total size, and the blobs eviction may take, least
 /// recently used first: neither leased by a build, nor part of a named
@@ -191,44 +163,6 @@ pub fn candidates(node: &Node, now: u64) -> Result<(u64, Vec<Candidate>), String
         .collect();
     out.sort_by_key(|c| (c.last_used, c.blob.0));
     Ok((total, out))
-}
-
-/// Which of `candidates` (least recently used first) to evict from a
-/// store of `total` bytes under `keep` at `now`: every one unused for
-/// longer than `keep.duration`, then, while the store is over
-/// `keep.storage`, the next ones, those `spare(blob)` says are spare
-/// (other nodes keep enough copies) before the others.
-pub fn choose(
-    total: u64,
-    candidates: &[Candidate],
-    keep: &Keep,
-    now: u64,
-    spare: &dyn Fn(&Digest) -> bool,
-) -> Vec<Digest> {
-    let mut left = total;
-    let mut out = Vec::new();
-    let mut rest = Vec::new();
-    for c in candidates {
-        if keep
-            .duration
-            .is_some_and(|d| now.saturating_sub(c.last_used) > d)
-        {
-            out.push(c.blob);
-            left = left.saturating_sub(c.size);
-        } else {
-            rest.push(c);
-        }
-    }
-    // Stable: spare ones first, each group least recently used first.
-    rest.sort_by_key(|c| !spare(&c.blob));
-    for c in rest {
-        if keep.storage.is_none_or(|budget| left <= budget) {
-            break;
-        }
-        out.push(c.blob);
-        left = left.saturating_sub(c.size);
-    }
-    out
 }
 
 /// Keeps a node that is its own cache index (the local daemon's) within
@@ -364,63 +298,4 @@ pub fn evict(node: &Node, victims: &[Digest]) -> Result<EvictReport, String> {
             .map_err(|e| e.to_string())?;
     }
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn c(n: u8, size: u64, last_used: u64) -> Candidate {
-        Candidate {
-            blob: Digest::of(&[n]),
-            size,
-            last_used,
-        }
-    }
-
-    #[test]
-    fn old_blobs_go_then_the_least_recently_used_until_under_budget() {
-        let all = [c(1, 10, 100), c(2, 10, 200), c(3, 10, 300), c(4, 10, 400)];
-        let none = |_: &Digest| false;
-        // 40 bytes, a budget of 25: the two least recently used go.
-        let keep = Keep {
-            storage: Some(25),
-            duration: None,
-        };
-        assert_eq!(
-            choose(40, &all, &keep, 500, &none),
-            [all[0].blob, all[1].blob]
-        );
-        // Unused for more than 250 s: 1 and 2 go whatever the budget.
-        let keep = Keep {
-            storage: None,
-            duration: Some(250),
-        };
-        assert_eq!(
-            choose(40, &all, &keep, 500, &none),
-            [all[0].blob, all[1].blob]
-        );
-        // Under budget and nothing old: nothing goes.
-        let keep = Keep {
-            storage: Some(100),
-            duration: Some(1000),
-        };
-        assert!(choose(40, &all, &keep, 500, &none).is_empty());
-    }
-
-    #[test]
-    fn spare_copies_go_before_last_copies() {
-        let all = [c(1, 10, 100), c(2, 10, 200), c(3, 10, 300)];
-        let spare = |d: &Digest| *d == Digest::of(&[3]);
-        let keep = Keep {
-            storage: Some(15),
-            duration: None,
-        };
-        // 30 bytes, 15 to free: the spare copy (3) first, then the least
-        // recently used last copy (1).
-        assert_eq!(
-            choose(30, &all, &keep, 500, &spare),
-            [all[2].blob, all[0].blob]
-        );
-    }
 }

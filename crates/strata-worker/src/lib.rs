@@ -43,8 +43,8 @@ pub use contexts::{NamedContext, parse_named_context};
 pub use copy::is_archive;
 pub use export::{ExportError, export_rootfs, write_rootfs_tar};
 pub use gc::{
-    Candidate, EVICT_EVERY, EvictReport, GRACE, Keep, PruneReport, Usage, candidates, choose,
-    enforce, evict, prune, usage,
+    EVICT_EVERY, EvictReport, GRACE, PruneReport, Usage, candidates, enforce, evict, keep_within,
+    prune, usage,
 };
 pub use history::{BuildRecord, BuildStatus, History, HistoryError};
 pub use memo::SelectionMemo;
