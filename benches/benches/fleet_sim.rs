@@ -36,6 +36,8 @@ const LINK: f64 = 125e6;
 /// The coordinator's defaults: copies per layer, and repair's rate.
 const REPLICATION: usize = 2;
 const REPAIR_RATE: f64 = 64.0 * 1024.0 * 1024.0;
+/// As the coordinator plans repair rounds.
+const REPAIR_COPIES_PER_NODE: usize = 1;
 /// Each worker's `keep_storage`.
 const KEEP_STORAGE: u64 = 8 << 30;
 const BASES: usize = 8;
@@ -533,6 +535,7 @@ impl Sim {
             ws.bytes += self.layers[l as usize].size;
             self.layers[l as usize].holders.push(w);
             self.shrunk.gained(&digest(l));
+            self.report_stored(w);
         }
     }
 
@@ -647,7 +650,16 @@ impl Sim {
                 }
             }
         }
+        self.report_stored(w);
         self.stats.index_writes += 1;
+    }
+
+    /// What `w`'s heartbeat tells: the bytes its store holds.
+    fn report_stored(&mut self, w: u32) {
+        let ws = &self.workers[w as usize];
+        if let Some(m) = self.fleet.current(&ws.name, ws.epoch) {
+            m.set_stored(ws.bytes);
+        }
     }
 
     /// Worker `w` is lost: its copies are gone. With `repair`, the layers
@@ -668,22 +680,66 @@ impl Sim {
 
     /// What repair copies after losses: every cached layer short of its
     /// copies, from a live holder to the least loaded workers lacking it.
-    fn repair(&mut self) -> u64 {
+    /// Returns the bytes copied, the seconds the coordinator's rounds
+    /// take (each round's copies at once, each at the repair rate), and
+    /// the seconds one copy at a time would.
+    fn repair(&mut self) -> (u64, f64, f64) {
         let cached: Vec<(u64, u64)> = self.index.iter().map(|(&k, &l)| (k, l)).collect();
-        let mut bytes = 0;
+        let want = copies::wanted(REPLICATION, self.fleet.live_count());
+        let mut short = Vec::new();
         for (k, l) in cached {
-            if self.live_holders(l) == 0 {
+            let live = self.live_holders(l);
+            if live == 0 {
                 // Every copy went with the lost: the entry goes too.
                 self.stats.repair_lost_entries += 1;
                 self.index.remove(&k);
                 self.stats.index_writes += 1;
-                continue;
-            }
-            if self.shrunk.wants_repair(&digest(l)) {
-                bytes += self.replicate(l);
+            } else if live < want && self.shrunk.wants_repair(&digest(l)) {
+                short.push(l);
             }
         }
-        bytes
+        short.sort_unstable();
+        short.dedup();
+        let (mut bytes, mut rounds) = (0, 0.0);
+        while !short.is_empty() {
+            let views: Vec<copies::Short> = short
+                .iter()
+                .map(|&l| {
+                    let holders: Vec<String> = self.layers[l as usize]
+                        .holders
+                        .iter()
+                        .filter(|&&w| self.live(w))
+                        .map(|&w| self.workers[w as usize].name.clone())
+                        .collect();
+                    copies::Short {
+                        missing: want.saturating_sub(holders.len()),
+                        holders,
+                    }
+                })
+                .collect();
+            let plan = copies::plan_repair(&self.fleet, &views, REPAIR_COPIES_PER_NODE);
+            if plan.is_empty() {
+                break;
+            }
+            let mut longest = 0;
+            for a in plan {
+                let (Some(&l), Ok(to)) = (short.get(a.short), a.to[1..].parse::<u32>()) else {
+                    continue;
+                };
+                self.gain(to, l);
+                self.stats.index_writes += 1;
+                let size = self.layers[l as usize].size;
+                bytes += size;
+                longest = longest.max(size);
+                self.evict(to);
+            }
+            rounds += longest as f64 / REPAIR_RATE;
+            short.retain(|&l| {
+                let live = self.live_holders(l);
+                live > 0 && live < want
+            });
+        }
+        (bytes, rounds, bytes as f64 / REPAIR_RATE)
     }
 
     /// Replaces a random worker with a fresh one of the same name.
@@ -695,7 +751,7 @@ impl Sim {
         let (name, epoch) = (ws.name.clone(), ws.epoch);
         let now = self.instant();
         self.fleet.register(&name, spec(), epoch, w, now);
-        self.stats.repair_bytes += self.repair();
+        self.stats.repair_bytes += self.repair().0;
         self.requeue(w);
     }
 
@@ -707,7 +763,7 @@ impl Sim {
         }
     }
 
-    fn run(&mut self, builds: usize) -> (u64, f64) {
+    fn run(&mut self, builds: usize) -> (u64, f64, f64) {
         let slot_seconds = (1.0 - RERUN) * (DEPS_CHANGE * DEPS_SECONDS + BUILD_SECONDS) + 2.0;
         let rate = UTILIZATION * (self.workers.len() * SLOTS) as f64 / slot_seconds;
         let mut t = 0.0;
@@ -716,7 +772,7 @@ impl Sim {
             self.at(t, Event::Arrive);
         }
         let mut arrived = 0;
-        let mut loss = (0, 0.0);
+        let mut loss = (0, 0.0, 0.0);
         while let Some((Reverse(at), _, i)) = self.events.pop() {
             self.now = at as f64 / 1e6;
             let Some(e) = self.slab[i].take() else {
@@ -737,8 +793,7 @@ impl Sim {
                             self.lose(w);
                             self.requeue(w);
                         }
-                        let bytes = self.repair();
-                        loss = (bytes, bytes as f64 / REPAIR_RATE);
+                        loss = self.repair();
                     }
                 }
                 Event::Done {
@@ -765,6 +820,7 @@ impl Sim {
 fn spec() -> Spec {
     Spec {
         slots: SLOTS,
+        keep_storage: Some(KEEP_STORAGE),
         ..Spec::default()
     }
 }
@@ -790,6 +846,7 @@ struct Row {
     writes_per_s: f64,
     loss_gb: f64,
     loss_s: f64,
+    loss_serial_s: f64,
     churn_gb: f64,
     lost_entries: u64,
     rescheduled: u64,
@@ -804,7 +861,7 @@ fn simulate(workers: usize, policy: Policy) -> Row {
     let builds = per_worker * workers;
     let wall = Instant::now();
     let mut sim = Sim::new(policy, workers, 42);
-    let (loss_bytes, loss_s) = sim.run(builds);
+    let (loss_bytes, loss_s, loss_serial_s) = sim.run(builds);
     let mut waits = std::mem::take(&mut sim.stats.waits);
     waits.sort_by(f64::total_cmp);
     let s = &sim.stats;
@@ -822,6 +879,7 @@ fn simulate(workers: usize, policy: Policy) -> Row {
         writes_per_s: s.index_writes as f64 / s.end.max(1.0),
         loss_gb: loss_bytes as f64 / 1e9,
         loss_s,
+        loss_serial_s,
         churn_gb: s.repair_bytes as f64 / 1e9,
         lost_entries: s.repair_lost_entries,
         rescheduled: s.rescheduled,
@@ -833,7 +891,7 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let sizes: &[usize] = if quick { &[100] } else { &[100, 300, 1000] };
     println!(
-        "| workers | policy | builds | done | cache hits | MB fetched for steps/build | of it from registries | MB of replica copies/build | queue wait p50 / p95 | index writes/s | repair after losing 5% | churn repair | rescheduled steps | simulated in |"
+        "| workers | policy | builds | done | cache hits | MB fetched for steps/build | of it from registries | MB of replica copies/build | queue wait p50 / p95 | index writes/s | repair after losing 5%: bytes, time (one copy at a time) | churn repair | rescheduled steps | simulated in |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in sizes {
@@ -844,7 +902,7 @@ fn main() {
         let (sticky_mb, sticky_p95) = (sticky.mb_per_build, sticky.p95);
         for r in &rows {
             println!(
-                "| {} | {} | {} | {} | {:.1}% | {:.0} ({:.2}× sticky) | {:.1} | {:.0} | {:.1} s / {:.1} s ({:.2}× sticky p95) | {:.0} | {:.1} GB, {:.0} s at 64 MiB/s ({} entries lost) | {:.1} GB | {} | {:.1} s |",
+                "| {} | {} | {} | {} | {:.1}% | {:.0} ({:.2}× sticky) | {:.1} | {:.0} | {:.1} s / {:.1} s ({:.2}× sticky p95) | {:.0} | {:.1} GB, {:.0} s ({:.0} s), {} entries lost | {:.1} GB | {} | {:.1} s |",
                 r.workers,
                 r.policy.name(),
                 r.builds,
@@ -860,6 +918,7 @@ fn main() {
                 r.writes_per_s,
                 r.loss_gb,
                 r.loss_s,
+                r.loss_serial_s,
                 r.lost_entries,
                 r.churn_gb,
                 r.rescheduled,

@@ -989,6 +989,7 @@ impl Coordinator {
                 running,
                 blobs,
                 dropped,
+                stored,
             } if role == Role::Worker => {
                 let gained = blobs.len();
                 {
@@ -1004,6 +1005,7 @@ impl Coordinator {
                     workers.heartbeat(name, epoch(conn), Instant::now());
                     match workers.current(name, epoch(conn)) {
                         Some(w) => {
+                            w.set_stored(stored);
                             let w = &mut w.link;
                             w.blobs.extend(blobs.iter().copied());
                             for d in &dropped {
@@ -1082,6 +1084,7 @@ impl Coordinator {
             platforms: parse_platforms(&r.platforms),
             native: parse_platforms(&r.native),
             entitlements: r.entitlements,
+            keep_storage: r.keep_storage,
         };
         let link = Link {
             conn: conn.clone(),
@@ -1090,10 +1093,13 @@ impl Coordinator {
             recorded: false,
             incarnation: r.incarnation,
         };
-        self.workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .register(&name, spec, epoch(conn), link, Instant::now());
+        {
+            let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            workers.register(&name, spec, epoch(conn), link, Instant::now());
+            if let Some(w) = workers.current(&name, epoch(conn)) {
+                w.set_stored(r.stored);
+            }
+        }
         // The worker registers with every coordinator; the leader records
         // it (a new leader records the workers it finds unrecorded).
         if self.member.is_leader() {

@@ -14,7 +14,7 @@ use strata_cas::Digest;
 use strata_dockerfile::Platform;
 use strata_net::{Connection, read_frame, write_frame};
 use strata_oci::LayerRef;
-use strata_plan::{Base, Op, Plan, RunMountKind, Source, StagePlan, Step};
+use strata_plan::{Base, Op, Plan, Read, Source, StagePlan, Step};
 use strata_solver::{Job, StageResult, Worker, WorkerError};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -307,26 +307,28 @@ impl Placement {
         with_artifact: bool,
     ) -> Vec<LayerRef> {
         let mut out: Vec<LayerRef> = parent.to_vec();
-        let mut from = |s: &Source| match s {
-            Source::Stage(i) => {
-                if let Some(Some(r)) = sources.get(*i) {
-                    out.extend(r.layers.iter().copied());
-                }
-            }
-            Source::Image(img) => out.extend(img.layers.iter().copied()),
-            Source::Context => {}
-        };
-        match &step.op {
-            Op::Copy(_) if with_artifact => {}
-            Op::Copy(c) => from(&c.from),
-            Op::Exec(e) => {
-                for m in &e.mounts {
-                    if let RunMountKind::Bind { from: f, .. } = &m.kind {
-                        from(f);
+        // A COPY from an artifact reads the artifact, not its source.
+        let copies_artifact = with_artifact && matches!(step.op, Op::Copy(_));
+        for read in step.op.reads().into_iter().filter(|_| !copies_artifact) {
+            match read {
+                Read::Paths {
+                    from: Source::Stage(i),
+                    ..
+                } => {
+                    if let Some(Some(r)) = sources.get(*i) {
+                        out.extend(r.layers.iter().copied());
                     }
                 }
+                Read::Paths {
+                    from: Source::Image(img),
+                    ..
+                } => out.extend(img.layers.iter().copied()),
+                Read::Paths {
+                    from: Source::Context,
+                    ..
+                }
+                | Read::Url(_) => {}
             }
-            Op::Mkdir(_) => {}
         }
         let mut seen = HashSet::new();
         out.retain(|l| seen.insert(l.blob));
@@ -503,15 +505,7 @@ impl Worker for Placement {
         step: &Step,
         sources: &[Option<StageResult>],
     ) -> Result<Vec<Digest>, WorkerError> {
-        let reads_something = match &step.op {
-            Op::Copy(c) => !c.sources.is_empty() || !c.urls.is_empty(),
-            Op::Exec(e) => e
-                .mounts
-                .iter()
-                .any(|m| matches!(m.kind, RunMountKind::Bind { .. })),
-            Op::Mkdir(_) => false,
-        };
-        if !reads_something {
+        if step.op.reads().is_empty() {
             return Ok(Vec::new());
         }
         // What a COPY selects from the context is named by the context's

@@ -134,6 +134,10 @@ pub struct Registration {
     /// so a worker back from a restart is not taken to hold what it held
     /// before.
     pub incarnation: u64,
+    /// Its store's bound (`keep_storage`), when it has one.
+    pub keep_storage: Option<u64>,
+    /// Bytes its store holds now.
+    pub stored: u64,
 }
 
 /// One step of a build, for the worker its stage runs on.
@@ -308,6 +312,8 @@ pub enum Request {
         /// Blobs deleted since the last heartbeat (evicted to stay within
         /// its bounds, or pruned).
         dropped: Vec<Digest>,
+        /// Bytes its store holds now: new copies go where there is room.
+        stored: u64,
     },
     /// Worker → coordinator: which of these blobs are spare copies, that
     /// enough other live workers (or the coordinator) hold, at most

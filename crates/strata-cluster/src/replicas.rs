@@ -27,6 +27,11 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 /// (to finish copies that failed).
 const SCAN_EVERY: Duration = Duration::from_secs(30);
 
+/// Repair copies a node sends or takes at once: each is paced at
+/// `repair_mib_per_second`, so repair takes at most this many times that
+/// rate of any node's network, and the whole fleet repairs in parallel.
+const REPAIR_COPIES_PER_NODE: usize = 1;
+
 /// How long a worker may be gone before the leader takes it off the
 /// records. Its layers are copied as soon as its lease lapses; its
 /// records only tell, when it comes back, what it held: until then they
@@ -178,7 +183,13 @@ impl Coordinator {
         layer: LayerRef,
         bytes_per_second: Option<u64>,
     ) -> Result<usize, String> {
-        let blob = layer.blob;
+        self.exclusive(layer.blob, self.copy_until_enough(layer, bytes_per_second))
+            .await
+    }
+
+    /// Runs `copy` while no other copy of `blob` runs: a build publishing a
+    /// layer and repair do not copy the same blob at once.
+    async fn exclusive<T>(&self, blob: Digest, copy: impl std::future::Future<Output = T>) -> T {
         let lock = Arc::clone(
             self.copying
                 .lock()
@@ -186,9 +197,9 @@ impl Coordinator {
                 .entry(blob)
                 .or_default(),
         );
-        let made = {
+        let done = {
             let _copying = lock.lock().await;
-            self.copy_until_enough(layer, bytes_per_second).await
+            copy.await
         };
         // The last one out removes the lock; one still waiting on it keeps
         // it, so no third caller copies alongside. Clones are only taken
@@ -201,7 +212,47 @@ impl Coordinator {
         {
             copying.remove(&blob);
         }
-        made
+        done
+    }
+
+    /// Asks worker `name` (on `conn`) to copy `layer` from `sources` and
+    /// records the copy in the group. `Err(Ok(why))` when this copy failed,
+    /// `Err(Err(why))` when the bytes are not the layer (nothing may be
+    /// cached under it).
+    async fn copy_to(
+        &self,
+        layer: LayerRef,
+        name: &str,
+        conn: &Connection,
+        sources: Vec<crate::protocol::Holder>,
+        bytes_per_second: Option<u64>,
+    ) -> Result<(), Result<String, String>> {
+        let blob = layer.blob;
+        let copy = Request::Copy(Box::new(CopyBlob {
+            layer,
+            holders: sources,
+            bytes_per_second,
+        }));
+        match crate::worker::request(conn, &copy).await {
+            Ok(Reply::Copied(Err(CopyError::NotTheLayer(e)))) => {
+                Err(Err(format!("{name} refused a copy: {e}")))
+            }
+            Ok(Reply::Copied(Err(CopyError::Failed(e)))) => Err(Ok(format!("{name}: {e}"))),
+            Ok(Reply::Copied(Ok(()))) => match self.located(name, conn, vec![blob]).await {
+                Ok(()) => {
+                    tracing::debug!(%blob, worker = %name, "copied");
+                    Ok(())
+                }
+                // The copy is there, unrecorded: the worker's next
+                // heartbeat reports it to the leader.
+                Err(e) => Err(Ok(format!(
+                    "{name} took a copy the group did not record: {e}"
+                ))),
+            },
+            Ok(Reply::Error(e)) => Err(Ok(format!("{name}: {e}"))),
+            Ok(other) => Err(Ok(format!("{name} answered {other:?}"))),
+            Err(e) => Err(Ok(format!("{name}: {e}"))),
+        }
     }
 
     async fn copy_until_enough(
@@ -244,29 +295,16 @@ impl Coordinator {
             if have >= want {
                 break;
             }
-            let copy = Request::Copy(Box::new(CopyBlob {
-                layer,
-                holders: sources.clone(),
-                bytes_per_second,
-            }));
-            match crate::worker::request(&conn, &copy).await {
-                Ok(Reply::Copied(Err(CopyError::NotTheLayer(e)))) => {
-                    return Err(format!("{name} refused a copy: {e}"));
+            match self
+                .copy_to(layer, &name, &conn, sources.clone(), bytes_per_second)
+                .await
+            {
+                Ok(()) => {
+                    have += 1;
+                    made += 1;
                 }
-                Ok(Reply::Copied(Err(CopyError::Failed(e)))) => why.push(format!("{name}: {e}")),
-                Ok(Reply::Copied(Ok(()))) => match self.located(&name, &conn, vec![blob]).await {
-                    Ok(()) => {
-                        tracing::debug!(%blob, worker = %name, "copied");
-                        have += 1;
-                        made += 1;
-                    }
-                    // The copy is there, unrecorded: the worker's next
-                    // heartbeat reports it to the leader.
-                    Err(e) => why.push(format!("{name} took a copy the group did not record: {e}")),
-                },
-                Ok(Reply::Error(e)) => why.push(format!("{name}: {e}")),
-                Ok(other) => why.push(format!("{name} answered {other:?}")),
-                Err(e) => why.push(format!("{name}: {e}")),
+                Err(Ok(e)) => why.push(e),
+                Err(Err(e)) => return Err(e),
             }
         }
         if have < want && !why.is_empty() {
@@ -506,19 +544,94 @@ impl Coordinator {
                     }
                 }
             }
-            for s in census.short.into_iter().filter(|s| s.live > 0) {
-                if !self.member.is_leader() {
-                    break;
-                }
-                let blob = s.layer.blob;
-                match self.replicate(s.layer, Some(self.repair_rate)).await {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        tracing::info!(%blob, copies = n, "copied a layer a lost worker left short")
+            let short = census.short.into_iter().filter(|s| s.live > 0);
+            Arc::clone(&self)
+                .repair_rounds(short.map(|s| s.layer).collect())
+                .await;
+        }
+    }
+
+    /// Copies `layers` until each has its wanted copies, in rounds the
+    /// scheduling core plans ([`strata_sched::copies::plan_repair`]): the
+    /// copies of a round run at once, each node in at most
+    /// [`REPAIR_COPIES_PER_NODE`] of them, each at the repair rate. Stops
+    /// when a round makes no copy (the rest wait for the next scan) or
+    /// this member stops leading.
+    async fn repair_rounds(self: Arc<Self>, mut layers: Vec<LayerRef>) {
+        while !layers.is_empty() && self.member.is_leader() {
+            let want = self.copies_wanted();
+            let shorts: Vec<strata_sched::copies::Short> = layers
+                .iter()
+                .map(|l| {
+                    let holders: Vec<String> = self
+                        .live_holders(&l.blob, &self.recorded_holders(&l.blob))
+                        .into_iter()
+                        .map(|h| h.name)
+                        .collect();
+                    strata_sched::copies::Short {
+                        missing: want.saturating_sub(holders.len()),
+                        holders,
                     }
-                    Err(e) => tracing::warn!(%blob, error = %e, "cannot copy the layer"),
+                })
+                .collect();
+            let round: Vec<(LayerRef, String, Connection, Vec<crate::protocol::Holder>)> = {
+                let plan = {
+                    let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+                    strata_sched::copies::plan_repair(&workers, &shorts, REPAIR_COPIES_PER_NODE)
+                };
+                plan.into_iter()
+                    .filter_map(|a| {
+                        let layer = *layers.get(a.short)?;
+                        let conn = self
+                            .workers
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .live(&a.to)
+                            .map(|w| w.link.conn.clone())?;
+                        // The planned holder first, the others after it.
+                        let mut sources = self.holders(&layer.blob, Some(&a.to));
+                        sources.sort_by_key(|h| h.name != a.from);
+                        Some((layer, a.to, conn, sources))
+                    })
+                    .collect()
+            };
+            if round.is_empty() {
+                return;
+            }
+            let mut copies = tokio::task::JoinSet::new();
+            for (layer, to, conn, sources) in round {
+                let me = Arc::clone(&self);
+                copies.spawn(async move {
+                    let rate = Some(me.repair_rate);
+                    let copied = me
+                        .exclusive(layer.blob, me.copy_to(layer, &to, &conn, sources, rate))
+                        .await;
+                    (layer.blob, to, copied)
+                });
+            }
+            let mut made = 0;
+            while let Some(done) = copies.join_next().await {
+                match done {
+                    Ok((blob, to, Ok(()))) => {
+                        made += 1;
+                        tracing::info!(%blob, worker = %to, "copied a layer a lost worker left short");
+                    }
+                    Ok((blob, to, Err(Ok(why) | Err(why)))) => {
+                        tracing::warn!(%blob, worker = %to, error = %why, "cannot copy the layer");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "a copy stopped"),
                 }
             }
+            if made == 0 {
+                return;
+            }
+            let want = self.copies_wanted();
+            layers.retain(|l| {
+                let live = self
+                    .live_holders(&l.blob, &self.recorded_holders(&l.blob))
+                    .len();
+                live > 0 && live < want
+            });
         }
     }
 }

@@ -348,20 +348,20 @@ impl WorkerNode {
 
     /// The blobs in this worker's store, and the store's count of changes
     /// as of the listing (see [`strata_cas::ContentStore::changes`]).
-    fn blobs(&self) -> Result<(u64, HashSet<Digest>), String> {
+    /// The store's count of changes, the blobs the index should know of,
+    /// and the bytes the store holds.
+    fn blobs(&self) -> Result<(u64, HashSet<Digest>, u64), String> {
         let changes = self.node.content.changes();
+        let listed = self.node.content.list().map_err(|e| e.to_string())?;
+        let stored = listed.iter().map(|(_, info)| info.size).sum();
         // Context files are the coordinator's to keep, not the index's to
         // know: a build context of 30,000 files is no 30,000 locations.
-        let blobs = self
-            .node
-            .content
-            .list()
-            .map_err(|e| e.to_string())?
+        let blobs = listed
             .into_iter()
             .filter(|(_, info)| !info.labels.contains_key(crate::context::CONTEXT_LABEL))
             .map(|(d, _)| d)
             .collect();
-        Ok((changes, blobs))
+        Ok((changes, blobs, stored))
     }
 
     /// Registers with one coordinator; returns the connection, the blobs
@@ -369,7 +369,7 @@ impl WorkerNode {
     async fn join_one(
         &self,
         at: &NodeAddress,
-    ) -> Result<(Connection, (u64, HashSet<Digest>)), String> {
+    ) -> Result<(Connection, (u64, HashSet<Digest>, u64)), String> {
         // A coordinator that is down may not answer at all: give up on it
         // well before QUIC's idle timeout.
         let limit = crate::client::CONNECT_TIMEOUT;
@@ -380,7 +380,7 @@ impl WorkerNode {
         if conn.peer.role != Role::Coordinator {
             return Err(format!("{} is not a coordinator", conn.peer));
         }
-        let (changes, blobs) = self.blobs()?;
+        let (changes, blobs, stored) = self.blobs()?;
         let reply = request(
             &conn,
             &Request::Register(Registration {
@@ -394,11 +394,13 @@ impl WorkerNode {
                     .map(ToString::to_string)
                     .collect(),
                 incarnation: self.incarnation,
+                keep_storage: self.keep.storage,
+                stored,
             }),
         )
         .await?;
         match reply {
-            Reply::Ok => Ok((conn, (changes, blobs))),
+            Reply::Ok => Ok((conn, (changes, blobs, stored))),
             Reply::Error(e) => Err(e),
             other => Err(format!("unexpected answer to registering: {other:?}")),
         }
@@ -411,7 +413,7 @@ impl WorkerNode {
     async fn heartbeat(
         &self,
         conn: &Connection,
-        (mut changes, mut reported): (u64, HashSet<Digest>),
+        (mut changes, mut reported, mut stored): (u64, HashSet<Digest>, u64),
     ) {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -420,11 +422,14 @@ impl WorkerNode {
                     (changes, Vec::new(), Vec::new())
                 } else {
                     match self.blobs() {
-                        Ok((listed, now)) => (
-                            listed,
-                            now.difference(&reported).copied().collect(),
-                            reported.difference(&now).copied().collect(),
-                        ),
+                        Ok((listed, now, bytes)) => {
+                            stored = bytes;
+                            (
+                                listed,
+                                now.difference(&reported).copied().collect(),
+                                reported.difference(&now).copied().collect(),
+                            )
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot list this worker's blobs");
                             (changes, Vec::new(), Vec::new())
@@ -435,6 +440,7 @@ impl WorkerNode {
                 running: self.running.load(Ordering::Relaxed),
                 blobs: gained.clone(),
                 dropped: dropped.clone(),
+                stored,
             };
             match tokio::time::timeout(Duration::from_secs(5), request(conn, &beat)).await {
                 Ok(Ok(Reply::Ok)) => {

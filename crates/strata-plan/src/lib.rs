@@ -22,7 +22,7 @@ mod run_settings;
 
 pub use entitlements::{Entitlement, EntitlementError, Entitlements, Grants};
 pub use ops::{
-    CopyOp, ExecOp, ImageSource, InlineFile, MkdirOp, Op, RemoteFile, RunMount, RunMountKind,
+    CopyOp, ExecOp, ImageSource, InlineFile, MkdirOp, Op, Read, RemoteFile, RunMount, RunMountKind,
     Source,
 };
 pub use planner::{

@@ -200,6 +200,22 @@ pub struct MkdirOp {
     pub user: String,
 }
 
+/// One thing a step reads ([`Op::reads`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read<'a> {
+    /// Paths selected from a source: a COPY's sources, a bind mount's.
+    Paths {
+        /// Where from.
+        from: &'a Source,
+        /// What, in it.
+        paths: &'a [String],
+        /// Patterns left out (`COPY --exclude`).
+        excludes: &'a [String],
+    },
+    /// A file an ADD downloads.
+    Url(&'a RemoteFile),
+}
+
 impl Op {
     /// Short name for messages.
     pub fn kind(&self) -> &'static str {
@@ -210,28 +226,50 @@ impl Op {
         }
     }
 
-    /// The stages this op reads from, besides its own.
-    pub fn stage_inputs(&self) -> Vec<usize> {
-        let mut out = Vec::new();
+    /// Everything this op reads besides its own stage's filesystem, in
+    /// the order its inputs are measured: a COPY's selection (one), then
+    /// its URLs; a RUN's bind mounts, one each. The one answer to "what
+    /// does this step read" for keys, placement and fetching.
+    pub fn reads(&self) -> Vec<Read<'_>> {
         match self {
             Op::Copy(c) => {
-                if let Source::Stage(s) = c.from {
-                    out.push(s);
-                }
+                let selection = (!c.sources.is_empty()).then_some(Read::Paths {
+                    from: &c.from,
+                    paths: &c.sources,
+                    excludes: &c.excludes,
+                });
+                selection
+                    .into_iter()
+                    .chain(c.urls.iter().map(Read::Url))
+                    .collect()
             }
-            Op::Exec(e) => {
-                for m in &e.mounts {
-                    if let RunMountKind::Bind {
-                        from: Source::Stage(s),
-                        ..
-                    } = m.kind
-                    {
-                        out.push(s);
-                    }
-                }
-            }
-            Op::Mkdir(_) => {}
+            Op::Exec(e) => e
+                .mounts
+                .iter()
+                .filter_map(|m| match &m.kind {
+                    RunMountKind::Bind { from, source, .. } => Some(Read::Paths {
+                        from,
+                        paths: std::slice::from_ref(source),
+                        excludes: &[],
+                    }),
+                    _ => None,
+                })
+                .collect(),
+            Op::Mkdir(_) => Vec::new(),
         }
-        out
+    }
+
+    /// The stages this op reads from, besides its own.
+    pub fn stage_inputs(&self) -> Vec<usize> {
+        self.reads()
+            .iter()
+            .filter_map(|r| match r {
+                Read::Paths {
+                    from: Source::Stage(s),
+                    ..
+                } => Some(*s),
+                _ => None,
+            })
+            .collect()
     }
 }

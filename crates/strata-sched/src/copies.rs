@@ -8,7 +8,7 @@
 //! last copies of a cached layer only when the store is still over its
 //! budget, and a named image's layers never.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use strata_cas::Digest;
@@ -47,13 +47,15 @@ pub fn wanted(replication: usize, live: usize) -> usize {
 }
 
 /// Where the next `n` copies of a blob go, best first: live workers that
-/// are not cordoned and that `lacks` says lack it, least loaded first,
-/// then by name. Linear in the fleet's size.
+/// are not cordoned and that `lacks` says lack it, the emptiest store
+/// first (a copy on a full one would only make it evict another layer's
+/// second copy), then the least loaded, then by name. Linear in the
+/// fleet's size.
 pub fn targets<'f, L>(fleet: &'f Fleet<L>, lacks: &dyn Fn(&str) -> bool, n: usize) -> Vec<&'f str> {
-    let mut out: Vec<(usize, &str)> = fleet
+    let mut out: Vec<(u64, usize, &str)> = fleet
         .iter()
         .filter(|(name, m)| m.alive() && !fleet.is_cordoned(name) && lacks(name))
-        .map(|(name, m)| (m.load(), name))
+        .map(|(name, m)| (m.fullness(), m.load(), name))
         .collect();
     if n == 0 {
         return Vec::new();
@@ -63,7 +65,79 @@ pub fn targets<'f, L>(fleet: &'f Fleet<L>, lacks: &dyn Fn(&str) -> bool, n: usiz
         out.truncate(n);
     }
     out.sort_unstable();
-    out.into_iter().map(|(_, name)| name).collect()
+    out.into_iter().map(|(_, _, name)| name).collect()
+}
+
+/// A layer short of copies, as repair sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Short {
+    /// The live workers holding it.
+    pub holders: Vec<String>,
+    /// Copies it lacks.
+    pub missing: usize,
+}
+
+/// One copy of a round of repair: layer `short` (an index into the
+/// list planned for) from `from` to `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    /// Which short layer.
+    pub short: usize,
+    /// A live holder that sends it.
+    pub from: String,
+    /// A live worker lacking it that takes it.
+    pub to: String,
+}
+
+/// One round of repair: copies that run at once, no worker sending or
+/// taking more than `per_node` of them (each copy is paced at the repair
+/// rate, so a node gives repair at most `per_node` times that rate, and a
+/// bigger fleet repairs faster). Sources are the least busy holders;
+/// targets are ranked as [`targets`] ranks them, workers that hold no
+/// short layer first (the others are wanted as sources). What does not
+/// fit waits for the next round.
+pub fn plan_repair<L>(fleet: &Fleet<L>, shorts: &[Short], per_node: usize) -> Vec<Assignment> {
+    let per_node = per_node.max(1);
+    let sources: HashSet<&str> = shorts
+        .iter()
+        .flat_map(|s| s.holders.iter().map(String::as_str))
+        .collect();
+    let mut busy: HashMap<String, usize> = HashMap::new();
+    let mut out = Vec::new();
+    for (i, short) in shorts.iter().enumerate() {
+        let mut taking: Vec<String> = Vec::new();
+        for _ in 0..short.missing {
+            let count = |n: &str, busy: &HashMap<String, usize>| busy.get(n).copied().unwrap_or(0);
+            let Some(from) = short
+                .holders
+                .iter()
+                .filter(|h| fleet.live(h).is_some() && count(h, &busy) < per_node)
+                .min_by_key(|h| (count(h, &busy), h.as_str()))
+                .cloned()
+            else {
+                break;
+            };
+            let lacks = |n: &str| {
+                !short.holders.iter().any(|h| h == n)
+                    && !taking.iter().any(|t| t == n)
+                    && count(n, &busy) < per_node
+            };
+            let spare_node = |n: &str| lacks(n) && !sources.contains(n);
+            let Some(to) = targets(fleet, &spare_node, 1)
+                .into_iter()
+                .chain(targets(fleet, &lacks, 1))
+                .next()
+                .map(str::to_string)
+            else {
+                break;
+            };
+            *busy.entry(from.clone()).or_default() += 1;
+            *busy.entry(to.clone()).or_default() += 1;
+            taking.push(to.clone());
+            out.push(Assignment { short: i, from, to });
+        }
+    }
+    out
 }
 
 /// Blobs whose copies workers dropped to stay within their budgets: the
@@ -137,6 +211,86 @@ mod tests {
         assert_eq!(targets(&fleet, &lacks, 5), ["e", "b"]);
         assert_eq!(targets(&fleet, &lacks, 1), ["e"]);
         assert!(targets(&fleet, &lacks, 0).is_empty());
+        // A fuller store comes after an emptier one, however busy.
+        for (name, stored) in [("b", 100), ("e", 900)] {
+            let m = fleet.current(name, 1).unwrap();
+            m.set_stored(stored);
+        }
+        assert_eq!(
+            targets(&fleet, &lacks, 5),
+            ["e", "b"],
+            "no bound: room is not known"
+        );
+        fleet.register(
+            "f",
+            Spec {
+                slots: 2,
+                keep_storage: Some(1000),
+                ..Spec::default()
+            },
+            1,
+            (),
+            Instant::now(),
+        );
+        fleet.current("f", 1).unwrap().set_stored(950);
+        let g = Spec {
+            slots: 2,
+            keep_storage: Some(1000),
+            ..Spec::default()
+        };
+        fleet.register("g", g, 1, (), Instant::now());
+        fleet.current("g", 1).unwrap().set_stored(100);
+        assert_eq!(targets(&fleet, &lacks, 5), ["e", "b", "g", "f"]);
+    }
+
+    #[test]
+    fn a_round_of_repair_uses_every_free_node_once_and_never_a_holder_as_target() {
+        let mut fleet = Fleet::default();
+        for i in 0..6 {
+            let spec = Spec {
+                slots: 2,
+                ..Spec::default()
+            };
+            fleet.register(&format!("w{i}"), spec, 1, (), Instant::now());
+        }
+        fleet.lose("w5", 1);
+        let short = |holders: &[&str], missing| Short {
+            holders: holders.iter().map(|h| h.to_string()).collect(),
+            missing,
+        };
+        let shorts = [
+            short(&["w0"], 1),
+            short(&["w0"], 1),
+            short(&["w1", "w5"], 2),
+            short(&["w5"], 1),
+        ];
+        let plan = plan_repair(&fleet, &shorts, 1);
+        // w0 sends once; the second layer it alone holds waits. The third
+        // goes from w1 (w5 is down) once: w1 is then busy. The fourth has
+        // no live holder.
+        assert_eq!(plan.len(), 2, "{plan:?}");
+        let mut nodes: Vec<&str> = plan
+            .iter()
+            .flat_map(|a| [a.from.as_str(), a.to.as_str()])
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        assert_eq!(nodes.len(), 4, "each node in one copy at most: {plan:?}");
+        for a in &plan {
+            assert!(!shorts[a.short].holders.contains(&a.to));
+            assert_ne!(a.to, "w5");
+        }
+        // With two copies a node, every layer with a live holder is served.
+        let plan = plan_repair(&fleet, &shorts, 2);
+        let served: HashSet<usize> = plan.iter().map(|a| a.short).collect();
+        assert_eq!(served, HashSet::from([0, 1, 2]));
+        let third: Vec<&str> = plan
+            .iter()
+            .filter(|a| a.short == 2)
+            .map(|a| a.to.as_str())
+            .collect();
+        assert_eq!(third.len(), 2);
+        assert_ne!(third[0], third[1]);
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct Spec {
     pub native: Vec<Platform>,
     /// The entitlements it grants: only stages needing no more go there.
     pub entitlements: Entitlements,
+    /// Its store's bound in bytes (`keep_storage`), if it has one.
+    pub keep_storage: Option<u64>,
 }
 
 /// One registered worker.
@@ -29,6 +31,7 @@ pub struct Member<L> {
     running: usize,
     alive: bool,
     last_seen: Instant,
+    stored: u64,
 }
 
 impl<L> Member<L> {
@@ -66,6 +69,20 @@ impl<L> Member<L> {
     /// How busy it is: running steps per thousand slots.
     pub fn load(&self) -> usize {
         self.running * 1000 / self.slots()
+    }
+
+    /// It said its store holds `bytes`.
+    pub fn set_stored(&mut self, bytes: u64) {
+        self.stored = bytes;
+    }
+
+    /// How full its store is: thousandths of its bound, past a thousand
+    /// when over it; 0 when it has no bound.
+    pub fn fullness(&self) -> u64 {
+        match self.spec.keep_storage {
+            Some(keep) => self.stored.saturating_mul(1000) / keep.max(1),
+            None => 0,
+        }
     }
 }
 
@@ -121,6 +138,7 @@ impl<L> Fleet<L> {
                 running: 0,
                 alive: true,
                 last_seen: now,
+                stored: 0,
             },
         )
     }

@@ -11,7 +11,7 @@ use strata_cas::{Digest, Lease};
 use strata_dockerfile::IgnoreMatcher;
 use strata_exec::Runtime;
 use strata_oci::LayerRef;
-use strata_plan::{Op, RunMountKind, Source, StagePlan, Step};
+use strata_plan::{Op, Read, RunMountKind, Source, StagePlan, Step};
 use strata_snapshot::{View, resolve_path};
 use strata_solver::{Job, StageResult, Worker, WorkerError};
 
@@ -350,38 +350,23 @@ impl Worker for LocalWorker {
         step: &Step,
         sources: &[Option<StageResult>],
     ) -> Result<Vec<Digest>, WorkerError> {
-        match &step.op {
-            Op::Copy(c) if !c.sources.is_empty() || !c.urls.is_empty() => {
-                let mut out = Vec::new();
-                if !c.sources.is_empty() {
-                    out.push(self.source_digest(&c.from, &c.sources, &c.excludes, sources)?);
-                }
-                for f in &c.urls {
-                    out.push(match &f.sha256 {
-                        // The checksum names the content: keying the step
-                        // needs no download (BuildKit's rule too).
-                        Some(hex) => Digest::of(format!("sha256:{hex}").as_bytes()),
-                        None => self.download(f)?.blob,
-                    });
-                }
-                Ok(out)
-            }
-            Op::Exec(e) => {
-                let mut out = Vec::new();
-                for m in &e.mounts {
-                    if let RunMountKind::Bind { from, source, .. } = &m.kind {
-                        out.push(self.source_digest(
-                            from,
-                            std::slice::from_ref(source),
-                            &[],
-                            sources,
-                        )?);
-                    }
-                }
-                Ok(out)
-            }
-            _ => Ok(Vec::new()),
-        }
+        step.op
+            .reads()
+            .into_iter()
+            .map(|read| match read {
+                Read::Paths {
+                    from,
+                    paths,
+                    excludes,
+                } => self.source_digest(from, paths, excludes, sources),
+                // The checksum names the content: keying the step needs
+                // no download (BuildKit's rule too).
+                Read::Url(f) => match &f.sha256 {
+                    Some(hex) => Ok(Digest::of(format!("sha256:{hex}").as_bytes())),
+                    None => self.download(f).map(|d| d.blob),
+                },
+            })
+            .collect()
     }
 
     fn has_layers(&self, layers: &[LayerRef]) -> bool {

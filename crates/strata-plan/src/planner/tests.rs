@@ -1,4 +1,5 @@
 use super::*;
+use crate::ops::Read;
 use std::collections::HashMap;
 
 struct Images(HashMap<String, ResolvedImage>);
@@ -533,4 +534,49 @@ fn undefined_variables_are_found_with_the_base_image_s_environment() {
         ]
     );
     assert!(p.lint.iter().all(|f| f.rule == "UndefinedVar"));
+}
+
+#[test]
+fn what_each_step_reads_is_named_once_in_measuring_order() {
+    let plan = plan_of(
+        "FROM golang:1.19 AS deps\nRUN true\n\
+         FROM golang:1.19\n\
+         COPY --exclude=*.md a b /src/\n\
+         ADD --checksum=sha256:0000000000000000000000000000000000000000000000000000000000000000 https://example.com/x.tgz /x\n\
+         COPY --from=deps /go /go\n\
+         RUN --mount=type=bind,from=deps,source=/go,target=/d --mount=type=cache,target=/c --mount=type=bind,source=.,target=/ctx true\n\
+         WORKDIR /w\n",
+        &opts(),
+    );
+    let last = &plan.stages[1];
+    let reads: Vec<String> = last
+        .steps
+        .iter()
+        .map(|s| {
+            s.op.reads()
+                .iter()
+                .map(|r| match r {
+                    Read::Paths {
+                        from,
+                        paths,
+                        excludes,
+                    } => format!("{from:?} {paths:?} {excludes:?}"),
+                    Read::Url(f) => f.url.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .collect();
+    assert_eq!(
+        reads,
+        [
+            r#"Context ["a", "b"] ["*.md"]"#.to_string(),
+            "https://example.com/x.tgz".into(),
+            r#"Stage(0) ["/go"] []"#.into(),
+            r#"Stage(0) ["/go"] []; Context ["."] []"#.into(),
+            String::new(),
+        ]
+    );
+    let stages: Vec<Vec<usize>> = last.steps.iter().map(|s| s.op.stage_inputs()).collect();
+    assert_eq!(stages, [vec![], vec![], vec![0], vec![0], vec![]]);
 }
