@@ -147,6 +147,23 @@ fn write_context(
         .map_err(|e| e.to_string())
 }
 
+/// The longest wait between attempts to reach a coordinator.
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// The waits between attempts to reach a coordinator: from 100 ms,
+/// doubling, each jittered up to twice its length (so at most
+/// [`RECONNECT_MAX`]) so that a fleet of workers that lost a coordinator
+/// together do not all come back in the same instant.
+fn reconnect_delays() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(RECONNECT_MAX / 2)
+        .without_max_times()
+        .with_jitter()
+        .build()
+}
+
 /// A worker process.
 pub struct WorkerNode {
     pub(crate) node: Arc<Node>,
@@ -305,11 +322,11 @@ impl WorkerNode {
     /// Registers with the coordinator at `at`, heartbeats, and registers
     /// again whenever the connection is lost, until `shutdown`.
     async fn serve_coordinator(self: Arc<Self>, at: NodeAddress, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(200);
+        let mut delays = reconnect_delays();
         while !shutdown.is_cancelled() {
             match self.join_one(&at).await {
                 Ok((conn, reported)) => {
-                    backoff = Duration::from_millis(200);
+                    delays = reconnect_delays();
                     tracing::info!(worker = %self.name, coordinator = %at, "registered");
                     let serving = tokio::spawn(Arc::clone(&self).serve(conn.clone()));
                     self.registered
@@ -338,11 +355,11 @@ impl WorkerNode {
                     tracing::debug!(worker = %self.name, coordinator = %at, error = %e, "cannot reach the coordinator");
                 }
             }
+            let delay = delays.next().unwrap_or(RECONNECT_MAX);
             tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(delay) => {}
                 () = shutdown.cancelled() => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -1265,5 +1282,22 @@ pub(crate) fn request_name(r: &Request) -> &'static str {
         Request::Push(_) => "a push",
         Request::PushImage(_) => "to push an image",
         Request::Untag(_) => "to drop an image name",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnecting_never_stops_never_waits_past_its_bound_and_is_spread() {
+        let first: Vec<Duration> = reconnect_delays().take(200).collect();
+        assert_eq!(first.len(), 200, "a worker keeps trying");
+        assert!(first.iter().all(|d| *d <= RECONNECT_MAX), "{first:?}");
+        assert!(first[0] < Duration::from_millis(250), "{first:?}");
+        // Jittered: a fleet that lost a coordinator together does not
+        // come back in lockstep.
+        let others: Vec<Duration> = (0..20).filter_map(|_| reconnect_delays().nth(5)).collect();
+        assert!(others.iter().any(|d| *d != others[0]), "{others:?}");
     }
 }

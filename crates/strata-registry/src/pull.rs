@@ -30,7 +30,20 @@ const MANIFEST_TYPES: &[&str] = &[
 /// Layers fetched at once.
 const PARALLEL_LAYERS: usize = 4;
 /// Attempts at one blob before giving up.
-const ATTEMPTS: u32 = 5;
+const ATTEMPTS: usize = 5;
+
+/// The waits between attempts at one blob: exponential from half a
+/// second, jittered so that layers broken off together (one dropped
+/// connection) do not come back together.
+fn retry_delays() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(8))
+        .with_max_times(ATTEMPTS - 1)
+        .with_jitter()
+        .build()
+}
 
 /// The label naming where a pulled blob came from (`source.HOST` =
 /// repository), so a push to the same registry can mount it.
@@ -412,6 +425,7 @@ impl Registry {
         let mut w = cas.writer()?;
         let mut unpacker = Unpacker::start(Arc::clone(cas), what.clone(), diff_id);
         let mut attempt = 1;
+        let mut delays = retry_delays();
         loop {
             // Always a range request, from where the blob stands: a
             // resumed download continues, and a first one (from 0) is not
@@ -459,7 +473,7 @@ impl Registry {
                 Ok(()) => format!("the blob ended after {} of {} bytes", w.size(), desc.size()),
                 Err(detail) => detail,
             };
-            if attempt >= ATTEMPTS {
+            let Some(delay) = delays.next() else {
                 unpacker.abort();
                 return Err(Error::Registry {
                     registry: ep.host.clone(),
@@ -467,9 +481,9 @@ impl Registry {
                         "downloading blob {id} failed {attempt} times; last: {failure}"
                     ),
                 });
-            }
-            tracing::warn!(registry = %ep.host, blob = %id, at = w.size(), detail = %failure, "download broke off; resuming");
-            tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+            };
+            tracing::warn!(registry = %ep.host, blob = %id, at = w.size(), detail = %failure, ?delay, "download broke off; resuming");
+            tokio::time::sleep(delay).await;
             attempt += 1;
         }
         w.flush().map_err(store_err)?;
@@ -617,5 +631,21 @@ fn oci_descriptor(d: &Descriptor) -> oci_client::manifest::OciDescriptor {
         digest: d.digest().to_string(),
         size: i64::try_from(d.size()).unwrap_or(i64::MAX),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blob_is_tried_a_bounded_number_of_times_with_growing_waits() {
+        let delays: Vec<Duration> = retry_delays().collect();
+        assert_eq!(delays.len(), ATTEMPTS - 1);
+        assert!(
+            delays.iter().all(|d| *d <= Duration::from_secs(16)),
+            "{delays:?}"
+        );
+        assert!(delays[0] >= Duration::from_millis(500), "{delays:?}");
     }
 }
