@@ -76,6 +76,9 @@ pub struct Coordinator {
     /// Layers workers evicted below their wanted copies: repair leaves
     /// them be.
     pub(crate) shrunk: Mutex<strata_sched::copies::Shrunk>,
+    /// The layers of the images the cluster names, as of an applied
+    /// index of the group's log.
+    named_cache: Mutex<Option<(u64, Arc<HashSet<Digest>>)>>,
     /// Workers each built layer is kept on.
     pub(crate) replication: usize,
     /// Bytes per second for background copies.
@@ -234,6 +237,7 @@ impl Coordinator {
             lease: Duration::from_secs(config.lease_seconds.max(1)),
             workers: Mutex::default(),
             shrunk: Mutex::default(),
+            named_cache: Mutex::default(),
             replication: config.replication.max(1),
             repair_rate: config.repair_mib_per_second.saturating_mul(1 << 20),
             copying: Mutex::default(),
@@ -693,13 +697,39 @@ impl Coordinator {
         )
     }
 
-    /// The layers of every image the cluster names.
-    fn named_layers(&self) -> Result<HashSet<Digest>, String> {
-        let tags = self.named()?;
-        Ok(tags
-            .iter()
-            .flat_map(|(_, image)| image.layers.iter().map(|l| l.blob))
-            .collect())
+    /// The layers of every image the cluster names. Read again from the
+    /// group's state only when it applied an entry since the last read:
+    /// every worker asks before it evicts.
+    fn named_layers(&self) -> Result<Arc<HashSet<Digest>>, String> {
+        // The index is read first: an entry applied meanwhile makes the
+        // next call read again.
+        let applied = self
+            .member
+            .raft()
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index);
+        if let Some((at, layers)) = self
+            .named_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            && *at == applied
+        {
+            return Ok(Arc::clone(layers));
+        }
+        let layers: Arc<HashSet<Digest>> = Arc::new(
+            self.named()?
+                .iter()
+                .flat_map(|(_, image)| image.layers.iter().map(|l| l.blob))
+                .collect(),
+        );
+        *self
+            .named_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((applied, Arc::clone(&layers)));
+        Ok(layers)
     }
 
     /// Checks what peers reported: each (blob, holder) where a holder said

@@ -518,13 +518,12 @@ impl WorkerNode {
         };
         // Those asked about (the least recently used) are this round's
         // candidates, a named image's layers aside.
-        let candidates: Vec<_> = candidates
-            .into_iter()
-            .filter(|c| copies.get(&c.blob).is_some_and(|&c| c != CopyKind::Named))
-            .collect();
-        let spare = |d: &Digest| copies.get(d) == Some(&CopyKind::Spare);
-        let victims = strata_sched::evict::choose(total, &candidates, &keep, now, &spare);
-        let spared = victims.iter().filter(|d| spare(d)).count();
+        let kind = |d: &Digest| copies.get(d).copied();
+        let victims = strata_sched::evict::choose_in_cluster(total, &candidates, &keep, now, &kind);
+        let spared = victims
+            .iter()
+            .filter(|d| kind(d) == Some(CopyKind::Spare))
+            .count();
         self.evict(victims, spared).await
     }
 

@@ -92,16 +92,18 @@ pub struct Assignment {
 /// One round of repair: copies that run at once, no worker sending or
 /// taking more than `per_node` of them (each copy is paced at the repair
 /// rate, so a node gives repair at most `per_node` times that rate, and a
-/// bigger fleet repairs faster). Sources are the least busy holders;
+/// bigger fleet repairs faster). Sources are the least busy holders, and
+/// of those the one holding the fewest short layers (a scarce source is
+/// kept for the layers only it holds);
 /// targets are ranked as [`targets`] ranks them, workers that hold no
 /// short layer first (the others are wanted as sources). What does not
 /// fit waits for the next round.
 pub fn plan_repair<L>(fleet: &Fleet<L>, shorts: &[Short], per_node: usize) -> Vec<Assignment> {
     let per_node = per_node.max(1);
-    let sources: HashSet<&str> = shorts
-        .iter()
-        .flat_map(|s| s.holders.iter().map(String::as_str))
-        .collect();
+    let mut demand: HashMap<&str, usize> = HashMap::new();
+    for h in shorts.iter().flat_map(|s| s.holders.iter()) {
+        *demand.entry(h.as_str()).or_default() += 1;
+    }
     let mut busy: HashMap<String, usize> = HashMap::new();
     let mut out = Vec::new();
     for (i, short) in shorts.iter().enumerate() {
@@ -112,7 +114,10 @@ pub fn plan_repair<L>(fleet: &Fleet<L>, shorts: &[Short], per_node: usize) -> Ve
                 .holders
                 .iter()
                 .filter(|h| fleet.live(h).is_some() && count(h, &busy) < per_node)
-                .min_by_key(|h| (count(h, &busy), h.as_str()))
+                .min_by_key(|h| {
+                    let wanted = demand.get(h.as_str()).copied().unwrap_or(0);
+                    (count(h, &busy), wanted, h.as_str())
+                })
                 .cloned()
             else {
                 break;
@@ -122,7 +127,7 @@ pub fn plan_repair<L>(fleet: &Fleet<L>, shorts: &[Short], per_node: usize) -> Ve
                     && !taking.iter().any(|t| t == n)
                     && count(n, &busy) < per_node
             };
-            let spare_node = |n: &str| lacks(n) && !sources.contains(n);
+            let spare_node = |n: &str| lacks(n) && !demand.contains_key(n);
             let Some(to) = targets(fleet, &spare_node, 1)
                 .into_iter()
                 .chain(targets(fleet, &lacks, 1))
@@ -302,5 +307,59 @@ mod tests {
         assert!(shrunk.wants_repair(&b));
         shrunk.gained(&a);
         assert!(shrunk.wants_repair(&a));
+    }
+
+    #[test]
+    fn rounds_of_repair_restore_every_layer_with_a_live_copy_within_the_per_node_bound() {
+        let mut fleet = Fleet::default();
+        for i in 0..10 {
+            let spec = Spec {
+                slots: 4,
+                ..Spec::default()
+            };
+            fleet.register(&format!("w{i}"), spec, 1, (), Instant::now());
+        }
+        // Three workers are lost; they held the other copy of 30 layers,
+        // each left on one of the two survivors w0 and w1.
+        for lost in ["w7", "w8", "w9"] {
+            fleet.lose(lost, 1);
+        }
+        let want = wanted(3, fleet.live_count());
+        let mut holders: Vec<Vec<String>> = (0..30).map(|i| vec![format!("w{}", i % 2)]).collect();
+        let mut rounds = 0;
+        loop {
+            let shorts: Vec<Short> = holders
+                .iter()
+                .map(|h| Short {
+                    holders: h.clone(),
+                    missing: want.saturating_sub(h.len()),
+                })
+                .filter(|s| s.missing > 0)
+                .collect();
+            if shorts.is_empty() {
+                break;
+            }
+            let index: Vec<usize> = (0..holders.len())
+                .filter(|&i| holders[i].len() < want)
+                .collect();
+            let plan = plan_repair(&fleet, &shorts, 1);
+            assert!(!plan.is_empty(), "round {rounds} made no progress");
+            let mut per_node: HashMap<&str, usize> = HashMap::new();
+            for a in &plan {
+                *per_node.entry(&a.from).or_default() += 1;
+                *per_node.entry(&a.to).or_default() += 1;
+            }
+            assert!(per_node.values().all(|&n| n == 1), "{plan:?}");
+            for a in plan {
+                holders[index[a.short]].push(a.to);
+            }
+            rounds += 1;
+            assert!(rounds <= 60, "repair does not end");
+        }
+        // 60 copies among 7 live workers, each in one copy a round: at
+        // most 3 a round, so 20 rounds at best. The copies made send too:
+        // not two a round (all that w0 and w1 could send alone).
+        assert!(holders.iter().all(|h| h.len() == want));
+        assert!(rounds <= 24, "{rounds} rounds");
     }
 }

@@ -73,6 +73,26 @@ pub fn choose(
     out
 }
 
+/// What a worker of a cluster evicts from a store of `total` bytes under
+/// `keep` at `now`, given what a coordinator says dropping each
+/// candidate's copy loses (`kind`; `None`: not asked about, so kept): a
+/// named image's layers never, spare copies before last ones.
+pub fn choose_in_cluster(
+    total: u64,
+    candidates: &[Candidate],
+    keep: &Keep,
+    now: u64,
+    kind: &dyn Fn(&Digest) -> Option<crate::CopyKind>,
+) -> Vec<Digest> {
+    let droppable: Vec<Candidate> = candidates
+        .iter()
+        .filter(|c| kind(&c.blob).is_some_and(|k| k != crate::CopyKind::Named))
+        .copied()
+        .collect();
+    let spare = |d: &Digest| kind(d) == Some(crate::CopyKind::Spare);
+    choose(total, &droppable, keep, now, &spare)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +148,35 @@ mod tests {
         assert_eq!(
             choose(30, &all, &keep, 500, &spare),
             [all[2].blob, all[0].blob]
+        );
+    }
+
+    #[test]
+    fn a_named_image_s_layer_or_one_not_asked_about_is_never_evicted_however_full() {
+        use crate::CopyKind;
+        let all = [c(1, 10, 100), c(2, 10, 200), c(3, 10, 300), c(4, 10, 400)];
+        let kinds = [
+            (Digest::of(&[1]), CopyKind::Named),
+            (Digest::of(&[2]), CopyKind::Last),
+            (Digest::of(&[3]), CopyKind::Spare),
+        ];
+        let kind = |d: &Digest| kinds.iter().find(|(k, _)| k == d).map(|(_, k)| *k);
+        // Far over: everything that may go goes, spare first.
+        let keep = Keep {
+            storage: Some(0),
+            duration: Some(0),
+        };
+        assert_eq!(
+            choose_in_cluster(40, &all, &keep, 500, &kind),
+            [all[1].blob, all[2].blob]
+        );
+        let keep = Keep {
+            storage: Some(30),
+            duration: None,
+        };
+        assert_eq!(
+            choose_in_cluster(40, &all, &keep, 500, &kind),
+            [all[2].blob]
         );
     }
 }
