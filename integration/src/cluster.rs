@@ -58,7 +58,8 @@ impl Cluster {
 
     /// `coordinators` coordinators and `workers` workers, the
     /// coordinators' `settings` (name, value) changed from what `cluster
-    /// init` writes.
+    /// init` writes; a name `section.key` is set at the top of that
+    /// section.
     pub fn start_with(coordinators: usize, workers: usize, settings: &[(&str, String)]) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("strata-cluster-")
@@ -93,9 +94,16 @@ impl Cluster {
                     let set = settings
                         .iter()
                         .find(|(name, _)| line.starts_with(&format!("{name} = ")));
+                    let in_section: String = settings
+                        .iter()
+                        .filter_map(|(name, value)| {
+                            let (section, key) = name.split_once('.')?;
+                            (line == format!("[{section}]")).then(|| format!("{key} = {value}\n"))
+                        })
+                        .collect();
                     match set {
                         Some((name, value)) => format!("{name} = {value}\n"),
-                        None => format!("{line}\n"),
+                        None => format!("{line}\n{in_section}"),
                     }
                 })
                 .collect();

@@ -1277,3 +1277,62 @@ fn a_cluster_build_is_pushed_by_a_worker_with_the_client_s_credentials_for_that_
         String::from_utf8_lossy(&leaked.stdout)
     );
 }
+
+#[test]
+fn a_coordinator_serves_images_over_https_to_a_client_with_a_cluster_certificate_only() {
+    let cluster = Cluster::start_with(1, 1, &[("registry.tls", "true".into())]);
+    assert!(
+        cluster.log("coordinator").contains("images on https://"),
+        "{}",
+        cluster.log("coordinator")
+    );
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[("Dockerfile", "FROM busybox:latest\nRUN echo tls > /t\n")],
+    );
+    let (report, _) = cluster.build_leaving(
+        &cluster.client(),
+        &Strata::new(),
+        ctx.path(),
+        &["-t", "secure:1"],
+    );
+    let id = report["image"]["id"].as_str().unwrap().to_string();
+    let from = format!("docker://{}/secure:1", cluster.registry_addr("coordinator"));
+    // What containers' certs.d holds for a registry: its CA, and a client
+    // certificate and key (the client's, from `cluster init`).
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::copy(cluster.path().join("ca.pem"), certs.path().join("ca.crt")).unwrap();
+    let skopeo = |certs: &std::path::Path| {
+        std::process::Command::new("skopeo")
+            .args(["inspect", "--raw", "--cert-dir"])
+            .arg(certs)
+            .arg(&from)
+            .output()
+            .unwrap()
+    };
+    // The server's certificate checks out against the cluster CA for
+    // 127.0.0.1, but with no client certificate the handshake fails.
+    let refused = skopeo(certs.path());
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("certificate required"), "{said}");
+    std::fs::copy(
+        cluster.path().join("client.pem"),
+        certs.path().join("client.cert"),
+    )
+    .unwrap();
+    std::fs::copy(
+        cluster.path().join("client-key.pem"),
+        certs.path().join("client.key"),
+    )
+    .unwrap();
+    let served = skopeo(certs.path());
+    assert!(
+        served.status.success(),
+        "{}",
+        String::from_utf8_lossy(&served.stderr)
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&served.stdout).unwrap();
+    assert_eq!(manifest["config"]["digest"], id.as_str());
+}

@@ -40,6 +40,12 @@ pub enum ClusterCommand {
         /// workers and the coordinators' Raft ports take the ones after it.
         #[arg(long, default_value_t = strata_cluster::local::DEFAULT_BASE_PORT)]
         base_port: u16,
+        /// A name or address clients reach the coordinators' image
+        /// endpoints at (repeat for several): their certificates name it,
+        /// beside 127.0.0.1 and localhost, so `docker pull` over HTTPS
+        /// checks out.
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
     },
     /// Issue a client certificate of its own to a team (or a CI fleet):
     /// it reads only its own builds' blobs and has its own upload quota.
@@ -261,7 +267,14 @@ pub fn coordinator(args: NodeArgs, flags: &RegistryFlags) -> Result<ExitCode> {
             "coordinator listening on {}{}{}",
             coord.addr(),
             serving_metrics(metrics),
-            images.map_or(String::new(), |a| format!(", images on {a}"))
+            images.map_or(String::new(), |a| {
+                let scheme = if config.registry.serves_tls() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!(", images on {scheme}://{a}")
+            })
         )?;
         coord.run(shutdown_signal()).await;
         Ok(ExitCode::SUCCESS)
@@ -303,10 +316,16 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
             workers,
             coordinators,
             base_port,
+            hosts,
         } => {
-            let written =
-                strata_cluster::local::init(&dir, workers, usize::from(coordinators), base_port)
-                    .map_err(anyhow::Error::msg)?;
+            let written = strata_cluster::local::init(
+                &dir,
+                workers,
+                usize::from(coordinators),
+                base_port,
+                &hosts,
+            )
+            .map_err(anyhow::Error::msg)?;
             for p in &written {
                 writeln!(out, "wrote {}", p.display())?;
             }

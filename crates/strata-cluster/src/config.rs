@@ -335,16 +335,25 @@ impl MetricsConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
-    /// The address. Unset: not served. On loopback it is plain HTTP;
-    /// anywhere else HTTPS with the coordinator's certificate, and a
-    /// client must show a certificate the cluster's CA signed.
+    /// The address. Unset: not served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
+    /// HTTPS with the coordinator's certificate, a client showing a
+    /// certificate the cluster's CA signed. Unset: plain HTTP on
+    /// loopback, HTTPS anywhere else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<bool>,
 }
 
 impl RegistryConfig {
+    /// Whether it is served over HTTPS.
+    pub fn serves_tls(&self) -> bool {
+        self.tls
+            .unwrap_or_else(|| self.listen.is_some_and(|a| !a.ip().is_loopback()))
+    }
+
     fn is_default(&self) -> bool {
-        self.listen.is_none()
+        self.listen.is_none() && self.tls.is_none()
     }
 
     fn load_overrides(&mut self) -> Result<(), ConfigError> {

@@ -280,7 +280,7 @@ impl Coordinator {
         let Some(addr) = config.registry.listen else {
             return Ok(None);
         };
-        let tls = if addr.ip().is_loopback() {
+        let tls = if !config.registry.serves_tls() {
             None
         } else {
             let id = config.tls.identity().map_err(|e| e.to_string())?;

@@ -95,6 +95,7 @@ pub fn init(
     workers: usize,
     coordinators: usize,
     base_port: u16,
+    hosts: &[String],
 ) -> Result<Vec<PathBuf>, String> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let ca = if dir.join("ca-key.pem").exists() {
@@ -117,9 +118,18 @@ pub fn init(
     };
     let names = coordinator_names(coordinators);
     let mut written = Vec::new();
+    // Coordinators serve images over HTTPS to engines that check the
+    // host they dialed: their certificates name it.
+    let mut served_at: Vec<String> = vec!["127.0.0.1".into(), "localhost".into()];
+    served_at.extend(hosts.iter().cloned());
     let issue = |role: Role, name: &str| -> Result<(), String> {
         if !dir.join(format!("{name}.pem")).exists() {
-            ca.issue(role, name)
+            let hosts: &[String] = if role == Role::Coordinator {
+                &served_at
+            } else {
+                &[]
+            };
+            ca.issue_for(role, name, hosts)
                 .and_then(|id| id.save(dir, name))
                 .map_err(|e| e.to_string())?;
         }
@@ -180,6 +190,7 @@ pub fn init(
                 metrics: crate::config::MetricsConfig::on(),
                 registry: crate::config::RegistryConfig {
                     listen: Some(ports.registry(j)?),
+                    tls: None,
                 },
                 tls: tls(name),
             },
@@ -307,7 +318,7 @@ pub async fn up(
     coordinators: usize,
     wait: Duration,
 ) -> Result<(), String> {
-    init(dir, workers, coordinators, DEFAULT_BASE_PORT)?;
+    init(dir, workers, coordinators, DEFAULT_BASE_PORT, &[])?;
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).map_err(io(&logs))?;
     let mut names: Vec<(String, &str)> = coordinator_names(coordinators)

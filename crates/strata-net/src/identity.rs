@@ -213,6 +213,14 @@ impl ClusterCa {
 
     /// A certificate for node `name` in `role`, signed by this CA.
     pub fn issue(&self, role: Role, name: &str) -> Result<Identity> {
+        self.issue_for(role, name, &[])
+    }
+
+    /// A certificate for node `name` in `role` that also names `hosts`
+    /// (IP addresses or DNS names): what HTTPS clients that know nothing
+    /// of strata (a container engine pulling from a coordinator's image
+    /// endpoint) check the server against.
+    pub fn issue_for(&self, role: Role, name: &str, hosts: &[String]) -> Result<Identity> {
         if name.is_empty()
             || !name
                 .bytes()
@@ -227,6 +235,15 @@ impl ClusterCa {
         p.subject_alt_names.push(SanType::URI(
             uri_of(role, name).try_into().map_err(tls("node name"))?,
         ));
+        for host in hosts {
+            p.subject_alt_names
+                .push(match host.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName(host.as_str().try_into().map_err(|e| {
+                        Error::Tls(format!("host name {host:?} for a certificate: {e}"))
+                    })?),
+                });
+        }
         p.distinguished_name
             .push(DnType::CommonName, format!("{role} {name}"));
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
