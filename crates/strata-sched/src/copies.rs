@@ -248,16 +248,22 @@ mod tests {
         assert_eq!(targets(&fleet, &lacks, 5), ["e", "b", "g", "f"]);
     }
 
-    #[test]
-    fn a_round_of_repair_uses_every_free_node_once_and_never_a_holder_as_target() {
+    /// Workers `w0`.. of 2 slots, up.
+    fn workers(n: usize) -> Fleet<()> {
         let mut fleet = Fleet::default();
-        for i in 0..6 {
+        for i in 0..n {
             let spec = Spec {
                 slots: 2,
                 ..Spec::default()
             };
             fleet.register(&format!("w{i}"), spec, 1, (), Instant::now());
         }
+        fleet
+    }
+
+    #[test]
+    fn a_round_of_repair_uses_every_free_node_once_and_never_a_holder_as_target() {
+        let mut fleet = workers(6);
         fleet.lose("w5", 1);
         let short = |holders: &[&str], missing| Short {
             holders: holders.iter().map(|h| h.to_string()).collect(),
@@ -311,14 +317,7 @@ mod tests {
 
     #[test]
     fn rounds_of_repair_restore_every_layer_with_a_live_copy_within_the_per_node_bound() {
-        let mut fleet = Fleet::default();
-        for i in 0..10 {
-            let spec = Spec {
-                slots: 4,
-                ..Spec::default()
-            };
-            fleet.register(&format!("w{i}"), spec, 1, (), Instant::now());
-        }
+        let mut fleet = workers(10);
         // Three workers are lost; they held the other copy of 30 layers,
         // each left on one of the two survivors w0 and w1.
         for lost in ["w7", "w8", "w9"] {
