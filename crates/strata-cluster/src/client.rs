@@ -14,7 +14,7 @@ use strata_worker::{Node, Timestamps, store_image};
 
 use crate::config::ClientConfig;
 use crate::peers::Peers;
-use crate::protocol::{BuildDone, BuildEvent, ClusterStatus, Reply, Request, SubmitBuild};
+use crate::protocol::{BuildDone, BuildEvent, ClusterStatus, Refusal, Reply, Request, SubmitBuild};
 use crate::worker::request;
 
 /// Why a cluster build failed.
@@ -344,17 +344,17 @@ impl Client {
             (Ok(n), Ok(Some(Reply::Ok))) => Ok(n),
             // A file that hashes to another digest than it did moments
             // ago changed while it was sent.
-            (_, Ok(Some(Reply::Error(e)))) if e.contains("hash to") => {
+            (_, Ok(Some(Reply::Refused(refusal @ Refusal::BlobMismatch { blob, .. })))) => {
                 let changed = blobs.iter().find_map(|(d, source)| match source {
-                    BatchSource::File(path, _) if e.contains(&d.to_string()) => Some(path),
+                    BatchSource::File(path, _) if *d == blob => Some(path),
                     _ => None,
                 });
                 Err(cluster(match changed {
                     Some(path) => format!(
-                        "{} changed while it was uploaded; build again ({e})",
+                        "{} changed while it was uploaded; build again ({refusal})",
                         path.display()
                     ),
-                    None => e,
+                    None => refusal.to_string(),
                 }))
             }
             (_, Ok(Some(Reply::Error(e)))) => Err(cluster(e)),
@@ -406,15 +406,14 @@ impl Client {
         }
         match answer.map_err(cluster)? {
             Some(Reply::Ok) => Ok(sent.unwrap_or(0)),
-            Some(Reply::Error(e)) => Err(match from {
-                Source::File(path, _) if e.contains("hash to") || e.contains("bytes arrived") => {
-                    cluster(format!(
-                        "{} changed while it was uploaded; build again ({e})",
-                        path.display()
-                    ))
-                }
-                _ => cluster(e),
+            Some(Reply::Refused(refusal @ Refusal::BlobMismatch { .. })) => Err(match from {
+                Source::File(path, _) => cluster(format!(
+                    "{} changed while it was uploaded; build again ({refusal})",
+                    path.display()
+                )),
+                _ => cluster(refusal.to_string()),
             }),
+            Some(Reply::Error(e)) => Err(cluster(e)),
             other => Err(cluster(format!(
                 "unexpected answer to an upload: {other:?}"
             ))),

@@ -1075,7 +1075,7 @@ impl Coordinator {
                     tracing::trace!(worker = %conn.peer.name, running, gained, "heartbeat");
                     Reply::Ok
                 } else {
-                    Reply::Error("not registered (or lease expired): register again".into())
+                    Reply::Refused(crate::protocol::Refusal::NotRegistered)
                 }
             }
             other => {
@@ -1318,7 +1318,8 @@ impl Coordinator {
                 if matches!(e, strata_net::Error::Refused { .. }) {
                     let _ = recv.stop(crate::access::OVER_QUOTA.into());
                 }
-                Reply::Error(e.to_string())
+                crate::protocol::Refusal::of_transfer(&e)
+                    .map_or_else(|| Reply::Error(e.to_string()), Reply::Refused)
             }
         };
         write_frame(send, &reply, conn.addr).await
@@ -1369,8 +1370,13 @@ impl Coordinator {
                                 .unwrap_or_else(PoisonError::into_inner)
                                 .refund(client, announced.size);
                         }
-                        got?;
-                        Reply::Ok
+                        match got {
+                            Ok(_) => Reply::Ok,
+                            Err(e) => match crate::protocol::Refusal::of_transfer(&e) {
+                                Some(r) => Reply::Refused(r),
+                                None => return Err(e),
+                            },
+                        }
                     }
                 }
             }

@@ -513,4 +513,79 @@ pub enum Reply {
     Images(Vec<NamedImage>),
     /// A push made, or why not.
     Pushed(Result<strata_registry::Pushed, String>),
+    /// Refused for a reason the asker acts on.
+    Refused(Refusal),
+}
+
+/// A request refused for a reason the asker acts on: a kind to branch on,
+/// never a message's text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    /// The worker asking is not registered here, or its lease lapsed: it
+    /// registers again.
+    #[error("not registered (or lease expired): register again")]
+    NotRegistered,
+    /// An uploaded blob was not what its name says: other bytes, or fewer
+    /// (a file that changed while it was sent).
+    #[error("blob {blob}: {detail}")]
+    BlobMismatch {
+        /// The blob named.
+        blob: Digest,
+        /// What did not match.
+        detail: String,
+    },
+}
+
+impl Refusal {
+    /// What a transfer error says of the blob that failed, if it was the
+    /// blob's bytes that were wrong.
+    pub fn of_transfer(e: &strata_net::Error) -> Option<Refusal> {
+        match e {
+            strata_net::Error::Blob { digest, detail, .. }
+            | strata_net::Error::Forged { digest, detail, .. } => Some(Refusal::BlobMismatch {
+                blob: *digest,
+                detail: detail.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blob_that_is_not_what_it_was_named_is_refused_by_kind_and_other_failures_are_not() {
+        let peer: SocketAddr = ([127, 0, 0, 1], 7400).into();
+        let blob = Digest::of(b"context file");
+        for e in [
+            strata_net::Error::Forged {
+                peer,
+                digest: blob,
+                detail: "the bytes hash to something else: refused".into(),
+            },
+            strata_net::Error::Blob {
+                peer,
+                digest: blob,
+                detail: "3 of 12 bytes arrived".into(),
+            },
+        ] {
+            match Refusal::of_transfer(&e) {
+                Some(Refusal::BlobMismatch { blob: b, .. }) => assert_eq!(b, blob),
+                other => panic!("{e}: {other:?}"),
+            }
+        }
+        let refused = strata_net::Error::Refused {
+            peer,
+            detail: "over the hourly quota".into(),
+        };
+        assert_eq!(Refusal::of_transfer(&refused), None);
+        // It travels as a kind.
+        let reply = Reply::Refused(Refusal::NotRegistered);
+        let bytes = bincode::serde::encode_to_vec(&reply, bincode::config::standard()).unwrap();
+        let (back, _): (Reply, usize) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        assert!(matches!(back, Reply::Refused(Refusal::NotRegistered)));
+    }
 }

@@ -21,8 +21,8 @@ use crate::access::ReadRights;
 use crate::config::{NodeAddress, WorkerConfig};
 use crate::peers::{FetchError, Peers};
 use crate::protocol::{
-    BuildSpec, CopyError, CopyKind, ExecEvent, Holder, MAX_LACKING, Registration, Reply, Request,
-    StepRef,
+    BuildSpec, CopyError, CopyKind, ExecEvent, Holder, MAX_LACKING, Refusal, Registration, Reply,
+    Request, StepRef,
 };
 
 /// Blobs of a build context a worker fetches at once.
@@ -467,7 +467,7 @@ impl WorkerNode {
                     }
                     changes = listed;
                 }
-                Ok(Ok(Reply::Error(e))) if e.contains("not registered") => return,
+                Ok(Ok(Reply::Refused(Refusal::NotRegistered))) => return,
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "heartbeat failed");
