@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use strata_dockerfile::Platform;
-use strata_exec::{ExitStatus, Mount, Network, Sandbox, Stream};
+use strata_exec::{ExitStatus, Network, Sandbox, Stream};
 use strata_oci::Reference;
 
 use crate::daemon::Cx;
@@ -121,14 +121,12 @@ pub fn run(cx: &Cx<'_>, args: RunArgs, flags: &RegistryFlags) -> Result<u8> {
     );
     let bundle = node.home().join("run").join(&cid);
     std::fs::create_dir_all(&bundle)?;
-    std::fs::write(
-        bundle.join("hosts"),
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-    )?;
-    std::fs::write(
-        bundle.join("resolv.conf"),
-        std::fs::read("/etc/resolv.conf").unwrap_or_default(),
-    )?;
+    let network = if args.no_network {
+        Network::None
+    } else {
+        Network::Host
+    };
+    let mounts = strata_worker::etc_mounts(&bundle, &[], network).map_err(anyhow::Error::msg)?;
     let sandbox = Sandbox {
         args: argv,
         env,
@@ -137,23 +135,8 @@ pub fn run(cx: &Cx<'_>, args: RunArgs, flags: &RegistryFlags) -> Result<u8> {
         gid: id.gid,
         additional_gids: id.groups,
         hostname: cid.chars().take(12).collect(),
-        network: if args.no_network {
-            Network::None
-        } else {
-            Network::Host
-        },
-        mounts: vec![
-            Mount::Bind {
-                source: bundle.join("hosts"),
-                destination: "/etc/hosts".into(),
-                read_only: true,
-            },
-            Mount::Bind {
-                source: bundle.join("resolv.conf"),
-                destination: "/etc/resolv.conf".into(),
-                read_only: true,
-            },
-        ],
+        network,
+        mounts,
         insecure: false,
         shm_size: None,
         rlimits: vec![],

@@ -138,15 +138,44 @@ fn resolv_conf(host: &str, network: Network) -> Vec<u8> {
     text.into_bytes()
 }
 
-/// The step's `/etc/hosts`: BuildKit's, then the build's `--add-host`s.
-fn hosts_file(op: &ExecOp) -> String {
+/// A sandbox's `/etc/hosts`: BuildKit's, then `extra` (a build's
+/// `--add-host`s).
+fn hosts_file(extra: &[strata_plan::ExtraHost]) -> String {
     let mut text = String::from(
         "127.0.0.1\tlocalhost buildkitsandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
     );
-    for h in &op.extra_hosts {
+    for h in extra {
         text.push_str(&format!("{}\t{}\n", h.ip, h.name));
     }
     text
+}
+
+/// Writes a sandbox's `/etc/hosts` (with `extra_hosts`) and
+/// `/etc/resolv.conf` (the host's, as `network` can reach it) into
+/// `bundle`, and returns their read-only bind mounts: the one way every
+/// sandbox (a `RUN` step, `strata run`) gets them.
+pub fn etc_mounts(
+    bundle: &Path,
+    extra_hosts: &[strata_plan::ExtraHost],
+    network: Network,
+) -> Result<Vec<Mount>, WorkerError> {
+    Ok(vec![
+        bind_file(
+            bundle,
+            "hosts",
+            hosts_file(extra_hosts).as_bytes(),
+            "/etc/hosts",
+        )?,
+        bind_file(
+            bundle,
+            "resolv.conf",
+            &resolv_conf(
+                &fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+                network,
+            ),
+            "/etc/resolv.conf",
+        )?,
+    ])
 }
 
 /// Runs the op; `Ok` only if the process exited 0.
@@ -167,23 +196,7 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
     };
     let mut held = Held::default();
     let mut env = op.env.clone();
-    let mut mounts = vec![
-        bind_file(
-            ctx.bundle,
-            "hosts",
-            &hosts_file(op).into_bytes(),
-            "/etc/hosts",
-        )?,
-        bind_file(
-            ctx.bundle,
-            "resolv.conf",
-            &resolv_conf(
-                &fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
-                network,
-            ),
-            "/etc/resolv.conf",
-        )?,
-    ];
+    let mut mounts = etc_mounts(ctx.bundle, &op.extra_hosts, network)?;
     if !op.files.is_empty() {
         let pipes = ctx.bundle.join("pipes");
         fs::create_dir_all(&pipes)
