@@ -14,8 +14,8 @@ use strata_worker::{Node, Timestamps, store_image};
 
 use crate::config::ClientConfig;
 use crate::peers::Peers;
+use crate::protocol::request;
 use crate::protocol::{BuildDone, BuildEvent, ClusterStatus, Refusal, Reply, Request, SubmitBuild};
-use crate::worker::request;
 
 /// Why a cluster build failed.
 #[derive(Debug, thiserror::Error)]
@@ -77,8 +77,7 @@ fn cluster(e: impl std::fmt::Display) -> ClientError {
     ClientError::Cluster(e.to_string())
 }
 
-/// How long a coordinator has to answer a client's connection.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+use crate::protocol::CONNECT_TIMEOUT;
 
 /// How long a client that has a coordinator answering waits for the one
 /// it remembered (the leader when last seen) before going on without it.
@@ -470,7 +469,7 @@ impl Client {
                 if e.lacking.is_empty() {
                     return Err(cluster(e));
                 }
-                crate::worker::report_lacking(&e, &self.coordinator).await;
+                crate::peers::report_lacking(&e, &self.coordinator).await;
                 return Err(ClientError::LayersLost(e.to_string()));
             }
         };

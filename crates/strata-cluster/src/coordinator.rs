@@ -25,7 +25,6 @@ use crate::protocol::{
     BuildDone, BuildEvent, BuildSpec, ClusterStatus, Grant, GroupStatus, Holder, MAX_HISTORY,
     MAX_TAGS, Registration, Reply, Request, SubmitBuild, WorkerStatus,
 };
-use crate::worker::request_name;
 
 /// What the coordinator keeps with each registered worker, beside what
 /// the scheduling core knows of it.
@@ -398,7 +397,7 @@ impl Coordinator {
             layers,
             request: req,
         };
-        match crate::worker::request(&conn, &Request::PushImage(Box::new(spec))).await {
+        match crate::protocol::request(&conn, &Request::PushImage(Box::new(spec))).await {
             Ok(Reply::Pushed(pushed)) => pushed,
             Ok(Reply::Error(e)) => Err(format!("{worker}: {e}")),
             Ok(other) => Err(format!("unexpected answer from {worker}: {other:?}")),
@@ -764,7 +763,7 @@ impl Coordinator {
             for blob in blobs {
                 let asked = tokio::time::timeout(
                     Duration::from_secs(5),
-                    crate::worker::request(&conn, &Request::HasBlob(blob)),
+                    crate::protocol::request(&conn, &Request::HasBlob(blob)),
                 )
                 .await;
                 if let Ok(Ok(Reply::Bool(false))) = asked {
@@ -1087,7 +1086,7 @@ impl Coordinator {
                 Reply::Error(format!(
                     "{} may not ask the coordinator for {}{}",
                     conn.peer,
-                    request_name(&other),
+                    other.name(),
                     if admin {
                         ": that needs an admin certificate (`admin.toml` from `strata cluster init`)"
                     } else {
@@ -1404,7 +1403,7 @@ impl Coordinator {
         let asked = workers.into_iter().map(|(name, conn)| async move {
             let answer = tokio::time::timeout(
                 Duration::from_secs(30),
-                crate::worker::request(&conn, &Request::Du),
+                crate::protocol::request(&conn, &Request::Du),
             )
             .await;
             let usage = match answer {
@@ -1539,7 +1538,7 @@ impl Coordinator {
                 client: client.to_string(),
                 blobs,
             }));
-            asks.spawn(async move { (name, crate::worker::request(&conn, &grant).await) });
+            asks.spawn(async move { (name, crate::protocol::request(&conn, &grant).await) });
         }
         while let Some(done) = asks.join_next().await {
             match done {

@@ -10,7 +10,7 @@ use strata_net::{Connection, Endpoint, recv_blob_limited, write_frame};
 use strata_oci::LayerRef;
 use tokio::sync::Mutex;
 
-use crate::protocol::{Holder, Request};
+use crate::protocol::{Holder, MAX_LACKING, Request, request};
 
 /// Why blobs could not be fetched.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -190,4 +190,17 @@ pub fn check_diff_id(cas: &ContentStore, layer: &LayerRef) -> Result<(), String>
         ));
     }
     Ok(())
+}
+
+/// Tells the coordinator on `coordinator` which holders a failed fetch
+/// found lacking what they were named for, so that it checks them and
+/// corrects its records. Best effort: the fetch has failed either way.
+pub(crate) async fn report_lacking(e: &FetchError, coordinator: &Connection) {
+    if e.lacking.is_empty() {
+        return;
+    }
+    let report = Request::Lacking(e.lacking.iter().take(MAX_LACKING).cloned().collect());
+    if let Err(why) = request(coordinator, &report).await {
+        tracing::warn!(error = %why, "cannot tell the coordinator of holders lacking blobs");
+    }
 }

@@ -275,7 +275,7 @@ impl Placement {
         req: &Request,
         answer: impl FnOnce(Reply) -> Result<Result<T, WorkerError>, Reply>,
     ) -> Result<T, WorkerError> {
-        match crate::worker::request(conn, req).await {
+        match crate::protocol::request(conn, req).await {
             Ok(Reply::Error(e)) => Err(WorkerError::new(format!("worker {worker}: {e}"))),
             Ok(reply) => answer(reply).unwrap_or_else(|other| {
                 Err(WorkerError::new(format!(
@@ -406,7 +406,7 @@ impl Placement {
         let begun: Vec<String> = self.begun.lock().await.iter().cloned().collect();
         for w in begun {
             if let Ok(conn) = self.connection(&w) {
-                let _ = crate::worker::request(&conn, &Request::End(self.spec.id)).await;
+                let _ = crate::protocol::request(&conn, &Request::End(self.spec.id)).await;
             }
         }
     }

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 use strata_cas::{Digest, Sha256};
+use strata_net::{Connection, read_frame, write_frame};
 use strata_oci::LayerRef;
 use strata_solver::{Event, StepRecord, WorkerError};
 use strata_worker::PlanInputs;
@@ -549,6 +550,59 @@ impl Refusal {
             _ => None,
         }
     }
+}
+
+impl Request {
+    /// Its name, for refusals.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::GetBlob(_) => "a blob",
+            Request::HasBlob(_) => "whether it holds a blob",
+            Request::PutBlob(_) => "to store a blob",
+            Request::Build(_) => "a build",
+            Request::Status => "its status",
+            Request::History { .. } => "its build history",
+            Request::Cordon { .. } => "to cordon a worker",
+            Request::ChangeGroup(_) => "to change the group of coordinators",
+            Request::Register(_) => "registration",
+            Request::Heartbeat { .. } => "a heartbeat",
+            Request::Begin(_) => "to begin a build",
+            Request::Inputs(_) => "a step's inputs",
+            Request::Execute(_) => "to run a step",
+            Request::Artifact(_) => "an artifact",
+            Request::End(_) => "to end a build",
+            Request::Copy(_) => "to take a copy of a blob",
+            Request::Grant(_) => "to let a client read blobs",
+            Request::Lacking(_) => "a report of holders lacking blobs",
+            Request::Spare(_) => "which blobs are spare copies",
+            Request::ImportCache(_) => "to import a cache into the cluster's index",
+            Request::Du => "where its bytes are",
+            Request::Missing { .. } => "which blobs of a build context it lacks",
+            Request::PutBlobs(_) => "to store blobs",
+            Request::GetBlobs(_) => "blobs of a build context",
+            Request::Images => "the images the cluster names",
+            Request::Push(_) => "a push",
+            Request::PushImage(_) => "to push an image",
+            Request::Untag(_) => "to drop an image name",
+        }
+    }
+}
+
+/// How long a node has to answer a connection: one that is down may not
+/// answer at all, and QUIC's idle timeout is far longer.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Sends one request and reads its one reply.
+pub(crate) async fn request(conn: &Connection, req: &Request) -> Result<Reply, String> {
+    let (mut send, mut recv) = conn.open().await.map_err(|e| e.to_string())?;
+    write_frame(&mut send, req, conn.addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    read_frame::<Reply>(&mut recv, conn.addr)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{} closed the stream without answering", conn.peer))
 }
 
 #[cfg(test)]

@@ -233,7 +233,7 @@ impl Coordinator {
             holders: sources,
             bytes_per_second,
         }));
-        match crate::worker::request(conn, &copy).await {
+        match crate::protocol::request(conn, &copy).await {
             Ok(Reply::Copied(Err(CopyError::NotTheLayer(e)))) => {
                 Err(Err(format!("{name} refused a copy: {e}")))
             }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use strata_cas::{ContentStore, Digest, Lease};
 use strata_dockerfile::IgnoreMatcher;
-use strata_net::{Connection, Endpoint, Role, read_frame, write_frame};
+use strata_net::{Connection, Endpoint, Role, write_frame};
 use strata_plan::{Plan, StagePlan};
 use strata_solver::{Job, StageResult, Worker as _, WorkerError};
 use strata_worker::{LocalWorker, Node};
@@ -19,10 +19,10 @@ use tracing::Instrument as _;
 
 use crate::access::ReadRights;
 use crate::config::{NodeAddress, WorkerConfig};
-use crate::peers::{FetchError, Peers};
+use crate::peers::{FetchError, Peers, report_lacking};
 use crate::protocol::{
-    BuildSpec, CopyError, CopyKind, ExecEvent, Holder, MAX_LACKING, Refusal, Registration, Reply,
-    Request, StepRef,
+    BuildSpec, CopyError, CopyKind, ExecEvent, Holder, Refusal, Registration, Reply, Request,
+    StepRef, request,
 };
 
 /// Blobs of a build context a worker fetches at once.
@@ -389,7 +389,7 @@ impl WorkerNode {
     ) -> Result<(Connection, (u64, HashSet<Digest>, u64)), String> {
         // A coordinator that is down may not answer at all: give up on it
         // well before QUIC's idle timeout.
-        let limit = crate::client::CONNECT_TIMEOUT;
+        let limit = crate::protocol::CONNECT_TIMEOUT;
         let conn = tokio::time::timeout(limit, self.endpoint.connect(at.resolve().await?))
             .await
             .map_err(|_| format!("no answer within {limit:?}"))?
@@ -776,7 +776,7 @@ impl WorkerNode {
                 reply_error(format!(
                     "{} may not ask a worker for {}",
                     conn.peer,
-                    request_name(&other)
+                    other.name()
                 ))
             }
         };
@@ -1183,32 +1183,6 @@ fn sources(plan: &Plan, step: &StepRef) -> Vec<Option<StageResult>> {
         .collect()
 }
 
-/// Sends one request and reads its one reply.
-pub(crate) async fn request(conn: &Connection, req: &Request) -> Result<Reply, String> {
-    let (mut send, mut recv) = conn.open().await.map_err(|e| e.to_string())?;
-    write_frame(&mut send, req, conn.addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = send.finish();
-    read_frame::<Reply>(&mut recv, conn.addr)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("{} closed the stream without answering", conn.peer))
-}
-
-/// Tells the coordinator on `coordinator` which holders a failed fetch
-/// found lacking what they were named for, so that it checks them and
-/// corrects its records. Best effort: the fetch has failed either way.
-pub(crate) async fn report_lacking(e: &FetchError, coordinator: &Connection) {
-    if e.lacking.is_empty() {
-        return;
-    }
-    let report = Request::Lacking(e.lacking.iter().take(MAX_LACKING).cloned().collect());
-    if let Err(why) = request(coordinator, &report).await {
-        tracing::warn!(error = %why, "cannot tell the coordinator of holders lacking blobs");
-    }
-}
-
 /// A step's failed fetch as the step's error: when a holder lacked a blob
 /// it was named for, the coordinator hears of it, and the stage starts
 /// over (as when a worker is lost) with the records corrected.
@@ -1248,40 +1222,6 @@ async fn get_batch(
         ));
     }
     Ok(got.bytes)
-}
-
-/// A request's name, for refusals.
-pub(crate) fn request_name(r: &Request) -> &'static str {
-    match r {
-        Request::GetBlob(_) => "a blob",
-        Request::HasBlob(_) => "whether it holds a blob",
-        Request::PutBlob(_) => "to store a blob",
-        Request::Build(_) => "a build",
-        Request::Status => "its status",
-        Request::History { .. } => "its build history",
-        Request::Cordon { .. } => "to cordon a worker",
-        Request::ChangeGroup(_) => "to change the group of coordinators",
-        Request::Register(_) => "registration",
-        Request::Heartbeat { .. } => "a heartbeat",
-        Request::Begin(_) => "to begin a build",
-        Request::Inputs(_) => "a step's inputs",
-        Request::Execute(_) => "to run a step",
-        Request::Artifact(_) => "an artifact",
-        Request::End(_) => "to end a build",
-        Request::Copy(_) => "to take a copy of a blob",
-        Request::Grant(_) => "to let a client read blobs",
-        Request::Lacking(_) => "a report of holders lacking blobs",
-        Request::Spare(_) => "which blobs are spare copies",
-        Request::ImportCache(_) => "to import a cache into the cluster's index",
-        Request::Du => "where its bytes are",
-        Request::Missing { .. } => "which blobs of a build context it lacks",
-        Request::PutBlobs(_) => "to store blobs",
-        Request::GetBlobs(_) => "blobs of a build context",
-        Request::Images => "the images the cluster names",
-        Request::Push(_) => "a push",
-        Request::PushImage(_) => "to push an image",
-        Request::Untag(_) => "to drop an image name",
-    }
 }
 
 #[cfg(test)]
