@@ -78,6 +78,9 @@ pub struct Coordinator {
     /// The layers of the images the cluster names, as of an applied
     /// index of the group's log.
     named_cache: Mutex<Option<(u64, Arc<HashSet<Digest>>)>>,
+    /// Closures of build contexts found whole, by root: a context built
+    /// again is not walked again.
+    trees: Mutex<HashMap<Digest, Arc<crate::context::Closure>>>,
     /// Workers each built layer is kept on.
     pub(crate) replication: usize,
     /// Bytes per second for background copies.
@@ -164,6 +167,10 @@ fn check_submitted(submit: &SubmitBuild) -> Result<(), String> {
 /// Selection checksums a coordinator remembers at most (64 bytes each).
 const MAX_SELECTIONS: usize = 100_000;
 
+/// Closures of build contexts a coordinator remembers at most (a few
+/// MiB each at 30,000 files).
+const MAX_TREES: usize = 16;
+
 /// Pull and push progress is not shown to clients: the build's own
 /// progress is, and a push's result.
 pub(crate) struct Quiet;
@@ -237,6 +244,7 @@ impl Coordinator {
             workers: Mutex::default(),
             shrunk: Mutex::default(),
             named_cache: Mutex::default(),
+            trees: Mutex::default(),
             replication: config.replication.max(1),
             repair_rate: config.repair_mib_per_second.saturating_mul(1 << 20),
             copying: Mutex::default(),
@@ -907,15 +915,11 @@ impl Coordinator {
                 } else {
                     self.pin(context);
                     let node = Arc::clone(&self.node);
-                    let lacks = tokio::task::spawn_blocking(move || {
-                        blobs
-                            .into_iter()
-                            .filter(|d| !node.content.contains(d).unwrap_or(false))
-                            .collect::<Vec<_>>()
-                    })
-                    .await;
+                    let lacks =
+                        tokio::task::spawn_blocking(move || node.content.absent(&blobs)).await;
                     match lacks {
-                        Ok(lacks) => Reply::Missing(lacks),
+                        Ok(Ok(lacks)) => Reply::Missing(lacks),
+                        Ok(Err(e)) => Reply::Error(format!("cannot look blobs up: {e}")),
                         Err(e) => Reply::Error(format!("looking blobs up stopped: {e}")),
                     }
                 }
@@ -1684,14 +1688,20 @@ impl Coordinator {
         context_lease.hold(submit.context);
         let node = Arc::clone(&self.node);
         let root = submit.context;
+        let known = self
+            .trees
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&root)
+            .cloned();
         let tree = tokio::task::spawn_blocking(move || {
-            crate::context::closure(&node.content, &root).map(|c| {
-                let absent = c
-                    .all()
-                    .filter(|d| !node.content.contains(d).unwrap_or(false))
-                    .count();
-                (c, absent)
-            })
+            let c = match known {
+                Some(c) => c,
+                None => Arc::new(crate::context::closure(&node.content, &root)?),
+            };
+            let all: Vec<Digest> = c.all().copied().collect();
+            let absent = node.content.absent(&all)?.len();
+            Ok::<_, crate::context::ContextError>((c, absent))
         })
         .await;
         match tree {
@@ -1699,6 +1709,13 @@ impl Coordinator {
                 for d in c.all() {
                     context_lease.hold(*d);
                 }
+                // A tree's closure is fixed by its root's digest: the next
+                // build of it checks only that every blob is still here.
+                let mut trees = self.trees.lock().unwrap_or_else(PoisonError::into_inner);
+                if trees.len() >= MAX_TREES {
+                    trees.clear();
+                }
+                trees.insert(root, c);
             }
             Ok(Ok((_, absent))) => {
                 return fail(

@@ -187,3 +187,29 @@ fn a_batch_stores_its_blobs_together_and_refuses_a_wrong_one() {
         "no temporary file is left"
     );
 }
+
+#[test]
+fn absent_names_exactly_the_blobs_not_stored_in_order() {
+    let (_d, s) = store();
+    let stored: Vec<Digest> = (0..1000u32)
+        .map(|i| s.put(&i.to_le_bytes()).unwrap())
+        .collect();
+    let never = |i: u32| Digest::of(format!("never {i}").as_bytes());
+    let mut asked = Vec::new();
+    for i in 0..1000u32 {
+        asked.push(stored[i as usize]);
+        if i % 100 == 0 {
+            asked.push(never(i));
+        }
+    }
+    let expected: Vec<Digest> = (0..1000u32).step_by(100).map(never).collect();
+    assert_eq!(s.absent(&asked).unwrap(), expected);
+    assert!(s.absent(&stored).unwrap().is_empty());
+    assert!(s.absent(&[]).unwrap().is_empty());
+    // The same answer as one lookup at a time.
+    assert!(
+        asked
+            .iter()
+            .all(|d| s.contains(d).unwrap() != expected.contains(d))
+    );
+}
