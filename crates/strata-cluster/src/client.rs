@@ -405,13 +405,6 @@ impl Client {
         }
         match answer.map_err(cluster)? {
             Some(Reply::Ok) => Ok(sent.unwrap_or(0)),
-            Some(Reply::Refused(refusal @ Refusal::BlobMismatch { .. })) => Err(match from {
-                Source::File(path, _) => cluster(format!(
-                    "{} changed while it was uploaded; build again ({refusal})",
-                    path.display()
-                )),
-                _ => cluster(refusal.to_string()),
-            }),
             Some(Reply::Error(e)) => Err(cluster(e)),
             other => Err(cluster(format!(
                 "unexpected answer to an upload: {other:?}"

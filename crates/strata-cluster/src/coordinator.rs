@@ -1373,13 +1373,11 @@ impl Coordinator {
                                 .unwrap_or_else(PoisonError::into_inner)
                                 .refund(client, announced.size);
                         }
-                        match got {
-                            Ok(_) => Reply::Ok,
-                            Err(e) => match crate::protocol::Refusal::of_transfer(&e) {
-                                Some(r) => Reply::Refused(r),
-                                None => return Err(e),
-                            },
-                        }
+                        // A blob that is not what it was named is a lie
+                        // (or a file that changed while it was sent): the
+                        // connection goes with it.
+                        got?;
+                        Reply::Ok
                     }
                 }
             }
