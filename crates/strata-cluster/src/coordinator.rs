@@ -1035,8 +1035,7 @@ impl Coordinator {
                 let current = {
                     let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
                     let name = &conn.peer.name;
-                    workers.heartbeat(name, epoch(conn), Instant::now());
-                    match workers.current(name, epoch(conn)) {
+                    match workers.heartbeat(name, epoch(conn), Instant::now()) {
                         Some(w) => {
                             w.set_stored(stored);
                             let w = &mut w.link;

@@ -73,6 +73,23 @@ impl Records {
     }
 }
 
+/// Why a copy was not made.
+#[derive(Debug)]
+enum CopyFailed {
+    /// This copy failed; another target may take one.
+    This(String),
+    /// The bytes are not the layer: nothing may be cached under it.
+    NotTheLayer(String),
+}
+
+impl std::fmt::Display for CopyFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CopyFailed::This(why) | CopyFailed::NotTheLayer(why) => f.write_str(why),
+        }
+    }
+}
+
 /// The cache index as repair sees it.
 pub(crate) struct Census {
     /// Cache entries.
@@ -216,9 +233,7 @@ impl Coordinator {
     }
 
     /// Asks worker `name` (on `conn`) to copy `layer` from `sources` and
-    /// records the copy in the group. `Err(Ok(why))` when this copy failed,
-    /// `Err(Err(why))` when the bytes are not the layer (nothing may be
-    /// cached under it).
+    /// records the copy in the group.
     async fn copy_to(
         &self,
         layer: LayerRef,
@@ -226,7 +241,7 @@ impl Coordinator {
         conn: &Connection,
         sources: Vec<crate::protocol::Holder>,
         bytes_per_second: Option<u64>,
-    ) -> Result<(), Result<String, String>> {
+    ) -> Result<(), CopyFailed> {
         let blob = layer.blob;
         let copy = Request::Copy(Box::new(CopyBlob {
             layer,
@@ -234,10 +249,12 @@ impl Coordinator {
             bytes_per_second,
         }));
         match crate::protocol::request(conn, &copy).await {
-            Ok(Reply::Copied(Err(CopyError::NotTheLayer(e)))) => {
-                Err(Err(format!("{name} refused a copy: {e}")))
+            Ok(Reply::Copied(Err(CopyError::NotTheLayer(e)))) => Err(CopyFailed::NotTheLayer(
+                format!("{name} refused a copy: {e}"),
+            )),
+            Ok(Reply::Copied(Err(CopyError::Failed(e)))) => {
+                Err(CopyFailed::This(format!("{name}: {e}")))
             }
-            Ok(Reply::Copied(Err(CopyError::Failed(e)))) => Err(Ok(format!("{name}: {e}"))),
             Ok(Reply::Copied(Ok(()))) => match self.located(name, conn, vec![blob]).await {
                 Ok(()) => {
                     tracing::debug!(%blob, worker = %name, "copied");
@@ -245,13 +262,13 @@ impl Coordinator {
                 }
                 // The copy is there, unrecorded: the worker's next
                 // heartbeat reports it to the leader.
-                Err(e) => Err(Ok(format!(
+                Err(e) => Err(CopyFailed::This(format!(
                     "{name} took a copy the group did not record: {e}"
                 ))),
             },
-            Ok(Reply::Error(e)) => Err(Ok(format!("{name}: {e}"))),
-            Ok(other) => Err(Ok(format!("{name} answered {other:?}"))),
-            Err(e) => Err(Ok(format!("{name}: {e}"))),
+            Ok(Reply::Error(e)) => Err(CopyFailed::This(format!("{name}: {e}"))),
+            Ok(other) => Err(CopyFailed::This(format!("{name} answered {other:?}"))),
+            Err(e) => Err(CopyFailed::This(format!("{name}: {e}"))),
         }
     }
 
@@ -303,8 +320,8 @@ impl Coordinator {
                     have += 1;
                     made += 1;
                 }
-                Err(Ok(e)) => why.push(e),
-                Err(Err(e)) => return Err(e),
+                Err(CopyFailed::This(e)) => why.push(e),
+                Err(CopyFailed::NotTheLayer(e)) => return Err(e),
             }
         }
         if have < want && !why.is_empty() {
@@ -558,46 +575,44 @@ impl Coordinator {
     /// when a round makes no copy (the rest wait for the next scan) or
     /// this member stops leading.
     async fn repair_rounds(self: Arc<Self>, mut layers: Vec<LayerRef>) {
-        while !layers.is_empty() && self.member.is_leader() {
+        while self.member.is_leader() {
+            // What each layer lacks now; those with all their copies, or
+            // none left to copy from, are done with.
             let want = self.copies_wanted();
-            let shorts: Vec<strata_sched::copies::Short> = layers
-                .iter()
-                .map(|l| {
-                    let holders: Vec<String> = self
-                        .live_holders(&l.blob, &self.recorded_holders(&l.blob))
-                        .into_iter()
-                        .map(|h| h.name)
-                        .collect();
-                    strata_sched::copies::Short {
-                        missing: want.saturating_sub(holders.len()),
-                        holders,
-                    }
-                })
-                .collect();
-            let round: Vec<(LayerRef, String, Connection, Vec<crate::protocol::Holder>)> = {
-                let plan = {
-                    let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-                    strata_sched::copies::plan_repair(&workers, &shorts, REPAIR_COPIES_PER_NODE)
-                };
-                plan.into_iter()
+            let mut shorts: Vec<strata_sched::copies::Short> = Vec::new();
+            layers.retain(|l| {
+                let holders: Vec<String> = self
+                    .live_holders(&l.blob, &self.recorded_holders(&l.blob))
+                    .into_iter()
+                    .map(|h| h.name)
+                    .collect();
+                let missing = want.saturating_sub(holders.len());
+                let short = missing > 0 && !holders.is_empty();
+                if short {
+                    shorts.push(strata_sched::copies::Short { missing, holders });
+                }
+                short
+            });
+            let planned: Vec<(LayerRef, strata_sched::copies::Assignment, Connection)> = {
+                let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+                strata_sched::copies::plan_repair(&workers, &shorts, REPAIR_COPIES_PER_NODE)
+                    .into_iter()
                     .filter_map(|a| {
                         let layer = *layers.get(a.short)?;
-                        let conn = self
-                            .workers
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .live(&a.to)
-                            .map(|w| w.link.conn.clone())?;
-                        // The planned holder first, the others after it.
-                        let mut sources = self.holders(&layer.blob, Some(&a.to));
-                        sources.sort_by_key(|h| h.name != a.from);
-                        Some((layer, a.to, conn, sources))
+                        let conn = workers.live(&a.to)?.link.conn.clone();
+                        Some((layer, a, conn))
                     })
                     .collect()
             };
-            if round.is_empty() {
+            if planned.is_empty() {
                 return;
             }
+            let round = planned.into_iter().map(|(layer, a, conn)| {
+                // The planned holder first, the others after it.
+                let mut sources = self.holders(&layer.blob, Some(&a.to));
+                sources.sort_by_key(|h| h.name != a.from);
+                (layer, a.to, conn, sources)
+            });
             let mut copies = tokio::task::JoinSet::new();
             for (layer, to, conn, sources) in round {
                 let me = Arc::clone(&self);
@@ -616,7 +631,7 @@ impl Coordinator {
                         made += 1;
                         tracing::info!(%blob, worker = %to, "copied a layer a lost worker left short");
                     }
-                    Ok((blob, to, Err(Ok(why) | Err(why)))) => {
+                    Ok((blob, to, Err(why))) => {
                         tracing::warn!(%blob, worker = %to, error = %why, "cannot copy the layer");
                     }
                     Err(e) => tracing::warn!(error = %e, "a copy stopped"),
@@ -625,13 +640,6 @@ impl Coordinator {
             if made == 0 {
                 return;
             }
-            let want = self.copies_wanted();
-            layers.retain(|l| {
-                let live = self
-                    .live_holders(&l.blob, &self.recorded_holders(&l.blob))
-                    .len();
-                live > 0 && live < want
-            });
         }
     }
 }

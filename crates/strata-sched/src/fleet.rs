@@ -150,16 +150,13 @@ impl<L> Fleet<L> {
             .filter(|m| m.alive && m.epoch == epoch)
     }
 
-    /// `name` was heard from at `now` under `epoch`; false if that is not
-    /// its live registration (it must register again).
-    pub fn heartbeat(&mut self, name: &str, epoch: u64, now: Instant) -> bool {
-        match self.current(name, epoch) {
-            Some(m) => {
-                m.last_seen = now;
-                true
-            }
-            None => false,
-        }
+    /// `name` was heard from at `now` under `epoch`: the member, to
+    /// update with what it said; `None` if that is not its live
+    /// registration (it must register again).
+    pub fn heartbeat(&mut self, name: &str, epoch: u64, now: Instant) -> Option<&mut Member<L>> {
+        let m = self.current(name, epoch)?;
+        m.last_seen = now;
+        Some(m)
     }
 
     /// `name`'s registration `epoch` ended (its connection closed); true
@@ -290,13 +287,21 @@ mod tests {
         let mut fleet = Fleet::default();
         fleet.register("a", spec(2), 1, (), t0);
         fleet.register("b", spec(2), 1, (), t0);
-        assert!(fleet.heartbeat("b", 1, t0 + Duration::from_secs(8)));
+        assert!(
+            fleet
+                .heartbeat("b", 1, t0 + Duration::from_secs(8))
+                .is_some()
+        );
         assert!(fleet.expire(t0 + Duration::from_secs(10), lease).is_empty());
         assert_eq!(fleet.expire(t0 + Duration::from_secs(11), lease), ["a"]);
         assert!(fleet.expire(t0 + Duration::from_secs(12), lease).is_empty());
         assert_eq!(fleet.live_count(), 1);
         // A heartbeat does not bring it back: it must register again.
-        assert!(!fleet.heartbeat("a", 1, t0 + Duration::from_secs(12)));
+        assert!(
+            fleet
+                .heartbeat("a", 1, t0 + Duration::from_secs(12))
+                .is_none()
+        );
         fleet.register("a", spec(2), 2, (), t0 + Duration::from_secs(13));
         assert!(fleet.live("a").is_some());
     }
