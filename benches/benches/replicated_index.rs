@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_cache::{CacheEntry, CacheIndex, LocalCacheIndex};
+use strata_cache::{CacheEntry, LocalCacheIndex};
 use strata_cas::{Digest, MetaDb};
 use strata_net::{ClusterCa, Endpoint, Role};
 use strata_raft::{CommandV1, Member, Node, Tuning};

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use strata_cas::{Digest, Sha256};
 use strata_oci::LayerRef;
 
-use crate::{CacheEntry, CacheIndex, Result};
+use crate::{CacheEntry, LocalCacheIndex, Result};
 
 /// The media type of an exported cache's config (and the manifest's
 /// `artifactType`).
@@ -84,7 +84,7 @@ impl CacheExport {
     /// is left out), and the layers they name in the order the config
     /// lists them.
     pub fn collect(
-        index: &dyn CacheIndex,
+        index: &LocalCacheIndex,
         keys: impl IntoIterator<Item = Digest>,
     ) -> Result<(CacheExport, Vec<LayerRef>)> {
         let mut layers: Vec<LayerRef> = Vec::new();
@@ -222,7 +222,7 @@ impl CacheExport {
 /// it is (a step this machine did is not replaced by an imported one).
 /// Every blob the entries name must be stored. Returns how many it
 /// recorded.
-pub fn import(index: &dyn CacheIndex, entries: &[(Digest, CacheEntry)]) -> Result<usize> {
+pub fn import(index: &LocalCacheIndex, entries: &[(Digest, CacheEntry)]) -> Result<usize> {
     let mut added = 0;
     for (key, entry) in entries {
         if index.get(key)?.is_none() {

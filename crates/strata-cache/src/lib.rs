@@ -80,34 +80,23 @@ pub enum Error {
 /// The cache index's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Step cache key → result.
+/// Step cache key → result, as a solver uses it. Async: a replicated
+/// index waits on its group, and the solver awaits it on the runtime.
+#[async_trait::async_trait]
 pub trait CacheIndex: Send + Sync {
     /// Makes the reads that follow see every write acknowledged before
     /// this call (a replicated index asks its leader once; a local one
     /// always does).
-    fn sync(&self) -> Result<()> {
+    async fn sync(&self) -> Result<()> {
         Ok(())
     }
     /// The entry for `key`, if the step is done.
-    fn get(&self, key: &Digest) -> Result<Option<CacheEntry>>;
+    async fn get(&self, key: &Digest) -> Result<Option<CacheEntry>>;
     /// Records a finished step. Every blob the entry names must be stored.
-    fn put(&self, key: &Digest, entry: &CacheEntry) -> Result<()>;
-    /// Forgets a step.
-    fn remove(&self, key: &Digest) -> Result<()>;
-    /// Every entry.
-    fn list(&self) -> Result<Vec<(Digest, CacheEntry)>>;
+    async fn put(&self, key: &Digest, entry: &CacheEntry) -> Result<()>;
     /// Records that a build used the entry now (to within
     /// [`strata_cas::LAST_USED_GRANULARITY`]).
-    fn touch(&self, key: &Digest) -> Result<()> {
-        if let Some(mut e) = self.get(key)? {
-            let now = now_unix();
-            if last_used_is_stale(e.last_used, now) {
-                e.last_used = now;
-                self.put(key, &e)?;
-            }
-        }
-        Ok(())
-    }
+    async fn touch(&self, key: &Digest) -> Result<()>;
 }
 
 const CF_CACHE: &str = "cache";
@@ -157,8 +146,9 @@ fn decode(key: Digest, raw: &[u8]) -> Result<CacheEntry> {
         })
 }
 
-impl CacheIndex for LocalCacheIndex {
-    fn get(&self, key: &Digest) -> Result<Option<CacheEntry>> {
+impl LocalCacheIndex {
+    /// The entry for `key`, if the step is done.
+    pub fn get(&self, key: &Digest) -> Result<Option<CacheEntry>> {
         match self
             .meta
             .db()
@@ -170,7 +160,8 @@ impl CacheIndex for LocalCacheIndex {
         }
     }
 
-    fn put(&self, key: &Digest, entry: &CacheEntry) -> Result<()> {
+    /// Records a finished step. Every blob the entry names must be stored.
+    pub fn put(&self, key: &Digest, entry: &CacheEntry) -> Result<()> {
         let raw =
             bincode::serde::encode_to_vec(entry, bincode::config::standard()).map_err(|e| {
                 Error::Decode {
@@ -184,14 +175,16 @@ impl CacheIndex for LocalCacheIndex {
             .map_err(self.db_err())
     }
 
-    fn remove(&self, key: &Digest) -> Result<()> {
+    /// Forgets a step.
+    pub fn remove(&self, key: &Digest) -> Result<()> {
         self.meta
             .db()
             .delete_cf(self.entries(), key.0)
             .map_err(self.db_err())
     }
 
-    fn list(&self) -> Result<Vec<(Digest, CacheEntry)>> {
+    /// Every entry.
+    pub fn list(&self) -> Result<Vec<(Digest, CacheEntry)>> {
         let mut out = Vec::new();
         for item in self
             .meta
@@ -205,6 +198,36 @@ impl CacheIndex for LocalCacheIndex {
             out.push((Digest(k), decode(Digest(k), &v)?));
         }
         Ok(out)
+    }
+
+    /// Records that a build used the entry now (to within
+    /// [`strata_cas::LAST_USED_GRANULARITY`]).
+    pub fn touch(&self, key: &Digest) -> Result<()> {
+        if let Some(mut e) = self.get(key)? {
+            let now = now_unix();
+            if last_used_is_stale(e.last_used, now) {
+                e.last_used = now;
+                self.put(key, &e)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One machine's RocksDB answers in microseconds from its memtable and
+/// page cache: the calls run inline.
+#[async_trait::async_trait]
+impl CacheIndex for LocalCacheIndex {
+    async fn get(&self, key: &Digest) -> Result<Option<CacheEntry>> {
+        LocalCacheIndex::get(self, key)
+    }
+
+    async fn put(&self, key: &Digest, entry: &CacheEntry) -> Result<()> {
+        LocalCacheIndex::put(self, key, entry)
+    }
+
+    async fn touch(&self, key: &Digest) -> Result<()> {
+        LocalCacheIndex::touch(self, key)
     }
 }
 

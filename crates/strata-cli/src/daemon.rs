@@ -96,7 +96,6 @@ impl strata_metrics::Health for DaemonHealth {
 
     /// The daemon is a node with one worker: itself.
     fn dashboard(&self) -> Option<serde_json::Value> {
-        use strata_cache::CacheIndex as _;
         use strata_worker::history::{Dashboard, NodeView, WorkerView};
         let node = &self.node;
         let slots = strata_worker::default_slots();

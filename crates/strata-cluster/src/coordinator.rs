@@ -229,10 +229,7 @@ impl Coordinator {
         let endpoint = Endpoint::listen(config.listen, &id).map_err(|e| e.to_string())?;
         let listen = endpoint.local_addr().map_err(|e| e.to_string())?;
         let member = Arc::new(join_group(config, &id).await?);
-        let index = Arc::new(ReplicatedIndex::new(
-            Arc::clone(&member),
-            tokio::runtime::Handle::current(),
-        ));
+        let index = Arc::new(ReplicatedIndex::new(Arc::clone(&member)));
         Ok(Arc::new(Coordinator {
             node: Arc::new(node),
             member,
@@ -1799,7 +1796,6 @@ impl Coordinator {
             Arc::clone(&self),
             Arc::clone(&spec),
             Arc::clone(&plan),
-            tokio::runtime::Handle::current(),
             cancel.clone(),
         ));
         let solver = Arc::new(Solver::sharing(

@@ -14,9 +14,8 @@ use strata_cas::Digest;
 use strata_dockerfile::Platform;
 use strata_net::{Connection, read_frame, write_frame};
 use strata_oci::LayerRef;
-use strata_plan::{Base, Op, Plan, Read, Source, StagePlan, Step};
-use strata_solver::{Job, StageResult, Worker, WorkerError};
-use tokio::runtime::Handle;
+use strata_plan::{Base, Op, Plan, Read, Source, Step};
+use strata_solver::{Job, StageResult, StepAt, Worker, WorkerError};
 use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::Coordinator;
@@ -61,7 +60,6 @@ pub(crate) struct Placement {
     coord: Arc<Coordinator>,
     spec: Arc<BuildSpec>,
     plan: Arc<Plan>,
-    handle: Handle,
     cancel: CancellationToken,
     /// Where its stages are, by plan stage.
     stages: Mutex<strata_sched::Stages>,
@@ -74,39 +72,16 @@ impl Placement {
         coord: Arc<Coordinator>,
         spec: Arc<BuildSpec>,
         plan: Arc<Plan>,
-        handle: Handle,
         cancel: CancellationToken,
     ) -> Placement {
         Placement {
             coord,
             spec,
             plan,
-            handle,
             cancel,
             stages: Mutex::default(),
             begun: tokio::sync::Mutex::default(),
         }
-    }
-
-    fn stage_index(&self, stage: &StagePlan) -> Result<usize, WorkerError> {
-        self.plan
-            .stages
-            .iter()
-            .position(|s| s.dockerfile_index == stage.dockerfile_index && s.name == stage.name)
-            .ok_or_else(|| WorkerError::new(format!("stage {} is not in the plan", stage.name)))
-    }
-
-    fn step_index(stage: &StagePlan, step: &Step) -> Result<usize, WorkerError> {
-        stage
-            .steps
-            .iter()
-            .position(|s| s.number == step.number)
-            .ok_or_else(|| {
-                WorkerError::new(format!(
-                    "step {} is not in stage {}",
-                    step.number, stage.name
-                ))
-            })
     }
 
     /// The worker stage `i` is on, choosing one (busy or not) if it has
@@ -410,15 +385,34 @@ impl Placement {
             }
         }
     }
+}
 
-    async fn inputs_async(
-        &self,
-        stage: &StagePlan,
-        step: &Step,
-        sources: &[Option<StageResult>],
-    ) -> Result<Vec<Digest>, WorkerError> {
-        let i = self.stage_index(stage)?;
-        let s = Self::step_index(stage, step)?;
+#[async_trait::async_trait]
+impl Worker for Placement {
+    async fn inputs(&self, at: &StepAt) -> Result<Vec<Digest>, WorkerError> {
+        let step = at.step();
+        if step.op.reads().is_empty() {
+            return Ok(Vec::new());
+        }
+        // What a COPY selects from the context is named by the context's
+        // tree: known once, it needs no worker (a fully cached build
+        // begins on none).
+        let known = match &step.op {
+            Op::Copy(c) if c.from == Source::Context && c.urls.is_empty() => {
+                Some(strata_worker::SelectionMemo::context_key(
+                    &self.spec.context,
+                    &c.sources,
+                    &c.excludes,
+                ))
+            }
+            _ => None,
+        };
+        if let Some(key) = known
+            && let Some(sum) = self.coord.selection(&key)
+        {
+            return Ok(vec![sum]);
+        }
+        let (i, s) = at.index();
         // What a COPY --from=stage selects is measured where that stage's
         // filesystem is; everything else where the stage runs.
         let worker = match self.source_holder(step) {
@@ -426,25 +420,43 @@ impl Placement {
             None => self.pin(i).await?,
         };
         let conn = self.begin(&worker).await?;
-        let req = Request::Inputs(Box::new(self.step_ref(&worker, i, s, &[], sources, None)));
-        self.ask(&worker, &conn, &req, |r| match r {
-            Reply::Inputs(r) => Ok(r),
-            other => Err(other),
-        })
-        .await
+        let req = Request::Inputs(Box::new(self.step_ref(
+            &worker,
+            i,
+            s,
+            &[],
+            at.sources(),
+            None,
+        )));
+        let inputs: Vec<Digest> = self
+            .ask(&worker, &conn, &req, |r| match r {
+                Reply::Inputs(r) => Ok(r),
+                other => Err(other),
+            })
+            .await?;
+        if let (Some(key), [sum]) = (known, inputs.as_slice()) {
+            self.coord.remember_selection(key, *sum);
+        }
+        Ok(inputs)
     }
 
-    async fn execute_async(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError> {
-        let i = self.stage_index(job.stage)?;
-        let s = Self::step_index(job.stage, job.step)?;
-        let (worker, _slot) = self.slot(i, job.parent).await?;
+    fn has_layers(&self, layers: &[LayerRef]) -> bool {
+        layers
+            .iter()
+            .all(|l| !self.coord.holders(&l.blob, None).is_empty())
+    }
+
+    async fn execute(&self, job: Job) -> Result<Option<LayerRef>, WorkerError> {
+        let (i, s) = job.at.index();
+        let step = job.at.step();
+        let (worker, _slot) = self.slot(i, &job.parent).await?;
         (job.placed)(&worker);
         let conn = self.begin(&worker).await?;
         // A COPY --from=stage away from that stage's worker copies from an
         // artifact of the copied paths, not the stage's layers.
-        let artifact = match self.source_holder(job.step) {
+        let artifact = match self.source_holder(step) {
             Some(holder) if holder != worker => {
-                let blob = self.artifact(&holder, i, s, job.sources).await?;
+                let blob = self.artifact(&holder, i, s, job.at.sources()).await?;
                 Some((blob, self.holder(&holder).into_iter().collect()))
             }
             _ => None,
@@ -453,8 +465,8 @@ impl Placement {
             &worker,
             i,
             s,
-            job.parent,
-            job.sources,
+            &job.parent,
+            job.at.sources(),
             artifact,
         )));
         let lost = |e: String| self.gone(&worker, &conn, e);
@@ -496,60 +508,13 @@ impl Placement {
         }
         outcome
     }
-}
-
-impl Worker for Placement {
-    fn inputs(
-        &self,
-        stage: &StagePlan,
-        step: &Step,
-        sources: &[Option<StageResult>],
-    ) -> Result<Vec<Digest>, WorkerError> {
-        if step.op.reads().is_empty() {
-            return Ok(Vec::new());
-        }
-        // What a COPY selects from the context is named by the context's
-        // tree: known once, it needs no worker (a fully cached build
-        // begins on none).
-        let known = match &step.op {
-            Op::Copy(c) if c.from == Source::Context && c.urls.is_empty() => {
-                Some(strata_worker::SelectionMemo::context_key(
-                    &self.spec.context,
-                    &c.sources,
-                    &c.excludes,
-                ))
-            }
-            _ => None,
-        };
-        if let Some(key) = known
-            && let Some(sum) = self.coord.selection(&key)
-        {
-            return Ok(vec![sum]);
-        }
-        let inputs = self
-            .handle
-            .block_on(self.inputs_async(stage, step, sources))?;
-        if let (Some(key), [sum]) = (known, inputs.as_slice()) {
-            self.coord.remember_selection(key, *sum);
-        }
-        Ok(inputs)
-    }
-
-    fn has_layers(&self, layers: &[LayerRef]) -> bool {
-        layers
-            .iter()
-            .all(|l| !self.coord.holders(&l.blob, None).is_empty())
-    }
-
-    fn execute(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError> {
-        self.handle.block_on(self.execute_async(job))
-    }
 
     /// Copies the layer until the configured number of workers hold it
     /// (as many as can take a copy); fails only if no live node holds it.
-    fn publish(&self, layer: &LayerRef) -> Result<(), WorkerError> {
-        self.handle
-            .block_on(self.coord.replicate(*layer, None))
+    async fn publish(&self, layer: LayerRef) -> Result<(), WorkerError> {
+        self.coord
+            .replicate(layer, None)
+            .await
             .map(|_| ())
             .map_err(WorkerError::new)
     }
@@ -558,16 +523,13 @@ impl Worker for Placement {
         "cluster".into()
     }
 
-    fn runs_on(&self, stage: &StagePlan) -> String {
-        self.stage_index(stage)
-            .ok()
-            .and_then(|i| self.pinned(i).map(|p| p.worker))
+    fn runs_on(&self, stage: usize) -> String {
+        self.pinned(stage)
+            .map(|p| p.worker)
             .unwrap_or_else(|| "-".into())
     }
 
-    fn stage_done(&self, stage: &StagePlan) {
-        if let Ok(i) = self.stage_index(stage) {
-            self.unplace(i);
-        }
+    fn stage_done(&self, stage: usize) {
+        self.unplace(stage);
     }
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use strata_cas::{ContentStore, Digest, Lease};
 use strata_dockerfile::IgnoreMatcher;
 use strata_net::{Connection, Endpoint, Role, write_frame};
-use strata_plan::{Plan, StagePlan};
-use strata_solver::{Job, StageResult, Worker as _, WorkerError};
+use strata_plan::Plan;
+use strata_solver::{Job, StageResult, StepAt, WorkerError};
 use strata_worker::{LocalWorker, Node};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -972,40 +972,30 @@ impl WorkerNode {
     }
 
     async fn inputs(&self, step: StepRef, from: &Connection) -> Result<Vec<Digest>, WorkerError> {
-        self.on_step(step, from, |worker, stage, s, sources| {
-            worker.inputs(stage, &stage.steps[s], sources)
-        })
-        .await
+        self.on_step(step, from, |worker, at| worker.inputs(at))
+            .await
     }
 
     async fn artifact(&self, step: StepRef, from: &Connection) -> Result<Digest, WorkerError> {
-        self.on_step(step, from, |worker, stage, s, sources| {
-            worker.artifact(&stage.steps[s], sources)
+        self.on_step(step, from, |worker, at| {
+            worker.artifact(at.step(), at.sources())
         })
         .await
     }
 
-    /// Runs `f` off the runtime on the build's worker, the step's stage,
-    /// its index and the finished stages, once the blobs it needs are here.
+    /// Runs `f` off the runtime on the build's worker and the step, once
+    /// the blobs it needs are here.
     async fn on_step<T: Send + 'static>(
         &self,
         step: StepRef,
         from: &Connection,
-        f: impl FnOnce(
-            &LocalWorker,
-            &StagePlan,
-            usize,
-            &[Option<StageResult>],
-        ) -> Result<T, WorkerError>
-        + Send
-        + 'static,
+        f: impl FnOnce(&LocalWorker, &StepAt) -> Result<T, WorkerError> + Send + 'static,
     ) -> Result<T, WorkerError> {
         let here = self.build(&from.peer.name, step.build)?;
         self.fetch(&step, from).await?;
         tokio::task::spawn_blocking(move || {
-            let (stage, s) = locate(&here.plan, &step)?;
-            let sources = sources(&here.plan, &step);
-            f(&here.worker, stage, s, &sources)
+            let at = locate(&here.plan, &step)?;
+            f(&here.worker, &at)
         })
         .await
         .map_err(|e| WorkerError::new(e.to_string()))?
@@ -1032,7 +1022,7 @@ impl WorkerNode {
         let (here, step, blob) = (Arc::clone(here), step.clone(), *blob);
         let node = Arc::clone(&self.node);
         tokio::task::spawn_blocking(move || {
-            let (stage, s) = locate(&here.plan, &step)?;
+            let at = locate(&here.plan, &step)?;
             let dir = here
                 .scratch
                 .as_ref()
@@ -1049,7 +1039,7 @@ impl WorkerNode {
             // lands outside `dir`, modes, times and owners kept).
             strata_snapshot::apply_tar(&dir, reader)
                 .map_err(|e| WorkerError::new(format!("unpacking artifact {blob}: {e}")))?;
-            here.worker.provide_source(stage, &stage.steps[s], dir);
+            here.worker.provide_source(at.stage(), at.step(), dir);
             Ok(())
         })
         .await
@@ -1121,16 +1111,13 @@ impl WorkerNode {
         let span = tracing::Span::current();
         let running = tokio::task::spawn_blocking(move || {
             let _build = span.enter();
-            let (stage, s) = locate(&here.plan, &step)?;
-            let sources = sources(&here.plan, &step);
+            let at = locate(&here.plan, &step)?;
             let output: strata_solver::Output = Arc::new(move |bytes: &[u8]| {
                 let _ = tx.send(bytes.to_vec());
             });
             here.worker.execute(&Job {
-                stage,
-                step: &stage.steps[s],
-                parent: &step.parent,
-                sources: &sources,
+                at,
+                parent: step.parent,
                 output,
                 // The coordinator named this worker already, and heard
                 // what it fetched.
@@ -1153,15 +1140,15 @@ impl WorkerNode {
     }
 }
 
-/// The plan stage and step index a [`StepRef`] names.
-fn locate<'p>(plan: &'p Plan, step: &StepRef) -> Result<(&'p StagePlan, usize), WorkerError> {
-    plan.stages
-        .get(step.stage)
-        .filter(|s| step.step < s.steps.len())
-        .map(|s| (s, step.step))
-        .ok_or_else(|| {
-            WorkerError::new(format!("no step {}/{} in the plan", step.stage, step.step))
-        })
+/// The step a [`StepRef`] names, with the stages finished before it.
+fn locate(plan: &Arc<Plan>, step: &StepRef) -> Result<StepAt, WorkerError> {
+    StepAt::new(
+        Arc::clone(plan),
+        step.stage,
+        step.step,
+        sources(plan, step).into(),
+    )
+    .ok_or_else(|| WorkerError::new(format!("no step {}/{} in the plan", step.stage, step.step)))
 }
 
 /// Finished stages as the engine wants them, their configs from the plan.

@@ -1079,78 +1079,67 @@ impl Member {
 // `declare_raft_types!` names `Cursor` for the default snapshot data.
 const _: Option<Cursor<Vec<u8>>> = None;
 
-/// The cache index as a solver uses it, replicated through a [`Member`].
-/// Its calls block: make them from blocking threads (the solver does),
-/// never from the runtime's own.
+/// The cache index as a solver uses it, replicated through a [`Member`]:
+/// reads come from this member's copy, writes go through the group.
 pub struct ReplicatedIndex {
     member: Arc<Member>,
-    handle: tokio::runtime::Handle,
 }
 
 impl ReplicatedIndex {
-    /// The index of `member`, whose calls run on `handle`'s runtime.
-    pub fn new(member: Arc<Member>, handle: tokio::runtime::Handle) -> ReplicatedIndex {
-        ReplicatedIndex { member, handle }
+    /// The index of `member`.
+    pub fn new(member: Arc<Member>) -> ReplicatedIndex {
+        ReplicatedIndex { member }
     }
 
-    fn write(&self, command: CommandV1) -> strata_cache::Result<()> {
-        self.handle
-            .block_on(self.member.write(command))
+    async fn write(&self, command: CommandV1) -> strata_cache::Result<()> {
+        self.member
+            .write(command)
+            .await
             .map(|_| ())
+            .map_err(|e| strata_cache::Error::Unavailable(e.to_string()))
+    }
+
+    fn entry(&self, key: &Digest) -> strata_cache::Result<Option<CacheEntry>> {
+        self.member
+            .local()
+            .entry(key)
             .map_err(|e| strata_cache::Error::Unavailable(e.to_string()))
     }
 }
 
+#[async_trait::async_trait]
 impl strata_cache::CacheIndex for ReplicatedIndex {
     /// One read-index round: the reads that follow see every write
     /// acknowledged before it.
-    fn sync(&self) -> strata_cache::Result<()> {
-        self.handle
-            .block_on(self.member.barrier())
+    async fn sync(&self) -> strata_cache::Result<()> {
+        self.member
+            .barrier()
+            .await
             .map_err(|e| strata_cache::Error::Unavailable(e.to_string()))
     }
 
     /// This member's copy, as of the last [`sync`](Self::sync) or newer.
-    fn get(&self, key: &Digest) -> strata_cache::Result<Option<CacheEntry>> {
-        self.member
-            .local()
-            .entry(key)
-            .map_err(|e| strata_cache::Error::Unavailable(e.to_string()))
+    async fn get(&self, key: &Digest) -> strata_cache::Result<Option<CacheEntry>> {
+        self.entry(key)
     }
 
-    fn put(&self, key: &Digest, entry: &CacheEntry) -> strata_cache::Result<()> {
+    async fn put(&self, key: &Digest, entry: &CacheEntry) -> strata_cache::Result<()> {
         self.write(CommandV1::Put {
             key: *key,
             entry: entry.clone(),
         })
+        .await
     }
 
-    fn remove(&self, key: &Digest) -> strata_cache::Result<()> {
-        self.write(CommandV1::Remove { key: *key })
-    }
-
-    /// This member's copy: enough for counting and pruning.
-    fn list(&self) -> strata_cache::Result<Vec<(Digest, CacheEntry)>> {
-        self.member
-            .local()
-            .entries()
-            .map_err(|e| strata_cache::Error::Unavailable(e.to_string()))
-    }
-
-    fn touch(&self, key: &Digest) -> strata_cache::Result<()> {
+    async fn touch(&self, key: &Digest) -> strata_cache::Result<()> {
         // Read locally: a touch that a lagging copy makes twice changes
         // nothing, since Touch only moves last use forward.
-        let Some(e) = self
-            .member
-            .local()
-            .entry(key)
-            .map_err(|e| strata_cache::Error::Unavailable(e.to_string()))?
-        else {
+        let Some(e) = self.entry(key)? else {
             return Ok(());
         };
         let now = strata_cas::now_unix();
         if strata_cas::last_used_is_stale(e.last_used, now) {
-            self.write(CommandV1::Touch { key: *key, at: now })?;
+            self.write(CommandV1::Touch { key: *key, at: now }).await?;
         }
         Ok(())
     }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use strata_cas::Digest;
 use strata_oci::{ImageConfig, LayerRef};
-use strata_plan::{StagePlan, Step};
+use strata_plan::{Plan, StagePlan, Step};
 use tokio_util::sync::CancellationToken;
 
 pub use id::{MAX_BUILD_ID, new_build_id, valid_build_id};
@@ -45,16 +45,68 @@ pub type Placed = Arc<dyn Fn(&str) + Send + Sync>;
 /// Told what moving a step's inputs to its node took: bytes, seconds.
 pub type Fetched = Arc<dyn Fn(u64, f64) + Send + Sync>;
 
-/// One step for a worker to run.
-pub struct Job<'a> {
+/// A step of a plan, by index, with the stages finished when its stage
+/// began: everything a worker needs to measure or run it, owned, so a
+/// worker may hand it to another thread or send it over the network.
+/// Made only by [`StepAt::new`], which checks the indices.
+#[derive(Clone)]
+pub struct StepAt {
+    plan: Arc<Plan>,
+    stage: usize,
+    step: usize,
+    sources: Arc<[Option<StageResult>]>,
+}
+
+impl StepAt {
+    /// A step of `plan`; `None` when the plan has no such step.
+    pub fn new(
+        plan: Arc<Plan>,
+        stage: usize,
+        step: usize,
+        sources: Arc<[Option<StageResult>]>,
+    ) -> Option<StepAt> {
+        (step < plan.stages.get(stage)?.steps.len()).then_some(StepAt {
+            plan,
+            stage,
+            step,
+            sources,
+        })
+    }
+
+    /// The plan.
+    pub fn plan(&self) -> &Arc<Plan> {
+        &self.plan
+    }
+
+    /// The plan index of its stage and its index in that stage's steps.
+    pub fn index(&self) -> (usize, usize) {
+        (self.stage, self.step)
+    }
+
+    /// Results of the plan's stages finished when its stage began, by
+    /// plan index.
+    pub fn sources(&self) -> &[Option<StageResult>] {
+        &self.sources
+    }
+
     /// Its stage.
-    pub stage: &'a StagePlan,
+    pub fn stage(&self) -> &StagePlan {
+        &self.plan.stages[self.stage]
+    }
+
     /// The step.
-    pub step: &'a Step,
+    pub fn step(&self) -> &Step {
+        &self.stage().steps[self.step]
+    }
+}
+
+/// One step for a worker to run.
+#[derive(Clone)]
+pub struct Job {
+    /// The step.
+    pub at: StepAt,
     /// The layer chain it runs on top of.
-    pub parent: &'a [LayerRef],
-    /// Results of the plan's stages so far, by plan index.
-    pub sources: &'a [Option<StageResult>],
+    pub parent: Vec<LayerRef>,
     /// Where its output goes.
     pub output: Output,
     /// Told the node's name once the step has one to run on (a cluster
@@ -103,28 +155,26 @@ impl WorkerError {
 }
 
 /// Where steps run. The embedded build has one, in-process; a cluster
-/// puts workers on other machines behind the same calls.
+/// puts workers on other machines behind the same calls. Every call that
+/// may wait (on a disk, a process or the network) is async: the solver
+/// awaits it on the runtime and never parks a thread for it.
+#[async_trait::async_trait]
 pub trait Worker: Send + Sync + 'static {
     /// Digests of the content a step reads besides its parent filesystem:
     /// the files a COPY selects, the sources a RUN bind-mounts.
-    fn inputs(
-        &self,
-        stage: &StagePlan,
-        step: &Step,
-        sources: &[Option<StageResult>],
-    ) -> Result<Vec<Digest>, WorkerError>;
+    async fn inputs(&self, at: &StepAt) -> Result<Vec<Digest>, WorkerError>;
 
     /// Whether every blob of a cached chain is usable here.
     fn has_layers(&self, layers: &[LayerRef]) -> bool;
 
     /// Runs a step; returns the layer it added, or `None` if it changed no file.
-    fn execute(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError>;
+    async fn execute(&self, job: Job) -> Result<Option<LayerRef>, WorkerError>;
 
     /// Makes a layer a step added safe to name in the cache index: a
     /// cluster first copies it to more workers, so losing one loses no
     /// cache. The solver records the step only after this returns; the
     /// build goes on meanwhile.
-    fn publish(&self, layer: &LayerRef) -> Result<(), WorkerError> {
+    async fn publish(&self, layer: LayerRef) -> Result<(), WorkerError> {
         let _ = layer;
         Ok(())
     }
@@ -132,15 +182,17 @@ pub trait Worker: Send + Sync + 'static {
     /// This worker's name, for reports.
     fn name(&self) -> String;
 
-    /// Where `stage`'s steps run, for reports (a cluster names the node).
-    fn runs_on(&self, stage: &StagePlan) -> String {
+    /// Where the plan's stage `stage` runs, for reports (a cluster names
+    /// the node).
+    fn runs_on(&self, stage: usize) -> String {
         let _ = stage;
         self.name()
     }
 
-    /// The solver is done with `stage` (its last step finished or was
-    /// cached, or it failed): a cluster frees the node's slot.
-    fn stage_done(&self, stage: &StagePlan) {
+    /// The solver is done with the plan's stage `stage` (its last step
+    /// finished or was cached, or it failed): a cluster frees the node's
+    /// slot.
+    fn stage_done(&self, stage: usize) {
         let _ = stage;
     }
 }

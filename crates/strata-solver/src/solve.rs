@@ -13,8 +13,8 @@ use tokio::sync::{OnceCell, Semaphore, watch};
 use tracing::Instrument as _;
 
 use crate::{
-    Event, EventKind, Job, SolveError, SolveOptions, Solved, StageResult, StepRecord, Worker,
-    WorkerError,
+    Event, EventKind, Job, SolveError, SolveOptions, Solved, StageResult, StepAt, StepRecord,
+    Worker, WorkerError,
 };
 
 /// One step being run: its result once it ran, and whether the build
@@ -142,10 +142,7 @@ impl Solver {
     ) -> Result<Solved, SolveError> {
         // Once per build, not per step: the build sees every result
         // recorded before it started.
-        let cache = Arc::clone(&self.cache);
-        tokio::task::spawn_blocking(move || cache.sync())
-            .await
-            .map_err(|e| SolveError::Internal(e.to_string()))??;
+        self.cache.sync().await?;
         let n = plan.stages.len();
         let mut done = Vec::with_capacity(n);
         let mut waiters = Vec::with_capacity(n);
@@ -266,13 +263,13 @@ impl Solver {
                 Ok(r) => break Ok(r),
             }
         };
-        self.worker.stage_done(stage);
+        self.worker.stage_done(i);
         outcome
     }
 
     async fn stage_once(&self, run: &Arc<Run>, i: usize) -> Result<StageResult, StageFailure> {
         let stage = &run.plan.stages[i];
-        let results = run.snapshot();
+        let results: Arc<[Option<StageResult>]> = run.snapshot().into();
         let (mut key, mut layers, base_history) = match &stage.base {
             Base::Scratch => (scratch_key(&stage.platform), Vec::new(), Vec::new()),
             Base::Image(img) => {
@@ -315,27 +312,21 @@ impl Solver {
                     StageFailure::Failed(err)
                 }
             };
-            let internal = |e: String| StageFailure::Failed(SolveError::Internal(e));
             let started = now();
-            let inputs = {
-                let (w, plan, results) = (
-                    Arc::clone(&self.worker),
-                    Arc::clone(&run.plan),
-                    results.clone(),
-                );
-                tokio::task::spawn_blocking(move || {
-                    w.inputs(&plan.stages[i], &plan.stages[i].steps[s], &results)
-                })
-                .await
-                .map_err(|e| internal(e.to_string()))?
-                .map_err(step_err)?
-            };
+            let at = StepAt::new(Arc::clone(&run.plan), i, s, Arc::clone(&results)).ok_or_else(
+                || {
+                    StageFailure::Failed(SolveError::Internal(format!(
+                        "no step {s} in stage {i} of the plan"
+                    )))
+                },
+            )?;
+            let inputs = self.worker.inputs(&at).await.map_err(step_err)?;
             let step_key = step_key(&key, &step.op, &inputs);
             let skip_cache = run.opts.no_cache || run.opts.no_cache_stages.contains(&stage.name);
             let cached = if skip_cache {
                 None
             } else {
-                self.index(move |c| c.get(&step_key)).await?
+                self.cache.get(&step_key).await.map_err(index_err)?
             };
             let cached = cached.filter(|e| self.worker.has_layers(&e.layers));
             if !skip_cache {
@@ -343,13 +334,13 @@ impl Solver {
             }
             let (entry, result) = match cached {
                 Some(entry) => {
-                    self.index(move |c| c.touch(&step_key)).await?;
+                    self.cache.touch(&step_key).await.map_err(index_err)?;
                     run.event(stage, step.number, &step.label, EventKind::Cached);
                     (entry, strata_metrics::StepResult::Cached)
                 }
                 None => {
                     let (entry, ran) = self
-                        .share_or_run(run, i, s, step_key, &layers, &results)
+                        .share_or_run(run, at, step_key, &layers)
                         .await
                         .map_err(step_err)?;
                     let (flight, shared) = ran;
@@ -415,7 +406,7 @@ impl Solver {
                     worker: if was_cached {
                         producer
                     } else {
-                        self.worker.runs_on(stage)
+                        self.worker.runs_on(i)
                     },
                     running: if was_cached {
                         None
@@ -450,11 +441,9 @@ impl Solver {
     async fn share_or_run(
         &self,
         run: &Arc<Run>,
-        i: usize,
-        s: usize,
+        at: StepAt,
         step_key: Digest,
         layers: &[LayerRef],
-        results: &[Option<StageResult>],
     ) -> Result<(CacheEntry, (Flight, bool)), WorkerError> {
         loop {
             let flight = Arc::clone(
@@ -470,7 +459,7 @@ impl Solver {
                 .entry
                 .get_or_try_init(|| async {
                     ran = true;
-                    self.execute(run, i, s, layers, results).await
+                    self.execute(run, at.clone(), layers).await
                 })
                 .await
                 .cloned();
@@ -516,56 +505,39 @@ impl Solver {
             Arc::clone(&self.cache),
             self.in_flight.clone(),
         );
-        let span = tracing::Span::current();
-        tokio::spawn(async move {
-            let made = entry.layers.last().copied().filter(|_| entry.made_layer);
-            let recorded = tokio::task::spawn_blocking(move || {
-                let _build = span.enter();
-                if let Some(layer) = made
-                    && let Err(e) = worker.publish(&layer)
-                {
-                    // Not recorded: the cache must not name a layer no
-                    // live node holds.
-                    tracing::warn!(layer = %layer.blob, error = %e.message, "the step's layer could not be published; the step is not cached");
-                    return Ok(());
-                }
-                cache.put(&step_key, &entry)
-            })
-            .await;
-            let mut map = flights.0.lock().unwrap_or_else(PoisonError::into_inner);
+        tokio::spawn(
+            async move {
+                let made = entry.layers.last().copied().filter(|_| entry.made_layer);
+                let recorded = match made {
+                    Some(layer) => match worker.publish(layer).await {
+                        Ok(()) => cache.put(&step_key, &entry).await,
+                        Err(e) => {
+                            // Not recorded: the cache must not name a layer
+                            // no live node holds.
+                            tracing::warn!(layer = %layer.blob, error = %e.message, "the step's layer could not be published; the step is not cached");
+                            Ok(())
+                        }
+                    },
+                    None => cache.put(&step_key, &entry).await,
+                };
+                let mut map = flights.0.lock().unwrap_or_else(PoisonError::into_inner);
             if map.get(&step_key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
                 map.remove(&step_key);
             }
-            drop(map);
-            flight.published.send_replace(true);
-            match recorded {
-                Ok(r) => r.map_err(SolveError::from),
-                Err(e) => Err(SolveError::Internal(e.to_string())),
+                drop(map);
+                flight.published.send_replace(true);
+                recorded.map_err(SolveError::from)
             }
-        })
-    }
-
-    /// Calls the cache index off the runtime's threads: an index may wait
-    /// on the network (a replicated one asks its leader).
-    async fn index<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn CacheIndex) -> strata_cache::Result<T> + Send + 'static,
-    ) -> Result<T, StageFailure> {
-        let cache = Arc::clone(&self.cache);
-        tokio::task::spawn_blocking(move || f(&*cache))
-            .await
-            .map_err(|e| StageFailure::Failed(SolveError::Internal(e.to_string())))?
-            .map_err(|e| StageFailure::Failed(e.into()))
+            .in_current_span(),
+        )
     }
 
     /// Runs one step on the worker and returns what to cache.
     async fn execute(
         &self,
         run: &Arc<Run>,
-        i: usize,
-        s: usize,
+        at: StepAt,
         parent: &[LayerRef],
-        results: &[Option<crate::StageResult>],
     ) -> Result<CacheEntry, WorkerError> {
         let queued = Instant::now();
         let _permit = run
@@ -586,71 +558,64 @@ impl Solver {
             }
             None => None,
         };
-        let stage = &run.plan.stages[i];
-        let step = &stage.steps[s];
+        let (i, s) = at.index();
+        let stage = at.stage();
+        let step = at.step();
         run.running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert((i, s), now());
         run.event(stage, step.number, &step.label, EventKind::Started);
         let clock = Instant::now();
-        let (w, r2, parent_v, results_v) = (
-            Arc::clone(&self.worker),
-            Arc::clone(run),
-            parent.to_vec(),
-            results.to_vec(),
-        );
-        let span = tracing::Span::current();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let _build = span.enter();
-            let stage = &r2.plan.stages[i];
-            let step = &stage.steps[s];
-            let r3 = Arc::clone(&r2);
+        let event = {
+            let run = Arc::clone(run);
             let (name, number, label) = (stage.name.clone(), step.number, step.label.clone());
             let total = stage.total();
-            let event = move |kind: EventKind| {
-                (r3.opts.progress)(Event {
+            Arc::new(move |kind: EventKind| {
+                (run.opts.progress)(Event {
                     stage: name.clone(),
                     number,
                     total,
                     label: label.clone(),
                     kind,
                 })
-            };
-            let event = Arc::new(event);
-            let on_output = Arc::clone(&event);
-            let output: crate::Output =
-                Arc::new(move |bytes: &[u8]| on_output(EventKind::Output(bytes.to_vec())));
-            // On a cluster the step runs once placed: that is when its
-            // wait for a worker's slot ended.
-            let r4 = Arc::clone(&r2);
-            let placed: crate::Placed = Arc::new(move |node: &str| {
-                r4.running
+            })
+        };
+        let on_output = Arc::clone(&event);
+        let output: crate::Output =
+            Arc::new(move |bytes: &[u8]| on_output(EventKind::Output(bytes.to_vec())));
+        // On a cluster the step runs once placed: that is when its wait
+        // for a worker's slot ended.
+        let placed: crate::Placed = {
+            let run = Arc::clone(run);
+            Arc::new(move |node: &str| {
+                run.running
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .insert((i, s), now());
                 event(EventKind::Placed(node.to_string()))
-            });
-            let r5 = Arc::clone(&r2);
-            let fetched: crate::Fetched = Arc::new(move |bytes: u64, seconds: f64| {
-                r5.fetches
+            })
+        };
+        let fetched: crate::Fetched = {
+            let run = Arc::clone(run);
+            Arc::new(move |bytes: u64, seconds: f64| {
+                run.fetches
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .insert((i, s), (bytes, seconds));
-            });
-            w.execute(&Job {
-                stage,
-                step,
-                parent: &parent_v,
-                sources: &results_v,
+            })
+        };
+        let outcome = self
+            .worker
+            .execute(Job {
+                at: at.clone(),
+                parent: parent.to_vec(),
                 output,
                 placed,
                 fetched,
-                cancel: r2.opts.cancel.clone(),
+                cancel: run.opts.cancel.clone(),
             })
-        })
-        .await
-        .map_err(|e| WorkerError::new(e.to_string()))?;
+            .await;
         match outcome {
             Ok(layer) => {
                 run.event(
@@ -662,7 +627,7 @@ impl Solver {
                 let mut layers = parent.to_vec();
                 let made = layer.is_some();
                 layers.extend(layer);
-                Ok(CacheEntry::new(layers, made, &self.worker.runs_on(stage)))
+                Ok(CacheEntry::new(layers, made, &self.worker.runs_on(i)))
             }
             Err(e) => {
                 run.event(
@@ -705,6 +670,11 @@ impl Drop for Measured {
 
 /// How often a stage is started over when its worker is lost.
 const STAGE_ATTEMPTS: u32 = 3;
+
+/// A failure of the cache index ends the build.
+fn index_err(e: strata_cache::Error) -> StageFailure {
+    StageFailure::Failed(e.into())
+}
 
 /// Why one attempt at a stage ended.
 enum StageFailure {

@@ -12,24 +12,13 @@ use strata_cache::{CacheEntry, CacheIndex};
 use strata_cas::{Digest, Sha256};
 use strata_oci::{ImageConfig, LayerRef};
 use strata_plan::{Base, CopyOp, ExecOp, Op, Plan, Source, StagePlan, Step};
-use strata_solver::{Job, SolveError, SolveOptions, Solver, StageResult, Worker, WorkerError};
+use strata_solver::{Job, SolveError, SolveOptions, Solver, StepAt, Worker, WorkerError};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Default)]
 struct MemCache(Mutex<HashMap<Digest, CacheEntry>>);
 
-impl CacheIndex for MemCache {
-    fn get(&self, k: &Digest) -> strata_cache::Result<Option<CacheEntry>> {
-        Ok(self.0.lock().unwrap().get(k).cloned())
-    }
-    fn put(&self, k: &Digest, e: &CacheEntry) -> strata_cache::Result<()> {
-        self.0.lock().unwrap().insert(*k, e.clone());
-        Ok(())
-    }
-    fn remove(&self, k: &Digest) -> strata_cache::Result<()> {
-        self.0.lock().unwrap().remove(k);
-        Ok(())
-    }
+impl MemCache {
     fn list(&self) -> strata_cache::Result<Vec<(Digest, CacheEntry)>> {
         Ok(self
             .0
@@ -38,6 +27,23 @@ impl CacheIndex for MemCache {
             .iter()
             .map(|(k, v)| (*k, v.clone()))
             .collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl CacheIndex for MemCache {
+    async fn get(&self, k: &Digest) -> strata_cache::Result<Option<CacheEntry>> {
+        Ok(self.0.lock().unwrap().get(k).cloned())
+    }
+    async fn put(&self, k: &Digest, e: &CacheEntry) -> strata_cache::Result<()> {
+        self.0.lock().unwrap().insert(*k, e.clone());
+        Ok(())
+    }
+    async fn touch(&self, k: &Digest) -> strata_cache::Result<()> {
+        if let Some(e) = self.0.lock().unwrap().get_mut(k) {
+            e.last_used = strata_cas::now_unix();
+        }
+        Ok(())
     }
 }
 
@@ -53,8 +59,8 @@ struct FakeWorker {
     delay: Duration,
     /// Commands whose first run loses the worker (a cluster node dying).
     lose_once: Mutex<Vec<String>>,
-    /// Stages the solver said it was done with.
-    done: Mutex<Vec<String>>,
+    /// Stages the solver said it was done with, by plan index.
+    done: Mutex<Vec<usize>>,
     /// Layers published, in the order their publishes finished.
     published: Mutex<Vec<Digest>>,
     /// How long publishing a layer takes.
@@ -65,17 +71,13 @@ struct FakeWorker {
     lost: Mutex<HashSet<Digest>>,
 }
 
+#[async_trait::async_trait]
 impl Worker for FakeWorker {
-    fn inputs(
-        &self,
-        _: &StagePlan,
-        step: &Step,
-        sources: &[Option<StageResult>],
-    ) -> Result<Vec<Digest>, WorkerError> {
-        Ok(match &step.op {
+    async fn inputs(&self, at: &StepAt) -> Result<Vec<Digest>, WorkerError> {
+        Ok(match &at.step().op {
             Op::Copy(c) => match c.from {
                 Source::Stage(i) => {
-                    let src = sources[i].as_ref().unwrap();
+                    let src = at.sources()[i].as_ref().unwrap();
                     let top = src.layers.last().map(|l| l.blob).unwrap();
                     let made_by = self
                         .outputs
@@ -97,8 +99,8 @@ impl Worker for FakeWorker {
         layers.iter().all(|l| !lost.contains(&l.blob))
     }
 
-    fn publish(&self, layer: &LayerRef) -> Result<(), WorkerError> {
-        std::thread::sleep(self.publish_delay);
+    async fn publish(&self, layer: LayerRef) -> Result<(), WorkerError> {
+        tokio::time::sleep(self.publish_delay).await;
         self.published.lock().unwrap().push(layer.blob);
         if self.refuse_publish {
             return Err(WorkerError::new("no worker could take a copy"));
@@ -106,12 +108,12 @@ impl Worker for FakeWorker {
         Ok(())
     }
 
-    fn execute(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError> {
+    async fn execute(&self, job: Job) -> Result<Option<LayerRef>, WorkerError> {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_running.fetch_max(now, Ordering::SeqCst);
-        std::thread::sleep(self.delay);
+        tokio::time::sleep(self.delay).await;
         self.running.fetch_sub(1, Ordering::SeqCst);
-        let Op::Exec(e) = &job.step.op else {
+        let Op::Exec(e) = &job.at.step().op else {
             return Ok(None);
         };
         let cmd = e.args.join(" ");
@@ -151,8 +153,8 @@ impl Worker for FakeWorker {
         "fake".into()
     }
 
-    fn stage_done(&self, stage: &StagePlan) {
-        self.done.lock().unwrap().push(stage.name.clone());
+    fn stage_done(&self, stage: usize) {
+        self.done.lock().unwrap().push(stage);
     }
 }
 
@@ -398,7 +400,7 @@ async fn a_lost_worker_starts_the_stage_over() {
         "one record per step: {:?}",
         solved.steps
     );
-    assert_eq!(*worker.done.lock().unwrap(), ["only"]);
+    assert_eq!(*worker.done.lock().unwrap(), [0], "the plan's one stage");
 }
 
 fn two_steps() -> Arc<Plan> {
@@ -500,4 +502,46 @@ async fn a_build_sharing_a_step_ends_only_once_the_step_is_published() {
     // One ran the step, the other shared it; both ended after the publish.
     assert_ne!(x.steps[0].cached, y.steps[0].cached);
     assert_eq!((x_saw, y_saw), (1, 1));
+}
+
+/// Steps wait on their worker without holding a thread: a build of 48
+/// independent stages runs them all at once on a runtime whose blocking
+/// pool has one thread (a cluster's steps wait on workers for minutes;
+/// a pool the size of tokio's default, 512, would cap the whole
+/// coordinator).
+#[test]
+fn waiting_steps_hold_no_thread() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let worker = Arc::new(FakeWorker {
+        delay: Duration::from_millis(500),
+        ..Default::default()
+    });
+    let stages: Vec<StagePlan> = (0..48)
+        .map(|n| {
+            stage(
+                &format!("s{n}"),
+                Base::Scratch,
+                vec![exec(&format!("wait {n}"), 1)],
+            )
+        })
+        .collect();
+    let plan = Arc::new(Plan {
+        stages,
+        target: 0,
+        lint: Vec::new(),
+    });
+    let solver = Arc::new(Solver::new(worker.clone(), Arc::new(MemCache::default())));
+    let options = SolveOptions { jobs: 64, ..opts() };
+    rt.block_on(solver.solve(plan, options)).unwrap();
+    assert_eq!(worker.executed.lock().unwrap().len(), 48);
+    assert_eq!(
+        worker.max_running.load(Ordering::SeqCst),
+        48,
+        "every waiting step was running at once"
+    );
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::contexts::{Named, NamedContext, make_image, override_stages};
 use crate::node::Node;
 use crate::timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};
-use crate::worker::LocalWorker;
+use crate::worker::{Embedded, LocalWorker};
 
 /// A build to run.
 pub struct BuildRequest {
@@ -511,11 +511,11 @@ async fn solve_and_store(
     stamps: Timestamps,
     lease: strata_cas::Lease,
 ) -> Result<BuildResult, BuildError> {
-    let worker = Arc::new(
+    let worker = Arc::new(Embedded(Arc::new(
         LocalWorker::new(Arc::clone(&node), req.context.clone(), ignore, req.secrets)
             .forwarding_ssh(req.ssh)
             .granting(req.grants),
-    );
+    )));
     let solver = Arc::new(Solver::sharing(
         worker,
         Arc::clone(&node.cache) as Arc<dyn strata_cache::CacheIndex>,

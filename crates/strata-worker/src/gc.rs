@@ -8,7 +8,6 @@
 
 use std::collections::HashSet;
 
-use strata_cache::CacheIndex;
 use strata_cas::Digest;
 use strata_oci::LayerRef;
 use strata_snapshot::chain_id;

@@ -53,4 +53,4 @@ pub use platforms::{check_runnable, native, runnable};
 pub use run::etc_mounts;
 pub use timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};
 pub use users::{Identity, resolve as resolve_user};
-pub use worker::{LocalWorker, MakeContext};
+pub use worker::{Embedded, LocalWorker, MakeContext};

@@ -13,7 +13,7 @@ use strata_exec::Runtime;
 use strata_oci::LayerRef;
 use strata_plan::{Op, Read, RunMountKind, Source, StagePlan, Step};
 use strata_snapshot::{View, resolve_path};
-use strata_solver::{Job, StageResult, Worker, WorkerError};
+use strata_solver::{Job, StageResult, StepAt, Worker, WorkerError};
 
 use crate::copy::Fetched;
 use crate::memo::SelectionMemo;
@@ -343,14 +343,16 @@ impl LocalWorker {
     }
 }
 
-impl Worker for LocalWorker {
-    fn inputs(
-        &self,
-        _: &StagePlan,
-        step: &Step,
-        sources: &[Option<StageResult>],
-    ) -> Result<Vec<Digest>, WorkerError> {
-        step.op
+/// The solver's calls, answered on the calling thread: they read files,
+/// run processes and snapshot filesystems, so call them where blocking is
+/// allowed ([`Embedded`] does for the embedded build; a cluster worker
+/// does for the steps it is sent).
+impl LocalWorker {
+    /// Digests of the content a step reads besides its parent filesystem.
+    pub fn inputs(&self, at: &StepAt) -> Result<Vec<Digest>, WorkerError> {
+        let sources = at.sources();
+        at.step()
+            .op
             .reads()
             .into_iter()
             .map(|read| match read {
@@ -369,21 +371,22 @@ impl Worker for LocalWorker {
             .collect()
     }
 
-    fn has_layers(&self, layers: &[LayerRef]) -> bool {
+    /// Whether every blob of a cached chain is stored here.
+    pub fn has_layers(&self, layers: &[LayerRef]) -> bool {
         layers
             .iter()
             .all(|l| self.node.content.contains(&l.blob).unwrap_or(false))
     }
 
-    fn execute(&self, job: &Job<'_>) -> Result<Option<LayerRef>, WorkerError> {
-        self.grants
-            .check(&job.step.op.entitlements())
-            .map_err(err)?;
+    /// Runs a step; returns the layer it added, or `None` if it changed no file.
+    pub fn execute(&self, job: &Job) -> Result<Option<LayerRef>, WorkerError> {
+        let (stage, step, sources) = (job.at.stage(), job.at.step(), job.at.sources());
+        self.grants.check(&step.op.entitlements()).map_err(err)?;
         let blobs: Vec<Digest> = job.parent.iter().map(|l| l.blob).collect();
         self.hold(&blobs);
         let active = self.node.snapshots.active(&blobs).map_err(err)?;
         let rootfs = active.rootfs();
-        match &job.step.op {
+        match &step.op {
             Op::Mkdir(m) => mkdir(&rootfs, &m.path, &m.user).map_err(err)?,
             Op::Copy(c) => {
                 let fetched = self.fetched(c)?;
@@ -402,10 +405,10 @@ impl Worker for LocalWorker {
                             .provided
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
-                            .remove(&(job.stage.dockerfile_index, job.step.number));
+                            .remove(&(stage.dockerfile_index, step.number));
                         let view = match provided {
                             Some(_) => None,
-                            None => Some(self.view(other, job.sources)?),
+                            None => Some(self.view(other, sources)?),
                         };
                         let root = match (&provided, &view) {
                             (Some(p), _) => p.clone(),
@@ -426,7 +429,7 @@ impl Worker for LocalWorker {
                 let id = format!("strata-{}-{n}", std::process::id());
                 let bundle = self.node.home().join("run").join(&id);
                 fs::create_dir_all(&bundle).map_err(err)?;
-                let views = |s: &Source| self.view(s, job.sources).map_err(|e| e.message);
+                let views = |s: &Source| self.view(s, sources).map_err(|e| e.message);
                 let upper = active.upper();
                 let binds_context = e.mounts.iter().any(|m| {
                     matches!(
@@ -473,10 +476,56 @@ impl Worker for LocalWorker {
         }))
     }
 
-    fn name(&self) -> String {
+    /// This machine's name, for reports.
+    pub fn name(&self) -> String {
         nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "local".into())
+    }
+}
+
+/// The embedded build's worker: a [`LocalWorker`] whose blocking calls
+/// run on the runtime's blocking threads, so the solver awaits them and
+/// no runtime thread waits on a disk or a process.
+pub struct Embedded(pub Arc<LocalWorker>);
+
+impl Embedded {
+    /// Runs `f` with the worker on a blocking thread.
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&LocalWorker) -> Result<T, WorkerError> + Send + 'static,
+    ) -> Result<T, WorkerError> {
+        let worker = Arc::clone(&self.0);
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            let _step = span.enter();
+            f(&worker)
+        })
+        .await
+        .map_err(|e| err(format!("the step's thread failed: {e}")))?
+    }
+}
+
+#[async_trait::async_trait]
+impl Worker for Embedded {
+    async fn inputs(&self, at: &StepAt) -> Result<Vec<Digest>, WorkerError> {
+        if at.step().op.reads().is_empty() {
+            return Ok(Vec::new());
+        }
+        let at = at.clone();
+        self.off_runtime(move |w| w.inputs(&at)).await
+    }
+
+    fn has_layers(&self, layers: &[LayerRef]) -> bool {
+        self.0.has_layers(layers)
+    }
+
+    async fn execute(&self, job: Job) -> Result<Option<LayerRef>, WorkerError> {
+        self.off_runtime(move |w| w.execute(&job)).await
+    }
+
+    fn name(&self) -> String {
+        self.0.name()
     }
 }
 
