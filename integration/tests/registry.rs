@@ -121,6 +121,72 @@ fn an_image_pushed_by_skopeo_is_a_base_for_builds() {
     );
 }
 
+/// Planning names every base image it lacks (`FROM` and `COPY --from`) in
+/// one pass; they are pulled together and planning starts again with all
+/// of them; `--pull` fetches them again, a name two stages share once.
+#[test]
+fn a_build_on_several_pulled_bases_plans_with_all_of_them_and_pull_refreshes_them() {
+    let reg = Registry::start(false);
+    let s = Strata::new().with_busybox(&[]);
+    let archive = tempfile::tempdir().unwrap();
+    let tar = archive.path().join("busybox.tar");
+    s.ok(&["save", "-o", tar.to_str().unwrap(), "busybox:latest"]);
+    let bases: Vec<String> = ["one", "two", "three"]
+        .iter()
+        .map(|n| format!("{}/bases/{n}:1", reg.host()))
+        .collect();
+    for base in &bases {
+        skopeo(&[
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("docker-archive:{}", tar.display()),
+            &format!("docker://{base}"),
+        ]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_files(
+        dir.path(),
+        &[(
+            "Dockerfile",
+            &format!(
+                "FROM {one} AS a\nRUN echo from-a > /a\n\
+                 FROM {two} AS b\nRUN echo from-b > /b\n\
+                 FROM {one}\nCOPY --from=a /a /a\nCOPY --from=b /b /b\n\
+                 COPY --from={three} /bin/busybox /copied-busybox\n\
+                 RUN cat /a /b > /both\n",
+                one = bases[0],
+                two = bases[1],
+                three = bases[2],
+            ),
+        )],
+    );
+    let fresh = Strata::new();
+    fresh.build(dir.path(), &["-t", "bases:1"]);
+    assert_eq!(
+        fresh.ok(&["run", "--rm", "bases:1", "cat", "/both"]),
+        "from-a\nfrom-b\n"
+    );
+    let images = fresh.ok(&["images"]);
+    for n in ["one", "two", "three"] {
+        assert!(images.contains(&format!("bases/{n}")), "{images}");
+    }
+    // --pull: every name again, and the same image.
+    let again = fresh.ok(&[
+        "build",
+        "--pull",
+        "--progress",
+        "plain",
+        "-t",
+        "bases:2",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!again.contains("vanished"), "{again}");
+    assert_eq!(
+        fresh.ok(&["run", "--rm", "bases:2", "cat", "/both"]),
+        "from-a\nfrom-b\n"
+    );
+}
+
 #[test]
 fn a_second_push_sends_no_layer_bytes() {
     let reg = Registry::start(false);

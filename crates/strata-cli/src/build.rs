@@ -1368,7 +1368,7 @@ fn build_one(
             )?;
             if args.check {
                 // Planning finds what needs the base images (UndefinedVar).
-                let plan = cx.block_on(async { strata_worker::plan_only(&node, &req) })?;
+                let plan = cx.block_on(strata_worker::plan_only(&node, &req))?;
                 return match checks.as_mut() {
                     Some(c) => {
                         c.with_plan(&plan.lint);

@@ -1736,28 +1736,23 @@ impl Coordinator {
         }
         let id = self.next_build.fetch_add(1, Ordering::Relaxed);
         let inputs = submit.inputs.clone();
-        let (me, pull) = (Arc::clone(&self), submit.pull);
-        // Planning may pull base images, which blocks.
-        let planned = tokio::task::spawn_blocking(move || {
-            let resolver = BaseImages {
-                store: &me.node.images,
-                registry: Some(&me.registry),
-                always_pull: pull,
-                progress: &Quiet,
-                pulled: Default::default(),
-            };
-            let recording = crate::plan::Recording {
-                inner: &resolver,
-                seen: Mutex::default(),
-            };
-            let plan = inputs.plan(&recording).map_err(|e| e.to_string())?;
-            Ok::<_, String>((plan, recording.wire()?))
-        })
-        .await;
+        let resolver =
+            BaseImages::new(&self.node.images, Some(&self.registry), submit.pull, &Quiet);
+        // Each pass records what it resolved afresh: the last pass's
+        // images are the ones workers get.
+        let planned = resolver
+            .plan(|| {
+                let recording = crate::plan::Recording {
+                    inner: &resolver,
+                    seen: Mutex::default(),
+                };
+                let plan = inputs.plan(&recording).map_err(|e| e.to_string())?;
+                Ok::<_, String>((plan, recording.wire()?))
+            })
+            .await;
         let (plan, bases) = match planned {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => return fail(e, vec![]),
-            Err(e) => return fail(format!("planning stopped: {e}"), vec![]),
+            Ok(p) => p,
+            Err(e) => return fail(e, vec![]),
         };
         // Each stage that runs steps needs a live worker that runs its
         // platform; with none, the build is refused now rather than left

@@ -321,19 +321,18 @@ impl Registry {
             reference: shown.to_string(),
             detail: e.to_string(),
         })?;
-        futures_util::stream::iter(
-            manifest
-                .layers()
-                .iter()
-                .zip(diff_ids)
-                .map(|(desc, diff_id)| {
-                    let cas = Arc::clone(cas);
-                    async move { self.layer(ep, desc, *diff_id, cas, shown, progress).await }
-                }),
-        )
-        .buffered(PARALLEL_LAYERS)
-        .try_collect()
-        .await
+        // The futures are made first (none starts until polled), not in a
+        // closure the stream calls: a future built in a closure over
+        // borrowed arguments is not provably `Send`, and a pull runs in
+        // spawned tasks (a coordinator plans builds in one).
+        let mut fetches = Vec::with_capacity(diff_ids.len());
+        for (desc, diff_id) in manifest.layers().iter().zip(diff_ids) {
+            fetches.push(self.layer(ep, desc, *diff_id, Arc::clone(cas), shown, progress));
+        }
+        futures_util::stream::iter(fetches)
+            .buffered(PARALLEL_LAYERS)
+            .try_collect()
+            .await
     }
 
     /// One layer, uncompressed in the store: found there by its diff_id,

@@ -1,8 +1,8 @@
 //! The embedded build: plan, solve on the local worker, assemble the image.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use strata_dockerfile::{Dockerfile, IgnoreMatcher, Platform};
 use strata_oci::{Image, Reference};
@@ -120,6 +120,11 @@ pub enum BuildError {
 /// Resolves `FROM` (and `COPY --from`) images: the local image store
 /// first, then the registry the name points at, as `docker build` does.
 /// With `always_pull`, a name is pulled again once per build (`--pull`).
+///
+/// Planning stays pure: as an [`ImageResolver`] it reads the image store
+/// only, and notes what it must pull instead of pulling.
+/// [`BaseImages::plan`] drives it: it plans, pulls every image the pass
+/// noted at once (awaited, on no thread of its own), and plans again.
 pub struct BaseImages<'a> {
     /// The image store.
     pub store: &'a strata_oci::ImageStore,
@@ -129,58 +134,117 @@ pub struct BaseImages<'a> {
     pub always_pull: bool,
     /// Pull progress.
     pub progress: &'a dyn Transfer,
-    /// Names pulled in this build, so `--pull` fetches each once.
-    pub pulled: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// What the pulls of this build came to, by name: `Ok` once pulled,
+    /// else why not. Each name is pulled at most once per build.
+    pulls: Mutex<HashMap<String, Result<(), String>>>,
+    /// Names the last planning pass needs pulled first, with the
+    /// platform it needs.
+    wanted: Mutex<Vec<(String, Platform)>>,
 }
 
-impl BaseImages<'_> {
-    fn pull(
-        &self,
-        registry: &Registry,
-        reference: &str,
-        platform: &Platform,
-    ) -> Result<(), String> {
-        let parsed: Reference = reference.parse().map_err(|e| format!("{e}"))?;
-        let handle = tokio::runtime::Handle::try_current()
-            .map_err(|_| format!("cannot pull {reference}: no async runtime"))?;
-        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
-            return Err(format!(
-                "cannot pull {reference} from a single-threaded runtime"
-            ));
+impl<'a> BaseImages<'a> {
+    /// Base images from `store`, pulling from `registry` what it lacks.
+    pub fn new(
+        store: &'a strata_oci::ImageStore,
+        registry: Option<&'a Registry>,
+        always_pull: bool,
+        progress: &'a dyn Transfer,
+    ) -> BaseImages<'a> {
+        BaseImages {
+            store,
+            registry,
+            always_pull,
+            progress,
+            pulls: Mutex::default(),
+            wanted: Mutex::default(),
         }
+    }
+
+    /// Runs `plan` (which resolves through this resolver) until it needs
+    /// nothing pulled, pulling what each pass asked for concurrently in
+    /// between. Every name is pulled once at most, so this ends after at
+    /// most one pass per distinct base image, plus one.
+    pub async fn plan<T, E>(&self, plan: impl Fn() -> Result<T, E>) -> Result<T, E> {
+        loop {
+            let planned = plan();
+            let wanted: Vec<(String, Platform)> = {
+                let mut wanted = lock(&self.wanted);
+                let pulls = lock(&self.pulls);
+                let mut fresh: Vec<(String, Platform)> = Vec::new();
+                for (name, platform) in wanted.drain(..) {
+                    if !pulls.contains_key(&name) && !fresh.iter().any(|(n, _)| *n == name) {
+                        fresh.push((name, platform));
+                    }
+                }
+                fresh
+            };
+            if wanted.is_empty() {
+                return planned;
+            }
+            let mut pulling = Vec::with_capacity(wanted.len());
+            for (name, platform) in &wanted {
+                pulling.push(self.pull(name, platform));
+            }
+            let pulled = futures_util::future::join_all(pulling).await;
+            let mut pulls = lock(&self.pulls);
+            for ((name, _), outcome) in wanted.into_iter().zip(pulled) {
+                pulls.insert(name, outcome);
+            }
+        }
+    }
+
+    async fn pull(&self, reference: &str, platform: &Platform) -> Result<(), String> {
+        let Some(registry) = self.registry else {
+            return Err(format!("cannot pull {reference}: no registry"));
+        };
+        let parsed: Reference = reference.parse().map_err(|e| format!("{e}"))?;
         let target = strata_registry::Platform {
             os: &platform.os,
             architecture: &platform.architecture,
             variant: platform.variant.as_deref(),
         };
-        // Planning is synchronous; the pull is not. This thread may block:
-        // it is a worker thread of a multi-threaded runtime.
-        tokio::task::block_in_place(|| {
-            handle.block_on(registry.pull(&parsed, target, self.store, self.progress))
-        })
-        .map_err(|e| format!("cannot pull base image {reference}: {e}"))?;
-        self.pulled
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(reference.to_string());
-        Ok(())
+        registry
+            .pull(&parsed, target, self.store, self.progress)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("cannot pull base image {reference}: {e}"))
     }
+
+    /// Notes that planning needs `reference` pulled, and gives it a
+    /// stand-in for the rest of this pass (whose plan is thrown away).
+    fn want(&self, reference: &str, platform: &Platform) -> ResolvedImage {
+        lock(&self.wanted).push((reference.to_string(), platform.clone()));
+        ResolvedImage {
+            reference: reference.to_string(),
+            manifest: strata_cas::Sha256::of(reference.as_bytes()),
+            config: strata_oci::ImageConfig::scratch(
+                &platform.os,
+                &platform.architecture,
+                platform.variant.as_deref(),
+            ),
+            layers: Vec::new(),
+        }
+    }
+
+    fn stored(&self, reference: &str) -> Result<Option<strata_oci::Tagged>, String> {
+        self.store
+            .get(reference)
+            .map_err(|e| format!("cannot read base image {reference}: {e}"))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl ImageResolver for BaseImages<'_> {
     fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String> {
-        let refresh = self.always_pull
-            && !self
-                .pulled
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .contains(reference);
-        let local = if refresh {
+        let pulled = lock(&self.pulls).get(reference).cloned();
+        let pullable = self.registry.is_some() && pulled.is_none();
+        let local = if self.always_pull && pullable {
             None
         } else {
-            self.store
-                .get(reference)
-                .map_err(|e| format!("cannot read base image {reference}: {e}"))?
+            self.stored(reference)?
         };
         // A name holds one platform here: a stored image of another is
         // pulled again for this one where a registry has it; where none
@@ -188,27 +252,20 @@ impl ImageResolver for BaseImages<'_> {
         let other_platform = local.as_ref().is_some_and(|t| {
             t.image.config.os != platform.os || t.image.config.architecture != platform.architecture
         });
-        let found = match (local, self.registry) {
-            (Some(t), Some(registry)) if other_platform => {
-                match self.pull(registry, reference, platform) {
-                    Ok(()) => self
-                        .store
-                        .get(reference)
-                        .map_err(|e| format!("cannot read base image {reference}: {e}"))?
-                        .ok_or_else(|| format!("base image {reference} vanished after its pull"))?,
-                    Err(e) => {
-                        tracing::info!(image = reference, error = %e, "no image of the build's platform to pull");
-                        t
-                    }
-                }
+        if let Some(Err(e)) = &pulled
+            && other_platform
+        {
+            tracing::info!(image = reference, error = %e, "no image of the build's platform to pull");
+        }
+        let found = match (local, pulled) {
+            (Some(_), None) if other_platform && pullable => {
+                return Ok(self.want(reference, platform));
             }
             (Some(t), _) => t,
-            (None, Some(registry)) => {
-                self.pull(registry, reference, platform)?;
-                self.store
-                    .get(reference)
-                    .map_err(|e| format!("cannot read base image {reference}: {e}"))?
-                    .ok_or_else(|| format!("base image {reference} vanished after its pull"))?
+            (None, None) if pullable => return Ok(self.want(reference, platform)),
+            (None, Some(Err(e))) => return Err(e),
+            (None, Some(Ok(()))) => {
+                return Err(format!("base image {reference} vanished after its pull"));
             }
             (None, None) => {
                 return Err(format!(
@@ -403,8 +460,8 @@ pub fn ignore_for(
 
 /// Plans `req` on `node` as a build would (base images pulled, directory
 /// contexts made) and runs nothing: what `--check` looks at.
-pub fn plan_only(node: &Arc<Node>, req: &BuildRequest) -> Result<Arc<Plan>, BuildError> {
-    prepare(node, req).map(|p| p.plan)
+pub async fn plan_only(node: &Arc<Node>, req: &BuildRequest) -> Result<Arc<Plan>, BuildError> {
+    prepare(node, req).await.map(|p| p.plan)
 }
 
 /// What a build has before its first step.
@@ -422,7 +479,7 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
         ignore,
         stamps,
         lease,
-    } = prepare(&node, &req)?;
+    } = prepare(&node, &req).await?;
     let found: Vec<&strata_dockerfile::lint::Finding> = plan
         .lint
         .iter()
@@ -439,7 +496,7 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
     solve_and_store(node, req, plan, ignore, stamps, lease).await
 }
 
-fn prepare(node: &Arc<Node>, req: &BuildRequest) -> Result<Prepared, BuildError> {
+async fn prepare(node: &Arc<Node>, req: &BuildRequest) -> Result<Prepared, BuildError> {
     let inputs = PlanInputs::read(
         &req.dockerfile,
         req.dockerfile_name.clone(),
@@ -474,18 +531,23 @@ fn prepare(node: &Arc<Node>, req: &BuildRequest) -> Result<Prepared, BuildError>
         }
         made.insert(context.reference(name), image);
     }
-    let base_images = BaseImages {
-        store: &node.images,
-        registry: req.registry.as_deref(),
-        always_pull: req.always_pull,
-        progress: req.pull_progress.as_ref(),
-        pulled: Default::default(),
-    };
-    let plan = Arc::new(inputs.plan(&Named {
-        contexts: &BTreeMap::new(),
-        made: &made,
-        inner: &base_images,
-    })?);
+    let base_images = BaseImages::new(
+        &node.images,
+        req.registry.as_deref(),
+        req.always_pull,
+        req.pull_progress.as_ref(),
+    );
+    let plan = Arc::new(
+        base_images
+            .plan(|| {
+                inputs.plan(&Named {
+                    contexts: &BTreeMap::new(),
+                    made: &made,
+                    inner: &base_images,
+                })
+            })
+            .await?,
+    );
     crate::platforms::check_runnable(&plan, &crate::platforms::runnable(), "this machine")?;
 
     for stage in &plan.stages {
