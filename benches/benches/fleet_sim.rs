@@ -645,9 +645,7 @@ impl Sim {
             if ws.held.remove(&l).is_some() {
                 ws.bytes -= self.layers[l as usize].size;
                 self.layers[l as usize].holders.retain(|&h| h != w);
-                if self.live_holders(l) < want {
-                    self.shrunk.evicted([d]);
-                }
+                self.shrunk.evicted([(d, self.live_holders(l))], want);
             }
         }
         self.report_stored(w);

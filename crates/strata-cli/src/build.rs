@@ -1408,7 +1408,11 @@ fn build_one(
                             .display()
                             .to_string(),
                     };
-                    bail!("{}", e.located(&file));
+                    let located = e.located(&file);
+                    return Err(match e.causes() {
+                        Some(causes) => anyhow::Error::new(causes.clone()).context(located),
+                        None => anyhow::anyhow!(located),
+                    });
                 }
                 Err(e) => return Err(e.into()),
             }

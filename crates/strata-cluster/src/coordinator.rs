@@ -653,20 +653,22 @@ impl Coordinator {
             return;
         }
         let want = self.copies_wanted();
-        let short: Vec<Digest> = blobs
+        // Counted before the lock is taken: counting takes the workers'.
+        let left: Vec<(Digest, usize)> = blobs
             .into_iter()
-            .filter(|b| {
-                self.live_holders(b, &self.recorded_holders(b))
+            .map(|b| {
+                let others = self
+                    .live_holders(&b, &self.recorded_holders(&b))
                     .iter()
                     .filter(|h| h.name != worker)
-                    .count()
-                    < want
+                    .count();
+                (b, others)
             })
             .collect();
         self.shrunk
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .evicted(short);
+            .evicted(left, want);
     }
 
     /// For each of `blobs`, what `worker` dropping its copy loses: nothing
@@ -1851,7 +1853,16 @@ impl Coordinator {
                     tagged,
                 })));
             }
-            Err(e) => fail(e.located(&submit.inputs.dockerfile_name), e.tail().to_vec()),
+            Err(e) => {
+                // The causes as the CLI prints an error's chain.
+                let mut text = e.located(&submit.inputs.dockerfile_name);
+                let mut cause = e.causes().map(|c| c as &dyn std::error::Error);
+                while let Some(c) = cause {
+                    text.push_str(&format!("\n  caused by: {c}"));
+                    cause = c.source();
+                }
+                fail(text, e.tail().to_vec())
+            }
         }
     }
 }

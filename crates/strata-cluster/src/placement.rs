@@ -156,7 +156,7 @@ impl Placement {
             () = changed => Ok(()),
             () = tokio::time::sleep(Duration::from_millis(500)) => Ok(()),
             () = self.cancel.cancelled() => {
-                Err(WorkerError { cancelled: true, ..WorkerError::new("cancelled") })
+                Err(WorkerError::cancelled())
             }
         }
     }
@@ -480,7 +480,7 @@ impl Worker for Placement {
                 e = read_frame::<ExecEvent>(&mut recv, conn.addr) => e,
                 () = job.cancel.cancelled() => {
                     let _ = recv.stop(0u32.into());
-                    return Err(WorkerError { cancelled: true, ..WorkerError::new("cancelled") });
+                    return Err(WorkerError::cancelled());
                 }
             };
             match event {

@@ -161,9 +161,12 @@ impl Shrunk {
     /// copies some back once.
     pub const MAX: usize = 1 << 20;
 
-    /// A worker evicted its copies of `blobs`.
-    pub fn evicted(&mut self, blobs: impl IntoIterator<Item = Digest>) {
-        for b in blobs {
+    /// A worker evicted its copies of `left`'s blobs, each paired with
+    /// how many other live workers still hold it; `want` copies are
+    /// wanted. Those it left short are not copied back; those it left
+    /// with enough copies are no business of repair's anyway.
+    pub fn evicted(&mut self, left: impl IntoIterator<Item = (Digest, usize)>, want: usize) {
+        for (b, _) in left.into_iter().filter(|(_, others)| *others < want) {
             if self.blobs.len() >= Self::MAX {
                 self.blobs.clear();
             }
@@ -308,11 +311,31 @@ mod tests {
     fn a_copy_evicted_on_purpose_is_not_repaired_until_used_again() {
         let mut shrunk = Shrunk::default();
         let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
-        shrunk.evicted([a]);
+        shrunk.evicted([(a, 0)], 2);
         assert!(!shrunk.wants_repair(&a));
         assert!(shrunk.wants_repair(&b));
         shrunk.gained(&a);
         assert!(shrunk.wants_repair(&a));
+    }
+
+    #[test]
+    fn only_an_eviction_that_leaves_a_blob_short_keeps_repair_away() {
+        let mut shrunk = Shrunk::default();
+        let (spare, last, lost) = (
+            Digest::of(b"spare"),
+            Digest::of(b"last"),
+            Digest::of(b"lost"),
+        );
+        // Two copies wanted: `spare` still has two elsewhere, `last` one,
+        // `lost` none.
+        shrunk.evicted([(spare, 2), (last, 1), (lost, 0)], 2);
+        assert!(shrunk.wants_repair(&spare));
+        assert!(!shrunk.wants_repair(&last));
+        assert!(!shrunk.wants_repair(&lost));
+        // With one copy wanted, an eviction leaving one elsewhere is fine.
+        let mut one = Shrunk::default();
+        one.evicted([(last, 1)], 1);
+        assert!(one.wants_repair(&last));
     }
 
     #[test]

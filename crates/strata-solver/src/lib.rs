@@ -119,38 +119,122 @@ pub struct Job {
     pub cancel: CancellationToken,
 }
 
-/// A step that failed on a worker.
+/// How a step on a worker ended without a result: what the solver does
+/// next depends on it, never on a message's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Failure {
+    /// The step failed: the build fails with it.
+    Failed,
+    /// The build was cancelled.
+    Cancelled,
+    /// The worker holding the stage's filesystem is gone (a cluster node
+    /// died): the stage starts over elsewhere.
+    Lost,
+}
+
+/// A step that failed on a worker. It crosses the network whole (a
+/// cluster worker's failure reaches the coordinator's solver as it was
+/// made), so its causes travel as text.
 #[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
 #[error("{message}")]
 pub struct WorkerError {
+    /// What kind of end it was.
+    pub kind: Failure,
     /// What happened.
     pub message: String,
+    /// What caused it, outermost first: each the message of the error
+    /// under the one before.
+    pub causes: Vec<String>,
     /// The last lines the step printed, if it ran a process.
     pub tail: Vec<String>,
-    /// True when it stopped because the build was cancelled.
-    pub cancelled: bool,
-    /// True when the worker holding the stage's filesystem is gone (a
-    /// cluster node died): the stage starts over elsewhere.
-    pub lost: bool,
 }
 
 impl WorkerError {
     /// A failure with a message and no output.
     pub fn new(message: impl Into<String>) -> WorkerError {
         WorkerError {
+            kind: Failure::Failed,
             message: message.into(),
+            causes: Vec::new(),
             tail: Vec::new(),
-            cancelled: false,
-            lost: false,
+        }
+    }
+
+    /// A failure from `error`, its sources kept as the causes.
+    pub fn from_error(error: &(dyn std::error::Error + 'static)) -> WorkerError {
+        let mut causes = Vec::new();
+        let mut next = error.source();
+        while let Some(e) = next {
+            causes.push(e.to_string());
+            next = e.source();
+        }
+        WorkerError {
+            causes,
+            ..WorkerError::new(error.to_string())
         }
     }
 
     /// The worker running the stage is gone.
     pub fn lost(message: impl Into<String>) -> WorkerError {
         WorkerError {
-            lost: true,
+            kind: Failure::Lost,
             ..WorkerError::new(message)
         }
+    }
+
+    /// The build was cancelled while the step ran or waited.
+    pub fn cancelled() -> WorkerError {
+        WorkerError {
+            kind: Failure::Cancelled,
+            ..WorkerError::new("cancelled")
+        }
+    }
+
+    /// The same failure, with the last lines the step printed.
+    pub fn with_tail(self, tail: Vec<String>) -> WorkerError {
+        WorkerError { tail, ..self }
+    }
+}
+
+/// The causes of a failed step, as an error chain: each one's source is
+/// the next, so the CLI prints them as `caused by` lines.
+#[derive(Debug, Clone)]
+pub struct Causes {
+    message: String,
+    next: Option<Box<Causes>>,
+}
+
+impl Causes {
+    /// Causes kept at most: a chain is this deep only if something is
+    /// wrong, and its links (made on another node) are dropped one inside
+    /// another.
+    pub const MAX: usize = 16;
+
+    /// `causes`, outermost first, the first [`Causes::MAX`] of them;
+    /// `None` when there are none.
+    pub fn new(causes: &[String]) -> Option<Causes> {
+        let mut chain = None;
+        for message in causes.iter().take(Self::MAX).rev() {
+            chain = Some(Causes {
+                message: message.clone(),
+                next: chain.map(Box::new),
+            });
+        }
+        chain
+    }
+}
+
+impl std::fmt::Display for Causes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Causes {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.next
+            .as_deref()
+            .map(|c| c as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -298,27 +382,35 @@ pub struct Solved {
     pub steps: Vec<StepRecord>,
 }
 
+/// A step that failed, where it is in the Dockerfile.
+#[derive(Debug, thiserror::Error)]
+#[error("[{stage} {number}/{total}] {label} (line {line}): {message}")]
+pub struct StepFailed {
+    /// Stage name.
+    pub stage: String,
+    /// Step number.
+    pub number: usize,
+    /// Steps in the stage.
+    pub total: usize,
+    /// The instruction.
+    pub label: String,
+    /// Its line.
+    pub line: usize,
+    /// What went wrong.
+    pub message: String,
+    /// What caused it.
+    #[source]
+    pub causes: Option<Causes>,
+    /// The last lines it printed.
+    pub tail: Vec<String>,
+}
+
 /// Why a build failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SolveError {
     /// A step failed.
-    #[error("[{stage} {number}/{total}] {label} (line {line}): {message}")]
-    Step {
-        /// Stage name.
-        stage: String,
-        /// Step number.
-        number: usize,
-        /// Steps in the stage.
-        total: usize,
-        /// The instruction.
-        label: String,
-        /// Its line.
-        line: usize,
-        /// What went wrong.
-        message: String,
-        /// The last lines it printed.
-        tail: Vec<String>,
-    },
+    #[error(transparent)]
+    Step(Box<StepFailed>),
     /// The build was cancelled.
     #[error("build cancelled")]
     Cancelled,
@@ -331,13 +423,21 @@ pub enum SolveError {
 }
 
 impl SolveError {
+    /// What caused a failed step, when the worker said.
+    pub fn causes(&self) -> Option<&Causes> {
+        match self {
+            SolveError::Step(f) => f.causes.as_ref(),
+            _ => None,
+        }
+    }
+
     /// The error as a build reports it: a failed step located in the
     /// Dockerfile `file` (`FILE:LINE: [STAGE N/M] INSTRUCTION: why`), any
     /// other failure as it is.
     pub fn located(&self, file: &str) -> String {
         match (self, self.step_title()) {
-            (SolveError::Step { line, message, .. }, Some(title)) => {
-                format!("{file}:{line}: {title}: {message}")
+            (SolveError::Step(f), Some(title)) => {
+                format!("{file}:{}: {title}: {}", f.line, f.message)
             }
             _ => self.to_string(),
         }
@@ -346,13 +446,10 @@ impl SolveError {
     /// A failed step's `[STAGE N/M] INSTRUCTION` (none for other failures).
     pub fn step_title(&self) -> Option<String> {
         match self {
-            SolveError::Step {
-                stage,
-                number,
-                total,
-                label,
-                ..
-            } => Some(format!("[{stage} {number}/{total}] {label}")),
+            SolveError::Step(f) => Some(format!(
+                "[{} {}/{}] {}",
+                f.stage, f.number, f.total, f.label
+            )),
             _ => None,
         }
     }
@@ -360,8 +457,67 @@ impl SolveError {
     /// A failed step's last output lines (none for other failures).
     pub fn tail(&self) -> &[String] {
         match self {
-            SolveError::Step { tail, .. } => tail,
+            SolveError::Step(f) => &f.tail,
             _ => &[],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot commit the step's layer")]
+    struct Commit(#[source] Write);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("writing blob 1234")]
+    struct Write(#[source] std::io::Error);
+
+    #[test]
+    fn a_failed_step_keeps_the_worker_s_causes_as_its_error_chain() {
+        let e = WorkerError::from_error(&Commit(Write(std::io::Error::other("disk full"))));
+        assert_eq!(e.kind, Failure::Failed);
+        assert_eq!(e.message, "cannot commit the step's layer");
+        assert_eq!(e.causes, ["writing blob 1234", "disk full"]);
+        // As it reaches the CLI: each cause one link further in.
+        let failed = SolveError::Step(Box::new(StepFailed {
+            stage: "app".into(),
+            number: 2,
+            total: 3,
+            label: "RUN make".into(),
+            line: 4,
+            message: e.message,
+            causes: Causes::new(&e.causes),
+            tail: e.tail,
+        }));
+        let mut chain = Vec::new();
+        let mut next = std::error::Error::source(&failed);
+        while let Some(c) = next {
+            chain.push(c.to_string());
+            next = c.source();
+        }
+        assert_eq!(chain, ["writing blob 1234", "disk full"]);
+        assert_eq!(
+            failed.located("Dockerfile"),
+            "Dockerfile:4: [app 2/3] RUN make: cannot commit the step's layer"
+        );
+    }
+
+    #[test]
+    fn a_chain_from_another_node_is_kept_to_a_bound() {
+        let long: Vec<String> = (0..1000).map(|i| format!("cause {i}")).collect();
+        let mut depth = 0;
+        let causes = Causes::new(&long).unwrap();
+        let mut next: Option<&dyn std::error::Error> = Some(&causes);
+        while let Some(c) = next {
+            depth += 1;
+            next = c.source();
+        }
+        assert_eq!(depth, Causes::MAX);
+        assert!(Causes::new(&[]).is_none());
     }
 }

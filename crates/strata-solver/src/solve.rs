@@ -13,8 +13,8 @@ use tokio::sync::{OnceCell, Semaphore, watch};
 use tracing::Instrument as _;
 
 use crate::{
-    Event, EventKind, Job, SolveError, SolveOptions, Solved, StageResult, StepAt, StepRecord,
-    Worker, WorkerError,
+    Causes, Event, EventKind, Failure, Job, SolveError, SolveOptions, Solved, StageResult, StepAt,
+    StepFailed, StepRecord, Worker, WorkerError,
 };
 
 /// One step being run: its result once it ran, and whether the build
@@ -293,23 +293,20 @@ impl Solver {
                 return Err(StageFailure::Failed(SolveError::Cancelled));
             }
             let step_err = |e: WorkerError| {
-                if e.cancelled {
-                    return StageFailure::Failed(SolveError::Cancelled);
-                }
-                let lost = e.lost;
-                let err = SolveError::Step {
+                let err = SolveError::Step(Box::new(StepFailed {
                     stage: stage.name.clone(),
                     number: step.number,
                     total: stage.total(),
                     label: step.label.clone(),
                     line: step.line,
                     message: e.message,
+                    causes: Causes::new(&e.causes),
                     tail: e.tail,
-                };
-                if lost {
-                    StageFailure::Lost(err)
-                } else {
-                    StageFailure::Failed(err)
+                }));
+                match e.kind {
+                    Failure::Cancelled => StageFailure::Failed(SolveError::Cancelled),
+                    Failure::Lost => StageFailure::Lost(err),
+                    Failure::Failed => StageFailure::Failed(err),
                 }
             };
             let started = now();

@@ -126,12 +126,7 @@ impl Worker for FakeWorker {
         }
         if cmd.contains("fail") {
             (job.output)(b"boom\n");
-            return Err(WorkerError {
-                message: "exit code: 1".into(),
-                tail: vec!["boom".into()],
-                cancelled: false,
-                lost: false,
-            });
+            return Err(WorkerError::new("exit code: 1").with_tail(vec!["boom".into()]));
         }
         self.executed.lock().unwrap().push(cmd.clone());
         let blob = Digest::of(format!("{cmd}{}", job.parent.len()).as_bytes());
@@ -323,11 +318,9 @@ async fn a_failing_step_fails_the_build_and_caches_nothing() {
     });
     let err = solver.solve(plan, opts()).await.unwrap_err();
     match err {
-        SolveError::Step {
-            label, line, tail, ..
-        } => {
-            assert_eq!((label.as_str(), line), ("RUN fail now", 3));
-            assert_eq!(tail, ["boom"]);
+        SolveError::Step(f) => {
+            assert_eq!((f.label.as_str(), f.line), ("RUN fail now", 3));
+            assert_eq!(f.tail, ["boom"]);
         }
         other => panic!("{other}"),
     }

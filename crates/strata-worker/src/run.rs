@@ -428,24 +428,15 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
     let tail = tail.lock().unwrap_or_else(PoisonError::into_inner).lines();
     match status {
         ExitStatus::Code(0) => Ok(()),
-        ExitStatus::Code(c) => Err(WorkerError {
-            message: format!("process {command} did not complete successfully: exit code: {c}"),
-            tail,
-            cancelled: false,
-            lost: false,
-        }),
-        ExitStatus::Signal(s) => Err(WorkerError {
-            message: format!("process {command} was killed by signal {s}"),
-            tail,
-            cancelled: false,
-            lost: false,
-        }),
-        ExitStatus::Cancelled => Err(WorkerError {
-            message: "cancelled".into(),
-            tail,
-            cancelled: true,
-            lost: false,
-        }),
+        ExitStatus::Code(c) => Err(WorkerError::new(format!(
+            "process {command} did not complete successfully: exit code: {c}"
+        ))
+        .with_tail(tail)),
+        ExitStatus::Signal(s) => Err(WorkerError::new(format!(
+            "process {command} was killed by signal {s}"
+        ))
+        .with_tail(tail)),
+        ExitStatus::Cancelled => Err(WorkerError::cancelled().with_tail(tail)),
     }
 }
 

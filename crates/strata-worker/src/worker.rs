@@ -384,7 +384,11 @@ impl LocalWorker {
         self.grants.check(&step.op.entitlements()).map_err(err)?;
         let blobs: Vec<Digest> = job.parent.iter().map(|l| l.blob).collect();
         self.hold(&blobs);
-        let active = self.node.snapshots.active(&blobs).map_err(err)?;
+        let active = self
+            .node
+            .snapshots
+            .active(&blobs)
+            .map_err(|e| WorkerError::from_error(&e))?;
         let rootfs = active.rootfs();
         match &step.op {
             Op::Mkdir(m) => mkdir(&rootfs, &m.path, &m.user).map_err(err)?,
@@ -465,7 +469,7 @@ impl LocalWorker {
                 result?;
             }
         }
-        let layer = active.commit().map_err(err)?;
+        let layer = active.commit().map_err(|e| WorkerError::from_error(&e))?;
         Ok(layer.map(|l| {
             self.lease().hold(l.digest);
             LayerRef {
