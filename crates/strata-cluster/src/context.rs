@@ -271,6 +271,10 @@ impl Stat {
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct StatCache {
     files: HashMap<String, (Stat, Digest)>,
+    /// Whether anything changed since it was loaded: an unchanged cache
+    /// is not written again (a no-change build writes nothing).
+    #[serde(skip)]
+    changed: bool,
 }
 
 /// How many context directories' stat caches a state directory keeps.
@@ -320,8 +324,15 @@ impl StatCache {
     /// Writes the cache to `path` atomically (temp, fsync, rename), then
     /// keeps the [`KEPT_STAT_CACHES`] most recently saved caches of its
     /// folder and deletes the rest (contexts in checkouts that are gone).
+    /// A cache that hashing did not change, and that is there already, is
+    /// not written again, only marked used now.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         use std::io::Write as _;
+        if !self.changed
+            && let Ok(f) = fs::File::options().write(true).open(path)
+        {
+            return f.set_modified(SystemTime::now());
+        }
         let dir = path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir)?;
         let body = bincode::serde::encode_to_vec(self, bincode::config::standard())
@@ -609,6 +620,7 @@ fn digest_files(
         let d = got?;
         digests[i] = Some(d);
         let stat = Stat::of(&files[i].meta);
+        cache.changed = true;
         if stat.mtime_ns < racy_from && stat.ctime_ns < racy_from {
             cache.files.insert(files[i].rel.clone(), (stat, d));
         } else {
@@ -617,7 +629,9 @@ fn digest_files(
     }
     // What the context no longer has, the cache forgets.
     let present: HashSet<&str> = files.iter().map(|f| f.rel.as_str()).collect();
+    let before = cache.files.len();
     cache.files.retain(|rel, _| present.contains(rel.as_str()));
+    cache.changed |= cache.files.len() != before;
     let digests = digests
         .into_iter()
         .zip(files)
@@ -1225,6 +1239,19 @@ mod tests {
         let mut cache = StatCache::load(&at);
         let second = hash_at(p, &none, &mut cache, later).unwrap();
         assert_eq!((second.read, second.root), (0, first.root));
+        // Nothing changed: saving writes no new file, it marks it used.
+        let inode = fs::metadata(&at).unwrap().ino();
+        fs::File::options()
+            .write(true)
+            .open(&at)
+            .unwrap()
+            .set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000))
+            .unwrap();
+        cache.save(&at).unwrap();
+        let meta = fs::metadata(&at).unwrap();
+        assert_eq!(meta.ino(), inode);
+        assert!(meta.modified().unwrap() > SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000));
+        assert_eq!(StatCache::load(&at).files.len(), cache.files.len());
         // Its stat changes (ctime moves, mtime kept): it is read again.
         fs::write(p.join("old"), vec![8u8; 10_000]).unwrap();
         set_mtime(&p.join("old"), 1_000_000_000).unwrap();
