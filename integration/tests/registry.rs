@@ -53,20 +53,31 @@ fn pushed_images_are_read_by_skopeo_and_pulled_back() {
     assert!(again.contains("0 of 3 layers downloaded, 0B"), "{again}");
 }
 
-#[test]
-fn an_image_pushed_by_skopeo_is_a_base_for_builds() {
-    let reg = Registry::start(false);
+/// Pushes busybox, as `docker save` writes it, to each of `names` with
+/// skopeo (the registry is plain HTTP).
+fn push_busybox(names: &[&str]) {
     let s = Strata::new().with_busybox(&[]);
     let archive = tempfile::tempdir().unwrap();
     let tar = archive.path().join("busybox.tar");
     s.ok(&["save", "-o", tar.to_str().unwrap(), "busybox:latest"]);
+    for name in names {
+        skopeo(&[
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("docker-archive:{}", tar.display()),
+            &format!("docker://{name}"),
+        ]);
+    }
+}
+
+#[test]
+fn an_image_pushed_by_skopeo_is_a_base_for_builds() {
+    let reg = Registry::start(false);
     let base = format!("{}/base/busybox:1.36", reg.host());
-    skopeo(&[
-        "copy",
-        "--dest-tls-verify=false",
-        &format!("docker-archive:{}", tar.display()),
-        &format!("docker://{base}"),
-    ]);
+    // Docker Hub names resolve through a mirror, as with dockerd's
+    // registry-mirrors.
+    let hub = format!("{}/library/busybox:1.36", reg.host());
+    push_busybox(&[&base, &hub]);
 
     // A fresh state directory: the base comes from the registry.
     let fresh = Strata::new();
@@ -86,15 +97,7 @@ fn an_image_pushed_by_skopeo_is_a_base_for_builds() {
         "built on the pulled base\n"
     );
 
-    // Docker Hub names resolve through a mirror, as with dockerd's
-    // registry-mirrors.
-    let hub = format!("{}/library/busybox:1.36", reg.host());
-    skopeo(&[
-        "copy",
-        "--dest-tls-verify=false",
-        &format!("docker-archive:{}", tar.display()),
-        &format!("docker://{hub}"),
-    ]);
+    // A Docker Hub name, through the mirror.
     let mirrored = Strata::new();
     write_files(
         dir.path(),
@@ -127,22 +130,11 @@ fn an_image_pushed_by_skopeo_is_a_base_for_builds() {
 #[test]
 fn a_build_on_several_pulled_bases_plans_with_all_of_them_and_pull_refreshes_them() {
     let reg = Registry::start(false);
-    let s = Strata::new().with_busybox(&[]);
-    let archive = tempfile::tempdir().unwrap();
-    let tar = archive.path().join("busybox.tar");
-    s.ok(&["save", "-o", tar.to_str().unwrap(), "busybox:latest"]);
     let bases: Vec<String> = ["one", "two", "three"]
         .iter()
         .map(|n| format!("{}/bases/{n}:1", reg.host()))
         .collect();
-    for base in &bases {
-        skopeo(&[
-            "copy",
-            "--dest-tls-verify=false",
-            &format!("docker-archive:{}", tar.display()),
-            &format!("docker://{base}"),
-        ]);
-    }
+    push_busybox(&bases.iter().map(String::as_str).collect::<Vec<_>>());
     let dir = tempfile::tempdir().unwrap();
     write_files(
         dir.path(),
