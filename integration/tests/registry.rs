@@ -177,6 +177,17 @@ fn a_build_on_several_pulled_bases_plans_with_all_of_them_and_pull_refreshes_the
         fresh.ok(&["run", "--rm", "bases:2", "cat", "/both"]),
         "from-a\nfrom-b\n"
     );
+    // The registry gone: --pull fails, naming the image, rather than
+    // building on what is stored; without it the stored bases serve.
+    drop(reg);
+    let out = fresh
+        .cmd()
+        .args(["build", "--pull", "-t", "bases:3"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    fails_with(&out, &["cannot pull base image", &bases[0]]);
+    fresh.build(dir.path(), &["-t", "bases:3"]);
 }
 
 #[test]

@@ -240,6 +240,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl ImageResolver for BaseImages<'_> {
     fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String> {
         let pulled = lock(&self.pulls).get(reference).cloned();
+        // `--pull` asks the registry, and a failed pull fails the build
+        // rather than falling back to what is stored.
+        if self.always_pull
+            && let Some(Err(e)) = pulled
+        {
+            return Err(e);
+        }
         let pullable = self.registry.is_some() && pulled.is_none();
         let local = if self.always_pull && pullable {
             None
