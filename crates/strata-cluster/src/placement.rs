@@ -391,9 +391,6 @@ impl Placement {
 impl Worker for Placement {
     async fn inputs(&self, at: &StepAt) -> Result<Vec<Digest>, WorkerError> {
         let step = at.step();
-        if step.op.reads().is_empty() {
-            return Ok(Vec::new());
-        }
         // What a COPY selects from the context is named by the context's
         // tree: known once, it needs no worker (a fully cached build
         // begins on none).

@@ -245,7 +245,8 @@ impl std::error::Error for Causes {
 #[async_trait::async_trait]
 pub trait Worker: Send + Sync + 'static {
     /// Digests of the content a step reads besides its parent filesystem:
-    /// the files a COPY selects, the sources a RUN bind-mounts.
+    /// the files a COPY selects, the sources a RUN bind-mounts. Asked only
+    /// of a step that reads something.
     async fn inputs(&self, at: &StepAt) -> Result<Vec<Digest>, WorkerError>;
 
     /// Whether every blob of a cached chain is usable here.

@@ -317,7 +317,13 @@ impl Solver {
                     )))
                 },
             )?;
-            let inputs = self.worker.inputs(&at).await.map_err(step_err)?;
+            // A step that reads nothing besides its parent needs no worker
+            // to key it.
+            let inputs = if step.op.reads().is_empty() {
+                Vec::new()
+            } else {
+                self.worker.inputs(&at).await.map_err(step_err)?
+            };
             let step_key = step_key(&key, &step.op, &inputs);
             let skip_cache = run.opts.no_cache || run.opts.no_cache_stages.contains(&stage.name);
             let cached = if skip_cache {

@@ -513,9 +513,6 @@ impl Embedded {
 #[async_trait::async_trait]
 impl Worker for Embedded {
     async fn inputs(&self, at: &StepAt) -> Result<Vec<Digest>, WorkerError> {
-        if at.step().op.reads().is_empty() {
-            return Ok(Vec::new());
-        }
         let at = at.clone();
         self.off_runtime(move |w| w.inputs(&at)).await
     }
