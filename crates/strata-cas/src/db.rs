@@ -83,7 +83,7 @@ impl MetaDb {
         opts.set_keep_log_file_num(2);
         let cfs = column_families
             .iter()
-            .map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+            .map(|n| ColumnFamilyDescriptor::new(*n, crate::store::column_family_options(n)));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
         retire_empty_logs(&db, path)?;
         Ok(Arc::new(MetaDb {

@@ -1,4 +1,5 @@
-//! The store: files for bytes, RocksDB for what is known about them.
+//! The store: RocksDB for what is known about blobs and for the bytes of
+//! small ones, files for the bytes of the rest.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
@@ -15,6 +16,30 @@ use crate::{Digest, MetaDb, Sha256};
 
 const CF_BLOBS: &str = "blobs";
 const CF_SHA256: &str = "sha256";
+const CF_INLINE: &str = "inline";
+
+/// Blobs this large or smaller are kept in the metadata database beside
+/// their record, not as files: a build context of 30,000 small files costs
+/// 30,000 values written together, not 30,000 files made, synced and
+/// renamed, and a blob's bytes and its record are written in one atomic
+/// write.
+pub const INLINE_UP_TO: u64 = 64 * 1024;
+
+/// How the column family `name` is kept: the bytes of inline blobs go
+/// to RocksDB's blob files (key-value separation), so compaction moves
+/// their keys and leaves the bytes where they were written once; every
+/// other family is RocksDB's default.
+pub(crate) fn column_family_options(name: &str) -> rocksdb::Options {
+    let mut options = rocksdb::Options::default();
+    if name == CF_INLINE {
+        options.set_enable_blob_files(true);
+        options.set_min_blob_size(0);
+        // Space of deleted blobs comes back as compaction rewrites the
+        // oldest blob files' live values.
+        options.set_enable_blob_gc(true);
+    }
+    options
+}
 
 /// Errors of the content store.
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +201,7 @@ impl std::fmt::Debug for ContentStore {
 
 impl ContentStore {
     /// The column families the store keeps its metadata in.
-    pub const COLUMN_FAMILIES: &'static [&'static str] = &[CF_BLOBS, CF_SHA256];
+    pub const COLUMN_FAMILIES: &'static [&'static str] = &[CF_BLOBS, CF_SHA256, CF_INLINE];
 
     /// Opens (creating if needed) a store under `root` with a metadata
     /// database of its own.
@@ -236,8 +261,10 @@ impl ContentStore {
         self.meta.cf(name)
     }
 
-    /// Where a blob's bytes live. Reading the file directly skips
-    /// verification; prefer [`ContentStore::open_blob`].
+    /// Where a blob kept as a file lives (one larger than
+    /// [`INLINE_UP_TO`]). Reading the file directly skips verification;
+    /// prefer [`ContentStore::open_blob`], or [`ContentStore::stored`] to
+    /// send the bytes as they are.
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
         let hex = d.hex();
         self.root.join("blobs").join(&hex[..2]).join(hex)
@@ -252,10 +279,9 @@ impl ContentStore {
             .root
             .join("ingest")
             .join(format!("{}-{seq}", std::process::id()));
-        let file = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
         Ok(BlobWriter {
             store: self,
-            file: Some(BufWriter::with_capacity(256 * 1024, file)),
+            sink: Sink::Memory(Vec::new()),
             tmp,
             blake3: blake3::Hasher::new(),
             sha256: sha2::Sha256::new(),
@@ -277,7 +303,7 @@ impl ContentStore {
         // Hashing first keeps the common case (an image config or manifest
         // a warm build makes again) free of temp files and fsyncs.
         let digest = Digest::of(data);
-        if self.contains(&digest)? && self.blob_path(&digest).exists() {
+        if self.present(&digest)? {
             return Ok(digest);
         }
         let mut w = self.writer()?;
@@ -346,36 +372,69 @@ impl ContentStore {
             .map(Digest))
     }
 
-    /// Writes a blob's metadata, and with `sha256_name` the mapping from its
-    /// sha256 to it, in one batch.
-    fn write_info(&self, d: &Digest, info: &BlobInfo, sha256_name: bool) -> Result<()> {
+    /// Adds a blob's metadata to `batch`, with `sha256_name` the mapping
+    /// from its sha256 to it, and with `inline` its bytes.
+    fn record_into(
+        &self,
+        batch: &mut WriteBatch,
+        d: &Digest,
+        info: &BlobInfo,
+        sha256_name: bool,
+        inline: Option<&[u8]>,
+    ) -> Result<()> {
         let bytes =
             bincode::serde::encode_to_vec(info, bincode_config()).map_err(|e| Error::Decode {
                 digest: *d,
                 detail: e.to_string(),
             })?;
-        let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_BLOBS), d.0, bytes);
         if sha256_name {
             batch.put_cf(self.cf(CF_SHA256), info.sha256.0, d.0);
         }
+        if let Some(inline) = inline {
+            batch.put_cf(self.cf(CF_INLINE), d.0, inline);
+        }
+        Ok(())
+    }
+
+    /// Writes a blob's metadata, and with `sha256_name` the mapping from its
+    /// sha256 to it, in one batch.
+    fn write_info(&self, d: &Digest, info: &BlobInfo, sha256_name: bool) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        self.record_into(&mut batch, d, info, sha256_name, None)?;
         self.meta.db().write(batch).map_err(self.db_err())
     }
 
-    /// Records a new blob: its metadata and the sha256 that names it. A
-    /// sha256 that already names another stored blob is never remapped.
-    fn record_new(&self, d: &Digest, info: &BlobInfo) -> Result<()> {
-        if let Some(existing) = self.by_sha256(&info.sha256)?
-            && existing != *d
-            && self.contains(&existing)?
-        {
-            return Err(Error::Sha256Taken {
-                sha256: info.sha256,
-                existing,
-                refused: *d,
-            });
+    /// Refuses a new blob whose sha256 already names another stored blob:
+    /// a sha256 is never remapped.
+    fn check_sha256_free(&self, d: &Digest, info: &BlobInfo) -> Result<()> {
+        match self.by_sha256(&info.sha256)? {
+            Some(existing) if existing != *d && self.contains(&existing)? => {
+                Err(Error::Sha256Taken {
+                    sha256: info.sha256,
+                    existing,
+                    refused: *d,
+                })
+            }
+            _ => Ok(()),
         }
-        self.write_info(d, info, true)
+    }
+
+    /// Records new blobs, each with its metadata, the sha256 that names it
+    /// and, when kept inline, its bytes, in one write; synced when it
+    /// carries bytes, which nothing else makes durable.
+    fn record_new(&self, new: &[(Digest, BlobInfo, Option<Vec<u8>>)]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        for (d, info, inline) in new {
+            self.check_sha256_free(d, info)?;
+            self.record_into(&mut batch, d, info, true, inline.as_deref())?;
+        }
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(new.iter().any(|(_, _, inline)| inline.is_some()));
+        self.meta
+            .db()
+            .write_opt(batch, &options)
+            .map_err(self.db_err())
     }
 
     /// Sets (or, with `None`, removes) a label.
@@ -403,24 +462,45 @@ impl ContentStore {
         self.write_info(d, &info, false)
     }
 
+    /// Where a recorded blob's bytes are, with its record: in hand when
+    /// it is kept inline, else the file to read (which may be missing or
+    /// damaged: this does not check). `None` when no blob `d` is recorded.
+    pub fn stored(&self, d: &Digest) -> Result<Option<(BlobInfo, Stored)>> {
+        let Some(info) = self.info(d)? else {
+            return Ok(None);
+        };
+        let inline = self
+            .meta
+            .db()
+            .get_cf(self.cf(CF_INLINE), d.0)
+            .map_err(self.db_err())?;
+        let at = match inline {
+            Some(bytes) => Stored::Inline(bytes),
+            None => Stored::File(self.blob_path(d)),
+        };
+        Ok(Some((info, at)))
+    }
+
     /// Opens a blob for reading; the reader fails if the bytes do not hash
     /// to `d`.
     pub fn open_blob(&self, d: &Digest) -> Result<BlobReader> {
-        let info = self.info(d)?.ok_or(Error::NotFound(*d))?;
-        let path = self.blob_path(d);
-        let file = File::open(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => Error::Corrupt {
-                digest: *d,
-                detail: format!("{} is missing", path.display()),
-            },
-            _ => Error::Io {
-                what: "cannot open",
-                path: path.clone(),
-                source: e,
-            },
-        })?;
+        let (info, at) = self.stored(d)?.ok_or(Error::NotFound(*d))?;
+        let source = match at {
+            Stored::Inline(bytes) => Source::Memory(io::Cursor::new(bytes)),
+            Stored::File(path) => Source::File(File::open(&path).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => Error::Corrupt {
+                    digest: *d,
+                    detail: format!("{} is missing", path.display()),
+                },
+                _ => Error::Io {
+                    what: "cannot open",
+                    path: path.clone(),
+                    source: e,
+                },
+            })?),
+        };
         Ok(BlobReader {
-            file,
+            source,
             digest: *d,
             size: info.size,
             read: 0,
@@ -451,14 +531,17 @@ impl ContentStore {
         }
     }
 
-    /// Whether the blob is recorded and its file is there, at its size:
-    /// what can be told without reading it ([`verify`](Self::verify)
-    /// reads it).
+    /// Whether the blob is recorded and its bytes are there (inline, or
+    /// its file), at its size: what can be told without reading it
+    /// ([`verify`](Self::verify) reads it).
     pub fn present(&self, d: &Digest) -> Result<bool> {
-        let Some(info) = self.info(d)? else {
-            return Ok(false);
-        };
-        Ok(std::fs::metadata(self.blob_path(d)).is_ok_and(|m| m.len() == info.size))
+        Ok(match self.stored(d)? {
+            None => false,
+            Some((info, Stored::Inline(bytes))) => bytes.len() as u64 == info.size,
+            Some((info, Stored::File(path))) => {
+                std::fs::metadata(path).is_ok_and(|m| m.len() == info.size)
+            }
+        })
     }
 
     /// Reads a blob in full and checks it; true if it is intact.
@@ -496,8 +579,8 @@ impl ContentStore {
         Ok(out)
     }
 
-    /// Removes a blob: metadata first, then the file, so metadata never
-    /// points at a missing file. A leased blob is refused.
+    /// Removes a blob: metadata (and inline bytes) first, then the file, so
+    /// metadata never points at a missing file. A leased blob is refused.
     pub fn delete(&self, d: &Digest) -> Result<bool> {
         // Held through the delete: a lease taken meanwhile either comes
         // first (and the blob stays) or finds it gone.
@@ -510,6 +593,7 @@ impl ContentStore {
         };
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_BLOBS), d.0);
+        batch.delete_cf(self.cf(CF_INLINE), d.0);
         if self.by_sha256(&info.sha256)? == Some(*d) {
             batch.delete_cf(self.cf(CF_SHA256), info.sha256.0);
         }
@@ -583,11 +667,28 @@ impl Drop for Lease {
     }
 }
 
+/// Where a blob's bytes are kept.
+#[derive(Debug)]
+pub enum Stored {
+    /// In the metadata database: these are they.
+    Inline(Vec<u8>),
+    /// In this file.
+    File(PathBuf),
+}
+
+/// Where a blob being written goes: memory while it is small enough to be
+/// kept inline, then a temp file under `ingest/`.
+enum Sink {
+    Memory(Vec<u8>),
+    File(BufWriter<File>),
+    Finished,
+}
+
 /// Writes one blob. Dropped without [`BlobWriter::commit`], it leaves
 /// nothing behind.
 pub struct BlobWriter<'a> {
     store: &'a ContentStore,
-    file: Option<BufWriter<File>>,
+    sink: Sink,
     tmp: PathBuf,
     blake3: blake3::Hasher,
     sha256: sha2::Sha256,
@@ -600,37 +701,38 @@ impl BlobWriter<'_> {
         self.size
     }
 
-    /// Finishes the blob: fsync, rename into place, then record metadata.
-    /// If the blob already exists this is a no-op that returns its digest.
+    /// Takes what was written: the bytes of a blob to keep inline, or the
+    /// temp file of one kept as a file, flushed.
+    fn take(&mut self) -> Result<Stored> {
+        match std::mem::replace(&mut self.sink, Sink::Finished) {
+            Sink::Memory(bytes) => Ok(Stored::Inline(bytes)),
+            Sink::File(buf) => {
+                let file = buf.into_inner().map_err(|e| Error::Io {
+                    what: "cannot write",
+                    path: self.tmp.clone(),
+                    source: e.into_error(),
+                })?;
+                file.sync_all().map_err(io_err("cannot sync", &self.tmp))?;
+                Ok(Stored::File(std::mem::take(&mut self.tmp)))
+            }
+            Sink::Finished => Err(Error::Io {
+                what: "cannot finish",
+                path: self.tmp.clone(),
+                source: io::Error::other("writer already finished"),
+            }),
+        }
+    }
+
+    /// Finishes the blob: a small one is recorded with its bytes in one
+    /// synced write; a file is synced, renamed into place, and then
+    /// recorded. If the blob already exists this is a no-op that returns
+    /// its digest.
     pub fn commit(mut self) -> Result<Digest> {
         let digest = Digest(*self.blake3.finalize().as_bytes());
         let sha256 = self.sha256();
-        let Some(buf) = self.file.take() else {
-            return Err(Error::Io {
-                what: "cannot commit",
-                path: self.tmp.clone(),
-                source: io::Error::other("writer already finished"),
-            });
-        };
-        if self.store.contains(&digest)? && self.store.blob_path(&digest).exists() {
-            drop(buf);
-            let _ = fs::remove_file(&self.tmp);
+        if self.store.present(&digest)? {
             return Ok(digest);
         }
-        let file = buf.into_inner().map_err(|e| Error::Io {
-            what: "cannot write",
-            path: self.tmp.clone(),
-            source: e.into_error(),
-        })?;
-        file.sync_all().map_err(io_err("cannot sync", &self.tmp))?;
-        drop(file);
-        let dest = self.store.blob_path(&digest);
-        let dir = dest.parent().unwrap_or(&self.store.root).to_path_buf();
-        fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
-        fs::rename(&self.tmp, &dest).map_err(io_err("cannot move blob to", &dest))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("cannot sync", &dir))?;
         let now = now_unix();
         let info = BlobInfo {
             size: self.size,
@@ -639,9 +741,28 @@ impl BlobWriter<'_> {
             last_used: now,
             labels: BTreeMap::new(),
         };
-        if let Err(e) = self.store.record_new(&digest, &info) {
-            let _ = fs::remove_file(&dest);
-            return Err(e);
+        match self.take()? {
+            Stored::Inline(bytes) => self.store.record_new(&[(digest, info, Some(bytes))])?,
+            Stored::File(tmp) => {
+                let dest = self.store.blob_path(&digest);
+                let dir = dest.parent().unwrap_or(&self.store.root).to_path_buf();
+                let placed = fs::create_dir_all(&dir)
+                    .map_err(io_err("cannot create", &dir))
+                    .and_then(|()| {
+                        fs::rename(&tmp, &dest).map_err(io_err("cannot move blob to", &dest))
+                    });
+                if let Err(e) = placed {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e);
+                }
+                File::open(&dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_err("cannot sync", &dir))?;
+                if let Err(e) = self.store.record_new(&[(digest, info, None)]) {
+                    let _ = fs::remove_file(&dest);
+                    return Err(e);
+                }
+            }
         }
         self.store.changes.fetch_add(1, Ordering::SeqCst);
         Ok(digest)
@@ -682,21 +803,27 @@ impl BlobWriter<'_> {
             return Err(Error::Unexpected { expected, actual });
         }
         let sha256 = self.sha256();
-        let Some(buf) = self.file.take() else {
-            return Err(Error::Io {
-                what: "cannot finish",
-                path: self.tmp.clone(),
-                source: io::Error::other("writer already finished"),
-            });
+        let bytes = match std::mem::replace(&mut self.sink, Sink::Finished) {
+            Sink::Memory(bytes) => Stored::Inline(bytes),
+            // Not synced here: the batch syncs all its files at once.
+            Sink::File(buf) => {
+                buf.into_inner().map_err(|e| Error::Io {
+                    what: "cannot write",
+                    path: self.tmp.clone(),
+                    source: e.into_error(),
+                })?;
+                Stored::File(std::mem::take(&mut self.tmp))
+            }
+            Sink::Finished => {
+                return Err(Error::Io {
+                    what: "cannot finish",
+                    path: self.tmp.clone(),
+                    source: io::Error::other("writer already finished"),
+                });
+            }
         };
-        let file = buf.into_inner().map_err(|e| Error::Io {
-            what: "cannot write",
-            path: self.tmp.clone(),
-            source: e.into_error(),
-        })?;
-        drop(file);
         batch.pending.push(Pending {
-            tmp: std::mem::take(&mut self.tmp),
+            bytes,
             digest: actual,
             size: self.size,
             sha256,
@@ -707,17 +834,19 @@ impl BlobWriter<'_> {
 
 /// A blob written and checked, waiting for its batch's commit.
 struct Pending {
-    tmp: PathBuf,
+    /// Its bytes, or its temp file.
+    bytes: Stored,
     digest: Digest,
     size: u64,
     sha256: Sha256,
 }
 
 /// Blobs made durable together: many small blobs (a build context's
-/// files) cost one sync of the filesystem for the data and one for the
+/// files) are recorded with their bytes in one synced write, and larger
+/// ones cost one sync of the filesystem for the data and one for the
 /// names, not two syncs each, as git's batched fsync does. Each blob is
 /// still whole under its name or absent: every blob's bytes are on disk
-/// before any is renamed into place. Dropped without
+/// before any is renamed into place or recorded. Dropped without
 /// [`Batch::commit`], it leaves nothing behind.
 pub struct Batch<'a> {
     store: &'a ContentStore,
@@ -745,9 +874,6 @@ impl Batch<'_> {
     /// Makes every blob of the batch durable, moves it into place and
     /// records it. Returns how many were new.
     pub fn commit(mut self) -> Result<usize> {
-        if self.pending.is_empty() {
-            return Ok(0);
-        }
         let store = self.store;
         let sync = |what: &'static str| -> Result<()> {
             let root = File::open(&store.root).map_err(io_err("cannot open", &store.root))?;
@@ -757,63 +883,117 @@ impl Batch<'_> {
                 source: e.into(),
             })
         };
-        // The bytes first, then the names.
-        sync("cannot sync the blobs in")?;
-        let mut moved = Vec::new();
+        let mut new = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut files = Vec::new();
         for p in std::mem::take(&mut self.pending) {
-            if store.contains(&p.digest)? && store.blob_path(&p.digest).exists() {
-                let _ = fs::remove_file(&p.tmp);
+            if !seen.insert(p.digest) || store.present(&p.digest)? {
+                if let Stored::File(tmp) = &p.bytes {
+                    let _ = fs::remove_file(tmp);
+                }
                 continue;
             }
-            let dest = store.blob_path(&p.digest);
-            let dir = dest.parent().unwrap_or(&store.root).to_path_buf();
-            fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
-            fs::rename(&p.tmp, &dest).map_err(io_err("cannot move blob to", &dest))?;
-            moved.push((p, dest));
+            match p.bytes {
+                Stored::Inline(bytes) => new.push((p.digest, p.size, p.sha256, Some(bytes))),
+                Stored::File(tmp) => files.push((tmp, p.digest, p.size, p.sha256)),
+            }
         }
-        sync("cannot sync the blob names in")?;
-        let now = now_unix();
-        let new = moved.len();
-        for (p, dest) in moved {
-            let info = BlobInfo {
-                size: p.size,
-                sha256: p.sha256,
-                created: now,
-                last_used: now,
-                labels: self.labels.clone(),
-            };
-            if let Err(e) = store.record_new(&p.digest, &info) {
-                let _ = fs::remove_file(&dest);
+        let mut placed = Vec::new();
+        if !files.is_empty() {
+            // The bytes first, then the names.
+            let synced = sync("cannot sync the blobs in");
+            let mut files = files.into_iter();
+            let moved = synced.and_then(|()| {
+                for (tmp, digest, size, sha256) in files.by_ref() {
+                    let dest = store.blob_path(&digest);
+                    let dir = dest.parent().unwrap_or(&store.root).to_path_buf();
+                    fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+                    if let Err(e) = fs::rename(&tmp, &dest) {
+                        let _ = fs::remove_file(&tmp);
+                        return Err(io_err("cannot move blob to", &dest)(e));
+                    }
+                    placed.push(dest);
+                    new.push((digest, size, sha256, None));
+                }
+                sync("cannot sync the blob names in")
+            });
+            for (tmp, ..) in files {
+                let _ = fs::remove_file(tmp);
+            }
+            if let Err(e) = moved {
+                for dest in placed {
+                    let _ = fs::remove_file(dest);
+                }
                 return Err(e);
             }
         }
-        store.changes.fetch_add(new as u64, Ordering::SeqCst);
-        Ok(new)
+        let now = now_unix();
+        let records: Vec<(Digest, BlobInfo, Option<Vec<u8>>)> = new
+            .into_iter()
+            .map(|(digest, size, sha256, inline)| {
+                let info = BlobInfo {
+                    size,
+                    sha256,
+                    created: now,
+                    last_used: now,
+                    labels: self.labels.clone(),
+                };
+                (digest, info, inline)
+            })
+            .collect();
+        if let Err(e) = store.record_new(&records) {
+            for dest in placed {
+                let _ = fs::remove_file(dest);
+            }
+            return Err(e);
+        }
+        store
+            .changes
+            .fetch_add(records.len() as u64, Ordering::SeqCst);
+        Ok(records.len())
     }
 }
 
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
         for p in self.pending.drain(..) {
-            let _ = fs::remove_file(&p.tmp);
+            if let Stored::File(tmp) = p.bytes {
+                let _ = fs::remove_file(tmp);
+            }
         }
     }
 }
 
 impl Write for BlobWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| io::Error::other("blob writer finished"))?;
         // Name the file: whoever reports this error (a full disk, most
         // likely) only knows it was writing "a blob".
-        let n = file.write(buf).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("writing {} in the content store: {e}", self.tmp.display()),
-            )
-        })?;
+        let named = |tmp: &Path| {
+            let tmp = tmp.to_path_buf();
+            move |e: io::Error| {
+                io::Error::new(
+                    e.kind(),
+                    format!("writing {} in the content store: {e}", tmp.display()),
+                )
+            }
+        };
+        if let Sink::Memory(bytes) = &mut self.sink
+            && (bytes.len() + buf.len()) as u64 > INLINE_UP_TO
+        {
+            // Too large to keep inline: on to a file.
+            let file = File::create(&self.tmp).map_err(named(&self.tmp))?;
+            let mut file = BufWriter::with_capacity(256 * 1024, file);
+            file.write_all(bytes).map_err(named(&self.tmp))?;
+            self.sink = Sink::File(file);
+        }
+        let n = match &mut self.sink {
+            Sink::Memory(bytes) => {
+                bytes.extend_from_slice(buf);
+                buf.len()
+            }
+            Sink::File(file) => file.write(buf).map_err(named(&self.tmp))?,
+            Sink::Finished => return Err(io::Error::other("blob writer finished")),
+        };
         self.blake3.update(&buf[..n]);
         self.sha256.update(&buf[..n]);
         self.size += n as u64;
@@ -822,29 +1002,36 @@ impl Write for BlobWriter<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         let tmp = &self.tmp;
-        self.file.as_mut().map_or(Ok(()), |f| {
-            f.flush().map_err(|e| {
+        match &mut self.sink {
+            Sink::File(f) => f.flush().map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("writing {} in the content store: {e}", tmp.display()),
                 )
-            })
-        })
+            }),
+            Sink::Memory(_) | Sink::Finished => Ok(()),
+        }
     }
 }
 
 impl Drop for BlobWriter<'_> {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
+        if let Sink::File(_) = std::mem::replace(&mut self.sink, Sink::Finished) {
             let _ = fs::remove_file(&self.tmp);
         }
     }
 }
 
+/// What a [`BlobReader`] reads from.
+enum Source {
+    File(File),
+    Memory(io::Cursor<Vec<u8>>),
+}
+
 /// Reads a blob and checks its digest and size at the end; a mismatch is
 /// an `InvalidData` error instead of end of file.
 pub struct BlobReader {
-    file: File,
+    source: Source,
     digest: Digest,
     size: u64,
     read: u64,
@@ -860,7 +1047,10 @@ impl BlobReader {
 
 impl Read for BlobReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.file.read(buf)?;
+        let n = match &mut self.source {
+            Source::File(f) => f.read(buf)?,
+            Source::Memory(m) => m.read(buf)?,
+        };
         self.hasher.update(&buf[..n]);
         self.read += n as u64;
         if n == 0 || self.read > self.size {

@@ -119,7 +119,16 @@ pub struct OverQuota {
 #[derive(Debug)]
 pub struct UploadQuota {
     per_hour: u64,
-    uploads: HashMap<String, VecDeque<(Instant, u64)>>,
+    uploads: HashMap<String, Window>,
+}
+
+/// One client's uploads of the last hour, oldest first, and their sum: a
+/// context of 30,000 files is 30,000 uploads, each checked in constant
+/// time.
+#[derive(Debug, Default)]
+struct Window {
+    uploads: VecDeque<(Instant, u64)>,
+    total: u64,
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -137,19 +146,16 @@ impl UploadQuota {
     /// it.
     pub fn reserve(&mut self, client: &str, size: u64, now: Instant) -> Result<(), OverQuota> {
         // Clients that uploaded nothing for an hour are forgotten.
-        self.uploads.retain(|_, u| {
-            while u
-                .front()
-                .is_some_and(|(at, _)| now.saturating_duration_since(*at) >= HOUR)
+        self.uploads.retain(|_, w| {
+            while let Some(&(at, n)) = w.uploads.front()
+                && now.saturating_duration_since(at) >= HOUR
             {
-                u.pop_front();
+                w.uploads.pop_front();
+                w.total -= n;
             }
-            !u.is_empty()
+            !w.uploads.is_empty()
         });
-        let used: u64 = self
-            .uploads
-            .get(client)
-            .map_or(0, |u| u.iter().map(|(_, n)| n).sum());
+        let used = self.uploads.get(client).map_or(0, |w| w.total);
         if used.saturating_add(size) > self.per_hour {
             return Err(OverQuota {
                 client: client.to_string(),
@@ -158,20 +164,20 @@ impl UploadQuota {
                 quota: self.per_hour,
             });
         }
-        self.uploads
-            .entry(client.to_string())
-            .or_default()
-            .push_back((now, size));
+        let w = self.uploads.entry(client.to_string()).or_default();
+        w.uploads.push_back((now, size));
+        w.total += size;
         Ok(())
     }
 
     /// Gives back an upload [`reserve`](Self::reserve) counted that did
     /// not arrive (refused, broken off): only what is stored counts.
     pub fn refund(&mut self, client: &str, size: u64) {
-        if let Some(u) = self.uploads.get_mut(client)
-            && let Some(i) = u.iter().rposition(|(_, n)| *n == size)
+        if let Some(w) = self.uploads.get_mut(client)
+            && let Some(i) = w.uploads.iter().rposition(|(_, n)| *n == size)
         {
-            u.remove(i);
+            w.uploads.remove(i);
+            w.total -= size;
         }
     }
 }

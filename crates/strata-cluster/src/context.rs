@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use strata_cas::{ContentStore, Digest};
+use strata_cas::{ContentStore, Digest, Stored};
 use strata_dockerfile::IgnoreMatcher;
 use strata_worker::select::{SourceRoot, select, walk};
 
@@ -919,13 +919,20 @@ fn write_file(
         path: path.clone(),
         source,
     };
-    let copied = fs::copy(cas.blob_path(blob), path).map_err(|err| {
-        if err.kind() == std::io::ErrorKind::NotFound {
-            ContextError::Missing(*blob)
-        } else {
-            write(err)
+    let copied = match cas.stored(blob)? {
+        None => return Err(ContextError::Missing(*blob)),
+        Some((_, Stored::Inline(bytes))) => {
+            fs::write(path, &bytes).map_err(write)?;
+            bytes.len() as u64
         }
-    })?;
+        Some((_, Stored::File(from))) => fs::copy(from, path).map_err(|err| {
+            if err.kind() == std::io::ErrorKind::NotFound {
+                ContextError::Missing(*blob)
+            } else {
+                write(err)
+            }
+        })?,
+    };
     if copied != *size {
         return Err(ContextError::BadDirectory {
             digest: *parent,

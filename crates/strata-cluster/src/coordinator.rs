@@ -428,7 +428,10 @@ impl Coordinator {
 
     /// Opens `layer` from this coordinator's store, fetching it (verified)
     /// from a worker that holds it first if it is not there.
-    pub(crate) async fn open_layer(&self, layer: &LayerRef) -> Result<tokio::fs::File, String> {
+    pub(crate) async fn open_layer(
+        &self,
+        layer: &LayerRef,
+    ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, String> {
         // Held until the file is open: from then on eviction cannot take
         // the bytes from under the reader.
         let mut lease = self.node.content.lease();
@@ -444,12 +447,22 @@ impl Coordinator {
         if let Err(e) = self.node.content.touch(&layer.blob) {
             tracing::debug!(blob = %layer.blob, error = %e, "cannot mark the layer used");
         }
-        let path = self.node.content.blob_path(&layer.blob);
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let stored = self
+            .node
+            .content
+            .stored(&layer.blob)
+            .map_err(|e| e.to_string())?;
+        let bytes: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match stored {
+            Some((_, strata_cas::Stored::Inline(bytes))) => Box::new(std::io::Cursor::new(bytes)),
+            Some((_, strata_cas::Stored::File(path))) => Box::new(
+                tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|e| format!("cannot open {}: {e}", path.display()))?,
+            ),
+            None => return Err(format!("layer {} is gone from the store", layer.diff_id)),
+        };
         drop(lease);
-        Ok(file)
+        Ok(bytes)
     }
 
     /// Serves its metrics, `/healthz` and `/readyz` as `config` says

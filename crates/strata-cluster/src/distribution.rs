@@ -331,8 +331,8 @@ async fn answer(
                 Ok(content(BLOB_TYPE, &digest, layer.size, true, Body::empty()))
             }
             Ok(BlobHit::Layer(layer)) => match coordinator.open_layer(&layer).await {
-                Ok(file) => {
-                    let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20);
+                Ok(bytes) => {
+                    let stream = tokio_util::io::ReaderStream::with_capacity(bytes, 1 << 20);
                     let body = Body::from_stream(stream);
                     Ok(content(BLOB_TYPE, &digest, layer.size, false, body))
                 }

@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
-use strata_cas::{ContentStore, Digest, Sha256};
+use strata_cas::{ContentStore, Digest, Sha256, Stored};
 use tokio::io::AsyncReadExt as _;
 
 use crate::error::{Error, Result};
@@ -57,12 +57,35 @@ pub async fn send_blob(
     digest: &Digest,
     peer: SocketAddr,
 ) -> Result<u64> {
-    let Some(info) = cas.info(digest)? else {
-        write_frame(send, &BlobHeader::Missing, peer).await?;
-        let _ = send.finish();
-        return Ok(0);
+    let (info, at) = match cas.stored(digest)? {
+        Some((info, Stored::Inline(bytes))) if bytes.len() as u64 == info.size => {
+            (info, Stored::Inline(bytes))
+        }
+        Some((info, Stored::File(path))) => (info, Stored::File(path)),
+        Some((_, Stored::Inline(_))) | None => {
+            write_frame(send, &BlobHeader::Missing, peer).await?;
+            let _ = send.finish();
+            return Ok(0);
+        }
     };
-    let path = cas.blob_path(digest);
+    let header = BlobHeader::Found {
+        size: info.size,
+        sha256: Some(info.sha256),
+    };
+    let path = match at {
+        Stored::Inline(bytes) => {
+            write_frame(send, &header, peer).await?;
+            send.write_all(&bytes)
+                .await
+                .map_err(|e| Error::Connection {
+                    peer,
+                    detail: format!("sending blob {digest}: {e}"),
+                })?;
+            let _ = send.finish();
+            return Ok(info.size);
+        }
+        Stored::File(path) => path,
+    };
     let mut file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
         Err(e) => {
@@ -72,15 +95,7 @@ pub async fn send_blob(
             return Ok(0);
         }
     };
-    write_frame(
-        send,
-        &BlobHeader::Found {
-            size: info.size,
-            sha256: Some(info.sha256),
-        },
-        peer,
-    )
-    .await?;
+    write_frame(send, &header, peer).await?;
     stream_file(send, &mut file, &path, digest, peer).await
 }
 
@@ -339,15 +354,42 @@ pub async fn send_batch(
     let mut sent = 0u64;
     let mut buf = vec![0u8; CHUNK];
     for (digest, source) in blobs {
-        let (path, size) = match source {
-            BatchSource::Store(cas) => match cas.info(digest)? {
-                Some(info) => (cas.blob_path(digest), info.size),
+        let (at, size) = match source {
+            BatchSource::Store(cas) => match cas.stored(digest)? {
+                Some((info, at)) => (at, info.size),
                 None => {
                     write_frame(send, &BatchItem::Missing(*digest), peer).await?;
                     continue;
                 }
             },
-            BatchSource::File(path, size) => (path.to_path_buf(), *size),
+            BatchSource::File(path, size) => (Stored::File(path.to_path_buf()), *size),
+        };
+        let path = match at {
+            Stored::Inline(bytes) if bytes.len() as u64 == size => {
+                write_frame(
+                    send,
+                    &BatchItem::Blob {
+                        digest: *digest,
+                        size,
+                    },
+                    peer,
+                )
+                .await?;
+                send.write_all(&bytes)
+                    .await
+                    .map_err(|e| Error::Connection {
+                        peer,
+                        detail: format!("sending blob {digest}: {e}"),
+                    })?;
+                sent += size;
+                continue;
+            }
+            Stored::Inline(_) => {
+                tracing::error!(blob = %digest, "a recorded blob's bytes are not its size");
+                write_frame(send, &BatchItem::Missing(*digest), peer).await?;
+                continue;
+            }
+            Stored::File(path) => path,
         };
         let io = |e| Error::Io {
             what: "cannot read",

@@ -163,7 +163,8 @@ async fn blobs_arrive_verified_and_damaged_ones_never_do() {
     let src = Arc::new(ContentStore::open(src_dir.path()).unwrap());
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
     let good = src.put(&data).unwrap();
-    let bad = src.put(b"soon damaged").unwrap();
+    // Large enough to be kept as a file, which can be damaged.
+    let bad = src.put(&[7u8; 100_000]).unwrap();
     std::fs::write(src.blob_path(&bad), b"damaged bytes").unwrap();
     let ca = ClusterCa::create("test").unwrap();
     let addr = server(&ca, Arc::clone(&src));

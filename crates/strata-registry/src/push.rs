@@ -329,12 +329,17 @@ impl Registry {
             }
         }
         progress.start(&digest, Some(b.size));
-        let path = cas.blob_path(&b.local);
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        let bytes: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match cas.stored(&b.local)? {
+            Some((_, strata_cas::Stored::Inline(bytes))) => Box::new(std::io::Cursor::new(bytes)),
+            Some((_, strata_cas::Stored::File(path))) => Box::new(
+                tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?,
+            ),
+            None => return Err(strata_cas::Error::NotFound(b.local).into()),
+        };
         let id = digest.clone();
-        let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
+        let stream = tokio_util::io::ReaderStream::with_capacity(bytes, 1 << 20)
             .map(move |chunk| chunk.map_err(OciDistributionError::IoError));
         // The upload takes a 'static stream and the progress sink is
         // borrowed: the blob's bytes are reported when it is done.

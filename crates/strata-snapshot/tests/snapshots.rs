@@ -265,8 +265,10 @@ fn layers_apply_through_symlinked_directories() {
 #[test]
 fn corrupt_layer_blob_is_not_extracted() {
     let (_d, cas, snap) = setup();
+    // Large enough to be kept as a file, which can be damaged.
+    let data = "data".repeat(20_000);
     let base = cas
-        .put(&tar(&[("f", EntryType::Regular, 0o644, 0, "data")]))
+        .put(&tar(&[("f", EntryType::Regular, 0o644, 0, &data)]))
         .unwrap();
     let path = cas.blob_path(&base);
     let mut bytes = fs::read(&path).unwrap();

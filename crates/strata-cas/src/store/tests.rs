@@ -20,18 +20,103 @@ fn put_read_and_dedupe() {
     assert_eq!(s.list().unwrap().len(), 1);
 }
 
+/// A blob too large to be kept inline: it is a file.
+fn large(fill: u8) -> Vec<u8> {
+    vec![fill; INLINE_UP_TO as usize + 1]
+}
+
 #[test]
 fn corruption_is_detected_not_served() {
     let (_d, s) = store();
-    let a = s.put(b"precious bytes").unwrap();
-    fs::write(s.blob_path(&a), b"precious bytez").unwrap();
+    let bytes = large(b'p');
+    let a = s.put(&bytes).unwrap();
+    let mut damaged = bytes.clone();
+    damaged[7] = b'q';
+    fs::write(s.blob_path(&a), &damaged).unwrap();
     assert!(matches!(s.read(&a), Err(Error::Corrupt { .. })));
     assert!(!s.verify(&a).unwrap());
-    fs::write(s.blob_path(&a), b"precious bytes and more").unwrap();
+    damaged.push(b'p');
+    fs::write(s.blob_path(&a), &damaged).unwrap();
     assert!(matches!(s.read(&a), Err(Error::Corrupt { .. })));
     fs::remove_file(s.blob_path(&a)).unwrap();
     let e = s.read(&a).unwrap_err();
     assert!(e.to_string().contains("is missing"), "{e}");
+}
+
+#[test]
+fn damaged_inline_bytes_are_detected_not_served() {
+    let (_d, s) = store();
+    let a = s.put(b"precious bytes").unwrap();
+    assert!(matches!(
+        s.stored(&a).unwrap(),
+        Some((_, Stored::Inline(_)))
+    ));
+    let db = s.meta.db();
+    db.put_cf(s.cf(CF_INLINE), a.0, b"precious bytez").unwrap();
+    assert!(matches!(s.read(&a), Err(Error::Corrupt { .. })));
+    assert!(!s.verify(&a).unwrap());
+    db.put_cf(s.cf(CF_INLINE), a.0, b"precious").unwrap();
+    assert!(!s.present(&a).unwrap());
+}
+
+#[test]
+fn small_blobs_are_kept_inline_and_large_ones_as_files() {
+    let (_d, s) = store();
+    let small = vec![b's'; INLINE_UP_TO as usize];
+    let a = s.put(&small).unwrap();
+    let b = s.put(&large(b'l')).unwrap();
+    assert!(!s.blob_path(&a).exists(), "a small blob makes no file");
+    assert!(s.blob_path(&b).exists());
+    assert_eq!(s.read(&a).unwrap(), small);
+    assert_eq!(s.read(&b).unwrap(), large(b'l'));
+    assert!(s.present(&a).unwrap() && s.present(&b).unwrap());
+    // Streamed in pieces, a blob spills to a file only once it is large.
+    let mut w = s.writer().unwrap();
+    for chunk in large(b'w').chunks(1000) {
+        w.write_all(chunk).unwrap();
+    }
+    let c = w.commit().unwrap();
+    assert!(s.blob_path(&c).exists());
+    assert_eq!(fs::read_dir(s.root().join("ingest")).unwrap().count(), 0);
+    // Deleted, an inline blob is gone with its record.
+    assert!(s.delete(&a).unwrap());
+    assert!(!s.present(&a).unwrap());
+    assert!(s.stored(&a).unwrap().is_none());
+    assert_eq!(s.put(&small).unwrap(), a);
+    assert_eq!(s.read(&a).unwrap(), small);
+}
+
+#[test]
+fn a_batch_stores_small_and_large_blobs_together_each_once() {
+    let (_d, s) = store();
+    let blobs = [
+        b"one".to_vec(),
+        large(b'2'),
+        b"one".to_vec(),
+        b"three".to_vec(),
+    ];
+    let mut batch = s.batch();
+    batch.label("context", "1");
+    for b in &blobs {
+        let mut w = s.writer().unwrap();
+        w.write_all(b).unwrap();
+        w.finish_into(&mut batch, Digest::of(b)).unwrap();
+    }
+    assert_eq!(batch.commit().unwrap(), 3);
+    for b in &blobs {
+        let d = Digest::of(b);
+        assert_eq!(&s.read(&d).unwrap(), b);
+        assert_eq!(s.info(&d).unwrap().unwrap().labels["context"], "1");
+    }
+    assert_eq!(fs::read_dir(s.root().join("ingest")).unwrap().count(), 0);
+    // A dropped batch leaves nothing behind.
+    let mut batch = s.batch();
+    let mut w = s.writer().unwrap();
+    w.write_all(&large(b'x')).unwrap();
+    w.finish_into(&mut batch, Digest::of(&large(b'x'))).unwrap();
+    drop(batch);
+    assert!(!s.contains(&Digest::of(&large(b'x'))).unwrap());
+    assert_eq!(fs::read_dir(s.root().join("ingest")).unwrap().count(), 0);
 }
 
 #[test]
