@@ -289,10 +289,11 @@ impl ContentStore {
         })
     }
 
-    /// A batch of blobs to be made durable together ([`Batch`]).
-    pub fn batch(&self) -> Batch<'_> {
+    /// A batch of blobs to be made durable together ([`Batch`]). It holds
+    /// the store, so that its commit can move to a blocking thread.
+    pub fn batch(self: &Arc<Self>) -> Batch {
         Batch {
-            store: self,
+            store: Arc::clone(self),
             pending: Vec::new(),
             labels: BTreeMap::new(),
         }
@@ -797,7 +798,7 @@ impl BlobWriter<'_> {
     /// Finishes the blob as part of `batch`, to be made durable and stored
     /// with the batch's other blobs by [`Batch::commit`]; fails (storing
     /// nothing) unless the content hashes to `expected`. Returns its digest.
-    pub fn finish_into(mut self, batch: &mut Batch<'_>, expected: Digest) -> Result<Digest> {
+    pub fn finish_into(mut self, batch: &mut Batch, expected: Digest) -> Result<Digest> {
         let actual = Digest(*self.blake3.finalize().as_bytes());
         if actual != expected {
             return Err(Error::Unexpected { expected, actual });
@@ -848,14 +849,14 @@ struct Pending {
 /// still whole under its name or absent: every blob's bytes are on disk
 /// before any is renamed into place or recorded. Dropped without
 /// [`Batch::commit`], it leaves nothing behind.
-pub struct Batch<'a> {
-    store: &'a ContentStore,
+pub struct Batch {
+    store: Arc<ContentStore>,
     pending: Vec<Pending>,
     /// Labels every new blob of the batch gets.
     labels: BTreeMap<String, String>,
 }
 
-impl Batch<'_> {
+impl Batch {
     /// Blobs waiting.
     pub fn len(&self) -> usize {
         self.pending.len()
@@ -874,7 +875,8 @@ impl Batch<'_> {
     /// Makes every blob of the batch durable, moves it into place and
     /// records it. Returns how many were new.
     pub fn commit(mut self) -> Result<usize> {
-        let store = self.store;
+        let store = Arc::clone(&self.store);
+        let store = &*store;
         let sync = |what: &'static str| -> Result<()> {
             let root = File::open(&store.root).map_err(io_err("cannot open", &store.root))?;
             nix::unistd::syncfs(&root).map_err(|e| Error::Io {
@@ -954,7 +956,7 @@ impl Batch<'_> {
     }
 }
 
-impl Drop for Batch<'_> {
+impl Drop for Batch {
     fn drop(&mut self) {
         for p in self.pending.drain(..) {
             if let Stored::File(tmp) = p.bytes {

@@ -186,11 +186,7 @@ fn init_logging(filter: &str, format: LogFormat) {
 
 /// An error and its causes, as printed after `error: `.
 fn error_text(err: &anyhow::Error) -> String {
-    let mut text = err.to_string();
-    for cause in err.chain().skip(1) {
-        text.push_str(&format!("\n  caused by: {cause}"));
-    }
-    text
+    strata_solver::with_causes(err.to_string(), err.chain().skip(1))
 }
 
 /// Prints an error and its causes to stderr.

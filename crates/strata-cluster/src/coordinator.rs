@@ -1866,16 +1866,10 @@ impl Coordinator {
                     tagged,
                 })));
             }
-            Err(e) => {
-                // The causes as the CLI prints an error's chain.
-                let mut text = e.located(&submit.inputs.dockerfile_name);
-                let mut cause = e.causes().map(|c| c as &dyn std::error::Error);
-                while let Some(c) = cause {
-                    text.push_str(&format!("\n  caused by: {c}"));
-                    cause = c.source();
-                }
-                fail(text, e.tail().to_vec())
-            }
+            Err(e) => fail(
+                e.reported(&submit.inputs.dockerfile_name),
+                e.tail().to_vec(),
+            ),
         }
     }
 }

@@ -1188,7 +1188,7 @@ async fn lacking(e: FetchError, coordinator: &Connection) -> WorkerError {
 /// `cas` (checked, made durable together). Returns their bytes.
 async fn get_batch(
     conn: &Connection,
-    cas: &ContentStore,
+    cas: &Arc<ContentStore>,
     blobs: Vec<Digest>,
 ) -> Result<u64, String> {
     let fail = |e: strata_net::Error| format!("fetching the build context: {e}");

@@ -454,9 +454,11 @@ pub struct BatchReceived {
 /// is checked against its name as it arrives; all are made durable and
 /// stored together at the end ([`strata_cas::Batch`]), each new one with
 /// `label` if given, and nothing is stored if any is refused or forged.
+/// The commit (a sync of the disk) runs on a blocking thread, never on the
+/// runtime's.
 pub async fn recv_batch(
     recv: &mut quinn::RecvStream,
-    cas: &ContentStore,
+    cas: &std::sync::Arc<ContentStore>,
     wanted: &std::collections::HashSet<Digest>,
     peer: SocketAddr,
     label: Option<(&str, &str)>,
@@ -546,6 +548,12 @@ pub async fn recv_batch(
         got.bytes += size;
         got.stored.push(digest);
     }
-    batch.commit()?;
+    tokio::task::spawn_blocking(move || batch.commit())
+        .await
+        .map_err(|e| Error::Io {
+            what: "cannot store a batch of blobs in",
+            path: cas.root().to_path_buf(),
+            source: std::io::Error::other(e),
+        })??;
     Ok(got)
 }

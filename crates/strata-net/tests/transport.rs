@@ -251,7 +251,7 @@ async fn a_batch_brings_what_was_asked_checked_or_stores_nothing() {
     let client = Endpoint::dialer(&ca.issue(Role::Worker, "w").unwrap()).unwrap();
     let conn = client.connect(addr).await.unwrap();
     let mine = tempfile::tempdir().unwrap();
-    let local = ContentStore::open(mine.path()).unwrap();
+    let local = Arc::new(ContentStore::open(mine.path()).unwrap());
     let ask = |text: String| {
         let conn = &conn;
         async move {
@@ -285,7 +285,7 @@ async fn a_batch_brings_what_was_asked_checked_or_stores_nothing() {
 
     // A blob not asked for: the batch is refused, nothing of it stored.
     let fresh = tempfile::tempdir().unwrap();
-    let other = ContentStore::open(fresh.path()).unwrap();
+    let other = Arc::new(ContentStore::open(fresh.path()).unwrap());
     let mut recv = ask(format!("batch:{a},{b}")).await;
     let e = recv_batch(
         &mut recv,

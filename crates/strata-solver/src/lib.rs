@@ -423,7 +423,29 @@ pub enum SolveError {
     Internal(String),
 }
 
+/// `text` followed by `causes`, one `caused by:` line each: how the CLI
+/// prints an error's chain, and how a coordinator sends a failed build's.
+pub fn with_causes(
+    mut text: String,
+    causes: impl IntoIterator<Item = impl std::fmt::Display>,
+) -> String {
+    for cause in causes {
+        text.push_str(&format!("\n  caused by: {cause}"));
+    }
+    text
+}
+
 impl SolveError {
+    /// The error as a build reports it ([`SolveError::located`] in the
+    /// Dockerfile `file`), with what caused a failed step.
+    pub fn reported(&self, file: &str) -> String {
+        let first = self.causes().map(|c| c as &dyn std::error::Error);
+        with_causes(
+            self.located(file),
+            std::iter::successors(first, |c| c.source()),
+        )
+    }
+
     /// What caused a failed step, when the worker said.
     pub fn causes(&self) -> Option<&Causes> {
         match self {

@@ -1,8 +1,8 @@
 use super::*;
 
-fn store() -> (tempfile::TempDir, ContentStore) {
+fn store() -> (tempfile::TempDir, Arc<ContentStore>) {
     let dir = tempfile::tempdir().unwrap();
-    let s = ContentStore::open(dir.path()).unwrap();
+    let s = Arc::new(ContentStore::open(dir.path()).unwrap());
     (dir, s)
 }
 
