@@ -385,7 +385,22 @@ impl Cluster {
         Some((number_before("copies")?, number_before("layers")?))
     }
 
-    /// Bytes of blobs in a node's content store.
+    /// Files in a node's content store (blobs too large to be kept
+    /// inline in its database).
+    pub fn blob_files(&self, name: &str) -> usize {
+        let blobs = self.path().join("state").join(name).join("content/blobs");
+        std::fs::read_dir(blobs)
+            .map(|shards| {
+                shards
+                    .flatten()
+                    .map(|s| std::fs::read_dir(s.path()).map_or(0, |f| f.count()))
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Bytes of blob files in a node's content store (blobs kept inline in
+    /// its database are not counted).
     pub fn blob_bytes(&self, name: &str) -> u64 {
         fn walk(p: &Path) -> u64 {
             std::fs::read_dir(p)

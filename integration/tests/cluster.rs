@@ -470,6 +470,12 @@ fn a_one_file_edit_uploads_that_file_and_the_directories_above_it() {
     assert_eq!(entries, 3_032, "{progress}");
     assert_eq!(blobs, 3_002 + 31, "{progress}");
     assert_eq!(runs(&report), 1, "{report}");
+    // The context's small files are kept inline in the stores that took
+    // them, not as 3,000 files each: what is a file is big.bin and layers.
+    for node in [cluster.coordinator_names()[0].clone(), "worker-1".into()] {
+        let files = cluster.blob_files(&node);
+        assert!((1..10).contains(&files), "{node} holds {files} blob files");
+    }
 
     // Nothing changed: nothing is read, nothing is sent.
     let (report, progress) = cluster.build_showing(&cluster.client(), &client, ctx.path(), &[]);
