@@ -364,29 +364,24 @@ pub async fn send_batch(
             },
             BatchSource::File(path, size) => (Stored::File(path.to_path_buf()), *size),
         };
+        let broke = |e| Error::Connection {
+            peer,
+            detail: format!("sending blob {digest}: {e}"),
+        };
+        let header = BatchItem::Blob {
+            digest: *digest,
+            size,
+        };
         let path = match at {
-            Stored::Inline(bytes) if bytes.len() as u64 == size => {
-                write_frame(
-                    send,
-                    &BatchItem::Blob {
-                        digest: *digest,
-                        size,
-                    },
-                    peer,
-                )
-                .await?;
-                send.write_all(&bytes)
-                    .await
-                    .map_err(|e| Error::Connection {
-                        peer,
-                        detail: format!("sending blob {digest}: {e}"),
-                    })?;
-                sent += size;
-                continue;
-            }
-            Stored::Inline(_) => {
+            Stored::Inline(bytes) if bytes.len() as u64 != size => {
                 tracing::error!(blob = %digest, "a recorded blob's bytes are not its size");
                 write_frame(send, &BatchItem::Missing(*digest), peer).await?;
+                continue;
+            }
+            Stored::Inline(bytes) => {
+                write_frame(send, &header, peer).await?;
+                send.write_all(&bytes).await.map_err(broke)?;
+                sent += size;
                 continue;
             }
             Stored::File(path) => path,
@@ -397,15 +392,7 @@ pub async fn send_batch(
             source: e,
         };
         let mut file = tokio::fs::File::open(&path).await.map_err(io)?;
-        write_frame(
-            send,
-            &BatchItem::Blob {
-                digest: *digest,
-                size,
-            },
-            peer,
-        )
-        .await?;
+        write_frame(send, &header, peer).await?;
         let mut left = size;
         while left > 0 {
             let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
@@ -421,12 +408,7 @@ pub async fn send_batch(
                     )),
                 });
             }
-            send.write_all(&buf[..n])
-                .await
-                .map_err(|e| Error::Connection {
-                    peer,
-                    detail: format!("sending blob {digest}: {e}"),
-                })?;
+            send.write_all(&buf[..n]).await.map_err(broke)?;
             left -= n as u64;
         }
         sent += size;
