@@ -80,7 +80,7 @@ async fn strata(ca: &ClusterCa, src: Arc<ContentStore>, blob: strata_cas::Digest
         let _ = send.stopped().await;
     });
     let dst_dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let dst = ContentStore::open(dst_dir.path()).unwrap();
+    let dst = Arc::new(ContentStore::open(dst_dir.path()).unwrap());
     let client = Endpoint::dialer(&ca.issue(Role::Worker, "b").unwrap()).unwrap();
     let conn = client.connect(addr).await.unwrap();
     let start = Instant::now();

@@ -137,7 +137,7 @@ fn get_blob(client: &Path, addr: std::net::SocketAddr, d: Digest) -> Result<Opti
             .await
             .unwrap();
         let _ = send.finish();
-        let cas = strata_cas::ContentStore::open(store.path()).unwrap();
+        let cas = std::sync::Arc::new(strata_cas::ContentStore::open(store.path()).unwrap());
         strata_net::recv_blob(&mut recv, &cas, &d, addr)
             .await
             .map_err(|e| e.to_string())

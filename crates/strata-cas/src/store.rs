@@ -842,6 +842,10 @@ struct Pending {
     sha256: Sha256,
 }
 
+/// Files a batch syncs one by one (with their folders); a batch of more
+/// syncs the filesystem, once for their bytes and once for their names.
+const SYNC_EACH_UP_TO: usize = 4;
+
 /// Blobs made durable together: many small blobs (a build context's
 /// files) are recorded with their bytes in one synced write, and larger
 /// ones cost one sync of the filesystem for the data and one for the
@@ -902,10 +906,23 @@ impl Batch {
         }
         let mut placed = Vec::new();
         if !files.is_empty() {
-            // The bytes first, then the names.
-            let synced = sync("cannot sync the blobs in");
+            // The bytes first, then the names. A few files are synced
+            // each, with their folders; more, with the whole filesystem
+            // at once.
+            let each = files.len() <= SYNC_EACH_UP_TO;
+            let fsync = |path: &Path| {
+                File::open(path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_err("cannot sync", path))
+            };
+            let synced = if each {
+                files.iter().try_for_each(|(tmp, ..)| fsync(tmp))
+            } else {
+                sync("cannot sync the blobs in")
+            };
             let mut files = files.into_iter();
             let moved = synced.and_then(|()| {
+                let mut dirs = Vec::new();
                 for (tmp, digest, size, sha256) in files.by_ref() {
                     let dest = store.blob_path(&digest);
                     let dir = dest.parent().unwrap_or(&store.root).to_path_buf();
@@ -916,8 +933,15 @@ impl Batch {
                     }
                     placed.push(dest);
                     new.push((digest, size, sha256, None));
+                    if !dirs.contains(&dir) {
+                        dirs.push(dir);
+                    }
                 }
-                sync("cannot sync the blob names in")
+                if each {
+                    dirs.iter().try_for_each(|d| fsync(d))
+                } else {
+                    sync("cannot sync the blob names in")
+                }
             });
             for (tmp, ..) in files {
                 let _ = fs::remove_file(tmp);

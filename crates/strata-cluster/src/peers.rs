@@ -72,7 +72,7 @@ impl Peers {
     /// comes no faster.
     pub async fn fetch(
         &self,
-        cas: &ContentStore,
+        cas: &Arc<ContentStore>,
         blob: &Digest,
         holders: &[Holder],
         bytes_per_second: Option<u64>,
@@ -104,7 +104,7 @@ impl Peers {
 
     async fn fetch_from(
         &self,
-        cas: &ContentStore,
+        cas: &Arc<ContentStore>,
         blob: &Digest,
         holder: &Holder,
         bytes_per_second: Option<u64>,

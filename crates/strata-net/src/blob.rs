@@ -193,7 +193,7 @@ pub async fn read_blob_header(
 /// [`Error::Forged`] and nothing is stored.
 pub async fn recv_blob(
     recv: &mut quinn::RecvStream,
-    cas: &ContentStore,
+    cas: &std::sync::Arc<ContentStore>,
     digest: &Digest,
     peer: SocketAddr,
 ) -> Result<Option<u64>> {
@@ -205,7 +205,7 @@ pub async fn recv_blob(
 /// copies leave the link to builds.
 pub async fn recv_blob_limited(
     recv: &mut quinn::RecvStream,
-    cas: &ContentStore,
+    cas: &std::sync::Arc<ContentStore>,
     digest: &Digest,
     peer: SocketAddr,
     bytes_per_second: Option<u64>,
@@ -222,7 +222,7 @@ pub async fn recv_blob_limited(
 /// announced them, as [`recv_blob_limited`] does. Returns their size.
 pub async fn recv_announced(
     recv: &mut quinn::RecvStream,
-    cas: &ContentStore,
+    cas: &std::sync::Arc<ContentStore>,
     digest: &Digest,
     peer: SocketAddr,
     announced: Announced,
@@ -263,16 +263,38 @@ pub async fn recv_announced(
     if w.size() != size {
         return Err(blob_err(format!("{} of {size} bytes arrived", w.size())));
     }
-    match w.commit_expecting(*digest, sha256.as_ref()) {
-        Ok(_) => Ok(size),
-        Err(strata_cas::Error::Unexpected { actual, .. }) => {
-            Err(forged(format!("the bytes hash to {actual}: refused")))
-        }
-        Err(strata_cas::Error::UnexpectedSha256 { claimed, actual }) => Err(forged(format!(
-            "sent as {claimed}, but the bytes hash to {actual}: refused"
-        ))),
-        Err(e) => Err(e.into()),
+    if let Some(claimed) = sha256
+        && claimed != w.sha256()
+    {
+        return Err(forged(format!(
+            "sent as {claimed}, but the bytes hash to {}: refused",
+            w.sha256()
+        )));
     }
+    // A batch of one: its commit (a sync of the blob) runs on a blocking
+    // thread, never on the runtime's.
+    let mut batch = cas.batch();
+    match w.finish_into(&mut batch, *digest) {
+        Ok(_) => {}
+        Err(strata_cas::Error::Unexpected { actual, .. }) => {
+            return Err(forged(format!("the bytes hash to {actual}: refused")));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    commit(cas, batch).await?;
+    Ok(size)
+}
+
+/// Commits `batch` on a blocking thread.
+async fn commit(cas: &ContentStore, batch: strata_cas::Batch) -> Result<usize> {
+    tokio::task::spawn_blocking(move || batch.commit())
+        .await
+        .map_err(|e| Error::Io {
+            what: "cannot store blobs in",
+            path: cas.root().to_path_buf(),
+            source: std::io::Error::other(e),
+        })?
+        .map_err(Error::from)
 }
 
 /// What precedes each blob of a batch stream ([`send_batch`]).
@@ -530,12 +552,6 @@ pub async fn recv_batch(
         got.bytes += size;
         got.stored.push(digest);
     }
-    tokio::task::spawn_blocking(move || batch.commit())
-        .await
-        .map_err(|e| Error::Io {
-            what: "cannot store a batch of blobs in",
-            path: cas.root().to_path_buf(),
-            source: std::io::Error::other(e),
-        })??;
+    commit(cas, batch).await?;
     Ok(got)
 }

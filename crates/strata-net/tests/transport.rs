@@ -170,7 +170,7 @@ async fn blobs_arrive_verified_and_damaged_ones_never_do() {
     let addr = server(&ca, Arc::clone(&src));
 
     let dst_dir = tempfile::tempdir().unwrap();
-    let dst = ContentStore::open(dst_dir.path()).unwrap();
+    let dst = Arc::new(ContentStore::open(dst_dir.path()).unwrap());
     let client = Endpoint::dialer(&ca.issue(Role::Worker, "w").unwrap()).unwrap();
     let conn = client.connect(addr).await.unwrap();
     let fetch = |d: strata_cas::Digest| {

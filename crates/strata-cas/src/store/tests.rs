@@ -109,6 +109,19 @@ fn a_batch_stores_small_and_large_blobs_together_each_once() {
         assert_eq!(s.info(&d).unwrap().unwrap().labels["context"], "1");
     }
     assert_eq!(fs::read_dir(s.root().join("ingest")).unwrap().count(), 0);
+    // More files than are synced one by one: the filesystem is synced.
+    let many: Vec<Vec<u8>> = (0..6).map(|i| large(b'a' + i)).collect();
+    let mut batch = s.batch();
+    for b in &many {
+        let mut w = s.writer().unwrap();
+        w.write_all(b).unwrap();
+        w.finish_into(&mut batch, Digest::of(b)).unwrap();
+    }
+    assert_eq!(batch.commit().unwrap(), 6);
+    for b in &many {
+        assert_eq!(&s.read(&Digest::of(b)).unwrap(), b);
+        assert!(s.blob_path(&Digest::of(b)).exists());
+    }
     // A dropped batch leaves nothing behind.
     let mut batch = s.batch();
     let mut w = s.writer().unwrap();
