@@ -438,6 +438,111 @@ impl ContentStore {
             .map_err(self.db_err())
     }
 
+    /// Makes `pending` durable, moves files into place and records every
+    /// blob not already stored, each new one with `labels`: what
+    /// [`Batch::commit`] and [`BlobWriter::commit`] do. Returns how many
+    /// were new.
+    fn place(&self, pending: Vec<Pending>, labels: &BTreeMap<String, String>) -> Result<usize> {
+        let sync = |what: &'static str| -> Result<()> {
+            let root = File::open(&self.root).map_err(io_err("cannot open", &self.root))?;
+            nix::unistd::syncfs(&root).map_err(|e| Error::Io {
+                what,
+                path: self.root.clone(),
+                source: e.into(),
+            })
+        };
+        let mut new = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut files = Vec::new();
+        for p in pending {
+            if !seen.insert(p.digest) || self.present(&p.digest)? {
+                if let Stored::File(tmp) = &p.bytes {
+                    let _ = fs::remove_file(tmp);
+                }
+                continue;
+            }
+            match p.bytes {
+                Stored::Inline(bytes) => new.push((p.digest, p.size, p.sha256, Some(bytes))),
+                Stored::File(tmp) => files.push((tmp, p.digest, p.size, p.sha256)),
+            }
+        }
+        let mut placed = Vec::new();
+        if !files.is_empty() {
+            // The bytes first, then the names. A few files are synced
+            // each, with their folders; more, with the whole filesystem
+            // at once.
+            let each = files.len() <= SYNC_EACH_UP_TO;
+            let fsync = |path: &Path| {
+                File::open(path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_err("cannot sync", path))
+            };
+            let synced = if each {
+                files.iter().try_for_each(|(tmp, ..)| fsync(tmp))
+            } else {
+                sync("cannot sync the blobs in")
+            };
+            let mut files = files.into_iter();
+            let moved = synced.and_then(|()| {
+                let mut dirs = Vec::new();
+                for (tmp, digest, size, sha256) in files.by_ref() {
+                    let dest = self.blob_path(&digest);
+                    let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
+                    fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+                    if let Err(e) = fs::rename(&tmp, &dest) {
+                        let _ = fs::remove_file(&tmp);
+                        return Err(io_err("cannot move blob to", &dest)(e));
+                    }
+                    placed.push(dest);
+                    new.push((digest, size, sha256, None));
+                    if !dirs.contains(&dir) {
+                        dirs.push(dir);
+                    }
+                }
+                if each {
+                    dirs.iter().try_for_each(|d| fsync(d))
+                } else {
+                    sync("cannot sync the blob names in")
+                }
+            });
+            for (tmp, ..) in files {
+                let _ = fs::remove_file(tmp);
+            }
+            if let Err(e) = moved {
+                for dest in placed {
+                    let _ = fs::remove_file(dest);
+                }
+                return Err(e);
+            }
+        }
+        let now = now_unix();
+        let records: Vec<(Digest, BlobInfo, Option<Vec<u8>>)> = new
+            .into_iter()
+            .map(|(digest, size, sha256, inline)| {
+                let info = BlobInfo {
+                    size,
+                    sha256,
+                    created: now,
+                    last_used: now,
+                    labels: labels.clone(),
+                };
+                (digest, info, inline)
+            })
+            .collect();
+        if records.is_empty() {
+            return Ok(0);
+        }
+        if let Err(e) = self.record_new(&records) {
+            for dest in placed {
+                let _ = fs::remove_file(dest);
+            }
+            return Err(e);
+        }
+        self.changes
+            .fetch_add(records.len() as u64, Ordering::SeqCst);
+        Ok(records.len())
+    }
+
     /// Sets (or, with `None`, removes) a label.
     pub fn set_label(&self, d: &Digest, key: &str, value: Option<&str>) -> Result<()> {
         let mut info = self.info(d)?.ok_or(Error::NotFound(*d))?;
@@ -702,18 +807,18 @@ impl BlobWriter<'_> {
         self.size
     }
 
-    /// Takes what was written: the bytes of a blob to keep inline, or the
-    /// temp file of one kept as a file, flushed.
-    fn take(&mut self) -> Result<Stored> {
+    /// Ends the writing: the bytes of a blob to keep inline, or the temp
+    /// file of one kept as a file, flushed but not synced (placing it
+    /// syncs it).
+    fn finish(&mut self) -> Result<Stored> {
         match std::mem::replace(&mut self.sink, Sink::Finished) {
             Sink::Memory(bytes) => Ok(Stored::Inline(bytes)),
             Sink::File(buf) => {
-                let file = buf.into_inner().map_err(|e| Error::Io {
+                buf.into_inner().map_err(|e| Error::Io {
                     what: "cannot write",
                     path: self.tmp.clone(),
                     source: e.into_error(),
                 })?;
-                file.sync_all().map_err(io_err("cannot sync", &self.tmp))?;
                 Ok(Stored::File(std::mem::take(&mut self.tmp)))
             }
             Sink::Finished => Err(Error::Io {
@@ -724,48 +829,22 @@ impl BlobWriter<'_> {
         }
     }
 
-    /// Finishes the blob: a small one is recorded with its bytes in one
+    /// Finishes the blob and stores it as a batch of one
+    /// ([`Batch::commit`]): a small one is recorded with its bytes in one
     /// synced write; a file is synced, renamed into place, and then
     /// recorded. If the blob already exists this is a no-op that returns
     /// its digest.
     pub fn commit(mut self) -> Result<Digest> {
         let digest = Digest(*self.blake3.finalize().as_bytes());
         let sha256 = self.sha256();
-        if self.store.present(&digest)? {
-            return Ok(digest);
-        }
-        let now = now_unix();
-        let info = BlobInfo {
+        let bytes = self.finish()?;
+        let pending = Pending {
+            bytes,
+            digest,
             size: self.size,
             sha256,
-            created: now,
-            last_used: now,
-            labels: BTreeMap::new(),
         };
-        match self.take()? {
-            Stored::Inline(bytes) => self.store.record_new(&[(digest, info, Some(bytes))])?,
-            Stored::File(tmp) => {
-                let dest = self.store.blob_path(&digest);
-                let dir = dest.parent().unwrap_or(&self.store.root).to_path_buf();
-                let placed = fs::create_dir_all(&dir)
-                    .map_err(io_err("cannot create", &dir))
-                    .and_then(|()| {
-                        fs::rename(&tmp, &dest).map_err(io_err("cannot move blob to", &dest))
-                    });
-                if let Err(e) = placed {
-                    let _ = fs::remove_file(&tmp);
-                    return Err(e);
-                }
-                File::open(&dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(io_err("cannot sync", &dir))?;
-                if let Err(e) = self.store.record_new(&[(digest, info, None)]) {
-                    let _ = fs::remove_file(&dest);
-                    return Err(e);
-                }
-            }
-        }
-        self.store.changes.fetch_add(1, Ordering::SeqCst);
+        self.store.place(vec![pending], &BTreeMap::new())?;
         Ok(digest)
     }
 
@@ -804,25 +883,7 @@ impl BlobWriter<'_> {
             return Err(Error::Unexpected { expected, actual });
         }
         let sha256 = self.sha256();
-        let bytes = match std::mem::replace(&mut self.sink, Sink::Finished) {
-            Sink::Memory(bytes) => Stored::Inline(bytes),
-            // Not synced here: the batch syncs all its files at once.
-            Sink::File(buf) => {
-                buf.into_inner().map_err(|e| Error::Io {
-                    what: "cannot write",
-                    path: self.tmp.clone(),
-                    source: e.into_error(),
-                })?;
-                Stored::File(std::mem::take(&mut self.tmp))
-            }
-            Sink::Finished => {
-                return Err(Error::Io {
-                    what: "cannot finish",
-                    path: self.tmp.clone(),
-                    source: io::Error::other("writer already finished"),
-                });
-            }
-        };
+        let bytes = self.finish()?;
         batch.pending.push(Pending {
             bytes,
             digest: actual,
@@ -879,104 +940,8 @@ impl Batch {
     /// Makes every blob of the batch durable, moves it into place and
     /// records it. Returns how many were new.
     pub fn commit(mut self) -> Result<usize> {
-        let store = Arc::clone(&self.store);
-        let store = &*store;
-        let sync = |what: &'static str| -> Result<()> {
-            let root = File::open(&store.root).map_err(io_err("cannot open", &store.root))?;
-            nix::unistd::syncfs(&root).map_err(|e| Error::Io {
-                what,
-                path: store.root.clone(),
-                source: e.into(),
-            })
-        };
-        let mut new = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        let mut files = Vec::new();
-        for p in std::mem::take(&mut self.pending) {
-            if !seen.insert(p.digest) || store.present(&p.digest)? {
-                if let Stored::File(tmp) = &p.bytes {
-                    let _ = fs::remove_file(tmp);
-                }
-                continue;
-            }
-            match p.bytes {
-                Stored::Inline(bytes) => new.push((p.digest, p.size, p.sha256, Some(bytes))),
-                Stored::File(tmp) => files.push((tmp, p.digest, p.size, p.sha256)),
-            }
-        }
-        let mut placed = Vec::new();
-        if !files.is_empty() {
-            // The bytes first, then the names. A few files are synced
-            // each, with their folders; more, with the whole filesystem
-            // at once.
-            let each = files.len() <= SYNC_EACH_UP_TO;
-            let fsync = |path: &Path| {
-                File::open(path)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io_err("cannot sync", path))
-            };
-            let synced = if each {
-                files.iter().try_for_each(|(tmp, ..)| fsync(tmp))
-            } else {
-                sync("cannot sync the blobs in")
-            };
-            let mut files = files.into_iter();
-            let moved = synced.and_then(|()| {
-                let mut dirs = Vec::new();
-                for (tmp, digest, size, sha256) in files.by_ref() {
-                    let dest = store.blob_path(&digest);
-                    let dir = dest.parent().unwrap_or(&store.root).to_path_buf();
-                    fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
-                    if let Err(e) = fs::rename(&tmp, &dest) {
-                        let _ = fs::remove_file(&tmp);
-                        return Err(io_err("cannot move blob to", &dest)(e));
-                    }
-                    placed.push(dest);
-                    new.push((digest, size, sha256, None));
-                    if !dirs.contains(&dir) {
-                        dirs.push(dir);
-                    }
-                }
-                if each {
-                    dirs.iter().try_for_each(|d| fsync(d))
-                } else {
-                    sync("cannot sync the blob names in")
-                }
-            });
-            for (tmp, ..) in files {
-                let _ = fs::remove_file(tmp);
-            }
-            if let Err(e) = moved {
-                for dest in placed {
-                    let _ = fs::remove_file(dest);
-                }
-                return Err(e);
-            }
-        }
-        let now = now_unix();
-        let records: Vec<(Digest, BlobInfo, Option<Vec<u8>>)> = new
-            .into_iter()
-            .map(|(digest, size, sha256, inline)| {
-                let info = BlobInfo {
-                    size,
-                    sha256,
-                    created: now,
-                    last_used: now,
-                    labels: self.labels.clone(),
-                };
-                (digest, info, inline)
-            })
-            .collect();
-        if let Err(e) = store.record_new(&records) {
-            for dest in placed {
-                let _ = fs::remove_file(dest);
-            }
-            return Err(e);
-        }
-        store
-            .changes
-            .fetch_add(records.len() as u64, Ordering::SeqCst);
-        Ok(records.len())
+        let pending = std::mem::take(&mut self.pending);
+        self.store.place(pending, &self.labels)
     }
 }
 
@@ -990,26 +955,25 @@ impl Drop for Batch {
     }
 }
 
+/// An error writing the temp file `tmp`, naming it: whoever reports it (a
+/// full disk, most likely) only knows it was writing "a blob".
+fn writing(tmp: &Path, e: io::Error) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        format!("writing {} in the content store: {e}", tmp.display()),
+    )
+}
+
 impl Write for BlobWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // Name the file: whoever reports this error (a full disk, most
-        // likely) only knows it was writing "a blob".
-        let named = |tmp: &Path| {
-            let tmp = tmp.to_path_buf();
-            move |e: io::Error| {
-                io::Error::new(
-                    e.kind(),
-                    format!("writing {} in the content store: {e}", tmp.display()),
-                )
-            }
-        };
+        let tmp = &self.tmp;
         if let Sink::Memory(bytes) = &mut self.sink
             && (bytes.len() + buf.len()) as u64 > INLINE_UP_TO
         {
             // Too large to keep inline: on to a file.
-            let file = File::create(&self.tmp).map_err(named(&self.tmp))?;
+            let file = File::create(tmp).map_err(|e| writing(tmp, e))?;
             let mut file = BufWriter::with_capacity(256 * 1024, file);
-            file.write_all(bytes).map_err(named(&self.tmp))?;
+            file.write_all(bytes).map_err(|e| writing(tmp, e))?;
             self.sink = Sink::File(file);
         }
         let n = match &mut self.sink {
@@ -1017,7 +981,7 @@ impl Write for BlobWriter<'_> {
                 bytes.extend_from_slice(buf);
                 buf.len()
             }
-            Sink::File(file) => file.write(buf).map_err(named(&self.tmp))?,
+            Sink::File(file) => file.write(buf).map_err(|e| writing(tmp, e))?,
             Sink::Finished => return Err(io::Error::other("blob writer finished")),
         };
         self.blake3.update(&buf[..n]);
@@ -1027,14 +991,8 @@ impl Write for BlobWriter<'_> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        let tmp = &self.tmp;
         match &mut self.sink {
-            Sink::File(f) => f.flush().map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("writing {} in the content store: {e}", tmp.display()),
-                )
-            }),
+            Sink::File(f) => f.flush().map_err(|e| writing(&self.tmp, e)),
             Sink::Memory(_) | Sink::Finished => Ok(()),
         }
     }

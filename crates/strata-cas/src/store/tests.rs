@@ -86,6 +86,13 @@ fn small_blobs_are_kept_inline_and_large_ones_as_files() {
     assert_eq!(s.read(&a).unwrap(), small);
 }
 
+/// Writes `bytes` into `batch`, uncommitted.
+fn stage(s: &ContentStore, batch: &mut Batch, bytes: &[u8]) {
+    let mut w = s.writer().unwrap();
+    w.write_all(bytes).unwrap();
+    w.finish_into(batch, Digest::of(bytes)).unwrap();
+}
+
 #[test]
 fn a_batch_stores_small_and_large_blobs_together_each_once() {
     let (_d, s) = store();
@@ -98,9 +105,7 @@ fn a_batch_stores_small_and_large_blobs_together_each_once() {
     let mut batch = s.batch();
     batch.label("context", "1");
     for b in &blobs {
-        let mut w = s.writer().unwrap();
-        w.write_all(b).unwrap();
-        w.finish_into(&mut batch, Digest::of(b)).unwrap();
+        stage(&s, &mut batch, b);
     }
     assert_eq!(batch.commit().unwrap(), 3);
     for b in &blobs {
@@ -113,9 +118,7 @@ fn a_batch_stores_small_and_large_blobs_together_each_once() {
     let many: Vec<Vec<u8>> = (0..6).map(|i| large(b'a' + i)).collect();
     let mut batch = s.batch();
     for b in &many {
-        let mut w = s.writer().unwrap();
-        w.write_all(b).unwrap();
-        w.finish_into(&mut batch, Digest::of(b)).unwrap();
+        stage(&s, &mut batch, b);
     }
     assert_eq!(batch.commit().unwrap(), 6);
     for b in &many {
@@ -124,9 +127,7 @@ fn a_batch_stores_small_and_large_blobs_together_each_once() {
     }
     // A dropped batch leaves nothing behind.
     let mut batch = s.batch();
-    let mut w = s.writer().unwrap();
-    w.write_all(&large(b'x')).unwrap();
-    w.finish_into(&mut batch, Digest::of(&large(b'x'))).unwrap();
+    stage(&s, &mut batch, &large(b'x'));
     drop(batch);
     assert!(!s.contains(&Digest::of(&large(b'x'))).unwrap());
     assert_eq!(fs::read_dir(s.root().join("ingest")).unwrap().count(), 0);
