@@ -57,22 +57,23 @@ pub async fn send_blob(
     digest: &Digest,
     peer: SocketAddr,
 ) -> Result<u64> {
-    let (info, at) = match cas.stored(digest)? {
-        Some((info, Stored::Inline(bytes))) if bytes.len() as u64 == info.size => {
-            (info, Stored::Inline(bytes))
-        }
-        Some((info, Stored::File(path))) => (info, Stored::File(path)),
-        Some((_, Stored::Inline(_))) | None => {
-            write_frame(send, &BlobHeader::Missing, peer).await?;
-            let _ = send.finish();
-            return Ok(0);
-        }
+    let missing = async |send: &mut quinn::SendStream| {
+        write_frame(send, &BlobHeader::Missing, peer).await?;
+        let _ = send.finish();
+        Ok::<u64, Error>(0)
+    };
+    let Some((info, at)) = cas.stored(digest)? else {
+        return missing(send).await;
     };
     let header = BlobHeader::Found {
         size: info.size,
         sha256: Some(info.sha256),
     };
     let path = match at {
+        Stored::Inline(bytes) if bytes.len() as u64 != info.size => {
+            tracing::error!(blob = %digest, "a recorded blob's bytes are not its size");
+            return missing(send).await;
+        }
         Stored::Inline(bytes) => {
             write_frame(send, &header, peer).await?;
             send.write_all(&bytes)
@@ -90,9 +91,7 @@ pub async fn send_blob(
         Ok(f) => f,
         Err(e) => {
             tracing::error!(blob = %digest, error = %e, "a recorded blob has no file");
-            write_frame(send, &BlobHeader::Missing, peer).await?;
-            let _ = send.finish();
-            return Ok(0);
+            return missing(send).await;
         }
     };
     write_frame(send, &header, peer).await?;
