@@ -162,12 +162,9 @@ impl WorkerError {
 
     /// A failure from `error`, its sources kept as the causes.
     pub fn from_error(error: &(dyn std::error::Error + 'static)) -> WorkerError {
-        let mut causes = Vec::new();
-        let mut next = error.source();
-        while let Some(e) = next {
-            causes.push(e.to_string());
-            next = e.source();
-        }
+        let causes = std::iter::successors(error.source(), |e| e.source())
+            .map(ToString::to_string)
+            .collect();
         WorkerError {
             causes,
             ..WorkerError::new(error.to_string())
