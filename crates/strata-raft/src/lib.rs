@@ -145,7 +145,10 @@ pub enum CommandV1 {
         registered: u64,
     },
     /// A worker joined (or joined again): it serves blobs at `addr` and
-    /// holds exactly `blobs`, whatever was recorded for it before.
+    /// holds `blobs`. A new run replaces whatever was recorded for the
+    /// worker before; the run recorded already (a [`CommandV1::Held`] of
+    /// it came first) gains `blobs` and keeps what it gained since; an
+    /// older run than the recorded one changes nothing.
     Registered {
         /// The worker's name.
         worker: String,
@@ -160,9 +163,10 @@ pub enum CommandV1 {
         blobs: Vec<Digest>,
     },
     /// `worker`, in registration `registration`, gained `blobs` (it ran a
-    /// step, fetched, or took a copy). Applied only if no later
-    /// registration of the worker is recorded: what a worker held before
-    /// it came back is not what it holds now.
+    /// step, fetched, or took a copy). Dropped if a later registration of
+    /// the worker is recorded: what a worker held before it came back is
+    /// not what it holds now. One of a run not recorded yet starts that
+    /// run's record (its registration may still be on its way).
     Held {
         /// The worker's name.
         worker: String,

@@ -415,19 +415,38 @@ impl StateMachine {
             .collect())
     }
 
-    /// Records in `batch` that `worker` holds `blobs`.
+    /// Records in `batch` that `worker` holds `blobs`, and, when `afresh`,
+    /// nothing it was recorded to hold before.
     fn add_holder(
         &self,
         batch: &mut WriteBatch,
         worker: &str,
         blobs: &[Digest],
+        afresh: bool,
     ) -> Result<Response, AnyError> {
-        let mut changed = BTreeMap::new();
+        let mut next = if afresh {
+            self.held_by(worker)?
+        } else {
+            BTreeMap::new()
+        };
+        for holders in next.values_mut() {
+            holders.retain(|w| w != worker);
+        }
         for blob in blobs {
-            let mut holders = self.holders(blob)?;
+            let holders = match next.entry(*blob) {
+                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => v.insert(self.holders(blob)?),
+            };
             if !holders.iter().any(|w| w == worker) {
                 holders.push(worker.to_string());
-                changed.insert(*blob, holders);
+            }
+        }
+        let mut changed = BTreeMap::new();
+        for (blob, mut holders) in next {
+            holders.sort();
+            holders.dedup();
+            if self.holders(&blob)? != holders {
+                changed.insert(blob, holders);
             }
         }
         let any = !changed.is_empty();
@@ -466,22 +485,21 @@ impl StateMachine {
                 at,
                 blobs,
             } => {
-                // What it held before and what it holds now, in one write:
-                // a worker back with a wiped disk holds nothing it had.
-                let mut changed = self.held_by(worker)?;
-                for holders in changed.values_mut() {
-                    holders.retain(|w| w != worker);
+                let record: Option<WorkerRecord> = read(&self.db, WORKERS, worker.as_bytes())?;
+                let mut afresh = false;
+                match record.map(|r| r.registered) {
+                    // A registration older than the recorded one says
+                    // nothing of the worker now.
+                    Some(r) if r > *at => return Ok(Response { changed: false }),
+                    // This run is recorded already (a location of it came
+                    // first): what the registration lists is gained, and
+                    // what the worker gained since stays.
+                    Some(r) if r == *at => {}
+                    // A new run: what the worker held before is not what
+                    // it holds now.
+                    _ => afresh = true,
                 }
-                for blob in blobs {
-                    let holders = match changed.entry(*blob) {
-                        std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-                        std::collections::btree_map::Entry::Vacant(v) => {
-                            v.insert(self.holders(blob)?)
-                        }
-                    };
-                    holders.push(worker.clone());
-                }
-                self.put_holders(batch, changed)?;
+                self.add_holder(batch, worker, blobs, afresh)?;
                 let record = WorkerRecord {
                     addr: addr.clone(),
                     registered: *at,
@@ -489,19 +507,36 @@ impl StateMachine {
                 batch.put_cf(self.db.cf(WORKERS), worker.as_bytes(), encode(&record)?);
                 Ok(Response { changed: true })
             }
-            C::Located { worker, blobs } => self.add_holder(batch, worker, blobs),
+            C::Located { worker, blobs } => self.add_holder(batch, worker, blobs, false),
             C::Held {
                 worker,
                 registration,
                 blobs,
             } => {
                 let record: Option<WorkerRecord> = read(&self.db, WORKERS, worker.as_bytes())?;
-                // Gained before the worker came back: its store is not
-                // what it was.
-                if record.is_some_and(|r| r.registered > *registration) {
-                    return Ok(Response { changed: false });
-                }
-                self.add_holder(batch, worker, blobs)
+                let afresh = match record {
+                    // Gained before the worker came back: its store is not
+                    // what it was.
+                    Some(r) if r.registered > *registration => {
+                        return Ok(Response { changed: false });
+                    }
+                    Some(r) if r.registered == *registration => false,
+                    // The first word of a run whose registration is still
+                    // on its way: the run starts here, so the registration
+                    // adds to what it gained instead of replacing it.
+                    old => {
+                        let record = WorkerRecord {
+                            addr: old.map(|r| r.addr).unwrap_or_default(),
+                            registered: *registration,
+                        };
+                        batch.put_cf(self.db.cf(WORKERS), worker.as_bytes(), encode(&record)?);
+                        true
+                    }
+                };
+                let added = self.add_holder(batch, worker, blobs, afresh)?;
+                Ok(Response {
+                    changed: added.changed || afresh,
+                })
             }
             C::Joined { member } => {
                 let mut joined = self.joined()?;
@@ -886,8 +921,16 @@ mod tests {
         ));
         assert_eq!(sm.holders(&blob(1)).unwrap(), ["w1", "w2"]);
 
-        // w1 comes back with a wiped disk but for blob 3.
-        apply(&sm, registered("w1", vec![blob(3)]));
+        // w1 comes back (a new run) with a wiped disk but for blob 3.
+        apply(
+            &sm,
+            CommandV1::Registered {
+                worker: "w1".into(),
+                addr: "127.0.0.1:1".into(),
+                at: 8,
+                blobs: vec![blob(3)],
+            },
+        );
         assert_eq!(sm.holders(&blob(1)).unwrap(), ["w2"]);
         assert_eq!(sm.holders(&blob(2)).unwrap(), ["w2"]);
         assert_eq!(sm.holders(&blob(3)).unwrap(), ["w1", "w2"]);
@@ -936,16 +979,66 @@ mod tests {
         assert!(!apply(&sm, held(100, 2)));
         assert!(sm.holders(&blob(2)).unwrap().is_empty());
         assert!(sm.holders(&blob(1)).unwrap().is_empty());
-        // A location of a registration not recorded yet is taken: the
-        // registration, when it comes, says all the worker holds.
-        assert!(apply(&sm, held(300, 3)));
-        assert_eq!(sm.holders(&blob(3)).unwrap(), ["w"]);
         // A worker asked, saying it lacks a blob, loses it; a word from an
         // earlier registration changes nothing.
         assert!(apply(&sm, held(200, 4)));
         assert!(!apply(&sm, lost(100, 4)));
         assert!(apply(&sm, lost(200, 4)));
         assert!(sm.holders(&blob(4)).unwrap().is_empty());
+        // A registration older than the recorded one changes nothing.
+        assert!(apply(&sm, held(200, 5)));
+        assert!(!apply(&sm, register(100)));
+        assert_eq!(sm.holders(&blob(5)).unwrap(), ["w"]);
+        assert_eq!(sm.worker("w").unwrap().map(|r| r.registered), Some(200));
+    }
+
+    #[test]
+    fn a_location_ahead_of_its_registration_is_kept_when_the_registration_comes() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::new(open(dir.path()).unwrap());
+        let register = |at, blobs: &[u8]| CommandV1::Registered {
+            worker: "w".into(),
+            addr: "127.0.0.1:1".into(),
+            at,
+            blobs: blobs.iter().map(|b| blob(*b)).collect(),
+        };
+        let held = |registration, b| CommandV1::Held {
+            worker: "w".into(),
+            registration,
+            blobs: vec![blob(b)],
+        };
+        apply(&sm, register(100, &[1]));
+        // The worker comes back (run 200) and builds a layer before the
+        // leader records its registration, which lists its store as it was
+        // when it registered: the layer it built since must stay recorded.
+        assert!(apply(&sm, held(200, 2)));
+        assert!(sm.holders(&blob(1)).unwrap().is_empty(), "run 100's blobs");
+        assert_eq!(sm.worker("w").unwrap().map(|r| r.registered), Some(200));
+        assert!(apply(&sm, register(200, &[3])));
+        assert_eq!(sm.holders(&blob(2)).unwrap(), ["w"]);
+        assert_eq!(sm.holders(&blob(3)).unwrap(), ["w"]);
+        let record = sm.worker("w").unwrap().unwrap();
+        assert_eq!(
+            (record.registered, record.addr.as_str()),
+            (200, "127.0.0.1:1")
+        );
+        // A first run works the same, with no record at all before.
+        let other = CommandV1::Held {
+            worker: "v".into(),
+            registration: 7,
+            blobs: vec![blob(4)],
+        };
+        assert!(apply(&sm, other));
+        assert!(apply(
+            &sm,
+            CommandV1::Registered {
+                worker: "v".into(),
+                addr: "127.0.0.1:2".into(),
+                at: 7,
+                blobs: vec![],
+            }
+        ));
+        assert_eq!(sm.holders(&blob(4)).unwrap(), ["v"]);
     }
 
     #[tokio::test]

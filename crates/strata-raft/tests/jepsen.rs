@@ -690,15 +690,15 @@ impl Run {
                 n => made[rng.below(n as u64) as usize],
             }
         };
+        // A registration is used by later commands once it is answered:
+        // a location of a run whose registration is not applied yet
+        // records that run itself, and a read seeing it would not tell
+        // which of the two it saw.
+        let mut made = None;
         let (command, op) = match rng.below(20) {
             0..3 => {
                 let at = self.unique();
-                self.registrations
-                    .lock()
-                    .unwrap()
-                    .entry(w)
-                    .or_default()
-                    .push(at);
+                made = Some(at);
                 (
                     CommandV1::Registered {
                         worker,
@@ -742,6 +742,14 @@ impl Run {
             ),
         };
         let (start, end) = self.write(p, command).await;
+        if let (Some(at), Some(_)) = (made, end) {
+            self.registrations
+                .lock()
+                .unwrap()
+                .entry(w)
+                .or_default()
+                .push(at);
+        }
         self.record_worker(
             w,
             Call {

@@ -388,23 +388,35 @@ impl Model for Worker {
     fn step(&self, s: &Held, op: &WorkerOp, ret: Option<&WorkerRet>) -> Option<Held> {
         let s = *s;
         Some(match op {
-            WorkerOp::Registered { at, blobs } => Held {
-                registered: Some(*at),
-                blobs: *blobs,
+            // A registration older than the recorded one is dropped; the
+            // recorded one gains; a new one replaces.
+            WorkerOp::Registered { at, blobs } => match s.registered {
+                Some(r) if r > *at => s,
+                Some(r) if r == *at => Held {
+                    blobs: s.blobs | blobs,
+                    ..s
+                },
+                _ => Held {
+                    registered: Some(*at),
+                    blobs: *blobs,
+                },
             },
+            // A location of an older run is dropped; one of a run not
+            // recorded yet starts it.
             WorkerOp::Held {
                 registration,
                 blobs,
-            } => {
-                if s.registered.is_some_and(|r| r > *registration) {
-                    s
-                } else {
-                    Held {
-                        blobs: s.blobs | blobs,
-                        ..s
-                    }
-                }
-            }
+            } => match s.registered {
+                Some(r) if r > *registration => s,
+                Some(r) if r == *registration => Held {
+                    blobs: s.blobs | blobs,
+                    ..s
+                },
+                _ => Held {
+                    registered: Some(*registration),
+                    blobs: *blobs,
+                },
+            },
             WorkerOp::Lost {
                 registration,
                 blobs,
