@@ -198,7 +198,14 @@ fn bad_inputs_fail_clearly_and_leave_the_store_consistent() {
             "exit code: 3",
         ),
         ("FROM busybox:latest\nFORM x\n", "unknown instruction: FORM"),
+        // A failed step shows what caused it, one line per cause.
+        (
+            "FROM busybox:latest\nCOPY loop-a/x /\n",
+            "\"loop-a/x\" cannot be resolved in the build context\n  caused by: ",
+        ),
     ];
+    std::os::unix::fs::symlink("loop-b", dir.path().join("loop-a")).unwrap();
+    std::os::unix::fs::symlink("loop-a", dir.path().join("loop-b")).unwrap();
     for (df, want) in cases {
         write_files(dir.path(), &[("Dockerfile", df)]);
         let out = s.run(&["build", "--progress", "plain", dir.path().to_str().unwrap()]);

@@ -425,8 +425,7 @@ pub fn daemon(home: &Path, args: DaemonArgs) -> Result<ExitCode> {
                 .map(crate::images::parse_size)
                 .transpose()
                 .context("--keep-storage (STRATA_KEEP_STORAGE)")?;
-            let keep = strata_worker::keep_within(home, storage, args.keep_duration)
-                .map_err(anyhow::Error::msg)?;
+            let keep = strata_worker::keep_within(home, storage, args.keep_duration)?;
             serve(home, &rt, args.idle_timeout, args.metrics_listen.0, keep)
         }
         None => {

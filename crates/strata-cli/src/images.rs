@@ -505,7 +505,7 @@ pub fn tag(cx: &Cx<'_>, args: TagArgs) -> Result<u8> {
 
 /// `strata du`: what the state directory holds, as `docker system df`.
 pub fn du(cx: &Cx<'_>, _args: DuArgs) -> Result<u8> {
-    let u = strata_worker::usage(cx.node).map_err(anyhow::Error::msg)?;
+    let u = strata_worker::usage(cx.node)?;
     let mut out = cx.out();
     writeln!(out, "{:<14}{:>8}{:>12}", "TYPE", "TOTAL", "SIZE")?;
     for (kind, (count, size)) in [
@@ -534,7 +534,7 @@ pub fn du(cx: &Cx<'_>, _args: DuArgs) -> Result<u8> {
 
 pub fn prune(cx: &Cx<'_>, args: PruneArgs) -> Result<u8> {
     let keep = args.keep_storage.as_deref().map(parse_size).transpose()?;
-    let r = strata_worker::prune(cx.node, keep).map_err(anyhow::Error::msg)?;
+    let r = strata_worker::prune(cx.node, keep)?;
     writeln!(
         cx.out(),
         "Removed {} cache entries, {} blobs ({}), {} snapshots; {} of blobs remain",

@@ -100,7 +100,7 @@ pub fn run(cx: &Cx<'_>, args: RunArgs, flags: &RegistryFlags) -> Result<u8> {
         .context("cannot prepare the container's filesystem")?;
     let rootfs = active.rootfs();
     let user = args.user.clone().unwrap_or_else(|| cfg.user.clone());
-    let id = strata_worker::resolve_user(&rootfs, &user, true).map_err(anyhow::Error::msg)?;
+    let id = strata_worker::resolve_user(&rootfs, &user, true)?;
     let mut env = cfg.env.clone();
     for e in &args.env {
         let k = e.split('=').next().unwrap_or_default();

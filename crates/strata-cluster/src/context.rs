@@ -32,8 +32,11 @@ use strata_worker::select::{SourceRoot, select, walk};
 #[derive(Debug, thiserror::Error)]
 pub enum ContextError {
     /// Reading the context directory failed.
-    #[error("{0}")]
-    Walk(String),
+    #[error(transparent)]
+    Walk(#[from] strata_worker::FileError),
+    /// A file's digest was not taken (its hashing thread stopped).
+    #[error("{0}: no digest was taken")]
+    Unhashed(String),
     /// A file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
@@ -405,7 +408,7 @@ fn hash_at(
         ignore: Some(ignore),
         keep_owner: false,
     };
-    let items = select(&src, &[".".to_string()]).map_err(ContextError::Walk)?;
+    let items = select(&src, &[".".to_string()])?;
     let root_meta = fs::metadata(dir).map_err(|e| ContextError::Read {
         path: dir.to_path_buf(),
         source: e,
@@ -429,9 +432,7 @@ fn hash_at(
             }
             entries += 1;
             if entries > MAX_ENTRIES {
-                return Err(format!(
-                    "the build context has more than {MAX_ENTRIES} entries"
-                ));
+                return Err(ContextError::TooLarge(MAX_ENTRIES));
             }
             let (parent, _) = e.rel.rsplit_once('/').unwrap_or(("", e.rel));
             let name = e
@@ -459,8 +460,10 @@ fn hash_at(
                     meta: e.meta.clone(),
                 });
             } else if ft.is_symlink() {
-                let target = fs::read_link(e.host)
-                    .map_err(|err| format!("cannot read link {}: {err}", e.host.display()))?;
+                let target = fs::read_link(e.host).map_err(|source| ContextError::Read {
+                    path: e.host.to_path_buf(),
+                    source,
+                })?;
                 links.push((
                     parent.to_string(),
                     DirEntry {
@@ -475,21 +478,13 @@ fn hash_at(
                 use std::os::unix::fs::FileTypeExt as _;
                 // Sockets are left out, as `docker build` leaves them.
                 if !ft.is_socket() {
-                    return Err(format!(
-                        "{}: a device or named pipe cannot be part of a build context",
-                        e.rel
-                    ));
+                    return Err(ContextError::Unsupported {
+                        path: e.rel.to_string(),
+                        what: "a device or named pipe",
+                    });
                 }
             }
             Ok(())
-        })
-        .map_err(|m| {
-            // The walk stopped at the bound (the count says so), or failed.
-            if entries > MAX_ENTRIES {
-                ContextError::TooLarge(MAX_ENTRIES)
-            } else {
-                ContextError::Walk(m)
-            }
         })?;
     }
 
@@ -635,9 +630,7 @@ fn digest_files(
     let digests = digests
         .into_iter()
         .zip(files)
-        .map(|(d, f)| {
-            d.ok_or_else(|| ContextError::Walk(format!("{}: no digest was taken", f.rel)))
-        })
+        .map(|(d, f)| d.ok_or_else(|| ContextError::Unhashed(f.rel.clone())))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((digests, read))
 }

@@ -266,7 +266,8 @@ impl Coordinator {
                 &config.home,
                 config.keep_storage,
                 config.keep_duration,
-            )?,
+            )
+            .map_err(|e| strata_registry::error_chain(&e))?,
             pins: Mutex::default(),
             peers: Arc::new(crate::peers::Peers::new(endpoint.clone())),
             selections: Mutex::default(),
@@ -1400,9 +1401,11 @@ impl Coordinator {
     /// 30 s), every live worker's.
     async fn usage(&self) -> Vec<crate::protocol::NodeUsage> {
         let node = Arc::clone(&self.node);
-        let mine = tokio::task::spawn_blocking(move || strata_worker::usage(&node))
-            .await
-            .unwrap_or_else(|e| Err(format!("measuring stopped: {e}")));
+        let mine = tokio::task::spawn_blocking(move || {
+            strata_worker::usage(&node).map_err(|e| strata_registry::error_chain(&e))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("measuring stopped: {e}")));
         let workers: Vec<(String, Connection)> = {
             let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
             let mut list: Vec<(String, Connection)> = workers

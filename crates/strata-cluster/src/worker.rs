@@ -144,7 +144,7 @@ fn write_context(
     std::fs::create_dir(at).map_err(|e| format!("cannot make {}: {e}", at.display()))?;
     crate::context::materialize(cas, root, at)
         .map(drop)
-        .map_err(|e| e.to_string())
+        .map_err(|e| strata_registry::error_chain(&e))
 }
 
 /// The longest wait between attempts to reach a coordinator.
@@ -268,7 +268,8 @@ impl WorkerNode {
                 &config.home,
                 config.keep_storage,
                 config.keep_duration,
-            )?,
+            )
+            .map_err(|e| strata_registry::error_chain(&e))?,
             registered: Mutex::default(),
             idle_contexts: Arc::default(),
             incarnation: std::time::SystemTime::now()
@@ -497,7 +498,8 @@ impl WorkerNode {
         let (total, candidates) =
             tokio::task::spawn_blocking(move || strata_worker::candidates(&node, now))
                 .await
-                .map_err(|e| e.to_string())??;
+                .map_err(|e| e.to_string())?
+                .map_err(|e| strata_registry::error_chain(&e))?;
         let keep = self.keep;
         tracing::debug!(
             total,
@@ -533,7 +535,8 @@ impl WorkerNode {
         let node = Arc::clone(&self.node);
         let report = tokio::task::spawn_blocking(move || strata_worker::evict(&node, &victims))
             .await
-            .map_err(|e| e.to_string())??;
+            .map_err(|e| e.to_string())?
+            .map_err(|e| strata_registry::error_chain(&e))?;
         if report.blobs > 0 {
             tracing::info!(
                 blobs = report.blobs,
@@ -755,9 +758,11 @@ impl WorkerNode {
             Request::PushImage(spec) if from_coordinator => Reply::Pushed(self.push(*spec).await),
             Request::Du if from_coordinator => {
                 let node = Arc::clone(&self.node);
-                let usage = tokio::task::spawn_blocking(move || strata_worker::usage(&node))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("measuring stopped: {e}")));
+                let usage = tokio::task::spawn_blocking(move || {
+                    strata_worker::usage(&node).map_err(|e| strata_registry::error_chain(&e))
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("measuring stopped: {e}")));
                 Reply::Usage(vec![crate::protocol::NodeUsage {
                     name: self.name.clone(),
                     role: "worker".into(),

@@ -187,11 +187,12 @@ fn pack_dir(node: &Node, dir: &Path, platform: &Platform) -> Result<strata_oci::
         ignore: Some(&ignore),
         keep_owner: false,
     };
-    let items = select(&src, &[".".to_string()])?;
+    let items = select(&src, &[".".to_string()]).map_err(|e| strata_registry::error_chain(&e))?;
     let tmp = node.home().join("tmp");
     let mut file = tempfile::tempfile_in(&tmp)
         .map_err(|e| format!("cannot make a file in {}: {e}", tmp.display()))?;
-    crate::select::pack(&src, &items, None, &mut file)?;
+    crate::select::pack(&src, &items, None, &mut file)
+        .map_err(|e| strata_registry::error_chain(&e))?;
     use std::io::Seek as _;
     file.rewind().map_err(|e| e.to_string())?;
     let layer = strata_oci::store_layer(

@@ -13,12 +13,9 @@ use std::path::{Path, PathBuf};
 use strata_plan::CopyOp;
 use strata_snapshot::{TarKind, apply_tar_with, resolve_path, set_mtime};
 
+use crate::error::FileError;
 use crate::select::{Item, SourceRoot, exclude_matcher, select, walk};
 use crate::users;
-
-fn io_msg(what: &str, p: &Path, e: io::Error) -> String {
-    format!("{what} {}: {e}", p.display())
-}
 
 /// A file `ADD` downloaded: the name it gets, its bytes and its mtime.
 pub struct Fetched {
@@ -38,7 +35,7 @@ pub fn copy(
     src: Option<&SourceRoot<'_>>,
     fetched: Vec<Fetched>,
     dest_root: &Path,
-) -> Result<(), String> {
+) -> Result<(), FileError> {
     let owner = match &op.chown {
         Some(spec) => {
             let id = users::resolve(dest_root, spec, false)?;
@@ -51,7 +48,8 @@ pub fn copy(
         _ => Vec::new(),
     };
     let dest_path = op.dest.trim_end_matches('/');
-    let dest_host = resolve_path(dest_root, dest_path, true).map_err(|e| e.to_string())?;
+    let dest_host =
+        resolve_path(dest_root, dest_path, true).map_err(FileError::resolve(dest_path))?;
     // Several source arguments make the destination a directory; several
     // matches of one wildcard do not (each lands on the destination in
     // turn, the last one staying, as in BuildKit).
@@ -79,7 +77,7 @@ pub fn copy(
         let parent_host = w.ensure_dir(dest_root, parent)?;
         let name = Path::new(dest_path)
             .file_name()
-            .ok_or_else(|| format!("invalid destination {:?}", op.dest))?;
+            .ok_or_else(|| FileError::Destination(op.dest.clone()))?;
         let target = parent_host.join(name);
         if let Some(f) = op.inline.first() {
             w.inline(&target, &f.data, f.mode)?;
@@ -155,7 +153,7 @@ fn copy_dir(
     item: &Item,
     excludes: Option<&strata_dockerfile::IgnoreMatcher>,
     target: &Path,
-) -> Result<(), String> {
+) -> Result<(), FileError> {
     // Where each copied directory landed, so children follow it even when
     // the destination already had a symlink there.
     let mut placed: HashMap<String, PathBuf> = HashMap::new();
@@ -170,7 +168,7 @@ fn copy_dir(
             // A parent hidden by .dockerignore while its child is not.
             None => {
                 let p = target.join(parent_rel);
-                fs::create_dir_all(&p).map_err(|err| io_msg("cannot create", &p, err))?;
+                fs::create_dir_all(&p).map_err(FileError::io("create", &p))?;
                 p
             }
         };
@@ -205,65 +203,42 @@ impl Writer {
 
     /// Makes `path` (absolute inside the root) a directory, creating what
     /// is missing with the copy's owner; returns where it is on the host.
-    fn ensure_dir(&self, root: &Path, path: &str) -> Result<PathBuf, String> {
-        let (uid, gid) = self.owner.unwrap_or((0, 0));
-        let mut so_far = String::new();
-        let mut host = root.to_path_buf();
-        for part in path.split('/').filter(|p| !p.is_empty()) {
-            so_far.push('/');
-            so_far.push_str(part);
-            host = resolve_path(root, &so_far, true).map_err(|e| e.to_string())?;
-            match fs::symlink_metadata(&host) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    return Err(format!(
-                        "cannot copy to {path}: {so_far} is not a directory"
-                    ));
-                }
-                Err(_) => {
-                    fs::create_dir(&host).map_err(|e| io_msg("cannot create", &host, e))?;
-                    std::os::unix::fs::lchown(&host, Some(uid), Some(gid))
-                        .map_err(|e| io_msg("cannot chown", &host, e))?;
-                    fs::set_permissions(&host, fs::Permissions::from_mode(0o755))
-                        .map_err(|e| io_msg("cannot chmod", &host, e))?;
-                }
-            }
-        }
-        Ok(host)
+    fn ensure_dir(&self, root: &Path, path: &str) -> Result<PathBuf, FileError> {
+        make_dirs(root, path, self.owner.unwrap_or((0, 0)))
     }
 
-    fn inline(&mut self, target: &Path, data: &str, mode: u32) -> Result<(), String> {
+    fn inline(&mut self, target: &Path, data: &str, mode: u32) -> Result<(), FileError> {
         remove_non_dir(target)?;
-        fs::write(target, data).map_err(|e| io_msg("cannot write", target, e))?;
+        fs::write(target, data).map_err(FileError::io("write", target))?;
         let (uid, gid) = self.owner.unwrap_or((0, 0));
         std::os::unix::fs::lchown(target, Some(uid), Some(gid))
-            .map_err(|e| io_msg("cannot chown", target, e))?;
+            .map_err(FileError::io("chown", target))?;
         fs::set_permissions(
             target,
             fs::Permissions::from_mode(self.chmod.unwrap_or(mode)),
         )
-        .map_err(|e| io_msg("cannot chmod", target, e))
+        .map_err(FileError::io("chmod", target))
     }
 
     /// Writes a download: owned by `--chown` (else root), mode `--chmod`
     /// (else 0600, as BuildKit gives downloads).
-    fn fetched(&mut self, target: &Path, mut f: Fetched) -> Result<(), String> {
+    fn fetched(&mut self, target: &Path, mut f: Fetched) -> Result<(), FileError> {
         remove_non_dir(target)?;
-        let mut out = fs::File::create(target).map_err(|e| io_msg("cannot create", target, e))?;
-        io::copy(&mut f.content, &mut out).map_err(|e| io_msg("cannot write", target, e))?;
+        let mut out = fs::File::create(target).map_err(FileError::io("create", target))?;
+        io::copy(&mut f.content, &mut out).map_err(FileError::io("write", target))?;
         let (uid, gid) = self.owner.unwrap_or((0, 0));
         std::os::unix::fs::lchown(target, Some(uid), Some(gid))
-            .map_err(|e| io_msg("cannot chown", target, e))?;
+            .map_err(FileError::io("chown", target))?;
         fs::set_permissions(
             target,
             fs::Permissions::from_mode(self.chmod.unwrap_or(0o600)),
         )
-        .map_err(|e| io_msg("cannot chmod", target, e))?;
-        set_mtime(target, f.mtime).map_err(|e| e.to_string())
+        .map_err(FileError::io("chmod", target))?;
+        set_mtime(target, f.mtime).map_err(FileError::snapshot("set the time of", target))
     }
 
     /// Copies one entry to `dest`; returns where a directory landed.
-    fn put(&mut self, host: &Path, meta: &fs::Metadata, dest: &Path) -> Result<PathBuf, String> {
+    fn put(&mut self, host: &Path, meta: &fs::Metadata, dest: &Path) -> Result<PathBuf, FileError> {
         let ft = meta.file_type();
         let (uid, gid) = self.ids(meta);
         if ft.is_dir() {
@@ -273,15 +248,15 @@ impl Writer {
                 }
                 _ => {
                     remove_non_dir(dest)?;
-                    fs::create_dir(dest).map_err(|e| io_msg("cannot create", dest, e))?;
+                    fs::create_dir(dest).map_err(FileError::io("create", dest))?;
                     dest.to_path_buf()
                 }
             };
             std::os::unix::fs::lchown(&landed, Some(uid), Some(gid))
-                .map_err(|e| io_msg("cannot chown", &landed, e))?;
+                .map_err(FileError::io("chown", &landed))?;
             let mode = self.chmod.unwrap_or(meta.mode() & 0o7777);
             fs::set_permissions(&landed, fs::Permissions::from_mode(mode))
-                .map_err(|e| io_msg("cannot chmod", &landed, e))?;
+                .map_err(FileError::io("chmod", &landed))?;
             copy_xattrs(host, &landed);
             self.dirs.push((landed.clone(), meta.mtime()));
             return Ok(landed);
@@ -290,19 +265,18 @@ impl Writer {
         if ft.is_file() && meta.nlink() > 1 {
             let key = (meta.dev(), meta.ino());
             if let Some(first) = self.links.get(&key) {
-                fs::hard_link(first, dest).map_err(|e| io_msg("cannot link", dest, e))?;
+                fs::hard_link(first, dest).map_err(FileError::io("link", dest))?;
                 return Ok(dest.to_path_buf());
             }
             self.links.insert(key, dest.to_path_buf());
         }
         if ft.is_symlink() {
-            let t = fs::read_link(host).map_err(|e| io_msg("cannot read link", host, e))?;
-            std::os::unix::fs::symlink(&t, dest)
-                .map_err(|e| io_msg("cannot create link", dest, e))?;
+            let t = fs::read_link(host).map_err(FileError::io("read link", host))?;
+            std::os::unix::fs::symlink(&t, dest).map_err(FileError::io("create link", dest))?;
         } else if ft.is_file() {
-            let mut from = fs::File::open(host).map_err(|e| io_msg("cannot read", host, e))?;
-            let mut to = fs::File::create(dest).map_err(|e| io_msg("cannot create", dest, e))?;
-            io::copy(&mut from, &mut to).map_err(|e| io_msg("cannot copy to", dest, e))?;
+            let mut from = fs::File::open(host).map_err(FileError::io("read", host))?;
+            let mut to = fs::File::create(dest).map_err(FileError::io("create", dest))?;
+            io::copy(&mut from, &mut to).map_err(FileError::io("copy to", dest))?;
         } else {
             let kind = if ft.is_char_device() {
                 nix::sys::stat::SFlag::S_IFCHR
@@ -319,32 +293,66 @@ impl Writer {
                 nix::sys::stat::Mode::from_bits_truncate(meta.mode()),
                 meta.rdev(),
             )
-            .map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
+            .map_err(|e| FileError::io("create", dest)(e.into()))?;
         }
         std::os::unix::fs::lchown(dest, Some(uid), Some(gid))
-            .map_err(|e| io_msg("cannot chown", dest, e))?;
+            .map_err(FileError::io("chown", dest))?;
         if !ft.is_symlink() {
             let mode = self.chmod.unwrap_or(meta.mode() & 0o7777);
             fs::set_permissions(dest, fs::Permissions::from_mode(mode))
-                .map_err(|e| io_msg("cannot chmod", dest, e))?;
+                .map_err(FileError::io("chmod", dest))?;
             copy_xattrs(host, dest);
         }
-        set_mtime(dest, meta.mtime()).map_err(|e| e.to_string())?;
+        set_mtime(dest, meta.mtime()).map_err(FileError::snapshot("set the time of", dest))?;
         Ok(dest.to_path_buf())
     }
 
-    fn finish(self) -> Result<(), String> {
+    fn finish(self) -> Result<(), FileError> {
         for (dir, t) in self.dirs.iter().rev() {
-            set_mtime(dir, *t).map_err(|e| e.to_string())?;
+            set_mtime(dir, *t).map_err(FileError::snapshot("set the time of", dir))?;
         }
         Ok(())
     }
 }
 
-fn remove_non_dir(p: &Path) -> Result<(), String> {
+/// `mkdir -p` of `path` (absolute inside `root`, symlinks resolved within
+/// it): what is missing is made with mode 0755 and owner `(uid, gid)`.
+/// Returns where the directory is on the host.
+pub(crate) fn make_dirs(
+    root: &Path,
+    path: &str,
+    (uid, gid): (u32, u32),
+) -> Result<PathBuf, FileError> {
+    let mut so_far = String::new();
+    let mut host = root.to_path_buf();
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        so_far.push('/');
+        so_far.push_str(part);
+        host = resolve_path(root, &so_far, true).map_err(FileError::resolve(&so_far))?;
+        match fs::symlink_metadata(&host) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(FileError::NotADirectory {
+                    dest: path.to_string(),
+                    blocked: so_far,
+                });
+            }
+            Err(_) => {
+                fs::create_dir(&host).map_err(FileError::io("create", &host))?;
+                std::os::unix::fs::lchown(&host, Some(uid), Some(gid))
+                    .map_err(FileError::io("chown", &host))?;
+                fs::set_permissions(&host, fs::Permissions::from_mode(0o755))
+                    .map_err(FileError::io("chmod", &host))?;
+            }
+        }
+    }
+    Ok(host)
+}
+
+fn remove_non_dir(p: &Path) -> Result<(), FileError> {
     match fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(p).map_err(|e| io_msg("cannot replace", p, e)),
-        Ok(_) => fs::remove_file(p).map_err(|e| io_msg("cannot replace", p, e)),
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p).map_err(FileError::io("replace", p)),
+        Ok(_) => fs::remove_file(p).map_err(FileError::io("replace", p)),
         Err(_) => Ok(()),
     }
 }
@@ -402,12 +410,31 @@ fn valid_checksum(h: &[u8; 512]) -> bool {
 }
 
 /// `ADD archive.tar.gz /dir/`: the archive's contents, owners as recorded.
-fn unpack(archive: &Path, dir: &Path) -> Result<(), String> {
-    let f = fs::File::open(archive).map_err(|e| io_msg("cannot read", archive, e))?;
-    let r = strata_oci::decompressing(f).map_err(|e| io_msg("cannot read", archive, e))?;
+fn unpack(archive: &Path, dir: &Path) -> Result<(), FileError> {
+    let f = fs::File::open(archive).map_err(FileError::io("read", archive))?;
+    let r = strata_oci::decompressing(f).map_err(FileError::io("read", archive))?;
     // As in Docker, which unpacks in a chroot at `dir`: a symlink that
     // climbs above `dir` stops there, and `.wh.` names are plain files.
     apply_tar_with(dir, r, TarKind::Archive)
         .map(|_| ())
-        .map_err(|e| format!("cannot unpack {}: {e}", archive.display()))
+        .map_err(FileError::snapshot("unpack", archive))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_blocked_by_a_file_is_named() {
+        let root = tempfile::tempdir().unwrap();
+        fs::write(root.path().join("file"), "x").unwrap();
+        let made = make_dirs(root.path(), "/a/b", (0, 0)).unwrap();
+        assert!(made.is_dir());
+        assert_eq!(made, root.path().join("a/b"));
+        let e = make_dirs(root.path(), "/file/sub", (0, 0)).unwrap_err();
+        assert!(
+            matches!(&e, FileError::NotADirectory { dest, blocked } if dest == "/file/sub" && blocked == "/file"),
+            "{e}"
+        );
+    }
 }

@@ -11,6 +11,8 @@ use std::io;
 use strata_cas::{ContentStore, Digest, Sha256};
 use strata_plan::RemoteFile;
 
+use crate::error::AddError;
+
 /// The label recording a download's `Last-Modified` time (seconds since
 /// the epoch), which becomes the file's mtime as in BuildKit.
 const LAST_MODIFIED: &str = "http.last-modified";
@@ -26,8 +28,11 @@ pub struct Download {
 
 /// The file's content in the store: the stored blob with the expected
 /// checksum if there is one, else downloaded now.
-pub fn fetch(content: &ContentStore, file: &RemoteFile) -> Result<Download, String> {
-    let store_err = |e: strata_cas::Error| format!("ADD {}: {e}", file.url);
+pub fn fetch(content: &ContentStore, file: &RemoteFile) -> Result<Download, AddError> {
+    let store_err = |source| AddError::Store {
+        url: file.url.clone(),
+        source: Box::new(source),
+    };
     if let Some(sha) = file
         .sha256
         .as_deref()
@@ -57,20 +62,25 @@ pub fn fetch(content: &ContentStore, file: &RemoteFile) -> Result<Download, Stri
 }
 
 /// `d` if its content has the checksum `file` names (or names none).
-pub fn check(content: &ContentStore, file: &RemoteFile, d: Download) -> Result<Download, String> {
+pub fn check(content: &ContentStore, file: &RemoteFile, d: Download) -> Result<Download, AddError> {
     let Some(hex) = &file.sha256 else {
         return Ok(d);
     };
     let info = content
         .info(&d.blob)
-        .map_err(|e| format!("ADD {}: {e}", file.url))?
-        .ok_or_else(|| format!("ADD {}: the download is no longer stored", file.url))?;
+        .map_err(|source| AddError::Store {
+            url: file.url.clone(),
+            source: Box::new(source),
+        })?
+        .ok_or_else(|| AddError::Gone {
+            url: file.url.clone(),
+        })?;
     if info.sha256.hex() != *hex {
-        return Err(format!(
-            "ADD {}: checksum mismatch: expected sha256:{hex}, downloaded content is sha256:{}",
-            file.url,
-            info.sha256.hex()
-        ));
+        return Err(AddError::Checksum {
+            url: file.url.clone(),
+            expected: hex.clone(),
+            got: info.sha256.hex(),
+        });
     }
     Ok(d)
 }
@@ -84,7 +94,7 @@ fn mtime_label(labels: &std::collections::BTreeMap<String, String>) -> i64 {
 
 /// GETs the URL into the store; returns the blob and the `Last-Modified`
 /// time, if the server sent one.
-fn download(content: &ContentStore, file: &RemoteFile) -> Result<(Digest, Option<i64>), String> {
+fn download(content: &ContentStore, file: &RemoteFile) -> Result<(Digest, Option<i64>), AddError> {
     // One crypto provider for the process (ring); installing it twice is
     // harmless, and a library cannot know whether its caller did.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -95,17 +105,24 @@ fn download(content: &ContentStore, file: &RemoteFile) -> Result<(Digest, Option
         .connect_timeout(std::time::Duration::from_secs(30))
         .user_agent(concat!("strata/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| format!("ADD {url}: cannot start an HTTP client: {e}"))?;
+        .map_err(|source| AddError::Client {
+            url: url.clone(),
+            source,
+        })?;
     tracing::debug!(%url, "downloading");
-    let mut resp = client.get(url.as_str()).send().map_err(|e| {
-        format!(
-            "ADD {url}: cannot download: {}",
-            strata_registry::error_chain(&e)
-        )
-    })?;
+    let mut resp = client
+        .get(url.as_str())
+        .send()
+        .map_err(|source| AddError::Get {
+            url: url.clone(),
+            source,
+        })?;
     let status = resp.status();
     if !status.is_success() {
-        return Err(format!("ADD {url}: the server answered {status}"));
+        return Err(AddError::Status {
+            url: url.clone(),
+            status,
+        });
     }
     let mtime = resp
         .headers()
@@ -114,13 +131,15 @@ fn download(content: &ContentStore, file: &RemoteFile) -> Result<(Digest, Option
         .and_then(|v| httpdate::parse_http_date(v).ok())
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .and_then(|d| i64::try_from(d.as_secs()).ok());
-    let mut w = content.writer().map_err(|e| format!("ADD {url}: {e}"))?;
-    io::copy(&mut resp, &mut w).map_err(|e| {
-        format!(
-            "ADD {url}: download failed: {}",
-            strata_registry::error_chain(&e)
-        )
+    let store_err = |source| AddError::Store {
+        url: url.clone(),
+        source: Box::new(source),
+    };
+    let mut w = content.writer().map_err(store_err)?;
+    io::copy(&mut resp, &mut w).map_err(|source| AddError::Body {
+        url: url.clone(),
+        source,
     })?;
-    let blob = w.commit().map_err(|e| format!("ADD {url}: {e}"))?;
+    let blob = w.commit().map_err(store_err)?;
     Ok((blob, mtime))
 }

@@ -14,6 +14,7 @@ use strata_snapshot::chain_id;
 
 use strata_sched::{Candidate, Keep, evict::choose};
 
+use crate::error::GcError;
 use crate::node::Node;
 
 /// What a prune did.
@@ -34,21 +35,21 @@ pub struct PruneReport {
 /// Collects unreferenced data, keeping at most `keep_storage` bytes of
 /// blobs for the cache (images are always kept). `None` clears the whole
 /// build cache.
-pub fn prune(node: &Node, keep_storage: Option<u64>) -> Result<PruneReport, String> {
+pub fn prune(node: &Node, keep_storage: Option<u64>) -> Result<PruneReport, GcError> {
     let cas = &node.content;
-    let blobs = cas.list().map_err(|e| e.to_string())?;
+    let blobs = cas.list()?;
     let size_of: std::collections::HashMap<Digest, u64> =
         blobs.iter().map(|(d, i)| (*d, i.size)).collect();
 
     let mut roots: HashSet<Digest> = cas.leased().into_keys().collect();
     let mut chains: Vec<Vec<LayerRef>> = Vec::new();
-    for t in node.images.list().map_err(|e| e.to_string())? {
+    for t in node.images.list()? {
         roots.insert(t.image.manifest_blob);
         roots.insert(t.image.config_blob);
         roots.extend(t.image.layers.iter().map(|l| l.blob));
         chains.push(t.image.layers);
     }
-    let mut entries = node.cache.list().map_err(|e| e.to_string())?;
+    let mut entries = node.cache.list()?;
     // Newest first: those are kept while the budget lasts.
     entries.sort_by_key(|(_, e)| std::cmp::Reverse(e.last_used));
     let mut report = PruneReport::default();
@@ -67,7 +68,7 @@ pub fn prune(node: &Node, keep_storage: Option<u64>) -> Result<PruneReport, Stri
             kept.extend(entry.layers.iter().map(|l| l.blob));
             chains.push(entry.layers);
         } else {
-            node.cache.remove(&key).map_err(|e| e.to_string())?;
+            node.cache.remove(&key)?;
             report.cache_entries += 1;
         }
     }
@@ -83,7 +84,7 @@ pub fn prune(node: &Node, keep_storage: Option<u64>) -> Result<PruneReport, Stri
         }
     }
     for (d, info) in &blobs {
-        if !kept.contains(d) && cas.delete(d).map_err(|e| e.to_string())? {
+        if !kept.contains(d) && cas.delete(d)? {
             report.blobs += 1;
             report.bytes += info.size;
         }
@@ -100,11 +101,8 @@ pub fn prune(node: &Node, keep_storage: Option<u64>) -> Result<PruneReport, Stri
             parent = Some(c);
         }
     }
-    report.snapshots = node
-        .snapshots
-        .remove_except(&keep_chains)
-        .map_err(|e| e.to_string())?;
-    report.remaining = cas.total_size().map_err(|e| e.to_string())?;
+    report.snapshots = node.snapshots.remove_except(&keep_chains)?;
+    report.remaining = cas.total_size()?;
     Ok(report)
 }
 
@@ -114,13 +112,16 @@ pub fn keep_within(
     home: &std::path::Path,
     storage: Option<u64>,
     duration: Option<u64>,
-) -> Result<Keep, String> {
+) -> Result<Keep, GcError> {
     let storage = match storage {
         Some(bytes) => bytes,
         None => {
-            std::fs::create_dir_all(home).map_err(|e| format!("{}: {e}", home.display()))?;
-            let fs =
-                nix::sys::statvfs::statvfs(home).map_err(|e| format!("{}: {e}", home.display()))?;
+            let disk = |source| GcError::Disk {
+                path: home.to_path_buf(),
+                source,
+            };
+            std::fs::create_dir_all(home).map_err(disk)?;
+            let fs = nix::sys::statvfs::statvfs(home).map_err(|e| disk(e.into()))?;
             fs.blocks().saturating_mul(fs.fragment_size()) / 10
         }
     };
@@ -141,12 +142,12 @@ pub const GRACE: u64 = 5;
 /// The store's total size, and the blobs eviction may take, least
 /// recently used first: neither leased by a build, nor part of a named
 /// image, nor newer than [`GRACE`].
-pub fn candidates(node: &Node, now: u64) -> Result<(u64, Vec<Candidate>), String> {
+pub fn candidates(node: &Node, now: u64) -> Result<(u64, Vec<Candidate>), GcError> {
     let cas = &node.content;
-    let blobs = cas.list().map_err(|e| e.to_string())?;
+    let blobs = cas.list()?;
     let total = blobs.iter().map(|(_, i)| i.size).sum();
     let mut kept: HashSet<Digest> = cas.leased().into_keys().collect();
-    for t in node.images.list().map_err(|e| e.to_string())? {
+    for t in node.images.list()? {
         kept.insert(t.image.manifest_blob);
         kept.insert(t.image.config_blob);
         kept.extend(t.image.layers.iter().map(|l| l.blob));
@@ -168,20 +169,20 @@ pub fn candidates(node: &Node, now: u64) -> Result<(u64, Vec<Candidate>), String
 /// `keep`: the blobs [`choose`] picks go, then the cache entries that
 /// name a blob no longer stored, so a hit is never served for what is
 /// gone.
-pub fn enforce(node: &Node, keep: &Keep, now: u64) -> Result<EvictReport, String> {
+pub fn enforce(node: &Node, keep: &Keep, now: u64) -> Result<EvictReport, GcError> {
     let (total, candidates) = candidates(node, now)?;
     let victims = choose(total, &candidates, keep, now, &|_| false);
     if victims.is_empty() {
         return Ok(EvictReport::default());
     }
     let mut report = evict(node, &victims)?;
-    for (key, entry) in node.cache.list().map_err(|e| e.to_string())? {
+    for (key, entry) in node.cache.list()? {
         let gone = entry
             .layers
             .iter()
             .any(|l| !node.content.contains(&l.blob).unwrap_or(false));
         if gone {
-            node.cache.remove(&key).map_err(|e| e.to_string())?;
+            node.cache.remove(&key)?;
             report.cache_entries += 1;
         }
     }
@@ -211,16 +212,15 @@ pub struct Usage {
 }
 
 /// Where `node`'s bytes are.
-pub fn usage(node: &Node) -> Result<Usage, String> {
+pub fn usage(node: &Node) -> Result<Usage, GcError> {
     let blobs: std::collections::HashMap<Digest, u64> = node
         .content
-        .list()
-        .map_err(|e| e.to_string())?
+        .list()?
         .into_iter()
         .map(|(d, i)| (d, i.size))
         .collect();
     let size_of = |set: &HashSet<Digest>| -> u64 { set.iter().filter_map(|d| blobs.get(d)).sum() };
-    let images = node.images.list().map_err(|e| e.to_string())?;
+    let images = node.images.list()?;
     let mut ids = HashSet::new();
     let mut image_blobs = HashSet::new();
     for t in &images {
@@ -229,7 +229,7 @@ pub fn usage(node: &Node) -> Result<Usage, String> {
         image_blobs.insert(t.image.config_blob);
         image_blobs.insert(t.image.manifest_blob);
     }
-    let entries = node.cache.list().map_err(|e| e.to_string())?;
+    let entries = node.cache.list()?;
     let cache_blobs: HashSet<Digest> = entries
         .iter()
         .flat_map(|(_, e)| e.layers.iter().map(|l| l.blob))
@@ -251,7 +251,7 @@ pub fn usage(node: &Node) -> Result<Usage, String> {
         cache: (entries.len(), size_of(&cache_blobs)),
         other: (other.len(), size_of(&other)),
         snapshots: (
-            node.snapshots.count().map_err(|e| e.to_string())?,
+            node.snapshots.count()?,
             crate::node::dir_bytes(&node.home().join("snapshots")),
         ),
         cache_mounts: crate::node::dir_bytes(&node.home().join("cache-mounts")),
@@ -275,14 +275,14 @@ pub struct EvictReport {
 
 /// Deletes `victims` (a blob leased meanwhile stays) and the snapshots
 /// that extract them.
-pub fn evict(node: &Node, victims: &[Digest]) -> Result<EvictReport, String> {
+pub fn evict(node: &Node, victims: &[Digest]) -> Result<EvictReport, GcError> {
     let cas = &node.content;
     let mut report = EvictReport::default();
     let mut dropped = HashSet::new();
     for d in victims {
-        let size = cas.info(d).map_err(|e| e.to_string())?.map(|i| i.size);
+        let size = cas.info(d)?.map(|i| i.size);
         if let Some(size) = size
-            && cas.delete(d).map_err(|e| e.to_string())?
+            && cas.delete(d)?
         {
             dropped.insert(*d);
             report.blobs += 1;
@@ -291,10 +291,7 @@ pub fn evict(node: &Node, victims: &[Digest]) -> Result<EvictReport, String> {
     }
     if !dropped.is_empty() {
         node.selections.clear()?;
-        report.snapshots = node
-            .snapshots
-            .remove_chains_of(&dropped)
-            .map_err(|e| e.to_string())?;
+        report.snapshots = node.snapshots.remove_chains_of(&dropped)?;
     }
     Ok(report)
 }

@@ -19,6 +19,7 @@ mod build;
 mod cache_io;
 mod contexts;
 mod copy;
+mod error;
 mod export;
 mod fetch;
 mod gc;
@@ -41,6 +42,7 @@ pub use cache_io::{
 };
 pub use contexts::{NamedContext, parse_named_context};
 pub use copy::is_archive;
+pub use error::{AddError, FileError, GcError};
 pub use export::{ExportError, export_rootfs, write_rootfs_tar};
 pub use gc::{
     EVICT_EVERY, EvictReport, GRACE, PruneReport, Usage, candidates, enforce, evict, keep_within,
@@ -52,5 +54,5 @@ pub use node::{Node, NodeError, default_home, default_slots};
 pub use platforms::{check_runnable, native, runnable};
 pub use run::etc_mounts;
 pub use timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};
-pub use users::{Identity, resolve as resolve_user};
+pub use users::{Identity, UserError, resolve as resolve_user};
 pub use worker::{Embedded, LocalWorker, MakeContext};

@@ -91,10 +91,13 @@ impl SelectionMemo {
 
     /// Forgets everything; entries are cheap to measure again, and
     /// collection may have removed the layers they describe.
-    pub fn clear(&self) -> Result<usize, String> {
+    pub fn clear(&self) -> Result<usize, strata_cas::Error> {
         self.meta
             .clear(CF_SELECTIONS)
-            .map_err(|e| format!("{}: {e}", self.meta.path().display()))
+            .map_err(|source| strata_cas::Error::Db {
+                path: self.meta.path().to_path_buf(),
+                source,
+            })
     }
 }
 

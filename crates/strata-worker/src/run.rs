@@ -12,6 +12,7 @@ use strata_snapshot::{OverlayMount, View, resolve_path};
 use strata_solver::{Output, WorkerError};
 use tokio_util::sync::CancellationToken;
 
+use crate::error::{FileError, failed};
 use crate::users;
 
 /// What a RUN needs from its worker beyond the op.
@@ -27,7 +28,7 @@ pub struct RunContext<'a> {
     /// The build context on the host.
     pub context: &'a Path,
     /// Read-only views of stages and images the step mounts, by source.
-    pub views: &'a dyn Fn(&Source) -> Result<View, String>,
+    pub views: &'a dyn Fn(&Source) -> Result<View, WorkerError>,
     /// Persistent cache mounts live here.
     pub cache_mounts: &'a Path,
     /// Secrets given to the build.
@@ -112,6 +113,12 @@ fn err(message: impl Into<String>) -> WorkerError {
     WorkerError::new(message)
 }
 
+/// A [`FileError::Io`] maker for `map_err`, as a step's failure.
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WorkerError {
+    let io = FileError::io(what, path);
+    move |e| failed(io(e))
+}
+
 /// The step's `/etc/resolv.conf`: the host's, except that on a network of
 /// its own a name server on the host's loopback is out of reach, so those
 /// lines go, and with none left the step gets Docker's fallback servers.
@@ -180,12 +187,12 @@ pub fn etc_mounts(
 
 /// Runs the op; `Ok` only if the process exited 0.
 pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
-    let id = users::resolve(ctx.rootfs, &op.user, true).map_err(err)?;
+    let id = users::resolve(ctx.rootfs, &op.user, true).map_err(failed)?;
     // runc needs the working directory to exist.
-    let cwd = resolve_path(ctx.rootfs, &op.cwd, true).map_err(|e| err(e.to_string()))?;
+    let cwd = resolve_path(ctx.rootfs, &op.cwd, true)
+        .map_err(|e| failed(FileError::resolve(&op.cwd)(e)))?;
     if !cwd.exists() {
-        fs::create_dir_all(&cwd)
-            .map_err(|e| err(format!("cannot create working directory {}: {e}", op.cwd)))?;
+        fs::create_dir_all(&cwd).map_err(io("create the working directory", &cwd))?;
     }
     let network = if op.no_network {
         Network::None
@@ -199,14 +206,11 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
     let mut mounts = etc_mounts(ctx.bundle, &op.extra_hosts, network)?;
     if !op.files.is_empty() {
         let pipes = ctx.bundle.join("pipes");
-        fs::create_dir_all(&pipes)
-            .map_err(|e| err(format!("cannot create {}: {e}", pipes.display())))?;
+        fs::create_dir_all(&pipes).map_err(io("create", &pipes))?;
         for f in &op.files {
             let p = pipes.join(&f.name);
-            fs::write(&p, &f.data)
-                .map_err(|e| err(format!("cannot write {}: {e}", p.display())))?;
-            fs::set_permissions(&p, fs::Permissions::from_mode(f.mode))
-                .map_err(|e| err(e.to_string()))?;
+            fs::write(&p, &f.data).map_err(io("write", &p))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(f.mode)).map_err(io("chmod", &p))?;
         }
         mounts.push(Mount::Bind {
             source: pipes,
@@ -224,11 +228,12 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
                 let (root, view) = match from {
                     Source::Context => (ctx.context.to_path_buf(), None),
                     other => {
-                        let v = (ctx.views)(other).map_err(err)?;
+                        let v = (ctx.views)(other)?;
                         (v.root(), Some(v))
                     }
                 };
-                let host = resolve_path(&root, source, true).map_err(|e| err(e.to_string()))?;
+                let host = resolve_path(&root, source, true)
+                    .map_err(|e| failed(FileError::resolve(source)(e)))?;
                 if !host.exists() {
                     return Err(err(format!("mount source {source:?} not found")));
                 }
@@ -237,7 +242,8 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
                     // Writes to a read-write bind land in a throwaway upper dir.
                     let dir = ctx.bundle.join(format!("rw-{n}"));
                     for sub in ["upper", "work", "merged"] {
-                        fs::create_dir_all(dir.join(sub)).map_err(|e| err(e.to_string()))?;
+                        let at = dir.join(sub);
+                        fs::create_dir_all(&at).map_err(io("create", &at))?;
                     }
                     let base = host.parent().unwrap_or(Path::new("/")).to_path_buf();
                     let name = PathBuf::from(host.file_name().unwrap_or_default());
@@ -247,15 +253,14 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
                         Some((&dir.join("upper"), &dir.join("work"))),
                         &dir.join("merged"),
                     )
-                    .map_err(|e| err(e.to_string()))?;
+                    .map_err(failed)?;
                     held.overlays.push(mount);
                     dir.join("merged")
                 } else if *read_write {
                     // A read-write bind of a file gets a copy: its writes
                     // are thrown away too, and the source stays as it was.
                     let copy = ctx.bundle.join(format!("rw-{n}"));
-                    fs::copy(&host, &copy)
-                        .map_err(|e| err(format!("cannot copy mount source {source:?}: {e}")))?;
+                    fs::copy(&host, &copy).map_err(io("copy the mount source", &host))?;
                     copy
                 } else {
                     host
@@ -277,19 +282,17 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
                 let name = blake3::hash(id.as_bytes()).to_hex().to_string();
                 let dir = ctx.cache_mounts.join(&name);
                 if !dir.exists() {
-                    fs::create_dir_all(&dir)
-                        .map_err(|e| err(format!("cannot create cache mount {id:?}: {e}")))?;
+                    fs::create_dir_all(&dir).map_err(io("create the cache mount", &dir))?;
                     std::os::unix::fs::lchown(&dir, Some(*uid), Some(*gid))
-                        .map_err(|e| err(e.to_string()))?;
+                        .map_err(io("chown", &dir))?;
                     fs::set_permissions(&dir, fs::Permissions::from_mode(*mode))
-                        .map_err(|e| err(e.to_string()))?;
+                        .map_err(io("chmod", &dir))?;
                 }
                 if sharing == "locked" {
                     let lock = ctx.cache_mounts.join(format!("{name}.lock"));
-                    let f = fs::File::create(&lock)
-                        .map_err(|e| err(format!("cannot lock cache mount {id:?}: {e}")))?;
+                    let f = fs::File::create(&lock).map_err(io("lock the cache mount", &lock))?;
                     let l = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-                        .map_err(|(_, e)| err(format!("cannot lock cache mount {id:?}: {e}")))?;
+                        .map_err(|(_, e)| io("lock the cache mount", &lock)(e.into()))?;
                     held.locks.push(l);
                 }
                 mounts.push(Mount::Bind {
@@ -322,13 +325,12 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
                     env.push(format!("{var}={}", String::from_utf8_lossy(value)));
                 }
                 let dir = ctx.bundle.join("secrets");
-                fs::create_dir_all(&dir).map_err(|e| err(e.to_string()))?;
+                fs::create_dir_all(&dir).map_err(io("create", &dir))?;
                 let p = dir.join(n.to_string());
-                fs::write(&p, value).map_err(|e| err(e.to_string()))?;
-                std::os::unix::fs::lchown(&p, Some(*uid), Some(*gid))
-                    .map_err(|e| err(e.to_string()))?;
+                fs::write(&p, value).map_err(io("write", &p))?;
+                std::os::unix::fs::lchown(&p, Some(*uid), Some(*gid)).map_err(io("chown", &p))?;
                 fs::set_permissions(&p, fs::Permissions::from_mode(*mode))
-                    .map_err(|e| err(e.to_string()))?;
+                    .map_err(io("chmod", &p))?;
                 mounts.push(Mount::Bind {
                     source: p,
                     destination: m.target.clone(),
@@ -421,7 +423,7 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
             output,
             &ctx.cancel,
         ))
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(failed)?;
     drop(held);
     remove_stubs(ctx.upper, &missing, &missing_parents);
     let command = quote_command(&op.args);
@@ -446,7 +448,7 @@ fn quote_command(args: &[String]) -> String {
 
 fn bind_file(bundle: &Path, name: &str, content: &[u8], dest: &str) -> Result<Mount, WorkerError> {
     let p = bundle.join(name);
-    fs::write(&p, content).map_err(|e| err(format!("cannot write {}: {e}", p.display())))?;
+    fs::write(&p, content).map_err(io("write", &p))?;
     Ok(Mount::Bind {
         source: p,
         destination: dest.into(),

@@ -18,6 +18,8 @@ use strata_cas::Digest;
 use strata_dockerfile::{IgnoreMatcher, clean_path};
 use strata_snapshot::resolve_path;
 
+use crate::error::FileError;
+
 /// A root files are taken from.
 pub struct SourceRoot<'a> {
     /// The directory on the host.
@@ -83,7 +85,7 @@ fn descends(src: &SourceRoot<'_>, rel: &str) -> bool {
 
 /// Resolves the source arguments to items. A missing plain path is an
 /// error; a wildcard that matches nothing is not (as in BuildKit).
-pub fn select(src: &SourceRoot<'_>, specs: &[String]) -> Result<Vec<Item>, String> {
+pub fn select(src: &SourceRoot<'_>, specs: &[String]) -> Result<Vec<Item>, FileError> {
     let mut items = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
         let cleaned = clean_path(&format!("/{spec}"));
@@ -109,8 +111,8 @@ pub fn select(src: &SourceRoot<'_>, specs: &[String]) -> Result<Vec<Item>, Strin
             }
             continue;
         }
-        let not_found = || format!("{spec:?}: not found");
-        let host = resolve_path(src.root, &rel, true).map_err(|e| format!("{spec:?}: {e}"))?;
+        let not_found = || FileError::NotFound { spec: spec.clone() };
+        let host = resolve_path(src.root, &rel, true).map_err(FileError::resolve(spec))?;
         let meta = fs::metadata(&host).map_err(|_| not_found())?;
         if hidden(src, &rel, &host, meta.is_dir()) {
             return Err(not_found());
@@ -131,7 +133,7 @@ fn glob(
     rel: &str,
     parts: &[&str],
     out: &mut Vec<(String, PathBuf)>,
-) -> Result<(), String> {
+) -> Result<(), FileError> {
     let Some((first, rest)) = parts.split_first() else {
         out.push((rel.to_string(), dir.to_path_buf()));
         return Ok(());
@@ -157,7 +159,10 @@ fn glob(
         .literal_separator(true)
         .backslash_escape(true)
         .build()
-        .map_err(|e| format!("bad wildcard {first:?}: {e}"))?
+        .map_err(|source| FileError::Wildcard {
+            pattern: first.to_string(),
+            source,
+        })?
         .compile_matcher();
     let Ok(entries) = fs::read_dir(dir) else {
         return Ok(());
@@ -170,7 +175,8 @@ fn glob(
             continue;
         }
         let next_rel = join(n);
-        let host = resolve_path(src.root, &next_rel, true).map_err(|e| e.to_string())?;
+        let host =
+            resolve_path(src.root, &next_rel, true).map_err(FileError::resolve(&next_rel))?;
         if hidden(src, &next_rel, &host, host.is_dir()) {
             continue;
         }
@@ -182,13 +188,13 @@ fn glob(
 /// Visits everything an item brings: the item itself when it is a file,
 /// or (for a directory) everything below it, parents before children, in
 /// byte order. Ignored and excluded paths are skipped.
-pub fn walk(
+pub fn walk<E: From<FileError>>(
     src: &SourceRoot<'_>,
     item: &Item,
     excludes: Option<&IgnoreMatcher>,
-    visit: &mut dyn FnMut(&Entry<'_>) -> Result<(), String>,
-) -> Result<(), String> {
-    let meta = fs::metadata(&item.host).map_err(|e| format!("{}: {e}", item.rel))?;
+    visit: &mut dyn FnMut(&Entry<'_>) -> Result<(), E>,
+) -> Result<(), E> {
+    let meta = fs::metadata(&item.host).map_err(FileError::io("read", &item.host))?;
     if !meta.is_dir() {
         return visit(&Entry {
             rel: "",
@@ -198,8 +204,7 @@ pub fn walk(
     }
     let mut stack: Vec<(PathBuf, String)> = vec![(item.host.clone(), String::new())];
     while let Some((dir, rel)) = stack.pop() {
-        let entries =
-            fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let entries = fs::read_dir(&dir).map_err(FileError::io("list", &dir))?;
         let mut names: Vec<OsString> = entries.flatten().map(|e| e.file_name()).collect();
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         let mut subdirs = Vec::new();
@@ -215,8 +220,7 @@ pub fn walk(
                 format!("{}/{child_rel}", item.rel)
             };
             let host = dir.join(&name);
-            let meta =
-                fs::symlink_metadata(&host).map_err(|e| format!("{}: {e}", host.display()))?;
+            let meta = fs::symlink_metadata(&host).map_err(FileError::io("read", &host))?;
             // Ignored entries are skipped; an ignored directory that an
             // exception reaches into is kept and entered, as Docker does.
             let skip = if ignored(src, &root_rel) {
@@ -255,19 +259,19 @@ pub fn pack(
     items: &[Item],
     excludes: Option<&IgnoreMatcher>,
     out: &mut dyn std::io::Write,
-) -> Result<(), String> {
+) -> Result<(), FileError> {
     use std::os::unix::fs::MetadataExt as _;
     let mut tar = tar::Builder::new(out);
     tar.follow_symlinks(false);
     for item in items {
-        let mut append = |e: &Entry<'_>| -> Result<(), String> {
+        let mut append = |e: &Entry<'_>| -> Result<(), FileError> {
             let path = match (item.rel.is_empty(), e.rel.is_empty()) {
                 (true, true) => return Ok(()),
                 (true, false) => e.rel.to_string(),
                 (false, true) => item.rel.clone(),
                 (false, false) => format!("{}/{}", item.rel, e.rel),
             };
-            let fail = |err: std::io::Error| format!("packing {}: {err}", e.host.display());
+            let fail = |err| FileError::io("pack", e.host)(err);
             let ft = e.meta.file_type();
             let mut h = tar::Header::new_gnu();
             h.set_mode(e.meta.mode() & 0o7777);
@@ -300,21 +304,24 @@ pub fn pack(
         };
         walk(src, item, excludes, &mut append)?;
     }
-    tar.finish().map_err(|e| format!("packing: {e}"))
+    tar.finish().map_err(FileError::io(
+        "finish the tar of",
+        Path::new("the selection"),
+    ))
 }
 
 /// Copies what a source shows (everything `.dockerignore` does not hide)
 /// into the empty directory `dest`: files, directories, symlinks, modes
 /// and times. A bind mount of the build context shows this copy, never the
 /// ignored files beside it.
-pub fn copy_visible(src: &SourceRoot<'_>, dest: &Path) -> Result<(), String> {
+pub fn copy_visible(src: &SourceRoot<'_>, dest: &Path) -> Result<(), FileError> {
     use std::os::unix::fs::PermissionsExt as _;
     let items = select(src, &[".".to_string()])?;
     let mut dirs = Vec::new();
     for item in &items {
-        walk(src, item, None, &mut |e| {
+        walk(src, item, None, &mut |e| -> Result<(), FileError> {
             let to = dest.join(e.rel);
-            let fail = |err: std::io::Error| format!("copying {}: {err}", e.host.display());
+            let fail = |err| FileError::io("copy", e.host)(err);
             let ft = e.meta.file_type();
             if ft.is_dir() {
                 fs::create_dir_all(&to).map_err(fail)?;
@@ -326,17 +333,18 @@ pub fn copy_visible(src: &SourceRoot<'_>, dest: &Path) -> Result<(), String> {
                 fs::copy(e.host, &to).map_err(fail)?;
                 fs::set_permissions(&to, fs::Permissions::from_mode(e.meta.mode() & 0o7777))
                     .map_err(fail)?;
-                strata_snapshot::set_mtime(&to, e.meta.mtime()).map_err(|err| err.to_string())?;
+                strata_snapshot::set_mtime(&to, e.meta.mtime())
+                    .map_err(FileError::snapshot("set the time of", &to))?;
             }
             Ok(())
         })?;
     }
     // Children change their directory's time: directories go last.
     for (dir, mode, mtime) in dirs.into_iter().rev() {
-        let fail = |err: String| format!("copying {}: {err}", dir.display());
         fs::set_permissions(&dir, fs::Permissions::from_mode(mode & 0o7777))
-            .map_err(|e| fail(e.to_string()))?;
-        strata_snapshot::set_mtime(&dir, mtime).map_err(|e| fail(e.to_string()))?;
+            .map_err(FileError::io("chmod", &dir))?;
+        strata_snapshot::set_mtime(&dir, mtime)
+            .map_err(FileError::snapshot("set the time of", &dir))?;
     }
     Ok(())
 }
@@ -352,7 +360,7 @@ pub fn checksum(
     src: &SourceRoot<'_>,
     specs: &[String],
     excludes: &[String],
-) -> Result<Digest, String> {
+) -> Result<Digest, FileError> {
     let exclude = exclude_matcher(excludes)?;
     let items = select(src, specs)?;
     let mut h = blake3::Hasher::new();
@@ -373,13 +381,13 @@ pub fn checksum(
 }
 
 /// `--exclude` patterns as a matcher (none when there are none).
-pub fn exclude_matcher(excludes: &[String]) -> Result<Option<IgnoreMatcher>, String> {
+pub fn exclude_matcher(excludes: &[String]) -> Result<Option<IgnoreMatcher>, FileError> {
     if excludes.is_empty() {
         return Ok(None);
     }
     IgnoreMatcher::new(excludes)
         .map(Some)
-        .map_err(|e| format!("--exclude: {e}"))
+        .map_err(FileError::Exclude)
 }
 
 fn feed(h: &mut blake3::Hasher, bytes: &[u8]) {
@@ -387,7 +395,11 @@ fn feed(h: &mut blake3::Hasher, bytes: &[u8]) {
     h.update(bytes);
 }
 
-fn hash_entry(h: &mut blake3::Hasher, src: &SourceRoot<'_>, e: &Entry<'_>) -> Result<(), String> {
+fn hash_entry(
+    h: &mut blake3::Hasher,
+    src: &SourceRoot<'_>,
+    e: &Entry<'_>,
+) -> Result<(), FileError> {
     let ft = e.meta.file_type();
     let kind = if ft.is_dir() {
         'd'
@@ -413,17 +425,14 @@ fn hash_entry(h: &mut blake3::Hasher, src: &SourceRoot<'_>, e: &Entry<'_>) -> Re
     }
     feed(h, line.as_bytes());
     if ft.is_symlink() {
-        let t = fs::read_link(e.host).map_err(|err| format!("{}: {err}", e.host.display()))?;
+        let t = fs::read_link(e.host).map_err(FileError::io("read link", e.host))?;
         feed(h, t.as_os_str().as_bytes());
     } else if ft.is_file() {
-        let mut f = fs::File::open(e.host)
-            .map_err(|err| format!("cannot read {}: {err}", e.host.display()))?;
+        let mut f = fs::File::open(e.host).map_err(FileError::io("read", e.host))?;
         let mut content = blake3::Hasher::new();
         let mut buf = vec![0u8; 256 * 1024];
         loop {
-            let n = f
-                .read(&mut buf)
-                .map_err(|err| format!("cannot read {}: {err}", e.host.display()))?;
+            let n = f.read(&mut buf).map_err(FileError::io("read", e.host))?;
             if n == 0 {
                 break;
             }
@@ -444,4 +453,47 @@ fn hash_entry(h: &mut blake3::Hasher, src: &SourceRoot<'_>, e: &Entry<'_>) -> Re
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context(dir: &Path) -> SourceRoot<'_> {
+        SourceRoot {
+            root: dir,
+            ignore: None,
+            keep_owner: false,
+        }
+    }
+
+    #[test]
+    fn a_source_that_cannot_be_selected_says_which_and_why() {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("b", dir.path().join("a")).unwrap();
+        std::os::unix::fs::symlink("a", dir.path().join("b")).unwrap();
+        let src = context(dir.path());
+
+        let missing = select(&src, &["nothing".into()]).unwrap_err();
+        assert!(matches!(&missing, FileError::NotFound { spec } if spec == "nothing"));
+        assert_eq!(missing.to_string(), "\"nothing\": not found");
+
+        // A symlink loop: the error names the path, its cause the loop.
+        let looped = select(&src, &["a/x".into()]).unwrap_err();
+        assert!(matches!(&looped, FileError::Resolve { path, .. } if path == "a/x"));
+        let cause = std::error::Error::source(&looped).map(ToString::to_string);
+        assert!(
+            cause
+                .as_deref()
+                .is_some_and(|c| c.contains("symbolic links")),
+            "{cause:?}"
+        );
+
+        let bad = select(&src, &["[".into()]).unwrap_err();
+        assert!(matches!(&bad, FileError::Wildcard { pattern, .. } if pattern == "["));
+        assert!(std::error::Error::source(&bad).is_some());
+
+        // A wildcard that matches nothing is no error.
+        assert_eq!(select(&src, &["*.none".into()]).unwrap(), Vec::new());
+    }
 }

@@ -58,10 +58,21 @@ fn read_db(root: &Path, file: &str, group: bool) -> Vec<Entry> {
         .collect()
 }
 
+/// A user or group the image's `/etc/passwd` or `/etc/group` lacks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UserError {
+    /// No such user name.
+    #[error("unable to find user {0}: no matching entries in passwd file")]
+    NoUser(String),
+    /// No such group name.
+    #[error("unable to find group {0}: no matching entries in group file")]
+    NoGroup(String),
+}
+
 /// Resolves `spec` (`user`, `uid`, `user:group`, `uid:gid`) in the root
 /// filesystem at `root`. `with_groups` also collects supplementary groups
 /// (for processes; file ownership needs none).
-pub fn resolve(root: &Path, spec: &str, with_groups: bool) -> Result<Identity, String> {
+pub fn resolve(root: &Path, spec: &str, with_groups: bool) -> Result<Identity, UserError> {
     if spec.is_empty() {
         return Ok(Identity {
             uid: 0,
@@ -86,9 +97,7 @@ pub fn resolve(root: &Path, spec: &str, with_groups: bool) -> Result<Identity, S
         Err(_) => match passwd.iter().find(|e| e.name == user) {
             Some(e) => (e.id, e.gid, Some(e.name.clone())),
             None => {
-                return Err(format!(
-                    "unable to find user {user}: no matching entries in passwd file"
-                ));
+                return Err(UserError::NoUser(user.to_string()));
             }
         },
     };
@@ -99,9 +108,7 @@ pub fn resolve(root: &Path, spec: &str, with_groups: bool) -> Result<Identity, S
                 .iter()
                 .find(|e| e.name == g)
                 .map(|e| e.id)
-                .ok_or_else(|| {
-                    format!("unable to find group {g}: no matching entries in group file")
-                })?,
+                .ok_or_else(|| UserError::NoGroup(g.to_string()))?,
         };
     }
     let groups = match (&name, with_groups, group) {
@@ -167,15 +174,10 @@ mod tests {
             }
         );
         assert_eq!(r("").unwrap().uid, 0);
-        assert!(
-            r("nobody")
-                .unwrap_err()
-                .contains("unable to find user nobody")
-        );
-        assert!(
-            r("app:nogroup")
-                .unwrap_err()
-                .contains("unable to find group")
+        assert_eq!(r("nobody").unwrap_err(), UserError::NoUser("nobody".into()));
+        assert_eq!(
+            r("app:nogroup").unwrap_err().to_string(),
+            "unable to find group nogroup: no matching entries in group file"
         );
     }
 }

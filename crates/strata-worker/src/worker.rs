@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -12,10 +11,11 @@ use strata_dockerfile::IgnoreMatcher;
 use strata_exec::Runtime;
 use strata_oci::LayerRef;
 use strata_plan::{Op, Read, RunMountKind, Source, StagePlan, Step};
-use strata_snapshot::{View, resolve_path};
+use strata_snapshot::View;
 use strata_solver::{Job, StageResult, StepAt, Worker, WorkerError};
 
 use crate::copy::Fetched;
+use crate::error::{FileError, failed};
 use crate::memo::SelectionMemo;
 use crate::node::Node;
 use crate::run::{RunContext, run};
@@ -56,7 +56,7 @@ pub struct LocalWorker {
     grants: strata_plan::Grants,
     /// What a bind mount of the context shows: a copy without the
     /// ignored files, made the first time a step needs it.
-    visible_context: OnceLock<Result<tempfile::TempDir, String>>,
+    visible_context: OnceLock<Result<tempfile::TempDir, WorkerError>>,
     /// The context's content digest when it is known (a cluster build's
     /// context tree): selections from it are then remembered by it.
     context_id: Option<Digest>,
@@ -67,8 +67,8 @@ pub struct LocalWorker {
 /// several) must never share one.
 static CONTAINER_SEQ: AtomicU64 = AtomicU64::new(0);
 
-fn err(e: impl std::fmt::Display) -> WorkerError {
-    WorkerError::new(e.to_string())
+fn err(message: impl Into<String>) -> WorkerError {
+    WorkerError::new(message)
 }
 
 impl LocalWorker {
@@ -143,18 +143,18 @@ impl LocalWorker {
             let dir = tempfile::Builder::new()
                 .prefix("context-")
                 .tempdir_in(&tmp)
-                .map_err(|e| format!("cannot make a directory in {}: {e}", tmp.display()))?;
+                .map_err(|e| failed(FileError::io("make a directory in", &tmp)(e)))?;
             let src = SourceRoot {
                 root: &context,
                 ignore: Some(&self.ignore),
                 keep_owner: false,
             };
-            crate::select::copy_visible(&src, dir.path())?;
+            crate::select::copy_visible(&src, dir.path()).map_err(failed)?;
             Ok(dir)
         });
         match made {
             Ok(dir) => Ok(dir.path().to_path_buf()),
-            Err(e) => Err(err(e)),
+            Err(e) => Err(e.clone()),
         }
     }
 
@@ -200,7 +200,7 @@ impl LocalWorker {
             .map(|l| l.blob)
             .collect();
         self.hold(&blobs);
-        self.node.snapshots.view(&blobs).map_err(err)
+        self.node.snapshots.view(&blobs).map_err(failed)
     }
 
     fn lease(&self) -> std::sync::MutexGuard<'_, Lease> {
@@ -232,7 +232,7 @@ impl LocalWorker {
             Some(d) => fetch::check(&self.node.content, file, d),
             None => fetch::fetch(&self.node.content, file),
         }
-        .map_err(err)?;
+        .map_err(failed)?;
         self.lease().hold(d.blob);
         self.downloads
             .lock()
@@ -259,12 +259,12 @@ impl LocalWorker {
             ignore: None,
             keep_owner: true,
         };
-        let items = crate::select::select(&src, &c.sources).map_err(err)?;
-        let excludes = crate::select::exclude_matcher(&c.excludes).map_err(err)?;
-        let mut w = self.node.content.writer().map_err(err)?;
-        crate::select::pack(&src, &items, excludes.as_ref(), &mut w).map_err(err)?;
-        std::io::Write::flush(&mut w).map_err(err)?;
-        let blob = w.commit().map_err(err)?;
+        let items = crate::select::select(&src, &c.sources).map_err(failed)?;
+        let excludes = crate::select::exclude_matcher(&c.excludes).map_err(failed)?;
+        let mut w = self.node.content.writer().map_err(failed)?;
+        crate::select::pack(&src, &items, excludes.as_ref(), &mut w).map_err(failed)?;
+        std::io::Write::flush(&mut w).map_err(failed)?;
+        let blob = w.commit().map_err(failed)?;
         self.lease().hold(blob);
         Ok(blob)
     }
@@ -283,7 +283,7 @@ impl LocalWorker {
         let mut out = Vec::new();
         for f in &c.urls {
             let d = self.download(f)?;
-            let content = self.node.content.open_blob(&d.blob).map_err(err)?;
+            let content = self.node.content.open_blob(&d.blob).map_err(failed)?;
             out.push(Fetched {
                 name: f.name.clone(),
                 content: Box::new(content),
@@ -315,8 +315,11 @@ impl LocalWorker {
                     ignore: Some(&self.ignore),
                     keep_owner: false,
                 };
-                let sum = checksum(&root, specs, excludes)
-                    .map_err(|m| err(format!("{m} in the build context")))?;
+                let sum = checksum(&root, specs, excludes).map_err(|e| {
+                    let mut e = failed(e);
+                    e.message.push_str(" in the build context");
+                    e
+                })?;
                 if let Some(k) = key {
                     self.node.selections.put(&k, &sum);
                 }
@@ -335,7 +338,7 @@ impl LocalWorker {
                     ignore: None,
                     keep_owner: true,
                 };
-                let sum = checksum(&src, specs, excludes).map_err(err)?;
+                let sum = checksum(&src, specs, excludes).map_err(failed)?;
                 self.node.selections.put(&key, &sum);
                 Ok(sum)
             }
@@ -381,17 +384,13 @@ impl LocalWorker {
     /// Runs a step; returns the layer it added, or `None` if it changed no file.
     pub fn execute(&self, job: &Job) -> Result<Option<LayerRef>, WorkerError> {
         let (stage, step, sources) = (job.at.stage(), job.at.step(), job.at.sources());
-        self.grants.check(&step.op.entitlements()).map_err(err)?;
+        self.grants.check(&step.op.entitlements()).map_err(failed)?;
         let blobs: Vec<Digest> = job.parent.iter().map(|l| l.blob).collect();
         self.hold(&blobs);
-        let active = self
-            .node
-            .snapshots
-            .active(&blobs)
-            .map_err(|e| WorkerError::from_error(&e))?;
+        let active = self.node.snapshots.active(&blobs).map_err(failed)?;
         let rootfs = active.rootfs();
         match &step.op {
-            Op::Mkdir(m) => mkdir(&rootfs, &m.path, &m.user).map_err(err)?,
+            Op::Mkdir(m) => mkdir(&rootfs, &m.path, &m.user).map_err(failed)?,
             Op::Copy(c) => {
                 let fetched = self.fetched(c)?;
                 match &c.from {
@@ -402,7 +401,7 @@ impl LocalWorker {
                             ignore: Some(&self.ignore),
                             keep_owner: false,
                         };
-                        copy::copy(c, Some(&src), fetched, &rootfs).map_err(err)?;
+                        copy::copy(c, Some(&src), fetched, &rootfs).map_err(failed)?;
                     }
                     other => {
                         let provided = self
@@ -424,7 +423,7 @@ impl LocalWorker {
                             ignore: None,
                             keep_owner: true,
                         };
-                        copy::copy(c, Some(&src), fetched, &rootfs).map_err(err)?;
+                        copy::copy(c, Some(&src), fetched, &rootfs).map_err(failed)?;
                     }
                 }
             }
@@ -432,8 +431,9 @@ impl LocalWorker {
                 let n = CONTAINER_SEQ.fetch_add(1, Ordering::Relaxed);
                 let id = format!("strata-{}-{n}", std::process::id());
                 let bundle = self.node.home().join("run").join(&id);
-                fs::create_dir_all(&bundle).map_err(err)?;
-                let views = |s: &Source| self.view(s, sources).map_err(|e| e.message);
+                fs::create_dir_all(&bundle)
+                    .map_err(|e| failed(FileError::io("create", &bundle)(e)))?;
+                let views = |s: &Source| self.view(s, sources);
                 let upper = active.upper();
                 let binds_context = e.mounts.iter().any(|m| {
                     matches!(
@@ -469,7 +469,7 @@ impl LocalWorker {
                 result?;
             }
         }
-        let layer = active.commit().map_err(|e| WorkerError::from_error(&e))?;
+        let layer = active.commit().map_err(failed)?;
         Ok(layer.map(|l| {
             self.lease().hold(l.digest);
             LayerRef {
@@ -531,30 +531,9 @@ impl Worker for Embedded {
 }
 
 /// `WORKDIR`: `mkdir -p` inside the root, new directories owned by `user`.
-fn mkdir(root: &Path, path: &str, user: &str) -> Result<(), String> {
+fn mkdir(root: &Path, path: &str, user: &str) -> Result<(), crate::FileError> {
     // A USER the image cannot resolve yet (its account is made later) does
     // not stop WORKDIR: the directory is then root's, as Docker makes it.
     let id = users::resolve(root, user, false).unwrap_or_default();
-    let mut so_far = String::new();
-    for part in path.split('/').filter(|p| !p.is_empty()) {
-        so_far.push('/');
-        so_far.push_str(part);
-        let host = resolve_path(root, &so_far, true).map_err(|e| e.to_string())?;
-        match fs::symlink_metadata(&host) {
-            Ok(m) if m.is_dir() => continue,
-            Ok(_) => {
-                return Err(format!(
-                    "cannot make directory {path}: {so_far} exists and is not a directory"
-                ));
-            }
-            Err(_) => {
-                fs::create_dir(&host).map_err(|e| format!("cannot create {so_far}: {e}"))?;
-                std::os::unix::fs::lchown(&host, Some(id.uid), Some(id.gid))
-                    .map_err(|e| e.to_string())?;
-                fs::set_permissions(&host, fs::Permissions::from_mode(0o755))
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-    }
-    Ok(())
+    copy::make_dirs(root, path, (id.uid, id.gid)).map(drop)
 }

@@ -1,0 +1,215 @@
+//! What goes wrong in the file operations of a step, by kind: each error
+//! names the path or argument it is about, and keeps what caused it as
+//! its source, so a failed step shows the whole chain.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// What goes wrong with the files of a step: choosing them from a source
+/// (the build context, a stage, an image) and writing them into the
+/// step's filesystem (COPY, ADD, WORKDIR), the digests that key them, and
+/// what a RUN step's mounts are made of.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// A source argument names nothing (a wildcard that matches nothing
+    /// is no error, as in BuildKit).
+    #[error("{spec:?}: not found")]
+    NotFound {
+        /// The argument, as written.
+        spec: String,
+    },
+    /// A path could not be resolved inside its root.
+    #[error("{path:?} cannot be resolved")]
+    Resolve {
+        /// The path, relative to the root.
+        path: String,
+        /// Why.
+        source: Box<strata_snapshot::Error>,
+    },
+    /// A wildcard in a source argument does not parse.
+    #[error("bad wildcard {pattern:?}")]
+    Wildcard {
+        /// The path component holding it.
+        pattern: String,
+        /// Why.
+        source: globset::Error,
+    },
+    /// An `--exclude` pattern does not parse.
+    #[error("bad --exclude pattern")]
+    Exclude(#[source] strata_dockerfile::Error),
+    /// The destination names no file.
+    #[error("invalid destination {0:?}")]
+    Destination(String),
+    /// A directory on the way to a destination is something else.
+    #[error("cannot make directory {dest}: {blocked} exists and is not a directory")]
+    NotADirectory {
+        /// The directory to make.
+        dest: String,
+        /// The part of its path that is not a directory.
+        blocked: String,
+    },
+    /// `--chown` names a user or group the image does not have.
+    #[error(transparent)]
+    Owner(#[from] crate::users::UserError),
+    /// A file system call failed.
+    #[error("cannot {what} {}", path.display())]
+    Io {
+        /// What was being done ("read", "create", "chmod", ...).
+        what: &'static str,
+        /// To what.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Setting a time or unpacking an archive failed.
+    #[error("cannot {what} {}", path.display())]
+    Snapshot {
+        /// What was being done.
+        what: &'static str,
+        /// To what.
+        path: PathBuf,
+        /// Why.
+        source: Box<strata_snapshot::Error>,
+    },
+}
+
+/// What goes wrong with `ADD <url>`.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    /// No HTTP client could be made.
+    #[error("ADD {url}: cannot start an HTTP client")]
+    Client {
+        /// The URL.
+        url: String,
+        /// Why.
+        source: reqwest::Error,
+    },
+    /// The request failed (no connection, TLS, a bad answer).
+    #[error("ADD {url}: cannot download")]
+    Get {
+        /// The URL.
+        url: String,
+        /// Why.
+        source: reqwest::Error,
+    },
+    /// The server answered with an error status.
+    #[error("ADD {url}: the server answered {status}")]
+    Status {
+        /// The URL.
+        url: String,
+        /// Its answer.
+        status: reqwest::StatusCode,
+    },
+    /// The body stopped or could not be stored.
+    #[error("ADD {url}: download failed")]
+    Body {
+        /// The URL.
+        url: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The content is not what `--checksum` says.
+    #[error(
+        "ADD {url}: checksum mismatch: expected sha256:{expected}, downloaded content is sha256:{got}"
+    )]
+    Checksum {
+        /// The URL.
+        url: String,
+        /// What `--checksum` names.
+        expected: String,
+        /// What was downloaded.
+        got: String,
+    },
+    /// The download was dropped from the store meanwhile.
+    #[error("ADD {url}: the download is no longer stored")]
+    Gone {
+        /// The URL.
+        url: String,
+    },
+    /// The content store failed.
+    #[error("ADD {url}")]
+    Store {
+        /// The URL.
+        url: String,
+        /// Why.
+        source: Box<strata_cas::Error>,
+    },
+}
+
+/// What goes wrong collecting a node's garbage or measuring its store.
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    /// The content store failed.
+    #[error("the content store")]
+    Content(#[from] strata_cas::Error),
+    /// The image store failed.
+    #[error("the image store")]
+    Images(#[from] strata_oci::Error),
+    /// The cache index failed.
+    #[error("the cache index")]
+    Cache(#[from] strata_cache::Error),
+    /// The snapshots failed.
+    #[error("the snapshots")]
+    Snapshots(#[from] strata_snapshot::Error),
+    /// The size of the disk the store is on could not be read.
+    #[error("cannot measure the disk of {}", path.display())]
+    Disk {
+        /// The state directory.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+impl FileError {
+    /// An [`FileError::Io`] maker for `map_err`: `what` on `path`.
+    pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FileError {
+        let path = path.to_path_buf();
+        move |source| FileError::Io { what, path, source }
+    }
+
+    /// A [`FileError::Snapshot`] maker for `map_err`: `what` on `path`.
+    pub(crate) fn snapshot(
+        what: &'static str,
+        path: &Path,
+    ) -> impl FnOnce(strata_snapshot::Error) -> FileError {
+        let path = path.to_path_buf();
+        move |source| FileError::Snapshot {
+            what,
+            path,
+            source: Box::new(source),
+        }
+    }
+
+    /// A [`FileError::Resolve`] maker for `map_err`: resolving `path`.
+    pub(crate) fn resolve(path: &str) -> impl FnOnce(strata_snapshot::Error) -> FileError {
+        let path = path.to_string();
+        move |source| FileError::Resolve {
+            path,
+            source: Box::new(source),
+        }
+    }
+}
+
+/// A step failed with `e`: its causes are kept, as the step's.
+pub(crate) fn failed(e: impl std::error::Error + 'static) -> strata_solver::WorkerError {
+    strata_solver::WorkerError::from_error(&e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_failure_keeps_the_os_error_as_its_cause() {
+        let e = FileError::io("read", Path::new("/ctx/a"))(io::Error::from_raw_os_error(13));
+        assert_eq!(e.to_string(), "cannot read /ctx/a");
+        let cause = std::error::Error::source(&e).map(ToString::to_string);
+        assert!(
+            cause
+                .as_deref()
+                .is_some_and(|c| c.contains("Permission denied")),
+            "{cause:?}"
+        );
+    }
+}
