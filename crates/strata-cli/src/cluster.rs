@@ -251,17 +251,9 @@ pub fn coordinator(args: NodeArgs, flags: &RegistryFlags) -> Result<ExitCode> {
     let config = CoordinatorConfig::load(&args.config)?;
     crate::runtime()?.block_on(async {
         crate::daemon::stop_serving(&config.home).await?;
-        let coord = Coordinator::start(&config, flags.registry())
-            .await
-            .map_err(anyhow::Error::msg)?;
-        let metrics = coord
-            .serve_metrics(&config)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        let images = coord
-            .serve_images(&config)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let coord = Coordinator::start(&config, flags.registry()).await?;
+        let metrics = coord.serve_metrics(&config).await?;
+        let images = coord.serve_images(&config).await?;
         writeln!(
             std::io::stderr(),
             "coordinator listening on {}{}{}",
@@ -285,11 +277,8 @@ pub fn worker(args: NodeArgs) -> Result<ExitCode> {
     let config = WorkerConfig::load(&args.config)?;
     crate::runtime()?.block_on(async {
         crate::daemon::stop_serving(&config.home).await?;
-        let node = WorkerNode::start(&config).map_err(anyhow::Error::msg)?;
-        let metrics = node
-            .serve_metrics(&config)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let node = WorkerNode::start(&config)?;
+        let metrics = node.serve_metrics(&config).await?;
         writeln!(
             std::io::stderr(),
             "worker {} serving blobs on {}{}, coordinators {}",
@@ -324,8 +313,7 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
                 usize::from(coordinators),
                 base_port,
                 &hosts,
-            )
-            .map_err(anyhow::Error::msg)?;
+            )?;
             for p in &written {
                 writeln!(out, "wrote {}", p.display())?;
             }
@@ -342,8 +330,7 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
             )?;
         }
         ClusterCommand::AddClient { name, dir } => {
-            let written =
-                strata_cluster::local::add_client(&dir, &name).map_err(anyhow::Error::msg)?;
+            let written = strata_cluster::local::add_client(&dir, &name)?;
             for p in &written {
                 writeln!(out, "wrote {}", p.display())?;
             }
@@ -359,15 +346,13 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
             dir,
         } => {
             let exe = std::env::current_exe().context("cannot find the strata executable")?;
-            crate::runtime()?
-                .block_on(strata_cluster::local::up(
-                    &exe,
-                    &dir,
-                    workers,
-                    usize::from(coordinators),
-                    Duration::from_secs(60),
-                ))
-                .map_err(anyhow::Error::msg)?;
+            crate::runtime()?.block_on(strata_cluster::local::up(
+                &exe,
+                &dir,
+                workers,
+                usize::from(coordinators),
+                Duration::from_secs(60),
+            ))?;
             let who = if coordinators == 1 {
                 "a coordinator".to_string()
             } else {
@@ -381,8 +366,7 @@ pub fn cluster(cmd: ClusterCommand) -> Result<ExitCode> {
             )?;
         }
         ClusterCommand::Down { dir } => {
-            let stopped = strata_cluster::local::down(&dir, Duration::from_secs(10))
-                .map_err(anyhow::Error::msg)?;
+            let stopped = strata_cluster::local::down(&dir, Duration::from_secs(10))?;
             writeln!(out, "stopped {}", stopped.join(", "))?;
         }
         ClusterCommand::Cordon { worker, cluster } => {

@@ -38,7 +38,7 @@ pub enum ContextError {
     #[error("{0}: no digest was taken")]
     Unhashed(String),
     /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
@@ -71,7 +71,7 @@ pub enum ContextError {
     #[error(transparent)]
     Store(#[from] strata_cas::Error),
     /// Writing the tree out failed.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {}", path.display())]
     Write {
         /// Where.
         path: PathBuf,

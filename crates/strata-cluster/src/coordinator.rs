@@ -20,6 +20,7 @@ use tracing::Instrument as _;
 
 use crate::access::{ReadRights, UploadQuota};
 use crate::config::CoordinatorConfig;
+use crate::error::StartError;
 use crate::placement::Placement;
 use crate::protocol::{
     BuildDone, BuildEvent, BuildSpec, ClusterStatus, Grant, GroupStatus, Holder, MAX_HISTORY,
@@ -186,12 +187,20 @@ impl strata_registry::Transfer for Quiet {
 async fn join_group(
     config: &CoordinatorConfig,
     id: &strata_net::Identity,
-) -> Result<Member, String> {
-    let endpoint = Endpoint::listen(config.raft_listen, id)
-        .map_err(|e| format!("the replicated index's address {}: {e}", config.raft_listen))?;
-    let raft_addr = endpoint.local_addr().map_err(|e| e.to_string())?;
+) -> Result<Member, StartError> {
+    let endpoint = Endpoint::listen(config.raft_listen, id).map_err(StartError::listen(
+        "the replicated index",
+        config.raft_listen,
+    ))?;
+    let raft_addr = endpoint.local_addr().map_err(StartError::listen(
+        "the replicated index",
+        config.raft_listen,
+    ))?;
     let dir = config.home.join("raft");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|source| StartError::Dir {
+        path: dir.clone(),
+        source,
+    })?;
     let group: BTreeMap<u64, strata_raft::Node> = config
         .group
         .iter()
@@ -208,13 +217,13 @@ async fn join_group(
         .get(&config.id)
         .map_or_else(|| raft_addr.to_string(), |n| n.addr.clone());
     match Member::join(config.id, &dir, endpoint, group, &Tuning::default()).await {
-        Err(strata_raft::Error::LostItsState { voters }) => Err(format!(
-            "coordinator {id}'s state ({dir}) is empty, but the group of coordinators {voters:?} still counts it as a voter: it lost its state, and voting with an empty log could lose acknowledged writes. \
-             Take it out of the group first (`strata cluster remove-coordinator --id {id} --cluster admin.toml`), start it again, then add it back (`strata cluster add-coordinator --id {id} --raft {raft} --cluster admin.toml`)",
-            id = config.id,
-            dir = dir.display(),
-        )),
-        joined => joined.map_err(|e| e.to_string()),
+        Err(strata_raft::Error::LostItsState { voters }) => Err(StartError::LostItsState {
+            id: config.id,
+            dir,
+            voters,
+            raft,
+        }),
+        joined => joined.map_err(StartError::Group),
     }
 }
 
@@ -224,10 +233,13 @@ impl Coordinator {
     pub async fn start(
         config: &CoordinatorConfig,
         registry: Arc<Registry>,
-    ) -> Result<Arc<Coordinator>, String> {
+    ) -> Result<Arc<Coordinator>, StartError> {
         let (id, me, node) = crate::open_node(&config.tls, Role::Coordinator, &config.home)?;
-        let endpoint = Endpoint::listen(config.listen, &id).map_err(|e| e.to_string())?;
-        let listen = endpoint.local_addr().map_err(|e| e.to_string())?;
+        let endpoint = Endpoint::listen(config.listen, &id)
+            .map_err(StartError::listen("peers", config.listen))?;
+        let listen = endpoint
+            .local_addr()
+            .map_err(StartError::listen("peers", config.listen))?;
         let member = Arc::new(join_group(config, &id).await?);
         let index = Arc::new(ReplicatedIndex::new(Arc::clone(&member)));
         Ok(Arc::new(Coordinator {
@@ -266,8 +278,7 @@ impl Coordinator {
                 &config.home,
                 config.keep_storage,
                 config.keep_duration,
-            )
-            .map_err(|e| strata_registry::error_chain(&e))?,
+            )?,
             pins: Mutex::default(),
             peers: Arc::new(crate::peers::Peers::new(endpoint.clone())),
             selections: Mutex::default(),
@@ -281,21 +292,26 @@ impl Coordinator {
     pub async fn serve_images(
         self: &Arc<Self>,
         config: &CoordinatorConfig,
-    ) -> Result<Option<SocketAddr>, String> {
+    ) -> Result<Option<SocketAddr>, StartError> {
         let Some(addr) = config.registry.listen else {
             return Ok(None);
         };
         let tls = if !config.registry.serves_tls() {
             None
         } else {
-            let id = config.tls.identity().map_err(|e| e.to_string())?;
+            let id = config.tls.identity()?;
             Some(Arc::new(
-                strata_net::https_config_mutual(&id).map_err(|e| e.to_string())?,
+                strata_net::https_config_mutual(&id).map_err(StartError::Certificate)?,
             ))
         };
         let served = crate::distribution::serve(Arc::clone(self), addr, tls)
             .await
-            .map_err(|e| format!("{e} (set [registry] listen in the coordinator's config, or STRATA_REGISTRY_LISTEN=off)"))?;
+            .map_err(|e| StartError::Serve {
+                what: "images",
+                addr,
+                hint: "set [registry] listen in the coordinator's config, or STRATA_REGISTRY_LISTEN=off",
+                source: Box::new(e),
+            })?;
         Ok(Some(served.addr))
     }
 
@@ -472,7 +488,7 @@ impl Coordinator {
     pub async fn serve_metrics(
         self: &Arc<Self>,
         config: &CoordinatorConfig,
-    ) -> Result<Option<SocketAddr>, String> {
+    ) -> Result<Option<SocketAddr>, StartError> {
         let health = Arc::new(crate::observe::CoordinatorHealth {
             coordinator: Arc::downgrade(self),
             status: std::sync::Mutex::default(),
@@ -1765,7 +1781,10 @@ impl Coordinator {
                     seen: Mutex::default(),
                 };
                 let plan = inputs.plan(&recording).map_err(|e| e.to_string())?;
-                Ok::<_, String>((plan, recording.wire()?))
+                let wire = recording
+                    .wire()
+                    .map_err(|e| strata_registry::error_chain(&e))?;
+                Ok::<_, String>((plan, wire))
             })
             .await;
         let (plan, bases) = match planned {

@@ -251,13 +251,9 @@ pub(crate) async fn serve(
     coordinator: Arc<Coordinator>,
     addr: SocketAddr,
     tls: Option<Arc<rustls::ServerConfig>>,
-) -> Result<Serving, String> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot serve images on {addr}: {e}"))?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| format!("cannot serve images on {addr}: {e}"))?;
+) -> Result<Serving, std::io::Error> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
     let app = Router::new()
         .route("/v2/", get(base))
         .route("/v2/{*rest}", get(answer))

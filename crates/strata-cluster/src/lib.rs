@@ -29,6 +29,9 @@ pub mod config;
 pub mod context;
 pub mod coordinator;
 pub mod distribution;
+mod error;
+
+pub use error::StartError;
 pub mod local;
 mod observe;
 mod peers;
@@ -87,17 +90,19 @@ pub(crate) fn open_node(
     tls: &config::TlsFiles,
     role: strata_net::Role,
     home: &std::path::Path,
-) -> Result<(strata_net::Identity, strata_net::Peer, strata_worker::Node), String> {
-    let id = tls.identity().map_err(|e| e.to_string())?;
-    let me = id.peer().map_err(|e| e.to_string())?;
+) -> Result<(strata_net::Identity, strata_net::Peer, strata_worker::Node), error::StartError> {
+    let id = tls.identity()?;
+    let me = id.peer().map_err(error::StartError::Certificate)?;
     if me.role != role {
-        return Err(format!(
-            "{} is a {} certificate; a {role} needs a {role}'s",
-            tls.cert.display(),
-            me.role
-        ));
+        return Err(error::StartError::Role {
+            cert: tls.cert.clone(),
+            found: me.role,
+            wanted: role,
+        });
     }
-    let node = strata_worker::Node::open(home)
-        .map_err(|e| format!("cannot open the state directory {}: {e}", home.display()))?;
+    let node = strata_worker::Node::open(home).map_err(|source| error::StartError::Node {
+        home: home.to_path_buf(),
+        source,
+    })?;
     Ok((id, me, node))
 }

@@ -28,8 +28,85 @@ fn worker_name(i: usize) -> String {
     format!("worker-{i}")
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> String + '_ {
-    move |e| format!("{}: {e}", path.display())
+/// What goes wrong making a cluster's files or running one locally.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// A file or directory could not be made, read or written.
+    #[error("cannot {what} {}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// To what.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The CA or a certificate could not be made, read or saved.
+    #[error("the cluster's certificates in {}", dir.display())]
+    Certificates {
+        /// The cluster directory.
+        dir: PathBuf,
+        /// Why.
+        source: Box<strata_net::Error>,
+    },
+    /// A configuration file could not be read or written.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The ports from the base port run past 65535.
+    #[error("no port {offset} above {base}")]
+    Port {
+        /// How far above the base.
+        offset: usize,
+        /// The base port.
+        base: u16,
+    },
+    /// `add-client` without a CA key to issue from.
+    #[error("{} holds no cluster CA key (ca-key.pem): make one with `strata cluster init --dir {}`", dir.display(), dir.display())]
+    NoCa {
+        /// The cluster directory.
+        dir: PathBuf,
+    },
+    /// `add-client` with a name already issued.
+    #[error("{} exists: {name} is taken (pick another name, or remove the old files to reissue it)", path.display())]
+    Taken {
+        /// The client's name.
+        name: String,
+        /// Its file that exists.
+        path: PathBuf,
+    },
+    /// A node process could not be started.
+    #[error("cannot start {name}")]
+    Start {
+        /// The node.
+        name: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The nodes did not all register in time.
+    #[error("the cluster in {} did not come up within {}s ({last}); see {}", dir.display(), waited.as_secs(), logs.display())]
+    NotUp {
+        /// The cluster directory.
+        dir: PathBuf,
+        /// How long it was given.
+        waited: Duration,
+        /// What was seen last.
+        last: String,
+        /// The nodes' logs.
+        logs: PathBuf,
+    },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LocalError {
+    let path = path.to_path_buf();
+    move |source| LocalError::Io { what, path, source }
+}
+
+fn certificates(dir: &Path) -> impl FnOnce(strata_net::Error) -> LocalError {
+    let dir = dir.to_path_buf();
+    move |source| LocalError::Certificates {
+        dir,
+        source: Box::new(source),
+    }
 }
 
 /// The names of a local cluster's coordinators: `coordinator` alone, or
@@ -53,23 +130,26 @@ struct Ports {
 }
 
 impl Ports {
-    fn at(&self, offset: usize) -> Result<u16, String> {
+    fn at(&self, offset: usize) -> Result<u16, LocalError> {
         u16::try_from(offset)
             .ok()
             .and_then(|o| self.base.checked_add(o))
-            .ok_or_else(|| format!("no port {offset} above {}", self.base))
+            .ok_or(LocalError::Port {
+                offset,
+                base: self.base,
+            })
     }
 
-    fn coordinator(&self, j: usize) -> Result<SocketAddr, String> {
+    fn coordinator(&self, j: usize) -> Result<SocketAddr, LocalError> {
         Ok(([127, 0, 0, 1], self.at(j - 1)?).into())
     }
 
-    fn worker(&self, i: usize) -> Result<SocketAddr, String> {
+    fn worker(&self, i: usize) -> Result<SocketAddr, LocalError> {
         Ok(([127, 0, 0, 1], self.at(self.coordinators - 1 + i)?).into())
     }
 
     /// Its image endpoint (TCP).
-    fn registry(&self, j: usize) -> Result<SocketAddr, String> {
+    fn registry(&self, j: usize) -> Result<SocketAddr, LocalError> {
         Ok((
             [127, 0, 0, 1],
             self.at(2 * self.coordinators + self.workers + j - 1)?,
@@ -77,7 +157,7 @@ impl Ports {
             .into())
     }
 
-    fn raft(&self, j: usize) -> Result<SocketAddr, String> {
+    fn raft(&self, j: usize) -> Result<SocketAddr, LocalError> {
         Ok((
             [127, 0, 0, 1],
             self.at(self.coordinators + self.workers + j - 1)?,
@@ -96,10 +176,10 @@ pub fn init(
     coordinators: usize,
     base_port: u16,
     hosts: &[String],
-) -> Result<Vec<PathBuf>, String> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+) -> Result<Vec<PathBuf>, LocalError> {
+    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     let ca = if dir.join("ca-key.pem").exists() {
-        ClusterCa::load(dir).map_err(|e| e.to_string())?
+        ClusterCa::load(dir).map_err(certificates(dir))?
     } else {
         let name = format!(
             "strata cluster {}",
@@ -107,8 +187,8 @@ pub fn init(
                 .unwrap_or_else(|_| dir.to_path_buf())
                 .display()
         );
-        let ca = ClusterCa::create(&name).map_err(|e| e.to_string())?;
-        ca.save(dir).map_err(|e| e.to_string())?;
+        let ca = ClusterCa::create(&name).map_err(certificates(dir))?;
+        ca.save(dir).map_err(certificates(dir))?;
         ca
     };
     let ports = Ports {
@@ -122,7 +202,7 @@ pub fn init(
     // host they dialed: their certificates name it.
     let mut served_at: Vec<String> = vec!["127.0.0.1".into(), "localhost".into()];
     served_at.extend(hosts.iter().cloned());
-    let issue = |role: Role, name: &str| -> Result<(), String> {
+    let issue = |role: Role, name: &str| -> Result<(), LocalError> {
         if !dir.join(format!("{name}.pem")).exists() {
             let hosts: &[String] = if role == Role::Coordinator {
                 &served_at
@@ -131,7 +211,7 @@ pub fn init(
             };
             ca.issue_for(role, name, hosts)
                 .and_then(|id| id.save(dir, name))
-                .map_err(|e| e.to_string())?;
+                .map_err(certificates(dir))?;
         }
         Ok(())
     };
@@ -151,7 +231,7 @@ pub fn init(
                     raft: ports.raft(j)?,
                 })
             })
-            .collect::<Result<_, String>>()?
+            .collect::<Result<_, LocalError>>()?
     } else {
         Vec::new()
     };
@@ -194,8 +274,7 @@ pub fn init(
                 },
                 tls: tls(name),
             },
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         written.push(path);
     }
     for i in 1..=workers {
@@ -225,8 +304,7 @@ pub fn init(
                 metrics: crate::config::MetricsConfig::on(),
                 tls: tls(&name),
             },
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         written.push(path);
     }
     let path = dir.join("client.toml");
@@ -240,8 +318,7 @@ pub fn init(
                 tls: tls("client"),
                 memory: None,
             },
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         written.push(path);
     }
     let path = dir.join("admin.toml");
@@ -255,8 +332,7 @@ pub fn init(
                 tls: tls("admin"),
                 memory: None,
             },
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         written.push(path);
     }
     Ok(written)
@@ -267,32 +343,28 @@ pub fn init(
 /// coordinators of `dir/client.toml`. Each team given its own name reads
 /// only its own builds' blobs and has an upload quota of its own. Returns
 /// the files written.
-pub fn add_client(dir: &Path, name: &str) -> Result<Vec<PathBuf>, String> {
+pub fn add_client(dir: &Path, name: &str) -> Result<Vec<PathBuf>, LocalError> {
     if !dir.join("ca-key.pem").exists() {
-        return Err(format!(
-            "{} holds no cluster CA key (ca-key.pem): make one with `strata cluster init --dir {}`",
-            dir.display(),
-            dir.display()
-        ));
+        return Err(LocalError::NoCa {
+            dir: dir.to_path_buf(),
+        });
     }
     let config = dir.join(format!("{name}.toml"));
     let cert = dir.join(format!("{name}.pem"));
     for taken in [&config, &cert] {
         if taken.exists() {
-            return Err(format!(
-                "{} exists: {name} is taken (pick another name, or remove the old files to reissue it)",
-                taken.display()
-            ));
+            return Err(LocalError::Taken {
+                name: name.to_string(),
+                path: taken.clone(),
+            });
         }
     }
     let base = dir.join("client.toml");
-    let coordinators = ClientConfig::load(&base)
-        .map_err(|e| e.to_string())?
-        .coordinators;
-    let ca = ClusterCa::load(dir).map_err(|e| e.to_string())?;
+    let coordinators = ClientConfig::load(&base)?.coordinators;
+    let ca = ClusterCa::load(dir).map_err(certificates(dir))?;
     ca.issue(Role::Client, name)
         .and_then(|id| id.save(dir, name))
-        .map_err(|e| e.to_string())?;
+        .map_err(certificates(dir))?;
     write(
         &config,
         &format!("# For client {name}: `strata build --cluster {name}.toml` (or STRATA_CLUSTER)."),
@@ -301,8 +373,7 @@ pub fn add_client(dir: &Path, name: &str) -> Result<Vec<PathBuf>, String> {
             tls: tls(name),
             memory: None,
         },
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     Ok(vec![cert, dir.join(format!("{name}-key.pem")), config])
 }
 
@@ -317,10 +388,10 @@ pub async fn up(
     workers: usize,
     coordinators: usize,
     wait: Duration,
-) -> Result<(), String> {
+) -> Result<(), LocalError> {
     init(dir, workers, coordinators, DEFAULT_BASE_PORT, &[])?;
     let logs = dir.join("logs");
-    std::fs::create_dir_all(&logs).map_err(io(&logs))?;
+    std::fs::create_dir_all(&logs).map_err(io("create", &logs))?;
     let mut names: Vec<(String, &str)> = coordinator_names(coordinators)
         .into_iter()
         .map(|n| (n, "coordinator"))
@@ -334,8 +405,8 @@ pub async fn up(
             continue;
         }
         let log_path = logs.join(format!("{name}.log"));
-        let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
-        let err = log.try_clone().map_err(io(&log_path))?;
+        let log = std::fs::File::create(&log_path).map_err(io("create", &log_path))?;
+        let err = log.try_clone().map_err(io("open", &log_path))?;
         use std::os::unix::process::CommandExt as _;
         let child = Command::new(exe)
             .arg(role)
@@ -349,38 +420,39 @@ pub async fn up(
             // `cluster up` does not reach it.
             .process_group(0)
             .spawn()
-            .map_err(|e| format!("cannot start {name}: {e}"))?;
-        std::fs::write(&pid_file, child.id().to_string()).map_err(io(&pid_file))?;
+            .map_err(|source| LocalError::Start {
+                name: name.clone(),
+                source,
+            })?;
+        std::fs::write(&pid_file, child.id().to_string()).map_err(io("write", &pid_file))?;
     }
-    let client = ClientConfig::load(&dir.join("client.toml")).map_err(|e| e.to_string())?;
+    let client = ClientConfig::load(&dir.join("client.toml"))?;
     let start = Instant::now();
     let mut last = String::new();
     while start.elapsed() < wait {
         match ready(&client).await {
             Ok(n) if n >= workers => return Ok(()),
             Ok(n) => last = format!("{n} of {workers} workers registered"),
-            Err(e) => last = e,
+            Err(e) => last = strata_registry::error_chain(&e),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(format!(
-        "the cluster in {} did not come up within {}s ({last}); see {}",
-        dir.display(),
-        wait.as_secs(),
-        logs.display()
-    ))
+    Err(LocalError::NotUp {
+        dir: dir.to_path_buf(),
+        waited: wait,
+        last,
+        logs,
+    })
 }
 
 /// How many workers every coordinator has registered (a worker serves
 /// them all): the fewest any of them has.
-async fn ready(client: &ClientConfig) -> Result<usize, String> {
+async fn ready(client: &ClientConfig) -> Result<usize, crate::client::ClientError> {
     let mut fewest = usize::MAX;
     for addr in &client.coordinators {
         let one = client.only(addr);
-        let c = crate::client::Client::connect(&one)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = c.status().await.map_err(|e| e.to_string())?;
+        let c = crate::client::Client::connect(&one).await?;
+        let status = c.status().await?;
         fewest = fewest.min(status.workers.iter().filter(|w| w.alive).count());
     }
     Ok(fewest)
@@ -388,9 +460,9 @@ async fn ready(client: &ClientConfig) -> Result<usize, String> {
 
 /// Stops the processes [`up`] started in `dir`: SIGTERM, then SIGKILL for
 /// any still running after `grace`. Returns the names stopped.
-pub fn down(dir: &Path, grace: Duration) -> Result<Vec<String>, String> {
+pub fn down(dir: &Path, grace: Duration) -> Result<Vec<String>, LocalError> {
     let mut stopped = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(io(dir))?;
+    let entries = std::fs::read_dir(dir).map_err(io("list", dir))?;
     let mut pids = Vec::new();
     for e in entries.flatten() {
         let path = e.path();

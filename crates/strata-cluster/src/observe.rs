@@ -19,23 +19,26 @@ pub(crate) async fn serve(
     node: SocketAddr,
     tls: &TlsFiles,
     health: Arc<dyn strata_metrics::Health>,
-) -> Result<Option<SocketAddr>, String> {
+) -> Result<Option<SocketAddr>, crate::StartError> {
     let Some(addr) = config.address(node) else {
         return Ok(None);
     };
     let https = if addr.ip().is_loopback() {
         None
     } else {
-        let id = tls.identity().map_err(|e| e.to_string())?;
+        let id = tls.identity()?;
         Some(Arc::new(
-            strata_net::https_config(&id).map_err(|e| e.to_string())?,
+            strata_net::https_config(&id).map_err(crate::StartError::Certificate)?,
         ))
     };
-    let token = config.token().map_err(|e| e.to_string())?;
+    let token = config.token()?;
     let served = strata_metrics::serve(addr, https, token, health)
         .await
-        .map_err(|e| {
-            format!("{e} (set [metrics] listen, or enabled = false, in the node's config; STRATA_METRICS_LISTEN=off)")
+        .map_err(|e| crate::StartError::Serve {
+            what: "metrics",
+            addr,
+            hint: "set [metrics] listen, or enabled = false, in the node's config; STRATA_METRICS_LISTEN=off",
+            source: Box::new(e),
         })?;
     Ok(Some(served.addr))
 }

@@ -13,6 +13,27 @@ use strata_plan::{Base, ImageResolver, Plan, ResolvedImage};
 use crate::protocol::WireImage;
 
 /// A resolver that remembers what it resolved, for the workers.
+/// Base images that cannot cross the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// A resolved image's config could not be written.
+    #[error("cannot encode the config of {name}")]
+    Unencodable {
+        /// The image.
+        name: String,
+        /// Why.
+        source: serde_json::Error,
+    },
+    /// A config sent by the coordinator could not be read.
+    #[error("the config of {name} is unreadable")]
+    Unreadable {
+        /// The image.
+        name: String,
+        /// Why.
+        source: serde_json::Error,
+    },
+}
+
 pub(crate) struct Recording<'a> {
     pub inner: &'a dyn ImageResolver,
     pub seen: Mutex<Vec<(String, ResolvedImage)>>,
@@ -31,7 +52,7 @@ impl ImageResolver for Recording<'_> {
 
 impl Recording<'_> {
     /// What was resolved, as workers receive it.
-    pub fn wire(&self) -> Result<Vec<WireImage>, String> {
+    pub fn wire(&self) -> Result<Vec<WireImage>, WireError> {
         self.seen
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -41,8 +62,12 @@ impl Recording<'_> {
                     name: name.clone(),
                     reference: r.reference.clone(),
                     manifest: r.manifest,
-                    config_json: serde_json::to_vec(&r.config)
-                        .map_err(|e| format!("cannot encode the config of {name}: {e}"))?,
+                    config_json: serde_json::to_vec(&r.config).map_err(|source| {
+                        WireError::Unencodable {
+                            name: name.clone(),
+                            source,
+                        }
+                    })?,
                     layers: r.layers.clone(),
                 })
             })
@@ -54,11 +79,14 @@ impl Recording<'_> {
 pub(crate) struct Replay(HashMap<String, ResolvedImage>);
 
 impl Replay {
-    pub fn new(images: &[WireImage]) -> Result<Replay, String> {
+    pub fn new(images: &[WireImage]) -> Result<Replay, WireError> {
         let mut map = HashMap::new();
         for w in images {
-            let config: ImageConfig = serde_json::from_slice(&w.config_json)
-                .map_err(|e| format!("the config of {} is unreadable: {e}", w.name))?;
+            let config: ImageConfig =
+                serde_json::from_slice(&w.config_json).map_err(|source| WireError::Unreadable {
+                    name: w.name.clone(),
+                    source,
+                })?;
             map.insert(
                 w.name.clone(),
                 ResolvedImage {

@@ -19,6 +19,7 @@ use tracing::Instrument as _;
 
 use crate::access::ReadRights;
 use crate::config::{NodeAddress, WorkerConfig};
+use crate::error::StartError;
 use crate::peers::{FetchError, Peers, report_lacking};
 use crate::protocol::{
     BuildSpec, CopyError, CopyKind, ExecEvent, Holder, Refusal, Registration, Reply, Request,
@@ -118,7 +119,8 @@ fn write_context(
     root: &Digest,
     at: &std::path::Path,
     taken: Option<(Digest, tempfile::TempDir)>,
-) -> Result<(), String> {
+) -> Result<(), crate::context::ContextError> {
+    use crate::context::ContextError;
     if let Some((from, old)) = taken {
         let old = old.keep();
         match std::fs::rename(&old, at) {
@@ -129,8 +131,10 @@ fn write_context(
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot patch a written-out context; writing it anew");
-                    std::fs::remove_dir_all(at)
-                        .map_err(|e| format!("clearing {}: {e}", at.display()))?;
+                    std::fs::remove_dir_all(at).map_err(|source| ContextError::Write {
+                        path: at.to_path_buf(),
+                        source,
+                    })?;
                 }
             },
             Err(e) => {
@@ -141,10 +145,11 @@ fn write_context(
             }
         }
     }
-    std::fs::create_dir(at).map_err(|e| format!("cannot make {}: {e}", at.display()))?;
-    crate::context::materialize(cas, root, at)
-        .map(drop)
-        .map_err(|e| strata_registry::error_chain(&e))
+    std::fs::create_dir(at).map_err(|source| ContextError::Write {
+        path: at.to_path_buf(),
+        source,
+    })?;
+    crate::context::materialize(cas, root, at).map(drop)
 }
 
 /// The longest wait between attempts to reach a coordinator.
@@ -217,10 +222,6 @@ fn clear_written_contexts(tmp: &std::path::Path) {
     }
 }
 
-fn reply_error(e: impl std::fmt::Display) -> Reply {
-    Reply::Error(e.to_string())
-}
-
 impl crate::Service for WorkerNode {
     fn handle<'a>(
         self: &'a Arc<Self>,
@@ -233,16 +234,55 @@ impl crate::Service for WorkerNode {
     }
 }
 
+/// Why a worker could not take on a build.
+#[derive(Debug, thiserror::Error)]
+pub enum BeginError {
+    /// The build's scratch directory could not be made.
+    #[error("cannot make a directory in {}", dir.display())]
+    Scratch {
+        /// Where.
+        dir: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The base images the coordinator resolved could not be read.
+    #[error(transparent)]
+    Bases(#[from] crate::plan::WireError),
+    /// The build does not plan here, or cannot run here.
+    #[error(transparent)]
+    Plan(#[from] strata_worker::BuildError),
+    /// It plans to something else than the coordinator's plan.
+    #[error(
+        "this worker plans the build differently from the coordinator (are both the same strata version?)"
+    )]
+    PlannedDifferently,
+    /// The build context's tree is not one, or the store failed.
+    #[error("the build context")]
+    Context(#[from] crate::context::ContextError),
+    /// The build context's blobs could not be fetched.
+    #[error("fetching the build context")]
+    Fetch(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The coordinator lacks blobs of the context it named.
+    #[error(
+        "the coordinator lacks {0} blobs of the build context (evicted meanwhile?): submit the build again"
+    )]
+    Evicted(usize),
+    /// Preparing the build stopped (its task failed).
+    #[error("preparing the build stopped")]
+    Stopped(#[source] tokio::task::JoinError),
+}
+
 impl WorkerNode {
     /// Opens the state directory and starts listening.
-    pub fn start(config: &WorkerConfig) -> Result<Arc<WorkerNode>, String> {
+    pub fn start(config: &WorkerConfig) -> Result<Arc<WorkerNode>, StartError> {
         let (id, me, node) = crate::open_node(&config.tls, Role::Worker, &config.home)?;
-        let endpoint = Endpoint::listen(config.listen, &id).map_err(|e| e.to_string())?;
+        let endpoint = Endpoint::listen(config.listen, &id)
+            .map_err(StartError::listen("peers", config.listen))?;
         clear_written_contexts(&node.home().join("tmp"));
         let listen = config
             .advertise
             .map_or_else(|| endpoint.local_addr(), Ok)
-            .map_err(|e| e.to_string())?;
+            .map_err(StartError::listen("peers", config.listen))?;
         Ok(Arc::new(WorkerNode {
             node: Arc::new(node),
             slots: config.slots,
@@ -268,8 +308,7 @@ impl WorkerNode {
                 &config.home,
                 config.keep_storage,
                 config.keep_duration,
-            )
-            .map_err(|e| strata_registry::error_chain(&e))?,
+            )?,
             registered: Mutex::default(),
             idle_contexts: Arc::default(),
             incarnation: std::time::SystemTime::now()
@@ -283,7 +322,7 @@ impl WorkerNode {
     pub async fn serve_metrics(
         self: &Arc<Self>,
         config: &WorkerConfig,
-    ) -> Result<Option<SocketAddr>, String> {
+    ) -> Result<Option<SocketAddr>, StartError> {
         let health = Arc::new(crate::observe::WorkerHealth(Arc::downgrade(self)));
         let served = crate::observe::serve(&config.metrics, self.listen, &config.tls, health).await;
         strata_metrics::slots(self.slots);
@@ -712,7 +751,8 @@ impl WorkerNode {
             }
             Request::Begin(spec) if from_coordinator => match self.begin(*spec, conn).await {
                 Ok(()) => Reply::Ok,
-                Err(e) => reply_error(e),
+                // The wire carries text: the causes go on one line.
+                Err(e) => Reply::Error(strata_registry::error_chain(&e)),
             },
             Request::Inputs(step) if from_coordinator => {
                 Reply::Inputs(self.inputs(*step, conn).await)
@@ -778,7 +818,7 @@ impl WorkerNode {
             }
             other => {
                 strata_metrics::request_error("not_allowed");
-                reply_error(format!(
+                Reply::Error(format!(
                     "{} may not ask a worker for {}",
                     conn.peer,
                     other.name()
@@ -790,7 +830,7 @@ impl WorkerNode {
 
     /// Takes on a build: its context, and the same plan as the
     /// coordinator's.
-    async fn begin(&self, spec: BuildSpec, conn: &Connection) -> Result<(), String> {
+    async fn begin(&self, spec: BuildSpec, conn: &Connection) -> Result<(), BeginError> {
         if self
             .builds
             .lock()
@@ -808,24 +848,27 @@ impl WorkerNode {
         let node = Arc::clone(&self.node);
         let grants = self.grants.clone();
         let idle = Arc::clone(&self.idle_contexts);
-        let here = tokio::task::spawn_blocking(move || -> Result<BuildHere, String> {
+        let here = tokio::task::spawn_blocking(move || -> Result<BuildHere, BeginError> {
             let dir = tempfile::Builder::new()
                 .prefix("context-")
                 .tempdir_in(&tmp)
-                .map_err(|e| format!("cannot make a directory in {}: {e}", tmp.display()))?;
+                .map_err(|source| BeginError::Scratch {
+                    dir: tmp.clone(),
+                    source,
+                })?;
 
             let replay = crate::plan::Replay::new(&spec.bases)?;
-            let plan = spec.inputs.plan(&replay).map_err(|e| e.to_string())?;
+            let plan = spec.inputs.plan(&replay)?;
             if crate::plan::digest(&plan) != spec.plan {
-                return Err("this worker plans the build differently from the coordinator (are both the same strata version?)".into());
+                return Err(BeginError::PlannedDifferently);
             }
-            strata_worker::check_runnable(&plan, &strata_worker::runnable(), "this worker")
-                .map_err(|e| e.to_string())?;
+            strata_worker::check_runnable(&plan, &strata_worker::runnable(), "this worker")?;
             // Written out when a step first reads it, holding the tree's
             // blobs until then: a fully cached build never writes it.
             let written = Arc::new(Mutex::new(None));
             let make = {
-                let (node, root, at) = (Arc::clone(&node), spec.context, dir.path().join("context"));
+                let (node, root, at) =
+                    (Arc::clone(&node), spec.context, dir.path().join("context"));
                 let (idle, written) = (Arc::clone(&idle), Arc::clone(&written));
                 let lease = std::sync::Mutex::new(Some(context_lease));
                 Box::new(move || {
@@ -835,7 +878,11 @@ impl WorkerNode {
                         .take(&root);
                     let made = write_context(&node.content, &root, &at, taken)
                         .map(|()| at.clone())
-                        .map_err(|e| format!("writing out the build context: {e}"));
+                        .map_err(|e| {
+                            let mut e = WorkerError::from_error(&e);
+                            e.message = format!("writing out the build context: {}", e.message);
+                            e
+                        });
                     if made.is_ok() {
                         *written.lock().unwrap_or_else(PoisonError::into_inner) = Some(root);
                     }
@@ -862,7 +909,7 @@ impl WorkerNode {
             })
         })
         .await
-        .map_err(|e| format!("preparing the build stopped: {e}"))??;
+        .map_err(BeginError::Stopped)??;
         self.builds
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -882,7 +929,7 @@ impl WorkerNode {
         root: Digest,
         from: &Holder,
         conn: &Connection,
-    ) -> Result<Lease, String> {
+    ) -> Result<Lease, BeginError> {
         use crate::context::{EntryKind, MAX_ENTRIES};
         use futures_util::StreamExt as _;
         use futures_util::TryStreamExt as _;
@@ -907,10 +954,10 @@ impl WorkerNode {
                 .await?;
             let mut next = Vec::new();
             for d in &level {
-                let dir = crate::context::read_directory(cas, d).map_err(|e| e.to_string())?;
+                let dir = crate::context::read_directory(cas, d)?;
                 for e in dir.entries {
                     if seen.len() > MAX_ENTRIES {
-                        return Err(crate::context::ContextError::TooLarge(MAX_ENTRIES).to_string());
+                        return Err(crate::context::ContextError::TooLarge(MAX_ENTRIES).into());
                     }
                     match e.kind {
                         EntryKind::Dir(c) if seen.insert(c) => next.push(c),
@@ -933,7 +980,8 @@ impl WorkerNode {
         let batches = strata_net::batches(&small, |(_, size)| *size)
             .into_iter()
             .map(|b| b.iter().map(|(d, _)| *d).collect::<Vec<_>>());
-        let mut gets: Vec<futures_util::future::BoxFuture<'_, Result<u64, String>>> = Vec::new();
+        let mut gets: Vec<futures_util::future::BoxFuture<'_, Result<u64, BeginError>>> =
+            Vec::new();
         for b in batches {
             gets.push(Box::pin(get_batch(conn, cas, b)));
         }
@@ -943,7 +991,7 @@ impl WorkerNode {
                 let n = peers
                     .fetch(cas, &d, holders, None)
                     .await
-                    .map_err(|e| format!("fetching the build context: {}", e.message))?;
+                    .map_err(|e| BeginError::Fetch(Box::new(e)))?;
                 if let Err(e) = cas.set_label(&d, crate::context::CONTEXT_LABEL, Some("1")) {
                     tracing::warn!(blob = %d, error = %e, "cannot mark a context blob");
                 }
@@ -1195,8 +1243,8 @@ async fn get_batch(
     conn: &Connection,
     cas: &Arc<ContentStore>,
     blobs: Vec<Digest>,
-) -> Result<u64, String> {
-    let fail = |e: strata_net::Error| format!("fetching the build context: {e}");
+) -> Result<u64, BeginError> {
+    let fail = |e: strata_net::Error| BeginError::Fetch(Box::new(e));
     let (mut send, mut recv) = conn.open().await.map_err(fail)?;
     let wanted: HashSet<Digest> = blobs.iter().copied().collect();
     write_frame(&mut send, &Request::GetBlobs(blobs), conn.addr)
@@ -1208,10 +1256,7 @@ async fn get_batch(
         .await
         .map_err(fail)?;
     if !got.missing.is_empty() {
-        return Err(format!(
-            "the coordinator lacks {} blobs of the build context (evicted meanwhile?): submit the build again",
-            got.missing.len()
-        ));
+        return Err(BeginError::Evicted(got.missing.len()));
     }
     Ok(got.bytes)
 }

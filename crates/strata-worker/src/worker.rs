@@ -24,7 +24,7 @@ use crate::{copy, fetch, users};
 
 /// Runs steps on this machine.
 /// Writes a build context out on first use; its directory, or why not.
-pub type MakeContext = Box<dyn Fn() -> Result<PathBuf, String> + Send + Sync>;
+pub type MakeContext = Box<dyn Fn() -> Result<PathBuf, WorkerError> + Send + Sync>;
 
 /// Where a build's context is.
 enum ContextDir {
@@ -34,7 +34,7 @@ enum ContextDir {
     /// step is cached never writes it.
     OnUse {
         make: MakeContext,
-        made: OnceLock<Result<PathBuf, String>>,
+        made: OnceLock<Result<PathBuf, WorkerError>>,
     },
 }
 
@@ -126,8 +126,7 @@ impl LocalWorker {
                     tracing::debug!(elapsed = ?begun.elapsed(), ok = dir.is_ok(), "wrote the build context out");
                     dir
                 })
-                .clone()
-                .map_err(err),
+                .clone(),
         }
     }
 
