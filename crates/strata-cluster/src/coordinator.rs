@@ -1442,7 +1442,7 @@ impl Coordinator {
                 Ok(Ok(Reply::Usage(mut u))) if u.len() == 1 => u.remove(0).usage,
                 Ok(Ok(Reply::Error(e))) => Err(e),
                 Ok(Ok(other)) => Err(format!("answered {other:?}")),
-                Ok(Err(e)) => Err(e),
+                Ok(Err(e)) => Err(strata_registry::error_chain(&e)),
                 Err(_) => Err("no answer within 30 s".into()),
             };
             crate::protocol::NodeUsage {

@@ -19,7 +19,7 @@ use strata_solver::{Job, StageResult, StepAt, Worker, WorkerError};
 use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::Coordinator;
-use crate::protocol::{BuildSpec, ExecEvent, Holder, Reply, Request, StepRef};
+use crate::protocol::{BuildSpec, ExecEvent, Holder, Reply, Request, RequestError, StepRef};
 
 /// A running step's hold on one of its worker's slots, given back when
 /// dropped.
@@ -257,19 +257,27 @@ impl Placement {
                     "worker {worker} answered {other:?}"
                 )))
             }),
-            Err(e) => Err(self.gone(worker, conn, e)),
+            Err(e) => Err(self.gone(worker, conn, &e)),
         }
     }
 
     /// A worker that stopped answering: gone, and the stage with it.
-    fn gone(&self, worker: &str, conn: &Connection, detail: String) -> WorkerError {
+    fn gone(
+        &self,
+        worker: &str,
+        conn: &Connection,
+        why: &(dyn std::error::Error + 'static),
+    ) -> WorkerError {
         self.coord.lose(worker, conn);
         // Its stages are placed again when they start over.
         let moved = self.stages().lost(worker);
         if !moved.is_empty() {
             tracing::info!(build = self.spec.id, %worker, stages = ?moved, "stages of a lost worker start over");
         }
-        WorkerError::lost(format!("worker {worker} is gone ({detail})"))
+        let mut e = WorkerError::from_error(why);
+        e.kind = strata_solver::Failure::Lost;
+        e.message = format!("worker {worker} is gone: {}", e.message);
+        e
     }
 
     /// The blobs a step reads besides its context: its parent layers and
@@ -466,11 +474,11 @@ impl Worker for Placement {
             job.at.sources(),
             artifact,
         )));
-        let lost = |e: String| self.gone(&worker, &conn, e);
-        let (mut send, mut recv) = conn.open().await.map_err(|e| lost(e.to_string()))?;
+        let lost = |e: RequestError| self.gone(&worker, &conn, &e);
+        let (mut send, mut recv) = conn.open().await.map_err(|e| lost(e.into()))?;
         write_frame(&mut send, &req, conn.addr)
             .await
-            .map_err(|e| lost(e.to_string()))?;
+            .map_err(|e| lost(e.into()))?;
         let _ = send.finish();
         let outcome = loop {
             let event = tokio::select! {
@@ -484,8 +492,8 @@ impl Worker for Placement {
                 Ok(Some(ExecEvent::Output(bytes))) => (job.output)(&bytes),
                 Ok(Some(ExecEvent::Fetched { bytes, seconds })) => (job.fetched)(bytes, seconds),
                 Ok(Some(ExecEvent::Done(result))) => break result,
-                Ok(None) => break Err(lost("the step's stream ended early".into())),
-                Err(e) => break Err(lost(e.to_string())),
+                Ok(None) => break Err(lost(RequestError::Unanswered(conn.peer.to_string()))),
+                Err(e) => break Err(lost(e.into())),
             }
         };
         if let Ok(Some(layer)) = &outcome {

@@ -592,17 +592,25 @@ impl Request {
 /// answer at all, and QUIC's idle timeout is far longer.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// Why a request got no reply.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The connection or the stream failed, or the reply was not one.
+    #[error(transparent)]
+    Net(#[from] strata_net::Error),
+    /// The peer closed the stream without a reply.
+    #[error("{0} closed the stream without answering")]
+    Unanswered(String),
+}
+
 /// Sends one request and reads its one reply.
-pub(crate) async fn request(conn: &Connection, req: &Request) -> Result<Reply, String> {
-    let (mut send, mut recv) = conn.open().await.map_err(|e| e.to_string())?;
-    write_frame(&mut send, req, conn.addr)
-        .await
-        .map_err(|e| e.to_string())?;
+pub(crate) async fn request(conn: &Connection, req: &Request) -> Result<Reply, RequestError> {
+    let (mut send, mut recv) = conn.open().await?;
+    write_frame(&mut send, req, conn.addr).await?;
     let _ = send.finish();
     read_frame::<Reply>(&mut recv, conn.addr)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("{} closed the stream without answering", conn.peer))
+        .await?
+        .ok_or_else(|| RequestError::Unanswered(conn.peer.to_string()))
 }
 
 #[cfg(test)]

@@ -455,7 +455,8 @@ impl WorkerNode {
                 stored,
             }),
         )
-        .await?;
+        .await
+        .map_err(|e| strata_registry::error_chain(&e))?;
         match reply {
             Reply::Ok => Ok((conn, (changes, blobs, stored))),
             Reply::Error(e) => Err(e),
