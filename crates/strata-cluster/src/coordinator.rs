@@ -20,7 +20,7 @@ use tracing::Instrument as _;
 
 use crate::access::{ReadRights, UploadQuota};
 use crate::config::CoordinatorConfig;
-use crate::error::StartError;
+use crate::error::{ImageError, StartError, SubmitError};
 use crate::placement::Placement;
 use crate::protocol::{
     BuildDone, BuildEvent, BuildSpec, ClusterStatus, Grant, GroupStatus, Holder, MAX_HISTORY,
@@ -140,26 +140,23 @@ impl crate::Service for Coordinator {
 
 /// Whether a submitted build's id and names are ones to take: they end up
 /// in log lines and the history.
-fn check_submitted(submit: &SubmitBuild) -> Result<(), String> {
+fn check_submitted(submit: &SubmitBuild) -> Result<(), SubmitError> {
     if !strata_solver::valid_build_id(&submit.build_id) {
-        return Err(format!(
-            "build id {:?} is not 1 to {} characters of [0-9a-z-]",
+        return Err(SubmitError::BadId(
             submit.build_id.chars().take(80).collect::<String>(),
-            strata_solver::MAX_BUILD_ID
         ));
     }
     let (most, longest) = MAX_TAGS;
     if submit.tags.len() > most || submit.tags.iter().any(|t| t.len() > longest) {
-        return Err(format!(
-            "a build may have at most {most} names of at most {longest} bytes"
-        ));
+        return Err(SubmitError::TooManyNames { most, longest });
     }
     for tag in &submit.tags {
-        let name: strata_oci::Reference = tag.parse().map_err(|e| format!("{e}"))?;
+        let name: strata_oci::Reference = tag.parse().map_err(|source| SubmitError::BadName {
+            name: tag.clone(),
+            source,
+        })?;
         if name.digest.is_some() {
-            return Err(format!(
-                "{tag:?} names a digest: a build's names are tags (app:1)"
-            ));
+            return Err(SubmitError::Digest(tag.clone()));
         }
     }
     Ok(())
@@ -339,31 +336,34 @@ impl Coordinator {
     }
 
     /// Every name the cluster serves (normalized) and its image.
-    fn named(&self) -> Result<Vec<(String, strata_raft::ClusterImage)>, String> {
+    fn named(&self) -> Result<Vec<(String, strata_raft::ClusterImage)>, ImageError> {
         self.member
             .local()
             .tags()
-            .map_err(|e| format!("cannot read the cluster's image names: {e}"))
+            .map_err(|e| ImageError::Index(e.into()))
     }
 
     /// The image the cluster names `name` (as a user writes it), and the
     /// name normalized; an error when it names none.
-    fn named_image(&self, name: &str) -> Result<(String, strata_raft::ClusterImage), String> {
+    fn named_image(&self, name: &str) -> Result<(String, strata_raft::ClusterImage), ImageError> {
         let full = name
             .parse::<strata_oci::Reference>()
-            .map_err(|e| e.to_string())?
+            .map_err(|source| ImageError::BadName {
+                name: name.to_string(),
+                source,
+            })?
             .normalized();
         let image = self
             .member
             .local()
             .tag(&full)
-            .map_err(|e| format!("cannot read the cluster's image names: {e}"))?
-            .ok_or_else(|| format!("the cluster names no image {name}"))?;
+            .map_err(|e| ImageError::Index(e.into()))?
+            .ok_or_else(|| ImageError::NoSuchImage(name.to_string()))?;
         Ok((full, image))
     }
 
     /// The images the cluster names, by name.
-    fn named_images(&self) -> Result<Vec<crate::protocol::NamedImage>, String> {
+    fn named_images(&self) -> Result<Vec<crate::protocol::NamedImage>, ImageError> {
         let tags = self.named()?;
         Ok(tags
             .into_iter()
@@ -388,10 +388,13 @@ impl Coordinator {
     async fn push(
         &self,
         req: crate::protocol::PushRequest,
-    ) -> Result<strata_registry::Pushed, String> {
+    ) -> Result<strata_registry::Pushed, ImageError> {
         req.destination
             .parse::<strata_oci::Reference>()
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| ImageError::BadName {
+                name: req.destination.clone(),
+                source,
+            })?;
         let (_, image) = self.named_image(&req.name)?;
         let layers: Vec<(LayerRef, Vec<Holder>)> = image
             .layers
@@ -411,7 +414,7 @@ impl Coordinator {
                 .filter(|(_, w)| w.alive())
                 .max_by_key(|(name, _)| (held.get(name).copied().unwrap_or(0), *name))
                 .map(|(name, w)| (name.to_string(), w.link.conn.clone()))
-                .ok_or_else(|| "no live worker to push from".to_string())?
+                .ok_or(ImageError::NoWorker)?
         };
         tracing::info!(image = %req.name, destination = %req.destination, %worker, "pushing from a worker");
         let spec = crate::protocol::PushSpec {
@@ -420,25 +423,33 @@ impl Coordinator {
             request: req,
         };
         match crate::protocol::request(&conn, &Request::PushImage(Box::new(spec))).await {
-            Ok(Reply::Pushed(pushed)) => pushed,
-            Ok(Reply::Error(e)) => Err(format!("{worker}: {e}")),
-            Ok(other) => Err(format!("unexpected answer from {worker}: {other:?}")),
-            Err(e) => Err(format!("{worker}: {e}")),
+            Ok(Reply::Pushed(pushed)) => {
+                pushed.map_err(|message| ImageError::Push { worker, message })
+            }
+            Ok(Reply::Error(message)) => Err(ImageError::Push { worker, message }),
+            Ok(other) => Err(ImageError::Push {
+                worker,
+                message: format!("unexpected answer {other:?}"),
+            }),
+            Err(e) => Err(ImageError::Push {
+                worker,
+                message: strata_registry::error_chain(&e),
+            }),
         }
     }
 
     /// Drops the image name `name` (a tag, as a user writes it).
-    async fn untag(&self, name: &str) -> Result<(), String> {
+    async fn untag(&self, name: &str) -> Result<(), ImageError> {
         let (full, _) = self.named_image(name)?;
         self.member
             .write(strata_raft::CommandV2::Untag { name: full })
             .await
             .map(drop)
-            .map_err(|e| format!("cannot drop the name {name}: {e}"))
+            .map_err(|e| ImageError::Index(e.into()))
     }
 
     /// The images the cluster names, as its image endpoint looks them up.
-    pub(crate) fn catalog(&self) -> Result<crate::distribution::Catalog, String> {
+    pub(crate) fn catalog(&self) -> Result<crate::distribution::Catalog, ImageError> {
         let tags = self.named()?;
         Ok(crate::distribution::Catalog::new(tags))
     }
@@ -714,7 +725,7 @@ impl Coordinator {
         }
         let named = match self.named_layers() {
             Ok(n) => n,
-            Err(e) => return Reply::Error(e),
+            Err(e) => return Reply::Error(strata_registry::error_chain(&e)),
         };
         Reply::Spare(
             blobs
@@ -736,7 +747,7 @@ impl Coordinator {
     /// The layers of every image the cluster names. Read again from the
     /// group's state only when it applied an entry since the last read:
     /// every worker asks before it evicts.
-    fn named_layers(&self) -> Result<Arc<HashSet<Digest>>, String> {
+    fn named_layers(&self) -> Result<Arc<HashSet<Digest>>, ImageError> {
         // The index is read first: an entry applied meanwhile makes the
         // next call read again.
         let applied = self
@@ -1008,16 +1019,18 @@ impl Coordinator {
             Request::Images if matches!(role, Role::Client | Role::Admin) => {
                 match self.named_images() {
                     Ok(images) => Reply::Images(images),
-                    Err(e) => Reply::Error(e),
+                    Err(e) => Reply::Error(strata_registry::error_chain(&e)),
                 }
             }
-            Request::Push(push) if matches!(role, Role::Client | Role::Admin) => {
-                Reply::Pushed(self.push(push).await)
-            }
+            Request::Push(push) if matches!(role, Role::Client | Role::Admin) => Reply::Pushed(
+                self.push(push)
+                    .await
+                    .map_err(|e| strata_registry::error_chain(&e)),
+            ),
             Request::Untag(name) if matches!(role, Role::Client | Role::Admin) => {
                 match self.untag(&name).await {
                     Ok(()) => Reply::Ok,
-                    Err(e) => Reply::Error(e),
+                    Err(e) => Reply::Error(strata_registry::error_chain(&e)),
                 }
             }
             Request::ImportCache(entries) if role == Role::Admin => {
@@ -1593,10 +1606,10 @@ impl Coordinator {
         self.builds_running.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<BuildEvent>();
         let cancel = CancellationToken::new();
-        if let Err(message) = check_submitted(&submit) {
+        if let Err(e) = check_submitted(&submit) {
             strata_metrics::request_error("malformed");
             let refused = BuildEvent::Failed {
-                message,
+                message: strata_registry::error_chain(&e),
                 tail: vec![],
             };
             self.builds_running.fetch_sub(1, Ordering::Relaxed);

@@ -304,7 +304,13 @@ async fn answer(
     };
     let catalog = match coordinator.catalog() {
         Ok(c) => c,
-        Err(e) => return refused(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", &e),
+        Err(e) => {
+            return refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                &strata_registry::error_chain(&e),
+            );
+        }
     };
     let head = method == Method::HEAD;
     let answered = match route {

@@ -101,3 +101,93 @@ impl StartError {
         }
     }
 }
+
+/// What goes wrong with an image the cluster names (`cluster images`,
+/// `cluster rmi`, `--push` from the cluster).
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// A name that is no image reference.
+    #[error("{name:?} is not an image name")]
+    BadName {
+        /// The name, as given.
+        name: String,
+        /// Why.
+        source: strata_oci::ParseReferenceError,
+    },
+    /// No image by that name.
+    #[error("the cluster names no image {0}")]
+    NoSuchImage(String),
+    /// The replicated index could not be read or written.
+    #[error("the cluster's image names")]
+    Index(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// No worker is up to push from.
+    #[error("no live worker to push from")]
+    NoWorker,
+    /// The worker pushing failed, or did not answer.
+    #[error("{worker}: {message}")]
+    Push {
+        /// The worker.
+        worker: String,
+        /// What it said, or why it did not answer.
+        message: String,
+    },
+}
+
+/// Why a submitted build is refused before it starts.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// Its id is not one to take.
+    #[error("build id {0:?} is not 1 to {max} characters of [0-9a-z-]", max = strata_solver::MAX_BUILD_ID)]
+    BadId(String),
+    /// Too many names, or too long ones.
+    #[error("a build may have at most {most} names of at most {longest} bytes")]
+    TooManyNames {
+        /// The most names.
+        most: usize,
+        /// The longest name, in bytes.
+        longest: usize,
+    },
+    /// A name that is no image reference.
+    #[error("{name:?} is not an image name")]
+    BadName {
+        /// The name.
+        name: String,
+        /// Why.
+        source: strata_oci::ParseReferenceError,
+    },
+    /// A name with a digest.
+    #[error("{0:?} names a digest: a build's names are tags (app:1)")]
+    Digest(String),
+}
+
+/// Why a layer could not be given its copies, or the cache index read
+/// for repair.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicateError {
+    /// The cache index could not be read.
+    #[error("the cache index")]
+    Index(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// No live node holds the blob to copy from.
+    #[error("no live node holds blob {0}")]
+    Unheld(strata_cas::Digest),
+    /// Every copy failed, and the node that held it is gone.
+    #[error("no live worker holds blob {blob} after copying{}", in_parens(tried))]
+    Lost {
+        /// The blob.
+        blob: strata_cas::Digest,
+        /// Why each copy failed.
+        tried: Vec<String>,
+    },
+    /// A worker's copy is not the layer: nothing may be cached under it.
+    #[error("{0}")]
+    NotTheLayer(String),
+}
+
+/// `" (a; b)"`, or nothing for no reasons.
+fn in_parens(why: &[String]) -> String {
+    if why.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", why.join("; "))
+    }
+}

@@ -521,7 +521,7 @@ impl Worker for Placement {
             .replicate(layer, None)
             .await
             .map(|_| ())
-            .map_err(WorkerError::new)
+            .map_err(|e| WorkerError::from_error(&e))
     }
 
     fn name(&self) -> String {

@@ -16,6 +16,7 @@ use strata_raft::CommandV1;
 use tokio::sync::mpsc;
 
 use crate::coordinator::Coordinator;
+use crate::error::ReplicateError;
 use crate::protocol::{CopyBlob, CopyError, Reply, Request};
 
 /// How often the leader looks over its records of workers.
@@ -144,8 +145,12 @@ impl Coordinator {
     /// The cache entries, and the layers cached results made that have
     /// fewer live copies than wanted, as this coordinator sees the
     /// workers. It reads every entry: call it off the runtime's threads.
-    pub(crate) fn census(&self) -> Result<Census, String> {
-        let entries = self.member.local().entries().map_err(|e| e.to_string())?;
+    pub(crate) fn census(&self) -> Result<Census, ReplicateError> {
+        let entries = self
+            .member
+            .local()
+            .entries()
+            .map_err(|e| ReplicateError::Index(e.into()))?;
         let now = strata_cas::now_unix();
         let mut orphans = Vec::new();
         for (key, e) in &entries {
@@ -199,7 +204,7 @@ impl Coordinator {
         &self,
         layer: LayerRef,
         bytes_per_second: Option<u64>,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, ReplicateError> {
         self.exclusive(layer.blob, self.copy_until_enough(layer, bytes_per_second))
             .await
     }
@@ -276,7 +281,7 @@ impl Coordinator {
         &self,
         layer: LayerRef,
         bytes_per_second: Option<u64>,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, ReplicateError> {
         let blob = layer.blob;
         let want = self.copies_wanted();
         let recorded = self.recorded_holders(&blob);
@@ -285,12 +290,12 @@ impl Coordinator {
             return if have > 0 {
                 Ok(0)
             } else {
-                Err(format!("no live worker holds blob {blob}"))
+                Err(ReplicateError::Unheld(blob))
             };
         }
         let sources = self.holders(&blob, None);
         if sources.is_empty() {
-            return Err(format!("no live node holds blob {blob}"));
+            return Err(ReplicateError::Unheld(blob));
         }
         let targets: Vec<(String, Connection)> = {
             let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
@@ -321,7 +326,7 @@ impl Coordinator {
                     made += 1;
                 }
                 Err(CopyFailed::This(e)) => why.push(e),
-                Err(CopyFailed::NotTheLayer(e)) => return Err(e),
+                Err(CopyFailed::NotTheLayer(e)) => return Err(ReplicateError::NotTheLayer(e)),
             }
         }
         if have < want && !why.is_empty() {
@@ -333,14 +338,7 @@ impl Coordinator {
             .live_holders(&blob, &self.recorded_holders(&blob))
             .is_empty()
         {
-            return Err(format!(
-                "no live worker holds blob {blob} after copying{}",
-                if why.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", why.join("; "))
-                }
-            ));
+            return Err(ReplicateError::Lost { blob, tried: why });
         }
         Ok(made)
     }
