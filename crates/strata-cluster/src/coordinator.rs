@@ -20,7 +20,7 @@ use tracing::Instrument as _;
 
 use crate::access::{ReadRights, UploadQuota};
 use crate::config::CoordinatorConfig;
-use crate::error::{ImageError, StartError, SubmitError};
+use crate::error::{ImageError, RecordError, StartError, SubmitError};
 use crate::placement::Placement;
 use crate::protocol::{
     BuildDone, BuildEvent, BuildSpec, ClusterStatus, Grant, GroupStatus, Holder, MAX_HISTORY,
@@ -660,7 +660,7 @@ impl Coordinator {
         worker: &str,
         conn: &Connection,
         blobs: Vec<Digest>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RecordError> {
         if blobs.is_empty() {
             return Ok(());
         }
@@ -673,7 +673,7 @@ impl Coordinator {
                     w.link.blobs.extend(blobs.iter().copied());
                     w.link.incarnation
                 }
-                _ => return Err(format!("worker {worker} left or came back meanwhile")),
+                _ => return Err(RecordError::Gone(worker.to_string())),
             }
         };
         self.member
@@ -684,7 +684,7 @@ impl Coordinator {
             })
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(RecordError::Index)
     }
 
     /// `worker` evicted `blobs`: those it left short of copies stay short

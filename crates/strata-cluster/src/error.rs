@@ -183,6 +183,17 @@ pub enum ReplicateError {
     NotTheLayer(String),
 }
 
+/// Why the group did not record what a worker holds.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The worker's connection is not the one it said so on any more.
+    #[error("worker {0} left or came back meanwhile")]
+    Gone(String),
+    /// The write to the group failed.
+    #[error("the group did not record it")]
+    Index(#[source] strata_raft::Error),
+}
+
 /// `" (a; b)"`, or nothing for no reasons.
 fn in_parens(why: &[String]) -> String {
     if why.is_empty() {

@@ -274,10 +274,9 @@ impl Placement {
         if !moved.is_empty() {
             tracing::info!(build = self.spec.id, %worker, stages = ?moved, "stages of a lost worker start over");
         }
-        let mut e = WorkerError::from_error(why);
-        e.kind = strata_solver::Failure::Lost;
-        e.message = format!("worker {worker} is gone: {}", e.message);
-        e
+        WorkerError::from_error(why)
+            .within(&format!("worker {worker} is gone"))
+            .as_lost()
     }
 
     /// The blobs a step reads besides its context: its parent layers and
@@ -509,7 +508,11 @@ impl Worker for Placement {
             self.coord
                 .located(&worker, &conn, gained)
                 .await
-                .map_err(|e| WorkerError::lost(format!("cannot record where the layer is: {e}")))?;
+                .map_err(|e| {
+                    WorkerError::from_error(&e)
+                        .within("cannot record where the layer is")
+                        .as_lost()
+                })?;
         }
         outcome
     }

@@ -880,9 +880,7 @@ impl WorkerNode {
                     let made = write_context(&node.content, &root, &at, taken)
                         .map(|()| at.clone())
                         .map_err(|e| {
-                            let mut e = WorkerError::from_error(&e);
-                            e.message = format!("writing out the build context: {}", e.message);
-                            e
+                            WorkerError::from_error(&e).within("writing out the build context")
                         });
                     if made.is_ok() {
                         *written.lock().unwrap_or_else(PoisonError::into_inner) = Some(root);

@@ -187,6 +187,22 @@ impl WorkerError {
         }
     }
 
+    /// The same failure, said as part of `what`: `what: message`.
+    pub fn within(self, what: &str) -> WorkerError {
+        WorkerError {
+            message: format!("{what}: {}", self.message),
+            ..self
+        }
+    }
+
+    /// The same failure, as the end of the worker holding the stage.
+    pub fn as_lost(self) -> WorkerError {
+        WorkerError {
+            kind: Failure::Lost,
+            ..self
+        }
+    }
+
     /// The same failure, with the last lines the step printed.
     pub fn with_tail(self, tail: Vec<String>) -> WorkerError {
         WorkerError { tail, ..self }
@@ -496,6 +512,16 @@ mod tests {
     #[derive(Debug, thiserror::Error)]
     #[error("writing blob 1234")]
     struct Write(#[source] std::io::Error);
+
+    #[test]
+    fn a_lost_worker_s_failure_keeps_its_causes_under_its_words() {
+        let e = WorkerError::from_error(&Write(std::io::Error::other("reset")))
+            .within("worker w-1 is gone")
+            .as_lost();
+        assert_eq!(e.kind, Failure::Lost);
+        assert_eq!(e.message, "worker w-1 is gone: writing blob 1234");
+        assert_eq!(e.causes, ["reset"]);
+    }
 
     #[test]
     fn a_failed_step_keeps_the_worker_s_causes_as_its_error_chain() {
