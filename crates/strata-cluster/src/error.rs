@@ -194,6 +194,44 @@ pub enum RecordError {
     Index(#[source] strata_raft::Error),
 }
 
+/// Why a worker could not evict from its store.
+#[derive(Debug, thiserror::Error)]
+pub enum EvictError {
+    /// Listing or deleting failed.
+    #[error(transparent)]
+    Gc(#[from] strata_worker::GcError),
+    /// The task doing it stopped.
+    #[error("eviction stopped")]
+    Stopped(#[from] tokio::task::JoinError),
+}
+
+/// Why a worker could not push an image for a client.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// The destination is no image reference.
+    #[error("{name:?} is not an image name")]
+    Destination {
+        /// The destination, as given.
+        name: String,
+        /// Why.
+        source: strata_oci::ParseReferenceError,
+    },
+    /// The image's layers could not be gathered from their holders.
+    #[error("gathering the image's layers")]
+    Gather(#[source] crate::peers::FetchError),
+    /// The image's config could not be stored or described.
+    #[error("storing the image")]
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The registry refused or failed.
+    #[error("cannot push {destination}")]
+    Registry {
+        /// Where to, as a user writes it.
+        destination: String,
+        /// Why.
+        source: strata_registry::Error,
+    },
+}
+
 /// `" (a; b)"`, or nothing for no reasons.
 fn in_parens(why: &[String]) -> String {
     if why.is_empty() {

@@ -19,7 +19,7 @@ use tracing::Instrument as _;
 
 use crate::access::ReadRights;
 use crate::config::{NodeAddress, WorkerConfig};
-use crate::error::StartError;
+use crate::error::{EvictError, PushError, StartError};
 use crate::peers::{FetchError, Peers, report_lacking};
 use crate::protocol::{
     BuildSpec, CopyError, CopyKind, ExecEvent, Holder, Refusal, Registration, Reply, Request,
@@ -532,14 +532,11 @@ impl WorkerNode {
         }
     }
 
-    async fn evict_once(&self) -> Result<(), String> {
+    async fn evict_once(&self) -> Result<(), EvictError> {
         let now = strata_cas::now_unix();
         let node = Arc::clone(&self.node);
         let (total, candidates) =
-            tokio::task::spawn_blocking(move || strata_worker::candidates(&node, now))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| strata_registry::error_chain(&e))?;
+            tokio::task::spawn_blocking(move || strata_worker::candidates(&node, now)).await??;
         let keep = self.keep;
         tracing::debug!(
             total,
@@ -571,12 +568,10 @@ impl WorkerNode {
 
     /// Deletes `victims` from this worker's store.
     /// `spare` of them are spare copies.
-    async fn evict(&self, victims: Vec<Digest>, spare: usize) -> Result<(), String> {
+    async fn evict(&self, victims: Vec<Digest>, spare: usize) -> Result<(), EvictError> {
         let node = Arc::clone(&self.node);
-        let report = tokio::task::spawn_blocking(move || strata_worker::evict(&node, &victims))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| strata_registry::error_chain(&e))?;
+        let report =
+            tokio::task::spawn_blocking(move || strata_worker::evict(&node, &victims)).await??;
         if report.blobs > 0 {
             tracing::info!(
                 blobs = report.blobs,
@@ -625,16 +620,20 @@ impl WorkerNode {
     async fn push(
         &self,
         spec: crate::protocol::PushSpec,
-    ) -> Result<strata_registry::Pushed, String> {
+    ) -> Result<strata_registry::Pushed, PushError> {
         let crate::protocol::PushSpec {
             config,
             layers,
             request,
         } = spec;
-        let destination: strata_oci::Reference = request
-            .destination
-            .parse()
-            .map_err(|e: strata_oci::ParseReferenceError| e.to_string())?;
+        let destination: strata_oci::Reference =
+            request
+                .destination
+                .parse()
+                .map_err(|source| PushError::Destination {
+                    name: request.destination.clone(),
+                    source,
+                })?;
         let mut lease = self.node.content.lease();
         for (l, _) in &layers {
             lease.hold(l.blob);
@@ -643,16 +642,16 @@ impl WorkerNode {
             .peers
             .ensure(&self.node.content, &layers)
             .await
-            .map_err(|e| format!("gathering the image's layers: {e}"))?;
+            .map_err(PushError::Gather)?;
         let config_blob = self
             .node
             .content
             .put(&config)
-            .map_err(|e| format!("storing the image config: {e}"))?;
+            .map_err(|e| PushError::Store(e.into()))?;
         lease.hold(config_blob);
         let layers: Vec<strata_oci::LayerRef> = layers.into_iter().map(|(l, _)| l).collect();
-        let (image, _) =
-            strata_oci::Image::described(&config, &layers).map_err(|e| e.to_string())?;
+        let (image, _) = strata_oci::Image::described(&config, &layers)
+            .map_err(|e| PushError::Store(e.into()))?;
         let host = destination.domain.clone();
         let registry = strata_registry::Registry::new(strata_registry::RegistryOptions {
             insecure: if request.insecure {
@@ -672,12 +671,9 @@ impl WorkerNode {
                 &crate::coordinator::Quiet,
             )
             .await
-            .map_err(|e| {
-                format!(
-                    "cannot push {}: {}",
-                    destination.familiar(),
-                    strata_registry::error_chain(&e)
-                )
+            .map_err(|source| PushError::Registry {
+                destination: destination.familiar(),
+                source,
             })?;
         tracing::info!(
             image = %request.name,
@@ -796,7 +792,11 @@ impl WorkerNode {
                     },
                 )
             }
-            Request::PushImage(spec) if from_coordinator => Reply::Pushed(self.push(*spec).await),
+            Request::PushImage(spec) if from_coordinator => Reply::Pushed(
+                self.push(*spec)
+                    .await
+                    .map_err(|e| strata_registry::error_chain(&e)),
+            ),
             Request::Du if from_coordinator => {
                 let node = Arc::clone(&self.node);
                 let usage = tokio::task::spawn_blocking(move || {
