@@ -28,9 +28,25 @@ pub enum ClientError {
         /// The failing step's last output lines.
         tail: Vec<String>,
     },
-    /// The cluster could not be reached or misbehaved.
+    /// The cluster answered with an error, or with something else than
+    /// the request's answer: what it said.
     #[error("{0}")]
     Cluster(String),
+    /// The client's configuration or credentials could not be read.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The connection or a stream to the coordinator failed.
+    #[error(transparent)]
+    Net(#[from] strata_net::Error),
+    /// A request to the coordinator got no answer.
+    #[error(transparent)]
+    Request(#[from] crate::protocol::RequestError),
+    /// Blobs could not be fetched from the nodes holding them.
+    #[error(transparent)]
+    Fetch(#[from] crate::peers::FetchError),
+    /// The client's own store failed.
+    #[error("the client's store")]
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A finished build's layer is held by none of the nodes the cluster
     /// named (they lost it); the coordinator has been told, and a build
     /// submitted again makes it anew.
@@ -73,8 +89,9 @@ impl std::fmt::Debug for Client {
     }
 }
 
-fn cluster(e: impl std::fmt::Display) -> ClientError {
-    ClientError::Cluster(e.to_string())
+/// What the cluster said, as the error.
+fn cluster(said: impl Into<String>) -> ClientError {
+    ClientError::Cluster(said.into())
 }
 
 use crate::protocol::CONNECT_TIMEOUT;
@@ -181,8 +198,8 @@ impl Client {
     /// remembered answers within [`PREFERRED_GRACE`] after it. A
     /// coordinator that is down costs nothing when another answers.
     pub async fn connect(config: &ClientConfig) -> Result<Client, ClientError> {
-        let id = config.tls.identity().map_err(cluster)?;
-        let endpoint = Endpoint::dialer(&id).map_err(cluster)?;
+        let id = config.tls.identity()?;
+        let endpoint = Endpoint::dialer(&id)?;
         let mut choice = Choice::new(config.coordinators.len(), config.remembered());
         let mut attempts = tokio::task::JoinSet::new();
         for (i, addr) in config.coordinators.iter().enumerate() {
@@ -271,7 +288,7 @@ impl Client {
                 Ok(Reply::Missing(lacks)) => missing.extend(lacks),
                 Ok(Reply::Error(e)) => return Err(cluster(e)),
                 Ok(other) => return Err(cluster(format!("unexpected answer: {other:?}"))),
-                Err(e) => return Err(cluster(e)),
+                Err(e) => return Err(e.into()),
             }
         }
         // Only what was asked about can be sent.
@@ -282,7 +299,7 @@ impl Client {
         let (mut dir_blobs, mut file_blobs) = (Vec::new(), Vec::new());
         for d in missing {
             if let Some(bytes) = dirs.get(&d) {
-                cas.put(bytes).map_err(cluster)?;
+                cas.put(bytes).map_err(|e| ClientError::Store(e.into()))?;
                 dir_blobs.push(d);
             } else if let Some((path, size)) = tree.files.get(&d) {
                 file_blobs.push((d, path.clone(), *size));
@@ -332,11 +349,9 @@ impl Client {
     /// Returns their bytes.
     async fn put_batch(&self, blobs: &[(Digest, BatchSource<'_>)]) -> Result<u64, ClientError> {
         let c = &self.coordinator;
-        let (mut send, mut recv) = c.open().await.map_err(cluster)?;
+        let (mut send, mut recv) = c.open().await?;
         let names = blobs.iter().map(|(d, _)| *d).collect();
-        write_frame(&mut send, &Request::PutBlobs(names), c.addr)
-            .await
-            .map_err(cluster)?;
+        write_frame(&mut send, &Request::PutBlobs(names), c.addr).await?;
         let sent = send_batch(&mut send, blobs, c.addr).await;
         let answer = read_frame::<Reply>(&mut recv, c.addr).await;
         match (sent, answer) {
@@ -357,8 +372,8 @@ impl Client {
                 }))
             }
             (_, Ok(Some(Reply::Error(e)))) => Err(cluster(e)),
-            (Err(e), _) => Err(cluster(e)),
-            (Ok(_), Err(e)) => Err(cluster(e)),
+            (Err(e), _) => Err(e.into()),
+            (Ok(_), Err(e)) => Err(e.into()),
             (Ok(_), Ok(other)) => Err(cluster(format!(
                 "unexpected answer to an upload: {other:?}"
             ))),
@@ -372,7 +387,7 @@ impl Client {
             match request(&self.coordinator, &Request::HasBlob(*blob)).await {
                 Ok(Reply::Bool(b)) => Ok(b),
                 Ok(other) => Err(cluster(format!("unexpected answer: {other:?}"))),
-                Err(e) => Err(cluster(e)),
+                Err(e) => Err(e.into()),
             }
         };
         if has().await? {
@@ -389,10 +404,8 @@ impl Client {
     /// Sends one blob to the coordinator. Returns its size.
     async fn put(&self, blob: &Digest, from: Source<'_>) -> Result<u64, ClientError> {
         let c = &self.coordinator;
-        let (mut send, mut recv) = c.open().await.map_err(cluster)?;
-        write_frame(&mut send, &Request::PutBlob(*blob), c.addr)
-            .await
-            .map_err(cluster)?;
+        let (mut send, mut recv) = c.open().await?;
+        write_frame(&mut send, &Request::PutBlob(*blob), c.addr).await?;
         // A coordinator that refuses the upload (over the client's quota)
         // stops reading and says why: its answer is the error to show.
         let sent = match from {
@@ -400,10 +413,12 @@ impl Client {
             Source::File(path, size) => send_file(&mut send, path, blob, size, c.addr).await,
         };
         let answer = read_frame::<Reply>(&mut recv, c.addr).await;
-        if let (Err(e), Ok(Some(Reply::Ok)) | Err(_) | Ok(None)) = (&sent, &answer) {
-            return Err(cluster(e));
+        if let (Err(_), Ok(Some(Reply::Ok)) | Err(_) | Ok(None)) = (&sent, &answer)
+            && let Err(e) = sent
+        {
+            return Err(e.into());
         }
-        match answer.map_err(cluster)? {
+        match answer? {
             Some(Reply::Ok) => Ok(sent.unwrap_or(0)),
             Some(Reply::Error(e)) => Err(cluster(e)),
             other => Err(cluster(format!(
@@ -419,16 +434,11 @@ impl Client {
         on_event: &(dyn Fn(Event) + Send + Sync),
     ) -> Result<BuildDone, ClientError> {
         let c = &self.coordinator;
-        let (mut send, mut recv) = c.open().await.map_err(cluster)?;
-        write_frame(&mut send, &Request::Build(Box::new(submit)), c.addr)
-            .await
-            .map_err(cluster)?;
+        let (mut send, mut recv) = c.open().await?;
+        write_frame(&mut send, &Request::Build(Box::new(submit)), c.addr).await?;
         let _ = send.finish();
         loop {
-            match read_frame::<BuildEvent>(&mut recv, c.addr)
-                .await
-                .map_err(cluster)?
-            {
+            match read_frame::<BuildEvent>(&mut recv, c.addr).await? {
                 Some(BuildEvent::Progress(e)) => on_event(e),
                 Some(BuildEvent::Done(done)) => return Ok(*done),
                 Some(BuildEvent::Failed { message, tail }) => {
@@ -460,7 +470,7 @@ impl Client {
                 // The coordinator checks and corrects its records, so
                 // the next build of this image runs what is lost.
                 if e.lacking.is_empty() {
-                    return Err(cluster(e));
+                    return Err(e.into());
                 }
                 crate::peers::report_lacking(&e, &self.coordinator).await;
                 return Err(ClientError::LayersLost(e.to_string()));
@@ -468,8 +478,8 @@ impl Client {
         };
         let config: ImageConfig = serde_json::from_slice(&done.config_json)
             .map_err(|e| cluster(format!("the image config is unreadable: {e}")))?;
-        let image =
-            store_image(node, config, &done.layers, done.image_layers, stamps).map_err(cluster)?;
+        let image = store_image(node, config, &done.layers, done.image_layers, stamps)
+            .map_err(|e| ClientError::Store(e.into()))?;
         Ok((image, fetched))
     }
 
@@ -484,10 +494,7 @@ impl Client {
 
     /// The images the cluster names.
     pub async fn images(&self) -> Result<Vec<crate::protocol::NamedImage>, ClientError> {
-        match request(&self.coordinator, &Request::Images)
-            .await
-            .map_err(cluster)?
-        {
+        match request(&self.coordinator, &Request::Images).await? {
             Reply::Images(i) => Ok(i),
             Reply::Error(e) => Err(cluster(e)),
             other => Err(cluster(format!("unexpected answer: {other:?}"))),
@@ -499,10 +506,7 @@ impl Client {
         &self,
         push: crate::protocol::PushRequest,
     ) -> Result<strata_registry::Pushed, ClientError> {
-        match request(&self.coordinator, &Request::Push(push))
-            .await
-            .map_err(cluster)?
-        {
+        match request(&self.coordinator, &Request::Push(push)).await? {
             Reply::Pushed(Ok(p)) => Ok(p),
             Reply::Pushed(Err(e)) | Reply::Error(e) => Err(cluster(e)),
             other => Err(cluster(format!("unexpected answer: {other:?}"))),
@@ -516,10 +520,7 @@ impl Client {
 
     /// Where each node's bytes are.
     pub async fn du(&self) -> Result<Vec<crate::protocol::NodeUsage>, ClientError> {
-        match request(&self.coordinator, &Request::Du)
-            .await
-            .map_err(cluster)?
-        {
+        match request(&self.coordinator, &Request::Du).await? {
             Reply::Usage(u) => Ok(u),
             Reply::Error(e) => Err(cluster(e)),
             other => Err(cluster(format!("unexpected answer: {other:?}"))),
@@ -557,7 +558,7 @@ impl Client {
             if full {
                 let import = Request::ImportCache(std::mem::take(&mut batch));
                 layers = 0;
-                match request(&self.coordinator, &import).await.map_err(cluster)? {
+                match request(&self.coordinator, &import).await? {
                     Reply::Imported(n) => added += n,
                     Reply::Error(e) => return Err(cluster(e)),
                     other => return Err(cluster(format!("unexpected answer: {other:?}"))),
@@ -581,7 +582,7 @@ impl Client {
             Ok(Reply::Ok) => Ok(()),
             Ok(Reply::Error(e)) => Err(cluster(e)),
             Ok(other) => Err(cluster(format!("unexpected answer: {other:?}"))),
-            Err(e) => Err(cluster(e)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -602,7 +603,7 @@ impl Client {
             Ok(Reply::History(h)) => Ok(h),
             Ok(Reply::Error(e)) => Err(cluster(e)),
             Ok(other) => Err(cluster(format!("unexpected answer: {other:?}"))),
-            Err(e) => Err(cluster(e)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -610,7 +611,7 @@ impl Client {
         match request(&self.coordinator, &Request::Status).await {
             Ok(Reply::Status(s)) => Ok(*s),
             Ok(other) => Err(cluster(format!("unexpected answer: {other:?}"))),
-            Err(e) => Err(cluster(e)),
+            Err(e) => Err(e.into()),
         }
     }
 }
