@@ -168,7 +168,7 @@ impl Peers {
             return Err(e);
         }
         for (layer, _) in needed {
-            check_diff_id(cas, layer).map_err(FetchError::new)?;
+            check_diff_id(cas, layer).map_err(|e| FetchError::new(e.to_string()))?;
         }
         Ok(total)
     }
@@ -178,18 +178,41 @@ impl Peers {
 /// coordinator reported it, says: the sha256 the store computed when the
 /// bytes arrived. Nothing may be recorded under a diff_id a node was only
 /// told.
-pub fn check_diff_id(cas: &ContentStore, layer: &LayerRef) -> Result<(), String> {
+pub fn check_diff_id(cas: &ContentStore, layer: &LayerRef) -> Result<(), DiffIdError> {
     let info = cas
-        .info(&layer.blob)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("layer {} is not stored", layer.blob))?;
+        .info(&layer.blob)?
+        .ok_or(DiffIdError::NotStored(layer.blob))?;
     if info.sha256 != layer.diff_id {
-        return Err(format!(
-            "layer {} was reported as diff_id {}, but its content is {}: refused",
-            layer.blob, layer.diff_id, info.sha256
-        ));
+        return Err(DiffIdError::Mismatch {
+            blob: layer.blob,
+            reported: layer.diff_id,
+            content: info.sha256,
+        });
     }
     Ok(())
+}
+
+/// Why a layer's content was not checked against its diff_id, or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiffIdError {
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] strata_cas::Error),
+    /// The layer is not in the store.
+    #[error("layer {0} is not stored")]
+    NotStored(Digest),
+    /// Its content is another layer's.
+    #[error(
+        "layer {blob} was reported as diff_id {reported}, but its content is {content}: refused"
+    )]
+    Mismatch {
+        /// The blob.
+        blob: Digest,
+        /// The diff_id it was reported as.
+        reported: strata_cas::Sha256,
+        /// The sha256 of its content.
+        content: strata_cas::Sha256,
+    },
 }
 
 /// Tells the coordinator on `coordinator` which holders a failed fetch

@@ -780,9 +780,12 @@ impl WorkerNode {
                                 tracing::debug!(blob = %layer.blob, bytes, from = %conn.peer.name, "took a copy");
                                 Ok(())
                             }
+                            Err(e @ crate::peers::DiffIdError::Store(_)) => {
+                                Err(CopyError::Failed(strata_registry::error_chain(&e)))
+                            }
                             Err(e) => {
                                 tracing::warn!(blob = %layer.blob, error = %e, "a copy is not the layer it was said to be");
-                                Err(CopyError::NotTheLayer(e))
+                                Err(CopyError::NotTheLayer(e.to_string()))
                             }
                         },
                         Err(e) => {
