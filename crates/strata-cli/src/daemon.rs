@@ -357,13 +357,21 @@ pub async fn stop_serving(home: &Path) -> Result<()> {
 /// Keeps the state directory within `keep`, as a worker keeps its store.
 async fn evict_forever(node: Arc<Node>, keep: strata_sched::Keep) {
     tracing::info!(keep_storage = ?keep.storage, keep_duration = ?keep.duration, "store bounds");
+    let mut pace = strata_sched::evict::Pace::default();
     loop {
         tokio::time::sleep(strata_worker::EVICT_EVERY).await;
+        // Read before the store is listed: a blob added meanwhile makes
+        // the next round look again.
+        let (changes, now) = (node.content.changes(), strata_cas::now_unix());
+        if !pace.due(changes, now, &keep) {
+            continue;
+        }
         let n = Arc::clone(&node);
-        let evicted = tokio::task::spawn_blocking(move || {
-            strata_worker::enforce(&n, &keep, strata_cas::now_unix())
-        })
-        .await;
+        let evicted =
+            tokio::task::spawn_blocking(move || strata_worker::enforce(&n, &keep, now)).await;
+        if let Ok(Ok(r)) = &evicted {
+            pace.checked(changes, now, r.stored, &keep);
+        }
         match evicted {
             Ok(Ok(r)) if r.blobs > 0 => tracing::info!(
                 blobs = r.blobs,

@@ -562,8 +562,15 @@ impl Coordinator {
     /// holds or a client is about to build from. Base images it pulled
     /// for planning are named images and stay.
     async fn evict_forever(self: Arc<Self>) {
+        let mut pace = strata_sched::evict::Pace::default();
         loop {
             tokio::time::sleep(strata_worker::EVICT_EVERY).await;
+            // Read before the store is listed: a blob added meanwhile
+            // makes the next round look again.
+            let (changes, now) = (self.node.content.changes(), strata_cas::now_unix());
+            if !pace.due(changes, now, &self.keep) {
+                continue;
+            }
             let me = Arc::clone(&self);
             let pinned = self
                 .pins
@@ -571,7 +578,6 @@ impl Coordinator {
                 .unwrap_or_else(PoisonError::into_inner)
                 .pinned(Instant::now());
             let evicted = tokio::task::spawn_blocking(move || {
-                let now = strata_cas::now_unix();
                 // A pinned context keeps every blob its tree names.
                 let mut keep = HashSet::new();
                 for root in &pinned {
@@ -585,8 +591,12 @@ impl Coordinator {
                 candidates.retain(|c| !keep.contains(&c.blob));
                 let victims = strata_sched::evict::choose(total, &candidates, &me.keep, now, &|_| false);
                 strata_worker::evict(&me.node, &victims)
+                    .map(|report| strata_worker::EvictReport { stored: total, ..report })
             })
             .await;
+            if let Ok(Ok(r)) = &evicted {
+                pace.checked(changes, now, r.stored, &self.keep);
+            }
             match evicted {
                 Ok(Ok(report)) if report.blobs > 0 => tracing::info!(
                     blobs = report.blobs,

@@ -524,20 +524,27 @@ impl WorkerNode {
     /// holds go, spare copies (as a coordinator sees them) first. Each
     /// coordinator hears of what went with the next heartbeat.
     async fn evict_forever(self: Arc<Self>) {
+        let mut pace = strata_sched::evict::Pace::default();
         loop {
             tokio::time::sleep(strata_worker::EVICT_EVERY).await;
-            if let Err(e) = self.evict_once().await {
+            if let Err(e) = self.evict_once(&mut pace).await {
                 tracing::warn!(error = %e, "cannot evict from this worker's store");
             }
         }
     }
 
-    async fn evict_once(&self) -> Result<(), EvictError> {
-        let now = strata_cas::now_unix();
+    async fn evict_once(&self, pace: &mut strata_sched::evict::Pace) -> Result<(), EvictError> {
+        let keep = self.keep;
+        // Read before the store is listed: a blob added meanwhile makes
+        // the next round look again.
+        let (changes, now) = (self.node.content.changes(), strata_cas::now_unix());
+        if !pace.due(changes, now, &keep) {
+            return Ok(());
+        }
         let node = Arc::clone(&self.node);
         let (total, candidates) =
             tokio::task::spawn_blocking(move || strata_worker::candidates(&node, now)).await??;
-        let keep = self.keep;
+        pace.checked(changes, now, total, &keep);
         tracing::debug!(
             total,
             candidates = candidates.len(),

@@ -22,6 +22,55 @@ impl Keep {
     }
 }
 
+/// Seconds after which a store checked within its bounds and unchanged
+/// since is checked again when it has a time bound: its blobs age with
+/// no change to the store.
+pub const RECHECK_UNCHANGED: u64 = 60;
+
+/// When a store's bounds are worth checking: listing a store of a million
+/// blobs every few seconds would keep a core busy on an idle node. A store
+/// found within its size bound grows only through a change it counts (a
+/// blob added), so it needs no other check until its count moves, or,
+/// under a time bound, until [`RECHECK_UNCHANGED`] has passed. A store
+/// found over its bound is checked every round: what held its blobs (a
+/// running build's lease) may have let go.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Pace {
+    last: Option<Checked>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Checked {
+    changes: u64,
+    at: u64,
+    within: bool,
+}
+
+impl Pace {
+    /// Whether to check a store whose count of changes reads `changes`
+    /// at `now` (seconds), under `keep`.
+    pub fn due(&self, changes: u64, now: u64, keep: &Keep) -> bool {
+        match self.last {
+            None => true,
+            Some(c) => {
+                !c.within
+                    || c.changes != changes
+                    || (keep.duration.is_some() && now.saturating_sub(c.at) >= RECHECK_UNCHANGED)
+            }
+        }
+    }
+
+    /// Notes a check at `now` of the store as its count read `changes`
+    /// before it was listed: `total` bytes, against `keep`.
+    pub fn checked(&mut self, changes: u64, now: u64, total: u64, keep: &Keep) {
+        self.last = Some(Checked {
+            changes,
+            at: now,
+            within: keep.storage.is_none_or(|s| total <= s),
+        });
+    }
+}
+
 /// A blob eviction may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
@@ -95,6 +144,32 @@ pub fn choose_in_cluster(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_unchanged_store_within_its_bounds_is_not_listed_again() {
+        let size_only = Keep {
+            storage: Some(100),
+            duration: None,
+        };
+        let mut pace = Pace::default();
+        assert!(pace.due(7, 1_000, &size_only), "first round");
+        pace.checked(7, 1_000, 80, &size_only);
+        assert!(!pace.due(7, 1_005, &size_only));
+        assert!(!pace.due(7, 100_000, &size_only), "no time bound");
+        assert!(pace.due(8, 1_005, &size_only), "a blob came or went");
+        // Over its bound: every round, whatever the count says.
+        pace.checked(8, 1_010, 120, &size_only);
+        assert!(pace.due(8, 1_015, &size_only));
+        // Under a time bound, an unchanged store ages: again after a while.
+        let aging = Keep {
+            storage: None,
+            duration: Some(3_600),
+        };
+        pace.checked(9, 2_000, 10_000, &aging);
+        assert!(!pace.due(9, 2_000 + RECHECK_UNCHANGED - 1, &aging));
+        assert!(pace.due(9, 2_000 + RECHECK_UNCHANGED, &aging));
+    }
+
     use super::*;
 
     fn c(n: u8, size: u64, last_used: u64) -> Candidate {

@@ -173,9 +173,13 @@ pub fn enforce(node: &Node, keep: &Keep, now: u64) -> Result<EvictReport, GcErro
     let (total, candidates) = candidates(node, now)?;
     let victims = choose(total, &candidates, keep, now, &|_| false);
     if victims.is_empty() {
-        return Ok(EvictReport::default());
+        return Ok(EvictReport {
+            stored: total,
+            ..EvictReport::default()
+        });
     }
     let mut report = evict(node, &victims)?;
+    report.stored = total;
     for (key, entry) in node.cache.list()? {
         let gone = entry
             .layers
@@ -271,6 +275,8 @@ pub struct EvictReport {
     pub bytes: u64,
     /// Extracted snapshots of them removed.
     pub snapshots: usize,
+    /// Bytes of blobs the store held before (when it was listed).
+    pub stored: u64,
 }
 
 /// Deletes `victims` (a blob leased meanwhile stays) and the snapshots
