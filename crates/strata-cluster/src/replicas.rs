@@ -416,14 +416,15 @@ impl Coordinator {
         // leader recording it again) only gains: replacing its list with
         // what this coordinator heard would drop what another coordinator
         // recorded a moment ago, before the worker's heartbeat said so
-        // here.
+        // here. A run whose record a location made first has no address
+        // yet: its registration still goes, and adds to what it holds.
         let recorded = self
             .member
             .local()
             .worker(name)
             .ok()
             .flatten()
-            .is_some_and(|r| r.registered == w.incarnation);
+            .is_some_and(|r| r.registered == w.incarnation && r.addr == w.addr.to_string());
         let mut queued = if recorded {
             true
         } else {
