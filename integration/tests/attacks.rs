@@ -10,10 +10,14 @@ use std::time::Duration;
 
 use strata_cas::{Digest, Sha256};
 use strata_cluster::config::ClientConfig;
-use strata_cluster::protocol::{Reply, Request};
+use strata_cluster::protocol::{
+    AdminRequest, AnyRequest, ClientRequest, CoordinatorRequest, Refusal, Reply, Request,
+    WorkerRequest,
+};
 use strata_integration::cluster::Cluster;
 use strata_integration::image_model::read_docker_archive;
 use strata_integration::{Strata, write_files};
+use strata_net::Role;
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -64,9 +68,13 @@ fn upload(client: &Path, name: Digest, sha256: Sha256, bytes: &[u8]) -> Result<R
     rt.block_on(async {
         let addr = conn.addr;
         let (mut send, mut recv) = conn.open().await.unwrap();
-        strata_net::write_frame(&mut send, &Request::PutBlob(name), addr)
-            .await
-            .unwrap();
+        strata_net::write_frame(
+            &mut send,
+            &Request::Client(ClientRequest::PutBlob(name)),
+            addr,
+        )
+        .await
+        .unwrap();
         let header = BlobHeader::Found {
             size: bytes.len() as u64,
             sha256: Some(sha256),
@@ -90,7 +98,7 @@ fn coordinator_has(client: &Path, d: Digest) -> bool {
     rt.block_on(async {
         let addr = conn.addr;
         let (mut send, mut recv) = conn.open().await.unwrap();
-        strata_net::write_frame(&mut send, &Request::HasBlob(d), addr)
+        strata_net::write_frame(&mut send, &Request::Client(ClientRequest::HasBlob(d)), addr)
             .await
             .unwrap();
         let _ = send.finish();
@@ -133,7 +141,7 @@ fn get_blob(client: &Path, addr: std::net::SocketAddr, d: Digest) -> Result<Opti
         let endpoint = strata_net::Endpoint::dialer(&config.tls.identity().unwrap()).unwrap();
         let conn = endpoint.connect(addr).await.unwrap();
         let (mut send, mut recv) = conn.open().await.unwrap();
-        strata_net::write_frame(&mut send, &Request::GetBlob(d), addr)
+        strata_net::write_frame(&mut send, &Request::Any(AnyRequest::GetBlob(d)), addr)
             .await
             .unwrap();
         let _ = send.finish();
@@ -237,7 +245,7 @@ fn a_copy_whose_content_is_not_the_layer_the_index_names_is_refused() {
             let endpoint = strata_net::Endpoint::dialer(&config.tls.identity().unwrap()).unwrap();
             let conn = endpoint.connect(worker).await.unwrap();
             let (mut send, mut recv) = conn.open().await.unwrap();
-            let request = Request::Copy(Box::new(strata_cluster::protocol::CopyBlob {
+            let copy = strata_cluster::protocol::CopyBlob {
                 layer: strata_oci::LayerRef {
                     blob,
                     diff_id,
@@ -248,7 +256,8 @@ fn a_copy_whose_content_is_not_the_layer_the_index_names_is_refused() {
                     addr: coordinator,
                 }],
                 bytes_per_second: None,
-            }));
+            };
+            let request = Request::Coordinator(CoordinatorRequest::Copy(Box::new(copy)));
             strata_net::write_frame(&mut send, &request, worker)
                 .await
                 .unwrap();
@@ -718,16 +727,111 @@ fn a_run_step_has_a_network_of_its_own_and_no_user_namespaces() {
 /// `config`; its reply.
 fn ask(config: &Path, req: &Request) -> Reply {
     let (rt, conn) = connect(config);
+    rt.block_on(request_on(&conn, req))
+}
+
+/// Sends `req` to the node at `addr` with the credentials of `config`;
+/// its reply.
+fn ask_at(config: &Path, addr: std::net::SocketAddr, req: &Request) -> Reply {
+    let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let addr = conn.addr;
-        let (mut send, mut recv) = conn.open().await.unwrap();
-        strata_net::write_frame(&mut send, req, addr).await.unwrap();
-        let _ = send.finish();
-        strata_net::read_frame::<Reply>(&mut recv, addr)
-            .await
-            .unwrap()
-            .unwrap()
+        let config = ClientConfig::load(config).unwrap();
+        let endpoint = strata_net::Endpoint::dialer(&config.tls.identity().unwrap()).unwrap();
+        let conn = endpoint.connect(addr).await.unwrap();
+        request_on(&conn, req).await
     })
+}
+
+/// Sends `req` on a new stream of `conn`; its reply.
+async fn request_on(conn: &strata_net::Connection, req: &Request) -> Reply {
+    let (mut send, mut recv) = conn.open().await.unwrap();
+    strata_net::write_frame(&mut send, req, conn.addr)
+        .await
+        .unwrap();
+    let _ = send.finish();
+    strata_net::read_frame::<Reply>(&mut recv, conn.addr)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[test]
+fn a_client_asking_what_only_workers_or_coordinators_ask_is_refused_by_its_role() {
+    let cluster = Cluster::start(2, 5);
+    cluster.ok(&[
+        "cluster",
+        "add-client",
+        "team-b",
+        "--dir",
+        cluster.path().to_str().unwrap(),
+    ]);
+    let (team_a, team_b) = (cluster.client(), cluster.path().join("team-b.toml"));
+    let ctx = tempfile::tempdir().unwrap();
+    dockerfile(
+        ctx.path(),
+        "FROM busybox:latest\nRUN head -c 16 /dev/urandom | od -x > /secret\n",
+    );
+    let a = Strata::new();
+    cluster.build_via(&team_a, &a, ctx.path(), &["-t", "a:1"]);
+    let secret = top_layer(&a, "a:1").0;
+
+    // Team B grants itself team A's layer on every worker, as a
+    // coordinator would: each refuses by role, and the layer stays out
+    // of team B's reach.
+    let services = blob_services(&cluster);
+    let (workers, coordinator) = services.split_at(services.len() - 1);
+    let grant = Request::Coordinator(CoordinatorRequest::Grant(Box::new(
+        strata_cluster::protocol::Grant {
+            client: "team-b".into(),
+            blobs: vec![secret],
+        },
+    )));
+    for worker in workers {
+        let refused = ask_at(&team_b, *worker, &grant);
+        assert!(
+            matches!(&refused, Reply::Refused(r @ Refusal::NotAllowed { needs: Role::Coordinator, .. })
+                if r.to_string().contains("client team-b may not ask to let a client read blobs")),
+            "{refused:?}"
+        );
+        let read = get_blob(&team_b, *worker, secret);
+        assert!(
+            read.as_ref()
+                .is_err_and(|e| e.contains("may read only the layers of its own builds")),
+            "{read:?}"
+        );
+    }
+
+    // Team B says it is a worker holding the layer, to be handed its
+    // builds' steps and named as its holder: refused by role.
+    let heartbeat = Request::Worker(WorkerRequest::Heartbeat {
+        running: 0,
+        blobs: vec![secret],
+        dropped: Vec::new(),
+        stored: 0,
+    });
+    let refused = ask_at(&team_b, coordinator[0], &heartbeat);
+    assert!(
+        matches!(&refused, Reply::Refused(Refusal::NotAllowed { needs: Role::Worker, asker, .. })
+            if asker == "client team-b"),
+        "{refused:?}"
+    );
+
+    // What a client asks, asked of a worker, is not served there.
+    let status = ask_at(&team_a, workers[0], &Request::Client(ClientRequest::Status));
+    assert!(
+        matches!(
+            &status,
+            Reply::Refused(Refusal::NotServed {
+                by: Role::Worker,
+                ..
+            })
+        ),
+        "{status:?}"
+    );
+
+    // The cluster goes on: team A builds again, all from the cache.
+    let report = cluster.build_via(&team_a, &a, ctx.path(), &["-t", "a:2"]);
+    assert_eq!(strata_integration::cluster::runs(&report), 0, "{report}");
 }
 
 #[test]
@@ -756,30 +860,25 @@ fn an_imported_cache_entry_is_held_to_what_the_coordinator_computed() {
     };
     // An entry that says the blob is another layer (here, another diff
     // ID) would hand every build that layer under that name.
-    let lie = ask(
-        &admin,
-        &Request::ImportCache(entry(Sha256::of(b"other"), blob)),
-    );
+    let import = |entries| Request::Admin(AdminRequest::ImportCache(entries));
+    let lie = ask(&admin, &import(entry(Sha256::of(b"other"), blob)));
     assert!(
-        matches!(&lie, Reply::Error(e) if e.contains("is not the layer its cache entry names")),
+        matches!(&lie, Reply::Refused(r @ Refusal::NotTheLayer { blob: b, .. })
+            if *b == blob && r.to_string().contains("is not the layer its cache entry names")),
         "{lie:?}"
     );
     // One naming a blob nobody uploaded would be a hit for nothing.
-    let absent = ask(
-        &admin,
-        &Request::ImportCache(entry(diff_id, Digest::of(b"never uploaded"))),
-    );
+    let never = Digest::of(b"never uploaded");
+    let absent = ask(&admin, &import(entry(diff_id, never)));
     assert!(
-        matches!(&absent, Reply::Error(e) if e.contains("was not uploaded")),
+        matches!(&absent, Reply::Refused(Refusal::NotUploaded(b)) if *b == never),
         "{absent:?}"
     );
     // A client certificate may not write the shared index at all.
-    let client = ask(
-        &cluster.client(),
-        &Request::ImportCache(entry(diff_id, blob)),
-    );
+    let client = ask(&cluster.client(), &import(entry(diff_id, blob)));
     assert!(
-        matches!(&client, Reply::Error(e) if e.contains("needs an admin certificate")),
+        matches!(&client, Reply::Refused(r @ Refusal::NotAllowed { needs: Role::Admin, .. })
+            if r.to_string().contains("needs an admin certificate")),
         "{client:?}"
     );
     assert!(
@@ -788,7 +887,7 @@ fn an_imported_cache_entry_is_held_to_what_the_coordinator_computed() {
         cluster.status()
     );
     // The truth goes in, copied to the worker first.
-    let honest = ask(&admin, &Request::ImportCache(entry(diff_id, blob)));
+    let honest = ask(&admin, &import(entry(diff_id, blob)));
     assert!(matches!(honest, Reply::Imported(1)), "{honest:?}");
     assert!(
         cluster.status().contains(" 1 cache entries"),

@@ -141,7 +141,7 @@ pub fn run(cx: &Cx<'_>, args: RunArgs, flags: &RegistryFlags) -> Result<u8> {
         shm_size: None,
         rlimits: vec![],
     };
-    let runtime = node.runtime().map_err(anyhow::Error::msg)?;
+    let runtime = node.runtime()?;
     let (out, err) = (
         std::sync::Mutex::new(cx.out()),
         std::sync::Mutex::new(cx.err()),

@@ -97,7 +97,7 @@ impl ReadRights {
 }
 
 /// A client over its upload quota.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
 #[error(
     "{client} has uploaded {used} bytes in the last hour; {size} more would pass its quota of \
      {quota} bytes an hour (upload_quota_mib_per_hour in the coordinator's configuration)"

@@ -15,7 +15,10 @@ use strata_worker::{Node, Timestamps, store_image};
 use crate::config::ClientConfig;
 use crate::peers::Peers;
 use crate::protocol::request;
-use crate::protocol::{BuildDone, BuildEvent, ClusterStatus, Refusal, Reply, Request, SubmitBuild};
+use crate::protocol::{
+    AdminRequest, BuildDone, BuildEvent, ClientRequest, ClusterStatus, Failed, Refusal, Reply,
+    Request, SubmitBuild,
+};
 
 /// Why a cluster build failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,10 +31,17 @@ pub enum ClientError {
         /// The failing step's last output lines.
         tail: Vec<String>,
     },
-    /// The cluster answered with an error, or with something else than
-    /// the request's answer: what it said.
+    /// The cluster answered with something else than the request's
+    /// answer, or of a build something the client cannot use.
     #[error("{0}")]
     Cluster(String),
+    /// The cluster refused the request: why, by kind.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The cluster took the request on and it failed there: what, with
+    /// its causes.
+    #[error(transparent)]
+    Failed(#[from] Failed),
     /// The client's configuration or credentials could not be read.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -94,6 +104,20 @@ fn cluster(said: impl Into<String>) -> ClientError {
     ClientError::Cluster(said.into())
 }
 
+/// `reply`, unless it is a refusal or a failure: those as errors.
+fn answered(reply: Reply) -> Result<Reply, ClientError> {
+    match reply {
+        Reply::Refused(refusal) => Err(refusal.into()),
+        Reply::Failed(failed) => Err(failed.into()),
+        other => Ok(other),
+    }
+}
+
+/// An answer that is not one to the request asked.
+fn unexpected(reply: Reply) -> ClientError {
+    cluster(format!("unexpected answer: {reply:?}"))
+}
+
 use crate::protocol::CONNECT_TIMEOUT;
 
 /// How long a client that has a coordinator answering waits for the one
@@ -105,18 +129,28 @@ pub const PREFERRED_GRACE: Duration = Duration::from_millis(30);
 async fn attempt(
     endpoint: Endpoint,
     addr: crate::config::NodeAddress,
-) -> Result<Connection, String> {
+) -> Result<Connection, crate::ConnectError> {
+    use crate::ConnectError;
     let a = addr.resolve().await?;
     // A coordinator that is down may not answer at all: give up well
     // before QUIC's idle timeout.
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(a))
         .await
-        .map_err(|_| format!("{addr}: no answer within {CONNECT_TIMEOUT:?}"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| ConnectError::Timeout {
+            addr: addr.to_string(),
+            within: CONNECT_TIMEOUT,
+        })?
+        .map_err(|source| ConnectError::Net {
+            addr: addr.to_string(),
+            source,
+        })?;
     if conn.peer.role == Role::Coordinator {
         Ok(conn)
     } else {
-        Err(format!("{addr}: {} is not a coordinator", conn.peer))
+        Err(ConnectError::NotCoordinator {
+            addr: addr.to_string(),
+            peer: conn.peer.to_string(),
+        })
     }
 }
 
@@ -233,7 +267,7 @@ impl Client {
             let ok = result.is_ok();
             match result {
                 Ok(conn) => answered[i] = Some(conn),
-                Err(e) => why.push(e),
+                Err(e) => why.push(strata_registry::error_chain(&e)),
             }
             match choice.ended(i, ok) {
                 Next::Take(t) => break t,
@@ -280,15 +314,13 @@ impl Client {
         let all = tree.blobs();
         let mut missing = Vec::new();
         for chunk in all.chunks(crate::protocol::MAX_MISSING_ASKED) {
-            let ask = Request::Missing {
+            let ask = ClientRequest::Missing {
                 context: tree.root,
                 blobs: chunk.to_vec(),
             };
-            match request(&self.coordinator, &ask).await {
-                Ok(Reply::Missing(lacks)) => missing.extend(lacks),
-                Ok(Reply::Error(e)) => return Err(cluster(e)),
-                Ok(other) => return Err(cluster(format!("unexpected answer: {other:?}"))),
-                Err(e) => return Err(e.into()),
+            match self.ask(ask).await? {
+                Reply::Missing(lacks) => missing.extend(lacks),
+                other => return Err(unexpected(other)),
             }
         }
         // Only what was asked about can be sent.
@@ -351,7 +383,12 @@ impl Client {
         let c = &self.coordinator;
         let (mut send, mut recv) = c.open().await?;
         let names = blobs.iter().map(|(d, _)| *d).collect();
-        write_frame(&mut send, &Request::PutBlobs(names), c.addr).await?;
+        write_frame(
+            &mut send,
+            &Request::Client(ClientRequest::PutBlobs(names)),
+            c.addr,
+        )
+        .await?;
         let sent = send_batch(&mut send, blobs, c.addr).await;
         let answer = read_frame::<Reply>(&mut recv, c.addr).await;
         match (sent, answer) {
@@ -371,7 +408,8 @@ impl Client {
                     None => refusal.to_string(),
                 }))
             }
-            (_, Ok(Some(Reply::Error(e)))) => Err(cluster(e)),
+            (_, Ok(Some(Reply::Refused(refusal)))) => Err(refusal.into()),
+            (_, Ok(Some(Reply::Failed(failed)))) => Err(failed.into()),
             (Err(e), _) => Err(e.into()),
             (Ok(_), Err(e)) => Err(e.into()),
             (Ok(_), Ok(other)) => Err(cluster(format!(
@@ -384,10 +422,9 @@ impl Client {
     /// and keeps it there for a while (asking about a blob pins it).
     pub async fn upload(&self, cas: &ContentStore, blob: &Digest) -> Result<(), ClientError> {
         let has = || async {
-            match request(&self.coordinator, &Request::HasBlob(*blob)).await {
-                Ok(Reply::Bool(b)) => Ok(b),
-                Ok(other) => Err(cluster(format!("unexpected answer: {other:?}"))),
-                Err(e) => Err(e.into()),
+            match self.ask(ClientRequest::HasBlob(*blob)).await? {
+                Reply::Bool(b) => Ok(b),
+                other => Err(unexpected(other)),
             }
         };
         if has().await? {
@@ -405,7 +442,12 @@ impl Client {
     async fn put(&self, blob: &Digest, from: Source<'_>) -> Result<u64, ClientError> {
         let c = &self.coordinator;
         let (mut send, mut recv) = c.open().await?;
-        write_frame(&mut send, &Request::PutBlob(*blob), c.addr).await?;
+        write_frame(
+            &mut send,
+            &Request::Client(ClientRequest::PutBlob(*blob)),
+            c.addr,
+        )
+        .await?;
         // A coordinator that refuses the upload (over the client's quota)
         // stops reading and says why: its answer is the error to show.
         let sent = match from {
@@ -420,7 +462,8 @@ impl Client {
         }
         match answer? {
             Some(Reply::Ok) => Ok(sent.unwrap_or(0)),
-            Some(Reply::Error(e)) => Err(cluster(e)),
+            Some(Reply::Refused(refusal)) => Err(refusal.into()),
+            Some(Reply::Failed(failed)) => Err(failed.into()),
             other => Err(cluster(format!(
                 "unexpected answer to an upload: {other:?}"
             ))),
@@ -435,7 +478,8 @@ impl Client {
     ) -> Result<BuildDone, ClientError> {
         let c = &self.coordinator;
         let (mut send, mut recv) = c.open().await?;
-        write_frame(&mut send, &Request::Build(Box::new(submit)), c.addr).await?;
+        let build = Request::Client(ClientRequest::Build(Box::new(submit)));
+        write_frame(&mut send, &build, c.addr).await?;
         let _ = send.finish();
         loop {
             match read_frame::<BuildEvent>(&mut recv, c.addr).await? {
@@ -485,19 +529,18 @@ impl Client {
 
     /// Keeps new stages off `worker` (`cordoned`), or lets them back.
     pub async fn cordon(&self, worker: &str, cordoned: bool) -> Result<(), ClientError> {
-        self.done(&Request::Cordon {
+        self.done(Request::Admin(AdminRequest::Cordon {
             worker: worker.to_string(),
             cordoned,
-        })
+        }))
         .await
     }
 
     /// The images the cluster names.
     pub async fn images(&self) -> Result<Vec<crate::protocol::NamedImage>, ClientError> {
-        match request(&self.coordinator, &Request::Images).await? {
+        match self.ask(ClientRequest::Images).await? {
             Reply::Images(i) => Ok(i),
-            Reply::Error(e) => Err(cluster(e)),
-            other => Err(cluster(format!("unexpected answer: {other:?}"))),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -506,24 +549,24 @@ impl Client {
         &self,
         push: crate::protocol::PushRequest,
     ) -> Result<strata_registry::Pushed, ClientError> {
-        match request(&self.coordinator, &Request::Push(push)).await? {
+        match self.ask(ClientRequest::Push(push)).await? {
             Reply::Pushed(Ok(p)) => Ok(p),
-            Reply::Pushed(Err(e)) | Reply::Error(e) => Err(cluster(e)),
-            other => Err(cluster(format!("unexpected answer: {other:?}"))),
+            Reply::Pushed(Err(failed)) => Err(failed.into()),
+            other => Err(unexpected(other)),
         }
     }
 
     /// Drops the cluster's image name `name`.
     pub async fn untag(&self, name: &str) -> Result<(), ClientError> {
-        self.done(&Request::Untag(name.to_string())).await
+        self.done(Request::Client(ClientRequest::Untag(name.to_string())))
+            .await
     }
 
     /// Where each node's bytes are.
     pub async fn du(&self) -> Result<Vec<crate::protocol::NodeUsage>, ClientError> {
-        match request(&self.coordinator, &Request::Du).await? {
+        match self.ask(ClientRequest::Du).await? {
             Reply::Usage(u) => Ok(u),
-            Reply::Error(e) => Err(cluster(e)),
-            other => Err(cluster(format!("unexpected answer: {other:?}"))),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -556,12 +599,11 @@ impl Client {
                     || layers + next.1.layers.len() > crate::protocol::MAX_IMPORTED_LAYERS
             });
             if full {
-                let import = Request::ImportCache(std::mem::take(&mut batch));
+                let import = Request::Admin(AdminRequest::ImportCache(std::mem::take(&mut batch)));
                 layers = 0;
-                match request(&self.coordinator, &import).await? {
+                match answered(request(&self.coordinator, &import).await?)? {
                     Reply::Imported(n) => added += n,
-                    Reply::Error(e) => return Err(cluster(e)),
-                    other => return Err(cluster(format!("unexpected answer: {other:?}"))),
+                    other => return Err(unexpected(other)),
                 }
             }
         }
@@ -573,20 +615,24 @@ impl Client {
         &self,
         change: strata_raft::MembershipChange,
     ) -> Result<(), ClientError> {
-        self.done(&Request::ChangeGroup(change)).await
+        self.done(Request::Admin(AdminRequest::ChangeGroup(change)))
+            .await
     }
 
     /// Asks the coordinator for something it answers with done or why not.
-    async fn done(&self, req: &Request) -> Result<(), ClientError> {
-        match request(&self.coordinator, req).await {
-            Ok(Reply::Ok) => Ok(()),
-            Ok(Reply::Error(e)) => Err(cluster(e)),
-            Ok(other) => Err(cluster(format!("unexpected answer: {other:?}"))),
-            Err(e) => Err(e.into()),
+    async fn done(&self, req: Request) -> Result<(), ClientError> {
+        match answered(request(&self.coordinator, &req).await?)? {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected(other)),
         }
     }
 
-    /// The cluster's state.
+    /// Asks the coordinator what a client may; its answer, unless it
+    /// refused or failed.
+    async fn ask(&self, req: ClientRequest) -> Result<Reply, ClientError> {
+        answered(request(&self.coordinator, &Request::Client(req)).await?)
+    }
+
     /// The builds this coordinator coordinated for this client (for an
     /// admin, for everyone), newest first: at most `limit`, or the one
     /// whose id is or starts with `id`.
@@ -595,23 +641,21 @@ impl Client {
         id: Option<&str>,
         limit: usize,
     ) -> Result<Vec<strata_worker::BuildRecord>, ClientError> {
-        let ask = Request::History {
+        let ask = ClientRequest::History {
             id: id.map(str::to_string),
             limit,
         };
-        match request(&self.coordinator, &ask).await {
-            Ok(Reply::History(h)) => Ok(h),
-            Ok(Reply::Error(e)) => Err(cluster(e)),
-            Ok(other) => Err(cluster(format!("unexpected answer: {other:?}"))),
-            Err(e) => Err(e.into()),
+        match self.ask(ask).await? {
+            Reply::History(h) => Ok(h),
+            other => Err(unexpected(other)),
         }
     }
 
+    /// The cluster's state.
     pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
-        match request(&self.coordinator, &Request::Status).await {
-            Ok(Reply::Status(s)) => Ok(*s),
-            Ok(other) => Err(cluster(format!("unexpected answer: {other:?}"))),
-            Err(e) => Err(e.into()),
+        match self.ask(ClientRequest::Status).await? {
+            Reply::Status(s) => Ok(*s),
+            other => Err(unexpected(other)),
         }
     }
 }

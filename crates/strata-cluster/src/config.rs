@@ -54,15 +54,18 @@ pub struct NodeAddress {
 
 impl NodeAddress {
     /// The socket address to dial now.
-    pub async fn resolve(&self) -> Result<SocketAddr, String> {
+    pub async fn resolve(&self) -> Result<SocketAddr, crate::ConnectError> {
         if let Ok(ip) = self.host.parse::<std::net::IpAddr>() {
             return Ok(SocketAddr::new(ip, self.port));
         }
         tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
-            .map_err(|e| format!("cannot look up {self}: {e}"))?
+            .map_err(|source| crate::ConnectError::Lookup {
+                addr: self.to_string(),
+                source,
+            })?
             .next()
-            .ok_or_else(|| format!("{self} has no address"))
+            .ok_or_else(|| crate::ConnectError::NoAddress(self.to_string()))
     }
 }
 
@@ -787,7 +790,11 @@ mod tests {
         assert!(a.resolve().await.unwrap().ip().is_loopback());
         let gone: NodeAddress = "no-such-host.invalid:7400".parse().unwrap();
         let e = gone.resolve().await.unwrap_err();
-        assert!(e.contains("no-such-host.invalid:7400"), "{e}");
+        assert!(
+            matches!(&e, crate::ConnectError::Lookup { addr, .. } | crate::ConnectError::NoAddress(addr)
+                if addr == "no-such-host.invalid:7400"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -23,6 +23,9 @@ use crate::config::CoordinatorConfig;
 use crate::error::{ImageError, RecordError, StartError, SubmitError};
 use crate::placement::Placement;
 use crate::protocol::{
+    AdminRequest, AnyRequest, ClientRequest, CoordinatorRequest, Failed, Refusal, WorkerRequest,
+};
+use crate::protocol::{
     BuildDone, BuildEvent, BuildSpec, ClusterStatus, Grant, GroupStatus, Holder, MAX_HISTORY,
     MAX_TAGS, Registration, Reply, Request, SubmitBuild, WorkerStatus,
 };
@@ -136,6 +139,20 @@ impl crate::Service for Coordinator {
     ) -> impl std::future::Future<Output = Result<(), strata_net::Error>> + Send + 'a {
         self.answer(conn, req, send, recv)
     }
+}
+
+/// The refusal of a request naming `count` of `what`, over `limit`.
+fn over_limit(what: &str, count: usize, limit: usize) -> Reply {
+    Reply::Refused(Refusal::OverLimit {
+        what: what.to_string(),
+        count,
+        limit,
+    })
+}
+
+/// The answer that `what` failed because of `error`.
+fn failed(what: &str, error: &(dyn std::error::Error + 'static)) -> Reply {
+    Reply::Failed(Failed::because(what, error))
 }
 
 /// Whether a submitted build's id and names are ones to take: they end up
@@ -422,20 +439,18 @@ impl Coordinator {
             layers,
             request: req,
         };
-        match crate::protocol::request(&conn, &Request::PushImage(Box::new(spec))).await {
-            Ok(Reply::Pushed(pushed)) => {
-                pushed.map_err(|message| ImageError::Push { worker, message })
-            }
-            Ok(Reply::Error(message)) => Err(ImageError::Push { worker, message }),
-            Ok(other) => Err(ImageError::Push {
-                worker,
-                message: format!("unexpected answer {other:?}"),
-            }),
-            Err(e) => Err(ImageError::Push {
-                worker,
-                message: strata_registry::error_chain(&e),
-            }),
-        }
+        let push = Request::Coordinator(CoordinatorRequest::PushImage(Box::new(spec)));
+        let failed = match crate::protocol::request(&conn, &push).await {
+            Ok(Reply::Pushed(Ok(pushed))) => return Ok(pushed),
+            Ok(Reply::Pushed(Err(failed)) | Reply::Failed(failed)) => failed,
+            Ok(Reply::Refused(refusal)) => Failed::of(&refusal),
+            Ok(other) => Failed::new(format!("unexpected answer {other:?}")),
+            Err(e) => Failed::of(&e),
+        };
+        Err(ImageError::Push {
+            worker,
+            source: failed,
+        })
     }
 
     /// Drops the image name `name` (a tag, as a user writes it).
@@ -727,15 +742,15 @@ impl Coordinator {
     /// named image's layer, which stays.
     fn spare(&self, worker: &str, blobs: &[Digest]) -> Reply {
         if blobs.len() > crate::protocol::MAX_SPARE_ASKED {
-            return Reply::Error(format!(
-                "asked about {} blobs, over the limit of {}",
+            return over_limit(
+                "blobs asked about",
                 blobs.len(),
-                crate::protocol::MAX_SPARE_ASKED
-            ));
+                crate::protocol::MAX_SPARE_ASKED,
+            );
         }
         let named = match self.named_layers() {
             Ok(n) => n,
-            Err(e) => return Reply::Error(strata_registry::error_chain(&e)),
+            Err(e) => return Reply::Failed(Failed::of(&e)),
         };
         Reply::Spare(
             blobs
@@ -796,11 +811,11 @@ impl Coordinator {
     /// blob again if it is short.
     async fn check_lacking(&self, reported: Vec<(Digest, String)>) -> Reply {
         if reported.len() > crate::protocol::MAX_LACKING {
-            return Reply::Error(format!(
-                "a report of {} lacking blobs is over the limit of {}",
+            return over_limit(
+                "lacking blobs in one report",
                 reported.len(),
-                crate::protocol::MAX_LACKING
-            ));
+                crate::protocol::MAX_LACKING,
+            );
         }
         let mut by_worker: BTreeMap<String, Vec<Digest>> = BTreeMap::new();
         for (blob, holder) in reported {
@@ -821,7 +836,10 @@ impl Coordinator {
             for blob in blobs {
                 let asked = tokio::time::timeout(
                     Duration::from_secs(5),
-                    crate::protocol::request(&conn, &Request::HasBlob(blob)),
+                    crate::protocol::request(
+                        &conn,
+                        &Request::Coordinator(CoordinatorRequest::HasBlob(blob)),
+                    ),
                 )
                 .await;
                 if let Ok(Ok(Reply::Bool(false))) = asked {
@@ -942,26 +960,46 @@ impl Coordinator {
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<(), strata_net::Error> {
-        let role = conn.peer.role;
         let reply = match req {
-            Request::GetBlob(d) => {
+            Request::Any(AnyRequest::GetBlob(d)) => {
                 return crate::access::serve_blob(&self.reads, &self.node.content, conn, &d, send)
                     .await;
             }
-            Request::HasBlob(d) if matches!(role, Role::Client | Role::Admin) => {
+            Request::Any(AnyRequest::Lacking(reported)) => self.check_lacking(reported).await,
+            Request::Client(r) => return self.answer_client(conn, r, send, recv).await,
+            Request::Admin(r) => self.answer_admin(r).await,
+            Request::Worker(r) => return self.answer_worker(conn, r, send).await,
+            other @ Request::Coordinator(_) => {
+                strata_metrics::request_error("not_served");
+                Reply::Refused(other.not_served(Role::Coordinator))
+            }
+        };
+        write_frame(send, &reply, conn.addr).await
+    }
+
+    /// Answers what a client (or an admin) asks.
+    async fn answer_client(
+        self: &Arc<Self>,
+        conn: &Connection,
+        req: ClientRequest,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), strata_net::Error> {
+        let reply = match req {
+            ClientRequest::HasBlob(d) => {
                 let has = self.node.content.contains(&d).unwrap_or(false);
                 if has {
                     self.pin(d);
                 }
                 Reply::Bool(has)
             }
-            Request::Missing { context, blobs } if matches!(role, Role::Client | Role::Admin) => {
+            ClientRequest::Missing { context, blobs } => {
                 if blobs.len() > crate::protocol::MAX_MISSING_ASKED {
-                    Reply::Error(format!(
-                        "asked about {} blobs at once, over the {} a request may name",
+                    over_limit(
+                        "blobs asked about at once",
                         blobs.len(),
-                        crate::protocol::MAX_MISSING_ASKED
-                    ))
+                        crate::protocol::MAX_MISSING_ASKED,
+                    )
                 } else {
                     self.pin(context);
                     let node = Arc::clone(&self.node);
@@ -969,40 +1007,23 @@ impl Coordinator {
                         tokio::task::spawn_blocking(move || node.content.absent(&blobs)).await;
                     match lacks {
                         Ok(Ok(lacks)) => Reply::Missing(lacks),
-                        Ok(Err(e)) => Reply::Error(format!("cannot look blobs up: {e}")),
-                        Err(e) => Reply::Error(format!("looking blobs up stopped: {e}")),
+                        Ok(Err(e)) => failed("cannot look blobs up", &e),
+                        Err(e) => failed("looking blobs up stopped", &e),
                     }
                 }
             }
-            Request::PutBlobs(blobs) if matches!(role, Role::Client | Role::Admin) => {
+            ClientRequest::PutBlobs(blobs) => {
                 return self.receive_batch(conn, blobs, send, recv).await;
             }
-            Request::GetBlobs(blobs) if matches!(role, Role::Worker | Role::Coordinator) => {
-                if blobs.len() > strata_net::MAX_BATCH {
-                    Reply::Error(format!(
-                        "asked for {} blobs at once, over the {} a batch carries",
-                        blobs.len(),
-                        strata_net::MAX_BATCH
-                    ))
-                } else {
-                    let from: Vec<(Digest, strata_net::BatchSource<'_>)> = blobs
-                        .iter()
-                        .map(|d| (*d, strata_net::BatchSource::Store(&self.node.content)))
-                        .collect();
-                    let sent = strata_net::send_batch(send, &from, conn.addr).await?;
-                    strata_metrics::transferred(strata_metrics::Transfer::PeerSent, sent);
-                    return Ok(());
-                }
-            }
-            Request::PutBlob(d) if matches!(role, Role::Client | Role::Admin) => {
+            ClientRequest::PutBlob(d) => {
                 return self.receive_upload(conn, d, send, recv).await;
             }
-            Request::Build(submit) if role == Role::Client => {
+            ClientRequest::Build(submit) => {
                 return self.build(*submit, conn, send).await;
             }
-            Request::History { id, limit } if matches!(role, Role::Client | Role::Admin) => {
+            ClientRequest::History { id, limit } => {
                 // A client sees the builds it asked for; an admin, all.
-                let who = (role == Role::Client).then(|| conn.peer.name.clone());
+                let who = (conn.peer.role == Role::Client).then(|| conn.peer.name.clone());
                 let node = Arc::clone(&self.node);
                 let found = tokio::task::spawn_blocking(move || {
                     let all = node.history.list(strata_worker::history::MAX_RECORDS)?;
@@ -1019,138 +1040,153 @@ impl Coordinator {
                 .await;
                 match found {
                     Ok(Ok(records)) => Reply::History(records),
-                    Ok(Err(e)) => Reply::Error(e.to_string()),
-                    Err(e) => Reply::Error(format!("reading the history stopped: {e}")),
+                    Ok(Err(e)) => Reply::Failed(Failed::of(&e)),
+                    Err(e) => failed("reading the history stopped", &e),
                 }
             }
-            Request::Du if matches!(role, Role::Client | Role::Admin) => {
-                Reply::Usage(self.usage().await)
+            ClientRequest::Du => Reply::Usage(self.usage().await),
+            ClientRequest::Images => match self.named_images() {
+                Ok(images) => Reply::Images(images),
+                Err(e) => Reply::Failed(Failed::of(&e)),
+            },
+            ClientRequest::Push(push) => {
+                Reply::Pushed(self.push(push).await.map_err(|e| Failed::of(&e)))
             }
-            Request::Images if matches!(role, Role::Client | Role::Admin) => {
-                match self.named_images() {
-                    Ok(images) => Reply::Images(images),
-                    Err(e) => Reply::Error(strata_registry::error_chain(&e)),
-                }
-            }
-            Request::Push(push) if matches!(role, Role::Client | Role::Admin) => Reply::Pushed(
-                self.push(push)
-                    .await
-                    .map_err(|e| strata_registry::error_chain(&e)),
-            ),
-            Request::Untag(name) if matches!(role, Role::Client | Role::Admin) => {
-                match self.untag(&name).await {
-                    Ok(()) => Reply::Ok,
-                    Err(e) => Reply::Error(strata_registry::error_chain(&e)),
-                }
-            }
-            Request::ImportCache(entries) if role == Role::Admin => {
-                self.import_cache(entries).await
-            }
-            Request::Status => {
+            ClientRequest::Untag(name) => match self.untag(&name).await {
+                Ok(()) => Reply::Ok,
+                Err(e) => Reply::Failed(Failed::of(&e)),
+            },
+            ClientRequest::Status => {
                 // It reads the whole cache index.
                 let me = Arc::clone(self);
                 match tokio::task::spawn_blocking(move || me.status()).await {
                     Ok(status) => Reply::Status(Box::new(status)),
-                    Err(e) => Reply::Error(format!("reading the status stopped: {e}")),
+                    Err(e) => failed("reading the status stopped", &e),
                 }
             }
-            Request::ChangeGroup(change) if role == Role::Admin => {
+        };
+        write_frame(send, &reply, conn.addr).await
+    }
+
+    /// Answers what only an admin asks.
+    async fn answer_admin(self: &Arc<Self>, req: AdminRequest) -> Reply {
+        match req {
+            AdminRequest::ImportCache(entries) => self.import_cache(entries).await,
+            AdminRequest::ChangeGroup(change) => {
                 tracing::info!(?change, "changing the group of coordinators");
                 match self.member.change_membership(change).await {
                     Ok(()) => Reply::Ok,
-                    Err(e) => Reply::Error(e.to_string()),
+                    Err(e) => Reply::Failed(Failed::of(&e)),
                 }
             }
-            Request::Lacking(reported) => self.check_lacking(reported).await,
-            Request::Spare(blobs) if role == Role::Worker => self.spare(&conn.peer.name, &blobs),
-            Request::Cordon { worker, cordoned } if role == Role::Admin => {
-                self.cordon(&worker, cordoned)
+            AdminRequest::Cordon { worker, cordoned } => self.cordon(&worker, cordoned),
+        }
+    }
+
+    /// Answers what a worker asks.
+    async fn answer_worker(
+        self: &Arc<Self>,
+        conn: &Connection,
+        req: WorkerRequest,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), strata_net::Error> {
+        let reply = match req {
+            WorkerRequest::GetBlobs(blobs) => {
+                if blobs.len() > strata_net::MAX_BATCH {
+                    over_limit(
+                        "blobs asked for in one batch",
+                        blobs.len(),
+                        strata_net::MAX_BATCH,
+                    )
+                } else {
+                    let from: Vec<(Digest, strata_net::BatchSource<'_>)> = blobs
+                        .iter()
+                        .map(|d| (*d, strata_net::BatchSource::Store(&self.node.content)))
+                        .collect();
+                    let sent = strata_net::send_batch(send, &from, conn.addr).await?;
+                    strata_metrics::transferred(strata_metrics::Transfer::PeerSent, sent);
+                    return Ok(());
+                }
             }
-            Request::Register(r) if role == Role::Worker => {
+            WorkerRequest::Spare(blobs) => self.spare(&conn.peer.name, &blobs),
+            WorkerRequest::Register(r) => {
                 self.register(conn, r);
                 Reply::Ok
             }
-            Request::Heartbeat {
+            WorkerRequest::Heartbeat {
                 running,
                 blobs,
                 dropped,
                 stored,
-            } if role == Role::Worker => {
-                let gained = blobs.len();
-                {
-                    let mut shrunk = self.shrunk.lock().unwrap_or_else(PoisonError::into_inner);
-                    for b in &blobs {
-                        shrunk.gained(b);
-                    }
-                }
-                let evicted = dropped.clone();
-                let current = {
-                    let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-                    let name = &conn.peer.name;
-                    match workers.heartbeat(name, epoch(conn), Instant::now()) {
-                        Some(w) => {
-                            w.set_stored(stored);
-                            let w = &mut w.link;
-                            w.blobs.extend(blobs.iter().copied());
-                            for d in &dropped {
-                                w.blobs.remove(d);
-                            }
-                            if self.member.is_leader()
-                                && !dropped.is_empty()
-                                && !self.records.push(strata_raft::CommandV1::Lost {
-                                    worker: conn.peer.name.clone(),
-                                    registration: w.incarnation,
-                                    blobs: dropped,
-                                })
-                            {
-                                w.recorded = false;
-                            }
-                            // The worker tells every coordinator; the
-                            // leader records it, queued under the lock so
-                            // a registration of the same worker cannot
-                            // come between.
-                            if self.member.is_leader()
-                                && !blobs.is_empty()
-                                && !self.records.push(strata_raft::CommandV1::Held {
-                                    worker: conn.peer.name.clone(),
-                                    registration: w.incarnation,
-                                    blobs,
-                                })
-                            {
-                                w.recorded = false;
-                            }
-                            true
-                        }
-                        _ => false,
-                    }
-                };
-                if current {
-                    self.note_evicted(&conn.peer.name, evicted);
-                    tracing::trace!(worker = %conn.peer.name, running, gained, "heartbeat");
-                    Reply::Ok
-                } else {
-                    Reply::Refused(crate::protocol::Refusal::NotRegistered)
-                }
-            }
-            other => {
-                strata_metrics::request_error("not_allowed");
-                let admin = matches!(
-                    other,
-                    Request::ChangeGroup(_) | Request::Cordon { .. } | Request::ImportCache(_)
-                );
-                Reply::Error(format!(
-                    "{} may not ask the coordinator for {}{}",
-                    conn.peer,
-                    other.name(),
-                    if admin {
-                        ": that needs an admin certificate (`admin.toml` from `strata cluster init`)"
-                    } else {
-                        ""
-                    }
-                ))
-            }
+            } => self.heartbeat(conn, running, blobs, dropped, stored),
         };
         write_frame(send, &reply, conn.addr).await
+    }
+
+    /// A worker's heartbeat: what it gained and dropped since the last.
+    fn heartbeat(
+        &self,
+        conn: &Connection,
+        running: usize,
+        blobs: Vec<Digest>,
+        dropped: Vec<Digest>,
+        stored: u64,
+    ) -> Reply {
+        let gained = blobs.len();
+        {
+            let mut shrunk = self.shrunk.lock().unwrap_or_else(PoisonError::into_inner);
+            for b in &blobs {
+                shrunk.gained(b);
+            }
+        }
+        let evicted = dropped.clone();
+        let current = {
+            let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            let name = &conn.peer.name;
+            match workers.heartbeat(name, epoch(conn), Instant::now()) {
+                Some(w) => {
+                    w.set_stored(stored);
+                    let w = &mut w.link;
+                    w.blobs.extend(blobs.iter().copied());
+                    for d in &dropped {
+                        w.blobs.remove(d);
+                    }
+                    if self.member.is_leader()
+                        && !dropped.is_empty()
+                        && !self.records.push(strata_raft::CommandV1::Lost {
+                            worker: conn.peer.name.clone(),
+                            registration: w.incarnation,
+                            blobs: dropped,
+                        })
+                    {
+                        w.recorded = false;
+                    }
+                    // The worker tells every coordinator; the
+                    // leader records it, queued under the lock so
+                    // a registration of the same worker cannot
+                    // come between.
+                    if self.member.is_leader()
+                        && !blobs.is_empty()
+                        && !self.records.push(strata_raft::CommandV1::Held {
+                            worker: conn.peer.name.clone(),
+                            registration: w.incarnation,
+                            blobs,
+                        })
+                    {
+                        w.recorded = false;
+                    }
+                    true
+                }
+                _ => false,
+            }
+        };
+        if current {
+            self.note_evicted(&conn.peer.name, evicted);
+            tracing::trace!(worker = %conn.peer.name, running, gained, "heartbeat");
+            Reply::Ok
+        } else {
+            Reply::Refused(crate::protocol::Refusal::NotRegistered)
+        }
     }
 
     fn register(&self, conn: &Connection, r: Registration) {
@@ -1215,7 +1251,7 @@ impl Coordinator {
             .unwrap_or_else(PoisonError::into_inner)
             .cordon(worker, cordoned)
         {
-            return Reply::Error(format!("no worker named {worker} has registered"));
+            return Reply::Refused(Refusal::NoSuchWorker(worker.to_string()));
         }
         tracing::info!(%worker, cordoned, "worker cordon changed");
         self.slot_freed.notify_waiters();
@@ -1327,25 +1363,29 @@ impl Coordinator {
         let client = conn.peer.name.clone();
         if blobs.len() > strata_net::MAX_BATCH {
             let _ = recv.stop(crate::access::OVER_QUOTA.into());
-            let reply = Reply::Error(format!(
-                "{} blobs in one batch, over the {} a batch carries",
-                blobs.len(),
-                strata_net::MAX_BATCH
-            ));
+            let reply = over_limit("blobs in one batch", blobs.len(), strata_net::MAX_BATCH);
             return write_frame(send, &reply, conn.addr).await;
         }
         let wanted: HashSet<Digest> = blobs.into_iter().collect();
         let mut reserved: Vec<u64> = Vec::new();
         let uploads = &self.uploads;
+        let mut over_quota = None;
         let mut admit = |size: u64| {
             let r = uploads
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .reserve(&client, size, Instant::now());
-            if r.is_ok() {
-                reserved.push(size);
+            match r {
+                Ok(()) => {
+                    reserved.push(size);
+                    Ok(())
+                }
+                Err(over) => {
+                    let said = over.to_string();
+                    over_quota = Some(over);
+                    Err(said)
+                }
             }
-            r.map_err(|over| over.to_string())
         };
         let got = strata_net::recv_batch(
             recv,
@@ -1372,8 +1412,11 @@ impl Coordinator {
                 if matches!(e, strata_net::Error::Refused { .. }) {
                     let _ = recv.stop(crate::access::OVER_QUOTA.into());
                 }
-                crate::protocol::Refusal::of_transfer(&e)
-                    .map_or_else(|| Reply::Error(e.to_string()), Reply::Refused)
+                match over_quota {
+                    Some(over) => Reply::Refused(Refusal::OverQuota(over)),
+                    None => Refusal::of_transfer(&e)
+                        .map_or_else(|| Reply::Failed(Failed::of(&e)), Reply::Refused),
+                }
             }
         };
         write_frame(send, &reply, conn.addr).await
@@ -1388,7 +1431,7 @@ impl Coordinator {
     ) -> Result<(), strata_net::Error> {
         let client = &conn.peer.name;
         let reply = match read_blob_header(recv, &d, conn.addr).await? {
-            None => Reply::Error(format!("blob {d} did not come")),
+            None => Reply::Failed(Failed::new(format!("blob {d} did not come"))),
             Some(announced) => {
                 let reserved = self
                     .uploads
@@ -1400,7 +1443,7 @@ impl Coordinator {
                         tracing::warn!(%client, blob = %d, error = %over, "upload refused");
                         // Reading no further stops the sender.
                         let _ = recv.stop(crate::access::OVER_QUOTA.into());
-                        Reply::Error(over.to_string())
+                        Reply::Refused(Refusal::OverQuota(over))
                     }
                     Ok(()) => {
                         let got = recv_announced(
@@ -1458,12 +1501,13 @@ impl Coordinator {
         let asked = workers.into_iter().map(|(name, conn)| async move {
             let answer = tokio::time::timeout(
                 Duration::from_secs(30),
-                crate::protocol::request(&conn, &Request::Du),
+                crate::protocol::request(&conn, &Request::Coordinator(CoordinatorRequest::Du)),
             )
             .await;
             let usage = match answer {
                 Ok(Ok(Reply::Usage(mut u))) if u.len() == 1 => u.remove(0).usage,
-                Ok(Ok(Reply::Error(e))) => Err(e),
+                Ok(Ok(Reply::Failed(e))) => Err(strata_registry::error_chain(&e)),
+                Ok(Ok(Reply::Refused(e))) => Err(e.to_string()),
                 Ok(Ok(other)) => Err(format!("answered {other:?}")),
                 Ok(Err(e)) => Err(strata_registry::error_chain(&e)),
                 Err(_) => Err("no answer within 30 s".into()),
@@ -1489,28 +1533,29 @@ impl Coordinator {
     /// put; keys the index has are kept.
     async fn import_cache(&self, entries: Vec<(Digest, strata_cache::CacheEntry)>) -> Reply {
         if entries.len() > crate::protocol::MAX_IMPORTED {
-            return Reply::Error(format!(
-                "{} cache entries, over the limit of {}",
+            return over_limit(
+                "cache entries",
                 entries.len(),
-                crate::protocol::MAX_IMPORTED
-            ));
+                crate::protocol::MAX_IMPORTED,
+            );
         }
         let named: usize = entries.iter().map(|(_, e)| e.layers.len()).sum();
         if named > crate::protocol::MAX_IMPORTED_LAYERS {
-            return Reply::Error(format!(
-                "the cache entries name {named} layers, over the limit of {}",
-                crate::protocol::MAX_IMPORTED_LAYERS
-            ));
+            return over_limit(
+                "layers named by the cache entries",
+                named,
+                crate::protocol::MAX_IMPORTED_LAYERS,
+            );
         }
         let mut layers: Vec<LayerRef> = Vec::new();
         let mut seen = HashSet::new();
         for (key, entry) in &entries {
             if entry.layers.len() > crate::protocol::MAX_IMPORTED_CHAIN {
-                return Reply::Error(format!(
-                    "cache entry {key} has {} layers, over the limit of {}",
+                return over_limit(
+                    &format!("layers in cache entry {key}"),
                     entry.layers.len(),
-                    crate::protocol::MAX_IMPORTED_CHAIN
-                ));
+                    crate::protocol::MAX_IMPORTED_CHAIN,
+                );
             }
             for l in &entry.layers {
                 if seen.insert(l.blob) {
@@ -1522,37 +1567,39 @@ impl Coordinator {
             match self.node.content.info(&l.blob) {
                 Ok(Some(info)) if info.sha256 == l.diff_id && info.size == l.size => {}
                 Ok(Some(info)) => {
-                    return Reply::Error(format!(
-                        "blob {} is not the layer its cache entry names: its sha256 is {} ({} bytes), \
-                         the entry says {} ({} bytes)",
-                        l.blob, info.sha256, info.size, l.diff_id, l.size
-                    ));
+                    return Reply::Refused(Refusal::NotTheLayer {
+                        blob: l.blob,
+                        detail: format!(
+                            "its sha256 is {} ({} bytes), the entry says {} ({} bytes)",
+                            info.sha256, info.size, l.diff_id, l.size
+                        ),
+                    });
                 }
-                Ok(None) => return Reply::Error(format!("layer {} was not uploaded", l.blob)),
-                Err(e) => return Reply::Error(format!("cannot read layer {}: {e}", l.blob)),
+                Ok(None) => return Reply::Refused(Refusal::NotUploaded(l.blob)),
+                Err(e) => return failed(&format!("cannot read layer {}", l.blob), &e),
             }
         }
         for l in &layers {
             if let Err(e) = self.replicate(*l, None).await {
-                return Reply::Error(format!("cannot copy layer {} to workers: {e}", l.blob));
+                return failed(&format!("cannot copy layer {} to workers", l.blob), &e);
             }
         }
         if let Err(e) = self.member.barrier().await {
-            return Reply::Error(format!("the cache index cannot be read: {e}"));
+            return failed("the cache index cannot be read", &e);
         }
         let mut added = 0;
         for (key, entry) in entries {
             match self.member.local().entry(&key) {
                 Ok(Some(_)) => continue,
                 Ok(None) => {}
-                Err(e) => return Reply::Error(format!("the cache index cannot be read: {e}")),
+                Err(e) => return failed("the cache index cannot be read", &e),
             }
             if let Err(e) = self
                 .member
                 .write(strata_raft::CommandV1::Put { key, entry })
                 .await
             {
-                return Reply::Error(format!("cannot record cache entry {key}: {e}"));
+                return failed(&format!("cannot record cache entry {key}"), &e);
             }
             added += 1;
         }
@@ -1589,10 +1636,10 @@ impl Coordinator {
         };
         let mut asks = tokio::task::JoinSet::new();
         for (name, conn, blobs) in conns {
-            let grant = Request::Grant(Box::new(Grant {
+            let grant = Request::Coordinator(CoordinatorRequest::Grant(Box::new(Grant {
                 client: client.to_string(),
                 blobs,
-            }));
+            })));
             asks.spawn(async move { (name, crate::protocol::request(&conn, &grant).await) });
         }
         while let Some(done) = asks.join_next().await {

@@ -124,12 +124,12 @@ pub enum ImageError {
     #[error("no live worker to push from")]
     NoWorker,
     /// The worker pushing failed, or did not answer.
-    #[error("{worker}: {message}")]
+    #[error("pushing from {worker}")]
     Push {
         /// The worker.
         worker: String,
         /// What it said, or why it did not answer.
-        message: String,
+        source: crate::protocol::Failed,
     },
 }
 
@@ -229,6 +229,46 @@ pub enum PushError {
         destination: String,
         /// Why.
         source: strata_registry::Error,
+    },
+}
+
+/// Why a coordinator could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Its name could not be looked up.
+    #[error("cannot look up {addr}")]
+    Lookup {
+        /// The address, as configured.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Its name has no address.
+    #[error("{0} has no address")]
+    NoAddress(String),
+    /// It did not answer in time.
+    #[error("{addr}: no answer within {within:?}")]
+    Timeout {
+        /// The address.
+        addr: String,
+        /// How long it was given.
+        within: std::time::Duration,
+    },
+    /// The connection failed (refused, TLS, certificates).
+    #[error("{addr}")]
+    Net {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: strata_net::Error,
+    },
+    /// What answered is another role.
+    #[error("{addr}: {peer} is not a coordinator")]
+    NotCoordinator {
+        /// The address.
+        addr: String,
+        /// Who answered.
+        peer: String,
     },
 }
 

@@ -31,7 +31,8 @@ pub mod coordinator;
 pub mod distribution;
 mod error;
 
-pub use error::StartError;
+pub use access::OverQuota;
+pub use error::{ConnectError, StartError};
 pub mod local;
 mod observe;
 mod peers;
@@ -44,7 +45,8 @@ pub mod worker;
 /// A node answering the requests peers open streams for.
 pub(crate) trait Service: Send + Sync + 'static {
     /// Answers `req`, the first frame on the stream `send`/`recv` that
-    /// `conn`'s peer opened.
+    /// `conn`'s peer opened, once its role is checked: `req` is one the
+    /// peer's certificate may ask.
     fn handle<'a>(
         self: &'a std::sync::Arc<Self>,
         conn: &'a strata_net::Connection,
@@ -73,7 +75,14 @@ pub(crate) async fn serve_requests<S: Service>(
                     return;
                 }
             };
-            if let Err(e) = service.handle(&conn, req, &mut send, &mut recv).await {
+            let handled = if req.may_come_from(conn.peer.role) {
+                service.handle(&conn, req, &mut send, &mut recv).await
+            } else {
+                strata_metrics::request_error("not_allowed");
+                let refusal = protocol::Reply::Refused(req.not_allowed(&conn.peer));
+                strata_net::write_frame(&mut send, &refusal, conn.addr).await
+            };
+            if let Err(e) = handled {
                 strata_metrics::request_error(e.kind());
                 if !conn.close_if_forged(&e) {
                     tracing::warn!(peer = %conn.peer, error = %e, "request failed");

@@ -10,7 +10,7 @@ use strata_net::{Connection, Endpoint, recv_blob_limited, write_frame};
 use strata_oci::LayerRef;
 use tokio::sync::Mutex;
 
-use crate::protocol::{Holder, MAX_LACKING, Request, request};
+use crate::protocol::{AnyRequest, Holder, MAX_LACKING, Request, request};
 
 /// Why blobs could not be fetched.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -111,7 +111,12 @@ impl Peers {
     ) -> Result<Option<u64>, strata_net::Error> {
         let conn = self.connection(holder.addr).await?;
         let (mut send, mut recv) = conn.open().await?;
-        write_frame(&mut send, &Request::GetBlob(*blob), conn.addr).await?;
+        write_frame(
+            &mut send,
+            &Request::Any(AnyRequest::GetBlob(*blob)),
+            conn.addr,
+        )
+        .await?;
         let _ = send.finish();
         let got = recv_blob_limited(&mut recv, cas, blob, conn.addr, bytes_per_second).await;
         match &got {
@@ -222,7 +227,9 @@ pub(crate) async fn report_lacking(e: &FetchError, coordinator: &Connection) {
     if e.lacking.is_empty() {
         return;
     }
-    let report = Request::Lacking(e.lacking.iter().take(MAX_LACKING).cloned().collect());
+    let report = Request::Any(AnyRequest::Lacking(
+        e.lacking.iter().take(MAX_LACKING).cloned().collect(),
+    ));
     if let Err(why) = request(coordinator, &report).await {
         tracing::warn!(error = %why, "cannot tell the coordinator of holders lacking blobs");
     }

@@ -19,7 +19,9 @@ use strata_solver::{Job, StageResult, StepAt, Worker, WorkerError};
 use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::Coordinator;
-use crate::protocol::{BuildSpec, ExecEvent, Holder, Reply, Request, RequestError, StepRef};
+use crate::protocol::{
+    BuildSpec, CoordinatorRequest, ExecEvent, Holder, Reply, Request, RequestError, StepRef,
+};
 
 /// A running step's hold on one of its worker's slots, given back when
 /// dropped.
@@ -231,7 +233,7 @@ impl Placement {
         if begun.contains(worker) {
             return Ok(conn);
         }
-        let begin = Request::Begin(Box::new((*self.spec).clone()));
+        let begin = Request::Coordinator(CoordinatorRequest::Begin(Box::new((*self.spec).clone())));
         self.ask(worker, &conn, &begin, |r| match r {
             Reply::Ok => Ok(Ok(())),
             other => Err(other),
@@ -251,7 +253,12 @@ impl Placement {
         answer: impl FnOnce(Reply) -> Result<Result<T, WorkerError>, Reply>,
     ) -> Result<T, WorkerError> {
         match crate::protocol::request(conn, req).await {
-            Ok(Reply::Error(e)) => Err(WorkerError::new(format!("worker {worker}: {e}"))),
+            Ok(Reply::Failed(e)) => {
+                Err(WorkerError::from_error(&e).within(&format!("worker {worker}")))
+            }
+            Ok(Reply::Refused(e)) => {
+                Err(WorkerError::from_error(&e).within(&format!("worker {worker}")))
+            }
             Ok(reply) => answer(reply).unwrap_or_else(|other| {
                 Err(WorkerError::new(format!(
                     "worker {worker} answered {other:?}"
@@ -375,7 +382,14 @@ impl Placement {
         sources: &[Option<StageResult>],
     ) -> Result<Digest, WorkerError> {
         let conn = self.begin(holder).await?;
-        let req = Request::Artifact(Box::new(self.step_ref(holder, i, s, &[], sources, None)));
+        let req = Request::Coordinator(CoordinatorRequest::Artifact(Box::new(self.step_ref(
+            holder,
+            i,
+            s,
+            &[],
+            sources,
+            None,
+        ))));
         self.ask(holder, &conn, &req, |r| match r {
             Reply::Artifact(r) => Ok(r),
             other => Err(other),
@@ -388,7 +402,11 @@ impl Placement {
         let begun: Vec<String> = self.begun.lock().await.iter().cloned().collect();
         for w in begun {
             if let Ok(conn) = self.connection(&w) {
-                let _ = crate::protocol::request(&conn, &Request::End(self.spec.id)).await;
+                let _ = crate::protocol::request(
+                    &conn,
+                    &Request::Coordinator(CoordinatorRequest::End(self.spec.id)),
+                )
+                .await;
             }
         }
     }
@@ -424,14 +442,14 @@ impl Worker for Placement {
             None => self.pin(i).await?,
         };
         let conn = self.begin(&worker).await?;
-        let req = Request::Inputs(Box::new(self.step_ref(
+        let req = Request::Coordinator(CoordinatorRequest::Inputs(Box::new(self.step_ref(
             &worker,
             i,
             s,
             &[],
             at.sources(),
             None,
-        )));
+        ))));
         let inputs: Vec<Digest> = self
             .ask(&worker, &conn, &req, |r| match r {
                 Reply::Inputs(r) => Ok(r),
@@ -465,14 +483,14 @@ impl Worker for Placement {
             }
             _ => None,
         };
-        let req = Request::Execute(Box::new(self.step_ref(
+        let req = Request::Coordinator(CoordinatorRequest::Execute(Box::new(self.step_ref(
             &worker,
             i,
             s,
             &job.parent,
             job.at.sources(),
             artifact,
-        )));
+        ))));
         let lost = |e: RequestError| self.gone(&worker, &conn, &e);
         let (mut send, mut recv) = conn.open().await.map_err(|e| lost(e.into()))?;
         write_frame(&mut send, &req, conn.addr)

@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 use strata_cas::{Digest, Sha256};
-use strata_net::{Connection, read_frame, write_frame};
+use strata_net::{Connection, Role, read_frame, write_frame};
 use strata_oci::LayerRef;
-use strata_solver::{Event, StepRecord, WorkerError};
+use strata_solver::{Causes, Event, StepRecord, WorkerError};
 use strata_worker::PlanInputs;
 
 /// A node that holds blobs, and where it serves them.
@@ -275,36 +275,117 @@ pub struct WorkerStatus {
     pub platforms: Vec<String>,
 }
 
-/// The first message on every stream.
+/// The first message on every stream. Its outer kind says which role may
+/// ask it; a node checks that against the asker's certificate before it
+/// looks further ([`Request::may_come_from`]), so each of its handlers
+/// takes only the requests one role may make, by type.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
-    /// Any node: send this blob (then: the blob stream back).
+    /// Any certificate of the cluster, of any node.
+    Any(AnyRequest),
+    /// A client's (or an admin's), of a coordinator.
+    Client(ClientRequest),
+    /// An admin's, of a coordinator.
+    Admin(AdminRequest),
+    /// A worker's, of a coordinator.
+    Worker(WorkerRequest),
+    /// A coordinator's, of a worker.
+    Coordinator(CoordinatorRequest),
+}
+
+/// What any node or client may ask of any node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AnyRequest {
+    /// Send this blob (then: the blob stream back). Each blob is checked
+    /// against what the asker may read ([`crate::access`]).
     GetBlob(Digest),
-    /// Client → coordinator: is this blob stored? (reply: [`Reply::Bool`]).
+    /// Of a coordinator: these holders said they do not hold these blobs,
+    /// (blob, holder), at most [`MAX_LACKING`] ([`Reply::Ok`] once the
+    /// coordinator asked each and corrected its records).
+    Lacking(Vec<(Digest, String)>),
+}
+
+/// What a client (or an admin) may ask of a coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ClientRequest {
+    /// Is this blob stored? ([`Reply::Bool`]; asking pins it a while).
     HasBlob(Digest),
-    /// Client → coordinator: store this blob (then: the blob stream from
-    /// the client; reply: [`Reply::Ok`]).
+    /// Store this blob (then: the blob stream from the client;
+    /// [`Reply::Ok`]).
     PutBlob(Digest),
-    /// Client → coordinator: run a build (then: [`BuildEvent`]s back).
+    /// Store these small blobs, at most [`strata_net::MAX_BATCH`] (then: a
+    /// batch stream of them from the client, made durable together;
+    /// [`Reply::Ok`]).
+    PutBlobs(Vec<Digest>),
+    /// Which of these blobs of the build context whose root directory is
+    /// `context` it lacks, at most [`MAX_MISSING_ASKED`]
+    /// ([`Reply::Missing`]). The context is kept, with every blob its tree
+    /// names, for the build the client submits next.
+    Missing {
+        /// The context's root directory blob.
+        context: Digest,
+        /// Blobs of its tree.
+        blobs: Vec<Digest>,
+    },
+    /// Run a build (then: [`BuildEvent`]s back).
     Build(Box<SubmitBuild>),
-    /// Client → coordinator: the cluster's state ([`Reply::Status`]).
+    /// The cluster's state ([`Reply::Status`]).
     Status,
-    /// Client → coordinator: place no new stages on this worker (or place
-    /// them again); it keeps serving its blobs ([`Reply::Ok`]).
+    /// The builds it coordinated, newest first, at most `limit` (and
+    /// [`MAX_HISTORY`]), or the one whose id is or starts with `id`
+    /// ([`Reply::History`]). A client sees its own builds only; an admin,
+    /// everyone's.
+    History {
+        /// One build, by id or id prefix.
+        id: Option<String>,
+        /// How many.
+        limit: usize,
+    },
+    /// Where each node's bytes are; it asks every live worker
+    /// ([`Reply::Usage`]).
+    Du,
+    /// The images the cluster names ([`Reply::Images`]).
+    Images,
+    /// Drop the image name (a tag, as `app:1`); the image's layers are
+    /// then cache like any other ([`Reply::Ok`]).
+    Untag(String),
+    /// Push an image the cluster names to a registry, from a worker
+    /// ([`Reply::Pushed`]).
+    Push(PushRequest),
+}
+
+/// What only an admin may ask of a coordinator: what changes the cluster
+/// for everyone.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// Place no new stages on this worker (or place them again); it keeps
+    /// serving its blobs ([`Reply::Ok`]).
     Cordon {
         /// The worker's name.
         worker: String,
         /// Cordoned (true) or back in service (false).
         cordoned: bool,
     },
-    /// Client → coordinator: add a coordinator to the group replicating
-    /// the cache index, or remove one ([`Reply::Ok`] once committed).
+    /// Add a coordinator to the group replicating the cache index, or
+    /// remove one ([`Reply::Ok`] once committed).
     ChangeGroup(strata_raft::MembershipChange),
-    /// Worker → coordinator, first on its connection ([`Reply::Ok`]).
+    /// Add these cache entries (an exported cache, `strata cluster
+    /// import-cache`) to the cluster's index, at most [`MAX_IMPORTED`],
+    /// each chain at most [`MAX_IMPORTED_CHAIN`] layers. Every layer must
+    /// have been uploaded and be what its entry says (its sha256 and size,
+    /// computed here); each is copied to workers before any entry naming
+    /// it is put, and a key the index has is kept ([`Reply::Imported`]).
+    ImportCache(Vec<(Digest, strata_cache::CacheEntry)>),
+}
+
+/// What a worker may ask of a coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum WorkerRequest {
+    /// First on its connection ([`Reply::Ok`]).
     Register(Registration),
-    /// Worker → coordinator: still here, running this many steps, holding
-    /// these blobs it had not told this coordinator of, and no longer
-    /// holding those it dropped.
+    /// Still here, running this many steps, holding these blobs it had
+    /// not told this coordinator of, and no longer holding those it
+    /// dropped.
     Heartbeat {
         /// Steps running now.
         running: usize,
@@ -316,84 +397,41 @@ pub enum Request {
         /// Bytes its store holds now: new copies go where there is room.
         stored: u64,
     },
-    /// Worker → coordinator: which of these blobs are spare copies, that
-    /// enough other live workers (or the coordinator) hold, at most
-    /// [`MAX_SPARE_ASKED`] ([`Reply::Spare`], in the same order).
+    /// Which of these blobs are spare copies, that enough other live
+    /// workers (or the coordinator) hold, at most [`MAX_SPARE_ASKED`]
+    /// ([`Reply::Spare`], in the same order).
     Spare(Vec<Digest>),
-    /// Client or admin → coordinator: the builds it coordinated, newest
-    /// first, at most `limit` (and [`MAX_HISTORY`]), or the one whose id
-    /// is or starts with `id` ([`Reply::History`]). A client sees its own
-    /// builds only.
-    History {
-        /// One build, by id or id prefix.
-        id: Option<String>,
-        /// How many.
-        limit: usize,
-    },
-    /// Coordinator → worker: a build some of whose stages it will run
-    /// ([`Reply::Ok`] once the worker has the context and the same plan).
-    Begin(Box<BuildSpec>),
-    /// Coordinator → worker: a step's input digests ([`Reply::Inputs`]).
-    Inputs(Box<StepRef>),
-    /// Coordinator → worker: run a step (then: [`ExecEvent`]s back).
-    Execute(Box<StepRef>),
-    /// Coordinator → worker holding a stage's filesystem: pack what this
-    /// `COPY --from` step copies from it ([`Reply::Artifact`]).
-    Artifact(Box<StepRef>),
-    /// Coordinator → worker: the build is over ([`Reply::Ok`]).
-    End(u64),
-    /// Coordinator → worker: fetch this blob from its holders and keep it
-    /// ([`Reply::Ok`] once stored), so it has more copies.
-    Copy(Box<CopyBlob>),
-    /// Coordinator → worker: let a client read these blobs ([`Reply::Ok`]).
-    Grant(Box<Grant>),
-    /// Worker or client → coordinator: these holders said they do not
-    /// hold these blobs, (blob, holder), at most [`MAX_LACKING`]
-    /// ([`Reply::Ok`] once the coordinator asked each and corrected its
-    /// records).
-    Lacking(Vec<(Digest, String)>),
-    /// Admin → coordinator: add these cache entries (an exported cache,
-    /// `strata cluster import-cache`) to the cluster's index, at most
-    /// [`MAX_IMPORTED`], each chain at most [`MAX_IMPORTED_CHAIN`] layers.
-    /// Every layer must have been uploaded and be what its entry says (its
-    /// sha256 and size, computed here); each is copied to workers before
-    /// any entry naming it is put, and a key the index has is kept
-    /// ([`Reply::Imported`]).
-    ImportCache(Vec<(Digest, strata_cache::CacheEntry)>),
-    /// Client or admin → coordinator: where each node's bytes are (it
-    /// asks every live worker); coordinator → worker: where its are
-    /// ([`Reply::Usage`]).
-    Du,
-    /// Client → coordinator: which of these blobs of the build context
-    /// whose root directory is `context` it lacks, at most
-    /// [`MAX_MISSING_ASKED`] ([`Reply::Missing`]). The context is kept,
-    /// with every blob its tree names, for the build the client submits
-    /// next.
-    Missing {
-        /// The context's root directory blob.
-        context: Digest,
-        /// Blobs of its tree.
-        blobs: Vec<Digest>,
-    },
-    /// Client or admin → coordinator: store these small blobs, at most
-    /// [`strata_net::MAX_BATCH`] (then: a batch stream of them from the
-    /// client, made durable together; [`Reply::Ok`]).
-    PutBlobs(Vec<Digest>),
-    /// Worker → coordinator: send these blobs of a build context, at most
+    /// Send these blobs of a build context, at most
     /// [`strata_net::MAX_BATCH`] (then: a batch stream of them back).
     GetBlobs(Vec<Digest>),
-    /// Client or admin → coordinator: the images the cluster names
-    /// ([`Reply::Images`]).
-    Images,
-    /// Client or admin → coordinator: drop the image name (a tag, as
-    /// `app:1`); the image's layers are then cache like any other
-    /// ([`Reply::Ok`]).
-    Untag(String),
-    /// Client or admin → coordinator: push an image the cluster names to
-    /// a registry, from a worker ([`Reply::Pushed`]).
-    Push(PushRequest),
-    /// Coordinator → worker: gather an image's layers and push it
-    /// ([`Reply::Pushed`]).
+}
+
+/// What a coordinator may ask of a worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum CoordinatorRequest {
+    /// A build some of whose stages it will run ([`Reply::Ok`] once the
+    /// worker has the context and the same plan).
+    Begin(Box<BuildSpec>),
+    /// A step's input digests ([`Reply::Inputs`]).
+    Inputs(Box<StepRef>),
+    /// Run a step (then: [`ExecEvent`]s back).
+    Execute(Box<StepRef>),
+    /// Of the worker holding a stage's filesystem: pack what this `COPY
+    /// --from` step copies from it ([`Reply::Artifact`]).
+    Artifact(Box<StepRef>),
+    /// The build is over ([`Reply::Ok`]).
+    End(u64),
+    /// Fetch this blob from its holders and keep it ([`Reply::Ok`] once
+    /// stored), so it has more copies.
+    Copy(Box<CopyBlob>),
+    /// Let a client read these blobs ([`Reply::Ok`]).
+    Grant(Box<Grant>),
+    /// Is this blob stored? (checking what a peer reported it lacks;
+    /// [`Reply::Bool`]).
+    HasBlob(Digest),
+    /// Where its bytes are ([`Reply::Usage`]).
+    Du,
+    /// Gather an image's layers and push it ([`Reply::Pushed`]).
     PushImage(Box<PushSpec>),
 }
 
@@ -490,8 +528,8 @@ pub enum Reply {
     Ok,
     /// Yes or no.
     Bool(bool),
-    /// It failed, and why.
-    Error(String),
+    /// Taken on, and failed: what and why.
+    Failed(Failed),
     /// A step's input digests.
     Inputs(Result<Vec<Digest>, WorkerError>),
     /// The cluster's state.
@@ -513,7 +551,7 @@ pub enum Reply {
     /// The images the cluster names, by name.
     Images(Vec<NamedImage>),
     /// A push made, or why not.
-    Pushed(Result<strata_registry::Pushed, String>),
+    Pushed(Result<strata_registry::Pushed, Failed>),
     /// Refused for a reason the asker acts on.
     Refused(Refusal),
 }
@@ -535,6 +573,133 @@ pub enum Refusal {
         /// What did not match.
         detail: String,
     },
+    /// The asker's certificate may not ask this.
+    #[error(
+        "{asker} may not ask {asked}: that needs {} {needs} certificate{}",
+        if matches!(needs, Role::Admin) { "an" } else { "a" },
+        if matches!(needs, Role::Admin) { " (`admin.toml` from `strata cluster init`)" } else { "" }
+    )]
+    NotAllowed {
+        /// Who asked: its role and name.
+        asker: String,
+        /// What it asked for.
+        asked: String,
+        /// The role that may ask it.
+        needs: Role,
+    },
+    /// The node asked does not serve this: it is asked of another role.
+    #[error("a {by} is not asked {asked}")]
+    NotServed {
+        /// What was asked for.
+        asked: String,
+        /// The role of the node asked.
+        by: Role,
+    },
+    /// The request names more than a request may.
+    #[error("{count} {what}, over the limit of {limit}")]
+    OverLimit {
+        /// What it names too many of.
+        what: String,
+        /// How many it names.
+        count: usize,
+        /// The most it may.
+        limit: usize,
+    },
+    /// An upload would pass the client's quota.
+    #[error(transparent)]
+    OverQuota(#[from] crate::access::OverQuota),
+    /// No worker by that name has registered.
+    #[error("no worker named {0} has registered")]
+    NoSuchWorker(String),
+    /// A blob is not the layer the request says it is.
+    #[error("blob {blob} is not the layer its cache entry names: {detail}")]
+    NotTheLayer {
+        /// The blob.
+        blob: Digest,
+        /// What its content is, and what was said.
+        detail: String,
+    },
+    /// A blob the request names was never uploaded.
+    #[error("layer {0} was not uploaded")]
+    NotUploaded(Digest),
+}
+
+/// A request taken on that failed: what failed, and its causes as an
+/// error chain (each the source of the one before), which cross the wire
+/// as text, at most [`Causes::MAX`] of them.
+#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error)]
+#[serde(from = "FailedOnWire", into = "FailedOnWire")]
+#[error("{message}")]
+pub struct Failed {
+    message: String,
+    #[source]
+    causes: Option<Causes>,
+}
+
+impl Failed {
+    /// A failure with no cause below it.
+    pub fn new(message: impl Into<String>) -> Failed {
+        Failed {
+            message: message.into(),
+            causes: None,
+        }
+    }
+
+    /// `error`, its sources kept as the causes.
+    pub fn of(error: &(dyn std::error::Error + 'static)) -> Failed {
+        let causes: Vec<String> = std::iter::successors(error.source(), |e| e.source())
+            .map(ToString::to_string)
+            .collect();
+        Failed {
+            message: error.to_string(),
+            causes: Causes::new(&causes),
+        }
+    }
+
+    /// `what` failed because of `error` (and its sources).
+    pub fn because(what: impl Into<String>, error: &(dyn std::error::Error + 'static)) -> Failed {
+        let causes: Vec<String> = std::iter::successors(Some(error), |e| e.source())
+            .map(ToString::to_string)
+            .collect();
+        Failed {
+            message: what.into(),
+            causes: Causes::new(&causes),
+        }
+    }
+}
+
+/// [`Failed`] as it crosses the wire.
+#[derive(Clone, Serialize, Deserialize)]
+struct FailedOnWire {
+    message: String,
+    causes: Vec<String>,
+}
+
+impl From<FailedOnWire> for Failed {
+    fn from(w: FailedOnWire) -> Failed {
+        Failed {
+            message: w.message,
+            causes: Causes::new(&w.causes),
+        }
+    }
+}
+
+impl From<Failed> for FailedOnWire {
+    fn from(f: Failed) -> FailedOnWire {
+        let mut causes = Vec::new();
+        let mut next: Option<&(dyn std::error::Error + 'static)> = f
+            .causes
+            .as_ref()
+            .map(|c| c as &(dyn std::error::Error + 'static));
+        while let Some(c) = next {
+            causes.push(c.to_string());
+            next = c.source();
+        }
+        FailedOnWire {
+            message: f.message,
+            causes,
+        }
+    }
 }
 
 impl Refusal {
@@ -553,37 +718,86 @@ impl Refusal {
 }
 
 impl Request {
-    /// Its name, for refusals.
+    /// The role whose certificate may ask it; an admin may also ask what
+    /// a client may.
+    pub fn asked_by(&self) -> Option<Role> {
+        match self {
+            Request::Any(_) => None,
+            Request::Client(_) => Some(Role::Client),
+            Request::Admin(_) => Some(Role::Admin),
+            Request::Worker(_) => Some(Role::Worker),
+            Request::Coordinator(_) => Some(Role::Coordinator),
+        }
+    }
+
+    /// Whether a certificate of `role` may ask it: the one check of
+    /// roles, made before a node looks at what is asked.
+    pub fn may_come_from(&self, role: Role) -> bool {
+        match self.asked_by() {
+            None => true,
+            Some(Role::Client) => matches!(role, Role::Client | Role::Admin),
+            Some(wanted) => role == wanted,
+        }
+    }
+
+    /// What it asks, after "may not ask", for refusals.
     pub fn name(&self) -> &'static str {
         match self {
-            Request::GetBlob(_) => "a blob",
-            Request::HasBlob(_) => "whether it holds a blob",
-            Request::PutBlob(_) => "to store a blob",
-            Request::Build(_) => "a build",
-            Request::Status => "its status",
-            Request::History { .. } => "its build history",
-            Request::Cordon { .. } => "to cordon a worker",
-            Request::ChangeGroup(_) => "to change the group of coordinators",
-            Request::Register(_) => "registration",
-            Request::Heartbeat { .. } => "a heartbeat",
-            Request::Begin(_) => "to begin a build",
-            Request::Inputs(_) => "a step's inputs",
-            Request::Execute(_) => "to run a step",
-            Request::Artifact(_) => "an artifact",
-            Request::End(_) => "to end a build",
-            Request::Copy(_) => "to take a copy of a blob",
-            Request::Grant(_) => "to let a client read blobs",
-            Request::Lacking(_) => "a report of holders lacking blobs",
-            Request::Spare(_) => "which blobs are spare copies",
-            Request::ImportCache(_) => "to import a cache into the cluster's index",
-            Request::Du => "where its bytes are",
-            Request::Missing { .. } => "which blobs of a build context it lacks",
-            Request::PutBlobs(_) => "to store blobs",
-            Request::GetBlobs(_) => "blobs of a build context",
-            Request::Images => "the images the cluster names",
-            Request::Push(_) => "a push",
-            Request::PushImage(_) => "to push an image",
-            Request::Untag(_) => "to drop an image name",
+            Request::Any(AnyRequest::GetBlob(_)) => "for a blob",
+            Request::Any(AnyRequest::Lacking(_)) => "to check holders reported lacking blobs",
+            Request::Client(r) => match r {
+                ClientRequest::HasBlob(_) => "whether it holds a blob",
+                ClientRequest::PutBlob(_) => "to store a blob",
+                ClientRequest::PutBlobs(_) => "to store blobs",
+                ClientRequest::Missing { .. } => "which blobs of a build context it lacks",
+                ClientRequest::Build(_) => "for a build",
+                ClientRequest::Status => "for its status",
+                ClientRequest::History { .. } => "for its build history",
+                ClientRequest::Du => "where the cluster's bytes are",
+                ClientRequest::Images => "for the images the cluster names",
+                ClientRequest::Untag(_) => "to drop an image name",
+                ClientRequest::Push(_) => "for a push",
+            },
+            Request::Admin(r) => match r {
+                AdminRequest::Cordon { .. } => "to cordon a worker",
+                AdminRequest::ChangeGroup(_) => "to change the group of coordinators",
+                AdminRequest::ImportCache(_) => "to import a cache into the cluster's index",
+            },
+            Request::Worker(r) => match r {
+                WorkerRequest::Register(_) => "to register as a worker",
+                WorkerRequest::Heartbeat { .. } => "to record a worker's heartbeat",
+                WorkerRequest::Spare(_) => "which blobs are spare copies",
+                WorkerRequest::GetBlobs(_) => "for blobs of a build context",
+            },
+            Request::Coordinator(r) => match r {
+                CoordinatorRequest::Begin(_) => "to begin a build",
+                CoordinatorRequest::Inputs(_) => "for a step's inputs",
+                CoordinatorRequest::Execute(_) => "to run a step",
+                CoordinatorRequest::Artifact(_) => "for an artifact",
+                CoordinatorRequest::End(_) => "to end a build",
+                CoordinatorRequest::Copy(_) => "to take a copy of a blob",
+                CoordinatorRequest::Grant(_) => "to let a client read blobs",
+                CoordinatorRequest::HasBlob(_) => "whether it holds a blob",
+                CoordinatorRequest::Du => "where its bytes are",
+                CoordinatorRequest::PushImage(_) => "to push an image",
+            },
+        }
+    }
+
+    /// The refusal of `asker`, whose certificate may not ask it.
+    pub fn not_allowed(&self, asker: &strata_net::Peer) -> Refusal {
+        Refusal::NotAllowed {
+            asker: asker.to_string(),
+            asked: self.name().to_string(),
+            needs: self.asked_by().unwrap_or(asker.role),
+        }
+    }
+
+    /// The refusal of a node of role `by`, which does not serve it.
+    pub fn not_served(&self, by: Role) -> Refusal {
+        Refusal::NotServed {
+            asked: self.name().to_string(),
+            by,
         }
     }
 }
@@ -649,5 +863,98 @@ mod tests {
         let (back, _): (Reply, usize) =
             bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
         assert!(matches!(back, Reply::Refused(Refusal::NotRegistered)));
+    }
+
+    /// A request of each outer kind.
+    fn one_of_each() -> Vec<Request> {
+        let d = Digest::of(b"blob");
+        vec![
+            Request::Any(AnyRequest::GetBlob(d)),
+            Request::Client(ClientRequest::Status),
+            Request::Admin(AdminRequest::Cordon {
+                worker: "worker-1".into(),
+                cordoned: true,
+            }),
+            Request::Worker(WorkerRequest::Spare(vec![d])),
+            Request::Coordinator(CoordinatorRequest::HasBlob(d)),
+        ]
+    }
+
+    #[test]
+    fn each_role_may_ask_only_its_own_requests_and_an_admin_a_client_s_too() {
+        let roles = [Role::Client, Role::Admin, Role::Worker, Role::Coordinator];
+        let allowed: Vec<Vec<bool>> = one_of_each()
+            .iter()
+            .map(|r| roles.iter().map(|role| r.may_come_from(*role)).collect())
+            .collect();
+        assert_eq!(
+            allowed,
+            [
+                // client, admin, worker, coordinator
+                [true, true, true, true],
+                [true, true, false, false],
+                [false, true, false, false],
+                [false, false, true, false],
+                [false, false, false, true],
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refusal_by_role_names_the_asker_what_it_asked_and_the_certificate_it_needs() {
+        let client = strata_net::Peer {
+            role: Role::Client,
+            name: "team-b".into(),
+        };
+        let cordon = &one_of_each()[2];
+        assert!(!cordon.may_come_from(client.role));
+        let refusal = cordon.not_allowed(&client);
+        assert_eq!(
+            refusal.to_string(),
+            "client team-b may not ask to cordon a worker: that needs an admin certificate \
+             (`admin.toml` from `strata cluster init`)"
+        );
+        let has = &one_of_each()[4];
+        assert_eq!(
+            has.not_allowed(&client).to_string(),
+            "client team-b may not ask whether it holds a blob: that needs a coordinator certificate"
+        );
+        assert_eq!(
+            one_of_each()[1].not_served(Role::Worker).to_string(),
+            "a worker is not asked for its status"
+        );
+    }
+
+    #[test]
+    fn a_failure_crosses_the_wire_with_its_causes_as_an_error_chain() {
+        let io = std::io::Error::other("disk full");
+        let failed = Failed::because("cannot record cache entry", &io);
+        let bytes =
+            bincode::serde::encode_to_vec(Reply::Failed(failed), bincode::config::standard())
+                .unwrap();
+        let (back, _): (Reply, usize) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        let Reply::Failed(back) = back else {
+            panic!("{back:?}")
+        };
+        let chain: Vec<String> =
+            std::iter::successors(Some(&back as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(chain, ["cannot record cache entry", "disk full"]);
+        // A chain made too deep by another node is cut, not followed.
+        let deep = FailedOnWire {
+            message: "outer".into(),
+            causes: (0..10_000).map(|i| i.to_string()).collect(),
+        };
+        let failed = Failed::from(deep);
+        let depth =
+            std::iter::successors(Some(&failed as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .count();
+        assert_eq!(depth, 1 + Causes::MAX);
     }
 }

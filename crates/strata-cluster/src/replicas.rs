@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::coordinator::Coordinator;
 use crate::error::ReplicateError;
-use crate::protocol::{CopyBlob, CopyError, Reply, Request};
+use crate::protocol::{CoordinatorRequest, CopyBlob, CopyError, Reply, Request};
 
 /// How often the leader looks over its records of workers.
 const RECONCILE_EVERY: Duration = Duration::from_secs(2);
@@ -248,11 +248,11 @@ impl Coordinator {
         bytes_per_second: Option<u64>,
     ) -> Result<(), CopyFailed> {
         let blob = layer.blob;
-        let copy = Request::Copy(Box::new(CopyBlob {
+        let copy = Request::Coordinator(CoordinatorRequest::Copy(Box::new(CopyBlob {
             layer,
             holders: sources,
             bytes_per_second,
-        }));
+        })));
         match crate::protocol::request(conn, &copy).await {
             Ok(Reply::Copied(Err(CopyError::NotTheLayer(e)))) => Err(CopyFailed::NotTheLayer(
                 format!("{name} refused a copy: {e}"),
@@ -271,7 +271,11 @@ impl Coordinator {
                     "{name} took a copy the group did not record: {e}"
                 ))),
             },
-            Ok(Reply::Error(e)) => Err(CopyFailed::This(format!("{name}: {e}"))),
+            Ok(Reply::Failed(e)) => Err(CopyFailed::This(format!(
+                "{name}: {}",
+                strata_registry::error_chain(&e)
+            ))),
+            Ok(Reply::Refused(e)) => Err(CopyFailed::This(format!("{name}: {e}"))),
             Ok(other) => Err(CopyFailed::This(format!("{name} answered {other:?}"))),
             Err(e) => Err(CopyFailed::This(format!("{name}: {e}"))),
         }

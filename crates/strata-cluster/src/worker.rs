@@ -22,8 +22,8 @@ use crate::config::{NodeAddress, WorkerConfig};
 use crate::error::{EvictError, PushError, StartError};
 use crate::peers::{FetchError, Peers, report_lacking};
 use crate::protocol::{
-    BuildSpec, CopyError, CopyKind, ExecEvent, Holder, Refusal, Registration, Reply, Request,
-    StepRef, request,
+    AnyRequest, BuildSpec, CoordinatorRequest, CopyError, CopyKind, ExecEvent, Failed, Holder,
+    Refusal, Registration, Reply, Request, StepRef, WorkerRequest, request,
 };
 
 /// Blobs of a build context a worker fetches at once.
@@ -430,7 +430,11 @@ impl WorkerNode {
         // A coordinator that is down may not answer at all: give up on it
         // well before QUIC's idle timeout.
         let limit = crate::protocol::CONNECT_TIMEOUT;
-        let conn = tokio::time::timeout(limit, self.endpoint.connect(at.resolve().await?))
+        let addr = at
+            .resolve()
+            .await
+            .map_err(|e| strata_registry::error_chain(&e))?;
+        let conn = tokio::time::timeout(limit, self.endpoint.connect(addr))
             .await
             .map_err(|_| format!("no answer within {limit:?}"))?
             .map_err(|e| e.to_string())?;
@@ -440,7 +444,7 @@ impl WorkerNode {
         let (changes, blobs, stored) = self.blobs()?;
         let reply = request(
             &conn,
-            &Request::Register(Registration {
+            &Request::Worker(WorkerRequest::Register(Registration {
                 addr: self.listen,
                 slots: self.slots,
                 blobs: blobs.iter().copied().collect(),
@@ -453,13 +457,14 @@ impl WorkerNode {
                 incarnation: self.incarnation,
                 keep_storage: self.keep.storage,
                 stored,
-            }),
+            })),
         )
         .await
         .map_err(|e| strata_registry::error_chain(&e))?;
         match reply {
             Reply::Ok => Ok((conn, (changes, blobs, stored))),
-            Reply::Error(e) => Err(e),
+            Reply::Failed(e) => Err(strata_registry::error_chain(&e)),
+            Reply::Refused(e) => Err(e.to_string()),
             other => Err(format!("unexpected answer to registering: {other:?}")),
         }
     }
@@ -494,12 +499,12 @@ impl WorkerNode {
                         }
                     }
                 };
-            let beat = Request::Heartbeat {
+            let beat = Request::Worker(WorkerRequest::Heartbeat {
                 running: self.running.load(Ordering::Relaxed),
                 blobs: gained.clone(),
                 dropped: dropped.clone(),
                 stored,
-            };
+            });
             match tokio::time::timeout(Duration::from_secs(5), request(conn, &beat)).await {
                 Ok(Ok(Reply::Ok)) => {
                     reported.extend(gained);
@@ -609,7 +614,7 @@ impl WorkerNode {
             .map(|c| c.blob)
             .collect();
         for conn in conns {
-            match request(&conn, &Request::Spare(asked.clone())).await {
+            match request(&conn, &Request::Worker(WorkerRequest::Spare(asked.clone()))).await {
                 Ok(Reply::Spare(copies)) => {
                     return Some(asked.iter().copied().zip(copies).collect());
                 }
@@ -707,8 +712,12 @@ impl WorkerNode {
     ) -> Result<(), strata_net::Error> {
         // Log lines about a build name it as its client does.
         let build = match &req {
-            Request::Begin(spec) => Some(spec.build_id.clone()),
-            Request::Execute(s) | Request::Inputs(s) | Request::Artifact(s) => self
+            Request::Coordinator(CoordinatorRequest::Begin(spec)) => Some(spec.build_id.clone()),
+            Request::Coordinator(
+                CoordinatorRequest::Execute(s)
+                | CoordinatorRequest::Inputs(s)
+                | CoordinatorRequest::Artifact(s),
+            ) => self
                 .builds
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -732,39 +741,41 @@ impl WorkerNode {
         req: Request,
         send: &mut quinn::SendStream,
     ) -> Result<(), strata_net::Error> {
-        let from_coordinator = conn.peer.role == Role::Coordinator;
-        let reply = match req {
-            Request::GetBlob(d) => {
+        let req = match req {
+            Request::Any(AnyRequest::GetBlob(d)) => {
                 return crate::access::serve_blob(&self.reads, &self.node.content, conn, &d, send)
                     .await;
             }
+            Request::Coordinator(r) => r,
+            other => {
+                strata_metrics::request_error("not_served");
+                let refusal = Reply::Refused(other.not_served(Role::Worker));
+                return write_frame(send, &refusal, conn.addr).await;
+            }
+        };
+        let reply = match req {
             // A coordinator checking what a peer reported this worker
             // lacks.
-            Request::HasBlob(d) if from_coordinator => {
+            CoordinatorRequest::HasBlob(d) => {
                 Reply::Bool(self.node.content.present(&d).unwrap_or(false))
             }
-            Request::Grant(grant) if from_coordinator => {
+            CoordinatorRequest::Grant(grant) => {
                 self.reads
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .grant(&grant.client, &grant.blobs, Instant::now());
                 Reply::Ok
             }
-            Request::Execute(step) if from_coordinator => {
+            CoordinatorRequest::Execute(step) => {
                 return self.execute(*step, send, conn.addr, conn).await;
             }
-            Request::Begin(spec) if from_coordinator => match self.begin(*spec, conn).await {
+            CoordinatorRequest::Begin(spec) => match self.begin(*spec, conn).await {
                 Ok(()) => Reply::Ok,
-                // The wire carries text: the causes go on one line.
-                Err(e) => Reply::Error(strata_registry::error_chain(&e)),
+                Err(e) => Reply::Failed(Failed::of(&e)),
             },
-            Request::Inputs(step) if from_coordinator => {
-                Reply::Inputs(self.inputs(*step, conn).await)
-            }
-            Request::Artifact(step) if from_coordinator => {
-                Reply::Artifact(self.artifact(*step, conn).await)
-            }
-            Request::Copy(copy) if from_coordinator => {
+            CoordinatorRequest::Inputs(step) => Reply::Inputs(self.inputs(*step, conn).await),
+            CoordinatorRequest::Artifact(step) => Reply::Artifact(self.artifact(*step, conn).await),
+            CoordinatorRequest::Copy(copy) => {
                 let layer = &copy.layer;
                 Reply::Copied(
                     match self
@@ -802,12 +813,10 @@ impl WorkerNode {
                     },
                 )
             }
-            Request::PushImage(spec) if from_coordinator => Reply::Pushed(
-                self.push(*spec)
-                    .await
-                    .map_err(|e| strata_registry::error_chain(&e)),
-            ),
-            Request::Du if from_coordinator => {
+            CoordinatorRequest::PushImage(spec) => {
+                Reply::Pushed(self.push(*spec).await.map_err(|e| Failed::of(&e)))
+            }
+            CoordinatorRequest::Du => {
                 let node = Arc::clone(&self.node);
                 let usage = tokio::task::spawn_blocking(move || {
                     strata_worker::usage(&node).map_err(|e| strata_registry::error_chain(&e))
@@ -820,20 +829,12 @@ impl WorkerNode {
                     usage,
                 }])
             }
-            Request::End(id) if from_coordinator => {
+            CoordinatorRequest::End(id) => {
                 self.builds
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .remove(&(conn.peer.name.clone(), id));
                 Reply::Ok
-            }
-            other => {
-                strata_metrics::request_error("not_allowed");
-                Reply::Error(format!(
-                    "{} may not ask a worker for {}",
-                    conn.peer,
-                    other.name()
-                ))
             }
         };
         write_frame(send, &reply, conn.addr).await
@@ -1256,9 +1257,13 @@ async fn get_batch(
     let fail = |e: strata_net::Error| BeginError::Fetch(Box::new(e));
     let (mut send, mut recv) = conn.open().await.map_err(fail)?;
     let wanted: HashSet<Digest> = blobs.iter().copied().collect();
-    write_frame(&mut send, &Request::GetBlobs(blobs), conn.addr)
-        .await
-        .map_err(fail)?;
+    write_frame(
+        &mut send,
+        &Request::Worker(WorkerRequest::GetBlobs(blobs)),
+        conn.addr,
+    )
+    .await
+    .map_err(fail)?;
     let _ = send.finish();
     let label = Some((crate::context::CONTEXT_LABEL, "1"));
     let got = strata_net::recv_batch(&mut recv, cas, &wanted, conn.addr, label, &mut |_| Ok(()))

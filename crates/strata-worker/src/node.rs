@@ -114,7 +114,7 @@ pub struct Node {
     /// Steps running at once across every build of this node.
     pub slots: Arc<tokio::sync::Semaphore>,
     /// The OCI runtime, with the step networks it keeps between steps.
-    runtime: Result<strata_exec::Runtime, String>,
+    runtime: Result<strata_exec::Runtime, Arc<strata_exec::Error>>,
     /// The last walk of the snapshot and cache-mount directories (when,
     /// and their bytes), for [`Node::usage`].
     walked: std::sync::Mutex<Option<(std::time::Instant, u64, u64)>>,
@@ -191,7 +191,7 @@ impl Node {
         };
         // Sandboxes a killed process left still hold its mounts: they go
         // before the snapshotter clears those.
-        let runtime = strata_exec::Runtime::discover(&home.join("runc")).map_err(|e| e.to_string());
+        let runtime = strata_exec::Runtime::discover(&home.join("runc")).map_err(Arc::new);
         if let Ok(runtime) = &runtime {
             runtime.clear_stale();
         }
@@ -278,7 +278,7 @@ impl Node {
     }
 
     /// The OCI runtime steps and `strata run` use; why there is none.
-    pub fn runtime(&self) -> Result<&strata_exec::Runtime, String> {
-        self.runtime.as_ref().map_err(Clone::clone)
+    pub fn runtime(&self) -> Result<&strata_exec::Runtime, Arc<strata_exec::Error>> {
+        self.runtime.as_ref().map_err(Arc::clone)
     }
 }

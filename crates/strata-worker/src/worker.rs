@@ -173,7 +173,9 @@ impl LocalWorker {
 
     /// The OCI runtime, found on first use: fully cached builds need none.
     fn runtime(&self) -> Result<&Runtime, WorkerError> {
-        self.node.runtime().map_err(err)
+        self.node
+            .runtime()
+            .map_err(|e| WorkerError::from_error(e.as_ref()))
     }
 
     fn layers_of<'a>(
