@@ -189,6 +189,8 @@ pub struct ContentStore {
     ingest_seq: AtomicU64,
     /// Blobs added or removed since the store was opened.
     changes: AtomicU64,
+    /// Blobs removed since the store was opened.
+    removals: AtomicU64,
 }
 
 impl std::fmt::Debug for ContentStore {
@@ -236,6 +238,7 @@ impl ContentStore {
             leases: Arc::default(),
             ingest_seq: AtomicU64::new(0),
             changes: AtomicU64::new(0),
+            removals: AtomicU64::new(0),
         })
     }
 
@@ -243,6 +246,13 @@ impl ContentStore {
     /// readings mean listing the store again would show nothing new.
     pub fn changes(&self) -> u64 {
         self.changes.load(Ordering::SeqCst)
+    }
+
+    /// A count that moves whenever a blob is removed: blobs found present
+    /// are all still present while two readings, the first taken before
+    /// they were looked up, are equal.
+    pub fn removals(&self) -> u64 {
+        self.removals.load(Ordering::SeqCst)
     }
 
     /// The directory the store lives in.
@@ -703,6 +713,9 @@ impl ContentStore {
         if self.by_sha256(&info.sha256)? == Some(*d) {
             batch.delete_cf(self.cf(CF_SHA256), info.sha256.0);
         }
+        // Counted before the write: a reader that saw the blob present
+        // and reads the count after this sees it moved.
+        self.removals.fetch_add(1, Ordering::SeqCst);
         self.meta.db().write(batch).map_err(self.db_err())?;
         self.changes.fetch_add(1, Ordering::SeqCst);
         let path = self.blob_path(d);

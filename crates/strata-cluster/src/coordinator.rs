@@ -82,9 +82,10 @@ pub struct Coordinator {
     /// The layers of the images the cluster names, as of an applied
     /// index of the group's log.
     named_cache: Mutex<Option<(u64, Arc<HashSet<Digest>>)>>,
-    /// Closures of build contexts found whole, by root: a context built
-    /// again is not walked again.
-    trees: Mutex<HashMap<Digest, Arc<crate::context::Closure>>>,
+    /// Closures of build contexts found whole, by root, each with the
+    /// store's count of removals when it was: a context built again is
+    /// not walked again, nor looked up again while nothing was removed.
+    trees: Mutex<HashMap<Digest, (Arc<crate::context::Closure>, u64)>>,
     /// Workers each built layer is kept on.
     pub(crate) replication: usize,
     /// Bytes per second for background copies.
@@ -627,6 +628,16 @@ impl Coordinator {
         }
     }
 
+    /// Whether every blob of context tree `root` is here: a build of it
+    /// found it whole, and no blob was removed since.
+    fn known_whole(&self, root: &Digest) -> bool {
+        self.trees
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(root)
+            .is_some_and(|(_, at)| *at == self.node.content.removals())
+    }
+
     /// A client uploaded `context` or asked about it: it stays for the
     /// build the client submits next.
     fn pin(&self, context: Digest) {
@@ -1000,6 +1011,11 @@ impl Coordinator {
                         blobs.len(),
                         crate::protocol::MAX_MISSING_ASKED,
                     )
+                } else if self.known_whole(&context) {
+                    // Every blob of the tree is here, as the last build
+                    // of it found, and none has gone since.
+                    self.pin(context);
+                    Reply::Missing(Vec::new())
                 } else {
                     self.pin(context);
                     let node = Arc::clone(&self.node);
@@ -1793,29 +1809,40 @@ impl Coordinator {
             .get(&root)
             .cloned();
         let tree = tokio::task::spawn_blocking(move || {
-            let c = match known {
-                Some(c) => c,
-                None => Arc::new(crate::context::closure(&node.content, &root)?),
+            let (c, whole_at) = match known {
+                Some((c, at)) => (c, Some(at)),
+                None => (
+                    Arc::new(crate::context::closure(&node.content, &root)?),
+                    None,
+                ),
             };
+            // Held before they are counted: no blob of the tree can go
+            // from here on, and one gone since it was found whole moved
+            // the count.
+            for d in c.all() {
+                context_lease.hold(*d);
+            }
+            let removals = node.content.removals();
+            if whole_at == Some(removals) {
+                return Ok((c, 0, removals, context_lease));
+            }
             let all: Vec<Digest> = c.all().copied().collect();
             let absent = node.content.absent(&all)?.len();
-            Ok::<_, crate::context::ContextError>((c, absent))
+            Ok::<_, crate::context::ContextError>((c, absent, removals, context_lease))
         })
         .await;
-        match tree {
-            Ok(Ok((c, 0))) => {
-                for d in c.all() {
-                    context_lease.hold(*d);
-                }
+        let _context_lease = match tree {
+            Ok(Ok((c, 0, removals, lease))) => {
                 // A tree's closure is fixed by its root's digest: the next
-                // build of it checks only that every blob is still here.
+                // build of it checks only that no blob went meanwhile.
                 let mut trees = self.trees.lock().unwrap_or_else(PoisonError::into_inner);
                 if trees.len() >= MAX_TREES {
                     trees.clear();
                 }
-                trees.insert(root, c);
+                trees.insert(root, (c, removals));
+                lease
             }
-            Ok(Ok((_, absent))) => {
+            Ok(Ok((_, absent, _, _))) => {
                 return fail(
                     format!(
                         "build context {root} was not uploaded whole ({absent} of its blobs are missing)"
@@ -1825,7 +1852,7 @@ impl Coordinator {
             }
             Ok(Err(e)) => return fail(format!("build context: {e}"), vec![]),
             Err(e) => return fail(format!("reading the build context stopped: {e}"), vec![]),
-        }
+        };
         self.pins
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

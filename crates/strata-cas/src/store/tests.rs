@@ -242,6 +242,24 @@ fn the_count_of_changes_moves_with_what_the_store_holds() {
 }
 
 #[test]
+fn the_count_of_removals_moves_only_when_a_blob_goes() {
+    let (_d, s) = store();
+    let start = s.removals();
+    let d = s.put(b"one").unwrap();
+    s.put(b"two").unwrap();
+    assert_eq!(s.removals(), start, "adding removes nothing");
+    // A leased blob is not deleted, and the count stays.
+    let mut lease = s.lease();
+    lease.hold(d);
+    assert!(!s.delete(&d).unwrap());
+    assert_eq!(s.removals(), start);
+    drop(lease);
+    assert!(s.delete(&d).unwrap());
+    assert_ne!(s.removals(), start);
+    assert!(!s.contains(&d).unwrap());
+}
+
+#[test]
 fn a_batch_stores_its_blobs_together_and_refuses_a_wrong_one() {
     let (d, s) = store();
     let already = s.put(b"already here").unwrap();
