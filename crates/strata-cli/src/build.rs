@@ -1637,11 +1637,14 @@ fn cluster_build(
     // last build of this directory.
     let hashing = std::time::Instant::now();
     let cache_at = strata_cluster::context::StatCache::path(node.home(), b.context);
-    let mut cache = strata_cluster::context::StatCache::load(&cache_at);
+    let mut cache = cx.contexts.take(&cache_at);
     let tree = strata_cluster::context::hash(b.context, &ignore, &mut cache)
         .with_context(|| format!("cannot read the build context {}", b.context.display()))?;
-    if let Err(e) = cache.save(&cache_at) {
-        tracing::warn!(path = %cache_at.display(), error = %e, "cannot save the context's stat cache");
+    match cache.save(&cache_at) {
+        Ok(()) => cx.contexts.keep(&cache_at, cache),
+        Err(e) => {
+            tracing::warn!(path = %cache_at.display(), error = %e, "cannot save the context's stat cache")
+        }
     }
     tracing::debug!(
         entries = tree.entries,

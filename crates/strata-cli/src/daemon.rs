@@ -165,6 +165,8 @@ pub struct Cx<'a> {
     pub node: &'a Arc<Node>,
     /// The client.
     pub session: &'a Session,
+    /// The build contexts' stat caches, decoded, shared by every build.
+    pub contexts: &'a strata_cluster::context::StatCaches,
 }
 
 impl Cx<'_> {
@@ -191,6 +193,7 @@ impl Cx<'_> {
 
 struct Handler {
     node: Arc<Node>,
+    contexts: strata_cluster::context::StatCaches,
 }
 
 impl strata_daemon::Handler for Handler {
@@ -201,6 +204,7 @@ impl strata_daemon::Handler for Handler {
         let cx = Cx {
             node: &self.node,
             session,
+            contexts: &self.contexts,
         };
         tracing::info!(call = ?call_name(&call), "running a command");
         let result = match call {
@@ -500,7 +504,10 @@ fn serve(
         None => None,
     };
     rt.spawn(evict_forever(Arc::clone(&node), keep));
-    let handler = Arc::new(Handler { node });
+    let handler = Arc::new(Handler {
+        node,
+        contexts: strata_cluster::context::StatCaches::default(),
+    });
     let stop = tokio_util::sync::CancellationToken::new();
     let opts = strata_daemon::Options {
         home: home.to_path_buf(),

@@ -363,6 +363,61 @@ impl StatCache {
     }
 }
 
+/// The stat caches a long-running process (the local daemon) loaded or
+/// saved, kept decoded between builds: building one context again does
+/// not read and decode its 30,000 entries again. Each is taken while a
+/// build hashes with it and given back once saved; one whose file
+/// changed since (another process wrote it) is loaded afresh.
+#[derive(Debug, Default)]
+pub struct StatCaches {
+    kept: Mutex<HashMap<PathBuf, (SystemTime, StatCache)>>,
+}
+
+impl StatCaches {
+    /// The cache at `path`: the one kept, while its file is as this
+    /// process left it, else [`StatCache::load`]. Two builds of one
+    /// context at once each get one; the last given back is kept.
+    pub fn take(&self, path: &Path) -> StatCache {
+        let kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(path);
+        match kept {
+            Some((at, cache)) if modified(path) == Some(at) => cache,
+            _ => StatCache::load(path),
+        }
+    }
+
+    /// Keeps `cache`, saved at `path` by [`StatCache::save`], for the
+    /// next build; at most [`KEPT_STAT_CACHES`], as on disk.
+    pub fn keep(&self, path: &Path, mut cache: StatCache) {
+        let Some(at) = modified(path) else {
+            return;
+        };
+        cache.changed = false;
+        let mut kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.len() >= KEPT_STAT_CACHES && !kept.contains_key(path) {
+            let oldest = kept
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(p, _)| p.clone());
+            if let Some(oldest) = oldest {
+                kept.remove(&oldest);
+            }
+        }
+        kept.insert(path.to_path_buf(), (at, cache));
+    }
+}
+
+/// When the file at `path` was last written or marked used.
+fn modified(path: &Path) -> Option<SystemTime> {
+    fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
 fn seconds(m: &fs::Metadata) -> i64 {
     m.mtime()
 }
@@ -1258,6 +1313,43 @@ mod tests {
         let third = hash_at(p, &none, &mut cache, later).unwrap();
         assert_eq!(third.read, 10_000);
         assert_ne!(third.root, first.root);
+    }
+
+    #[test]
+    fn a_kept_stat_cache_serves_the_next_build_until_another_process_writes_its_file() {
+        let ctx = tempfile::tempdir().unwrap();
+        let p = ctx.path();
+        fs::write(p.join("a"), b"a").unwrap();
+        set_mtime(&p.join("a"), 1_000_000_000).unwrap();
+        let none = IgnoreMatcher::default();
+        let later = SystemTime::now() + Duration::from_secs(10);
+        let saved = tempfile::tempdir().unwrap();
+        let at = saved.path().join("cache");
+        let caches = StatCaches::default();
+        let mut cache = caches.take(&at);
+        assert!(cache.files.is_empty(), "nothing saved yet");
+        hash_at(p, &none, &mut cache, later).unwrap();
+        cache.save(&at).unwrap();
+        caches.keep(&at, cache);
+        // The kept one is served, not the file decoded again: an entry
+        // only the kept one has is there.
+        let mut kept = caches.take(&at);
+        assert_eq!(kept.files.len(), 1);
+        assert!(!kept.changed);
+        let entry = kept.files.values().next().copied().unwrap();
+        kept.files.insert("only-in-memory".into(), entry);
+        caches.keep(&at, kept);
+        let kept = caches.take(&at);
+        assert_eq!(kept.files.len(), 2);
+        assert_eq!(StatCache::load(&at).files.len(), 1);
+        let bytes = fs::read(&at).unwrap();
+        caches.keep(&at, kept);
+        // Another process writes the file: it is loaded afresh.
+        fs::write(&at, b"not a stat cache").unwrap();
+        set_mtime(&at, 1_000_000_000).unwrap();
+        assert!(caches.take(&at).files.is_empty());
+        fs::write(&at, bytes).unwrap();
+        assert_eq!(caches.take(&at).files.len(), 1);
     }
 
     #[test]

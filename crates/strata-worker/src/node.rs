@@ -104,6 +104,8 @@ pub struct Node {
     pub cache: Arc<LocalCacheIndex>,
     /// Checksums of what steps select from stages and images.
     pub selections: SelectionMemo,
+    /// Content digests of context files by their stat, for this process.
+    pub file_digests: crate::select::FileDigests,
     /// The builds it ran or coordinated, newest kept.
     pub history: crate::History,
     /// The builds running now, step by step.
@@ -232,6 +234,7 @@ impl Node {
             images,
             cache,
             selections,
+            file_digests: crate::select::FileDigests::default(),
             history,
             live: crate::history::Live::default(),
             flights: strata_solver::Flights::default(),

@@ -9,7 +9,6 @@
 
 use std::ffi::OsString;
 use std::fs::{self, Metadata};
-use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -205,10 +204,13 @@ pub fn walk<E: From<FileError>>(
     let mut stack: Vec<(PathBuf, String)> = vec![(item.host.clone(), String::new())];
     while let Some((dir, rel)) = stack.pop() {
         let entries = fs::read_dir(&dir).map_err(FileError::io("list", &dir))?;
-        let mut names: Vec<OsString> = entries.flatten().map(|e| e.file_name()).collect();
-        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        // Each entry is stat'ed relative to its open directory (fstatat,
+        // not following a link), not by walking its whole path again.
+        let mut listed: Vec<(OsString, fs::DirEntry)> =
+            entries.flatten().map(|e| (e.file_name(), e)).collect();
+        listed.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
         let mut subdirs = Vec::new();
-        for name in names {
+        for (name, entry) in listed {
             let child_rel = if rel.is_empty() {
                 name.to_string_lossy().into_owned()
             } else {
@@ -220,7 +222,7 @@ pub fn walk<E: From<FileError>>(
                 format!("{}/{child_rel}", item.rel)
             };
             let host = dir.join(&name);
-            let meta = fs::symlink_metadata(&host).map_err(FileError::io("read", &host))?;
+            let meta = entry.metadata().map_err(FileError::io("read", &host))?;
             // Ignored entries are skipped; an ignored directory that an
             // exception reaches into is kept and entered, as Docker does.
             let skip = if ignored(src, &root_rel) {
@@ -352,14 +354,108 @@ pub fn copy_visible(src: &SourceRoot<'_>, dest: &Path) -> Result<(), FileError> 
 /// Names what [`checksum`] covers; changing that changes this.
 pub const CHECKSUM_VERSION: &[u8] = b"strata.selection.v1\0";
 
+/// Content digests of host files by what their stat says (device, inode,
+/// size, modification and change times), as git's index and BuildKit's
+/// fsutil keep them: a build context checksummed again reads only the
+/// files whose stat changed. A file changed within [`FileDigests::RACY`]
+/// of being read is not remembered (a later change in the same clock tick
+/// could keep its stat). Kept in memory for the life of the process (the
+/// local daemon's, a worker's), at most [`FileDigests::MAX`] files.
+#[derive(Debug, Default)]
+pub struct FileDigests {
+    known: std::sync::Mutex<std::collections::HashMap<FileStat, [u8; 32]>>,
+}
+
+/// What identifies a file's content, short of reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileStat {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStat {
+    fn of(m: &Metadata) -> FileStat {
+        FileStat {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        }
+    }
+}
+
+impl FileDigests {
+    /// Files remembered at most; past that, all are forgotten at once.
+    pub const MAX: usize = 500_000;
+
+    /// How recent a change keeps a file's digest from being remembered.
+    pub const RACY: std::time::Duration = std::time::Duration::from_secs(2);
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<FileStat, [u8; 32]>> {
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, stat: &FileStat) -> Option<[u8; 32]> {
+        self.lock().get(stat).copied()
+    }
+
+    /// Remembers `digest` for a file of `stat` read at `now`, unless it
+    /// changed within [`FileDigests::RACY`] of it.
+    fn put(&self, stat: FileStat, digest: [u8; 32], now: std::time::SystemTime) {
+        let now_ns = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX));
+        let settled = now_ns - i128::try_from(Self::RACY.as_nanos()).unwrap_or(i128::MAX);
+        if stat.mtime_ns >= settled || stat.ctime_ns >= settled {
+            return;
+        }
+        let mut known = self.lock();
+        if known.len() >= Self::MAX {
+            known.clear();
+        }
+        known.insert(stat, digest);
+    }
+
+    /// How many files it remembers.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether it remembers none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The digest of what `specs` select in `src`: paths, types, modes,
 /// contents, link targets, extended attributes (and owners, for stage and
 /// image sources). Modification times and the root's own path are not part
-/// of it, so the same files give the same digest in any checkout.
+/// of it, so the same files give the same digest in any checkout. Files
+/// whose content digest `known` holds by their stat are not read again;
+/// those read are added to it.
 pub fn checksum(
     src: &SourceRoot<'_>,
     specs: &[String],
     excludes: &[String],
+    known: Option<&FileDigests>,
+) -> Result<Digest, FileError> {
+    checksum_at(src, specs, excludes, known, std::time::SystemTime::now())
+}
+
+/// [`checksum`], as if read at `now` (files changed within
+/// [`FileDigests::RACY`] of it are not remembered).
+fn checksum_at(
+    src: &SourceRoot<'_>,
+    specs: &[String],
+    excludes: &[String],
+    known: Option<&FileDigests>,
+    now: std::time::SystemTime,
 ) -> Result<Digest, FileError> {
     let exclude = exclude_matcher(excludes)?;
     let items = select(src, specs)?;
@@ -374,7 +470,7 @@ pub fn checksum(
             format!("item {} {} {}", item.spec, item.rel, item.is_dir).as_bytes(),
         );
         walk(src, item, exclude.as_ref(), &mut |e| {
-            hash_entry(&mut h, src, e)
+            hash_entry(&mut h, src, e, known, now)
         })?;
     }
     Ok(Digest(*h.finalize().as_bytes()))
@@ -399,6 +495,8 @@ fn hash_entry(
     h: &mut blake3::Hasher,
     src: &SourceRoot<'_>,
     e: &Entry<'_>,
+    known: Option<&FileDigests>,
+    now: std::time::SystemTime,
 ) -> Result<(), FileError> {
     let ft = e.meta.file_type();
     let kind = if ft.is_dir() {
@@ -428,17 +526,26 @@ fn hash_entry(
         let t = fs::read_link(e.host).map_err(FileError::io("read link", e.host))?;
         feed(h, t.as_os_str().as_bytes());
     } else if ft.is_file() {
-        let mut f = fs::File::open(e.host).map_err(FileError::io("read", e.host))?;
-        let mut content = blake3::Hasher::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = f.read(&mut buf).map_err(FileError::io("read", e.host))?;
-            if n == 0 {
-                break;
+        let stat = FileStat::of(e.meta);
+        let digest = match known.and_then(|k| k.get(&stat)) {
+            Some(d) => d,
+            None => {
+                let mut f = fs::File::open(e.host).map_err(FileError::io("read", e.host))?;
+                // Read through a buffer on the stack: a zeroed buffer on
+                // the heap for each of 30,000 small files cost more than
+                // reading them.
+                let mut content = blake3::Hasher::new();
+                content
+                    .update_reader(&mut f)
+                    .map_err(FileError::io("read", e.host))?;
+                let d = *content.finalize().as_bytes();
+                if let Some(k) = known {
+                    k.put(stat, d, now);
+                }
+                d
             }
-            content.update(&buf[..n]);
-        }
-        h.update(content.finalize().as_bytes());
+        };
+        h.update(&digest);
     }
     if !ft.is_symlink()
         && let Ok(names) = xattr::list(e.host)
@@ -465,6 +572,44 @@ mod tests {
             ignore: None,
             keep_owner: false,
         }
+    }
+
+    #[test]
+    fn a_context_file_is_read_again_only_when_its_stat_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        fs::create_dir(p.join("src")).unwrap();
+        fs::write(p.join("src/a.js"), b"one").unwrap();
+        fs::write(p.join("b.js"), b"two").unwrap();
+        let root = context(p);
+        let specs = [".".to_string()];
+        let known = FileDigests::default();
+        let plain = checksum(&root, &specs, &[], None).unwrap();
+        // Just written: read, and not remembered.
+        let now = std::time::SystemTime::now();
+        assert_eq!(
+            checksum_at(&root, &specs, &[], Some(&known), now).unwrap(),
+            plain
+        );
+        assert!(known.is_empty());
+        // Read well after: remembered by stat, the digest unchanged.
+        let later = now + std::time::Duration::from_secs(10);
+        assert_eq!(
+            checksum_at(&root, &specs, &[], Some(&known), later).unwrap(),
+            plain
+        );
+        assert_eq!(known.len(), 2);
+        let stat = FileStat::of(&fs::metadata(p.join("b.js")).unwrap());
+        assert_eq!(known.get(&stat), Some(*blake3::hash(b"two").as_bytes()));
+        assert_eq!(
+            checksum_at(&root, &specs, &[], Some(&known), later).unwrap(),
+            plain
+        );
+        // Rewritten with the same size: its stat moves, so it is read.
+        fs::write(p.join("b.js"), b"TWO").unwrap();
+        let edited = checksum_at(&root, &specs, &[], Some(&known), later).unwrap();
+        assert_ne!(edited, plain);
+        assert_eq!(edited, checksum(&root, &specs, &[], None).unwrap());
     }
 
     #[test]

@@ -316,11 +316,13 @@ impl LocalWorker {
                     ignore: Some(&self.ignore),
                     keep_owner: false,
                 };
-                let sum = checksum(&root, specs, excludes).map_err(|e| {
-                    let mut e = failed(e);
-                    e.message.push_str(" in the build context");
-                    e
-                })?;
+                let sum = checksum(&root, specs, excludes, Some(&self.node.file_digests)).map_err(
+                    |e| {
+                        let mut e = failed(e);
+                        e.message.push_str(" in the build context");
+                        e
+                    },
+                )?;
                 if let Some(k) = key {
                     self.node.selections.put(&k, &sum);
                 }
@@ -339,7 +341,7 @@ impl LocalWorker {
                     ignore: None,
                     keep_owner: true,
                 };
-                let sum = checksum(&src, specs, excludes).map_err(failed)?;
+                let sum = checksum(&src, specs, excludes, None).map_err(failed)?;
                 self.node.selections.put(&key, &sum);
                 Ok(sum)
             }
