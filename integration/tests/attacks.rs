@@ -175,9 +175,22 @@ fn blob_services(cluster: &Cluster) -> Vec<std::net::SocketAddr> {
     all
 }
 
-#[test]
-fn a_client_reads_only_the_blobs_of_its_own_builds() {
-    let cluster = Cluster::start(2, 5);
+/// Two teams of one cluster, team A's configuration being `client.toml`
+/// and team B's one `cluster add-client` issued.
+struct Teams {
+    a: std::path::PathBuf,
+    b: std::path::PathBuf,
+    /// Team A's state, holding its build `a:1`.
+    a_state: Strata,
+    /// The context of that build.
+    ctx: tempfile::TempDir,
+    /// Its top layer, holding a secret.
+    secret: Digest,
+}
+
+/// Adds team B to `cluster`, and has team A build a layer holding a
+/// secret.
+fn two_teams_and_a_secret(cluster: &Cluster) -> Teams {
     let added = cluster.ok(&[
         "cluster",
         "add-client",
@@ -186,17 +199,33 @@ fn a_client_reads_only_the_blobs_of_its_own_builds() {
         cluster.path().to_str().unwrap(),
     ]);
     assert!(added.contains("team-b.toml"), "{added}");
-    let (team_a, team_b) = (cluster.client(), cluster.path().join("team-b.toml"));
-
-    // Team A builds a layer holding a secret.
     let ctx = tempfile::tempdir().unwrap();
     dockerfile(
         ctx.path(),
         "FROM busybox:latest\nRUN head -c 16 /dev/urandom | od -x > /secret\n",
     );
-    let a = Strata::new();
-    cluster.build_via(&team_a, &a, ctx.path(), &["-t", "a:1"]);
-    let secret = top_layer(&a, "a:1").0;
+    let a_state = Strata::new();
+    cluster.build_via(&cluster.client(), &a_state, ctx.path(), &["-t", "a:1"]);
+    let secret = top_layer(&a_state, "a:1").0;
+    Teams {
+        a: cluster.client(),
+        b: cluster.path().join("team-b.toml"),
+        a_state,
+        ctx,
+        secret,
+    }
+}
+
+#[test]
+fn a_client_reads_only_the_blobs_of_its_own_builds() {
+    let cluster = Cluster::start(2, 5);
+    let Teams {
+        a: team_a,
+        b: team_b,
+        ctx,
+        secret,
+        ..
+    } = two_teams_and_a_secret(&cluster);
 
     // Team B, knowing the digest, gets nothing from any node, and is told
     // why; team A may read it again from whoever holds it.
@@ -758,22 +787,13 @@ async fn request_on(conn: &strata_net::Connection, req: &Request) -> Reply {
 #[test]
 fn a_client_asking_what_only_workers_or_coordinators_ask_is_refused_by_its_role() {
     let cluster = Cluster::start(2, 5);
-    cluster.ok(&[
-        "cluster",
-        "add-client",
-        "team-b",
-        "--dir",
-        cluster.path().to_str().unwrap(),
-    ]);
-    let (team_a, team_b) = (cluster.client(), cluster.path().join("team-b.toml"));
-    let ctx = tempfile::tempdir().unwrap();
-    dockerfile(
-        ctx.path(),
-        "FROM busybox:latest\nRUN head -c 16 /dev/urandom | od -x > /secret\n",
-    );
-    let a = Strata::new();
-    cluster.build_via(&team_a, &a, ctx.path(), &["-t", "a:1"]);
-    let secret = top_layer(&a, "a:1").0;
+    let Teams {
+        a: team_a,
+        b: team_b,
+        a_state: a,
+        ctx,
+        secret,
+    } = two_teams_and_a_secret(&cluster);
 
     // Team B grants itself team A's layer on every worker, as a
     // coordinator would: each refuses by role, and the layer stays out
