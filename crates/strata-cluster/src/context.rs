@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use strata_cas::{ContentStore, Digest, Stored};
 use strata_dockerfile::IgnoreMatcher;
-use strata_worker::select::{SourceRoot, select, walk};
+use strata_worker::select::{Entry, SourceRoot, select, walk, walk_all};
 
 /// What goes wrong with a build context.
 #[derive(Debug, thiserror::Error)]
@@ -480,67 +480,84 @@ fn hash_at(
     let mut files: Vec<FileAt> = Vec::new();
     let mut links: Vec<(String, DirEntry)> = Vec::new();
     let mut entries = 0usize;
-    for item in &items {
-        walk(&src, item, None, &mut |e| {
-            if e.rel.is_empty() {
-                return Ok(());
-            }
-            entries += 1;
-            if entries > MAX_ENTRIES {
-                return Err(ContextError::TooLarge(MAX_ENTRIES));
-            }
-            let (parent, _) = e.rel.rsplit_once('/').unwrap_or(("", e.rel));
-            let name = e
-                .host
-                .file_name()
-                .unwrap_or(OsStr::new(""))
-                .as_bytes()
-                .to_vec();
-            let ft = e.meta.file_type();
-            if ft.is_dir() {
-                dirs.insert(
-                    e.rel.to_string(),
-                    Pending {
-                        mode: e.meta.mode() & 0o7777,
-                        mtime: seconds(e.meta),
-                        entries: Vec::new(),
-                    },
-                );
-            } else if ft.is_file() {
-                files.push(FileAt {
-                    parent: parent.to_string(),
+    let mut on_entry = |e: &Entry<'_>| {
+        if e.rel.is_empty() {
+            return Ok(());
+        }
+        entries += 1;
+        if entries > MAX_ENTRIES {
+            return Err(ContextError::TooLarge(MAX_ENTRIES));
+        }
+        let (parent, _) = e.rel.rsplit_once('/').unwrap_or(("", e.rel));
+        let name = e
+            .host
+            .file_name()
+            .unwrap_or(OsStr::new(""))
+            .as_bytes()
+            .to_vec();
+        let ft = e.meta.file_type();
+        if ft.is_dir() {
+            dirs.insert(
+                e.rel.to_string(),
+                Pending {
+                    mode: e.meta.mode() & 0o7777,
+                    mtime: seconds(e.meta),
+                    entries: Vec::new(),
+                },
+            );
+        } else if ft.is_file() {
+            files.push(FileAt {
+                parent: parent.to_string(),
+                name,
+                rel: e.rel.to_string(),
+                host: e.host.to_path_buf(),
+                meta: e.meta.clone(),
+            });
+        } else if ft.is_symlink() {
+            let target = fs::read_link(e.host).map_err(|source| ContextError::Read {
+                path: e.host.to_path_buf(),
+                source,
+            })?;
+            links.push((
+                parent.to_string(),
+                DirEntry {
                     name,
-                    rel: e.rel.to_string(),
-                    host: e.host.to_path_buf(),
-                    meta: e.meta.clone(),
-                });
-            } else if ft.is_symlink() {
-                let target = fs::read_link(e.host).map_err(|source| ContextError::Read {
-                    path: e.host.to_path_buf(),
-                    source,
-                })?;
-                links.push((
-                    parent.to_string(),
-                    DirEntry {
-                        name,
-                        kind: EntryKind::Symlink {
-                            target: target.as_os_str().as_bytes().to_vec(),
-                            mtime: seconds(e.meta),
-                        },
+                    kind: EntryKind::Symlink {
+                        target: target.as_os_str().as_bytes().to_vec(),
+                        mtime: seconds(e.meta),
                     },
-                ));
-            } else {
-                use std::os::unix::fs::FileTypeExt as _;
-                // Sockets are left out, as `docker build` leaves them.
-                if !ft.is_socket() {
-                    return Err(ContextError::Unsupported {
-                        path: e.rel.to_string(),
-                        what: "a device or named pipe",
-                    });
-                }
+                },
+            ));
+        } else {
+            use std::os::unix::fs::FileTypeExt as _;
+            // Sockets are left out, as `docker build` leaves them.
+            if !ft.is_socket() {
+                return Err(ContextError::Unsupported {
+                    path: e.rel.to_string(),
+                    what: "a device or named pipe",
+                });
             }
-            Ok(())
-        })?;
+        }
+        Ok(())
+    };
+    for item in &items {
+        if !item.host.is_dir() {
+            walk(&src, item, None, &mut on_entry)?;
+            continue;
+        }
+        // Listed on every core: statting 30,000 files is most of what
+        // hashing an unchanged context costs.
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let Some(all) = walk_all(&src, item, threads, MAX_ENTRIES)? else {
+            return Err(ContextError::TooLarge(MAX_ENTRIES));
+        };
+        for e in &all {
+            on_entry(&Entry {
+                rel: &e.rel,
+                host: &e.host,
+                meta: &e.meta,
+            })?;
+        }
     }
 
     let (digests, read) = digest_files(&files, cache, started)?;

@@ -203,51 +203,157 @@ pub fn walk<E: From<FileError>>(
     }
     let mut stack: Vec<(PathBuf, String)> = vec![(item.host.clone(), String::new())];
     while let Some((dir, rel)) = stack.pop() {
-        let entries = fs::read_dir(&dir).map_err(FileError::io("list", &dir))?;
-        // Each entry is stat'ed relative to its open directory (fstatat,
-        // not following a link), not by walking its whole path again.
-        let mut listed: Vec<(OsString, fs::DirEntry)> =
-            entries.flatten().map(|e| (e.file_name(), e)).collect();
-        listed.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
         let mut subdirs = Vec::new();
-        for (name, entry) in listed {
-            let child_rel = if rel.is_empty() {
-                name.to_string_lossy().into_owned()
-            } else {
-                format!("{rel}/{}", name.to_string_lossy())
-            };
-            let root_rel = if item.rel.is_empty() {
-                child_rel.clone()
-            } else {
-                format!("{}/{child_rel}", item.rel)
-            };
-            let host = dir.join(&name);
-            let meta = entry.metadata().map_err(FileError::io("read", &host))?;
-            // Ignored entries are skipped; an ignored directory that an
-            // exception reaches into is kept and entered, as Docker does.
-            let skip = if ignored(src, &root_rel) {
-                !(meta.is_dir() && descends(src, &root_rel))
-            } else {
-                excludes.is_some_and(|x| {
-                    x.matches(&child_rel) && !(meta.is_dir() && x.may_include_below(&child_rel))
-                })
-            };
-            if skip {
-                continue;
-            }
+        for e in listed(src, item, excludes, &dir, &rel)? {
             visit(&Entry {
-                rel: &child_rel,
-                host: &host,
-                meta: &meta,
+                rel: &e.rel,
+                host: &e.host,
+                meta: &e.meta,
             })?;
-            if meta.is_dir() {
-                subdirs.push((host, child_rel));
+            if e.meta.is_dir() {
+                subdirs.push((e.host, e.rel));
             }
         }
         // Pushed in reverse, so directories are entered in byte order.
         stack.extend(subdirs.into_iter().rev());
     }
     Ok(())
+}
+
+/// An entry [`walk`] or [`walk_all`] found, owned.
+#[derive(Debug)]
+pub struct Walked {
+    /// Path relative to the item.
+    pub rel: String,
+    /// Where it is on the host.
+    pub host: PathBuf,
+    /// Its metadata, not following a symlink.
+    pub meta: Metadata,
+}
+
+/// What [`walk`] visits in directory `dir` (at `rel` below `item`), in
+/// byte order: each entry stat'ed relative to the open directory
+/// (fstatat, not following a link), ignored and excluded ones left out.
+fn listed(
+    src: &SourceRoot<'_>,
+    item: &Item,
+    excludes: Option<&IgnoreMatcher>,
+    dir: &Path,
+    rel: &str,
+) -> Result<Vec<Walked>, FileError> {
+    let entries = fs::read_dir(dir).map_err(FileError::io("list", dir))?;
+    let mut listed: Vec<(OsString, fs::DirEntry)> =
+        entries.flatten().map(|e| (e.file_name(), e)).collect();
+    listed.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut out = Vec::with_capacity(listed.len());
+    for (name, entry) in listed {
+        let child_rel = if rel.is_empty() {
+            name.to_string_lossy().into_owned()
+        } else {
+            format!("{rel}/{}", name.to_string_lossy())
+        };
+        let root_rel = if item.rel.is_empty() {
+            std::borrow::Cow::Borrowed(child_rel.as_str())
+        } else {
+            std::borrow::Cow::Owned(format!("{}/{child_rel}", item.rel))
+        };
+        let host = dir.join(&name);
+        let meta = entry.metadata().map_err(FileError::io("read", &host))?;
+        // Ignored entries are skipped; an ignored directory that an
+        // exception reaches into is kept and entered, as Docker does.
+        let skip = if ignored(src, &root_rel) {
+            !(meta.is_dir() && descends(src, &root_rel))
+        } else {
+            excludes.is_some_and(|x| {
+                x.matches(&child_rel) && !(meta.is_dir() && x.may_include_below(&child_rel))
+            })
+        };
+        if !skip {
+            out.push(Walked {
+                rel: child_rel,
+                host,
+                meta,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Everything [`walk`] visits below directory item `item`, in no
+/// particular order, its directories listed on `threads` threads at once;
+/// `None` once more than `limit` entries are found (the listing stops
+/// there).
+pub fn walk_all(
+    src: &SourceRoot<'_>,
+    item: &Item,
+    threads: usize,
+    limit: usize,
+) -> Result<Option<Vec<Walked>>, FileError> {
+    use std::sync::{Condvar, Mutex, PoisonError};
+    /// Directories waiting to be listed, how many are being listed, and
+    /// what was found.
+    struct Work {
+        dirs: Vec<(PathBuf, String)>,
+        busy: usize,
+        found: Vec<Walked>,
+        over: bool,
+        failed: Option<FileError>,
+    }
+    let work = Mutex::new(Work {
+        dirs: vec![(item.host.clone(), String::new())],
+        busy: 0,
+        found: Vec::new(),
+        over: false,
+        failed: None,
+    });
+    let ready = Condvar::new();
+    let lister = || {
+        let mut w = work.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if w.over || w.failed.is_some() {
+                break;
+            }
+            let Some((dir, rel)) = w.dirs.pop() else {
+                if w.busy == 0 {
+                    break;
+                }
+                w = ready.wait(w).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            };
+            w.busy += 1;
+            drop(w);
+            let got = listed(src, item, None, &dir, &rel);
+            w = work.lock().unwrap_or_else(PoisonError::into_inner);
+            w.busy -= 1;
+            match got {
+                Ok(entries) => {
+                    for e in entries {
+                        if e.meta.is_dir() {
+                            w.dirs.push((e.host.clone(), e.rel.clone()));
+                        }
+                        w.found.push(e);
+                    }
+                    w.over = w.found.len() > limit;
+                }
+                Err(e) => w.failed = Some(e),
+            }
+            ready.notify_all();
+        }
+        // Whoever stops wakes the others to see why.
+        ready.notify_all();
+    };
+    std::thread::scope(|s| {
+        for _ in 1..threads.max(1) {
+            s.spawn(lister);
+        }
+        lister();
+    });
+    let w = work.into_inner().unwrap_or_else(PoisonError::into_inner);
+    match (w.failed, w.over) {
+        (Some(e), _) => Err(e),
+        (None, true) => Ok(None),
+        (None, false) => Ok(Some(w.found)),
+    }
 }
 
 /// Writes what `items` select in `src` (minus `excludes`) as a tar to
@@ -572,6 +678,59 @@ mod tests {
             ignore: None,
             keep_owner: false,
         }
+    }
+
+    #[test]
+    fn walking_on_several_threads_finds_what_walk_visits_and_stops_at_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        for d in 0..20 {
+            let sub = p.join(format!("pkg{d:02}/lib"));
+            fs::create_dir_all(&sub).unwrap();
+            for f in 0..10 {
+                fs::write(sub.join(format!("f{f}.js")), b"x").unwrap();
+            }
+            fs::write(p.join(format!("pkg{d:02}/notes.md")), b"n").unwrap();
+        }
+        std::os::unix::fs::symlink("pkg00", p.join("link")).unwrap();
+        let ignore = IgnoreMatcher::new(&["**/*.md".to_string(), "pkg19".to_string()]).unwrap();
+        let src = SourceRoot {
+            root: p,
+            ignore: Some(&ignore),
+            keep_owner: false,
+        };
+        let item = &select(&src, &[".".to_string()]).unwrap()[0];
+        let mut walked = Vec::new();
+        walk(
+            &src,
+            item,
+            None,
+            &mut |e: &Entry<'_>| -> Result<(), FileError> {
+                walked.push(e.rel.to_string());
+                Ok(())
+            },
+        )
+        .unwrap();
+        for threads in [1, 2, 8] {
+            let mut all: Vec<String> = walk_all(&src, item, threads, 10_000)
+                .unwrap()
+                .unwrap()
+                .into_iter()
+                .map(|e| e.rel)
+                .collect();
+            all.sort();
+            let mut want = walked.clone();
+            want.sort();
+            assert_eq!(all, want, "{threads} threads");
+        }
+        // 19 packages of a folder and 10 files, and the link.
+        assert_eq!(walked.len(), 19 * 12 + 1);
+        assert!(
+            !walked
+                .iter()
+                .any(|r| r.ends_with(".md") || r.starts_with("pkg19"))
+        );
+        assert!(walk_all(&src, item, 2, 100).unwrap().is_none());
     }
 
     #[test]
