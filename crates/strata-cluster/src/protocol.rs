@@ -647,20 +647,16 @@ impl Failed {
 
     /// `error`, its sources kept as the causes.
     pub fn of(error: &(dyn std::error::Error + 'static)) -> Failed {
-        let causes: Vec<String> = std::iter::successors(error.source(), |e| e.source())
-            .map(ToString::to_string)
-            .collect();
         Failed {
             message: error.to_string(),
-            causes: Causes::new(&causes),
+            causes: Causes::new(&Causes::of(error)),
         }
     }
 
     /// `what` failed because of `error` (and its sources).
     pub fn because(what: impl Into<String>, error: &(dyn std::error::Error + 'static)) -> Failed {
-        let causes: Vec<String> = std::iter::successors(Some(error), |e| e.source())
-            .map(ToString::to_string)
-            .collect();
+        let mut causes = vec![error.to_string()];
+        causes.extend(Causes::of(error));
         Failed {
             message: what.into(),
             causes: Causes::new(&causes),

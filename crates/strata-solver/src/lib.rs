@@ -162,11 +162,8 @@ impl WorkerError {
 
     /// A failure from `error`, its sources kept as the causes.
     pub fn from_error(error: &(dyn std::error::Error + 'static)) -> WorkerError {
-        let causes = std::iter::successors(error.source(), |e| e.source())
-            .map(ToString::to_string)
-            .collect();
         WorkerError {
-            causes,
+            causes: Causes::of(error),
             ..WorkerError::new(error.to_string())
         }
     }
@@ -222,6 +219,15 @@ impl Causes {
     /// wrong, and its links (made on another node) are dropped one inside
     /// another.
     pub const MAX: usize = 16;
+
+    /// The messages of `error`'s sources, outermost first, the first
+    /// [`Causes::MAX`] of them: what crosses the wire of a chain.
+    pub fn of(error: &(dyn std::error::Error + 'static)) -> Vec<String> {
+        std::iter::successors(error.source(), |e| e.source())
+            .take(Self::MAX)
+            .map(ToString::to_string)
+            .collect()
+    }
 
     /// `causes`, outermost first, the first [`Causes::MAX`] of them;
     /// `None` when there are none.
