@@ -23,11 +23,9 @@ use crate::config::CoordinatorConfig;
 use crate::error::{ImageError, RecordError, StartError, SubmitError};
 use crate::placement::Placement;
 use crate::protocol::{
-    AdminRequest, AnyRequest, ClientRequest, CoordinatorRequest, Failed, Refusal, WorkerRequest,
-};
-use crate::protocol::{
-    BuildDone, BuildEvent, BuildSpec, ClusterStatus, Grant, GroupStatus, Holder, MAX_HISTORY,
-    MAX_TAGS, Registration, Reply, Request, SubmitBuild, WorkerStatus,
+    AdminRequest, AnyRequest, BuildDone, BuildEvent, BuildSpec, ClientRequest, ClusterStatus,
+    CoordinatorRequest, Failed, Grant, GroupStatus, Holder, MAX_HISTORY, MAX_TAGS, Refusal,
+    Registration, Reply, Request, SubmitBuild, WorkerRequest, WorkerStatus,
 };
 
 /// What the coordinator keeps with each registered worker, beside what
@@ -628,6 +626,21 @@ impl Coordinator {
         }
     }
 
+    /// Which of `blobs` of context tree `context` are not here: none,
+    /// without looking, when a build found the tree whole and no blob has
+    /// gone since.
+    async fn missing(&self, context: Digest, blobs: Vec<Digest>) -> Reply {
+        if self.known_whole(&context) {
+            return Reply::Missing(Vec::new());
+        }
+        let node = Arc::clone(&self.node);
+        match tokio::task::spawn_blocking(move || node.content.absent(&blobs)).await {
+            Ok(Ok(lacks)) => Reply::Missing(lacks),
+            Ok(Err(e)) => failed("cannot look blobs up", &e),
+            Err(e) => failed("looking blobs up stopped", &e),
+        }
+    }
+
     /// Whether every blob of context tree `root` is here: a build of it
     /// found it whole, and no blob was removed since.
     fn known_whole(&self, root: &Digest) -> bool {
@@ -1011,21 +1024,9 @@ impl Coordinator {
                         blobs.len(),
                         crate::protocol::MAX_MISSING_ASKED,
                     )
-                } else if self.known_whole(&context) {
-                    // Every blob of the tree is here, as the last build
-                    // of it found, and none has gone since.
-                    self.pin(context);
-                    Reply::Missing(Vec::new())
                 } else {
                     self.pin(context);
-                    let node = Arc::clone(&self.node);
-                    let lacks =
-                        tokio::task::spawn_blocking(move || node.content.absent(&blobs)).await;
-                    match lacks {
-                        Ok(Ok(lacks)) => Reply::Missing(lacks),
-                        Ok(Err(e)) => failed("cannot look blobs up", &e),
-                        Err(e) => failed("looking blobs up stopped", &e),
-                    }
+                    self.missing(context, blobs).await
                 }
             }
             ClientRequest::PutBlobs(blobs) => {
