@@ -14,42 +14,22 @@ use strata_oci::LayerRef;
 use strata_raft::{Member, ReplicatedIndex, Tuning};
 use strata_registry::Registry;
 use strata_solver::{Event, Flights, SolveOptions, Solver};
+use strata_worker::history::{Dashboard, NodeView, WorkerView};
 use strata_worker::{BaseImages, Node};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::access::{ReadRights, UploadQuota};
 use crate::config::CoordinatorConfig;
-use crate::error::{ImageError, RecordError, StartError, SubmitError};
-use crate::placement::Placement;
+use crate::error::{ImageError, LayerError, StartError, SubmitError};
+use crate::placement::{Placement, Selections};
 use crate::protocol::{
     AdminRequest, AnyRequest, BuildDone, BuildEvent, BuildSpec, ClientRequest, ClusterStatus,
     CoordinatorRequest, Failed, Grant, GroupStatus, Holder, MAX_HISTORY, MAX_TAGS, Refusal,
     Registration, Reply, Request, SubmitBuild, WorkerRequest, WorkerStatus,
 };
-
-/// What the coordinator keeps with each registered worker, beside what
-/// the scheduling core knows of it.
-pub(crate) struct Link {
-    pub conn: Connection,
-    pub addr: SocketAddr,
-    /// Every blob it told this coordinator it holds (registration and
-    /// heartbeats since).
-    pub blobs: HashSet<Digest>,
-    /// Whether the group has this worker's registration and every blob it
-    /// reported, as this coordinator (leading) wrote them.
-    pub recorded: bool,
-    /// The worker process's run, under which its locations are recorded.
-    pub incarnation: u64,
-}
-
-/// The registered workers.
-pub(crate) type Workers = strata_sched::Fleet<Link>;
-
-/// A connection's id, the registration epoch of the worker on it.
-pub(crate) fn epoch(conn: &Connection) -> u64 {
-    u64::try_from(conn.quic.stable_id()).unwrap_or(u64::MAX)
-}
+use crate::replicas::Replicas;
+use crate::roster::{Link, Roster, epoch};
 
 /// Platforms as a worker reported them; ones this node cannot read are
 /// left out.
@@ -72,11 +52,10 @@ pub struct Coordinator {
     endpoint: Endpoint,
     registry: Arc<Registry>,
     lease: Duration,
-    /// The registered workers: up or not, cordoned or not, their slots.
-    pub(crate) workers: Mutex<Workers>,
-    /// Layers workers evicted below their wanted copies: repair leaves
-    /// them be.
-    pub(crate) shrunk: Mutex<strata_sched::copies::Shrunk>,
+    /// The registered workers, and where the group records blobs.
+    roster: Arc<Roster>,
+    /// Copies of built layers, and the records of workers.
+    replicas: Arc<Replicas>,
     /// The layers of the images the cluster names, as of an applied
     /// index of the group's log.
     named_cache: Mutex<Option<(u64, Arc<HashSet<Digest>>)>>,
@@ -84,20 +63,6 @@ pub struct Coordinator {
     /// store's count of removals when it was: a context built again is
     /// not walked again, nor looked up again while nothing was removed.
     trees: Mutex<HashMap<Digest, (Arc<crate::context::Closure>, u64)>>,
-    /// Workers each built layer is kept on.
-    pub(crate) replication: usize,
-    /// Bytes per second for background copies.
-    pub(crate) repair_rate: u64,
-    /// Blobs being copied now: a build publishing a layer and the repair
-    /// loop do not copy the same blob at once.
-    pub(crate) copying: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
-    /// Wakes the repair loop: a worker came or went.
-    pub(crate) repair_wanted: tokio::sync::Notify,
-    /// What the leader records about workers, written to the group in the
-    /// order it was decided, off the request handlers.
-    pub(crate) records: crate::replicas::Records,
-    /// Wakes stages waiting for a free slot.
-    pub(crate) slot_freed: tokio::sync::Notify,
     next_build: AtomicU64,
     builds_running: AtomicUsize,
     /// Steps running for any build: concurrent builds run identical
@@ -114,8 +79,8 @@ pub struct Coordinator {
     /// Connections to workers, for the layers its image endpoint serves.
     peers: Arc<crate::peers::Peers>,
     /// What COPY steps selected from build contexts, as workers measured
-    /// it, by [`strata_worker::SelectionMemo::context_key`].
-    selections: Mutex<HashMap<Digest, Digest>>,
+    /// it.
+    selections: Arc<Selections>,
     /// When it started.
     started: Instant,
 }
@@ -178,22 +143,9 @@ fn check_submitted(submit: &SubmitBuild) -> Result<(), SubmitError> {
     Ok(())
 }
 
-/// Selection checksums a coordinator remembers at most (64 bytes each).
-const MAX_SELECTIONS: usize = 100_000;
-
 /// Closures of build contexts a coordinator remembers at most (a few
 /// MiB each at 30,000 files).
 const MAX_TREES: usize = 16;
-
-/// Pull and push progress is not shown to clients: the build's own
-/// progress is, and a push's result.
-pub(crate) struct Quiet;
-
-impl strata_registry::Transfer for Quiet {
-    fn start(&self, _: &str, _: Option<u64>) {}
-    fn advance(&self, _: &str, _: u64) {}
-    fn finish(&self, _: &str, _: &str) {}
-}
 
 /// Starts this coordinator's member of the group; the member with the
 /// lowest id makes the group on its first start.
@@ -255,24 +207,36 @@ impl Coordinator {
             .map_err(StartError::listen("peers", config.listen))?;
         let member = Arc::new(join_group(config, &id).await?);
         let index = Arc::new(ReplicatedIndex::new(Arc::clone(&member)));
+        let node = Arc::new(node);
+        let me_holder = Holder {
+            name: me.name.clone(),
+            addr: listen,
+        };
+        let lease = Duration::from_secs(config.lease_seconds.max(1));
+        let roster = Arc::new(Roster::new(
+            Arc::clone(&member),
+            Arc::clone(&node.content),
+            me_holder,
+            lease,
+        ));
+        let replicas = Arc::new(Replicas::new(
+            Arc::clone(&roster),
+            Arc::clone(&member),
+            config.replication.max(1),
+            config.repair_mib_per_second.saturating_mul(1 << 20),
+        ));
         Ok(Arc::new(Coordinator {
-            node: Arc::new(node),
+            node,
             member,
             index,
             name: me.name,
             listen,
             registry,
-            lease: Duration::from_secs(config.lease_seconds.max(1)),
-            workers: Mutex::default(),
-            shrunk: Mutex::default(),
+            lease,
+            roster,
+            replicas,
             named_cache: Mutex::default(),
             trees: Mutex::default(),
-            replication: config.replication.max(1),
-            repair_rate: config.repair_mib_per_second.saturating_mul(1 << 20),
-            copying: Mutex::default(),
-            repair_wanted: tokio::sync::Notify::new(),
-            records: crate::replicas::Records::default(),
-            slot_freed: tokio::sync::Notify::new(),
             // Ids a restarted coordinator hands out differ from those of
             // its previous run, which workers may still hold.
             next_build: AtomicU64::new(
@@ -294,7 +258,7 @@ impl Coordinator {
             )?,
             pins: Mutex::default(),
             peers: Arc::new(crate::peers::Peers::new(endpoint.clone())),
-            selections: Mutex::default(),
+            selections: Arc::default(),
             endpoint,
         }))
     }
@@ -317,7 +281,7 @@ impl Coordinator {
                 strata_net::https_config_mutual(&id).map_err(StartError::Certificate)?,
             ))
         };
-        let served = crate::distribution::serve(Arc::clone(self), addr, tls)
+        let served = crate::distribution::serve(Arc::clone(self) as Arc<dyn crate::distribution::Images>, addr, tls)
             .await
             .map_err(|e| StartError::Serve {
                 what: "images",
@@ -326,29 +290,6 @@ impl Coordinator {
                 source: Box::new(e),
             })?;
         Ok(Some(served.addr))
-    }
-
-    /// The checksum of what a COPY selects from a build context, by its
-    /// memo key, if a worker measured it before.
-    pub(crate) fn selection(&self, key: &Digest) -> Option<Digest> {
-        self.selections
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(key)
-            .copied()
-    }
-
-    /// Remembers what a worker measured a COPY to select; past
-    /// [`MAX_SELECTIONS`], the memo starts over.
-    pub(crate) fn remember_selection(&self, key: Digest, sum: Digest) {
-        let mut memo = self
-            .selections
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if memo.len() >= MAX_SELECTIONS {
-            memo.clear();
-        }
-        memo.insert(key, sum);
     }
 
     /// Every name the cluster serves (normalized) and its image.
@@ -415,7 +356,7 @@ impl Coordinator {
         let layers: Vec<(LayerRef, Vec<Holder>)> = image
             .layers
             .iter()
-            .map(|l| (*l, self.holders(&l.blob, None)))
+            .map(|l| (*l, self.roster.holders(&l.blob, None)))
             .collect();
         let mut held: HashMap<&str, u64> = HashMap::new();
         for (l, holders) in &layers {
@@ -424,7 +365,7 @@ impl Coordinator {
             }
         }
         let (worker, conn) = {
-            let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            let workers = self.roster.lock();
             workers
                 .iter()
                 .filter(|(_, w)| w.alive())
@@ -463,50 +404,6 @@ impl Coordinator {
     }
 
     /// The images the cluster names, as its image endpoint looks them up.
-    pub(crate) fn catalog(&self) -> Result<crate::distribution::Catalog, ImageError> {
-        let tags = self.named()?;
-        Ok(crate::distribution::Catalog::new(tags))
-    }
-
-    /// Opens `layer` from this coordinator's store, fetching it (verified)
-    /// from a worker that holds it first if it is not there.
-    pub(crate) async fn open_layer(
-        &self,
-        layer: &LayerRef,
-    ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, String> {
-        // Held until the file is open: from then on eviction cannot take
-        // the bytes from under the reader.
-        let mut lease = self.node.content.lease();
-        lease.hold(layer.blob);
-        let holders = self.holders(&layer.blob, Some(&self.name));
-        let needed = [(*layer, holders)];
-        if let Err(e) = self.peers.ensure(&self.node.content, &needed).await {
-            if !e.lacking.is_empty() {
-                drop(self.check_lacking(e.lacking.clone()).await);
-            }
-            return Err(format!("layer {} cannot be fetched: {e}", layer.diff_id));
-        }
-        if let Err(e) = self.node.content.touch(&layer.blob) {
-            tracing::debug!(blob = %layer.blob, error = %e, "cannot mark the layer used");
-        }
-        let stored = self
-            .node
-            .content
-            .stored(&layer.blob)
-            .map_err(|e| e.to_string())?;
-        let bytes: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match stored {
-            Some((_, strata_cas::Stored::Inline(bytes))) => Box::new(std::io::Cursor::new(bytes)),
-            Some((_, strata_cas::Stored::File(path))) => Box::new(
-                tokio::fs::File::open(&path)
-                    .await
-                    .map_err(|e| format!("cannot open {}: {e}", path.display()))?,
-            ),
-            None => return Err(format!("layer {} is gone from the store", layer.diff_id)),
-        };
-        drop(lease);
-        Ok(bytes)
-    }
-
     /// Serves its metrics, `/healthz` and `/readyz` as `config` says
     /// (ready: a leader of the replicated index is known), and records
     /// the group's state as it changes; returns where.
@@ -514,7 +411,7 @@ impl Coordinator {
         self: &Arc<Self>,
         config: &CoordinatorConfig,
     ) -> Result<Option<SocketAddr>, StartError> {
-        let health = Arc::new(crate::observe::CoordinatorHealth {
+        let health = Arc::new(CoordinatorHealth {
             coordinator: Arc::downgrade(self),
             status: std::sync::Mutex::default(),
         });
@@ -531,14 +428,6 @@ impl Coordinator {
         self.listen
     }
 
-    /// The coordinator as a blob holder.
-    pub(crate) fn holder(&self) -> Holder {
-        Holder {
-            name: self.name.clone(),
-            addr: self.listen,
-        }
-    }
-
     /// Serves workers and clients until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let reaper = {
@@ -546,13 +435,13 @@ impl Coordinator {
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(Duration::from_millis(250)).await;
-                    me.expire_leases();
+                    me.roster.expire_leases();
                 }
             })
         };
-        let repair = tokio::spawn(Arc::clone(&self).repair());
-        let reconcile = tokio::spawn(Arc::clone(&self).reconcile());
-        let recorder = tokio::spawn(Arc::clone(&self).write_records());
+        let repair = tokio::spawn(Arc::clone(&self.replicas).repair());
+        let reconcile = tokio::spawn(Arc::clone(&self.replicas).reconcile());
+        let recorder = tokio::spawn(Arc::clone(&self.replicas).write_records());
         let evicting = tokio::spawn(Arc::clone(&self).evict_forever());
         loop {
             tokio::select! {
@@ -660,107 +549,6 @@ impl Coordinator {
             .pin(context, Instant::now());
     }
 
-    /// Workers silent for longer than the lease are gone: their blobs are
-    /// no longer offered and their stages start over elsewhere.
-    fn expire_leases(&self) {
-        let expired: Vec<String> = {
-            let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-            let expired = workers.expire(Instant::now(), self.lease);
-            for name in &expired {
-                if let Some(w) = workers.get(name) {
-                    w.link.conn.quic.close(1u32.into(), b"lease expired");
-                }
-            }
-            expired
-        };
-        for name in expired {
-            tracing::warn!(worker = %name, "lease expired; the worker is gone");
-            self.worker_gone();
-        }
-    }
-
-    /// Marks a worker gone (if `conn` is still its connection).
-    pub(crate) fn lose(&self, name: &str, conn: &Connection) {
-        let gone = self
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .lose(name, epoch(conn));
-        if gone {
-            tracing::warn!(worker = %name, "the worker is gone");
-            self.worker_gone();
-        }
-    }
-
-    /// A worker is gone: stages waiting for slots look again, and the
-    /// repair loop copies what it leaves short. Its records stay: another
-    /// coordinator may still reach it, and it may come back (the leader
-    /// takes it off after ten minutes without it).
-    fn worker_gone(&self) {
-        self.slot_freed.notify_waiters();
-        self.repair_wanted.notify_one();
-    }
-
-    /// Records in the group that `worker`, which said so on `conn`,
-    /// holds `blobs`. Fails if `conn` is no longer the worker's (it left
-    /// or came back since): what it held then is not known now.
-    pub(crate) async fn located(
-        &self,
-        worker: &str,
-        conn: &Connection,
-        blobs: Vec<Digest>,
-    ) -> Result<(), RecordError> {
-        if blobs.is_empty() {
-            return Ok(());
-        }
-        // Known here at once, so recording the worker again (a new lead)
-        // does not drop them before its next heartbeat tells.
-        let registration = {
-            let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-            match workers.get_mut(worker) {
-                Some(w) if w.epoch() == epoch(conn) => {
-                    w.link.blobs.extend(blobs.iter().copied());
-                    w.link.incarnation
-                }
-                _ => return Err(RecordError::Gone(worker.to_string())),
-            }
-        };
-        self.member
-            .write(strata_raft::CommandV1::Held {
-                worker: worker.to_string(),
-                registration,
-                blobs,
-            })
-            .await
-            .map(|_| ())
-            .map_err(RecordError::Index)
-    }
-
-    /// `worker` evicted `blobs`: those it left short of copies stay short
-    /// (repair does not copy them back), until a worker gains one again.
-    fn note_evicted(&self, worker: &str, blobs: Vec<Digest>) {
-        if blobs.is_empty() {
-            return;
-        }
-        let want = self.copies_wanted();
-        // Counted before the lock is taken: counting takes the workers'.
-        let left: Vec<(Digest, usize)> = blobs
-            .into_iter()
-            .map(|b| {
-                let others = self
-                    .live_holders(&b, &self.recorded_holders(&b))
-                    .iter()
-                    .filter(|h| h.name != worker)
-                    .count();
-                (b, others)
-            })
-            .collect();
-        self.shrunk
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .evicted(left, want);
-    }
-
     /// For each of `blobs`, what `worker` dropping its copy loses: nothing
     /// when enough other live workers hold it; else a cache entry, or a
     /// named image's layer, which stays.
@@ -783,11 +571,12 @@ impl Coordinator {
                     // A coordinator's copy does not count: its store
                     // keeps what it holds only under its own budget.
                     let others = self
-                        .live_holders(b, &self.recorded_holders(b))
+                        .roster
+                        .live_copies(b)
                         .into_iter()
                         .filter(|h| h.name != worker)
                         .count();
-                    strata_sched::copies::kind(others, self.replication, named.contains(b))
+                    strata_sched::copies::kind(others, self.replicas.replication, named.contains(b))
                 })
                 .collect(),
         )
@@ -848,9 +637,8 @@ impl Coordinator {
         let mut dropped = 0;
         for (worker, blobs) in by_worker {
             let Some((conn, registration)) = self
-                .workers
+                .roster
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner)
                 .live(&worker)
                 .map(|w| (w.link.conn.clone(), w.link.incarnation))
             else {
@@ -875,9 +663,8 @@ impl Coordinator {
             }
             tracing::warn!(%worker, blobs = lacks.len(), "a worker lacks blobs it was recorded to hold; dropping the records");
             if let Some(w) = self
-                .workers
+                .roster
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner)
                 .get_mut(&worker)
                 .filter(|w| w.link.incarnation == registration)
             {
@@ -903,77 +690,22 @@ impl Coordinator {
             let applied = Instant::now();
             while lacks
                 .iter()
-                .any(|b| self.recorded_holders(b).contains(&worker))
+                .any(|b| self.roster.recorded_holders(b).contains(&worker))
                 && applied.elapsed() < Duration::from_secs(2)
             {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         if dropped > 0 {
-            self.repair_wanted.notify_one();
+            self.roster.changed.notify_one();
         }
         Reply::Ok
-    }
-
-    /// The workers the group records as holding `blob`.
-    pub(crate) fn recorded_holders(&self, blob: &Digest) -> Vec<String> {
-        self.member.local().holders(blob).unwrap_or_else(|e| {
-            tracing::warn!(%blob, error = %e, "cannot read where the blob is");
-            Vec::new()
-        })
-    }
-
-    /// The workers among `names`, recorded as holding `blob`, that are
-    /// alive, where they serve blobs. A record of the worker's run now
-    /// (its registration) is enough; one of an earlier run (the worker came
-    /// back and the group has not recorded it yet) counts only if the
-    /// worker told this coordinator it holds the blob: it may have lost its
-    /// store.
-    pub(crate) fn live_holders(&self, blob: &Digest, names: &[String]) -> Vec<Holder> {
-        let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
-        names
-            .iter()
-            .filter_map(|n| {
-                let w = workers.live(n)?;
-                let current = self
-                    .member
-                    .local()
-                    .worker(n)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|r| r.registered == w.link.incarnation);
-                (current || w.link.blobs.contains(blob)).then(|| Holder {
-                    name: n.clone(),
-                    addr: w.link.addr,
-                })
-            })
-            .collect()
-    }
-
-    /// Live nodes holding `blob`, other than `except`; the coordinator
-    /// itself when its store has it.
-    pub(crate) fn holders(&self, blob: &Digest, except: Option<&str>) -> Vec<Holder> {
-        let mut names = self.recorded_holders(blob);
-        names.retain(|n| Some(n.as_str()) != except);
-        let mut out = self.live_holders(blob, &names);
-        if self.node.content.contains(blob).unwrap_or(false) {
-            out.push(self.holder());
-        }
-        out
-    }
-
-    /// Whether `worker` holds `blob`, as [`Coordinator::live_holders`]
-    /// counts holders.
-    pub(crate) fn holds(&self, worker: &str, blob: &Digest) -> bool {
-        let names = self.recorded_holders(blob);
-        names.iter().any(|w| w == worker)
-            && !self.live_holders(blob, &[worker.to_string()]).is_empty()
     }
 
     async fn serve(self: Arc<Self>, conn: Connection) {
         crate::serve_requests(&self, &conn).await;
         if conn.peer.role == Role::Worker {
-            self.lose(&conn.peer.name, &conn);
+            self.roster.lose(&conn.peer.name, &conn);
         }
     }
 
@@ -1150,15 +882,10 @@ impl Coordinator {
         stored: u64,
     ) -> Reply {
         let gained = blobs.len();
-        {
-            let mut shrunk = self.shrunk.lock().unwrap_or_else(PoisonError::into_inner);
-            for b in &blobs {
-                shrunk.gained(b);
-            }
-        }
+        self.replicas.gained(&blobs);
         let evicted = dropped.clone();
         let current = {
-            let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut workers = self.roster.lock();
             let name = &conn.peer.name;
             match workers.heartbeat(name, epoch(conn), Instant::now()) {
                 Some(w) => {
@@ -1170,7 +897,7 @@ impl Coordinator {
                     }
                     if self.member.is_leader()
                         && !dropped.is_empty()
-                        && !self.records.push(strata_raft::CommandV1::Lost {
+                        && !self.replicas.records.push(strata_raft::CommandV1::Lost {
                             worker: conn.peer.name.clone(),
                             registration: w.incarnation,
                             blobs: dropped,
@@ -1184,7 +911,7 @@ impl Coordinator {
                     // come between.
                     if self.member.is_leader()
                         && !blobs.is_empty()
-                        && !self.records.push(strata_raft::CommandV1::Held {
+                        && !self.replicas.records.push(strata_raft::CommandV1::Held {
                             worker: conn.peer.name.clone(),
                             registration: w.incarnation,
                             blobs,
@@ -1198,7 +925,7 @@ impl Coordinator {
             }
         };
         if current {
-            self.note_evicted(&conn.peer.name, evicted);
+            self.replicas.note_evicted(&conn.peer.name, evicted);
             tracing::trace!(worker = %conn.peer.name, running, gained, "heartbeat");
             Reply::Ok
         } else {
@@ -1231,7 +958,7 @@ impl Coordinator {
             incarnation: r.incarnation,
         };
         {
-            let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut workers = self.roster.lock();
             workers.register(&name, spec, epoch(conn), link, Instant::now());
             if let Some(w) = workers.current(&name, epoch(conn)) {
                 w.set_stored(r.stored);
@@ -1240,20 +967,16 @@ impl Coordinator {
         // The worker registers with every coordinator; the leader records
         // it (a new leader records the workers it finds unrecorded).
         if self.member.is_leader() {
-            self.record_registration(&name);
+            self.replicas.record_registration(&name);
         }
-        self.slot_freed.notify_waiters();
-        self.repair_wanted.notify_one();
+        self.roster.slot_freed.notify_waiters();
+        self.roster.changed.notify_one();
     }
 
     /// What the cluster grants a build: the entitlements some live worker
     /// grants (stages needing one are placed only on such workers).
     fn grants(&self) -> strata_plan::Grants {
-        let granted = self
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .granted();
+        let granted = self.roster.lock().granted();
         strata_plan::Grants {
             granted,
             node: "any live worker of this cluster".into(),
@@ -1262,16 +985,11 @@ impl Coordinator {
     }
 
     fn cordon(&self, worker: &str, cordoned: bool) -> Reply {
-        if !self
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .cordon(worker, cordoned)
-        {
+        if !self.roster.lock().cordon(worker, cordoned) {
             return Reply::Refused(Refusal::NoSuchWorker(worker.to_string()));
         }
         tracing::info!(%worker, cordoned, "worker cordon changed");
-        self.slot_freed.notify_waiters();
+        self.roster.slot_freed.notify_waiters();
         Reply::Ok
     }
 
@@ -1303,7 +1021,7 @@ impl Coordinator {
                 *counts.entry(h.as_str()).or_default() += 1;
             }
         }
-        let census = self.census().unwrap_or_else(|e| {
+        let census = self.replicas.census().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read the cache index");
             crate::replicas::Census {
                 entries: 0,
@@ -1311,7 +1029,7 @@ impl Coordinator {
                 orphans: Vec::new(),
             }
         });
-        let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        let workers = self.roster.lock();
         let mut list: Vec<WorkerStatus> = workers
             .iter()
             .map(|(name, w)| WorkerStatus {
@@ -1338,7 +1056,7 @@ impl Coordinator {
             cache_entries: census.entries,
             group: self.group_status(),
             blobs_located: loc.len(),
-            replication: self.replication,
+            replication: self.replicas.replication,
             under_replicated: census.short.len(),
             workers_registered: state.workers().map_or(0, |w| w.len()),
             builds_running: self.builds_running.load(Ordering::Relaxed),
@@ -1355,7 +1073,7 @@ impl Coordinator {
         while Instant::now() < deadline {
             let recorded = self.member.local().workers().unwrap_or_default();
             let missing = {
-                let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+                let workers = self.roster.lock();
                 recorded
                     .iter()
                     .any(|(name, _)| workers.live(name).is_none())
@@ -1506,7 +1224,7 @@ impl Coordinator {
         .await
         .unwrap_or_else(|e| Err(format!("measuring stopped: {e}")));
         let workers: Vec<(String, Connection)> = {
-            let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            let workers = self.roster.lock();
             let mut list: Vec<(String, Connection)> = workers
                 .iter()
                 .filter(|(_, w)| w.alive())
@@ -1597,7 +1315,7 @@ impl Coordinator {
             }
         }
         for l in &layers {
-            if let Err(e) = self.replicate(*l, None).await {
+            if let Err(e) = self.replicas.replicate(*l, None).await {
                 return failed(&format!("cannot copy layer {} to workers", l.blob), &e);
             }
         }
@@ -1641,7 +1359,7 @@ impl Coordinator {
             }
         }
         let conns: Vec<(String, Connection, Vec<Digest>)> = {
-            let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            let workers = self.roster.lock();
             per_worker
                 .into_iter()
                 .filter_map(|(name, blobs)| {
@@ -1868,8 +1586,12 @@ impl Coordinator {
         }
         let id = self.next_build.fetch_add(1, Ordering::Relaxed);
         let inputs = submit.inputs.clone();
-        let resolver =
-            BaseImages::new(&self.node.images, Some(&self.registry), submit.pull, &Quiet);
+        let resolver = BaseImages::new(
+            &self.node.images,
+            Some(&self.registry),
+            submit.pull,
+            &crate::plan::Quiet,
+        );
         // Each pass records what it resolved afresh: the last pass's
         // images are the ones workers get.
         let planned = resolver
@@ -1893,7 +1615,7 @@ impl Coordinator {
         // platform; with none, the build is refused now rather than left
         // waiting for one.
         let runnable: Vec<Platform> = {
-            let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            let workers = self.roster.lock();
             let mut all: Vec<Platform> = workers
                 .iter()
                 .filter(|(_, w)| w.alive())
@@ -1923,7 +1645,9 @@ impl Coordinator {
             plan: crate::plan::digest(&plan),
         });
         let placement = Arc::new(Placement::new(
-            Arc::clone(&self),
+            Arc::clone(&self.roster),
+            Arc::clone(&self.replicas),
+            Arc::clone(&self.selections),
             Arc::clone(&spec),
             Arc::clone(&plan),
             cancel.clone(),
@@ -1973,7 +1697,7 @@ impl Coordinator {
                 let holders: Vec<(Digest, Vec<Holder>)> = target
                     .layers
                     .iter()
-                    .map(|l: &LayerRef| (l.blob, self.holders(&l.blob, None)))
+                    .map(|l: &LayerRef| (l.blob, self.roster.holders(&l.blob, None)))
                     .collect();
                 self.grant_reads(client, &holders).await;
                 tracing::debug!(build = id, elapsed = ?begun.elapsed(), "reads granted");
@@ -1991,5 +1715,128 @@ impl Coordinator {
                 e.tail().to_vec(),
             ),
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::distribution::Images for Coordinator {
+    fn catalog(&self) -> Result<crate::distribution::Catalog, ImageError> {
+        let tags = self.named()?;
+        Ok(crate::distribution::Catalog::new(tags))
+    }
+
+    /// Opens `layer` from this coordinator's store, fetching it (verified)
+    /// from a worker that holds it first if it is not there.
+    async fn open_layer(&self, layer: &LayerRef) -> Result<crate::distribution::Layer, LayerError> {
+        // Held until the file is open: from then on eviction cannot take
+        // the bytes from under the reader.
+        let mut lease = self.node.content.lease();
+        lease.hold(layer.blob);
+        let holders = self.roster.holders(&layer.blob, Some(&self.name));
+        let needed = [(*layer, holders)];
+        if let Err(e) = self.peers.ensure(&self.node.content, &needed).await {
+            if !e.lacking.is_empty() {
+                drop(self.check_lacking(e.lacking.clone()).await);
+            }
+            return Err(LayerError::Fetch {
+                diff_id: layer.diff_id,
+                source: e,
+            });
+        }
+        if let Err(e) = self.node.content.touch(&layer.blob) {
+            tracing::debug!(blob = %layer.blob, error = %e, "cannot mark the layer used");
+        }
+        let stored = self
+            .node
+            .content
+            .stored(&layer.blob)
+            .map_err(|source| LayerError::Store {
+                diff_id: layer.diff_id,
+                source,
+            })?;
+        let bytes: crate::distribution::Layer = match stored {
+            Some((_, strata_cas::Stored::Inline(bytes))) => Box::new(std::io::Cursor::new(bytes)),
+            Some((_, strata_cas::Stored::File(path))) => Box::new(
+                tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|source| LayerError::Open { path, source })?,
+            ),
+            None => return Err(LayerError::Gone(layer.diff_id)),
+        };
+        drop(lease);
+        Ok(bytes)
+    }
+}
+
+/// How often the dashboard's view of the cluster (workers, cache entries)
+/// is read again: reading it scans the cache index.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+
+/// A coordinator is ready once it knows a leader of the replicated index:
+/// before that, no lookup or write can be answered.
+pub(crate) struct CoordinatorHealth {
+    pub(crate) coordinator: std::sync::Weak<Coordinator>,
+    /// The last view of the cluster, and when it was read.
+    pub(crate) status: Mutex<Option<(Instant, Vec<WorkerView>, usize)>>,
+}
+
+impl strata_metrics::Health for CoordinatorHealth {
+    fn ready(&self) -> Result<(), String> {
+        let c = self.coordinator.upgrade().ok_or("shutting down")?;
+        let m = c.member.raft().metrics().borrow().clone();
+        match m.current_leader {
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "no leader of the replicated cache index is known (term {})",
+                m.current_term
+            )),
+        }
+    }
+
+    fn refresh(&self) {
+        if let Some(c) = self.coordinator.upgrade() {
+            crate::observe::store_bytes(&c.node);
+        }
+    }
+
+    fn dashboard(&self) -> Option<serde_json::Value> {
+        let c = self.coordinator.upgrade()?;
+        let (workers, entries) = {
+            let mut cached = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+            match &*cached {
+                Some((at, workers, entries)) if at.elapsed() < STATUS_EVERY => {
+                    (workers.clone(), *entries)
+                }
+                _ => {
+                    let s = c.status();
+                    let workers: Vec<WorkerView> = s
+                        .workers
+                        .iter()
+                        .map(|w| WorkerView {
+                            name: w.name.clone(),
+                            address: w.addr.to_string(),
+                            state: if !w.alive {
+                                "gone"
+                            } else if w.cordoned {
+                                "cordoned"
+                            } else {
+                                "up"
+                            },
+                            slots: w.slots,
+                            running: w.running,
+                            blobs: w.blobs,
+                        })
+                        .collect();
+                    *cached = Some((Instant::now(), workers.clone(), s.cache_entries));
+                    (workers, s.cache_entries)
+                }
+            }
+        };
+        let about = NodeView {
+            name: c.name.clone(),
+            role: "coordinator",
+            version: env!("CARGO_PKG_VERSION"),
+        };
+        serde_json::to_value(Dashboard::of(&c.node, about, workers, entries)).ok()
     }
 }

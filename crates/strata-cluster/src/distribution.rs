@@ -28,7 +28,7 @@ use strata_cas::Sha256;
 use strata_oci::{LayerRef, Reference};
 use strata_raft::ClusterImage;
 
-use crate::coordinator::Coordinator;
+use crate::error::{ImageError, LayerError};
 
 /// The manifest media type served.
 const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -238,6 +238,21 @@ fn parse_digest(s: &str) -> Result<Sha256, Refusal> {
         .map_err(|_| Refusal::DigestInvalid(format!("{s:?} is not a sha256 digest")))
 }
 
+/// A layer's bytes, as the endpoint streams them.
+pub(crate) type Layer = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
+/// What the endpoint serves: the images a cluster names, and their
+/// layers (a coordinator's).
+#[async_trait::async_trait]
+pub(crate) trait Images: Send + Sync + 'static {
+    /// Every named image, as of now.
+    fn catalog(&self) -> Result<Catalog, ImageError>;
+
+    /// Opens `layer`'s bytes, fetching them (verified) first if they are
+    /// not here.
+    async fn open_layer(&self, layer: &LayerRef) -> Result<Layer, LayerError>;
+}
+
 /// A running endpoint.
 #[derive(Debug, Clone, Copy)]
 pub struct Serving {
@@ -245,10 +260,10 @@ pub struct Serving {
     pub addr: SocketAddr,
 }
 
-/// Serves `coordinator`'s images on `addr` in the background: plain HTTP
+/// Serves `images` on `addr` in the background: plain HTTP
 /// when `tls` is `None` (loopback only: the caller checks), else HTTPS.
 pub(crate) async fn serve(
-    coordinator: Arc<Coordinator>,
+    images: Arc<dyn Images>,
     addr: SocketAddr,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<Serving, std::io::Error> {
@@ -258,7 +273,7 @@ pub(crate) async fn serve(
         .route("/v2/", get(base))
         .route("/v2/{*rest}", get(answer))
         .fallback(read_only)
-        .with_state(coordinator);
+        .with_state(images);
     strata_metrics::spawn_router(listener, local, tls, app, "images");
     tracing::info!(addr = %local, "serving the cluster's images (OCI distribution, read-only)");
     Ok(Serving { addr: local })
@@ -295,14 +310,14 @@ async fn read_only(method: Method) -> Response {
 }
 
 async fn answer(
-    State(coordinator): State<Arc<Coordinator>>,
+    State(images): State<Arc<dyn Images>>,
     method: Method,
     Path(rest): Path<String>,
 ) -> Response {
     let Some(route) = Route::parse(&rest) else {
         return refused(StatusCode::NOT_FOUND, "NAME_UNKNOWN", "no such endpoint");
     };
-    let catalog = match coordinator.catalog() {
+    let catalog = match images.catalog() {
         Ok(c) => c,
         Err(e) => {
             return refused(
@@ -332,13 +347,14 @@ async fn answer(
             Ok(BlobHit::Layer(layer)) if head => {
                 Ok(content(BLOB_TYPE, &digest, layer.size, true, Body::empty()))
             }
-            Ok(BlobHit::Layer(layer)) => match coordinator.open_layer(&layer).await {
+            Ok(BlobHit::Layer(layer)) => match images.open_layer(&layer).await {
                 Ok(bytes) => {
                     let stream = tokio_util::io::ReaderStream::with_capacity(bytes, 1 << 20);
                     let body = Body::from_stream(stream);
                     Ok(content(BLOB_TYPE, &digest, layer.size, false, body))
                 }
                 Err(e) => {
+                    let e = strata_registry::error_chain(&e);
                     tracing::warn!(layer = %layer.blob, error = %e, "cannot serve a layer");
                     return refused(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", &e);
                 }

@@ -183,6 +183,38 @@ pub enum ReplicateError {
     NotTheLayer(String),
 }
 
+/// Why the image endpoint cannot serve a layer.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    /// No node that holds it gave it.
+    #[error("layer {diff_id} cannot be fetched")]
+    Fetch {
+        /// The layer's diff_id.
+        diff_id: strata_cas::Sha256,
+        /// Why.
+        source: crate::peers::FetchError,
+    },
+    /// The store could not be read.
+    #[error("cannot read layer {diff_id} from the store")]
+    Store {
+        /// The layer's diff_id.
+        diff_id: strata_cas::Sha256,
+        /// Why.
+        source: strata_cas::Error,
+    },
+    /// Its file could not be opened.
+    #[error("cannot open {}", path.display())]
+    Open {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It left the store while it was being opened.
+    #[error("layer {0} is gone from the store")]
+    Gone(strata_cas::Sha256),
+}
+
 /// Why the group did not record what a worker holds.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {

@@ -40,6 +40,7 @@ mod placement;
 mod plan;
 pub mod protocol;
 mod replicas;
+mod roster;
 pub mod worker;
 
 /// A node answering the requests peers open streams for.

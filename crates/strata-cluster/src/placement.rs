@@ -18,27 +18,24 @@ use strata_plan::{Base, Op, Plan, Read, Source, Step};
 use strata_solver::{Job, StageResult, StepAt, Worker, WorkerError};
 use tokio_util::sync::CancellationToken;
 
-use crate::coordinator::Coordinator;
 use crate::protocol::{
     BuildSpec, CoordinatorRequest, ExecEvent, Holder, Reply, Request, RequestError, StepRef,
 };
+use crate::replicas::Replicas;
+use crate::roster::{Link, Roster};
 
 /// A running step's hold on one of its worker's slots, given back when
 /// dropped.
 struct Slot {
-    coord: Arc<Coordinator>,
+    roster: Arc<Roster>,
     ticket: Option<strata_sched::Ticket>,
 }
 
 impl Slot {
-    fn take(coord: &Arc<Coordinator>, worker: &str) -> Option<Slot> {
-        let ticket = coord
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take(worker)?;
+    fn take(roster: &Arc<Roster>, worker: &str) -> Option<Slot> {
+        let ticket = roster.lock().take(worker)?;
         Some(Slot {
-            coord: Arc::clone(coord),
+            roster: Arc::clone(roster),
             ticket: Some(ticket),
         })
     }
@@ -47,19 +44,48 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(ticket) = self.ticket.take() {
-            self.coord
-                .workers
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .release(ticket);
+            self.roster.lock().release(ticket);
         }
-        self.coord.slot_freed.notify_waiters();
+        self.roster.slot_freed.notify_waiters();
+    }
+}
+
+/// Selection checksums a coordinator remembers at most (64 bytes each).
+const MAX_SELECTIONS: usize = 100_000;
+
+/// What COPY steps selected from build contexts, as workers measured it,
+/// by [`strata_worker::SelectionMemo::context_key`]: a COPY from a context
+/// built before needs no worker to be keyed.
+#[derive(Default)]
+pub(crate) struct Selections(Mutex<std::collections::HashMap<Digest, Digest>>);
+
+impl Selections {
+    /// The checksum of what a COPY selects from a build context, by its
+    /// memo key, if a worker measured it before.
+    pub(crate) fn get(&self, key: &Digest) -> Option<Digest> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .copied()
+    }
+
+    /// Remembers what a worker measured a COPY to select; past
+    /// [`MAX_SELECTIONS`], the memo starts over.
+    pub(crate) fn remember(&self, key: Digest, sum: Digest) {
+        let mut memo = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if memo.len() >= MAX_SELECTIONS {
+            memo.clear();
+        }
+        memo.insert(key, sum);
     }
 }
 
 /// Places and runs one build's stages.
 pub(crate) struct Placement {
-    coord: Arc<Coordinator>,
+    roster: Arc<Roster>,
+    replicas: Arc<Replicas>,
+    selections: Arc<Selections>,
     spec: Arc<BuildSpec>,
     plan: Arc<Plan>,
     cancel: CancellationToken,
@@ -71,13 +97,17 @@ pub(crate) struct Placement {
 
 impl Placement {
     pub fn new(
-        coord: Arc<Coordinator>,
+        roster: Arc<Roster>,
+        replicas: Arc<Replicas>,
+        selections: Arc<Selections>,
         spec: Arc<BuildSpec>,
         plan: Arc<Plan>,
         cancel: CancellationToken,
     ) -> Placement {
         Placement {
-            coord,
+            roster,
+            replicas,
+            selections,
             spec,
             plan,
             cancel,
@@ -90,7 +120,7 @@ impl Placement {
     /// none yet: measuring a step's inputs takes no slot.
     async fn pin(&self, i: usize) -> Result<String, WorkerError> {
         loop {
-            let changed = self.coord.slot_freed.notified();
+            let changed = self.roster.slot_freed.notified();
             if let Some(p) = self.pinned(i) {
                 return Ok(p.worker);
             }
@@ -112,7 +142,7 @@ impl Placement {
     async fn slot(&self, i: usize, parent: &[LayerRef]) -> Result<(String, Slot), WorkerError> {
         let queued = std::time::Instant::now();
         loop {
-            let changed = self.coord.slot_freed.notified();
+            let changed = self.roster.slot_freed.notified();
             let worker = match self.pinned(i) {
                 Some(p) if p.settled => {
                     if self.connection(&p.worker).is_err() {
@@ -123,7 +153,7 @@ impl Placement {
                 _ => self.choose(i, true, parent),
             };
             if let Some(w) = worker
-                && let Some(slot) = Slot::take(&self.coord, &w)
+                && let Some(slot) = Slot::take(&self.roster, &w)
             {
                 if self.stages().settle(i, &w) {
                     let stage = &self.plan.stages[i].name;
@@ -175,7 +205,7 @@ impl Placement {
         // Read once per layer, not once per worker and layer.
         let recorded: Vec<(u64, Vec<String>)> = layers
             .iter()
-            .map(|l| (l.size, self.coord.recorded_holders(&l.blob)))
+            .map(|l| (l.size, self.roster.recorded_holders(&l.blob)))
             .collect();
         let held = |name: &str| -> u64 {
             recorded
@@ -197,11 +227,7 @@ impl Placement {
             held: &held,
             key: self.spec.id,
         };
-        let workers = self
-            .coord
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let workers = self.roster.lock();
         strata_sched::place::choose(&workers, &want, strata_sched::Policy::Locality)
             .map(str::to_string)
     }
@@ -212,13 +238,8 @@ impl Placement {
     }
 
     /// `f` of `worker`'s state, while it is alive.
-    fn live<T>(&self, worker: &str, f: impl FnOnce(&crate::coordinator::Link) -> T) -> Option<T> {
-        self.coord
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .live(worker)
-            .map(|w| f(&w.link))
+    fn live<T>(&self, worker: &str, f: impl FnOnce(&Link) -> T) -> Option<T> {
+        self.roster.lock().live(worker).map(|w| f(&w.link))
     }
 
     fn connection(&self, worker: &str) -> Result<Connection, WorkerError> {
@@ -275,7 +296,7 @@ impl Placement {
         conn: &Connection,
         why: &(dyn std::error::Error + 'static),
     ) -> WorkerError {
-        self.coord.lose(worker, conn);
+        self.roster.lose(worker, conn);
         // Its stages are placed again when they start over.
         let moved = self.stages().lost(worker);
         if !moved.is_empty() {
@@ -337,8 +358,8 @@ impl Placement {
         let fetch: Vec<(LayerRef, Vec<Holder>)> = self
             .needed(step, parent, sources, artifact.is_some())
             .into_iter()
-            .filter(|l| !self.coord.holds(worker, &l.blob))
-            .map(|l| (l, self.coord.holders(&l.blob, Some(worker))))
+            .filter(|l| !self.roster.holds(worker, &l.blob))
+            .map(|l| (l, self.roster.holders(&l.blob, Some(worker))))
             .collect();
         StepRef {
             build: self.spec.id,
@@ -430,7 +451,7 @@ impl Worker for Placement {
             _ => None,
         };
         if let Some(key) = known
-            && let Some(sum) = self.coord.selection(&key)
+            && let Some(sum) = self.selections.get(&key)
         {
             return Ok(vec![sum]);
         }
@@ -457,7 +478,7 @@ impl Worker for Placement {
             })
             .await?;
         if let (Some(key), [sum]) = (known, inputs.as_slice()) {
-            self.coord.remember_selection(key, *sum);
+            self.selections.remember(key, *sum);
         }
         Ok(inputs)
     }
@@ -465,7 +486,7 @@ impl Worker for Placement {
     fn has_layers(&self, layers: &[LayerRef]) -> bool {
         layers
             .iter()
-            .all(|l| !self.coord.holders(&l.blob, None).is_empty())
+            .all(|l| !self.roster.holders(&l.blob, None).is_empty())
     }
 
     async fn execute(&self, job: Job) -> Result<Option<LayerRef>, WorkerError> {
@@ -521,9 +542,9 @@ impl Worker for Placement {
                 .iter()
                 .chain([layer])
                 .map(|l| l.blob)
-                .filter(|b| !self.coord.holds(&worker, b))
+                .filter(|b| !self.roster.holds(&worker, b))
                 .collect();
-            self.coord
+            self.roster
                 .located(&worker, &conn, gained)
                 .await
                 .map_err(|e| {
@@ -538,7 +559,7 @@ impl Worker for Placement {
     /// Copies the layer until the configured number of workers hold it
     /// (as many as can take a copy); fails only if no live node holds it.
     async fn publish(&self, layer: LayerRef) -> Result<(), WorkerError> {
-        self.coord
+        self.replicas
             .replicate(layer, None)
             .await
             .map(|_| ())

@@ -12,7 +12,16 @@ use strata_plan::{Base, ImageResolver, Plan, ResolvedImage};
 
 use crate::protocol::WireImage;
 
-/// A resolver that remembers what it resolved, for the workers.
+/// Pull and push progress is not shown to clients: the build's own
+/// progress is, and a push's result.
+pub(crate) struct Quiet;
+
+impl strata_registry::Transfer for Quiet {
+    fn start(&self, _: &str, _: Option<u64>) {}
+    fn advance(&self, _: &str, _: u64) {}
+    fn finish(&self, _: &str, _: &str) {}
+}
+
 /// Base images that cannot cross the wire.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -34,6 +43,7 @@ pub enum WireError {
     },
 }
 
+/// A resolver that remembers what it resolved, for the workers.
 pub(crate) struct Recording<'a> {
     pub inner: &'a dyn ImageResolver,
     pub seen: Mutex<Vec<(String, ResolvedImage)>>,

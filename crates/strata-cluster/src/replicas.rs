@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use strata_cas::Digest;
 use strata_net::Connection;
 use strata_oci::LayerRef;
-use strata_raft::CommandV1;
+use strata_raft::{CommandV1, Member};
 use tokio::sync::mpsc;
 
-use crate::coordinator::Coordinator;
 use crate::error::ReplicateError;
 use crate::protocol::{CoordinatorRequest, CopyBlob, CopyError, Reply, Request};
+use crate::roster::Roster;
 
 /// How often the leader looks over its records of workers.
 const RECONCILE_EVERY: Duration = Duration::from_secs(2);
@@ -121,12 +121,82 @@ fn orphaned(created: u64, now: u64) -> bool {
     now.saturating_sub(created) >= ORPHAN_GRACE
 }
 
-impl Coordinator {
-    /// Whether a live worker has told this coordinator it holds `blob`.
-    fn reported_live(&self, blob: &Digest) -> bool {
-        self.workers
+/// Copies of built layers, and the records of workers the leader keeps
+/// in the group.
+pub(crate) struct Replicas {
+    roster: Arc<Roster>,
+    member: Arc<Member>,
+    /// Workers each built layer is kept on.
+    pub(crate) replication: usize,
+    /// Bytes per second for background copies.
+    repair_rate: u64,
+    /// Layers workers evicted below their wanted copies: repair leaves
+    /// them be.
+    shrunk: Mutex<strata_sched::copies::Shrunk>,
+    /// Blobs being copied now: a build publishing a layer and the repair
+    /// loop do not copy the same blob at once.
+    copying: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    /// What the leader records about workers, written to the group in the
+    /// order it was decided, off the request handlers.
+    pub(crate) records: Records,
+}
+
+impl Replicas {
+    pub(crate) fn new(
+        roster: Arc<Roster>,
+        member: Arc<Member>,
+        replication: usize,
+        repair_rate: u64,
+    ) -> Replicas {
+        Replicas {
+            roster,
+            member,
+            replication,
+            repair_rate,
+            shrunk: Mutex::default(),
+            copying: Mutex::default(),
+            records: Records::default(),
+        }
+    }
+
+    /// `worker` gained `blobs`: those evicted short may be repaired again.
+    pub(crate) fn gained(&self, blobs: &[Digest]) {
+        let mut shrunk = self.shrunk.lock().unwrap_or_else(PoisonError::into_inner);
+        for b in blobs {
+            shrunk.gained(b);
+        }
+    }
+
+    /// `worker` evicted `blobs`: those it left short of copies stay short
+    /// (repair does not copy them back), until a worker gains one again.
+    pub(crate) fn note_evicted(&self, worker: &str, blobs: Vec<Digest>) {
+        if blobs.is_empty() {
+            return;
+        }
+        let want = self.copies_wanted();
+        // Counted before the lock is taken: counting takes the workers'.
+        let left: Vec<(Digest, usize)> = blobs
+            .into_iter()
+            .map(|b| {
+                let others = self
+                    .roster
+                    .live_copies(&b)
+                    .iter()
+                    .filter(|h| h.name != worker)
+                    .count();
+                (b, others)
+            })
+            .collect();
+        self.shrunk
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .evicted(left, want);
+    }
+
+    /// Whether a live worker has told this coordinator it holds `blob`.
+    fn reported_live(&self, blob: &Digest) -> bool {
+        self.roster
+            .lock()
             .iter()
             .any(|(_, w)| w.alive() && w.link.blobs.contains(blob))
     }
@@ -134,11 +204,7 @@ impl Coordinator {
     /// Copies of a layer to aim for now: `replication`, or every live
     /// worker when fewer are up.
     pub(crate) fn copies_wanted(&self) -> usize {
-        let live = self
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .live_count();
+        let live = self.roster.lock().live_count();
         strata_sched::copies::wanted(self.replication, live)
     }
 
@@ -156,7 +222,7 @@ impl Coordinator {
         for (key, e) in &entries {
             if let Some(l) = e.layers.last().filter(|_| e.made_layer)
                 && orphaned(e.created, now)
-                && self.recorded_holders(&l.blob).is_empty()
+                && self.roster.recorded_holders(&l.blob).is_empty()
                 && !self.reported_live(&l.blob)
             {
                 orphans.push(*key);
@@ -178,9 +244,7 @@ impl Coordinator {
         let mut short = Vec::new();
         let shrunk = self.shrunk.lock().unwrap_or_else(PoisonError::into_inner);
         for (blob, layer) in made {
-            let live = self
-                .live_holders(&blob, &self.recorded_holders(&blob))
-                .len();
+            let live = self.roster.live_copies(&blob).len();
             if live < want && shrunk.wants_repair(&blob) {
                 short.push(Short { layer, live });
             }
@@ -260,7 +324,7 @@ impl Coordinator {
             Ok(Reply::Copied(Err(CopyError::Failed(e)))) => {
                 Err(CopyFailed::This(format!("{name}: {e}")))
             }
-            Ok(Reply::Copied(Ok(()))) => match self.located(name, conn, vec![blob]).await {
+            Ok(Reply::Copied(Ok(()))) => match self.roster.located(name, conn, vec![blob]).await {
                 Ok(()) => {
                     tracing::debug!(%blob, worker = %name, "copied");
                     Ok(())
@@ -288,8 +352,8 @@ impl Coordinator {
     ) -> Result<usize, ReplicateError> {
         let blob = layer.blob;
         let want = self.copies_wanted();
-        let recorded = self.recorded_holders(&blob);
-        let mut have = self.live_holders(&blob, &recorded).len();
+        let recorded = self.roster.recorded_holders(&blob);
+        let mut have = self.roster.live_holders(&blob, &recorded).len();
         if have >= want {
             return if have > 0 {
                 Ok(0)
@@ -297,12 +361,12 @@ impl Coordinator {
                 Err(ReplicateError::Unheld(blob))
             };
         }
-        let sources = self.holders(&blob, None);
+        let sources = self.roster.holders(&blob, None);
         if sources.is_empty() {
             return Err(ReplicateError::Unheld(blob));
         }
         let targets: Vec<(String, Connection)> = {
-            let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            let workers = self.roster.lock();
             let lacks = |n: &str| {
                 workers
                     .get(n)
@@ -338,10 +402,7 @@ impl Coordinator {
         }
         // Copying took a while: a result enters the cache only if a live
         // worker holds its layer now, not when one did at the start.
-        if self
-            .live_holders(&blob, &self.recorded_holders(&blob))
-            .is_empty()
-        {
+        if self.roster.live_copies(&blob).is_empty() {
             return Err(ReplicateError::Lost { blob, tried: why });
         }
         Ok(made)
@@ -377,7 +438,7 @@ impl Coordinator {
             match self.member.write(command).await {
                 // What it holds is known now: a worker back with less than
                 // it had leaves layers short.
-                Ok(_) if registered => self.repair_wanted.notify_one(),
+                Ok(_) if registered => self.roster.changed.notify_one(),
                 Ok(_) => {}
                 // A worker gone meanwhile is recorded afresh if it comes
                 // back; a live one in the next round.
@@ -392,12 +453,7 @@ impl Coordinator {
     /// The group may lack what worker `name` holds: the next repair
     /// round records it again.
     fn mark_unrecorded(&self, name: &str) {
-        if let Some(w) = self
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_mut(name)
-        {
+        if let Some(w) = self.roster.lock().get_mut(name) {
             w.link.recorded = false;
         }
     }
@@ -406,7 +462,7 @@ impl Coordinator {
     /// it told this coordinator of: under the workers' lock, so a
     /// heartbeat's blobs are either in it or queued after it.
     pub(crate) fn record_registration(&self, name: &str) {
-        let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut workers = self.roster.lock();
         let Some(w) = workers
             .get_mut(name)
             .filter(|w| w.alive())
@@ -464,7 +520,7 @@ impl Coordinator {
             }
         };
         let (to_record, alive): (Vec<String>, HashSet<String>) = {
-            let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+            let workers = self.roster.lock();
             (
                 workers
                     .iter()
@@ -499,7 +555,7 @@ impl Coordinator {
 
     /// On the leader, every [`RECONCILE_EVERY`] until the coordinator
     /// stops: keeps the records of workers true
-    /// ([`Coordinator::reconcile_workers`]); a new lead also wakes the
+    /// ([`Replicas::reconcile_workers`]); a new lead also wakes the
     /// repair loop.
     pub(crate) async fn reconcile(self: Arc<Self>) {
         let mut led_in = None;
@@ -522,7 +578,7 @@ impl Coordinator {
                 tracing::warn!(error = %e, "cannot record that a member took part");
             }
             if took_lead {
-                self.repair_wanted.notify_one();
+                self.roster.changed.notify_one();
             }
         }
     }
@@ -535,7 +591,7 @@ impl Coordinator {
         loop {
             tokio::select! {
                 () = tokio::time::sleep(SCAN_EVERY) => {}
-                () = self.repair_wanted.notified() => {}
+                () = self.roster.changed.notified() => {}
             }
             if !self.member.is_leader() {
                 strata_metrics::replication_shortfall(0);
@@ -585,7 +641,8 @@ impl Coordinator {
             let mut shorts: Vec<strata_sched::copies::Short> = Vec::new();
             layers.retain(|l| {
                 let holders: Vec<String> = self
-                    .live_holders(&l.blob, &self.recorded_holders(&l.blob))
+                    .roster
+                    .live_copies(&l.blob)
                     .into_iter()
                     .map(|h| h.name)
                     .collect();
@@ -597,7 +654,7 @@ impl Coordinator {
                 short
             });
             let planned: Vec<(LayerRef, strata_sched::copies::Assignment, Connection)> = {
-                let workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+                let workers = self.roster.lock();
                 strata_sched::copies::plan_repair(&workers, &shorts, REPAIR_COPIES_PER_NODE)
                     .into_iter()
                     .filter_map(|a| {
@@ -612,7 +669,7 @@ impl Coordinator {
             }
             let round = planned.into_iter().map(|(layer, a, conn)| {
                 // The planned holder first, the others after it.
-                let mut sources = self.holders(&layer.blob, Some(&a.to));
+                let mut sources = self.roster.holders(&layer.blob, Some(&a.to));
                 sources.sort_by_key(|h| h.name != a.from);
                 (layer, a.to, conn, sources)
             });

@@ -323,7 +323,7 @@ impl WorkerNode {
         self: &Arc<Self>,
         config: &WorkerConfig,
     ) -> Result<Option<SocketAddr>, StartError> {
-        let health = Arc::new(crate::observe::WorkerHealth(Arc::downgrade(self)));
+        let health = Arc::new(WorkerHealth(Arc::downgrade(self)));
         let served = crate::observe::serve(&config.metrics, self.listen, &config.tls, health).await;
         strata_metrics::slots(self.slots);
         served
@@ -680,7 +680,7 @@ impl WorkerNode {
                 &destination,
                 &self.node.content,
                 request.compression,
-                &crate::coordinator::Quiet,
+                &crate::plan::Quiet,
             )
             .await
             .map_err(|source| PushError::Registry {
@@ -1273,6 +1273,35 @@ async fn get_batch(
         return Err(BeginError::Evicted(got.missing.len()));
     }
     Ok(got.bytes)
+}
+
+/// A worker is ready once registered with a coordinator: before that no
+/// step is placed on it.
+pub(crate) struct WorkerHealth(pub(crate) std::sync::Weak<WorkerNode>);
+
+impl strata_metrics::Health for WorkerHealth {
+    fn ready(&self) -> Result<(), String> {
+        let w = self.0.upgrade().ok_or("shutting down")?;
+        let registered = w
+            .registered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        if registered == 0 {
+            Err(format!(
+                "worker {} is not registered with any coordinator",
+                w.name()
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn refresh(&self) {
+        if let Some(w) = self.0.upgrade() {
+            crate::observe::store_bytes(&w.node);
+        }
+    }
 }
 
 #[cfg(test)]

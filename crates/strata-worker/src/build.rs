@@ -6,14 +6,13 @@ use std::sync::{Arc, Mutex};
 
 use strata_dockerfile::{Dockerfile, IgnoreMatcher, Platform};
 use strata_oci::{Image, Reference};
-use strata_plan::{
-    Entitlements, Grants, ImageResolver, Options, Plan, PlanError, ResolvedImage, RunSettings,
-};
+use strata_plan::{Entitlements, Grants, ImageResolver, Options, Plan, ResolvedImage, RunSettings};
 use strata_registry::{Registry, Transfer};
-use strata_solver::{Progress, SolveError, SolveOptions, Solved, Solver};
+use strata_solver::{Progress, SolveOptions, Solved, Solver};
 use tokio_util::sync::CancellationToken;
 
 use crate::contexts::{Named, NamedContext, make_image, override_stages};
+use crate::error::BuildError;
 use crate::node::Node;
 use crate::timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};
 use crate::worker::{Embedded, LocalWorker};
@@ -84,37 +83,6 @@ pub struct BuildResult {
     pub plan: Arc<Plan>,
     /// What ran and what was cached.
     pub solved: Solved,
-}
-
-/// Why a build failed.
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    /// Reading the Dockerfile or context failed.
-    #[error("{0}")]
-    Input(String),
-    /// The Dockerfile is invalid.
-    #[error(transparent)]
-    Dockerfile(#[from] strata_dockerfile::Error),
-    /// Planning failed.
-    #[error(transparent)]
-    Plan(#[from] PlanError),
-    /// The build asks for, or a step needs, an entitlement it may not have.
-    #[error(transparent)]
-    Entitlement(#[from] strata_plan::EntitlementError),
-    /// A step failed.
-    #[error(transparent)]
-    Solve(#[from] SolveError),
-    /// Storing the image failed.
-    #[error(transparent)]
-    Image(#[from] strata_oci::Error),
-    /// A layer's times could not be clamped to `SOURCE_DATE_EPOCH`.
-    #[error("cannot clamp the times of layer {layer} to SOURCE_DATE_EPOCH: {detail}")]
-    Timestamps {
-        /// The layer's diff_id.
-        layer: String,
-        /// Why.
-        detail: String,
-    },
 }
 
 /// Resolves `FROM` (and `COPY --from`) images: the local image store

@@ -18,7 +18,7 @@ use strata_dockerfile::{Dockerfile, IgnoreMatcher, Platform};
 use strata_oci::{ImageConfig, Reference};
 use strata_plan::{ImageResolver, ResolvedImage};
 
-use crate::build::BuildError;
+use crate::error::BuildError;
 use crate::node::Node;
 use crate::select::{SourceRoot, select};
 

@@ -196,6 +196,37 @@ pub(crate) fn failed(e: impl std::error::Error + 'static) -> strata_solver::Work
     strata_solver::WorkerError::from_error(&e)
 }
 
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Reading the Dockerfile or context failed.
+    #[error("{0}")]
+    Input(String),
+    /// The Dockerfile is invalid.
+    #[error(transparent)]
+    Dockerfile(#[from] strata_dockerfile::Error),
+    /// Planning failed.
+    #[error(transparent)]
+    Plan(#[from] strata_plan::PlanError),
+    /// The build asks for, or a step needs, an entitlement it may not have.
+    #[error(transparent)]
+    Entitlement(#[from] strata_plan::EntitlementError),
+    /// A step failed.
+    #[error(transparent)]
+    Solve(#[from] strata_solver::SolveError),
+    /// Storing the image failed.
+    #[error(transparent)]
+    Image(#[from] strata_oci::Error),
+    /// A layer's times could not be clamped to `SOURCE_DATE_EPOCH`.
+    #[error("cannot clamp the times of layer {layer} to SOURCE_DATE_EPOCH: {detail}")]
+    Timestamps {
+        /// The layer's diff_id.
+        layer: String,
+        /// Why.
+        detail: String,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,16 +33,14 @@ mod timestamps;
 mod users;
 mod worker;
 
-pub use build::{
-    BaseImages, BuildError, BuildRequest, BuildResult, PlanInputs, build, ignore_for, plan_only,
-};
+pub use build::{BaseImages, BuildRequest, BuildResult, PlanInputs, build, ignore_for, plan_only};
 pub use cache_io::{
     CacheFrom, CacheIoError, CacheLocation, CacheMode, CacheTo, Exported, Imported, export_cache,
     exported_keys, import_cache, parse_cache_from, parse_cache_to,
 };
 pub use contexts::{NamedContext, parse_named_context};
 pub use copy::is_archive;
-pub use error::{AddError, FileError, GcError};
+pub use error::{AddError, BuildError, FileError, GcError};
 pub use export::{ExportError, export_rootfs, write_rootfs_tar};
 pub use gc::{
     EVICT_EVERY, EvictReport, GRACE, PruneReport, Usage, candidates, enforce, evict, keep_within,

@@ -10,7 +10,7 @@ use std::path::Path;
 use strata_dockerfile::Platform;
 use strata_plan::{Op, Plan};
 
-use crate::build::BuildError;
+use crate::error::BuildError;
 
 const BINFMT: &str = "/proc/sys/fs/binfmt_misc";
 

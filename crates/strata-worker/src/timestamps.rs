@@ -13,7 +13,7 @@
 use strata_cas::{ContentStore, Digest};
 use strata_oci::{Image, ImageConfig, LayerRef};
 
-use crate::build::BuildError;
+use crate::error::BuildError;
 use crate::node::Node;
 
 /// The build arg (and environment variable) naming the epoch.
