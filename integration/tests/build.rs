@@ -186,7 +186,7 @@ fn bad_inputs_fail_clearly_and_leave_the_store_consistent() {
         ),
         (
             "FROM nosuchimage:1\n",
-            "cannot pull base image nosuchimage:1: docker.io",
+            "cannot use image nosuchimage:1\n  caused by: cannot pull base image nosuchimage:1\n  caused by: docker.io",
         ),
         (
             "FROM busybox:latest\nRUN echo partial > /p && exit 3\n",

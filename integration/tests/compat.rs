@@ -1189,7 +1189,7 @@ fn platforms_are_built_as_asked_or_refused() {
             "base=docker-image://busybox:latest",
             run,
         ],
-        "image base is for linux/amd64, not linux/arm64",
+        "cannot use image base\n  caused by: it is for linux/amd64, not linux/arm64",
     );
 
     // An arm64 busybox: its steps run only where an emulator is registered.

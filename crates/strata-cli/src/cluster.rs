@@ -763,7 +763,11 @@ fn print_du(
             .iter()
             .map(|n| match &n.usage {
                 Ok(u) => serde_json::json!({"name": n.name, "role": n.role, "usage": u}),
-                Err(e) => serde_json::json!({"name": n.name, "role": n.role, "error": e}),
+                Err(e) => serde_json::json!({
+                    "name": n.name,
+                    "role": n.role,
+                    "error": strata_registry::error_chain(e),
+                }),
             })
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
@@ -789,7 +793,13 @@ fn print_du(
                 human_size(u.reclaimable),
                 human_size(u.total)
             )?,
-            Err(e) => writeln!(out, "{:<14} {:<12} unknown: {e}", n.name, n.role)?,
+            Err(e) => writeln!(
+                out,
+                "{:<14} {:<12} unknown: {}",
+                n.name,
+                n.role,
+                strata_registry::error_chain(e)
+            )?,
         }
     }
     Ok(())

@@ -84,7 +84,7 @@ struct DaemonHealth {
 }
 
 impl strata_metrics::Health for DaemonHealth {
-    fn ready(&self) -> Result<(), String> {
+    fn ready(&self) -> Result<(), strata_metrics::NotReady> {
         Ok(())
     }
 

@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use strata_cas::{ContentStore, Digest};
 use strata_net::{
-    BatchSource, Connection, Endpoint, Role, read_frame, send_batch, send_blob, send_file,
-    write_frame,
+    BatchSource, Connection, Endpoint, read_frame, send_batch, send_blob, send_file, write_frame,
 };
 use strata_oci::{Image, ImageConfig};
 use strata_solver::Event;
@@ -118,41 +117,9 @@ fn unexpected(reply: Reply) -> ClientError {
     cluster(format!("unexpected answer: {reply:?}"))
 }
 
-use crate::protocol::CONNECT_TIMEOUT;
-
 /// How long a client that has a coordinator answering waits for the one
 /// it remembered (the leader when last seen) before going on without it.
 pub const PREFERRED_GRACE: Duration = Duration::from_millis(30);
-
-/// Connects to the coordinator at `addr`: a connection to a coordinator,
-/// or why not.
-async fn attempt(
-    endpoint: Endpoint,
-    addr: crate::config::NodeAddress,
-) -> Result<Connection, crate::ConnectError> {
-    use crate::ConnectError;
-    let a = addr.resolve().await?;
-    // A coordinator that is down may not answer at all: give up well
-    // before QUIC's idle timeout.
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(a))
-        .await
-        .map_err(|_| ConnectError::Timeout {
-            addr: addr.to_string(),
-            within: CONNECT_TIMEOUT,
-        })?
-        .map_err(|source| ConnectError::Net {
-            addr: addr.to_string(),
-            source,
-        })?;
-    if conn.peer.role == Role::Coordinator {
-        Ok(conn)
-    } else {
-        Err(ConnectError::NotCoordinator {
-            addr: addr.to_string(),
-            peer: conn.peer.to_string(),
-        })
-    }
-}
 
 /// Which answer a client goes on with, as the attempts to reach the
 /// coordinators of its list end: sans-IO, so it is tested without a
@@ -239,7 +206,7 @@ impl Client {
         for (i, addr) in config.coordinators.iter().enumerate() {
             let endpoint = endpoint.clone();
             let addr = addr.clone();
-            attempts.spawn(async move { (i, attempt(endpoint, addr).await) });
+            attempts.spawn(async move { (i, addr.connect(&endpoint).await) });
         }
         let mut answered: Vec<Option<Connection>> =
             config.coordinators.iter().map(|_| None).collect();

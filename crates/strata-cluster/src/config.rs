@@ -67,15 +67,51 @@ impl NodeAddress {
             .next()
             .ok_or_else(|| crate::ConnectError::NoAddress(self.to_string()))
     }
+
+    /// Connects to the coordinator at this address: a connection to a
+    /// coordinator, or why not.
+    pub(crate) async fn connect(
+        &self,
+        endpoint: &strata_net::Endpoint,
+    ) -> Result<strata_net::Connection, crate::ConnectError> {
+        use crate::ConnectError;
+        let a = self.resolve().await?;
+        // A coordinator that is down may not answer at all: give up well
+        // before QUIC's idle timeout.
+        let within = crate::protocol::CONNECT_TIMEOUT;
+        let conn = tokio::time::timeout(within, endpoint.connect(a))
+            .await
+            .map_err(|_| ConnectError::Timeout {
+                addr: self.to_string(),
+                within,
+            })?
+            .map_err(|source| ConnectError::Net {
+                addr: self.to_string(),
+                source,
+            })?;
+        if conn.peer.role == strata_net::Role::Coordinator {
+            Ok(conn)
+        } else {
+            Err(ConnectError::NotCoordinator {
+                addr: self.to_string(),
+                peer: conn.peer.to_string(),
+            })
+        }
+    }
 }
 
+/// A node address that is not `HOST:PORT` or `IP:PORT`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not HOST:PORT or IP:PORT")]
+pub struct BadAddress(pub String);
+
 impl std::str::FromStr for NodeAddress {
-    type Err = String;
-    fn from_str(s: &str) -> Result<NodeAddress, String> {
+    type Err = BadAddress;
+    fn from_str(s: &str) -> Result<NodeAddress, BadAddress> {
         if let Ok(a) = s.parse::<SocketAddr>() {
             return Ok(a.into());
         }
-        let bad = || format!("{s:?} is not HOST:PORT or IP:PORT");
+        let bad = || BadAddress(s.to_string());
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
         let port = port.parse().map_err(|_| bad())?;
         let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.';
@@ -90,8 +126,8 @@ impl std::str::FromStr for NodeAddress {
 }
 
 impl TryFrom<String> for NodeAddress {
-    type Error = String;
-    fn try_from(s: String) -> Result<NodeAddress, String> {
+    type Error = BadAddress;
+    fn try_from(s: String) -> Result<NodeAddress, BadAddress> {
         s.parse()
     }
 }
@@ -611,11 +647,11 @@ impl WorkerConfig {
             c.coordinators = value
                 .split(',')
                 .map(|a| a.trim().parse())
-                .collect::<Result<_, String>>()
-                .map_err(|detail| ConfigError::Env {
+                .collect::<Result<_, BadAddress>>()
+                .map_err(|e| ConfigError::Env {
                     var: "STRATA_COORDINATOR".into(),
                     value: value.clone(),
-                    detail,
+                    detail: e.to_string(),
                 })?;
         }
         override_with("STRATA_LISTEN", &mut c.listen)?;

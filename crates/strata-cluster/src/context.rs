@@ -289,6 +289,17 @@ const RACY: Duration = Duration::from_secs(2);
 /// The largest stat cache file read.
 const MAX_STAT_CACHE: u64 = 1 << 30;
 
+/// Why a stat cache on disk is ignored (and the context hashed afresh).
+#[derive(Debug, thiserror::Error)]
+enum Unusable {
+    #[error(transparent)]
+    Read(#[from] std::io::Error),
+    #[error("{0} bytes, more than a stat cache may hold")]
+    TooLarge(u64),
+    #[error("damaged")]
+    Damaged(#[from] bincode::error::DecodeError),
+}
+
 impl StatCache {
     /// Where the stat cache of context directory `context` lives under
     /// state directory `home`.
@@ -302,16 +313,14 @@ impl StatCache {
 
     /// Loads the cache at `path`; an unreadable or damaged one is empty.
     pub fn load(path: &Path) -> StatCache {
-        let read = || -> Result<StatCache, String> {
-            let meta = fs::metadata(path).map_err(|e| e.to_string())?;
+        let read = || -> Result<StatCache, Unusable> {
+            let meta = fs::metadata(path)?;
             if meta.len() > MAX_STAT_CACHE {
-                return Err("too large".into());
+                return Err(Unusable::TooLarge(meta.len()));
             }
-            let bytes = fs::read(path).map_err(|e| e.to_string())?;
+            let bytes = fs::read(path)?;
             let config = bincode::config::standard().with_limit::<{ MAX_STAT_CACHE as usize }>();
-            bincode::serde::decode_from_slice(&bytes, config)
-                .map(|(c, _)| c)
-                .map_err(|e| e.to_string())
+            Ok(bincode::serde::decode_from_slice(&bytes, config).map(|(c, _)| c)?)
         };
         match read() {
             Ok(c) => c,

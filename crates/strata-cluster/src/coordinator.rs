@@ -1217,12 +1217,7 @@ impl Coordinator {
     /// Where this coordinator's bytes are and, asked at once (each within
     /// 30 s), every live worker's.
     async fn usage(&self) -> Vec<crate::protocol::NodeUsage> {
-        let node = Arc::clone(&self.node);
-        let mine = tokio::task::spawn_blocking(move || {
-            strata_worker::usage(&node).map_err(|e| strata_registry::error_chain(&e))
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("measuring stopped: {e}")));
+        let mine = crate::protocol::NodeUsage::measure(&self.node, &self.name, "coordinator").await;
         let workers: Vec<(String, Connection)> = {
             let workers = self.roster.lock();
             let mut list: Vec<(String, Connection)> = workers
@@ -1241,11 +1236,11 @@ impl Coordinator {
             .await;
             let usage = match answer {
                 Ok(Ok(Reply::Usage(mut u))) if u.len() == 1 => u.remove(0).usage,
-                Ok(Ok(Reply::Failed(e))) => Err(strata_registry::error_chain(&e)),
-                Ok(Ok(Reply::Refused(e))) => Err(e.to_string()),
-                Ok(Ok(other)) => Err(format!("answered {other:?}")),
-                Ok(Err(e)) => Err(strata_registry::error_chain(&e)),
-                Err(_) => Err("no answer within 30 s".into()),
+                Ok(Ok(Reply::Failed(e))) => Err(e),
+                Ok(Ok(Reply::Refused(e))) => Err(Failed::of(&e)),
+                Ok(Ok(other)) => Err(Failed::new(format!("answered {other:?}"))),
+                Ok(Err(e)) => Err(Failed::of(&e)),
+                Err(_) => Err(Failed::new("no answer within 30 s")),
             };
             crate::protocol::NodeUsage {
                 name,
@@ -1253,11 +1248,7 @@ impl Coordinator {
                 usage,
             }
         });
-        let mut out = vec![crate::protocol::NodeUsage {
-            name: self.name.clone(),
-            role: "coordinator".into(),
-            usage: mine,
-        }];
+        let mut out = vec![mine];
         out.extend(futures_util::future::join_all(asked).await);
         out
     }
@@ -1480,12 +1471,15 @@ impl Coordinator {
         tags: &[String],
         config_json: &[u8],
         layers: &[LayerRef],
-    ) -> Result<Vec<String>, String> {
+    ) -> Result<Vec<String>, ImageError> {
         let mut named = Vec::with_capacity(tags.len());
         for tag in tags {
             let name = tag
                 .parse::<strata_oci::Reference>()
-                .map_err(|e| e.to_string())?
+                .map_err(|source| ImageError::BadName {
+                    name: tag.clone(),
+                    source,
+                })?
                 .normalized();
             let image = strata_raft::ClusterImage {
                 config: config_json.to_vec(),
@@ -1498,7 +1492,10 @@ impl Coordinator {
                     image,
                 })
                 .await
-                .map_err(|e| format!("the image is built but naming it {tag} failed: {e}"))?;
+                .map_err(|source| ImageError::Name {
+                    name: tag.clone(),
+                    source,
+                })?;
             named.push(name);
         }
         Ok(named)
@@ -1513,6 +1510,10 @@ impl Coordinator {
     ) {
         let fail = |message: String, tail: Vec<String>| {
             let _ = events.send(BuildEvent::Failed { message, tail });
+        };
+        // An error as the client shows it: its message, then its causes.
+        let reported = |e: &(dyn std::error::Error + 'static)| {
+            strata_solver::with_causes(e.to_string(), strata_solver::Causes::of(e))
         };
         let begun = Instant::now();
         // Held for the whole build, every blob of its tree: workers fetch
@@ -1569,7 +1570,7 @@ impl Coordinator {
                     vec![],
                 );
             }
-            Ok(Err(e)) => return fail(format!("build context: {e}"), vec![]),
+            Ok(Err(e)) => return fail(format!("build context: {}", reported(&e)), vec![]),
             Err(e) => return fail(format!("reading the build context stopped: {e}"), vec![]),
         };
         self.pins
@@ -1582,7 +1583,7 @@ impl Coordinator {
         self.await_known_workers().await;
         tracing::debug!(elapsed = ?begun.elapsed(), "workers known");
         if let Err(e) = self.grants().check(&submit.inputs.allow) {
-            return fail(e.to_string(), vec![]);
+            return fail(reported(&e), vec![]);
         }
         let id = self.next_build.fetch_add(1, Ordering::Relaxed);
         let inputs = submit.inputs.clone();
@@ -1600,10 +1601,8 @@ impl Coordinator {
                     inner: &resolver,
                     seen: Mutex::default(),
                 };
-                let plan = inputs.plan(&recording).map_err(|e| e.to_string())?;
-                let wire = recording
-                    .wire()
-                    .map_err(|e| strata_registry::error_chain(&e))?;
+                let plan = inputs.plan(&recording).map_err(|e| reported(&e))?;
+                let wire = recording.wire().map_err(|e| reported(&e))?;
                 Ok::<_, String>((plan, wire))
             })
             .await;
@@ -1628,11 +1627,11 @@ impl Coordinator {
         if let Err(e) =
             strata_worker::check_runnable(&plan, &runnable, "the cluster's live workers")
         {
-            return fail(e.to_string(), vec![]);
+            return fail(reported(&e), vec![]);
         }
         let source_date_epoch = match submit.inputs.source_date_epoch() {
             Ok(e) => e,
-            Err(e) => return fail(e.to_string(), vec![]),
+            Err(e) => return fail(reported(&e), vec![]),
         };
         let plan = Arc::new(plan);
         let spec = Arc::new(BuildSpec {
@@ -1689,7 +1688,7 @@ impl Coordinator {
                         .await
                     {
                         Ok(t) => t,
-                        Err(e) => return fail(e, vec![]),
+                        Err(e) => return fail(reported(&e), vec![]),
                     }
                 } else {
                     Vec::new()
@@ -1781,15 +1780,15 @@ pub(crate) struct CoordinatorHealth {
 }
 
 impl strata_metrics::Health for CoordinatorHealth {
-    fn ready(&self) -> Result<(), String> {
-        let c = self.coordinator.upgrade().ok_or("shutting down")?;
+    fn ready(&self) -> Result<(), strata_metrics::NotReady> {
+        let c = self
+            .coordinator
+            .upgrade()
+            .ok_or(crate::observe::NotReady::ShuttingDown)?;
         let m = c.member.raft().metrics().borrow().clone();
         match m.current_leader {
             Some(_) => Ok(()),
-            None => Err(format!(
-                "no leader of the replicated cache index is known (term {})",
-                m.current_term
-            )),
+            None => Err(crate::observe::NotReady::NoLeader(m.current_term).into()),
         }
     }
 

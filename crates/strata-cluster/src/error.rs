@@ -114,6 +114,14 @@ pub enum ImageError {
         /// Why.
         source: strata_oci::ParseReferenceError,
     },
+    /// A built image could not be named in the group's state.
+    #[error("the image is built but naming it {name} failed")]
+    Name {
+        /// The name.
+        name: String,
+        /// Why.
+        source: strata_raft::Error,
+    },
     /// No image by that name.
     #[error("the cluster names no image {0}")]
     NoSuchImage(String),
@@ -302,6 +310,29 @@ pub enum ConnectError {
         /// Who answered.
         peer: String,
     },
+}
+
+/// Why a worker could not register with a coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The coordinator could not be reached.
+    #[error(transparent)]
+    Connect(Box<ConnectError>),
+    /// This worker's store could not be listed.
+    #[error("cannot list this worker's blobs")]
+    List(#[source] strata_cas::Error),
+    /// The registration did not get through, or got no answer.
+    #[error("registering")]
+    Request(#[source] crate::protocol::RequestError),
+    /// The coordinator refused it.
+    #[error("the coordinator refused the registration")]
+    Refused(#[source] crate::protocol::Refusal),
+    /// The coordinator failed.
+    #[error("the coordinator could not register this worker")]
+    Failed(#[source] crate::protocol::Failed),
+    /// The coordinator answered something else.
+    #[error("unexpected answer to registering: {0}")]
+    Unexpected(String),
 }
 
 /// `" (a; b)"`, or nothing for no reasons.

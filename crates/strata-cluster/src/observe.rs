@@ -39,6 +39,20 @@ pub(crate) async fn serve(
     Ok(Some(served.addr))
 }
 
+/// Why a coordinator or worker is not ready.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NotReady {
+    /// The node is stopping.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// No lookup or write of the cache index can be answered.
+    #[error("no leader of the replicated cache index is known (term {0})")]
+    NoLeader(u64),
+    /// No step is placed on a worker no coordinator knows.
+    #[error("worker {0} is not registered with any coordinator")]
+    NotRegistered(String),
+}
+
 /// The bytes of a node's blobs, for `strata_store_bytes`.
 pub(crate) fn store_bytes(node: &strata_worker::Node) {
     for (kind, n) in node.usage() {

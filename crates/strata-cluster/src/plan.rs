@@ -8,7 +8,7 @@ use std::sync::{Mutex, PoisonError};
 use strata_cas::Digest;
 use strata_dockerfile::Platform;
 use strata_oci::ImageConfig;
-use strata_plan::{Base, ImageResolver, Plan, ResolvedImage};
+use strata_plan::{Base, ImageResolver, Plan, ResolveError, ResolvedImage};
 
 use crate::protocol::WireImage;
 
@@ -33,6 +33,12 @@ pub enum WireError {
         /// Why.
         source: serde_json::Error,
     },
+    /// A worker's plan names a base image the coordinator's did not.
+    #[error("base image {name} was not resolved by the coordinator")]
+    Unresolved {
+        /// The image.
+        name: String,
+    },
     /// A config sent by the coordinator could not be read.
     #[error("the config of {name} is unreadable")]
     Unreadable {
@@ -50,7 +56,7 @@ pub(crate) struct Recording<'a> {
 }
 
 impl ImageResolver for Recording<'_> {
-    fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String> {
+    fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, ResolveError> {
         let found = self.inner.resolve(reference, platform)?;
         self.seen
             .lock()
@@ -112,11 +118,12 @@ impl Replay {
 }
 
 impl ImageResolver for Replay {
-    fn resolve(&self, reference: &str, _: &Platform) -> Result<ResolvedImage, String> {
-        self.0
-            .get(reference)
-            .cloned()
-            .ok_or_else(|| format!("base image {reference} was not resolved by the coordinator"))
+    fn resolve(&self, reference: &str, _: &Platform) -> Result<ResolvedImage, ResolveError> {
+        self.0.get(reference).cloned().ok_or_else(|| {
+            Box::new(WireError::Unresolved {
+                name: reference.to_string(),
+            }) as ResolveError
+        })
     }
 }
 

@@ -487,7 +487,28 @@ pub struct NodeUsage {
     /// `coordinator` or `worker`.
     pub role: String,
     /// Its usage, or why it is not known.
-    pub usage: Result<strata_worker::Usage, String>,
+    pub usage: Result<strata_worker::Usage, Failed>,
+}
+
+impl NodeUsage {
+    /// What `node`'s store holds, measured off the runtime's threads.
+    pub(crate) async fn measure(
+        node: &std::sync::Arc<strata_worker::Node>,
+        name: &str,
+        role: &str,
+    ) -> NodeUsage {
+        let node = std::sync::Arc::clone(node);
+        let usage = tokio::task::spawn_blocking(move || {
+            strata_worker::usage(&node).map_err(|e| Failed::of(&e))
+        })
+        .await
+        .unwrap_or_else(|e| Err(Failed::because("measuring stopped", &e)));
+        NodeUsage {
+            name: name.to_string(),
+            role: role.to_string(),
+            usage,
+        }
+    }
 }
 
 /// The most entries one [`Request::ImportCache`] may carry (a client

@@ -19,7 +19,7 @@ use tracing::Instrument as _;
 
 use crate::access::ReadRights;
 use crate::config::{NodeAddress, WorkerConfig};
-use crate::error::{EvictError, PushError, StartError};
+use crate::error::{EvictError, PushError, RegisterError, StartError};
 use crate::peers::{FetchError, Peers, report_lacking};
 use crate::protocol::{
     AnyRequest, BuildSpec, CoordinatorRequest, CopyError, CopyKind, ExecEvent, Failed, Holder,
@@ -392,7 +392,7 @@ impl WorkerNode {
                     tracing::warn!(worker = %self.name, coordinator = %at, "lost the coordinator; reconnecting");
                 }
                 Err(e) => {
-                    tracing::debug!(worker = %self.name, coordinator = %at, error = %e, "cannot reach the coordinator");
+                    tracing::debug!(worker = %self.name, coordinator = %at, error = %strata_registry::error_chain(&e), "cannot reach the coordinator");
                 }
             }
             let delay = delays.next().unwrap_or(RECONNECT_MAX);
@@ -407,9 +407,9 @@ impl WorkerNode {
     /// as of the listing (see [`strata_cas::ContentStore::changes`]).
     /// The store's count of changes, the blobs the index should know of,
     /// and the bytes the store holds.
-    fn blobs(&self) -> Result<(u64, HashSet<Digest>, u64), String> {
+    fn blobs(&self) -> Result<(u64, HashSet<Digest>, u64), RegisterError> {
         let changes = self.node.content.changes();
-        let listed = self.node.content.list().map_err(|e| e.to_string())?;
+        let listed = self.node.content.list().map_err(RegisterError::List)?;
         let stored = listed.iter().map(|(_, info)| info.size).sum();
         // Context files are the coordinator's to keep, not the index's to
         // know: a build context of 30,000 files is no 30,000 locations.
@@ -426,21 +426,11 @@ impl WorkerNode {
     async fn join_one(
         &self,
         at: &NodeAddress,
-    ) -> Result<(Connection, (u64, HashSet<Digest>, u64)), String> {
-        // A coordinator that is down may not answer at all: give up on it
-        // well before QUIC's idle timeout.
-        let limit = crate::protocol::CONNECT_TIMEOUT;
-        let addr = at
-            .resolve()
+    ) -> Result<(Connection, (u64, HashSet<Digest>, u64)), RegisterError> {
+        let conn = at
+            .connect(&self.endpoint)
             .await
-            .map_err(|e| strata_registry::error_chain(&e))?;
-        let conn = tokio::time::timeout(limit, self.endpoint.connect(addr))
-            .await
-            .map_err(|_| format!("no answer within {limit:?}"))?
-            .map_err(|e| e.to_string())?;
-        if conn.peer.role != Role::Coordinator {
-            return Err(format!("{} is not a coordinator", conn.peer));
-        }
+            .map_err(|e| RegisterError::Connect(Box::new(e)))?;
         let (changes, blobs, stored) = self.blobs()?;
         let reply = request(
             &conn,
@@ -460,12 +450,12 @@ impl WorkerNode {
             })),
         )
         .await
-        .map_err(|e| strata_registry::error_chain(&e))?;
+        .map_err(RegisterError::Request)?;
         match reply {
             Reply::Ok => Ok((conn, (changes, blobs, stored))),
-            Reply::Failed(e) => Err(strata_registry::error_chain(&e)),
-            Reply::Refused(e) => Err(e.to_string()),
-            other => Err(format!("unexpected answer to registering: {other:?}")),
+            Reply::Failed(e) => Err(RegisterError::Failed(e)),
+            Reply::Refused(e) => Err(RegisterError::Refused(e)),
+            other => Err(RegisterError::Unexpected(format!("{other:?}"))),
         }
     }
 
@@ -816,19 +806,9 @@ impl WorkerNode {
             CoordinatorRequest::PushImage(spec) => {
                 Reply::Pushed(self.push(*spec).await.map_err(|e| Failed::of(&e)))
             }
-            CoordinatorRequest::Du => {
-                let node = Arc::clone(&self.node);
-                let usage = tokio::task::spawn_blocking(move || {
-                    strata_worker::usage(&node).map_err(|e| strata_registry::error_chain(&e))
-                })
-                .await
-                .unwrap_or_else(|e| Err(format!("measuring stopped: {e}")));
-                Reply::Usage(vec![crate::protocol::NodeUsage {
-                    name: self.name.clone(),
-                    role: "worker".into(),
-                    usage,
-                }])
-            }
+            CoordinatorRequest::Du => Reply::Usage(vec![
+                crate::protocol::NodeUsage::measure(&self.node, &self.name, "worker").await,
+            ]),
             CoordinatorRequest::End(id) => {
                 self.builds
                     .lock()
@@ -1280,18 +1260,18 @@ async fn get_batch(
 pub(crate) struct WorkerHealth(pub(crate) std::sync::Weak<WorkerNode>);
 
 impl strata_metrics::Health for WorkerHealth {
-    fn ready(&self) -> Result<(), String> {
-        let w = self.0.upgrade().ok_or("shutting down")?;
+    fn ready(&self) -> Result<(), strata_metrics::NotReady> {
+        let w = self
+            .0
+            .upgrade()
+            .ok_or(crate::observe::NotReady::ShuttingDown)?;
         let registered = w
             .registered
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len();
         if registered == 0 {
-            Err(format!(
-                "worker {} is not registered with any coordinator",
-                w.name()
-            ))
+            Err(crate::observe::NotReady::NotRegistered(w.name().to_string()).into())
         } else {
             Ok(())
         }

@@ -19,7 +19,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-pub use serve::{Health, Serving, serve, spawn_router};
+pub use serve::{Health, NotReady, Serving, serve, spawn_router};
 
 /// Why metrics could not be installed or served.
 #[derive(Debug, thiserror::Error)]

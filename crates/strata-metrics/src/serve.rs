@@ -23,11 +23,14 @@ use tokio::sync::mpsc;
 
 use crate::Error;
 
+/// Why a node cannot take work yet: its own error, shown on `/readyz`.
+pub type NotReady = Box<dyn std::error::Error + Send + Sync>;
+
 /// What a node says of itself on `/readyz`, and the gauges it brings up
 /// to date before a scrape.
 pub trait Health: Send + Sync + 'static {
     /// Whether the node can take work now; if not, why.
-    fn ready(&self) -> Result<(), String>;
+    fn ready(&self) -> Result<(), NotReady>;
 
     /// Sets the gauges read on demand (store sizes, Raft state). Called off
     /// the async threads before each scrape.
@@ -304,7 +307,7 @@ mod tests {
     struct NotYet;
 
     impl Health for NotYet {
-        fn ready(&self) -> Result<(), String> {
+        fn ready(&self) -> Result<(), NotReady> {
             Err("no leader elected".into())
         }
     }

@@ -42,4 +42,4 @@ pub const ALPN: &[u8] = b"strata/1";
 
 /// The version of the messages within [`ALPN`]; peers that differ are
 /// refused at the handshake.
-pub const PROTOCOL_VERSION: u32 = 11;
+pub const PROTOCOL_VERSION: u32 = 12;

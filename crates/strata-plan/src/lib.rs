@@ -26,7 +26,7 @@ pub use ops::{
     Source,
 };
 pub use planner::{
-    Base, HistoryEntry, ImageResolver, Options, Plan, PlanError, ResolvedImage, StagePlan, Step,
-    StepMade, history_with_layers, image_created, plan,
+    Base, BaseError, HistoryEntry, ImageResolver, Options, Plan, PlanError, ResolveError,
+    ResolvedImage, StagePlan, Step, StepMade, history_with_layers, image_created, plan,
 };
 pub use run_settings::{ExtraHost, NetworkMode, RunSettings, ShmSize, Ulimit};

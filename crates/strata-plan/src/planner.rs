@@ -48,10 +48,36 @@ pub struct ResolvedImage {
     pub layers: Vec<LayerRef>,
 }
 
+/// Why a resolver found no image: its own error, kept whole, so a plan
+/// that fails on it shows every cause.
+pub type ResolveError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Finds base images (`FROM`, `COPY --from=image`).
 pub trait ImageResolver {
     /// Resolves `reference` for `platform`; the error says why not.
-    fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String>;
+    fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, ResolveError>;
+}
+
+/// Why a `FROM` or `COPY --from` image cannot be built on.
+#[derive(Debug, thiserror::Error)]
+pub enum BaseError {
+    /// The resolver found none.
+    #[error(transparent)]
+    Unresolved(ResolveError),
+    /// The image is for another platform than the stage's: built on as
+    /// if it were the stage's, its programs would not run.
+    #[error(
+        "it is for {found}, not {wanted}: pull the {wanted} image (--pull) or import it \
+         (`strata image import --platform {wanted} {reference} FILE`)"
+    )]
+    OtherPlatform {
+        /// The image, as the Dockerfile names it.
+        reference: String,
+        /// Its platform.
+        found: Platform,
+        /// The stage's.
+        wanted: Platform,
+    },
 }
 
 /// Why a plan could not be made.
@@ -61,14 +87,21 @@ pub enum PlanError {
     #[error(transparent)]
     Dockerfile(#[from] DfError),
     /// A base image could not be resolved.
-    #[error("{file}:{line}: {message}")]
+    #[error(
+        "{file}:{line}: cannot use image {reference}{}",
+        if *no_stage { format!(" (and no stage is named {reference})") } else { String::new() }
+    )]
     Base {
         /// The Dockerfile's name.
         file: String,
         /// The `FROM` or `COPY --from` line.
         line: usize,
-        /// What the resolver said.
-        message: String,
+        /// The image, as the line names it.
+        reference: String,
+        /// A `COPY --from` whose name could be a misspelt stage as well.
+        no_stage: bool,
+        /// Why.
+        source: Box<BaseError>,
     },
 }
 
@@ -257,11 +290,19 @@ struct StageState {
 }
 
 impl Planner<'_> {
-    fn base_error(&self, span: Span, message: String) -> PlanError {
+    fn base_error(
+        &self,
+        span: Span,
+        reference: &str,
+        no_stage: bool,
+        source: Box<BaseError>,
+    ) -> PlanError {
         PlanError::Base {
             file: self.file.to_string(),
             line: span.start,
-            message,
+            reference: reference.to_string(),
+            no_stage,
+            source,
         }
     }
 
@@ -272,13 +313,20 @@ impl Planner<'_> {
         span: Span,
     ) -> Result<ResolvedImage, PlanError> {
         self.image_for(reference, platform)
-            .map_err(|m| self.base_error(span, m))
+            .map_err(|e| self.base_error(span, reference, false, e))
     }
 
     /// The image `reference` names for `platform`; one for another
     /// platform is refused rather than built on as if it were this one.
-    fn image_for(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String> {
-        let img = self.images.resolve(reference, platform)?;
+    fn image_for(
+        &self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<ResolvedImage, Box<BaseError>> {
+        let img = self
+            .images
+            .resolve(reference, platform)
+            .map_err(|e| Box::new(BaseError::Unresolved(e)))?;
         let c = &img.config;
         if !c.architecture.is_empty()
             && !platform.matches(&c.os, &c.architecture, c.variant.as_deref())
@@ -288,10 +336,11 @@ impl Planner<'_> {
                 architecture: c.architecture.clone(),
                 variant: c.variant.clone(),
             };
-            return Err(format!(
-                "image {reference} is for {found}, not {platform}: pull the {platform} image \
-                 (--pull) or import it (`strata image import --platform {platform} {reference} FILE`)"
-            ));
+            return Err(Box::new(BaseError::OtherPlatform {
+                reference: reference.to_string(),
+                found,
+                wanted: platform.clone(),
+            }));
         }
         Ok(img)
     }
@@ -696,19 +745,12 @@ impl Planner<'_> {
         match self.df.copy_source(from) {
             Ok(DfSource::Stage(i)) => Ok(Source::Stage(self.plan_index[&i])),
             Ok(DfSource::Image(r)) => {
-                let img = self
-                    .image_for(&r, platform)
-                    .map_err(|m| {
-                        // `--from=buidler` is more often a misspelt stage
-                        // than an image; say both were looked for.
-                        let plain = !r.contains(['/', ':', '@', '.']);
-                        if plain {
-                            format!("{m} (and no stage is named {r})")
-                        } else {
-                            m
-                        }
-                    })
-                    .map_err(|m| self.base_error(span, m))?;
+                let img = self.image_for(&r, platform).map_err(|e| {
+                    // `--from=buidler` is more often a misspelt stage
+                    // than an image; say both were looked for.
+                    let plain = !r.contains(['/', ':', '@', '.']);
+                    self.base_error(span, &r, plain, e)
+                })?;
                 Ok(Source::Image(ImageSource {
                     reference: img.reference,
                     manifest: img.manifest.hex(),

@@ -6,13 +6,15 @@ use std::sync::{Arc, Mutex};
 
 use strata_dockerfile::{Dockerfile, IgnoreMatcher, Platform};
 use strata_oci::{Image, Reference};
-use strata_plan::{Entitlements, Grants, ImageResolver, Options, Plan, ResolvedImage, RunSettings};
+use strata_plan::{
+    Entitlements, Grants, ImageResolver, Options, Plan, ResolveError, ResolvedImage, RunSettings,
+};
 use strata_registry::{Registry, Transfer};
 use strata_solver::{Progress, SolveOptions, Solved, Solver};
 use tokio_util::sync::CancellationToken;
 
 use crate::contexts::{Named, NamedContext, make_image, override_stages};
-use crate::error::BuildError;
+use crate::error::{BaseImageError, BuildError};
 use crate::node::Node;
 use crate::timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};
 use crate::worker::{Embedded, LocalWorker};
@@ -104,7 +106,7 @@ pub struct BaseImages<'a> {
     pub progress: &'a dyn Transfer,
     /// What the pulls of this build came to, by name: `Ok` once pulled,
     /// else why not. Each name is pulled at most once per build.
-    pulls: Mutex<HashMap<String, Result<(), String>>>,
+    pulls: Mutex<HashMap<String, Result<(), Arc<BaseImageError>>>>,
     /// Names the last planning pass needs pulled first, with the
     /// platform it needs.
     wanted: Mutex<Vec<(String, Platform)>>,
@@ -161,11 +163,17 @@ impl<'a> BaseImages<'a> {
         }
     }
 
-    async fn pull(&self, reference: &str, platform: &Platform) -> Result<(), String> {
+    async fn pull(&self, reference: &str, platform: &Platform) -> Result<(), Arc<BaseImageError>> {
+        let named = || reference.to_string();
         let Some(registry) = self.registry else {
-            return Err(format!("cannot pull {reference}: no registry"));
+            return Err(Arc::new(BaseImageError::NoRegistry { reference: named() }));
         };
-        let parsed: Reference = reference.parse().map_err(|e| format!("{e}"))?;
+        let parsed: Reference = reference.parse().map_err(|source| {
+            Arc::new(BaseImageError::Reference {
+                reference: named(),
+                source,
+            })
+        })?;
         let target = strata_registry::Platform {
             os: &platform.os,
             architecture: &platform.architecture,
@@ -175,7 +183,12 @@ impl<'a> BaseImages<'a> {
             .pull(&parsed, target, self.store, self.progress)
             .await
             .map(|_| ())
-            .map_err(|e| format!("cannot pull base image {reference}: {e}"))
+            .map_err(|source| {
+                Arc::new(BaseImageError::Pull {
+                    reference: named(),
+                    source: Box::new(source),
+                })
+            })
     }
 
     /// Notes that planning needs `reference` pulled, and gives it a
@@ -194,10 +207,13 @@ impl<'a> BaseImages<'a> {
         }
     }
 
-    fn stored(&self, reference: &str) -> Result<Option<strata_oci::Tagged>, String> {
+    fn stored(&self, reference: &str) -> Result<Option<strata_oci::Tagged>, BaseImageError> {
         self.store
             .get(reference)
-            .map_err(|e| format!("cannot read base image {reference}: {e}"))
+            .map_err(|source| BaseImageError::Store {
+                reference: reference.to_string(),
+                source: Box::new(source),
+            })
     }
 }
 
@@ -206,14 +222,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ImageResolver for BaseImages<'_> {
-    fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String> {
+    fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, ResolveError> {
         let pulled = lock(&self.pulls).get(reference).cloned();
         // `--pull` asks the registry, and a failed pull fails the build
         // rather than falling back to what is stored.
         if self.always_pull
             && let Some(Err(e)) = pulled
         {
-            return Err(e);
+            return Err(Box::new(e));
         }
         let pullable = self.registry.is_some() && pulled.is_none();
         let local = if self.always_pull && pullable {
@@ -238,14 +254,16 @@ impl ImageResolver for BaseImages<'_> {
             }
             (Some(t), _) => t,
             (None, None) if pullable => return Ok(self.want(reference, platform)),
-            (None, Some(Err(e))) => return Err(e),
+            (None, Some(Err(e))) => return Err(Box::new(e)),
             (None, Some(Ok(()))) => {
-                return Err(format!("base image {reference} vanished after its pull"));
+                return Err(Box::new(BaseImageError::Vanished {
+                    reference: reference.to_string(),
+                }));
             }
             (None, None) => {
-                return Err(format!(
-                    "base image {reference} not found in the local image store; pull it, or add it with `strata image import {reference} FILE` (a rootfs tar, docker save archive or OCI layout)"
-                ));
+                return Err(Box::new(BaseImageError::NotFound {
+                    reference: reference.to_string(),
+                }));
             }
         };
         Ok(ResolvedImage {

@@ -18,7 +18,7 @@ use strata_dockerfile::{Dockerfile, IgnoreMatcher, Platform};
 use strata_oci::{ImageConfig, Reference};
 use strata_plan::{ImageResolver, ResolvedImage};
 
-use crate::error::BuildError;
+use crate::error::{BuildError, ContextImageError};
 use crate::node::Node;
 use crate::select::{SourceRoot, select};
 
@@ -116,7 +116,11 @@ pub(crate) struct Named<'a> {
 }
 
 impl ImageResolver for Named<'_> {
-    fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String> {
+    fn resolve(
+        &self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<ResolvedImage, strata_plan::ResolveError> {
         let reference = self
             .contexts
             .get(reference)
@@ -145,15 +149,23 @@ pub(crate) fn make_image(
     context: &NamedContext,
     platform: &Platform,
 ) -> Result<ResolvedImage, BuildError> {
-    let input = |m: String| BuildError::Input(format!("--build-context {name}: {m}"));
+    make(node, name, context, platform).map_err(|source| BuildError::NamedContext {
+        name: name.to_string(),
+        source: Box::new(source),
+    })
+}
+
+fn make(
+    node: &Node,
+    name: &str,
+    context: &NamedContext,
+    platform: &Platform,
+) -> Result<ResolvedImage, ContextImageError> {
     match context {
-        NamedContext::Image(_) => Err(input("is an image reference, not made".into())),
+        NamedContext::Image(_) => Err(ContextImageError::IsImage),
         NamedContext::Layout(path) => {
             if !path.join("oci-layout").is_file() {
-                return Err(input(format!(
-                    "{} is not an OCI layout (no oci-layout file)",
-                    path.display()
-                )));
+                return Err(ContextImageError::NotLayout { path: path.clone() });
             }
             let (image, _) = strata_oci::import(
                 &node.images,
@@ -162,46 +174,61 @@ pub(crate) fn make_image(
                 &platform.os,
                 &platform.architecture,
             )
-            .map_err(|e| input(e.to_string()))?;
+            .map_err(|source| ContextImageError::Import {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
             Ok(resolved(image, format!("oci-layout://{}", path.display())))
         }
         NamedContext::Dir(dir) => {
             if !dir.is_dir() {
-                return Err(input(format!("{} is not a directory", dir.display())));
+                return Err(ContextImageError::NotDirectory { path: dir.clone() });
             }
-            let image = pack_dir(node, dir, platform).map_err(input)?;
+            let image = pack_dir(node, dir, platform)?;
             Ok(resolved(image, format!("context:{name}")))
         }
     }
 }
 
 /// The directory as a one-layer image.
-fn pack_dir(node: &Node, dir: &Path, platform: &Platform) -> Result<strata_oci::Image, String> {
-    let ignore = match std::fs::read(dir.join(".dockerignore")) {
-        Ok(bytes) => IgnoreMatcher::from_dockerignore(&bytes).map_err(|e| e.to_string())?,
+fn pack_dir(
+    node: &Node,
+    dir: &Path,
+    platform: &Platform,
+) -> Result<strata_oci::Image, ContextImageError> {
+    let ignore_file = dir.join(".dockerignore");
+    let ignore = match std::fs::read(&ignore_file) {
+        Ok(bytes) => IgnoreMatcher::from_dockerignore(&bytes)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => IgnoreMatcher::default(),
-        Err(e) => return Err(format!("cannot read {}/.dockerignore: {e}", dir.display())),
+        Err(source) => {
+            return Err(ContextImageError::Read {
+                path: ignore_file,
+                source,
+            });
+        }
     };
     let src = SourceRoot {
         root: dir,
         ignore: Some(&ignore),
         keep_owner: false,
     };
-    let items = select(&src, &[".".to_string()]).map_err(|e| strata_registry::error_chain(&e))?;
+    let items = select(&src, &[".".to_string()])?;
     let tmp = node.home().join("tmp");
-    let mut file = tempfile::tempfile_in(&tmp)
-        .map_err(|e| format!("cannot make a file in {}: {e}", tmp.display()))?;
-    crate::select::pack(&src, &items, None, &mut file)
-        .map_err(|e| strata_registry::error_chain(&e))?;
+    let scratch = |source| ContextImageError::Scratch {
+        dir: tmp.clone(),
+        source,
+    };
+    let mut file = tempfile::tempfile_in(&tmp).map_err(scratch)?;
+    crate::select::pack(&src, &items, None, &mut file)?;
     use std::io::Seek as _;
-    file.rewind().map_err(|e| e.to_string())?;
+    file.rewind().map_err(scratch)?;
     let layer = strata_oci::store_layer(
         node.content.as_ref(),
         file,
         &dir.display().to_string(),
         None,
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| ContextImageError::Store(Box::new(e)))?;
     let mut config = ImageConfig::scratch(
         &platform.os,
         &platform.architecture,
@@ -210,7 +237,7 @@ fn pack_dir(node: &Node, dir: &Path, platform: &Platform) -> Result<strata_oci::
     config.rootfs.diff_ids = vec![layer.diff_id.to_string()];
     node.images
         .create(&config, &[layer])
-        .map_err(|e| e.to_string())
+        .map_err(|e| ContextImageError::Store(Box::new(e)))
 }
 
 #[cfg(test)]

@@ -196,6 +196,110 @@ pub(crate) fn failed(e: impl std::error::Error + 'static) -> strata_solver::Work
     strata_solver::WorkerError::from_error(&e)
 }
 
+/// Why a base image (`FROM`, `COPY --from`) could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum BaseImageError {
+    /// It is not stored and there is no registry to pull it from.
+    #[error("cannot pull {reference}: no registry")]
+    NoRegistry {
+        /// The image.
+        reference: String,
+    },
+    /// Its name does not parse.
+    #[error("{reference:?} is not an image reference")]
+    Reference {
+        /// The name.
+        reference: String,
+        /// Why.
+        source: strata_oci::ParseReferenceError,
+    },
+    /// The registry did not give it.
+    #[error("cannot pull base image {reference}")]
+    Pull {
+        /// The image.
+        reference: String,
+        /// Why.
+        source: Box<strata_registry::Error>,
+    },
+    /// The image store could not be read.
+    #[error("cannot read base image {reference}")]
+    Store {
+        /// The image.
+        reference: String,
+        /// Why.
+        source: Box<strata_oci::Error>,
+    },
+    /// It was pulled, and is not stored now.
+    #[error("base image {reference} vanished after its pull")]
+    Vanished {
+        /// The image.
+        reference: String,
+    },
+    /// It is not stored, and pulling was not asked for.
+    #[error(
+        "base image {reference} not found in the local image store; pull it, or add it with \
+         `strata image import {reference} FILE` (a rootfs tar, docker save archive or OCI layout)"
+    )]
+    NotFound {
+        /// The image.
+        reference: String,
+    },
+}
+
+/// Why a `--build-context` directory or OCI layout could not be made an
+/// image.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextImageError {
+    /// The given name is an image reference: it is resolved, not made.
+    #[error("is an image reference, not made")]
+    IsImage,
+    /// The path is no OCI layout.
+    #[error("{} is not an OCI layout (no oci-layout file)", path.display())]
+    NotLayout {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The path is no directory.
+    #[error("{} is not a directory", path.display())]
+    NotDirectory {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The layout's image could not be imported.
+    #[error("cannot import the OCI layout {}", path.display())]
+    Import {
+        /// The layout.
+        path: PathBuf,
+        /// Why.
+        source: Box<strata_oci::Error>,
+    },
+    /// The directory's `.dockerignore` could not be read.
+    #[error("cannot read {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The directory's `.dockerignore` does not parse.
+    #[error(transparent)]
+    Ignore(#[from] strata_dockerfile::Error),
+    /// Its files could not be chosen or packed.
+    #[error(transparent)]
+    Files(#[from] FileError),
+    /// A scratch file could not be made or read back.
+    #[error("cannot use a scratch file in {}", dir.display())]
+    Scratch {
+        /// Its folder.
+        dir: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The layer or image could not be stored.
+    #[error("cannot store the context's image")]
+    Store(#[source] Box<strata_oci::Error>),
+}
+
 /// Why a build failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -205,6 +309,14 @@ pub enum BuildError {
     /// The Dockerfile is invalid.
     #[error(transparent)]
     Dockerfile(#[from] strata_dockerfile::Error),
+    /// A `--build-context` could not be made an image.
+    #[error("--build-context {name}")]
+    NamedContext {
+        /// The context's name.
+        name: String,
+        /// Why.
+        source: Box<ContextImageError>,
+    },
     /// Planning failed.
     #[error(transparent)]
     Plan(#[from] strata_plan::PlanError),

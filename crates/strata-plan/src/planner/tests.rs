@@ -5,11 +5,11 @@ use std::collections::HashMap;
 struct Images(HashMap<String, ResolvedImage>);
 
 impl ImageResolver for Images {
-    fn resolve(&self, reference: &str, _: &Platform) -> Result<ResolvedImage, String> {
+    fn resolve(&self, reference: &str, _: &Platform) -> Result<ResolvedImage, ResolveError> {
         self.0
             .get(reference)
             .cloned()
-            .ok_or_else(|| format!("base image {reference} not found"))
+            .ok_or_else(|| format!("base image {reference} not found").into())
     }
 }
 
@@ -307,7 +307,9 @@ fn errors_name_the_line() {
     assert!(e.to_string().starts_with("Dockerfile:2:"), "{e}");
     let df = Dockerfile::parse(b"FROM nosuch:1\n").unwrap();
     let e = plan(&df, "df", &opts(), &images()).unwrap_err();
-    assert_eq!(e.to_string(), "df:1: base image nosuch:1 not found");
+    assert_eq!(e.to_string(), "df:1: cannot use image nosuch:1");
+    let cause = std::error::Error::source(&e).map(ToString::to_string);
+    assert_eq!(cause.as_deref(), Some("base image nosuch:1 not found"));
 }
 
 #[test]
