@@ -97,9 +97,8 @@ pub(crate) struct Census {
     pub entries: usize,
     /// Layers of cached results with fewer live copies than wanted.
     pub short: Vec<Short>,
-    /// Cache entries whose layer no worker is recorded to hold any more
-    /// (every copy evicted, lost, or its workers forgotten): a hit on them
-    /// could only run the step again.
+    /// Cache entries no worker holds the layer of any more
+    /// ([`strata_sched::copies::Census::orphans`]).
     pub orphans: Vec<Digest>,
 }
 
@@ -107,18 +106,6 @@ pub(crate) struct Census {
 pub(crate) struct Short {
     pub layer: LayerRef,
     pub live: usize,
-}
-
-/// Seconds a new cache entry is never taken for an orphan: the entry is
-/// put as soon as its holders have the layer, and the leader records
-/// them from their next heartbeats, a moment later (a new leader, from
-/// their registrations).
-pub(crate) const ORPHAN_GRACE: u64 = 60;
-
-/// Whether an entry recorded at `created` may be taken for an orphan at
-/// `now`.
-fn orphaned(created: u64, now: u64) -> bool {
-    now.saturating_sub(created) >= ORPHAN_GRACE
 }
 
 /// Copies of built layers, and the records of workers the leader keeps
@@ -217,43 +204,41 @@ impl Replicas {
             .local()
             .entries()
             .map_err(|e| ReplicateError::Index(e.into()))?;
-        let now = strata_cas::now_unix();
-        let mut orphans = Vec::new();
-        for (key, e) in &entries {
-            if let Some(l) = e.layers.last().filter(|_| e.made_layer)
-                && orphaned(e.created, now)
-                && self.roster.recorded_holders(&l.blob).is_empty()
-                && !self.reported_live(&l.blob)
-            {
-                orphans.push(*key);
-            }
-        }
-        let want = self.copies_wanted();
-        if want == 0 {
-            return Ok(Census {
-                entries: entries.len(),
-                short: Vec::new(),
-                orphans,
-            });
-        }
         let made: HashMap<Digest, LayerRef> = entries
             .iter()
             .filter(|(_, e)| e.made_layer)
             .filter_map(|(_, e)| e.layers.last().map(|l| (l.blob, *l)))
             .collect();
-        let mut short = Vec::new();
-        let shrunk = self.shrunk.lock().unwrap_or_else(PoisonError::into_inner);
-        for (blob, layer) in made {
-            let live = self.roster.live_copies(&blob).len();
-            if live < want && shrunk.wants_repair(&blob) {
-                short.push(Short { layer, live });
-            }
-        }
-        drop(shrunk);
+        let cached: Vec<strata_sched::copies::Cached> = entries
+            .iter()
+            .map(|(key, e)| strata_sched::copies::Cached {
+                key: *key,
+                created: e.created,
+                made: e.layers.last().filter(|_| e.made_layer).map(|l| l.blob),
+            })
+            .collect();
+        let want = self.copies_wanted();
+        let held =
+            |b: &Digest| !self.roster.recorded_holders(b).is_empty() || self.reported_live(b);
+        let live = |b: &Digest| self.roster.live_copies(b).len();
+        let census = {
+            let shrunk = self.shrunk.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = strata_cas::now_unix();
+            strata_sched::copies::census(&cached, now, want, &shrunk, &held, &live)
+        };
         Ok(Census {
             entries: entries.len(),
-            short,
-            orphans,
+            short: census
+                .short
+                .into_iter()
+                .filter_map(|(blob, live)| {
+                    Some(Short {
+                        layer: *made.get(&blob)?,
+                        live,
+                    })
+                })
+                .collect(),
+            orphans: census.orphans,
         })
     }
 
@@ -701,20 +686,5 @@ impl Replicas {
                 return;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{ORPHAN_GRACE, orphaned};
-
-    #[test]
-    fn an_entry_just_put_is_never_an_orphan() {
-        let now = 1_000_000;
-        assert!(!orphaned(now, now));
-        assert!(!orphaned(now - ORPHAN_GRACE + 1, now));
-        assert!(orphaned(now - ORPHAN_GRACE, now));
-        // A clock that went back leaves entries alone.
-        assert!(!orphaned(now + 5, now));
     }
 }

@@ -185,6 +185,73 @@ impl Shrunk {
     }
 }
 
+/// Seconds a new cache entry is never taken for an orphan: the entry is
+/// put as soon as its holders have the layer, and the leader records
+/// them from their next heartbeats, a moment later (a new leader, from
+/// their registrations).
+pub const ORPHAN_GRACE: u64 = 60;
+
+/// Whether an entry put at `created` may be taken for an orphan at `now`
+/// (a clock that went back takes none).
+pub fn orphaned(created: u64, now: u64) -> bool {
+    now.saturating_sub(created) >= ORPHAN_GRACE
+}
+
+/// A cache entry as repair sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Cached {
+    /// Its key.
+    pub key: Digest,
+    /// When it was put (seconds since the epoch).
+    pub created: u64,
+    /// The blob of the layer its step made; `None` when the step made
+    /// none (its layers are its parent's, kept by that entry).
+    pub made: Option<Digest>,
+}
+
+/// The cache index as repair sees it: what to copy, what to forget.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Layers cached results made with fewer live copies than wanted,
+    /// each with its live copies (none: nothing left to copy from).
+    pub short: Vec<(Digest, usize)>,
+    /// Entries whose layer no worker is recorded or heard to hold any
+    /// more (every copy evicted, lost, or its workers forgotten): a hit on
+    /// them could only run the step again.
+    pub orphans: Vec<Digest>,
+}
+
+/// Takes the census of `entries` at `now` with `want` copies wanted:
+/// `held(blob)` says whether any worker is recorded or heard to hold a
+/// blob, `live(blob)` how many live workers hold it. Layers `shrunk` by
+/// eviction are not short. Each blob is looked at once for each question.
+pub fn census(
+    entries: &[Cached],
+    now: u64,
+    want: usize,
+    shrunk: &Shrunk,
+    held: &dyn Fn(&Digest) -> bool,
+    live: &dyn Fn(&Digest) -> usize,
+) -> Census {
+    let orphans = entries
+        .iter()
+        .filter_map(|e| Some((e.key, e.made?, e.created)))
+        .filter(|(_, blob, created)| orphaned(*created, now) && !held(blob))
+        .map(|(key, _, _)| key)
+        .collect();
+    let mut short = Vec::new();
+    if want > 0 {
+        let made: HashSet<Digest> = entries.iter().filter_map(|e| e.made).collect();
+        for blob in made {
+            let copies = live(&blob);
+            if copies < want && shrunk.wants_repair(&blob) {
+                short.push((blob, copies));
+            }
+        }
+    }
+    Census { short, orphans }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
@@ -383,5 +450,87 @@ mod tests {
         // not two a round (all that w0 and w1 could send alone).
         assert!(holders.iter().all(|h| h.len() == want));
         assert!(rounds <= 24, "{rounds} rounds");
+    }
+
+    #[test]
+    fn an_entry_just_put_is_never_an_orphan() {
+        let now = 1_000_000;
+        assert!(!orphaned(now, now));
+        assert!(!orphaned(now - ORPHAN_GRACE + 1, now));
+        assert!(orphaned(now - ORPHAN_GRACE, now));
+        // A clock that went back leaves entries alone.
+        assert!(!orphaned(now + 5, now));
+    }
+
+    #[test]
+    fn the_census_forgets_only_old_entries_nobody_holds_and_copies_only_what_eviction_did_not_shrink()
+     {
+        let now = 10_000;
+        let blob = |n: u8| Digest::of(&[n]);
+        let old = now - ORPHAN_GRACE;
+        let entries = [
+            // Held by two live workers: neither short nor an orphan.
+            Cached {
+                key: blob(10),
+                created: old,
+                made: Some(blob(1)),
+            },
+            // One live copy of two: short.
+            Cached {
+                key: blob(11),
+                created: old,
+                made: Some(blob(2)),
+            },
+            // Nobody holds it, put long ago: an orphan, and short with no
+            // copy to copy from.
+            Cached {
+                key: blob(12),
+                created: old,
+                made: Some(blob(3)),
+            },
+            // Nobody holds it yet, just put: kept.
+            Cached {
+                key: blob(13),
+                created: now,
+                made: Some(blob(4)),
+            },
+            // Made no layer: nothing to hold.
+            Cached {
+                key: blob(14),
+                created: old,
+                made: None,
+            },
+            // Evicted short on purpose: left short.
+            Cached {
+                key: blob(15),
+                created: old,
+                made: Some(blob(5)),
+            },
+            // Two entries share a layer: it is counted once.
+            Cached {
+                key: blob(16),
+                created: old,
+                made: Some(blob(2)),
+            },
+        ];
+        let copies = |b: &Digest| -> usize {
+            match b {
+                b if *b == blob(1) => 2,
+                b if *b == blob(2) || *b == blob(5) => 1,
+                _ => 0,
+            }
+        };
+        let mut shrunk = Shrunk::default();
+        shrunk.evicted([(blob(5), 1)], 2);
+        let mut c = census(&entries, now, 2, &shrunk, &|b| copies(b) > 0, &copies);
+        c.short.sort();
+        let mut short = vec![(blob(2), 1), (blob(3), 0), (blob(4), 0)];
+        short.sort();
+        assert_eq!(c.short, short);
+        assert_eq!(c.orphans, vec![blob(12)]);
+        // With no live worker, nothing is wanted: nothing is short.
+        let none = census(&entries, now, 0, &shrunk, &|_| false, &|_| 0);
+        assert!(none.short.is_empty());
+        assert_eq!(none.orphans.len(), 5);
     }
 }
