@@ -56,11 +56,14 @@ pub fn context(home: &Path) -> Result<tempfile::TempDir> {
         .context("cannot make a directory for the build context")?;
     if strata_worker::is_archive(spooled.path()) {
         let f = std::fs::File::open(spooled.path())?;
-        // The tar crate keeps every entry inside the directory (`..` and
-        // absolute names refused).
-        tar::Archive::new(strata_oci::decompressing(f)?)
-            .unpack(dir.path())
-            .context("cannot unpack the build context from standard input")?;
+        // Unpacked as `ADD` unpacks an archive: nothing leaves the
+        // directory, whatever its names and links say.
+        strata_snapshot::apply_tar_with(
+            dir.path(),
+            strata_oci::decompressing(f)?,
+            strata_snapshot::TarKind::Archive,
+        )
+        .context("cannot unpack the build context from standard input")?;
     } else {
         std::fs::copy(spooled.path(), dir.path().join("Dockerfile"))
             .context("cannot write the Dockerfile read from standard input")?;

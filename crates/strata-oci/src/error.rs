@@ -15,6 +15,14 @@ pub enum Error {
     /// An archive, manifest or config is not what it claims to be.
     #[error("{0}")]
     Format(String),
+    /// An archive could not be unpacked (or is unsafe to).
+    #[error("cannot unpack {}", path.display())]
+    Unpack {
+        /// The archive.
+        path: PathBuf,
+        /// Why.
+        source: Box<strata_snapshot::Error>,
+    },
     /// A file operation failed.
     #[error("{what} {}: {source}", path.display())]
     Io {

@@ -43,6 +43,8 @@ impl Sink {
                 let mut h = tar::Header::new_ustar();
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_mode(0o644);
+                h.set_uid(0);
+                h.set_gid(0);
                 h.set_size(size);
                 h.set_mtime(0);
                 b.append_data(&mut h, name, data)

@@ -62,11 +62,15 @@ pub fn import(
         .map_err(io_err("cannot create a temporary directory in", scratch))?;
     let file = File::open(source).map_err(io_err("cannot open", source))?;
     let reader = decompressing(file).map_err(io_err("cannot read", source))?;
-    let mut archive = tar::Archive::new(reader);
-    // `unpack` refuses entries that would leave the directory.
-    let unpacked = archive
-        .unpack(dir.path())
-        .map_err(|e| Error::Format(format!("{}: {e}", source.display())));
+    // Unpacked as `ADD` unpacks an archive: nothing leaves the directory,
+    // whatever its names and links say.
+    let unpacked =
+        strata_snapshot::apply_tar_with(dir.path(), reader, strata_snapshot::TarKind::Archive)
+            .map(drop)
+            .map_err(|e| Error::Unpack {
+                path: source.to_path_buf(),
+                source: Box::new(e),
+            });
     let result = unpacked.and_then(|()| import_dir(store, dir.path(), os, architecture));
     drop(dir);
     result

@@ -50,6 +50,16 @@ pub fn apply_tar(root: &Path, reader: impl Read) -> Result<ApplyStats> {
     apply_tar_with(root, reader, TarKind::Layer)
 }
 
+/// A header's numeric field (`raw`, and what the tar crate made of it) as
+/// Go's `archive/tar` reads it, and so Docker and BuildKit: a field left
+/// empty (NULs or spaces) is 0. Anything else must be a number.
+fn numeric(raw: &[u8], parsed: std::io::Result<u64>) -> Result<u64> {
+    if raw.iter().all(|b| *b == 0 || *b == b' ') {
+        return Ok(0);
+    }
+    parsed.map_err(|e| Error::Tar(e.to_string()))
+}
+
 /// Refuses a whiteout that names no sibling, as the OCI layer spec has it:
 /// `.wh.` alone, `.wh..` and `.wh...` would remove the directory itself
 /// or its parent, and other `.wh..wh.` names are reserved.
@@ -110,7 +120,7 @@ pub fn apply_tar_with(root: &Path, reader: impl Read, kind: TarKind) -> Result<A
         mkdir_all(root, &parent)?;
         let target = parent.join(&base);
         let header = entry.header().clone();
-        let mode = header.mode().map_err(|e| Error::Tar(e.to_string()))? & 0o7777;
+        let mode = numeric(&header.as_old().mode, header.mode().map(u64::from))? as u32 & 0o7777;
         match entry_type {
             EntryType::Directory => match fs::symlink_metadata(&target) {
                 Ok(m) if m.is_dir() => {}
@@ -182,8 +192,8 @@ pub fn apply_tar_with(root: &Path, reader: impl Read, kind: TarKind) -> Result<A
                 continue;
             }
         }
-        let uid = header.uid().map_err(|e| Error::Tar(e.to_string()))?;
-        let gid = header.gid().map_err(|e| Error::Tar(e.to_string()))?;
+        let uid = numeric(&header.as_old().uid, header.uid())?;
+        let gid = numeric(&header.as_old().gid, header.gid())?;
         std::os::unix::fs::lchown(&target, Some(uid as u32), Some(gid as u32))
             .map_err(io_err("cannot change owner of", &target))?;
         if entry_type != EntryType::Symlink {

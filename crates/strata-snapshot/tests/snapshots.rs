@@ -312,6 +312,30 @@ fn whiteouts_that_name_no_sibling_are_refused_and_remove_nothing() {
 }
 
 #[test]
+fn empty_owner_fields_read_as_root_as_docker_reads_them_and_garbage_is_refused() {
+    // What `tar::Header::new_ustar` writes when no owner is set: NULs.
+    let entry = |uid: &[u8]| {
+        let mut h = Header::new_ustar();
+        h.set_entry_type(EntryType::Regular);
+        h.set_mode(0o640);
+        h.set_size(2);
+        h.set_mtime(0);
+        h.as_old_mut().uid[..uid.len()].copy_from_slice(uid);
+        h.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_data(&mut h, "f", &b"hi"[..]).unwrap();
+        b.into_inner().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    apply_tar(dir.path(), entry(b"").as_slice()).unwrap();
+    let m = fs::metadata(dir.path().join("f")).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o640));
+    let other = tempfile::tempdir().unwrap();
+    let e = apply_tar(other.path(), entry(b"x1").as_slice()).unwrap_err();
+    assert!(matches!(e, Error::Tar(_)), "{e}");
+}
+
+#[test]
 fn an_archive_add_unpacks_keeps_whiteout_names_as_files() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
