@@ -605,7 +605,7 @@ fn parse_labels(given: &[String]) -> Result<BTreeMap<String, String>> {
 fn parse_contexts(cx: &Cx<'_>, given: &[String]) -> Result<BTreeMap<String, NamedContext>> {
     let mut contexts = BTreeMap::new();
     for g in given {
-        let (name, context) = parse_named_context(g).map_err(anyhow::Error::msg)?;
+        let (name, context) = parse_named_context(g)?;
         let context = match context {
             NamedContext::Dir(p) => NamedContext::Dir(cx.path(&p)),
             NamedContext::Layout(p) => NamedContext::Layout(cx.path(&p)),
@@ -634,7 +634,7 @@ fn parse_caches(
     let from = from
         .iter()
         .map(|s| {
-            let c = parse_cache_from(s).map_err(anyhow::Error::msg)?;
+            let c = parse_cache_from(s)?;
             Ok(CacheFrom {
                 location: local(c.location),
             })
@@ -643,7 +643,7 @@ fn parse_caches(
     let to = to
         .iter()
         .map(|s| {
-            let c = parse_cache_to(s).map_err(anyhow::Error::msg)?;
+            let c = parse_cache_to(s)?;
             Ok(CacheTo {
                 location: local(c.location.clone()),
                 ..c

@@ -179,7 +179,7 @@ pub fn import_cache(
     args: ImportCacheArgs,
     flags: &RegistryFlags,
 ) -> Result<u8> {
-    let mut from = strata_worker::parse_cache_from(&args.spec).map_err(anyhow::Error::msg)?;
+    let mut from = strata_worker::parse_cache_from(&args.spec)?;
     if let strata_worker::CacheLocation::Local { dir, .. } = &mut from.location {
         *dir = cx.path(dir);
     }

@@ -18,6 +18,7 @@ use strata_plan::{Base, Plan};
 use strata_registry::{Registry, Transfer};
 use strata_solver::Solved;
 
+use crate::error::{FlagError, FlagProblem};
 use crate::node::Node;
 
 /// Where an exported cache lives.
@@ -105,7 +106,8 @@ const ACCEPTED: &[&str] = &[
 /// Parses a `--cache-to` value as buildx does: `type=registry,ref=REF`
 /// or `type=local,dest=DIR`, with `mode=min|max`, `compression=`,
 /// `tag=` and `ignore-error=`; a bare `REF` is a registry.
-pub fn parse_cache_to(s: &str) -> Result<CacheTo, String> {
+pub fn parse_cache_to(s: &str) -> Result<CacheTo, FlagError> {
+    let bad = |problem| flag_error("--cache-to", s, problem);
     let attrs = attributes("--cache-to", s)?;
     let mut to = CacheTo {
         location: location("--cache-to", s, &attrs, "dest")?,
@@ -120,11 +122,7 @@ pub fn parse_cache_to(s: &str) -> Result<CacheTo, String> {
                 to.mode = match v.as_str() {
                     "min" => CacheMode::Min,
                     "max" => CacheMode::Max,
-                    other => {
-                        return Err(format!(
-                            "--cache-to {s}: mode {other:?} is neither min nor max"
-                        ));
-                    }
+                    other => return Err(bad(FlagProblem::Mode(other.into()))),
                 }
             }
             "compression" => {
@@ -132,16 +130,12 @@ pub fn parse_cache_to(s: &str) -> Result<CacheTo, String> {
                     "gzip" => Compression::Gzip,
                     "zstd" => Compression::Zstd,
                     "uncompressed" => Compression::None,
-                    other => {
-                        return Err(format!(
-                            "--cache-to {s}: compression {other:?} is not gzip, zstd or uncompressed"
-                        ));
-                    }
+                    other => return Err(bad(FlagProblem::Compression(other.into()))),
                 }
             }
             "ignore-error" => to.ignore_error = boolean("--cache-to", s, k, v)?,
             k if ACCEPTED.contains(&k) => {}
-            other => return Err(format!("--cache-to {s}: unknown attribute {other:?}")),
+            other => return Err(bad(FlagProblem::UnknownAttribute(other.into()))),
         }
     }
     Ok(to)
@@ -149,18 +143,30 @@ pub fn parse_cache_to(s: &str) -> Result<CacheTo, String> {
 
 /// Parses a `--cache-from` value: `type=registry,ref=REF`,
 /// `type=local,src=DIR[,tag=TAG]`, or a bare `REF`.
-pub fn parse_cache_from(s: &str) -> Result<CacheFrom, String> {
+pub fn parse_cache_from(s: &str) -> Result<CacheFrom, FlagError> {
     let attrs = attributes("--cache-from", s)?;
     let location = location("--cache-from", s, &attrs, "src")?;
     if let Some((k, _)) = attrs.iter().find(|(k, _)| {
         !matches!(k.as_str(), "type" | "ref" | "src" | "tag") && !ACCEPTED.contains(&k.as_str())
     }) {
-        return Err(format!("--cache-from {s}: unknown attribute {k:?}"));
+        return Err(flag_error(
+            "--cache-from",
+            s,
+            FlagProblem::UnknownAttribute(k.clone()),
+        ));
     }
     Ok(CacheFrom { location })
 }
 
-fn attributes(flag: &str, s: &str) -> Result<Vec<(String, String)>, String> {
+fn flag_error(flag: &'static str, value: &str, problem: FlagProblem) -> FlagError {
+    FlagError {
+        flag,
+        value: value.to_string(),
+        problem,
+    }
+}
+
+fn attributes(flag: &'static str, s: &str) -> Result<Vec<(String, String)>, FlagError> {
     if !s.contains('=') {
         return Ok(vec![
             ("type".into(), "registry".into()),
@@ -170,25 +176,33 @@ fn attributes(flag: &str, s: &str) -> Result<Vec<(String, String)>, String> {
     s.split(',')
         .map(|part| match part.split_once('=') {
             Some((k, v)) if !k.is_empty() => Ok((k.trim().to_string(), v.to_string())),
-            _ => Err(format!("{flag} {s}: {part:?} is not KEY=VALUE")),
+            _ => Err(flag_error(flag, s, FlagProblem::NotKeyValue(part.into()))),
         })
         .collect()
 }
 
-fn boolean(flag: &str, s: &str, k: &str, v: &str) -> Result<bool, String> {
+fn boolean(flag: &'static str, s: &str, k: &str, v: &str) -> Result<bool, FlagError> {
     match v {
         "true" => Ok(true),
         "false" => Ok(false),
-        _ => Err(format!("{flag} {s}: {k}={v:?} is neither true nor false")),
+        _ => Err(flag_error(
+            flag,
+            s,
+            FlagProblem::NotBoolean {
+                key: k.into(),
+                value: v.into(),
+            },
+        )),
     }
 }
 
 fn location(
-    flag: &str,
+    flag: &'static str,
     s: &str,
     attrs: &[(String, String)],
-    dir_key: &str,
-) -> Result<CacheLocation, String> {
+    dir_key: &'static str,
+) -> Result<CacheLocation, FlagError> {
+    let bad = |problem| flag_error(flag, s, problem);
     let get = |key: &str| {
         attrs
             .iter()
@@ -198,27 +212,25 @@ fn location(
     };
     match get("type").unwrap_or("registry") {
         "registry" => {
-            let r = get("ref").ok_or_else(|| format!("{flag} {s}: type=registry needs ref=REF"))?;
+            let r = get("ref").ok_or_else(|| bad(FlagProblem::NeedsRef))?;
             let reference = r
                 .parse::<Reference>()
-                .map_err(|e| format!("{flag} {s}: {e}"))?;
+                .map_err(|e| bad(FlagProblem::Reference(e)))?;
             Ok(CacheLocation::Registry(reference))
         }
         "local" => {
             let dir = get(dir_key)
                 .filter(|d| !d.is_empty())
-                .ok_or_else(|| format!("{flag} {s}: type=local needs {dir_key}=DIR"))?;
+                .ok_or_else(|| bad(FlagProblem::NeedsDir(dir_key)))?;
             Ok(CacheLocation::Local {
                 dir: PathBuf::from(dir),
                 tag: get("tag").unwrap_or("latest").to_string(),
             })
         }
-        other @ ("inline" | "gha" | "s3" | "azblob") => Err(format!(
-            "{flag} {s}: cache type {other} is not supported by strata; use type=registry or type=local"
-        )),
-        other => Err(format!(
-            "{flag} {s}: unknown cache type {other:?} (type=registry or type=local)"
-        )),
+        other @ ("inline" | "gha" | "s3" | "azblob") => {
+            Err(bad(FlagProblem::UnsupportedCache(other.into())))
+        }
+        other => Err(bad(FlagProblem::UnknownCache(other.into()))),
     }
 }
 
@@ -417,12 +429,13 @@ mod tests {
             ("type=registry,ref=a/b,colour=red", "unknown attribute"),
             ("type=bogus,ref=x", "unknown cache type"),
         ] {
-            let e = parse_cache_to(bad).unwrap_err();
+            let e = parse_cache_to(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
         assert!(
             parse_cache_from("type=local,dest=/x")
                 .unwrap_err()
+                .to_string()
                 .contains("needs src=DIR")
         );
     }

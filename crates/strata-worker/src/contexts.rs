@@ -18,7 +18,7 @@ use strata_dockerfile::{Dockerfile, IgnoreMatcher, Platform};
 use strata_oci::{ImageConfig, Reference};
 use strata_plan::{ImageResolver, ResolvedImage};
 
-use crate::error::{BuildError, ContextImageError};
+use crate::error::{BuildError, ContextImageError, FlagError, FlagProblem};
 use crate::node::Node;
 use crate::select::{SourceRoot, select};
 
@@ -48,10 +48,15 @@ impl NamedContext {
 
 /// Parses `NAME=VALUE`; relative paths stay relative (the caller resolves
 /// them against the client's directory).
-pub fn parse_named_context(s: &str) -> Result<(String, NamedContext), String> {
+pub fn parse_named_context(s: &str) -> Result<(String, NamedContext), FlagError> {
+    let bad = |problem| FlagError {
+        flag: "--build-context",
+        value: format!("{s:?}"),
+        problem,
+    };
     let (name, value) = s
         .split_once('=')
-        .ok_or_else(|| format!("--build-context {s:?}: expected NAME=VALUE"))?;
+        .ok_or_else(|| bad(FlagProblem::NotNameValue))?;
     let valid = !name.is_empty()
         && name.len() <= 255
         && name.bytes().all(|b| {
@@ -60,31 +65,23 @@ pub fn parse_named_context(s: &str) -> Result<(String, NamedContext), String> {
                 || matches!(b, b'.' | b'_' | b'-' | b'/' | b':')
         });
     if !valid {
-        return Err(format!(
-            "--build-context {s:?}: {name:?} is not a context name (lower-case letters, digits, '.', '_', '-', '/', ':')"
-        ));
+        return Err(bad(FlagProblem::ContextName(name.into())));
     }
     let context = if let Some(r) = value.strip_prefix("docker-image://") {
         r.parse::<Reference>()
-            .map_err(|e| format!("--build-context {s:?}: {e}"))?;
+            .map_err(|e| bad(FlagProblem::Reference(e)))?;
         NamedContext::Image(r.to_string())
     } else if let Some(p) = value.strip_prefix("oci-layout://") {
         if p.contains('@') {
-            return Err(format!(
-                "--build-context {s:?}: choosing an OCI layout's image by digest is not supported; give a layout holding the image"
-            ));
+            return Err(bad(FlagProblem::LayoutDigest));
         }
         NamedContext::Layout(PathBuf::from(p))
     } else if value.starts_with("target:") {
-        return Err(format!(
-            "--build-context {s:?}: target: contexts are for bake files, not for a build"
-        ));
+        return Err(bad(FlagProblem::BakeTarget));
     } else if value.contains("://") || value.starts_with("git@") {
-        return Err(format!(
-            "--build-context {s:?}: a URL context is not supported; give docker-image://REF, oci-layout://PATH or a directory"
-        ));
+        return Err(bad(FlagProblem::UrlContext));
     } else if value.is_empty() {
-        return Err(format!("--build-context {s:?}: no value"));
+        return Err(bad(FlagProblem::NoValue));
     } else {
         NamedContext::Dir(PathBuf::from(value))
     };
@@ -267,7 +264,7 @@ mod tests {
             ("x=oci-layout:///l@sha256:00", "by digest"),
             ("x=", "no value"),
         ] {
-            let err = parse_named_context(bad).unwrap_err();
+            let err = parse_named_context(bad).unwrap_err().to_string();
             assert!(err.contains(says), "{bad}: {err}");
         }
     }

@@ -196,6 +196,81 @@ pub(crate) fn failed(e: impl std::error::Error + 'static) -> strata_solver::Work
     strata_solver::WorkerError::from_error(&e)
 }
 
+/// A `--cache-to`, `--cache-from` or `--build-context` value that cannot
+/// be taken.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag} {value}: {problem}")]
+pub struct FlagError {
+    /// The flag.
+    pub flag: &'static str,
+    /// Its value, as given.
+    pub value: String,
+    /// What is wrong with it.
+    pub problem: FlagProblem,
+}
+
+/// What is wrong with a flag's value.
+#[derive(Debug, thiserror::Error)]
+pub enum FlagProblem {
+    /// A part that is not `KEY=VALUE`.
+    #[error("{0:?} is not KEY=VALUE")]
+    NotKeyValue(String),
+    /// A boolean attribute that is neither `true` nor `false`.
+    #[error("{key}={value:?} is neither true nor false")]
+    NotBoolean {
+        /// The attribute.
+        key: String,
+        /// Its value.
+        value: String,
+    },
+    /// A cache `mode` other than `min` or `max`.
+    #[error("mode {0:?} is neither min nor max")]
+    Mode(String),
+    /// A cache `compression` strata does not write.
+    #[error("compression {0:?} is not gzip, zstd or uncompressed")]
+    Compression(String),
+    /// An attribute strata does not know.
+    #[error("unknown attribute {0:?}")]
+    UnknownAttribute(String),
+    /// A registry cache with no `ref=`.
+    #[error("type=registry needs ref=REF")]
+    NeedsRef,
+    /// A local cache with no directory.
+    #[error("type=local needs {0}=DIR")]
+    NeedsDir(&'static str),
+    /// A name that is no image reference.
+    #[error(transparent)]
+    Reference(#[from] strata_oci::ParseReferenceError),
+    /// A cache type buildx has and strata does not.
+    #[error("cache type {0} is not supported by strata; use type=registry or type=local")]
+    UnsupportedCache(String),
+    /// A cache type nobody has.
+    #[error("unknown cache type {0:?} (type=registry or type=local)")]
+    UnknownCache(String),
+    /// A `--build-context` with no `=`.
+    #[error("expected NAME=VALUE")]
+    NotNameValue,
+    /// A context name with other characters.
+    #[error("{0:?} is not a context name (lower-case letters, digits, '.', '_', '-', '/', ':')")]
+    ContextName(String),
+    /// An OCI layout's image chosen by digest.
+    #[error(
+        "choosing an OCI layout's image by digest is not supported; give a layout holding the image"
+    )]
+    LayoutDigest,
+    /// A bake target as a context.
+    #[error("target: contexts are for bake files, not for a build")]
+    BakeTarget,
+    /// A URL as a context.
+    #[error(
+        "a URL context is not supported; give docker-image://REF, oci-layout://PATH or a directory"
+    )]
+    UrlContext,
+    /// Nothing after the `=`.
+    #[error("no value")]
+    NoValue,
+}
+
 /// Why a base image (`FROM`, `COPY --from`) could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum BaseImageError {

@@ -40,7 +40,7 @@ pub use cache_io::{
 };
 pub use contexts::{NamedContext, parse_named_context};
 pub use copy::is_archive;
-pub use error::{AddError, BuildError, FileError, GcError};
+pub use error::{AddError, BuildError, FileError, FlagError, FlagProblem, GcError};
 pub use export::{ExportError, export_rootfs, write_rootfs_tar};
 pub use gc::{
     EVICT_EVERY, EvictReport, GRACE, PruneReport, Usage, candidates, enforce, evict, keep_within,
