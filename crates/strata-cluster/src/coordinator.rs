@@ -13,7 +13,7 @@ use strata_net::{Connection, Endpoint, Role, read_blob_header, recv_announced, w
 use strata_oci::LayerRef;
 use strata_raft::{Member, ReplicatedIndex, Tuning};
 use strata_registry::Registry;
-use strata_solver::{Event, Flights, SolveOptions, Solver};
+use strata_solver::{Event, Flights, SolveOptions};
 use strata_worker::history::{Dashboard, NodeView, WorkerView};
 use strata_worker::{BaseImages, Node};
 use tokio_util::sync::CancellationToken;
@@ -1582,34 +1582,6 @@ impl Coordinator {
         }
         self.await_known_workers().await;
         tracing::debug!(elapsed = ?begun.elapsed(), "workers known");
-        if let Err(e) = self.grants().check(&submit.inputs.allow) {
-            return fail(reported(&e), vec![]);
-        }
-        let id = self.next_build.fetch_add(1, Ordering::Relaxed);
-        let inputs = submit.inputs.clone();
-        let resolver = BaseImages::new(
-            &self.node.images,
-            Some(&self.registry),
-            submit.pull,
-            &crate::plan::Quiet,
-        );
-        // Each pass records what it resolved afresh: the last pass's
-        // images are the ones workers get.
-        let planned = resolver
-            .plan(|| {
-                let recording = crate::plan::Recording {
-                    inner: &resolver,
-                    seen: Mutex::default(),
-                };
-                let plan = inputs.plan(&recording).map_err(|e| reported(&e))?;
-                let wire = recording.wire().map_err(|e| reported(&e))?;
-                Ok::<_, String>((plan, wire))
-            })
-            .await;
-        let (plan, bases) = match planned {
-            Ok(p) => p,
-            Err(e) => return fail(e, vec![]),
-        };
         // Each stage that runs steps needs a live worker that runs its
         // platform; with none, the build is refused now rather than left
         // waiting for one.
@@ -1624,11 +1596,42 @@ impl Coordinator {
             all.dedup();
             all
         };
-        if let Err(e) =
-            strata_worker::check_runnable(&plan, &runnable, "the cluster's live workers")
-        {
+        let grants = self.grants();
+        let engine = strata_worker::Engine {
+            grants: &grants,
+            runnable: &runnable,
+            runs_on: "the cluster's live workers",
+            index: Arc::clone(&self.index) as Arc<dyn strata_cache::CacheIndex>,
+            flights: &self.flights,
+        };
+        if let Err(e) = engine.admit(&submit.inputs.allow) {
             return fail(reported(&e), vec![]);
         }
+        let id = self.next_build.fetch_add(1, Ordering::Relaxed);
+        let inputs = submit.inputs.clone();
+        let resolver = BaseImages::new(
+            &self.node.images,
+            Some(&self.registry),
+            submit.pull,
+            &crate::plan::Quiet,
+        );
+        // Each pass records what it resolved afresh: the last pass's
+        // images are the ones workers get.
+        let planned = engine
+            .plan(&resolver, || {
+                let recording = crate::plan::Recording {
+                    inner: &resolver,
+                    seen: Mutex::default(),
+                };
+                let plan = inputs.plan(&recording)?;
+                let wire = recording.wire()?;
+                Ok::<_, crate::error::PlanningError>((plan, wire))
+            })
+            .await;
+        let (plan, bases) = match planned {
+            Ok(p) => p,
+            Err(e) => return fail(reported(&e), vec![]),
+        };
         let source_date_epoch = match submit.inputs.source_date_epoch() {
             Ok(e) => e,
             Err(e) => return fail(reported(&e), vec![]),
@@ -1651,11 +1654,6 @@ impl Coordinator {
             Arc::clone(&plan),
             cancel.clone(),
         ));
-        let solver = Arc::new(Solver::sharing(
-            Arc::clone(&placement) as Arc<dyn strata_solver::Worker>,
-            Arc::clone(&self.index) as Arc<dyn strata_cache::CacheIndex>,
-            self.flights.clone(),
-        ));
         let progress_tx = events.clone();
         let opts = SolveOptions {
             no_cache: submit.no_cache,
@@ -1670,7 +1668,13 @@ impl Coordinator {
             source_date_epoch,
         };
         tracing::debug!(build = id, elapsed = ?begun.elapsed(), "planned");
-        let solved = solver.solve(Arc::clone(&plan), opts).await;
+        let solved = engine
+            .solve(
+                &plan,
+                Arc::clone(&placement) as Arc<dyn strata_solver::Worker>,
+                opts,
+            )
+            .await;
         placement.end().await;
         tracing::debug!(build = id, elapsed = ?begun.elapsed(), "solved");
         match solved {

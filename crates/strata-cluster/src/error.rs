@@ -312,6 +312,17 @@ pub enum ConnectError {
     },
 }
 
+/// Why a coordinator could not plan a build.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanningError {
+    /// The build cannot be planned, or not run on this cluster.
+    #[error(transparent)]
+    Build(#[from] strata_worker::BuildError),
+    /// What it resolved cannot be sent to workers.
+    #[error(transparent)]
+    Wire(#[from] crate::plan::WireError),
+}
+
 /// Why a worker could not register with a coordinator.
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {

@@ -10,10 +10,11 @@ use strata_plan::{
     Entitlements, Grants, ImageResolver, Options, Plan, ResolveError, ResolvedImage, RunSettings,
 };
 use strata_registry::{Registry, Transfer};
-use strata_solver::{Progress, SolveOptions, Solved, Solver};
+use strata_solver::{Progress, SolveOptions, Solved};
 use tokio_util::sync::CancellationToken;
 
 use crate::contexts::{Named, NamedContext, make_image, override_stages};
+use crate::engine::Engine;
 use crate::error::{BaseImageError, BuildError};
 use crate::node::Node;
 use crate::timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};
@@ -457,6 +458,17 @@ pub async fn plan_only(node: &Arc<Node>, req: &BuildRequest) -> Result<Arc<Plan>
     prepare(node, req).await.map(|p| p.plan)
 }
 
+/// The engine of a build on this machine.
+fn engine<'a>(node: &'a Node, grants: &'a Grants, runnable: &'a [Platform]) -> Engine<'a> {
+    Engine {
+        grants,
+        runnable,
+        runs_on: "this machine",
+        index: Arc::clone(&node.cache) as Arc<dyn strata_cache::CacheIndex>,
+        flights: &node.flights,
+    }
+}
+
 /// What a build has before its first step.
 struct Prepared {
     plan: Arc<Plan>,
@@ -501,7 +513,9 @@ async fn prepare(node: &Arc<Node>, req: &BuildRequest) -> Result<Prepared, Build
     .labeled(req.labels.clone())
     .running(req.run.clone())
     .with_contexts(&req.contexts);
-    req.grants.check(&req.allow)?;
+    let runnable = crate::platforms::runnable();
+    let engine = engine(node, &req.grants, &runnable);
+    engine.admit(&req.allow)?;
     if !req.context.is_dir() {
         return Err(BuildError::Input(format!(
             "build context {} is not a directory",
@@ -530,18 +544,17 @@ async fn prepare(node: &Arc<Node>, req: &BuildRequest) -> Result<Prepared, Build
         req.always_pull,
         req.pull_progress.as_ref(),
     );
-    let plan = Arc::new(
-        base_images
-            .plan(|| {
-                inputs.plan(&Named {
-                    contexts: &BTreeMap::new(),
-                    made: &made,
-                    inner: &base_images,
-                })
-            })
-            .await?,
-    );
-    crate::platforms::check_runnable(&plan, &crate::platforms::runnable(), "this machine")?;
+    let (plan, ()) = engine
+        .plan(&base_images, || {
+            let named = Named {
+                contexts: &BTreeMap::new(),
+                made: &made,
+                inner: &base_images,
+            };
+            Ok::<_, BuildError>((inputs.plan(&named)?, ()))
+        })
+        .await?;
+    let plan = Arc::new(plan);
 
     for stage in &plan.stages {
         if let strata_plan::Base::Image(img) = &stage.base {
@@ -566,16 +579,13 @@ async fn solve_and_store(
     stamps: Timestamps,
     lease: strata_cas::Lease,
 ) -> Result<BuildResult, BuildError> {
+    let runnable = crate::platforms::runnable();
+    let engine = engine(&node, &req.grants, &runnable);
     let worker = Arc::new(Embedded(Arc::new(
         LocalWorker::new(Arc::clone(&node), req.context.clone(), ignore, req.secrets)
             .forwarding_ssh(req.ssh)
-            .granting(req.grants),
+            .granting(req.grants.clone()),
     )));
-    let solver = Arc::new(Solver::sharing(
-        worker,
-        Arc::clone(&node.cache) as Arc<dyn strata_cache::CacheIndex>,
-        node.flights.clone(),
-    ));
     let solve_opts = SolveOptions {
         no_cache: req.no_cache,
         no_cache_stages: req.no_cache_stages.clone(),
@@ -585,7 +595,7 @@ async fn solve_and_store(
         progress: req.progress,
         source_date_epoch: stamps.source_date_epoch,
     };
-    let solved = solver.solve(Arc::clone(&plan), solve_opts).await?;
+    let solved = engine.solve(&plan, worker, solve_opts).await?;
     let target = &solved.stages[plan.target];
     let image = store_image(
         &node,

@@ -19,6 +19,7 @@ mod build;
 mod cache_io;
 mod contexts;
 mod copy;
+mod engine;
 mod error;
 mod export;
 mod fetch;
@@ -40,6 +41,7 @@ pub use cache_io::{
 };
 pub use contexts::{NamedContext, parse_named_context};
 pub use copy::is_archive;
+pub use engine::Engine;
 pub use error::{AddError, BuildError, FileError, FlagError, FlagProblem, GcError};
 pub use export::{ExportError, export_rootfs, write_rootfs_tar};
 pub use gc::{
