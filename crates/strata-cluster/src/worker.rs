@@ -1151,24 +1151,22 @@ impl WorkerNode {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
         let cancel = CancellationToken::new();
         let job_cancel = cancel.clone();
-        let span = tracing::Span::current();
-        let running = tokio::task::spawn_blocking(move || {
-            let _build = span.enter();
-            let at = locate(&here.plan, &step)?;
-            let output: strata_solver::Output = Arc::new(move |bytes: &[u8]| {
-                let _ = tx.send(bytes.to_vec());
-            });
-            here.worker.execute(&Job {
-                at,
-                parent: step.parent,
-                output,
-                // The coordinator named this worker already, and heard
-                // what it fetched.
-                placed: Arc::new(|_: &str| {}),
-                fetched: Arc::new(|_: u64, _: f64| {}),
-                cancel: job_cancel,
-            })
+        let at = locate(&here.plan, &step)?;
+        let output: strata_solver::Output = Arc::new(move |bytes: &[u8]| {
+            let _ = tx.send(bytes.to_vec());
         });
+        let job = Job {
+            at,
+            parent: step.parent,
+            output,
+            // The coordinator named this worker already, and heard what
+            // it fetched.
+            placed: Arc::new(|_: &str| {}),
+            fetched: Arc::new(|_: u64, _: f64| {}),
+            cancel: job_cancel,
+        };
+        let running =
+            tokio::spawn(LocalWorker::execute(Arc::clone(&here.worker), job).in_current_span());
         // The step's output goes back as it comes; a coordinator that is
         // gone cancels the step.
         while let Some(bytes) = rx.recv().await {

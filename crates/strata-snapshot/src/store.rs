@@ -271,8 +271,10 @@ impl Snapshotter {
         }
     }
 
-    /// A writable view on top of `layers` for one step.
-    pub fn active(&self, layers: &[Digest]) -> Result<Active<'_>> {
+    /// A writable view on top of `layers` for one step. It holds the
+    /// snapshotter, so it may outlive the borrow it was made from (a
+    /// step's process runs between two threads' work on it).
+    pub fn active(self: &Arc<Self>, layers: &[Digest]) -> Result<Active> {
         let using = self.using(layers);
         let chains = self.prepare(layers)?;
         let dir = self.fresh_dir("active")?;
@@ -289,7 +291,7 @@ impl Snapshotter {
         );
         match mount {
             Ok(mount) => Ok(Active {
-                snap: self,
+                snap: Arc::clone(self),
                 dir,
                 mount: Some(mount),
                 parent: chains.last().copied(),
@@ -408,15 +410,15 @@ impl Snapshotter {
 /// A mounted writable snapshot: a fresh upper dir over committed layers.
 /// Dropped without commit, it leaves nothing behind.
 #[derive(Debug)]
-pub struct Active<'a> {
-    snap: &'a Snapshotter,
+pub struct Active {
+    snap: Arc<Snapshotter>,
     dir: PathBuf,
     mount: Option<OverlayMount>,
     parent: Option<Digest>,
     _using: Using,
 }
 
-impl Active<'_> {
+impl Active {
     /// Where the step sees its root filesystem.
     pub fn rootfs(&self) -> PathBuf {
         self.dir.join("merged")
@@ -462,7 +464,7 @@ impl Active<'_> {
     }
 }
 
-impl Drop for Active<'_> {
+impl Drop for Active {
     fn drop(&mut self) {
         drop(self.mount.take());
         let _ = fs::remove_dir_all(&self.dir);

@@ -83,10 +83,10 @@ fn listing(tar_bytes: &[u8]) -> BTreeMap<String, (EntryType, u32, u64, String)> 
     out
 }
 
-fn setup() -> (tempfile::TempDir, Arc<ContentStore>, Snapshotter) {
+fn setup() -> (tempfile::TempDir, Arc<ContentStore>, Arc<Snapshotter>) {
     let dir = tempfile::tempdir().unwrap();
     let cas = Arc::new(ContentStore::open(&dir.path().join("content")).unwrap());
-    let snap = Snapshotter::open(dir.path(), Arc::clone(&cas)).unwrap();
+    let snap = Arc::new(Snapshotter::open(dir.path(), Arc::clone(&cas)).unwrap());
     (dir, cas, snap)
 }
 

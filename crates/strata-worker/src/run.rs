@@ -17,8 +17,6 @@ use crate::users;
 
 /// What a RUN needs from its worker beyond the op.
 pub struct RunContext<'a> {
-    /// The OCI runtime.
-    pub runtime: &'a Runtime,
     /// The step's root filesystem (an active overlay).
     pub rootfs: &'a Path,
     /// The step's upper dir, where mount stubs are cleaned up.
@@ -185,8 +183,73 @@ pub fn etc_mounts(
     ])
 }
 
-/// Runs the op; `Ok` only if the process exited 0.
-pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
+/// A RUN step made ready to start: its sandbox, and what stays held
+/// while its process runs (views, overlays, cache locks, agent proxies).
+pub(crate) struct Prepared {
+    sandbox: Sandbox,
+    held: Held,
+    /// Mount points the runtime makes, and their missing ancestors: not
+    /// part of the step's result.
+    missing: Vec<String>,
+    missing_parents: Vec<String>,
+    /// The last lines of output, for the error of a failed process.
+    tail: Arc<Mutex<Tail>>,
+    output: strata_exec::Output,
+    command: String,
+    id: String,
+    rootfs: PathBuf,
+    upper: PathBuf,
+    bundle: PathBuf,
+    cancel: CancellationToken,
+}
+
+impl Prepared {
+    /// Runs the process and waits for it to end, as a task: no thread
+    /// waits for it.
+    pub(crate) async fn wait(&self, runtime: &Runtime) -> Result<ExitStatus, WorkerError> {
+        runtime
+            .run(
+                &self.id,
+                &self.rootfs,
+                &self.bundle,
+                &self.sandbox,
+                Arc::clone(&self.output),
+                &self.cancel,
+            )
+            .await
+            .map_err(failed)
+    }
+
+    /// After the process: lets go of what it held, removes the mount
+    /// stubs it left in the upper dir, and says how it ended (`Ok` only
+    /// for exit code 0). Blocking.
+    pub(crate) fn finish(self, status: ExitStatus) -> Result<(), WorkerError> {
+        drop(self.held);
+        remove_stubs(&self.upper, &self.missing, &self.missing_parents);
+        let command = self.command;
+        let tail = self
+            .tail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lines();
+        match status {
+            ExitStatus::Code(0) => Ok(()),
+            ExitStatus::Code(c) => Err(WorkerError::new(format!(
+                "process {command} did not complete successfully: exit code: {c}"
+            ))
+            .with_tail(tail)),
+            ExitStatus::Signal(s) => Err(WorkerError::new(format!(
+                "process {command} was killed by signal {s}"
+            ))
+            .with_tail(tail)),
+            ExitStatus::Cancelled => Err(WorkerError::cancelled().with_tail(tail)),
+        }
+    }
+}
+
+/// Makes the op's sandbox ready (its user, working directory, `/etc`
+/// files and mounts). Blocking.
+pub(crate) fn prepare(op: &ExecOp, ctx: &RunContext<'_>) -> Result<Prepared, WorkerError> {
     let id = users::resolve(ctx.rootfs, &op.user, true).map_err(failed)?;
     // runc needs the working directory to exist.
     let cwd = resolve_path(ctx.rootfs, &op.cwd, true)
@@ -414,32 +477,20 @@ pub fn run(op: &ExecOp, ctx: &RunContext<'_>) -> Result<(), WorkerError> {
             .push(bytes);
         out(bytes);
     });
-    let status = tokio::runtime::Handle::current()
-        .block_on(ctx.runtime.run(
-            ctx.id,
-            ctx.rootfs,
-            ctx.bundle,
-            &sandbox,
-            output,
-            &ctx.cancel,
-        ))
-        .map_err(failed)?;
-    drop(held);
-    remove_stubs(ctx.upper, &missing, &missing_parents);
-    let command = quote_command(&op.args);
-    let tail = tail.lock().unwrap_or_else(PoisonError::into_inner).lines();
-    match status {
-        ExitStatus::Code(0) => Ok(()),
-        ExitStatus::Code(c) => Err(WorkerError::new(format!(
-            "process {command} did not complete successfully: exit code: {c}"
-        ))
-        .with_tail(tail)),
-        ExitStatus::Signal(s) => Err(WorkerError::new(format!(
-            "process {command} was killed by signal {s}"
-        ))
-        .with_tail(tail)),
-        ExitStatus::Cancelled => Err(WorkerError::cancelled().with_tail(tail)),
-    }
+    Ok(Prepared {
+        sandbox,
+        held,
+        missing,
+        missing_parents,
+        tail,
+        output,
+        command: quote_command(&op.args),
+        id: ctx.id.to_string(),
+        rootfs: ctx.rootfs.to_path_buf(),
+        upper: ctx.upper.to_path_buf(),
+        bundle: ctx.bundle.to_path_buf(),
+        cancel: ctx.cancel.clone(),
+    })
 }
 
 fn quote_command(args: &[String]) -> String {

@@ -18,7 +18,7 @@ use crate::copy::Fetched;
 use crate::error::{FileError, failed};
 use crate::memo::SelectionMemo;
 use crate::node::Node;
-use crate::run::{RunContext, run};
+use crate::run::{Prepared, RunContext, prepare};
 use crate::select::{SourceRoot, checksum};
 use crate::{copy, fetch, users};
 
@@ -384,8 +384,9 @@ impl LocalWorker {
             .all(|l| self.node.content.contains(&l.blob).unwrap_or(false))
     }
 
-    /// Runs a step; returns the layer it added, or `None` if it changed no file.
-    pub fn execute(&self, job: &Job) -> Result<Option<LayerRef>, WorkerError> {
+    /// Runs a step up to its process: a step with none (COPY, WORKDIR)
+    /// is done, and a RUN is made ready to start. Blocking.
+    fn begin(&self, job: &Job) -> Result<Begun, WorkerError> {
         let (stage, step, sources) = (job.at.stage(), job.at.step(), job.at.sources());
         self.grants.check(&step.op.entitlements()).map_err(failed)?;
         let blobs: Vec<Digest> = job.parent.iter().map(|l| l.blob).collect();
@@ -448,30 +449,45 @@ impl LocalWorker {
                     )
                 });
                 // Only a bind mount of the context reads it here.
-                let context = if binds_context {
-                    self.visible_context()?
-                } else {
-                    PathBuf::new()
+                let context = match binds_context {
+                    true => self.visible_context(),
+                    false => Ok(PathBuf::new()),
                 };
-                let ctx = RunContext {
-                    runtime: self.runtime()?,
-                    rootfs: &rootfs,
-                    upper: &upper,
-                    bundle: &bundle,
-                    context: &context,
-                    views: &views,
-                    cache_mounts: &self.node.home().join("cache-mounts"),
-                    secrets: &self.secrets,
-                    ssh_agents: &self.ssh_agents,
-                    output: Arc::clone(&job.output),
-                    cancel: job.cancel.clone(),
-                    id: &id,
+                let prepared = context.and_then(|context| {
+                    let ctx = RunContext {
+                        rootfs: &rootfs,
+                        upper: &upper,
+                        bundle: &bundle,
+                        context: &context,
+                        views: &views,
+                        cache_mounts: &self.node.home().join("cache-mounts"),
+                        secrets: &self.secrets,
+                        ssh_agents: &self.ssh_agents,
+                        output: Arc::clone(&job.output),
+                        cancel: job.cancel.clone(),
+                        id: &id,
+                    };
+                    prepare(e, &ctx)
+                });
+                return match prepared {
+                    Ok(prepared) => Ok(Begun::Run(Box::new(RunStep {
+                        active,
+                        prepared,
+                        bundle,
+                    }))),
+                    Err(e) => {
+                        let _ = fs::remove_dir_all(&bundle);
+                        Err(e)
+                    }
                 };
-                let result = run(e, &ctx);
-                let _ = fs::remove_dir_all(&bundle);
-                result?;
             }
         }
+        self.end(active).map(Begun::Done)
+    }
+
+    /// A step's filesystem is final: its layer, if it changed a file.
+    /// Blocking.
+    fn end(&self, active: strata_snapshot::Active) -> Result<Option<LayerRef>, WorkerError> {
         let layer = active.commit().map_err(failed)?;
         Ok(layer.map(|l| {
             self.lease().hold(l.digest);
@@ -488,6 +504,63 @@ impl LocalWorker {
         nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "local".into())
+    }
+}
+
+/// What a step came to on its blocking thread.
+enum Begun {
+    /// It ran (it has no process): its layer, if it changed a file.
+    Done(Option<LayerRef>),
+    /// A RUN, ready to start.
+    Run(Box<RunStep>),
+}
+
+/// A RUN between its preparation and its end.
+struct RunStep {
+    active: strata_snapshot::Active,
+    prepared: Prepared,
+    bundle: PathBuf,
+}
+
+/// Runs `f` on a blocking thread, in the caller's span.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, WorkerError> + Send + 'static,
+) -> Result<T, WorkerError> {
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || {
+        let _step = span.enter();
+        f()
+    })
+    .await
+    .map_err(|e| err(format!("the step's thread failed: {e}")))?
+}
+
+impl LocalWorker {
+    /// Runs a step; returns the layer it added, or `None` if it changed no
+    /// file. Its file work runs on blocking threads; a RUN's process is
+    /// waited for as a task, so no thread waits for it.
+    pub async fn execute(self: Arc<Self>, job: Job) -> Result<Option<LayerRef>, WorkerError> {
+        let worker = Arc::clone(&self);
+        let step = match blocking(move || worker.begin(&job)).await? {
+            Begun::Done(layer) => return Ok(layer),
+            Begun::Run(step) => step,
+        };
+        let status = match self.runtime() {
+            Ok(runtime) => step.prepared.wait(runtime).await,
+            Err(e) => Err(e),
+        };
+        blocking(move || {
+            let RunStep {
+                active,
+                prepared,
+                bundle,
+            } = *step;
+            let ended = status.and_then(|s| prepared.finish(s));
+            let _ = fs::remove_dir_all(&bundle);
+            ended?;
+            self.end(active)
+        })
+        .await
     }
 }
 
@@ -525,7 +598,7 @@ impl Worker for Embedded {
     }
 
     async fn execute(&self, job: Job) -> Result<Option<LayerRef>, WorkerError> {
-        self.off_runtime(move |w| w.execute(&job)).await
+        LocalWorker::execute(Arc::clone(&self.0), job).await
     }
 
     fn name(&self) -> String {
