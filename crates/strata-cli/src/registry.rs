@@ -148,11 +148,7 @@ pub fn pull(cx: &Cx<'_>, args: PullArgs, flags: &RegistryFlags) -> Result<u8> {
     let node = cx.node;
     let registry = flags.registry_for(cx);
     let transfer = cx.session.transfer();
-    let target = strata_registry::Platform {
-        os: &platform.os,
-        architecture: &platform.architecture,
-        variant: platform.variant.as_deref(),
-    };
+    let target = strata_worker::registry_target(&platform);
     let pulled = cx.block_on(registry.pull(&reference, target, &node.images, transfer.as_ref()));
     cx.session.progress_done();
     let pulled = pulled.with_context(|| format!("cannot pull {}", reference.familiar()))?;

@@ -54,11 +54,7 @@ pub fn run(cx: &Cx<'_>, args: RunArgs, flags: &RegistryFlags) -> Result<u8> {
                 .parse()
                 .with_context(|| format!("image {} not found (see `strata images`)", args.image))?;
             let host = Platform::host();
-            let target = strata_registry::Platform {
-                os: &host.os,
-                architecture: &host.architecture,
-                variant: host.variant.as_deref(),
-            };
+            let target = strata_worker::registry_target(&host);
             let transfer = cx.session.transfer();
             let pulled = cx.block_on(flags.registry_for(cx).pull(
                 &reference,

@@ -175,11 +175,7 @@ impl<'a> BaseImages<'a> {
                 source,
             })
         })?;
-        let target = strata_registry::Platform {
-            os: &platform.os,
-            architecture: &platform.architecture,
-            variant: platform.variant.as_deref(),
-        };
+        let target = crate::platforms::registry_target(platform);
         registry
             .pull(&parsed, target, self.store, self.progress)
             .await

@@ -51,7 +51,7 @@ pub use gc::{
 pub use history::{BuildRecord, BuildStatus, History, HistoryError};
 pub use memo::SelectionMemo;
 pub use node::{Node, NodeError, default_home, default_slots};
-pub use platforms::{check_runnable, native, runnable};
+pub use platforms::{check_runnable, native, registry_target, runnable};
 pub use run::etc_mounts;
 pub use timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};
 pub use users::{Identity, UserError, resolve as resolve_user};

@@ -113,6 +113,15 @@ pub fn check_runnable(plan: &Plan, runs: &[Platform], node: &str) -> Result<(), 
     Ok(())
 }
 
+/// `platform` as a registry chooses an image of an index by it.
+pub fn registry_target(platform: &Platform) -> strata_registry::Platform<'_> {
+    strata_registry::Platform {
+        os: &platform.os,
+        architecture: &platform.architecture,
+        variant: platform.variant.as_deref(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
