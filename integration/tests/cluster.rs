@@ -361,12 +361,20 @@ fn a_damaged_blob_is_never_accepted_and_the_build_still_succeeds() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    // The client (its daemon, whose log it is) names the holder whose
-    // bytes it refused, then takes the blob from the next one.
+    // The client names the holder whose bytes it refused, on the
+    // terminal (its daemon did the fetching, and logged it too), then
+    // takes the blob from the next one.
     let log = std::fs::read_to_string(second.home().join("daemon.log")).unwrap();
     assert!(
         log.contains("refused") && log.contains("trying the next"),
         "no damaged blob was refused: {stderr}\n{log}"
+    );
+    assert!(
+        stderr.lines().any(|l| l
+            .starts_with("warning: fetching from this holder failed; trying the next")
+            && l.contains("holder=worker-")
+            && l.contains("refused")),
+        "the refusal did not reach the client's terminal:\n{stderr}\n{log}"
     );
     assert_eq!(second.ok(&["run", "--rm", "x:1"]), "intact\n");
     for w in cluster.worker_names() {

@@ -207,6 +207,16 @@ impl strata_daemon::Handler for Handler {
             contexts: &self.contexts,
         };
         tracing::info!(call = ?call_name(&call), "running a command");
+        // What the command's work warns of, the client sees too.
+        let span = tracing::info_span!("command", call = call_name(&call));
+        let _in_command = span.enter();
+        let stderr = std::sync::Mutex::new(session.stderr());
+        let _forwarding = crate::warnings::forward(&span, move |line| {
+            let mut stderr = stderr
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _ = std::io::Write::write_all(&mut *stderr, line.as_bytes());
+        });
         let result = match call {
             Call::Build(a, flags) => crate::build::run(&cx, *a, &flags),
             Call::Run(a, flags) => crate::run::run(&cx, a, &flags),

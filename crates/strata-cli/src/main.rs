@@ -18,6 +18,7 @@ mod registry;
 mod run;
 mod stdio;
 mod template;
+mod warnings;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -166,22 +167,29 @@ fn init_logging(filter: &str, format: LogFormat) {
     } else {
         format!("{filter},openraft=off")
     };
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match format {
         // Colour only for a person at a terminal: never in a file or pipe.
         LogFormat::Text => logs
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
+            .with_filter(filter)
+            .boxed(),
         LogFormat::Json => logs
             .json()
             .with_current_span(true)
             .with_span_list(false)
-            .init(),
-    }
+            .with_filter(filter)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(warnings::layer())
+        .init();
 }
 
 /// An error and its causes, as printed after `error: `.

@@ -9,6 +9,7 @@ use strata_cas::{ContentStore, Digest};
 use strata_net::{Connection, Endpoint, recv_blob_limited, write_frame};
 use strata_oci::LayerRef;
 use tokio::sync::Mutex;
+use tracing::Instrument as _;
 
 use crate::protocol::{AnyRequest, Holder, MAX_LACKING, Request, request};
 
@@ -145,13 +146,16 @@ impl Peers {
             }
             let (me, cas, limit) = (Arc::clone(self), Arc::clone(cas), Arc::clone(&limit));
             let (blob, holders) = (layer.blob, holders.clone());
-            tasks.spawn(async move {
-                let _permit = limit
-                    .acquire()
-                    .await
-                    .map_err(|e| FetchError::new(e.to_string()))?;
-                me.fetch(&cas, &blob, &holders, None).await
-            });
+            tasks.spawn(
+                async move {
+                    let _permit = limit
+                        .acquire()
+                        .await
+                        .map_err(|e| FetchError::new(e.to_string()))?;
+                    me.fetch(&cas, &blob, &holders, None).await
+                }
+                .in_current_span(),
+            );
         }
         // Every fetch runs to its end, so every holder found lacking is
         // known.
