@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use strata_cas::Digest;
 use strata_dockerfile::Platform;
-use strata_net::{Connection, Endpoint, Role, read_blob_header, recv_announced, write_frame};
+use strata_net::{Connection, Endpoint, Role, write_frame};
 use strata_oci::LayerRef;
 use strata_raft::{Member, ReplicatedIndex, Tuning};
 use strata_registry::Registry;
@@ -19,7 +19,7 @@ use strata_worker::{BaseImages, Node};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::access::{ReadRights, UploadQuota};
+use crate::access::ReadRights;
 use crate::config::CoordinatorConfig;
 use crate::error::{ImageError, LayerError, StartError, SubmitError};
 use crate::placement::{Placement, Selections};
@@ -30,6 +30,7 @@ use crate::protocol::{
 };
 use crate::replicas::Replicas;
 use crate::roster::{Link, Roster, epoch};
+use crate::uploads::Uploads;
 
 /// Platforms as a worker reported them; ones this node cannot read are
 /// left out.
@@ -59,10 +60,6 @@ pub struct Coordinator {
     /// The layers of the images the cluster names, as of an applied
     /// index of the group's log.
     named_cache: Mutex<Option<(u64, Arc<HashSet<Digest>>)>>,
-    /// Closures of build contexts found whole, by root, each with the
-    /// store's count of removals when it was: a context built again is
-    /// not walked again, nor looked up again while nothing was removed.
-    trees: Mutex<HashMap<Digest, (Arc<crate::context::Closure>, u64)>>,
     next_build: AtomicU64,
     builds_running: AtomicUsize,
     /// Steps running for any build: concurrent builds run identical
@@ -70,12 +67,9 @@ pub struct Coordinator {
     flights: Flights,
     /// The blobs each client may read here: its builds' layers.
     reads: Mutex<ReadRights>,
-    /// What each client uploaded in the last hour.
-    uploads: Mutex<UploadQuota>,
-    /// Bounds of its store (uploaded contexts).
-    keep: strata_sched::Keep,
-    /// Contexts a build is about to use.
-    pins: Mutex<crate::context::Pins>,
+    /// The build contexts clients uploaded: the trees held whole, those
+    /// kept for builds, the store's bounds, each client's quota.
+    uploads: Arc<Uploads>,
     /// Connections to workers, for the layers its image endpoint serves.
     peers: Arc<crate::peers::Peers>,
     /// What COPY steps selected from build contexts, as workers measured
@@ -105,20 +99,6 @@ impl crate::Service for Coordinator {
     }
 }
 
-/// The refusal of a request naming `count` of `what`, over `limit`.
-fn over_limit(what: &str, count: usize, limit: usize) -> Reply {
-    Reply::Refused(Refusal::OverLimit {
-        what: what.to_string(),
-        count,
-        limit,
-    })
-}
-
-/// The answer that `what` failed because of `error`.
-fn failed(what: &str, error: &(dyn std::error::Error + 'static)) -> Reply {
-    Reply::Failed(Failed::because(what, error))
-}
-
 /// Whether a submitted build's id and names are ones to take: they end up
 /// in log lines and the history.
 fn check_submitted(submit: &SubmitBuild) -> Result<(), SubmitError> {
@@ -142,10 +122,6 @@ fn check_submitted(submit: &SubmitBuild) -> Result<(), SubmitError> {
     }
     Ok(())
 }
-
-/// Closures of build contexts a coordinator remembers at most (a few
-/// MiB each at 30,000 files).
-const MAX_TREES: usize = 16;
 
 /// Starts this coordinator's member of the group; the member with the
 /// lowest id makes the group on its first start.
@@ -225,6 +201,11 @@ impl Coordinator {
             config.replication.max(1),
             config.repair_mib_per_second.saturating_mul(1 << 20),
         ));
+        let uploads = Arc::new(Uploads::new(
+            Arc::clone(&node),
+            strata_worker::keep_within(&config.home, config.keep_storage, config.keep_duration)?,
+            config.upload_quota_mib_per_hour.saturating_mul(1 << 20),
+        ));
         Ok(Arc::new(Coordinator {
             node,
             member,
@@ -236,7 +217,6 @@ impl Coordinator {
             roster,
             replicas,
             named_cache: Mutex::default(),
-            trees: Mutex::default(),
             // Ids a restarted coordinator hands out differ from those of
             // its previous run, which workers may still hold.
             next_build: AtomicU64::new(
@@ -248,15 +228,7 @@ impl Coordinator {
             flights: Flights::default(),
             reads: Mutex::default(),
             started: Instant::now(),
-            uploads: Mutex::new(UploadQuota::new(
-                config.upload_quota_mib_per_hour.saturating_mul(1 << 20),
-            )),
-            keep: strata_worker::keep_within(
-                &config.home,
-                config.keep_storage,
-                config.keep_duration,
-            )?,
-            pins: Mutex::default(),
+            uploads,
             peers: Arc::new(crate::peers::Peers::new(endpoint.clone())),
             selections: Arc::default(),
             endpoint,
@@ -442,7 +414,7 @@ impl Coordinator {
         let repair = tokio::spawn(Arc::clone(&self.replicas).repair());
         let reconcile = tokio::spawn(Arc::clone(&self.replicas).reconcile());
         let recorder = tokio::spawn(Arc::clone(&self.replicas).write_records());
-        let evicting = tokio::spawn(Arc::clone(&self).evict_forever());
+        let evicting = tokio::spawn(Arc::clone(&self.uploads).evict_forever());
         loop {
             tokio::select! {
                 conn = self.endpoint.accept() => {
@@ -460,101 +432,12 @@ impl Coordinator {
         self.endpoint.close();
     }
 
-    /// Keeps the store within its bounds, every [`strata_worker::EVICT_EVERY`]:
-    /// the least recently used uploaded contexts go, never one a build
-    /// holds or a client is about to build from. Base images it pulled
-    /// for planning are named images and stay.
-    async fn evict_forever(self: Arc<Self>) {
-        let mut pace = strata_sched::evict::Pace::default();
-        loop {
-            tokio::time::sleep(strata_worker::EVICT_EVERY).await;
-            // Read before the store is listed: a blob added meanwhile
-            // makes the next round look again.
-            let (changes, now) = (self.node.content.changes(), strata_cas::now_unix());
-            if !pace.due(changes, now, &self.keep) {
-                continue;
-            }
-            let me = Arc::clone(&self);
-            let pinned = self
-                .pins
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pinned(Instant::now());
-            let evicted = tokio::task::spawn_blocking(move || {
-                // A pinned context keeps every blob its tree names.
-                let mut keep = HashSet::new();
-                for root in &pinned {
-                    keep.insert(*root);
-                    match crate::context::closure(&me.node.content, root) {
-                        Ok(c) => keep.extend(c.all().copied()),
-                        Err(e) => tracing::warn!(context = %root, error = %e, "cannot read a pinned context's tree"),
-                    }
-                }
-                let (total, mut candidates) = strata_worker::candidates(&me.node, now)?;
-                candidates.retain(|c| !keep.contains(&c.blob));
-                let victims = strata_sched::evict::choose(total, &candidates, &me.keep, now, &|_| false);
-                strata_worker::evict(&me.node, &victims)
-                    .map(|report| strata_worker::EvictReport { stored: total, ..report })
-            })
-            .await;
-            if let Ok(Ok(r)) = &evicted {
-                pace.checked(changes, now, r.stored, &self.keep);
-            }
-            match evicted {
-                Ok(Ok(report)) if report.blobs > 0 => tracing::info!(
-                    blobs = report.blobs,
-                    bytes = report.bytes,
-                    "evicted contexts to stay within keep_storage / keep_duration"
-                ),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "cannot evict from the coordinator's store")
-                }
-                Err(e) => tracing::warn!(error = %e, "eviction stopped"),
-            }
-        }
-    }
-
-    /// Which of `blobs` of context tree `context` are not here: none,
-    /// without looking, when a build found the tree whole and no blob has
-    /// gone since.
-    async fn missing(&self, context: Digest, blobs: Vec<Digest>) -> Reply {
-        if self.known_whole(&context) {
-            return Reply::Missing(Vec::new());
-        }
-        let node = Arc::clone(&self.node);
-        match tokio::task::spawn_blocking(move || node.content.absent(&blobs)).await {
-            Ok(Ok(lacks)) => Reply::Missing(lacks),
-            Ok(Err(e)) => failed("cannot look blobs up", &e),
-            Err(e) => failed("looking blobs up stopped", &e),
-        }
-    }
-
-    /// Whether every blob of context tree `root` is here: a build of it
-    /// found it whole, and no blob was removed since.
-    fn known_whole(&self, root: &Digest) -> bool {
-        self.trees
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(root)
-            .is_some_and(|(_, at)| *at == self.node.content.removals())
-    }
-
-    /// A client uploaded `context` or asked about it: it stays for the
-    /// build the client submits next.
-    fn pin(&self, context: Digest) {
-        self.pins
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pin(context, Instant::now());
-    }
-
     /// For each of `blobs`, what `worker` dropping its copy loses: nothing
     /// when enough other live workers hold it; else a cache entry, or a
     /// named image's layer, which stays.
     fn spare(&self, worker: &str, blobs: &[Digest]) -> Reply {
         if blobs.len() > crate::protocol::MAX_SPARE_ASKED {
-            return over_limit(
+            return Reply::over_limit(
                 "blobs asked about",
                 blobs.len(),
                 crate::protocol::MAX_SPARE_ASKED,
@@ -624,7 +507,7 @@ impl Coordinator {
     /// blob again if it is short.
     async fn check_lacking(&self, reported: Vec<(Digest, String)>) -> Reply {
         if reported.len() > crate::protocol::MAX_LACKING {
-            return over_limit(
+            return Reply::over_limit(
                 "lacking blobs in one report",
                 reported.len(),
                 crate::protocol::MAX_LACKING,
@@ -745,27 +628,27 @@ impl Coordinator {
             ClientRequest::HasBlob(d) => {
                 let has = self.node.content.contains(&d).unwrap_or(false);
                 if has {
-                    self.pin(d);
+                    self.uploads.pin(d);
                 }
                 Reply::Bool(has)
             }
             ClientRequest::Missing { context, blobs } => {
                 if blobs.len() > crate::protocol::MAX_MISSING_ASKED {
-                    over_limit(
+                    Reply::over_limit(
                         "blobs asked about at once",
                         blobs.len(),
                         crate::protocol::MAX_MISSING_ASKED,
                     )
                 } else {
-                    self.pin(context);
-                    self.missing(context, blobs).await
+                    self.uploads.pin(context);
+                    self.uploads.missing(context, blobs).await
                 }
             }
             ClientRequest::PutBlobs(blobs) => {
-                return self.receive_batch(conn, blobs, send, recv).await;
+                return self.uploads.receive_batch(conn, blobs, send, recv).await;
             }
             ClientRequest::PutBlob(d) => {
-                return self.receive_upload(conn, d, send, recv).await;
+                return self.uploads.receive_upload(conn, d, send, recv).await;
             }
             ClientRequest::Build(submit) => {
                 return self.build(*submit, conn, send).await;
@@ -790,7 +673,7 @@ impl Coordinator {
                 match found {
                     Ok(Ok(records)) => Reply::History(records),
                     Ok(Err(e)) => Reply::Failed(Failed::of(&e)),
-                    Err(e) => failed("reading the history stopped", &e),
+                    Err(e) => Reply::failed("reading the history stopped", &e),
                 }
             }
             ClientRequest::Du => Reply::Usage(self.usage().await),
@@ -810,7 +693,7 @@ impl Coordinator {
                 let me = Arc::clone(self);
                 match tokio::task::spawn_blocking(move || me.status()).await {
                     Ok(status) => Reply::Status(Box::new(status)),
-                    Err(e) => failed("reading the status stopped", &e),
+                    Err(e) => Reply::failed("reading the status stopped", &e),
                 }
             }
         };
@@ -842,7 +725,7 @@ impl Coordinator {
         let reply = match req {
             WorkerRequest::GetBlobs(blobs) => {
                 if blobs.len() > strata_net::MAX_BATCH {
-                    over_limit(
+                    Reply::over_limit(
                         "blobs asked for in one batch",
                         blobs.len(),
                         strata_net::MAX_BATCH,
@@ -1085,135 +968,6 @@ impl Coordinator {
         }
     }
 
-    /// Receives a client's upload of blob `d`, within its hourly quota.
-    /// Receives a batch of small blobs a client uploads, each counted
-    /// against its quota as it is announced.
-    async fn receive_batch(
-        &self,
-        conn: &Connection,
-        blobs: Vec<Digest>,
-        send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
-    ) -> Result<(), strata_net::Error> {
-        let client = conn.peer.name.clone();
-        if blobs.len() > strata_net::MAX_BATCH {
-            let _ = recv.stop(crate::access::OVER_QUOTA.into());
-            let reply = over_limit("blobs in one batch", blobs.len(), strata_net::MAX_BATCH);
-            return write_frame(send, &reply, conn.addr).await;
-        }
-        let wanted: HashSet<Digest> = blobs.into_iter().collect();
-        let mut reserved: Vec<u64> = Vec::new();
-        let uploads = &self.uploads;
-        let mut over_quota = None;
-        let mut admit = |size: u64| {
-            let r = uploads
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .reserve(&client, size, Instant::now());
-            match r {
-                Ok(()) => {
-                    reserved.push(size);
-                    Ok(())
-                }
-                Err(over) => {
-                    let said = over.to_string();
-                    over_quota = Some(over);
-                    Err(said)
-                }
-            }
-        };
-        let got = strata_net::recv_batch(
-            recv,
-            &self.node.content,
-            &wanted,
-            conn.addr,
-            None,
-            &mut admit,
-        )
-        .await;
-        let reply = match got {
-            Ok(got) => {
-                strata_metrics::transferred(strata_metrics::Transfer::Uploaded, got.bytes);
-                Reply::Ok
-            }
-            Err(e) => {
-                strata_metrics::request_error(e.kind());
-                let mut uploads = self.uploads.lock().unwrap_or_else(PoisonError::into_inner);
-                for size in reserved {
-                    uploads.refund(&client, size);
-                }
-                drop(uploads);
-                tracing::warn!(client = %conn.peer.name, error = %e, "a batch upload failed");
-                if matches!(e, strata_net::Error::Refused { .. }) {
-                    let _ = recv.stop(crate::access::OVER_QUOTA.into());
-                }
-                match over_quota {
-                    Some(over) => Reply::Refused(Refusal::OverQuota(over)),
-                    None => Refusal::of_transfer(&e)
-                        .map_or_else(|| Reply::Failed(Failed::of(&e)), Reply::Refused),
-                }
-            }
-        };
-        write_frame(send, &reply, conn.addr).await
-    }
-
-    async fn receive_upload(
-        &self,
-        conn: &Connection,
-        d: Digest,
-        send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
-    ) -> Result<(), strata_net::Error> {
-        let client = &conn.peer.name;
-        let reply = match read_blob_header(recv, &d, conn.addr).await? {
-            None => Reply::Failed(Failed::new(format!("blob {d} did not come"))),
-            Some(announced) => {
-                let reserved = self
-                    .uploads
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .reserve(client, announced.size, Instant::now());
-                match reserved {
-                    Err(over) => {
-                        tracing::warn!(%client, blob = %d, error = %over, "upload refused");
-                        // Reading no further stops the sender.
-                        let _ = recv.stop(crate::access::OVER_QUOTA.into());
-                        Reply::Refused(Refusal::OverQuota(over))
-                    }
-                    Ok(()) => {
-                        let got = recv_announced(
-                            recv,
-                            &self.node.content,
-                            &d,
-                            conn.addr,
-                            announced,
-                            None,
-                        )
-                        .await;
-                        match &got {
-                            Ok(n) => {
-                                strata_metrics::transferred(strata_metrics::Transfer::Uploaded, *n)
-                            }
-                            Err(e) => strata_metrics::request_error(e.kind()),
-                        }
-                        if got.is_err() {
-                            self.uploads
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .refund(client, announced.size);
-                        }
-                        // A blob that is not what it was named is a lie
-                        // (or a file that changed while it was sent): the
-                        // connection goes with it.
-                        got?;
-                        Reply::Ok
-                    }
-                }
-            }
-        };
-        write_frame(send, &reply, conn.addr).await
-    }
-
     /// Where this coordinator's bytes are and, asked at once (each within
     /// 30 s), every live worker's.
     async fn usage(&self) -> Vec<crate::protocol::NodeUsage> {
@@ -1259,7 +1013,7 @@ impl Coordinator {
     /// put; keys the index has are kept.
     async fn import_cache(&self, entries: Vec<(Digest, strata_cache::CacheEntry)>) -> Reply {
         if entries.len() > crate::protocol::MAX_IMPORTED {
-            return over_limit(
+            return Reply::over_limit(
                 "cache entries",
                 entries.len(),
                 crate::protocol::MAX_IMPORTED,
@@ -1267,7 +1021,7 @@ impl Coordinator {
         }
         let named: usize = entries.iter().map(|(_, e)| e.layers.len()).sum();
         if named > crate::protocol::MAX_IMPORTED_LAYERS {
-            return over_limit(
+            return Reply::over_limit(
                 "layers named by the cache entries",
                 named,
                 crate::protocol::MAX_IMPORTED_LAYERS,
@@ -1277,7 +1031,7 @@ impl Coordinator {
         let mut seen = HashSet::new();
         for (key, entry) in &entries {
             if entry.layers.len() > crate::protocol::MAX_IMPORTED_CHAIN {
-                return over_limit(
+                return Reply::over_limit(
                     &format!("layers in cache entry {key}"),
                     entry.layers.len(),
                     crate::protocol::MAX_IMPORTED_CHAIN,
@@ -1302,30 +1056,30 @@ impl Coordinator {
                     });
                 }
                 Ok(None) => return Reply::Refused(Refusal::NotUploaded(l.blob)),
-                Err(e) => return failed(&format!("cannot read layer {}", l.blob), &e),
+                Err(e) => return Reply::failed(&format!("cannot read layer {}", l.blob), &e),
             }
         }
         for l in &layers {
             if let Err(e) = self.replicas.replicate(*l, None).await {
-                return failed(&format!("cannot copy layer {} to workers", l.blob), &e);
+                return Reply::failed(&format!("cannot copy layer {} to workers", l.blob), &e);
             }
         }
         if let Err(e) = self.member.barrier().await {
-            return failed("the cache index cannot be read", &e);
+            return Reply::failed("the cache index cannot be read", &e);
         }
         let mut added = 0;
         for (key, entry) in entries {
             match self.member.local().entry(&key) {
                 Ok(Some(_)) => continue,
                 Ok(None) => {}
-                Err(e) => return failed("the cache index cannot be read", &e),
+                Err(e) => return Reply::failed("the cache index cannot be read", &e),
             }
             if let Err(e) = self
                 .member
                 .write(strata_raft::CommandV1::Put { key, entry })
                 .await
             {
-                return failed(&format!("cannot record cache entry {key}"), &e);
+                return Reply::failed(&format!("cannot record cache entry {key}"), &e);
             }
             added += 1;
         }
@@ -1518,68 +1272,10 @@ impl Coordinator {
         let begun = Instant::now();
         // Held for the whole build, every blob of its tree: workers fetch
         // them from here.
-        let mut context_lease = self.node.content.lease();
-        context_lease.hold(submit.context);
-        let node = Arc::clone(&self.node);
-        let root = submit.context;
-        let known = self
-            .trees
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&root)
-            .cloned();
-        let tree = tokio::task::spawn_blocking(move || {
-            let (c, whole_at) = match known {
-                Some((c, at)) => (c, Some(at)),
-                None => (
-                    Arc::new(crate::context::closure(&node.content, &root)?),
-                    None,
-                ),
-            };
-            // Held before they are counted: no blob of the tree can go
-            // from here on, and one gone since it was found whole moved
-            // the count.
-            for d in c.all() {
-                context_lease.hold(*d);
-            }
-            let removals = node.content.removals();
-            if whole_at == Some(removals) {
-                return Ok((c, 0, removals, context_lease));
-            }
-            let all: Vec<Digest> = c.all().copied().collect();
-            let absent = node.content.absent(&all)?.len();
-            Ok::<_, crate::context::ContextError>((c, absent, removals, context_lease))
-        })
-        .await;
-        let _context_lease = match tree {
-            Ok(Ok((c, 0, removals, lease))) => {
-                // A tree's closure is fixed by its root's digest: the next
-                // build of it checks only that no blob went meanwhile.
-                let mut trees = self.trees.lock().unwrap_or_else(PoisonError::into_inner);
-                if trees.len() >= MAX_TREES {
-                    trees.clear();
-                }
-                trees.insert(root, (c, removals));
-                lease
-            }
-            Ok(Ok((_, absent, _, _))) => {
-                return fail(
-                    format!(
-                        "build context {root} was not uploaded whole ({absent} of its blobs are missing)"
-                    ),
-                    vec![],
-                );
-            }
-            Ok(Err(e)) => return fail(format!("build context: {}", reported(&e)), vec![]),
-            Err(e) => return fail(format!("reading the build context stopped: {e}"), vec![]),
+        let _context_lease = match self.uploads.hold_whole(submit.context).await {
+            Ok(lease) => lease,
+            Err(e) => return fail(reported(&e), vec![]),
         };
-        self.pins
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .used(&submit.context);
-        if let Err(e) = self.node.content.touch(&submit.context) {
-            tracing::debug!(context = %submit.context, error = %e, "cannot mark the context used");
-        }
         self.await_known_workers().await;
         tracing::debug!(elapsed = ?begun.elapsed(), "workers known");
         // Each stage that runs steps needs a live worker that runs its

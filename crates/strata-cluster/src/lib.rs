@@ -41,6 +41,7 @@ mod plan;
 pub mod protocol;
 mod replicas;
 mod roster;
+mod uploads;
 pub mod worker;
 
 /// A node answering the requests peers open streams for.

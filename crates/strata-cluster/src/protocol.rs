@@ -719,6 +719,22 @@ impl From<Failed> for FailedOnWire {
     }
 }
 
+impl Reply {
+    /// The refusal of a request naming `count` of `what`, over `limit`.
+    pub(crate) fn over_limit(what: &str, count: usize, limit: usize) -> Reply {
+        Reply::Refused(Refusal::OverLimit {
+            what: what.to_string(),
+            count,
+            limit,
+        })
+    }
+
+    /// The answer that `what` failed because of `error`.
+    pub(crate) fn failed(what: &str, error: &(dyn std::error::Error + 'static)) -> Reply {
+        Reply::Failed(Failed::because(what, error))
+    }
+}
+
 impl Refusal {
     /// What a transfer error says of the blob that failed, if it was the
     /// blob's bytes that were wrong.
