@@ -16,7 +16,7 @@ use strata_dockerfile::Platform;
 use strata_plan::{Entitlements, Grants, Plan};
 use strata_solver::{Flights, SolveError, SolveOptions, Solved, Solver, Worker};
 
-use crate::build::BaseImages;
+use crate::bases::BaseImages;
 use crate::error::BuildError;
 
 /// Where builds run: what it grants them, the platforms its steps run

@@ -15,6 +15,7 @@
 //!   layers between machines (`--cache-from`, `--cache-to`).
 //! * [`prune()`] collects what no image, cache entry or running build holds.
 
+mod bases;
 mod build;
 mod cache_io;
 mod contexts;
@@ -34,7 +35,8 @@ mod timestamps;
 mod users;
 mod worker;
 
-pub use build::{BaseImages, BuildRequest, BuildResult, PlanInputs, build, ignore_for, plan_only};
+pub use bases::BaseImages;
+pub use build::{BuildRequest, BuildResult, PlanInputs, build, ignore_for, plan_only};
 pub use cache_io::{
     CacheFrom, CacheIoError, CacheLocation, CacheMode, CacheTo, Exported, Imported, export_cache,
     exported_keys, import_cache, parse_cache_from, parse_cache_to,
