@@ -204,6 +204,11 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
+    /// The container's id.
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+
     /// Runs the process and waits for it to end, as a task: no thread
     /// waits for it.
     pub(crate) async fn wait(&self, runtime: &Runtime) -> Result<ExitStatus, WorkerError> {

@@ -522,6 +522,33 @@ struct RunStep {
     bundle: PathBuf,
 }
 
+/// Kills a step's container, and removes its bundle, if the step is
+/// dropped while its process runs (its build's task aborted): no process
+/// outlives the step that no one waits for any more.
+struct Reap {
+    node: Arc<Node>,
+    /// The container and its bundle, until the process is waited for.
+    armed: Option<(String, PathBuf)>,
+}
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let Some((id, bundle)) = self.armed.take() else {
+            return;
+        };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let node = Arc::clone(&self.node);
+        handle.spawn(async move {
+            if let Ok(runtime) = node.runtime() {
+                runtime.kill(&id).await;
+            }
+            let _ = tokio::fs::remove_dir_all(&bundle).await;
+        });
+    }
+}
+
 /// Runs `f` on a blocking thread, in the caller's span.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, WorkerError> + Send + 'static,
@@ -545,10 +572,15 @@ impl LocalWorker {
             Begun::Done(layer) => return Ok(layer),
             Begun::Run(step) => step,
         };
+        let mut reap = Reap {
+            node: Arc::clone(&self.node),
+            armed: Some((step.prepared.id().to_string(), step.bundle.clone())),
+        };
         let status = match self.runtime() {
             Ok(runtime) => step.prepared.wait(runtime).await,
             Err(e) => Err(e),
         };
+        reap.armed = None;
         blocking(move || {
             let RunStep {
                 active,
