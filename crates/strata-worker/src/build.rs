@@ -286,16 +286,14 @@ struct Prepared {
     ignore: IgnoreMatcher,
     stamps: Timestamps,
     lease: strata_cas::Lease,
+    /// The platforms this machine runs steps for.
+    runnable: Vec<Platform>,
 }
 
 /// Builds `req` on `node`.
 pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, BuildError> {
-    let Prepared {
-        plan,
-        ignore,
-        stamps,
-        lease,
-    } = prepare(&node, &req).await?;
+    let prepared = prepare(&node, &req).await?;
+    let plan = &prepared.plan;
     let found: Vec<&strata_dockerfile::lint::Finding> = plan
         .lint
         .iter()
@@ -309,7 +307,7 @@ pub async fn build(node: Arc<Node>, req: BuildRequest) -> Result<BuildResult, Bu
             list.join("\n")
         )));
     }
-    solve_and_store(node, req, plan, ignore, stamps, lease).await
+    solve_and_store(node, req, prepared).await
 }
 
 async fn prepare(node: &Arc<Node>, req: &BuildRequest) -> Result<Prepared, BuildError> {
@@ -379,18 +377,22 @@ async fn prepare(node: &Arc<Node>, req: &BuildRequest) -> Result<Prepared, Build
         ignore,
         stamps,
         lease,
+        runnable,
     })
 }
 
 async fn solve_and_store(
     node: Arc<Node>,
     req: BuildRequest,
-    plan: Arc<Plan>,
-    ignore: IgnoreMatcher,
-    stamps: Timestamps,
-    lease: strata_cas::Lease,
+    prepared: Prepared,
 ) -> Result<BuildResult, BuildError> {
-    let runnable = crate::platforms::runnable();
+    let Prepared {
+        plan,
+        ignore,
+        stamps,
+        lease,
+        runnable,
+    } = prepared;
     let engine = engine(&node, &req.grants, &runnable);
     let worker = Arc::new(Embedded(Arc::new(
         LocalWorker::new(Arc::clone(&node), req.context.clone(), ignore, req.secrets)
