@@ -22,6 +22,7 @@ use tracing::Instrument as _;
 use crate::access::ReadRights;
 use crate::config::CoordinatorConfig;
 use crate::error::{ImageError, LayerError, StartError, SubmitError};
+use crate::names::Names;
 use crate::placement::{Placement, Selections};
 use crate::protocol::{
     AdminRequest, AnyRequest, BuildDone, BuildEvent, BuildSpec, ClientRequest, ClusterStatus,
@@ -57,9 +58,8 @@ pub struct Coordinator {
     roster: Arc<Roster>,
     /// Copies of built layers, and the records of workers.
     replicas: Arc<Replicas>,
-    /// The layers of the images the cluster names, as of an applied
-    /// index of the group's log.
-    named_cache: Mutex<Option<(u64, Arc<HashSet<Digest>>)>>,
+    /// The images the cluster names.
+    names: Names,
     next_build: AtomicU64,
     builds_running: AtomicUsize,
     /// Steps running for any build: concurrent builds run identical
@@ -206,6 +206,7 @@ impl Coordinator {
             strata_worker::keep_within(&config.home, config.keep_storage, config.keep_duration)?,
             config.upload_quota_mib_per_hour.saturating_mul(1 << 20),
         ));
+        let names = Names::new(Arc::clone(&member));
         Ok(Arc::new(Coordinator {
             node,
             member,
@@ -216,7 +217,7 @@ impl Coordinator {
             lease,
             roster,
             replicas,
-            named_cache: Mutex::default(),
+            names,
             // Ids a restarted coordinator hands out differ from those of
             // its previous run, which workers may still hold.
             next_build: AtomicU64::new(
@@ -264,53 +265,6 @@ impl Coordinator {
         Ok(Some(served.addr))
     }
 
-    /// Every name the cluster serves (normalized) and its image.
-    fn named(&self) -> Result<Vec<(String, strata_raft::ClusterImage)>, ImageError> {
-        self.member
-            .local()
-            .tags()
-            .map_err(|e| ImageError::Index(e.into()))
-    }
-
-    /// The image the cluster names `name` (as a user writes it), and the
-    /// name normalized; an error when it names none.
-    fn named_image(&self, name: &str) -> Result<(String, strata_raft::ClusterImage), ImageError> {
-        let full = name
-            .parse::<strata_oci::Reference>()
-            .map_err(|source| ImageError::BadName {
-                name: name.to_string(),
-                source,
-            })?
-            .normalized();
-        let image = self
-            .member
-            .local()
-            .tag(&full)
-            .map_err(|e| ImageError::Index(e.into()))?
-            .ok_or_else(|| ImageError::NoSuchImage(name.to_string()))?;
-        Ok((full, image))
-    }
-
-    /// The images the cluster names, by name.
-    fn named_images(&self) -> Result<Vec<crate::protocol::NamedImage>, ImageError> {
-        let tags = self.named()?;
-        Ok(tags
-            .into_iter()
-            .map(|(name, image)| crate::protocol::NamedImage {
-                name: name
-                    .parse::<strata_oci::Reference>()
-                    .map_or(name, |r| r.familiar()),
-                id: strata_cas::Sha256::of(&image.config).to_string(),
-                digest: strata_oci::image_manifest(&image.config, &image.layers).map_or_else(
-                    |_| String::new(),
-                    |m| strata_cas::Sha256::of(&m).to_string(),
-                ),
-                size: image.layers.iter().map(|l| l.size).sum(),
-                tagged: image.tagged,
-            })
-            .collect())
-    }
-
     /// Pushes the image the cluster names `req.name` from the live worker
     /// holding the most bytes of its layers, which fetches the rest from
     /// their holders.
@@ -324,7 +278,7 @@ impl Coordinator {
                 name: req.destination.clone(),
                 source,
             })?;
-        let (_, image) = self.named_image(&req.name)?;
+        let (_, image) = self.names.named_image(&req.name)?;
         let layers: Vec<(LayerRef, Vec<Holder>)> = image
             .layers
             .iter()
@@ -365,17 +319,6 @@ impl Coordinator {
         })
     }
 
-    /// Drops the image name `name` (a tag, as a user writes it).
-    async fn untag(&self, name: &str) -> Result<(), ImageError> {
-        let (full, _) = self.named_image(name)?;
-        self.member
-            .write(strata_raft::CommandV2::Untag { name: full })
-            .await
-            .map(drop)
-            .map_err(|e| ImageError::Index(e.into()))
-    }
-
-    /// The images the cluster names, as its image endpoint looks them up.
     /// Serves its metrics, `/healthz` and `/readyz` as `config` says
     /// (ready: a leader of the replicated index is known), and records
     /// the group's state as it changes; returns where.
@@ -443,7 +386,7 @@ impl Coordinator {
                 crate::protocol::MAX_SPARE_ASKED,
             );
         }
-        let named = match self.named_layers() {
+        let named = match self.names.named_layers() {
             Ok(n) => n,
             Err(e) => return Reply::Failed(Failed::of(&e)),
         };
@@ -463,41 +406,6 @@ impl Coordinator {
                 })
                 .collect(),
         )
-    }
-
-    /// The layers of every image the cluster names. Read again from the
-    /// group's state only when it applied an entry since the last read:
-    /// every worker asks before it evicts.
-    fn named_layers(&self) -> Result<Arc<HashSet<Digest>>, ImageError> {
-        // The index is read first: an entry applied meanwhile makes the
-        // next call read again.
-        let applied = self
-            .member
-            .raft()
-            .metrics()
-            .borrow()
-            .last_applied
-            .map_or(0, |l| l.index);
-        if let Some((at, layers)) = self
-            .named_cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            && *at == applied
-        {
-            return Ok(Arc::clone(layers));
-        }
-        let layers: Arc<HashSet<Digest>> = Arc::new(
-            self.named()?
-                .iter()
-                .flat_map(|(_, image)| image.layers.iter().map(|l| l.blob))
-                .collect(),
-        );
-        *self
-            .named_cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some((applied, Arc::clone(&layers)));
-        Ok(layers)
     }
 
     /// Checks what peers reported: each (blob, holder) where a holder said
@@ -677,14 +585,14 @@ impl Coordinator {
                 }
             }
             ClientRequest::Du => Reply::Usage(self.usage().await),
-            ClientRequest::Images => match self.named_images() {
+            ClientRequest::Images => match self.names.named_images() {
                 Ok(images) => Reply::Images(images),
                 Err(e) => Reply::Failed(Failed::of(&e)),
             },
             ClientRequest::Push(push) => {
                 Reply::Pushed(self.push(push).await.map_err(|e| Failed::of(&e)))
             }
-            ClientRequest::Untag(name) => match self.untag(&name).await {
+            ClientRequest::Untag(name) => match self.names.untag(&name).await {
                 Ok(()) => Reply::Ok,
                 Err(e) => Reply::Failed(Failed::of(&e)),
             },
@@ -1217,44 +1125,6 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Points each of `tags` at the image of `config_json` and `layers` in
-    /// the group's state, where `strata cluster images` and the registry
-    /// endpoint find it. Returns the names, normalized.
-    async fn name_image(
-        &self,
-        tags: &[String],
-        config_json: &[u8],
-        layers: &[LayerRef],
-    ) -> Result<Vec<String>, ImageError> {
-        let mut named = Vec::with_capacity(tags.len());
-        for tag in tags {
-            let name = tag
-                .parse::<strata_oci::Reference>()
-                .map_err(|source| ImageError::BadName {
-                    name: tag.clone(),
-                    source,
-                })?
-                .normalized();
-            let image = strata_raft::ClusterImage {
-                config: config_json.to_vec(),
-                layers: layers.to_vec(),
-                tagged: strata_cas::now_unix(),
-            };
-            self.member
-                .write(strata_raft::CommandV2::Tag {
-                    name: name.clone(),
-                    image,
-                })
-                .await
-                .map_err(|source| ImageError::Name {
-                    name: tag.clone(),
-                    source,
-                })?;
-            named.push(name);
-        }
-        Ok(named)
-    }
-
     async fn solve(
         self: Arc<Self>,
         submit: SubmitBuild,
@@ -1384,6 +1254,7 @@ impl Coordinator {
                 // image's.
                 let tagged = if source_date_epoch.is_none() {
                     match self
+                        .names
                         .name_image(&submit.tags, &config_json, &target.layers)
                         .await
                     {
@@ -1420,8 +1291,7 @@ impl Coordinator {
 #[async_trait::async_trait]
 impl crate::distribution::Images for Coordinator {
     fn catalog(&self) -> Result<crate::distribution::Catalog, ImageError> {
-        let tags = self.named()?;
-        Ok(crate::distribution::Catalog::new(tags))
+        self.names.catalog()
     }
 
     /// Opens `layer` from this coordinator's store, fetching it (verified)

@@ -34,6 +34,7 @@ mod error;
 pub use access::OverQuota;
 pub use error::{ConnectError, StartError};
 pub mod local;
+mod names;
 mod observe;
 mod peers;
 mod placement;
