@@ -272,12 +272,7 @@ impl Coordinator {
         &self,
         req: crate::protocol::PushRequest,
     ) -> Result<strata_registry::Pushed, ImageError> {
-        req.destination
-            .parse::<strata_oci::Reference>()
-            .map_err(|source| ImageError::BadName {
-                name: req.destination.clone(),
-                source,
-            })?;
+        crate::names::reference(&req.destination)?;
         let (_, image) = self.names.named_image(&req.name)?;
         let layers: Vec<(LayerRef, Vec<Holder>)> = image
             .layers

@@ -11,6 +11,14 @@ use strata_raft::Member;
 
 use crate::error::ImageError;
 
+/// `name`, as a user writes an image's name, parsed.
+pub(crate) fn reference(name: &str) -> Result<strata_oci::Reference, ImageError> {
+    name.parse().map_err(|source| ImageError::BadName {
+        name: name.to_string(),
+        source,
+    })
+}
+
 /// The names in the group's state, through this coordinator's member.
 pub(crate) struct Names {
     member: Arc<Member>,
@@ -46,13 +54,7 @@ impl Names {
         &self,
         name: &str,
     ) -> Result<(String, strata_raft::ClusterImage), ImageError> {
-        let full = name
-            .parse::<strata_oci::Reference>()
-            .map_err(|source| ImageError::BadName {
-                name: name.to_string(),
-                source,
-            })?
-            .normalized();
+        let full = reference(name)?.normalized();
         let image = self
             .member
             .local()
@@ -136,13 +138,7 @@ impl Names {
     ) -> Result<Vec<String>, ImageError> {
         let mut named = Vec::with_capacity(tags.len());
         for tag in tags {
-            let name = tag
-                .parse::<strata_oci::Reference>()
-                .map_err(|source| ImageError::BadName {
-                    name: tag.clone(),
-                    source,
-                })?
-                .normalized();
+            let name = reference(tag)?.normalized();
             let image = strata_raft::ClusterImage {
                 config: config_json.to_vec(),
                 layers: layers.to_vec(),

@@ -601,28 +601,11 @@ impl LocalWorker {
 /// no runtime thread waits on a disk or a process.
 pub struct Embedded(pub Arc<LocalWorker>);
 
-impl Embedded {
-    /// Runs `f` with the worker on a blocking thread.
-    async fn off_runtime<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&LocalWorker) -> Result<T, WorkerError> + Send + 'static,
-    ) -> Result<T, WorkerError> {
-        let worker = Arc::clone(&self.0);
-        let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
-            let _step = span.enter();
-            f(&worker)
-        })
-        .await
-        .map_err(|e| err(format!("the step's thread failed: {e}")))?
-    }
-}
-
 #[async_trait::async_trait]
 impl Worker for Embedded {
     async fn inputs(&self, at: &StepAt) -> Result<Vec<Digest>, WorkerError> {
-        let at = at.clone();
-        self.off_runtime(move |w| w.inputs(&at)).await
+        let (worker, at) = (Arc::clone(&self.0), at.clone());
+        blocking(move || worker.inputs(&at)).await
     }
 
     fn has_layers(&self, layers: &[LayerRef]) -> bool {
