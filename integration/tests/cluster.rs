@@ -256,6 +256,52 @@ fn a_worker_killed_mid_stage_does_not_fail_the_build() {
 }
 
 #[test]
+fn a_new_layer_reaches_its_second_worker_as_it_is_written_and_outlives_its_maker() {
+    use strata_integration::http::get;
+    let cluster = Cluster::start(2, 2);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox:latest\nRUN head -c 16000000 /dev/urandom > /big && echo made > /f\nCMD [\"cat\", \"/f\"]\n",
+        )],
+    );
+    let report = cluster.build(&Strata::new(), ctx.path(), &["-t", "streamed:1"]);
+    let maker = workers_of(&report)["stage-0 2"].clone();
+    let other = cluster
+        .worker_names()
+        .into_iter()
+        .find(|w| *w != maker)
+        .unwrap();
+    // The other worker got the layer from the stream its maker wrote it
+    // to, and did not fetch it again when asked for the copy.
+    let bytes = |metrics: &str, kind: &str| -> f64 {
+        let line = format!("strata_transfer_bytes_total{{kind=\"{kind}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line)?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let (_, metrics) = get(cluster.metrics_addr(&other), "/metrics");
+    assert!(
+        bytes(&metrics, "peer_streamed") >= 16e6,
+        "{other} took no 16 MB layer as {maker} wrote it:\n{metrics}"
+    );
+    assert!(
+        bytes(&metrics, "peer_received") < 16e6,
+        "{other} fetched the layer again:\n{metrics}"
+    );
+    // Its copy is the layer: with the maker gone, a new client's build is
+    // cached whole and its image runs.
+    cluster.kill(&maker);
+    let client = Strata::new();
+    let again = cluster.build(&client, ctx.path(), &["-t", "streamed:1"]);
+    assert_eq!(runs(&again), 0, "{again}");
+    assert_eq!(client.ok(&["run", "--rm", "streamed:1"]), "made\n");
+}
+
+#[test]
 fn a_client_killed_mid_build_takes_its_build_with_it() {
     let cluster = Cluster::start(1, 5);
     let ctx = tempfile::tempdir().unwrap();

@@ -882,6 +882,12 @@ impl BlobWriter<'_> {
         self.commit()
     }
 
+    /// The digest of what has been written so far: a blob that arrived
+    /// unnamed is stored under it ([`BlobWriter::finish_into`]).
+    pub fn digest(&self) -> Digest {
+        Digest(*self.blake3.finalize().as_bytes())
+    }
+
     /// The sha256 of what has been written so far.
     pub fn sha256(&self) -> Sha256 {
         Sha256(self.sha256.clone().finalize().into())

@@ -511,7 +511,7 @@ impl Coordinator {
             Request::Client(r) => return self.answer_client(conn, r, send, recv).await,
             Request::Admin(r) => self.answer_admin(r).await,
             Request::Worker(r) => return self.answer_worker(conn, r, send).await,
-            other @ Request::Coordinator(_) => {
+            other @ (Request::Coordinator(_) | Request::Peer(_)) => {
                 strata_metrics::request_error("not_served");
                 Reply::Refused(other.not_served(Role::Coordinator))
             }

@@ -37,6 +37,7 @@ pub mod local;
 mod names;
 mod observe;
 mod peers;
+mod pipeline;
 mod placement;
 mod plan;
 pub mod protocol;

@@ -6,7 +6,7 @@
 //! This file is the driver: it asks workers over the network and feeds
 //! the core what happened.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -93,6 +93,9 @@ pub(crate) struct Placement {
     stages: Mutex<strata_sched::Stages>,
     /// Workers that have the build (its context and plan).
     begun: tokio::sync::Mutex<HashSet<String>>,
+    /// The workers each new layer was streamed to as it was written, until
+    /// it is published.
+    taken: Mutex<HashMap<Digest, Vec<String>>>,
 }
 
 impl Placement {
@@ -113,6 +116,7 @@ impl Placement {
             cancel,
             stages: Mutex::default(),
             begun: tokio::sync::Mutex::default(),
+            taken: Mutex::default(),
         }
     }
 
@@ -372,6 +376,7 @@ impl Placement {
                 .collect(),
             fetch,
             artifact,
+            push_to: Vec::new(),
         }
     }
 
@@ -504,14 +509,11 @@ impl Worker for Placement {
             }
             _ => None,
         };
-        let req = Request::Coordinator(CoordinatorRequest::Execute(Box::new(self.step_ref(
-            &worker,
-            i,
-            s,
-            &job.parent,
-            job.at.sources(),
-            artifact,
-        ))));
+        let mut step_ref = self.step_ref(&worker, i, s, &job.parent, job.at.sources(), artifact);
+        // Where the layer's copies go, sent it as it is written.
+        step_ref.push_to = self.replicas.takers(&worker);
+        let takers: Vec<String> = step_ref.push_to.iter().map(|h| h.name.clone()).collect();
+        let req = Request::Coordinator(CoordinatorRequest::Execute(Box::new(step_ref)));
         let lost = |e: RequestError| self.gone(&worker, &conn, &e);
         let (mut send, mut recv) = conn.open().await.map_err(|e| lost(e.into()))?;
         write_frame(&mut send, &req, conn.addr)
@@ -535,6 +537,12 @@ impl Worker for Placement {
             }
         };
         if let Ok(Some(layer)) = &outcome {
+            if !takers.is_empty() {
+                self.taken
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(layer.blob, takers);
+            }
             // The parent chain is on the worker too: it ran on it or
             // fetched it.
             let gained: Vec<Digest> = job
@@ -559,8 +567,14 @@ impl Worker for Placement {
     /// Copies the layer until the configured number of workers hold it
     /// (as many as can take a copy); fails only if no live node holds it.
     async fn publish(&self, layer: LayerRef) -> Result<(), WorkerError> {
+        let taken = self
+            .taken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&layer.blob)
+            .unwrap_or_default();
         self.replicas
-            .replicate(layer, None)
+            .replicate_to(layer, &taken, None)
             .await
             .map(|_| ())
             .map_err(|e| WorkerError::from_error(&e))

@@ -159,6 +159,9 @@ pub struct StepRef {
     /// For a `COPY --from=stage` placed away from that stage: the artifact
     /// of the copied paths to copy from, and who holds it.
     pub artifact: Option<(Digest, Vec<Holder>)>,
+    /// Of a step to run: the workers that will hold copies of its layer,
+    /// sent the layer's bytes as they are written.
+    pub push_to: Vec<Holder>,
 }
 
 /// A layer for a worker to copy.
@@ -291,6 +294,19 @@ pub enum Request {
     Worker(WorkerRequest),
     /// A coordinator's, of a worker.
     Coordinator(CoordinatorRequest),
+    /// A worker's, of another worker.
+    Peer(PeerRequest),
+}
+
+/// What a worker may ask of another worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// Take the layer whose bytes follow, to the end of the stream, as the
+    /// asker writes it ([`Reply::Took`], once stored under the digest the
+    /// taker computed). The coordinator named the taker as a holder-to-be
+    /// of the step's layer; it asks it for the copy by digest afterwards,
+    /// as for any copy, and the taker then has it already.
+    Take,
 }
 
 /// What any node or client may ask of any node.
@@ -559,6 +575,8 @@ pub enum Reply {
     Artifact(Result<Digest, WorkerError>),
     /// A copy taken, or why not.
     Copied(Result<(), CopyError>),
+    /// A pushed layer taken: the digest its bytes hash to.
+    Took(Result<Digest, Failed>),
     /// For each blob asked about, what dropping the asker's copy loses.
     Spare(Vec<CopyKind>),
     /// Builds a coordinator coordinated.
@@ -760,6 +778,7 @@ impl Request {
             Request::Admin(_) => Some(Role::Admin),
             Request::Worker(_) => Some(Role::Worker),
             Request::Coordinator(_) => Some(Role::Coordinator),
+            Request::Peer(_) => Some(Role::Worker),
         }
     }
 
@@ -814,6 +833,7 @@ impl Request {
                 CoordinatorRequest::Du => "where its bytes are",
                 CoordinatorRequest::PushImage(_) => "to push an image",
             },
+            Request::Peer(PeerRequest::Take) => "to take a layer as it is written",
         }
     }
 

@@ -16,7 +16,7 @@ use strata_raft::{CommandV1, Member};
 use tokio::sync::mpsc;
 
 use crate::error::ReplicateError;
-use crate::protocol::{CoordinatorRequest, CopyBlob, CopyError, Reply, Request};
+use crate::protocol::{CoordinatorRequest, CopyBlob, CopyError, Holder, Reply, Request};
 use crate::roster::Roster;
 
 /// How often the leader looks over its records of workers.
@@ -254,8 +254,40 @@ impl Replicas {
         layer: LayerRef,
         bytes_per_second: Option<u64>,
     ) -> Result<usize, ReplicateError> {
-        self.exclusive(layer.blob, self.copy_until_enough(layer, bytes_per_second))
-            .await
+        self.replicate_to(layer, &[], bytes_per_second).await
+    }
+
+    /// [`Replicas::replicate`], asking the workers in `first` before any
+    /// other: those that took the layer as it was written
+    /// ([`Replicas::takers`]), whose copy is then only checked.
+    pub(crate) async fn replicate_to(
+        &self,
+        layer: LayerRef,
+        first: &[String],
+        bytes_per_second: Option<u64>,
+    ) -> Result<usize, ReplicateError> {
+        self.exclusive(
+            layer.blob,
+            self.copy_until_enough(layer, first, bytes_per_second),
+        )
+        .await
+    }
+
+    /// The workers a layer that `maker` is about to write should stream
+    /// to as it writes it: where its copies would go, best first, as many
+    /// as the copies wanted besides the maker's.
+    pub(crate) fn takers(&self, maker: &str) -> Vec<Holder> {
+        let n = self.copies_wanted().saturating_sub(1);
+        let workers = self.roster.lock();
+        strata_sched::copies::targets(&workers, &|name| name != maker, n)
+            .into_iter()
+            .filter_map(|name| {
+                workers.get(name).map(|w| Holder {
+                    name: name.to_string(),
+                    addr: w.link.addr,
+                })
+            })
+            .collect()
     }
 
     /// Runs `copy` while no other copy of `blob` runs: a build publishing a
@@ -333,6 +365,7 @@ impl Replicas {
     async fn copy_until_enough(
         &self,
         layer: LayerRef,
+        first: &[String],
         bytes_per_second: Option<u64>,
     ) -> Result<usize, ReplicateError> {
         let blob = layer.blob;
@@ -350,7 +383,7 @@ impl Replicas {
         if sources.is_empty() {
             return Err(ReplicateError::Unheld(blob));
         }
-        let targets: Vec<(String, Connection)> = {
+        let mut targets: Vec<(String, Connection)> = {
             let workers = self.roster.lock();
             let lacks = |n: &str| {
                 workers
@@ -364,6 +397,8 @@ impl Replicas {
                 .filter_map(|n| workers.get(n).map(|w| (n.to_string(), w.link.conn.clone())))
                 .collect()
         };
+        // Those that took it as it was written first (the sort is stable).
+        targets.sort_by_key(|(name, _)| !first.contains(name));
         let mut made = 0;
         let mut why = Vec::new();
         for (name, conn) in targets {

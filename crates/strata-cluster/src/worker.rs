@@ -23,8 +23,9 @@ use crate::error::{EvictError, PushError, RegisterError, StartError};
 use crate::peers::{FetchError, Peers, report_lacking};
 use crate::protocol::{
     AnyRequest, BuildSpec, CoordinatorRequest, CopyError, CopyKind, ExecEvent, Failed, Holder,
-    Refusal, Registration, Reply, Request, StepRef, WorkerRequest, request,
+    PeerRequest, Refusal, Registration, Reply, Request, StepRef, WorkerRequest, request,
 };
+use crate::pipeline::Pipeline;
 
 /// Blobs of a build context a worker fetches at once.
 const CONTEXT_FETCHES: usize = 16;
@@ -228,9 +229,9 @@ impl crate::Service for WorkerNode {
         conn: &'a Connection,
         req: Request,
         send: &'a mut quinn::SendStream,
-        _recv: &'a mut quinn::RecvStream,
+        recv: &'a mut quinn::RecvStream,
     ) -> impl std::future::Future<Output = Result<(), strata_net::Error>> + Send + 'a {
-        self.answer(conn, req, send)
+        self.answer(conn, req, send, recv)
     }
 }
 
@@ -699,6 +700,7 @@ impl WorkerNode {
         conn: &Connection,
         req: Request,
         send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
     ) -> Result<(), strata_net::Error> {
         // Log lines about a build name it as its client does.
         let build = match &req {
@@ -717,11 +719,11 @@ impl WorkerNode {
         };
         match build {
             Some(id) => {
-                self.answer_request(conn, req, send)
+                self.answer_request(conn, req, send, recv)
                     .instrument(tracing::info_span!("build", %id))
                     .await
             }
-            None => self.answer_request(conn, req, send).await,
+            None => self.answer_request(conn, req, send, recv).await,
         }
     }
 
@@ -730,11 +732,33 @@ impl WorkerNode {
         conn: &Connection,
         req: Request,
         send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
     ) -> Result<(), strata_net::Error> {
         let req = match req {
             Request::Any(AnyRequest::GetBlob(d)) => {
                 return crate::access::serve_blob(&self.reads, &self.node.content, conn, &d, send)
                     .await;
+            }
+            Request::Peer(PeerRequest::Take) => {
+                let took = strata_net::recv_unnamed(
+                    recv,
+                    &self.node.content,
+                    conn.addr,
+                    strata_net::MAX_BLOB,
+                )
+                .await;
+                let reply = Reply::Took(match took {
+                    Ok((blob, bytes)) => {
+                        strata_metrics::transferred(
+                            strata_metrics::Transfer::PeerStreamed,
+                            bytes,
+                        );
+                        tracing::debug!(%blob, bytes, from = %conn.peer.name, "took a layer as it was written");
+                        Ok(blob)
+                    }
+                    Err(e) => Err(Failed::of(&e)),
+                });
+                return write_frame(send, &reply, conn.addr).await;
             }
             Request::Coordinator(r) => r,
             other => {
@@ -767,9 +791,11 @@ impl WorkerNode {
             CoordinatorRequest::Artifact(step) => Reply::Artifact(self.artifact(*step, conn).await),
             CoordinatorRequest::Copy(copy) => {
                 let layer = &copy.layer;
-                Reply::Copied(
-                    match self
-                        .peers
+                // A layer taken as it was written is here already.
+                let fetched = if self.node.content.present(&layer.blob).unwrap_or(false) {
+                    Ok(0)
+                } else {
+                    self.peers
                         .fetch(
                             &self.node.content,
                             &layer.blob,
@@ -777,7 +803,9 @@ impl WorkerNode {
                             copy.bytes_per_second,
                         )
                         .await
-                    {
+                };
+                Reply::Copied(
+                    match fetched {
                         Ok(bytes) => match crate::peers::check_diff_id(&self.node.content, layer) {
                             Ok(()) => {
                                 // Copies at a bounded rate are the leader's
@@ -1165,8 +1193,18 @@ impl WorkerNode {
             fetched: Arc::new(|_: u64, _: f64| {}),
             cancel: job_cancel,
         };
-        let running =
-            tokio::spawn(LocalWorker::execute(Arc::clone(&here.worker), job).in_current_span());
+        // The layer goes to the workers named to hold its copies as it is
+        // written.
+        let (pipeline, tee) = match step.push_to.as_slice() {
+            [] => (None, None),
+            to => {
+                let (p, t) = Pipeline::start(&self.peers, to);
+                (Some(p), Some(Box::new(t) as strata_worker::LayerTee))
+            }
+        };
+        let running = tokio::spawn(
+            LocalWorker::execute_teeing(Arc::clone(&here.worker), job, tee).in_current_span(),
+        );
         // The step's output goes back as it comes; a coordinator that is
         // gone cancels the step.
         while let Some(bytes) = rx.recv().await {
@@ -1177,7 +1215,15 @@ impl WorkerNode {
                 cancel.cancel();
             }
         }
-        running.await.map_err(|e| WorkerError::new(e.to_string()))
+        let ran = running.await.map_err(|e| WorkerError::new(e.to_string()))?;
+        if let Some(p) = pipeline {
+            let layer = match &ran {
+                Ok(Some(l)) => Some(l.blob),
+                _ => None,
+            };
+            p.end(layer).await;
+        }
+        Ok(ran)
     }
 }
 

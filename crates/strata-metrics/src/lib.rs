@@ -297,6 +297,8 @@ pub enum Transfer {
     PeerSent,
     /// A blob received from a peer, checked.
     PeerReceived,
+    /// A layer received from the peer writing it, as it wrote it.
+    PeerStreamed,
     /// A build context received from a client.
     Uploaded,
     /// From a registry.
@@ -310,6 +312,7 @@ impl Transfer {
         match self {
             Transfer::PeerSent => "peer_sent",
             Transfer::PeerReceived => "peer_received",
+            Transfer::PeerStreamed => "peer_streamed",
             Transfer::Uploaded => "uploaded",
             Transfer::Pulled => "pulled",
             Transfer::Pushed => "pushed",

@@ -284,6 +284,41 @@ pub async fn recv_announced(
     Ok(size)
 }
 
+/// Receives a blob the sender names only by its bytes, to the end of the
+/// stream, at most `limit` bytes (a layer a peer pushes as it writes it):
+/// it is stored under the digest computed here. A stream that breaks or
+/// runs over `limit` stores nothing. Returns the digest and the size.
+pub async fn recv_unnamed(
+    recv: &mut quinn::RecvStream,
+    cas: &std::sync::Arc<ContentStore>,
+    peer: SocketAddr,
+    limit: u64,
+) -> Result<(Digest, u64)> {
+    let broke = |detail: String| Error::Connection { peer, detail };
+    let mut w = cas.writer()?;
+    loop {
+        match recv.read_chunk(CHUNK, true).await {
+            Ok(Some(chunk)) => {
+                if w.size() + chunk.bytes.len() as u64 > limit {
+                    return Err(Error::Malformed {
+                        peer,
+                        detail: format!("a pushed blob over the {limit} byte limit"),
+                    });
+                }
+                w.write_all(&chunk.bytes)
+                    .map_err(|e| broke(format!("cannot store a pushed blob: {e}")))?;
+            }
+            Ok(None) => break,
+            Err(e) => return Err(broke(format!("a pushed blob broke off: {e}"))),
+        }
+    }
+    let (digest, size) = (w.digest(), w.size());
+    let mut batch = cas.batch();
+    w.finish_into(&mut batch, digest)?;
+    commit(cas, batch).await?;
+    Ok((digest, size))
+}
+
 /// Commits `batch` on a blocking thread.
 async fn commit(cas: &ContentStore, batch: strata_cas::Batch) -> Result<usize> {
     tokio::task::spawn_blocking(move || batch.commit())

@@ -25,11 +25,13 @@ mod frame;
 mod identity;
 
 pub use blob::{
-    Announced, read_blob_header, recv_announced, recv_blob, recv_blob_limited, refuse_blob,
+    Announced, read_blob_header, recv_announced, recv_blob, recv_blob_limited, recv_unnamed,
+    refuse_blob,
     send_blob, send_file,
 };
 pub use blob::{
-    BATCHED_UP_TO, BatchReceived, BatchSource, MAX_BATCH, MAX_BATCH_BYTES, batches, recv_batch,
+    BATCHED_UP_TO, BatchReceived, BatchSource, MAX_BATCH, MAX_BATCH_BYTES, MAX_BLOB, batches,
+    recv_batch,
     send_batch,
 };
 pub use endpoint::{Connection, Endpoint, https_config, https_config_mutual};
@@ -42,4 +44,4 @@ pub const ALPN: &[u8] = b"strata/1";
 
 /// The version of the messages within [`ALPN`]; peers that differ are
 /// refused at the handshake.
-pub const PROTOCOL_VERSION: u32 = 12;
+pub const PROTOCOL_VERSION: u32 = 13;

@@ -46,6 +46,19 @@ fn server(ca: &ClusterCa, cas: Arc<ContentStore>) -> SocketAddr {
                                 .collect();
                             let _ = send_batch(&mut send, &blobs, conn.addr).await;
                         }
+                        // A blob named by its bytes only, at most the
+                        // limit given: its digest, or why not.
+                        Msg::Text(t) if t.starts_with("take:") => {
+                            let limit: u64 = t[5..].parse().unwrap();
+                            let took =
+                                strata_net::recv_unnamed(&mut recv, &cas, conn.addr, limit).await;
+                            let reply = match took {
+                                Ok((d, _)) => Msg::Text(d.to_string()),
+                                Err(e) => Msg::Text(format!("refused: {e}")),
+                            };
+                            let _ = write_frame(&mut send, &reply, conn.addr).await;
+                            let _ = send.finish();
+                        }
                         // A file's bytes under another blob's name.
                         Msg::Text(t) if t.starts_with("forge:") => {
                             let (d, path) = t[6..].split_once('=').unwrap();
@@ -190,6 +203,40 @@ async fn blobs_arrive_verified_and_damaged_ones_never_do() {
     assert!(!dst.contains(&bad).unwrap(), "a damaged blob was stored");
     let missing = strata_cas::Digest::of(b"nobody has this");
     assert_eq!(fetch(missing).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_blob_pushed_unnamed_is_stored_under_the_digest_its_taker_computes_within_a_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cas = Arc::new(ContentStore::open(dir.path()).unwrap());
+    let ca = ClusterCa::create("test").unwrap();
+    let addr = server(&ca, Arc::clone(&cas));
+    let client = Endpoint::dialer(&ca.issue(Role::Worker, "w").unwrap()).unwrap();
+    let conn = client.connect(addr).await.unwrap();
+    let push = |data: Vec<u8>, limit: u64| {
+        let conn = conn.clone();
+        async move {
+            let (mut send, mut recv) = conn.open().await.unwrap();
+            write_frame(&mut send, &Msg::Text(format!("take:{limit}")), addr)
+                .await
+                .unwrap();
+            send.write_all(&data).await.unwrap();
+            send.finish().unwrap();
+            match read_frame::<Msg>(&mut recv, addr).await.unwrap() {
+                Some(Msg::Text(t)) => t,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let digest = strata_cas::Digest::of(&data);
+    assert_eq!(push(data.clone(), 4_000_000).await, digest.to_string());
+    assert_eq!(cas.read(&digest).unwrap(), data);
+    // Over the limit: refused, and nothing stored.
+    let before = cas.list().unwrap().len();
+    let over = push(vec![1u8; 2_000_001], 2_000_000).await;
+    assert!(over.contains("over the 2000000 byte limit"), "{over}");
+    assert_eq!(cas.list().unwrap().len(), before);
 }
 
 /// ClientHellos that will never be finished: the first datagram of `n`

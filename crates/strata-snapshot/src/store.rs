@@ -437,7 +437,15 @@ impl Active {
     /// Unmounts and turns the changes into a layer: the tar goes to the
     /// content store, then the upper dir becomes the new chain's extracted
     /// directory. `None` when the step changed nothing.
-    pub fn commit(mut self) -> Result<Option<Layer>> {
+    pub fn commit(self) -> Result<Option<Layer>> {
+        self.commit_teeing(None)
+    }
+
+    /// [`Active::commit`], the layer's bytes also written to `tee` as they
+    /// are made (a cluster worker sends them to the workers that will hold
+    /// copies). Best effort: once `tee` fails it is written no more, and
+    /// the commit goes on.
+    pub fn commit_teeing(mut self, tee: Option<&mut dyn io::Write>) -> Result<Option<Layer>> {
         if let Some(m) = self.mount.take() {
             m.unmount()?;
         }
@@ -447,7 +455,19 @@ impl Active {
         }
         let cas = &self.snap.cas;
         let mut w = cas.writer()?;
-        write_layer(&upper, &mut w)?;
+        match tee {
+            Some(also) => {
+                let mut tee = Tee {
+                    to: &mut w,
+                    also: Some(also),
+                };
+                write_layer(&upper, &mut tee)?;
+                io::Write::flush(&mut tee).map_err(io_err("cannot write the layer of", &upper))?;
+            }
+            None => {
+                write_layer(&upper, &mut w)?;
+            }
+        }
         let (size, diff_id) = (w.size(), w.sha256());
         let digest = w.commit()?;
         let chain = chain_id(self.parent.as_ref(), &digest);
@@ -461,6 +481,34 @@ impl Active {
             size,
             chain,
         }))
+    }
+}
+
+/// Writes to `to`, and to `also` while it takes the bytes.
+struct Tee<'a, W: io::Write> {
+    to: W,
+    also: Option<&'a mut dyn io::Write>,
+}
+
+impl<W: io::Write> io::Write for Tee<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.to.write(buf)?;
+        if let Some(also) = &mut self.also
+            && also.write_all(&buf[..n]).is_err()
+        {
+            self.also = None;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.to.flush()?;
+        if let Some(also) = &mut self.also
+            && also.flush().is_err()
+        {
+            self.also = None;
+        }
+        Ok(())
     }
 }
 

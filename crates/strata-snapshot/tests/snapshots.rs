@@ -228,6 +228,60 @@ fn steps_become_layers_with_whiteouts() {
     assert!(next.commit().unwrap().is_none());
 }
 
+/// Takes bytes until `fail_after` of them, then fails every write.
+struct Flaky {
+    got: Vec<u8>,
+    fail_after: usize,
+}
+
+impl std::io::Write for Flaky {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.got.len() + buf.len() > self.fail_after {
+            return Err(std::io::Error::other("the taker went away"));
+        }
+        self.got.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_teed_commit_writes_the_layer_s_bytes_twice_and_a_failing_tee_fails_nothing() {
+    let (_d, cas, snap) = setup();
+    let big: String = "x".repeat(300_000);
+    let make = |name: &str| {
+        let step = snap.active(&[]).unwrap();
+        fs::write(step.rootfs().join(name), &big).unwrap();
+        step
+    };
+    // The tee gets exactly the stored blob.
+    let mut tee = Flaky {
+        got: Vec::new(),
+        fail_after: usize::MAX,
+    };
+    let layer = make("a")
+        .commit_teeing(Some(&mut tee))
+        .unwrap()
+        .unwrap();
+    assert_eq!(tee.got, cas.read(&layer.digest).unwrap());
+
+    // One that fails part way is dropped; the layer is whole.
+    let mut flaky = Flaky {
+        got: Vec::new(),
+        fail_after: 100_000,
+    };
+    let layer = make("b")
+        .commit_teeing(Some(&mut flaky))
+        .unwrap()
+        .unwrap();
+    assert!(flaky.got.len() <= 100_000);
+    assert!(cas.verify(&layer.digest).unwrap());
+    assert_eq!(listing(&cas.read(&layer.digest).unwrap())["b"].3, big);
+}
+
 #[test]
 fn layers_apply_through_symlinked_directories() {
     let (_d, cas, snap) = setup();

@@ -386,7 +386,7 @@ impl LocalWorker {
 
     /// Runs a step up to its process: a step with none (COPY, WORKDIR)
     /// is done, and a RUN is made ready to start. Blocking.
-    fn begin(&self, job: &Job) -> Result<Begun, WorkerError> {
+    fn begin(&self, job: &Job, tee: &mut Option<LayerTee>) -> Result<Begun, WorkerError> {
         let (stage, step, sources) = (job.at.stage(), job.at.step(), job.at.sources());
         self.grants.check(&step.op.entitlements()).map_err(failed)?;
         let blobs: Vec<Digest> = job.parent.iter().map(|l| l.blob).collect();
@@ -482,13 +482,18 @@ impl LocalWorker {
                 };
             }
         }
-        self.end(active).map(Begun::Done)
+        self.end(active, tee.as_mut()).map(Begun::Done)
     }
 
     /// A step's filesystem is final: its layer, if it changed a file.
     /// Blocking.
-    fn end(&self, active: strata_snapshot::Active) -> Result<Option<LayerRef>, WorkerError> {
-        let layer = active.commit().map_err(failed)?;
+    fn end(
+        &self,
+        active: strata_snapshot::Active,
+        tee: Option<&mut LayerTee>,
+    ) -> Result<Option<LayerRef>, WorkerError> {
+        let tee = tee.map(|t| &mut **t as &mut dyn std::io::Write);
+        let layer = active.commit_teeing(tee).map_err(failed)?;
         Ok(layer.map(|l| {
             self.lease().hold(l.digest);
             LayerRef {
@@ -506,6 +511,9 @@ impl LocalWorker {
             .unwrap_or_else(|_| "local".into())
     }
 }
+
+/// Where a step's layer bytes also go as the layer is written.
+pub type LayerTee = Box<dyn std::io::Write + Send>;
 
 /// What a step came to on its blocking thread.
 enum Begun {
@@ -567,8 +575,23 @@ impl LocalWorker {
     /// file. Its file work runs on blocking threads; a RUN's process is
     /// waited for as a task, so no thread waits for it.
     pub async fn execute(self: Arc<Self>, job: Job) -> Result<Option<LayerRef>, WorkerError> {
+        self.execute_teeing(job, None).await
+    }
+
+    /// [`LocalWorker::execute`], the layer's bytes also written to `tee`
+    /// as the layer is made (best effort: a failing `tee` fails no step).
+    pub async fn execute_teeing(
+        self: Arc<Self>,
+        job: Job,
+        mut tee: Option<LayerTee>,
+    ) -> Result<Option<LayerRef>, WorkerError> {
         let worker = Arc::clone(&self);
-        let step = match blocking(move || worker.begin(&job)).await? {
+        let (begun, tee) = blocking(move || {
+            let begun = worker.begin(&job, &mut tee);
+            Ok((begun, tee))
+        })
+        .await?;
+        let step = match begun? {
             Begun::Done(layer) => return Ok(layer),
             Begun::Run(step) => step,
         };
@@ -590,7 +613,8 @@ impl LocalWorker {
             let ended = status.and_then(|s| prepared.finish(s));
             let _ = fs::remove_dir_all(&bundle);
             ended?;
-            self.end(active)
+            let mut tee = tee;
+            self.end(active, tee.as_mut())
         })
         .await
     }

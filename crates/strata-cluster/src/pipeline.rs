@@ -1,0 +1,198 @@
+//! A step's layer streamed, as it is written, to the workers that will
+//! hold its copies (the pipeline HDFS writes its blocks through): the
+//! copies are made while the step commits, not after it, so a build does
+//! not wait at its end for its last layer to be copied.
+//!
+//! Best effort throughout. A taker that fails or stalls is dropped, and
+//! nothing is recorded from what a worker was told: the coordinator's copy
+//! by digest, which follows every new layer, asks each taker for the
+//! layer, and one that took it whole already has it (checked against the
+//! digests it computed on receipt).
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use strata_cas::Digest;
+use strata_net::{read_frame, write_frame};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::Instrument as _;
+
+use crate::peers::Peers;
+use crate::protocol::{Holder, PeerRequest, Reply, Request};
+
+/// Bytes gathered before they go to the takers.
+const CHUNK: usize = 1 << 20;
+
+/// Chunks queued for each taker before the step's writing waits for it.
+const QUEUED: usize = 8;
+
+/// How long one chunk may wait on a taker before the taker is dropped.
+const STALL: Duration = Duration::from_secs(10);
+
+/// How long the takers have, once the step is over, to store the layer.
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// The takers of one step's layer.
+pub(crate) struct Pipeline {
+    takers: Vec<Taker>,
+}
+
+struct Taker {
+    name: String,
+    /// The layer's digest, once the step made it; dropped if it made none.
+    verdict: oneshot::Sender<Digest>,
+    task: JoinHandle<Result<Option<Digest>, String>>,
+}
+
+/// Where the step writes its layer's bytes: gathered into chunks, each
+/// sent to every taker still keeping up. Write it from a blocking thread
+/// only (it waits for a taker's queue).
+pub(crate) struct Tee {
+    buf: Vec<u8>,
+    to: Vec<mpsc::Sender<Bytes>>,
+}
+
+impl Pipeline {
+    /// Starts sending to each of `to`; nothing is opened until the first
+    /// bytes, so a step that makes no layer sends nothing.
+    pub(crate) fn start(peers: &Arc<Peers>, to: &[Holder]) -> (Pipeline, Tee) {
+        let mut takers = Vec::new();
+        let mut senders = Vec::new();
+        for holder in to {
+            let (tx, rx) = mpsc::channel(QUEUED);
+            let (verdict, told) = oneshot::channel();
+            let task = tokio::spawn(
+                send(Arc::clone(peers), holder.clone(), rx, told).in_current_span(),
+            );
+            senders.push(tx);
+            takers.push(Taker {
+                name: holder.name.clone(),
+                verdict,
+                task,
+            });
+        }
+        (
+            Pipeline { takers },
+            Tee {
+                buf: Vec::with_capacity(CHUNK),
+                to: senders,
+            },
+        )
+    }
+
+    /// The step is over, its layer `layer` (none: it failed or changed
+    /// nothing, and the takers drop what they got). Returns the takers
+    /// that stored the layer whole.
+    pub(crate) async fn end(self, layer: Option<Digest>) -> Vec<String> {
+        let mut took = Vec::new();
+        for Taker {
+            name,
+            verdict,
+            task,
+        } in self.takers
+        {
+            match layer {
+                Some(d) => {
+                    let _ = verdict.send(d);
+                }
+                None => drop(verdict),
+            }
+            match tokio::time::timeout(SETTLE, task).await {
+                Ok(Ok(Ok(Some(d)))) => {
+                    tracing::debug!(blob = %d, taker = %name, "a copy was taken as the layer was written");
+                    took.push(name);
+                }
+                Ok(Ok(Ok(None))) => {}
+                Ok(Ok(Err(e))) => {
+                    tracing::debug!(taker = %name, error = %e, "the layer could not be sent as it was written; it is copied after");
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(taker = %name, error = %e, "sending the layer stopped");
+                }
+                Err(_) => {
+                    tracing::debug!(taker = %name, "the taker did not store the layer in time");
+                }
+            }
+        }
+        took
+    }
+}
+
+impl Tee {
+    fn send_buf(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(CHUNK),
+        ));
+        // A taker whose task ended (failed or stalled) closes its queue.
+        self.to.retain(|tx| tx.blocking_send(chunk.clone()).is_ok());
+        if self.to.is_empty() {
+            return Err(io::Error::other("no worker is taking the layer"));
+        }
+        Ok(())
+    }
+}
+
+impl io::Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(buf);
+        if self.buf.len() >= CHUNK {
+            self.send_buf()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send_buf()
+    }
+}
+
+/// Sends what comes on `chunks` to `to`, then, told the layer's digest,
+/// ends the stream and waits for the taker to store it; never told (the
+/// step made no layer), it resets the stream and the taker drops it.
+async fn send(
+    peers: Arc<Peers>,
+    to: Holder,
+    mut chunks: mpsc::Receiver<Bytes>,
+    told: oneshot::Receiver<Digest>,
+) -> Result<Option<Digest>, String> {
+    let Some(first) = chunks.recv().await else {
+        return Ok(None);
+    };
+    let conn = peers
+        .connection(to.addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open().await.map_err(|e| e.to_string())?;
+    write_frame(&mut send, &Request::Peer(PeerRequest::Take), conn.addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut next = Some(first);
+    while let Some(chunk) = next {
+        match tokio::time::timeout(STALL, send.write_chunk(chunk)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("{} took no bytes for {STALL:?}", to.name)),
+        }
+        next = chunks.recv().await;
+    }
+    let Ok(layer) = told.await else {
+        let _ = send.reset(0u32.into());
+        return Ok(None);
+    };
+    let _ = send.finish();
+    match read_frame::<Reply>(&mut recv, conn.addr).await {
+        Ok(Some(Reply::Took(Ok(d)))) if d == layer => Ok(Some(d)),
+        Ok(Some(Reply::Took(Ok(d)))) => Err(format!("it stored {d}, not the layer {layer}")),
+        Ok(Some(Reply::Took(Err(f)))) => Err(f.to_string()),
+        Ok(Some(other)) => Err(format!("unexpected reply {other:?}")),
+        Ok(None) => Err("no reply".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
