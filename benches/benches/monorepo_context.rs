@@ -211,6 +211,16 @@ fn main() {
         cluster.edited.push(secs);
         bytes.push(("one file edited", moved(&err, &report)));
         buildkit.edited.push(timed(docker_build()).0);
+        let last = |v: &[f64]| v.last().copied().unwrap_or(f64::NAN);
+        eprintln!(
+            "round {round} (cluster / embedded / BuildKit): cold {:.2} / {:.2} / {:.2} s, edited {:.2} / {:.2} / {:.2} s",
+            last(&cluster.cold),
+            last(&embedded.cold),
+            last(&buildkit.cold),
+            last(&cluster.edited),
+            last(&embedded.edited),
+            last(&buildkit.edited),
+        );
     }
 
     println!(
