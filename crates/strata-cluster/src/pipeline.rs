@@ -64,9 +64,8 @@ impl Pipeline {
         for holder in to {
             let (tx, rx) = mpsc::channel(QUEUED);
             let (verdict, told) = oneshot::channel();
-            let task = tokio::spawn(
-                send(Arc::clone(peers), holder.clone(), rx, told).in_current_span(),
-            );
+            let task =
+                tokio::spawn(send(Arc::clone(peers), holder.clone(), rx, told).in_current_span());
             senders.push(tx);
             takers.push(Taker {
                 name: holder.name.clone(),
@@ -126,10 +125,7 @@ impl Tee {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = Bytes::from(std::mem::replace(
-            &mut self.buf,
-            Vec::with_capacity(CHUNK),
-        ));
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
         // A taker whose task ended (failed or stalled) closes its queue.
         self.to.retain(|tx| tx.blocking_send(chunk.clone()).is_ok());
         if self.to.is_empty() {
@@ -165,10 +161,7 @@ async fn send(
     let Some(first) = chunks.recv().await else {
         return Ok(None);
     };
-    let conn = peers
-        .connection(to.addr)
-        .await
-        .map_err(|e| e.to_string())?;
+    let conn = peers.connection(to.addr).await.map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open().await.map_err(|e| e.to_string())?;
     write_frame(&mut send, &Request::Peer(PeerRequest::Take), conn.addr)
         .await

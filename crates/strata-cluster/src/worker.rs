@@ -21,11 +21,11 @@ use crate::access::ReadRights;
 use crate::config::{NodeAddress, WorkerConfig};
 use crate::error::{EvictError, PushError, RegisterError, StartError};
 use crate::peers::{FetchError, Peers, report_lacking};
+use crate::pipeline::Pipeline;
 use crate::protocol::{
     AnyRequest, BuildSpec, CoordinatorRequest, CopyError, CopyKind, ExecEvent, Failed, Holder,
     PeerRequest, Refusal, Registration, Reply, Request, StepRef, WorkerRequest, request,
 };
-use crate::pipeline::Pipeline;
 
 /// Blobs of a build context a worker fetches at once.
 const CONTEXT_FETCHES: usize = 16;
@@ -749,10 +749,7 @@ impl WorkerNode {
                 .await;
                 let reply = Reply::Took(match took {
                     Ok((blob, bytes)) => {
-                        strata_metrics::transferred(
-                            strata_metrics::Transfer::PeerStreamed,
-                            bytes,
-                        );
+                        strata_metrics::transferred(strata_metrics::Transfer::PeerStreamed, bytes);
                         tracing::debug!(%blob, bytes, from = %conn.peer.name, "took a layer as it was written");
                         Ok(blob)
                     }
@@ -804,32 +801,30 @@ impl WorkerNode {
                         )
                         .await
                 };
-                Reply::Copied(
-                    match fetched {
-                        Ok(bytes) => match crate::peers::check_diff_id(&self.node.content, layer) {
-                            Ok(()) => {
-                                // Copies at a bounded rate are the leader's
-                                // repairs; the others, a new layer's replicas.
-                                if copy.bytes_per_second.is_some() {
-                                    strata_metrics::repaired(bytes);
-                                }
-                                tracing::debug!(blob = %layer.blob, bytes, from = %conn.peer.name, "took a copy");
-                                Ok(())
+                Reply::Copied(match fetched {
+                    Ok(bytes) => match crate::peers::check_diff_id(&self.node.content, layer) {
+                        Ok(()) => {
+                            // Copies at a bounded rate are the leader's
+                            // repairs; the others, a new layer's replicas.
+                            if copy.bytes_per_second.is_some() {
+                                strata_metrics::repaired(bytes);
                             }
-                            Err(e @ crate::peers::DiffIdError::Store(_)) => {
-                                Err(CopyError::Failed(strata_registry::error_chain(&e)))
-                            }
-                            Err(e) => {
-                                tracing::warn!(blob = %layer.blob, error = %e, "a copy is not the layer it was said to be");
-                                Err(CopyError::NotTheLayer(e.to_string()))
-                            }
-                        },
+                            tracing::debug!(blob = %layer.blob, bytes, from = %conn.peer.name, "took a copy");
+                            Ok(())
+                        }
+                        Err(e @ crate::peers::DiffIdError::Store(_)) => {
+                            Err(CopyError::Failed(strata_registry::error_chain(&e)))
+                        }
                         Err(e) => {
-                            report_lacking(&e, conn).await;
-                            Err(CopyError::Failed(e.message))
+                            tracing::warn!(blob = %layer.blob, error = %e, "a copy is not the layer it was said to be");
+                            Err(CopyError::NotTheLayer(e.to_string()))
                         }
                     },
-                )
+                    Err(e) => {
+                        report_lacking(&e, conn).await;
+                        Err(CopyError::Failed(e.message))
+                    }
+                })
             }
             CoordinatorRequest::PushImage(spec) => {
                 Reply::Pushed(self.push(*spec).await.map_err(|e| Failed::of(&e)))

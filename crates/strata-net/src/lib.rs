@@ -26,13 +26,11 @@ mod identity;
 
 pub use blob::{
     Announced, read_blob_header, recv_announced, recv_blob, recv_blob_limited, recv_unnamed,
-    refuse_blob,
-    send_blob, send_file,
+    refuse_blob, send_blob, send_file,
 };
 pub use blob::{
     BATCHED_UP_TO, BatchReceived, BatchSource, MAX_BATCH, MAX_BATCH_BYTES, MAX_BLOB, batches,
-    recv_batch,
-    send_batch,
+    recv_batch, send_batch,
 };
 pub use endpoint::{Connection, Endpoint, https_config, https_config_mutual};
 pub use error::{Error, Result};

@@ -262,10 +262,7 @@ fn a_teed_commit_writes_the_layer_s_bytes_twice_and_a_failing_tee_fails_nothing(
         got: Vec::new(),
         fail_after: usize::MAX,
     };
-    let layer = make("a")
-        .commit_teeing(Some(&mut tee))
-        .unwrap()
-        .unwrap();
+    let layer = make("a").commit_teeing(Some(&mut tee)).unwrap().unwrap();
     assert_eq!(tee.got, cas.read(&layer.digest).unwrap());
 
     // One that fails part way is dropped; the layer is whole.
@@ -273,10 +270,7 @@ fn a_teed_commit_writes_the_layer_s_bytes_twice_and_a_failing_tee_fails_nothing(
         got: Vec::new(),
         fail_after: 100_000,
     };
-    let layer = make("b")
-        .commit_teeing(Some(&mut flaky))
-        .unwrap()
-        .unwrap();
+    let layer = make("b").commit_teeing(Some(&mut flaky)).unwrap().unwrap();
     assert!(flaky.got.len() <= 100_000);
     assert!(cas.verify(&layer.digest).unwrap());
     assert_eq!(listing(&cas.read(&layer.digest).unwrap())["b"].3, big);
