@@ -290,6 +290,13 @@ pub fn write_files(dir: &Path, files: &[(&str, &str)]) {
     }
 }
 
+/// A new build context holding only a Dockerfile of `text`.
+pub fn dockerfile_context(text: &str) -> tempfile::TempDir {
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(ctx.path(), &[("Dockerfile", text)]);
+    ctx
+}
+
 /// The cache keys of a build report, in step order.
 pub fn keys(report: &serde_json::Value) -> Vec<(String, String)> {
     let mut steps: Vec<(String, u64, String)> = report["steps"]

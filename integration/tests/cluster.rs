@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use strata_integration::cluster::{Cluster, ContextLine, context_line, runs, worker_running};
-use strata_integration::{Strata, fails_with, write_files};
+use strata_integration::{Strata, dockerfile_context, fails_with, write_files};
 
 /// Four builders, each with 20 MB the final stage does not copy.
 const FAN_OUT: &str = "\
@@ -45,8 +45,7 @@ fn workers_of(report: &serde_json::Value) -> HashMap<String, String> {
 #[test]
 fn stages_spread_over_workers_and_the_image_matches_the_embedded_build() {
     let cluster = Cluster::start(3, 5);
-    let ctx = tempfile::tempdir().unwrap();
-    write_files(ctx.path(), &[("Dockerfile", FAN_OUT)]);
+    let ctx = dockerfile_context(FAN_OUT);
 
     let client = Strata::new();
     // An epoch makes the image the same wherever and whenever it is built.
@@ -219,13 +218,8 @@ fn a_build_kept_off_the_worker_that_made_its_cache_reuses_it_and_moves_only_what
 #[test]
 fn a_worker_killed_mid_stage_does_not_fail_the_build() {
     let cluster = Cluster::start(2, 2);
-    let ctx = tempfile::tempdir().unwrap();
-    write_files(
-        ctx.path(),
-        &[(
-            "Dockerfile",
-            "FROM busybox:latest\nRUN sleep 3 && echo survived > /f\nCMD [\"cat\", \"/f\"]\n",
-        )],
+    let ctx = dockerfile_context(
+        "FROM busybox:latest\nRUN sleep 3 && echo survived > /f\nCMD [\"cat\", \"/f\"]\n",
     );
     let client = Strata::new();
     let report_path = client.home().join("report.json");
@@ -259,13 +253,8 @@ fn a_worker_killed_mid_stage_does_not_fail_the_build() {
 fn a_new_layer_reaches_its_second_worker_as_it_is_written_and_outlives_its_maker() {
     use strata_integration::http::get;
     let cluster = Cluster::start(2, 2);
-    let ctx = tempfile::tempdir().unwrap();
-    write_files(
-        ctx.path(),
-        &[(
-            "Dockerfile",
-            "FROM busybox:latest\nRUN head -c 16000000 /dev/urandom > /big && echo made > /f\nCMD [\"cat\", \"/f\"]\n",
-        )],
+    let ctx = dockerfile_context(
+        "FROM busybox:latest\nRUN head -c 16000000 /dev/urandom > /big && echo made > /f\nCMD [\"cat\", \"/f\"]\n",
     );
     let report = cluster.build(&Strata::new(), ctx.path(), &["-t", "streamed:1"]);
     let maker = workers_of(&report)["stage-0 2"].clone();
@@ -363,14 +352,8 @@ fn strangers_are_refused_and_roles_are_checked() {
 #[test]
 fn a_damaged_blob_is_never_accepted_and_the_build_still_succeeds() {
     let cluster = Cluster::start(2, 5);
-    let ctx = tempfile::tempdir().unwrap();
-    write_files(
-        ctx.path(),
-        &[(
-            "Dockerfile",
-            "FROM busybox:latest\nRUN echo intact > /f\nCMD [\"cat\", \"/f\"]\n",
-        )],
-    );
+    let ctx =
+        dockerfile_context("FROM busybox:latest\nRUN echo intact > /f\nCMD [\"cat\", \"/f\"]\n");
     let first = Strata::new();
     cluster.build(&first, ctx.path(), &["-t", "x:1"]);
     // Damage every large blob on every worker (the busybox layer among
@@ -654,13 +637,8 @@ fn a_coordinator_keeps_uploaded_contexts_within_keep_storage_and_a_client_upload
 fn nodes_serve_metrics_and_health_and_the_cluster_keeps_each_builds_history_by_its_id() {
     use strata_integration::http::get;
     let cluster = Cluster::start(2, 5);
-    let ctx = tempfile::tempdir().unwrap();
-    write_files(
-        ctx.path(),
-        &[(
-            "Dockerfile",
-            "FROM busybox:latest AS dep\nRUN echo dep > /dep\nFROM busybox:latest\nCOPY --from=dep /dep /dep\nRUN cat /dep > /out\n",
-        )],
+    let ctx = dockerfile_context(
+        "FROM busybox:latest AS dep\nRUN echo dep > /dep\nFROM busybox:latest\nCOPY --from=dep /dep /dep\nRUN cat /dep > /out\n",
     );
     let client = Strata::new();
     let report = cluster.build(&client, ctx.path(), &["-t", "observed:1"]);
@@ -782,13 +760,8 @@ fn nodes_serve_metrics_and_health_and_the_cluster_keeps_each_builds_history_by_i
 fn the_dashboard_shows_workers_and_a_running_build_with_its_steps_in_a_browser() {
     use strata_integration::http::get;
     let cluster = Cluster::start(2, 5);
-    let ctx = tempfile::tempdir().unwrap();
-    write_files(
-        ctx.path(),
-        &[(
-            "Dockerfile",
-            "FROM busybox:latest\nRUN echo warm > /warm\nRUN sleep 12 && echo slow > /slow\n",
-        )],
+    let ctx = dockerfile_context(
+        "FROM busybox:latest\nRUN echo warm > /warm\nRUN sleep 12 && echo slow > /slow\n",
     );
     let client = Strata::new();
     let build = cluster.spawn_build(&client, ctx.path(), &["-t", "watched:1"]);
