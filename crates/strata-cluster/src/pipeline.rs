@@ -189,3 +189,49 @@ async fn send(
         Err(e) => Err(e.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    #[test]
+    fn the_tee_sends_whole_chunks_in_order_and_fails_once_no_taker_is_left() {
+        let (tx, mut rx) = mpsc::channel(QUEUED);
+        let (gone, dropped) = mpsc::channel(QUEUED);
+        drop(dropped);
+        let mut tee = Tee {
+            buf: Vec::new(),
+            to: vec![tx, gone],
+        };
+        let taker = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut chunks = 0;
+            while let Some(c) = rx.blocking_recv() {
+                got.extend_from_slice(&c);
+                chunks += 1;
+            }
+            (got, chunks)
+        });
+        let data: Vec<u8> = (0..(3 * CHUNK + 100)).map(|i| (i % 251) as u8).collect();
+        for piece in data.chunks(4096) {
+            tee.write_all(piece).unwrap();
+        }
+        tee.flush().unwrap();
+        // The taker whose queue closed was dropped at the first chunk.
+        assert_eq!(tee.to.len(), 1);
+        drop(tee);
+        let (got, chunks) = taker.join().unwrap();
+        assert_eq!(got, data);
+        assert_eq!(chunks, 4, "three full chunks and the rest");
+
+        let (lost, closed) = mpsc::channel(QUEUED);
+        drop(closed);
+        let mut tee = Tee {
+            buf: Vec::new(),
+            to: vec![lost],
+        };
+        assert!(tee.write_all(&vec![0u8; CHUNK]).is_err());
+    }
+}
