@@ -3,11 +3,12 @@
 //! copies are made while the step commits, not after it, so a build does
 //! not wait at its end for its last layer to be copied.
 //!
-//! Best effort throughout. A taker that fails or stalls is dropped, and
-//! nothing is recorded from what a worker was told: the coordinator's copy
-//! by digest, which follows every new layer, asks each taker for the
-//! layer, and one that took it whole already has it (checked against the
-//! digests it computed on receipt).
+//! Best effort throughout. A taker that fails or falls behind is dropped
+//! (its stream reset, so it stores nothing), and nothing is recorded from
+//! what a worker was told: the coordinator's copy by digest, which follows
+//! every new layer, asks each taker for the layer first, and one that took
+//! it whole already has it (checked against the digests it computed on
+//! receipt).
 
 use std::io;
 use std::sync::Arc;
@@ -29,11 +30,19 @@ const CHUNK: usize = 1 << 20;
 /// Chunks queued for each taker before the step's writing waits for it.
 const QUEUED: usize = 8;
 
-/// How long one chunk may wait on a taker before the taker is dropped.
+/// How long a taker may keep the step's writing waiting, in all, before
+/// it is dropped: one slower than the layer is written is left to the
+/// copy after.
+const LAG: Duration = Duration::from_secs(5);
+
+/// How often a full queue is tried again.
+const POLL: Duration = Duration::from_millis(1);
+
+/// How long reaching a taker, or it taking one chunk, may take.
 const STALL: Duration = Duration::from_secs(10);
 
 /// How long the takers have, once the step is over, to store the layer.
-const SETTLE: Duration = Duration::from_secs(60);
+const SETTLE: Duration = Duration::from_secs(30);
 
 /// The takers of one step's layer.
 pub(crate) struct Pipeline {
@@ -52,7 +61,8 @@ struct Taker {
 /// only (it waits for a taker's queue).
 pub(crate) struct Tee {
     buf: Vec<u8>,
-    to: Vec<mpsc::Sender<Bytes>>,
+    /// Each taker's queue, and how long it has kept the writing waiting.
+    to: Vec<(mpsc::Sender<Bytes>, Duration)>,
 }
 
 impl Pipeline {
@@ -77,7 +87,7 @@ impl Pipeline {
             Pipeline { takers },
             Tee {
                 buf: Vec::with_capacity(CHUNK),
-                to: senders,
+                to: senders.into_iter().map(|tx| (tx, Duration::ZERO)).collect(),
             },
         )
     }
@@ -86,7 +96,7 @@ impl Pipeline {
     /// nothing, and the takers drop what they got). Returns the takers
     /// that stored the layer whole.
     pub(crate) async fn end(self, layer: Option<Digest>) -> Vec<String> {
-        let mut took = Vec::new();
+        let mut waiting = Vec::new();
         for Taker {
             name,
             verdict,
@@ -99,7 +109,12 @@ impl Pipeline {
                 }
                 None => drop(verdict),
             }
-            match tokio::time::timeout(SETTLE, task).await {
+            waiting.push((name, task));
+        }
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        let mut took = Vec::new();
+        for (name, mut task) in waiting {
+            match tokio::time::timeout_at(deadline, &mut task).await {
                 Ok(Ok(Ok(Some(d)))) => {
                     tracing::debug!(blob = %d, taker = %name, "a copy was taken as the layer was written");
                     took.push(name);
@@ -112,6 +127,8 @@ impl Pipeline {
                     tracing::debug!(taker = %name, error = %e, "sending the layer stopped");
                 }
                 Err(_) => {
+                    // Aborted, its stream is reset: the taker stores nothing.
+                    task.abort();
                     tracing::debug!(taker = %name, "the taker did not store the layer in time");
                 }
             }
@@ -126,8 +143,21 @@ impl Tee {
             return Ok(());
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
-        // A taker whose task ended (failed or stalled) closes its queue.
-        self.to.retain(|tx| tx.blocking_send(chunk.clone()).is_ok());
+        // A taker whose task ended (failed or stalled) closes its queue;
+        // one whose queue stays full past its lag is dropped.
+        self.to.retain_mut(|(tx, waited)| {
+            loop {
+                match tx.try_send(chunk.clone()) {
+                    Ok(()) => break true,
+                    Err(mpsc::error::TrySendError::Closed(_)) => break false,
+                    Err(mpsc::error::TrySendError::Full(_)) if *waited >= LAG => break false,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        std::thread::sleep(POLL);
+                        *waited += POLL;
+                    }
+                }
+            }
+        });
         if self.to.is_empty() {
             return Err(io::Error::other("no worker is taking the layer"));
         }
@@ -149,9 +179,23 @@ impl io::Write for Tee {
     }
 }
 
+/// A stream that is reset when dropped unless it was finished: quinn
+/// finishes a dropped stream, and a taker would then store the part it got
+/// as a blob.
+struct Resetting(quinn::SendStream, bool);
+
+impl Drop for Resetting {
+    fn drop(&mut self) {
+        if !self.1 {
+            let _ = self.0.reset(0u32.into());
+        }
+    }
+}
+
 /// Sends what comes on `chunks` to `to`, then, told the layer's digest,
 /// ends the stream and waits for the taker to store it; never told (the
-/// step made no layer), it resets the stream and the taker drops it.
+/// step made no layer), or stopped on the way, it resets the stream and
+/// the taker drops it.
 async fn send(
     peers: Arc<Peers>,
     to: Holder,
@@ -161,14 +205,22 @@ async fn send(
     let Some(first) = chunks.recv().await else {
         return Ok(None);
     };
-    let conn = peers.connection(to.addr).await.map_err(|e| e.to_string())?;
-    let (mut send, mut recv) = conn.open().await.map_err(|e| e.to_string())?;
-    write_frame(&mut send, &Request::Peer(PeerRequest::Take), conn.addr)
-        .await
-        .map_err(|e| e.to_string())?;
+    let opened = tokio::time::timeout(STALL, async {
+        let conn = peers.connection(to.addr).await?;
+        let (mut send, recv) = conn.open().await?;
+        write_frame(&mut send, &Request::Peer(PeerRequest::Take), conn.addr).await?;
+        Ok::<_, strata_net::Error>((conn, send, recv))
+    })
+    .await;
+    let (conn, send, mut recv) = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("{} did not answer within {STALL:?}", to.name)),
+    };
+    let mut send = Resetting(send, false);
     let mut next = Some(first);
     while let Some(chunk) = next {
-        match tokio::time::timeout(STALL, send.write_chunk(chunk)).await {
+        match tokio::time::timeout(STALL, send.0.write_chunk(chunk)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err(format!("{} took no bytes for {STALL:?}", to.name)),
@@ -176,10 +228,10 @@ async fn send(
         next = chunks.recv().await;
     }
     let Ok(layer) = told.await else {
-        let _ = send.reset(0u32.into());
         return Ok(None);
     };
-    let _ = send.finish();
+    send.1 = true;
+    let _ = send.0.finish();
     match read_frame::<Reply>(&mut recv, conn.addr).await {
         Ok(Some(Reply::Took(Ok(d)))) if d == layer => Ok(Some(d)),
         Ok(Some(Reply::Took(Ok(d)))) => Err(format!("it stored {d}, not the layer {layer}")),
@@ -203,7 +255,7 @@ mod tests {
         drop(dropped);
         let mut tee = Tee {
             buf: Vec::new(),
-            to: vec![tx, gone],
+            to: vec![(tx, Duration::ZERO), (gone, Duration::ZERO)],
         };
         let taker = std::thread::spawn(move || {
             let mut got = Vec::new();
@@ -230,8 +282,30 @@ mod tests {
         drop(closed);
         let mut tee = Tee {
             buf: Vec::new(),
-            to: vec![lost],
+            to: vec![(lost, Duration::ZERO)],
         };
         assert!(tee.write_all(&vec![0u8; CHUNK]).is_err());
+
+        // A taker that keeps its queue full past its lag is dropped, and
+        // the writing goes on without it.
+        let (slow, _never_read) = mpsc::channel(1);
+        let (fast, mut fast_rx) = mpsc::channel(QUEUED);
+        let reader = std::thread::spawn(move || {
+            let mut n = 0;
+            while fast_rx.blocking_recv().is_some() {
+                n += 1;
+            }
+            n
+        });
+        let mut tee = Tee {
+            buf: Vec::new(),
+            to: vec![(slow, LAG), (fast, Duration::ZERO)],
+        };
+        for _ in 0..3 {
+            tee.write_all(&vec![1u8; CHUNK]).unwrap();
+        }
+        assert_eq!(tee.to.len(), 1, "the slow taker is still written to");
+        drop(tee);
+        assert_eq!(reader.join().unwrap(), 3);
     }
 }

@@ -930,6 +930,7 @@ mod tests {
             }),
             Request::Worker(WorkerRequest::Spare(vec![d])),
             Request::Coordinator(CoordinatorRequest::HasBlob(d)),
+            Request::Peer(PeerRequest::Take),
         ]
     }
 
@@ -949,6 +950,7 @@ mod tests {
                 [false, true, false, false],
                 [false, false, true, false],
                 [false, false, false, true],
+                [false, false, true, false],
             ]
         );
     }

@@ -369,12 +369,38 @@ impl Replicas {
         bytes_per_second: Option<u64>,
     ) -> Result<usize, ReplicateError> {
         let blob = layer.blob;
+        // Those sent the layer as it was written are asked for their copy
+        // whatever the records say (a heartbeat may have listed the blob
+        // already): their check of its diff_id is the second look at what
+        // its maker reported, before anything is cached under it.
+        let mut made = 0;
+        let mut why = Vec::new();
+        if !first.is_empty() {
+            let sources = self.roster.holders(&blob, None);
+            let takers: Vec<(String, Connection)> = {
+                let workers = self.roster.lock();
+                first
+                    .iter()
+                    .filter_map(|n| workers.live(n).map(|w| (n.clone(), w.link.conn.clone())))
+                    .collect()
+            };
+            for (name, conn) in takers {
+                match self
+                    .copy_to(layer, &name, &conn, sources.clone(), bytes_per_second)
+                    .await
+                {
+                    Ok(()) => made += 1,
+                    Err(CopyFailed::This(e)) => why.push(e),
+                    Err(CopyFailed::NotTheLayer(e)) => return Err(ReplicateError::NotTheLayer(e)),
+                }
+            }
+        }
         let want = self.copies_wanted();
         let recorded = self.roster.recorded_holders(&blob);
         let mut have = self.roster.live_holders(&blob, &recorded).len();
         if have >= want {
             return if have > 0 {
-                Ok(0)
+                Ok(made)
             } else {
                 Err(ReplicateError::Unheld(blob))
             };
@@ -383,7 +409,7 @@ impl Replicas {
         if sources.is_empty() {
             return Err(ReplicateError::Unheld(blob));
         }
-        let mut targets: Vec<(String, Connection)> = {
+        let targets: Vec<(String, Connection)> = {
             let workers = self.roster.lock();
             let lacks = |n: &str| {
                 workers
@@ -397,10 +423,7 @@ impl Replicas {
                 .filter_map(|n| workers.get(n).map(|w| (n.to_string(), w.link.conn.clone())))
                 .collect()
         };
-        // Those that took it as it was written first (the sort is stable).
-        targets.sort_by_key(|(name, _)| !first.contains(name));
-        let mut made = 0;
-        let mut why = Vec::new();
+
         for (name, conn) in targets {
             if have >= want {
                 break;

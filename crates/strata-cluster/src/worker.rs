@@ -27,6 +27,13 @@ use crate::protocol::{
     PeerRequest, Refusal, Registration, Reply, Request, StepRef, WorkerRequest, request,
 };
 
+/// Layers other workers may push to a worker at once; one more is refused
+/// (its pusher leaves it to the copy after).
+const TAKES: usize = 4;
+
+/// How long a pushed layer may send nothing before the taker drops it.
+const TAKE_IDLE: Duration = Duration::from_secs(30);
+
 /// Blobs of a build context a worker fetches at once.
 const CONTEXT_FETCHES: usize = 16;
 
@@ -194,6 +201,8 @@ pub struct WorkerNode {
     incarnation: u64,
     /// How much its store keeps.
     keep: strata_sched::Keep,
+    /// Layers other workers may push to it at once ([`PeerRequest::Take`]).
+    takes: tokio::sync::Semaphore,
     /// Its connections to coordinators, while registered.
     pub(crate) registered: Mutex<Vec<Connection>>,
     /// Build contexts written out for builds that ended.
@@ -311,6 +320,7 @@ impl WorkerNode {
                 config.keep_duration,
             )?,
             registered: Mutex::default(),
+            takes: tokio::sync::Semaphore::new(TAKES),
             idle_contexts: Arc::default(),
             incarnation: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -740,13 +750,21 @@ impl WorkerNode {
                     .await;
             }
             Request::Peer(PeerRequest::Take) => {
-                let took = strata_net::recv_unnamed(
-                    recv,
-                    &self.node.content,
-                    conn.addr,
-                    strata_net::MAX_BLOB,
-                )
-                .await;
+                let Ok(_taking) = self.takes.try_acquire() else {
+                    let busy = Failed::of(&std::io::Error::other(format!(
+                        "{} takes {TAKES} pushed layers at once",
+                        self.name
+                    )));
+                    return write_frame(send, &Reply::Took(Err(busy)), conn.addr).await;
+                };
+                // No layer larger than the store keeps.
+                let limit = self
+                    .keep
+                    .storage
+                    .map_or(strata_net::MAX_BLOB, |k| k.min(strata_net::MAX_BLOB));
+                let took =
+                    strata_net::recv_unnamed(recv, &self.node.content, conn.addr, limit, TAKE_IDLE)
+                        .await;
                 let reply = Reply::Took(match took {
                     Ok((blob, bytes)) => {
                         strata_metrics::transferred(strata_metrics::Transfer::PeerStreamed, bytes);

@@ -286,18 +286,23 @@ pub async fn recv_announced(
 
 /// Receives a blob the sender names only by its bytes, to the end of the
 /// stream, at most `limit` bytes (a layer a peer pushes as it writes it):
-/// it is stored under the digest computed here. A stream that breaks or
-/// runs over `limit` stores nothing. Returns the digest and the size.
+/// it is stored under the digest computed here. A stream that breaks, is
+/// reset, runs over `limit` or sends nothing for `idle` stores nothing.
+/// Returns the digest and the size.
 pub async fn recv_unnamed(
     recv: &mut quinn::RecvStream,
     cas: &std::sync::Arc<ContentStore>,
     peer: SocketAddr,
     limit: u64,
+    idle: std::time::Duration,
 ) -> Result<(Digest, u64)> {
     let broke = |detail: String| Error::Connection { peer, detail };
     let mut w = cas.writer()?;
     loop {
-        match recv.read_chunk(CHUNK, true).await {
+        let Ok(read) = tokio::time::timeout(idle, recv.read_chunk(CHUNK, true)).await else {
+            return Err(broke(format!("a pushed blob sent nothing for {idle:?}")));
+        };
+        match read {
             Ok(Some(chunk)) => {
                 if w.size() + chunk.bytes.len() as u64 > limit {
                     return Err(Error::Malformed {

@@ -50,8 +50,14 @@ fn server(ca: &ClusterCa, cas: Arc<ContentStore>) -> SocketAddr {
                         // limit given: its digest, or why not.
                         Msg::Text(t) if t.starts_with("take:") => {
                             let limit: u64 = t[5..].parse().unwrap();
-                            let took =
-                                strata_net::recv_unnamed(&mut recv, &cas, conn.addr, limit).await;
+                            let took = strata_net::recv_unnamed(
+                                &mut recv,
+                                &cas,
+                                conn.addr,
+                                limit,
+                                std::time::Duration::from_secs(5),
+                            )
+                            .await;
                             let reply = match took {
                                 Ok((d, _)) => Msg::Text(d.to_string()),
                                 Err(e) => Msg::Text(format!("refused: {e}")),
@@ -237,6 +243,22 @@ async fn a_blob_pushed_unnamed_is_stored_under_the_digest_its_taker_computes_wit
     let over = push(vec![1u8; 2_000_001], 2_000_000).await;
     assert!(over.contains("over the 2000000 byte limit"), "{over}");
     assert_eq!(cas.list().unwrap().len(), before);
+    // Reset part way (the pusher's step failed): nothing stored, no temp
+    // file left.
+    let (mut send, mut recv) = conn.open().await.unwrap();
+    write_frame(&mut send, &Msg::Text("take:4000000".into()), addr)
+        .await
+        .unwrap();
+    send.write_all(&[2u8; 1_000_000]).await.unwrap();
+    send.reset(0u32.into()).unwrap();
+    match read_frame::<Msg>(&mut recv, addr).await {
+        Ok(Some(Msg::Text(t))) => assert!(t.starts_with("refused"), "{t}"),
+        other => assert!(other.is_err(), "{other:?}"),
+    }
+    assert_eq!(cas.list().unwrap().len(), before);
+    let ingest = dir.path().join("ingest");
+    let left = std::fs::read_dir(&ingest).map_or(0, |d| d.count());
+    assert_eq!(left, 0, "temp files left in {}", ingest.display());
 }
 
 /// ClientHellos that will never be finished: the first datagram of `n`

@@ -228,15 +228,18 @@ fn steps_become_layers_with_whiteouts() {
     assert!(next.commit().unwrap().is_none());
 }
 
-/// Takes bytes until `fail_after` of them, then fails every write.
+/// Takes bytes until `fail_after` of them, then fails every write,
+/// counting the failures.
 struct Flaky {
     got: Vec<u8>,
     fail_after: usize,
+    failures: usize,
 }
 
 impl std::io::Write for Flaky {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.got.len() + buf.len() > self.fail_after {
+            self.failures += 1;
             return Err(std::io::Error::other("the taker went away"));
         }
         self.got.extend_from_slice(buf);
@@ -261,6 +264,7 @@ fn a_teed_commit_writes_the_layer_s_bytes_twice_and_a_failing_tee_fails_nothing(
     let mut tee = Flaky {
         got: Vec::new(),
         fail_after: usize::MAX,
+        failures: 0,
     };
     let layer = make("a").commit_teeing(Some(&mut tee)).unwrap().unwrap();
     assert_eq!(tee.got, cas.read(&layer.digest).unwrap());
@@ -269,9 +273,11 @@ fn a_teed_commit_writes_the_layer_s_bytes_twice_and_a_failing_tee_fails_nothing(
     let mut flaky = Flaky {
         got: Vec::new(),
         fail_after: 100_000,
+        failures: 0,
     };
     let layer = make("b").commit_teeing(Some(&mut flaky)).unwrap().unwrap();
-    assert!(flaky.got.len() <= 100_000);
+    assert_eq!(flaky.failures, 1, "written to again after it failed");
+    assert!(!flaky.got.is_empty() && flaky.got.len() <= 100_000);
     assert!(cas.verify(&layer.digest).unwrap());
     assert_eq!(listing(&cas.read(&layer.digest).unwrap())["b"].3, big);
 }
