@@ -849,7 +849,6 @@ impl Coordinator {
         }
     }
 
-    /// Runs a client's build, streaming its progress back.
     /// Just started, a coordinator has not heard yet from every worker the
     /// group records: their layers would look held by nobody, and cached
     /// steps would run again. A build waits for them, for one lease at
@@ -1036,6 +1035,7 @@ impl Coordinator {
         }
     }
 
+    /// Runs a client's build, streaming its progress back.
     async fn build(
         self: &Arc<Self>,
         submit: SubmitBuild,
