@@ -848,7 +848,7 @@ impl BlobWriter<'_> {
     /// recorded. If the blob already exists this is a no-op that returns
     /// its digest.
     pub fn commit(mut self) -> Result<Digest> {
-        let digest = Digest(*self.blake3.finalize().as_bytes());
+        let digest = self.digest();
         let sha256 = self.sha256();
         let bytes = self.finish()?;
         let pending = Pending {
@@ -866,7 +866,7 @@ impl BlobWriter<'_> {
     /// is given: what a peer or client says a blob is, checked against
     /// what was computed on receipt.
     pub fn commit_expecting(self, expected: Digest, claimed: Option<&Sha256>) -> Result<Digest> {
-        let actual = Digest(*self.blake3.finalize().as_bytes());
+        let actual = self.digest();
         if actual != expected {
             return Err(Error::Unexpected { expected, actual });
         }
@@ -897,7 +897,7 @@ impl BlobWriter<'_> {
     /// with the batch's other blobs by [`Batch::commit`]; fails (storing
     /// nothing) unless the content hashes to `expected`. Returns its digest.
     pub fn finish_into(mut self, batch: &mut Batch, expected: Digest) -> Result<Digest> {
-        let actual = Digest(*self.blake3.finalize().as_bytes());
+        let actual = self.digest();
         if actual != expected {
             return Err(Error::Unexpected { expected, actual });
         }
