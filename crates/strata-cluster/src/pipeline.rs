@@ -70,13 +70,13 @@ impl Pipeline {
     /// bytes, so a step that makes no layer sends nothing.
     pub(crate) fn start(peers: &Arc<Peers>, to: &[Holder]) -> (Pipeline, Tee) {
         let mut takers = Vec::new();
-        let mut senders = Vec::new();
+        let mut queues = Vec::new();
         for holder in to {
             let (tx, rx) = mpsc::channel(QUEUED);
             let (verdict, told) = oneshot::channel();
             let task =
                 tokio::spawn(send(Arc::clone(peers), holder.clone(), rx, told).in_current_span());
-            senders.push(tx);
+            queues.push((tx, Duration::ZERO));
             takers.push(Taker {
                 name: holder.name.clone(),
                 verdict,
@@ -87,15 +87,16 @@ impl Pipeline {
             Pipeline { takers },
             Tee {
                 buf: Vec::with_capacity(CHUNK),
-                to: senders.into_iter().map(|tx| (tx, Duration::ZERO)).collect(),
+                to: queues,
             },
         )
     }
 
     /// The step is over, its layer `layer` (none: it failed or changed
-    /// nothing, and the takers drop what they got). Returns the takers
-    /// that stored the layer whole.
-    pub(crate) async fn end(self, layer: Option<Digest>) -> Vec<String> {
+    /// nothing, and the takers drop what they got); waits for the takers
+    /// to store it, [`SETTLE`] at most. Whether they did is the
+    /// coordinator's to find out, by asking each for its copy.
+    pub(crate) async fn end(self, layer: Option<Digest>) {
         let mut waiting = Vec::new();
         for Taker {
             name,
@@ -112,12 +113,10 @@ impl Pipeline {
             waiting.push((name, task));
         }
         let deadline = tokio::time::Instant::now() + SETTLE;
-        let mut took = Vec::new();
         for (name, mut task) in waiting {
             match tokio::time::timeout_at(deadline, &mut task).await {
                 Ok(Ok(Ok(Some(d)))) => {
                     tracing::debug!(blob = %d, taker = %name, "a copy was taken as the layer was written");
-                    took.push(name);
                 }
                 Ok(Ok(Ok(None))) => {}
                 Ok(Ok(Err(e))) => {
@@ -133,7 +132,6 @@ impl Pipeline {
                 }
             }
         }
-        took
     }
 }
 

@@ -362,6 +362,31 @@ impl Replicas {
         }
     }
 
+    /// One copy of `layer` to `name`: whether it was made. A copy whose
+    /// content is not the layer fails the whole; any other failure is
+    /// noted in `why`, and the next worker is tried.
+    async fn try_copy(
+        &self,
+        layer: LayerRef,
+        name: &str,
+        conn: &Connection,
+        sources: &[Holder],
+        bytes_per_second: Option<u64>,
+        why: &mut Vec<String>,
+    ) -> Result<bool, ReplicateError> {
+        match self
+            .copy_to(layer, name, conn, sources.to_vec(), bytes_per_second)
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(CopyFailed::This(e)) => {
+                why.push(e);
+                Ok(false)
+            }
+            Err(CopyFailed::NotTheLayer(e)) => Err(ReplicateError::NotTheLayer(e)),
+        }
+    }
+
     async fn copy_until_enough(
         &self,
         layer: LayerRef,
@@ -385,13 +410,11 @@ impl Replicas {
                     .collect()
             };
             for (name, conn) in takers {
-                match self
-                    .copy_to(layer, &name, &conn, sources.clone(), bytes_per_second)
-                    .await
+                if self
+                    .try_copy(layer, &name, &conn, &sources, bytes_per_second, &mut why)
+                    .await?
                 {
-                    Ok(()) => made += 1,
-                    Err(CopyFailed::This(e)) => why.push(e),
-                    Err(CopyFailed::NotTheLayer(e)) => return Err(ReplicateError::NotTheLayer(e)),
+                    made += 1;
                 }
             }
         }
@@ -423,21 +446,16 @@ impl Replicas {
                 .filter_map(|n| workers.get(n).map(|w| (n.to_string(), w.link.conn.clone())))
                 .collect()
         };
-
         for (name, conn) in targets {
             if have >= want {
                 break;
             }
-            match self
-                .copy_to(layer, &name, &conn, sources.clone(), bytes_per_second)
-                .await
+            if self
+                .try_copy(layer, &name, &conn, &sources, bytes_per_second, &mut why)
+                .await?
             {
-                Ok(()) => {
-                    have += 1;
-                    made += 1;
-                }
-                Err(CopyFailed::This(e)) => why.push(e),
-                Err(CopyFailed::NotTheLayer(e)) => return Err(ReplicateError::NotTheLayer(e)),
+                have += 1;
+                made += 1;
             }
         }
         if have < want && !why.is_empty() {
