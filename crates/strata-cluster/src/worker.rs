@@ -751,10 +751,8 @@ impl WorkerNode {
             }
             Request::Peer(PeerRequest::Take) => {
                 let Ok(_taking) = self.takes.try_acquire() else {
-                    let busy = Failed::of(&std::io::Error::other(format!(
-                        "{} takes {TAKES} pushed layers at once",
-                        self.name
-                    )));
+                    let busy =
+                        Failed::new(format!("{} takes {TAKES} pushed layers at once", self.name));
                     return write_frame(send, &Reply::Took(Err(busy)), conn.addr).await;
                 };
                 // No layer larger than the store keeps.
