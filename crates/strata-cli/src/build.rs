@@ -20,11 +20,11 @@ use strata_worker::{
     exported_keys, import_cache, parse_cache_from, parse_cache_to, parse_named_context,
 };
 
-use crate::daemon::Cx;
+use crate::cx::Cx;
 use crate::dockerfile::parse_build_args;
-use crate::images::human_size;
 use crate::progress::Mode;
 use crate::registry::RegistryFlags;
+use crate::units::human_size;
 
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct BuildArgs {
@@ -1692,10 +1692,10 @@ fn cluster_build(
                         cx.err(),
                         "context: {} entries, {} in {} distinct files; read {}, sent {} in {} blobs",
                         tree.entries,
-                        crate::images::human_size(size),
+                        crate::units::human_size(size),
                         tree.files.len(),
-                        crate::images::human_size(tree.read),
-                        crate::images::human_size(sent.bytes),
+                        crate::units::human_size(tree.read),
+                        crate::units::human_size(sent.bytes),
                         sent.blobs,
                     );
                 }

@@ -175,7 +175,7 @@ pub struct ImportCacheArgs {
 /// digest), then its layers uploaded to the cluster, where each is checked
 /// again and copied to workers before the entries naming it are put.
 pub fn import_cache(
-    cx: &crate::daemon::Cx<'_>,
+    cx: &crate::cx::Cx<'_>,
     args: ImportCacheArgs,
     flags: &RegistryFlags,
 ) -> Result<u8> {
@@ -250,7 +250,7 @@ fn serving_metrics(addr: Option<std::net::SocketAddr>) -> String {
 pub fn coordinator(args: NodeArgs, flags: &RegistryFlags) -> Result<ExitCode> {
     let config = CoordinatorConfig::load(&args.config)?;
     crate::runtime()?.block_on(async {
-        crate::daemon::stop_serving(&config.home).await?;
+        stop_serving(&config.home).await?;
         let coord = Coordinator::start(&config, flags.registry()).await?;
         let metrics = coord.serve_metrics(&config).await?;
         let images = coord.serve_images(&config).await?;
@@ -276,7 +276,7 @@ pub fn coordinator(args: NodeArgs, flags: &RegistryFlags) -> Result<ExitCode> {
 pub fn worker(args: NodeArgs) -> Result<ExitCode> {
     let config = WorkerConfig::load(&args.config)?;
     crate::runtime()?.block_on(async {
-        crate::daemon::stop_serving(&config.home).await?;
+        stop_serving(&config.home).await?;
         let node = WorkerNode::start(&config)?;
         let metrics = node.serve_metrics(&config).await?;
         writeln!(
@@ -743,7 +743,7 @@ fn print_images(
             "{:<40} {:<19} {:>10}  {}",
             i.name,
             short.get(..12).unwrap_or(short),
-            crate::images::human_size(i.size),
+            crate::units::human_size(i.size),
             i.digest
         )?;
     }
@@ -757,7 +757,7 @@ fn print_du(
     nodes: &[strata_cluster::protocol::NodeUsage],
     format: StatusFormat,
 ) -> Result<()> {
-    use crate::images::human_size;
+    use crate::units::human_size;
     if matches!(format, StatusFormat::Json) {
         let rows: Vec<serde_json::Value> = nodes
             .iter()
@@ -817,7 +817,7 @@ fn ask<T>(cluster: &Path, f: impl AsyncFnOnce(&Client) -> Result<T, ClientError>
 /// registry `tag` names, with the credentials `registry` has for it
 /// (handed over for this push only).
 pub fn push_from(
-    cx: &crate::daemon::Cx<'_>,
+    cx: &crate::cx::Cx<'_>,
     cluster: &Path,
     registry: &strata_registry::Registry,
     tag: &strata_oci::Reference,
@@ -844,4 +844,14 @@ pub fn push_from(
 pub async fn connect(config: &Path) -> Result<Client> {
     let config = ClientConfig::load(config)?;
     Client::connect(&config).await.map_err(anyhow::Error::from)
+}
+
+/// Stops the daemon serving `home`, if one does: a coordinator or worker
+/// about to own that state directory (commands run on it beforehand, such
+/// as `strata image import`, started one).
+async fn stop_serving(home: &Path) -> Result<()> {
+    if let Some(pid) = strata_daemon::Client::new(home).stop().await? {
+        tracing::info!(pid, home = %home.display(), "stopped the daemon serving this node's state directory");
+    }
+    Ok(())
 }

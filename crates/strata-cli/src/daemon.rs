@@ -7,7 +7,7 @@
 //! what comes back: output, progress, the exit code.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +16,11 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 use strata_daemon::wire::{FromDaemon, TransferEvent};
-use strata_daemon::{Client, Ended, Session, Sink};
+use strata_daemon::{Client, Ended, Session};
 use strata_registry::Transfer;
 use strata_worker::Node;
 
+use crate::cx::Cx;
 use crate::progress::{Mode, Renderer};
 use crate::registry::RegistryFlags;
 
@@ -155,39 +156,6 @@ impl Call {
             Call::Push(a, _) => a.progress,
             _ => Mode::Auto,
         }
-    }
-}
-
-/// What a command running in the daemon works with: the node and its
-/// client.
-pub struct Cx<'a> {
-    /// The state directory's stores.
-    pub node: &'a Arc<Node>,
-    /// The client.
-    pub session: &'a Session,
-    /// The build contexts' stat caches, decoded, shared by every build.
-    pub contexts: &'a strata_cluster::context::StatCaches,
-}
-
-impl Cx<'_> {
-    /// The client's standard output.
-    pub fn out(&self) -> Sink {
-        self.session.stdout()
-    }
-
-    /// The client's standard error.
-    pub fn err(&self) -> Sink {
-        self.session.stderr()
-    }
-
-    /// A path as the client gave it.
-    pub fn path(&self, p: &Path) -> PathBuf {
-        self.session.path(p)
-    }
-
-    /// Runs a future on the daemon's runtime.
-    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.session.block_on(f)
     }
 }
 
@@ -358,16 +326,6 @@ fn draw(renderer: &Renderer, frame: FromDaemon) {
     }
 }
 
-/// Stops the daemon serving `home`, if one does: a coordinator or worker
-/// about to own that state directory (commands run on it beforehand, such
-/// as `strata image import`, started one).
-pub async fn stop_serving(home: &Path) -> Result<()> {
-    if let Some(pid) = Client::new(home).stop().await? {
-        tracing::info!(pid, home = %home.display(), "stopped the daemon serving this node's state directory");
-    }
-    Ok(())
-}
-
 /// Keeps the state directory within `keep`, as a worker keeps its store.
 async fn evict_forever(node: Arc<Node>, keep: strata_sched::Keep) {
     tracing::info!(keep_storage = ?keep.storage, keep_duration = ?keep.duration, "store bounds");
@@ -444,7 +402,7 @@ pub fn daemon(home: &Path, args: DaemonArgs) -> Result<ExitCode> {
             let storage = args
                 .keep_storage
                 .as_deref()
-                .map(crate::images::parse_size)
+                .map(crate::units::parse_size)
                 .transpose()
                 .context("--keep-storage (STRATA_KEEP_STORAGE)")?;
             let keep = strata_worker::keep_within(home, storage, args.keep_duration)?;

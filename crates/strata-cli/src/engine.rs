@@ -13,7 +13,7 @@ use http_body_util::BodyExt as _;
 use strata_oci::{Image, Reference};
 use strata_worker::Node;
 
-use crate::daemon::Cx;
+use crate::cx::Cx;
 
 /// Where the engine listens when `DOCKER_HOST` does not say.
 const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";

@@ -13,8 +13,8 @@ use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 use strata_worker::BuildRecord;
 
-use crate::daemon::Cx;
-use crate::images::{ago, human_size};
+use crate::cx::Cx;
+use crate::units::{ago, human_size};
 
 #[derive(Debug, Args, Serialize, Deserialize)]
 pub struct HistoryArgs {
@@ -23,7 +23,7 @@ pub struct HistoryArgs {
     /// The cluster's builds, from every coordinator of this client
     /// configuration (a client sees its own builds; an admin, all).
     #[arg(long, global = true, env = "STRATA_CLUSTER", value_name = "FILE")]
-    cluster: Option<PathBuf>,
+    pub cluster: Option<PathBuf>,
     /// How many builds to list, newest first.
     #[arg(long, default_value_t = 20)]
     limit: usize,
@@ -60,13 +60,9 @@ enum Format {
 /// How long each coordinator may take to answer.
 const HISTORY_WAIT: Duration = Duration::from_secs(5);
 
-/// `strata history …`: a cluster's in this process, this machine's in
-/// its daemon.
-pub fn history(home: &Path, args: HistoryArgs) -> Result<ExitCode> {
-    let Some(cluster) = args.cluster.clone() else {
-        return crate::daemon::remote(home, crate::daemon::Call::History(args));
-    };
-    let config = strata_cluster::config::ClientConfig::load(&cluster)?;
+/// `strata history --cluster …`: asked of the cluster's coordinators.
+pub fn cluster(cluster: &Path, args: HistoryArgs) -> Result<ExitCode> {
+    let config = strata_cluster::config::ClientConfig::load(cluster)?;
     let id = match &args.command {
         Some(HistoryCommand::Inspect { id } | HistoryCommand::Trace { id, .. }) => Some(id.clone()),
         None => None,

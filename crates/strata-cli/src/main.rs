@@ -7,6 +7,7 @@
 mod bench;
 mod build;
 mod cluster;
+mod cx;
 mod daemon;
 mod dockerfile;
 mod engine;
@@ -18,6 +19,7 @@ mod registry;
 mod run;
 mod stdio;
 mod template;
+mod units;
 mod warnings;
 
 use std::io::Write;
@@ -136,7 +138,12 @@ fn main() -> ExitCode {
         }
         Command::Load(a) => registry::load_from_stdin(&home, a)
             .and_then(|(a, _spooled)| daemon::remote(&home, daemon::Call::Load(a))),
-        Command::History(a) => history::history(&home, a),
+        // A cluster's history is asked of it from here; this machine's,
+        // of its daemon.
+        Command::History(a) => match a.cluster.clone() {
+            Some(cluster) => history::cluster(&cluster, a),
+            None => daemon::remote(&home, daemon::Call::History(a)),
+        },
         Command::Bench(a) => bench::bench(&home, a),
         Command::Prune(a) => daemon::remote(&home, daemon::Call::Prune(a)),
         Command::Image(c) => daemon::remote(&home, daemon::Call::Image(c)),

@@ -13,7 +13,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use strata_registry::Transfer;
 use strata_solver::{Event, EventKind};
 
-use crate::images::human_size;
+use crate::units::human_size;
 
 /// How progress is shown.
 #[derive(

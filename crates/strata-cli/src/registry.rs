@@ -12,9 +12,9 @@ use strata_dockerfile::Platform;
 use strata_oci::{Compression, Reference};
 use strata_registry::{Registry, RegistryOptions};
 
-use crate::daemon::Cx;
-use crate::images::human_size;
+use crate::cx::Cx;
 use crate::progress::Mode;
+use crate::units::human_size;
 
 /// How registries are reached (Docker daemon settings, per command).
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]

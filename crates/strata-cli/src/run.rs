@@ -10,7 +10,7 @@ use strata_dockerfile::Platform;
 use strata_exec::{ExitStatus, Network, Sandbox, Stream};
 use strata_oci::Reference;
 
-use crate::daemon::Cx;
+use crate::cx::Cx;
 use crate::registry::RegistryFlags;
 
 #[derive(Debug, Args, serde::Serialize, serde::Deserialize)]
