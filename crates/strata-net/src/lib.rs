@@ -32,7 +32,9 @@ pub use blob::{
     BATCHED_UP_TO, BatchReceived, BatchSource, MAX_BATCH, MAX_BATCH_BYTES, MAX_BLOB, batches,
     recv_batch, send_batch,
 };
-pub use endpoint::{Connection, Endpoint, https_config, https_config_mutual};
+pub use endpoint::{
+    CONNECTION_WINDOW, Connection, Endpoint, STREAM_WINDOW, https_config, https_config_mutual,
+};
 pub use error::{Error, Result};
 pub use frame::{MAX_FRAME, decode_frame, read_frame, write_frame};
 pub use identity::{ClusterCa, Identity, Peer, Role};

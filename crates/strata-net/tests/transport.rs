@@ -415,3 +415,62 @@ async fn a_batch_brings_what_was_asked_checked_or_stores_nothing() {
     );
     assert!(!other.contains(&a).unwrap());
 }
+
+#[tokio::test]
+async fn a_peer_whose_streams_are_never_read_can_make_a_node_buffer_one_connection_window() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+    let ca = ClusterCa::create("test").unwrap();
+    let ep = Endpoint::listen(loopback(), &ca.issue(Role::Worker, "w1").unwrap()).unwrap();
+    let addr = ep.local_addr().unwrap();
+    // The node takes the streams and reads nothing from them.
+    let held = tokio::spawn(async move {
+        let conn = ep.accept().await.unwrap();
+        let mut streams = Vec::new();
+        while let Some(s) = conn.accept().await {
+            streams.push(s);
+        }
+        streams.len()
+    });
+    let peer = Endpoint::dialer(&ca.issue(Role::Worker, "w2").unwrap()).unwrap();
+    let conn = peer.connect(addr).await.unwrap();
+    // 64 streams, each with its own window, could hold 8 times the
+    // connection's.
+    let streams = 64;
+    assert!(
+        u64::from(strata_net::STREAM_WINDOW) * streams
+            > 4 * u64::from(strata_net::CONNECTION_WINDOW)
+    );
+    let accepted = Arc::new(AtomicU64::new(0));
+    let mut writers = tokio::task::JoinSet::new();
+    for _ in 0..streams {
+        let (mut send, _recv) = conn.open().await.unwrap();
+        let accepted = Arc::clone(&accepted);
+        writers.spawn(async move {
+            let chunk = vec![7u8; 256 << 10];
+            // Writes until the node's flow control stops them for a second.
+            while let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_secs(1), send.write(&chunk)).await
+            {
+                accepted.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            send
+        });
+    }
+    let mut open = Vec::new();
+    while let Some(send) = writers.join_next().await {
+        open.push(send.unwrap());
+    }
+    let accepted = accepted.load(Ordering::Relaxed);
+    assert!(
+        accepted <= u64::from(strata_net::CONNECTION_WINDOW),
+        "the peer got {accepted} bytes accepted unread, over the connection window"
+    );
+    assert!(
+        accepted >= u64::from(strata_net::STREAM_WINDOW),
+        "one stream's window was not even accepted: {accepted} bytes"
+    );
+    conn.quic.close(0u32.into(), b"done");
+    drop(open);
+    assert!(held.await.unwrap() >= 1);
+}
