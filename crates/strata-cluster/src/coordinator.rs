@@ -21,26 +21,18 @@ use tracing::Instrument as _;
 
 use crate::access::ReadRights;
 use crate::config::CoordinatorConfig;
+use crate::desk::WorkerDesk;
 use crate::error::{ImageError, LayerError, StartError, SubmitError};
 use crate::names::Names;
 use crate::placement::{Placement, Selections};
 use crate::protocol::{
     AdminRequest, AnyRequest, BuildDone, BuildEvent, BuildSpec, ClientRequest, ClusterStatus,
-    CoordinatorRequest, Failed, Grant, GroupStatus, Holder, MAX_HISTORY, MAX_TAGS, Refusal,
-    Registration, Reply, Request, SubmitBuild, WorkerRequest, WorkerStatus,
+    CoordinatorRequest, Failed, Grant, GroupStatus, Holder, MAX_HISTORY, MAX_TAGS, Refusal, Reply,
+    Request, SubmitBuild, WorkerStatus,
 };
 use crate::replicas::Replicas;
-use crate::roster::{Link, Roster, epoch};
+use crate::roster::Roster;
 use crate::uploads::Uploads;
-
-/// Platforms as a worker reported them; ones this node cannot read are
-/// left out.
-fn parse_platforms(names: &[String]) -> Vec<Platform> {
-    names
-        .iter()
-        .filter_map(|p| Platform::parse(p).ok())
-        .collect()
-}
 
 /// The coordinator process.
 pub struct Coordinator {
@@ -58,8 +50,10 @@ pub struct Coordinator {
     roster: Arc<Roster>,
     /// Copies of built layers, and the records of workers.
     replicas: Arc<Replicas>,
+    /// What workers ask and report.
+    desk: WorkerDesk,
     /// The images the cluster names.
-    names: Names,
+    names: Arc<Names>,
     next_build: AtomicU64,
     builds_running: AtomicUsize,
     /// Steps running for any build: concurrent builds run identical
@@ -206,7 +200,14 @@ impl Coordinator {
             strata_worker::keep_within(&config.home, config.keep_storage, config.keep_duration)?,
             config.upload_quota_mib_per_hour.saturating_mul(1 << 20),
         ));
-        let names = Names::new(Arc::clone(&member));
+        let names = Arc::new(Names::new(Arc::clone(&member)));
+        let desk = WorkerDesk {
+            roster: Arc::clone(&roster),
+            replicas: Arc::clone(&replicas),
+            member: Arc::clone(&member),
+            names: Arc::clone(&names),
+            content: Arc::clone(&node.content),
+        };
         Ok(Arc::new(Coordinator {
             node,
             member,
@@ -217,6 +218,7 @@ impl Coordinator {
             lease,
             roster,
             replicas,
+            desk,
             names,
             // Ids a restarted coordinator hands out differ from those of
             // its previous run, which workers may still hold.
@@ -370,124 +372,6 @@ impl Coordinator {
         self.endpoint.close();
     }
 
-    /// For each of `blobs`, what `worker` dropping its copy loses: nothing
-    /// when enough other live workers hold it; else a cache entry, or a
-    /// named image's layer, which stays.
-    fn spare(&self, worker: &str, blobs: &[Digest]) -> Reply {
-        if blobs.len() > crate::protocol::MAX_SPARE_ASKED {
-            return Reply::over_limit(
-                "blobs asked about",
-                blobs.len(),
-                crate::protocol::MAX_SPARE_ASKED,
-            );
-        }
-        let named = match self.names.named_layers() {
-            Ok(n) => n,
-            Err(e) => return Reply::Failed(Failed::of(&e)),
-        };
-        Reply::Spare(
-            blobs
-                .iter()
-                .map(|b| {
-                    // A coordinator's copy does not count: its store
-                    // keeps what it holds only under its own budget.
-                    let others = self
-                        .roster
-                        .live_copies(b)
-                        .into_iter()
-                        .filter(|h| h.name != worker)
-                        .count();
-                    strata_sched::copies::kind(others, self.replicas.replication, named.contains(b))
-                })
-                .collect(),
-        )
-    }
-
-    /// Checks what peers reported: each (blob, holder) where a holder said
-    /// it lacks a blob it is recorded to hold. The holder is asked itself;
-    /// if it does not hold the blob, it is no longer counted as holding it
-    /// here at once, the group's records drop it, and repair copies the
-    /// blob again if it is short.
-    async fn check_lacking(&self, reported: Vec<(Digest, String)>) -> Reply {
-        if reported.len() > crate::protocol::MAX_LACKING {
-            return Reply::over_limit(
-                "lacking blobs in one report",
-                reported.len(),
-                crate::protocol::MAX_LACKING,
-            );
-        }
-        let mut by_worker: BTreeMap<String, Vec<Digest>> = BTreeMap::new();
-        for (blob, holder) in reported {
-            by_worker.entry(holder).or_default().push(blob);
-        }
-        let mut dropped = 0;
-        for (worker, blobs) in by_worker {
-            let Some((conn, registration)) = self
-                .roster
-                .lock()
-                .live(&worker)
-                .map(|w| (w.link.conn.clone(), w.link.incarnation))
-            else {
-                continue;
-            };
-            let mut lacks = Vec::new();
-            for blob in blobs {
-                let asked = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    crate::protocol::request(
-                        &conn,
-                        &Request::Coordinator(CoordinatorRequest::HasBlob(blob)),
-                    ),
-                )
-                .await;
-                if let Ok(Ok(Reply::Bool(false))) = asked {
-                    lacks.push(blob);
-                }
-            }
-            if lacks.is_empty() {
-                continue;
-            }
-            tracing::warn!(%worker, blobs = lacks.len(), "a worker lacks blobs it was recorded to hold; dropping the records");
-            if let Some(w) = self
-                .roster
-                .lock()
-                .get_mut(&worker)
-                .filter(|w| w.link.incarnation == registration)
-            {
-                for b in &lacks {
-                    w.link.blobs.remove(b);
-                }
-            }
-            dropped += lacks.len();
-            if let Err(e) = self
-                .member
-                .write(strata_raft::CommandV1::Lost {
-                    worker: worker.clone(),
-                    registration,
-                    blobs: lacks.clone(),
-                })
-                .await
-            {
-                tracing::warn!(%worker, error = %e, "cannot record that a worker lacks blobs");
-                continue;
-            }
-            // Answered once this member has applied it too: the stage the
-            // reporter starts over is placed on these records.
-            let applied = Instant::now();
-            while lacks
-                .iter()
-                .any(|b| self.roster.recorded_holders(b).contains(&worker))
-                && applied.elapsed() < Duration::from_secs(2)
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        if dropped > 0 {
-            self.roster.changed.notify_one();
-        }
-        Reply::Ok
-    }
-
     async fn serve(self: Arc<Self>, conn: Connection) {
         crate::serve_requests(&self, &conn).await;
         if conn.peer.role == Role::Worker {
@@ -507,10 +391,10 @@ impl Coordinator {
                 return crate::access::serve_blob(&self.reads, &self.node.content, conn, &d, send)
                     .await;
             }
-            Request::Any(AnyRequest::Lacking(reported)) => self.check_lacking(reported).await,
+            Request::Any(AnyRequest::Lacking(reported)) => self.desk.check_lacking(reported).await,
             Request::Client(r) => return self.answer_client(conn, r, send, recv).await,
             Request::Admin(r) => self.answer_admin(r).await,
-            Request::Worker(r) => return self.answer_worker(conn, r, send).await,
+            Request::Worker(r) => return self.desk.answer(conn, r, send).await,
             other @ (Request::Coordinator(_) | Request::Peer(_)) => {
                 strata_metrics::request_error("not_served");
                 Reply::Refused(other.not_served(Role::Coordinator))
@@ -614,169 +498,8 @@ impl Coordinator {
                     Err(e) => Reply::Failed(Failed::of(&e)),
                 }
             }
-            AdminRequest::Cordon { worker, cordoned } => self.cordon(&worker, cordoned),
+            AdminRequest::Cordon { worker, cordoned } => self.desk.cordon(&worker, cordoned),
         }
-    }
-
-    /// Answers what a worker asks.
-    async fn answer_worker(
-        self: &Arc<Self>,
-        conn: &Connection,
-        req: WorkerRequest,
-        send: &mut quinn::SendStream,
-    ) -> Result<(), strata_net::Error> {
-        let reply = match req {
-            WorkerRequest::GetBlobs(blobs) => {
-                if blobs.len() > strata_net::MAX_BATCH {
-                    Reply::over_limit(
-                        "blobs asked for in one batch",
-                        blobs.len(),
-                        strata_net::MAX_BATCH,
-                    )
-                } else {
-                    let from: Vec<(Digest, strata_net::BatchSource<'_>)> = blobs
-                        .iter()
-                        .map(|d| (*d, strata_net::BatchSource::Store(&self.node.content)))
-                        .collect();
-                    let sent = strata_net::send_batch(send, &from, conn.addr).await?;
-                    strata_metrics::transferred(strata_metrics::Transfer::PeerSent, sent);
-                    return Ok(());
-                }
-            }
-            WorkerRequest::Spare(blobs) => self.spare(&conn.peer.name, &blobs),
-            WorkerRequest::Register(r) => {
-                self.register(conn, r);
-                Reply::Ok
-            }
-            WorkerRequest::Heartbeat {
-                running,
-                blobs,
-                dropped,
-                stored,
-            } => self.heartbeat(conn, running, blobs, dropped, stored),
-        };
-        write_frame(send, &reply, conn.addr).await
-    }
-
-    /// A worker's heartbeat: what it gained and dropped since the last.
-    fn heartbeat(
-        &self,
-        conn: &Connection,
-        running: usize,
-        blobs: Vec<Digest>,
-        dropped: Vec<Digest>,
-        stored: u64,
-    ) -> Reply {
-        let gained = blobs.len();
-        self.replicas.gained(&blobs);
-        let evicted = dropped.clone();
-        let current = {
-            let mut workers = self.roster.lock();
-            let name = &conn.peer.name;
-            match workers.heartbeat(name, epoch(conn), Instant::now()) {
-                Some(w) => {
-                    w.set_stored(stored);
-                    let w = &mut w.link;
-                    w.blobs.extend(blobs.iter().copied());
-                    for d in &dropped {
-                        w.blobs.remove(d);
-                    }
-                    if self.member.is_leader()
-                        && !dropped.is_empty()
-                        && !self.replicas.records.push(strata_raft::CommandV1::Lost {
-                            worker: conn.peer.name.clone(),
-                            registration: w.incarnation,
-                            blobs: dropped,
-                        })
-                    {
-                        w.recorded = false;
-                    }
-                    // The worker tells every coordinator; the
-                    // leader records it, queued under the lock so
-                    // a registration of the same worker cannot
-                    // come between.
-                    if self.member.is_leader()
-                        && !blobs.is_empty()
-                        && !self.replicas.records.push(strata_raft::CommandV1::Held {
-                            worker: conn.peer.name.clone(),
-                            registration: w.incarnation,
-                            blobs,
-                        })
-                    {
-                        w.recorded = false;
-                    }
-                    true
-                }
-                _ => false,
-            }
-        };
-        if current {
-            self.replicas.note_evicted(&conn.peer.name, evicted);
-            tracing::trace!(worker = %conn.peer.name, running, gained, "heartbeat");
-            Reply::Ok
-        } else {
-            Reply::Refused(crate::protocol::Refusal::NotRegistered)
-        }
-    }
-
-    fn register(&self, conn: &Connection, r: Registration) {
-        let name = conn.peer.name.clone();
-        // A worker listening on a wildcard address is reached at the
-        // address its connection comes from.
-        let addr = if r.addr.ip().is_unspecified() {
-            SocketAddr::new(conn.addr.ip(), r.addr.port())
-        } else {
-            r.addr
-        };
-        tracing::info!(worker = %name, %addr, slots = r.slots, blobs = r.blobs.len(), "worker registered");
-        let spec = strata_sched::Spec {
-            slots: r.slots.max(1),
-            platforms: parse_platforms(&r.platforms),
-            native: parse_platforms(&r.native),
-            entitlements: r.entitlements,
-            keep_storage: r.keep_storage,
-        };
-        let link = Link {
-            conn: conn.clone(),
-            addr,
-            blobs: r.blobs.into_iter().collect(),
-            recorded: false,
-            incarnation: r.incarnation,
-        };
-        {
-            let mut workers = self.roster.lock();
-            workers.register(&name, spec, epoch(conn), link, Instant::now());
-            if let Some(w) = workers.current(&name, epoch(conn)) {
-                w.set_stored(r.stored);
-            }
-        }
-        // The worker registers with every coordinator; the leader records
-        // it (a new leader records the workers it finds unrecorded).
-        if self.member.is_leader() {
-            self.replicas.record_registration(&name);
-        }
-        self.roster.slot_freed.notify_waiters();
-        self.roster.changed.notify_one();
-    }
-
-    /// What the cluster grants a build: the entitlements some live worker
-    /// grants (stages needing one are placed only on such workers).
-    fn grants(&self) -> strata_plan::Grants {
-        let granted = self.roster.lock().granted();
-        strata_plan::Grants {
-            granted,
-            node: "any live worker of this cluster".into(),
-            setting: "insecure_entitlements = [\"{}\"] in a worker's worker.toml".into(),
-        }
-    }
-
-    fn cordon(&self, worker: &str, cordoned: bool) -> Reply {
-        if !self.roster.lock().cordon(worker, cordoned) {
-            return Reply::Refused(Refusal::NoSuchWorker(worker.to_string()));
-        }
-        tracing::info!(%worker, cordoned, "worker cordon changed");
-        self.roster.slot_freed.notify_waiters();
-        Reply::Ok
     }
 
     fn group_status(&self) -> GroupStatus {
@@ -1157,7 +880,7 @@ impl Coordinator {
             all.dedup();
             all
         };
-        let grants = self.grants();
+        let grants = self.desk.grants();
         let engine = strata_worker::Engine {
             grants: &grants,
             runnable: &runnable,
@@ -1300,7 +1023,7 @@ impl crate::distribution::Images for Coordinator {
         let needed = [(*layer, holders)];
         if let Err(e) = self.peers.ensure(&self.node.content, &needed).await {
             if !e.lacking.is_empty() {
-                drop(self.check_lacking(e.lacking.clone()).await);
+                drop(self.desk.check_lacking(e.lacking.clone()).await);
             }
             return Err(LayerError::Fetch {
                 diff_id: layer.diff_id,

@@ -28,6 +28,7 @@ pub mod client;
 pub mod config;
 pub mod context;
 pub mod coordinator;
+mod desk;
 pub mod distribution;
 mod error;
 
