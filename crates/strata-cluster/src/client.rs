@@ -315,24 +315,28 @@ impl Client {
             sent.bytes += self.put_batch(batch).await?;
             sent.blobs += batch.len();
         }
-        let (small, large): (Vec<_>, Vec<_>) = file_blobs
+        let (small, mut large): (Vec<_>, Vec<_>) = file_blobs
             .iter()
             .partition(|(_, _, size)| *size <= strata_net::BATCHED_UP_TO);
+        // Largest first: the longest uploads start at once, and the
+        // batches fill the streams beside them (started last, one large
+        // file would be sent alone at the end).
+        strata_net::largest_first(&mut large, |(_, _, size)| *size);
         let small: Vec<(Digest, BatchSource<'_>)> = small
             .into_iter()
             .map(|(d, path, size)| (*d, BatchSource::File(path, *size)))
             .collect();
         let batched = strata_net::batches(&small, |(_, s)| s.size());
-        let puts = batched
+        let puts = large
             .iter()
-            .map(|b| {
-                futures_util::future::Either::Left(async move {
-                    self.put_batch(b).await.map(|n| (b.len(), n))
-                })
-            })
-            .chain(large.iter().map(|(d, path, size)| {
+            .map(|(d, path, size)| {
                 futures_util::future::Either::Right(async move {
                     self.put(d, Source::File(path, *size)).await.map(|n| (1, n))
+                })
+            })
+            .chain(batched.iter().map(|b| {
+                futures_util::future::Either::Left(async move {
+                    self.put_batch(b).await.map(|n| (b.len(), n))
                 })
             }));
         let done: Vec<(usize, u64)> = futures_util::stream::iter(puts)

@@ -1002,7 +1002,7 @@ impl WorkerNode {
         for (d, _) in &files {
             lease.hold(*d);
         }
-        let (small, large): (Vec<_>, Vec<_>) = files
+        let (small, mut large): (Vec<_>, Vec<_>) = files
             .into_iter()
             .filter(|(d, _)| lacks(d))
             .partition(|(_, size)| *size <= strata_net::BATCHED_UP_TO);
@@ -1011,9 +1011,10 @@ impl WorkerNode {
             .map(|b| b.iter().map(|(d, _)| *d).collect::<Vec<_>>());
         let mut gets: Vec<futures_util::future::BoxFuture<'_, Result<u64, BeginError>>> =
             Vec::new();
-        for b in batches {
-            gets.push(Box::pin(get_batch(conn, cas, b)));
-        }
+        // Largest first: the longest transfers start at once, and the
+        // batches fill the streams beside them (started last, one large
+        // file would be fetched alone at the end).
+        strata_net::largest_first(&mut large, |(_, size)| *size);
         for (d, _) in large {
             let peers = &self.peers;
             gets.push(Box::pin(async move {
@@ -1026,6 +1027,9 @@ impl WorkerNode {
                 }
                 Ok(n)
             }));
+        }
+        for b in batches {
+            gets.push(Box::pin(get_batch(conn, cas, b)));
         }
         fetched += futures_util::stream::iter(gets)
             .buffer_unordered(CONTEXT_FETCHES)

@@ -363,6 +363,14 @@ pub const MAX_BATCH_BYTES: u64 = 256 << 20;
 /// a stream of its own.
 pub const BATCHED_UP_TO: u64 = 1 << 20;
 
+/// Orders blobs sent or fetched one to a stream, largest first: with a
+/// bound on streams at once, the longest transfers start at once and the
+/// rest fill the streams beside them, rather than the largest being left
+/// to run alone at the end.
+pub fn largest_first<T>(items: &mut [T], size: impl Fn(&T) -> u64) {
+    items.sort_by_key(|item| std::cmp::Reverse(size(item)));
+}
+
 /// Splits `items` into batches of at most a quarter of [`MAX_BATCH`]
 /// blobs and 32 MiB (as `size` counts them), so several batches go at
 /// once; an item larger than that is a batch of its own.
