@@ -126,7 +126,7 @@ fn a_daemon_killed_mid_build_is_reported_and_the_next_command_recovers() {
         dir.path(),
         &[(
             "Dockerfile",
-            "FROM busybox:latest\nRUN echo first > /first\nRUN sleep 60\n",
+            "FROM busybox:latest\nRUN echo first > /first\nRUN echo sleeping && sleep 61\n",
         )],
     );
     let report = s.home().join("report.json");
@@ -141,10 +141,15 @@ fn a_daemon_killed_mid_build_is_reported_and_the_next_command_recovers() {
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut seen = String::new();
-    while !seen.contains("RUN sleep 60") {
+    // Killed once its sandbox runs (the line it prints is out), not while
+    // runc may still be creating it.
+    loop {
         let mut line = String::new();
         assert!(stderr.read_line(&mut line).unwrap() > 0, "{seen}");
         seen.push_str(&line);
+        if line.trim_end().ends_with(" sleeping") {
+            break;
+        }
     }
     std::thread::sleep(Duration::from_millis(500));
     let pid = daemon_pid(&s);
@@ -190,10 +195,11 @@ fn a_daemon_killed_mid_build_is_reported_and_the_next_command_recovers() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&left.stdout).trim(), "");
     // The sandbox was killed when the new daemon opened the state
-    // directory; its process is gone once the kernel has reaped it.
+    // directory; its process is gone once the kernel has reaped it. (Its
+    // length is this test's own: other tests' sandboxes sleep 60 s.)
     let start = Instant::now();
     while Command::new("pgrep")
-        .args(["-f", "^sleep 60$"])
+        .args(["-f", "^sleep 61$"])
         .status()
         .unwrap()
         .success()
