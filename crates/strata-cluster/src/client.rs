@@ -318,9 +318,7 @@ impl Client {
         let (small, mut large): (Vec<_>, Vec<_>) = file_blobs
             .iter()
             .partition(|(_, _, size)| *size <= strata_net::BATCHED_UP_TO);
-        // Largest first: the longest uploads start at once, and the
-        // batches fill the streams beside them (started last, one large
-        // file would be sent alone at the end).
+        // Large files first, then the batches beside them.
         strata_net::largest_first(&mut large, |(_, _, size)| *size);
         let small: Vec<(Digest, BatchSource<'_>)> = small
             .into_iter()

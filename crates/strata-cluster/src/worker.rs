@@ -1011,9 +1011,7 @@ impl WorkerNode {
             .map(|b| b.iter().map(|(d, _)| *d).collect::<Vec<_>>());
         let mut gets: Vec<futures_util::future::BoxFuture<'_, Result<u64, BeginError>>> =
             Vec::new();
-        // Largest first: the longest transfers start at once, and the
-        // batches fill the streams beside them (started last, one large
-        // file would be fetched alone at the end).
+        // Large files first, then the batches beside them.
         strata_net::largest_first(&mut large, |(_, size)| *size);
         for (d, _) in large {
             let peers = &self.peers;

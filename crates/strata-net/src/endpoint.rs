@@ -116,8 +116,8 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.max_concurrent_bidi_streams(1024u32.into());
     // Windows sized for a fast network or loopback: a blob stream keeps
     // sending while its receiver hashes and writes (store to store, 512 MiB
-    // on loopback: 270 MiB/s with quinn's 1.25 MB stream window, 340 with
-    // 8 MiB; `benches/blob_transfer`). The connection's window bounds what
+    // on loopback: 270 MiB/s with quinn's 1.25 MB stream window, about 330
+    // with 8 MiB; `benches/blob_transfer`). The connection's window bounds what
     // one peer can make this node buffer across all its streams, which
     // quinn leaves unbounded.
     t.stream_receive_window(STREAM_WINDOW.into());
