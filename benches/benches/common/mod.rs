@@ -28,10 +28,17 @@ pub fn runs(default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// The median of some timings.
+/// The median of some timings: the middle one, or the mean of the two
+/// middle ones when there is an even number (of two rounds, not the
+/// slower one).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
 }
 
 /// Runs `cmd`, failing the benchmark unless it succeeds; returns seconds.
