@@ -1678,16 +1678,40 @@ fn cluster_build(
                 no_cache_stages: b.no_cache_stages.clone(),
                 pull: b.pull,
             };
+            // The build starts once the context's tree is there, and its
+            // files are sent beside it: a worker takes each as it lands.
+            // A build that ends first (cached, or failed) stops the rest.
+            let sending = strata_cluster::client::Sending::default();
             let done = async {
-                let sent = client.upload_context(&node.content, &tree).await?;
-                tracing::debug!(
-                    blobs = sent.blobs,
-                    bytes = sent.bytes,
-                    elapsed = ?started.elapsed(),
-                    "context uploaded"
-                );
+                let files = client.upload_tree(&node.content, &tree, &sending).await?;
+                let upload = client.upload_files(&files, &sending);
+                let build = client.build(submit, &on_event);
+                tokio::pin!(upload, build);
+                let mut uploading = true;
+                let done = loop {
+                    tokio::select! {
+                        sent = &mut upload, if uploading => {
+                            sent?;
+                            uploading = false;
+                            tracing::debug!(
+                                sent = ?sending.sent(),
+                                elapsed = ?started.elapsed(),
+                                "context uploaded"
+                            );
+                        }
+                        done = &mut build => break done,
+                    }
+                };
+                if uploading {
+                    tracing::debug!(
+                        sent = ?sending.sent(),
+                        files = files.len(),
+                        "the build ended before its context's files were all sent"
+                    );
+                }
                 if b.report && attempt == 1 {
                     let size: u64 = tree.files.values().map(|(_, n)| n).sum();
+                    let sent = sending.sent();
                     let _ = writeln!(
                         cx.err(),
                         "context: {} entries, {} in {} distinct files; read {}, sent {} in {} blobs",
@@ -1699,7 +1723,6 @@ fn cluster_build(
                         sent.blobs,
                     );
                 }
-                let done = client.build(submit, &on_event).await;
                 tracing::debug!(elapsed = ?started.elapsed(), "build done");
                 done
             };

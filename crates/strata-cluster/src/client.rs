@@ -75,6 +75,47 @@ pub struct Uploaded {
     pub bytes: u64,
 }
 
+/// What an upload under way has sent so far.
+#[derive(Debug, Default)]
+pub struct Sending {
+    blobs: std::sync::atomic::AtomicUsize,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Sending {
+    fn add(&self, blobs: usize, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.blobs.fetch_add(blobs, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+    }
+
+    /// What was sent so far.
+    pub fn sent(&self) -> Uploaded {
+        use std::sync::atomic::Ordering::Relaxed;
+        Uploaded {
+            blobs: self.blobs.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+        }
+    }
+}
+
+/// Files of a context the coordinator lacks: each blob, where it is and
+/// its size.
+#[derive(Debug, Default)]
+pub struct FilesToSend(Vec<(Digest, std::path::PathBuf, u64)>);
+
+impl FilesToSend {
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Where a blob being uploaded is read from.
 #[derive(Clone, Copy)]
 enum Source<'a> {
@@ -265,19 +306,18 @@ impl Client {
         }
     }
 
-    /// Uploads the blobs of context `tree` the coordinator lacks: it asks
-    /// which (as REAPI's FindMissingBlobs), then sends directories first
-    /// (so the context's tree is whole on the coordinator from its root
-    /// down as files arrive) and then files straight from the context
-    /// directory, [`UPLOAD_STREAMS`] at once. Directory blobs are stored in
-    /// `cas` to be sent. Returns what was sent.
-    pub async fn upload_context(
+    /// Uploads the directories of context `tree` the coordinator lacks,
+    /// and says which of its files to send ([`Client::upload_files`]): it
+    /// asks which blobs are missing (as REAPI's FindMissingBlobs). With
+    /// its directories there, the context's tree is whole on the
+    /// coordinator from its root down, and a build of it may start while
+    /// the files arrive. Directory blobs are stored in `cas` to be sent.
+    pub async fn upload_tree(
         &self,
         cas: &ContentStore,
         tree: &crate::context::Hashed,
-    ) -> Result<Uploaded, ClientError> {
-        use futures_util::StreamExt as _;
-        use futures_util::TryStreamExt as _;
+        sending: &Sending,
+    ) -> Result<FilesToSend, ClientError> {
         let all = tree.blobs();
         let mut missing = Vec::new();
         for chunk in all.chunks(crate::protocol::MAX_MISSING_ASKED) {
@@ -295,30 +335,42 @@ impl Client {
         missing.retain(|d| asked.contains(d));
         let dirs: std::collections::HashMap<Digest, &Vec<u8>> =
             tree.dirs.iter().map(|(d, b)| (*d, b)).collect();
-        let (mut dir_blobs, mut file_blobs) = (Vec::new(), Vec::new());
+        let (mut dir_blobs, mut files) = (Vec::new(), FilesToSend::default());
         for d in missing {
             if let Some(bytes) = dirs.get(&d) {
                 cas.put(bytes).map_err(|e| ClientError::Store(e.into()))?;
                 dir_blobs.push(d);
             } else if let Some((path, size)) = tree.files.get(&d) {
-                file_blobs.push((d, path.clone(), *size));
+                files.0.push((d, path.clone(), *size));
             }
         }
-        // Small blobs go many to a stream, made durable together; large
-        // ones each on its own.
-        let mut sent = Uploaded::default();
+        // Small blobs go many to a stream, made durable together.
         let dirs: Vec<(Digest, BatchSource<'_>)> = dir_blobs
             .iter()
             .map(|d| (*d, BatchSource::Store(cas)))
             .collect();
         for batch in strata_net::batches(&dirs, |(_, s)| s.size()) {
-            sent.bytes += self.put_batch(batch).await?;
-            sent.blobs += batch.len();
+            let bytes = self.put_batch(batch).await?;
+            sending.add(batch.len(), bytes);
         }
-        let (small, mut large): (Vec<_>, Vec<_>) = file_blobs
+        Ok(files)
+    }
+
+    /// Uploads the files [`Client::upload_tree`] found missing, straight
+    /// from the context directory: large ones first, each on its own
+    /// stream, and small ones many to a stream beside them, made durable
+    /// together; [`UPLOAD_STREAMS`] at once, counted in `sending`.
+    pub async fn upload_files(
+        &self,
+        files: &FilesToSend,
+        sending: &Sending,
+    ) -> Result<(), ClientError> {
+        use futures_util::StreamExt as _;
+        use futures_util::TryStreamExt as _;
+        let (small, mut large): (Vec<_>, Vec<_>) = files
+            .0
             .iter()
             .partition(|(_, _, size)| *size <= strata_net::BATCHED_UP_TO);
-        // Large files first, then the batches beside them.
         strata_net::largest_first(&mut large, |(_, _, size)| *size);
         let small: Vec<(Digest, BatchSource<'_>)> = small
             .into_iter()
@@ -329,21 +381,22 @@ impl Client {
             .iter()
             .map(|(d, path, size)| {
                 futures_util::future::Either::Right(async move {
-                    self.put(d, Source::File(path, *size)).await.map(|n| (1, n))
+                    let n = self.put(d, Source::File(path, *size)).await?;
+                    sending.add(1, n);
+                    Ok::<_, ClientError>(())
                 })
             })
             .chain(batched.iter().map(|b| {
                 futures_util::future::Either::Left(async move {
-                    self.put_batch(b).await.map(|n| (b.len(), n))
+                    let n = self.put_batch(b).await?;
+                    sending.add(b.len(), n);
+                    Ok(())
                 })
             }));
-        let done: Vec<(usize, u64)> = futures_util::stream::iter(puts)
+        futures_util::stream::iter(puts)
             .buffer_unordered(UPLOAD_STREAMS)
-            .try_collect()
-            .await?;
-        sent.blobs += done.iter().map(|(n, _)| n).sum::<usize>();
-        sent.bytes += done.iter().map(|(_, n)| n).sum::<u64>();
-        Ok(sent)
+            .try_collect::<()>()
+            .await
     }
 
     /// Sends a batch of small blobs to the coordinator on one stream.

@@ -206,7 +206,7 @@ impl Coordinator {
             replicas: Arc::clone(&replicas),
             member: Arc::clone(&member),
             names: Arc::clone(&names),
-            content: Arc::clone(&node.content),
+            uploads: Arc::clone(&uploads),
         };
         Ok(Arc::new(Coordinator {
             node,
@@ -388,6 +388,11 @@ impl Coordinator {
     ) -> Result<(), strata_net::Error> {
         let reply = match req {
             Request::Any(AnyRequest::GetBlob(d)) => {
+                // A worker fetching a context's file may ask before the
+                // client's upload of it has landed.
+                if conn.peer.role == Role::Worker {
+                    self.uploads.arrived(&d).await;
+                }
                 return crate::access::serve_blob(&self.reads, &self.node.content, conn, &d, send)
                     .await;
             }
@@ -860,7 +865,7 @@ impl Coordinator {
         let begun = Instant::now();
         // Held for the whole build, every blob of its tree: workers fetch
         // them from here.
-        let _context_lease = match self.uploads.hold_whole(submit.context).await {
+        let _context_lease = match self.uploads.hold(submit.context).await {
             Ok(lease) => lease,
             Err(e) => return fail(reported(&e), vec![]),
         };

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use strata_cas::{ContentStore, Digest};
+use strata_cas::Digest;
 use strata_dockerfile::Platform;
 use strata_net::{Connection, write_frame};
 use strata_raft::Member;
@@ -20,6 +20,7 @@ use crate::protocol::{
 };
 use crate::replicas::Replicas;
 use crate::roster::{Link, Roster, epoch};
+use crate::uploads::Uploads;
 
 /// Platforms as a worker reported them; ones this node cannot read are
 /// left out.
@@ -40,8 +41,8 @@ pub(crate) struct WorkerDesk {
     pub(crate) member: Arc<Member>,
     /// The images the cluster names: their layers are never spare.
     pub(crate) names: Arc<Names>,
-    /// Its content store, which workers fetch build contexts from.
-    pub(crate) content: Arc<ContentStore>,
+    /// The build contexts clients upload, which workers fetch.
+    pub(crate) uploads: Arc<Uploads>,
 }
 
 impl WorkerDesk {
@@ -179,11 +180,7 @@ impl WorkerDesk {
                         strata_net::MAX_BATCH,
                     )
                 } else {
-                    let from: Vec<(Digest, strata_net::BatchSource<'_>)> = blobs
-                        .iter()
-                        .map(|d| (*d, strata_net::BatchSource::Store(&self.content)))
-                        .collect();
-                    let sent = strata_net::send_batch(send, &from, conn.addr).await?;
+                    let sent = self.uploads.send_arriving(send, &blobs, conn.addr).await?;
                     strata_metrics::transferred(strata_metrics::Transfer::PeerSent, sent);
                     return Ok(());
                 }

@@ -1,10 +1,18 @@
 //! Build contexts clients upload to a coordinator: which trees it holds
-//! whole, which it keeps for the builds about to use them, the bounds of
-//! its store, and what each client may upload in an hour.
+//! whole, which it keeps for the builds about to use them, the files
+//! still arriving, the bounds of its store, and what each client may
+//! upload in an hour.
+//!
+//! A build may start while its context's files are still on their way:
+//! a client uploads the tree's directories, submits the build, and sends
+//! the files beside it. The blobs the coordinator answered as missing are
+//! *expected*; a worker fetching one gets it as soon as it lands, so the
+//! worker's fetch overlaps the client's upload instead of following it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use strata_cas::{Digest, Lease};
 use strata_net::{Connection, read_blob_header, recv_announced, write_frame};
@@ -17,6 +25,17 @@ use crate::protocol::{Failed, Refusal, Reply};
 /// Closures of build contexts a coordinator remembers at most (a few
 /// MiB each at 30,000 files).
 const MAX_TREES: usize = 16;
+
+/// How long a blob answered as missing stays expected: a build may use
+/// it, and a worker fetching it waits for it, until then at most.
+pub(crate) const EXPECTED_FOR: Duration = Duration::from_secs(600);
+
+/// A worker waits for an expected blob only while some upload to this
+/// coordinator is under way, or one ended this recently.
+pub(crate) const ARRIVAL_STALL: Duration = Duration::from_secs(10);
+
+/// Blobs expected at most; past that, the oldest expectations go.
+const MAX_EXPECTED: usize = 1 << 20;
 
 /// Why a build's context cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +69,30 @@ pub(crate) struct Uploads {
     quota: Mutex<UploadQuota>,
     /// Bounds of the store.
     keep: strata_sched::Keep,
+    /// Blobs answered as missing and not landed yet, each with when.
+    expected: Mutex<HashMap<Digest, tokio::time::Instant>>,
+    /// When an upload last ended; bumped as each lands.
+    landed: tokio::sync::watch::Sender<tokio::time::Instant>,
+    /// Uploads being received now.
+    receiving: AtomicUsize,
+}
+
+/// Counts an upload being received for as long as it lives, and tells
+/// the blobs' waiters when it ends.
+struct Receiving<'a>(&'a Uploads);
+
+impl<'a> Receiving<'a> {
+    fn new(uploads: &'a Uploads) -> Receiving<'a> {
+        uploads.receiving.fetch_add(1, Ordering::SeqCst);
+        Receiving(uploads)
+    }
+}
+
+impl Drop for Receiving<'_> {
+    fn drop(&mut self) {
+        self.0.receiving.fetch_sub(1, Ordering::SeqCst);
+        self.0.landed.send_replace(tokio::time::Instant::now());
+    }
 }
 
 impl Uploads {
@@ -60,7 +103,113 @@ impl Uploads {
             pins: Mutex::default(),
             quota: Mutex::new(UploadQuota::new(bytes_per_hour)),
             keep,
+            expected: Mutex::default(),
+            landed: tokio::sync::watch::Sender::new(tokio::time::Instant::now()),
+            receiving: AtomicUsize::new(0),
         }
+    }
+
+    /// Notes that a client was told it should upload `blobs`.
+    fn expect(&self, blobs: &[Digest], now: tokio::time::Instant) {
+        if blobs.is_empty() {
+            return;
+        }
+        let mut expected = self.expected.lock().unwrap_or_else(PoisonError::into_inner);
+        if expected.len() + blobs.len() > MAX_EXPECTED {
+            expected.retain(|_, at| now.duration_since(*at) < EXPECTED_FOR);
+            if expected.len() + blobs.len() > MAX_EXPECTED {
+                // Bounded as the trees are: a build whose expectation went
+                // fails as a context not uploaded whole, and is built again.
+                expected.clear();
+            }
+        }
+        for d in blobs {
+            expected.insert(*d, now);
+        }
+    }
+
+    /// Whether blob `d`, not here, is worth waiting for at `now`: a
+    /// client was told to upload it and some upload is under way or ended
+    /// within [`ARRIVAL_STALL`].
+    fn arriving(&self, d: &Digest, now: tokio::time::Instant) -> bool {
+        let expected = self
+            .expected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(d)
+            .is_some_and(|at| now.duration_since(*at) < EXPECTED_FOR);
+        expected
+            && (self.receiving.load(Ordering::SeqCst) > 0
+                || now.duration_since(*self.landed.borrow()) < ARRIVAL_STALL)
+    }
+
+    /// Blobs that landed are no longer expected.
+    fn landed(&self, blobs: impl IntoIterator<Item = Digest>) {
+        let mut expected = self.expected.lock().unwrap_or_else(PoisonError::into_inner);
+        for d in blobs {
+            expected.remove(&d);
+        }
+    }
+
+    /// Sends `blobs` to a worker on `send` in one batch (as
+    /// [`strata_net::send_batch`]), each as soon as it is here: one a
+    /// client is still uploading is sent once it lands, one no longer
+    /// [`arriving`](Self::arriving) is sent as missing. Returns the bytes
+    /// sent.
+    pub(crate) async fn send_arriving(
+        &self,
+        send: &mut quinn::SendStream,
+        blobs: &[Digest],
+        peer: std::net::SocketAddr,
+    ) -> Result<u64, strata_net::Error> {
+        let cas = &self.node.content;
+        let mut landings = self.landed.subscribe();
+        let mut left: Vec<Digest> = blobs.to_vec();
+        let mut sent = 0u64;
+        loop {
+            landings.borrow_and_update();
+            let (here, absent): (Vec<Digest>, Vec<Digest>) =
+                left.iter().partition(|d| cas.contains(d).unwrap_or(false));
+            let now = tokio::time::Instant::now();
+            let (waiting, gone): (Vec<Digest>, Vec<Digest>) =
+                absent.into_iter().partition(|d| self.arriving(d, now));
+            let ready: Vec<(Digest, strata_net::BatchSource<'_>)> = here
+                .iter()
+                .chain(&gone)
+                .map(|d| (*d, strata_net::BatchSource::Store(cas)))
+                .collect();
+            if !ready.is_empty() {
+                sent += strata_net::send_batch_part(send, &ready, peer).await?;
+            }
+            if waiting.is_empty() {
+                strata_net::end_batch(send, peer).await?;
+                return Ok(sent);
+            }
+            left = waiting;
+            Self::next_landing(&mut landings).await;
+        }
+    }
+
+    /// Waits until blob `d` is here, or no longer
+    /// [`arriving`](Self::arriving): a worker fetching a large file of a
+    /// context gets it once the client's upload of it lands.
+    pub(crate) async fn arrived(&self, d: &Digest) {
+        let mut landings = self.landed.subscribe();
+        loop {
+            landings.borrow_and_update();
+            if self.node.content.contains(d).unwrap_or(false)
+                || !self.arriving(d, tokio::time::Instant::now())
+            {
+                return;
+            }
+            Self::next_landing(&mut landings).await;
+        }
+    }
+
+    /// Woken as an upload ends; woken after a stall either way, when
+    /// waiting may have stopped being worth it.
+    async fn next_landing(landings: &mut tokio::sync::watch::Receiver<tokio::time::Instant>) {
+        let _ = tokio::time::timeout(ARRIVAL_STALL, landings.changed()).await;
     }
 
     /// Keeps the store within its bounds, every [`strata_worker::EVICT_EVERY`]:
@@ -127,7 +276,10 @@ impl Uploads {
         }
         let node = Arc::clone(&self.node);
         match tokio::task::spawn_blocking(move || node.content.absent(&blobs)).await {
-            Ok(Ok(lacks)) => Reply::Missing(lacks),
+            Ok(Ok(lacks)) => {
+                self.expect(&lacks, tokio::time::Instant::now());
+                Reply::Missing(lacks)
+            }
             Ok(Err(e)) => Reply::failed("cannot look blobs up", &e),
             Err(e) => Reply::failed("looking blobs up stopped", &e),
         }
@@ -153,8 +305,10 @@ impl Uploads {
     }
 
     /// Holds every blob of context tree `root` for a build (workers fetch
-    /// them from here), or says which are missing; marks it used.
-    pub(crate) async fn hold_whole(&self, root: Digest) -> Result<Lease, TreeError> {
+    /// them from here), or says which are missing; marks it used. Its
+    /// directories must all be here; a file may still be arriving (see
+    /// [`Uploads::send_arriving`]).
+    pub(crate) async fn hold(&self, root: Digest) -> Result<Lease, TreeError> {
         let mut context_lease = self.node.content.lease();
         context_lease.hold(root);
         let node = Arc::clone(&self.node);
@@ -180,17 +334,17 @@ impl Uploads {
             }
             let removals = node.content.removals();
             if whole_at == Some(removals) {
-                return Ok((c, 0, removals, context_lease));
+                return Ok((c, Vec::new(), removals, context_lease));
             }
             let all: Vec<Digest> = c.all().copied().collect();
-            let absent = node.content.absent(&all)?.len();
+            let absent = node.content.absent(&all)?;
             Ok::<_, ContextError>((c, absent, removals, context_lease))
         })
         .await
         .map_err(TreeError::Stopped)?
         .map_err(TreeError::Tree)?;
         let lease = match tree {
-            (c, 0, removals, lease) => {
+            (c, absent, removals, lease) if absent.is_empty() => {
                 // A tree's closure is fixed by its root's digest: the next
                 // build of it checks only that no blob went meanwhile.
                 let mut trees = self.trees.lock().unwrap_or_else(PoisonError::into_inner);
@@ -200,7 +354,27 @@ impl Uploads {
                 trees.insert(root, (c, removals));
                 lease
             }
-            (_, absent, _, _) => return Err(TreeError::NotWhole { root, absent }),
+            (c, absent, _, lease) => {
+                let now = tokio::time::Instant::now();
+                let expected = self.expected.lock().unwrap_or_else(PoisonError::into_inner);
+                let arriving = |d: &Digest| {
+                    expected
+                        .get(d)
+                        .is_some_and(|at| now.duration_since(*at) < EXPECTED_FOR)
+                };
+                let dirs: HashSet<&Digest> = c.dirs.iter().chain(&c.absent).collect();
+                // One no longer expected may have landed since it was
+                // looked up: an expectation ends once its blob is stored.
+                let lost = absent
+                    .iter()
+                    .filter(|d| dirs.contains(d) || !arriving(d))
+                    .filter(|d| !self.node.content.contains(d).unwrap_or(false))
+                    .count();
+                if lost > 0 {
+                    return Err(TreeError::NotWhole { root, absent: lost });
+                }
+                lease
+            }
         };
         self.pins
             .lock()
@@ -229,6 +403,7 @@ impl Uploads {
             return write_frame(send, &reply, conn.addr).await;
         }
         let wanted: HashSet<Digest> = blobs.into_iter().collect();
+        let receiving = Receiving::new(self);
         let mut reserved: Vec<u64> = Vec::new();
         let quota = &self.quota;
         let mut over_quota = None;
@@ -261,6 +436,8 @@ impl Uploads {
         let reply = match got {
             Ok(got) => {
                 strata_metrics::transferred(strata_metrics::Transfer::Uploaded, got.bytes);
+                self.landed(got.stored);
+                drop(receiving);
                 Reply::Ok
             }
             Err(e) => {
@@ -308,6 +485,7 @@ impl Uploads {
                         Reply::Refused(Refusal::OverQuota(over))
                     }
                     Ok(()) => {
+                        let receiving = Receiving::new(self);
                         let got = recv_announced(
                             recv,
                             &self.node.content,
@@ -333,11 +511,106 @@ impl Uploads {
                         // (or a file that changed while it was sent): the
                         // connection goes with it.
                         got?;
+                        self.landed([d]);
+                        drop(receiving);
                         Reply::Ok
                     }
                 }
             }
         };
         write_frame(send, &reply, conn.addr).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_dockerfile::IgnoreMatcher;
+
+    /// A coordinator's uploads, and a context of two files whose
+    /// directories (only) it holds, as a client's `upload_tree` leaves it.
+    fn setup() -> (tempfile::TempDir, Uploads, crate::context::Hashed) {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path().join("ctx");
+        std::fs::create_dir_all(ctx.join("src")).unwrap();
+        std::fs::write(ctx.join("src/a.txt"), "alpha").unwrap();
+        std::fs::write(ctx.join("b.txt"), "beta").unwrap();
+        let tree = crate::context::hash(
+            &ctx,
+            &IgnoreMatcher::default(),
+            &mut crate::context::StatCache::default(),
+        )
+        .unwrap();
+        let node = Arc::new(Node::open(&dir.path().join("home")).unwrap());
+        for (_, bytes) in &tree.dirs {
+            node.content.put(bytes).unwrap();
+        }
+        let uploads = Uploads::new(node, strata_sched::Keep::default(), u64::MAX);
+        (dir, uploads, tree)
+    }
+
+    fn file_blob(tree: &crate::context::Hashed, content: &[u8]) -> Digest {
+        let d = Digest::of(content);
+        assert!(tree.files.contains_key(&d));
+        d
+    }
+
+    #[tokio::test]
+    async fn a_build_may_start_on_files_a_client_was_told_to_send_and_on_no_others() {
+        let (_dir, uploads, tree) = setup();
+        // Files no client was asked for: the context is not whole.
+        match uploads.hold(tree.root).await {
+            Err(TreeError::NotWhole { absent, .. }) => assert_eq!(absent, 2),
+            other => panic!("held a context missing its files: {:?}", other.map(drop)),
+        }
+        // Asked which blobs it lacks, the coordinator expects the files.
+        match uploads.missing(tree.root, tree.blobs()).await {
+            Reply::Missing(lacks) => assert_eq!(lacks.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        uploads.hold(tree.root).await.unwrap();
+        // A directory is never waited for: it must be here.
+        let sub = tree.dirs[0].0;
+        assert_ne!(sub, tree.root);
+        assert!(uploads.node.content.delete(&sub).unwrap());
+        uploads.expect(&[sub], tokio::time::Instant::now());
+        assert!(matches!(
+            uploads.hold(tree.root).await,
+            Err(TreeError::NotWhole { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_waits_for_an_expected_file_while_its_upload_goes_on_and_no_longer() {
+        let (_dir, uploads, tree) = setup();
+        let (a, b) = (file_blob(&tree, b"alpha"), file_blob(&tree, b"beta"));
+        let Reply::Missing(_) = uploads.missing(tree.root, tree.blobs()).await else {
+            panic!("no answer")
+        };
+
+        // While an upload is received, the fetch of `a` waits; it ends as
+        // `a` lands.
+        let receiving = Receiving::new(&uploads);
+        let waiting = uploads.arrived(&a);
+        tokio::pin!(waiting);
+        tokio::time::sleep(ARRIVAL_STALL * 3).await;
+        assert!(futures_util::poll!(&mut waiting).is_pending());
+        uploads.node.content.put(b"alpha").unwrap();
+        uploads.landed([a]);
+        drop(receiving);
+        waiting.await;
+
+        // `b` never comes: once nothing has been received for
+        // ARRIVAL_STALL, the wait ends (and the worker is told it is
+        // missing).
+        let begun = tokio::time::Instant::now();
+        uploads.arrived(&b).await;
+        assert!(begun.elapsed() >= ARRIVAL_STALL - Duration::from_millis(1));
+        assert!(!uploads.node.content.contains(&b).unwrap());
+
+        // A blob no client was told to send is not waited for at all.
+        let begun = tokio::time::Instant::now();
+        uploads.arrived(&Digest::of(b"nobody sends this")).await;
+        assert_eq!(begun.elapsed(), Duration::ZERO);
     }
 }

@@ -420,6 +420,26 @@ pub async fn send_batch(
     blobs: &[(Digest, BatchSource<'_>)],
     peer: SocketAddr,
 ) -> Result<u64> {
+    let sent = send_batch_part(send, blobs, peer).await?;
+    end_batch(send, peer).await?;
+    Ok(sent)
+}
+
+/// Ends a batch [`send_batch_part`] sent in parts.
+pub async fn end_batch(send: &mut quinn::SendStream, peer: SocketAddr) -> Result<()> {
+    write_frame(send, &BatchItem::End, peer).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Sends part of a batch, as [`send_batch`] does, without ending it: a
+/// sender with blobs still to come sends them as they come, then
+/// [`end_batch`].
+pub async fn send_batch_part(
+    send: &mut quinn::SendStream,
+    blobs: &[(Digest, BatchSource<'_>)],
+    peer: SocketAddr,
+) -> Result<u64> {
     let mut sent = 0u64;
     let mut buf = vec![0u8; CHUNK];
     for (digest, source) in blobs {
@@ -482,8 +502,6 @@ pub async fn send_batch(
         }
         sent += size;
     }
-    write_frame(send, &BatchItem::End, peer).await?;
-    let _ = send.finish();
     Ok(sent)
 }
 
@@ -529,7 +547,18 @@ pub async fn recv_batch(
                 detail: "a batch of blobs ended before its end".into(),
             })?;
         let (digest, size) = match item {
-            BatchItem::End => break,
+            BatchItem::End => {
+                // A blob asked for and neither sent nor said missing is
+                // missing all the same.
+                let said: std::collections::HashSet<&Digest> = got.missing.iter().collect();
+                let unsaid: Vec<Digest> = wanted
+                    .iter()
+                    .filter(|d| !seen.contains(*d) && !said.contains(d))
+                    .copied()
+                    .collect();
+                got.missing.extend(unsaid);
+                break;
+            }
             BatchItem::Missing(d) => {
                 if seen.len() + got.missing.len() >= MAX_BATCH {
                     return Err(Error::Forged {

@@ -30,7 +30,7 @@ pub use blob::{
 };
 pub use blob::{
     BATCHED_UP_TO, BatchReceived, BatchSource, MAX_BATCH, MAX_BATCH_BYTES, MAX_BLOB, batches,
-    largest_first, recv_batch, send_batch,
+    end_batch, largest_first, recv_batch, send_batch, send_batch_part,
 };
 pub use endpoint::{
     CONNECTION_WINDOW, Connection, Endpoint, STREAM_WINDOW, https_config, https_config_mutual,

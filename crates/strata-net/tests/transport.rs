@@ -361,6 +361,18 @@ async fn a_batch_brings_what_was_asked_checked_or_stores_nothing() {
     );
     assert_eq!(local.read(&b).unwrap(), b"beta");
 
+    // A sender that ends the batch without a word of one blob asked for:
+    // that blob is missing, not taken as received.
+    let quiet = tempfile::tempdir().unwrap();
+    let quiet = Arc::new(ContentStore::open(quiet.path()).unwrap());
+    let mut recv = ask(format!("batch:{a}")).await;
+    let got = recv_batch(&mut recv, &quiet, &wanted(&[a, b]), addr, None, &mut |_| {
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!((got.stored, got.missing), (vec![a], vec![b]));
+
     // A blob not asked for: the batch is refused, nothing of it stored.
     let fresh = tempfile::tempdir().unwrap();
     let other = Arc::new(ContentStore::open(fresh.path()).unwrap());
