@@ -634,6 +634,59 @@ fn a_coordinator_keeps_uploaded_contexts_within_keep_storage_and_a_client_upload
 }
 
 #[test]
+fn a_coordinator_keeps_base_images_it_pulled_within_keep_storage_and_pulls_again() {
+    let cluster = Cluster::start(1, 5);
+    let coordinator = cluster.coordinator_names()[0].clone();
+    // Its store holds busybox, imported by the operator, which stays;
+    // 1 MB more is allowed.
+    let named = cluster.blob_bytes(&coordinator);
+    let keep = named + (1 << 20);
+    cluster.kill(&coordinator);
+    let config = cluster.path().join(format!("{coordinator}.toml"));
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("keep_storage = {keep}\n{text}")).unwrap();
+    cluster.up();
+
+    // A base in a registry: busybox and 3 MB that does not compress.
+    let reg = strata_integration::registry::Registry::start(false);
+    let local = Strata::new().with_busybox(&[]);
+    let base_ctx =
+        dockerfile_context("FROM busybox:latest\nRUN head -c 3000000 /dev/urandom > /noise\n");
+    local.build(base_ctx.path(), &["-t", "noisy:1"]);
+    let base = format!("{}/team/noisy:1", reg.host());
+    local.ok(&["push", "noisy:1", &base]);
+
+    // The coordinator pulls it to plan the build, and drops it once the
+    // build is over: its store is back within keep_storage.
+    let ctx = dockerfile_context(&format!("FROM {base}\nRUN wc -c < /noise > /size\n"));
+    let report = cluster.build(&Strata::new(), ctx.path(), &[]);
+    assert_eq!(runs(&report), 1, "{report}");
+    let start = Instant::now();
+    loop {
+        let held = cluster.blob_bytes(&coordinator);
+        if held <= keep
+            && cluster
+                .log(&coordinator)
+                .contains("dropped a base image pulled for planning")
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{coordinator} still holds {held} bytes, over keep_storage {keep}:\n{}",
+            cluster.log(&coordinator)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The busybox it was given stays: a build from it needs no registry.
+    let plain = dockerfile_context("FROM busybox:latest\nRUN echo still here\n");
+    assert_eq!(runs(&cluster.build(&Strata::new(), plain.path(), &[])), 1);
+    // The next build of the first pulls the base again; its step is cached.
+    let again = cluster.build(&Strata::new(), ctx.path(), &[]);
+    assert_eq!(runs(&again), 0, "{again}");
+}
+
+#[test]
 fn nodes_serve_metrics_and_health_and_the_cluster_keeps_each_builds_history_by_its_id() {
     use strata_integration::http::get;
     let cluster = Cluster::start(2, 5);

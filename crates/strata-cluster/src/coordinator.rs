@@ -921,6 +921,8 @@ impl Coordinator {
             Ok(p) => p,
             Err(e) => return fail(reported(&e), vec![]),
         };
+        // Held for the whole build: workers fetch their layers from here.
+        let _bases_lease = self.uploads.hold_bases(&bases, &resolver.pulled());
         let source_date_epoch = match submit.inputs.source_date_epoch() {
             Ok(e) => e,
             Err(e) => return fail(reported(&e), vec![]),

@@ -34,6 +34,17 @@ pub(crate) const EXPECTED_FOR: Duration = Duration::from_secs(600);
 /// coordinator is under way, or one ended this recently.
 pub(crate) const ARRIVAL_STALL: Duration = Duration::from_secs(10);
 
+/// The label on the manifest of a base image a coordinator pulled to plan
+/// a build: such an image is a cache, kept within the store's bounds.
+pub(crate) const PULLED_LABEL: &str = "strata.pulled-for-planning";
+
+/// Every blob of `image`: manifest, config, layers.
+fn image_blobs(image: &strata_oci::Image) -> impl Iterator<Item = Digest> + '_ {
+    [image.manifest_blob, image.config_blob]
+        .into_iter()
+        .chain(image.layers.iter().map(|l| l.blob))
+}
+
 /// Blobs expected at most; past that, the oldest expectations go.
 const MAX_EXPECTED: usize = 1 << 20;
 
@@ -212,10 +223,8 @@ impl Uploads {
         let _ = tokio::time::timeout(ARRIVAL_STALL, landings.changed()).await;
     }
 
-    /// Keeps the store within its bounds, every [`strata_worker::EVICT_EVERY`]:
-    /// the least recently used uploaded contexts go, never one a build
-    /// holds or a client is about to build from. Base images it pulled
-    /// for planning are named images and stay.
+    /// Keeps the store within its bounds, every [`strata_worker::EVICT_EVERY`]
+    /// ([`Uploads::evict_once`]).
     pub(crate) async fn evict_forever(self: Arc<Self>) {
         let mut pace = strata_sched::evict::Pace::default();
         loop {
@@ -232,23 +241,7 @@ impl Uploads {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .pinned(Instant::now());
-            let evicted = tokio::task::spawn_blocking(move || {
-                // A pinned context keeps every blob its tree names.
-                let mut keep = HashSet::new();
-                for root in &pinned {
-                    keep.insert(*root);
-                    match crate::context::closure(&me.node.content, root) {
-                        Ok(c) => keep.extend(c.all().copied()),
-                        Err(e) => tracing::warn!(context = %root, error = %e, "cannot read a pinned context's tree"),
-                    }
-                }
-                let (total, mut candidates) = strata_worker::candidates(&me.node, now)?;
-                candidates.retain(|c| !keep.contains(&c.blob));
-                let victims = strata_sched::evict::choose(total, &candidates, &me.keep, now, &|_| false);
-                strata_worker::evict(&me.node, &victims)
-                    .map(|report| strata_worker::EvictReport { stored: total, ..report })
-            })
-            .await;
+            let evicted = tokio::task::spawn_blocking(move || me.evict_once(&pinned, now)).await;
             if let Ok(Ok(r)) = &evicted {
                 pace.checked(changes, now, r.stored, &self.keep);
             }
@@ -256,7 +249,7 @@ impl Uploads {
                 Ok(Ok(report)) if report.blobs > 0 => tracing::info!(
                     blobs = report.blobs,
                     bytes = report.bytes,
-                    "evicted contexts to stay within keep_storage / keep_duration"
+                    "evicted contexts and base images to stay within keep_storage / keep_duration"
                 ),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
@@ -265,6 +258,140 @@ impl Uploads {
                 Err(e) => tracing::warn!(error = %e, "eviction stopped"),
             }
         }
+    }
+
+    /// One round of keeping the store within its bounds at `now`: the
+    /// least recently used uploaded contexts go, never one a build holds
+    /// or a client is about to build from (`pinned`); base images this
+    /// coordinator pulled to plan builds are a cache too
+    /// ([`PULLED_LABEL`]): one unused for `keep_duration`, or the least
+    /// recently used while the store stays over `keep_storage` with every
+    /// other candidate gone, loses its names and then its blobs. Never
+    /// one a running build holds ([`Uploads::hold_bases`]); images an
+    /// operator imported or pulled by hand stay.
+    pub(crate) fn evict_once(
+        &self,
+        pinned: &HashSet<Digest>,
+        now: u64,
+    ) -> Result<strata_worker::EvictReport, strata_worker::GcError> {
+        // A pinned context keeps every blob its tree names.
+        let mut keep = HashSet::new();
+        for root in pinned {
+            keep.insert(*root);
+            match crate::context::closure(&self.node.content, root) {
+                Ok(c) => keep.extend(c.all().copied()),
+                Err(e) => {
+                    tracing::warn!(context = %root, error = %e, "cannot read a pinned context's tree")
+                }
+            }
+        }
+        let (mut total, mut candidates) = strata_worker::candidates(&self.node, now)?;
+        candidates.retain(|c| !keep.contains(&c.blob));
+        if self.retire_bases(total, &candidates, now)? > 0 {
+            (total, candidates) = strata_worker::candidates(&self.node, now)?;
+            candidates.retain(|c| !keep.contains(&c.blob));
+        }
+        let victims = strata_sched::evict::choose(total, &candidates, &self.keep, now, &|_| false);
+        strata_worker::evict(&self.node, &victims).map(|report| strata_worker::EvictReport {
+            stored: total,
+            ..report
+        })
+    }
+
+    /// Takes the names off the base images [`strata_sched::evict::retire`]
+    /// picks among those this coordinator pulled and no build holds; their
+    /// blobs become candidates. Returns how many went.
+    fn retire_bases(
+        &self,
+        total: u64,
+        candidates: &[strata_sched::Candidate],
+        now: u64,
+    ) -> Result<usize, strata_worker::GcError> {
+        let cas = &self.node.content;
+        let leased = cas.leased();
+        let mut images: HashMap<Digest, (Vec<strata_oci::Reference>, strata_oci::Image)> =
+            HashMap::new();
+        for t in self.node.images.list()? {
+            images
+                .entry(t.image.manifest_blob)
+                .or_insert_with(|| (Vec::new(), t.image.clone()))
+                .0
+                .push(t.reference);
+        }
+        // How many images keep each blob.
+        let mut keepers: HashMap<Digest, usize> = HashMap::new();
+        for (_, image) in images.values() {
+            for b in image_blobs(image) {
+                *keepers.entry(b).or_default() += 1;
+            }
+        }
+        let mut cached = Vec::new();
+        let mut shapes = Vec::new();
+        for (manifest, (names, image)) in &images {
+            let Some(info) = cas.info(manifest)? else {
+                continue;
+            };
+            if !info.labels.contains_key(PULLED_LABEL) || leased.contains_key(manifest) {
+                continue;
+            }
+            let mut bytes = 0;
+            for b in image_blobs(image) {
+                if keepers.get(&b) == Some(&1) {
+                    bytes += cas.info(&b)?.map_or(0, |i| i.size);
+                }
+            }
+            cached.push((names, manifest));
+            shapes.push(strata_sched::evict::CachedImage {
+                last_used: info.last_used.max(info.created),
+                bytes,
+            });
+        }
+        let reclaimable = candidates.iter().map(|c| c.size).sum();
+        let retired = strata_sched::evict::retire(&shapes, total, reclaimable, &self.keep, now);
+        for &i in &retired {
+            let (names, manifest) = cached[i];
+            for name in names {
+                self.node.images.untag(name)?;
+            }
+            tracing::info!(image = %manifest, names = ?names.iter().map(ToString::to_string).collect::<Vec<_>>(), "dropped a base image pulled for planning");
+        }
+        Ok(retired.len())
+    }
+
+    /// Holds the base images of a build while it runs (workers fetch their
+    /// layers from here), marks them used, and labels those this build
+    /// pulled ([`PULLED_LABEL`]), which the store keeps as a cache.
+    pub(crate) fn hold_bases(
+        &self,
+        bases: &[crate::protocol::WireImage],
+        pulled: &[String],
+    ) -> Lease {
+        let cas = &self.node.content;
+        let mut lease = cas.lease();
+        for w in bases {
+            for l in &w.layers {
+                lease.hold(l.blob);
+            }
+            let image = match self.node.images.get(&w.name) {
+                Ok(Some(t)) => t.image,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(image = %w.name, error = %e, "cannot read a base image");
+                    continue;
+                }
+            };
+            lease.hold(image.manifest_blob);
+            lease.hold(image.config_blob);
+            let marked = if pulled.contains(&w.name) {
+                cas.set_label(&image.manifest_blob, PULLED_LABEL, Some("1"))
+            } else {
+                Ok(())
+            };
+            if let Err(e) = marked.and_then(|()| cas.touch(&image.manifest_blob)) {
+                tracing::warn!(image = %w.name, error = %e, "cannot mark a base image used");
+            }
+        }
+        lease
     }
 
     /// Which of `blobs` of context tree `context` are not here: none,
@@ -553,6 +680,59 @@ mod tests {
         let d = Digest::of(content);
         assert!(tree.files.contains_key(&d));
         d
+    }
+
+    /// An image of one layer of `bytes` random-ish bytes, named `name`.
+    fn image(node: &Node, name: &str, bytes: usize, seed: u8) -> crate::protocol::WireImage {
+        let data: Vec<u8> = (0..bytes).map(|i| (i as u8).wrapping_mul(seed)).collect();
+        let blob = node.content.put(&data).unwrap();
+        let layer = strata_oci::LayerRef {
+            blob,
+            diff_id: strata_cas::Sha256::of(&data),
+            size: data.len() as u64,
+        };
+        let config = strata_oci::ImageConfig::scratch("linux", "amd64", None);
+        let image = node.images.create(&config, &[layer]).unwrap();
+        node.images.tag(&name.parse().unwrap(), &image).unwrap();
+        crate::protocol::WireImage {
+            name: name.to_string(),
+            reference: name.to_string(),
+            manifest: image.manifest_digest,
+            config_json: Vec::new(),
+            layers: vec![layer],
+        }
+    }
+
+    #[test]
+    fn base_images_pulled_for_planning_are_a_cache_and_others_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Arc::new(Node::open(&dir.path().join("home")).unwrap());
+        let keep = strata_sched::Keep {
+            storage: Some(1 << 20),
+            duration: None,
+        };
+        let uploads = Uploads::new(Arc::clone(&node), keep, u64::MAX);
+        let pulled = image(&node, "pulled:1", 1 << 20, 3);
+        let imported = image(&node, "imported:1", 1 << 20, 5);
+        // A build used both, and pulled the first.
+        drop(uploads.hold_bases(&[pulled.clone(), imported.clone()], &["pulled:1".into()]));
+        let later = strata_cas::now_unix() + 3600;
+        let gone =
+            |w: &crate::protocol::WireImage| !node.content.contains(&w.layers[0].blob).unwrap();
+
+        // Held by a running build: both stay, over budget as the store is.
+        let held = uploads.hold_bases(std::slice::from_ref(&pulled), &[]);
+        uploads.evict_once(&HashSet::new(), later).unwrap();
+        assert!(node.images.get("pulled:1").unwrap().is_some());
+        drop(held);
+
+        // 2 MiB over a 1 MiB budget: the pulled image loses its name and
+        // its blobs; the imported one stays.
+        let report = uploads.evict_once(&HashSet::new(), later).unwrap();
+        assert!(node.images.get("pulled:1").unwrap().is_none());
+        assert!(gone(&pulled), "{report:?}");
+        assert!(node.images.get("imported:1").unwrap().is_some());
+        assert!(!gone(&imported));
     }
 
     #[tokio::test]

@@ -142,8 +142,72 @@ pub fn choose_in_cluster(
     choose(total, &droppable, keep, now, &spare)
 }
 
+/// An image kept as a cache (a base image a coordinator pulled to plan a
+/// build), whole or not at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachedImage {
+    /// When a build last used it (seconds since the epoch).
+    pub last_used: u64,
+    /// The bytes dropping it frees: its blobs no other image keeps.
+    pub bytes: u64,
+}
+
+/// Which of `images` to drop from a store of `total` bytes, `reclaimable`
+/// of which [`choose`] may evict without them, under `keep` at `now`:
+/// every one unused for longer than `keep.duration`, then, while the
+/// store would stay over `keep.storage` with every candidate gone, the
+/// least recently used. Returns their indices in `images`.
+pub fn retire(
+    images: &[CachedImage],
+    total: u64,
+    reclaimable: u64,
+    keep: &Keep,
+    now: u64,
+) -> Vec<usize> {
+    let mut left = total.saturating_sub(reclaimable);
+    let mut order: Vec<usize> = (0..images.len()).collect();
+    order.sort_by_key(|&i| images[i].last_used);
+    let mut out = Vec::new();
+    for i in order {
+        let stale = keep
+            .duration
+            .is_some_and(|d| now.saturating_sub(images[i].last_used) > d);
+        let over = keep.storage.is_some_and(|budget| left > budget);
+        if stale || over {
+            out.push(i);
+            left = left.saturating_sub(images[i].bytes);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cached_images_go_when_stale_or_when_the_store_stays_over_without_them() {
+        let img = |last_used, bytes| CachedImage { last_used, bytes };
+        let images = [img(300, 40), img(100, 50), img(200, 30)];
+        let keep = |storage, duration| Keep { storage, duration };
+        // Within bounds once the other candidates go: all stay.
+        assert!(retire(&images, 200, 100, &keep(Some(100), None), 400).is_empty());
+        // 30 bytes over: the least recently used goes, and is enough.
+        assert_eq!(
+            retire(&images, 230, 100, &keep(Some(100), None), 400),
+            vec![1]
+        );
+        // 60 over: the next least recently used too.
+        assert_eq!(
+            retire(&images, 260, 100, &keep(Some(100), None), 400),
+            vec![1, 2]
+        );
+        // Unbounded: nothing goes, however big.
+        assert!(retire(&images, 1 << 40, 0, &keep(None, None), 400).is_empty());
+        // Unused for longer than keep_duration: gone, whatever the size.
+        assert_eq!(
+            retire(&images, 0, 0, &keep(None, Some(150)), 400),
+            vec![1, 2]
+        );
+    }
 
     #[test]
     fn an_unchanged_store_within_its_bounds_is_not_listed_again() {

@@ -88,6 +88,15 @@ impl<'a> BaseImages<'a> {
         }
     }
 
+    /// The names this build pulled.
+    pub fn pulled(&self) -> Vec<String> {
+        lock(&self.pulls)
+            .iter()
+            .filter(|(_, outcome)| outcome.is_ok())
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     async fn pull(&self, reference: &str, platform: &Platform) -> Result<(), Arc<BaseImageError>> {
         let named = || reference.to_string();
         let Some(registry) = self.registry else {
