@@ -1138,11 +1138,20 @@ fn an_admin_imports_a_cache_exported_elsewhere_and_every_client_s_build_hits_it(
     );
     for w in &nodes[1..] {
         assert!(w["usage"]["total"].as_u64().unwrap() > 3_000_000, "{du}");
-        // The four layers, and the context where the build ran.
+        // The four layers.
         assert!(w["usage"]["other"][0].as_u64().unwrap() >= 4, "{du}");
     }
+    // The context's file and folder, counted apart: on the coordinator
+    // the client uploaded them to, and on the worker the build ran on.
+    let contexts = |n: &serde_json::Value| n["usage"]["contexts"][0].as_u64().unwrap();
+    assert!(contexts(&nodes[0]) >= 2, "{du}");
+    assert!(nodes[1..].iter().any(|w| contexts(w) >= 2), "{du}");
     let table = cluster.ok(&["cluster", "du", "--cluster", client_config]);
     assert!(table.starts_with("NODE"), "{table}");
+    assert!(
+        table.lines().next().unwrap().contains("CONTEXTS"),
+        "{table}"
+    );
     assert!(table.lines().any(|l| l.starts_with("worker-2 ")), "{table}");
 
     // Again: nothing new.

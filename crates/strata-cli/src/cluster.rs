@@ -775,19 +775,28 @@ fn print_du(
     }
     writeln!(
         out,
-        "{:<14} {:<12} {:>14} {:>14} {:>14} {:>14} {:>12} {:>10}",
-        "NODE", "ROLE", "IMAGES", "CACHE", "OTHER BLOBS", "SNAPSHOTS", "RECLAIMABLE", "BLOBS"
+        "{:<14} {:<12} {:>14} {:>14} {:>14} {:>14} {:>14} {:>12} {:>10}",
+        "NODE",
+        "ROLE",
+        "IMAGES",
+        "CACHE",
+        "CONTEXTS",
+        "OTHER BLOBS",
+        "SNAPSHOTS",
+        "RECLAIMABLE",
+        "BLOBS"
     )?;
     let pair = |(n, b): (usize, u64)| format!("{n} {}", human_size(b));
     for n in nodes {
         match &n.usage {
             Ok(u) => writeln!(
                 out,
-                "{:<14} {:<12} {:>14} {:>14} {:>14} {:>14} {:>12} {:>10}",
+                "{:<14} {:<12} {:>14} {:>14} {:>14} {:>14} {:>14} {:>12} {:>10}",
                 n.name,
                 n.role,
                 pair(u.images),
                 pair(u.cache),
+                pair(u.contexts),
                 pair(u.other),
                 pair(u.snapshots),
                 human_size(u.reclaimable),

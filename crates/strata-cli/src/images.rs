@@ -442,6 +442,7 @@ pub fn du(cx: &Cx<'_>, _args: DuArgs) -> Result<u8> {
     for (kind, (count, size)) in [
         ("Images", u.images),
         ("Build cache", u.cache),
+        ("Contexts", u.contexts),
         ("Other blobs", u.other),
         ("Snapshots", u.snapshots),
     ] {

@@ -80,10 +80,10 @@ pub enum ContextError {
     },
 }
 
-/// The label a worker puts on the blobs of build contexts it fetched: they
-/// are not reported to the cache index as held (a context's files are no
-/// layers anyone will ask the worker for).
-pub const CONTEXT_LABEL: &str = "strata.context";
+/// The label on the blobs of build contexts a node received: a worker does
+/// not report them to the cache index as held (a context's files are no
+/// layers anyone will ask the worker for), and `du` counts them apart.
+pub use strata_worker::CONTEXT_LABEL;
 
 /// The most entries (files, directories, links) a context may have.
 pub const MAX_ENTRIES: usize = 4_000_000;

@@ -154,12 +154,13 @@ impl Uploads {
                 || now.duration_since(*self.landed.borrow()) < ARRIVAL_STALL)
     }
 
-    /// Blobs that landed are no longer expected.
-    fn landed(&self, blobs: impl IntoIterator<Item = Digest>) {
+    /// Blobs that landed are no longer expected. Returns how many were.
+    fn landed(&self, blobs: impl IntoIterator<Item = Digest>) -> usize {
         let mut expected = self.expected.lock().unwrap_or_else(PoisonError::into_inner);
-        for d in blobs {
-            expected.remove(&d);
-        }
+        blobs
+            .into_iter()
+            .filter(|d| expected.remove(d).is_some())
+            .count()
     }
 
     /// Sends `blobs` to a worker on `send` in one batch (as
@@ -556,7 +557,7 @@ impl Uploads {
             &self.node.content,
             &wanted,
             conn.addr,
-            None,
+            Some((crate::context::CONTEXT_LABEL, "1")),
             &mut admit,
         )
         .await;
@@ -638,7 +639,17 @@ impl Uploads {
                         // (or a file that changed while it was sent): the
                         // connection goes with it.
                         got?;
-                        self.landed([d]);
+                        // A file of a context (not a layer an admin
+                        // imports): it was asked for by a `Missing`.
+                        if self.landed([d]) > 0
+                            && let Err(e) = self.node.content.set_label(
+                                &d,
+                                crate::context::CONTEXT_LABEL,
+                                Some("1"),
+                            )
+                        {
+                            tracing::warn!(blob = %d, error = %e, "cannot mark a context blob");
+                        }
                         drop(receiving);
                         Reply::Ok
                     }

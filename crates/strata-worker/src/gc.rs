@@ -193,6 +193,11 @@ pub fn enforce(node: &Node, keep: &Keep, now: u64) -> Result<EvictReport, GcErro
     Ok(report)
 }
 
+/// The label on a blob that is a file or folder of a build context (a
+/// coordinator's upload, a worker's fetch): such blobs are counted apart
+/// by [`usage`], and a worker does not report them to the cache index.
+pub const CONTEXT_LABEL: &str = "strata.context";
+
 /// Where a node's bytes are, as `strata du` and `strata cluster du` show.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
@@ -201,7 +206,10 @@ pub struct Usage {
     /// Entries of this node's own cache index, and the bytes of their
     /// layers no image holds.
     pub cache: (usize, u64),
-    /// Other blobs (layers a cluster's index names, contexts, artifacts,
+    /// Files and folders of build contexts ([`CONTEXT_LABEL`]), and
+    /// their bytes.
+    pub contexts: (usize, u64),
+    /// Other blobs (layers a cluster's index names, artifacts,
     /// downloads), and their bytes.
     pub other: (usize, u64),
     /// Extracted snapshots, and their bytes.
@@ -217,12 +225,14 @@ pub struct Usage {
 
 /// Where `node`'s bytes are.
 pub fn usage(node: &Node) -> Result<Usage, GcError> {
-    let blobs: std::collections::HashMap<Digest, u64> = node
-        .content
-        .list()?
-        .into_iter()
-        .map(|(d, i)| (d, i.size))
+    let listed = node.content.list()?;
+    let labelled: HashSet<Digest> = listed
+        .iter()
+        .filter(|(_, i)| i.labels.contains_key(CONTEXT_LABEL))
+        .map(|(d, _)| *d)
         .collect();
+    let blobs: std::collections::HashMap<Digest, u64> =
+        listed.into_iter().map(|(d, i)| (d, i.size)).collect();
     let size_of = |set: &HashSet<Digest>| -> u64 { set.iter().filter_map(|d| blobs.get(d)).sum() };
     let images = node.images.list()?;
     let mut ids = HashSet::new();
@@ -239,11 +249,11 @@ pub fn usage(node: &Node) -> Result<Usage, GcError> {
         .flat_map(|(_, e)| e.layers.iter().map(|l| l.blob))
         .filter(|b| !image_blobs.contains(b) && blobs.contains_key(b))
         .collect();
-    let other: HashSet<Digest> = blobs
+    let (contexts, other): (HashSet<Digest>, HashSet<Digest>) = blobs
         .keys()
         .filter(|b| !image_blobs.contains(b) && !cache_blobs.contains(b))
         .copied()
-        .collect();
+        .partition(|b| labelled.contains(b));
     let leased: HashSet<Digest> = node.content.leased().into_keys().collect();
     let reclaimable = blobs
         .iter()
@@ -253,6 +263,7 @@ pub fn usage(node: &Node) -> Result<Usage, GcError> {
     Ok(Usage {
         images: (ids.len(), size_of(&image_blobs)),
         cache: (entries.len(), size_of(&cache_blobs)),
+        contexts: (contexts.len(), size_of(&contexts)),
         other: (other.len(), size_of(&other)),
         snapshots: (
             node.snapshots.count()?,
