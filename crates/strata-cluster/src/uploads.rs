@@ -34,10 +34,6 @@ pub(crate) const EXPECTED_FOR: Duration = Duration::from_secs(600);
 /// coordinator is under way, or one ended this recently.
 pub(crate) const ARRIVAL_STALL: Duration = Duration::from_secs(10);
 
-/// The label on the manifest of a base image a coordinator pulled to plan
-/// a build: such an image is a cache, kept within the store's bounds.
-pub(crate) const PULLED_LABEL: &str = "strata.pulled-for-planning";
-
 /// Every blob of `image`: manifest, config, layers.
 fn image_blobs(image: &strata_oci::Image) -> impl Iterator<Item = Digest> + '_ {
     [image.manifest_blob, image.config_blob]
@@ -265,7 +261,7 @@ impl Uploads {
     /// least recently used uploaded contexts go, never one a build holds
     /// or a client is about to build from (`pinned`); base images this
     /// coordinator pulled to plan builds are a cache too
-    /// ([`PULLED_LABEL`]): one unused for `keep_duration`, or the least
+    /// ([`strata_worker::PULLED_LABEL`]): one unused for `keep_duration`, or the least
     /// recently used while the store stays over `keep_storage` with every
     /// other candidate gone, loses its names and then its blobs. Never
     /// one a running build holds ([`Uploads::hold_bases`]); images an
@@ -332,7 +328,9 @@ impl Uploads {
             let Some(info) = cas.info(manifest)? else {
                 continue;
             };
-            if !info.labels.contains_key(PULLED_LABEL) || leased.contains_key(manifest) {
+            if !info.labels.contains_key(strata_worker::PULLED_LABEL)
+                || leased.contains_key(manifest)
+            {
                 continue;
             }
             let mut bytes = 0;
@@ -361,7 +359,7 @@ impl Uploads {
 
     /// Holds the base images of a build while it runs (workers fetch their
     /// layers from here), marks them used, and labels those this build
-    /// pulled ([`PULLED_LABEL`]), which the store keeps as a cache.
+    /// pulled ([`strata_worker::PULLED_LABEL`]), which the store keeps as a cache.
     pub(crate) fn hold_bases(
         &self,
         bases: &[crate::protocol::WireImage],
@@ -384,7 +382,7 @@ impl Uploads {
             lease.hold(image.manifest_blob);
             lease.hold(image.config_blob);
             let marked = if pulled.contains(&w.name) {
-                cas.set_label(&image.manifest_blob, PULLED_LABEL, Some("1"))
+                cas.set_label(&image.manifest_blob, strata_worker::PULLED_LABEL, Some("1"))
             } else {
                 Ok(())
             };
@@ -727,6 +725,9 @@ mod tests {
         let imported = image(&node, "imported:1", 1 << 20, 5);
         // A build used both, and pulled the first.
         drop(uploads.hold_bases(&[pulled.clone(), imported.clone()], &["pulled:1".into()]));
+        // `du` counts the pulled one as reclaimable, the imported one not.
+        let reclaimable = strata_worker::usage(&node).unwrap().reclaimable;
+        assert!(((1 << 20)..(2 << 20)).contains(&reclaimable), "{reclaimable}");
         let later = strata_cas::now_unix() + 3600;
         let gone =
             |w: &crate::protocol::WireImage| !node.content.contains(&w.layers[0].blob).unwrap();

@@ -198,6 +198,12 @@ pub fn enforce(node: &Node, keep: &Keep, now: u64) -> Result<EvictReport, GcErro
 /// by [`usage`], and a worker does not report them to the cache index.
 pub const CONTEXT_LABEL: &str = "strata.context";
 
+/// The label on the manifest of a base image a coordinator pulled to plan
+/// a build: such an image is a cache, kept within the store's bounds and
+/// dropped whole when they are reached, where an image put there by hand
+/// stays.
+pub const PULLED_LABEL: &str = "strata.pulled-for-planning";
+
 /// Where a node's bytes are, as `strata du` and `strata cluster du` show.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
@@ -216,8 +222,9 @@ pub struct Usage {
     pub snapshots: (usize, u64),
     /// Bytes of `RUN --mount=type=cache` directories.
     pub cache_mounts: u64,
-    /// Bytes of blobs eviction may take: neither an image's nor held by a
-    /// running build.
+    /// Bytes of blobs eviction may take: neither an image's (but for
+    /// images kept as a cache, [`PULLED_LABEL`]) nor held by a running
+    /// build.
     pub reclaimable: u64,
     /// Bytes of all blobs.
     pub total: u64,
@@ -226,22 +233,34 @@ pub struct Usage {
 /// Where `node`'s bytes are.
 pub fn usage(node: &Node) -> Result<Usage, GcError> {
     let listed = node.content.list()?;
-    let labelled: HashSet<Digest> = listed
-        .iter()
-        .filter(|(_, i)| i.labels.contains_key(CONTEXT_LABEL))
-        .map(|(d, _)| *d)
-        .collect();
+    let labelled = |label: &str| -> HashSet<Digest> {
+        listed
+            .iter()
+            .filter(|(_, i)| i.labels.contains_key(label))
+            .map(|(d, _)| *d)
+            .collect()
+    };
+    let (labelled, pulled) = (labelled(CONTEXT_LABEL), labelled(PULLED_LABEL));
     let blobs: std::collections::HashMap<Digest, u64> =
         listed.into_iter().map(|(d, i)| (d, i.size)).collect();
     let size_of = |set: &HashSet<Digest>| -> u64 { set.iter().filter_map(|d| blobs.get(d)).sum() };
     let images = node.images.list()?;
     let mut ids = HashSet::new();
     let mut image_blobs = HashSet::new();
+    // Blobs only images kept as a cache hold.
+    let mut kept_by_others = HashSet::new();
+    let mut cached_blobs = HashSet::new();
     for t in &images {
         ids.insert(t.image.id);
-        image_blobs.extend(t.image.layers.iter().map(|l| l.blob));
-        image_blobs.insert(t.image.config_blob);
-        image_blobs.insert(t.image.manifest_blob);
+        let all = [t.image.config_blob, t.image.manifest_blob]
+            .into_iter()
+            .chain(t.image.layers.iter().map(|l| l.blob));
+        if pulled.contains(&t.image.manifest_blob) {
+            cached_blobs.extend(all.clone());
+        } else {
+            kept_by_others.extend(all.clone());
+        }
+        image_blobs.extend(all);
     }
     let entries = node.cache.list()?;
     let cache_blobs: HashSet<Digest> = entries
@@ -257,7 +276,10 @@ pub fn usage(node: &Node) -> Result<Usage, GcError> {
     let leased: HashSet<Digest> = node.content.leased().into_keys().collect();
     let reclaimable = blobs
         .iter()
-        .filter(|(d, _)| !image_blobs.contains(d) && !leased.contains(d))
+        .filter(|(d, _)| {
+            let cached = cached_blobs.contains(*d) && !kept_by_others.contains(*d);
+            (cached || !image_blobs.contains(*d)) && !leased.contains(*d)
+        })
         .map(|(_, s)| s)
         .sum();
     Ok(Usage {

@@ -47,8 +47,8 @@ pub use engine::Engine;
 pub use error::{AddError, BuildError, FileError, FlagError, FlagProblem, GcError};
 pub use export::{ExportError, export_rootfs, write_rootfs_tar};
 pub use gc::{
-    CONTEXT_LABEL, EVICT_EVERY, EvictReport, GRACE, PruneReport, Usage, candidates, enforce, evict,
-    keep_within, prune, usage,
+    CONTEXT_LABEL, EVICT_EVERY, EvictReport, GRACE, PULLED_LABEL, PruneReport, Usage, candidates,
+    enforce, evict, keep_within, prune, usage,
 };
 pub use history::{BuildRecord, BuildStatus, History, HistoryError};
 pub use memo::SelectionMemo;
