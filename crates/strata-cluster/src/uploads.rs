@@ -176,8 +176,12 @@ impl Uploads {
         let mut sent = 0u64;
         loop {
             landings.borrow_and_update();
-            let (here, absent): (Vec<Digest>, Vec<Digest>) =
-                left.iter().partition(|d| cas.contains(d).unwrap_or(false));
+            // Looked up in one batch; should the lookup fail, each is
+            // sent as the store then says (missing, if it is).
+            let lacking: HashSet<Digest> =
+                cas.absent(&left).unwrap_or_default().into_iter().collect();
+            let (absent, here): (Vec<Digest>, Vec<Digest>) =
+                left.iter().partition(|d| lacking.contains(d));
             let now = tokio::time::Instant::now();
             let (waiting, gone): (Vec<Digest>, Vec<Digest>) =
                 absent.into_iter().partition(|d| self.arriving(d, now));
@@ -727,7 +731,10 @@ mod tests {
         drop(uploads.hold_bases(&[pulled.clone(), imported.clone()], &["pulled:1".into()]));
         // `du` counts the pulled one as reclaimable, the imported one not.
         let reclaimable = strata_worker::usage(&node).unwrap().reclaimable;
-        assert!(((1 << 20)..(2 << 20)).contains(&reclaimable), "{reclaimable}");
+        assert!(
+            ((1 << 20)..(2 << 20)).contains(&reclaimable),
+            "{reclaimable}"
+        );
         let later = strata_cas::now_unix() + 3600;
         let gone =
             |w: &crate::protocol::WireImage| !node.content.contains(&w.layers[0].blob).unwrap();

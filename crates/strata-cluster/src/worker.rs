@@ -964,7 +964,6 @@ impl WorkerNode {
         use futures_util::TryStreamExt as _;
         let cas = &self.node.content;
         let holders = std::slice::from_ref(from);
-        let lacks = |d: &Digest| !cas.contains(d).unwrap_or(false);
         let mut lease = cas.lease();
         let mut seen = HashSet::from([root]);
         let (mut level, mut files) = (vec![root], Vec::new());
@@ -973,7 +972,9 @@ impl WorkerNode {
             for d in &level {
                 lease.hold(*d);
             }
-            let lacking: Vec<Digest> = level.iter().filter(|d| lacks(d)).copied().collect();
+            let lacking = cas
+                .absent(&level)
+                .map_err(crate::context::ContextError::from)?;
             let batches = lacking
                 .chunks(strata_net::MAX_BATCH / 4)
                 .map(<[Digest]>::to_vec);
@@ -1002,9 +1003,16 @@ impl WorkerNode {
         for (d, _) in &files {
             lease.hold(*d);
         }
+        // Looked up in one batch: tens of thousands of files.
+        let all: Vec<Digest> = files.iter().map(|(d, _)| *d).collect();
+        let absent: HashSet<Digest> = cas
+            .absent(&all)
+            .map_err(crate::context::ContextError::from)?
+            .into_iter()
+            .collect();
         let (small, mut large): (Vec<_>, Vec<_>) = files
             .into_iter()
-            .filter(|(d, _)| lacks(d))
+            .filter(|(d, _)| absent.contains(d))
             .partition(|(_, size)| *size <= strata_net::BATCHED_UP_TO);
         let batches = strata_net::batches(&small, |(_, size)| *size)
             .into_iter()
