@@ -577,18 +577,25 @@ fn a_one_file_edit_uploads_that_file_and_the_directories_above_it() {
     assert!(located < 100, "{located} blobs located:\n{status}");
 }
 
-#[test]
-fn a_coordinator_keeps_uploaded_contexts_within_keep_storage_and_a_client_uploads_again() {
+/// A cluster of one worker whose coordinator keeps `more` bytes beyond
+/// what its store holds at start (the busybox it was given), restarted
+/// with that `keep_storage`; its name, and the bound.
+fn coordinator_keeping(more: u64) -> (Cluster, String, u64) {
     let cluster = Cluster::start(1, 5);
     let coordinator = cluster.coordinator_names()[0].clone();
-    // Its store holds busybox, named, which stays; contexts get 5 MB.
-    let named = cluster.blob_bytes(&coordinator);
-    let keep = named + (5 << 20);
+    let keep = cluster.blob_bytes(&coordinator) + more;
     cluster.kill(&coordinator);
     let config = cluster.path().join(format!("{coordinator}.toml"));
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, format!("keep_storage = {keep}\n{text}")).unwrap();
     cluster.up();
+    (cluster, coordinator, keep)
+}
+
+#[test]
+fn a_coordinator_keeps_uploaded_contexts_within_keep_storage_and_a_client_uploads_again() {
+    // Its store holds busybox, named, which stays; contexts get 5 MB.
+    let (cluster, coordinator, keep) = coordinator_keeping(5 << 20);
     // Six contexts of 3 MB each that does not compress: 18 MB of uploads.
     let contexts: Vec<tempfile::TempDir> = (0..6)
         .map(|i| {
@@ -635,17 +642,9 @@ fn a_coordinator_keeps_uploaded_contexts_within_keep_storage_and_a_client_upload
 
 #[test]
 fn a_coordinator_keeps_base_images_it_pulled_within_keep_storage_and_pulls_again() {
-    let cluster = Cluster::start(1, 5);
-    let coordinator = cluster.coordinator_names()[0].clone();
     // Its store holds busybox, imported by the operator, which stays;
     // 1 MB more is allowed.
-    let named = cluster.blob_bytes(&coordinator);
-    let keep = named + (1 << 20);
-    cluster.kill(&coordinator);
-    let config = cluster.path().join(format!("{coordinator}.toml"));
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("keep_storage = {keep}\n{text}")).unwrap();
-    cluster.up();
+    let (cluster, coordinator, keep) = coordinator_keeping(1 << 20);
 
     // A base in a registry: busybox and 3 MB that does not compress.
     let reg = strata_integration::registry::Registry::start(false);
