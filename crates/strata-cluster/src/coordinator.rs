@@ -374,8 +374,10 @@ impl Coordinator {
 
     async fn serve(self: Arc<Self>, conn: Connection) {
         crate::serve_requests(&self, &conn).await;
-        if conn.peer.role == Role::Worker {
-            self.roster.lose(&conn.peer.name, &conn);
+        match conn.peer.role {
+            Role::Worker => self.roster.lose(&conn.peer.name, &conn),
+            // What it was asked to upload is no longer waited for.
+            _ => self.uploads.gone(conn.quic.stable_id()),
         }
     }
 
@@ -433,7 +435,9 @@ impl Coordinator {
                     )
                 } else {
                     self.uploads.pin(context);
-                    self.uploads.missing(context, blobs).await
+                    self.uploads
+                        .missing(context, blobs, conn.quic.stable_id())
+                        .await
                 }
             }
             ClientRequest::PutBlobs(blobs) => {

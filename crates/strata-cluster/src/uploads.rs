@@ -10,7 +10,6 @@
 //! worker's fetch overlaps the client's upload instead of following it.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -30,8 +29,8 @@ const MAX_TREES: usize = 16;
 /// it, and a worker fetching it waits for it, until then at most.
 pub(crate) const EXPECTED_FOR: Duration = Duration::from_secs(600);
 
-/// A worker waits for an expected blob only while some upload to this
-/// coordinator is under way, or one ended this recently.
+/// A worker waits for an expected blob only while the connection it was
+/// asked of is sending something, or has within this long.
 pub(crate) const ARRIVAL_STALL: Duration = Duration::from_secs(10);
 
 /// Every blob of `image`: manifest, config, layers.
@@ -76,29 +75,51 @@ pub(crate) struct Uploads {
     quota: Mutex<UploadQuota>,
     /// Bounds of the store.
     keep: strata_sched::Keep,
-    /// Blobs answered as missing and not landed yet, each with when.
-    expected: Mutex<HashMap<Digest, tokio::time::Instant>>,
-    /// When an upload last ended; bumped as each lands.
-    landed: tokio::sync::watch::Sender<tokio::time::Instant>,
-    /// Uploads being received now.
-    receiving: AtomicUsize,
+    /// Blobs answered as missing and not landed yet, each with when, and
+    /// the connection that was asked for it.
+    expected: Mutex<HashMap<Digest, (tokio::time::Instant, Uploader)>>,
+    /// Connections asked for blobs: uploads each is sending now, and when
+    /// it was last asked for some or one of its uploads ended. A
+    /// connection that closes is forgotten.
+    uploaders: Mutex<HashMap<Uploader, (usize, tokio::time::Instant)>>,
+    /// Bumped as uploads end and connections go: wakes the waiters.
+    landed: tokio::sync::watch::Sender<()>,
 }
 
-/// Counts an upload being received for as long as it lives, and tells
-/// the blobs' waiters when it ends.
-struct Receiving<'a>(&'a Uploads);
+/// A client's connection, as it uploads (quinn's id for it).
+pub(crate) type Uploader = usize;
+
+/// Counts an upload being received on a connection for as long as it
+/// lives, and wakes the blobs' waiters when it ends.
+struct Receiving<'a>(&'a Uploads, Uploader);
 
 impl<'a> Receiving<'a> {
-    fn new(uploads: &'a Uploads) -> Receiving<'a> {
-        uploads.receiving.fetch_add(1, Ordering::SeqCst);
-        Receiving(uploads)
+    fn new(uploads: &'a Uploads, from: Uploader) -> Receiving<'a> {
+        let now = tokio::time::Instant::now();
+        uploads
+            .uploaders
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(from)
+            .or_insert((0, now))
+            .0 += 1;
+        Receiving(uploads, from)
     }
 }
 
 impl Drop for Receiving<'_> {
     fn drop(&mut self) {
-        self.0.receiving.fetch_sub(1, Ordering::SeqCst);
-        self.0.landed.send_replace(tokio::time::Instant::now());
+        let now = tokio::time::Instant::now();
+        if let Some(u) = self
+            .0
+            .uploaders
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&self.1)
+        {
+            *u = (u.0.saturating_sub(1), now);
+        }
+        self.0.landed.send_replace(());
     }
 }
 
@@ -111,19 +132,31 @@ impl Uploads {
             quota: Mutex::new(UploadQuota::new(bytes_per_hour)),
             keep,
             expected: Mutex::default(),
-            landed: tokio::sync::watch::Sender::new(tokio::time::Instant::now()),
-            receiving: AtomicUsize::new(0),
+            uploaders: Mutex::default(),
+            landed: tokio::sync::watch::Sender::new(()),
         }
     }
 
-    /// Notes that a client was told it should upload `blobs`.
-    fn expect(&self, blobs: &[Digest], now: tokio::time::Instant) {
+    /// Notes that the client on connection `from` was told it should
+    /// upload `blobs`.
+    fn expect(&self, blobs: &[Digest], from: Uploader, now: tokio::time::Instant) {
         if blobs.is_empty() {
             return;
         }
+        {
+            let mut uploaders = self
+                .uploaders
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if uploaders.len() >= MAX_EXPECTED {
+                uploaders.retain(|_, (n, at)| *n > 0 || now.duration_since(*at) < EXPECTED_FOR);
+            }
+            let u = uploaders.entry(from).or_insert((0, now));
+            u.1 = now;
+        }
         let mut expected = self.expected.lock().unwrap_or_else(PoisonError::into_inner);
         if expected.len() + blobs.len() > MAX_EXPECTED {
-            expected.retain(|_, at| now.duration_since(*at) < EXPECTED_FOR);
+            expected.retain(|_, (at, _)| now.duration_since(*at) < EXPECTED_FOR);
             if expected.len() + blobs.len() > MAX_EXPECTED {
                 // Bounded as the trees are: a build whose expectation went
                 // fails as a context not uploaded whole, and is built again.
@@ -131,23 +164,42 @@ impl Uploads {
             }
         }
         for d in blobs {
-            expected.insert(*d, now);
+            expected.insert(*d, (now, from));
+        }
+    }
+
+    /// The client on connection `from` is gone: nothing it was asked for
+    /// is waited for any more.
+    pub(crate) fn gone(&self, from: Uploader) {
+        let known = self
+            .uploaders
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&from);
+        if known.is_some() {
+            self.landed.send_replace(());
         }
     }
 
     /// Whether blob `d`, not here, is worth waiting for at `now`: a
-    /// client was told to upload it and some upload is under way or ended
-    /// within [`ARRIVAL_STALL`].
+    /// client was told to upload it, and that client's connection is
+    /// still there and sending, or was within [`ARRIVAL_STALL`]. Another
+    /// client's uploads never keep a wait going.
     fn arriving(&self, d: &Digest, now: tokio::time::Instant) -> bool {
-        let expected = self
+        let asked = self
             .expected
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(d)
-            .is_some_and(|at| now.duration_since(*at) < EXPECTED_FOR);
-        expected
-            && (self.receiving.load(Ordering::SeqCst) > 0
-                || now.duration_since(*self.landed.borrow()) < ARRIVAL_STALL)
+            .filter(|(at, _)| now.duration_since(*at) < EXPECTED_FOR)
+            .map(|(_, from)| *from);
+        asked.is_some_and(|from| {
+            self.uploaders
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&from)
+                .is_some_and(|(n, at)| *n > 0 || now.duration_since(*at) < ARRIVAL_STALL)
+        })
     }
 
     /// Blobs that landed are no longer expected. Returns how many were.
@@ -220,7 +272,7 @@ impl Uploads {
 
     /// Woken as an upload ends; woken after a stall either way, when
     /// waiting may have stopped being worth it.
-    async fn next_landing(landings: &mut tokio::sync::watch::Receiver<tokio::time::Instant>) {
+    async fn next_landing(landings: &mut tokio::sync::watch::Receiver<()>) {
         let _ = tokio::time::timeout(ARRIVAL_STALL, landings.changed()).await;
     }
 
@@ -400,14 +452,20 @@ impl Uploads {
     /// Which of `blobs` of context tree `context` are not here: none,
     /// without looking, when a build found the tree whole and no blob has
     /// gone since.
-    pub(crate) async fn missing(&self, context: Digest, blobs: Vec<Digest>) -> Reply {
+    /// The client on connection `from` is then expected to send them.
+    pub(crate) async fn missing(
+        &self,
+        context: Digest,
+        blobs: Vec<Digest>,
+        from: Uploader,
+    ) -> Reply {
         if self.known_whole(&context) {
             return Reply::Missing(Vec::new());
         }
         let node = Arc::clone(&self.node);
         match tokio::task::spawn_blocking(move || node.content.absent(&blobs)).await {
             Ok(Ok(lacks)) => {
-                self.expect(&lacks, tokio::time::Instant::now());
+                self.expect(&lacks, from, tokio::time::Instant::now());
                 Reply::Missing(lacks)
             }
             Ok(Err(e)) => Reply::failed("cannot look blobs up", &e),
@@ -490,7 +548,7 @@ impl Uploads {
                 let arriving = |d: &Digest| {
                     expected
                         .get(d)
-                        .is_some_and(|at| now.duration_since(*at) < EXPECTED_FOR)
+                        .is_some_and(|(at, _)| now.duration_since(*at) < EXPECTED_FOR)
                 };
                 let dirs: HashSet<&Digest> = c.dirs.iter().chain(&c.absent).collect();
                 // One no longer expected may have landed since it was
@@ -533,7 +591,7 @@ impl Uploads {
             return write_frame(send, &reply, conn.addr).await;
         }
         let wanted: HashSet<Digest> = blobs.into_iter().collect();
-        let receiving = Receiving::new(self);
+        let receiving = Receiving::new(self, conn.quic.stable_id());
         let mut reserved: Vec<u64> = Vec::new();
         let quota = &self.quota;
         let mut over_quota = None;
@@ -615,7 +673,7 @@ impl Uploads {
                         Reply::Refused(Refusal::OverQuota(over))
                     }
                     Ok(()) => {
-                        let receiving = Receiving::new(self);
+                        let receiving = Receiving::new(self, conn.quic.stable_id());
                         let got = recv_announced(
                             recv,
                             &self.node.content,
@@ -763,7 +821,7 @@ mod tests {
             other => panic!("held a context missing its files: {:?}", other.map(drop)),
         }
         // Asked which blobs it lacks, the coordinator expects the files.
-        match uploads.missing(tree.root, tree.blobs()).await {
+        match uploads.missing(tree.root, tree.blobs(), 1).await {
             Reply::Missing(lacks) => assert_eq!(lacks.len(), 2),
             other => panic!("{other:?}"),
         }
@@ -772,7 +830,7 @@ mod tests {
         let sub = tree.dirs[0].0;
         assert_ne!(sub, tree.root);
         assert!(uploads.node.content.delete(&sub).unwrap());
-        uploads.expect(&[sub], tokio::time::Instant::now());
+        uploads.expect(&[sub], 1, tokio::time::Instant::now());
         assert!(matches!(
             uploads.hold(tree.root).await,
             Err(TreeError::NotWhole { .. })
@@ -780,16 +838,17 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_worker_waits_for_an_expected_file_while_its_upload_goes_on_and_no_longer() {
+    async fn a_worker_waits_for_an_expected_file_while_its_client_sends_and_no_longer() {
         let (_dir, uploads, tree) = setup();
         let (a, b) = (file_blob(&tree, b"alpha"), file_blob(&tree, b"beta"));
-        let Reply::Missing(_) = uploads.missing(tree.root, tree.blobs()).await else {
+        let (client, other) = (1, 2);
+        let Reply::Missing(_) = uploads.missing(tree.root, tree.blobs(), client).await else {
             panic!("no answer")
         };
 
-        // While an upload is received, the fetch of `a` waits; it ends as
-        // `a` lands.
-        let receiving = Receiving::new(&uploads);
+        // While the client sends, the fetch of `a` waits; it ends as `a`
+        // lands.
+        let receiving = Receiving::new(&uploads, client);
         let waiting = uploads.arrived(&a);
         tokio::pin!(waiting);
         tokio::time::sleep(ARRIVAL_STALL * 3).await;
@@ -799,13 +858,27 @@ mod tests {
         drop(receiving);
         waiting.await;
 
-        // `b` never comes: once nothing has been received for
-        // ARRIVAL_STALL, the wait ends (and the worker is told it is
-        // missing).
+        // `b` never comes, though another client keeps sending: once the
+        // client it was asked of has sent nothing for ARRIVAL_STALL, the
+        // wait ends (and the worker is told it is missing).
+        let _busy = Receiving::new(&uploads, other);
         let begun = tokio::time::Instant::now();
         uploads.arrived(&b).await;
         assert!(begun.elapsed() >= ARRIVAL_STALL - Duration::from_millis(1));
         assert!(!uploads.node.content.contains(&b).unwrap());
+
+        // A client that goes ends the wait for what it was asked at once.
+        let Reply::Missing(_) = uploads.missing(tree.root, tree.blobs(), client).await else {
+            panic!("no answer")
+        };
+        let _sending = Receiving::new(&uploads, client);
+        let waiting = uploads.arrived(&b);
+        tokio::pin!(waiting);
+        assert!(futures_util::poll!(&mut waiting).is_pending());
+        let begun = tokio::time::Instant::now();
+        uploads.gone(client);
+        waiting.await;
+        assert_eq!(begun.elapsed(), Duration::ZERO);
 
         // A blob no client was told to send is not waited for at all.
         let begun = tokio::time::Instant::now();
