@@ -33,15 +33,20 @@ pub(crate) const EXPECTED_FOR: Duration = Duration::from_secs(600);
 /// asked of is sending something, or has within this long.
 pub(crate) const ARRIVAL_STALL: Duration = Duration::from_secs(10);
 
-/// Every blob of `image`: manifest, config, layers.
-fn image_blobs(image: &strata_oci::Image) -> impl Iterator<Item = Digest> + '_ {
-    [image.manifest_blob, image.config_blob]
-        .into_iter()
-        .chain(image.layers.iter().map(|l| l.blob))
-}
-
 /// Blobs expected at most; past that, the oldest expectations go.
 const MAX_EXPECTED: usize = 1 << 20;
+
+/// The connection asked for blob `d` within [`EXPECTED_FOR`] of `now`.
+fn asked_of(
+    expected: &HashMap<Digest, (tokio::time::Instant, Uploader)>,
+    d: &Digest,
+    now: tokio::time::Instant,
+) -> Option<Uploader> {
+    expected
+        .get(d)
+        .filter(|(at, _)| now.duration_since(*at) < EXPECTED_FOR)
+        .map(|(_, from)| *from)
+}
 
 /// Why a build's context cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -186,13 +191,11 @@ impl Uploads {
     /// still there and sending, or was within [`ARRIVAL_STALL`]. Another
     /// client's uploads never keep a wait going.
     fn arriving(&self, d: &Digest, now: tokio::time::Instant) -> bool {
-        let asked = self
-            .expected
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(d)
-            .filter(|(at, _)| now.duration_since(*at) < EXPECTED_FOR)
-            .map(|(_, from)| *from);
+        let asked = asked_of(
+            &self.expected.lock().unwrap_or_else(PoisonError::into_inner),
+            d,
+            now,
+        );
         asked.is_some_and(|from| {
             self.uploaders
                 .lock()
@@ -374,7 +377,7 @@ impl Uploads {
         // How many images keep each blob.
         let mut keepers: HashMap<Digest, usize> = HashMap::new();
         for (_, image) in images.values() {
-            for b in image_blobs(image) {
+            for b in image.blobs() {
                 *keepers.entry(b).or_default() += 1;
             }
         }
@@ -390,7 +393,7 @@ impl Uploads {
                 continue;
             }
             let mut bytes = 0;
-            for b in image_blobs(image) {
+            for b in image.blobs() {
                 if keepers.get(&b) == Some(&1) {
                     bytes += cas.info(&b)?.map_or(0, |i| i.size);
                 }
@@ -545,11 +548,7 @@ impl Uploads {
             (c, absent, _, lease) => {
                 let now = tokio::time::Instant::now();
                 let expected = self.expected.lock().unwrap_or_else(PoisonError::into_inner);
-                let arriving = |d: &Digest| {
-                    expected
-                        .get(d)
-                        .is_some_and(|(at, _)| now.duration_since(*at) < EXPECTED_FOR)
-                };
+                let arriving = |d: &Digest| asked_of(&expected, d, now).is_some();
                 let dirs: HashSet<&Digest> = c.dirs.iter().chain(&c.absent).collect();
                 // One no longer expected may have landed since it was
                 // looked up: an expectation ends once its blob is stored.

@@ -74,6 +74,13 @@ impl Image {
     pub fn layer_blobs(&self) -> Vec<Digest> {
         self.layers.iter().map(|l| l.blob).collect()
     }
+
+    /// Every blob the image keeps: manifest, config, layers.
+    pub fn blobs(&self) -> impl Iterator<Item = Digest> + Clone + '_ {
+        [self.manifest_blob, self.config_blob]
+            .into_iter()
+            .chain(self.layers.iter().map(|l| l.blob))
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -44,9 +44,7 @@ pub fn prune(node: &Node, keep_storage: Option<u64>) -> Result<PruneReport, GcEr
     let mut roots: HashSet<Digest> = cas.leased().into_keys().collect();
     let mut chains: Vec<Vec<LayerRef>> = Vec::new();
     for t in node.images.list()? {
-        roots.insert(t.image.manifest_blob);
-        roots.insert(t.image.config_blob);
-        roots.extend(t.image.layers.iter().map(|l| l.blob));
+        roots.extend(t.image.blobs());
         chains.push(t.image.layers);
     }
     let mut entries = node.cache.list()?;
@@ -148,9 +146,7 @@ pub fn candidates(node: &Node, now: u64) -> Result<(u64, Vec<Candidate>), GcErro
     let total = blobs.iter().map(|(_, i)| i.size).sum();
     let mut kept: HashSet<Digest> = cas.leased().into_keys().collect();
     for t in node.images.list()? {
-        kept.insert(t.image.manifest_blob);
-        kept.insert(t.image.config_blob);
-        kept.extend(t.image.layers.iter().map(|l| l.blob));
+        kept.extend(t.image.blobs());
     }
     let mut out: Vec<Candidate> = blobs
         .into_iter()
@@ -252,9 +248,7 @@ pub fn usage(node: &Node) -> Result<Usage, GcError> {
     let mut cached_blobs = HashSet::new();
     for t in &images {
         ids.insert(t.image.id);
-        let all = [t.image.config_blob, t.image.manifest_blob]
-            .into_iter()
-            .chain(t.image.layers.iter().map(|l| l.blob));
+        let all = t.image.blobs();
         if pulled.contains(&t.image.manifest_blob) {
             cached_blobs.extend(all.clone());
         } else {
