@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use strata_cas::MetaDb;
@@ -110,6 +111,9 @@ impl BuildRecord {
 #[derive(Debug)]
 pub struct History {
     meta: Arc<MetaDb>,
+    /// How many records the database holds, once counted; recording
+    /// holds it while it writes, so concurrent builds count right.
+    kept: Mutex<Option<usize>>,
 }
 
 /// Why history could not be read or written.
@@ -136,7 +140,10 @@ impl History {
     /// [`History::COLUMN_FAMILIES`].
     pub fn open(meta: Arc<MetaDb>) -> Result<History, strata_cas::Error> {
         meta.require(Self::COLUMN_FAMILIES)?;
-        Ok(History { meta })
+        Ok(History {
+            meta,
+            kept: Mutex::new(None),
+        })
     }
 
     fn err(&self, detail: impl std::fmt::Display) -> HistoryError {
@@ -146,29 +153,66 @@ impl History {
         }
     }
 
-    /// Records `build`, then lets the oldest go past [`MAX_RECORDS`].
+    /// Records `build`, then lets the oldest go past [`MAX_RECORDS`]:
+    /// only the ones past it are read, so recording costs the same with
+    /// one record kept as with a thousand.
     pub fn record(&self, build: &BuildRecord) -> Result<(), HistoryError> {
-        let cf = self.meta.cf(CF_HISTORY);
         let value = serde_json::to_vec(build).map_err(|e| self.err(e))?;
-        self.meta
-            .db()
-            .put_cf(cf, key(build), value)
-            .map_err(|e| self.err(e))?;
-        let keys: Vec<Box<[u8]>> = self
-            .meta
-            .db()
-            .iterator_cf(cf, rocksdb::IteratorMode::Start)
-            .map(|item| item.map(|(k, _)| k))
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.err(e))?;
-        if keys.len() > MAX_RECORDS {
-            let mut batch = rocksdb::WriteBatch::default();
-            for k in &keys[..keys.len() - MAX_RECORDS] {
-                batch.delete_cf(cf, k);
+        let key = key(build);
+        let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        let counted = self.put_and_trim(&key, &value, *kept);
+        // A failure leaves the count unknown: the next record counts again.
+        *kept = counted.as_ref().ok().copied();
+        counted.map(|_| ())
+    }
+
+    /// Writes one record and deletes the oldest past [`MAX_RECORDS`];
+    /// returns how many are left. `kept` is the count before, if known.
+    fn put_and_trim(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        kept: Option<usize>,
+    ) -> Result<usize, HistoryError> {
+        let cf = self.meta.cf(CF_HISTORY);
+        let db = self.meta.db();
+        let fresh = match kept {
+            Some(_) => db
+                .get_pinned_cf(cf, key)
+                .map_err(|e| self.err(e))?
+                .is_none(),
+            None => true,
+        };
+        db.put_cf(cf, key, value).map_err(|e| self.err(e))?;
+        let mut count = match kept {
+            Some(n) => n + usize::from(fresh),
+            None => {
+                let mut it = db.raw_iterator_cf(cf);
+                it.seek_to_first();
+                let mut n = 0;
+                while it.valid() {
+                    n += 1;
+                    it.next();
+                }
+                it.status().map_err(|e| self.err(e))?;
+                n
             }
-            self.meta.db().write(batch).map_err(|e| self.err(e))?;
+        };
+        if count > MAX_RECORDS {
+            let mut batch = rocksdb::WriteBatch::default();
+            let mut it = db.raw_iterator_cf(cf);
+            it.seek_to_first();
+            while count > MAX_RECORDS && it.valid() {
+                if let Some(k) = it.key() {
+                    batch.delete_cf(cf, k);
+                }
+                count -= 1;
+                it.next();
+            }
+            it.status().map_err(|e| self.err(e))?;
+            db.write(batch).map_err(|e| self.err(e))?;
         }
-        Ok(())
+        Ok(count)
     }
 
     /// The newest `limit` builds, newest first. A record that cannot be
@@ -647,6 +691,11 @@ mod tests {
         }
         let all = h.list(usize::MAX).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(all.len(), MAX_RECORDS);
+        // Recording the same build again adds nothing.
+        let mut again = BuildRecord::begin(&format!("b{:05}", MAX_RECORDS + 4), vec![], "local");
+        again.started = 1000.0 + (MAX_RECORDS + 4) as f64;
+        h.record(&again).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(h.list(usize::MAX).map(|v| v.len()).ok(), Some(MAX_RECORDS));
         assert_eq!(all[0].id, format!("b{:05}", MAX_RECORDS + 4));
         assert_eq!(all[MAX_RECORDS - 1].id, "b00005");
         assert_eq!(
@@ -662,6 +711,31 @@ mod tests {
         assert_eq!(newest.len(), 5);
         assert_eq!(newest[4].id, "b01000");
         assert_eq!(h.newest(2, f64::INFINITY).map(|v| v.len()).ok(), Some(2));
+    }
+
+    #[test]
+    fn a_history_opened_again_keeps_the_newest_of_what_is_there() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let meta =
+            MetaDb::open(dir.path(), History::COLUMN_FAMILIES).unwrap_or_else(|e| panic!("{e}"));
+        let record = |h: &History, i: usize| {
+            let mut r = BuildRecord::begin(&format!("b{i:05}"), vec![], "local");
+            r.started = 1000.0 + i as f64;
+            h.record(&r).unwrap_or_else(|e| panic!("{e}"));
+        };
+        let first = History::open(Arc::clone(&meta)).unwrap_or_else(|e| panic!("{e}"));
+        for i in 0..MAX_RECORDS - 2 {
+            record(&first, i);
+        }
+        drop(first);
+        // As a restarted daemon: it has not counted, and must not keep more.
+        let second = History::open(meta).unwrap_or_else(|e| panic!("{e}"));
+        for i in MAX_RECORDS - 2..MAX_RECORDS + 3 {
+            record(&second, i);
+        }
+        let all = second.list(usize::MAX).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(all.len(), MAX_RECORDS);
+        assert_eq!(all[MAX_RECORDS - 1].id, "b00003");
     }
 
     #[test]
