@@ -176,12 +176,17 @@ impl Runtime {
         for p in pumps {
             let _ = p.await;
         }
-        // `runc run` removes the container when the process ends; make sure.
-        let _ = self
-            .command()
-            .args(["delete", "--force", id])
-            .output()
-            .await;
+        // `runc run` removes the container when its process ends: its
+        // state directory is then gone, and starting the runtime again to
+        // delete nothing would cost every step a process on its critical
+        // path. Only a runtime that died first leaves one to remove.
+        if self.state.join(id).exists() {
+            let _ = self
+                .command()
+                .args(["delete", "--force", id])
+                .output()
+                .await;
+        }
         use std::os::unix::process::ExitStatusExt;
         let status = match (status.code(), status.signal()) {
             (Some(c), _) => ExitStatus::Code(c),
