@@ -82,6 +82,27 @@ impl Run {
         self.opts.cancel.cancel();
     }
 
+    /// Waits until every stage of `stages` is done: true then, false
+    /// when the build is cancelled first (a stage that fails cancels it,
+    /// its error recorded, so whatever waits on it gives up).
+    async fn wait_for_stages(&self, stages: &[usize]) -> bool {
+        for &d in stages {
+            let Some(done) = self.done.get(d) else {
+                return false;
+            };
+            let mut done = done.subscribe();
+            tokio::select! {
+                ready = done.wait_for(|ok| *ok) => {
+                    if ready.is_err() {
+                        return false;
+                    }
+                }
+                () = self.opts.cancel.cancelled() => return false,
+            }
+        }
+        true
+    }
+
     fn snapshot(&self) -> Vec<Option<StageResult>> {
         self.results
             .lock()
@@ -144,13 +165,7 @@ impl Solver {
         // recorded before it started.
         self.cache.sync().await?;
         let n = plan.stages.len();
-        let mut done = Vec::with_capacity(n);
-        let mut waiters = Vec::with_capacity(n);
-        for _ in 0..n {
-            let (tx, rx) = watch::channel(false);
-            done.push(tx);
-            waiters.push(rx);
-        }
+        let done: Vec<watch::Sender<bool>> = (0..n).map(|_| watch::channel(false).0).collect();
         let run = Arc::new(Run {
             jobs: Semaphore::new(opts.jobs.max(1)),
             plan: Arc::clone(&plan),
@@ -165,30 +180,26 @@ impl Solver {
         });
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..n {
-            let deps: Vec<watch::Receiver<bool>> = stage_deps(&plan.stages[i])
-                .into_iter()
-                .map(|d| waiters[d].clone())
-                .collect();
+            // A stage starts once its base stage is done; each of its steps
+            // that reads another stage waits for that one alone (below), as
+            // BuildKit's vertices do, so a stage's first steps run while
+            // the stages its later steps copy from are still building.
+            let base = match plan.stages[i].base {
+                Base::Stage(b) => vec![b],
+                _ => Vec::new(),
+            };
             let (me, run) = (Arc::clone(self), Arc::clone(&run));
             tasks.spawn(
                 async move {
-                    for mut d in deps {
-                        // A stage that fails cancels the build (its error is
-                        // recorded): the stages waiting for it give up.
-                        tokio::select! {
-                            ready = d.wait_for(|ok| *ok) => {
-                                if ready.is_err() {
-                                    return;
-                                }
-                            }
-                            () = run.opts.cancel.cancelled() => return,
-                        }
+                    if !run.wait_for_stages(&base).await {
+                        return;
                     }
                     match me.stage(&run, i).await {
                         Ok(result) => {
                             run.results.lock().unwrap_or_else(PoisonError::into_inner)[i] =
                                 Some(result);
-                            let _ = run.done[i].send(true);
+                            // Kept though no one waits yet: a later step reads it.
+                            run.done[i].send_replace(true);
                         }
                         Err(e) => run.fail(e),
                     }
@@ -269,7 +280,7 @@ impl Solver {
 
     async fn stage_once(&self, run: &Arc<Run>, i: usize) -> Result<StageResult, StageFailure> {
         let stage = &run.plan.stages[i];
-        let results: Arc<[Option<StageResult>]> = run.snapshot().into();
+        let mut results: Arc<[Option<StageResult>]> = run.snapshot().into();
         let (mut key, mut layers, base_history) = match &stage.base {
             Base::Scratch => (scratch_key(&stage.platform), Vec::new(), Vec::new()),
             Base::Image(img) => {
@@ -309,6 +320,13 @@ impl Solver {
                     Failure::Failed => StageFailure::Failed(err),
                 }
             };
+            let reads = step.op.stage_inputs();
+            if !reads.is_empty() {
+                if !run.wait_for_stages(&reads).await {
+                    return Err(StageFailure::Failed(SolveError::Cancelled));
+                }
+                results = run.snapshot().into();
+            }
             let started = now();
             let at = StepAt::new(Arc::clone(&run.plan), i, s, Arc::clone(&results)).ok_or_else(
                 || {
@@ -685,19 +703,4 @@ enum StageFailure {
     Lost(SolveError),
     /// Anything else ends the build.
     Failed(SolveError),
-}
-
-/// The plan stages a stage waits for: its base and the stages it reads.
-fn stage_deps(stage: &StagePlan) -> Vec<usize> {
-    let mut deps: Vec<usize> = stage
-        .steps
-        .iter()
-        .flat_map(|s| s.op.stage_inputs())
-        .collect();
-    if let Base::Stage(b) = stage.base {
-        deps.push(b);
-    }
-    deps.sort_unstable();
-    deps.dedup();
-    deps
 }

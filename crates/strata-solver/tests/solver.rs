@@ -69,6 +69,8 @@ struct FakeWorker {
     refuse_publish: bool,
     /// Layers no node holds any more.
     lost: Mutex<HashSet<Digest>>,
+    /// Commands that take this much longer than `delay`.
+    slow: HashMap<String, Duration>,
 }
 
 #[async_trait::async_trait]
@@ -112,11 +114,15 @@ impl Worker for FakeWorker {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_running.fetch_max(now, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
-        self.running.fetch_sub(1, Ordering::SeqCst);
         let Op::Exec(e) = &job.at.step().op else {
+            self.running.fetch_sub(1, Ordering::SeqCst);
             return Ok(None);
         };
         let cmd = e.args.join(" ");
+        if let Some(longer) = self.slow.get(&cmd) {
+            tokio::time::sleep(*longer).await;
+        }
+        self.running.fetch_sub(1, Ordering::SeqCst);
         {
             let mut lose = self.lose_once.lock().unwrap();
             if let Some(i) = lose.iter().position(|c| *c == cmd) {
@@ -271,6 +277,45 @@ async fn second_build_is_fully_cached_and_stages_run_in_parallel() {
     assert!(second.steps.iter().all(|s| s.cached));
     assert_eq!(first.stages[3].key, second.stages[3].key);
     assert_eq!(first.stages[3].layers, second.stages[3].layers);
+}
+
+#[tokio::test]
+async fn a_stage_runs_its_steps_up_to_a_copy_from_while_that_stage_builds() {
+    let worker = Arc::new(FakeWorker {
+        slow: HashMap::from([("compile".to_string(), Duration::from_millis(300))]),
+        ..Default::default()
+    });
+    let plan = Arc::new(Plan {
+        stages: vec![
+            stage("builder", Base::Scratch, vec![exec("compile", 1)]),
+            stage(
+                "final",
+                Base::Scratch,
+                vec![exec("apk add ca-certificates", 1), copy_from(0, 2)],
+            ),
+        ],
+        target: 1,
+        lint: Vec::new(),
+    });
+    let cache = Arc::new(MemCache::default());
+    let solver = Arc::new(Solver::new(worker.clone(), cache));
+    let solved = solver.solve(plan, opts()).await.unwrap();
+    assert_eq!(
+        *worker.executed.lock().unwrap(),
+        ["apk add ca-certificates", "compile"],
+        "the final stage's first step does not wait for the builder"
+    );
+    assert_eq!(
+        solved.stages[1].layers.len(),
+        1,
+        "the copy still reads the builder's result"
+    );
+    let copy = solved.steps.iter().find(|s| s.instruction == "COPY --from");
+    let compile = solved.steps.iter().find(|s| s.instruction == "RUN compile");
+    assert!(
+        matches!((copy, compile), (Some(c), Some(b)) if c.started >= b.finished),
+        "the copy starts once the builder is done"
+    );
 }
 
 #[tokio::test]
