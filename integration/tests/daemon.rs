@@ -519,3 +519,62 @@ fn the_daemon_keeps_its_store_within_keep_storage_and_evicted_steps_run_again() 
     let log = std::fs::read_to_string(s.home().join("daemon.log")).unwrap();
     assert!(log.contains("evicted to stay within keep_storage"), "{log}");
 }
+
+/// The directory under `/run/strata/netns` holding the step networks of
+/// the node whose state directory is `home`, found by the owner it names.
+fn networks_of(home: &std::path::Path) -> Option<std::path::PathBuf> {
+    let cni = home.join("cni");
+    std::fs::read_dir("/run/strata/netns")
+        .ok()?
+        .flatten()
+        .map(|d| d.path())
+        .find(|d| {
+            std::fs::read(d.join("owner")).is_ok_and(|o| o == cni.as_os_str().as_encoded_bytes())
+        })
+}
+
+#[test]
+fn step_networks_of_a_killed_daemon_whose_home_was_removed_are_released_by_the_next_node() {
+    let dir = tempfile::tempdir().unwrap();
+    write_files(
+        dir.path(),
+        &[("Dockerfile", "FROM busybox:latest\nRUN echo networked\n")],
+    );
+    // A CI job: its daemon builds, is killed with its pooled networks
+    // still wired, and its temporary home is removed.
+    let job = Strata::new().with_busybox(&[]);
+    job.build(dir.path(), &["--no-cache"]);
+    let left = networks_of(job.home()).expect("the step's network is pooled under /run");
+    let namespaces = std::fs::read_dir(&left).unwrap().count() - 1;
+    assert!(namespaces >= 1, "{}", left.display());
+    let pid = daemon_pid(&job);
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let start = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the daemon lives"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(job);
+    assert!(left.exists(), "nothing else releases them");
+
+    // The next node on this host, in another home, releases them.
+    let next = Strata::new().with_busybox(&[]);
+    next.build(dir.path(), &["--no-cache"]);
+    assert!(
+        !left.exists(),
+        "{} is still there: {:?}",
+        left.display(),
+        std::fs::read_dir(&left).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
+    // And its own networks are not taken for orphans'.
+    assert!(networks_of(next.home()).is_some());
+}

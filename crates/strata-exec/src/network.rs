@@ -12,15 +12,19 @@
 //! Wiring a namespace takes about a tenth of a second (the plugins and
 //! their iptables calls), so a finished step's namespace is kept for the
 //! next one, as BuildKit pools its CNI namespaces: at most
-//! [`POOL_SIZE`] wait, and they are released when the node closes. A
+//! [`POOL_SIZE`] wait, and they are released when the node closes (or,
+//! after a kill, when a node next opens that state directory, or any
+//! node opens once that directory is gone). A
 //! step cannot change its namespace (it has no `CAP_NET_ADMIN`) and its
 //! processes die with its pid namespace, so nothing of it is left for the
 //! next.
 
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use crate::{Error, Result};
 
@@ -44,6 +48,9 @@ struct Plugins {
     /// leaves a state directory that can be removed.
     namespaces: PathBuf,
     subnet: String,
+    /// Held while this node makes or removes its directory under `/run`
+    /// (and the file naming its owner).
+    dir: Arc<Mutex<()>>,
 }
 
 /// Step networks: made by the CNI plugins, pooled between steps.
@@ -91,6 +98,7 @@ impl Cni {
                 namespaces: namespaces_for(state),
                 subnet: std::env::var("STRATA_BUILD_SUBNET")
                     .unwrap_or_else(|_| DEFAULT_SUBNET.into()),
+                dir: Arc::default(),
             },
             pool: Arc::default(),
         })
@@ -115,35 +123,95 @@ impl Cni {
     }
 
     /// Undoes the networks of steps a killed process left: their
-    /// addresses, NAT rules and namespaces. Only the one process holding
-    /// the state directory calls this, before any step of its own runs.
+    /// addresses, NAT rules and namespaces; this node's, and those of any
+    /// node whose state directory is gone (a CI job's temporary home,
+    /// removed after its node was killed), which no one else would ever
+    /// release: each holds a veth on the bridge and an address a new
+    /// state directory's leases know nothing of. Only the one process
+    /// holding the state directory calls this, before any step of its own
+    /// runs.
     pub fn clear_stale(&self) -> usize {
-        let Ok(entries) = std::fs::read_dir(self.plugins.namespaces()) else {
-            return 0;
-        };
-        let mut n = 0;
-        for e in entries.flatten() {
-            let id = e.file_name().to_string_lossy().into_owned();
-            drop(Wired {
-                plugins: self.plugins.clone(),
-                id,
-                path: e.path(),
-            });
-            n += 1;
-        }
-        if n > 0 {
+        let own = self.plugins.release_all(&self.plugins.namespaces);
+        let orphaned = self.clear_orphans();
+        if own + orphaned > 0 {
             tracing::warn!(
-                networks = n,
+                networks = own,
+                orphaned,
                 "removed step networks a dead strata process left"
             );
         }
+        own + orphaned
+    }
+
+    /// Releases the namespaces of nodes whose state directory is gone.
+    fn clear_orphans(&self) -> usize {
+        let Some(root) = self.plugins.namespaces.parent() else {
+            return 0;
+        };
+        let Ok(dirs) = std::fs::read_dir(root) else {
+            return 0;
+        };
+        let mut n = 0;
+        for d in dirs.flatten() {
+            let dir = d.path();
+            if dir == self.plugins.namespaces || !orphaned(&dir) {
+                continue;
+            }
+            // Released with this node's plugins and leases: the owner's
+            // leases went with its state directory (and the address
+            // plugin would make that directory again).
+            n += self.plugins.release_all(&dir);
+            let _ = std::fs::remove_file(dir.join(OWNER));
+            let _ = std::fs::remove_dir(&dir);
+        }
         n
+    }
+}
+
+/// The file in a node's directory under `/run` naming its state.
+const OWNER: &str = "owner";
+
+/// How long a directory under `/run` with no owner named may be one a
+/// node is still making (or one an older strata made, which named none).
+const UNNAMED_GRACE: Duration = Duration::from_secs(60);
+
+/// Whether the namespaces in `dir` belong to no node: the state
+/// directory it names is gone, or it names none and is not new.
+fn orphaned(dir: &Path) -> bool {
+    match std::fs::read(dir.join(OWNER)) {
+        Ok(owner) => !Path::new(std::ffi::OsStr::from_bytes(&owner)).exists(),
+        Err(_) => std::fs::metadata(dir)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > UNNAMED_GRACE),
     }
 }
 
 impl Plugins {
     fn namespaces(&self) -> PathBuf {
         self.namespaces.clone()
+    }
+
+    /// Releases every namespace mounted in `dir`; returns how many.
+    fn release_all(&self, dir: &Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut n = 0;
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if id == OWNER {
+                continue;
+            }
+            drop(Wired {
+                plugins: self.clone(),
+                id,
+                path: e.path(),
+            });
+            n += 1;
+        }
+        n
     }
 
     fn bridge_config(&self) -> String {
@@ -234,15 +302,26 @@ impl Plugins {
     /// bridge.
     fn wire(&self, id: &str) -> Result<Wired> {
         let dir = self.namespaces();
-        std::fs::create_dir_all(&dir).map_err(|source| Error::Bundle {
-            path: dir.clone(),
-            source,
-        })?;
         let path = dir.join(id);
-        create_namespace(&path).map_err(|e| Error::Network {
-            step: id.to_string(),
-            detail: format!("cannot make a network namespace at {}: {e}", path.display()),
-        })?;
+        {
+            let _dir = self.dir.lock().unwrap_or_else(PoisonError::into_inner);
+            let bundle = |source| Error::Bundle {
+                path: dir.clone(),
+                source,
+            };
+            std::fs::create_dir_all(&dir).map_err(bundle)?;
+            // Named, and what it names made, before any namespace is in
+            // it, so another node never takes it for an orphan's.
+            std::fs::create_dir_all(&self.state).map_err(|source| Error::Bundle {
+                path: self.state.clone(),
+                source,
+            })?;
+            std::fs::write(dir.join(OWNER), self.state.as_os_str().as_bytes()).map_err(bundle)?;
+            create_namespace(&path).map_err(|e| Error::Network {
+                step: id.to_string(),
+                detail: format!("cannot make a network namespace at {}: {e}", path.display()),
+            })?;
+        }
         // From here on, dropping it undoes whatever was done.
         let wired = Wired {
             plugins: self.clone(),
@@ -291,10 +370,21 @@ impl Drop for Wired {
             tracing::warn!(step = %self.id, error = %e, "cannot release a step's network");
         }
         let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+        let _dir = self
+            .plugins
+            .dir
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let _ = std::fs::remove_file(&self.path);
         // The node's directory under /run goes with its last namespace.
         if let Some(dir) = self.path.parent() {
-            let _ = std::fs::remove_dir(dir);
+            let empty = std::fs::read_dir(dir)
+                .map(|mut entries| entries.all(|e| e.is_ok_and(|e| e.file_name() == OWNER)))
+                .unwrap_or(false);
+            if empty {
+                let _ = std::fs::remove_file(dir.join(OWNER));
+                let _ = std::fs::remove_dir(dir);
+            }
         }
     }
 }
