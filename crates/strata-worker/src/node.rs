@@ -56,11 +56,16 @@ pub fn default_home() -> PathBuf {
 /// network, on a disk, on `sleep`) must overlap, as BuildKit runs every
 /// ready step; CPU-bound ones share the CPUs either way.
 pub fn default_slots() -> usize {
+    // The CPUs this process may use, read once: finding them reads the
+    // cgroup's quota files, which every build asked again.
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     std::env::var("STRATA_JOBS")
         .ok()
         .and_then(|j| j.parse::<usize>().ok())
         .filter(|j| *j > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()) * 4)
+        .unwrap_or_else(|| {
+            *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get())) * 4
+        })
 }
 
 /// How often [`Node::usage`] walks the directories it measures.
