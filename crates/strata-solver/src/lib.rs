@@ -1,10 +1,13 @@
 //! strata's solver: turns a [`Plan`] into results.
 //!
-//! Stages run in dependency order, independent ones at the same time (at
-//! most `jobs` steps at once). Inside a stage each step's cache key is
-//! computed from its parent's key, its op and the content of its inputs
-//! (which a [`Worker`] measures), then looked up in the [`CacheIndex`]; only
-//! a miss is executed, and identical keys in flight run once. A `COPY
+//! Stages run at the same time (at most `jobs` steps at once), each once
+//! its base stage is done; a step that reads another stage (`COPY
+//! --from`, a `RUN --mount=from`) waits for that stage alone, so the steps
+//! before it run while that stage builds. Inside a stage each step's
+//! cache key is computed from its parent's key, its op and the content of
+//! its inputs (which a [`Worker`] measures), then looked up in the
+//! [`CacheIndex`]; only a miss is executed, and identical keys in flight
+//! run once. A `COPY
 //! --from` whose source produced the same bytes as before therefore stays
 //! cached even when the source stage re-ran (early cutoff).
 //!
