@@ -26,6 +26,19 @@ fn daemon_pid(s: &Strata) -> i32 {
         .unwrap()
 }
 
+/// Kills the daemon of `s` with SIGKILL; returns its pid.
+fn kill_daemon(s: &Strata) -> i32 {
+    let pid = daemon_pid(s);
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    pid
+}
+
 #[test]
 fn eight_builds_at_once_on_one_home_succeed_share_a_step_and_leave_other_commands_answering() {
     let s = Strata::new().with_busybox(&[]);
@@ -152,14 +165,7 @@ fn a_daemon_killed_mid_build_is_reported_and_the_next_command_recovers() {
         }
     }
     std::thread::sleep(Duration::from_millis(500));
-    let pid = daemon_pid(&s);
-    assert!(
-        Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let pid = kill_daemon(&s);
     let status = child.wait().unwrap();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
@@ -547,14 +553,7 @@ fn step_networks_of_a_killed_daemon_whose_home_was_removed_are_released_by_the_n
     let left = networks_of(job.home()).expect("the step's network is pooled under /run");
     let namespaces = std::fs::read_dir(&left).unwrap().count() - 1;
     assert!(namespaces >= 1, "{}", left.display());
-    let pid = daemon_pid(&job);
-    assert!(
-        Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let pid = kill_daemon(&job);
     let start = Instant::now();
     while std::path::Path::new(&format!("/proc/{pid}")).exists() {
         assert!(
