@@ -6,7 +6,8 @@
 //! is its diff_id and its bytes are the blob the snapshotter extracts.
 //! Compression happens on export.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use oci_spec::image::{Descriptor, ImageManifest, ImageManifestBuilder, MediaType, Sha256Digest};
 use serde::{Deserialize, Serialize};
@@ -104,7 +105,15 @@ pub struct Tagged {
 pub struct ImageStore {
     meta: Arc<MetaDb>,
     cas: Arc<ContentStore>,
+    /// Images read from their manifests, by manifest blob: a manifest's
+    /// bytes never change, so neither does the image they describe (at
+    /// most [`LOADED_KEPT`]).
+    loaded: Mutex<HashMap<Digest, Image>>,
 }
+
+/// Images [`ImageStore::load`] keeps read: a node's base images and the
+/// images it builds, with room to spare.
+const LOADED_KEPT: usize = 256;
 
 impl std::fmt::Debug for ImageStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -128,7 +137,11 @@ impl ImageStore {
     /// opened with [`ImageStore::COLUMN_FAMILIES`].
     pub fn open(meta: Arc<MetaDb>, cas: Arc<ContentStore>) -> Result<ImageStore> {
         meta.require(Self::COLUMN_FAMILIES)?;
-        Ok(ImageStore { meta, cas })
+        Ok(ImageStore {
+            meta,
+            cas,
+            loaded: Mutex::default(),
+        })
     }
 
     fn names(&self) -> &rocksdb::ColumnFamily {
@@ -176,8 +189,35 @@ impl ImageStore {
         Ok(image)
     }
 
-    /// Reads an image from its manifest blob.
+    /// Reads an image from its manifest blob. One read before is taken
+    /// again while every blob it names is still stored (a build reads its
+    /// base images each time; parsing their manifests and configs was a
+    /// tenth of a build with nothing to do).
     pub fn load(&self, manifest_blob: &Digest) -> Result<Image> {
+        let known = self
+            .loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(manifest_blob)
+            .cloned();
+        if let Some(image) = known {
+            let blobs: Vec<Digest> = image.blobs().collect();
+            if self.cas.absent(&blobs)?.is_empty() {
+                return Ok(image);
+            }
+        }
+        let image = self.read(manifest_blob)?;
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        if loaded.len() >= LOADED_KEPT {
+            loaded.clear();
+        }
+        loaded.insert(*manifest_blob, image.clone());
+        Ok(image)
+    }
+
+    /// Reads an image from its manifest blob, its config and layers found
+    /// by their sha256.
+    fn read(&self, manifest_blob: &Digest) -> Result<Image> {
         let bytes = self.cas.read(manifest_blob)?;
         let manifest = ImageManifest::from_reader(bytes.as_slice())
             .map_err(|e| Error::Format(format!("manifest {manifest_blob} is malformed: {e}")))?;

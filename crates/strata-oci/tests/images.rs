@@ -156,3 +156,15 @@ fn tampered_archive_is_refused() {
     let err = import(&store, &out, dir.path(), "linux", "amd64").unwrap_err();
     assert!(err.to_string().contains("hashes to"), "{err}");
 }
+
+#[test]
+fn an_image_read_before_is_read_again_once_a_blob_it_names_is_gone() {
+    let (_d, store) = setup();
+    let image = sample(&store);
+    assert_eq!(store.load(&image.manifest_blob).unwrap(), image);
+    assert_eq!(store.load(&image.manifest_blob).unwrap(), image, "as read");
+    // A layer pruned since: the image is no longer whole, and says so.
+    store.content().delete(&image.layers[1].blob).unwrap();
+    let err = store.load(&image.manifest_blob).unwrap_err().to_string();
+    assert!(err.contains("is missing"), "{err}");
+}
