@@ -6,10 +6,10 @@
 //! before it run while that stage builds. Inside a stage each step's
 //! cache key is computed from its parent's key, its op and the content of
 //! its inputs (which a [`Worker`] measures), then looked up in the
-//! [`CacheIndex`]; only a miss is executed, and identical keys in flight
-//! run once. A `COPY
-//! --from` whose source produced the same bytes as before therefore stays
-//! cached even when the source stage re-ran (early cutoff).
+//! [`CacheIndex`](strata_cache::CacheIndex); only a miss is executed,
+//! and identical keys in flight run once. A `COPY --from` whose source
+//! produced the same bytes as before therefore stays cached even when the
+//! source stage re-ran (early cutoff).
 //!
 //! The solver sees ops and keys, never Dockerfile syntax, files or
 //! processes: the worker does the work.
