@@ -19,6 +19,7 @@ use strata_worker::{
     CacheTo, NamedContext, PlanInputs, SOURCE_DATE_EPOCH, Timestamps, build, export_cache,
     exported_keys, import_cache, parse_cache_from, parse_cache_to, parse_named_context,
 };
+use tracing::Instrument as _;
 
 use crate::cx::Cx;
 use crate::dockerfile::parse_build_args;
@@ -214,7 +215,7 @@ enum Output {
 
 impl Output {
     /// The output with its paths the client's.
-    fn resolved(self, cx: &Cx<'_>) -> Output {
+    fn resolved(self, cx: &Cx) -> Output {
         match self {
             Output::Oci {
                 dest,
@@ -255,7 +256,7 @@ impl Dest {
         }
     }
 
-    fn resolved(self, cx: &Cx<'_>) -> Dest {
+    fn resolved(self, cx: &Cx) -> Dest {
         match self {
             Dest::Path(p) => Dest::Path(cx.path(&p)),
             Dest::Stdout => Dest::Stdout,
@@ -345,7 +346,7 @@ fn parse_output(s: &str) -> Result<(Output, bool)> {
 
 /// `--ssh`s: agent sockets by id, as buildx spells them; the client's
 /// SSH_AUTH_SOCK when no socket is named.
-fn parse_ssh(cx: &Cx<'_>, raw: &[String]) -> Result<BTreeMap<String, PathBuf>> {
+fn parse_ssh(cx: &Cx, raw: &[String]) -> Result<BTreeMap<String, PathBuf>> {
     let mut out = BTreeMap::new();
     for s in raw {
         let (id, paths) = match s.split_once('=') {
@@ -390,7 +391,7 @@ fn parse_ssh(cx: &Cx<'_>, raw: &[String]) -> Result<BTreeMap<String, PathBuf>> {
 }
 
 /// `--secret`s, their files and variables the client's.
-fn parse_secrets(cx: &Cx<'_>, raw: &[String]) -> Result<BTreeMap<String, Vec<u8>>> {
+fn parse_secrets(cx: &Cx, raw: &[String]) -> Result<BTreeMap<String, Vec<u8>>> {
     let mut out = BTreeMap::new();
     for s in raw {
         let mut kv = BTreeMap::new();
@@ -553,22 +554,27 @@ fn from_stdin(
 }
 
 /// `strata build`: the build, then its record in the history.
-pub fn run(cx: &Cx<'_>, args: BuildArgs, flags: &RegistryFlags) -> Result<u8> {
+pub async fn run(cx: &Cx, args: BuildArgs, flags: &RegistryFlags) -> Result<u8> {
     // Every log line of the build, here and on the nodes it runs on,
     // names it by this id, as its report, history and last line do.
     let build_id = strata_solver::new_build_id();
     let span = tracing::info_span!("build", id = %build_id);
-    let _build = span.enter();
+    recorded(cx, args, flags, &build_id).instrument(span).await
+}
+
+/// The build `build_id`, recorded in the node's history and its view of
+/// running builds.
+async fn recorded(cx: &Cx, args: BuildArgs, flags: &RegistryFlags, build_id: &str) -> Result<u8> {
     let on = if args.cluster.is_some() {
         "cluster"
     } else {
         "local"
     };
-    let mut record = BuildRecord::begin(&build_id, args.tags.clone(), on);
+    let mut record = BuildRecord::begin(build_id, args.tags.clone(), on);
     let started = Instant::now();
-    cx.node.live.begin(&build_id, &args.tags, None);
-    let result = build_and_output(cx, args, flags, &build_id, &mut record);
-    cx.node.live.end(&build_id);
+    cx.node.live.begin(build_id, &args.tags, None);
+    let result = build_and_output(cx, args, flags, build_id, &mut record).await;
+    cx.node.live.end(build_id);
     record.duration_seconds = started.elapsed().as_secs_f64();
     match &result {
         Ok(_) => record.status = BuildStatus::Succeeded,
@@ -602,7 +608,7 @@ fn parse_labels(given: &[String]) -> Result<BTreeMap<String, String>> {
 
 /// `--build-context`s by name, their paths the client's; a name given
 /// twice is an error, as in buildx.
-fn parse_contexts(cx: &Cx<'_>, given: &[String]) -> Result<BTreeMap<String, NamedContext>> {
+fn parse_contexts(cx: &Cx, given: &[String]) -> Result<BTreeMap<String, NamedContext>> {
     let mut contexts = BTreeMap::new();
     for g in given {
         let (name, context) = parse_named_context(g)?;
@@ -619,11 +625,7 @@ fn parse_contexts(cx: &Cx<'_>, given: &[String]) -> Result<BTreeMap<String, Name
 }
 
 /// `--cache-from`s and `--cache-to`s, their directories the client's.
-fn parse_caches(
-    cx: &Cx<'_>,
-    from: &[String],
-    to: &[String],
-) -> Result<(Vec<CacheFrom>, Vec<CacheTo>)> {
+fn parse_caches(cx: &Cx, from: &[String], to: &[String]) -> Result<(Vec<CacheFrom>, Vec<CacheTo>)> {
     let local = |location: CacheLocation| match location {
         CacheLocation::Local { dir, tag } => CacheLocation::Local {
             dir: cx.path(&dir),
@@ -655,15 +657,15 @@ fn parse_caches(
 
 /// Imports each `--cache-from`; one that cannot be read is a warning and
 /// the build goes on without it, as in buildx.
-fn import_caches(
-    cx: &Cx<'_>,
+async fn import_caches(
+    cx: &Cx,
     registry: &Arc<Registry>,
     from: &[CacheFrom],
     progress: Mode,
 ) -> Result<()> {
     for c in from {
         let transfer = cx.session.transfer();
-        let imported = cx.block_on(import_cache(cx.node, registry, c, transfer.as_ref()));
+        let imported = import_cache(&cx.node, registry, c, transfer.as_ref()).await;
         cx.session.progress_done();
         match imported {
             Ok(i) if !matches!(progress, Mode::Quiet | Mode::Rawjson) => {
@@ -693,8 +695,8 @@ fn import_caches(
 
 /// Exports the build's cache to each `--cache-to`; a failure fails the
 /// build unless the export said `ignore-error=true`.
-fn export_caches(
-    cx: &Cx<'_>,
+async fn export_caches(
+    cx: &Cx,
     registry: &Arc<Registry>,
     to: &[CacheTo],
     keys_of: impl Fn(CacheMode) -> Vec<strata_cas::Digest>,
@@ -703,7 +705,7 @@ fn export_caches(
     for c in to {
         let keys = keys_of(c.mode);
         let transfer = cx.session.transfer();
-        let exported = cx.block_on(export_cache(cx.node, registry, c, keys, transfer.as_ref()));
+        let exported = export_cache(&cx.node, registry, c, keys, transfer.as_ref()).await;
         cx.session.progress_done();
         match exported {
             Ok(e) if !matches!(progress, Mode::Quiet | Mode::Rawjson) => writeln!(
@@ -731,7 +733,7 @@ fn export_caches(
 }
 
 /// BuildKit's warning for `--build-arg`s nothing consumes.
-fn warn_unused(cx: &Cx<'_>, inputs: &PlanInputs) -> Result<()> {
+fn warn_unused(cx: &Cx, inputs: &PlanInputs) -> Result<()> {
     let unused = inputs.unused_build_args();
     if !unused.is_empty() {
         writeln!(
@@ -791,7 +793,7 @@ impl Checks {
 
     /// Refuses the build, listing the findings, when the directive says
     /// `error=true` and there is any.
-    fn enforce(&self, cx: &Cx<'_>) -> Result<()> {
+    fn enforce(&self, cx: &Cx) -> Result<()> {
         if !self.config.error || self.findings.is_empty() {
             return Ok(());
         }
@@ -800,7 +802,7 @@ impl Checks {
     }
 
     /// The list a build prints, as buildx does.
-    fn print_warnings(&self, cx: &Cx<'_>) -> Result<()> {
+    fn print_warnings(&self, cx: &Cx) -> Result<()> {
         if self.findings.is_empty() {
             return Ok(());
         }
@@ -814,7 +816,7 @@ impl Checks {
     }
 
     /// `--check`'s report, as buildx's; the exit code (1 with findings).
-    fn print_check(&self, cx: &Cx<'_>) -> Result<u8> {
+    fn print_check(&self, cx: &Cx) -> Result<u8> {
         let mut err = cx.err();
         let source: Vec<&str> = self.source.lines().collect();
         match self.findings.len() {
@@ -858,8 +860,8 @@ fn cancelled(e: &anyhow::Error) -> bool {
     })
 }
 
-fn build_and_output(
-    cx: &Cx<'_>,
+async fn build_and_output(
+    cx: &Cx,
     args: BuildArgs,
     flags: &RegistryFlags,
     build_id: &str,
@@ -867,9 +869,11 @@ fn build_and_output(
 ) -> Result<u8> {
     match args.platform.clone() {
         Some(list) if list.contains(',') => {
-            build_platforms(cx, args, &list, flags, build_id, record)
+            build_platforms(cx, args, &list, flags, build_id, record).await
         }
-        _ => build_one(cx, args, flags, build_id, record).map(|(code, _)| code),
+        _ => build_one(cx, args, flags, build_id, record)
+            .await
+            .map(|(code, _)| code),
     }
 }
 
@@ -883,8 +887,8 @@ fn build_and_output(
 /// own (`-o type=local`, `linux_arm64/`), as buildx writes them. The local
 /// image store and the Docker engine hold one platform per name, so
 /// `--load` and `type=docker` are refused, as buildx refuses them.
-fn build_platforms(
-    cx: &Cx<'_>,
+async fn build_platforms(
+    cx: &Cx,
     args: BuildArgs,
     list: &str,
     flags: &RegistryFlags,
@@ -960,7 +964,7 @@ fn build_platforms(
         if n > 0 {
             one.cache_from.clear();
         }
-        let (code, built) = build_one(cx, one, flags, build_id, record)?;
+        let (code, built) = build_one(cx, one, flags, build_id, record).await?;
         match built {
             Some(b) if code == 0 => {
                 images.push(b.image);
@@ -984,9 +988,10 @@ fn build_platforms(
             keys
         },
         args.progress_mode(),
-    )?;
+    )
+    .await?;
 
-    let node = Arc::clone(cx.node);
+    let node = Arc::clone(&cx.node);
     let mut index: Option<String> = None;
     for o in &outputs {
         match o {
@@ -994,37 +999,50 @@ fn build_platforms(
                 dest,
                 compression,
                 tar,
-            } => write_to(cx, dest, "the OCI layout", |path| {
-                let digest = strata_oci::export_oci_index(
-                    &node.content,
-                    &images,
-                    tags.first(),
-                    path,
-                    *tar,
-                    *compression,
-                )?;
-                index.get_or_insert(digest.to_string());
-                Ok(())
-            })?,
-            Output::Local { dest } => {
-                for image in &images {
-                    let dir = dest.join(platform_dir(image));
-                    strata_worker::export_rootfs(&node, image, &dir).with_context(|| {
-                        format!("cannot write the image's files to {}", dir.display())
-                    })?;
+            } => {
+                let (dest, compression, tar) = (dest.clone(), *compression, *tar);
+                let (images, tag) = (images.clone(), tags.first().cloned());
+                let digest = cx
+                    .blocking(move |cx| {
+                        let mut digest = None;
+                        write_to(cx, &dest, "the OCI layout", |path| {
+                            let made = strata_oci::export_oci_index(
+                                &cx.node.content,
+                                &images,
+                                tag.as_ref(),
+                                path,
+                                tar,
+                                compression,
+                            )?;
+                            digest = Some(made);
+                            Ok(())
+                        })?;
+                        Ok(digest)
+                    })
+                    .await?;
+                if let Some(digest) = digest {
+                    index.get_or_insert(digest.to_string());
                 }
+            }
+            Output::Local { dest } => {
+                let (dest, images) = (dest.clone(), images.clone());
+                cx.blocking(move |cx| {
+                    for image in &images {
+                        let dir = dest.join(platform_dir(image));
+                        strata_worker::export_rootfs(&cx.node, image, &dir).with_context(|| {
+                            format!("cannot write the image's files to {}", dir.display())
+                        })?;
+                    }
+                    Ok(())
+                })
+                .await?;
             }
             Output::Registry { compression } => {
                 for tag in &tags {
                     let transfer = cx.session.transfer();
-                    let pushed = cx
-                        .block_on(registry.push_index(
-                            &images,
-                            tag,
-                            &node.content,
-                            *compression,
-                            transfer.as_ref(),
-                        ))
+                    let pushed = registry
+                        .push_index(&images, tag, &node.content, *compression, transfer.as_ref())
+                        .await
                         .with_context(|| format!("cannot push {}", tag.familiar()));
                     cx.session.progress_done();
                     let pushed = pushed?;
@@ -1118,8 +1136,8 @@ struct Built {
 }
 
 /// One platform's build and outputs; the exit code and what it made.
-fn build_one(
-    cx: &Cx<'_>,
+async fn build_one(
+    cx: &Cx,
     mut args: BuildArgs,
     flags: &RegistryFlags,
     build_id: &str,
@@ -1231,7 +1249,7 @@ fn build_one(
     }
     check_push_named(&outputs, &tags)?;
     let registry = flags.registry_for(cx);
-    let node = Arc::clone(cx.node);
+    let node = Arc::clone(&cx.node);
     let cancel = cx.session.cancel().clone();
     // The node's slots bound every build together; a build may ask for
     // fewer of them.
@@ -1305,7 +1323,8 @@ fn build_one(
                     download,
                 },
                 &tags,
-            );
+            )
+            .await;
             cx.session.progress_done();
             match outcome {
                 Ok((image, steps, fetched, here)) => {
@@ -1368,7 +1387,7 @@ fn build_one(
             )?;
             if args.check {
                 // Planning finds what needs the base images (UndefinedVar).
-                let plan = cx.block_on(strata_worker::plan_only(&node, &req))?;
+                let plan = strata_worker::plan_only(&node, &req).await?;
                 return match checks.as_mut() {
                     Some(c) => {
                         c.with_plan(&plan.lint);
@@ -1379,9 +1398,9 @@ fn build_one(
             }
             warn_unused(cx, &unused)?;
             if !args.no_cache {
-                import_caches(cx, &registry, &cache_from, args.progress)?;
+                import_caches(cx, &registry, &cache_from, args.progress).await?;
             }
-            let result = cx.block_on(build(node.clone(), req));
+            let result = build(node.clone(), req).await;
             cx.session.progress_done();
             match result {
                 Ok(r) => {
@@ -1391,7 +1410,8 @@ fn build_one(
                         &cache_to,
                         |mode| exported_keys(&r.plan, &r.solved, mode),
                         args.progress,
-                    )?;
+                    )
+                    .await?;
                     let steps = r.solved.steps.clone();
                     if let Some(c) = checks.as_mut() {
                         c.with_plan(&r.plan.lint);
@@ -1424,56 +1444,27 @@ fn build_one(
     let image = &image;
     for o in &outputs {
         match o {
-            Output::Oci {
-                dest,
-                compression,
-                tar,
-            } => write_to(cx, dest, "the OCI layout", |path| {
-                strata_oci::export_oci(&node.content, image, tags.first(), path, *tar, *compression)
-                    .map(drop)
-                    .map_err(anyhow::Error::from)
-            })?,
-            Output::Docker { dest: Some(dest) } => {
-                write_to(cx, dest, "the docker archive", |path| {
-                    strata_oci::export_docker_archive(&node.content, image, &tags, path)
-                        .map_err(anyhow::Error::from)
-                })?
-            }
-            Output::Docker { dest: None } => crate::engine::load(cx, &node, image, &tags)?,
-            Output::Local { dest } => {
-                strata_worker::export_rootfs(&node, image, dest).with_context(|| {
-                    format!("cannot write the image's files to {}", dest.display())
-                })?;
-            }
-            Output::Tar { dest } => match dest {
-                Dest::Path(path) => {
-                    let file = std::fs::File::create(path)
-                        .with_context(|| format!("cannot create {}", path.display()))?;
-                    let mut out = std::io::BufWriter::new(file);
-                    strata_worker::write_rootfs_tar(&node, image, &mut out)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|()| out.flush().map_err(anyhow::Error::from))
-                        .with_context(|| format!("cannot write {}", path.display()))?;
-                }
-                // Streamed: a tar cut short by an error has no end-of-archive
-                // blocks, so no reader takes it as whole.
-                Dest::Stdout => strata_worker::write_rootfs_tar(&node, image, cx.out())
-                    .context("cannot write the image's files to standard output")?,
-            },
             Output::Image => {}
+            Output::Docker { dest: None } => crate::engine::load(cx, image, &tags).await?,
             Output::Registry { compression } => {
                 for tag in &tags {
                     let pushed = match &in_cluster {
                         Some(cluster) => {
-                            crate::cluster::push_from(cx, cluster, &registry, tag, *compression)
+                            crate::cluster::push_from(cluster, &registry, tag, *compression).await
                         }
                         None => {
                             crate::registry::push_image(cx, &registry, image, tag, *compression)
+                                .await
                         }
                     };
                     cx.session.progress_done();
                     crate::registry::report_push(cx, tag, &pushed?)?;
                 }
+            }
+            written => {
+                let (o, image, tags) = (written.clone(), image.clone(), tags.clone());
+                cx.blocking(move |cx| write_output(cx, &o, &image, &tags))
+                    .await?;
             }
         }
     }
@@ -1541,10 +1532,57 @@ fn build_one(
     ))
 }
 
+/// Writes an output that is files (an OCI layout, an archive, the
+/// image's files): on a blocking thread, as its caller runs it.
+fn write_output(
+    cx: &Cx,
+    output: &Output,
+    image: &strata_oci::Image,
+    tags: &[Reference],
+) -> Result<()> {
+    let node = &cx.node;
+    match output {
+        Output::Oci {
+            dest,
+            compression,
+            tar,
+        } => write_to(cx, dest, "the OCI layout", |path| {
+            strata_oci::export_oci(&node.content, image, tags.first(), path, *tar, *compression)
+                .map(drop)
+                .map_err(anyhow::Error::from)
+        }),
+        Output::Docker { dest: Some(dest) } => write_to(cx, dest, "the docker archive", |path| {
+            strata_oci::export_docker_archive(&node.content, image, tags, path)
+                .map_err(anyhow::Error::from)
+        }),
+        Output::Local { dest } => strata_worker::export_rootfs(node, image, dest)
+            .map(drop)
+            .with_context(|| format!("cannot write the image's files to {}", dest.display())),
+        Output::Tar {
+            dest: Dest::Path(path),
+        } => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            let mut out = std::io::BufWriter::new(file);
+            strata_worker::write_rootfs_tar(node, image, &mut out)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| out.flush().map_err(anyhow::Error::from))
+                .with_context(|| format!("cannot write {}", path.display()))
+        }
+        // Streamed: a tar cut short by an error has no end-of-archive
+        // blocks, so no reader takes it as whole.
+        Output::Tar { dest: Dest::Stdout } => {
+            strata_worker::write_rootfs_tar(node, image, cx.out())
+                .context("cannot write the image's files to standard output")
+        }
+        Output::Docker { dest: None } | Output::Image | Output::Registry { .. } => Ok(()),
+    }
+}
+
 /// Runs `write` to make an output at `dest`; for standard output, into a
 /// scratch file first, so the client gets a whole archive or nothing.
 fn write_to(
-    cx: &Cx<'_>,
+    cx: &Cx,
     dest: &Dest,
     what: &str,
     write: impl FnOnce(&Path) -> Result<()>,
@@ -1559,10 +1597,10 @@ fn write_to(
 
 /// The client's progress display, and the node's view of running builds
 /// (its dashboard), both fed with the build's events.
-fn live_progress(cx: &Cx<'_>, build_id: &str) -> strata_solver::Progress {
+fn live_progress(cx: &Cx, build_id: &str) -> strata_solver::Progress {
     let (client, node, id) = (
         cx.session.progress(),
-        Arc::clone(cx.node),
+        Arc::clone(&cx.node),
         build_id.to_string(),
     );
     Arc::new(move |e: strata_solver::Event| {
@@ -1572,7 +1610,7 @@ fn live_progress(cx: &Cx<'_>, build_id: &str) -> strata_solver::Progress {
 }
 
 /// A failing step's last output, framed as BuildKit frames it.
-fn print_tail(cx: &Cx<'_>, title: Option<&str>, tail: &[String]) -> Result<()> {
+fn print_tail(cx: &Cx, title: Option<&str>, tail: &[String]) -> Result<()> {
     if tail.is_empty() {
         return Ok(());
     }
@@ -1621,13 +1659,13 @@ impl<E: Into<anyhow::Error>> From<E> for ClusterFailure {
 /// on the cluster with its progress shown here, then fetches the image's
 /// layers from the workers and names it. Returns the image, the steps and
 /// the bytes fetched.
-fn cluster_build(
-    cx: &Cx<'_>,
+async fn cluster_build(
+    cx: &Cx,
     cluster: &Path,
     b: ClusterBuild<'_>,
     tags: &[Reference],
 ) -> Result<(strata_oci::Image, Vec<StepRecord>, u64, bool), ClusterFailure> {
-    let node = cx.node;
+    let node = &cx.node;
     let stamps = Timestamps::new(b.inputs.source_date_epoch()?, b.rewrite_timestamp)?;
     // A build with SOURCE_DATE_EPOCH has its times rewritten here, so it
     // is stored here.
@@ -1636,16 +1674,22 @@ fn cluster_build(
     // The context's tree, reading only files whose stat changed since the
     // last build of this directory.
     let hashing = std::time::Instant::now();
-    let cache_at = strata_cluster::context::StatCache::path(node.home(), b.context);
-    let mut cache = cx.contexts.take(&cache_at);
-    let tree = strata_cluster::context::hash(b.context, &ignore, &mut cache)
-        .with_context(|| format!("cannot read the build context {}", b.context.display()))?;
-    match cache.save(&cache_at) {
-        Ok(()) => cx.contexts.keep(&cache_at, cache),
-        Err(e) => {
-            tracing::warn!(path = %cache_at.display(), error = %e, "cannot save the context's stat cache")
-        }
-    }
+    let dir = b.context.to_path_buf();
+    let tree = cx
+        .blocking(move |cx| {
+            let cache_at = strata_cluster::context::StatCache::path(cx.node.home(), &dir);
+            let mut cache = cx.contexts.take(&cache_at);
+            let tree = strata_cluster::context::hash(&dir, &ignore, &mut cache)
+                .with_context(|| format!("cannot read the build context {}", dir.display()))?;
+            match cache.save(&cache_at) {
+                Ok(()) => cx.contexts.keep(&cache_at, cache),
+                Err(e) => {
+                    tracing::warn!(path = %cache_at.display(), error = %e, "cannot save the context's stat cache")
+                }
+            }
+            Ok(tree)
+        })
+        .await?;
     tracing::debug!(
         entries = tree.entries,
         read = tree.read,
@@ -1656,7 +1700,7 @@ fn cluster_build(
     let coordinators = strata_cluster::config::ClientConfig::load(cluster)
         .map(|c| c.coordinators.len())
         .unwrap_or(1);
-    cx.block_on(async {
+    {
         let progress = live_progress(cx, &b.build_id);
         let on_event = move |e| progress(e);
         // A coordinator lost mid-build takes the build with it; another
@@ -1773,7 +1817,7 @@ fn cluster_build(
             );
         }
         Ok((image, done.steps, fetched, download))
-    })
+    }
 }
 
 #[cfg(test)]

@@ -174,8 +174,8 @@ pub struct ImportCacheArgs {
 /// into this state directory first (every blob checked against its
 /// digest), then its layers uploaded to the cluster, where each is checked
 /// again and copied to workers before the entries naming it are put.
-pub fn import_cache(
-    cx: &crate::cx::Cx<'_>,
+pub async fn import_cache(
+    cx: &crate::cx::Cx,
     args: ImportCacheArgs,
     flags: &RegistryFlags,
 ) -> Result<u8> {
@@ -185,29 +185,24 @@ pub fn import_cache(
     }
     let registry = flags.registry_for(cx);
     let transfer = cx.session.transfer();
-    let imported = cx.block_on(strata_worker::import_cache(
-        cx.node,
-        &registry,
-        &from,
-        transfer.as_ref(),
-    ));
+    let imported = strata_worker::import_cache(&cx.node, &registry, &from, transfer.as_ref()).await;
     cx.session.progress_done();
     let imported =
         imported.with_context(|| format!("cannot import cache from {}", from.location))?;
     let config = ClientConfig::load(&cx.path(&args.cluster)).map_err(anyhow::Error::msg)?;
     let entries = imported.entries;
     let records = entries.len();
-    let added = cx
-        .block_on(async {
-            let client = Client::connect(&config).await?;
-            client.import_cache(&cx.node.content, entries).await
-        })
-        .with_context(|| {
-            format!(
-                "cannot import cache from {} into the cluster",
-                from.location
-            )
-        })?;
+    let added = async {
+        let client = Client::connect(&config).await?;
+        client.import_cache(&cx.node.content, entries).await
+    }
+    .await
+    .with_context(|| {
+        format!(
+            "cannot import cache from {} into the cluster",
+            from.location
+        )
+    })?;
     writeln!(
         cx.err(),
         "imported cache from {} into the cluster: {records} steps, {added} new",
@@ -825,8 +820,7 @@ fn ask<T>(cluster: &Path, f: impl AsyncFnOnce(&Client) -> Result<T, ClientError>
 /// Has a worker of the cluster push the image it names `tag` to the
 /// registry `tag` names, with the credentials `registry` has for it
 /// (handed over for this push only).
-pub fn push_from(
-    cx: &crate::cx::Cx<'_>,
+pub async fn push_from(
     cluster: &Path,
     registry: &strata_registry::Registry,
     tag: &strata_oci::Reference,
@@ -842,10 +836,11 @@ pub fn push_from(
         credential,
         insecure: registry.options().is_insecure(&tag.domain),
     };
-    cx.block_on(async {
+    async {
         let client = connect(cluster).await?;
         client.push(push).await.map_err(anyhow::Error::from)
-    })
+    }
+    .await
     .with_context(|| format!("cannot push {} from the cluster", tag.familiar()))
 }
 

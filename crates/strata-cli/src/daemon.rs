@@ -14,11 +14,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
+use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use strata_daemon::wire::{FromDaemon, TransferEvent};
 use strata_daemon::{Client, Ended, Session};
 use strata_registry::Transfer;
 use strata_worker::Node;
+use tracing::Instrument as _;
 
 use crate::cx::Cx;
 use crate::progress::{Mode, Renderer};
@@ -161,48 +163,57 @@ impl Call {
 
 struct Handler {
     node: Arc<Node>,
-    contexts: strata_cluster::context::StatCaches,
+    contexts: Arc<strata_cluster::context::StatCaches>,
 }
 
 impl strata_daemon::Handler for Handler {
-    fn call(&self, call: &[u8], session: &Session) -> Result<u8, String> {
-        let (call, _): (Call, usize) =
-            bincode::serde::decode_from_slice(call, bincode::config::standard())
-                .map_err(|e| format!("the daemon cannot read this command: {e}"))?;
-        let cx = Cx {
-            node: &self.node,
-            session,
-            contexts: &self.contexts,
-        };
-        tracing::info!(call = ?call_name(&call), "running a command");
-        // What the command's work warns of, the client sees too.
-        let span = tracing::info_span!("command", call = call_name(&call));
-        let _in_command = span.enter();
-        let stderr = std::sync::Mutex::new(session.stderr());
-        let _forwarding = crate::warnings::forward(&span, move |line| {
-            let mut stderr = stderr
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let _ = std::io::Write::write_all(&mut *stderr, line.as_bytes());
-        });
-        let result = match call {
-            Call::Build(a, flags) => crate::build::run(&cx, *a, &flags),
-            Call::Run(a, flags) => crate::run::run(&cx, a, &flags),
-            Call::Images(a) => crate::images::images(&cx, a),
-            Call::Rmi(a) => crate::images::rmi(&cx, a),
-            Call::Tag(a) => crate::images::tag(&cx, a),
-            Call::Du(a) => crate::images::du(&cx, a),
-            Call::Prune(a) => crate::images::prune(&cx, a),
-            Call::Image(c) => crate::images::image(&cx, c),
-            Call::Pull(a, flags) => crate::registry::pull(&cx, a, &flags),
-            Call::Push(a, flags) => crate::registry::push(&cx, a, &flags),
-            Call::Save(a) => crate::registry::save(&cx, a),
-            Call::Load(a) => crate::registry::load(&cx, a),
-            Call::History(a) => crate::history::local(&cx, a),
-            Call::Inspect(a) => crate::images::inspect(&cx, a),
-            Call::ImportCache(a, flags) => crate::cluster::import_cache(&cx, a, &flags),
-        };
-        result.map_err(|e| crate::error_text(&e))
+    fn call(&self, call: Vec<u8>, session: Session) -> BoxFuture<'_, Result<u8, String>> {
+        Box::pin(async move {
+            let (call, _): (Call, usize) =
+                bincode::serde::decode_from_slice(&call, bincode::config::standard())
+                    .map_err(|e| format!("the daemon cannot read this command: {e}"))?;
+            tracing::info!(call = ?call_name(&call), "running a command");
+            // What the command's work warns of, the client sees too.
+            let span = tracing::info_span!("command", call = call_name(&call));
+            let stderr = std::sync::Mutex::new(session.stderr());
+            let _forwarding = crate::warnings::forward(&span, move |line| {
+                let mut stderr = stderr
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let _ = std::io::Write::write_all(&mut *stderr, line.as_bytes());
+            });
+            let cx = Cx {
+                node: Arc::clone(&self.node),
+                session,
+                contexts: Arc::clone(&self.contexts),
+            };
+            dispatch(cx, call)
+                .instrument(span)
+                .await
+                .map_err(|e| crate::error_text(&e))
+        })
+    }
+}
+
+/// Runs one command: those that wait on the network or on steps as
+/// tasks, those that only read or write the store on a blocking thread.
+async fn dispatch(cx: Cx, call: Call) -> anyhow::Result<u8> {
+    match call {
+        Call::Build(a, flags) => crate::build::run(&cx, *a, &flags).await,
+        Call::Run(a, flags) => crate::run::run(&cx, a, &flags).await,
+        Call::Pull(a, flags) => crate::registry::pull(&cx, a, &flags).await,
+        Call::Push(a, flags) => crate::registry::push(&cx, a, &flags).await,
+        Call::ImportCache(a, flags) => crate::cluster::import_cache(&cx, a, &flags).await,
+        Call::Images(a) => cx.blocking(|cx| crate::images::images(cx, a)).await,
+        Call::Rmi(a) => cx.blocking(|cx| crate::images::rmi(cx, a)).await,
+        Call::Tag(a) => cx.blocking(|cx| crate::images::tag(cx, a)).await,
+        Call::Du(a) => cx.blocking(|cx| crate::images::du(cx, a)).await,
+        Call::Prune(a) => cx.blocking(|cx| crate::images::prune(cx, a)).await,
+        Call::Image(c) => cx.blocking(|cx| crate::images::image(cx, c)).await,
+        Call::Save(a) => cx.blocking(|cx| crate::registry::save(cx, a)).await,
+        Call::Load(a) => cx.blocking(|cx| crate::registry::load(cx, a)).await,
+        Call::History(a) => cx.blocking(|cx| crate::history::local(cx, a)).await,
+        Call::Inspect(a) => cx.blocking(|cx| crate::images::inspect(cx, a)).await,
     }
 }
 
@@ -474,7 +485,7 @@ fn serve(
     rt.spawn(evict_forever(Arc::clone(&node), keep));
     let handler = Arc::new(Handler {
         node,
-        contexts: strata_cluster::context::StatCaches::default(),
+        contexts: Arc::default(),
     });
     let stop = tokio_util::sync::CancellationToken::new();
     let opts = strata_daemon::Options {

@@ -11,7 +11,6 @@ use anyhow::{Context as _, Result, bail};
 use futures_util::TryStreamExt as _;
 use http_body_util::BodyExt as _;
 use strata_oci::{Image, Reference};
-use strata_worker::Node;
 
 use crate::cx::Cx;
 
@@ -49,7 +48,7 @@ impl Endpoint {
 
 /// Loads `image`, named `tags`, into the Docker engine the client's
 /// environment names.
-pub fn load(cx: &Cx<'_>, node: &Node, image: &Image, tags: &[Reference]) -> Result<()> {
+pub async fn load(cx: &Cx, image: &Image, tags: &[Reference]) -> Result<()> {
     let host = cx
         .session
         .env("DOCKER_HOST")
@@ -67,20 +66,27 @@ pub fn load(cx: &Cx<'_>, node: &Node, image: &Image, tags: &[Reference]) -> Resu
             "--load: DOCKER_HOST={host} asks for TLS (DOCKER_TLS_VERIFY), which strata does not speak to a Docker engine; use its unix socket"
         );
     }
-    let tmp = tempfile::Builder::new()
-        .prefix("load-")
-        .tempdir_in(node.home().join("tmp"))
-        .context("cannot make a scratch directory")?;
-    let archive = tmp.path().join("image.tar");
-    strata_oci::export_docker_archive(&node.content, image, tags, &archive)
-        .context("cannot write the image for the Docker engine")?;
-    let answer = cx
-        .block_on(post_archive(&endpoint, &archive))
+    let (image, tags) = (image.clone(), tags.to_vec());
+    let (tmp, archive) = cx
+        .blocking(move |cx| {
+            let tmp = tempfile::Builder::new()
+                .prefix("load-")
+                .tempdir_in(cx.node.home().join("tmp"))
+                .context("cannot make a scratch directory")?;
+            let archive = tmp.path().join("image.tar");
+            strata_oci::export_docker_archive(&cx.node.content, &image, &tags, &archive)
+                .context("cannot write the image for the Docker engine")?;
+            Ok((tmp, archive))
+        })
+        .await?;
+    let answer = post_archive(&endpoint, &archive)
+        .await
         .with_context(|| {
             format!(
                 "cannot load the image into the Docker engine at {host} (it is in strata's image store: strata images)"
             )
         })?;
+    drop(tmp);
     let mut err = cx.err();
     for line in answer {
         writeln!(err, "{line}")?;

@@ -112,7 +112,7 @@ pub fn cluster(cluster: &Path, args: HistoryArgs) -> Result<ExitCode> {
 }
 
 /// `strata history …` in the daemon: this state directory's builds.
-pub fn local(cx: &Cx<'_>, args: HistoryArgs) -> Result<u8> {
+pub fn local(cx: &Cx, args: HistoryArgs) -> Result<u8> {
     let records = match &args.command {
         Some(HistoryCommand::Inspect { id } | HistoryCommand::Trace { id, .. }) => {
             vec![cx.node.history.get(id)?]

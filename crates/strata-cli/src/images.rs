@@ -109,8 +109,8 @@ fn created_at(secs: u64) -> String {
     t.format("%Y-%m-%d %H:%M:%S +0000 UTC").to_string()
 }
 
-pub fn images(cx: &Cx<'_>, args: ImagesArgs) -> Result<u8> {
-    let node = cx.node;
+pub fn images(cx: &Cx, args: ImagesArgs) -> Result<u8> {
+    let node = &cx.node;
     let mut list = node.images.list()?;
     // As `docker images`: an image is as old as its config says (when it
     // says nothing, as an imported root filesystem, when it was named).
@@ -272,8 +272,8 @@ pub fn images(cx: &Cx<'_>, args: ImagesArgs) -> Result<u8> {
     Ok(0)
 }
 
-pub fn rmi(cx: &Cx<'_>, args: RmiArgs) -> Result<u8> {
-    let node = cx.node;
+pub fn rmi(cx: &Cx, args: RmiArgs) -> Result<u8> {
+    let node = &cx.node;
     let mut failed = false;
     for name in &args.images {
         match node.images.get(name)? {
@@ -318,8 +318,8 @@ pub fn rmi(cx: &Cx<'_>, args: RmiArgs) -> Result<u8> {
 
 /// `strata inspect`: images as `docker image inspect` shows them: a JSON
 /// array, one object per image, with Docker's keys.
-pub fn inspect(cx: &Cx<'_>, args: InspectArgs) -> Result<u8> {
-    let node = cx.node;
+pub fn inspect(cx: &Cx, args: InspectArgs) -> Result<u8> {
+    let node = &cx.node;
     let all = node.images.list()?;
     let mut shown = Vec::new();
     let mut failed = false;
@@ -374,7 +374,7 @@ pub fn inspect(cx: &Cx<'_>, args: InspectArgs) -> Result<u8> {
 
 /// `strata image history`: the image's history, newest first, as
 /// `docker history` prints it.
-fn history(cx: &Cx<'_>, image: &str, no_trunc: bool) -> Result<u8> {
+fn history(cx: &Cx, image: &str, no_trunc: bool) -> Result<u8> {
     let t = cx
         .node
         .images
@@ -423,7 +423,7 @@ fn history(cx: &Cx<'_>, image: &str, no_trunc: bool) -> Result<u8> {
 }
 
 /// `strata tag`: another name for a stored image.
-pub fn tag(cx: &Cx<'_>, args: TagArgs) -> Result<u8> {
+pub fn tag(cx: &Cx, args: TagArgs) -> Result<u8> {
     let tagged = cx
         .node
         .images
@@ -435,8 +435,8 @@ pub fn tag(cx: &Cx<'_>, args: TagArgs) -> Result<u8> {
 }
 
 /// `strata du`: what the state directory holds, as `docker system df`.
-pub fn du(cx: &Cx<'_>, _args: DuArgs) -> Result<u8> {
-    let u = strata_worker::usage(cx.node)?;
+pub fn du(cx: &Cx, _args: DuArgs) -> Result<u8> {
+    let u = strata_worker::usage(&cx.node)?;
     let mut out = cx.out();
     writeln!(out, "{:<14}{:>8}{:>12}", "TYPE", "TOTAL", "SIZE")?;
     for (kind, (count, size)) in [
@@ -464,9 +464,9 @@ pub fn du(cx: &Cx<'_>, _args: DuArgs) -> Result<u8> {
     Ok(0)
 }
 
-pub fn prune(cx: &Cx<'_>, args: PruneArgs) -> Result<u8> {
+pub fn prune(cx: &Cx, args: PruneArgs) -> Result<u8> {
     let keep = args.keep_storage.as_deref().map(parse_size).transpose()?;
-    let r = strata_worker::prune(cx.node, keep)?;
+    let r = strata_worker::prune(&cx.node, keep)?;
     writeln!(
         cx.out(),
         "Removed {} cache entries, {} blobs ({}), {} snapshots; {} of blobs remain",
@@ -479,7 +479,7 @@ pub fn prune(cx: &Cx<'_>, args: PruneArgs) -> Result<u8> {
     Ok(0)
 }
 
-pub fn image(cx: &Cx<'_>, cmd: ImageCommand) -> Result<u8> {
+pub fn image(cx: &Cx, cmd: ImageCommand) -> Result<u8> {
     match cmd {
         ImageCommand::History { image, no_trunc } => history(cx, &image, no_trunc),
         ImageCommand::Inspect(a) => inspect(cx, a),
@@ -494,7 +494,7 @@ pub fn image(cx: &Cx<'_>, cmd: ImageCommand) -> Result<u8> {
             if !file.exists() {
                 bail!("{} does not exist", shown.display());
             }
-            let node = cx.node;
+            let node = &cx.node;
             let platform = match &platform {
                 Some(p) => Platform::parse(p).map_err(anyhow::Error::msg)?,
                 None => Platform::host(),

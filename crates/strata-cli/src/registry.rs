@@ -50,7 +50,7 @@ impl RegistryFlags {
 
     /// A client with these settings for a command the daemon runs: its
     /// credentials are those of the user's environment, not the daemon's.
-    pub fn registry_for(&self, cx: &Cx<'_>) -> Arc<Registry> {
+    pub fn registry_for(&self, cx: &Cx) -> Arc<Registry> {
         let env = |k: &str| cx.session.env(k).map(str::to_string);
         self.registry_with(
             strata_registry::docker_config_in(&env),
@@ -139,17 +139,18 @@ pub fn load_from_stdin(
     Ok((args, Some(spooled)))
 }
 
-pub fn pull(cx: &Cx<'_>, args: PullArgs, flags: &RegistryFlags) -> Result<u8> {
+pub async fn pull(cx: &Cx, args: PullArgs, flags: &RegistryFlags) -> Result<u8> {
     let reference: Reference = args.image.parse()?;
     let platform = match &args.platform {
         Some(p) => Platform::parse(p).map_err(anyhow::Error::msg)?,
         None => Platform::host(),
     };
-    let node = cx.node;
     let registry = flags.registry_for(cx);
     let transfer = cx.session.transfer();
     let target = strata_worker::registry_target(&platform);
-    let pulled = cx.block_on(registry.pull(&reference, target, &node.images, transfer.as_ref()));
+    let pulled = registry
+        .pull(&reference, target, &cx.node.images, transfer.as_ref())
+        .await;
     cx.session.progress_done();
     let pulled = pulled.with_context(|| format!("cannot pull {}", reference.familiar()))?;
     writeln!(
@@ -166,25 +167,27 @@ pub fn pull(cx: &Cx<'_>, args: PullArgs, flags: &RegistryFlags) -> Result<u8> {
 }
 
 /// Pushes a stored image; shared by `strata push` and `strata build --push`.
-pub fn push_image(
-    cx: &Cx<'_>,
+pub async fn push_image(
+    cx: &Cx,
     registry: &Registry,
     image: &strata_oci::Image,
     destination: &Reference,
     compression: Compression,
 ) -> Result<strata_registry::Pushed> {
     let transfer = cx.session.transfer();
-    cx.block_on(registry.push(
-        image,
-        destination,
-        &cx.node.content,
-        compression,
-        transfer.as_ref(),
-    ))
-    .with_context(|| format!("cannot push {}", destination.familiar()))
+    registry
+        .push(
+            image,
+            destination,
+            &cx.node.content,
+            compression,
+            transfer.as_ref(),
+        )
+        .await
+        .with_context(|| format!("cannot push {}", destination.familiar()))
 }
 
-pub fn push(cx: &Cx<'_>, args: PushArgs, flags: &RegistryFlags) -> Result<u8> {
+pub async fn push(cx: &Cx, args: PushArgs, flags: &RegistryFlags) -> Result<u8> {
     let tagged = cx
         .node
         .images
@@ -192,7 +195,7 @@ pub fn push(cx: &Cx<'_>, args: PushArgs, flags: &RegistryFlags) -> Result<u8> {
         .with_context(|| format!("no image {} in the local image store", args.image))?;
     let destination: Reference = args.destination.as_deref().unwrap_or(&args.image).parse()?;
     let registry = flags.registry_for(cx);
-    let pushed = push_image(cx, &registry, &tagged.image, &destination, args.compression);
+    let pushed = push_image(cx, &registry, &tagged.image, &destination, args.compression).await;
     cx.session.progress_done();
     let pushed = pushed?;
     report_push(cx, &destination, &pushed)?;
@@ -201,7 +204,7 @@ pub fn push(cx: &Cx<'_>, args: PushArgs, flags: &RegistryFlags) -> Result<u8> {
 
 /// One line per push, as `docker push` ends.
 pub fn report_push(
-    cx: &Cx<'_>,
+    cx: &Cx,
     destination: &Reference,
     pushed: &strata_registry::Pushed,
 ) -> Result<()> {
@@ -225,8 +228,8 @@ fn plural(n: usize, what: &str) -> String {
     }
 }
 
-pub fn save(cx: &Cx<'_>, args: SaveArgs) -> Result<u8> {
-    let node = cx.node;
+pub fn save(cx: &Cx, args: SaveArgs) -> Result<u8> {
+    let node = &cx.node;
     let mut image = None;
     let mut names = Vec::new();
     for name in &args.images {
@@ -261,13 +264,13 @@ pub fn save(cx: &Cx<'_>, args: SaveArgs) -> Result<u8> {
     Ok(0)
 }
 
-pub fn load(cx: &Cx<'_>, args: LoadArgs) -> Result<u8> {
+pub fn load(cx: &Cx, args: LoadArgs) -> Result<u8> {
     let Some(given) = &args.input else {
         bail!("no archive to load");
     };
     let input = cx.path(given);
     let names = strata_oci::archive_names(&input)?;
-    let node = cx.node;
+    let node = &cx.node;
     let host = Platform::host();
     let (image, _) = strata_oci::import(
         &node.images,

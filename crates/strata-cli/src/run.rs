@@ -43,8 +43,8 @@ pub struct RunArgs {
 /// Numbers the containers of this process: the daemon runs many at once.
 static CONTAINER_SEQ: AtomicU64 = AtomicU64::new(0);
 
-pub fn run(cx: &Cx<'_>, args: RunArgs, flags: &RegistryFlags) -> Result<u8> {
-    let node = cx.node;
+pub async fn run(cx: &Cx, args: RunArgs, flags: &RegistryFlags) -> Result<u8> {
+    let node = &cx.node;
     let image = match node.images.get(&args.image)? {
         Some(tagged) => tagged.image,
         // As `docker run`: an image that is not here is pulled.
@@ -56,12 +56,10 @@ pub fn run(cx: &Cx<'_>, args: RunArgs, flags: &RegistryFlags) -> Result<u8> {
             let host = Platform::host();
             let target = strata_worker::registry_target(&host);
             let transfer = cx.session.transfer();
-            let pulled = cx.block_on(flags.registry_for(cx).pull(
-                &reference,
-                target,
-                &node.images,
-                transfer.as_ref(),
-            ));
+            let pulled = flags
+                .registry_for(cx)
+                .pull(&reference, target, &node.images, transfer.as_ref())
+                .await;
             cx.session.progress_done();
             pulled
                 .with_context(|| {
@@ -90,10 +88,15 @@ pub fn run(cx: &Cx<'_>, args: RunArgs, flags: &RegistryFlags) -> Result<u8> {
         );
     }
     let blobs: Vec<_> = image.layers.iter().map(|l| l.blob).collect();
-    let active = node
-        .snapshots
-        .active(&blobs)
-        .context("cannot prepare the container's filesystem")?;
+    // Layers not yet unpacked are unpacked here.
+    let active = cx
+        .blocking(move |cx| {
+            cx.node
+                .snapshots
+                .active(&blobs)
+                .context("cannot prepare the container's filesystem")
+        })
+        .await?;
     let rootfs = active.rootfs();
     let user = args.user.clone().unwrap_or_else(|| cfg.user.clone());
     let id = strata_worker::resolve_user(&rootfs, &user, true)?;
@@ -152,14 +155,16 @@ pub fn run(cx: &Cx<'_>, args: RunArgs, flags: &RegistryFlags) -> Result<u8> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .write_all(bytes);
     });
-    let status = cx.block_on(runtime.run(
-        &cid,
-        &rootfs,
-        &bundle,
-        &sandbox,
-        output,
-        cx.session.cancel(),
-    ));
+    let status = runtime
+        .run(
+            &cid,
+            &rootfs,
+            &bundle,
+            &sandbox,
+            output,
+            cx.session.cancel(),
+        )
+        .await;
     drop(active);
     let _ = std::fs::remove_dir_all(&bundle);
     Ok(match status? {

@@ -75,7 +75,7 @@ pub fn context(home: &Path) -> Result<tempfile::TempDir> {
 /// It is made whole in a scratch file first, then sent: the client gets a
 /// complete archive or nothing.
 pub fn send_made(
-    cx: &crate::cx::Cx<'_>,
+    cx: &crate::cx::Cx,
     what: &str,
     make: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {

@@ -377,7 +377,9 @@ impl Client {
             .map(|(d, path, size)| (*d, BatchSource::File(path, *size)))
             .collect();
         let batched = strata_net::batches(&small, |(_, s)| s.size());
-        let puts = large
+        // Collected, so the future holds the puts and not the closures
+        // that made them: a caller's future stays provably `Send`.
+        let puts: Vec<_> = large
             .iter()
             .map(|(d, path, size)| {
                 futures_util::future::Either::Right(async move {
@@ -392,7 +394,8 @@ impl Client {
                     sending.add(b.len(), n);
                     Ok(())
                 })
-            }));
+            }))
+            .collect();
         futures_util::stream::iter(puts)
             .buffer_unordered(UPLOAD_STREAMS)
             .try_collect::<()>()

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use strata_registry::Transfer;
 use strata_solver::Progress;
 use tokio::net::{UnixListener, UnixStream};
@@ -21,9 +22,15 @@ use crate::wire::{
 
 /// Runs the commands clients send.
 pub trait Handler: Send + Sync + 'static {
-    /// Runs `call` (as the CLI encoded it) for a client; blocking is
-    /// allowed. Returns the exit code, or the error to print.
-    fn call(&self, call: &[u8], session: &Session) -> std::result::Result<u8, String>;
+    /// Runs `call` (as the CLI encoded it) for a client, as a task of the
+    /// daemon's runtime: work that blocks a thread (a walk of the store,
+    /// an export) goes to a blocking thread of its own. Resolves to the
+    /// exit code, or the error to print.
+    fn call(
+        &self,
+        call: Vec<u8>,
+        session: Session,
+    ) -> BoxFuture<'_, std::result::Result<u8, String>>;
 }
 
 /// How the daemon runs.
@@ -41,13 +48,13 @@ pub struct Options {
 
 /// A command running in the daemon, as it sees its client: where its
 /// output goes, the client's environment and directory, and whether the
-/// client is still there.
+/// client is still there. Clones are the same session.
+#[derive(Clone)]
 pub struct Session {
     tx: mpsc::UnboundedSender<FromDaemon>,
     cancel: CancellationToken,
     env: BTreeMap<String, String>,
     cwd: PathBuf,
-    handle: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for Session {
@@ -155,12 +162,6 @@ impl Session {
     /// `path` as the client means it: relative to its working directory.
     pub fn path(&self, path: &Path) -> PathBuf {
         self.cwd.join(path)
-    }
-
-    /// Runs a future to completion on the daemon's runtime, from the
-    /// command's thread.
-    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.handle.block_on(f)
     }
 }
 
@@ -369,7 +370,6 @@ async fn run_call(
         cancel: cancel.clone(),
         env: env.into_iter().collect(),
         cwd,
-        handle: tokio::runtime::Handle::current(),
     };
     // The client closing its end (Ctrl-C, a kill) cancels its command
     // and nothing else.
@@ -378,8 +378,8 @@ async fn run_call(
         while let Ok(Some(_)) = reader.recv::<ToDaemon>().await {}
         gone.cancel();
     });
-    let work = tokio::task::spawn_blocking(move || {
-        let result = handler.call(&call, &session);
+    let work = tokio::spawn(async move {
+        let result = handler.call(call, session).await;
         let last = match result {
             Ok(code) => FromDaemon::Exit(code),
             Err(message) => FromDaemon::Failed(message),
@@ -401,7 +401,7 @@ async fn run_call(
         }
     }
     if let Err(e) = work.await {
-        tracing::error!(error = %e, "a command's thread failed");
+        tracing::error!(error = %e, "a command's task failed");
         if !ended && sent.is_ok() {
             sent = writer
                 .send(&FromDaemon::Failed(format!(
