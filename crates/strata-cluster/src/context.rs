@@ -850,6 +850,128 @@ pub fn materialize(cas: &ContentStore, root: &Digest, dir: &Path) -> Result<usiz
     Ok(written)
 }
 
+/// The digest [`strata_worker::select::checksum`] gives for what `specs`
+/// select in the tree of `root` written out ([`materialize`]) with
+/// `.dockerignore` `ignore`, taken from the tree alone: no file is read
+/// again and nothing need be written out, so a COPY from the context is
+/// keyed by the digests the client took. `None` where the tree alone
+/// cannot say the same as the files: a wildcard, a link on the way to a
+/// source, a source that is missing or ignored (walking the files then
+/// says what is wrong), a folder of the tree that is not stored, or more
+/// than [`MAX_ENTRIES`] entries. Written-out files carry no extended
+/// attributes, so none are summed. Walks with a stack, never by
+/// recursion.
+pub fn selection_checksum(
+    cas: &ContentStore,
+    root: &Digest,
+    specs: &[String],
+    ignore: &IgnoreMatcher,
+) -> Option<Digest> {
+    use strata_worker::select::{SelectionSum, has_wildcard, ignores};
+    /// What a source names in the tree.
+    enum Found {
+        Dir(std::sync::Arc<Directory>),
+        File { mode: u32, blob: Digest },
+    }
+    let mut read: HashMap<Digest, std::sync::Arc<Directory>> = HashMap::new();
+    let mut folder = |d: &Digest| -> Option<std::sync::Arc<Directory>> {
+        if let Some(dir) = read.get(d) {
+            return Some(std::sync::Arc::clone(dir));
+        }
+        let dir = std::sync::Arc::new(read_directory(cas, d).ok()?);
+        read.insert(*d, std::sync::Arc::clone(&dir));
+        Some(dir)
+    };
+    let ignore = Some(ignore);
+    // The items, as `select` finds them for paths without wildcards.
+    let mut items = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let cleaned = strata_dockerfile::clean_path(&format!("/{spec}"));
+        let rel = cleaned.trim_start_matches('/').to_string();
+        if has_wildcard(&rel) {
+            return None;
+        }
+        let mut found = Found::Dir(folder(root)?);
+        let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+        for (n, part) in parts.iter().enumerate() {
+            let Found::Dir(dir) = &found else {
+                return None;
+            };
+            let at = dir
+                .entries
+                .binary_search_by(|e| e.name.as_slice().cmp(part.as_bytes()))
+                .ok()?;
+            found = match &dir.entries[at].kind {
+                EntryKind::Dir(d) => Found::Dir(folder(d)?),
+                EntryKind::File { blob, mode, .. } if n + 1 == parts.len() => Found::File {
+                    mode: *mode,
+                    blob: *blob,
+                },
+                _ => return None,
+            };
+        }
+        if ignores(ignore, &rel, matches!(found, Found::Dir(_))) {
+            return None;
+        }
+        items.push((i, rel, found));
+    }
+    let mut sum = SelectionSum::new(specs);
+    let mut budget = MAX_ENTRIES;
+    for (i, rel, found) in items {
+        let dir = match found {
+            Found::File { mode, blob } => {
+                sum.item(i, &rel, false);
+                sum.entry('f', mode, "", None, None);
+                sum.content(&blob.0);
+                continue;
+            }
+            Found::Dir(dir) => dir,
+        };
+        sum.item(i, &rel, true);
+        // As `walk` visits: a folder's entries in byte order, then its
+        // folders, the first first.
+        let mut stack = vec![(dir, String::new())];
+        while let Some((dir, below)) = stack.pop() {
+            let mut folders = Vec::new();
+            for e in &dir.entries {
+                let name = String::from_utf8_lossy(&e.name);
+                let child = if below.is_empty() {
+                    name.into_owned()
+                } else {
+                    format!("{below}/{name}")
+                };
+                let from_root = if rel.is_empty() {
+                    child.clone()
+                } else {
+                    format!("{rel}/{child}")
+                };
+                if ignores(ignore, &from_root, matches!(e.kind, EntryKind::Dir(_))) {
+                    continue;
+                }
+                budget = budget.checked_sub(1)?;
+                match &e.kind {
+                    EntryKind::Dir(d) => {
+                        let sub = folder(d)?;
+                        sum.entry('d', sub.mode, &child, None, None);
+                        folders.push((sub, child));
+                    }
+                    EntryKind::File { blob, mode, .. } => {
+                        sum.entry('f', *mode, &child, None, None);
+                        sum.content(&blob.0);
+                    }
+                    // A link's own permission bits are all set on Linux.
+                    EntryKind::Symlink { target, .. } => {
+                        sum.entry('l', 0o777, &child, None, None);
+                        sum.link_target(target);
+                    }
+                }
+            }
+            stack.extend(folders.into_iter().rev());
+        }
+    }
+    Some(sum.finish())
+}
+
 /// Turns `dir`, which holds the tree of `from` as [`materialize`] wrote
 /// it, into the tree of `to`: only what differs is written, removed or
 /// changed, and a folder whose digest is the same in both is not looked
@@ -1175,6 +1297,94 @@ mod tests {
         for (path, _) in h.files.values() {
             cas.put(&fs::read(path).unwrap()).unwrap();
         }
+    }
+
+    #[test]
+    fn a_selection_is_keyed_from_the_tree_as_from_the_files_it_writes_out() {
+        let ctx = tempfile::tempdir().unwrap();
+        let p = ctx.path();
+        sample(p);
+        fs::create_dir_all(p.join("logs/old")).unwrap();
+        fs::write(p.join("logs/keep.txt"), "k").unwrap();
+        fs::write(p.join("logs/drop.txt"), "d").unwrap();
+        fs::write(p.join("logs/old/x"), "x").unwrap();
+        fs::create_dir_all(p.join("empty")).unwrap();
+        fs::set_permissions(p.join("empty"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::write(p.join("src/deep/setuid"), "s").unwrap();
+        fs::set_permissions(
+            p.join("src/deep/setuid"),
+            fs::Permissions::from_mode(0o4750),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("src", p.join("srclink")).unwrap();
+        let ignore = IgnoreMatcher::new(&["*.key", "logs", "!logs/keep.txt"]).unwrap();
+        let h = hash(p, &ignore, &mut StatCache::default()).unwrap();
+        let store_dir = tempfile::tempdir().unwrap();
+        let cas = ContentStore::open(store_dir.path()).unwrap();
+        store(&cas, &h);
+        let out = tempfile::tempdir().unwrap();
+        let o = out.path().join("ctx");
+        fs::create_dir(&o).unwrap();
+        materialize(&cas, &h.root, &o).unwrap();
+
+        let written = SourceRoot {
+            root: &o,
+            ignore: None,
+            keep_owner: false,
+        };
+        let here = SourceRoot {
+            root: p,
+            ignore: Some(&ignore),
+            keep_owner: false,
+        };
+        let none = IgnoreMatcher::default();
+        for specs in [
+            vec!["."],
+            vec!["./"],
+            vec!["/"],
+            vec!["src"],
+            vec!["src/deep/"],
+            vec!["build.sh"],
+            vec!["logs"],
+            vec!["src", "build.sh", "."],
+        ] {
+            let specs: Vec<String> = specs.into_iter().map(String::from).collect();
+            let from_tree = selection_checksum(&cas, &h.root, &specs, &none)
+                .unwrap_or_else(|| panic!("{specs:?}: the tree can say"));
+            let from_files = strata_worker::select::checksum(&written, &specs, &[], None).unwrap();
+            assert_eq!(from_tree, from_files, "{specs:?}, written out");
+            // What the embedded build keys from the context itself.
+            let embedded = strata_worker::select::checksum(&here, &specs, &[], None).unwrap();
+            assert_eq!(from_tree, embedded, "{specs:?}, in the context");
+        }
+        // Where the tree alone cannot say the same, the files are walked.
+        for specs in [
+            vec!["src/*.txt"],
+            vec!["srclink/b.txt"],
+            vec!["link"],
+            vec!["missing"],
+            vec!["build.sh/x"],
+        ] {
+            let specs: Vec<String> = specs.into_iter().map(String::from).collect();
+            assert_eq!(
+                selection_checksum(&cas, &h.root, &specs, &none),
+                None,
+                "{specs:?}"
+            );
+        }
+        // An ignored source is refused by the walk, not keyed.
+        let ignored = IgnoreMatcher::new(&["src"]).unwrap();
+        assert_eq!(
+            selection_checksum(&cas, &h.root, &["src".to_string()], &ignored),
+            None
+        );
+        // A folder that is not stored: the files are walked.
+        let other = tempfile::tempdir().unwrap();
+        let empty = ContentStore::open(other.path()).unwrap();
+        assert_eq!(
+            selection_checksum(&empty, &h.root, &[".".to_string()], &none),
+            None
+        );
     }
 
     #[test]

@@ -919,6 +919,14 @@ impl WorkerNode {
                     made
                 })
             };
+            // A COPY from the context is keyed from its tree, before (and
+            // whether or not) it is written out.
+            let select: strata_worker::TreeSelection = {
+                let (node, root) = (Arc::clone(&node), spec.context);
+                Box::new(move |specs, ignore| {
+                    crate::context::selection_checksum(&node.content, &root, specs, ignore)
+                })
+            };
             let worker = LocalWorker::new(
                 node,
                 dir.path().join("context"),
@@ -926,6 +934,7 @@ impl WorkerNode {
                 spec.secrets,
             )
             .context_named(spec.context)
+            .selecting_from_tree(select)
             .context_made_on_use(make)
             .granting(grants);
             Ok(BuildHere {

@@ -53,7 +53,8 @@ pub struct Entry<'a> {
     pub meta: &'a Metadata,
 }
 
-fn has_wildcard(s: &str) -> bool {
+/// Whether a source path has wildcards (`*`, `?`, `[`).
+pub fn has_wildcard(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
@@ -66,7 +67,7 @@ fn ignored(src: &SourceRoot<'_>, rel: &str) -> bool {
 /// count, so a symlink in the context never reaches an ignored file, as
 /// in BuildKit, whose context never holds ignored files at all.
 fn hidden(src: &SourceRoot<'_>, rel: &str, host: &Path, is_dir: bool) -> bool {
-    let check = |r: &str| ignored(src, r) && !(is_dir && descends(src, r));
+    let check = |r: &str| ignores(src.ignore, r, is_dir);
     if check(rel) {
         return true;
     }
@@ -76,10 +77,12 @@ fn hidden(src: &SourceRoot<'_>, rel: &str, host: &Path, is_dir: bool) -> bool {
         .is_some_and(|through| through != rel && check(&through))
 }
 
-/// An ignored directory is still entered (and kept) when an exception
-/// pattern names something below it, as Docker's context walker does.
-fn descends(src: &SourceRoot<'_>, rel: &str) -> bool {
-    src.ignore.is_some_and(|m| m.may_include_below(rel))
+/// Whether `ignore` (`.dockerignore`) leaves out the entry at `rel`, a
+/// directory if `is_dir`: an ignored directory that an exception pattern
+/// reaches into is kept, as Docker's context walker keeps it.
+pub fn ignores(ignore: Option<&IgnoreMatcher>, rel: &str, is_dir: bool) -> bool {
+    !rel.is_empty()
+        && ignore.is_some_and(|m| m.matches(rel) && !(is_dir && m.may_include_below(rel)))
 }
 
 /// Resolves the source arguments to items. A missing plain path is an
@@ -262,7 +265,7 @@ fn listed(
         // Ignored entries are skipped; an ignored directory that an
         // exception reaches into is kept and entered, as Docker does.
         let skip = if ignored(src, &root_rel) {
-            !(meta.is_dir() && descends(src, &root_rel))
+            ignores(src.ignore, &root_rel, meta.is_dir())
         } else {
             excludes.is_some_and(|x| {
                 x.matches(&child_rel) && !(meta.is_dir() && x.may_include_below(&child_rel))
@@ -565,21 +568,82 @@ fn checksum_at(
 ) -> Result<Digest, FileError> {
     let exclude = exclude_matcher(excludes)?;
     let items = select(src, specs)?;
-    let mut h = blake3::Hasher::new();
-    h.update(CHECKSUM_VERSION);
-    for (i, s) in specs.iter().enumerate() {
-        feed(&mut h, format!("spec {i} {s}").as_bytes());
-    }
+    let mut sum = SelectionSum::new(specs);
     for item in &items {
-        feed(
-            &mut h,
-            format!("item {} {} {}", item.spec, item.rel, item.is_dir).as_bytes(),
-        );
+        sum.item(item.spec, &item.rel, item.is_dir);
         walk(src, item, exclude.as_ref(), &mut |e| {
-            hash_entry(&mut h, src, e, known, now)
+            hash_entry(&mut sum, src, e, known, now)
         })?;
     }
-    Ok(Digest(*h.finalize().as_bytes()))
+    Ok(sum.finish())
+}
+
+/// What [`checksum`] feeds its hash, in the order it is fed: the specs,
+/// then each item and the entries [`walk`] visits below it. A source that
+/// is not a host directory (a build context's tree) gives the digest its
+/// files would give by feeding the same, in the same order.
+pub struct SelectionSum(blake3::Hasher);
+
+impl SelectionSum {
+    /// A sum of what `specs` select.
+    pub fn new(specs: &[String]) -> SelectionSum {
+        let mut h = blake3::Hasher::new();
+        h.update(CHECKSUM_VERSION);
+        for (i, s) in specs.iter().enumerate() {
+            feed(&mut h, format!("spec {i} {s}").as_bytes());
+        }
+        SelectionSum(h)
+    }
+
+    /// An item spec `spec` matched, at `rel` in the source.
+    pub fn item(&mut self, spec: usize, rel: &str, is_dir: bool) {
+        feed(
+            &mut self.0,
+            format!("item {spec} {rel} {is_dir}").as_bytes(),
+        );
+    }
+
+    /// An entry at `rel` below its item: its kind (`d`, `f`, `l`, `c`,
+    /// `b`, `p`, `s`), permission bits, owner (for sources that keep
+    /// owners) and device number (for devices).
+    pub fn entry(
+        &mut self,
+        kind: char,
+        mode: u32,
+        rel: &str,
+        owner: Option<(u32, u32)>,
+        device: Option<u64>,
+    ) {
+        let mut line = format!("{kind} {:o} {rel}", mode & 0o7777);
+        if let Some((uid, gid)) = owner {
+            line.push_str(&format!(" {uid}:{gid}"));
+        }
+        if let Some(rdev) = device {
+            line.push_str(&format!(" dev {rdev}"));
+        }
+        feed(&mut self.0, line.as_bytes());
+    }
+
+    /// The target of the link just entered.
+    pub fn link_target(&mut self, target: &[u8]) {
+        feed(&mut self.0, target);
+    }
+
+    /// The content digest (blake3) of the file just entered.
+    pub fn content(&mut self, digest: &[u8; 32]) {
+        self.0.update(digest);
+    }
+
+    /// An extended attribute of the entry just entered.
+    pub fn xattr(&mut self, name: &[u8], value: &[u8]) {
+        feed(&mut self.0, name);
+        feed(&mut self.0, value);
+    }
+
+    /// The digest.
+    pub fn finish(self) -> Digest {
+        Digest(*self.0.finalize().as_bytes())
+    }
 }
 
 /// `--exclude` patterns as a matcher (none when there are none).
@@ -598,7 +662,7 @@ fn feed(h: &mut blake3::Hasher, bytes: &[u8]) {
 }
 
 fn hash_entry(
-    h: &mut blake3::Hasher,
+    h: &mut SelectionSum,
     src: &SourceRoot<'_>,
     e: &Entry<'_>,
     known: Option<&FileDigests>,
@@ -620,17 +684,16 @@ fn hash_entry(
     } else {
         's'
     };
-    let mut line = format!("{kind} {:o} {}", e.meta.mode() & 0o7777, e.rel);
-    if src.keep_owner {
-        line.push_str(&format!(" {}:{}", e.meta.uid(), e.meta.gid()));
-    }
-    if ft.is_char_device() || ft.is_block_device() {
-        line.push_str(&format!(" dev {}", e.meta.rdev()));
-    }
-    feed(h, line.as_bytes());
+    h.entry(
+        kind,
+        e.meta.mode(),
+        e.rel,
+        src.keep_owner.then(|| (e.meta.uid(), e.meta.gid())),
+        (ft.is_char_device() || ft.is_block_device()).then(|| e.meta.rdev()),
+    );
     if ft.is_symlink() {
         let t = fs::read_link(e.host).map_err(FileError::io("read link", e.host))?;
-        feed(h, t.as_os_str().as_bytes());
+        h.link_target(t.as_os_str().as_bytes());
     } else if ft.is_file() {
         let stat = FileStat::of(e.meta);
         let digest = match known.and_then(|k| k.get(&stat)) {
@@ -651,7 +714,7 @@ fn hash_entry(
                 d
             }
         };
-        h.update(&digest);
+        h.content(&digest);
     }
     if !ft.is_symlink()
         && let Ok(names) = xattr::list(e.host)
@@ -660,8 +723,7 @@ fn hash_entry(
         names.sort();
         for n in names {
             if let Ok(Some(v)) = xattr::get(e.host, &n) {
-                feed(h, n.as_bytes());
-                feed(h, &v);
+                h.xattr(n.as_bytes(), &v);
             }
         }
     }

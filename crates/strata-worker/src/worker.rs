@@ -60,7 +60,15 @@ pub struct LocalWorker {
     /// The context's content digest when it is known (a cluster build's
     /// context tree): selections from it are then remembered by it.
     context_id: Option<Digest>,
+    /// The digest of a selection from the context, from its tree.
+    tree_selection: Option<TreeSelection>,
 }
+
+/// The digest [`crate::select::checksum`] gives for what `specs` select
+/// in the build context (its `.dockerignore` the matcher), answered from
+/// the context's tree rather than its files; `None` when the tree alone
+/// cannot say, and the files are walked.
+pub type TreeSelection = Box<dyn Fn(&[String], &IgnoreMatcher) -> Option<Digest> + Send + Sync>;
 
 /// Numbers the sandboxes of this process: container IDs name runtime
 /// state and cgroups, so builds side by side (a cluster worker runs
@@ -93,6 +101,7 @@ impl LocalWorker {
             grants: strata_plan::Grants::default(),
             visible_context: OnceLock::new(),
             context_id: None,
+            tree_selection: None,
         }
     }
 
@@ -102,6 +111,14 @@ impl LocalWorker {
     /// its files again.
     pub fn context_named(mut self, id: Digest) -> LocalWorker {
         self.context_id = Some(id);
+        self
+    }
+
+    /// What a step selects from the context is keyed by `select` where
+    /// it can say (from the context's tree, before the context is written
+    /// out, and without reading its files again).
+    pub fn selecting_from_tree(mut self, select: TreeSelection) -> LocalWorker {
+        self.tree_selection = Some(select);
         self
     }
 
@@ -309,6 +326,17 @@ impl LocalWorker {
                     .map(|id| SelectionMemo::context_key(&id, specs, excludes));
                 if let Some(known) = key.and_then(|k| self.node.selections.get(&k)) {
                     return Ok(known);
+                }
+                let from_tree = self
+                    .tree_selection
+                    .as_ref()
+                    .filter(|_| excludes.is_empty())
+                    .and_then(|select| select(specs, &self.ignore));
+                if let Some(sum) = from_tree {
+                    if let Some(k) = key {
+                        self.node.selections.put(&k, &sum);
+                    }
+                    return Ok(sum);
                 }
                 let context = self.context()?;
                 let root = SourceRoot {
