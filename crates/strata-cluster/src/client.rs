@@ -523,7 +523,7 @@ impl Client {
     /// asks. Returns it and the bytes fetched.
     pub async fn fetch_image(
         &self,
-        node: &Node,
+        node: &Arc<Node>,
         done: &BuildDone,
         stamps: Timestamps,
     ) -> Result<(Image, u64), ClientError> {
@@ -547,8 +547,15 @@ impl Client {
         };
         let config: ImageConfig = serde_json::from_slice(&done.config_json)
             .map_err(|e| cluster(format!("the image config is unreadable: {e}")))?;
-        let image = store_image(node, config, &done.layers, done.image_layers, stamps)
-            .map_err(|e| ClientError::Store(e.into()))?;
+        // Clamping layers to SOURCE_DATE_EPOCH writes them anew.
+        let (node, layers, image_layers) =
+            (Arc::clone(node), done.layers.clone(), done.image_layers);
+        let image = strata_worker::off_runtime(
+            move || store_image(&node, config, &layers, image_layers, stamps),
+            strata_worker::BuildError::Stopped,
+        )
+        .await
+        .map_err(|e| ClientError::Store(e.into()))?;
         Ok((image, fetched))
     }
 

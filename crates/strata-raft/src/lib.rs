@@ -248,6 +248,22 @@ pub enum Error {
 /// election takes well under this.
 pub const LEADER_WAIT: Duration = Duration::from_secs(10);
 
+/// The longest pause between asks of a leader that is not known yet.
+const LEADER_PAUSE_MAX: Duration = Duration::from_millis(100);
+
+/// The pauses between asks while a leader is elected: from 20 ms,
+/// doubling, jittered (members and clients asking at once spread out), up
+/// to [`LEADER_PAUSE_MAX`]; the caller stops at its deadline.
+fn leader_pauses() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder as _;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(20))
+        .with_max_delay(LEADER_PAUSE_MAX / 2)
+        .without_max_times()
+        .with_jitter()
+        .build()
+}
+
 /// How long adding or removing a member may take, a new member's catching
 /// up included.
 const MEMBERSHIP_WAIT: Duration = Duration::from_secs(60);
@@ -924,6 +940,7 @@ impl Member {
     /// no leader is known, tries again, up to [`LEADER_WAIT`].
     async fn via_leader(&self, ask: Ask) -> Result<Answer, Error> {
         let deadline = Instant::now() + LEADER_WAIT;
+        let mut pauses = leader_pauses();
         loop {
             let leader = match self.here(&ask).await {
                 Ok(answer) => return Ok(answer),
@@ -993,7 +1010,8 @@ impl Member {
                 return Err(Error::Unavailable(why));
             }
             tracing::debug!(member = self.id, %why, "asking the leader again");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let pause = pauses.next().unwrap_or(LEADER_PAUSE_MAX);
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
         }
     }
 

@@ -17,7 +17,7 @@ use crate::engine::Engine;
 use crate::error::BuildError;
 use crate::node::Node;
 use crate::timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};
-use crate::worker::{Embedded, LocalWorker};
+use crate::worker::{Embedded, LocalWorker, off_runtime};
 
 /// A build to run.
 pub struct BuildRequest {
@@ -336,16 +336,28 @@ async fn prepare(node: &Arc<Node>, req: &BuildRequest) -> Result<Prepared, Build
     // Directories and layouts given as contexts become images, held for
     // the build.
     let mut lease = node.content.lease();
-    let mut made = BTreeMap::new();
-    for (name, context) in &req.contexts {
-        if matches!(context, NamedContext::Image(_)) {
-            continue;
-        }
-        let image = make_image(node, name, context, &req.platform)?;
+    let made = {
+        let (node, contexts, platform) =
+            (Arc::clone(node), req.contexts.clone(), req.platform.clone());
+        off_runtime(
+            move || {
+                let mut made = BTreeMap::new();
+                for (name, context) in &contexts {
+                    if !matches!(context, NamedContext::Image(_)) {
+                        let image = make_image(&node, name, context, &platform)?;
+                        made.insert(context.reference(name), image);
+                    }
+                }
+                Ok(made)
+            },
+            BuildError::Stopped,
+        )
+        .await?
+    };
+    for image in made.values() {
         for l in &image.layers {
             lease.hold(l.blob);
         }
-        made.insert(context.reference(name), image);
     }
     let base_images = BaseImages::new(
         &node.images,
@@ -410,13 +422,20 @@ async fn solve_and_store(
     };
     let solved = engine.solve(&plan, worker, solve_opts).await?;
     let target = &solved.stages[plan.target];
-    let image = store_image(
-        &node,
-        target.config.clone(),
-        &target.layers,
-        plan.image_layers(plan.target),
-        stamps,
-    )?;
+    // Clamping layers to SOURCE_DATE_EPOCH writes them anew.
+    let image = {
+        let (node, config, layers, image_layers) = (
+            Arc::clone(&node),
+            target.config.clone(),
+            target.layers.clone(),
+            plan.image_layers(plan.target),
+        );
+        off_runtime(
+            move || store_image(&node, config, &layers, image_layers, stamps),
+            BuildError::Stopped,
+        )
+        .await?
+    };
     for tag in &req.tags {
         node.images.tag(tag, &image)?;
     }

@@ -412,6 +412,9 @@ pub enum BuildError {
         /// Why.
         detail: String,
     },
+    /// A thread doing the build's file work stopped (it panicked).
+    #[error("the build's file work stopped")]
+    Stopped(#[source] tokio::task::JoinError),
 }
 
 #[cfg(test)]

@@ -585,17 +585,25 @@ impl Drop for Reap {
     }
 }
 
-/// Runs `f` on a blocking thread, in the caller's span.
+/// Runs a step's file work `f` on a blocking thread, in the caller's span.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, WorkerError> + Send + 'static,
 ) -> Result<T, WorkerError> {
+    off_runtime(f, |e| err(format!("the step's thread failed: {e}"))).await
+}
+
+/// Runs `f`, which blocks its thread (files, the store), on a blocking
+/// thread in the caller's span; a thread that stopped (it panicked)
+/// becomes the error `stopped` makes of it.
+pub async fn off_runtime<T: Send + 'static, E: Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+    stopped: impl FnOnce(tokio::task::JoinError) -> E,
+) -> Result<T, E> {
     let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || {
-        let _step = span.enter();
-        f()
-    })
-    .await
-    .map_err(|e| err(format!("the step's thread failed: {e}")))?
+    match tokio::task::spawn_blocking(move || span.in_scope(f)).await {
+        Ok(done) => done,
+        Err(e) => Err(stopped(e)),
+    }
 }
 
 impl LocalWorker {
