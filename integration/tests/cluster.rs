@@ -312,6 +312,79 @@ fn a_client_killed_mid_build_takes_its_build_with_it() {
     assert!(status.contains("): 0 cache entries"), "{status}");
 }
 
+/// The error a build ends with, as its client prints it: the line after
+/// `error: ` and the `caused by` lines under it.
+fn error_of(stderr: &str) -> String {
+    let at = stderr
+        .find("error: ")
+        .unwrap_or_else(|| panic!("no error in: {stderr}"));
+    stderr[at..].trim_end().to_string()
+}
+
+#[test]
+fn a_failed_cluster_build_reads_as_the_same_build_failed_on_one_machine() {
+    let cluster = Cluster::start(1, 5);
+    let client = Strata::new();
+    let local = Strata::new().with_busybox(&[]);
+    for (dockerfile, says) in [
+        (
+            "FROM busybox:latest\nRUN echo boom && exit 3\n",
+            "error: Dockerfile:2: [stage-0 2/2] RUN echo boom && exit 3: process \"/bin/sh -c echo boom && exit 3\" did not complete successfully: exit code: 3",
+        ),
+        (
+            "FROM busybox:latest\nCOPY missing.txt /\n",
+            "\"missing.txt\": not found",
+        ),
+    ] {
+        let ctx = tempfile::tempdir().unwrap();
+        write_files(ctx.path(), &[("Dockerfile", dockerfile)]);
+        let dir = ctx.path().to_str().unwrap();
+        let on_cluster = client.run(&[
+            "build",
+            "--cluster",
+            cluster.client().to_str().unwrap(),
+            dir,
+        ]);
+        assert!(!on_cluster.status.success());
+        let here = local.run(&["build", dir]);
+        assert!(!here.status.success());
+        let (cluster_err, local_err) = (
+            String::from_utf8_lossy(&on_cluster.stderr).into_owned(),
+            String::from_utf8_lossy(&here.stderr).into_owned(),
+        );
+        assert!(error_of(&cluster_err).contains(says), "{cluster_err}");
+        assert_eq!(
+            error_of(&cluster_err),
+            error_of(&local_err),
+            "{cluster_err}\n{local_err}"
+        );
+        if dockerfile.contains("boom") {
+            // The failed step's last output, above the error.
+            assert!(
+                cluster_err
+                    .contains("------\n > [stage-0 2/2] RUN echo boom && exit 3:\nboom\n------"),
+                "{cluster_err}"
+            );
+        }
+    }
+    // The cluster's history keeps each failure with its error.
+    let history = client.ok(&[
+        "history",
+        "--cluster",
+        cluster.client().to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    let builds: serde_json::Value = serde_json::from_str(&history).unwrap();
+    let failed = builds
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["status"] == "failed")
+        .count();
+    assert_eq!(failed, 2, "{history}");
+}
+
 #[test]
 fn strangers_are_refused_and_roles_are_checked() {
     let cluster = Cluster::start(1, 5);

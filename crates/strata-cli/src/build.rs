@@ -1155,6 +1155,16 @@ async fn build_one(
             .display()
             .to_string(),
     };
+    // A failed step names the Dockerfile as BuildKit does: as `-f` gave
+    // it, else `Dockerfile`.
+    let step_file = match &args.shown_dockerfile {
+        Some(shown) => shown.clone(),
+        None => given_file
+            .as_deref()
+            .unwrap_or(Path::new("Dockerfile"))
+            .display()
+            .to_string(),
+    };
     args.context = cx.path(&args.context);
     args.file = args.file.as_deref().map(|f| cx.path(f));
     args.report = args.report.as_deref().map(|f| cx.path(f));
@@ -1258,9 +1268,10 @@ async fn build_one(
     let mut in_cluster: Option<PathBuf> = None;
     let (image, steps, fetched, solved) = match &args.cluster {
         Some(cluster) => {
+            // The coordinator locates a failed step in it by this name.
             let inputs = PlanInputs::read(
                 &dockerfile,
-                shown_dockerfile.clone(),
+                step_file.clone(),
                 build_args,
                 args.target.clone(),
                 &platform,
@@ -1326,19 +1337,11 @@ async fn build_one(
             )
             .await;
             cx.session.progress_done();
-            match outcome {
-                Ok((image, steps, fetched, here)) => {
-                    if !here {
-                        in_cluster = Some(cluster.clone());
-                    }
-                    (image, steps, Some(fetched), None)
-                }
-                Err(ClusterFailure::Step { message, tail }) => {
-                    print_tail(cx, None, &tail)?;
-                    bail!("{message}");
-                }
-                Err(ClusterFailure::Other(e)) => return Err(e),
+            let (image, steps, fetched, here) = outcome?;
+            if !here {
+                in_cluster = Some(cluster.clone());
             }
+            (image, steps, Some(fetched), None)
         }
         None => {
             let req = BuildRequest {
@@ -1420,15 +1423,7 @@ async fn build_one(
                 }
                 Err(BuildError::Solve(e)) if e.step_title().is_some() => {
                     print_tail(cx, e.step_title().as_deref(), e.tail())?;
-                    let file = match &args.shown_dockerfile {
-                        Some(shown) => shown.clone(),
-                        None => given_file
-                            .as_deref()
-                            .unwrap_or(Path::new("Dockerfile"))
-                            .display()
-                            .to_string(),
-                    };
-                    let located = e.located(&file);
+                    let located = e.located(&step_file);
                     return Err(match e.causes() {
                         Some(causes) => anyhow::Error::new(causes.clone()).context(located),
                         None => anyhow::anyhow!(located),
@@ -1644,14 +1639,18 @@ struct ClusterBuild<'a> {
     download: bool,
 }
 
-enum ClusterFailure {
-    Step { message: String, tail: Vec<String> },
-    Other(anyhow::Error),
-}
-
-impl<E: Into<anyhow::Error>> From<E> for ClusterFailure {
-    fn from(e: E) -> Self {
-        ClusterFailure::Other(e.into())
+/// A build the cluster took on that failed: its failed step's output
+/// printed, as a local build prints it, and the error returned with its
+/// causes; a cancelled one as cancelled, as a local one is.
+fn cluster_failure(cx: &Cx, failed: strata_cluster::protocol::BuildFailed) -> anyhow::Error {
+    if let Err(e) = print_tail(cx, failed.title.as_deref(), &failed.tail) {
+        return e;
+    }
+    match failed.kind {
+        strata_cluster::protocol::FailureKind::Cancelled => {
+            strata_solver::SolveError::Cancelled.into()
+        }
+        _ => anyhow::Error::new(failed),
     }
 }
 
@@ -1664,7 +1663,7 @@ async fn cluster_build(
     cluster: &Path,
     b: ClusterBuild<'_>,
     tags: &[Reference],
-) -> Result<(strata_oci::Image, Vec<StepRecord>, u64, bool), ClusterFailure> {
+) -> Result<(strata_oci::Image, Vec<StepRecord>, u64, bool)> {
     let node = &cx.node;
     let stamps = Timestamps::new(b.inputs.source_date_epoch()?, b.rewrite_timestamp)?;
     // A build with SOURCE_DATE_EPOCH has its times rewritten here, so it
@@ -1773,7 +1772,7 @@ async fn cluster_build(
             let done = tokio::select! {
                 done = done => done,
                 _ = cx.session.cancel().cancelled() => {
-                    return Err(ClusterFailure::Other(strata_solver::SolveError::Cancelled.into()));
+                    return Err(strata_solver::SolveError::Cancelled.into());
                 }
             };
             match done {
@@ -1793,8 +1792,8 @@ async fn cluster_build(
                     }
                     Err(e) => return Err(e.into()),
                 },
-                Err(strata_cluster::client::ClientError::Build { message, tail }) => {
-                    return Err(ClusterFailure::Step { message, tail });
+                Err(strata_cluster::client::ClientError::Build(failed)) => {
+                    return Err(cluster_failure(cx, *failed));
                 }
                 Err(e) if coordinators > 1 && attempt < coordinators.min(3) => {
                     tracing::warn!(error = %e, "lost the coordinator; submitting the build to another");

@@ -22,14 +22,10 @@ use crate::protocol::{
 /// Why a cluster build failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The build ran and a step (or the plan) failed.
-    #[error("{message}")]
-    Build {
-        /// What the coordinator said, as a local build says it.
-        message: String,
-        /// The failing step's last output lines.
-        tail: Vec<String>,
-    },
+    /// The build was taken on and failed: its kind, the error as a local
+    /// build reports it (its causes its chain), a failed step's output.
+    #[error(transparent)]
+    Build(Box<crate::protocol::BuildFailed>),
     /// The cluster answered with something else than the request's
     /// answer, or of a build something the client cannot use.
     #[error("{0}")]
@@ -510,9 +506,7 @@ impl Client {
             match read_frame::<BuildEvent>(&mut recv, c.addr).await? {
                 Some(BuildEvent::Progress(e)) => on_event(e),
                 Some(BuildEvent::Done(done)) => return Ok(*done),
-                Some(BuildEvent::Failed { message, tail }) => {
-                    return Err(ClientError::Build { message, tail });
-                }
+                Some(BuildEvent::Failed(failed)) => return Err(ClientError::Build(failed)),
                 None => return Err(cluster("the coordinator ended the build without a result")),
             }
         }

@@ -26,9 +26,9 @@ use crate::error::{ImageError, LayerError, StartError, SubmitError};
 use crate::names::Names;
 use crate::placement::{Placement, Selections};
 use crate::protocol::{
-    AdminRequest, AnyRequest, BuildDone, BuildEvent, BuildSpec, ClientRequest, ClusterStatus,
-    CoordinatorRequest, Failed, Grant, GroupStatus, Holder, MAX_HISTORY, MAX_TAGS, Refusal, Reply,
-    Request, SubmitBuild, WorkerStatus,
+    AdminRequest, AnyRequest, BuildDone, BuildEvent, BuildFailed, BuildSpec, ClientRequest,
+    ClusterStatus, CoordinatorRequest, Failed, FailureKind, Grant, GroupStatus, Holder,
+    MAX_HISTORY, MAX_TAGS, Refusal, Reply, Request, SubmitBuild, WorkerStatus,
 };
 use crate::replicas::Replicas;
 use crate::roster::Roster;
@@ -780,10 +780,10 @@ impl Coordinator {
         let cancel = CancellationToken::new();
         if let Err(e) = check_submitted(&submit) {
             strata_metrics::request_error("malformed");
-            let refused = BuildEvent::Failed {
-                message: strata_registry::error_chain(&e),
-                tail: vec![],
-            };
+            let refused = BuildEvent::Failed(Box::new(BuildFailed::new(
+                FailureKind::Request,
+                Failed::of(&e),
+            )));
             self.builds_running.fetch_sub(1, Ordering::Relaxed);
             return write_frame(send, &refused, peer).await;
         }
@@ -821,9 +821,9 @@ impl Coordinator {
                                 record.status = strata_worker::BuildStatus::Succeeded;
                                 record.steps.clone_from(&done.steps);
                             }
-                            BuildEvent::Failed { message, .. } if !client_gone => {
+                            BuildEvent::Failed(failed) if !client_gone => {
                                 record.status = strata_worker::BuildStatus::Failed;
-                                record.error = Some(message.clone());
+                                record.error = Some(failed.text());
                             }
                             _ => {}
                         }
@@ -859,19 +859,18 @@ impl Coordinator {
         events: tokio::sync::mpsc::UnboundedSender<BuildEvent>,
         cancel: CancellationToken,
     ) {
-        let fail = |message: String, tail: Vec<String>| {
-            let _ = events.send(BuildEvent::Failed { message, tail });
+        let fail = |failed: BuildFailed| {
+            let _ = events.send(BuildEvent::Failed(Box::new(failed)));
         };
-        // An error as the client shows it: its message, then its causes.
-        let reported = |e: &(dyn std::error::Error + 'static)| {
-            strata_solver::with_causes(e.to_string(), strata_solver::Causes::of(e))
-        };
+        // A failure of `kind`: the error, its sources its causes.
+        let failed =
+            |kind, e: &(dyn std::error::Error + 'static)| BuildFailed::new(kind, Failed::of(e));
         let begun = Instant::now();
         // Held for the whole build, every blob of its tree: workers fetch
         // them from here.
         let _context_lease = match self.uploads.hold(submit.context).await {
             Ok(lease) => lease,
-            Err(e) => return fail(reported(&e), vec![]),
+            Err(e) => return fail(failed(FailureKind::Request, &e)),
         };
         self.await_known_workers().await;
         tracing::debug!(elapsed = ?begun.elapsed(), "workers known");
@@ -898,7 +897,7 @@ impl Coordinator {
             flights: &self.flights,
         };
         if let Err(e) = engine.admit(&submit.inputs.allow) {
-            return fail(reported(&e), vec![]);
+            return fail(failed(FailureKind::Request, &e));
         }
         let id = self.next_build.fetch_add(1, Ordering::Relaxed);
         let inputs = submit.inputs.clone();
@@ -923,13 +922,13 @@ impl Coordinator {
             .await;
         let (plan, bases) = match planned {
             Ok(p) => p,
-            Err(e) => return fail(reported(&e), vec![]),
+            Err(e) => return fail(failed(FailureKind::Request, &e)),
         };
         // Held for the whole build: workers fetch their layers from here.
         let _bases_lease = self.uploads.hold_bases(&bases, &resolver.pulled());
         let source_date_epoch = match submit.inputs.source_date_epoch() {
             Ok(e) => e,
-            Err(e) => return fail(reported(&e), vec![]),
+            Err(e) => return fail(failed(FailureKind::Request, &e)),
         };
         let plan = Arc::new(plan);
         let spec = Arc::new(BuildSpec {
@@ -988,7 +987,7 @@ impl Coordinator {
                         .await
                     {
                         Ok(t) => t,
-                        Err(e) => return fail(reported(&e), vec![]),
+                        Err(e) => return fail(failed(FailureKind::Cluster, &e)),
                     }
                 } else {
                     Vec::new()
@@ -1009,10 +1008,7 @@ impl Coordinator {
                     tagged,
                 })));
             }
-            Err(e) => fail(
-                e.reported(&submit.inputs.dockerfile_name),
-                e.tail().to_vec(),
-            ),
+            Err(e) => fail(BuildFailed::of_solve(&e, &submit.inputs.dockerfile_name)),
         }
     }
 }

@@ -84,15 +84,90 @@ pub struct SubmitBuild {
 pub enum BuildEvent {
     /// Progress of a step.
     Progress(Event),
-    /// The build failed; the message is the one a local build prints.
-    Failed {
-        /// The error.
-        message: String,
-        /// The failing step's last output lines.
-        tail: Vec<String>,
-    },
+    /// The build failed: what kind of failure, the error as a local
+    /// build reports it (with its causes), and a failed step's last output.
+    Failed(Box<BuildFailed>),
     /// The build finished.
     Done(Box<BuildDone>),
+}
+
+/// What kind of failure ended a build: what a client acts on, never the
+/// message's text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// The request cannot be built as it stands (its Dockerfile, inputs,
+    /// entitlements, base images): sent again, it fails again.
+    Request,
+    /// A step failed.
+    Step,
+    /// The build was cancelled.
+    Cancelled,
+    /// The cluster could not finish it (its index, a node).
+    Cluster,
+}
+
+/// A build that failed, as its client hears of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildFailed {
+    /// What kind of failure.
+    pub kind: FailureKind,
+    /// The error as a local build reports it, its causes its chain.
+    pub error: Failed,
+    /// The failed step's `[STAGE N/M] INSTRUCTION`.
+    pub title: Option<String>,
+    /// The failing step's last output lines.
+    pub tail: Vec<String>,
+}
+
+impl std::fmt::Display for BuildFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+/// The error's message, then its causes: a failed build reads as the
+/// error it carries.
+impl std::error::Error for BuildFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
+    }
+}
+
+impl BuildFailed {
+    /// A failure of kind `kind`.
+    pub fn new(kind: FailureKind, error: Failed) -> BuildFailed {
+        BuildFailed {
+            kind,
+            error,
+            title: None,
+            tail: Vec::new(),
+        }
+    }
+
+    /// A solve that failed, its step located in the Dockerfile `file`.
+    pub fn of_solve(e: &strata_solver::SolveError, file: &str) -> BuildFailed {
+        use strata_solver::SolveError;
+        let kind = match e {
+            SolveError::Step(_) => FailureKind::Step,
+            SolveError::Cancelled => FailureKind::Cancelled,
+            SolveError::Cache(_) | SolveError::Internal(_) => FailureKind::Cluster,
+        };
+        let located = e.located(file);
+        BuildFailed {
+            kind,
+            error: match e.causes() {
+                Some(first) => Failed::because(located, first),
+                None => Failed::new(located),
+            },
+            title: e.step_title(),
+            tail: e.tail().to_vec(),
+        }
+    }
+
+    /// The error and its causes, one text (for a build's record).
+    pub fn text(&self) -> String {
+        strata_solver::with_causes(self.error.to_string(), Causes::of(&self.error))
+    }
 }
 
 /// A finished build: enough to assemble the image on the client.
@@ -916,6 +991,40 @@ mod tests {
         let (back, _): (Reply, usize) =
             bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
         assert!(matches!(back, Reply::Refused(Refusal::NotRegistered)));
+    }
+
+    #[test]
+    fn a_failed_build_reaches_its_client_with_its_kind_and_causes() {
+        let disk = std::io::Error::other("no space left on device");
+        let sent = BuildEvent::Failed(Box::new(BuildFailed {
+            kind: FailureKind::Step,
+            error: Failed::because("Dockerfile:3: [stage-0 2/2] RUN make: exit code 2", &disk),
+            title: Some("[stage-0 2/2] RUN make".into()),
+            tail: vec!["make: *** [all] Error 2".into()],
+        }));
+        let bytes = bincode::serde::encode_to_vec(&sent, bincode::config::standard()).unwrap();
+        let back: BuildEvent = strata_net::decode_frame(&bytes).unwrap();
+        let BuildEvent::Failed(failed) = back else {
+            panic!("not a failure");
+        };
+        assert_eq!(failed.kind, FailureKind::Step);
+        assert_eq!(failed.tail, ["make: *** [all] Error 2"]);
+        // As an error it reads as a local build's: the message once, then
+        // each cause below it.
+        let e: &(dyn std::error::Error + 'static) = &*failed;
+        let chain: Vec<String> = std::iter::successors(Some(e), |e| e.source())
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            chain,
+            [
+                "Dockerfile:3: [stage-0 2/2] RUN make: exit code 2",
+                "no space left on device"
+            ]
+        );
+        let cancelled = BuildFailed::of_solve(&strata_solver::SolveError::Cancelled, "Dockerfile");
+        assert_eq!(cancelled.kind, FailureKind::Cancelled);
+        assert_eq!(cancelled.text(), "build cancelled");
     }
 
     /// A request of each outer kind.
