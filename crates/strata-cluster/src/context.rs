@@ -1299,6 +1299,26 @@ mod tests {
         }
     }
 
+    /// `h`'s blobs in a new store, and its tree written out from there:
+    /// the store and the written-out directory (under the temporary
+    /// directories, kept while the first value lives).
+    fn stored_and_written(
+        h: &Hashed,
+    ) -> (
+        (tempfile::TempDir, tempfile::TempDir),
+        ContentStore,
+        PathBuf,
+    ) {
+        let store_dir = tempfile::tempdir().unwrap();
+        let cas = ContentStore::open(store_dir.path()).unwrap();
+        store(&cas, h);
+        let out = tempfile::tempdir().unwrap();
+        let o = out.path().join("ctx");
+        fs::create_dir(&o).unwrap();
+        materialize(&cas, &h.root, &o).unwrap();
+        ((store_dir, out), cas, o)
+    }
+
     #[test]
     fn a_selection_is_keyed_from_the_tree_as_from_the_files_it_writes_out() {
         let ctx = tempfile::tempdir().unwrap();
@@ -1319,13 +1339,7 @@ mod tests {
         std::os::unix::fs::symlink("src", p.join("srclink")).unwrap();
         let ignore = IgnoreMatcher::new(&["*.key", "logs", "!logs/keep.txt"]).unwrap();
         let h = hash(p, &ignore, &mut StatCache::default()).unwrap();
-        let store_dir = tempfile::tempdir().unwrap();
-        let cas = ContentStore::open(store_dir.path()).unwrap();
-        store(&cas, &h);
-        let out = tempfile::tempdir().unwrap();
-        let o = out.path().join("ctx");
-        fs::create_dir(&o).unwrap();
-        materialize(&cas, &h.root, &o).unwrap();
+        let (_dirs, cas, o) = stored_and_written(&h);
 
         let written = SourceRoot {
             root: &o,
@@ -1402,13 +1416,7 @@ mod tests {
         assert_eq!(h.files.len(), 2, "the same contents are one blob");
         assert_eq!(h.entries, 6);
 
-        let store_dir = tempfile::tempdir().unwrap();
-        let cas = ContentStore::open(store_dir.path()).unwrap();
-        store(&cas, &h);
-        let out = tempfile::tempdir().unwrap();
-        let o = out.path().join("ctx");
-        fs::create_dir(&o).unwrap();
-        materialize(&cas, &h.root, &o).unwrap();
+        let (_dirs, cas, o) = stored_and_written(&h);
         assert_eq!(fs::read_to_string(o.join("src/deep/a.txt")).unwrap(), "a");
         assert_eq!(fs::read_to_string(o.join("src/b.txt")).unwrap(), "a");
         assert_eq!(
