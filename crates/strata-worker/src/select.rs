@@ -265,7 +265,7 @@ fn listed(
         // Ignored entries are skipped; an ignored directory that an
         // exception reaches into is kept and entered, as Docker does.
         let skip = if ignored(src, &root_rel) {
-            ignores(src.ignore, &root_rel, meta.is_dir())
+            !(meta.is_dir() && src.ignore.is_some_and(|m| m.may_include_below(&root_rel)))
         } else {
             excludes.is_some_and(|x| {
                 x.matches(&child_rel) && !(meta.is_dir() && x.may_include_below(&child_rel))
