@@ -1025,17 +1025,14 @@ async fn build_platforms(
                 }
             }
             Output::Local { dest } => {
-                let (dest, images) = (dest.clone(), images.clone());
-                cx.blocking(move |cx| {
-                    for image in &images {
-                        let dir = dest.join(platform_dir(image));
-                        strata_worker::export_rootfs(&cx.node, image, &dir).with_context(|| {
-                            format!("cannot write the image's files to {}", dir.display())
-                        })?;
-                    }
-                    Ok(())
-                })
-                .await?;
+                for image in &images {
+                    let one = Output::Local {
+                        dest: dest.join(platform_dir(image)),
+                    };
+                    let image = image.clone();
+                    cx.blocking(move |cx| write_output(cx, &one, &image, &[]))
+                        .await?;
+                }
             }
             Output::Registry { compression } => {
                 for tag in &tags {
@@ -1699,124 +1696,122 @@ async fn cluster_build(
     let coordinators = strata_cluster::config::ClientConfig::load(cluster)
         .map(|c| c.coordinators.len())
         .unwrap_or(1);
-    {
-        let progress = live_progress(cx, &b.build_id);
-        let on_event = move |e| progress(e);
-        // A coordinator lost mid-build takes the build with it; another
-        // coordinator of the group takes it up again, finding in the
-        // replicated cache every step already done.
-        let mut attempt = 1;
-        let mut rebuilt = false;
-        let (done, image, fetched) = loop {
-            let started = std::time::Instant::now();
-            let client = crate::cluster::connect(cluster).await?;
-            tracing::debug!(?client, elapsed = ?started.elapsed(), "connected to the cluster");
-            let submit = strata_cluster::protocol::SubmitBuild {
-                build_id: b.build_id.clone(),
-                tags: tags.iter().map(Reference::familiar).collect(),
-                inputs: b.inputs.clone(),
-                context,
-                secrets: b.secrets.clone(),
-                no_cache: b.no_cache,
-                no_cache_stages: b.no_cache_stages.clone(),
-                pull: b.pull,
-            };
-            // The build starts once the context's tree is there, and its
-            // files are sent beside it: a worker takes each as it lands.
-            // A build that ends first (cached, or failed) stops the rest.
-            let sending = strata_cluster::client::Sending::default();
-            let done = async {
-                let files = client.upload_tree(&node.content, &tree, &sending).await?;
-                let upload = client.upload_files(&files, &sending);
-                let build = client.build(submit, &on_event);
-                tokio::pin!(upload, build);
-                let mut uploading = true;
-                let done = loop {
-                    tokio::select! {
-                        sent = &mut upload, if uploading => {
-                            sent?;
-                            uploading = false;
-                            tracing::debug!(
-                                sent = ?sending.sent(),
-                                elapsed = ?started.elapsed(),
-                                "context uploaded"
-                            );
-                        }
-                        done = &mut build => break done,
+    let progress = live_progress(cx, &b.build_id);
+    let on_event = move |e| progress(e);
+    // A coordinator lost mid-build takes the build with it; another
+    // coordinator of the group takes it up again, finding in the
+    // replicated cache every step already done.
+    let mut attempt = 1;
+    let mut rebuilt = false;
+    let (done, image, fetched) = loop {
+        let started = std::time::Instant::now();
+        let client = crate::cluster::connect(cluster).await?;
+        tracing::debug!(?client, elapsed = ?started.elapsed(), "connected to the cluster");
+        let submit = strata_cluster::protocol::SubmitBuild {
+            build_id: b.build_id.clone(),
+            tags: tags.iter().map(Reference::familiar).collect(),
+            inputs: b.inputs.clone(),
+            context,
+            secrets: b.secrets.clone(),
+            no_cache: b.no_cache,
+            no_cache_stages: b.no_cache_stages.clone(),
+            pull: b.pull,
+        };
+        // The build starts once the context's tree is there, and its
+        // files are sent beside it: a worker takes each as it lands.
+        // A build that ends first (cached, or failed) stops the rest.
+        let sending = strata_cluster::client::Sending::default();
+        let done = async {
+            let files = client.upload_tree(&node.content, &tree, &sending).await?;
+            let upload = client.upload_files(&files, &sending);
+            let build = client.build(submit, &on_event);
+            tokio::pin!(upload, build);
+            let mut uploading = true;
+            let done = loop {
+                tokio::select! {
+                    sent = &mut upload, if uploading => {
+                        sent?;
+                        uploading = false;
+                        tracing::debug!(
+                            sent = ?sending.sent(),
+                            elapsed = ?started.elapsed(),
+                            "context uploaded"
+                        );
                     }
-                };
-                if uploading {
-                    tracing::debug!(
-                        sent = ?sending.sent(),
-                        files = files.len(),
-                        "the build ended before its context's files were all sent"
-                    );
-                }
-                if b.report && attempt == 1 {
-                    let size: u64 = tree.files.values().map(|(_, n)| n).sum();
-                    let sent = sending.sent();
-                    let _ = writeln!(
-                        cx.err(),
-                        "context: {} entries, {} in {} distinct files; read {}, sent {} in {} blobs",
-                        tree.entries,
-                        crate::units::human_size(size),
-                        tree.files.len(),
-                        crate::units::human_size(tree.read),
-                        crate::units::human_size(sent.bytes),
-                        sent.blobs,
-                    );
-                }
-                tracing::debug!(elapsed = ?started.elapsed(), "build done");
-                done
-            };
-            let done = tokio::select! {
-                done = done => done,
-                _ = cx.session.cancel().cancelled() => {
-                    return Err(strata_solver::SolveError::Cancelled.into());
+                    done = &mut build => break done,
                 }
             };
-            match done {
-                Ok(d) if !download => {
-                    let (image, _) = strata_oci::Image::described(&d.config_json, &d.layers)
-                        .map_err(|e| anyhow::anyhow!("the cluster's image: {e}"))?;
-                    break (d, image, 0);
-                }
-                Ok(d) => match client.fetch_image(node, &d, stamps).await {
-                    Ok((image, fetched)) => break (d, image, fetched),
-                    // A holder had lost a layer the cache named: the
-                    // coordinator has corrected its records, and building
-                    // again makes the layer anew.
-                    Err(strata_cluster::client::ClientError::LayersLost(e)) if !rebuilt => {
-                        tracing::warn!(error = %e, "a layer of the image was lost; building again");
-                        rebuilt = true;
-                    }
-                    Err(e) => return Err(e.into()),
-                },
-                Err(strata_cluster::client::ClientError::Build(failed)) => {
-                    return Err(cluster_failure(cx, *failed));
-                }
-                Err(e) if coordinators > 1 && attempt < coordinators.min(3) => {
-                    tracing::warn!(error = %e, "lost the coordinator; submitting the build to another");
-                    attempt += 1;
-                }
-                Err(e) => return Err(e.into()),
+            if uploading {
+                tracing::debug!(
+                    sent = ?sending.sent(),
+                    files = files.len(),
+                    "the build ended before its context's files were all sent"
+                );
+            }
+            if b.report && attempt == 1 {
+                let size: u64 = tree.files.values().map(|(_, n)| n).sum();
+                let sent = sending.sent();
+                let _ = writeln!(
+                    cx.err(),
+                    "context: {} entries, {} in {} distinct files; read {}, sent {} in {} blobs",
+                    tree.entries,
+                    crate::units::human_size(size),
+                    tree.files.len(),
+                    crate::units::human_size(tree.read),
+                    crate::units::human_size(sent.bytes),
+                    sent.blobs,
+                );
+            }
+            tracing::debug!(elapsed = ?started.elapsed(), "build done");
+            done
+        };
+        let done = tokio::select! {
+            done = done => done,
+            _ = cx.session.cancel().cancelled() => {
+                return Err(strata_solver::SolveError::Cancelled.into());
             }
         };
-        if download {
-            for tag in tags {
-                node.images.tag(tag, &image)?;
+        match done {
+            Ok(d) if !download => {
+                let (image, _) = strata_oci::Image::described(&d.config_json, &d.layers)
+                    .map_err(|e| anyhow::anyhow!("the cluster's image: {e}"))?;
+                break (d, image, 0);
             }
-        } else if b.report && !done.tagged.is_empty() {
-            let names: Vec<String> = tags.iter().map(Reference::familiar).collect();
-            let _ = writeln!(
-                cx.err(),
-                "{} in the cluster, not downloaded: pull it from a coordinator's image \
-                 endpoint, or build with --load or -o type=image to have it here",
-                names.join(", ")
-            );
+            Ok(d) => match client.fetch_image(node, &d, stamps).await {
+                Ok((image, fetched)) => break (d, image, fetched),
+                // A holder had lost a layer the cache named: the
+                // coordinator has corrected its records, and building
+                // again makes the layer anew.
+                Err(strata_cluster::client::ClientError::LayersLost(e)) if !rebuilt => {
+                    tracing::warn!(error = %e, "a layer of the image was lost; building again");
+                    rebuilt = true;
+                }
+                Err(e) => return Err(e.into()),
+            },
+            Err(strata_cluster::client::ClientError::Build(failed)) => {
+                return Err(cluster_failure(cx, *failed));
+            }
+            Err(e) if coordinators > 1 && attempt < coordinators.min(3) => {
+                tracing::warn!(error = %e, "lost the coordinator; submitting the build to another");
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
         }
-        Ok((image, done.steps, fetched, download))
+    };
+    if download {
+        for tag in tags {
+            node.images.tag(tag, &image)?;
+        }
+    } else if b.report && !done.tagged.is_empty() {
+        let names: Vec<String> = tags.iter().map(Reference::familiar).collect();
+        let _ = writeln!(
+            cx.err(),
+            "{} in the cluster, not downloaded: pull it from a coordinator's image \
+             endpoint, or build with --load or -o type=image to have it here",
+            names.join(", ")
+        );
     }
+    Ok((image, done.steps, fetched, download))
 }
 
 #[cfg(test)]
