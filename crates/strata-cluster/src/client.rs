@@ -541,15 +541,9 @@ impl Client {
         };
         let config: ImageConfig = serde_json::from_slice(&done.config_json)
             .map_err(|e| cluster(format!("the image config is unreadable: {e}")))?;
-        // Clamping layers to SOURCE_DATE_EPOCH writes them anew.
-        let (node, layers, image_layers) =
-            (Arc::clone(node), done.layers.clone(), done.image_layers);
-        let image = strata_worker::off_runtime(
-            move || store_image(&node, config, &layers, image_layers, stamps),
-            strata_worker::BuildError::Stopped,
-        )
-        .await
-        .map_err(|e| ClientError::Store(e.into()))?;
+        let image = store_image(node, config, &done.layers, done.image_layers, stamps)
+            .await
+            .map_err(|e| ClientError::Store(e.into()))?;
         Ok((image, fetched))
     }
 

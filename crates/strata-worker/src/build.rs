@@ -422,20 +422,14 @@ async fn solve_and_store(
     };
     let solved = engine.solve(&plan, worker, solve_opts).await?;
     let target = &solved.stages[plan.target];
-    // Clamping layers to SOURCE_DATE_EPOCH writes them anew.
-    let image = {
-        let (node, config, layers, image_layers) = (
-            Arc::clone(&node),
-            target.config.clone(),
-            target.layers.clone(),
-            plan.image_layers(plan.target),
-        );
-        off_runtime(
-            move || store_image(&node, config, &layers, image_layers, stamps),
-            BuildError::Stopped,
-        )
-        .await?
-    };
+    let image = store_image(
+        &node,
+        target.config.clone(),
+        &target.layers,
+        plan.image_layers(plan.target),
+        stamps,
+    )
+    .await?;
     for tag in &req.tags {
         node.images.tag(tag, &image)?;
     }

@@ -57,4 +57,4 @@ pub use platforms::{check_runnable, native, registry_target, runnable};
 pub use run::etc_mounts;
 pub use timestamps::{SOURCE_DATE_EPOCH, Timestamps, parse_source_date_epoch, store_image};
 pub use users::{Identity, UserError, resolve as resolve_user};
-pub use worker::{Embedded, LayerTee, LocalWorker, MakeContext, TreeSelection, off_runtime};
+pub use worker::{Embedded, LayerTee, LocalWorker, MakeContext, TreeSelection};

@@ -10,6 +10,8 @@
 //! entries keep the layers as their steps wrote them: the epoch is
 //! applied to the image, not to the cache, so changing it re-runs nothing.
 
+use std::sync::Arc;
+
 use strata_cas::{ContentStore, Digest};
 use strata_oci::{Image, ImageConfig, LayerRef};
 
@@ -70,7 +72,25 @@ pub fn parse_source_date_epoch(value: &str) -> Result<i64, BuildError> {
 /// the bottom `image_layers` came from its base image. With an epoch, the
 /// layers the build made (and with `rewrite_base` the base's too) are
 /// replaced by copies clamped to it, and the config names their diff_ids.
-pub fn store_image(
+/// Writing layers anew and the store's writes block, so it runs on a
+/// blocking thread.
+pub async fn store_image(
+    node: &Arc<Node>,
+    config: ImageConfig,
+    layers: &[LayerRef],
+    image_layers: usize,
+    stamps: Timestamps,
+) -> Result<Image, BuildError> {
+    let (node, layers) = (Arc::clone(node), layers.to_vec());
+    crate::worker::off_runtime(
+        move || store_image_here(&node, config, &layers, image_layers, stamps),
+        BuildError::Stopped,
+    )
+    .await
+}
+
+/// [`store_image`], on the calling thread.
+fn store_image_here(
     node: &Node,
     mut config: ImageConfig,
     layers: &[LayerRef],

@@ -595,7 +595,7 @@ async fn blocking<T: Send + 'static>(
 /// Runs `f`, which blocks its thread (files, the store), on a blocking
 /// thread in the caller's span; a thread that stopped (it panicked)
 /// becomes the error `stopped` makes of it.
-pub async fn off_runtime<T: Send + 'static, E: Send + 'static>(
+pub(crate) async fn off_runtime<T: Send + 'static, E: Send + 'static>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
     stopped: impl FnOnce(tokio::task::JoinError) -> E,
 ) -> Result<T, E> {
