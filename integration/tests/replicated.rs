@@ -688,6 +688,13 @@ fn a_worker_stays_within_keep_storage_and_evicted_steps_run_again() {
         "{worker} holds {} bytes of blobs (keep_storage {KEEP})\n{status}",
         cluster.blob_bytes(&worker)
     );
+    // Each layer was the last copy: its cache entries left the index
+    // before the worker dropped it, so no hit was offered for it meanwhile.
+    let said = cluster.log("coordinator");
+    assert!(
+        said.contains("took cache entries out of the index before a worker drops"),
+        "{said}"
+    );
     // The named image kept its layers: it is pulled whole from the
     // cluster, and building it again is a hit.
     let layout = tempfile::tempdir().unwrap();

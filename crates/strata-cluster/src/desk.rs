@@ -13,7 +13,9 @@ use strata_cas::Digest;
 use strata_dockerfile::Platform;
 use strata_net::{Connection, write_frame};
 use strata_raft::Member;
+use strata_sched::copies::{CopyKind, Retirement};
 
+use crate::error::ReplicateError;
 use crate::names::Names;
 use crate::protocol::{
     CoordinatorRequest, Failed, Refusal, Registration, Reply, Request, WorkerRequest,
@@ -57,23 +59,110 @@ impl WorkerDesk {
                 crate::protocol::MAX_SPARE_ASKED,
             );
         }
-        let named = match self.names.named_layers() {
-            Ok(n) => n,
-            Err(e) => return Reply::Failed(Failed::of(&e)),
+        match self.copy_kinds(worker, blobs) {
+            Ok(kinds) => Reply::Spare(kinds),
+            Err(failed) => Reply::Failed(failed),
+        }
+    }
+
+    /// What `worker` dropping its copy of each of `blobs` loses.
+    fn copy_kinds(&self, worker: &str, blobs: &[Digest]) -> Result<Vec<CopyKind>, Failed> {
+        let named = self.names.named_layers().map_err(|e| Failed::of(&e))?;
+        Ok(blobs
+            .iter()
+            .map(|b| {
+                // A coordinator's copy does not count: its store
+                // keeps what it holds only under its own budget.
+                let others = self
+                    .roster
+                    .live_copies(b)
+                    .into_iter()
+                    .filter(|h| h.name != worker)
+                    .count();
+                strata_sched::copies::kind(others, self.replicas.replication, named.contains(b))
+            })
+            .collect())
+    }
+
+    /// Before `worker` drops its copies of `blobs`: takes out of the
+    /// index every cache entry whose layer chain names one that would be
+    /// left with no live copy, and says which copies may go (those no
+    /// remaining entry needs and no named image holds). The index is
+    /// changed first, so a hit is never served for a layer that is gone;
+    /// an entry put in the moment between (a step finishing on top of
+    /// the blob) is found by the repair loop's census, as an orphan.
+    pub(crate) async fn retire(&self, worker: &str, blobs: Vec<Digest>) -> Reply {
+        if blobs.len() > crate::protocol::MAX_SPARE_ASKED {
+            return Reply::over_limit(
+                "blobs asked to retire",
+                blobs.len(),
+                crate::protocol::MAX_SPARE_ASKED,
+            );
+        }
+        let kinds = match self.copy_kinds(worker, &blobs) {
+            Ok(kinds) => kinds,
+            Err(failed) => return Reply::Failed(failed),
         };
-        Reply::Spare(
-            blobs
+        // Only last copies need the index changed; a named image's
+        // layers stay whatever the index says.
+        let last: Vec<Digest> = blobs
+            .iter()
+            .zip(&kinds)
+            .filter(|(_, k)| **k == CopyKind::Last)
+            .map(|(b, _)| *b)
+            .collect();
+        let member = Arc::clone(&self.member);
+        let asked = last.clone();
+        let planned = tokio::task::spawn_blocking(move || {
+            let entries = member
+                .local()
+                .entries()
+                .map_err(|e| ReplicateError::Index(e.into()))?;
+            let chains: Vec<(Digest, Vec<Digest>)> = entries
+                .into_iter()
+                .map(|(key, e)| (key, e.layers.iter().map(|l| l.blob).collect()))
+                .collect();
+            Ok::<_, ReplicateError>(Retirement::plan(
+                &asked,
+                chains.iter().map(|(k, c)| (*k, c.as_slice())),
+            ))
+        })
+        .await;
+        let plan = match planned {
+            Ok(Ok(plan)) => plan,
+            Ok(Err(e)) => return Reply::Failed(Failed::because("reading the cache index", &e)),
+            Err(e) => return Reply::Failed(Failed::because("reading the cache index", &e)),
+        };
+        let mut removed = vec![false; plan.remove.len()];
+        for (i, key) in plan.remove.iter().enumerate() {
+            match self
+                .member
+                .write(strata_raft::CommandV1::Remove { key: *key })
+                .await
+            {
+                Ok(_) => removed[i] = true,
+                Err(e) => {
+                    tracing::warn!(%key, %worker, error = %e, "cannot take a cache entry out of the index: the worker keeps the layer it needs");
+                }
+            }
+        }
+        let last_ok = plan.droppable(&|i| removed[i]);
+        if !plan.remove.is_empty() {
+            tracing::info!(
+                %worker,
+                entries = removed.iter().filter(|r| **r).count(),
+                last_copies = last.len(),
+                "took cache entries out of the index before a worker drops the last copies of their layers"
+            );
+        }
+        let mut last_ok = last_ok.into_iter();
+        Reply::Retired(
+            kinds
                 .iter()
-                .map(|b| {
-                    // A coordinator's copy does not count: its store
-                    // keeps what it holds only under its own budget.
-                    let others = self
-                        .roster
-                        .live_copies(b)
-                        .into_iter()
-                        .filter(|h| h.name != worker)
-                        .count();
-                    strata_sched::copies::kind(others, self.replicas.replication, named.contains(b))
+                .map(|k| match k {
+                    CopyKind::Spare => true,
+                    CopyKind::Named => false,
+                    CopyKind::Last => last_ok.next().unwrap_or(false),
                 })
                 .collect(),
         )
@@ -186,6 +275,7 @@ impl WorkerDesk {
                 }
             }
             WorkerRequest::Spare(blobs) => self.spare(&conn.peer.name, &blobs),
+            WorkerRequest::Retire(blobs) => self.retire(&conn.peer.name, blobs).await,
             WorkerRequest::Register(r) => {
                 self.register(conn, r);
                 Reply::Ok

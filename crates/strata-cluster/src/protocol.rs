@@ -492,6 +492,11 @@ pub enum WorkerRequest {
     /// workers (or the coordinator) hold, at most [`MAX_SPARE_ASKED`]
     /// ([`Reply::Spare`], in the same order).
     Spare(Vec<Digest>),
+    /// The asker is about to drop its copies of these blobs, the last
+    /// ones of some (at most [`MAX_SPARE_ASKED`]): take the cache entries
+    /// that need them out of the index first ([`Reply::Retired`], in the
+    /// same order).
+    Retire(Vec<Digest>),
     /// Send these blobs of a build context, at most
     /// [`strata_net::MAX_BATCH`] (then: a batch stream of them back).
     GetBlobs(Vec<Digest>),
@@ -654,6 +659,9 @@ pub enum Reply {
     Took(Result<Digest, Failed>),
     /// For each blob asked about, what dropping the asker's copy loses.
     Spare(Vec<CopyKind>),
+    /// For each blob asked to retire, whether the asker may drop its copy
+    /// now: no cache entry needs it, and no image the cluster names.
+    Retired(Vec<bool>),
     /// Builds a coordinator coordinated.
     History(Vec<strata_worker::BuildRecord>),
     /// Cache entries imported: how many the index did not have.
@@ -894,6 +902,7 @@ impl Request {
                 WorkerRequest::Register(_) => "to register as a worker",
                 WorkerRequest::Heartbeat { .. } => "to record a worker's heartbeat",
                 WorkerRequest::Spare(_) => "which blobs are spare copies",
+                WorkerRequest::Retire(_) => "to retire the last copies of blobs",
                 WorkerRequest::GetBlobs(_) => "for blobs of a build context",
             },
             Request::Coordinator(r) => match r {

@@ -572,10 +572,19 @@ impl WorkerNode {
         // candidates, a named image's layers aside.
         let kind = |d: &Digest| copies.get(d).copied();
         let victims = strata_sched::evict::choose_in_cluster(total, &candidates, &keep, now, &kind);
-        let spared = victims
-            .iter()
-            .filter(|d| kind(d) == Some(CopyKind::Spare))
-            .count();
+        let (spare, last): (Vec<Digest>, Vec<Digest>) = victims
+            .into_iter()
+            .partition(|d| kind(d) == Some(CopyKind::Spare));
+        // Last copies go only once the index no longer offers what needs
+        // them; a store still over its bound after this round looks again
+        // in the next.
+        let spared = spare.len();
+        let mut victims = spare;
+        if !last.is_empty()
+            && let Some(may) = self.ask_retire(&last).await
+        {
+            victims.extend(last.iter().zip(may).filter(|(_, ok)| *ok).map(|(d, _)| *d));
+        }
         self.evict(victims, spared).await
     }
 
@@ -595,6 +604,28 @@ impl WorkerNode {
             );
         }
         Ok(())
+    }
+
+    /// Asks a coordinator to take out of the index the cache entries
+    /// that need `blobs`, the last copies this worker is about to drop:
+    /// for each, whether it may go now; `None` when no coordinator
+    /// answers (then none goes).
+    async fn ask_retire(&self, blobs: &[Digest]) -> Option<Vec<bool>> {
+        let conns = self
+            .registered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let ask = Request::Worker(WorkerRequest::Retire(blobs.to_vec()));
+        for conn in conns {
+            match request(&conn, &ask).await {
+                Ok(Reply::Retired(may)) if may.len() == blobs.len() => return Some(may),
+                other => {
+                    tracing::debug!(coordinator = %conn.peer, answer = ?other, "did not retire last copies");
+                }
+            }
+        }
+        None
     }
 
     /// What a coordinator says dropping each of the first

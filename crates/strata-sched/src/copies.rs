@@ -185,6 +185,57 @@ impl Shrunk {
     }
 }
 
+/// Last copies a worker is about to drop, and the cache entries that
+/// must leave the index first: an entry whose layer chain names a blob
+/// with no copy left could only be served as a hit for something gone.
+/// The driver removes [`Retirement::remove`] from the index, then tells
+/// the worker which blobs it may drop ([`Retirement::droppable`]): only
+/// those whose every entry is out.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Retirement {
+    /// The cache entries to take out of the index, by key.
+    pub remove: Vec<Digest>,
+    /// For each blob asked about, the indices in `remove` of the entries
+    /// that need it.
+    needed_by: Vec<Vec<usize>>,
+}
+
+impl Retirement {
+    /// Plans retiring `blobs`, given every cache entry as its key and the
+    /// blobs of its layer chain. Linear in the entries' layers.
+    pub fn plan<'e>(
+        blobs: &[Digest],
+        entries: impl IntoIterator<Item = (Digest, &'e [Digest])>,
+    ) -> Retirement {
+        let asked: HashMap<Digest, usize> =
+            blobs.iter().enumerate().map(|(i, b)| (*b, i)).collect();
+        let mut needed_by = vec![Vec::new(); blobs.len()];
+        let mut remove = Vec::new();
+        for (key, chain) in entries {
+            let mut needs = chain.iter().filter_map(|b| asked.get(b)).peekable();
+            if needs.peek().is_none() {
+                continue;
+            }
+            for &i in needs {
+                if needed_by[i].last() != Some(&remove.len()) {
+                    needed_by[i].push(remove.len());
+                }
+            }
+            remove.push(key);
+        }
+        Retirement { remove, needed_by }
+    }
+
+    /// For each blob asked about, in order, whether its copy may go now:
+    /// `removed(i)` says whether entry `remove[i]` left the index.
+    pub fn droppable(&self, removed: &dyn Fn(usize) -> bool) -> Vec<bool> {
+        self.needed_by
+            .iter()
+            .map(|entries| entries.iter().all(|&i| removed(i)))
+            .collect()
+    }
+}
+
 /// Seconds a new cache entry is never taken for an orphan: the entry is
 /// put as soon as its holders have the layer, and the leader records
 /// them from their next heartbeats, a moment later (a new leader, from
@@ -258,6 +309,28 @@ mod tests {
 
     use super::*;
     use crate::fleet::Spec;
+
+    #[test]
+    fn a_last_copy_goes_only_once_every_entry_needing_it_left_the_index() {
+        let b = |n: u8| Digest::of(&[n]);
+        let (base, x, y, unused) = (b(1), b(2), b(3), b(4));
+        // Entry k1 made x on base; k2 made y on x; k3 needs neither.
+        let chains = [
+            (b(11), vec![base, x]),
+            (b(12), vec![base, x, y]),
+            (b(13), vec![base]),
+        ];
+        let entries = || chains.iter().map(|(k, c)| (*k, c.as_slice()));
+        let plan = Retirement::plan(&[x, unused, y], entries());
+        assert_eq!(plan.remove, vec![b(11), b(12)]);
+        // Nothing removed yet: only the blob no entry needs may go.
+        assert_eq!(plan.droppable(&|_| false), [false, true, false]);
+        // k2 out, k1 still in: y may go, x not.
+        assert_eq!(plan.droppable(&|i| i == 1), [false, true, true]);
+        assert_eq!(plan.droppable(&|_| true), [true, true, true]);
+        // Nothing asked, nothing to remove.
+        assert_eq!(Retirement::plan(&[], entries()), Retirement::default());
+    }
 
     #[test]
     fn a_copy_is_spare_only_when_enough_others_hold_it_and_a_named_one_stays() {

@@ -162,9 +162,10 @@ pub fn candidates(node: &Node, now: u64) -> Result<(u64, Vec<Candidate>), GcErro
 }
 
 /// Keeps a node that is its own cache index (the local daemon's) within
-/// `keep`: the blobs [`choose`] picks go, then the cache entries that
-/// name a blob no longer stored, so a hit is never served for what is
-/// gone.
+/// `keep`: the cache entries whose layer chain names a blob [`choose`]
+/// picks leave the index first, then the blobs go, so a hit is never
+/// served for what is gone, even when the process is killed between the
+/// two (a blob left behind is taken next round).
 pub fn enforce(node: &Node, keep: &Keep, now: u64) -> Result<EvictReport, GcError> {
     let (total, candidates) = candidates(node, now)?;
     let victims = choose(total, &candidates, keep, now, &|_| false);
@@ -174,18 +175,22 @@ pub fn enforce(node: &Node, keep: &Keep, now: u64) -> Result<EvictReport, GcErro
             ..EvictReport::default()
         });
     }
+    let entries: Vec<(Digest, Vec<Digest>)> = node
+        .cache
+        .list()?
+        .into_iter()
+        .map(|(key, e)| (key, e.layers.iter().map(|l| l.blob).collect()))
+        .collect();
+    let retiring = strata_sched::copies::Retirement::plan(
+        &victims,
+        entries.iter().map(|(k, c)| (*k, c.as_slice())),
+    );
+    for key in &retiring.remove {
+        node.cache.remove(key)?;
+    }
     let mut report = evict(node, &victims)?;
     report.stored = total;
-    for (key, entry) in node.cache.list()? {
-        let gone = entry
-            .layers
-            .iter()
-            .any(|l| !node.content.contains(&l.blob).unwrap_or(false));
-        if gone {
-            node.cache.remove(&key)?;
-            report.cache_entries += 1;
-        }
-    }
+    report.cache_entries = retiring.remove.len();
     Ok(report)
 }
 
@@ -327,4 +332,53 @@ pub fn evict(node: &Node, victims: &[Digest]) -> Result<EvictReport, GcError> {
         report.snapshots = node.snapshots.remove_chains_of(&dropped)?;
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use strata_cache::CacheEntry;
+    use strata_oci::LayerRef;
+
+    use super::*;
+
+    fn layer(blob: Digest) -> LayerRef {
+        LayerRef {
+            blob,
+            diff_id: strata_cas::Sha256([0; 32]),
+            size: 1,
+        }
+    }
+
+    #[test]
+    fn entries_needing_an_evicted_blob_leave_the_index_and_the_rest_stay_whole() {
+        let home = tempfile::tempdir().unwrap();
+        let node = Node::open(home.path()).unwrap();
+        let old = node.content.put(b"an old layer").unwrap();
+        let held = node.content.put(b"a layer a running build holds").unwrap();
+        let mut lease = node.content.lease();
+        lease.hold(held);
+        let entry = |blobs: &[Digest]| {
+            CacheEntry::new(blobs.iter().map(|b| layer(*b)).collect(), true, "here")
+        };
+        let (k1, k2, k3) = (Digest::of(b"k1"), Digest::of(b"k2"), Digest::of(b"k3"));
+        node.cache.put(&k1, &entry(&[old])).unwrap();
+        node.cache.put(&k2, &entry(&[held, old])).unwrap();
+        node.cache.put(&k3, &entry(&[held])).unwrap();
+        // Every blob is past its grace and unused for longer than kept.
+        let keep = Keep {
+            storage: None,
+            duration: Some(10),
+        };
+        let report = enforce(&node, &keep, strata_cas::now_unix() + 100).unwrap();
+        assert_eq!((report.blobs, report.cache_entries), (1, 2));
+        assert!(!node.content.contains(&old).unwrap());
+        let left: Vec<Digest> = node
+            .cache
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(left, vec![k3]);
+    }
 }
