@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use strata_dockerfile::Platform;
-use strata_exec::{ExitStatus, Network, Sandbox, Stream};
+use strata_exec::{ExitStatus, Network, Stream};
 use strata_oci::Reference;
 
 use crate::cx::Cx;
@@ -88,18 +88,7 @@ pub async fn run(cx: &Cx, args: RunArgs, flags: &RegistryFlags) -> Result<u8> {
         );
     }
     let blobs: Vec<_> = image.layers.iter().map(|l| l.blob).collect();
-    // Layers not yet unpacked are unpacked here.
-    let active = cx
-        .blocking(move |cx| {
-            cx.node
-                .snapshots
-                .active(&blobs)
-                .context("cannot prepare the container's filesystem")
-        })
-        .await?;
-    let rootfs = active.rootfs();
     let user = args.user.clone().unwrap_or_else(|| cfg.user.clone());
-    let id = strata_worker::resolve_user(&rootfs, &user, true)?;
     let mut env = cfg.env.clone();
     for e in &args.env {
         let k = e.split('=').next().unwrap_or_default();
@@ -119,27 +108,41 @@ pub async fn run(cx: &Cx, args: RunArgs, flags: &RegistryFlags) -> Result<u8> {
         CONTAINER_SEQ.fetch_add(1, Ordering::Relaxed)
     );
     let bundle = node.home().join("run").join(&cid);
-    std::fs::create_dir_all(&bundle)?;
     let network = if args.no_network {
         Network::None
     } else {
         Network::Host
     };
-    let mounts = strata_worker::etc_mounts(&bundle, &[], network).map_err(anyhow::Error::msg)?;
-    let sandbox = Sandbox {
-        args: argv,
-        env,
-        cwd,
-        uid: id.uid,
-        gid: id.gid,
-        additional_gids: id.groups,
-        hostname: cid.chars().take(12).collect(),
-        network,
-        mounts,
-        insecure: false,
-        shm_size: None,
-        rlimits: vec![],
-    };
+    let hostname = cid.chars().take(12).collect();
+    let name = args.image.clone();
+    let at = bundle.clone();
+    // Layers not yet unpacked are unpacked here; the container is set up
+    // as a step's is.
+    let (active, sandbox) = cx
+        .blocking(move |cx| {
+            let active = cx
+                .node
+                .snapshots
+                .active(&blobs)
+                .context("cannot prepare the container's filesystem")?;
+            std::fs::create_dir_all(&at)
+                .with_context(|| format!("cannot create {}", at.display()))?;
+            let sandbox = strata_worker::sandbox(strata_worker::Process {
+                rootfs: &active.rootfs(),
+                bundle: &at,
+                args: argv,
+                env,
+                cwd: &cwd,
+                user: &user,
+                network,
+                extra_hosts: &[],
+                hostname,
+            })
+            .with_context(|| format!("cannot set up a container of {name}"))?;
+            Ok((active, sandbox))
+        })
+        .await?;
+    let rootfs = active.rootfs();
     let runtime = node.runtime()?;
     let (out, err) = (
         std::sync::Mutex::new(cx.out()),

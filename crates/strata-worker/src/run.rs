@@ -158,8 +158,8 @@ fn hosts_file(extra: &[strata_plan::ExtraHost]) -> String {
 /// Writes a sandbox's `/etc/hosts` (with `extra_hosts`) and
 /// `/etc/resolv.conf` (the host's, as `network` can reach it) into
 /// `bundle`, and returns their read-only bind mounts: the one way every
-/// sandbox (a `RUN` step, `strata run`) gets them.
-pub fn etc_mounts(
+/// sandbox gets them ([`sandbox`]).
+fn etc_mounts(
     bundle: &Path,
     extra_hosts: &[strata_plan::ExtraHost],
     network: Network,
@@ -252,16 +252,72 @@ impl Prepared {
     }
 }
 
+/// A process to run in a container over a root filesystem: what a `RUN`
+/// step and `strata run` both start from.
+#[derive(Debug)]
+pub struct Process<'a> {
+    /// The container's root filesystem.
+    pub rootfs: &'a Path,
+    /// The container's own folder, for the files it binds in.
+    pub bundle: &'a Path,
+    /// The command and its arguments.
+    pub args: Vec<String>,
+    /// Its environment (`NAME=value`).
+    pub env: Vec<String>,
+    /// Its working directory in the container (made if missing).
+    pub cwd: &'a str,
+    /// Its user, as an image's `USER` names it (`name`, `uid:gid`, …).
+    pub user: &'a str,
+    /// The network it joins.
+    pub network: Network,
+    /// Names `/etc/hosts` maps beside localhost.
+    pub extra_hosts: &'a [strata_plan::ExtraHost],
+    /// The container's hostname.
+    pub hostname: String,
+}
+
+/// The sandbox `process` runs in: its user resolved in the root
+/// filesystem, its working directory made, its `/etc/hosts` and
+/// `/etc/resolv.conf` bound in, and nothing more (no other mount, no
+/// extra privilege or limit). The one set-up every container starts
+/// from. Blocking.
+pub fn sandbox(process: Process<'_>) -> Result<Sandbox, WorkerError> {
+    let Process {
+        rootfs,
+        bundle,
+        args,
+        env,
+        cwd,
+        user,
+        network,
+        extra_hosts,
+        hostname,
+    } = process;
+    let id = users::resolve(rootfs, user, true).map_err(failed)?;
+    // runc needs the working directory to exist.
+    let dir = resolve_path(rootfs, cwd, true).map_err(|e| failed(FileError::resolve(cwd)(e)))?;
+    if !dir.exists() {
+        fs::create_dir_all(&dir).map_err(io("create the working directory", &dir))?;
+    }
+    Ok(Sandbox {
+        args,
+        env,
+        cwd: cwd.to_string(),
+        uid: id.uid,
+        gid: id.gid,
+        additional_gids: id.groups,
+        hostname,
+        network,
+        mounts: etc_mounts(bundle, extra_hosts, network)?,
+        insecure: false,
+        shm_size: None,
+        rlimits: Vec::new(),
+    })
+}
+
 /// Makes the op's sandbox ready (its user, working directory, `/etc`
 /// files and mounts). Blocking.
 pub(crate) fn prepare(op: &ExecOp, ctx: &RunContext<'_>) -> Result<Prepared, WorkerError> {
-    let id = users::resolve(ctx.rootfs, &op.user, true).map_err(failed)?;
-    // runc needs the working directory to exist.
-    let cwd = resolve_path(ctx.rootfs, &op.cwd, true)
-        .map_err(|e| failed(FileError::resolve(&op.cwd)(e)))?;
-    if !cwd.exists() {
-        fs::create_dir_all(&cwd).map_err(io("create the working directory", &cwd))?;
-    }
     let network = if op.no_network {
         Network::None
     } else if op.host_network {
@@ -269,9 +325,20 @@ pub(crate) fn prepare(op: &ExecOp, ctx: &RunContext<'_>) -> Result<Prepared, Wor
     } else {
         Network::Private
     };
+    let mut sandbox = sandbox(Process {
+        rootfs: ctx.rootfs,
+        bundle: ctx.bundle,
+        args: op.args.clone(),
+        env: op.env.clone(),
+        cwd: &op.cwd,
+        user: &op.user,
+        network,
+        extra_hosts: &op.extra_hosts,
+        hostname: HOSTNAME.into(),
+    })?;
     let mut held = Held::default();
-    let mut env = op.env.clone();
-    let mut mounts = etc_mounts(ctx.bundle, &op.extra_hosts, network)?;
+    let mut env = std::mem::take(&mut sandbox.env);
+    let mut mounts = std::mem::take(&mut sandbox.mounts);
     if !op.files.is_empty() {
         let pipes = ctx.bundle.join("pipes");
         fs::create_dir_all(&pipes).map_err(io("create", &pipes))?;
@@ -452,14 +519,7 @@ pub(crate) fn prepare(op: &ExecOp, ctx: &RunContext<'_>) -> Result<Prepared, Wor
     let missing_parents = missing_ancestors(ctx.rootfs, &missing);
 
     let sandbox = Sandbox {
-        args: op.args.clone(),
         env,
-        cwd: op.cwd.clone(),
-        uid: id.uid,
-        gid: id.gid,
-        additional_gids: id.groups,
-        hostname: HOSTNAME.into(),
-        network,
         mounts,
         insecure: op.insecure,
         shm_size: op.shm_size,
@@ -472,6 +532,7 @@ pub(crate) fn prepare(op: &ExecOp, ctx: &RunContext<'_>) -> Result<Prepared, Wor
                 hard: u.hard,
             })
             .collect(),
+        ..sandbox
     };
     let tail = Arc::new(Mutex::new(Tail::default()));
     let sink = Arc::clone(&tail);
