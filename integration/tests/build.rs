@@ -58,6 +58,25 @@ fn run_reports_the_exit_code() {
     assert_eq!(out.status.code(), Some(42));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    // As `docker run -w -u`: a working directory the image lacks is made,
+    // and the command runs as the user given.
+    let out = s.run(&[
+        "run",
+        "--rm",
+        "-w",
+        "/made/here",
+        "-u",
+        "1234:5678",
+        "busybox:latest",
+        "sh",
+        "-c",
+        "pwd; id -u; id -g",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "/made/here\n1234\n5678\n"
+    );
 }
 
 #[test]
