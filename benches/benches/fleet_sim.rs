@@ -28,6 +28,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use strata_cas::Digest;
 use strata_plan::Entitlements;
+use strata_sched::repair::{self, Repair};
 use strata_sched::{Candidate, Fleet, Keep, Policy, Spec, Ticket, Want, copies, evict, place};
 
 const SLOTS: usize = 4;
@@ -36,7 +37,7 @@ const LINK: f64 = 125e6;
 /// The coordinator's defaults: copies per layer, and repair's rate.
 const REPLICATION: usize = 2;
 const REPAIR_RATE: f64 = 64.0 * 1024.0 * 1024.0;
-/// As the coordinator plans repair rounds.
+/// Copies a node is in at once during repair, as the coordinator's.
 const REPAIR_COPIES_PER_NODE: usize = 1;
 /// Each worker's `keep_storage`.
 const KEEP_STORAGE: u64 = 8 << 30;
@@ -677,10 +678,11 @@ impl Sim {
     }
 
     /// What repair copies after losses: every cached layer short of its
-    /// copies, from a live holder to the least loaded workers lacking it.
-    /// Returns the bytes copied, the seconds the coordinator's rounds
-    /// take (each round's copies at once, each at the repair rate), and
-    /// the seconds one copy at a time would.
+    /// copies, from a live holder to the least loaded workers lacking it,
+    /// as the coordinator's driver runs the core's [`Repair`]: each copy
+    /// takes its size over the repair rate, and the next starts as soon
+    /// as its nodes are free. Returns the bytes copied, the seconds that
+    /// takes, and the seconds one copy at a time would.
     fn repair(&mut self) -> (u64, f64, f64) {
         let cached: Vec<(u64, u64)> = self.index.iter().map(|(&k, &l)| (k, l)).collect();
         let want = copies::wanted(REPLICATION, self.fleet.live_count());
@@ -698,46 +700,55 @@ impl Sim {
         }
         short.sort_unstable();
         short.dedup();
-        let (mut bytes, mut rounds) = (0, 0.0);
-        while !short.is_empty() {
-            let views: Vec<copies::Short> = short
+        let by_blob: HashMap<Digest, u64> = short.iter().map(|&l| (digest(l), l)).collect();
+        let mut core = Repair::new(REPAIR_COPIES_PER_NODE);
+        core.found(
+            short
                 .iter()
-                .map(|&l| {
-                    let holders: Vec<String> = self.layers[l as usize]
+                .map(|&l| repair::Layer {
+                    blob: digest(l),
+                    size: self.layers[l as usize].size,
+                })
+                .collect(),
+        );
+        let (mut bytes, mut clock) = (0, 0.0);
+        let mut under_way: Vec<(f64, repair::Copy)> = Vec::new();
+        loop {
+            let holders: HashMap<Digest, Vec<String>> = core
+                .queued()
+                .filter_map(|l| {
+                    let layer = *by_blob.get(&l.blob)?;
+                    let names = self.layers[layer as usize]
                         .holders
                         .iter()
                         .filter(|&&w| self.live(w))
                         .map(|&w| self.workers[w as usize].name.clone())
                         .collect();
-                    copies::Short {
-                        missing: want.saturating_sub(holders.len()),
-                        holders,
-                    }
+                    Some((l.blob, names))
                 })
                 .collect();
-            let plan = copies::plan_repair(&self.fleet, &views, REPAIR_COPIES_PER_NODE);
-            if plan.is_empty() {
+            let holders_of = |b: &Digest| holders.get(b).cloned().unwrap_or_default();
+            for c in core.next(&self.fleet, &holders_of, want) {
+                under_way.push((clock + c.layer.size as f64 / REPAIR_RATE, c));
+            }
+            let Some(first) =
+                (0..under_way.len()).min_by(|&a, &b| under_way[a].0.total_cmp(&under_way[b].0))
+            else {
                 break;
-            }
-            let mut longest = 0;
-            for a in plan {
-                let (Some(&l), Ok(to)) = (short.get(a.short), a.to[1..].parse::<u32>()) else {
-                    continue;
-                };
-                self.gain(to, l);
-                self.stats.index_writes += 1;
-                let size = self.layers[l as usize].size;
-                bytes += size;
-                longest = longest.max(size);
-                self.evict(to);
-            }
-            rounds += longest as f64 / REPAIR_RATE;
-            short.retain(|&l| {
-                let live = self.live_holders(l);
-                live > 0 && live < want
-            });
+            };
+            let (ends, c) = under_way.swap_remove(first);
+            clock = ends;
+            let (Some(&l), Ok(to)) = (by_blob.get(&c.layer.blob), c.to[1..].parse::<u32>()) else {
+                core.ended(&c.layer.blob, &c.to, false);
+                continue;
+            };
+            self.gain(to, l);
+            self.stats.index_writes += 1;
+            bytes += c.layer.size;
+            self.evict(to);
+            core.ended(&c.layer.blob, &c.to, true);
         }
-        (bytes, rounds, bytes as f64 / REPAIR_RATE)
+        (bytes, clock, bytes as f64 / REPAIR_RATE)
     }
 
     /// Replaces a random worker with a fresh one of the same name.

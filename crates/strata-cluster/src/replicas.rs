@@ -683,84 +683,116 @@ impl Replicas {
             }
             let short = census.short.into_iter().filter(|s| s.live > 0);
             Arc::clone(&self)
-                .repair_rounds(short.map(|s| s.layer).collect())
+                .repair_layers(short.map(|s| s.layer).collect())
                 .await;
         }
     }
 
-    /// Copies `layers` until each has its wanted copies, in rounds the
-    /// scheduling core plans ([`strata_sched::copies::plan_repair`]): the
-    /// copies of a round run at once, each node in at most
-    /// [`REPAIR_COPIES_PER_NODE`] of them, each at the repair rate. Stops
-    /// when a round makes no copy (the rest wait for the next scan) or
-    /// this member stops leading.
-    async fn repair_rounds(self: Arc<Self>, mut layers: Vec<LayerRef>) {
-        while self.member.is_leader() {
-            // What each layer lacks now; those with all their copies, or
-            // none left to copy from, are done with.
-            let want = self.copies_wanted();
-            let mut shorts: Vec<strata_sched::copies::Short> = Vec::new();
-            layers.retain(|l| {
-                let holders: Vec<String> = self
-                    .roster
-                    .live_copies(&l.blob)
-                    .into_iter()
-                    .map(|h| h.name)
-                    .collect();
-                let missing = want.saturating_sub(holders.len());
-                let short = missing > 0 && !holders.is_empty();
-                if short {
-                    shorts.push(strata_sched::copies::Short { missing, holders });
+    /// Copies `layers` until each has its wanted copies, as the
+    /// scheduling core's [`strata_sched::repair::Repair`] decides: this
+    /// driver tells it where the layers are and which copies ended, and
+    /// starts the copies it answers with, each at the repair rate. A copy
+    /// starts as soon as its two nodes are free. Stops when nothing is
+    /// left to start or running (a failed copy's layer waits for the next
+    /// scan), or, once its copies end, when this member stops leading.
+    async fn repair_layers(self: Arc<Self>, layers: Vec<LayerRef>) {
+        use strata_sched::repair::{Layer, Repair};
+        let refs: HashMap<Digest, LayerRef> = layers.iter().map(|l| (l.blob, *l)).collect();
+        let mut core = Repair::new(REPAIR_COPIES_PER_NODE);
+        core.found(
+            layers
+                .iter()
+                .map(|l| Layer {
+                    blob: l.blob,
+                    size: l.size,
+                })
+                .collect(),
+        );
+        let mut copies = tokio::task::JoinSet::new();
+        // Which copy each task carries out.
+        let mut tasks: HashMap<tokio::task::Id, (Digest, String)> = HashMap::new();
+        loop {
+            if self.member.is_leader() {
+                for (blob, to) in self.start_copies(&mut core, &refs, &mut copies, &mut tasks) {
+                    core.ended(&blob, &to, false);
                 }
-                short
-            });
-            let planned: Vec<(LayerRef, strata_sched::copies::Assignment, Connection)> = {
-                let workers = self.roster.lock();
-                strata_sched::copies::plan_repair(&workers, &shorts, REPAIR_COPIES_PER_NODE)
-                    .into_iter()
-                    .filter_map(|a| {
-                        let layer = *layers.get(a.short)?;
-                        let conn = workers.live(&a.to)?.link.conn.clone();
-                        Some((layer, a, conn))
-                    })
-                    .collect()
+            }
+            let Some(done) = copies.join_next_with_id().await else {
+                return;
             };
-            if planned.is_empty() {
-                return;
-            }
-            let round = planned.into_iter().map(|(layer, a, conn)| {
-                // The planned holder first, the others after it.
-                let mut sources = self.roster.holders(&layer.blob, Some(&a.to));
-                sources.sort_by_key(|h| h.name != a.from);
-                (layer, a.to, conn, sources)
-            });
-            let mut copies = tokio::task::JoinSet::new();
-            for (layer, to, conn, sources) in round {
-                let me = Arc::clone(&self);
-                copies.spawn(async move {
-                    let rate = Some(me.repair_rate);
-                    let copied = me
-                        .exclusive(layer.blob, me.copy_to(layer, &to, &conn, sources, rate))
-                        .await;
-                    (layer.blob, to, copied)
-                });
-            }
-            let mut made = 0;
-            while let Some(done) = copies.join_next().await {
-                match done {
-                    Ok((blob, to, Ok(()))) => {
-                        made += 1;
-                        tracing::info!(%blob, worker = %to, "copied a layer a lost worker left short");
-                    }
-                    Ok((blob, to, Err(why))) => {
-                        tracing::warn!(%blob, worker = %to, error = %why, "cannot copy the layer");
-                    }
-                    Err(e) => tracing::warn!(error = %e, "a copy stopped"),
+            let (id, copied) = match done {
+                Ok((id, Ok(()))) => (id, true),
+                Ok((id, Err(why))) => {
+                    let (blob, to) = tasks.get(&id).cloned().unzip();
+                    tracing::warn!(?blob, worker = ?to, error = %why, "cannot copy the layer");
+                    (id, false)
                 }
-            }
-            if made == 0 {
-                return;
+                Err(e) => {
+                    tracing::warn!(error = %e, "a copy stopped");
+                    (e.id(), false)
+                }
+            };
+            if let Some((blob, to)) = tasks.remove(&id) {
+                if copied {
+                    tracing::info!(%blob, worker = %to, "copied a layer a lost worker left short");
+                }
+                core.ended(&blob, &to, copied);
             }
         }
+    }
+
+    /// Starts the copies `core` answers with now, on `copies`, noting in
+    /// `tasks` which copy each task is; returns those that could not
+    /// start (their target left meanwhile).
+    fn start_copies(
+        self: &Arc<Self>,
+        core: &mut strata_sched::repair::Repair,
+        refs: &HashMap<Digest, LayerRef>,
+        copies: &mut tokio::task::JoinSet<Result<(), CopyFailed>>,
+        tasks: &mut HashMap<tokio::task::Id, (Digest, String)>,
+    ) -> Vec<(Digest, String)> {
+        let want = self.copies_wanted();
+        // Counted before the workers' lock is taken: counting takes it.
+        let holders: HashMap<Digest, Vec<String>> = core
+            .queued()
+            .map(|l| {
+                let live = self.roster.live_copies(&l.blob);
+                (l.blob, live.into_iter().map(|h| h.name).collect())
+            })
+            .collect();
+        let planned: Vec<(strata_sched::repair::Copy, Option<Connection>)> = {
+            let workers = self.roster.lock();
+            let started = core.next(
+                &workers,
+                &|b| holders.get(b).cloned().unwrap_or_default(),
+                want,
+            );
+            started
+                .into_iter()
+                .map(|c| {
+                    let conn = workers.live(&c.to).map(|w| w.link.conn.clone());
+                    (c, conn)
+                })
+                .collect()
+        };
+        let mut unstarted = Vec::new();
+        for (c, conn) in planned {
+            let (Some(layer), Some(conn)) = (refs.get(&c.layer.blob).copied(), conn) else {
+                unstarted.push((c.layer.blob, c.to));
+                continue;
+            };
+            // The planned holder first, the others after it.
+            let mut sources = self.roster.holders(&layer.blob, Some(&c.to));
+            sources.sort_by_key(|h| h.name != c.from);
+            let me = Arc::clone(self);
+            let to = c.to.clone();
+            let task = copies.spawn(async move {
+                let rate = Some(me.repair_rate);
+                me.exclusive(layer.blob, me.copy_to(layer, &to, &conn, sources, rate))
+                    .await
+            });
+            tasks.insert(task.id(), (layer.blob, c.to));
+        }
+        unstarted
     }
 }

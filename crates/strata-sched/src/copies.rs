@@ -69,12 +69,14 @@ pub fn targets<'f, L>(fleet: &'f Fleet<L>, lacks: &dyn Fn(&str) -> bool, n: usiz
 }
 
 /// A layer short of copies, as repair sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Short {
     /// The live workers holding it.
     pub holders: Vec<String>,
-    /// Copies it lacks.
+    /// Copies it lacks, besides those being taken.
     pub missing: usize,
+    /// Workers taking a copy of it now: neither a source nor a target.
+    pub taking: Vec<String>,
 }
 
 /// One copy of a round of repair: layer `short` (an index into the
@@ -98,16 +100,22 @@ pub struct Assignment {
 /// targets are ranked as [`targets`] ranks them, workers that hold no
 /// short layer first (the others are wanted as sources). What does not
 /// fit waits for the next round.
-pub fn plan_repair<L>(fleet: &Fleet<L>, shorts: &[Short], per_node: usize) -> Vec<Assignment> {
+/// `busy` counts the copies each node is in already (those of an earlier
+/// round still running).
+pub fn plan_repair<L>(
+    fleet: &Fleet<L>,
+    shorts: &[Short],
+    per_node: usize,
+    mut busy: HashMap<String, usize>,
+) -> Vec<Assignment> {
     let per_node = per_node.max(1);
     let mut demand: HashMap<&str, usize> = HashMap::new();
     for h in shorts.iter().flat_map(|s| s.holders.iter()) {
         *demand.entry(h.as_str()).or_default() += 1;
     }
-    let mut busy: HashMap<String, usize> = HashMap::new();
     let mut out = Vec::new();
     for (i, short) in shorts.iter().enumerate() {
-        let mut taking: Vec<String> = Vec::new();
+        let mut taking: Vec<String> = short.taking.clone();
         for _ in 0..short.missing {
             let count = |n: &str, busy: &HashMap<String, usize>| busy.get(n).copied().unwrap_or(0);
             let Some(from) = short
@@ -411,6 +419,7 @@ mod tests {
         let short = |holders: &[&str], missing| Short {
             holders: holders.iter().map(|h| h.to_string()).collect(),
             missing,
+            taking: Vec::new(),
         };
         let shorts = [
             short(&["w0"], 1),
@@ -418,7 +427,7 @@ mod tests {
             short(&["w1", "w5"], 2),
             short(&["w5"], 1),
         ];
-        let plan = plan_repair(&fleet, &shorts, 1);
+        let plan = plan_repair(&fleet, &shorts, 1, HashMap::new());
         // w0 sends once; the second layer it alone holds waits. The third
         // goes from w1 (w5 is down) once: w1 is then busy. The fourth has
         // no live holder.
@@ -435,7 +444,7 @@ mod tests {
             assert_ne!(a.to, "w5");
         }
         // With two copies a node, every layer with a live holder is served.
-        let plan = plan_repair(&fleet, &shorts, 2);
+        let plan = plan_repair(&fleet, &shorts, 2, HashMap::new());
         let served: HashSet<usize> = plan.iter().map(|a| a.short).collect();
         assert_eq!(served, HashSet::from([0, 1, 2]));
         let third: Vec<&str> = plan
@@ -495,6 +504,7 @@ mod tests {
                 .map(|h| Short {
                     holders: h.clone(),
                     missing: want.saturating_sub(h.len()),
+                    taking: Vec::new(),
                 })
                 .filter(|s| s.missing > 0)
                 .collect();
@@ -504,7 +514,7 @@ mod tests {
             let index: Vec<usize> = (0..holders.len())
                 .filter(|&i| holders[i].len() < want)
                 .collect();
-            let plan = plan_repair(&fleet, &shorts, 1);
+            let plan = plan_repair(&fleet, &shorts, 1, HashMap::new());
             assert!(!plan.is_empty(), "round {rounds} made no progress");
             let mut per_node: HashMap<&str, usize> = HashMap::new();
             for a in &plan {

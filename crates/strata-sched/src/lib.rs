@@ -8,6 +8,8 @@
 //! - [`place`]: which worker a stage goes to, under a [`Policy`].
 //! - [`copies`]: how many copies of a layer to keep, where the next go,
 //!   and what a worker dropping its copy loses.
+//! - [`repair`]: the copies that bring layers a lost worker left short
+//!   back to their wanted copies, as they may start, within the rate bound.
 //! - [`evict`]: which blobs a store over its bounds drops.
 //!
 //! It must not know sockets, tasks, files or the replicated index: the
@@ -20,6 +22,7 @@ pub mod copies;
 pub mod evict;
 mod fleet;
 pub mod place;
+pub mod repair;
 
 pub use copies::CopyKind;
 pub use evict::{Candidate, Keep};
