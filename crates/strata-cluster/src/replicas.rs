@@ -646,8 +646,8 @@ impl Replicas {
 
     /// On the leader, until the coordinator stops: when a worker comes or
     /// goes or its record is written, on a new lead, and every
-    /// [`SCAN_EVERY`] otherwise, copies the layers short of copies, one at
-    /// a time and at the repair rate.
+    /// [`SCAN_EVERY`] otherwise, copies the layers short of copies at the
+    /// repair rate ([`Replicas::repair_layers`]).
     pub(crate) async fn repair(self: Arc<Self>) {
         loop {
             tokio::select! {
