@@ -572,7 +572,7 @@ impl Replicas {
     /// (what it missed while following), any live worker whose record
     /// failed is recorded again, and a worker gone for [`FORGET_AFTER`] is
     /// taken off.
-    fn reconcile_workers(&self, took_lead: bool, gone_since: &mut HashMap<String, Instant>) {
+    fn reconcile_workers(&self, took_lead: bool, gone: &mut strata_sched::Absences) {
         let known: HashMap<String, u64> = match self.member.local().workers() {
             Ok(w) => w.into_iter().map(|(n, r)| (n, r.registered)).collect(),
             Err(e) => {
@@ -598,14 +598,16 @@ impl Replicas {
         for name in to_record {
             self.record_registration(&name);
         }
-        gone_since.retain(|n, _| known.contains_key(n) && !alive.contains(n));
-        for (name, registered) in known.into_iter().filter(|(n, _)| !alive.contains(n)) {
-            let since = *gone_since.entry(name.clone()).or_insert_with(Instant::now);
-            if since.elapsed() > FORGET_AFTER {
-                tracing::info!(worker = %name, "gone for {FORGET_AFTER:?}: taken off the records");
-                // Asked once; if it does not take, the worker is still on
-                // the records and is counted gone from now again.
-                gone_since.remove(&name);
+        let alive = |n: &str| alive.contains(n);
+        let forget = gone.look(
+            known.keys().map(String::as_str),
+            &alive,
+            Instant::now(),
+            FORGET_AFTER,
+        );
+        for name in forget {
+            tracing::info!(worker = %name, "gone for {FORGET_AFTER:?}: taken off the records");
+            if let Some(&registered) = known.get(&name) {
                 self.records.push(CommandV1::Forget {
                     worker: name,
                     registered,
@@ -620,7 +622,7 @@ impl Replicas {
     /// repair loop.
     pub(crate) async fn reconcile(self: Arc<Self>) {
         let mut led_in = None;
-        let mut gone_since = HashMap::new();
+        let mut gone = strata_sched::Absences::default();
         loop {
             tokio::time::sleep(RECONCILE_EVERY).await;
             // A lead lost and won back between two rounds is a new term:
@@ -629,10 +631,10 @@ impl Replicas {
             let took_lead = term.is_some() && term != led_in;
             led_in = term;
             if term.is_none() {
-                gone_since.clear();
+                gone.clear();
                 continue;
             }
-            self.reconcile_workers(took_lead, &mut gone_since);
+            self.reconcile_workers(took_lead, &mut gone);
             // Members that have taken part are recorded for good: one that
             // comes back with an empty state then knows it lost it.
             if let Err(e) = self.member.record_joined().await {

@@ -269,9 +269,91 @@ impl<L> Fleet<L> {
     }
 }
 
+/// Workers the group's records name that are not up, and since when this
+/// coordinator has seen them so: one gone long enough is taken off the
+/// records.
+#[derive(Debug, Default)]
+pub struct Absences {
+    since: std::collections::HashMap<String, Instant>,
+}
+
+impl Absences {
+    /// A look at `now`: `recorded` names the workers on the records and
+    /// `alive` says whether one is up here. Returns those gone for longer
+    /// than `after`, to take off; each is counted gone from `now` again
+    /// (if taking it off does not take, it is asked once more later).
+    pub fn look<'a>(
+        &mut self,
+        recorded: impl IntoIterator<Item = &'a str>,
+        alive: &dyn Fn(&str) -> bool,
+        now: Instant,
+        after: Duration,
+    ) -> Vec<String> {
+        let gone: BTreeSet<&str> = recorded.into_iter().filter(|n| !alive(n)).collect();
+        self.since.retain(|n, _| gone.contains(n.as_str()));
+        let mut out = Vec::new();
+        for name in gone {
+            let since = *self.since.entry(name.to_string()).or_insert(now);
+            if now.saturating_duration_since(since) > after {
+                self.since.insert(name.to_string(), now);
+                out.push(name.to_string());
+            }
+        }
+        out
+    }
+
+    /// Forgets what it saw: a member that stops leading does not keep
+    /// counting.
+    pub fn clear(&mut self) {
+        self.since.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_is_taken_off_the_records_once_gone_long_enough_and_not_if_it_came_back() {
+        let (t0, after) = (Instant::now(), Duration::from_secs(600));
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut absences = Absences::default();
+        let recorded = ["a", "b", "c"];
+        let up = |names: &'static [&'static str]| move |n: &str| names.contains(&n);
+        assert!(
+            absences
+                .look(recorded, &up(&["a"]), at(0), after)
+                .is_empty()
+        );
+        // b comes back before its time is up: its count starts over when
+        // it goes again.
+        assert!(
+            absences
+                .look(recorded, &up(&["a", "b"]), at(300), after)
+                .is_empty()
+        );
+        assert!(
+            absences
+                .look(recorded, &up(&["a"]), at(400), after)
+                .is_empty()
+        );
+        assert_eq!(absences.look(recorded, &up(&["a"]), at(601), after), ["c"]);
+        // c is asked again only after another full wait.
+        assert!(
+            absences
+                .look(recorded, &up(&["a"]), at(700), after)
+                .is_empty()
+        );
+        assert_eq!(absences.look(recorded, &up(&["a"]), at(1001), after), ["b"]);
+        assert_eq!(absences.look(recorded, &up(&["a"]), at(1202), after), ["c"]);
+        // Taken off the records: nothing more to count.
+        assert!(
+            absences
+                .look(["a"], &up(&["a"]), at(5000), after)
+                .is_empty()
+        );
+        assert!(absences.since.is_empty());
+    }
 
     fn spec(slots: usize) -> Spec {
         Spec {

@@ -4,7 +4,9 @@
 //! - [`Fleet`]: the registered workers, their slots, leases, cordons and
 //!   platforms, changed by events ([`Fleet::register`],
 //!   [`Fleet::heartbeat`], [`Fleet::lose`], [`Fleet::expire`]) that carry
-//!   the time, so a test or a simulation drives it on a virtual clock.
+//!   the time, so a test or a simulation drives it on a virtual clock;
+//!   [`Absences`]: which workers the records name are gone long enough to
+//!   take off.
 //! - [`place`]: which worker a stage goes to, under a [`Policy`].
 //! - [`copies`]: how many copies of a layer to keep, where the next go,
 //!   and what a worker dropping its copy loses.
@@ -26,5 +28,5 @@ pub mod repair;
 
 pub use copies::CopyKind;
 pub use evict::{Candidate, Keep};
-pub use fleet::{Fleet, Member, Spec, Ticket};
+pub use fleet::{Absences, Fleet, Member, Spec, Ticket};
 pub use place::{Pin, Policy, Stages, Want};
