@@ -87,7 +87,10 @@ impl WorkerDesk {
     /// Before `worker` drops its copies of `blobs`: takes out of the
     /// index every cache entry whose layer chain names one that would be
     /// left with no live copy, and says which copies may go (those no
-    /// remaining entry needs and no named image holds). The index is
+    /// remaining entry needs and no named image holds). Only blobs the
+    /// worker reported holding take entries out: no worker retires
+    /// another's layers; one it never reported (a build context's file)
+    /// just goes. The index is
     /// changed first, so a hit is never served for a layer that is gone;
     /// an entry put in the moment between (a step finishing on top of
     /// the blob) is found by the repair loop's census, as an orphan.
@@ -105,6 +108,26 @@ impl WorkerDesk {
         };
         // Only last copies need the index changed; a named image's
         // layers stay whatever the index says.
+        // A worker retires only what it told this coordinator it holds:
+        // no worker takes entries out of the index for another's layers.
+        let reported: Vec<bool> = {
+            let workers = self.roster.lock();
+            let held = workers.live(worker).map(|w| &w.link.blobs);
+            blobs
+                .iter()
+                .map(|b| held.is_some_and(|h| h.contains(b)))
+                .collect()
+        };
+        // What it did not report (a build context's files, which no
+        // cache entry names) it may drop, with the index left as it is.
+        let kinds: Vec<CopyKind> = kinds
+            .into_iter()
+            .zip(reported)
+            .map(|(k, held)| match k {
+                CopyKind::Last if !held => CopyKind::Spare,
+                k => k,
+            })
+            .collect();
         let last: Vec<Digest> = blobs
             .iter()
             .zip(&kinds)
@@ -161,8 +184,8 @@ impl WorkerDesk {
                 .iter()
                 .map(|k| match k {
                     CopyKind::Spare => true,
-                    CopyKind::Named => false,
                     CopyKind::Last => last_ok.next().unwrap_or(false),
+                    CopyKind::Named => false,
                 })
                 .collect(),
         )
