@@ -715,7 +715,7 @@ impl Sim {
         let mut under_way: Vec<(f64, repair::Copy)> = Vec::new();
         loop {
             let holders: HashMap<Digest, Vec<String>> = core
-                .queued()
+                .to_look_up(&self.fleet)
                 .filter_map(|l| {
                     let layer = *by_blob.get(&l.blob)?;
                     let names = self.layers[layer as usize]
@@ -727,7 +727,7 @@ impl Sim {
                     Some((l.blob, names))
                 })
                 .collect();
-            let holders_of = |b: &Digest| holders.get(b).cloned().unwrap_or_default();
+            let holders_of = |b: &Digest| holders.get(b).cloned();
             for c in core.next(&self.fleet, &holders_of, want) {
                 under_way.push((clock + c.layer.size as f64 / REPAIR_RATE, c));
             }

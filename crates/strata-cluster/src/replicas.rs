@@ -754,21 +754,23 @@ impl Replicas {
         tasks: &mut HashMap<tokio::task::Id, (Digest, String)>,
     ) -> Vec<(Digest, String)> {
         let want = self.copies_wanted();
-        // Counted before the workers' lock is taken: counting takes it.
-        let holders: HashMap<Digest, Vec<String>> = core
-            .queued()
-            .map(|l| {
-                let live = self.roster.live_copies(&l.blob);
-                (l.blob, live.into_iter().map(|h| h.name).collect())
+        let looking: Vec<Digest> = {
+            let workers = self.roster.lock();
+            core.to_look_up(&workers).map(|l| l.blob).collect()
+        };
+        // Counted before the workers' lock is taken again: counting takes
+        // it. A layer the fleet's change since lets the core look at too
+        // waits for the next call.
+        let holders: HashMap<Digest, Vec<String>> = looking
+            .into_iter()
+            .map(|blob| {
+                let live = self.roster.live_copies(&blob);
+                (blob, live.into_iter().map(|h| h.name).collect())
             })
             .collect();
         let planned: Vec<(strata_sched::repair::Copy, Option<Connection>)> = {
             let workers = self.roster.lock();
-            let started = core.next(
-                &workers,
-                &|b| holders.get(b).cloned().unwrap_or_default(),
-                want,
-            );
+            let started = core.next(&workers, &|b| holders.get(b).cloned(), want);
             started
                 .into_iter()
                 .map(|c| {

@@ -113,11 +113,48 @@ pub fn plan_repair<L>(
     for h in shorts.iter().flat_map(|s| s.holders.iter()) {
         *demand.entry(h.as_str()).or_default() += 1;
     }
+    let count = |n: &str, busy: &HashMap<String, usize>| busy.get(n).copied().unwrap_or(0);
+    // Every possible target, best first, ranked once: as [`targets`]
+    // ranks them, those holding no short layer before the others. Nodes
+    // only get busier within a plan, so the front that is full is
+    // skipped for good.
+    let mut ranked: Vec<(bool, u64, usize, &str)> = fleet
+        .iter()
+        .filter(|(name, m)| m.alive() && !fleet.is_cordoned(name) && count(name, &busy) < per_node)
+        .map(|(name, m)| (demand.contains_key(name), m.fullness(), m.load(), name))
+        .collect();
+    // A plan takes few targets, so only the best few are sorted (each
+    // copy may pass over its layer's holders and those taking it), the
+    // rest only if they run out.
+    let wanted: usize = shorts.iter().map(|s| s.missing).sum();
+    let passed: usize = shorts
+        .iter()
+        .map(|s| s.holders.len() + s.taking.len())
+        .max()
+        .unwrap_or(0);
+    let mut sorted = (2 * wanted + passed + 16).min(ranked.len());
+    if sorted < ranked.len() {
+        ranked.select_nth_unstable(sorted);
+    }
+    ranked[..sorted].sort_unstable();
+    let mut first_free = 0;
     let mut out = Vec::new();
     for (i, short) in shorts.iter().enumerate() {
         let mut taking: Vec<String> = short.taking.clone();
         for _ in 0..short.missing {
-            let count = |n: &str, busy: &HashMap<String, usize>| busy.get(n).copied().unwrap_or(0);
+            loop {
+                while first_free < sorted && count(ranked[first_free].3, &busy) >= per_node {
+                    first_free += 1;
+                }
+                if first_free < sorted || sorted == ranked.len() {
+                    break;
+                }
+                ranked[sorted..].sort_unstable();
+                sorted = ranked.len();
+            }
+            if first_free == ranked.len() {
+                return out;
+            }
             let Some(from) = short
                 .holders
                 .iter()
@@ -135,13 +172,19 @@ pub fn plan_repair<L>(
                     && !taking.iter().any(|t| t == n)
                     && count(n, &busy) < per_node
             };
-            let spare_node = |n: &str| lacks(n) && !demand.contains_key(n);
-            let Some(to) = targets(fleet, &spare_node, 1)
-                .into_iter()
-                .chain(targets(fleet, &lacks, 1))
-                .next()
-                .map(str::to_string)
-            else {
+            let mut found = ranked[first_free..sorted]
+                .iter()
+                .map(|(_, _, _, n)| *n)
+                .find(|n| lacks(n));
+            if found.is_none() && sorted < ranked.len() {
+                ranked[sorted..].sort_unstable();
+                sorted = ranked.len();
+                found = ranked[first_free..]
+                    .iter()
+                    .map(|(_, _, _, n)| *n)
+                    .find(|n| lacks(n));
+            }
+            let Some(to) = found.map(str::to_string) else {
                 break;
             };
             *busy.entry(from.clone()).or_default() += 1;

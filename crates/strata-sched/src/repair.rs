@@ -6,7 +6,7 @@
 //! copy starts as soon as its nodes are free, not when the slowest copy
 //! of a round ends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use strata_cas::Digest;
 
@@ -34,19 +34,49 @@ pub struct Copy {
 }
 
 /// The copies repair has queued and running.
+///
+/// Each call looks only at the front of the queue, as many layers as the
+/// free workers could take copies of, and asks the driver only for the
+/// holders of layers it has not seen (the driver's lookup reads the
+/// replicated state): a repair of tens of thousands of layers costs about
+/// the same per copy as one of ten.
 #[derive(Debug)]
 pub struct Repair {
     per_node: usize,
-    /// Layers still to look at, in the order the census found them.
-    queue: Vec<Layer>,
+    /// Layers to look at, in the order the census found them; a layer
+    /// whose copies all run waits in `in_flight` instead.
+    queue: VecDeque<Queued>,
+    in_flight: HashMap<Digest, Layer>,
     running: Vec<Copy>,
     /// Workers a copy of a blob failed to: not chosen for it again.
     failed: HashMap<Digest, Vec<String>>,
 }
 
+/// A layer in the queue, and the workers holding it when last looked up
+/// (those since gone are left out as the fleet says).
+#[derive(Debug)]
+struct Queued {
+    layer: Layer,
+    holders: Option<Vec<String>>,
+}
+
+impl Queued {
+    fn new(layer: Layer) -> Queued {
+        Queued {
+            layer,
+            holders: None,
+        }
+    }
+}
+
 /// Failed copies remembered at most; past that they are forgotten, and a
 /// target that failed may be tried once more.
 const FAILED_KEPT: usize = 100_000;
+
+/// Layers looked at per free worker, and at least: enough that sources
+/// busy with other copies do not leave free workers idle.
+const LOOK_PER_FREE: usize = 4;
+const LOOK_AT_LEAST: usize = 64;
 
 impl Repair {
     /// Repair with each node in at most `per_node` copies at once (at
@@ -54,7 +84,8 @@ impl Repair {
     pub fn new(per_node: usize) -> Repair {
         Repair {
             per_node: per_node.max(1),
-            queue: Vec::new(),
+            queue: VecDeque::new(),
+            in_flight: HashMap::new(),
             running: Vec::new(),
             failed: HashMap::new(),
         }
@@ -63,12 +94,35 @@ impl Repair {
     /// A census found `layers` short of copies: they replace what was
     /// queued; the copies running go on.
     pub fn found(&mut self, layers: Vec<Layer>) {
-        self.queue = layers;
+        self.queue = layers
+            .into_iter()
+            .filter(|l| !self.in_flight.contains_key(&l.blob))
+            .map(Queued::new)
+            .collect();
     }
 
-    /// The layers queued, for the driver to look up their holders.
-    pub fn queued(&self) -> impl Iterator<Item = &Layer> {
-        self.queue.iter()
+    /// The layers whose holders [`Repair::next`] needs with `fleet` as it
+    /// is: those at the front of the queue not looked up yet.
+    pub fn to_look_up<L>(&self, fleet: &Fleet<L>) -> impl Iterator<Item = &Layer> {
+        self.queue
+            .iter()
+            .take(self.window(fleet))
+            .filter(|q| q.holders.is_none())
+            .map(|q| &q.layer)
+    }
+
+    fn window<L>(&self, fleet: &Fleet<L>) -> usize {
+        let mut busy: HashMap<&str, usize> = HashMap::new();
+        for c in &self.running {
+            *busy.entry(&c.from).or_default() += 1;
+            *busy.entry(&c.to).or_default() += 1;
+        }
+        let full = busy
+            .iter()
+            .filter(|(n, k)| **k >= self.per_node && fleet.live(n).is_some())
+            .count();
+        let free = fleet.live_count().saturating_sub(full);
+        (free * LOOK_PER_FREE).max(LOOK_AT_LEAST)
     }
 
     /// The copies running.
@@ -82,74 +136,116 @@ impl Repair {
     }
 
     /// The copy of `blob` to `to` ended; `copied` says whether `to` holds
-    /// it now. A layer whose copy failed waits for the next census, and
-    /// then goes to another worker: the same copy tried again would
-    /// likely fail the same way.
+    /// it now. Once a layer's copies have all ended it is looked at again
+    /// first (it may want more); a layer whose copy failed waits for the
+    /// next census instead, and then goes to another worker: the same
+    /// copy tried again would likely fail the same way.
     pub fn ended(&mut self, blob: &Digest, to: &str, copied: bool) {
         self.running
             .retain(|c| !(c.layer.blob == *blob && c.to == to));
         if !copied {
-            self.queue.retain(|l| l.blob != *blob);
             if self.failed.len() >= FAILED_KEPT {
                 self.failed.clear();
             }
             self.failed.entry(*blob).or_default().push(to.to_string());
         }
+        if self.running.iter().any(|c| c.layer.blob == *blob) {
+            return;
+        }
+        if let Some(layer) = self.in_flight.remove(blob)
+            && !self.failed.contains_key(blob)
+        {
+            self.queue.push_front(Queued::new(layer));
+        }
     }
 
     /// The copies to start now, with the fleet as it is: `holders(blob)`
-    /// names the live workers holding a queued blob, and `want` copies of
-    /// each are wanted. A layer with its copies, or with no live holder
-    /// left to copy from, leaves the queue.
+    /// names the workers holding a layer [`Repair::to_look_up`] gave
+    /// (`None` for another), and `want` copies of each are wanted. A
+    /// layer with its copies, or with no live holder left to copy from,
+    /// leaves the queue.
     pub fn next<L>(
         &mut self,
         fleet: &Fleet<L>,
-        holders: &dyn Fn(&Digest) -> Vec<String>,
+        holders: &dyn Fn(&Digest) -> Option<Vec<String>>,
         want: usize,
     ) -> Vec<Copy> {
         let mut busy: HashMap<String, usize> = HashMap::new();
+        let mut taking: HashMap<Digest, Vec<String>> = HashMap::new();
         for c in &self.running {
             *busy.entry(c.from.clone()).or_default() += 1;
             *busy.entry(c.to.clone()).or_default() += 1;
+            taking.entry(c.layer.blob).or_default().push(c.to.clone());
         }
-        let (running, failed) = (&self.running, &mut self.failed);
-        let (mut shorts, mut layers) = (Vec::new(), Vec::new());
-        self.queue.retain(|l| {
-            let live = holders(&l.blob);
+        let n = self.window(fleet).min(self.queue.len());
+        let (mut shorts, mut looked, mut kept) = (Vec::new(), Vec::new(), Vec::new());
+        for mut q in self.queue.drain(..n) {
+            let Some(mut live) = q.holders.take().or_else(|| holders(&q.layer.blob)) else {
+                kept.push(q);
+                continue;
+            };
+            live.retain(|h| fleet.live(h).is_some());
             if live.is_empty() || live.len() >= want {
-                failed.remove(&l.blob);
-                return false;
+                self.failed.remove(&q.layer.blob);
+                continue;
             }
-            let taking: Vec<String> = running
+            // Every holder busy: nothing to copy from until one ends.
+            if live
                 .iter()
-                .filter(|c| c.layer.blob == l.blob)
-                .map(|c| c.to.clone())
-                .collect();
-            let missing = want.saturating_sub(live.len() + taking.len());
-            if missing > 0 {
-                // Not a source, nor a target: those taking it now, and
-                // those a copy of it failed to.
-                let mut not_to = taking;
-                not_to.extend(failed.get(&l.blob).into_iter().flatten().cloned());
-                shorts.push(Short {
-                    holders: live,
-                    missing,
-                    taking: not_to,
-                });
-                layers.push(*l);
+                .all(|h| busy.get(h).copied().unwrap_or(0) >= self.per_node)
+            {
+                q.holders = Some(live);
+                kept.push(q);
+                continue;
             }
-            true
-        });
+            let taking = taking.get(&q.layer.blob).cloned().unwrap_or_default();
+            let missing = want.saturating_sub(live.len() + taking.len());
+            // Not a source, nor a target: those taking it now, and those
+            // a copy of it failed to.
+            let mut not_to = taking;
+            not_to.extend(
+                self.failed
+                    .get(&q.layer.blob)
+                    .into_iter()
+                    .flatten()
+                    .cloned(),
+            );
+            q.holders = Some(live.clone());
+            shorts.push(Short {
+                holders: live,
+                missing,
+                taking: not_to,
+            });
+            looked.push(q);
+        }
         let started: Vec<Copy> = plan_repair(fleet, &shorts, self.per_node, busy)
             .into_iter()
             .filter_map(|a| {
                 Some(Copy {
-                    layer: *layers.get(a.short)?,
+                    layer: looked.get(a.short)?.layer,
                     from: a.from,
                     to: a.to,
                 })
             })
             .collect();
+        // A layer all of whose missing copies now run waits for them to
+        // end; the others keep their place at the front.
+        let mut placed: HashMap<Digest, usize> = HashMap::new();
+        for c in &started {
+            *placed.entry(c.layer.blob).or_default() += 1;
+        }
+        for (q, short) in looked.into_iter().zip(&shorts) {
+            let now_running = placed.get(&q.layer.blob).copied().unwrap_or(0);
+            let all_run = short.missing <= now_running;
+            if all_run && (now_running > 0 || taking.contains_key(&q.layer.blob)) {
+                self.in_flight.insert(q.layer.blob, q.layer);
+            } else {
+                kept.push(q);
+            }
+        }
+        for q in kept.into_iter().rev() {
+            self.queue.push_front(q);
+        }
         self.running.extend(started.iter().cloned());
         started
     }
@@ -183,6 +279,8 @@ mod tests {
         most_at_once: usize,
         moved: HashMap<String, u64>,
         copies_made: usize,
+        /// Holders the driver looked up.
+        lookups: usize,
     }
 
     impl Scenario {
@@ -210,6 +308,7 @@ mod tests {
                 most_at_once: 0,
                 moved: HashMap::new(),
                 copies_made: 0,
+                lookups: 0,
             }
         }
 
@@ -246,14 +345,11 @@ mod tests {
             let mut censuses = 1;
             loop {
                 let holders: HashMap<Digest, Vec<String>> = repair
-                    .queued()
+                    .to_look_up(&self.fleet)
                     .map(|l| (l.blob, self.live_holders(&l.blob)))
                     .collect();
-                let started = repair.next(
-                    &self.fleet,
-                    &|b| holders.get(b).cloned().unwrap_or_default(),
-                    want,
-                );
+                self.lookups += holders.len();
+                let started = repair.next(&self.fleet, &|b| holders.get(b).cloned(), want);
                 for c in started {
                     let ends = self.now + c.layer.size as f64 / RATE as f64;
                     let fails = self.broken.contains(&c.to);
@@ -328,6 +424,27 @@ mod tests {
         assert!(
             took < serial / 10.0,
             "{took} s against {serial} s one at a time"
+        );
+    }
+
+    #[test]
+    fn each_copy_looks_at_a_bounded_part_of_the_queue_however_long() {
+        let mut s = Scenario::new(100, 10_000, 2);
+        for w in (0..100).step_by(10) {
+            s.lose(&format!("w{w}"));
+        }
+        let short = s.census(2).len();
+        assert!(short > 1_500, "{short}");
+        let mut repair = Repair::new(1);
+        s.run(&mut repair, 2);
+        assert_eq!(s.copies_made, short);
+        // Looking up the whole queue each time would be about short² / 2
+        // lookups: over a million here. Each layer is looked up when
+        // found and again after its copy.
+        assert!(
+            s.lookups <= 2 * short,
+            "{} lookups for {short} layers",
+            s.lookups
         );
     }
 
