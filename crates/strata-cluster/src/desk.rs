@@ -106,10 +106,9 @@ impl WorkerDesk {
             Ok(kinds) => kinds,
             Err(failed) => return Reply::Failed(failed),
         };
-        // Only last copies need the index changed; a named image's
-        // layers stay whatever the index says.
-        // A worker retires only what it told this coordinator it holds:
-        // no worker takes entries out of the index for another's layers.
+        // Only last copies need the index changed, and only those the
+        // worker told this coordinator it holds: no worker takes entries
+        // out of the index for another's layers.
         let reported: Vec<bool> = {
             let workers = self.roster.lock();
             let held = workers.live(worker).map(|w| &w.link.blobs);
@@ -134,6 +133,9 @@ impl WorkerDesk {
             .filter(|(_, k)| **k == CopyKind::Last)
             .map(|(b, _)| *b)
             .collect();
+        if last.is_empty() {
+            return Reply::Retired(kinds.iter().map(|k| *k == CopyKind::Spare).collect());
+        }
         let member = Arc::clone(&self.member);
         let asked = last.clone();
         let planned = tokio::task::spawn_blocking(move || {

@@ -611,21 +611,12 @@ impl WorkerNode {
     /// for each, whether it may go now; `None` when no coordinator
     /// answers (then none goes).
     async fn ask_retire(&self, blobs: &[Digest]) -> Option<Vec<bool>> {
-        let conns = self
-            .registered
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let ask = Request::Worker(WorkerRequest::Retire(blobs.to_vec()));
-        for conn in conns {
-            match request(&conn, &ask).await {
-                Ok(Reply::Retired(may)) if may.len() == blobs.len() => return Some(may),
-                other => {
-                    tracing::debug!(coordinator = %conn.peer, answer = ?other, "did not retire last copies");
-                }
-            }
-        }
-        None
+        let ask = WorkerRequest::Retire(blobs.to_vec());
+        self.ask_coordinators(ask, "did not retire last copies", |reply| match reply {
+            Reply::Retired(may) if may.len() == blobs.len() => Ok(may),
+            other => Err(other),
+        })
+        .await
     }
 
     /// What a coordinator says dropping each of the first
@@ -635,24 +626,45 @@ impl WorkerNode {
         &self,
         candidates: &[strata_sched::Candidate],
     ) -> Option<HashMap<Digest, CopyKind>> {
-        let conns = self
-            .registered
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
         let asked: Vec<Digest> = candidates
             .iter()
             .take(crate::protocol::MAX_SPARE_ASKED)
             .map(|c| c.blob)
             .collect();
+        let ask = WorkerRequest::Spare(asked.clone());
+        self.ask_coordinators(ask, "no word on spare copies", |reply| match reply {
+            Reply::Spare(copies) if copies.len() == asked.len() => {
+                Ok(asked.iter().copied().zip(copies).collect())
+            }
+            other => Err(other),
+        })
+        .await
+    }
+
+    /// Asks the coordinators this worker registered with, one after
+    /// another, until one answers as `accept` takes (it gives back an
+    /// answer it does not take); `None` if none does.
+    async fn ask_coordinators<T>(
+        &self,
+        ask: WorkerRequest,
+        unanswered: &str,
+        accept: impl Fn(Reply) -> Result<T, Reply>,
+    ) -> Option<T> {
+        let conns = self
+            .registered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let ask = Request::Worker(ask);
         for conn in conns {
-            match request(&conn, &Request::Worker(WorkerRequest::Spare(asked.clone()))).await {
-                Ok(Reply::Spare(copies)) => {
-                    return Some(asked.iter().copied().zip(copies).collect());
-                }
-                other => {
-                    tracing::debug!(coordinator = %conn.peer, answer = ?other, "no word on spare copies");
-                }
+            match request(&conn, &ask).await {
+                Ok(reply) => match accept(reply) {
+                    Ok(answer) => return Some(answer),
+                    Err(other) => {
+                        tracing::debug!(coordinator = %conn.peer, answer = ?other, "{unanswered}");
+                    }
+                },
+                Err(e) => tracing::debug!(coordinator = %conn.peer, error = %e, "{unanswered}"),
             }
         }
         None
