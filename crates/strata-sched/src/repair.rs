@@ -6,7 +6,7 @@
 //! copy starts as soon as its nodes are free, not when the slowest copy
 //! of a round ends.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use strata_cas::Digest;
 
@@ -50,6 +50,9 @@ pub struct Repair {
     running: Vec<Copy>,
     /// Workers a copy of a blob failed to: not chosen for it again.
     failed: HashMap<Digest, Vec<String>>,
+    /// Queued layers a copy of which ended since their holders were
+    /// looked up: looked up again.
+    stale: HashSet<Digest>,
 }
 
 /// A layer in the queue, and the workers holding it when last looked up
@@ -88,12 +91,14 @@ impl Repair {
             in_flight: HashMap::new(),
             running: Vec::new(),
             failed: HashMap::new(),
+            stale: HashSet::new(),
         }
     }
 
     /// A census found `layers` short of copies: they replace what was
     /// queued; the copies running go on.
     pub fn found(&mut self, layers: Vec<Layer>) {
+        self.stale.clear();
         self.queue = layers
             .into_iter()
             .filter(|l| !self.in_flight.contains_key(&l.blob))
@@ -107,7 +112,7 @@ impl Repair {
         self.queue
             .iter()
             .take(self.window(fleet))
-            .filter(|q| q.holders.is_none())
+            .filter(|q| q.holders.is_none() || self.stale.contains(&q.layer.blob))
             .map(|q| &q.layer)
     }
 
@@ -152,10 +157,16 @@ impl Repair {
         if self.running.iter().any(|c| c.layer.blob == *blob) {
             return;
         }
-        if let Some(layer) = self.in_flight.remove(blob)
-            && !self.failed.contains_key(blob)
-        {
-            self.queue.push_front(Queued::new(layer));
+        match self.in_flight.remove(blob) {
+            Some(layer) if !self.failed.contains_key(blob) => {
+                self.queue.push_front(Queued::new(layer));
+            }
+            Some(_) => {}
+            // Still queued, for more copies than ran: what it told of
+            // the layer's holders is out of date.
+            None => {
+                self.stale.insert(*blob);
+            }
         }
     }
 
@@ -180,7 +191,11 @@ impl Repair {
         let n = self.window(fleet).min(self.queue.len());
         let (mut shorts, mut looked, mut kept) = (Vec::new(), Vec::new(), Vec::new());
         for mut q in self.queue.drain(..n) {
-            let Some(mut live) = q.holders.take().or_else(|| holders(&q.layer.blob)) else {
+            let known = q
+                .holders
+                .take()
+                .filter(|_| !self.stale.remove(&q.layer.blob));
+            let Some(mut live) = known.or_else(|| holders(&q.layer.blob)) else {
                 kept.push(q);
                 continue;
             };
@@ -425,6 +440,37 @@ mod tests {
             took < serial / 10.0,
             "{took} s against {serial} s one at a time"
         );
+    }
+
+    #[test]
+    fn a_layer_short_of_two_copies_is_looked_up_again_after_its_first_copy() {
+        let mut fleet = Fleet::default();
+        for w in 0..5 {
+            fleet.register(&format!("w{w}"), Spec::default(), 1, (), Instant::now());
+        }
+        let layer = Layer {
+            blob: Digest::of(b"layer"),
+            size: 1,
+        };
+        let mut holders = vec!["w0".to_string()];
+        let mut repair = Repair::new(1);
+        repair.found(vec![layer]);
+        let mut made = Vec::new();
+        for _ in 0..4 {
+            let asked: Vec<Digest> = repair.to_look_up(&fleet).map(|l| l.blob).collect();
+            let known = holders.clone();
+            let started = repair.next(&fleet, &|b| asked.contains(b).then(|| known.clone()), 3);
+            // One source: one copy at a time, each to a worker lacking it.
+            assert!(started.len() <= 1, "{started:?}");
+            for c in started {
+                assert!(!holders.contains(&c.to), "{} holds it already", c.to);
+                holders.push(c.to.clone());
+                made.push(c.to.clone());
+                repair.ended(&c.layer.blob, &c.to, true);
+            }
+        }
+        assert_eq!(made.len(), 2, "{made:?}");
+        assert!(repair.is_idle());
     }
 
     #[test]
