@@ -69,7 +69,7 @@ pub fn targets<'f, L>(fleet: &'f Fleet<L>, lacks: &dyn Fn(&str) -> bool, n: usiz
 }
 
 /// A layer short of copies, as repair sees it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Short {
     /// The live workers holding it.
     pub holders: Vec<String>,
@@ -146,11 +146,9 @@ pub fn plan_repair<L>(
                 while first_free < sorted && count(ranked[first_free].3, &busy) >= per_node {
                     first_free += 1;
                 }
-                if first_free < sorted || sorted == ranked.len() {
+                if first_free < sorted || !sort_the_rest(&mut ranked, &mut sorted) {
                     break;
                 }
-                ranked[sorted..].sort_unstable();
-                sorted = ranked.len();
             }
             if first_free == ranked.len() {
                 return out;
@@ -172,18 +170,15 @@ pub fn plan_repair<L>(
                     && !taking.iter().any(|t| t == n)
                     && count(n, &busy) < per_node
             };
-            let mut found = ranked[first_free..sorted]
-                .iter()
-                .map(|(_, _, _, n)| *n)
-                .find(|n| lacks(n));
-            if found.is_none() && sorted < ranked.len() {
-                ranked[sorted..].sort_unstable();
-                sorted = ranked.len();
-                found = ranked[first_free..]
+            let found = loop {
+                let best = ranked[first_free..sorted]
                     .iter()
                     .map(|(_, _, _, n)| *n)
                     .find(|n| lacks(n));
-            }
+                if best.is_some() || !sort_the_rest(&mut ranked, &mut sorted) {
+                    break best;
+                }
+            };
             let Some(to) = found.map(str::to_string) else {
                 break;
             };
@@ -194,6 +189,17 @@ pub fn plan_repair<L>(
         }
     }
     out
+}
+
+/// Sorts the part of `ranked` past its sorted front `sorted`, which then
+/// covers all of it; false if nothing was left to sort.
+fn sort_the_rest<T: Ord>(ranked: &mut [T], sorted: &mut usize) -> bool {
+    if *sorted == ranked.len() {
+        return false;
+    }
+    ranked[*sorted..].sort_unstable();
+    *sorted = ranked.len();
+    true
 }
 
 /// Blobs whose copies workers dropped to stay within their budgets: the

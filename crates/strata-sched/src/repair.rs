@@ -111,28 +111,29 @@ impl Repair {
     pub fn to_look_up<L>(&self, fleet: &Fleet<L>) -> impl Iterator<Item = &Layer> {
         self.queue
             .iter()
-            .take(self.window(fleet))
+            .take(self.window(fleet, &self.busy()))
             .filter(|q| q.holders.is_none() || self.stale.contains(&q.layer.blob))
             .map(|q| &q.layer)
     }
 
-    fn window<L>(&self, fleet: &Fleet<L>) -> usize {
-        let mut busy: HashMap<&str, usize> = HashMap::new();
+    /// The copies each node is in now.
+    fn busy(&self) -> HashMap<String, usize> {
+        let mut busy: HashMap<String, usize> = HashMap::new();
         for c in &self.running {
-            *busy.entry(&c.from).or_default() += 1;
-            *busy.entry(&c.to).or_default() += 1;
+            *busy.entry(c.from.clone()).or_default() += 1;
+            *busy.entry(c.to.clone()).or_default() += 1;
         }
+        busy
+    }
+
+    /// Layers to look at with the nodes `busy` says are in copies.
+    fn window<L>(&self, fleet: &Fleet<L>, busy: &HashMap<String, usize>) -> usize {
         let full = busy
             .iter()
             .filter(|(n, k)| **k >= self.per_node && fleet.live(n).is_some())
             .count();
         let free = fleet.live_count().saturating_sub(full);
         (free * LOOK_PER_FREE).max(LOOK_AT_LEAST)
-    }
-
-    /// The copies running.
-    pub fn running(&self) -> &[Copy] {
-        &self.running
     }
 
     /// Nothing queued and nothing running.
@@ -181,14 +182,12 @@ impl Repair {
         holders: &dyn Fn(&Digest) -> Option<Vec<String>>,
         want: usize,
     ) -> Vec<Copy> {
-        let mut busy: HashMap<String, usize> = HashMap::new();
+        let busy = self.busy();
         let mut taking: HashMap<Digest, Vec<String>> = HashMap::new();
         for c in &self.running {
-            *busy.entry(c.from.clone()).or_default() += 1;
-            *busy.entry(c.to.clone()).or_default() += 1;
             taking.entry(c.layer.blob).or_default().push(c.to.clone());
         }
-        let n = self.window(fleet).min(self.queue.len());
+        let n = self.window(fleet, &busy).min(self.queue.len());
         let (mut shorts, mut looked, mut kept) = (Vec::new(), Vec::new(), Vec::new());
         for mut q in self.queue.drain(..n) {
             let known = q
